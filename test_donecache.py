@@ -1,0 +1,711 @@
+# SPDX-License-Identifier: MIT
+"""Tests for donecache: one section per tool, real processes for crashes and races.
+
+The module is imported once, under one name. Set DONECACHE_MODULE (for example
+to ``myproject._vendor.donecache``) to run this same suite against a vendored copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import json
+import os
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+MODULE = os.environ.get("DONECACHE_MODULE", "donecache")
+dc = importlib.import_module(MODULE)
+# The directory to put on sys.path so that children import the same copy.
+IMPORT_ROOT = Path(dc.__file__).resolve().parents[MODULE.count(".")]
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals, permissions or rlimits")
+
+
+# ---------------------------------------------------------------------------
+# The one helper that runs a child Python script.
+# ---------------------------------------------------------------------------
+
+
+def child(
+    script: str,
+    *args: str,
+    background: bool = False,
+    unprivileged: bool = False,
+    check: bool = True,
+    cwd: str | os.PathLike[str] | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
+    """Run ``script`` in a fresh interpreter where ``dc`` is donecache; args go to sys.argv[1:].
+
+    background: return the Popen at once (stdout is a pipe) instead of waiting.
+    unprivileged: make file permissions apply to the child even when the tests
+        run as root, by dropping the capabilities that let root ignore them
+        (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) with setpriv(1).
+    """
+    prelude = f"import importlib, sys\ndc = importlib.import_module({MODULE!r})\n"
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(IMPORT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    argv = [sys.executable, "-c", prelude + textwrap.dedent(script), *args]
+    if unprivileged and IS_ROOT:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv(1): cannot make permissions apply")
+        argv = [setpriv, "--bounding-set=-dac_override,-dac_read_search", *argv]
+    if background:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=cwd, env=full_env)
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def wait_for_line(proc: subprocess.Popen[str], expected: str) -> None:
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    assert line == expected, f"child said {line!r}, expected {expected!r}"
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Make directories read-only for the test, and writable again afterwards so pytest can clean up."""
+    made: list[Path] = []
+
+    def make(path: Path) -> Path:
+        os.chmod(path, 0o555)
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        os.chmod(path, 0o755)
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(os.listdir(path))
+
+
+as_str_or_path = pytest.mark.parametrize("kind", [str, Path], ids=["str", "Path"])
+text_or_bytes = pytest.mark.parametrize(
+    "mode,content", [("w", "héllo\nwörld\n"), ("wb", b"\x00\xffbinary\n")], ids=["text", "bytes"]
+)
+
+
+# ---------------------------------------------------------------------------
+# 4. Atomic writes
+# ---------------------------------------------------------------------------
+
+
+@as_str_or_path
+@text_or_bytes
+@pytest.mark.parametrize("durable", [True, False])
+def test_atomic_write_creates_file(tmp_path, kind, mode, content, durable):
+    target = tmp_path / "out.txt"
+    with dc.atomic_write(kind(target), mode, durable=durable, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+        f.write(content)
+        assert not target.exists(), "the target must not appear before the block ends"
+    got = target.read_bytes() if mode == "wb" else target.read_text(encoding="utf-8")
+    assert got == content
+    assert listing(tmp_path) == ["out.txt"]
+
+
+@as_str_or_path
+@text_or_bytes
+def test_atomic_write_replaces_and_keeps_permission_bits(tmp_path, kind, mode, content):
+    target = tmp_path / "out"
+    target.write_text("old")
+    os.chmod(target, 0o640)
+    with dc.atomic_write(kind(target), mode) as f:
+        f.write(content)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert listing(tmp_path) == ["out"]
+
+
+@posix_only
+@pytest.mark.parametrize("umask,expected", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664), (0o077, 0o600)])
+def test_new_file_mode_follows_umask_without_changing_it(tmp_path, umask, expected):
+    proc = child(
+        """
+        import os, stat
+        os.umask(int(sys.argv[2], 8))
+        with dc.atomic_write(sys.argv[1]) as f:
+            f.write("x")
+        print(oct(stat.S_IMODE(os.stat(sys.argv[1]).st_mode)), oct(os.umask(0)))
+        """,
+        str(tmp_path / "new"),
+        oct(umask),
+    )
+    assert proc.stdout.split() == [oct(expected), oct(umask)]
+
+
+class Boom(Exception):
+    pass
+
+
+@text_or_bytes
+@pytest.mark.parametrize("error", [Boom("boom"), KeyboardInterrupt(), SystemExit(3)], ids=["error", "ctrl-c", "exit"])
+@pytest.mark.parametrize("existing", [True, False], ids=["existing", "new"])
+def test_failure_leaves_target_untouched_and_no_litter(tmp_path, mode, content, error, existing):
+    target = tmp_path / "out"
+    if existing:
+        target.write_bytes(b"old version")
+    with pytest.raises(type(error)) as caught:
+        with dc.atomic_write(target, mode) as f:
+            f.write(content)
+            f.flush()
+            raise error
+    assert caught.value is error, "the original exception must propagate unchanged"
+    assert listing(tmp_path) == (["out"] if existing else [])
+    if existing:
+        assert target.read_bytes() == b"old version"
+
+
+def test_cleanup_failure_never_masks_the_error(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+
+    def broken_unlink(*args, **kwargs):
+        raise PermissionError("cannot unlink")
+
+    with pytest.raises(Boom):
+        with dc.atomic_write(target) as f:
+            f.write("x")
+            monkeypatch.setattr(os, "unlink", broken_unlink)
+            raise Boom()
+
+
+@as_str_or_path
+def test_overwrite_false_refuses_existing_target(tmp_path, kind):
+    target = tmp_path / "out"
+    target.write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True") as caught:
+        with dc.atomic_write(kind(target), overwrite=False) as f:
+            f.write("theirs")
+    assert str(target) in str(caught.value)
+    assert target.read_text() == "mine"
+    assert listing(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("tool", ["atomic_write", "atomic_path"])
+def test_overwrite_false_never_clobbers_a_file_that_appears_meanwhile(tmp_path, tool):
+    target = tmp_path / "out"
+    with pytest.raises(FileExistsError):
+        if tool == "atomic_write":
+            with dc.atomic_write(target, overwrite=False) as f:
+                f.write("late")
+                target.write_text("first")  # Someone else wins the race.
+        else:
+            with dc.atomic_path(target, overwrite=False) as tmp:
+                tmp.write_text("late")
+                target.write_text("first")
+    assert target.read_text() == "first"
+    assert listing(tmp_path) == ["out"]
+
+
+def test_missing_parent_is_an_error_unless_asked(tmp_path):
+    target = tmp_path / "a" / "b" / "out"
+    with pytest.raises(FileNotFoundError, match="make_parents=True") as caught:
+        with dc.atomic_write(target) as f:
+            f.write("x")
+    assert str(target) in str(caught.value)
+    assert listing(tmp_path) == []
+    with dc.atomic_write(target, make_parents=True) as f:
+        f.write("x")
+    assert target.read_text() == "x"
+
+
+def test_parent_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        with dc.atomic_write(tmp_path / "file" / "out", make_parents=True) as f:
+            f.write("x")
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+@pytest.mark.parametrize("tool", ["atomic_write", "atomic_path"])
+def test_target_is_a_directory(tmp_path, tool):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory") as caught:
+        with (dc.atomic_write(tmp_path / "d") if tool == "atomic_write" else dc.atomic_path(tmp_path / "d")):
+            pass
+    assert str(tmp_path / "d") in str(caught.value)
+    assert listing(tmp_path) == ["d"] and listing(tmp_path / "d") == []
+
+
+@pytest.mark.parametrize("mode", ["r", "a", "r+", "w+", "x", "ab", "rb"])
+def test_unsupported_modes_are_refused(tmp_path, mode):
+    with pytest.raises(ValueError, match="'w', 'wt', 'wb'"):
+        with dc.atomic_write(tmp_path / "out", mode):
+            pass
+    assert listing(tmp_path) == []
+
+
+def test_encoding_in_binary_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="text mode"):
+        with dc.atomic_write(tmp_path / "out", "wb", encoding="utf-8"):
+            pass
+    assert listing(tmp_path) == []
+
+
+@posix_only
+def test_symlink_is_written_through(tmp_path):
+    real = tmp_path / "real.txt"
+    real.write_text("old")
+    os.chmod(real, 0o600)
+    link = tmp_path / "link.txt"
+    link.symlink_to(real)
+    with dc.atomic_write(link) as f:
+        f.write("new")
+    assert link.is_symlink() and real.read_text() == "new"
+    assert stat.S_IMODE(real.stat().st_mode) == 0o600
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "made-by-write")
+    with dc.atomic_write(dangling) as f:
+        f.write("created")
+    assert (tmp_path / "made-by-write").read_text() == "created"
+    assert listing(tmp_path) == ["dangling", "link.txt", "made-by-write", "real.txt"]
+
+
+@posix_only
+@pytest.mark.parametrize("durable", [True, False])
+def test_fsync_only_when_durable(tmp_path, monkeypatch, durable):
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real_fsync(fd)))
+    with dc.atomic_write(tmp_path / "out", durable=durable) as f:
+        f.write("x")
+    assert calls == ([False, True] if durable else []), "file first, then its directory"
+
+
+@posix_only
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP])
+def test_directory_fsync_refusal_is_tolerated(tmp_path, monkeypatch, code):
+    real_fsync = os.fsync
+
+    def picky_fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))  # What CIFS or a VirtualBox share says.
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", picky_fsync)
+    with dc.atomic_write(tmp_path / "out") as f:
+        f.write("x")
+    assert (tmp_path / "out").read_text() == "x"
+
+
+@posix_only
+def test_file_fsync_failure_is_raised_and_cleaned_up(tmp_path, monkeypatch):
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    (tmp_path / "out").write_text("old")
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="I/O error"):
+        with dc.atomic_write(tmp_path / "out") as f:
+            f.write("new")
+    assert (tmp_path / "out").read_text() == "old"
+    assert listing(tmp_path) == ["out"]
+
+
+@posix_only
+@pytest.mark.parametrize("mode", ["w", "wb"])
+@pytest.mark.parametrize("tool", ["atomic_write", "atomic_path"])
+def test_full_disk_keeps_original_and_leaves_no_litter(tmp_path, mode, tool):
+    target = tmp_path / "data.bin"
+    target.write_bytes(b"precious original")
+    proc = child(
+        """
+        import errno, resource
+        # A file-size limit makes writes past 64 KiB fail with EFBIG: a full disk in miniature.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+        target, mode, tool = sys.argv[1:]
+        chunk = "x" * 8192 if mode == "w" else b"x" * 8192
+        try:
+            if tool == "atomic_write":
+                with dc.atomic_write(target, mode) as f:
+                    for _ in range(128):
+                        f.write(chunk)
+            else:
+                with dc.atomic_path(target) as tmp:
+                    with open(tmp, mode) as f:
+                        for _ in range(128):
+                            f.write(chunk)
+        except OSError as exc:
+            print(errno.errorcode[exc.errno])
+        else:
+            print("no error")
+        """,
+        str(target),
+        mode,
+        tool,
+    )
+    assert proc.stdout.strip() == "EFBIG"
+    assert target.read_bytes() == b"precious original"
+    assert listing(tmp_path) == ["data.bin"]
+
+
+@posix_only
+def test_read_only_directory_gives_a_clear_error(tmp_path, read_only):
+    target = tmp_path / "out.txt"
+    target.write_text("keep")
+    read_only(tmp_path)
+    proc = child(
+        """
+        try:
+            with dc.atomic_write(sys.argv[1]) as f:
+                f.write("new")
+        except PermissionError as exc:
+            print(exc)
+        """,
+        str(target),
+        unprivileged=True,
+    )
+    message = proc.stdout.strip()
+    assert str(target) in message and "writable" in message
+    assert target.read_text() == "keep"
+    assert listing(tmp_path) == ["out.txt"]
+
+
+SELF_CHECKING_WRITER = """
+    import hashlib, os, random, struct
+    target, durable = sys.argv[1], sys.argv[2] == "1"
+    rng = random.Random(os.getpid())
+    version = 0
+    while True:
+        version += 1
+        body = os.urandom(rng.randrange(1, 300_000))
+        with dc.atomic_write(target, "wb", durable=durable) as f:
+            f.write(struct.pack("<Q", len(body)))
+            for i in range(0, len(body), 4096):   # Many writes: a wide window to be killed in.
+                f.write(body[i:i + 4096])
+            f.write(hashlib.sha256(body).digest())
+        if version == 1:
+            print("ready", flush=True)
+"""
+
+
+def assert_complete(data: bytes) -> None:
+    import hashlib
+    import struct
+
+    (length,) = struct.unpack("<Q", data[:8])
+    assert len(data) == 8 + length + 32, f"torn file: {len(data)} bytes, header says {8 + length + 32}"
+    assert hashlib.sha256(data[8 : 8 + length]).digest() == data[8 + length :], "torn file: checksum mismatch"
+
+
+@posix_only
+def test_sigkill_never_leaves_a_torn_file(tmp_path):
+    target = tmp_path / "state.bin"
+    rng = random.Random(1234)
+    for trial in range(24):
+        proc = child(SELF_CHECKING_WRITER, str(target), str(trial % 2), background=True)
+        wait_for_line(proc, "ready")
+        time.sleep(rng.uniform(0, 0.15))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        assert_complete(target.read_bytes())
+        # A kill can leave a temporary file, but only one that prune recognises.
+        assert all(name == "state.bin" or dc._is_temp_name(name) for name in os.listdir(tmp_path))
+
+
+def test_threads_writing_one_file(tmp_path):
+    target = tmp_path / "shared"
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(40):
+                with dc.atomic_write(target, durable=False) as f:
+                    f.write(f"{n}:{i}:" + "y" * 5000)
+                assert target.read_text().endswith("y" * 5000)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert listing(tmp_path) == ["shared"]
+
+
+@as_str_or_path
+def test_atomic_path_for_libraries_that_write_themselves(tmp_path, kind):
+    target = tmp_path / "table.csv.gz"
+    with dc.atomic_path(kind(target)) as tmp:
+        assert isinstance(tmp, Path) and not tmp.exists()
+        assert tmp.parent == tmp_path and tmp.name.endswith("table.csv.gz"), "the suffix picks a format"
+        tmp.write_bytes(b"library output")
+        assert not target.exists()
+    assert target.read_bytes() == b"library output"
+    assert listing(tmp_path) == ["table.csv.gz"]
+
+
+def test_atomic_path_failure_and_missing_output(tmp_path):
+    target = tmp_path / "x.npy"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o604)
+    with pytest.raises(Boom):
+        with dc.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise Boom()
+    assert target.read_bytes() == b"old" and listing(tmp_path) == ["x.npy"]
+    with pytest.raises(FileNotFoundError, match="did not create"):
+        with dc.atomic_path(target):
+            pass
+    with dc.atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and listing(tmp_path) == ["x.npy"]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o604
+
+
+# ---------------------------------------------------------------------------
+# 5. Stage directories
+# ---------------------------------------------------------------------------
+
+
+@as_str_or_path
+def test_stage_success_writes_marker_with_metadata(tmp_path, kind):
+    stage_dir = tmp_path / "a" / "b" / "stage"
+    with dc.done_dir(kind(stage_dir), version="v1") as stage:
+        assert stage.done is False and stage.path == stage_dir
+        assert not dc.is_done(kind(stage_dir))
+        stage.piece("one.txt", lambda: "1")
+        stage.piece("sub/two.bin", lambda: b"2")
+    assert dc.is_done(kind(stage_dir)) and dc.is_done(stage_dir, version="v1")
+    meta = json.loads((stage_dir / "DONE").read_text())
+    assert meta["version"] == "v1" and meta["pid"] == os.getpid() and meta["donecache"] == dc.__version__
+    assert {"started", "finished", "duration_s", "host"} <= set(meta)
+    assert (stage_dir / "one.txt").read_text() == "1" and (stage_dir / "sub" / "two.bin").read_bytes() == b"2"
+
+
+def test_stage_failure_keeps_pieces_and_rerun_resumes(tmp_path):
+    made: list[int] = []
+
+    def build(fail_at: int | None) -> None:
+        with dc.done_dir(tmp_path / "s") as stage:
+            for i in range(10):
+                if i == fail_at:
+                    raise Boom(f"bad record {i}")
+                stage.piece(f"{i}.txt", lambda: (made.append(i), str(i))[1])
+
+    with pytest.raises(Boom):
+        build(fail_at=6)
+    assert not dc.is_done(tmp_path / "s")
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.txt")) == [f"{i}.txt" for i in range(6)]
+    build(fail_at=None)
+    assert dc.is_done(tmp_path / "s")
+    assert made == list(range(10)), "the rerun made only the pieces the first run had not"
+
+
+def test_finished_stage_is_skipped_and_marker_kept(tmp_path):
+    with dc.done_dir(tmp_path / "s", version=3) as stage:
+        stage.piece("x", lambda: "x")
+    first = (tmp_path / "s" / "DONE").read_bytes()
+    with dc.done_dir(tmp_path / "s", version=3) as stage:
+        assert stage.done
+    assert (tmp_path / "s" / "DONE").read_bytes() == first
+
+
+def test_version_change_means_not_done(tmp_path):
+    with dc.done_dir(tmp_path / "s", version=1):
+        pass
+    assert dc.is_done(tmp_path / "s", version=1)
+    assert not dc.is_done(tmp_path / "s", version=2)
+    with pytest.raises(Boom):
+        with dc.done_dir(tmp_path / "s", version=2) as stage:
+            assert not stage.done
+            assert not (tmp_path / "s" / "DONE").exists(), "a stale marker must not count during a rebuild"
+            raise Boom()
+    assert not dc.is_done(tmp_path / "s"), "the failed rebuild left no marker behind"
+    with dc.done_dir(tmp_path / "s", version=2):
+        pass
+    assert json.loads((tmp_path / "s" / "DONE").read_text())["version"] == 2
+
+
+def test_mark_not_done_and_fresh(tmp_path):
+    with dc.done_dir(tmp_path / "s") as stage:
+        stage.piece("old", lambda: "old")
+        (stage.path / "dir").mkdir()
+    assert dc.mark_not_done(tmp_path / "s") is True
+    assert dc.mark_not_done(tmp_path / "s") is False
+    assert not dc.is_done(tmp_path / "s") and (tmp_path / "s" / "old").exists()
+    with dc.done_dir(tmp_path / "s", fresh=True) as stage:
+        assert [p.name for p in stage.path.iterdir() if p.name != ".donecache.lock"] == []
+        stage.piece("new", lambda: "new")
+    assert dc.is_done(tmp_path / "s") and not (tmp_path / "s" / "old").exists()
+
+
+@pytest.mark.parametrize("marker", ["_SUCCESS", "DONE.json"])
+def test_custom_marker_name(tmp_path, marker):
+    with dc.done_dir(tmp_path / "s", marker=marker):
+        pass
+    assert (tmp_path / "s" / marker).is_file() and not (tmp_path / "s" / "DONE").exists()
+    assert dc.is_done(tmp_path / "s", marker=marker) and not dc.is_done(tmp_path / "s")
+
+
+@pytest.mark.parametrize("marker", ["", "a/b", "..", ".donecache.lock"])
+def test_bad_marker_names(tmp_path, marker):
+    with pytest.raises(ValueError, match="marker must be a plain file name"):
+        dc.is_done(tmp_path, marker=marker)
+
+
+@pytest.mark.parametrize("content", [b"", b"not json", b"[1, 2]", b"\xff\xfe"], ids=["empty", "text", "list", "binary"])
+def test_foreign_or_empty_marker(tmp_path, content):
+    (tmp_path / "_SUCCESS").write_bytes(content)  # As Hadoop or a hand-written `touch` leaves it.
+    assert dc.is_done(tmp_path, marker="_SUCCESS")
+    assert not dc.is_done(tmp_path, marker="_SUCCESS", version=1)
+    with dc.done_dir(tmp_path, marker="_SUCCESS") as stage:
+        assert stage.done
+
+
+def test_stage_path_is_a_file(tmp_path):
+    (tmp_path / "s").write_text("user data")
+    with pytest.raises(NotADirectoryError, match="is a file") as caught:
+        with dc.done_dir(tmp_path / "s"):
+            pass
+    assert str(tmp_path / "s") in str(caught.value)
+    assert (tmp_path / "s").read_text() == "user data"
+
+
+@posix_only
+def test_stage_parent_not_writable(tmp_path, read_only):
+    read_only(tmp_path)
+    proc = child(
+        """
+        try:
+            with dc.done_dir(sys.argv[1]):
+                print("ran the body")
+        except PermissionError as exc:
+            print(exc)
+        """,
+        str(tmp_path / "stage"),
+        unprivileged=True,
+    )
+    assert str(tmp_path / "stage") in proc.stdout and "permission" in proc.stdout.lower()
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs/path", "DONE", ".donecache.lock", ""])
+def test_bad_piece_names(tmp_path, name):
+    with dc.done_dir(tmp_path / "s") as stage:
+        with pytest.raises(ValueError, match="relative path inside the stage"):
+            stage.piece(name, lambda: "x")
+
+
+def test_piece_must_be_str_or_bytes(tmp_path):
+    with pytest.raises(TypeError, match="must return str or bytes"):
+        with dc.done_dir(tmp_path / "s") as stage:
+            stage.piece("x", lambda: 42)  # type: ignore[arg-type,return-value]
+    assert not dc.is_done(tmp_path / "s") and not (tmp_path / "s" / "x").exists()
+
+
+def test_litter_from_a_crash_is_removed_on_entry(tmp_path):
+    (tmp_path / "s").mkdir()
+    litter = tmp_path / "s" / (dc._TEMP_PREFIX + "0" * 16 + "~piece.json")
+    litter.write_text("half a piece")
+    with dc.done_dir(tmp_path / "s"):
+        assert not litter.exists()
+
+
+STAGE_BUILDER = """
+    import os, time
+    stage_dir, log, go = sys.argv[1:4]
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    with dc.done_dir(stage_dir) as stage:
+        if not stage.done:
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()}\\n")
+            time.sleep(0.3)
+            stage.piece("result", lambda: "ok")
+    print("done" if dc.is_done(stage_dir) else "not done")
+"""
+
+
+@posix_only
+def test_two_processes_build_a_stage_once(tmp_path):
+    log, go = tmp_path / "log", tmp_path / "go"
+    procs = [child(STAGE_BUILDER, str(tmp_path / "s"), str(log), str(go), background=True) for _ in range(4)]
+    time.sleep(0.3)
+    go.touch()
+    outputs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert outputs == ["done"] * 4
+    assert len(log.read_text().split()) == 1, "exactly one process ran the body"
+
+
+def test_two_threads_build_a_stage_once(tmp_path):
+    runs: list[int] = []
+
+    def build() -> None:
+        with dc.done_dir(tmp_path / "s") as stage:
+            if not stage.done:
+                runs.append(1)
+                time.sleep(0.2)
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert runs == [1]
+
+
+def test_nested_stage_in_one_thread_is_an_error_not_a_hang(tmp_path):
+    outcome: list[str] = []
+
+    def nest() -> None:
+        with dc.done_dir(tmp_path / "s"):
+            try:
+                with dc.done_dir(tmp_path / "s"):
+                    outcome.append("entered twice")
+            except RuntimeError as exc:
+                outcome.append(str(exc))
+
+    worker = threading.Thread(target=nest, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "re-entering a stage in one thread deadlocked"
+    assert len(outcome) == 1 and "already holds the lock" in outcome[0]
+
+
+@posix_only
+def test_sigkill_in_the_body_leaves_stage_not_done_and_lock_free(tmp_path):
+    stage_dir = tmp_path / "s"
+    for trial in range(5):
+        proc = child(
+            """
+            import time
+            with dc.done_dir(sys.argv[1]) as stage:
+                stage.piece(f"piece-{sys.argv[2]}", lambda: "x")
+                print("inside", flush=True)
+                time.sleep(60)
+            """,
+            str(stage_dir),
+            str(trial),
+            background=True,
+        )
+        wait_for_line(proc, "inside")
+        with pytest.raises(TimeoutError, match="timed out"):
+            with dc.done_dir(stage_dir, timeout=0.2):
+                pass
+        proc.kill()
+        proc.wait()
+        assert not dc.is_done(stage_dir)
+        assert (stage_dir / f"piece-{trial}").read_text() == "x"
+    started = time.monotonic()
+    with dc.done_dir(stage_dir, timeout=5) as stage:
+        assert not stage.done and len(list(stage.path.glob("piece-*"))) == 5
+    assert time.monotonic() - started < 2, "the killed holders' locks were released"
+    assert dc.is_done(stage_dir)
