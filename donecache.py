@@ -54,21 +54,38 @@ __all__ = [
     "is_done",
     "mark_not_done",
     "Stage",
+    "open",
+    "Store",
+    "memoize",
+    "CacheInfo",
+    "DonecacheWarning",
 ]
 
-import contextlib
+# Only what the interpreter has loaded anyway, or what costs nothing (_thread,
+# fcntl), is imported here: one-off scripts pay for every import. pathlib, json,
+# pickle, hashlib and shelve are imported where they are first needed.
+import _thread
 import errno
-import json
+import io
 import os
-import socket
 import stat
 import sys
-import threading
 import time
-from pathlib import Path
-from typing import IO, Any, Callable, ContextManager, Iterator, Literal, Union, overload
 
-StrPath = Union[str, "os.PathLike[str]"]
+# typing itself costs more to import than all of the above; type checkers treat
+# this name as True (mypy, pyright), and `overload` is a no-op at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import shelve
+    from pathlib import Path
+    from types import TracebackType
+    from typing import IO, Any, Callable, Iterable, Iterator, ParamSpec, Protocol, TypeVar, Union, overload
+
+    StrPath = Union[str, os.PathLike[str]]
+else:
+
+    def overload(func):
+        return func
 
 # ---------------------------------------------------------------------------
 # 3. Platform primitives
@@ -239,26 +256,29 @@ else:
             fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
 
 
+
+
 class _KeyLock:
-    """An exclusive lock on one byte of a lock file, between processes and threads.
+    """An exclusive lock on a file (offset None) or on one byte of it, held by
+    one thread of one process at a time.
 
     Record locks belong to a process, not to a descriptor: two threads of one
     process never exclude each other, and closing *any* descriptor of the file
     drops every lock the process holds on it (fcntl(2), "Record locking"). So a
-    process opens each lock file once, counts its users and closes it only when
-    none is left, and its threads queue on a threading.Lock per byte first.
+    process opens each lock file once, counts its users and closes it only
+    when none is left, and its threads first queue on a thread lock per key.
     The kernel drops the locks of a process that dies, even by SIGKILL, so a
-    crashed holder never blocks anyone for long.
+    crashed holder never blocks anyone.
 
     ``path`` must be canonical (os.path.realpath): two names for one file would
     mean two descriptors, and closing one would silently release the other.
     """
 
     # All state is per process; a forked child starts afresh (see _state()).
-    _guard = threading.Lock()
+    _guard = _thread.allocate_lock()
     _pid = -1
     _files: dict[str, list[int]] = {}  # path -> [fd, users]
-    _threads: dict[tuple[str, int | None], list[Any]] = {}  # (path, offset) -> [Lock, users, owner]
+    _threads: dict[tuple[str, int | None], list[Any]] = {}  # (path, offset) -> [lock, users, owner]
 
     def __init__(self, path: str, offset: int | None = None) -> None:
         self.path = path
@@ -268,32 +288,45 @@ class _KeyLock:
     @classmethod
     def _state(cls) -> None:
         # Called under _guard. After fork(2) the child holds no record locks and
-        # none of the parent's threads, so inherited bookkeeping is void.
+        # none of the parent's threads, so the inherited bookkeeping is void.
         if cls._pid != os.getpid():
             cls._pid = os.getpid()
             cls._files = {}
             cls._threads = {}
 
-    def acquire(self, timeout: float | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        key = (self.path, self.offset)
-        me = threading.get_ident()
+    def _enter_slot(self, owner: int | None) -> list[Any]:
         with self._guard:
             self._state()
-            slot = self._threads.setdefault(key, [threading.Lock(), 0, None])
-            if slot[2] == me:
+            slot = self._threads.setdefault((self.path, self.offset), [_thread.allocate_lock(), 0, None])
+            if owner is not None and slot[2] == owner:
                 raise RuntimeError(
-                    f"this thread already holds the lock {self.path}; "
-                    "re-entering it would wait forever"
+                    f"this thread already holds the lock {self.path}; re-entering it would wait forever"
                 )
             slot[1] += 1
+            return slot
+
+    def _leave_slot(self, slot: list[Any]) -> None:
+        with self._guard:
+            slot[1] -= 1
+            key = (self.path, self.offset)
+            if slot[1] == 0 and self._threads.get(key) is slot:
+                del self._threads[key]
+
+    def acquire(self, timeout: float | None = None) -> None:
+        """Wait for the lock; TimeoutError after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        me = _thread.get_ident()
+        slot = self._enter_slot(me)
         try:
-            if not slot[0].acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
+            if not slot[0].acquire(True, -1 if deadline is None else max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"timed out after {timeout} s waiting for the lock {self.path}")
             try:
                 self._fd = self._open_file()
                 try:
-                    self._lock_range(deadline, timeout)
+                    if deadline is None:
+                        _wait_lock(self._fd, self.offset)
+                    else:
+                        self._poll(deadline, timeout)
                 except BaseException:
                     self._close_file()
                     raise
@@ -301,15 +334,28 @@ class _KeyLock:
                 slot[0].release()
                 raise
         except BaseException:
-            with self._guard:
-                self._drop_slot(key, slot)
+            self._leave_slot(slot)
             raise
         slot[2] = me
 
-    def _lock_range(self, deadline: float | None, timeout: float | None) -> None:
-        if deadline is None:
-            _wait_lock(self._fd, self.offset)
-            return
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free now, without waiting (for event loops)."""
+        slot = self._enter_slot(None)
+        if slot[0].acquire(False):
+            try:
+                self._fd = self._open_file()
+                if _try_lock(self._fd, self.offset):
+                    return True
+                self._close_file()
+            except BaseException:
+                slot[0].release()
+                self._leave_slot(slot)
+                raise
+            slot[0].release()
+        self._leave_slot(slot)
+        return False
+
+    def _poll(self, deadline: float, timeout: float | None) -> None:
         delay = 0.001
         while not _try_lock(self._fd, self.offset):
             left = deadline - time.monotonic()
@@ -319,21 +365,15 @@ class _KeyLock:
             delay = min(delay * 2, 0.05)
 
     def release(self) -> None:
-        key = (self.path, self.offset)
         try:
             _unlock(self._fd, self.offset)
         finally:
             self._close_file()
             with self._guard:
-                slot = self._threads[key]
+                slot = self._threads[(self.path, self.offset)]
                 slot[2] = None
                 slot[0].release()
-                self._drop_slot(key, slot)
-
-    def _drop_slot(self, key: tuple[str, int | None], slot: list[Any]) -> None:
-        slot[1] -= 1
-        if slot[1] == 0 and self._threads.get(key) is slot:
-            del self._threads[key]
+            self._leave_slot(slot)
 
     def _open_file(self) -> int:
         with self._guard:
@@ -353,13 +393,6 @@ class _KeyLock:
                 os.close(entry[0])
         self._fd = -1
 
-    def __enter__(self) -> _KeyLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
-
 
 def _reraise_about(exc: OSError, path: str, doing: str, fix: str = "") -> OSError:
     """The same kind of OSError, with a message that names the user's path and the fix."""
@@ -370,13 +403,20 @@ def _reraise_about(exc: OSError, path: str, doing: str, fix: str = "") -> OSErro
     return new
 
 
+def _fspath(path: StrPath, what: str = "path") -> str:
+    name = os.fspath(path)
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str or os.PathLike[str], not {type(path).__name__}")
+    return name
+
+
 # ---------------------------------------------------------------------------
 # 4. Atomic writes
 #
 # A new version is written to a temporary file beside the target and renamed over
 # it: rename(2) replaces a name atomically, so a reader sees the old file or the
 # new one, whatever happens to the writer. Everything else that donecache writes
-# (stage markers and pieces, cache entries) goes through _create_temp/_commit.
+# (stage markers and pieces, cache entries) goes through _write_bytes below.
 # ---------------------------------------------------------------------------
 
 _WRITE_MODES = ("w", "wt", "wb")
@@ -406,7 +446,7 @@ def _create_temp(target: str, mode: int | None = None) -> tuple[int, str]:
 
     A new file gets 0o666 filtered by the process umask, as open() would give it;
     ``mode`` (an existing target's permission bits) is applied exactly instead.
-    The umask is never read by changing it: that is racy in threaded programs.
+    The umask is never read by changing it: that races with other threads.
     """
     while True:
         temp = _temp_name(target)
@@ -442,6 +482,13 @@ def _discard(temp: str) -> None:
         pass
 
 
+def _close_quietly(file: IO[Any]) -> None:
+    try:
+        file.close()  # Flushing may fail again (ENOSPC); the file is closed all the same.
+    except Exception:
+        pass
+
+
 def _write_bytes(target: str, data: bytes, *, durable: bool, overwrite: bool = True) -> None:
     """Atomically make ``target`` hold ``data``: the writer behind markers, pieces and entries."""
     fd, temp = _create_temp(target)
@@ -463,9 +510,7 @@ def _write_bytes(target: str, data: bytes, *, durable: bool, overwrite: bool = T
 
 def _prepare_target(path: StrPath, *, overwrite: bool, make_parents: bool) -> tuple[str, int | None]:
     """Check a user's target path; return (real target, permission bits to keep or None)."""
-    target = os.fspath(path)
-    if not isinstance(target, str):
-        raise TypeError(f"path must be str or os.PathLike[str], not {type(path).__name__}")
+    target = _fspath(path)
     # Symlink policy: writing through a link replaces the file it points to and
     # leaves the link alone, as open(path, "w") would.
     if os.path.islink(target):
@@ -510,63 +555,57 @@ def _create_temp_for(target: str, keep_mode: int | None) -> tuple[int, str]:
         ) from exc
 
 
-@contextlib.contextmanager
-def _atomic_write(
-    path: StrPath,
-    mode: str,
-    encoding: str | None,
-    newline: str | None,
-    durable: bool,
-    overwrite: bool,
-    make_parents: bool,
-) -> Iterator[IO[Any]]:
-    if mode not in _WRITE_MODES:
-        raise ValueError(f"atomic_write() mode must be one of {', '.join(map(repr, _WRITE_MODES))}, not {mode!r}")
-    if "b" in mode and (encoding is not None or newline is not None):
-        raise ValueError("atomic_write() takes encoding= and newline= only in text mode ('w')")
-    target, keep_mode = _prepare_target(path, overwrite=overwrite, make_parents=make_parents)
-    fd, temp = _create_temp_for(target, keep_mode)
-    try:
-        file = open(fd, mode, encoding=encoding, newline=newline)
-    except BaseException:
-        os.close(fd)
-        _discard(temp)
-        raise
-    try:
-        with file:
-            yield file
-            file.flush()
-            if durable:
-                _fsync_file(file.fileno())
-        _commit(temp, target, durable=durable, overwrite=overwrite)
-    except BaseException:
-        _discard(temp)  # The with-block above has closed the file already.
-        raise
+class _AtomicFile:
+    """What atomic_write() returns: a context manager that yields the open file."""
 
+    def __init__(
+        self,
+        path: StrPath,
+        mode: str,
+        encoding: str | None,
+        newline: str | None,
+        durable: bool,
+        overwrite: bool,
+        make_parents: bool,
+    ) -> None:
+        if mode not in _WRITE_MODES:
+            raise ValueError(
+                f"atomic_write() mode must be one of {', '.join(map(repr, _WRITE_MODES))}, not {mode!r}"
+            )
+        if "b" in mode and (encoding is not None or newline is not None):
+            raise ValueError("atomic_write() takes encoding= and newline= only in text mode ('w')")
+        self._path, self._mode, self._encoding, self._newline = path, mode, encoding, newline
+        self._durable, self._overwrite, self._make_parents = durable, overwrite, make_parents
 
-@overload
-def atomic_write(
-    path: StrPath,
-    mode: Literal["w", "wt"] = "w",
-    *,
-    encoding: str | None = None,
-    newline: str | None = None,
-    durable: bool = True,
-    overwrite: bool = True,
-    make_parents: bool = False,
-) -> ContextManager[IO[str]]: ...
+    def __enter__(self) -> IO[Any]:
+        self._target, keep_mode = _prepare_target(self._path, overwrite=self._overwrite, make_parents=self._make_parents)
+        fd, self._temp = _create_temp_for(self._target, keep_mode)
+        try:
+            self._file: IO[Any] = io.open(fd, self._mode, encoding=self._encoding, newline=self._newline)
+        except BaseException:
+            os.close(fd)
+            _discard(self._temp)
+            raise
+        return self._file
 
-@overload
-def atomic_write(
-    path: StrPath,
-    mode: Literal["wb"],
-    *,
-    encoding: None = None,
-    newline: None = None,
-    durable: bool = True,
-    overwrite: bool = True,
-    make_parents: bool = False,
-) -> ContextManager[IO[bytes]]: ...
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # Returning None lets the body's exception, if any, propagate unchanged.
+        if exc_type is not None:
+            _close_quietly(self._file)
+            _discard(self._temp)
+            return
+        try:
+            self._file.flush()
+            if self._durable:
+                _fsync_file(self._file.fileno())
+            self._file.close()
+            _commit(self._temp, self._target, durable=self._durable, overwrite=self._overwrite)
+        except BaseException:
+            _close_quietly(self._file)
+            _discard(self._temp)
+            raise
 
 
 def atomic_write(
@@ -578,7 +617,7 @@ def atomic_write(
     durable: bool = True,
     overwrite: bool = True,
     make_parents: bool = False,
-) -> ContextManager[IO[Any]]:
+) -> _AtomicFile:
     """Write a file so that readers see the old version or the whole new one.
 
     Use it as ``with atomic_write(path) as f: f.write(...)``. The file is written
@@ -600,13 +639,59 @@ def atomic_write(
     A new file gets mode 0o666 less the umask; an existing file keeps its
     permission bits. A symlink at ``path`` is followed: its target is replaced.
     """
-    return _atomic_write(path, mode, encoding, newline, durable, overwrite, make_parents)
+    return _AtomicFile(path, mode, encoding, newline, durable, overwrite, make_parents)
 
 
-@contextlib.contextmanager
+class _AtomicPath:
+    """What atomic_path() returns: a context manager that yields a temporary Path."""
+
+    def __init__(self, path: StrPath, durable: bool, overwrite: bool, make_parents: bool) -> None:
+        self._path, self._durable, self._overwrite, self._make_parents = path, durable, overwrite, make_parents
+
+    def __enter__(self) -> Path:
+        from pathlib import Path
+
+        self._target, self._keep_mode = _prepare_target(
+            self._path, overwrite=self._overwrite, make_parents=self._make_parents
+        )
+        # Reserve a name the way atomic_write does, then free it for the library.
+        fd, self._temp = _create_temp_for(self._target, None)
+        os.close(fd)
+        os.unlink(self._temp)
+        return Path(self._temp)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        temp = self._temp
+        if exc_type is not None:
+            _discard(temp)
+            return
+        try:
+            if not os.path.isfile(temp):
+                raise FileNotFoundError(
+                    errno.ENOENT,
+                    f"atomic_path({self._target!r}): the block did not create a file at the temporary path {temp!r}",
+                    temp,
+                )
+            if self._keep_mode is not None or self._durable:
+                fd = os.open(temp, _SYNC_FLAGS)
+                try:
+                    if self._keep_mode is not None:
+                        _keep_mode(fd, self._keep_mode)
+                    if self._durable:
+                        _fsync_file(fd)
+                finally:
+                    os.close(fd)
+            _commit(temp, self._target, durable=self._durable, overwrite=self._overwrite)
+        except BaseException:
+            _discard(temp)
+            raise
+
+
 def atomic_path(
     path: StrPath, *, durable: bool = True, overwrite: bool = True, make_parents: bool = False
-) -> Iterator[Path]:
+) -> _AtomicPath:
     """Yield a temporary path for a library that writes files itself.
 
     ``with atomic_path("x.npy") as tmp: numpy.save(tmp, array)``. The yielded
@@ -617,32 +702,7 @@ def atomic_path(
     of :func:`atomic_write`. It raises FileNotFoundError if the block did not
     create the file.
     """
-    target, keep_mode = _prepare_target(path, overwrite=overwrite, make_parents=make_parents)
-    # Reserve a name the way atomic_write does, then free it for the library.
-    fd, temp = _create_temp_for(target, None)
-    os.close(fd)
-    os.unlink(temp)
-    try:
-        yield Path(temp)
-        if not os.path.isfile(temp):
-            raise FileNotFoundError(
-                errno.ENOENT,
-                f"atomic_path({target!r}): the block did not create a file at the temporary path {temp!r}",
-                temp,
-            )
-        if keep_mode is not None or durable:
-            fd = os.open(temp, _SYNC_FLAGS)
-            try:
-                if keep_mode is not None:
-                    _keep_mode(fd, keep_mode)
-                if durable:
-                    _fsync_file(fd)
-            finally:
-                os.close(fd)
-        _commit(temp, target, durable=durable, overwrite=overwrite)
-    except BaseException:
-        _discard(temp)
-        raise
+    return _AtomicPath(path, durable, overwrite, make_parents)
 
 
 # ---------------------------------------------------------------------------
@@ -651,22 +711,28 @@ def atomic_path(
 # A stage is a directory filled piece by piece; its marker file says that the
 # whole stage finished. The marker is written last, with the atomic writer, so
 # it exists only if every piece before it does. While a stage is being built, a
-# record lock on a hidden file inside it keeps other processes out.
+# lock on a hidden file inside it keeps other processes and threads out.
 # ---------------------------------------------------------------------------
 
 _STAGE_LOCK = ".donecache.lock"
 
 
 def _marker_path(directory: StrPath, marker: str) -> str:
-    if not marker or os.path.basename(marker) != marker or marker in (".", "..", _STAGE_LOCK):
+    if not isinstance(marker, str) or not marker or os.path.basename(marker) != marker or marker in (
+        ".",
+        "..",
+        _STAGE_LOCK,
+    ):
         raise ValueError(f"marker must be a plain file name such as 'DONE' or '_SUCCESS', not {marker!r}")
-    return os.path.join(os.fspath(directory), marker)
+    return os.path.join(_fspath(directory, "directory"), marker)
 
 
 def _read_marker(path: str) -> dict[str, Any] | None:
-    """The marker's metadata: {} for an empty or foreign marker, None if it is missing."""
+    """The marker's metadata: {} for an empty or foreign marker, None if there is none."""
+    import json
+
     try:
-        with open(path, "rb") as f:
+        with io.open(path, "rb") as f:
             raw = f.read(1 << 20)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
@@ -710,28 +776,145 @@ def mark_not_done(directory: StrPath, *, marker: str = "DONE") -> bool:
     return True
 
 
-class Stage:
-    """What :func:`done_dir` yields: the stage's directory and whether it is done.
+def _remove_litter(root: str) -> None:
+    """Remove the temporary files that crashed writers left anywhere below ``root``."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            if _is_temp_name(name):
+                _discard(os.path.join(dirpath, name))
 
-    ``done`` is checked while holding the stage's lock, so after waiting for
-    another process that was building the same stage it says True, and the
-    body should skip the work.
+
+def _empty_directory(root: str, keep: str) -> None:
+    import shutil
+
+    for entry in os.scandir(root):
+        if entry.name == keep:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+
+
+def _flush_tree(root: str) -> None:
+    """fsync every file and directory below ``root``: the pieces reach disk before the marker."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            if name == _STAGE_LOCK and dirpath == root:
+                continue  # Nothing to flush, and on NFS closing it would drop our lock.
+            try:
+                fd = os.open(os.path.join(dirpath, name), _SYNC_FLAGS)
+            except OSError:
+                continue  # Unreadable or vanished: nothing of ours to flush.
+            try:
+                _fsync_file(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+
+
+class Stage:
+    """A stage directory being built: what ``with done_dir(...) as stage`` gives.
+
+    ``stage.done`` is checked while holding the stage's lock, so after waiting
+    for another process that was building the same stage it is True, and the
+    body should skip the work. ``stage.path`` is the directory.
     """
 
-    def __init__(self, path: Path, done: bool, marker: str) -> None:
-        self.path = path
-        self.done = done
+    def __init__(
+        self,
+        directory: StrPath,
+        *,
+        version: str | int | None = None,
+        marker: str = "DONE",
+        fresh: bool = False,
+        durable: bool = True,
+        timeout: float | None = None,
+    ) -> None:
+        from pathlib import Path
+
+        self._root = os.path.abspath(_fspath(directory, "directory"))
+        self._marker_file = _marker_path(self._root, marker)
+        self.path = Path(self._root)
         self.marker = marker
+        self.version = version
+        self.done = False
+        self._fresh, self._durable, self._timeout = fresh, durable, timeout
+        self._lock: _KeyLock | None = None
 
     def __repr__(self) -> str:
-        return f"Stage({str(self.path)!r}, done={self.done})"
+        return f"Stage({self._root!r}, done={self.done})"
+
+    def __enter__(self) -> Stage:
+        root = self._root
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise NotADirectoryError(
+                errno.ENOTDIR, f"stage {root!r} is a file, not a directory; move it away or choose another path", root
+            )
+        try:
+            os.makedirs(root, exist_ok=True)
+            lock = _KeyLock(os.path.join(os.path.realpath(root), _STAGE_LOCK))
+            lock.acquire(self._timeout)
+        except TimeoutError as exc:
+            raise TimeoutError(f"stage {root!r}: {exc}; another process or thread is building it") from None
+        except OSError as exc:
+            raise _reraise_about(exc, root, "create or lock the stage directory", "check its path and permissions") from exc
+        self._lock = lock
+        try:
+            self.done = _marker_counts(self._marker_file, self.version)
+            if not self.done:
+                if os.path.lexists(self._marker_file):
+                    os.unlink(self._marker_file)  # Stale: it must not count while we rebuild.
+                if self._fresh:
+                    _empty_directory(root, keep=_STAGE_LOCK)
+                else:
+                    _remove_litter(root)
+        except BaseException:
+            self._release()
+            raise
+        self._started = time.time()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if exc_type is None and not self.done:
+                self._write_marker()
+                self.done = True
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _write_marker(self) -> None:
+        import json
+        import socket
+
+        if self._durable:
+            _flush_tree(self._root)
+        finished = time.time()
+        metadata = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._started)),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(finished)),
+            "duration_s": round(finished - self._started, 6),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "donecache": __version__,
+            "version": self.version,
+        }
+        _write_bytes(self._marker_file, json.dumps(metadata, indent=1).encode("utf-8") + b"\n", durable=self._durable)
 
     def _piece_path(self, name: StrPath) -> Path:
-        rel = os.fspath(name)
-        parts = Path(rel).parts
+        from pathlib import PurePath
+
+        rel = _fspath(name, "piece name")
+        parts = PurePath(rel).parts if rel and not os.path.isabs(rel) else ()
         if (
-            not rel
-            or os.path.isabs(rel)
+            not parts
             or ".." in parts
             or parts[0] in (self.marker, _STAGE_LOCK)
             or any(_is_temp_name(p) for p in parts)
@@ -743,7 +926,7 @@ class Stage:
         return self.path / rel
 
     def has(self, name: StrPath) -> bool:
-        """True if the piece ``name`` exists (a file written by this or an earlier run)."""
+        """True if the piece ``name`` exists (written by this run or an earlier one)."""
         return self._piece_path(name).exists()
 
     def piece(self, name: StrPath, make: Callable[[], str | bytes]) -> Path:
@@ -763,49 +946,11 @@ class Stage:
         elif not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"make() for piece {os.fspath(name)!r} must return str or bytes, not {type(data).__name__}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Not fsynced one by one: done_dir flushes the whole stage once, before its marker.
+        # Not fsynced one by one: the stage flushes all its files once, before its marker.
         _write_bytes(str(path), bytes(data), durable=False)
         return path
 
 
-def _remove_litter(root: str) -> None:
-    """Remove the temporary files that crashed writers left anywhere below ``root``."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            if _is_temp_name(name):
-                _discard(os.path.join(dirpath, name))
-
-
-def _empty_directory(root: str, keep: tuple[str, ...]) -> None:
-    import shutil  # Only the fresh=True path needs it.
-
-    for entry in os.scandir(root):
-        if entry.name in keep:
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-        else:
-            os.unlink(entry.path)
-
-
-def _flush_tree(root: str) -> None:
-    """fsync every file and directory below ``root``: the stage's pieces reach disk before its marker."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            if name == _STAGE_LOCK and dirpath == root:
-                continue  # Nothing to flush, and on NFS closing it would drop our lock.
-            try:
-                fd = os.open(os.path.join(dirpath, name), _SYNC_FLAGS)
-            except OSError:
-                continue  # Unreadable or vanished: nothing of ours to flush.
-            try:
-                _fsync_file(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(dirpath)
-
-
-@contextlib.contextmanager
 def done_dir(
     directory: StrPath,
     *,
@@ -814,7 +959,7 @@ def done_dir(
     fresh: bool = False,
     durable: bool = True,
     timeout: float | None = None,
-) -> Iterator[Stage]:
+) -> Stage:
     """Build a stage directory that is marked done only once all of it is written.
 
     ::
@@ -841,44 +986,852 @@ def done_dir(
         the marker never survives a power failure that its pieces did not.
     timeout: seconds to wait for another builder before TimeoutError.
     """
-    root = os.path.abspath(os.fspath(directory))
-    marker_file = _marker_path(root, marker)
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise NotADirectoryError(
-            errno.ENOTDIR, f"stage {root!r} is a file, not a directory; move it away or choose another path", root
+    return Stage(directory, version=version, marker=marker, fresh=fresh, durable=durable, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------
+# 6. The store and memoize
+#
+# A store is a directory with one file per entry, written with the atomic
+# writer and named by a hash of its key: <root>/<2 hex>/<32 hex>. Each file
+# holds a header (format, checksum, times, lengths), the key and the pickled
+# value, so reads need no lock and no index, and a torn or damaged file reads
+# as missing. shelve.Shelf supplies the pickling on top (Store), memoize the
+# keys, TTLs and the compute-once locks.
+# ---------------------------------------------------------------------------
+
+_ENTRY_MAGIC = b"dcE1"
+# After the magic and the CRC-32 of everything that follows it: created and
+# expires (Unix seconds, 0.0 = never), key length, value length.
+_ENTRY_FIELDS = "<ddII"
+_ENTRY_HEADER = 4 + 4 + 8 + 8 + 4 + 4
+_HEX = frozenset("0123456789abcdef")
+_LITTER_AGE = 3600.0  # A temporary file this old belongs to no live writer.
+_CACHEDIR_TAG = (
+    b"Signature: 8a477f597d28d172789f06886806bc55\n"
+    b"# This file marks a donecache store (see https://bford.info/cachedir/).\n"
+)
+
+
+class DonecacheWarning(UserWarning):
+    """A result was computed but could not be cached (the reason is in the message)."""
+
+
+def _warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, DonecacheWarning, stacklevel=3)
+
+
+class _EntryFiles:
+    """The bytes-to-bytes mapping under a Store: one file per entry.
+
+    Safe for any number of threads and processes without locks: a write is a
+    rename, a read takes whichever version the name points to and checks it.
+    """
+
+    def __init__(self, path: StrPath, flag: str, durable: bool) -> None:
+        import hashlib
+        import struct
+        import zlib
+
+        if flag not in ("r", "w", "c", "n"):
+            raise ValueError(f"flag must be 'r', 'w', 'c' or 'n' (as for shelve.open), not {flag!r}")
+        self.root = os.path.abspath(_fspath(path))
+        self.readonly = flag == "r"
+        self.durable = durable
+        self._blake2b = hashlib.blake2b
+        self._fields = struct.Struct(_ENTRY_FIELDS)
+        self._crc32 = zlib.crc32
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise NotADirectoryError(
+                errno.ENOTDIR, f"cache {self.root!r} is a file, not a directory; choose another path", self.root
+            )
+        if not os.path.isdir(self.root):
+            if flag in ("r", "w"):
+                raise FileNotFoundError(
+                    errno.ENOENT, f"there is no cache at {self.root!r}; open it with flag='c' to create one", self.root
+                )
+            try:
+                # Private by default: whoever can write entries can run code in the reader.
+                os.makedirs(self.root, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise _reraise_about(exc, self.root, "create the cache directory", "choose a writable path") from exc
+        if not self.readonly:
+            self._label()
+        self.lock_path = os.path.join(os.path.realpath(self.root), ".lock")
+        if flag == "n":
+            self.clear()
+
+    def _label(self) -> None:
+        # CACHEDIR.TAG tells backup tools to skip the store; .gitignore keeps it
+        # out of commits when it lives in a checkout, as .donecache/ does.
+        for name, content in (("CACHEDIR.TAG", _CACHEDIR_TAG), (".gitignore", b"# Made by donecache.\n*\n")):
+            path = os.path.join(self.root, name)
+            if not os.path.exists(path):
+                try:
+                    _write_bytes(path, content, durable=False)
+                except OSError:
+                    pass  # Labels are a courtesy; a read-only store works without them.
+
+    # -- locating and encoding entries ------------------------------------
+
+    def locate(self, key: bytes) -> tuple[str, int]:
+        """The entry's file and the byte of the lock file that guards its computation."""
+        digest = self._blake2b(key, digest_size=16).hexdigest()
+        return os.path.join(self.root, digest[:2], digest), int(digest[16:], 16)
+
+    def _decode(self, data: bytes, key: bytes | None, now: float) -> tuple[bytes, bytes, float, float] | None:
+        """(key, value, created, expires) if ``data`` is a whole, live entry for ``key``."""
+        if len(data) < _ENTRY_HEADER or data[:4] != _ENTRY_MAGIC:
+            return None
+        created, expires, key_len, value_len = self._fields.unpack_from(data, 8)
+        if _ENTRY_HEADER + key_len + value_len != len(data):
+            return None  # Truncated or padded.
+        if int.from_bytes(data[4:8], "little") != self._crc32(memoryview(data)[8:]):
+            return None  # Damaged.
+        stored_key = data[_ENTRY_HEADER : _ENTRY_HEADER + key_len]
+        if key is not None and stored_key != key:
+            return None  # Another key with the same hash prefix (or a swapped file).
+        if expires and now >= expires:
+            return None
+        return stored_key, data[_ENTRY_HEADER + key_len :], created, expires
+
+    def encode(self, key: bytes, value: bytes, expires: float = 0.0) -> bytes:
+        body = self._fields.pack(time.time(), expires, len(key), len(value)) + key + value
+        return _ENTRY_MAGIC + self._crc32(body).to_bytes(4, "little") + body
+
+    @staticmethod
+    def _read_file(path: str) -> bytes | None:
+        try:
+            fd = os.open(path, _READ_FLAGS)
+        except OSError:
+            return None
+        try:
+            data = os.read(fd, 1 << 16)
+            if len(data) == 1 << 16:  # Large entry: read the rest.
+                chunks = [data]
+                while True:
+                    chunk = os.read(fd, 1 << 20)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                data = b"".join(chunks)
+            return data
+        except OSError:
+            return None  # A directory where an entry should be, an I/O error: a miss.
+        finally:
+            os.close(fd)
+
+    # -- the operations -----------------------------------------------------
+
+    def read(self, key: bytes, path: str | None = None) -> tuple[bytes, float] | None:
+        """(value, created) of the live entry for ``key``, or None."""
+        data = self._read_file(path or self.locate(key)[0])
+        if data is None:
+            return None
+        entry = self._decode(data, key, time.time())
+        return None if entry is None else (entry[1], entry[2])
+
+    def write(self, key: bytes, value: bytes, expires: float = 0.0, path: str | None = None) -> None:
+        if self.readonly:
+            raise PermissionError(
+                errno.EACCES, f"cache {self.root!r} was opened with flag='r'; open it with flag='c' to write", self.root
+            )
+        path = path or self.locate(key)[0]
+        blob = self.encode(key, value, expires)
+        try:
+            try:
+                _write_bytes(path, blob, durable=self.durable)
+            except FileNotFoundError:  # First entry in this shard (or the store was removed).
+                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                _write_bytes(path, blob, durable=self.durable)
+        except OSError as exc:
+            raise _reraise_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
+
+    def delete(self, key: bytes) -> bool:
+        if self.readonly:
+            raise PermissionError(errno.EACCES, f"cache {self.root!r} was opened with flag='r'", self.root)
+        path = self.locate(key)[0]
+        if self.read(key, path) is None and not os.path.exists(path):
+            return False
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def files(self) -> Iterator[str]:
+        """Every entry file, valid or not (not the temporary files of live writers)."""
+        try:
+            shards = [e for e in os.scandir(self.root) if len(e.name) == 2 and set(e.name) <= _HEX and e.is_dir()]
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for shard in sorted(shards, key=lambda e: e.name):
+            try:
+                names = os.listdir(shard.path)
+            except OSError:
+                continue
+            for name in names:
+                if len(name) == 32 and name.startswith(shard.name) and set(name) <= _HEX:
+                    yield os.path.join(shard.path, name)
+
+    def entries(self, now: float | None = None) -> Iterator[tuple[str, bytes, bytes, float, float]]:
+        """(file, key, value, created, expires) for every valid, live entry."""
+        when = time.time() if now is None else now
+        for path in self.files():
+            data = self._read_file(path)
+            entry = None if data is None else self._decode(data, None, when)
+            if entry is not None:
+                yield (path, *entry)
+
+    def clear(self, startswith: bytes = b"") -> int:
+        """Remove the entries (whose keys start with ``startswith``); return how many."""
+        if self.readonly:
+            raise PermissionError(errno.EACCES, f"cache {self.root!r} was opened with flag='r'", self.root)
+        removed = 0
+        paths = (
+            list(self.files())
+            if not startswith
+            else [p for p, key, *_ in self.entries(now=0.0) if key.startswith(startswith)]
         )
-    try:
-        os.makedirs(root, exist_ok=True)
-        lock = _KeyLock(os.path.join(os.path.realpath(root), _STAGE_LOCK))
-        lock.acquire(timeout)
-    except OSError as exc:
-        if isinstance(exc, TimeoutError):
-            raise TimeoutError(f"stage {root!r}: {exc}") from None
-        raise _reraise_about(exc, root, "create or lock the stage directory", "check its permissions and path") from exc
-    try:
-        done = _marker_counts(marker_file, version)
-        if not done:
-            if os.path.lexists(marker_file):
-                os.unlink(marker_file)  # Stale: it must not count while we rebuild.
-            if fresh:
-                _empty_directory(root, keep=(_STAGE_LOCK,))
-            else:
-                _remove_litter(root)
-        started = time.time()
-        yield Stage(Path(root), done, marker)
-        if not done:
-            if durable:
-                _flush_tree(root)
-            finished = time.time()
-            metadata = {
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(finished)),
-                "duration_s": round(finished - started, 6),
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "donecache": __version__,
-                "version": version,
-            }
-            _write_bytes(marker_file, json.dumps(metadata, indent=1).encode("utf-8") + b"\n", durable=durable)
-    finally:
-        lock.release()
+        for path in paths:
+            try:
+                os.unlink(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def prune(self, now: float | None = None) -> tuple[int, int]:
+        """Remove expired or damaged entries and old temporary files: (entries, temporaries)."""
+        when = time.time() if now is None else now
+        entries = temps = 0
+        for path in self.files():
+            data = self._read_file(path)
+            if data is None or self._decode(data, None, when) is None:
+                try:
+                    os.unlink(path)
+                    entries += 1
+                except OSError:
+                    pass
+        for dirpath, _dirs, names in os.walk(self.root):
+            for name in names:
+                temp = os.path.join(dirpath, name)
+                try:
+                    if _is_temp_name(name) and os.stat(temp).st_mtime < when - _LITTER_AGE:
+                        os.unlink(temp)
+                        temps += 1
+                except OSError:
+                    pass
+        return entries, temps
+
+    # -- what shelve.Shelf uses ---------------------------------------------
+
+    def __getitem__(self, key: bytes) -> bytes:
+        found = self.read(key)
+        if found is None:
+            raise KeyError(key)
+        return found[0]
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        self.write(key, value)
+
+    def __delitem__(self, key: bytes) -> None:
+        if not self.delete(key):
+            raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, bytes) and self.read(key) is not None
+
+    def __iter__(self) -> Iterator[bytes]:
+        for _path, key, *_ in self.entries():
+            yield key
+
+    def keys(self) -> Iterator[bytes]:
+        return iter(self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.files())
+
+    def sync(self) -> None:
+        pass  # Every write is already in place when it returns.
+
+    def close(self) -> None:
+        pass
+
+
+if TYPE_CHECKING:
+
+    class Store(shelve.Shelf[Any]):
+        path: str
+
+        def __init__(
+            self,
+            path: StrPath,
+            flag: str = "c",
+            protocol: int | None = None,
+            writeback: bool = False,
+            *,
+            durable: bool = False,
+        ) -> None: ...
+        def clear(self) -> None: ...
+        def prune(self) -> int: ...
+
+else:
+    Store: type  # Made on first use by _store_class(), to keep `import donecache` cheap.
+
+
+_store_type: Any = None
+
+
+def _store_class() -> type[Store]:
+    global _store_type
+    if _store_type is not None:
+        return _store_type  # type: ignore[no-any-return]
+    import shelve
+    from typing import Any
+
+    class Store(shelve.Shelf[Any]):
+        """A shelve.Shelf over donecache's entry files: returned by donecache.open()."""
+
+        def __init__(
+            self,
+            path: StrPath,
+            flag: str = "c",
+            protocol: int | None = None,
+            writeback: bool = False,
+            *,
+            durable: bool = False,
+        ) -> None:
+            self._files = _EntryFiles(path, flag, durable)
+            self.path = self._files.root
+            super().__init__(self._files, protocol, writeback, keyencoding="utf-8")  # type: ignore[arg-type]
+
+        def __repr__(self) -> str:
+            return f"<donecache.Store {self.path!r}>"
+
+        def __len__(self) -> int:
+            """Entry files on disk: may count expired or damaged entries until prune()."""
+            return len(self._files)
+
+        def clear(self) -> None:
+            """Remove every entry (much faster than deleting them one by one)."""
+            getattr(self, "cache", {}).clear()  # shelve's writeback cache (not in its stubs).
+            self._files.clear()
+
+        def prune(self) -> int:
+            """Remove expired and damaged entries and crashed writers' temporary files."""
+            entries, temps = self._files.prune()
+            return entries + temps
+
+    Store.__module__ = __name__
+    _store_type = Store
+    return Store  # type: ignore[return-value]  # The same class as the TYPE_CHECKING one.
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: `donecache.Store` on demand.
+    if name == "Store":
+        return _store_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def open(
+    path: StrPath, flag: str = "c", protocol: int | None = None, writeback: bool = False, *, durable: bool = False
+) -> Store:
+    """Open a cache directory as a shelf: a drop-in for ``shelve.open(path)``.
+
+    The result is a :class:`shelve.Shelf` with str keys and picklable values,
+    usable as a context manager. Unlike ``shelve.open``, it is safe for many
+    threads and processes at once, a crash never corrupts it, a damaged entry
+    reads as missing, and its format is the same on every Python and OS.
+
+    flag: ``"c"`` creates the directory if needed, ``"w"`` requires it to
+        exist, ``"n"`` empties it, ``"r"`` opens it read-only.
+    protocol, writeback: as for shelve.open().
+    durable: fsync each entry as it is written, so that it survives a power
+        failure (it always survives a crash of the process). Slower.
+
+    Entries are pickles: open only directories that nobody you distrust can write.
+    """
+    return _store_class()(path, flag, protocol, writeback, durable=durable)
+
+
+# -- memoize ------------------------------------------------------------------
+
+_SCALARS = frozenset({str, int, float, bool, type(None), bytes, complex})
+_CO_VARARGS, _CO_VARKEYWORDS, _CO_COROUTINE = 0x04, 0x08, 0x80  # inspect.CO_*
+
+
+def _canonical(value: Any, out: list[str]) -> None:
+    """Append a text that is equal for equal arguments in every process.
+
+    repr() is canonical for scalars and for tuples and lists of them; dicts and
+    sets are sorted by their items' texts, since their order depends on
+    insertion and on PYTHONHASHSEED. Anything else is pickled and hashed. 1,
+    1.0 and True stay different keys, as their results may differ.
+    """
+    kind = type(value)
+    if kind in _SCALARS:
+        out.append(repr(value))
+    elif kind is tuple or kind is list:
+        out.append("(" if kind is tuple else "[")
+        for item in value:
+            _canonical(item, out)
+            out.append(",")
+        out.append(")" if kind is tuple else "]")
+    elif kind is dict:
+        out.append("{")
+        out.extend(sorted(_text(k) + ":" + _text(v) + "," for k, v in value.items()))
+        out.append("}")
+    elif kind is set or kind is frozenset:
+        out.append("set{" if kind is set else "frozenset{")
+        out.extend(sorted(_text(item) + "," for item in value))
+        out.append("}")
+    else:
+        import hashlib
+        import pickle
+
+        data = pickle.dumps(value, protocol=4)
+        out.append(f"<{kind.__module__}.{kind.__qualname__}:{hashlib.blake2b(data, digest_size=20).hexdigest()}>")
+
+
+def _text(value: Any) -> str:
+    out: list[str] = []
+    _canonical(value, out)
+    return "".join(out)
+
+
+def _code_digest(func: Any, extra: str) -> str:
+    """A digest of what the function does: its bytecode, names and constants.
+
+    Line numbers live outside co_code, so comments and blank lines do not
+    change it; the docstring is left out too. Functions that it calls are not
+    followed: changing a helper does not invalidate (use version=).
+    """
+    import hashlib
+
+    digest = hashlib.blake2b(extra.encode("utf-8"), digest_size=8)
+    code = getattr(func, "__code__", None)
+
+    def feed(code: Any, doc: str | None) -> None:
+        digest.update(code.co_code)
+        digest.update(
+            repr(
+                (
+                    code.co_argcount,
+                    code.co_posonlyargcount,
+                    code.co_kwonlyargcount,
+                    code.co_flags,
+                    code.co_names,
+                    code.co_varnames,
+                    code.co_freevars,
+                    code.co_cellvars,
+                )
+            ).encode("utf-8")
+        )
+        for index, const in enumerate(code.co_consts):
+            if hasattr(const, "co_code"):
+                feed(const, None)
+            elif not (index == 0 and doc is not None and const == doc):
+                digest.update(_text(const).encode("utf-8", "surrogatepass") + b"\0")
+
+    if code is not None:
+        feed(code, getattr(func, "__doc__", None))
+    else:  # A callable object or builtin: its identity is all we know.
+        digest.update(repr(type(func)).encode("utf-8"))
+    return digest.hexdigest()
+
+
+class _Arguments:
+    """Binds a call to the function's signature: f(1), f(x=1) and f() (when x=1
+    is the default) give the same values, in parameter order."""
+
+    def __init__(self, func: Any, ignore: Iterable[str]) -> None:
+        self._func = func
+        self._signature: Any = None
+        code = getattr(func, "__code__", None)
+        defaults = getattr(func, "__defaults__", None) or ()
+        kwdefaults = getattr(func, "__kwdefaults__", None) or {}
+        self._fast = False
+        if code is not None and not code.co_flags & (_CO_VARARGS | _CO_VARKEYWORDS):
+            npos, nkw = code.co_argcount, code.co_kwonlyargcount
+            self.names: tuple[str, ...] = code.co_varnames[: npos + nkw]
+            kwonly = self.names[npos:]
+            if all(name in kwdefaults for name in kwonly):
+                # The common case, bound without inspect: positional arguments,
+                # then positional defaults, then keyword-only defaults.
+                self._fast = True
+                self._npos, self._defaults = npos, tuple(defaults)
+                self._kwdefaults = tuple(kwdefaults[name] for name in kwonly)
+        if not self._fast:
+            self.names = tuple(self._inspect().parameters)
+        unknown = sorted(set(ignore) - set(self.names))
+        if unknown:
+            raise ValueError(
+                f"ignore= names {', '.join(map(repr, unknown))}, which "
+                f"{getattr(func, '__qualname__', func)}() has no parameter for; it has {', '.join(self.names)}"
+            )
+        self._keep = tuple(i for i, name in enumerate(self.names) if name not in set(ignore))
+        self._all = len(self._keep) == len(self.names)
+
+    def _inspect(self) -> Any:
+        if self._signature is None:
+            import inspect
+
+            self._signature = inspect.signature(self._func)
+        return self._signature
+
+    def values(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        if self._fast and not kwargs:
+            missing = self._npos - len(args)
+            if 0 <= missing <= len(self._defaults):
+                values = args + self._defaults[len(self._defaults) - missing :] + self._kwdefaults
+                return values if self._all else tuple(values[i] for i in self._keep)
+        bound = self._inspect().bind(*args, **kwargs)  # Raises TypeError as the call would.
+        bound.apply_defaults()
+        values = tuple(bound.arguments.values())
+        return values if self._all else tuple(values[i] for i in self._keep)
+
+    def name(self, index: int) -> str:
+        return self.names[self._keep[index]]
+
+
+class CacheInfo(tuple):  # type: ignore[type-arg]
+    """(hits, misses, maxsize, currsize), spelled as functools.lru_cache spells it."""
+
+    __slots__ = ()
+
+    def __new__(cls, hits: int, misses: int, maxsize: int | None, currsize: int) -> CacheInfo:
+        return tuple.__new__(cls, (hits, misses, maxsize, currsize))
+
+    hits = property(lambda self: self[0], doc="calls answered from the cache by this process")
+    misses = property(lambda self: self[1], doc="calls this process computed and stored")
+    maxsize = property(lambda self: self[2], doc="always None: the cache is bounded by ttl and prune")
+    currsize = property(lambda self: self[3], doc="this function's live entries on disk")
+
+    def __repr__(self) -> str:
+        return "CacheInfo(hits={}, misses={}, maxsize={}, currsize={})".format(*self)
+
+
+_MISSING: Any = object()
+
+
+class _Memoized:
+    """A function whose results are kept in a donecache store."""
+
+    # Set by functools.update_wrapper from the decorated function.
+    __wrapped__: Callable[..., Any]
+    __qualname__: str
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        path: StrPath | None,
+        ttl: float | None,
+        version: str | int | None,
+        ignore: Iterable[str],
+        durable: bool,
+    ) -> None:
+        import functools
+
+        functools.update_wrapper(self, func)
+        if path is None:
+            path = os.environ.get("DONECACHE_DIR") or ".donecache"
+        self.path = os.path.abspath(_fspath(path))
+        self._ttl = ttl
+        self._durable = durable
+        self._arguments = _Arguments(func, ignore)
+        module = getattr(func, "__module__", None) or "?"
+        # A pool worker imports the main script as __mp_main__; it is the same code.
+        module = "__main__" if module == "__mp_main__" else module
+        identity = f"{module}:{getattr(func, '__qualname__', repr(func))}|"
+        self._identity = identity.encode("utf-8")
+        self._prefix = identity + _code_digest(func, repr(version)) + "|"
+        self._store: _EntryFiles | None = None
+        self._hits = self._misses = 0
+
+    # Pickle by reference, as plain functions are, so that the decorated
+    # function can be sent to ProcessPoolExecutor and multiprocessing workers.
+    def __reduce__(self) -> str:
+        return self.__qualname__
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        import types
+
+        return types.MethodType(self, instance)
+
+    def __repr__(self) -> str:
+        return f"<memoized {self.__module__}.{self.__qualname__} in {self.path!r}>"
+
+    def _files(self) -> _EntryFiles:
+        if self._store is None:
+            self._store = _EntryFiles(self.path, "c", self._durable)
+        return self._store
+
+    def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+        import hashlib
+
+        values = self._arguments.values(args, kwargs)
+        if all(type(v) in _SCALARS for v in values):
+            text = repr(values)
+        else:
+            out: list[str] = []
+            for index, value in enumerate(values):
+                try:
+                    _canonical(value, out)
+                except Exception as exc:
+                    name = self._arguments.name(index)
+                    raise TypeError(
+                        f"{self.__qualname__}(): argument {name!r} ({type(value).__name__}) cannot be "
+                        f"part of a cache key: {exc}. Make it picklable, or leave it out with ignore=({name!r},)"
+                    ) from exc
+                out.append(",")
+            text = "".join(out)
+        arguments = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=20).hexdigest()
+        return (self._prefix + arguments).encode("utf-8")
+
+    def _lookup(self, files: _EntryFiles, key: bytes, path: str) -> Any:
+        import pickle
+
+        found = files.read(key, path)
+        if found is None or (self._ttl is not None and time.time() - found[1] >= self._ttl):
+            return _MISSING
+        try:
+            return pickle.loads(found[0])
+        except Exception:
+            return _MISSING  # Written by code that has changed since: recompute.
+
+    def _save(self, files: _EntryFiles, key: bytes, path: str, value: Any) -> None:
+        import pickle
+
+        try:
+            blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            _warn(
+                f"{self.__qualname__}() returned a {type(value).__name__} that cannot be pickled ({exc}); "
+                "it is returned but not cached"
+            )
+            return
+        try:
+            files.write(key, blob, time.time() + self._ttl if self._ttl is not None else 0.0, path)
+        except OSError as exc:
+            _warn(f"{self.__qualname__}(): the result is returned but not cached: {exc}")
+
+    def _acquire(self, lock: _KeyLock) -> bool:
+        try:
+            lock.acquire()
+        except OSError as exc:
+            # No lock file (a read-only or damaged store): compute without one.
+            # Results stay right; concurrent callers may compute the same key.
+            _warn(f"{self.__qualname__}(): computing without the cache lock: {exc}")
+            return False
+        return True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = self._key(args, kwargs)
+        files = self._store or self._files()
+        path, offset = files.locate(key)
+        value = self._lookup(files, key, path)
+        if value is not _MISSING:
+            self._hits += 1
+            return value
+        return self._compute(files, key, path, offset, args, kwargs, refresh=False)
+
+    def _compute(
+        self,
+        files: _EntryFiles,
+        key: bytes,
+        path: str,
+        offset: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        refresh: bool,
+    ) -> Any:
+        lock = _KeyLock(files.lock_path, offset)
+        locked = self._acquire(lock)
+        try:
+            if not refresh:  # Another caller may have computed it while we waited.
+                value = self._lookup(files, key, path)
+                if value is not _MISSING:
+                    self._hits += 1
+                    return value
+            value = self.__wrapped__(*args, **kwargs)
+            self._misses += 1
+            self._save(files, key, path, value)
+            return value
+        finally:
+            if locked:
+                lock.release()
+
+    def refresh(self, *args: Any, **kwargs: Any) -> Any:
+        """Compute this call again, whatever the cache holds, and store the result."""
+        key = self._key(args, kwargs)
+        files = self._files()
+        path, offset = files.locate(key)
+        return self._compute(files, key, path, offset, args, kwargs, refresh=True)
+
+    def forget(self, *args: Any, **kwargs: Any) -> bool:
+        """Drop the cached result of this one call; True if there was one."""
+        return self._files().delete(self._key(args, kwargs))
+
+    def cache_clear(self) -> None:
+        """Drop every entry of this function (all versions of its code), and the counts."""
+        self._files().clear(self._identity)
+        self._hits = self._misses = 0
+
+    def cache_info(self) -> CacheInfo:
+        """Hits and misses in this process, and this function's live entries on disk."""
+        prefix = self._prefix.encode("utf-8")
+        live = sum(1 for _p, key, *_ in self._files().entries() if key.startswith(prefix))
+        return CacheInfo(self._hits, self._misses, None, live)
+
+
+class _AsyncMemoized(_Memoized):
+    """The same for ``async def`` functions: the event loop never blocks on a lock."""
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = self._key(args, kwargs)
+        files = self._store or self._files()
+        path, offset = files.locate(key)
+        value = self._lookup(files, key, path)
+        if value is not _MISSING:
+            self._hits += 1
+            return value
+        return await self._acompute(files, key, path, offset, args, kwargs, refresh=False)
+
+    async def _acompute(
+        self,
+        files: _EntryFiles,
+        key: bytes,
+        path: str,
+        offset: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        refresh: bool,
+    ) -> Any:
+        import asyncio
+
+        lock = _KeyLock(files.lock_path, offset)
+        delay, locked = 0.001, True
+        try:
+            while not lock.try_acquire():
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        except OSError as exc:
+            _warn(f"{self.__qualname__}(): computing without the cache lock: {exc}")
+            locked = False
+        try:
+            if not refresh:
+                value = self._lookup(files, key, path)
+                if value is not _MISSING:
+                    self._hits += 1
+                    return value
+            value = await self.__wrapped__(*args, **kwargs)
+            self._misses += 1
+            self._save(files, key, path, value)
+            return value
+        finally:
+            if locked:
+                lock.release()
+
+    async def refresh(self, *args: Any, **kwargs: Any) -> Any:
+        key = self._key(args, kwargs)
+        files = self._files()
+        path, offset = files.locate(key)
+        return await self._acompute(files, key, path, offset, args, kwargs, refresh=True)
+
+
+def _seconds(ttl: Any) -> float | None:
+    if ttl is None:
+        return None
+    seconds = ttl.total_seconds() if hasattr(ttl, "total_seconds") else ttl
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"ttl must be a positive number of seconds or a timedelta, not {ttl!r}")
+    return float(seconds)
+
+
+if TYPE_CHECKING:
+    _P = ParamSpec("_P")
+    _R = TypeVar("_R")
+    _R_co = TypeVar("_R_co", covariant=True)
+
+    class Memoized(Protocol[_P, _R_co]):
+        """How type checkers see a memoized function: its own signature, plus the cache's methods."""
+
+        @property
+        def __wrapped__(self) -> Callable[_P, _R_co]: ...
+        def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R_co: ...
+        def refresh(self, *args: _P.args, **kwargs: _P.kwargs) -> _R_co: ...
+        def forget(self, *args: _P.args, **kwargs: _P.kwargs) -> bool: ...
+        def cache_clear(self) -> None: ...
+        def cache_info(self) -> CacheInfo: ...
+
+
+@overload
+def memoize(path: Callable[_P, _R]) -> Memoized[_P, _R]: ...
+
+
+@overload
+def memoize(
+    path: StrPath | None = None,
+    *,
+    ttl: float | Any = None,
+    version: str | int | None = None,
+    ignore: Iterable[str] = (),
+    durable: bool = False,
+) -> Callable[[Callable[_P, _R]], Memoized[_P, _R]]: ...
+
+
+def memoize(
+    path: StrPath | Callable[..., Any] | None = None,
+    *,
+    ttl: float | Any = None,
+    version: str | int | None = None,
+    ignore: Iterable[str] = (),
+    durable: bool = False,
+) -> Any:
+    """Keep a function's results on disk, shared by threads, processes and runs.
+
+    ``@memoize`` or ``@memoize("cache-dir", ttl=3600)``. Without a path the
+    store is ``.donecache`` in the current directory, or $DONECACHE_DIR.
+
+    A call's key is the function's module and qualified name, a digest of its
+    code (comments and blank lines aside), ``version``, and the arguments bound
+    to its signature with defaults applied, so f(1), f(x=1) and f() (when x=1
+    is the default) are one entry. Concurrent callers of one key, in threads
+    or processes, compute it once; the others wait and reuse the result.
+    Exceptions are not cached; None is. A result that cannot be pickled is
+    returned with a DonecacheWarning and not stored.
+
+    ttl: seconds (or a timedelta) after which an entry is recomputed.
+    version: change it to invalidate by hand (say, when a helper changed).
+    ignore: names of parameters left out of the key (``self``, a logger).
+    durable: fsync each entry as it is written (survives power failures).
+
+    The decorated function has ``cache_info()``, ``cache_clear()`` (this
+    function's entries only), ``forget(*args)``, ``refresh(*args)`` and
+    ``__wrapped__`` (the function itself: call it to bypass the cache). It
+    pickles by reference, so it works with ProcessPoolExecutor and
+    multiprocessing, and ``async def`` functions are supported.
+    """
+    seconds = _seconds(ttl)
+    if isinstance(ignore, str):
+        ignore = (ignore,)
+
+    def decorate(func: Callable[..., Any]) -> Any:
+        if not callable(func):
+            raise TypeError(f"memoize() decorates functions, not {type(func).__name__}")
+        code = getattr(func, "__code__", None)
+        kind = _AsyncMemoized if code is not None and code.co_flags & _CO_COROUTINE else _Memoized
+        return kind(func, store_path, seconds, version, ignore, durable)
+
+    if callable(path) and not isinstance(path, (str, os.PathLike)):
+        store_path: StrPath | None = None
+        return decorate(path)  # Used bare: @memoize
+    store_path = path
+    return decorate
