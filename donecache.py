@@ -1023,6 +1023,16 @@ def _warn(message: str) -> None:
     warnings.warn(message, DonecacheWarning, stacklevel=3)
 
 
+def _remove_entry(path: str) -> None:
+    """Remove an entry's file, or whatever damage has put in its place."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        import shutil
+
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
 class _EntryFiles:
     """The bytes-to-bytes mapping under a Store: one file per entry.
 
@@ -1085,11 +1095,10 @@ class _EntryFiles:
         """(key, value, created, expires) if ``data`` is a whole, live entry for ``key``."""
         if len(data) < _ENTRY_HEADER or data[:4] != _ENTRY_MAGIC:
             return None
-        created, expires, key_len, value_len = self._fields.unpack_from(data, 8)
-        if _ENTRY_HEADER + key_len + value_len != len(data):
-            return None  # Truncated or padded.
+        # The CRC covers the lengths too, so it catches truncation and padding.
         if int.from_bytes(data[4:8], "little") != self._crc32(memoryview(data)[8:]):
-            return None  # Damaged.
+            return None
+        created, expires, key_len, _value_len = self._fields.unpack_from(data, 8)
         stored_key = data[_ENTRY_HEADER : _ENTRY_HEADER + key_len]
         if key is not None and stored_key != key:
             return None  # Another key with the same hash prefix (or a swapped file).
@@ -1146,6 +1155,9 @@ class _EntryFiles:
             except FileNotFoundError:  # First entry in this shard (or the store was removed).
                 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
                 _write_bytes(path, blob, durable=self.durable)
+            except IsADirectoryError:  # Damage: something made a directory of an entry's name.
+                _remove_entry(path)
+                _write_bytes(path, blob, durable=self.durable)
         except OSError as exc:
             raise _reraise_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
 
@@ -1180,10 +1192,17 @@ class _EntryFiles:
         """(file, key, value, created, expires) for every valid, live entry."""
         when = time.time() if now is None else now
         for path in self.files():
-            data = self._read_file(path)
-            entry = None if data is None else self._decode(data, None, when)
+            entry = self._read_at(path, when)
             if entry is not None:
                 yield (path, *entry)
+
+    def _read_at(self, path: str, now: float) -> tuple[bytes, bytes, float, float] | None:
+        """The entry in ``path``, if it is whole, live, and filed under its own key's name."""
+        data = self._read_file(path)
+        entry = None if data is None else self._decode(data, None, now)
+        if entry is None or self.locate(entry[0])[0] != path:
+            return None
+        return entry
 
     def clear(self, startswith: bytes = b"") -> int:
         """Remove the entries (whose keys start with ``startswith``); return how many."""
@@ -1208,10 +1227,9 @@ class _EntryFiles:
         when = time.time() if now is None else now
         entries = temps = 0
         for path in self.files():
-            data = self._read_file(path)
-            if data is None or self._decode(data, None, when) is None:
+            if self._read_at(path, when) is None:
                 try:
-                    os.unlink(path)
+                    _remove_entry(path)
                     entries += 1
                 except OSError:
                     pass
@@ -1406,15 +1424,16 @@ def _code_digest(func: Any, extra: str) -> str:
     """A digest of what the function does: its bytecode, names and constants.
 
     Line numbers live outside co_code, so comments and blank lines do not
-    change it; the docstring is left out too. Functions that it calls are not
-    followed: changing a helper does not invalidate (use version=).
+    change it; a docstring is a constant, so editing one does. Functions that
+    it calls are not followed: changing a helper does not invalidate (use
+    version=).
     """
     import hashlib
 
     digest = hashlib.blake2b(extra.encode("utf-8"), digest_size=8)
     code = getattr(func, "__code__", None)
 
-    def feed(code: Any, doc: str | None) -> None:
+    def feed(code: Any) -> None:
         digest.update(code.co_code)
         digest.update(
             repr(
@@ -1430,14 +1449,14 @@ def _code_digest(func: Any, extra: str) -> str:
                 )
             ).encode("utf-8")
         )
-        for index, const in enumerate(code.co_consts):
-            if hasattr(const, "co_code"):
-                feed(const, None)
-            elif not (index == 0 and doc is not None and const == doc):
+        for const in code.co_consts:
+            if hasattr(const, "co_code"):  # A nested function, lambda or comprehension.
+                feed(const)
+            else:
                 digest.update(_text(const).encode("utf-8", "surrogatepass") + b"\0")
 
     if code is not None:
-        feed(code, getattr(func, "__doc__", None))
+        feed(code)
     else:  # A callable object or builtin: its identity is all we know.
         digest.update(repr(type(func)).encode("utf-8"))
     return digest.hexdigest()

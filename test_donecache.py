@@ -17,6 +17,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -46,6 +47,7 @@ def child(
     cwd: str | os.PathLike[str] | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 120,
+    script_file: Path | None = None,
 ) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
     """Run ``script`` in a fresh interpreter where ``dc`` is donecache; args go to sys.argv[1:].
 
@@ -53,10 +55,15 @@ def child(
     unprivileged: make file permissions apply to the child even when the tests
         run as root, by dropping the capabilities that let root ignore them
         (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) with setpriv(1).
+    script_file: save the script there and run the file instead of ``-c``
+        (multiprocessing's spawn start method re-imports the main script).
     """
     prelude = f"import importlib, sys\ndc = importlib.import_module({MODULE!r})\n"
     full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(IMPORT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
     argv = [sys.executable, "-c", prelude + textwrap.dedent(script), *args]
+    if script_file is not None:
+        script_file.write_text(prelude + textwrap.dedent(script))
+        argv[1:3] = [str(script_file)]
     if unprivileged and IS_ROOT:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
@@ -709,3 +716,596 @@ def test_sigkill_in_the_body_leaves_stage_not_done_and_lock_free(tmp_path):
         assert not stage.done and len(list(stage.path.glob("piece-*"))) == 5
     assert time.monotonic() - started < 2, "the killed holders' locks were released"
     assert dc.is_done(stage_dir)
+
+
+# ---------------------------------------------------------------------------
+# 6. The store (donecache.open) and memoize
+# ---------------------------------------------------------------------------
+
+
+def entry_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("??/*") if not p.name.startswith("."))
+
+
+@as_str_or_path
+def test_open_is_a_shelf_drop_in(tmp_path, kind):
+    import shelve
+
+    with dc.open(kind(tmp_path / "cache")) as db:
+        assert isinstance(db, shelve.Shelf) and isinstance(db, dc.Store)
+        db["text"] = "héllo"
+        db["none"] = None
+        db["nested"] = {"a": [1, 2], "b": {3}}
+        del db["text"]
+        assert "text" not in db and "none" in db and db["none"] is None
+        assert db.get("missing", 42) == 42
+        assert sorted(db) == ["nested", "none"] and len(db) == 2
+        assert dict(db.items()) == {"none": None, "nested": {"a": [1, 2], "b": {3}}}
+        with pytest.raises(KeyError):
+            db["missing"]
+        with pytest.raises(KeyError):
+            del db["missing"]
+    with pytest.raises(ValueError):  # shelve's behaviour after close
+        db["x"] = 1
+    with dc.open(tmp_path / "cache", "r") as db:
+        assert db["nested"] == {"a": [1, 2], "b": {3}}
+    assert stat.S_IMODE((tmp_path / "cache").stat().st_mode) == 0o700
+    assert (tmp_path / "cache" / "CACHEDIR.TAG").read_bytes().startswith(b"Signature: 8a477f597d28d172789f06886806bc55")
+
+
+def test_writeback_and_sync_behave_as_in_shelve(tmp_path):
+    with dc.open(tmp_path / "c", writeback=True) as db:
+        db["list"] = []
+        db["list"].append(1)  # Only writeback=True keeps this mutation.
+        db.sync()
+        db["list"].append(2)
+    with dc.open(tmp_path / "c") as db:
+        assert db["list"] == [1, 2]
+        db["list"].append(3)  # Lost without writeback, as in shelve.
+        assert db["list"] == [1, 2]
+
+
+def test_open_flags(tmp_path):
+    with pytest.raises(FileNotFoundError, match="flag='c'") as caught:
+        dc.open(tmp_path / "nope", "r")
+    assert str(tmp_path / "nope") in str(caught.value)
+    with pytest.raises(FileNotFoundError):
+        dc.open(tmp_path / "nope", "w")
+    assert not (tmp_path / "nope").exists()
+    with dc.open(tmp_path / "c") as db:
+        db["k"] = 1
+    with dc.open(tmp_path / "c", "r") as db:
+        with pytest.raises(PermissionError, match="flag='r'"):
+            db["k"] = 2
+        assert db["k"] == 1
+    with dc.open(tmp_path / "c", "n") as db:
+        assert len(db) == 0
+    with pytest.raises(ValueError, match="flag must be"):
+        dc.open(tmp_path / "c", "x")
+    (tmp_path / "file").write_text("data")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        dc.open(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "data"
+
+
+def test_unpicklable_value_raises_and_leaves_nothing(tmp_path):
+    with dc.open(tmp_path / "c") as db:
+        with pytest.raises(Exception, match="pickle"):
+            db["f"] = lambda: 1
+        assert "f" not in db and len(db) == 0
+    assert not [p for p in (tmp_path / "c").rglob("*") if dc._is_temp_name(p.name)]
+
+
+DAMAGE = {
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[:-3]),
+    "bit flip": lambda p: p.write_bytes(p.read_bytes()[:-1] + bytes([p.read_bytes()[-1] ^ 1])),
+    "empty": lambda p: p.write_bytes(b""),
+    "garbage": lambda p: p.write_bytes(os.urandom(200)),
+    "padded": lambda p: p.write_bytes(p.read_bytes() + b"\0"),
+    "other entry": None,  # Filled in below: a valid entry of another key under this name.
+    "directory": lambda p: (p.unlink(), p.mkdir()),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_entry_reads_as_missing_and_is_pruned(tmp_path, damage):
+    with dc.open(tmp_path / "c") as db:
+        db["victim"] = list(range(100))
+        db["other"] = "fine"
+    victim = next(p for p in entry_files(tmp_path / "c") if b"victim" in p.read_bytes())
+    other = next(p for p in entry_files(tmp_path / "c") if p != victim)
+    if damage == "other entry":
+        shutil.copy(other, victim)
+    else:
+        DAMAGE[damage](victim)
+    with dc.open(tmp_path / "c") as db:
+        assert "victim" not in db and db.get("victim") is None
+        assert sorted(db) == ["other"] and dict(db.items()) == {"other": "fine"}
+        db["victim"] = "rewritten"  # Over the damage: nothing to clean up first.
+        assert db["victim"] == "rewritten"
+    DAMAGE["directory" if damage == "directory" else "garbage"](victim)
+    with dc.open(tmp_path / "c") as db:
+        assert db.prune() == 1 and sorted(db) == ["other"] and not victim.exists()
+
+
+@posix_only
+def test_processes_writing_one_store_lose_nothing(tmp_path):
+    writer = """
+        who = int(sys.argv[2])
+        with dc.open(sys.argv[1]) as db:
+            for i in range(200):
+                db[f"{who}-{i}"] = (who, i)
+                db["shared"] = who            # All four fight over one key too.
+    """
+    procs = [child(writer, str(tmp_path / "c"), str(n), background=True) for n in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    with dc.open(tmp_path / "c") as db:
+        assert len(db) == 801
+        assert all(db[f"{w}-{i}"] == (w, i) for w in range(4) for i in range(200))
+        assert db["shared"] in range(4)
+
+
+@posix_only
+def test_sigkill_never_corrupts_or_loses_committed_entries(tmp_path):
+    writer = """
+        import os
+        start = int(sys.argv[2])
+        with dc.open(sys.argv[1]) as db:
+            for i in range(start, start + 100000):
+                db[f"k{i}"] = os.urandom(i % 5000)  # Varied sizes; some rewrite "k0".
+                db["k0"] = i
+                print(i, flush=True)                 # Reported only once the write returned.
+    """
+    rng = random.Random(99)
+    committed: list[int] = []
+    for trial in range(20):
+        proc = child(writer, str(tmp_path / "c"), str(trial * 1000), background=True)
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        time.sleep(rng.uniform(0, 0.1))
+        proc.kill()
+        out, _ = proc.communicate()
+        committed.extend(int(line) for line in out.split()[:-1])  # The last line may be cut.
+    with dc.open(tmp_path / "c") as db:
+        for i in committed:
+            value = db[f"k{i}"]
+            assert isinstance(value, bytes) and len(value) == i % 5000
+        assert isinstance(db["k0"], int)
+        for path in entry_files(tmp_path / "c"):  # Every file on disk is a whole entry.
+            assert db._files._decode(path.read_bytes(), None, 0.0) is not None
+    assert len(committed) > 100
+
+
+def test_threads_share_a_store(tmp_path):
+    db = dc.open(tmp_path / "c")
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(100):
+                db[f"{n}/{i}"] = [n, i]
+                assert db[f"{n}/{i}"] == [n, i]
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(db) == 800
+    db.close()
+
+
+@posix_only
+def test_read_only_store_serves_hits_and_explains_writes(tmp_path, read_only):
+    script = """
+        import warnings
+        @dc.memoize(sys.argv[1])
+        def square(x):
+            print("computed", x)
+            return x * x
+        print(square(3))
+    """
+    child(script, str(tmp_path / "c"))  # Fills the cache with square(3).
+    for path in [tmp_path / "c", *(tmp_path / "c").glob("??")]:
+        read_only(path)
+    proc = child(
+        script
+        + """
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            print(square(4))
+        print("WARNING", caught[0].category.__name__, caught[0].message)
+        with dc.open(sys.argv[1]) as db:
+            try:
+                db["x"] = 1
+            except PermissionError as exc:
+                print("ERROR", exc)
+        """,
+        str(tmp_path / "c"),
+        unprivileged=True,
+    )
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "9", "a hit, served from the read-only cache"
+    assert lines[1:3] == ["computed 4", "16"]
+    assert lines[3].startswith("WARNING DonecacheWarning") and "not cached" in lines[3]
+    assert lines[4].startswith("ERROR") and str(tmp_path / "c") in lines[4] and "writable" in lines[4]
+
+
+# -- memoize ------------------------------------------------------------------
+
+
+@pytest.fixture
+def calls():
+    return []
+
+
+def test_memoize_bare_uses_dot_donecache_or_env(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DONECACHE_DIR", raising=False)
+
+    @dc.memoize
+    def double(x):
+        return 2 * x
+
+    assert double(2) == 4 and double(2) == 4
+    assert double.cache_info() == (1, 1, None, 1)
+    assert (tmp_path / ".donecache" / ".gitignore").exists()
+    monkeypatch.setenv("DONECACHE_DIR", str(tmp_path / "elsewhere"))
+
+    @dc.memoize()
+    def triple(x):
+        return 3 * x
+
+    assert triple(1) == 3 and entry_files(tmp_path / "elsewhere")
+
+
+@as_str_or_path
+def test_arguments_are_bound_to_the_signature(tmp_path, kind, calls):
+    @dc.memoize(kind(tmp_path))
+    def f(x, y=2, *, z=3):
+        calls.append((x, y, z))
+        return x + y + z
+
+    assert f(1) == f(x=1) == f(1, 2) == f(1, y=2, z=3) == f(z=3, y=2, x=1) == 6
+    assert calls == [(1, 2, 3)]
+    assert f(1, 3) == 7 and len(calls) == 2
+    with pytest.raises(TypeError):
+        f(1, 2, 3)  # Errors of the call itself are the function's own.
+
+
+def test_keys_are_canonical_and_typed(tmp_path, calls):
+    @dc.memoize(tmp_path)
+    def f(*args, **kwargs):
+        calls.append(1)
+        return len(calls)
+
+    assert f({"a": 1, "b": 2}) == f({"b": 2, "a": 1}) == 1
+    assert f({3, 1, 2}) == f({1, 2, 3}) == 2
+    assert f(a=1, b=2) == f(b=2, a=1) == 3
+    assert len({f(1), f(1.0), f(True), f("1")}) == 4, "1, 1.0, True and '1' are different calls"
+    assert f(Path("/x")) == f(Path("/x"))
+
+
+def test_keys_agree_across_processes_and_hash_seeds(tmp_path):
+    script = """
+        @dc.memoize(sys.argv[1])
+        def f(data):
+            print("computed")
+            return sorted(data["tags"])
+        print(f({"tags": {"alpha", "beta", "gamma", "delta"}, "n": frozenset({"x", "y"})}))
+    """
+    outputs = [
+        child(script, str(tmp_path), env={"PYTHONHASHSEED": seed}).stdout.split("\n")[0]
+        for seed in ("1", "2", "3", "random")
+    ]
+    assert outputs[0] == "computed" and all(o.startswith("[") for o in outputs[1:])
+
+
+def test_ignore_leaves_parameters_out_of_the_key(tmp_path, calls):
+    @dc.memoize(tmp_path, ignore=("log",))
+    def f(x, log):
+        calls.append(x)
+        return x
+
+    f(1, log=print)
+    f(1, log=lambda *a: None)  # Unpicklable, and ignored.
+    assert calls == [1]
+    with pytest.raises(ValueError, match="'logger'"):
+        dc.memoize(tmp_path, ignore=["logger"])(lambda x: x)
+
+
+def test_unpicklable_argument_names_the_argument(tmp_path):
+    @dc.memoize(tmp_path)
+    def f(x, callback):
+        return x
+
+    with pytest.raises(TypeError, match=r"argument 'callback' .* ignore=\('callback',\)"):
+        f(1, lambda: None)
+
+
+def test_results_none_exceptions_and_unpicklable(tmp_path, calls):
+    @dc.memoize(tmp_path)
+    def f(x):
+        calls.append(x)
+        if x == "boom":
+            raise Boom(x)
+        if x == "lock":
+            return threading.Lock()
+        return None
+
+    assert f("none") is None and f("none") is None and calls == ["none"]
+    for _ in range(2):
+        with pytest.raises(Boom):
+            f("boom")
+    assert calls.count("boom") == 2, "exceptions are not cached"
+    with pytest.warns(dc.DonecacheWarning, match="cannot be pickled"):
+        assert f("lock") is not None
+    with pytest.warns(dc.DonecacheWarning):
+        f("lock")
+    assert calls.count("lock") == 2
+    assert f.cache_info().currsize == 1
+
+
+def test_code_changes_invalidate_but_comments_do_not(tmp_path):
+    def define(source: str, version=None):
+        namespace: dict[str, object] = {"calls": []}
+        exec(compile(textwrap.dedent(source), "<pipeline>", "exec"), namespace)
+        namespace["transform"].__module__ = "pipeline"  # type: ignore[attr-defined]
+        return dc.memoize(tmp_path, version=version)(namespace["transform"]), namespace["calls"]
+
+    original = """
+        def transform(x):
+            calls.append(x)
+            return x + 1
+    """
+    reformatted = """
+
+
+        def transform(x):
+            # A comment and blank lines change nothing.
+
+            calls.append(x)
+
+            return x + 1  # trailing comment
+    """
+    changed = """
+        def transform(x):
+            calls.append(x)
+            return x + 2
+    """
+    f, calls = define(original)
+    assert f(1) == 2 and calls == [1]
+    f, calls = define(reformatted)
+    assert f(1) == 2 and calls == [], "reformatting must not invalidate"
+    f, calls = define(changed)
+    assert f(1) == 3 and calls == [1], "a change of logic must invalidate"
+    f, calls = define(changed, version="2")
+    assert f(1) == 3 and calls == [1], "a new version must invalidate"
+
+
+def test_ttl_expires_entries(tmp_path, calls, monkeypatch):
+    import datetime
+
+    @dc.memoize(tmp_path, ttl=datetime.timedelta(seconds=60))
+    def f(x):
+        calls.append(x)
+        return x
+
+    f(1)
+    f(1)
+    assert calls == [1]
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)  # An hour later, without the wait.
+    f(1)
+    assert calls == [1, 1], "expired entries are recomputed"
+    monkeypatch.undo()
+    with dc.open(tmp_path) as db:
+        assert len(db) == 1
+        assert db.prune() == 0
+
+    @dc.memoize(tmp_path, ttl=0.2)
+    def g(x):
+        calls.append(x)
+        return x
+
+    g(2)
+    time.sleep(0.3)
+    with dc.open(tmp_path) as db:
+        assert db.prune() == 1, "prune removes what has expired"
+    for bad in (0, -1, "1h", True):
+        with pytest.raises(ValueError, match="ttl must be"):
+            dc.memoize(tmp_path, ttl=bad)
+
+
+def test_wrapper_methods(tmp_path, calls):
+    @dc.memoize(tmp_path)
+    def f(x):
+        calls.append(x)
+        return x * 10
+
+    @dc.memoize(tmp_path)
+    def g(x):
+        return -x
+
+    f(1), f(2), g(1)
+    assert f.forget(1) is True and f.forget(1) is False
+    f(1)
+    assert calls == [1, 2, 1]
+    assert f.refresh(2) == 20 and calls == [1, 2, 1, 2]
+    assert f.__wrapped__(3) == 30 and f.cache_info().currsize == 2, "__wrapped__ bypasses the cache"
+    assert f.__name__ == "f" and f.__doc__ is None
+    f.cache_clear()
+    assert f.cache_info() == (0, 0, None, 0)
+    assert g.cache_info().currsize == 1, "cache_clear() drops only its own function's entries"
+
+
+# Module level, so that pickle can find it by name; created only on first call.
+METHOD_CACHE = os.path.join(tempfile.gettempdir(), f"donecache-test-methods-{os.getpid()}")
+
+
+class Model:
+    def __init__(self, scale):
+        self.scale = scale
+        self.calls = 0
+
+    @dc.memoize(METHOD_CACHE, ignore=("self",))
+    def predict(self, x):
+        self.calls += 1
+        return x * 2
+
+
+def test_methods_with_ignored_self():
+    model = Model(1)
+    assert model.predict(2) == 4 and model.predict(2) == 4
+    assert Model(5).predict(2) == 4 and model.calls == 1
+    Model.predict.cache_clear()
+    shutil.rmtree(METHOD_CACHE, ignore_errors=True)
+
+
+def test_recursive_memoized_function(tmp_path):
+    @dc.memoize(tmp_path)
+    def fib(n):
+        return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+    assert fib(60) == 1548008755920
+
+
+def test_memoized_function_pickles_by_reference():
+    import pickle
+
+    assert pickle.loads(pickle.dumps(Model.predict)) is Model.predict
+
+
+def test_async_functions(tmp_path, calls):
+    import asyncio
+
+    @dc.memoize(tmp_path)
+    async def fetch(x):
+        calls.append(x)
+        await asyncio.sleep(0.05)
+        return x * 2
+
+    async def main():
+        return await asyncio.gather(*(fetch(7) for _ in range(5)), fetch(8))
+
+    assert asyncio.run(main()) == [14, 14, 14, 14, 14, 16]
+    assert sorted(calls) == [7, 8], "concurrent coroutines computed each key once"
+    assert asyncio.run(fetch.refresh(7)) == 14 and calls.count(7) == 2
+
+
+def test_threads_compute_each_key_once(tmp_path, calls):
+    @dc.memoize(tmp_path)
+    def slow(x):
+        calls.append(x)
+        time.sleep(0.1)
+        return x
+
+    threads = [threading.Thread(target=slow, args=(i % 2,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(calls) == [0, 1]
+
+
+@posix_only
+def test_processes_compute_each_key_once(tmp_path):
+    script = """
+        import os, time
+        @dc.memoize(sys.argv[1])
+        def slow(x):
+            with open(sys.argv[2], "a") as log:
+                log.write(f"{x}\\n")
+            time.sleep(0.002)
+            return x * x
+        go = sys.argv[3]
+        while not os.path.exists(go):
+            time.sleep(0.001)
+        assert all(slow(k) == k * k for k in range(150))
+        assert all(slow(k) == k * k for k in reversed(range(150)))
+    """
+    log, go = tmp_path / "log", tmp_path / "go"
+    procs = [child(script, str(tmp_path / "c"), str(log), str(go), background=True) for _ in range(4)]
+    time.sleep(0.3)
+    go.touch()
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    computed = log.read_text().split()
+    assert sorted(map(int, computed)) == list(range(150)), "each key computed exactly once, none lost"
+    with dc.open(tmp_path / "c") as db:
+        assert len(db) == 150
+
+
+@posix_only
+def test_a_killed_holder_never_blocks_the_others(tmp_path):
+    holder = child(
+        """
+        import time
+        @dc.memoize(sys.argv[1])
+        def stuck(x):
+            print("computing", flush=True)
+            time.sleep(60)
+        stuck(1)
+        """,
+        str(tmp_path),
+        background=True,
+    )
+    wait_for_line(holder, "computing")
+    holder.kill()
+    holder.wait()
+    started = time.monotonic()
+    proc = child(
+        """
+        @dc.memoize(sys.argv[1])
+        def stuck(x):
+            return "recovered"
+        print(stuck(1))
+        """,
+        str(tmp_path),
+    )
+    assert proc.stdout.strip() == "recovered" and time.monotonic() - started < 10
+
+
+@posix_only
+@pytest.mark.parametrize("method", ["spawn", "fork", "forkserver"])
+def test_process_pools_share_entries_with_the_parent(tmp_path, method):
+    proc = child(
+        """
+        import multiprocessing, os
+        from concurrent.futures import ProcessPoolExecutor
+
+        @dc.memoize(os.environ["JOB_CACHE"])
+        def square(x):
+            return (x * x, os.getpid())
+
+        if __name__ == "__main__":
+            context = multiprocessing.get_context(sys.argv[1])
+            with ProcessPoolExecutor(2, mp_context=context) as pool:
+                results = list(pool.map(square, range(20)))
+            assert all(pid != os.getpid() for _, pid in results), "computed in the workers"
+            assert [square(x) for x in range(20)] == results, "and reused here"
+            print(square.cache_info())
+        """,
+        method,
+        env={"JOB_CACHE": str(tmp_path / "c")},
+        script_file=tmp_path / "job.py",
+    )
+    assert proc.stdout.strip() == "CacheInfo(hits=20, misses=0, maxsize=None, currsize=20)"
+
+
+def test_damage_costs_only_a_recomputation(tmp_path, calls):
+    @dc.memoize(tmp_path)
+    def f(x):
+        calls.append(x)
+        return [x] * 3
+
+    f(1), f(2)
+    for path in entry_files(tmp_path):
+        path.write_bytes(path.read_bytes()[:-5])  # Tear every entry.
+    (tmp_path / ".lock").unlink()
+    (tmp_path / ".lock").mkdir()  # And make the lock file unusable.
+    with pytest.warns(dc.DonecacheWarning, match="without the cache lock"):
+        assert f(1) == [1, 1, 1] and f(2) == [2, 2, 2]
+    assert calls == [1, 2, 1, 2]
+    assert f(1) == [1, 1, 1] and len(calls) == 4, "the rewritten entries are hits again"
