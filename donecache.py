@@ -388,7 +388,10 @@ class _KeyLock:
         with self._guard:
             entry = self._files[self.path]
             entry[1] -= 1
-            if entry[1] == 0:
+            # A store's lock file (byte locks) stays open for the life of the
+            # process: reopening it on every miss cost more than the lock itself.
+            # A stage's lock file is closed, since a run may visit thousands.
+            if entry[1] == 0 and self.offset is None:
                 del self._files[self.path]
                 os.close(entry[0])
         self._fd = -1
@@ -1001,9 +1004,9 @@ def done_dir(
 # ---------------------------------------------------------------------------
 
 _ENTRY_MAGIC = b"dcE1"
-# After the magic and the CRC-32 of everything that follows it: created and
-# expires (Unix seconds, 0.0 = never), key length, value length.
-_ENTRY_FIELDS = "<ddII"
+# The magic, the CRC-32 of everything after it, created and expires (Unix
+# seconds; 0.0 = never), key length, value length; then the key and the value.
+_ENTRY_FIELDS = "<4sIddII"
 _ENTRY_HEADER = 4 + 4 + 8 + 8 + 4 + 4
 _HEX = frozenset("0123456789abcdef")
 _LITTER_AGE = 3600.0  # A temporary file this old belongs to no live writer.
@@ -1048,6 +1051,7 @@ class _EntryFiles:
         if flag not in ("r", "w", "c", "n"):
             raise ValueError(f"flag must be 'r', 'w', 'c' or 'n' (as for shelve.open), not {flag!r}")
         self.root = os.path.abspath(_fspath(path))
+        self._prefix = os.path.join(self.root, "")
         self.readonly = flag == "r"
         self.durable = durable
         self._blake2b = hashlib.blake2b
@@ -1086,29 +1090,39 @@ class _EntryFiles:
 
     # -- locating and encoding entries ------------------------------------
 
-    def locate(self, key: bytes) -> tuple[str, int]:
-        """The entry's file and the byte of the lock file that guards its computation."""
+    def locate(self, key: bytes) -> str:
+        """The entry's file."""
         digest = self._blake2b(key, digest_size=16).hexdigest()
-        return os.path.join(self.root, digest[:2], digest), int(digest[16:], 16)
+        return f"{self._prefix}{digest[:2]}{os.sep}{digest}"
+
+    @staticmethod
+    def lock_offset(path: str) -> int:
+        """The byte of the lock file that guards the computation of the entry in ``path``."""
+        return int(path[-16:], 16)
 
     def _decode(self, data: bytes, key: bytes | None, now: float) -> tuple[bytes, bytes, float, float] | None:
         """(key, value, created, expires) if ``data`` is a whole, live entry for ``key``."""
-        if len(data) < _ENTRY_HEADER or data[:4] != _ENTRY_MAGIC:
+        if len(data) < _ENTRY_HEADER:
             return None
+        magic, crc, created, expires, key_len, _value_len = self._fields.unpack_from(data)
         # The CRC covers the lengths too, so it catches truncation and padding.
-        if int.from_bytes(data[4:8], "little") != self._crc32(memoryview(data)[8:]):
+        if magic != _ENTRY_MAGIC or crc != self._crc32(memoryview(data)[8:]):
             return None
-        created, expires, key_len, _value_len = self._fields.unpack_from(data, 8)
-        stored_key = data[_ENTRY_HEADER : _ENTRY_HEADER + key_len]
-        if key is not None and stored_key != key:
+        end = _ENTRY_HEADER + key_len
+        if key is None:
+            key = data[_ENTRY_HEADER:end]
+        elif key_len != len(key) or not data.startswith(key, _ENTRY_HEADER):
             return None  # Another key with the same hash prefix (or a swapped file).
         if expires and now >= expires:
             return None
-        return stored_key, data[_ENTRY_HEADER + key_len :], created, expires
+        return key, data[end:], created, expires
 
     def encode(self, key: bytes, value: bytes, expires: float = 0.0) -> bytes:
-        body = self._fields.pack(time.time(), expires, len(key), len(value)) + key + value
-        return _ENTRY_MAGIC + self._crc32(body).to_bytes(4, "little") + body
+        blob = bytearray(self._fields.pack(_ENTRY_MAGIC, 0, time.time(), expires, len(key), len(value)))
+        blob += key
+        blob += value
+        blob[4:8] = self._crc32(memoryview(blob)[8:]).to_bytes(4, "little")
+        return bytes(blob)
 
     @staticmethod
     def _read_file(path: str) -> bytes | None:
@@ -1136,7 +1150,7 @@ class _EntryFiles:
 
     def read(self, key: bytes, path: str | None = None) -> tuple[bytes, float] | None:
         """(value, created) of the live entry for ``key``, or None."""
-        data = self._read_file(path or self.locate(key)[0])
+        data = self._read_file(path or self.locate(key))
         if data is None:
             return None
         entry = self._decode(data, key, time.time())
@@ -1147,7 +1161,7 @@ class _EntryFiles:
             raise PermissionError(
                 errno.EACCES, f"cache {self.root!r} was opened with flag='r'; open it with flag='c' to write", self.root
             )
-        path = path or self.locate(key)[0]
+        path = path or self.locate(key)
         blob = self.encode(key, value, expires)
         try:
             try:
@@ -1164,7 +1178,7 @@ class _EntryFiles:
     def delete(self, key: bytes) -> bool:
         if self.readonly:
             raise PermissionError(errno.EACCES, f"cache {self.root!r} was opened with flag='r'", self.root)
-        path = self.locate(key)[0]
+        path = self.locate(key)
         if self.read(key, path) is None and not os.path.exists(path):
             return False
         try:
@@ -1200,7 +1214,7 @@ class _EntryFiles:
         """The entry in ``path``, if it is whole, live, and filed under its own key's name."""
         data = self._read_file(path)
         entry = None if data is None else self._decode(data, None, now)
-        if entry is None or self.locate(entry[0])[0] != path:
+        if entry is None or self.locate(entry[0]) != path:
             return None
         return entry
 
@@ -1553,8 +1567,13 @@ class _Memoized:
         durable: bool,
     ) -> None:
         import functools
+        import hashlib
+        import pickle
 
         functools.update_wrapper(self, func)
+        # Bound once here: an import statement on the hit path costs a dict lookup per call.
+        self._blake2b = hashlib.blake2b
+        self._loads, self._dumps = pickle.loads, pickle.dumps
         if path is None:
             path = os.environ.get("DONECACHE_DIR") or ".donecache"
         self.path = os.path.abspath(_fspath(path))
@@ -1591,10 +1610,8 @@ class _Memoized:
         return self._store
 
     def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-        import hashlib
-
         values = self._arguments.values(args, kwargs)
-        if all(type(v) in _SCALARS for v in values):
+        if _SCALARS.issuperset(map(type, values)):
             text = repr(values)
         else:
             out: list[str] = []
@@ -1609,25 +1626,21 @@ class _Memoized:
                     ) from exc
                 out.append(",")
             text = "".join(out)
-        arguments = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=20).hexdigest()
+        arguments = self._blake2b(text.encode("utf-8", "surrogatepass"), digest_size=20).hexdigest()
         return (self._prefix + arguments).encode("utf-8")
 
     def _lookup(self, files: _EntryFiles, key: bytes, path: str) -> Any:
-        import pickle
-
         found = files.read(key, path)
         if found is None or (self._ttl is not None and time.time() - found[1] >= self._ttl):
             return _MISSING
         try:
-            return pickle.loads(found[0])
+            return self._loads(found[0])
         except Exception:
             return _MISSING  # Written by code that has changed since: recompute.
 
     def _save(self, files: _EntryFiles, key: bytes, path: str, value: Any) -> None:
-        import pickle
-
         try:
-            blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            blob = self._dumps(value, protocol=5)  # Readable by every Python donecache supports.
         except Exception as exc:
             _warn(
                 f"{self.__qualname__}() returned a {type(value).__name__} that cannot be pickled ({exc}); "
@@ -1651,26 +1664,25 @@ class _Memoized:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = self._key(args, kwargs)
-        files = self._store or self._files()
-        path, offset = files.locate(key)
+        files = self._files()
+        path = files.locate(key)
         value = self._lookup(files, key, path)
         if value is not _MISSING:
             self._hits += 1
             return value
-        return self._compute(files, key, path, offset, args, kwargs, refresh=False)
+        return self._compute(files, key, path, args, kwargs, refresh=False)
 
     def _compute(
         self,
         files: _EntryFiles,
         key: bytes,
         path: str,
-        offset: int,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         *,
         refresh: bool,
     ) -> Any:
-        lock = _KeyLock(files.lock_path, offset)
+        lock = _KeyLock(files.lock_path, files.lock_offset(path))
         locked = self._acquire(lock)
         try:
             if not refresh:  # Another caller may have computed it while we waited.
@@ -1690,8 +1702,8 @@ class _Memoized:
         """Compute this call again, whatever the cache holds, and store the result."""
         key = self._key(args, kwargs)
         files = self._files()
-        path, offset = files.locate(key)
-        return self._compute(files, key, path, offset, args, kwargs, refresh=True)
+        path = files.locate(key)
+        return self._compute(files, key, path, args, kwargs, refresh=True)
 
     def forget(self, *args: Any, **kwargs: Any) -> bool:
         """Drop the cached result of this one call; True if there was one."""
@@ -1714,20 +1726,19 @@ class _AsyncMemoized(_Memoized):
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = self._key(args, kwargs)
-        files = self._store or self._files()
-        path, offset = files.locate(key)
+        files = self._files()
+        path = files.locate(key)
         value = self._lookup(files, key, path)
         if value is not _MISSING:
             self._hits += 1
             return value
-        return await self._acompute(files, key, path, offset, args, kwargs, refresh=False)
+        return await self._acompute(files, key, path, args, kwargs, refresh=False)
 
     async def _acompute(
         self,
         files: _EntryFiles,
         key: bytes,
         path: str,
-        offset: int,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         *,
@@ -1735,7 +1746,7 @@ class _AsyncMemoized(_Memoized):
     ) -> Any:
         import asyncio
 
-        lock = _KeyLock(files.lock_path, offset)
+        lock = _KeyLock(files.lock_path, files.lock_offset(path))
         delay, locked = 0.001, True
         try:
             while not lock.try_acquire():
@@ -1761,8 +1772,8 @@ class _AsyncMemoized(_Memoized):
     async def refresh(self, *args: Any, **kwargs: Any) -> Any:
         key = self._key(args, kwargs)
         files = self._files()
-        path, offset = files.locate(key)
-        return await self._acompute(files, key, path, offset, args, kwargs, refresh=True)
+        path = files.locate(key)
+        return await self._acompute(files, key, path, args, kwargs, refresh=True)
 
 
 def _seconds(ttl: Any) -> float | None:

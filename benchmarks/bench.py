@@ -1,0 +1,399 @@
+# SPDX-License-Identifier: MIT
+"""donecache against its peers, side by side, in one run.
+
+    python -m venv .bench && .bench/bin/pip install -r benchmarks/requirements.txt
+    .bench/bin/python benchmarks/bench.py --quick      # about a minute and a half on 2 cores
+    .bench/bin/python benchmarks/bench.py              # the full run
+
+Every workload runs each tool in turn, round after round (the order rotates),
+so drifts of the machine hit all tools alike. The table shows the median over
+rounds of each tool's mean time per operation, and the ratio donecache/peer.
+Results go to benchmarks/last-run.json (and a PNG if matplotlib is present).
+A peer that is not installed is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import random
+import shelve
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import donecache  # noqa: E402  (the checkout's copy, not an installed one)
+
+PEERS = ("diskcache", "joblib", "cachier", "atomicwrites")
+have: dict[str, bool] = {}
+for _name in PEERS:
+    try:
+        __import__(_name)
+        have[_name] = True
+    except ImportError:
+        have[_name] = False
+
+
+def work(x: int) -> int:
+    """The memoized function: cheap, so that the cache's own cost shows."""
+    return x * 2
+
+
+def slow_work(x: int, log: str) -> int:
+    with open(log, "a") as f:
+        f.write(f"{x}\n")
+    time.sleep(0.01)
+    return x * 2
+
+
+# -- memoizers: name -> (make(cache_dir) -> callable) --------------------------
+
+
+def _shelve_pattern(path: str) -> Callable[[int], int]:
+    os.makedirs(path, exist_ok=True)
+
+    def cached(x: int) -> int:
+        with shelve.open(os.path.join(path, "shelf")) as cache:  # The hand-written pattern.
+            key = str(x)
+            if key not in cache:
+                cache[key] = work(x)
+            return cache[key]  # type: ignore[no-any-return]
+
+    return cached
+
+
+def memoizers() -> dict[str, Callable[[str], Callable[[int], int]]]:
+    tools: dict[str, Callable[[str], Callable[[int], int]]] = {
+        "donecache": lambda d: donecache.memoize(d)(work),
+    }
+    if have["diskcache"]:
+        import diskcache
+
+        tools["diskcache"] = lambda d: diskcache.Cache(d).memoize()(work)
+    if have["joblib"]:
+        import joblib
+
+        tools["joblib"] = lambda d: joblib.Memory(d, verbose=0).cache(work)
+    if have["cachier"]:
+        from cachier import cachier
+
+        tools["cachier"] = lambda d: cachier(cache_dir=d)(work)
+    tools["lru_cache"] = lambda d: functools.lru_cache(maxsize=None)(work)
+    tools["shelve"] = _shelve_pattern
+    return tools
+
+
+def per_call(fn: Callable[[int], Any], keys: list[int]) -> float:
+    start = time.perf_counter()
+    for k in keys:
+        fn(k)
+    return (time.perf_counter() - start) / len(keys)
+
+
+def rotate(names: list[str], r: int) -> list[str]:
+    return names[r % len(names) :] + names[: r % len(names)]
+
+
+def bench_hits_and_misses(tmp: Path, n: int, rounds: int) -> dict[str, dict[str, float]]:
+    tools = memoizers()
+    names = list(tools)
+    hits: dict[str, list[float]] = {t: [] for t in names}
+    misses: dict[str, list[float]] = {t: [] for t in names}
+    keys = list(range(n))
+    for r in range(rounds):
+        for name in rotate(names, r):
+            d = tmp / f"memo-{name}-{r}"
+            fn = tools[name](str(d))
+            misses[name].append(per_call(fn, keys))  # Fresh cache: every call misses and stores.
+            shuffled = keys[:]
+            random.Random(r).shuffle(shuffled)
+            hits[name].append(per_call(fn, shuffled))
+            if name == "cachier":
+                fn.clear_cache()  # type: ignore[attr-defined]
+            shutil.rmtree(d, ignore_errors=True)
+    return {
+        "hit": {t: statistics.median(v) for t, v in hits.items()},
+        "miss": {t: statistics.median(v) for t, v in misses.items()},
+    }
+
+
+def bench_growth(tmp: Path, sizes: list[int], rounds: int) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {"donecache": {}}
+    for size in sizes:
+        d = tmp / f"grow-{size}"
+        fn = donecache.memoize(str(d))(work)
+        for k in range(size):
+            fn(k)
+        sample = random.Random(size).sample(range(size), 1000)
+        out["donecache"][str(size)] = statistics.median(per_call(fn, sample) for _ in range(rounds))
+        shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
+WORKER = """
+import os, random, sys, time
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {bench!r})
+import bench
+tool, cache, log, go, nkeys, seed = sys.argv[1:7]
+if tool == "donecache":
+    import donecache; fn = donecache.memoize(cache)(bench.slow_work)
+elif tool == "diskcache":
+    import diskcache; fn = diskcache.Cache(cache).memoize()(bench.slow_work)
+elif tool == "joblib":
+    import joblib; fn = joblib.Memory(cache, verbose=0).cache(bench.slow_work)
+elif tool == "cachier":
+    from cachier import cachier; fn = cachier(cache_dir=cache)(bench.slow_work)
+elif tool == "shelve":
+    import shelve
+    def fn(x, log):
+        with shelve.open(os.path.join(cache, "shelf")) as db:
+            if str(x) not in db:
+                db[str(x)] = bench.slow_work(x, log)
+            return db[str(x)]
+keys = list(range(int(nkeys)))
+random.Random(int(seed)).shuffle(keys)
+while not os.path.exists(go):
+    time.sleep(0.001)
+for k in keys:
+    assert fn(k, log) == 2 * k
+"""
+
+
+def bench_processes(tmp: Path, nproc: int, nkeys: int) -> dict[str, dict[str, float]]:
+    tools = ["donecache"] + [t for t in ("diskcache", "joblib", "cachier") if have[t]] + ["shelve"]
+    script = WORKER.format(root=str(HERE.parent), bench=str(HERE))
+    out: dict[str, dict[str, float]] = {}
+    for tool in tools:
+        cache, log, go = tmp / f"proc-{tool}", tmp / f"proc-{tool}.log", tmp / f"proc-{tool}.go"
+        cache.mkdir()
+        log.touch()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, tool, str(cache), str(log), str(go), str(nkeys), str(i)],
+                stderr=subprocess.PIPE,
+            )
+            for i in range(nproc)
+        ]
+        time.sleep(1.0)  # Let every worker import and wait.
+        start = time.perf_counter()
+        go.touch()
+        codes = [p.wait() for p in procs]
+        wall = time.perf_counter() - start
+        computed = len(log.read_text().split())
+        # Entries lost: keys that one more process has to compute again.
+        check = subprocess.run(
+            [sys.executable, "-c", script, tool, str(cache), str(log), str(go), str(nkeys), "0"], capture_output=True
+        )
+        lost = len(log.read_text().split()) - computed
+        out[tool] = {
+            "seconds": wall,
+            "calls_per_s": nproc * nkeys / wall,
+            "computations_per_key": computed / nkeys,
+            "entries_lost": lost if check.returncode == 0 else float("nan"),
+            "workers_failed": sum(1 for c in codes if c != 0),
+        }
+    return out
+
+
+def _write_plain(path: str, data: bytes, fsync: bool) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def bench_atomic(tmp: Path, sizes: dict[str, tuple[int, int]], rounds: int) -> dict[str, dict[str, float]]:
+    writers: dict[str, Callable[[str, bytes], None]] = {
+        "donecache durable": lambda p, b: _dc_write(p, b, True),
+        "donecache non-durable": lambda p, b: _dc_write(p, b, False),
+        "plain write": lambda p, b: _write_plain(p, b, False),
+        "plain write + fsync": lambda p, b: _write_plain(p, b, True),
+    }
+    if have["atomicwrites"]:
+        import atomicwrites
+
+        def aw(p: str, b: bytes) -> None:
+            with atomicwrites.atomic_write(p, mode="wb", overwrite=True) as f:
+                f.write(b)
+
+        writers["atomicwrites"] = aw
+    names = list(writers)
+    out: dict[str, dict[str, float]] = {}
+    for label, (size, count) in sizes.items():
+        data = os.urandom(size)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(rounds):
+            for name in rotate(names, r):
+                path = str(tmp / f"atomic-{label}.bin")
+                start = time.perf_counter()
+                for _ in range(count):
+                    writers[name](path, data)
+                times[name].append((time.perf_counter() - start) / count)
+        out[label] = {n: statistics.median(v) for n, v in times.items()}
+    return out
+
+
+def _dc_write(path: str, data: bytes, durable: bool) -> None:
+    with donecache.atomic_write(path, "wb", durable=durable) as f:
+        f.write(data)
+
+
+def bench_imports(runs: int) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = str(HERE.parent)
+    modules = ["donecache", "shelve"] + [m for m in ("diskcache", "joblib", "cachier", "atomicwrites") if have[m]]
+
+    def once(stmt: str) -> float:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", stmt], env=env, check=True)
+        return time.perf_counter() - start
+
+    for m in modules:
+        once(f"import {m}")  # Warm up: compile to bytecode, fill the page cache.
+    samples: dict[str, list[float]] = {m: [] for m in ["(nothing)", *modules]}
+    for r in range(runs):
+        for m in rotate(list(samples), r):
+            samples[m].append(once("pass" if m == "(nothing)" else f"import {m}"))
+    base = statistics.median(samples.pop("(nothing)"))
+    return {m: max(0.0, statistics.median(v) - base) for m, v in samples.items()}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    fs = "?"
+    try:
+        out = subprocess.run(["df", "-T", tempfile.gettempdir()], capture_output=True, text=True).stdout
+        fs = out.splitlines()[1].split()[1]
+    except (OSError, IndexError):
+        pass
+    return (
+        f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores, "
+        f"{fs} filesystem, CPython {platform.python_version()}"
+    )
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.1f} us" if seconds < 0.01 else f"{seconds * 1e3:,.1f} ms"
+
+
+def table(title: str, results: dict[str, float], unit: Callable[[float], str] = us) -> list[str]:
+    base = results.get("donecache", results.get("donecache durable"))
+    lines = [f"\n{title}", f"  {'tool':28s} {'median':>14s} {'donecache/tool':>15s}"]
+    for name, value in results.items():
+        ratio = f"{base / value:.2f}x" if base and value else "-"
+        lines.append(f"  {name:28s} {unit(value):>14s} {ratio:>15s}")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a short run (under two minutes on two cores)")
+    parser.add_argument("--json", default=str(HERE / "last-run.json"), help="where to write the results")
+    args = parser.parse_args()
+    quick = args.quick
+    for name, ok in have.items():
+        if not ok:
+            print(f"note: {name} is not installed; skipped (pip install -r benchmarks/requirements.txt)")
+    started = time.time()
+    results: dict[str, Any] = {"machine": machine(), "mode": "quick" if quick else "full", "python": sys.version}
+    print(f"machine: {results['machine']}\nmode: {results['mode']}")
+    with tempfile.TemporaryDirectory(prefix="donecache-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        memo = bench_hits_and_misses(tmp, n=300 if quick else 1000, rounds=3 if quick else 7)
+        results.update(memo)
+        results["growth"] = bench_growth(tmp, [1000, 10000, 100000] + ([] if quick else [1000000]), rounds=3)
+        results["processes"] = bench_processes(tmp, nproc=8, nkeys=30 if quick else 100)
+        results["atomic"] = bench_atomic(
+            tmp, {"4 KiB": (4096, 100 if quick else 500), "1 MiB": (1 << 20, 10 if quick else 40)}, rounds=3 if quick else 7
+        )
+    results["import"] = bench_imports(runs=10 if quick else 30)
+    results["seconds"] = time.time() - started
+
+    lines = table("memoize hit (median per call)", results["hit"])
+    lines += table("memoize miss + store (median per call)", results["miss"])
+    growth = results["growth"]["donecache"]
+    lines.append("\ndonecache hit as the cache grows (median per call over 1,000 random keys)")
+    lines += [f"  {int(size):>9,d} entries {us(t):>14s}" for size, t in growth.items()]
+    lines.append(f"\n{8} processes, same slow function (10 ms) on shared keys")
+    lines.append(f"  {'tool':12s} {'wall':>9s} {'calls/s':>9s} {'computations/key':>17s} {'lost':>5s} {'workers failed':>15s}")
+    for tool, r in results["processes"].items():
+        lines.append(
+            f"  {tool:12s} {r['seconds']:>8.2f}s {r['calls_per_s']:>9.0f} {r['computations_per_key']:>17.2f} "
+            f"{r['entries_lost']:>5} {r['workers_failed']:>15d}"
+        )
+    for label, r in results["atomic"].items():
+        lines += table(f"atomic write of {label} (median per write)", r)
+    lines += table("import time in a fresh interpreter (median, minus `python -c pass`)", results["import"])
+
+    hit, miss, imp, atomic = results["hit"], results["miss"], results["import"], results["atomic"]["4 KiB"]
+    targets = []
+    if "diskcache" in hit:
+        targets += [
+            ("memoize hit <= 0.3x diskcache", hit["donecache"] / hit["diskcache"], 0.3),
+            ("memoize miss+store <= 1.0x diskcache", miss["donecache"] / miss["diskcache"], 1.0),
+            ("import <= 0.4x diskcache", imp["donecache"] / imp["diskcache"], 0.4),
+        ]
+    targets.append(("hit at 100k / hit at 1k <= 1.5", growth["100000"] / growth["1000"], 1.5))
+    if "atomicwrites" in atomic:
+        targets.append(
+            ("durable 4 KiB write <= 1.1x atomicwrites", atomic["donecache durable"] / atomic["atomicwrites"], 1.1)
+        )
+    targets.append(
+        ("non-durable 4 KiB write <= 2.5x plain write", atomic["donecache non-durable"] / atomic["plain write"], 2.5)
+    )
+    lines.append("\ntargets")
+    results["targets"] = {}
+    for name, value, limit in targets:
+        ok = value <= limit
+        results["targets"][name] = {"value": value, "limit": limit, "holds": ok}
+        lines.append(f"  {'HOLDS' if ok else 'FAILS'}  {name:44s} measured {value:.2f}")
+    lines.append(f"\n(run took {results['seconds']:.0f} s)")
+    print("\n".join(lines))
+    Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(f"results written to {args.json}")
+    try:
+        _plot(results, Path(args.json).with_suffix(".png"))
+    except ImportError:
+        pass
+    return 0
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, op in zip(axes, ("hit", "miss")):
+        names = list(results[op])
+        ax.barh(names, [results[op][n] * 1e6 for n in names])
+        ax.set_xscale("log")
+        ax.set_xlabel("microseconds per call (log)")
+        ax.set_title(f"memoize {op}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot written to {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
