@@ -170,7 +170,7 @@ for k in keys:
 """
 
 
-def bench_processes(tmp: Path, nproc: int, nkeys: int) -> dict[str, dict[str, float]]:
+def bench_processes(tmp: Path, nproc: int, nkeys: int, limit: float) -> dict[str, dict[str, float]]:
     tools = ["donecache"] + [t for t in ("diskcache", "joblib", "cachier") if have[t]] + ["shelve"]
     script = WORKER.format(root=str(HERE.parent), bench=str(HERE))
     out: dict[str, dict[str, float]] = {}
@@ -188,20 +188,34 @@ def bench_processes(tmp: Path, nproc: int, nkeys: int) -> dict[str, dict[str, fl
         time.sleep(1.0)  # Let every worker import and wait.
         start = time.perf_counter()
         go.touch()
-        codes = [p.wait() for p in procs]
+        deadline = start + limit
+        codes = []
+        for p in procs:
+            try:
+                codes.append(p.wait(timeout=max(0.1, deadline - time.perf_counter())))
+            except subprocess.TimeoutExpired:  # Hung (cachier waits on a stale "being calculated").
+                p.kill()
+                p.wait()
+                codes.append("hung")
         wall = time.perf_counter() - start
         computed = len(log.read_text().split())
         # Entries lost: keys that one more process has to compute again.
-        check = subprocess.run(
-            [sys.executable, "-c", script, tool, str(cache), str(log), str(go), str(nkeys), "0"], capture_output=True
-        )
-        lost = len(log.read_text().split()) - computed
+        try:
+            check = subprocess.run(
+                [sys.executable, "-c", script, tool, str(cache), str(log), str(go), str(nkeys), "0"],
+                capture_output=True,
+                timeout=limit,
+            )
+            lost: float = len(log.read_text().split()) - computed if check.returncode == 0 else float("nan")
+        except subprocess.TimeoutExpired:
+            lost = float("nan")
         out[tool] = {
             "seconds": wall,
             "calls_per_s": nproc * nkeys / wall,
             "computations_per_key": computed / nkeys,
-            "entries_lost": lost if check.returncode == 0 else float("nan"),
-            "workers_failed": sum(1 for c in codes if c != 0),
+            "entries_lost": lost,
+            "workers_failed": sum(1 for c in codes if c != 0 and c != "hung"),
+            "workers_hung": codes.count("hung"),
         }
     return out
 
@@ -321,7 +335,7 @@ def main() -> int:
         memo = bench_hits_and_misses(tmp, n=300 if quick else 1000, rounds=3 if quick else 7)
         results.update(memo)
         results["growth"] = bench_growth(tmp, [1000, 10000, 100000] + ([] if quick else [1000000]), rounds=3)
-        results["processes"] = bench_processes(tmp, nproc=8, nkeys=30 if quick else 100)
+        results["processes"] = bench_processes(tmp, nproc=8, nkeys=30 if quick else 100, limit=20 if quick else 120)
         results["atomic"] = bench_atomic(
             tmp, {"4 KiB": (4096, 100 if quick else 500), "1 MiB": (1 << 20, 10 if quick else 40)}, rounds=3 if quick else 7
         )
@@ -334,11 +348,13 @@ def main() -> int:
     lines.append("\ndonecache hit as the cache grows (median per call over 1,000 random keys)")
     lines += [f"  {int(size):>9,d} entries {us(t):>14s}" for size, t in growth.items()]
     lines.append(f"\n{8} processes, same slow function (10 ms) on shared keys")
-    lines.append(f"  {'tool':12s} {'wall':>9s} {'calls/s':>9s} {'computations/key':>17s} {'lost':>5s} {'workers failed':>15s}")
+    lines.append(
+        f"  {'tool':12s} {'wall':>9s} {'calls/s':>9s} {'computations/key':>17s} {'lost':>5s} {'crashed':>8s} {'hung':>5s}"
+    )
     for tool, r in results["processes"].items():
         lines.append(
             f"  {tool:12s} {r['seconds']:>8.2f}s {r['calls_per_s']:>9.0f} {r['computations_per_key']:>17.2f} "
-            f"{r['entries_lost']:>5} {r['workers_failed']:>15d}"
+            f"{r['entries_lost']:>5} {r['workers_failed']:>8d} {r['workers_hung']:>5d}"
         )
     for label, r in results["atomic"].items():
         lines += table(f"atomic write of {label} (median per write)", r)
