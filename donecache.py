@@ -1629,14 +1629,25 @@ class _Memoized:
         arguments = self._blake2b(text.encode("utf-8", "surrogatepass"), digest_size=20).hexdigest()
         return (self._prefix + arguments).encode("utf-8")
 
-    def _lookup(self, files: _EntryFiles, key: bytes, path: str) -> Any:
-        found = files.read(key, path)
-        if found is None or (self._ttl is not None and time.time() - found[1] >= self._ttl):
-            return _MISSING
-        try:
-            return self._loads(found[0])
-        except Exception:
-            return _MISSING  # Written by code that has changed since: recompute.
+    def _cached(self, files: _EntryFiles, key: bytes, path: str) -> Any:
+        """The cached result, counted as a hit, or _MISSING. Inlined: it is the hit path."""
+        data = files._read_file(path)
+        if data is not None:
+            entry = files._decode(data, key, time.time())
+            if entry is not None and (self._ttl is None or time.time() - entry[2] < self._ttl):
+                try:
+                    value = self._loads(entry[1])
+                except Exception:
+                    return _MISSING  # Written by code that has changed since: recompute.
+                self._hits += 1
+                return value
+        return _MISSING
+
+    def _stored(self, files: _EntryFiles, key: bytes, path: str, value: Any) -> Any:
+        """Count a freshly computed result as a miss, store it, and return it."""
+        self._misses += 1
+        self._save(files, key, path, value)
+        return value
 
     def _save(self, files: _EntryFiles, key: bytes, path: str, value: Any) -> None:
         try:
@@ -1663,22 +1674,11 @@ class _Memoized:
         return True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # The hit path, inlined: it is what memoized code runs most.
         key = self._key(args, kwargs)
         files = self._files()
         path = files.locate(key)
-        data = files._read_file(path)
-        if data is not None:
-            entry = files._decode(data, key, time.time())
-            if entry is not None and (self._ttl is None or time.time() - entry[2] < self._ttl):
-                try:
-                    value = self._loads(entry[1])
-                except Exception:
-                    pass  # Written by code that has changed since: recompute.
-                else:
-                    self._hits += 1
-                    return value
-        return self._compute(files, key, path, args, kwargs, refresh=False)
+        value = self._cached(files, key, path)
+        return value if value is not _MISSING else self._compute(files, key, path, args, kwargs, refresh=False)
 
     def _compute(
         self,
@@ -1693,14 +1693,10 @@ class _Memoized:
         lock = _KeyLock(files.lock_path, files.lock_offset(path))
         locked = self._acquire(lock)
         try:
-            if not refresh:  # Another caller may have computed it while we waited.
-                value = self._lookup(files, key, path)
-                if value is not _MISSING:
-                    self._hits += 1
-                    return value
-            value = self.__wrapped__(*args, **kwargs)
-            self._misses += 1
-            self._save(files, key, path, value)
+            # Another caller may have computed it while we waited for the lock.
+            value = _MISSING if refresh else self._cached(files, key, path)
+            if value is _MISSING:
+                value = self._stored(files, key, path, self.__wrapped__(*args, **kwargs))
             return value
         finally:
             if locked:
@@ -1736,11 +1732,8 @@ class _AsyncMemoized(_Memoized):
         key = self._key(args, kwargs)
         files = self._files()
         path = files.locate(key)
-        value = self._lookup(files, key, path)
-        if value is not _MISSING:
-            self._hits += 1
-            return value
-        return await self._acompute(files, key, path, args, kwargs, refresh=False)
+        value = self._cached(files, key, path)
+        return value if value is not _MISSING else await self._acompute(files, key, path, args, kwargs, refresh=False)
 
     async def _acompute(
         self,
@@ -1764,14 +1757,9 @@ class _AsyncMemoized(_Memoized):
             _warn(f"{self.__qualname__}(): computing without the cache lock: {exc}")
             locked = False
         try:
-            if not refresh:
-                value = self._lookup(files, key, path)
-                if value is not _MISSING:
-                    self._hits += 1
-                    return value
-            value = await self.__wrapped__(*args, **kwargs)
-            self._misses += 1
-            self._save(files, key, path, value)
+            value = _MISSING if refresh else self._cached(files, key, path)
+            if value is _MISSING:
+                value = self._stored(files, key, path, await self.__wrapped__(*args, **kwargs))
             return value
         finally:
             if locked:
