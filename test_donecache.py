@@ -790,7 +790,10 @@ def test_open_flags(tmp_path):
 
 def test_unpicklable_value_raises_and_leaves_nothing(tmp_path):
     with dc.open(tmp_path / "c") as db:
-        with pytest.raises(Exception, match="pickle"):
+        import pickle
+
+        # The wording differs between Pythons (3.13: "Can't get local object"); the type does not.
+        with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
             db["f"] = lambda: 1
         assert "f" not in db and len(db) == 0
     assert not [p for p in (tmp_path / "c").rglob("*") if dc._is_temp_name(p.name)]
