@@ -1148,12 +1148,12 @@ class _EntryFiles:
 
     # -- the operations -----------------------------------------------------
 
-    def read(self, key: bytes, path: str | None = None) -> tuple[bytes, float] | None:
-        """(value, created) of the live entry for ``key``, or None."""
+    def read(self, key: bytes, path: str | None = None, now: float | None = None) -> tuple[bytes, float] | None:
+        """(value, created) of the entry for ``key`` if it is whole and live at ``now``, or None."""
         data = self._read_file(path or self.locate(key))
         if data is None:
             return None
-        entry = self._decode(data, key, time.time())
+        entry = self._decode(data, key, time.time() if now is None else now)
         return None if entry is None else (entry[1], entry[2])
 
     def write(self, key: bytes, value: bytes, expires: float = 0.0, path: str | None = None) -> None:
@@ -1630,18 +1630,17 @@ class _Memoized:
         return (self._prefix + arguments).encode("utf-8")
 
     def _cached(self, files: _EntryFiles, key: bytes, path: str) -> Any:
-        """The cached result, counted as a hit, or _MISSING. Inlined: it is the hit path."""
-        data = files._read_file(path)
-        if data is not None:
-            entry = files._decode(data, key, time.time())
-            if entry is not None and (self._ttl is None or time.time() - entry[2] < self._ttl):
-                try:
-                    value = self._loads(entry[1])
-                except Exception:
-                    return _MISSING  # Written by code that has changed since: recompute.
-                self._hits += 1
-                return value
-        return _MISSING
+        """The cached result, counted as a hit, or _MISSING."""
+        now = time.time()
+        found = files.read(key, path, now)
+        if found is None or (self._ttl is not None and now - found[1] >= self._ttl):
+            return _MISSING
+        try:
+            value = self._loads(found[0])
+        except Exception:
+            return _MISSING  # Written by code that has changed since: recompute.
+        self._hits += 1
+        return value
 
     def _stored(self, files: _EntryFiles, key: bytes, path: str, value: Any) -> Any:
         """Count a freshly computed result as a miss, store it, and return it."""
@@ -1678,18 +1677,12 @@ class _Memoized:
         files = self._files()
         path = files.locate(key)
         value = self._cached(files, key, path)
-        return value if value is not _MISSING else self._compute(files, key, path, args, kwargs, refresh=False)
+        return value if value is not _MISSING else self._compute(key, args, kwargs, refresh=False)
 
-    def _compute(
-        self,
-        files: _EntryFiles,
-        key: bytes,
-        path: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        *,
-        refresh: bool,
-    ) -> Any:
+    def _compute(self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any], *, refresh: bool) -> Any:
+        """Compute under the key's lock, unless another caller stored it meanwhile (or refresh)."""
+        files = self._files()
+        path = files.locate(key)
         lock = _KeyLock(files.lock_path, files.lock_offset(path))
         locked = self._acquire(lock)
         try:
@@ -1704,10 +1697,7 @@ class _Memoized:
 
     def refresh(self, *args: Any, **kwargs: Any) -> Any:
         """Compute this call again, whatever the cache holds, and store the result."""
-        key = self._key(args, kwargs)
-        files = self._files()
-        path = files.locate(key)
-        return self._compute(files, key, path, args, kwargs, refresh=True)
+        return self._compute(self._key(args, kwargs), args, kwargs, refresh=True)
 
     def forget(self, *args: Any, **kwargs: Any) -> bool:
         """Drop the cached result of this one call; True if there was one."""
@@ -1733,20 +1723,13 @@ class _AsyncMemoized(_Memoized):
         files = self._files()
         path = files.locate(key)
         value = self._cached(files, key, path)
-        return value if value is not _MISSING else await self._acompute(files, key, path, args, kwargs, refresh=False)
+        return value if value is not _MISSING else await self._acompute(key, args, kwargs, refresh=False)
 
-    async def _acompute(
-        self,
-        files: _EntryFiles,
-        key: bytes,
-        path: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        *,
-        refresh: bool,
-    ) -> Any:
+    async def _acompute(self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any], *, refresh: bool) -> Any:
         import asyncio
 
+        files = self._files()
+        path = files.locate(key)
         lock = _KeyLock(files.lock_path, files.lock_offset(path))
         delay, locked = 0.001, True
         try:
@@ -1766,10 +1749,7 @@ class _AsyncMemoized(_Memoized):
                 lock.release()
 
     async def refresh(self, *args: Any, **kwargs: Any) -> Any:
-        key = self._key(args, kwargs)
-        files = self._files()
-        path = files.locate(key)
-        return await self._acompute(files, key, path, args, kwargs, refresh=True)
+        return await self._acompute(self._key(args, kwargs), args, kwargs, refresh=True)
 
 
 def _seconds(ttl: Any) -> float | None:

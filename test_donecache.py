@@ -22,6 +22,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -75,6 +76,32 @@ def child(
     if check and proc.returncode != 0:
         raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def in_threads(work: Callable[[int], object], count: int) -> None:
+    """Run work(0) ... work(count - 1) in threads at once; re-raise the first error."""
+    errors: list[BaseException] = []
+
+    def run(n: int) -> None:
+        try:
+            work(n)
+        except BaseException as exc:  # Reported in the test's own thread.
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def release_together(procs: list[subprocess.Popen[str]], go: Path) -> None:
+    """Wait until every child has said 'ready' (and waits for ``go``), then let them all go."""
+    for proc in procs:
+        wait_for_line(proc, "ready")
+    go.touch()
 
 
 def wait_for_line(proc: subprocess.Popen[str], expected: str) -> None:
@@ -427,23 +454,14 @@ def test_sigkill_never_leaves_a_torn_file(tmp_path):
 
 def test_threads_writing_one_file(tmp_path):
     target = tmp_path / "shared"
-    errors: list[BaseException] = []
 
     def writer(n: int) -> None:
-        try:
-            for i in range(40):
-                with dc.atomic_write(target, durable=False) as f:
-                    f.write(f"{n}:{i}:" + "y" * 5000)
-                assert target.read_text().endswith("y" * 5000)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for i in range(40):
+            with dc.atomic_write(target, durable=False) as f:
+                f.write(f"{n}:{i}:" + "y" * 5000)
+            assert target.read_text().endswith("y" * 5000)
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    in_threads(writer, 8)
     assert listing(tmp_path) == ["shared"]
 
 
@@ -629,6 +647,7 @@ def test_litter_from_a_crash_is_removed_on_entry(tmp_path):
 STAGE_BUILDER = """
     import os, time
     stage_dir, log, go = sys.argv[1:4]
+    print("ready", flush=True)
     while not os.path.exists(go):
         time.sleep(0.001)
     with dc.done_dir(stage_dir) as stage:
@@ -645,8 +664,7 @@ STAGE_BUILDER = """
 def test_two_processes_build_a_stage_once(tmp_path):
     log, go = tmp_path / "log", tmp_path / "go"
     procs = [child(STAGE_BUILDER, str(tmp_path / "s"), str(log), str(go), background=True) for _ in range(4)]
-    time.sleep(0.3)
-    go.touch()
+    release_together(procs, go)
     outputs = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert outputs == ["done"] * 4
     assert len(log.read_text().split()) == 1, "exactly one process ran the body"
@@ -655,18 +673,14 @@ def test_two_processes_build_a_stage_once(tmp_path):
 def test_two_threads_build_a_stage_once(tmp_path):
     runs: list[int] = []
 
-    def build() -> None:
+    def build(n: int) -> None:
         with dc.done_dir(tmp_path / "s") as stage:
             if not stage.done:
-                runs.append(1)
+                runs.append(n)
                 time.sleep(0.2)
 
-    threads = [threading.Thread(target=build) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert runs == [1]
+    in_threads(build, 4)
+    assert len(runs) == 1
 
 
 def test_nested_stage_in_one_thread_is_an_error_not_a_hang(tmp_path):
@@ -881,22 +895,14 @@ def test_sigkill_never_corrupts_or_loses_committed_entries(tmp_path):
 
 def test_threads_share_a_store(tmp_path):
     db = dc.open(tmp_path / "c")
-    errors: list[BaseException] = []
 
     def work(n: int) -> None:
-        try:
-            for i in range(100):
-                db[f"{n}/{i}"] = [n, i]
-                assert db[f"{n}/{i}"] == [n, i]
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for i in range(100):
+            db[f"{n}/{i}"] = [n, i]
+            assert db[f"{n}/{i}"] == [n, i]
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(db) == 800
+    in_threads(work, 8)
+    assert len(db) == 800
     db.close()
 
 
@@ -1205,11 +1211,7 @@ def test_threads_compute_each_key_once(tmp_path, calls):
         time.sleep(0.1)
         return x
 
-    threads = [threading.Thread(target=slow, args=(i % 2,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(lambda n: slow(n % 2), 8)
     assert sorted(calls) == [0, 1]
 
 
@@ -1224,6 +1226,7 @@ def test_processes_compute_each_key_once(tmp_path):
             time.sleep(0.002)
             return x * x
         go = sys.argv[3]
+        print("ready", flush=True)
         while not os.path.exists(go):
             time.sleep(0.001)
         assert all(slow(k) == k * k for k in range(150))
@@ -1231,8 +1234,7 @@ def test_processes_compute_each_key_once(tmp_path):
     """
     log, go = tmp_path / "log", tmp_path / "go"
     procs = [child(script, str(tmp_path / "c"), str(log), str(go), background=True) for _ in range(4)]
-    time.sleep(0.3)
-    go.touch()
+    release_together(procs, go)
     assert [p.wait(timeout=120) for p in procs] == [0] * 4
     computed = log.read_text().split()
     assert sorted(map(int, computed)) == list(range(150)), "each key computed exactly once, none lost"
