@@ -1128,6 +1128,20 @@ def test_ttl_expires_entries(tmp_path, calls, monkeypatch):
             dc.memoize(tmp_path, ttl=bad)
 
 
+def test_a_shorter_ttl_applies_to_older_entries(tmp_path, calls, monkeypatch):
+    def transform(x):
+        calls.append(x)
+        return x
+
+    dc.memoize(tmp_path, ttl=3600)(transform)(1)  # Stored to expire in an hour.
+    later = time.time() + 120
+    monkeypatch.setattr(time, "time", lambda: later)
+    dc.memoize(tmp_path, ttl=3600)(transform)(1)
+    assert calls == [1], "still fresh under the ttl it was written with"
+    dc.memoize(tmp_path, ttl=60)(transform)(1)
+    assert calls == [1, 1], "the decorator's shorter ttl counts from the entry's creation"
+
+
 def test_wrapper_methods(tmp_path, calls):
     @dc.memoize(tmp_path)
     def f(x):
