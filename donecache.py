@@ -59,6 +59,8 @@ __all__ = [
     "memoize",
     "CacheInfo",
     "DonecacheWarning",
+    "BatchResult",
+    "Failure",
 ]
 
 # Only what the interpreter has loaded anyway, or what costs nothing (_thread,
@@ -1677,10 +1679,13 @@ class _Memoized:
         files = self._files()
         path = files.locate(key)
         value = self._cached(files, key, path)
-        return value if value is not _MISSING else self._compute(key, args, kwargs, refresh=False)
+        return value if value is not _MISSING else self._compute(key, args, kwargs, refresh=False)[0]
 
-    def _compute(self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any], *, refresh: bool) -> Any:
-        """Compute under the key's lock, unless another caller stored it meanwhile (or refresh)."""
+    def _compute(
+        self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any], *, refresh: bool
+    ) -> tuple[Any, bool]:
+        """(result, whether this call computed it): compute under the key's lock, unless
+        another caller stored it meanwhile (or refresh)."""
         files = self._files()
         path = files.locate(key)
         lock = _KeyLock(files.lock_path, files.lock_offset(path))
@@ -1688,16 +1693,97 @@ class _Memoized:
         try:
             # Another caller may have computed it while we waited for the lock.
             value = _MISSING if refresh else self._cached(files, key, path)
-            if value is _MISSING:
-                value = self._stored(files, key, path, self.__wrapped__(*args, **kwargs))
-            return value
+            if value is not _MISSING:
+                return value, False
+            return self._stored(files, key, path, self.__wrapped__(*args, **kwargs)), True
         finally:
             if locked:
                 lock.release()
 
     def refresh(self, *args: Any, **kwargs: Any) -> Any:
         """Compute this call again, whatever the cache holds, and store the result."""
-        return self._compute(self._key(args, kwargs), args, kwargs, refresh=True)
+        return self._compute(self._key(args, kwargs), args, kwargs, refresh=True)[0]
+
+    def _call_reporting(self, args: tuple[Any, ...]) -> tuple[Any, bool]:
+        """(result, whether this call computed it rather than reusing a stored one)."""
+        key = self._key(args, {})
+        files = self._files()
+        value = self._cached(files, key, files.locate(key))
+        return (value, False) if value is not _MISSING else self._compute(key, args, {}, refresh=False)
+
+    def map(
+        self,
+        *iterables: Iterable[Any],
+        keep_going: bool = False,
+        workers: int | None = None,
+        processes: bool = True,
+        progress: bool | None = None,
+    ) -> BatchResult:
+        """Call the function on every input, caching each success as soon as it is done.
+
+        ``f.map(records)`` calls ``f(record)`` for each record; with several
+        iterables, ``f.map(xs, ys)`` calls ``f(x, y)`` pairwise, like map().
+        A rerun reuses every stored result and computes only what failed or is new.
+
+        keep_going: False stops at the first failure and raises it, as a plain
+            loop would (what finished before it stays cached). True runs every
+            input and reports the failures in the result, each with its input,
+            exception and traceback.
+        workers: run that many calls at once, in a ProcessPoolExecutor (or, with
+            processes=False, a ThreadPoolExecutor). The function must then be
+            importable by its name, as multiprocessing requires.
+        progress: show done/total, rate, ETA and failures on stderr; by default
+            only when stderr is a terminal. False silences it.
+        """
+        if isinstance(self, _AsyncMemoized):
+            raise TypeError(f"{self.__qualname__}.map(): use asyncio.gather() for async functions")
+        if not iterables:
+            raise TypeError(f"{self.__qualname__}.map() needs at least one iterable of inputs")
+        calls = list(zip(*iterables))
+        batch = BatchResult(len(calls))
+        meter = _Progress(len(calls), sys.stderr.isatty() if progress is None else progress)
+        try:
+            if not workers or workers <= 1:
+                for index, args in enumerate(calls):
+                    if keep_going:
+                        batch._record(index, args, _call_one(self, args, False))
+                    else:  # Let the failure propagate with its own traceback, as a loop would.
+                        value, computed = self._call_reporting(args)
+                        batch._record(index, args, (True, value, computed))
+                    meter.update(batch)
+            else:
+                self._map_in_pool(calls, batch, meter, keep_going, workers, processes)
+        finally:
+            meter.close(batch)
+        batch.failures.sort(key=lambda failure: failure.index)
+        return batch
+
+    def _map_in_pool(
+        self,
+        calls: list[tuple[Any, ...]],
+        batch: BatchResult,
+        meter: _Progress,
+        keep_going: bool,
+        workers: int,
+        processes: bool,
+    ) -> None:
+        import concurrent.futures as futures
+
+        pool: futures.Executor = (futures.ProcessPoolExecutor if processes else futures.ThreadPoolExecutor)(workers)
+        try:
+            pending = {pool.submit(_call_one, self, args, processes): index for index, args in enumerate(calls)}
+            for future in futures.as_completed(pending):
+                index = pending[future]
+                try:
+                    outcome = future.result()
+                except Exception as exc:  # The result could not come back from the worker.
+                    outcome = (False, (exc, _format_exception(exc)), True)
+                batch._record(index, calls[index], outcome)
+                meter.update(batch)
+                if not outcome[0] and not keep_going:
+                    raise batch.failures[-1].exception
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def forget(self, *args: Any, **kwargs: Any) -> bool:
         """Drop the cached result of this one call; True if there was one."""
@@ -1752,6 +1838,111 @@ class _AsyncMemoized(_Memoized):
         return await self._acompute(self._key(args, kwargs), args, kwargs, refresh=True)
 
 
+def _format_exception(exc: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def _call_one(func: _Memoized, args: tuple[Any, ...], portable: bool) -> tuple[bool, Any, bool]:
+    """One call of a batch, never raising: (True, result, computed) or (False, (exception, traceback), True).
+
+    Module level, so that a process pool can run it; ``func`` travels by name.
+    """
+    try:
+        value, computed = func._call_reporting(args)
+        return True, value, computed
+    except Exception as exc:
+        text = _format_exception(exc)
+        if portable:  # The exception must cross back to the parent process.
+            import pickle
+
+            try:
+                pickle.dumps(exc)
+            except Exception:
+                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+        return False, (exc, text), True
+
+
+class Failure:
+    """One input that raised in :meth:`map`: its position, the input, the exception and its traceback text."""
+
+    __slots__ = ("index", "input", "exception", "traceback")
+
+    def __init__(self, index: int, input: Any, exception: BaseException, traceback: str) -> None:
+        self.index, self.input, self.exception, self.traceback = index, input, exception, traceback
+
+    def __repr__(self) -> str:
+        return f"Failure(index={self.index}, input={self.input!r}, exception={self.exception!r})"
+
+
+class BatchResult:
+    """What :meth:`map` returns: results in input order (None where the call failed),
+    the failures, and how many results were computed or reused from the cache."""
+
+    def __init__(self, total: int) -> None:
+        self.results: list[Any] = [None] * total
+        self.failures: list[Failure] = []
+        self.computed = 0
+        self.reused = 0
+        self.done = 0
+        self._started = time.monotonic()
+
+    def _record(self, index: int, args: tuple[Any, ...], outcome: tuple[bool, Any, bool]) -> None:
+        ok, payload, computed = outcome
+        self.done += 1
+        if ok:
+            self.results[index] = payload
+            if computed:
+                self.computed += 1
+            else:
+                self.reused += 1
+        else:
+            exception, text = payload
+            self.failures.append(Failure(index, args[0] if len(args) == 1 else args, exception, text))
+
+    @property
+    def ok(self) -> bool:
+        """True if every input succeeded."""
+        return not self.failures and self.done == len(self.results)
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchResult({len(self.results)} inputs: {self.reused} reused, "
+            f"{self.computed} computed, {len(self.failures)} failed)"
+        )
+
+
+class _Progress:
+    """A one-line progress report on stderr, redrawn at most five times a second."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled and total > 0
+        self._last = 0.0
+        self._shown = False
+
+    def update(self, batch: BatchResult, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not final and now - self._last < 0.2):
+            return
+        self._last = now
+        elapsed = max(now - batch._started, 1e-9)
+        rate = batch.done / elapsed
+        left = (self.total - batch.done) / rate if rate else 0.0
+        eta = time.strftime("%H:%M:%S", time.gmtime(left))
+        sys.stderr.write(
+            f"\r{batch.done}/{self.total} done, {rate:.1f}/s, ETA {eta}, {len(batch.failures)} failed "
+        )
+        sys.stderr.flush()
+        self._shown = True
+
+    def close(self, batch: BatchResult) -> None:
+        if self.enabled:
+            self.update(batch, final=True)
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
 def _seconds(ttl: Any) -> float | None:
     if ttl is None:
         return None
@@ -1776,6 +1967,14 @@ if TYPE_CHECKING:
         def forget(self, *args: _P.args, **kwargs: _P.kwargs) -> bool: ...
         def cache_clear(self) -> None: ...
         def cache_info(self) -> CacheInfo: ...
+        def map(
+            self,
+            *iterables: Iterable[Any],
+            keep_going: bool = False,
+            workers: int | None = None,
+            processes: bool = True,
+            progress: bool | None = None,
+        ) -> BatchResult: ...
 
 
 @overload
@@ -1841,3 +2040,173 @@ def memoize(
         return decorate(path)  # Used bare: @memoize
     store_path = path
     return decorate
+
+
+# ---------------------------------------------------------------------------
+# 7. The command line: python -m donecache info|clear|prune|status
+#
+# It reads entry headers and keys, never values: inspecting a cache does not
+# unpickle anything. Exit codes: 0 success, 1 the answer is "no" (a stage is
+# not done, no entries matched), 2 a usage error or a path that is not there.
+# ---------------------------------------------------------------------------
+
+
+def _function_of(key: bytes) -> str:
+    """The memoized function that an entry belongs to, from its key."""
+    text = key.decode("utf-8", "replace")
+    head, sep, rest = text.partition("|")
+    return head if sep and ":" in head and rest.count("|") == 1 else "(donecache.open keys)"
+
+
+def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
+    live = expired = damaged = size = 0
+    functions: dict[str, int] = {}
+    for path in files.files():
+        entry = files._read_at(path, 0.0)
+        if entry is None:
+            damaged += 1
+            continue
+        try:
+            size += os.stat(path).st_size
+        except OSError:
+            continue
+        if entry[3] and now >= entry[3]:
+            expired += 1
+            continue
+        live += 1
+        name = _function_of(entry[0])
+        functions[name] = functions.get(name, 0) + 1
+    temps = sum(1 for _d, _s, names in os.walk(files.root) for name in names if _is_temp_name(name))
+    return {
+        "path": files.root,
+        "entries": {"live": live, "expired": expired, "damaged": damaged},
+        "bytes": size,
+        "temporary_files": temps,
+        "functions": dict(sorted(functions.items())),
+    }
+
+
+def _cli_info(args: Any) -> int:
+    report = _survey(_EntryFiles(args.path, "r", False), time.time())
+    if args.json:
+        return _print_json(report)
+    entries = report["entries"]
+    print(f"cache {report['path']}")
+    print(
+        f"  entries: {entries['live']} live, {entries['expired']} expired, {entries['damaged']} damaged; "
+        f"{report['bytes'] / 1048576:.1f} MiB"
+    )
+    print(f"  temporary files left by crashed writers: {report['temporary_files']}")
+    for name, count in report["functions"].items():
+        print(f"  {count:>9}  {name}")
+    return 0
+
+
+def _cli_clear(args: Any) -> int:
+    files = _EntryFiles(args.path, "w", False)
+    if args.function is None:
+        removed = files.clear()
+    else:
+        wanted: str = args.function
+
+        def matches(key: bytes) -> bool:
+            name = _function_of(key)
+            return name == wanted or name.partition(":")[2] == wanted
+
+        removed = 0
+        for path, key, *_ in list(files.entries(now=0.0)):
+            if matches(key):
+                try:
+                    os.unlink(path)
+                    removed += 1
+                except FileNotFoundError:  # Another process removed it first.
+                    pass
+        if not removed:
+            known = ", ".join(_survey(files, time.time())["functions"]) or "none"
+            print(f"no entries of {wanted!r} in {files.root}; functions there: {known}", file=sys.stderr)
+            return 1
+    if args.json:
+        return _print_json({"path": files.root, "removed": removed})
+    print(f"removed {removed} entries from {files.root}")
+    return 0
+
+
+def _cli_prune(args: Any) -> int:
+    files = _EntryFiles(args.path, "w", False)
+    entries, temps = files.prune()
+    if args.json:
+        return _print_json({"path": files.root, "removed_entries": entries, "removed_temporary_files": temps})
+    print(f"removed {entries} expired or damaged entries and {temps} temporary files from {files.root}")
+    return 0
+
+
+def _cli_status(args: Any) -> int:
+    rows = []
+    for directory in args.directories:
+        marker = _marker_path(directory, args.marker)
+        if not os.path.isdir(directory):
+            state, info = "missing", None
+        elif _marker_counts(marker, args.version):
+            state, info = "done", _read_marker(marker)
+        else:
+            state, info = "incomplete", _read_marker(marker)  # A stale marker still says who wrote it.
+        rows.append({"directory": directory, "state": state, "marker": info})
+    if args.json:
+        _print_json(rows)
+    else:
+        for row in rows:
+            info = row["marker"] or {}
+            details = ", ".join(f"{k} {info[k]}" for k in ("finished", "version", "host") if info.get(k) is not None)
+            print(f"{row['state']:<10}  {row['directory']}" + (f"  ({details})" if details else ""))
+    return 0 if all(row["state"] == "done" for row in rows) else 1
+
+
+def _print_json(data: Any) -> int:
+    import json
+
+    print(json.dumps(data, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``python -m donecache`` command; returns the exit code."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m donecache",
+        description="Inspect and clean donecache stores and stage directories. "
+        "Exit codes: 0 success, 1 not done or nothing matched, 2 usage error or missing path.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--json", action="store_true", help="print JSON for scripts")
+        return sub
+
+    info = command("info", "entries, bytes and expired entries of a cache, counted per function")
+    info.add_argument("path", help="the cache directory")
+    info.set_defaults(run=_cli_info)
+    clear = command("clear", "remove a cache's entries (all, or one function's)")
+    clear.add_argument("path", help="the cache directory")
+    clear.add_argument("--function", metavar="NAME", help="only this function: module:qualname, or just qualname")
+    clear.set_defaults(run=_cli_clear)
+    prune = command("prune", "remove expired and damaged entries and temporary files left by crashes")
+    prune.add_argument("path", help="the cache directory")
+    prune.set_defaults(run=_cli_prune)
+    status = command("status", "say whether stage directories are done, incomplete or missing")
+    status.add_argument("directories", nargs="+", metavar="DIR", help="stage directories")
+    status.add_argument("--marker", default="DONE", help="the marker's file name (default: DONE)")
+    status.add_argument("--version", help="count a stage as done only if its marker records this version")
+    status.set_defaults(run=_cli_status)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (OSError, ValueError) as exc:
+        print(f"python -m donecache {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

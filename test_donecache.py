@@ -1313,6 +1313,116 @@ def test_process_pools_share_entries_with_the_parent(tmp_path, method):
     assert proc.stdout.strip() == "CacheInfo(hits=20, misses=0, maxsize=None, currsize=20)"
 
 
+# -- map: the keep-going batch helper ------------------------------------------
+
+
+def bad_at(bad: set[int], calls: list[int]):
+    def parse(x):
+        calls.append(x)
+        if x in bad:
+            raise ValueError(f"bad record {x}")
+        return x * 10
+
+    return parse
+
+
+@pytest.mark.parametrize("workers", [None, 3], ids=["serial", "threads"])
+def test_map_keeps_going_and_a_rerun_computes_only_failures(tmp_path, calls, workers):
+    parse = dc.memoize(tmp_path)(bad_at({3, 7}, calls))
+    batch = parse.map(range(10), keep_going=True, workers=workers, processes=False)
+    assert batch.results == [0, 10, 20, None, 40, 50, 60, None, 80, 90]
+    assert [(f.index, f.input, str(f.exception)) for f in batch.failures] == [
+        (3, 3, "bad record 3"),
+        (7, 7, "bad record 7"),
+    ]
+    assert "ValueError: bad record 3" in batch.failures[0].traceback and "in parse" in batch.failures[0].traceback
+    assert (batch.computed, batch.reused, batch.ok) == (8, 0, False)
+    calls.clear()
+    again = parse.map(range(12), keep_going=True, workers=workers, processes=False)
+    assert sorted(calls) == [3, 7, 10, 11], "only the failures and the new inputs are computed"
+    assert (again.computed, again.reused, len(again.failures)) == (2, 8, 2)
+    assert repr(again) == "BatchResult(12 inputs: 8 reused, 2 computed, 2 failed)"
+
+
+@pytest.mark.parametrize("workers", [None, 2], ids=["serial", "threads"])
+def test_map_stops_at_the_first_failure_like_a_loop(tmp_path, calls, workers):
+    parse = dc.memoize(tmp_path)(bad_at({4}, calls))
+    with pytest.raises(ValueError, match="bad record 4"):
+        parse.map(range(8), workers=workers, processes=False)
+    calls.clear()
+    assert parse.map(range(4)).reused == 4 and calls == [], "what finished before the failure stays cached"
+
+
+def test_map_over_several_iterables_and_its_errors(tmp_path):
+    @dc.memoize(tmp_path)
+    def add(x, y):
+        return x + y
+
+    assert add.map([1, 2], [10, 20]).results == [11, 22]
+    assert add.map([1], [2]).failures == [] and add.map([1], [2]).ok
+    with pytest.raises(TypeError, match="at least one iterable"):
+        add.map()
+
+    @dc.memoize(tmp_path)
+    async def fetch(x):
+        return x
+
+    with pytest.raises(TypeError, match="asyncio.gather"):
+        fetch.map([1])
+
+
+def test_map_progress_only_when_asked_or_on_a_terminal(tmp_path, capsys):
+    parse = dc.memoize(tmp_path)(bad_at({1}, []))
+    parse.map(range(3), keep_going=True)  # stderr is not a terminal under pytest: silent.
+    assert capsys.readouterr().err == ""
+    parse.map(range(3), keep_going=True, progress=True)
+    err = capsys.readouterr().err
+    assert "3/3 done" in err and "/s, ETA " in err and "1 failed" in err and err.endswith("\n")
+    parse.map(range(3), keep_going=True, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+@posix_only
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_map_in_a_process_pool(tmp_path, method):
+    proc = child(
+        """
+        import multiprocessing, os, threading
+
+        class Unpicklable(Exception):
+            def __init__(self, x):
+                super().__init__(f"cannot handle {x}")
+                self.lock = threading.Lock()  # An exception that cannot cross processes.
+
+        @dc.memoize(os.environ["JOB_CACHE"])
+        def parse(x):
+            if x == 5:
+                raise ValueError("bad record 5")
+            if x == 6:
+                raise Unpicklable(x)
+            return (x, os.getpid())
+
+        if __name__ == "__main__":
+            multiprocessing.set_start_method(sys.argv[1])
+            batch = parse.map(range(20), keep_going=True, workers=2)
+            assert all(r[1] != os.getpid() for r in batch.results if r), "computed in the workers"
+            print(batch)
+            for f in batch.failures:
+                print(f.index, type(f.exception).__name__, f.exception, "Traceback" in f.traceback)
+            print(parse.map(range(20), keep_going=True, workers=2))
+        """,
+        method,
+        env={"JOB_CACHE": str(tmp_path / "c")},
+        script_file=tmp_path / "job.py",
+    )
+    assert proc.stdout.splitlines() == [
+        "BatchResult(20 inputs: 0 reused, 18 computed, 2 failed)",
+        "5 ValueError bad record 5 True",
+        "6 RuntimeError Unpicklable: cannot handle 6 True",
+        "BatchResult(20 inputs: 18 reused, 0 computed, 2 failed)",
+    ]
+
+
 def test_damage_costs_only_a_recomputation(tmp_path):
     script = """
         import warnings
@@ -1334,3 +1444,145 @@ def test_damage_costs_only_a_recomputation(tmp_path):
     (tmp_path / ".lock").rmdir()
     proc = child(script, str(tmp_path))
     assert proc.stdout == "" and proc.stderr == "", "the rewritten entries are hits again"
+
+
+# ---------------------------------------------------------------------------
+# 7. The command line, and the example pipeline
+# ---------------------------------------------------------------------------
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m donecache ARGS`` in a subprocess."""
+    return child(
+        f"import runpy\nsys.argv = ['donecache', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
+        *args,
+        check=False,
+        cwd=cwd,
+    )
+
+
+@pytest.fixture
+def filled_cache(tmp_path):
+    """A cache with two memoized functions, a shelf key, and one entry of each kind of trouble."""
+    cache = tmp_path / "cache"
+    child(
+        """
+        import time
+        @dc.memoize(sys.argv[1])
+        def square(x):
+            return x * x
+        @dc.memoize(sys.argv[1], ttl=0.05)
+        def brief(x):
+            return x
+        for i in range(3):
+            square(i)
+        brief(1)
+        with dc.open(sys.argv[1]) as db:
+            db["plain key"] = "value"
+        time.sleep(0.1)  # brief(1) expires.
+        """,
+        str(cache),
+    )
+    victim = next(p for p in entry_files(cache) if b"plain key" in p.read_bytes())
+    victim.write_bytes(victim.read_bytes()[:-1])  # Damaged.
+    litter = cache / victim.parent.name / (dc._TEMP_PREFIX + "f" * 16 + "~" + victim.name)
+    litter.write_bytes(b"half an entry")
+    os.utime(litter, (time.time() - 7200, time.time() - 7200))  # Left by a crash two hours ago.
+    return cache
+
+
+def test_cli_info(filled_cache):
+    proc = cli("info", str(filled_cache))
+    assert proc.returncode == 0
+    assert "entries: 3 live, 1 expired, 1 damaged" in proc.stdout
+    assert "temporary files left by crashed writers: 1" in proc.stdout
+    assert "3  __main__:square" in proc.stdout
+    report = json.loads(cli("info", str(filled_cache), "--json").stdout)
+    assert report["entries"] == {"live": 3, "expired": 1, "damaged": 1}
+    assert report["functions"] == {"__main__:square": 3} and report["temporary_files"] == 1
+
+
+def test_cli_prune(filled_cache):
+    proc = cli("prune", str(filled_cache), "--json")
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout) == {
+        "path": str(filled_cache),
+        "removed_entries": 2,
+        "removed_temporary_files": 1,
+    }
+    assert json.loads(cli("info", str(filled_cache), "--json").stdout)["entries"] == {
+        "live": 3,
+        "expired": 0,
+        "damaged": 0,
+    }
+
+
+def test_cli_clear(filled_cache):
+    proc = cli("clear", str(filled_cache), "--function", "nope")
+    assert proc.returncode == 1 and "functions there: __main__:square" in proc.stderr
+    proc = cli("clear", str(filled_cache), "--function", "square")
+    assert proc.returncode == 0 and proc.stdout.startswith("removed 3 entries")
+    assert json.loads(cli("clear", str(filled_cache), "--json").stdout)["removed"] == 2  # brief(1), damaged
+    assert entry_files(filled_cache) == []
+
+
+def test_cli_never_unpickles(tmp_path):
+    cache = tmp_path / "cache"
+    with dc.open(cache) as db:
+        db["trap"] = "placeholder"
+    path = entry_files(cache)[0]
+    payload = b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode() + b"'\ntR."  # Runs a command if loaded.
+    files = dc._EntryFiles(cache, "c", False)
+    path.write_bytes(files.encode(b"trap", payload))
+    for command in ("info", "prune", "clear"):
+        assert cli(command, str(cache)).returncode == 0
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cli_status(tmp_path):
+    with dc.done_dir(tmp_path / "done", version="v2"):
+        pass
+    (tmp_path / "half").mkdir()
+    proc = cli("status", str(tmp_path / "done"))
+    assert proc.returncode == 0 and proc.stdout.startswith("done") and "version v2" in proc.stdout
+    proc = cli("status", str(tmp_path / "done"), str(tmp_path / "half"), str(tmp_path / "gone"), "--json")
+    assert proc.returncode == 1
+    assert [(row["state"], bool(row["marker"])) for row in json.loads(proc.stdout)] == [
+        ("done", True),
+        ("incomplete", False),
+        ("missing", False),
+    ]
+    assert cli("status", str(tmp_path / "done"), "--version", "v3").stdout.startswith("incomplete")
+    assert cli("status", str(tmp_path / "done"), "--marker", "_SUCCESS").returncode == 1
+
+
+def test_cli_errors_and_help(tmp_path):
+    proc = cli("info", str(tmp_path / "nothing"))
+    assert proc.returncode == 2 and str(tmp_path / "nothing") in proc.stderr
+    assert cli().returncode == 2
+    assert cli("prune").returncode == 2
+    for command in ("info", "clear", "prune", "status"):
+        proc = cli(command, "--help")
+        assert proc.returncode == 0 and "--json" in proc.stdout
+
+
+def test_example_pipeline_runs_and_then_reuses_everything(tmp_path):
+    script = Path(__file__).resolve().parent / "examples" / "pipeline.py"
+    if not script.exists():
+        pytest.skip("examples/ is not beside this test file (a vendored copy)")
+    env = {**os.environ, "PYTHONPATH": str(IMPORT_ROOT), "PIPELINE_OUT": str(tmp_path / "out")}
+
+    def run() -> str:
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    first = run()
+    assert "stage 1: wrote 2000 record files" in first
+    assert "stage 2: 1993 computed, 0 reused from the cache, 7 failed" in first
+    assert "record 0137: ValueError: amount '12,5O' is not a number" in first
+    assert "record 0777: KeyError: 'customer'" in first
+    second = run()
+    assert "stage 1: " + str(tmp_path / "out" / "records") + " is done; skipped" in second
+    assert "stage 2: 0 computed, 1993 reused from the cache, 7 failed" in second
+    assert len((tmp_path / "out" / "report.csv").read_text().splitlines()) == 1994
