@@ -1588,6 +1588,7 @@ class _Memoized:
         identity = f"{module}:{getattr(func, '__qualname__', repr(func))}|"
         self._identity = identity.encode("utf-8")
         self._prefix = identity + _code_digest(func, repr(version)) + "|"
+        self._prefix_bytes = self._prefix.encode("utf-8")
         self._store: _EntryFiles | None = None
         self._hits = self._misses = 0
 
@@ -1628,8 +1629,14 @@ class _Memoized:
                     ) from exc
                 out.append(",")
             text = "".join(out)
-        arguments = self._blake2b(text.encode("utf-8", "surrogatepass"), digest_size=20).hexdigest()
-        return (self._prefix + arguments).encode("utf-8")
+        raw = text.encode("utf-8", "surrogatepass")
+        # Short texts (a few scalars, the common case) go into the key as they are:
+        # the store hashes the key for the file name anyway, so hashing here too
+        # would cost a second digest on every call. Long ones are hashed to bound
+        # the key. The tag keeps the two forms from ever meaning the same thing.
+        if len(raw) <= 96:
+            return self._prefix_bytes + b"=" + raw
+        return self._prefix_bytes + b"#" + self._blake2b(raw, digest_size=20).hexdigest().encode("ascii")
 
     def _cached(self, files: _EntryFiles, key: bytes, path: str) -> Any:
         """The cached result, counted as a hit, or _MISSING."""
@@ -2053,9 +2060,14 @@ def memoize(
 
 def _function_of(key: bytes) -> str:
     """The memoized function that an entry belongs to, from its key."""
+    # A memoize key is "module:qualname|<16 hex code digest>|" then "=" and the
+    # arguments' canonical text, or "#" and its digest (see _Memoized._key).
     text = key.decode("utf-8", "replace")
-    head, sep, rest = text.partition("|")
-    return head if sep and ":" in head and rest.count("|") == 1 else "(donecache.open keys)"
+    head, _, rest = text.partition("|")
+    code, sep, arguments = rest.partition("|")
+    if ":" in head and sep and len(code) == 16 and set(code) <= _HEX and arguments[:1] in ("=", "#"):
+        return head
+    return "(donecache.open keys)"
 
 
 def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:

@@ -93,6 +93,21 @@ def memoizers() -> dict[str, Callable[[str], Callable[[int], int]]]:
     return tools
 
 
+FLOOR = "(floor: new file + rename)"
+
+
+def new_file_floor(directory: Path, keys: list[int]) -> float:
+    """What any file-per-entry store pays per miss: create, write and rename one small file."""
+    directory.mkdir()
+    start = time.perf_counter()
+    for k in keys:
+        temp, final = directory / f"t{k}", directory / f"e{k}"
+        with open(temp, "wb") as f:
+            f.write(b"x" * 100)
+        os.replace(temp, final)
+    return (time.perf_counter() - start) / len(keys)
+
+
 def per_call(fn: Callable[[int], Any], keys: list[int]) -> float:
     start = time.perf_counter()
     for k in keys:
@@ -108,9 +123,10 @@ def bench_hits_and_misses(tmp: Path, n: int, rounds: int) -> dict[str, dict[str,
     tools = memoizers()
     names = list(tools)
     hits: dict[str, list[float]] = {t: [] for t in names}
-    misses: dict[str, list[float]] = {t: [] for t in names}
+    misses: dict[str, list[float]] = {t: [] for t in [*names, FLOOR]}
     keys = list(range(n))
     for r in range(rounds):
+        misses[FLOOR].append(new_file_floor(tmp / f"floor-{r}", keys))
         for name in rotate(names, r):
             d = tmp / f"memo-{name}-{r}"
             fn = tools[name](str(d))
