@@ -39,13 +39,15 @@ A ten-line tour::
     @donecache.memoize(ttl=3600)                           # on disk, across processes
     def transform(record): ...
 
+The module reads top to bottom, each tool built on the one before: platform
+primitives, locks, atomic writes, stages, entry files, the store, memoize and
+its batches, and the command line.
+
 Cache entries are pickles: never open a cache directory that someone you do not
 trust can write to. See README.md for the whole story.
 """
 
 from __future__ import annotations
-
-__version__ = "0.1.0"
 
 __all__ = [
     "atomic_write",
@@ -63,37 +65,64 @@ __all__ = [
     "Failure",
 ]
 
-# Only what the interpreter has loaded anyway, or what costs nothing (_thread,
-# fcntl), is imported here: one-off scripts pay for every import. pathlib, json,
-# pickle, hashlib and shelve are imported where they are first needed.
+__version__ = "0.1.0"
+
+# One-off scripts pay for every import, so only modules that the interpreter has
+# loaded anyway or that cost little are imported here. shelve (with pickle) is
+# the exception: Store must be a real class. Imported where first needed, to
+# keep `import donecache` cheap: hashlib, json, pathlib, shutil, socket, inspect,
+# functools, types, warnings, traceback, asyncio, concurrent.futures, argparse.
 import _thread
 import errno
 import io
 import os
+import shelve
 import stat
+import struct
 import sys
 import time
+import zlib
 
 # typing itself costs more to import than all of the above; type checkers treat
 # this name as True (mypy, pyright), and `overload` is a no-op at run time.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import shelve
     from pathlib import Path
     from types import TracebackType
-    from typing import IO, Any, Callable, Iterable, Iterator, ParamSpec, Protocol, TypeVar, Union, overload
+    from typing import (
+        IO,
+        Any,
+        Callable,
+        Generic,
+        Iterable,
+        Iterator,
+        ParamSpec,
+        TypeVar,
+        Union,
+        overload,
+    )
 
     StrPath = Union[str, os.PathLike[str]]
+    _P = ParamSpec("_P")
+    _R = TypeVar("_R")
 else:
+    _P = _R = None
+
+    class Generic:  # Subscripting it gives it back, as typing.Generic does for classes.
+        def __class_getitem__(cls, params: object) -> type:
+            return cls
 
     def overload(func):
         return func
 
+
 # ---------------------------------------------------------------------------
-# 3. Platform primitives
+# Platform primitives
 #
 # Every difference between operating systems lives here, as one set of private
-# names defined per platform. Nothing below this section asks which OS it runs on.
+# names defined per platform: file flags, flushing, renaming, permission bits,
+# and _LockFile, a lock file whose locks belong to that one open handle.
+# Nothing below this section asks which OS it runs on.
 # ---------------------------------------------------------------------------
 
 # O_EXCL makes creation fail if the name exists (even as a dangling symlink, per
@@ -108,6 +137,15 @@ _CREATE_FLAGS = (
 )
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
+
+def _delays() -> Iterator[float]:
+    """The one backoff schedule for polling: 1 ms, doubling, capped at 50 ms."""
+    delay = 0.001
+    while True:
+        yield delay
+        delay = min(delay * 2, 0.05)
+
+
 if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
     import msvcrt
 
@@ -120,23 +158,22 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
         os.fsync(fd)  # _commit(): flushes the file's data and metadata.
 
     def _fsync_dir(path: str) -> None:
-        # Windows cannot open a directory for flushing; NTFS journals the rename.
-        pass
+        pass  # Windows cannot open a directory for flushing; NTFS journals the rename.
 
     def _replace(src: str, dst: str) -> None:
         # os.replace fails with a sharing violation (PermissionError) while any
         # process (a virus scanner, an indexer, a reader) has the target open.
         # Such handles are usually short-lived, so retry for about a second.
-        delay = 0.001
-        while True:
+        waited = 0.0
+        for delay in _delays():
             try:
                 os.replace(src, dst)
                 return
             except PermissionError:
-                if delay > 0.5:
+                if waited > 1.0:
                     raise
                 time.sleep(delay)
-                delay *= 2
+                waited += delay
 
     def _move_new(src: str, dst: str) -> None:
         os.rename(src, dst)  # On Windows rename refuses to replace: no clobbering.
@@ -144,26 +181,34 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
     def _keep_mode(fd: int, mode: int) -> None:
         pass  # Windows files carry only a read-only flag, not POSIX permission bits.
 
-    # A handle's locks belong to that handle, so whole-file locks (offset None)
-    # are simply byte 0.
-    def _try_lock(fd: int, offset: int | None) -> bool:
-        os.lseek(fd, offset or 0, os.SEEK_SET)
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
+    class _LockFile:
+        """A lock file opened for one lock. Windows byte locks belong to the
+        handle, so each lock has a handle of its own: two threads never share
+        the file position that msvcrt.locking() locks at."""
 
-    def _wait_lock(fd: int, offset: int | None) -> None:
-        # msvcrt's blocking mode gives up after ten seconds, so poll instead.
-        delay = 0.001
-        while not _try_lock(fd, offset):
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        can_wait = False  # msvcrt's blocking mode gives up after ten seconds: poll.
 
-    def _unlock(fd: int, offset: int | None) -> None:
-        os.lseek(fd, offset or 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        def __init__(self, path: str, offset: int | None) -> None:
+            self._file = io.FileIO(path, "a+")
+            self.fd, self.offset = self._file.fileno(), offset or 0  # A whole-file lock is byte 0.
+
+        def try_lock(self) -> bool:
+            os.lseek(self.fd, self.offset, os.SEEK_SET)
+            try:
+                msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
+            except OSError:
+                return False
+            return True
+
+        def wait(self) -> None:
+            raise NotImplementedError
+
+        def unlock(self) -> None:
+            os.lseek(self.fd, self.offset, os.SEEK_SET)
+            msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
+
+        def close(self) -> None:
+            self._file.close()
 
 else:
     import fcntl
@@ -225,180 +270,206 @@ else:
     def _keep_mode(fd: int, mode: int) -> None:
         os.fchmod(fd, mode)
 
-    # Two kinds of lock. Whole-file locks (offset None) use flock(2): they belong
-    # to the open file description, so code that opens and closes the same file
-    # (a user hashing every file of a stage) cannot release them by accident.
-    # Per-key locks need many independent locks in one file, which only POSIX
-    # record locks (fcntl(2) F_SETLK) give; they belong to the process, and
-    # donecache alone opens the file that holds them. Both work over NFS (Linux
-    # emulates flock there with record locks; see flock(2), "NFS details").
-    def _try_lock(fd: int, offset: int | None) -> bool:
-        try:
+    class _LockFile:
+        """A lock file opened for one lock: the whole file (offset None) or one byte.
+
+        Whole-file locks are flock(2) locks, which belong to the open file
+        description: code that opens and closes the same file (a user hashing
+        every file of a stage) cannot release them by accident, and two handles
+        exclude each other even within one thread. Byte locks are fcntl(2)
+        record locks, which belong to the process instead: closing *any*
+        descriptor of the file drops all of them, and threads of one process
+        never exclude each other (fcntl(2), "Record locking"). So byte-lock
+        handles of one path share one descriptor, kept open while any of them
+        is, and threads take turns on each byte through a thread lock. Both
+        kinds work over NFS (Linux emulates flock there with record locks).
+        """
+
+        can_wait = True
+        _guard = _thread.allocate_lock()
+        _pid = -1
+        _shared: dict[str, list[Any]] = {}  # path -> [descriptor, handles]
+        _turns: dict[tuple[str, int], list[Any]] = {}  # (path, byte) -> [thread lock, handles]
+
+        def __init__(self, path: str, offset: int | None) -> None:
+            self.path, self.offset = path, offset
             if offset is None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            else:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
-        except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                self._file = io.FileIO(path, "a+")  # A description of its own, for flock.
+                self.fd = self._file.fileno()
+                return
+            with self._guard:
+                if _LockFile._pid != os.getpid():
+                    # After fork(2) the child holds no record locks and none of the
+                    # parent's threads: the inherited bookkeeping is void.
+                    _LockFile._pid, _LockFile._shared, _LockFile._turns = os.getpid(), {}, {}
+                shared = self._shared.get(path)
+                if shared is None:
+                    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+                    shared = self._shared[path] = [os.open(path, flags, 0o666), 0]
+                shared[1] += 1
+                self.fd = shared[0]
+                turn = self._turns.setdefault((path, offset), [_thread.allocate_lock(), 0])
+                turn[1] += 1
+                self._turn = turn[0]
+
+        def try_lock(self) -> bool:
+            if self.offset is None:
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
+                return True
+            if not self._turn.acquire(False):
                 return False
-            raise
-        return True
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self.offset)
+            except BaseException as exc:
+                self._turn.release()
+                if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EAGAIN):
+                    return False
+                raise
+            return True
 
-    def _wait_lock(fd: int, offset: int | None) -> None:
-        # Both calls block with the GIL released; a signal interrupts them (PEP 475).
-        if offset is None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        else:
-            fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset)
+        def wait(self) -> None:
+            # Both calls block with the GIL released; a signal interrupts them (PEP 475).
+            if self.offset is None:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+                return
+            self._turn.acquire()
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, self.offset)
+            except BaseException:
+                self._turn.release()
+                raise
 
-    def _unlock(fd: int, offset: int | None) -> None:
-        if offset is None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        else:
-            fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+        def unlock(self) -> None:
+            if self.offset is None:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                return
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.offset)
+            finally:
+                self._turn.release()
+
+        def close(self) -> None:
+            if self.offset is None:
+                self._file.close()
+                return
+            with self._guard:
+                if _LockFile._pid != os.getpid():
+                    return
+                turn = self._turns[(self.path, self.offset)]
+                turn[1] -= 1
+                if turn[1] == 0:
+                    del self._turns[(self.path, self.offset)]
+                shared = self._shared[self.path]
+                shared[1] -= 1
+                if shared[1] == 0:
+                    del self._shared[self.path]
+                    os.close(self.fd)
 
 
+# ---------------------------------------------------------------------------
+# Locks
+#
+# _KeyLock is the one lock that stages and memoize use: the whole of a lock
+# file, or one byte of it, held by one thread of one process at a time, with a
+# timeout, and an error instead of a deadlock when a thread asks for a lock it
+# already holds. The kernel drops the locks of a process that dies, even by
+# SIGKILL, so a crashed holder never blocks anyone.
+# ---------------------------------------------------------------------------
 
 
 class _KeyLock:
-    """An exclusive lock on a file (offset None) or on one byte of it, held by
-    one thread of one process at a time.
+    """An exclusive lock on a file (offset None) or on one byte of it.
 
-    Record locks belong to a process, not to a descriptor: two threads of one
-    process never exclude each other, and closing *any* descriptor of the file
-    drops every lock the process holds on it (fcntl(2), "Record locking"). So a
-    process opens each lock file once, counts its users and closes it only
-    when none is left, and its threads first queue on a thread lock per key.
-    The kernel drops the locks of a process that dies, even by SIGKILL, so a
-    crashed holder never blocks anyone.
-
-    ``path`` must be canonical (os.path.realpath): two names for one file would
-    mean two descriptors, and closing one would silently release the other.
+    ``path`` must be canonical (os.path.realpath), so that one file has one name
+    in the table of holders.
     """
 
-    # All state is per process; a forked child starts afresh (see _state()).
+    # Who holds which lock in this process: (path, offset) -> owner (a thread id,
+    # or a task's id for async callers). A forked child starts afresh.
     _guard = _thread.allocate_lock()
+    _holders: dict[tuple[str, int | None], int] = {}
     _pid = -1
-    _files: dict[str, list[int]] = {}  # path -> [fd, users]
-    _threads: dict[tuple[str, int | None], list[Any]] = {}  # (path, offset) -> [lock, users, owner]
 
     def __init__(self, path: str, offset: int | None = None) -> None:
         self.path = path
         self.offset = None if offset is None else offset % _LOCK_SPAN
-        self._fd = -1
+        self._handle: _LockFile | None = None
+        self._owner = 0
 
-    @classmethod
-    def _state(cls) -> None:
-        # Called under _guard. After fork(2) the child holds no record locks and
-        # none of the parent's threads, so the inherited bookkeeping is void.
-        if cls._pid != os.getpid():
-            cls._pid = os.getpid()
-            cls._files = {}
-            cls._threads = {}
-
-    def _enter_slot(self, owner: int | None) -> list[Any]:
+    def _claim(self, owner: int) -> None:
+        """Check that ``owner`` does not hold this lock already."""
         with self._guard:
-            self._state()
-            slot = self._threads.setdefault((self.path, self.offset), [_thread.allocate_lock(), 0, None])
-            if owner is not None and slot[2] == owner:
+            if _KeyLock._pid != os.getpid():
+                _KeyLock._pid, _KeyLock._holders = os.getpid(), {}
+            if self._holders.get((self.path, self.offset)) == owner:
                 raise RuntimeError(
                     f"this thread already holds the lock {self.path}; re-entering it would wait forever"
                 )
-            slot[1] += 1
-            return slot
 
-    def _leave_slot(self, slot: list[Any]) -> None:
+    def _took(self, handle: _LockFile, owner: int) -> None:
+        self._handle, self._owner = handle, owner
         with self._guard:
-            slot[1] -= 1
-            key = (self.path, self.offset)
-            if slot[1] == 0 and self._threads.get(key) is slot:
-                del self._threads[key]
+            self._holders[(self.path, self.offset)] = owner
 
-    def acquire(self, timeout: float | None = None) -> None:
+    def acquire(self, timeout: float | None = None, owner: int | None = None) -> None:
         """Wait for the lock; TimeoutError after ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        me = _thread.get_ident()
-        slot = self._enter_slot(me)
+        owner = _thread.get_ident() if owner is None else owner
+        self._claim(owner)
+        handle = _LockFile(self.path, self.offset)
         try:
-            if not slot[0].acquire(True, -1 if deadline is None else max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"timed out after {timeout} s waiting for the lock {self.path}")
-            try:
-                self._fd = self._open_file()
-                try:
-                    if deadline is None:
-                        _wait_lock(self._fd, self.offset)
-                    else:
-                        self._poll(deadline, timeout)
-                except BaseException:
-                    self._close_file()
-                    raise
-            except BaseException:
-                slot[0].release()
-                raise
+            if timeout is None and handle.can_wait:
+                handle.wait()
+            else:
+                deadline = time.monotonic() + (1e12 if timeout is None else timeout)
+                for delay in _delays():
+                    if handle.try_lock():
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"timed out after {timeout} s waiting for the lock {self.path}")
+                    time.sleep(min(delay, left))
         except BaseException:
-            self._leave_slot(slot)
+            handle.close()
             raise
-        slot[2] = me
+        self._took(handle, owner)
 
-    def try_acquire(self) -> bool:
+    def try_acquire(self, owner: int | None = None) -> bool:
         """Take the lock if it is free now, without waiting (for event loops)."""
-        slot = self._enter_slot(None)
-        if slot[0].acquire(False):
-            try:
-                self._fd = self._open_file()
-                if _try_lock(self._fd, self.offset):
-                    return True
-                self._close_file()
-            except BaseException:
-                slot[0].release()
-                self._leave_slot(slot)
-                raise
-            slot[0].release()
-        self._leave_slot(slot)
-        return False
+        owner = _thread.get_ident() if owner is None else owner
+        self._claim(owner)
+        handle = _LockFile(self.path, self.offset)
+        try:
+            if not handle.try_lock():
+                handle.close()
+                return False
+        except BaseException:
+            handle.close()
+            raise
+        self._took(handle, owner)
+        return True
 
-    def _poll(self, deadline: float, timeout: float | None) -> None:
-        delay = 0.001
-        while not _try_lock(self._fd, self.offset):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"timed out after {timeout} s waiting for the lock {self.path}")
-            time.sleep(min(delay, left))
-            delay = min(delay * 2, 0.05)
+    async def acquire_async(self, owner: int) -> None:
+        """Wait for the lock without blocking the event loop."""
+        import asyncio
+
+        for delay in _delays():
+            if self.try_acquire(owner):
+                return
+            await asyncio.sleep(delay)
 
     def release(self) -> None:
+        handle, self._handle = self._handle, None
+        assert handle is not None, "release() of a lock that is not held"
+        with self._guard:
+            if self._holders.get((self.path, self.offset)) == self._owner:
+                del self._holders[(self.path, self.offset)]
         try:
-            _unlock(self._fd, self.offset)
+            handle.unlock()
         finally:
-            self._close_file()
-            with self._guard:
-                slot = self._threads[(self.path, self.offset)]
-                slot[2] = None
-                slot[0].release()
-            self._leave_slot(slot)
-
-    def _open_file(self) -> int:
-        with self._guard:
-            entry = self._files.get(self.path)
-            if entry is None:
-                flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-                entry = self._files[self.path] = [os.open(self.path, flags, 0o666), 0]
-            entry[1] += 1
-            return entry[0]
-
-    def _close_file(self) -> None:
-        with self._guard:
-            entry = self._files[self.path]
-            entry[1] -= 1
-            # A store's lock file (byte locks) stays open for the life of the
-            # process: reopening it on every miss cost more than the lock itself.
-            # A stage's lock file is closed, since a run may visit thousands.
-            if entry[1] == 0 and self.offset is None:
-                del self._files[self.path]
-                os.close(entry[0])
-        self._fd = -1
-
-
+            handle.close()
 def _reraise_about(exc: OSError, path: str, doing: str, fix: str = "") -> OSError:
     """The same kind of OSError, with a message that names the user's path and the fix."""
     reason = exc.strerror or str(exc)
@@ -416,7 +487,7 @@ def _fspath(path: StrPath, what: str = "path") -> str:
 
 
 # ---------------------------------------------------------------------------
-# 4. Atomic writes
+# Atomic writes
 #
 # A new version is written to a temporary file beside the target and renamed over
 # it: rename(2) replaces a name atomically, so a reader sees the old file or the
@@ -485,6 +556,24 @@ def _discard(temp: str) -> None:
         os.unlink(temp)
     except OSError:
         pass
+
+
+def _temp_files(root: str) -> Iterator[str]:
+    """Every temporary file of a writer, live or crashed, anywhere below ``root``."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            if _is_temp_name(name):
+                yield os.path.join(dirpath, name)
+
+
+def _remove_path(path: str) -> None:
+    """Remove a file, or a whole directory tree (never following a symlink)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        import shutil
+
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
 
 
 def _close_quietly(file: IO[Any]) -> None:
@@ -659,7 +748,8 @@ class _AtomicPath:
         self._target, self._keep_mode = _prepare_target(
             self._path, overwrite=self._overwrite, make_parents=self._make_parents
         )
-        # Reserve a name the way atomic_write does, then free it for the library.
+        # Creating the file with O_EXCL proves that the random name is free;
+        # it is removed again so that the library can create it itself.
         fd, self._temp = _create_temp_for(self._target, None)
         os.close(fd)
         os.unlink(self._temp)
@@ -711,7 +801,7 @@ def atomic_path(
 
 
 # ---------------------------------------------------------------------------
-# 5. Stage directories
+# Stage directories
 #
 # A stage is a directory filled piece by piece; its marker file says that the
 # whole stage finished. The marker is written last, with the atomic writer, so
@@ -781,24 +871,13 @@ def mark_not_done(directory: StrPath, *, marker: str = "DONE") -> bool:
     return True
 
 
-def _remove_litter(root: str) -> None:
-    """Remove the temporary files that crashed writers left anywhere below ``root``."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            if _is_temp_name(name):
-                _discard(os.path.join(dirpath, name))
-
-
-def _empty_directory(root: str, keep: str) -> None:
-    import shutil
-
-    for entry in os.scandir(root):
-        if entry.name == keep:
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-        else:
-            os.unlink(entry.path)
+def _stage_status(directory: str, *, version: str | int | None, marker: str) -> tuple[str, dict[str, Any] | None]:
+    """("done" | "incomplete" | "missing", the marker's metadata): what `status` prints."""
+    path = _marker_path(directory, marker)
+    if not os.path.isdir(directory):
+        return "missing", None
+    # An incomplete stage may still hold a stale marker, which says who wrote it.
+    return ("done" if _marker_counts(path, version) else "incomplete"), _read_marker(path)
 
 
 def _flush_tree(root: str) -> None:
@@ -819,11 +898,35 @@ def _flush_tree(root: str) -> None:
 
 
 class Stage:
-    """A stage directory being built: what ``with done_dir(...) as stage`` gives.
+    """done_dir(directory, ...): build a stage directory that is marked done only once all of it is written.
 
-    ``stage.done`` is checked while holding the stage's lock, so after waiting
-    for another process that was building the same stage it is True, and the
-    body should skip the work. ``stage.path`` is the directory.
+    ::
+
+        with done_dir("out/parsed", version=2) as stage:
+            if not stage.done:
+                for rec in records:
+                    stage.piece(f"{rec.id}.json", lambda: parse(rec))
+
+    The directory is created with its parents. While the block runs, the stage
+    is locked against other processes and threads building it; one that
+    waited finds ``stage.done`` True when the first finished it. When the
+    block ends normally, the marker file (``marker``, default ``DONE``) is
+    written atomically with JSON metadata: times, host, pid, donecache's
+    version and ``version``. If the block raises or the process dies, no
+    marker is written and the pieces stay, so the next run resumes.
+
+    version: a str or int naming your code's or data's version; a stage whose
+        marker records another version counts as not done, and its stale marker
+        is removed before rebuilding.
+    fresh: when the stage is not done, empty the directory first instead of
+        resuming from the pieces of an earlier run.
+    durable: fsync every file of the stage before writing the marker, so that
+        the marker never survives a power failure that its pieces did not.
+    timeout: seconds to wait for another builder before TimeoutError.
+
+    What ``with done_dir(...) as stage`` gives is the Stage: ``stage.done``
+    (checked while holding the lock), ``stage.path``, ``stage.piece()`` and
+    ``stage.has()``.
     """
 
     def __init__(
@@ -871,9 +974,12 @@ class Stage:
                 if os.path.lexists(self._marker_file):
                     os.unlink(self._marker_file)  # Stale: it must not count while we rebuild.
                 if self._fresh:
-                    _empty_directory(root, keep=_STAGE_LOCK)
+                    for name in os.listdir(root):
+                        if name != _STAGE_LOCK:
+                            _remove_path(os.path.join(root, name))
                 else:
-                    _remove_litter(root)
+                    for temp in _temp_files(root):  # Left by writers that crashed.
+                        _discard(temp)
         except BaseException:
             self._release()
             raise
@@ -956,60 +1062,26 @@ class Stage:
         return path
 
 
-def done_dir(
-    directory: StrPath,
-    *,
-    version: str | int | None = None,
-    marker: str = "DONE",
-    fresh: bool = False,
-    durable: bool = True,
-    timeout: float | None = None,
-) -> Stage:
-    """Build a stage directory that is marked done only once all of it is written.
-
-    ::
-
-        with done_dir("out/parsed", version=2) as stage:
-            if not stage.done:
-                for rec in records:
-                    stage.piece(f"{rec.id}.json", lambda: parse(rec))
-
-    The directory is created with its parents. While the block runs, the stage
-    is locked against other processes and threads building it; one that
-    waited finds ``stage.done`` True when the first finished it. When the
-    block ends normally, the marker file (``marker``, default ``DONE``) is
-    written atomically with JSON metadata: times, host, pid, donecache's
-    version and ``version``. If the block raises or the process dies, no
-    marker is written and the pieces stay, so the next run resumes.
-
-    version: a str or int naming your code's or data's version; a stage whose
-        marker records another version counts as not done, and its stale marker
-        is removed before rebuilding.
-    fresh: when the stage is not done, empty the directory first instead of
-        resuming from the pieces of an earlier run.
-    durable: fsync every file of the stage before writing the marker, so that
-        the marker never survives a power failure that its pieces did not.
-    timeout: seconds to wait for another builder before TimeoutError.
-    """
-    return Stage(directory, version=version, marker=marker, fresh=fresh, durable=durable, timeout=timeout)
+# The documented entry point; Stage is its class, for annotations and isinstance.
+done_dir = Stage
 
 
 # ---------------------------------------------------------------------------
-# 6. The store and memoize
+# Entry files
 #
 # A store is a directory with one file per entry, written with the atomic
 # writer and named by a hash of its key: <root>/<2 hex>/<32 hex>. Each file
 # holds a header (format, checksum, times, lengths), the key and the pickled
 # value, so reads need no lock and no index, and a torn or damaged file reads
-# as missing. shelve.Shelf supplies the pickling on top (Store), memoize the
-# keys, TTLs and the compute-once locks.
+# as missing.
 # ---------------------------------------------------------------------------
 
-_ENTRY_MAGIC = b"dcE1"
 # The magic, the CRC-32 of everything after it, created and expires (Unix
 # seconds; 0.0 = never), key length, value length; then the key and the value.
-_ENTRY_FIELDS = "<4sIddII"
-_ENTRY_HEADER = 4 + 4 + 8 + 8 + 4 + 4
+_ENTRY_MAGIC = b"dcE1"
+_ENTRY_HEADER = struct.Struct("<4sIddII")
+_NAME_BYTES = 16  # An entry's file name is the hex of a BLAKE2b digest this long.
+_NAME_HEX = 2 * _NAME_BYTES
 _HEX = frozenset("0123456789abcdef")
 _LITTER_AGE = 3600.0  # A temporary file this old belongs to no live writer.
 _CACHEDIR_TAG = (
@@ -1018,28 +1090,86 @@ _CACHEDIR_TAG = (
 )
 
 
-class DonecacheWarning(UserWarning):
-    """A result was computed but could not be cached (the reason is in the message)."""
+class _Entry:
+    """One decoded entry file."""
+
+    __slots__ = ("key", "value", "created", "expires")
+
+    def __init__(self, key: bytes, value: bytes, created: float, expires: float) -> None:
+        self.key, self.value, self.created, self.expires = key, value, created, expires
+
+    def live(self, now: float) -> bool:
+        return not self.expires or now < self.expires
 
 
-def _warn(message: str) -> None:
-    import warnings
+def _encode_entry(key: bytes, value: bytes, expires: float = 0.0) -> bytes:
+    blob = bytearray(_ENTRY_HEADER.pack(_ENTRY_MAGIC, 0, time.time(), expires, len(key), len(value)))
+    blob += key
+    blob += value
+    blob[4:8] = zlib.crc32(memoryview(blob)[8:]).to_bytes(4, "little")
+    return bytes(blob)
 
-    warnings.warn(message, DonecacheWarning, stacklevel=3)
+
+def _decode_entry(data: bytes, key: bytes | None = None) -> _Entry | None:
+    """The entry in ``data`` if it is whole (and holds ``key``, when given), else None."""
+    if len(data) < _ENTRY_HEADER.size:
+        return None
+    magic, crc, created, expires, key_len, _value_len = _ENTRY_HEADER.unpack_from(data)
+    # The CRC covers the lengths too, so it catches truncation and padding.
+    if magic != _ENTRY_MAGIC or crc != zlib.crc32(memoryview(data)[8:]):
+        return None
+    end = _ENTRY_HEADER.size + key_len
+    if key is None:
+        key = data[_ENTRY_HEADER.size : end]
+    elif key_len != len(key) or not data.startswith(key, _ENTRY_HEADER.size):
+        return None  # Another key with the same hash prefix (or a swapped file).
+    return _Entry(key, data[end:], created, expires)
 
 
-def _remove_entry(path: str) -> None:
-    """Remove an entry's file, or whatever damage has put in its place."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        import shutil
+def _read_file(path: str) -> bytes | None:
+    """The bytes of the file at ``path``, or None if it cannot be read."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 1 << 16)
+        if len(data) == 1 << 16:  # Large entry: read the rest.
+            chunks = [data]
+            while True:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            data = b"".join(chunks)
+        return data
+    except OSError:
+        return None  # A directory where an entry should be, an I/O error: a miss.
+    finally:
+        os.close(fd)
 
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
+
+class _Slot:
+    """Where an entry lives: its file, and the byte of the store's lock file that
+    guards its computation."""
+
+    __slots__ = ("path", "offset")
+
+    def __init__(self, path: str, offset: int) -> None:
+        self.path, self.offset = path, offset
+
+
+class _Found:
+    """What a scan of a store finds at one entry file: the entry, or None if damaged."""
+
+    __slots__ = ("path", "entry")
+
+    def __init__(self, path: str, entry: _Entry | None) -> None:
+        self.path, self.entry = path, entry
 
 
 class _EntryFiles:
-    """The bytes-to-bytes mapping under a Store: one file per entry.
+    """The directory of a store: where entries live, and their upkeep.
 
     Safe for any number of threads and processes without locks: a write is a
     rename, a read takes whichever version the name points to and checks it.
@@ -1047,8 +1177,6 @@ class _EntryFiles:
 
     def __init__(self, path: StrPath, flag: str, durable: bool) -> None:
         import hashlib
-        import struct
-        import zlib
 
         if flag not in ("r", "w", "c", "n"):
             raise ValueError(f"flag must be 'r', 'w', 'c' or 'n' (as for shelve.open), not {flag!r}")
@@ -1057,8 +1185,6 @@ class _EntryFiles:
         self.readonly = flag == "r"
         self.durable = durable
         self._blake2b = hashlib.blake2b
-        self._fields = struct.Struct(_ENTRY_FIELDS)
-        self._crc32 = zlib.crc32
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise NotADirectoryError(
                 errno.ENOTDIR, f"cache {self.root!r} is a file, not a directory; choose another path", self.root
@@ -1090,81 +1216,28 @@ class _EntryFiles:
                 except OSError:
                     pass  # Labels are a courtesy; a read-only store works without them.
 
-    # -- locating and encoding entries ------------------------------------
-
-    def locate(self, key: bytes) -> str:
-        """The entry's file."""
-        digest = self._blake2b(key, digest_size=16).hexdigest()
-        return f"{self._prefix}{digest[:2]}{os.sep}{digest}"
-
-    @staticmethod
-    def lock_offset(path: str) -> int:
-        """The byte of the lock file that guards the computation of the entry in ``path``."""
-        return int(path[-16:], 16)
-
-    def _decode(self, data: bytes, key: bytes | None, now: float) -> tuple[bytes, bytes, float, float] | None:
-        """(key, value, created, expires) if ``data`` is a whole, live entry for ``key``."""
-        if len(data) < _ENTRY_HEADER:
-            return None
-        magic, crc, created, expires, key_len, _value_len = self._fields.unpack_from(data)
-        # The CRC covers the lengths too, so it catches truncation and padding.
-        if magic != _ENTRY_MAGIC or crc != self._crc32(memoryview(data)[8:]):
-            return None
-        end = _ENTRY_HEADER + key_len
-        if key is None:
-            key = data[_ENTRY_HEADER:end]
-        elif key_len != len(key) or not data.startswith(key, _ENTRY_HEADER):
-            return None  # Another key with the same hash prefix (or a swapped file).
-        if expires and now >= expires:
-            return None
-        return key, data[end:], created, expires
-
-    def encode(self, key: bytes, value: bytes, expires: float = 0.0) -> bytes:
-        blob = bytearray(self._fields.pack(_ENTRY_MAGIC, 0, time.time(), expires, len(key), len(value)))
-        blob += key
-        blob += value
-        blob[4:8] = self._crc32(memoryview(blob)[8:]).to_bytes(4, "little")
-        return bytes(blob)
-
-    @staticmethod
-    def _read_file(path: str) -> bytes | None:
-        try:
-            fd = os.open(path, _READ_FLAGS)
-        except OSError:
-            return None
-        try:
-            data = os.read(fd, 1 << 16)
-            if len(data) == 1 << 16:  # Large entry: read the rest.
-                chunks = [data]
-                while True:
-                    chunk = os.read(fd, 1 << 20)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                data = b"".join(chunks)
-            return data
-        except OSError:
-            return None  # A directory where an entry should be, an I/O error: a miss.
-        finally:
-            os.close(fd)
-
-    # -- the operations -----------------------------------------------------
-
-    def read(self, key: bytes, path: str | None = None, now: float | None = None) -> tuple[bytes, float] | None:
-        """(value, created) of the entry for ``key`` if it is whole and live at ``now``, or None."""
-        data = self._read_file(path or self.locate(key))
-        if data is None:
-            return None
-        entry = self._decode(data, key, time.time() if now is None else now)
-        return None if entry is None else (entry[1], entry[2])
-
-    def write(self, key: bytes, value: bytes, expires: float = 0.0, path: str | None = None) -> None:
+    def _writable(self) -> None:
         if self.readonly:
             raise PermissionError(
                 errno.EACCES, f"cache {self.root!r} was opened with flag='r'; open it with flag='c' to write", self.root
             )
-        path = path or self.locate(key)
-        blob = self.encode(key, value, expires)
+
+    def slot(self, key: bytes) -> _Slot:
+        digest = self._blake2b(key, digest_size=_NAME_BYTES).hexdigest()
+        return _Slot(f"{self._prefix}{digest[:2]}{os.sep}{digest}", int(digest[-16:], 16))
+
+    def read(self, key: bytes, slot: _Slot | None = None, now: float | None = None) -> _Entry | None:
+        """The entry for ``key`` if it is whole and live at ``now``, or None."""
+        data = _read_file((slot or self.slot(key)).path)
+        entry = None if data is None else _decode_entry(data, key)
+        if entry is None or (entry.expires and (time.time() if now is None else now) >= entry.expires):
+            return None
+        return entry
+
+    def write(self, key: bytes, value: bytes, expires: float = 0.0, slot: _Slot | None = None) -> None:
+        self._writable()
+        path = (slot or self.slot(key)).path
+        blob = _encode_entry(key, value, expires)
         try:
             try:
                 _write_bytes(path, blob, durable=self.durable)
@@ -1172,20 +1245,17 @@ class _EntryFiles:
                 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
                 _write_bytes(path, blob, durable=self.durable)
             except IsADirectoryError:  # Damage: something made a directory of an entry's name.
-                _remove_entry(path)
+                _remove_path(path)
                 _write_bytes(path, blob, durable=self.durable)
         except OSError as exc:
             raise _reraise_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
 
     def delete(self, key: bytes) -> bool:
-        if self.readonly:
-            raise PermissionError(errno.EACCES, f"cache {self.root!r} was opened with flag='r'", self.root)
-        path = self.locate(key)
-        if self.read(key, path) is None and not os.path.exists(path):
-            return False
+        """Remove the entry file that ``key`` names (whatever state it is in); True if there was one."""
+        self._writable()
         try:
-            os.unlink(path)
-        except FileNotFoundError:
+            os.unlink(self.slot(key).path)
+        except (FileNotFoundError, NotADirectoryError):
             return False
         return True
 
@@ -1201,40 +1271,32 @@ class _EntryFiles:
             except OSError:
                 continue
             for name in names:
-                if len(name) == 32 and name.startswith(shard.name) and set(name) <= _HEX:
+                if len(name) == _NAME_HEX and name.startswith(shard.name) and set(name) <= _HEX:
                     yield os.path.join(shard.path, name)
 
-    def entries(self, now: float | None = None) -> Iterator[tuple[str, bytes, bytes, float, float]]:
-        """(file, key, value, created, expires) for every valid, live entry."""
-        when = time.time() if now is None else now
+    def scan(self) -> Iterator[_Found]:
+        """Every entry file with its entry, or None where it is damaged or filed
+        under another key's name. Expired entries are included."""
         for path in self.files():
-            entry = self._read_at(path, when)
-            if entry is not None:
-                yield (path, *entry)
+            data = _read_file(path)
+            entry = None if data is None else _decode_entry(data)
+            if entry is not None and self.slot(entry.key).path != path:
+                entry = None
+            yield _Found(path, entry)
 
-    def _read_at(self, path: str, now: float) -> tuple[bytes, bytes, float, float] | None:
-        """The entry in ``path``, if it is whole, live, and filed under its own key's name."""
-        data = self._read_file(path)
-        entry = None if data is None else self._decode(data, None, now)
-        if entry is None or self.locate(entry[0]) != path:
-            return None
-        return entry
-
-    def clear(self, startswith: bytes = b"") -> int:
-        """Remove the entries (whose keys start with ``startswith``); return how many."""
-        if self.readonly:
-            raise PermissionError(errno.EACCES, f"cache {self.root!r} was opened with flag='r'", self.root)
+    def clear(self, match: Callable[[bytes], bool] | None = None) -> int:
+        """Remove the entries (those whose key ``match`` accepts); return how many."""
+        self._writable()
+        if match is None:
+            paths = list(self.files())
+        else:
+            paths = [found.path for found in self.scan() if found.entry is not None and match(found.entry.key)]
         removed = 0
-        paths = (
-            list(self.files())
-            if not startswith
-            else [p for p, key, *_ in self.entries(now=0.0) if key.startswith(startswith)]
-        )
         for path in paths:
             try:
                 os.unlink(path)
                 removed += 1
-            except FileNotFoundError:
+            except FileNotFoundError:  # Another process removed it first.
                 pass
         return removed
 
@@ -1242,51 +1304,65 @@ class _EntryFiles:
         """Remove expired or damaged entries and old temporary files: (entries, temporaries)."""
         when = time.time() if now is None else now
         entries = temps = 0
-        for path in self.files():
-            if self._read_at(path, when) is None:
+        for found in self.scan():
+            if found.entry is None or not found.entry.live(when):
                 try:
-                    _remove_entry(path)
+                    _remove_path(found.path)
                     entries += 1
                 except OSError:
                     pass
-        for dirpath, _dirs, names in os.walk(self.root):
-            for name in names:
-                temp = os.path.join(dirpath, name)
-                try:
-                    if _is_temp_name(name) and os.stat(temp).st_mtime < when - _LITTER_AGE:
-                        os.unlink(temp)
-                        temps += 1
-                except OSError:
-                    pass
+        for temp in _temp_files(self.root):
+            try:
+                if os.stat(temp).st_mtime < when - _LITTER_AGE:
+                    os.unlink(temp)
+                    temps += 1
+            except OSError:
+                pass
         return entries, temps
 
-    # -- what shelve.Shelf uses ---------------------------------------------
+
+# ---------------------------------------------------------------------------
+# The store
+#
+# shelve.Shelf supplies the pickling; _ShelfDict is the bytes-to-bytes mapping
+# it expects, over the entry files.
+# ---------------------------------------------------------------------------
+
+
+class _ShelfDict:
+    """The mapping of encoded keys to pickled values that shelve.Shelf works on."""
+
+    def __init__(self, files: _EntryFiles) -> None:
+        self.files = files
 
     def __getitem__(self, key: bytes) -> bytes:
-        found = self.read(key)
-        if found is None:
+        entry = self.files.read(key)
+        if entry is None:
             raise KeyError(key)
-        return found[0]
+        return entry.value
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
-        self.write(key, value)
+        self.files.write(key, value)
 
     def __delitem__(self, key: bytes) -> None:
-        if not self.delete(key):
+        if not self.files.delete(key):
             raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, bytes) and self.read(key) is not None
+        return isinstance(key, bytes) and self.files.read(key) is not None
 
     def __iter__(self) -> Iterator[bytes]:
-        for _path, key, *_ in self.entries():
-            yield key
+        now = time.time()
+        for found in self.files.scan():
+            if found.entry is not None and found.entry.live(now):
+                yield found.entry.key
 
     def keys(self) -> Iterator[bytes]:
         return iter(self)
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.files())
+        # Entry files on disk: may count expired or damaged entries until prune().
+        return sum(1 for _ in self.files.files())
 
     def sync(self) -> None:
         pass  # Every write is already in place when it returns.
@@ -1295,79 +1371,34 @@ class _EntryFiles:
         pass
 
 
-if TYPE_CHECKING:
+class Store(shelve.Shelf):  # type: ignore[type-arg]
+    """A shelve.Shelf over donecache's entry files: returned by donecache.open()."""
 
-    class Store(shelve.Shelf[Any]):
-        path: str
+    def __init__(
+        self,
+        path: StrPath,
+        flag: str = "c",
+        protocol: int | None = None,
+        writeback: bool = False,
+        *,
+        durable: bool = False,
+    ) -> None:
+        self._files = _EntryFiles(path, flag, durable)
+        self.path = self._files.root
+        super().__init__(_ShelfDict(self._files), protocol, writeback, keyencoding="utf-8")  # type: ignore[arg-type]
 
-        def __init__(
-            self,
-            path: StrPath,
-            flag: str = "c",
-            protocol: int | None = None,
-            writeback: bool = False,
-            *,
-            durable: bool = False,
-        ) -> None: ...
-        def clear(self) -> None: ...
-        def prune(self) -> int: ...
+    def __repr__(self) -> str:
+        return f"<donecache.Store {self.path!r}>"
 
-else:
-    Store: type  # Made on first use by _store_class(), to keep `import donecache` cheap.
+    def clear(self) -> None:
+        """Remove every entry (much faster than deleting them one by one)."""
+        getattr(self, "cache", {}).clear()  # shelve's writeback cache (not in its stubs).
+        self._files.clear()
 
-
-_store_type: Any = None
-
-
-def _store_class() -> type[Store]:
-    global _store_type
-    if _store_type is not None:
-        return _store_type  # type: ignore[no-any-return]
-    import shelve
-    from typing import Any
-
-    class Store(shelve.Shelf[Any]):
-        """A shelve.Shelf over donecache's entry files: returned by donecache.open()."""
-
-        def __init__(
-            self,
-            path: StrPath,
-            flag: str = "c",
-            protocol: int | None = None,
-            writeback: bool = False,
-            *,
-            durable: bool = False,
-        ) -> None:
-            self._files = _EntryFiles(path, flag, durable)
-            self.path = self._files.root
-            super().__init__(self._files, protocol, writeback, keyencoding="utf-8")  # type: ignore[arg-type]
-
-        def __repr__(self) -> str:
-            return f"<donecache.Store {self.path!r}>"
-
-        def __len__(self) -> int:
-            """Entry files on disk: may count expired or damaged entries until prune()."""
-            return len(self._files)
-
-        def clear(self) -> None:
-            """Remove every entry (much faster than deleting them one by one)."""
-            getattr(self, "cache", {}).clear()  # shelve's writeback cache (not in its stubs).
-            self._files.clear()
-
-        def prune(self) -> int:
-            """Remove expired and damaged entries and crashed writers' temporary files."""
-            entries, temps = self._files.prune()
-            return entries + temps
-
-    Store.__module__ = __name__
-    _store_type = Store
-    return Store  # type: ignore[return-value]  # The same class as the TYPE_CHECKING one.
-
-
-def __getattr__(name: str) -> Any:  # PEP 562: `donecache.Store` on demand.
-    if name == "Store":
-        return _store_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def prune(self) -> int:
+        """Remove expired and damaged entries and crashed writers' temporary files."""
+        entries, temps = self._files.prune()
+        return entries + temps
 
 
 def open(
@@ -1388,94 +1419,22 @@ def open(
 
     Entries are pickles: open only directories that nobody you distrust can write.
     """
-    return _store_class()(path, flag, protocol, writeback, durable=durable)
+    return Store(path, flag, protocol, writeback, durable=durable)
 
 
-# -- memoize ------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# Memoize: keys
+#
+# Key building and key parsing, side by side. A memoize key is
+#     <module>:<qualname>|<16 hex digits: the code digest>|
+# followed by "=" and the arguments' canonical text when that text is short,
+# or by "#" and the hex BLAKE2b digest of the text when it is long.
+# ---------------------------------------------------------------------------
 
 _SCALARS = frozenset({str, int, float, bool, type(None), bytes, complex})
+_RAW_KEY_LIMIT = 96  # Longer argument texts are hashed.
 _CO_VARARGS, _CO_VARKEYWORDS, _CO_COROUTINE = 0x04, 0x08, 0x80  # inspect.CO_*
-
-
-def _canonical(value: Any, out: list[str]) -> None:
-    """Append a text that is equal for equal arguments in every process.
-
-    repr() is canonical for scalars and for tuples and lists of them; dicts and
-    sets are sorted by their items' texts, since their order depends on
-    insertion and on PYTHONHASHSEED. Anything else is pickled and hashed. 1,
-    1.0 and True stay different keys, as their results may differ.
-    """
-    kind = type(value)
-    if kind in _SCALARS:
-        out.append(repr(value))
-    elif kind is tuple or kind is list:
-        out.append("(" if kind is tuple else "[")
-        for item in value:
-            _canonical(item, out)
-            out.append(",")
-        out.append(")" if kind is tuple else "]")
-    elif kind is dict:
-        out.append("{")
-        out.extend(sorted(_text(k) + ":" + _text(v) + "," for k, v in value.items()))
-        out.append("}")
-    elif kind is set or kind is frozenset:
-        out.append("set{" if kind is set else "frozenset{")
-        out.extend(sorted(_text(item) + "," for item in value))
-        out.append("}")
-    else:
-        import hashlib
-        import pickle
-
-        data = pickle.dumps(value, protocol=4)
-        out.append(f"<{kind.__module__}.{kind.__qualname__}:{hashlib.blake2b(data, digest_size=20).hexdigest()}>")
-
-
-def _text(value: Any) -> str:
-    out: list[str] = []
-    _canonical(value, out)
-    return "".join(out)
-
-
-def _code_digest(func: Any, extra: str) -> str:
-    """A digest of what the function does: its bytecode, names and constants.
-
-    Line numbers live outside co_code, so comments and blank lines do not
-    change it; a docstring is a constant, so editing one does. Functions that
-    it calls are not followed: changing a helper does not invalidate (use
-    version=).
-    """
-    import hashlib
-
-    digest = hashlib.blake2b(extra.encode("utf-8"), digest_size=8)
-    code = getattr(func, "__code__", None)
-
-    def feed(code: Any) -> None:
-        digest.update(code.co_code)
-        digest.update(
-            repr(
-                (
-                    code.co_argcount,
-                    code.co_posonlyargcount,
-                    code.co_kwonlyargcount,
-                    code.co_flags,
-                    code.co_names,
-                    code.co_varnames,
-                    code.co_freevars,
-                    code.co_cellvars,
-                )
-            ).encode("utf-8")
-        )
-        for const in code.co_consts:
-            if hasattr(const, "co_code"):  # A nested function, lambda or comprehension.
-                feed(const)
-            else:
-                digest.update(_text(const).encode("utf-8", "surrogatepass") + b"\0")
-
-    if code is not None:
-        feed(code)
-    else:  # A callable object or builtin: its identity is all we know.
-        digest.update(repr(type(func)).encode("utf-8"))
-    return digest.hexdigest()
+_OPEN_KEYS = "(donecache.open keys)"
 
 
 class _Arguments:
@@ -1484,6 +1443,7 @@ class _Arguments:
 
     def __init__(self, func: Any, ignore: Iterable[str]) -> None:
         self._func = func
+        self.function = getattr(func, "__qualname__", repr(func))
         self._signature: Any = None
         code = getattr(func, "__code__", None)
         defaults = getattr(func, "__defaults__", None) or ()
@@ -1532,6 +1492,144 @@ class _Arguments:
         return self.names[self._keep[index]]
 
 
+def _canonical(value: Any, out: list[str]) -> None:
+    """Append a text that is equal for equal arguments in every process.
+
+    repr() is canonical for scalars and for tuples and lists of them; dicts and
+    sets are sorted by their items' texts, since their order depends on
+    insertion and on PYTHONHASHSEED. Anything else is pickled and hashed. 1,
+    1.0 and True stay different keys, as their results may differ.
+    """
+    kind = type(value)
+    if kind in _SCALARS:
+        out.append(repr(value))
+    elif kind is tuple or kind is list:
+        out.append("(" if kind is tuple else "[")
+        for item in value:
+            _canonical(item, out)
+            out.append(",")
+        out.append(")" if kind is tuple else "]")
+    elif kind is dict:
+        out.append("{")
+        out.extend(sorted(_text(k) + ":" + _text(v) + "," for k, v in value.items()))
+        out.append("}")
+    elif kind is set or kind is frozenset:
+        out.append("set{" if kind is set else "frozenset{")
+        out.extend(sorted(_text(item) + "," for item in value))
+        out.append("}")
+    else:
+        import hashlib
+        import pickle
+
+        data = pickle.dumps(value, protocol=4)
+        out.append(f"<{kind.__module__}.{kind.__qualname__}:{hashlib.blake2b(data, digest_size=20).hexdigest()}>")
+
+
+def _text(value: Any) -> str:
+    out: list[str] = []
+    _canonical(value, out)
+    return "".join(out)
+
+
+def _make_key(prefix: bytes, values: tuple[Any, ...], arguments: _Arguments, blake2b: Callable[..., Any]) -> bytes:
+    """One key: ``prefix`` (identity and code digest), then a call's bound argument values."""
+    if _SCALARS.issuperset(map(type, values)):
+        text = repr(values)  # A tuple of scalars: repr() is already canonical.
+    else:
+        out: list[str] = []
+        for index, value in enumerate(values):
+            try:
+                _canonical(value, out)
+            except Exception as exc:
+                name = arguments.name(index)
+                raise TypeError(
+                    f"{arguments.function}(): argument {name!r} ({type(value).__name__}) cannot be "
+                    f"part of a cache key: {exc}. Make it picklable, or leave it out with ignore=({name!r},)"
+                ) from exc
+            out.append(",")
+        text = "".join(out)
+    raw = text.encode("utf-8", "surrogatepass")
+    # Short texts (a few scalars, the common case) go into the key as they are:
+    # the store hashes the key for the file name anyway, so hashing here too
+    # would cost a second digest on every call. Long ones are hashed to bound
+    # the key. The tag keeps the two forms from ever meaning the same thing.
+    if len(raw) <= _RAW_KEY_LIMIT:
+        return prefix + b"=" + raw
+    digest: str = blake2b(raw, digest_size=20).hexdigest()
+    return prefix + b"#" + digest.encode("ascii")
+
+
+def _function_of(key: bytes) -> str:
+    """The memoized function (module:qualname) that a key belongs to; _OPEN_KEYS for others."""
+    text = key.decode("utf-8", "replace")
+    head, _, rest = text.partition("|")
+    code, sep, arguments = rest.partition("|")
+    if ":" in head and sep and len(code) == 16 and set(code) <= _HEX and arguments[:1] in ("=", "#"):
+        return head
+    return _OPEN_KEYS
+
+
+def _code_digest(func: Any, extra: str) -> str:
+    """A digest of what the function does: its bytecode, names and constants.
+
+    Line numbers live outside co_code, so comments and blank lines do not
+    change it; a docstring is a constant, so editing one does. Functions that
+    it calls are not followed: changing a helper does not invalidate (use
+    version=).
+    """
+    import hashlib
+
+    digest = hashlib.blake2b(extra.encode("utf-8"), digest_size=8)
+    code = getattr(func, "__code__", None)
+
+    def feed(code: Any) -> None:
+        digest.update(code.co_code)
+        digest.update(
+            repr(
+                (
+                    code.co_argcount,
+                    code.co_posonlyargcount,
+                    code.co_kwonlyargcount,
+                    code.co_flags,
+                    code.co_names,
+                    code.co_varnames,
+                    code.co_freevars,
+                    code.co_cellvars,
+                )
+            ).encode("utf-8")
+        )
+        for const in code.co_consts:
+            if hasattr(const, "co_code"):  # A nested function, lambda or comprehension.
+                feed(const)
+            else:
+                digest.update(_text(const).encode("utf-8", "surrogatepass") + b"\0")
+
+    if code is not None:
+        feed(code)
+    else:  # A callable object or builtin: its identity is all we know.
+        digest.update(repr(type(func)).encode("utf-8"))
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Memoize
+# ---------------------------------------------------------------------------
+
+
+class DonecacheWarning(UserWarning):
+    """A result was computed but could not be cached (the reason is in the message)."""
+
+
+def _warn(message: str) -> None:
+    """Warn at the user's line: the first frame outside this module."""
+    import warnings
+
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, DonecacheWarning, stacklevel=level)
+
+
 class CacheInfo(tuple):  # type: ignore[type-arg]
     """(hits, misses, maxsize, currsize), spelled as functools.lru_cache spells it."""
 
@@ -1552,11 +1650,20 @@ class CacheInfo(tuple):  # type: ignore[type-arg]
 _MISSING: Any = object()
 
 
-class _Memoized:
+class _Call:
+    """One call of a memoized function: its arguments, key and entry slot."""
+
+    __slots__ = ("args", "kwargs", "key", "slot")
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: bytes, slot: _Slot) -> None:
+        self.args, self.kwargs, self.key, self.slot = args, kwargs, key, slot
+
+
+class _Memoized(Generic[_P, _R]):
     """A function whose results are kept in a donecache store."""
 
     # Set by functools.update_wrapper from the decorated function.
-    __wrapped__: Callable[..., Any]
+    __wrapped__: Callable[_P, _R]
     __qualname__: str
 
     def __init__(
@@ -1587,8 +1694,7 @@ class _Memoized:
         module = "__main__" if module == "__mp_main__" else module
         identity = f"{module}:{getattr(func, '__qualname__', repr(func))}|"
         self._identity = identity.encode("utf-8")
-        self._prefix = identity + _code_digest(func, repr(version)) + "|"
-        self._prefix_bytes = self._prefix.encode("utf-8")
+        self._prefix = (identity + _code_digest(func, repr(version)) + "|").encode("utf-8")
         self._store: _EntryFiles | None = None
         self._hits = self._misses = 0
 
@@ -1612,52 +1718,33 @@ class _Memoized:
             self._store = _EntryFiles(self.path, "c", self._durable)
         return self._store
 
-    def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-        values = self._arguments.values(args, kwargs)
-        if _SCALARS.issuperset(map(type, values)):
-            text = repr(values)
-        else:
-            out: list[str] = []
-            for index, value in enumerate(values):
-                try:
-                    _canonical(value, out)
-                except Exception as exc:
-                    name = self._arguments.name(index)
-                    raise TypeError(
-                        f"{self.__qualname__}(): argument {name!r} ({type(value).__name__}) cannot be "
-                        f"part of a cache key: {exc}. Make it picklable, or leave it out with ignore=({name!r},)"
-                    ) from exc
-                out.append(",")
-            text = "".join(out)
-        raw = text.encode("utf-8", "surrogatepass")
-        # Short texts (a few scalars, the common case) go into the key as they are:
-        # the store hashes the key for the file name anyway, so hashing here too
-        # would cost a second digest on every call. Long ones are hashed to bound
-        # the key. The tag keeps the two forms from ever meaning the same thing.
-        if len(raw) <= 96:
-            return self._prefix_bytes + b"=" + raw
-        return self._prefix_bytes + b"#" + self._blake2b(raw, digest_size=20).hexdigest().encode("ascii")
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+        key = _make_key(self._prefix, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
+        return _Call(args, kwargs, key, (self._store or self._files()).slot(key))
 
-    def _cached(self, files: _EntryFiles, key: bytes, path: str) -> Any:
+    # -- the flow of one call, written once ----------------------------------
+    #
+    # _flow is a coroutine for sync and async functions alike. For a sync
+    # function its two awaits (_lock and _invoke) never suspend, so _get runs
+    # it to the end with a single send(); the async class overrides only those
+    # two, and awaits _flow.
+
+    def _hit(self, call: _Call) -> Any:
         """The cached result, counted as a hit, or _MISSING."""
         now = time.time()
-        found = files.read(key, path, now)
-        if found is None or (self._ttl is not None and now - found[1] >= self._ttl):
+        entry = (self._store or self._files()).read(call.key, call.slot, now)
+        if entry is None or (self._ttl is not None and now - entry.created >= self._ttl):
             return _MISSING
         try:
-            value = self._loads(found[0])
+            value = self._loads(entry.value)
         except Exception:
             return _MISSING  # Written by code that has changed since: recompute.
         self._hits += 1
         return value
 
-    def _stored(self, files: _EntryFiles, key: bytes, path: str, value: Any) -> Any:
-        """Count a freshly computed result as a miss, store it, and return it."""
+    def _keep(self, call: _Call, value: Any) -> None:
+        """Count a freshly computed result as a miss and store it (or warn why not)."""
         self._misses += 1
-        self._save(files, key, path, value)
-        return value
-
-    def _save(self, files: _EntryFiles, key: bytes, path: str, value: Any) -> None:
         try:
             blob = self._dumps(value, protocol=5)  # Readable by every Python donecache supports.
         except Exception as exc:
@@ -1667,56 +1754,86 @@ class _Memoized:
             )
             return
         try:
-            files.write(key, blob, time.time() + self._ttl if self._ttl is not None else 0.0, path)
+            self._files().write(call.key, blob, time.time() + self._ttl if self._ttl is not None else 0.0, call.slot)
         except OSError as exc:
             _warn(f"{self.__qualname__}(): the result is returned but not cached: {exc}")
 
-    def _acquire(self, lock: _KeyLock) -> bool:
+    def _key_lock(self, call: _Call) -> _KeyLock:
+        return _KeyLock(self._files().lock_path, call.slot.offset)
+
+    def _unlocked(self, exc: OSError) -> None:
+        # No lock file (a read-only or damaged store): compute without one.
+        # Results stay right; concurrent callers may compute the same key.
+        _warn(f"{self.__qualname__}(): computing without the cache lock: {exc}")
+
+    async def _lock(self, call: _Call) -> _KeyLock | None:
+        lock = self._key_lock(call)
         try:
             lock.acquire()
         except OSError as exc:
-            # No lock file (a read-only or damaged store): compute without one.
-            # Results stay right; concurrent callers may compute the same key.
-            _warn(f"{self.__qualname__}(): computing without the cache lock: {exc}")
-            return False
-        return True
+            self._unlocked(exc)
+            return None
+        return lock
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        key = self._key(args, kwargs)
-        files = self._files()
-        path = files.locate(key)
-        value = self._cached(files, key, path)
-        return value if value is not _MISSING else self._compute(key, args, kwargs, refresh=False)[0]
+    async def _invoke(self, call: _Call) -> Any:
+        return self.__wrapped__(*call.args, **call.kwargs)
 
-    def _compute(
-        self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any], *, refresh: bool
-    ) -> tuple[Any, bool]:
-        """(result, whether this call computed it): compute under the key's lock, unless
-        another caller stored it meanwhile (or refresh)."""
-        files = self._files()
-        path = files.locate(key)
-        lock = _KeyLock(files.lock_path, files.lock_offset(path))
-        locked = self._acquire(lock)
+    async def _flow(self, call: _Call, refresh: bool) -> tuple[Any, bool]:
+        """(result, whether this call computed it), after a miss or for a
+        refresh: compute under the key's lock, unless another caller stored
+        it while this one waited."""
+        lock = await self._lock(call)
         try:
-            # Another caller may have computed it while we waited for the lock.
-            value = _MISSING if refresh else self._cached(files, key, path)
-            if value is not _MISSING:
-                return value, False
-            return self._stored(files, key, path, self.__wrapped__(*args, **kwargs)), True
+            if not refresh:
+                value = self._hit(call)
+                if value is not _MISSING:
+                    return value, False
+            value = await self._invoke(call)
+            self._keep(call, value)
+            return value, True
         finally:
-            if locked:
+            if lock is not None:
                 lock.release()
 
-    def refresh(self, *args: Any, **kwargs: Any) -> Any:
-        """Compute this call again, whatever the cache holds, and store the result."""
-        return self._compute(self._key(args, kwargs), args, kwargs, refresh=True)[0]
-
-    def _call_reporting(self, args: tuple[Any, ...]) -> tuple[Any, bool]:
+    def _get(self, call: _Call, refresh: bool = False) -> tuple[Any, bool]:
         """(result, whether this call computed it rather than reusing a stored one)."""
-        key = self._key(args, {})
-        files = self._files()
-        value = self._cached(files, key, files.locate(key))
-        return (value, False) if value is not _MISSING else self._compute(key, args, {}, refresh=False)
+        value = _MISSING if refresh else self._hit(call)
+        if value is not _MISSING:
+            return value, False
+        flow = self._flow(call, refresh)
+        try:
+            flow.send(None)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        flow.close()
+        raise RuntimeError(f"{self.__qualname__}(): the memoize flow suspended in a sync call")
+
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return self._get(self._call(args, kwargs))[0]  # type: ignore[no-any-return]
+
+    def refresh(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        """Compute this call again, whatever the cache holds, and store the result."""
+        return self._get(self._call(args, kwargs), refresh=True)[0]  # type: ignore[no-any-return]
+
+    def forget(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
+        """Drop the cached result of this one call; True if there was one."""
+        return self._files().delete(self._call(args, kwargs).key)
+
+    def cache_clear(self) -> None:
+        """Drop every entry of this function (all versions of its code), and the counts."""
+        identity = self._identity
+        self._files().clear(lambda key: key.startswith(identity))
+        self._hits = self._misses = 0
+
+    def cache_info(self) -> CacheInfo:
+        """Hits and misses in this process, and this function's live entries on disk."""
+        now = time.time()
+        live = sum(
+            1
+            for found in self._files().scan()
+            if found.entry is not None and found.entry.live(now) and found.entry.key.startswith(self._prefix)
+        )
+        return CacheInfo(self._hits, self._misses, None, live)
 
     def map(
         self,
@@ -1742,8 +1859,6 @@ class _Memoized:
         progress: show done/total, rate, ETA and failures on stderr; by default
             only when stderr is a terminal. False silences it.
         """
-        if isinstance(self, _AsyncMemoized):
-            raise TypeError(f"{self.__qualname__}.map(): use asyncio.gather() for async functions")
         if not iterables:
             raise TypeError(f"{self.__qualname__}.map() needs at least one iterable of inputs")
         calls = list(zip(*iterables))
@@ -1755,7 +1870,7 @@ class _Memoized:
                     if keep_going:
                         batch._record(index, args, _call_one(self, args, False))
                     else:  # Let the failure propagate with its own traceback, as a loop would.
-                        value, computed = self._call_reporting(args)
+                        value, computed = self._get(self._call(args, {}))
                         batch._record(index, args, (True, value, computed))
                     meter.update(batch)
             else:
@@ -1792,57 +1907,40 @@ class _Memoized:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def forget(self, *args: Any, **kwargs: Any) -> bool:
-        """Drop the cached result of this one call; True if there was one."""
-        return self._files().delete(self._key(args, kwargs))
 
-    def cache_clear(self) -> None:
-        """Drop every entry of this function (all versions of its code), and the counts."""
-        self._files().clear(self._identity)
-        self._hits = self._misses = 0
-
-    def cache_info(self) -> CacheInfo:
-        """Hits and misses in this process, and this function's live entries on disk."""
-        prefix = self._prefix.encode("utf-8")
-        live = sum(1 for _p, key, *_ in self._files().entries() if key.startswith(prefix))
-        return CacheInfo(self._hits, self._misses, None, live)
-
-
-class _AsyncMemoized(_Memoized):
+class _AsyncMemoized(_Memoized[_P, _R]):
     """The same for ``async def`` functions: the event loop never blocks on a lock."""
 
-    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        key = self._key(args, kwargs)
-        files = self._files()
-        path = files.locate(key)
-        value = self._cached(files, key, path)
-        return value if value is not _MISSING else await self._acompute(key, args, kwargs, refresh=False)
-
-    async def _acompute(self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any], *, refresh: bool) -> Any:
+    async def _lock(self, call: _Call) -> _KeyLock | None:
         import asyncio
 
-        files = self._files()
-        path = files.locate(key)
-        lock = _KeyLock(files.lock_path, files.lock_offset(path))
-        delay, locked = 0.001, True
+        lock = self._key_lock(call)
         try:
-            while not lock.try_acquire():
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.05)
+            await lock.acquire_async(id(asyncio.current_task()))
         except OSError as exc:
-            _warn(f"{self.__qualname__}(): computing without the cache lock: {exc}")
-            locked = False
-        try:
-            value = _MISSING if refresh else self._cached(files, key, path)
-            if value is _MISSING:
-                value = self._stored(files, key, path, await self.__wrapped__(*args, **kwargs))
-            return value
-        finally:
-            if locked:
-                lock.release()
+            self._unlocked(exc)
+            return None
+        return lock
 
-    async def refresh(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._acompute(self._key(args, kwargs), args, kwargs, refresh=True)
+    async def _invoke(self, call: _Call) -> Any:
+        coroutine: Any = self.__wrapped__(*call.args, **call.kwargs)
+        return await coroutine
+
+    async def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> Any:  # type: ignore[override]
+        call = self._call(args, kwargs)
+        value = self._hit(call)
+        return value if value is not _MISSING else (await self._flow(call, False))[0]
+
+    async def refresh(self, *args: _P.args, **kwargs: _P.kwargs) -> Any:  # type: ignore[override]
+        return (await self._flow(self._call(args, kwargs), True))[0]
+
+    def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
+        raise TypeError(f"{self.__qualname__}.map(): use asyncio.gather() for async functions")
+
+
+# ---------------------------------------------------------------------------
+# Batches: f.map() and what it returns
+# ---------------------------------------------------------------------------
 
 
 def _format_exception(exc: BaseException) -> str:
@@ -1851,13 +1949,13 @@ def _format_exception(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
-def _call_one(func: _Memoized, args: tuple[Any, ...], portable: bool) -> tuple[bool, Any, bool]:
+def _call_one(func: _Memoized[..., Any], args: tuple[Any, ...], portable: bool) -> tuple[bool, Any, bool]:
     """One call of a batch, never raising: (True, result, computed) or (False, (exception, traceback), True).
 
     Module level, so that a process pool can run it; ``func`` travels by name.
     """
     try:
-        value, computed = func._call_reporting(args)
+        value, computed = func._get(func._call(args, {}))
         return True, value, computed
     except Exception as exc:
         text = _format_exception(exc)
@@ -1926,7 +2024,6 @@ class _Progress:
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.enabled = total, enabled and total > 0
         self._last = 0.0
-        self._shown = False
 
     def update(self, batch: BatchResult, final: bool = False) -> None:
         now = time.monotonic()
@@ -1941,13 +2038,17 @@ class _Progress:
             f"\r{batch.done}/{self.total} done, {rate:.1f}/s, ETA {eta}, {len(batch.failures)} failed "
         )
         sys.stderr.flush()
-        self._shown = True
 
     def close(self, batch: BatchResult) -> None:
         if self.enabled:
             self.update(batch, final=True)
             sys.stderr.write("\n")
             sys.stderr.flush()
+
+
+# ---------------------------------------------------------------------------
+# The decorator
+# ---------------------------------------------------------------------------
 
 
 def _seconds(ttl: Any) -> float | None:
@@ -1959,33 +2060,8 @@ def _seconds(ttl: Any) -> float | None:
     return float(seconds)
 
 
-if TYPE_CHECKING:
-    _P = ParamSpec("_P")
-    _R = TypeVar("_R")
-    _R_co = TypeVar("_R_co", covariant=True)
-
-    class Memoized(Protocol[_P, _R_co]):
-        """How type checkers see a memoized function: its own signature, plus the cache's methods."""
-
-        @property
-        def __wrapped__(self) -> Callable[_P, _R_co]: ...
-        def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R_co: ...
-        def refresh(self, *args: _P.args, **kwargs: _P.kwargs) -> _R_co: ...
-        def forget(self, *args: _P.args, **kwargs: _P.kwargs) -> bool: ...
-        def cache_clear(self) -> None: ...
-        def cache_info(self) -> CacheInfo: ...
-        def map(
-            self,
-            *iterables: Iterable[Any],
-            keep_going: bool = False,
-            workers: int | None = None,
-            processes: bool = True,
-            progress: bool | None = None,
-        ) -> BatchResult: ...
-
-
 @overload
-def memoize(path: Callable[_P, _R]) -> Memoized[_P, _R]: ...
+def memoize(path: Callable[_P, _R]) -> _Memoized[_P, _R]: ...
 
 
 @overload
@@ -1996,7 +2072,7 @@ def memoize(
     version: str | int | None = None,
     ignore: Iterable[str] = (),
     durable: bool = False,
-) -> Callable[[Callable[_P, _R]], Memoized[_P, _R]]: ...
+) -> Callable[[Callable[_P, _R]], _Memoized[_P, _R]]: ...
 
 
 def memoize(
@@ -2050,7 +2126,7 @@ def memoize(
 
 
 # ---------------------------------------------------------------------------
-# 7. The command line: python -m donecache info|clear|prune|status
+# The command line: python -m donecache info|clear|prune|status
 #
 # It reads entry headers and keys, never values: inspecting a cache does not
 # unpickle anything. Exit codes: 0 success, 1 the answer is "no" (a stage is
@@ -2058,42 +2134,28 @@ def memoize(
 # ---------------------------------------------------------------------------
 
 
-def _function_of(key: bytes) -> str:
-    """The memoized function that an entry belongs to, from its key."""
-    # A memoize key is "module:qualname|<16 hex code digest>|" then "=" and the
-    # arguments' canonical text, or "#" and its digest (see _Memoized._key).
-    text = key.decode("utf-8", "replace")
-    head, _, rest = text.partition("|")
-    code, sep, arguments = rest.partition("|")
-    if ":" in head and sep and len(code) == 16 and set(code) <= _HEX and arguments[:1] in ("=", "#"):
-        return head
-    return "(donecache.open keys)"
-
-
 def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
     live = expired = damaged = size = 0
     functions: dict[str, int] = {}
-    for path in files.files():
-        entry = files._read_at(path, 0.0)
-        if entry is None:
+    for found in files.scan():
+        if found.entry is None:
             damaged += 1
             continue
         try:
-            size += os.stat(path).st_size
+            size += os.stat(found.path).st_size
         except OSError:
             continue
-        if entry[3] and now >= entry[3]:
+        if not found.entry.live(now):
             expired += 1
             continue
         live += 1
-        name = _function_of(entry[0])
+        name = _function_of(found.entry.key)
         functions[name] = functions.get(name, 0) + 1
-    temps = sum(1 for _d, _s, names in os.walk(files.root) for name in names if _is_temp_name(name))
     return {
         "path": files.root,
         "entries": {"live": live, "expired": expired, "damaged": damaged},
         "bytes": size,
-        "temporary_files": temps,
+        "temporary_files": sum(1 for _ in _temp_files(files.root)),
         "functions": dict(sorted(functions.items())),
     }
 
@@ -2116,27 +2178,17 @@ def _cli_info(args: Any) -> int:
 
 def _cli_clear(args: Any) -> int:
     files = _EntryFiles(args.path, "w", False)
-    if args.function is None:
-        removed = files.clear()
-    else:
-        wanted: str = args.function
+    wanted: str | None = args.function
 
-        def matches(key: bytes) -> bool:
-            name = _function_of(key)
-            return name == wanted or name.partition(":")[2] == wanted
+    def matches(key: bytes) -> bool:
+        name = _function_of(key)
+        return name == wanted or name.partition(":")[2] == wanted
 
-        removed = 0
-        for path, key, *_ in list(files.entries(now=0.0)):
-            if matches(key):
-                try:
-                    os.unlink(path)
-                    removed += 1
-                except FileNotFoundError:  # Another process removed it first.
-                    pass
-        if not removed:
-            known = ", ".join(_survey(files, time.time())["functions"]) or "none"
-            print(f"no entries of {wanted!r} in {files.root}; functions there: {known}", file=sys.stderr)
-            return 1
+    removed = files.clear(None if wanted is None else matches)
+    if wanted is not None and not removed:
+        known = ", ".join(_survey(files, time.time())["functions"]) or "none"
+        print(f"no entries of {wanted!r} in {files.root}; functions there: {known}", file=sys.stderr)
+        return 1
     if args.json:
         return _print_json({"path": files.root, "removed": removed})
     print(f"removed {removed} entries from {files.root}")
@@ -2155,13 +2207,7 @@ def _cli_prune(args: Any) -> int:
 def _cli_status(args: Any) -> int:
     rows = []
     for directory in args.directories:
-        marker = _marker_path(directory, args.marker)
-        if not os.path.isdir(directory):
-            state, info = "missing", None
-        elif _marker_counts(marker, args.version):
-            state, info = "done", _read_marker(marker)
-        else:
-            state, info = "incomplete", _read_marker(marker)  # A stale marker still says who wrote it.
+        state, info = _stage_status(directory, version=args.version, marker=args.marker)
         rows.append({"directory": directory, "state": state, "marker": info})
     if args.json:
         _print_json(rows)

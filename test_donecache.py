@@ -534,6 +534,29 @@ def test_stage_failure_keeps_pieces_and_rerun_resumes(tmp_path):
     assert made == list(range(10)), "the rerun made only the pieces the first run had not"
 
 
+@posix_only
+def test_durable_stage_flushes_every_piece_and_directory_before_its_marker(tmp_path, monkeypatch):
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else str(fd))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with dc.done_dir(tmp_path / "s") as stage:
+        stage.piece("a.txt", lambda: "a")
+        stage.piece("sub/b.txt", lambda: "b")
+        assert flushed == [], "pieces are not flushed one by one"
+    if not os.path.exists("/proc/self/fd"):
+        pytest.skip("no /proc to name the flushed descriptors")
+    marker = [i for i, path in enumerate(flushed) if path.endswith("~DONE")]  # The marker's temporary file.
+    assert marker, f"the marker was flushed too: {flushed}"
+    before = set(flushed[: marker[0]])
+    expected = {str(tmp_path / "s" / "a.txt"), str(tmp_path / "s" / "sub" / "b.txt"), str(tmp_path / "s"), str(tmp_path / "s" / "sub")}
+    assert expected <= before, f"flushed before the marker: {sorted(before)}"
+
+
 def test_finished_stage_is_skipped_and_marker_kept(tmp_path):
     with dc.done_dir(tmp_path / "s", version=3) as stage:
         stage.piece("x", lambda: "x")
@@ -889,7 +912,7 @@ def test_sigkill_never_corrupts_or_loses_committed_entries(tmp_path):
             assert isinstance(value, bytes) and len(value) == i % 5000
         assert isinstance(db["k0"], int)
         for path in entry_files(tmp_path / "c"):  # Every file on disk is a whole entry.
-            assert db._files._decode(path.read_bytes(), None, 0.0) is not None
+            assert dc._decode_entry(path.read_bytes()) is not None
     assert len(committed) > 100
 
 
@@ -997,6 +1020,20 @@ def test_keys_are_canonical_and_typed(tmp_path, calls):
     assert f(Path("/x")) == f(Path("/x"))
 
 
+def test_scalar_fast_path_keeps_types_apart(tmp_path, calls):
+    """A plain def f(x) with scalar arguments takes the fast key path, which must not be lossy."""
+
+    @dc.memoize(tmp_path)
+    def f(x):
+        calls.append(x)
+        return repr(x)
+
+    assert [f(1), f(1.0), f(True), f("1"), f(b"1"), f(None)] == ["1", "1.0", "True", "'1'", "b'1'", "None"]
+    assert [f(1), f(1.0), f(True), f("1"), f(b"1"), f(None)] == ["1", "1.0", "True", "'1'", "b'1'", "None"]
+    assert len(calls) == 6 and f.cache_info().currsize == 6
+    assert f(-0.0) == "-0.0" and f(0.0) == "0.0", "0.0 and -0.0 compare equal but are different arguments"
+
+
 def test_short_arguments_stay_in_the_key_and_long_ones_are_hashed(tmp_path, calls):
     @dc.memoize(tmp_path)
     def total(values):
@@ -1064,8 +1101,9 @@ def test_results_none_exceptions_and_unpicklable(tmp_path, calls):
         with pytest.raises(Boom):
             f("boom")
     assert calls.count("boom") == 2, "exceptions are not cached"
-    with pytest.warns(dc.DonecacheWarning, match="cannot be pickled"):
+    with pytest.warns(dc.DonecacheWarning, match="cannot be pickled") as caught:
         assert f("lock") is not None
+    assert caught[0].filename == __file__, "the warning points at the caller's line, not into donecache"
     with pytest.warns(dc.DonecacheWarning):
         f("lock")
     assert calls.count("lock") == 2
@@ -1548,8 +1586,7 @@ def test_cli_never_unpickles(tmp_path):
         db["trap"] = "placeholder"
     path = entry_files(cache)[0]
     payload = b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode() + b"'\ntR."  # Runs a command if loaded.
-    files = dc._EntryFiles(cache, "c", False)
-    path.write_bytes(files.encode(b"trap", payload))
+    path.write_bytes(dc._encode_entry(b"trap", payload))
     for command in ("info", "prune", "clear"):
         assert cli(command, str(cache)).returncode == 0
     assert not (tmp_path / "pwned").exists()
