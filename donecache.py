@@ -73,6 +73,7 @@ __version__ = "0.1.0"
 # keep `import donecache` cheap: hashlib, json, pathlib, shutil, socket, inspect,
 # functools, types, warnings, traceback, asyncio, concurrent.futures, argparse.
 import _thread
+import collections.abc
 import errno
 import io
 import os
@@ -81,6 +82,7 @@ import stat
 import struct
 import sys
 import time
+import weakref
 import zlib
 
 # typing itself costs more to import than all of the above; type checkers treat
@@ -136,6 +138,7 @@ _CREATE_FLAGS = (
     | getattr(os, "O_BINARY", 0)
 )
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 def _delays() -> Iterator[float]:
@@ -270,103 +273,155 @@ else:
     def _keep_mode(fd: int, mode: int) -> None:
         os.fchmod(fd, mode)
 
-    class _LockFile:
-        """A lock file opened for one lock: the whole file (offset None) or one byte.
+    # Byte locks. Linux (3.15 and later) has open-file-description locks
+    # (F_OFD_SETLK, fcntl(2)), which belong to the open file description as
+    # flock(2) locks do: each handle's locks are its own, closing it drops only
+    # those, and the kernel's deadlock detection, which misfires when threads
+    # of several processes hold classic record locks (EDEADLK, "Resource
+    # deadlock avoided"), does not apply. Elsewhere (macOS, the BSDs) only
+    # classic record locks exist; they belong to the process: see _RecordLocks.
+    _F_OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None) if sys.maxsize > 2**32 else None
+    _F_OFD_SETLKW: int = getattr(fcntl, "F_OFD_SETLKW", 0)
+    _FLOCK = struct.Struct("@hhqqi4x")  # struct flock, 64-bit Linux: type, whence, start, len, pid.
 
-        Whole-file locks are flock(2) locks, which belong to the open file
-        description: code that opens and closes the same file (a user hashing
-        every file of a stage) cannot release them by accident, and two handles
-        exclude each other even within one thread. Byte locks are fcntl(2)
-        record locks, which belong to the process instead: closing *any*
-        descriptor of the file drops all of them, and threads of one process
-        never exclude each other (fcntl(2), "Record locking"). So byte-lock
-        handles of one path share one descriptor, kept open while any of them
-        is, and threads take turns on each byte through a thread lock. Both
-        kinds work over NFS (Linux emulates flock there with record locks).
-        """
+    class _RecordLocks:
+        """Classic record locks, where no OFD locks exist. They belong to the
+        process: closing *any* descriptor of the file drops all of them, and
+        threads of one process never exclude each other (fcntl(2), "Record
+        locking"). So the handles of one path share one descriptor, kept open
+        while any of them is, and threads take turns on a byte through a
+        thread lock."""
 
-        can_wait = True
-        _guard = _thread.allocate_lock()
-        _pid = -1
-        _shared: dict[str, list[Any]] = {}  # path -> [descriptor, handles]
-        _turns: dict[tuple[str, int], list[Any]] = {}  # (path, byte) -> [thread lock, handles]
+        guard = _thread.allocate_lock()
+        shared: dict[str, list[Any]] = {}  # path -> [descriptor, handles]
+        turns: dict[tuple[str, int], list[Any]] = {}  # (path, byte) -> [thread lock, handles]
 
-        def __init__(self, path: str, offset: int | None) -> None:
+        def __init__(self, path: str, offset: int) -> None:
             self.path, self.offset = path, offset
-            if offset is None:
-                self._file = io.FileIO(path, "a+")  # A description of its own, for flock.
-                self.fd = self._file.fileno()
-                return
-            with self._guard:
-                if _LockFile._pid != os.getpid():
-                    # After fork(2) the child holds no record locks and none of the
-                    # parent's threads: the inherited bookkeeping is void.
-                    _LockFile._pid, _LockFile._shared, _LockFile._turns = os.getpid(), {}, {}
-                shared = self._shared.get(path)
+            with self.guard:
+                shared = self.shared.get(path)
                 if shared is None:
                     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-                    shared = self._shared[path] = [os.open(path, flags, 0o666), 0]
+                    shared = self.shared[path] = [os.open(path, flags, 0o666), 0]
                 shared[1] += 1
-                self.fd = shared[0]
-                turn = self._turns.setdefault((path, offset), [_thread.allocate_lock(), 0])
+                turn = self.turns.setdefault((path, offset), [_thread.allocate_lock(), 0])
                 turn[1] += 1
-                self._turn = turn[0]
+            self.fd, self.turn = shared[0], turn[0]
 
-        def try_lock(self) -> bool:
-            if self.offset is None:
-                try:
-                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    return False
-                return True
-            if not self._turn.acquire(False):
+        def lock(self, wait: bool) -> bool:
+            if not self.turn.acquire(wait):
                 return False
             try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self.offset)
+                fcntl.lockf(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, self.offset)
             except BaseException as exc:
-                self._turn.release()
+                self.turn.release()
                 if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EAGAIN):
                     return False
                 raise
             return True
 
-        def wait(self) -> None:
-            # Both calls block with the GIL released; a signal interrupts them (PEP 475).
-            if self.offset is None:
-                fcntl.flock(self.fd, fcntl.LOCK_EX)
-                return
-            self._turn.acquire()
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, self.offset)
-            except BaseException:
-                self._turn.release()
-                raise
-
         def unlock(self) -> None:
-            if self.offset is None:
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
-                return
             try:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.offset)
             finally:
-                self._turn.release()
+                self.turn.release()
 
         def close(self) -> None:
-            if self.offset is None:
-                self._file.close()
-                return
-            with self._guard:
-                if _LockFile._pid != os.getpid():
-                    return
-                turn = self._turns[(self.path, self.offset)]
+            with self.guard:
+                turn = self.turns.get((self.path, self.offset))
+                shared = self.shared.get(self.path)
+                if turn is None or shared is None or shared[0] != self.fd:
+                    return  # Opened by the parent of this forked child: forgotten.
                 turn[1] -= 1
                 if turn[1] == 0:
-                    del self._turns[(self.path, self.offset)]
-                shared = self._shared[self.path]
+                    del self.turns[(self.path, self.offset)]
                 shared[1] -= 1
                 if shared[1] == 0:
-                    del self._shared[self.path]
+                    del self.shared[self.path]
                     os.close(self.fd)
+
+        @classmethod
+        def forget(cls) -> None:
+            # After fork(2) the child holds no record locks and none of the
+            # parent's threads; another thread may have held the guard.
+            cls.guard, cls.shared, cls.turns = _thread.allocate_lock(), {}, {}
+
+    class _LockFile:
+        """A lock file opened for one lock: the whole file (offset None, with
+        flock(2)) or one byte of it. Whole-file locks and OFD locks belong to
+        this handle: code that opens and closes the same file (a user hashing
+        every file of a stage) cannot release them by accident, and two
+        handles exclude each other even within one thread. Both kinds work
+        over NFS (Linux emulates flock there with record locks).
+
+        A forked child closes its copies of every open handle at once (see
+        _forked), so that it never keeps its parent's locks alive: a pool
+        worker that outlives a killed parent would otherwise hold them forever.
+        """
+
+        can_wait = True
+        _open: weakref.WeakSet[_LockFile] = weakref.WeakSet()
+        _hooked = False
+
+        def __init__(self, path: str, offset: int | None) -> None:
+            if not _LockFile._hooked:
+                _LockFile._hooked = True
+                os.register_at_fork(after_in_child=_LockFile._forked)
+            self.offset = offset
+            self._records = None if offset is None or _F_OFD_SETLK is not None else _RecordLocks(path, offset)
+            # io.FileIO closes its descriptor when it is collected: a lock whose
+            # holder vanished with an exception (KeyboardInterrupt) is released.
+            self._file = None if self._records is not None else io.FileIO(path, "a+")
+            self._open.add(self)
+
+        @staticmethod
+        def _forked() -> None:
+            for handle in list(_LockFile._open):
+                if handle._file is not None:
+                    handle._file.close()
+            _RecordLocks.forget()
+
+        def _ofd(self, command: int, kind: int) -> None:
+            assert self._file is not None and self.offset is not None
+            fcntl.fcntl(self._file.fileno(), command, _FLOCK.pack(kind, os.SEEK_SET, self.offset, 1, 0))
+
+        def _lock(self, wait: bool) -> bool:
+            if self._records is not None:
+                return self._records.lock(wait)
+            assert self._file is not None
+            try:
+                if self.offset is None:
+                    fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                else:
+                    self._ofd(_F_OFD_SETLKW if wait else _F_OFD_SETLK, fcntl.F_WRLCK)  # type: ignore[arg-type]
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EAGAIN):
+                    return False
+                raise
+            return True
+
+        def try_lock(self) -> bool:
+            return self._lock(False)
+
+        def wait(self) -> None:
+            # Blocks with the GIL released; a signal interrupts it (PEP 475).
+            self._lock(True)
+
+        def unlock(self) -> None:
+            if self._records is not None:
+                self._records.unlock()
+            elif self._file is not None and not self._file.closed:  # Closed: a forked child.
+                if self.offset is None:
+                    fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+                else:
+                    self._ofd(_F_OFD_SETLK, fcntl.F_UNLCK)  # type: ignore[arg-type]
+
+        def close(self) -> None:
+            self._open.discard(self)
+            if self._records is not None:
+                self._records.close()
+            elif self._file is not None:
+                self._file.close()
 
 
 # ---------------------------------------------------------------------------
@@ -385,40 +440,46 @@ class _KeyLock:
 
     ``path`` must be canonical (os.path.realpath), so that one file has one name
     in the table of holders.
+
+    An exception can arrive anywhere (a KeyboardInterrupt between two lines of
+    acquire or release), so nothing here must stay "held" because a line did
+    not run. The handle releases its kernel lock when it is collected, and the
+    table of holders keeps only weak references: a lock whose holder vanished
+    is no longer held. There is no in-process guard to be left locked, either.
     """
 
-    # Who holds which lock in this process: (path, offset) -> owner (a thread id,
-    # or a task's id for async callers). A forked child starts afresh.
-    _guard = _thread.allocate_lock()
-    _holders: dict[tuple[str, int | None], int] = {}
-    _pid = -1
+    # (path, offset) -> (owner, lock): who holds which lock in this process. The
+    # owner is a thread's id, or an asyncio task's.
+    _holders: dict[tuple[str, int | None], tuple[int, weakref.ref[_KeyLock]]] = {}
 
     def __init__(self, path: str, offset: int | None = None) -> None:
-        self.path = path
-        self.offset = None if offset is None else offset % _LOCK_SPAN
+        self._name = (path, None if offset is None else offset % _LOCK_SPAN)
         self._handle: _LockFile | None = None
-        self._owner = 0
+        self._pid = -1
+
+    @property
+    def path(self) -> str:
+        return self._name[0]
 
     def _claim(self, owner: int) -> None:
-        """Check that ``owner`` does not hold this lock already."""
-        with self._guard:
-            if _KeyLock._pid != os.getpid():
-                _KeyLock._pid, _KeyLock._holders = os.getpid(), {}
-            if self._holders.get((self.path, self.offset)) == owner:
+        """Raise if ``owner`` holds this lock already: waiting for it would never end."""
+        held = self._holders.get(self._name)
+        if held is not None and held[0] == owner:
+            lock = held[1]()
+            if lock is not None and lock._handle is not None and lock._pid == os.getpid():
                 raise RuntimeError(
                     f"this thread already holds the lock {self.path}; re-entering it would wait forever"
                 )
 
     def _took(self, handle: _LockFile, owner: int) -> None:
-        self._handle, self._owner = handle, owner
-        with self._guard:
-            self._holders[(self.path, self.offset)] = owner
+        self._handle, self._pid = handle, os.getpid()
+        self._holders[self._name] = (owner, weakref.ref(self))
 
     def acquire(self, timeout: float | None = None, owner: int | None = None) -> None:
         """Wait for the lock; TimeoutError after ``timeout`` seconds."""
         owner = _thread.get_ident() if owner is None else owner
         self._claim(owner)
-        handle = _LockFile(self.path, self.offset)
+        handle = _LockFile(self._name[0], self._name[1])
         try:
             if timeout is None and handle.can_wait:
                 handle.wait()
@@ -440,7 +501,7 @@ class _KeyLock:
         """Take the lock if it is free now, without waiting (for event loops)."""
         owner = _thread.get_ident() if owner is None else owner
         self._claim(owner)
-        handle = _LockFile(self.path, self.offset)
+        handle = _LockFile(self._name[0], self._name[1])
         try:
             if not handle.try_lock():
                 handle.close()
@@ -462,14 +523,27 @@ class _KeyLock:
 
     def release(self) -> None:
         handle, self._handle = self._handle, None
-        assert handle is not None, "release() of a lock that is not held"
-        with self._guard:
-            if self._holders.get((self.path, self.offset)) == self._owner:
-                del self._holders[(self.path, self.offset)]
+        if handle is None:
+            return
+        held = self._holders.get(self._name)
+        if held is not None and held[1]() is self:
+            self._holders.pop(self._name, None)
         try:
             handle.unlock()
         finally:
             handle.close()
+
+
+# ---------------------------------------------------------------------------
+# Atomic writes
+#
+# A new version is written to a temporary file beside the target and renamed over
+# it: rename(2) replaces a name atomically, so a reader sees the old file or the
+# new one, whatever happens to the writer. Everything else that donecache writes
+# (stage markers and pieces, cache entries) goes through _write_bytes below.
+# ---------------------------------------------------------------------------
+
+
 def _reraise_about(exc: OSError, path: str, doing: str, fix: str = "") -> OSError:
     """The same kind of OSError, with a message that names the user's path and the fix."""
     reason = exc.strerror or str(exc)
@@ -486,14 +560,66 @@ def _fspath(path: StrPath, what: str = "path") -> str:
     return name
 
 
-# ---------------------------------------------------------------------------
-# Atomic writes
-#
-# A new version is written to a temporary file beside the target and renamed over
-# it: rename(2) replaces a name atomically, so a reader sees the old file or the
-# new one, whatever happens to the writer. Everything else that donecache writes
-# (stage markers and pieces, cache entries) goes through _write_bytes below.
-# ---------------------------------------------------------------------------
+class _NotRegular(OSError):
+    """Something other than a regular file stands where one was expected."""
+
+    def __init__(self, path: str, st: os.stat_result) -> None:
+        super().__init__(errno.EINVAL, f"{path!r} is {_kind_of(st.st_mode)}, not a regular file", path)
+        self.stat = st
+
+
+def _kind_of(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return kind
+    return "a regular file" if stat.S_ISREG(mode) else "a special file"
+
+
+def _open_regular(path: str, flags: int = _READ_FLAGS) -> tuple[int, os.stat_result]:
+    """Open ``path`` only if it is a regular file: (descriptor, its stat).
+
+    Opening a FIFO for reading blocks until a writer comes, and a device may
+    never end; O_NONBLOCK makes the open return at once (fifo(7)), and fstat
+    then refuses anything that is not a regular file with _NotRegular.
+    """
+    fd = os.open(path, flags | _NONBLOCK)
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if stat.S_ISREG(st.st_mode):
+        return fd, st
+    os.close(fd)
+    raise _NotRegular(path, st)
+
+
+def _make_dirs(path: str, mode: int = 0o777, *, durable: bool = False) -> None:
+    """os.makedirs(path, exist_ok=True); with ``durable``, each new directory is
+    also flushed into its parent, so that a power cut cannot lose it and with it
+    the durable files that are written into it next."""
+    new: list[str] = []
+    head = path
+    while not os.path.isdir(head):
+        new.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    if not new:
+        return
+    os.makedirs(path, mode, exist_ok=True)
+    if durable:
+        for directory in reversed(new):
+            _fsync_dir(os.path.dirname(directory))
+
 
 _WRITE_MODES = ("w", "wt", "wb")
 # Temporary names start with a dot (hidden from ls and glob.glob), carry a marker
@@ -511,10 +637,18 @@ def _is_temp_name(name: str) -> bool:
     )
 
 
+# NAME_MAX is 255 bytes on most filesystems, so a temporary name keeps at most
+# this many bytes of the target's name (its end, which holds the suffix).
+_TEMP_KEEP = 255 - len(_TEMP_PREFIX) - _TEMP_TOKEN - 1
+
+
 def _temp_name(target: str) -> str:
     head, base = os.path.split(target)
-    # Keep the name under NAME_MAX (255 on most filesystems) by trimming the front.
-    return os.path.join(head, f"{_TEMP_PREFIX}{os.urandom(_TEMP_TOKEN // 2).hex()}~{base[-200:]}")
+    # Bytes, not characters, count: a 238-byte name of 79 CJK characters must
+    # fit, so characters are trimmed from the front until the rest does.
+    while len(os.fsencode(base)) > _TEMP_KEEP:
+        base = base[max(1, (len(os.fsencode(base)) - _TEMP_KEEP) // 4) :]
+    return os.path.join(head, f"{_TEMP_PREFIX}{os.urandom(_TEMP_TOKEN // 2).hex()}~{base}")
 
 
 def _create_temp(target: str, mode: int | None = None) -> tuple[int, str]:
@@ -602,7 +736,7 @@ def _write_bytes(target: str, data: bytes, *, durable: bool, overwrite: bool = T
         raise
 
 
-def _prepare_target(path: StrPath, *, overwrite: bool, make_parents: bool) -> tuple[str, int | None]:
+def _prepare_target(path: StrPath, *, overwrite: bool, make_parents: bool, durable: bool) -> tuple[str, int | None]:
     """Check a user's target path; return (real target, permission bits to keep or None)."""
     target = _fspath(path)
     # Symlink policy: writing through a link replaces the file it points to and
@@ -617,6 +751,15 @@ def _prepare_target(path: StrPath, *, overwrite: bool, make_parents: bool) -> tu
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(
                 errno.EISDIR, f"cannot write {target!r}: it is a directory; choose a file path inside it", target
+            )
+        if not stat.S_ISREG(st.st_mode):
+            # Renaming over a device or a FIFO would replace the node itself
+            # (as root, atomic_write("/dev/null") would replace the system's).
+            raise FileExistsError(
+                errno.EEXIST,
+                f"cannot write {target!r}: it is {_kind_of(st.st_mode)}, not a regular file, and an atomic "
+                "write would replace it; write to it with open(), or choose another path",
+                target,
             )
         if not overwrite:
             raise FileExistsError(
@@ -634,7 +777,7 @@ def _prepare_target(path: StrPath, *, overwrite: bool, make_parents: bool) -> tu
                 target,
             )
         try:
-            os.makedirs(parent, exist_ok=True)
+            _make_dirs(parent, durable=durable)
         except OSError as exc:
             raise _reraise_about(exc, target, "create the parent directories of") from exc
     return target, (stat.S_IMODE(st.st_mode) & 0o777 if st is not None else None)
@@ -672,7 +815,9 @@ class _AtomicFile:
         self._durable, self._overwrite, self._make_parents = durable, overwrite, make_parents
 
     def __enter__(self) -> IO[Any]:
-        self._target, keep_mode = _prepare_target(self._path, overwrite=self._overwrite, make_parents=self._make_parents)
+        self._target, keep_mode = _prepare_target(
+            self._path, overwrite=self._overwrite, make_parents=self._make_parents, durable=self._durable
+        )
         fd, self._temp = _create_temp_for(self._target, keep_mode)
         try:
             self._file: IO[Any] = io.open(fd, self._mode, encoding=self._encoding, newline=self._newline)
@@ -746,7 +891,7 @@ class _AtomicPath:
         from pathlib import Path
 
         self._target, self._keep_mode = _prepare_target(
-            self._path, overwrite=self._overwrite, make_parents=self._make_parents
+            self._path, overwrite=self._overwrite, make_parents=self._make_parents, durable=self._durable
         )
         # Creating the file with O_EXCL proves that the random name is free;
         # it is removed again so that the library can create it itself.
@@ -827,10 +972,15 @@ def _read_marker(path: str) -> dict[str, Any] | None:
     import json
 
     try:
-        with io.open(path, "rb") as f:
-            raw = f.read(1 << 20)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        fd, _st = _open_regular(path)
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except _NotRegular:
+        return {}  # A FIFO or a directory by the marker's name: not a marker we wrote.
+    try:
+        raw = os.read(fd, 1 << 20)
+    finally:
+        os.close(fd)
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -887,9 +1037,9 @@ def _flush_tree(root: str) -> None:
             if name == _STAGE_LOCK and dirpath == root:
                 continue  # Nothing to flush, and on NFS closing it would drop our lock.
             try:
-                fd = os.open(os.path.join(dirpath, name), _SYNC_FLAGS)
+                fd, _st = _open_regular(os.path.join(dirpath, name), _SYNC_FLAGS)
             except OSError:
-                continue  # Unreadable or vanished: nothing of ours to flush.
+                continue  # Unreadable, vanished, or a FIFO or device: nothing of ours to flush.
             try:
                 _fsync_file(fd)
             finally:
@@ -959,8 +1109,15 @@ class Stage:
             raise NotADirectoryError(
                 errno.ENOTDIR, f"stage {root!r} is a file, not a directory; move it away or choose another path", root
             )
+        self._pid = os.getpid()
+        if _marker_counts(self._marker_file, self.version):
+            # Finished: seeing that needs no lock, and no write (the stage may
+            # be on a read-only filesystem). A builder that would rebuild it
+            # removes the marker first, under the lock.
+            self.done = True
+            return self
         try:
-            os.makedirs(root, exist_ok=True)
+            _make_dirs(root, durable=self._durable)
             lock = _KeyLock(os.path.join(os.path.realpath(root), _STAGE_LOCK))
             lock.acquire(self._timeout)
         except TimeoutError as exc:
@@ -990,7 +1147,8 @@ class Stage:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
-            if exc_type is None and not self.done:
+            # A forked child that leaves the block did not build the stage.
+            if exc_type is None and not self.done and os.getpid() == self._pid:
                 self._write_marker()
                 self.done = True
         finally:
@@ -1088,6 +1246,19 @@ _CACHEDIR_TAG = (
     b"Signature: 8a477f597d28d172789f06886806bc55\n"
     b"# This file marks a donecache store (see https://bford.info/cachedir/).\n"
 )
+_STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock"})
+
+
+def _is_store(root: str) -> bool:
+    """True if ``root`` carries the CACHEDIR.TAG that donecache writes into its stores."""
+    try:
+        fd, _st = _open_regular(os.path.join(root, "CACHEDIR.TAG"))
+    except OSError:
+        return False
+    try:
+        return os.read(fd, len(_CACHEDIR_TAG)) == _CACHEDIR_TAG
+    finally:
+        os.close(fd)
 
 
 class _Entry:
@@ -1126,27 +1297,90 @@ def _decode_entry(data: bytes, key: bytes | None = None) -> _Entry | None:
     return _Entry(key, data[end:], created, expires)
 
 
-def _read_file(path: str) -> bytes | None:
-    """The bytes of the file at ``path``, or None if it cannot be read."""
+# Entry files are opened without following symlinks: donecache never makes one,
+# and one planted at an entry's name (to /dev/zero, to a file outside the store)
+# must read as damage, not be loaded.
+_ENTRY_FLAGS = _READ_FLAGS | getattr(os, "O_NOFOLLOW", 0)
+_FIRST_READ = 1 << 16
+
+
+def _load_entry(path: str, key: bytes | None = None) -> tuple[_Entry | None, os.stat_result | None]:
+    """Read the entry file at ``path``.
+
+    (entry, stat) if it is a whole entry (for ``key``, when given); (None, stat)
+    if it is damage: not a regular file, or not a whole entry; (None, None) if
+    there is nothing there. Any other OSError (ESTALE, EIO, EACCES) propagates:
+    the file could not be judged. Nothing is read beyond what the header
+    declares, and that must match the file's size.
+    """
     try:
-        fd = os.open(path, _READ_FLAGS)
-    except OSError:
-        return None
+        fd, st = _open_regular(path, _ENTRY_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return None, None
+    except _NotRegular as exc:
+        return None, exc.stat
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:  # ELOOP: O_NOFOLLOW met a symlink.
+            raise
+        try:
+            return None, os.lstat(path)
+        except FileNotFoundError:
+            return None, None
     try:
-        data = os.read(fd, 1 << 16)
-        if len(data) == 1 << 16:  # Large entry: read the rest.
+        data = os.read(fd, _FIRST_READ)
+        if len(data) < _ENTRY_HEADER.size:
+            return None, st
+        magic, _crc, _created, _expires, key_len, value_len = _ENTRY_HEADER.unpack_from(data)
+        size = _ENTRY_HEADER.size + key_len + value_len
+        if magic != _ENTRY_MAGIC or size != st.st_size:
+            return None, st
+        if len(data) < size:
             chunks = [data]
-            while True:
-                chunk = os.read(fd, 1 << 20)
+            left = size - len(data)
+            while left > 0:
+                chunk = os.read(fd, left)
                 if not chunk:
-                    break
+                    return None, st
                 chunks.append(chunk)
+                left -= len(chunk)
             data = b"".join(chunks)
-        return data
-    except OSError:
-        return None  # A directory where an entry should be, an I/O error: a miss.
     finally:
         os.close(fd)
+    return _decode_entry(data, key), st
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return a.st_ino == b.st_ino and a.st_dev == b.st_dev
+
+
+def _remove_judged(path: str, judged: os.stat_result) -> bool:
+    """Remove ``path`` only if it still is the file that was judged; True if it was removed.
+
+    Between reading a file and removing it, a writer may have renamed a fresh
+    entry onto its name; unlinking the name would then remove a write that had
+    already returned. So the judged file is first renamed aside, and removed
+    only if the inode moved aside is the one judged; otherwise it is put back
+    (unless an even newer file has taken the name meanwhile).
+    """
+    aside = _temp_name(path)
+    try:
+        if not _same_file(os.lstat(path), judged):
+            return False
+        os.rename(path, aside)
+        moved = os.lstat(aside)
+    except OSError:
+        return False
+    if not _same_file(moved, judged):
+        try:
+            _move_new(aside, path)
+        except OSError:
+            _discard(aside)  # The name holds a newer file still.
+        return False
+    try:
+        _remove_path(aside)
+    except OSError:
+        pass  # Left as a temporary file: the next prune removes it.
+    return True
 
 
 class _Slot:
@@ -1160,12 +1394,14 @@ class _Slot:
 
 
 class _Found:
-    """What a scan of a store finds at one entry file: the entry, or None if damaged."""
+    """What a scan of a store finds at one entry file: the entry, or None where
+    the file is damage; ``stat`` is what was judged, None if the file could
+    not be read (ESTALE, EIO, EACCES): then nothing is known about it."""
 
-    __slots__ = ("path", "entry")
+    __slots__ = ("path", "entry", "stat")
 
-    def __init__(self, path: str, entry: _Entry | None) -> None:
-        self.path, self.entry = path, entry
+    def __init__(self, path: str, entry: _Entry | None, stat: os.stat_result | None) -> None:
+        self.path, self.entry, self.stat = path, entry, stat
 
 
 class _EntryFiles:
@@ -1185,6 +1421,13 @@ class _EntryFiles:
         self.readonly = flag == "r"
         self.durable = durable
         self._blake2b = hashlib.blake2b
+        if os.path.islink(self.root) and not os.path.exists(self.root):
+            raise FileNotFoundError(
+                errno.ENOENT,
+                f"cache path {self.root!r} is a symbolic link to {os.readlink(self.root)!r}, which does not "
+                "exist; create that directory or remove the link",
+                self.root,
+            )
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise NotADirectoryError(
                 errno.ENOTDIR, f"cache {self.root!r} is a file, not a directory; choose another path", self.root
@@ -1196,7 +1439,7 @@ class _EntryFiles:
                 )
             try:
                 # Private by default: whoever can write entries can run code in the reader.
-                os.makedirs(self.root, mode=0o700, exist_ok=True)
+                _make_dirs(self.root, 0o700, durable=durable)
             except OSError as exc:
                 raise _reraise_about(exc, self.root, "create the cache directory", "choose a writable path") from exc
         if not self.readonly:
@@ -1207,12 +1450,19 @@ class _EntryFiles:
 
     def _label(self) -> None:
         # CACHEDIR.TAG tells backup tools to skip the store; .gitignore keeps it
-        # out of commits when it lives in a checkout, as .donecache/ does.
+        # out of commits when it lives in a checkout, as .donecache/ does. Both
+        # would hide a user's own files, so a directory that holds anything but
+        # donecache's files is never labelled.
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return
+        if any(name not in _STORE_FILES and not (len(name) == 2 and set(name) <= _HEX) for name in names):
+            return
         for name, content in (("CACHEDIR.TAG", _CACHEDIR_TAG), (".gitignore", b"# Made by donecache.\n*\n")):
-            path = os.path.join(self.root, name)
-            if not os.path.exists(path):
+            if name not in names:
                 try:
-                    _write_bytes(path, content, durable=False)
+                    _write_bytes(os.path.join(self.root, name), content, durable=False)
                 except OSError:
                     pass  # Labels are a courtesy; a read-only store works without them.
 
@@ -1228,8 +1478,10 @@ class _EntryFiles:
 
     def read(self, key: bytes, slot: _Slot | None = None, now: float | None = None) -> _Entry | None:
         """The entry for ``key`` if it is whole and live at ``now``, or None."""
-        data = _read_file((slot or self.slot(key)).path)
-        entry = None if data is None else _decode_entry(data, key)
+        try:
+            entry = _load_entry((slot or self.slot(key)).path, key)[0]
+        except OSError:
+            return None  # Unreadable now (EIO, ESTALE): a miss.
         if entry is None or (entry.expires and (time.time() if now is None else now) >= entry.expires):
             return None
         return entry
@@ -1242,10 +1494,14 @@ class _EntryFiles:
             try:
                 _write_bytes(path, blob, durable=self.durable)
             except FileNotFoundError:  # First entry in this shard (or the store was removed).
-                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
                 _write_bytes(path, blob, durable=self.durable)
             except IsADirectoryError:  # Damage: something made a directory of an entry's name.
                 _remove_path(path)
+                _write_bytes(path, blob, durable=self.durable)
+            except NotADirectoryError:  # Damage: a file where the shard's directory should be.
+                os.unlink(os.path.dirname(path))
+                _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
                 _write_bytes(path, blob, durable=self.durable)
         except OSError as exc:
             raise _reraise_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
@@ -1262,9 +1518,10 @@ class _EntryFiles:
     def files(self) -> Iterator[str]:
         """Every entry file, valid or not (not the temporary files of live writers)."""
         try:
-            shards = [e for e in os.scandir(self.root) if len(e.name) == 2 and set(e.name) <= _HEX and e.is_dir()]
+            shards = [e for e in os.scandir(self.root) if len(e.name) == 2 and set(e.name) <= _HEX]
         except (FileNotFoundError, NotADirectoryError):
             return
+        shards = [e for e in shards if e.is_dir(follow_symlinks=False)]
         for shard in sorted(shards, key=lambda e: e.name):
             try:
                 names = os.listdir(shard.path)
@@ -1278,39 +1535,51 @@ class _EntryFiles:
         """Every entry file with its entry, or None where it is damaged or filed
         under another key's name. Expired entries are included."""
         for path in self.files():
-            data = _read_file(path)
-            entry = None if data is None else _decode_entry(data)
+            try:
+                entry, st = _load_entry(path)
+            except OSError:
+                yield _Found(path, None, None)
+                continue
+            if st is None:
+                continue  # Removed since the listing.
             if entry is not None and self.slot(entry.key).path != path:
                 entry = None
-            yield _Found(path, entry)
+            yield _Found(path, entry, st)
 
     def clear(self, match: Callable[[bytes], bool] | None = None) -> int:
         """Remove the entries (those whose key ``match`` accepts); return how many."""
         self._writable()
-        if match is None:
-            paths = list(self.files())
-        else:
-            paths = [found.path for found in self.scan() if found.entry is not None and match(found.entry.key)]
         removed = 0
-        for path in paths:
+        if match is not None:
+            for found in self.scan():
+                if found.entry is not None and found.stat is not None and match(found.entry.key):
+                    removed += _remove_judged(found.path, found.stat)
+            return removed
+        for path in list(self.files()):
             try:
                 os.unlink(path)
                 removed += 1
-            except FileNotFoundError:  # Another process removed it first.
-                pass
+            except (FileNotFoundError, IsADirectoryError, PermissionError):
+                pass  # Removed by another process first, or damage that prune() removes.
         return removed
 
     def prune(self, now: float | None = None) -> tuple[int, int]:
         """Remove expired or damaged entries and old temporary files: (entries, temporaries)."""
+        self._writable()
         when = time.time() if now is None else now
         entries = temps = 0
         for found in self.scan():
-            if found.entry is None or not found.entry.live(when):
-                try:
-                    _remove_path(found.path)
-                    entries += 1
-                except OSError:
-                    pass
+            # A file that could not be read (stat None) is left alone: ESTALE,
+            # EIO and EACCES say nothing about the entry itself.
+            if found.stat is not None and (found.entry is None or not found.entry.live(when)):
+                entries += _remove_judged(found.path, found.stat)
+        try:
+            squatters = [e for e in os.scandir(self.root) if len(e.name) == 2 and set(e.name) <= _HEX]
+        except OSError:
+            squatters = []
+        for squatter in squatters:  # Damage: a file or a link where a shard's directory should be.
+            if not squatter.is_dir(follow_symlinks=False):
+                entries += _remove_judged(squatter.path, squatter.stat(follow_symlinks=False))
         for temp in _temp_files(self.root):
             try:
                 if os.stat(temp).st_mtime < when - _LITTER_AGE:
@@ -1390,6 +1659,22 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
     def __repr__(self) -> str:
         return f"<donecache.Store {self.path!r}>"
 
+    # Another process may delete a key between the listing and the read (or
+    # between shelve's `key in self.dict` and `self[key]`): the key is then
+    # simply absent, never a KeyError.
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def items(self) -> _StoreItems:
+        return _StoreItems(self)
+
+    def values(self) -> _StoreValues:
+        return _StoreValues(self)
+
     def clear(self) -> None:
         """Remove every entry (much faster than deleting them one by one)."""
         getattr(self, "cache", {}).clear()  # shelve's writeback cache (not in its stubs).
@@ -1399,6 +1684,40 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
         """Remove expired and damaged entries and crashed writers' temporary files."""
         entries, temps = self._files.prune()
         return entries + temps
+
+
+def _present(store: Store) -> Iterator[tuple[str, Any]]:
+    """The store's items, skipping keys that vanish between the listing and the read."""
+    for key in store:
+        try:
+            yield key, store[key]
+        except KeyError:
+            pass
+
+
+if TYPE_CHECKING:
+    _ItemsView = collections.abc.ItemsView[str, Any]
+    _ValuesView = collections.abc.ValuesView[Any]
+else:
+    _ItemsView, _ValuesView = collections.abc.ItemsView, collections.abc.ValuesView
+
+
+class _StoreItems(_ItemsView):
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self._store = store
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return _present(self._store)
+
+
+class _StoreValues(_ValuesView):
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self._store = store
+
+    def __iter__(self) -> Iterator[Any]:
+        return (value for _key, value in _present(self._store))
 
 
 def open(
@@ -1655,7 +1974,7 @@ class _Call:
 
     __slots__ = ("args", "kwargs", "key", "slot")
 
-    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: bytes, slot: _Slot) -> None:
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: bytes, slot: _Slot | None) -> None:
         self.args, self.kwargs, self.key, self.slot = args, kwargs, key, slot
 
 
@@ -1696,6 +2015,7 @@ class _Memoized(Generic[_P, _R]):
         self._identity = identity.encode("utf-8")
         self._prefix = (identity + _code_digest(func, repr(version)) + "|").encode("utf-8")
         self._store: _EntryFiles | None = None
+        self._warned = False
         self._hits = self._misses = 0
 
     # Pickle by reference, as plain functions are, so that the decorated
@@ -1713,14 +2033,22 @@ class _Memoized(Generic[_P, _R]):
     def __repr__(self) -> str:
         return f"<memoized {self.__module__}.{self.__qualname__} in {self.path!r}>"
 
-    def _files(self) -> _EntryFiles:
+    def _files(self) -> _EntryFiles | None:
+        """The store, or None if it cannot be made (a read-only working directory):
+        then the function is called straight through, with one warning."""
         if self._store is None:
-            self._store = _EntryFiles(self.path, "c", self._durable)
+            try:
+                self._store = _EntryFiles(self.path, "c", self._durable)
+            except OSError as exc:
+                if not self._warned:
+                    self._warned = True
+                    _warn(f"{self.__qualname__}(): results are computed but not cached: {exc}")
         return self._store
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         key = _make_key(self._prefix, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
-        return _Call(args, kwargs, key, (self._store or self._files()).slot(key))
+        files = self._store or self._files()
+        return _Call(args, kwargs, key, None if files is None else files.slot(key))
 
     # -- the flow of one call, written once ----------------------------------
     #
@@ -1731,8 +2059,11 @@ class _Memoized(Generic[_P, _R]):
 
     def _hit(self, call: _Call) -> Any:
         """The cached result, counted as a hit, or _MISSING."""
+        files = self._store
+        if files is None:
+            return _MISSING
         now = time.time()
-        entry = (self._store or self._files()).read(call.key, call.slot, now)
+        entry = files.read(call.key, call.slot, now)
         if entry is None or (self._ttl is not None and now - entry.created >= self._ttl):
             return _MISSING
         try:
@@ -1745,6 +2076,9 @@ class _Memoized(Generic[_P, _R]):
     def _keep(self, call: _Call, value: Any) -> None:
         """Count a freshly computed result as a miss and store it (or warn why not)."""
         self._misses += 1
+        files = self._store
+        if files is None:
+            return  # No store (already warned).
         try:
             blob = self._dumps(value, protocol=5)  # Readable by every Python donecache supports.
         except Exception as exc:
@@ -1754,12 +2088,13 @@ class _Memoized(Generic[_P, _R]):
             )
             return
         try:
-            self._files().write(call.key, blob, time.time() + self._ttl if self._ttl is not None else 0.0, call.slot)
+            files.write(call.key, blob, time.time() + self._ttl if self._ttl is not None else 0.0, call.slot)
         except OSError as exc:
             _warn(f"{self.__qualname__}(): the result is returned but not cached: {exc}")
 
-    def _key_lock(self, call: _Call) -> _KeyLock:
-        return _KeyLock(self._files().lock_path, call.slot.offset)
+    def _key_lock(self, call: _Call) -> _KeyLock | None:
+        files = self._store
+        return None if files is None or call.slot is None else _KeyLock(files.lock_path, call.slot.offset)
 
     def _unlocked(self, exc: OSError) -> None:
         # No lock file (a read-only or damaged store): compute without one.
@@ -1768,6 +2103,8 @@ class _Memoized(Generic[_P, _R]):
 
     async def _lock(self, call: _Call) -> _KeyLock | None:
         lock = self._key_lock(call)
+        if lock is None:
+            return None
         try:
             lock.acquire()
         except OSError as exc:
@@ -1817,20 +2154,22 @@ class _Memoized(Generic[_P, _R]):
 
     def forget(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
         """Drop the cached result of this one call; True if there was one."""
-        return self._files().delete(self._call(args, kwargs).key)
+        files = self._files()
+        return files is not None and files.delete(self._call(args, kwargs).key)
 
     def cache_clear(self) -> None:
         """Drop every entry of this function (all versions of its code), and the counts."""
-        identity = self._identity
-        self._files().clear(lambda key: key.startswith(identity))
+        identity, files = self._identity, self._files()
+        if files is not None:
+            files.clear(lambda key: key.startswith(identity))
         self._hits = self._misses = 0
 
     def cache_info(self) -> CacheInfo:
         """Hits and misses in this process, and this function's live entries on disk."""
-        now = time.time()
+        now, files = time.time(), self._files()
         live = sum(
             1
-            for found in self._files().scan()
+            for found in (files.scan() if files is not None else ())
             if found.entry is not None and found.entry.live(now) and found.entry.key.startswith(self._prefix)
         )
         return CacheInfo(self._hits, self._misses, None, live)
@@ -1891,21 +2230,35 @@ class _Memoized(Generic[_P, _R]):
     ) -> None:
         import concurrent.futures as futures
 
-        pool: futures.Executor = (futures.ProcessPoolExecutor if processes else futures.ThreadPoolExecutor)(workers)
+        pool: futures.Executor
+        if processes:
+            pool = futures.ProcessPoolExecutor(workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
+        else:
+            pool = futures.ThreadPoolExecutor(workers)
+        first: int | None = None  # Without keep_going: the earliest input that failed.
         try:
             pending = {pool.submit(_call_one, self, args, processes): index for index, args in enumerate(calls)}
             for future in futures.as_completed(pending):
                 index = pending[future]
+                if future.cancelled():
+                    continue
                 try:
                     outcome = future.result()
                 except Exception as exc:  # The result could not come back from the worker.
                     outcome = (False, (exc, _format_exception(exc)), True)
                 batch._record(index, calls[index], outcome)
                 meter.update(batch)
-                if not outcome[0] and not keep_going:
-                    raise batch.failures[-1].exception
+                if not outcome[0] and not keep_going and (first is None or index < first):
+                    # A loop would have stopped here: later inputs are not started,
+                    # earlier ones still run, and the earliest failure is raised.
+                    first = index
+                    for other, later in pending.items():
+                        if later > index:
+                            other.cancel()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        if first is not None:
+            raise next(failure for failure in batch.failures if failure.index == first).exception
 
 
 class _AsyncMemoized(_Memoized[_P, _R]):
@@ -1915,6 +2268,8 @@ class _AsyncMemoized(_Memoized[_P, _R]):
         import asyncio
 
         lock = self._key_lock(call)
+        if lock is None:
+            return None
         try:
             await lock.acquire_async(id(asyncio.current_task()))
         except OSError as exc:
@@ -1947,6 +2302,18 @@ def _format_exception(exc: BaseException) -> str:
     import traceback
 
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A pool worker's initializer: exit when the parent process is gone (its
+    parent pid changes), instead of idling forever after a kill -9."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    _thread.start_new_thread(watch, ())
 
 
 def _call_one(func: _Memoized[..., Any], args: tuple[Any, ...], portable: bool) -> tuple[bool, Any, bool]:
@@ -2057,7 +2424,10 @@ def _seconds(ttl: Any) -> float | None:
     seconds = ttl.total_seconds() if hasattr(ttl, "total_seconds") else ttl
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
         raise ValueError(f"ttl must be a positive number of seconds or a timedelta, not {ttl!r}")
-    return float(seconds)
+    try:
+        return float(seconds)
+    except OverflowError:
+        raise ValueError(f"ttl={ttl!r} is too large; pass ttl=None for entries that never expire") from None
 
 
 @overload
@@ -2160,8 +2530,25 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
     }
 
 
+class _UsageError(Exception):
+    """A command line that cannot be carried out: exit 2 with this message."""
+
+
+def _cli_store(path: str, flag: str) -> _EntryFiles:
+    """The store at ``path``, refusing anything that is not one: the command line
+    never writes into, or labels, a directory that donecache did not make."""
+    if not os.path.isdir(path):
+        raise _UsageError(f"{path}: no such directory; give the path of a cache directory (by default .donecache)")
+    if not _is_store(path):
+        raise _UsageError(
+            f"{path}: not a donecache store (there is no CACHEDIR.TAG written by donecache in it); "
+            "give the path of a cache directory, such as the .donecache directory beside your script"
+        )
+    return _EntryFiles(path, flag, False)
+
+
 def _cli_info(args: Any) -> int:
-    report = _survey(_EntryFiles(args.path, "r", False), time.time())
+    report = _survey(_cli_store(args.path, "r"), time.time())
     if args.json:
         return _print_json(report)
     entries = report["entries"]
@@ -2177,7 +2564,7 @@ def _cli_info(args: Any) -> int:
 
 
 def _cli_clear(args: Any) -> int:
-    files = _EntryFiles(args.path, "w", False)
+    files = _cli_store(args.path, "w")
     wanted: str | None = args.function
 
     def matches(key: bytes) -> bool:
@@ -2196,7 +2583,7 @@ def _cli_clear(args: Any) -> int:
 
 
 def _cli_prune(args: Any) -> int:
-    files = _EntryFiles(args.path, "w", False)
+    files = _cli_store(args.path, "w")
     entries, temps = files.prune()
     if args.json:
         return _print_json({"path": files.root, "removed_entries": entries, "removed_temporary_files": temps})
@@ -2261,7 +2648,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except (OSError, ValueError) as exc:
+    except (_UsageError, OSError, ValueError) as exc:
         print(f"python -m donecache {args.command}: {exc}", file=sys.stderr)
         return 2
 

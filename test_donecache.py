@@ -545,9 +545,10 @@ def test_durable_stage_flushes_every_piece_and_directory_before_its_marker(tmp_p
 
     monkeypatch.setattr(os, "fsync", fsync)
     with dc.done_dir(tmp_path / "s") as stage:
+        assert flushed == [str(tmp_path)], "the new stage directory is flushed into its parent"
         stage.piece("a.txt", lambda: "a")
         stage.piece("sub/b.txt", lambda: "b")
-        assert flushed == [], "pieces are not flushed one by one"
+        assert flushed == [str(tmp_path)], "pieces are not flushed one by one"
     if not os.path.exists("/proc/self/fd"):
         pytest.skip("no /proc to name the flushed descriptors")
     marker = [i for i, path in enumerate(flushed) if path.endswith("~DONE")]  # The marker's temporary file.
