@@ -49,6 +49,7 @@ def child(
     env: dict[str, str] | None = None,
     timeout: float = 120,
     script_file: Path | None = None,
+    python: str | None = None,
 ) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
     """Run ``script`` in a fresh interpreter where ``dc`` is donecache; args go to sys.argv[1:].
 
@@ -58,10 +59,11 @@ def child(
         (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) with setpriv(1).
     script_file: save the script there and run the file instead of ``-c``
         (multiprocessing's spawn start method re-imports the main script).
+    python: another interpreter to run it with.
     """
     prelude = f"import importlib, sys\ndc = importlib.import_module({MODULE!r})\n"
     full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(IMPORT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
-    argv = [sys.executable, "-c", prelude + textwrap.dedent(script), *args]
+    argv = [python or sys.executable, "-c", prelude + textwrap.dedent(script), *args]
     if script_file is not None:
         script_file.write_text(prelude + textwrap.dedent(script))
         argv[1:3] = [str(script_file)]
@@ -581,6 +583,56 @@ def test_version_change_means_not_done(tmp_path):
     with dc.done_dir(tmp_path / "s", version=2):
         pass
     assert json.loads((tmp_path / "s" / "DONE").read_text())["version"] == 2
+
+
+def test_a_new_version_starts_from_an_empty_stage_and_the_same_version_resumes(tmp_path):
+    with dc.done_dir(tmp_path / "s", version=1) as stage:
+        stage.piece("a", lambda: "v1")
+    with pytest.raises(Boom):
+        with dc.done_dir(tmp_path / "s", version=2) as stage:
+            assert not stage.done and not stage.has("a"), "version-1 pieces are not reused for version 2"
+            stage.piece("b", lambda: "v2")
+            raise Boom()  # A crash halfway through version 2.
+    with dc.done_dir(tmp_path / "s", version=2) as stage:
+        assert stage.has("b"), "the same version resumes its pieces"
+        assert stage.piece("b", lambda: "again").read_text() == "v2"
+        stage.piece("c", lambda: "v2")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir() if not p.name.startswith(".")) == ["DONE", "b", "c"]
+    assert dc.is_done(tmp_path / "s", version=2) and dc.is_done(tmp_path / "s", version="2")
+
+
+def test_a_version_change_never_shows_a_marker_over_mixed_pieces(tmp_path):
+    with dc.done_dir(tmp_path / "s", version="old") as stage:
+        stage.piece("a", lambda: "old")
+    with dc.done_dir(tmp_path / "s", version="new") as stage:
+        assert not (tmp_path / "s" / "DONE").exists() and not stage.has("a")
+        stage.piece("b", lambda: "new")
+    meta = json.loads((tmp_path / "s" / "DONE").read_text())
+    assert meta["version"] == "new" and not (tmp_path / "s" / "a").exists()
+
+
+@pytest.mark.parametrize("version", [2, "2", (1, 2), ("run", 3)])
+def test_versions_are_compared_by_their_text(tmp_path, version):
+    with dc.done_dir(tmp_path / "s", version=version):
+        pass
+    assert dc.is_done(tmp_path / "s", version=version), "a tuple survives the JSON round trip"
+    text = dc._version_text(version)
+    assert dc.is_done(tmp_path / "s", version=text)
+    assert cli("status", str(tmp_path / "s"), "--version", text).returncode == 0
+    assert cli("status", str(tmp_path / "s"), "--version", text + "0").returncode == 1
+    with dc.done_dir(tmp_path / "s", version=text) as stage:
+        assert stage.done
+
+
+@pytest.mark.parametrize("version", [{"a": 1}, 1.5j, object()])
+def test_an_unusable_version_raises_before_the_body(tmp_path, version):
+    ran = []
+    with pytest.raises(ValueError, match="version must be"):
+        with dc.done_dir(tmp_path / "s", version=version):
+            ran.append(1)
+    assert ran == []
+    with pytest.raises(ValueError, match="version must be"):
+        dc.memoize(tmp_path / "c", version=version)
 
 
 def test_mark_not_done_and_fresh(tmp_path):
@@ -1365,6 +1417,266 @@ def test_process_pools_share_entries_with_the_parent(tmp_path, method):
         script_file=tmp_path / "job.py",
     )
     assert proc.stdout.strip() == "CacheInfo(hits=20, misses=0, maxsize=None, currsize=20)"
+
+
+# -- memoize: the identity of work (keys and code changes) ----------------------
+
+
+def run_job(tmp_path: Path, source: str, *args: str, python: str | None = None, env: dict[str, str] | None = None) -> list[str]:
+    """Write ``source`` as job.py in tmp_path (a real module file) and run it there."""
+    proc = child(source, str(tmp_path / "cache"), *args, script_file=tmp_path / "job.py", cwd=tmp_path, python=python, env=env)
+    return proc.stdout.split()
+
+
+def test_closure_values_are_part_of_the_key(tmp_path, calls):
+    def outer(n):
+        @dc.memoize(tmp_path)
+        def times(x):
+            calls.append((n, x))
+            return x * n
+
+        return times
+
+    assert outer(2)(5) == 10 and outer(3)(5) == 15 and outer(2)(5) == 10
+    assert calls == [(2, 5), (3, 5)]
+
+
+def test_module_constants_and_helpers_are_followed(tmp_path):
+    job = """
+        RATE = {rate}
+        UNUSED = {unused}
+
+        def helper(x):
+            return x * RATE{helper_edit}
+
+        def unrelated():
+            return {unused}
+
+        @dc.memoize(sys.argv[1])
+        def price(x):
+            print("computed")
+            return helper(x)
+
+        print(price(10))
+    """
+
+    def run(rate="1.0", unused="0", helper_edit=""):
+        return run_job(tmp_path, job.format(rate=rate, unused=unused, helper_edit=helper_edit))
+
+    assert run() == ["computed", "10.0"]
+    assert run() == ["10.0"], "the same code reuses"
+    assert run(unused="1") == ["10.0"], "an edit to code it does not use changes nothing"
+    assert run(rate="1.2") == ["computed", "12.0"], "a module constant it reads is followed"
+    assert run(rate="1.2", helper_edit=" + 1") == ["computed", "13.0"], "a helper it calls is followed"
+
+
+def test_a_decorated_function_is_identified_by_what_it_wraps(tmp_path):
+    job = """
+        import functools
+
+        def logged(func):
+            @functools.wraps(func)
+            def wrapper(*args, **kwargs):
+                return func(*args, **kwargs)
+            return wrapper
+
+        @dc.memoize(sys.argv[1])
+        @logged
+        def step(x):
+            print("computed")
+            return {body}
+
+        print(step(2))
+    """
+    assert run_job(tmp_path, job.format(body="x + 1")) == ["computed", "3"]
+    assert run_job(tmp_path, job.format(body="x + 1")) == ["3"]
+    assert run_job(tmp_path, job.format(body="x * 100")) == ["computed", "200"]
+
+
+def test_comments_blank_lines_and_decorator_options_keep_the_identity(tmp_path):
+    job = """
+        @dc.memoize(sys.argv[1]{options})
+        def step(x):{comment}
+            print("computed")
+{blank}
+            return x + 1
+        print(step(1))
+    """
+    assert run_job(tmp_path, job.format(options="", comment="", blank="")) == ["computed", "2"]
+    edited = job.format(options=", ttl=3600", comment="  # explained", blank="\n        # a comment line\n")
+    assert run_job(tmp_path, edited) == ["2"]
+
+
+def test_version_pins_the_code_and_the_seed_story(tmp_path):
+    """A job fails on some records; the fix keeps version=, and a rerun computes only the failures."""
+    job = """
+        import json
+        @dc.memoize(sys.argv[1], version=1)
+        def parse(record):
+            with open("log", "a") as log:
+                log.write(str(record["id"]) + "\\n")
+            {handling}
+            return float(record["amount"])
+
+        records = [{{"id": i, "amount": "1,5" if i % 10 == 7 else str(i)}} for i in range(100)]
+        batch = parse.map(records, keep_going=True)
+        print(batch.computed, batch.reused, len(batch.failures))
+    """
+    assert run_job(tmp_path, job.format(handling="pass")) == ["90", "0", "10"]
+    fixed = job.format(handling='record = dict(record, amount=record["amount"].replace(",", "."))')
+    assert run_job(tmp_path, fixed) == ["10", "90", "0"], "the fix keeps version=1: only the failures run"
+    assert len((tmp_path / "log").read_text().split()) == 110
+    bumped = fixed.replace("version=1", "version=2")
+    assert run_job(tmp_path, bumped) == ["100", "0", "0"], "a new version recomputes everything"
+
+
+def test_key_function_chooses_what_counts(tmp_path, calls):
+    @dc.memoize(tmp_path, key=lambda record: record["id"])
+    def load(record):
+        calls.append(record["id"])
+        return record["id"] * 10
+
+    @dc.memoize(tmp_path, key=lambda record: record["id"])
+    def other(record):
+        return -1
+
+    assert load({"id": 1, "noise": 1}) == load({"id": 1, "noise": 2}) == 10 and calls == [1]
+    assert other({"id": 1}) == -1, "the function's identity stays in the key"
+    with pytest.raises(ValueError, match="no ignore="):
+        dc.memoize(tmp_path, key=lambda r: r, ignore=("r",))
+    with pytest.raises(TypeError, match="key= return"):
+        dc.memoize(tmp_path, key=lambda r: threading.Lock())(lambda r: r)(1)
+
+
+def test_keys_are_equal_in_every_process_for_nested_objects(tmp_path):
+    script = """
+        import collections, dataclasses, enum, functools
+
+        Pair = collections.namedtuple("Pair", "name tags")
+
+        @dataclasses.dataclass(frozen=True)
+        class Config:
+            tags: frozenset
+            nested: dict
+
+        class Color(enum.Enum):
+            RED = 1
+
+        class Plain:
+            def __init__(self):
+                self.tags = {"alpha", "beta", "gamma", "delta", "epsilon"}
+
+        @dc.memoize(sys.argv[1])
+        def f(*values):
+            print("computed")
+            return len(values)
+
+        tags = frozenset({"alpha", "beta", "gamma", "delta", "epsilon"})
+        f(Pair("p", set(tags)), Config(tags, {"b": {"x", "y", "z"}, "a": 1}), Color.RED, Plain(),
+          functools.partial(max, 3), 10**5000)
+        print("done")
+    """
+    outputs = [child(script, str(tmp_path), env={"PYTHONHASHSEED": seed}).stdout.split() for seed in ("1", "2", "3", "4")]
+    assert outputs == [["computed", "done"]] + [["done"]] * 3
+
+
+def test_big_ints_are_keys(tmp_path, calls):
+    @dc.memoize(tmp_path)
+    def f(x):
+        calls.append(1)
+        return len(x) if isinstance(x, tuple) else x % 7
+
+    assert f(10**5000) == f(10**5000) == (10**5000) % 7 and f(10**5000 + 1) == (10**5000 + 1) % 7
+    assert f((10**5000,)) == f((10**5000,)) and len(calls) == 3
+
+
+def test_a_partial_is_keyed_by_what_it_holds(tmp_path):
+    script = """
+        import functools
+        def power(base, exponent):
+            print("computed")
+            return base ** exponent
+        square = dc.memoize(sys.argv[1])(functools.partial(power, exponent=2))
+        cube = dc.memoize(sys.argv[1])(functools.partial(power, exponent=3))
+        print(square(3), cube(3))
+    """
+    assert child(script, str(tmp_path)).stdout.split() == ["computed", "computed", "9", "27"]
+    assert child(script, str(tmp_path)).stdout.split() == ["9", "27"], "no memory address in the key"
+
+
+def test_a_script_and_its_import_share_entries(tmp_path):
+    job = """
+        @dc.memoize(sys.argv[1])
+        def transform(x):
+            print("computed")
+            return x + 1
+
+        if __name__ == "__main__":
+            print(transform(1))
+    """
+    assert run_job(tmp_path, job) == ["computed", "2"]
+    proc = child("import job\nprint(job.transform(1))", str(tmp_path / "cache"), cwd=tmp_path, env={"PYTHONPATH": f"{IMPORT_ROOT}{os.pathsep}{tmp_path}"})
+    assert proc.stdout.split() == ["2"], "job.transform is __main__.transform run as a script"
+
+
+def other_pythons() -> list[str]:
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    found = []
+    for minor in ("3.11", "3.12", "3.13"):
+        candidates = sorted(root.glob(f"{minor}.*/bin/python{minor}")) or [Path(p) for p in [shutil.which(f"python{minor}")] if p]
+        found += [str(candidates[-1])] if candidates else []
+    return found
+
+
+def test_entries_are_shared_across_cpython_versions(tmp_path):
+    pythons = other_pythons()
+    if len(pythons) < 2:
+        pytest.skip("needs two of CPython 3.11, 3.12, 3.13")
+    job = """
+        @dc.memoize(sys.argv[1])
+        def transform(x):
+            print("computed")
+            return [x, {"a": (1, 2.5)}]
+        print(transform(1) == [1, {"a": (1, 2.5)}])
+    """
+    outputs = [run_job(tmp_path, job, python=python) for python in pythons]
+    assert outputs == [["computed", "True"]] + [["True"]] * (len(pythons) - 1), pythons
+
+
+def test_info_shows_stale_entries_and_prune_removes_them(tmp_path):
+    job = """
+        @dc.memoize(sys.argv[1])
+        def transform(x):
+            return x + {n}
+        for i in range({count}):
+            transform(i)
+    """
+    run_job(tmp_path, job.format(n=1, count=5))
+    run_job(tmp_path, job.format(n=2, count=3))
+    report = json.loads(cli("info", str(tmp_path / "cache"), "--json").stdout)
+    assert report["functions"] == {"job:transform": 8} and report["stale"] == {"job:transform": 5}
+    assert "(5 of older code" in cli("info", str(tmp_path / "cache")).stdout
+    assert cli("prune", str(tmp_path / "cache")).stdout.startswith("removed 0 ")
+    assert cli("prune", str(tmp_path / "cache"), "--stale").stdout.startswith("removed 5 ")
+    report = json.loads(cli("info", str(tmp_path / "cache"), "--json").stdout)
+    assert report["functions"] == {"job:transform": 3} and report["stale"] == {}
+
+
+def test_numpy_arrays_are_keyed_by_their_contents(tmp_path, calls):
+    np = pytest.importorskip("numpy")
+
+    @dc.memoize(tmp_path)
+    def total(a):
+        calls.append(1)
+        return float(a.sum())
+
+    a = np.arange(12.0).reshape(3, 4)
+    assert total(a) == total(a.copy()) == 66.0 and len(calls) == 1
+    assert total(a.T) == 66.0 and len(calls) == 2, "shape is part of the key; non-contiguous views work"
+    b = a.copy()
+    b[1, 1] = 0
+    assert total(b) == 61.0 and total(a.astype("float32")) == 66.0 and len(calls) == 4
+    assert total(np.float64(1.5)) == 1.5 and len(calls) == 5
 
 
 # -- map: the keep-going batch helper ------------------------------------------
