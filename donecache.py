@@ -105,6 +105,8 @@ if TYPE_CHECKING:
     )
 
     StrPath = Union[str, os.PathLike[str]]
+    # What shelve.open() takes: bytes paths too (only donecache.open and Store do).
+    AnyPath = Union[str, bytes, os.PathLike[str], os.PathLike[bytes]]
     _P = ParamSpec("_P")
     _R = TypeVar("_R")
 else:
@@ -1645,14 +1647,16 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
 
     def __init__(
         self,
-        path: StrPath,
+        filename: AnyPath,
         flag: str = "c",
         protocol: int | None = None,
         writeback: bool = False,
         *,
         durable: bool = False,
     ) -> None:
-        self._files = _EntryFiles(path, flag, durable)
+        # Named and typed as in shelve.DbfilenameShelf; a bytes path is decoded
+        # as the filesystem encoding says, as os.open would.
+        self._files = _EntryFiles(os.fsdecode(filename), flag, durable)
         self.path = self._files.root
         super().__init__(_ShelfDict(self._files), protocol, writeback, keyencoding="utf-8")  # type: ignore[arg-type]
 
@@ -1675,14 +1679,22 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
     def values(self) -> _StoreValues:
         return _StoreValues(self)
 
+    def _open_files(self) -> _EntryFiles:
+        # Shelf.close() swaps self.dict for a marker that raises ValueError on
+        # any use; what bypasses self.dict must refuse in the same way.
+        if not isinstance(getattr(self, "dict", None), _ShelfDict):  # Shelf.dict: not in its stubs.
+            raise ValueError(f"invalid operation on closed shelf {self.path!r}; open it again with donecache.open()")
+        return self._files
+
     def clear(self) -> None:
         """Remove every entry (much faster than deleting them one by one)."""
+        files = self._open_files()
         getattr(self, "cache", {}).clear()  # shelve's writeback cache (not in its stubs).
-        self._files.clear()
+        files.clear()
 
     def prune(self) -> int:
         """Remove expired and damaged entries and crashed writers' temporary files."""
-        entries, temps = self._files.prune()
+        entries, temps = self._open_files().prune()
         return entries + temps
 
 
@@ -1721,15 +1733,17 @@ class _StoreValues(_ValuesView):
 
 
 def open(
-    path: StrPath, flag: str = "c", protocol: int | None = None, writeback: bool = False, *, durable: bool = False
+    filename: AnyPath, flag: str = "c", protocol: int | None = None, writeback: bool = False, *, durable: bool = False
 ) -> Store:
-    """Open a cache directory as a shelf: a drop-in for ``shelve.open(path)``.
+    """Open a cache directory as a shelf: a drop-in for ``shelve.open(filename)``.
 
     The result is a :class:`shelve.Shelf` with str keys and picklable values,
     usable as a context manager. Unlike ``shelve.open``, it is safe for many
     threads and processes at once, a crash never corrupts it, a damaged entry
     reads as missing, and its format is the same on every Python and OS.
 
+    filename: the cache directory: a str, bytes or path-like object, as
+        shelve.open takes (the parameter has shelve's name too).
     flag: ``"c"`` creates the directory if needed, ``"w"`` requires it to
         exist, ``"n"`` empties it, ``"r"`` opens it read-only.
     protocol, writeback: as for shelve.open().
@@ -1738,7 +1752,7 @@ def open(
 
     Entries are pickles: open only directories that nobody you distrust can write.
     """
-    return Store(path, flag, protocol, writeback, durable=durable)
+    return Store(filename, flag, protocol, writeback, durable=durable)
 
 
 # ---------------------------------------------------------------------------

@@ -7,10 +7,13 @@ to ``myproject._vendor.donecache``) to run this same suite against a vendored co
 
 from __future__ import annotations
 
+import dbm
 import errno
 import importlib
+import itertools
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -21,6 +24,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -964,6 +968,96 @@ def test_read_only_store_serves_hits_and_explains_writes(tmp_path, read_only):
     assert lines[1:3] == ["computed 4", "16"]
     assert lines[3].startswith("WARNING DonecacheWarning") and "not cached" in lines[3]
     assert lines[4].startswith("ERROR") and str(tmp_path / "c") in lines[4] and "writable" in lines[4]
+
+
+def test_open_takes_what_shelve_open_takes_and_refuses_a_closed_store(tmp_path):
+    with dc.open(filename=os.fsencode(tmp_path / "c"), flag="c") as db:  # shelve's name; bytes.
+        db["k"] = 1
+        assert db.path == str(tmp_path / "c")
+    for use in (len, lambda db: db.clear(), lambda db: db.prune(), lambda db: db["k"], list):
+        with pytest.raises(ValueError, match="closed shelf"):
+            use(db)
+    with dc.open(tmp_path / "c") as db:
+        assert db["k"] == 1, "nothing was cleared after close"
+
+
+# -- CPython's own shelve tests, run against donecache.open ---------------------
+#
+# Lib/test/test_shelve.py (and mapping_tests) come from the interpreter's test
+# package, imported, never copied. While one of them runs, the `shelve` global
+# of CPython's test module is a stand-in whose open() is dc.open. Only CPython's
+# modules get names here, not its classes: pytest collects every TestCase
+# subclass it finds at module level, and would run shelve's own tests on shelve.
+#
+# Kept: the mapping protocol on a shelf from TestShelveFileBase (shelve.open)
+# for every pickle protocol, with and without writeback; from TestCase, the
+# tests that call shelve.open, and test_close, test_with and
+# test_default_protocol, which build shelve.Shelf over a dict that they never
+# read again (the stand-in's Shelf opens a store instead). Left out: the tests
+# that look into the dict under a Shelf, which test shelve itself.
+
+try:
+    from test import mapping_tests as cpython_mapping_tests
+    from test import test_shelve as cpython_shelve_tests
+
+    # The layout of 3.9-3.13; a later one skips rather than breaks the import.
+    cpython_shelve_tests.TestCase, cpython_shelve_tests.TestShelveFileBase
+    cpython_mapping_tests.BasicTestMappingProtocol
+    NO_CPYTHON_SHELVE_TESTS = ""
+except (ImportError, AttributeError) as exc:  # Python built without its test package.
+    NO_CPYTHON_SHELVE_TESTS = f"this Python has no usable test.test_shelve ({exc!r})"
+
+
+class OnDonecache:
+    """Mixin: one of CPython's shelve tests, in a scratch directory, with shelve.open = dc.open."""
+
+    def setUp(self):
+        scratch = tempfile.mkdtemp(prefix="dc-cpython-shelve-")
+        self.addCleanup(shutil.rmtree, scratch, True)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(scratch)  # CPython's tests name their files relative to the working directory.
+        numbers = itertools.count()
+
+        def store_not_dict(_dict, protocol=None, writeback=False):
+            return dc.open(os.path.join(scratch, f"shelf{next(numbers)}"), protocol=protocol, writeback=writeback)
+
+        self.addCleanup(setattr, cpython_shelve_tests, "shelve", cpython_shelve_tests.shelve)
+        cpython_shelve_tests.shelve = types.SimpleNamespace(open=dc.open, Shelf=store_not_dict)
+        super().setUp()
+
+
+if NO_CPYTHON_SHELVE_TESTS:
+
+    @pytest.mark.skip(reason=NO_CPYTHON_SHELVE_TESTS)
+    def test_cpython_shelve_tests():
+        pass
+
+else:
+
+    class TestCPythonShelveOnDonecache(OnDonecache, cpython_shelve_tests.TestCase):
+        pass
+
+    for _name in dir(cpython_shelve_tests.TestCase):  # By name, so later CPythons' new file tests join.
+        if _name.startswith("test") and not (
+            _name == "test_open_template"
+            or _name.endswith("_file_shelf")
+            or _name in ("test_close", "test_with", "test_default_protocol")
+        ):
+            setattr(TestCPythonShelveOnDonecache, _name, None)  # None: no test to unittest or pytest.
+
+    for _protocol, _writeback in itertools.product(range(pickle.HIGHEST_PROTOCOL + 1), (False, True)):
+        _name = f"TestCPythonMappingProtocol{_protocol}{'Writeback' if _writeback else ''}OnDonecache"
+        globals()[_name] = type(
+            _name,
+            (OnDonecache, cpython_shelve_tests.TestShelveFileBase, cpython_mapping_tests.BasicTestMappingProtocol),
+            {
+                "_args": {"protocol": _protocol, "writeback": _writeback},
+                # Their setUp makes this dbm's default; donecache uses no dbm, so leave dbm as it is.
+                "dbm_mod": property(lambda self: dbm._defaultmod),
+                "__module__": __name__,
+            },
+        )
+    del _name, _protocol, _writeback
 
 
 # -- memoize ------------------------------------------------------------------
