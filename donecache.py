@@ -1251,16 +1251,45 @@ _CACHEDIR_TAG = (
 _STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock"})
 
 
-def _is_store(root: str) -> bool:
-    """True if ``root`` carries the CACHEDIR.TAG that donecache writes into its stores."""
+def _file_head(path: str, size: int) -> bytes:
+    """The first ``size`` bytes of the regular file at ``path``; b"" if there is none."""
     try:
-        fd, _st = _open_regular(os.path.join(root, "CACHEDIR.TAG"))
+        fd, _st = _open_regular(path)
     except OSError:
-        return False
+        return b""
     try:
-        return os.read(fd, len(_CACHEDIR_TAG)) == _CACHEDIR_TAG
+        return os.read(fd, size)
     finally:
         os.close(fd)
+
+
+def _is_store(root: str) -> bool:
+    """True if ``root`` carries the CACHEDIR.TAG that donecache writes into its stores."""
+    return _file_head(os.path.join(root, "CACHEDIR.TAG"), len(_CACHEDIR_TAG)) == _CACHEDIR_TAG
+
+
+# shelve.open(name) keeps its data in a dbm database at or beside ``name``:
+# dbm.dumb writes name.dat, name.dir and name.bak; dbm.ndbm name.pag and
+# name.dir, or name.db where it is Berkeley DB (macOS); dbm.gnu and, from 3.13,
+# dbm.sqlite3 write the file ``name`` itself.
+_DBM_SUFFIXES = ("", ".dat", ".dir", ".bak", ".pag", ".db")
+_BERKELEY_MAGIC = frozenset({0x061561, 0x053162})  # Hash and btree; at byte 0 (1.85) or 12 (later).
+
+
+def _dbm_database(root: str) -> tuple[str, list[str]] | None:
+    """(its kind, its files) if a dbm database is named ``root``, else None."""
+    files = [root + suffix for suffix in _DBM_SUFFIXES if os.path.lexists(root + suffix)]
+    if not files or not all(os.path.isfile(name) for name in files):
+        return None  # Nothing there (the common case: a few lstats), or not only files (whichdb could block on a FIFO).
+    import dbm
+
+    kind = dbm.whichdb(root)  # Reads magic numbers; it never unpickles.
+    head = _file_head(root + ".db", 16)
+    if not kind and any(
+        int.from_bytes(head[at : at + 4], order) in _BERKELEY_MAGIC for at in (0, 12) for order in ("little", "big")
+    ):
+        kind = "dbm.ndbm (Berkeley DB)"  # whichdb knows it only where this Python has dbm.ndbm.
+    return (kind, files) if kind else None
 
 
 class _Entry:
@@ -1355,6 +1384,11 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return a.st_ino == b.st_ino and a.st_dev == b.st_dev
 
 
+# A store that cannot be written says so: a removal that fails with these is
+# an error, never "removed 0".
+_READ_ONLY = frozenset({errno.EACCES, errno.EROFS})
+
+
 def _remove_judged(path: str, judged: os.stat_result) -> bool:
     """Remove ``path`` only if it still is the file that was judged; True if it was removed.
 
@@ -1370,7 +1404,9 @@ def _remove_judged(path: str, judged: os.stat_result) -> bool:
             return False
         os.rename(path, aside)
         moved = os.lstat(aside)
-    except OSError:
+    except OSError as exc:
+        if exc.errno in _READ_ONLY:
+            raise
         return False
     if not _same_file(moved, judged):
         try:
@@ -1430,6 +1466,16 @@ class _EntryFiles:
                 "exist; create that directory or remove the link",
                 self.root,
             )
+        legacy = None if os.path.isdir(self.root) else _dbm_database(self.root)
+        if legacy is not None:
+            new = self.root + ".donecache"
+            raise FileExistsError(
+                errno.EEXIST,
+                f"{self.root!r} names a shelve (dbm) database, not a donecache store: {legacy[0]} files "
+                f"{', '.join(os.path.basename(name) for name in legacy[1])}; donecache does not read dbm files. "
+                f"Copy it into a new store once with: with shelve.open({self.root!r}, 'r') as old, "
+                f"donecache.open({new!r}) as new: new.update(old)",
+            )  # No filename: str() would append it after the line to copy.
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise NotADirectoryError(
                 errno.ENOTDIR, f"cache {self.root!r} is a file, not a directory; choose another path", self.root
@@ -1552,17 +1598,24 @@ class _EntryFiles:
         """Remove the entries (those whose key ``match`` accepts); return how many."""
         self._writable()
         removed = 0
-        if match is not None:
-            for found in self.scan():
-                if found.entry is not None and found.stat is not None and match(found.entry.key):
-                    removed += _remove_judged(found.path, found.stat)
-            return removed
-        for path in list(self.files()):
-            try:
-                os.unlink(path)
-                removed += 1
-            except (FileNotFoundError, IsADirectoryError, PermissionError):
-                pass  # Removed by another process first, or damage that prune() removes.
+        try:
+            if match is not None:
+                for found in self.scan():
+                    if found.entry is not None and found.stat is not None and match(found.entry.key):
+                        removed += _remove_judged(found.path, found.stat)
+                return removed
+            for path in list(self.files()):
+                try:
+                    os.unlink(path)
+                    removed += 1
+                except (FileNotFoundError, IsADirectoryError):
+                    pass  # Removed by another process first, or damage that prune() removes.
+                except PermissionError as exc:
+                    if exc.errno in _READ_ONLY:
+                        raise
+                    # EPERM: a directory at an entry's name (macOS); prune() removes it.
+        except OSError as exc:
+            raise _reraise_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
         return removed
 
     def prune(self, now: float | None = None) -> tuple[int, int]:
@@ -1570,11 +1623,14 @@ class _EntryFiles:
         self._writable()
         when = time.time() if now is None else now
         entries = temps = 0
-        for found in self.scan():
-            # A file that could not be read (stat None) is left alone: ESTALE,
-            # EIO and EACCES say nothing about the entry itself.
-            if found.stat is not None and (found.entry is None or not found.entry.live(when)):
-                entries += _remove_judged(found.path, found.stat)
+        try:
+            for found in self.scan():
+                # A file that could not be read (stat None) is left alone: ESTALE,
+                # EIO and EACCES say nothing about the entry itself.
+                if found.stat is not None and (found.entry is None or not found.entry.live(when)):
+                    entries += _remove_judged(found.path, found.stat)
+        except OSError as exc:
+            raise _reraise_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
         try:
             squatters = [e for e in os.scandir(self.root) if len(e.name) == 2 and set(e.name) <= _HEX]
         except OSError:
@@ -2432,6 +2488,9 @@ class _Progress:
 # ---------------------------------------------------------------------------
 
 
+_CO_GENERATOR, _CO_ASYNC_GENERATOR = 0x20, 0x200  # inspect.CO_*
+
+
 def _seconds(ttl: Any) -> float | None:
     if ttl is None:
         return None
@@ -2499,6 +2558,13 @@ def memoize(
         if not callable(func):
             raise TypeError(f"memoize() decorates functions, not {type(func).__name__}")
         code = getattr(func, "__code__", None)
+        if code is not None and code.co_flags & (_CO_GENERATOR | _CO_ASYNC_GENERATOR):
+            what = "an async generator" if code.co_flags & _CO_ASYNC_GENERATOR else "a generator"
+            raise TypeError(
+                f"memoize() cannot cache {getattr(func, '__qualname__', func)}(): it is {what} function, and "
+                "the iterator that it returns is used up once read; return a list instead, or memoize a "
+                "function that collects it"
+            )
         kind = _AsyncMemoized if code is not None and code.co_flags & _CO_COROUTINE else _Memoized
         return kind(func, store_path, seconds, version, ignore, durable)
 
@@ -2552,7 +2618,8 @@ def _cli_store(path: str, flag: str) -> _EntryFiles:
     """The store at ``path``, refusing anything that is not one: the command line
     never writes into, or labels, a directory that donecache did not make."""
     if not os.path.isdir(path):
-        raise _UsageError(f"{path}: no such directory; give the path of a cache directory (by default .donecache)")
+        what = "not a directory" if os.path.exists(path) else "no such directory"
+        raise _UsageError(f"{path}: {what}; give the path of a cache directory (by default .donecache)")
     if not _is_store(path):
         raise _UsageError(
             f"{path}: not a donecache store (there is no CACHEDIR.TAG written by donecache in it); "
@@ -2606,8 +2673,14 @@ def _cli_prune(args: Any) -> int:
 
 
 def _cli_status(args: Any) -> int:
+    try:
+        _marker_path(".", args.marker)
+    except ValueError:
+        raise _UsageError(f"--marker {args.marker!r}: give a plain file name, such as DONE or _SUCCESS") from None
     rows = []
     for directory in args.directories:
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise _UsageError(f"{directory}: not a directory; give the directory of a stage")
         state, info = _stage_status(directory, version=args.version, marker=args.marker)
         rows.append({"directory": directory, "state": state, "marker": info})
     if args.json:
@@ -2663,7 +2736,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except (_UsageError, OSError, ValueError) as exc:
-        print(f"python -m donecache {args.command}: {exc}", file=sys.stderr)
+        message = str(exc)
+        if isinstance(exc, OSError) and exc.strerror:  # Not str(): it appends the file name again.
+            where = os.fsdecode(exc.filename) if exc.filename is not None else ""
+            message = exc.strerror if where in exc.strerror else f"{where}: {exc.strerror}"
+        print(f"python -m donecache {args.command}: {message}", file=sys.stderr)
         return 2
 
 

@@ -18,6 +18,7 @@ import random
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -981,6 +982,48 @@ def test_open_takes_what_shelve_open_takes_and_refuses_a_closed_store(tmp_path):
         assert db["k"] == 1, "nothing was cleared after close"
 
 
+def make_gdbm_file(path: Path) -> None:
+    path.write_bytes(struct.pack("=l", 0x13579ACF) + bytes(60))  # GNU dbm's magic number; whichdb reads it.
+
+
+def make_berkeley_db_file(path: Path) -> None:
+    path.write_bytes(bytes(12) + struct.pack("<l", 0x061561) + bytes(100))  # A Berkeley DB hash file (ndbm on macOS).
+
+
+@pytest.mark.parametrize("kind", ["dbm.dumb", "dbm.sqlite3", "dbm.gnu", "Berkeley DB"])
+def test_open_beside_a_shelve_database_refuses_and_says_how_to_copy_it(tmp_path, kind):
+    import shelve
+
+    legacy = tmp_path / "legacy"
+    if kind == "dbm.gnu":
+        make_gdbm_file(legacy)
+    elif kind == "Berkeley DB":
+        make_berkeley_db_file(tmp_path / "legacy.db")
+    else:
+        module = pytest.importorskip(kind)  # dbm.sqlite3 is new in 3.13.
+        with shelve.Shelf(module.open(str(legacy), "c")) as old:  # What shelve.open makes with that module.
+            old["answer"] = [42]
+            old["other"] = "x"
+    before = listing(tmp_path)
+    for flag in ("c", "n", "r"):
+        with pytest.raises(FileExistsError, match="shelve") as caught:
+            dc.open(legacy, flag)
+        assert listing(tmp_path) == before, "no store was made, nothing was touched"
+    message = str(caught.value)
+    assert kind.split()[0] in message and str(legacy) in message
+    if kind == "dbm.dumb":
+        assert "legacy.dat, legacy.dir" in message
+    if kind in ("dbm.dumb", "dbm.sqlite3"):
+        # The line the error suggests really copies the shelf.
+        exec(message.split("once with: ")[1], {"shelve": shelve, "donecache": dc})
+        with dc.open(str(legacy) + ".donecache", "r") as new:
+            assert dict(new.items()) == {"answer": [42], "other": "x"}
+    with dc.open(tmp_path / "elsewhere") as db:  # Unrelated names are not refused.
+        db["k"] = 1
+    (tmp_path / "notes.dat").write_text("not a database")
+    dc.open(tmp_path / "notes").close()
+
+
 # -- CPython's own shelve tests, run against donecache.open ---------------------
 #
 # Lib/test/test_shelve.py (and mapping_tests) come from the interpreter's test
@@ -1366,6 +1409,21 @@ def test_async_functions(tmp_path, calls):
     assert asyncio.run(fetch.refresh(7)) == 14 and calls.count(7) == 2
 
 
+def test_generator_functions_are_refused_at_decoration(tmp_path):
+    def numbers(n):
+        yield from range(n)
+
+    async def ticks(n):
+        for i in range(n):
+            yield i
+
+    with pytest.raises(TypeError, match=r"numbers\(\): it is a generator function.*return a list"):
+        dc.memoize(tmp_path)(numbers)
+    with pytest.raises(TypeError, match=r"ticks\(\): it is an async generator function"):
+        dc.memoize(ticks)
+    assert not (tmp_path / "CACHEDIR.TAG").exists()
+
+
 def test_threads_compute_each_key_once(tmp_path, calls):
     @dc.memoize(tmp_path)
     def slow(x):
@@ -1705,13 +1763,57 @@ def test_cli_status(tmp_path):
 
 
 def test_cli_errors_and_help(tmp_path):
-    proc = cli("info", str(tmp_path / "nothing"))
-    assert proc.returncode == 2 and str(tmp_path / "nothing") in proc.stderr
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "plain").mkdir()
+    for args, says in [
+        (("info", str(tmp_path / "nothing")), "no such directory; give the path of a cache directory"),
+        (("prune", str(tmp_path / "file")), "not a directory; give the path of a cache directory"),
+        (("clear", str(tmp_path / "plain")), "not a donecache store"),
+        (("status", str(tmp_path / "file")), "not a directory; give the directory of a stage"),
+        (("status", str(tmp_path / "plain"), "--marker", "a/b"), "--marker 'a/b': give a plain file name"),
+    ]:
+        proc = cli(*args)
+        assert proc.returncode == 2 and proc.stdout == "", args
+        assert proc.stderr.startswith(f"python -m donecache {args[0]}: ") and says in proc.stderr, proc.stderr
+        assert proc.stderr.count(str(tmp_path)) <= 1 and "flag=" not in proc.stderr, proc.stderr
+    assert listing(tmp_path) == ["file", "plain"], "nothing was written or labelled"
     assert cli().returncode == 2
     assert cli("prune").returncode == 2
     for command in ("info", "clear", "prune", "status"):
         proc = cli(command, "--help")
         assert proc.returncode == 0 and "--json" in proc.stdout
+
+
+@posix_only
+def test_cli_on_a_read_only_cache_says_so_and_removes_nothing(tmp_path, read_only):
+    cache = tmp_path / "cache"
+    child(
+        """
+        import time
+        @dc.memoize(sys.argv[1], ttl=0.01)
+        def brief(x):
+            return x
+        brief(1)
+        time.sleep(0.05)
+        """,
+        str(cache),
+    )
+    for path in [cache, *cache.glob("??")]:
+        read_only(path)
+    before = entry_files(cache)
+    for command in (["prune"], ["clear"], ["clear", "--function", "brief"]):
+        proc = child(
+            f"import runpy\nsys.argv = ['donecache', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
+            command[0],
+            str(cache),
+            *command[1:],
+            check=False,
+            unprivileged=True,
+        )
+        assert proc.returncode == 2 and proc.stdout == "", command
+        assert "Permission denied; check that it is writable" in proc.stderr
+        assert proc.stderr.count(str(cache)) == 1, proc.stderr
+    assert entry_files(cache) == before
 
 
 def test_example_pipeline_runs_and_then_reuses_everything(tmp_path):
