@@ -2127,14 +2127,21 @@ class _Memoized(Generic[_P, _R]):
     # it to the end with a single send(); the async class overrides only those
     # two, and awaits _flow.
 
+    def _live(self, call: _Call, files: _EntryFiles) -> _Entry | None:
+        """The call's entry if it is whole and live, by its own expiry and this function's ttl."""
+        now = time.time()
+        entry = files.read(call.key, call.slot, now)
+        if entry is None or (self._ttl is not None and now - entry.created >= self._ttl):
+            return None
+        return entry
+
     def _hit(self, call: _Call) -> Any:
         """The cached result, counted as a hit, or _MISSING."""
         files = self._store
         if files is None:
             return _MISSING
-        now = time.time()
-        entry = files.read(call.key, call.slot, now)
-        if entry is None or (self._ttl is not None and now - entry.created >= self._ttl):
+        entry = self._live(call, files)
+        if entry is None:
             return _MISSING
         try:
             value = self._loads(entry.value)
@@ -2221,6 +2228,16 @@ class _Memoized(Generic[_P, _R]):
     def refresh(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         """Compute this call again, whatever the cache holds, and store the result."""
         return self._get(self._call(args, kwargs), refresh=True)[0]  # type: ignore[no-any-return]
+
+    def is_cached(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
+        """True if a call with these arguments would be a hit: its entry is stored and
+        live (ttl counts as for a call). It never calls the function, takes no lock,
+        counts no hit, and does not create the cache directory. The value is not
+        unpickled: one that no longer loads (its class changed) still counts."""
+        if self._store is None and not os.path.isdir(self.path):
+            return False
+        call = self._call(args, kwargs)
+        return self._store is not None and self._live(call, self._store) is not None
 
     def forget(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
         """Drop the cached result of this one call; True if there was one."""

@@ -1319,6 +1319,45 @@ def test_ttl_expires_entries(tmp_path, calls, monkeypatch):
             dc.memoize(tmp_path, ttl=bad)
 
 
+def test_is_cached_answers_like_a_hit_without_calling_or_locking(tmp_path, calls, monkeypatch):
+    @dc.memoize(tmp_path / "c", ttl=60)
+    def f(x, y=2):
+        calls.append(x)
+        return x * y
+
+    assert not f.is_cached(1) and not (tmp_path / "c").exists(), "asking creates no store"
+    f(1)
+    assert f.is_cached(1) and f.is_cached(x=1, y=2) and not f.is_cached(1, 3) and not f.is_cached(2)
+    assert calls == [1] and f.cache_info()[:2] == (0, 1), "nothing called, no hit counted"
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert not f.is_cached(1), "expired, as a call would find it"
+    monkeypatch.undo()
+    entry_files(tmp_path / "c")[0].write_bytes(b"damaged")
+    assert not f.is_cached(1)
+    with pytest.raises(TypeError):
+        f.is_cached(1, 2, 3)  # Arguments that the call would refuse.
+    release = threading.Event()
+
+    @dc.memoize(tmp_path / "c")
+    def slow(x):
+        calls.append(x)
+        release.wait(30)
+        return x
+
+    holder = threading.Thread(target=slow, args=(5,))
+    holder.start()  # It holds the lock of slow(5)'s key until released.
+    try:
+        while 5 not in calls:
+            time.sleep(0.01)
+        started = time.monotonic()
+        assert not slow.is_cached(5) and time.monotonic() - started < 1, "no waiting on the holder's lock"
+    finally:
+        release.set()
+        holder.join()
+    assert slow.is_cached(5) and calls.count(5) == 1
+
+
 def test_a_shorter_ttl_applies_to_older_entries(tmp_path, calls, monkeypatch):
     def transform(x):
         calls.append(x)
