@@ -59,6 +59,7 @@ __all__ = [
     "open",
     "Store",
     "memoize",
+    "disabled",
     "CacheInfo",
     "DonecacheWarning",
     "BatchResult",
@@ -2039,6 +2040,66 @@ class CacheInfo(tuple):  # type: ignore[type-arg]
 _MISSING: Any = object()
 
 
+# -- the switch: DONECACHE=off, or donecache.disabled() ------------------------
+#
+# Checked on every call, so it must cost next to nothing. os.environ.get()
+# encodes its key each time (about 0.5 us, a few percent of a hit); the
+# mapping under os.environ is read instead, with the key encoded once, as
+# os.environ itself encodes it (bytes on POSIX, upper case on Windows).
+_ENVIRON: Any = getattr(os.environ, "_data", None)
+if _ENVIRON is not None:
+    _SWITCH_KEY: Any = os.environ.encodekey("DONECACHE")
+    _env_text: Callable[[Any], str] = os.environ.decodevalue
+else:  # pragma: no cover - an os.environ without CPython's internals
+    _ENVIRON, _SWITCH_KEY, _env_text = os.environ, "DONECACHE", str
+_off_depth = 0  # How many disabled() blocks are open, in all threads.
+_off_guard = _thread.allocate_lock()
+
+
+def _switched_off() -> bool:
+    """True while memoize calls straight through: inside disabled(), or with DONECACHE=off."""
+    if _off_depth:
+        return True
+    raw = _ENVIRON.get(_SWITCH_KEY)
+    return raw is not None and _off_in_environment(_env_text(raw))
+
+
+def _off_in_environment(value: str) -> bool:
+    word = value.strip().lower()
+    if word in ("off", "on", ""):
+        return word == "off"
+    raise ValueError(f"the environment variable DONECACHE={value!r} is neither 'off' nor 'on'; set one or unset it")
+
+
+class _Disabled:
+    """What disabled() returns: a context manager, usable again and nested."""
+
+    def __enter__(self) -> None:
+        global _off_depth
+        with _off_guard:
+            _off_depth += 1
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        global _off_depth
+        with _off_guard:
+            _off_depth -= 1
+
+
+def disabled() -> _Disabled:
+    """``with donecache.disabled():`` memoized functions call straight through.
+
+    For tests: while any such block is open, every thread of this process calls
+    memoized functions as plain functions, with no reads, writes or locks, and
+    no cache directory is created; hits and misses are not counted. A batch
+    (f.map) started inside the block runs its workers the same way. The
+    environment variable DONECACHE=off does the same for a whole process (and
+    the processes it starts), checked at each call.
+    """
+    return _Disabled()
+
+
 class _Call:
     """One call of a memoized function: its arguments, key and entry slot."""
 
@@ -2223,18 +2284,28 @@ class _Memoized(Generic[_P, _R]):
         raise RuntimeError(f"{self.__qualname__}(): the memoize flow suspended in a sync call")
 
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if _switched_off():
+            return self.__wrapped__(*args, **kwargs)
         return self._get(self._call(args, kwargs))[0]  # type: ignore[no-any-return]
 
     def refresh(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         """Compute this call again, whatever the cache holds, and store the result."""
+        if _switched_off():
+            return self.__wrapped__(*args, **kwargs)
         return self._get(self._call(args, kwargs), refresh=True)[0]  # type: ignore[no-any-return]
+
+    def _compute(self, args: tuple[Any, ...], off: bool) -> tuple[Any, bool]:
+        """(result, computed) of one call of a batch; ``off``: caching was off when the batch began."""
+        if off:
+            return self.__wrapped__(*args), True  # type: ignore[call-arg]
+        return self._get(self._call(args, {}))
 
     def is_cached(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
         """True if a call with these arguments would be a hit: its entry is stored and
         live (ttl counts as for a call). It never calls the function, takes no lock,
         counts no hit, and does not create the cache directory. The value is not
         unpickled: one that no longer loads (its class changed) still counts."""
-        if self._store is None and not os.path.isdir(self.path):
+        if _switched_off() or (self._store is None and not os.path.isdir(self.path)):
             return False
         call = self._call(args, kwargs)
         return self._store is not None and self._live(call, self._store) is not None
@@ -2288,19 +2359,20 @@ class _Memoized(Generic[_P, _R]):
         if not iterables:
             raise TypeError(f"{self.__qualname__}.map() needs at least one iterable of inputs")
         calls = list(zip(*iterables))
+        off = _switched_off()
         batch = BatchResult(len(calls))
         meter = _Progress(len(calls), sys.stderr.isatty() if progress is None else progress)
         try:
             if not workers or workers <= 1:
                 for index, args in enumerate(calls):
                     if keep_going:
-                        batch._record(index, args, _call_one(self, args, False))
+                        batch._record(index, args, _call_one(self, args, False, off))
                     else:  # Let the failure propagate with its own traceback, as a loop would.
-                        value, computed = self._get(self._call(args, {}))
+                        value, computed = self._compute(args, off)
                         batch._record(index, args, (True, value, computed))
                     meter.update(batch)
             else:
-                self._map_in_pool(calls, batch, meter, keep_going, workers, processes)
+                self._map_in_pool(calls, batch, meter, keep_going, workers, processes, off)
         finally:
             meter.close(batch)
         batch.failures.sort(key=lambda failure: failure.index)
@@ -2314,6 +2386,7 @@ class _Memoized(Generic[_P, _R]):
         keep_going: bool,
         workers: int,
         processes: bool,
+        off: bool,
     ) -> None:
         import concurrent.futures as futures
 
@@ -2324,7 +2397,7 @@ class _Memoized(Generic[_P, _R]):
             pool = futures.ThreadPoolExecutor(workers)
         first: int | None = None  # Without keep_going: the earliest input that failed.
         try:
-            pending = {pool.submit(_call_one, self, args, processes): index for index, args in enumerate(calls)}
+            pending = {pool.submit(_call_one, self, args, processes, off): index for index, args in enumerate(calls)}
             for future in futures.as_completed(pending):
                 index = pending[future]
                 if future.cancelled():
@@ -2369,11 +2442,15 @@ class _AsyncMemoized(_Memoized[_P, _R]):
         return await coroutine
 
     async def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> Any:  # type: ignore[override]
+        if _switched_off():
+            return await self.__wrapped__(*args, **kwargs)  # type: ignore[misc]
         call = self._call(args, kwargs)
         value = self._hit(call)
         return value if value is not _MISSING else (await self._flow(call, False))[0]
 
     async def refresh(self, *args: _P.args, **kwargs: _P.kwargs) -> Any:  # type: ignore[override]
+        if _switched_off():
+            return await self.__wrapped__(*args, **kwargs)  # type: ignore[misc]
         return (await self._flow(self._call(args, kwargs), True))[0]
 
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
@@ -2403,13 +2480,13 @@ def _exit_with_parent(parent: int) -> None:
     _thread.start_new_thread(watch, ())
 
 
-def _call_one(func: _Memoized[..., Any], args: tuple[Any, ...], portable: bool) -> tuple[bool, Any, bool]:
+def _call_one(func: _Memoized[..., Any], args: tuple[Any, ...], portable: bool, off: bool) -> tuple[bool, Any, bool]:
     """One call of a batch, never raising: (True, result, computed) or (False, (exception, traceback), True).
 
     Module level, so that a process pool can run it; ``func`` travels by name.
     """
     try:
-        value, computed = func._get(func._call(args, {}))
+        value, computed = func._compute(args, off)
         return True, value, computed
     except Exception as exc:
         text = _format_exception(exc)

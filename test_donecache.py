@@ -1358,6 +1358,82 @@ def test_is_cached_answers_like_a_hit_without_calling_or_locking(tmp_path, calls
     assert slow.is_cached(5) and calls.count(5) == 1
 
 
+def test_donecache_off_calls_straight_through(tmp_path, calls, monkeypatch):
+    import asyncio
+
+    @dc.memoize(tmp_path / "c")
+    def f(x):
+        calls.append(x)
+        return -x
+
+    @dc.memoize(tmp_path / "c")
+    async def g(x):
+        calls.append(x)
+        return x
+
+    monkeypatch.setenv("DONECACHE", "off")  # Read at each call, not at import.
+    assert f(1) == -1 and f(1) == -1 and f.refresh(1) == -1 and asyncio.run(g(2)) == 2
+    assert f.map([3, 4]).results == [-3, -4] and f.map([3], keep_going=True, workers=2, processes=False).ok
+    assert calls == [1, 1, 1, 2, 3, 4, 3] and not f.is_cached(1)
+    assert not (tmp_path / "c").exists(), "no reads, no writes, no locks: no store at all"
+    monkeypatch.setenv("DONECACHE", "On")
+    assert f(1) == -1 and f(1) == -1 and calls.count(1) == 4 and f.is_cached(1)
+    monkeypatch.setenv("DONECACHE", "of")
+    with pytest.raises(ValueError, match="DONECACHE='of' is neither 'off' nor 'on'"):
+        f(1)
+
+
+def test_disabled_switches_off_every_thread_and_takes_no_lock(tmp_path, calls):
+    release = threading.Event()
+
+    @dc.memoize(tmp_path / "c")
+    def slow(x):
+        calls.append(x)
+        if threading.current_thread() is holder:
+            release.wait(30)
+        return x
+
+    holder = threading.Thread(target=slow, args=(5,))
+    holder.start()  # It holds the lock of slow(5)'s key.
+    try:
+        while 5 not in calls:
+            time.sleep(0.01)
+        with dc.disabled():
+            with dc.disabled():  # Nested blocks: off until the outermost ends.
+                pass
+            started = time.monotonic()
+            assert slow(5) == 5 and time.monotonic() - started < 1, "no waiting on the key's lock"
+            other = threading.Thread(target=slow, args=(6,))
+            other.start()
+            other.join()
+    finally:
+        release.set()
+        holder.join()
+    assert calls == [5, 5, 6] and not slow.is_cached(6), "the other thread's call was not cached either"
+    assert slow(6) == 6 and slow(6) == 6 and calls == [5, 5, 6, 6], "on again after the block"
+
+
+@posix_only
+def test_disabled_reaches_the_workers_of_a_batch(tmp_path):
+    proc = child(
+        """
+        import multiprocessing, os
+        @dc.memoize(os.environ["JOB_CACHE"])
+        def pid(x):
+            return os.getpid()
+
+        if __name__ == "__main__":
+            multiprocessing.set_start_method("spawn")  # Workers start afresh: nothing is inherited.
+            with dc.disabled():
+                batch = pid.map(range(6), workers=2)
+            print(batch, os.path.exists(os.environ["JOB_CACHE"]), os.getpid() in batch.results)
+        """,
+        env={"JOB_CACHE": str(tmp_path / "c")},
+        script_file=tmp_path / "job.py",
+    )
+    assert proc.stdout.strip() == "BatchResult(6 inputs: 0 reused, 6 computed, 0 failed) False False"
+
+
 def test_a_shorter_ttl_applies_to_older_entries(tmp_path, calls, monkeypatch):
     def transform(x):
         calls.append(x)
