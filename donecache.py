@@ -59,6 +59,7 @@ __all__ = [
     "open",
     "Store",
     "memoize",
+    "disabled",
     "CacheInfo",
     "DonecacheWarning",
     "BatchResult",
@@ -106,6 +107,8 @@ if TYPE_CHECKING:
 
     StrPath = Union[str, os.PathLike[str]]
     _Version = Union[str, int, tuple[Union[str, int], ...]]  # Compared by _version_text().
+    # What shelve.open() takes: bytes paths too (only donecache.open and Store do).
+    AnyPath = Union[str, bytes, os.PathLike[str], os.PathLike[bytes]]
     _P = ParamSpec("_P")
     _R = TypeVar("_R")
 else:
@@ -1297,16 +1300,45 @@ _CACHEDIR_TAG = (
 _STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions"})
 
 
-def _is_store(root: str) -> bool:
-    """True if ``root`` carries the CACHEDIR.TAG that donecache writes into its stores."""
+def _file_head(path: str, size: int) -> bytes:
+    """The first ``size`` bytes of the regular file at ``path``; b"" if there is none."""
     try:
-        fd, _st = _open_regular(os.path.join(root, "CACHEDIR.TAG"))
+        fd, _st = _open_regular(path)
     except OSError:
-        return False
+        return b""
     try:
-        return os.read(fd, len(_CACHEDIR_TAG)) == _CACHEDIR_TAG
+        return os.read(fd, size)
     finally:
         os.close(fd)
+
+
+def _is_store(root: str) -> bool:
+    """True if ``root`` carries the CACHEDIR.TAG that donecache writes into its stores."""
+    return _file_head(os.path.join(root, "CACHEDIR.TAG"), len(_CACHEDIR_TAG)) == _CACHEDIR_TAG
+
+
+# shelve.open(name) keeps its data in a dbm database at or beside ``name``:
+# dbm.dumb writes name.dat, name.dir and name.bak; dbm.ndbm name.pag and
+# name.dir, or name.db where it is Berkeley DB (macOS); dbm.gnu and, from 3.13,
+# dbm.sqlite3 write the file ``name`` itself.
+_DBM_SUFFIXES = ("", ".dat", ".dir", ".bak", ".pag", ".db")
+_BERKELEY_MAGIC = frozenset({0x061561, 0x053162})  # Hash and btree; at byte 0 (1.85) or 12 (later).
+
+
+def _dbm_database(root: str) -> tuple[str, list[str]] | None:
+    """(its kind, its files) if a dbm database is named ``root``, else None."""
+    files = [root + suffix for suffix in _DBM_SUFFIXES if os.path.lexists(root + suffix)]
+    if not files or not all(os.path.isfile(name) for name in files):
+        return None  # Nothing there (the common case: a few lstats), or not only files (whichdb could block on a FIFO).
+    import dbm
+
+    kind = dbm.whichdb(root)  # Reads magic numbers; it never unpickles.
+    head = _file_head(root + ".db", 16)
+    if not kind and any(
+        int.from_bytes(head[at : at + 4], order) in _BERKELEY_MAGIC for at in (0, 12) for order in ("little", "big")
+    ):
+        kind = "dbm.ndbm (Berkeley DB)"  # whichdb knows it only where this Python has dbm.ndbm.
+    return (kind, files) if kind else None
 
 
 class _Entry:
@@ -1401,6 +1433,11 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return a.st_ino == b.st_ino and a.st_dev == b.st_dev
 
 
+# A store that cannot be written says so: a removal that fails with these is
+# an error, never "removed 0".
+_READ_ONLY = frozenset({errno.EACCES, errno.EROFS})
+
+
 def _remove_judged(path: str, judged: os.stat_result) -> bool:
     """Remove ``path`` only if it still is the file that was judged; True if it was removed.
 
@@ -1416,7 +1453,9 @@ def _remove_judged(path: str, judged: os.stat_result) -> bool:
             return False
         os.rename(path, aside)
         moved = os.lstat(aside)
-    except OSError:
+    except OSError as exc:
+        if exc.errno in _READ_ONLY:
+            raise
         return False
     if not _same_file(moved, judged):
         try:
@@ -1476,6 +1515,16 @@ class _EntryFiles:
                 "exist; create that directory or remove the link",
                 self.root,
             )
+        legacy = None if os.path.isdir(self.root) else _dbm_database(self.root)
+        if legacy is not None:
+            new = self.root + ".donecache"
+            raise FileExistsError(
+                errno.EEXIST,
+                f"{self.root!r} names a shelve (dbm) database, not a donecache store: {legacy[0]} files "
+                f"{', '.join(os.path.basename(name) for name in legacy[1])}; donecache does not read dbm files. "
+                f"Copy it into a new store once with: with shelve.open({self.root!r}, 'r') as old, "
+                f"donecache.open({new!r}) as new: new.update(old)",
+            )  # No filename: str() would append it after the line to copy.
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise NotADirectoryError(
                 errno.ENOTDIR, f"cache {self.root!r} is a file, not a directory; choose another path", self.root
@@ -1640,17 +1689,24 @@ class _EntryFiles:
         """Remove the entries (those whose key ``match`` accepts); return how many."""
         self._writable()
         removed = 0
-        if match is not None:
-            for found in self.scan():
-                if found.entry is not None and found.stat is not None and match(found.entry.key):
-                    removed += _remove_judged(found.path, found.stat)
-            return removed
-        for path in list(self.files()):
-            try:
-                os.unlink(path)
-                removed += 1
-            except (FileNotFoundError, IsADirectoryError, PermissionError):
-                pass  # Removed by another process first, or damage that prune() removes.
+        try:
+            if match is not None:
+                for found in self.scan():
+                    if found.entry is not None and found.stat is not None and match(found.entry.key):
+                        removed += _remove_judged(found.path, found.stat)
+                return removed
+            for path in list(self.files()):
+                try:
+                    os.unlink(path)
+                    removed += 1
+                except (FileNotFoundError, IsADirectoryError):
+                    pass  # Removed by another process first, or damage that prune() removes.
+                except PermissionError as exc:
+                    if exc.errno in _READ_ONLY:
+                        raise
+                    # EPERM: a directory at an entry's name (macOS); prune() removes it.
+        except OSError as exc:
+            raise _reraise_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
         return removed
 
     def prune(self, now: float | None = None, stale: Callable[[bytes], bool] | None = None) -> tuple[int, int]:
@@ -1659,14 +1715,17 @@ class _EntryFiles:
         self._writable()
         when = time.time() if now is None else now
         entries = temps = 0
-        for found in self.scan():
-            # A file that could not be read (stat None) is left alone: ESTALE,
-            # EIO and EACCES say nothing about the entry itself.
-            entry = found.entry
-            if found.stat is not None and (
-                entry is None or not entry.live(when) or (stale is not None and stale(entry.key))
-            ):
-                entries += _remove_judged(found.path, found.stat)
+        try:
+            for found in self.scan():
+                # A file that could not be read (stat None) is left alone: ESTALE,
+                # EIO and EACCES say nothing about the entry itself.
+                entry = found.entry
+                if found.stat is not None and (
+                    entry is None or not entry.live(when) or (stale is not None and stale(entry.key))
+                ):
+                    entries += _remove_judged(found.path, found.stat)
+        except OSError as exc:
+            raise _reraise_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
         try:
             squatters = [e for e in os.scandir(self.root) if len(e.name) == 2 and set(e.name) <= _HEX]
         except OSError:
@@ -1739,14 +1798,16 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
 
     def __init__(
         self,
-        path: StrPath,
+        filename: AnyPath,
         flag: str = "c",
         protocol: int | None = None,
         writeback: bool = False,
         *,
         durable: bool = False,
     ) -> None:
-        self._files = _EntryFiles(path, flag, durable)
+        # Named and typed as in shelve.DbfilenameShelf; a bytes path is decoded
+        # as the filesystem encoding says, as os.open would.
+        self._files = _EntryFiles(os.fsdecode(filename), flag, durable)
         self.path = self._files.root
         super().__init__(_ShelfDict(self._files), protocol, writeback, keyencoding="utf-8")  # type: ignore[arg-type]
 
@@ -1769,14 +1830,22 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
     def values(self) -> _StoreValues:
         return _StoreValues(self)
 
+    def _open_files(self) -> _EntryFiles:
+        # Shelf.close() swaps self.dict for a marker that raises ValueError on
+        # any use; what bypasses self.dict must refuse in the same way.
+        if not isinstance(getattr(self, "dict", None), _ShelfDict):  # Shelf.dict: not in its stubs.
+            raise ValueError(f"invalid operation on closed shelf {self.path!r}; open it again with donecache.open()")
+        return self._files
+
     def clear(self) -> None:
         """Remove every entry (much faster than deleting them one by one)."""
+        files = self._open_files()
         getattr(self, "cache", {}).clear()  # shelve's writeback cache (not in its stubs).
-        self._files.clear()
+        files.clear()
 
     def prune(self) -> int:
         """Remove expired and damaged entries and crashed writers' temporary files."""
-        entries, temps = self._files.prune()
+        entries, temps = self._open_files().prune()
         return entries + temps
 
 
@@ -1815,15 +1884,17 @@ class _StoreValues(_ValuesView):
 
 
 def open(
-    path: StrPath, flag: str = "c", protocol: int | None = None, writeback: bool = False, *, durable: bool = False
+    filename: AnyPath, flag: str = "c", protocol: int | None = None, writeback: bool = False, *, durable: bool = False
 ) -> Store:
-    """Open a cache directory as a shelf: a drop-in for ``shelve.open(path)``.
+    """Open a cache directory as a shelf: a drop-in for ``shelve.open(filename)``.
 
     The result is a :class:`shelve.Shelf` with str keys and picklable values,
     usable as a context manager. Unlike ``shelve.open``, it is safe for many
     threads and processes at once, a crash never corrupts it, a damaged entry
     reads as missing, and its format is the same on every Python and OS.
 
+    filename: the cache directory: a str, bytes or path-like object, as
+        shelve.open takes (the parameter has shelve's name too).
     flag: ``"c"`` creates the directory if needed, ``"w"`` requires it to
         exist, ``"n"`` empties it, ``"r"`` opens it read-only.
     protocol, writeback: as for shelve.open().
@@ -1832,7 +1903,7 @@ def open(
 
     Entries are pickles: open only directories that nobody you distrust can write.
     """
-    return Store(path, flag, protocol, writeback, durable=durable)
+    return Store(filename, flag, protocol, writeback, durable=durable)
 
 
 # ---------------------------------------------------------------------------
@@ -2385,6 +2456,66 @@ class CacheInfo(tuple):  # type: ignore[type-arg]
 _MISSING: Any = object()
 
 
+# -- the switch: DONECACHE=off, or donecache.disabled() ------------------------
+#
+# Checked on every call, so it must cost next to nothing. os.environ.get()
+# encodes its key each time (about 0.5 us, a few percent of a hit); the
+# mapping under os.environ is read instead, with the key encoded once, as
+# os.environ itself encodes it (bytes on POSIX, upper case on Windows).
+_ENVIRON: Any = getattr(os.environ, "_data", None)
+if _ENVIRON is not None:
+    _SWITCH_KEY: Any = os.environ.encodekey("DONECACHE")
+    _env_text: Callable[[Any], str] = os.environ.decodevalue
+else:  # pragma: no cover - an os.environ without CPython's internals
+    _ENVIRON, _SWITCH_KEY, _env_text = os.environ, "DONECACHE", str
+_off_depth = 0  # How many disabled() blocks are open, in all threads.
+_off_guard = _thread.allocate_lock()
+
+
+def _switched_off() -> bool:
+    """True while memoize calls straight through: inside disabled(), or with DONECACHE=off."""
+    if _off_depth:
+        return True
+    raw = _ENVIRON.get(_SWITCH_KEY)
+    return raw is not None and _off_in_environment(_env_text(raw))
+
+
+def _off_in_environment(value: str) -> bool:
+    word = value.strip().lower()
+    if word in ("off", "on", ""):
+        return word == "off"
+    raise ValueError(f"the environment variable DONECACHE={value!r} is neither 'off' nor 'on'; set one or unset it")
+
+
+class _Disabled:
+    """What disabled() returns: a context manager, usable again and nested."""
+
+    def __enter__(self) -> None:
+        global _off_depth
+        with _off_guard:
+            _off_depth += 1
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        global _off_depth
+        with _off_guard:
+            _off_depth -= 1
+
+
+def disabled() -> _Disabled:
+    """``with donecache.disabled():`` memoized functions call straight through.
+
+    For tests: while any such block is open, every thread of this process calls
+    memoized functions as plain functions, with no reads, writes or locks, and
+    no cache directory is created; hits and misses are not counted. A batch
+    (f.map) started inside the block runs its workers the same way. The
+    environment variable DONECACHE=off does the same for a whole process (and
+    the processes it starts), checked at each call.
+    """
+    return _Disabled()
+
+
 class _Call:
     """One call of a memoized function: its arguments, key and entry slot."""
 
@@ -2489,14 +2620,21 @@ class _Memoized(Generic[_P, _R]):
     # it to the end with a single send(); the async class overrides only those
     # two, and awaits _flow.
 
+    def _live(self, call: _Call, files: _EntryFiles) -> _Entry | None:
+        """The call's entry if it is whole and live, by its own expiry and this function's ttl."""
+        now = time.time()
+        entry = files.read(call.key, call.slot, now)
+        if entry is None or (self._ttl is not None and now - entry.created >= self._ttl):
+            return None
+        return entry
+
     def _hit(self, call: _Call) -> Any:
         """The cached result, counted as a hit, or _MISSING."""
         files = self._store
         if files is None:
             return _MISSING
-        now = time.time()
-        entry = files.read(call.key, call.slot, now)
-        if entry is None or (self._ttl is not None and now - entry.created >= self._ttl):
+        entry = self._live(call, files)
+        if entry is None:
             return _MISSING
         try:
             value = self._loads(entry.value)
@@ -2578,11 +2716,31 @@ class _Memoized(Generic[_P, _R]):
         raise RuntimeError(f"{self.__qualname__}(): the memoize flow suspended in a sync call")
 
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if _switched_off():
+            return self.__wrapped__(*args, **kwargs)
         return self._get(self._call(args, kwargs))[0]  # type: ignore[no-any-return]
 
     def refresh(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         """Compute this call again, whatever the cache holds, and store the result."""
+        if _switched_off():
+            return self.__wrapped__(*args, **kwargs)
         return self._get(self._call(args, kwargs), refresh=True)[0]  # type: ignore[no-any-return]
+
+    def _compute(self, args: tuple[Any, ...], off: bool) -> tuple[Any, bool]:
+        """(result, computed) of one call of a batch; ``off``: caching was off when the batch began."""
+        if off:
+            return self.__wrapped__(*args), True  # type: ignore[call-arg]
+        return self._get(self._call(args, {}))
+
+    def is_cached(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
+        """True if a call with these arguments would be a hit: its entry is stored and
+        live (ttl counts as for a call). It never calls the function, takes no lock,
+        counts no hit, and does not create the cache directory. The value is not
+        unpickled: one that no longer loads (its class changed) still counts."""
+        if _switched_off() or (self._store is None and not os.path.isdir(self.path)):
+            return False
+        call = self._call(args, kwargs)
+        return self._store is not None and self._live(call, self._store) is not None
 
     def forget(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
         """Drop the cached result of this one call; True if there was one."""
@@ -2633,19 +2791,20 @@ class _Memoized(Generic[_P, _R]):
         if not iterables:
             raise TypeError(f"{self.__qualname__}.map() needs at least one iterable of inputs")
         calls = list(zip(*iterables))
+        off = _switched_off()
         batch = BatchResult(len(calls))
         meter = _Progress(len(calls), sys.stderr.isatty() if progress is None else progress)
         try:
             if not workers or workers <= 1:
                 for index, args in enumerate(calls):
                     if keep_going:
-                        batch._record(index, args, _call_one(self, args, False))
+                        batch._record(index, args, _call_one(self, args, False, off))
                     else:  # Let the failure propagate with its own traceback, as a loop would.
-                        value, computed = self._get(self._call(args, {}))
+                        value, computed = self._compute(args, off)
                         batch._record(index, args, (True, value, computed))
                     meter.update(batch)
             else:
-                self._map_in_pool(calls, batch, meter, keep_going, workers, processes)
+                self._map_in_pool(calls, batch, meter, keep_going, workers, processes, off)
         finally:
             meter.close(batch)
         batch.failures.sort(key=lambda failure: failure.index)
@@ -2659,6 +2818,7 @@ class _Memoized(Generic[_P, _R]):
         keep_going: bool,
         workers: int,
         processes: bool,
+        off: bool,
     ) -> None:
         import concurrent.futures as futures
 
@@ -2669,7 +2829,7 @@ class _Memoized(Generic[_P, _R]):
             pool = futures.ThreadPoolExecutor(workers)
         first: int | None = None  # Without keep_going: the earliest input that failed.
         try:
-            pending = {pool.submit(_call_one, self, args, processes): index for index, args in enumerate(calls)}
+            pending = {pool.submit(_call_one, self, args, processes, off): index for index, args in enumerate(calls)}
             for future in futures.as_completed(pending):
                 index = pending[future]
                 if future.cancelled():
@@ -2714,11 +2874,15 @@ class _AsyncMemoized(_Memoized[_P, _R]):
         return await coroutine
 
     async def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> Any:  # type: ignore[override]
+        if _switched_off():
+            return await self.__wrapped__(*args, **kwargs)  # type: ignore[misc]
         call = self._call(args, kwargs)
         value = self._hit(call)
         return value if value is not _MISSING else (await self._flow(call, False))[0]
 
     async def refresh(self, *args: _P.args, **kwargs: _P.kwargs) -> Any:  # type: ignore[override]
+        if _switched_off():
+            return await self.__wrapped__(*args, **kwargs)  # type: ignore[misc]
         return (await self._flow(self._call(args, kwargs), True))[0]
 
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
@@ -2748,13 +2912,13 @@ def _exit_with_parent(parent: int) -> None:
     _thread.start_new_thread(watch, ())
 
 
-def _call_one(func: _Memoized[..., Any], args: tuple[Any, ...], portable: bool) -> tuple[bool, Any, bool]:
+def _call_one(func: _Memoized[..., Any], args: tuple[Any, ...], portable: bool, off: bool) -> tuple[bool, Any, bool]:
     """One call of a batch, never raising: (True, result, computed) or (False, (exception, traceback), True).
 
     Module level, so that a process pool can run it; ``func`` travels by name.
     """
     try:
-        value, computed = func._get(func._call(args, {}))
+        value, computed = func._compute(args, off)
         return True, value, computed
     except Exception as exc:
         text = _format_exception(exc)
@@ -2850,6 +3014,9 @@ class _Progress:
 # ---------------------------------------------------------------------------
 
 
+_CO_GENERATOR, _CO_ASYNC_GENERATOR = 0x20, 0x200  # inspect.CO_*
+
+
 def _seconds(ttl: Any) -> float | None:
     if ttl is None:
         return None
@@ -2933,6 +3100,13 @@ def memoize(
         if not callable(func):
             raise TypeError(f"memoize() decorates functions, not {type(func).__name__}")
         code = getattr(func, "__code__", None)
+        if code is not None and code.co_flags & (_CO_GENERATOR | _CO_ASYNC_GENERATOR):
+            what = "an async generator" if code.co_flags & _CO_ASYNC_GENERATOR else "a generator"
+            raise TypeError(
+                f"memoize() cannot cache {getattr(func, '__qualname__', func)}(): it is {what} function, and "
+                "the iterator that it returns is used up once read; return a list instead, or memoize a "
+                "function that collects it"
+            )
         kind = _AsyncMemoized if code is not None and code.co_flags & _CO_COROUTINE else _Memoized
         return kind(func, store_path, seconds, version, ignore, durable, key)
 
@@ -3004,7 +3178,8 @@ def _cli_store(path: str, flag: str) -> _EntryFiles:
     """The store at ``path``, refusing anything that is not one: the command line
     never writes into, or labels, a directory that donecache did not make."""
     if not os.path.isdir(path):
-        raise _UsageError(f"{path}: no such directory; give the path of a cache directory (by default .donecache)")
+        what = "not a directory" if os.path.exists(path) else "no such directory"
+        raise _UsageError(f"{path}: {what}; give the path of a cache directory (by default .donecache)")
     if not _is_store(path):
         raise _UsageError(
             f"{path}: not a donecache store (there is no CACHEDIR.TAG written by donecache in it); "
@@ -3060,8 +3235,14 @@ def _cli_prune(args: Any) -> int:
 
 
 def _cli_status(args: Any) -> int:
+    try:
+        _marker_path(".", args.marker)
+    except ValueError:
+        raise _UsageError(f"--marker {args.marker!r}: give a plain file name, such as DONE or _SUCCESS") from None
     rows = []
     for directory in args.directories:
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise _UsageError(f"{directory}: not a directory; give the directory of a stage")
         state, info = _stage_status(directory, version=args.version, marker=args.marker)
         rows.append({"directory": directory, "state": state, "marker": info})
     if args.json:
@@ -3120,7 +3301,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except (_UsageError, OSError, ValueError) as exc:
-        print(f"python -m donecache {args.command}: {exc}", file=sys.stderr)
+        message = str(exc)
+        if isinstance(exc, OSError) and exc.strerror:  # Not str(): it appends the file name again.
+            where = os.fsdecode(exc.filename) if exc.filename is not None else ""
+            message = exc.strerror if where in exc.strerror else f"{where}: {exc.strerror}"
+        print(f"python -m donecache {args.command}: {message}", file=sys.stderr)
         return 2
 
 

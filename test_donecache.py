@@ -7,20 +7,25 @@ to ``myproject._vendor.donecache``) to run this same suite against a vendored co
 
 from __future__ import annotations
 
+import dbm
 import errno
 import importlib
+import itertools
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -1018,6 +1023,138 @@ def test_read_only_store_serves_hits_and_explains_writes(tmp_path, read_only):
     assert lines[4].startswith("ERROR") and str(tmp_path / "c") in lines[4] and "writable" in lines[4]
 
 
+def test_open_takes_what_shelve_open_takes_and_refuses_a_closed_store(tmp_path):
+    with dc.open(filename=os.fsencode(tmp_path / "c"), flag="c") as db:  # shelve's name; bytes.
+        db["k"] = 1
+        assert db.path == str(tmp_path / "c")
+    for use in (len, lambda db: db.clear(), lambda db: db.prune(), lambda db: db["k"], list):
+        with pytest.raises(ValueError, match="closed shelf"):
+            use(db)
+    with dc.open(tmp_path / "c") as db:
+        assert db["k"] == 1, "nothing was cleared after close"
+
+
+def make_gdbm_file(path: Path) -> None:
+    path.write_bytes(struct.pack("=l", 0x13579ACF) + bytes(60))  # GNU dbm's magic number; whichdb reads it.
+
+
+def make_berkeley_db_file(path: Path) -> None:
+    path.write_bytes(bytes(12) + struct.pack("<l", 0x061561) + bytes(100))  # A Berkeley DB hash file (ndbm on macOS).
+
+
+@pytest.mark.parametrize("kind", ["dbm.dumb", "dbm.sqlite3", "dbm.gnu", "Berkeley DB"])
+def test_open_beside_a_shelve_database_refuses_and_says_how_to_copy_it(tmp_path, kind):
+    import shelve
+
+    legacy = tmp_path / "legacy"
+    if kind == "dbm.gnu":
+        make_gdbm_file(legacy)
+    elif kind == "Berkeley DB":
+        make_berkeley_db_file(tmp_path / "legacy.db")
+    else:
+        module = pytest.importorskip(kind)  # dbm.sqlite3 is new in 3.13.
+        with shelve.Shelf(module.open(str(legacy), "c")) as old:  # What shelve.open makes with that module.
+            old["answer"] = [42]
+            old["other"] = "x"
+    before = listing(tmp_path)
+    for flag in ("c", "n", "r"):
+        with pytest.raises(FileExistsError, match="shelve") as caught:
+            dc.open(legacy, flag)
+        assert listing(tmp_path) == before, "no store was made, nothing was touched"
+    message = str(caught.value)
+    assert kind.split()[0] in message and str(legacy) in message
+    if kind == "dbm.dumb":
+        assert "legacy.dat, legacy.dir" in message
+    if kind in ("dbm.dumb", "dbm.sqlite3"):
+        # The line the error suggests really copies the shelf.
+        exec(message.split("once with: ")[1], {"shelve": shelve, "donecache": dc})
+        with dc.open(str(legacy) + ".donecache", "r") as new:
+            assert dict(new.items()) == {"answer": [42], "other": "x"}
+    with dc.open(tmp_path / "elsewhere") as db:  # Unrelated names are not refused.
+        db["k"] = 1
+    (tmp_path / "notes.dat").write_text("not a database")
+    dc.open(tmp_path / "notes").close()
+
+
+# -- CPython's own shelve tests, run against donecache.open ---------------------
+#
+# Lib/test/test_shelve.py (and mapping_tests) come from the interpreter's test
+# package, imported, never copied. While one of them runs, the `shelve` global
+# of CPython's test module is a stand-in whose open() is dc.open. Only CPython's
+# modules get names here, not its classes: pytest collects every TestCase
+# subclass it finds at module level, and would run shelve's own tests on shelve.
+#
+# Kept: the mapping protocol on a shelf from TestShelveFileBase (shelve.open)
+# for every pickle protocol, with and without writeback; from TestCase, the
+# tests that call shelve.open, and test_close, test_with and
+# test_default_protocol, which build shelve.Shelf over a dict that they never
+# read again (the stand-in's Shelf opens a store instead). Left out: the tests
+# that look into the dict under a Shelf, which test shelve itself.
+
+try:
+    from test import mapping_tests as cpython_mapping_tests
+    from test import test_shelve as cpython_shelve_tests
+
+    # The layout of 3.9-3.13; a later one skips rather than breaks the import.
+    cpython_shelve_tests.TestCase, cpython_shelve_tests.TestShelveFileBase
+    cpython_mapping_tests.BasicTestMappingProtocol
+    NO_CPYTHON_SHELVE_TESTS = ""
+except (ImportError, AttributeError) as exc:  # Python built without its test package.
+    NO_CPYTHON_SHELVE_TESTS = f"this Python has no usable test.test_shelve ({exc!r})"
+
+
+class OnDonecache:
+    """Mixin: one of CPython's shelve tests, in a scratch directory, with shelve.open = dc.open."""
+
+    def setUp(self):
+        scratch = tempfile.mkdtemp(prefix="dc-cpython-shelve-")
+        self.addCleanup(shutil.rmtree, scratch, True)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(scratch)  # CPython's tests name their files relative to the working directory.
+        numbers = itertools.count()
+
+        def store_not_dict(_dict, protocol=None, writeback=False):
+            return dc.open(os.path.join(scratch, f"shelf{next(numbers)}"), protocol=protocol, writeback=writeback)
+
+        self.addCleanup(setattr, cpython_shelve_tests, "shelve", cpython_shelve_tests.shelve)
+        cpython_shelve_tests.shelve = types.SimpleNamespace(open=dc.open, Shelf=store_not_dict)
+        super().setUp()
+
+
+if NO_CPYTHON_SHELVE_TESTS:
+
+    @pytest.mark.skip(reason=NO_CPYTHON_SHELVE_TESTS)
+    def test_cpython_shelve_tests():
+        pass
+
+else:
+
+    class TestCPythonShelveOnDonecache(OnDonecache, cpython_shelve_tests.TestCase):
+        pass
+
+    for _name in dir(cpython_shelve_tests.TestCase):  # By name, so later CPythons' new file tests join.
+        if _name.startswith("test") and not (
+            _name == "test_open_template"
+            or _name.endswith("_file_shelf")
+            or _name in ("test_close", "test_with", "test_default_protocol")
+        ):
+            setattr(TestCPythonShelveOnDonecache, _name, None)  # None: no test to unittest or pytest.
+
+    for _protocol, _writeback in itertools.product(range(pickle.HIGHEST_PROTOCOL + 1), (False, True)):
+        _name = f"TestCPythonMappingProtocol{_protocol}{'Writeback' if _writeback else ''}OnDonecache"
+        globals()[_name] = type(
+            _name,
+            (OnDonecache, cpython_shelve_tests.TestShelveFileBase, cpython_mapping_tests.BasicTestMappingProtocol),
+            {
+                "_args": {"protocol": _protocol, "writeback": _writeback},
+                # Their setUp makes this dbm's default; donecache uses no dbm, so leave dbm as it is.
+                "dbm_mod": property(lambda self: dbm._defaultmod),
+                "__module__": __name__,
+            },
+        )
+    del _name, _protocol, _writeback
+
+
 # -- memoize ------------------------------------------------------------------
 
 
@@ -1234,6 +1371,121 @@ def test_ttl_expires_entries(tmp_path, calls, monkeypatch):
             dc.memoize(tmp_path, ttl=bad)
 
 
+def test_is_cached_answers_like_a_hit_without_calling_or_locking(tmp_path, calls, monkeypatch):
+    @dc.memoize(tmp_path / "c", ttl=60)
+    def f(x, y=2):
+        calls.append(x)
+        return x * y
+
+    assert not f.is_cached(1) and not (tmp_path / "c").exists(), "asking creates no store"
+    f(1)
+    assert f.is_cached(1) and f.is_cached(x=1, y=2) and not f.is_cached(1, 3) and not f.is_cached(2)
+    assert calls == [1] and f.cache_info()[:2] == (0, 1), "nothing called, no hit counted"
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert not f.is_cached(1), "expired, as a call would find it"
+    monkeypatch.undo()
+    entry_files(tmp_path / "c")[0].write_bytes(b"damaged")
+    assert not f.is_cached(1)
+    with pytest.raises(TypeError):
+        f.is_cached(1, 2, 3)  # Arguments that the call would refuse.
+    release = threading.Event()
+
+    @dc.memoize(tmp_path / "c")
+    def slow(x):
+        calls.append(x)
+        release.wait(30)
+        return x
+
+    holder = threading.Thread(target=slow, args=(5,))
+    holder.start()  # It holds the lock of slow(5)'s key until released.
+    try:
+        while 5 not in calls:
+            time.sleep(0.01)
+        started = time.monotonic()
+        assert not slow.is_cached(5) and time.monotonic() - started < 1, "no waiting on the holder's lock"
+    finally:
+        release.set()
+        holder.join()
+    assert slow.is_cached(5) and calls.count(5) == 1
+
+
+def test_donecache_off_calls_straight_through(tmp_path, calls, monkeypatch):
+    import asyncio
+
+    @dc.memoize(tmp_path / "c")
+    def f(x):
+        calls.append(x)
+        return -x
+
+    @dc.memoize(tmp_path / "c")
+    async def g(x):
+        calls.append(x)
+        return x
+
+    monkeypatch.setenv("DONECACHE", "off")  # Read at each call, not at import.
+    assert f(1) == -1 and f(1) == -1 and f.refresh(1) == -1 and asyncio.run(g(2)) == 2
+    assert f.map([3, 4]).results == [-3, -4] and f.map([3], keep_going=True, workers=2, processes=False).ok
+    assert calls == [1, 1, 1, 2, 3, 4, 3] and not f.is_cached(1)
+    assert not (tmp_path / "c").exists(), "no reads, no writes, no locks: no store at all"
+    monkeypatch.setenv("DONECACHE", "On")
+    assert f(1) == -1 and f(1) == -1 and calls.count(1) == 4 and f.is_cached(1)
+    monkeypatch.setenv("DONECACHE", "of")
+    with pytest.raises(ValueError, match="DONECACHE='of' is neither 'off' nor 'on'"):
+        f(1)
+
+
+def test_disabled_switches_off_every_thread_and_takes_no_lock(tmp_path, calls):
+    release = threading.Event()
+
+    @dc.memoize(tmp_path / "c")
+    def slow(x):
+        calls.append(x)
+        if threading.current_thread() is holder:
+            release.wait(30)
+        return x
+
+    holder = threading.Thread(target=slow, args=(5,))
+    holder.start()  # It holds the lock of slow(5)'s key.
+    try:
+        while 5 not in calls:
+            time.sleep(0.01)
+        with dc.disabled():
+            with dc.disabled():  # Nested blocks: off until the outermost ends.
+                pass
+            started = time.monotonic()
+            assert slow(5) == 5 and time.monotonic() - started < 1, "no waiting on the key's lock"
+            other = threading.Thread(target=slow, args=(6,))
+            other.start()
+            other.join()
+    finally:
+        release.set()
+        holder.join()
+    assert calls == [5, 5, 6] and not slow.is_cached(6), "the other thread's call was not cached either"
+    assert slow(6) == 6 and slow(6) == 6 and calls == [5, 5, 6, 6], "on again after the block"
+
+
+@posix_only
+def test_disabled_reaches_the_workers_of_a_batch(tmp_path):
+    proc = child(
+        """
+        import multiprocessing, os
+        @dc.memoize(os.environ["JOB_CACHE"])
+        def pid(x):
+            return os.getpid()
+
+        if __name__ == "__main__":
+            multiprocessing.set_start_method("spawn")  # Workers start afresh: nothing is inherited.
+            with dc.disabled():
+                batch = pid.map(range(6), workers=2)
+            print(batch, os.path.exists(os.environ["JOB_CACHE"]), os.getpid() in batch.results)
+        """,
+        env={"JOB_CACHE": str(tmp_path / "c")},
+        script_file=tmp_path / "job.py",
+    )
+    assert proc.stdout.strip() == "BatchResult(6 inputs: 0 reused, 6 computed, 0 failed) False False"
+
+
 def test_a_shorter_ttl_applies_to_older_entries(tmp_path, calls, monkeypatch):
     def transform(x):
         calls.append(x)
@@ -1322,6 +1574,21 @@ def test_async_functions(tmp_path, calls):
     assert asyncio.run(main()) == [14, 14, 14, 14, 14, 16]
     assert sorted(calls) == [7, 8], "concurrent coroutines computed each key once"
     assert asyncio.run(fetch.refresh(7)) == 14 and calls.count(7) == 2
+
+
+def test_generator_functions_are_refused_at_decoration(tmp_path):
+    def numbers(n):
+        yield from range(n)
+
+    async def ticks(n):
+        for i in range(n):
+            yield i
+
+    with pytest.raises(TypeError, match=r"numbers\(\): it is a generator function.*return a list"):
+        dc.memoize(tmp_path)(numbers)
+    with pytest.raises(TypeError, match=r"ticks\(\): it is an async generator function"):
+        dc.memoize(ticks)
+    assert not (tmp_path / "CACHEDIR.TAG").exists()
 
 
 def test_threads_compute_each_key_once(tmp_path, calls):
@@ -1923,13 +2190,57 @@ def test_cli_status(tmp_path):
 
 
 def test_cli_errors_and_help(tmp_path):
-    proc = cli("info", str(tmp_path / "nothing"))
-    assert proc.returncode == 2 and str(tmp_path / "nothing") in proc.stderr
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "plain").mkdir()
+    for args, says in [
+        (("info", str(tmp_path / "nothing")), "no such directory; give the path of a cache directory"),
+        (("prune", str(tmp_path / "file")), "not a directory; give the path of a cache directory"),
+        (("clear", str(tmp_path / "plain")), "not a donecache store"),
+        (("status", str(tmp_path / "file")), "not a directory; give the directory of a stage"),
+        (("status", str(tmp_path / "plain"), "--marker", "a/b"), "--marker 'a/b': give a plain file name"),
+    ]:
+        proc = cli(*args)
+        assert proc.returncode == 2 and proc.stdout == "", args
+        assert proc.stderr.startswith(f"python -m donecache {args[0]}: ") and says in proc.stderr, proc.stderr
+        assert proc.stderr.count(str(tmp_path)) <= 1 and "flag=" not in proc.stderr, proc.stderr
+    assert listing(tmp_path) == ["file", "plain"], "nothing was written or labelled"
     assert cli().returncode == 2
     assert cli("prune").returncode == 2
     for command in ("info", "clear", "prune", "status"):
         proc = cli(command, "--help")
         assert proc.returncode == 0 and "--json" in proc.stdout
+
+
+@posix_only
+def test_cli_on_a_read_only_cache_says_so_and_removes_nothing(tmp_path, read_only):
+    cache = tmp_path / "cache"
+    child(
+        """
+        import time
+        @dc.memoize(sys.argv[1], ttl=0.01)
+        def brief(x):
+            return x
+        brief(1)
+        time.sleep(0.05)
+        """,
+        str(cache),
+    )
+    for path in [cache, *cache.glob("??")]:
+        read_only(path)
+    before = entry_files(cache)
+    for command in (["prune"], ["clear"], ["clear", "--function", "brief"]):
+        proc = child(
+            f"import runpy\nsys.argv = ['donecache', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
+            command[0],
+            str(cache),
+            *command[1:],
+            check=False,
+            unprivileged=True,
+        )
+        assert proc.returncode == 2 and proc.stdout == "", command
+        assert "Permission denied; check that it is writable" in proc.stderr
+        assert proc.stderr.count(str(cache)) == 1, proc.stderr
+    assert entry_files(cache) == before
 
 
 def test_example_pipeline_runs_and_then_reuses_everything(tmp_path):
