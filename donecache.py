@@ -2915,9 +2915,11 @@ def memoize(
 
     The decorated function has ``cache_info()``, ``cache_clear()`` (this
     function's entries only), ``forget(*args)``, ``refresh(*args)`` and
-    ``__wrapped__`` (the function itself: call it to bypass the cache). It
-    pickles by reference, so it works with ProcessPoolExecutor and
-    multiprocessing, and ``async def`` functions are supported.
+    ``__wrapped__`` (the function itself: call it to bypass the cache), and
+    ``map``/``imap`` for batches on any executor. It pickles by reference
+    where its name finds it, else by value, so it works with
+    ProcessPoolExecutor, multiprocessing and Dask; bound to an instance, it
+    keeps all of these. ``async def`` functions are supported.
     """
     seconds = _seconds(ttl)
     if isinstance(ignore, str):
