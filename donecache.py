@@ -2568,17 +2568,14 @@ class _Memoized(Generic[_P, _R]):
         self._warned = False
         self._hits = self._misses = 0
 
-    # Pickle by reference, as plain functions are, so that the decorated
-    # function can be sent to ProcessPoolExecutor and multiprocessing workers.
-    def __reduce__(self) -> str:
-        return self.__qualname__
+    # By reference where its name finds it, by value otherwise: see _reduce_memoized.
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        return _reduce_memoized(self)
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
             return self
-        import types
-
-        return types.MethodType(self, instance)
+        return _BoundMemoized(self, instance)
 
     def __repr__(self) -> str:
         return f"<memoized {self.__module__}.{self.__qualname__} in {self.path!r}>"
@@ -2610,6 +2607,10 @@ class _Memoized(Generic[_P, _R]):
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         prefix = self._prefix or self._prepare()
         key = _make_key(prefix, self._closure, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
+        return self._call_at(key, args, kwargs)
+
+    def _call_at(self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+        """A call whose key is already made (a batch's worker gets it from the parent)."""
         files = self._store or self._files()
         return _Call(args, kwargs, key, None if files is None else files.slot(key))
 
@@ -2770,87 +2771,99 @@ class _Memoized(Generic[_P, _R]):
         keep_going: bool = False,
         workers: int | None = None,
         processes: bool = True,
-        progress: bool | None = None,
+        executor: Any = None,
+        chunksize: int | None = None,
+        progress: bool | float | None = None,
     ) -> BatchResult:
         """Call the function on every input, caching each success as soon as it is done.
 
         ``f.map(records)`` calls ``f(record)`` for each record; with several
         iterables, ``f.map(xs, ys)`` calls ``f(x, y)`` pairwise, like map().
         A rerun reuses every stored result and computes only what failed or is new.
+        The result keeps one entry per input; for more inputs than fit in
+        memory, iterate over :meth:`imap` instead.
 
         keep_going: False stops at the first failure and raises it, as a plain
             loop would (what finished before it stays cached). True runs every
             input and reports the failures in the result, each with its input,
             exception and traceback.
         workers: run that many calls at once, in a ProcessPoolExecutor (or, with
-            processes=False, a ThreadPoolExecutor). The function must then be
-            importable by its name, as multiprocessing requires.
-        progress: show done/total, rate, ETA and failures on stderr; by default
-            only when stderr is a terminal. False silences it.
+            processes=False, a ThreadPoolExecutor) that map() starts and shuts down.
+        executor: run the calls on an executor you made instead (any object with
+            concurrent.futures' submit(), such as dask.distributed's
+            Client.get_executor() or loky's); it is never shut down, and only
+            this batch's own futures are cancelled. workers= then says how many
+            calls it runs at once (default: its _max_workers, or the CPU count).
+        chunksize: calls per submitted task; by default it grows until a task
+            takes about 50 ms, and an idle worker gets whatever is ready.
+        progress: done/total, rate, ETA and failures. None (the default): a line
+            redrawn on stderr when it is a terminal, else a record every 30 s on
+            the "donecache" logger (INFO). True: always on stderr. A number:
+            log every that many seconds. False: silent.
+
+        Cached inputs are answered here, never sent; only misses go to the
+        workers, a bounded number at a time, so the inputs can be a generator.
         """
-        if not iterables:
-            raise TypeError(f"{self.__qualname__}.map() needs at least one iterable of inputs")
-        calls = list(zip(*iterables))
-        off = _switched_off()
-        batch = BatchResult(len(calls))
-        meter = _Progress(len(calls), sys.stderr.isatty() if progress is None else progress)
-        try:
-            if not workers or workers <= 1:
-                for index, args in enumerate(calls):
-                    if keep_going:
-                        batch._record(index, args, _call_one(self, args, False, off))
-                    else:  # Let the failure propagate with its own traceback, as a loop would.
-                        value, computed = self._compute(args, off)
-                        batch._record(index, args, (True, value, computed))
-                    meter.update(batch)
-            else:
-                self._map_in_pool(calls, batch, meter, keep_going, workers, processes, off)
-        finally:
-            meter.close(batch)
-        batch.failures.sort(key=lambda failure: failure.index)
-        return batch
+        stream = self._batch(iterables, (), "map", keep_going, workers, processes, executor, chunksize, progress)
+        return BatchResult._of(stream)
 
-    def _map_in_pool(
+    def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
+        """:meth:`map` as a stream, with the same options: yield each result in
+        input order as soon as it and every one before it are done, keeping none
+        of them, so memory stays bounded however many inputs the iterables give.
+        With keep_going=True a failed input yields its :class:`Failure` in its place."""
+        return (done.result() for done in self._batch_with(iterables, (), "imap", options))
+
+    def _batch_with(
+        self, iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], method: str, options: dict[str, Any]
+    ) -> Iterator[_Done]:
+        """_batch with map()'s options given by name, checked as a call of map() checks them."""
+        import inspect
+
+        bound = inspect.signature(_Memoized.map).bind(self, *iterables, **options)
+        bound.apply_defaults()
+        given = bound.arguments
+        return self._batch(
+            iterables,
+            lead,
+            method,
+            given["keep_going"],
+            given["workers"],
+            given["processes"],
+            given["executor"],
+            given["chunksize"],
+            given["progress"],
+        )
+
+    def _batch(
         self,
-        calls: list[tuple[Any, ...]],
-        batch: BatchResult,
-        meter: _Progress,
+        iterables: tuple[Iterable[Any], ...],
+        lead: tuple[Any, ...],
+        method: str,
         keep_going: bool,
-        workers: int,
+        workers: int | None,
         processes: bool,
-        off: bool,
-    ) -> None:
-        import concurrent.futures as futures
+        executor: Any,
+        chunksize: int | None,
+        progress: bool | float | None,
+    ) -> Iterator[_Done]:
+        """map() and imap(): check the options at once, then stream the outcomes.
 
-        pool: futures.Executor
-        if processes:
-            pool = futures.ProcessPoolExecutor(workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
-        else:
-            pool = futures.ThreadPoolExecutor(workers)
-        first: int | None = None  # Without keep_going: the earliest input that failed.
-        try:
-            pending = {pool.submit(_call_one, self, args, processes, off): index for index, args in enumerate(calls)}
-            for future in futures.as_completed(pending):
-                index = pending[future]
-                if future.cancelled():
-                    continue
-                try:
-                    outcome = future.result()
-                except Exception as exc:  # The result could not come back from the worker.
-                    outcome = (False, (exc, _format_exception(exc)), True)
-                batch._record(index, calls[index], outcome)
-                meter.update(batch)
-                if not outcome[0] and not keep_going and (first is None or index < first):
-                    # A loop would have stopped here: later inputs are not started,
-                    # earlier ones still run, and the earliest failure is raised.
-                    first = index
-                    for other, later in pending.items():
-                        if later > index:
-                            other.cancel()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if first is not None:
-            raise next(failure for failure in batch.failures if failure.index == first).exception
+        ``lead`` is put before every call's arguments (a bound method's instance)."""
+        name = f"{self.__qualname__}.{method}()"
+        if not iterables:
+            raise TypeError(f"{name} needs at least one iterable of inputs")
+        for option, value in (("workers", workers), ("chunksize", chunksize)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: {option}= must be a positive int or None, not {value!r}")
+        meter = _Progress(name, _length(iterables), progress)
+        calls = zip(*iterables)
+        off = _switched_off()  # Taken once: the batch's workers follow the parent.
+        if executor is None and (workers or 1) == 1:
+            return meter.watch(_serial(self, calls, lead, keep_going, off), keep_going)
+        plan = _Plan(self, name, executor, workers, processes, off)
+        stream = _stream(self, calls, lead, keep_going, plan, chunksize)
+        return meter.watch(stream, keep_going)
 
 
 class _AsyncMemoized(_Memoized[_P, _R]):
@@ -2888,10 +2901,137 @@ class _AsyncMemoized(_Memoized[_P, _R]):
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
         raise TypeError(f"{self.__qualname__}.map(): use asyncio.gather() for async functions")
 
+    def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
+        raise TypeError(f"{self.__qualname__}.imap(): use asyncio.as_completed() for async functions")
+
+
+class _BoundMemoized:
+    """A memoized method bound to an instance, as ``obj.method`` gives it: the
+    call and every wrapper method (map, forget, refresh, ...) take the
+    instance as their first argument, as a bound method does."""
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, func: _Memoized[..., Any], instance: Any) -> None:
+        self.__func__, self.__self__ = func, instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def refresh(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__.refresh(self.__self__, *args, **kwargs)
+
+    def forget(self, *args: Any, **kwargs: Any) -> bool:
+        return self.__func__.forget(self.__self__, *args, **kwargs)
+
+    def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
+        return BatchResult._of(self.__func__._batch_with(iterables, (self.__self__,), "map", options))
+
+    def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
+        return (done.result() for done in self.__func__._batch_with(iterables, (self.__self__,), "imap", options))
+
+    def cache_info(self) -> CacheInfo:
+        return self.__func__.cache_info()
+
+    def cache_clear(self) -> None:
+        self.__func__.cache_clear()
+
+    @property
+    def __wrapped__(self) -> Any:
+        import types
+
+        return types.MethodType(self.__func__.__wrapped__, self.__self__)
+
+    def __getattr__(self, name: str) -> Any:  # __name__, __doc__, path, ...
+        return getattr(self.__func__, name)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _BoundMemoized) and self.__func__ is other.__func__ and self.__self__ is other.__self__
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.__func__), id(self.__self__)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return getattr, (self.__self__, self.__func__.__wrapped__.__name__)
+
+    def __repr__(self) -> str:
+        return f"<bound memoized {self.__func__.__qualname__} of {self.__self__!r}>"
+
 
 # ---------------------------------------------------------------------------
-# Batches: f.map() and what it returns
+# Batches: f.map() and f.imap(), on any executor
+#
+# The parent answers every cached input itself and sends only the misses, in
+# chunks, with a bounded number of chunks in flight and a bounded window of
+# inputs read ahead: a generator of any length runs in bounded memory, and
+# results come out in input order. The workers get the keys made here, so a
+# worker stores each result under the parent's key.
 # ---------------------------------------------------------------------------
+
+_CHUNK_SECONDS = 0.05  # A chunk grows until it takes about this long...
+_MAX_CHUNK = 1000  # ...up to this many calls.
+_LOG_EVERY = 30.0  # Seconds between progress records when stderr is not a terminal.
+
+# The memoized functions that this process has pickled by value, and those it
+# has rebuilt from such pickles: unpickling in the same process gives back the
+# same object (its counters and open store), and a worker rebuilds each once per task.
+_by_value: weakref.WeakValueDictionary[tuple[Any, ...], _Memoized[..., Any]] = weakref.WeakValueDictionary()
+
+
+def _reduce_memoized(func: _Memoized[..., Any]) -> str | tuple[Any, ...]:
+    """How a memoized function pickles: by name where its name finds it (the
+    decorator form, as plain functions pickle), else by value.
+
+    By value (the functional form ``cached = memoize(path)(f)``, where the
+    name ``f`` is the plain function) means the plain function, sent as the
+    pickler sends functions, and the wrapper's settings (the absolute store
+    path, ttl, the key prefix made here). A function of the main script goes
+    by value too when the pickler can send functions by value (cloudpickle,
+    which dask and loky use), since a remote worker cannot import the parent's
+    main script; the standard pickler (process pools) sends it by name, which
+    its workers can resolve.
+    """
+    target: Any = sys.modules.get(func.__module__)
+    for part in func.__qualname__.split("."):  # A method's name: Class.method.
+        target = getattr(target, part, None)
+    name: str = func.__qualname__
+    if target is func and not (func.__module__ == "__main__" and _pickler_sends_functions_by_value()):
+        return name
+    state = dict(func.__dict__, _store=None, _warned=False, _hits=0, _misses=0)
+    _by_value[(type(func), func.path, func._prefix)] = func
+    return _restore_memoized, (type(func), state)
+
+
+def _restore_memoized(kind: type[_Memoized[..., Any]], state: dict[str, Any]) -> _Memoized[..., Any]:
+    key = (kind, state["path"], state["_prefix"])
+    func = _by_value.get(key)
+    if func is None:
+        func = kind.__new__(kind)
+        func.__dict__.update(state)
+        _by_value[key] = func
+    return func
+
+
+def _pickler_sends_functions_by_value() -> bool:
+    """Whether the pickler at work is one that sends functions by value.
+
+    Such picklers (cloudpickle and those built on it) define reducer_override()
+    and run dump() as Python code, so they are on the stack; the standard
+    pickler does neither.
+    """
+    import pickle
+
+    frame = sys._getframe(2)
+    for _ in range(16):
+        if frame is None:
+            break
+        pickler = frame.f_locals.get("self")
+        if isinstance(pickler, pickle.Pickler):
+            return callable(getattr(pickler, "reducer_override", None))
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
 
 
 def _format_exception(exc: BaseException) -> str:
@@ -2912,24 +3052,272 @@ def _exit_with_parent(parent: int) -> None:
     _thread.start_new_thread(watch, ())
 
 
-def _call_one(func: _Memoized[..., Any], args: tuple[Any, ...], portable: bool, off: bool) -> tuple[bool, Any, bool]:
-    """One call of a batch, never raising: (True, result, computed) or (False, (exception, traceback), True).
+class _Outcome:
+    """How one call went: its result (ok) or exception, whether it was computed
+    (not reused), and the traceback text of a failure."""
 
-    Module level, so that a process pool can run it; ``func`` travels by name.
-    """
+    __slots__ = ("ok", "value", "computed", "traceback")
+
+    def __init__(self, ok: bool, value: Any, computed: bool, traceback: str = "") -> None:
+        self.ok, self.value, self.computed, self.traceback = ok, value, computed, traceback
+
+
+def _failed(exc: BaseException, portable: bool) -> _Outcome:
+    text = _format_exception(exc)
+    if portable:  # The exception must cross back to the parent process.
+        import pickle
+
+        try:
+            pickle.dumps(exc)
+        except Exception:
+            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+    return _Outcome(False, exc, True, text)
+
+
+def _call_one(
+    func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes | None, portable: bool, off: bool
+) -> _Outcome:
+    """One call of a batch, never raising; ``key`` when the parent made it already;
+    ``off``: caching was switched off when the batch began."""
     try:
-        value, computed = func._compute(args, off)
-        return True, value, computed
+        if off:
+            return _Outcome(True, func.__wrapped__(*args), True)
+        call = func._call(args, {}) if key is None else func._call_at(key, args, {})
+        value, computed = func._get(call)
+        return _Outcome(True, value, computed)
     except Exception as exc:
-        text = _format_exception(exc)
-        if portable:  # The exception must cross back to the parent process.
+        return _failed(exc, portable)
+
+
+class _ChunkReport:
+    """What a worker sends back for a chunk: the outcomes in order, its pid and the time it took."""
+
+    __slots__ = ("outcomes", "pid", "seconds")
+
+    def __init__(self, outcomes: list[_Outcome], pid: int, seconds: float) -> None:
+        self.outcomes, self.pid, self.seconds = outcomes, pid, seconds
+
+
+def _run_chunk(
+    func: _Memoized[..., Any], calls: list[tuple[bytes, tuple[Any, ...]]], portable: bool, off: bool
+) -> _ChunkReport:
+    """A worker's task: the calls of one chunk. Module level, so that it pickles by name."""
+    started = time.perf_counter()
+    outcomes = [_call_one(func, args, key or None, portable, off) for key, args in calls]
+    return _ChunkReport(outcomes, os.getpid(), time.perf_counter() - started)
+
+
+class _Done:
+    """One input of a batch: its position, its arguments, the key if it goes to
+    a worker, and its outcome (None until it is known)."""
+
+    __slots__ = ("index", "args", "key", "outcome")
+
+    def __init__(self, index: int, args: tuple[Any, ...]) -> None:
+        self.index, self.args = index, args
+        self.key = b""
+        self.outcome: _Outcome | None = None
+
+    def result(self) -> Any:
+        """The result, or the Failure in its place."""
+        outcome = self.outcome
+        assert outcome is not None
+        if outcome.ok:
+            return outcome.value
+        return Failure(self.index, self.args[0] if len(self.args) == 1 else self.args, outcome.value, outcome.traceback)
+
+
+def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    """How many calls zip(*iterables) makes, if every iterable knows its length."""
+    try:
+        return min(len(it) for it in iterables)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _serial(
+    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], keep_going: bool, off: bool
+) -> Iterator[_Done]:
+    """A batch in this thread, one call after the other."""
+    for index, args in enumerate(calls):
+        done = _Done(index, args)
+        if keep_going:
+            done.outcome = _call_one(func, lead + args, None, False, off)
+        else:  # Let the failure propagate with its own traceback, as a loop would.
+            value, computed = func._compute(lead + args, off)
+            done.outcome = _Outcome(True, value, computed)
+        yield done
+
+
+class _Plan:
+    """Where a parallel batch runs: the executor (None: start one of ``workers``),
+    how calls travel to it, and how many it runs at once."""
+
+    __slots__ = ("executor", "workers", "processes", "capacity", "portable", "task", "off")
+
+    def __init__(
+        self, func: _Memoized[..., Any], name: str, executor: Any, workers: int | None, processes: bool, off: bool
+    ) -> None:
+        import concurrent.futures as futures
+
+        self.executor, self.workers, self.processes, self.off = executor, workers, processes, off
+        if executor is None:
+            assert workers is not None
+            self.capacity = workers
+            in_process, by_standard_pickle = not processes, processes
+        elif not callable(getattr(executor, "submit", None)):
+            raise TypeError(
+                f"{name}: executor= takes a concurrent.futures.Executor (an object with submit()), "
+                f"not {type(executor).__name__}"
+            )
+        else:
+            self.capacity = workers or getattr(executor, "_max_workers", None) or os.cpu_count() or 1
+            in_process = isinstance(executor, futures.ThreadPoolExecutor)
+            by_standard_pickle = isinstance(executor, futures.ProcessPoolExecutor)
+        # Exceptions are checked for the trip back unless the calls run in this process.
+        self.portable = not in_process
+        self.task = func
+        if by_standard_pickle:
+            # Found now, not as a hang or a broken pool later: a function that
+            # the standard pickler cannot send (a lambda, a nested function).
             import pickle
 
             try:
-                pickle.dumps(exc)
-            except Exception:
-                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
-        return False, (exc, text), True
+                pickle.dumps(func)
+            except Exception as exc:
+                raise TypeError(
+                    f"{name}: {func.__qualname__} cannot be sent to worker processes ({exc}). "
+                    "Define it at module level (a lambda or a function defined inside another cannot be "
+                    "pickled), or run the calls in threads: processes=False, or an executor of threads"
+                ) from exc
+
+    def start(self) -> Any:
+        """The executor to use; the caller shuts it down if ``owned``."""
+        import concurrent.futures as futures
+
+        if self.executor is not None:
+            return self.executor
+        if self.processes:
+            return futures.ProcessPoolExecutor(self.workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
+        return futures.ThreadPoolExecutor(self.workers)
+
+    @property
+    def owned(self) -> bool:
+        return self.executor is None
+
+
+def _stream(
+    func: _Memoized[..., Any],
+    calls: Iterator[tuple[Any, ...]],
+    lead: tuple[Any, ...],
+    keep_going: bool,
+    plan: _Plan,
+    chunksize: int | None,
+) -> Iterator[_Done]:
+    """A batch on an executor, yielding each input's _Done in input order.
+
+    Reads inputs while a bounded number wait to be yielded. Keeps at most two
+    chunks per worker in flight, and sends the misses gathered so far as soon
+    as there is room: a rerun's few misses go out at once, one by one, while
+    a cold run's misses gather into full chunks as the workers stay busy.
+    Without keep_going, a failure stops reading and sending, and cancels the
+    chunks after it.
+    """
+    import collections
+    import concurrent.futures as futures
+
+    limit = 2 * plan.capacity
+    size = chunksize or 1
+    here = os.getpid()
+    ahead: collections.deque[_Done] = collections.deque()
+    pending: dict[Any, list[_Done]] = {}
+    buffer: list[_Done] = []
+    inputs = enumerate(calls)
+    reading = True
+    executor = plan.start()
+
+    def send() -> None:
+        calls = [(done.key, lead + done.args) for done in buffer]
+        future = executor.submit(_run_chunk, plan.task, calls, plan.portable, plan.off)
+        pending[future] = buffer[:]
+        buffer.clear()
+
+    def stop_after(index: int) -> None:
+        """A loop would have stopped at this failure: nothing after it runs."""
+        nonlocal reading
+        reading = False
+        buffer[:] = [done for done in buffer if done.index < index]
+        for future, chunk in pending.items():
+            if chunk[0].index > index:
+                future.cancel()
+
+    try:
+        while True:
+            while ahead and ahead[0].outcome is not None:
+                yield ahead.popleft()
+            full = len(pending) >= limit
+            if reading and len(ahead) < (limit + 1) * size + 1000 and not (full and len(buffer) >= size):
+                item = next(inputs, None)
+                if item is None:
+                    reading = False
+                else:
+                    done = _Done(*item)
+                    ahead.append(done)
+                    if plan.off or not _answer_here(func, done, lead):
+                        buffer.append(done)
+                    elif not keep_going and not done.outcome.ok:  # type: ignore[union-attr]
+                        stop_after(done.index)
+                if buffer and not full:
+                    send()
+                continue
+            if buffer and not full:
+                send()
+                continue
+            if not pending:
+                return  # Everything sent came back; anything left lies after a failure.
+            finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+            for future in finished:
+                chunk = pending.pop(future)
+                if future.cancelled():
+                    continue
+                try:
+                    report = future.result()
+                except Exception as exc:  # The chunk could not go out, run, or come back.
+                    report = _ChunkReport([_failed(exc, False)] * len(chunk), here, 0.0)
+                for done, outcome in zip(chunk, report.outcomes):
+                    done.outcome = outcome
+                if report.pid != here:  # Another process's counts: add them to this one's.
+                    computed = sum(1 for outcome in report.outcomes if outcome.ok and outcome.computed)
+                    func._misses += computed
+                    func._hits += sum(1 for outcome in report.outcomes if outcome.ok) - computed
+                if chunksize is None and report.seconds > 0:
+                    per_call = report.seconds / len(chunk)
+                    size = max(1, min(_MAX_CHUNK, int(_CHUNK_SECONDS / per_call)))
+                if not keep_going:
+                    failed = [done.index for done in chunk if done.outcome is not None and not done.outcome.ok]
+                    if failed:
+                        stop_after(failed[0])
+    finally:
+        for future in pending:
+            future.cancel()  # Only this batch's futures; an executor it did not start stays up.
+        if plan.owned:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...]) -> bool:
+    """Settle an input in the parent if its result is cached (or its key cannot
+    be made); else keep its key for the worker and return False."""
+    try:
+        call = func._call(lead + done.args, {})
+    except Exception as exc:
+        done.outcome = _failed(exc, False)
+        return True
+    value = func._hit(call)
+    if value is _MISSING:
+        done.key = call.key
+        return False
+    done.outcome = _Outcome(True, value, False)
+    return True
 
 
 class Failure:
@@ -2945,34 +3333,51 @@ class Failure:
 
 
 class BatchResult:
-    """What :meth:`map` returns: results in input order (None where the call failed),
-    the failures, and how many results were computed or reused from the cache."""
+    """What :meth:`map` returns.
 
-    def __init__(self, total: int) -> None:
-        self.results: list[Any] = [None] * total
+    ``results`` holds one item per input, in input order: the result, or for
+    an input that failed its :class:`Failure` (so a result of None is a real
+    None). ``failures`` lists the failures alone, ``successes`` the results
+    alone; ``computed`` and ``reused`` count the results by where they came from.
+    """
+
+    def __init__(self) -> None:
+        self.results: list[Any] = []
         self.failures: list[Failure] = []
         self.computed = 0
         self.reused = 0
-        self.done = 0
-        self._started = time.monotonic()
 
-    def _record(self, index: int, args: tuple[Any, ...], outcome: tuple[bool, Any, bool]) -> None:
-        ok, payload, computed = outcome
-        self.done += 1
-        if ok:
-            self.results[index] = payload
-            if computed:
-                self.computed += 1
-            else:
-                self.reused += 1
+    @classmethod
+    def _of(cls, stream: Iterator[_Done]) -> BatchResult:
+        batch = cls()
+        for done in stream:
+            batch._record(done)
+        return batch
+
+    def _record(self, done: _Done) -> None:
+        result = done.result()
+        self.results.append(result)
+        if isinstance(result, Failure):
+            self.failures.append(result)
+        elif done.outcome is not None and done.outcome.computed:
+            self.computed += 1
         else:
-            exception, text = payload
-            self.failures.append(Failure(index, args[0] if len(args) == 1 else args, exception, text))
+            self.reused += 1
+
+    @property
+    def done(self) -> int:
+        """How many inputs were run."""
+        return len(self.results)
+
+    @property
+    def successes(self) -> list[Any]:
+        """The results of the inputs that succeeded, in input order."""
+        return [result for result in self.results if not isinstance(result, Failure)]
 
     @property
     def ok(self) -> bool:
         """True if every input succeeded."""
-        return not self.failures and self.done == len(self.results)
+        return not self.failures
 
     def __repr__(self) -> str:
         return (
@@ -2981,30 +3386,76 @@ class BatchResult:
         )
 
 
+def _clock(seconds: float) -> str:
+    """H:MM:SS, with days in front past 24 hours."""
+    days, rest = divmod(int(seconds), 86400)
+    text = time.strftime("%H:%M:%S", time.gmtime(rest))
+    return f"{days}d {text}" if days else text
+
+
 class _Progress:
-    """A one-line progress report on stderr, redrawn at most five times a second."""
+    """A batch's progress: one line redrawn on stderr (five times a second at
+    most), or a record on the "donecache" logger every few seconds."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled and total > 0
-        self._last = 0.0
+    def __init__(self, name: str, total: int | None, progress: bool | float | None) -> None:
+        if progress is not None and not isinstance(progress, (bool, int, float)) or (
+            not isinstance(progress, bool) and isinstance(progress, (int, float)) and not progress > 0
+        ):
+            raise ValueError(f"{name}: progress= takes True, False, None or a number of seconds, not {progress!r}")
+        self.name, self.total = name, total
+        self.done = self.failed = 0
+        self._started = self._last = time.monotonic()
+        self._logger: Any = None
+        if progress is True or (progress is None and sys.stderr.isatty()):
+            self.mode, self._every = "terminal", 0.2
+        elif progress is False:
+            self.mode, self._every = "off", 0.0
+        else:
+            import logging
 
-    def update(self, batch: BatchResult, final: bool = False) -> None:
+            self.mode, self._every = "log", _LOG_EVERY if progress is None else float(progress)
+            self._logger = logging.getLogger("donecache")
+        self._logged = False
+
+    def watch(self, stream: Iterator[_Done], keep_going: bool) -> Iterator[_Done]:
+        """Pass the stream on, counting; raise a failure unless ``keep_going``."""
+        try:
+            for done in stream:
+                self.done += 1
+                outcome = done.outcome
+                if outcome is not None and not outcome.ok:
+                    self.failed += 1
+                    if not keep_going:
+                        raise outcome.value
+                self.update()
+                yield done
+        finally:
+            stream.close()  # type: ignore[attr-defined]
+            self.close()
+
+    def _line(self) -> str:
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        rate = self.done / elapsed
+        if self.total is None:  # A generator: no total, no ETA.
+            return f"{self.done} done, {rate:.1f}/s, {self.failed} failed"
+        left = (self.total - self.done) / rate if rate else 0.0
+        return f"{self.done}/{self.total} done, {rate:.1f}/s, ETA {_clock(left)}, {self.failed} failed"
+
+    def update(self, final: bool = False) -> None:
         now = time.monotonic()
-        if not self.enabled or (not final and now - self._last < 0.2):
+        if self.mode == "off" or (not final and now - self._last < self._every):
             return
         self._last = now
-        elapsed = max(now - batch._started, 1e-9)
-        rate = batch.done / elapsed
-        left = (self.total - batch.done) / rate if rate else 0.0
-        eta = time.strftime("%H:%M:%S", time.gmtime(left))
-        sys.stderr.write(
-            f"\r{batch.done}/{self.total} done, {rate:.1f}/s, ETA {eta}, {len(batch.failures)} failed "
-        )
-        sys.stderr.flush()
+        if self.mode == "terminal":
+            sys.stderr.write(f"\r{self._line()} ")
+            sys.stderr.flush()
+        elif not final or self._logged:  # A batch that ends before the first record logs nothing.
+            self._logged = True
+            self._logger.info("%s: %s", self.name, self._line())
 
-    def close(self, batch: BatchResult) -> None:
-        if self.enabled:
-            self.update(batch, final=True)
+    def close(self) -> None:
+        self.update(final=True)
+        if self.mode == "terminal":
             sys.stderr.write("\n")
             sys.stderr.flush()
 
@@ -3081,9 +3532,11 @@ def memoize(
 
     The decorated function has ``cache_info()``, ``cache_clear()`` (this
     function's entries only), ``forget(*args)``, ``refresh(*args)`` and
-    ``__wrapped__`` (the function itself: call it to bypass the cache). It
-    pickles by reference, so it works with ProcessPoolExecutor and
-    multiprocessing, and ``async def`` functions are supported.
+    ``__wrapped__`` (the function itself: call it to bypass the cache), and
+    ``map``/``imap`` for batches on any executor. It pickles by reference
+    where its name finds it, else by value, so it works with
+    ProcessPoolExecutor, multiprocessing and Dask; bound to an instance, it
+    keeps all of these. ``async def`` functions are supported.
     """
     seconds = _seconds(ttl)
     if version is not None:

@@ -8,6 +8,7 @@ to ``myproject._vendor.donecache``) to run this same suite against a vendored co
 from __future__ import annotations
 
 import dbm
+import contextlib
 import errno
 import importlib
 import itertools
@@ -1963,7 +1964,8 @@ def bad_at(bad: set[int], calls: list[int]):
 def test_map_keeps_going_and_a_rerun_computes_only_failures(tmp_path, calls, workers):
     parse = dc.memoize(tmp_path)(bad_at({3, 7}, calls))
     batch = parse.map(range(10), keep_going=True, workers=workers, processes=False)
-    assert batch.results == [0, 10, 20, None, 40, 50, 60, None, 80, 90]
+    assert batch.results[:3] == [0, 10, 20] and batch.results[3] is batch.failures[0]
+    assert batch.successes == [0, 10, 20, 40, 50, 60, 80, 90] and batch.done == 10
     assert [(f.index, f.input, str(f.exception)) for f in batch.failures] == [
         (3, 3, "bad record 3"),
         (7, 7, "bad record 7"),
@@ -2038,7 +2040,7 @@ def test_map_in_a_process_pool(tmp_path, method):
         if __name__ == "__main__":
             multiprocessing.set_start_method(sys.argv[1])
             batch = parse.map(range(20), keep_going=True, workers=2)
-            assert all(r[1] != os.getpid() for r in batch.results if r), "computed in the workers"
+            assert all(r[1] != os.getpid() for r in batch.successes), "computed in the workers"
             print(batch)
             for f in batch.failures:
                 print(f.index, type(f.exception).__name__, f.exception, "Traceback" in f.traceback)
@@ -2054,6 +2056,373 @@ def test_map_in_a_process_pool(tmp_path, method):
         "6 RuntimeError Unpicklable: cannot handle 6 True",
         "BatchResult(20 inputs: 18 reused, 0 computed, 2 failed)",
     ]
+
+
+class CountingExecutor:
+    """Someone else's executor (a thread pool behind a submit() of its own): it
+    counts what it is sent, and says if anyone shuts it down."""
+
+    def __init__(self, workers=2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(workers)
+        self.submitted = []  # The inputs of each submission.
+        self.shut_down = False
+
+    def submit(self, fn, *args, **kwargs):
+        self.submitted.append([call[1][-1] for call in args[1]])
+        return self.pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait=True, **options):
+        self.shut_down = True
+        self.pool.shutdown(wait)
+
+
+def test_map_on_a_foreign_executor_sends_only_misses_and_leaves_it_running(tmp_path, calls):
+    parse = dc.memoize(tmp_path)(bad_at({3, 7}, calls))
+    executor = CountingExecutor()
+    batch = parse.map(range(50), keep_going=True, executor=executor)
+    assert batch.results[:3] == [0, 10, 20] and [f.index for f in batch.failures] == [3, 7]
+    assert sorted(x for chunk in executor.submitted for x in chunk) == list(range(50))
+    assert parse.cache_info()[:2] == (0, 48), "threads of this process count in its counters"
+    executor.submitted.clear()
+    calls.clear()
+    again = parse.map(range(50), keep_going=True, executor=executor)
+    assert sorted(x for chunk in executor.submitted for x in chunk) == [3, 7], "hits are answered here"
+    assert sorted(calls) == [3, 7] and (again.reused, again.computed, len(again.failures)) == (48, 0, 2)
+    assert again.results == batch.results[:3] + again.results[3:4] + batch.results[4:7] + again.results[7:8] + batch.results[8:]
+    executor.submitted.clear()
+    assert parse.map(range(3), executor=executor).results == [0, 10, 20] and executor.submitted == []
+    assert not executor.shut_down and executor.pool.submit(int, "5").result() == 5, "still running"
+    executor.shutdown()
+
+
+def test_map_without_keep_going_on_an_executor_stops_like_a_loop(tmp_path, calls):
+    parse = dc.memoize(tmp_path)(bad_at({4}, calls))
+    executor = CountingExecutor()
+    with pytest.raises(ValueError, match="bad record 4"):
+        parse.map(range(10_000), executor=executor, chunksize=1)
+    assert len(calls) < 100, "later inputs are not started after the failure"
+    assert not executor.shut_down
+    executor.shutdown()
+
+
+def test_imap_streams_a_huge_generator_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    @dc.memoize(tmp_path)
+    def square(x):
+        return x * x
+
+    read = []
+
+    def inputs():  # Ten million inputs, far more than this test will run.
+        for x in range(10_000_000):
+            read.append(x)  # How far map has read.
+            yield x
+
+    executor = CountingExecutor()
+    tracemalloc.start()
+    try:
+        stream = square.imap(inputs(), executor=executor)
+        for n, result in enumerate(stream):
+            assert result == n * n, "in input order"
+            if n == 1_000:
+                break
+        stream.close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(read) < 20_000, "read ahead only a bounded window"
+    assert peak < 20_000_000, f"peak {peak} bytes"
+    read.clear()
+    assert list(square.imap(itertools.islice(inputs(), 3), workers=2, processes=False)) == [0, 1, 4]
+    with pytest.raises(TypeError, match="can't multiply"):  # A failure ends map() of a huge generator early too.
+        square.map((x if x < 100 else "bad" for x in inputs()), executor=executor)
+    assert len(read) < 20_000
+    executor.shutdown()
+
+
+def test_results_keep_none_and_failures_apart(tmp_path):
+    @dc.memoize(tmp_path)
+    def maybe(x):
+        if x == 2:
+            raise KeyError(x)
+        return None if x % 2 else x
+
+    batch = maybe.map(range(4), keep_going=True)
+    assert batch.results[0] == 0 and batch.results[1] is None and batch.results[3] is None
+    assert isinstance(batch.results[2], dc.Failure) and batch.results[2].input == 2
+    assert batch.successes == [0, None, None] and not batch.ok
+    streamed = list(maybe.imap(range(4), keep_going=True))
+    assert streamed[:2] == [0, None] and isinstance(streamed[2], dc.Failure) and streamed[3] is None
+
+
+def test_batch_options_are_checked(tmp_path):
+    @dc.memoize(tmp_path)
+    def f(x):
+        return x
+
+    with pytest.raises(TypeError, match="executor= takes a concurrent.futures.Executor"):
+        f.map([1], executor=object())
+    for option, value in (("workers", 0), ("chunksize", 0), ("workers", 1.5)):
+        with pytest.raises(ValueError, match=f"{option}= must be a positive int"):
+            f.map([1], **{option: value})
+    with pytest.raises(ValueError, match="progress= takes"):
+        f.map([1], progress="yes")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        f.imap([1], worker=2)
+    with pytest.raises(TypeError, match="asyncio"):
+
+        @dc.memoize(tmp_path)
+        async def g(x):
+            return x
+
+        g.imap([1])
+
+
+class Scaler:
+    def __init__(self, scale):
+        self.scale = scale
+        self.calls = []
+
+    def __repr__(self):  # Part of the key (self is not ignored): equal scales share entries.
+        return f"Scaler({self.scale})"
+
+    def __reduce__(self):
+        return Scaler, (self.scale,)
+
+    @dc.memoize(METHOD_CACHE)
+    def apply(self, x):
+        self.calls.append(x)
+        return x * self.scale
+
+
+def test_bound_methods_have_the_wrapper_methods():
+    model = Scaler(3)
+    try:
+        assert model.apply(2) == 6 and model.apply(2) == 6 and model.calls == [2]
+        assert model.apply.map([1, 2, 3]).results == [3, 6, 9] and model.calls == [2, 1, 3]
+        assert list(model.apply.imap([4], keep_going=True)) == [12]
+        assert model.apply.map([5, 6], workers=2, processes=False).results == [15, 18]
+        assert model.apply.forget(2) is True and model.apply.forget(2) is False
+        assert model.apply.refresh(1) == 3 and model.calls[-1] == 1
+        assert model.apply.__wrapped__(7) == 21 and model.calls[-1] == 7
+        info = model.apply.cache_info()
+        assert info == Scaler.apply.cache_info() and info.currsize == 5
+        assert model.apply.__name__ == "apply" and model.apply.__self__ is model
+        assert model.apply == model.apply and "bound memoized Scaler.apply" in repr(model.apply)
+        import pickle
+
+        assert pickle.loads(pickle.dumps(model.apply))(2) == 6
+        model.apply.cache_clear()
+        assert Scaler.apply.cache_info().currsize == 0
+    finally:
+        shutil.rmtree(METHOD_CACHE, ignore_errors=True)
+
+
+def test_functional_form_pickles_by_value_and_comes_back_as_itself(tmp_path):
+    import pickle
+
+    cached = dc.memoize(tmp_path, ttl=60, version=2)(plain_double)
+    assert pickle.loads(pickle.dumps(cached)) is cached, "unpickled in the same process: the same object"
+    data = pickle.dumps(cached)
+    del cached
+    import gc
+
+    gc.collect()
+    copy = pickle.loads(data)
+    assert copy(4) == 8 and copy.path == str(tmp_path) and copy._ttl == 60
+    assert copy.__wrapped__ is plain_double
+
+
+def plain_double(x):
+    return x * 2
+
+
+@pytest.mark.parametrize("form", ["lambda", "nested"])
+def test_an_unpicklable_function_fails_before_any_pool_starts(tmp_path, form, monkeypatch):
+    from concurrent.futures import ProcessPoolExecutor
+
+    def nested(x):
+        return x
+
+    func = dc.memoize(tmp_path)((lambda x: x) if form == "lambda" else nested)
+    theirs = ProcessPoolExecutor(1)
+    started = []
+    monkeypatch.setattr(ProcessPoolExecutor, "__init__", lambda self, *a, **k: started.append(a))
+    with pytest.raises(TypeError, match="Define it at module level.*processes=False"):
+        func.map(range(3), workers=2)
+    with pytest.raises(TypeError, match="cannot be sent to worker processes"):
+        func.map(range(3), executor=theirs)
+    assert started == [], "no pool was started"
+    monkeypatch.undo()
+    theirs.shutdown()
+    assert func.map(range(3), workers=2, processes=False).ok, "threads need no pickling"
+
+
+@posix_only
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_functional_form_and_counters_with_workers(tmp_path, method):
+    proc = child(
+        """
+        import multiprocessing, os
+        from concurrent.futures import ProcessPoolExecutor
+
+        def slow(x):
+            with open(os.environ["LOG"], "a") as log:
+                log.write(f"{x}\\n")
+            return x * 2
+
+        cached = dc.memoize(os.environ["JOB_CACHE"])(slow)
+
+        if __name__ == "__main__":
+            multiprocessing.set_start_method(sys.argv[1])
+            print(cached.map(range(40), workers=2))
+            print(cached.cache_info())
+            with ProcessPoolExecutor(2) as pool:
+                print(cached.map(range(50), executor=pool))
+                print(pool.submit(abs, -3).result())
+            print(cached.cache_info())
+        """,
+        method,
+        env={"JOB_CACHE": "relative-cache", "LOG": str(tmp_path / "log")},
+        cwd=tmp_path,
+        script_file=tmp_path / "job.py",
+    )
+    assert proc.stdout.splitlines() == [
+        "BatchResult(40 inputs: 0 reused, 40 computed, 0 failed)",
+        "CacheInfo(hits=0, misses=40, maxsize=None, currsize=40)",
+        "BatchResult(50 inputs: 40 reused, 10 computed, 0 failed)",
+        "3",
+        "CacheInfo(hits=40, misses=50, maxsize=None, currsize=50)",
+    ]
+    assert sorted(map(int, (tmp_path / "log").read_text().split())) == list(range(50)), "each computed once"
+
+
+@posix_only
+def test_pool_workers_exit_when_the_parent_is_killed(tmp_path):
+    parent = child(
+        """
+        import os, time
+
+        @dc.memoize(sys.argv[1])
+        def stuck(x):
+            os.write(1, f"{os.getpid()}\\n".encode())  # One write: the two workers' lines never mix.
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            stuck.map(range(2), workers=2)
+        """,
+        str(tmp_path / "c"),
+        background=True,
+        script_file=tmp_path / "job.py",
+    )
+    assert parent.stdout is not None
+    workers = [int(parent.stdout.readline()) for _ in range(2)]
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}") or _alive(pid)]
+    assert alive == [], "the workers exited with their parent"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):  # A zombie (reaped by init soon) counts as gone.
+        if "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            return False
+    return True
+
+
+def test_progress_is_logged_when_stderr_is_not_a_terminal(tmp_path, capsys, caplog):
+    @dc.memoize(tmp_path)
+    def slow(x):
+        time.sleep(0.02)
+        return x
+
+    with caplog.at_level("INFO", logger="donecache"):
+        slow.map(range(10), progress=0.05)
+    lines = [r.getMessage() for r in caplog.records if r.name == "donecache"]
+    assert len(lines) >= 2 and all(line.startswith(f"{slow.__qualname__}.map(): ") for line in lines)
+    assert "/10 done" in lines[0] and lines[-1].endswith("10/10 done" + lines[-1].split("10/10 done")[1])
+    assert capsys.readouterr().err == "", "logged, not printed"
+    caplog.clear()
+    slow.map(range(10, 13))  # Default: a record only every 30 s; this batch is shorter.
+    assert not caplog.records and capsys.readouterr().err == ""
+    assert dc._clock(3 * 86400 + 3661) == "3d 01:01:01" and dc._clock(59) == "00:00:59"
+
+
+DASK_JOB = """
+    import os
+
+    @dc.memoize(os.environ["JOB_CACHE"])  # Relative: it must travel as an absolute path.
+    def parse(x):
+        fd = os.open(os.environ["LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, f"{x}\\n".encode())  # One O_APPEND write per computation.
+        os.close(fd)
+        if x % 97 == 5:
+            raise ValueError(f"bad record {x}")
+        return x * 2, os.getpid()
+
+    class Counting:
+        \"\"\"The cluster's executor, counting the inputs it is sent.\"\"\"
+
+        def __init__(self, executor):
+            self.executor, self.inputs = executor, []
+
+        def submit(self, fn, *args, **kwargs):
+            self.inputs.extend(call[1][0] for call in args[1])
+            return self.executor.submit(fn, *args, **kwargs)
+
+    def main_is_bare():
+        import sys
+        return not hasattr(sys.modules["__main__"], "parse")
+
+    if __name__ == "__main__":
+        from distributed import Client, LocalCluster
+
+        with LocalCluster(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster:
+            with Client(cluster) as client:
+                print("workers without the main script's parse:", sorted(client.run(main_is_bare).values()))
+                executor = Counting(client.get_executor())
+                batch = parse.map(range(2000), keep_going=True, executor=executor)
+                print(batch, len(executor.inputs), len({pid for _, pid in batch.successes} - {os.getpid()}))
+                failed = [f.input for f in batch.failures]
+                executor.inputs.clear()
+                again = parse.map(range(2000), keep_going=True, executor=executor)
+                print(again, sorted(executor.inputs) == failed, again.results[:2] == batch.results[:2])
+                print(parse.cache_info())
+"""
+
+
+def test_map_on_a_dask_cluster(tmp_path):
+    pytest.importorskip("distributed")
+    work = tmp_path / "work"
+    work.mkdir()
+    log = tmp_path / "log"
+    # Run with -c: the workers cannot import the main script, so parse must travel by value.
+    proc = child(DASK_JOB, env={"JOB_CACHE": "cache", "LOG": str(log)}, cwd=work, timeout=170)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "workers without the main script's parse: [True, True]"
+    failures = sum(1 for x in range(2000) if x % 97 == 5)
+    assert lines[1:] == [
+        f"BatchResult(2000 inputs: 0 reused, {2000 - failures} computed, {failures} failed) 2000 2",
+        f"BatchResult(2000 inputs: {2000 - failures} reused, 0 computed, {failures} failed) True True",
+        f"CacheInfo(hits={2000 - failures}, misses={2000 - failures}, maxsize=None, currsize={2000 - failures})",
+    ], proc.stderr
+    computed = sorted(map(int, log.read_text().split()))
+    bad = [x for x in range(2000) if x % 97 == 5]
+    assert computed == sorted(list(range(2000)) + bad), "each input computed once, the failures once more"
+    assert (work / "cache").is_dir()
 
 
 def test_damage_costs_only_a_recomputation(tmp_path):
