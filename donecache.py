@@ -78,6 +78,7 @@ import collections.abc
 import errno
 import io
 import os
+import pickle  # Loaded by shelve anyway.
 import shelve
 import stat
 import struct
@@ -721,13 +722,22 @@ def _close_quietly(file: IO[Any]) -> None:
         pass
 
 
-def _write_bytes(target: str, data: bytes, *, durable: bool, overwrite: bool = True) -> None:
-    """Atomically make ``target`` hold ``data``: the writer behind markers, pieces and entries."""
+def _write_bytes(target: str, data: bytes | Iterable[Any], *, durable: bool, overwrite: bool = True) -> None:
+    """Atomically make ``target`` hold ``data``: the writer behind markers, pieces and entries.
+
+    ``data`` is bytes, or an iterable of bytes-like chunks written one after the
+    other, each straight from its own buffer (as writev would): a big value's
+    arrays go to the file without ever being joined or copied. The iterable may
+    be a generator, producing a chunk (a table of checksums) only once the
+    chunks before it are written.
+    """
     fd, temp = _create_temp(target)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        chunks: Iterable[Any] = (data,) if isinstance(data, bytes) else data
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
         if durable:
             _fsync_file(fd)
         os.close(fd)
@@ -1285,12 +1295,37 @@ done_dir = Stage
 # as missing.
 # ---------------------------------------------------------------------------
 
-# The magic, the CRC-32 of everything after it, created and expires (Unix
-# seconds; 0.0 = never), key length, value length; then the key and the value.
-_ENTRY_MAGIC = b"dcE1"
-_ENTRY_HEADER = struct.Struct("<4sIddII")
+# An entry file (format dcE2; all integers little-endian, lengths 64-bit):
+#
+#   header  magic "dcE2", head CRC, created and expires (Unix seconds; 0.0 =
+#           never), key length, stream length, stream CRC, buffer count, flags
+#   key
+#   stream  the pickle (protocol 5) of the value, less its big buffers
+#   buffers each of the pickle's out-of-band buffers (the data of NumPy arrays
+#           and pandas columns), at an offset aligned to 64 bytes
+#   table   per buffer: its length and CRC-32; then the table's own CRC-32
+#
+# The head CRC covers the header after itself and the key; the table comes
+# last because its CRCs are computed while the buffers are written. Offsets
+# follow from the lengths, and the last buffer must end where the table
+# starts, at the file's size less the table's: a truncated or padded file is
+# damage. A read checks all of that and the stream's CRC (for a value with no
+# big buffers that covers every byte); the buffers' own CRCs cost more than
+# the whole read of a big value, so they are checked by verify() and prune(),
+# not on every hit.
+_ENTRY_MAGIC = b"dcE2"
+_ENTRY_HEADER = struct.Struct("<4sIddQQIII")
+_BUFFER_ROW = struct.Struct("<QI")
+_OLD_MAGIC = b"dcE1"  # Format 1: magic, CRC of the rest, created, expires, key and value lengths (32-bit).
+_OLD_HEADER = struct.Struct("<4sIddII")
+_OUT_OF_BAND = 1 << 16  # Buffers this big are written apart from the stream, and can be mapped.
+_MAX_BUFFERS = 4096  # Beyond this many, buffers stay in the stream: the table's size is bounded.
+_MAX_KEY = 1 << 20  # So that reading a key allocates little, whatever a damaged header says.
+_ALIGN = 64
+_CHUNK = 1 << 22  # Buffers are checksummed and written in pieces this big, each still in the CPU's cache.
 _NAME_BYTES = 16  # An entry's file name is the hex of a BLAKE2b digest this long.
 _NAME_HEX = 2 * _NAME_BYTES
+_FOLDER_HEX = 16  # A memoized function's entries live in a folder named by 16 hex digits of its name.
 _HEX = frozenset("0123456789abcdef")
 _LITTER_AGE = 3600.0  # A temporary file this old belongs to no live writer.
 _CACHEDIR_TAG = (
@@ -1341,57 +1376,255 @@ def _dbm_database(root: str) -> tuple[str, list[str]] | None:
     return (kind, files) if kind else None
 
 
+def _is_hex(name: str, length: int) -> bool:
+    return len(name) == length and set(name) <= _HEX
+
+
 class _Entry:
-    """One decoded entry file."""
+    """One entry file as read: its key and times, and (unless only its head was
+    read) the pickle stream and the out-of-band buffers that load() joins."""
 
-    __slots__ = ("key", "value", "created", "expires")
+    __slots__ = ("key", "created", "expires", "stream", "buffers")
 
-    def __init__(self, key: bytes, value: bytes, created: float, expires: float) -> None:
-        self.key, self.value, self.created, self.expires = key, value, created, expires
+    def __init__(self, key: bytes, created: float, expires: float) -> None:
+        self.key, self.created, self.expires = key, created, expires
+        self.stream: Any = b""
+        self.buffers: list[Any] = []
 
     def live(self, now: float) -> bool:
         return not self.expires or now < self.expires
 
-
-def _encode_entry(key: bytes, value: bytes, expires: float = 0.0) -> bytes:
-    blob = bytearray(_ENTRY_HEADER.pack(_ENTRY_MAGIC, 0, time.time(), expires, len(key), len(value)))
-    blob += key
-    blob += value
-    blob[4:8] = zlib.crc32(memoryview(blob)[8:]).to_bytes(4, "little")
-    return bytes(blob)
+    def load(self) -> Any:
+        """The value; raises what unpickling raises (code that changed since)."""
+        return pickle.loads(self.stream, buffers=self.buffers)
 
 
-def _decode_entry(data: bytes, key: bytes | None = None) -> _Entry | None:
-    """The entry in ``data`` if it is whole (and holds ``key``, when given), else None."""
-    if len(data) < _ENTRY_HEADER.size:
+class _Encoded:
+    """A value pickled for an entry file: the stream, and the big buffers kept
+    out of it (views of the value's own memory, not copies)."""
+
+    __slots__ = ("key", "expires", "stream", "buffers")
+
+    def __init__(self, key: bytes, expires: float, stream: bytes, buffers: list[memoryview]) -> None:
+        self.key, self.expires, self.stream, self.buffers = key, expires, stream, buffers
+
+    def chunks(self) -> Iterator[Any]:
+        """The file's bytes, in pieces for _write_bytes: each buffer's CRC is
+        computed piece by piece, just before the piece is written."""
+        key, stream = self.key, self.stream
+        head = bytearray(
+            _ENTRY_HEADER.pack(
+                _ENTRY_MAGIC, 0, time.time(), self.expires, len(key), len(stream),
+                zlib.crc32(stream), len(self.buffers), 0,
+            )
+        )
+        head += key
+        head[4:8] = zlib.crc32(memoryview(head)[8:]).to_bytes(4, "little")
+        yield head
+        yield stream
+        position = len(head) + len(stream)
+        table = bytearray()
+        for buffer in self.buffers:
+            pad = -position % _ALIGN
+            if pad:
+                yield bytes(pad)
+            crc = 0
+            for start in range(0, buffer.nbytes, _CHUNK):
+                piece = buffer[start : start + _CHUNK]
+                crc = zlib.crc32(piece, crc)
+                yield piece
+            table += _BUFFER_ROW.pack(buffer.nbytes, crc)
+            position += pad + buffer.nbytes
+        if table:
+            table += zlib.crc32(table).to_bytes(4, "little")
+            yield table
+
+
+def _encode_entry(key: bytes, value: Any, expires: float = 0.0, protocol: int = 5) -> _Encoded:
+    """Pickle ``value`` for an entry file; raises what pickling raises, before any file is made."""
+    if len(key) > _MAX_KEY:
+        raise ValueError(f"a cache key of {len(key)} bytes is too long; keys may have at most {_MAX_KEY} bytes")
+    buffers: list[memoryview] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        # True keeps a buffer in the stream: small ones, and any that is not contiguous.
+        if len(buffers) >= _MAX_BUFFERS:
+            return True
+        try:
+            view = buffer.raw()
+        except BufferError:
+            return True
+        if view.nbytes < _OUT_OF_BAND:
+            return True
+        buffers.append(view)
+        return False
+
+    stream = pickle.dumps(value, protocol=protocol, buffer_callback=out_of_band if protocol >= 5 else None)
+    return _Encoded(key, expires, stream, buffers)
+
+
+# How much of an entry a read takes: its head (header, key, and the buffer
+# table's structure), its value (the stream checked, the buffers read or
+# mapped), or a verification of every byte (the value itself is not kept).
+_HEAD, _VALUE, _VERIFY = 0, 1, 2
+_HEAD_READ = 512  # A head read asks for this much first: a header and a typical key.
+_FIRST_READ = 1 << 16  # A value read asks for this much first: most entries are whole in it.
+
+
+def _read_exactly(fd: int, view: memoryview) -> bool:
+    """Fill ``view`` from ``fd``'s current position; False if the file ends first."""
+    file = io.FileIO(fd, "r", closefd=False)
+    while view:
+        got = file.readinto(view)
+        if not got:
+            return False
+        view = view[got:]
+    return True
+
+
+def _crc_of_range(fd: int, start: int, length: int) -> int | None:
+    """The CRC-32 of ``length`` bytes at ``start``, read in pieces (memory stays
+    small whatever the size); None if the file ends first."""
+    os.lseek(fd, start, os.SEEK_SET)
+    piece = memoryview(bytearray(min(length, _CHUNK)))
+    crc = 0
+    while length:
+        view = piece[: min(length, len(piece))]
+        if not _read_exactly(fd, view):
+            return None
+        crc = zlib.crc32(view, crc)
+        length -= len(view)
+    return crc
+
+
+def _read_old_entry(fd: int, first: bytes, size: int, key: bytes | None, depth: int) -> _Entry | None:
+    """A format 1 entry (written by donecache 0.1), whole or None: still served.
+    Its one CRC covers everything, so a head read of a big one checks only the
+    lengths against the file's size."""
+    if len(first) < _OLD_HEADER.size:
         return None
-    magic, crc, created, expires, key_len, _value_len = _ENTRY_HEADER.unpack_from(data)
-    # The CRC covers the lengths too, so it catches truncation and padding.
-    if magic != _ENTRY_MAGIC or crc != zlib.crc32(memoryview(data)[8:]):
+    _magic, crc, created, expires, key_len, value_len = _OLD_HEADER.unpack_from(first)
+    key_end = _OLD_HEADER.size + key_len
+    if key_end + value_len != size or key_len > _MAX_KEY:
         return None
-    end = _ENTRY_HEADER.size + key_len
-    if key is None:
-        key = data[_ENTRY_HEADER.size : end]
-    elif key_len != len(key) or not data.startswith(key, _ENTRY_HEADER.size):
+    whole = depth != _HEAD or size <= len(first)
+    data = memoryview(bytearray(size if whole else max(key_end, len(first))))
+    data[: len(first)] = first
+    if len(first) < len(data) and not _read_exactly(fd, data[len(first) :]):
+        return None
+    if whole and crc != zlib.crc32(data[8:]):
+        return None
+    found = bytes(data[_OLD_HEADER.size : key_end])
+    if key is not None and found != key:
+        return None
+    entry = _Entry(found, created, expires)
+    if depth == _VALUE:
+        entry.stream = data[key_end:]
+    return entry
+
+
+def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool) -> _Entry | None:
+    """The entry in the open file ``fd`` of ``size`` bytes, read to ``depth``; None if it is damage.
+
+    Nothing is allocated beyond what the header declares, and that is first
+    checked against the file's size (keys and tables also have fixed limits):
+    a huge or endless file reads as damage in bounded memory.
+    """
+    first = os.read(fd, _HEAD_READ if depth == _HEAD else _FIRST_READ)
+    if first[:4] == _OLD_MAGIC:
+        return _read_old_entry(fd, first, size, key, depth)
+    if len(first) < _ENTRY_HEADER.size:
+        return None
+    magic, head_crc, created, expires, key_len, stream_len, stream_crc, count, _flags = _ENTRY_HEADER.unpack_from(
+        first
+    )
+    key_end = _ENTRY_HEADER.size + key_len
+    stream_end = key_end + stream_len
+    table_len = count * _BUFFER_ROW.size + 4 if count else 0
+    if magic != _ENTRY_MAGIC or key_len > _MAX_KEY or count > _MAX_BUFFERS or stream_end + table_len > size:
+        return None
+    head = memoryview(first)
+    if len(first) < key_end:
+        head = memoryview(bytearray(key_end))
+        head[: len(first)] = first
+        if not _read_exactly(fd, head[len(first) :]):
+            return None
+    if zlib.crc32(head[8:key_end]) != head_crc:
+        return None
+    found = bytes(head[_ENTRY_HEADER.size : key_end])
+    if key is not None and found != key:
         return None  # Another key with the same hash prefix (or a swapped file).
-    return _Entry(key, data[end:], created, expires)
+    spans: list[tuple[int, int, int]] = []  # (offset, length, crc) of each buffer
+    position = stream_end
+    if count:
+        table = memoryview(bytearray(table_len))
+        os.lseek(fd, size - table_len, os.SEEK_SET)
+        if not _read_exactly(fd, table) or zlib.crc32(table[:-4]) != int.from_bytes(table[-4:], "little"):
+            return None
+        for length, crc in _BUFFER_ROW.iter_unpack(table[:-4]):
+            position += -position % _ALIGN
+            spans.append((position, length, crc))
+            position += length
+    if position + table_len != size:
+        return None  # Truncated, padded, or a table that does not fit the file.
+    entry = _Entry(found, created, expires)
+    if depth == _HEAD and (size > len(first) or count):
+        return entry
+    # The stream: from the first read when it is all there, else read after it.
+    if stream_end <= len(first):
+        stream: Any = memoryview(first)[key_end:stream_end]
+    else:
+        stream = memoryview(bytearray(stream_len))
+        have = max(0, len(first) - key_end)
+        stream[:have] = memoryview(first)[key_end : key_end + have]
+        os.lseek(fd, key_end + have, os.SEEK_SET)
+        if not _read_exactly(fd, stream[have:]):
+            return None
+    if zlib.crc32(stream) != stream_crc:
+        return None
+    if depth == _HEAD:
+        return entry  # A small entry, whole in the head read: checked for free.
+    if depth == _VERIFY:
+        for offset, length, crc in spans:
+            if _crc_of_range(fd, offset, length) != crc:
+                return None
+        return entry
+    entry.stream = stream
+    if spans and mapped:
+        import mmap
+
+        # A private copy-on-write mapping: arrays over it are writable, their
+        # changes never reach the file, and since an entry file is only ever
+        # replaced by a rename, never changed in place, it stays valid after
+        # the entry is replaced or removed.
+        whole = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
+        entry.buffers = [whole[offset : offset + length] for offset, length, _crc in spans]
+    else:
+        for offset, length, _crc in spans:
+            buffer = bytearray(length)  # One allocation per buffer, filled in place.
+            os.lseek(fd, offset, os.SEEK_SET)
+            if not _read_exactly(fd, memoryview(buffer)):
+                return None
+            entry.buffers.append(buffer)
+    return entry
 
 
 # Entry files are opened without following symlinks: donecache never makes one,
 # and one planted at an entry's name (to /dev/zero, to a file outside the store)
 # must read as damage, not be loaded.
 _ENTRY_FLAGS = _READ_FLAGS | getattr(os, "O_NOFOLLOW", 0)
-_FIRST_READ = 1 << 16
 
 
-def _load_entry(path: str, key: bytes | None = None) -> tuple[_Entry | None, os.stat_result | None]:
-    """Read the entry file at ``path``.
+def _load_entry(
+    path: str, key: bytes | None = None, depth: int = _VALUE, mapped: bool = False
+) -> tuple[_Entry | None, os.stat_result | None]:
+    """Read the entry file at ``path`` to ``depth`` (_HEAD, _VALUE or _VERIFY).
 
     (entry, stat) if it is a whole entry (for ``key``, when given); (None, stat)
     if it is damage: not a regular file, or not a whole entry; (None, None) if
     there is nothing there. Any other OSError (ESTALE, EIO, EACCES) propagates:
-    the file could not be judged. Nothing is read beyond what the header
-    declares, and that must match the file's size.
+    the file could not be judged. ``mapped`` maps the big buffers of a value
+    instead of reading them.
     """
     try:
         fd, st = _open_regular(path, _ENTRY_FLAGS)
@@ -1407,26 +1640,9 @@ def _load_entry(path: str, key: bytes | None = None) -> tuple[_Entry | None, os.
         except FileNotFoundError:
             return None, None
     try:
-        data = os.read(fd, _FIRST_READ)
-        if len(data) < _ENTRY_HEADER.size:
-            return None, st
-        magic, _crc, _created, _expires, key_len, value_len = _ENTRY_HEADER.unpack_from(data)
-        size = _ENTRY_HEADER.size + key_len + value_len
-        if magic != _ENTRY_MAGIC or size != st.st_size:
-            return None, st
-        if len(data) < size:
-            chunks = [data]
-            left = size - len(data)
-            while left > 0:
-                chunk = os.read(fd, left)
-                if not chunk:
-                    return None, st
-                chunks.append(chunk)
-                left -= len(chunk)
-            data = b"".join(chunks)
+        return _read_entry(fd, st.st_size, key, depth, mapped), st
     finally:
         os.close(fd)
-    return _decode_entry(data, key), st
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
@@ -1481,18 +1697,24 @@ class _Slot:
 
 
 class _Found:
-    """What a scan of a store finds at one entry file: the entry, or None where
-    the file is damage; ``stat`` is what was judged, None if the file could
-    not be read (ESTALE, EIO, EACCES): then nothing is known about it."""
+    """What a scan of a store finds at one entry file: the entry's head, or None
+    where the file is damage; ``stat`` is what was judged, None if the file
+    could not be read (ESTALE, EIO, EACCES): then nothing is known about it.
+    ``folder`` is the function folder it lies in ("" at the top level)."""
 
-    __slots__ = ("path", "entry", "stat")
+    __slots__ = ("path", "entry", "stat", "folder")
 
-    def __init__(self, path: str, entry: _Entry | None, stat: os.stat_result | None) -> None:
-        self.path, self.entry, self.stat = path, entry, stat
+    def __init__(self, path: str, entry: _Entry | None, stat: os.stat_result | None, folder: str) -> None:
+        self.path, self.entry, self.stat, self.folder = path, entry, stat, folder
 
 
 class _EntryFiles:
     """The directory of a store: where entries live, and their upkeep.
+
+    donecache.open() keys live at <root>/<2 hex>/<32 hex>; a memoized
+    function's at <root>/<16 hex of its name>/<2 hex>/<32 hex>, so that one
+    function's entries are found, counted and cleared without touching any
+    other's.
 
     Safe for any number of threads and processes without locks: a write is a
     rename, a read takes whichever version the name points to and checks it.
@@ -1554,7 +1776,7 @@ class _EntryFiles:
             names = os.listdir(self.root)
         except OSError:
             return
-        if any(name not in _STORE_FILES and not (len(name) == 2 and set(name) <= _HEX) for name in names):
+        if any(name not in _STORE_FILES and not (_is_hex(name, 2) or _is_hex(name, _FOLDER_HEX)) for name in names):
             return
         for name, content in (("CACHEDIR.TAG", _CACHEDIR_TAG), (".gitignore", b"# Made by donecache.\n*\n")):
             if name not in names:
@@ -1568,7 +1790,12 @@ class _EntryFiles:
     # the entries of older code without running or importing anything.
 
     def _identity_file(self, function: str) -> str:
-        return os.path.join(self.root, ".functions", self._blake2b(function.encode("utf-8"), digest_size=8).hexdigest())
+        return os.path.join(self.root, ".functions", self.folder(function)[:_FOLDER_HEX])
+
+    def folder(self, function: str) -> str:
+        """Where a memoized function's entries live, relative to the root (with a trailing separator)."""
+        name: str = self._blake2b(function.encode("utf-8"), digest_size=_FOLDER_HEX // 2).hexdigest()
+        return name + os.sep
 
     def record_identity(self, function: str, identity: str) -> None:
         import json
@@ -1611,53 +1838,77 @@ class _EntryFiles:
                 errno.EACCES, f"cache {self.root!r} was opened with flag='r'; open it with flag='c' to write", self.root
             )
 
-    def slot(self, key: bytes) -> _Slot:
+    def slot(self, key: bytes, folder: str = "") -> _Slot:
         digest = self._blake2b(key, digest_size=_NAME_BYTES).hexdigest()
-        return _Slot(f"{self._prefix}{digest[:2]}{os.sep}{digest}", int(digest[-16:], 16))
+        return _Slot(f"{self._prefix}{folder}{digest[:2]}{os.sep}{digest}", int(digest[-16:], 16))
 
-    def read(self, key: bytes, slot: _Slot | None = None, now: float | None = None) -> _Entry | None:
-        """The entry for ``key`` if it is whole and live at ``now``, or None."""
+    def read(
+        self, key: bytes, slot: _Slot | None = None, now: float | None = None, mapped: bool = False
+    ) -> _Entry | None:
+        """The entry for ``key`` if it is whole and live at ``now``, or None;
+        ``mapped`` maps its big buffers instead of reading them."""
         try:
-            entry = _load_entry((slot or self.slot(key)).path, key)[0]
-        except OSError:
-            return None  # Unreadable now (EIO, ESTALE): a miss.
+            entry = _load_entry((slot or self.slot(key)).path, key, _VALUE, mapped)[0]
+        except (OSError, ValueError):
+            return None  # Unreadable now (EIO, ESTALE), or a mapping refused: a miss.
         if entry is None or (entry.expires and (time.time() if now is None else now) >= entry.expires):
             return None
         return entry
 
-    def write(self, key: bytes, value: bytes, expires: float = 0.0, slot: _Slot | None = None) -> None:
+    def write(self, encoded: _Encoded, slot: _Slot | None = None) -> None:
         self._writable()
-        path = (slot or self.slot(key)).path
-        blob = _encode_entry(key, value, expires)
+        path = (slot or self.slot(encoded.key)).path
         try:
             try:
-                _write_bytes(path, blob, durable=self.durable)
-            except FileNotFoundError:  # First entry in this shard (or the store was removed).
+                _write_bytes(path, encoded.chunks(), durable=self.durable)
+            except FileNotFoundError:  # First entry in this folder (or the store was removed).
                 _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
-                _write_bytes(path, blob, durable=self.durable)
+                _write_bytes(path, encoded.chunks(), durable=self.durable)
             except IsADirectoryError:  # Damage: something made a directory of an entry's name.
                 _remove_path(path)
-                _write_bytes(path, blob, durable=self.durable)
-            except NotADirectoryError:  # Damage: a file where the shard's directory should be.
-                os.unlink(os.path.dirname(path))
+                _write_bytes(path, encoded.chunks(), durable=self.durable)
+            except NotADirectoryError:  # Damage: a file where a folder should be.
+                folder = self.root
+                for part in os.path.relpath(os.path.dirname(path), self.root).split(os.sep):
+                    folder = os.path.join(folder, part)
+                    if os.path.lexists(folder) and not os.path.isdir(folder):
+                        os.unlink(folder)
                 _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
-                _write_bytes(path, blob, durable=self.durable)
+                _write_bytes(path, encoded.chunks(), durable=self.durable)
         except OSError as exc:
             raise _reraise_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
 
-    def delete(self, key: bytes) -> bool:
+    def delete(self, key: bytes, slot: _Slot | None = None) -> bool:
         """Remove the entry file that ``key`` names (whatever state it is in); True if there was one."""
         self._writable()
         try:
-            os.unlink(self.slot(key).path)
+            os.unlink((slot or self.slot(key)).path)
         except (FileNotFoundError, NotADirectoryError):
             return False
         return True
 
-    def files(self) -> Iterator[str]:
-        """Every entry file, valid or not (not the temporary files of live writers)."""
+    def folders(self) -> list[str]:
+        """The function folders (their names, no separator)."""
         try:
-            shards = [e for e in os.scandir(self.root) if len(e.name) == 2 and set(e.name) <= _HEX]
+            return sorted(
+                e.name for e in os.scandir(self.root) if _is_hex(e.name, _FOLDER_HEX) and e.is_dir(follow_symlinks=False)
+            )
+        except OSError:
+            return []
+
+    def files(self, folder: str | None = None) -> Iterator[tuple[str, str]]:
+        """(path, folder) of every entry file, valid or not (not the temporary
+        files of live writers): all of them, or those of one folder ("" for
+        the top level, else a name from folders())."""
+        for name in self.folders() if folder is None else [folder.rstrip(os.sep)]:
+            if name:
+                yield from self._shard_files(os.path.join(self.root, name), name)
+        if not folder:
+            yield from self._shard_files(self.root, "")
+
+    def _shard_files(self, directory: str, folder: str) -> Iterator[tuple[str, str]]:
+        try:
+            shards = [e for e in os.scandir(directory) if _is_hex(e.name, 2)]
         except (FileNotFoundError, NotADirectoryError):
             return
         shards = [e for e in shards if e.is_dir(follow_symlinks=False)]
@@ -1667,35 +1918,36 @@ class _EntryFiles:
             except OSError:
                 continue
             for name in names:
-                if len(name) == _NAME_HEX and name.startswith(shard.name) and set(name) <= _HEX:
-                    yield os.path.join(shard.path, name)
+                if _is_hex(name, _NAME_HEX) and name.startswith(shard.name):
+                    yield os.path.join(shard.path, name), folder
 
-    def scan(self) -> Iterator[_Found]:
-        """Every entry file with its entry, or None where it is damaged or filed
+    def scan(self, folder: str | None = None) -> Iterator[_Found]:
+        """Every entry file (of ``folder``, as for files()) with its head, read
+        from a bounded prefix of the file, or None where it is damaged or filed
         under another key's name. Expired entries are included."""
-        for path in self.files():
+        for path, where in self.files(folder):
             try:
-                entry, st = _load_entry(path)
+                entry, st = _load_entry(path, None, _HEAD)
             except OSError:
-                yield _Found(path, None, None)
+                yield _Found(path, None, None, where)
                 continue
             if st is None:
                 continue  # Removed since the listing.
-            if entry is not None and self.slot(entry.key).path != path:
+            if entry is not None and not path.endswith(self._blake2b(entry.key, digest_size=_NAME_BYTES).hexdigest()):
                 entry = None
-            yield _Found(path, entry, st)
+            yield _Found(path, entry, st, where)
 
-    def clear(self, match: Callable[[bytes], bool] | None = None) -> int:
-        """Remove the entries (those whose key ``match`` accepts); return how many."""
+    def clear(self, match: Callable[[bytes], bool] | None = None, folder: str | None = None) -> int:
+        """Remove the entries (of ``folder``; those whose key ``match`` accepts); return how many."""
         self._writable()
         removed = 0
         try:
             if match is not None:
-                for found in self.scan():
+                for found in self.scan(folder):
                     if found.entry is not None and found.stat is not None and match(found.entry.key):
                         removed += _remove_judged(found.path, found.stat)
                 return removed
-            for path in list(self.files()):
+            for path, _folder in list(self.files(folder)):
                 try:
                     os.unlink(path)
                     removed += 1
@@ -1709,9 +1961,22 @@ class _EntryFiles:
             raise _reraise_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
         return removed
 
-    def prune(self, now: float | None = None, stale: Callable[[bytes], bool] | None = None) -> tuple[int, int]:
-        """Remove expired or damaged entries (and those whose key ``stale`` accepts)
-        and old temporary files: (entries, temporaries)."""
+    def verify(self) -> list[str]:
+        """The entry files that are damaged, checking every byte (every buffer's CRC too)."""
+        damaged = []
+        for path, _folder in self.files():
+            try:
+                entry, st = _load_entry(path, None, _VERIFY)
+            except OSError:
+                continue  # Not judged (EIO, ESTALE, EACCES).
+            if st is not None and entry is None:
+                damaged.append(path)
+        return damaged
+
+    def prune(self, now: float | None = None, stale: Callable[[_Found], bool] | None = None) -> tuple[int, int]:
+        """Remove expired or damaged entries (and those ``stale`` accepts) and old
+        temporary files: (entries, temporaries). Entries are judged by their
+        heads first; those kept are then verified byte by byte."""
         self._writable()
         when = time.time() if now is None else now
         entries = temps = 0
@@ -1719,20 +1984,34 @@ class _EntryFiles:
             for found in self.scan():
                 # A file that could not be read (stat None) is left alone: ESTALE,
                 # EIO and EACCES say nothing about the entry itself.
-                entry = found.entry
-                if found.stat is not None and (
-                    entry is None or not entry.live(when) or (stale is not None and stale(entry.key))
-                ):
-                    entries += _remove_judged(found.path, found.stat)
+                entry, judged = found.entry, found.stat
+                if judged is None:
+                    continue
+                if entry is not None and entry.live(when) and not (stale is not None and stale(found)):
+                    try:
+                        entry, judged = _load_entry(found.path, entry.key, _VERIFY)
+                    except OSError:
+                        continue
+                    if judged is None:
+                        continue
+                else:
+                    entry = None
+                if entry is None:
+                    entries += _remove_judged(found.path, judged)
+            for directory in [self.root, *(os.path.join(self.root, name) for name in self.folders())]:
+                try:
+                    squatters = [
+                        e
+                        for e in os.scandir(directory)
+                        if _is_hex(e.name, 2) or (directory == self.root and _is_hex(e.name, _FOLDER_HEX))
+                    ]
+                except OSError:
+                    squatters = []
+                for squatter in squatters:  # Damage: a file or a link where a folder should be.
+                    if not squatter.is_dir(follow_symlinks=False):
+                        entries += _remove_judged(squatter.path, squatter.stat(follow_symlinks=False))
         except OSError as exc:
             raise _reraise_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
-        try:
-            squatters = [e for e in os.scandir(self.root) if len(e.name) == 2 and set(e.name) <= _HEX]
-        except OSError:
-            squatters = []
-        for squatter in squatters:  # Damage: a file or a link where a shard's directory should be.
-            if not squatter.is_dir(follow_symlinks=False):
-                entries += _remove_judged(squatter.path, squatter.stat(follow_symlinks=False))
         for temp in _temp_files(self.root):
             try:
                 if os.stat(temp).st_mtime < when - _LITTER_AGE:
@@ -1752,26 +2031,20 @@ class _EntryFiles:
 
 
 class _ShelfDict:
-    """The mapping of encoded keys to pickled values that shelve.Shelf works on."""
+    """The mapping of encoded keys that shelve.Shelf works on, over the entry
+    files (Store reads and writes values itself, to keep big buffers out of
+    the pickle stream). Iteration lists memoized functions' entries too."""
 
     def __init__(self, files: _EntryFiles) -> None:
         self.files = files
-
-    def __getitem__(self, key: bytes) -> bytes:
-        entry = self.files.read(key)
-        if entry is None:
-            raise KeyError(key)
-        return entry.value
-
-    def __setitem__(self, key: bytes, value: bytes) -> None:
-        self.files.write(key, value)
 
     def __delitem__(self, key: bytes) -> None:
         if not self.files.delete(key):
             raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, bytes) and self.files.read(key) is not None
+        # Mapped: the stream is checked, and big buffers are not read.
+        return isinstance(key, bytes) and self.files.read(key, mapped=True) is not None
 
     def __iter__(self) -> Iterator[bytes]:
         now = time.time()
@@ -1804,15 +2077,42 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
         writeback: bool = False,
         *,
         durable: bool = False,
+        mmap: bool = False,
     ) -> None:
         # Named and typed as in shelve.DbfilenameShelf; a bytes path is decoded
         # as the filesystem encoding says, as os.open would.
         self._files = _EntryFiles(os.fsdecode(filename), flag, durable)
         self.path = self._files.root
+        self._mmap = mmap
+        # shelve turns None into protocol 3; here None means 5, which keeps big buffers apart.
+        self._pickle_protocol = 5 if protocol is None else protocol
         super().__init__(_ShelfDict(self._files), protocol, writeback, keyencoding="utf-8")  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"<donecache.Store {self.path!r}>"
+
+    # Values are read and written here rather than by shelve, so that big
+    # buffers go to the file straight from the value (protocol 5, unless
+    # protocol= asks for an older one) and come back in one allocation each,
+    # or mapped. Otherwise this is shelve's own logic, writeback cache and all.
+
+    def __getitem__(self, key: str) -> Any:
+        cache = getattr(self, "cache", {})  # shelve's writeback cache (not in its stubs).
+        if key in cache:
+            return cache[key]
+        entry = self._open_files().read(key.encode("utf-8"), mapped=self._mmap)
+        if entry is None:
+            raise KeyError(key)
+        value = entry.load()
+        if getattr(self, "writeback", False):  # False while shelve's sync() writes the cache back.
+            cache[key] = value
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if getattr(self, "writeback", False):
+            getattr(self, "cache", {})[key] = value
+        files = self._open_files()
+        files.write(_encode_entry(key.encode("utf-8"), value, 0.0, self._pickle_protocol))
 
     # Another process may delete a key between the listing and the read (or
     # between shelve's `key in self.dict` and `self[key]`): the key is then
@@ -1844,9 +2144,15 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
         files.clear()
 
     def prune(self) -> int:
-        """Remove expired and damaged entries and crashed writers' temporary files."""
+        """Remove expired and damaged entries (checking every byte of the others)
+        and crashed writers' temporary files."""
         entries, temps = self._open_files().prune()
         return entries + temps
+
+    def verify(self) -> list[str]:
+        """The paths of damaged entry files, checking every byte of every entry
+        (reads do not check big buffers' checksums; prune() removes what this finds)."""
+        return self._files.verify()
 
 
 def _present(store: Store) -> Iterator[tuple[str, Any]]:
@@ -1884,7 +2190,13 @@ class _StoreValues(_ValuesView):
 
 
 def open(
-    filename: AnyPath, flag: str = "c", protocol: int | None = None, writeback: bool = False, *, durable: bool = False
+    filename: AnyPath,
+    flag: str = "c",
+    protocol: int | None = None,
+    writeback: bool = False,
+    *,
+    durable: bool = False,
+    mmap: bool = False,
 ) -> Store:
     """Open a cache directory as a shelf: a drop-in for ``shelve.open(filename)``.
 
@@ -1900,10 +2212,14 @@ def open(
     protocol, writeback: as for shelve.open().
     durable: fsync each entry as it is written, so that it survives a power
         failure (it always survives a crash of the process). Slower.
+    mmap: return the big buffers of values (64 KiB or more: the data of NumPy
+        arrays and pandas columns) as private copy-on-write memory maps of
+        the entry files instead of reading them: writable, and changes never
+        reach the file.
 
     Entries are pickles: open only directories that nobody you distrust can write.
     """
-    return Store(filename, flag, protocol, writeback, durable=durable)
+    return Store(filename, flag, protocol, writeback, durable=durable, mmap=mmap)
 
 
 # ---------------------------------------------------------------------------
@@ -2541,22 +2857,22 @@ class _Memoized(Generic[_P, _R]):
         ignore: Iterable[str],
         durable: bool,
         key: Callable[..., Any] | None = None,
+        mmap: bool = False,
     ) -> None:
         import functools
         import hashlib
-        import pickle
 
         functools.update_wrapper(self, func)
         if not hasattr(func, "__qualname__"):  # A functools.partial or a callable object.
             self.__qualname__ = self.__name__ = _function_name(func)
         # Bound once here: an import statement on the hit path costs a dict lookup per call.
         self._blake2b = hashlib.blake2b
-        self._loads, self._dumps = pickle.loads, pickle.dumps
         if path is None:
             path = os.environ.get("DONECACHE_DIR") or ".donecache"
         self.path = os.path.abspath(_fspath(path))
         self._ttl = ttl
         self._durable = durable
+        self._mmap = mmap
         self._arguments = _Arguments(func, ignore, key)
         self._version = version
         self._function = f"{_module_name(func)}:{_function_name(func)}"
@@ -2565,6 +2881,7 @@ class _Memoized(Generic[_P, _R]):
         self._prefix = b""
         self._closure = ""
         self._store: _EntryFiles | None = None
+        self._folder = ""  # Where this function's entries live in the store (set with it).
         self._warned = False
         self._hits = self._misses = 0
 
@@ -2585,7 +2902,9 @@ class _Memoized(Generic[_P, _R]):
         then the function is called straight through, with one warning."""
         if self._store is None:
             try:
-                self._store = _EntryFiles(self.path, "c", self._durable)
+                files = _EntryFiles(self.path, "c", self._durable)
+                self._folder = files.folder(self._function)
+                self._store = files
             except OSError as exc:
                 if not self._warned:
                     self._warned = True
@@ -2612,7 +2931,7 @@ class _Memoized(Generic[_P, _R]):
     def _call_at(self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         """A call whose key is already made (a batch's worker gets it from the parent)."""
         files = self._store or self._files()
-        return _Call(args, kwargs, key, None if files is None else files.slot(key))
+        return _Call(args, kwargs, key, None if files is None else files.slot(key, self._folder))
 
     # -- the flow of one call, written once ----------------------------------
     #
@@ -2624,7 +2943,7 @@ class _Memoized(Generic[_P, _R]):
     def _live(self, call: _Call, files: _EntryFiles) -> _Entry | None:
         """The call's entry if it is whole and live, by its own expiry and this function's ttl."""
         now = time.time()
-        entry = files.read(call.key, call.slot, now)
+        entry = files.read(call.key, call.slot, now, self._mmap)
         if entry is None or (self._ttl is not None and now - entry.created >= self._ttl):
             return None
         return entry
@@ -2638,7 +2957,7 @@ class _Memoized(Generic[_P, _R]):
         if entry is None:
             return _MISSING
         try:
-            value = self._loads(entry.value)
+            value = entry.load()
         except Exception:
             return _MISSING  # Written by code that has changed since: recompute.
         self._hits += 1
@@ -2651,7 +2970,9 @@ class _Memoized(Generic[_P, _R]):
         if files is None:
             return  # No store (already warned).
         try:
-            blob = self._dumps(value, protocol=5)  # Readable by every Python donecache supports.
+            # Protocol 5 (readable by every Python donecache supports) keeps big
+            # buffers out of the stream, to be written straight from the value.
+            encoded = _encode_entry(call.key, value, time.time() + self._ttl if self._ttl is not None else 0.0)
         except Exception as exc:
             _warn(
                 f"{self.__qualname__}() returned a {type(value).__name__} that cannot be pickled ({exc}); "
@@ -2659,7 +2980,7 @@ class _Memoized(Generic[_P, _R]):
             )
             return
         try:
-            files.write(call.key, blob, time.time() + self._ttl if self._ttl is not None else 0.0, call.slot)
+            files.write(encoded, call.slot)
         except OSError as exc:
             _warn(f"{self.__qualname__}(): the result is returned but not cached: {exc}")
 
@@ -2746,21 +3067,26 @@ class _Memoized(Generic[_P, _R]):
     def forget(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
         """Drop the cached result of this one call; True if there was one."""
         files = self._files()
-        return files is not None and files.delete(self._call(args, kwargs).key)
+        if files is None:
+            return False
+        call = self._call(args, kwargs)
+        return files.delete(call.key, call.slot)
 
     def cache_clear(self) -> None:
-        """Drop every entry of this function (all versions of its code), and the counts."""
-        identity, files = self._identity, self._files()
+        """Drop every entry of this function (all versions of its code), and the counts.
+        Its folder holds nothing else, so nothing is read."""
+        files = self._files()
         if files is not None:
-            files.clear(lambda key: key.startswith(identity))
+            files.clear(folder=self._folder)
         self._hits = self._misses = 0
 
     def cache_info(self) -> CacheInfo:
-        """Hits and misses in this process, and this function's live entries on disk."""
+        """Hits and misses in this process, and this function's live entries on
+        disk (counted from the heads of its own entries only)."""
         now, files, prefix = time.time(), self._files(), self._prefix or self._prepare()
         live = sum(
             1
-            for found in (files.scan() if files is not None else ())
+            for found in (files.scan(self._folder) if files is not None else ())
             if found.entry is not None and found.entry.live(now) and found.entry.key.startswith(prefix)
         )
         return CacheInfo(self._hits, self._misses, None, live)
@@ -3492,7 +3818,7 @@ def memoize(
     version: _Version | None = None,
     ignore: Iterable[str] = (),
     key: Callable[..., Any] | None = None,
-    durable: bool = False,
+    durable: bool = False, mmap: bool = False,
 ) -> Callable[[Callable[_P, _R]], _Memoized[_P, _R]]: ...
 
 
@@ -3504,6 +3830,7 @@ def memoize(
     ignore: Iterable[str] = (),
     key: Callable[..., Any] | None = None,
     durable: bool = False,
+    mmap: bool = False,
 ) -> Any:
     """Keep a function's results on disk, shared by threads, processes and runs.
 
@@ -3529,6 +3856,10 @@ def memoize(
     key: a function of the same arguments whose result stands for them in the
         key, as ``key=lambda record: record["id"]``.
     durable: fsync each entry as it is written (survives power failures).
+    mmap: return the big buffers of results (64 KiB or more: the data of
+        NumPy arrays and pandas columns) as private copy-on-write memory maps
+        of the entry files: a hit costs milliseconds whatever the size; the
+        arrays are writable, and changes never reach the file.
 
     The decorated function has ``cache_info()``, ``cache_clear()`` (this
     function's entries only), ``forget(*args)``, ``refresh(*args)`` and
@@ -3561,7 +3892,7 @@ def memoize(
                 "function that collects it"
             )
         kind = _AsyncMemoized if code is not None and code.co_flags & _CO_COROUTINE else _Memoized
-        return kind(func, store_path, seconds, version, ignore, durable, key)
+        return kind(func, store_path, seconds, version, ignore, durable, key, mmap)
 
     if callable(path) and not isinstance(path, (str, os.PathLike)):
         store_path: StrPath | None = None
@@ -3571,7 +3902,7 @@ def memoize(
 
 
 # ---------------------------------------------------------------------------
-# The command line: python -m donecache info|clear|prune|status
+# The command line: python -m donecache info|clear|verify|prune|status
 #
 # It reads entry headers and keys, never values: inspecting a cache does not
 # unpickle anything. Exit codes: 0 success, 1 the answer is "no" (a stage is
@@ -3579,29 +3910,42 @@ def memoize(
 # ---------------------------------------------------------------------------
 
 
-def _stale_test(files: _EntryFiles) -> Callable[[bytes], bool]:
-    """Whether a key belongs to code older than its function's current identity."""
+def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
+    """Whether an entry belongs to code older than its function's current
+    identity, or is a memoize entry in the layout of donecache 0.1 (at the top
+    level, where no memoized function looks any more)."""
     current = files.identities()
 
-    def stale(key: bytes) -> bool:
-        parts = _parse_key(key)
-        return parts is not None and current.get(parts.function, parts.identity) != parts.identity
+    def stale(found: _Found) -> bool:
+        parts = None if found.entry is None else _parse_key(found.entry.key)
+        return parts is not None and (
+            found.folder == "" or current.get(parts.function, parts.identity) != parts.identity
+        )
 
     return stale
 
 
+def _disk_bytes(st: os.stat_result) -> int:
+    """The space a file takes on disk: its blocks (512 bytes each, as stat(2)
+    counts them), or its size where the system does not count blocks."""
+    blocks = getattr(st, "st_blocks", None)
+    return st.st_size if blocks is None else int(blocks) * 512
+
+
 def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
-    live = expired = damaged = size = 0
+    """What `info` reports; it reads a bounded prefix (the head) of each entry."""
+    live = expired = damaged = size = disk = 0
     functions: dict[str, int] = {}
+    sizes: dict[str, dict[str, int]] = {}
     older: dict[str, int] = {}
     is_stale = _stale_test(files)
     for found in files.scan():
+        if found.stat is None:
+            continue
+        size += found.stat.st_size
+        disk += _disk_bytes(found.stat)
         if found.entry is None:
             damaged += 1
-            continue
-        try:
-            size += os.stat(found.path).st_size
-        except OSError:
             continue
         if not found.entry.live(now):
             expired += 1
@@ -3609,14 +3953,21 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
         live += 1
         name = _function_of(found.entry.key)
         functions[name] = functions.get(name, 0) + 1
-        if is_stale(found.entry.key):
+        counted = sizes.setdefault(name, {"bytes": 0, "disk_bytes": 0})
+        counted["bytes"] += found.stat.st_size
+        counted["disk_bytes"] += _disk_bytes(found.stat)
+        if is_stale(found):
             older[name] = older.get(name, 0) + 1
     return {
         "path": files.root,
         "entries": {"live": live, "expired": expired, "damaged": damaged},
+        # Logical bytes (the files' sizes) and bytes on disk (their blocks): many
+        # small entries take a block each.
         "bytes": size,
+        "disk_bytes": disk,
         "temporary_files": sum(1 for _ in _temp_files(files.root)),
         "functions": dict(sorted(functions.items())),
+        "function_bytes": dict(sorted(sizes.items())),
         # Of those live entries, how many belong to older code than the function's
         # current identity (recorded by the last process that ran it).
         "stale": dict(sorted(older.items())),
@@ -3649,13 +4000,21 @@ def _cli_info(args: Any) -> int:
     print(f"cache {report['path']}")
     print(
         f"  entries: {entries['live']} live, {entries['expired']} expired, {entries['damaged']} damaged; "
-        f"{report['bytes'] / 1048576:.1f} MiB"
+        f"{_mib(report['bytes'])} MiB ({_mib(report['disk_bytes'])} MiB on disk)"
     )
     print(f"  temporary files left by crashed writers: {report['temporary_files']}")
     for name, count in report["functions"].items():
         stale = report["stale"].get(name, 0)
-        print(f"  {count:>9}  {name}" + (f"  ({stale} of older code: prune --stale removes them)" if stale else ""))
+        sizes = report["function_bytes"][name]
+        print(
+            f"  {count:>9}  {name}  {_mib(sizes['bytes'])} MiB ({_mib(sizes['disk_bytes'])} MiB on disk)"
+            + (f"  ({stale} of older code: prune --stale removes them)" if stale else "")
+        )
     return 0
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1048576:.1f}"
 
 
 def _cli_clear(args: Any) -> int:
@@ -3666,7 +4025,17 @@ def _cli_clear(args: Any) -> int:
         name = _function_of(key)
         return name == wanted or name.partition(":")[2] == wanted
 
-    removed = files.clear(None if wanted is None else matches)
+    if wanted is None:
+        removed = files.clear()
+    else:
+        # The top level holds donecache.open() keys (and memoize entries of
+        # donecache 0.1): judged key by key. A function folder holds one
+        # function's entries: the first head that can be read names it.
+        removed = files.clear(matches, folder="")
+        for folder in files.folders():
+            found = next((f for f in files.scan(folder) if f.entry is not None), None)
+            if found is not None and found.entry is not None and matches(found.entry.key):
+                removed += files.clear(matches, folder=folder)
     if wanted is not None and not removed:
         known = ", ".join(_survey(files, time.time())["functions"]) or "none"
         print(f"no entries of {wanted!r} in {files.root}; functions there: {known}", file=sys.stderr)
@@ -3685,6 +4054,18 @@ def _cli_prune(args: Any) -> int:
     what = "expired, damaged or stale" if args.stale else "expired or damaged"
     print(f"removed {entries} {what} entries and {temps} temporary files from {files.root}")
     return 0
+
+
+def _cli_verify(args: Any) -> int:
+    files = _cli_store(args.path, "r")
+    damaged = files.verify()
+    if args.json:
+        _print_json({"path": files.root, "damaged": damaged})
+    else:
+        for path in damaged:
+            print(f"damaged: {path}")
+        print(f"{len(damaged)} damaged entries in {files.root}" + ("; prune removes them" if damaged else ""))
+    return 1 if damaged else 0
 
 
 def _cli_status(args: Any) -> int:
@@ -3738,6 +4119,9 @@ def main(argv: list[str] | None = None) -> int:
     clear.add_argument("path", help="the cache directory")
     clear.add_argument("--function", metavar="NAME", help="only this function: module:qualname, or just qualname")
     clear.set_defaults(run=_cli_clear)
+    verify = command("verify", "check every byte of every entry (exit 1 if any is damaged)")
+    verify.add_argument("path", help="the cache directory")
+    verify.set_defaults(run=_cli_verify)
     prune = command("prune", "remove expired and damaged entries and temporary files left by crashes")
     prune.add_argument("path", help="the cache directory")
     prune.add_argument(

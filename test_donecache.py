@@ -820,7 +820,9 @@ def test_sigkill_in_the_body_leaves_stage_not_done_and_lock_free(tmp_path):
 
 
 def entry_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("??/*") if not p.name.startswith("."))
+    """Entry files of both layouts: donecache.open keys, and memoized functions' folders."""
+    found = [*root.glob("??/*"), *root.glob("?" * 16 + "/??/*")]
+    return sorted(p for p in found if not p.name.startswith("."))
 
 
 @as_str_or_path
@@ -971,7 +973,7 @@ def test_sigkill_never_corrupts_or_loses_committed_entries(tmp_path):
             assert isinstance(value, bytes) and len(value) == i % 5000
         assert isinstance(db["k0"], int)
         for path in entry_files(tmp_path / "c"):  # Every file on disk is a whole entry.
-            assert dc._decode_entry(path.read_bytes()) is not None
+            assert dc._load_entry(str(path), None, dc._VERIFY)[0] is not None
     assert len(committed) > 100
 
 
@@ -999,7 +1001,7 @@ def test_read_only_store_serves_hits_and_explains_writes(tmp_path, read_only):
         print(square(3))
     """
     child(script, str(tmp_path / "c"))  # Fills the cache with square(3).
-    for path in [tmp_path / "c", *(tmp_path / "c").glob("??")]:
+    for path in [tmp_path / "c", *(p for p in (tmp_path / "c").rglob("*") if p.is_dir())]:
         read_only(path)
     proc = child(
         script
@@ -1154,6 +1156,295 @@ else:
             },
         )
     del _name, _protocol, _writeback
+
+
+# -- big values: the entry format, buffers, mapping, bounded reads -------------
+
+
+def big_buffer(size: int, fill: int = 7) -> object:
+    """A value pickle keeps out of band (as NumPy's data is), with no NumPy needed."""
+    import pickle
+
+    return pickle.PickleBuffer(bytearray([fill]) * size)
+
+
+def test_big_buffers_go_out_of_band_aligned_and_come_back_writable(tmp_path):
+    with dc.open(tmp_path / "c") as db:
+        db["big"] = {"meta": "x" * 10, "data": big_buffer(300_000)}
+        db["small"] = big_buffer(1000)  # Below the threshold: inside the stream.
+        big = db["big"]
+        assert big["meta"] == "x" * 10 and bytes(big["data"]) == b"\7" * 300_000
+        big["data"][0] = 1  # One writable allocation, not a view of anything shared.
+        assert db["big"]["data"][0] == 7 and bytes(db["small"]) == b"\7" * 1000
+    path = next(p for p in entry_files(tmp_path / "c") if p.stat().st_size > 300_000)
+    raw = path.read_bytes()
+    fields = dc._ENTRY_HEADER.unpack_from(raw)
+    assert fields[0] == b"dcE2" and fields[7] == 1  # One out-of-band buffer...
+    start = raw.index(b"\7" * 1000)
+    assert start % 64 == 0 and raw[start : start + 300_000] == b"\7" * 300_000  # ...aligned for arrays.
+
+
+def test_truncated_or_padded_big_entry_reads_as_missing(tmp_path):
+    for damage in (lambda b: b[:-1], lambda b: b + b"\0", lambda b: b[:-100_000], lambda b: b[:4096]):
+        with dc.open(tmp_path / "c", "n") as db:
+            db["big"] = big_buffer(200_000)
+            (path,) = entry_files(tmp_path / "c")
+            path.write_bytes(damage(path.read_bytes()))
+            assert "big" not in db and db.get("big") is None
+            assert db.prune() == 1 and not path.exists()
+
+
+def flip_inside_buffer(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # In the middle of the big buffer.
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_a_big_buffer_is_found_by_verify_and_removed_by_prune(tmp_path):
+    with dc.open(tmp_path / "c") as db:
+        db["big"] = big_buffer(500_000)
+        db["fine"] = big_buffer(500_000, 3)
+    path = next(p for p in entry_files(tmp_path / "c") if p.read_bytes()[-40_000] == 7)
+    flip_inside_buffer(path)
+    with dc.open(tmp_path / "c") as db:
+        # The hit path checks structure, not each byte of big buffers: the flip gets through.
+        assert bytes(db["big"]).count(b"\7") == 500_000 - 1
+        assert db.verify() == [str(path)]
+    proc = cli("verify", str(tmp_path / "c"))
+    assert proc.returncode == 1 and f"damaged: {path}" in proc.stdout
+    assert json.loads(cli("verify", str(tmp_path / "c"), "--json").stdout)["damaged"] == [str(path)]
+    with dc.open(tmp_path / "c") as db:
+        assert db.prune() == 1 and not path.exists() and sorted(db) == ["fine"]
+        assert db.verify() == [] and bytes(db["fine"]) == b"\3" * 500_000
+    assert cli("verify", str(tmp_path / "c")).returncode == 0
+
+
+def test_lengths_are_64_bit(tmp_path):
+    """A 5 GiB buffer cannot be written in a test, so its entry is made sparse: a
+    real head and stream, a hole of 5 GiB, and a table that declares it."""
+    size = 5 << 30
+    encoded = dc._encode_entry(b"huge", big_buffer(1 << 16))
+    head, stream, *_rest = encoded.chunks()
+    start = len(head) + len(stream)
+    start += -start % 64
+    table = dc._BUFFER_ROW.pack(size, 0)
+    table += (zlib_crc32(table)).to_bytes(4, "little")
+    path = tmp_path / "huge"
+    with open(path, "wb") as f:
+        f.write(bytes(head) + stream)
+        f.truncate(start + size)
+        f.seek(start + size)
+        f.write(table)
+    entry, st = dc._load_entry(str(path), b"huge", dc._HEAD)
+    assert entry is not None and st.st_size == start + size + len(table)
+    entry, _st = dc._load_entry(str(path), b"huge", dc._VALUE, mapped=True)
+    value = entry.load()
+    assert len(value) == size and value[-1] == 0 and value[size // 2] == 0
+    with open(path, "r+b") as f:  # One byte short: the table no longer fits.
+        f.truncate(st.st_size - 1)
+    assert dc._load_entry(str(path), b"huge", dc._HEAD)[0] is None
+
+
+def zlib_crc32(data: bytes) -> int:
+    import zlib
+
+    return zlib.crc32(data)
+
+
+def test_mapped_hits_survive_replacement_and_never_write_to_the_file(tmp_path):
+    with dc.open(tmp_path / "c", mmap=True) as db:
+        db["big"] = big_buffer(200_000)
+        (path,) = entry_files(tmp_path / "c")
+        before = path.read_bytes()
+        view = db["big"]
+        assert isinstance(view, memoryview) and not view.readonly
+        view[:3] = b"abc"  # Copy on write: the change stays in this process.
+        assert bytes(view[:4]) == b"abc\7" and path.read_bytes() == before
+        assert bytes(db["big"][:3]) == b"\7\7\7"
+        db["big"] = big_buffer(200_000, 9)  # Renamed over the mapped file...
+        assert bytes(view[3:6]) == b"\7\7\7" and bytes(db["big"][:2]) == b"\t\t"
+        del db["big"]  # ...and removed: the mapping stays valid.
+        assert view[-1] == 7 and "big" not in db
+
+
+@posix_only
+def test_garbage_and_dev_zero_at_entry_names_read_as_missing_in_bounded_memory(tmp_path):
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero")
+    script = """
+        import os, resource
+        root = sys.argv[1]
+        @dc.memoize(root)
+        def f(x):
+            return x
+        db = dc.open(root)
+        db["k"] = "value"
+        f(1)
+        entry = dc._load_entry
+        shelf_path = db._files.slot(b"k").path
+        memo_path = db._files.slot(f._call((1,), {}).key, f._folder).path
+        real = open(shelf_path, "rb").read()
+        limit = 300 << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # An unbounded read fails here.
+        cases = {
+            "1 GiB of zeros": lambda p: os.truncate(p, 1 << 30),
+            "1 GiB, a real head": lambda p: (open(p, "wb").write(real), os.truncate(p, 1 << 30)),
+            "1 GiB of garbage": lambda p: (open(p, "wb").write(os.urandom(1 << 20)), os.truncate(p, 1 << 30)),
+            "symlink to /dev/zero": lambda p: (os.unlink(p), os.symlink("/dev/zero", p)),
+            "FIFO": lambda p: (os.unlink(p), os.mkfifo(p)),
+        }
+        for name, damage in cases.items():
+            for path in (shelf_path, memo_path):
+                damage(path)
+            assert "k" not in db and db.get("k") is None, name
+            assert f(1) == 1 and f.cache_info().hits == 0, name  # Recomputed (and rewritten).
+            assert f(1) == 1 and f.cache_info().hits == 1, name
+            f.cache_clear()
+            assert dc.main(["info", root]) == 0
+            assert dc.main(["verify", root]) == 1
+            assert db.prune() >= 1, name
+            db["k"] = "value"
+            f(1)
+            print("ok", name)
+    """
+    proc = child(script, str(tmp_path / "c"))
+    assert proc.stdout.count("ok ") == 5
+
+
+def rchar_script(body: str) -> str:
+    return textwrap.dedent(
+        """
+        def rchar():
+            with open("/proc/self/io") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+        """
+    ) + textwrap.dedent(body)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts bytes read with /proc/self/io (Linux)")
+def test_one_functions_upkeep_never_reads_anothers_values(tmp_path):
+    script = rchar_script(
+        """
+        import pickle
+        root = sys.argv[1]
+        @dc.memoize(root)
+        def big(i):
+            return pickle.PickleBuffer(bytearray(32 << 20))
+        @dc.memoize(root)
+        def small(i):
+            return i
+        for i in range(8):  # 256 MiB of another function's values...
+            big(i)
+        for i in range(20):
+            small(i)
+        with dc.open(root) as db:
+            db["shelf key"] = pickle.PickleBuffer(bytearray(16 << 20))
+        import argparse, json  # Importing modules reads files too: not the cache's doing.
+        dc.main(["info", root, "--json"])
+        for name, call in [
+            ("cache_info", lambda: small.cache_info()),
+            ("forget", lambda: small.forget(3)),
+            ("info", lambda: dc.main(["info", root, "--json"])),
+            ("clear --function", lambda: dc.main(["clear", root, "--function", "small"])),
+            ("cache_clear", lambda: small.cache_clear()),
+        ]:
+            before = rchar()
+            call()
+            print(name, rchar() - before)
+        """
+    )
+    proc = child(script, str(tmp_path / "c"))
+    names = ("cache_info", "forget", "info", "clear --function", "cache_clear")
+    read = {name: int(line.rpartition(" ")[2]) for line in proc.stdout.splitlines() for name in names if line.startswith(name + " ")}
+    assert set(read) == set(names), proc.stdout
+    for name, count in read.items():
+        assert count < 256 << 10, f"{name} read {count} bytes"  # ...of which at most heads are read.
+
+
+def write_old_entry(path: Path, key: bytes, value: object, expires: float = 0.0) -> None:
+    """An entry in format 1, as donecache 0.1 wrote it."""
+    import pickle
+    import struct
+    import zlib
+
+    data = pickle.dumps(value, protocol=5)
+    rest = struct.pack("<ddII", time.time(), expires, len(key), len(data)) + key + data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"dcE1" + struct.pack("<I", zlib.crc32(rest)) + rest)
+
+
+def test_entries_of_the_first_format_are_still_read(tmp_path):
+    with dc.open(tmp_path / "c") as db:
+        db["new"] = 1
+        files = db._files
+    write_old_entry(Path(files.slot(b"old").path), b"old", {"still": "here"})
+    write_old_entry(Path(files.slot(b"gone").path), b"gone", 1, expires=time.time() - 1)
+    torn = Path(files.slot(b"torn").path)
+    write_old_entry(torn, b"torn", "x" * 100)
+    torn.write_bytes(torn.read_bytes()[:-1] + b"!")
+    with dc.open(tmp_path / "c") as db:
+        assert db["old"] == {"still": "here"} and "gone" not in db and db.get("torn") is None
+        assert sorted(db) == ["new", "old"]
+        assert db.verify() == [str(torn)]
+        assert db.prune() == 2 and sorted(db) == ["new", "old"]
+
+
+def test_memoize_entries_of_the_first_layout_are_recomputed_once_and_pruned_as_stale(tmp_path):
+    script = """
+        @dc.memoize(sys.argv[1])
+        def f(x):
+            print("computed", x)
+            return x
+        f(1)
+    """
+    child(script, str(tmp_path))
+    (path,) = entry_files(tmp_path)
+    key = dc._load_entry(str(path), None, dc._HEAD)[0].key
+    old = tmp_path / path.name[:2] / path.name  # Where donecache 0.1 filed it.
+    write_old_entry(old, key, "old")
+    path.unlink()
+    assert child(script, str(tmp_path)).stdout == "computed 1\n"  # The old entry is not used.
+    report = json.loads(cli("info", str(tmp_path), "--json").stdout)
+    assert report["functions"] == {"__main__:f": 2} and report["stale"] == {"__main__:f": 1}
+    assert cli("prune", str(tmp_path)).returncode == 0 and old.exists()  # Not damage...
+    assert cli("prune", str(tmp_path), "--stale").returncode == 0 and not old.exists()  # ...but stale.
+    assert child(script, str(tmp_path)).stdout == ""
+
+
+def test_info_shows_bytes_on_disk_beside_logical_bytes(tmp_path):
+    with dc.open(tmp_path / "c") as db:
+        for i in range(10):
+            db[str(i)] = i
+    report = json.loads(cli("info", str(tmp_path / "c"), "--json").stdout)
+    files = entry_files(tmp_path / "c")
+    assert report["bytes"] == sum(p.stat().st_size for p in files)
+    assert report["disk_bytes"] == sum(p.stat().st_blocks * 512 for p in files) >= report["bytes"]
+    assert report["function_bytes"] == {"(donecache.open keys)": {"bytes": report["bytes"], "disk_bytes": report["disk_bytes"]}}
+    assert "MiB on disk" in cli("info", str(tmp_path / "c")).stdout
+
+
+def test_numpy_and_pandas_results_round_trip_read_and_mapped(tmp_path):
+    np = pytest.importorskip("numpy")
+    pd = pytest.importorskip("pandas")
+    script = """
+        import numpy as np, pandas as pd
+        @dc.memoize(sys.argv[1], mmap=sys.argv[2] == "mmap")
+        def make(n):
+            print("computed", n)
+            frame = pd.DataFrame({"a": np.arange(n, dtype="f8"), "b": np.arange(n) % 7, "s": ["x"] * n})
+            return np.arange(n, dtype="f8").reshape(-1, 10), np.asfortranarray(np.ones((n // 10, 10))), frame
+        array, fortran, frame = make(200_000)
+        assert array.flags.writeable and array.flags.aligned and array.ctypes.data % 64 in (0, 16, 32, 48)
+        assert float(array.sum()) == float(np.arange(200_000).sum()) and fortran.flags.f_contiguous
+        assert list(frame.columns) == ["a", "b", "s"] and frame["a"].iloc[-1] == 199_999 and frame["s"].iloc[5] == "x"
+        array[0, 0] = -1
+        print("ok")
+    """
+    for mode in ("read", "mmap", "read"):
+        out = child(script, str(tmp_path), mode).stdout
+        assert out.endswith("ok\n")
+    assert out == "ok\n"  # Computed once; the write to array[0, 0] never reached the file.
+    assert cli("verify", str(tmp_path)).returncode == 0
 
 
 # -- memoize ------------------------------------------------------------------
@@ -2535,7 +2826,9 @@ def test_cli_never_unpickles(tmp_path):
         db["trap"] = "placeholder"
     path = entry_files(cache)[0]
     payload = b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode() + b"'\ntR."  # Runs a command if loaded.
-    path.write_bytes(dc._encode_entry(b"trap", payload))
+    encoded = dc._encode_entry(b"trap", None)
+    encoded.stream = payload
+    path.write_bytes(b"".join(encoded.chunks()))
     for command in ("info", "prune", "clear"):
         assert cli(command, str(cache)).returncode == 0
     assert not (tmp_path / "pwned").exists()
@@ -2594,7 +2887,7 @@ def test_cli_on_a_read_only_cache_says_so_and_removes_nothing(tmp_path, read_onl
         """,
         str(cache),
     )
-    for path in [cache, *cache.glob("??")]:
+    for path in [cache, *(p for p in cache.rglob("*") if p.is_dir())]:
         read_only(path)
     before = entry_files(cache)
     for command in (["prune"], ["clear"], ["clear", "--function", "brief"]):
