@@ -216,6 +216,19 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
         def close(self) -> None:
             self._file.close()
 
+    def _lock_taken(path: str) -> bool:
+        try:
+            file = io.FileIO(path, "r")
+        except FileNotFoundError:
+            return False
+        with file:
+            try:
+                msvcrt.locking(file.fileno(), msvcrt.LK_NBRLCK, 1)
+            except OSError:
+                return True
+            msvcrt.locking(file.fileno(), msvcrt.LK_UNLCK, 1)
+            return False
+
 else:
     import fcntl
 
@@ -426,6 +439,25 @@ else:
             elif self._file is not None:
                 self._file.close()
 
+    def _lock_taken(path: str) -> bool:
+        # A shared lock, tried and dropped at once: a builder that asks for the
+        # lock in that instant waits microseconds. The file is opened read-only,
+        # never created. Only for another process's locks: on NFS, where flock
+        # is a record lock, closing this descriptor would drop our own.
+        try:
+            fd = os.open(path, _READ_FLAGS | _NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return True
+            raise
+        finally:
+            os.close(fd)
+        return False
+
 
 # ---------------------------------------------------------------------------
 # Locks
@@ -523,6 +555,19 @@ class _KeyLock:
             if self.try_acquire(owner):
                 return
             await asyncio.sleep(delay)
+
+    def note(self, data: bytes) -> None:
+        """While holding a whole-file lock, make ``data`` the lock file's content
+        (who holds it), through the lock's own handle: on NFS, closing any other
+        descriptor of the file would drop the lock. A failure (ENOSPC) costs
+        only the note."""
+        file = None if self._handle is None else self._handle._file
+        if file is not None:
+            try:
+                os.ftruncate(file.fileno(), 0)
+                os.write(file.fileno(), data)  # Opened for appending: lands at 0.
+            except OSError:
+                pass
 
     def release(self) -> None:
         handle, self._handle = self._handle, None
@@ -1024,13 +1069,34 @@ def mark_not_done(directory: StrPath, *, marker: str = "DONE") -> bool:
     return True
 
 
-def _stage_status(directory: str, *, version: str | int | None, marker: str) -> tuple[str, dict[str, Any] | None]:
-    """("done" | "incomplete" | "missing", the marker's metadata): what `status` prints."""
+class _StageState:
+    """What `status` says of a stage: its state ("done", "building", "incomplete" or
+    "missing"), its marker's metadata, and who builds it ({"host", "pid"} where known)."""
+
+    __slots__ = ("state", "marker", "builder")
+
+    def __init__(self, state: str, marker: dict[str, Any] | None, builder: dict[str, Any] | None = None) -> None:
+        self.state, self.marker, self.builder = state, marker, builder
+
+
+def _stage_status(directory: str, *, version: str | int | None, marker: str) -> _StageState:
+    """What `status` prints; it only reads (the stage may be on a read-only filesystem)."""
+    import json
+
     path = _marker_path(directory, marker)
     if not os.path.isdir(directory):
-        return "missing", None
+        return _StageState("missing", None)
     # An incomplete stage may still hold a stale marker, which says who wrote it.
-    return ("done" if _marker_counts(path, version) else "incomplete"), _read_marker(path)
+    if _marker_counts(path, version):
+        return _StageState("done", _read_marker(path))
+    lock = os.path.join(directory, _STAGE_LOCK)
+    if not _lock_taken(lock):
+        return _StageState("incomplete", _read_marker(path))
+    try:
+        builder = json.loads(_file_head(lock, 4096).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        builder = None  # Not written yet, or unreadable while locked (Windows).
+    return _StageState("building", _read_marker(path), builder if isinstance(builder, dict) else None)
 
 
 def _flush_tree(root: str) -> None:
@@ -1129,6 +1195,11 @@ class Stage:
             raise _reraise_about(exc, root, "create or lock the stage directory", "check its path and permissions") from exc
         self._lock = lock
         try:
+            import json
+            import socket
+
+            # For `python -m donecache status`: who is building (read only while the lock is held).
+            lock.note(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode("utf-8"))
             self.done = _marker_counts(self._marker_file, self.version)
             if not self.done:
                 if os.path.lexists(self._marker_file):
@@ -1159,6 +1230,7 @@ class Stage:
 
     def _release(self) -> None:
         if self._lock is not None:
+            self._lock.note(b"")
             self._lock.release()
             self._lock = None
 
@@ -2775,14 +2847,16 @@ def _cli_status(args: Any) -> int:
     for directory in args.directories:
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise _UsageError(f"{directory}: not a directory; give the directory of a stage")
-        state, info = _stage_status(directory, version=args.version, marker=args.marker)
-        rows.append({"directory": directory, "state": state, "marker": info})
+        found = _stage_status(directory, version=args.version, marker=args.marker)
+        rows.append({"directory": directory, "state": found.state, "marker": found.marker, "builder": found.builder})
     if args.json:
         _print_json(rows)
     else:
         for row in rows:
-            info = row["marker"] or {}
-            details = ", ".join(f"{k} {info[k]}" for k in ("finished", "version", "host") if info.get(k) is not None)
+            # A building stage is described by its builder; a done one by its marker.
+            info = row["builder"] or row["marker"] or {}
+            keys = ("host", "pid") if row["builder"] else ("finished", "version", "host")
+            details = ", ".join(f"{k} {info[k]}" for k in keys if info.get(k) is not None)
             print(f"{row['state']:<10}  {row['directory']}" + (f"  ({details})" if details else ""))
     return 0 if all(row["state"] == "done" for row in rows) else 1
 

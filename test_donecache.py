@@ -1877,6 +1877,48 @@ def test_cli_status(tmp_path):
     assert cli("status", str(tmp_path / "done"), "--marker", "_SUCCESS").returncode == 1
 
 
+@posix_only
+def test_cli_status_names_the_live_builder_and_only_reads(tmp_path, read_only):
+    import socket
+
+    stage = tmp_path / "stage"
+    builder = child(
+        """
+        import time
+        with dc.done_dir(sys.argv[1]) as stage:
+            print("building", flush=True)
+            time.sleep(60)
+        """,
+        str(stage),
+        background=True,
+    )
+    try:
+        wait_for_line(builder, "building")
+        read_only(stage)  # status must not need to write, not even the lock file.
+        proc = child(
+            f"import runpy\nsys.argv = ['donecache', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
+            "status",
+            str(stage),
+            "--json",
+            check=False,
+            unprivileged=True,
+        )
+        assert proc.returncode == 1, proc.stderr
+        [row] = json.loads(proc.stdout)
+        assert row["state"] == "building"
+        assert row["builder"] == {"host": socket.gethostname(), "pid": builder.pid}
+        line = cli("status", str(stage)).stdout
+        assert line.startswith("building") and f"pid {builder.pid}" in line
+    finally:
+        builder.kill()
+        builder.wait()
+    [row] = json.loads(cli("status", str(stage), "--json").stdout)
+    assert row["state"] == "incomplete" and row["builder"] is None, "a killed builder holds nothing"
+    (tmp_path / "bare").mkdir()
+    assert cli("status", str(tmp_path / "bare")).stdout.startswith("incomplete")
+    assert listing(tmp_path / "bare") == [], "status created no lock file"
+
+
 def test_cli_errors_and_help(tmp_path):
     (tmp_path / "file").write_text("x")
     (tmp_path / "plain").mkdir()
