@@ -460,6 +460,31 @@ else:
 
 
 # ---------------------------------------------------------------------------
+# Logging
+#
+# Records go to logging.getLogger("donecache"): DEBUG for each memoize hit and
+# miss, INFO for waits on a lock longer than a second. logging is never
+# imported here: if the program has not imported it, nobody can have
+# configured it, and there is nothing to log. The level check is the logger's
+# own cached isEnabledFor, so a hit pays a dictionary lookup for it.
+# ---------------------------------------------------------------------------
+
+_DEBUG, _INFO = 10, 20  # logging.DEBUG, logging.INFO
+_logger: Any = None
+
+
+def _log_at(level: int) -> Any:
+    """The "donecache" logger if it handles ``level``, else None."""
+    global _logger
+    if _logger is None:
+        logging = sys.modules.get("logging")
+        if logging is None:
+            return None
+        _logger = logging.getLogger("donecache")
+    return _logger if _logger.isEnabledFor(level) else None
+
+
+# ---------------------------------------------------------------------------
 # Locks
 #
 # _KeyLock is the one lock that stages and memoize use: the whole of a lock
@@ -515,10 +540,15 @@ class _KeyLock:
         owner = _thread.get_ident() if owner is None else owner
         self._claim(owner)
         handle = _LockFile(self._name[0], self._name[1])
+        waiting: list[bool] = []
         try:
-            if timeout is None and handle.can_wait:
+            if handle.try_lock():
+                pass
+            elif timeout is None and handle.can_wait:
+                waiting = self._report_wait(handle)
                 handle.wait()
             else:
+                waiting = self._report_wait(handle)
                 deadline = time.monotonic() + (1e12 if timeout is None else timeout)
                 for delay in _delays():
                     if handle.try_lock():
@@ -530,7 +560,26 @@ class _KeyLock:
         except BaseException:
             handle.close()
             raise
+        finally:
+            waiting.clear()  # The wait is over: nothing more to report.
         self._took(handle, owner)
+
+    def _report_wait(self, handle: _LockFile) -> list[bool]:
+        """With INFO logging on, a helper thread logs the wait once it passes a
+        second, naming the holder if it wrote itself into the file (stages do);
+        the wait is on while the list returned is not empty."""
+        waiting = [True]
+        logger = _log_at(_INFO)
+        if logger is not None:
+            path, file = self.path, handle._file
+
+            def watch() -> None:
+                time.sleep(1.0)
+                if waiting:
+                    logger.info("waiting more than a second for the lock %s%s", path, _holder(file))
+
+            _thread.start_new_thread(watch, ())
+        return waiting
 
     def try_acquire(self, owner: int | None = None) -> bool:
         """Take the lock if it is free now, without waiting (for event loops)."""
@@ -551,12 +600,18 @@ class _KeyLock:
         """Wait for the lock without blocking the event loop."""
         import asyncio
 
+        started = time.monotonic()
         for delay in _delays():
             if self.try_acquire(owner):
                 return
+            if started and time.monotonic() - started > 1.0:
+                started = 0.0  # Reported once.
+                logger = _log_at(_INFO)
+                if logger is not None:
+                    logger.info("waiting more than a second for the lock %s", self.path)
             await asyncio.sleep(delay)
 
-    def note(self, data: bytes) -> None:
+    def note(self, data: bytes) -> None:  # See _holder for the reader.
         """While holding a whole-file lock, make ``data`` the lock file's content
         (who holds it), through the lock's own handle: on NFS, closing any other
         descriptor of the file would drop the lock. A failure (ENOSPC) costs
@@ -580,6 +635,21 @@ class _KeyLock:
             handle.unlock()
         finally:
             handle.close()
+
+
+def _holder(file: io.FileIO | None) -> str:
+    """" (held by pid N on HOST)" from what the holder noted in the lock file, read
+    through our own open handle (see _KeyLock.note); "" where nothing is known."""
+    import json
+
+    pread = getattr(os, "pread", None)  # Not on Windows, where the holder's locked byte is unreadable anyway.
+    try:
+        noted = json.loads(pread(file.fileno(), 4096, 0)) if file is not None and pread is not None else None
+    except (OSError, ValueError):  # Unreadable, or empty: the holder has not noted itself.
+        return ""
+    if not isinstance(noted, dict) or "pid" not in noted:
+        return ""
+    return f" (held by pid {noted['pid']} on {noted.get('host', 'an unknown host')})"
 
 
 # ---------------------------------------------------------------------------
@@ -2281,7 +2351,28 @@ class _Memoized(Generic[_P, _R]):
         except Exception:
             return _MISSING  # Written by code that has changed since: recompute.
         self._hits += 1
+        if _log_at(_DEBUG) is not None:
+            _logger.debug("%s: hit; entry %s", self.__qualname__, call.slot.path if call.slot else "?")
         return value
+
+    def _why_missed(self, call: _Call) -> str:
+        """For the DEBUG log: why the entry was not used (it reads the file again).
+        An entry of the same arguments under an older code digest lives in another
+        file, found only by a scan: a code change reads as "new key"."""
+        if self._store is None or call.slot is None:
+            return "no cache directory"
+        try:
+            entry, st = _load_entry(call.slot.path, call.key)
+        except OSError as exc:
+            return f"entry unreadable: {exc.strerror}"
+        if st is None:
+            return "new key"
+        if entry is None:
+            return "damaged entry"
+        now = time.time()
+        if not entry.live(now) or (self._ttl is not None and now - entry.created >= self._ttl):
+            return "expired"
+        return "damaged entry (its value does not unpickle)"
 
     def _keep(self, call: _Call, value: Any) -> None:
         """Count a freshly computed result as a miss and store it (or warn why not)."""
@@ -2335,6 +2426,9 @@ class _Memoized(Generic[_P, _R]):
                 value = self._hit(call)
                 if value is not _MISSING:
                     return value, False
+            if _log_at(_DEBUG) is not None:
+                reason = "refresh" if refresh else self._why_missed(call)
+                _logger.debug("%s: miss (%s), computing; entry %s", self.__qualname__, reason, call.slot and call.slot.path)
             value = await self._invoke(call)
             self._keep(call, value)
             return value, True

@@ -1434,6 +1434,86 @@ def test_disabled_reaches_the_workers_of_a_batch(tmp_path):
     assert proc.stdout.strip() == "BatchResult(6 inputs: 0 reused, 6 computed, 0 failed) False False"
 
 
+def test_hits_and_misses_are_logged_at_debug_with_the_reason(tmp_path, caplog, monkeypatch):
+    import logging
+
+    @dc.memoize(tmp_path / "c", ttl=60)
+    def f(x):
+        return [x]
+
+    caplog.set_level(logging.DEBUG, logger="donecache")
+
+    def said() -> list[str]:
+        lines = [r.getMessage().split("; entry")[0].split("<locals>.")[-1] for r in caplog.records if r.name == "donecache"]
+        caplog.clear()
+        return lines
+
+    f(1), f(1), f.refresh(1)
+    assert said() == ["f: miss (new key), computing", "f: hit", "f: miss (refresh), computing"]
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)
+    f(1)
+    monkeypatch.undo()
+    assert said() == ["f: miss (expired), computing"]
+    entry_files(tmp_path / "c")[0].write_bytes(b"torn")
+    f(1)
+    assert said() == ["f: miss (damaged entry), computing"]
+    caplog.set_level(logging.INFO, logger="donecache")
+    f(1), f(2)
+    assert said() == [], "nothing below the level the user chose"
+
+
+def test_logging_is_silent_unless_configured_and_not_imported():
+    proc = child(
+        """
+        import tempfile
+        print("logging" in sys.modules)
+        import logging  # Imported, as a library would, but not configured.
+        @dc.memoize(tempfile.mkdtemp())
+        def f(x):
+            return x
+        f(1), f(1)
+        """
+    )
+    assert proc.stdout == "False\n" and proc.stderr == ""
+
+
+def test_waits_longer_than_a_second_are_logged_with_the_holder(tmp_path, caplog, calls):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="donecache")
+    builder = child(
+        """
+        import time
+        with dc.done_dir(sys.argv[1]) as stage:
+            print("building", flush=True)
+            time.sleep(2)
+        """,
+        str(tmp_path / "stage"),
+        background=True,
+    )
+    wait_for_line(builder, "building")
+    with dc.done_dir(tmp_path / "stage") as stage:
+        assert stage.done
+    builder.wait()
+    [record] = [r for r in caplog.records if r.name == "donecache"]
+    assert record.levelno == logging.INFO and f"(held by pid {builder.pid} on " in record.getMessage()
+    assert ".donecache.lock" in record.getMessage()
+    caplog.clear()
+
+    @dc.memoize(tmp_path / "c")
+    def slow(x):
+        calls.append(x)
+        time.sleep(1.5)
+        return x
+
+    in_threads(lambda n: slow(1), 2)
+    assert calls == [1]
+    [record] = [r for r in caplog.records if r.name == "donecache" and r.levelno == logging.INFO]
+    assert record.getMessage().startswith("waiting more than a second for the lock ")
+    assert record.getMessage().endswith(".lock"), "a key's holder is not known"
+
+
 def test_a_shorter_ttl_applies_to_older_entries(tmp_path, calls, monkeypatch):
     def transform(x):
         calls.append(x)
