@@ -8,6 +8,7 @@ to ``myproject._vendor.donecache``) to run this same suite against a vendored co
 from __future__ import annotations
 
 import dbm
+import contextlib
 import errno
 import importlib
 import itertools
@@ -54,6 +55,7 @@ def child(
     env: dict[str, str] | None = None,
     timeout: float = 120,
     script_file: Path | None = None,
+    python: str | None = None,
 ) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
     """Run ``script`` in a fresh interpreter where ``dc`` is donecache; args go to sys.argv[1:].
 
@@ -63,10 +65,11 @@ def child(
         (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) with setpriv(1).
     script_file: save the script there and run the file instead of ``-c``
         (multiprocessing's spawn start method re-imports the main script).
+    python: another interpreter to run it with.
     """
     prelude = f"import importlib, sys\ndc = importlib.import_module({MODULE!r})\n"
     full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(IMPORT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
-    argv = [sys.executable, "-c", prelude + textwrap.dedent(script), *args]
+    argv = [python or sys.executable, "-c", prelude + textwrap.dedent(script), *args]
     if script_file is not None:
         script_file.write_text(prelude + textwrap.dedent(script))
         argv[1:3] = [str(script_file)]
@@ -586,6 +589,56 @@ def test_version_change_means_not_done(tmp_path):
     with dc.done_dir(tmp_path / "s", version=2):
         pass
     assert json.loads((tmp_path / "s" / "DONE").read_text())["version"] == 2
+
+
+def test_a_new_version_starts_from_an_empty_stage_and_the_same_version_resumes(tmp_path):
+    with dc.done_dir(tmp_path / "s", version=1) as stage:
+        stage.piece("a", lambda: "v1")
+    with pytest.raises(Boom):
+        with dc.done_dir(tmp_path / "s", version=2) as stage:
+            assert not stage.done and not stage.has("a"), "version-1 pieces are not reused for version 2"
+            stage.piece("b", lambda: "v2")
+            raise Boom()  # A crash halfway through version 2.
+    with dc.done_dir(tmp_path / "s", version=2) as stage:
+        assert stage.has("b"), "the same version resumes its pieces"
+        assert stage.piece("b", lambda: "again").read_text() == "v2"
+        stage.piece("c", lambda: "v2")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir() if not p.name.startswith(".")) == ["DONE", "b", "c"]
+    assert dc.is_done(tmp_path / "s", version=2) and dc.is_done(tmp_path / "s", version="2")
+
+
+def test_a_version_change_never_shows_a_marker_over_mixed_pieces(tmp_path):
+    with dc.done_dir(tmp_path / "s", version="old") as stage:
+        stage.piece("a", lambda: "old")
+    with dc.done_dir(tmp_path / "s", version="new") as stage:
+        assert not (tmp_path / "s" / "DONE").exists() and not stage.has("a")
+        stage.piece("b", lambda: "new")
+    meta = json.loads((tmp_path / "s" / "DONE").read_text())
+    assert meta["version"] == "new" and not (tmp_path / "s" / "a").exists()
+
+
+@pytest.mark.parametrize("version", [2, "2", (1, 2), ("run", 3)])
+def test_versions_are_compared_by_their_text(tmp_path, version):
+    with dc.done_dir(tmp_path / "s", version=version):
+        pass
+    assert dc.is_done(tmp_path / "s", version=version), "a tuple survives the JSON round trip"
+    text = dc._version_text(version)
+    assert dc.is_done(tmp_path / "s", version=text)
+    assert cli("status", str(tmp_path / "s"), "--version", text).returncode == 0
+    assert cli("status", str(tmp_path / "s"), "--version", text + "0").returncode == 1
+    with dc.done_dir(tmp_path / "s", version=text) as stage:
+        assert stage.done
+
+
+@pytest.mark.parametrize("version", [{"a": 1}, 1.5j, object()])
+def test_an_unusable_version_raises_before_the_body(tmp_path, version):
+    ran = []
+    with pytest.raises(ValueError, match="version must be"):
+        with dc.done_dir(tmp_path / "s", version=version):
+            ran.append(1)
+    assert ran == []
+    with pytest.raises(ValueError, match="version must be"):
+        dc.memoize(tmp_path / "c", version=version)
 
 
 def test_mark_not_done_and_fresh(tmp_path):
@@ -1714,6 +1767,266 @@ def test_process_pools_share_entries_with_the_parent(tmp_path, method):
     assert proc.stdout.strip() == "CacheInfo(hits=20, misses=0, maxsize=None, currsize=20)"
 
 
+# -- memoize: the identity of work (keys and code changes) ----------------------
+
+
+def run_job(tmp_path: Path, source: str, *args: str, python: str | None = None, env: dict[str, str] | None = None) -> list[str]:
+    """Write ``source`` as job.py in tmp_path (a real module file) and run it there."""
+    proc = child(source, str(tmp_path / "cache"), *args, script_file=tmp_path / "job.py", cwd=tmp_path, python=python, env=env)
+    return proc.stdout.split()
+
+
+def test_closure_values_are_part_of_the_key(tmp_path, calls):
+    def outer(n):
+        @dc.memoize(tmp_path)
+        def times(x):
+            calls.append((n, x))
+            return x * n
+
+        return times
+
+    assert outer(2)(5) == 10 and outer(3)(5) == 15 and outer(2)(5) == 10
+    assert calls == [(2, 5), (3, 5)]
+
+
+def test_module_constants_and_helpers_are_followed(tmp_path):
+    job = """
+        RATE = {rate}
+        UNUSED = {unused}
+
+        def helper(x):
+            return x * RATE{helper_edit}
+
+        def unrelated():
+            return {unused}
+
+        @dc.memoize(sys.argv[1])
+        def price(x):
+            print("computed")
+            return helper(x)
+
+        print(price(10))
+    """
+
+    def run(rate="1.0", unused="0", helper_edit=""):
+        return run_job(tmp_path, job.format(rate=rate, unused=unused, helper_edit=helper_edit))
+
+    assert run() == ["computed", "10.0"]
+    assert run() == ["10.0"], "the same code reuses"
+    assert run(unused="1") == ["10.0"], "an edit to code it does not use changes nothing"
+    assert run(rate="1.2") == ["computed", "12.0"], "a module constant it reads is followed"
+    assert run(rate="1.2", helper_edit=" + 1") == ["computed", "13.0"], "a helper it calls is followed"
+
+
+def test_a_decorated_function_is_identified_by_what_it_wraps(tmp_path):
+    job = """
+        import functools
+
+        def logged(func):
+            @functools.wraps(func)
+            def wrapper(*args, **kwargs):
+                return func(*args, **kwargs)
+            return wrapper
+
+        @dc.memoize(sys.argv[1])
+        @logged
+        def step(x):
+            print("computed")
+            return {body}
+
+        print(step(2))
+    """
+    assert run_job(tmp_path, job.format(body="x + 1")) == ["computed", "3"]
+    assert run_job(tmp_path, job.format(body="x + 1")) == ["3"]
+    assert run_job(tmp_path, job.format(body="x * 100")) == ["computed", "200"]
+
+
+def test_comments_blank_lines_and_decorator_options_keep_the_identity(tmp_path):
+    job = """
+        @dc.memoize(sys.argv[1]{options})
+        def step(x):{comment}
+            print("computed")
+{blank}
+            return x + 1
+        print(step(1))
+    """
+    assert run_job(tmp_path, job.format(options="", comment="", blank="")) == ["computed", "2"]
+    edited = job.format(options=", ttl=3600", comment="  # explained", blank="\n        # a comment line\n")
+    assert run_job(tmp_path, edited) == ["2"]
+
+
+def test_version_pins_the_code_and_the_seed_story(tmp_path):
+    """A job fails on some records; the fix keeps version=, and a rerun computes only the failures."""
+    job = """
+        import json
+        @dc.memoize(sys.argv[1], version=1)
+        def parse(record):
+            with open("log", "a") as log:
+                log.write(str(record["id"]) + "\\n")
+            {handling}
+            return float(record["amount"])
+
+        records = [{{"id": i, "amount": "1,5" if i % 10 == 7 else str(i)}} for i in range(100)]
+        batch = parse.map(records, keep_going=True)
+        print(batch.computed, batch.reused, len(batch.failures))
+    """
+    assert run_job(tmp_path, job.format(handling="pass")) == ["90", "0", "10"]
+    fixed = job.format(handling='record = dict(record, amount=record["amount"].replace(",", "."))')
+    assert run_job(tmp_path, fixed) == ["10", "90", "0"], "the fix keeps version=1: only the failures run"
+    assert len((tmp_path / "log").read_text().split()) == 110
+    bumped = fixed.replace("version=1", "version=2")
+    assert run_job(tmp_path, bumped) == ["100", "0", "0"], "a new version recomputes everything"
+
+
+def test_key_function_chooses_what_counts(tmp_path, calls):
+    @dc.memoize(tmp_path, key=lambda record: record["id"])
+    def load(record):
+        calls.append(record["id"])
+        return record["id"] * 10
+
+    @dc.memoize(tmp_path, key=lambda record: record["id"])
+    def other(record):
+        return -1
+
+    assert load({"id": 1, "noise": 1}) == load({"id": 1, "noise": 2}) == 10 and calls == [1]
+    assert other({"id": 1}) == -1, "the function's identity stays in the key"
+    with pytest.raises(ValueError, match="no ignore="):
+        dc.memoize(tmp_path, key=lambda r: r, ignore=("r",))
+    with pytest.raises(TypeError, match="key= return"):
+        dc.memoize(tmp_path, key=lambda r: threading.Lock())(lambda r: r)(1)
+
+
+def test_keys_are_equal_in_every_process_for_nested_objects(tmp_path):
+    script = """
+        import collections, dataclasses, enum, functools
+
+        Pair = collections.namedtuple("Pair", "name tags")
+
+        @dataclasses.dataclass(frozen=True)
+        class Config:
+            tags: frozenset
+            nested: dict
+
+        class Color(enum.Enum):
+            RED = 1
+
+        class Plain:
+            def __init__(self):
+                self.tags = {"alpha", "beta", "gamma", "delta", "epsilon"}
+
+        @dc.memoize(sys.argv[1])
+        def f(*values):
+            print("computed")
+            return len(values)
+
+        tags = frozenset({"alpha", "beta", "gamma", "delta", "epsilon"})
+        f(Pair("p", set(tags)), Config(tags, {"b": {"x", "y", "z"}, "a": 1}), Color.RED, Plain(),
+          functools.partial(max, 3), 10**5000)
+        print("done")
+    """
+    outputs = [child(script, str(tmp_path), env={"PYTHONHASHSEED": seed}).stdout.split() for seed in ("1", "2", "3", "4")]
+    assert outputs == [["computed", "done"]] + [["done"]] * 3
+
+
+def test_big_ints_are_keys(tmp_path, calls):
+    @dc.memoize(tmp_path)
+    def f(x):
+        calls.append(1)
+        return len(x) if isinstance(x, tuple) else x % 7
+
+    assert f(10**5000) == f(10**5000) == (10**5000) % 7 and f(10**5000 + 1) == (10**5000 + 1) % 7
+    assert f((10**5000,)) == f((10**5000,)) and len(calls) == 3
+
+
+def test_a_partial_is_keyed_by_what_it_holds(tmp_path):
+    script = """
+        import functools
+        def power(base, exponent):
+            print("computed")
+            return base ** exponent
+        square = dc.memoize(sys.argv[1])(functools.partial(power, exponent=2))
+        cube = dc.memoize(sys.argv[1])(functools.partial(power, exponent=3))
+        print(square(3), cube(3))
+    """
+    assert child(script, str(tmp_path)).stdout.split() == ["computed", "computed", "9", "27"]
+    assert child(script, str(tmp_path)).stdout.split() == ["9", "27"], "no memory address in the key"
+
+
+def test_a_script_and_its_import_share_entries(tmp_path):
+    job = """
+        @dc.memoize(sys.argv[1])
+        def transform(x):
+            print("computed")
+            return x + 1
+
+        if __name__ == "__main__":
+            print(transform(1))
+    """
+    assert run_job(tmp_path, job) == ["computed", "2"]
+    proc = child("import job\nprint(job.transform(1))", str(tmp_path / "cache"), cwd=tmp_path, env={"PYTHONPATH": f"{IMPORT_ROOT}{os.pathsep}{tmp_path}"})
+    assert proc.stdout.split() == ["2"], "job.transform is __main__.transform run as a script"
+
+
+def other_pythons() -> list[str]:
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    found = []
+    for minor in ("3.11", "3.12", "3.13"):
+        candidates = sorted(root.glob(f"{minor}.*/bin/python{minor}")) or [Path(p) for p in [shutil.which(f"python{minor}")] if p]
+        found += [str(candidates[-1])] if candidates else []
+    return found
+
+
+def test_entries_are_shared_across_cpython_versions(tmp_path):
+    pythons = other_pythons()
+    if len(pythons) < 2:
+        pytest.skip("needs two of CPython 3.11, 3.12, 3.13")
+    job = """
+        @dc.memoize(sys.argv[1])
+        def transform(x):
+            print("computed")
+            return [x, {"a": (1, 2.5)}]
+        print(transform(1) == [1, {"a": (1, 2.5)}])
+    """
+    outputs = [run_job(tmp_path, job, python=python) for python in pythons]
+    assert outputs == [["computed", "True"]] + [["True"]] * (len(pythons) - 1), pythons
+
+
+def test_info_shows_stale_entries_and_prune_removes_them(tmp_path):
+    job = """
+        @dc.memoize(sys.argv[1])
+        def transform(x):
+            return x + {n}
+        for i in range({count}):
+            transform(i)
+    """
+    run_job(tmp_path, job.format(n=1, count=5))
+    run_job(tmp_path, job.format(n=2, count=3))
+    report = json.loads(cli("info", str(tmp_path / "cache"), "--json").stdout)
+    assert report["functions"] == {"job:transform": 8} and report["stale"] == {"job:transform": 5}
+    assert "(5 of older code" in cli("info", str(tmp_path / "cache")).stdout
+    assert cli("prune", str(tmp_path / "cache")).stdout.startswith("removed 0 ")
+    assert cli("prune", str(tmp_path / "cache"), "--stale").stdout.startswith("removed 5 ")
+    report = json.loads(cli("info", str(tmp_path / "cache"), "--json").stdout)
+    assert report["functions"] == {"job:transform": 3} and report["stale"] == {}
+
+
+def test_numpy_arrays_are_keyed_by_their_contents(tmp_path, calls):
+    np = pytest.importorskip("numpy")
+
+    @dc.memoize(tmp_path)
+    def total(a):
+        calls.append(1)
+        return float(a.sum())
+
+    a = np.arange(12.0).reshape(3, 4)
+    assert total(a) == total(a.copy()) == 66.0 and len(calls) == 1
+    assert total(a.T) == 66.0 and len(calls) == 2, "shape is part of the key; non-contiguous views work"
+    b = a.copy()
+    b[1, 1] = 0
+    assert total(b) == 61.0 and total(a.astype("float32")) == 66.0 and len(calls) == 4
+    assert total(np.float64(1.5)) == 1.5 and len(calls) == 5
+
+
 # -- map: the keep-going batch helper ------------------------------------------
 
 
@@ -1731,7 +2044,8 @@ def bad_at(bad: set[int], calls: list[int]):
 def test_map_keeps_going_and_a_rerun_computes_only_failures(tmp_path, calls, workers):
     parse = dc.memoize(tmp_path)(bad_at({3, 7}, calls))
     batch = parse.map(range(10), keep_going=True, workers=workers, processes=False)
-    assert batch.results == [0, 10, 20, None, 40, 50, 60, None, 80, 90]
+    assert batch.results[:3] == [0, 10, 20] and batch.results[3] is batch.failures[0]
+    assert batch.successes == [0, 10, 20, 40, 50, 60, 80, 90] and batch.done == 10
     assert [(f.index, f.input, str(f.exception)) for f in batch.failures] == [
         (3, 3, "bad record 3"),
         (7, 7, "bad record 7"),
@@ -1806,7 +2120,7 @@ def test_map_in_a_process_pool(tmp_path, method):
         if __name__ == "__main__":
             multiprocessing.set_start_method(sys.argv[1])
             batch = parse.map(range(20), keep_going=True, workers=2)
-            assert all(r[1] != os.getpid() for r in batch.results if r), "computed in the workers"
+            assert all(r[1] != os.getpid() for r in batch.successes), "computed in the workers"
             print(batch)
             for f in batch.failures:
                 print(f.index, type(f.exception).__name__, f.exception, "Traceback" in f.traceback)
@@ -1822,6 +2136,373 @@ def test_map_in_a_process_pool(tmp_path, method):
         "6 RuntimeError Unpicklable: cannot handle 6 True",
         "BatchResult(20 inputs: 18 reused, 0 computed, 2 failed)",
     ]
+
+
+class CountingExecutor:
+    """Someone else's executor (a thread pool behind a submit() of its own): it
+    counts what it is sent, and says if anyone shuts it down."""
+
+    def __init__(self, workers=2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(workers)
+        self.submitted = []  # The inputs of each submission.
+        self.shut_down = False
+
+    def submit(self, fn, *args, **kwargs):
+        self.submitted.append([call[1][-1] for call in args[1]])
+        return self.pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait=True, **options):
+        self.shut_down = True
+        self.pool.shutdown(wait)
+
+
+def test_map_on_a_foreign_executor_sends_only_misses_and_leaves_it_running(tmp_path, calls):
+    parse = dc.memoize(tmp_path)(bad_at({3, 7}, calls))
+    executor = CountingExecutor()
+    batch = parse.map(range(50), keep_going=True, executor=executor)
+    assert batch.results[:3] == [0, 10, 20] and [f.index for f in batch.failures] == [3, 7]
+    assert sorted(x for chunk in executor.submitted for x in chunk) == list(range(50))
+    assert parse.cache_info()[:2] == (0, 48), "threads of this process count in its counters"
+    executor.submitted.clear()
+    calls.clear()
+    again = parse.map(range(50), keep_going=True, executor=executor)
+    assert sorted(x for chunk in executor.submitted for x in chunk) == [3, 7], "hits are answered here"
+    assert sorted(calls) == [3, 7] and (again.reused, again.computed, len(again.failures)) == (48, 0, 2)
+    assert again.results == batch.results[:3] + again.results[3:4] + batch.results[4:7] + again.results[7:8] + batch.results[8:]
+    executor.submitted.clear()
+    assert parse.map(range(3), executor=executor).results == [0, 10, 20] and executor.submitted == []
+    assert not executor.shut_down and executor.pool.submit(int, "5").result() == 5, "still running"
+    executor.shutdown()
+
+
+def test_map_without_keep_going_on_an_executor_stops_like_a_loop(tmp_path, calls):
+    parse = dc.memoize(tmp_path)(bad_at({4}, calls))
+    executor = CountingExecutor()
+    with pytest.raises(ValueError, match="bad record 4"):
+        parse.map(range(10_000), executor=executor, chunksize=1)
+    assert len(calls) < 100, "later inputs are not started after the failure"
+    assert not executor.shut_down
+    executor.shutdown()
+
+
+def test_imap_streams_a_huge_generator_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    @dc.memoize(tmp_path)
+    def square(x):
+        return x * x
+
+    read = []
+
+    def inputs():  # Ten million inputs, far more than this test will run.
+        for x in range(10_000_000):
+            read.append(x)  # How far map has read.
+            yield x
+
+    executor = CountingExecutor()
+    tracemalloc.start()
+    try:
+        stream = square.imap(inputs(), executor=executor)
+        for n, result in enumerate(stream):
+            assert result == n * n, "in input order"
+            if n == 1_000:
+                break
+        stream.close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(read) < 20_000, "read ahead only a bounded window"
+    assert peak < 20_000_000, f"peak {peak} bytes"
+    read.clear()
+    assert list(square.imap(itertools.islice(inputs(), 3), workers=2, processes=False)) == [0, 1, 4]
+    with pytest.raises(TypeError, match="can't multiply"):  # A failure ends map() of a huge generator early too.
+        square.map((x if x < 100 else "bad" for x in inputs()), executor=executor)
+    assert len(read) < 20_000
+    executor.shutdown()
+
+
+def test_results_keep_none_and_failures_apart(tmp_path):
+    @dc.memoize(tmp_path)
+    def maybe(x):
+        if x == 2:
+            raise KeyError(x)
+        return None if x % 2 else x
+
+    batch = maybe.map(range(4), keep_going=True)
+    assert batch.results[0] == 0 and batch.results[1] is None and batch.results[3] is None
+    assert isinstance(batch.results[2], dc.Failure) and batch.results[2].input == 2
+    assert batch.successes == [0, None, None] and not batch.ok
+    streamed = list(maybe.imap(range(4), keep_going=True))
+    assert streamed[:2] == [0, None] and isinstance(streamed[2], dc.Failure) and streamed[3] is None
+
+
+def test_batch_options_are_checked(tmp_path):
+    @dc.memoize(tmp_path)
+    def f(x):
+        return x
+
+    with pytest.raises(TypeError, match="executor= takes a concurrent.futures.Executor"):
+        f.map([1], executor=object())
+    for option, value in (("workers", 0), ("chunksize", 0), ("workers", 1.5)):
+        with pytest.raises(ValueError, match=f"{option}= must be a positive int"):
+            f.map([1], **{option: value})
+    with pytest.raises(ValueError, match="progress= takes"):
+        f.map([1], progress="yes")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        f.imap([1], worker=2)
+    with pytest.raises(TypeError, match="asyncio"):
+
+        @dc.memoize(tmp_path)
+        async def g(x):
+            return x
+
+        g.imap([1])
+
+
+class Scaler:
+    def __init__(self, scale):
+        self.scale = scale
+        self.calls = []
+
+    def __repr__(self):  # Part of the key (self is not ignored): equal scales share entries.
+        return f"Scaler({self.scale})"
+
+    def __reduce__(self):
+        return Scaler, (self.scale,)
+
+    @dc.memoize(METHOD_CACHE)
+    def apply(self, x):
+        self.calls.append(x)
+        return x * self.scale
+
+
+def test_bound_methods_have_the_wrapper_methods():
+    model = Scaler(3)
+    try:
+        assert model.apply(2) == 6 and model.apply(2) == 6 and model.calls == [2]
+        assert model.apply.map([1, 2, 3]).results == [3, 6, 9] and model.calls == [2, 1, 3]
+        assert list(model.apply.imap([4], keep_going=True)) == [12]
+        assert model.apply.map([5, 6], workers=2, processes=False).results == [15, 18]
+        assert model.apply.forget(2) is True and model.apply.forget(2) is False
+        assert model.apply.refresh(1) == 3 and model.calls[-1] == 1
+        assert model.apply.__wrapped__(7) == 21 and model.calls[-1] == 7
+        info = model.apply.cache_info()
+        assert info == Scaler.apply.cache_info() and info.currsize == 5
+        assert model.apply.__name__ == "apply" and model.apply.__self__ is model
+        assert model.apply == model.apply and "bound memoized Scaler.apply" in repr(model.apply)
+        import pickle
+
+        assert pickle.loads(pickle.dumps(model.apply))(2) == 6
+        model.apply.cache_clear()
+        assert Scaler.apply.cache_info().currsize == 0
+    finally:
+        shutil.rmtree(METHOD_CACHE, ignore_errors=True)
+
+
+def test_functional_form_pickles_by_value_and_comes_back_as_itself(tmp_path):
+    import pickle
+
+    cached = dc.memoize(tmp_path, ttl=60, version=2)(plain_double)
+    assert pickle.loads(pickle.dumps(cached)) is cached, "unpickled in the same process: the same object"
+    data = pickle.dumps(cached)
+    del cached
+    import gc
+
+    gc.collect()
+    copy = pickle.loads(data)
+    assert copy(4) == 8 and copy.path == str(tmp_path) and copy._ttl == 60
+    assert copy.__wrapped__ is plain_double
+
+
+def plain_double(x):
+    return x * 2
+
+
+@pytest.mark.parametrize("form", ["lambda", "nested"])
+def test_an_unpicklable_function_fails_before_any_pool_starts(tmp_path, form, monkeypatch):
+    from concurrent.futures import ProcessPoolExecutor
+
+    def nested(x):
+        return x
+
+    func = dc.memoize(tmp_path)((lambda x: x) if form == "lambda" else nested)
+    theirs = ProcessPoolExecutor(1)
+    started = []
+    monkeypatch.setattr(ProcessPoolExecutor, "__init__", lambda self, *a, **k: started.append(a))
+    with pytest.raises(TypeError, match="Define it at module level.*processes=False"):
+        func.map(range(3), workers=2)
+    with pytest.raises(TypeError, match="cannot be sent to worker processes"):
+        func.map(range(3), executor=theirs)
+    assert started == [], "no pool was started"
+    monkeypatch.undo()
+    theirs.shutdown()
+    assert func.map(range(3), workers=2, processes=False).ok, "threads need no pickling"
+
+
+@posix_only
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_functional_form_and_counters_with_workers(tmp_path, method):
+    proc = child(
+        """
+        import multiprocessing, os
+        from concurrent.futures import ProcessPoolExecutor
+
+        def slow(x):
+            with open(os.environ["LOG"], "a") as log:
+                log.write(f"{x}\\n")
+            return x * 2
+
+        cached = dc.memoize(os.environ["JOB_CACHE"])(slow)
+
+        if __name__ == "__main__":
+            multiprocessing.set_start_method(sys.argv[1])
+            print(cached.map(range(40), workers=2))
+            print(cached.cache_info())
+            with ProcessPoolExecutor(2) as pool:
+                print(cached.map(range(50), executor=pool))
+                print(pool.submit(abs, -3).result())
+            print(cached.cache_info())
+        """,
+        method,
+        env={"JOB_CACHE": "relative-cache", "LOG": str(tmp_path / "log")},
+        cwd=tmp_path,
+        script_file=tmp_path / "job.py",
+    )
+    assert proc.stdout.splitlines() == [
+        "BatchResult(40 inputs: 0 reused, 40 computed, 0 failed)",
+        "CacheInfo(hits=0, misses=40, maxsize=None, currsize=40)",
+        "BatchResult(50 inputs: 40 reused, 10 computed, 0 failed)",
+        "3",
+        "CacheInfo(hits=40, misses=50, maxsize=None, currsize=50)",
+    ]
+    assert sorted(map(int, (tmp_path / "log").read_text().split())) == list(range(50)), "each computed once"
+
+
+@posix_only
+def test_pool_workers_exit_when_the_parent_is_killed(tmp_path):
+    parent = child(
+        """
+        import os, time
+
+        @dc.memoize(sys.argv[1])
+        def stuck(x):
+            os.write(1, f"{os.getpid()}\\n".encode())  # One write: the two workers' lines never mix.
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            stuck.map(range(2), workers=2)
+        """,
+        str(tmp_path / "c"),
+        background=True,
+        script_file=tmp_path / "job.py",
+    )
+    assert parent.stdout is not None
+    workers = [int(parent.stdout.readline()) for _ in range(2)]
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}") or _alive(pid)]
+    assert alive == [], "the workers exited with their parent"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):  # A zombie (reaped by init soon) counts as gone.
+        if "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            return False
+    return True
+
+
+def test_progress_is_logged_when_stderr_is_not_a_terminal(tmp_path, capsys, caplog):
+    @dc.memoize(tmp_path)
+    def slow(x):
+        time.sleep(0.02)
+        return x
+
+    with caplog.at_level("INFO", logger="donecache"):
+        slow.map(range(10), progress=0.05)
+    lines = [r.getMessage() for r in caplog.records if r.name == "donecache"]
+    assert len(lines) >= 2 and all(line.startswith(f"{slow.__qualname__}.map(): ") for line in lines)
+    assert "/10 done" in lines[0] and lines[-1].endswith("10/10 done" + lines[-1].split("10/10 done")[1])
+    assert capsys.readouterr().err == "", "logged, not printed"
+    caplog.clear()
+    slow.map(range(10, 13))  # Default: a record only every 30 s; this batch is shorter.
+    assert not caplog.records and capsys.readouterr().err == ""
+    assert dc._clock(3 * 86400 + 3661) == "3d 01:01:01" and dc._clock(59) == "00:00:59"
+
+
+DASK_JOB = """
+    import os
+
+    @dc.memoize(os.environ["JOB_CACHE"])  # Relative: it must travel as an absolute path.
+    def parse(x):
+        fd = os.open(os.environ["LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, f"{x}\\n".encode())  # One O_APPEND write per computation.
+        os.close(fd)
+        if x % 97 == 5:
+            raise ValueError(f"bad record {x}")
+        return x * 2, os.getpid()
+
+    class Counting:
+        \"\"\"The cluster's executor, counting the inputs it is sent.\"\"\"
+
+        def __init__(self, executor):
+            self.executor, self.inputs = executor, []
+
+        def submit(self, fn, *args, **kwargs):
+            self.inputs.extend(call[1][0] for call in args[1])
+            return self.executor.submit(fn, *args, **kwargs)
+
+    def main_is_bare():
+        import sys
+        return not hasattr(sys.modules["__main__"], "parse")
+
+    if __name__ == "__main__":
+        from distributed import Client, LocalCluster
+
+        with LocalCluster(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster:
+            with Client(cluster) as client:
+                print("workers without the main script's parse:", sorted(client.run(main_is_bare).values()))
+                executor = Counting(client.get_executor())
+                batch = parse.map(range(2000), keep_going=True, executor=executor)
+                print(batch, len(executor.inputs), len({pid for _, pid in batch.successes} - {os.getpid()}))
+                failed = [f.input for f in batch.failures]
+                executor.inputs.clear()
+                again = parse.map(range(2000), keep_going=True, executor=executor)
+                print(again, sorted(executor.inputs) == failed, again.results[:2] == batch.results[:2])
+                print(parse.cache_info())
+"""
+
+
+def test_map_on_a_dask_cluster(tmp_path):
+    pytest.importorskip("distributed")
+    work = tmp_path / "work"
+    work.mkdir()
+    log = tmp_path / "log"
+    # Run with -c: the workers cannot import the main script, so parse must travel by value.
+    proc = child(DASK_JOB, env={"JOB_CACHE": "cache", "LOG": str(log)}, cwd=work, timeout=170)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "workers without the main script's parse: [True, True]"
+    failures = sum(1 for x in range(2000) if x % 97 == 5)
+    assert lines[1:] == [
+        f"BatchResult(2000 inputs: 0 reused, {2000 - failures} computed, {failures} failed) 2000 2",
+        f"BatchResult(2000 inputs: {2000 - failures} reused, 0 computed, {failures} failed) True True",
+        f"CacheInfo(hits={2000 - failures}, misses={2000 - failures}, maxsize=None, currsize={2000 - failures})",
+    ], proc.stderr
+    computed = sorted(map(int, log.read_text().split()))
+    bad = [x for x in range(2000) if x % 97 == 5]
+    assert computed == sorted(list(range(2000)) + bad), "each input computed once, the failures once more"
+    assert (work / "cache").is_dir()
 
 
 def test_damage_costs_only_a_recomputation(tmp_path):
@@ -1852,13 +2533,14 @@ def test_damage_costs_only_a_recomputation(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m donecache ARGS`` in a subprocess."""
+def cli(*args: str, cwd: Path | None = None, unprivileged: bool = False) -> subprocess.CompletedProcess[str]:
+    """``python -m donecache ARGS`` in a subprocess (see child() for ``unprivileged``)."""
     return child(
         f"import runpy\nsys.argv = ['donecache', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
         *args,
         check=False,
         cwd=cwd,
+        unprivileged=unprivileged,
     )
 
 
@@ -1975,14 +2657,7 @@ def test_cli_status_names_the_live_builder_and_only_reads(tmp_path, read_only):
     try:
         wait_for_line(builder, "building")
         read_only(stage)  # status must not need to write, not even the lock file.
-        proc = child(
-            f"import runpy\nsys.argv = ['donecache', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
-            "status",
-            str(stage),
-            "--json",
-            check=False,
-            unprivileged=True,
-        )
+        proc = cli("status", str(stage), "--json", unprivileged=True)
         assert proc.returncode == 1, proc.stderr
         [row] = json.loads(proc.stdout)
         assert row["state"] == "building"
@@ -2039,14 +2714,7 @@ def test_cli_on_a_read_only_cache_says_so_and_removes_nothing(tmp_path, read_onl
         read_only(path)
     before = entry_files(cache)
     for command in (["prune"], ["clear"], ["clear", "--function", "brief"]):
-        proc = child(
-            f"import runpy\nsys.argv = ['donecache', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
-            command[0],
-            str(cache),
-            *command[1:],
-            check=False,
-            unprivileged=True,
-        )
+        proc = cli(command[0], str(cache), *command[1:], unprivileged=True)
         assert proc.returncode == 2 and proc.stdout == "", command
         assert "Permission denied; check that it is writable" in proc.stderr
         assert proc.stderr.count(str(cache)) == 1, proc.stderr

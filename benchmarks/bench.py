@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import donecache  # noqa: E402  (the checkout's copy, not an installed one)
 
-PEERS = ("diskcache", "joblib", "cachier", "atomicwrites")
+PEERS = ("diskcache", "joblib", "cachier", "atomicwrites", "dask")
 have: dict[str, bool] = {}
 for _name in PEERS:
     try:
@@ -54,6 +54,59 @@ def slow_work(x: int, log: str) -> int:
         f.write(f"{x}\n")
     time.sleep(0.01)
     return x * 2
+
+
+def one_ms(x: int) -> int:
+    """The batch benchmark's function: 1 ms of waiting, to the microsecond
+    (time.sleep alone overshoots by 0.1-0.2 ms on a VM), so the floor of a
+    batch is exactly workers / 1 ms."""
+    end = time.perf_counter() + 0.001
+    time.sleep(0.0007)
+    while time.perf_counter() < end:
+        pass
+    return x * 2
+
+
+def bench_map(tmp: Path, n: int, workers: int = 2) -> dict[str, dict[str, float]]:
+    """calls/s of a batch over n inputs of one_ms, cold (empty cache) and warm
+    (every input cached), with `workers` processes: donecache's map with
+    workers=, the same on a Dask LocalCluster's executor, and joblib.Parallel
+    over a joblib.Memory function. One measurement each: a cold run needs an
+    empty cache."""
+    out: dict[str, dict[str, float]] = {}
+
+    def rate(run: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        run()
+        return n / (time.perf_counter() - start)
+
+    inputs = range(n)
+    cached = donecache.memoize(tmp / "map-donecache")(one_ms)
+    out["donecache workers=2"] = {
+        "cold": rate(lambda: cached.map(inputs, workers=workers)),
+        "warm": rate(lambda: cached.map(inputs, workers=workers)),
+    }
+    if have["dask"]:
+        from distributed import Client, LocalCluster
+
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+            with Client(cluster) as client:
+                executor = client.get_executor()
+                on_dask = donecache.memoize(tmp / "map-dask")(one_ms)
+                out["donecache on Dask"] = {
+                    "cold": rate(lambda: on_dask.map(inputs, executor=executor)),
+                    "warm": rate(lambda: on_dask.map(inputs, executor=executor)),
+                }
+    if have["joblib"]:
+        import joblib
+
+        remembered = joblib.Memory(str(tmp / "map-joblib"), verbose=0).cache(one_ms)
+
+        def parallel() -> list[int]:
+            return joblib.Parallel(n_jobs=workers)(joblib.delayed(remembered)(x) for x in inputs)  # type: ignore[no-any-return]
+
+        out["joblib Parallel+Memory"] = {"cold": rate(parallel), "warm": rate(parallel)}
+    return out
 
 
 # -- memoizers: name -> (make(cache_dir) -> callable) --------------------------
@@ -334,12 +387,42 @@ def table(title: str, results: dict[str, float], unit: Callable[[float], str] = 
     return lines
 
 
+def map_table(rows: dict[str, dict[str, float]], n: int) -> tuple[list[str], list[tuple[str, float, float]]]:
+    """The batch rows, and their targets as (name, value, lowest value that holds)."""
+    lines = [f"\nbatch of {n:,} calls of a 1 ms function, 2 worker processes (calls/s; floor 2,000/s)"]
+    lines.append(f"  {'tool':28s} {'cold':>9s} {'warm':>9s}")
+    for tool, r in rows.items():
+        lines.append(f"  {tool:28s} {r['cold']:>9.0f} {r['warm']:>9.0f}")
+    targets = [("map cold >= 0.9x the floor (2,000/s)", rows["donecache workers=2"]["cold"] / 2000, 0.9)]
+    if "joblib Parallel+Memory" in rows:
+        joblib_warm = rows["joblib Parallel+Memory"]["warm"]
+        targets.append(("map warm >= 5x joblib's warm", rows["donecache workers=2"]["warm"] / joblib_warm, 5.0))
+    return lines, targets
+
+
+def map_only(n: int, path: str) -> int:
+    results: dict[str, Any] = {"machine": machine(), "mode": "map only", "python": sys.version}
+    print(f"machine: {results['machine']}\nmode: {results['mode']}")
+    with tempfile.TemporaryDirectory(prefix="donecache-bench-") as tmpdir:
+        results["map"] = bench_map(Path(tmpdir), n)
+    lines, targets = map_table(results["map"], n)
+    for name, value, lowest in targets:
+        lines.append(f"  {'HOLDS' if value >= lowest else 'FAILS'}  {name:44s} measured {value:.2f}")
+    print("\n".join(lines))
+    Path(path).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short run (under two minutes on two cores)")
     parser.add_argument("--json", default=str(HERE / "last-run.json"), help="where to write the results")
+    parser.add_argument("--map-only", action="store_true", help="only the batch (map) throughput rows")
+    parser.add_argument("--map-inputs", type=int, default=20000, help="inputs of the batch rows (default 20,000)")
     args = parser.parse_args()
     quick = args.quick
+    if args.map_only:
+        return map_only(args.map_inputs, args.json)
     for name, ok in have.items():
         if not ok:
             print(f"note: {name} is not installed; skipped (pip install -r benchmarks/requirements.txt)")
@@ -355,6 +438,7 @@ def main() -> int:
         results["atomic"] = bench_atomic(
             tmp, {"4 KiB": (4096, 100 if quick else 500), "1 MiB": (1 << 20, 10 if quick else 40)}, rounds=3 if quick else 7
         )
+        results["map"] = bench_map(tmp, 4000 if quick else 20000)
     results["import"] = bench_imports(runs=10 if quick else 30)
     results["seconds"] = time.time() - started
 
@@ -375,6 +459,8 @@ def main() -> int:
     for label, r in results["atomic"].items():
         lines += table(f"atomic write of {label} (median per write)", r)
     lines += table("import time in a fresh interpreter (median, minus `python -c pass`)", results["import"])
+    map_lines, map_targets = map_table(results["map"], 4000 if quick else 20000)
+    lines += map_lines
 
     hit, miss, imp, atomic = results["hit"], results["miss"], results["import"], results["atomic"]["4 KiB"]
     targets = []
@@ -394,6 +480,8 @@ def main() -> int:
     )
     lines.append("\ntargets")
     results["targets"] = {}
+    # The batch targets are floors (higher is better): negate both sides.
+    targets += [(name, -value, -lowest) for name, value, lowest in map_targets]
     for name, value, limit in targets:
         ok = value <= limit
         results["targets"][name] = {"value": value, "limit": limit, "holds": ok}

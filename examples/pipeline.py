@@ -104,7 +104,7 @@ def main() -> int:
         print(f"  record {record_id:04d}: {type(failure.exception).__name__}: {failure.exception}")
 
     # The report: written atomically, so a crash never leaves a half-written CSV.
-    rows = [row for row in batch.results if row is not None]
+    rows = batch.successes
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["id", "customer", "cents", "weekday"])
     writer.writeheader()
