@@ -218,6 +218,19 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
         def close(self) -> None:
             self._file.close()
 
+    def _lock_taken(path: str) -> bool:
+        try:
+            file = io.FileIO(path, "r")
+        except FileNotFoundError:
+            return False
+        with file:
+            try:
+                msvcrt.locking(file.fileno(), msvcrt.LK_NBRLCK, 1)
+            except OSError:
+                return True
+            msvcrt.locking(file.fileno(), msvcrt.LK_UNLCK, 1)
+            return False
+
 else:
     import fcntl
 
@@ -428,6 +441,50 @@ else:
             elif self._file is not None:
                 self._file.close()
 
+    def _lock_taken(path: str) -> bool:
+        # A shared lock, tried and dropped at once: a builder that asks for the
+        # lock in that instant waits microseconds. The file is opened read-only,
+        # never created. Only for another process's locks: on NFS, where flock
+        # is a record lock, closing this descriptor would drop our own.
+        try:
+            fd = os.open(path, _READ_FLAGS | _NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return True
+            raise
+        finally:
+            os.close(fd)
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Logging
+#
+# Records go to logging.getLogger("donecache"): DEBUG for each memoize hit and
+# miss, INFO for waits on a lock longer than a second. logging is never
+# imported here: if the program has not imported it, nobody can have
+# configured it, and there is nothing to log. The level check is the logger's
+# own cached isEnabledFor, so a hit pays a dictionary lookup for it.
+# ---------------------------------------------------------------------------
+
+_DEBUG, _INFO = 10, 20  # logging.DEBUG, logging.INFO
+_logger: Any = None
+
+
+def _log_at(level: int) -> Any:
+    """The "donecache" logger if it handles ``level``, else None."""
+    global _logger
+    if _logger is None:
+        logging = sys.modules.get("logging")
+        if logging is None:
+            return None
+        _logger = logging.getLogger("donecache")
+    return _logger if _logger.isEnabledFor(level) else None
+
 
 # ---------------------------------------------------------------------------
 # Locks
@@ -485,10 +542,15 @@ class _KeyLock:
         owner = _thread.get_ident() if owner is None else owner
         self._claim(owner)
         handle = _LockFile(self._name[0], self._name[1])
+        waiting: list[bool] = []
         try:
-            if timeout is None and handle.can_wait:
+            if handle.try_lock():
+                pass
+            elif timeout is None and handle.can_wait:
+                waiting = self._report_wait(handle)
                 handle.wait()
             else:
+                waiting = self._report_wait(handle)
                 deadline = time.monotonic() + (1e12 if timeout is None else timeout)
                 for delay in _delays():
                     if handle.try_lock():
@@ -500,7 +562,26 @@ class _KeyLock:
         except BaseException:
             handle.close()
             raise
+        finally:
+            waiting.clear()  # The wait is over: nothing more to report.
         self._took(handle, owner)
+
+    def _report_wait(self, handle: _LockFile) -> list[bool]:
+        """With INFO logging on, a helper thread logs the wait once it passes a
+        second, naming the holder if it wrote itself into the file (stages do);
+        the wait is on while the list returned is not empty."""
+        waiting = [True]
+        logger = _log_at(_INFO)
+        if logger is not None:
+            path, file = self.path, handle._file
+
+            def watch() -> None:
+                time.sleep(1.0)
+                if waiting:
+                    logger.info("waiting more than a second for the lock %s%s", path, _holder(file))
+
+            _thread.start_new_thread(watch, ())
+        return waiting
 
     def try_acquire(self, owner: int | None = None) -> bool:
         """Take the lock if it is free now, without waiting (for event loops)."""
@@ -521,10 +602,29 @@ class _KeyLock:
         """Wait for the lock without blocking the event loop."""
         import asyncio
 
+        started = time.monotonic()
         for delay in _delays():
             if self.try_acquire(owner):
                 return
+            if started and time.monotonic() - started > 1.0:
+                started = 0.0  # Reported once.
+                logger = _log_at(_INFO)
+                if logger is not None:
+                    logger.info("waiting more than a second for the lock %s", self.path)
             await asyncio.sleep(delay)
+
+    def note(self, data: bytes) -> None:  # See _holder for the reader.
+        """While holding a whole-file lock, make ``data`` the lock file's content
+        (who holds it), through the lock's own handle: on NFS, closing any other
+        descriptor of the file would drop the lock. A failure (ENOSPC) costs
+        only the note."""
+        file = None if self._handle is None else self._handle._file
+        if file is not None:
+            try:
+                os.ftruncate(file.fileno(), 0)
+                os.write(file.fileno(), data)  # Opened for appending: lands at 0.
+            except OSError:
+                pass
 
     def release(self) -> None:
         handle, self._handle = self._handle, None
@@ -537,6 +637,21 @@ class _KeyLock:
             handle.unlock()
         finally:
             handle.close()
+
+
+def _holder(file: io.FileIO | None) -> str:
+    """" (held by pid N on HOST)" from what the holder noted in the lock file, read
+    through our own open handle (see _KeyLock.note); "" where nothing is known."""
+    import json
+
+    pread = getattr(os, "pread", None)  # Not on Windows, where the holder's locked byte is unreadable anyway.
+    try:
+        noted = json.loads(pread(file.fileno(), 4096, 0)) if file is not None and pread is not None else None
+    except (OSError, ValueError):  # Unreadable, or empty: the holder has not noted itself.
+        return ""
+    if not isinstance(noted, dict) or "pid" not in noted:
+        return ""
+    return f" (held by pid {noted['pid']} on {noted.get('host', 'an unknown host')})"
 
 
 # ---------------------------------------------------------------------------
@@ -1067,13 +1182,34 @@ def mark_not_done(directory: StrPath, *, marker: str = "DONE") -> bool:
     return True
 
 
-def _stage_status(directory: str, *, version: _Version | None, marker: str) -> tuple[str, dict[str, Any] | None]:
-    """("done" | "incomplete" | "missing", the marker's metadata): what `status` prints."""
+class _StageState:
+    """What `status` says of a stage: its state ("done", "building", "incomplete" or
+    "missing"), its marker's metadata, and who builds it ({"host", "pid"} where known)."""
+
+    __slots__ = ("state", "marker", "builder")
+
+    def __init__(self, state: str, marker: dict[str, Any] | None, builder: dict[str, Any] | None = None) -> None:
+        self.state, self.marker, self.builder = state, marker, builder
+
+
+def _stage_status(directory: str, *, version: _Version | None, marker: str) -> _StageState:
+    """What `status` prints; it only reads (the stage may be on a read-only filesystem)."""
+    import json
+
     path = _marker_path(directory, marker)
     if not os.path.isdir(directory):
-        return "missing", None
+        return _StageState("missing", None)
     # An incomplete stage may still hold a stale marker, which says who wrote it.
-    return ("done" if _marker_counts(path, version) else "incomplete"), _read_marker(path)
+    if _marker_counts(path, version):
+        return _StageState("done", _read_marker(path))
+    lock = os.path.join(directory, _STAGE_LOCK)
+    if not _lock_taken(lock):
+        return _StageState("incomplete", _read_marker(path))
+    try:
+        builder = json.loads(_file_head(lock, 4096).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        builder = None  # Not written yet, or unreadable while locked (Windows).
+    return _StageState("building", _read_marker(path), builder if isinstance(builder, dict) else None)
 
 
 def _flush_tree(root: str) -> None:
@@ -1174,6 +1310,11 @@ class Stage:
             raise _reraise_about(exc, root, "create or lock the stage directory", "check its path and permissions") from exc
         self._lock = lock
         try:
+            import json
+            import socket
+
+            # For `python -m donecache status`: who is building (read only while the lock is held).
+            lock.note(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode("utf-8"))
             self.done = _marker_counts(self._marker_file, self.version)
             if not self.done:
                 self._begin()
@@ -1217,6 +1358,7 @@ class Stage:
 
     def _release(self) -> None:
         if self._lock is not None:
+            self._lock.note(b"")
             self._lock.release()
             self._lock = None
 
@@ -2961,7 +3103,28 @@ class _Memoized(Generic[_P, _R]):
         except Exception:
             return _MISSING  # Written by code that has changed since: recompute.
         self._hits += 1
+        if _log_at(_DEBUG) is not None:
+            _logger.debug("%s: hit; entry %s", self.__qualname__, call.slot.path if call.slot else "?")
         return value
+
+    def _why_missed(self, call: _Call) -> str:
+        """For the DEBUG log: why the entry was not used (it reads the file again).
+        An entry of the same arguments under an older code digest lives in another
+        file, found only by a scan: a code change reads as "new key"."""
+        if self._store is None or call.slot is None:
+            return "no cache directory"
+        try:
+            entry, st = _load_entry(call.slot.path, call.key)
+        except OSError as exc:
+            return f"entry unreadable: {exc.strerror}"
+        if st is None:
+            return "new key"
+        if entry is None:
+            return "damaged entry"
+        now = time.time()
+        if not entry.live(now) or (self._ttl is not None and now - entry.created >= self._ttl):
+            return "expired"
+        return "damaged entry (its value does not unpickle)"
 
     def _keep(self, call: _Call, value: Any) -> None:
         """Count a freshly computed result as a miss and store it (or warn why not)."""
@@ -3017,6 +3180,9 @@ class _Memoized(Generic[_P, _R]):
                 value = self._hit(call)
                 if value is not _MISSING:
                     return value, False
+            if _log_at(_DEBUG) is not None:
+                reason = "refresh" if refresh else self._why_missed(call)
+                _logger.debug("%s: miss (%s), computing; entry %s", self.__qualname__, reason, call.slot and call.slot.path)
             value = await self._invoke(call)
             self._keep(call, value)
             return value, True
@@ -4077,14 +4243,16 @@ def _cli_status(args: Any) -> int:
     for directory in args.directories:
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise _UsageError(f"{directory}: not a directory; give the directory of a stage")
-        state, info = _stage_status(directory, version=args.version, marker=args.marker)
-        rows.append({"directory": directory, "state": state, "marker": info})
+        found = _stage_status(directory, version=args.version, marker=args.marker)
+        rows.append({"directory": directory, "state": found.state, "marker": found.marker, "builder": found.builder})
     if args.json:
         _print_json(rows)
     else:
         for row in rows:
-            info = row["marker"] or {}
-            details = ", ".join(f"{k} {info[k]}" for k in ("finished", "version", "host") if info.get(k) is not None)
+            # A building stage is described by its builder; a done one by its marker.
+            info = row["builder"] or row["marker"] or {}
+            keys = ("host", "pid") if row["builder"] else ("finished", "version", "host")
+            details = ", ".join(f"{k} {info[k]}" for k in keys if info.get(k) is not None)
             print(f"{row['state']:<10}  {row['directory']}" + (f"  ({details})" if details else ""))
     return 0 if all(row["state"] == "done" for row in rows) else 1
 

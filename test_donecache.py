@@ -1778,6 +1778,86 @@ def test_disabled_reaches_the_workers_of_a_batch(tmp_path):
     assert proc.stdout.strip() == "BatchResult(6 inputs: 0 reused, 6 computed, 0 failed) False False"
 
 
+def test_hits_and_misses_are_logged_at_debug_with_the_reason(tmp_path, caplog, monkeypatch):
+    import logging
+
+    @dc.memoize(tmp_path / "c", ttl=60)
+    def f(x):
+        return [x]
+
+    caplog.set_level(logging.DEBUG, logger="donecache")
+
+    def said() -> list[str]:
+        lines = [r.getMessage().split("; entry")[0].split("<locals>.")[-1] for r in caplog.records if r.name == "donecache"]
+        caplog.clear()
+        return lines
+
+    f(1), f(1), f.refresh(1)
+    assert said() == ["f: miss (new key), computing", "f: hit", "f: miss (refresh), computing"]
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)
+    f(1)
+    monkeypatch.undo()
+    assert said() == ["f: miss (expired), computing"]
+    entry_files(tmp_path / "c")[0].write_bytes(b"torn")
+    f(1)
+    assert said() == ["f: miss (damaged entry), computing"]
+    caplog.set_level(logging.INFO, logger="donecache")
+    f(1), f(2)
+    assert said() == [], "nothing below the level the user chose"
+
+
+def test_logging_is_silent_unless_configured_and_not_imported():
+    proc = child(
+        """
+        import tempfile
+        print("logging" in sys.modules)
+        import logging  # Imported, as a library would, but not configured.
+        @dc.memoize(tempfile.mkdtemp())
+        def f(x):
+            return x
+        f(1), f(1)
+        """
+    )
+    assert proc.stdout == "False\n" and proc.stderr == ""
+
+
+def test_waits_longer_than_a_second_are_logged_with_the_holder(tmp_path, caplog, calls):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="donecache")
+    builder = child(
+        """
+        import time
+        with dc.done_dir(sys.argv[1]) as stage:
+            print("building", flush=True)
+            time.sleep(2)
+        """,
+        str(tmp_path / "stage"),
+        background=True,
+    )
+    wait_for_line(builder, "building")
+    with dc.done_dir(tmp_path / "stage") as stage:
+        assert stage.done
+    builder.wait()
+    [record] = [r for r in caplog.records if r.name == "donecache"]
+    assert record.levelno == logging.INFO and f"(held by pid {builder.pid} on " in record.getMessage()
+    assert ".donecache.lock" in record.getMessage()
+    caplog.clear()
+
+    @dc.memoize(tmp_path / "c")
+    def slow(x):
+        calls.append(x)
+        time.sleep(1.5)
+        return x
+
+    in_threads(lambda n: slow(1), 2)
+    assert calls == [1]
+    [record] = [r for r in caplog.records if r.name == "donecache" and r.levelno == logging.INFO]
+    assert record.getMessage().startswith("waiting more than a second for the lock ")
+    assert record.getMessage().endswith(".lock"), "a key's holder is not known"
+
+
 def test_a_shorter_ttl_applies_to_older_entries(tmp_path, calls, monkeypatch):
     def transform(x):
         calls.append(x)
@@ -2744,13 +2824,14 @@ def test_damage_costs_only_a_recomputation(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m donecache ARGS`` in a subprocess."""
+def cli(*args: str, cwd: Path | None = None, unprivileged: bool = False) -> subprocess.CompletedProcess[str]:
+    """``python -m donecache ARGS`` in a subprocess (see child() for ``unprivileged``)."""
     return child(
         f"import runpy\nsys.argv = ['donecache', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
         *args,
         check=False,
         cwd=cwd,
+        unprivileged=unprivileged,
     )
 
 
@@ -2851,6 +2932,41 @@ def test_cli_status(tmp_path):
     assert cli("status", str(tmp_path / "done"), "--marker", "_SUCCESS").returncode == 1
 
 
+@posix_only
+def test_cli_status_names_the_live_builder_and_only_reads(tmp_path, read_only):
+    import socket
+
+    stage = tmp_path / "stage"
+    builder = child(
+        """
+        import time
+        with dc.done_dir(sys.argv[1]) as stage:
+            print("building", flush=True)
+            time.sleep(60)
+        """,
+        str(stage),
+        background=True,
+    )
+    try:
+        wait_for_line(builder, "building")
+        read_only(stage)  # status must not need to write, not even the lock file.
+        proc = cli("status", str(stage), "--json", unprivileged=True)
+        assert proc.returncode == 1, proc.stderr
+        [row] = json.loads(proc.stdout)
+        assert row["state"] == "building"
+        assert row["builder"] == {"host": socket.gethostname(), "pid": builder.pid}
+        line = cli("status", str(stage)).stdout
+        assert line.startswith("building") and f"pid {builder.pid}" in line
+    finally:
+        builder.kill()
+        builder.wait()
+    [row] = json.loads(cli("status", str(stage), "--json").stdout)
+    assert row["state"] == "incomplete" and row["builder"] is None, "a killed builder holds nothing"
+    (tmp_path / "bare").mkdir()
+    assert cli("status", str(tmp_path / "bare")).stdout.startswith("incomplete")
+    assert listing(tmp_path / "bare") == [], "status created no lock file"
+
+
 def test_cli_errors_and_help(tmp_path):
     (tmp_path / "file").write_text("x")
     (tmp_path / "plain").mkdir()
@@ -2891,14 +3007,7 @@ def test_cli_on_a_read_only_cache_says_so_and_removes_nothing(tmp_path, read_onl
         read_only(path)
     before = entry_files(cache)
     for command in (["prune"], ["clear"], ["clear", "--function", "brief"]):
-        proc = child(
-            f"import runpy\nsys.argv = ['donecache', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
-            command[0],
-            str(cache),
-            *command[1:],
-            check=False,
-            unprivileged=True,
-        )
+        proc = cli(command[0], str(cache), *command[1:], unprivileged=True)
         assert proc.returncode == 2 and proc.stdout == "", command
         assert "Permission denied; check that it is writable" in proc.stderr
         assert proc.stderr.count(str(cache)) == 1, proc.stderr
