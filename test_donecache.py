@@ -847,9 +847,11 @@ SHARED_WATCHER = """
     paths = [os.path.join(stage_dir, f"part-{i:03d}.txt") for i in range(pieces)]
     marker = os.path.join(stage_dir, "DONE")
     seen, early, polls = set(), [], 0
+    deadline = time.monotonic() + 120  # Never outlive a test that failed.
     print("ready", flush=True)
-    while not os.path.exists(stop):
+    while not os.path.exists(stop) and time.monotonic() < deadline:
         polls += 1
+        time.sleep(0.0005)
         try:
             st = os.stat(marker)
         except FileNotFoundError:
@@ -867,19 +869,23 @@ def test_shared_stage_is_filled_by_four_processes_at_once_and_marked_once(tmp_pa
     stage_dir, log, go, stop = tmp_path / "s", tmp_path / "log", tmp_path / "go", tmp_path / "stop"
     pieces, count = 12, 4  # Each builder makes 3 pieces of 0.2 s: 0.6 s alone, 2.4 s one after another.
     watcher = child(SHARED_WATCHER, str(stage_dir), str(stop), str(pieces), background=True)
-    wait_for_line(watcher, "ready")
     procs = [
         child(SHARED_BUILDER, str(stage_dir), str(log), str(go), str(i), str(count), str(pieces), background=True)
         for i in range(count)
     ]
-    for proc in procs:
-        wait_for_line(proc, "ready")
-    started = time.monotonic()
-    go.touch()
-    reports = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
-    wall = time.monotonic() - started
-    stop.touch()
-    watched = json.loads(watcher.communicate(timeout=60)[0])
+    try:
+        for proc in [watcher, *procs]:
+            wait_for_line(proc, "ready")
+        started = time.monotonic()
+        go.touch()
+        reports = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+        wall = time.monotonic() - started
+        stop.touch()
+        watched = json.loads(watcher.communicate(timeout=60)[0])
+    finally:
+        for proc in [watcher, *procs]:
+            proc.kill()
+            proc.wait()
     assert all(p.returncode == 0 for p in procs)
     # Concurrent, not one after another: every builder was inside before any
     # left, and the wall time is a fraction of the builders' summed time (which
@@ -1005,6 +1011,30 @@ def test_shared_stage_expect_count_or_names(tmp_path):
     with dc.done_dir(tmp_path / "empty", expect=[]) as stage:
         pass
     assert stage.done and dc.is_done(tmp_path / "empty")
+
+
+def test_shared_stage_piece_whose_temporary_file_the_finisher_swept(tmp_path, monkeypatch):
+    # Two builders make the same piece; the other renames its copy first,
+    # completes the stage and sweeps this builder's temporary file.
+    real_replace = dc._replace
+    raced: list[str] = []
+
+    def replace(src: str, dst: str) -> None:
+        if not raced:
+            raced.append(src)
+            with dc.done_dir(tmp_path / "s", expect=["a"]) as other:
+                other.piece("a", lambda: "theirs")
+            assert other.done and not os.path.exists(src)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(dc, "_replace", replace)
+    with dc.done_dir(tmp_path / "s", expect=["a"]) as stage:
+        assert stage.piece("a", lambda: "mine") == stage.path / "a"
+        with pytest.raises(FileNotFoundError):  # A missing piece's vanished file is still an error.
+            monkeypatch.setattr(dc, "_replace", lambda src, dst: (os.unlink(src), real_replace(src, dst)))
+            stage.piece("b", lambda: "b")
+    assert (tmp_path / "s" / "a").read_text() == "theirs" and stage.done
+    assert sorted(os.listdir(tmp_path / "s")) == [".donecache.lock", "DONE", "a"]
 
 
 def test_shared_stage_a_failing_builder_writes_no_marker(tmp_path):
