@@ -154,6 +154,27 @@ def _delays() -> Iterator[float]:
         delay = min(delay * 2, 0.05)
 
 
+# NFS answers ESTALE when the file or directory behind a name or a handle was
+# removed or replaced by another host. It is transient: the name, looked up
+# again, leads to the new file. Linux retries a path lookup once by itself, but
+# a read on a descriptor opened just before another host's rename still fails,
+# so the whole operation, from its open, is retried.
+_STALE_TRIES = 5
+
+
+def _retry_stale(operation: Callable[[], _R]) -> _R:
+    """operation(), run again (a few times, with backoff) while it fails with ESTALE."""
+    delays = _delays()
+    for _ in range(_STALE_TRIES - 1):
+        try:
+            return operation()
+        except OSError as exc:
+            if exc.errno != errno.ESTALE:
+                raise
+        time.sleep(next(delays))
+    return operation()
+
+
 if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
     import msvcrt
 
@@ -1124,16 +1145,21 @@ def _read_marker(path: str) -> dict[str, Any] | None:
     """The marker's metadata: {} for an empty or foreign marker, None if there is none."""
     import json
 
-    try:
-        fd, _st = _open_regular(path)
-    except (FileNotFoundError, NotADirectoryError):
+    def read() -> bytes | None:
+        try:
+            fd, _st = _open_regular(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except _NotRegular:
+            return b""  # A FIFO or a directory by the marker's name: not a marker we wrote.
+        try:
+            return os.read(fd, 1 << 20)
+        finally:
+            os.close(fd)
+
+    raw = _retry_stale(read)
+    if raw is None:
         return None
-    except _NotRegular:
-        return {}  # A FIFO or a directory by the marker's name: not a marker we wrote.
-    try:
-        raw = os.read(fd, 1 << 20)
-    finally:
-        os.close(fd)
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -1142,13 +1168,38 @@ def _read_marker(path: str) -> dict[str, Any] | None:
 
 
 def _marker_counts(path: str, version: Any) -> bool:
-    if version is None:
-        try:
-            return stat.S_ISREG(os.stat(path).st_mode)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-    info = _read_marker(path)
-    return info is not None and _marker_version(info) == _version_text(version)
+    def check() -> bool:
+        if version is None:
+            try:
+                return stat.S_ISREG(_retry_stale(lambda: os.stat(path)).st_mode)
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+        info = _read_marker(path)
+        return info is not None and _marker_version(info) == _version_text(version)
+
+    # An NFS client caches lookups, "no such file" included, for up to acdirmax
+    # (60 s by default), so a marker that another host has just written can
+    # look absent. Opening and reading the directory makes the client fetch
+    # it again from the server (as `ls` does), so "not done" is asked twice.
+    return check() or (_list_dir(os.path.dirname(path), os.path.basename(path)) and check())
+
+
+def _list_dir(directory: str, stop_at: str) -> bool:
+    """Read ``directory`` through (until the name ``stop_at``); False if there is no such directory."""
+
+    def read() -> None:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name == stop_at:
+                    break
+
+    try:
+        _retry_stale(read)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError:
+        pass  # Searchable but not readable: the stat's answer is all there is.
+    return True
 
 
 def _marker_version(info: dict[str, Any] | None) -> str | None:
@@ -1164,8 +1215,10 @@ def is_done(directory: StrPath, *, version: _Version | None = None, marker: str 
 
     With ``version``, the marker must also record that same version; a marker
     from an older version of your code, or one written by another tool (an
-    empty ``_SUCCESS``, say), then counts as not done. Without it, this is a
-    single stat(2), cheap enough to call for thousands of stages.
+    empty ``_SUCCESS``, say), then counts as not done. Without it, a finished
+    stage costs a single stat(2), cheap enough to call for thousands of stages.
+    Before answering "not done" it also reads the directory's listing, which
+    makes an NFS client see a marker that another host wrote moments ago.
     """
     return _marker_counts(_marker_path(directory, marker), version)
 
@@ -1229,6 +1282,18 @@ def _flush_tree(root: str) -> None:
         _fsync_dir(dirpath)
 
 
+class _Expected:
+    """What a shared stage waits for: ``count`` pieces, or every one of the pieces ``names``."""
+
+    __slots__ = ("count", "names")
+
+    def __init__(self, count: int, names: frozenset[str] | None) -> None:
+        self.count, self.names = count, names
+
+    def met_by(self, present: set[str]) -> bool:
+        return present >= self.names if self.names is not None else len(present) >= self.count
+
+
 class Stage:
     """done_dir(directory, ...): build a stage directory that is marked done only once all of it is written.
 
@@ -1255,6 +1320,14 @@ class Stage:
     durable: fsync every file of the stage before writing the marker, so that
         the marker never survives a power failure that its pieces did not.
     timeout: seconds to wait for another builder before TimeoutError.
+    expect: make this a shared stage, which many processes or hosts fill at
+        once: a count of pieces, or an iterable of the pieces' names. Each
+        builder holds the lock only briefly, on entry and on exit, and writes
+        its own pieces meanwhile. On a normal exit it lists the pieces under
+        the lock; the builder that finds every expected piece present writes
+        the marker, exactly once. The others leave without one, with
+        ``stage.done`` False. Every builder of the stage must pass the same
+        ``expect``; ``fresh`` cannot be combined with it.
 
     What ``with done_dir(...) as stage`` gives is the Stage: ``stage.done``
     (checked while holding the lock), ``stage.path``, ``stage.piece()`` and
@@ -1270,6 +1343,7 @@ class Stage:
         fresh: bool = False,
         durable: bool = True,
         timeout: float | None = None,
+        expect: int | Iterable[StrPath] | None = None,
     ) -> None:
         from pathlib import Path
 
@@ -1283,6 +1357,36 @@ class Stage:
         self.done = False
         self._fresh, self._durable, self._timeout = fresh, durable, timeout
         self._lock: _KeyLock | None = None
+        self._expect = None if expect is None else self._expected(expect)
+        if self._expect is not None and fresh:
+            raise ValueError(
+                f"stage {self._root!r}: fresh=True cannot be combined with expect=, because emptying a shared "
+                "stage would throw away the pieces of the other builders; empty it once, before they start"
+            )
+
+    def _expected(self, expect: int | Iterable[StrPath]) -> _Expected:
+        """Check ``expect=``: a count of pieces, or their names (relative to the stage, normalised)."""
+        if isinstance(expect, int) and not isinstance(expect, bool):
+            if expect < 0:
+                raise ValueError(f"expect={expect} is negative; pass the number of pieces the stage must hold")
+            return _Expected(expect, None)
+        if isinstance(expect, (str, bytes, os.PathLike)) or not isinstance(expect, collections.abc.Iterable):
+            raise TypeError(
+                f"expect must be a count of pieces or an iterable of piece names, not {type(expect).__name__}"
+                + ("; for a single name pass a list: expect=[name]" if isinstance(expect, (str, os.PathLike)) else "")
+            )
+        names: set[str] = set()
+        for name in expect:
+            if not isinstance(name, (str, os.PathLike)):
+                raise TypeError(f"expect= holds {name!r}, not a piece name: names are str or os.PathLike[str]")
+            try:
+                rel = os.path.relpath(self._piece_path(name), self._root)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"expect= holds a bad name: {exc}") from None
+            if rel in names:
+                raise ValueError(f"expect= names the piece {rel!r} twice; each piece counts once")
+            names.add(rel)
+        return _Expected(len(names), frozenset(names))
 
     def __repr__(self) -> str:
         return f"Stage({self._root!r}, done={self.done})"
@@ -1300,27 +1404,22 @@ class Stage:
             # removes the marker first, under the lock.
             self.done = True
             return self
-        try:
-            _make_dirs(root, durable=self._durable)
-            lock = _KeyLock(os.path.join(os.path.realpath(root), _STAGE_LOCK))
-            lock.acquire(self._timeout)
-        except TimeoutError as exc:
-            raise TimeoutError(f"stage {root!r}: {exc}; another process or thread is building it") from None
-        except OSError as exc:
-            raise _reraise_about(exc, root, "create or lock the stage directory", "check its path and permissions") from exc
-        self._lock = lock
+        self._take_lock()
         try:
             import json
             import socket
 
             # For `python -m donecache status`: who is building (read only while the lock is held).
-            lock.note(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode("utf-8"))
+            assert self._lock is not None
+            self._lock.note(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode("utf-8"))
             self.done = _marker_counts(self._marker_file, self.version)
             if not self.done:
                 self._begin()
         except BaseException:
             self._release()
             raise
+        if self._expect is not None:
+            self._release()  # A shared stage is locked only to enter and to finish.
         self._started = time.time()
         return self
 
@@ -1339,8 +1438,10 @@ class Stage:
             for name in os.listdir(root):
                 if name != _STAGE_LOCK:
                     _remove_path(os.path.join(root, name))
-        else:
-            for temp in _temp_files(root):  # Left by writers that crashed.
+        elif self._expect is None:
+            # Left by writers that crashed. In a shared stage they may be live
+            # builders' files: the builder that completes it sweeps them.
+            for temp in _temp_files(root):
                 _discard(temp)
         if wanted is not None and (building != wanted or self._fresh or other):
             _write_bytes(os.path.join(root, _STAGE_VERSION), wanted.encode("utf-8"), durable=self._durable)
@@ -1351,10 +1452,57 @@ class Stage:
         try:
             # A forked child that leaves the block did not build the stage.
             if exc_type is None and not self.done and os.getpid() == self._pid:
-                self._write_marker()
-                self.done = True
+                if self._expect is None:
+                    self._write_marker()
+                    self.done = True
+                else:
+                    self.done = self._finish_shared(self._expect)
         finally:
             self._release()
+
+    def _take_lock(self) -> None:
+        root = self._root
+        try:
+            _make_dirs(root, durable=self._durable)
+            lock = _KeyLock(os.path.join(os.path.realpath(root), _STAGE_LOCK))
+            _retry_stale(lambda: lock.acquire(self._timeout))
+        except TimeoutError as exc:
+            raise TimeoutError(f"stage {root!r}: {exc}; another process or thread is building it") from None
+        except OSError as exc:
+            raise _reraise_about(exc, root, "create or lock the stage directory", "check its path and permissions") from exc
+        self._lock = lock
+
+    def _finish_shared(self, expect: _Expected) -> bool:
+        """Write the marker if every expected piece is present and nobody has yet; True if the stage is done.
+
+        Pieces only ever appear by a rename, so a piece that is listed is
+        whole. Under the lock, two builders cannot both see "complete, no
+        marker", and the marker cannot appear before the last piece.
+        """
+        self._take_lock()
+        if _marker_counts(self._marker_file, self.version):
+            return True
+        if not expect.met_by(_retry_stale(self._pieces)):
+            return False
+        # Complete, so any temporary file left is a crashed writer's, or a
+        # late duplicate of a piece that exists (piece() copes with losing it).
+        for temp in _temp_files(self._root):
+            _discard(temp)
+        self._write_marker()
+        return True
+
+    def _pieces(self) -> set[str]:
+        """The names of the pieces present: every file below the stage but its marker, lock and temporary files."""
+
+        def fail(exc: OSError) -> None:
+            raise exc  # A listing that failed could hide pieces: never count around it.
+
+        found: set[str] = set()
+        for dirpath, _dirnames, filenames in os.walk(self._root, onerror=fail):
+            for name in filenames:
+                if not _is_temp_name(name) and not (dirpath == self._root and name in (self.marker, *_STAGE_FILES)):
+                    found.add(os.path.relpath(os.path.join(dirpath, name), self._root))
+        return found
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -1378,6 +1526,8 @@ class Stage:
             "donecache": __version__,
             "version": self.version,
         }
+        if self._expect is not None:
+            metadata["expect"] = self._expect.count
         _write_bytes(self._marker_file, json.dumps(metadata, indent=1).encode("utf-8") + b"\n", durable=self._durable)
 
     def _piece_path(self, name: StrPath) -> Path:
@@ -1418,8 +1568,17 @@ class Stage:
         elif not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"make() for piece {os.fspath(name)!r} must return str or bytes, not {type(data).__name__}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Not fsynced one by one: the stage flushes all its files once, before its marker.
-        _write_bytes(str(path), bytes(data), durable=False)
+        # A stage of one builder flushes all its files once, before its marker.
+        # In a shared stage each piece is flushed as it is written: the
+        # builder that writes the marker may run on another host, whose
+        # fsync cannot reach this host's unwritten data.
+        try:
+            _write_bytes(str(path), bytes(data), durable=self._durable and self._expect is not None)
+        except FileNotFoundError:
+            if not path.exists():
+                raise
+            # Another builder wrote the same piece and finished the stage,
+            # sweeping this temporary file: the piece is there all the same.
         return path
 
 
@@ -1765,7 +1924,7 @@ def _load_entry(
     (entry, stat) if it is a whole entry (for ``key``, when given); (None, stat)
     if it is damage: not a regular file, or not a whole entry; (None, None) if
     there is nothing there. Any other OSError (ESTALE, EIO, EACCES) propagates:
-    the file could not be judged. ``mapped`` maps the big buffers of a value
+    the file could not be judged (callers retry ESTALE with _retry_stale). ``mapped`` maps the big buffers of a value
     instead of reading them.
     """
     try:
@@ -1990,9 +2149,10 @@ class _EntryFiles:
         """The entry for ``key`` if it is whole and live at ``now``, or None;
         ``mapped`` maps its big buffers instead of reading them."""
         try:
-            entry = _load_entry((slot or self.slot(key)).path, key, _VALUE, mapped)[0]
+            path = (slot or self.slot(key)).path
+            entry = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped))[0]
         except (OSError, ValueError):
-            return None  # Unreadable now (EIO, ESTALE), or a mapping refused: a miss.
+            return None  # Unreadable now (EIO, or ESTALE that persisted), or a mapping refused: a miss.
         if entry is None or (entry.expires and (time.time() if now is None else now) >= entry.expires):
             return None
         return entry
@@ -2069,7 +2229,7 @@ class _EntryFiles:
         under another key's name. Expired entries are included."""
         for path, where in self.files(folder):
             try:
-                entry, st = _load_entry(path, None, _HEAD)
+                entry, st = _retry_stale(lambda: _load_entry(path, None, _HEAD))
             except OSError:
                 yield _Found(path, None, None, where)
                 continue

@@ -814,6 +814,405 @@ def test_sigkill_in_the_body_leaves_stage_not_done_and_lock_free(tmp_path):
     assert dc.is_done(stage_dir)
 
 
+# -- shared stages (expect=) ---------------------------------------------------
+
+SHARED_BUILDER = """
+    import json, os, time
+    stage_dir, log, go, index, count, pieces = sys.argv[1:7]
+    index, count, pieces = int(index), int(count), int(pieces)
+    real_write_marker = dc.Stage._write_marker
+
+    def write_marker(self):  # A spy: every marker written, by whom.
+        with open(log, "a") as f:
+            f.write(f"marker {os.getpid()}\\n")
+        real_write_marker(self)
+
+    dc.Stage._write_marker = write_marker
+    print("ready", flush=True)
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    names = [f"part-{i:03d}.txt" for i in range(pieces)]
+    with dc.done_dir(stage_dir, expect=names, version="v1") as stage:
+        entered = time.time()
+        if not stage.done:
+            for name in names[index::count]:
+                stage.piece(name, lambda: (time.sleep(0.2), name)[1])
+        left = time.time()
+    print(json.dumps({"pid": os.getpid(), "done": stage.done, "entered": entered, "left": left}), flush=True)
+"""
+
+SHARED_WATCHER = """
+    import json, os, time
+    stage_dir, stop, pieces = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    paths = [os.path.join(stage_dir, f"part-{i:03d}.txt") for i in range(pieces)]
+    marker = os.path.join(stage_dir, "DONE")
+    seen, early, polls = set(), [], 0
+    deadline = time.monotonic() + 120  # Never outlive a test that failed.
+    print("ready", flush=True)
+    while not os.path.exists(stop) and time.monotonic() < deadline:
+        polls += 1
+        time.sleep(0.0005)
+        try:
+            st = os.stat(marker)
+        except FileNotFoundError:
+            continue
+        seen.add((st.st_ino, st.st_mtime_ns))
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            early.append(missing)
+    print(json.dumps({"markers": len(seen), "early": early[:3], "polls": polls}), flush=True)
+"""
+
+
+@posix_only
+def test_shared_stage_is_filled_by_four_processes_at_once_and_marked_once(tmp_path):
+    stage_dir, log, go, stop = tmp_path / "s", tmp_path / "log", tmp_path / "go", tmp_path / "stop"
+    pieces, count = 12, 4  # Each builder makes 3 pieces of 0.2 s: 0.6 s alone, 2.4 s one after another.
+    watcher = child(SHARED_WATCHER, str(stage_dir), str(stop), str(pieces), background=True)
+    procs = [
+        child(SHARED_BUILDER, str(stage_dir), str(log), str(go), str(i), str(count), str(pieces), background=True)
+        for i in range(count)
+    ]
+    try:
+        for proc in [watcher, *procs]:
+            wait_for_line(proc, "ready")
+        started = time.monotonic()
+        go.touch()
+        reports = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+        wall = time.monotonic() - started
+        stop.touch()
+        watched = json.loads(watcher.communicate(timeout=60)[0])
+    finally:
+        for proc in [watcher, *procs]:
+            proc.kill()
+            proc.wait()
+    assert all(p.returncode == 0 for p in procs)
+    # Concurrent, not one after another: every builder was inside before any
+    # left, and the wall time is a fraction of the builders' summed time (which
+    # is what it would at least be, were they serialised).
+    assert max(r["entered"] for r in reports) < min(r["left"] for r in reports)
+    busy = sum(r["left"] - r["entered"] for r in reports)
+    assert wall < 0.6 * busy and wall < count * 0.6, f"4 builders took {wall:.2f} s for {busy:.2f} s of work"
+    assert log.read_text().split() .count("marker") == 1, "the marker was written exactly once"
+    writer = int(log.read_text().split()[1])
+    assert any(r["pid"] == writer and r["done"] for r in reports)
+    meta = json.loads((stage_dir / "DONE").read_text())
+    assert meta["pid"] == writer and meta["expect"] == pieces and meta["version"] == "v1"
+    # Never before the last piece: the marker is newer than every piece, and the
+    # watcher, polling throughout, never saw it while a piece was missing.
+    newest_piece = max((stage_dir / f"part-{i:03d}.txt").stat().st_mtime_ns for i in range(pieces))
+    assert (stage_dir / "DONE").stat().st_mtime_ns >= newest_piece
+    assert watched["early"] == [] and watched["markers"] == 1 and watched["polls"] > 100
+    assert dc.is_done(stage_dir, version="v1")
+    assert sorted(os.listdir(stage_dir)) == [".donecache.lock", ".donecache.version", "DONE"] + [
+        f"part-{i:03d}.txt" for i in range(pieces)
+    ]
+
+
+def test_shared_stage_builder_that_finishes_early_leaves_without_a_marker(tmp_path):
+    stage_dir = tmp_path / "s"
+    with dc.done_dir(stage_dir, expect=["a", "b"]) as first:
+        first.piece("a", lambda: "a")
+    assert first.done is False and not dc.is_done(stage_dir)
+    assert sorted(os.listdir(stage_dir)) == [".donecache.lock", "a"]
+    with dc.done_dir(stage_dir, expect=["a", "b"]) as second:
+        assert not second.done
+        second.piece("b", lambda: "b")
+    assert second.done is True and dc.is_done(stage_dir)
+    with dc.done_dir(stage_dir, expect=["a", "b"]) as third:
+        assert third.done, "a finished shared stage is skipped like any other"
+
+
+@posix_only
+def test_shared_stage_is_not_locked_while_builders_work(tmp_path):
+    stage_dir, release = tmp_path / "s", tmp_path / "release"
+    inside = child(
+        """
+        import os, time
+        with dc.done_dir(sys.argv[1], expect=2, version=1) as stage:
+            stage.piece("mine", lambda: "1")
+            print("inside", flush=True)
+            while not os.path.exists(sys.argv[2]):
+                time.sleep(0.001)
+        print("done" if stage.done else "not done", flush=True)
+        """,
+        str(stage_dir),
+        str(release),
+        background=True,
+    )
+    wait_for_line(inside, "inside")
+    # The other builder is inside its block: entering and finishing takes no wait.
+    with dc.done_dir(stage_dir, expect=2, version=1, timeout=1) as stage:
+        assert not stage.done
+        stage.piece("yours", lambda: "2")
+    assert stage.done and dc.is_done(stage_dir, version=1), "the last piece's builder wrote the marker"
+    release.touch()
+    assert inside.communicate(timeout=30)[0].split() == ["done"], "the builder still inside found it finished"
+    assert json.loads((stage_dir / "DONE").read_text())["pid"] == os.getpid()
+
+
+@posix_only
+def test_shared_stage_builder_killed_leaves_no_marker_and_a_rerun_completes_it(tmp_path):
+    stage_dir = tmp_path / "s"
+    names = [f"{i}.txt" for i in range(6)]
+    proc = child(
+        """
+        import json, time
+        with dc.done_dir(sys.argv[1], expect=json.loads(sys.argv[2])) as stage:
+            for name in json.loads(sys.argv[2]):
+                if name == "3.txt":
+                    print("inside", flush=True)
+                    time.sleep(60)
+                stage.piece(name, lambda: name)
+        """,
+        str(stage_dir),
+        json.dumps(names),
+        background=True,
+    )
+    wait_for_line(proc, "inside")
+    litter = stage_dir / (dc._TEMP_PREFIX + "0" * 16 + "~3.txt")
+    litter.write_text("half a piece")  # What a kill in the middle of a write leaves.
+    proc.kill()
+    proc.wait()
+    assert not dc.is_done(stage_dir) and not (stage_dir / "DONE").exists()
+    # Another builder's entry must not sweep it (it may be a live writer's file)...
+    with dc.done_dir(stage_dir, expect=names, timeout=2) as stage:
+        assert litter.exists()
+        stage.piece("3.txt", lambda: "3.txt")
+    assert not stage.done, "two pieces are still missing"
+    # ...but the one that finds the stage complete does, before its marker.
+    with dc.done_dir(stage_dir, expect=names, timeout=2) as stage:
+        for name in names:
+            stage.piece(name, lambda: name)
+    assert stage.done and dc.is_done(stage_dir) and not litter.exists()
+    assert [(stage_dir / n).read_text() for n in names] == names
+
+
+def test_shared_stage_expect_count_or_names(tmp_path):
+    # A count: any three pieces, in subdirectories too, by piece() or atomic_path.
+    with dc.done_dir(tmp_path / "count", expect=3) as stage:
+        stage.piece("a", lambda: "a")
+        stage.piece("sub/b", lambda: "b")
+    assert not stage.done
+    with dc.done_dir(tmp_path / "count", expect=3) as stage:
+        with dc.atomic_path(stage.path / "sub" / "c.npy") as tmp:
+            tmp.write_bytes(b"c")
+            assert not dc.is_done(tmp_path / "count"), "a temporary file is not a piece"
+    assert stage.done and json.loads((tmp_path / "count" / "DONE").read_text())["expect"] == 3
+    # Names: only the named pieces count, however the name is spelled.
+    names = ["x", "sub/y"]
+    with dc.done_dir(tmp_path / "names", expect=names) as stage:
+        stage.piece("x", lambda: "x")
+        stage.piece("other", lambda: "not expected")
+        stage.piece("sub/z", lambda: "not expected")
+    assert not stage.done
+    with dc.done_dir(tmp_path / "names", expect=iter(["./x", "sub//y"])) as stage:
+        stage.piece("sub/y", lambda: "y")
+    assert stage.done and json.loads((tmp_path / "names" / "DONE").read_text())["expect"] == 2
+    # Nothing expected: the first builder to leave marks it.
+    with dc.done_dir(tmp_path / "empty", expect=[]) as stage:
+        pass
+    assert stage.done and dc.is_done(tmp_path / "empty")
+
+
+def test_shared_stage_piece_whose_temporary_file_the_finisher_swept(tmp_path, monkeypatch):
+    # Two builders make the same piece; the other renames its copy first,
+    # completes the stage and sweeps this builder's temporary file.
+    real_replace = dc._replace
+    raced: list[str] = []
+
+    def replace(src: str, dst: str) -> None:
+        if not raced:
+            raced.append(src)
+            with dc.done_dir(tmp_path / "s", expect=["a"]) as other:
+                other.piece("a", lambda: "theirs")
+            assert other.done and not os.path.exists(src)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(dc, "_replace", replace)
+    with dc.done_dir(tmp_path / "s", expect=["a"]) as stage:
+        assert stage.piece("a", lambda: "mine") == stage.path / "a"
+        with pytest.raises(FileNotFoundError):  # A missing piece's vanished file is still an error.
+            monkeypatch.setattr(dc, "_replace", lambda src, dst: (os.unlink(src), real_replace(src, dst)))
+            stage.piece("b", lambda: "b")
+    assert (tmp_path / "s" / "a").read_text() == "theirs" and stage.done
+    assert sorted(os.listdir(tmp_path / "s")) == [".donecache.lock", "DONE", "a"]
+
+
+def test_shared_stage_a_failing_builder_writes_no_marker(tmp_path):
+    with pytest.raises(Boom):
+        with dc.done_dir(tmp_path / "s", expect=1) as stage:
+            stage.piece("a", lambda: "a")
+            raise Boom()
+    assert not dc.is_done(tmp_path / "s") and (tmp_path / "s" / "a").exists()
+
+
+def test_shared_stage_threads_fill_it_at_once(tmp_path):
+    names = [f"{i}" for i in range(8)]
+    inside = threading.Barrier(4, timeout=10)  # Would time out if entering held the lock.
+    done: list[bool] = []
+
+    def build(n: int) -> None:
+        with dc.done_dir(tmp_path / "s", expect=names) as stage:
+            inside.wait()
+            for name in names[n::4]:
+                stage.piece(name, lambda: name)
+        done.append(stage.done)
+
+    in_threads(build, 4)
+    assert done.count(True) >= 1 and dc.is_done(tmp_path / "s")
+
+
+@pytest.mark.parametrize(
+    "expect,error,message",
+    [
+        (-1, ValueError, "negative"),
+        (True, TypeError, "count of pieces or an iterable"),
+        (2.0, TypeError, "not float"),
+        ("a.txt", TypeError, r"expect=\[name\]"),
+        (Path("a.txt"), TypeError, r"expect=\[name\]"),
+        (["../a"], ValueError, "bad name.*relative path inside the stage"),
+        (["/abs"], ValueError, "bad name"),
+        (["DONE"], ValueError, "bad name.*marker"),
+        ([".donecache.lock"], ValueError, "bad name"),
+        ([dc._TEMP_PREFIX + "0" * 16 + "~a"], ValueError, "bad name"),
+        ([3], TypeError, "holds 3, not a piece name"),
+        ([b"a"], TypeError, "holds b.a., not a piece name"),
+        (["a", "./a"], ValueError, "names the piece 'a' twice"),
+    ],
+)
+def test_shared_stage_bad_expect(tmp_path, expect, error, message):
+    with pytest.raises(error, match=message):
+        dc.done_dir(tmp_path / "s", expect=expect)
+    assert not (tmp_path / "s").exists(), "nothing was created for a refused stage"
+
+
+def test_shared_stage_refuses_fresh(tmp_path):
+    with pytest.raises(ValueError, match="fresh=True cannot be combined with expect=") as caught:
+        dc.done_dir(tmp_path / "s", expect=2, fresh=True)
+    assert str(tmp_path / "s") in str(caught.value)
+
+
+# -- shared filesystems: NFS lookup caches and ESTALE ------------------------------
+
+
+def stale_once(
+    monkeypatch, module, name: str, applies: Callable[..., bool] = lambda *a, **k: True, times: int = 1
+) -> list[str]:
+    """Make module.name raise ESTALE the first ``times`` times that ``applies`` accepts its arguments,
+    as NFS does when another host replaced the file; returns the log of calls that failed."""
+    real = getattr(module, name)
+    failed: list[str] = []
+
+    def flaky(*args, **kwargs):
+        if len(failed) < times and applies(*args, **kwargs):
+            failed.append(name)
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, flaky)
+    return failed
+
+
+def test_is_done_lists_the_directory_before_answering_not_done(tmp_path, monkeypatch):
+    with dc.done_dir(tmp_path / "s", version=2):
+        pass
+    marker = str(tmp_path / "s" / "DONE")
+    listed: list[str] = []
+    cache = {"stale": True}
+    real_stat, real_open, real_scandir = os.stat, os.open, os.scandir
+
+    # An NFS client that cached "no such file" for the marker's name, until it
+    # reads the directory again.
+    def cached(real):
+        def call(path, *args, **kwargs):
+            if os.fspath(path) == marker and cache["stale"]:
+                raise FileNotFoundError(errno.ENOENT, "cached negative lookup", marker)
+            return real(path, *args, **kwargs)
+
+        return call
+
+    def scandir(path="."):
+        listed.append(os.fspath(path))
+        cache["stale"] = False
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "stat", cached(real_stat))
+    monkeypatch.setattr(os, "open", cached(real_open))
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert dc.is_done(tmp_path / "s") and listed == [str(tmp_path / "s")]
+    listed.clear()
+    cache["stale"] = True
+    assert dc.is_done(tmp_path / "s", version=2) and listed == [str(tmp_path / "s")]
+    listed.clear()
+    assert dc.is_done(tmp_path / "s") and dc.is_done(tmp_path / "s", version=2)
+    assert listed == [], "a marker that is seen at once costs no listing"
+    assert not dc.is_done(tmp_path / "s", version=3) and not dc.is_done(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("version", [None, 1], ids=["stat", "read"])
+def test_is_done_retries_estale(tmp_path, monkeypatch, version):
+    with dc.done_dir(tmp_path / "s", version=version):
+        pass
+    marker = str(tmp_path / "s" / "DONE")
+    failed = stale_once(monkeypatch, os, "stat" if version is None else "read")
+    assert dc.is_done(tmp_path / "s", version=version)
+    assert failed, "the ESTALE was raised and retried"
+    assert dc._stage_status(str(tmp_path / "s"), version=version, marker="DONE").state == "done"
+    assert marker
+
+
+def test_estale_that_persists_is_raised(tmp_path, monkeypatch):
+    (tmp_path / "DONE").write_text("")
+
+    def always(*args, **kwargs):
+        raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+
+    monkeypatch.setattr(os, "stat", always)
+    monkeypatch.setattr(dc, "_delays", lambda: iter([0.0] * 10))
+    with pytest.raises(OSError) as caught:
+        dc.is_done(tmp_path)
+    assert caught.value.errno == errno.ESTALE
+
+
+def test_stage_entry_and_listing_retry_estale(tmp_path, monkeypatch):
+    lock_file = str(tmp_path / "s" / ".donecache.lock")
+    failed = stale_once(monkeypatch, dc.io, "FileIO", lambda path, *a: os.fspath(path).endswith(".donecache.lock"))
+    with dc.done_dir(tmp_path / "s", expect=["a"]) as stage:
+        stage.piece("a", lambda: "a")
+        listing_failed = stale_once(monkeypatch, os, "scandir", lambda path=".": os.fspath(path) == str(stage.path))
+    assert failed == ["FileIO"] and listing_failed == ["scandir"]
+    assert stage.done and os.path.exists(lock_file)
+
+
+def test_counting_pieces_retries_estale(tmp_path, monkeypatch):
+    sub = str(tmp_path / "s" / "sub")
+    with dc.done_dir(tmp_path / "s", expect=["sub/a"]) as stage:
+        stage.piece("sub/a", lambda: "a")
+        failed = stale_once(monkeypatch, os, "scandir", lambda path=".": os.fspath(path) == sub)
+    assert failed == ["scandir"] and stage.done
+
+
+def test_store_listing_retries_estale(tmp_path, monkeypatch):
+    with dc.open(tmp_path / "c") as db:
+        db["k"] = 1
+        failed = stale_once(monkeypatch, os, "read")
+        assert dict(db.items()) == {"k": 1} and failed == ["read"]
+
+
+def test_entry_reads_retry_estale(tmp_path, monkeypatch, calls):
+    @dc.memoize(tmp_path)
+    def f(x):
+        calls.append(x)
+        return x * 2
+
+    assert f(21) == 42
+    # Twice: a miss is read again under the key's lock before computing.
+    failed = stale_once(monkeypatch, os, "read", times=2)
+    assert f(21) == 42 and calls == [21], "an ESTALE read is retried, not taken for a miss"
+    assert failed == ["read", "read"]
+
+
 # ---------------------------------------------------------------------------
 # 6. The store (donecache.open) and memoize
 # ---------------------------------------------------------------------------
