@@ -3330,10 +3330,11 @@ class _Memoized(Generic[_P, _R]):
     async def _invoke(self, call: _Call) -> Any:
         return self.__wrapped__(*call.args, **call.kwargs)
 
-    async def _flow(self, call: _Call, refresh: bool) -> tuple[Any, bool]:
+    async def _flow(self, call: _Call, refresh: bool, keeper: _Keeper | None = None) -> tuple[Any, bool]:
         """(result, whether this call computed it), after a miss or for a
         refresh: compute under the key's lock, unless another caller stored
-        it while this one waited."""
+        it while this one waited. A ``keeper`` takes over the storing and the
+        lock's release (a batch worker stores in the background)."""
         lock = await self._lock(call)
         try:
             if not refresh:
@@ -3344,18 +3345,22 @@ class _Memoized(Generic[_P, _R]):
                 reason = "refresh" if refresh else self._why_missed(call)
                 _logger.debug("%s: miss (%s), computing; entry %s", self.__qualname__, reason, call.slot and call.slot.path)
             value = await self._invoke(call)
-            self._keep(call, value)
+            if keeper is None:
+                self._keep(call, value)
+            else:
+                keeper.keep(self, call, value, lock)
+                lock = None
             return value, True
         finally:
             if lock is not None:
                 lock.release()
 
-    def _get(self, call: _Call, refresh: bool = False) -> tuple[Any, bool]:
+    def _get(self, call: _Call, refresh: bool = False, keeper: _Keeper | None = None) -> tuple[Any, bool]:
         """(result, whether this call computed it rather than reusing a stored one)."""
         value = _MISSING if refresh else self._hit(call)
         if value is not _MISSING:
             return value, False
-        flow = self._flow(call, refresh)
+        flow = self._flow(call, refresh, keeper)
         try:
             flow.send(None)
         except StopIteration as done:
@@ -3727,18 +3732,59 @@ def _failed(exc: BaseException, portable: bool) -> _Outcome:
 
 
 def _call_one(
-    func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes | None, portable: bool, off: bool
+    func: _Memoized[..., Any],
+    args: tuple[Any, ...],
+    key: bytes | None,
+    portable: bool,
+    off: bool,
+    keeper: _Keeper | None = None,
 ) -> _Outcome:
     """One call of a batch, never raising; ``key`` when the parent made it already;
-    ``off``: caching was switched off when the batch began."""
+    ``off``: caching was switched off when the batch began; ``keeper`` stores the
+    result in the background."""
     try:
         if off:
             return _Outcome(True, func.__wrapped__(*args), True)
         call = func._call(args, {}) if key is None else func._call_at(key, args, {})
-        value, computed = func._get(call)
+        value, computed = func._get(call, keeper=keeper)
         return _Outcome(True, value, computed)
     except Exception as exc:
         return _failed(exc, portable)
+
+
+class _Keeper:
+    """A worker's background writer: it stores a chunk's results (and releases
+    their keys' locks) while the next call computes, so that creating entry
+    files costs no time of the calls. finish() waits until all are stored.
+    Keys are distinct within a chunk (the parent sees to it): a key's lock is
+    never asked for again while the writer holds it."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._queue: Any = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="donecache-keeper", daemon=True)
+        self._thread.start()
+
+    def keep(self, func: _Memoized[..., Any], call: _Call, value: Any, lock: _KeyLock | None) -> None:
+        self._queue.put((func, call, value, lock))
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            func, call, value, lock = job
+            try:
+                func._keep(call, value)
+            finally:
+                if lock is not None:
+                    lock.release()
+
+    def finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
 
 
 class _ChunkReport:
@@ -3755,7 +3801,11 @@ def _run_chunk(
 ) -> _ChunkReport:
     """A worker's task: the calls of one chunk. Module level, so that it pickles by name."""
     started = time.perf_counter()
-    outcomes = [_call_one(func, args, key or None, portable, off) for key, args in calls]
+    keeper = _Keeper()
+    try:
+        outcomes = [_call_one(func, args, key or None, portable, off, keeper) for key, args in calls]
+    finally:
+        keeper.finish()
     return _ChunkReport(outcomes, os.getpid(), time.perf_counter() - started)
 
 
@@ -3884,6 +3934,7 @@ def _stream(
     ahead: collections.deque[_Done] = collections.deque()
     pending: dict[Any, list[_Done]] = {}
     buffer: list[_Done] = []
+    queued: set[bytes] = set()  # The keys in buffer.
     inputs = enumerate(calls)
     reading = True
     executor = plan.start()
@@ -3893,12 +3944,14 @@ def _stream(
         future = executor.submit(_run_chunk, plan.task, calls, plan.portable, plan.off)
         pending[future] = buffer[:]
         buffer.clear()
+        queued.clear()
 
     def stop_after(index: int) -> None:
         """A loop would have stopped at this failure: nothing after it runs."""
         nonlocal reading
         reading = False
         buffer[:] = [done for done in buffer if done.index < index]
+        queued.intersection_update(done.key for done in buffer)
         for future, chunk in pending.items():
             if chunk[0].index > index:
                 future.cancel()
@@ -3916,7 +3969,10 @@ def _stream(
                     done = _Done(*item)
                     ahead.append(done)
                     if plan.off or not _answer_here(func, done, lead):
+                        if done.key and done.key in queued:  # One key twice in a chunk: the second waits for the next.
+                            send()
                         buffer.append(done)
+                        queued.add(done.key)
                     elif not keep_going and not done.outcome.ok:  # type: ignore[union-attr]
                         stop_after(done.index)
                 if buffer and not full:

@@ -2867,6 +2867,21 @@ def test_map_on_a_foreign_executor_sends_only_misses_and_leaves_it_running(tmp_p
     executor.shutdown()
 
 
+def test_one_key_twice_in_a_batch_is_computed_once(tmp_path, calls):
+    @dc.memoize(tmp_path)
+    def work(x):
+        calls.append(x)
+        if x > 5:
+            time.sleep(0.5)  # The slow ones fill the two chunks in flight (workers=1)...
+        return bytes(20_000_000)  # ...and storing this is slow: the worker's writer holds the lock a while.
+
+    executor = CountingExecutor()
+    batch = work.map([9, 8, 1, 1, 2, 1], executor=executor, workers=1, chunksize=10)
+    assert batch.ok and sorted(calls) == [1, 2, 8, 9] and (batch.computed, batch.reused) == (4, 2)
+    assert executor.submitted == [[9], [8], [1], [1, 2], [1]], "a key already in the chunk starts the next one"
+    executor.shutdown()
+
+
 def test_map_without_keep_going_on_an_executor_stops_like_a_loop(tmp_path, calls):
     parse = dc.memoize(tmp_path)(bad_at({4}, calls))
     executor = CountingExecutor()
