@@ -64,6 +64,7 @@ __all__ = [
     "DonecacheWarning",
     "BatchResult",
     "Failure",
+    "FailureRecord",
 ]
 
 __version__ = "0.1.0"
@@ -1129,6 +1130,27 @@ def _marker_path(directory: StrPath, marker: str) -> str:
     return os.path.join(_fspath(directory, "directory"), marker)
 
 
+def _scandir(path: str) -> list[os.DirEntry[str]]:
+    """The entries of a directory, or none if it cannot be listed."""
+    try:
+        with os.scandir(path) as entries:
+            return list(entries)
+    except OSError:
+        return []
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    """A small JSON object from a regular file, or None (absent, damaged, or not an object)."""
+    import json
+
+    text = _read_text(path)
+    try:
+        data = None if text is None else json.loads(text)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _read_text(path: str) -> str | None:
     """A small regular file's text, or None if there is none (or it is no such file)."""
     try:
@@ -1633,7 +1655,7 @@ _CACHEDIR_TAG = (
     b"Signature: 8a477f597d28d172789f06886806bc55\n"
     b"# This file marks a donecache store (see https://bford.info/cachedir/).\n"
 )
-_STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions"})
+_STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions", ".failures"})
 
 
 def _file_head(path: str, size: int) -> bytes:
@@ -2097,6 +2119,43 @@ class _EntryFiles:
         """Where a memoized function's entries live, relative to the root (with a trailing separator)."""
         name: str = self._blake2b(function.encode("utf-8"), digest_size=_FOLDER_HEX // 2).hexdigest()
         return name + os.sep
+
+    # The failure ledger: one small JSON file per failed input of a batch, under
+    # .failures/<function's folder>/<the entry's name>.json, written as the
+    # failure happens and removed when that input succeeds. JSON, never a
+    # pickle: listing failures runs nothing.
+
+    def _failure_file(self, slot: _Slot) -> str:
+        shard_dir, name = os.path.split(slot.path)
+        folder = os.path.relpath(os.path.dirname(shard_dir), self.root)
+        return os.path.join(self.root, ".failures", folder, name + ".json")
+
+    def record_failure(self, slot: _Slot, record: dict[str, Any]) -> None:
+        import json
+
+        path = self._failure_file(slot)
+        _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
+        _write_bytes(path, json.dumps(record, indent=1).encode("utf-8"), durable=self.durable)
+
+    def forget_failure(self, slot: _Slot) -> None:
+        try:
+            os.unlink(self._failure_file(slot))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+
+    def failure(self, slot: _Slot) -> dict[str, Any] | None:
+        return _read_json(self._failure_file(slot))
+
+    def failures(self, folder: str | None = None) -> list[dict[str, Any]]:
+        """The failure records (of one function's ``folder``), oldest first."""
+        top = os.path.join(self.root, ".failures")
+        found = []
+        for directory in [os.path.join(top, folder)] if folder else [e.path for e in _scandir(top) if e.is_dir()]:
+            for entry in _scandir(directory):
+                record = _read_json(entry.path) if entry.name.endswith(".json") else None
+                if record is not None:
+                    found.append(record)
+        return sorted(found, key=lambda record: float(record.get("time") or 0))
 
     def record_identity(self, function: str, identity: str) -> None:
         import json
@@ -2813,6 +2872,11 @@ def _parse_key(key: bytes) -> _KeyParts | None:
     return None
 
 
+def _key_identity(key: bytes) -> str:
+    """The code identity in a memoize key (or in its prefix alone)."""
+    return key.decode("utf-8", "replace").partition("|")[2].partition("|")[0]
+
+
 def _function_of(key: bytes) -> str:
     parts = _parse_key(key)
     return _OPEN_KEYS if parts is None else parts.function
@@ -3306,6 +3370,9 @@ class _Memoized(Generic[_P, _R]):
             files.write(encoded, call.slot)
         except OSError as exc:
             _warn(f"{self.__qualname__}(): the result is returned but not cached: {exc}")
+            return
+        if call.slot is not None:
+            files.forget_failure(call.slot)  # A success clears the input's recorded failure.
 
     def _key_lock(self, call: _Call) -> _KeyLock | None:
         files = self._store
@@ -3383,7 +3450,55 @@ class _Memoized(Generic[_P, _R]):
         """(result, computed) of one call of a batch; ``off``: caching was off when the batch began."""
         if off:
             return self.__wrapped__(*args), True  # type: ignore[call-arg]
-        return self._get(self._call(args, {}))
+        call = self._call(args, {})
+        try:
+            return self._get(call)
+        except Exception as exc:
+            self._record_failure(call, exc, _format_exception(exc))
+            raise
+
+    def _record_failure(self, call: _Call, exc: BaseException, traceback: str) -> None:
+        """Write a batch's failure to the ledger at once, so that a crash of the parent cannot lose it."""
+        import reprlib
+        import socket
+
+        files = self._store
+        if files is None or call.slot is None or files.readonly:
+            return
+        shown = reprlib.Repr()
+        shown.maxstring = shown.maxother = 200
+        record = {
+            "function": self._function,
+            "identity": _key_identity(call.key),
+            "input": shown.repr(call.args[0] if len(call.args) == 1 and not call.kwargs else call.args),
+            "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+            "message": str(exc)[:4000],
+            "traceback": traceback[-20000:],
+            "time": time.time(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        try:
+            files.record_failure(call.slot, record)
+        except OSError as exc:
+            _warn(f"{self.__qualname__}(): a failure could not be recorded in the cache: {exc}")
+
+    def _recorded_failure(self, call: _Call) -> FailureRecord | None:
+        """The failure recorded for this call under the current code identity, if any."""
+        files = self._store
+        record = None if files is None or call.slot is None else files.failure(call.slot)
+        if record is None or record.get("identity") != _key_identity(call.key):
+            return None
+        return FailureRecord(record, current=True)
+
+    def failures(self) -> list[FailureRecord]:
+        """The inputs of this function that failed in a batch and have not succeeded
+        since, oldest first, as recorded in the store (read from JSON; nothing is
+        unpickled). ``current`` says whether a record was made by the current code."""
+        files, identity = self._files(), _key_identity(self._prefix or self._prepare())
+        if files is None:
+            return []
+        return [FailureRecord(record, current=record.get("identity") == identity) for record in files.failures(self._folder)]
 
     def is_cached(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
         """True if a call with these arguments would be a hit: its entry is stored and
@@ -3431,6 +3546,8 @@ class _Memoized(Generic[_P, _R]):
         executor: Any = None,
         chunksize: int | None = None,
         progress: bool | float | None = None,
+        retry_failures: bool = True,
+        shard: tuple[int, int] | None = None,
     ) -> BatchResult:
         """Call the function on every input, caching each success as soon as it is done.
 
@@ -3458,10 +3575,23 @@ class _Memoized(Generic[_P, _R]):
             the "donecache" logger (INFO). True: always on stderr. A number:
             log every that many seconds. False: silent.
 
+        retry_failures: True (the default) calls again the inputs that failed in
+            an earlier batch. False reports, without calling, the failures that
+            the store's ledger holds for the current code (see :meth:`failures`),
+            each as a :class:`FailureRecord` exception.
+        shard: (index, count) runs only this process's share of the inputs, for
+            array jobs: every input falls to exactly one index, the same in
+            every process and on every host, by a digest of its key. A final
+            unsharded map() then finds every result cached, or in the ledger.
+
+        Each failure is written to the store's ledger as it happens, so a crash
+        of this process loses none of them; a later success removes it.
         Cached inputs are answered here, never sent; only misses go to the
         workers, a bounded number at a time, so the inputs can be a generator.
         """
-        stream = self._batch(iterables, (), "map", keep_going, workers, processes, executor, chunksize, progress)
+        stream = self._batch(
+            iterables, (), "map", keep_going, workers, processes, executor, chunksize, progress, retry_failures, shard
+        )
         return BatchResult._of(stream)
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
@@ -3490,7 +3620,34 @@ class _Memoized(Generic[_P, _R]):
             given["executor"],
             given["chunksize"],
             given["progress"],
+            given["retry_failures"],
+            given["shard"],
         )
+
+    def _share(
+        self, calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], shard: Any, name: str
+    ) -> Iterator[tuple[Any, ...]]:
+        """The inputs that shard=(index, count) runs: those whose key's digest is
+        index modulo count, so that every input falls to exactly one shard, in
+        any process on any host (keys are the same everywhere). An input with no
+        key (an argument that cannot be one) falls to shard 0, which reports it."""
+        if not (
+            isinstance(shard, tuple)
+            and len(shard) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in shard)
+            and 0 <= shard[0] < shard[1]
+        ):
+            raise ValueError(f"{name}: shard= takes (index, count) with 0 <= index < count, not {shard!r}")
+        index, count = shard
+        for args in calls:
+            try:
+                key = self._call(lead + args, {}).key
+            except Exception:
+                if index == 0:
+                    yield args
+                continue
+            if int.from_bytes(self._blake2b(key, digest_size=8).digest(), "big") % count == index:
+                yield args
 
     def _batch(
         self,
@@ -3503,6 +3660,8 @@ class _Memoized(Generic[_P, _R]):
         executor: Any,
         chunksize: int | None,
         progress: bool | float | None,
+        retry_failures: bool = True,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[_Done]:
         """map() and imap(): check the options at once, then stream the outcomes.
 
@@ -3513,13 +3672,17 @@ class _Memoized(Generic[_P, _R]):
         for option, value in (("workers", workers), ("chunksize", chunksize)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: {option}= must be a positive int or None, not {value!r}")
-        meter = _Progress(name, _length(iterables), progress)
-        calls = zip(*iterables)
+        calls: Iterator[tuple[Any, ...]] = zip(*iterables)
+        total = _length(iterables)
+        if shard is not None:
+            calls = self._share(calls, lead, shard, name)
+            total = None
+        meter = _Progress(name, total, progress)
         off = _switched_off()  # Taken once: the batch's workers follow the parent.
         if executor is None and (workers or 1) == 1:
-            return meter.watch(_serial(self, calls, lead, keep_going, off), keep_going)
+            return meter.watch(_serial(self, calls, lead, keep_going, off, retry_failures), keep_going)
         plan = _Plan(self, name, executor, workers, processes, off)
-        stream = _stream(self, calls, lead, keep_going, plan, chunksize)
+        stream = _stream(self, calls, lead, keep_going, plan, chunksize, retry_failures)
         return meter.watch(stream, keep_going)
 
 
@@ -3742,6 +3905,7 @@ def _call_one(
     """One call of a batch, never raising; ``key`` when the parent made it already;
     ``off``: caching was switched off when the batch began; ``keeper`` stores the
     result in the background."""
+    call = None
     try:
         if off:
             return _Outcome(True, func.__wrapped__(*args), True)
@@ -3749,7 +3913,10 @@ def _call_one(
         value, computed = func._get(call, keeper=keeper)
         return _Outcome(True, value, computed)
     except Exception as exc:
-        return _failed(exc, portable)
+        outcome = _failed(exc, portable)
+        if call is not None:
+            func._record_failure(call, exc, outcome.traceback)
+        return outcome
 
 
 class _Keeper:
@@ -3838,12 +4005,20 @@ def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
 
 
 def _serial(
-    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], keep_going: bool, off: bool
+    func: _Memoized[..., Any],
+    calls: Iterator[tuple[Any, ...]],
+    lead: tuple[Any, ...],
+    keep_going: bool,
+    off: bool,
+    retry: bool = True,
 ) -> Iterator[_Done]:
     """A batch in this thread, one call after the other."""
     for index, args in enumerate(calls):
         done = _Done(index, args)
-        if keep_going:
+        if not retry and not off and _answer_here(func, done, lead, retry):
+            if not keep_going and done.outcome is not None and not done.outcome.ok:
+                raise done.outcome.value
+        elif keep_going:
             done.outcome = _call_one(func, lead + args, None, False, off)
         else:  # Let the failure propagate with its own traceback, as a loop would.
             value, computed = func._compute(lead + args, off)
@@ -3915,6 +4090,7 @@ def _stream(
     keep_going: bool,
     plan: _Plan,
     chunksize: int | None,
+    retry: bool = True,
 ) -> Iterator[_Done]:
     """A batch on an executor, yielding each input's _Done in input order.
 
@@ -3968,7 +4144,7 @@ def _stream(
                 else:
                     done = _Done(*item)
                     ahead.append(done)
-                    if plan.off or not _answer_here(func, done, lead):
+                    if plan.off or not _answer_here(func, done, lead, retry):
                         if done.key and done.key in queued:  # One key twice in a chunk: the second waits for the next.
                             send()
                         buffer.append(done)
@@ -4012,9 +4188,10 @@ def _stream(
             executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...]) -> bool:
-    """Settle an input in the parent if its result is cached (or its key cannot
-    be made); else keep its key for the worker and return False."""
+def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True) -> bool:
+    """Settle an input in the parent if its result is cached, if its key cannot
+    be made, or (without ``retry``) if its failure is recorded for the current
+    code; else keep its key for the worker and return False."""
     try:
         call = func._call(lead + done.args, {})
     except Exception as exc:
@@ -4022,6 +4199,10 @@ def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...]) 
         return True
     value = func._hit(call)
     if value is _MISSING:
+        recorded = None if retry else func._recorded_failure(call)
+        if recorded is not None:
+            done.outcome = _Outcome(False, recorded, False, recorded.traceback)
+            return True
         done.key = call.key
         return False
     done.outcome = _Outcome(True, value, False)
@@ -4038,6 +4219,30 @@ class Failure:
 
     def __repr__(self) -> str:
         return f"Failure(index={self.index}, input={self.input!r}, exception={self.exception!r})"
+
+
+class FailureRecord(Exception):
+    """A failure of a batch as the store's ledger keeps it (see ``f.failures()``):
+    the function, a short repr of the input, the exception's type and message,
+    the traceback text, when and where (host, pid), and the code identity it
+    failed under (``current``: the code that reads it now). A batch with
+    ``retry_failures=False`` reports such a failure again as this exception."""
+
+    def __init__(self, record: dict[str, Any], current: bool) -> None:
+        self.function = str(record.get("function", "?"))
+        self.input = str(record.get("input", "?"))
+        self.type = str(record.get("type", "?"))
+        self.message = str(record.get("message", ""))
+        self.traceback = str(record.get("traceback", ""))
+        self.time = float(record.get("time") or 0)
+        self.host, self.pid = str(record.get("host", "?")), record.get("pid")
+        self.identity, self.current = str(record.get("identity", "")), current
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time))
+        super().__init__(f"{self.type}: {self.message} (recorded {when}; retry_failures=True calls it again)")
+
+    def as_dict(self) -> dict[str, Any]:
+        names = ("function", "input", "type", "message", "traceback", "time", "host", "pid", "identity", "current")
+        return {name: getattr(self, name) for name in names}
 
 
 class BatchResult:
@@ -4428,6 +4633,26 @@ def _cli_clear(args: Any) -> int:
     return 0
 
 
+def _cli_failures(args: Any) -> int:
+    files = _cli_store(args.path, "r")
+    wanted: str | None = args.function
+    current = files.identities()
+    records = [
+        FailureRecord(record, current=current.get(str(record.get("function")), "") == record.get("identity"))
+        for record in files.failures()
+        if wanted is None or record.get("function") == wanted or str(record.get("function")).partition(":")[2] == wanted
+    ]
+    if args.json:
+        _print_json([record.as_dict() for record in records])
+    else:
+        for record in records:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.time))
+            old = "" if record.current else "  (older code)"
+            print(f"{when}  {record.function}({record.input}){old}\n    {record.type}: {record.message}")
+        print(f"{len(records)} failure(s) recorded in {files.root}", file=sys.stderr)
+    return 0 if records else 1
+
+
 def _cli_prune(args: Any) -> int:
     files = _cli_store(args.path, "w")
     entries, temps = files.prune(stale=_stale_test(files) if args.stale else None)
@@ -4506,6 +4731,10 @@ def main(argv: list[str] | None = None) -> int:
     verify = command("verify", "check every byte of every entry (exit 1 if any is damaged)")
     verify.add_argument("path", help="the cache directory")
     verify.set_defaults(run=_cli_verify)
+    failures = command("failures", "list the inputs that failed in batches, from the store's ledger (exit 1 if none)")
+    failures.add_argument("path", help="the cache directory")
+    failures.add_argument("--function", metavar="NAME", help="only this function: module:qualname, or just qualname")
+    failures.set_defaults(run=_cli_failures)
     prune = command("prune", "remove expired and damaged entries and temporary files left by crashes")
     prune.add_argument("path", help="the cache directory")
     prune.add_argument(

@@ -2717,6 +2717,76 @@ def test_numpy_arrays_are_keyed_by_their_contents(tmp_path, calls):
     assert total(np.float64(1.5)) == 1.5 and len(calls) == 5
 
 
+# -- the failure ledger and array jobs ------------------------------------------
+
+LEDGER_JOB = textwrap.dedent("""
+    import os, time
+    @dc.memoize(sys.argv[1], version=1)
+    def parse(i):
+        with open(os.path.join(os.path.dirname(sys.argv[1]), "calls"), "a") as log:
+            log.write(f"{i}\\n")
+        if i % 10 == 3 and sys.argv[2] != "fixed":
+            raise ValueError(f"record {i} is malformed")
+        if i == 57 and sys.argv[2] == "hang":
+            print("hanging", flush=True)
+            time.sleep(600)
+        return i * 2
+""")
+
+
+def test_failures_survive_a_killed_parent_and_are_listed(tmp_path):
+    cache = tmp_path / "cache"
+    proc = child(LEDGER_JOB + "parse.map(range(100), keep_going=True)\n", str(cache), "hang", background=True)
+    wait_for_line(proc, "hanging")
+    proc.kill()
+    proc.wait()
+    listed = cli("failures", str(cache), "--json")
+    assert listed.returncode == 0
+    records = json.loads(listed.stdout)
+    assert sorted(int(r["input"]) for r in records) == list(range(3, 57, 10)), "every failure before the kill"
+    assert all(r["type"] == "builtins.ValueError" and "malformed" in r["message"] and "Traceback" in r["traceback"] for r in records)
+    assert all(r["function"] == "__main__:parse" and r["current"] for r in records)
+    text = cli("failures", str(cache), "--function", "parse").stdout
+    assert "parse(13)" in text and "ValueError: record 13 is malformed" in text
+    listed = child(LEDGER_JOB + "print(len(parse.failures()), parse.failures()[0].input)", str(cache), "run")
+    assert listed.stdout.split() == ["6", "3"]
+
+
+def test_retry_failures_false_calls_nothing_and_a_success_clears_the_record(tmp_path):
+    cache, calls = tmp_path / "cache", tmp_path / "calls"
+    report = "b = parse.map(range(40), keep_going=True, retry_failures={retry})\nprint(b.computed, b.reused, len(b.failures), type(b.failures[0].exception).__name__ if b.failures else '-')\n"
+    assert child(LEDGER_JOB + report.format(retry=True), str(cache), "run").stdout.split() == ["36", "0", "4", "ValueError"]
+    calls.unlink()
+    out = child(LEDGER_JOB + report.format(retry=False), str(cache), "run").stdout.split()
+    assert out == ["0", "36", "4", "FailureRecord"] and not calls.exists(), "nothing was called"
+    assert child(LEDGER_JOB + report.format(retry=True), str(cache), "fixed").stdout.split() == ["4", "36", "0", "-"]
+    assert calls.read_text().split() == ["3", "13", "23", "33"], "only the failures ran again"
+    assert cli("failures", str(cache)).returncode == 1, "successes removed their records"
+    raising = child(LEDGER_JOB + "parse.map([3], retry_failures=False)", str(cache), "run", check=False)
+    assert raising.returncode == 0, "no record left: the fixed code's result is a hit"
+
+
+def test_shards_cover_every_input_exactly_once_and_a_gather_computes_nothing(tmp_path):
+    cache, calls = tmp_path / "cache", tmp_path / "calls"
+    job = LEDGER_JOB + textwrap.dedent("""
+        index, count = int(sys.argv[3]), int(sys.argv[4])
+        b = parse.map(range(1000), keep_going=True, shard=(index, count) if count else None)
+        print(b.computed, b.reused, len(b.failures))
+    """)
+    procs = [child(job, str(cache), "run", str(i), "4", background=True) for i in range(4)]
+    outs = [proc.communicate(timeout=120)[0].split() for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs)
+    assert sum(int(o[0]) for o in outs) == 900 and sum(int(o[2]) for o in outs) == 100
+    assert all(int(o[0]) > 100 for o in outs), f"each shard has a share: {outs}"
+    logged = calls.read_text().split()
+    assert sorted(map(int, logged)) == list(range(1000)), "every input ran exactly once"
+    calls.unlink()
+    gather = child(job.replace("keep_going=True", "keep_going=True, retry_failures=False"), str(cache), "run", "0", "0")
+    assert gather.stdout.split() == ["0", "900", "100"] and not calls.exists()
+    with pytest.raises(AssertionError, match="shard= takes"):
+        child(LEDGER_JOB + "parse.map(range(3), shard=(4, 4))", str(cache), "run")
+
+
 # -- map: the keep-going batch helper ------------------------------------------
 
 
@@ -3428,26 +3498,33 @@ def test_cli_on_a_read_only_cache_says_so_and_removes_nothing(tmp_path, read_onl
     assert entry_files(cache) == before
 
 
-def test_example_pipeline_runs_and_then_reuses_everything(tmp_path):
+def test_example_pipeline_tells_the_seed_story(tmp_path):
     script = Path(__file__).resolve().parent / "examples" / "pipeline.py"
     if not script.exists():
         pytest.skip("examples/ is not beside this test file (a vendored copy)")
     env = {**os.environ, "PYTHONPATH": str(IMPORT_ROOT), "PIPELINE_OUT": str(tmp_path / "out")}
 
-    def run() -> str:
-        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    def run(*args: str) -> str:
+        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
     first = run()
     assert "stage 1: wrote 2000 record files" in first
     assert "stage 2: 1993 computed, 0 reused from the cache, 7 failed" in first
-    assert "record 0137: ValueError: amount '12,5O' is not a number" in first
+    assert "record 0137: ValueError: amount '91,61' is not a number" in first
     assert "record 0777: KeyError: 'customer'" in first
+    ledger = json.loads(cli("failures", str(tmp_path / "out" / "cache"), "--json").stdout)
+    ids = sorted(int(r["input"].rpartition('"id": ')[2].rstrip("}'")) for r in ledger)  # A short repr of the JSON text.
+    assert ids == [137, 402, 777, 1024, 1313, 1666, 1999]
     second = run()
     assert "stage 1: " + str(tmp_path / "out" / "records") + " is done; skipped" in second
     assert "stage 2: 0 computed, 1993 reused from the cache, 7 failed" in second
-    assert len((tmp_path / "out" / "report.csv").read_text().splitlines()) == 1994
+    assert "record 0137: ValueError: amount '91,61' is not a number (recorded earlier)" in second
+    fixed = run("--fixed")
+    assert "stage 2: 7 computed, 1993 reused from the cache, 0 failed" in fixed, "the fix kept version=1"
+    assert len((tmp_path / "out" / "report.csv").read_text().splitlines()) == 2001
+    assert cli("failures", str(tmp_path / "out" / "cache")).returncode == 1, "the successes cleared the ledger"
 
 
 # ---------------------------------------------------------------------------

@@ -1,17 +1,23 @@
 # SPDX-License-Identifier: MIT
 """A long job that meets bad records, and survives them: donecache from end to end.
 
-    python examples/pipeline.py            # first run: computes, reports the bad records
-    python examples/pipeline.py            # second run: reuses everything that succeeded
+    python examples/pipeline.py            # computes; 7 malformed records fail, and are recorded
+    python -m donecache failures pipeline-output/cache    # which failed, and why (any time later)
+    python examples/pipeline.py            # reuses every result; the 7 are reported, not retried
+    python examples/pipeline.py --fixed    # the parser handles them now: only the 7 are computed
 
 Stage 1 writes one JSON file per record into a stage directory that is marked
 DONE only when every record is written. Stage 2 runs a memoized transform over
-the records; it keeps going past the malformed ones and says which failed and
-why, and each success is cached the moment it is computed. A rerun recomputes
-only what failed or is new: fix a bad record and only it is recomputed. All
-output goes to ./pipeline-output, or to $PIPELINE_OUT. (An environment variable
-rather than an option, because pool workers import this file afresh and must
-find the same cache.)
+the records; it keeps going past the malformed ones, and each success is cached
+the moment it is computed. Each failure goes to the store's ledger as it
+happens, so even if the job is killed halfway, `python -m donecache failures`
+lists what failed so far and why; no bisecting.
+
+The fix (--fixed) changes what the transform does with malformed records but
+keeps version=1: the 1,993 good results stay valid, and the rerun computes the 7
+failures only. All output goes to ./pipeline-output, or to $PIPELINE_OUT. (An
+environment variable rather than an option, because pool workers import this
+file afresh and must find the same cache.)
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ except ImportError:  # Run from a checkout without installing: use the module be
     import donecache
 
 OUT = os.environ.get("PIPELINE_OUT", "pipeline-output")
+FIXED = "--fixed" in sys.argv  # The fixed parser; pool workers see the same command line.
 RECORDS = 2000
 MALFORMED = {137: "amount", 402: "date", 777: "missing", 1024: "amount", 1313: "date", 1666: "missing", 1999: "amount"}
 
@@ -48,9 +55,9 @@ def make_record(i: int) -> dict[str, object]:
     }
     flaw = MALFORMED.get(i)
     if flaw == "amount":
-        record["amount"] = "12,5O"
+        record["amount"] = str(record["amount"]).replace(".", ",")  # A decimal comma.
     elif flaw == "date":
-        record["date"] = "2026-13-45"
+        record["date"] = datetime.date.fromisoformat(str(record["date"])).strftime("%d/%m/%Y")
     elif flaw == "missing":
         del record["customer"]
     return record
@@ -61,6 +68,11 @@ def transform(record_json: str) -> dict[str, object]:
     """The expensive step: parse and enrich one record (it sleeps 1 ms to stand for real work)."""
     record = json.loads(record_json)
     time.sleep(0.001)
+    if FIXED:  # What the first run's failures taught: decimal commas, day-first dates, no customer.
+        record["amount"] = str(record["amount"]).replace(",", ".")
+        if "/" in str(record["date"]):
+            record["date"] = datetime.datetime.strptime(str(record["date"]), "%d/%m/%Y").date().isoformat()
+        record.setdefault("customer", "unknown")
     try:
         amount = float(str(record["amount"]))
     except ValueError:
@@ -77,6 +89,7 @@ def transform(record_json: str) -> dict[str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2, help="processes for stage 2 (1: no pool)")
+    parser.add_argument("--fixed", action="store_true", help="use the parser that handles the malformed records")
     args = parser.parse_args()
     started = time.monotonic()
 
@@ -93,15 +106,21 @@ def main() -> int:
             print(f"stage 1: wrote {RECORDS - before} record files to {records_dir} ({before} were already there)")
 
     # Stage 2: the memoized transform over every record, keeping going past bad ones.
+    # Without the fix, nothing has changed that could mend a recorded failure, so
+    # those are reported from the ledger instead of being called again.
     inputs = [path.read_text() for path in sorted(stage.path.glob("*.json"))]
-    batch = transform.map(inputs, keep_going=True, workers=args.workers)
+    batch = transform.map(inputs, keep_going=True, workers=args.workers, retry_failures=args.fixed)
     print(
         f"stage 2: {batch.computed} computed, {batch.reused} reused from the cache, "
         f"{len(batch.failures)} failed"
     )
     for failure in batch.failures:
         record_id = json.loads(failure.input)["id"]
-        print(f"  record {record_id:04d}: {type(failure.exception).__name__}: {failure.exception}")
+        exc = failure.exception
+        if isinstance(exc, donecache.FailureRecord):  # From the ledger: an earlier run's failure.
+            print(f"  record {record_id:04d}: {exc.type.rpartition('.')[2]}: {exc.message} (recorded earlier)")
+        else:
+            print(f"  record {record_id:04d}: {type(exc).__name__}: {exc}")
 
     # The report: written atomically, so a crash never leaves a half-written CSV.
     rows = batch.successes
@@ -114,7 +133,8 @@ def main() -> int:
         f.write(buffer.getvalue())
     print(f"report: {report} ({len(rows)} rows) in {time.monotonic() - started:.1f} s")
     if batch.failures:
-        print("Fix the records above and run again: only they will be computed.")
+        print(f"The ledger keeps them: python -m donecache failures {os.path.join(OUT, 'cache')}")
+        print("Fix the parser (here: run with --fixed) and run again: only they will be computed.")
     return 0
 
 
