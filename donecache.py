@@ -2428,7 +2428,27 @@ class _ShelfDict:
 
 
 class Store(shelve.Shelf):  # type: ignore[type-arg]
-    """A shelve.Shelf over donecache's entry files: returned by donecache.open()."""
+    """donecache.open(filename, ...): open a cache directory as a shelf: a drop-in for ``shelve.open(filename)``.
+
+    The result is a :class:`shelve.Shelf` with str keys and picklable values,
+    usable as a context manager. Unlike ``shelve.open``, it is safe for many
+    threads and processes at once, a crash never corrupts it, a damaged entry
+    reads as missing, and its format is the same on every Python and OS.
+
+    filename: the cache directory: a str, bytes or path-like object, as
+        shelve.open takes (the parameter has shelve's name too).
+    flag: ``"c"`` creates the directory if needed, ``"w"`` requires it to
+        exist, ``"n"`` empties it, ``"r"`` opens it read-only.
+    protocol, writeback: as for shelve.open().
+    durable: fsync each entry as it is written, so that it survives a power
+        failure (it always survives a crash of the process). Slower.
+    mmap: return the big buffers of values (64 KiB or more: the data of NumPy
+        arrays and pandas columns) as private copy-on-write memory maps of
+        the entry files instead of reading them: writable, and changes never
+        reach the file.
+
+    Entries are pickles: open only directories that nobody you distrust can write.
+    """
 
     def __init__(
         self,
@@ -2550,37 +2570,8 @@ class _StoreValues(_ValuesView):
         return (value for _key, value in _present(self._store))
 
 
-def open(
-    filename: AnyPath,
-    flag: str = "c",
-    protocol: int | None = None,
-    writeback: bool = False,
-    *,
-    durable: bool = False,
-    mmap: bool = False,
-) -> Store:
-    """Open a cache directory as a shelf: a drop-in for ``shelve.open(filename)``.
-
-    The result is a :class:`shelve.Shelf` with str keys and picklable values,
-    usable as a context manager. Unlike ``shelve.open``, it is safe for many
-    threads and processes at once, a crash never corrupts it, a damaged entry
-    reads as missing, and its format is the same on every Python and OS.
-
-    filename: the cache directory: a str, bytes or path-like object, as
-        shelve.open takes (the parameter has shelve's name too).
-    flag: ``"c"`` creates the directory if needed, ``"w"`` requires it to
-        exist, ``"n"`` empties it, ``"r"`` opens it read-only.
-    protocol, writeback: as for shelve.open().
-    durable: fsync each entry as it is written, so that it survives a power
-        failure (it always survives a crash of the process). Slower.
-    mmap: return the big buffers of values (64 KiB or more: the data of NumPy
-        arrays and pandas columns) as private copy-on-write memory maps of
-        the entry files instead of reading them: writable, and changes never
-        reach the file.
-
-    Entries are pickles: open only directories that nobody you distrust can write.
-    """
-    return Store(filename, flag, protocol, writeback, durable=durable, mmap=mmap)
+# The documented entry point, a drop-in for shelve.open(); Store is its class.
+open = Store
 
 
 # ---------------------------------------------------------------------------
@@ -4721,26 +4712,24 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
         return sub
 
-    info = command("info", "entries, bytes and expired entries of a cache, counted per function")
-    info.add_argument("path", help="the cache directory")
-    info.set_defaults(run=_cli_info)
-    clear = command("clear", "remove a cache's entries (all, or one function's)")
-    clear.add_argument("path", help="the cache directory")
-    clear.add_argument("--function", metavar="NAME", help="only this function: module:qualname, or just qualname")
-    clear.set_defaults(run=_cli_clear)
-    verify = command("verify", "check every byte of every entry (exit 1 if any is damaged)")
-    verify.add_argument("path", help="the cache directory")
-    verify.set_defaults(run=_cli_verify)
-    failures = command("failures", "list the inputs that failed in batches, from the store's ledger (exit 1 if none)")
-    failures.add_argument("path", help="the cache directory")
-    failures.add_argument("--function", metavar="NAME", help="only this function: module:qualname, or just qualname")
-    failures.set_defaults(run=_cli_failures)
-    prune = command("prune", "remove expired and damaged entries and temporary files left by crashes")
-    prune.add_argument("path", help="the cache directory")
+    def store_command(name: str, help: str, run: Callable[[Any], int], function: bool = False) -> argparse.ArgumentParser:
+        sub = command(name, help)
+        sub.add_argument("path", help="the cache directory")
+        if function:
+            sub.add_argument("--function", metavar="NAME", help="only this function: module:qualname, or just qualname")
+        sub.set_defaults(run=run)
+        return sub
+
+    store_command("info", "entries, bytes and expired entries of a cache, counted per function", _cli_info)
+    store_command("clear", "remove a cache's entries (all, or one function's)", _cli_clear, function=True)
+    store_command("verify", "check every byte of every entry (exit 1 if any is damaged)", _cli_verify)
+    store_command(
+        "failures", "list the inputs that failed in batches, from the store's ledger (exit 1 if none)", _cli_failures, True
+    )
+    prune = store_command("prune", "remove expired and damaged entries and temporary files left by crashes", _cli_prune)
     prune.add_argument(
         "--stale", action="store_true", help="also remove entries of functions' older code (see info)"
     )
-    prune.set_defaults(run=_cli_prune)
     status = command("status", "say whether stage directories are done, incomplete or missing")
     status.add_argument("directories", nargs="+", metavar="DIR", help="stage directories")
     status.add_argument("--marker", default="DONE", help="the marker's file name (default: DONE)")
