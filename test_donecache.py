@@ -1009,6 +1009,10 @@ def test_shared_stage_expect_count_or_names(tmp_path):
     with dc.done_dir(tmp_path / "names", expect=iter(["./x", "sub//y"])) as stage:
         stage.piece("sub/y", lambda: "y")
     assert stage.done and json.loads((tmp_path / "names" / "DONE").read_text())["expect"] == 2
+    # The stage's own files (lock, recorded version, marker) are no pieces.
+    with dc.done_dir(tmp_path / "versioned", expect=2, version=1) as stage:
+        stage.piece("a", lambda: "a")
+    assert not stage.done and (tmp_path / "versioned" / ".donecache.version").exists()
     # Nothing expected: the first builder to leave marks it.
     with dc.done_dir(tmp_path / "empty", expect=[]) as stage:
         pass
