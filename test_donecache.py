@@ -7,22 +7,26 @@ to ``myproject._vendor.donecache``) to run this same suite against a vendored co
 
 from __future__ import annotations
 
+import dbm
 import contextlib
 import errno
 import importlib
 import itertools
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +55,7 @@ def child(
     env: dict[str, str] | None = None,
     timeout: float = 120,
     script_file: Path | None = None,
+    python: str | None = None,
 ) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
     """Run ``script`` in a fresh interpreter where ``dc`` is donecache; args go to sys.argv[1:].
 
@@ -60,10 +65,11 @@ def child(
         (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) with setpriv(1).
     script_file: save the script there and run the file instead of ``-c``
         (multiprocessing's spawn start method re-imports the main script).
+    python: another interpreter to run it with.
     """
     prelude = f"import importlib, sys\ndc = importlib.import_module({MODULE!r})\n"
     full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(IMPORT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
-    argv = [sys.executable, "-c", prelude + textwrap.dedent(script), *args]
+    argv = [python or sys.executable, "-c", prelude + textwrap.dedent(script), *args]
     if script_file is not None:
         script_file.write_text(prelude + textwrap.dedent(script))
         argv[1:3] = [str(script_file)]
@@ -585,6 +591,56 @@ def test_version_change_means_not_done(tmp_path):
     assert json.loads((tmp_path / "s" / "DONE").read_text())["version"] == 2
 
 
+def test_a_new_version_starts_from_an_empty_stage_and_the_same_version_resumes(tmp_path):
+    with dc.done_dir(tmp_path / "s", version=1) as stage:
+        stage.piece("a", lambda: "v1")
+    with pytest.raises(Boom):
+        with dc.done_dir(tmp_path / "s", version=2) as stage:
+            assert not stage.done and not stage.has("a"), "version-1 pieces are not reused for version 2"
+            stage.piece("b", lambda: "v2")
+            raise Boom()  # A crash halfway through version 2.
+    with dc.done_dir(tmp_path / "s", version=2) as stage:
+        assert stage.has("b"), "the same version resumes its pieces"
+        assert stage.piece("b", lambda: "again").read_text() == "v2"
+        stage.piece("c", lambda: "v2")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir() if not p.name.startswith(".")) == ["DONE", "b", "c"]
+    assert dc.is_done(tmp_path / "s", version=2) and dc.is_done(tmp_path / "s", version="2")
+
+
+def test_a_version_change_never_shows_a_marker_over_mixed_pieces(tmp_path):
+    with dc.done_dir(tmp_path / "s", version="old") as stage:
+        stage.piece("a", lambda: "old")
+    with dc.done_dir(tmp_path / "s", version="new") as stage:
+        assert not (tmp_path / "s" / "DONE").exists() and not stage.has("a")
+        stage.piece("b", lambda: "new")
+    meta = json.loads((tmp_path / "s" / "DONE").read_text())
+    assert meta["version"] == "new" and not (tmp_path / "s" / "a").exists()
+
+
+@pytest.mark.parametrize("version", [2, "2", (1, 2), ("run", 3)])
+def test_versions_are_compared_by_their_text(tmp_path, version):
+    with dc.done_dir(tmp_path / "s", version=version):
+        pass
+    assert dc.is_done(tmp_path / "s", version=version), "a tuple survives the JSON round trip"
+    text = dc._version_text(version)
+    assert dc.is_done(tmp_path / "s", version=text)
+    assert cli("status", str(tmp_path / "s"), "--version", text).returncode == 0
+    assert cli("status", str(tmp_path / "s"), "--version", text + "0").returncode == 1
+    with dc.done_dir(tmp_path / "s", version=text) as stage:
+        assert stage.done
+
+
+@pytest.mark.parametrize("version", [{"a": 1}, 1.5j, object()])
+def test_an_unusable_version_raises_before_the_body(tmp_path, version):
+    ran = []
+    with pytest.raises(ValueError, match="version must be"):
+        with dc.done_dir(tmp_path / "s", version=version):
+            ran.append(1)
+    assert ran == []
+    with pytest.raises(ValueError, match="version must be"):
+        dc.memoize(tmp_path / "c", version=version)
+
+
 def test_mark_not_done_and_fresh(tmp_path):
     with dc.done_dir(tmp_path / "s") as stage:
         stage.piece("old", lambda: "old")
@@ -764,7 +820,9 @@ def test_sigkill_in_the_body_leaves_stage_not_done_and_lock_free(tmp_path):
 
 
 def entry_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("??/*") if not p.name.startswith("."))
+    """Entry files of both layouts: donecache.open keys, and memoized functions' folders."""
+    found = [*root.glob("??/*"), *root.glob("?" * 16 + "/??/*")]
+    return sorted(p for p in found if not p.name.startswith("."))
 
 
 @as_str_or_path
@@ -915,7 +973,7 @@ def test_sigkill_never_corrupts_or_loses_committed_entries(tmp_path):
             assert isinstance(value, bytes) and len(value) == i % 5000
         assert isinstance(db["k0"], int)
         for path in entry_files(tmp_path / "c"):  # Every file on disk is a whole entry.
-            assert dc._decode_entry(path.read_bytes()) is not None
+            assert dc._load_entry(str(path), None, dc._VERIFY)[0] is not None
     assert len(committed) > 100
 
 
@@ -943,7 +1001,7 @@ def test_read_only_store_serves_hits_and_explains_writes(tmp_path, read_only):
         print(square(3))
     """
     child(script, str(tmp_path / "c"))  # Fills the cache with square(3).
-    for path in [tmp_path / "c", *(tmp_path / "c").glob("??")]:
+    for path in [tmp_path / "c", *(p for p in (tmp_path / "c").rglob("*") if p.is_dir())]:
         read_only(path)
     proc = child(
         script
@@ -966,6 +1024,427 @@ def test_read_only_store_serves_hits_and_explains_writes(tmp_path, read_only):
     assert lines[1:3] == ["computed 4", "16"]
     assert lines[3].startswith("WARNING DonecacheWarning") and "not cached" in lines[3]
     assert lines[4].startswith("ERROR") and str(tmp_path / "c") in lines[4] and "writable" in lines[4]
+
+
+def test_open_takes_what_shelve_open_takes_and_refuses_a_closed_store(tmp_path):
+    with dc.open(filename=os.fsencode(tmp_path / "c"), flag="c") as db:  # shelve's name; bytes.
+        db["k"] = 1
+        assert db.path == str(tmp_path / "c")
+    for use in (len, lambda db: db.clear(), lambda db: db.prune(), lambda db: db["k"], list):
+        with pytest.raises(ValueError, match="closed shelf"):
+            use(db)
+    with dc.open(tmp_path / "c") as db:
+        assert db["k"] == 1, "nothing was cleared after close"
+
+
+def make_gdbm_file(path: Path) -> None:
+    path.write_bytes(struct.pack("=l", 0x13579ACF) + bytes(60))  # GNU dbm's magic number; whichdb reads it.
+
+
+def make_berkeley_db_file(path: Path) -> None:
+    path.write_bytes(bytes(12) + struct.pack("<l", 0x061561) + bytes(100))  # A Berkeley DB hash file (ndbm on macOS).
+
+
+@pytest.mark.parametrize("kind", ["dbm.dumb", "dbm.sqlite3", "dbm.gnu", "Berkeley DB"])
+def test_open_beside_a_shelve_database_refuses_and_says_how_to_copy_it(tmp_path, kind):
+    import shelve
+
+    legacy = tmp_path / "legacy"
+    if kind == "dbm.gnu":
+        make_gdbm_file(legacy)
+    elif kind == "Berkeley DB":
+        make_berkeley_db_file(tmp_path / "legacy.db")
+    else:
+        module = pytest.importorskip(kind)  # dbm.sqlite3 is new in 3.13.
+        with shelve.Shelf(module.open(str(legacy), "c")) as old:  # What shelve.open makes with that module.
+            old["answer"] = [42]
+            old["other"] = "x"
+    before = listing(tmp_path)
+    for flag in ("c", "n", "r"):
+        with pytest.raises(FileExistsError, match="shelve") as caught:
+            dc.open(legacy, flag)
+        assert listing(tmp_path) == before, "no store was made, nothing was touched"
+    message = str(caught.value)
+    assert kind.split()[0] in message and str(legacy) in message
+    if kind == "dbm.dumb":
+        assert "legacy.dat, legacy.dir" in message
+    if kind in ("dbm.dumb", "dbm.sqlite3"):
+        # The line the error suggests really copies the shelf.
+        exec(message.split("once with: ")[1], {"shelve": shelve, "donecache": dc})
+        with dc.open(str(legacy) + ".donecache", "r") as new:
+            assert dict(new.items()) == {"answer": [42], "other": "x"}
+    with dc.open(tmp_path / "elsewhere") as db:  # Unrelated names are not refused.
+        db["k"] = 1
+    (tmp_path / "notes.dat").write_text("not a database")
+    dc.open(tmp_path / "notes").close()
+
+
+# -- CPython's own shelve tests, run against donecache.open ---------------------
+#
+# Lib/test/test_shelve.py (and mapping_tests) come from the interpreter's test
+# package, imported, never copied. While one of them runs, the `shelve` global
+# of CPython's test module is a stand-in whose open() is dc.open. Only CPython's
+# modules get names here, not its classes: pytest collects every TestCase
+# subclass it finds at module level, and would run shelve's own tests on shelve.
+#
+# Kept: the mapping protocol on a shelf from TestShelveFileBase (shelve.open)
+# for every pickle protocol, with and without writeback; from TestCase, the
+# tests that call shelve.open, and test_close, test_with and
+# test_default_protocol, which build shelve.Shelf over a dict that they never
+# read again (the stand-in's Shelf opens a store instead). Left out: the tests
+# that look into the dict under a Shelf, which test shelve itself.
+
+try:
+    from test import mapping_tests as cpython_mapping_tests
+    from test import test_shelve as cpython_shelve_tests
+
+    # The layout of 3.9-3.13; a later one skips rather than breaks the import.
+    cpython_shelve_tests.TestCase, cpython_shelve_tests.TestShelveFileBase
+    cpython_mapping_tests.BasicTestMappingProtocol
+    NO_CPYTHON_SHELVE_TESTS = ""
+except (ImportError, AttributeError) as exc:  # Python built without its test package.
+    NO_CPYTHON_SHELVE_TESTS = f"this Python has no usable test.test_shelve ({exc!r})"
+
+
+class OnDonecache:
+    """Mixin: one of CPython's shelve tests, in a scratch directory, with shelve.open = dc.open."""
+
+    def setUp(self):
+        scratch = tempfile.mkdtemp(prefix="dc-cpython-shelve-")
+        self.addCleanup(shutil.rmtree, scratch, True)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(scratch)  # CPython's tests name their files relative to the working directory.
+        numbers = itertools.count()
+
+        def store_not_dict(_dict, protocol=None, writeback=False):
+            return dc.open(os.path.join(scratch, f"shelf{next(numbers)}"), protocol=protocol, writeback=writeback)
+
+        self.addCleanup(setattr, cpython_shelve_tests, "shelve", cpython_shelve_tests.shelve)
+        cpython_shelve_tests.shelve = types.SimpleNamespace(open=dc.open, Shelf=store_not_dict)
+        super().setUp()
+
+
+if NO_CPYTHON_SHELVE_TESTS:
+
+    @pytest.mark.skip(reason=NO_CPYTHON_SHELVE_TESTS)
+    def test_cpython_shelve_tests():
+        pass
+
+else:
+
+    class TestCPythonShelveOnDonecache(OnDonecache, cpython_shelve_tests.TestCase):
+        pass
+
+    for _name in dir(cpython_shelve_tests.TestCase):  # By name, so later CPythons' new file tests join.
+        if _name.startswith("test") and not (
+            _name == "test_open_template"
+            or _name.endswith("_file_shelf")
+            or _name in ("test_close", "test_with", "test_default_protocol")
+        ):
+            setattr(TestCPythonShelveOnDonecache, _name, None)  # None: no test to unittest or pytest.
+
+    for _protocol, _writeback in itertools.product(range(pickle.HIGHEST_PROTOCOL + 1), (False, True)):
+        _name = f"TestCPythonMappingProtocol{_protocol}{'Writeback' if _writeback else ''}OnDonecache"
+        globals()[_name] = type(
+            _name,
+            (OnDonecache, cpython_shelve_tests.TestShelveFileBase, cpython_mapping_tests.BasicTestMappingProtocol),
+            {
+                "_args": {"protocol": _protocol, "writeback": _writeback},
+                # Their setUp makes this dbm's default; donecache uses no dbm, so leave dbm as it is.
+                "dbm_mod": property(lambda self: dbm._defaultmod),
+                "__module__": __name__,
+            },
+        )
+    del _name, _protocol, _writeback
+
+
+# -- big values: the entry format, buffers, mapping, bounded reads -------------
+
+
+def big_buffer(size: int, fill: int = 7) -> object:
+    """A value pickle keeps out of band (as NumPy's data is), with no NumPy needed."""
+    import pickle
+
+    return pickle.PickleBuffer(bytearray([fill]) * size)
+
+
+def test_big_buffers_go_out_of_band_aligned_and_come_back_writable(tmp_path):
+    with dc.open(tmp_path / "c") as db:
+        db["big"] = {"meta": "x" * 10, "data": big_buffer(300_000)}
+        db["small"] = big_buffer(1000)  # Below the threshold: inside the stream.
+        big = db["big"]
+        assert big["meta"] == "x" * 10 and bytes(big["data"]) == b"\7" * 300_000
+        big["data"][0] = 1  # One writable allocation, not a view of anything shared.
+        assert db["big"]["data"][0] == 7 and bytes(db["small"]) == b"\7" * 1000
+    path = next(p for p in entry_files(tmp_path / "c") if p.stat().st_size > 300_000)
+    raw = path.read_bytes()
+    fields = dc._ENTRY_HEADER.unpack_from(raw)
+    assert fields[0] == b"dcE2" and fields[7] == 1  # One out-of-band buffer...
+    start = raw.index(b"\7" * 1000)
+    assert start % 64 == 0 and raw[start : start + 300_000] == b"\7" * 300_000  # ...aligned for arrays.
+
+
+def test_truncated_or_padded_big_entry_reads_as_missing(tmp_path):
+    for damage in (lambda b: b[:-1], lambda b: b + b"\0", lambda b: b[:-100_000], lambda b: b[:4096]):
+        with dc.open(tmp_path / "c", "n") as db:
+            db["big"] = big_buffer(200_000)
+            (path,) = entry_files(tmp_path / "c")
+            path.write_bytes(damage(path.read_bytes()))
+            assert "big" not in db and db.get("big") is None
+            assert db.prune() == 1 and not path.exists()
+
+
+def flip_inside_buffer(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # In the middle of the big buffer.
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_a_big_buffer_is_found_by_verify_and_removed_by_prune(tmp_path):
+    with dc.open(tmp_path / "c") as db:
+        db["big"] = big_buffer(500_000)
+        db["fine"] = big_buffer(500_000, 3)
+    path = next(p for p in entry_files(tmp_path / "c") if p.read_bytes()[-40_000] == 7)
+    flip_inside_buffer(path)
+    with dc.open(tmp_path / "c") as db:
+        # The hit path checks structure, not each byte of big buffers: the flip gets through.
+        assert bytes(db["big"]).count(b"\7") == 500_000 - 1
+        assert db.verify() == [str(path)]
+    proc = cli("verify", str(tmp_path / "c"))
+    assert proc.returncode == 1 and f"damaged: {path}" in proc.stdout
+    assert json.loads(cli("verify", str(tmp_path / "c"), "--json").stdout)["damaged"] == [str(path)]
+    with dc.open(tmp_path / "c") as db:
+        assert db.prune() == 1 and not path.exists() and sorted(db) == ["fine"]
+        assert db.verify() == [] and bytes(db["fine"]) == b"\3" * 500_000
+    assert cli("verify", str(tmp_path / "c")).returncode == 0
+
+
+def test_lengths_are_64_bit(tmp_path):
+    """A 5 GiB buffer cannot be written in a test, so its entry is made sparse: a
+    real head and stream, a hole of 5 GiB, and a table that declares it."""
+    size = 5 << 30
+    encoded = dc._encode_entry(b"huge", big_buffer(1 << 16))
+    head, stream, *_rest = encoded.chunks()
+    start = len(head) + len(stream)
+    start += -start % 64
+    table = dc._BUFFER_ROW.pack(size, 0)
+    table += (zlib_crc32(table)).to_bytes(4, "little")
+    path = tmp_path / "huge"
+    with open(path, "wb") as f:
+        f.write(bytes(head) + stream)
+        f.truncate(start + size)
+        f.seek(start + size)
+        f.write(table)
+    entry, st = dc._load_entry(str(path), b"huge", dc._HEAD)
+    assert entry is not None and st.st_size == start + size + len(table)
+    entry, _st = dc._load_entry(str(path), b"huge", dc._VALUE, mapped=True)
+    value = entry.load()
+    assert len(value) == size and value[-1] == 0 and value[size // 2] == 0
+    with open(path, "r+b") as f:  # One byte short: the table no longer fits.
+        f.truncate(st.st_size - 1)
+    assert dc._load_entry(str(path), b"huge", dc._HEAD)[0] is None
+
+
+def zlib_crc32(data: bytes) -> int:
+    import zlib
+
+    return zlib.crc32(data)
+
+
+def test_mapped_hits_survive_replacement_and_never_write_to_the_file(tmp_path):
+    with dc.open(tmp_path / "c", mmap=True) as db:
+        db["big"] = big_buffer(200_000)
+        (path,) = entry_files(tmp_path / "c")
+        before = path.read_bytes()
+        view = db["big"]
+        assert isinstance(view, memoryview) and not view.readonly
+        view[:3] = b"abc"  # Copy on write: the change stays in this process.
+        assert bytes(view[:4]) == b"abc\7" and path.read_bytes() == before
+        assert bytes(db["big"][:3]) == b"\7\7\7"
+        db["big"] = big_buffer(200_000, 9)  # Renamed over the mapped file...
+        assert bytes(view[3:6]) == b"\7\7\7" and bytes(db["big"][:2]) == b"\t\t"
+        del db["big"]  # ...and removed: the mapping stays valid.
+        assert view[-1] == 7 and "big" not in db
+
+
+@posix_only
+def test_garbage_and_dev_zero_at_entry_names_read_as_missing_in_bounded_memory(tmp_path):
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero")
+    script = """
+        import os, resource
+        root = sys.argv[1]
+        @dc.memoize(root)
+        def f(x):
+            return x
+        db = dc.open(root)
+        db["k"] = "value"
+        f(1)
+        entry = dc._load_entry
+        shelf_path = db._files.slot(b"k").path
+        memo_path = db._files.slot(f._call((1,), {}).key, f._folder).path
+        real = open(shelf_path, "rb").read()
+        limit = 300 << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # An unbounded read fails here.
+        cases = {
+            "1 GiB of zeros": lambda p: os.truncate(p, 1 << 30),
+            "1 GiB, a real head": lambda p: (open(p, "wb").write(real), os.truncate(p, 1 << 30)),
+            "1 GiB of garbage": lambda p: (open(p, "wb").write(os.urandom(1 << 20)), os.truncate(p, 1 << 30)),
+            "symlink to /dev/zero": lambda p: (os.unlink(p), os.symlink("/dev/zero", p)),
+            "FIFO": lambda p: (os.unlink(p), os.mkfifo(p)),
+        }
+        for name, damage in cases.items():
+            for path in (shelf_path, memo_path):
+                damage(path)
+            assert "k" not in db and db.get("k") is None, name
+            assert f(1) == 1 and f.cache_info().hits == 0, name  # Recomputed (and rewritten).
+            assert f(1) == 1 and f.cache_info().hits == 1, name
+            f.cache_clear()
+            assert dc.main(["info", root]) == 0
+            assert dc.main(["verify", root]) == 1
+            assert db.prune() >= 1, name
+            db["k"] = "value"
+            f(1)
+            print("ok", name)
+    """
+    proc = child(script, str(tmp_path / "c"))
+    assert proc.stdout.count("ok ") == 5
+
+
+def rchar_script(body: str) -> str:
+    return textwrap.dedent(
+        """
+        def rchar():
+            with open("/proc/self/io") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+        """
+    ) + textwrap.dedent(body)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts bytes read with /proc/self/io (Linux)")
+def test_one_functions_upkeep_never_reads_anothers_values(tmp_path):
+    script = rchar_script(
+        """
+        import pickle
+        root = sys.argv[1]
+        @dc.memoize(root)
+        def big(i):
+            return pickle.PickleBuffer(bytearray(32 << 20))
+        @dc.memoize(root)
+        def small(i):
+            return i
+        for i in range(8):  # 256 MiB of another function's values...
+            big(i)
+        for i in range(20):
+            small(i)
+        with dc.open(root) as db:
+            db["shelf key"] = pickle.PickleBuffer(bytearray(16 << 20))
+        import argparse, json  # Importing modules reads files too: not the cache's doing.
+        dc.main(["info", root, "--json"])
+        for name, call in [
+            ("cache_info", lambda: small.cache_info()),
+            ("forget", lambda: small.forget(3)),
+            ("info", lambda: dc.main(["info", root, "--json"])),
+            ("clear --function", lambda: dc.main(["clear", root, "--function", "small"])),
+            ("cache_clear", lambda: small.cache_clear()),
+        ]:
+            before = rchar()
+            call()
+            print(name, rchar() - before)
+        """
+    )
+    proc = child(script, str(tmp_path / "c"))
+    names = ("cache_info", "forget", "info", "clear --function", "cache_clear")
+    read = {name: int(line.rpartition(" ")[2]) for line in proc.stdout.splitlines() for name in names if line.startswith(name + " ")}
+    assert set(read) == set(names), proc.stdout
+    for name, count in read.items():
+        assert count < 256 << 10, f"{name} read {count} bytes"  # ...of which at most heads are read.
+
+
+def write_old_entry(path: Path, key: bytes, value: object, expires: float = 0.0) -> None:
+    """An entry in format 1, as donecache 0.1 wrote it."""
+    import pickle
+    import struct
+    import zlib
+
+    data = pickle.dumps(value, protocol=5)
+    rest = struct.pack("<ddII", time.time(), expires, len(key), len(data)) + key + data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"dcE1" + struct.pack("<I", zlib.crc32(rest)) + rest)
+
+
+def test_entries_of_the_first_format_are_still_read(tmp_path):
+    with dc.open(tmp_path / "c") as db:
+        db["new"] = 1
+        files = db._files
+    write_old_entry(Path(files.slot(b"old").path), b"old", {"still": "here"})
+    write_old_entry(Path(files.slot(b"gone").path), b"gone", 1, expires=time.time() - 1)
+    torn = Path(files.slot(b"torn").path)
+    write_old_entry(torn, b"torn", "x" * 100)
+    torn.write_bytes(torn.read_bytes()[:-1] + b"!")
+    with dc.open(tmp_path / "c") as db:
+        assert db["old"] == {"still": "here"} and "gone" not in db and db.get("torn") is None
+        assert sorted(db) == ["new", "old"]
+        assert db.verify() == [str(torn)]
+        assert db.prune() == 2 and sorted(db) == ["new", "old"]
+
+
+def test_memoize_entries_of_the_first_layout_are_recomputed_once_and_pruned_as_stale(tmp_path):
+    script = """
+        @dc.memoize(sys.argv[1])
+        def f(x):
+            print("computed", x)
+            return x
+        f(1)
+    """
+    child(script, str(tmp_path))
+    (path,) = entry_files(tmp_path)
+    key = dc._load_entry(str(path), None, dc._HEAD)[0].key
+    old = tmp_path / path.name[:2] / path.name  # Where donecache 0.1 filed it.
+    write_old_entry(old, key, "old")
+    path.unlink()
+    assert child(script, str(tmp_path)).stdout == "computed 1\n"  # The old entry is not used.
+    report = json.loads(cli("info", str(tmp_path), "--json").stdout)
+    assert report["functions"] == {"__main__:f": 2} and report["stale"] == {"__main__:f": 1}
+    assert cli("prune", str(tmp_path)).returncode == 0 and old.exists()  # Not damage...
+    assert cli("prune", str(tmp_path), "--stale").returncode == 0 and not old.exists()  # ...but stale.
+    assert child(script, str(tmp_path)).stdout == ""
+
+
+def test_info_shows_bytes_on_disk_beside_logical_bytes(tmp_path):
+    with dc.open(tmp_path / "c") as db:
+        for i in range(10):
+            db[str(i)] = i
+    report = json.loads(cli("info", str(tmp_path / "c"), "--json").stdout)
+    files = entry_files(tmp_path / "c")
+    assert report["bytes"] == sum(p.stat().st_size for p in files)
+    assert report["disk_bytes"] == sum(p.stat().st_blocks * 512 for p in files) >= report["bytes"]
+    assert report["function_bytes"] == {"(donecache.open keys)": {"bytes": report["bytes"], "disk_bytes": report["disk_bytes"]}}
+    assert "MiB on disk" in cli("info", str(tmp_path / "c")).stdout
+
+
+def test_numpy_and_pandas_results_round_trip_read_and_mapped(tmp_path):
+    np = pytest.importorskip("numpy")
+    pd = pytest.importorskip("pandas")
+    script = """
+        import numpy as np, pandas as pd
+        @dc.memoize(sys.argv[1], mmap=sys.argv[2] == "mmap")
+        def make(n):
+            print("computed", n)
+            frame = pd.DataFrame({"a": np.arange(n, dtype="f8"), "b": np.arange(n) % 7, "s": ["x"] * n})
+            return np.arange(n, dtype="f8").reshape(-1, 10), np.asfortranarray(np.ones((n // 10, 10))), frame
+        array, fortran, frame = make(200_000)
+        assert array.flags.writeable and array.flags.aligned and array.ctypes.data % 64 in (0, 16, 32, 48)
+        assert float(array.sum()) == float(np.arange(200_000).sum()) and fortran.flags.f_contiguous
+        assert list(frame.columns) == ["a", "b", "s"] and frame["a"].iloc[-1] == 199_999 and frame["s"].iloc[5] == "x"
+        array[0, 0] = -1
+        print("ok")
+    """
+    for mode in ("read", "mmap", "read"):
+        out = child(script, str(tmp_path), mode).stdout
+        assert out.endswith("ok\n")
+    assert out == "ok\n"  # Computed once; the write to array[0, 0] never reached the file.
+    assert cli("verify", str(tmp_path)).returncode == 0
 
 
 # -- memoize ------------------------------------------------------------------
@@ -1184,6 +1663,121 @@ def test_ttl_expires_entries(tmp_path, calls, monkeypatch):
             dc.memoize(tmp_path, ttl=bad)
 
 
+def test_is_cached_answers_like_a_hit_without_calling_or_locking(tmp_path, calls, monkeypatch):
+    @dc.memoize(tmp_path / "c", ttl=60)
+    def f(x, y=2):
+        calls.append(x)
+        return x * y
+
+    assert not f.is_cached(1) and not (tmp_path / "c").exists(), "asking creates no store"
+    f(1)
+    assert f.is_cached(1) and f.is_cached(x=1, y=2) and not f.is_cached(1, 3) and not f.is_cached(2)
+    assert calls == [1] and f.cache_info()[:2] == (0, 1), "nothing called, no hit counted"
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert not f.is_cached(1), "expired, as a call would find it"
+    monkeypatch.undo()
+    entry_files(tmp_path / "c")[0].write_bytes(b"damaged")
+    assert not f.is_cached(1)
+    with pytest.raises(TypeError):
+        f.is_cached(1, 2, 3)  # Arguments that the call would refuse.
+    release = threading.Event()
+
+    @dc.memoize(tmp_path / "c")
+    def slow(x):
+        calls.append(x)
+        release.wait(30)
+        return x
+
+    holder = threading.Thread(target=slow, args=(5,))
+    holder.start()  # It holds the lock of slow(5)'s key until released.
+    try:
+        while 5 not in calls:
+            time.sleep(0.01)
+        started = time.monotonic()
+        assert not slow.is_cached(5) and time.monotonic() - started < 1, "no waiting on the holder's lock"
+    finally:
+        release.set()
+        holder.join()
+    assert slow.is_cached(5) and calls.count(5) == 1
+
+
+def test_donecache_off_calls_straight_through(tmp_path, calls, monkeypatch):
+    import asyncio
+
+    @dc.memoize(tmp_path / "c")
+    def f(x):
+        calls.append(x)
+        return -x
+
+    @dc.memoize(tmp_path / "c")
+    async def g(x):
+        calls.append(x)
+        return x
+
+    monkeypatch.setenv("DONECACHE", "off")  # Read at each call, not at import.
+    assert f(1) == -1 and f(1) == -1 and f.refresh(1) == -1 and asyncio.run(g(2)) == 2
+    assert f.map([3, 4]).results == [-3, -4] and f.map([3], keep_going=True, workers=2, processes=False).ok
+    assert calls == [1, 1, 1, 2, 3, 4, 3] and not f.is_cached(1)
+    assert not (tmp_path / "c").exists(), "no reads, no writes, no locks: no store at all"
+    monkeypatch.setenv("DONECACHE", "On")
+    assert f(1) == -1 and f(1) == -1 and calls.count(1) == 4 and f.is_cached(1)
+    monkeypatch.setenv("DONECACHE", "of")
+    with pytest.raises(ValueError, match="DONECACHE='of' is neither 'off' nor 'on'"):
+        f(1)
+
+
+def test_disabled_switches_off_every_thread_and_takes_no_lock(tmp_path, calls):
+    release = threading.Event()
+
+    @dc.memoize(tmp_path / "c")
+    def slow(x):
+        calls.append(x)
+        if threading.current_thread() is holder:
+            release.wait(30)
+        return x
+
+    holder = threading.Thread(target=slow, args=(5,))
+    holder.start()  # It holds the lock of slow(5)'s key.
+    try:
+        while 5 not in calls:
+            time.sleep(0.01)
+        with dc.disabled():
+            with dc.disabled():  # Nested blocks: off until the outermost ends.
+                pass
+            started = time.monotonic()
+            assert slow(5) == 5 and time.monotonic() - started < 1, "no waiting on the key's lock"
+            other = threading.Thread(target=slow, args=(6,))
+            other.start()
+            other.join()
+    finally:
+        release.set()
+        holder.join()
+    assert calls == [5, 5, 6] and not slow.is_cached(6), "the other thread's call was not cached either"
+    assert slow(6) == 6 and slow(6) == 6 and calls == [5, 5, 6, 6], "on again after the block"
+
+
+@posix_only
+def test_disabled_reaches_the_workers_of_a_batch(tmp_path):
+    proc = child(
+        """
+        import multiprocessing, os
+        @dc.memoize(os.environ["JOB_CACHE"])
+        def pid(x):
+            return os.getpid()
+
+        if __name__ == "__main__":
+            multiprocessing.set_start_method("spawn")  # Workers start afresh: nothing is inherited.
+            with dc.disabled():
+                batch = pid.map(range(6), workers=2)
+            print(batch, os.path.exists(os.environ["JOB_CACHE"]), os.getpid() in batch.results)
+        """,
+        env={"JOB_CACHE": str(tmp_path / "c")},
+        script_file=tmp_path / "job.py",
+    )
+    assert proc.stdout.strip() == "BatchResult(6 inputs: 0 reused, 6 computed, 0 failed) False False"
+
+
 def test_a_shorter_ttl_applies_to_older_entries(tmp_path, calls, monkeypatch):
     def transform(x):
         calls.append(x)
@@ -1272,6 +1866,21 @@ def test_async_functions(tmp_path, calls):
     assert asyncio.run(main()) == [14, 14, 14, 14, 14, 16]
     assert sorted(calls) == [7, 8], "concurrent coroutines computed each key once"
     assert asyncio.run(fetch.refresh(7)) == 14 and calls.count(7) == 2
+
+
+def test_generator_functions_are_refused_at_decoration(tmp_path):
+    def numbers(n):
+        yield from range(n)
+
+    async def ticks(n):
+        for i in range(n):
+            yield i
+
+    with pytest.raises(TypeError, match=r"numbers\(\): it is a generator function.*return a list"):
+        dc.memoize(tmp_path)(numbers)
+    with pytest.raises(TypeError, match=r"ticks\(\): it is an async generator function"):
+        dc.memoize(ticks)
+    assert not (tmp_path / "CACHEDIR.TAG").exists()
 
 
 def test_threads_compute_each_key_once(tmp_path, calls):
@@ -1367,6 +1976,266 @@ def test_process_pools_share_entries_with_the_parent(tmp_path, method):
         script_file=tmp_path / "job.py",
     )
     assert proc.stdout.strip() == "CacheInfo(hits=20, misses=0, maxsize=None, currsize=20)"
+
+
+# -- memoize: the identity of work (keys and code changes) ----------------------
+
+
+def run_job(tmp_path: Path, source: str, *args: str, python: str | None = None, env: dict[str, str] | None = None) -> list[str]:
+    """Write ``source`` as job.py in tmp_path (a real module file) and run it there."""
+    proc = child(source, str(tmp_path / "cache"), *args, script_file=tmp_path / "job.py", cwd=tmp_path, python=python, env=env)
+    return proc.stdout.split()
+
+
+def test_closure_values_are_part_of_the_key(tmp_path, calls):
+    def outer(n):
+        @dc.memoize(tmp_path)
+        def times(x):
+            calls.append((n, x))
+            return x * n
+
+        return times
+
+    assert outer(2)(5) == 10 and outer(3)(5) == 15 and outer(2)(5) == 10
+    assert calls == [(2, 5), (3, 5)]
+
+
+def test_module_constants_and_helpers_are_followed(tmp_path):
+    job = """
+        RATE = {rate}
+        UNUSED = {unused}
+
+        def helper(x):
+            return x * RATE{helper_edit}
+
+        def unrelated():
+            return {unused}
+
+        @dc.memoize(sys.argv[1])
+        def price(x):
+            print("computed")
+            return helper(x)
+
+        print(price(10))
+    """
+
+    def run(rate="1.0", unused="0", helper_edit=""):
+        return run_job(tmp_path, job.format(rate=rate, unused=unused, helper_edit=helper_edit))
+
+    assert run() == ["computed", "10.0"]
+    assert run() == ["10.0"], "the same code reuses"
+    assert run(unused="1") == ["10.0"], "an edit to code it does not use changes nothing"
+    assert run(rate="1.2") == ["computed", "12.0"], "a module constant it reads is followed"
+    assert run(rate="1.2", helper_edit=" + 1") == ["computed", "13.0"], "a helper it calls is followed"
+
+
+def test_a_decorated_function_is_identified_by_what_it_wraps(tmp_path):
+    job = """
+        import functools
+
+        def logged(func):
+            @functools.wraps(func)
+            def wrapper(*args, **kwargs):
+                return func(*args, **kwargs)
+            return wrapper
+
+        @dc.memoize(sys.argv[1])
+        @logged
+        def step(x):
+            print("computed")
+            return {body}
+
+        print(step(2))
+    """
+    assert run_job(tmp_path, job.format(body="x + 1")) == ["computed", "3"]
+    assert run_job(tmp_path, job.format(body="x + 1")) == ["3"]
+    assert run_job(tmp_path, job.format(body="x * 100")) == ["computed", "200"]
+
+
+def test_comments_blank_lines_and_decorator_options_keep_the_identity(tmp_path):
+    job = """
+        @dc.memoize(sys.argv[1]{options})
+        def step(x):{comment}
+            print("computed")
+{blank}
+            return x + 1
+        print(step(1))
+    """
+    assert run_job(tmp_path, job.format(options="", comment="", blank="")) == ["computed", "2"]
+    edited = job.format(options=", ttl=3600", comment="  # explained", blank="\n        # a comment line\n")
+    assert run_job(tmp_path, edited) == ["2"]
+
+
+def test_version_pins_the_code_and_the_seed_story(tmp_path):
+    """A job fails on some records; the fix keeps version=, and a rerun computes only the failures."""
+    job = """
+        import json
+        @dc.memoize(sys.argv[1], version=1)
+        def parse(record):
+            with open("log", "a") as log:
+                log.write(str(record["id"]) + "\\n")
+            {handling}
+            return float(record["amount"])
+
+        records = [{{"id": i, "amount": "1,5" if i % 10 == 7 else str(i)}} for i in range(100)]
+        batch = parse.map(records, keep_going=True)
+        print(batch.computed, batch.reused, len(batch.failures))
+    """
+    assert run_job(tmp_path, job.format(handling="pass")) == ["90", "0", "10"]
+    fixed = job.format(handling='record = dict(record, amount=record["amount"].replace(",", "."))')
+    assert run_job(tmp_path, fixed) == ["10", "90", "0"], "the fix keeps version=1: only the failures run"
+    assert len((tmp_path / "log").read_text().split()) == 110
+    bumped = fixed.replace("version=1", "version=2")
+    assert run_job(tmp_path, bumped) == ["100", "0", "0"], "a new version recomputes everything"
+
+
+def test_key_function_chooses_what_counts(tmp_path, calls):
+    @dc.memoize(tmp_path, key=lambda record: record["id"])
+    def load(record):
+        calls.append(record["id"])
+        return record["id"] * 10
+
+    @dc.memoize(tmp_path, key=lambda record: record["id"])
+    def other(record):
+        return -1
+
+    assert load({"id": 1, "noise": 1}) == load({"id": 1, "noise": 2}) == 10 and calls == [1]
+    assert other({"id": 1}) == -1, "the function's identity stays in the key"
+    with pytest.raises(ValueError, match="no ignore="):
+        dc.memoize(tmp_path, key=lambda r: r, ignore=("r",))
+    with pytest.raises(TypeError, match="key= return"):
+        dc.memoize(tmp_path, key=lambda r: threading.Lock())(lambda r: r)(1)
+
+
+def test_keys_are_equal_in_every_process_for_nested_objects(tmp_path):
+    script = """
+        import collections, dataclasses, enum, functools
+
+        Pair = collections.namedtuple("Pair", "name tags")
+
+        @dataclasses.dataclass(frozen=True)
+        class Config:
+            tags: frozenset
+            nested: dict
+
+        class Color(enum.Enum):
+            RED = 1
+
+        class Plain:
+            def __init__(self):
+                self.tags = {"alpha", "beta", "gamma", "delta", "epsilon"}
+
+        @dc.memoize(sys.argv[1])
+        def f(*values):
+            print("computed")
+            return len(values)
+
+        tags = frozenset({"alpha", "beta", "gamma", "delta", "epsilon"})
+        f(Pair("p", set(tags)), Config(tags, {"b": {"x", "y", "z"}, "a": 1}), Color.RED, Plain(),
+          functools.partial(max, 3), 10**5000)
+        print("done")
+    """
+    outputs = [child(script, str(tmp_path), env={"PYTHONHASHSEED": seed}).stdout.split() for seed in ("1", "2", "3", "4")]
+    assert outputs == [["computed", "done"]] + [["done"]] * 3
+
+
+def test_big_ints_are_keys(tmp_path, calls):
+    @dc.memoize(tmp_path)
+    def f(x):
+        calls.append(1)
+        return len(x) if isinstance(x, tuple) else x % 7
+
+    assert f(10**5000) == f(10**5000) == (10**5000) % 7 and f(10**5000 + 1) == (10**5000 + 1) % 7
+    assert f((10**5000,)) == f((10**5000,)) and len(calls) == 3
+
+
+def test_a_partial_is_keyed_by_what_it_holds(tmp_path):
+    script = """
+        import functools
+        def power(base, exponent):
+            print("computed")
+            return base ** exponent
+        square = dc.memoize(sys.argv[1])(functools.partial(power, exponent=2))
+        cube = dc.memoize(sys.argv[1])(functools.partial(power, exponent=3))
+        print(square(3), cube(3))
+    """
+    assert child(script, str(tmp_path)).stdout.split() == ["computed", "computed", "9", "27"]
+    assert child(script, str(tmp_path)).stdout.split() == ["9", "27"], "no memory address in the key"
+
+
+def test_a_script_and_its_import_share_entries(tmp_path):
+    job = """
+        @dc.memoize(sys.argv[1])
+        def transform(x):
+            print("computed")
+            return x + 1
+
+        if __name__ == "__main__":
+            print(transform(1))
+    """
+    assert run_job(tmp_path, job) == ["computed", "2"]
+    proc = child("import job\nprint(job.transform(1))", str(tmp_path / "cache"), cwd=tmp_path, env={"PYTHONPATH": f"{IMPORT_ROOT}{os.pathsep}{tmp_path}"})
+    assert proc.stdout.split() == ["2"], "job.transform is __main__.transform run as a script"
+
+
+def other_pythons() -> list[str]:
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    found = []
+    for minor in ("3.11", "3.12", "3.13"):
+        candidates = sorted(root.glob(f"{minor}.*/bin/python{minor}")) or [Path(p) for p in [shutil.which(f"python{minor}")] if p]
+        found += [str(candidates[-1])] if candidates else []
+    return found
+
+
+def test_entries_are_shared_across_cpython_versions(tmp_path):
+    pythons = other_pythons()
+    if len(pythons) < 2:
+        pytest.skip("needs two of CPython 3.11, 3.12, 3.13")
+    job = """
+        @dc.memoize(sys.argv[1])
+        def transform(x):
+            print("computed")
+            return [x, {"a": (1, 2.5)}]
+        print(transform(1) == [1, {"a": (1, 2.5)}])
+    """
+    outputs = [run_job(tmp_path, job, python=python) for python in pythons]
+    assert outputs == [["computed", "True"]] + [["True"]] * (len(pythons) - 1), pythons
+
+
+def test_info_shows_stale_entries_and_prune_removes_them(tmp_path):
+    job = """
+        @dc.memoize(sys.argv[1])
+        def transform(x):
+            return x + {n}
+        for i in range({count}):
+            transform(i)
+    """
+    run_job(tmp_path, job.format(n=1, count=5))
+    run_job(tmp_path, job.format(n=2, count=3))
+    report = json.loads(cli("info", str(tmp_path / "cache"), "--json").stdout)
+    assert report["functions"] == {"job:transform": 8} and report["stale"] == {"job:transform": 5}
+    assert "(5 of older code" in cli("info", str(tmp_path / "cache")).stdout
+    assert cli("prune", str(tmp_path / "cache")).stdout.startswith("removed 0 ")
+    assert cli("prune", str(tmp_path / "cache"), "--stale").stdout.startswith("removed 5 ")
+    report = json.loads(cli("info", str(tmp_path / "cache"), "--json").stdout)
+    assert report["functions"] == {"job:transform": 3} and report["stale"] == {}
+
+
+def test_numpy_arrays_are_keyed_by_their_contents(tmp_path, calls):
+    np = pytest.importorskip("numpy")
+
+    @dc.memoize(tmp_path)
+    def total(a):
+        calls.append(1)
+        return float(a.sum())
+
+    a = np.arange(12.0).reshape(3, 4)
+    assert total(a) == total(a.copy()) == 66.0 and len(calls) == 1
+    assert total(a.T) == 66.0 and len(calls) == 2, "shape is part of the key; non-contiguous views work"
+    b = a.copy()
+    b[1, 1] = 0
+    assert total(b) == 61.0 and total(a.astype("float32")) == 66.0 and len(calls) == 4
+    assert total(np.float64(1.5)) == 1.5 and len(calls) == 5
 
 
 # -- map: the keep-going batch helper ------------------------------------------
@@ -1972,7 +2841,9 @@ def test_cli_never_unpickles(tmp_path):
         db["trap"] = "placeholder"
     path = entry_files(cache)[0]
     payload = b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode() + b"'\ntR."  # Runs a command if loaded.
-    path.write_bytes(dc._encode_entry(b"trap", payload))
+    encoded = dc._encode_entry(b"trap", None)
+    encoded.stream = payload
+    path.write_bytes(b"".join(encoded.chunks()))
     for command in ("info", "prune", "clear"):
         assert cli(command, str(cache)).returncode == 0
     assert not (tmp_path / "pwned").exists()
@@ -1996,13 +2867,57 @@ def test_cli_status(tmp_path):
 
 
 def test_cli_errors_and_help(tmp_path):
-    proc = cli("info", str(tmp_path / "nothing"))
-    assert proc.returncode == 2 and str(tmp_path / "nothing") in proc.stderr
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "plain").mkdir()
+    for args, says in [
+        (("info", str(tmp_path / "nothing")), "no such directory; give the path of a cache directory"),
+        (("prune", str(tmp_path / "file")), "not a directory; give the path of a cache directory"),
+        (("clear", str(tmp_path / "plain")), "not a donecache store"),
+        (("status", str(tmp_path / "file")), "not a directory; give the directory of a stage"),
+        (("status", str(tmp_path / "plain"), "--marker", "a/b"), "--marker 'a/b': give a plain file name"),
+    ]:
+        proc = cli(*args)
+        assert proc.returncode == 2 and proc.stdout == "", args
+        assert proc.stderr.startswith(f"python -m donecache {args[0]}: ") and says in proc.stderr, proc.stderr
+        assert proc.stderr.count(str(tmp_path)) <= 1 and "flag=" not in proc.stderr, proc.stderr
+    assert listing(tmp_path) == ["file", "plain"], "nothing was written or labelled"
     assert cli().returncode == 2
     assert cli("prune").returncode == 2
     for command in ("info", "clear", "prune", "status"):
         proc = cli(command, "--help")
         assert proc.returncode == 0 and "--json" in proc.stdout
+
+
+@posix_only
+def test_cli_on_a_read_only_cache_says_so_and_removes_nothing(tmp_path, read_only):
+    cache = tmp_path / "cache"
+    child(
+        """
+        import time
+        @dc.memoize(sys.argv[1], ttl=0.01)
+        def brief(x):
+            return x
+        brief(1)
+        time.sleep(0.05)
+        """,
+        str(cache),
+    )
+    for path in [cache, *(p for p in cache.rglob("*") if p.is_dir())]:
+        read_only(path)
+    before = entry_files(cache)
+    for command in (["prune"], ["clear"], ["clear", "--function", "brief"]):
+        proc = child(
+            f"import runpy\nsys.argv = ['donecache', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
+            command[0],
+            str(cache),
+            *command[1:],
+            check=False,
+            unprivileged=True,
+        )
+        assert proc.returncode == 2 and proc.stdout == "", command
+        assert "Permission denied; check that it is writable" in proc.stderr
+        assert proc.stderr.count(str(cache)) == 1, proc.stderr
+    assert entry_files(cache) == before
 
 
 def test_example_pipeline_runs_and_then_reuses_everything(tmp_path):
@@ -2025,3 +2940,1083 @@ def test_example_pipeline_runs_and_then_reuses_everything(tmp_path):
     assert "stage 1: " + str(tmp_path / "out" / "records") + " is done; skipped" in second
     assert "stage 2: 0 computed, 1993 reused from the cache, 7 failed" in second
     assert len((tmp_path / "out" / "report.csv").read_text().splitlines()) == 1994
+
+
+# ---------------------------------------------------------------------------
+# Attacks: each test reproduces one defect that an attack on donecache found
+# (issue 10), item by item; every one of them failed before its fix.
+# ---------------------------------------------------------------------------
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+
+
+# ---------------------------------------------------------------------------
+# Attack 1 prune() must remove only the file it judged
+# ---------------------------------------------------------------------------
+
+PRUNER = """
+    import time
+    with dc.open(sys.argv[1]) as db:
+        print("ready", flush=True)
+        for line in open(sys.argv[2]):  # A FIFO: one line per prune wanted.
+            started = time.perf_counter()
+            db.prune()
+            print(time.perf_counter() - started, flush=True)
+"""
+
+
+def plant(master: Path, target: Path) -> None:
+    """Put a copy of ``master`` at ``target`` at once: a hard link renamed into place."""
+    temp = target.with_name(".planted")
+    os.link(master, temp)
+    os.replace(temp, target)
+
+
+@posix_only
+def test_prune_never_removes_a_write_that_returned(tmp_path):
+    """Issue 10, item 1: prune() judged a damaged entry, then unlinked the *name*, taking the
+    fresh entry that a writer had renamed onto it meanwhile: a write that returned was lost."""
+    cache = tmp_path / "c"
+    with dc.open(cache) as db:
+        db["victim"] = -1
+    [victim] = entry_files(cache)
+    # Damage that takes a while to judge: a header that looks right and 24 MB to checksum.
+    master = tmp_path / "damaged"
+    with master.open("wb") as f:
+        f.write(b"dcE1" + b"\0" * 28)
+        f.write(b"\x5a" * (24 << 20))
+    orders = tmp_path / "orders"
+    os.mkfifo(orders)
+    pruner = child(PRUNER, str(cache), str(orders), background=True)
+    assert pruner.stdout is not None
+    go_fd = -1
+    try:
+        wait_for_line(pruner, "ready")
+        go_fd = os.open(orders, os.O_WRONLY)
+        rng = random.Random(10)
+        lost: list[int] = []
+        deadline = time.monotonic() + 4
+        rounds = 0
+        duration = 0.02
+        with dc.open(cache) as db:
+            while rounds < 12 and time.monotonic() < deadline:
+                plant(master, victim)
+                os.write(go_fd, b"go\n")
+                time.sleep(rng.uniform(0, duration))  # Somewhere in the prune's reading.
+                db["victim"] = rounds  # The write returns...
+                at_once = db.get("victim")
+                duration = max(duration, float(pruner.stdout.readline()))
+                if at_once != rounds or db.get("victim") != rounds:  # ...and must stay after the prune.
+                    lost.append(rounds)
+                rounds += 1
+    finally:
+        if go_fd >= 0:
+            os.close(go_fd)
+        pruner.kill()
+        pruner.wait()
+    assert rounds >= 5
+    assert lost == [], f"prune() removed {len(lost)} of {rounds} entries that were written while it ran"
+
+
+@posix_only
+def test_prune_leaves_an_entry_it_may_not_read(tmp_path):
+    """Issue 10, item 1: an entry that prune() cannot open (EACCES) is not damage; leave it."""
+    cache = tmp_path / "c"
+    with dc.open(cache) as db:
+        db["mine"] = "precious"
+    [entry] = entry_files(cache)
+    os.chmod(entry, 0)
+    proc = child("print(dc.open(sys.argv[1]).prune())", str(cache), unprivileged=True)
+    assert entry.exists(), f"prune() removed an entry it could not read (it said {proc.stdout.strip()})"
+    os.chmod(entry, 0o600)
+    with dc.open(cache) as db:
+        assert db["mine"] == "precious"
+
+
+@posix_only
+@pytest.mark.parametrize("code", [errno.EIO, errno.ESTALE], ids=["EIO", "ESTALE"])
+@pytest.mark.parametrize("during", ["open", "read"])
+def test_prune_leaves_an_entry_on_io_errors(tmp_path, monkeypatch, code, during):
+    """Issue 10, item 1: EIO or ESTALE (an NFS hiccup) while prune() reads an entry means
+    "cannot tell", not "damaged": the entry stays."""
+    cache = tmp_path / "c"
+    with dc.open(cache) as db:
+        db["mine"] = "precious"
+    [entry] = entry_files(cache)
+    inode = entry.stat().st_ino
+    real_open, real_read = os.open, os.read
+
+    def failing_open(path, *args, **kwargs):
+        if during == "open" and os.path.basename(os.fsdecode(path)) == entry.name:
+            raise OSError(code, os.strerror(code), os.fsdecode(path))
+        return real_open(path, *args, **kwargs)
+
+    def failing_read(fd, *args, **kwargs):
+        if during == "read" and os.fstat(fd).st_ino == inode:
+            raise OSError(code, os.strerror(code))
+        return real_read(fd, *args, **kwargs)
+
+    with dc.open(cache) as db:
+        monkeypatch.setattr(os, "open", failing_open)
+        monkeypatch.setattr(os, "read", failing_read)
+        db.prune()
+        monkeypatch.undo()
+    assert entry.exists(), f"prune() removed an entry after {errno.errorcode[code]}"
+    with dc.open(cache) as db:
+        assert db["mine"] == "precious"
+
+
+# ---------------------------------------------------------------------------
+# Attack 2 forked children must not keep a stage locked
+# ---------------------------------------------------------------------------
+
+
+ORPHAN_MAKER = """
+    import multiprocessing, os, time
+    with dc.done_dir(sys.argv[1]) as stage:
+        if sys.argv[2] == "os.fork":
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(60)
+                os._exit(0)
+            orphans = [pid]
+        else:  # A Manager's server process outlives its parent.
+            manager = multiprocessing.get_context("fork").Manager()
+            shared = manager.dict()
+            orphans = [p.pid for p in multiprocessing.active_children()]
+        print(*orphans, flush=True)
+        time.sleep(60)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"  # Not a zombie.
+    except FileNotFoundError:
+        return False
+
+
+def kill_quietly(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@linux_only
+@pytest.mark.parametrize("how", ["os.fork", "fork manager"])
+def test_orphans_forked_inside_a_stage_do_not_keep_it_locked(tmp_path, how):
+    """Issue 10, item 2: a child forked inside `with done_dir(...)` (os.fork, or a multiprocessing
+    Manager started with fork) inherited the stage's flock; once the parent was SIGKILLed, the
+    orphan kept the stage locked and every rerun waited forever. The orphans are killed at the end."""
+    stage_dir = tmp_path / "s"
+    holder = child(ORPHAN_MAKER, str(stage_dir), how, background=True)
+    assert holder.stdout is not None
+    orphans: list[int] = []
+    try:
+        orphans = [int(pid) for pid in holder.stdout.readline().split()]
+        assert orphans, "the holder forked no child"
+        holder.kill()
+        holder.wait()
+        assert all(alive(pid) for pid in orphans)
+        started = time.monotonic()
+        with dc.done_dir(stage_dir, timeout=5) as stage:
+            assert not stage.done
+        assert time.monotonic() - started < 2
+        assert dc.is_done(stage_dir)
+    finally:
+        holder.kill()
+        holder.wait()
+        kill_quietly(orphans)
+
+
+# ---------------------------------------------------------------------------
+# Attack 3 threads in several processes: each key computed once, no EDEADLK
+# ---------------------------------------------------------------------------
+
+THREADED_WORKER = """
+    import os, random, threading, time, warnings
+    warnings.simplefilter("always")
+    cache, log, go, who, keys = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+
+    @dc.memoize(cache)
+    def slow(x):
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, f"{x}\\n".encode())
+        os.close(fd)
+        time.sleep(0.01)
+        return x * x
+
+    def work(n):
+        order = list(range(keys))
+        random.Random(who * 100 + n).shuffle(order)  # Overlapping keys, in different orders.
+        for k in order:
+            assert slow(k) == k * k
+
+    print("ready", flush=True)
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    with warnings.catch_warnings(record=True) as caught:
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for w in caught:
+        print("WARNING", w.category.__name__, str(w.message), flush=True)
+"""
+
+
+@posix_only
+def test_threads_in_several_processes_compute_each_key_once(tmp_path):
+    """Issue 10, item 3: 6 processes x 4 threads on overlapping keys got EDEADLK ("Resource
+    deadlock avoided") from the kernel's per-process deadlock detection, and computed some keys
+    twice with a DonecacheWarning."""
+    keys = 80
+    log, go = tmp_path / "log", tmp_path / "go"
+    procs = [
+        child(THREADED_WORKER, str(tmp_path / "c"), str(log), str(go), str(n), str(keys), background=True)
+        for n in range(6)
+    ]
+    try:
+        release_together(procs, go)
+        outputs = [p.communicate(timeout=60)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert [p.returncode for p in procs] == [0] * 6
+    warned = [line for out in outputs for line in out.splitlines() if line.startswith("WARNING")]
+    computed = sorted(map(int, log.read_text().split()))
+    twice = sorted({k for k in computed if computed.count(k) > 1})
+    assert computed == list(range(keys)), f"keys computed more than once: {twice}; {len(warned)} warnings: {warned[:3]}"
+    assert warned == []
+
+
+# ---------------------------------------------------------------------------
+# Attack 4 fork at any moment: the child can use memoize
+# ---------------------------------------------------------------------------
+
+FORKER = """
+    import json, os, signal, threading, time, warnings
+    warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads running.
+    root, forks, hammers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+    @dc.memoize(root + "/shared")
+    def echo(x):
+        return x
+
+    sys.setswitchinterval(1e-5)  # Switch threads often: more moments to fork at.
+    stop = threading.Event()
+
+    def hammer(n):
+        i = 0
+        while not stop.is_set():
+            i += 1
+            if n % 2:
+                assert echo((n, i)) == (n, i)  # A new key: a miss, so the key lock every time.
+            else:
+                with dc.done_dir(f"{root}/stage-{n}", durable=False):  # A stage lock: opened and closed.
+                    pass
+
+    threads = [threading.Thread(target=hammer, args=(n,), daemon=True) for n in range(hammers)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    children = []
+    started = time.monotonic()
+    for i in range(forks):
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(2)  # The default action ends a child that hangs.
+            try:
+                code = 0 if echo(("child", i)) == ("child", i) else 1
+            except BaseException:
+                code = 2
+            os._exit(code)
+        children.append(pid)
+        time.sleep(0.001)
+    stop.set()
+    outcomes = {"ok": 0, "hung": 0, "failed": 0, "forking took": round(time.monotonic() - started, 2)}
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGALRM:
+            outcomes["hung"] += 1
+        elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            outcomes["ok"] += 1
+        else:
+            outcomes["failed"] += 1
+    print(json.dumps(outcomes))
+"""
+
+
+@posix_only
+def test_children_forked_at_any_moment_can_use_memoize(tmp_path):
+    """Issue 10, item 4: a fork while another thread held the key lock's internal guard left the
+    child blocked forever at its first miss (4 of 500 forks). Here 8 threads make misses or enter
+    stages (the same guard) while the main thread forks 100 children; each child makes one miss and
+    exits (SIGALRM ends it after 2 s)."""
+    proc = child(FORKER, str(tmp_path), "100", "8", timeout=60)
+    outcomes = json.loads(proc.stdout)
+    outcomes.pop("forking took")
+    assert outcomes == {"ok": 100, "hung": 0, "failed": 0}, f"forked while threads used the locks: {proc.stdout}"
+
+
+# ---------------------------------------------------------------------------
+# Attack 5 FIFOs: never open anything but regular files
+# ---------------------------------------------------------------------------
+
+
+def run_bounded(actions: dict[str, Callable[[], object]], fifos: list[Path], seconds: float = 2.0) -> dict[str, object]:
+    """Run every action at once, each in its own thread; return name -> result.
+
+    Fails, naming them, if any is still running after ``seconds``. Those are set free first:
+    opening a FIFO lets a blocked open(2) return, and closing it again gives the reader EOF.
+    """
+    results: dict[str, object] = {}
+    errors: dict[str, BaseException] = {}
+
+    def run(name: str, action: Callable[[], object]) -> None:
+        try:
+            results[name] = action()
+        except BaseException as exc:  # Reported in the test's own thread.
+            errors[name] = exc
+
+    threads = {name: threading.Thread(target=run, args=(name, action), daemon=True) for name, action in actions.items()}
+    for t in threads.values():
+        t.start()
+    deadline = time.monotonic() + seconds
+    for t in threads.values():
+        t.join(max(0.0, deadline - time.monotonic()))
+    hung = sorted(name for name, t in threads.items() if t.is_alive())
+    for _ in range(100):
+        if not any(t.is_alive() for t in threads.values()):
+            break
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))
+            except OSError:
+                pass
+        time.sleep(0.02)
+    assert not hung, f"blocked on a FIFO for more than {seconds} s: {', '.join(hung)}"
+    if errors:
+        raise next(iter(errors.values()))
+    return results
+
+
+def store_with_fifo_entry(root: Path) -> Path:
+    """A store with the entries 'other' and 'k', where a FIFO has replaced the file of 'k'."""
+    with dc.open(root) as db:
+        db["other"] = "fine"
+        db["k"] = "victim"
+    victim = next(p for p in entry_files(root) if b"victim" in p.read_bytes())
+    victim.unlink()
+    os.mkfifo(victim)
+    return victim
+
+
+@posix_only
+def test_fifo_at_an_entry_reads_as_missing(tmp_path):
+    """Issue 10, item 5: a FIFO at an entry's name blocked get, `in`, iteration and items()
+    forever. It must read as a miss, and be skipped by iteration."""
+    fifos = []
+    stores = {}
+    for name in ("get", "in", "iter", "items", "values"):
+        fifos.append(store_with_fifo_entry(tmp_path / name))
+        stores[name] = dc.open(tmp_path / name)
+    results = run_bounded(
+        {
+            "get": lambda: stores["get"].get("k", "missing"),
+            "in": lambda: "k" in stores["in"],
+            "iter": lambda: sorted(stores["iter"]),
+            "items": lambda: dict(stores["items"].items()),
+            "values": lambda: list(stores["values"].values()),
+        },
+        fifos,
+    )
+    assert results == {
+        "get": "missing",
+        "in": False,
+        "iter": ["other"],
+        "items": {"other": "fine"},
+        "values": ["fine"],
+    }
+
+
+@posix_only
+def test_fifo_at_an_entry_is_a_miss_for_memoize_and_prune(tmp_path, calls):
+    """Issue 10, item 5: a FIFO at an entry's name blocked a memoized call and prune() forever.
+    For memoize it is a miss (computed again, and stored over it, as over any damage); prune()
+    returns, and the other entries stay."""
+
+    @dc.memoize(tmp_path / "memoize")
+    def double(x):
+        calls.append(x)
+        return x * 2
+
+    double(1)
+    [fifo_m] = entry_files(tmp_path / "memoize")
+    fifo_m.unlink()
+    os.mkfifo(fifo_m)
+    fifo_p = store_with_fifo_entry(tmp_path / "prune")
+    pruned = dc.open(tmp_path / "prune")
+    results = run_bounded({"memoize": lambda: double(1), "prune": pruned.prune}, [fifo_m, fifo_p])
+    assert results["memoize"] == 2 and calls == [1, 1], "the FIFO is a miss: double(1) computed again"
+    assert double(1) == 2 and calls == [1, 1], "and the recomputed result was stored"
+    assert dict(pruned.items()) == {"other": "fine"}
+
+
+def cli_in_background(*args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
+    """``python -m donecache ARGS`` started in a subprocess; stdout is a pipe."""
+    return child(  # type: ignore[return-value]
+        f"import runpy\nsys.argv = ['donecache', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
+        *args,
+        background=True,
+        cwd=cwd,
+    )
+
+
+def finish_all(procs: dict[str, subprocess.Popen[str]], seconds: float) -> dict[str, int]:
+    """Wait for every process until one deadline; kill and name those still running."""
+    deadline = time.monotonic() + seconds
+    codes: dict[str, int] = {}
+    hung = []
+    for name, proc in procs.items():
+        try:
+            proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            codes[name] = proc.returncode
+        except subprocess.TimeoutExpired:
+            hung.append(name)
+            proc.kill()
+            proc.communicate()
+    assert not hung, f"still running after {seconds} s (blocked on a FIFO): {', '.join(hung)}"
+    return codes
+
+
+@posix_only
+def test_cli_returns_with_a_fifo_in_the_cache_or_as_a_marker(tmp_path):
+    """Issue 10, item 5: a FIFO at an entry's name blocked `python -m donecache info`, `prune` and
+    `clear`; a FIFO as a stage's marker blocked `status`."""
+    for name in ("info", "prune", "clear"):
+        store_with_fifo_entry(tmp_path / name)
+    (tmp_path / "stage").mkdir()
+    os.mkfifo(tmp_path / "stage" / "DONE")
+    procs = {name: cli_in_background(name, str(tmp_path / name)) for name in ("info", "prune", "clear")}
+    procs["status"] = cli_in_background("status", str(tmp_path / "stage"))
+    codes = finish_all(procs, 5)
+    assert codes == {"info": 0, "prune": 0, "clear": 0, "status": 1}
+
+
+@posix_only
+def test_fifo_in_a_stage_or_as_its_marker(tmp_path):
+    """Issue 10, item 5: a FIFO anywhere in a stage blocked the marker's write (the durable flush
+    opens every file), and a FIFO as the marker blocked is_done(version=...) and done_dir."""
+
+    def build_with_a_fifo_inside() -> bool:
+        with dc.done_dir(tmp_path / "built") as stage:
+            (stage.path / "sub").mkdir()
+            os.mkfifo(stage.path / "sub" / "pipe")
+            stage.piece("data", lambda: "x")
+        return dc.is_done(tmp_path / "built")
+
+    def enter_with_version() -> bool:
+        with dc.done_dir(tmp_path / "marker", version=1) as stage:
+            return stage.done
+
+    (tmp_path / "marker").mkdir()
+    os.mkfifo(tmp_path / "marker" / "DONE")
+    results = run_bounded(
+        {"build": build_with_a_fifo_inside, "is_done": lambda: dc.is_done(tmp_path / "marker", version=1)},
+        [tmp_path / "built" / "sub" / "pipe", tmp_path / "marker" / "DONE"],
+    )
+    assert results == {"build": True, "is_done": False}
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "built" / "sub" / "pipe").st_mode), "the user's FIFO stays"
+    results = run_bounded({"done_dir": enter_with_version}, [tmp_path / "marker" / "DONE"])
+    assert results == {"done_dir": False}, "a FIFO is not a finished marker"
+
+
+# ---------------------------------------------------------------------------
+# Attack 6 descriptors: one per cache path, for the life of the process
+# ---------------------------------------------------------------------------
+
+MANY_CACHES = """
+    import os, resource, warnings
+    limit = 256
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+    def open_descriptors():
+        # Counted without opening one (/proc/self/fd would need one, and there may be none left).
+        count = 0
+        for fd in range(limit):
+            try:
+                os.fstat(fd)
+                count += 1
+            except OSError:
+                pass
+        return count
+
+    def plus_one(x):
+        return x + 1
+
+    before = open_descriptors()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(300):
+            f = dc.memoize(os.path.join(sys.argv[1], f"cache-{i}"))(plus_one)
+            assert f(i) == i + 1  # One miss, then the cache is dropped.
+            del f
+    print(open_descriptors() - before)
+    for w in caught:
+        print("WARNING", w.category.__name__, w.message)
+"""
+
+
+@posix_only
+def test_short_lived_caches_do_not_keep_descriptors(tmp_path):
+    """Issue 10, item 6: every cache path kept one descriptor (its lock file) open for the life of
+    the process: 300 short-lived caches left 300 descriptors open, and with RLIMIT_NOFILE 256 the
+    later ones failed with "Too many open files". The descriptors held must stay bounded."""
+    proc = child(MANY_CACHES, str(tmp_path), check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-1000:]
+    extra, *warned = proc.stdout.splitlines()
+    emfile = sum("Too many open files" in line for line in warned)
+    assert int(extra) < 20, f"{extra} descriptors still open after 300 caches were used and dropped, and {emfile} warnings said 'Too many open files'"
+    assert "Too many open files" not in output
+    assert warned == []
+
+
+# ---------------------------------------------------------------------------
+# Attack 7 atomic_write onto a FIFO or a device node
+# ---------------------------------------------------------------------------
+
+
+def make_special(tmp_path: Path, kind: str) -> tuple[Path, Path]:
+    """(the path to write to, the special file that must survive)."""
+    if kind == "chardev":
+        special = tmp_path / "null"
+        try:
+            os.mknod(special, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # /dev/null's numbers
+        except PermissionError:
+            pytest.skip("mknod(2) needs privileges")
+        return special, special
+    special = tmp_path / "pipe"
+    os.mkfifo(special)
+    if kind == "symlink to fifo":
+        (tmp_path / "link").symlink_to(special)
+        return tmp_path / "link", special
+    return special, special
+
+
+@posix_only
+@pytest.mark.parametrize("kind", ["fifo", "chardev", "symlink to fifo"])
+@pytest.mark.parametrize("tool", ["atomic_write", "atomic_path"])
+def test_atomic_write_refuses_a_special_file(tmp_path, kind, tool):
+    """Issue 10, item 7: atomic_write (and atomic_path) onto a FIFO or a device node replaced it with
+    a regular file. It must refuse, with an error naming the path, and leave the special file."""
+    target, special = make_special(tmp_path, kind)
+    before = listing(tmp_path)
+    mode = os.lstat(special).st_mode
+    with pytest.raises((OSError, ValueError)) as caught:
+        if tool == "atomic_write":
+            with dc.atomic_write(target) as f:
+                f.write("data")
+        else:
+            with dc.atomic_path(target) as tmp:
+                tmp.write_text("data")
+    message = str(caught.value)
+    assert str(target) in message or str(special) in message, message
+    assert "regular file" in message.replace(str(tmp_path), "<tmp>"), message
+    assert os.lstat(special).st_mode == mode, "the special file was replaced"
+    assert listing(tmp_path) == before, "no temporary file left"
+
+
+# ---------------------------------------------------------------------------
+# Attack 8 get/items/values while another process deletes keys
+# ---------------------------------------------------------------------------
+
+DELETER = """
+    keys = [f"k{i}" for i in range(5)]
+    with dc.open(sys.argv[1]) as db:
+        for k in keys:
+            db[k] = k
+        print("ready", flush=True)
+        while True:
+            for k in keys:
+                del db[k]
+                db[k] = k
+"""
+
+
+@posix_only
+def test_keys_vanishing_meanwhile_are_simply_absent(tmp_path):
+    """Issue 10, item 8: Store.get(k, default), items() and values() raised KeyError when another
+    process deleted a key between listing (or `in`) and reading it."""
+    keys = [f"k{i}" for i in range(5)]
+    deleter = child(DELETER, str(tmp_path / "c"), background=True)
+    raised: dict[str, str] = {}
+    try:
+        wait_for_line(deleter, "ready")
+        with dc.open(tmp_path / "c") as db:
+            operations = {
+                "get": lambda: [db.get(k, k) for k in keys],
+                "items": lambda: [v for k, v in db.items()],
+                "values": lambda: list(db.values()),
+            }
+            deadline = time.monotonic() + 2
+            while len(raised) < len(operations) and time.monotonic() < deadline:
+                for name, operation in operations.items():
+                    if name in raised:
+                        continue
+                    try:
+                        values = operation()
+                    except KeyError as exc:
+                        raised[name] = repr(exc)
+                        continue
+                    assert set(values) <= set(keys)
+    finally:
+        deleter.kill()
+        deleter.wait()
+    assert raised == {}, f"KeyError for a key deleted meanwhile: {raised}"
+
+
+# ---------------------------------------------------------------------------
+# Attack 9 a regular file where a shard directory should be
+# ---------------------------------------------------------------------------
+
+
+def test_a_file_in_place_of_a_shard_is_repaired(tmp_path):
+    """Issue 10, item 9: a regular file at <root>/<2 hex> was ignored by prune(), and every later
+    write to that shard raised NotADirectoryError. Writes must succeed (prune or the write
+    itself repairs the damage)."""
+    cache = tmp_path / "c"
+    with dc.open(cache) as db:
+        db["k"] = 1
+    [entry] = entry_files(cache)
+    shard = entry.parent
+    shutil.rmtree(shard)
+    shard.write_bytes(b"damage")
+    with dc.open(cache) as db:
+        assert "k" not in db
+        db.prune()
+        db["k"] = 2
+        assert db["k"] == 2
+    assert shard.is_dir()
+
+
+# ---------------------------------------------------------------------------
+# Attack 10 the command line on directories that are not caches
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["prune", "clear", "info"])
+def test_cli_refuses_a_directory_that_is_not_a_store(tmp_path, command):
+    """Issue 10, item 10: `python -m donecache prune DIR` (or clear) on any directory exited 0 and
+    created .gitignore and CACHEDIR.TAG there. The command line must refuse a directory that is
+    not a donecache store (exit 2, saying what it expected) and leave it untouched; `info` too,
+    which reported an empty cache."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    proc = cli(command, str(project))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert str(project) in proc.stderr
+    # Past "python -m donecache <command>:", and not in the path (named after this test).
+    words = proc.stderr.split(":", 1)[-1].replace(str(tmp_path), "<tmp>")
+    assert any(word in words for word in ("store", "cache", "CACHEDIR.TAG")), proc.stderr
+    assert listing(project) == ["notes.txt"], "nothing created in a directory that is not a store"
+
+
+def test_cli_still_serves_real_stores(tmp_path):
+    """Issue 10, item 10: a store made by donecache.open (it has a CACHEDIR.TAG) still works."""
+    with dc.open(tmp_path / "c") as db:
+        db["k"] = 1
+    assert (tmp_path / "c" / "CACHEDIR.TAG").exists()
+    for command in ("info", "prune", "clear"):
+        proc = cli(command, str(tmp_path / "c"))
+        assert proc.returncode == 0, proc.stderr
+    assert entry_files(tmp_path / "c") == []
+
+
+# ---------------------------------------------------------------------------
+# Attack 11 read-only directories and filesystems
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ro_mount(tmp_path):
+    """A new tmpfs at tmp_path/"mnt", and a function that remounts it read-only; skips if mounting is not permitted."""
+    mount = shutil.which("mount")
+    if sys.platform != "linux" or not IS_ROOT or mount is None:
+        pytest.skip("needs root and mount(8) on Linux")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    made = subprocess.run([mount, "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+
+    def make_read_only() -> None:
+        subprocess.run([mount, "-o", "remount,ro", str(mnt)], check=True, capture_output=True)
+
+    try:
+        yield mnt, make_read_only
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+ENTER_STAGE = """
+    try:
+        with dc.done_dir(sys.argv[1], version="v1") as stage:
+            print("done" if stage.done else "not done")
+    except OSError as exc:
+        print("ERROR", exc)
+    print(dc.is_done(sys.argv[1], version="v1"))
+"""
+
+
+@posix_only
+@pytest.mark.parametrize("how", ["permissions", "read-only mount"])
+def test_finished_stage_on_read_only_storage_is_entered_as_done(tmp_path, read_only, request, how):
+    """Issue 10, item 11: done_dir on a finished stage in a read-only directory or filesystem raised
+    "cannot create or lock the stage directory" although is_done was True. It must enter, with
+    stage.done True and no error: there is nothing to build, so nothing to lock."""
+    if how == "permissions":
+        stage_dir = tmp_path / "s"
+    else:
+        mnt, make_read_only = request.getfixturevalue("ro_mount")
+        stage_dir = mnt / "s"
+    with dc.done_dir(stage_dir, version="v1") as stage:
+        stage.piece("data", lambda: "x")
+    if how == "permissions":
+        for path in stage_dir.iterdir():
+            os.chmod(path, 0o444)  # As another user's files are to us: readable, not writable.
+        read_only(stage_dir)
+    else:
+        make_read_only()
+    proc = child(ENTER_STAGE, str(stage_dir), unprivileged=how == "permissions")
+    assert proc.stdout.splitlines() == ["done", "True"]
+
+
+BARE_MEMOIZE = """
+    import warnings
+
+    @dc.memoize
+    def double(x):
+        return 2 * x
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            print([double(1), double(2), double(1), double(3)])
+        except OSError as exc:
+            print("ERROR", exc)
+    for w in caught:
+        print("WARNING", w.category.__name__, w.message)
+"""
+
+
+@posix_only
+@pytest.mark.parametrize("how", ["permissions", "read-only mount"])
+def test_bare_memoize_in_a_read_only_directory_computes_and_warns_once(tmp_path, read_only, request, monkeypatch, how):
+    """Issue 10, item 11: bare @memoize (the store .donecache in the working directory) raised on
+    every call when the working directory was read-only. It must compute and return the results,
+    with one DonecacheWarning, not one per call."""
+    monkeypatch.delenv("DONECACHE_DIR", raising=False)
+    if how == "permissions":
+        work = tmp_path / "work"
+        work.mkdir()
+        read_only(work)
+    else:
+        work, make_read_only = request.getfixturevalue("ro_mount")
+        make_read_only()
+    proc = child(BARE_MEMOIZE, cwd=work, unprivileged=how == "permissions")
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "[2, 4, 2, 6]", proc.stdout
+    warned = lines[1:]
+    assert len(warned) == 1 and warned[0].startswith("WARNING DonecacheWarning"), warned
+    assert os.listdir(work) == []
+
+
+# ---------------------------------------------------------------------------
+# Attack 12 an async memoized function that awaits itself
+# ---------------------------------------------------------------------------
+
+
+def test_async_function_awaiting_its_own_key_raises(tmp_path):
+    """Issue 10, item 12: an async memoized function awaiting itself with the same key waited
+    forever (the sync one raises RuntimeError). It must raise the same RuntimeError."""
+    import asyncio
+
+    @dc.memoize(tmp_path)
+    def sync_loop(x):
+        return sync_loop(x)
+
+    @dc.memoize(tmp_path)
+    async def async_loop(x):
+        return await async_loop(x)
+
+    with pytest.raises(RuntimeError):
+        sync_loop(1)
+
+    async def main():
+        return await asyncio.wait_for(async_loop(1), 2)
+
+    try:
+        asyncio.run(main())
+    except RuntimeError:
+        pass
+    except asyncio.TimeoutError:
+        pytest.fail("awaiting its own key waited forever (cancelled after 2 s) instead of raising RuntimeError")
+    else:
+        pytest.fail("awaiting its own key returned instead of raising RuntimeError")
+
+
+# ---------------------------------------------------------------------------
+# Attack 13 misleading errors
+# ---------------------------------------------------------------------------
+
+
+@posix_only
+def test_dangling_symlink_as_cache_path_is_named(tmp_path):
+    """Issue 10, item 13: a dangling symlink as the cache path said "cannot create the cache
+    directory: File exists". The message must say that it is a (dangling) symlink, and name it."""
+    link = tmp_path / "cache"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises((OSError, ValueError)) as caught:
+        dc.open(link)
+    message = str(caught.value)
+    assert str(link) in message, message
+    words = message.replace(str(tmp_path), "<tmp>").lower()  # The test's own name says "symlink".
+    assert "symlink" in words or "symbolic link" in words, message
+
+
+CJK_NAME = "漢" * 79 + "x"  # 238 bytes in UTF-8: a valid name (at most 255 bytes), 80 characters.
+
+
+@pytest.mark.parametrize("tool", ["atomic_write", "atomic_path", "piece"])
+def test_long_multibyte_names_can_be_written(tmp_path, tool):
+    """Issue 10, item 13: a valid 238-byte CJK file name failed with "File name too long" in
+    atomic_write and stage.piece, since the temporary name kept 200 characters of it, not bytes."""
+    assert len(CJK_NAME.encode("utf-8")) == 238
+    if tool == "atomic_write":
+        with dc.atomic_write(tmp_path / CJK_NAME) as f:
+            f.write("data")
+        written = tmp_path / CJK_NAME
+    elif tool == "atomic_path":
+        with dc.atomic_path(tmp_path / CJK_NAME) as tmp:
+            assert len(tmp.name.encode("utf-8")) <= 255
+            tmp.write_text("data")
+        written = tmp_path / CJK_NAME
+    else:
+        with dc.done_dir(tmp_path / "s") as stage:
+            written = stage.piece(CJK_NAME, lambda: "data")
+    assert written.read_text() == "data"
+
+
+def test_huge_ttl_is_a_value_error_or_never_expires(tmp_path, calls):
+    """Issue 10, item 13: ttl=10**400 raised OverflowError. It must be refused with ValueError, or
+    accepted as "never expires"."""
+    try:
+        memoize = dc.memoize(tmp_path, ttl=10**400)
+    except ValueError:
+        return
+
+    @memoize
+    def f(x):
+        calls.append(x)
+        return x
+
+    assert f(1) == 1 and f(1) == 1 and calls == [1]
+
+
+# ---------------------------------------------------------------------------
+# Attack 14 map(keep_going=False, workers=N) raises the earliest input's failure
+# ---------------------------------------------------------------------------
+
+
+def test_map_in_threads_raises_the_earliest_failure(tmp_path):
+    """Issue 10, item 14: map(keep_going=False, workers=N) raised the first failure to complete,
+    not the first in input order, as the loop it stands for would."""
+
+    @dc.memoize(tmp_path)
+    def parse(x):
+        if x == 0:
+            time.sleep(0.5)
+            raise ValueError("bad record 0")
+        if x == 5:
+            raise ValueError("bad record 5")
+        return x
+
+    with pytest.raises(ValueError) as caught:
+        parse.map(range(8), workers=3, processes=False)
+    assert str(caught.value) == "bad record 0"
+
+
+@posix_only
+def test_map_in_processes_raises_the_earliest_failure(tmp_path):
+    """Issue 10, item 14: the same with a process pool."""
+    proc = child(
+        """
+        import os, time
+
+        @dc.memoize(os.environ["JOB_CACHE"])
+        def parse(x):
+            if x == 0:
+                time.sleep(0.5)
+                raise ValueError("bad record 0")
+            if x == 5:
+                raise ValueError("bad record 5")
+            return x
+
+        if __name__ == "__main__":
+            try:
+                parse.map(range(8), workers=3)
+            except ValueError as exc:
+                print(exc)
+        """,
+        env={"JOB_CACHE": str(tmp_path / "c")},
+        script_file=tmp_path / "job.py",
+    )
+    assert proc.stdout.strip() == "bad record 0"
+
+
+# ---------------------------------------------------------------------------
+# Attack 15 durable: new directories are fsynced into their parents
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fsynced_into_parent(monkeypatch):
+    """Record every fsync of a directory, with the names it held then; return a check for one directory."""
+    synced: list[tuple[tuple[int, int], set[str]]] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name, None)
+        if real is None:
+            continue
+
+        def spy(fd, real=real):
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                synced.append(((st.st_dev, st.st_ino), set(os.listdir(fd))))
+            return real(fd)
+
+        monkeypatch.setattr(os, name, spy)
+
+    def check(path: Path) -> bool:
+        """True if the directory holding ``path`` was fsynced while ``path`` was in it."""
+        st = os.stat(path.parent)
+        return any(ident == (st.st_dev, st.st_ino) and path.name in names for ident, names in synced)
+
+    return check
+
+
+@posix_only
+def test_durable_atomic_write_fsyncs_new_parents(tmp_path, fsynced_into_parent):
+    """Issue 10, item 15: atomic_write(make_parents=True) fsynced only the file's own directory,
+    not the new directories above it, which a power cut could lose with the file in them."""
+    target = tmp_path / "a" / "b" / "c" / "file"
+    with dc.atomic_write(target, make_parents=True) as f:
+        f.write("x")
+    missing = [str(p) for p in (target, target.parent, target.parent.parent, tmp_path / "a") if not fsynced_into_parent(p)]
+    assert missing == [], f"not fsynced into their parent directories: {missing}"
+
+
+@posix_only
+def test_durable_stage_fsyncs_its_new_directories(tmp_path, fsynced_into_parent):
+    """Issue 10, item 15: done_dir on a new nested path did not fsync the new directories into
+    their parents (only the stage's own tree)."""
+    stage_dir = tmp_path / "x" / "y" / "stage"
+    with dc.done_dir(stage_dir) as stage:
+        stage.piece("sub/piece", lambda: "x")
+    new = [tmp_path / "x", tmp_path / "x" / "y", stage_dir, stage_dir / "sub", stage_dir / "sub" / "piece", stage_dir / "DONE"]
+    missing = [str(p) for p in new if not fsynced_into_parent(p)]
+    assert missing == [], f"not fsynced into their parent directories: {missing}"
+
+
+@posix_only
+def test_durable_store_fsyncs_a_new_shard(tmp_path, fsynced_into_parent):
+    """Issue 10, item 15: a durable store writing its first entry into a new shard fsynced the
+    shard (with the entry) but not the store's directory, which holds the new shard (nor, for a new
+    store, the directory above it)."""
+    with dc.open(tmp_path / "c", durable=True) as db:
+        db["k"] = 1
+    [entry] = entry_files(tmp_path / "c")
+    missing = [str(p) for p in (entry, entry.parent, tmp_path / "c") if not fsynced_into_parent(p)]
+    assert missing == [], f"not fsynced into their parent directories: {missing}"
+
+
+# ---------------------------------------------------------------------------
+# Attack 16 KeyboardInterrupt never leaves a key lock marked as held
+# ---------------------------------------------------------------------------
+
+INTERRUPT_STORM = """
+    import signal, time, warnings
+    warnings.simplefilter("ignore")  # An interrupted write may warn; that is not the question here.
+    seconds = float(sys.argv[2])
+
+    @dc.memoize(sys.argv[1])
+    def f(x):
+        return x
+
+    mode, deadline = "idle", 0.0
+
+    def interrupt(signum, frame):
+        if mode == "storm":
+            raise KeyboardInterrupt
+        if mode == "check" and time.monotonic() > deadline:
+            raise TimeoutError("f(1) or f.refresh(1) hung for 2 s")
+
+    def check():
+        # "ok", or what went wrong with f(1) and f.refresh(1), bounded by 2 s.
+        global mode, deadline
+        deadline = time.monotonic() + 2
+        mode = "check"
+        try:
+            return "ok" if (f(1), f.refresh(1)) == (1, 1) else "wrong result"
+        except Exception as exc:
+            return f"after the storm: {type(exc).__name__}: {exc}"
+        finally:
+            mode = "idle"
+
+    signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)  # SIGALRM every 0.3 ms.
+    start = time.monotonic()
+    calls = interrupted = 0
+    state, next_check = "ok", start + 0.25
+    while state == "ok" and time.monotonic() < start + seconds:
+        try:
+            try:
+                mode = "storm"
+                f.refresh(1)
+                calls += 1
+            except KeyboardInterrupt:
+                interrupted += 1
+            except Exception as exc:
+                state = f"during the storm: {type(exc).__name__}: {exc}"
+            finally:
+                mode = "idle"
+            if state == "ok" and time.monotonic() > next_check:  # Stop early once broken.
+                next_check += 0.25
+                state = check()
+        except KeyboardInterrupt:  # Landed outside the call: harmless.
+            pass
+    if state == "ok":
+        state = check()
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    print(state)
+    print(f"{calls} calls completed, {interrupted} interrupted in {time.monotonic() - start:.2f} s")
+"""
+
+
+@posix_only
+def test_keyboard_interrupts_never_leave_a_key_lock_held(tmp_path):
+    """Issue 10, item 16: under a storm of KeyboardInterrupts (SIGALRM every 0.3 ms, f.refresh(1) in
+    a loop), an interrupt could land where the key lock was held but not yet (or no longer) fully
+    recorded, and every later call raised "this thread already holds the lock" (or hung). After the
+    storm, f(1) and f.refresh(1) must work."""
+    proc = child(INTERRUPT_STORM, str(tmp_path), "3", timeout=60)
+    state, summary = proc.stdout.splitlines()
+    assert state == "ok", f"{state} ({summary})"

@@ -4,6 +4,7 @@
     python -m venv .bench && .bench/bin/pip install -r benchmarks/requirements.txt
     .bench/bin/python benchmarks/bench.py --quick      # about a minute and a half on 2 cores
     .bench/bin/python benchmarks/bench.py              # the full run
+    .bench/bin/python benchmarks/bench.py --big        # big arrays and frames (numpy, pandas)
 
 Every workload runs each tool in turn, round after round (the order rotates),
 so drifts of the machine hit all tools alike. The table shows the median over
@@ -353,6 +354,149 @@ def bench_imports(runs: int) -> dict[str, float]:
     return {m: max(0.0, statistics.median(v) - base) for m, v in samples.items()}
 
 
+
+# -- big values: arrays and frames, in fresh child processes --------------------
+#
+# Each measurement is one fresh interpreter: it builds the value (not timed),
+# resets the kernel's RSS high-water mark (writing 5 to /proc/self/clear_refs
+# sets VmHWM back to the current RSS), times one call, and reports the call's
+# seconds and its peak extra memory, VmHWM minus the RSS just before the call.
+# That counts every transient copy, which ru_maxrss cannot (it never resets).
+# A miss runs in an empty cache; a hit in a new process over the cache that
+# the miss left. Pages of a memory-mapped file count in RSS only once touched.
+
+BIG_CHILD = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+tool, kind, role, phase, cache = sys.argv[2:7]
+import numpy as np, pandas as pd
+
+def make():
+    if kind == "array":
+        return np.arange(50_000_000, dtype="f8")  # 400 MB
+    n = 3_750_000  # 8 float64 columns and an int64 index: about 300 MB
+    return pd.DataFrame({f"c{i}": np.arange(n, dtype="f8") + i for i in range(8)})
+
+value = make() if role == "argument" or phase == "miss" else None
+
+def work(x):
+    return value if role == "result" else float(x.iloc[:, 0].sum() if kind == "frame" else x.sum())
+
+if tool.startswith("donecache"):
+    import donecache
+    f = donecache.memoize(cache, mmap=tool.endswith("mmap"), version=1)(work)  # work reads `value`
+elif tool.startswith("joblib"):
+    import joblib
+    f = joblib.Memory(cache, verbose=0, mmap_mode="r" if tool.endswith("mmap") else None).cache(work)
+else:
+    import diskcache
+    f = diskcache.Cache(cache).memoize()(work)
+arg = value if role == "argument" else 1
+
+def rss(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
+
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")
+before = rss("VmRSS:")
+start = time.perf_counter()
+out = f(arg)
+seconds = time.perf_counter() - start
+assert out is not None, "a hit that recomputed"
+peak = rss("VmHWM:") - before
+print(json.dumps({"seconds": seconds, "peak": peak, "size": int(value.nbytes if kind == "array" else
+      value.memory_usage(index=True).sum()) if value is not None else None}))
+"""
+
+BIG_TOOLS = ("donecache", "donecache mmap", "joblib", "joblib mmap", "diskcache")
+
+
+def _big_child(tool: str, kind: str, role: str, phase: str, cache: Path) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-c", BIG_CHILD, str(HERE.parent), tool, kind, role, phase, str(cache)],
+        capture_output=True, text=True, timeout=600,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"{tool} {kind} {role} {phase}: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def bench_big(tmp: Path, rounds: int) -> dict[str, Any]:
+    """Miss, hit and peak extra memory for big arrays and frames as results and arguments."""
+    tools = [t for t in BIG_TOOLS if have.get(t.split()[0], True)]
+    out: dict[str, Any] = {}
+    for kind in ("array", "frame"):
+        for role in ("result", "argument"):
+            if role == "argument":  # Mapping changes nothing for an argument's small result.
+                names = [t for t in tools if not t.endswith("mmap")]
+            else:
+                names = tools
+            runs: dict[str, dict[str, list[float]]] = {t: {"miss": [], "hit": [], "miss_peak": [], "hit_peak": []} for t in names}
+            size = 0
+            for r in range(rounds):
+                for tool in rotate(names, r):
+                    cache = tmp / f"big-{tool.replace(' ', '-')}"
+                    shutil.rmtree(cache, ignore_errors=True)
+                    miss = _big_child(tool, kind, role, "miss", cache)
+                    hit = _big_child(tool, kind, role, "hit", cache)
+                    shutil.rmtree(cache, ignore_errors=True)
+                    size = miss["size"]
+                    for phase, got in (("miss", miss), ("hit", hit)):
+                        runs[tool][phase].append(got["seconds"])
+                        runs[tool][phase + "_peak"].append(got["peak"] / size)
+            out[f"{kind} {role}"] = {
+                "size": size,
+                **{t: {k: statistics.median(v) for k, v in m.items()} for t, m in runs.items()},
+            }
+    return out
+
+
+INFO_CHILD = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import donecache
+def rchar():
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+before, start = rchar(), time.perf_counter()
+if sys.argv[3] == "info":
+    import argparse, json  # Imports read files too: not the cache's doing.
+    donecache.main(["info", sys.argv[2], "--json"])
+    before, start = rchar(), time.perf_counter()
+    donecache.main(["info", sys.argv[2], "--json"])
+else:
+    @donecache.memoize(sys.argv[2])
+    def other(x):
+        return x
+    other(1)
+    before, start = rchar(), time.perf_counter()
+    other.cache_info() if sys.argv[3] == "cache_info" else other.cache_clear()
+print(rchar() - before, time.perf_counter() - start, file=sys.stderr)
+"""
+
+
+def bench_info(tmp: Path, entries: int) -> dict[str, Any]:
+    """`info`, cache_info() and cache_clear() on a cache of multi-GB entries: bytes read and time."""
+    cache = tmp / "info-cache"
+    fill = (
+        "import sys, numpy as np\nsys.path.insert(0, sys.argv[1])\nimport donecache\n"
+        "@donecache.memoize(sys.argv[2])\ndef big(i):\n    return np.full(50_000_000 * 5 // 4, float(i))\n"
+        "for i in range(int(sys.argv[3])):\n    big(i)\n"
+    )
+    subprocess.run([sys.executable, "-c", fill, str(HERE.parent), str(cache), str(entries)], check=True)
+    total = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    out: dict[str, Any] = {"cache_bytes": total}
+    for what in ("info", "cache_info", "cache_clear"):
+        proc = subprocess.run(
+            [sys.executable, "-c", INFO_CHILD, str(HERE.parent), str(cache), what], capture_output=True, text=True
+        )
+        read, seconds = proc.stderr.split()[-2:]
+        out[what] = {"bytes_read": int(read), "seconds": float(seconds)}
+    shutil.rmtree(cache)
+    return out
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -419,7 +563,11 @@ def main() -> int:
     parser.add_argument("--json", default=str(HERE / "last-run.json"), help="where to write the results")
     parser.add_argument("--map-only", action="store_true", help="only the batch (map) throughput rows")
     parser.add_argument("--map-inputs", type=int, default=20000, help="inputs of the batch rows (default 20,000)")
+    parser.add_argument("--big", action="store_true", help="only the big-value rows (400 MB arrays, 300 MB frames)")
+    parser.add_argument("--big-rounds", type=int, default=3, help="rounds of the big-value rows (default 3)")
     args = parser.parse_args()
+    if args.big:
+        return main_big(args)
     quick = args.quick
     if args.map_only:
         return map_only(args.map_inputs, args.json)
@@ -494,6 +642,42 @@ def main() -> int:
         _plot(results, Path(args.json).with_suffix(".png"))
     except ImportError:
         pass
+    return 0
+
+
+def main_big(args: Any) -> int:
+    if not (have["joblib"] and have["diskcache"]):
+        print("note: the big-value rows compare with joblib and diskcache; install them first")
+    started = time.time()
+    results: dict[str, Any] = {"machine": machine(), "mode": "big", "python": sys.version}
+    print(f"machine: {results['machine']}\nmode: big values, {args.big_rounds} rounds, fresh processes, medians")
+    with tempfile.TemporaryDirectory(prefix="donecache-bench-", dir=os.environ.get("BENCH_TMP")) as tmpdir:
+        results["big"] = bench_big(Path(tmpdir), args.big_rounds)
+        results["info"] = bench_info(Path(tmpdir), entries=6)
+    lines = []
+    for workload, r in results["big"].items():
+        lines.append(f"\n{workload} ({r['size'] / 1e6:.0f} MB)")
+        lines.append(f"  {'tool':16s} {'miss':>9s} {'hit':>9s} {'miss peak':>10s} {'hit peak':>9s}  (peak: x the value)")
+        for tool, m in r.items():
+            if tool != "size":
+                lines.append(
+                    f"  {tool:16s} {m['miss'] * 1e3:>7.0f}ms {m['hit'] * 1e3:>7.1f}ms {m['miss_peak']:>9.2f}x {m['hit_peak']:>8.2f}x"
+                )
+        if "joblib" in r:
+            lines.append(
+                f"  donecache/joblib: miss {r['donecache']['miss'] / r['joblib']['miss']:.2f}x, "
+                f"hit {r['donecache']['hit'] / r['joblib']['hit']:.2f}x"
+            )
+    info = results["info"]
+    lines.append(f"\ninspection of a cache of {info['cache_bytes'] / 1e9:.1f} GB (another function's values)")
+    for what in ("info", "cache_info", "cache_clear"):
+        lines.append(f"  {what:12s} read {info[what]['bytes_read']:>10,d} bytes in {info[what]['seconds'] * 1e3:.1f} ms")
+    results["seconds"] = time.time() - started
+    lines.append(f"\n(run took {results['seconds']:.0f} s)")
+    print("\n".join(lines))
+    path = Path(args.json).with_name("big-run.json") if args.json == str(HERE / "last-run.json") else Path(args.json)
+    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(f"results written to {path}")
     return 0
 
 
