@@ -3219,6 +3219,13 @@ class _Memoized(Generic[_P, _R]):
         import functools
         import hashlib
 
+        # What the first call needs to work out the code identity (_prepare) is
+        # imported now: a KeyboardInterrupt inside a first import can leave a
+        # half-initialised module behind (seen with inspect on CPython 3.9).
+        import inspect  # noqa: F401
+        import textwrap  # noqa: F401
+        import tokenize  # noqa: F401
+
         functools.update_wrapper(self, func)
         if not hasattr(func, "__qualname__"):  # A functools.partial or a callable object.
             self.__qualname__ = self.__name__ = _function_name(func)
