@@ -211,6 +211,9 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
     def _keep_mode(fd: int, mode: int) -> None:
         pass  # Windows files carry only a read-only flag, not POSIX permission bits.
 
+    def _touch(fd: int, path: str) -> None:
+        os.utime(path)  # Windows' os.utime takes no descriptor.
+
     class _LockFile:
         """A lock file opened for one lock. Windows byte locks belong to the
         handle, so each lock has a handle of its own: two threads never share
@@ -312,6 +315,11 @@ else:
 
     def _keep_mode(fd: int, mode: int) -> None:
         os.fchmod(fd, mode)
+
+    def _touch(fd: int, path: str) -> None:
+        # Sets the modification time to now through the open file (futimens(2)):
+        # no second lookup of the path, which a rename may have changed since.
+        os.utime(fd)
 
     # Byte locks. Linux (3.15 and later) has open-file-description locks
     # (F_OFD_SETLK, fcntl(2)), which belong to the open file description as
@@ -1655,7 +1663,51 @@ _CACHEDIR_TAG = (
     b"Signature: 8a477f597d28d172789f06886806bc55\n"
     b"# This file marks a donecache store (see https://bford.info/cachedir/).\n"
 )
-_STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions", ".failures"})
+_STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions", ".failures", ".usage"})
+
+# The size limit (max_bytes, in bytes on disk). The store's .lock file lends
+# byte 0 to the one process that sweeps the store and byte 1 to the running
+# total of its bytes in .usage; each other byte guards the computation of the
+# keys that hash to it (_key_byte).
+_SWEEP_BYTE, _USAGE_BYTE, _FIRST_KEY_BYTE = 0, 1, 2
+# A write that takes the store past the high-water mark (or leaves no room for
+# another entry like it) sweeps it down to the low-water mark: a sweep comes
+# once a tenth of the limit has been written, and the tenth left above the
+# high-water mark takes the entries of writers in other processes, which land
+# before they are counted.
+_HIGH_WATER, _LOW_WATER = 0.9, 0.8
+# An entry file's modification time is its last use: it is set when the entry
+# is written and again when a read finds it at least this many seconds old.
+# Atime cannot serve (noatime and relatime mounts do not keep it). With a
+# limit, every read records its use (one futimens(2), about 2.5 us, a tenth
+# of a hit): a coarser grain let entries hit every few milliseconds lose to
+# entries just written by other processes. Without a limit, a use is recorded
+# within a minute, which `prune --older-than` needs, at one utime per entry
+# per minute at most.
+_USE_GRAIN_BOUNDED = 0.0
+_USE_GRAIN = 60.0
+
+
+def _disk_bytes(st: os.stat_result) -> int:
+    """The space a file takes on disk: its blocks (512 bytes each, as stat(2)
+    counts them), or its size where the system does not count blocks."""
+    blocks = getattr(st, "st_blocks", None)
+    return st.st_size if blocks is None else int(blocks) * 512
+
+
+def _check_max_bytes(max_bytes: Any) -> int | None:
+    """max_bytes as given, if it is None or a positive int; else a ValueError that says what fits."""
+    if max_bytes is None or (isinstance(max_bytes, int) and not isinstance(max_bytes, bool) and max_bytes > 0):
+        return max_bytes
+    raise ValueError(
+        f"max_bytes must be a positive int (bytes on disk, such as 500 * 2**20 for 500 MiB) or None "
+        f"for no limit, not {max_bytes!r}"
+    )
+
+
+def _key_byte(digest: str) -> int:
+    """The byte of the store's lock file that guards the keys whose file name is ``digest``."""
+    return _FIRST_KEY_BYTE + int(digest[-16:], 16) % (_LOCK_SPAN - _FIRST_KEY_BYTE)
 
 
 def _file_head(path: str, size: int) -> bytes:
@@ -1939,7 +1991,7 @@ _ENTRY_FLAGS = _READ_FLAGS | getattr(os, "O_NOFOLLOW", 0)
 
 
 def _load_entry(
-    path: str, key: bytes | None = None, depth: int = _VALUE, mapped: bool = False
+    path: str, key: bytes | None = None, depth: int = _VALUE, mapped: bool = False, touch_before: float = 0.0
 ) -> tuple[_Entry | None, os.stat_result | None]:
     """Read the entry file at ``path`` to ``depth`` (_HEAD, _VALUE or _VERIFY).
 
@@ -1947,7 +1999,8 @@ def _load_entry(
     if it is damage: not a regular file, or not a whole entry; (None, None) if
     there is nothing there. Any other OSError (ESTALE, EIO, EACCES) propagates:
     the file could not be judged (callers retry ESTALE with _retry_stale). ``mapped`` maps the big buffers of a value
-    instead of reading them.
+    instead of reading them. A whole entry last modified before ``touch_before``
+    (a Unix time) has its modification time set to now: a use is recorded.
     """
     try:
         fd, st = _open_regular(path, _ENTRY_FLAGS)
@@ -1963,7 +2016,13 @@ def _load_entry(
         except FileNotFoundError:
             return None, None
     try:
-        return _read_entry(fd, st.st_size, key, depth, mapped), st
+        entry = _read_entry(fd, st.st_size, key, depth, mapped)
+        if entry is not None and st.st_mtime < touch_before:
+            try:
+                _touch(fd, path)
+            except OSError:
+                pass  # A store this process may read but not change: the use goes unrecorded.
+        return entry, st
     finally:
         os.close(fd)
 
@@ -2031,6 +2090,25 @@ class _Found:
         self.path, self.entry, self.stat, self.folder = path, entry, stat, folder
 
 
+class _Swept:
+    """What a sweep evicted: how many entries, and their bytes on disk."""
+
+    __slots__ = ("entries", "bytes")
+
+    def __init__(self) -> None:
+        self.entries = self.bytes = 0
+
+
+def _log_eviction(root: str, entry: _Entry | None, st: os.stat_result, size: int) -> None:
+    import logging
+
+    what = "a damaged entry" if entry is None else f"an entry of {_function_of(entry.key)}"
+    logging.getLogger("donecache").info(
+        "evicted %s (%d bytes on disk, last used %.0f s ago) from %s",
+        what, size, max(0.0, time.time() - st.st_mtime), root,
+    )
+
+
 class _EntryFiles:
     """The directory of a store: where entries live, and their upkeep.
 
@@ -2041,9 +2119,13 @@ class _EntryFiles:
 
     Safe for any number of threads and processes without locks: a write is a
     rename, a read takes whichever version the name points to and checks it.
+
+    With ``max_bytes``, each write adds its bytes on disk to a running total
+    kept in .usage, shared by every process that writes with a limit; when the
+    total passes the limit, the writer sweeps (see sweep()).
     """
 
-    def __init__(self, path: StrPath, flag: str, durable: bool) -> None:
+    def __init__(self, path: StrPath, flag: str, durable: bool, max_bytes: int | None = None) -> None:
         import hashlib
 
         if flag not in ("r", "w", "c", "n"):
@@ -2052,6 +2134,8 @@ class _EntryFiles:
         self._prefix = os.path.join(self.root, "")
         self.readonly = flag == "r"
         self.durable = durable
+        self.max_bytes = _check_max_bytes(max_bytes)
+        self._grain = _USE_GRAIN if max_bytes is None else _USE_GRAIN_BOUNDED
         self._blake2b = hashlib.blake2b
         if os.path.islink(self.root) and not os.path.exists(self.root):
             raise FileNotFoundError(
@@ -2200,19 +2284,22 @@ class _EntryFiles:
 
     def slot(self, key: bytes, folder: str = "") -> _Slot:
         digest = self._blake2b(key, digest_size=_NAME_BYTES).hexdigest()
-        return _Slot(f"{self._prefix}{folder}{digest[:2]}{os.sep}{digest}", int(digest[-16:], 16))
+        return _Slot(f"{self._prefix}{folder}{digest[:2]}{os.sep}{digest}", _key_byte(digest))
 
     def read(
-        self, key: bytes, slot: _Slot | None = None, now: float | None = None, mapped: bool = False
+        self, key: bytes, slot: _Slot | None = None, now: float | None = None, mapped: bool = False, use: bool = True
     ) -> _Entry | None:
         """The entry for ``key`` if it is whole and live at ``now``, or None;
-        ``mapped`` maps its big buffers instead of reading them."""
+        ``mapped`` maps its big buffers instead of reading them. ``use``: the
+        read is a use of the entry, recorded for the size limit and prune."""
+        when = time.time() if now is None else now
+        touch = when - self._grain if use and not self.readonly else 0.0
         try:
             path = (slot or self.slot(key)).path
-            entry = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped))[0]
+            entry = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped, touch))[0]
         except (OSError, ValueError):
             return None  # Unreadable now (EIO, or ESTALE that persisted), or a mapping refused: a miss.
-        if entry is None or (entry.expires and (time.time() if now is None else now) >= entry.expires):
+        if entry is None or (entry.expires and when >= entry.expires):
             return None
         return entry
 
@@ -2238,6 +2325,121 @@ class _EntryFiles:
                 _write_bytes(path, encoded.chunks(), durable=self.durable)
         except OSError as exc:
             raise _reraise_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
+        if self.max_bytes is not None:
+            try:
+                self._grew(path, self.max_bytes)
+            except OSError as exc:
+                raise _reraise_about(
+                    exc, self.root, f"keep the cache within max_bytes={self.max_bytes}", "check that it is writable"
+                ) from exc
+
+    # -- the size limit ------------------------------------------------------
+    #
+    # Amortised: a write costs one stat and a few microseconds under the lock
+    # byte of the running total; only a write that takes the total past the
+    # limit lists the store. Writes by processes without a limit are not
+    # counted until the next sweep measures the store. An entry is written
+    # only once its value is computed, and its computation holds the key's
+    # lock byte until the waiters have read it: a sweep skips entries whose
+    # byte is held, so it never evicts an entry whose key is being computed
+    # (an expired entry being recomputed, a refresh, or a result just stored
+    # for waiting callers).
+
+    def _usage(self, change: Callable[[int | None], int | None]) -> int | None:
+        """Replace the running total of the store's bytes on disk (None where
+        .usage is missing or damaged) by ``change`` of it, under its lock byte;
+        return the new total."""
+        lock = _KeyLock(self.lock_path, _USAGE_BYTE)
+        lock.acquire()
+        try:
+            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+            fd = os.open(os.path.join(self.root, ".usage"), flags | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                raw = os.read(fd, 9)
+                total = int.from_bytes(raw, "little") if len(raw) == 8 else None
+                new = change(total)
+                if new is not None and new != total:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    os.write(fd, max(0, new).to_bytes(8, "little"))
+                return new
+            finally:
+                os.close(fd)
+        finally:
+            lock.release()
+
+    def _grew(self, path: str, max_bytes: int) -> None:
+        try:
+            size = _disk_bytes(os.stat(path))
+        except FileNotFoundError:
+            return  # Already evicted or removed by another process.
+        total = self._usage(lambda total: None if total is None else total + size)
+        if total is None or total > max_bytes * _HIGH_WATER or total + size > max_bytes:
+            self.sweep(int(max_bytes * _LOW_WATER))
+
+    def sweep(self, target: int | None, older_than: float | None = None, wait: bool = False) -> _Swept | None:
+        """Evict entries, least recently used first, until the entry files take
+        at most ``target`` bytes on disk, and every entry last used before
+        ``older_than`` (a Unix time); log each eviction. One process sweeps at
+        a time: None if another one is sweeping, unless ``wait``."""
+        self._writable()
+        lock = _KeyLock(self.lock_path, _SWEEP_BYTE)
+        if wait:
+            lock.acquire()
+        elif not lock.try_acquire():
+            return None  # Another process is sweeping: it will bring the total down.
+        try:
+            base = self._usage(lambda total: total)
+            listed: list[tuple[float, str, os.stat_result]] = []
+            for path, _folder in self.files():
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                listed.append((st.st_mtime, path, st))
+            total = sum(_disk_bytes(st) for _mtime, _path, st in listed)
+            listed.sort(key=lambda item: item[0])
+            swept = _Swept()
+
+            def left(now: int | None) -> int:
+                # The total measured, less what was evicted, plus what others wrote since it was read.
+                return total - swept.bytes + (now - base if now is not None and base is not None else 0)
+
+            for mtime, path, st in listed:
+                if (target is None or left(self._usage(lambda now: now)) <= target) and (
+                    older_than is None or mtime >= older_than
+                ):
+                    break
+                size = _disk_bytes(st)
+                if self._evict(path, st, size):
+                    swept.entries += 1
+                    swept.bytes += size
+            self._usage(left)
+            return swept
+        finally:
+            lock.release()
+
+    def _evict(self, path: str, listed: os.stat_result, size: int) -> bool:
+        """Remove one entry file found by a sweep, unless its key is being
+        computed or it was used or replaced since the listing; True if removed."""
+        lock = _KeyLock(self.lock_path, _key_byte(os.path.basename(path)))
+        try:
+            if not lock.try_acquire():
+                return False
+        except RuntimeError:
+            return False  # This very thread is computing the key.
+        try:
+            try:
+                entry, st = _load_entry(path, None, _HEAD)
+            except OSError:
+                return False  # Not judged (EIO, ESTALE, EACCES).
+            if st is None or not _same_file(st, listed) or st.st_mtime != listed.st_mtime:
+                return False
+            if not _remove_judged(path, st):
+                return False
+        finally:
+            lock.release()
+        _log_eviction(self.root, entry, st, size)
+        return True
 
     def delete(self, key: bytes, slot: _Slot | None = None) -> bool:
         """Remove the entry file that ``key`` names (whatever state it is in); True if there was one."""
@@ -2405,7 +2607,7 @@ class _ShelfDict:
 
     def __contains__(self, key: object) -> bool:
         # Mapped: the stream is checked, and big buffers are not read.
-        return isinstance(key, bytes) and self.files.read(key, mapped=True) is not None
+        return isinstance(key, bytes) and self.files.read(key, mapped=True, use=False) is not None
 
     def __iter__(self) -> Iterator[bytes]:
         now = time.time()
@@ -2446,6 +2648,11 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
         arrays and pandas columns) as private copy-on-write memory maps of
         the entry files instead of reading them: writable, and changes never
         reach the file.
+    max_bytes: bound the store's entries to this many bytes on disk (None,
+        the default: no bound). A write that takes them past it evicts the
+        least recently used entries (a read counts as a use) down to 80% of
+        it, and logs each eviction on the "donecache" logger (INFO). The
+        bound is the whole directory's, memoized functions' entries included.
 
     Entries are pickles: open only directories that nobody you distrust can write.
     """
@@ -2459,10 +2666,11 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
         *,
         durable: bool = False,
         mmap: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         # Named and typed as in shelve.DbfilenameShelf; a bytes path is decoded
         # as the filesystem encoding says, as os.open would.
-        self._files = _EntryFiles(os.fsdecode(filename), flag, durable)
+        self._files = _EntryFiles(os.fsdecode(filename), flag, durable, max_bytes)
         self.path = self._files.root
         self._mmap = mmap
         # shelve turns None into protocol 3; here None means 5, which keeps big buffers apart.
@@ -3119,7 +3327,7 @@ class CacheInfo(tuple):  # type: ignore[type-arg]
 
     hits = property(lambda self: self[0], doc="calls answered from the cache by this process")
     misses = property(lambda self: self[1], doc="calls this process computed and stored")
-    maxsize = property(lambda self: self[2], doc="always None: the cache is bounded by ttl and prune")
+    maxsize = property(lambda self: self[2], doc="the store's max_bytes (bytes on disk, not a count of entries), or None")
     currsize = property(lambda self: self[3], doc="this function's live entries on disk")
 
     def __repr__(self) -> str:
@@ -3215,6 +3423,7 @@ class _Memoized(Generic[_P, _R]):
         durable: bool,
         key: Callable[..., Any] | None = None,
         mmap: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         import functools
         import hashlib
@@ -3237,6 +3446,7 @@ class _Memoized(Generic[_P, _R]):
         self._ttl = ttl
         self._durable = durable
         self._mmap = mmap
+        self._max_bytes = _check_max_bytes(max_bytes)
         self._arguments = _Arguments(func, ignore, key)
         self._version = version
         self._function = f"{_module_name(func)}:{_function_name(func)}"
@@ -3266,7 +3476,7 @@ class _Memoized(Generic[_P, _R]):
         then the function is called straight through, with one warning."""
         if self._store is None:
             try:
-                files = _EntryFiles(self.path, "c", self._durable)
+                files = _EntryFiles(self.path, "c", self._durable, self._max_bytes)
                 self._folder = files.folder(self._function)
                 self._store = files
             except OSError as exc:
@@ -3304,10 +3514,11 @@ class _Memoized(Generic[_P, _R]):
     # it to the end with a single send(); the async class overrides only those
     # two, and awaits _flow.
 
-    def _live(self, call: _Call, files: _EntryFiles) -> _Entry | None:
-        """The call's entry if it is whole and live, by its own expiry and this function's ttl."""
+    def _live(self, call: _Call, files: _EntryFiles, use: bool = True) -> _Entry | None:
+        """The call's entry if it is whole and live, by its own expiry and this
+        function's ttl; ``use``: record the read as a use of the entry."""
         now = time.time()
-        entry = files.read(call.key, call.slot, now, self._mmap)
+        entry = files.read(call.key, call.slot, now, self._mmap, use)
         if entry is None or (self._ttl is not None and now - entry.created >= self._ttl):
             return None
         return entry
@@ -3506,7 +3717,7 @@ class _Memoized(Generic[_P, _R]):
         if _switched_off() or (self._store is None and not os.path.isdir(self.path)):
             return False
         call = self._call(args, kwargs)
-        return self._store is not None and self._live(call, self._store) is not None
+        return self._store is not None and self._live(call, self._store, use=False) is not None
 
     def forget(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
         """Drop the cached result of this one call; True if there was one."""
@@ -3533,7 +3744,7 @@ class _Memoized(Generic[_P, _R]):
             for found in (files.scan(self._folder) if files is not None else ())
             if found.entry is not None and found.entry.live(now) and found.entry.key.startswith(prefix)
         )
-        return CacheInfo(self._hits, self._misses, None, live)
+        return CacheInfo(self._hits, self._misses, self._max_bytes, live)
 
     def map(
         self,
@@ -4403,7 +4614,7 @@ def memoize(
     version: _Version | None = None,
     ignore: Iterable[str] = (),
     key: Callable[..., Any] | None = None,
-    durable: bool = False, mmap: bool = False,
+    durable: bool = False, mmap: bool = False, max_bytes: int | None = None,
 ) -> Callable[[Callable[_P, _R]], _Memoized[_P, _R]]: ...
 
 
@@ -4416,6 +4627,7 @@ def memoize(
     key: Callable[..., Any] | None = None,
     durable: bool = False,
     mmap: bool = False,
+    max_bytes: int | None = None,
 ) -> Any:
     """Keep a function's results on disk, shared by threads, processes and runs.
 
@@ -4445,6 +4657,12 @@ def memoize(
         NumPy arrays and pandas columns) as private copy-on-write memory maps
         of the entry files: a hit costs milliseconds whatever the size; the
         arrays are writable, and changes never reach the file.
+    max_bytes: bound the store (the whole directory, shared with any other
+        function in it) to this many bytes on disk: a miss that takes it past
+        the bound evicts the least recently used entries (a hit counts as a
+        use) down to 80% of it, logging each on the "donecache" logger (INFO).
+        None (the default): no bound. ``cache_info().maxsize`` reports it, in
+        bytes (functools counts entries there).
 
     The decorated function has ``cache_info()``, ``cache_clear()`` (this
     function's entries only), ``forget(*args)``, ``refresh(*args)`` and
@@ -4455,6 +4673,7 @@ def memoize(
     keeps all of these. ``async def`` functions are supported.
     """
     seconds = _seconds(ttl)
+    _check_max_bytes(max_bytes)
     if version is not None:
         _version_text(version)  # An unusable version fails here, not at the first call.
     if isinstance(ignore, str):
@@ -4477,7 +4696,7 @@ def memoize(
                 "function that collects it"
             )
         kind = _AsyncMemoized if code is not None and code.co_flags & _CO_COROUTINE else _Memoized
-        return kind(func, store_path, seconds, version, ignore, durable, key, mmap)
+        return kind(func, store_path, seconds, version, ignore, durable, key, mmap, max_bytes)
 
     if callable(path) and not isinstance(path, (str, os.PathLike)):
         store_path: StrPath | None = None
@@ -4508,13 +4727,6 @@ def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
         )
 
     return stale
-
-
-def _disk_bytes(st: os.stat_result) -> int:
-    """The space a file takes on disk: its blocks (512 bytes each, as stat(2)
-    counts them), or its size where the system does not count blocks."""
-    blocks = getattr(st, "st_blocks", None)
-    return st.st_size if blocks is None else int(blocks) * 512
 
 
 def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
@@ -4651,13 +4863,57 @@ def _cli_failures(args: Any) -> int:
     return 0 if records else 1
 
 
+# Units of --max-bytes (a bare number is bytes) and --older-than (a unit is required).
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _cli_amount(text: str, units: dict[str, int], option: str, fix: str) -> float:
+    """A positive finite number followed by one of ``units``; a usage error naming ``option`` otherwise."""
+    word = text.strip().lower()
+    if word[-1:].isdigit() and "" in units:
+        word += " "
+    try:
+        amount = float(word[:-1]) * units[word[-1:].strip()]
+    except (KeyError, ValueError):
+        amount = 0.0
+    if not 0 < amount < float("inf"):
+        raise _UsageError(f"{option} {text!r}: {fix}")
+    return amount
+
+
+def _cli_size(text: str) -> int:
+    fix = "give a positive size in bytes, or with K, M, G or T for KiB, MiB, GiB or TiB: 1000000, 500M, 2G"
+    size = int(_cli_amount(text, _SIZE_UNITS, "--max-bytes", fix))
+    if size < 1:
+        raise _UsageError(f"--max-bytes {text!r}: less than one byte; {fix}")
+    return size
+
+
+def _cli_age(text: str) -> float:
+    fix = "give a positive age with its unit, s, m, h or d: 3600s, 90m, 12h, 30d"
+    return _cli_amount(text, _AGE_UNITS, "--older-than", fix)
+
+
 def _cli_prune(args: Any) -> int:
+    max_bytes = None if args.max_bytes is None else _cli_size(args.max_bytes)
+    age = None if args.older_than is None else _cli_age(args.older_than)
     files = _cli_store(args.path, "w")
-    entries, temps = files.prune(stale=_stale_test(files) if args.stale else None)
+    now = time.time()
+    entries, temps = files.prune(now, stale=_stale_test(files) if args.stale else None)
+    report: dict[str, Any] = {"path": files.root, "removed_entries": entries, "removed_temporary_files": temps}
+    swept = None
+    if max_bytes is not None or age is not None:
+        # By hand the store goes down to the size asked for, not to a low-water mark.
+        swept = files.sweep(max_bytes, None if age is None else now - age, wait=True)
+        assert swept is not None  # wait=True: never skipped.
+        report.update(evicted_entries=swept.entries, evicted_bytes=swept.bytes)
     if args.json:
-        return _print_json({"path": files.root, "removed_entries": entries, "removed_temporary_files": temps})
+        return _print_json(report)
     what = "expired, damaged or stale" if args.stale else "expired or damaged"
     print(f"removed {entries} {what} entries and {temps} temporary files from {files.root}")
+    if swept is not None:
+        print(f"evicted {swept.entries} least recently used entries ({_mib(swept.bytes)} MiB on disk)")
     return 0
 
 
@@ -4736,6 +4992,17 @@ def main(argv: list[str] | None = None) -> int:
     prune = store_command("prune", "remove expired and damaged entries and temporary files left by crashes", _cli_prune)
     prune.add_argument(
         "--stale", action="store_true", help="also remove entries of functions' older code (see info)"
+    )
+    prune.add_argument(
+        "--max-bytes",
+        metavar="SIZE",
+        help="then evict the least recently used entries until the entries take at most SIZE on disk: "
+        "bytes, or K, M, G, T for KiB, MiB, GiB, TiB (1000000, 500M, 2G)",
+    )
+    prune.add_argument(
+        "--older-than",
+        metavar="AGE",
+        help="then evict the entries not used (read or written) within AGE: 3600s, 90m, 12h, 30d",
     )
     status = command("status", "say whether stage directories are done, incomplete or missing")
     status.add_argument("directories", nargs="+", metavar="DIR", help="stage directories")

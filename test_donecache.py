@@ -3307,6 +3307,161 @@ def test_damage_costs_only_a_recomputation(tmp_path):
     assert proc.stdout == "" and proc.stderr == "", "the rewritten entries are hits again"
 
 
+# -- the size limit (max_bytes) ------------------------------------------------
+
+
+def disk_bytes(root: Path) -> int:
+    """Bytes on disk of a store's entry files, as `info` counts them."""
+    return sum(os.lstat(p).st_blocks * 512 for p in entry_files(root))
+
+
+@posix_only
+def test_max_bytes_keeps_a_store_written_by_several_processes_within_the_bound_and_the_hot_entries(tmp_path):
+    # 4 processes write 50 entries of 1 MiB each (200 MiB) into a store bounded
+    # at 50 MiB, each hitting the same 3 hot entries after every write.
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    script = """
+        import logging, os, time
+        root, who, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+        logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s", filename=f"{root}.{who}.log")
+
+        @dc.memoize(root, max_bytes=50 * 2**20)
+        def blob(i):
+            return bytes([i % 256]) * 2**20
+
+        def disk():
+            total = 0
+            for folder, _dirs, names in os.walk(root):
+                for name in names:
+                    if len(name) == 32:
+                        try:
+                            total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+                        except FileNotFoundError:
+                            pass
+            return total
+
+        hot = [10_000, 10_001, 10_002]
+        print("ready", flush=True)
+        while not os.path.exists(go):
+            time.sleep(0.001)
+        for h in hot:
+            blob(h)
+        peak = 0
+        for i in range(50):
+            blob(1000 * who + i)
+            for h in hot:
+                blob(h)
+            peak = max(peak, disk())
+        print(peak, blob.cache_info().misses, blob.cache_info().maxsize, flush=True)
+    """
+    procs = [child(script, str(cache), str(n), str(go), background=True) for n in range(4)]
+    release_together(procs, go)
+    limit = 50 * 2**20
+    outputs = [proc.communicate(timeout=120)[0].split() for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs)
+    one_entry = max(os.lstat(p).st_blocks * 512 for p in entry_files(cache))
+    for peak, _misses, maxsize in outputs:
+        assert int(peak) <= limit + one_entry, "the store grew past its bound while being written"
+        assert int(maxsize) == limit
+    # Each hot entry was computed once, by one of them, and never evicted.
+    assert sum(int(misses) for _peak, misses, _maxsize in outputs) == 4 * 50 + 3, outputs
+    assert disk_bytes(cache) <= limit + one_entry
+    # Every entry that is gone was evicted once, and each eviction was logged
+    # with its function and size: 4 x 50 + 3 distinct keys were written.
+    logged = [line for n in range(4) for line in (tmp_path / f"cache.{n}.log").read_text().splitlines()]
+    assert len(logged) == 4 * 50 + 3 - len(entry_files(cache)) > 100
+    assert all(line.startswith("donecache evicted an entry of __main__:blob (1") for line in logged), logged[:3]
+    assert all(f"{one_entry} bytes on disk" in line for line in logged)
+
+
+def test_a_hit_records_a_use_and_a_sweep_evicts_the_least_recently_used(tmp_path, caplog):
+    with dc.open(tmp_path / "s", max_bytes=10 * 2**20) as db:
+        for n in range(8):
+            db[f"k{n}"] = b"x" * 2**20
+        paths = {n: next(p for p in entry_files(tmp_path / "s") if f"k{n}".encode() in p.read_bytes()[:200])
+                 for n in range(8)}
+        for n, path in paths.items():  # k0 is the oldest ... k7 the newest.
+            os.utime(path, (1000.0 + n, 1000.0 + n))
+        assert "k0" in db and os.stat(paths[0]).st_mtime == 1000.0  # A question is not a use.
+        assert db["k0"] == b"x" * 2**20 and os.stat(paths[0]).st_mtime > time.time() - 5  # A read is.
+        with caplog.at_level("INFO", logger="donecache"):
+            for n in range(8, 12):
+                db[f"k{n}"] = b"x" * 2**20  # Past 90% of 10 MiB: swept down to 8 MiB, twice.
+        assert disk_bytes(tmp_path / "s") <= 9 * 2**20
+        # The least recently used went: k1 to k4, not k0, which was read.
+        assert set(db) == {"k0", *(f"k{n}" for n in range(5, 12))}
+    evicted = [r.getMessage() for r in caplog.records if r.name == "donecache"]
+    assert evicted and all(m.startswith("evicted an entry of (donecache.open keys) (10") for m in evicted)
+
+
+def test_is_cached_does_not_count_as_a_use(tmp_path):
+    @dc.memoize(tmp_path / "c", max_bytes=2**30)
+    def f(x):
+        return x
+
+    f(1)
+    (path,) = entry_files(tmp_path / "c")
+    os.utime(path, (1000.0, 1000.0))
+    assert f.is_cached(1) and os.stat(path).st_mtime == 1000.0
+    assert f(1) == 1 and os.stat(path).st_mtime > 1000.0
+
+
+@posix_only
+def test_a_sweep_never_evicts_an_entry_whose_key_is_being_computed(tmp_path):
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    # The oldest entry, being recomputed (a refresh) by another process.
+    computing = child(
+        """
+        import os, time
+        @dc.memoize(sys.argv[1], max_bytes=4 * 2**20)
+        def blob(i):
+            if os.path.exists(sys.argv[1] + ".first"):
+                print("computing", flush=True)
+                while not os.path.exists(sys.argv[2]):
+                    time.sleep(0.01)
+            return bytes([i]) * 2**20
+        blob(0)
+        open(sys.argv[1] + ".first", "w").close()
+        blob.refresh(0)
+        """,
+        str(cache),
+        str(go),
+        background=True,
+    )
+    wait_for_line(computing, "computing")
+    (first,) = entry_files(cache)
+    inode = os.stat(first).st_ino
+    os.utime(first, (1000.0, 1000.0))  # Least recently used of all.
+    child(
+        """
+        @dc.memoize(sys.argv[1], max_bytes=4 * 2**20)
+        def blob(i):
+            return bytes([i]) * 2**20
+        for i in range(1, 12):
+            blob(i)
+        """,
+        str(cache),
+    )
+    assert os.stat(first).st_ino == inode, "the entry being computed was evicted"
+    assert len(entry_files(cache)) <= 4  # The others were evicted around it.
+    go.touch()
+    assert computing.wait(timeout=60) == 0
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "1G"])
+def test_max_bytes_must_be_a_positive_int(tmp_path, bad):
+    with pytest.raises(ValueError, match=r"max_bytes must be a positive int .* not"):
+        dc.open(tmp_path / "s", max_bytes=bad)
+    with pytest.raises(ValueError, match=r"max_bytes must be a positive int .* not"):
+        dc.memoize(tmp_path / "m", max_bytes=bad)
+    assert not (tmp_path / "s").exists()
+
+
+def test_cache_info_reports_max_bytes_or_none(tmp_path):
+    assert dc.memoize(tmp_path, max_bytes=123456)(abs).cache_info().maxsize == 123456
+    assert dc.memoize(tmp_path)(abs).cache_info().maxsize is None
+
+
 # ---------------------------------------------------------------------------
 # 7. The command line, and the example pipeline
 # ---------------------------------------------------------------------------
@@ -3378,6 +3533,40 @@ def test_cli_prune(filled_cache):
         "expired": 0,
         "damaged": 0,
     }
+
+
+def test_cli_prune_max_bytes_and_older_than(tmp_path):
+    cache = tmp_path / "cache"
+    with dc.open(cache) as db:
+        for n in range(10):
+            db[f"k{n}"] = bytes(100_000)  # 100 KiB... on disk: 100,352 bytes (ext4: 25 blocks).
+    now = time.time()
+    for path in entry_files(cache):  # k0 used 10 hours ago, ..., k9 one hour ago.
+        n = int(next(k for k in range(10) if f"k{k}".encode() in path.read_bytes()[:200]))
+        os.utime(path, (now - 3600 * (10 - n), now - 3600 * (10 - n)))
+    size = os.lstat(entry_files(cache)[0]).st_blocks * 512
+    proc = cli("prune", str(cache), "--older-than", "5.5h", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["evicted_entries"] == 5  # k0 ... k4
+    with dc.open(cache, "r") as db:
+        assert sorted(db) == [f"k{n}" for n in range(5, 10)]
+    proc = cli("prune", str(cache), "--max-bytes", str(3 * size))
+    assert proc.returncode == 0 and "evicted 2 least recently used entries" in proc.stdout, proc.stdout
+    with dc.open(cache, "r") as db:
+        assert sorted(db) == ["k7", "k8", "k9"]
+    assert disk_bytes(cache) <= 3 * size
+
+
+@pytest.mark.parametrize(
+    "option,value", [("--max-bytes", "0"), ("--max-bytes", "5X"), ("--max-bytes", "lots"), ("--older-than", "10"),
+                     ("--older-than", "-1h"), ("--older-than", "soon")]
+)
+def test_cli_prune_refuses_bad_sizes_and_ages(filled_cache, option, value):
+    before = sorted(p.name for p in entry_files(filled_cache))
+    proc = cli("prune", str(filled_cache), f"{option}={value}")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"python -m donecache prune: {option} {value!r}: give a positive"), proc.stderr
+    assert sorted(p.name for p in entry_files(filled_cache)) == before  # Refused before touching anything.
 
 
 def test_cli_clear(filled_cache):
