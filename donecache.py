@@ -67,7 +67,7 @@ __all__ = [
     "FailureRecord",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # One-off scripts pay for every import, so only modules that the interpreter has
 # loaded anyway or that cost little are imported here. shelve (with pickle) is
