@@ -3428,12 +3428,17 @@ class _Memoized(Generic[_P, _R]):
         import functools
         import hashlib
 
-        # What the first call needs to work out the code identity (_prepare) is
-        # imported now: a KeyboardInterrupt inside a first import can leave a
-        # half-initialised module behind (seen with inspect on CPython 3.9).
+        # What the first call needs to work out and record the code identity
+        # (_prepare) is imported now: a KeyboardInterrupt inside a first import
+        # can leave a half-initialised module behind (seen with inspect and json
+        # on CPython 3.9).
         import inspect  # noqa: F401
+        import json  # noqa: F401
         import textwrap  # noqa: F401
         import tokenize  # noqa: F401
+
+        if not hasattr(sys, "stdlib_module_names"):
+            _stdlib_dirs()  # CPython 3.9: sysconfig, for telling library code apart.
 
         functools.update_wrapper(self, func)
         if not hasattr(func, "__qualname__"):  # A functools.partial or a callable object.
