@@ -78,6 +78,7 @@ import _thread
 import collections.abc
 import errno
 import io
+import itertools
 import os
 import pickle  # Loaded by shelve anyway.
 import shelve
@@ -410,16 +411,36 @@ else:
         can_wait = True
         _open: weakref.WeakSet[_LockFile] = weakref.WeakSet()
         _hooked = False
+        # Opening the lock file costs four system calls (open, fstat, lseek,
+        # close) per lock: a byte lock's handle released cleanly (unlocked, so
+        # it holds nothing) is kept here for the next byte lock of that file, a
+        # few per file. Each handle still serves one lock at a time, so OFD
+        # locks still exclude threads. A handle whose unlock did not run is
+        # closed, never kept; one whose file was removed since (st_nlink 0: the
+        # store was deleted) is dropped, or its locks would exclude no one.
+        _spare: dict[str, list[io.FileIO]] = {}
+        _SPARES = 4
 
         def __init__(self, path: str, offset: int | None) -> None:
             if not _LockFile._hooked:
                 _LockFile._hooked = True
                 os.register_at_fork(after_in_child=_LockFile._forked)
-            self.offset = offset
+            self.offset, self._path, self._clean = offset, path, False
             self._records = None if offset is None or _F_OFD_SETLK is not None else _RecordLocks(path, offset)
             # io.FileIO closes its descriptor when it is collected: a lock whose
             # holder vanished with an exception (KeyboardInterrupt) is released.
-            self._file = None if self._records is not None else io.FileIO(path, "a+")
+            self._file = None
+            if self._records is None:
+                spare = self._spare.get(path) if offset is not None else None
+                try:
+                    self._file = spare.pop() if spare else None
+                    if self._file is not None and os.fstat(self._file.fileno()).st_nlink == 0:
+                        self._file.close()
+                        self._file = None
+                except IndexError:  # Another thread took the last one.
+                    pass
+                if self._file is None:
+                    self._file = io.FileIO(path, "a+")
             self._open.add(self)
 
         @staticmethod
@@ -427,6 +448,12 @@ else:
             for handle in list(_LockFile._open):
                 if handle._file is not None:
                     handle._file.close()
+            global _process_id
+            _process_id = 0
+            spares, _LockFile._spare = _LockFile._spare, {}
+            for files in spares.values():
+                for file in files:
+                    file.close()
             _RecordLocks.forget()
 
         def _ofd(self, command: int, kind: int) -> None:
@@ -463,13 +490,19 @@ else:
                     fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
                 else:
                     self._ofd(_F_OFD_SETLK, fcntl.F_UNLCK)  # type: ignore[arg-type]
+                self._clean = True
 
         def close(self) -> None:
             self._open.discard(self)
+            file, self._file = self._file, None
             if self._records is not None:
                 self._records.close()
-            elif self._file is not None:
-                self._file.close()
+            elif file is not None:
+                spare = self._spare.setdefault(self._path, [])
+                if self._clean and self.offset is not None and not file.closed and len(spare) < self._SPARES:
+                    spare.append(file)
+                else:
+                    file.close()
 
     def _lock_taken(path: str) -> bool:
         # A shared lock, tried and dropped at once: a builder that asks for the
@@ -527,6 +560,18 @@ def _log_at(level: int) -> Any:
 # ---------------------------------------------------------------------------
 
 
+# os.getpid() is a system call (glibc stopped caching it in 2.25), and each lock
+# records its process: the id is kept, and a forked child forgets it (_forked).
+_process_id = 0
+
+
+def _pid() -> int:
+    global _process_id
+    if not _process_id:
+        _process_id = os.getpid()
+    return _process_id
+
+
 class _KeyLock:
     """An exclusive lock on a file (offset None) or on one byte of it.
 
@@ -558,13 +603,13 @@ class _KeyLock:
         held = self._holders.get(self._name)
         if held is not None and held[0] == owner:
             lock = held[1]()
-            if lock is not None and lock._handle is not None and lock._pid == os.getpid():
+            if lock is not None and lock._handle is not None and lock._pid == _pid():
                 raise RuntimeError(
                     f"this thread already holds the lock {self.path}; re-entering it would wait forever"
                 )
 
     def _took(self, handle: _LockFile, owner: int) -> None:
-        self._handle, self._pid = handle, os.getpid()
+        self._handle, self._pid = handle, _pid()
         self._holders[self._name] = (owner, weakref.ref(self))
 
     def acquire(self, timeout: float | None = None, owner: int | None = None) -> None:
@@ -792,13 +837,27 @@ def _is_temp_name(name: str) -> bool:
 _TEMP_KEEP = 255 - len(_TEMP_PREFIX) - _TEMP_TOKEN - 1
 
 
+# A temporary name's token: 64 random bits drawn once per process (again in a
+# forked child), plus a count. A getrandom(2) per name cost a system call on
+# every write; O_EXCL still settles any collision.
+_temp_tokens: list[Any] = []  # [fork hook registered, random base, count]
+
+
+def _temp_token() -> str:
+    if len(_temp_tokens) < 3:
+        if not _temp_tokens and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=lambda: _temp_tokens.__delitem__(slice(1, 3)))
+        _temp_tokens[:] = [True, int.from_bytes(os.urandom(8), "little"), itertools.count()]
+    return f"{(_temp_tokens[1] + next(_temp_tokens[2])) % 2**64:016x}"
+
+
 def _temp_name(target: str) -> str:
     head, base = os.path.split(target)
     # Bytes, not characters, count: a 238-byte name of 79 CJK characters must
     # fit, so characters are trimmed from the front until the rest does.
     while len(os.fsencode(base)) > _TEMP_KEEP:
         base = base[max(1, (len(os.fsencode(base)) - _TEMP_KEEP) // 4) :]
-    return os.path.join(head, f"{_TEMP_PREFIX}{os.urandom(_TEMP_TOKEN // 2).hex()}~{base}")
+    return os.path.join(head, f"{_TEMP_PREFIX}{_temp_token()}~{base}")
 
 
 def _create_temp(target: str, mode: int | None = None) -> tuple[int, str]:
@@ -1795,6 +1854,9 @@ class _Encoded:
         )
         head += key
         head[4:8] = zlib.crc32(memoryview(head)[8:]).to_bytes(4, "little")
+        if not self.buffers and len(stream) < _OUT_OF_BAND:
+            yield head + stream  # A small entry in one write(2): copying it costs less than a system call.
+            return
         yield head
         yield stream
         position = len(head) + len(stream)
@@ -2210,9 +2272,9 @@ class _EntryFiles:
     # pickle: listing failures runs nothing.
 
     def _failure_file(self, slot: _Slot) -> str:
-        shard_dir, name = os.path.split(slot.path)
-        folder = os.path.relpath(os.path.dirname(shard_dir), self.root)
-        return os.path.join(self.root, ".failures", folder, name + ".json")
+        # Slots are <root>/[<folder>/]<2 hex>/<name>: string slicing, no relpath per success.
+        folder, name = slot.path[len(self._prefix) : -(_NAME_HEX + 3)], slot.path[-_NAME_HEX:]
+        return f"{self._prefix}.failures{os.sep}{folder or '.' + os.sep}{name}.json"
 
     def record_failure(self, slot: _Slot, record: dict[str, Any]) -> None:
         import json
