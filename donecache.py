@@ -244,6 +244,9 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
         def close(self) -> None:
             self._file.close()
 
+    def _stat_trusted(path: str) -> bool:
+        return False  # Not measured on Windows: every hit opens its entry.
+
     def _lock_taken(path: str) -> bool:
         try:
             file = io.FileIO(path, "r")
@@ -418,8 +421,12 @@ else:
         # locks still exclude threads. A handle whose unlock did not run is
         # closed, never kept; one whose file was removed since (st_nlink 0: the
         # store was deleted) is dropped, or its locks would exclude no one.
+        # Kept for the last two lock files used, so that short-lived stores
+        # leave no descriptors behind (issue 10, item 6).
         _spare: dict[str, list[io.FileIO]] = {}
-        _SPARES = 4
+        _spare_guard = _thread.allocate_lock()
+        _SPARES, _SPARE_FILES = 4, 2
+        _checked: weakref.WeakKeyDictionary[io.FileIO, float] = weakref.WeakKeyDictionary()
 
         def __init__(self, path: str, offset: int | None) -> None:
             if not _LockFile._hooked:
@@ -431,14 +438,18 @@ else:
             # holder vanished with an exception (KeyboardInterrupt) is released.
             self._file = None
             if self._records is None:
-                spare = self._spare.get(path) if offset is not None else None
-                try:
-                    self._file = spare.pop() if spare else None
-                    if self._file is not None and os.fstat(self._file.fileno()).st_nlink == 0:
-                        self._file.close()
-                        self._file = None
-                except IndexError:  # Another thread took the last one.
-                    pass
+                if offset is not None and path in self._spare:
+                    with self._spare_guard:
+                        spare = self._spare.get(path)
+                        self._file = spare.pop() if spare else None
+                    # Checked at most once a second per handle: a removed store is noticed within it.
+                    checked = self._checked.get(self._file) if self._file is not None else None
+                    if self._file is not None and (checked is None or time.monotonic() - checked > 1.0):
+                        if os.fstat(self._file.fileno()).st_nlink == 0:
+                            self._file.close()
+                            self._file = None
+                        else:
+                            self._checked[self._file] = time.monotonic()
                 if self._file is None:
                     self._file = io.FileIO(path, "a+")
             self._open.add(self)
@@ -450,7 +461,7 @@ else:
                     handle._file.close()
             global _process_id
             _process_id = 0
-            spares, _LockFile._spare = _LockFile._spare, {}
+            spares, _LockFile._spare, _LockFile._spare_guard = _LockFile._spare, {}, _thread.allocate_lock()
             for files in spares.values():
                 for file in files:
                     file.close()
@@ -498,11 +509,45 @@ else:
             if self._records is not None:
                 self._records.close()
             elif file is not None:
-                spare = self._spare.setdefault(self._path, [])
-                if self._clean and self.offset is not None and not file.closed and len(spare) < self._SPARES:
-                    spare.append(file)
-                else:
-                    file.close()
+                if self._clean and self.offset is not None and not file.closed:
+                    with self._spare_guard:
+                        spare = self._spare.get(self._path)
+                        if spare is None:
+                            while len(self._spare) >= self._SPARE_FILES:
+                                for old in self._spare.pop(next(iter(self._spare))):
+                                    old.close()
+                            spare = self._spare[self._path] = []
+                        if len(spare) < self._SPARES:
+                            spare.append(file)
+                            return
+                file.close()
+
+    # Filesystems on which an lstat(2) of a name tells whether it still holds
+    # the file read before (same inode, size, mtime): local ones. NFS clients
+    # cache attributes (acregmin 3 s to acregmax 60 s, nfs(5)), so an lstat may
+    # describe a file that another host has replaced since; only open(2)
+    # revalidates (close-to-open consistency). There, and on any filesystem
+    # not listed (FUSE, SMB, Lustre...), every hit opens its entry.
+    _LOCAL_FS = frozenset(
+        {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "zfs", "f2fs", "jfs", "bcachefs", "overlay", "ramfs"}
+    )
+
+    def _stat_trusted(path: str) -> bool:
+        """True if ``path`` is on a local filesystem (Linux: /proc/self/mountinfo, proc(5));
+        False elsewhere and when it cannot be told."""
+        try:
+            with io.open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+                table = mounts.read().splitlines()
+        except OSError:
+            return False  # Not Linux (macOS, the BSDs), or no /proc.
+        real, best, kind = os.path.join(os.path.realpath(path), ""), "", ""
+        for line in table:
+            fields, _sep, rest = line.partition(" - ")
+            parts = fields.split()
+            point = os.path.join(parts[4].replace("\\040", " "), "") if len(parts) > 4 else ""
+            if point and real.startswith(point) and len(point) >= len(best):
+                best, kind = point, rest.split(" ", 1)[0]
+        return kind in _LOCAL_FS
 
     def _lock_taken(path: str) -> bool:
         # A shared lock, tried and dropped at once: a builder that asks for the
@@ -926,14 +971,21 @@ def _close_quietly(file: IO[Any]) -> None:
         pass
 
 
-def _write_bytes(target: str, data: bytes | Iterable[Any], *, durable: bool, overwrite: bool = True) -> None:
+def _write_bytes(
+    target: str,
+    data: bytes | Iterable[Any],
+    *,
+    durable: bool,
+    overwrite: bool = True,
+    written: Callable[[int], None] | None = None,
+) -> None:
     """Atomically make ``target`` hold ``data``: the writer behind markers, pieces and entries.
 
     ``data`` is bytes, or an iterable of bytes-like chunks written one after the
     other, each straight from its own buffer (as writev would): a big value's
     arrays go to the file without ever being joined or copied. The iterable may
     be a generator, producing a chunk (a table of checksums) only once the
-    chunks before it are written.
+    chunks before it are written. ``written(fd)`` runs once all is written.
     """
     fd, temp = _create_temp(target)
     try:
@@ -942,6 +994,8 @@ def _write_bytes(target: str, data: bytes | Iterable[Any], *, durable: bool, ove
             view = memoryview(chunk).cast("B")
             while view:
                 view = view[os.write(fd, view) :]
+        if written is not None:
+            written(fd)
         if durable:
             _fsync_file(fd)
         os.close(fd)
@@ -1837,18 +1891,20 @@ class _Encoded:
     """A value pickled for an entry file: the stream, and the big buffers kept
     out of it (views of the value's own memory, not copies)."""
 
-    __slots__ = ("key", "expires", "stream", "buffers")
+    __slots__ = ("key", "expires", "stream", "buffers", "created")
 
     def __init__(self, key: bytes, expires: float, stream: bytes, buffers: list[memoryview]) -> None:
         self.key, self.expires, self.stream, self.buffers = key, expires, stream, buffers
+        self.created = 0.0  # Set by chunks(), when the header is made.
 
     def chunks(self) -> Iterator[Any]:
         """The file's bytes, in pieces for _write_bytes: each buffer's CRC is
         computed piece by piece, just before the piece is written."""
         key, stream = self.key, self.stream
+        self.created = time.time()
         head = bytearray(
             _ENTRY_HEADER.pack(
-                _ENTRY_MAGIC, 0, time.time(), self.expires, len(key), len(stream),
+                _ENTRY_MAGIC, 0, self.created, self.expires, len(key), len(stream),
                 zlib.crc32(stream), len(self.buffers), 0,
             )
         )
@@ -2171,6 +2227,86 @@ def _log_eviction(root: str, entry: _Entry | None, st: os.stat_result, size: int
     )
 
 
+# Recently read small entries of memoized functions, kept in process as the
+# bytes of their pickle (never the object: each hit unpickles afresh, so a
+# caller that changes its result cannot change the next hit), by file path. A
+# hit then costs one lstat(2), not open, fstat, read and close: the name must
+# still hold the very file read, with the same inode, device, size, owner,
+# mode and modification time to the nanosecond; anything else (another process
+# replaced, removed or touched it) reads the file again. Two guards against a
+# new file that looks like the old one (a removed file's inode number is soon
+# reused): a file is kept only once its modification time is _RECENT_SETTLED
+# old, more than the filesystem clock's tick (timestamps come from a coarse
+# clock, a jiffy of 1-10 ms), so a later file cannot share it; or when this
+# process set that time itself, to the nanosecond (a recorded use). Only on
+# local filesystems (_stat_trusted): NFS caches attributes. Bounded: at most
+# _RECENT_COUNT entries of at most _RECENT_SIZE bytes, the oldest kept dropped first.
+_RECENT_COUNT = 2048
+_RECENT_SIZE = 8192
+_RECENT_SETTLED = 50_000_000  # nanoseconds
+_recent: dict[str, tuple[tuple[int, ...], _Entry]] = {}
+
+
+def _stamp(st: os.stat_result, mtime_ns: int | None = None) -> tuple[int, ...]:
+    mtime = st.st_mtime_ns if mtime_ns is None else mtime_ns
+    return (st.st_ino, st.st_dev, st.st_size, mtime, st.st_uid, st.st_mode)
+
+
+def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _Entry | None:
+    """_load_entry(path, key, _VALUE, mapped, touch_before)[0], through _recent."""
+    try:
+        st: os.stat_result | None = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        st = None  # ESTALE, EIO...: judged by the full read (which retries ESTALE).
+    kept = _recent.get(path) if st is not None else None
+    if kept is not None and st is not None and kept[0] == _stamp(st) and kept[1].key == key:
+        if st.st_mtime >= touch_before:
+            return kept[1]
+        entry: _Entry | None = kept[1]
+    else:
+        kept = None
+        entry, read = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped))
+        if entry is None or read is None:
+            return entry
+        st = read
+    assert entry is not None
+    small = not entry.buffers and len(entry.stream) <= _RECENT_SIZE
+    stamp = _stamp(st) if small and st.st_mtime_ns < time.time_ns() - _RECENT_SETTLED else None
+    if st.st_mtime < touch_before:  # Record the use, at a time this process then knows.
+        now = time.time_ns()
+        try:
+            os.utime(path, ns=(now, now), follow_symlinks=False)
+            stamp = _stamp(st, now) if small else None
+        except PermissionError:  # Group-writable, not ours: only "now" may be set.
+            stamp = None
+            try:
+                os.utime(path, None, follow_symlinks=False)
+            except OSError:
+                pass
+        except OSError:
+            pass  # A read-only store: the use goes unrecorded.
+    if stamp is None:
+        _recent.pop(path, None)
+    elif kept is None:
+        entry.stream = bytes(entry.stream)  # Not a view that holds the whole first read.
+        _keep_recent(path, stamp, entry)
+    else:
+        _recent[path] = (stamp, entry)
+    return entry
+
+
+def _keep_recent(path: str, stamp: tuple[int, ...], entry: _Entry) -> None:
+    _recent.pop(path, None)  # Inserted again, as the newest.
+    while len(_recent) >= _RECENT_COUNT:
+        try:
+            del _recent[next(iter(_recent))]
+        except (KeyError, RuntimeError, StopIteration):  # Another thread got there first.
+            break
+    _recent[path] = (stamp, entry)
+
+
 class _EntryFiles:
     """The directory of a store: where entries live, and their upkeep.
 
@@ -2199,6 +2335,7 @@ class _EntryFiles:
         self.max_bytes = _check_max_bytes(max_bytes)
         self._grain = _USE_GRAIN if max_bytes is None else _USE_GRAIN_BOUNDED
         self._blake2b = hashlib.blake2b
+        self._trusted: bool | None = None  # Whether lstat can vouch for an entry (see _recent); told at the first read.
         if os.path.islink(self.root) and not os.path.exists(self.root):
             raise FileNotFoundError(
                 errno.ENOENT,
@@ -2349,34 +2486,59 @@ class _EntryFiles:
         return _Slot(f"{self._prefix}{folder}{digest[:2]}{os.sep}{digest}", _key_byte(digest))
 
     def read(
-        self, key: bytes, slot: _Slot | None = None, now: float | None = None, mapped: bool = False, use: bool = True
+        self,
+        key: bytes,
+        slot: _Slot | None = None,
+        now: float | None = None,
+        mapped: bool = False,
+        use: bool = True,
+        recent: bool = False,
     ) -> _Entry | None:
         """The entry for ``key`` if it is whole and live at ``now``, or None;
         ``mapped`` maps its big buffers instead of reading them. ``use``: the
-        read is a use of the entry, recorded for the size limit and prune."""
+        read is a use of the entry, recorded for the size limit and prune.
+        ``recent``: a small entry read lately may be served from _recent."""
         when = time.time() if now is None else now
         touch = when - self._grain if use and not self.readonly else 0.0
         try:
             path = (slot or self.slot(key)).path
-            entry = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped, touch))[0]
+            if recent and self._trusted is None:
+                self._trusted = _stat_trusted(self.root)
+            if recent and self._trusted:
+                entry = _read_recent(path, key, touch, mapped)
+            else:
+                entry = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped, touch))[0]
         except (OSError, ValueError):
             return None  # Unreadable now (EIO, or ESTALE that persisted), or a mapping refused: a miss.
         if entry is None or (entry.expires and when >= entry.expires):
             return None
         return entry
 
-    def write(self, encoded: _Encoded, slot: _Slot | None = None) -> None:
+    def write(self, encoded: _Encoded, slot: _Slot | None = None, recent: bool = False) -> None:
+        """Store an entry; ``recent``: a small one is also kept in _recent, as read."""
         self._writable()
         path = (slot or self.slot(encoded.key)).path
+        stamps: list[tuple[int, ...]] = []
+
+        def written(fd: int) -> None:
+            # The file's time set to the nanosecond, as a recorded use sets it (see _recent).
+            try:
+                now = time.time_ns()
+                os.utime(fd, ns=(now, now))
+                stamps.append(_stamp(os.fstat(fd), now))
+            except OSError:
+                pass
+
+        keep = recent and self._trusted and not encoded.buffers and len(encoded.stream) <= _RECENT_SIZE
         try:
             try:
-                _write_bytes(path, encoded.chunks(), durable=self.durable)
+                _write_bytes(path, encoded.chunks(), durable=self.durable, written=written if keep else None)
             except FileNotFoundError:  # First entry in this folder (or the store was removed).
                 _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
-                _write_bytes(path, encoded.chunks(), durable=self.durable)
+                _write_bytes(path, encoded.chunks(), durable=self.durable, written=written if keep else None)
             except IsADirectoryError:  # Damage: something made a directory of an entry's name.
                 _remove_path(path)
-                _write_bytes(path, encoded.chunks(), durable=self.durable)
+                _write_bytes(path, encoded.chunks(), durable=self.durable, written=written if keep else None)
             except NotADirectoryError:  # Damage: a file where a folder should be.
                 folder = self.root
                 for part in os.path.relpath(os.path.dirname(path), self.root).split(os.sep):
@@ -2387,6 +2549,10 @@ class _EntryFiles:
                 _write_bytes(path, encoded.chunks(), durable=self.durable)
         except OSError as exc:
             raise _reraise_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
+        if stamps:
+            entry = _Entry(encoded.key, encoded.created, encoded.expires)
+            entry.stream = encoded.stream
+            _keep_recent(path, stamps[-1], entry)
         if self.max_bytes is not None:
             try:
                 self._grew(path, self.max_bytes)
@@ -2892,6 +3058,9 @@ class _Arguments:
             )
         self._keep = tuple(i for i, name in enumerate(self.names) if name not in set(ignore))
         self._all = len(self._keep) == len(self.names)
+        # Whether equal positional arguments always bind to the same values:
+        # not with key= (it may read anything) or a signature inspect binds.
+        self.memoizable = self._fast and key is None
 
     def _inspect(self) -> Any:
         if self._signature is None:
@@ -3459,6 +3628,10 @@ def disabled() -> _Disabled:
     return _Disabled()
 
 
+_KEY_MEMO_TYPES = frozenset({int, str, bytes, type(None)})
+_KEY_MEMO_SIZE = 4096
+
+
 class _Call:
     """One call of a memoized function: its arguments, key and entry slot."""
 
@@ -3525,6 +3698,7 @@ class _Memoized(Generic[_P, _R]):
         self._folder = ""  # Where this function's entries live in the store (set with it).
         self._warned = False
         self._hits = self._misses = 0
+        self._keys: dict[tuple[Any, ...], tuple[bytes, _Slot | None]] = {}  # See _call.
 
     # By reference where its name finds it, by value otherwise: see _reduce_memoized.
     def __reduce__(self) -> str | tuple[Any, ...]:
@@ -3565,9 +3739,23 @@ class _Memoized(Generic[_P, _R]):
         return self._prefix
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+        # Keys of calls with a few ints, strs, bytes or Nones, remembered (the
+        # key and the entry's path cost more than a hit's read): for these
+        # types, equal arguments have equal keys (not so for floats: 0.0 ==
+        # -0.0, or bools: True == 1). Built anew once the memo is full.
+        simple = not kwargs and len(args) <= 4 and _KEY_MEMO_TYPES.issuperset(map(type, args)) and self._store
+        if simple:
+            known = self._keys.get(args)
+            if known is not None:
+                return _Call(args, kwargs, known[0], known[1])
         prefix = self._prefix or self._prepare()
         key = _make_key(prefix, self._closure, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
-        return self._call_at(key, args, kwargs)
+        call = self._call_at(key, args, kwargs)
+        if simple and self._arguments.memoizable:
+            if len(self._keys) >= _KEY_MEMO_SIZE:
+                self._keys = {}
+            self._keys[args] = (key, call.slot)
+        return call
 
     def _call_at(self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         """A call whose key is already made (a batch's worker gets it from the parent)."""
@@ -3585,7 +3773,7 @@ class _Memoized(Generic[_P, _R]):
         """The call's entry if it is whole and live, by its own expiry and this
         function's ttl; ``use``: record the read as a use of the entry."""
         now = time.time()
-        entry = files.read(call.key, call.slot, now, self._mmap, use)
+        entry = files.read(call.key, call.slot, now, self._mmap, use, recent=True)
         if entry is None or (self._ttl is not None and now - entry.created >= self._ttl):
             return None
         return entry
@@ -3643,7 +3831,7 @@ class _Memoized(Generic[_P, _R]):
             )
             return
         try:
-            files.write(encoded, call.slot)
+            files.write(encoded, call.slot, recent=True)
         except OSError as exc:
             _warn(f"{self.__qualname__}(): the result is returned but not cached: {exc}")
             return

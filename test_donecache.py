@@ -1211,6 +1211,7 @@ def test_entry_reads_retry_estale(tmp_path, monkeypatch, calls):
         return x * 2
 
     assert f(21) == 42
+    dc._recent.clear()  # Else the hit is served in process (issue 20), with no read to fail.
     # Twice: a miss is read again under the key's lock before computing.
     failed = stale_once(monkeypatch, os, "read", times=2)
     assert f(21) == 42 and calls == [21], "an ESTALE read is retried, not taken for a miss"
@@ -2459,6 +2460,149 @@ def test_process_pools_share_entries_with_the_parent(tmp_path, method):
         script_file=tmp_path / "job.py",
     )
     assert proc.stdout.strip() == "CacheInfo(hits=20, misses=0, maxsize=None, currsize=20)"
+
+
+# -- memoize: small hits served in process (issue 20) -----------------------------
+#
+# A small entry read or written lately is kept as its pickle's bytes and served
+# after one lstat that finds the very same file (inode, size, owner, mode, and
+# a modification time set to the nanosecond or settled past the clock's tick).
+
+
+def memo_stamp_matches(path: Path) -> bool:
+    kept = dc._recent.get(str(path))
+    return kept is not None and kept[0] == dc._stamp(os.lstat(path))
+
+
+def test_in_process_hits_unpickle_afresh_so_a_mutated_result_changes_nothing(tmp_path, calls):
+    @dc.memoize(tmp_path)
+    def f(x):
+        calls.append(x)
+        return {"x": [x]}
+
+    first = f(1)
+    assert memo_stamp_matches(entry_files(tmp_path)[0]), "a small entry just written is kept"
+    first["x"].append("changed")
+    second = f(1)
+    assert second == {"x": [1]} and second is not first
+    second["x"].clear()
+    assert f(1) == {"x": [1]} and calls == [1]
+
+
+def test_an_entry_replaced_twice_by_another_writer_is_seen_at_the_next_hit(tmp_path):
+    """The writer's replacements copy in another store's entry for the same key (the same size),
+    twice within microseconds, so the second file often gets the first one's inode back, in the
+    same tick of the filesystem clock; the kept entry must not be taken for it."""
+    state = {"value": 0}
+
+    def f(x):
+        return state["value"] + x
+
+    here, there = dc.memoize(tmp_path / "here")(f), dc.memoize(tmp_path / "there")(f)
+    for attempt in range(30):
+        state["value"] = 1000 + attempt
+        assert here.refresh(1) == 1001 + attempt and here(1) == 1001 + attempt
+        state["value"] = 2000 + attempt
+        assert there.refresh(1) == 2001 + attempt
+        (ours,), (theirs,) = entry_files(tmp_path / "here"), entry_files(tmp_path / "there")
+        assert ours.stat().st_size == theirs.stat().st_size
+        for _ in range(2):  # What another process does: copy aside, rename over the name.
+            temp = ours.with_name(".dc~" + "0" * 16 + "~copy")
+            shutil.copyfile(theirs, temp)
+            os.replace(temp, ours)
+        assert here(1) == 2001 + attempt, f"attempt {attempt}: the replaced entry's old value was served"
+
+
+def test_another_process_replacing_an_entry_is_seen_at_the_next_hit(tmp_path, monkeypatch):
+    (tmp_path / "memo_replaced.py").write_text(
+        "import os, donecache\n"
+        "@donecache.memoize(os.environ['MEMO_DIR'])\n"
+        "def f(x):\n"
+        "    return int(os.environ['MEMO_ADD']) + x\n"
+    )
+    monkeypatch.setenv("MEMO_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MEMO_ADD", "5")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "donecache", dc)
+    import memo_replaced
+
+    assert memo_replaced.f(1) == 6 and memo_replaced.f(1) == 6
+    script = "import sys; sys.path.insert(0, sys.argv[1]); import memo_replaced; print(memo_replaced.f.refresh(1))"
+    proc = child(script, str(tmp_path), env={"MEMO_ADD": "7"})
+    assert proc.stdout.split() == ["8"]
+    assert memo_replaced.f(1) == 8
+
+
+def test_in_process_hits_record_their_use_under_max_bytes(tmp_path):
+    @dc.memoize(tmp_path, max_bytes=1 << 30)
+    def f(x):
+        return x
+
+    f(1)
+    (path,) = entry_files(tmp_path)
+    seen = [path.stat().st_mtime_ns]
+    for _ in range(3):
+        time.sleep(0.01)
+        assert f(1) == 1
+        seen.append(path.stat().st_mtime_ns)
+        assert memo_stamp_matches(path), "the use is recorded and the entry stays kept"
+    assert seen == sorted(set(seen)), f"every hit records its use: {seen}"
+
+
+def test_in_process_hits_honour_ttl(tmp_path, calls):
+    @dc.memoize(tmp_path, ttl=0.3)
+    def f(x):
+        calls.append(x)
+        return x
+
+    assert f(1) == 1 and f(1) == 1 and calls == [1]
+    assert memo_stamp_matches(entry_files(tmp_path)[0])
+    time.sleep(0.35)
+    assert f(1) == 1 and calls == [1, 1], "an expired entry is recomputed, kept or not"
+
+
+def test_in_process_memory_is_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(dc, "_RECENT_COUNT", 5)
+    dc._recent.clear()
+
+    @dc.memoize(tmp_path)
+    def f(x):
+        return "y" * x
+
+    for x in range(20):
+        f(x)
+        assert len(dc._recent) <= 5
+    f(dc._RECENT_SIZE + 1)
+    big = [p for p in entry_files(tmp_path) if p.stat().st_size > dc._RECENT_SIZE]
+    assert big and str(big[0]) not in dc._recent, "entries bigger than _RECENT_SIZE are never kept"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/mountinfo")
+def test_only_local_filesystems_let_lstat_vouch_for_an_entry(tmp_path, monkeypatch, calls):
+    assert dc._stat_trusted(str(tmp_path)) and not dc._stat_trusted("/proc/self")
+    monkeypatch.setattr(dc, "_stat_trusted", lambda path: False)  # As on NFS.
+    dc._recent.clear()
+
+    @dc.memoize(tmp_path)
+    def f(x):
+        calls.append(x)
+        return x
+
+    assert f(1) == 1 and f(1) == 1 and calls == [1]
+    time.sleep(dc._RECENT_SETTLED / 1e9 + 0.01)  # Settled: a local filesystem's entry would be kept now.
+    assert f(1) == 1 and calls == [1] and not dc._recent
+
+
+def test_remembered_keys_keep_equal_but_different_arguments_apart(tmp_path, calls):
+    @dc.memoize(tmp_path)
+    def f(x):
+        calls.append(x)
+        return repr(x)
+
+    values = [1, True, 1.0, 0, 0.0, -0.0, False, "1", b"1", None]
+    for _ in range(2):
+        assert [f(v) for v in values] == [repr(v) for v in values]
+    assert len(calls) == len(values)
 
 
 # -- memoize: the identity of work (keys and code changes) ----------------------
