@@ -1921,12 +1921,26 @@ class _Encoded:
             pad = -position % _ALIGN
             if pad:
                 yield bytes(pad)
-            crc = 0
+            # A big buffer's CRC is computed by a helper thread while this one
+            # writes it (zlib.crc32 releases the GIL): a serial CRC was half
+            # of a big miss. The write waits for the CRC only at the table.
+            crcs: list[int] = []
+            done = _thread.allocate_lock()
+            done.acquire()
+
+            def checksum(view: memoryview = buffer) -> None:
+                try:
+                    crcs.append(zlib.crc32(view))
+                finally:
+                    done.release()
+
+            _thread.start_new_thread(checksum, ())
             for start in range(0, buffer.nbytes, _CHUNK):
-                piece = buffer[start : start + _CHUNK]
-                crc = zlib.crc32(piece, crc)
-                yield piece
-            table += _BUFFER_ROW.pack(buffer.nbytes, crc)
+                yield buffer[start : start + _CHUNK]
+            done.acquire()
+            if not crcs:
+                raise MemoryError(f"the CRC-32 of a {buffer.nbytes}-byte buffer could not be computed")
+            table += _BUFFER_ROW.pack(buffer.nbytes, crcs[0])
             position += pad + buffer.nbytes
         if table:
             table += zlib.crc32(table).to_bytes(4, "little")
