@@ -70,29 +70,36 @@ __all__ = [
 __version__ = "0.2.0"
 
 # One-off scripts pay for every import, so only modules that the interpreter has
-# loaded anyway or that cost little are imported here. shelve (with pickle) is
-# the exception: Store must be a real class. Imported where first needed, to
-# keep `import donecache` cheap: hashlib, json, pathlib, shutil, socket, inspect,
-# functools, types, warnings, traceback, asyncio, concurrent.futures, argparse.
+# loaded anyway or that cost little are imported here. Imported where first
+# needed, to keep `import donecache` cheap: pickle and shelve (4 ms: they bring
+# re and enum), collections, weakref's helpers, hashlib, json, pathlib, shutil,
+# socket, inspect, functools, types, warnings, traceback, asyncio,
+# concurrent.futures, argparse. They are imported when a store is opened or a
+# function decorated, in the caller's thread, never first on a hot path: a
+# KeyboardInterrupt inside a first import can leave a half-made module behind
+# (seen with inspect and json on CPython 3.9). _collections_abc and _weakref
+# are the interpreter's own (os and the startup load them).
+import _collections_abc
 import _thread
-import collections.abc
+import _weakref
 import errno
 import io
 import itertools
 import os
-import pickle  # Loaded by shelve anyway.
-import shelve
 import stat
 import struct
 import sys
 import time
-import weakref
 import zlib
 
 # typing itself costs more to import than all of the above; type checkers treat
 # this name as True (mypy, pyright), and `overload` is a no-op at run time.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import collections
+    import pickle
+    import shelve
+    import weakref
     from pathlib import Path
     from types import TracebackType
     from typing import (
@@ -412,7 +419,7 @@ else:
         """
 
         can_wait = True
-        _open: weakref.WeakSet[_LockFile] = weakref.WeakSet()
+        _open: dict[int, weakref.ref[_LockFile]] = {}  # id -> handle, for _forked (a weak set, without weakref's import)
         _hooked = False
         # Opening the lock file costs four system calls (open, fstat, lseek,
         # close) per lock: a byte lock's handle released cleanly (unlocked, so
@@ -426,7 +433,7 @@ else:
         _spare: dict[str, list[io.FileIO]] = {}
         _spare_guard = _thread.allocate_lock()
         _SPARES, _SPARE_FILES = 4, 2
-        _checked: weakref.WeakKeyDictionary[io.FileIO, float] = weakref.WeakKeyDictionary()
+        _checked: dict[int, float] = {}  # id of a spare file -> when its link count was last checked
 
         def __init__(self, path: str, offset: int | None) -> None:
             if not _LockFile._hooked:
@@ -443,25 +450,28 @@ else:
                         spare = self._spare.get(path)
                         self._file = spare.pop() if spare else None
                     # Checked at most once a second per handle: a removed store is noticed within it.
-                    checked = self._checked.get(self._file) if self._file is not None else None
-                    if self._file is not None and (checked is None or time.monotonic() - checked > 1.0):
+                    checked = self._checked.get(id(self._file), 0.0) if self._file is not None else None
+                    if self._file is not None and checked is not None and time.monotonic() - checked > 1.0:
                         if os.fstat(self._file.fileno()).st_nlink == 0:
                             self._file.close()
                             self._file = None
                         else:
-                            self._checked[self._file] = time.monotonic()
+                            self._checked[id(self._file)] = time.monotonic()
                 if self._file is None:
                     self._file = io.FileIO(path, "a+")
-            self._open.add(self)
+            self._open[id(self)] = _weakref.ref(self)
 
         @staticmethod
         def _forked() -> None:
-            for handle in list(_LockFile._open):
-                if handle._file is not None:
+            for ref in list(_LockFile._open.values()):
+                handle = ref()
+                if handle is not None and handle._file is not None:
                     handle._file.close()
+            _LockFile._open.clear()
             global _process_id
             _process_id = 0
             spares, _LockFile._spare, _LockFile._spare_guard = _LockFile._spare, {}, _thread.allocate_lock()
+            _LockFile._checked = {}
             for files in spares.values():
                 for file in files:
                     file.close()
@@ -504,7 +514,9 @@ else:
                 self._clean = True
 
         def close(self) -> None:
-            self._open.discard(self)
+            ref = self._open.get(id(self))
+            if ref is not None and ref() is self:
+                del self._open[id(self)]
             file, self._file = self._file, None
             if self._records is not None:
                 self._records.close()
@@ -515,6 +527,7 @@ else:
                         if spare is None:
                             while len(self._spare) >= self._SPARE_FILES:
                                 for old in self._spare.pop(next(iter(self._spare))):
+                                    self._checked.pop(id(old), None)
                                     old.close()
                             spare = self._spare[self._path] = []
                         if len(spare) < self._SPARES:
@@ -655,7 +668,7 @@ class _KeyLock:
 
     def _took(self, handle: _LockFile, owner: int) -> None:
         self._handle, self._pid = handle, _pid()
-        self._holders[self._name] = (owner, weakref.ref(self))
+        self._holders[self._name] = (owner, _weakref.ref(self))
 
     def acquire(self, timeout: float | None = None, owner: int | None = None) -> None:
         """Wait for the lock; TimeoutError after ``timeout`` seconds."""
@@ -1513,7 +1526,7 @@ class Stage:
             if expect < 0:
                 raise ValueError(f"expect={expect} is negative; pass the number of pieces the stage must hold")
             return _Expected(expect, None)
-        if isinstance(expect, (str, bytes, os.PathLike)) or not isinstance(expect, collections.abc.Iterable):
+        if isinstance(expect, (str, bytes, os.PathLike)) or not isinstance(expect, _collections_abc.Iterable):
             raise TypeError(
                 f"expect must be a count of pieces or an iterable of piece names, not {type(expect).__name__}"
                 + ("; for a single name pass a list: expect=[name]" if isinstance(expect, (str, os.PathLike)) else "")
@@ -1868,6 +1881,18 @@ def _is_hex(name: str, length: int) -> bool:
     return len(name) == length and set(name) <= _HEX
 
 
+def _runtime_imports() -> None:
+    """Import what reading and writing entries needs (see the imports at the top):
+    called where a store is opened or a function decorated or rebuilt."""
+    global pickle, _by_value
+    import pickle
+
+    if _by_value is None:
+        import weakref
+
+        _by_value = weakref.WeakValueDictionary()
+
+
 class _Entry:
     """One entry file as read: its key and times, and (unless only its head was
     read) the pickle stream and the out-of-band buffers that load() joins."""
@@ -2115,10 +2140,12 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
             # Huge pages (madvise(2), MADV_HUGEPAGE; Linux) take a fault per
             # 2 MiB; where they are missing the advice is skipped.
             buffer = mmap.mmap(-1, length)
-            try:
-                buffer.madvise(mmap.MADV_HUGEPAGE)  # type: ignore[attr-defined]
-            except (AttributeError, OSError):
-                pass
+            advise, huge = getattr(buffer, "madvise", None), getattr(mmap, "MADV_HUGEPAGE", None)
+            if advise is not None and huge is not None:
+                try:
+                    advise(huge)
+                except OSError:  # EINVAL: a kernel built without transparent huge pages.
+                    pass
             os.lseek(fd, offset, os.SEEK_SET)
             if not _read_exactly(fd, memoryview(buffer)):
                 return None
@@ -2350,6 +2377,7 @@ class _EntryFiles:
     def __init__(self, path: StrPath, flag: str, durable: bool, max_bytes: int | None = None) -> None:
         import hashlib
 
+        _runtime_imports()
         if flag not in ("r", "w", "c", "n"):
             raise ValueError(f"flag must be 'r', 'w', 'c' or 'n' (as for shelve.open), not {flag!r}")
         self.root = os.path.abspath(_fspath(path))
@@ -2881,7 +2909,16 @@ class _ShelfDict:
         pass
 
 
-class Store(shelve.Shelf):  # type: ignore[type-arg]
+if TYPE_CHECKING:
+    _ShelfBase = shelve.Shelf[Any]
+else:
+    _ShelfBase = object  # shelve.Shelf joins at the first open: see Store.__new__.
+
+# The class each Store class is made into at its first open: itself joined with shelve.Shelf.
+_shelf_classes: dict[type, type] = {}
+
+
+class Store(_ShelfBase):
     """donecache.open(filename, ...): open a cache directory as a shelf: a drop-in for ``shelve.open(filename)``.
 
     The result is a :class:`shelve.Shelf` with str keys and picklable values,
@@ -2908,6 +2945,23 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
 
     Entries are pickles: open only directories that nobody you distrust can write.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Store:
+        # shelve and pickle cost 4 ms to import, most of `import donecache`
+        # if it imported them: they are imported at the first open, and the
+        # store made an instance of a class that derives from this one and
+        # from shelve.Shelf (so isinstance(store, shelve.Shelf) holds, and
+        # shelve's own methods serve what this class leaves to them).
+        real = _shelf_classes.get(cls)
+        if real is None:
+            import shelve
+
+            real = cls if issubclass(cls, shelve.Shelf) else type(cls.__name__, (cls, shelve.Shelf), {
+                "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
+            })
+            real = _shelf_classes.setdefault(cls, real)  # One class, whichever thread made it first.
+        store: Store = object.__new__(real)
+        return store
 
     def __init__(
         self,
@@ -3009,7 +3063,7 @@ if TYPE_CHECKING:
     _ItemsView = collections.abc.ItemsView[str, Any]
     _ValuesView = collections.abc.ValuesView[Any]
 else:
-    _ItemsView, _ValuesView = collections.abc.ItemsView, collections.abc.ValuesView
+    _ItemsView, _ValuesView = _collections_abc.ItemsView, _collections_abc.ValuesView
 
 
 class _StoreItems(_ItemsView):
@@ -3691,6 +3745,7 @@ class _Memoized(Generic[_P, _R]):
         # (_prepare) is imported now: a KeyboardInterrupt inside a first import
         # can leave a half-initialised module behind (seen with inspect and json
         # on CPython 3.9).
+        import collections  # noqa: F401
         import inspect  # noqa: F401
         import json  # noqa: F401
         import textwrap  # noqa: F401
@@ -3698,6 +3753,7 @@ class _Memoized(Generic[_P, _R]):
 
         if not hasattr(sys, "stdlib_module_names"):
             _stdlib_dirs()  # CPython 3.9: sysconfig, for telling library code apart.
+        _runtime_imports()
 
         functools.update_wrapper(self, func)
         if not hasattr(func, "__qualname__"):  # A functools.partial or a callable object.
@@ -4285,7 +4341,7 @@ _LOG_EVERY = 30.0  # Seconds between progress records when stderr is not a termi
 # The memoized functions that this process has pickled by value, and those it
 # has rebuilt from such pickles: unpickling in the same process gives back the
 # same object (its counters and open store), and a worker rebuilds each once per task.
-_by_value: weakref.WeakValueDictionary[tuple[Any, ...], _Memoized[..., Any]] = weakref.WeakValueDictionary()
+_by_value: weakref.WeakValueDictionary[tuple[Any, ...], _Memoized[..., Any]] | None = None  # Made at the first decoration.
 
 
 def _reduce_memoized(func: _Memoized[..., Any]) -> str | tuple[Any, ...]:
@@ -4307,13 +4363,17 @@ def _reduce_memoized(func: _Memoized[..., Any]) -> str | tuple[Any, ...]:
     name: str = func.__qualname__
     if target is func and not (func.__module__ == "__main__" and _pickler_sends_functions_by_value()):
         return name
-    state = dict(func.__dict__, _store=None, _warned=False, _hits=0, _misses=0)
+    state = dict(func.__dict__, _store=None, _warned=False, _hits=0, _misses=0, _keys={})
+    _runtime_imports()
+    assert _by_value is not None
     _by_value[(type(func), func.path, func._prefix)] = func
     return _restore_memoized, (type(func), state)
 
 
 def _restore_memoized(kind: type[_Memoized[..., Any]], state: dict[str, Any]) -> _Memoized[..., Any]:
     key = (kind, state["path"], state["_prefix"])
+    _runtime_imports()  # A worker may rebuild a function before it decorates any.
+    assert _by_value is not None
     func = _by_value.get(key)
     if func is None:
         func = kind.__new__(kind)

@@ -2605,6 +2605,82 @@ def test_remembered_keys_keep_equal_but_different_arguments_apart(tmp_path, call
     assert len(calls) == len(values)
 
 
+# -- import: cheap, and lazy imports that survive threads and interrupts (issue 20) --
+
+
+def test_import_loads_none_of_the_costly_modules(tmp_path):
+    script = (
+        "import sys; before = set(sys.modules); import importlib; importlib.import_module(sys.argv[1]); "
+        "print(' '.join(sorted(set(sys.modules) - before)))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(IMPORT_ROOT)}
+    loaded = subprocess.run([sys.executable, "-c", script, MODULE], capture_output=True, text=True, env=env, check=True)
+    costly = {"pickle", "shelve", "collections", "weakref", "re", "enum", "typing", "functools", "hashlib", "json"}
+    assert not costly & set(loaded.stdout.split()), loaded.stdout
+
+
+@pytest.mark.parametrize("first", ["store", "memoize"])
+@pytest.mark.parametrize("module", ["pickle", "shelve", "weakref", "collections"])
+def test_an_interrupted_first_import_leaves_donecache_working(tmp_path, module, first):
+    """A KeyboardInterrupt inside the first import of what a store or memoize needs
+    (injected by an import hook, once), then the same calls again: they work."""
+    script = f"""
+        import sys, importlib.abc
+        class Interrupt(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == {module!r}:
+                    sys.meta_path.remove(self)
+                    raise KeyboardInterrupt
+        for name in [m for m in sys.modules if m == {module!r} or m.startswith({module!r} + ".")]:
+            del sys.modules[name]  # As in a process that has not imported it yet.
+        sys.meta_path.insert(0, Interrupt())
+        def store():
+            with dc.open(sys.argv[1] + "/store") as db:
+                db["k"] = [1]
+                assert db["k"] == [1]
+        def memoize():
+            @dc.memoize(sys.argv[1] + "/memo")
+            def f(x):
+                return [x]
+            assert f(2) == [2] and f(2) == [2]
+        def use():
+            for step in (store, memoize) if sys.argv[2] == "store" else (memoize, store):
+                step()
+        try:
+            use()
+        except KeyboardInterrupt:
+            print("interrupted")
+        use()
+        print("ok")
+    """
+    assert child(script, str(tmp_path), first).stdout.split()[-1] == "ok"
+
+
+def test_first_uses_in_many_threads_at_once(tmp_path):
+    script = """
+        import sys, threading
+        barrier, errors = threading.Barrier(8), []
+        def run(i):
+            try:
+                barrier.wait()
+                with dc.open(f"{sys.argv[1]}/store{i % 2}") as db:
+                    db[str(i)] = {"i": i}
+                    assert db[str(i)] == {"i": i}
+                @dc.memoize(sys.argv[1] + "/memo")
+                def f(x):
+                    return {"x": x}
+                assert f(i) == {"x": i} and f(i) == {"x": i}
+            except BaseException as exc:
+                errors.append(repr(exc))
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        print(errors or "ok")
+    """
+    for _ in range(3):
+        assert child(script, str(tmp_path)).stdout.strip() == "ok"
+
+
 # -- memoize: the identity of work (keys and code changes) ----------------------
 
 
