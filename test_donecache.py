@@ -3142,6 +3142,26 @@ class CountingExecutor:
         self.pool.shutdown(wait)
 
 
+def test_batch_workers_look_up_only_under_the_lock_and_share_one_keeper(tmp_path, monkeypatch):
+    """Issue 20: the parent has just looked each input up; a worker looks again only under
+    the key's lock (where another process may have stored it meanwhile), and one background
+    writer serves all the chunks of a process instead of a thread per chunk."""
+    lookups = []
+    hit = dc._Memoized._hit
+    monkeypatch.setattr(dc._Memoized, "_hit", lambda self, call: lookups.append(call.key) or hit(self, call))
+
+    @dc.memoize(tmp_path)
+    def double(x):
+        return 2 * x
+
+    executor = CountingExecutor()
+    batch = double.map(range(40), executor=executor, chunksize=5)
+    assert batch.results == [2 * x for x in range(40)] and len(executor.submitted) > 2
+    assert len(lookups) == 80, "once in the parent, once under the lock in the worker"
+    keepers = [t for t in threading.enumerate() if t.name == "donecache-keeper"]
+    assert len(keepers) == 1, f"one writer for every chunk in this process, found {len(keepers)}"
+
+
 def test_map_on_a_foreign_executor_sends_only_misses_and_leaves_it_running(tmp_path, calls):
     parse = dc.memoize(tmp_path)(bad_at({3, 7}, calls))
     executor = CountingExecutor()
