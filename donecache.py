@@ -3778,7 +3778,7 @@ class _Memoized(Generic[_P, _R]):
         self._folder = ""  # Where this function's entries live in the store (set with it).
         self._warned = False
         self._hits = self._misses = 0
-        self._keys: dict[tuple[Any, ...], tuple[bytes, _Slot | None]] = {}  # See _call.
+        self._keys: dict[tuple[Any, ...], tuple[bytes, _Slot | None, bytes, str]] = {}  # See _call.
 
     # By reference where its name finds it, by value otherwise: see _reduce_memoized.
     def __reduce__(self) -> str | tuple[Any, ...]:
@@ -3822,11 +3822,13 @@ class _Memoized(Generic[_P, _R]):
         # Keys of calls with a few ints, strs, bytes or Nones, remembered (the
         # key and the entry's path cost more than a hit's read): for these
         # types, equal arguments have equal keys (not so for floats: 0.0 ==
-        # -0.0, or bools: True == 1). Built anew once the memo is full.
+        # -0.0, or bools: True == 1). Built anew once the memo is full. A key
+        # is reused only while the prefix and closure text it was made with
+        # are the very objects in use (whatever recomputes them drops it).
         simple = not kwargs and len(args) <= 4 and _KEY_MEMO_TYPES.issuperset(map(type, args)) and self._store
         if simple:
             known = self._keys.get(args)
-            if known is not None:
+            if known is not None and known[2] is self._prefix and known[3] is self._closure:
                 return _Call(args, kwargs, known[0], known[1])
         prefix = self._prefix or self._prepare()
         key = _make_key(prefix, self._closure, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
@@ -3834,7 +3836,7 @@ class _Memoized(Generic[_P, _R]):
         if simple and self._arguments.memoizable:
             if len(self._keys) >= _KEY_MEMO_SIZE:
                 self._keys = {}
-            self._keys[args] = (key, call.slot)
+            self._keys[args] = (key, call.slot, prefix, self._closure)
         return call
 
     def _call_at(self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
