@@ -701,11 +701,13 @@ def map_table(rows: dict[str, dict[str, float]], n: int) -> tuple[list[str], lis
 
 
 def map_only(n: int, path: str) -> int:
-    results: dict[str, Any] = {"machine": machine(), "mode": "map only", "python": sys.version}
+    results: dict[str, Any] = {"machine": machine(), "mode": "map only", "python": sys.version, "load_before": loadavg()}
     print(f"machine: {results['machine']}\nmode: {results['mode']}")
     with tempfile.TemporaryDirectory(prefix="donecache-bench-") as tmpdir:
         results["map"] = bench_map(Path(tmpdir), n)
+    results["load_after"] = loadavg()
     lines, targets = map_table(results["map"], n)
+    lines.append(f"  (load average {results['load_before']} before, {results['load_after']} after)")
     for name, value, lowest in targets:
         lines.append(f"  {'HOLDS' if value >= lowest else 'FAILS'}  {name:44s} measured {value:.2f}")
     print("\n".join(lines))
@@ -845,8 +847,9 @@ def main_big(args: Any) -> int:
     if not (have["joblib"] and have["diskcache"]):
         print("note: the big-value rows compare with joblib and diskcache; install them first")
     started = time.time()
-    results: dict[str, Any] = {"machine": machine(), "mode": "big", "python": sys.version}
+    results: dict[str, Any] = {"machine": machine(), "mode": "big", "python": sys.version, "load_before": loadavg()}
     print(f"machine: {results['machine']}\nmode: big values, {args.big_rounds} rounds, fresh processes, medians")
+    print(f"load average before: {results['load_before']}")
     with tempfile.TemporaryDirectory(prefix="donecache-bench-", dir=os.environ.get("BENCH_TMP")) as tmpdir:
         results["big"] = bench_big(Path(tmpdir), args.big_rounds)
         results["info"] = bench_info(Path(tmpdir), entries=6)
@@ -864,12 +867,24 @@ def main_big(args: Any) -> int:
                 f"  donecache/joblib: miss {r['donecache']['miss'] / r['joblib']['miss']:.2f}x, "
                 f"hit {r['donecache']['hit'] / r['joblib']['hit']:.2f}x"
             )
+    big, targets = results["big"], []
+    if "joblib" in big.get("array result", {}):
+        for workload, phase, limit in (("array result", "hit", 0.9), ("array result", "miss", 1.0),
+                                       ("frame result", "hit", 1.0), ("frame result", "miss", 1.0)):
+            r = big[workload]
+            targets.append((f"{workload} {phase} <= {limit}x joblib", r["donecache"][phase] / r["joblib"][phase], limit))
+    lines.append("\ntargets")
+    results["targets"] = {}
+    for name, value, limit in targets:
+        results["targets"][name] = {"value": value, "limit": limit, "holds": value <= limit}
+        lines.append(f"  {'HOLDS' if value <= limit else 'FAILS'}  {name:44s} measured {value:.2f}")
     info = results["info"]
     lines.append(f"\ninspection of a cache of {info['cache_bytes'] / 1e9:.1f} GB (another function's values)")
     for what in ("info", "cache_info", "cache_clear"):
         lines.append(f"  {what:12s} read {info[what]['bytes_read']:>10,d} bytes in {info[what]['seconds'] * 1e3:.1f} ms")
     results["seconds"] = time.time() - started
-    lines.append(f"\n(run took {results['seconds']:.0f} s)")
+    results["load_after"] = loadavg()
+    lines.append(f"\n(run took {results['seconds']:.0f} s; load average {results['load_before']} before, {results['load_after']} after)")
     print("\n".join(lines))
     path = Path(args.json).with_name("big-run.json") if args.json == str(HERE / "last-run.json") else Path(args.json)
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
