@@ -423,17 +423,16 @@ else:
         _hooked = False
         # Opening the lock file costs four system calls (open, fstat, lseek,
         # close) per lock: a byte lock's handle released cleanly (unlocked, so
-        # it holds nothing) is kept here for the next byte lock of that file, a
-        # few per file. Each handle still serves one lock at a time, so OFD
-        # locks still exclude threads. A handle whose unlock did not run is
-        # closed, never kept; one whose file was removed since (st_nlink 0: the
-        # store was deleted) is dropped, or its locks would exclude no one.
-        # Kept for the last two lock files used, so that short-lived stores
-        # leave no descriptors behind (issue 10, item 6).
-        _spare: dict[str, list[io.FileIO]] = {}
+        # it holds nothing) is kept for the next byte lock of that file, a few
+        # per file, for the last two files (short-lived stores leave no
+        # descriptors behind: issue 10, item 6). Each handle still serves one
+        # lock at a time, so OFD locks still exclude threads. A handle whose
+        # unlock did not run is closed, never kept; one whose file was removed
+        # (st_nlink 0: the store was deleted; checked once a second) is dropped,
+        # or its locks would exclude no one.
+        _spare: dict[str, list[tuple[io.FileIO, float]]] = {}  # path -> [(file, when its link count was checked)]
         _spare_guard = _thread.allocate_lock()
         _SPARES, _SPARE_FILES = 4, 2
-        _checked: dict[int, float] = {}  # id of a spare file -> when its link count was last checked
 
         def __init__(self, path: str, offset: int | None) -> None:
             if not _LockFile._hooked:
@@ -443,22 +442,23 @@ else:
             self._records = None if offset is None or _F_OFD_SETLK is not None else _RecordLocks(path, offset)
             # io.FileIO closes its descriptor when it is collected: a lock whose
             # holder vanished with an exception (KeyboardInterrupt) is released.
-            self._file = None
+            self._file, self._checked = None, 0.0
             if self._records is None:
                 if offset is not None and path in self._spare:
                     with self._spare_guard:
                         spare = self._spare.get(path)
-                        self._file = spare.pop() if spare else None
-                    # Checked at most once a second per handle: a removed store is noticed within it.
-                    checked = self._checked.get(id(self._file), 0.0) if self._file is not None else None
-                    if self._file is not None and checked is not None and time.monotonic() - checked > 1.0:
+                        self._file, self._checked = spare.pop() if spare else (None, 0.0)
+                    if self._file is not None and time.monotonic() - self._checked > 1.0:
+                        self._checked = time.monotonic()
                         if os.fstat(self._file.fileno()).st_nlink == 0:
                             self._file.close()
                             self._file = None
-                        else:
-                            self._checked[id(self._file)] = time.monotonic()
                 if self._file is None:
-                    self._file = io.FileIO(path, "a+")
+                    self._file, self._checked = io.FileIO(path, "a+"), time.monotonic()
+            if len(self._open) > 1000:  # Handles collected unclosed (their holder vanished) leave dead references.
+                for key, ref in list(self._open.items()):
+                    if ref() is None:
+                        self._open.pop(key, None)
             self._open[id(self)] = _weakref.ref(self)
 
         @staticmethod
@@ -471,9 +471,8 @@ else:
             global _process_id
             _process_id = 0
             spares, _LockFile._spare, _LockFile._spare_guard = _LockFile._spare, {}, _thread.allocate_lock()
-            _LockFile._checked = {}
             for files in spares.values():
-                for file in files:
+                for file, _checked in files:
                     file.close()
             _RecordLocks.forget()
 
@@ -526,12 +525,11 @@ else:
                         spare = self._spare.get(self._path)
                         if spare is None:
                             while len(self._spare) >= self._SPARE_FILES:
-                                for old in self._spare.pop(next(iter(self._spare))):
-                                    self._checked.pop(id(old), None)
+                                for old, _checked in self._spare.pop(next(iter(self._spare))):
                                     old.close()
                             spare = self._spare[self._path] = []
                         if len(spare) < self._SPARES:
-                            spare.append(file)
+                            spare.append((file, self._checked))
                             return
                 file.close()
 

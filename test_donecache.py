@@ -2605,6 +2605,27 @@ def test_remembered_keys_keep_equal_but_different_arguments_apart(tmp_path, call
     assert len(calls) == len(values)
 
 
+@posix_only
+def test_a_kept_lock_handle_of_a_removed_store_is_not_reused(tmp_path):
+    """Lock handles stay open between locks (issue 20); a store removed and made again has a
+    new lock file, and a handle of the old one would exclude no other process."""
+    root = tmp_path / "store"
+    files = dc._EntryFiles(root, "c", False)
+    lock = dc._KeyLock(files.lock_path, 5)
+    lock.acquire()
+    lock.release()  # Its handle is kept for the next lock of this file.
+    shutil.rmtree(root)
+    files = dc._EntryFiles(root, "c", False)
+    time.sleep(1.1)  # A kept handle's link count is checked once a second.
+    lock = dc._KeyLock(files.lock_path, 5)
+    lock.acquire()
+    try:
+        script = "print(dc._KeyLock(sys.argv[1], 5).try_acquire())"
+        assert child(script, files.lock_path).stdout.split() == ["False"], "another process took a held lock"
+    finally:
+        lock.release()
+
+
 # -- import: cheap, and lazy imports that survive threads and interrupts (issue 20) --
 
 
