@@ -2348,11 +2348,14 @@ def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _E
 
 def _keep_recent(path: str, stamp: tuple[int, ...], entry: _Entry) -> None:
     _recent.pop(path, None)  # Inserted again, as the newest.
-    while len(_recent) >= _RECENT_COUNT:
+    if len(_recent) >= _RECENT_COUNT:
+        # The oldest quarter at once: a dict's first key is found past the
+        # slots of keys deleted before it, so dropping one at a time is slow.
         try:
-            del _recent[next(iter(_recent))]
-        except (KeyError, RuntimeError, StopIteration):  # Another thread got there first.
-            break
+            for old in list(itertools.islice(_recent, _RECENT_COUNT // 4)):
+                _recent.pop(old, None)
+        except RuntimeError:  # Changed by another thread meanwhile: the next insert tries again.
+            pass
     _recent[path] = (stamp, entry)
 
 
