@@ -2310,7 +2310,12 @@ def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _E
     except OSError:
         st = None  # ESTALE, EIO...: judged by the full read (which retries ESTALE).
     kept = _recent.get(path) if st is not None else None
-    if kept is not None and st is not None and kept[0] == _stamp(st) and kept[1].key == key:
+    if (
+        kept is not None
+        and st is not None
+        and kept[0] == (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_uid, st.st_mode)  # _stamp(st), inline
+        and kept[1].key == key
+    ):
         if st.st_mtime >= touch_before:
             return kept[1]
         entry: _Entry | None = kept[1]
@@ -3826,7 +3831,12 @@ class _Memoized(Generic[_P, _R]):
         # -0.0, or bools: True == 1). Built anew once the memo is full. A key
         # is reused only while the prefix and closure text it was made with
         # are the very objects in use (whatever recomputes them drops it).
-        simple = not kwargs and len(args) <= 4 and _KEY_MEMO_TYPES.issuperset(map(type, args)) and self._store
+        simple = (
+            not kwargs
+            and self._store is not None
+            and (type(args[0]) in _KEY_MEMO_TYPES if len(args) == 1 else _KEY_MEMO_TYPES.issuperset(map(type, args)))
+            and len(args) <= 4
+        )
         if simple:
             known = self._keys.get(args)
             if known is not None and known[2] is self._prefix and known[3] is self._closure:
