@@ -1882,13 +1882,24 @@ def _is_hex(name: str, length: int) -> bool:
 def _runtime_imports() -> None:
     """Import what reading and writing entries needs (see the imports at the top):
     called where a store is opened or a function decorated or rebuilt."""
-    global pickle, _by_value
+    global pickle, _by_value, _DatetimePickler
     import pickle
+
+    if _DatetimePickler is None:
+
+        class DatetimePickler(pickle.Pickler):  # Used while numpy is loaded: see _datetimes_out_of_band.
+            def reducer_override(self, obj: Any) -> Any:
+                return _datetimes_out_of_band(obj)
+
+        _DatetimePickler = DatetimePickler
 
     if _by_value is None:
         import weakref
 
         _by_value = weakref.WeakValueDictionary()
+
+
+_DatetimePickler: type[pickle.Pickler] | None = None
 
 
 class _Entry:
@@ -1989,8 +2000,29 @@ def _encode_entry(key: bytes, value: Any, expires: float = 0.0, protocol: int = 
         buffers.append(view)
         return False
 
-    stream = pickle.dumps(value, protocol=protocol, buffer_callback=out_of_band if protocol >= 5 else None)
+    if protocol < 5 or "numpy" not in sys.modules or _DatetimePickler is None:
+        stream = pickle.dumps(value, protocol=protocol, buffer_callback=out_of_band if protocol >= 5 else None)
+    else:
+        file = io.BytesIO()
+        _DatetimePickler(file, protocol, buffer_callback=out_of_band).dump(value)
+        stream = file.getvalue()
     return _Encoded(key, expires, stream, buffers)
+
+
+def _datetimes_out_of_band(obj: Any) -> Any:
+    """NumPy pickles datetime64 and timedelta64 arrays inside the stream (no
+    PickleBuffer for them): a big one (a pandas datetime block) goes as its
+    int64 view, out of band, and comes back as ndarray.view(that, its dtype).
+    Nothing of donecache's is named in the pickle."""
+    ndarray = sys.modules["numpy"].ndarray
+    if (
+        type(obj) is ndarray
+        and obj.dtype.kind in "mM"
+        and obj.nbytes >= _OUT_OF_BAND
+        and (obj.flags.c_contiguous or obj.flags.f_contiguous)
+    ):
+        return ndarray.view, (obj.view("i8"), obj.dtype)
+    return NotImplemented
 
 
 # How much of an entry a read takes: its head (header, key, and the buffer

@@ -1827,6 +1827,30 @@ def test_info_shows_bytes_on_disk_beside_logical_bytes(tmp_path):
     assert "MiB on disk" in cli("info", str(tmp_path / "c")).stdout
 
 
+def test_datetime_columns_travel_out_of_band_and_round_trip(tmp_path):
+    """Issue 20: NumPy keeps datetime64 and timedelta64 arrays inside the pickle stream; a
+    pandas frame's datetime block was read, checksummed and copied twice on every hit."""
+    np = pytest.importorskip("numpy")
+    pd = pytest.importorskip("pandas")
+    n = 100_000
+    frame = pd.DataFrame(
+        {"t": pd.date_range("2020-01-01", periods=n, freq="s"), "x": np.arange(n, dtype="f8"),
+         "d": pd.to_timedelta(np.arange(n), "s")}
+    )
+    stamps = np.arange(n).astype("M8[ns]")
+    with dc.open(tmp_path / "c") as db:
+        db["frame"], db["stamps"], db["strided"] = frame, stamps, stamps[::2]
+        assert db["frame"].equals(frame) and list(db["frame"].dtypes) == list(frame.dtypes)
+        back = db["stamps"]
+        assert back.dtype == stamps.dtype and (back == stamps).all() and back.flags.writeable
+        assert (db["strided"] == stamps[::2]).all()
+        files = db._files
+    for key, buffers in (("frame", 3), ("stamps", 1)):
+        entry, _st = dc._load_entry(files.slot(key.encode()).path)
+        assert entry is not None and len(entry.buffers) == buffers, f"{key}: every big column out of band"
+        assert len(entry.stream) < 4096
+
+
 def test_numpy_and_pandas_results_round_trip_read_and_mapped(tmp_path):
     np = pytest.importorskip("numpy")
     pd = pytest.importorskip("pandas")
