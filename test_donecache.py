@@ -4833,8 +4833,9 @@ def test_keyboard_interrupts_never_leave_a_key_lock_held(tmp_path):
 # log's first k changes, replayed on a model of what a disk keeps:
 #   "unsynced-lost"  names and data reach the disk only through fsync (of the
 #                    file for its data, of its directory for its names);
-#   "metadata-kept"  every name change survives but no unsynced data, as
-#                    ext4's delayed allocation leaves renamed files empty;
+#   "metadata-kept"  every name change and size survives but no unsynced data:
+#                    it reads as zeros (XFS's "null files"; ext4's delayed
+#                    allocation leaves such files empty instead);
 #   "partial"        names survive and half of each file's unsynced writes
 #                    reach the disk, the last of them torn.
 # The workload runs once: a cut at step k is what it had done by then. What
@@ -4869,7 +4870,8 @@ class PassThrough(fuse.Operations):
             note("mark", os.path.basename(path)[len(MARK):])
             raise fuse.FuseOSError(errno.ENOENT)
         st = os.fstat(fh) if fh is not None else os.lstat(self._real(path))
-        found = {k: getattr(st, k) for k in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_ino")}
+        names = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_ino", "st_blocks", "st_blksize", "st_rdev")
+        found = {k: getattr(st, k) for k in names}
         found.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
         return found
 
@@ -5078,9 +5080,13 @@ class _DiskModel:
         written: dict[int, Path] = {}
 
         def data_of(node: _Node) -> bytes:
-            if mode != "partial" or not node.pending:
+            if mode == "unsynced-lost" or not node.pending:
                 return node.synced
             data = bytearray(node.synced)
+            if mode == "metadata-kept":  # Sizes are metadata: they survive, over zeros.
+                for op in node.pending:
+                    _apply_data(data, op if op[0] == "truncate" else (*op[:3], bytes(len(op[3]))))
+                return bytes(data)
             take = (len(node.pending) + 1) // 2
             for op in node.pending[: take - 1]:
                 _apply_data(data, op)
@@ -5382,3 +5388,31 @@ def test_power_cut_store_tags_are_repaired(tmp_path):
         return problems
 
     run_power_cuts(tmp_path, lambda root: None, POWERCUT_STORE, ["0", "keep"], check)
+
+
+POWERCUT_BOUNDED = """
+store = dc.open("store", max_bytes=48 * 1024, durable=True)
+for i in range(5):
+    store[str(i)] = bytes([i]) * 12000
+store.close()
+"""
+
+
+@powercut_harness
+@pytest.mark.xfail(reason="issue 18 item 12c (recount a stale max_bytes total) is fixed on another branch", strict=False)
+def test_power_cut_max_bytes_total_is_recounted(tmp_path):
+    """Issue 18, item 12c: after a power cut the store's running total may be stale; two more
+    writes must still leave the store within max_bytes plus one entry."""
+
+    def check(cut: PowerCut) -> list[str]:
+        with dc.open(cut.path / "store", max_bytes=48 * 1024, durable=True) as store:
+            for i in (10, 11):
+                store[str(i)] = bytes([i]) * 12000
+        entries = [
+            os.lstat(os.path.join(d, n)) for d, _, names in os.walk(cut.path / "store") for n in names if len(n) == 32
+        ]
+        used = sum(dc._disk_bytes(st) for st in entries)
+        bound = 48 * 1024 + max(dc._disk_bytes(st) for st in entries)
+        return [f"the store takes {used} bytes, past {bound} (max_bytes plus one entry)"] if used > bound else []
+
+    run_power_cuts(tmp_path, lambda root: None, POWERCUT_BOUNDED, [], check)
