@@ -867,9 +867,7 @@ def _close_quietly(file: IO[Any]) -> None:
         pass
 
 
-def _write_bytes(
-    target: str, data: bytes | Iterable[Any], *, durable: bool, overwrite: bool = True, whole: bool = False
-) -> None:
+def _write_bytes(target: str, data: bytes | Iterable[Any], *, durable: bool, overwrite: bool = True, whole: bool = False) -> None:
     """Atomically make ``target`` hold ``data``: the writer behind markers, pieces and entries.
 
     ``whole`` fsyncs the data (not the directory) even when not ``durable``:
@@ -1605,16 +1603,12 @@ class Stage:
         elif not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"make() for piece {os.fspath(name)!r} must return str or bytes, not {type(data).__name__}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        # A durable piece's data is flushed before its rename: a rerun after a
-        # power cut trusts every piece whose name survived, and ext4 can keep
-        # a rename without the data (a stage marked done over empty pieces).
-        # Its directory is flushed once, before the marker; in a shared stage
-        # at once: the builder that writes the marker may run on another
-        # host, whose fsync cannot reach this host's unwritten data.
+        # A durable piece's data is flushed before its rename: a rerun after a power
+        # cut trusts every piece whose name survived, and ext4 can keep a rename
+        # without the data. Its directory is flushed before the marker; in a shared
+        # stage at once: the builder that writes the marker may be on another host.
         try:
-            _write_bytes(
-                str(path), bytes(data), durable=self._durable and self._expect is not None, whole=self._durable
-            )
+            _write_bytes(str(path), bytes(data), durable=self._durable and self._expect is not None, whole=self._durable)
         except FileNotFoundError:
             if not path.exists():
                 raise

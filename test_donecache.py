@@ -5400,7 +5400,7 @@ store.close()
 
 @powercut_harness
 @pytest.mark.xfail(reason="issue 18 item 12c (recount a stale max_bytes total) is fixed on another branch", strict=False)
-def test_power_cut_max_bytes_total_is_recounted(tmp_path):
+def test_power_cut_size_limit_total_is_recounted(tmp_path):
     """Issue 18, item 12c: after a power cut the store's running total may be stale; two more
     writes must still leave the store within max_bytes plus one entry."""
 
