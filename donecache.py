@@ -145,6 +145,12 @@ _CREATE_FLAGS = (
 )
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# Every file that donecache opens in place to write (lock files, .usage) is
+# opened by _open_regular with these: created if missing, never through a
+# symlink (a link planted at a stage's lock file made the holder's note empty
+# its target: issue 18), never a FIFO or a device.
+_WRITE_FLAGS = os.O_RDWR | os.O_CREAT | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 
 def _delays() -> Iterator[float]:
@@ -214,6 +220,22 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
     def _touch(fd: int, path: str) -> None:
         os.utime(path)  # Windows' os.utime takes no descriptor.
 
+    def _open_file(path: str, flags: int, mode: int) -> int:
+        # Windows has no O_NOFOLLOW: a name opened to write is refused if it is
+        # a symlink now (a link made between this check and the open is not seen).
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                pass
+            else:
+                if stat.S_ISLNK(st.st_mode):
+                    raise _NotRegular(path, st)
+        return os.open(path, flags, mode)
+
+    def _untrusted(st: os.stat_result) -> str:
+        return ""  # No owner uid in os.stat, no POSIX mode bits: nothing to check (docs/security.md).
+
     class _LockFile:
         """A lock file opened for one lock. Windows byte locks belong to the
         handle, so each lock has a handle of its own: two threads never share
@@ -222,7 +244,7 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
         can_wait = False  # msvcrt's blocking mode gives up after ten seconds: poll.
 
         def __init__(self, path: str, offset: int | None) -> None:
-            self._file = io.FileIO(path, "a+")
+            self._file = io.FileIO(_open_regular(path, _WRITE_FLAGS)[0], "r+")
             self.fd, self.offset = self._file.fileno(), offset or 0  # A whole-file lock is byte 0.
 
         def try_lock(self) -> bool:
@@ -321,6 +343,28 @@ else:
         # no second lookup of the path, which a rename may have changed since.
         os.utime(fd)
 
+    def _open_file(path: str, flags: int, mode: int) -> int:
+        return os.open(path, flags, mode)  # O_NOFOLLOW in the flags refuses a symlink.
+
+    def _untrusted(st: os.stat_result) -> str:
+        """Why a directory (or a link to one) with this stat may hold what another
+        user wrote, or "": it is not the effective user's (for root too; a link
+        may be root's), or group or others can write to it."""
+        mine = st.st_uid == os.geteuid() or (stat.S_ISLNK(st.st_mode) and st.st_uid == 0)
+        open_to = {stat.S_IWGRP: "its group", stat.S_IWOTH: "others", 0o022: "its group and others"}.get(
+            st.st_mode & 0o022 if stat.S_ISDIR(st.st_mode) else 0
+        )
+        if mine and open_to is None:
+            return ""
+        import pwd
+
+        try:
+            owner = f"{pwd.getpwuid(st.st_uid).pw_name} (uid {st.st_uid})"
+        except KeyError:
+            owner = f"uid {st.st_uid}"
+        why = f"is writable by {open_to}" if mine else f"is not yours (you are uid {os.geteuid()})"
+        return f"{why}: owner {owner}, mode {stat.filemode(st.st_mode)} ({stat.S_IMODE(st.st_mode):o})"
+
     # Byte locks. Linux (3.15 and later) has open-file-description locks
     # (F_OFD_SETLK, fcntl(2)), which belong to the open file description as
     # flock(2) locks do: each handle's locks are its own, closing it drops only
@@ -349,8 +393,7 @@ else:
             with self.guard:
                 shared = self.shared.get(path)
                 if shared is None:
-                    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-                    shared = self.shared[path] = [os.open(path, flags, 0o666), 0]
+                    shared = self.shared[path] = [_open_regular(path, _WRITE_FLAGS)[0], 0]
                 shared[1] += 1
                 turn = self.turns.setdefault((path, offset), [_thread.allocate_lock(), 0])
                 turn[1] += 1
@@ -419,7 +462,7 @@ else:
             self._records = None if offset is None or _F_OFD_SETLK is not None else _RecordLocks(path, offset)
             # io.FileIO closes its descriptor when it is collected: a lock whose
             # holder vanished with an exception (KeyboardInterrupt) is released.
-            self._file = None if self._records is not None else io.FileIO(path, "a+")
+            self._file = None if self._records is not None else io.FileIO(_open_regular(path, _WRITE_FLAGS)[0], "r+")
             self._open.add(self)
 
         @staticmethod
@@ -652,7 +695,8 @@ class _KeyLock:
         if file is not None:
             try:
                 os.ftruncate(file.fileno(), 0)
-                os.write(file.fileno(), data)  # Opened for appending: lands at 0.
+                os.lseek(file.fileno(), 0, os.SEEK_SET)
+                os.write(file.fileno(), data)
             except OSError:
                 pass
 
@@ -698,7 +742,8 @@ def _reraise_about(exc: OSError, path: str, doing: str, fix: str = "") -> OSErro
     """The same kind of OSError, with a message that names the user's path and the fix."""
     reason = exc.strerror or str(exc)
     message = f"cannot {doing} {path!r}: {reason}" + (f"; {fix}" if fix else "")
-    new = type(exc)(exc.errno, message) if exc.errno is not None else type(exc)(message)
+    kind = OSError if isinstance(exc, _NotRegular) else type(exc)  # Its own constructor takes a stat.
+    new = kind(exc.errno, message) if exc.errno is not None else kind(message)
     new.filename = path
     return new
 
@@ -714,7 +759,12 @@ class _NotRegular(OSError):
     """Something other than a regular file stands where one was expected."""
 
     def __init__(self, path: str, st: os.stat_result) -> None:
-        super().__init__(errno.EINVAL, f"{path!r} is {_kind_of(st.st_mode)}, not a regular file", path)
+        super().__init__(
+            errno.EINVAL,
+            f"{path!r} is {_kind_of(st.st_mode)}, not a regular file; donecache never writes through a link or "
+            "into a special file (one planted there could make it write elsewhere): remove it and run again",
+            path,
+        )
         self.stat = st
 
 
@@ -737,9 +787,20 @@ def _open_regular(path: str, flags: int = _READ_FLAGS) -> tuple[int, os.stat_res
 
     Opening a FIFO for reading blocks until a writer comes, and a device may
     never end; O_NONBLOCK makes the open return at once (fifo(7)), and fstat
-    then refuses anything that is not a regular file with _NotRegular.
+    then refuses anything that is not a regular file with _NotRegular. With
+    O_NOFOLLOW in ``flags`` (always in _WRITE_FLAGS), a symlink at ``path`` is
+    _NotRegular too: open(2) fails with ELOOP (EMLINK on FreeBSD, EFTYPE on
+    NetBSD) and lstat says why.
     """
-    fd = os.open(path, flags | _NONBLOCK)
+    try:
+        fd = _open_file(path, flags | _NONBLOCK, 0o666)
+    except OSError as exc:
+        if not (flags & _NOFOLLOW and exc.errno in (errno.ELOOP, errno.EMLINK, getattr(errno, "EFTYPE", -1))):
+            raise
+        st = os.lstat(path)
+        if not stat.S_ISLNK(st.st_mode):
+            raise
+        raise _NotRegular(path, st) from None
     try:
         st = os.fstat(fd)
     except BaseException:
@@ -751,10 +812,14 @@ def _open_regular(path: str, flags: int = _READ_FLAGS) -> tuple[int, os.stat_res
     raise _NotRegular(path, st)
 
 
-def _make_dirs(path: str, mode: int = 0o777, *, durable: bool = False) -> None:
-    """os.makedirs(path, exist_ok=True); with ``durable``, each new directory is
-    also flushed into its parent, so that a power cut cannot lose it and with it
-    the durable files that are written into it next."""
+def _make_dirs(path: str, mode: int | None = None, *, durable: bool = False) -> None:
+    """os.makedirs(path, exist_ok=True), giving each directory it creates exactly
+    ``mode`` (None: 0o777 less the umask, as mkdir -p does). os.makedirs gives
+    its mode to the last directory only, and the umask filters it (mkdir(2)),
+    so a store's function folders and shards came out 0777 less the umask
+    (issue 18): here each new directory is chmod-ed when the umask changed it.
+    With ``durable``, each new directory is also flushed into its parent, so
+    that a power cut cannot lose it and with it the durable files written next."""
     new: list[str] = []
     head = path
     while not os.path.isdir(head):
@@ -763,11 +828,16 @@ def _make_dirs(path: str, mode: int = 0o777, *, durable: bool = False) -> None:
         if parent == head:
             break
         head = parent
-    if not new:
-        return
-    os.makedirs(path, mode, exist_ok=True)
-    if durable:
-        for directory in reversed(new):
+    for directory in reversed(new):
+        try:
+            os.mkdir(directory, 0o777 if mode is None else mode)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+            continue  # Made meanwhile by another process (with the same mode, if it is donecache).
+        if mode is not None and stat.S_IMODE(os.lstat(directory).st_mode) != mode:
+            os.chmod(directory, mode)
+        if durable:
             _fsync_dir(os.path.dirname(directory))
 
 
@@ -1067,21 +1137,22 @@ class _AtomicPath:
             _discard(temp)
             return
         try:
-            if not os.path.isfile(temp):
+            if not os.path.lexists(temp):
                 raise FileNotFoundError(
                     errno.ENOENT,
                     f"atomic_path({self._target!r}): the block did not create a file at the temporary path {temp!r}",
                     temp,
                 )
-            if self._keep_mode is not None or self._durable:
-                fd = os.open(temp, _SYNC_FLAGS)
-                try:
-                    if self._keep_mode is not None:
-                        _keep_mode(fd, self._keep_mode)
-                    if self._durable:
-                        _fsync_file(fd)
-                finally:
-                    os.close(fd)
+            # Opened (never through a link, which would be renamed onto the
+            # target) to check that it is a regular file, to set its mode and flush it.
+            fd = _open_regular(temp, _SYNC_FLAGS | _NOFOLLOW)[0]
+            try:
+                if self._keep_mode is not None:
+                    _keep_mode(fd, self._keep_mode)
+                if self._durable:
+                    _fsync_file(fd)
+            finally:
+                os.close(fd)
             _commit(temp, self._target, durable=self._durable, overwrite=self._overwrite)
         except BaseException:
             _discard(temp)
@@ -1302,9 +1373,9 @@ def _flush_tree(root: str) -> None:
             if name == _STAGE_LOCK and dirpath == root:
                 continue  # Nothing to flush, and on NFS closing it would drop our lock.
             try:
-                fd, _st = _open_regular(os.path.join(dirpath, name), _SYNC_FLAGS)
+                fd, _st = _open_regular(os.path.join(dirpath, name), _SYNC_FLAGS | _NOFOLLOW)
             except OSError:
-                continue  # Unreadable, vanished, or a FIFO or device: nothing of ours to flush.
+                continue  # Unreadable, vanished, or a link, FIFO or device: nothing of ours to flush.
             try:
                 _fsync_file(fd)
             finally:
@@ -1987,7 +2058,7 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
 # Entry files are opened without following symlinks: donecache never makes one,
 # and one planted at an entry's name (to /dev/zero, to a file outside the store)
 # must read as damage, not be loaded.
-_ENTRY_FLAGS = _READ_FLAGS | getattr(os, "O_NOFOLLOW", 0)
+_ENTRY_FLAGS = _READ_FLAGS | _NOFOLLOW
 
 
 def _load_entry(
@@ -2006,15 +2077,8 @@ def _load_entry(
         fd, st = _open_regular(path, _ENTRY_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
         return None, None
-    except _NotRegular as exc:
+    except _NotRegular as exc:  # A FIFO, a device or a symlink.
         return None, exc.stat
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:  # ELOOP: O_NOFOLLOW met a symlink.
-            raise
-        try:
-            return None, os.lstat(path)
-        except FileNotFoundError:
-            return None, None
     try:
         entry = _read_entry(fd, st.st_size, key, depth, mapped)
         if entry is not None and st.st_mtime < touch_before:
@@ -2109,6 +2173,27 @@ def _log_eviction(root: str, entry: _Entry | None, st: os.stat_result, size: int
     )
 
 
+class _Untrusted(PermissionError):
+    """A store that another user could have written to (see _check_trusted)."""
+
+
+def _check_trusted(root: str, st: os.stat_result) -> None:
+    """Refuse a store directory (or a link to it) that another user could have
+    written to: its entries are pickles, and loading one runs the code its
+    writer chose (issue 18). The directories above it are not checked."""
+    link = os.lstat(root)
+    for what, found in (("cache directory", st), ("symbolic link", link) if stat.S_ISLNK(link.st_mode) else ("", st)):
+        why = _untrusted(found)
+        if why:
+            raise _Untrusted(
+                errno.EACCES,
+                f"the {what} {root!r} {why}; loading its entries would run code that another user could have "
+                f"written. Use a cache directory of your own (chmod go-w it, if it is yours and group or others "
+                f"may write), or pass trust_shared=True if you trust everyone who can write to it (docs/security.md)",
+                root,
+            )
+
+
 class _EntryFiles:
     """The directory of a store: where entries live, and their upkeep.
 
@@ -2125,7 +2210,9 @@ class _EntryFiles:
     total passes the limit, the writer sweeps (see sweep()).
     """
 
-    def __init__(self, path: StrPath, flag: str, durable: bool, max_bytes: int | None = None) -> None:
+    def __init__(
+        self, path: StrPath, flag: str, durable: bool, max_bytes: int | None = None, trust_shared: bool = False
+    ) -> None:
         import hashlib
 
         if flag not in ("r", "w", "c", "n"):
@@ -2164,10 +2251,17 @@ class _EntryFiles:
                     errno.ENOENT, f"there is no cache at {self.root!r}; open it with flag='c' to create one", self.root
                 )
             try:
-                # Private by default: whoever can write entries can run code in the reader.
+                # Private, whatever the umask: whoever can write entries can run code in the reader.
+                _make_dirs(os.path.dirname(self.root), durable=durable)
                 _make_dirs(self.root, 0o700, durable=durable)
             except OSError as exc:
                 raise _reraise_about(exc, self.root, "create the cache directory", "choose a writable path") from exc
+        st = os.stat(self.root)
+        if not trust_shared:
+            _check_trusted(self.root, st)
+        # Folders made inside the store get the store directory's own mode, whatever
+        # the umask: 0700 in a store that donecache made, a team's in a shared one.
+        self.dir_mode = stat.S_IMODE(st.st_mode)
         if not self.readonly:
             self._label()
         self.lock_path = os.path.join(os.path.realpath(self.root), ".lock")
@@ -2218,7 +2312,7 @@ class _EntryFiles:
         import json
 
         path = self._failure_file(slot)
-        _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
+        _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
         _write_bytes(path, json.dumps(record, indent=1).encode("utf-8"), durable=self.durable)
 
     def forget_failure(self, slot: _Slot) -> None:
@@ -2249,7 +2343,7 @@ class _EntryFiles:
         path = self._identity_file(function)
         data = json.dumps({"function": function, "identity": identity, "recorded": time.time()}).encode("utf-8")
         try:
-            _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
+            _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
             _write_bytes(path, data, durable=self.durable)
         except OSError:
             pass  # Only `info` and `prune --stale` use it; a read-only store still serves.
@@ -2310,7 +2404,7 @@ class _EntryFiles:
             try:
                 _write_bytes(path, encoded.chunks(), durable=self.durable)
             except FileNotFoundError:  # First entry in this folder (or the store was removed).
-                _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
+                _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
                 _write_bytes(path, encoded.chunks(), durable=self.durable)
             except IsADirectoryError:  # Damage: something made a directory of an entry's name.
                 _remove_path(path)
@@ -2321,7 +2415,7 @@ class _EntryFiles:
                     folder = os.path.join(folder, part)
                     if os.path.lexists(folder) and not os.path.isdir(folder):
                         os.unlink(folder)
-                _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
+                _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
                 _write_bytes(path, encoded.chunks(), durable=self.durable)
         except OSError as exc:
             raise _reraise_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
@@ -2352,8 +2446,7 @@ class _EntryFiles:
         lock = _KeyLock(self.lock_path, _USAGE_BYTE)
         lock.acquire()
         try:
-            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-            fd = os.open(os.path.join(self.root, ".usage"), flags | getattr(os, "O_CLOEXEC", 0), 0o600)
+            fd = _open_regular(os.path.join(self.root, ".usage"), _WRITE_FLAGS)[0]
             try:
                 raw = os.read(fd, 9)
                 total = int.from_bytes(raw, "little") if len(raw) == 8 else None
@@ -2653,8 +2746,11 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
         least recently used entries (a read counts as a use) down to 80% of
         it, and logs each eviction on the "donecache" logger (INFO). The
         bound is the whole directory's, memoized functions' entries included.
-
-    Entries are pickles: open only directories that nobody you distrust can write.
+    trust_shared: open a directory that is not yours, or that group or others
+        can write to. Without it, such a directory raises PermissionError,
+        because entries are pickles: loading one runs code its writer chose.
+        Pass it only for a team cache whose writers you all trust
+        (docs/security.md).
     """
 
     def __init__(
@@ -2667,10 +2763,11 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
         durable: bool = False,
         mmap: bool = False,
         max_bytes: int | None = None,
+        trust_shared: bool = False,
     ) -> None:
         # Named and typed as in shelve.DbfilenameShelf; a bytes path is decoded
         # as the filesystem encoding says, as os.open would.
-        self._files = _EntryFiles(os.fsdecode(filename), flag, durable, max_bytes)
+        self._files = _EntryFiles(os.fsdecode(filename), flag, durable, max_bytes, trust_shared)
         self.path = self._files.root
         self._mmap = mmap
         # shelve turns None into protocol 3; here None means 5, which keeps big buffers apart.
@@ -2741,7 +2838,7 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
     def verify(self) -> list[str]:
         """The paths of damaged entry files, checking every byte of every entry
         (reads do not check big buffers' checksums; prune() removes what this finds)."""
-        return self._files.verify()
+        return self._open_files().verify()
 
 
 def _present(store: Store) -> Iterator[tuple[str, Any]]:
@@ -3424,6 +3521,7 @@ class _Memoized(Generic[_P, _R]):
         key: Callable[..., Any] | None = None,
         mmap: bool = False,
         max_bytes: int | None = None,
+        trust_shared: bool = False,
     ) -> None:
         import functools
         import hashlib
@@ -3452,6 +3550,7 @@ class _Memoized(Generic[_P, _R]):
         self._durable = durable
         self._mmap = mmap
         self._max_bytes = _check_max_bytes(max_bytes)
+        self._trust_shared = trust_shared
         self._arguments = _Arguments(func, ignore, key)
         self._version = version
         self._function = f"{_module_name(func)}:{_function_name(func)}"
@@ -3481,9 +3580,11 @@ class _Memoized(Generic[_P, _R]):
         then the function is called straight through, with one warning."""
         if self._store is None:
             try:
-                files = _EntryFiles(self.path, "c", self._durable, self._max_bytes)
+                files = _EntryFiles(self.path, "c", self._durable, self._max_bytes, self._trust_shared)
                 self._folder = files.folder(self._function)
                 self._store = files
+            except _Untrusted:
+                raise  # Never computed around: the user must choose another store, or trust this one.
             except OSError as exc:
                 if not self._warned:
                     self._warned = True
@@ -4619,7 +4720,7 @@ def memoize(
     version: _Version | None = None,
     ignore: Iterable[str] = (),
     key: Callable[..., Any] | None = None,
-    durable: bool = False, mmap: bool = False, max_bytes: int | None = None,
+    durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
 ) -> Callable[[Callable[_P, _R]], _Memoized[_P, _R]]: ...
 
 
@@ -4633,6 +4734,7 @@ def memoize(
     durable: bool = False,
     mmap: bool = False,
     max_bytes: int | None = None,
+    trust_shared: bool = False,
 ) -> Any:
     """Keep a function's results on disk, shared by threads, processes and runs.
 
@@ -4668,6 +4770,9 @@ def memoize(
         use) down to 80% of it, logging each on the "donecache" logger (INFO).
         None (the default): no bound. ``cache_info().maxsize`` reports it, in
         bytes (functools counts entries there).
+    trust_shared: use a store directory that is not yours, or that group or
+        others can write to (by default the first call raises PermissionError
+        there: results are pickles, and loading one runs its writer's code).
 
     The decorated function has ``cache_info()``, ``cache_clear()`` (this
     function's entries only), ``forget(*args)``, ``refresh(*args)`` and
@@ -4701,7 +4806,7 @@ def memoize(
                 "function that collects it"
             )
         kind = _AsyncMemoized if code is not None and code.co_flags & _CO_COROUTINE else _Memoized
-        return kind(func, store_path, seconds, version, ignore, durable, key, mmap, max_bytes)
+        return kind(func, store_path, seconds, version, ignore, durable, key, mmap, max_bytes, trust_shared)
 
     if callable(path) and not isinstance(path, (str, os.PathLike)):
         store_path: StrPath | None = None
@@ -4791,7 +4896,8 @@ def _cli_store(path: str, flag: str) -> _EntryFiles:
             f"{path}: not a donecache store (there is no CACHEDIR.TAG written by donecache in it); "
             "give the path of a cache directory, such as the .donecache directory beside your script"
         )
-    return _EntryFiles(path, flag, False)
+    # Trusted whoever owns it: the command line reads keys, heads and JSON, never a value.
+    return _EntryFiles(path, flag, False, trust_shared=True)
 
 
 def _cli_info(args: Any) -> int:

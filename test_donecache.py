@@ -1181,11 +1181,11 @@ def test_estale_that_persists_is_raised(tmp_path, monkeypatch):
 
 def test_stage_entry_and_listing_retry_estale(tmp_path, monkeypatch):
     lock_file = str(tmp_path / "s" / ".donecache.lock")
-    failed = stale_once(monkeypatch, dc.io, "FileIO", lambda path, *a: os.fspath(path).endswith(".donecache.lock"))
+    failed = stale_once(monkeypatch, os, "open", lambda path, *a, **k: os.fspath(path).endswith(".donecache.lock"))
     with dc.done_dir(tmp_path / "s", expect=["a"]) as stage:
         stage.piece("a", lambda: "a")
         listing_failed = stale_once(monkeypatch, os, "scandir", lambda path=".": os.fspath(path) == str(stage.path))
-    assert failed == ["FileIO"] and listing_failed == ["scandir"]
+    assert failed == ["open"] and listing_failed == ["scandir"]
     assert stage.done and os.path.exists(lock_file)
 
 
