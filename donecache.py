@@ -1187,6 +1187,15 @@ def atomic_path(
 _STAGE_LOCK = ".donecache.lock"
 _STAGE_VERSION = ".donecache.version"  # The version being built, recorded when a build starts.
 _STAGE_FILES = (_STAGE_LOCK, _STAGE_VERSION)
+# Each builder of a shared stage holds a lock file of its own, named this and 16
+# hex digits, while it builds: the stage's lock is held only on entry and exit,
+# so `status` looks for these to tell "building" from "incomplete".
+_STAGE_BUILDER = ".donecache.builder~"
+
+
+def _is_stage_file(name: str, marker: str) -> bool:
+    """Whether a name at a stage's top is donecache's own (or the marker), not a piece."""
+    return name == marker or name in _STAGE_FILES or name.startswith(_STAGE_BUILDER)
 
 
 def _version_text(version: Any, what: str = "version") -> str:
@@ -1356,8 +1365,10 @@ def _stage_status(directory: str, *, version: _Version | None, marker: str) -> _
     # An incomplete stage may still hold a stale marker, which says who wrote it.
     if _marker_counts(path, version):
         return _StageState("done", _read_marker(path))
-    lock = os.path.join(directory, _STAGE_LOCK)
-    if not _lock_taken(lock):
+    locks = [os.path.join(directory, _STAGE_LOCK)]
+    locks += [e.path for e in _scandir(directory) if e.name.startswith(_STAGE_BUILDER)]
+    lock = next((lock for lock in locks if _lock_taken(lock)), None)
+    if lock is None:
         return _StageState("incomplete", _read_marker(path))
     try:
         builder = json.loads(_file_head(lock, 4096).decode("utf-8"))
@@ -1370,7 +1381,7 @@ def _flush_tree(root: str) -> None:
     """fsync every file and directory below ``root``: the pieces reach disk before the marker."""
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
-            if name == _STAGE_LOCK and dirpath == root:
+            if dirpath == root and (name == _STAGE_LOCK or name.startswith(_STAGE_BUILDER)):
                 continue  # Nothing to flush, and on NFS closing it would drop our lock.
             try:
                 fd, _st = _open_regular(os.path.join(dirpath, name), _SYNC_FLAGS | _NOFOLLOW)
@@ -1458,6 +1469,7 @@ class Stage:
         self.done = False
         self._fresh, self._durable, self._timeout = fresh, durable, timeout
         self._lock: _KeyLock | None = None
+        self._builder: _KeyLock | None = None  # A shared builder's own lock (see _announce).
         self._expect = None if expect is None else self._expected(expect)
         if self._expect is not None and fresh:
             raise ValueError(
@@ -1512,7 +1524,8 @@ class Stage:
 
             # For `python -m donecache status`: who is building (read only while the lock is held).
             assert self._lock is not None
-            self._lock.note(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode("utf-8"))
+            who = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode("utf-8")
+            self._lock.note(who)
             self.done = _marker_counts(self._marker_file, self.version)
             if not self.done:
                 self._begin()
@@ -1521,20 +1534,36 @@ class Stage:
             raise
         if self._expect is not None:
             self._release()  # A shared stage is locked only to enter and to finish.
+            if not self.done:
+                self._announce(who)
         self._started = time.time()
         return self
+
+    def _announce(self, who: bytes) -> None:
+        """A shared builder's own lock file, held while it builds (see _STAGE_BUILDER)."""
+        name = f"{_STAGE_BUILDER}{os.urandom(8).hex()}"
+        builder = _KeyLock(os.path.join(os.path.realpath(self._root), name))
+        try:
+            builder.acquire()
+        except OSError:
+            return  # Only `status` would miss it.
+        builder.note(who)
+        self._builder = builder
 
     def _begin(self) -> None:
         """Under the lock, for a stage that is not done: resume the pieces of a build
         of the same version, or start from an empty stage."""
         root, wanted = self._root, None if self.version is None else _version_text(self.version)
         old = _marker_version(_read_marker(self._marker_file))
-        if os.path.lexists(self._marker_file):
+        marked = os.path.lexists(self._marker_file)
+        if marked:
             os.unlink(self._marker_file)  # Stale: it must not count while we rebuild.
         building = _read_text(os.path.join(root, _STAGE_VERSION))
         # The pieces belong to the version whose build started last, or (for a stage
-        # made before versions were recorded) to the one its old marker names.
-        other = wanted is not None and (building or old or wanted) != wanted
+        # made before versions were recorded) to the one its old marker names; a
+        # marker that names none, with no version recorded, is an unversioned
+        # build's: another version (issue 18).
+        other = wanted is not None and (building or old or ("" if marked else wanted)) != wanted
         if self._fresh or other:
             for name in os.listdir(root):
                 if name != _STAGE_LOCK:
@@ -1560,6 +1589,10 @@ class Stage:
                     self.done = self._finish_shared(self._expect)
         finally:
             self._release()
+            builder, self._builder = self._builder, None
+            if builder is not None and os.getpid() == self._pid:
+                _discard(builder.path)
+                builder.release()
 
     def _take_lock(self) -> None:
         root = self._root
@@ -1589,6 +1622,10 @@ class Stage:
         # late duplicate of a piece that exists (piece() copes with losing it).
         for temp in _temp_files(self._root):
             _discard(temp)
+        mine = None if self._builder is None else os.path.basename(self._builder.path)
+        for entry in _scandir(self._root):  # Lock files of builders that were killed.
+            if entry.name.startswith(_STAGE_BUILDER) and entry.name != mine and not _lock_taken(entry.path):
+                _discard(entry.path)
         self._write_marker()
         return True
 
@@ -1601,7 +1638,7 @@ class Stage:
         found: set[str] = set()
         for dirpath, _dirnames, filenames in os.walk(self._root, onerror=fail):
             for name in filenames:
-                if not _is_temp_name(name) and not (dirpath == self._root and name in (self.marker, *_STAGE_FILES)):
+                if not _is_temp_name(name) and not (dirpath == self._root and _is_stage_file(name, self.marker)):
                     found.add(os.path.relpath(os.path.join(dirpath, name), self._root))
         return found
 
@@ -1639,7 +1676,7 @@ class Stage:
         if (
             not parts
             or ".." in parts
-            or parts[0] in (self.marker, *_STAGE_FILES)
+            or _is_stage_file(parts[0], self.marker)
             or any(_is_temp_name(p) for p in parts)
         ):
             raise ValueError(
@@ -1647,6 +1684,31 @@ class Stage:
                 f"and not its marker {self.marker!r} or lock file"
             )
         return self.path / rel
+
+    def _folders_of(self, path: Path) -> None:
+        """Make the folders between the stage and a piece, refusing any that is not
+        a real directory: through a symlinked folder planted inside the stage
+        (by anyone who can write there), a piece would be written outside it
+        (issue 18). Checked with lstat, never following a link; a folder swapped
+        for a link between this check and the write is not caught."""
+        folder = self._root
+        for part in os.path.relpath(path.parent, folder).split(os.sep):
+            if part == os.curdir:
+                continue
+            folder = os.path.join(folder, part)
+            try:
+                st = os.lstat(folder)
+            except FileNotFoundError:
+                _make_dirs(folder)  # When durable, the flush before the marker reaches it.
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(
+                    errno.ENOTDIR,
+                    f"cannot write the piece {os.path.relpath(path, self._root)!r} of stage {self._root!r}: "
+                    f"{folder!r} is {_kind_of(st.st_mode)}, not a directory, and pieces are written only into real "
+                    "directories inside the stage (a link could lead outside it); remove it and run again",
+                    folder,
+                )
 
     def has(self, name: StrPath) -> bool:
         """True if the piece ``name`` exists (written by this run or an earlier one)."""
@@ -1661,6 +1723,7 @@ class Stage:
         subdirectories (``"shard-3/42.json"``).
         """
         path = self._piece_path(name)
+        self._folders_of(path)
         if path.exists():
             return path
         data = make()
@@ -1668,7 +1731,6 @@ class Stage:
             data = data.encode("utf-8")
         elif not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"make() for piece {os.fspath(name)!r} must return str or bytes, not {type(data).__name__}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         # A stage of one builder flushes all its files once, before its marker.
         # In a shared stage each piece is flushed as it is written: the
         # builder that writes the marker may run on another host, whose
@@ -2042,7 +2104,10 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
         # A private copy-on-write mapping: arrays over it are writable, their
         # changes never reach the file, and since an entry file is only ever
         # replaced by a rename, never changed in place, it stays valid after
-        # the entry is replaced or removed.
+        # the entry is replaced or removed. Checked (issue 18): the one
+        # ftruncate in this module is a lock file's note (_KeyLock.note), and
+        # no O_TRUNC open exists. Another tool that truncates an entry in place
+        # makes the pages past the new end vanish: touching them is SIGBUS (mmap(2)).
         whole = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
         entry.buffers = [whole[offset : offset + length] for offset, length, _crc in spans]
     else:
@@ -3583,6 +3648,8 @@ class _Memoized(Generic[_P, _R]):
                 files = _EntryFiles(self.path, "c", self._durable, self._max_bytes, self._trust_shared)
                 self._folder = files.folder(self._function)
                 self._store = files
+                if self._prefix and not files.readonly:  # Prepared while switched off (a sharded batch).
+                    files.record_identity(self._function, _key_identity(self._prefix))
             except _Untrusted:
                 raise  # Never computed around: the user must choose another store, or trust this one.
             except OSError as exc:
@@ -3597,16 +3664,19 @@ class _Memoized(Generic[_P, _R]):
         recorded in the store, so that `info` and `prune` can tell stale entries."""
         identity = _code_identity(self.__wrapped__, self._version)
         self._closure = _closure_text(self.__wrapped__)
-        files = self._store or self._files()
-        if files is not None and not files.readonly:
-            files.record_identity(self._function, identity)
         self._prefix = self._identity + f"{identity}|".encode("utf-8")
+        if self._store is not None and not self._store.readonly:
+            self._store.record_identity(self._function, identity)
+        elif self._store is None and not _switched_off():  # Switched off: no cache directory is made.
+            self._files()  # Records the identity once the store is made.
         return self._prefix
 
-    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+    def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         prefix = self._prefix or self._prepare()
-        key = _make_key(prefix, self._closure, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
-        return self._call_at(key, args, kwargs)
+        return _make_key(prefix, self._closure, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+        return self._call_at(self._key(args, kwargs), args, kwargs)
 
     def _call_at(self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         """A call whose key is already made (a batch's worker gets it from the parent)."""
@@ -3956,7 +4026,7 @@ class _Memoized(Generic[_P, _R]):
         index, count = shard
         for args in calls:
             try:
-                key = self._call(lead + args, {}).key
+                key = self._key(lead + args, {})  # Makes no cache directory (DONECACHE=off).
             except Exception:
                 if index == 0:
                     yield args
@@ -4058,6 +4128,9 @@ class _BoundMemoized:
 
     def forget(self, *args: Any, **kwargs: Any) -> bool:
         return self.__func__.forget(self.__self__, *args, **kwargs)
+
+    def is_cached(self, *args: Any, **kwargs: Any) -> bool:
+        return self.__func__.is_cached(self.__self__, *args, **kwargs)
 
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
         return BatchResult._of(self.__func__._batch_with(iterables, (self.__self__,), "map", options))
