@@ -4798,3 +4798,191 @@ def test_keyboard_interrupts_never_leave_a_key_lock_held(tmp_path):
     proc = child(INTERRUPT_STORM, str(tmp_path), "3", timeout=60)
     state, summary = proc.stdout.splitlines()
     assert state == "ok", f"{state} ({summary})"
+
+
+# ---------------------------------------------------------------------------
+# Issue 18, items 1-3 and 11: symlinks and special files where donecache writes,
+# other users' stores, the modes of the folders inside a store, smaller defects.
+# Each test failed on 0.2.0 (3cf1caa) unless its docstring says otherwise.
+# ---------------------------------------------------------------------------
+
+VICTIM = b"precious data of another file\n"
+
+
+def victim_file(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim"
+    victim.write_bytes(VICTIM)
+    os.chmod(victim, 0o640)
+    return victim
+
+
+def untouched(victim: Path) -> bool:
+    return victim.read_bytes() == VICTIM and stat.S_IMODE(victim.stat().st_mode) == 0o640
+
+
+@posix_only
+@pytest.mark.parametrize("shared", [False, True], ids=["stage", "shared-stage"])
+def test_a_symlink_at_a_stage_lock_is_refused_and_its_target_kept(tmp_path, shared):
+    """Item 1: the lock file was opened through a planted link, then truncated and rewritten
+    with the builder's host and pid: the link's target was emptied."""
+    victim = victim_file(tmp_path)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / ".donecache.lock").symlink_to(victim)
+    with pytest.raises(OSError, match="symbolic link, not a regular file") as caught:
+        with dc.done_dir(stage, expect=1 if shared else None) as s:
+            s.piece("a", lambda: "a")
+    assert ".donecache.lock" in str(caught.value) and "remove it" in str(caught.value)
+    assert untouched(victim) and not (stage / "DONE").exists()
+
+
+@posix_only
+def test_a_symlink_at_the_store_lock_is_refused(tmp_path):
+    """Item 1: the store's .lock was opened through a planted link: a dangling one made
+    donecache create its target, an existing one was locked and kept open (the same path
+    takes the stage-lock note). A store with max_bytes raises; memoize warns and computes
+    without the lock (its policy for a lock it cannot take); neither touches the targets."""
+    victim = victim_file(tmp_path)
+    nowhere = tmp_path / "made-through-the-link"
+    for target, name in ((victim, "a"), (nowhere, "b")):
+        cache = tmp_path / name
+        with dc.open(cache) as db:
+            db["k"] = 0
+        (cache / ".lock").symlink_to(target)
+        with dc.open(cache, max_bytes=1 << 20) as db, pytest.raises(OSError, match="symbolic link"):
+            db["k"] = 1
+
+        @dc.memoize(cache)
+        def double(x):
+            return 2 * x
+
+        with pytest.warns(dc.DonecacheWarning, match="symbolic link"):
+            assert double(21) == 42
+    assert untouched(victim) and not os.path.lexists(nowhere)
+
+
+@posix_only
+def test_fifos_at_lock_files_and_usage_do_not_hang(tmp_path):
+    """Item 1: a FIFO at .usage hung every write of a store with max_bytes (its read waited
+    for a writer); a FIFO at a stage's lock file was taken as the lock. Each now fails at
+    once with an error naming the FIFO."""
+    fifos = []
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    os.mkfifo(stage / ".donecache.lock")
+    for name in ("usage", "lock"):
+        with dc.open(tmp_path / name) as db:
+            db["k"] = 0
+        os.mkfifo(tmp_path / name / f".{name}")
+        fifos.append(tmp_path / name / f".{name}")
+    fifos.append(stage / ".donecache.lock")
+
+    def store(name: str) -> str:
+        try:
+            with dc.open(tmp_path / name, max_bytes=1 << 20) as db:
+                db["k"] = 1
+        except OSError as exc:
+            return str(exc)
+        return "no error"
+
+    def build() -> str:
+        try:
+            with dc.done_dir(stage):
+                pass
+        except OSError as exc:
+            return str(exc)
+        return "no error"
+
+    results = run_bounded({"usage": lambda: store("usage"), "lock": lambda: store("lock"), "stage": build}, fifos)
+    assert all("FIFO" in message for message in results.values()), results
+    assert not (stage / "DONE").exists()
+
+
+@posix_only
+@pytest.mark.parametrize(
+    "where", ["marker", "version file", "CACHEDIR.TAG", "identity", "ledger", "entry"]
+)
+def test_links_at_files_written_by_rename_are_replaced_and_their_targets_kept(tmp_path, where):
+    """Item 1: markers, version files, labels, identity records, ledger records and entries are
+    written to a temporary file and renamed over their name, which replaces a planted link by
+    a fresh regular file and never writes through it (a label whose name exists, even as a
+    link, is left alone). Passed on 0.2.0 too: kept as a guard."""
+    victim = victim_file(tmp_path)
+    cache = tmp_path / "cache"
+    if where in ("marker", "version file"):
+        stage = tmp_path / "stage"
+        stage.mkdir()
+        planted = stage / ("DONE" if where == "marker" else ".donecache.version")
+        planted.symlink_to(victim)
+        with dc.done_dir(stage, version=2) as s:
+            s.piece("a", lambda: "a")
+        assert dc.is_done(stage, version=2)
+    elif where == "CACHEDIR.TAG":
+        cache.mkdir(mode=0o700)
+        planted = cache / ".gitignore"
+        planted.symlink_to(victim)
+        dc.open(cache).close()
+        assert (cache / "CACHEDIR.TAG").is_file() and planted.is_symlink(), "a name that exists is left alone"
+        planted = cache / "CACHEDIR.TAG"
+    elif where in ("identity", "ledger"):
+        def half(x):
+            if x == 1:
+                raise ValueError("one")
+            return x / 2
+
+        dc.memoize(cache, version=1)(half).map([1, 2], keep_going=True)
+        [planted] = (cache / (".functions" if where == "identity" else ".failures")).rglob("*.*" if where == "ledger" else "*")
+        planted.unlink()
+        planted.symlink_to(victim)
+        dc.memoize(cache, version=2 if where == "identity" else 1)(half).map([1, 2], keep_going=True)
+    else:
+        with dc.open(cache) as db:
+            db["k"] = 1
+            [planted] = entry_files(cache)
+            planted.unlink()
+            planted.symlink_to(victim)
+            db["k"] = 2
+            assert db["k"] == 2
+    assert untouched(victim)
+    assert planted.is_file() and not planted.is_symlink() and planted.read_bytes() != VICTIM
+
+
+@posix_only
+@pytest.mark.parametrize("depth", ["sub/x", "sub/deeper/x"])
+def test_a_piece_is_never_written_through_a_symlinked_folder(tmp_path, depth):
+    """Item 1: a symlinked folder planted inside a stage made piece() write outside it (and
+    count a file found there as the piece)."""
+    outside = tmp_path / "outside"
+    (outside / "deeper").mkdir(parents=True)
+    victim = victim_file(tmp_path)
+    os.link(victim, outside / "x")
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "sub").symlink_to(outside, target_is_directory=True)
+    before = listing(outside)
+    with pytest.raises(NotADirectoryError, match="is a symbolic link, not a directory") as caught:
+        with dc.done_dir(stage) as s:
+            s.piece(depth, lambda: "written outside the stage")
+    assert str(stage / "sub") in str(caught.value) and "remove it" in str(caught.value)
+    assert untouched(victim) and listing(outside) == before and listing(outside / "deeper") == []
+    assert not (stage / "DONE").exists()
+    (stage / "sub").unlink()
+    with dc.done_dir(stage) as s:  # Real folders are made as before.
+        s.piece(depth, lambda: "inside")
+    assert (stage / depth).read_text() == "inside"
+
+
+@posix_only
+def test_atomic_path_never_renames_or_chmods_through_a_link(tmp_path):
+    """Item 1: a symlink made at atomic_path's temporary name (by the library, or by someone
+    racing it) was followed: its target was chmod-ed to the old file's mode and the link was
+    renamed onto the target."""
+    victim = victim_file(tmp_path)
+    target = tmp_path / "out.npy"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o600)
+    with pytest.raises(OSError, match="symbolic link"):
+        with dc.atomic_path(target) as tmp:
+            os.symlink(victim, tmp)
+    assert untouched(victim) and not target.is_symlink() and target.read_bytes() == b"old"
+    assert listing(tmp_path) == ["out.npy", "victim"]
