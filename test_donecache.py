@@ -4986,3 +4986,122 @@ def test_atomic_path_never_renames_or_chmods_through_a_link(tmp_path):
             os.symlink(victim, tmp)
     assert untouched(victim) and not target.is_symlink() and target.read_bytes() == b"old"
     assert listing(tmp_path) == ["out.npy", "victim"]
+
+
+class RunsCode:
+    """A value whose unpickling runs code: it makes a directory (what an attacker's entry could do)."""
+
+    def __init__(self, proof: str) -> None:
+        self.proof = proof
+
+    def __reduce__(self):
+        return os.mkdir, (self.proof,)
+
+
+root_only = pytest.mark.skipif(not IS_ROOT or sys.platform == "win32", reason="chowns to another user: needs root")
+
+
+@root_only
+@pytest.mark.parametrize("how", ["owner", "g+w", "o+w", "link owner"])
+def test_a_store_another_user_could_write_is_refused_unless_trusted(tmp_path, how):
+    """Item 2: open() and memoize loaded the entries of a store that another user owns, or that
+    group or others can write, running whatever code its pickles held."""
+    cache, proof = tmp_path / "cache", tmp_path / "code-ran"
+    with dc.open(cache) as db:
+        db["k"] = RunsCode(str(proof))
+
+    @dc.memoize(cache)
+    def answer():
+        return 42
+
+    assert answer() == 42 and not proof.exists()
+    path = cache
+    if how == "owner":
+        for folder, _dirs, files in os.walk(cache):
+            for name in [folder, *(os.path.join(folder, f) for f in files)]:
+                os.lchown(name, 65534, 65534)
+    elif how == "link owner":
+        path = tmp_path / "link"
+        path.symlink_to(cache, target_is_directory=True)
+        os.lchown(path, 65534, 65534)
+    else:
+        os.chmod(cache, 0o720 if how == "g+w" else 0o702)
+    for attempt in (lambda: dc.open(path)["k"], lambda: dc.memoize(path)(answer.__wrapped__)()):
+        with pytest.raises(PermissionError) as caught:
+            attempt()
+        message = str(caught.value)
+        assert str(path) in message and "trust_shared=True" in message, message
+        if how in ("owner", "link owner"):
+            assert "uid 65534" in message and "not yours" in message, message
+        else:
+            assert ("its group" if how == "g+w" else "others") in message and "drwx-" in message, message
+    assert not proof.exists(), "nothing was loaded"
+    assert dc.memoize(path, trust_shared=True)(answer.__wrapped__)() == 42
+    with dc.open(path, trust_shared=True) as db:
+        db["k"]
+    assert proof.is_dir(), "trusted: the entry was loaded, and its code ran"
+    assert cli("info", str(path)).returncode == 0, "the command line loads no value: it needs no trust"
+
+
+@root_only
+def test_a_fresh_store_is_trusted_whatever_the_umask(tmp_path):
+    """Item 2: a store that donecache creates passes its own check (0700, the user's)."""
+    proc = child(
+        """
+        import os
+        os.umask(0)
+        with dc.open(sys.argv[1] + "/a/b/cache") as db:
+            db["k"] = 1
+        with dc.open(sys.argv[1] + "/a/b/cache") as db:
+            print(db["k"])
+        """,
+        str(tmp_path),
+    )
+    assert proc.stdout.strip() == "1"
+
+
+TREE_OF_A_STORE = """
+import os
+os.umask(int(sys.argv[2], 8))
+root = sys.argv[1] + "/new/parent/cache"
+
+def half(x):
+    if x == 3:
+        raise ValueError("three")
+    return x / 2
+
+with dc.open(root, max_bytes=1 << 30) as db:
+    db["k"] = 1
+dc.memoize(root, max_bytes=1 << 30)(half).map(range(8), keep_going=True)
+for folder, _dirs, _files in os.walk(sys.argv[1]):
+    print(folder, oct(os.stat(folder).st_mode & 0o7777))
+"""
+
+
+@posix_only
+@pytest.mark.parametrize("umask", ["000", "077", "022", "277"])
+def test_every_folder_of_a_store_is_private_whatever_the_umask(tmp_path, umask):
+    """Item 3: os.makedirs(..., 0o700) gave 0700 to the last folder only: function folders,
+    shards and .failures/ got 0777 less the umask (0777 with umask 000)."""
+    modes = dict(line.rsplit(" ", 1) for line in child(TREE_OF_A_STORE, str(tmp_path), umask).stdout.splitlines())
+    root = str(tmp_path / "new" / "parent" / "cache")
+    inside = {path: mode for path, mode in modes.items() if path.startswith(root)}
+    assert len(inside) >= 8, inside  # The store, shards, a function folder and its shards, .functions, .failures/x.
+    assert set(inside.values()) == {"0o700"}, inside
+    above = 0o777 & ~int(umask, 8)  # Directories above the store are the user's: mkdir -p's mode.
+    assert modes[str(tmp_path / "new")] == oct(above) and modes[str(tmp_path / "new" / "parent")] == oct(above)
+
+
+@root_only
+@pytest.mark.parametrize("umask", ["077", "002"])
+def test_folders_of_a_team_store_keep_its_mode(tmp_path, umask):
+    """Item 3: a team store (setgid, group-writable, trusted) passes its mode to every folder
+    donecache makes in it, whatever the umask of the member who writes."""
+    team = tmp_path / "new" / "parent" / "cache"
+    team.mkdir(parents=True)
+    os.chown(team, 0, 65534)
+    os.chmod(team, 0o2770)
+    script = TREE_OF_A_STORE.replace("max_bytes=1 << 30", "max_bytes=1 << 30, trust_shared=True")
+    modes = dict(line.rsplit(" ", 1) for line in child(script, str(tmp_path), umask).stdout.splitlines())
+    inside = {path: mode for path, mode in modes.items() if path.startswith(str(team))}
+    assert len(inside) >= 8 and set(inside.values()) == {"0o2770"}, inside
