@@ -5105,3 +5105,136 @@ def test_folders_of_a_team_store_keep_its_mode(tmp_path, umask):
     modes = dict(line.rsplit(" ", 1) for line in child(script, str(tmp_path), umask).stdout.splitlines())
     inside = {path: mode for path, mode in modes.items() if path.startswith(str(team))}
     assert len(inside) >= 8 and set(inside.values()) == {"0o2770"}, inside
+
+
+def test_donecache_off_with_shards_makes_no_cache_directory(tmp_path, monkeypatch, calls):
+    """Item 11: DONECACHE=off with map(shard=...) created the cache directory (making the keys
+    that choose each shard made the store)."""
+    monkeypatch.setenv("DONECACHE", "off")
+
+    @dc.memoize(tmp_path / "cache")
+    def square(x):
+        calls.append(x)
+        return x * x
+
+    mine = [square.map(range(20), shard=(index, 2)).successes for index in (0, 1)]
+    assert sorted(mine[0] + mine[1]) == sorted(x * x for x in range(20)) and mine[0] and mine[1]
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.delenv("DONECACHE")
+    assert square(3) == 9 and square.is_cached(3)
+    report = json.loads(cli("info", str(tmp_path / "cache"), "--json").stdout)
+    assert report["stale"] == {}, "the identity prepared while off is recorded once the store is made"
+    assert sorted(calls) == sorted([*range(20), 3])
+
+
+def test_a_versioned_stage_over_an_unversioned_build_starts_empty(tmp_path):
+    """Item 11: a version=2 stage resumed the pieces of a finished unversioned build (whose
+    marker names no version and which recorded none) and wrote its marker over them."""
+    stage = tmp_path / "stage"
+    with dc.done_dir(stage) as s:
+        s.piece("old", lambda: "from the unversioned build")
+    with dc.done_dir(stage, version=2) as s:
+        assert not s.done and not (stage / "old").exists()
+        s.piece("new", lambda: "v2")
+    assert dc.is_done(stage, version=2) and not (stage / "old").exists()
+    with dc.done_dir(tmp_path / "crashed") as s:  # No marker: an unversioned build that crashed.
+        s.piece("kept", lambda: "x")
+        mark = s.path / "DONE"
+    mark.unlink()
+    with dc.done_dir(tmp_path / "crashed", version=2) as s:
+        assert (s.path / "kept").exists(), "without a marker nothing says which version wrote the pieces"
+
+
+@posix_only
+def test_status_shows_a_shared_stage_being_built(tmp_path):
+    """Item 11: `status` said `incomplete` for a shared stage whose builders were at work:
+    they hold the stage's lock only on entry and exit."""
+    import socket
+
+    stage = tmp_path / "stage"
+    builder = child(
+        """
+        import time
+        with dc.done_dir(sys.argv[1], expect=2) as stage:
+            stage.piece("a", lambda: "a")
+            print("building", flush=True)
+            time.sleep(60)
+        """,
+        str(stage),
+        background=True,
+    )
+    try:
+        wait_for_line(builder, "building")
+        [row] = json.loads(cli("status", str(stage), "--json").stdout)
+        assert row["state"] == "building" and row["builder"] == {"host": socket.gethostname(), "pid": builder.pid}
+    finally:
+        builder.kill()
+        builder.wait()
+    [row] = json.loads(cli("status", str(stage), "--json").stdout)
+    assert row["state"] == "incomplete", "a killed builder holds nothing"
+    with dc.done_dir(stage, expect=2) as s:
+        s.piece("b", lambda: "b")
+    assert s.done and listing(stage) == [".donecache.lock", "DONE", "a", "b"], "the killed builder's file is swept"
+
+
+def test_is_cached_on_a_bound_method(tmp_path):
+    """Item 11: obj.method.is_cached(3) raised TypeError: the bound wrapper did not pass obj."""
+    calls = []
+
+    class Model:
+        def __init__(self, scale):
+            self.scale = scale
+
+        @dc.memoize(tmp_path, key=lambda self, x: (self.scale, x))
+        def predict(self, x):
+            calls.append(x)
+            return self.scale * x
+
+    model = Model(2)
+    assert not model.predict.is_cached(3)
+    assert model.predict(3) == 6 and model.predict.is_cached(3) and not model.predict.is_cached(4)
+    assert not Model(5).predict.is_cached(3) and calls == [3]
+
+
+def test_verify_on_a_closed_store_raises_like_other_operations(tmp_path):
+    """Item 11: Store.verify() worked on a closed store, unlike every other operation."""
+    db = dc.open(tmp_path / "c")
+    db["k"] = 1
+    db.close()
+    for operation in (lambda: db["k"], db.prune, db.verify):
+        with pytest.raises(ValueError, match="closed"):
+            operation()
+
+
+@linux_only
+def test_donecache_never_truncates_an_entry_in_place(tmp_path, monkeypatch):
+    """Item 11: a mapped hit dies with SIGBUS if its file shrinks under it (mmap(2)), so
+    donecache must replace entries, never truncate or rewrite them in place: every write,
+    overwrite, clear, prune and sweep is watched for O_TRUNC opens and ftruncate of an
+    entry file. (0.2.0 did not either: kept as a guard.)"""
+    truncated: list[str] = []
+    real_open, real_ftruncate, real_truncate = os.open, os.ftruncate, os.truncate
+
+    def watched_open(path, flags, *args, **kwargs):
+        if flags & os.O_TRUNC:
+            truncated.append(f"O_TRUNC {path}")
+        return real_open(path, flags, *args, **kwargs)
+
+    def watched_ftruncate(fd, length):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if not name.endswith(".lock"):  # A lock file's note of its holder is rewritten in place.
+            truncated.append(f"ftruncate {name}")
+        return real_ftruncate(fd, length)
+
+    monkeypatch.setattr(os, "open", watched_open)
+    monkeypatch.setattr(os, "ftruncate", watched_ftruncate)
+    monkeypatch.setattr(os, "truncate", lambda *a: truncated.append(f"truncate {a}") or real_truncate(*a))
+    big = bytes(1 << 17)
+    with dc.open(tmp_path / "c", mmap=True, max_bytes=1 << 20) as db:
+        for round_ in range(12):
+            db[f"k{round_ % 5}"] = big
+            assert db[f"k{round_ % 5}"] == big
+        db.prune()
+        del db["k1"]
+        db.clear()
+    assert truncated == []
