@@ -221,16 +221,10 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
         os.utime(path)  # Windows' os.utime takes no descriptor.
 
     def _open_file(path: str, flags: int, mode: int) -> int:
-        # Windows has no O_NOFOLLOW: a name opened to write is refused if it is
-        # a symlink now (a link made between this check and the open is not seen).
-        if flags & (os.O_WRONLY | os.O_RDWR):
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                pass
-            else:
-                if stat.S_ISLNK(st.st_mode):
-                    raise _NotRegular(path, st)
+        # No O_NOFOLLOW: a name opened to write is refused if it is a symlink now
+        # (one made between this check and the open is not seen).
+        if flags & (os.O_WRONLY | os.O_RDWR) and os.path.islink(path):
+            raise _NotRegular(path, os.lstat(path))
         return os.open(path, flags, mode)
 
     def _untrusted(st: os.stat_result) -> str:
@@ -347,23 +341,23 @@ else:
         return os.open(path, flags, mode)  # O_NOFOLLOW in the flags refuses a symlink.
 
     def _untrusted(st: os.stat_result) -> str:
-        """Why a directory (or a link to one) with this stat may hold what another
-        user wrote, or "": it is not the effective user's (for root too; a link
-        may be root's), or group or others can write to it."""
+        """Why a directory (or a link to one) may hold what another user wrote, or "":
+        it is not the effective user's (root's too; a link may be root's), or group
+        or others can write to it."""
         mine = st.st_uid == os.geteuid() or (stat.S_ISLNK(st.st_mode) and st.st_uid == 0)
-        open_to = {stat.S_IWGRP: "its group", stat.S_IWOTH: "others", 0o022: "its group and others"}.get(
+        writers = {0o020: "its group", 0o002: "others", 0o022: "its group and others"}.get(
             st.st_mode & 0o022 if stat.S_ISDIR(st.st_mode) else 0
         )
-        if mine and open_to is None:
+        if mine and writers is None:
             return ""
         import pwd
 
         try:
-            owner = f"{pwd.getpwuid(st.st_uid).pw_name} (uid {st.st_uid})"
+            owner = pwd.getpwuid(st.st_uid).pw_name
         except KeyError:
-            owner = f"uid {st.st_uid}"
-        why = f"is writable by {open_to}" if mine else f"is not yours (you are uid {os.geteuid()})"
-        return f"{why}: owner {owner}, mode {stat.filemode(st.st_mode)} ({stat.S_IMODE(st.st_mode):o})"
+            owner = "no name"
+        why = f"is writable by {writers}" if mine else f"is not yours (you are uid {os.geteuid()})"
+        return f"{why}: owner {owner} (uid {st.st_uid}), mode {stat.filemode(st.st_mode)} ({stat.S_IMODE(st.st_mode):o})"
 
     # Byte locks. Linux (3.15 and later) has open-file-description locks
     # (F_OFD_SETLK, fcntl(2)), which belong to the open file description as
@@ -813,13 +807,12 @@ def _open_regular(path: str, flags: int = _READ_FLAGS) -> tuple[int, os.stat_res
 
 
 def _make_dirs(path: str, mode: int | None = None, *, durable: bool = False) -> None:
-    """os.makedirs(path, exist_ok=True), giving each directory it creates exactly
-    ``mode`` (None: 0o777 less the umask, as mkdir -p does). os.makedirs gives
-    its mode to the last directory only, and the umask filters it (mkdir(2)),
-    so a store's function folders and shards came out 0777 less the umask
-    (issue 18): here each new directory is chmod-ed when the umask changed it.
-    With ``durable``, each new directory is also flushed into its parent, so
-    that a power cut cannot lose it and with it the durable files written next."""
+    """os.makedirs(path, exist_ok=True), giving each new directory exactly ``mode``
+    (None: 0o777 less the umask, as mkdir -p). os.makedirs gives its mode to the
+    last one only, filtered by the umask (mkdir(2)): a store's shards came out
+    0777 less the umask (issue 18). With ``durable``, each new directory is also
+    flushed into its parent, so that a power cut cannot lose it and with it the
+    durable files written next."""
     new: list[str] = []
     head = path
     while not os.path.isdir(head):
