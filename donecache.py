@@ -3616,6 +3616,7 @@ class _Memoized(Generic[_P, _R]):
         # Made at the first call (_prepare): the code identity and the closure's values.
         self._prefix = b""
         self._closure = ""
+        self._unrecorded = False
         self._store: _EntryFiles | None = None
         self._folder = ""  # Where this function's entries live in the store (set with it).
         self._warned = False
@@ -3641,7 +3642,7 @@ class _Memoized(Generic[_P, _R]):
                 files = _EntryFiles(self.path, "c", self._durable, self._max_bytes, self._trust_shared)
                 self._folder = files.folder(self._function)
                 self._store = files
-                if self._prefix and not files.readonly:  # Prepared while switched off (a sharded batch).
+                if self._unrecorded and not files.readonly:  # Prepared while switched off (a sharded batch).
                     files.record_identity(self._function, _key_identity(self._prefix))
             except _Untrusted:
                 raise  # Never computed around: the user must choose another store, or trust this one.
@@ -3658,10 +3659,10 @@ class _Memoized(Generic[_P, _R]):
         identity = _code_identity(self.__wrapped__, self._version)
         self._closure = _closure_text(self.__wrapped__)
         self._prefix = self._identity + f"{identity}|".encode("utf-8")
-        if self._store is not None and not self._store.readonly:
-            self._store.record_identity(self._function, identity)
-        elif self._store is None and not _switched_off():  # Switched off: no cache directory is made.
-            self._files()  # Records the identity once the store is made.
+        files = self._store or (None if _switched_off() else self._files())  # Off: no cache directory is made.
+        if files is not None and not files.readonly:
+            files.record_identity(self._function, identity)
+        self._unrecorded = files is None  # Then _files() records it once the store is made.
         return self._prefix
 
     def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:

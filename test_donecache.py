@@ -5112,19 +5112,22 @@ def test_donecache_off_with_shards_makes_no_cache_directory(tmp_path, monkeypatc
     that choose each shard made the store)."""
     monkeypatch.setenv("DONECACHE", "off")
 
-    @dc.memoize(tmp_path / "cache")
     def square(x):
         calls.append(x)
         return x * x
 
-    mine = [square.map(range(20), shard=(index, 2)).successes for index in (0, 1)]
+    new = dc.memoize(tmp_path / "cache", version=2)(square)
+    mine = [new.map(range(20), shard=(index, 2)).successes for index in (0, 1)]
     assert sorted(mine[0] + mine[1]) == sorted(x * x for x in range(20)) and mine[0] and mine[1]
     assert not (tmp_path / "cache").exists()
     monkeypatch.delenv("DONECACHE")
-    assert square(3) == 9 and square.is_cached(3)
-    report = json.loads(cli("info", str(tmp_path / "cache"), "--json").stdout)
-    assert report["stale"] == {}, "the identity prepared while off is recorded once the store is made"
-    assert sorted(calls) == sorted([*range(20), 3])
+    assert dc.memoize(tmp_path / "cache", version=1)(square)(5) == 25  # Older code, recorded as current.
+    assert new(3) == 9 and new.is_cached(3)
+    # The identity prepared while off is recorded once the store is made: version 2 is current.
+    assert cli("prune", str(tmp_path / "cache"), "--stale").returncode == 0
+    assert new.is_cached(3), "prune --stale kept the entry of the current code"
+    assert json.loads(cli("info", str(tmp_path / "cache"), "--json").stdout)["entries"]["live"] == 1
+    assert sorted(calls) == sorted([*range(20), 5, 3])
 
 
 def test_a_versioned_stage_over_an_unversioned_build_starts_empty(tmp_path):
