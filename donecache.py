@@ -2240,7 +2240,7 @@ def _check_trusted(root: str, st: os.stat_result) -> None:
     written to: its entries are pickles, and loading one runs the code its
     writer chose (issue 18). The directories above it are not checked."""
     link = os.lstat(root)
-    for what, found in (("cache directory", st), ("symbolic link", link) if stat.S_ISLNK(link.st_mode) else ("", st)):
+    for what, found in [("cache directory", st)] + ([("symbolic link", link)] if stat.S_ISLNK(link.st_mode) else []):
         why = _untrusted(found)
         if why:
             raise _Untrusted(
