@@ -704,7 +704,7 @@ def test_stage_parent_not_writable(tmp_path, read_only):
     assert listing(tmp_path) == []
 
 
-@pytest.mark.parametrize("name", ["../escape", "/abs/path", "DONE", ".donecache.lock", ""])
+@pytest.mark.parametrize("name", ["../escape", "/abs/path", "DONE", ".donecache.lock", ".donecache.builder~1", ""])
 def test_bad_piece_names(tmp_path, name):
     with dc.done_dir(tmp_path / "s") as stage:
         with pytest.raises(ValueError, match="relative path inside the stage"):
