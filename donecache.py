@@ -1679,11 +1679,11 @@ class Stage:
         return self.path / rel
 
     def _folders_of(self, path: Path) -> None:
-        """Make the folders between the stage and a piece, refusing any that is not
-        a real directory: through a symlinked folder planted inside the stage
-        (by anyone who can write there), a piece would be written outside it
-        (issue 18). Checked with lstat, never following a link; a folder swapped
-        for a link between this check and the write is not caught."""
+        """Refuse a piece whose folders (between the stage and it) are not all real
+        directories: through a symlinked folder planted inside the stage (by
+        anyone who can write there), a piece would be written outside it (issue
+        18). Checked with lstat, never following a link, up to the first folder
+        that is missing; one swapped for a link after the check is not caught."""
         folder = self._root
         for part in os.path.relpath(path.parent, folder).split(os.sep):
             if part == os.curdir:
@@ -1692,8 +1692,7 @@ class Stage:
             try:
                 st = os.lstat(folder)
             except FileNotFoundError:
-                _make_dirs(folder)  # When durable, the flush before the marker reaches it.
-                continue
+                return
             if not stat.S_ISDIR(st.st_mode):
                 raise NotADirectoryError(
                     errno.ENOTDIR,
@@ -1724,6 +1723,8 @@ class Stage:
             data = data.encode("utf-8")
         elif not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"make() for piece {os.fspath(name)!r} must return str or bytes, not {type(data).__name__}")
+        self._folders_of(path)  # Again: make() may have taken long.
+        _make_dirs(str(path.parent))  # When durable, the flush before the marker reaches them.
         # A stage of one builder flushes all its files once, before its marker.
         # In a shared stage each piece is flushed as it is written: the
         # builder that writes the marker may run on another host, whose

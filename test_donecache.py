@@ -4967,6 +4967,19 @@ def test_a_piece_is_never_written_through_a_symlinked_folder(tmp_path, depth):
     assert untouched(victim) and listing(outside) == before and listing(outside / "deeper") == []
     assert not (stage / "DONE").exists()
     (stage / "sub").unlink()
+
+    def plant_meanwhile():
+        (stage / "sub").symlink_to(outside, target_is_directory=True)
+        return "written while a link was planted"
+
+    with pytest.raises(NotADirectoryError, match="symbolic link"):
+        with dc.done_dir(stage) as s:
+            s.piece(depth, plant_meanwhile)
+    assert untouched(victim) and listing(outside) == before and listing(outside / "deeper") == []
+    (stage / "sub").unlink()
+    with pytest.raises(Boom), dc.done_dir(stage) as s:
+        s.piece(depth, lambda: (_ for _ in ()).throw(Boom()))
+    assert listing(stage) == [".donecache.lock"], "a failed make() leaves no folder behind"
     with dc.done_dir(stage) as s:  # Real folders are made as before.
         s.piece(depth, lambda: "inside")
     assert (stage / depth).read_text() == "inside"
