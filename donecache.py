@@ -1118,14 +1118,24 @@ _STAGE_VERSION = ".donecache.version"  # The version being built, recorded when 
 _STAGE_FILES = (_STAGE_LOCK, _STAGE_VERSION)
 
 
-def _version_text(version: Any, what: str = "version") -> str:
+def _version_text(version: Any, what: str = "version", item: bool = False) -> str:
     """A version's canonical text: 2, "2" and the command line's --version 2 agree,
-    and a tuple reads the same after a JSON round trip (which makes it a list)."""
-    if isinstance(version, (str, int, float)):
+    and a tuple reads the same after a JSON round trip (which makes it a list).
+    A str item of a tuple that is empty or holds a comma, bracket, quote or
+    backslash is quoted, so ("1,2",) and (1, 2) differ. Floats are refused: 1.10 == 1.1."""
+    if isinstance(version, str):
+        return repr(version) if item and (not version or not _QUOTED_IN_VERSIONS.isdisjoint(version)) else version
+    if isinstance(version, int):
         return str(version)
     if isinstance(version, (tuple, list)):
-        return "(" + ",".join(_version_text(item, what) for item in version) + ")"
-    raise ValueError(f"{what} must be a str, an int, or a tuple of them, not {type(version).__name__}: {version!r}")
+        return "(" + ",".join(_version_text(part, what, True) for part in version) + ")"
+    raise TypeError(
+        f"{what} must be a str, an int, or a tuple of them, not {type(version).__name__}: {version!r}"
+        + (f" (1.10 and 1.1 are one float: write {str(version)!r})" if isinstance(version, float) else "")
+    )
+
+
+_QUOTED_IN_VERSIONS = frozenset("(),'\"\\")
 
 
 def _marker_path(directory: StrPath, marker: str) -> str:
@@ -1236,7 +1246,7 @@ def _marker_version(info: dict[str, Any] | None) -> str | None:
     """The canonical text of the version a marker records, or None."""
     try:
         return None if not info or info.get("version") is None else _version_text(info["version"])
-    except ValueError:
+    except TypeError:
         return None  # A foreign marker's "version" that is no version of ours.
 
 
@@ -1250,6 +1260,8 @@ def is_done(directory: StrPath, *, version: _Version | None = None, marker: str 
     Before answering "not done" it also reads the directory's listing, which
     makes an NFS client see a marker that another host wrote moments ago.
     """
+    if version is not None:
+        _version_text(version)  # A float is refused whether or not there is a marker.
     return _marker_counts(_marker_path(directory, marker), version)
 
 
@@ -1696,10 +1708,11 @@ def _disk_bytes(st: os.stat_result) -> int:
 
 
 def _check_max_bytes(max_bytes: Any) -> int | None:
-    """max_bytes as given, if it is None or a positive int; else a ValueError that says what fits."""
+    """max_bytes as given, if it is None or a positive int; else a TypeError (another
+    type) or ValueError (an int below 1) that says what fits."""
     if max_bytes is None or (isinstance(max_bytes, int) and not isinstance(max_bytes, bool) and max_bytes > 0):
         return max_bytes
-    raise ValueError(
+    raise (ValueError if isinstance(max_bytes, int) and not isinstance(max_bytes, bool) else TypeError)(
         f"max_bytes must be a positive int (bytes on disk, such as 500 * 2**20 for 500 MiB) or None "
         f"for no limit, not {max_bytes!r}"
     )
@@ -2862,6 +2875,7 @@ class _Arguments:
 
 
 _BIG_INT = 1 << 4000  # Larger ints are written in hex: decimal text has a digit limit (3.11+).
+_BIG_VALUE = 1 << 16  # Longer str, bytes and bytearray arguments are hashed in place, not written out.
 _FUNCTION_KINDS = (type(_delays), type(len), type(sys))  # Python functions, builtins, modules.
 
 
@@ -2879,7 +2893,14 @@ def _canonical(value: Any, out: list[str], active: set[int]) -> None:
     """
     kind = type(value)
     if kind in _SCALARS:
-        out.append(f"int:{value:x}" if kind is int and not -_BIG_INT < value < _BIG_INT else repr(value))
+        if (kind is str or kind is bytes) and len(value) > _BIG_VALUE:
+            out.append(f"<{kind.__name__} {len(value)} {_buffer_digest(value)}>")
+        elif kind is int and not -_BIG_INT < value < _BIG_INT:
+            out.append(f"int:{value:x}")
+        elif (kind is float or kind is complex) and value != value and _negative_nan(value):
+            out.append(f"{kind.__name__}:{_float_text(value.real)},{_float_text(value.imag)}")
+        else:
+            out.append(repr(value))
         return
     if id(value) in active:
         out.append("<cycle>")
@@ -2913,6 +2934,20 @@ def _cell_value(cell: Any) -> Any:
         return "<empty cell>"
 
 
+def _negative_nan(value: float | complex) -> bool:
+    """Whether a NaN has its sign bit set: repr() writes -nan as "nan", but
+    arithmetic keeps the sign apart (copysign, and NumPy prints it)."""
+    import math
+
+    return any(part != part and math.copysign(1.0, part) < 0 for part in (value.real, value.imag))
+
+
+def _float_text(part: float) -> str:
+    import math
+
+    return ("-nan" if math.copysign(1.0, part) < 0 else "nan") if part != part else repr(part)
+
+
 def _text(value: Any, active: set[int] | None = None) -> str:
     out: list[str] = []
     _canonical(value, out, set() if active is None else active)
@@ -2920,23 +2955,110 @@ def _text(value: Any, active: set[int] | None = None) -> str:
 
 
 def _buffer_digest(buffer: Any) -> str:
-    """A digest of a C-contiguous buffer's bytes, read in place (no copy)."""
+    """A digest of a buffer's bytes, read in place (no copy) where it is
+    C-contiguous; a str is encoded a MiB at a time, so never copied whole."""
     import hashlib
 
     # SHA-256 runs at about 1.8 GB/s on CPUs with SHA extensions, twice BLAKE2b's speed.
-    return hashlib.sha256(memoryview(buffer).cast("B")).hexdigest()[:40]
+    if isinstance(buffer, str):
+        digest = hashlib.sha256()
+        for start in range(0, len(buffer), 1 << 20):
+            digest.update(buffer[start : start + (1 << 20)].encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()[:40]
+    view = memoryview(buffer)
+    return hashlib.sha256(view.cast("B") if view.c_contiguous else view.tobytes()).hexdigest()[:40]
+
+
+# Functions and classes passed as arguments: their code identity, worked out
+# once per object (following a function's code costs milliseconds).
+_argument_codes: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _argument_code(obj: Any) -> str:
+    """What stands for the code of a function or class passed as an argument (or
+    of an object's class): nothing for the standard library, name==version for
+    an installed distribution, else its code identity (_code_identity), so that
+    an edit recomputes and two same-named functions never share entries."""
+    try:
+        return _argument_codes[obj]
+    except (KeyError, TypeError):  # TypeError: unhashable, or no weak reference.
+        pass
+    library = _library(_module_name(obj))
+    code = (" " + library if library else "") if library is not None else " " + _code_identity(obj, None)
+    try:
+        _argument_codes[obj] = code
+    except TypeError:
+        pass
+    return code
+
+
+def _canonical_code(value: Any, out: list[str], active: set[int]) -> bool:
+    """Functions, classes, partials and methods passed as arguments, by their code
+    (see _argument_code); False for anything else."""
+    import functools
+    import types
+
+    kind = type(value)
+    if isinstance(value, type) or kind in _FUNCTION_KINDS:
+        self = getattr(value, "__self__", None)
+        if kind is type(len) and self is not None and not isinstance(self, type(sys)):
+            # A bound built-in method (english.get): what it is bound to counts.
+            out.append(f"<built-in {value.__qualname__} of ")
+            _canonical(self, out, active)
+            out.append(">")
+            return True
+        reference = _reference(value)
+        out.append(f"<{reference}")
+        if kind is not type(sys):
+            out.append(_argument_code(value))
+        code = getattr(value, "__code__", None)
+        if "<" in reference and code is not None:
+            # A lambda or a local function: many share one name (and a line of
+            # source), so its bytecode, defaults and closure count too.
+            _canonical((_bytecode_text(code), value.__defaults__, value.__kwdefaults__), out, active)
+            _canonical(tuple(_cell_value(cell) for cell in value.__closure__ or ()), out, active)
+        out.append(">")
+    elif kind is types.MethodType:
+        out.append("<method ")
+        _canonical(value.__func__, out, active)
+        out.append(" of ")
+        _canonical(value.__self__, out, active)
+        out.append(">")
+    elif isinstance(value, functools.partial):
+        out.append("<partial ")
+        _canonical((value.func, value.args, value.keywords), out, active)
+        out.append(">")
+    elif callable(value) and callable(getattr(value, "__wrapped__", None)):
+        _canonical(value.__wrapped__, out, active)  # memoize, lru_cache: what they wrap.
+    else:
+        return False
+    return True
 
 
 def _canonical_object(value: Any, out: list[str], active: set[int]) -> None:
     kind = type(value)
     name = f"{kind.__module__}.{kind.__qualname__}"
-    if isinstance(value, type) or kind in _FUNCTION_KINDS:
-        reference = _reference(value)
-        if "<" in reference:  # <lambda>, <locals>: many functions share such a name.
-            raise TypeError(
-                f"{reference} has no name that tells it apart from other functions; pass a module-level function"
-            )
-        out.append(f"<{reference}>")
+    if _canonical_code(value, out, active):
+        return
+    if kind is bytearray or kind is memoryview:
+        if kind is memoryview or len(value) > _BIG_VALUE:  # Smaller bytearrays keep their 0.2.0 key.
+            shape = f"{value.format} {value.shape}" if kind is memoryview else len(value)
+            out.append(f"<{kind.__name__} {shape} {_buffer_digest(value)}>")
+            return
+    pathlib = sys.modules.get("pathlib")
+    if pathlib is not None and isinstance(value, pathlib.PurePath):
+        # 3.13 moved the classes to pathlib._local and pickles a path as one
+        # string; its parts are what every version agrees on (3.9-3.12's form).
+        module = "pathlib" if kind.__module__.startswith("pathlib") else kind.__module__
+        out.append(f"<{module}.{kind.__qualname__}:")
+        _canonical(tuple(value.parts), out, active)
+        out.append(";>")
+        return
+    re = sys.modules.get("re")
+    if re is not None and kind is re.Pattern:
+        out.append(f"<re.Pattern {value.flags}:")
+        _canonical(value.pattern, out, active)
+        out.append(">")
         return
     if kind.__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
         dtype = str(value.dtype.descr) if value.dtype.names else value.dtype.str
@@ -2948,21 +3070,27 @@ def _canonical_object(value: Any, out: list[str], active: set[int]) -> None:
         data = value if value.flags.c_contiguous else value.copy(order="C")
         out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
         return
-    if kind.__module__.startswith("pandas.") and hasattr(value, "to_numpy"):
+    pandas = sys.modules.get("pandas")
+    if pandas is not None and isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
+        # By isinstance, not by module: pandas 3 names its classes' module "pandas".
         out.append(f"<{name} ")
-        if kind.__name__ == "DataFrame":
+        if isinstance(value, pandas.DataFrame):
             _canonical(value.columns, out, active)
             _canonical(value.index, out, active)
             for column in range(value.shape[1]):
                 series = value.iloc[:, column]
                 out.append(f"|{series.dtype}:")
-                _canonical(series.to_numpy(), out, active)
+                _pandas_values(series, out, active, pandas)
         else:  # A Series or an Index.
-            out.append(f"{getattr(value, 'name', None)!r} {value.dtype}:")
+            names = value.names if isinstance(value, pandas.MultiIndex) else getattr(value, "name", None)
+            out.append(f"{names!r} {value.dtype}:")
             if hasattr(value, "index"):
                 _canonical(value.index, out, active)
-            _canonical(value.to_numpy(), out, active)
+            _pandas_values(value, out, active, pandas)
         out.append(">")
+        return
+    if kind.__module__.partition(".")[0] == "pandas" and kind.__name__ in ("Timestamp", "Timedelta", "NaTType", "NAType"):
+        out.append(f"<pandas.{kind.__name__} {value!r} {getattr(value, 'unit', '')}>")  # repr() keeps the tz.
         return
     try:
         reduced = value.__reduce_ex__(4)
@@ -2971,13 +3099,27 @@ def _canonical_object(value: Any, out: list[str], active: set[int]) -> None:
     if isinstance(reduced, str):  # A module-level singleton, named.
         out.append(f"<{kind.__module__}.{reduced}>")
         return
-    out.append(f"<{name}:")
+    out.append(f"<{name}{_argument_code(kind)}:")  # The class's own code counts (its methods make the result).
+    ordered = isinstance(value, collections.OrderedDict)  # Its order is part of its value (==).
     for index, part in enumerate(reduced[1:5]):
         if part is not None and index >= 2:  # listitems and dictitems are iterators.
-            part = list(part) if index == 2 else dict(part)
+            part = list(part) if index == 2 or ordered else dict(part)
         _canonical(part, out, active)
         out.append(";")
     out.append(">")
+
+
+def _pandas_values(value: Any, out: list[str], active: set[int], pandas: Any) -> None:
+    """A Series' or Index's values; a categorical's categories and their order, and
+    a tz-aware column's instants (as a buffer, not as Timestamp objects)."""
+    dtype = value.dtype
+    if isinstance(dtype, pandas.CategoricalDtype):
+        out.append(f"ordered={dtype.ordered!r} categories=")
+        _canonical(dtype.categories, out, active)
+    if isinstance(dtype, pandas.DatetimeTZDtype):  # str(dtype) above names the zone.
+        _canonical(value.to_numpy(dtype=f"datetime64[{dtype.unit}]"), out, active)
+    else:
+        _canonical(value.to_numpy(), out, active)
 
 
 def _reference(obj: Any) -> str:
@@ -2989,9 +3131,9 @@ def _reference(obj: Any) -> str:
 
 def _module_name(obj: Any) -> str:
     """The name of the module that defines ``obj``; for the main script, the name it
-    would have if imported (``python -m pkg.job`` -> pkg.job; ``python job.py`` ->
-    job, when its directory is on sys.path), so that a script and its import
-    share entries."""
+    would have if imported (``python -m pkg.job`` and ``python pkg/job.py`` ->
+    pkg.job, where pkg has an __init__.py; ``python job.py`` -> job, when its
+    directory is on sys.path), so that a script and its import share entries."""
     module = getattr(obj, "__module__", None) or "?"
     if module not in ("__main__", "__mp_main__"):
         return module
@@ -3002,8 +3144,16 @@ def _module_name(obj: Any) -> str:
     script: str | None = getattr(main, "__file__", None)
     if script:
         folder, stem = os.path.split(os.path.splitext(os.path.realpath(script))[0])
-        if stem.isidentifier() and any(os.path.realpath(entry or ".") == folder for entry in sys.path):
-            return stem
+        if not stem.isidentifier():
+            return "__main__"
+        # pkg/job.py, run as a file, is the module pkg.job (as under -m) while
+        # the folders above it are packages.
+        name, package = stem, folder
+        while os.path.isfile(os.path.join(package, "__init__.py")) and os.path.basename(package).isidentifier():
+            package, folder_name = os.path.split(package)
+            name = f"{folder_name}.{name}"
+        if name != stem or any(os.path.realpath(entry or ".") == folder for entry in sys.path):
+            return name
     return "__main__"
 
 
@@ -3017,17 +3167,26 @@ def _function_name(func: Any) -> str:
     return str(getattr(func, "__qualname__", None) or type(func).__qualname__)
 
 
+def _is_big(value: Any) -> bool:
+    return (type(value) is str or type(value) is bytes) and len(value) > _BIG_VALUE
+
+
 def _make_key(
     prefix: bytes, closure: str, values: tuple[Any, ...], arguments: _Arguments, blake2b: Callable[..., Any]
 ) -> bytes:
     """One key: ``prefix`` (identity and code digest), the closure's values, then a
     call's bound argument values."""
     text = None
-    if _SCALARS.issuperset(map(type, values)):
+    if _SCALARS.issuperset(map(type, values)) and (
+        max(map(sys.getsizeof, values), default=0) <= _BIG_VALUE or not any(map(_is_big, values))
+    ):
         try:
-            text = repr(values)  # A tuple of scalars: repr() is already canonical.
+            text = repr(values)  # A tuple of scalars: repr() is already canonical...
         except ValueError:  # An int too long for decimal text: _canonical writes hex.
             pass
+        else:  # ...but for -nan, which repr() writes as "nan".
+            if "nan" in text and any(type(value) in (float, complex) and _negative_nan(value) for value in values):
+                text = None
     if text is None:
         out: list[str] = []
         for index, value in enumerate(values):
@@ -4033,13 +4192,16 @@ def _reduce_memoized(func: _Memoized[..., Any]) -> str | tuple[Any, ...]:
     name: str = func.__qualname__
     if target is func and not (func.__module__ == "__main__" and _pickler_sends_functions_by_value()):
         return name
+    # The registry's key names this very wrapper: before its first call its key
+    # prefix is empty, and two functions' wrappers were once taken for one.
+    token = func.__dict__.setdefault("_pickle_token", os.urandom(8).hex())
     state = dict(func.__dict__, _store=None, _warned=False, _hits=0, _misses=0)
-    _by_value[(type(func), func.path, func._prefix)] = func
+    _by_value[(type(func), func.path, token)] = func
     return _restore_memoized, (type(func), state)
 
 
 def _restore_memoized(kind: type[_Memoized[..., Any]], state: dict[str, Any]) -> _Memoized[..., Any]:
-    key = (kind, state["path"], state["_prefix"])
+    key = (kind, state["path"], state["_pickle_token"])
     func = _by_value.get(key)
     if func is None:
         func = kind.__new__(kind)
