@@ -3093,9 +3093,6 @@ def _canonical_object(value: Any, out: list[str], active: set[int]) -> None:
         return
     if kind.__module__.partition(".")[0] in ("pyarrow", "polars") and _canonical_arrow(value, out, active):
         return
-    if kind.__module__.partition(".")[0] == "pandas" and kind.__name__ in ("Timestamp", "Timedelta", "NaTType", "NAType"):
-        out.append(f"<pandas.{kind.__name__} {value!r} {getattr(value, 'unit', '')}>")  # repr() keeps the tz.
-        return
     try:
         reduced = value.__reduce_ex__(4)
     except Exception as exc:

@@ -2916,7 +2916,7 @@ def test_big_buffers_are_hashed_in_place(tmp_path, calls):
     big = bytes(100 * 2**20)
     changed = bytearray(big)
     changed[-1] = 1
-    values = [big, changed, memoryview(changed), memoryview(big), "é" * (20 * 2**20), "e" * (20 * 2**20)]
+    values = [big, changed, memoryview(changed), memoryview(big), "é" * (20 * 2**20), "e" * (20 * 2**20), "e" * (20 * 2**20 - 1) + "f"]
     for value in values:
         tracemalloc.start()
         size(value)
@@ -2953,6 +2953,34 @@ def test_file_digest_follows_the_contents(tmp_path, calls):
         os.mkfifo(tmp_path / "fifo")
         with pytest.raises(OSError, match="FIFO"):
             dc.file_digest(tmp_path / "fifo")
+
+
+@pytest.fixture
+def coarse_clock_dir(tmp_path):
+    """A loop-mounted ext4 with 128-byte inodes, whose timestamps have whole seconds
+    (as on ext3, HFS+ or many NFS servers); skips where it cannot be mounted."""
+    mkfs, mount = shutil.which("mkfs.ext4"), shutil.which("mount")
+    if sys.platform != "linux" or not IS_ROOT or mkfs is None or mount is None:
+        pytest.skip("needs root, mkfs.ext4 and mount(8) on Linux")
+    image, mnt = tmp_path / "ext4.img", tmp_path / "coarse"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(8 * 2**20)
+    subprocess.run([mkfs, "-q", "-F", "-I", "128", str(image)], check=True, capture_output=True)
+    made = subprocess.run([mount, "-o", "loop", str(image), str(mnt)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a loop device here: {made.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_file_digest_reads_a_file_rewritten_within_its_timestamps_tick(coarse_clock_dir):
+    data = coarse_clock_dir / "in.csv"
+    for _ in range(5):  # Size, mtime and ctime all equal: only the bytes tell.
+        data.write_text("a,b\n7,8\n")
+        first = dc.file_digest(data)
+        data.write_text("a,b\n9,0\n")
+        assert dc.file_digest(data) != first
 
 
 def test_pandas_values_are_keyed_by_what_they_hold(tmp_path, calls):
@@ -3000,15 +3028,23 @@ def test_arrow_values_are_keyed_by_their_buffers(tmp_path, calls):
 
     values = [pa.table({"a": [1, 2, None], "s": ["x", "y", "z"]}), pa.table({"a": [1, 2, 3], "s": ["x", "y", "z"]}),
               pa.table({"a": [1, 2, None], "s": ["x", "y", "w"]}), pa.table({"l": [[1], [2, 3]]}),
-              pa.table({"l": [[1, 2], [3]]}), pa.array(["k", "k"]).dictionary_encode()]
+              pa.table({"l": [[1, 2], [3]]}), pa.array(["a", "b"]).dictionary_encode(),
+              pa.array(["c", "d"]).dictionary_encode()]
     for value in values + [pa.table({"a": [1, 2, None], "s": ["x", "y", "z"]})]:
         rows(value)
     assert len(calls) == len(values)
+    import tracemalloc
+
+    big = pa.table({"n": pa.array(range(8 * 2**20), pa.int64())})  # 64 MiB
+    tracemalloc.start()
+    assert rows(big) == 8 * 2**20
+    assert tracemalloc.get_traced_memory()[1] < 2**20, "keyed from its buffers, not copied into bytes"
+    tracemalloc.stop()
     pl = pytest.importorskip("polars")
     rows(pl.DataFrame({"a": [1, 2]}))
     rows(pl.DataFrame({"a": [1, 2]}))
     rows(pl.DataFrame({"a": [1, 3]}))
-    assert len(calls) == len(values) + 2
+    assert len(calls) == len(values) + 3
 
 
 # -- the failure ledger and array jobs ------------------------------------------
