@@ -2886,11 +2886,12 @@ def _canonical(value: Any, out: list[str], active: set[int]) -> None:
     repr() is canonical for scalars; 1, 1.0, True and "1" stay apart, as their
     results may differ. Containers are walked; dicts and sets are sorted by
     their items' texts, since their order depends on insertion and on
-    PYTHONHASHSEED. NumPy arrays and pandas objects are hashed from their
-    buffers. Functions, classes and modules are named. Any other object is
-    taken apart as pickle would take it (``__reduce_ex__``), so that the sets
-    and dicts in its state are sorted too. ``active`` holds the containers
-    being written, to name a cycle instead of recursing into it.
+    PYTHONHASHSEED. Big buffers, arrays and frames are hashed in place.
+    Functions and classes count by their code. Any other object is taken
+    apart as pickle would take it (``__reduce_ex__``), so that the sets and
+    dicts in its state are sorted too. docs/identity.md has every rule.
+    ``active`` holds the containers being written, to name a cycle instead of
+    recursing into it.
     """
     kind = type(value)
     if kind in _SCALARS:
@@ -2898,8 +2899,8 @@ def _canonical(value: Any, out: list[str], active: set[int]) -> None:
             out.append(f"<{kind.__name__} {len(value)} {_buffer_digest(value)}>")
         elif kind is int and not -_BIG_INT < value < _BIG_INT:
             out.append(f"int:{value:x}")
-        elif (kind is float or kind is complex) and value != value and _negative_nan(value):
-            out.append(f"{kind.__name__}:{_float_text(value.real)},{_float_text(value.imag)}")
+        elif (kind is float or kind is complex) and value != value:
+            out.append(_signed_nan(value) or repr(value))
         else:
             out.append(repr(value))
         return
@@ -2935,18 +2936,13 @@ def _cell_value(cell: Any) -> Any:
         return "<empty cell>"
 
 
-def _negative_nan(value: float | complex) -> bool:
-    """Whether a NaN has its sign bit set: repr() writes -nan as "nan", but
-    arithmetic keeps the sign apart (copysign, and NumPy prints it)."""
+def _signed_nan(value: float | complex) -> str | None:
+    """The text of a float or complex that holds -nan, which repr() writes as
+    "nan" though copysign() and NumPy tell it apart; None for other values."""
     import math
 
-    return any(part != part and math.copysign(1.0, part) < 0 for part in (value.real, value.imag))
-
-
-def _float_text(part: float) -> str:
-    import math
-
-    return ("-nan" if math.copysign(1.0, part) < 0 else "nan") if part != part else repr(part)
+    parts = [("-nan" if math.copysign(1.0, p) < 0 else "nan") if p != p else repr(p) for p in (value.real, value.imag)]
+    return f"{type(value).__name__}:{','.join(parts)}" if "-nan" in parts else None
 
 
 def _text(value: Any, active: set[int] | None = None) -> str:
@@ -3219,7 +3215,7 @@ def _make_key(
         except ValueError:  # An int too long for decimal text: _canonical writes hex.
             pass
         else:  # ...but for -nan, which repr() writes as "nan".
-            if "nan" in text and any(type(value) in (float, complex) and _negative_nan(value) for value in values):
+            if "nan" in text and any(type(value) in (float, complex) and _signed_nan(value) for value in values):
                 text = None
     if text is None:
         out: list[str] = []
@@ -3249,16 +3245,15 @@ _RACY_SECONDS = 2.0  # A file changed this recently may change again within its 
 
 
 def file_digest(path: StrPath, *, quick: bool = False) -> str:
-    """A short text that changes when the file at ``path`` changes: pass it to a
-    memoized function, or return it from key=, so that a new input file recomputes.
+    """A text that changes when the file at ``path`` changes, to return from key=
+    (or pass as an argument) so that a new input file recomputes.
 
-    By default it is the SHA-256 of the file's bytes; within one process a file
-    whose size, mtime, ctime and inode are unchanged is not read again (unless it
-    changed in the last two seconds, where a rewrite could keep its mtime).
-    ``quick=True`` reads nothing: the size and the mtime stand for the contents,
-    which misses a rewrite that keeps both (an mtime set back by ``cp -p`` or
-    ``touch -r``); moving or copying the file with a new mtime recomputes.
-    A path that is not a regular file (a directory, a FIFO) is an OSError.
+    The SHA-256 of the file's bytes; in one process, a file whose inode, size,
+    mtime and ctime are unchanged is not read again, unless it changed in the
+    last two seconds (a rewrite within one tick of a coarse clock keeps all four).
+    ``quick=True`` reads nothing: size and mtime stand for the contents, which
+    misses a rewrite that keeps both (``cp -p``, ``touch -r``). Anything but a
+    regular file (a directory, a FIFO) is an OSError.
     """
     import hashlib
 
