@@ -4830,8 +4830,9 @@ def _seconds(ttl: Any) -> float | None:
     if ttl is None:
         return None
     seconds = ttl.total_seconds() if hasattr(ttl, "total_seconds") else ttl
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-        raise ValueError(f"ttl must be a positive number of seconds or a timedelta, not {ttl!r}")
+    wrong_type = isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+    if wrong_type or not seconds > 0:  # A wrong type is a TypeError, a wrong number a ValueError.
+        raise (TypeError if wrong_type else ValueError)(f"ttl must be a positive number of seconds or a timedelta, not {ttl!r}")
     try:
         return float(seconds)
     except OverflowError:

@@ -2076,8 +2076,8 @@ def test_ttl_expires_entries(tmp_path, calls, monkeypatch):
     time.sleep(0.3)
     with dc.open(tmp_path) as db:
         assert db.prune() == 1, "prune removes what has expired"
-    for bad in (0, -1, "1h", True):
-        with pytest.raises(ValueError, match="ttl must be"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (float("nan"), ValueError), ("1h", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="ttl must be"):
             dc.memoize(tmp_path, ttl=bad)
 
 
