@@ -4832,7 +4832,9 @@ def _seconds(ttl: Any) -> float | None:
     seconds = ttl.total_seconds() if hasattr(ttl, "total_seconds") else ttl
     wrong_type = isinstance(seconds, bool) or not isinstance(seconds, (int, float))
     if wrong_type or not seconds > 0:  # A wrong type is a TypeError, a wrong number a ValueError.
-        raise (TypeError if wrong_type else ValueError)(f"ttl must be a positive number of seconds or a timedelta, not {ttl!r}")
+        raise (TypeError if wrong_type else ValueError)(
+            f"ttl must be a positive number of seconds or a timedelta, not {ttl!r}"
+        )
     try:
         return float(seconds)
     except OverflowError:
