@@ -3161,6 +3161,9 @@ def _reference(obj: Any) -> str:
     return f"{_module_name(obj)}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
 
 
+_script_names: dict[str, str] = {}  # _module_name(): a main script's file -> its module name.
+
+
 def _module_name(obj: Any) -> str:
     """The name of the module that defines ``obj``; for the main script, the name it
     would have if imported (``python -m pkg.job`` and ``python pkg/job.py`` ->
@@ -3174,19 +3177,20 @@ def _module_name(obj: Any) -> str:
     if spec is not None and spec.name not in ("__main__", "__mp_main__"):
         return str(spec.name)
     script: str | None = getattr(main, "__file__", None)
-    if script:
+    if not script:
+        return "__main__"
+    name = _script_names.get(script)
+    if name is None:  # Worked out once: objects of the script's classes ask at every call.
         folder, stem = os.path.split(os.path.splitext(os.path.realpath(script))[0])
-        if not stem.isidentifier():
-            return "__main__"
         # pkg/job.py, run as a file, is the module pkg.job (as under -m) while
         # the folders above it are packages.
         name, package = stem, folder
         while os.path.isfile(os.path.join(package, "__init__.py")) and os.path.basename(package).isidentifier():
             package, folder_name = os.path.split(package)
             name = f"{folder_name}.{name}"
-        if name != stem or any(os.path.realpath(entry or ".") == folder for entry in sys.path):
-            return name
-    return "__main__"
+        on_path = name != stem or any(os.path.realpath(entry or ".") == folder for entry in sys.path)
+        name = _script_names[script] = name if stem.isidentifier() and on_path else "__main__"
+    return name
 
 
 def _function_name(func: Any) -> str:
