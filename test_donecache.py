@@ -2952,7 +2952,7 @@ def test_file_digest_follows_the_contents(tmp_path, calls):
     assert rows(data) == 2 and len(calls) == 2, "new contents recompute"
     data.write_text("a,b\n5,6\n")  # Within the same second: the memo is not trusted.
     assert rows(data) == 2 and len(calls) == 3
-    with pytest.raises(OSError, match="is a directory, not a regular file"):
+    with pytest.raises(OSError):  # Linux: "... is a directory, not a regular file"; Windows: access denied.
         dc.file_digest(tmp_path)
     if hasattr(os, "mkfifo"):
         os.mkfifo(tmp_path / "fifo")
