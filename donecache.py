@@ -59,6 +59,7 @@ __all__ = [
     "open",
     "Store",
     "memoize",
+    "file_digest",
     "disabled",
     "CacheInfo",
     "DonecacheWarning",
@@ -1191,14 +1192,24 @@ def _is_stage_file(name: str, marker: str) -> bool:
     return name == marker or name in _STAGE_FILES or name.startswith(_STAGE_BUILDER)
 
 
-def _version_text(version: Any, what: str = "version") -> str:
+def _version_text(version: Any, what: str = "version", item: bool = False) -> str:
     """A version's canonical text: 2, "2" and the command line's --version 2 agree,
-    and a tuple reads the same after a JSON round trip (which makes it a list)."""
-    if isinstance(version, (str, int, float)):
+    and a tuple reads the same after a JSON round trip (which makes it a list).
+    A str item of a tuple that is empty or holds a comma, bracket, quote or
+    backslash is quoted, so ("1,2",) and (1, 2) differ. Floats are refused: 1.10 == 1.1."""
+    if isinstance(version, str):
+        return repr(version) if item and (not version or not _QUOTED_IN_VERSIONS.isdisjoint(version)) else version
+    if isinstance(version, int):
         return str(version)
     if isinstance(version, (tuple, list)):
-        return "(" + ",".join(_version_text(item, what) for item in version) + ")"
-    raise ValueError(f"{what} must be a str, an int, or a tuple of them, not {type(version).__name__}: {version!r}")
+        return "(" + ",".join(_version_text(part, what, True) for part in version) + ")"
+    raise TypeError(
+        f"{what} must be a str, an int, or a tuple of them, not {type(version).__name__}: {version!r}"
+        + (f" (1.10 and 1.1 are one float: write {str(version)!r})" if isinstance(version, float) else "")
+    )
+
+
+_QUOTED_IN_VERSIONS = frozenset("(),'\"\\")
 
 
 def _marker_path(directory: StrPath, marker: str) -> str:
@@ -1309,7 +1320,7 @@ def _marker_version(info: dict[str, Any] | None) -> str | None:
     """The canonical text of the version a marker records, or None."""
     try:
         return None if not info or info.get("version") is None else _version_text(info["version"])
-    except ValueError:
+    except TypeError:
         return None  # A foreign marker's "version" that is no version of ours.
 
 
@@ -1323,6 +1334,8 @@ def is_done(directory: StrPath, *, version: _Version | None = None, marker: str 
     Before answering "not done" it also reads the directory's listing, which
     makes an NFS client see a marker that another host wrote moments ago.
     """
+    if version is not None:
+        _version_text(version)  # A float is refused whether or not there is a marker.
     return _marker_counts(_marker_path(directory, marker), version)
 
 
@@ -1823,10 +1836,11 @@ def _disk_bytes(st: os.stat_result) -> int:
 
 
 def _check_max_bytes(max_bytes: Any) -> int | None:
-    """max_bytes as given, if it is None or a positive int; else a ValueError that says what fits."""
+    """max_bytes as given, if it is None or a positive int; else a TypeError (another
+    type) or ValueError (an int below 1) that says what fits."""
     if max_bytes is None or (isinstance(max_bytes, int) and not isinstance(max_bytes, bool) and max_bytes > 0):
         return max_bytes
-    raise ValueError(
+    raise (ValueError if isinstance(max_bytes, int) and not isinstance(max_bytes, bool) else TypeError)(
         f"max_bytes must be a positive int (bytes on disk, such as 500 * 2**20 for 500 MiB) or None "
         f"for no limit, not {max_bytes!r}"
     )
@@ -3018,6 +3032,7 @@ class _Arguments:
 
 
 _BIG_INT = 1 << 4000  # Larger ints are written in hex: decimal text has a digit limit (3.11+).
+_BIG_VALUE = 1 << 16  # Longer str, bytes and bytearray arguments are hashed in place, not written out.
 _FUNCTION_KINDS = (type(_delays), type(len), type(sys))  # Python functions, builtins, modules.
 
 
@@ -3027,15 +3042,23 @@ def _canonical(value: Any, out: list[str], active: set[int]) -> None:
     repr() is canonical for scalars; 1, 1.0, True and "1" stay apart, as their
     results may differ. Containers are walked; dicts and sets are sorted by
     their items' texts, since their order depends on insertion and on
-    PYTHONHASHSEED. NumPy arrays and pandas objects are hashed from their
-    buffers. Functions, classes and modules are named. Any other object is
-    taken apart as pickle would take it (``__reduce_ex__``), so that the sets
-    and dicts in its state are sorted too. ``active`` holds the containers
-    being written, to name a cycle instead of recursing into it.
+    PYTHONHASHSEED. Big buffers, arrays and frames are hashed in place.
+    Functions and classes count by their code. Any other object is taken
+    apart as pickle would take it (``__reduce_ex__``), so that the sets and
+    dicts in its state are sorted too. docs/identity.md has every rule.
+    ``active`` holds the containers being written, to name a cycle instead of
+    recursing into it.
     """
     kind = type(value)
     if kind in _SCALARS:
-        out.append(f"int:{value:x}" if kind is int and not -_BIG_INT < value < _BIG_INT else repr(value))
+        if (kind is str or kind is bytes) and len(value) > _BIG_VALUE:
+            out.append(f"<{kind.__name__} {len(value)} {_buffer_digest(value)}>")
+        elif kind is int and not -_BIG_INT < value < _BIG_INT:
+            out.append(f"int:{value:x}")
+        elif (kind is float or kind is complex) and value != value:
+            out.append(_signed_nan(value) or repr(value))
+        else:
+            out.append(repr(value))
         return
     if id(value) in active:
         out.append("<cycle>")
@@ -3069,6 +3092,15 @@ def _cell_value(cell: Any) -> Any:
         return "<empty cell>"
 
 
+def _signed_nan(value: float | complex) -> str | None:
+    """The text of a float or complex that holds -nan, which repr() writes as
+    "nan" though copysign() and NumPy tell it apart; None for other values."""
+    import math
+
+    parts = [("-nan" if math.copysign(1.0, p) < 0 else "nan") if p != p else repr(p) for p in (value.real, value.imag)]
+    return f"{type(value).__name__}:{','.join(parts)}" if "-nan" in parts else None
+
+
 def _text(value: Any, active: set[int] | None = None) -> str:
     out: list[str] = []
     _canonical(value, out, set() if active is None else active)
@@ -3076,23 +3108,115 @@ def _text(value: Any, active: set[int] | None = None) -> str:
 
 
 def _buffer_digest(buffer: Any) -> str:
-    """A digest of a C-contiguous buffer's bytes, read in place (no copy)."""
+    """A digest of a buffer's bytes, read in place (no copy) where it is
+    C-contiguous; a str is encoded a MiB at a time, so never copied whole."""
     import hashlib
 
     # SHA-256 runs at about 1.8 GB/s on CPUs with SHA extensions, twice BLAKE2b's speed.
-    return hashlib.sha256(memoryview(buffer).cast("B")).hexdigest()[:40]
+    if isinstance(buffer, str):
+        digest = hashlib.sha256()
+        for start in range(0, len(buffer), 1 << 18):  # At most 1 MiB of UTF-8 at a time.
+            piece = buffer[start : start + (1 << 18)]
+            try:  # Latin-1 copies a one-byte-per-character string as it is, 30x faster than UTF-8.
+                digest.update(b"L" + piece.encode("latin-1"))
+            except UnicodeEncodeError:
+                digest.update(b"U" + piece.encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()[:40]
+    view = memoryview(buffer)
+    return hashlib.sha256(view.cast("B") if view.c_contiguous else view.tobytes()).hexdigest()[:40]
+
+
+# Functions and classes passed as arguments: their code identity, worked out
+# once per object (following a function's code costs milliseconds).
+_argument_codes: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _argument_code(obj: Any) -> str:
+    """What stands for the code of a function or class passed as an argument (or
+    of an object's class): nothing for the standard library, name==version for
+    an installed distribution, else its code identity (_code_identity), so that
+    an edit recomputes and two same-named functions never share entries."""
+    try:
+        return _argument_codes[obj]
+    except (KeyError, TypeError):  # TypeError: unhashable, or no weak reference.
+        pass
+    module = getattr(obj, "__module__", None)  # Not _module_name(): a script's module is its own code.
+    library = _library(module) if isinstance(module, str) and module in sys.modules else None
+    code = (" " + library if library else "") if library is not None else " " + _code_identity(obj, None)
+    try:
+        _argument_codes[obj] = code
+    except TypeError:
+        pass
+    return code
+
+
+def _canonical_code(value: Any, out: list[str], active: set[int]) -> bool:
+    """Functions, classes, partials and methods passed as arguments, by their code
+    (see _argument_code); False for anything else."""
+    import functools
+    import types
+
+    kind = type(value)
+    if isinstance(value, type) or kind in _FUNCTION_KINDS:
+        self = getattr(value, "__self__", None)
+        if kind is type(len) and self is not None and not isinstance(self, type(sys)):
+            # A bound built-in method (english.get): what it is bound to counts.
+            out.append(f"<built-in {value.__qualname__} of ")
+            _canonical(self, out, active)
+            out.append(">")
+            return True
+        reference = _reference(value)
+        out.append(f"<{reference}")
+        if kind is not type(sys):
+            out.append(_argument_code(value))
+        code = getattr(value, "__code__", None)
+        if "<" in reference and code is not None:
+            # A lambda or a local function: many share one name (and a line of
+            # source), so its bytecode, defaults and closure count too.
+            _canonical((_bytecode_text(code), value.__defaults__, value.__kwdefaults__), out, active)
+            _canonical(tuple(_cell_value(cell) for cell in value.__closure__ or ()), out, active)
+        out.append(">")
+    elif kind is types.MethodType:
+        out.append("<method ")
+        _canonical(value.__func__, out, active)
+        out.append(" of ")
+        _canonical(value.__self__, out, active)
+        out.append(">")
+    elif isinstance(value, functools.partial):
+        out.append("<partial ")
+        _canonical((value.func, value.args, value.keywords), out, active)
+        out.append(">")
+    elif callable(value) and callable(getattr(value, "__wrapped__", None)):
+        _canonical(value.__wrapped__, out, active)  # memoize, lru_cache: what they wrap.
+    else:
+        return False
+    return True
 
 
 def _canonical_object(value: Any, out: list[str], active: set[int]) -> None:
     kind = type(value)
-    name = f"{kind.__module__}.{kind.__qualname__}"
-    if isinstance(value, type) or kind in _FUNCTION_KINDS:
-        reference = _reference(value)
-        if "<" in reference:  # <lambda>, <locals>: many functions share such a name.
-            raise TypeError(
-                f"{reference} has no name that tells it apart from other functions; pass a module-level function"
-            )
-        out.append(f"<{reference}>")
+    name = f"{_module_name(kind)}.{kind.__qualname__}"  # A script's class by its import name.
+    if _canonical_code(value, out, active):
+        return
+    if kind is bytearray or kind is memoryview:
+        if kind is memoryview or len(value) > _BIG_VALUE:  # Smaller bytearrays keep their 0.2.0 key.
+            shape = f"{value.format} {value.shape}" if kind is memoryview else len(value)
+            out.append(f"<{kind.__name__} {shape} {_buffer_digest(value)}>")
+            return
+    pathlib = sys.modules.get("pathlib")
+    if pathlib is not None and isinstance(value, pathlib.PurePath):
+        # 3.13 moved the classes to pathlib._local and pickles a path as one
+        # string; its parts are what every version agrees on (3.9-3.12's form).
+        module = "pathlib" if kind.__module__.startswith("pathlib") else kind.__module__
+        out.append(f"<{module}.{kind.__qualname__}:")
+        _canonical(tuple(value.parts), out, active)
+        out.append(";>")
+        return
+    re = sys.modules.get("re")
+    if re is not None and kind is re.Pattern:
+        out.append(f"<re.Pattern {value.flags}:")
+        _canonical(value.pattern, out, active)
+        out.append(">")
         return
     if kind.__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
         dtype = str(value.dtype.descr) if value.dtype.names else value.dtype.str
@@ -3104,36 +3228,86 @@ def _canonical_object(value: Any, out: list[str], active: set[int]) -> None:
         data = value if value.flags.c_contiguous else value.copy(order="C")
         out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
         return
-    if kind.__module__.startswith("pandas.") and hasattr(value, "to_numpy"):
+    pandas = sys.modules.get("pandas")
+    if pandas is not None and isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
+        # By isinstance, not by module: pandas 3 names its classes' module "pandas".
         out.append(f"<{name} ")
-        if kind.__name__ == "DataFrame":
+        if isinstance(value, pandas.DataFrame):
             _canonical(value.columns, out, active)
             _canonical(value.index, out, active)
             for column in range(value.shape[1]):
                 series = value.iloc[:, column]
                 out.append(f"|{series.dtype}:")
-                _canonical(series.to_numpy(), out, active)
+                _pandas_values(series, out, active, pandas)
         else:  # A Series or an Index.
-            out.append(f"{getattr(value, 'name', None)!r} {value.dtype}:")
+            names = value.names if isinstance(value, pandas.MultiIndex) else getattr(value, "name", None)
+            out.append(f"{names!r} {value.dtype}:")
             if hasattr(value, "index"):
                 _canonical(value.index, out, active)
-            _canonical(value.to_numpy(), out, active)
+            _pandas_values(value, out, active, pandas)
         out.append(">")
+        return
+    if kind.__module__.partition(".")[0] in ("pyarrow", "polars") and _canonical_arrow(value, out, active):
         return
     try:
         reduced = value.__reduce_ex__(4)
     except Exception as exc:
         raise TypeError(f"{name} cannot be taken apart as pickle would ({exc})") from None
     if isinstance(reduced, str):  # A module-level singleton, named.
-        out.append(f"<{kind.__module__}.{reduced}>")
+        out.append(f"<{_module_name(kind)}.{reduced}>")
         return
-    out.append(f"<{name}:")
+    out.append(f"<{name}{_argument_code(kind)}:")  # The class's own code counts (its methods make the result).
+    ordered = isinstance(value, collections.OrderedDict)  # Its order is part of its value (==).
     for index, part in enumerate(reduced[1:5]):
         if part is not None and index >= 2:  # listitems and dictitems are iterators.
-            part = list(part) if index == 2 else dict(part)
+            part = list(part) if index == 2 or ordered else dict(part)
         _canonical(part, out, active)
         out.append(";")
     out.append(">")
+
+
+def _canonical_arrow(value: Any, out: list[str], active: set[int]) -> bool:
+    """pyarrow tables, record batches and arrays, and polars frames and series (as
+    Arrow data, which to_arrow() hands over without a copy): a flat array by its
+    type, offset, length and buffers, read in place; a nested or dictionary
+    array by its values, as its children's offsets are not in its buffers."""
+    pyarrow, polars = sys.modules.get("pyarrow"), sys.modules.get("polars")
+    if polars is not None and isinstance(value, (polars.DataFrame, polars.Series)):
+        out.append(f"<polars.{type(value).__name__} {getattr(value, 'name', None)!r}:")
+        _canonical_arrow(value.to_arrow(), out, active)
+    elif pyarrow is None:
+        return False
+    elif isinstance(value, (pyarrow.Table, pyarrow.RecordBatch)):
+        out.append(f"<pyarrow.{type(value).__name__} {value.schema.to_string(show_schema_metadata=True)!r}:")
+        for column in value.columns:
+            _canonical_arrow(column, out, active)
+    elif isinstance(value, pyarrow.ChunkedArray):
+        out.append(f"<pyarrow.ChunkedArray {value.type}:")
+        for chunk in value.chunks:
+            _canonical_arrow(chunk, out, active)
+    elif isinstance(value, pyarrow.Array):
+        out.append(f"<pyarrow.Array {value.type} {value.offset} {len(value)}:")
+        if value.type.num_fields or pyarrow.types.is_dictionary(value.type):
+            _canonical(value.to_pylist(), out, active)
+        else:
+            out.extend(f"{buffer and _buffer_digest(buffer)}," for buffer in value.buffers())
+    else:
+        return False
+    out.append(">")
+    return True
+
+
+def _pandas_values(value: Any, out: list[str], active: set[int], pandas: Any) -> None:
+    """A Series' or Index's values; a categorical's categories and their order, and
+    a tz-aware column's instants (as a buffer, not as Timestamp objects)."""
+    dtype = value.dtype
+    if isinstance(dtype, pandas.CategoricalDtype):
+        out.append(f"ordered={dtype.ordered!r} categories=")
+        _canonical(dtype.categories, out, active)
+    if isinstance(dtype, pandas.DatetimeTZDtype):  # str(dtype) above names the zone.
+        _canonical(value.to_numpy(dtype=f"datetime64[{dtype.unit}]"), out, active)
+    else:
+        _canonical(value.to_numpy(), out, active)
 
 
 def _reference(obj: Any) -> str:
@@ -3143,11 +3317,14 @@ def _reference(obj: Any) -> str:
     return f"{_module_name(obj)}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
 
 
+_script_names: dict[str, str] = {}  # _module_name(): a main script's file -> its module name.
+
+
 def _module_name(obj: Any) -> str:
     """The name of the module that defines ``obj``; for the main script, the name it
-    would have if imported (``python -m pkg.job`` -> pkg.job; ``python job.py`` ->
-    job, when its directory is on sys.path), so that a script and its import
-    share entries."""
+    would have if imported (``python -m pkg.job`` and ``python pkg/job.py`` ->
+    pkg.job, where pkg has an __init__.py; ``python job.py`` -> job, when its
+    directory is on sys.path), so that a script and its import share entries."""
     module = getattr(obj, "__module__", None) or "?"
     if module not in ("__main__", "__mp_main__"):
         return module
@@ -3156,11 +3333,20 @@ def _module_name(obj: Any) -> str:
     if spec is not None and spec.name not in ("__main__", "__mp_main__"):
         return str(spec.name)
     script: str | None = getattr(main, "__file__", None)
-    if script:
+    if not script:
+        return "__main__"
+    name = _script_names.get(script)
+    if name is None:  # Worked out once: objects of the script's classes ask at every call.
         folder, stem = os.path.split(os.path.splitext(os.path.realpath(script))[0])
-        if stem.isidentifier() and any(os.path.realpath(entry or ".") == folder for entry in sys.path):
-            return stem
-    return "__main__"
+        # pkg/job.py, run as a file, is the module pkg.job (as under -m) while
+        # the folders above it are packages.
+        name, package = stem, folder
+        while os.path.isfile(os.path.join(package, "__init__.py")) and os.path.basename(package).isidentifier():
+            package, folder_name = os.path.split(package)
+            name = f"{folder_name}.{name}"
+        on_path = name != stem or any(os.path.realpath(entry or ".") == folder for entry in sys.path)
+        name = _script_names[script] = name if stem.isidentifier() and on_path else "__main__"
+    return name
 
 
 def _function_name(func: Any) -> str:
@@ -3173,17 +3359,24 @@ def _function_name(func: Any) -> str:
     return str(getattr(func, "__qualname__", None) or type(func).__qualname__)
 
 
+def _is_big(value: Any) -> bool:
+    return (type(value) is str or type(value) is bytes) and len(value) > _BIG_VALUE
+
+
 def _make_key(
     prefix: bytes, closure: str, values: tuple[Any, ...], arguments: _Arguments, blake2b: Callable[..., Any]
 ) -> bytes:
     """One key: ``prefix`` (identity and code digest), the closure's values, then a
     call's bound argument values."""
     text = None
-    if _SCALARS.issuperset(map(type, values)):
+    if _SCALARS.issuperset(map(type, values)) and not any(map(_is_big, values)):
         try:
-            text = repr(values)  # A tuple of scalars: repr() is already canonical.
+            text = repr(values)  # A tuple of scalars: repr() is already canonical...
         except ValueError:  # An int too long for decimal text: _canonical writes hex.
             pass
+        else:  # ...but for -nan, which repr() writes as "nan".
+            if "nan" in text and any(type(value) in (float, complex) and _signed_nan(value) for value in values):
+                text = None
     if text is None:
         out: list[str] = []
         for index, value in enumerate(values):
@@ -3205,6 +3398,45 @@ def _make_key(
         return prefix + b"=" + raw
     digest: str = blake2b(raw, digest_size=20).hexdigest()
     return prefix + b"#" + digest.encode("ascii")
+
+
+_digests: dict[tuple[Any, ...], str] = {}  # file_digest()'s memo: (device, inode, size, mtime, ctime) -> digest.
+_RACY_SECONDS = 2.0  # A file changed this recently may change again within its mtime's tick: never memoized.
+
+
+def file_digest(path: StrPath, *, quick: bool = False) -> str:
+    """A text that changes when the file at ``path`` changes, to return from key=
+    (or pass as an argument) so that a new input file recomputes.
+
+    The SHA-256 of the file's bytes; in one process, a file whose inode, size,
+    mtime and ctime are unchanged is not read again, unless it changed in the
+    last two seconds (a rewrite within one tick of a coarse clock keeps all four).
+    ``quick=True`` reads nothing: size and mtime stand for the contents, which
+    misses a rewrite that keeps both (``cp -p``, ``touch -r``). Anything but a
+    regular file (a directory, a FIFO) is an OSError.
+    """
+    import hashlib
+
+    name = _fspath(path, "path")
+    fd, st = _open_regular(name)
+    try:
+        if quick:
+            return f"size={st.st_size} mtime_ns={st.st_mtime_ns}"
+        memo = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        digest = _digests.get(memo)
+        if digest is None:
+            sha, chunk = hashlib.sha256(), bytearray(1 << 20)
+            with io.FileIO(fd, "rb", closefd=False) as reader:
+                for got in iter(lambda: reader.readinto(chunk), 0):
+                    sha.update(memoryview(chunk)[:got])
+            digest = f"sha256={sha.hexdigest()}"
+            if time.time() - max(st.st_mtime, st.st_ctime) > _RACY_SECONDS:
+                while len(_digests) >= 4096:
+                    del _digests[next(iter(_digests))]
+                _digests[memo] = digest
+        return digest
+    finally:
+        os.close(fd)
 
 
 class _KeyParts:
@@ -4202,13 +4434,16 @@ def _reduce_memoized(func: _Memoized[..., Any]) -> str | tuple[Any, ...]:
     name: str = func.__qualname__
     if target is func and not (func.__module__ == "__main__" and _pickler_sends_functions_by_value()):
         return name
+    # The registry's key names this very wrapper: before its first call its key
+    # prefix is empty, and two functions' wrappers were once taken for one.
+    token = func.__dict__.setdefault("_pickle_token", os.urandom(8).hex())
     state = dict(func.__dict__, _store=None, _warned=False, _hits=0, _misses=0)
-    _by_value[(type(func), func.path, func._prefix)] = func
+    _by_value[(type(func), func.path, token)] = func
     return _restore_memoized, (type(func), state)
 
 
 def _restore_memoized(kind: type[_Memoized[..., Any]], state: dict[str, Any]) -> _Memoized[..., Any]:
-    key = (kind, state["path"], state["_prefix"])
+    key = (kind, state["path"], state["_pickle_token"])
     func = _by_value.get(key)
     if func is None:
         func = kind.__new__(kind)
@@ -4768,8 +5003,11 @@ def _seconds(ttl: Any) -> float | None:
     if ttl is None:
         return None
     seconds = ttl.total_seconds() if hasattr(ttl, "total_seconds") else ttl
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-        raise ValueError(f"ttl must be a positive number of seconds or a timedelta, not {ttl!r}")
+    wrong_type = isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+    if wrong_type or not seconds > 0:  # A wrong type is a TypeError, a wrong number a ValueError.
+        raise (TypeError if wrong_type else ValueError)(
+            f"ttl must be a positive number of seconds or a timedelta, not {ttl!r}"
+        )
     try:
         return float(seconds)
     except OverflowError:

@@ -630,15 +630,33 @@ def test_versions_are_compared_by_their_text(tmp_path, version):
         assert stage.done
 
 
-@pytest.mark.parametrize("version", [{"a": 1}, 1.5j, object()])
+@pytest.mark.parametrize("version", [{"a": 1}, 1.5j, object(), 1.10, ("run", 1.5)])
 def test_an_unusable_version_raises_before_the_body(tmp_path, version):
     ran = []
-    with pytest.raises(ValueError, match="version must be"):
+    with pytest.raises(TypeError, match="version must be"):
         with dc.done_dir(tmp_path / "s", version=version):
             ran.append(1)
     assert ran == []
-    with pytest.raises(ValueError, match="version must be"):
+    with pytest.raises(TypeError, match="version must be"):
         dc.memoize(tmp_path / "c", version=version)
+    with pytest.raises(TypeError, match="version must be"):
+        dc.is_done(tmp_path / "s", version=version)
+
+
+def test_a_float_version_is_refused_with_the_text_to_write(tmp_path):
+    with pytest.raises(TypeError, match=r"1\.10 and 1\.1 are one float: write '1\.1'"):
+        dc.done_dir(tmp_path / "s", version=1.10)
+
+
+@pytest.mark.parametrize(
+    "one, other", [(("1,2",), (1, 2)), (("",), ()), ((1, "(2)"), (1, (2,))), (("a'", "b"), ("a", "'b"))]
+)
+def test_tuple_versions_with_different_items_differ(tmp_path, one, other):
+    with dc.done_dir(tmp_path / "s", version=one):
+        pass
+    assert dc.is_done(tmp_path / "s", version=one) and not dc.is_done(tmp_path / "s", version=other)
+    prefixes = [dc.memoize(tmp_path / "m", version=version)(len)._prepare() for version in (one, other)]
+    assert prefixes[0] != prefixes[1], "memoize's version too"
 
 
 def test_mark_not_done_and_fresh(tmp_path):
@@ -1968,7 +1986,7 @@ def test_unpicklable_argument_names_the_argument(tmp_path):
         return x
 
     with pytest.raises(TypeError, match=r"argument 'callback' .* ignore=\('callback',\)"):
-        f(1, lambda: None)
+        f(1, threading.Lock())
 
 
 def test_results_none_exceptions_and_unpicklable(tmp_path, calls):
@@ -2061,8 +2079,8 @@ def test_ttl_expires_entries(tmp_path, calls, monkeypatch):
     time.sleep(0.3)
     with dc.open(tmp_path) as db:
         assert db.prune() == 1, "prune removes what has expired"
-    for bad in (0, -1, "1h", True):
-        with pytest.raises(ValueError, match="ttl must be"):
+    for bad, error in ((0, ValueError), (float("nan"), ValueError), ("1h", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="ttl must be"):
             dc.memoize(tmp_path, ttl=bad)
 
 
@@ -2719,6 +2737,319 @@ def test_numpy_arrays_are_keyed_by_their_contents(tmp_path, calls):
     b[1, 1] = 0
     assert total(b) == 61.0 and total(a.astype("float32")) == 66.0 and len(calls) == 4
     assert total(np.float64(1.5)) == 1.5 and len(calls) == 5
+
+
+# -- what is in a call's key: arguments ------------------------------------------
+
+ARGUMENT_HELPERS = """
+import functools
+dc = __import__("__main__").dc
+
+def scale(x):
+    return x * {factor}
+
+class Scaler:
+    def __init__(self, by):
+        self.by = by
+
+    def apply(self, x):
+        return x * self.by * {factor}
+
+@functools.lru_cache(maxsize=None)
+def cached_scale(x):
+    return x * {factor}
+"""
+
+
+def test_functions_classes_and_objects_passed_as_arguments_are_keyed_by_their_code(tmp_path):
+    job = """
+        import functools, helpers, other
+        @dc.memoize(sys.argv[1])
+        def apply(fn, x):
+            print("computed", end=" ")
+            return fn(x) if callable(fn) else fn.apply(x)
+        for arg in (helpers.scale, functools.partial(helpers.scale), helpers.Scaler(1).apply, helpers.Scaler(1),
+                    helpers.cached_scale, other.cached_scale, lambda x: helpers.scale(x)):
+            print(apply(arg, 3))
+    """
+    (tmp_path / "other.py").write_text(textwrap.dedent(ARGUMENT_HELPERS.format(factor=100)))
+
+    def run(factor: int) -> list[str]:
+        (tmp_path / "helpers.py").write_text(textwrap.dedent(ARGUMENT_HELPERS.format(factor=factor)))
+        return run_job(tmp_path, job)
+
+    assert run(2) == ["computed", "6"] * 5 + ["computed", "300"] + ["computed", "6"]
+    assert run(2) == ["6"] * 5 + ["300", "6"], "an unchanged rerun hits"
+    assert run(5) == ["computed", "15"] * 5 + ["300"] + ["computed", "15"], "an edit of the code passed recomputes"
+
+
+def test_same_named_functions_are_different_arguments(tmp_path, calls):
+    import functools
+
+    @dc.memoize(tmp_path)
+    def apply(fn, x):
+        calls.append(x)
+        return fn(x)
+
+    first = types.FunctionType(compile("def twice(x): return 2 * x", "a.py", "exec").co_consts[0], {})
+    second = types.FunctionType(compile("def twice(x): return 3 * x", "b.py", "exec").co_consts[0], {})
+    assert apply(first, 1) == 2 and apply(second, 1) == 3, "two functions named twice"
+    assert apply(functools.lru_cache()(first), 1) == 2 and apply(functools.lru_cache()(second), 1) == 3
+    english, french = {"one": "one"}, {"one": "un"}
+    assert apply(english.get, "one") == "one" and apply(french.get, "one") == "un", "bound built-ins by their object"
+    double, triple = (lambda x: 2 * x), (lambda x: 3 * x)
+    assert apply(double, 4) == 8 and apply(triple, 4) == 12, "lambdas on one line by their bytecode"
+
+    def times(n):
+        return lambda x: n * x
+
+    assert apply(times(2), 5) == apply(times(2), 5) == 10 and apply(times(3), 5) == 15, "closures by their values"
+    assert apply(len, "ab") == 2 and apply(len, "ab") == 2
+    assert calls == [1, 1, "one", "one", 4, 4, 5, 5, "ab"], "a wrapped function is what it wraps"
+
+
+def test_ordered_dicts_and_negative_nan_have_their_own_keys(tmp_path, calls):
+    import collections
+
+    @dc.memoize(tmp_path)
+    def first(value):
+        calls.append(value)
+        return repr(value)
+
+    ab, ba = collections.OrderedDict(a=1, b=2), collections.OrderedDict(b=2, a=1)
+    assert first(ab) != first(ba) and len(calls) == 2, "OrderedDicts equal only in the same order"
+    assert first({"a": 1, "b": 2}) == first({"b": 2, "a": 1}) and len(calls) == 3, "plain dicts ignore order"
+    nan = float("nan")
+    negative = -nan
+    for value in (nan, negative, (nan, 1), (negative, 1), [negative], complex(negative, 0), complex(nan, 0)):
+        first(value)
+        first(value)
+    assert len(calls) == 10, "-nan is not nan (alone, in a tuple of scalars, in a list, in a complex)"
+    assert dc._text(negative) == "float:-nan,0.0" and dc._text(nan) == "nan", "nan keeps its 0.2.0 key"
+
+
+def _double(x):
+    return 2 * x
+
+
+def _triple(x):
+    return 3 * x
+
+
+def _call_both(pair):
+    return [fn(5) for fn in pair]
+
+
+def test_functional_memoized_functions_keep_their_own_identity_when_pickled(tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+
+    pair = (dc.memoize(tmp_path)(_double), dc.memoize(tmp_path)(_triple))  # Neither called yet.
+    assert _call_both(pickle.loads(pickle.dumps(pair))) == [10, 15]
+    context = None if sys.platform == "win32" else __import__("multiprocessing").get_context("fork")
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        assert pool.submit(_call_both, pair).result() == [10, 15], "one task, two steps: each ran its own"
+
+
+def test_path_arguments_share_entries_across_cpython_versions(tmp_path):
+    pythons = other_pythons()
+    if len(pythons) < 2:
+        pytest.skip("needs two of CPython 3.11, 3.12, 3.13")
+    job = """
+        import pathlib
+        @dc.memoize(sys.argv[1])
+        def stem(path, pure):
+            print("computed")
+            return path.stem + pure.stem
+        print(stem(pathlib.Path("/data/in.csv"), pathlib.PureWindowsPath("C:/data/b.txt")))
+    """
+    outputs = [run_job(tmp_path, job, python=python) for python in pythons]
+    assert outputs == [["computed", "inb"]] + [["inb"]] * (len(pythons) - 1), pythons
+
+
+def test_enum_and_dataclass_arguments_of_a_script_share_entries_with_its_import(tmp_path):
+    job = """
+        import dataclasses, enum
+        class Unit(enum.Enum):
+            KM = "km"
+        @dataclasses.dataclass(frozen=True)
+        class Config:
+            unit: Unit
+            rate: float
+        @dc.memoize(sys.argv[1])
+        def convert(config, miles):
+            print("computed")
+            return f"{miles * config.rate:.1f} {config.unit.value}"
+        if __name__ == "__main__":
+            print(convert(Config(Unit.KM, 1.6), 10))
+    """
+    assert run_job(tmp_path, job) == ["computed", "16.0", "km"]
+    imported = "import job\nprint(job.convert(job.Config(job.Unit.KM, 1.6), 10))"
+    path = f"{IMPORT_ROOT}{os.pathsep}{tmp_path}"
+    assert child(imported, str(tmp_path / "cache"), cwd=tmp_path, env={"PYTHONPATH": path}).stdout.split() == ["16.0", "km"]
+
+
+def test_a_script_in_a_package_shares_entries_with_its_run_as_a_module(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "job.py").write_text(textwrap.dedent(f"""
+        import importlib, sys
+        dc = importlib.import_module({MODULE!r})
+        @dc.memoize(sys.argv[1])
+        def transform(x):
+            print("computed")
+            return x + 1
+        print(transform(1))
+    """))
+    env = {**os.environ, "PYTHONPATH": str(IMPORT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    outputs = [
+        subprocess.run([sys.executable, *how, str(tmp_path / "cache")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       check=True).stdout.split()
+        for how in (["pkg/job.py"], ["-m", "pkg.job"], ["pkg/job.py"])
+    ]
+    assert outputs == [["computed", "2"], ["2"], ["2"]]
+
+
+def test_big_buffers_are_hashed_in_place(tmp_path, calls):
+    import tracemalloc
+
+    @dc.memoize(tmp_path)
+    def size(data):
+        calls.append(type(data))
+        return len(data)
+
+    big = bytes(100 * 2**20)
+    changed = bytearray(big)
+    changed[-1] = 1
+    text = "e" * (20 * 2**20)
+    values = [big, changed, memoryview(changed), memoryview(big), "é" * len(text), text, text[:-1] + "f"]
+    for value in values:
+        tracemalloc.start()
+        size(value)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 3 * 2**20, f"{type(value).__name__}: {peak} bytes allocated to key it"
+    assert len(calls) == len(values), "one byte, the type, or a character apart: other keys"
+    assert [size(value) for value in values] and len(calls) == len(values), "equal values hit"
+    assert size(memoryview(big)[::2]) == 50 * 2**20 and len(calls) == len(values) + 1, "a strided view works"
+
+
+def test_file_digest_follows_the_contents(tmp_path, calls):
+    data = tmp_path / "in.csv"
+    data.write_text("a,b\n1,2\n")
+    old = time.time() - 60
+    os.utime(data, (old, old))
+
+    @dc.memoize(tmp_path / "cache", key=lambda path: (str(path), dc.file_digest(path)))
+    def rows(path):
+        calls.append(path)
+        return Path(path).read_text().count("\n")
+
+    assert rows(data) == rows(data) == 2 and len(calls) == 1
+    quick = dc.file_digest(data, quick=True)
+    data.write_text("a,b\n3,4\n")  # Same size...
+    os.utime(data, (old, old))  # ...and mtime: only the contents tell.
+    assert dc.file_digest(data, quick=True) == quick
+    assert rows(data) == 2 and len(calls) == 2, "new contents recompute"
+    data.write_text("a,b\n5,6\n")  # Within the same second: the memo is not trusted.
+    assert rows(data) == 2 and len(calls) == 3
+    with pytest.raises(OSError):  # Linux: "... is a directory, not a regular file"; Windows: access denied.
+        dc.file_digest(tmp_path)
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "fifo")
+        with pytest.raises(OSError, match="FIFO"):
+            dc.file_digest(tmp_path / "fifo")
+
+
+@pytest.fixture
+def coarse_clock_dir(tmp_path):
+    """A loop-mounted ext4 with 128-byte inodes, whose timestamps have whole seconds
+    (as on ext3, HFS+ or many NFS servers); skips where it cannot be mounted."""
+    mkfs, mount = shutil.which("mkfs.ext4"), shutil.which("mount")
+    if sys.platform != "linux" or not IS_ROOT or mkfs is None or mount is None:
+        pytest.skip("needs root, mkfs.ext4 and mount(8) on Linux")
+    image, mnt = tmp_path / "ext4.img", tmp_path / "coarse"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(8 * 2**20)
+    subprocess.run([mkfs, "-q", "-F", "-I", "128", str(image)], check=True, capture_output=True)
+    made = subprocess.run([mount, "-o", "loop", str(image), str(mnt)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a loop device here: {made.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_file_digest_reads_a_file_rewritten_within_its_timestamps_tick(coarse_clock_dir):
+    data = coarse_clock_dir / "in.csv"
+    for _ in range(5):  # Size, mtime and ctime all equal: only the bytes tell.
+        data.write_text("a,b\n7,8\n")
+        first = dc.file_digest(data)
+        data.write_text("a,b\n9,0\n")
+        assert dc.file_digest(data) != first
+
+
+def test_pandas_values_are_keyed_by_what_they_hold(tmp_path, calls):
+    pd = pytest.importorskip("pandas")
+
+    @dc.memoize(tmp_path)
+    def show(value):
+        calls.append(1)
+        return repr(value)
+
+    one = pd.DataFrame({"a": [1, 2], "b": [3.0, 4.0]})
+    split = pd.DataFrame({"a": [1, 2]})
+    split["b"] = [3.0, 4.0]  # Another block layout, the same frame.
+    assert show(one) == show(split) and len(calls) == 1
+    low_high = pd.CategoricalDtype(["low", "high"], ordered=True)
+    cats = [
+        pd.Series(["low", "high"], dtype=low_high),
+        pd.Series(["low", "high"], dtype=pd.CategoricalDtype(["high", "low"], ordered=True)),
+        pd.Series(["low", "high"], dtype=pd.CategoricalDtype(["low", "high"], ordered=False)),
+        pd.Series(["low", "high"], dtype=pd.CategoricalDtype(["low", "high", "mid"], ordered=True)),
+    ]
+    for series in cats:
+        show(series)
+    assert len(calls) == 5, "categories and their order are in the key"
+    index = [(1, "a"), (2, "b")]
+    show(pd.Series([1, 2], index=pd.MultiIndex.from_tuples(index, names=["x", "y"])))
+    show(pd.Series([1, 2], index=pd.MultiIndex.from_tuples(index, names=["x", "z"])))
+    assert len(calls) == 7, "MultiIndex level names are in the key"
+    times = pd.date_range("2024-03-30", periods=3, freq="h")
+    for value in (pd.NaT, pd.Timestamp("2024-01-01"), pd.Timestamp("2024-01-01", tz="UTC"), pd.Timedelta("1h"),
+                  pd.Series(times.tz_localize("UTC")), pd.Series(times.tz_localize("Europe/Paris")),
+                  pd.DataFrame({"t": times.tz_localize("UTC")}, index=times.tz_localize("Asia/Tokyo"))):
+        show(value)
+        show(value)
+    assert len(calls) == 14, "pandas scalars and tz-aware values are valid, their zones apart"
+
+
+def test_arrow_values_are_keyed_by_their_buffers(tmp_path, calls):
+    pa = pytest.importorskip("pyarrow")
+
+    @dc.memoize(tmp_path)
+    def rows(table):
+        calls.append(1)
+        return len(table)
+
+    values = [pa.table({"a": [1, 2, None], "s": ["x", "y", "z"]}), pa.table({"a": [1, 2, 3], "s": ["x", "y", "z"]}),
+              pa.table({"a": [1, 2, None], "s": ["x", "y", "w"]}), pa.table({"l": [[1], [2, 3]]}),
+              pa.table({"l": [[1, 2], [3]]}), pa.array(["a", "b"]).dictionary_encode(),
+              pa.array(["c", "d"]).dictionary_encode()]
+    for value in values + [pa.table({"a": [1, 2, None], "s": ["x", "y", "z"]})]:
+        rows(value)
+    assert len(calls) == len(values)
+    import tracemalloc
+
+    big = pa.table({"n": pa.array(range(8 * 2**20), pa.int64())})  # 64 MiB
+    tracemalloc.start()
+    assert rows(big) == 8 * 2**20
+    assert tracemalloc.get_traced_memory()[1] < 2**20, "keyed from its buffers, not copied into bytes"
+    tracemalloc.stop()
+    pl = pytest.importorskip("polars")
+    rows(pl.DataFrame({"a": [1, 2]}))
+    rows(pl.DataFrame({"a": [1, 2]}))
+    rows(pl.DataFrame({"a": [1, 3]}))
+    assert len(calls) == len(values) + 3
 
 
 # -- the failure ledger and array jobs ------------------------------------------
@@ -3448,11 +3779,13 @@ def test_a_sweep_never_evicts_an_entry_whose_key_is_being_computed(tmp_path):
     assert computing.wait(timeout=60) == 0
 
 
-@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "1G"])
-def test_max_bytes_must_be_a_positive_int(tmp_path, bad):
-    with pytest.raises(ValueError, match=r"max_bytes must be a positive int .* not"):
+@pytest.mark.parametrize(
+    "bad, error", [(0, ValueError), (-1, ValueError), (True, TypeError), (1.5, TypeError), ("1G", TypeError)]
+)
+def test_max_bytes_must_be_a_positive_int(tmp_path, bad, error):
+    with pytest.raises(error, match=r"max_bytes must be a positive int .* not"):
         dc.open(tmp_path / "s", max_bytes=bad)
-    with pytest.raises(ValueError, match=r"max_bytes must be a positive int .* not"):
+    with pytest.raises(error, match=r"max_bytes must be a positive int .* not"):
         dc.memoize(tmp_path / "m", max_bytes=bad)
     assert not (tmp_path / "s").exists()
 
