@@ -6218,3 +6218,45 @@ def test_power_cut_size_limit_total_is_recounted(tmp_path):
         return [f"the store takes {used} bytes, past {bound} (max_bytes plus one entry)"] if used > bound else []
 
     run_power_cuts(tmp_path, lambda root: None, POWERCUT_BOUNDED, [], check)
+
+
+POWERCUT_MEMO_MODULE = '''
+def square(x):
+    return (x * x, b"m" * 3000)
+'''
+
+POWERCUT_MEMO = f"""
+import os
+sys.path.insert(0, sys.argv[1])
+import powercut_memo
+durable = sys.argv[2] == "1"
+f = dc.memoize(os.path.abspath("cache"), durable=durable)(powercut_memo.square)
+for i in range(3):
+    f(i)
+    os.path.exists({POWERCUT_MARK!r} + str(i))
+"""
+
+
+@powercut_harness
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "not-durable"])
+def test_power_cut_memoize_never_returns_a_wrong_value(tmp_path, durable, monkeypatch):
+    """Issue 18, item 12: after a power cut at any step, in any mode, a memoized function returns
+    the right value for every argument (a damaged entry is recomputed, never returned), and with
+    durable=True a call that returned is a hit."""
+    module = tmp_path / "module"
+    module.mkdir()
+    (module / "powercut_memo.py").write_text(POWERCUT_MEMO_MODULE)
+    monkeypatch.syspath_prepend(str(module))
+    import powercut_memo
+
+    def check(cut: PowerCut) -> list[str]:
+        problems = []
+        f = dc.memoize(str(cut.path / "cache"), durable=durable)(powercut_memo.square)
+        for i in range(3):
+            if durable and str(i) in cut.marks and not f.is_cached(i):
+                problems.append(f"f({i}) returned before the cut but is not cached")
+            if f(i) != powercut_memo.square(i):
+                problems.append(f"f({i}) returned a wrong value")
+        return problems
+
+    run_power_cuts(tmp_path, lambda root: None, POWERCUT_MEMO, [str(module), "1" if durable else "0"], check)
