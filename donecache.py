@@ -4939,7 +4939,10 @@ class _Keeper:
     Keys are distinct within a chunk (the parent sees to it): a key's lock is
     never asked for again while the writer holds it. One per worker process,
     made with its first chunk (a thread started and joined per chunk cost 7%
-    of a batch of 1 ms calls)."""
+    of a batch of 1 ms calls); a chunk run in a thread of a process that is
+    not a pool's worker (executor=ThreadPoolExecutor) has its own, stopped at
+    its end, so that no thread outlives the batch in the user's process (a
+    later fork(2) with threads alive can deadlock its child)."""
 
     _current: _Keeper | None = None
 
@@ -4954,7 +4957,11 @@ class _Keeper:
 
     @classmethod
     def running(cls) -> _Keeper:
-        """This process's keeper (a forked child's is its own)."""
+        """This process's keeper (a forked child's is its own), or a chunk's own (see above)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return cls()
         keeper = cls._current
         if keeper is None or keeper._pid != os.getpid() or not keeper._thread.is_alive():
             keeper = cls._current = cls()
@@ -4968,6 +4975,8 @@ class _Keeper:
             job = self._queue.get()
             if not isinstance(job, tuple):  # finish(): everything before it is stored.
                 job.release()
+                if self is not _Keeper._current:
+                    return  # A chunk's own keeper: its chunk is done.
                 continue
             func, call, value, lock = job
             try:
