@@ -495,10 +495,11 @@ else:
 # Logging
 #
 # Records go to logging.getLogger("donecache"): DEBUG for each memoize hit and
-# miss, INFO for waits on a lock longer than a second. logging is never
-# imported here: if the program has not imported it, nobody can have
-# configured it, and there is nothing to log. The level check is the logger's
-# own cached isEnabledFor, so a hit pays a dictionary lookup for it.
+# miss, INFO for waits on a lock longer than a second and for each sweep of a
+# bounded store. logging is never imported here: if the program has not
+# imported it, nobody can have configured it, and there is nothing to log.
+# The level check is the logger's own cached isEnabledFor, so a hit pays a
+# dictionary lookup for it.
 # ---------------------------------------------------------------------------
 
 _DEBUG, _INFO = 10, 20  # logging.DEBUG, logging.INFO
@@ -509,9 +510,13 @@ def _log_at(level: int) -> Any:
     """The "donecache" logger if it handles ``level``, else None."""
     global _logger
     if _logger is None:
-        logging = sys.modules.get("logging")
-        if logging is None:
+        if "logging" not in sys.modules:
             return None
+        # Not sys.modules["logging"]: while another thread imports it, that is a
+        # half-made module without getLogger (issue 18 item 5). The import
+        # statement waits for the other thread's import to finish.
+        import logging
+
         _logger = logging.getLogger("donecache")
     return _logger if _logger.isEnabledFor(level) else None
 

@@ -2225,6 +2225,56 @@ def test_logging_is_silent_unless_configured_and_not_imported():
     assert proc.stdout == "False\n" and proc.stderr == ""
 
 
+def test_hits_in_other_threads_survive_the_first_import_of_logging(tmp_path):
+    # Issue 18 item 5: the first map() imports logging in its thread; while
+    # that import runs, hits in other threads found the half-made module in
+    # sys.modules and died with AttributeError. A tracer holds the import at
+    # the first line of logging's own code, so the window is always open.
+    script = """
+        import os, threading, time
+        assert "logging" not in sys.modules
+        @dc.memoize(sys.argv[1])
+        def f(x):
+            return x
+        f(1)
+        paused, errors, done = threading.Event(), [], threading.Event()
+
+        def tracer(frame, event, arg):
+            if frame.f_code.co_filename.endswith(os.path.join("logging", "__init__.py")):
+                if not paused.is_set():
+                    paused.set()
+                    time.sleep(0.3)
+                return None
+            return tracer
+
+        def first_map():
+            sys.settrace(tracer)
+            try:
+                f.map([1, 2], progress=None)  # stderr is a pipe: progress goes to logging.
+            finally:
+                sys.settrace(None)
+                done.set()
+
+        def hits():
+            paused.wait()
+            while not done.is_set():
+                try:
+                    assert f(1) == 1
+                except Exception as exc:
+                    errors.append(repr(exc))
+                    return
+
+        threads = [threading.Thread(target=first_map)] + [threading.Thread(target=hits) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(paused.is_set(), errors)
+    """
+    for n in range(6):  # Fresh processes: logging is imported for the first time in each.
+        assert child(script, str(tmp_path / "c")).stdout.strip() == "True []"
+
+
 def test_waits_longer_than_a_second_are_logged_with_the_holder(tmp_path, caplog, calls):
     import logging
 
