@@ -1675,12 +1675,28 @@ _STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions", "
 # total of its bytes in .usage; each other byte guards the computation of the
 # keys that hash to it (_key_byte).
 _SWEEP_BYTE, _USAGE_BYTE, _FIRST_KEY_BYTE = 0, 1, 2
-# A write that takes the store past the high-water mark (or leaves no room for
-# another entry like it) sweeps it down to the low-water mark: a sweep comes
-# once a tenth of the limit has been written, and the tenth left above the
-# high-water mark takes the entries of writers in other processes, which land
-# before they are counted.
-_HIGH_WATER, _LOW_WATER = 0.9, 0.8
+# A writer reserves its entry's bytes in the total before it creates any file;
+# one that finds no room sweeps the store down to the low-water mark (or waits
+# for the process sweeping it), so a sweep comes once a fifth of the limit has
+# been written. See docs/size-limit.md.
+_LOW_WATER = 0.8
+# .usage: the total, the boot time (time.time() - time.monotonic()) and host
+# of its last writer, the newest use time of an entry a sweep evicted, and the
+# number of sweeps begun.
+_USAGE = struct.Struct("<QdQdQ")
+_host_id: list[int] = []
+
+
+def _this_boot() -> tuple[float, int]:
+    """(boot time, host digest): a total written by this host before its last
+    boot may have lost updates in a crash. Drifts (a suspend, a clock step)
+    only cost a needless recount."""
+    if not _host_id:
+        import hashlib
+        import socket
+
+        _host_id.append(int.from_bytes(hashlib.blake2b(socket.gethostname().encode(), digest_size=8).digest(), "little"))
+    return time.time() - time.monotonic(), _host_id[0]
 # An entry file's modification time is its last use: it is set when the entry
 # is written and again when a read finds it at least this many seconds old.
 # Atime cannot serve (noatime and relatime mounts do not keep it). With a
@@ -1787,6 +1803,11 @@ class _Encoded:
 
     def __init__(self, key: bytes, expires: float, stream: bytes, buffers: list[memoryview]) -> None:
         self.key, self.expires, self.stream, self.buffers = key, expires, stream, buffers
+
+    def nbytes(self) -> int:
+        """The size of the file that chunks() makes (at most a few bytes more)."""
+        rows = sum(buffer.nbytes + _ALIGN + _BUFFER_ROW.size for buffer in self.buffers)
+        return _ENTRY_HEADER.size + len(self.key) + len(self.stream) + rows + 4
 
     def chunks(self) -> Iterator[Any]:
         """The file's bytes, in pieces for _write_bytes: each buffer's CRC is
@@ -2096,22 +2117,13 @@ class _Found:
 
 
 class _Swept:
-    """What a sweep evicted: how many entries, and their bytes on disk."""
+    """What a sweep evicted: how many entries, their bytes on disk, the newest use among them."""
 
-    __slots__ = ("entries", "bytes")
+    __slots__ = ("entries", "bytes", "newest")
 
     def __init__(self) -> None:
         self.entries = self.bytes = 0
-
-
-def _log_eviction(root: str, entry: _Entry | None, st: os.stat_result, size: int) -> None:
-    import logging
-
-    what = "a damaged entry" if entry is None else f"an entry of {_function_of(entry.key)}"
-    logging.getLogger("donecache").info(
-        "evicted %s (%d bytes on disk, last used %.0f s ago) from %s",
-        what, size, max(0.0, time.time() - st.st_mtime), root,
-    )
+        self.newest = 0.0
 
 
 class _EntryFiles:
@@ -2125,9 +2137,9 @@ class _EntryFiles:
     Safe for any number of threads and processes without locks: a write is a
     rename, a read takes whichever version the name points to and checks it.
 
-    With ``max_bytes``, each write adds its bytes on disk to a running total
-    kept in .usage, shared by every process that writes with a limit; when the
-    total passes the limit, the writer sweeps (see sweep()).
+    With ``max_bytes``, each write reserves its bytes on disk in a running
+    total kept in .usage, shared by every process that writes with a limit,
+    before it creates a file; a writer that finds no room sweeps (see sweep()).
     """
 
     def __init__(self, path: StrPath, flag: str, durable: bool, max_bytes: int | None = None) -> None:
@@ -2176,6 +2188,8 @@ class _EntryFiles:
         if not self.readonly:
             self._label()
         self.lock_path = os.path.join(os.path.realpath(self.root), ".lock")
+        self._block = getattr(os.stat(self.root), "st_blksize", 0) or 4096
+        self.horizon = 0.0  # The newest use time of an entry evicted, as .usage last said.
         if flag == "n":
             self.clear()
 
@@ -2183,7 +2197,8 @@ class _EntryFiles:
         # CACHEDIR.TAG tells backup tools to skip the store; .gitignore keeps it
         # out of commits when it lives in a checkout, as .donecache/ does. Both
         # would hide a user's own files, so a directory that holds anything but
-        # donecache's files is never labelled.
+        # donecache's files is never labelled. A label that a crash left empty
+        # or torn (issue 18 item 12e) is written again, whole.
         try:
             names = os.listdir(self.root)
         except OSError:
@@ -2191,11 +2206,16 @@ class _EntryFiles:
         if any(name not in _STORE_FILES and not (_is_hex(name, 2) or _is_hex(name, _FOLDER_HEX)) for name in names):
             return
         for name, content in (("CACHEDIR.TAG", _CACHEDIR_TAG), (".gitignore", b"# Made by donecache.\n*\n")):
-            if name not in names:
-                try:
-                    _write_bytes(os.path.join(self.root, name), content, durable=False)
-                except OSError:
-                    pass  # Labels are a courtesy; a read-only store works without them.
+            path = os.path.join(self.root, name)
+            if name in names:
+                head = _file_head(path, 4096)
+                # A .gitignore that still ignores everything (edited or not) is kept.
+                if head.startswith(content) if name == "CACHEDIR.TAG" else b"*" in head.splitlines():
+                    continue
+            try:
+                _write_bytes(path, content, durable=self.durable)
+            except OSError:
+                pass  # Labels are a courtesy; a read-only store works without them.
 
     # Each memoized function's current code identity, one small JSON file per
     # function under .functions/, so that `info` and `prune --stale` can tell
@@ -2311,6 +2331,7 @@ class _EntryFiles:
     def write(self, encoded: _Encoded, slot: _Slot | None = None) -> None:
         self._writable()
         path = (slot or self.slot(encoded.key)).path
+        reserved, sweeps = (0, 0) if self.max_bytes is None else self._bounded(lambda: self._reserve(encoded.nbytes()))
         try:
             try:
                 _write_bytes(path, encoded.chunks(), durable=self.durable)
@@ -2329,101 +2350,170 @@ class _EntryFiles:
                 _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
                 _write_bytes(path, encoded.chunks(), durable=self.durable)
         except OSError as exc:
+            if reserved:
+                self._usage(lambda total: None if total is None else total - reserved)
             raise _reraise_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
-        if self.max_bytes is not None:
+        if reserved:
             try:
-                self._grew(path, self.max_bytes)
-            except OSError as exc:
-                raise _reraise_about(
-                    exc, self.root, f"keep the cache within max_bytes={self.max_bytes}", "check that it is writable"
-                ) from exc
+                size = _disk_bytes(os.stat(path))
+            except FileNotFoundError:
+                size = 0  # Already evicted or removed by another process.
+            # The reservation was an estimate: count what the file really takes.
+            # A sweep that began meanwhile counted the files it found, which
+            # may not have included this one: count it again (too much is safe).
+            seen: list[int] = []
+            self._bounded(lambda: self._usage(
+                lambda total: None if total is None else total + size - (reserved if seen[0] == sweeps else 0), seen=seen
+            ))
+
+    def _bounded(self, work: Callable[[], Any]) -> Any:
+        try:
+            return work()
+        except OSError as exc:
+            raise _reraise_about(
+                exc, self.root, f"keep the cache within max_bytes={self.max_bytes}", "check that it is writable"
+            ) from exc
 
     # -- the size limit ------------------------------------------------------
     #
-    # Amortised: a write costs one stat and a few microseconds under the lock
-    # byte of the running total; only a write that takes the total past the
-    # limit lists the store. Writes by processes without a limit are not
-    # counted until the next sweep measures the store. An entry is written
+    # Amortised: a write costs one stat and two updates of the running total
+    # under its lock byte; only a write that finds no room lists the store.
+    # Writes by processes without a limit are not counted until the next sweep
+    # measures the store. An entry is written
     # only once its value is computed, and its computation holds the key's
     # lock byte until the waiters have read it: a sweep skips entries whose
     # byte is held, so it never evicts an entry whose key is being computed
     # (an expired entry being recomputed, a refresh, or a result just stored
     # for waiting callers).
 
-    def _usage(self, change: Callable[[int | None], int | None]) -> int | None:
-        """Replace the running total of the store's bytes on disk (None where
-        .usage is missing or damaged) by ``change`` of it, under its lock byte;
-        return the new total."""
+    def _usage(
+        self, change: Callable[[int | None], int | None], evicted: float = 0.0, sweep: int = 0,
+        seen: list[int] | None = None,
+    ) -> int | None:
+        """Replace the running total of the store's bytes on disk by ``change``
+        of it, under its lock byte; return the new total. ``seen`` gets the
+        number of sweeps begun, a sweep adds ``sweep``. ``change`` gets None
+        where .usage is missing, damaged, or written before this host's last
+        boot: a crash may have lost updates, so only a sweep's count replaces it
+        (issue 18 item 12c). A durable store syncs a total that grew before the
+        write it counts, so that no power cut leaves it too low."""
         lock = _KeyLock(self.lock_path, _USAGE_BYTE)
         lock.acquire()
         try:
             flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
             fd = os.open(os.path.join(self.root, ".usage"), flags | getattr(os, "O_CLOEXEC", 0), 0o600)
             try:
-                raw = os.read(fd, 9)
-                total = int.from_bytes(raw, "little") if len(raw) == 8 else None
-                new = change(total)
-                if new is not None and new != total:
+                raw = os.read(fd, _USAGE.size + 1)
+                whole = len(raw) == _USAGE.size
+                total, boot, host, self.horizon, sweeps = _USAGE.unpack(raw) if whole else (0, 0.0, 0, 0.0, 0)
+                now = _this_boot()
+                found = total if whole and (host != now[1] or abs(boot - now[0]) < 5.0) else None
+                if seen is not None:
+                    seen.append(sweeps)
+                new = change(found)
+                if new is not None and (new != found or evicted > self.horizon or sweep):
+                    self.horizon = max(self.horizon, evicted)
                     os.lseek(fd, 0, os.SEEK_SET)
-                    os.write(fd, max(0, new).to_bytes(8, "little"))
+                    os.write(fd, _USAGE.pack(max(0, new), *now, self.horizon, sweeps + sweep))
+                    if self.durable and (found is None or new > found):
+                        _fsync_file(fd)
                 return new
             finally:
                 os.close(fd)
         finally:
             lock.release()
 
-    def _grew(self, path: str, max_bytes: int) -> None:
-        try:
-            size = _disk_bytes(os.stat(path))
-        except FileNotFoundError:
-            return  # Already evicted or removed by another process.
-        total = self._usage(lambda total: None if total is None else total + size)
-        if total is None or total > max_bytes * _HIGH_WATER or total + size > max_bytes:
-            self.sweep(int(max_bytes * _LOW_WATER))
+    def _reserve(self, nbytes: int) -> tuple[int, int]:
+        """Count an entry of ``nbytes`` (rounded up to whole blocks) in the total
+        before it is written; return the bytes counted and the sweeps begun. A writer that finds no
+        room sweeps, or waits while another process sweeps: back-pressure, so
+        that the bound holds with any number of writers (docs/size-limit.md)."""
+        max_bytes, need = self.max_bytes or 0, -(-max(nbytes, 1) // self._block) * self._block
+        took: list[bool] = []
+        seen: list[int] = []
 
-    def sweep(self, target: int | None, older_than: float | None = None, wait: bool = False) -> _Swept | None:
-        """Evict entries, least recently used first, until the entry files take
-        at most ``target`` bytes on disk, and every entry last used before
-        ``older_than`` (a Unix time); log each eviction. One process sweeps at
-        a time: None if another one is sweeping, unless ``wait``."""
-        self._writable()
+        def take(total: int | None) -> int | None:
+            if total is None or total + need > max_bytes:
+                return total
+            took.append(True)
+            return total + need
+
+        self._usage(take, seen=seen)
+        if took:
+            return need, seen[-1]
         lock = _KeyLock(self.lock_path, _SWEEP_BYTE)
-        if wait:
-            lock.acquire()
-        elif not lock.try_acquire():
-            return None  # Another process is sweeping: it will bring the total down.
+        lock.acquire()
         try:
-            base = self._usage(lambda total: total)
-            listed: list[tuple[float, str, os.stat_result]] = []
-            for path, _folder in self.files():
-                try:
-                    st = os.lstat(path)
-                except OSError:
-                    continue
-                listed.append((st.st_mtime, path, st))
-            total = sum(_disk_bytes(st) for _mtime, _path, st in listed)
-            listed.sort(key=lambda item: item[0])
-            swept = _Swept()
-
-            def left(now: int | None) -> int:
-                # The total measured, less what was evicted, plus what others wrote since it was read.
-                return total - swept.bytes + (now - base if now is not None and base is not None else 0)
-
-            for mtime, path, st in listed:
-                if (target is None or left(self._usage(lambda now: now)) <= target) and (
-                    older_than is None or mtime >= older_than
-                ):
+            self._usage(take, seen=seen)  # The process that swept before may have made room.
+            while not took:
+                swept = self._sweep(min(int(max_bytes * _LOW_WATER), max_bytes - need))
+                self._usage(take, seen=seen)
+                if not took and not swept.entries:
+                    # Bigger than the bound, or the rest is being computed: over it by one entry.
+                    self._usage(lambda total: (total or 0) + need, seen=seen)
                     break
-                size = _disk_bytes(st)
-                if self._evict(path, st, size):
-                    swept.entries += 1
-                    swept.bytes += size
-            self._usage(left)
-            return swept
+            return need, seen[-1]
         finally:
             lock.release()
 
-    def _evict(self, path: str, listed: os.stat_result, size: int) -> bool:
+    def sweep(self, target: int | None, older_than: float | None = None) -> _Swept:
+        """Evict entries, least recently used first, until the entry files take
+        at most ``target`` bytes on disk, and every entry last used before
+        ``older_than`` (a Unix time); log the sweep. One process sweeps at a
+        time: this waits for another one to finish."""
+        self._writable()
+        lock = _KeyLock(self.lock_path, _SWEEP_BYTE)
+        lock.acquire()
+        try:
+            return self._sweep(target, older_than)
+        finally:
+            lock.release()
+
+    def _sweep(self, target: int | None, older_than: float | None = None) -> _Swept:
+        base = self._usage(lambda total: total, sweep=1)
+        listed: list[tuple[float, str, os.stat_result]] = []
+        for path, _folder in self.files():
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            listed.append((st.st_mtime, path, st))
+        total = sum(_disk_bytes(st) for _mtime, _path, st in listed)
+        listed.sort(key=lambda item: item[0])
+        swept, folders = _Swept(), set[str]()
+
+        def left(now: int | None) -> int:
+            # The total measured, less what was evicted, plus what others reserved since it was read.
+            return total - swept.bytes + (now - base if now is not None and base is not None else 0)
+
+        for mtime, path, st in listed:
+            if (target is None or left(self._usage(lambda now: now)) <= target) and (
+                older_than is None or mtime >= older_than
+            ):
+                break
+            size = _disk_bytes(st)
+            if self._evict(path, st):
+                swept.entries, swept.bytes, swept.newest = swept.entries + 1, swept.bytes + size, mtime
+                folders.add(os.path.dirname(path))
+        self._synced(folders)  # Evictions reach the disk before the total that leaves them out.
+        after = self._usage(left, swept.newest)
+        logger = _log_at(_INFO) if swept.entries else None
+        if logger is not None:
+            logger.info(
+                "evicted %d entries (%d bytes on disk, the most recently used of them %.0f s ago) from %s; "
+                "its entries now take %d bytes", swept.entries, swept.bytes,
+                max(0.0, time.time() - swept.newest), self.root, after,
+            )
+        return swept
+
+    def _synced(self, folders: Iterable[str]) -> None:
+        """With durable, flush the folders whose entries were removed: a removal,
+        like a rename, is durable only once its directory is (issue 18 item 12d)."""
+        if self.durable:
+            for folder in sorted(folders):
+                _fsync_dir(folder)
+
+    def _evict(self, path: str, listed: os.stat_result) -> bool:
         """Remove one entry file found by a sweep, unless its key is being
         computed or it was used or replaced since the listing; True if removed."""
         lock = _KeyLock(self.lock_path, _key_byte(os.path.basename(path)))
@@ -2434,25 +2524,24 @@ class _EntryFiles:
             return False  # This very thread is computing the key.
         try:
             try:
-                entry, st = _load_entry(path, None, _HEAD)
+                _entry, st = _load_entry(path, None, _HEAD)
             except OSError:
                 return False  # Not judged (EIO, ESTALE, EACCES).
             if st is None or not _same_file(st, listed) or st.st_mtime != listed.st_mtime:
                 return False
-            if not _remove_judged(path, st):
-                return False
+            return _remove_judged(path, st)
         finally:
             lock.release()
-        _log_eviction(self.root, entry, st, size)
-        return True
 
     def delete(self, key: bytes, slot: _Slot | None = None) -> bool:
         """Remove the entry file that ``key`` names (whatever state it is in); True if there was one."""
         self._writable()
+        path = (slot or self.slot(key)).path
         try:
-            os.unlink((slot or self.slot(key)).path)
+            os.unlink(path)
         except (FileNotFoundError, NotADirectoryError):
             return False
+        self._synced([os.path.dirname(path)])  # A value deleted because it was wrong stays deleted.
         return True
 
     def folders(self) -> list[str]:
@@ -2508,23 +2597,28 @@ class _EntryFiles:
     def clear(self, match: Callable[[bytes], bool] | None = None, folder: str | None = None) -> int:
         """Remove the entries (of ``folder``; those whose key ``match`` accepts); return how many."""
         self._writable()
-        removed = 0
+        removed, folders = 0, set[str]()
         try:
             if match is not None:
                 for found in self.scan(folder):
                     if found.entry is not None and found.stat is not None and match(found.entry.key):
-                        removed += _remove_judged(found.path, found.stat)
+                        if _remove_judged(found.path, found.stat):
+                            removed += 1
+                            folders.add(os.path.dirname(found.path))
+                self._synced(folders)
                 return removed
             for path, _folder in list(self.files(folder)):
                 try:
                     os.unlink(path)
                     removed += 1
+                    folders.add(os.path.dirname(path))
                 except (FileNotFoundError, IsADirectoryError):
                     pass  # Removed by another process first, or damage that prune() removes.
                 except PermissionError as exc:
                     if exc.errno in _READ_ONLY:
                         raise
                     # EPERM: a directory at an entry's name (macOS); prune() removes it.
+            self._synced(folders)
         except OSError as exc:
             raise _reraise_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
         return removed
@@ -2548,6 +2642,7 @@ class _EntryFiles:
         self._writable()
         when = time.time() if now is None else now
         entries = temps = 0
+        folders: set[str] = set()
         try:
             for found in self.scan():
                 # A file that could not be read (stat None) is left alone: ESTALE,
@@ -2564,8 +2659,9 @@ class _EntryFiles:
                         continue
                 else:
                     entry = None
-                if entry is None:
-                    entries += _remove_judged(found.path, judged)
+                if entry is None and _remove_judged(found.path, judged):
+                    entries += 1
+                    folders.add(os.path.dirname(found.path))
             for directory in [self.root, *(os.path.join(self.root, name) for name in self.folders())]:
                 try:
                     squatters = [
@@ -2578,6 +2674,7 @@ class _EntryFiles:
                 for squatter in squatters:  # Damage: a file or a link where a folder should be.
                     if not squatter.is_dir(follow_symlinks=False):
                         entries += _remove_judged(squatter.path, squatter.stat(follow_symlinks=False))
+            self._synced(folders)
         except OSError as exc:
             raise _reraise_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
         for temp in _temp_files(self.root):
@@ -4915,7 +5012,7 @@ def _cli_prune(args: Any) -> int:
     swept = None
     if max_bytes is not None or age is not None:
         # By hand the store goes down to the size asked for, not to a low-water mark.
-        swept = files.sweep(max_bytes, None if age is None else now - age, wait=True)
+        swept = files.sweep(max_bytes, None if age is None else now - age)
         assert swept is not None  # wait=True: never skipped.
         report.update(evicted_entries=swept.entries, evicted_bytes=swept.bytes)
     if args.json:

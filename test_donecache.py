@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import stat
@@ -3411,17 +3412,73 @@ def test_max_bytes_keeps_a_store_written_by_several_processes_within_the_bound_a
     assert all(proc.returncode == 0 for proc in procs)
     one_entry = max(os.lstat(p).st_blocks * 512 for p in entry_files(cache))
     for peak, _misses, maxsize in outputs:
-        assert int(peak) <= limit + one_entry, "the store grew past its bound while being written"
+        # The promise (docs/size-limit.md): the bound plus one entry per writer.
+        assert int(peak) <= limit + 4 * one_entry, "the store grew past its bound while being written"
         assert int(maxsize) == limit
     # Each hot entry was computed once, by one of them, and never evicted.
     assert sum(int(misses) for _peak, misses, _maxsize in outputs) == 4 * 50 + 3, outputs
-    assert disk_bytes(cache) <= limit + one_entry
-    # Every entry that is gone was evicted once, and each eviction was logged
-    # with its function and size: 4 x 50 + 3 distinct keys were written.
+    assert disk_bytes(cache) <= limit
+    # Every entry that is gone was evicted once, and each sweep logged one
+    # line with its count and bytes: 4 x 50 + 3 distinct keys were written.
     logged = [line for n in range(4) for line in (tmp_path / f"cache.{n}.log").read_text().splitlines()]
-    assert len(logged) == 4 * 50 + 3 - len(entry_files(cache)) > 100
-    assert all(line.startswith("donecache evicted an entry of __main__:blob (1") for line in logged), logged[:3]
-    assert all(f"{one_entry} bytes on disk" in line for line in logged)
+    counts = [re.match(r"donecache evicted (\d+) entries \((\d+) bytes on disk, ", line) for line in logged]
+    assert all(counts), logged[:3]
+    assert sum(int(m[1]) for m in counts) == 4 * 50 + 3 - len(entry_files(cache)) > 100
+    assert all(int(m[2]) == int(m[1]) * one_entry for m in counts)
+    assert 10 < len(logged) < 40, "one line per sweep, a sweep per fifth of the bound written"
+
+
+def shard_bytes(root: Path) -> int:
+    """Bytes on disk of every file in a store's shard folders: entries and the temporary files of writers."""
+    total = 0
+    for folder, _dirs, names in os.walk(root):
+        if len(os.path.basename(folder)) == 2:
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+    return total
+
+
+@pytest.mark.parametrize("writers", [4, 6])
+def test_max_bytes_holds_on_disk_with_many_writing_processes(tmp_path, ro_mount, writers):
+    # Issue 18 item 4: 4 processes writing 64 KiB entries under max_bytes=2 MiB
+    # peaked at 1.7x to 6x, because one process swept while the others went on
+    # writing. A monitor samples the bytes in use on a tmpfs of the store's own
+    # (statvfs: the real space, temporary files and all, at one instant) as
+    # fast as it can while they write.
+    mnt, _read_only = ro_mount
+    cache, go, limit = mnt / "cache", tmp_path / "go", 2 * 2**20
+
+    def used() -> int:
+        st = os.statvfs(mnt)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+    script = """
+        import os, time
+        root, who, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+        @dc.memoize(root, max_bytes=2 * 2**20)
+        def blob(i):
+            return os.urandom(64 * 1024 - 200)
+
+        print("ready", flush=True)
+        while not os.path.exists(go):
+            time.sleep(0.001)
+        for i in range(150):
+            blob(1000 * who + i)
+    """
+    procs = [child(script, str(cache), str(n), str(go), background=True) for n in range(writers)]
+    release_together(procs, go)
+    peak = samples = 0
+    while any(proc.poll() is None for proc in procs):
+        peak, samples = max(peak, used()), samples + 1
+    assert all(proc.wait() == 0 for proc in procs)
+    peak -= used() - shard_bytes(cache)  # The store's own small files are not counted.
+    one_entry = max(os.lstat(p).st_blocks * 512 for p in entry_files(cache))
+    assert samples > 100
+    # The promise (docs/size-limit.md): the bound plus one entry per writer.
+    assert peak <= limit + writers * one_entry, f"peak {peak / limit:.2f}x the bound ({samples} samples)"
+    assert shard_bytes(cache) <= limit
 
 
 def test_a_hit_records_a_use_and_a_sweep_evicts_the_least_recently_used(tmp_path, caplog):
@@ -3436,12 +3493,14 @@ def test_a_hit_records_a_use_and_a_sweep_evicts_the_least_recently_used(tmp_path
         assert db["k0"] == b"x" * 2**20 and os.stat(paths[0]).st_mtime > time.time() - 5  # A read is.
         with caplog.at_level("INFO", logger="donecache"):
             for n in range(8, 12):
-                db[f"k{n}"] = b"x" * 2**20  # Past 90% of 10 MiB: swept down to 8 MiB, twice.
-        assert disk_bytes(tmp_path / "s") <= 9 * 2**20
+                db[f"k{n}"] = b"x" * 2**20  # k9 and k11 find no room: swept down to 8 MiB.
+        assert disk_bytes(tmp_path / "s") <= 10 * 2**20
         # The least recently used went: k1 to k4, not k0, which was read.
         assert set(db) == {"k0", *(f"k{n}" for n in range(5, 12))}
     evicted = [r.getMessage() for r in caplog.records if r.name == "donecache"]
-    assert evicted and all(m.startswith("evicted an entry of (donecache.open keys) (10") for m in evicted)
+    one = os.lstat(paths[0]).st_blocks * 512
+    assert len(evicted) == 2, "one line per sweep"
+    assert all(m.startswith(f"evicted 2 entries ({2 * one} bytes on disk, the most recently used") for m in evicted)
 
 
 def test_is_cached_does_not_count_as_a_use(tmp_path):
