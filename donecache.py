@@ -2053,6 +2053,13 @@ def _load_entry(
         os.close(fd)
 
 
+def _lstat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return a.st_ino == b.st_ino and a.st_dev == b.st_dev
 
@@ -2473,11 +2480,9 @@ class _EntryFiles:
         base = self._usage(lambda total: total, sweep=1)
         listed: list[tuple[float, str, os.stat_result]] = []
         for path, _folder in self.files():
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            listed.append((st.st_mtime, path, st))
+            st = _lstat_or_none(path)
+            if st is not None:
+                listed.append((st.st_mtime, path, st))
         total = sum(_disk_bytes(st) for _mtime, _path, st in listed)
         listed.sort(key=lambda item: item[0])
         swept, folders = _Swept(), set[str]()
@@ -3996,10 +4001,35 @@ class _Memoized(Generic[_P, _R]):
         meter = _Progress(name, total, progress)
         off = _switched_off()  # Taken once: the batch's workers follow the parent.
         if executor is None and (workers or 1) == 1:
-            return meter.watch(_serial(self, calls, lead, keep_going, off, retry_failures), keep_going)
+            return self._fits(meter.watch(_serial(self, calls, lead, keep_going, off, retry_failures), keep_going), name)
         plan = _Plan(self, name, executor, workers, processes, off)
         stream = _stream(self, calls, lead, keep_going, plan, chunksize, retry_failures)
-        return meter.watch(stream, keep_going)
+        return self._fits(meter.watch(stream, keep_going), name)
+
+    def _fits(self, stream: Iterator[_Done], name: str) -> Iterator[_Done]:
+        """Pass a batch on; at its end, warn if a sweep (in any process) evicted
+        an entry used since it began: its results do not all fit under
+        max_bytes, and since a batch walks its inputs in order, a rerun would
+        reuse none of the evicted ones (issue 21). One .usage read per batch."""
+        started = time.time()
+        yield from stream
+        files = self._store
+        if files is None or files.max_bytes is None or files.readonly:
+            return
+        try:
+            files._usage(lambda total: total)
+        except OSError:
+            return
+        if files.horizon < started:
+            return
+        sizes = [_disk_bytes(st) for st in map(_lstat_or_none, (p for p, _f in files.files(self._folder))) if st]
+        each = -(-sum(sizes) // len(sizes)) if sizes else 0
+        _warn(
+            f"{name}: the results do not fit in the store at max_bytes={files.max_bytes:,}: entries used since "
+            f"the batch began were evicted, so a rerun computes them again"
+            + (f"; about {files.max_bytes // each:,} of its entries fit ({each:,} bytes on disk each)" if each else "")
+            + ". Raise max_bytes, or run the batch in parts that fit"
+        )
 
 
 class _AsyncMemoized(_Memoized[_P, _R]):

@@ -28,6 +28,7 @@ import textwrap
 import threading
 import time
 import types
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -3479,6 +3480,135 @@ def test_max_bytes_holds_on_disk_with_many_writing_processes(tmp_path, ro_mount,
     # The promise (docs/size-limit.md): the bound plus one entry per writer.
     assert peak <= limit + writers * one_entry, f"peak {peak / limit:.2f}x the bound ({samples} samples)"
     assert shard_bytes(cache) <= limit
+
+
+USAGE = struct.Struct("<QdQdQ")  # .usage: total, boot time, host, newest eviction, sweeps begun.
+
+
+@pytest.mark.parametrize("damage", ["from an earlier boot", "torn", "empty"])
+def test_a_running_total_that_may_be_stale_is_recounted_and_the_bound_holds(tmp_path, damage):
+    # Issue 18 item 12c: after a power cut the total in .usage can be older than
+    # the entries (or torn): two writes took a 48 KiB store to 76 KiB. A total
+    # written before this machine's last boot, or not whole, is recounted.
+    limit = 2**20
+    with dc.open(tmp_path / "s", max_bytes=limit) as db:
+        for n in range(12):
+            db[f"a{n}"] = os.urandom(60_000)
+    usage = tmp_path / "s" / ".usage"
+    total, boot, host, newest, sweeps = USAGE.unpack(usage.read_bytes())
+    assert total == shard_bytes(tmp_path / "s") > 12 * 60_000
+    if damage == "from an earlier boot":  # As a crash leaves it: too low, written before a reboot.
+        usage.write_bytes(USAGE.pack(0, boot - 3600, host, newest, sweeps))
+    else:
+        usage.write_bytes(USAGE.pack(0, boot, host, newest, sweeps)[: 0 if damage == "empty" else 20])
+    with dc.open(tmp_path / "s", max_bytes=limit) as db:
+        for n in range(12):
+            db[f"b{n}"] = os.urandom(60_000)
+            assert shard_bytes(tmp_path / "s") <= limit
+    assert USAGE.unpack(usage.read_bytes())[0] == shard_bytes(tmp_path / "s")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="names fsynced descriptors through /proc/self/fd")
+def test_durable_deletions_and_totals_are_fsynced(tmp_path):
+    # Issue 18 item 12d: with durable=True, del s[k] (and so forget, clear,
+    # cache_clear, evictions) came back after a power cut: an unlink is durable
+    # only once its folder is fsynced. A child counts what each call fsyncs,
+    # and whether the file was already gone when its folder was.
+    script = """
+        import os
+        synced = []
+        real_fsync = os.fsync
+        def fsync(fd):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real_fsync(fd)
+        os.fsync = fsync
+        root = sys.argv[1]
+        def entries():
+            return {os.path.join(d, n) for d, _s, names in os.walk(root) for n in names if len(n) == 32}
+        def report(what, action):
+            before = entries()
+            synced.clear()
+            action()
+            gone = before - entries()
+            folders = {os.path.dirname(p) for p in gone}
+            print(what, len(gone), sorted(folders) == sorted(set(synced) & folders))
+
+        with dc.open(root + "/s", durable=True) as db:
+            for n in range(6):
+                db[f"k{n}"] = n
+            root += "/s"
+            report("del", lambda: db.__delitem__("k0"))
+            report("clear", db.clear)
+        root = sys.argv[1] + "/m"
+        @dc.memoize(root, durable=True, max_bytes=6 * 8192)
+        def f(x):
+            return os.urandom(5000)
+        for n in range(4):
+            f(n)
+        report("forget", lambda: f.forget(0))
+        report("evict", lambda: [f(n) for n in range(10, 16)])
+        synced.clear()
+        f(99)
+        print("usage", any(p.endswith(".usage") for p in synced))
+        report("cache_clear", f.cache_clear)
+    """
+    lines = child(script, str(tmp_path)).stdout.split("\n")
+    assert lines[:3] == ["del 1 True", "clear 5 True", "forget 1 True"] and lines[4:] == ["usage True", lines[5], ""]
+    for line, what in ((lines[3], "evict"), (lines[5], "cache_clear")):
+        assert re.fullmatch(what + r" [1-9]\d* True", line), lines
+
+
+@pytest.mark.parametrize("opener", ["open", "memoize"])
+def test_store_labels_left_empty_or_torn_are_repaired(tmp_path, opener):
+    # Issue 18 item 12e: a power cut can leave CACHEDIR.TAG and .gitignore
+    # empty; backup tools then stop skipping the cache, and the command line
+    # no longer knows it for a store. They are repaired when found.
+    def use() -> None:
+        if opener == "open":
+            with dc.open(tmp_path / "s") as db:
+                db["k"] = 1
+        else:
+            dc.memoize(tmp_path / "s")(abs)(-1)
+
+    use()
+    tag, ignore = tmp_path / "s" / "CACHEDIR.TAG", tmp_path / "s" / ".gitignore"
+    good = tag.read_bytes(), ignore.read_bytes()
+    assert good[0].startswith(b"Signature: 8a477f597d28d172789f06886806bc55") and b"*" in good[1].splitlines()
+    tag.write_bytes(b"")
+    ignore.write_bytes(b"\0" * 10)  # As a cut that keeps the size but not the data leaves it.
+    use()
+    assert (tag.read_bytes(), ignore.read_bytes()) == good
+    tag.write_bytes(good[0][:30])
+    ignore.write_bytes(b"# mine\n*\n!keep\n")  # Edited, and still ignoring everything: kept.
+    use()
+    assert (tag.read_bytes(), ignore.read_bytes()) == (good[0], b"# mine\n*\n!keep\n")
+    child("sys.exit(dc.main(['info', sys.argv[1]]))", str(tmp_path / "s"))  # A store again for the command line.
+
+
+def test_a_batch_whose_results_do_not_fit_under_max_bytes_warns_once(tmp_path):
+    # Issue 21: with results bigger in all than max_bytes, a batch evicts its
+    # own first results, and each rerun, walking the inputs in order, reused
+    # nothing, silently.
+    @dc.memoize(tmp_path / "c", max_bytes=64 * 4096)
+    def record(x):
+        return [x] * 900  # About 3 KiB pickled: one 4 KiB block on disk.
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert record.map(range(100), progress=False).computed == 100
+        batch = record.map(range(100), progress=False)
+    assert batch.reused == 0, "the rerun found its first results evicted"
+    said = [str(w.message).split("<locals>.")[-1] for w in caught if issubclass(w.category, dc.DonecacheWarning)]
+    assert len(said) == 2, said  # Once per batch, not per eviction.
+    assert said[0].startswith(
+        "record.map(): the results do not fit in the store at max_bytes=262,144: entries used since the batch "
+        "began were evicted, so a rerun computes them again; about 64 of its entries fit (4,096 bytes on disk each)"
+    ), said[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert record.map(range(100, 110), progress=False).computed == 10  # Fits: no warning.
+        assert record.map(range(100, 110), progress=False).reused == 10
+    assert not [w for w in caught if issubclass(w.category, dc.DonecacheWarning)]
 
 
 def test_a_hit_records_a_use_and_a_sweep_evicts_the_least_recently_used(tmp_path, caplog):
