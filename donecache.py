@@ -1675,22 +1675,16 @@ _STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions", "
 # total of its bytes in .usage; each other byte guards the computation of the
 # keys that hash to it (_key_byte).
 _SWEEP_BYTE, _USAGE_BYTE, _FIRST_KEY_BYTE = 0, 1, 2
-# A writer reserves its entry's bytes in the total before it creates any file;
-# one that finds no room sweeps the store down to the low-water mark (or waits
-# for the process sweeping it), so a sweep comes once a fifth of the limit has
-# been written. See docs/size-limit.md.
+# A writer that finds no room sweeps down to 80% (docs/size-limit.md).
 _LOW_WATER = 0.8
-# .usage: the total, the boot time (time.time() - time.monotonic()) and host
-# of its last writer, the newest use time of an entry a sweep evicted, and the
-# number of sweeps begun.
+# .usage: the total, the boot time and host of its last writer, the newest use
+# time of an entry a sweep evicted, and the number of sweeps begun.
 _USAGE = struct.Struct("<QdQdQ")
 _host_id: list[int] = []
 
 
 def _this_boot() -> tuple[float, int]:
-    """(boot time, host digest): a total written by this host before its last
-    boot may have lost updates in a crash. Drifts (a suspend, a clock step)
-    only cost a needless recount."""
+    """(boot time, host digest). A drift (a suspend, a clock step) costs only a needless recount."""
     if not _host_id:
         import hashlib
         import socket
@@ -2365,9 +2359,8 @@ class _EntryFiles:
                 size = _disk_bytes(os.stat(path))
             except FileNotFoundError:
                 size = 0  # Already evicted or removed by another process.
-            # The reservation was an estimate: count what the file really takes.
-            # A sweep that began meanwhile counted the files it found, which
-            # may not have included this one: count it again (too much is safe).
+            # Count what the file really takes; if a sweep began meanwhile, its
+            # count may have missed this file: count it again (too much is safe).
             seen: list[int] = []
             self._bounded(lambda: self._usage(
                 lambda total: None if total is None else total + size - (reserved if seen[0] == sweeps else 0), seen=seen
@@ -2385,10 +2378,8 @@ class _EntryFiles:
     #
     # Amortised: a write costs one stat and two updates of the running total
     # under its lock byte; only a write that finds no room lists the store.
-    # Writes by processes without a limit are not counted until the next sweep
-    # measures the store. An entry is written
-    # only once its value is computed, and its computation holds the key's
-    # lock byte until the waiters have read it: a sweep skips entries whose
+    # An entry is written only once its value is computed, and its computation
+    # holds the key's lock byte until the waiters have read it: a sweep skips entries whose
     # byte is held, so it never evicts an entry whose key is being computed
     # (an expired entry being recomputed, a refresh, or a result just stored
     # for waiting callers).
@@ -2397,13 +2388,12 @@ class _EntryFiles:
         self, change: Callable[[int | None], int | None], evicted: float = 0.0, sweep: int = 0,
         seen: list[int] | None = None,
     ) -> int | None:
-        """Replace the running total of the store's bytes on disk by ``change``
-        of it, under its lock byte; return the new total. ``seen`` gets the
-        number of sweeps begun, a sweep adds ``sweep``. ``change`` gets None
-        where .usage is missing, damaged, or written before this host's last
-        boot: a crash may have lost updates, so only a sweep's count replaces it
-        (issue 18 item 12c). A durable store syncs a total that grew before the
-        write it counts, so that no power cut leaves it too low."""
+        """Replace the running total of the store's bytes on disk by ``change`` of
+        it, under its lock byte; return the new total. ``seen`` gets the number of
+        sweeps begun. ``change`` gets None where .usage is missing, damaged, or
+        written before this host's last boot (a crash may have lost updates:
+        issue 18 item 12c), which only a sweep's count replaces. A durable store
+        syncs a total that grew before the write it counts."""
         lock = _KeyLock(self.lock_path, _USAGE_BYTE)
         lock.acquire()
         try:
@@ -2431,10 +2421,9 @@ class _EntryFiles:
             lock.release()
 
     def _reserve(self, nbytes: int) -> tuple[int, int]:
-        """Count an entry of ``nbytes`` (rounded up to whole blocks) in the total
-        before it is written; return the bytes counted and the sweeps begun. A writer that finds no
-        room sweeps, or waits while another process sweeps: back-pressure, so
-        that the bound holds with any number of writers (docs/size-limit.md)."""
+        """Count an entry of ``nbytes`` (in whole blocks) before it is written:
+        (bytes counted, sweeps begun). With no room, sweep or wait for the
+        process sweeping: the back-pressure that bounds any number of writers."""
         max_bytes, need = self.max_bytes or 0, -(-max(nbytes, 1) // self._block) * self._block
         took: list[bool] = []
         seen: list[int] = []
@@ -2756,10 +2745,10 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
         the entry files instead of reading them: writable, and changes never
         reach the file.
     max_bytes: bound the store's entries to this many bytes on disk (None,
-        the default: no bound). A write that takes them past it evicts the
-        least recently used entries (a read counts as a use) down to 80% of
-        it, and logs each eviction on the "donecache" logger (INFO). The
-        bound is the whole directory's, memoized functions' entries included.
+        the default: no bound). A write that finds no room evicts the least
+        recently used entries (a read counts as a use) down to 80% of it, and
+        logs the sweep on the "donecache" logger (INFO). The bound is the whole
+        directory's, memoized functions' entries included (docs/size-limit.md).
 
     Entries are pickles: open only directories that nobody you distrust can write.
     """
@@ -4797,7 +4786,7 @@ def memoize(
     max_bytes: bound the store (the whole directory, shared with any other
         function in it) to this many bytes on disk: a miss that takes it past
         the bound evicts the least recently used entries (a hit counts as a
-        use) down to 80% of it, logging each on the "donecache" logger (INFO).
+        use) down to 80% of it, logging the sweep on the "donecache" logger (INFO).
         None (the default): no bound. ``cache_info().maxsize`` reports it, in
         bytes (functools counts entries there).
 
@@ -5043,7 +5032,6 @@ def _cli_prune(args: Any) -> int:
     if max_bytes is not None or age is not None:
         # By hand the store goes down to the size asked for, not to a low-water mark.
         swept = files.sweep(max_bytes, None if age is None else now - age)
-        assert swept is not None  # wait=True: never skipped.
         report.update(evicted_entries=swept.entries, evicted_bytes=swept.bytes)
     if args.json:
         return _print_json(report)
