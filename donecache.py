@@ -2376,9 +2376,12 @@ class _EntryFiles:
         for name, content in (("CACHEDIR.TAG", _CACHEDIR_TAG), (".gitignore", b"# Made by donecache.\n*\n")):
             path = os.path.join(self.root, name)
             if name in names:
-                head = _file_head(path, 4096)
-                # A .gitignore that still ignores everything (edited or not) is kept.
-                if head.startswith(content) if name == "CACHEDIR.TAG" else b"*" in head.splitlines():
+                st, head = _lstat_or_none(path), _file_head(path, 4096)
+                # A link or other non-regular file there is left alone; a .gitignore
+                # that still ignores everything (edited or not) is kept.
+                if st is None or not stat.S_ISREG(st.st_mode) or (
+                    head.startswith(content) if name == "CACHEDIR.TAG" else b"*" in head.splitlines()
+                ):
                     continue
             try:
                 _write_bytes(path, content, durable=self.durable)
