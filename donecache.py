@@ -2377,7 +2377,11 @@ class _EntryFiles:
             names = os.listdir(self.root)
         except OSError:
             return
-        if any(name not in _STORE_FILES and not (_is_hex(name, 2) or _is_hex(name, _FOLDER_HEX)) for name in names):
+        # A temporary file is a label a cut interrupted (a cut right after mkdir).
+        def ours(name: str) -> bool:
+            return name in _STORE_FILES or _is_hex(name, 2) or _is_hex(name, _FOLDER_HEX) or _is_temp_name(name)
+
+        if not all(ours(name) for name in names):
             return
         for name, content in (("CACHEDIR.TAG", _CACHEDIR_TAG), (".gitignore", b"# Made by donecache.\n*\n")):
             path = os.path.join(self.root, name)
