@@ -2241,18 +2241,28 @@ class _EntryFiles:
                     found.append(record)
         return sorted(found, key=lambda record: float(record.get("time") or 0))
 
-    def record_identity(self, function: str, identity: str) -> None:
+    def record_identity(self, function: str, identity: str, code: str) -> float | None:
+        """Record the identity this process runs under, and the code digests seen
+        under it with when each was first seen. Returns when ``code`` was first
+        seen if other code was seen before it (entries older than that came from
+        other code: a pinned version=), else None."""
         import json
 
-        if self.identities().get(function) == identity:
-            return
         path = self._identity_file(function)
-        data = json.dumps({"function": function, "identity": identity, "recorded": time.time()}).encode("utf-8")
-        try:
-            _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
-            _write_bytes(path, data, durable=self.durable)
-        except OSError:
-            pass  # Only `info` and `prune --stale` use it; a read-only store still serves.
+        record = _read_json(path) or {}
+        codes = record.get("codes") if record.get("identity") == identity else None
+        codes = dict(codes) if isinstance(codes, dict) else {}
+        since = codes.get(code)
+        if not isinstance(since, (int, float)):
+            since = codes[code] = time.time()
+            codes = dict(sorted(codes.items(), key=lambda item: float(item[1]))[-50:])  # Bounded.
+            data = {"function": function, "identity": identity, "recorded": since, "codes": codes}
+            try:
+                _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
+                _write_bytes(path, json.dumps(data).encode("utf-8"), durable=self.durable)
+            except OSError:
+                pass  # Only `info`, `prune --stale` and the warning use it; a read-only store still serves.
+        return float(since) if any(isinstance(t, (int, float)) and t < since for t in codes.values()) else None
 
     def identities(self) -> dict[str, str]:
         """function -> its current code identity, as the last process that ran it recorded."""
@@ -3084,46 +3094,157 @@ def _function_of(key: bytes) -> str:
 # -- code identity ------------------------------------------------------------
 #
 # When no version= is given, a memoized function's entries belong to its code:
-# its source, the module-level constants it reads, and the functions and
-# classes of the user's own code that it uses, followed transitively. Library
-# code counts by its distribution's version, the standard library not at all.
+# the syntax tree of its source (docstrings aside), the module-level values it
+# reads (of any type, by canonical value), and the functions, classes and
+# modules of the user's own code that it reaches, followed transitively with
+# no limit. Installed distributions count by their RECORD (the hashes of their
+# files), the standard library not at all. What cannot be followed (eval, open,
+# the environment, a value with no canonical form) is named in one warning.
+# The rules are written out for users in docs/identity.md.
 
-_FOLLOW_LIMIT = 200  # Functions and classes followed from one memoized function.
 _SITE_DIRS = ("site-packages", "dist-packages")
+# Read from the syntax tree, never from the text: fields that say how it was written.
+_TREE_SKIP = frozenset({"kind", "type_comment", "lineno", "col_offset", "end_lineno", "end_col_offset"})
+_DOCUMENTED = ("FunctionDef", "AsyncFunctionDef", "ClassDef")
+_UNSEEN = {  # Names whose use donecache cannot follow, and what they do.
+    "eval": "eval()", "exec": "exec()", "open": "open() (files read at run time)", "__import__": "__import__()",
+    "import_module": "importlib.import_module()", "environ": "os.environ", "getenv": "os.getenv()",
+}
+_WHOLE_MODULE = frozenset({"getattr", "globals", "vars"})
+_CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__firstlineno__",
+                         "__static_attributes__", "__annotations__", "__orig_bases__", "__parameters__"})
+_learnt: dict[str, Any] = {}  # Per process: what each source file, RECORD and site directory told.
 
 
-def _source_text(obj: Any) -> str | None:
-    """The source of a function or class without comments, blank lines, decorators
-    and indentation: what a reformatting or an edited comment leaves unchanged,
-    and the same text on every CPython version. None where there is no source."""
-    import inspect
-    import textwrap
-    import tokenize
+def _digest_text(text: str) -> str:
+    import hashlib
 
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def _stdlib_dirs() -> tuple[str, ...]:
+    found = _learnt.get("stdlib")
+    if found is None:
+        import sysconfig
+
+        paths = sysconfig.get_paths()
+        found = _learnt["stdlib"] = tuple(os.path.join(os.path.realpath(paths[name]), "") for name in ("stdlib", "platstdlib"))
+    return found  # type: ignore[no-any-return]
+
+
+class _SourceFile:
+    """What one source file holds, learnt once per process and (path, size,
+    mtime): its defs, lambdas and classes by first line and qualified name, and
+    its code compiled afresh, to tell whether live code still matches the file."""
+
+    def __init__(self, tree: Any, code: Any) -> None:
+        import ast
+
+        self.lines: dict[int, list[Any]] = {}
+        self.names: dict[str, Any] = {}
+        self.codes: dict[tuple[int, str], list[Any]] = {}
+        self._texts: dict[int, str] = {}
+        todo = [(tree, "")]
+        while todo:
+            node, prefix = todo.pop()
+            for child in ast.iter_child_nodes(node):
+                inner = prefix
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    self.names[prefix + child.name] = child
+                    is_class = isinstance(child, ast.ClassDef)
+                    if not is_class:  # co_firstlineno is the first decorator's line.
+                        self.lines.setdefault(min([child.lineno] + [d.lineno for d in child.decorator_list]), []).append(child)
+                    inner = prefix + child.name + ("." if is_class else ".<locals>.")
+                elif isinstance(child, ast.Lambda):
+                    self.lines.setdefault(child.lineno, []).append(child)
+                    inner = prefix + "<lambda>.<locals>."
+                todo.append((child, inner))
+        codes = [code]
+        while codes:
+            for const in codes.pop().co_consts:
+                if hasattr(const, "co_code"):
+                    self.codes.setdefault((const.co_firstlineno, const.co_name), []).append(const)
+                    codes.append(const)
+
+    def text(self, node: Any) -> str:
+        """A digest of the node's syntax tree, without docstrings or memoize decorators."""
+        text = self._texts.get(id(node))
+        if text is None:
+            out: list[str] = []
+            _tree_text(node, out)
+            text = self._texts[id(node)] = _digest_text("".join(out))
+        return text
+
+    def function(self, code: Any) -> str | None:
+        """The tree text of live code if the file still holds that code, else None."""
+        key = (code.co_firstlineno, code.co_name)
+        if not any(code == compiled for compiled in self.codes.get(key, ())):
+            return None
+        name = "<lambda>" if code.co_name == "<lambda>" else code.co_name
+        nodes = [n for n in self.lines.get(code.co_firstlineno, ()) if getattr(n, "name", "<lambda>") == name]
+        return ";".join(self.text(node) for node in nodes) or None
+
+
+def _tree_text(node: Any, out: list[str]) -> None:
+    import ast
+
+    if isinstance(node, list):
+        out.append("[")
+        for item in node:
+            _tree_text(item, out)
+            out.append(",")
+        out.append("]")
+        return
+    if not isinstance(node, ast.AST):
+        out.append(repr(node))
+        return
+    kind = type(node).__name__
+    out.append(kind + "(")
+    for name, value in ast.iter_fields(node):
+        # Empty fields are left out: 3.12 added type_params, and 3.13's ast leaves empties out.
+        if name in _TREE_SKIP or value is None or (isinstance(value, list) and not value):
+            continue
+        if name == "body" and kind in _DOCUMENTED and isinstance(value[0], ast.Expr):
+            if isinstance(value[0].value, ast.Constant) and isinstance(value[0].value.value, str):
+                value = value[1:]  # The docstring.
+        elif name == "decorator_list":  # memoize's own options (ttl=, path) are not the code.
+            value = [d for d in value if _decorator_name(d) != "memoize"]
+        out.append(name + "=")
+        _tree_text(value, out)
+        out.append(",")
+    out.append(")")
+
+
+def _decorator_name(node: Any) -> str:
+    node = getattr(node, "func", node)
+    return str(getattr(node, "attr", None) or getattr(node, "id", ""))
+
+
+def _source_file(path: str) -> _SourceFile | None:
+    """The file at ``path`` parsed and compiled, cached by its size and mtime; None
+    if it cannot be read or parsed."""
     try:
-        lines = textwrap.dedent("".join(inspect.getsourcelines(obj)[0])).splitlines()
-    except (OSError, TypeError):
+        st = os.stat(path)
+    except (OSError, ValueError):
         return None
-    start = 0
+    stamp = ("source", path, st.st_size, st.st_mtime_ns)
+    if stamp in _learnt:
+        return _learnt[stamp]  # type: ignore[no-any-return]
+    import ast
+
+    data = _file_head(path, st.st_size)
     try:
-        tokens = tokenize.generate_tokens(iter(line + "\n" for line in lines).__next__)
-        in_decorator = False
-        for token in tokens:
-            if token.type == tokenize.COMMENT:
-                row, col = token.start
-                lines[row - 1] = lines[row - 1][:col]
-            elif token.type == tokenize.OP and token.string == "@" and token.start[1] == 0 and start == token.start[0] - 1:
-                in_decorator = True
-            elif token.type == tokenize.NEWLINE and in_decorator:
-                in_decorator, start = False, token.start[0]
-    except (tokenize.TokenError, SyntaxError):
-        pass  # A lambda's line cut out of a larger expression: comments stay.
-    return "\n".join(line.rstrip() for line in lines[start:] if line.strip())
+        tree = ast.parse(data, path)
+        learnt: _SourceFile | None = _SourceFile(tree, compile(tree, path, "exec", dont_inherit=True))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        learnt = None
+    _learnt[stamp] = learnt
+    return learnt
 
 
 def _bytecode_text(code: Any) -> str:
-    """Where there is no source: the bytecode, names and constants (line numbers
-    aside). It changes between CPython versions."""
+    """Where there is no source that matches: the bytecode, names and constants
+    (line numbers aside). It changes between CPython versions."""
     parts = [
         code.co_code.hex(),
         repr((code.co_argcount, code.co_kwonlyargcount, code.co_flags, code.co_names, code.co_varnames)),
@@ -3133,37 +3254,100 @@ def _bytecode_text(code: Any) -> str:
     return "\n".join(parts)
 
 
-def _stdlib_dirs() -> tuple[str, ...]:
-    import sysconfig
+def _function_text(func: Any) -> str:
+    """The running code of a function: its tree text when its source file still
+    holds exactly this code (compared with a fresh compile), else its bytecode:
+    a file edited after import must not lend the old code the new identity."""
+    code = func.__code__
+    learnt = None if code.co_filename.startswith("<") else _source_file(code.co_filename)
+    text = None if learnt is None else learnt.function(code)
+    return f"tree {text}" if text else f"bytecode {_bytecode_text(code)}"
 
-    paths = sysconfig.get_paths()
-    return tuple(os.path.realpath(paths[name]) for name in ("stdlib", "platstdlib"))
+
+def _class_text(cls: type) -> str:
+    file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    for member in vars(cls).values():  # A class of a module that is not in sys.modules.
+        code = getattr(getattr(member, "__func__", member), "__code__", None)
+        if file is None and code is not None and not code.co_filename.startswith("<"):
+            file = code.co_filename
+    learnt = _source_file(file) if isinstance(file, str) else None
+    node = None if learnt is None else learnt.names.get(cls.__qualname__)
+    return "" if learnt is None or node is None else learnt.text(node)
 
 
-def _library(module_name: str) -> str | None:
-    """How library code counts: "" for the standard library, "name==version" for an
-    installed distribution, None for the user's own code (which is followed)."""
-    top = module_name.partition(".")[0]
-    if top in sys.builtin_module_names or top in getattr(sys, "stdlib_module_names", ()):
-        return ""
-    module = sys.modules.get(top)
-    file = getattr(module, "__file__", None)
-    if module is None or not file:
-        return None if top in ("__main__", "__mp_main__") else ""
-    path = os.path.realpath(file)
-    if any(part in _SITE_DIRS for part in path.split(os.sep)):
-        version = getattr(module, "__version__", None)
-        if not isinstance(version, str):
-            from importlib import metadata
+def _origin_file(obj: Any) -> str | None:
+    """The file that defines a module, function or class (None: built in, or no file)."""
+    if isinstance(obj, type(sys)):
+        file = getattr(obj, "__file__", None)
+        if file is None:  # A namespace package: where its folders are.
+            file = next(iter(getattr(obj, "__path__", None) or ()), None)
+        return file if isinstance(file, str) else None
+    code = getattr(obj, "__code__", None)
+    if code is not None:
+        return str(code.co_filename)
+    file = getattr(sys.modules.get(getattr(obj, "__module__", None) or ""), "__file__", None)
+    if file is None and isinstance(obj, type):
+        file = next((c.co_filename for c in (getattr(getattr(m, "__func__", m), "__code__", None) for m in vars(obj).values()) if c), None)
+    return file if isinstance(file, str) else None
 
-            try:
-                version = metadata.version(top)
-            except Exception:
-                version = "?"
-        return f"{top}=={version}"
-    if not hasattr(sys, "stdlib_module_names") and path.startswith(_stdlib_dirs()):
-        return ""  # CPython 3.9, which has no list of the standard library's modules.
-    return None
+
+def _library(obj: Any) -> str | None:
+    """How code counts, decided by where its file lives (not by its module's name):
+    None for the user's own code (followed), "" for the standard library and
+    built-ins, and "library <distribution> <RECORD digest>" for an installed one."""
+    module = obj.__name__ if isinstance(obj, type(sys)) else getattr(obj, "__module__", None) or ""
+    file = _origin_file(obj)
+    top = module.partition(".")[0]
+    if file is None or file.startswith("<"):  # Built in, frozen, or typed in (a REPL, exec).
+        known = top in sys.builtin_module_names or top in getattr(sys, "stdlib_module_names", ())
+        return "" if known or (file is None and top not in ("__main__", "__mp_main__") and module in sys.modules) else None
+    stamp = ("where", file)
+    if stamp not in _learnt:
+        path = os.path.realpath(file)
+        parts = path.split(os.sep)
+        site = next((i for i, part in enumerate(parts) if part in _SITE_DIRS), None)
+        if site is not None and site + 1 < len(parts):
+            found: str | None = _distribution(os.sep.join(parts[: site + 1]), parts[site + 1], top)
+        else:
+            found = "" if path.startswith(_stdlib_dirs()) else None
+        _learnt[stamp] = found
+    return _learnt[stamp]  # type: ignore[no-any-return]
+
+
+def _distribution(site: str, name: str, top: str) -> str:
+    """An installed distribution by the hashes of its files: a digest of its
+    RECORD (read once per process and RECORD size and mtime), so that a package
+    reinstalled with an unchanged version number counts as new code."""
+    name = name.partition(".")[0]  # pkg, pkg.py, pkg.cpython-311-x86_64-linux-gnu.so
+    owners = _learnt.get(("site", site))
+    if owners is None:  # Which distribution installed each top-level name, once per site directory.
+        owners = _learnt[("site", site)] = {}
+        infos = sorted(e.path for e in _scandir(site) if e.name.endswith(".dist-info"))
+        for info in infos:
+            normal = os.path.basename(info).partition("-")[0].lower().replace(".", "_")
+            tops = (_read_text(os.path.join(info, "top_level.txt")) or "").split()
+            for owned in tops or [normal]:
+                owners.setdefault(owned, info)
+    info = owners.get(name)
+    if info is None:  # A top-level name no top_level.txt lists: find it in the RECORDs (once).
+        for record in sorted(e.path for e in _scandir(site) if e.name.endswith(".dist-info")):
+            text = _file_head(os.path.join(record, "RECORD"), 1 << 24).decode("utf-8", "replace")
+            if f"\n{name}/" in "\n" + text or f"\n{name}." in "\n" + text:
+                info = owners[name] = record
+                break
+    record = os.path.join(info, "RECORD") if info else ""
+    try:
+        st = os.stat(record)
+    except (OSError, ValueError):
+        version = getattr(sys.modules.get(top), "__version__", None)
+        return f"library {top}=={version if isinstance(version, str) else '?'}"
+    stamp = ("record", record, st.st_size, st.st_mtime_ns)
+    if stamp not in _learnt:
+        import hashlib
+
+        digest = hashlib.blake2b(_file_head(record, st.st_size), digest_size=8).hexdigest()
+        _learnt[stamp] = f"library {os.path.basename(str(info))} {digest}"
+    return _learnt[stamp]  # type: ignore[no-any-return]
 
 
 def _is_constant(value: Any) -> bool:
@@ -3180,100 +3364,250 @@ def _code_names(code: Any) -> set[str]:
     return names
 
 
+_SINK_METHODS = frozenset({"append", "extend", "add", "update", "insert", "clear", "discard", "remove"})
+
+
+def _sinks(code: Any) -> set[str]:
+    """Names the code uses only to add to (calls.append(x), seen.add(x)): outputs,
+    not inputs, so their contents are not part of the identity."""
+    import dis
+
+    used: dict[str, bool] = {}
+    todo = [code]
+    while todo:
+        code = todo.pop()
+        todo += [const for const in code.co_consts if hasattr(const, "co_code")]
+        instructions = list(dis.get_instructions(code))
+        for here, after in zip(instructions, instructions[1:] + instructions[:1]):
+            if here.opname in ("LOAD_GLOBAL", "LOAD_DEREF", "LOAD_NAME", "LOAD_CLASSDEREF"):
+                sink = after.opname in ("LOAD_ATTR", "LOAD_METHOD") and after.argval in _SINK_METHODS
+                used[here.argval] = used.get(here.argval, True) and sink
+    return {name for name, sink in used.items() if sink}
+
+
+def _global_loads(code: Any, names: set[str]) -> set[str]:
+    """Which of ``names`` the code loads as globals or builtins (not as attributes)."""
+    import dis
+
+    found = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and i.argval in names}
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            found |= _global_loads(const, names)
+    return found
+
+
 class _CodeIdentity:
-    """Collects what a function's code depends on, as texts to digest."""
+    """Collects what a function's code depends on, as texts to digest; the
+    bindings it read, to notice a redefinition or a reload later in the
+    process; and what it could not see, to warn about."""
 
     def __init__(self) -> None:
         self.parts: set[str] = set()
+        self.unseen: dict[str, None] = {}
+        self.watched: dict[int, tuple[Any, dict[str, Any]]] = {}
         self._seen: set[int] = set()
+        self._modules: set[tuple[int, int]] = set()  # (module, names read of it) done.
+        self._keep: list[Any] = []  # What _seen holds the ids of, alive while following.
 
     def digest(self) -> str:
-        import hashlib
+        return _digest_text("\0".join(sorted(self.parts)))[:16]
 
-        return hashlib.blake2b("\0".join(sorted(self.parts)).encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    def same(self) -> Callable[[], bool]:
+        """A check that every binding read while following is still the same object:
+        a few dict reads per module, run before each call."""
+        checks = [(mapping.get, tuple(found), tuple(found.values())) for mapping, found in self.watched.values()]
+
+        def same() -> bool:
+            try:
+                for get, names, values in checks:
+                    if tuple(map(get, names)) != values:
+                        return False
+            except Exception:  # A value whose == is not a bool (an array): it was replaced.
+                return False
+            return True
+
+        return same
+
+    def _watch(self, mapping: Any, names: Iterable[str]) -> None:
+        found = self.watched.setdefault(id(mapping), (mapping, {}))[1]
+        for name in names:
+            found[name] = mapping.get(name)
+
+    def _first(self, obj: Any) -> bool:
+        if id(obj) in self._seen:
+            return False
+        self._seen.add(id(obj))
+        self._keep.append(obj)
+        return True
 
     def follow(self, obj: Any, root: bool = False) -> None:
-        """Add a function, class or module, and what it uses, unless it is library code."""
+        """Add a function, class or callable object, and what it uses, unless it is library code."""
         import functools
         import inspect
 
-        if id(obj) in self._seen or len(self._seen) >= _FOLLOW_LIMIT:
+        if not self._first(obj):
             return
-        self._seen.add(id(obj))
         if isinstance(obj, functools.partial):
             self.follow(obj.func, root)
+            self.parts.add(f"partial {_reference(obj.func)} {self.text(obj.args)} {self.text(obj.keywords)}")
             return
-        if not root:
-            library = _library(obj.__name__ if inspect.ismodule(obj) else getattr(obj, "__module__", None) or "")
-            if library is not None:
-                if library:
-                    self.parts.add(f"library {library}")
-                return
-        if inspect.ismodule(obj):
-            return  # Its attributes count where they are read (see uses()).
+        if inspect.ismethod(obj):  # A bound method: its function and its object.
+            self.follow(obj.__func__, root)
+            self.parts.add(f"bound {_reference(obj.__func__)} {self.text(obj.__self__)}")
+            return
+        library = None if root or inspect.ismodule(obj) else _library(obj)
+        if library is not None:
+            if library:
+                self.parts.add(library)
+            return
         if inspect.isclass(obj):
-            self.parts.add(f"class {_reference(obj)}\n{_source_text(obj) or ''}")
-            for member in vars(obj).values():
-                member = getattr(member, "__func__", member)  # staticmethod, classmethod
-                if inspect.isfunction(member):
-                    self.uses(member)
+            self._class(obj)
             return
-        inner = inspect.unwrap(obj)
+        try:
+            inner = inspect.unwrap(obj)
+        except ValueError:
+            inner = obj
         code = getattr(obj, "__code__", None)
         if inner is not obj:  # A decorated function (or a memoized one): what it wraps counts.
             self.follow(inner, root)
-            if code is None:
-                return
-        if code is None:  # A callable object or a builtin: its class says what it is.
-            if not inspect.isbuiltin(obj):
+        if code is None:  # A callable object: its class's code and its state.
+            if not inspect.isbuiltin(obj) and inner is obj:
                 self.follow(type(obj))
+                self.parts.add(f"object {_reference(type(obj))} {self.text(getattr(obj, '__dict__', obj))}")
             return
-        self.parts.add(f"def {_reference(obj)}\n{_source_text(obj) or _bytecode_text(code)}")
+        self.parts.add(f"def {_reference(obj)}\n{_function_text(obj)}")
         self.uses(obj)
 
-    def uses(self, func: Any) -> None:
-        """Add the module-level constants, functions, classes and modules that ``func`` reads."""
-        names = _code_names(func.__code__)
-        scope = getattr(func, "__globals__", {})
-        for name in sorted(names & scope.keys()):
-            self._value(name, scope[name], names)
-        for cell in getattr(func, "__closure__", None) or ():
-            value = _cell_value(cell)
-            if callable(value) or isinstance(value, type(sys)):
-                self.follow(value)
+    def _class(self, cls: type) -> None:
+        """A class: its source, its bases along the MRO, its methods, properties and class attributes."""
+        import inspect
 
-    def _value(self, name: str, value: Any, names: set[str]) -> None:
+        self.parts.add(f"class {_reference(cls)}\n{_class_text(cls)}")
+        for base in cls.__mro__[1:]:
+            if base is not object:
+                self.follow(base)
+        members = {name: value for name, value in vars(cls).items() if name not in _CLASS_SKIP}
+        self._watch(vars(cls), members)
+        for name, member in sorted(members.items()):
+            member = getattr(member, "__func__", member)  # staticmethod, classmethod
+            if isinstance(member, property):
+                for accessor in (member.fget, member.fset, member.fdel):
+                    if accessor is not None:
+                        self.follow(accessor)
+            elif inspect.isfunction(member) and member.__code__.co_filename == "<string>":
+                continue  # Made by dataclass or namedtuple from what the class states.
+            else:
+                self.value(f"{_reference(cls)}.{name}", member, set())
+
+    def uses(self, func: Any) -> None:
+        """Add the module-level values, functions, classes and modules that ``func``
+        reads, its closure and its defaults; note what cannot be followed."""
+        code = func.__code__
+        names = _code_names(code)
+        scope = getattr(func, "__globals__", {})
+        where = f"{_reference(func)}"
+        self._watch(scope, names)
+        mutable = [name for name in names & scope.keys() if type(scope[name]) in (list, dict, set)]
+        mutable += [name for name, cell in zip(code.co_freevars, func.__closure__ or ()) if type(_cell_value(cell)) in (list, dict, set)]
+        sinks = _sinks(code) if mutable else set()
+        for name in sorted(names & scope.keys() - sinks):
+            self.value(name, scope[name], names)
+        package = str(scope.get("__package__") or "")
+        for name in sorted(names - scope.keys()):  # Modules imported inside the body.
+            module = sys.modules.get(f"{package}.{name}" if package else name) or sys.modules.get(name)
+            if module is not None:
+                self.value(name, module, names)
+        for name, cell in zip(code.co_freevars, getattr(func, "__closure__", None) or ()):
+            if name not in sinks:
+                self.value(f"{where} closure {name}", _cell_value(cell), names)
+        for index, default in enumerate([*(func.__defaults__ or ()), *(func.__kwdefaults__ or {}).values()]):
+            self.value(f"{where} default {index}", default, set())
+        suspect = (names & (_UNSEEN.keys() | _WHOLE_MODULE)) - scope.keys()
+        loaded = _global_loads(code, suspect) if suspect else set()
+        for name in sorted(suspect & _UNSEEN.keys()):
+            if name in loaded or name in ("environ", "getenv", "import_module"):
+                self.unseen[f"{where}() uses {_UNSEEN[name]}"] = None
+        if loaded & _WHOLE_MODULE:  # getattr(module, name), globals(), vars(): the whole module counts.
+            for value in [sys.modules.get(getattr(func, "__module__", None) or ""), *scope.values()]:
+                if isinstance(value, type(sys)) and _library(value) is None:
+                    self.value(value.__name__, value, set(vars(value)))
+
+    def value(self, name: str, value: Any, names: set[str]) -> None:
+        """A value the code reads: a module (its attributes that are read), code (followed), or data."""
         import inspect
 
         if _is_constant(value):
             self.parts.add(f"constant {name}={_text(value)}")
         elif inspect.ismodule(value):
-            self.follow(value)
-            if _library(value.__name__) is None:  # The user's module: the attributes read of it.
-                for attribute in sorted(names & vars(value).keys()):
-                    self._value(f"{name}.{attribute}", getattr(value, attribute), names)
+            library = _library(value)
+            if library:
+                self.parts.add(library)
+            elif library is None and (id(value), id(names)) not in self._modules:
+                self._modules.add((id(value), id(names)))
+                self._keep.append(names)
+                read = sorted(names & vars(value).keys())
+                self._watch(vars(value), read)
+                for attribute in read:
+                    if not attribute.startswith("__"):
+                        self.value(f"{value.__name__}.{attribute}", getattr(value, attribute), names)
         elif callable(value):
             self.follow(value)
+        else:
+            self.parts.add(f"value {name}={self.text(value)}")
+
+    def text(self, value: Any) -> str:
+        """Data by canonical value; the functions and classes inside it by their code;
+        an instance of the user's own class also by that class's code."""
+        import inspect
+
+        kind = type(value)
+        if kind in _SCALARS:
+            return repr(value)
+        if kind in (tuple, list):
+            return "(" + ",".join(map(self.text, value)) + ")"
+        if kind in (dict, set, frozenset):
+            items = value.items() if kind is dict else ((item, None) for item in value)
+            return "{" + ",".join(sorted(f"{self.text(k)}:{self.text(v)}" for k, v in items)) + "}"
+        if callable(value) and not inspect.isbuiltin(value) and not kind.__module__.startswith("numpy"):
+            self.follow(value)
+            return f"<code {_reference(value)}>"
+        if not isinstance(value, type(sys)) and _library(kind) is None:
+            self.follow(kind)
+        try:
+            return _text(value)
+        except (TypeError, ValueError, RecursionError) as exc:
+            state = getattr(value, "__dict__", None)
+            if isinstance(state, dict):
+                return f"<{_reference(kind)} {self.text(state)}>"
+            self.unseen[f"a {kind.__name__} it reads ({exc})"] = None
+            return f"<unseen {_reference(kind)}>"
 
 
-def _code_identity(func: Any, version: Any) -> str:
-    """16 hex digits naming the code of ``func``: version= when given (edits then do
-    not count), else its code and what it depends on (see _CodeIdentity)."""
-    if version is not None:
-        import hashlib
-
-        return hashlib.blake2b(f"version {_version_text(version)}".encode("utf-8"), digest_size=8).hexdigest()
+def _follow(func: Any) -> _CodeIdentity:
     identity = _CodeIdentity()
     identity.follow(func, root=True)
-    return identity.digest()
+    return identity
+
+
+def _unchanged() -> bool:
+    return True
+
+
+def _code_identity(func: Any, version: Any = None) -> str:
+    """16 hex digits naming the code of ``func`` (any function, class, partial,
+    bound method or callable object): version= when given (edits then do not
+    count), else its code and what it depends on (see _CodeIdentity). The keys
+    use it for code passed as an argument."""
+    if version is not None:
+        return _digest_text(f"version {_version_text(version)}")[:16]
+    return _follow(func).digest()
 
 
 def _closure_text(func: Any) -> str:
     """What a function's closure holds that makes it another function: its constant
     values (outer(2) and outer(3) return different functions), and a partial's
-    arguments. Part of every key. Mutable values (a list the function appends
-    to, a logger) are not, as mutable module globals are not; the functions and
-    classes it holds count in the code identity instead."""
+    arguments. Part of every key. Other values in the closure (data, functions,
+    classes) count in the code identity instead."""
     import functools
     import inspect
 
@@ -3434,8 +3768,8 @@ class _Memoized(Generic[_P, _R]):
         # on CPython 3.9).
         import inspect  # noqa: F401
         import json  # noqa: F401
-        import textwrap  # noqa: F401
-        import tokenize  # noqa: F401
+        import ast  # noqa: F401
+        import dis  # noqa: F401
 
         if not hasattr(sys, "stdlib_module_names"):
             _stdlib_dirs()  # CPython 3.9: sysconfig, for telling library code apart.
@@ -3459,6 +3793,8 @@ class _Memoized(Generic[_P, _R]):
         # Made at the first call (_prepare): the code identity and the closure's values.
         self._prefix = b""
         self._closure = ""
+        self._same: Callable[[], bool] = _unchanged  # Whether what the identity followed is unchanged.
+        self._key = key
         self._store: _EntryFiles | None = None
         self._folder = ""  # Where this function's entries live in the store (set with it).
         self._warned = False
@@ -3491,19 +3827,41 @@ class _Memoized(Generic[_P, _R]):
         return self._store
 
     def _prepare(self) -> bytes:
-        """At the first call: the code identity (following what the function uses
-        costs a few milliseconds, once) and the closure's values; the identity is
-        recorded in the store, so that `info` and `prune` can tell stale entries."""
-        identity = _code_identity(self.__wrapped__, self._version)
+        """At the first call, and again when a binding it followed has changed (a
+        redefinition, a reload): the code identity and the closure's values. The
+        identity is recorded in the store, so that `info` and `prune` can tell
+        stale entries, with the code under a pinned version=, to say when other
+        code made the entries it reuses. What cannot be followed is named once."""
+        followed = _follow(self.__wrapped__)
+        code = followed.digest()
+        identity = _code_identity(None, self._version) if self._version is not None else code
         self._closure = _closure_text(self.__wrapped__)
-        files = self._store or self._files()
-        if files is not None and not files.readonly:
-            files.record_identity(self._function, identity)
+        self._same = followed.same() if self._version is None else _unchanged
+        first = self._prefix == b""  # Warn once, at the first call.
         self._prefix = self._identity + f"{identity}|".encode("utf-8")
+        if first and followed.unseen and self._version is None and self._key is None:
+            _warn(
+                f"{self.__qualname__}(): its identity cannot cover what {'; '.join(followed.unseen)}: a change "
+                "there will not recompute. Pass version= (and bump it when that changes), or key= that includes it"
+            )
+        files = self._store or self._files()
+        since = None if files is None or files.readonly else files.record_identity(self._function, identity, code)
+        if first and since is not None and files is not None:
+            older = sum(
+                1
+                for found in files.scan(self._folder)
+                if found.entry is not None and found.entry.created < since and found.entry.key.startswith(self._prefix)
+            )
+            if older:
+                _warn(
+                    f"{self.__qualname__}(): version={self._version!r} is pinned but the code has changed: "
+                    f"{older} of its entries came from other code and are reused, as version= asks. "
+                    "Bump version= if the change alters results"
+                )
         return self._prefix
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
-        prefix = self._prefix or self._prepare()
+        prefix = self._prefix if self._prefix and self._same() else self._prepare()
         key = _make_key(prefix, self._closure, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
         return self._call_at(key, args, kwargs)
 
@@ -4033,7 +4391,7 @@ def _reduce_memoized(func: _Memoized[..., Any]) -> str | tuple[Any, ...]:
     name: str = func.__qualname__
     if target is func and not (func.__module__ == "__main__" and _pickler_sends_functions_by_value()):
         return name
-    state = dict(func.__dict__, _store=None, _warned=False, _hits=0, _misses=0)
+    state = dict(func.__dict__, _store=None, _warned=False, _hits=0, _misses=0, _same=_unchanged)
     _by_value[(type(func), func.path, func._prefix)] = func
     return _restore_memoized, (type(func), state)
 
