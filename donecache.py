@@ -3283,8 +3283,8 @@ def _origin_file(obj: Any) -> str | None:
             file = next(iter(getattr(obj, "__path__", None) or ()), None)
         return file if isinstance(file, str) else None
     code = getattr(obj, "__code__", None)
-    if code is not None:
-        return str(code.co_filename)
+    if hasattr(code, "co_filename") and not isinstance(obj, type):
+        return str(code.co_filename)  # type: ignore[union-attr]
     file = getattr(sys.modules.get(getattr(obj, "__module__", None) or ""), "__file__", None)
     if file is None and isinstance(obj, type):
         file = next((c.co_filename for c in (getattr(getattr(m, "__func__", m), "__code__", None) for m in vars(obj).values()) if c), None)
@@ -3302,6 +3302,8 @@ def _library(obj: Any) -> str | None:
         known = top in sys.builtin_module_names or top in getattr(sys, "stdlib_module_names", ())
         return "" if known or (file is None and top not in ("__main__", "__mp_main__") and module in sys.modules) else None
     stamp = ("where", file)
+    if file == __file__:
+        return ""  # donecache itself.
     if stamp not in _learnt:
         path = os.path.realpath(file)
         parts = path.split(os.sep)
@@ -3383,6 +3385,36 @@ def _sinks(code: Any) -> set[str]:
                 sink = after.opname in ("LOAD_ATTR", "LOAD_METHOD") and after.argval in _SINK_METHODS
                 used[here.argval] = used.get(here.argval, True) and sink
     return {name for name, sink in used.items() if sink}
+
+
+def _imported_in(code: Any, package: str) -> list[Any]:
+    """The modules that import statements inside the code name, imported now if
+    the code has not run yet (the call is about to import them anyway); a module
+    that fails to import is left to the call."""
+    import dis
+    import importlib.util
+
+    found = []
+    todo = [code]
+    while todo:
+        code = todo.pop()
+        todo += [const for const in code.co_consts if hasattr(const, "co_code")]
+        if dis.opmap["IMPORT_NAME"] not in code.co_code[::2]:
+            continue
+        instructions = list(dis.get_instructions(code))
+        for index, here in enumerate(instructions):
+            if here.opname != "IMPORT_NAME" or index < 2:
+                continue
+            level, fromlist = instructions[index - 2].argval, instructions[index - 1].argval
+            try:
+                name = importlib.util.resolve_name("." * level + here.argval, package) if level else here.argval
+                found.append(importlib.import_module(name))
+                for sub in fromlist or ():
+                    if not hasattr(found[-1], sub):
+                        found.append(importlib.import_module(f"{name}.{sub}"))
+            except Exception:
+                continue
+    return found
 
 
 def _global_loads(code: Any, names: set[str]) -> set[str]:
@@ -3470,12 +3502,21 @@ class _CodeIdentity:
         code = getattr(obj, "__code__", None)
         if inner is not obj:  # A decorated function (or a memoized one): what it wraps counts.
             self.follow(inner, root)
+        registry = getattr(obj, "registry", None)
+        if hasattr(obj, "dispatch") and isinstance(registry, collections.abc.Mapping):
+            for implementation in list(registry.values()):  # functools.singledispatch
+                self.follow(implementation)
         if code is None:  # A callable object: its class's code and its state.
             if not inspect.isbuiltin(obj) and inner is obj:
                 self.follow(type(obj))
                 self.parts.add(f"object {_reference(type(obj))} {self.text(getattr(obj, '__dict__', obj))}")
             return
         self.parts.add(f"def {_reference(obj)}\n{_function_text(obj)}")
+        owner: Any = obj.__globals__ if "<" not in obj.__qualname__ else None
+        for part in obj.__qualname__.split(".")[:-1]:  # A method: its class (self.RATE, self.step()).
+            owner = owner.get(part) if isinstance(owner, dict) else getattr(owner, part, None)
+        if inspect.isclass(owner):
+            self.follow(owner)
         self.uses(obj)
 
     def _class(self, cls: type) -> None:
@@ -3512,11 +3553,8 @@ class _CodeIdentity:
         sinks = _sinks(code) if mutable else set()
         for name in sorted(names & scope.keys() - sinks):
             self.value(name, scope[name], names)
-        package = str(scope.get("__package__") or "")
-        for name in sorted(names - scope.keys()):  # Modules imported inside the body.
-            module = sys.modules.get(f"{package}.{name}" if package else name) or sys.modules.get(name)
-            if module is not None:
-                self.value(name, module, names)
+        for module in _imported_in(code, str(scope.get("__package__") or "")):
+            self.value(module.__name__, module, names)
         for name, cell in zip(code.co_freevars, getattr(func, "__closure__", None) or ()):
             if name not in sinks:
                 self.value(f"{where} closure {name}", _cell_value(cell), names)
