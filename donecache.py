@@ -3113,7 +3113,7 @@ _UNSEEN = {  # Names whose use donecache cannot follow, and what they do.
 _WHOLE_MODULE = frozenset({"getattr", "globals", "vars"})
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__firstlineno__",
                          "__static_attributes__", "__annotations__", "__orig_bases__", "__parameters__"})
-_learnt: dict[str, Any] = {}  # Per process: what each source file, RECORD and site directory told.
+_learnt: dict[Any, Any] = {}  # Per process: what each source file, RECORD and site directory told.
 
 
 def _digest_text(text: str) -> str:
@@ -3129,7 +3129,7 @@ def _stdlib_dirs() -> tuple[str, ...]:
 
         paths = sysconfig.get_paths()
         found = _learnt["stdlib"] = tuple(os.path.join(os.path.realpath(paths[name]), "") for name in ("stdlib", "platstdlib"))
-    return found  # type: ignore[no-any-return]
+    return tuple(found)
 
 
 class _SourceFile:
@@ -3325,12 +3325,12 @@ def _distribution(site: str, name: str, top: str) -> str:
     if owners is None:  # Which distribution installed each top-level name, once per site directory.
         owners = _learnt[("site", site)] = {}
         infos = sorted(e.path for e in _scandir(site) if e.name.endswith(".dist-info"))
-        for info in infos:
-            normal = os.path.basename(info).partition("-")[0].lower().replace(".", "_")
-            tops = (_read_text(os.path.join(info, "top_level.txt")) or "").split()
+        for found in infos:
+            normal = os.path.basename(found).partition("-")[0].lower().replace(".", "_")
+            tops = (_read_text(os.path.join(found, "top_level.txt")) or "").split()
             for owned in tops or [normal]:
-                owners.setdefault(owned, info)
-    info = owners.get(name)
+                owners.setdefault(owned, found)
+    info: str | None = owners.get(name)
     if info is None:  # A top-level name no top_level.txt lists: find it in the RECORDs (once).
         for record in sorted(e.path for e in _scandir(site) if e.name.endswith(".dist-info")):
             text = _file_head(os.path.join(record, "RECORD"), 1 << 24).decode("utf-8", "replace")
@@ -3487,6 +3487,16 @@ class _CodeIdentity:
             self.follow(obj.__func__, root)
             self.parts.add(f"bound {_reference(obj.__func__)} {self.text(obj.__self__)}")
             return
+        try:
+            inner = obj if inspect.isclass(obj) else inspect.unwrap(obj)
+        except ValueError:
+            inner = obj
+        if inner is not obj:  # A decorated function (or a memoized one): what it wraps counts,
+            self.follow(inner, root)  # even where the wrapper is library code.
+        registry = getattr(obj, "registry", None)
+        if hasattr(obj, "dispatch") and isinstance(registry, collections.abc.Mapping):
+            for implementation in list(registry.values()):  # functools.singledispatch
+                self.follow(implementation)
         library = None if root or inspect.ismodule(obj) else _library(obj)
         if library is not None:
             if library:
@@ -3495,17 +3505,7 @@ class _CodeIdentity:
         if inspect.isclass(obj):
             self._class(obj)
             return
-        try:
-            inner = inspect.unwrap(obj)
-        except ValueError:
-            inner = obj
         code = getattr(obj, "__code__", None)
-        if inner is not obj:  # A decorated function (or a memoized one): what it wraps counts.
-            self.follow(inner, root)
-        registry = getattr(obj, "registry", None)
-        if hasattr(obj, "dispatch") and isinstance(registry, collections.abc.Mapping):
-            for implementation in list(registry.values()):  # functools.singledispatch
-                self.follow(implementation)
         if code is None:  # A callable object: its class's code and its state.
             if not inspect.isbuiltin(obj) and inner is obj:
                 self.follow(type(obj))

@@ -2927,6 +2927,12 @@ FOLLOWER_FILES = {
         def op_square(x):
             return x * x
     """,
+    "pkg/names.py": """
+        from pkg import ops
+
+        def by_name(name, x):
+            return getattr(ops, name)(x)
+    """,
     "pkg/shapes.py": """
         class Shape:
             def area(self):
@@ -2936,8 +2942,8 @@ FOLLOWER_FILES = {
         import functools, importlib.util, os, sys
         import DC as dc
         import statistics
-        from nspkg import tools
-        from pkg import ops
+        import nspkg.tools
+        from pkg.names import by_name
         from pkg.shapes import Shape
 
         _spec = importlib.util.spec_from_file_location("rules_plugin", os.path.join(os.path.dirname(__file__), "..", "plugins", "rules.py"))
@@ -2983,8 +2989,8 @@ FOLLOWER_FILES = {
         def run(x, transform=shift):
             print("computed")
             from pkg import late
-            return (statistics.mean([x, 3]), tools.inc(x), rules.bonus(x), late.f(x), Square().area(), fmt(x),
-                    fetch(x), transform(x), getattr(ops, "op_" + "square")(x))
+            return (statistics.mean([x, 3]), nspkg.tools.inc(x), rules.bonus(x), late.f(x), Square().area(), fmt(x),
+                    fetch(x), transform(x), by_name("op_square", x))
     """,
 }
 
@@ -3009,12 +3015,12 @@ def test_identity_follows_a_package_of_50_modules_completely(tmp_path):
     files = {"big/__init__.py": ""}
     for m in range(50):
         body = [f"from big import m{m + 1}\n" if m < 49 else ""]
-        for n in range(6):
-            call = f"m{m + 1}.f0(x)" if m < 49 and n == 0 else "0"
+        for n in range(6):  # Each function calls the next: 300 functions in one chain.
+            call = f"f{n + 1}(x)" if n < 5 else f"m{m + 1}.f0(x)" if m < 49 else "0"
             body.append(f"def f{n}(x):\n    return x + {n} + {call}\n")
         files[f"big/m{m}.py"] = "\n".join(body)
     files["big/job.py"] = "import sys\nimport DC as dc\nfrom big import m0\n\n@dc.memoize(sys.argv[1])\ndef run(x):\n    print('computed')\n    return m0.f0(x)\n"
-    edits_recompute(tmp_path, files, "from big.job import run\nprint(run(1))\n", [("big/m49.py", "return x + 0 + 0", "return x + 0 + 1")])
+    edits_recompute(tmp_path, files, "from big.job import run\nprint(run(1))\n", [("big/m49.py", "return x + 5 + 0", "return x + 5 + 1")])
 
 
 def test_identity_of_an_installed_distribution_is_its_record(tmp_path):
