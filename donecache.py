@@ -1663,7 +1663,7 @@ _CACHEDIR_TAG = (
     b"Signature: 8a477f597d28d172789f06886806bc55\n"
     b"# This file marks a donecache store (see https://bford.info/cachedir/).\n"
 )
-_STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions", ".failures", ".usage"})
+_STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions", ".failures", ".usage", ".sources"})
 
 # The size limit (max_bytes, in bytes on disk). The store's .lock file lends
 # byte 0 to the one process that sweeps the store and byte 1 to the running
@@ -3123,80 +3123,73 @@ def _digest_text(text: str) -> str:
 
 
 def _stdlib_dirs() -> tuple[str, ...]:
+    # Where os.py lives is the standard library (a venv's too); lib-dynload is inside it.
     found = _learnt.get("stdlib")
     if found is None:
-        import sysconfig
-
-        paths = sysconfig.get_paths()
-        found = _learnt["stdlib"] = tuple(os.path.join(os.path.realpath(paths[name]), "") for name in ("stdlib", "platstdlib"))
+        found = _learnt["stdlib"] = (os.path.join(os.path.realpath(os.path.dirname(os.__file__)), ""),)
     return tuple(found)
 
 
-class _SourceFile:
-    """What one source file holds, learnt once per process and (path, size,
-    mtime): its defs, lambdas and classes by first line and qualified name, and
-    its code compiled afresh, to tell whether live code still matches the file."""
+def _parse_source(path: str, data: bytes) -> dict[str, Any] | None:
+    """What a source file holds: for each def and lambda ("LINE NAME", the line
+    that co_firstlineno gives), its tree digest and the digests of the code
+    that a fresh compile of the file makes there; for each class (by qualified
+    name), its tree digest. None if the file does not parse."""
+    import ast
 
-    def __init__(self, tree: Any, code: Any) -> None:
-        import ast
-
-        self.lines: dict[int, list[Any]] = {}
-        self.names: dict[str, Any] = {}
-        self.codes: dict[tuple[int, str], list[Any]] = {}
-        self._texts: dict[int, str] = {}
-        todo = [(tree, "")]
-        while todo:
-            node, prefix = todo.pop()
-            for child in ast.iter_child_nodes(node):
-                inner = prefix
-                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    self.names[prefix + child.name] = child
-                    is_class = isinstance(child, ast.ClassDef)
-                    if not is_class:  # co_firstlineno is the first decorator's line.
-                        self.lines.setdefault(min([child.lineno] + [d.lineno for d in child.decorator_list]), []).append(child)
-                    inner = prefix + child.name + ("." if is_class else ".<locals>.")
-                elif isinstance(child, ast.Lambda):
-                    self.lines.setdefault(child.lineno, []).append(child)
-                    inner = prefix + "<lambda>.<locals>."
-                todo.append((child, inner))
-        codes = [code]
-        while codes:
-            for const in codes.pop().co_consts:
-                if hasattr(const, "co_code"):
-                    self.codes.setdefault((const.co_firstlineno, const.co_name), []).append(const)
-                    codes.append(const)
-
-    def text(self, node: Any) -> str:
-        """A digest of the node's syntax tree, without docstrings or memoize decorators."""
-        text = self._texts.get(id(node))
-        if text is None:
-            out: list[str] = []
-            _tree_text(node, out)
-            text = self._texts[id(node)] = _digest_text("".join(out))
-        return text
-
-    def function(self, code: Any) -> str | None:
-        """The tree text of live code if the file still holds that code, else None."""
-        key = (code.co_firstlineno, code.co_name)
-        if not any(code == compiled for compiled in self.codes.get(key, ())):
-            return None
-        name = "<lambda>" if code.co_name == "<lambda>" else code.co_name
-        nodes = [n for n in self.lines.get(code.co_firstlineno, ()) if getattr(n, "name", "<lambda>") == name]
-        return ";".join(self.text(node) for node in nodes) or None
+    try:
+        tree = ast.parse(data, path)
+        code = compile(tree, path, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    order: list[tuple[Any, str]] = []  # Every def, lambda and class after its parents.
+    todo: list[tuple[Any, str]] = [(tree, "")]
+    while todo:
+        node, prefix = todo.pop()
+        for child in ast.iter_child_nodes(node):
+            inner = prefix
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+                name = getattr(child, "name", "<lambda>")
+                order.append((child, prefix + name))
+                inner = prefix + name + ("." if isinstance(child, ast.ClassDef) else ".<locals>.")
+            todo.append((child, inner))
+    texts: dict[int, str] = {}
+    functions: dict[str, list[Any]] = {}
+    classes: dict[str, str] = {}
+    for node, qualname in reversed(order):  # Inner ones first: an outer one reuses their digests.
+        out: list[str] = []
+        _tree_text(node, out, texts)
+        texts[id(node)] = digest = _digest_text("".join(out))
+        if isinstance(node, ast.ClassDef):
+            classes[qualname] = digest
+        else:  # co_firstlineno is the first decorator's line.
+            line = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", ())])
+            found = functions.setdefault(f"{line} {getattr(node, 'name', '<lambda>')}", ["", []])
+            found[0] = digest + ";" + found[0]
+    codes = [code]
+    while codes:
+        for const in codes.pop().co_consts:
+            if hasattr(const, "co_code"):
+                functions.setdefault(f"{const.co_firstlineno} {const.co_name}", ["", []])[1].append(_code_digest(const))
+                codes.append(const)
+    return {"functions": functions, "classes": classes}
 
 
-def _tree_text(node: Any, out: list[str]) -> None:
+def _tree_text(node: Any, out: list[str], texts: dict[int, str]) -> None:
     import ast
 
     if isinstance(node, list):
         out.append("[")
         for item in node:
-            _tree_text(item, out)
+            _tree_text(item, out, texts)
             out.append(",")
         out.append("]")
         return
     if not isinstance(node, ast.AST):
         out.append(repr(node))
+        return
+    if id(node) in texts:  # A nested def or class, digested already.
+        out.append(texts[id(node)])
         return
     kind = type(node).__name__
     out.append(kind + "(")
@@ -3210,7 +3203,7 @@ def _tree_text(node: Any, out: list[str]) -> None:
         elif name == "decorator_list":  # memoize's own options (ttl=, path) are not the code.
             value = [d for d in value if _decorator_name(d) != "memoize"]
         out.append(name + "=")
-        _tree_text(value, out)
+        _tree_text(value, out, texts)
         out.append(",")
     out.append(")")
 
@@ -3220,26 +3213,30 @@ def _decorator_name(node: Any) -> str:
     return str(getattr(node, "attr", None) or getattr(node, "id", ""))
 
 
-def _source_file(path: str) -> _SourceFile | None:
-    """The file at ``path`` parsed and compiled, cached by its size and mtime; None
-    if it cannot be read or parsed."""
+def _source_notes(path: str, notes: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the source file at ``path`` holds (see _parse_source), learnt once per
+    (path, size, mtime): from this process's memory, else from the store's notes
+    (written by an earlier process with this interpreter), else by parsing it."""
     try:
         st = os.stat(path)
     except (OSError, ValueError):
         return None
-    stamp = ("source", path, st.st_size, st.st_mtime_ns)
-    if stamp in _learnt:
-        return _learnt[stamp]  # type: ignore[no-any-return]
-    import ast
+    stamp = [st.st_size, st.st_mtime_ns]
+    known = _learnt.get(("source", path))
+    if known is None or known.get("stamp") != stamp:
+        known = (notes or {}).get(path)
+        if not isinstance(known, dict) or known.get("stamp") != stamp:
+            known = _parse_source(path, _file_head(path, st.st_size)) or {}
+            known["stamp"] = stamp
+            if notes is not None:
+                notes[path] = known
+                notes[""] = True  # Changed: to be written back.
+        _learnt[("source", path)] = known
+    return known if "functions" in known else None
 
-    data = _file_head(path, st.st_size)
-    try:
-        tree = ast.parse(data, path)
-        learnt: _SourceFile | None = _SourceFile(tree, compile(tree, path, "exec", dont_inherit=True))
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        learnt = None
-    _learnt[stamp] = learnt
-    return learnt
+
+def _code_digest(code: Any) -> str:
+    return _digest_text(_bytecode_text(code))[:16]
 
 
 def _bytecode_text(code: Any) -> str:
@@ -3254,25 +3251,25 @@ def _bytecode_text(code: Any) -> str:
     return "\n".join(parts)
 
 
-def _function_text(func: Any) -> str:
-    """The running code of a function: its tree text when its source file still
-    holds exactly this code (compared with a fresh compile), else its bytecode:
-    a file edited after import must not lend the old code the new identity."""
+def _function_text(func: Any, notes: dict[str, Any] | None) -> str:
+    """The running code of a function: its tree digest when its source file still
+    holds exactly this code (its bytecode equals a fresh compile's), else its
+    bytecode: a file edited after import must not lend the old code the new
+    identity."""
     code = func.__code__
-    learnt = None if code.co_filename.startswith("<") else _source_file(code.co_filename)
-    text = None if learnt is None else learnt.function(code)
-    return f"tree {text}" if text else f"bytecode {_bytecode_text(code)}"
+    known = None if code.co_filename.startswith("<") else _source_notes(code.co_filename, notes)
+    tree, compiled = (known or {}).get("functions", {}).get(f"{code.co_firstlineno} {code.co_name}", ("", ()))
+    return f"tree {tree}" if tree and _code_digest(code) in compiled else f"bytecode {_bytecode_text(code)}"
 
 
-def _class_text(cls: type) -> str:
+def _class_text(cls: type, notes: dict[str, Any] | None) -> str:
     file = getattr(sys.modules.get(cls.__module__), "__file__", None)
     for member in vars(cls).values():  # A class of a module that is not in sys.modules.
         code = getattr(getattr(member, "__func__", member), "__code__", None)
         if file is None and code is not None and not code.co_filename.startswith("<"):
             file = code.co_filename
-    learnt = _source_file(file) if isinstance(file, str) else None
-    node = None if learnt is None else learnt.names.get(cls.__qualname__)
-    return "" if learnt is None or node is None else learnt.text(node)
+    known = _source_notes(file, notes) if isinstance(file, str) else None
+    return str((known or {}).get("classes", {}).get(cls.__qualname__, ""))
 
 
 def _origin_file(obj: Any) -> str | None:
@@ -3428,12 +3425,22 @@ def _global_loads(code: Any, names: set[str]) -> set[str]:
     return found
 
 
+_exec_count: list[int] = []  # exec() calls in this process, counted once a memoized function is called.
+
+
+def _count_exec(event: str, args: tuple[Any, ...]) -> None:
+    # An audit hook (PEP 578): cells, reloads and imports run their code through exec().
+    if event == "exec":
+        _exec_count[0] += 1
+
+
 class _CodeIdentity:
     """Collects what a function's code depends on, as texts to digest; the
     bindings it read, to notice a redefinition or a reload later in the
     process; and what it could not see, to warn about."""
 
-    def __init__(self) -> None:
+    def __init__(self, notes: dict[str, Any] | None = None) -> None:
+        self.notes = notes  # What the store says of source files (see _source_notes).
         self.parts: set[str] = set()
         self.unseen: dict[str, None] = {}
         self.watched: dict[int, tuple[Any, dict[str, Any]]] = {}
@@ -3444,12 +3451,20 @@ class _CodeIdentity:
     def digest(self) -> str:
         return _digest_text("\0".join(sorted(self.parts)))[:16]
 
-    def same(self) -> Callable[[], bool]:
-        """A check that every binding read while following is still the same object:
-        a few dict reads per module, run before each call."""
-        checks = [(mapping.get, tuple(found), tuple(found.values())) for mapping, found in self.watched.values()]
+    def same(self, home: Any) -> Callable[[], bool]:
+        """A check, run before each call, that the bindings read while following are
+        still the same objects. The bindings in ``home`` (the memoized function's
+        own globals: a script, a notebook) are checked at every call, the others
+        only after an exec() ran somewhere (a notebook cell, a module reloaded or
+        imported): a hit then costs a few dict reads, not one per followed name."""
+        if not _exec_count:
+            _exec_count.append(0)
+            sys.addaudithook(_count_exec)
+        everything = [(mapping.get, tuple(found), tuple(found.values())) for mapping, found in self.watched.values()]
+        local = [check for key, check in zip(self.watched, everything) if key == id(home)]
+        seen = [_exec_count[0]]
 
-        def same() -> bool:
+        def unchanged(checks: list[tuple[Any, tuple[str, ...], tuple[Any, ...]]]) -> bool:
             try:
                 for get, names, values in checks:
                     if tuple(map(get, names)) != values:
@@ -3457,6 +3472,15 @@ class _CodeIdentity:
             except Exception:  # A value whose == is not a bool (an array): it was replaced.
                 return False
             return True
+
+        def same() -> bool:
+            if _exec_count[0] == seen[0]:
+                return unchanged(local)
+            count = _exec_count[0]
+            if unchanged(everything):
+                seen[0] = count
+                return True
+            return False
 
         return same
 
@@ -3511,7 +3535,7 @@ class _CodeIdentity:
                 self.follow(type(obj))
                 self.parts.add(f"object {_reference(type(obj))} {self.text(getattr(obj, '__dict__', obj))}")
             return
-        self.parts.add(f"def {_reference(obj)}\n{_function_text(obj)}")
+        self.parts.add(f"def {_reference(obj)}\n{_function_text(obj, self.notes)}")
         owner: Any = obj.__globals__ if "<" not in obj.__qualname__ else None
         for part in obj.__qualname__.split(".")[:-1]:  # A method: its class (self.RATE, self.step()).
             owner = owner.get(part) if isinstance(owner, dict) else getattr(owner, part, None)
@@ -3523,7 +3547,7 @@ class _CodeIdentity:
         """A class: its source, its bases along the MRO, its methods, properties and class attributes."""
         import inspect
 
-        self.parts.add(f"class {_reference(cls)}\n{_class_text(cls)}")
+        self.parts.add(f"class {_reference(cls)}\n{_class_text(cls, self.notes)}")
         for base in cls.__mro__[1:]:
             if base is not object:
                 self.follow(base)
@@ -3547,7 +3571,7 @@ class _CodeIdentity:
         names = _code_names(code)
         scope = getattr(func, "__globals__", {})
         where = f"{_reference(func)}"
-        self._watch(scope, names)
+        self._watch(scope, names & scope.keys())
         mutable = [name for name in names & scope.keys() if type(scope[name]) in (list, dict, set)]
         mutable += [name for name, cell in zip(code.co_freevars, func.__closure__ or ()) if type(_cell_value(cell)) in (list, dict, set)]
         sinks = _sinks(code) if mutable else set()
@@ -3621,9 +3645,31 @@ class _CodeIdentity:
             return f"<unseen {_reference(kind)}>"
 
 
-def _follow(func: Any) -> _CodeIdentity:
-    identity = _CodeIdentity()
+def _follow(func: Any, store: str | None = None) -> _CodeIdentity:
+    """Follow ``func``; with ``store``, what was learnt of source files is kept
+    there (.sources/, per interpreter), so a new process need not parse them."""
+    import json
+
+    path = os.path.join(store, ".sources", f"{sys.implementation.cache_tag}.json") if store else None
+    notes = _learnt.get(("notes", path))
+    if path is not None and notes is None:
+        try:
+            fd, st = _open_regular(path)
+            try:
+                notes = json.loads(os.read(fd, st.st_size))
+            finally:
+                os.close(fd)
+        except (OSError, ValueError):
+            notes = None
+        notes = _learnt[("notes", path)] = notes if isinstance(notes, dict) else {}
+    identity = _CodeIdentity(notes)
     identity.follow(func, root=True)
+    if path is not None and notes is not None and notes.pop("", None):
+        try:
+            _make_dirs(os.path.dirname(path), 0o700)
+            _write_bytes(path, json.dumps(notes).encode("utf-8"), durable=False)
+        except OSError:
+            pass  # Only a cost: the next process parses the files again.
     return identity
 
 
@@ -3809,9 +3855,6 @@ class _Memoized(Generic[_P, _R]):
         import ast  # noqa: F401
         import dis  # noqa: F401
 
-        if not hasattr(sys, "stdlib_module_names"):
-            _stdlib_dirs()  # CPython 3.9: sysconfig, for telling library code apart.
-
         functools.update_wrapper(self, func)
         if not hasattr(func, "__qualname__"):  # A functools.partial or a callable object.
             self.__qualname__ = self.__name__ = _function_name(func)
@@ -3870,11 +3913,15 @@ class _Memoized(Generic[_P, _R]):
         identity is recorded in the store, so that `info` and `prune` can tell
         stale entries, with the code under a pinned version=, to say when other
         code made the entries it reuses. What cannot be followed is named once."""
-        followed = _follow(self.__wrapped__)
+        import inspect
+
+        files = self._store or self._files()
+        followed = _follow(self.__wrapped__, None if files is None or files.readonly else files.root)
         code = followed.digest()
         identity = _code_identity(None, self._version) if self._version is not None else code
         self._closure = _closure_text(self.__wrapped__)
-        self._same = followed.same() if self._version is None else _unchanged
+        home = getattr(inspect.unwrap(self.__wrapped__), "__globals__", None)
+        self._same = followed.same(home) if self._version is None else _unchanged
         first = self._prefix == b""  # Warn once, at the first call.
         self._prefix = self._identity + f"{identity}|".encode("utf-8")
         if first and followed.unseen and self._version is None and self._key is None:
@@ -3882,7 +3929,6 @@ class _Memoized(Generic[_P, _R]):
                 f"{self.__qualname__}(): its identity cannot cover what {'; '.join(followed.unseen)}: a change "
                 "there will not recompute. Pass version= (and bump it when that changes), or key= that includes it"
             )
-        files = self._store or self._files()
         since = None if files is None or files.readonly else files.record_identity(self._function, identity, code)
         if first and since is not None and files is not None:
             older = sum(
