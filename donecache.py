@@ -3111,6 +3111,7 @@ _UNSEEN = {  # Names whose use donecache cannot follow, and what they do.
     "import_module": "importlib.import_module()", "environ": "os.environ", "getenv": "os.getenv()",
 }
 _WHOLE_MODULE = frozenset({"getattr", "globals", "vars"})
+_SYNCHRONIZATION = frozenset({"_thread", "threading", "multiprocessing.synchronize", "asyncio.locks"})
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__firstlineno__",
                          "__static_attributes__", "__annotations__", "__orig_bases__", "__parameters__"})
 _learnt: dict[Any, Any] = {}  # Per process: what each source file, RECORD and site directory told.
@@ -3588,7 +3589,7 @@ class _CodeIdentity:
         loaded = _global_loads(code, suspect) if suspect else set()
         for name in sorted(suspect & _UNSEEN.keys()):
             if name in loaded or name in ("environ", "getenv", "import_module"):
-                self.unseen[f"{where}() uses {_UNSEEN[name]}"] = None
+                self.unseen[f"{_UNSEEN[name]} in {where}()"] = None
         if loaded & _WHOLE_MODULE:  # getattr(module, name), globals(), vars(): the whole module counts.
             for value in [sys.modules.get(getattr(func, "__module__", None) or ""), *scope.values()]:
                 if isinstance(value, type(sys)) and _library(value) is None:
@@ -3615,9 +3616,9 @@ class _CodeIdentity:
         elif callable(value):
             self.follow(value)
         else:
-            self.parts.add(f"value {name}={self.text(value)}")
+            self.parts.add(f"value {name}={self.text(value, name)}")
 
-    def text(self, value: Any) -> str:
+    def text(self, value: Any, name: str = "") -> str:
         """Data by canonical value; the functions and classes inside it by their code;
         an instance of the user's own class also by that class's code."""
         import inspect
@@ -3633,6 +3634,8 @@ class _CodeIdentity:
         if callable(value) and not inspect.isbuiltin(value) and not kind.__module__.startswith("numpy"):
             self.follow(value)
             return f"<code {_reference(value)}>"
+        if kind.__module__ in _SYNCHRONIZATION:
+            return f"<{kind.__name__}>"  # A lock is how the code waits, not what it computes.
         if not isinstance(value, type(sys)) and _library(kind) is None:
             self.follow(kind)
         try:
@@ -3641,7 +3644,7 @@ class _CodeIdentity:
             state = getattr(value, "__dict__", None)
             if isinstance(state, dict):
                 return f"<{_reference(kind)} {self.text(state)}>"
-            self.unseen[f"a {kind.__name__} it reads ({exc})"] = None
+            self.unseen[f"the value of {name or 'a ' + kind.__name__} ({kind.__name__}: {exc})"] = None
             return f"<unseen {_reference(kind)}>"
 
 
@@ -3926,8 +3929,8 @@ class _Memoized(Generic[_P, _R]):
         self._prefix = self._identity + f"{identity}|".encode("utf-8")
         if first and followed.unseen and self._version is None and self._key is None:
             _warn(
-                f"{self.__qualname__}(): its identity cannot cover what {'; '.join(followed.unseen)}: a change "
-                "there will not recompute. Pass version= (and bump it when that changes), or key= that includes it"
+                f"{self.__qualname__}(): donecache cannot follow {'; '.join(followed.unseen)}, so a change there "
+                "will not recompute. Pass version= (and bump it when that changes), or key= that includes it"
             )
         since = None if files is None or files.readonly else files.record_identity(self._function, identity, code)
         if first and since is not None and files is not None:
