@@ -3460,7 +3460,10 @@ class _CodeIdentity:
         imported): a hit then costs a few dict reads, not one per followed name."""
         if not _exec_count:
             _exec_count.append(0)
-            sys.addaudithook(_count_exec)
+            try:
+                sys.addaudithook(_count_exec)
+            except Exception:  # Refused by another hook: check every binding at every call.
+                _exec_count[0] = -1
         everything = [(mapping.get, tuple(found), tuple(found.values())) for mapping, found in self.watched.values()]
         local = [check for key, check in zip(self.watched, everything) if key == id(home)]
         seen = [_exec_count[0]]
@@ -3475,7 +3478,7 @@ class _CodeIdentity:
             return True
 
         def same() -> bool:
-            if _exec_count[0] == seen[0]:
+            if _exec_count[0] == seen[0] >= 0:
                 return unchanged(local)
             count = _exec_count[0]
             if unchanged(everything):
@@ -3676,6 +3679,9 @@ def _follow(func: Any, store: str | None = None) -> _CodeIdentity:
     return identity
 
 
+_identities: dict[int, tuple[Any, str, Callable[[], bool]]] = {}  # For code passed as arguments, by object.
+
+
 def _unchanged() -> bool:
     return True
 
@@ -3687,7 +3693,14 @@ def _code_identity(func: Any, version: Any = None) -> str:
     use it for code passed as an argument."""
     if version is not None:
         return _digest_text(f"version {_version_text(version)}")[:16]
-    return _follow(func).digest()
+    known = _identities.get(id(func))
+    if known is not None and known[0] is func and known[2]():
+        return str(known[1])
+    followed = _follow(func)
+    if len(_identities) >= 1000:
+        _identities.clear()
+    _identities[id(func)] = (func, followed.digest(), followed.same(getattr(func, "__globals__", None)))
+    return str(_identities[id(func)][1])
 
 
 def _closure_text(func: Any) -> str:

@@ -2763,11 +2763,14 @@ def test_identity_of_a_method_covers_the_class_of_self(tmp_path):
                     return x + 1
         """,
         "pkg/model.py": """
-            import sys
+            import functools, sys
             import DC as dc
             from pkg.base import Base
 
             BASE = 0.5
+
+            def boost():
+                return 7
 
             class Pricer(Base):
                 RATE = BASE * 2
@@ -2779,10 +2782,14 @@ def test_identity_of_a_method_covers_the_class_of_self(tmp_path):
                 def scale(self):
                     return 3
 
+                @functools.cached_property
+                def extra(self):
+                    return boost()
+
                 @dc.memoize(sys.argv[1])
                 def total(self, x):
                     print("computed")
-                    return self.step(x) * self.RATE * self.scale + self.n
+                    return self.step(x) * self.RATE * self.scale + self.n + self.extra
         """,
     }
     job = "from pkg.model import Pricer\nprint(Pricer(1).total(2))\n"
@@ -2791,6 +2798,7 @@ def test_identity_of_a_method_covers_the_class_of_self(tmp_path):
         ("pkg/model.py", "RATE = BASE * 2", "RATE = BASE * 3"),  # a class attribute
         ("pkg/model.py", "BASE = 0.5", "BASE = 0.25"),  # a class attribute set from a module constant
         ("pkg/model.py", "return 3", "return 4"),  # a property
+        ("pkg/model.py", "return 7", "return 8"),  # what a cached_property calls
     ])
 
 
