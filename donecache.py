@@ -3264,12 +3264,8 @@ def _function_text(func: Any, notes: dict[str, Any] | None) -> str:
 
 
 def _class_text(cls: type, notes: dict[str, Any] | None) -> str:
-    file = getattr(sys.modules.get(cls.__module__), "__file__", None)
-    for member in vars(cls).values():  # A class of a module that is not in sys.modules.
-        code = getattr(getattr(member, "__func__", member), "__code__", None)
-        if file is None and code is not None and not code.co_filename.startswith("<"):
-            file = code.co_filename
-    known = _source_notes(file, notes) if isinstance(file, str) else None
+    file = _origin_file(cls)
+    known = _source_notes(file, notes) if file and not file.startswith("<") else None
     return str((known or {}).get("classes", {}).get(cls.__qualname__, ""))
 
 
@@ -3319,22 +3315,20 @@ def _distribution(site: str, name: str, top: str) -> str:
     RECORD (read once per process and RECORD size and mtime), so that a package
     reinstalled with an unchanged version number counts as new code."""
     name = name.partition(".")[0]  # pkg, pkg.py, pkg.cpython-311-x86_64-linux-gnu.so
-    owners = _learnt.get(("site", site))
-    if owners is None:  # Which distribution installed each top-level name, once per site directory.
-        owners = _learnt[("site", site)] = {}
-        infos = sorted(e.path for e in _scandir(site) if e.name.endswith(".dist-info"))
-        for found in infos:
-            normal = os.path.basename(found).partition("-")[0].lower().replace(".", "_")
-            tops = (_read_text(os.path.join(found, "top_level.txt")) or "").split()
-            for owned in tops or [normal]:
-                owners.setdefault(owned, found)
-    info: str | None = owners.get(name)
-    if info is None:  # A top-level name no top_level.txt lists: find it in the RECORDs (once).
-        for record in sorted(e.path for e in _scandir(site) if e.name.endswith(".dist-info")):
-            text = _file_head(os.path.join(record, "RECORD"), 1 << 24).decode("utf-8", "replace")
-            if f"\n{name}/" in "\n" + text or f"\n{name}." in "\n" + text:
-                info = owners[name] = record
+    infos = sorted(e.path for e in _scandir(site) if e.name.endswith(".dist-info")) if ("site", site) not in _learnt else []
+    owners = _learnt.setdefault(("site", site), {})
+    for found in infos:  # Which distribution installed each top-level name, once per site directory.
+        normal = os.path.basename(found).partition("-")[0].lower().replace(".", "_")
+        for owned in (_read_text(os.path.join(found, "top_level.txt")) or "").split() or [normal]:
+            owners.setdefault(owned, found)
+    if name not in owners:  # A name no top_level.txt lists: look for it in the RECORDs, once.
+        owners[name] = ""
+        for found in sorted(e.path for e in _scandir(site) if e.name.endswith(".dist-info")):
+            text = "\n" + (_read_text(os.path.join(found, "RECORD")) or "")
+            if f"\n{name}/" in text or f"\n{name}." in text:
+                owners[name] = found
                 break
+    info = str(owners[name])
     record = os.path.join(info, "RECORD") if info else ""
     try:
         st = os.stat(record)
@@ -3346,7 +3340,7 @@ def _distribution(site: str, name: str, top: str) -> str:
         import hashlib
 
         digest = hashlib.blake2b(_file_head(record, st.st_size), digest_size=8).hexdigest()
-        _learnt[stamp] = f"library {os.path.basename(str(info))} {digest}"
+        _learnt[stamp] = f"library {os.path.basename(info)} {digest}"
     return _learnt[stamp]  # type: ignore[no-any-return]
 
 
