@@ -3441,6 +3441,7 @@ class _CodeIdentity:
         self.watched: dict[int, tuple[Any, dict[str, Any]]] = {}
         self._seen: set[int] = set()
         self._modules: set[tuple[int, int]] = set()  # (module, names read of it) done.
+        self._active: set[int] = set()  # The containers being written (a cycle is named).
         self._keep: list[Any] = []  # What _seen holds the ids of, alive while following.
 
     def digest(self) -> str:
@@ -3618,16 +3619,25 @@ class _CodeIdentity:
     def text(self, value: Any, name: str = "") -> str:
         """Data by canonical value; the functions and classes inside it by their code;
         an instance of the user's own class also by that class's code."""
-        import inspect
-
         kind = type(value)
         if kind in _SCALARS:
             return repr(value)
+        if id(value) in self._active:
+            return "<cycle>"
+        self._active.add(id(value))
+        try:
+            return self._text(value, kind, name)
+        finally:
+            self._active.discard(id(value))
+
+    def _text(self, value: Any, kind: type, name: str) -> str:
+        import inspect
+
         if kind in (tuple, list):
-            return "(" + ",".join(map(self.text, value)) + ")"
+            return kind.__name__ + "(" + ",".join(map(self.text, value)) + ")"
         if kind in (dict, set, frozenset):
             items = value.items() if kind is dict else ((item, None) for item in value)
-            return "{" + ",".join(sorted(f"{self.text(k)}:{self.text(v)}" for k, v in items)) + "}"
+            return kind.__name__ + "{" + ",".join(sorted(f"{self.text(k)}:{self.text(v)}" for k, v in items)) + "}"
         if callable(value) and not inspect.isbuiltin(value) and not kind.__module__.startswith("numpy"):
             self.follow(value)
             return f"<code {_reference(value)}>"
@@ -3637,7 +3647,7 @@ class _CodeIdentity:
             self.follow(kind)
         try:
             return _text(value)
-        except (TypeError, ValueError, RecursionError) as exc:
+        except Exception as exc:  # No canonical form: its attributes, or a warning.
             state = getattr(value, "__dict__", None)
             if isinstance(state, dict):
                 return f"<{_reference(kind)} {self.text(state)}>"
