@@ -3544,6 +3544,7 @@ class _CodeIdentity:
 
     def _class(self, cls: type) -> None:
         """A class: its source, its bases along the MRO, its methods, properties and class attributes."""
+        import functools
         import inspect
 
         self.parts.add(f"class {_reference(cls)}\n{_class_text(cls, self.notes)}")
@@ -3554,8 +3555,8 @@ class _CodeIdentity:
         self._watch(vars(cls), members)
         for name, member in sorted(members.items()):
             member = getattr(member, "__func__", member)  # staticmethod, classmethod
-            if isinstance(member, property):
-                for accessor in (member.fget, member.fset, member.fdel):
+            if isinstance(member, (property, functools.cached_property)):
+                for accessor in (getattr(member, part, None) for part in ("fget", "fset", "fdel", "func")):
                     if accessor is not None:
                         self.follow(accessor)
             elif inspect.isfunction(member) and member.__code__.co_filename == "<string>":
