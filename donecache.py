@@ -3635,6 +3635,11 @@ class _CodeIdentity:
         import inspect
 
         if kind in (tuple, list):
+            try:
+                if _SCALARS.issuperset(map(type, value)):
+                    return kind.__name__ + repr(value)  # Plain data, at C speed.
+            except ValueError:  # An int too long for decimal text.
+                pass
             return kind.__name__ + "(" + ",".join(map(self.text, value)) + ")"
         if kind in (dict, set, frozenset):
             items = value.items() if kind is dict else ((item, None) for item in value)
