@@ -3439,6 +3439,7 @@ class _CodeIdentity:
         self.parts: set[str] = set()
         self.unseen: dict[str, None] = {}
         self.watched: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self.codes: list[tuple[Any, Any]] = []  # (function, its code when followed)
         self._seen: set[int] = set()
         self._modules: set[tuple[int, int]] = set()  # (module, names read of it) done.
         self._active: set[int] = set()  # The containers being written (a cycle is named).
@@ -3461,7 +3462,7 @@ class _CodeIdentity:
                 _exec_count[0] = -1
         everything = [(mapping.get, tuple(found), tuple(found.values())) for mapping, found in self.watched.values()]
         local = [check for key, check in zip(self.watched, everything) if key == id(home)]
-        seen = [_exec_count[0]]
+        seen, codes = [_exec_count[0]], list(self.codes)
 
         def unchanged(checks: list[tuple[Any, tuple[str, ...], tuple[Any, ...]]]) -> bool:
             try:
@@ -3475,8 +3476,8 @@ class _CodeIdentity:
         def same() -> bool:
             if _exec_count[0] == seen[0] >= 0:
                 return unchanged(local)
-            count = _exec_count[0]
-            if unchanged(everything):
+            count = _exec_count[0]  # %autoreload also swaps the code of the old function objects.
+            if unchanged(everything) and all(func.__code__ is code for func, code in codes):
                 seen[0] = count
                 return True
             return False
@@ -3535,6 +3536,7 @@ class _CodeIdentity:
                 self.parts.add(f"object {_reference(type(obj))} {self.text(getattr(obj, '__dict__', obj))}")
             return
         self.parts.add(f"def {_reference(obj)}\n{_function_text(obj, self.notes)}")
+        self.codes.append((obj, code))
         owner: Any = obj.__globals__ if "<" not in obj.__qualname__ else None
         for part in obj.__qualname__.split(".")[:-1]:  # A method: its class (self.RATE, self.step()).
             owner = owner.get(part) if isinstance(owner, dict) else getattr(owner, part, None)

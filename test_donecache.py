@@ -3070,8 +3070,12 @@ def test_identity_notices_a_redefinition_or_a_reload_in_the_same_process(tmp_pat
         pathlib.Path("helpers.py").write_text("def rate():\\n    return 30\\n")
         importlib.reload(helpers)
         print(run(1), run(1))
+        patched = {}
+        exec("def rate():\\n    return 40\\n", patched)
+        helpers.rate.__code__ = patched["rate"].__code__  # As %autoreload updates the old function objects.
+        print(run(1), run(1))
     """
-    assert run_job(tmp_path, job) == ["computed", "2", "2", "computed", "102", "102", "computed", "130", "130"]
+    assert run_job(tmp_path, job) == ["computed", "2", "2", "computed", "102", "102", "computed", "130", "130", "computed", "140", "140"]
 
 
 def test_identity_is_of_the_code_that_ran_not_of_the_file_edited_since(tmp_path):
