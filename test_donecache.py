@@ -2820,6 +2820,28 @@ def test_identity_of_a_method_covers_the_class_of_self(tmp_path):
     ])
 
 
+
+def test_identity_of_a_method_covers_a_subclass_that_self_is(tmp_path):
+    job = """
+        class Base:
+            @dc.memoize(sys.argv[1])
+            def total(self, x):
+                print("computed")
+                return self.step(x)
+
+            def step(self, x):
+                return x
+
+        class Sub(Base):
+            def step(self, x):
+                return x * {body}
+
+        print(Sub().total(3))
+    """
+    assert run_job(tmp_path, job.format(body="2")) == ["computed", "6"]
+    assert run_job(tmp_path, job.format(body="2")) == ["6"]
+    assert run_job(tmp_path, job.format(body="2 + 1")) == ["computed", "7"], "an override in the class of self"
+
 VALUES_MODULE = """
     import collections, dataclasses, datetime, decimal, enum, functools, pathlib
 
