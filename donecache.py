@@ -469,8 +469,7 @@ else:
         # (st_nlink 0: the store was deleted; checked once a second) is dropped,
         # or its locks would exclude no one.
         _spare: dict[str, list[tuple[io.FileIO, float]]] = {}  # path -> [(file, when its link count was checked)]
-        _spare_guard = _thread.allocate_lock()
-        _SPARES, _SPARE_FILES = 4, 2
+        _SPARES, _SPARE_FILES = 4, 2  # No thread lock guards them: an interrupt inside `with` can leave one held (3.9).
 
         def __init__(self, path: str, offset: int | None) -> None:
             if not _LockFile._hooked:
@@ -482,10 +481,12 @@ else:
             # holder vanished with an exception (KeyboardInterrupt) is released.
             self._file, self._checked = None, 0.0
             if self._records is None:
-                if offset is not None and path in self._spare:
-                    with self._spare_guard:
-                        spare = self._spare.get(path)
-                        self._file, self._checked = spare.pop() if spare else (None, 0.0)
+                spare = self._spare.get(path) if offset is not None else None
+                if spare:
+                    try:
+                        self._file, self._checked = spare.pop()  # Atomic: each kept file goes to one handle.
+                    except IndexError:  # Another thread took the last one.
+                        pass
                     if self._file is not None and time.monotonic() - self._checked > 1.0:
                         self._checked = time.monotonic()
                         if os.fstat(self._file.fileno()).st_nlink == 0:
@@ -508,7 +509,7 @@ else:
             _LockFile._open.clear()
             global _process_id
             _process_id = 0
-            spares, _LockFile._spare, _LockFile._spare_guard = _LockFile._spare, {}, _thread.allocate_lock()
+            spares, _LockFile._spare = _LockFile._spare, {}
             for files in spares.values():
                 for file, _checked in files:
                     file.close()
@@ -559,16 +560,22 @@ else:
                 self._records.close()
             elif file is not None:
                 if self._clean and self.offset is not None and not file.closed:
-                    with self._spare_guard:
-                        spare = self._spare.get(self._path)
-                        if spare is None:
-                            while len(self._spare) >= self._SPARE_FILES:
-                                for old, _checked in self._spare.pop(next(iter(self._spare))):
-                                    old.close()
-                            spare = self._spare[self._path] = []
-                        if len(spare) < self._SPARES:
-                            spare.append((file, self._checked))
-                            return
+                    spare = self._spare.get(self._path)
+                    if spare is None:
+                        while len(self._spare) >= self._SPARE_FILES:
+                            try:
+                                old = self._spare.pop(next(iter(self._spare)))
+                            except (StopIteration, KeyError, RuntimeError):  # Another thread got there first.
+                                break
+                            while old:
+                                try:
+                                    old.pop()[0].close()
+                                except IndexError:
+                                    break
+                        spare = self._spare.setdefault(self._path, [])
+                    if len(spare) < self._SPARES:
+                        spare.append((file, self._checked))
+                        return
                 file.close()
 
     # Filesystems on which an lstat(2) of a name tells whether it still holds
