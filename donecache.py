@@ -4246,8 +4246,12 @@ def _exit_with_parent(parent: int) -> None:
     """A pool worker's initializer: exit when the parent process is gone (its
     parent pid changes), instead of idling forever after a kill -9."""
 
+    # Under forkserver the worker's parent is the fork server, which exits when
+    # ``parent`` does: watch whichever process is the parent now.
+    first = os.getppid()
+
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == first:
             time.sleep(0.5)
         os._exit(1)
 
@@ -4504,22 +4508,24 @@ class _Plan:
 def _stop_pool(pool: Any, now: bool) -> None:
     """Shut down a pool that a batch started; ``now`` (an interrupt): terminate its
     worker processes instead of waiting for the calls they run (issue 18)."""
-    if now:
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            try:
-                process.terminate()
-            except Exception:
-                pass
+    processes = list((getattr(pool, "_processes", None) or {}).values()) if now else []
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + 1.0
+    for process in processes:  # Reaped here: nobody joins a pool shut down without waiting.
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.exitcode is None:
+            process.kill()  # It ignored SIGTERM.
+            process.join()
     pool.shutdown(wait=not now, cancel_futures=True)
 
 
-def _death(pool: Any) -> str:
+def _death(pool: Any, processes: list[Any]) -> str:
     """How the one worker of ``pool`` ended, after it broke: a signal or an exit code."""
     import signal
 
-    codes = [p.exitcode for p in list((getattr(pool, "_processes", None) or {}).values())]
     pool.shutdown(wait=True)
-    code = next((c for c in codes if c), None)
+    code = next((p.exitcode for p in processes if p.exitcode), None)
     if code is None:
         return "worker died"
     if code < 0:
@@ -4614,10 +4620,13 @@ def _stream(
             return  # Stored before the pool broke (or its key cannot be made).
         solo = plan.start(1)
         pools.append(solo)
+        processes: list[Any] = []
         try:
-            settle([done], solo.submit(*task([done])).result())
+            future = solo.submit(*task([done]))
+            processes = list((getattr(solo, "_processes", None) or {}).values())  # Started by submit().
+            settle([done], future.result())
         except BrokenProcessPool:
-            exc = BrokenProcessPool(f"{_death(solo)} while running {func.__qualname__} on this input")
+            exc = BrokenProcessPool(f"{_death(solo, processes)} while running {func.__qualname__} on this input")
             done.outcome = _failed(exc, False)
             call = func._call_at(done.key, lead + done.args, {})
             func._record_failure(call, exc, "", _label_text(label, done.args), len(lead))

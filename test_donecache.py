@@ -2903,6 +2903,115 @@ def test_map_in_a_process_pool(tmp_path, method):
     ]
 
 
+@posix_only
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_main_function_without_a_file_fails_before_any_work_under_spawn(tmp_path, method):
+    # As in a notebook: __main__ has no file, so spawn/forkserver workers cannot import parse.
+    job = """
+        import multiprocessing
+        @dc.memoize(sys.argv[2])
+        def parse(x):
+            return x
+        multiprocessing.set_start_method(sys.argv[1])
+        try:
+            parse.map(range(4), workers=2)
+        except TypeError as exc:
+            print(exc)
+        print(parse.cache_info().misses, parse.map(range(4), workers=2, processes=False).results)
+    """
+    lines = child(job, method, str(tmp_path / "c")).stdout.splitlines()
+    assert "cannot import it. Move it into a module" in lines[0] and f"started by {method!r}" in lines[0]
+    assert lines[1] == "0 [0, 1, 2, 3]", "nothing ran before the error; threads work"
+    # From a file, the same function works under that start method.
+    script = tmp_path / "job.py"
+    out = child("""
+        import multiprocessing
+        @dc.memoize(sys.argv[2])
+        def parse(x):
+            return x * 2
+        if __name__ == "__main__":
+            multiprocessing.set_start_method(sys.argv[1])
+            print(parse.map(range(4), workers=2).results)
+    """, method, str(tmp_path / "d"), script_file=script).stdout
+    assert out.strip() == "[0, 2, 4, 6]"
+
+
+WORKER_DEATHS = """
+    import os, signal
+    @dc.memoize(sys.argv[1])
+    def parse(x):
+        if x == 5:
+            os._exit(3)
+        if x == 11:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if x == 17:
+            raise ValueError(f"bad {x}")
+        return x * 2
+    if __name__ == "__main__":
+        batch = parse.map(range(40), keep_going=True, workers=2, label=lambda x: f"rec{x}")
+        print(batch)
+        for f in batch.failures:
+            print(f.index, type(f.exception).__name__, f.exception)
+        print(sorted(r.label for r in parse.failures()))
+        print(parse.map(range(40), keep_going=True, workers=2, retry_failures=False))
+"""
+
+
+@posix_only
+def test_a_dying_worker_is_a_recorded_failure_and_the_batch_goes_on(tmp_path):
+    out = child(WORKER_DEATHS, str(tmp_path / "c"), script_file=tmp_path / "job.py").stdout.splitlines()
+    # An input stored just before its pool broke counts as reused when it is judged again.
+    reused, computed = (int(w) for w in out[0].replace(",", "").split()[2:5:2])
+    assert reused + computed == 37 and out[0].endswith(" 3 failed)"), out
+    assert out[1] == "5 BrokenProcessPool worker died: exit code 3 while running parse on this input"
+    assert out[2] == "11 BrokenProcessPool worker died: signal 9 (SIGKILL) while running parse on this input"
+    assert out[3] == "17 ValueError bad 17"
+    assert out[4] == "['rec11', 'rec17', 'rec5']"
+    assert out[5] == "BatchResult(40 inputs: 37 reused, 0 computed, 3 failed)", "the ledger holds the deaths"
+
+
+@posix_only
+@pytest.mark.parametrize("own", [True, False], ids=["own-pool", "foreign-pool"])
+def test_an_interrupt_of_the_parent_stops_the_batch_at_once(tmp_path, own):
+    job = """
+        import concurrent.futures, os, time
+        @dc.memoize(sys.argv[1])
+        def slow(x):
+            with open(os.path.join(os.path.dirname(sys.argv[1]), f"started-{x}"), "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(120)
+            return x
+        if __name__ == "__main__":
+            pool = None if sys.argv[2] == "own" else concurrent.futures.ProcessPoolExecutor(4)
+            try:
+                slow.map(range(8), workers=2 if pool is None else 1, executor=pool)
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+            if pool is not None:
+                print("pool alive:", pool.submit(pow, 2, 3).result(timeout=60), flush=True)
+                for process in pool._processes.values():
+                    process.kill()
+            os._exit(0)
+    """
+    proc = child(job, str(tmp_path / "c"), "own" if own else "foreign", background=True, script_file=tmp_path / "job.py")
+    for _ in range(3000):
+        workers = [int(p.read_text() or 0) for p in tmp_path.glob("started-*")]
+        if len(workers) == 2 and all(workers):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)  # The parent only, as Jupyter's interrupt sends it.
+    out, _ = proc.communicate(timeout=90)  # The calls take 120 s: waiting for them would time out.
+    assert out.splitlines()[0] == "interrupted"
+    if own:
+        time.sleep(1)
+        for pid in workers:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)  # Terminated (and reaped) with the pool.
+    else:
+        assert out.splitlines()[1] == "pool alive: 8", "someone else's executor keeps running"
+        assert len(list(tmp_path.glob("started-*"))) == 2, "what donecache queued there was cancelled"
+
+
 class CountingExecutor:
     """Someone else's executor (a thread pool behind a submit() of its own): it
     counts what it is sent, and says if anyone shuts it down."""
@@ -3212,7 +3321,7 @@ def test_progress_is_logged_when_stderr_is_not_a_terminal(tmp_path, capsys, capl
     with caplog.at_level("INFO", logger="donecache"):
         slow.map(range(10), progress=0.05)
     lines = [r.getMessage() for r in caplog.records if r.name == "donecache"]
-    assert len(lines) >= 2 and all(line.startswith(f"{slow.__qualname__}.map(): ") for line in lines)
+    assert len(lines) >= 2 and all(line.startswith(f"{slow.__qualname__}: ") for line in lines)
     assert "/10 done" in lines[0] and lines[-1].endswith("10/10 done" + lines[-1].split("10/10 done")[1])
     assert capsys.readouterr().err == "", "logged, not printed"
     caplog.clear()
