@@ -2792,6 +2792,102 @@ def test_shards_cover_every_input_exactly_once_and_a_gather_computes_nothing(tmp
         child(LEDGER_JOB + "parse.map(range(3), shard=(4, 4))", str(cache), "run")
 
 
+def test_the_ledger_keeps_inputs_labels_and_summarises_by_exception(tmp_path):
+    cache = tmp_path / "cache"
+    job = """
+        import copy, json, pickle
+        @dc.memoize(sys.argv[1], version=int(sys.argv[2]))
+        def parse(rec):
+            if "," in rec["amount"]:
+                raise ValueError(f"amount {rec['amount']!r} is not a number")
+            return float(rec["amount"])
+        records = [{"air_time": "", "amount": f"{i},5" if i % 7 == 3 else f"{i}.5", "id": f"F{i:04d}"} for i in range(30)]
+        batch = parse.map(records, keep_going=True, label=lambda rec: rec["id"])
+        kept = parse.failures()
+        print(len(batch.failures), [r.label for r in kept], kept[0].input == records[3], kept[0].input_kept)
+        again = parse.map([r.input for r in kept], keep_going=True, label=lambda rec: rec["id"])
+        print(len(again.failures), again.computed + again.reused)
+        assert pickle.loads(pickle.dumps(kept[0])).input == kept[0].input and copy.copy(kept[0]).label == "F0003"
+    """
+    out = child(job, str(cache), "1").stdout.splitlines()
+    assert out == ["4 ['F0003', 'F0010', 'F0017', 'F0024'] True True", "4 0"], "real inputs, rerun exactly"
+    text = cli("failures", str(cache)).stdout
+    assert text.splitlines()[1] == "  ValueError: amount ... is not a number: 4 inputs"
+    assert "__main__:parse(F0010)" in text
+    assert cli("failures", str(cache), "--function", "__main__.parse").returncode == 0, "the dotted name"
+    wrong = cli("failures", str(cache), "--function", "nope")
+    assert wrong.returncode == 1 and "functions there: __main__:parse" in wrong.stderr
+    child(job, str(cache), "2")  # New code: its own failures; the old ones are of older code.
+    report = json.loads(cli("failures", str(cache), "--json").stdout)
+    assert len(report["failures"]) == 4 and report["older_code"] == 4 and all(r["current"] for r in report["failures"])
+    assert len(json.loads(cli("failures", str(cache), "--all", "--json").stdout)["failures"]) == 8
+    assert "4 more of older code: --all shows them" in cli("failures", str(cache)).stdout
+    assert cli("prune", str(cache), "--stale").returncode == 0
+    assert len(json.loads(cli("failures", str(cache), "--all", "--json").stdout)["failures"]) == 4, "stale ones went"
+    assert "removed 0 " in cli("failures", str(cache), "--clear", "--older-than", "1h").stdout
+    assert "removed 4 " in cli("failures", str(cache), "--clear", "--function", "parse").stdout
+    child(job, str(cache), "2")
+    assert cli("clear", str(cache)).returncode == 0 and cli("failures", str(cache), "--all").returncode == 1
+    child(job, str(cache), "2")
+    assert child("@dc.memoize(sys.argv[1], version=2)\ndef parse(rec): pass\nparse.cache_clear()\nprint(len(parse.failures(all=True)))", str(cache)).stdout.strip() == "0"
+
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no str for you")
+
+
+def test_the_ledger_survives_hostile_inputs_and_exceptions(tmp_path):
+    import copy
+    import tracemalloc
+
+    @dc.memoize(tmp_path)
+    def parse(x):
+        if isinstance(x, int) and x == 1:
+            raise Unprintable()
+        raise ValueError("bad")
+
+    huge_int = 10**5000
+    big = bytes(64 << 20)
+    tracemalloc.start()
+    for value in (big, [[big]], {"k": (big,)}):  # What the ledger makes of a big input, at any depth.
+        dc._bounded_repr(value), dc._kept_input(value)
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    assert peak < 2, f"the ledger took {peak:.0f} MiB for a 64 MiB input"
+    batch = parse.map([1, big, huge_int, {"k": [list(range(10**6))]}], keep_going=True)
+    assert len(batch.failures) == 4
+    records = {r.entry: r for r in parse.failures()}
+    assert len(records) == 4
+    labels = sorted(r.label for r in records.values())
+    assert all(len(text) <= 300 for text in labels)
+    assert any(text.startswith("b'\\x00\\x00") for text in labels) and "<int of 16610 bits>" in labels
+    unprintable = next(r for r in records.values() if r.type.endswith("Unprintable"))
+    assert unprintable.message == "<str() of Unprintable raised RuntimeError>" and unprintable.input == 1
+    too_big = next(r for r in records.values() if r.label.startswith("b'"))
+    assert not too_big.input_kept and too_big.input == too_big.label, "a repr and the entry's name stand in"
+    for record in records.values():
+        assert '/donecache.py"' not in record.traceback and "in parse" in record.traceback, record.traceback
+        assert pickle.loads(pickle.dumps(record)).as_dict() == record.as_dict() == copy.deepcopy(record).as_dict()
+
+
+def test_progress_callable_gets_records_and_jupyter_is_a_terminal(tmp_path, capsys, monkeypatch):
+    parse = dc.memoize(tmp_path)(bad_at({1}, []))
+    seen: list = []
+    parse.map(range(4), keep_going=True, progress=seen.append)
+    last = seen[-1]
+    assert last.final and (last.done, last.total, last.failed, last.computed, last.reused) == (4, 4, 1, 3, 0)
+    assert last.percent == 100.0 and last.function == "bad_at.<locals>.parse" and last.eta == 0.0
+    assert str(last).startswith("bad_at.<locals>.parse: 100% 4/4 done") and "ETA 00:00:00" in str(last)
+    with pytest.warns(dc.DonecacheWarning, match="progress= callable raised ZeroDivisionError"):
+        assert parse.map(range(4), keep_going=True, progress=lambda p: 1 / 0).done == 4
+    kernel_stream = type("OutStream", (), {"__module__": "ipykernel.iostream", "isatty": lambda self: False,
+                                          "write": lambda self, text: seen.append(text), "flush": lambda self: None})
+    monkeypatch.setattr(sys, "stderr", kernel_stream())
+    parse.map(range(4), keep_going=True)
+    assert any(isinstance(t, str) and "100% 4/4 done" in t for t in seen), "on by default in Jupyter"
+
+
 # -- map: the keep-going batch helper ------------------------------------------
 
 
