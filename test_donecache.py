@@ -1044,6 +1044,53 @@ def test_shared_stage_piece_whose_temporary_file_the_finisher_swept(tmp_path, mo
     assert sorted(os.listdir(tmp_path / "s")) == [".donecache.lock", "DONE", "a"]
 
 
+@posix_only
+def test_shared_stage_finisher_leaves_live_writers_temporary_files(tmp_path):
+    # A builder on this host and one on "another host" (a UTS namespace with its
+    # own hostname, same filesystem) each hold an atomic_path() open in the stage
+    # while the stage completes; then the other host's writer is killed.
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-u", "true"]).returncode != 0:
+        pytest.skip("unshare -u (a UTS namespace) is not allowed here")
+    stage_dir, go = tmp_path / "s", tmp_path / "go"
+    writer = """
+        import os, time
+        with dc.done_dir(sys.argv[1], expect=["a"]) as stage:
+            with dc.atomic_path(stage.path / f"extra-{sys.argv[2]}") as tmp:
+                tmp.write_text("partial")
+                print(os.path.basename(tmp), flush=True)
+                while not os.path.exists(sys.argv[3]):
+                    time.sleep(0.01)
+                tmp.write_text("whole")
+        print("ready", flush=True)
+    """
+    here = child(writer, str(stage_dir), "here", str(go), background=True)
+    prelude = f"import importlib, sys\ndc = importlib.import_module({MODULE!r})\n"
+    there = subprocess.Popen(
+        ["unshare", "-u", "sh", "-c", 'hostname other-host && exec "$0" "$@"', sys.executable, "-c",
+         prelude + textwrap.dedent(writer), str(stage_dir), "there", str(tmp_path / "never")],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(IMPORT_ROOT)},
+    )
+    temps = [stage_dir / proc.stdout.readline().strip() for proc in (here, there)]  # type: ignore[union-attr]
+    with dc.done_dir(stage_dir, expect=["a"]) as stage:
+        stage.piece("a", lambda: "a")
+    assert stage.done and all(temp.exists() for temp in temps), "the finisher left both live writers' files"
+    go.touch()
+    wait_for_line(here, "ready")  # type: ignore[arg-type]
+    assert (stage_dir / "extra-here").read_text() == "whole"
+    there.kill()
+    there.wait()
+    assert temps[1].exists()
+    dc.mark_not_done(stage_dir)
+    with dc.done_dir(stage_dir, expect=["a"]) as stage:
+        pass
+    assert temps[1].exists(), "another host's writer cannot be seen to be gone: its file is left until it is old"
+    os.utime(temps[1], (time.time() - 7200, time.time() - 7200))
+    dc.mark_not_done(stage_dir)
+    with dc.done_dir(stage_dir, expect=["a"]) as stage:
+        pass
+    assert stage.done and not temps[1].exists()
+
+
 def test_shared_stage_a_failing_builder_writes_no_marker(tmp_path):
     with pytest.raises(Boom):
         with dc.done_dir(tmp_path / "s", expect=1) as stage:
