@@ -3516,6 +3516,27 @@ DASK_JOB = """
 """
 
 
+def test_every_submission_to_a_foreign_executor_is_a_new_task(tmp_path):
+    # Dask names a pure task by a digest of its arguments: equal chunks of two
+    # batches (a rerun after cache_clear()) would get the old result back, reported
+    # as computed but never stored. Each submission carries a nonce of its own.
+    sent: list = []
+
+    class Recording(CountingExecutor):
+        def submit(self, fn, *args, **kwargs):
+            sent.append(args)
+            return super().submit(fn, *args, **kwargs)
+
+    square = dc.memoize(tmp_path)(lambda x: x * x)
+    executor = Recording()
+    for _ in range(2):
+        assert square.map(range(3), executor=executor, chunksize=3).computed == 3
+        square.cache_clear()
+    assert len(sent) == 6 and sent[0][1] == sent[3][1] and sent[0] != sent[3]
+    tokenize = getattr(pytest.importorskip("dask.base", reason="dask is not installed"), "tokenize")
+    assert tokenize(dc._run_chunk, *sent[0]) != tokenize(dc._run_chunk, *sent[3])
+
+
 def test_map_on_a_dask_cluster(tmp_path):
     pytest.importorskip("distributed")
     work = tmp_path / "work"
