@@ -4576,12 +4576,11 @@ def _stream(
     interrupted = False
     executor = plan.start()
     pools = [executor] if plan.owned else []  # What to stop at the end.
-    # Only a foreign executor gets a nonce: Dask's submissions are pure by default.
-    nonce = (lambda: b"") if plan.owned else (lambda: os.urandom(8))  # noqa: E731
 
     def task(chunk: list[_Done]) -> tuple[Any, ...]:
         calls = [(done.key, lead + done.args, "" if label is None else _label_text(label, done.args)) for done in chunk]
-        return (_run_chunk, plan.task, calls, plan.portable, plan.off, len(lead), nonce())
+        # Only a foreign executor gets a nonce: Dask's submissions are pure by default.
+        return (_run_chunk, plan.task, calls, plan.portable, plan.off, len(lead), b"" if plan.owned else os.urandom(8))
 
     def send() -> None:
         future = executor.submit(*task(buffer))
@@ -4771,7 +4770,7 @@ class FailureRecord(Exception):
             import base64
 
             try:  # The store is the user's own, as trusted as its entries.
-                self.input = pickle.loads(base64.b64decode(get("input_pickle")))
+                self.input = pickle.loads(base64.b64decode(str(get("input_pickle"))))
             except Exception:
                 self.input_kept = False  # Its class changed or is gone: the text stands in.
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time))
@@ -4862,6 +4861,15 @@ class Progress:
     added; a callable should read them by name."""
 
     __slots__ = ("function", "done", "total", "failed", "computed", "reused", "elapsed", "eta", "final")
+    function: str
+    done: int
+    total: int | None
+    failed: int
+    computed: int
+    reused: int
+    elapsed: float
+    eta: float | None
+    final: bool
 
     def __init__(self, **fields: Any) -> None:
         for name in self.__slots__:
