@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dbm
 import contextlib
+import copy
 import errno
 import importlib
 import itertools
@@ -319,13 +320,34 @@ def test_symlink_is_written_through(tmp_path):
 
 @posix_only
 @pytest.mark.parametrize("durable", [True, False])
-def test_fsync_only_when_durable(tmp_path, monkeypatch, durable):
+@pytest.mark.parametrize("tool", ["atomic_write", "atomic_path"])
+def test_fsync_of_the_directory_only_when_durable(tmp_path, monkeypatch, durable, tool):
+    """Issue 18, item 12b: the file's data is flushed even when not durable (else a power cut
+    can keep the rename and lose the data: an empty target); the directory only when durable."""
     calls = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real_fsync(fd)))
-    with dc.atomic_write(tmp_path / "out", durable=durable) as f:
-        f.write("x")
-    assert calls == ([False, True] if durable else []), "file first, then its directory"
+    if tool == "atomic_write":
+        with dc.atomic_write(tmp_path / "out", durable=durable) as f:
+            f.write("x")
+    else:
+        with dc.atomic_path(tmp_path / "out", durable=durable) as tmp:
+            tmp.write_text("x")
+    assert calls == ([False, True] if durable else [False]), "file first, then its directory"
+
+
+@posix_only
+@pytest.mark.parametrize("durable", [True, False])
+def test_durable_stage_flushes_each_piece_before_its_rename(tmp_path, monkeypatch, durable):
+    """Issue 18, item 12a: in a durable stage each piece's data reaches the disk before its name,
+    so a rerun after a power cut never resumes from (and marks done over) an emptied piece."""
+    synced: set[int] = set()
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.add(os.fstat(fd).st_ino), real_fsync(fd)))
+    with dc.done_dir(tmp_path / "stage", durable=durable) as stage:
+        for name in ("a.bin", "sub/b.bin"):
+            ino = os.stat(stage.piece(name, lambda: b"data")).st_ino
+            assert (ino in synced) == durable, f"piece {name} flushed: {ino in synced}"
 
 
 @posix_only
@@ -556,7 +578,8 @@ def test_durable_stage_flushes_every_piece_and_directory_before_its_marker(tmp_p
         assert flushed == [str(tmp_path)], "the new stage directory is flushed into its parent"
         stage.piece("a.txt", lambda: "a")
         stage.piece("sub/b.txt", lambda: "b")
-        assert flushed == [str(tmp_path)], "pieces are not flushed one by one"
+        # Each piece's data is flushed as it is written (issue 18, item 12a), its directory is not.
+        assert [os.path.basename(p).split("~")[-1] for p in flushed[1:]] == ["a.txt", "b.txt"]
     if not os.path.exists("/proc/self/fd"):
         pytest.skip("no /proc to name the flushed descriptors")
     marker = [i for i, path in enumerate(flushed) if path.endswith("~DONE")]  # The marker's temporary file.
@@ -630,15 +653,33 @@ def test_versions_are_compared_by_their_text(tmp_path, version):
         assert stage.done
 
 
-@pytest.mark.parametrize("version", [{"a": 1}, 1.5j, object()])
+@pytest.mark.parametrize("version", [{"a": 1}, 1.5j, object(), 1.10, ("run", 1.5)])
 def test_an_unusable_version_raises_before_the_body(tmp_path, version):
     ran = []
-    with pytest.raises(ValueError, match="version must be"):
+    with pytest.raises(TypeError, match="version must be"):
         with dc.done_dir(tmp_path / "s", version=version):
             ran.append(1)
     assert ran == []
-    with pytest.raises(ValueError, match="version must be"):
+    with pytest.raises(TypeError, match="version must be"):
         dc.memoize(tmp_path / "c", version=version)
+    with pytest.raises(TypeError, match="version must be"):
+        dc.is_done(tmp_path / "s", version=version)
+
+
+def test_a_float_version_is_refused_with_the_text_to_write(tmp_path):
+    with pytest.raises(TypeError, match=r"1\.10 and 1\.1 are one float: write '1\.1'"):
+        dc.done_dir(tmp_path / "s", version=1.10)
+
+
+@pytest.mark.parametrize(
+    "one, other", [(("1,2",), (1, 2)), (("",), ()), ((1, "(2)"), (1, (2,))), (("a'", "b"), ("a", "'b"))]
+)
+def test_tuple_versions_with_different_items_differ(tmp_path, one, other):
+    with dc.done_dir(tmp_path / "s", version=one):
+        pass
+    assert dc.is_done(tmp_path / "s", version=one) and not dc.is_done(tmp_path / "s", version=other)
+    prefixes = [dc.memoize(tmp_path / "m", version=version)(len)._prepare() for version in (one, other)]
+    assert prefixes[0] != prefixes[1], "memoize's version too"
 
 
 def test_mark_not_done_and_fresh(tmp_path):
@@ -704,7 +745,7 @@ def test_stage_parent_not_writable(tmp_path, read_only):
     assert listing(tmp_path) == []
 
 
-@pytest.mark.parametrize("name", ["../escape", "/abs/path", "DONE", ".donecache.lock", ""])
+@pytest.mark.parametrize("name", ["../escape", "/abs/path", "DONE", ".donecache.lock", ".donecache.builder~1", ""])
 def test_bad_piece_names(tmp_path, name):
     with dc.done_dir(tmp_path / "s") as stage:
         with pytest.raises(ValueError, match="relative path inside the stage"):
@@ -1229,11 +1270,11 @@ def test_estale_that_persists_is_raised(tmp_path, monkeypatch):
 
 def test_stage_entry_and_listing_retry_estale(tmp_path, monkeypatch):
     lock_file = str(tmp_path / "s" / ".donecache.lock")
-    failed = stale_once(monkeypatch, dc.io, "FileIO", lambda path, *a: os.fspath(path).endswith(".donecache.lock"))
+    failed = stale_once(monkeypatch, os, "open", lambda path, *a, **k: os.fspath(path).endswith(".donecache.lock"))
     with dc.done_dir(tmp_path / "s", expect=["a"]) as stage:
         stage.piece("a", lambda: "a")
         listing_failed = stale_once(monkeypatch, os, "scandir", lambda path=".": os.fspath(path) == str(stage.path))
-    assert failed == ["FileIO"] and listing_failed == ["scandir"]
+    assert failed == ["open"] and listing_failed == ["scandir"]
     assert stage.done and os.path.exists(lock_file)
 
 
@@ -2016,7 +2057,7 @@ def test_unpicklable_argument_names_the_argument(tmp_path):
         return x
 
     with pytest.raises(TypeError, match=r"argument 'callback' .* ignore=\('callback',\)"):
-        f(1, lambda: None)
+        f(1, threading.Lock())
 
 
 def test_results_none_exceptions_and_unpicklable(tmp_path, calls):
@@ -2109,8 +2150,8 @@ def test_ttl_expires_entries(tmp_path, calls, monkeypatch):
     time.sleep(0.3)
     with dc.open(tmp_path) as db:
         assert db.prune() == 1, "prune removes what has expired"
-    for bad in (0, -1, "1h", True):
-        with pytest.raises(ValueError, match="ttl must be"):
+    for bad, error in ((0, ValueError), (float("nan"), ValueError), ("1h", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="ttl must be"):
             dc.memoize(tmp_path, ttl=bad)
 
 
@@ -2767,6 +2808,319 @@ def test_numpy_arrays_are_keyed_by_their_contents(tmp_path, calls):
     b[1, 1] = 0
     assert total(b) == 61.0 and total(a.astype("float32")) == 66.0 and len(calls) == 4
     assert total(np.float64(1.5)) == 1.5 and len(calls) == 5
+
+
+# -- what is in a call's key: arguments ------------------------------------------
+
+ARGUMENT_HELPERS = """
+import functools
+dc = __import__("__main__").dc
+
+def scale(x):
+    return x * {factor}
+
+class Scaler:
+    def __init__(self, by):
+        self.by = by
+
+    def apply(self, x):
+        return x * self.by * {factor}
+
+@functools.lru_cache(maxsize=None)
+def cached_scale(x):
+    return x * {factor}
+"""
+
+
+def test_functions_classes_and_objects_passed_as_arguments_are_keyed_by_their_code(tmp_path):
+    job = """
+        import functools, helpers, other
+        @dc.memoize(sys.argv[1])
+        def apply(fn, x):
+            print("computed", end=" ")
+            return fn(x) if callable(fn) else fn.apply(x)
+        for arg in (helpers.scale, functools.partial(helpers.scale), helpers.Scaler(1).apply, helpers.Scaler(1),
+                    helpers.cached_scale, other.cached_scale, lambda x: helpers.scale(x)):
+            print(apply(arg, 3))
+    """
+    (tmp_path / "other.py").write_text(textwrap.dedent(ARGUMENT_HELPERS.format(factor=100)))
+
+    def run(factor: int) -> list[str]:
+        (tmp_path / "helpers.py").write_text(textwrap.dedent(ARGUMENT_HELPERS.format(factor=factor)))
+        return run_job(tmp_path, job)
+
+    assert run(2) == ["computed", "6"] * 5 + ["computed", "300"] + ["computed", "6"]
+    assert run(2) == ["6"] * 5 + ["300", "6"], "an unchanged rerun hits"
+    assert run(5) == ["computed", "15"] * 5 + ["300"] + ["computed", "15"], "an edit of the code passed recomputes"
+
+
+def test_same_named_functions_are_different_arguments(tmp_path, calls):
+    import functools
+
+    @dc.memoize(tmp_path)
+    def apply(fn, x):
+        calls.append(x)
+        return fn(x)
+
+    first = types.FunctionType(compile("def twice(x): return 2 * x", "a.py", "exec").co_consts[0], {})
+    second = types.FunctionType(compile("def twice(x): return 3 * x", "b.py", "exec").co_consts[0], {})
+    assert apply(first, 1) == 2 and apply(second, 1) == 3, "two functions named twice"
+    assert apply(functools.lru_cache()(first), 1) == 2 and apply(functools.lru_cache()(second), 1) == 3
+    english, french = {"one": "one"}, {"one": "un"}
+    assert apply(english.get, "one") == "one" and apply(french.get, "one") == "un", "bound built-ins by their object"
+    double, triple = (lambda x: 2 * x), (lambda x: 3 * x)
+    assert apply(double, 4) == 8 and apply(triple, 4) == 12, "lambdas on one line by their bytecode"
+
+    def times(n):
+        return lambda x: n * x
+
+    assert apply(times(2), 5) == apply(times(2), 5) == 10 and apply(times(3), 5) == 15, "closures by their values"
+    assert apply(len, "ab") == 2 and apply(len, "ab") == 2
+    assert calls == [1, 1, "one", "one", 4, 4, 5, 5, "ab"], "a wrapped function is what it wraps"
+
+
+def test_ordered_dicts_and_negative_nan_have_their_own_keys(tmp_path, calls):
+    import collections
+
+    @dc.memoize(tmp_path)
+    def first(value):
+        calls.append(value)
+        return repr(value)
+
+    ab, ba = collections.OrderedDict(a=1, b=2), collections.OrderedDict(b=2, a=1)
+    assert first(ab) != first(ba) and len(calls) == 2, "OrderedDicts equal only in the same order"
+    assert first({"a": 1, "b": 2}) == first({"b": 2, "a": 1}) and len(calls) == 3, "plain dicts ignore order"
+    nan = float("nan")
+    negative = -nan
+    for value in (nan, negative, (nan, 1), (negative, 1), [negative], complex(negative, 0), complex(nan, 0)):
+        first(value)
+        first(value)
+    assert len(calls) == 10, "-nan is not nan (alone, in a tuple of scalars, in a list, in a complex)"
+    assert dc._text(negative) == "float:-nan,0.0" and dc._text(nan) == "nan", "nan keeps its 0.2.0 key"
+
+
+def _double(x):
+    return 2 * x
+
+
+def _triple(x):
+    return 3 * x
+
+
+def _call_both(pair):
+    return [fn(5) for fn in pair]
+
+
+def test_functional_memoized_functions_keep_their_own_identity_when_pickled(tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+
+    pair = (dc.memoize(tmp_path)(_double), dc.memoize(tmp_path)(_triple))  # Neither called yet.
+    assert _call_both(pickle.loads(pickle.dumps(pair))) == [10, 15]
+    context = None if sys.platform == "win32" else __import__("multiprocessing").get_context("fork")
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        assert pool.submit(_call_both, pair).result() == [10, 15], "one task, two steps: each ran its own"
+
+
+def test_path_arguments_share_entries_across_cpython_versions(tmp_path):
+    pythons = other_pythons()
+    if len(pythons) < 2:
+        pytest.skip("needs two of CPython 3.11, 3.12, 3.13")
+    job = """
+        import pathlib
+        @dc.memoize(sys.argv[1])
+        def stem(path, pure):
+            print("computed")
+            return path.stem + pure.stem
+        print(stem(pathlib.Path("/data/in.csv"), pathlib.PureWindowsPath("C:/data/b.txt")))
+    """
+    outputs = [run_job(tmp_path, job, python=python) for python in pythons]
+    assert outputs == [["computed", "inb"]] + [["inb"]] * (len(pythons) - 1), pythons
+
+
+def test_enum_and_dataclass_arguments_of_a_script_share_entries_with_its_import(tmp_path):
+    job = """
+        import dataclasses, enum
+        class Unit(enum.Enum):
+            KM = "km"
+        @dataclasses.dataclass(frozen=True)
+        class Config:
+            unit: Unit
+            rate: float
+        @dc.memoize(sys.argv[1])
+        def convert(config, miles):
+            print("computed")
+            return f"{miles * config.rate:.1f} {config.unit.value}"
+        if __name__ == "__main__":
+            print(convert(Config(Unit.KM, 1.6), 10))
+    """
+    assert run_job(tmp_path, job) == ["computed", "16.0", "km"]
+    imported = "import job\nprint(job.convert(job.Config(job.Unit.KM, 1.6), 10))"
+    path = f"{IMPORT_ROOT}{os.pathsep}{tmp_path}"
+    assert child(imported, str(tmp_path / "cache"), cwd=tmp_path, env={"PYTHONPATH": path}).stdout.split() == ["16.0", "km"]
+
+
+def test_a_script_in_a_package_shares_entries_with_its_run_as_a_module(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "job.py").write_text(textwrap.dedent(f"""
+        import importlib, sys
+        dc = importlib.import_module({MODULE!r})
+        @dc.memoize(sys.argv[1])
+        def transform(x):
+            print("computed")
+            return x + 1
+        print(transform(1))
+    """))
+    env = {**os.environ, "PYTHONPATH": str(IMPORT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    outputs = [
+        subprocess.run([sys.executable, *how, str(tmp_path / "cache")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       check=True).stdout.split()
+        for how in (["pkg/job.py"], ["-m", "pkg.job"], ["pkg/job.py"])
+    ]
+    assert outputs == [["computed", "2"], ["2"], ["2"]]
+
+
+def test_big_buffers_are_hashed_in_place(tmp_path, calls):
+    import tracemalloc
+
+    @dc.memoize(tmp_path)
+    def size(data):
+        calls.append(type(data))
+        return len(data)
+
+    big = bytes(100 * 2**20)
+    changed = bytearray(big)
+    changed[-1] = 1
+    text = "e" * (20 * 2**20)
+    values = [big, changed, memoryview(changed), memoryview(big), "é" * len(text), text, text[:-1] + "f"]
+    for value in values:
+        tracemalloc.start()
+        size(value)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 3 * 2**20, f"{type(value).__name__}: {peak} bytes allocated to key it"
+    assert len(calls) == len(values), "one byte, the type, or a character apart: other keys"
+    assert [size(value) for value in values] and len(calls) == len(values), "equal values hit"
+    assert size(memoryview(big)[::2]) == 50 * 2**20 and len(calls) == len(values) + 1, "a strided view works"
+
+
+def test_file_digest_follows_the_contents(tmp_path, calls):
+    data = tmp_path / "in.csv"
+    data.write_text("a,b\n1,2\n")
+    old = time.time() - 60
+    os.utime(data, (old, old))
+
+    @dc.memoize(tmp_path / "cache", key=lambda path: (str(path), dc.file_digest(path)))
+    def rows(path):
+        calls.append(path)
+        return Path(path).read_text().count("\n")
+
+    assert rows(data) == rows(data) == 2 and len(calls) == 1
+    quick = dc.file_digest(data, quick=True)
+    data.write_text("a,b\n3,4\n")  # Same size...
+    os.utime(data, (old, old))  # ...and mtime: only the contents tell.
+    assert dc.file_digest(data, quick=True) == quick
+    assert rows(data) == 2 and len(calls) == 2, "new contents recompute"
+    data.write_text("a,b\n5,6\n")  # Within the same second: the memo is not trusted.
+    assert rows(data) == 2 and len(calls) == 3
+    with pytest.raises(OSError):  # Linux: "... is a directory, not a regular file"; Windows: access denied.
+        dc.file_digest(tmp_path)
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "fifo")
+        with pytest.raises(OSError, match="FIFO"):
+            dc.file_digest(tmp_path / "fifo")
+
+
+@pytest.fixture
+def coarse_clock_dir(tmp_path):
+    """A loop-mounted ext4 with 128-byte inodes, whose timestamps have whole seconds
+    (as on ext3, HFS+ or many NFS servers); skips where it cannot be mounted."""
+    mkfs, mount = shutil.which("mkfs.ext4"), shutil.which("mount")
+    if sys.platform != "linux" or not IS_ROOT or mkfs is None or mount is None:
+        pytest.skip("needs root, mkfs.ext4 and mount(8) on Linux")
+    image, mnt = tmp_path / "ext4.img", tmp_path / "coarse"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(8 * 2**20)
+    subprocess.run([mkfs, "-q", "-F", "-I", "128", str(image)], check=True, capture_output=True)
+    made = subprocess.run([mount, "-o", "loop", str(image), str(mnt)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a loop device here: {made.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_file_digest_reads_a_file_rewritten_within_its_timestamps_tick(coarse_clock_dir):
+    data = coarse_clock_dir / "in.csv"
+    for _ in range(5):  # Size, mtime and ctime all equal: only the bytes tell.
+        data.write_text("a,b\n7,8\n")
+        first = dc.file_digest(data)
+        data.write_text("a,b\n9,0\n")
+        assert dc.file_digest(data) != first
+
+
+def test_pandas_values_are_keyed_by_what_they_hold(tmp_path, calls):
+    pd = pytest.importorskip("pandas")
+
+    @dc.memoize(tmp_path)
+    def show(value):
+        calls.append(1)
+        return repr(value)
+
+    one = pd.DataFrame({"a": [1, 2], "b": [3.0, 4.0]})
+    split = pd.DataFrame({"a": [1, 2]})
+    split["b"] = [3.0, 4.0]  # Another block layout, the same frame.
+    assert show(one) == show(split) and len(calls) == 1
+    low_high = pd.CategoricalDtype(["low", "high"], ordered=True)
+    cats = [
+        pd.Series(["low", "high"], dtype=low_high),
+        pd.Series(["low", "high"], dtype=pd.CategoricalDtype(["high", "low"], ordered=True)),
+        pd.Series(["low", "high"], dtype=pd.CategoricalDtype(["low", "high"], ordered=False)),
+        pd.Series(["low", "high"], dtype=pd.CategoricalDtype(["low", "high", "mid"], ordered=True)),
+    ]
+    for series in cats:
+        show(series)
+    assert len(calls) == 5, "categories and their order are in the key"
+    index = [(1, "a"), (2, "b")]
+    show(pd.Series([1, 2], index=pd.MultiIndex.from_tuples(index, names=["x", "y"])))
+    show(pd.Series([1, 2], index=pd.MultiIndex.from_tuples(index, names=["x", "z"])))
+    assert len(calls) == 7, "MultiIndex level names are in the key"
+    times = pd.date_range("2024-03-30", periods=3, freq="h")
+    for value in (pd.NaT, pd.Timestamp("2024-01-01"), pd.Timestamp("2024-01-01", tz="UTC"), pd.Timedelta("1h"),
+                  pd.Series(times.tz_localize("UTC")), pd.Series(times.tz_localize("Europe/Paris")),
+                  pd.DataFrame({"t": times.tz_localize("UTC")}, index=times.tz_localize("Asia/Tokyo"))):
+        show(value)
+        show(value)
+    assert len(calls) == 14, "pandas scalars and tz-aware values are valid, their zones apart"
+
+
+def test_arrow_values_are_keyed_by_their_buffers(tmp_path, calls):
+    pa = pytest.importorskip("pyarrow")
+
+    @dc.memoize(tmp_path)
+    def rows(table):
+        calls.append(1)
+        return len(table)
+
+    values = [pa.table({"a": [1, 2, None], "s": ["x", "y", "z"]}), pa.table({"a": [1, 2, 3], "s": ["x", "y", "z"]}),
+              pa.table({"a": [1, 2, None], "s": ["x", "y", "w"]}), pa.table({"l": [[1], [2, 3]]}),
+              pa.table({"l": [[1, 2], [3]]}), pa.array(["a", "b"]).dictionary_encode(),
+              pa.array(["c", "d"]).dictionary_encode()]
+    for value in values + [pa.table({"a": [1, 2, None], "s": ["x", "y", "z"]})]:
+        rows(value)
+    assert len(calls) == len(values)
+    import tracemalloc
+
+    big = pa.table({"n": pa.array(range(8 * 2**20), pa.int64())})  # 64 MiB
+    tracemalloc.start()
+    assert rows(big) == 8 * 2**20
+    assert tracemalloc.get_traced_memory()[1] < 2**20, "keyed from its buffers, not copied into bytes"
+    tracemalloc.stop()
+    pl = pytest.importorskip("polars")
+    rows(pl.DataFrame({"a": [1, 2]}))
+    rows(pl.DataFrame({"a": [1, 2]}))
+    rows(pl.DataFrame({"a": [1, 3]}))
+    assert len(calls) == len(values) + 3
 
 
 # -- the failure ledger and array jobs ------------------------------------------
@@ -3722,11 +4076,13 @@ def test_a_sweep_never_evicts_an_entry_whose_key_is_being_computed(tmp_path):
     assert computing.wait(timeout=60) == 0
 
 
-@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "1G"])
-def test_max_bytes_must_be_a_positive_int(tmp_path, bad):
-    with pytest.raises(ValueError, match=r"max_bytes must be a positive int .* not"):
+@pytest.mark.parametrize(
+    "bad, error", [(0, ValueError), (-1, ValueError), (True, TypeError), (1.5, TypeError), ("1G", TypeError)]
+)
+def test_max_bytes_must_be_a_positive_int(tmp_path, bad, error):
+    with pytest.raises(error, match=r"max_bytes must be a positive int .* not"):
         dc.open(tmp_path / "s", max_bytes=bad)
-    with pytest.raises(ValueError, match=r"max_bytes must be a positive int .* not"):
+    with pytest.raises(error, match=r"max_bytes must be a positive int .* not"):
         dc.memoize(tmp_path / "m", max_bytes=bad)
     assert not (tmp_path / "s").exists()
 
@@ -5073,3 +5429,1109 @@ def test_keyboard_interrupts_never_leave_a_key_lock_held(tmp_path):
     proc = child(INTERRUPT_STORM, str(tmp_path), "3", timeout=60)
     state, summary = proc.stdout.splitlines()
     assert state == "ok", f"{state} ({summary})"
+
+
+# ---------------------------------------------------------------------------
+# Issue 18, items 1-3 and 11: symlinks and special files where donecache writes,
+# other users' stores, the modes of the folders inside a store, smaller defects.
+# Each test failed on 0.2.0 (3cf1caa) unless its docstring says otherwise.
+# ---------------------------------------------------------------------------
+
+VICTIM = b"precious data of another file\n"
+
+
+def victim_file(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim"
+    victim.write_bytes(VICTIM)
+    os.chmod(victim, 0o640)
+    return victim
+
+
+def untouched(victim: Path) -> bool:
+    return victim.read_bytes() == VICTIM and stat.S_IMODE(victim.stat().st_mode) == 0o640
+
+
+@posix_only
+@pytest.mark.parametrize("shared", [False, True], ids=["stage", "shared-stage"])
+def test_a_symlink_at_a_stage_lock_is_refused_and_its_target_kept(tmp_path, shared):
+    """Item 1: the lock file was opened through a planted link, then truncated and rewritten
+    with the builder's host and pid: the link's target was emptied."""
+    victim = victim_file(tmp_path)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / ".donecache.lock").symlink_to(victim)
+    with pytest.raises(OSError, match="symbolic link, not a regular file") as caught:
+        with dc.done_dir(stage, expect=1 if shared else None) as s:
+            s.piece("a", lambda: "a")
+    assert ".donecache.lock" in str(caught.value) and "remove it" in str(caught.value)
+    assert untouched(victim) and not (stage / "DONE").exists()
+
+
+@posix_only
+def test_a_symlink_at_the_store_lock_is_refused(tmp_path):
+    """Item 1: the store's .lock was opened through a planted link: a dangling one made
+    donecache create its target, an existing one was locked and kept open (the same path
+    takes the stage-lock note). A store with max_bytes raises; memoize warns and computes
+    without the lock (its policy for a lock it cannot take); neither touches the targets."""
+    victim = victim_file(tmp_path)
+    nowhere = tmp_path / "made-through-the-link"
+    for target, name in ((victim, "a"), (nowhere, "b")):
+        cache = tmp_path / name
+        with dc.open(cache) as db:
+            db["k"] = 0
+        (cache / ".lock").symlink_to(target)
+        with dc.open(cache, max_bytes=1 << 20) as db, pytest.raises(OSError, match="symbolic link"):
+            db["k"] = 1
+
+        @dc.memoize(cache)
+        def double(x):
+            return 2 * x
+
+        with pytest.warns(dc.DonecacheWarning, match="symbolic link"):
+            assert double(21) == 42
+    assert untouched(victim) and not os.path.lexists(nowhere)
+
+
+@posix_only
+def test_fifos_at_lock_files_and_usage_do_not_hang(tmp_path):
+    """Item 1: a FIFO at .usage hung every write of a store with max_bytes (its read waited
+    for a writer); a FIFO at a stage's lock file was taken as the lock. Each now fails at
+    once with an error naming the FIFO."""
+    fifos = []
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    os.mkfifo(stage / ".donecache.lock")
+    for name in ("usage", "lock"):
+        with dc.open(tmp_path / name) as db:
+            db["k"] = 0
+        os.mkfifo(tmp_path / name / f".{name}")
+        fifos.append(tmp_path / name / f".{name}")
+    fifos.append(stage / ".donecache.lock")
+
+    def store(name: str) -> str:
+        try:
+            with dc.open(tmp_path / name, max_bytes=1 << 20) as db:
+                db["k"] = 1
+        except OSError as exc:
+            return str(exc)
+        return "no error"
+
+    def build() -> str:
+        try:
+            with dc.done_dir(stage):
+                pass
+        except OSError as exc:
+            return str(exc)
+        return "no error"
+
+    results = run_bounded({"usage": lambda: store("usage"), "lock": lambda: store("lock"), "stage": build}, fifos)
+    assert all("FIFO" in message for message in results.values()), results
+    assert not (stage / "DONE").exists()
+
+
+@posix_only
+@pytest.mark.parametrize(
+    "where", ["marker", "version file", "CACHEDIR.TAG", "identity", "ledger", "entry"]
+)
+def test_links_at_files_written_by_rename_are_replaced_and_their_targets_kept(tmp_path, where):
+    """Item 1: markers, version files, labels, identity records, ledger records and entries are
+    written to a temporary file and renamed over their name, which replaces a planted link by
+    a fresh regular file and never writes through it (a label whose name exists, even as a
+    link, is left alone). Passed on 0.2.0 too: kept as a guard."""
+    victim = victim_file(tmp_path)
+    cache = tmp_path / "cache"
+    if where in ("marker", "version file"):
+        stage = tmp_path / "stage"
+        stage.mkdir()
+        planted = stage / ("DONE" if where == "marker" else ".donecache.version")
+        planted.symlink_to(victim)
+        with dc.done_dir(stage, version=2) as s:
+            s.piece("a", lambda: "a")
+        assert dc.is_done(stage, version=2)
+    elif where == "CACHEDIR.TAG":
+        cache.mkdir(mode=0o700)
+        planted = cache / ".gitignore"
+        planted.symlink_to(victim)
+        dc.open(cache).close()
+        assert (cache / "CACHEDIR.TAG").is_file() and planted.is_symlink(), "a name that exists is left alone"
+        planted = cache / "CACHEDIR.TAG"
+    elif where in ("identity", "ledger"):
+        def half(x):
+            if x == 1:
+                raise ValueError("one")
+            return x / 2
+
+        dc.memoize(cache, version=1)(half).map([1, 2], keep_going=True)
+        [planted] = (cache / (".functions" if where == "identity" else ".failures")).rglob("*.*" if where == "ledger" else "*")
+        planted.unlink()
+        planted.symlink_to(victim)
+        dc.memoize(cache, version=2 if where == "identity" else 1)(half).map([1, 2], keep_going=True)
+    else:
+        with dc.open(cache) as db:
+            db["k"] = 1
+            [planted] = entry_files(cache)
+            planted.unlink()
+            planted.symlink_to(victim)
+            db["k"] = 2
+            assert db["k"] == 2
+    assert untouched(victim)
+    assert planted.is_file() and not planted.is_symlink() and planted.read_bytes() != VICTIM
+
+
+@posix_only
+@pytest.mark.parametrize("depth", ["sub/x", "sub/deeper/x"])
+def test_a_piece_is_never_written_through_a_symlinked_folder(tmp_path, depth):
+    """Item 1: a symlinked folder planted inside a stage made piece() write outside it (and
+    count a file found there as the piece)."""
+    outside = tmp_path / "outside"
+    (outside / "deeper").mkdir(parents=True)
+    victim = victim_file(tmp_path)
+    os.link(victim, outside / "x")
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "sub").symlink_to(outside, target_is_directory=True)
+    before = listing(outside)
+    with pytest.raises(NotADirectoryError, match="is a symbolic link, not a directory") as caught:
+        with dc.done_dir(stage) as s:
+            s.piece(depth, lambda: "written outside the stage")
+    assert str(stage / "sub") in str(caught.value) and "remove it" in str(caught.value)
+    assert untouched(victim) and listing(outside) == before and listing(outside / "deeper") == []
+    assert not (stage / "DONE").exists()
+    (stage / "sub").unlink()
+
+    def plant_meanwhile():
+        (stage / "sub").symlink_to(outside, target_is_directory=True)
+        return "written while a link was planted"
+
+    with pytest.raises(NotADirectoryError, match="symbolic link"):
+        with dc.done_dir(stage) as s:
+            s.piece(depth, plant_meanwhile)
+    assert untouched(victim) and listing(outside) == before and listing(outside / "deeper") == []
+    (stage / "sub").unlink()
+    with pytest.raises(Boom), dc.done_dir(stage) as s:
+        s.piece(depth, lambda: (_ for _ in ()).throw(Boom()))
+    assert listing(stage) == [".donecache.lock"], "a failed make() leaves no folder behind"
+    with dc.done_dir(stage) as s:  # Real folders are made as before.
+        s.piece(depth, lambda: "inside")
+    assert (stage / depth).read_text() == "inside"
+
+
+@posix_only
+def test_atomic_path_never_renames_or_chmods_through_a_link(tmp_path):
+    """Item 1: a symlink made at atomic_path's temporary name (by the library, or by someone
+    racing it) was followed: its target was chmod-ed to the old file's mode and the link was
+    renamed onto the target."""
+    victim = victim_file(tmp_path)
+    target = tmp_path / "out.npy"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o600)
+    with pytest.raises(OSError, match="symbolic link"):
+        with dc.atomic_path(target) as tmp:
+            os.symlink(victim, tmp)
+    assert untouched(victim) and not target.is_symlink() and target.read_bytes() == b"old"
+    assert listing(tmp_path) == ["out.npy", "victim"]
+
+
+class RunsCode:
+    """A value whose unpickling runs code: it makes a directory (what an attacker's entry could do)."""
+
+    def __init__(self, proof: str) -> None:
+        self.proof = proof
+
+    def __reduce__(self):
+        return os.mkdir, (self.proof,)
+
+
+root_only = pytest.mark.skipif(not IS_ROOT or sys.platform == "win32", reason="chowns to another user: needs root")
+
+
+@root_only
+@pytest.mark.parametrize("how", ["owner", "g+w", "o+w", "link owner"])
+def test_a_store_another_user_could_write_is_refused_unless_trusted(tmp_path, how):
+    """Item 2: open() and memoize loaded the entries of a store that another user owns, or that
+    group or others can write, running whatever code its pickles held."""
+    cache, proof = tmp_path / "cache", tmp_path / "code-ran"
+    with dc.open(cache) as db:
+        db["k"] = RunsCode(str(proof))
+
+    @dc.memoize(cache)
+    def answer():
+        return 42
+
+    assert answer() == 42 and not proof.exists()
+    path = cache
+    if how == "owner":
+        for folder, _dirs, files in os.walk(cache):
+            for name in [folder, *(os.path.join(folder, f) for f in files)]:
+                os.lchown(name, 65534, 65534)
+    elif how == "link owner":
+        path = tmp_path / "link"
+        path.symlink_to(cache, target_is_directory=True)
+        os.lchown(path, 65534, 65534)
+    else:
+        os.chmod(cache, 0o720 if how == "g+w" else 0o702)
+    for attempt in (lambda: dc.open(path)["k"], lambda: dc.memoize(path)(answer.__wrapped__)()):
+        with pytest.raises(PermissionError) as caught:
+            attempt()
+        message = str(caught.value)
+        assert str(path) in message and "trust_shared=True" in message, message
+        if how in ("owner", "link owner"):
+            assert "uid 65534" in message and "not yours" in message, message
+        else:
+            assert ("its group" if how == "g+w" else "others") in message and "drwx-" in message, message
+    assert not proof.exists(), "nothing was loaded"
+    assert dc.memoize(path, trust_shared=True)(answer.__wrapped__)() == 42
+    with dc.open(path, trust_shared=True) as db:
+        db["k"]
+    assert proof.is_dir(), "trusted: the entry was loaded, and its code ran"
+    assert cli("info", str(path)).returncode == 0, "the command line loads no value: it needs no trust"
+
+
+@root_only
+def test_a_fresh_store_is_trusted_whatever_the_umask(tmp_path):
+    """Item 2: a store that donecache creates passes its own check (0700, the user's)."""
+    proc = child(
+        """
+        import os
+        os.umask(0)
+        with dc.open(sys.argv[1] + "/a/b/cache") as db:
+            db["k"] = 1
+        with dc.open(sys.argv[1] + "/a/b/cache") as db:
+            print(db["k"])
+        """,
+        str(tmp_path),
+    )
+    assert proc.stdout.strip() == "1"
+
+
+TREE_OF_A_STORE = """
+import os
+os.umask(int(sys.argv[2], 8))
+root = sys.argv[1] + "/new/parent/cache"
+
+def half(x):
+    if x == 3:
+        raise ValueError("three")
+    return x / 2
+
+with dc.open(root, max_bytes=1 << 30) as db:
+    db["k"] = 1
+dc.memoize(root, max_bytes=1 << 30)(half).map(range(8), keep_going=True)
+for folder, _dirs, _files in os.walk(sys.argv[1]):
+    print(folder, oct(os.stat(folder).st_mode & 0o7777))
+"""
+
+
+@posix_only
+@pytest.mark.parametrize("umask", ["000", "077", "022", "277"])
+def test_every_folder_of_a_store_is_private_whatever_the_umask(tmp_path, umask):
+    """Item 3: os.makedirs(..., 0o700) gave 0700 to the last folder only: function folders,
+    shards and .failures/ got 0777 less the umask (0777 with umask 000)."""
+    modes = dict(line.rsplit(" ", 1) for line in child(TREE_OF_A_STORE, str(tmp_path), umask).stdout.splitlines())
+    root = str(tmp_path / "new" / "parent" / "cache")
+    inside = {path: mode for path, mode in modes.items() if path.startswith(root)}
+    assert len(inside) >= 8, inside  # The store, shards, a function folder and its shards, .functions, .failures/x.
+    assert set(inside.values()) == {"0o700"}, inside
+    above = 0o777 & ~int(umask, 8)  # Directories above the store are the user's: mkdir -p's mode.
+    assert modes[str(tmp_path / "new")] == oct(above) and modes[str(tmp_path / "new" / "parent")] == oct(above)
+
+
+@root_only
+@pytest.mark.parametrize("umask", ["077", "002"])
+def test_folders_of_a_team_store_keep_its_mode(tmp_path, umask):
+    """Item 3: a team store (setgid, group-writable, trusted) passes its mode to every folder
+    donecache makes in it, whatever the umask of the member who writes."""
+    team = tmp_path / "new" / "parent" / "cache"
+    team.mkdir(parents=True)
+    os.chown(team, 0, 65534)
+    os.chmod(team, 0o2770)
+    script = TREE_OF_A_STORE.replace("max_bytes=1 << 30", "max_bytes=1 << 30, trust_shared=True")
+    modes = dict(line.rsplit(" ", 1) for line in child(script, str(tmp_path), umask).stdout.splitlines())
+    inside = {path: mode for path, mode in modes.items() if path.startswith(str(team))}
+    assert len(inside) >= 8 and set(inside.values()) == {"0o2770"}, inside
+
+
+def test_donecache_off_with_shards_makes_no_cache_directory(tmp_path, monkeypatch, calls):
+    """Item 11: DONECACHE=off with map(shard=...) created the cache directory (making the keys
+    that choose each shard made the store)."""
+    monkeypatch.setenv("DONECACHE", "off")
+
+    def square(x):
+        calls.append(x)
+        return x * x
+
+    new = dc.memoize(tmp_path / "cache", version=2)(square)
+    mine = [new.map(range(20), shard=(index, 2)).successes for index in (0, 1)]
+    assert sorted(mine[0] + mine[1]) == sorted(x * x for x in range(20)) and mine[0] and mine[1]
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.delenv("DONECACHE")
+    assert dc.memoize(tmp_path / "cache", version=1)(square)(5) == 25  # Older code, recorded as current.
+    assert new(3) == 9 and new.is_cached(3)
+    # The identity prepared while off is recorded once the store is made: version 2 is current.
+    assert cli("prune", str(tmp_path / "cache"), "--stale").returncode == 0
+    assert new.is_cached(3), "prune --stale kept the entry of the current code"
+    assert json.loads(cli("info", str(tmp_path / "cache"), "--json").stdout)["entries"]["live"] == 1
+    assert sorted(calls) == sorted([*range(20), 5, 3])
+
+
+def test_a_versioned_stage_over_an_unversioned_build_starts_empty(tmp_path):
+    """Item 11: a version=2 stage resumed the pieces of a finished unversioned build (whose
+    marker names no version and which recorded none) and wrote its marker over them."""
+    stage = tmp_path / "stage"
+    with dc.done_dir(stage) as s:
+        s.piece("old", lambda: "from the unversioned build")
+    with dc.done_dir(stage, version=2) as s:
+        assert not s.done and not (stage / "old").exists()
+        s.piece("new", lambda: "v2")
+    assert dc.is_done(stage, version=2) and not (stage / "old").exists()
+    with dc.done_dir(tmp_path / "crashed") as s:  # No marker: an unversioned build that crashed.
+        s.piece("kept", lambda: "x")
+        mark = s.path / "DONE"
+    mark.unlink()
+    with dc.done_dir(tmp_path / "crashed", version=2) as s:
+        assert (s.path / "kept").exists(), "without a marker nothing says which version wrote the pieces"
+
+
+@posix_only
+def test_status_shows_a_shared_stage_being_built(tmp_path):
+    """Item 11: `status` said `incomplete` for a shared stage whose builders were at work:
+    they hold the stage's lock only on entry and exit."""
+    import socket
+
+    stage = tmp_path / "stage"
+    builder = child(
+        """
+        import time
+        with dc.done_dir(sys.argv[1], expect=2) as stage:
+            stage.piece("a", lambda: "a")
+            print("building", flush=True)
+            time.sleep(60)
+        """,
+        str(stage),
+        background=True,
+    )
+    try:
+        wait_for_line(builder, "building")
+        [row] = json.loads(cli("status", str(stage), "--json").stdout)
+        assert row["state"] == "building" and row["builder"] == {"host": socket.gethostname(), "pid": builder.pid}
+    finally:
+        builder.kill()
+        builder.wait()
+    [row] = json.loads(cli("status", str(stage), "--json").stdout)
+    assert row["state"] == "incomplete", "a killed builder holds nothing"
+    with dc.done_dir(stage, expect=2) as s:
+        s.piece("b", lambda: "b")
+    assert s.done and listing(stage) == [".donecache.lock", "DONE", "a", "b"], "the killed builder's file is swept"
+
+
+def test_is_cached_on_a_bound_method(tmp_path):
+    """Item 11: obj.method.is_cached(3) raised TypeError: the bound wrapper did not pass obj."""
+    calls = []
+
+    class Model:
+        def __init__(self, scale):
+            self.scale = scale
+
+        @dc.memoize(tmp_path, key=lambda self, x: (self.scale, x))
+        def predict(self, x):
+            calls.append(x)
+            return self.scale * x
+
+    model = Model(2)
+    assert not model.predict.is_cached(3)
+    assert model.predict(3) == 6 and model.predict.is_cached(3) and not model.predict.is_cached(4)
+    assert not Model(5).predict.is_cached(3) and calls == [3]
+
+
+def test_verify_on_a_closed_store_raises_like_other_operations(tmp_path):
+    """Item 11: Store.verify() worked on a closed store, unlike every other operation."""
+    db = dc.open(tmp_path / "c")
+    db["k"] = 1
+    db.close()
+    for operation in (lambda: db["k"], db.prune, db.verify):
+        with pytest.raises(ValueError, match="closed"):
+            operation()
+
+
+@linux_only
+def test_donecache_never_truncates_an_entry_in_place(tmp_path, monkeypatch):
+    """Item 11: a mapped hit dies with SIGBUS if its file shrinks under it (mmap(2)), so
+    donecache must replace entries, never truncate or rewrite them in place: every write,
+    overwrite, clear, prune and sweep is watched for O_TRUNC opens and ftruncate of an
+    entry file. (0.2.0 did not either: kept as a guard.)"""
+    truncated: list[str] = []
+    real_open, real_ftruncate, real_truncate = os.open, os.ftruncate, os.truncate
+
+    def watched_open(path, flags, *args, **kwargs):
+        if flags & os.O_TRUNC:
+            truncated.append(f"O_TRUNC {path}")
+        return real_open(path, flags, *args, **kwargs)
+
+    def watched_ftruncate(fd, length):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if not name.endswith(".lock"):  # A lock file's note of its holder is rewritten in place.
+            truncated.append(f"ftruncate {name}")
+        return real_ftruncate(fd, length)
+
+    monkeypatch.setattr(os, "open", watched_open)
+    monkeypatch.setattr(os, "ftruncate", watched_ftruncate)
+    monkeypatch.setattr(os, "truncate", lambda *a: truncated.append(f"truncate {a}") or real_truncate(*a))
+    big = bytes(1 << 17)
+    with dc.open(tmp_path / "c", mmap=True, max_bytes=1 << 20) as db:
+        for round_ in range(12):
+            db[f"k{round_ % 5}"] = big
+            assert db[f"k{round_ % 5}"] == big
+        db.prune()
+        del db["k1"]
+        db.clear()
+    assert truncated == []
+
+
+# ---------------------------------------------------------------------------
+# Power loss: a FUSE file system that forgets what was never synced
+#
+# In the spirit of LazyFS: a pass-through FUSE file system (mfusepy, over
+# libfuse 3) runs a workload against a backing directory and logs every
+# change in order: creates, renames, links, unlinks, writes and truncates
+# (by inode), fsync and fsync of directories. A power cut at step k is the
+# log's first k changes, replayed on a model of what a disk keeps:
+#   "unsynced-lost"  names and data reach the disk only through fsync (of the
+#                    file for its data, of its directory for its names);
+#   "metadata-kept"  every name change and size survives but no unsynced data:
+#                    new blocks read as zeros (XFS's "null files"; ext4's
+#                    delayed allocation leaves such files empty instead);
+#   "partial"        names survive and half of each file's unsynced writes
+#                    reach the disk, the last of them torn.
+# The workload runs once: a cut at step k is what it had done by then. What
+# survives is written to a plain directory, where the checks (and any rerun
+# that resumes) run in this process, as after a reboot: time.monotonic() is
+# shifted, so the boot time that Python code derives from it has changed.
+# Skipped without FUSE, fusermount3 or mfusepy.
+# ---------------------------------------------------------------------------
+
+POWERCUT_MODES = ("unsynced-lost", "metadata-kept", "partial")
+POWERCUT_MARK = ".powercut-mark-"  # A workload stats <mount>/<this><name> to log a mark.
+POWERCUT_MAX_CUTS = 80
+
+POWERCUT_FS = r"""
+import errno, os, pickle, sys
+import mfusepy as fuse
+
+backing, mount, log_path = sys.argv[1:4]
+log = open(log_path, "wb", buffering=0)
+
+
+def note(*record):
+    log.write(pickle.dumps(record))
+
+
+class PassThrough(fuse.Operations):
+    use_ns = True
+
+    def _real(self, path):
+        return os.path.join(backing, path.lstrip("/"))
+
+    def getattr(self, path, fh=None):
+        if os.path.basename(path).startswith(MARK):
+            note("mark", os.path.basename(path)[len(MARK):])
+            raise fuse.FuseOSError(errno.ENOENT)
+        st = os.fstat(fh) if fh is not None else os.lstat(self._real(path))
+        names = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_ino", "st_blocks", "st_blksize", "st_rdev")
+        found = {k: getattr(st, k) for k in names}
+        found.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
+        return found
+
+    def access(self, path, amode):
+        if not os.access(self._real(path), amode):
+            raise fuse.FuseOSError(errno.EACCES)
+        return 0
+
+    def readdir(self, path, fh):
+        return [".", "..", *os.listdir(self._real(path))]
+
+    def readlink(self, path):
+        return os.readlink(self._real(path))
+
+    def statfs(self, path):
+        sv = os.statvfs(self._real(path))
+        return {k: getattr(sv, k) for k in ("f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail",
+                                            "f_ffree", "f_files", "f_flag", "f_frsize", "f_namemax")}
+
+    def mkdir(self, path, mode):
+        os.mkdir(self._real(path), mode)
+        note("mkdir", path, mode)
+
+    def rmdir(self, path):
+        os.rmdir(self._real(path))
+        note("unlink", path)
+
+    def unlink(self, path):
+        os.unlink(self._real(path))
+        note("unlink", path)
+
+    def symlink(self, target, source):
+        os.symlink(source, self._real(target))
+        note("symlink", target, source)
+
+    def link(self, target, source):
+        os.link(self._real(source), self._real(target))
+        note("link", target, source)
+
+    def rename(self, old, new):
+        os.rename(self._real(old), self._real(new))
+        note("rename", old, new)
+
+    def chmod(self, path, mode):
+        os.chmod(self._real(path), mode)
+        note("chmod", path, mode)
+
+    def chown(self, path, uid, gid):
+        os.chown(self._real(path), uid, gid)
+
+    def utimens(self, path, times=None):
+        os.utime(self._real(path), ns=times)
+
+    def create(self, path, mode, fi=None):
+        fd = os.open(self._real(path), os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+        note("create", path, mode, os.fstat(fd).st_ino)
+        return fd
+
+    def open(self, path, flags):
+        fd = os.open(self._real(path), flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND))
+        if flags & os.O_TRUNC:
+            note("truncate", os.fstat(fd).st_ino, 0)
+        return fd
+
+    def read(self, path, size, offset, fh):
+        return os.pread(fh, size, offset)
+
+    def write(self, path, data, offset, fh):
+        written = os.pwrite(fh, data, offset)
+        note("write", os.fstat(fh).st_ino, offset, bytes(data[:written]))
+        return written
+
+    def truncate(self, path, length, fh=None):
+        if fh is None:
+            os.truncate(self._real(path), length)
+            ino = os.lstat(self._real(path)).st_ino
+        else:
+            os.ftruncate(fh, length)
+            ino = os.fstat(fh).st_ino
+        note("truncate", ino, length)
+
+    def fsync(self, path, datasync, fh):
+        note("fsync", os.fstat(fh).st_ino)  # Nothing to do for real: the model keeps what was synced.
+        return 0
+
+    def fsyncdir(self, path, datasync, fh):
+        note("fsyncdir", path)
+        return 0
+
+    def flush(self, path, fh):
+        return 0
+
+    def release(self, path, fh):
+        os.close(fh)
+        return 0
+
+
+MARK = sys.argv[4]
+fuse.FUSE(PassThrough(), mount, foreground=True, nothreads=True, default_permissions=True)
+"""
+
+
+def _powercut_unavailable() -> str | None:
+    """Why the power-cut harness cannot run here, or None."""
+    if not sys.platform.startswith("linux"):
+        return "the power-cut harness needs Linux FUSE"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if shutil.which("fusermount3") is None:
+        return "no fusermount3 (Debian: apt-get install fuse3)"
+    try:
+        import mfusepy  # noqa: F401
+    except (ImportError, OSError) as exc:
+        return f"no FUSE binding (pip install mfusepy; libfuse3 from fuse3): {exc}"
+    return None
+
+
+powercut_harness = pytest.mark.skipif(_powercut_unavailable() is not None, reason=str(_powercut_unavailable()))
+
+
+class _Node:
+    """A file, directory or symlink of the model: what a program sees and what the disk holds."""
+
+    def __init__(self, kind: str, mode: int, data: bytes = b"") -> None:
+        self.kind, self.mode = kind, mode
+        self.data = bytearray(data)  # What programs see.
+        self.synced = bytes(data)  # What the disk holds.
+        self.pending: list[tuple] = []  # Changes to the data since the last fsync, in order.
+        self.entries: dict[str, _Node] = {}  # A directory's names, as programs see them...
+        self.synced_entries: dict[str, _Node] = {}  # ... and as the disk holds them.
+
+
+class _DiskModel:
+    """Replays a power-cut log from a directory tree that is all on disk."""
+
+    def __init__(self, backing: Path) -> None:
+        self.by_ino: dict[int, _Node] = {}
+        self.root = self._load(backing)
+
+    def _load(self, path: Path) -> _Node:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            node = _Node("dir", stat.S_IMODE(st.st_mode))
+            for name in os.listdir(path):
+                node.entries[name] = self._load(path / name)
+            node.synced_entries = dict(node.entries)
+        elif stat.S_ISLNK(st.st_mode):
+            node = _Node("link", 0o777, os.fsencode(os.readlink(path)))
+        else:
+            node = _Node("file", stat.S_IMODE(st.st_mode), path.read_bytes())
+        self.by_ino[st.st_ino] = node
+        return node
+
+    def _parent(self, path: str) -> tuple[_Node, str]:
+        node = self.root
+        parts = [p for p in path.split("/") if p]
+        for part in parts[:-1]:
+            node = node.entries[part]
+        return node, parts[-1]
+
+    def lookup(self, path: str) -> _Node:
+        parts = [p for p in path.split("/") if p]
+        node = self.root
+        for part in parts:
+            node = node.entries[part]
+        return node
+
+    def apply(self, op: tuple) -> None:
+        kind = op[0]
+        if kind in ("create", "mkdir", "symlink"):
+            parent, name = self._parent(op[1])
+            node = {
+                "create": lambda: _Node("file", op[2]),
+                "mkdir": lambda: _Node("dir", op[2]),
+                "symlink": lambda: _Node("link", 0o777, os.fsencode(op[2])),
+            }[kind]()
+            node.synced = bytes(node.data)  # A symlink's target is part of its name.
+            parent.entries[name] = node
+            if kind == "create":
+                self.by_ino[op[3]] = node
+        elif kind == "link":
+            parent, name = self._parent(op[1])
+            parent.entries[name] = self.lookup(op[2])
+        elif kind == "rename":
+            old_parent, old_name = self._parent(op[1])
+            new_parent, new_name = self._parent(op[2])
+            new_parent.entries[new_name] = old_parent.entries.pop(old_name)
+        elif kind == "unlink":
+            parent, name = self._parent(op[1])
+            del parent.entries[name]
+        elif kind == "chmod":
+            self.lookup(op[1]).mode = stat.S_IMODE(op[2])
+        elif kind in ("write", "truncate"):
+            node = self.by_ino[op[1]]
+            node.pending.append(op)
+            _apply_data(node.data, op)
+        elif kind == "fsync":
+            node = self.by_ino[op[1]]
+            node.synced, node.pending = bytes(node.data), []
+        elif kind == "fsyncdir":
+            node = self.lookup(op[1])
+            node.synced_entries = dict(node.entries)
+
+    def survivor(self, mode: str, into: Path) -> None:
+        """Write what the disk would hold after a power cut in ``mode`` to the new directory ``into``."""
+        written: dict[int, Path] = {}
+
+        def data_of(node: _Node) -> bytes:
+            if mode == "unsynced-lost" or not node.pending:
+                return node.synced
+            data = bytearray(node.synced)
+            if mode == "metadata-kept":
+                # Sizes are metadata and survive; blocks allocated since the last fsync read
+                # as zeros, overwritten ones keep their old data (no unsynced byte lands).
+                for op in node.pending:
+                    end = op[2] if op[0] == "truncate" else max(len(data), op[2] + len(op[3]))
+                    _apply_data(data, ("truncate", 0, end))
+                return bytes(data)
+            take = (len(node.pending) + 1) // 2
+            for op in node.pending[: take - 1]:
+                _apply_data(data, op)
+            last = node.pending[take - 1]
+            if last[0] == "write":  # Torn: its first half reached the disk.
+                last = (*last[:3], last[3][: max(1, len(last[3]) // 2)])
+            _apply_data(data, last)
+            return bytes(data)
+
+        def write(node: _Node, path: Path) -> None:
+            if id(node) in written:
+                os.link(written[id(node)], path)
+            elif node.kind == "dir":
+                path.mkdir()
+                names = node.synced_entries if mode == "unsynced-lost" else node.entries
+                for name, child_node in names.items():
+                    write(child_node, path / name)
+                os.chmod(path, node.mode)
+            elif node.kind == "link":
+                os.symlink(os.fsdecode(node.synced), path)
+            else:
+                path.write_bytes(data_of(node))
+                os.chmod(path, node.mode)
+                written[id(node)] = path
+
+        write(self.root, into)
+
+
+def _apply_data(data: bytearray, op: tuple) -> None:
+    if op[0] == "truncate":
+        del data[op[2] :]
+        data.extend(bytes(op[2] - len(data)))
+    else:
+        offset, chunk = op[2], op[3]
+        if len(data) < offset:
+            data.extend(bytes(offset - len(data)))
+        data[offset : offset + len(chunk)] = chunk
+
+
+class PowerCut:
+    """One survivor of a power cut: ``path`` holds it; ``marks`` are the workload's marks logged before it."""
+
+    def __init__(self, mode: str, step: int, path: Path, marks: set[str]) -> None:
+        self.mode, self.step, self.path, self.marks = mode, step, path, marks
+
+    def __repr__(self) -> str:
+        return f"cut at step {self.step} ({self.mode})"
+
+
+def power_cuts(tmp_path: Path, setup: Callable[[Path], object], workload: str, *args: str):
+    """Run ``workload`` (a child script; cwd is the mount) once on the FUSE file system over a
+    backing directory that ``setup`` filled, then yield a PowerCut for each mode and each of up to
+    POWERCUT_MAX_CUTS steps spread over its log (every step when there are fewer)."""
+    backing, mount, log = tmp_path / "backing", tmp_path / "mount", tmp_path / "fs.log"
+    backing.mkdir()
+    mount.mkdir()
+    setup(backing)
+    initial = _DiskModel(backing)  # Before the run: writes name the backing files' inode numbers.
+    server = subprocess.Popen(
+        [sys.executable, "-c", POWERCUT_FS, str(backing), str(mount), str(log), POWERCUT_MARK],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mount):
+            if server.poll() is not None:
+                output = server.stdout.read() if server.stdout else ""
+                pytest.skip(f"cannot mount the FUSE harness here (a container without CAP_SYS_ADMIN?): {output[-400:]}")
+            assert time.monotonic() < deadline, "the FUSE harness did not mount in 30 s"
+            time.sleep(0.02)
+        ran = child(workload, *args, cwd=mount, check=False, timeout=300)
+    finally:
+        if os.path.ismount(mount):
+            subprocess.run(["fusermount3", "-u", "-z", str(mount)], check=False)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    assert ran.returncode == 0, f"the workload failed on the FUSE file system:\n{ran.stdout}\n{ran.stderr}"
+    # Replayed again from the start for each cut; the backing directory now holds the end state.
+    records: list[tuple] = []
+    with open(log, "rb") as f:
+        while True:
+            try:
+                records.append(pickle.load(f))
+            except EOFError:
+                break
+    steps = [i for i, r in enumerate(records) if r[0] != "mark"]
+    assert steps, "the workload changed nothing on the FUSE file system"
+    cuts = sorted({round(j * len(steps) / (POWERCUT_MAX_CUTS - 1)) for j in range(POWERCUT_MAX_CUTS)})
+    for mode in POWERCUT_MODES:
+        for k in cuts:
+            model = copy.deepcopy(initial)
+            # Cut just before step k + 1: marks logged after step k were made before the cut.
+            end = steps[k] if k < len(steps) else len(records)
+            marks = set()
+            for record in records[:end]:
+                if record[0] == "mark":
+                    marks.add(record[1])
+                else:
+                    model.apply(record)
+            survivor = tmp_path / f"cut-{mode}-{k}"
+            model.survivor(mode, survivor)
+            yield PowerCut(mode, k, survivor, marks)
+            shutil.rmtree(survivor)
+
+
+def powercut_report(violations: dict[str, list[str]], cuts: int) -> str:
+    counts = ", ".join(f"{mode}: {len(found)}" for mode, found in violations.items())
+    first = [f"  {v}" for found in violations.values() for v in found[:3]]
+    return f"violations in {cuts} cuts per mode ({counts}):\n" + "\n".join(first)
+
+
+def run_power_cuts(tmp_path, setup, workload, args, check) -> None:
+    """Cut power at every step of the workload, in each mode; ``check(cut)`` returns the broken
+    invariants of one survivor (a list of strings). Prints the counts; asserts there are none."""
+    violations: dict[str, list[str]] = {mode: [] for mode in POWERCUT_MODES}
+    cuts: set[int] = set()
+    real_monotonic = time.monotonic
+    rebooted = real_monotonic() / 2  # The machine came back up this many seconds after it first booted.
+    for cut in power_cuts(tmp_path, setup, workload, *args):
+        cuts.add(cut.step)
+        time.monotonic = lambda: real_monotonic() - rebooted  # type: ignore[assignment]
+        try:
+            problems = check(cut)
+        finally:
+            time.monotonic = real_monotonic  # type: ignore[assignment]
+        violations[cut.mode].extend(f"{cut!r}: {problem}" for problem in problems)
+    report = powercut_report(violations, len(cuts))
+    print(report)
+    assert not any(violations.values()), report
+
+
+POWERCUT_OLD = b"old." * 2000
+POWERCUT_NEW = b"new!" * 3000
+
+POWERCUT_ATOMIC = f"""
+import os
+durable = sys.argv[1] == "1"
+NEW = {POWERCUT_NEW!r}
+def mark(name):
+    os.path.exists({POWERCUT_MARK!r} + name)
+with dc.atomic_write("old.txt", "wb", durable=durable) as f:
+    for i in range(3):  # Three writes reach the file system: a torn write is possible.
+        f.write(NEW[i * 4000 : (i + 1) * 4000])
+        f.flush()
+mark("old.txt")
+with dc.atomic_path("fresh.bin", durable=durable) as tmp:
+    tmp.write_bytes(NEW)
+mark("fresh.bin")
+with dc.atomic_write("sub/deep.txt", "wb", durable=durable, make_parents=True) as f:
+    f.write(NEW)
+mark("sub/deep.txt".replace("/", "_"))
+"""
+
+
+@powercut_harness
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "not-durable"])
+def test_power_cut_atomic_write_leaves_the_old_or_the_new_file(tmp_path, durable):
+    """Issue 18, items 12 and 12b: after a power cut at any step, in any mode, atomic_write and
+    atomic_path leave the old file or the whole new one (never an empty or partial file), and a
+    durable write that returned is there. Before 12b, durable=False left an empty or partial target
+    in the metadata-kept and partial modes."""
+
+    def setup(root: Path) -> None:
+        (root / "old.txt").write_bytes(POWERCUT_OLD)
+
+    def check(cut: PowerCut) -> list[str]:
+        problems = []
+        for name, old in [("old.txt", POWERCUT_OLD), ("fresh.bin", None), ("sub/deep.txt", None)]:
+            path = cut.path / name
+            found = path.read_bytes() if path.exists() else None
+            returned = durable and name.replace("/", "_") in cut.marks
+            allowed = [POWERCUT_NEW] if returned else [old, POWERCUT_NEW]
+            if found not in allowed:
+                what = "missing" if found is None else f"{len(found)} bytes, neither old nor new"
+                problems.append(f"{name} is {what}" + (" after the write returned" if returned else ""))
+        return problems
+
+    run_power_cuts(tmp_path, setup, POWERCUT_ATOMIC, ["1" if durable else "0"], check)
+
+
+POWERCUT_PIECES = {f"p{i}.bin": bytes([65 + i]) * 5000 for i in range(5)}
+POWERCUT_PIECES["sub/p5.bin"] = b"F" * 5000
+
+POWERCUT_STAGE = f"""
+PIECES = {POWERCUT_PIECES!r}
+with dc.done_dir("stage", durable=True) as stage:
+    for name, data in PIECES.items():
+        stage.piece(name, lambda data=data: data)
+"""
+
+
+def _build_powercut_stage(root: Path) -> None:
+    with dc.done_dir(root / "stage", durable=True) as stage:
+        for name, data in POWERCUT_PIECES.items():
+            stage.piece(name, lambda data=data: data)
+
+
+@powercut_harness
+def test_power_cut_stage_resumed_never_marks_a_damaged_piece(tmp_path):
+    """Issue 18, items 12 and 12a: a durable stage cut at any step, in any mode, has a marker only
+    over complete pieces; and the rerun that resumes it (here, in the survivor) marks it done only
+    over complete pieces. Before 12a the rerun trusted pieces whose names survived the cut but
+    whose data was never synced, and wrote its marker over empty or partial pieces."""
+
+    def check(cut: PowerCut) -> list[str]:
+        problems = []
+        stage = cut.path / "stage"
+
+        def damaged() -> list[str]:
+            return [n for n, data in POWERCUT_PIECES.items() if not (stage / n).exists() or (stage / n).read_bytes() != data]
+
+        if dc.is_done(stage) and damaged():
+            problems.append(f"marked done over damaged pieces {damaged()}")
+        _build_powercut_stage(cut.path)  # The rerun after the power came back.
+        if not dc.is_done(stage) or damaged():
+            problems.append(f"the resumed build marked the stage done over damaged pieces {damaged()}")
+        return problems
+
+    run_power_cuts(tmp_path, lambda root: None, POWERCUT_STAGE, [], check)
+
+
+POWERCUT_STORE = f"""
+import os
+durable = sys.argv[1] == "1"
+def mark(name):
+    os.path.exists({POWERCUT_MARK!r} + name)
+store = dc.open("store", durable=durable)
+for i in range(3):
+    store[f"k{{i}}"] = (i, 1, b"v" * 3000)
+    mark(f"k{{i}}-1")
+store["k0"] = (0, 2, b"w" * 3000)
+mark("k0-2")
+if sys.argv[2] == "delete":
+    mark("k1-deleting")
+    del store["k1"]
+    mark("k1-deleted")
+store.close()
+"""
+
+
+def _check_powercut_store(cut: PowerCut, durable: bool) -> list[str]:
+    """Every readable entry is right or absent; what a durable store returned from is there,
+    and (12d) what it deleted stays deleted."""
+    problems = []
+    with dc.open(cut.path / "store", durable=durable) as store:
+        for i in range(3):
+            key = f"k{i}"
+            try:
+                found = store[key]
+            except KeyError:
+                found = None
+            except Exception as exc:
+                problems.append(f"reading {key} raised {type(exc).__name__}: {exc}")
+                continue
+            allowed = [None, (i, 1, b"v" * 3000)] + ([(0, 2, b"w" * 3000)] if i == 0 else [])
+            if durable and f"{key}-1" in cut.marks and f"{key}-deleting" not in cut.marks:
+                allowed.remove(None)
+            if durable and "k0-2" in cut.marks and i == 0:
+                allowed = [(0, 2, b"w" * 3000)]
+            if durable and f"{key}-deleted" in cut.marks:
+                allowed = [None]
+            if found not in allowed:
+                problems.append(f"{key} reads {str(found)[:40]}, expected one of {[str(a)[:20] for a in allowed]}")
+    return problems
+
+
+@powercut_harness
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "not-durable"])
+def test_power_cut_store_entries_are_right_or_absent(tmp_path, durable):
+    """Issue 18, item 12: after a power cut at any step, in any mode, every entry a store reads is
+    right or absent, and a durable store keeps what it returned from."""
+    run_power_cuts(
+        tmp_path, lambda root: None, POWERCUT_STORE, ["1" if durable else "0", "keep"],
+        lambda cut: _check_powercut_store(cut, durable),
+    )
+
+
+@powercut_harness
+@pytest.mark.xfail(reason="issue 18 item 12d (durable deletions) is fixed on another branch", strict=False)
+def test_power_cut_durable_deletion_stays_deleted(tmp_path):
+    """Issue 18, item 12d: with durable=True, a deleted entry stays deleted after a power cut once
+    ``del`` returned."""
+    run_power_cuts(
+        tmp_path, lambda root: None, POWERCUT_STORE, ["1", "delete"], lambda cut: _check_powercut_store(cut, True)
+    )
+
+
+@powercut_harness
+@pytest.mark.xfail(reason="issue 18 item 12e (repair CACHEDIR.TAG, .gitignore) is fixed on another branch", strict=False)
+def test_power_cut_store_tags_are_repaired(tmp_path):
+    """Issue 18, item 12e: a cut can leave the store's CACHEDIR.TAG and .gitignore empty; the next
+    open of the store repairs them, so backup tools and git keep skipping it."""
+
+    def check(cut: PowerCut) -> list[str]:
+        with dc.open(cut.path / "store") as store:
+            store["after"] = 1
+        tag, ignore = cut.path / "store" / "CACHEDIR.TAG", cut.path / "store" / ".gitignore"
+        problems = []
+        found = tag.read_bytes() if tag.exists() else None
+        if not (found or b"").startswith(b"Signature: 8a477f597d28d172789f06886806bc55"):
+            problems.append(f"CACHEDIR.TAG holds {found!r:.30}")
+        if not (ignore.exists() and ignore.read_bytes().strip()):
+            problems.append(".gitignore is missing or empty")
+        return problems
+
+    run_power_cuts(tmp_path, lambda root: None, POWERCUT_STORE, ["0", "keep"], check)
+
+
+POWERCUT_BOUNDED = """
+store = dc.open("store", max_bytes=48 * 1024, durable=True)
+for i in range(5):
+    store[str(i)] = bytes([i]) * 12000
+store.close()
+"""
+
+
+@powercut_harness
+@pytest.mark.xfail(reason="issue 18 item 12c (recount a stale max_bytes total) is fixed on another branch", strict=False)
+def test_power_cut_size_limit_total_is_recounted(tmp_path):
+    """Issue 18, item 12c: after a power cut the store's running total may be stale; two more
+    writes must still leave the store within max_bytes plus one entry."""
+
+    def check(cut: PowerCut) -> list[str]:
+        with dc.open(cut.path / "store", max_bytes=48 * 1024, durable=True) as store:
+            for i in (10, 11):
+                store[str(i)] = bytes([i]) * 12000
+        entries = [
+            os.lstat(os.path.join(d, n)) for d, _, names in os.walk(cut.path / "store") for n in names if len(n) == 32
+        ]
+        used = sum(dc._disk_bytes(st) for st in entries)
+        bound = 48 * 1024 + max(dc._disk_bytes(st) for st in entries)
+        return [f"the store takes {used} bytes, past {bound} (max_bytes plus one entry)"] if used > bound else []
+
+    run_power_cuts(tmp_path, lambda root: None, POWERCUT_BOUNDED, [], check)
+
+
+POWERCUT_MEMO_MODULE = '''
+def square(x):
+    return (x * x, b"m" * 3000)
+'''
+
+POWERCUT_MEMO = f"""
+import os
+sys.path.insert(0, sys.argv[1])
+import powercut_memo
+durable = sys.argv[2] == "1"
+f = dc.memoize(os.path.abspath("cache"), durable=durable)(powercut_memo.square)
+for i in range(3):
+    f(i)
+    os.path.exists({POWERCUT_MARK!r} + str(i))
+"""
+
+
+@powercut_harness
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "not-durable"])
+def test_power_cut_memoize_never_returns_a_wrong_value(tmp_path, durable, monkeypatch):
+    """Issue 18, item 12: after a power cut at any step, in any mode, a memoized function returns
+    the right value for every argument (a damaged entry is recomputed, never returned), and with
+    durable=True a call that returned is a hit."""
+    module = tmp_path / "module"
+    module.mkdir()
+    (module / "powercut_memo.py").write_text(POWERCUT_MEMO_MODULE)
+    monkeypatch.syspath_prepend(str(module))
+    import powercut_memo
+
+    def check(cut: PowerCut) -> list[str]:
+        problems = []
+        f = dc.memoize(str(cut.path / "cache"), durable=durable)(powercut_memo.square)
+        for i in range(3):
+            if durable and str(i) in cut.marks and not f.is_cached(i):
+                problems.append(f"f({i}) returned before the cut but is not cached")
+            if f(i) != powercut_memo.square(i):
+                problems.append(f"f({i}) returned a wrong value")
+        return problems
+
+    run_power_cuts(tmp_path, lambda root: None, POWERCUT_MEMO, [str(module), "1" if durable else "0"], check)
