@@ -4927,7 +4927,9 @@ def _stop_pool(pool: Any, now: bool) -> None:
         if process.exitcode is None:
             process.kill()  # It ignored SIGTERM.
             process.join()
-    pool.shutdown(wait=not now, cancel_futures=True)
+    # Its futures fail as the pool breaks; cancelled ones would make CPython 3.11's
+    # manager thread raise InvalidStateError as it fails them (terminate_broken).
+    pool.shutdown(wait=not now, cancel_futures=not processes)
 
 
 def _death(pool: Any, processes: list[Any]) -> str:
@@ -5112,7 +5114,7 @@ def _stream(
         interrupted = not isinstance(exc, (Exception, GeneratorExit))  # KeyboardInterrupt, SystemExit
         raise
     finally:
-        for future in pending:
+        for future in pending if not (interrupted and plan.owned and plan.processes) else ():
             future.cancel()  # Only this batch's futures; an executor it did not start stays up.
         for pool in pools:
             _stop_pool(pool, interrupted)
