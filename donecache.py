@@ -1859,7 +1859,7 @@ _CACHEDIR_TAG = (
     b"Signature: 8a477f597d28d172789f06886806bc55\n"
     b"# This file marks a donecache store (see https://bford.info/cachedir/).\n"
 )
-_STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions", ".failures", ".usage"})
+_STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions", ".failures", ".usage", ".sources"})
 
 # The size limit (max_bytes, in bytes on disk). The store's .lock file lends
 # byte 0 to the one process that sweeps the store and byte 1 to the running
@@ -2507,18 +2507,33 @@ class _EntryFiles:
                     pass
         return removed
 
-    def record_identity(self, function: str, identity: str) -> None:
+    def record_identity(self, function: str, identity: str, code: str = "") -> float | None:
+        """Record the identity this process runs under, and the code digests seen
+        under it with when each was first seen. Returns when ``code`` was first
+        seen if other code was seen before it (entries older than that came from
+        other code: a pinned version=), else None."""
         import json
 
-        if self.identities().get(function) == identity:
-            return
         path = self._identity_file(function)
-        data = json.dumps({"function": function, "identity": identity, "recorded": time.time()}).encode("utf-8")
-        try:
-            _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
-            _write_bytes(path, data, durable=self.durable)
-        except OSError:
-            pass  # Only `info` and `prune --stale` use it; a read-only store still serves.
+        record = _read_json(path) or {}
+        same = record.get("identity") == identity
+        codes = record.get("codes") if same else None
+        codes = dict(codes) if isinstance(codes, dict) else {}
+        since = codes.get(code)
+        if not isinstance(since, (int, float)):
+            since = time.time()
+            if code:
+                codes[code] = since
+                codes = dict(sorted(codes.items(), key=lambda item: float(item[1]))[-50:])  # Bounded.
+            if code or not same:
+                data = {"function": function, "identity": identity, "recorded": since, "codes": codes}
+                try:
+                    _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
+                    _write_bytes(path, json.dumps(data).encode("utf-8"), durable=self.durable)
+                except OSError:
+                    pass  # Only `info`, `prune --stale` and the warning use it; a read-only store still serves.
+        older = any(isinstance(t, (int, float)) and t < since for t in codes.values())
+        return float(since) if code and older else None
 
     def identities(self) -> dict[str, str]:
         """function -> its current code identity, as the last process that ran it recorded."""
@@ -3309,8 +3324,7 @@ def _argument_code(obj: Any) -> str:
         return _argument_codes[obj]
     except (KeyError, TypeError):  # TypeError: unhashable, or no weak reference.
         pass
-    module = getattr(obj, "__module__", None)  # Not _module_name(): a script's module is its own code.
-    library = _library(module) if isinstance(module, str) and module in sys.modules else None
+    library = _library(obj)  # Decided by where its file lives (a script's module is its own code).
     code = (" " + library if library else "") if library is not None else " " + _code_identity(obj, None)
     try:
         _argument_codes[obj] = code
@@ -3641,46 +3655,155 @@ def _function_of(key: bytes) -> str:
 # -- code identity ------------------------------------------------------------
 #
 # When no version= is given, a memoized function's entries belong to its code:
-# its source, the module-level constants it reads, and the functions and
-# classes of the user's own code that it uses, followed transitively. Library
-# code counts by its distribution's version, the standard library not at all.
+# the syntax tree of its source (docstrings aside), the module-level values it
+# reads (of any type, by canonical value), and the functions, classes and
+# modules of the user's own code that it reaches, followed transitively with
+# no limit. Installed distributions count by their RECORD (the hashes of their
+# files), the standard library not at all. What cannot be followed (eval, open,
+# the environment, a value with no canonical form) is named in one warning.
+# The rules are written out for users in docs/identity.md.
 
-_FOLLOW_LIMIT = 200  # Functions and classes followed from one memoized function.
 _SITE_DIRS = ("site-packages", "dist-packages")
+# Read from the syntax tree, never from the text: fields that say how it was written.
+_TREE_SKIP = frozenset({"kind", "type_comment", "lineno", "col_offset", "end_lineno", "end_col_offset"})
+_DOCUMENTED = ("FunctionDef", "AsyncFunctionDef", "ClassDef")
+_UNSEEN = {  # Names whose use donecache cannot follow, and what they do.
+    "eval": "eval()", "exec": "exec()", "open": "open() (files read at run time)", "__import__": "__import__()",
+    "import_module": "importlib.import_module()", "environ": "os.environ", "getenv": "os.getenv()",
+}
+_WHOLE_MODULE = frozenset({"getattr", "globals", "vars"})
+_SYNCHRONIZATION = frozenset({"_thread", "threading", "multiprocessing.synchronize", "asyncio.locks"})
+_CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__firstlineno__",
+                         "__static_attributes__", "__annotations__", "__orig_bases__", "__parameters__"})
+_learnt: dict[Any, Any] = {}  # Per process: what each source file, RECORD and site directory told.
 
 
-def _source_text(obj: Any) -> str | None:
-    """The source of a function or class without comments, blank lines, decorators
-    and indentation: what a reformatting or an edited comment leaves unchanged,
-    and the same text on every CPython version. None where there is no source."""
-    import inspect
-    import textwrap
-    import tokenize
+def _digest_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def _stdlib_dirs() -> tuple[str, ...]:
+    # Where os.py lives is the standard library (a venv's too); lib-dynload is inside it.
+    found = _learnt.get("stdlib")
+    if found is None:
+        found = _learnt["stdlib"] = (os.path.join(os.path.realpath(os.path.dirname(os.__file__)), ""),)
+    return tuple(found)
+
+
+def _parse_source(path: str, data: bytes) -> dict[str, Any] | None:
+    """What a source file holds: for each def and lambda ("LINE NAME", the line
+    that co_firstlineno gives), its tree digest and the digests of the code
+    that a fresh compile of the file makes there; for each class (by qualified
+    name), its tree digest. None if the file does not parse."""
+    import ast
 
     try:
-        lines = textwrap.dedent("".join(inspect.getsourcelines(obj)[0])).splitlines()
-    except (OSError, TypeError):
+        tree = ast.parse(data, path)
+        code = compile(tree, path, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
-    start = 0
+    order: list[tuple[Any, str]] = []  # Every def, lambda and class after its parents.
+    todo: list[tuple[Any, str]] = [(tree, "")]
+    while todo:
+        node, prefix = todo.pop()
+        for child in ast.iter_child_nodes(node):
+            inner = prefix
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+                name = getattr(child, "name", "<lambda>")
+                order.append((child, prefix + name))
+                inner = prefix + name + ("." if isinstance(child, ast.ClassDef) else ".<locals>.")
+            todo.append((child, inner))
+    texts: dict[int, str] = {}
+    functions: dict[str, list[Any]] = {}
+    classes: dict[str, str] = {}
+    for node, qualname in reversed(order):  # Inner ones first: an outer one reuses their digests.
+        out: list[str] = []
+        _tree_text(node, out, texts)
+        texts[id(node)] = digest = _digest_text("".join(out))
+        if isinstance(node, ast.ClassDef):
+            classes[qualname] = digest
+        else:  # co_firstlineno is the first decorator's line.
+            line = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", ())])
+            found = functions.setdefault(f"{line} {getattr(node, 'name', '<lambda>')}", ["", []])
+            found[0] = digest + ";" + found[0]
+    codes = [code]
+    while codes:
+        for const in codes.pop().co_consts:
+            if hasattr(const, "co_code"):
+                functions.setdefault(f"{const.co_firstlineno} {const.co_name}", ["", []])[1].append(_code_digest(const))
+                codes.append(const)
+    return {"functions": functions, "classes": classes}
+
+
+def _tree_text(node: Any, out: list[str], texts: dict[int, str]) -> None:
+    import ast
+
+    if isinstance(node, list):
+        out.append("[")
+        for item in node:
+            _tree_text(item, out, texts)
+            out.append(",")
+        out.append("]")
+        return
+    if not isinstance(node, ast.AST):
+        out.append(repr(node))
+        return
+    if id(node) in texts:  # A nested def or class, digested already.
+        out.append(texts[id(node)])
+        return
+    kind = type(node).__name__
+    out.append(kind + "(")
+    for name, value in ast.iter_fields(node):
+        # Empty fields are left out: 3.12 added type_params, and 3.13's ast leaves empties out.
+        if name in _TREE_SKIP or value is None or (isinstance(value, list) and not value):
+            continue
+        if name == "body" and kind in _DOCUMENTED and isinstance(value[0], ast.Expr):
+            if isinstance(value[0].value, ast.Constant) and isinstance(value[0].value.value, str):
+                value = value[1:]  # The docstring.
+        elif name == "decorator_list":  # memoize's own options (ttl=, path) are not the code.
+            value = [d for d in value if _decorator_name(d) != "memoize"]
+        out.append(name + "=")
+        _tree_text(value, out, texts)
+        out.append(",")
+    out.append(")")
+
+
+def _decorator_name(node: Any) -> str:
+    node = getattr(node, "func", node)
+    return str(getattr(node, "attr", None) or getattr(node, "id", ""))
+
+
+def _source_notes(path: str, notes: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the source file at ``path`` holds (see _parse_source), learnt once per
+    (path, size, mtime): from this process's memory, else from the store's notes
+    (written by an earlier process with this interpreter), else by parsing it."""
     try:
-        tokens = tokenize.generate_tokens(iter(line + "\n" for line in lines).__next__)
-        in_decorator = False
-        for token in tokens:
-            if token.type == tokenize.COMMENT:
-                row, col = token.start
-                lines[row - 1] = lines[row - 1][:col]
-            elif token.type == tokenize.OP and token.string == "@" and token.start[1] == 0 and start == token.start[0] - 1:
-                in_decorator = True
-            elif token.type == tokenize.NEWLINE and in_decorator:
-                in_decorator, start = False, token.start[0]
-    except (tokenize.TokenError, SyntaxError):
-        pass  # A lambda's line cut out of a larger expression: comments stay.
-    return "\n".join(line.rstrip() for line in lines[start:] if line.strip())
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    stamp = [st.st_size, st.st_mtime_ns]
+    known = _learnt.get(("source", path))
+    if known is None or known.get("stamp") != stamp:
+        known = (notes or {}).get(path)
+        if not isinstance(known, dict) or known.get("stamp") != stamp:
+            known = _parse_source(path, _file_head(path, st.st_size)) or {}
+            known["stamp"] = stamp
+            if notes is not None:
+                notes[path] = known
+                notes[""] = True  # Changed: to be written back.
+        _learnt[("source", path)] = known
+    return known if "functions" in known else None
+
+
+def _code_digest(code: Any) -> str:
+    return _digest_text(_bytecode_text(code))[:16]
 
 
 def _bytecode_text(code: Any) -> str:
-    """Where there is no source: the bytecode, names and constants (line numbers
-    aside). It changes between CPython versions."""
+    """Where there is no source that matches: the bytecode, names and constants
+    (line numbers aside). It changes between CPython versions."""
     parts = [
         code.co_code.hex(),
         repr((code.co_argcount, code.co_kwonlyargcount, code.co_flags, code.co_names, code.co_varnames)),
@@ -3690,37 +3813,96 @@ def _bytecode_text(code: Any) -> str:
     return "\n".join(parts)
 
 
-def _stdlib_dirs() -> tuple[str, ...]:
-    import sysconfig
+def _function_text(func: Any, notes: dict[str, Any] | None) -> str:
+    """The running code of a function: its tree digest when its source file still
+    holds exactly this code (its bytecode equals a fresh compile's), else its
+    bytecode: a file edited after import must not lend the old code the new
+    identity."""
+    code = func.__code__
+    known = None if code.co_filename.startswith("<") else _source_notes(code.co_filename, notes)
+    tree, compiled = (known or {}).get("functions", {}).get(f"{code.co_firstlineno} {code.co_name}", ("", ()))
+    return f"tree {tree}" if tree and _code_digest(code) in compiled else f"bytecode {_bytecode_text(code)}"
 
-    paths = sysconfig.get_paths()
-    return tuple(os.path.realpath(paths[name]) for name in ("stdlib", "platstdlib"))
+
+def _class_text(cls: type, notes: dict[str, Any] | None) -> str:
+    file = _origin_file(cls)
+    known = _source_notes(file, notes) if file and not file.startswith("<") else None
+    return str((known or {}).get("classes", {}).get(cls.__qualname__, ""))
 
 
-def _library(module_name: str) -> str | None:
-    """How library code counts: "" for the standard library, "name==version" for an
-    installed distribution, None for the user's own code (which is followed)."""
-    top = module_name.partition(".")[0]
-    if top in sys.builtin_module_names or top in getattr(sys, "stdlib_module_names", ()):
-        return ""
-    module = sys.modules.get(top)
-    file = getattr(module, "__file__", None)
-    if module is None or not file:
-        return None if top in ("__main__", "__mp_main__") else ""
-    path = os.path.realpath(file)
-    if any(part in _SITE_DIRS for part in path.split(os.sep)):
-        version = getattr(module, "__version__", None)
-        if not isinstance(version, str):
-            from importlib import metadata
+def _origin_file(obj: Any) -> str | None:
+    """The file that defines a module, function or class (None: built in, or no file)."""
+    if isinstance(obj, type(sys)):
+        file = getattr(obj, "__file__", None)
+        if file is None:  # A namespace package: where its folders are.
+            file = next(iter(getattr(obj, "__path__", None) or ()), None)
+        return file if isinstance(file, str) else None
+    code = getattr(obj, "__code__", None)
+    if hasattr(code, "co_filename") and not isinstance(obj, type):
+        return str(code.co_filename)  # type: ignore[union-attr]
+    file = getattr(sys.modules.get(getattr(obj, "__module__", None) or ""), "__file__", None)
+    if file is None and isinstance(obj, type):
+        file = next((c.co_filename for c in (getattr(getattr(m, "__func__", m), "__code__", None) for m in vars(obj).values()) if c), None)
+    return file if isinstance(file, str) else None
 
-            try:
-                version = metadata.version(top)
-            except Exception:
-                version = "?"
-        return f"{top}=={version}"
-    if not hasattr(sys, "stdlib_module_names") and path.startswith(_stdlib_dirs()):
-        return ""  # CPython 3.9, which has no list of the standard library's modules.
-    return None
+
+def _library(obj: Any) -> str | None:
+    """How code counts, decided by where its file lives (not by its module's name):
+    None for the user's own code (followed), "" for the standard library and
+    built-ins, and "library <distribution> <RECORD digest>" for an installed one."""
+    module = obj.__name__ if isinstance(obj, type(sys)) else getattr(obj, "__module__", None) or ""
+    file = _origin_file(obj)
+    top = module.partition(".")[0]
+    if file is None or file.startswith("<"):  # Built in, frozen, or typed in (a REPL, exec).
+        known = top in sys.builtin_module_names or top in getattr(sys, "stdlib_module_names", ())
+        return "" if known or (file is None and top not in ("__main__", "__mp_main__") and module in sys.modules) else None
+    stamp = ("where", file)
+    if file == __file__:
+        return ""  # donecache itself.
+    if stamp not in _learnt:
+        path = os.path.realpath(file)
+        parts = path.split(os.sep)
+        site = next((i for i, part in enumerate(parts) if part in _SITE_DIRS), None)
+        if site is not None and site + 1 < len(parts):
+            found: str | None = _distribution(os.sep.join(parts[: site + 1]), parts[site + 1], top)
+        else:
+            found = "" if path.startswith(_stdlib_dirs()) else None
+        _learnt[stamp] = found
+    return _learnt[stamp]  # type: ignore[no-any-return]
+
+
+def _distribution(site: str, name: str, top: str) -> str:
+    """An installed distribution by the hashes of its files: a digest of its
+    RECORD (read once per process and RECORD size and mtime), so that a package
+    reinstalled with an unchanged version number counts as new code."""
+    name = name.partition(".")[0]  # pkg, pkg.py, pkg.cpython-311-x86_64-linux-gnu.so
+    infos = sorted(e.path for e in _scandir(site) if e.name.endswith(".dist-info")) if ("site", site) not in _learnt else []
+    owners = _learnt.setdefault(("site", site), {})
+    for found in infos:  # Which distribution installed each top-level name, once per site directory.
+        normal = os.path.basename(found).partition("-")[0].lower().replace(".", "_")
+        for owned in (_read_text(os.path.join(found, "top_level.txt")) or "").split() or [normal]:
+            owners.setdefault(owned, found)
+    if name not in owners:  # A name no top_level.txt lists: look for it in the RECORDs, once.
+        owners[name] = ""
+        for found in sorted(e.path for e in _scandir(site) if e.name.endswith(".dist-info")):
+            text = "\n" + (_read_text(os.path.join(found, "RECORD")) or "")
+            if f"\n{name}/" in text or f"\n{name}." in text:
+                owners[name] = found
+                break
+    info = str(owners[name])
+    record = os.path.join(info, "RECORD") if info else ""
+    try:
+        st = os.stat(record)
+    except (OSError, ValueError):
+        version = getattr(sys.modules.get(top), "__version__", None)
+        return f"library {top}=={version if isinstance(version, str) else '?'}"
+    stamp = ("record", record, st.st_size, st.st_mtime_ns)
+    if stamp not in _learnt:
+        import hashlib
+
+        digest = hashlib.blake2b(_file_head(record, st.st_size), digest_size=8).hexdigest()
+        _learnt[stamp] = f"library {os.path.basename(info)} {digest}"
+    return _learnt[stamp]  # type: ignore[no-any-return]
 
 
 def _is_constant(value: Any) -> bool:
@@ -3737,100 +3919,368 @@ def _code_names(code: Any) -> set[str]:
     return names
 
 
-class _CodeIdentity:
-    """Collects what a function's code depends on, as texts to digest."""
+_SINK_METHODS = frozenset({"append", "extend", "add", "update", "insert", "clear", "discard", "remove"})
 
-    def __init__(self) -> None:
+
+def _sinks(code: Any) -> set[str]:
+    """Names the code uses only to add to (calls.append(x), seen.add(x)): outputs,
+    not inputs, so their contents are not part of the identity."""
+    import dis
+
+    used: dict[str, bool] = {}
+    todo = [code]
+    while todo:
+        code = todo.pop()
+        todo += [const for const in code.co_consts if hasattr(const, "co_code")]
+        instructions = list(dis.get_instructions(code))
+        for here, after in zip(instructions, instructions[1:] + instructions[:1]):
+            if here.opname in ("LOAD_GLOBAL", "LOAD_DEREF", "LOAD_NAME", "LOAD_CLASSDEREF"):
+                sink = after.opname in ("LOAD_ATTR", "LOAD_METHOD") and after.argval in _SINK_METHODS
+                used[here.argval] = used.get(here.argval, True) and sink
+    return {name for name, sink in used.items() if sink}
+
+
+def _imported_in(code: Any, package: str) -> list[Any]:
+    """The modules that import statements inside the code name, imported now if
+    the code has not run yet (the call is about to import them anyway); a module
+    that fails to import is left to the call."""
+    import dis
+    import importlib.util
+
+    found = []
+    todo = [code]
+    while todo:
+        code = todo.pop()
+        todo += [const for const in code.co_consts if hasattr(const, "co_code")]
+        if dis.opmap["IMPORT_NAME"] not in code.co_code[::2]:
+            continue
+        instructions = list(dis.get_instructions(code))
+        for index, here in enumerate(instructions):
+            if here.opname != "IMPORT_NAME" or index < 2:
+                continue
+            level, fromlist = instructions[index - 2].argval, instructions[index - 1].argval
+            try:
+                name = importlib.util.resolve_name("." * level + here.argval, package) if level else here.argval
+                found.append(importlib.import_module(name))
+                for sub in fromlist or ():
+                    if not hasattr(found[-1], sub):
+                        found.append(importlib.import_module(f"{name}.{sub}"))
+            except Exception:
+                continue
+    return found
+
+
+def _global_loads(code: Any, names: set[str]) -> set[str]:
+    """Which of ``names`` the code loads as globals or builtins (not as attributes)."""
+    import dis
+
+    found = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and i.argval in names}
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            found |= _global_loads(const, names)
+    return found
+
+
+_exec_count: list[int] = []  # exec() calls in this process, counted once a memoized function is called.
+
+
+def _count_exec(event: str, args: tuple[Any, ...]) -> None:
+    # An audit hook (PEP 578): cells, reloads and imports run their code through exec().
+    if event == "exec":
+        _exec_count[0] += 1
+
+
+class _CodeIdentity:
+    """Collects what a function's code depends on, as texts to digest; the
+    bindings it read, to notice a redefinition or a reload later in the
+    process; and what it could not see, to warn about."""
+
+    def __init__(self, notes: dict[str, Any] | None = None) -> None:
+        self.notes = notes  # What the store says of source files (see _source_notes).
         self.parts: set[str] = set()
+        self.unseen: dict[str, None] = {}
+        self.watched: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self.codes: list[tuple[Any, Any]] = []  # (function, its code when followed)
         self._seen: set[int] = set()
+        self._modules: set[tuple[int, int]] = set()  # (module, names read of it) done.
+        self._active: set[int] = set()  # The containers being written (a cycle is named).
+        self._keep: list[Any] = []  # What _seen holds the ids of, alive while following.
 
     def digest(self) -> str:
-        import hashlib
+        return _digest_text("\0".join(sorted(self.parts)))[:16]
 
-        return hashlib.blake2b("\0".join(sorted(self.parts)).encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    def same(self, home: Any) -> Callable[[], bool]:
+        """A check, run before each call, that the bindings read while following are
+        still the same objects. The bindings in ``home`` (the memoized function's
+        own globals: a script, a notebook) are checked at every call, the others
+        only after an exec() ran somewhere (a notebook cell, a module reloaded or
+        imported): a hit then costs a few dict reads, not one per followed name."""
+        if not _exec_count:
+            _exec_count.append(0)
+            try:
+                sys.addaudithook(_count_exec)
+            except Exception:  # Refused by another hook: check every binding at every call.
+                _exec_count[0] = -1
+        everything = [(mapping.get, tuple(found), tuple(found.values())) for mapping, found in self.watched.values()]
+        local = [check for key, check in zip(self.watched, everything) if key == id(home)]
+        seen, codes = [_exec_count[0]], list(self.codes)
+
+        def unchanged(checks: list[tuple[Any, tuple[str, ...], tuple[Any, ...]]]) -> bool:
+            try:
+                for get, names, values in checks:
+                    if tuple(map(get, names)) != values:
+                        return False
+            except Exception:  # A value whose == is not a bool (an array): it was replaced.
+                return False
+            return True
+
+        def same() -> bool:
+            if _exec_count[0] == seen[0] >= 0:
+                return unchanged(local)
+            count = _exec_count[0]  # %autoreload also swaps the code of the old function objects.
+            if unchanged(everything) and all(func.__code__ is code for func, code in codes):
+                seen[0] = count
+                return True
+            return False
+
+        return same
+
+    def _watch(self, mapping: Any, names: Iterable[str]) -> None:
+        found = self.watched.setdefault(id(mapping), (mapping, {}))[1]
+        for name in names:
+            found[name] = mapping.get(name)
+
+    def _first(self, obj: Any) -> bool:
+        if id(obj) in self._seen:
+            return False
+        self._seen.add(id(obj))
+        self._keep.append(obj)
+        return True
 
     def follow(self, obj: Any, root: bool = False) -> None:
-        """Add a function, class or module, and what it uses, unless it is library code."""
+        """Add a function, class or callable object, and what it uses, unless it is library code."""
         import functools
         import inspect
 
-        if id(obj) in self._seen or len(self._seen) >= _FOLLOW_LIMIT:
+        if not self._first(obj):
             return
-        self._seen.add(id(obj))
         if isinstance(obj, functools.partial):
             self.follow(obj.func, root)
+            self.parts.add(f"partial {_reference(obj.func)} {self.text(obj.args)} {self.text(obj.keywords)}")
             return
-        if not root:
-            library = _library(obj.__name__ if inspect.ismodule(obj) else getattr(obj, "__module__", None) or "")
-            if library is not None:
-                if library:
-                    self.parts.add(f"library {library}")
-                return
-        if inspect.ismodule(obj):
-            return  # Its attributes count where they are read (see uses()).
+        if inspect.ismethod(obj):  # A bound method: its function and its object.
+            self.follow(obj.__func__, root)
+            self.parts.add(f"bound {_reference(obj.__func__)} {self.text(obj.__self__)}")
+            return
+        try:
+            inner = obj if inspect.isclass(obj) else inspect.unwrap(obj)
+        except ValueError:
+            inner = obj
+        if inner is not obj:  # A decorated function (or a memoized one): what it wraps counts,
+            self.follow(inner, root)  # even where the wrapper is library code.
+        registry = getattr(obj, "registry", None)
+        if hasattr(obj, "dispatch") and isinstance(registry, collections.abc.Mapping):
+            for implementation in list(registry.values()):  # functools.singledispatch
+                self.follow(implementation)
+        library = None if root or inspect.ismodule(obj) else _library(obj)
+        if library is not None:
+            if library:
+                self.parts.add(library)
+            return
         if inspect.isclass(obj):
-            self.parts.add(f"class {_reference(obj)}\n{_source_text(obj) or ''}")
-            for member in vars(obj).values():
-                member = getattr(member, "__func__", member)  # staticmethod, classmethod
-                if inspect.isfunction(member):
-                    self.uses(member)
+            self._class(obj)
             return
-        inner = inspect.unwrap(obj)
         code = getattr(obj, "__code__", None)
-        if inner is not obj:  # A decorated function (or a memoized one): what it wraps counts.
-            self.follow(inner, root)
-            if code is None:
-                return
-        if code is None:  # A callable object or a builtin: its class says what it is.
-            if not inspect.isbuiltin(obj):
+        if code is None:  # A callable object: its class's code and its state.
+            if not inspect.isbuiltin(obj) and inner is obj:
                 self.follow(type(obj))
+                self.parts.add(f"object {_reference(type(obj))} {self.text(getattr(obj, '__dict__', obj))}")
             return
-        self.parts.add(f"def {_reference(obj)}\n{_source_text(obj) or _bytecode_text(code)}")
+        self.parts.add(f"def {_reference(obj)}\n{_function_text(obj, self.notes)}")
+        self.codes.append((obj, code))
+        owner: Any = obj.__globals__ if "<" not in obj.__qualname__ else None
+        for part in obj.__qualname__.split(".")[:-1]:  # A method: its class (self.RATE, self.step()).
+            owner = owner.get(part) if isinstance(owner, dict) else getattr(owner, part, None)
+        if inspect.isclass(owner):
+            self.follow(owner)
         self.uses(obj)
 
-    def uses(self, func: Any) -> None:
-        """Add the module-level constants, functions, classes and modules that ``func`` reads."""
-        names = _code_names(func.__code__)
-        scope = getattr(func, "__globals__", {})
-        for name in sorted(names & scope.keys()):
-            self._value(name, scope[name], names)
-        for cell in getattr(func, "__closure__", None) or ():
-            value = _cell_value(cell)
-            if callable(value) or isinstance(value, type(sys)):
-                self.follow(value)
+    def _class(self, cls: type) -> None:
+        """A class: its source, its bases along the MRO, its methods, properties and class attributes."""
+        import functools
+        import inspect
 
-    def _value(self, name: str, value: Any, names: set[str]) -> None:
+        self.parts.add(f"class {_reference(cls)}\n{_class_text(cls, self.notes)}")
+        for base in cls.__mro__[1:]:
+            if base is not object:
+                self.follow(base)
+        members = {name: value for name, value in vars(cls).items() if name not in _CLASS_SKIP}
+        self._watch(vars(cls), members)
+        for name, member in sorted(members.items()):
+            member = getattr(member, "__func__", member)  # staticmethod, classmethod
+            if isinstance(member, (property, functools.cached_property)):
+                for accessor in (getattr(member, part, None) for part in ("fget", "fset", "fdel", "func")):
+                    if accessor is not None:
+                        self.follow(accessor)
+            elif inspect.isfunction(member) and member.__code__.co_filename == "<string>":
+                continue  # Made by dataclass or namedtuple from what the class states.
+            else:
+                self.value(f"{_reference(cls)}.{name}", member, set())
+
+    def uses(self, func: Any) -> None:
+        """Add the module-level values, functions, classes and modules that ``func``
+        reads, its closure and its defaults; note what cannot be followed."""
+        code = func.__code__
+        names = _code_names(code)
+        scope = getattr(func, "__globals__", {})
+        where = f"{_reference(func)}"
+        self._watch(scope, names & scope.keys())
+        mutable = [name for name in names & scope.keys() if type(scope[name]) in (list, dict, set)]
+        mutable += [name for name, cell in zip(code.co_freevars, func.__closure__ or ()) if type(_cell_value(cell)) in (list, dict, set)]
+        sinks = _sinks(code) if mutable else set()
+        for name in sorted(names & scope.keys() - sinks):
+            self.value(name, scope[name], names)
+        for module in _imported_in(code, str(scope.get("__package__") or "")):
+            self.value(module.__name__, module, names)
+        for name, cell in zip(code.co_freevars, getattr(func, "__closure__", None) or ()):
+            if name not in sinks:
+                self.value(f"{where} closure {name}", _cell_value(cell), names)
+        for index, default in enumerate([*(func.__defaults__ or ()), *(func.__kwdefaults__ or {}).values()]):
+            self.value(f"{where} default {index}", default, set())
+        suspect = (names & (_UNSEEN.keys() | _WHOLE_MODULE)) - scope.keys()
+        loaded = _global_loads(code, suspect) if suspect else set()
+        for name in sorted(suspect & _UNSEEN.keys()):
+            if name in loaded or name in ("environ", "getenv", "import_module"):
+                self.unseen[f"{_UNSEEN[name]} in {where}()"] = None
+        if loaded & _WHOLE_MODULE:  # getattr(module, name), globals(), vars(): the whole module counts.
+            for value in [sys.modules.get(getattr(func, "__module__", None) or ""), *scope.values()]:
+                if isinstance(value, type(sys)) and _library(value) is None:
+                    self.value(value.__name__, value, set(vars(value)))
+
+    def value(self, name: str, value: Any, names: set[str]) -> None:
+        """A value the code reads: a module (its attributes that are read), code (followed), or data."""
         import inspect
 
         if _is_constant(value):
             self.parts.add(f"constant {name}={_text(value)}")
         elif inspect.ismodule(value):
-            self.follow(value)
-            if _library(value.__name__) is None:  # The user's module: the attributes read of it.
-                for attribute in sorted(names & vars(value).keys()):
-                    self._value(f"{name}.{attribute}", getattr(value, attribute), names)
+            library = _library(value)
+            if library:
+                self.parts.add(library)
+            elif library is None and (id(value), id(names)) not in self._modules:
+                self._modules.add((id(value), id(names)))
+                self._keep.append(names)
+                read = sorted(names & vars(value).keys())
+                self._watch(vars(value), read)
+                for attribute in read:
+                    if not attribute.startswith("__"):
+                        self.value(f"{value.__name__}.{attribute}", getattr(value, attribute), names)
         elif callable(value):
             self.follow(value)
+        else:
+            self.parts.add(f"value {name}={self.text(value, name)}")
+
+    def text(self, value: Any, name: str = "") -> str:
+        """Data by canonical value; the functions and classes inside it by their code;
+        an instance of the user's own class also by that class's code."""
+        kind = type(value)
+        if kind in _SCALARS:
+            return repr(value)
+        if id(value) in self._active:
+            return "<cycle>"
+        self._active.add(id(value))
+        try:
+            return self._text(value, kind, name)
+        finally:
+            self._active.discard(id(value))
+
+    def _text(self, value: Any, kind: type, name: str) -> str:
+        import inspect
+
+        if kind in (tuple, list):
+            try:
+                if _SCALARS.issuperset(map(type, value)):
+                    return kind.__name__ + repr(value)  # Plain data, at C speed.
+            except ValueError:  # An int too long for decimal text.
+                pass
+            return kind.__name__ + "(" + ",".join(map(self.text, value)) + ")"
+        if kind in (dict, set, frozenset):
+            items = value.items() if kind is dict else ((item, None) for item in value)
+            return kind.__name__ + "{" + ",".join(sorted(f"{self.text(k)}:{self.text(v)}" for k, v in items)) + "}"
+        if callable(value) and not inspect.isbuiltin(value) and not kind.__module__.startswith("numpy"):
+            self.follow(value)
+            return f"<code {_reference(value)}>"
+        if kind.__module__ in _SYNCHRONIZATION:
+            return f"<{kind.__name__}>"  # A lock is how the code waits, not what it computes.
+        if not isinstance(value, type(sys)) and _library(kind) is None:
+            self.follow(kind)
+        try:
+            return _text(value)
+        except Exception as exc:  # No canonical form: its attributes, or a warning.
+            state = getattr(value, "__dict__", None)
+            if isinstance(state, dict):
+                return f"<{_reference(kind)} {self.text(state)}>"
+            self.unseen[f"the value of {name or 'a ' + kind.__name__} ({kind.__name__}: {exc})"] = None
+            return f"<unseen {_reference(kind)}>"
 
 
-def _code_identity(func: Any, version: Any) -> str:
-    """16 hex digits naming the code of ``func``: version= when given (edits then do
-    not count), else its code and what it depends on (see _CodeIdentity)."""
-    if version is not None:
-        import hashlib
+def _follow(func: Any, store: str | None = None) -> _CodeIdentity:
+    """Follow ``func``; with ``store``, what was learnt of source files is kept
+    there (.sources/, per interpreter), so a new process need not parse them."""
+    import json
 
-        return hashlib.blake2b(f"version {_version_text(version)}".encode("utf-8"), digest_size=8).hexdigest()
-    identity = _CodeIdentity()
+    path = os.path.join(store, ".sources", f"{sys.implementation.cache_tag}.json") if store else None
+    notes = _learnt.get(("notes", path))
+    if path is not None and notes is None:
+        try:
+            fd, st = _open_regular(path)
+            try:
+                notes = json.loads(os.read(fd, st.st_size))
+            finally:
+                os.close(fd)
+        except (OSError, ValueError):
+            notes = None
+        notes = _learnt[("notes", path)] = notes if isinstance(notes, dict) else {}
+    identity = _CodeIdentity(notes)
     identity.follow(func, root=True)
-    return identity.digest()
+    if path is not None and notes is not None and notes.pop("", None):
+        try:
+            _make_dirs(os.path.dirname(path), 0o700)
+            _write_bytes(path, json.dumps(notes).encode("utf-8"), durable=False)
+        except OSError:
+            pass  # Only a cost: the next process parses the files again.
+    return identity
+
+
+_identities: dict[int, tuple[Any, str, Callable[[], bool]]] = {}  # For code passed as arguments, by object.
+
+
+def _unchanged() -> bool:
+    return True
+
+
+def _code_identity(func: Any, version: Any = None) -> str:
+    """16 hex digits naming the code of ``func`` (any function, class, partial,
+    bound method or callable object): version= when given (edits then do not
+    count), else its code and what it depends on (see _CodeIdentity). The keys
+    use it for code passed as an argument."""
+    if version is not None:
+        return _digest_text(f"version {_version_text(version)}")[:16]
+    known = _identities.get(id(func))
+    if known is not None and known[0] is func and known[2]():
+        return str(known[1])
+    followed = _follow(func)
+    if len(_identities) >= 1000:
+        _identities.clear()
+    _identities[id(func)] = (func, followed.digest(), followed.same(getattr(func, "__globals__", None)))
+    return str(_identities[id(func)][1])
 
 
 def _closure_text(func: Any) -> str:
     """What a function's closure holds that makes it another function: its constant
     values (outer(2) and outer(3) return different functions), and a partial's
-    arguments. Part of every key. Mutable values (a list the function appends
-    to, a logger) are not, as mutable module globals are not; the functions and
-    classes it holds count in the code identity instead."""
+    arguments. Part of every key. Other values in the closure (data, functions,
+    classes) count in the code identity instead."""
     import functools
     import inspect
 
@@ -4077,11 +4527,8 @@ class _Memoized(Generic[_P, _R]):
         # on CPython 3.9).
         import inspect  # noqa: F401
         import json  # noqa: F401
-        import textwrap  # noqa: F401
-        import tokenize  # noqa: F401
-
-        if not hasattr(sys, "stdlib_module_names"):
-            _stdlib_dirs()  # CPython 3.9: sysconfig, for telling library code apart.
+        import ast  # noqa: F401
+        import dis  # noqa: F401
 
         functools.update_wrapper(self, func)
         if not hasattr(func, "__qualname__"):  # A functools.partial or a callable object.
@@ -4103,6 +4550,8 @@ class _Memoized(Generic[_P, _R]):
         # Made at the first call (_prepare): the code identity and the closure's values.
         self._prefix = b""
         self._closure = ""
+        self._same: Callable[[], bool] = _unchanged  # Whether what the identity followed is unchanged.
+        self._key_given = key is not None
         self._unrecorded = False
         self._store: _EntryFiles | None = None
         self._folder = ""  # Where this function's entries live in the store (set with it).
@@ -4140,20 +4589,45 @@ class _Memoized(Generic[_P, _R]):
         return self._store
 
     def _prepare(self) -> bytes:
-        """At the first call: the code identity (following what the function uses
-        costs a few milliseconds, once) and the closure's values; the identity is
-        recorded in the store, so that `info` and `prune` can tell stale entries."""
-        identity = _code_identity(self.__wrapped__, self._version)
-        self._closure = _closure_text(self.__wrapped__)
-        self._prefix = self._identity + f"{identity}|".encode("utf-8")
+        """At the first call, and again when a binding it followed has changed (a
+        redefinition, a reload): the code identity and the closure's values. The
+        identity is recorded in the store, so that `info` and `prune` can tell
+        stale entries, with the code under a pinned version=, to say when other
+        code made the entries it reuses. What cannot be followed is named once."""
+        import inspect
+
         files = self._store or (None if _switched_off() else self._files())  # Off: no cache directory is made.
-        if files is not None and not files.readonly:
-            files.record_identity(self._function, identity)
+        followed = _follow(self.__wrapped__, None if files is None or files.readonly else files.root)
+        code = followed.digest()
+        identity = _code_identity(None, self._version) if self._version is not None else code
+        self._closure = _closure_text(self.__wrapped__)
+        home = getattr(inspect.unwrap(self.__wrapped__), "__globals__", None)
+        self._same = followed.same(home) if self._version is None else _unchanged
+        first = self._prefix == b""  # Warn once, at the first call.
+        self._prefix = self._identity + f"{identity}|".encode("utf-8")
+        if first and followed.unseen and self._version is None and not self._key_given:
+            _warn(
+                f"{self.__qualname__}(): donecache cannot follow {'; '.join(followed.unseen)}, so a change there "
+                "will not recompute. Pass version= (and bump it when that changes), or key= that includes it"
+            )
+        since = None if files is None or files.readonly else files.record_identity(self._function, identity, code)
         self._unrecorded = files is None  # Then _files() records it once the store is made.
+        if first and since is not None and files is not None:
+            older = sum(
+                1
+                for found in files.scan(self._folder)
+                if found.entry is not None and found.entry.created < since and found.entry.key.startswith(self._prefix)
+            )
+            if older:
+                _warn(
+                    f"{self.__qualname__}(): version={self._version!r} is pinned but the code has changed: "
+                    f"{older} of its entries came from other code and are reused, as version= asks. "
+                    "Bump version= if the change alters results"
+                )
         return self._prefix
 
     def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-        prefix = self._prefix or self._prepare()
+        prefix = self._prefix if self._prefix and self._same() else self._prepare()
         return _make_key(prefix, self._closure, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
@@ -4733,7 +5207,7 @@ def _reduce_memoized(func: _Memoized[..., Any]) -> str | tuple[Any, ...]:
     # The registry's key names this very wrapper: before its first call its key
     # prefix is empty, and two functions' wrappers were once taken for one.
     token = func.__dict__.setdefault("_pickle_token", os.urandom(8).hex())
-    state = dict(func.__dict__, _store=None, _warned=False, _hits=0, _misses=0)
+    state = dict(func.__dict__, _store=None, _warned=False, _hits=0, _misses=0, _same=_unchanged)
     _by_value[(type(func), func.path, token)] = func
     return _restore_memoized, (type(func), state)
 

@@ -2862,6 +2862,488 @@ def test_numpy_arrays_are_keyed_by_their_contents(tmp_path, calls):
     assert total(np.float64(1.5)) == 1.5 and len(calls) == 5
 
 
+# -- memoize: what a function's identity covers (issue 19) -----------------------
+#
+# Each test writes a package to tmp_path and runs a job in a fresh interpreter
+# per step: the first run computes, an unchanged rerun hits, and each edit that
+# can change the result recomputes (and its own rerun hits).
+
+
+def write_files(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).replace("DC", MODULE))
+
+
+def computed(tmp_path: Path, job: str, **options: object) -> int:
+    """How many times the job's memoized functions computed (they print "computed")."""
+    return run_job(tmp_path, job, **options).count("computed")  # type: ignore[arg-type]
+
+
+def edits_recompute(tmp_path: Path, files: dict[str, str], job: str, edits: list[tuple[str, str, str]], same: list[tuple[str, str, str]] = []) -> None:
+    """Edits are (file, old text, new text), applied in turn: each recomputes; each in ``same`` does not."""
+    write_files(tmp_path, files)
+    assert computed(tmp_path, job) == 1, "the first run computes"
+    assert computed(tmp_path, job) == 0, "an unchanged rerun hits"
+    for file, old, new, expected in [(*e, 1) for e in edits] + [(*e, 0) for e in same]:
+        path = tmp_path / file
+        text = path.read_text()
+        assert text.count(old) == 1, (file, old)
+        path.write_text(text.replace(old, new))
+        assert computed(tmp_path, job) == expected, f"{file}: {old!r} -> {new!r}"
+        assert computed(tmp_path, job) == 0, f"{file}: {old!r} -> {new!r}: the rerun hits"
+
+
+def test_identity_of_a_method_covers_the_class_of_self(tmp_path):
+    files = {
+        "pkg/__init__.py": "",
+        "pkg/base.py": """
+            class Base:
+                def step(self, x):
+                    return x + 1
+        """,
+        "pkg/model.py": """
+            import functools, sys
+            import DC as dc
+            from pkg.base import Base
+
+            BASE = 0.5
+
+            def boost():
+                return 7
+
+            class Pricer(Base):
+                RATE = BASE * 2
+
+                def __init__(self, n):
+                    self.n = n
+
+                @property
+                def scale(self):
+                    return 3
+
+                @functools.cached_property
+                def extra(self):
+                    return boost()
+
+                @dc.memoize(sys.argv[1])
+                def total(self, x):
+                    print("computed")
+                    return self.step(x) * self.RATE * self.scale + self.n + self.extra
+        """,
+    }
+    job = "from pkg.model import Pricer\nprint(Pricer(1).total(2))\n"
+    edits_recompute(tmp_path, files, job, [
+        ("pkg/base.py", "return x + 1", "return x + 2"),  # an inherited method self calls
+        ("pkg/model.py", "RATE = BASE * 2", "RATE = BASE * 3"),  # a class attribute
+        ("pkg/model.py", "BASE = 0.5", "BASE = 0.25"),  # a class attribute set from a module constant
+        ("pkg/model.py", "return 3", "return 4"),  # a property
+        ("pkg/model.py", "return 7", "return 8"),  # what a cached_property calls
+    ])
+
+
+
+def test_identity_of_a_method_covers_a_subclass_that_self_is(tmp_path):
+    job = """
+        class Base:
+            @dc.memoize(sys.argv[1])
+            def total(self, x):
+                print("computed")
+                return self.step(x)
+
+            def step(self, x):
+                return x
+
+        class Sub(Base):
+            def step(self, x):
+                return x * {body}
+
+        print(Sub().total(3))
+    """
+    assert run_job(tmp_path, job.format(body="2")) == ["computed", "6"]
+    assert run_job(tmp_path, job.format(body="2")) == ["6"]
+    assert run_job(tmp_path, job.format(body="2 + 1")) == ["computed", "7"], "an override in the class of self"
+
+VALUES_MODULE = """
+    import collections, dataclasses, datetime, decimal, enum, functools, pathlib
+
+    CONFIG = {"scale": 2, "names": ["a", "b"]}
+    COLUMNS = ["x", "y"]
+    ROOT = pathlib.Path("data/in")
+
+    class Mode(enum.Enum):
+        FAST = 1
+        SLOW = 2
+
+    MODE = Mode.FAST
+    Limits = collections.namedtuple("Limits", "low high")
+    LIMITS = Limits(0, 10)
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        depth: int = 1
+
+    OPTIONS = Options()
+    START = datetime.date(2024, 1, 1)
+    TAX = decimal.Decimal("0.20")
+
+    def double(x):
+        return x * 2
+
+    def triple(x):
+        return x * 3
+
+    HANDLERS = {"d": double}
+    PIPELINE = (triple,)
+
+    def mul(a, b):
+        return a * b
+
+    SCALE = functools.partial(mul, 3)
+
+    def make(k):
+        def times(x):
+            return x * k
+        return times
+
+    TIMES = make(2)
+
+    class Counter:
+        def __init__(self, start):
+            self.start = start
+
+        def value(self):
+            return self.start
+
+    COUNTER = Counter(5)
+"""
+
+
+def test_identity_covers_module_level_values_of_any_type(tmp_path):
+    files = {
+        "pkg/__init__.py": "",
+        "pkg/conf.py": VALUES_MODULE,
+        "pkg/main.py": """
+            import sys
+            import DC as dc
+            from pkg import conf
+            from pkg.conf import CONFIG, COLUMNS
+
+            @dc.memoize(sys.argv[1])
+            def run(x):
+                print("computed")
+                return (CONFIG["scale"], len(COLUMNS), str(conf.ROOT), conf.MODE.value, conf.LIMITS.high,
+                        conf.OPTIONS.depth, conf.START.year, float(conf.TAX), conf.HANDLERS["d"](x),
+                        conf.PIPELINE[0](x), conf.SCALE(x), conf.TIMES(x), conf.COUNTER.value())
+        """,
+    }
+    conf = "pkg/conf.py"
+    edits_recompute(tmp_path, files, "from pkg.main import run\nprint(run(2))\n", [
+        (conf, '"scale": 2', '"scale": 3'),  # a dict
+        (conf, '["x", "y"]', '["x", "y", "z"]'),  # a list
+        (conf, 'Path("data/in")', 'Path("data/out")'),  # a Path
+        (conf, "MODE = Mode.FAST", "MODE = Mode.SLOW"),  # an Enum member
+        (conf, "Limits(0, 10)", "Limits(0, 20)"),  # a namedtuple
+        (conf, "depth: int = 1", "depth: int = 2"),  # a frozen dataclass
+        (conf, "date(2024, 1, 1)", "date(2025, 1, 1)"),  # a date
+        (conf, '"0.20"', '"0.25"'),  # a Decimal
+        (conf, '{"d": double}', '{"d": triple}'),  # a registry of functions
+        (conf, "return x * 3", "return x * 3 + 1"),  # a function in a tuple
+        (conf, "partial(mul, 3)", "partial(mul, 4)"),  # a partial's arguments
+        (conf, "return a * b", "return a * b + 1"),  # a partial's function
+        (conf, "make(2)", "make(5)"),  # a factory-made closure's captured value
+        (conf, "Counter(5)", "Counter(6)"),  # a module-level instance's state
+        (conf, "return self.start", "return self.start + 1"),  # its class's code
+    ])
+
+
+def test_identity_covers_module_level_numpy_arrays(tmp_path):
+    pytest.importorskip("numpy")
+    files = {
+        "weights.py": """
+            import sys
+            import numpy as np
+            import DC as dc
+            WEIGHTS = np.array([1.0, 2.0, 3.0])
+
+            @dc.memoize(sys.argv[1])
+            def score(x):
+                print("computed")
+                return float((WEIGHTS * x).sum())
+        """,
+    }
+    edits_recompute(tmp_path, files, "from weights import score\nprint(score(2))\n", [("weights.py", "3.0]", "4.0]")])
+
+
+FOLLOWER_FILES = {
+    "statistics.py": """
+        def mean(values):
+            return sum(values) / len(values)
+    """,
+    "nspkg/tools.py": """
+        def inc(x):
+            return x + 1
+    """,
+    "plugins/rules.py": """
+        def bonus(x):
+            return 10
+    """,
+    "pkg/__init__.py": "",
+    "pkg/late.py": """
+        def f(x):
+            return x * 7
+    """,
+    "pkg/ops.py": """
+        def op_square(x):
+            return x * x
+    """,
+    "pkg/names.py": """
+        from pkg import ops
+
+        def by_name(name, x):
+            return getattr(ops, name)(x)
+    """,
+    "pkg/shapes.py": """
+        class Shape:
+            def area(self):
+                return 1
+    """,
+    "pkg/main.py": """
+        import functools, importlib.util, os, sys
+        import DC as dc
+        import statistics
+        import nspkg.tools
+        from pkg.names import by_name
+        from pkg.shapes import Shape
+
+        _spec = importlib.util.spec_from_file_location("rules_plugin", os.path.join(os.path.dirname(__file__), "..", "plugins", "rules.py"))
+        rules = importlib.util.module_from_spec(_spec)
+        _spec.loader.exec_module(rules)
+
+        class Square(Shape):
+            pass
+
+        @functools.singledispatch
+        def fmt(x):
+            return "object"
+
+        @fmt.register(int)
+        def _(x):
+            return "int"
+
+        class Retry:
+            def __init__(self, func):
+                self.func = func
+                self.times = 2
+
+            def __call__(self, *args):
+                return [self.func(*args) for _ in range(self.times)]
+
+        @Retry
+        def fetch(x):
+            return x * 10
+
+        def scaled(k):
+            def decorate(func):
+                @functools.wraps(func)
+                def wrapper(*args):
+                    return func(*args) * k
+                return wrapper
+            return decorate
+
+        def shift(x):
+            return x + 100
+
+        @dc.memoize(sys.argv[1])
+        @scaled(2)
+        def run(x, transform=shift):
+            print("computed")
+            from pkg import late
+            return (statistics.mean([x, 3]), nspkg.tools.inc(x), rules.bonus(x), late.f(x), Square().area(), fmt(x),
+                    fetch(x), transform(x), by_name("op_square", x))
+    """,
+}
+
+
+def test_identity_follows_what_the_follower_missed(tmp_path):
+    edits_recompute(tmp_path, FOLLOWER_FILES, "from pkg.main import run\nprint(run(2))\n", [
+        ("statistics.py", "/ len(values)", "/ len(values) + 1"),  # an own module named like a stdlib one
+        ("nspkg/tools.py", "x + 1", "x + 2"),  # a namespace package
+        ("plugins/rules.py", "return 10", "return 11"),  # spec_from_file_location
+        ("pkg/late.py", "x * 7", "x * 8"),  # an import inside the body
+        ("pkg/shapes.py", "return 1", "return 2"),  # an inherited method
+        ("pkg/main.py", 'return "int"', 'return "INT"'),  # a singledispatch registry
+        ("pkg/main.py", "self.times = 2", "self.times = 3"),  # a class-based decorator
+        ("pkg/main.py", "return x * 10", "return x * 11"),  # the function it decorates
+        ("pkg/main.py", "@scaled(2)", "@scaled(3)"),  # an inner decorator's argument
+        ("pkg/main.py", "return x + 100", "return x + 101"),  # a default argument that is a function
+        ("pkg/ops.py", "return x * x", "return x * x * x"),  # getattr on an own module
+    ])
+
+
+def test_identity_follows_a_package_of_50_modules_completely(tmp_path):
+    files = {"big/__init__.py": ""}
+    for m in range(50):
+        body = [f"from big import m{m + 1}\n" if m < 49 else ""]
+        for n in range(6):  # Each function calls the next: 300 functions in one chain.
+            call = f"f{n + 1}(x)" if n < 5 else f"m{m + 1}.f0(x)" if m < 49 else "0"
+            body.append(f"def f{n}(x):\n    return x + {n} + {call}\n")
+        files[f"big/m{m}.py"] = "\n".join(body)
+    files["big/job.py"] = "import sys\nimport DC as dc\nfrom big import m0\n\n@dc.memoize(sys.argv[1])\ndef run(x):\n    print('computed')\n    return m0.f0(x)\n"
+    edits_recompute(tmp_path, files, "from big.job import run\nprint(run(1))\n", [("big/m49.py", "return x + 5 + 0", "return x + 5 + 1")])
+
+
+def test_identity_of_an_installed_distribution_is_its_record(tmp_path):
+    site = tmp_path / "env" / "site-packages"
+    files = {
+        "env/site-packages/mylib/__init__.py": "def rate():\n    return 2\n",
+        "env/site-packages/mylib-1.0.dist-info/RECORD": "mylib/__init__.py,sha256=aaaa,24\n",
+        "env/site-packages/mylib-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: mylib\nVersion: 1.0\n",
+        "job_lib.py": "import sys\nimport mylib\nimport DC as dc\n\n@dc.memoize(sys.argv[1])\ndef run(x):\n    print('computed')\n    return x * mylib.rate()\n",
+    }
+    env: dict[str, str] = {}
+    write_files(tmp_path, files)
+    job = f"sys.path.append({str(site)!r})\nfrom job_lib import run\nprint(run(3))\n"
+    assert computed(tmp_path, job, env=env) == 1 and computed(tmp_path, job, env=env) == 0
+    record = site / "mylib-1.0.dist-info" / "RECORD"
+    (site / "mylib" / "__init__.py").write_text("def rate():\n    return 3\n")
+    assert computed(tmp_path, job, env=env) == 0, "installed code counts by its RECORD, not traced file by file"
+    record.write_text("mylib/__init__.py,sha256=bbbb,24\n")  # Reinstalled, the version number unchanged.
+    assert computed(tmp_path, job, env=env) == 1 and computed(tmp_path, job, env=env) == 0
+
+
+def test_identity_notices_a_redefinition_or_a_reload_in_the_same_process(tmp_path):
+    write_files(tmp_path, {"helpers.py": "def rate():\n    return 2\n"})
+    job = """
+        import importlib, pathlib
+        import helpers
+
+        def bonus():
+            return 0
+
+        @dc.memoize(sys.argv[1])
+        def run(x):
+            print("computed")
+            return x * helpers.rate() + bonus()
+
+        print(run(1), run(1))
+        exec("def bonus():\\n    return 100\\n")  # A notebook cell run again.
+        print(run(1), run(1))
+        pathlib.Path("helpers.py").write_text("def rate():\\n    return 30\\n")
+        importlib.reload(helpers)
+        print(run(1), run(1))
+        patched = {}
+        exec("def rate():\\n    return 40\\n", patched)
+        helpers.rate.__code__ = patched["rate"].__code__  # As %autoreload updates the old function objects.
+        print(run(1), run(1))
+    """
+    assert run_job(tmp_path, job) == ["computed", "2", "2", "computed", "102", "102", "computed", "130", "130", "computed", "140", "140"]
+
+
+def test_identity_is_of_the_code_that_ran_not_of_the_file_edited_since(tmp_path):
+    write_files(tmp_path, {"helpers.py": "def rate():\n    return 2\n"})
+    job = """
+        import pathlib
+        import helpers
+
+        @dc.memoize(sys.argv[1])
+        def run(x):
+            print("computed")
+            return x * helpers.rate()
+
+        if sys.argv[2] == "edit":  # Edited after the import, before the first call.
+            pathlib.Path("helpers.py").write_text("def rate():\\n    return 300\\n")
+        print(run(1))
+    """
+    assert run_job(tmp_path, job, "edit") == ["computed", "2"], "the old code ran"
+    assert run_job(tmp_path, job, "run") == ["computed", "300"], "the new code never reuses the old code's result"
+    assert run_job(tmp_path, job, "run") == ["300"]
+
+
+def test_callable_objects_as_the_memoized_function_never_share_entries(tmp_path):
+    job = """
+        class Scorer:
+            def __init__(self, threshold):
+                self.threshold = threshold
+
+            def __call__(self, x):
+                print("computed")
+                return x > self.threshold
+
+        low, high = dc.memoize(sys.argv[1])(Scorer(0.5)), dc.memoize(sys.argv[1])(Scorer(5))
+        print(low(1), high(1))
+    """
+    assert run_job(tmp_path, job) == ["computed", "computed", "True", "False"]
+    assert run_job(tmp_path, job) == ["True", "False"]
+    assert run_job(tmp_path, job.replace("x > self", "x >= self")) == ["computed", "computed", "True", "False"]
+
+
+def test_formatting_only_edits_keep_the_identity(tmp_path):
+    files = {
+        "fmt_job.py": '''
+            import sys
+            import DC as dc
+
+            @dc.memoize(sys.argv[1])
+            def run(x):
+                print("computed")
+                values = [x, 'a', 2]
+                return compute(values, 3)
+
+            def compute(values, factor):
+                return len(values) * factor
+        ''',
+    }
+    job = "from fmt_job import run\nprint(run(1))\n"
+    edits_recompute(tmp_path, files, job, [("fmt_job.py", "* factor", "* factor + 1")], same=[
+        ("fmt_job.py", "def run(x):\n", 'def run(x):\n    """Run it."""\n'),  # a docstring
+        ("fmt_job.py", "'a'", '"a"'),  # quote style
+        ("fmt_job.py", "[x, \"a\", 2]", "[\n        x,\n        \"a\",\n        2,\n    ]"),  # black's wrapping, trailing comma
+        ("fmt_job.py", "    return len(values) * factor", "        return len(values) * factor"),  # re-indentation
+    ])
+
+
+def test_a_pinned_version_over_changed_code_warns_once_with_the_count(tmp_path):
+    job = """
+        import warnings
+        warnings.simplefilter("always")
+
+        @dc.memoize(sys.argv[1], version=1)
+        def speed(x):
+            return x * {factor}
+
+        print([speed(x) for x in range(3)], [speed(x) for x in range(4)])
+    """
+    plain = child(job.format(factor=1), str(tmp_path / "cache"), script_file=tmp_path / "job.py", cwd=tmp_path)
+    assert "DonecacheWarning" not in plain.stderr
+    changed = child(job.format(factor="1.609"), str(tmp_path / "cache"), script_file=tmp_path / "job.py", cwd=tmp_path)
+    assert changed.stdout.split("] [")[0] == "[0, 1, 2", "version= reuses, as documented"
+    assert changed.stderr.count("DonecacheWarning") == 1, changed.stderr
+    assert "speed(): version=1 is pinned but the code has changed: 4 of its entries came from other code" in changed.stderr
+
+
+def test_what_cannot_be_followed_is_named_once(tmp_path):
+    job = """
+        import os, warnings
+        warnings.simplefilter("always")
+
+        @dc.memoize(sys.argv[1]{options})
+        def load(x):
+            with open(sys.argv[1] + ".txt", "w") as f:
+                f.write("a")
+            return eval("x + 1") + len(os.environ.get("HOME", ""))
+
+        print(load(1), load(1))
+    """
+    warned = child(job.format(options=""), str(tmp_path / "cache"), script_file=tmp_path / "job.py", cwd=tmp_path)
+    assert warned.stderr.count("DonecacheWarning") == 1
+    for construct in ("eval()", "open() (files read at run time)", "os.environ", "Pass version="):
+        assert construct in warned.stderr
+    quiet = child(job.format(options=", version=1"), str(tmp_path / "cache2"), script_file=tmp_path / "job.py", cwd=tmp_path)
+    assert "DonecacheWarning" not in quiet.stderr, "version= answers it"
+
+
 # -- what is in a call's key: arguments ------------------------------------------
 
 ARGUMENT_HELPERS = """

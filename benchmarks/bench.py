@@ -5,6 +5,7 @@
     .bench/bin/python benchmarks/bench.py --quick      # about a minute and a half on 2 cores
     .bench/bin/python benchmarks/bench.py              # the full run
     .bench/bin/python benchmarks/bench.py --big        # big arrays and frames (numpy, pandas)
+    .bench/bin/python benchmarks/bench.py --first-call # the code identity's cost at a first call
 
 Every workload runs each tool in turn, round after round (the order rotates),
 so drifts of the machine hit all tools alike. The table shows the median over
@@ -385,6 +386,100 @@ def bench_imports(runs: int) -> dict[str, float]:
 
 
 
+# -- the first call: working out the code identity ------------------------------
+#
+# Each measurement is a fresh interpreter. It times the first call (a miss that
+# also follows the code) and a second miss with another argument; the
+# difference is what the code identity costs, once per process. "new" runs
+# over an empty cache; "later" is the next process over that cache, which
+# finds what the first learnt of each source file in the store's notes.
+# Then it times the check that each call makes (the bindings it read are
+# unchanged), alone, in a loop of 100,000: the per-hit cost of noticing a
+# redefinition or a reload.
+
+FIRST_CALL_CHILD = r"""
+import json, sys, time
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import donecache
+module = __import__(sys.argv[3], fromlist=["run"])
+followed = donecache.memoize(sys.argv[4])(module.run)
+start = time.perf_counter(); followed(sys.argv[5]); first = time.perf_counter() - start
+start = time.perf_counter(); followed(sys.argv[5] + "b"); second = time.perf_counter() - start
+check, best = followed._same, float("inf")
+for _ in range(5):
+    start = time.perf_counter()
+    for _ in range(100000):
+        check()
+    best = min(best, (time.perf_counter() - start) / 100000)
+print(json.dumps({"first": first, "second": second, "check": best}))
+"""
+
+ARRAYS_MODULE = """
+import numpy as np
+import pandas as pd
+
+def run(x):
+    return float(np.sum(pd.Series([len(x), 2.0]).to_numpy()))
+"""
+
+
+def _package(root: Path, modules: int, functions: int) -> None:
+    """A package where each function calls the next, through every module: all of it is followed."""
+    (root / "big").mkdir()
+    (root / "big" / "__init__.py").write_text("")
+    for m in range(modules):
+        body = [f"from big import m{m + 1}\n" if m < modules - 1 else ""]
+        for n in range(functions):
+            call = f"f{n + 1}(x)" if n < functions - 1 else f"m{m + 1}.f0(x)" if m < modules - 1 else "0"
+            body.append(f'def f{n}(x):\n    """Step {n} of module {m}."""\n    return x + {n} + {call}\n')
+        (root / "big" / f"m{m}.py").write_text("\n".join(body))
+    (root / "big_job.py").write_text("from big import m0\n\ndef run(x):\n    return m0.f0(len(x))\n")
+
+
+def bench_first_call(tmp: Path, rounds: int) -> dict[str, dict[str, float]]:
+    (tmp / "small_job.py").write_text("RATE = 2\n\ndef run(x):\n    return x * RATE\n")
+    _package(tmp, 50, 6)
+    workloads = {"a 3-line function": "small_job", "a 50-module package (300 functions)": "big_job"}
+    try:
+        import numpy, pandas  # noqa: F401,E401
+    except ImportError:
+        print("note: numpy or pandas is not installed; the arrays row is skipped")
+    else:
+        (tmp / "arrays_job.py").write_text(ARRAYS_MODULE)
+        workloads["a module that imports numpy and pandas"] = "arrays_job"
+    results: dict[str, dict[str, float]] = {}
+    for label, module in workloads.items():
+        samples: dict[str, list[dict[str, float]]] = {"new": [], "later": []}
+        for r in range(rounds):
+            cache = tmp / f"first-{module}-{r}"
+            for when, argument in (("new", "a"), ("later", "c")):
+                out = subprocess.run(
+                    [sys.executable, "-c", FIRST_CALL_CHILD, str(HERE.parent), str(tmp), module, str(cache), argument],
+                    capture_output=True, text=True, check=True,
+                ).stdout
+                samples[when].append(json.loads(out))
+        for when, found in samples.items():
+            results[f"{label}, {when}"] = {key: statistics.median(s[key] for s in found) for key in found[0]}
+    return results
+
+
+def main_first_call(args: Any) -> int:
+    results: dict[str, Any] = {"machine": machine(), "mode": "first-call", "python": sys.version}
+    print(f"machine: {results['machine']}\nmode: first call, fresh processes, medians of {args.rounds}")
+    with tempfile.TemporaryDirectory(prefix="donecache-bench-", dir=os.environ.get("BENCH_TMP")) as tmpdir:
+        results["first_call"] = bench_first_call(Path(tmpdir), args.rounds)
+    print(f"\n  {'workload, cache':50s} {'1st call':>9s} {'2nd miss':>9s} {'identity':>9s} {'check/hit':>9s}")
+    for label, r in results["first_call"].items():
+        print(
+            f"  {label:50s} {r['first'] * 1e3:>7.1f}ms {r['second'] * 1e3:>7.2f}ms"
+            f" {(r['first'] - r['second']) * 1e3:>7.1f}ms {r['check'] * 1e9:>7.0f}ns"
+        )
+    path = Path(args.json).with_name("first-call-run.json") if args.json == str(HERE / "last-run.json") else Path(args.json)
+    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(f"results written to {path}")
+    return 0
+
+
 # -- big values: arrays and frames, in fresh child processes --------------------
 #
 # Each measurement is one fresh interpreter: it builds the value (not timed),
@@ -595,8 +690,12 @@ def main() -> int:
     parser.add_argument("--map-inputs", type=int, default=20000, help="inputs of the batch rows (default 20,000)")
     parser.add_argument("--big", action="store_true", help="only the big-value rows (400 MB arrays, 300 MB frames)")
     parser.add_argument("--big-rounds", type=int, default=3, help="rounds of the big-value rows (default 3)")
+    parser.add_argument("--first-call", action="store_true", help="only the first call's cost (the code identity)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the first-call rows (default 5)")
     parser.add_argument("--atomic-only", metavar="DIR", help="only the atomic-write rows, written under DIR")
     args = parser.parse_args()
+    if args.first_call:
+        return main_first_call(args)
     if args.big:
         return main_big(args)
     if args.atomic_only:  # Judge a filesystem: a loop-mounted journaled ext4, XFS, ...
