@@ -66,6 +66,7 @@ __all__ = [
     "BatchResult",
     "Failure",
     "FailureRecord",
+    "Progress",
 ]
 
 __version__ = "0.2.0"
@@ -229,6 +230,9 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
     def _touch(fd: int, path: str) -> None:
         os.utime(path)  # Windows' os.utime takes no descriptor.
 
+    def _pid_alive(pid: int) -> bool:
+        return True  # os.kill(pid, 0) would terminate it; an open file cannot be removed here anyway.
+
     def _open_file(path: str, flags: int, mode: int) -> int:
         # No O_NOFOLLOW: a name opened to write is refused if it is a symlink now
         # (one made between this check and the open is not seen).
@@ -343,6 +347,15 @@ else:
 
     def _keep_mode(fd: int, mode: int) -> None:
         os.fchmod(fd, mode)
+
+    def _pid_alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)  # Signal 0 only asks (kill(2)); EPERM: alive, another user's.
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
 
     def _touch(fd: int, path: str) -> None:
         # Sets the modification time to now through the open file (futimens(2)):
@@ -671,11 +684,23 @@ def _log_at(level: int) -> Any:
 _process_id = 0
 
 
+_pid_hooked = False
+
+
 def _pid() -> int:
-    global _process_id
+    global _process_id, _pid_hooked
     if not _process_id:
+        if hasattr(os, "register_at_fork") and not _pid_hooked:
+            _pid_hooked = True  # Registered once: a child's pid and name counts are its own.
+            os.register_at_fork(after_in_child=_forget_pid)
         _process_id = os.getpid()
     return _process_id
+
+
+def _forget_pid() -> None:
+    global _process_id
+    _process_id = 0
+    _temp_count.clear()
 
 
 class _KeyLock:
@@ -953,7 +978,7 @@ _WRITE_MODES = ("w", "wt", "wb")
 # that `prune` recognises, and end with the target's own name so that libraries
 # which pick a format from the suffix (numpy.save, PIL, pandas' compression) see it.
 _TEMP_PREFIX = ".dc~"
-_TEMP_TOKEN = 16  # hex digits of randomness
+_TEMP_TOKEN = 16  # hex digits: the writer's host and pid, and randomness (_writer_token)
 
 
 def _is_temp_name(name: str) -> bool:
@@ -969,18 +994,40 @@ def _is_temp_name(name: str) -> bool:
 _TEMP_KEEP = 255 - len(_TEMP_PREFIX) - _TEMP_TOKEN - 1
 
 
-# A temporary name's token: 64 random bits drawn once per process (again in a
-# forked child), plus a count. A getrandom(2) per name cost a system call on
-# every write; O_EXCL still settles any collision.
-_temp_tokens: list[Any] = []  # [fork hook registered, random base, count]
+# The token names its writer: 6 hex digits of a digest of the host's name, 6 of
+# the pid, then 4 random. The finisher of a shared stage removes only the
+# temporary files of writers that are gone (issue 18): on this host, a writer
+# whose pid is no longer alive; from another host sharing the filesystem, whose
+# processes it cannot see, only a file left untouched for _LITTER_AGE.
+_host_token = ""
 
 
-def _temp_token() -> str:
-    if len(_temp_tokens) < 3:
-        if not _temp_tokens and hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=lambda: _temp_tokens.__delitem__(slice(1, 3)))
-        _temp_tokens[:] = [True, int.from_bytes(os.urandom(8), "little"), itertools.count()]
-    return f"{(_temp_tokens[1] + next(_temp_tokens[2])) % 2**64:016x}"
+def _writer_token() -> str:
+    global _host_token
+    if not _host_token:
+        import hashlib
+        import socket
+
+        _host_token = hashlib.blake2b(socket.gethostname().encode("utf-8", "replace"), digest_size=3).hexdigest()
+    # The pid kept per process and a count from a random start, not a getpid(2)
+    # and a getrandom(2) per name (issue 20); O_EXCL settles any collision.
+    if len(_temp_count) < 2:
+        _temp_count[:] = [int.from_bytes(os.urandom(2), "little"), itertools.count()]
+    return f"{_host_token}{_pid() & 0xFFFFFF:06x}{(_temp_count[0] + next(_temp_count[1])) & 0xFFFF:04x}"
+
+
+_temp_count: list[Any] = []  # [random start, count]; emptied in a forked child (see _pid)
+
+
+def _writer_gone(path: str, now: float) -> bool:
+    token = os.path.basename(path)[len(_TEMP_PREFIX) : len(_TEMP_PREFIX) + _TEMP_TOKEN]
+    _writer_token()
+    try:
+        if token[:6] == _host_token and not _pid_alive(int(token[6:12], 16)):
+            return True
+        return os.lstat(path).st_mtime < now - _LITTER_AGE
+    except (OSError, ValueError):
+        return False
 
 
 def _temp_name(target: str) -> str:
@@ -989,7 +1036,7 @@ def _temp_name(target: str) -> str:
     # fit, so characters are trimmed from the front until the rest does.
     while len(os.fsencode(base)) > _TEMP_KEEP:
         base = base[max(1, (len(os.fsencode(base)) - _TEMP_KEEP) // 4) :]
-    return os.path.join(head, f"{_TEMP_PREFIX}{_temp_token()}~{base}")
+    return os.path.join(head, f"{_TEMP_PREFIX}{_writer_token()}~{base}")
 
 
 def _create_temp(target: str, mode: int | None = None) -> tuple[int, str]:
@@ -1767,10 +1814,13 @@ class Stage:
             return True
         if not expect.met_by(_retry_stale(self._pieces)):
             return False
-        # Complete, so any temporary file left is a crashed writer's, or a
-        # late duplicate of a piece that exists (piece() copes with losing it).
+        # Complete: a temporary file left is a crashed writer's, or a live
+        # builder's (a late duplicate, an atomic_path() into the stage), which
+        # must be left to it.
+        now = time.time()
         for temp in _temp_files(self._root):
-            _discard(temp)
+            if _writer_gone(temp, now):
+                _discard(temp)
         mine = None if self._builder is None else os.path.basename(self._builder.path)
         for entry in _scandir(self._root):  # Lock files of builders that were killed.
             if entry.name.startswith(_STAGE_BUILDER) and entry.name != mine and not _lock_taken(entry.path):
@@ -2737,14 +2787,29 @@ class _EntryFiles:
 
     def failures(self, folder: str | None = None) -> list[dict[str, Any]]:
         """The failure records (of one function's ``folder``), oldest first."""
+        found = [record for _path, record in self._failure_records(folder)]
+        return sorted(found, key=lambda record: float(record.get("time") or 0))
+
+    def _failure_records(self, folder: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
         top = os.path.join(self.root, ".failures")
-        found = []
         for directory in [os.path.join(top, folder)] if folder else [e.path for e in _scandir(top) if e.is_dir()]:
             for entry in _scandir(directory):
                 record = _read_json(entry.path) if entry.name.endswith(".json") else None
                 if record is not None:
-                    found.append(record)
-        return sorted(found, key=lambda record: float(record.get("time") or 0))
+                    yield entry.path, record
+
+    def drop_failures(self, drop: Callable[[dict[str, Any]], bool], folder: str | None = None) -> int:
+        """Remove the failure records that ``drop`` accepts; how many were removed."""
+        self._writable()
+        removed = 0
+        for path, record in list(self._failure_records(folder)):
+            if drop(record):
+                try:
+                    os.unlink(path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
 
     def record_identity(self, function: str, identity: str, code: str = "") -> float | None:
         """Record the identity this process runs under, and the code digests seen
@@ -4704,6 +4769,91 @@ def disabled() -> _Disabled:
     return _Disabled()
 
 
+# -- the failure ledger's view of user objects ------------------------------
+#
+# A failure is recorded inside a batch that must keep going, so nothing here
+# may raise or grow without bound: an exception whose str() raises, a 300 MiB
+# bytes input, an int of a million digits (repr raises ValueError from 3.11).
+
+_SHOWN = 300  # Characters of an input's text in the ledger.
+_KEPT_INPUT = 256 * 1024  # Pickled inputs up to this size are kept in the ledger.
+_bounded: Any = None  # The reprlib.Repr below, made at the first failure.
+
+
+def _safe_str(value: Any, limit: int = 4000) -> str:
+    try:
+        return str(value)[:limit]
+    except Exception as exc:
+        return f"<str() of {type(value).__name__} raised {type(exc).__name__}>"
+
+
+def _bounded_repr(value: Any) -> str:
+    """A repr capped at every level, as reprlib makes it, but also for bytes, big
+    ints and subclasses of the containers (reprlib shows those in full and cuts
+    after), with dicts in their own order (a record's id usually comes first)."""
+    global _bounded
+    if _bounded is None:
+        import itertools
+        import reprlib
+
+        class Bounded(reprlib.Repr):
+            def repr_dict(self, x: Any, level: int) -> str:
+                if level <= 0 or not x:
+                    return "{...}" if x else "{}"
+                shown = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}" for k, v in itertools.islice(x.items(), self.maxdict)]
+                return "{" + ", ".join(shown) + (", ..." if len(x) > self.maxdict else "") + "}"
+
+            def repr_int(self, x: Any, level: int) -> str:
+                return f"<int of {x.bit_length()} bits>" if x.bit_length() > 256 else int.__repr__(x)
+
+            def repr_instance(self, x: Any, level: int) -> str:
+                for kind, name in ((str, "str"), (bytes, "str"), (bytearray, "str"), (dict, "dict"), (list, "list"), (tuple, "tuple")):
+                    if isinstance(x, kind):
+                        return getattr(self, f"repr_{name}")(x[: self.maxstring + 1] if name == "str" else x, level)  # type: ignore[no-any-return]
+                return reprlib.Repr.repr_instance(self, x, level)
+
+            repr_bytes = repr_bytearray = repr_instance
+
+        shown = Bounded()
+        shown.maxstring, shown.maxother, shown.maxdict, shown.maxlist, shown.maxtuple = 120, 120, 8, 8, 8
+        _bounded = shown
+    try:
+        return str(_bounded.repr(value))[:_SHOWN]
+    except Exception as exc:
+        return f"<{type(value).__name__} object; its repr raised {type(exc).__name__}>"
+
+
+def _kept_input(value: Any) -> str | None:
+    """The input pickled (base64 text, for the JSON record), or None if it cannot
+    be pickled or its pickle passes _KEPT_INPUT: the pickler stops there, never
+    building the whole of a big input's pickle."""
+    import base64
+
+    class Bounded(io.BytesIO):
+        def write(self, data: Any) -> int:
+            if self.tell() + len(data) > _KEPT_INPUT:
+                raise OverflowError
+            return super().write(data)
+
+    out = Bounded()
+    try:
+        pickle.Pickler(out, protocol=4).dump(value)
+    except Exception:
+        return None
+    return base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def _label_text(label: Callable[..., Any] | None, args: tuple[Any, ...]) -> str:
+    """What the ledger shows for an input: ``label(*args)`` if given, or a bounded repr."""
+    if label is None:
+        return _bounded_repr(args[0] if len(args) == 1 else args)
+    try:
+        text = label(*args)
+    except Exception as exc:
+        return f"<label raised {type(exc).__name__}: {_safe_str(exc, 200)}> {_bounded_repr(args[0] if len(args) == 1 else args)}"
+    return (text if isinstance(text, str) else _bounded_repr(text))[:_SHOWN]
+
+
 _KEY_MEMO_TYPES = frozenset({int, str, bytes, type(None)})
 _KEY_MEMO_SIZE = 4096
 
@@ -5035,7 +5185,7 @@ class _Memoized(Generic[_P, _R]):
             return self.__wrapped__(*args, **kwargs)
         return self._get(self._call(args, kwargs), refresh=True)[0]  # type: ignore[no-any-return]
 
-    def _compute(self, args: tuple[Any, ...], off: bool) -> tuple[Any, bool]:
+    def _compute(self, args: tuple[Any, ...], off: bool, label: Callable[..., Any] | None, lead: int) -> tuple[Any, bool]:
         """(result, computed) of one call of a batch; ``off``: caching was off when the batch began."""
         if off:
             return self.__wrapped__(*args), True  # type: ignore[call-arg]
@@ -5043,25 +5193,27 @@ class _Memoized(Generic[_P, _R]):
         try:
             return self._get(call)
         except Exception as exc:
-            self._record_failure(call, exc, _format_exception(exc))
+            self._record_failure(call, exc, _format_exception(exc), _label_text(label, args[lead:]), lead)
             raise
 
-    def _record_failure(self, call: _Call, exc: BaseException, traceback: str) -> None:
-        """Write a batch's failure to the ledger at once, so that a crash of the parent cannot lose it."""
-        import reprlib
+    def _record_failure(self, call: _Call, exc: BaseException, traceback: str, shown: str, lead: int = 0) -> None:
+        """Write a batch's failure to the ledger at once, so that a crash of the parent cannot lose it.
+        ``shown``: the input's text; ``lead``: how many arguments come before the input (a method's self)."""
         import socket
 
         files = self._store
         if files is None or call.slot is None or files.readonly:
             return
-        shown = reprlib.Repr()
-        shown.maxstring = shown.maxother = 200
+        args = call.args[lead:]
+        kept = _kept_input(args[0] if len(args) == 1 and not call.kwargs else args)
         record = {
             "function": self._function,
             "identity": _key_identity(call.key),
-            "input": shown.repr(call.args[0] if len(call.args) == 1 and not call.kwargs else call.args),
+            "input": shown,
+            "input_pickle": kept,
+            "entry": os.path.basename(call.slot.path),  # Names the input when its pickle is not kept.
             "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-            "message": str(exc)[:4000],
+            "message": _safe_str(exc),
             "traceback": traceback[-20000:],
             "time": time.time(),
             "host": socket.gethostname(),
@@ -5080,14 +5232,17 @@ class _Memoized(Generic[_P, _R]):
             return None
         return FailureRecord(record, current=True)
 
-    def failures(self) -> list[FailureRecord]:
+    def failures(self, *, all: bool = False) -> list[FailureRecord]:
         """The inputs of this function that failed in a batch and have not succeeded
-        since, oldest first, as recorded in the store (read from JSON; nothing is
-        unpickled). ``current`` says whether a record was made by the current code."""
+        since, oldest first, as recorded in the store: those of the current code, or
+        with ``all=True`` of older code too (``current`` tells them apart). Each
+        record's ``input`` is the input itself when the ledger kept it (a pickle up
+        to 256 KiB), so ``f.map([r.input for r in f.failures()])`` runs them again."""
         files, identity = self._files(), _key_identity(self._prefix or self._prepare())
         if files is None:
             return []
-        return [FailureRecord(record, current=record.get("identity") == identity) for record in files.failures(self._folder)]
+        records = [FailureRecord(r, r.get("identity") == identity, load=True) for r in files.failures(self._folder)]
+        return [record for record in records if all or record.current]
 
     def is_cached(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
         """True if a call with these arguments would be a hit: its entry is stored and
@@ -5108,11 +5263,12 @@ class _Memoized(Generic[_P, _R]):
         return files.delete(call.key, call.slot)
 
     def cache_clear(self) -> None:
-        """Drop every entry of this function (all versions of its code), and the counts.
-        Its folder holds nothing else, so nothing is read."""
+        """Drop every entry of this function (all versions of its code), its recorded
+        failures, and the counts. Its folder holds nothing else, so nothing is read."""
         files = self._files()
         if files is not None:
             files.clear(folder=self._folder)
+            files.drop_failures(lambda record: True, self._folder)  # A fresh start forgets them too.
         self._hits = self._misses = 0
 
     def cache_info(self) -> CacheInfo:
@@ -5137,6 +5293,7 @@ class _Memoized(Generic[_P, _R]):
         progress: bool | float | None = None,
         retry_failures: bool = True,
         shard: tuple[int, int] | None = None,
+        label: Callable[..., Any] | None = None,
     ) -> BatchResult:
         """Call the function on every input, caching each success as soon as it is done.
 
@@ -5159,10 +5316,13 @@ class _Memoized(Generic[_P, _R]):
             calls it runs at once (default: its _max_workers, or the CPU count).
         chunksize: calls per submitted task; by default it grows until a task
             takes about 50 ms, and an idle worker gets whatever is ready.
-        progress: done/total, rate, ETA and failures. None (the default): a line
-            redrawn on stderr when it is a terminal, else a record every 30 s on
-            the "donecache" logger (INFO). True: always on stderr. A number:
-            log every that many seconds. False: silent.
+        progress: the function's name, percentage, done/total, rate, ETA and
+            failures. None (the default): a line redrawn on stderr when it is a
+            terminal or a Jupyter kernel, else a record every 30 s on the
+            "donecache" logger (INFO). True: always on stderr. A number: log
+            every that many seconds. False: silent. A callable: called with a
+            :class:`Progress` record at most ten times a second and once at
+            the end (``final`` True), to drive a tqdm or rich bar.
 
         retry_failures: True (the default) calls again the inputs that failed in
             an earlier batch. False reports, without calling, the failures that
@@ -5172,6 +5332,9 @@ class _Memoized(Generic[_P, _R]):
             array jobs: every input falls to exactly one index, the same in
             every process and on every host, by a digest of its key. A final
             unsharded map() then finds every result cached, or in the ledger.
+        label: called with an input's arguments, as the function is, to give the
+            text that the ledger shows for it when it fails (``label=lambda
+            rec: rec["id"]``); by default a repr bounded at every level.
 
         Each failure is written to the store's ledger as it happens, so a crash
         of this process loses none of them; a later success removes it.
@@ -5179,7 +5342,7 @@ class _Memoized(Generic[_P, _R]):
         workers, a bounded number at a time, so the inputs can be a generator.
         """
         stream = self._batch(
-            iterables, (), "map", keep_going, workers, processes, executor, chunksize, progress, retry_failures, shard
+            iterables, (), "map", keep_going, workers, processes, executor, chunksize, progress, retry_failures, shard, label
         )
         return BatchResult._of(stream)
 
@@ -5211,6 +5374,7 @@ class _Memoized(Generic[_P, _R]):
             given["progress"],
             given["retry_failures"],
             given["shard"],
+            given["label"],
         )
 
     def _share(
@@ -5251,6 +5415,7 @@ class _Memoized(Generic[_P, _R]):
         progress: bool | float | None,
         retry_failures: bool = True,
         shard: tuple[int, int] | None = None,
+        label: Callable[..., Any] | None = None,
     ) -> Iterator[_Done]:
         """map() and imap(): check the options at once, then stream the outcomes.
 
@@ -5266,12 +5431,14 @@ class _Memoized(Generic[_P, _R]):
         if shard is not None:
             calls = self._share(calls, lead, shard, name)
             total = None
-        meter = _Progress(name, total, progress)
+        if label is not None and not callable(label):
+            raise TypeError(f"{name}: label= takes a callable (called with an input's arguments), not {label!r}")
+        meter = _Progress(name, total, progress, self.__qualname__)
         off = _switched_off()  # Taken once: the batch's workers follow the parent.
         if executor is None and (workers or 1) == 1:
-            return self._fits(meter.watch(_serial(self, calls, lead, keep_going, off, retry_failures), keep_going), name)
+            return self._fits(meter.watch(_serial(self, calls, lead, keep_going, off, retry_failures, label), keep_going), name)
         plan = _Plan(self, name, executor, workers, processes, off)
-        stream = _stream(self, calls, lead, keep_going, plan, chunksize, retry_failures)
+        stream = _stream(self, calls, lead, keep_going, plan, chunksize, retry_failures, label)
         return self._fits(meter.watch(stream, keep_going), name)
 
     def _fits(self, stream: Iterator[_Done], name: str) -> Iterator[_Done]:
@@ -5479,17 +5646,27 @@ def _pickler_sends_functions_by_value() -> bool:
 
 
 def _format_exception(exc: BaseException) -> str:
+    """The traceback text, without donecache's own frames (the user's code is what failed)."""
     import traceback
 
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    shown = traceback.TracebackException.from_exception(exc)
+    part: Any = shown
+    while part is not None:
+        part.stack = traceback.StackSummary.from_list([f for f in part.stack if f.filename != __file__])
+        part = part.__cause__ or (None if part.__suppress_context__ else part.__context__)
+    return "".join(shown.format())
 
 
 def _exit_with_parent(parent: int) -> None:
     """A pool worker's initializer: exit when the parent process is gone (its
     parent pid changes), instead of idling forever after a kill -9."""
 
+    # Under forkserver the worker's parent is the fork server, which exits when
+    # ``parent`` does: watch whichever process is the parent now.
+    first = os.getppid()
+
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == first:
             time.sleep(0.5)
         os._exit(1)
 
@@ -5512,9 +5689,9 @@ def _failed(exc: BaseException, portable: bool) -> _Outcome:
         import pickle
 
         try:
-            pickle.dumps(exc)
+            pickle.loads(pickle.dumps(exc))  # Many exceptions pickle but do not unpickle.
         except Exception:
-            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+            exc = RuntimeError(f"{type(exc).__name__}: {_safe_str(exc)}")
     return _Outcome(False, exc, True, text)
 
 
@@ -5525,10 +5702,13 @@ def _call_one(
     portable: bool,
     off: bool,
     keeper: _Keeper | None = None,
+    shown: str | Callable[[], str] = "",
+    lead: int = 0,
 ) -> _Outcome:
     """One call of a batch, never raising; ``key`` when the parent made it already;
     ``off``: caching was switched off when the batch began; ``keeper`` stores the
-    result in the background."""
+    result in the background; ``shown``: the input's text for the ledger (or
+    what makes it); ``lead``: arguments before the input (a method's self)."""
     call = None
     try:
         if off:
@@ -5539,7 +5719,7 @@ def _call_one(
     except Exception as exc:
         outcome = _failed(exc, portable)
         if call is not None:
-            func._record_failure(call, exc, outcome.traceback)
+            func._record_failure(call, exc, outcome.traceback, shown if isinstance(shown, str) else shown(), lead)
         return outcome
 
 
@@ -5617,13 +5797,21 @@ class _ChunkReport:
 
 
 def _run_chunk(
-    func: _Memoized[..., Any], calls: list[tuple[bytes, tuple[Any, ...]]], portable: bool, off: bool
+    func: _Memoized[..., Any],
+    calls: list[tuple[bytes, tuple[Any, ...], str]],
+    portable: bool,
+    off: bool,
+    lead: int = 0,
+    nonce: bytes = b"",
 ) -> _ChunkReport:
-    """A worker's task: the calls of one chunk. Module level, so that it pickles by name."""
+    """A worker's task: the calls of one chunk (key, arguments, the input's text).
+    Module level, so that it pickles by name. ``nonce`` makes every submission
+    unique: Dask treats equal submissions as one pure task and hands back an old
+    result, which would be reported as computed but never stored (issue 18)."""
     started = time.perf_counter()
     keeper = _Keeper.running()
     try:
-        outcomes = [_call_one(func, args, key or None, portable, off, keeper) for key, args in calls]
+        outcomes = [_call_one(func, args, key or None, portable, off, keeper, shown, lead) for key, args, shown in calls]
     finally:
         keeper.finish()
     return _ChunkReport(outcomes, os.getpid(), time.perf_counter() - started)
@@ -5664,6 +5852,7 @@ def _serial(
     keep_going: bool,
     off: bool,
     retry: bool = True,
+    label: Callable[..., Any] | None = None,
 ) -> Iterator[_Done]:
     """A batch in this thread, one call after the other."""
     for index, args in enumerate(calls):
@@ -5672,9 +5861,10 @@ def _serial(
             if not keep_going and done.outcome is not None and not done.outcome.ok:
                 raise done.outcome.value
         elif keep_going:
-            done.outcome = _call_one(func, lead + args, None, False, off)
+            shown = (lambda: _label_text(label, args))  # noqa: E731 - made only if the call fails.
+            done.outcome = _call_one(func, lead + args, None, False, off, shown=shown, lead=len(lead))
         else:  # Let the failure propagate with its own traceback, as a loop would.
-            value, computed = func._compute(lead + args, off)
+            value, computed = func._compute(lead + args, off, label, len(lead))
             done.outcome = _Outcome(True, value, computed)
         yield done
 
@@ -5720,20 +5910,76 @@ class _Plan:
                     "Define it at module level (a lambda or a function defined inside another cannot be "
                     "pickled), or run the calls in threads: processes=False, or an executor of threads"
                 ) from exc
+            self._check_main(func, name)
 
-    def start(self) -> Any:
-        """The executor to use; the caller shuts it down if ``owned``."""
+    def _check_main(self, func: _Memoized[..., Any], name: str) -> None:
+        """Workers started by spawn or forkserver (Linux's default from 3.14) import
+        __main__ afresh, from its file: a function of a notebook, the REPL or
+        ``python -c`` has none, and the pool would break at the first task."""
+        import multiprocessing
+
+        context = getattr(self.executor, "_mp_context", None)
+        method = (
+            context.get_start_method()
+            if context is not None
+            else multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+        )
+        main = sys.modules.get("__main__")
+        if method == "fork" or getattr(func.__wrapped__, "__module__", None) != "__main__" or getattr(main, "__file__", None):
+            return
+        raise TypeError(
+            f"{name}: {func.__qualname__} is defined in __main__ without a file (a notebook, the REPL or "
+            f"python -c), and worker processes started by {method!r} cannot import it. Move it into a module "
+            "(a .py file beside the notebook) and import it from there, run the calls in threads "
+            "(processes=False), or pass executor=ProcessPoolExecutor(mp_context=multiprocessing.get_context('fork'))"
+        )
+
+    def start(self, workers: int | None = None) -> Any:
+        """The executor to use (``workers``: a pool of that many); the caller shuts it down if ``owned``."""
         import concurrent.futures as futures
 
-        if self.executor is not None:
+        if self.executor is not None and workers is None:
             return self.executor
         if self.processes:
-            return futures.ProcessPoolExecutor(self.workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
+            return futures.ProcessPoolExecutor(workers or self.workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
         return futures.ThreadPoolExecutor(self.workers)
 
     @property
     def owned(self) -> bool:
         return self.executor is None
+
+
+def _stop_pool(pool: Any, now: bool) -> None:
+    """Shut down a pool that a batch started; ``now`` (an interrupt): terminate its
+    worker processes instead of waiting for the calls they run (issue 18)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values()) if now else []
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + 1.0
+    for process in processes:  # Reaped here: nobody joins a pool shut down without waiting.
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.exitcode is None:
+            process.kill()  # It ignored SIGTERM.
+            process.join()
+    # Its futures fail as the pool breaks; cancelled ones would make CPython 3.11's
+    # manager thread raise InvalidStateError as it fails them (terminate_broken).
+    pool.shutdown(wait=not now, cancel_futures=not processes)
+
+
+def _death(pool: Any, processes: list[Any]) -> str:
+    """How the one worker of ``pool`` ended, after it broke: a signal or an exit code."""
+    import signal
+
+    pool.shutdown(wait=True)
+    code = next((p.exitcode for p in processes if p.exitcode), None)
+    if code is None:
+        return "worker died"
+    if code < 0:
+        try:
+            return f"worker died: signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"worker died: signal {-code}"
+    return f"worker died: exit code {code}"
 
 
 def _stream(
@@ -5744,6 +5990,7 @@ def _stream(
     plan: _Plan,
     chunksize: int | None,
     retry: bool = True,
+    label: Callable[..., Any] | None = None,
 ) -> Iterator[_Done]:
     """A batch on an executor, yielding each input's _Done in input order.
 
@@ -5753,6 +6000,12 @@ def _stream(
     a cold run's misses gather into full chunks as the workers stay busy.
     Without keep_going, a failure stops reading and sending, and cancels the
     chunks after it.
+
+    A worker of a pool started here that dies (a segfault, the OOM killer,
+    os._exit) breaks the whole pool: every chunk in flight fails. Those inputs
+    are then run again one at a time, each in a pool of its own, so that the
+    one that kills its worker is found and recorded as a failure ("worker
+    died: signal 9 (SIGKILL)"); then a new pool takes the rest.
     """
     import collections
     import concurrent.futures as futures
@@ -5766,11 +6019,17 @@ def _stream(
     queued: set[bytes] = set()  # The keys in buffer.
     inputs = enumerate(calls)
     reading = True
+    interrupted = False
     executor = plan.start()
+    pools = [executor] if plan.owned else []  # What to stop at the end.
+
+    def task(chunk: list[_Done]) -> tuple[Any, ...]:
+        calls = [(done.key, lead + done.args, "" if label is None else _label_text(label, done.args)) for done in chunk]
+        # Only a foreign executor gets a nonce: Dask's submissions are pure by default.
+        return (_run_chunk, plan.task, calls, plan.portable, plan.off, len(lead), b"" if plan.owned else os.urandom(8))
 
     def send() -> None:
-        calls = [(done.key, lead + done.args) for done in buffer]
-        future = executor.submit(_run_chunk, plan.task, calls, plan.portable, plan.off)
+        future = executor.submit(*task(buffer))
         pending[future] = buffer[:]
         buffer.clear()
         queued.clear()
@@ -5784,6 +6043,41 @@ def _stream(
         for future, chunk in pending.items():
             if chunk[0].index > index:
                 future.cancel()
+
+    def settle(chunk: list[_Done], report: _ChunkReport) -> None:
+        nonlocal size
+        for done, outcome in zip(chunk, report.outcomes):
+            done.outcome = outcome
+        if report.pid != here:  # Another process's counts: add them to this one's.
+            computed = sum(1 for outcome in report.outcomes if outcome.ok and outcome.computed)
+            func._misses += computed
+            func._hits += sum(1 for outcome in report.outcomes if outcome.ok) - computed
+        if chunksize is None and report.seconds > 0:
+            per_call = report.seconds / len(chunk)
+            size = max(1, min(_MAX_CHUNK, int(_CHUNK_SECONDS / per_call)))
+
+    def alone(done: _Done) -> None:
+        """Run an input of a broken pool's chunk in a pool of one worker: either it
+        completes, or its worker's death is its failure."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        if _answer_here(func, done, lead, True):
+            return  # Stored before the pool broke (or its key cannot be made).
+        solo = plan.start(1)
+        pools.append(solo)
+        processes: list[Any] = []
+        try:
+            future = solo.submit(*task([done]))
+            processes = list((getattr(solo, "_processes", None) or {}).values())  # Started by submit().
+            settle([done], future.result())
+        except BrokenProcessPool:
+            exc = BrokenProcessPool(f"{_death(solo, processes)} while running {func.__qualname__} on this input")
+            done.outcome = _failed(exc, False)
+            call = func._call_at(done.key, lead + done.args, {})
+            func._record_failure(call, exc, "", _label_text(label, done.args), len(lead))
+        finally:
+            solo.shutdown(wait=True)
+            pools.remove(solo)
 
     try:
         while True:
@@ -5813,6 +6107,7 @@ def _stream(
             if not pending:
                 return  # Everything sent came back; anything left lies after a failure.
             finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+            broken = False
             for future in finished:
                 chunk = pending.pop(future)
                 if future.cancelled():
@@ -5820,25 +6115,43 @@ def _stream(
                 try:
                     report = future.result()
                 except Exception as exc:  # The chunk could not go out, run, or come back.
+                    if plan.owned and plan.processes and type(exc).__name__ == "BrokenProcessPool":
+                        broken = True
+                        pending[future] = chunk  # Judged below, with the rest of the broken pool's.
+                        continue
                     report = _ChunkReport([_failed(exc, False)] * len(chunk), here, 0.0)
-                for done, outcome in zip(chunk, report.outcomes):
-                    done.outcome = outcome
-                if report.pid != here:  # Another process's counts: add them to this one's.
-                    computed = sum(1 for outcome in report.outcomes if outcome.ok and outcome.computed)
-                    func._misses += computed
-                    func._hits += sum(1 for outcome in report.outcomes if outcome.ok) - computed
-                if chunksize is None and report.seconds > 0:
-                    per_call = report.seconds / len(chunk)
-                    size = max(1, min(_MAX_CHUNK, int(_CHUNK_SECONDS / per_call)))
+                settle(chunk, report)
                 if not keep_going:
                     failed = [done.index for done in chunk if done.outcome is not None and not done.outcome.ok]
                     if failed:
                         stop_after(failed[0])
+            if broken:
+                executor.shutdown(wait=True)  # Every future of a broken pool is settled by now.
+                suspects = []
+                for future, chunk in sorted(pending.items(), key=lambda item: item[1][0].index):
+                    if future.cancelled():
+                        continue
+                    if future.exception() is None:
+                        settle(chunk, future.result())
+                    else:
+                        suspects.extend(chunk)
+                pending.clear()
+                for done in suspects:
+                    alone(done)
+                    if not keep_going and not done.outcome.ok:  # type: ignore[union-attr]
+                        stop_after(done.index)
+                        break
+                pools.remove(executor)
+                executor = plan.start()
+                pools.append(executor)
+    except BaseException as exc:
+        interrupted = not isinstance(exc, (Exception, GeneratorExit))  # KeyboardInterrupt, SystemExit
+        raise
     finally:
-        for future in pending:
+        for future in pending if not (interrupted and plan.owned and plan.processes) else ():
             future.cancel()  # Only this batch's futures; an executor it did not start stays up.
-        if plan.owned:
-            executor.shutdown(wait=True, cancel_futures=True)
+        for pool in pools:
+            _stop_pool(pool, interrupted)
 
 
 def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True) -> bool:
@@ -5875,27 +6188,47 @@ class Failure:
 
 
 class FailureRecord(Exception):
-    """A failure of a batch as the store's ledger keeps it (see ``f.failures()``):
-    the function, a short repr of the input, the exception's type and message,
-    the traceback text, when and where (host, pid), and the code identity it
-    failed under (``current``: the code that reads it now). A batch with
-    ``retry_failures=False`` reports such a failure again as this exception."""
+    """A failure of a batch as the store's ledger keeps it (see ``f.failures()``).
 
-    def __init__(self, record: dict[str, Any], current: bool) -> None:
-        self.function = str(record.get("function", "?"))
-        self.input = str(record.get("input", "?"))
-        self.type = str(record.get("type", "?"))
-        self.message = str(record.get("message", ""))
-        self.traceback = str(record.get("traceback", ""))
-        self.time = float(record.get("time") or 0)
-        self.host, self.pid = str(record.get("host", "?")), record.get("pid")
-        self.identity, self.current = str(record.get("identity", "")), current
+    ``input`` is the input itself when the ledger kept its pickle and this
+    record was read by ``f.failures()``; else (the command line, an input too
+    big to keep or that no longer unpickles) the text in ``label``. ``label``
+    is what ``map(label=...)`` gave, or a bounded repr; ``entry`` names the
+    input's entry file. Then the exception's ``type`` and ``message``, the
+    ``traceback`` text (donecache's own frames left out), when and where
+    (``time``, ``host``, ``pid``), and the code ``identity`` it failed under
+    (``current``: the code that reads it now). A batch with
+    ``retry_failures=False`` reports such a failure again as this exception.
+    It pickles and copies (a worker may return one; a memoized report of
+    failures holds them)."""
+
+    def __init__(self, record: dict[str, Any], current: bool, load: bool = False) -> None:
+        self._record, self._load = record, load
+        get = record.get
+        self.function, self.label, self.entry = str(get("function", "?")), str(get("input", "?")), str(get("entry", ""))
+        self.type, self.message, self.traceback = str(get("type", "?")), str(get("message", "")), str(get("traceback", ""))
+        self.time = float(get("time") or 0)
+        self.host, self.pid = str(get("host", "?")), get("pid")
+        self.identity, self.current = str(get("identity", "")), current
+        self.input_kept = isinstance(get("input_pickle"), str)
+        self.input: Any = self.label
+        if load and self.input_kept:
+            import base64
+
+            try:  # The store is the user's own, as trusted as its entries.
+                self.input = pickle.loads(base64.b64decode(str(get("input_pickle"))))
+            except Exception:
+                self.input_kept = False  # Its class changed or is gone: the text stands in.
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time))
         super().__init__(f"{self.type}: {self.message} (recorded {when}; retry_failures=True calls it again)")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return FailureRecord, (self._record, self.current, self._load)
+
     def as_dict(self) -> dict[str, Any]:
-        names = ("function", "input", "type", "message", "traceback", "time", "host", "pid", "identity", "current")
-        return {name: getattr(self, name) for name in names}
+        """The record as JSON data (``input`` is the text, ``label``)."""
+        names = ("function", "label", "entry", "input_kept", "type", "message", "traceback", "time", "host", "pid", "identity", "current")
+        return {"input": self.label, **{name: getattr(self, name) for name in names}}
 
 
 class BatchResult:
@@ -5916,8 +6249,13 @@ class BatchResult:
     @classmethod
     def _of(cls, stream: Iterator[_Done]) -> BatchResult:
         batch = cls()
-        for done in stream:
-            batch._record(done)
+        try:
+            for done in stream:
+                batch._record(done)
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and hasattr(stream, "throw"):
+                stream.throw(exc)  # An interrupt here, not in the stream: it must stop the pool now.
+            raise
         return batch
 
     def _record(self, done: _Done) -> None:
@@ -5959,20 +6297,72 @@ def _clock(seconds: float) -> str:
     return f"{days}d {text}" if days else text
 
 
+class Progress:
+    """What a ``progress=`` callable of :meth:`map` receives: a snapshot of a batch.
+
+    ``function`` (its qualified name), ``done`` inputs of ``total`` (None for a
+    generator), of which ``failed``, ``computed`` and ``reused``; ``elapsed``
+    seconds; ``eta`` seconds left (None when unknown); ``final``: the batch has
+    ended. ``percent`` is done/total in percent, or None. More fields may be
+    added; a callable should read them by name."""
+
+    __slots__ = ("function", "done", "total", "failed", "computed", "reused", "elapsed", "eta", "final")
+    function: str
+    done: int
+    total: int | None
+    failed: int
+    computed: int
+    reused: int
+    elapsed: float
+    eta: float | None
+    final: bool
+
+    def __init__(self, **fields: Any) -> None:
+        for name in self.__slots__:
+            setattr(self, name, fields[name])
+
+    @property
+    def percent(self) -> float | None:
+        return None if not self.total else 100.0 * self.done / self.total
+
+    def __repr__(self) -> str:
+        return "Progress(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__) + ")"
+
+    def __str__(self) -> str:
+        rate = self.done / self.elapsed if self.elapsed > 0 else 0.0
+        if self.percent is None:  # A generator: no total, no ETA.
+            return f"{self.function}: {self.done} done, {rate:.1f}/s, {self.failed} failed"
+        eta = "-" if self.eta is None else _clock(self.eta)
+        return f"{self.function}: {self.percent:3.0f}% {self.done}/{self.total} done, {rate:.1f}/s, ETA {eta}, {self.failed} failed"
+
+
+def _in_jupyter() -> bool:
+    # A Jupyter kernel replaces stderr with its own stream, which draws "\r" lines;
+    # asking the type costs nothing (importing IPython to ask would cost 0.3 s).
+    return type(sys.stderr).__module__.startswith("ipykernel")
+
+
 class _Progress:
     """A batch's progress: one line redrawn on stderr (five times a second at
-    most), or a record on the "donecache" logger every few seconds."""
+    most), a record on the "donecache" logger every few seconds, or a Progress
+    for the user's callable (ten times a second at most)."""
 
-    def __init__(self, name: str, total: int | None, progress: bool | float | None) -> None:
-        if progress is not None and not isinstance(progress, (bool, int, float)) or (
-            not isinstance(progress, bool) and isinstance(progress, (int, float)) and not progress > 0
+    def __init__(self, name: str, total: int | None, progress: Any, function: str = "") -> None:
+        if not callable(progress) and (
+            progress is not None and not isinstance(progress, (bool, int, float))
+            or (not isinstance(progress, bool) and isinstance(progress, (int, float)) and not progress > 0)
         ):
-            raise ValueError(f"{name}: progress= takes True, False, None or a number of seconds, not {progress!r}")
-        self.name, self.total = name, total
-        self.done = self.failed = 0
+            raise ValueError(
+                f"{name}: progress= takes True, False, None, a number of seconds or a callable, not {progress!r}"
+            )
+        self.name, self.total, self.function = name, total, function or name
+        self.done = self.failed = self.computed = 0
         self._started = self._last = time.monotonic()
         self._logger: Any = None
-        if progress is True or (progress is None and sys.stderr.isatty()):
+        self._call: Any = None
+        if callable(progress) and not isinstance(progress, bool):
+            self.mode, self._every, self._call = "call", 0.1, progress
+        elif progress is True or (progress is None and (sys.stderr.isatty() or _in_jupyter())):
             self.mode, self._every = "terminal", 0.2
         elif progress is False:
             self.mode, self._every = "off", 0.0
@@ -5993,31 +6383,44 @@ class _Progress:
                     self.failed += 1
                     if not keep_going:
                         raise outcome.value
+                elif outcome is not None and outcome.computed:
+                    self.computed += 1
                 self.update()
-                yield done
+                try:
+                    yield done
+                except BaseException as exc:
+                    if not isinstance(exc, (Exception, GeneratorExit)):
+                        stream.throw(exc)  # type: ignore[attr-defined]  # An interrupt: the pool stops now.
+                    raise
         finally:
             stream.close()  # type: ignore[attr-defined]
             self.close()
 
-    def _line(self) -> str:
-        elapsed = max(time.monotonic() - self._started, 1e-9)
-        rate = self.done / elapsed
-        if self.total is None:  # A generator: no total, no ETA.
-            return f"{self.done} done, {rate:.1f}/s, {self.failed} failed"
-        left = (self.total - self.done) / rate if rate else 0.0
-        return f"{self.done}/{self.total} done, {rate:.1f}/s, ETA {_clock(left)}, {self.failed} failed"
+    def snapshot(self, final: bool = False) -> Progress:
+        elapsed = time.monotonic() - self._started
+        left = None if self.total is None or not self.done else (self.total - self.done) * elapsed / self.done
+        return Progress(
+            function=self.function, done=self.done, total=self.total, failed=self.failed, computed=self.computed,
+            reused=self.done - self.failed - self.computed, elapsed=elapsed, eta=left, final=final,
+        )
 
     def update(self, final: bool = False) -> None:
         now = time.monotonic()
         if self.mode == "off" or (not final and now - self._last < self._every):
             return
         self._last = now
-        if self.mode == "terminal":
-            sys.stderr.write(f"\r{self._line()} ")
+        if self.mode == "call":
+            try:
+                self._call(self.snapshot(final))
+            except Exception as exc:  # A broken bar must not end a long batch.
+                self.mode = "off"
+                _warn(f"{self.name}: the progress= callable raised {type(exc).__name__}: {_safe_str(exc)}; progress is off")
+        elif self.mode == "terminal":
+            sys.stderr.write(f"\r{self.snapshot(final)} ")
             sys.stderr.flush()
         elif not final or self._logged:  # A batch that ends before the first record logs nothing.
             self._logged = True
-            self._logger.info("%s: %s", self.name, self._line())
+            self._logger.info("%s", self.snapshot(final))
 
     def close(self) -> None:
         self.update(final=True)
@@ -6266,13 +6669,18 @@ def _mib(size: int) -> str:
     return f"{size / 1048576:.1f}"
 
 
+def _names(name: str, wanted: str) -> bool:
+    """Whether ``wanted`` names the function ``name`` (module:qualname): as printed,
+    dotted (module.qualname), or by its qualname alone."""
+    return wanted in (name, name.partition(":")[2], name.replace(":", "."))
+
+
 def _cli_clear(args: Any) -> int:
     files = _cli_store(args.path, "w")
     wanted: str | None = args.function
 
     def matches(key: bytes) -> bool:
-        name = _function_of(key)
-        return name == wanted or name.partition(":")[2] == wanted
+        return _names(_function_of(key), wanted or "")
 
     if wanted is None:
         removed = files.clear()
@@ -6285,6 +6693,8 @@ def _cli_clear(args: Any) -> int:
             found = next((f for f in files.scan(folder) if f.entry is not None), None)
             if found is not None and found.entry is not None and matches(found.entry.key):
                 removed += files.clear(matches, folder=folder)
+    # Their failures go with them: a rerun computes those inputs afresh.
+    files.drop_failures(lambda record: wanted is None or _names(str(record.get("function")), wanted))
     if wanted is not None and not removed:
         known = ", ".join(_survey(files, time.time())["functions"]) or "none"
         print(f"no entries of {wanted!r} in {files.root}; functions there: {known}", file=sys.stderr)
@@ -6295,23 +6705,62 @@ def _cli_clear(args: Any) -> int:
     return 0
 
 
+def _message_pattern(message: str) -> str:
+    """A failure's message with its particulars (quoted values, numbers) elided, to group alike failures."""
+    import re
+
+    pattern = re.sub(r"'[^']*'|\"[^\"]*\"|(?<![\w.])-?\d[\d.,:/-]*", "...", message.splitlines()[0] if message else "")
+    return message if pattern.strip(". ") == "" else pattern
+
+
 def _cli_failures(args: Any) -> int:
-    files = _cli_store(args.path, "r")
+    age = None if args.older_than is None else _cli_age(args.older_than)
+    files = _cli_store(args.path, "w" if args.clear else "r")
     wanted: str | None = args.function
     current = files.identities()
-    records = [
-        FailureRecord(record, current=current.get(str(record.get("function")), "") == record.get("identity"))
-        for record in files.failures()
-        if wanted is None or record.get("function") == wanted or str(record.get("function")).partition(":")[2] == wanted
-    ]
+    now = time.time()
+
+    def chosen(record: dict[str, Any]) -> bool:
+        return (wanted is None or _names(str(record.get("function")), wanted)) and (
+            age is None or float(record.get("time") or 0) < now - age
+        )
+
+    every = [r for r in files.failures() if chosen(r)]
+    if wanted is not None and not every:
+        known = sorted({str(r.get("function")) for r in files.failures()} | set(current))
+        print(f"no failures of {wanted!r} in {files.root}; functions there: {', '.join(known) or 'none'}", file=sys.stderr)
+        return 1
+    if args.clear:
+        removed = files.drop_failures(chosen)
+        if args.json:
+            return _print_json({"path": files.root, "removed": removed})
+        print(f"removed {removed} failure record(s) from {files.root}")
+        return 0
+    records = [FailureRecord(r, current.get(str(r.get("function")), r.get("identity")) == r.get("identity")) for r in every]
+    older = sum(1 for record in records if not record.current)
+    if not args.all:
+        records = [record for record in records if record.current]
+    groups: dict[tuple[str, str], int] = {}
+    for record in records:
+        group = (record.type.rpartition(".")[2], _message_pattern(record.message))
+        groups[group] = groups.get(group, 0) + 1
+    summary = sorted(groups.items(), key=lambda item: (-item[1], item[0]))
     if args.json:
-        _print_json([record.as_dict() for record in records])
-    else:
-        for record in records:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.time))
-            old = "" if record.current else "  (older code)"
-            print(f"{when}  {record.function}({record.input}){old}\n    {record.type}: {record.message}")
-        print(f"{len(records)} failure(s) recorded in {files.root}", file=sys.stderr)
+        return _print_json({
+            "path": files.root,
+            "summary": [{"type": t, "message": m, "inputs": n} for (t, m), n in summary],
+            "older_code": older,
+            "failures": [record.as_dict() for record in records],
+        })
+    shown = "" if args.all else " of the current code"
+    hidden = f" ({older} more of older code: --all shows them)" if older and not args.all else ""
+    print(f"{len(records)} failure(s){shown} recorded in {files.root}{hidden}")
+    for (kind, message), count in summary:
+        print(f"  {kind}: {message}: {count} input{'s' if count != 1 else ''}")
+    for record in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.time))
+        old = "" if record.current else "  (older code)"
+        print(f"{when}  {record.function}({record.label}){old}\n    {record.type}: {record.message}")
     return 0 if records else 1
 
 
@@ -6353,6 +6802,9 @@ def _cli_prune(args: Any) -> int:
     files = _cli_store(args.path, "w")
     now = time.time()
     entries, temps = files.prune(now, stale=_stale_test(files) if args.stale else None)
+    if args.stale:  # The failures of older code go with its entries.
+        current = files.identities()
+        files.drop_failures(lambda r: current.get(str(r.get("function")), r.get("identity")) != r.get("identity"))
     report: dict[str, Any] = {"path": files.root, "removed_entries": entries, "removed_temporary_files": temps}
     swept = None
     if max_bytes is not None or age is not None:
@@ -6430,16 +6882,25 @@ def main(argv: list[str] | None = None) -> int:
         sub = command(name, help)
         sub.add_argument("path", help="the cache directory")
         if function:
-            sub.add_argument("--function", metavar="NAME", help="only this function: module:qualname, or just qualname")
+            sub.add_argument(
+                "--function", metavar="NAME", help="only this function: module:qualname (as info prints it), module.qualname, or qualname"
+            )
         sub.set_defaults(run=run)
         return sub
 
     store_command("info", "entries, bytes and expired entries of a cache, counted per function", _cli_info)
     store_command("clear", "remove a cache's entries (all, or one function's)", _cli_clear, function=True)
     store_command("verify", "check every byte of every entry (exit 1 if any is damaged)", _cli_verify)
-    store_command(
-        "failures", "list the inputs that failed in batches, from the store's ledger (exit 1 if none)", _cli_failures, True
+    failures = store_command(
+        "failures",
+        "list the inputs that failed in batches, from the store's ledger, with a summary by exception "
+        "(exit 1 if none)",
+        _cli_failures,
+        True,
     )
+    failures.add_argument("--all", action="store_true", help="also the failures of functions' older code")
+    failures.add_argument("--older-than", metavar="AGE", help="only records older than AGE: 3600s, 90m, 12h, 30d")
+    failures.add_argument("--clear", action="store_true", help="remove the records chosen (by --function, --older-than)")
     prune = store_command("prune", "remove expired and damaged entries and temporary files left by crashes", _cli_prune)
     prune.add_argument(
         "--stale", action="store_true", help="also remove entries of functions' older code (see info)"

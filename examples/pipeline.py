@@ -106,10 +106,18 @@ def main() -> int:
             print(f"stage 1: wrote {RECORDS - before} record files to {records_dir} ({before} were already there)")
 
     # Stage 2: the memoized transform over every record, keeping going past bad ones.
-    # Without the fix, nothing has changed that could mend a recorded failure, so
-    # those are reported from the ledger instead of being called again.
+    # Without --fixed this passes retry_failures=False: the failures that the ledger
+    # holds for the current code are reported from it instead of being called again
+    # (with the default, True, they would be called again).
     inputs = [path.read_text() for path in sorted(stage.path.glob("*.json"))]
-    batch = transform.map(inputs, keep_going=True, workers=args.workers, retry_failures=args.fixed)
+    # label= names each record in the ledger by its id, not by the start of its text.
+    batch = transform.map(
+        inputs,
+        keep_going=True,
+        workers=args.workers,
+        retry_failures=args.fixed,
+        label=lambda text: f"record {json.loads(text)['id']:04d}",
+    )
     print(
         f"stage 2: {batch.computed} computed, {batch.reused} reused from the cache, "
         f"{len(batch.failures)} failed"
