@@ -710,6 +710,18 @@ def _fspath(path: StrPath, what: str = "path") -> str:
     return name
 
 
+def _store_path(path: StrPath) -> str:
+    """A store's path, refusing a URL (s3://, gs://, http://): os.path would make it a local folder "s3:"."""
+    name = _fspath(path, "the cache path")
+    scheme, sep, _rest = name.partition("://")
+    if sep and len(scheme) > 1 and scheme.replace("+", "").replace(".", "").replace("-", "").isalnum():
+        raise ValueError(
+            f"cache path {name!r} is a URL; donecache stores entries in a local (or mounted) directory: "
+            "give a filesystem path, such as the mount point of that bucket"
+        )
+    return name
+
+
 class _NotRegular(OSError):
     """Something other than a regular file stands where one was expected."""
 
@@ -1630,7 +1642,10 @@ done_dir = Stage
 #
 #   header  magic "dcE2", head CRC, created and expires (Unix seconds; 0.0 =
 #           never), key length, stream length, stream CRC, buffer count, flags
-#   key
+#   key     the key, then (from donecache 0.3) the entry's metadata: the
+#           seconds its computation took (a double) and the host that made it
+#           (UTF-8); flags bits 16-31 give the metadata's length, which key
+#           length includes (0.2 reads such an entry as another key's: a miss)
 #   stream  the pickle (protocol 5) of the value, less its big buffers
 #   buffers each of the pickle's out-of-band buffers (the data of NumPy arrays
 #           and pandas columns), at an offset aligned to 64 bytes
@@ -1640,13 +1655,17 @@ done_dir = Stage
 # last because its CRCs are computed while the buffers are written. Offsets
 # follow from the lengths, and the last buffer must end where the table
 # starts, at the file's size less the table's: a truncated or padded file is
-# damage. A read checks all of that and the stream's CRC (for a value with no
+# damage. Flags bits 0-7 name the codec of a compressed stream (1 zlib,
+# 2 lzma); buffers are never compressed, so that they can still be mapped.
+# A read checks all of that and the stream's CRC (for a value with no
 # big buffers that covers every byte); the buffers' own CRCs cost more than
 # the whole read of a big value, so they are checked by verify() and prune(),
 # not on every hit.
 _ENTRY_MAGIC = b"dcE2"
 _ENTRY_HEADER = struct.Struct("<4sIddQQIII")
 _BUFFER_ROW = struct.Struct("<QI")
+_META = struct.Struct("<d")  # The metadata's fixed part: the computation's seconds; the host follows.
+_CODECS = {"zlib": 1, "lzma": 2}
 _OLD_MAGIC = b"dcE1"  # Format 1: magic, CRC of the rest, created, expires, key and value lengths (32-bit).
 _OLD_HEADER = struct.Struct("<4sIddII")
 _OUT_OF_BAND = 1 << 16  # Buffers this big are written apart from the stream, and can be mapped.
@@ -1755,45 +1774,74 @@ def _is_hex(name: str, length: int) -> bool:
     return len(name) == length and set(name) <= _HEX
 
 
+def _foreign_names(root: str, names: list[str] | None = None) -> bool:
+    """True if the directory ``root`` holds names that donecache never makes in a store."""
+    try:
+        names = os.listdir(root) if names is None else names
+    except OSError:
+        return False
+    return any(name not in _STORE_FILES and not (_is_hex(name, 2) or _is_hex(name, _FOLDER_HEX)) for name in names)
+
+
 class _Entry:
     """One entry file as read: its key and times, and (unless only its head was
     read) the pickle stream and the out-of-band buffers that load() joins."""
 
-    __slots__ = ("key", "created", "expires", "stream", "buffers")
+    __slots__ = ("key", "created", "expires", "stream", "buffers", "flags", "meta")
 
     def __init__(self, key: bytes, created: float, expires: float) -> None:
         self.key, self.created, self.expires = key, created, expires
         self.stream: Any = b""
         self.buffers: list[Any] = []
+        self.flags, self.meta = 0, b""
 
     def live(self, now: float) -> bool:
         return not self.expires or now < self.expires
 
+    @property
+    def seconds(self) -> float:
+        """How long the computation of the value took (0.0 if not recorded: an older entry or a Store's)."""
+        return _META.unpack_from(self.meta)[0] if len(self.meta) >= _META.size else 0.0
+
+    @property
+    def host(self) -> str:
+        return bytes(self.meta[_META.size :]).decode("utf-8", "replace")
+
     def load(self) -> Any:
         """The value; raises what unpickling raises (code that changed since)."""
-        return pickle.loads(self.stream, buffers=self.buffers)
+        stream = self.stream
+        if self.flags & 0xFF:  # Decompression errors raise as unpickling's do: a miss.
+            stream = (zlib if self.flags & 0xFF == 1 else _lzma()).decompress(stream)
+        return pickle.loads(stream, buffers=self.buffers)
+
+
+def _lzma() -> Any:
+    import lzma
+
+    return lzma
 
 
 class _Encoded:
     """A value pickled for an entry file: the stream, and the big buffers kept
     out of it (views of the value's own memory, not copies)."""
 
-    __slots__ = ("key", "expires", "stream", "buffers")
+    __slots__ = ("key", "expires", "stream", "buffers", "meta", "codec")
 
     def __init__(self, key: bytes, expires: float, stream: bytes, buffers: list[memoryview]) -> None:
         self.key, self.expires, self.stream, self.buffers = key, expires, stream, buffers
+        self.meta, self.codec = b"", 0
 
     def chunks(self) -> Iterator[Any]:
         """The file's bytes, in pieces for _write_bytes: each buffer's CRC is
         computed piece by piece, just before the piece is written."""
-        key, stream = self.key, self.stream
+        key, stream, meta = self.key, self.stream, self.meta
         head = bytearray(
             _ENTRY_HEADER.pack(
-                _ENTRY_MAGIC, 0, time.time(), self.expires, len(key), len(stream),
-                zlib.crc32(stream), len(self.buffers), 0,
+                _ENTRY_MAGIC, 0, time.time(), self.expires, len(key) + len(meta), len(stream),
+                zlib.crc32(stream), len(self.buffers), self.codec | len(meta) << 16,
             )
         )
-        head += key
+        head += key + meta
         head[4:8] = zlib.crc32(memoryview(head)[8:]).to_bytes(4, "little")
         yield head
         yield stream
@@ -1815,9 +1863,21 @@ class _Encoded:
             yield table
 
 
-def _encode_entry(key: bytes, value: Any, expires: float = 0.0, protocol: int = 5) -> _Encoded:
-    """Pickle ``value`` for an entry file; raises what pickling raises, before any file is made."""
-    if len(key) > _MAX_KEY:
+_host_name: list[str] = []  # socket.gethostname(), asked once per process.
+
+
+def _encode_entry(
+    key: bytes, value: Any, expires: float = 0.0, protocol: int = 5, seconds: float = 0.0, compress: str | None = None
+) -> _Encoded:
+    """Pickle ``value`` for an entry file, with the ``seconds`` its computation
+    took, its stream compressed with the ``compress`` codec where that makes it
+    smaller; raises what pickling raises, before any file is made."""
+    if not _host_name:
+        import socket
+
+        _host_name.append(socket.gethostname())
+    meta = _META.pack(seconds) + _host_name[0].encode("utf-8")[:255]
+    if len(key) + len(meta) > _MAX_KEY:
         raise ValueError(f"a cache key of {len(key)} bytes is too long; keys may have at most {_MAX_KEY} bytes")
     buffers: list[memoryview] = []
 
@@ -1835,7 +1895,23 @@ def _encode_entry(key: bytes, value: Any, expires: float = 0.0, protocol: int = 
         return False
 
     stream = pickle.dumps(value, protocol=protocol, buffer_callback=out_of_band if protocol >= 5 else None)
-    return _Encoded(key, expires, stream, buffers)
+    encoded = _Encoded(key, expires, stream, buffers)
+    encoded.meta = meta
+    if compress is not None:
+        # Level 1 (zlib) and preset 1 (lzma): most of the gain on text for a fraction of the time.
+        packed = zlib.compress(stream, 1) if compress == "zlib" else _lzma().compress(stream, preset=1)
+        if len(packed) < len(stream):
+            encoded.stream, encoded.codec = packed, _CODECS[compress]
+    return encoded
+
+
+def _check_compress(compress: Any) -> str | None:
+    """compress= as a codec name, or None; False/None: off, True: zlib."""
+    if compress is None or compress is False:
+        return None
+    if compress is True or compress in _CODECS:
+        return "zlib" if compress is True else str(compress)
+    raise ValueError(f"compress must be False, True, 'zlib' or 'lzma' (stdlib codecs), not {compress!r}")
 
 
 # How much of an entry a read takes: its head (header, key, and the buffer
@@ -1910,13 +1986,14 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
         return _read_old_entry(fd, first, size, key, depth)
     if len(first) < _ENTRY_HEADER.size:
         return None
-    magic, head_crc, created, expires, key_len, stream_len, stream_crc, count, _flags = _ENTRY_HEADER.unpack_from(
+    magic, head_crc, created, expires, key_len, stream_len, stream_crc, count, flags = _ENTRY_HEADER.unpack_from(
         first
     )
     key_end = _ENTRY_HEADER.size + key_len
     stream_end = key_end + stream_len
     table_len = count * _BUFFER_ROW.size + 4 if count else 0
-    if magic != _ENTRY_MAGIC or key_len > _MAX_KEY or count > _MAX_BUFFERS or stream_end + table_len > size:
+    meta = flags >> 16  # The metadata's length, at the end of the key area (0 in entries of 0.2).
+    if magic != _ENTRY_MAGIC or meta > key_len or key_len > _MAX_KEY or count > _MAX_BUFFERS or stream_end + table_len > size:
         return None
     head = memoryview(first)
     if len(first) < key_end:
@@ -1926,7 +2003,7 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
             return None
     if zlib.crc32(head[8:key_end]) != head_crc:
         return None
-    found = bytes(head[_ENTRY_HEADER.size : key_end])
+    found = bytes(head[_ENTRY_HEADER.size : key_end - meta])
     if key is not None and found != key:
         return None  # Another key with the same hash prefix (or a swapped file).
     spans: list[tuple[int, int, int]] = []  # (offset, length, crc) of each buffer
@@ -1943,6 +2020,8 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
     if position + table_len != size:
         return None  # Truncated, padded, or a table that does not fit the file.
     entry = _Entry(found, created, expires)
+    if flags:
+        entry.flags, entry.meta = flags, bytes(head[key_end - meta : key_end])
     if depth == _HEAD and (size > len(first) or count):
         return entry
     # The stream: from the first read when it is all there, else read after it.
@@ -2130,7 +2209,7 @@ class _EntryFiles:
 
         if flag not in ("r", "w", "c", "n"):
             raise ValueError(f"flag must be 'r', 'w', 'c' or 'n' (as for shelve.open), not {flag!r}")
-        self.root = os.path.abspath(_fspath(path))
+        self.root = os.path.abspath(_store_path(path))
         self._prefix = os.path.join(self.root, "")
         self.readonly = flag == "r"
         self.durable = durable
@@ -2168,6 +2247,14 @@ class _EntryFiles:
                 _make_dirs(self.root, 0o700, durable=durable)
             except OSError as exc:
                 raise _reraise_about(exc, self.root, "create the cache directory", "choose a writable path") from exc
+        elif _foreign_names(self.root) and not _is_store(self.root):
+            # Adopting it would write entries among the user's files, which the CLI then refuses to manage.
+            raise FileExistsError(
+                errno.EEXIST,
+                f"{self.root!r} is a directory that holds other files and is not a donecache store (no "
+                "CACHEDIR.TAG); give a new or empty directory, such as .donecache",
+                self.root,
+            )
         if not self.readonly:
             self._label()
         self.lock_path = os.path.join(os.path.realpath(self.root), ".lock")
@@ -2183,7 +2270,7 @@ class _EntryFiles:
             names = os.listdir(self.root)
         except OSError:
             return
-        if any(name not in _STORE_FILES and not (_is_hex(name, 2) or _is_hex(name, _FOLDER_HEX)) for name in names):
+        if _foreign_names(self.root, names):
             return
         for name, content in (("CACHEDIR.TAG", _CACHEDIR_TAG), (".gitignore", b"# Made by donecache.\n*\n")):
             if name not in names:
@@ -2653,6 +2740,7 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
         least recently used entries (a read counts as a use) down to 80% of
         it, and logs each eviction on the "donecache" logger (INFO). The
         bound is the whole directory's, memoized functions' entries included.
+    compress: ``"zlib"`` (or True) or ``"lzma"``: as for memoize().
 
     Entries are pickles: open only directories that nobody you distrust can write.
     """
@@ -2667,9 +2755,11 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
         durable: bool = False,
         mmap: bool = False,
         max_bytes: int | None = None,
+        compress: bool | str = False,
     ) -> None:
         # Named and typed as in shelve.DbfilenameShelf; a bytes path is decoded
         # as the filesystem encoding says, as os.open would.
+        self._compress = _check_compress(compress)
         self._files = _EntryFiles(os.fsdecode(filename), flag, durable, max_bytes)
         self.path = self._files.root
         self._mmap = mmap
@@ -2701,7 +2791,7 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
         if getattr(self, "writeback", False):
             getattr(self, "cache", {})[key] = value
         files = self._open_files()
-        files.write(_encode_entry(key.encode("utf-8"), value, 0.0, self._pickle_protocol))
+        files.write(_encode_entry(key.encode("utf-8"), value, 0.0, self._pickle_protocol, 0.0, self._compress))
 
     # Another process may delete a key between the listing and the read (or
     # between shelve's `key in self.dict` and `self[key]`): the key is then
@@ -3398,12 +3488,14 @@ def disabled() -> _Disabled:
 
 
 class _Call:
-    """One call of a memoized function: its arguments, key and entry slot."""
+    """One call of a memoized function: its arguments, key and entry slot, and
+    the seconds its computation took (computed now, or as its entry records)."""
 
-    __slots__ = ("args", "kwargs", "key", "slot")
+    __slots__ = ("args", "kwargs", "key", "slot", "seconds")
 
     def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: bytes, slot: _Slot | None) -> None:
         self.args, self.kwargs, self.key, self.slot = args, kwargs, key, slot
+        self.seconds = 0.0
 
 
 class _Memoized(Generic[_P, _R]):
@@ -3424,9 +3516,11 @@ class _Memoized(Generic[_P, _R]):
         key: Callable[..., Any] | None = None,
         mmap: bool = False,
         max_bytes: int | None = None,
+        compress: Any = False,
     ) -> None:
         import functools
         import hashlib
+        import socket  # noqa: F401  (the host an entry records)
 
         # What the first call needs to work out and record the code identity
         # (_prepare) is imported now: a KeyboardInterrupt inside a first import
@@ -3447,11 +3541,12 @@ class _Memoized(Generic[_P, _R]):
         self._blake2b = hashlib.blake2b
         if path is None:
             path = os.environ.get("DONECACHE_DIR") or ".donecache"
-        self.path = os.path.abspath(_fspath(path))
+        self.path = os.path.abspath(_store_path(path))
         self._ttl = ttl
         self._durable = durable
         self._mmap = mmap
         self._max_bytes = _check_max_bytes(max_bytes)
+        self._compress = _check_compress(compress)
         self._arguments = _Arguments(func, ignore, key)
         self._version = version
         self._function = f"{_module_name(func)}:{_function_name(func)}"
@@ -3463,6 +3558,7 @@ class _Memoized(Generic[_P, _R]):
         self._folder = ""  # Where this function's entries live in the store (set with it).
         self._warned = False
         self._hits = self._misses = 0
+        self._saved = 0.0  # Seconds of computation that this process's hits did not repeat.
 
     # By reference where its name finds it, by value otherwise: see _reduce_memoized.
     def __reduce__(self) -> str | tuple[Any, ...]:
@@ -3541,6 +3637,8 @@ class _Memoized(Generic[_P, _R]):
         except Exception:
             return _MISSING  # Written by code that has changed since: recompute.
         self._hits += 1
+        call.seconds = entry.seconds
+        self._saved += call.seconds
         if _log_at(_DEBUG) is not None:
             _logger.debug("%s: hit; entry %s", self.__qualname__, call.slot.path if call.slot else "?")
         return value
@@ -3573,7 +3671,8 @@ class _Memoized(Generic[_P, _R]):
         try:
             # Protocol 5 (readable by every Python donecache supports) keeps big
             # buffers out of the stream, to be written straight from the value.
-            encoded = _encode_entry(call.key, value, time.time() + self._ttl if self._ttl is not None else 0.0)
+            expires = time.time() + self._ttl if self._ttl is not None else 0.0
+            encoded = _encode_entry(call.key, value, expires, 5, call.seconds, self._compress)
         except Exception as exc:
             _warn(
                 f"{self.__qualname__}() returned a {type(value).__name__} that cannot be pickled ({exc}); "
@@ -3625,7 +3724,9 @@ class _Memoized(Generic[_P, _R]):
             if _log_at(_DEBUG) is not None:
                 reason = "refresh" if refresh else self._why_missed(call)
                 _logger.debug("%s: miss (%s), computing; entry %s", self.__qualname__, reason, call.slot and call.slot.path)
+            started = time.perf_counter()
             value = await self._invoke(call)
+            call.seconds = time.perf_counter() - started
             if keeper is None:
                 self._keep(call, value)
             else:
@@ -3660,13 +3761,16 @@ class _Memoized(Generic[_P, _R]):
             return self.__wrapped__(*args, **kwargs)
         return self._get(self._call(args, kwargs), refresh=True)[0]  # type: ignore[no-any-return]
 
-    def _compute(self, args: tuple[Any, ...], off: bool) -> tuple[Any, bool]:
-        """(result, computed) of one call of a batch; ``off``: caching was off when the batch began."""
+    def _compute(self, args: tuple[Any, ...], off: bool) -> _Outcome:
+        """One call of a batch, raising its failure; ``off``: caching was off when the batch began."""
         if off:
-            return self.__wrapped__(*args), True  # type: ignore[call-arg]
+            started = time.perf_counter()
+            value = self.__wrapped__(*args)  # type: ignore[call-arg]
+            return _Outcome(True, value, True, seconds=time.perf_counter() - started)
         call = self._call(args, {})
         try:
-            return self._get(call)
+            value, computed = self._get(call)
+            return _Outcome(True, value, computed, seconds=call.seconds)
         except Exception as exc:
             self._record_failure(call, exc, _format_exception(exc))
             raise
@@ -4090,10 +4194,11 @@ class _Outcome:
     """How one call went: its result (ok) or exception, whether it was computed
     (not reused), and the traceback text of a failure."""
 
-    __slots__ = ("ok", "value", "computed", "traceback")
+    __slots__ = ("ok", "value", "computed", "traceback", "seconds")
 
-    def __init__(self, ok: bool, value: Any, computed: bool, traceback: str = "") -> None:
+    def __init__(self, ok: bool, value: Any, computed: bool, traceback: str = "", seconds: float = 0.0) -> None:
         self.ok, self.value, self.computed, self.traceback = ok, value, computed, traceback
+        self.seconds = seconds  # Of the computation: done now, or (reused) as its entry records.
 
 
 def _failed(exc: BaseException, portable: bool) -> _Outcome:
@@ -4122,10 +4227,10 @@ def _call_one(
     call = None
     try:
         if off:
-            return _Outcome(True, func.__wrapped__(*args), True)
+            return func._compute(args, off)
         call = func._call(args, {}) if key is None else func._call_at(key, args, {})
         value, computed = func._get(call, keeper=keeper)
-        return _Outcome(True, value, computed)
+        return _Outcome(True, value, computed, seconds=call.seconds)
     except Exception as exc:
         outcome = _failed(exc, portable)
         if call is not None:
@@ -4235,8 +4340,7 @@ def _serial(
         elif keep_going:
             done.outcome = _call_one(func, lead + args, None, False, off)
         else:  # Let the failure propagate with its own traceback, as a loop would.
-            value, computed = func._compute(lead + args, off)
-            done.outcome = _Outcome(True, value, computed)
+            done.outcome = func._compute(lead + args, off)
         yield done
 
 
@@ -4419,7 +4523,7 @@ def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], 
             return True
         done.key = call.key
         return False
-    done.outcome = _Outcome(True, value, False)
+    done.outcome = _Outcome(True, value, False, seconds=call.seconds)
     return True
 
 
@@ -4619,7 +4723,7 @@ def memoize(
     version: _Version | None = None,
     ignore: Iterable[str] = (),
     key: Callable[..., Any] | None = None,
-    durable: bool = False, mmap: bool = False, max_bytes: int | None = None,
+    durable: bool = False, mmap: bool = False, max_bytes: int | None = None, compress: bool | str = False,
 ) -> Callable[[Callable[_P, _R]], _Memoized[_P, _R]]: ...
 
 
@@ -4633,6 +4737,7 @@ def memoize(
     durable: bool = False,
     mmap: bool = False,
     max_bytes: int | None = None,
+    compress: bool | str = False,
 ) -> Any:
     """Keep a function's results on disk, shared by threads, processes and runs.
 
@@ -4668,6 +4773,10 @@ def memoize(
         use) down to 80% of it, logging each on the "donecache" logger (INFO).
         None (the default): no bound. ``cache_info().maxsize`` reports it, in
         bytes (functools counts entries there).
+    compress: ``"zlib"`` (or True) or ``"lzma"`` compresses each entry's pickle
+        stream (not the big buffers that mmap maps) where that makes it
+        smaller: text-heavy results shrink several times at some write time
+        (docs/storage.md). False (the default): no compression.
 
     The decorated function has ``cache_info()``, ``cache_clear()`` (this
     function's entries only), ``forget(*args)``, ``refresh(*args)`` and
@@ -4679,6 +4788,9 @@ def memoize(
     """
     seconds = _seconds(ttl)
     _check_max_bytes(max_bytes)
+    _check_compress(compress)
+    if path is not None and not callable(path):
+        _store_path(path)
     if version is not None:
         _version_text(version)  # An unusable version fails here, not at the first call.
     if isinstance(ignore, str):
@@ -4701,7 +4813,7 @@ def memoize(
                 "function that collects it"
             )
         kind = _AsyncMemoized if code is not None and code.co_flags & _CO_COROUTINE else _Memoized
-        return kind(func, store_path, seconds, version, ignore, durable, key, mmap, max_bytes)
+        return kind(func, store_path, seconds, version, ignore, durable, key, mmap, max_bytes, compress)
 
     if callable(path) and not isinstance(path, (str, os.PathLike)):
         store_path: StrPath | None = None
