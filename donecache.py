@@ -101,6 +101,7 @@ if TYPE_CHECKING:
         Generic,
         Iterable,
         Iterator,
+        NamedTuple,
         ParamSpec,
         TypeVar,
         Union,
@@ -1278,8 +1279,10 @@ def mark_not_done(directory: StrPath, *, marker: str = "DONE") -> bool:
 
 
 class _StageState:
-    """What `status` says of a stage: its state ("done", "building", "incomplete" or
-    "missing"), its marker's metadata, and who builds it ({"host", "pid"} where known)."""
+    """What `status` says of a stage: its state ("done", "building", "incomplete",
+    "other version" (done, but its marker names another version), "not a stage"
+    (a directory that done_dir never entered) or "missing"), its marker's
+    metadata, and who builds it ({"host", "pid"} where known)."""
 
     __slots__ = ("state", "marker", "builder")
 
@@ -1299,7 +1302,10 @@ def _stage_status(directory: str, *, version: _Version | None, marker: str) -> _
         return _StageState("done", _read_marker(path))
     lock = os.path.join(directory, _STAGE_LOCK)
     if not _lock_taken(lock):
-        return _StageState("incomplete", _read_marker(path))
+        # A stage that done_dir entered has its lock file; a marker of another version says so.
+        if os.path.lexists(path) and version is not None:
+            return _StageState("other version", _read_marker(path))
+        return _StageState("incomplete" if os.path.lexists(lock) else "not a stage", _read_marker(path))
     try:
         builder = json.loads(_file_head(lock, 4096).decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -2463,21 +2469,29 @@ class _EntryFiles:
         if total is None or total > max_bytes * _HIGH_WATER or total + size > max_bytes:
             self.sweep(int(max_bytes * _LOW_WATER))
 
-    def sweep(self, target: int | None, older_than: float | None = None, wait: bool = False) -> _Swept | None:
-        """Evict entries, least recently used first, until the entry files take
-        at most ``target`` bytes on disk, and every entry last used before
-        ``older_than`` (a Unix time); log each eviction. One process sweeps at
-        a time: None if another one is sweeping, unless ``wait``."""
-        self._writable()
+    def sweep(
+        self, target: int | None, older_than: float | None = None, wait: bool = False, folder: str | None = None,
+        dry_run: bool = False,
+    ) -> _Swept | None:
+        """Evict entries (of ``folder``, as for files()), least recently used
+        first, until the entry files take at most ``target`` bytes on disk, and
+        every entry last used before ``older_than`` (a Unix time); log each
+        eviction. One process sweeps at a time: None if another one is
+        sweeping, unless ``wait``. ``dry_run`` counts, removes nothing, writes nothing."""
         lock = _KeyLock(self.lock_path, _SWEEP_BYTE)
-        if wait:
-            lock.acquire()
-        elif not lock.try_acquire():
-            return None  # Another process is sweeping: it will bring the total down.
+        if dry_run:
+            usage: Callable[[Callable[[int | None], int | None]], int | None] = lambda change: None  # noqa: E731
+        else:
+            self._writable()
+            usage = self._usage
+            if wait:
+                lock.acquire()
+            elif not lock.try_acquire():
+                return None  # Another process is sweeping: it will bring the total down.
         try:
-            base = self._usage(lambda total: total)
+            base = usage(lambda total: total)
             listed: list[tuple[float, str, os.stat_result]] = []
-            for path, _folder in self.files():
+            for path, _folder in self.files(folder):
                 try:
                     st = os.lstat(path)
                 except OSError:
@@ -2492,18 +2506,20 @@ class _EntryFiles:
                 return total - swept.bytes + (now - base if now is not None and base is not None else 0)
 
             for mtime, path, st in listed:
-                if (target is None or left(self._usage(lambda now: now)) <= target) and (
+                if (target is None or left(usage(lambda now: now)) <= target) and (
                     older_than is None or mtime >= older_than
                 ):
                     break
                 size = _disk_bytes(st)
-                if self._evict(path, st, size):
+                if dry_run or self._evict(path, st, size):
                     swept.entries += 1
                     swept.bytes += size
-            self._usage(left)
+            # One folder's listing is not the store's total: only what left it is taken off.
+            usage(left if folder is None else lambda now: None if now is None else now - swept.bytes)
             return swept
         finally:
-            lock.release()
+            if not dry_run:
+                lock.release()
 
     def _evict(self, path: str, listed: os.stat_result, size: int) -> bool:
         """Remove one entry file found by a sweep, unless its key is being
@@ -2623,15 +2639,21 @@ class _EntryFiles:
                 damaged.append(path)
         return damaged
 
-    def prune(self, now: float | None = None, stale: Callable[[_Found], bool] | None = None) -> tuple[int, int]:
-        """Remove expired or damaged entries (and those ``stale`` accepts) and old
-        temporary files: (entries, temporaries). Entries are judged by their
-        heads first; those kept are then verified byte by byte."""
-        self._writable()
+    def prune(
+        self, now: float | None = None, stale: Callable[[_Found], bool] | None = None, folder: str | None = None,
+        dry_run: bool = False,
+    ) -> tuple[int, int]:
+        """Remove expired or damaged entries (of ``folder``, as for files(); and
+        those ``stale`` accepts) and old temporary files: (entries, temporaries).
+        Entries are judged by their heads first; those kept are then verified
+        byte by byte. ``dry_run`` only counts."""
+        if not dry_run:
+            self._writable()
         when = time.time() if now is None else now
         entries = temps = 0
+        top = self.root if not folder else os.path.join(self.root, folder)
         try:
-            for found in self.scan():
+            for found in self.scan(folder):
                 # A file that could not be read (stat None) is left alone: ESTALE,
                 # EIO and EACCES say nothing about the entry itself.
                 entry, judged = found.entry, found.stat
@@ -2647,8 +2669,8 @@ class _EntryFiles:
                 else:
                     entry = None
                 if entry is None:
-                    entries += _remove_judged(found.path, judged)
-            for directory in [self.root, *(os.path.join(self.root, name) for name in self.folders())]:
+                    entries += dry_run or _remove_judged(found.path, judged)
+            for directory in [top] if folder else [top, *(os.path.join(top, name) for name in self.folders())]:
                 try:
                     squatters = [
                         e
@@ -2659,13 +2681,14 @@ class _EntryFiles:
                     squatters = []
                 for squatter in squatters:  # Damage: a file or a link where a folder should be.
                     if not squatter.is_dir(follow_symlinks=False):
-                        entries += _remove_judged(squatter.path, squatter.stat(follow_symlinks=False))
+                        entries += dry_run or _remove_judged(squatter.path, squatter.stat(follow_symlinks=False))
         except OSError as exc:
             raise _reraise_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
-        for temp in _temp_files(self.root):
+        for temp in _temp_files(top):
             try:
                 if os.stat(temp).st_mtime < when - _LITTER_AGE:
-                    os.unlink(temp)
+                    if not dry_run:
+                        os.unlink(temp)
                     temps += 1
             except OSError:
                 pass
@@ -2822,11 +2845,15 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
         getattr(self, "cache", {}).clear()  # shelve's writeback cache (not in its stubs).
         files.clear()
 
-    def prune(self) -> int:
+    def prune(self, *, max_bytes: int | None = None, older_than: float | Any = None, dry_run: bool = False) -> int:
         """Remove expired and damaged entries (checking every byte of the others)
-        and crashed writers' temporary files."""
-        entries, temps = self._open_files().prune()
-        return entries + temps
+        and crashed writers' temporary files; then evict the least recently used
+        entries until the store takes at most ``max_bytes`` on disk, and those
+        not used for ``older_than`` (seconds or a timedelta), as the command
+        line's prune does. Returns how many files were removed (``dry_run``:
+        would be; nothing is removed)."""
+        report = _prune(self._open_files(), None, max_bytes, older_than, stale=False, dry_run=dry_run)
+        return report.removed + report.temporary_files + report.evicted
 
     def verify(self) -> list[str]:
         """The paths of damaged entry files, checking every byte of every entry
@@ -3407,21 +3434,34 @@ def _warn(message: str) -> None:
     warnings.warn(message, DonecacheWarning, stacklevel=level)
 
 
-class CacheInfo(tuple):  # type: ignore[type-arg]
-    """(hits, misses, maxsize, currsize), spelled as functools.lru_cache spells it."""
+if TYPE_CHECKING:
+
+    class _CacheInfoFields(NamedTuple):
+        hits: int
+        misses: int
+        maxsize: int | None
+        currsize: int
+        held_seconds: float = 0.0
+        saved_seconds: float = 0.0
+
+else:  # typing costs more to import than the rest of the module.
+    _CacheInfoFields = collections.namedtuple(
+        "CacheInfo", "hits misses maxsize currsize held_seconds saved_seconds", defaults=(0.0, 0.0)
+    )
+
+
+class CacheInfo(_CacheInfoFields):
+    """A namedtuple with functools.lru_cache's fields first, then two of donecache's.
+
+    hits: calls answered from the cache by this process. misses: calls this
+    process computed and stored. maxsize: the store's max_bytes (bytes on disk,
+    not a count of entries), or None. currsize: this function's live entries on
+    disk. held_seconds: the computation time those entries hold (as each entry
+    recorded it when stored). saved_seconds: the computation time this
+    process's hits did not repeat.
+    """
 
     __slots__ = ()
-
-    def __new__(cls, hits: int, misses: int, maxsize: int | None, currsize: int) -> CacheInfo:
-        return tuple.__new__(cls, (hits, misses, maxsize, currsize))
-
-    hits = property(lambda self: self[0], doc="calls answered from the cache by this process")
-    misses = property(lambda self: self[1], doc="calls this process computed and stored")
-    maxsize = property(lambda self: self[2], doc="the store's max_bytes (bytes on disk, not a count of entries), or None")
-    currsize = property(lambda self: self[3], doc="this function's live entries on disk")
-
-    def __repr__(self) -> str:
-        return "CacheInfo(hits={}, misses={}, maxsize={}, currsize={})".format(*self)
 
 
 _MISSING: Any = object()
@@ -3451,11 +3491,20 @@ def _switched_off() -> bool:
     return raw is not None and _off_in_environment(_env_text(raw))
 
 
+_SWITCH_WORDS = {"0": True, "false": True, "no": True, "off": True, "1": False, "true": False, "yes": False, "on": False}
+_switch_warned: set[str] = set()
+
+
 def _off_in_environment(value: str) -> bool:
     word = value.strip().lower()
-    if word in ("off", "on", ""):
-        return word == "off"
-    raise ValueError(f"the environment variable DONECACHE={value!r} is neither 'off' nor 'on'; set one or unset it")
+    off = _SWITCH_WORDS.get(word)
+    if off is None and word:
+        if value not in _switch_warned:  # Once per value: this runs at every call; it must never raise there.
+            _switch_warned.add(value)
+            _warn(f"the environment variable DONECACHE={value!r} is not understood, so caching stays on; "
+                  "set it to off (or 0, false, no) or on (or 1, true, yes)")  # fmt: skip
+        return False
+    return bool(off)
 
 
 class _Disabled:
@@ -3843,17 +3892,39 @@ class _Memoized(Generic[_P, _R]):
         if files is not None:
             files.clear(folder=self._folder)
         self._hits = self._misses = 0
+        self._saved = 0.0
 
     def cache_info(self) -> CacheInfo:
-        """Hits and misses in this process, and this function's live entries on
-        disk (counted from the heads of its own entries only)."""
+        """Hits, misses and the computation time saved in this process, and this
+        function's live entries on disk with the computation time they hold
+        (read from the heads of its own entries only)."""
         now, files, prefix = time.time(), self._files(), self._prefix or self._prepare()
-        live = sum(
-            1
-            for found in (files.scan(self._folder) if files is not None else ())
-            if found.entry is not None and found.entry.live(now) and found.entry.key.startswith(prefix)
-        )
-        return CacheInfo(self._hits, self._misses, self._max_bytes, live)
+        live, held = 0, 0.0
+        for found in files.scan(self._folder) if files is not None else ():
+            if found.entry is not None and found.entry.live(now) and found.entry.key.startswith(prefix):
+                live, held = live + 1, held + found.entry.seconds
+        return CacheInfo(self._hits, self._misses, self._max_bytes, live, held, self._saved)
+
+    def cache_parameters(self) -> dict[str, Any]:
+        """The options this function was memoized with (functools' ``maxsize`` is max_bytes)."""
+        return {
+            "maxsize": self._max_bytes, "path": self.path, "ttl": self._ttl, "version": self._version,
+            "max_bytes": self._max_bytes, "compress": self._compress, "durable": self._durable, "mmap": self._mmap,
+        }  # fmt: skip
+
+    def prune(
+        self, *, max_bytes: int | None = None, older_than: float | Any = None, stale: bool = False, dry_run: bool = False
+    ) -> PruneReport:
+        """Trim this function's entries, as ``prune`` on the command line does:
+        remove the expired and damaged ones (``stale``: and those of its older
+        code), then evict the least recently used until they take at most
+        ``max_bytes`` on disk, and those not used for ``older_than`` (seconds
+        or a timedelta). ``dry_run``: remove nothing, only count."""
+        files = self._files()
+        if files is None:
+            return PruneReport(0, 0, 0, 0)
+        self._prefix or self._prepare()  # Records the current identity, which stale= compares with.
+        return _prune(files, self._folder.rstrip(os.sep), max_bytes, older_than, stale=stale, dry_run=dry_run)
 
     def map(
         self,
@@ -4563,13 +4634,37 @@ class FailureRecord(Exception):
         return {name: getattr(self, name) for name in names}
 
 
+def _duration(seconds: float) -> str:
+    """A length of time as a person reads it: 1.2 s, 4 min 10 s, 2 h 10 min, 3 d 4 h."""
+    if seconds < 59.95:
+        return f"{seconds:.1f} s"
+    whole = int(seconds + 0.5)
+    for big, small, name, rest in ((86400, 3600, "d", "h"), (3600, 60, "h", "min"), (60, 1, "min", "s")):
+        if whole >= big:
+            return f"{whole // big} {name} {whole % big // small} {rest}"
+    return f"{whole} s"  # Not reached.
+
+
+def _batch_figures(computed: int, computed_seconds: float, reused: int, saved_seconds: float) -> str:
+    """What a batch did, for its summary and progress lines:
+    "7 computed (1.2 s), 1,993 reused (saved 2 h 10 min of compute)"."""
+    return (
+        f"{computed:,} computed ({_duration(computed_seconds)}), "
+        f"{reused:,} reused (saved {_duration(saved_seconds)} of compute)"
+    )
+
+
 class BatchResult:
     """What :meth:`map` returns.
 
     ``results`` holds one item per input, in input order: the result, or for
     an input that failed its :class:`Failure` (so a result of None is a real
     None). ``failures`` lists the failures alone, ``successes`` the results
-    alone; ``computed`` and ``reused`` count the results by where they came from.
+    alone; ``computed`` and ``reused`` count the results by where they came
+    from. ``computed_seconds`` is the time the computed ones took (summed over
+    workers: compute time, not wall time); ``saved_seconds`` the time the
+    reused ones had taken when they were computed, as their entries record it.
+    ``summary`` says it in words.
     """
 
     def __init__(self) -> None:
@@ -4577,6 +4672,8 @@ class BatchResult:
         self.failures: list[Failure] = []
         self.computed = 0
         self.reused = 0
+        self.computed_seconds = 0.0
+        self.saved_seconds = 0.0
 
     @classmethod
     def _of(cls, stream: Iterator[_Done]) -> BatchResult:
@@ -4590,10 +4687,23 @@ class BatchResult:
         self.results.append(result)
         if isinstance(result, Failure):
             self.failures.append(result)
-        elif done.outcome is not None and done.outcome.computed:
+        else:
+            self._count(done.outcome)
+
+    def _count(self, outcome: _Outcome | None) -> None:
+        """Count a success as computed or reused, with its seconds."""
+        if outcome is not None and outcome.computed:
             self.computed += 1
+            self.computed_seconds += outcome.seconds
         else:
             self.reused += 1
+            self.saved_seconds += 0.0 if outcome is None else outcome.seconds
+
+    @property
+    def summary(self) -> str:
+        """"7 computed (1.2 s), 1,993 reused (saved 2 h 10 min of compute), 0 failed"."""
+        figures = _batch_figures(self.computed, self.computed_seconds, self.reused, self.saved_seconds)
+        return f"{figures}, {len(self.failures):,} failed"
 
     @property
     def done(self) -> int:
@@ -4635,6 +4745,7 @@ class _Progress:
             raise ValueError(f"{name}: progress= takes True, False, None or a number of seconds, not {progress!r}")
         self.name, self.total = name, total
         self.done = self.failed = 0
+        self.counts = BatchResult()  # Only its figures: computed, reused and their seconds.
         self._started = self._last = time.monotonic()
         self._logger: Any = None
         if progress is True or (progress is None and sys.stderr.isatty()):
@@ -4658,6 +4769,8 @@ class _Progress:
                     self.failed += 1
                     if not keep_going:
                         raise outcome.value
+                elif outcome is not None:
+                    self.counts._count(outcome)
                 self.update()
                 yield done
         finally:
@@ -4667,10 +4780,12 @@ class _Progress:
     def _line(self) -> str:
         elapsed = max(time.monotonic() - self._started, 1e-9)
         rate = self.done / elapsed
+        c = self.counts
+        figures = _batch_figures(c.computed, c.computed_seconds, c.reused, c.saved_seconds)
         if self.total is None:  # A generator: no total, no ETA.
-            return f"{self.done} done, {rate:.1f}/s, {self.failed} failed"
+            return f"{self.done} done, {rate:.1f}/s, {self.failed} failed; {figures}"
         left = (self.total - self.done) / rate if rate else 0.0
-        return f"{self.done}/{self.total} done, {rate:.1f}/s, ETA {_clock(left)}, {self.failed} failed"
+        return f"{self.done}/{self.total} done, {rate:.1f}/s, ETA {_clock(left)}, {self.failed} failed; {figures}"
 
     def update(self, final: bool = False) -> None:
         now = time.monotonic()
@@ -4699,16 +4814,16 @@ class _Progress:
 _CO_GENERATOR, _CO_ASYNC_GENERATOR = 0x20, 0x200  # inspect.CO_*
 
 
-def _seconds(ttl: Any) -> float | None:
+def _seconds(ttl: Any, what: str = "ttl") -> float | None:
     if ttl is None:
         return None
     seconds = ttl.total_seconds() if hasattr(ttl, "total_seconds") else ttl
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-        raise ValueError(f"ttl must be a positive number of seconds or a timedelta, not {ttl!r}")
+        raise ValueError(f"{what} must be a positive number of seconds or a timedelta, not {ttl!r}")
     try:
         return float(seconds)
     except OverflowError:
-        raise ValueError(f"ttl={ttl!r} is too large; pass ttl=None for entries that never expire") from None
+        raise ValueError(f"{what}={ttl!r} is too large; pass {what}=None for no limit") from None
 
 
 @overload
@@ -4846,12 +4961,48 @@ def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
     return stale
 
 
+if TYPE_CHECKING:
+
+    class _PruneFields(NamedTuple):
+        removed: int
+        temporary_files: int
+        evicted: int
+        evicted_bytes: int
+
+else:
+    _PruneFields = collections.namedtuple("PruneReport", "removed temporary_files evicted evicted_bytes")
+
+
+class PruneReport(_PruneFields):
+    """What f.prune() did (with dry_run=True: would do): expired, damaged or
+    stale entries removed, crashed writers' temporary files removed, and the
+    least recently used entries evicted with their bytes on disk."""
+
+    __slots__ = ()
+
+
+def _prune(
+    files: _EntryFiles, folder: str | None, max_bytes: Any, older_than: Any, *, stale: bool, dry_run: bool
+) -> PruneReport:
+    """prune for the command line, Store.prune() and f.prune() (one ``folder`` of the store, or all)."""
+    limit, age = _check_max_bytes(max_bytes), _seconds(older_than, "older_than")
+    now = time.time()
+    entries, temps = files.prune(now, _stale_test(files) if stale else None, folder, dry_run)
+    swept: _Swept | None = _Swept()
+    if limit is not None or age is not None:
+        # By hand the store goes down to the size asked for, not to a low-water mark.
+        swept = files.sweep(limit, None if age is None else now - age, True, folder, dry_run)
+    assert swept is not None  # wait=True: never skipped.
+    return PruneReport(entries, temps, swept.entries, swept.bytes)
+
+
 def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
     """What `info` reports; it reads a bounded prefix (the head) of each entry."""
     live = expired = damaged = size = disk = 0
     functions: dict[str, int] = {}
     sizes: dict[str, dict[str, int]] = {}
     older: dict[str, int] = {}
+    each: dict[str, dict[str, Any]] = {}  # Per function, live entries only but for "expired".
     is_stale = _stale_test(files)
     for found in files.scan():
         if found.stat is None:
@@ -4861,17 +5012,27 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
         if found.entry is None:
             damaged += 1
             continue
+        name = _function_of(found.entry.key)
+        row = each.setdefault(name, {"entries": 0, "bytes": 0, "disk_bytes": 0, "expired": 0, "stale": 0})
+        row.setdefault("compute_seconds", 0.0)
+        created = found.entry.created
         if not found.entry.live(now):
             expired += 1
+            row["expired"] += 1
             continue
         live += 1
-        name = _function_of(found.entry.key)
         functions[name] = functions.get(name, 0) + 1
         counted = sizes.setdefault(name, {"bytes": 0, "disk_bytes": 0})
         counted["bytes"] += found.stat.st_size
         counted["disk_bytes"] += _disk_bytes(found.stat)
+        row.update(
+            entries=row["entries"] + 1, bytes=counted["bytes"], disk_bytes=counted["disk_bytes"],
+            compute_seconds=row["compute_seconds"] + found.entry.seconds,
+            oldest=min(row.get("oldest", created), created), newest=max(row.get("newest", created), created),
+        )  # fmt: skip
         if is_stale(found):
             older[name] = older.get(name, 0) + 1
+            row["stale"] += 1
     return {
         "path": files.root,
         "entries": {"live": live, "expired": expired, "damaged": damaged},
@@ -4885,6 +5046,9 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
         # Of those live entries, how many belong to older code than the function's
         # current identity (recorded by the last process that ran it).
         "stale": dict(sorted(older.items())),
+        # Everything per function: entries, bytes, the computation time the entries
+        # hold, when the oldest and newest were made (Unix time), stale and expired.
+        "per_function": dict(sorted(each.items())),
     }
 
 
@@ -4913,22 +5077,30 @@ def _cli_info(args: Any) -> int:
     entries = report["entries"]
     print(f"cache {report['path']}")
     print(
-        f"  entries: {entries['live']} live, {entries['expired']} expired, {entries['damaged']} damaged; "
-        f"{_mib(report['bytes'])} MiB ({_mib(report['disk_bytes'])} MiB on disk)"
+        f"  {entries['live']:,} entries, {_human(report['bytes'])} ({_human(report['disk_bytes'])} on disk); "
+        f"{entries['expired']:,} expired, {entries['damaged']:,} damaged, "
+        f"{report['temporary_files']:,} temporary files left by crashed writers"
     )
-    print(f"  temporary files left by crashed writers: {report['temporary_files']}")
-    for name, count in report["functions"].items():
-        stale = report["stale"].get(name, 0)
-        sizes = report["function_bytes"][name]
-        print(
-            f"  {count:>9}  {name}  {_mib(sizes['bytes'])} MiB ({_mib(sizes['disk_bytes'])} MiB on disk)"
-            + (f"  ({stale} of older code: prune --stale removes them)" if stale else "")
-        )
+    day = "%Y-%m-%d %H:%M"
+    for name, row in report["per_function"].items():
+        print(f"  {name}")
+        line = f"    {row['entries']:,} entries, {_human(row['bytes'])}"
+        if row["entries"]:
+            oldest, newest = (time.strftime(day, time.localtime(row[k])) for k in ("oldest", "newest"))
+            line += f", {_duration(row['compute_seconds'])} of compute held; made {oldest} to {newest}"
+        print(line)
+        if row["stale"] or row["expired"]:
+            print(f"    {row['stale']:,} of older code (prune --stale removes them), {row['expired']:,} expired")
     return 0
 
 
-def _mib(size: int) -> str:
-    return f"{size / 1048576:.1f}"
+def _human(size: float) -> str:
+    """A size in bytes by its magnitude: 512 B, 11.2 KiB, 3.4 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 def _cli_clear(args: Any) -> int:
@@ -4980,8 +5152,7 @@ def _cli_failures(args: Any) -> int:
     return 0 if records else 1
 
 
-# Units of --max-bytes (a bare number is bytes) and --older-than (a unit is required).
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# Units of --older-than (a unit is required).
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -5000,8 +5171,16 @@ def _cli_amount(text: str, units: dict[str, int], option: str, fix: str) -> floa
 
 
 def _cli_size(text: str) -> int:
-    fix = "give a positive size in bytes, or with K, M, G or T for KiB, MiB, GiB or TiB: 1000000, 500M, 2G"
-    size = int(_cli_amount(text, _SIZE_UNITS, "--max-bytes", fix))
+    """A size as GNU coreutils spell it (du -B, sort -S): K, KiB = 1024; KB = 1000; and so on up to T."""
+    import re
+
+    fix = "give a positive size in bytes, or with K/KiB, M/MiB, G/GiB, T/TiB (powers of 1024) or KB, MB, GB, TB (of 1000): 1000000, 500M, 10MB, 2GiB"
+    found = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*(?:([kmgt])(i?b)?|b)?\s*", text, re.IGNORECASE)
+    if found is None:
+        raise _UsageError(f"--max-bytes {text!r}: {fix}")
+    number, prefix, suffix = found.groups()
+    power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
+    size = int(float(number) * (1000 if (suffix or "").lower() == "b" else 1024) ** power)
     if size < 1:
         raise _UsageError(f"--max-bytes {text!r}: less than one byte; {fix}")
     return size
@@ -5015,22 +5194,22 @@ def _cli_age(text: str) -> float:
 def _cli_prune(args: Any) -> int:
     max_bytes = None if args.max_bytes is None else _cli_size(args.max_bytes)
     age = None if args.older_than is None else _cli_age(args.older_than)
-    files = _cli_store(args.path, "w")
-    now = time.time()
-    entries, temps = files.prune(now, stale=_stale_test(files) if args.stale else None)
-    report: dict[str, Any] = {"path": files.root, "removed_entries": entries, "removed_temporary_files": temps}
-    swept = None
+    files = _cli_store(args.path, "r" if args.dry_run else "w")
+    done = _prune(files, None, max_bytes, age, stale=args.stale, dry_run=args.dry_run)
+    report: dict[str, Any] = {
+        "path": files.root, "dry_run": args.dry_run, "removed_entries": done.removed,
+        "removed_temporary_files": done.temporary_files,
+    }  # fmt: skip
     if max_bytes is not None or age is not None:
-        # By hand the store goes down to the size asked for, not to a low-water mark.
-        swept = files.sweep(max_bytes, None if age is None else now - age, wait=True)
-        assert swept is not None  # wait=True: never skipped.
-        report.update(evicted_entries=swept.entries, evicted_bytes=swept.bytes)
+        report.update(evicted_entries=done.evicted, evicted_bytes=done.evicted_bytes)
     if args.json:
         return _print_json(report)
     what = "expired, damaged or stale" if args.stale else "expired or damaged"
-    print(f"removed {entries} {what} entries and {temps} temporary files from {files.root}")
-    if swept is not None:
-        print(f"evicted {swept.entries} least recently used entries ({_mib(swept.bytes)} MiB on disk)")
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {done.removed} {what} entries and {done.temporary_files} temporary files from {files.root}")
+    if "evicted_entries" in report:
+        verb = "would evict" if args.dry_run else "evicted"
+        print(f"{verb} {done.evicted} least recently used entries ({_human(done.evicted_bytes)} on disk)")
     return 0
 
 
@@ -5065,7 +5244,7 @@ def _cli_status(args: Any) -> int:
             info = row["builder"] or row["marker"] or {}
             keys = ("host", "pid") if row["builder"] else ("finished", "version", "host")
             details = ", ".join(f"{k} {info[k]}" for k in keys if info.get(k) is not None)
-            print(f"{row['state']:<10}  {row['directory']}" + (f"  ({details})" if details else ""))
+            print(f"{row['state']:<13}  {row['directory']}" + (f"  ({details})" if details else ""))
     return 0 if all(row["state"] == "done" for row in rows) else 1
 
 
@@ -5080,11 +5259,14 @@ def main(argv: list[str] | None = None) -> int:
     """The ``python -m donecache`` command; returns the exit code."""
     import argparse
 
+    # The console script `donecache` (pyproject.toml) or `python -m donecache`.
+    prog = "donecache" if os.path.basename(sys.argv[0]).split(".")[0] == "donecache" else "python -m donecache"
     parser = argparse.ArgumentParser(
-        prog="python -m donecache",
+        prog=prog,
         description="Inspect and clean donecache stores and stage directories. "
         "Exit codes: 0 success, 1 not done or nothing matched, 2 usage error or missing path.",
     )
+    parser.add_argument("--version", action="version", version=f"donecache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -5094,7 +5276,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def store_command(name: str, help: str, run: Callable[[Any], int], function: bool = False) -> argparse.ArgumentParser:
         sub = command(name, help)
-        sub.add_argument("path", help="the cache directory")
+        sub.add_argument("path", nargs="?", default=".donecache", help="the cache directory (default: .donecache)")
         if function:
             sub.add_argument("--function", metavar="NAME", help="only this function: module:qualname, or just qualname")
         sub.set_defaults(run=run)
@@ -5110,6 +5292,7 @@ def main(argv: list[str] | None = None) -> int:
     prune.add_argument(
         "--stale", action="store_true", help="also remove entries of functions' older code (see info)"
     )
+    prune.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     prune.add_argument(
         "--max-bytes",
         metavar="SIZE",
@@ -5130,12 +5313,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
+    except BrokenPipeError:
+        # The reader went away (`donecache info | head -1`): stop quietly. stdout
+        # now points at /dev/null, so that the interpreter's final flush does not
+        # report the pipe again (Python docs, "Note on SIGPIPE" in signal).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
     except (_UsageError, OSError, ValueError) as exc:
         message = str(exc)
         if isinstance(exc, OSError) and exc.strerror:  # Not str(): it appends the file name again.
             where = os.fsdecode(exc.filename) if exc.filename is not None else ""
             message = exc.strerror if where in exc.strerror else f"{where}: {exc.strerror}"
-        print(f"python -m donecache {args.command}: {message}", file=sys.stderr)
+        print(f"{prog} {args.command}: {message}", file=sys.stderr)
         return 2
 
 
