@@ -1786,7 +1786,10 @@ def _foreign_names(root: str, names: list[str] | None = None) -> bool:
         names = os.listdir(root) if names is None else names
     except OSError:
         return False
-    return any(name not in _STORE_FILES and not (_is_hex(name, 2) or _is_hex(name, _FOLDER_HEX)) for name in names)
+    return any(
+        name not in _STORE_FILES and not (_is_hex(name, 2) or _is_hex(name, _FOLDER_HEX) or _is_temp_name(name))
+        for name in names
+    )
 
 
 class _Entry:
@@ -5176,13 +5179,11 @@ def _cli_size(text: str) -> int:
 
     fix = "give a positive size in bytes, or with K/KiB, M/MiB, G/GiB, T/TiB (powers of 1024) or KB, MB, GB, TB (of 1000): 1000000, 500M, 10MB, 2GiB"
     found = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*(?:([kmgt])(i?b)?|b)?\s*", text, re.IGNORECASE)
-    if found is None:
-        raise _UsageError(f"--max-bytes {text!r}: {fix}")
-    number, prefix, suffix = found.groups()
+    number, prefix, suffix = found.groups() if found else ("0", "", "")
     power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
     size = int(float(number) * (1000 if (suffix or "").lower() == "b" else 1024) ** power)
     if size < 1:
-        raise _UsageError(f"--max-bytes {text!r}: less than one byte; {fix}")
+        raise _UsageError(f"--max-bytes {text!r}: {fix}")
     return size
 
 
@@ -5260,7 +5261,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     # The console script `donecache` (pyproject.toml) or `python -m donecache`.
-    prog = "donecache" if os.path.basename(sys.argv[0]).split(".")[0] == "donecache" else "python -m donecache"
+    prog = "donecache" if os.path.basename(sys.argv[0]) in ("donecache", "donecache.exe") else "python -m donecache"
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Inspect and clean donecache stores and stage directories. "
