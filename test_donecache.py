@@ -8,6 +8,7 @@ to ``myproject._vendor.donecache``) to run this same suite against a vendored co
 from __future__ import annotations
 
 import dbm
+import datetime
 import contextlib
 import errno
 import importlib
@@ -16,6 +17,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import stat
@@ -4805,3 +4807,205 @@ def test_keyboard_interrupts_never_leave_a_key_lock_held(tmp_path):
     proc = child(INTERRUPT_STORM, str(tmp_path), "3", timeout=60)
     state, summary = proc.stdout.splitlines()
     assert state == "ok", f"{state} ({summary})"
+
+
+# ---------------------------------------------------------------------------
+# Issue 21: the time the cache saved, trimming and compression, the
+# conventions of functools users, the command line, packaging
+# ---------------------------------------------------------------------------
+
+
+def test_entries_record_their_compute_time_and_batches_say_what_was_saved(tmp_path):
+    import socket
+
+    @dc.memoize(tmp_path / "c")
+    def slow(x):
+        time.sleep(0.1 * (x + 1))
+        return x
+
+    first = slow.map(range(4), workers=2, processes=False)  # 0.1+0.2+0.3+0.4 = 1.0 s of compute.
+    assert (first.computed, first.reused) == (4, 0) and 1.0 <= first.computed_seconds <= 1.05
+    second = slow.map(range(5))  # Four reused, one (0.5 s) computed.
+    assert (second.computed, second.reused) == (1, 4)
+    assert 0.5 <= second.computed_seconds <= 0.525 and 1.0 <= second.saved_seconds <= 1.05
+    assert second.summary.startswith("1 computed (0.5 s), 4 reused (saved 1.0 s of compute), 0 failed")
+    info = slow.cache_info()
+    assert info[:4] == (4, 5, None, 5) and 1.5 <= info.held_seconds <= 1.575 and 1.0 <= info.saved_seconds <= 1.05
+    assert slow(4) == 4 and 1.5 <= slow.cache_info().saved_seconds <= 1.575, "a plain hit counts too"
+    [found] = [f for f in dc._EntryFiles(tmp_path / "c", "r", False).scan() if f.entry.key.endswith(b"=(4,)")]
+    assert found.entry.host == socket.gethostname() and abs(found.entry.created - time.time()) < 60
+    report = json.loads(cli("info", str(tmp_path / "c"), "--json").stdout)["per_function"]
+    [row] = report.values()
+    assert row["entries"] == 5 and 1.5 <= row["compute_seconds"] <= 1.575 and row["oldest"] <= row["newest"]
+    assert "1.5 s of compute held" in cli("info", str(tmp_path / "c")).stdout
+
+
+def test_batch_figures_read_as_a_person_says_them():
+    assert dc._batch_figures(7, 1.21, 1993, 7800) == "7 computed (1.2 s), 1,993 reused (saved 2 h 10 min of compute)"
+    assert [dc._duration(s) for s in (0, 59.9, 60, 250, 86400 * 3 + 3600 * 4)] == [
+        "0.0 s", "59.9 s", "1 min 0 s", "4 min 10 s", "3 d 4 h",
+    ]  # fmt: skip
+    assert [dc._human(n) for n in (0, 1023, 11468, 5 * 2**30)] == ["0 B", "1023 B", "11.2 KiB", "5.0 GiB"]
+
+
+def test_entries_without_metadata_still_read(tmp_path):
+    """An entry written by 0.2 (no metadata in its key area) is a hit that records no time."""
+
+    @dc.memoize(tmp_path / "c")
+    def f(x):
+        return x + 1
+
+    f(1)
+    [path] = entry_files(tmp_path / "c")
+    entry, _st = dc._load_entry(str(path))
+    old = dc._encode_entry(entry.key, 2)
+    old.meta = b""
+    path.write_bytes(b"".join(old.chunks()))
+    assert struct.unpack_from("<I", path.read_bytes(), 48)[0] == 0, "flags 0, as 0.2 wrote them"
+    assert f(1) == 2 and f.cache_info()[:2] == (1, 1) and f.cache_info().saved_seconds == 0.0
+
+
+def test_compress_shrinks_the_stream_and_never_the_mapped_buffers(tmp_path):
+    text = [f"record {i}: the quick brown fox jumps over the lazy dog" for i in range(20000)]
+    sizes = {}
+    for codec in (False, "zlib", True, "lzma"):
+
+        @dc.memoize(tmp_path / str(codec), compress=codec)
+        def make(n):
+            return text[:n]
+
+        assert make(20000) == text
+        [path] = entry_files(tmp_path / str(codec))
+        sizes[codec] = path.stat().st_size
+        make.cache_clear()
+        assert make(20000) == text and make(20000) == text and make.cache_info().hits == 1, codec
+    assert sizes["zlib"] == sizes[True] and sizes["zlib"] * 5 < sizes[False] and sizes["lzma"] * 5 < sizes[False]
+    with dc.open(tmp_path / "s", compress="zlib", mmap=True) as db:
+        db["big"] = pickle.PickleBuffer(bytearray(b"a" * 200_000))
+        db["small"] = b"b" * 1000
+        assert bytes(db["big"]) == b"a" * 200_000 and db["small"] == b"b" * 1000
+    blobs = {p.read_bytes() for p in entry_files(tmp_path / "s")}
+    assert any(b"a" * 200_000 in blob for blob in blobs), "an out-of-band buffer is written as it is, to be mapped"
+    assert not any(b"b" * 1000 in blob for blob in blobs), "the small value's stream is compressed"
+    for bad in ("gzip", 1):
+        with pytest.raises(ValueError, match="compress must be False, True, 'zlib' or 'lzma'"):
+            dc.memoize(tmp_path, compress=bad)
+
+
+def test_prune_in_python_trims_one_function_or_the_store(tmp_path):
+    @dc.memoize(tmp_path / "c")
+    def f(x):
+        return x
+
+    @dc.memoize(tmp_path / "c")
+    def g(x):
+        return x
+
+    f.map(range(10))
+    g.map(range(3))
+    old = time.time() - 7200
+    for path in entry_files(tmp_path / "c")[:2]:
+        os.utime(path, (old, old))
+    before = entry_files(tmp_path / "c")
+    dry = f.prune(max_bytes=4 * 4096, dry_run=True)
+    assert dry.evicted == 6 and dry.evicted_bytes == 6 * 4096 and entry_files(tmp_path / "c") == before
+    assert f.prune(max_bytes=4 * 4096) == dc.PruneReport(0, 0, 6, 6 * 4096)
+    assert f.cache_info().currsize == 4 and g.cache_info().currsize == 3, "g's entries are not f's to trim"
+    with dc.open(tmp_path / "c") as store:
+        assert store.prune(older_than=datetime.timedelta(hours=1), dry_run=True) >= 0
+        assert store.prune(max_bytes=2 * 4096) == 5 and len(store) == 2
+        with pytest.raises(ValueError, match="older_than must be a positive number of seconds"):
+            store.prune(older_than=-1)
+        with pytest.raises(ValueError, match="max_bytes must be a positive int"):
+            store.prune(max_bytes=0)
+
+
+def test_cache_info_is_a_namedtuple_like_functools(tmp_path):
+    import functools
+
+    f = dc.memoize(tmp_path, ttl=60, version=2, max_bytes=10**6)(abs)
+    info = f.cache_info()
+    assert info._fields[:4] == functools.lru_cache()(abs).cache_info()._fields
+    assert info._asdict() == {
+        "hits": 0, "misses": 0, "maxsize": 10**6, "currsize": 0, "held_seconds": 0.0, "saved_seconds": 0.0,
+    }  # fmt: skip
+    assert isinstance(info, tuple) and info._replace(hits=3).hits == 3
+    params = f.cache_parameters()
+    assert params["maxsize"] == params["max_bytes"] == 10**6 and params["ttl"] == 60 and params["version"] == 2
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/cache", "gs://b/c", "http://example.com/c", "HTTPS://x"])
+def test_url_paths_are_refused(tmp_path, monkeypatch, url):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="is a URL; donecache stores entries in a local"):
+        dc.memoize(url)
+    with pytest.raises(ValueError, match="is a URL"):
+        dc.open(url)
+    assert listing(tmp_path) == [], "no local folder named after the scheme"
+    assert dc._store_path("C:\\cache") == "C:\\cache", "a Windows drive is no URL"
+
+
+def test_a_directory_of_other_files_is_refused_not_adopted(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds other files and is not a donecache store"):
+        dc.open(tmp_path)
+    f = dc.memoize(tmp_path)(abs)
+    with pytest.warns(dc.DonecacheWarning, match="not cached: .*holds other files"):
+        assert f(-1) == 1
+    assert listing(tmp_path) == ["notes.txt"], "nothing written or labelled"
+    with dc.open(tmp_path / "store") as db:  # A store (labelled) keeps opening, whatever it holds.
+        db["k"] = 1
+    (tmp_path / "store" / "stray.txt").write_text("x")
+    with dc.open(tmp_path / "store") as db:
+        assert db["k"] == 1
+
+
+def test_cli_sizes_version_default_path_and_dry_run(tmp_path):
+    assert [dc._cli_size(t) for t in ("10M", "10MB", "10MiB", "10mib", "1.5K", "512", "2 GB", "3b")] == [
+        10 << 20, 10_000_000, 10 << 20, 10 << 20, 1536, 512, 2_000_000_000, 3,
+    ]  # fmt: skip
+    for bad in ("10X", "MiB", "10iB", "-1M", "0"):
+        with pytest.raises(dc._UsageError, match="give a positive size"):
+            dc._cli_size(bad)
+    proc = cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"donecache {dc.__version__}"
+    with dc.open(tmp_path / ".donecache") as db:
+        for i in range(5):
+            db[str(i)] = "x" * 5000
+    before = entry_files(tmp_path / ".donecache")
+    proc = cli("prune", "--dry-run", "--max-bytes", "8K", cwd=tmp_path)  # No path: .donecache.
+    assert proc.returncode == 0 and "would evict 4 least recently used entries (32.0 KiB on disk)" in proc.stdout
+    assert entry_files(tmp_path / ".donecache") == before
+    assert re.search(r"\n  5 entries, 2\d\.\d KiB \(40\.0 KiB on disk\)", cli("info", cwd=tmp_path).stdout)
+    assert json.loads(cli("prune", "--max-bytes", "8KiB", "--json", cwd=tmp_path).stdout)["evicted_entries"] == 4
+
+
+@posix_only
+def test_cli_broken_pipe_ends_quietly(tmp_path):
+    with dc.open(tmp_path / "c") as db:
+        for i in range(3000):
+            db[str(i)] = i
+    script = f"import runpy, sys\nsys.path.insert(0, {str(IMPORT_ROOT)!r})\nsys.argv = ['donecache.py', 'info', '--json', {str(tmp_path / 'c')!r}]\nrunpy.run_module({MODULE!r}, run_name='__main__')"
+    proc = subprocess.run(
+        f"{sys.executable} -c {shlex_quote(script)} | head -1", shell=True, capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout == "{\n" and proc.stderr == "", proc.stderr
+
+
+def shlex_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def test_packaging_names_the_console_script_license_and_sdist_files():
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parent
+    if not (root / "pyproject.toml").exists():
+        pytest.skip("pyproject.toml is not beside this test file (a vendored copy)")
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert project["project"]["scripts"] == {"donecache": "donecache:main"} and callable(dc.main)
+    assert project["project"]["license"] == "MIT" and not any("License ::" in c for c in project["project"]["classifiers"])
+    include = project["tool"]["hatch"]["build"]["targets"]["sdist"]["include"]
+    needed = {".ci/run", ".ci/typed_user.py", "examples/pipeline.py", "test_donecache.py", "donecache.py"}
+    assert all(any(name == path or (path.endswith("/") and name.startswith(path)) for path in include) for name in needed)
