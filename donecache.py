@@ -114,6 +114,15 @@ if TYPE_CHECKING:
     AnyPath = Union[str, bytes, os.PathLike[str], os.PathLike[bytes]]
     _P = ParamSpec("_P")
     _R = TypeVar("_R")
+    # A key= function, by its arity: a union of fixed arities lets pyright's strict
+    # mode give a lambda's parameters a type (with Callable[..., Any] they stay
+    # Unknown, and `key=lambda record: record["id"]` is rejected).
+    _KeyFunction = Union[
+        Callable[[Any], object],
+        Callable[[Any, Any], object],
+        Callable[[Any, Any, Any], object],
+        Callable[[Any, Any, Any, Any], object],
+    ]
 else:
     _P = _R = None
 
@@ -4840,7 +4849,7 @@ def memoize(
     ttl: float | Any = None,
     version: _Version | None = None,
     ignore: Iterable[str] = (),
-    key: Callable[..., Any] | None = None,
+    key: _KeyFunction | None = None,
     durable: bool = False, mmap: bool = False, max_bytes: int | None = None, compress: bool | str = False,
 ) -> Callable[[Callable[_P, _R]], _Memoized[_P, _R]]: ...
 
@@ -4851,7 +4860,7 @@ def memoize(
     ttl: float | Any = None,
     version: _Version | None = None,
     ignore: Iterable[str] = (),
-    key: Callable[..., Any] | None = None,
+    key: _KeyFunction | None = None,
     durable: bool = False,
     mmap: bool = False,
     max_bytes: int | None = None,
