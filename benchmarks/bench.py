@@ -5,6 +5,7 @@
     .bench/bin/python benchmarks/bench.py --quick      # about a minute and a half on 2 cores
     .bench/bin/python benchmarks/bench.py              # the full run
     .bench/bin/python benchmarks/bench.py --big        # big arrays and frames (numpy, pandas)
+    .bench/bin/python benchmarks/bench.py --compress   # compress= off, zlib, lzma on a text-heavy value
 
 Every workload runs each tool in turn, round after round (the order rotates),
 so drifts of the machine hit all tools alike. The table shows the median over
@@ -548,6 +549,48 @@ def map_table(rows: dict[str, dict[str, float]], n: int) -> tuple[list[str], lis
     return lines, targets
 
 
+def bench_compress(tmp: Path, rounds: int) -> dict[str, dict[str, float]]:
+    """compress= on a text-heavy value (about 9.5 MB of pickled records, as a
+    parsed CSV would be): the entry's size on disk, and the median time of one
+    write and of one read (a fresh store per write: every write is a miss)."""
+    value = [
+        {"id": f"rec-{i:07d}", "carrier": "UA", "origin": "EWR", "dest": "IAH", "note": f"on time, gate {i % 90}"}
+        for i in range(60_000)
+    ]
+    found: dict[str, dict[str, float]] = {}
+    for codec in (False, "zlib", "lzma"):
+        writes, reads, size = [], [], 0
+        for r in range(rounds):
+            path = tmp / f"compress-{codec}-{r}"
+            with donecache.open(path, compress=codec) as db:
+                started = time.perf_counter()
+                db["v"] = value
+                writes.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                assert db["v"] == value
+                reads.append(time.perf_counter() - started)
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and len(f.name) == 32)
+            shutil.rmtree(path)
+        found[str(codec)] = {"bytes": size, "write": statistics.median(writes), "read": statistics.median(reads)}
+    return found
+
+
+def compress_only(rounds: int, path: str) -> int:
+    results: dict[str, Any] = {"machine": machine(), "mode": "compress", "python": sys.version}
+    print(f"machine: {results['machine']}\nmode: compress= on a text-heavy value, median of {rounds} rounds")
+    with tempfile.TemporaryDirectory(prefix="donecache-bench-", dir=os.environ.get("BENCH_TMP")) as tmpdir:
+        results["compress"] = rows = bench_compress(Path(tmpdir), rounds)
+    plain = rows["False"]
+    print(f"  {'compress=':10s} {'entry size':>12s} {'ratio':>6s} {'write':>10s} {'read':>10s}")
+    for codec, r in rows.items():
+        print(
+            f"  {codec:10s} {r['bytes'] / 1e6:>9.2f} MB {plain['bytes'] / r['bytes']:>5.1f}x "
+            f"{r['write'] * 1e3:>7.1f} ms {r['read'] * 1e3:>7.1f} ms"
+        )
+    Path(path).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    return 0
+
+
 def map_only(n: int, path: str) -> int:
     results: dict[str, Any] = {"machine": machine(), "mode": "map only", "python": sys.version}
     print(f"machine: {results['machine']}\nmode: {results['mode']}")
@@ -569,7 +612,10 @@ def main() -> int:
     parser.add_argument("--map-inputs", type=int, default=20000, help="inputs of the batch rows (default 20,000)")
     parser.add_argument("--big", action="store_true", help="only the big-value rows (400 MB arrays, 300 MB frames)")
     parser.add_argument("--big-rounds", type=int, default=3, help="rounds of the big-value rows (default 3)")
+    parser.add_argument("--compress", action="store_true", help="only compress= (off, zlib, lzma) on a text-heavy value")
     args = parser.parse_args()
+    if args.compress:
+        return compress_only(5, args.json)
     if args.big:
         return main_big(args)
     quick = args.quick
