@@ -5009,3 +5009,11 @@ def test_packaging_names_the_console_script_license_and_sdist_files():
     include = project["tool"]["hatch"]["build"]["targets"]["sdist"]["include"]
     needed = {".ci/run", ".ci/typed_user.py", "examples/pipeline.py", "test_donecache.py", "donecache.py"}
     assert all(any(name == path or (path.endswith("/") and name.startswith(path)) for path in include) for name in needed)
+
+
+def test_progress_lines_carry_the_batch_figures(tmp_path, capsys):
+    f = dc.memoize(tmp_path)(abs)
+    f.map([-1, -2], progress=True)
+    f.map([-1, -2, -3], progress=True)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("0 failed; 1 computed (0.0 s), 2 reused (saved 0.0 s of compute)"), last
