@@ -4575,6 +4575,7 @@ def _stream(
                     computed = sum(1 for outcome in report.outcomes if outcome.ok and outcome.computed)
                     func._misses += computed
                     func._hits += sum(1 for outcome in report.outcomes if outcome.ok) - computed
+                    func._saved += sum(o.seconds for o in report.outcomes if o.ok and not o.computed)
                 if chunksize is None and report.seconds > 0:
                     per_call = report.seconds / len(chunk)
                     size = max(1, min(_MAX_CHUNK, int(_CHUNK_SECONDS / per_call)))
