@@ -59,6 +59,7 @@ __all__ = [
     "open",
     "Store",
     "memoize",
+    "file_digest",
     "disabled",
     "CacheInfo",
     "DonecacheWarning",
@@ -155,6 +156,12 @@ _CREATE_FLAGS = (
 )
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# Every file that donecache opens in place to write (lock files, .usage) is
+# opened by _open_regular with these: created if missing, never through a
+# symlink (a link planted at a stage's lock file made the holder's note empty
+# its target: issue 18), never a FIFO or a device.
+_WRITE_FLAGS = os.O_RDWR | os.O_CREAT | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 
 def _delays() -> Iterator[float]:
@@ -224,6 +231,16 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
     def _touch(fd: int, path: str) -> None:
         os.utime(path)  # Windows' os.utime takes no descriptor.
 
+    def _open_file(path: str, flags: int, mode: int) -> int:
+        # No O_NOFOLLOW: a name opened to write is refused if it is a symlink now
+        # (one made between this check and the open is not seen).
+        if flags & (os.O_WRONLY | os.O_RDWR) and os.path.islink(path):
+            raise _NotRegular(path, os.lstat(path))
+        return os.open(path, flags, mode)
+
+    def _untrusted(st: os.stat_result) -> str:
+        return ""  # No owner uid in os.stat, no POSIX mode bits: nothing to check (docs/security.md).
+
     class _LockFile:
         """A lock file opened for one lock. Windows byte locks belong to the
         handle, so each lock has a handle of its own: two threads never share
@@ -232,7 +249,7 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
         can_wait = False  # msvcrt's blocking mode gives up after ten seconds: poll.
 
         def __init__(self, path: str, offset: int | None) -> None:
-            self._file = io.FileIO(path, "a+")
+            self._file = io.FileIO(_open_regular(path, _WRITE_FLAGS)[0], "r+")
             self.fd, self.offset = self._file.fileno(), offset or 0  # A whole-file lock is byte 0.
 
         def try_lock(self) -> bool:
@@ -331,6 +348,28 @@ else:
         # no second lookup of the path, which a rename may have changed since.
         os.utime(fd)
 
+    def _open_file(path: str, flags: int, mode: int) -> int:
+        return os.open(path, flags, mode)  # O_NOFOLLOW in the flags refuses a symlink.
+
+    def _untrusted(st: os.stat_result) -> str:
+        """Why a directory (or a link to one) may hold what another user wrote, or "":
+        it is not the effective user's (root's too; a link may be root's), or group
+        or others can write to it."""
+        mine = st.st_uid == os.geteuid() or (stat.S_ISLNK(st.st_mode) and st.st_uid == 0)
+        writers = {0o020: "its group", 0o002: "others", 0o022: "its group and others"}.get(
+            st.st_mode & 0o022 if stat.S_ISDIR(st.st_mode) else 0
+        )
+        if mine and writers is None:
+            return ""
+        import pwd
+
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = "no name"
+        why = f"is writable by {writers}" if mine else f"is not yours (you are uid {os.geteuid()})"
+        return f"{why}: owner {owner} (uid {st.st_uid}), mode {stat.filemode(st.st_mode)} ({stat.S_IMODE(st.st_mode):o})"
+
     # Byte locks. Linux (3.15 and later) has open-file-description locks
     # (F_OFD_SETLK, fcntl(2)), which belong to the open file description as
     # flock(2) locks do: each handle's locks are its own, closing it drops only
@@ -359,8 +398,7 @@ else:
             with self.guard:
                 shared = self.shared.get(path)
                 if shared is None:
-                    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-                    shared = self.shared[path] = [os.open(path, flags, 0o666), 0]
+                    shared = self.shared[path] = [_open_regular(path, _WRITE_FLAGS)[0], 0]
                 shared[1] += 1
                 turn = self.turns.setdefault((path, offset), [_thread.allocate_lock(), 0])
                 turn[1] += 1
@@ -429,7 +467,7 @@ else:
             self._records = None if offset is None or _F_OFD_SETLK is not None else _RecordLocks(path, offset)
             # io.FileIO closes its descriptor when it is collected: a lock whose
             # holder vanished with an exception (KeyboardInterrupt) is released.
-            self._file = None if self._records is not None else io.FileIO(path, "a+")
+            self._file = None if self._records is not None else io.FileIO(_open_regular(path, _WRITE_FLAGS)[0], "r+")
             self._open.add(self)
 
         @staticmethod
@@ -662,7 +700,8 @@ class _KeyLock:
         if file is not None:
             try:
                 os.ftruncate(file.fileno(), 0)
-                os.write(file.fileno(), data)  # Opened for appending: lands at 0.
+                os.lseek(file.fileno(), 0, os.SEEK_SET)
+                os.write(file.fileno(), data)
             except OSError:
                 pass
 
@@ -708,7 +747,8 @@ def _reraise_about(exc: OSError, path: str, doing: str, fix: str = "") -> OSErro
     """The same kind of OSError, with a message that names the user's path and the fix."""
     reason = exc.strerror or str(exc)
     message = f"cannot {doing} {path!r}: {reason}" + (f"; {fix}" if fix else "")
-    new = type(exc)(exc.errno, message) if exc.errno is not None else type(exc)(message)
+    kind = OSError if isinstance(exc, _NotRegular) else type(exc)  # Its own constructor takes a stat.
+    new = kind(exc.errno, message) if exc.errno is not None else kind(message)
     new.filename = path
     return new
 
@@ -736,7 +776,12 @@ class _NotRegular(OSError):
     """Something other than a regular file stands where one was expected."""
 
     def __init__(self, path: str, st: os.stat_result) -> None:
-        super().__init__(errno.EINVAL, f"{path!r} is {_kind_of(st.st_mode)}, not a regular file", path)
+        super().__init__(
+            errno.EINVAL,
+            f"{path!r} is {_kind_of(st.st_mode)}, not a regular file; donecache never writes through a link or "
+            "into a special file (one planted there could make it write elsewhere): remove it and run again",
+            path,
+        )
         self.stat = st
 
 
@@ -759,9 +804,20 @@ def _open_regular(path: str, flags: int = _READ_FLAGS) -> tuple[int, os.stat_res
 
     Opening a FIFO for reading blocks until a writer comes, and a device may
     never end; O_NONBLOCK makes the open return at once (fifo(7)), and fstat
-    then refuses anything that is not a regular file with _NotRegular.
+    then refuses anything that is not a regular file with _NotRegular. With
+    O_NOFOLLOW in ``flags`` (always in _WRITE_FLAGS), a symlink at ``path`` is
+    _NotRegular too: open(2) fails with ELOOP (EMLINK on FreeBSD, EFTYPE on
+    NetBSD) and lstat says why.
     """
-    fd = os.open(path, flags | _NONBLOCK)
+    try:
+        fd = _open_file(path, flags | _NONBLOCK, 0o666)
+    except OSError as exc:
+        if not (flags & _NOFOLLOW and exc.errno in (errno.ELOOP, errno.EMLINK, getattr(errno, "EFTYPE", -1))):
+            raise
+        st = os.lstat(path)
+        if not stat.S_ISLNK(st.st_mode):
+            raise
+        raise _NotRegular(path, st) from None
     try:
         st = os.fstat(fd)
     except BaseException:
@@ -773,10 +829,13 @@ def _open_regular(path: str, flags: int = _READ_FLAGS) -> tuple[int, os.stat_res
     raise _NotRegular(path, st)
 
 
-def _make_dirs(path: str, mode: int = 0o777, *, durable: bool = False) -> None:
-    """os.makedirs(path, exist_ok=True); with ``durable``, each new directory is
-    also flushed into its parent, so that a power cut cannot lose it and with it
-    the durable files that are written into it next."""
+def _make_dirs(path: str, mode: int | None = None, *, durable: bool = False) -> None:
+    """os.makedirs(path, exist_ok=True), giving each new directory exactly ``mode``
+    (None: 0o777 less the umask, as mkdir -p). os.makedirs gives its mode to the
+    last one only, filtered by the umask (mkdir(2)): a store's shards came out
+    0777 less the umask (issue 18). With ``durable``, each new directory is also
+    flushed into its parent, so that a power cut cannot lose it and with it the
+    durable files written next."""
     new: list[str] = []
     head = path
     while not os.path.isdir(head):
@@ -785,11 +844,16 @@ def _make_dirs(path: str, mode: int = 0o777, *, durable: bool = False) -> None:
         if parent == head:
             break
         head = parent
-    if not new:
-        return
-    os.makedirs(path, mode, exist_ok=True)
-    if durable:
-        for directory in reversed(new):
+    for directory in reversed(new):
+        try:
+            os.mkdir(directory, 0o777 if mode is None else mode)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+            continue  # Made meanwhile by another process (with the same mode, if it is donecache).
+        if mode is not None and stat.S_IMODE(os.lstat(directory).st_mode) != mode:
+            os.chmod(directory, mode)
+        if durable:
             _fsync_dir(os.path.dirname(directory))
 
 
@@ -1089,21 +1153,22 @@ class _AtomicPath:
             _discard(temp)
             return
         try:
-            if not os.path.isfile(temp):
+            if not os.path.lexists(temp):
                 raise FileNotFoundError(
                     errno.ENOENT,
                     f"atomic_path({self._target!r}): the block did not create a file at the temporary path {temp!r}",
                     temp,
                 )
-            if self._keep_mode is not None or self._durable:
-                fd = os.open(temp, _SYNC_FLAGS)
-                try:
-                    if self._keep_mode is not None:
-                        _keep_mode(fd, self._keep_mode)
-                    if self._durable:
-                        _fsync_file(fd)
-                finally:
-                    os.close(fd)
+            # Opened (never through a link, which would be renamed onto the
+            # target) to check that it is a regular file, to set its mode and flush it.
+            fd = _open_regular(temp, _SYNC_FLAGS | _NOFOLLOW)[0]
+            try:
+                if self._keep_mode is not None:
+                    _keep_mode(fd, self._keep_mode)
+                if self._durable:
+                    _fsync_file(fd)
+            finally:
+                os.close(fd)
             _commit(temp, self._target, durable=self._durable, overwrite=self._overwrite)
         except BaseException:
             _discard(temp)
@@ -1138,16 +1203,35 @@ def atomic_path(
 _STAGE_LOCK = ".donecache.lock"
 _STAGE_VERSION = ".donecache.version"  # The version being built, recorded when a build starts.
 _STAGE_FILES = (_STAGE_LOCK, _STAGE_VERSION)
+# Each builder of a shared stage holds a lock file of its own, named this and 16
+# hex digits, while it builds: the stage's lock is held only on entry and exit,
+# so `status` looks for these to tell "building" from "incomplete".
+_STAGE_BUILDER = ".donecache.builder~"
 
 
-def _version_text(version: Any, what: str = "version") -> str:
+def _is_stage_file(name: str, marker: str) -> bool:
+    """Whether a name at a stage's top is donecache's own (or the marker), not a piece."""
+    return name == marker or name in _STAGE_FILES or name.startswith(_STAGE_BUILDER)
+
+
+def _version_text(version: Any, what: str = "version", item: bool = False) -> str:
     """A version's canonical text: 2, "2" and the command line's --version 2 agree,
-    and a tuple reads the same after a JSON round trip (which makes it a list)."""
-    if isinstance(version, (str, int, float)):
+    and a tuple reads the same after a JSON round trip (which makes it a list).
+    A str item of a tuple that is empty or holds a comma, bracket, quote or
+    backslash is quoted, so ("1,2",) and (1, 2) differ. Floats are refused: 1.10 == 1.1."""
+    if isinstance(version, str):
+        return repr(version) if item and (not version or not _QUOTED_IN_VERSIONS.isdisjoint(version)) else version
+    if isinstance(version, int):
         return str(version)
     if isinstance(version, (tuple, list)):
-        return "(" + ",".join(_version_text(item, what) for item in version) + ")"
-    raise ValueError(f"{what} must be a str, an int, or a tuple of them, not {type(version).__name__}: {version!r}")
+        return "(" + ",".join(_version_text(part, what, True) for part in version) + ")"
+    raise TypeError(
+        f"{what} must be a str, an int, or a tuple of them, not {type(version).__name__}: {version!r}"
+        + (f" (1.10 and 1.1 are one float: write {str(version)!r})" if isinstance(version, float) else "")
+    )
+
+
+_QUOTED_IN_VERSIONS = frozenset("(),'\"\\")
 
 
 def _marker_path(directory: StrPath, marker: str) -> str:
@@ -1258,7 +1342,7 @@ def _marker_version(info: dict[str, Any] | None) -> str | None:
     """The canonical text of the version a marker records, or None."""
     try:
         return None if not info or info.get("version") is None else _version_text(info["version"])
-    except ValueError:
+    except TypeError:
         return None  # A foreign marker's "version" that is no version of ours.
 
 
@@ -1272,6 +1356,8 @@ def is_done(directory: StrPath, *, version: _Version | None = None, marker: str 
     Before answering "not done" it also reads the directory's listing, which
     makes an NFS client see a marker that another host wrote moments ago.
     """
+    if version is not None:
+        _version_text(version)  # A float is refused whether or not there is a marker.
     return _marker_counts(_marker_path(directory, marker), version)
 
 
@@ -1309,12 +1395,15 @@ def _stage_status(directory: str, *, version: _Version | None, marker: str) -> _
     # An incomplete stage may still hold a stale marker, which says who wrote it.
     if _marker_counts(path, version):
         return _StageState("done", _read_marker(path))
-    lock = os.path.join(directory, _STAGE_LOCK)
-    if not _lock_taken(lock):
+    locks = [os.path.join(directory, _STAGE_LOCK)]
+    locks += [e.path for e in _scandir(directory) if e.name.startswith(_STAGE_BUILDER)]
+    lock = next((lock for lock in locks if _lock_taken(lock)), None)
+    if lock is None:
         # A stage that done_dir entered has its lock file; a marker of another version says so.
         if os.path.lexists(path) and version is not None:
             return _StageState("other version", _read_marker(path))
-        return _StageState("incomplete" if os.path.lexists(lock) else "not a stage", _read_marker(path))
+        started = len(locks) > 1 or os.path.lexists(locks[0])
+        return _StageState("incomplete" if started else "not a stage", _read_marker(path))
     try:
         builder = json.loads(_file_head(lock, 4096).decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -1326,12 +1415,12 @@ def _flush_tree(root: str) -> None:
     """fsync every file and directory below ``root``: the pieces reach disk before the marker."""
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
-            if name == _STAGE_LOCK and dirpath == root:
+            if dirpath == root and (name == _STAGE_LOCK or name.startswith(_STAGE_BUILDER)):
                 continue  # Nothing to flush, and on NFS closing it would drop our lock.
             try:
-                fd, _st = _open_regular(os.path.join(dirpath, name), _SYNC_FLAGS)
+                fd, _st = _open_regular(os.path.join(dirpath, name), _SYNC_FLAGS | _NOFOLLOW)
             except OSError:
-                continue  # Unreadable, vanished, or a FIFO or device: nothing of ours to flush.
+                continue  # Unreadable, vanished, or a link, FIFO or device: nothing of ours to flush.
             try:
                 _fsync_file(fd)
             finally:
@@ -1414,6 +1503,7 @@ class Stage:
         self.done = False
         self._fresh, self._durable, self._timeout = fresh, durable, timeout
         self._lock: _KeyLock | None = None
+        self._builder: _KeyLock | None = None  # A shared builder's own lock (see _announce).
         self._expect = None if expect is None else self._expected(expect)
         if self._expect is not None and fresh:
             raise ValueError(
@@ -1468,7 +1558,8 @@ class Stage:
 
             # For `python -m donecache status`: who is building (read only while the lock is held).
             assert self._lock is not None
-            self._lock.note(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode("utf-8"))
+            who = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode("utf-8")
+            self._lock.note(who)
             self.done = _marker_counts(self._marker_file, self.version)
             if not self.done:
                 self._begin()
@@ -1477,20 +1568,36 @@ class Stage:
             raise
         if self._expect is not None:
             self._release()  # A shared stage is locked only to enter and to finish.
+            if not self.done:
+                self._announce(who)
         self._started = time.time()
         return self
+
+    def _announce(self, who: bytes) -> None:
+        """A shared builder's own lock file, held while it builds (see _STAGE_BUILDER)."""
+        name = f"{_STAGE_BUILDER}{os.urandom(8).hex()}"
+        builder = _KeyLock(os.path.join(os.path.realpath(self._root), name))
+        try:
+            builder.acquire()
+        except OSError:
+            return  # Only `status` would miss it.
+        builder.note(who)
+        self._builder = builder
 
     def _begin(self) -> None:
         """Under the lock, for a stage that is not done: resume the pieces of a build
         of the same version, or start from an empty stage."""
         root, wanted = self._root, None if self.version is None else _version_text(self.version)
         old = _marker_version(_read_marker(self._marker_file))
-        if os.path.lexists(self._marker_file):
+        marked = os.path.lexists(self._marker_file)
+        if marked:
             os.unlink(self._marker_file)  # Stale: it must not count while we rebuild.
         building = _read_text(os.path.join(root, _STAGE_VERSION))
         # The pieces belong to the version whose build started last, or (for a stage
-        # made before versions were recorded) to the one its old marker names.
-        other = wanted is not None and (building or old or wanted) != wanted
+        # made before versions were recorded) to the one its old marker names; a
+        # marker that names none, with no version recorded, is an unversioned
+        # build's: another version (issue 18).
+        other = wanted is not None and (building or old or ("" if marked else wanted)) != wanted
         if self._fresh or other:
             for name in os.listdir(root):
                 if name != _STAGE_LOCK:
@@ -1516,6 +1623,10 @@ class Stage:
                     self.done = self._finish_shared(self._expect)
         finally:
             self._release()
+            builder, self._builder = self._builder, None
+            if builder is not None and os.getpid() == self._pid:
+                _discard(builder.path)
+                builder.release()
 
     def _take_lock(self) -> None:
         root = self._root
@@ -1545,6 +1656,10 @@ class Stage:
         # late duplicate of a piece that exists (piece() copes with losing it).
         for temp in _temp_files(self._root):
             _discard(temp)
+        mine = None if self._builder is None else os.path.basename(self._builder.path)
+        for entry in _scandir(self._root):  # Lock files of builders that were killed.
+            if entry.name.startswith(_STAGE_BUILDER) and entry.name != mine and not _lock_taken(entry.path):
+                _discard(entry.path)
         self._write_marker()
         return True
 
@@ -1557,7 +1672,7 @@ class Stage:
         found: set[str] = set()
         for dirpath, _dirnames, filenames in os.walk(self._root, onerror=fail):
             for name in filenames:
-                if not _is_temp_name(name) and not (dirpath == self._root and name in (self.marker, *_STAGE_FILES)):
+                if not _is_temp_name(name) and not (dirpath == self._root and _is_stage_file(name, self.marker)):
                     found.add(os.path.relpath(os.path.join(dirpath, name), self._root))
         return found
 
@@ -1595,7 +1710,7 @@ class Stage:
         if (
             not parts
             or ".." in parts
-            or parts[0] in (self.marker, *_STAGE_FILES)
+            or _is_stage_file(parts[0], self.marker)
             or any(_is_temp_name(p) for p in parts)
         ):
             raise ValueError(
@@ -1603,6 +1718,30 @@ class Stage:
                 f"and not its marker {self.marker!r} or lock file"
             )
         return self.path / rel
+
+    def _folders_of(self, path: Path) -> None:
+        """Refuse a piece whose folders (between the stage and it) are not all real
+        directories: through a symlinked folder planted inside the stage (by
+        anyone who can write there), a piece would be written outside it (issue
+        18). Checked with lstat, never following a link, up to the first folder
+        that is missing; one swapped for a link after the check is not caught."""
+        folder = self._root
+        for part in os.path.relpath(path.parent, folder).split(os.sep):
+            if part == os.curdir:
+                continue
+            folder = os.path.join(folder, part)
+            try:
+                st = os.lstat(folder)
+            except FileNotFoundError:
+                return
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(
+                    errno.ENOTDIR,
+                    f"cannot write the piece {os.path.relpath(path, self._root)!r} of stage {self._root!r}: "
+                    f"{folder!r} is {_kind_of(st.st_mode)}, not a directory, and pieces are written only into real "
+                    "directories inside the stage (a link could lead outside it); remove it and run again",
+                    folder,
+                )
 
     def has(self, name: StrPath) -> bool:
         """True if the piece ``name`` exists (written by this run or an earlier one)."""
@@ -1617,6 +1756,7 @@ class Stage:
         subdirectories (``"shard-3/42.json"``).
         """
         path = self._piece_path(name)
+        self._folders_of(path)
         if path.exists():
             return path
         data = make()
@@ -1624,7 +1764,8 @@ class Stage:
             data = data.encode("utf-8")
         elif not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"make() for piece {os.fspath(name)!r} must return str or bytes, not {type(data).__name__}")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._folders_of(path)  # Again: make() may have taken long.
+        _make_dirs(str(path.parent))  # When durable, the flush before the marker reaches them.
         # A stage of one builder flushes all its files once, before its marker.
         # In a shared stage each piece is flushed as it is written: the
         # builder that writes the marker may run on another host, whose
@@ -1730,10 +1871,11 @@ def _disk_bytes(st: os.stat_result) -> int:
 
 
 def _check_max_bytes(max_bytes: Any) -> int | None:
-    """max_bytes as given, if it is None or a positive int; else a ValueError that says what fits."""
+    """max_bytes as given, if it is None or a positive int; else a TypeError (another
+    type) or ValueError (an int below 1) that says what fits."""
     if max_bytes is None or (isinstance(max_bytes, int) and not isinstance(max_bytes, bool) and max_bytes > 0):
         return max_bytes
-    raise ValueError(
+    raise (ValueError if isinstance(max_bytes, int) and not isinstance(max_bytes, bool) else TypeError)(
         f"max_bytes must be a positive int (bytes on disk, such as 500 * 2**20 for 500 MiB) or None "
         f"for no limit, not {max_bytes!r}"
     )
@@ -2068,7 +2210,10 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
         # A private copy-on-write mapping: arrays over it are writable, their
         # changes never reach the file, and since an entry file is only ever
         # replaced by a rename, never changed in place, it stays valid after
-        # the entry is replaced or removed.
+        # the entry is replaced or removed. Checked (issue 18): the one
+        # ftruncate in this module is a lock file's note (_KeyLock.note), and
+        # no O_TRUNC open exists. Another tool that truncates an entry in place
+        # makes the pages past the new end vanish: touching them is SIGBUS (mmap(2)).
         whole = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
         entry.buffers = [whole[offset : offset + length] for offset, length, _crc in spans]
     else:
@@ -2084,7 +2229,7 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
 # Entry files are opened without following symlinks: donecache never makes one,
 # and one planted at an entry's name (to /dev/zero, to a file outside the store)
 # must read as damage, not be loaded.
-_ENTRY_FLAGS = _READ_FLAGS | getattr(os, "O_NOFOLLOW", 0)
+_ENTRY_FLAGS = _READ_FLAGS | _NOFOLLOW
 
 
 def _load_entry(
@@ -2103,15 +2248,8 @@ def _load_entry(
         fd, st = _open_regular(path, _ENTRY_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
         return None, None
-    except _NotRegular as exc:
+    except _NotRegular as exc:  # A FIFO, a device or a symlink.
         return None, exc.stat
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:  # ELOOP: O_NOFOLLOW met a symlink.
-            raise
-        try:
-            return None, os.lstat(path)
-        except FileNotFoundError:
-            return None, None
     try:
         entry = _read_entry(fd, st.st_size, key, depth, mapped)
         if entry is not None and st.st_mtime < touch_before:
@@ -2206,6 +2344,27 @@ def _log_eviction(root: str, entry: _Entry | None, st: os.stat_result, size: int
     )
 
 
+class _Untrusted(PermissionError):
+    """A store that another user could have written to (see _check_trusted)."""
+
+
+def _check_trusted(root: str, st: os.stat_result) -> None:
+    """Refuse a store directory (or a link to it) that another user could have
+    written to: its entries are pickles, and loading one runs the code its
+    writer chose (issue 18). The directories above it are not checked."""
+    link = os.lstat(root)
+    for what, found in [("cache directory", st)] + ([("symbolic link", link)] if stat.S_ISLNK(link.st_mode) else []):
+        why = _untrusted(found)
+        if why:
+            raise _Untrusted(
+                errno.EACCES,
+                f"the {what} {root!r} {why}; loading its entries would run code that another user could have "
+                f"written. Use a cache directory of your own (chmod go-w it, if it is yours and group or others "
+                f"may write), or pass trust_shared=True if you trust everyone who can write to it (docs/security.md)",
+                root,
+            )
+
+
 class _EntryFiles:
     """The directory of a store: where entries live, and their upkeep.
 
@@ -2222,7 +2381,9 @@ class _EntryFiles:
     total passes the limit, the writer sweeps (see sweep()).
     """
 
-    def __init__(self, path: StrPath, flag: str, durable: bool, max_bytes: int | None = None) -> None:
+    def __init__(
+        self, path: StrPath, flag: str, durable: bool, max_bytes: int | None = None, trust_shared: bool = False
+    ) -> None:
         import hashlib
 
         if flag not in ("r", "w", "c", "n"):
@@ -2261,7 +2422,8 @@ class _EntryFiles:
                     errno.ENOENT, f"there is no cache at {self.root!r}; open it with flag='c' to create one", self.root
                 )
             try:
-                # Private by default: whoever can write entries can run code in the reader.
+                # Private, whatever the umask: whoever can write entries can run code in the reader.
+                _make_dirs(os.path.dirname(self.root), durable=durable)
                 _make_dirs(self.root, 0o700, durable=durable)
             except OSError as exc:
                 raise _reraise_about(exc, self.root, "create the cache directory", "choose a writable path") from exc
@@ -2273,6 +2435,12 @@ class _EntryFiles:
                 "CACHEDIR.TAG); give a new or empty directory, such as .donecache",
                 self.root,
             )
+        st = os.stat(self.root)
+        if not trust_shared:
+            _check_trusted(self.root, st)
+        # Folders made inside the store get the store directory's own mode, whatever
+        # the umask: 0700 in a store that donecache made, a team's in a shared one.
+        self.dir_mode = stat.S_IMODE(st.st_mode)
         if not self.readonly:
             self._label()
         self.lock_path = os.path.join(os.path.realpath(self.root), ".lock")
@@ -2323,7 +2491,7 @@ class _EntryFiles:
         import json
 
         path = self._failure_file(slot)
-        _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
+        _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
         _write_bytes(path, json.dumps(record, indent=1).encode("utf-8"), durable=self.durable)
 
     def forget_failure(self, slot: _Slot) -> None:
@@ -2354,7 +2522,7 @@ class _EntryFiles:
         path = self._identity_file(function)
         data = json.dumps({"function": function, "identity": identity, "recorded": time.time()}).encode("utf-8")
         try:
-            _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
+            _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
             _write_bytes(path, data, durable=self.durable)
         except OSError:
             pass  # Only `info` and `prune --stale` use it; a read-only store still serves.
@@ -2415,7 +2583,7 @@ class _EntryFiles:
             try:
                 _write_bytes(path, encoded.chunks(), durable=self.durable)
             except FileNotFoundError:  # First entry in this folder (or the store was removed).
-                _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
+                _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
                 _write_bytes(path, encoded.chunks(), durable=self.durable)
             except IsADirectoryError:  # Damage: something made a directory of an entry's name.
                 _remove_path(path)
@@ -2426,7 +2594,7 @@ class _EntryFiles:
                     folder = os.path.join(folder, part)
                     if os.path.lexists(folder) and not os.path.isdir(folder):
                         os.unlink(folder)
-                _make_dirs(os.path.dirname(path), 0o700, durable=self.durable)
+                _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
                 _write_bytes(path, encoded.chunks(), durable=self.durable)
         except OSError as exc:
             raise _reraise_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
@@ -2457,8 +2625,7 @@ class _EntryFiles:
         lock = _KeyLock(self.lock_path, _USAGE_BYTE)
         lock.acquire()
         try:
-            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-            fd = os.open(os.path.join(self.root, ".usage"), flags | getattr(os, "O_CLOEXEC", 0), 0o600)
+            fd = _open_regular(os.path.join(self.root, ".usage"), _WRITE_FLAGS)[0]
             try:
                 raw = os.read(fd, 9)
                 total = int.from_bytes(raw, "little") if len(raw) == 8 else None
@@ -2776,8 +2943,11 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
         it, and logs each eviction on the "donecache" logger (INFO). The
         bound is the whole directory's, memoized functions' entries included.
     compress: ``"zlib"`` (or True) or ``"lzma"``: as for memoize().
-
-    Entries are pickles: open only directories that nobody you distrust can write.
+    trust_shared: open a directory that is not yours, or that group or others
+        can write to. Without it, such a directory raises PermissionError,
+        because entries are pickles: loading one runs code its writer chose.
+        Pass it only for a team cache whose writers you all trust
+        (docs/security.md).
     """
 
     def __init__(
@@ -2790,12 +2960,13 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
         durable: bool = False,
         mmap: bool = False,
         max_bytes: int | None = None,
+        trust_shared: bool = False,
         compress: bool | str = False,
     ) -> None:
         # Named and typed as in shelve.DbfilenameShelf; a bytes path is decoded
         # as the filesystem encoding says, as os.open would.
         self._compress = _check_compress(compress)
-        self._files = _EntryFiles(os.fsdecode(filename), flag, durable, max_bytes)
+        self._files = _EntryFiles(os.fsdecode(filename), flag, durable, max_bytes, trust_shared)
         self.path = self._files.root
         self._mmap = mmap
         # shelve turns None into protocol 3; here None means 5, which keeps big buffers apart.
@@ -2870,7 +3041,7 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
     def verify(self) -> list[str]:
         """The paths of damaged entry files, checking every byte of every entry
         (reads do not check big buffers' checksums; prune() removes what this finds)."""
-        return self._files.verify()
+        return self._open_files().verify()
 
 
 def _present(store: Store) -> Iterator[tuple[str, Any]]:
@@ -2991,6 +3162,7 @@ class _Arguments:
 
 
 _BIG_INT = 1 << 4000  # Larger ints are written in hex: decimal text has a digit limit (3.11+).
+_BIG_VALUE = 1 << 16  # Longer str, bytes and bytearray arguments are hashed in place, not written out.
 _FUNCTION_KINDS = (type(_delays), type(len), type(sys))  # Python functions, builtins, modules.
 
 
@@ -3000,15 +3172,23 @@ def _canonical(value: Any, out: list[str], active: set[int]) -> None:
     repr() is canonical for scalars; 1, 1.0, True and "1" stay apart, as their
     results may differ. Containers are walked; dicts and sets are sorted by
     their items' texts, since their order depends on insertion and on
-    PYTHONHASHSEED. NumPy arrays and pandas objects are hashed from their
-    buffers. Functions, classes and modules are named. Any other object is
-    taken apart as pickle would take it (``__reduce_ex__``), so that the sets
-    and dicts in its state are sorted too. ``active`` holds the containers
-    being written, to name a cycle instead of recursing into it.
+    PYTHONHASHSEED. Big buffers, arrays and frames are hashed in place.
+    Functions and classes count by their code. Any other object is taken
+    apart as pickle would take it (``__reduce_ex__``), so that the sets and
+    dicts in its state are sorted too. docs/identity.md has every rule.
+    ``active`` holds the containers being written, to name a cycle instead of
+    recursing into it.
     """
     kind = type(value)
     if kind in _SCALARS:
-        out.append(f"int:{value:x}" if kind is int and not -_BIG_INT < value < _BIG_INT else repr(value))
+        if (kind is str or kind is bytes) and len(value) > _BIG_VALUE:
+            out.append(f"<{kind.__name__} {len(value)} {_buffer_digest(value)}>")
+        elif kind is int and not -_BIG_INT < value < _BIG_INT:
+            out.append(f"int:{value:x}")
+        elif (kind is float or kind is complex) and value != value:
+            out.append(_signed_nan(value) or repr(value))
+        else:
+            out.append(repr(value))
         return
     if id(value) in active:
         out.append("<cycle>")
@@ -3042,6 +3222,15 @@ def _cell_value(cell: Any) -> Any:
         return "<empty cell>"
 
 
+def _signed_nan(value: float | complex) -> str | None:
+    """The text of a float or complex that holds -nan, which repr() writes as
+    "nan" though copysign() and NumPy tell it apart; None for other values."""
+    import math
+
+    parts = [("-nan" if math.copysign(1.0, p) < 0 else "nan") if p != p else repr(p) for p in (value.real, value.imag)]
+    return f"{type(value).__name__}:{','.join(parts)}" if "-nan" in parts else None
+
+
 def _text(value: Any, active: set[int] | None = None) -> str:
     out: list[str] = []
     _canonical(value, out, set() if active is None else active)
@@ -3049,23 +3238,115 @@ def _text(value: Any, active: set[int] | None = None) -> str:
 
 
 def _buffer_digest(buffer: Any) -> str:
-    """A digest of a C-contiguous buffer's bytes, read in place (no copy)."""
+    """A digest of a buffer's bytes, read in place (no copy) where it is
+    C-contiguous; a str is encoded a MiB at a time, so never copied whole."""
     import hashlib
 
     # SHA-256 runs at about 1.8 GB/s on CPUs with SHA extensions, twice BLAKE2b's speed.
-    return hashlib.sha256(memoryview(buffer).cast("B")).hexdigest()[:40]
+    if isinstance(buffer, str):
+        digest = hashlib.sha256()
+        for start in range(0, len(buffer), 1 << 18):  # At most 1 MiB of UTF-8 at a time.
+            piece = buffer[start : start + (1 << 18)]
+            try:  # Latin-1 copies a one-byte-per-character string as it is, 30x faster than UTF-8.
+                digest.update(b"L" + piece.encode("latin-1"))
+            except UnicodeEncodeError:
+                digest.update(b"U" + piece.encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()[:40]
+    view = memoryview(buffer)
+    return hashlib.sha256(view.cast("B") if view.c_contiguous else view.tobytes()).hexdigest()[:40]
+
+
+# Functions and classes passed as arguments: their code identity, worked out
+# once per object (following a function's code costs milliseconds).
+_argument_codes: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _argument_code(obj: Any) -> str:
+    """What stands for the code of a function or class passed as an argument (or
+    of an object's class): nothing for the standard library, name==version for
+    an installed distribution, else its code identity (_code_identity), so that
+    an edit recomputes and two same-named functions never share entries."""
+    try:
+        return _argument_codes[obj]
+    except (KeyError, TypeError):  # TypeError: unhashable, or no weak reference.
+        pass
+    module = getattr(obj, "__module__", None)  # Not _module_name(): a script's module is its own code.
+    library = _library(module) if isinstance(module, str) and module in sys.modules else None
+    code = (" " + library if library else "") if library is not None else " " + _code_identity(obj, None)
+    try:
+        _argument_codes[obj] = code
+    except TypeError:
+        pass
+    return code
+
+
+def _canonical_code(value: Any, out: list[str], active: set[int]) -> bool:
+    """Functions, classes, partials and methods passed as arguments, by their code
+    (see _argument_code); False for anything else."""
+    import functools
+    import types
+
+    kind = type(value)
+    if isinstance(value, type) or kind in _FUNCTION_KINDS:
+        self = getattr(value, "__self__", None)
+        if kind is type(len) and self is not None and not isinstance(self, type(sys)):
+            # A bound built-in method (english.get): what it is bound to counts.
+            out.append(f"<built-in {value.__qualname__} of ")
+            _canonical(self, out, active)
+            out.append(">")
+            return True
+        reference = _reference(value)
+        out.append(f"<{reference}")
+        if kind is not type(sys):
+            out.append(_argument_code(value))
+        code = getattr(value, "__code__", None)
+        if "<" in reference and code is not None:
+            # A lambda or a local function: many share one name (and a line of
+            # source), so its bytecode, defaults and closure count too.
+            _canonical((_bytecode_text(code), value.__defaults__, value.__kwdefaults__), out, active)
+            _canonical(tuple(_cell_value(cell) for cell in value.__closure__ or ()), out, active)
+        out.append(">")
+    elif kind is types.MethodType:
+        out.append("<method ")
+        _canonical(value.__func__, out, active)
+        out.append(" of ")
+        _canonical(value.__self__, out, active)
+        out.append(">")
+    elif isinstance(value, functools.partial):
+        out.append("<partial ")
+        _canonical((value.func, value.args, value.keywords), out, active)
+        out.append(">")
+    elif callable(value) and callable(getattr(value, "__wrapped__", None)):
+        _canonical(value.__wrapped__, out, active)  # memoize, lru_cache: what they wrap.
+    else:
+        return False
+    return True
 
 
 def _canonical_object(value: Any, out: list[str], active: set[int]) -> None:
     kind = type(value)
-    name = f"{kind.__module__}.{kind.__qualname__}"
-    if isinstance(value, type) or kind in _FUNCTION_KINDS:
-        reference = _reference(value)
-        if "<" in reference:  # <lambda>, <locals>: many functions share such a name.
-            raise TypeError(
-                f"{reference} has no name that tells it apart from other functions; pass a module-level function"
-            )
-        out.append(f"<{reference}>")
+    name = f"{_module_name(kind)}.{kind.__qualname__}"  # A script's class by its import name.
+    if _canonical_code(value, out, active):
+        return
+    if kind is bytearray or kind is memoryview:
+        if kind is memoryview or len(value) > _BIG_VALUE:  # Smaller bytearrays keep their 0.2.0 key.
+            shape = f"{value.format} {value.shape}" if kind is memoryview else len(value)
+            out.append(f"<{kind.__name__} {shape} {_buffer_digest(value)}>")
+            return
+    pathlib = sys.modules.get("pathlib")
+    if pathlib is not None and isinstance(value, pathlib.PurePath):
+        # 3.13 moved the classes to pathlib._local and pickles a path as one
+        # string; its parts are what every version agrees on (3.9-3.12's form).
+        module = "pathlib" if kind.__module__.startswith("pathlib") else kind.__module__
+        out.append(f"<{module}.{kind.__qualname__}:")
+        _canonical(tuple(value.parts), out, active)
+        out.append(";>")
+        return
+    re = sys.modules.get("re")
+    if re is not None and kind is re.Pattern:
+        out.append(f"<re.Pattern {value.flags}:")
+        _canonical(value.pattern, out, active)
+        out.append(">")
         return
     if kind.__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
         dtype = str(value.dtype.descr) if value.dtype.names else value.dtype.str
@@ -3077,36 +3358,86 @@ def _canonical_object(value: Any, out: list[str], active: set[int]) -> None:
         data = value if value.flags.c_contiguous else value.copy(order="C")
         out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
         return
-    if kind.__module__.startswith("pandas.") and hasattr(value, "to_numpy"):
+    pandas = sys.modules.get("pandas")
+    if pandas is not None and isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
+        # By isinstance, not by module: pandas 3 names its classes' module "pandas".
         out.append(f"<{name} ")
-        if kind.__name__ == "DataFrame":
+        if isinstance(value, pandas.DataFrame):
             _canonical(value.columns, out, active)
             _canonical(value.index, out, active)
             for column in range(value.shape[1]):
                 series = value.iloc[:, column]
                 out.append(f"|{series.dtype}:")
-                _canonical(series.to_numpy(), out, active)
+                _pandas_values(series, out, active, pandas)
         else:  # A Series or an Index.
-            out.append(f"{getattr(value, 'name', None)!r} {value.dtype}:")
+            names = value.names if isinstance(value, pandas.MultiIndex) else getattr(value, "name", None)
+            out.append(f"{names!r} {value.dtype}:")
             if hasattr(value, "index"):
                 _canonical(value.index, out, active)
-            _canonical(value.to_numpy(), out, active)
+            _pandas_values(value, out, active, pandas)
         out.append(">")
+        return
+    if kind.__module__.partition(".")[0] in ("pyarrow", "polars") and _canonical_arrow(value, out, active):
         return
     try:
         reduced = value.__reduce_ex__(4)
     except Exception as exc:
         raise TypeError(f"{name} cannot be taken apart as pickle would ({exc})") from None
     if isinstance(reduced, str):  # A module-level singleton, named.
-        out.append(f"<{kind.__module__}.{reduced}>")
+        out.append(f"<{_module_name(kind)}.{reduced}>")
         return
-    out.append(f"<{name}:")
+    out.append(f"<{name}{_argument_code(kind)}:")  # The class's own code counts (its methods make the result).
+    ordered = isinstance(value, collections.OrderedDict)  # Its order is part of its value (==).
     for index, part in enumerate(reduced[1:5]):
         if part is not None and index >= 2:  # listitems and dictitems are iterators.
-            part = list(part) if index == 2 else dict(part)
+            part = list(part) if index == 2 or ordered else dict(part)
         _canonical(part, out, active)
         out.append(";")
     out.append(">")
+
+
+def _canonical_arrow(value: Any, out: list[str], active: set[int]) -> bool:
+    """pyarrow tables, record batches and arrays, and polars frames and series (as
+    Arrow data, which to_arrow() hands over without a copy): a flat array by its
+    type, offset, length and buffers, read in place; a nested or dictionary
+    array by its values, as its children's offsets are not in its buffers."""
+    pyarrow, polars = sys.modules.get("pyarrow"), sys.modules.get("polars")
+    if polars is not None and isinstance(value, (polars.DataFrame, polars.Series)):
+        out.append(f"<polars.{type(value).__name__} {getattr(value, 'name', None)!r}:")
+        _canonical_arrow(value.to_arrow(), out, active)
+    elif pyarrow is None:
+        return False
+    elif isinstance(value, (pyarrow.Table, pyarrow.RecordBatch)):
+        out.append(f"<pyarrow.{type(value).__name__} {value.schema.to_string(show_schema_metadata=True)!r}:")
+        for column in value.columns:
+            _canonical_arrow(column, out, active)
+    elif isinstance(value, pyarrow.ChunkedArray):
+        out.append(f"<pyarrow.ChunkedArray {value.type}:")
+        for chunk in value.chunks:
+            _canonical_arrow(chunk, out, active)
+    elif isinstance(value, pyarrow.Array):
+        out.append(f"<pyarrow.Array {value.type} {value.offset} {len(value)}:")
+        if value.type.num_fields or pyarrow.types.is_dictionary(value.type):
+            _canonical(value.to_pylist(), out, active)
+        else:
+            out.extend(f"{buffer and _buffer_digest(buffer)}," for buffer in value.buffers())
+    else:
+        return False
+    out.append(">")
+    return True
+
+
+def _pandas_values(value: Any, out: list[str], active: set[int], pandas: Any) -> None:
+    """A Series' or Index's values; a categorical's categories and their order, and
+    a tz-aware column's instants (as a buffer, not as Timestamp objects)."""
+    dtype = value.dtype
+    if isinstance(dtype, pandas.CategoricalDtype):
+        out.append(f"ordered={dtype.ordered!r} categories=")
+        _canonical(dtype.categories, out, active)
+    if isinstance(dtype, pandas.DatetimeTZDtype):  # str(dtype) above names the zone.
+        _canonical(value.to_numpy(dtype=f"datetime64[{dtype.unit}]"), out, active)
+    else:
+        _canonical(value.to_numpy(), out, active)
 
 
 def _reference(obj: Any) -> str:
@@ -3116,11 +3447,14 @@ def _reference(obj: Any) -> str:
     return f"{_module_name(obj)}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
 
 
+_script_names: dict[str, str] = {}  # _module_name(): a main script's file -> its module name.
+
+
 def _module_name(obj: Any) -> str:
     """The name of the module that defines ``obj``; for the main script, the name it
-    would have if imported (``python -m pkg.job`` -> pkg.job; ``python job.py`` ->
-    job, when its directory is on sys.path), so that a script and its import
-    share entries."""
+    would have if imported (``python -m pkg.job`` and ``python pkg/job.py`` ->
+    pkg.job, where pkg has an __init__.py; ``python job.py`` -> job, when its
+    directory is on sys.path), so that a script and its import share entries."""
     module = getattr(obj, "__module__", None) or "?"
     if module not in ("__main__", "__mp_main__"):
         return module
@@ -3129,11 +3463,20 @@ def _module_name(obj: Any) -> str:
     if spec is not None and spec.name not in ("__main__", "__mp_main__"):
         return str(spec.name)
     script: str | None = getattr(main, "__file__", None)
-    if script:
+    if not script:
+        return "__main__"
+    name = _script_names.get(script)
+    if name is None:  # Worked out once: objects of the script's classes ask at every call.
         folder, stem = os.path.split(os.path.splitext(os.path.realpath(script))[0])
-        if stem.isidentifier() and any(os.path.realpath(entry or ".") == folder for entry in sys.path):
-            return stem
-    return "__main__"
+        # pkg/job.py, run as a file, is the module pkg.job (as under -m) while
+        # the folders above it are packages.
+        name, package = stem, folder
+        while os.path.isfile(os.path.join(package, "__init__.py")) and os.path.basename(package).isidentifier():
+            package, folder_name = os.path.split(package)
+            name = f"{folder_name}.{name}"
+        on_path = name != stem or any(os.path.realpath(entry or ".") == folder for entry in sys.path)
+        name = _script_names[script] = name if stem.isidentifier() and on_path else "__main__"
+    return name
 
 
 def _function_name(func: Any) -> str:
@@ -3146,17 +3489,24 @@ def _function_name(func: Any) -> str:
     return str(getattr(func, "__qualname__", None) or type(func).__qualname__)
 
 
+def _is_big(value: Any) -> bool:
+    return (type(value) is str or type(value) is bytes) and len(value) > _BIG_VALUE
+
+
 def _make_key(
     prefix: bytes, closure: str, values: tuple[Any, ...], arguments: _Arguments, blake2b: Callable[..., Any]
 ) -> bytes:
     """One key: ``prefix`` (identity and code digest), the closure's values, then a
     call's bound argument values."""
     text = None
-    if _SCALARS.issuperset(map(type, values)):
+    if _SCALARS.issuperset(map(type, values)) and not any(map(_is_big, values)):
         try:
-            text = repr(values)  # A tuple of scalars: repr() is already canonical.
+            text = repr(values)  # A tuple of scalars: repr() is already canonical...
         except ValueError:  # An int too long for decimal text: _canonical writes hex.
             pass
+        else:  # ...but for -nan, which repr() writes as "nan".
+            if "nan" in text and any(type(value) in (float, complex) and _signed_nan(value) for value in values):
+                text = None
     if text is None:
         out: list[str] = []
         for index, value in enumerate(values):
@@ -3178,6 +3528,45 @@ def _make_key(
         return prefix + b"=" + raw
     digest: str = blake2b(raw, digest_size=20).hexdigest()
     return prefix + b"#" + digest.encode("ascii")
+
+
+_digests: dict[tuple[Any, ...], str] = {}  # file_digest()'s memo: (device, inode, size, mtime, ctime) -> digest.
+_RACY_SECONDS = 2.0  # A file changed this recently may change again within its mtime's tick: never memoized.
+
+
+def file_digest(path: StrPath, *, quick: bool = False) -> str:
+    """A text that changes when the file at ``path`` changes, to return from key=
+    (or pass as an argument) so that a new input file recomputes.
+
+    The SHA-256 of the file's bytes; in one process, a file whose inode, size,
+    mtime and ctime are unchanged is not read again, unless it changed in the
+    last two seconds (a rewrite within one tick of a coarse clock keeps all four).
+    ``quick=True`` reads nothing: size and mtime stand for the contents, which
+    misses a rewrite that keeps both (``cp -p``, ``touch -r``). Anything but a
+    regular file (a directory, a FIFO) is an OSError.
+    """
+    import hashlib
+
+    name = _fspath(path, "path")
+    fd, st = _open_regular(name)
+    try:
+        if quick:
+            return f"size={st.st_size} mtime_ns={st.st_mtime_ns}"
+        memo = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        digest = _digests.get(memo)
+        if digest is None:
+            sha, chunk = hashlib.sha256(), bytearray(1 << 20)
+            with io.FileIO(fd, "rb", closefd=False) as reader:
+                for got in iter(lambda: reader.readinto(chunk), 0):
+                    sha.update(memoryview(chunk)[:got])
+            digest = f"sha256={sha.hexdigest()}"
+            if time.time() - max(st.st_mtime, st.st_ctime) > _RACY_SECONDS:
+                while len(_digests) >= 4096:
+                    del _digests[next(iter(_digests))]
+                _digests[memo] = digest
+        return digest
+    finally:
+        os.close(fd)
 
 
 class _KeyParts:
@@ -3577,6 +3966,7 @@ class _Memoized(Generic[_P, _R]):
         key: Callable[..., Any] | None = None,
         mmap: bool = False,
         max_bytes: int | None = None,
+        trust_shared: bool = False,
         compress: Any = False,
     ) -> None:
         import functools
@@ -3607,6 +3997,7 @@ class _Memoized(Generic[_P, _R]):
         self._durable = durable
         self._mmap = mmap
         self._max_bytes = _check_max_bytes(max_bytes)
+        self._trust_shared = trust_shared
         self._compress = _check_compress(compress)
         self._arguments = _Arguments(func, ignore, key)
         self._version = version
@@ -3615,6 +4006,7 @@ class _Memoized(Generic[_P, _R]):
         # Made at the first call (_prepare): the code identity and the closure's values.
         self._prefix = b""
         self._closure = ""
+        self._unrecorded = False
         self._store: _EntryFiles | None = None
         self._folder = ""  # Where this function's entries live in the store (set with it).
         self._warned = False
@@ -3638,9 +4030,13 @@ class _Memoized(Generic[_P, _R]):
         then the function is called straight through, with one warning."""
         if self._store is None:
             try:
-                files = _EntryFiles(self.path, "c", self._durable, self._max_bytes)
+                files = _EntryFiles(self.path, "c", self._durable, self._max_bytes, self._trust_shared)
                 self._folder = files.folder(self._function)
                 self._store = files
+                if self._unrecorded and not files.readonly:  # Prepared while switched off (a sharded batch).
+                    files.record_identity(self._function, _key_identity(self._prefix))
+            except _Untrusted:
+                raise  # Never computed around: the user must choose another store, or trust this one.
             except OSError as exc:
                 if not self._warned:
                     self._warned = True
@@ -3653,16 +4049,19 @@ class _Memoized(Generic[_P, _R]):
         recorded in the store, so that `info` and `prune` can tell stale entries."""
         identity = _code_identity(self.__wrapped__, self._version)
         self._closure = _closure_text(self.__wrapped__)
-        files = self._store or self._files()
+        self._prefix = self._identity + f"{identity}|".encode("utf-8")
+        files = self._store or (None if _switched_off() else self._files())  # Off: no cache directory is made.
         if files is not None and not files.readonly:
             files.record_identity(self._function, identity)
-        self._prefix = self._identity + f"{identity}|".encode("utf-8")
+        self._unrecorded = files is None  # Then _files() records it once the store is made.
         return self._prefix
 
-    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+    def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         prefix = self._prefix or self._prepare()
-        key = _make_key(prefix, self._closure, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
-        return self._call_at(key, args, kwargs)
+        return _make_key(prefix, self._closure, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+        return self._call_at(self._key(args, kwargs), args, kwargs)
 
     def _call_at(self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         """A call whose key is already made (a batch's worker gets it from the parent)."""
@@ -4042,7 +4441,7 @@ class _Memoized(Generic[_P, _R]):
         index, count = shard
         for args in calls:
             try:
-                key = self._call(lead + args, {}).key
+                key = self._key(lead + args, {})  # Makes no cache directory (DONECACHE=off).
             except Exception:
                 if index == 0:
                     yield args
@@ -4145,6 +4544,9 @@ class _BoundMemoized:
     def forget(self, *args: Any, **kwargs: Any) -> bool:
         return self.__func__.forget(self.__self__, *args, **kwargs)
 
+    def is_cached(self, *args: Any, **kwargs: Any) -> bool:
+        return self.__func__.is_cached(self.__self__, *args, **kwargs)
+
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
         return BatchResult._of(self.__func__._batch_with(iterables, (self.__self__,), "map", options))
 
@@ -4220,13 +4622,16 @@ def _reduce_memoized(func: _Memoized[..., Any]) -> str | tuple[Any, ...]:
     name: str = func.__qualname__
     if target is func and not (func.__module__ == "__main__" and _pickler_sends_functions_by_value()):
         return name
-    state = dict(func.__dict__, _store=None, _warned=False, _hits=0, _misses=0)
-    _by_value[(type(func), func.path, func._prefix)] = func
+    # The registry's key names this very wrapper: before its first call its key
+    # prefix is empty, and two functions' wrappers were once taken for one.
+    token = func.__dict__.setdefault("_pickle_token", os.urandom(8).hex())
+    state = dict(func.__dict__, _store=None, _warned=False, _hits=0, _misses=0, _saved=0.0)
+    _by_value[(type(func), func.path, token)] = func
     return _restore_memoized, (type(func), state)
 
 
 def _restore_memoized(kind: type[_Memoized[..., Any]], state: dict[str, Any]) -> _Memoized[..., Any]:
-    key = (kind, state["path"], state["_prefix"])
+    key = (kind, state["path"], state["_pickle_token"])
     func = _by_value.get(key)
     if func is None:
         func = kind.__new__(kind)
@@ -4831,8 +5236,11 @@ def _seconds(ttl: Any, what: str = "ttl") -> float | None:
     if ttl is None:
         return None
     seconds = ttl.total_seconds() if hasattr(ttl, "total_seconds") else ttl
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-        raise ValueError(f"{what} must be a positive number of seconds or a timedelta, not {ttl!r}")
+    wrong_type = isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+    if wrong_type or not seconds > 0:  # A wrong type is a TypeError, a wrong number a ValueError.
+        raise (TypeError if wrong_type else ValueError)(
+            f"{what} must be a positive number of seconds or a timedelta, not {ttl!r}"
+        )
     try:
         return float(seconds)
     except OverflowError:
@@ -4851,7 +5259,8 @@ def memoize(
     version: _Version | None = None,
     ignore: Iterable[str] = (),
     key: _KeyFunction | None = None,
-    durable: bool = False, mmap: bool = False, max_bytes: int | None = None, compress: bool | str = False,
+    durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
+    compress: bool | str = False,
 ) -> Callable[[Callable[_P, _R]], _Memoized[_P, _R]]: ...
 
 
@@ -4865,6 +5274,7 @@ def memoize(
     durable: bool = False,
     mmap: bool = False,
     max_bytes: int | None = None,
+    trust_shared: bool = False,
     compress: bool | str = False,
 ) -> Any:
     """Keep a function's results on disk, shared by threads, processes and runs.
@@ -4901,6 +5311,9 @@ def memoize(
         use) down to 80% of it, logging each on the "donecache" logger (INFO).
         None (the default): no bound. ``cache_info().maxsize`` reports it, in
         bytes (functools counts entries there).
+    trust_shared: use a store directory that is not yours, or that group or
+        others can write to (by default the first call raises PermissionError
+        there: results are pickles, and loading one runs its writer's code).
     compress: ``"zlib"`` (or True) or ``"lzma"`` compresses each entry's pickle
         stream (not the big buffers that mmap maps) where that makes it
         smaller: text-heavy results shrink several times at some write time
@@ -4941,7 +5354,7 @@ def memoize(
                 "function that collects it"
             )
         kind = _AsyncMemoized if code is not None and code.co_flags & _CO_COROUTINE else _Memoized
-        return kind(func, store_path, seconds, version, ignore, durable, key, mmap, max_bytes, compress)
+        return kind(func, store_path, seconds, version, ignore, durable, key, mmap, max_bytes, trust_shared, compress)
 
     if callable(path) and not isinstance(path, (str, os.PathLike)):
         store_path: StrPath | None = None
@@ -5080,7 +5493,8 @@ def _cli_store(path: str, flag: str) -> _EntryFiles:
             f"{path}: not a donecache store (there is no CACHEDIR.TAG written by donecache in it); "
             "give the path of a cache directory, such as the .donecache directory beside your script"
         )
-    return _EntryFiles(path, flag, False)
+    # Trusted whoever owns it: the command line reads keys, heads and JSON, never a value.
+    return _EntryFiles(path, flag, False, trust_shared=True)
 
 
 def _cli_info(args: Any) -> int:

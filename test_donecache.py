@@ -632,15 +632,33 @@ def test_versions_are_compared_by_their_text(tmp_path, version):
         assert stage.done
 
 
-@pytest.mark.parametrize("version", [{"a": 1}, 1.5j, object()])
+@pytest.mark.parametrize("version", [{"a": 1}, 1.5j, object(), 1.10, ("run", 1.5)])
 def test_an_unusable_version_raises_before_the_body(tmp_path, version):
     ran = []
-    with pytest.raises(ValueError, match="version must be"):
+    with pytest.raises(TypeError, match="version must be"):
         with dc.done_dir(tmp_path / "s", version=version):
             ran.append(1)
     assert ran == []
-    with pytest.raises(ValueError, match="version must be"):
+    with pytest.raises(TypeError, match="version must be"):
         dc.memoize(tmp_path / "c", version=version)
+    with pytest.raises(TypeError, match="version must be"):
+        dc.is_done(tmp_path / "s", version=version)
+
+
+def test_a_float_version_is_refused_with_the_text_to_write(tmp_path):
+    with pytest.raises(TypeError, match=r"1\.10 and 1\.1 are one float: write '1\.1'"):
+        dc.done_dir(tmp_path / "s", version=1.10)
+
+
+@pytest.mark.parametrize(
+    "one, other", [(("1,2",), (1, 2)), (("",), ()), ((1, "(2)"), (1, (2,))), (("a'", "b"), ("a", "'b"))]
+)
+def test_tuple_versions_with_different_items_differ(tmp_path, one, other):
+    with dc.done_dir(tmp_path / "s", version=one):
+        pass
+    assert dc.is_done(tmp_path / "s", version=one) and not dc.is_done(tmp_path / "s", version=other)
+    prefixes = [dc.memoize(tmp_path / "m", version=version)(len)._prepare() for version in (one, other)]
+    assert prefixes[0] != prefixes[1], "memoize's version too"
 
 
 def test_mark_not_done_and_fresh(tmp_path):
@@ -706,7 +724,7 @@ def test_stage_parent_not_writable(tmp_path, read_only):
     assert listing(tmp_path) == []
 
 
-@pytest.mark.parametrize("name", ["../escape", "/abs/path", "DONE", ".donecache.lock", ""])
+@pytest.mark.parametrize("name", ["../escape", "/abs/path", "DONE", ".donecache.lock", ".donecache.builder~1", ""])
 def test_bad_piece_names(tmp_path, name):
     with dc.done_dir(tmp_path / "s") as stage:
         with pytest.raises(ValueError, match="relative path inside the stage"):
@@ -1183,11 +1201,11 @@ def test_estale_that_persists_is_raised(tmp_path, monkeypatch):
 
 def test_stage_entry_and_listing_retry_estale(tmp_path, monkeypatch):
     lock_file = str(tmp_path / "s" / ".donecache.lock")
-    failed = stale_once(monkeypatch, dc.io, "FileIO", lambda path, *a: os.fspath(path).endswith(".donecache.lock"))
+    failed = stale_once(monkeypatch, os, "open", lambda path, *a, **k: os.fspath(path).endswith(".donecache.lock"))
     with dc.done_dir(tmp_path / "s", expect=["a"]) as stage:
         stage.piece("a", lambda: "a")
         listing_failed = stale_once(monkeypatch, os, "scandir", lambda path=".": os.fspath(path) == str(stage.path))
-    assert failed == ["FileIO"] and listing_failed == ["scandir"]
+    assert failed == ["open"] and listing_failed == ["scandir"]
     assert stage.done and os.path.exists(lock_file)
 
 
@@ -1970,7 +1988,7 @@ def test_unpicklable_argument_names_the_argument(tmp_path):
         return x
 
     with pytest.raises(TypeError, match=r"argument 'callback' .* ignore=\('callback',\)"):
-        f(1, lambda: None)
+        f(1, threading.Lock())
 
 
 def test_results_none_exceptions_and_unpicklable(tmp_path, calls):
@@ -2063,8 +2081,8 @@ def test_ttl_expires_entries(tmp_path, calls, monkeypatch):
     time.sleep(0.3)
     with dc.open(tmp_path) as db:
         assert db.prune() == 1, "prune removes what has expired"
-    for bad in (0, -1, "1h", True):
-        with pytest.raises(ValueError, match="ttl must be"):
+    for bad, error in ((0, ValueError), (float("nan"), ValueError), ("1h", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="ttl must be"):
             dc.memoize(tmp_path, ttl=bad)
 
 
@@ -2728,6 +2746,319 @@ def test_numpy_arrays_are_keyed_by_their_contents(tmp_path, calls):
     b[1, 1] = 0
     assert total(b) == 61.0 and total(a.astype("float32")) == 66.0 and len(calls) == 4
     assert total(np.float64(1.5)) == 1.5 and len(calls) == 5
+
+
+# -- what is in a call's key: arguments ------------------------------------------
+
+ARGUMENT_HELPERS = """
+import functools
+dc = __import__("__main__").dc
+
+def scale(x):
+    return x * {factor}
+
+class Scaler:
+    def __init__(self, by):
+        self.by = by
+
+    def apply(self, x):
+        return x * self.by * {factor}
+
+@functools.lru_cache(maxsize=None)
+def cached_scale(x):
+    return x * {factor}
+"""
+
+
+def test_functions_classes_and_objects_passed_as_arguments_are_keyed_by_their_code(tmp_path):
+    job = """
+        import functools, helpers, other
+        @dc.memoize(sys.argv[1])
+        def apply(fn, x):
+            print("computed", end=" ")
+            return fn(x) if callable(fn) else fn.apply(x)
+        for arg in (helpers.scale, functools.partial(helpers.scale), helpers.Scaler(1).apply, helpers.Scaler(1),
+                    helpers.cached_scale, other.cached_scale, lambda x: helpers.scale(x)):
+            print(apply(arg, 3))
+    """
+    (tmp_path / "other.py").write_text(textwrap.dedent(ARGUMENT_HELPERS.format(factor=100)))
+
+    def run(factor: int) -> list[str]:
+        (tmp_path / "helpers.py").write_text(textwrap.dedent(ARGUMENT_HELPERS.format(factor=factor)))
+        return run_job(tmp_path, job)
+
+    assert run(2) == ["computed", "6"] * 5 + ["computed", "300"] + ["computed", "6"]
+    assert run(2) == ["6"] * 5 + ["300", "6"], "an unchanged rerun hits"
+    assert run(5) == ["computed", "15"] * 5 + ["300"] + ["computed", "15"], "an edit of the code passed recomputes"
+
+
+def test_same_named_functions_are_different_arguments(tmp_path, calls):
+    import functools
+
+    @dc.memoize(tmp_path)
+    def apply(fn, x):
+        calls.append(x)
+        return fn(x)
+
+    first = types.FunctionType(compile("def twice(x): return 2 * x", "a.py", "exec").co_consts[0], {})
+    second = types.FunctionType(compile("def twice(x): return 3 * x", "b.py", "exec").co_consts[0], {})
+    assert apply(first, 1) == 2 and apply(second, 1) == 3, "two functions named twice"
+    assert apply(functools.lru_cache()(first), 1) == 2 and apply(functools.lru_cache()(second), 1) == 3
+    english, french = {"one": "one"}, {"one": "un"}
+    assert apply(english.get, "one") == "one" and apply(french.get, "one") == "un", "bound built-ins by their object"
+    double, triple = (lambda x: 2 * x), (lambda x: 3 * x)
+    assert apply(double, 4) == 8 and apply(triple, 4) == 12, "lambdas on one line by their bytecode"
+
+    def times(n):
+        return lambda x: n * x
+
+    assert apply(times(2), 5) == apply(times(2), 5) == 10 and apply(times(3), 5) == 15, "closures by their values"
+    assert apply(len, "ab") == 2 and apply(len, "ab") == 2
+    assert calls == [1, 1, "one", "one", 4, 4, 5, 5, "ab"], "a wrapped function is what it wraps"
+
+
+def test_ordered_dicts_and_negative_nan_have_their_own_keys(tmp_path, calls):
+    import collections
+
+    @dc.memoize(tmp_path)
+    def first(value):
+        calls.append(value)
+        return repr(value)
+
+    ab, ba = collections.OrderedDict(a=1, b=2), collections.OrderedDict(b=2, a=1)
+    assert first(ab) != first(ba) and len(calls) == 2, "OrderedDicts equal only in the same order"
+    assert first({"a": 1, "b": 2}) == first({"b": 2, "a": 1}) and len(calls) == 3, "plain dicts ignore order"
+    nan = float("nan")
+    negative = -nan
+    for value in (nan, negative, (nan, 1), (negative, 1), [negative], complex(negative, 0), complex(nan, 0)):
+        first(value)
+        first(value)
+    assert len(calls) == 10, "-nan is not nan (alone, in a tuple of scalars, in a list, in a complex)"
+    assert dc._text(negative) == "float:-nan,0.0" and dc._text(nan) == "nan", "nan keeps its 0.2.0 key"
+
+
+def _double(x):
+    return 2 * x
+
+
+def _triple(x):
+    return 3 * x
+
+
+def _call_both(pair):
+    return [fn(5) for fn in pair]
+
+
+def test_functional_memoized_functions_keep_their_own_identity_when_pickled(tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+
+    pair = (dc.memoize(tmp_path)(_double), dc.memoize(tmp_path)(_triple))  # Neither called yet.
+    assert _call_both(pickle.loads(pickle.dumps(pair))) == [10, 15]
+    context = None if sys.platform == "win32" else __import__("multiprocessing").get_context("fork")
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        assert pool.submit(_call_both, pair).result() == [10, 15], "one task, two steps: each ran its own"
+
+
+def test_path_arguments_share_entries_across_cpython_versions(tmp_path):
+    pythons = other_pythons()
+    if len(pythons) < 2:
+        pytest.skip("needs two of CPython 3.11, 3.12, 3.13")
+    job = """
+        import pathlib
+        @dc.memoize(sys.argv[1])
+        def stem(path, pure):
+            print("computed")
+            return path.stem + pure.stem
+        print(stem(pathlib.Path("/data/in.csv"), pathlib.PureWindowsPath("C:/data/b.txt")))
+    """
+    outputs = [run_job(tmp_path, job, python=python) for python in pythons]
+    assert outputs == [["computed", "inb"]] + [["inb"]] * (len(pythons) - 1), pythons
+
+
+def test_enum_and_dataclass_arguments_of_a_script_share_entries_with_its_import(tmp_path):
+    job = """
+        import dataclasses, enum
+        class Unit(enum.Enum):
+            KM = "km"
+        @dataclasses.dataclass(frozen=True)
+        class Config:
+            unit: Unit
+            rate: float
+        @dc.memoize(sys.argv[1])
+        def convert(config, miles):
+            print("computed")
+            return f"{miles * config.rate:.1f} {config.unit.value}"
+        if __name__ == "__main__":
+            print(convert(Config(Unit.KM, 1.6), 10))
+    """
+    assert run_job(tmp_path, job) == ["computed", "16.0", "km"]
+    imported = "import job\nprint(job.convert(job.Config(job.Unit.KM, 1.6), 10))"
+    path = f"{IMPORT_ROOT}{os.pathsep}{tmp_path}"
+    assert child(imported, str(tmp_path / "cache"), cwd=tmp_path, env={"PYTHONPATH": path}).stdout.split() == ["16.0", "km"]
+
+
+def test_a_script_in_a_package_shares_entries_with_its_run_as_a_module(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "job.py").write_text(textwrap.dedent(f"""
+        import importlib, sys
+        dc = importlib.import_module({MODULE!r})
+        @dc.memoize(sys.argv[1])
+        def transform(x):
+            print("computed")
+            return x + 1
+        print(transform(1))
+    """))
+    env = {**os.environ, "PYTHONPATH": str(IMPORT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    outputs = [
+        subprocess.run([sys.executable, *how, str(tmp_path / "cache")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       check=True).stdout.split()
+        for how in (["pkg/job.py"], ["-m", "pkg.job"], ["pkg/job.py"])
+    ]
+    assert outputs == [["computed", "2"], ["2"], ["2"]]
+
+
+def test_big_buffers_are_hashed_in_place(tmp_path, calls):
+    import tracemalloc
+
+    @dc.memoize(tmp_path)
+    def size(data):
+        calls.append(type(data))
+        return len(data)
+
+    big = bytes(100 * 2**20)
+    changed = bytearray(big)
+    changed[-1] = 1
+    text = "e" * (20 * 2**20)
+    values = [big, changed, memoryview(changed), memoryview(big), "é" * len(text), text, text[:-1] + "f"]
+    for value in values:
+        tracemalloc.start()
+        size(value)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 3 * 2**20, f"{type(value).__name__}: {peak} bytes allocated to key it"
+    assert len(calls) == len(values), "one byte, the type, or a character apart: other keys"
+    assert [size(value) for value in values] and len(calls) == len(values), "equal values hit"
+    assert size(memoryview(big)[::2]) == 50 * 2**20 and len(calls) == len(values) + 1, "a strided view works"
+
+
+def test_file_digest_follows_the_contents(tmp_path, calls):
+    data = tmp_path / "in.csv"
+    data.write_text("a,b\n1,2\n")
+    old = time.time() - 60
+    os.utime(data, (old, old))
+
+    @dc.memoize(tmp_path / "cache", key=lambda path: (str(path), dc.file_digest(path)))
+    def rows(path):
+        calls.append(path)
+        return Path(path).read_text().count("\n")
+
+    assert rows(data) == rows(data) == 2 and len(calls) == 1
+    quick = dc.file_digest(data, quick=True)
+    data.write_text("a,b\n3,4\n")  # Same size...
+    os.utime(data, (old, old))  # ...and mtime: only the contents tell.
+    assert dc.file_digest(data, quick=True) == quick
+    assert rows(data) == 2 and len(calls) == 2, "new contents recompute"
+    data.write_text("a,b\n5,6\n")  # Within the same second: the memo is not trusted.
+    assert rows(data) == 2 and len(calls) == 3
+    with pytest.raises(OSError):  # Linux: "... is a directory, not a regular file"; Windows: access denied.
+        dc.file_digest(tmp_path)
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "fifo")
+        with pytest.raises(OSError, match="FIFO"):
+            dc.file_digest(tmp_path / "fifo")
+
+
+@pytest.fixture
+def coarse_clock_dir(tmp_path):
+    """A loop-mounted ext4 with 128-byte inodes, whose timestamps have whole seconds
+    (as on ext3, HFS+ or many NFS servers); skips where it cannot be mounted."""
+    mkfs, mount = shutil.which("mkfs.ext4"), shutil.which("mount")
+    if sys.platform != "linux" or not IS_ROOT or mkfs is None or mount is None:
+        pytest.skip("needs root, mkfs.ext4 and mount(8) on Linux")
+    image, mnt = tmp_path / "ext4.img", tmp_path / "coarse"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(8 * 2**20)
+    subprocess.run([mkfs, "-q", "-F", "-I", "128", str(image)], check=True, capture_output=True)
+    made = subprocess.run([mount, "-o", "loop", str(image), str(mnt)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a loop device here: {made.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_file_digest_reads_a_file_rewritten_within_its_timestamps_tick(coarse_clock_dir):
+    data = coarse_clock_dir / "in.csv"
+    for _ in range(5):  # Size, mtime and ctime all equal: only the bytes tell.
+        data.write_text("a,b\n7,8\n")
+        first = dc.file_digest(data)
+        data.write_text("a,b\n9,0\n")
+        assert dc.file_digest(data) != first
+
+
+def test_pandas_values_are_keyed_by_what_they_hold(tmp_path, calls):
+    pd = pytest.importorskip("pandas")
+
+    @dc.memoize(tmp_path)
+    def show(value):
+        calls.append(1)
+        return repr(value)
+
+    one = pd.DataFrame({"a": [1, 2], "b": [3.0, 4.0]})
+    split = pd.DataFrame({"a": [1, 2]})
+    split["b"] = [3.0, 4.0]  # Another block layout, the same frame.
+    assert show(one) == show(split) and len(calls) == 1
+    low_high = pd.CategoricalDtype(["low", "high"], ordered=True)
+    cats = [
+        pd.Series(["low", "high"], dtype=low_high),
+        pd.Series(["low", "high"], dtype=pd.CategoricalDtype(["high", "low"], ordered=True)),
+        pd.Series(["low", "high"], dtype=pd.CategoricalDtype(["low", "high"], ordered=False)),
+        pd.Series(["low", "high"], dtype=pd.CategoricalDtype(["low", "high", "mid"], ordered=True)),
+    ]
+    for series in cats:
+        show(series)
+    assert len(calls) == 5, "categories and their order are in the key"
+    index = [(1, "a"), (2, "b")]
+    show(pd.Series([1, 2], index=pd.MultiIndex.from_tuples(index, names=["x", "y"])))
+    show(pd.Series([1, 2], index=pd.MultiIndex.from_tuples(index, names=["x", "z"])))
+    assert len(calls) == 7, "MultiIndex level names are in the key"
+    times = pd.date_range("2024-03-30", periods=3, freq="h")
+    for value in (pd.NaT, pd.Timestamp("2024-01-01"), pd.Timestamp("2024-01-01", tz="UTC"), pd.Timedelta("1h"),
+                  pd.Series(times.tz_localize("UTC")), pd.Series(times.tz_localize("Europe/Paris")),
+                  pd.DataFrame({"t": times.tz_localize("UTC")}, index=times.tz_localize("Asia/Tokyo"))):
+        show(value)
+        show(value)
+    assert len(calls) == 14, "pandas scalars and tz-aware values are valid, their zones apart"
+
+
+def test_arrow_values_are_keyed_by_their_buffers(tmp_path, calls):
+    pa = pytest.importorskip("pyarrow")
+
+    @dc.memoize(tmp_path)
+    def rows(table):
+        calls.append(1)
+        return len(table)
+
+    values = [pa.table({"a": [1, 2, None], "s": ["x", "y", "z"]}), pa.table({"a": [1, 2, 3], "s": ["x", "y", "z"]}),
+              pa.table({"a": [1, 2, None], "s": ["x", "y", "w"]}), pa.table({"l": [[1], [2, 3]]}),
+              pa.table({"l": [[1, 2], [3]]}), pa.array(["a", "b"]).dictionary_encode(),
+              pa.array(["c", "d"]).dictionary_encode()]
+    for value in values + [pa.table({"a": [1, 2, None], "s": ["x", "y", "z"]})]:
+        rows(value)
+    assert len(calls) == len(values)
+    import tracemalloc
+
+    big = pa.table({"n": pa.array(range(8 * 2**20), pa.int64())})  # 64 MiB
+    tracemalloc.start()
+    assert rows(big) == 8 * 2**20
+    assert tracemalloc.get_traced_memory()[1] < 2**20, "keyed from its buffers, not copied into bytes"
+    tracemalloc.stop()
+    pl = pytest.importorskip("polars")
+    rows(pl.DataFrame({"a": [1, 2]}))
+    rows(pl.DataFrame({"a": [1, 2]}))
+    rows(pl.DataFrame({"a": [1, 3]}))
+    assert len(calls) == len(values) + 3
 
 
 # -- the failure ledger and array jobs ------------------------------------------
@@ -3457,11 +3788,13 @@ def test_a_sweep_never_evicts_an_entry_whose_key_is_being_computed(tmp_path):
     assert computing.wait(timeout=60) == 0
 
 
-@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "1G"])
-def test_max_bytes_must_be_a_positive_int(tmp_path, bad):
-    with pytest.raises(ValueError, match=r"max_bytes must be a positive int .* not"):
+@pytest.mark.parametrize(
+    "bad, error", [(0, ValueError), (-1, ValueError), (True, TypeError), (1.5, TypeError), ("1G", TypeError)]
+)
+def test_max_bytes_must_be_a_positive_int(tmp_path, bad, error):
+    with pytest.raises(error, match=r"max_bytes must be a positive int .* not"):
         dc.open(tmp_path / "s", max_bytes=bad)
-    with pytest.raises(ValueError, match=r"max_bytes must be a positive int .* not"):
+    with pytest.raises(error, match=r"max_bytes must be a positive int .* not"):
         dc.memoize(tmp_path / "m", max_bytes=bad)
     assert not (tmp_path / "s").exists()
 
@@ -5017,3 +5350,459 @@ def test_progress_lines_carry_the_batch_figures(tmp_path, capsys):
     f.map([-1, -2, -3], progress=True)
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.endswith("0 failed; 1 computed (0.0 s), 2 reused (saved 0.0 s of compute)"), last
+
+
+# ---------------------------------------------------------------------------
+# Issue 18, items 1-3 and 11: symlinks and special files where donecache writes,
+# other users' stores, the modes of the folders inside a store, smaller defects.
+# Each test failed on 0.2.0 (3cf1caa) unless its docstring says otherwise.
+# ---------------------------------------------------------------------------
+
+VICTIM = b"precious data of another file\n"
+
+
+def victim_file(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim"
+    victim.write_bytes(VICTIM)
+    os.chmod(victim, 0o640)
+    return victim
+
+
+def untouched(victim: Path) -> bool:
+    return victim.read_bytes() == VICTIM and stat.S_IMODE(victim.stat().st_mode) == 0o640
+
+
+@posix_only
+@pytest.mark.parametrize("shared", [False, True], ids=["stage", "shared-stage"])
+def test_a_symlink_at_a_stage_lock_is_refused_and_its_target_kept(tmp_path, shared):
+    """Item 1: the lock file was opened through a planted link, then truncated and rewritten
+    with the builder's host and pid: the link's target was emptied."""
+    victim = victim_file(tmp_path)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / ".donecache.lock").symlink_to(victim)
+    with pytest.raises(OSError, match="symbolic link, not a regular file") as caught:
+        with dc.done_dir(stage, expect=1 if shared else None) as s:
+            s.piece("a", lambda: "a")
+    assert ".donecache.lock" in str(caught.value) and "remove it" in str(caught.value)
+    assert untouched(victim) and not (stage / "DONE").exists()
+
+
+@posix_only
+def test_a_symlink_at_the_store_lock_is_refused(tmp_path):
+    """Item 1: the store's .lock was opened through a planted link: a dangling one made
+    donecache create its target, an existing one was locked and kept open (the same path
+    takes the stage-lock note). A store with max_bytes raises; memoize warns and computes
+    without the lock (its policy for a lock it cannot take); neither touches the targets."""
+    victim = victim_file(tmp_path)
+    nowhere = tmp_path / "made-through-the-link"
+    for target, name in ((victim, "a"), (nowhere, "b")):
+        cache = tmp_path / name
+        with dc.open(cache) as db:
+            db["k"] = 0
+        (cache / ".lock").symlink_to(target)
+        with dc.open(cache, max_bytes=1 << 20) as db, pytest.raises(OSError, match="symbolic link"):
+            db["k"] = 1
+
+        @dc.memoize(cache)
+        def double(x):
+            return 2 * x
+
+        with pytest.warns(dc.DonecacheWarning, match="symbolic link"):
+            assert double(21) == 42
+    assert untouched(victim) and not os.path.lexists(nowhere)
+
+
+@posix_only
+def test_fifos_at_lock_files_and_usage_do_not_hang(tmp_path):
+    """Item 1: a FIFO at .usage hung every write of a store with max_bytes (its read waited
+    for a writer); a FIFO at a stage's lock file was taken as the lock. Each now fails at
+    once with an error naming the FIFO."""
+    fifos = []
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    os.mkfifo(stage / ".donecache.lock")
+    for name in ("usage", "lock"):
+        with dc.open(tmp_path / name) as db:
+            db["k"] = 0
+        os.mkfifo(tmp_path / name / f".{name}")
+        fifos.append(tmp_path / name / f".{name}")
+    fifos.append(stage / ".donecache.lock")
+
+    def store(name: str) -> str:
+        try:
+            with dc.open(tmp_path / name, max_bytes=1 << 20) as db:
+                db["k"] = 1
+        except OSError as exc:
+            return str(exc)
+        return "no error"
+
+    def build() -> str:
+        try:
+            with dc.done_dir(stage):
+                pass
+        except OSError as exc:
+            return str(exc)
+        return "no error"
+
+    results = run_bounded({"usage": lambda: store("usage"), "lock": lambda: store("lock"), "stage": build}, fifos)
+    assert all("FIFO" in message for message in results.values()), results
+    assert not (stage / "DONE").exists()
+
+
+@posix_only
+@pytest.mark.parametrize(
+    "where", ["marker", "version file", "CACHEDIR.TAG", "identity", "ledger", "entry"]
+)
+def test_links_at_files_written_by_rename_are_replaced_and_their_targets_kept(tmp_path, where):
+    """Item 1: markers, version files, labels, identity records, ledger records and entries are
+    written to a temporary file and renamed over their name, which replaces a planted link by
+    a fresh regular file and never writes through it (a label whose name exists, even as a
+    link, is left alone). Passed on 0.2.0 too: kept as a guard."""
+    victim = victim_file(tmp_path)
+    cache = tmp_path / "cache"
+    if where in ("marker", "version file"):
+        stage = tmp_path / "stage"
+        stage.mkdir()
+        planted = stage / ("DONE" if where == "marker" else ".donecache.version")
+        planted.symlink_to(victim)
+        with dc.done_dir(stage, version=2) as s:
+            s.piece("a", lambda: "a")
+        assert dc.is_done(stage, version=2)
+    elif where == "CACHEDIR.TAG":
+        cache.mkdir(mode=0o700)
+        planted = cache / ".gitignore"
+        planted.symlink_to(victim)
+        dc.open(cache).close()
+        assert (cache / "CACHEDIR.TAG").is_file() and planted.is_symlink(), "a name that exists is left alone"
+        planted = cache / "CACHEDIR.TAG"
+    elif where in ("identity", "ledger"):
+        def half(x):
+            if x == 1:
+                raise ValueError("one")
+            return x / 2
+
+        dc.memoize(cache, version=1)(half).map([1, 2], keep_going=True)
+        [planted] = (cache / (".functions" if where == "identity" else ".failures")).rglob("*.*" if where == "ledger" else "*")
+        planted.unlink()
+        planted.symlink_to(victim)
+        dc.memoize(cache, version=2 if where == "identity" else 1)(half).map([1, 2], keep_going=True)
+    else:
+        with dc.open(cache) as db:
+            db["k"] = 1
+            [planted] = entry_files(cache)
+            planted.unlink()
+            planted.symlink_to(victim)
+            db["k"] = 2
+            assert db["k"] == 2
+    assert untouched(victim)
+    assert planted.is_file() and not planted.is_symlink() and planted.read_bytes() != VICTIM
+
+
+@posix_only
+@pytest.mark.parametrize("depth", ["sub/x", "sub/deeper/x"])
+def test_a_piece_is_never_written_through_a_symlinked_folder(tmp_path, depth):
+    """Item 1: a symlinked folder planted inside a stage made piece() write outside it (and
+    count a file found there as the piece)."""
+    outside = tmp_path / "outside"
+    (outside / "deeper").mkdir(parents=True)
+    victim = victim_file(tmp_path)
+    os.link(victim, outside / "x")
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "sub").symlink_to(outside, target_is_directory=True)
+    before = listing(outside)
+    with pytest.raises(NotADirectoryError, match="is a symbolic link, not a directory") as caught:
+        with dc.done_dir(stage) as s:
+            s.piece(depth, lambda: "written outside the stage")
+    assert str(stage / "sub") in str(caught.value) and "remove it" in str(caught.value)
+    assert untouched(victim) and listing(outside) == before and listing(outside / "deeper") == []
+    assert not (stage / "DONE").exists()
+    (stage / "sub").unlink()
+
+    def plant_meanwhile():
+        (stage / "sub").symlink_to(outside, target_is_directory=True)
+        return "written while a link was planted"
+
+    with pytest.raises(NotADirectoryError, match="symbolic link"):
+        with dc.done_dir(stage) as s:
+            s.piece(depth, plant_meanwhile)
+    assert untouched(victim) and listing(outside) == before and listing(outside / "deeper") == []
+    (stage / "sub").unlink()
+    with pytest.raises(Boom), dc.done_dir(stage) as s:
+        s.piece(depth, lambda: (_ for _ in ()).throw(Boom()))
+    assert listing(stage) == [".donecache.lock"], "a failed make() leaves no folder behind"
+    with dc.done_dir(stage) as s:  # Real folders are made as before.
+        s.piece(depth, lambda: "inside")
+    assert (stage / depth).read_text() == "inside"
+
+
+@posix_only
+def test_atomic_path_never_renames_or_chmods_through_a_link(tmp_path):
+    """Item 1: a symlink made at atomic_path's temporary name (by the library, or by someone
+    racing it) was followed: its target was chmod-ed to the old file's mode and the link was
+    renamed onto the target."""
+    victim = victim_file(tmp_path)
+    target = tmp_path / "out.npy"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o600)
+    with pytest.raises(OSError, match="symbolic link"):
+        with dc.atomic_path(target) as tmp:
+            os.symlink(victim, tmp)
+    assert untouched(victim) and not target.is_symlink() and target.read_bytes() == b"old"
+    assert listing(tmp_path) == ["out.npy", "victim"]
+
+
+class RunsCode:
+    """A value whose unpickling runs code: it makes a directory (what an attacker's entry could do)."""
+
+    def __init__(self, proof: str) -> None:
+        self.proof = proof
+
+    def __reduce__(self):
+        return os.mkdir, (self.proof,)
+
+
+root_only = pytest.mark.skipif(not IS_ROOT or sys.platform == "win32", reason="chowns to another user: needs root")
+
+
+@root_only
+@pytest.mark.parametrize("how", ["owner", "g+w", "o+w", "link owner"])
+def test_a_store_another_user_could_write_is_refused_unless_trusted(tmp_path, how):
+    """Item 2: open() and memoize loaded the entries of a store that another user owns, or that
+    group or others can write, running whatever code its pickles held."""
+    cache, proof = tmp_path / "cache", tmp_path / "code-ran"
+    with dc.open(cache) as db:
+        db["k"] = RunsCode(str(proof))
+
+    @dc.memoize(cache)
+    def answer():
+        return 42
+
+    assert answer() == 42 and not proof.exists()
+    path = cache
+    if how == "owner":
+        for folder, _dirs, files in os.walk(cache):
+            for name in [folder, *(os.path.join(folder, f) for f in files)]:
+                os.lchown(name, 65534, 65534)
+    elif how == "link owner":
+        path = tmp_path / "link"
+        path.symlink_to(cache, target_is_directory=True)
+        os.lchown(path, 65534, 65534)
+    else:
+        os.chmod(cache, 0o720 if how == "g+w" else 0o702)
+    for attempt in (lambda: dc.open(path)["k"], lambda: dc.memoize(path)(answer.__wrapped__)()):
+        with pytest.raises(PermissionError) as caught:
+            attempt()
+        message = str(caught.value)
+        assert str(path) in message and "trust_shared=True" in message, message
+        if how in ("owner", "link owner"):
+            assert "uid 65534" in message and "not yours" in message, message
+        else:
+            assert ("its group" if how == "g+w" else "others") in message and "drwx-" in message, message
+    assert not proof.exists(), "nothing was loaded"
+    assert dc.memoize(path, trust_shared=True)(answer.__wrapped__)() == 42
+    with dc.open(path, trust_shared=True) as db:
+        db["k"]
+    assert proof.is_dir(), "trusted: the entry was loaded, and its code ran"
+    assert cli("info", str(path)).returncode == 0, "the command line loads no value: it needs no trust"
+
+
+@root_only
+def test_a_fresh_store_is_trusted_whatever_the_umask(tmp_path):
+    """Item 2: a store that donecache creates passes its own check (0700, the user's)."""
+    proc = child(
+        """
+        import os
+        os.umask(0)
+        with dc.open(sys.argv[1] + "/a/b/cache") as db:
+            db["k"] = 1
+        with dc.open(sys.argv[1] + "/a/b/cache") as db:
+            print(db["k"])
+        """,
+        str(tmp_path),
+    )
+    assert proc.stdout.strip() == "1"
+
+
+TREE_OF_A_STORE = """
+import os
+os.umask(int(sys.argv[2], 8))
+root = sys.argv[1] + "/new/parent/cache"
+
+def half(x):
+    if x == 3:
+        raise ValueError("three")
+    return x / 2
+
+with dc.open(root, max_bytes=1 << 30) as db:
+    db["k"] = 1
+dc.memoize(root, max_bytes=1 << 30)(half).map(range(8), keep_going=True)
+for folder, _dirs, _files in os.walk(sys.argv[1]):
+    print(folder, oct(os.stat(folder).st_mode & 0o7777))
+"""
+
+
+@posix_only
+@pytest.mark.parametrize("umask", ["000", "077", "022", "277"])
+def test_every_folder_of_a_store_is_private_whatever_the_umask(tmp_path, umask):
+    """Item 3: os.makedirs(..., 0o700) gave 0700 to the last folder only: function folders,
+    shards and .failures/ got 0777 less the umask (0777 with umask 000)."""
+    modes = dict(line.rsplit(" ", 1) for line in child(TREE_OF_A_STORE, str(tmp_path), umask).stdout.splitlines())
+    root = str(tmp_path / "new" / "parent" / "cache")
+    inside = {path: mode for path, mode in modes.items() if path.startswith(root)}
+    assert len(inside) >= 8, inside  # The store, shards, a function folder and its shards, .functions, .failures/x.
+    assert set(inside.values()) == {"0o700"}, inside
+    above = 0o777 & ~int(umask, 8)  # Directories above the store are the user's: mkdir -p's mode.
+    assert modes[str(tmp_path / "new")] == oct(above) and modes[str(tmp_path / "new" / "parent")] == oct(above)
+
+
+@root_only
+@pytest.mark.parametrize("umask", ["077", "002"])
+def test_folders_of_a_team_store_keep_its_mode(tmp_path, umask):
+    """Item 3: a team store (setgid, group-writable, trusted) passes its mode to every folder
+    donecache makes in it, whatever the umask of the member who writes."""
+    team = tmp_path / "new" / "parent" / "cache"
+    team.mkdir(parents=True)
+    os.chown(team, 0, 65534)
+    os.chmod(team, 0o2770)
+    script = TREE_OF_A_STORE.replace("max_bytes=1 << 30", "max_bytes=1 << 30, trust_shared=True")
+    modes = dict(line.rsplit(" ", 1) for line in child(script, str(tmp_path), umask).stdout.splitlines())
+    inside = {path: mode for path, mode in modes.items() if path.startswith(str(team))}
+    assert len(inside) >= 8 and set(inside.values()) == {"0o2770"}, inside
+
+
+def test_donecache_off_with_shards_makes_no_cache_directory(tmp_path, monkeypatch, calls):
+    """Item 11: DONECACHE=off with map(shard=...) created the cache directory (making the keys
+    that choose each shard made the store)."""
+    monkeypatch.setenv("DONECACHE", "off")
+
+    def square(x):
+        calls.append(x)
+        return x * x
+
+    new = dc.memoize(tmp_path / "cache", version=2)(square)
+    mine = [new.map(range(20), shard=(index, 2)).successes for index in (0, 1)]
+    assert sorted(mine[0] + mine[1]) == sorted(x * x for x in range(20)) and mine[0] and mine[1]
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.delenv("DONECACHE")
+    assert dc.memoize(tmp_path / "cache", version=1)(square)(5) == 25  # Older code, recorded as current.
+    assert new(3) == 9 and new.is_cached(3)
+    # The identity prepared while off is recorded once the store is made: version 2 is current.
+    assert cli("prune", str(tmp_path / "cache"), "--stale").returncode == 0
+    assert new.is_cached(3), "prune --stale kept the entry of the current code"
+    assert json.loads(cli("info", str(tmp_path / "cache"), "--json").stdout)["entries"]["live"] == 1
+    assert sorted(calls) == sorted([*range(20), 5, 3])
+
+
+def test_a_versioned_stage_over_an_unversioned_build_starts_empty(tmp_path):
+    """Item 11: a version=2 stage resumed the pieces of a finished unversioned build (whose
+    marker names no version and which recorded none) and wrote its marker over them."""
+    stage = tmp_path / "stage"
+    with dc.done_dir(stage) as s:
+        s.piece("old", lambda: "from the unversioned build")
+    with dc.done_dir(stage, version=2) as s:
+        assert not s.done and not (stage / "old").exists()
+        s.piece("new", lambda: "v2")
+    assert dc.is_done(stage, version=2) and not (stage / "old").exists()
+    with dc.done_dir(tmp_path / "crashed") as s:  # No marker: an unversioned build that crashed.
+        s.piece("kept", lambda: "x")
+        mark = s.path / "DONE"
+    mark.unlink()
+    with dc.done_dir(tmp_path / "crashed", version=2) as s:
+        assert (s.path / "kept").exists(), "without a marker nothing says which version wrote the pieces"
+
+
+@posix_only
+def test_status_shows_a_shared_stage_being_built(tmp_path):
+    """Item 11: `status` said `incomplete` for a shared stage whose builders were at work:
+    they hold the stage's lock only on entry and exit."""
+    import socket
+
+    stage = tmp_path / "stage"
+    builder = child(
+        """
+        import time
+        with dc.done_dir(sys.argv[1], expect=2) as stage:
+            stage.piece("a", lambda: "a")
+            print("building", flush=True)
+            time.sleep(60)
+        """,
+        str(stage),
+        background=True,
+    )
+    try:
+        wait_for_line(builder, "building")
+        [row] = json.loads(cli("status", str(stage), "--json").stdout)
+        assert row["state"] == "building" and row["builder"] == {"host": socket.gethostname(), "pid": builder.pid}
+    finally:
+        builder.kill()
+        builder.wait()
+    [row] = json.loads(cli("status", str(stage), "--json").stdout)
+    assert row["state"] == "incomplete", "a killed builder holds nothing"
+    with dc.done_dir(stage, expect=2) as s:
+        s.piece("b", lambda: "b")
+    assert s.done and listing(stage) == [".donecache.lock", "DONE", "a", "b"], "the killed builder's file is swept"
+
+
+def test_is_cached_on_a_bound_method(tmp_path):
+    """Item 11: obj.method.is_cached(3) raised TypeError: the bound wrapper did not pass obj."""
+    calls = []
+
+    class Model:
+        def __init__(self, scale):
+            self.scale = scale
+
+        @dc.memoize(tmp_path, key=lambda self, x: (self.scale, x))
+        def predict(self, x):
+            calls.append(x)
+            return self.scale * x
+
+    model = Model(2)
+    assert not model.predict.is_cached(3)
+    assert model.predict(3) == 6 and model.predict.is_cached(3) and not model.predict.is_cached(4)
+    assert not Model(5).predict.is_cached(3) and calls == [3]
+
+
+def test_verify_on_a_closed_store_raises_like_other_operations(tmp_path):
+    """Item 11: Store.verify() worked on a closed store, unlike every other operation."""
+    db = dc.open(tmp_path / "c")
+    db["k"] = 1
+    db.close()
+    for operation in (lambda: db["k"], db.prune, db.verify):
+        with pytest.raises(ValueError, match="closed"):
+            operation()
+
+
+@linux_only
+def test_donecache_never_truncates_an_entry_in_place(tmp_path, monkeypatch):
+    """Item 11: a mapped hit dies with SIGBUS if its file shrinks under it (mmap(2)), so
+    donecache must replace entries, never truncate or rewrite them in place: every write,
+    overwrite, clear, prune and sweep is watched for O_TRUNC opens and ftruncate of an
+    entry file. (0.2.0 did not either: kept as a guard.)"""
+    truncated: list[str] = []
+    real_open, real_ftruncate, real_truncate = os.open, os.ftruncate, os.truncate
+
+    def watched_open(path, flags, *args, **kwargs):
+        if flags & os.O_TRUNC:
+            truncated.append(f"O_TRUNC {path}")
+        return real_open(path, flags, *args, **kwargs)
+
+    def watched_ftruncate(fd, length):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if not name.endswith(".lock"):  # A lock file's note of its holder is rewritten in place.
+            truncated.append(f"ftruncate {name}")
+        return real_ftruncate(fd, length)
+
+    monkeypatch.setattr(os, "open", watched_open)
+    monkeypatch.setattr(os, "ftruncate", watched_ftruncate)
+    monkeypatch.setattr(os, "truncate", lambda *a: truncated.append(f"truncate {a}") or real_truncate(*a))
+    big = bytes(1 << 17)
+    with dc.open(tmp_path / "c", mmap=True, max_bytes=1 << 20) as db:
+        for round_ in range(12):
+            db[f"k{round_ % 5}"] = big
+            assert db[f"k{round_ % 5}"] == big
+        db.prune()
+        del db["k1"]
+        db.clear()
+    assert truncated == []

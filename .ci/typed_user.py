@@ -39,7 +39,8 @@ def main() -> None:
         if not stage.done:
             stage.piece("a.txt", lambda: "text")
     done: bool = donecache.is_done("stage", version=2)
-    print(done, donecache.__version__)
+    digest: str = donecache.file_digest(Path("out.txt"), quick=False)
+    print(done, digest, donecache.__version__)
 
 
 # The README's own examples, typed as a user would type them.

@@ -339,6 +339,32 @@ def _dc_write(path: str, data: bytes, durable: bool) -> None:
         f.write(data)
 
 
+def bench_big_arguments(tmp: Path, rounds: int) -> dict[str, float]:
+    """A memoize hit with one 100 MB argument: the key hashes it in place (SHA-256),
+    so the time is the hash and the extra memory (tracemalloc's peak) stays small."""
+    import tracemalloc
+
+    @donecache.memoize(tmp / "big-arguments")
+    def size(data: Any) -> int:
+        return len(data)
+
+    data = os.urandom(100 * 2**20)
+    results: dict[str, float] = {}
+    for label, value in (("bytes", data), ("str (ASCII)", data.hex()[: len(data)])):
+        size(value)
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            size(value)
+            times.append(time.perf_counter() - start)
+        tracemalloc.start()
+        size(value)
+        results[f"100 MB {label} argument: hit, MiB traced"] = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        results[f"100 MB {label} argument: hit"] = statistics.median(times)
+    return results
+
+
 def bench_imports(runs: int) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPATH"] = str(HERE.parent)
@@ -645,6 +671,7 @@ def main() -> int:
             tmp, {"4 KiB": (4096, 100 if quick else 500), "1 MiB": (1 << 20, 10 if quick else 40)}, rounds=3 if quick else 7
         )
         results["map"] = bench_map(tmp, 4000 if quick else 20000)
+        results["big_arguments"] = bench_big_arguments(tmp, rounds=3 if quick else 7)
     results["import"] = bench_imports(runs=10 if quick else 30)
     results["seconds"] = time.time() - started
 
@@ -665,6 +692,9 @@ def main() -> int:
     for label, r in results["atomic"].items():
         lines += table(f"atomic write of {label} (median per write)", r)
     lines += table("import time in a fresh interpreter (median, minus `python -c pass`)", results["import"])
+    lines.append("\nbig arguments (median hit; memory traced during one hit)")
+    lines += [f"  {name:48s} {value * 1000:8.1f} ms" if "MiB" not in name else f"  {name:48s} {value:8.2f} MiB"
+              for name, value in results["big_arguments"].items()]
     map_lines, map_targets = map_table(results["map"], 4000 if quick else 20000)
     lines += map_lines
 
@@ -677,6 +707,7 @@ def main() -> int:
             ("import <= 0.4x diskcache", imp["donecache"] / imp["diskcache"], 0.4),
         ]
     targets.append(("hit at 100k / hit at 1k <= 1.5", growth["100000"] / growth["1000"], 1.5))
+    targets.append(("100 MB bytes argument hit <= 0.1 s", results["big_arguments"]["100 MB bytes argument: hit"], 0.1))
     targets.append(("hit with max_bytes <= 1.2x hit without", hit[MAX_BYTES] / hit["donecache"], 1.2))
     if "atomicwrites" in atomic:
         targets.append(
