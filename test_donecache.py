@@ -5806,3 +5806,28 @@ def test_donecache_never_truncates_an_entry_in_place(tmp_path, monkeypatch):
         del db["k1"]
         db.clear()
     assert truncated == []
+
+
+def test_time_saved_by_a_pool_worker_that_waited_for_another_process_counts_in_the_parent(tmp_path):
+    """Two batches on the same inputs at once: the second one's workers wait for the first
+    one's computations and reuse them; the parent adds what they saved to its own figures."""
+    script = """
+        import os, time
+        @dc.memoize(sys.argv[1])
+        def slow(x):
+            open(f"{sys.argv[1]}.started.{x}", "w").close()
+            time.sleep(0.4)
+            return x
+
+        if __name__ == "__main__":
+            while sys.argv[2] == "late" and not all(os.path.exists(f"{sys.argv[1]}.started.{x}") for x in (0, 1)):
+                time.sleep(0.001)  # Until the other batch computes both (holding their locks).
+            batch = slow.map(range(2), workers=2)
+            print(batch.computed, batch.reused, round(batch.saved_seconds, 2), round(slow.cache_info().saved_seconds, 2))
+    """
+    first = child(script, str(tmp_path / "c"), "early", background=True)
+    second = child(script, str(tmp_path / "c"), "late", background=True)
+    out = [proc.communicate(timeout=60)[0].split() for proc in (first, second)]
+    assert out[0][:3] == ["2", "0", "0.0"], out
+    computed, reused, saved, info_saved = out[1]
+    assert (computed, reused) == ("0", "2") and 0.8 <= float(saved) <= 0.84 and info_saved == saved, out
