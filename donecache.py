@@ -2153,7 +2153,9 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
     stream_end = key_end + stream_len
     table_len = count * _BUFFER_ROW.size + 4 if count else 0
     meta = flags >> 16  # The metadata's length, at the end of the key area (0 in entries of 0.2).
-    if magic != _ENTRY_MAGIC or meta > key_len or key_len > _MAX_KEY or count > _MAX_BUFFERS or stream_end + table_len > size:
+    if magic != _ENTRY_MAGIC or meta > key_len or key_len > _MAX_KEY or count > _MAX_BUFFERS:
+        return None
+    if stream_end + table_len > size:
         return None
     head = memoryview(first)
     if len(first) < key_end:
@@ -3892,7 +3894,7 @@ def _switched_off() -> bool:
     return raw is not None and _off_in_environment(_env_text(raw))
 
 
-_SWITCH_WORDS = {"0": True, "false": True, "no": True, "off": True, "1": False, "true": False, "yes": False, "on": False}
+_SWITCH_WORDS = dict.fromkeys(("0", "false", "no", "off"), True) | dict.fromkeys(("1", "true", "yes", "on"), False)
 _switch_warned: set[str] = set()
 
 
@@ -4324,7 +4326,8 @@ class _Memoized(Generic[_P, _R]):
         }  # fmt: skip
 
     def prune(
-        self, *, max_bytes: int | None = None, older_than: float | Any = None, stale: bool = False, dry_run: bool = False
+        self, *, max_bytes: int | None = None, older_than: float | Any = None, stale: bool = False,
+        dry_run: bool = False,
     ) -> PruneReport:
         """Trim this function's entries, as ``prune`` on the command line does:
         remove the expired and damaged ones (``stale``: and those of its older
@@ -5601,7 +5604,10 @@ def _cli_size(text: str) -> int:
     """A size as GNU coreutils spell it (du -B, sort -S): K, KiB = 1024; KB = 1000; and so on up to T."""
     import re
 
-    fix = "give a positive size in bytes, or with K/KiB, M/MiB, G/GiB, T/TiB (powers of 1024) or KB, MB, GB, TB (of 1000): 1000000, 500M, 10MB, 2GiB"
+    fix = (
+        "give a positive size in bytes, or with K/KiB, M/MiB, G/GiB, T/TiB (powers of 1024) or KB, MB, GB, TB "
+        "(of 1000): 1000000, 500M, 10MB, 2GiB"
+    )
     found = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*(?:([kmgt])(i?b)?|b)?\s*", text, re.IGNORECASE)
     number, prefix, suffix = found.groups() if found else ("0", "", "")
     power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
