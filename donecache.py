@@ -1821,6 +1821,8 @@ _ENTRY_MAGIC = b"dcE2"
 _ENTRY_HEADER = struct.Struct("<4sIddQQIII")
 _BUFFER_ROW = struct.Struct("<QI")
 _META = struct.Struct("<d")  # The metadata's fixed part: the computation's seconds; the host follows.
+_seconds_of = _META.unpack_from
+_NO_META = memoryview(b"")
 _CODECS = {"zlib": 1, "lzma": 2}
 _OLD_MAGIC = b"dcE1"  # Format 1: magic, CRC of the rest, created, expires, key and value lengths (32-bit).
 _OLD_HEADER = struct.Struct("<4sIddII")
@@ -1953,7 +1955,7 @@ class _Entry:
         self.key, self.created, self.expires = key, created, expires
         self.stream: Any = b""
         self.buffers: list[Any] = []
-        self.flags, self.meta = 0, b""
+        self.flags, self.meta = 0, _NO_META
 
     def live(self, now: float) -> bool:
         return not self.expires or now < self.expires
@@ -1961,7 +1963,7 @@ class _Entry:
     @property
     def seconds(self) -> float:
         """How long the computation of the value took (0.0 if not recorded: an older entry or a Store's)."""
-        return _META.unpack_from(self.meta)[0] if len(self.meta) >= _META.size else 0.0
+        return _seconds_of(self.meta)[0] if self.meta else 0.0
 
     @property
     def host(self) -> str:
@@ -2153,7 +2155,7 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
     stream_end = key_end + stream_len
     table_len = count * _BUFFER_ROW.size + 4 if count else 0
     meta = flags >> 16  # The metadata's length, at the end of the key area (0 in entries of 0.2).
-    if magic != _ENTRY_MAGIC or meta > key_len or key_len > _MAX_KEY or count > _MAX_BUFFERS:
+    if magic != _ENTRY_MAGIC or meta > key_len or 0 < meta < _META.size or key_len > _MAX_KEY or count > _MAX_BUFFERS:
         return None
     if stream_end + table_len > size:
         return None
@@ -2183,7 +2185,7 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
         return None  # Truncated, padded, or a table that does not fit the file.
     entry = _Entry(found, created, expires)
     if flags:
-        entry.flags, entry.meta = flags, bytes(head[key_end - meta : key_end])
+        entry.flags, entry.meta = flags, head[key_end - meta : key_end]
     if depth == _HEAD and (size > len(first) or count):
         return entry
     # The stream: from the first read when it is all there, else read after it.
@@ -4099,8 +4101,9 @@ class _Memoized(Generic[_P, _R]):
         except Exception:
             return _MISSING  # Written by code that has changed since: recompute.
         self._hits += 1
-        call.seconds = entry.seconds
-        self._saved += call.seconds
+        if entry.meta:  # Not in entries of 0.2.
+            call.seconds = seconds = _seconds_of(entry.meta)[0]
+            self._saved += seconds
         if _log_at(_DEBUG) is not None:
             _logger.debug("%s: hit; entry %s", self.__qualname__, call.slot.path if call.slot else "?")
         return value
