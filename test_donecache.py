@@ -5196,6 +5196,10 @@ def test_entries_without_metadata_still_read(tmp_path):
     path.write_bytes(b"".join(old.chunks()))
     assert struct.unpack_from("<I", path.read_bytes(), 48)[0] == 0, "flags 0, as 0.2 wrote them"
     assert f(1) == 2 and f.cache_info()[:2] == (1, 1) and f.cache_info().saved_seconds == 0.0
+    short = dc._encode_entry(entry.key, 3)
+    short.meta = b"abc"  # A metadata length that no writer makes (under 8 bytes): damage, so a miss.
+    path.write_bytes(b"".join(short.chunks()))
+    assert f(1) == 2 and f.cache_info()[:2] == (1, 2)
 
 
 def test_compress_shrinks_the_stream_and_never_the_mapped_buffers(tmp_path):
