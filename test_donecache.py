@@ -5151,26 +5151,34 @@ def test_keyboard_interrupts_never_leave_a_key_lock_held(tmp_path):
 def test_entries_record_their_compute_time_and_batches_say_what_was_saved(tmp_path):
     import socket
 
+    slept: dict[int, float] = {}  # What each call really slept (a loaded machine oversleeps).
+
     @dc.memoize(tmp_path / "c")
     def slow(x):
+        started = time.perf_counter()
         time.sleep(0.1 * (x + 1))
+        slept[x] = time.perf_counter() - started
         return x
 
+    def near(figure: float, *inputs: int) -> bool:  # Within 5% of what those calls slept.
+        return 1.0 <= figure / sum(slept[x] for x in inputs) <= 1.05
+
     first = slow.map(range(4), workers=2, processes=False)  # 0.1+0.2+0.3+0.4 = 1.0 s of compute.
-    assert (first.computed, first.reused) == (4, 0) and 1.0 <= first.computed_seconds <= 1.05
+    assert (first.computed, first.reused) == (4, 0) and near(first.computed_seconds, 0, 1, 2, 3)
     second = slow.map(range(5))  # Four reused, one (0.5 s) computed.
     assert (second.computed, second.reused) == (1, 4)
-    assert 0.5 <= second.computed_seconds <= 0.525 and 1.0 <= second.saved_seconds <= 1.05
+    assert near(second.computed_seconds, 4) and near(second.saved_seconds, 0, 1, 2, 3)
     assert second.summary.startswith("1 computed (0.5 s), 4 reused (saved 1.0 s of compute), 0 failed")
     info = slow.cache_info()
-    assert info[:4] == (4, 5, None, 5) and 1.5 <= info.held_seconds <= 1.575 and 1.0 <= info.saved_seconds <= 1.05
-    assert slow(4) == 4 and 1.5 <= slow.cache_info().saved_seconds <= 1.575, "a plain hit counts too"
+    assert info[:4] == (4, 5, None, 5) and near(info.held_seconds, 0, 1, 2, 3, 4)
+    assert near(info.saved_seconds, 0, 1, 2, 3)
+    assert slow(4) == 4 and near(slow.cache_info().saved_seconds, 0, 1, 2, 3, 4), "a plain hit counts too"
     [found] = [f for f in dc._EntryFiles(tmp_path / "c", "r", False).scan() if f.entry.key.endswith(b"=(4,)")]
     assert found.entry.host == socket.gethostname() and abs(found.entry.created - time.time()) < 60
     report = json.loads(cli("info", str(tmp_path / "c"), "--json").stdout)["per_function"]
     [row] = report.values()
-    assert row["entries"] == 5 and 1.5 <= row["compute_seconds"] <= 1.575 and row["oldest"] <= row["newest"]
-    assert "1.5 s of compute held" in cli("info", str(tmp_path / "c")).stdout
+    assert row["entries"] == 5 and near(row["compute_seconds"], 0, 1, 2, 3, 4) and row["oldest"] <= row["newest"]
+    assert f"{row['compute_seconds']:.1f} s of compute held" in cli("info", str(tmp_path / "c")).stdout
 
 
 def test_batch_figures_read_as_a_person_says_them():
@@ -5827,11 +5835,11 @@ def test_time_saved_by_a_pool_worker_that_waited_for_another_process_counts_in_t
             while sys.argv[2] == "late" and not all(os.path.exists(f"{sys.argv[1]}.started.{x}") for x in (0, 1)):
                 time.sleep(0.001)  # Until the other batch computes both (holding their locks).
             batch = slow.map(range(2), workers=2)
-            print(batch.computed, batch.reused, round(batch.saved_seconds, 2), round(slow.cache_info().saved_seconds, 2))
+            print(batch.computed, batch.reused, round(batch.computed_seconds + batch.saved_seconds, 6), round(slow.cache_info().saved_seconds, 6))
     """
     first = child(script, str(tmp_path / "c"), "early", background=True)
     second = child(script, str(tmp_path / "c"), "late", background=True)
     out = [proc.communicate(timeout=60)[0].split() for proc in (first, second)]
-    assert out[0][:3] == ["2", "0", "0.0"], out
+    assert out[0][:2] == ["2", "0"] and 0.8 <= float(out[0][2]) and out[0][3] == "0.0", out
     computed, reused, saved, info_saved = out[1]
-    assert (computed, reused) == ("0", "2") and 0.8 <= float(saved) <= 0.84 and info_saved == saved, out
+    assert (computed, reused) == ("0", "2") and saved == info_saved == out[0][2], "what the first batch computed"
