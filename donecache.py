@@ -953,8 +953,11 @@ def _close_quietly(file: IO[Any]) -> None:
         pass
 
 
-def _write_bytes(target: str, data: bytes | Iterable[Any], *, durable: bool, overwrite: bool = True) -> None:
+def _write_bytes(target: str, data: bytes | Iterable[Any], *, durable: bool, overwrite: bool = True, whole: bool = False) -> None:
     """Atomically make ``target`` hold ``data``: the writer behind markers, pieces and entries.
+
+    ``whole`` fsyncs the data (not the directory) even when not ``durable``:
+    after a power cut the name may be missing, but never holds a torn file.
 
     ``data`` is bytes, or an iterable of bytes-like chunks written one after the
     other, each straight from its own buffer (as writev would): a big value's
@@ -969,7 +972,7 @@ def _write_bytes(target: str, data: bytes | Iterable[Any], *, durable: bool, ove
             view = memoryview(chunk).cast("B")
             while view:
                 view = view[os.write(fd, view) :]
-        if durable:
+        if durable or whole:
             _fsync_file(fd)
         os.close(fd)
         fd = -1
@@ -1082,8 +1085,9 @@ class _AtomicFile:
             return
         try:
             self._file.flush()
-            if self._durable:
-                _fsync_file(self._file.fileno())
+            # Even when not durable: without it, a power cut can keep the rename but
+            # not the data (ext4's delayed allocation, XFS), leaving an empty target.
+            _fsync_file(self._file.fileno())
             self._file.close()
             _commit(self._temp, self._target, durable=self._durable, overwrite=self._overwrite)
         except BaseException:
@@ -1114,7 +1118,9 @@ def atomic_write(
         as for open() in text mode.
     durable: flush the file and its directory to stable storage (fsync) before
         returning, so that the new version also survives a power failure.
-        ``False`` is several times faster and still atomic against crashes.
+        ``False`` skips the directory's flush: after a power failure ``path``
+        holds the old version or the whole new one, never an empty or torn
+        file; the file itself is still flushed, which costs most of the time.
     overwrite: if False, raise FileExistsError when ``path`` exists, and never
         clobber a file that appears while the block runs.
     make_parents: create missing parent directories instead of raising
@@ -1165,8 +1171,7 @@ class _AtomicPath:
             try:
                 if self._keep_mode is not None:
                     _keep_mode(fd, self._keep_mode)
-                if self._durable:
-                    _fsync_file(fd)
+                _fsync_file(fd)  # Even when not durable, as in atomic_write().
             finally:
                 os.close(fd)
             _commit(temp, self._target, durable=self._durable, overwrite=self._overwrite)
@@ -1463,8 +1468,9 @@ class Stage:
         is removed before rebuilding.
     fresh: when the stage is not done, empty the directory first instead of
         resuming from the pieces of an earlier run.
-    durable: fsync every file of the stage before writing the marker, so that
-        the marker never survives a power failure that its pieces did not.
+    durable: fsync each piece as it is written and every file of the stage
+        before writing the marker, so that neither the marker nor a rerun that
+        resumes trusts a piece that a power failure emptied.
     timeout: seconds to wait for another builder before TimeoutError.
     expect: make this a shared stage, which many processes or hosts fill at
         once: a count of pieces, or an iterable of the pieces' names. Each
@@ -1766,12 +1772,12 @@ class Stage:
             raise TypeError(f"make() for piece {os.fspath(name)!r} must return str or bytes, not {type(data).__name__}")
         self._folders_of(path)  # Again: make() may have taken long.
         _make_dirs(str(path.parent))  # When durable, the flush before the marker reaches them.
-        # A stage of one builder flushes all its files once, before its marker.
-        # In a shared stage each piece is flushed as it is written: the
-        # builder that writes the marker may run on another host, whose
-        # fsync cannot reach this host's unwritten data.
+        # A durable piece's data is flushed before its rename: a rerun after a power
+        # cut trusts every piece whose name survived, and ext4 can keep a rename
+        # without the data. Its directory is flushed before the marker; in a shared
+        # stage at once: the builder that writes the marker may be on another host.
         try:
-            _write_bytes(str(path), bytes(data), durable=self._durable and self._expect is not None)
+            _write_bytes(str(path), bytes(data), durable=self._durable and self._expect is not None, whole=self._durable)
         except FileNotFoundError:
             if not path.exists():
                 raise

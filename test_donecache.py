@@ -10,6 +10,7 @@ from __future__ import annotations
 import dbm
 import datetime
 import contextlib
+import copy
 import errno
 import importlib
 import itertools
@@ -321,13 +322,34 @@ def test_symlink_is_written_through(tmp_path):
 
 @posix_only
 @pytest.mark.parametrize("durable", [True, False])
-def test_fsync_only_when_durable(tmp_path, monkeypatch, durable):
+@pytest.mark.parametrize("tool", ["atomic_write", "atomic_path"])
+def test_fsync_of_the_directory_only_when_durable(tmp_path, monkeypatch, durable, tool):
+    """Issue 18, item 12b: the file's data is flushed even when not durable (else a power cut
+    can keep the rename and lose the data: an empty target); the directory only when durable."""
     calls = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real_fsync(fd)))
-    with dc.atomic_write(tmp_path / "out", durable=durable) as f:
-        f.write("x")
-    assert calls == ([False, True] if durable else []), "file first, then its directory"
+    if tool == "atomic_write":
+        with dc.atomic_write(tmp_path / "out", durable=durable) as f:
+            f.write("x")
+    else:
+        with dc.atomic_path(tmp_path / "out", durable=durable) as tmp:
+            tmp.write_text("x")
+    assert calls == ([False, True] if durable else [False]), "file first, then its directory"
+
+
+@posix_only
+@pytest.mark.parametrize("durable", [True, False])
+def test_durable_stage_flushes_each_piece_before_its_rename(tmp_path, monkeypatch, durable):
+    """Issue 18, item 12a: in a durable stage each piece's data reaches the disk before its name,
+    so a rerun after a power cut never resumes from (and marks done over) an emptied piece."""
+    synced: set[int] = set()
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.add(os.fstat(fd).st_ino), real_fsync(fd)))
+    with dc.done_dir(tmp_path / "stage", durable=durable) as stage:
+        for name in ("a.bin", "sub/b.bin"):
+            ino = os.stat(stage.piece(name, lambda: b"data")).st_ino
+            assert (ino in synced) == durable, f"piece {name} flushed: {ino in synced}"
 
 
 @posix_only
@@ -558,7 +580,8 @@ def test_durable_stage_flushes_every_piece_and_directory_before_its_marker(tmp_p
         assert flushed == [str(tmp_path)], "the new stage directory is flushed into its parent"
         stage.piece("a.txt", lambda: "a")
         stage.piece("sub/b.txt", lambda: "b")
-        assert flushed == [str(tmp_path)], "pieces are not flushed one by one"
+        # Each piece's data is flushed as it is written (issue 18, item 12a), its directory is not.
+        assert [os.path.basename(p).split("~")[-1] for p in flushed[1:]] == ["a.txt", "b.txt"]
     if not os.path.exists("/proc/self/fd"):
         pytest.skip("no /proc to name the flushed descriptors")
     marker = [i for i, path in enumerate(flushed) if path.endswith("~DONE")]  # The marker's temporary file.
@@ -5352,7 +5375,7 @@ def test_packaging_names_the_console_script_license_and_sdist_files():
     assert project["project"]["scripts"] == {"donecache": "donecache:main"} and callable(dc.main)
     assert project["project"]["license"] == "MIT" and not any("License ::" in c for c in project["project"]["classifiers"])
     include = project["tool"]["hatch"]["build"]["targets"]["sdist"]["include"]
-    needed = {".ci/run", ".ci/typed_user.py", "examples/pipeline.py", "test_donecache.py", "donecache.py"}
+    needed = {".ci/run", ".ci/typed_user.py", ".ci/fs_probe.py", "examples/pipeline.py", "test_donecache.py", "donecache.py"}
     assert all(any(name == path or (path.endswith("/") and name.startswith(path)) for path in include) for name in needed)
 
 
@@ -5843,3 +5866,653 @@ def test_time_saved_by_a_pool_worker_that_waited_for_another_process_counts_in_t
     assert out[0][:2] == ["2", "0"] and 0.8 <= float(out[0][2]) and out[0][3] == "0.0", out
     computed, reused, saved, info_saved = out[1]
     assert (computed, reused) == ("0", "2") and saved == info_saved == out[0][2], "what the first batch computed"
+
+
+# ---------------------------------------------------------------------------
+# Power loss: a FUSE file system that forgets what was never synced
+#
+# In the spirit of LazyFS: a pass-through FUSE file system (mfusepy, over
+# libfuse 3) runs a workload against a backing directory and logs every
+# change in order: creates, renames, links, unlinks, writes and truncates
+# (by inode), fsync and fsync of directories. A power cut at step k is the
+# log's first k changes, replayed on a model of what a disk keeps:
+#   "unsynced-lost"  names and data reach the disk only through fsync (of the
+#                    file for its data, of its directory for its names);
+#   "metadata-kept"  every name change and size survives but no unsynced data:
+#                    new blocks read as zeros (XFS's "null files"; ext4's
+#                    delayed allocation leaves such files empty instead);
+#   "partial"        names survive and half of each file's unsynced writes
+#                    reach the disk, the last of them torn.
+# The workload runs once: a cut at step k is what it had done by then. What
+# survives is written to a plain directory, where the checks (and any rerun
+# that resumes) run in this process, as after a reboot: time.monotonic() is
+# shifted, so the boot time that Python code derives from it has changed.
+# Skipped without FUSE, fusermount3 or mfusepy.
+# ---------------------------------------------------------------------------
+
+POWERCUT_MODES = ("unsynced-lost", "metadata-kept", "partial")
+POWERCUT_MARK = ".powercut-mark-"  # A workload stats <mount>/<this><name> to log a mark.
+POWERCUT_MAX_CUTS = 80
+
+POWERCUT_FS = r"""
+import errno, os, pickle, sys
+import mfusepy as fuse
+
+backing, mount, log_path = sys.argv[1:4]
+log = open(log_path, "wb", buffering=0)
+
+
+def note(*record):
+    log.write(pickle.dumps(record))
+
+
+class PassThrough(fuse.Operations):
+    use_ns = True
+
+    def _real(self, path):
+        return os.path.join(backing, path.lstrip("/"))
+
+    def getattr(self, path, fh=None):
+        if os.path.basename(path).startswith(MARK):
+            note("mark", os.path.basename(path)[len(MARK):])
+            raise fuse.FuseOSError(errno.ENOENT)
+        st = os.fstat(fh) if fh is not None else os.lstat(self._real(path))
+        names = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_ino", "st_blocks", "st_blksize", "st_rdev")
+        found = {k: getattr(st, k) for k in names}
+        found.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
+        return found
+
+    def access(self, path, amode):
+        if not os.access(self._real(path), amode):
+            raise fuse.FuseOSError(errno.EACCES)
+        return 0
+
+    def readdir(self, path, fh):
+        return [".", "..", *os.listdir(self._real(path))]
+
+    def readlink(self, path):
+        return os.readlink(self._real(path))
+
+    def statfs(self, path):
+        sv = os.statvfs(self._real(path))
+        return {k: getattr(sv, k) for k in ("f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail",
+                                            "f_ffree", "f_files", "f_flag", "f_frsize", "f_namemax")}
+
+    def mkdir(self, path, mode):
+        os.mkdir(self._real(path), mode)
+        note("mkdir", path, mode)
+
+    def rmdir(self, path):
+        os.rmdir(self._real(path))
+        note("unlink", path)
+
+    def unlink(self, path):
+        os.unlink(self._real(path))
+        note("unlink", path)
+
+    def symlink(self, target, source):
+        os.symlink(source, self._real(target))
+        note("symlink", target, source)
+
+    def link(self, target, source):
+        os.link(self._real(source), self._real(target))
+        note("link", target, source)
+
+    def rename(self, old, new):
+        os.rename(self._real(old), self._real(new))
+        note("rename", old, new)
+
+    def chmod(self, path, mode):
+        os.chmod(self._real(path), mode)
+        note("chmod", path, mode)
+
+    def chown(self, path, uid, gid):
+        os.chown(self._real(path), uid, gid)
+
+    def utimens(self, path, times=None):
+        os.utime(self._real(path), ns=times)
+
+    def create(self, path, mode, fi=None):
+        fd = os.open(self._real(path), os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+        note("create", path, mode, os.fstat(fd).st_ino)
+        return fd
+
+    def open(self, path, flags):
+        fd = os.open(self._real(path), flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND))
+        if flags & os.O_TRUNC:
+            note("truncate", os.fstat(fd).st_ino, 0)
+        return fd
+
+    def read(self, path, size, offset, fh):
+        return os.pread(fh, size, offset)
+
+    def write(self, path, data, offset, fh):
+        written = os.pwrite(fh, data, offset)
+        note("write", os.fstat(fh).st_ino, offset, bytes(data[:written]))
+        return written
+
+    def truncate(self, path, length, fh=None):
+        if fh is None:
+            os.truncate(self._real(path), length)
+            ino = os.lstat(self._real(path)).st_ino
+        else:
+            os.ftruncate(fh, length)
+            ino = os.fstat(fh).st_ino
+        note("truncate", ino, length)
+
+    def fsync(self, path, datasync, fh):
+        note("fsync", os.fstat(fh).st_ino)  # Nothing to do for real: the model keeps what was synced.
+        return 0
+
+    def fsyncdir(self, path, datasync, fh):
+        note("fsyncdir", path)
+        return 0
+
+    def flush(self, path, fh):
+        return 0
+
+    def release(self, path, fh):
+        os.close(fh)
+        return 0
+
+
+MARK = sys.argv[4]
+fuse.FUSE(PassThrough(), mount, foreground=True, nothreads=True, default_permissions=True)
+"""
+
+
+def _powercut_unavailable() -> str | None:
+    """Why the power-cut harness cannot run here, or None."""
+    if not sys.platform.startswith("linux"):
+        return "the power-cut harness needs Linux FUSE"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if shutil.which("fusermount3") is None:
+        return "no fusermount3 (Debian: apt-get install fuse3)"
+    try:
+        import mfusepy  # noqa: F401
+    except (ImportError, OSError) as exc:
+        return f"no FUSE binding (pip install mfusepy; libfuse3 from fuse3): {exc}"
+    return None
+
+
+powercut_harness = pytest.mark.skipif(_powercut_unavailable() is not None, reason=str(_powercut_unavailable()))
+
+
+class _Node:
+    """A file, directory or symlink of the model: what a program sees and what the disk holds."""
+
+    def __init__(self, kind: str, mode: int, data: bytes = b"") -> None:
+        self.kind, self.mode = kind, mode
+        self.data = bytearray(data)  # What programs see.
+        self.synced = bytes(data)  # What the disk holds.
+        self.pending: list[tuple] = []  # Changes to the data since the last fsync, in order.
+        self.entries: dict[str, _Node] = {}  # A directory's names, as programs see them...
+        self.synced_entries: dict[str, _Node] = {}  # ... and as the disk holds them.
+
+
+class _DiskModel:
+    """Replays a power-cut log from a directory tree that is all on disk."""
+
+    def __init__(self, backing: Path) -> None:
+        self.by_ino: dict[int, _Node] = {}
+        self.root = self._load(backing)
+
+    def _load(self, path: Path) -> _Node:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            node = _Node("dir", stat.S_IMODE(st.st_mode))
+            for name in os.listdir(path):
+                node.entries[name] = self._load(path / name)
+            node.synced_entries = dict(node.entries)
+        elif stat.S_ISLNK(st.st_mode):
+            node = _Node("link", 0o777, os.fsencode(os.readlink(path)))
+        else:
+            node = _Node("file", stat.S_IMODE(st.st_mode), path.read_bytes())
+        self.by_ino[st.st_ino] = node
+        return node
+
+    def _parent(self, path: str) -> tuple[_Node, str]:
+        node = self.root
+        parts = [p for p in path.split("/") if p]
+        for part in parts[:-1]:
+            node = node.entries[part]
+        return node, parts[-1]
+
+    def lookup(self, path: str) -> _Node:
+        parts = [p for p in path.split("/") if p]
+        node = self.root
+        for part in parts:
+            node = node.entries[part]
+        return node
+
+    def apply(self, op: tuple) -> None:
+        kind = op[0]
+        if kind in ("create", "mkdir", "symlink"):
+            parent, name = self._parent(op[1])
+            node = {
+                "create": lambda: _Node("file", op[2]),
+                "mkdir": lambda: _Node("dir", op[2]),
+                "symlink": lambda: _Node("link", 0o777, os.fsencode(op[2])),
+            }[kind]()
+            node.synced = bytes(node.data)  # A symlink's target is part of its name.
+            parent.entries[name] = node
+            if kind == "create":
+                self.by_ino[op[3]] = node
+        elif kind == "link":
+            parent, name = self._parent(op[1])
+            parent.entries[name] = self.lookup(op[2])
+        elif kind == "rename":
+            old_parent, old_name = self._parent(op[1])
+            new_parent, new_name = self._parent(op[2])
+            new_parent.entries[new_name] = old_parent.entries.pop(old_name)
+        elif kind == "unlink":
+            parent, name = self._parent(op[1])
+            del parent.entries[name]
+        elif kind == "chmod":
+            self.lookup(op[1]).mode = stat.S_IMODE(op[2])
+        elif kind in ("write", "truncate"):
+            node = self.by_ino[op[1]]
+            node.pending.append(op)
+            _apply_data(node.data, op)
+        elif kind == "fsync":
+            node = self.by_ino[op[1]]
+            node.synced, node.pending = bytes(node.data), []
+        elif kind == "fsyncdir":
+            node = self.lookup(op[1])
+            node.synced_entries = dict(node.entries)
+
+    def survivor(self, mode: str, into: Path) -> None:
+        """Write what the disk would hold after a power cut in ``mode`` to the new directory ``into``."""
+        written: dict[int, Path] = {}
+
+        def data_of(node: _Node) -> bytes:
+            if mode == "unsynced-lost" or not node.pending:
+                return node.synced
+            data = bytearray(node.synced)
+            if mode == "metadata-kept":
+                # Sizes are metadata and survive; blocks allocated since the last fsync read
+                # as zeros, overwritten ones keep their old data (no unsynced byte lands).
+                for op in node.pending:
+                    end = op[2] if op[0] == "truncate" else max(len(data), op[2] + len(op[3]))
+                    _apply_data(data, ("truncate", 0, end))
+                return bytes(data)
+            take = (len(node.pending) + 1) // 2
+            for op in node.pending[: take - 1]:
+                _apply_data(data, op)
+            last = node.pending[take - 1]
+            if last[0] == "write":  # Torn: its first half reached the disk.
+                last = (*last[:3], last[3][: max(1, len(last[3]) // 2)])
+            _apply_data(data, last)
+            return bytes(data)
+
+        def write(node: _Node, path: Path) -> None:
+            if id(node) in written:
+                os.link(written[id(node)], path)
+            elif node.kind == "dir":
+                path.mkdir()
+                names = node.synced_entries if mode == "unsynced-lost" else node.entries
+                for name, child_node in names.items():
+                    write(child_node, path / name)
+                os.chmod(path, node.mode)
+            elif node.kind == "link":
+                os.symlink(os.fsdecode(node.synced), path)
+            else:
+                path.write_bytes(data_of(node))
+                os.chmod(path, node.mode)
+                written[id(node)] = path
+
+        write(self.root, into)
+
+
+def _apply_data(data: bytearray, op: tuple) -> None:
+    if op[0] == "truncate":
+        del data[op[2] :]
+        data.extend(bytes(op[2] - len(data)))
+    else:
+        offset, chunk = op[2], op[3]
+        if len(data) < offset:
+            data.extend(bytes(offset - len(data)))
+        data[offset : offset + len(chunk)] = chunk
+
+
+class PowerCut:
+    """One survivor of a power cut: ``path`` holds it; ``marks`` are the workload's marks logged before it."""
+
+    def __init__(self, mode: str, step: int, path: Path, marks: set[str]) -> None:
+        self.mode, self.step, self.path, self.marks = mode, step, path, marks
+
+    def __repr__(self) -> str:
+        return f"cut at step {self.step} ({self.mode})"
+
+
+def power_cuts(tmp_path: Path, setup: Callable[[Path], object], workload: str, *args: str):
+    """Run ``workload`` (a child script; cwd is the mount) once on the FUSE file system over a
+    backing directory that ``setup`` filled, then yield a PowerCut for each mode and each of up to
+    POWERCUT_MAX_CUTS steps spread over its log (every step when there are fewer)."""
+    backing, mount, log = tmp_path / "backing", tmp_path / "mount", tmp_path / "fs.log"
+    backing.mkdir()
+    mount.mkdir()
+    setup(backing)
+    initial = _DiskModel(backing)  # Before the run: writes name the backing files' inode numbers.
+    server = subprocess.Popen(
+        [sys.executable, "-c", POWERCUT_FS, str(backing), str(mount), str(log), POWERCUT_MARK],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mount):
+            if server.poll() is not None:
+                output = server.stdout.read() if server.stdout else ""
+                pytest.skip(f"cannot mount the FUSE harness here (a container without CAP_SYS_ADMIN?): {output[-400:]}")
+            assert time.monotonic() < deadline, "the FUSE harness did not mount in 30 s"
+            time.sleep(0.02)
+        ran = child(workload, *args, cwd=mount, check=False, timeout=300)
+    finally:
+        if os.path.ismount(mount):
+            subprocess.run(["fusermount3", "-u", "-z", str(mount)], check=False)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    assert ran.returncode == 0, f"the workload failed on the FUSE file system:\n{ran.stdout}\n{ran.stderr}"
+    # Replayed again from the start for each cut; the backing directory now holds the end state.
+    records: list[tuple] = []
+    with open(log, "rb") as f:
+        while True:
+            try:
+                records.append(pickle.load(f))
+            except EOFError:
+                break
+    steps = [i for i, r in enumerate(records) if r[0] != "mark"]
+    assert steps, "the workload changed nothing on the FUSE file system"
+    cuts = sorted({round(j * len(steps) / (POWERCUT_MAX_CUTS - 1)) for j in range(POWERCUT_MAX_CUTS)})
+    for mode in POWERCUT_MODES:
+        for k in cuts:
+            model = copy.deepcopy(initial)
+            # Cut just before step k + 1: marks logged after step k were made before the cut.
+            end = steps[k] if k < len(steps) else len(records)
+            marks = set()
+            for record in records[:end]:
+                if record[0] == "mark":
+                    marks.add(record[1])
+                else:
+                    model.apply(record)
+            survivor = tmp_path / f"cut-{mode}-{k}"
+            model.survivor(mode, survivor)
+            yield PowerCut(mode, k, survivor, marks)
+            shutil.rmtree(survivor)
+
+
+def powercut_report(violations: dict[str, list[str]], cuts: int) -> str:
+    counts = ", ".join(f"{mode}: {len(found)}" for mode, found in violations.items())
+    first = [f"  {v}" for found in violations.values() for v in found[:3]]
+    return f"violations in {cuts} cuts per mode ({counts}):\n" + "\n".join(first)
+
+
+def run_power_cuts(tmp_path, setup, workload, args, check) -> None:
+    """Cut power at every step of the workload, in each mode; ``check(cut)`` returns the broken
+    invariants of one survivor (a list of strings). Prints the counts; asserts there are none."""
+    violations: dict[str, list[str]] = {mode: [] for mode in POWERCUT_MODES}
+    cuts: set[int] = set()
+    real_monotonic = time.monotonic
+    rebooted = real_monotonic() / 2  # The machine came back up this many seconds after it first booted.
+    for cut in power_cuts(tmp_path, setup, workload, *args):
+        cuts.add(cut.step)
+        time.monotonic = lambda: real_monotonic() - rebooted  # type: ignore[assignment]
+        try:
+            problems = check(cut)
+        finally:
+            time.monotonic = real_monotonic  # type: ignore[assignment]
+        violations[cut.mode].extend(f"{cut!r}: {problem}" for problem in problems)
+    report = powercut_report(violations, len(cuts))
+    print(report)
+    assert not any(violations.values()), report
+
+
+POWERCUT_OLD = b"old." * 2000
+POWERCUT_NEW = b"new!" * 3000
+
+POWERCUT_ATOMIC = f"""
+import os
+durable = sys.argv[1] == "1"
+NEW = {POWERCUT_NEW!r}
+def mark(name):
+    os.path.exists({POWERCUT_MARK!r} + name)
+with dc.atomic_write("old.txt", "wb", durable=durable) as f:
+    for i in range(3):  # Three writes reach the file system: a torn write is possible.
+        f.write(NEW[i * 4000 : (i + 1) * 4000])
+        f.flush()
+mark("old.txt")
+with dc.atomic_path("fresh.bin", durable=durable) as tmp:
+    tmp.write_bytes(NEW)
+mark("fresh.bin")
+with dc.atomic_write("sub/deep.txt", "wb", durable=durable, make_parents=True) as f:
+    f.write(NEW)
+mark("sub/deep.txt".replace("/", "_"))
+"""
+
+
+@powercut_harness
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "not-durable"])
+def test_power_cut_atomic_write_leaves_the_old_or_the_new_file(tmp_path, durable):
+    """Issue 18, items 12 and 12b: after a power cut at any step, in any mode, atomic_write and
+    atomic_path leave the old file or the whole new one (never an empty or partial file), and a
+    durable write that returned is there. Before 12b, durable=False left an empty or partial target
+    in the metadata-kept and partial modes."""
+
+    def setup(root: Path) -> None:
+        (root / "old.txt").write_bytes(POWERCUT_OLD)
+
+    def check(cut: PowerCut) -> list[str]:
+        problems = []
+        for name, old in [("old.txt", POWERCUT_OLD), ("fresh.bin", None), ("sub/deep.txt", None)]:
+            path = cut.path / name
+            found = path.read_bytes() if path.exists() else None
+            returned = durable and name.replace("/", "_") in cut.marks
+            allowed = [POWERCUT_NEW] if returned else [old, POWERCUT_NEW]
+            if found not in allowed:
+                what = "missing" if found is None else f"{len(found)} bytes, neither old nor new"
+                problems.append(f"{name} is {what}" + (" after the write returned" if returned else ""))
+        return problems
+
+    run_power_cuts(tmp_path, setup, POWERCUT_ATOMIC, ["1" if durable else "0"], check)
+
+
+POWERCUT_PIECES = {f"p{i}.bin": bytes([65 + i]) * 5000 for i in range(5)}
+POWERCUT_PIECES["sub/p5.bin"] = b"F" * 5000
+
+POWERCUT_STAGE = f"""
+PIECES = {POWERCUT_PIECES!r}
+with dc.done_dir("stage", durable=True) as stage:
+    for name, data in PIECES.items():
+        stage.piece(name, lambda data=data: data)
+"""
+
+
+def _build_powercut_stage(root: Path) -> None:
+    with dc.done_dir(root / "stage", durable=True) as stage:
+        for name, data in POWERCUT_PIECES.items():
+            stage.piece(name, lambda data=data: data)
+
+
+@powercut_harness
+def test_power_cut_stage_resumed_never_marks_a_damaged_piece(tmp_path):
+    """Issue 18, items 12 and 12a: a durable stage cut at any step, in any mode, has a marker only
+    over complete pieces; and the rerun that resumes it (here, in the survivor) marks it done only
+    over complete pieces. Before 12a the rerun trusted pieces whose names survived the cut but
+    whose data was never synced, and wrote its marker over empty or partial pieces."""
+
+    def check(cut: PowerCut) -> list[str]:
+        problems = []
+        stage = cut.path / "stage"
+
+        def damaged() -> list[str]:
+            return [n for n, data in POWERCUT_PIECES.items() if not (stage / n).exists() or (stage / n).read_bytes() != data]
+
+        if dc.is_done(stage) and damaged():
+            problems.append(f"marked done over damaged pieces {damaged()}")
+        _build_powercut_stage(cut.path)  # The rerun after the power came back.
+        if not dc.is_done(stage) or damaged():
+            problems.append(f"the resumed build marked the stage done over damaged pieces {damaged()}")
+        return problems
+
+    run_power_cuts(tmp_path, lambda root: None, POWERCUT_STAGE, [], check)
+
+
+POWERCUT_STORE = f"""
+import os
+durable = sys.argv[1] == "1"
+def mark(name):
+    os.path.exists({POWERCUT_MARK!r} + name)
+store = dc.open("store", durable=durable)
+for i in range(3):
+    store[f"k{{i}}"] = (i, 1, b"v" * 3000)
+    mark(f"k{{i}}-1")
+store["k0"] = (0, 2, b"w" * 3000)
+mark("k0-2")
+if sys.argv[2] == "delete":
+    mark("k1-deleting")
+    del store["k1"]
+    mark("k1-deleted")
+store.close()
+"""
+
+
+def _check_powercut_store(cut: PowerCut, durable: bool) -> list[str]:
+    """Every readable entry is right or absent; what a durable store returned from is there,
+    and (12d) what it deleted stays deleted."""
+    problems = []
+    with dc.open(cut.path / "store", durable=durable) as store:
+        for i in range(3):
+            key = f"k{i}"
+            try:
+                found = store[key]
+            except KeyError:
+                found = None
+            except Exception as exc:
+                problems.append(f"reading {key} raised {type(exc).__name__}: {exc}")
+                continue
+            allowed = [None, (i, 1, b"v" * 3000)] + ([(0, 2, b"w" * 3000)] if i == 0 else [])
+            if durable and f"{key}-1" in cut.marks and f"{key}-deleting" not in cut.marks:
+                allowed.remove(None)
+            if durable and "k0-2" in cut.marks and i == 0:
+                allowed = [(0, 2, b"w" * 3000)]
+            if durable and f"{key}-deleted" in cut.marks:
+                allowed = [None]
+            if found not in allowed:
+                problems.append(f"{key} reads {str(found)[:40]}, expected one of {[str(a)[:20] for a in allowed]}")
+    return problems
+
+
+@powercut_harness
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "not-durable"])
+def test_power_cut_store_entries_are_right_or_absent(tmp_path, durable):
+    """Issue 18, item 12: after a power cut at any step, in any mode, every entry a store reads is
+    right or absent, and a durable store keeps what it returned from."""
+    run_power_cuts(
+        tmp_path, lambda root: None, POWERCUT_STORE, ["1" if durable else "0", "keep"],
+        lambda cut: _check_powercut_store(cut, durable),
+    )
+
+
+@powercut_harness
+@pytest.mark.xfail(reason="issue 18 item 12d (durable deletions) is fixed on another branch", strict=False)
+def test_power_cut_durable_deletion_stays_deleted(tmp_path):
+    """Issue 18, item 12d: with durable=True, a deleted entry stays deleted after a power cut once
+    ``del`` returned."""
+    run_power_cuts(
+        tmp_path, lambda root: None, POWERCUT_STORE, ["1", "delete"], lambda cut: _check_powercut_store(cut, True)
+    )
+
+
+@powercut_harness
+@pytest.mark.xfail(reason="issue 18 item 12e (repair CACHEDIR.TAG, .gitignore) is fixed on another branch", strict=False)
+def test_power_cut_store_tags_are_repaired(tmp_path):
+    """Issue 18, item 12e: a cut can leave the store's CACHEDIR.TAG and .gitignore empty; the next
+    open of the store repairs them, so backup tools and git keep skipping it."""
+
+    def check(cut: PowerCut) -> list[str]:
+        with dc.open(cut.path / "store") as store:
+            store["after"] = 1
+        tag, ignore = cut.path / "store" / "CACHEDIR.TAG", cut.path / "store" / ".gitignore"
+        problems = []
+        found = tag.read_bytes() if tag.exists() else None
+        if not (found or b"").startswith(b"Signature: 8a477f597d28d172789f06886806bc55"):
+            problems.append(f"CACHEDIR.TAG holds {found!r:.30}")
+        if not (ignore.exists() and ignore.read_bytes().strip()):
+            problems.append(".gitignore is missing or empty")
+        return problems
+
+    run_power_cuts(tmp_path, lambda root: None, POWERCUT_STORE, ["0", "keep"], check)
+
+
+POWERCUT_BOUNDED = """
+store = dc.open("store", max_bytes=48 * 1024, durable=True)
+for i in range(5):
+    store[str(i)] = bytes([i]) * 12000
+store.close()
+"""
+
+
+@powercut_harness
+@pytest.mark.xfail(reason="issue 18 item 12c (recount a stale max_bytes total) is fixed on another branch", strict=False)
+def test_power_cut_size_limit_total_is_recounted(tmp_path):
+    """Issue 18, item 12c: after a power cut the store's running total may be stale; two more
+    writes must still leave the store within max_bytes plus one entry."""
+
+    def check(cut: PowerCut) -> list[str]:
+        with dc.open(cut.path / "store", max_bytes=48 * 1024, durable=True) as store:
+            for i in (10, 11):
+                store[str(i)] = bytes([i]) * 12000
+        entries = [
+            os.lstat(os.path.join(d, n)) for d, _, names in os.walk(cut.path / "store") for n in names if len(n) == 32
+        ]
+        used = sum(dc._disk_bytes(st) for st in entries)
+        bound = 48 * 1024 + max(dc._disk_bytes(st) for st in entries)
+        return [f"the store takes {used} bytes, past {bound} (max_bytes plus one entry)"] if used > bound else []
+
+    run_power_cuts(tmp_path, lambda root: None, POWERCUT_BOUNDED, [], check)
+
+
+POWERCUT_MEMO_MODULE = '''
+def square(x):
+    return (x * x, b"m" * 3000)
+'''
+
+POWERCUT_MEMO = f"""
+import os
+sys.path.insert(0, sys.argv[1])
+import powercut_memo
+durable = sys.argv[2] == "1"
+f = dc.memoize(os.path.abspath("cache"), durable=durable)(powercut_memo.square)
+for i in range(3):
+    f(i)
+    os.path.exists({POWERCUT_MARK!r} + str(i))
+"""
+
+
+@powercut_harness
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "not-durable"])
+def test_power_cut_memoize_never_returns_a_wrong_value(tmp_path, durable, monkeypatch):
+    """Issue 18, item 12: after a power cut at any step, in any mode, a memoized function returns
+    the right value for every argument (a damaged entry is recomputed, never returned), and with
+    durable=True a call that returned is a hit."""
+    module = tmp_path / "module"
+    module.mkdir()
+    (module / "powercut_memo.py").write_text(POWERCUT_MEMO_MODULE)
+    monkeypatch.syspath_prepend(str(module))
+    import powercut_memo
+
+    def check(cut: PowerCut) -> list[str]:
+        problems = []
+        f = dc.memoize(str(cut.path / "cache"), durable=durable)(powercut_memo.square)
+        for i in range(3):
+            if durable and str(i) in cut.marks and not f.is_cached(i):
+                problems.append(f"f({i}) returned before the cut but is not cached")
+            if f(i) != powercut_memo.square(i):
+                problems.append(f"f({i}) returned a wrong value")
+        return problems
+
+    run_power_cuts(tmp_path, lambda root: None, POWERCUT_MEMO, [str(module), "1" if durable else "0"], check)

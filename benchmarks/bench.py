@@ -647,11 +647,18 @@ def main() -> int:
     parser.add_argument("--big", action="store_true", help="only the big-value rows (400 MB arrays, 300 MB frames)")
     parser.add_argument("--big-rounds", type=int, default=3, help="rounds of the big-value rows (default 3)")
     parser.add_argument("--compress", action="store_true", help="only compress= (off, zlib, lzma) on a text-heavy value")
+    parser.add_argument("--atomic-only", metavar="DIR", help="only the atomic-write rows, written under DIR")
     args = parser.parse_args()
     if args.compress:
         return compress_only(5, args.json)
     if args.big:
         return main_big(args)
+    if args.atomic_only:  # Judge a filesystem: a loop-mounted journaled ext4, XFS, ...
+        print(f"machine: {machine()}\ndirectory: {args.atomic_only}")
+        with tempfile.TemporaryDirectory(prefix="donecache-bench-", dir=args.atomic_only) as tmpdir:
+            for label, r in bench_atomic(Path(tmpdir), {"4 KiB": (4096, 500), "1 MiB": (1 << 20, 40)}, rounds=7).items():
+                print("\n".join(table(f"atomic write of {label} (median per write)", r)))
+        return 0
     quick = args.quick
     if args.map_only:
         return map_only(args.map_inputs, args.json)
@@ -713,8 +720,14 @@ def main() -> int:
         targets.append(
             ("durable 4 KiB write <= 1.1x atomicwrites", atomic["donecache durable"] / atomic["atomicwrites"], 1.1)
         )
+    # Since 0.3.0 durable=False fsyncs the file (not its directory), so that a power cut
+    # leaves the old or the new file, never an empty one: compare with write + fsync.
     targets.append(
-        ("non-durable 4 KiB write <= 2.5x plain write", atomic["donecache non-durable"] / atomic["plain write"], 2.5)
+        (
+            "non-durable 4 KiB write <= 1.5x plain write + fsync",
+            atomic["donecache non-durable"] / atomic["plain write + fsync"],
+            1.5,
+        )
     )
     lines.append("\ntargets")
     results["targets"] = {}
