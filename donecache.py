@@ -543,10 +543,11 @@ else:
 # Logging
 #
 # Records go to logging.getLogger("donecache"): DEBUG for each memoize hit and
-# miss, INFO for waits on a lock longer than a second. logging is never
-# imported here: if the program has not imported it, nobody can have
-# configured it, and there is nothing to log. The level check is the logger's
-# own cached isEnabledFor, so a hit pays a dictionary lookup for it.
+# miss, INFO for waits on a lock longer than a second and for each sweep of a
+# bounded store. logging is never imported here: if the program has not
+# imported it, nobody can have configured it, and there is nothing to log.
+# The level check is the logger's own cached isEnabledFor, so a hit pays a
+# dictionary lookup for it.
 # ---------------------------------------------------------------------------
 
 _DEBUG, _INFO = 10, 20  # logging.DEBUG, logging.INFO
@@ -557,9 +558,13 @@ def _log_at(level: int) -> Any:
     """The "donecache" logger if it handles ``level``, else None."""
     global _logger
     if _logger is None:
-        logging = sys.modules.get("logging")
-        if logging is None:
+        if "logging" not in sys.modules:
             return None
+        # Not sys.modules["logging"]: while another thread imports it, that is a
+        # half-made module without getLogger (issue 18 item 5). The import
+        # statement waits for the other thread's import to finish.
+        import logging
+
         _logger = logging.getLogger("donecache")
     return _logger if _logger.isEnabledFor(level) else None
 
@@ -1853,12 +1858,22 @@ _STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions", "
 # total of its bytes in .usage; each other byte guards the computation of the
 # keys that hash to it (_key_byte).
 _SWEEP_BYTE, _USAGE_BYTE, _FIRST_KEY_BYTE = 0, 1, 2
-# A write that takes the store past the high-water mark (or leaves no room for
-# another entry like it) sweeps it down to the low-water mark: a sweep comes
-# once a tenth of the limit has been written, and the tenth left above the
-# high-water mark takes the entries of writers in other processes, which land
-# before they are counted.
-_HIGH_WATER, _LOW_WATER = 0.9, 0.8
+# A writer that finds no room sweeps down to 80% (docs/size-limit.md).
+_LOW_WATER = 0.8
+# .usage: the total, the boot time and host of its last writer, the newest use
+# time of an entry a sweep evicted, and the number of sweeps begun.
+_USAGE = struct.Struct("<QdQdQ")
+_host_id: list[int] = []
+
+
+def _this_boot() -> tuple[float, int]:
+    """(boot time, host digest). A drift (a suspend, a clock step) costs only a needless recount."""
+    if not _host_id:
+        import hashlib
+        import socket
+
+        _host_id.append(int.from_bytes(hashlib.blake2b(socket.gethostname().encode(), digest_size=8).digest(), "little"))
+    return time.time() - time.monotonic(), _host_id[0]
 # An entry file's modification time is its last use: it is set when the entry
 # is written and again when a read finds it at least this many seconds old.
 # Atime cannot serve (noatime and relatime mounts do not keep it). With a
@@ -1998,6 +2013,11 @@ class _Encoded:
     def __init__(self, key: bytes, expires: float, stream: bytes, buffers: list[memoryview]) -> None:
         self.key, self.expires, self.stream, self.buffers = key, expires, stream, buffers
         self.meta, self.codec = b"", 0
+
+    def nbytes(self) -> int:
+        """The size of the file that chunks() makes (at most a few bytes more)."""
+        rows = sum(buffer.nbytes + _ALIGN + _BUFFER_ROW.size for buffer in self.buffers)
+        return _ENTRY_HEADER.size + len(self.key) + len(self.stream) + rows + 4
 
     def chunks(self) -> Iterator[Any]:
         """The file's bytes, in pieces for _write_bytes: each buffer's CRC is
@@ -2272,6 +2292,13 @@ def _load_entry(
         os.close(fd)
 
 
+def _lstat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return a.st_ino == b.st_ino and a.st_dev == b.st_dev
 
@@ -2336,22 +2363,13 @@ class _Found:
 
 
 class _Swept:
-    """What a sweep evicted: how many entries, and their bytes on disk."""
+    """What a sweep evicted: how many entries, their bytes on disk, the newest use among them."""
 
-    __slots__ = ("entries", "bytes")
+    __slots__ = ("entries", "bytes", "newest")
 
     def __init__(self) -> None:
         self.entries = self.bytes = 0
-
-
-def _log_eviction(root: str, entry: _Entry | None, st: os.stat_result, size: int) -> None:
-    import logging
-
-    what = "a damaged entry" if entry is None else f"an entry of {_function_of(entry.key)}"
-    logging.getLogger("donecache").info(
-        "evicted %s (%d bytes on disk, last used %.0f s ago) from %s",
-        what, size, max(0.0, time.time() - st.st_mtime), root,
-    )
+        self.newest = 0.0
 
 
 class _Untrusted(PermissionError):
@@ -2386,9 +2404,9 @@ class _EntryFiles:
     Safe for any number of threads and processes without locks: a write is a
     rename, a read takes whichever version the name points to and checks it.
 
-    With ``max_bytes``, each write adds its bytes on disk to a running total
-    kept in .usage, shared by every process that writes with a limit; when the
-    total passes the limit, the writer sweeps (see sweep()).
+    With ``max_bytes``, each write reserves its bytes on disk in a running
+    total kept in .usage, shared by every process that writes with a limit,
+    before it creates a file; a writer that finds no room sweeps (see sweep()).
     """
 
     def __init__(
@@ -2454,6 +2472,8 @@ class _EntryFiles:
         if not self.readonly:
             self._label()
         self.lock_path = os.path.join(os.path.realpath(self.root), ".lock")
+        self._block = getattr(os.stat(self.root), "st_blksize", 0) or 4096
+        self.horizon = 0.0  # The newest use time of an entry evicted, as .usage last said.
         if flag == "n":
             self.clear()
 
@@ -2461,7 +2481,8 @@ class _EntryFiles:
         # CACHEDIR.TAG tells backup tools to skip the store; .gitignore keeps it
         # out of commits when it lives in a checkout, as .donecache/ does. Both
         # would hide a user's own files, so a directory that holds anything but
-        # donecache's files is never labelled.
+        # donecache's files is never labelled. A label that a crash left empty
+        # or torn (issue 18 item 12e) is written again, whole.
         try:
             names = os.listdir(self.root)
         except OSError:
@@ -2469,11 +2490,19 @@ class _EntryFiles:
         if _foreign_names(self.root, names):
             return
         for name, content in (("CACHEDIR.TAG", _CACHEDIR_TAG), (".gitignore", b"# Made by donecache.\n*\n")):
-            if name not in names:
-                try:
-                    _write_bytes(os.path.join(self.root, name), content, durable=False)
-                except OSError:
-                    pass  # Labels are a courtesy; a read-only store works without them.
+            path = os.path.join(self.root, name)
+            if name in names:
+                st, head = _lstat_or_none(path), _file_head(path, 4096)
+                # A link or other non-regular file there is left alone; a .gitignore
+                # that still ignores everything (edited or not) is kept.
+                if st is None or not stat.S_ISREG(st.st_mode) or (
+                    head.startswith(content) if name == "CACHEDIR.TAG" else b"*" in head.splitlines()
+                ):
+                    continue
+            try:
+                _write_bytes(path, content, durable=self.durable)
+            except OSError:
+                pass  # Labels are a courtesy; a read-only store works without them.
 
     # Each memoized function's current code identity, one small JSON file per
     # function under .functions/, so that `info` and `prune --stale` can tell
@@ -2589,6 +2618,7 @@ class _EntryFiles:
     def write(self, encoded: _Encoded, slot: _Slot | None = None) -> None:
         self._writable()
         path = (slot or self.slot(encoded.key)).path
+        reserved, sweeps = (0, 0) if self.max_bytes is None else self._bounded(lambda: self._reserve(encoded.nbytes()))
         try:
             try:
                 _write_bytes(path, encoded.chunks(), durable=self.durable)
@@ -2607,110 +2637,173 @@ class _EntryFiles:
                 _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
                 _write_bytes(path, encoded.chunks(), durable=self.durable)
         except OSError as exc:
+            if reserved:
+                self._usage(lambda total: None if total is None else total - reserved)
             raise _reraise_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
-        if self.max_bytes is not None:
+        if reserved:
             try:
-                self._grew(path, self.max_bytes)
-            except OSError as exc:
-                raise _reraise_about(
-                    exc, self.root, f"keep the cache within max_bytes={self.max_bytes}", "check that it is writable"
-                ) from exc
+                size = _disk_bytes(os.stat(path))
+            except FileNotFoundError:
+                size = 0  # Already evicted or removed by another process.
+            # Count what the file really takes; if a sweep began meanwhile, its
+            # count may have missed this file: count it again (too much is safe).
+            seen: list[int] = []
+            self._bounded(lambda: self._usage(
+                lambda total: None if total is None else total + size - (reserved if seen[0] == sweeps else 0), seen=seen
+            ))
+
+    def _bounded(self, work: Callable[[], Any]) -> Any:
+        try:
+            return work()
+        except OSError as exc:
+            raise _reraise_about(
+                exc, self.root, f"keep the cache within max_bytes={self.max_bytes}", "check that it is writable"
+            ) from exc
 
     # -- the size limit ------------------------------------------------------
     #
-    # Amortised: a write costs one stat and a few microseconds under the lock
-    # byte of the running total; only a write that takes the total past the
-    # limit lists the store. Writes by processes without a limit are not
-    # counted until the next sweep measures the store. An entry is written
-    # only once its value is computed, and its computation holds the key's
-    # lock byte until the waiters have read it: a sweep skips entries whose
+    # Amortised: a write costs one stat and two updates of the running total
+    # under its lock byte; only a write that finds no room lists the store.
+    # An entry is written only once its value is computed, and its computation
+    # holds the key's lock byte until the waiters have read it: a sweep skips entries whose
     # byte is held, so it never evicts an entry whose key is being computed
     # (an expired entry being recomputed, a refresh, or a result just stored
     # for waiting callers).
 
-    def _usage(self, change: Callable[[int | None], int | None]) -> int | None:
-        """Replace the running total of the store's bytes on disk (None where
-        .usage is missing or damaged) by ``change`` of it, under its lock byte;
-        return the new total."""
+    def _usage(
+        self, change: Callable[[int | None], int | None], evicted: float = 0.0, sweep: int = 0,
+        seen: list[int] | None = None,
+    ) -> int | None:
+        """Replace the running total of the store's bytes on disk by ``change`` of
+        it, under its lock byte; return the new total. ``seen`` gets the number of
+        sweeps begun. ``change`` gets None where .usage is missing, damaged, or
+        written before this host's last boot (a crash may have lost updates:
+        issue 18 item 12c), which only a sweep's count replaces. A durable store
+        syncs a total that grew before the write it counts."""
         lock = _KeyLock(self.lock_path, _USAGE_BYTE)
         lock.acquire()
         try:
             fd = _open_regular(os.path.join(self.root, ".usage"), _WRITE_FLAGS)[0]
             try:
-                raw = os.read(fd, 9)
-                total = int.from_bytes(raw, "little") if len(raw) == 8 else None
-                new = change(total)
-                if new is not None and new != total:
+                raw = os.read(fd, _USAGE.size + 1)
+                whole = len(raw) == _USAGE.size
+                total, boot, host, self.horizon, sweeps = _USAGE.unpack(raw) if whole else (0, 0.0, 0, 0.0, 0)
+                now = _this_boot()
+                found = total if whole and (host != now[1] or abs(boot - now[0]) < 5.0) else None
+                if seen is not None:
+                    seen.append(sweeps)
+                new = change(found)
+                if new is not None and (new != found or evicted > self.horizon or sweep):
+                    self.horizon = max(self.horizon, evicted)
                     os.lseek(fd, 0, os.SEEK_SET)
-                    os.write(fd, max(0, new).to_bytes(8, "little"))
+                    os.write(fd, _USAGE.pack(max(0, new), *now, self.horizon, sweeps + sweep))
+                    if self.durable and (found is None or new > found):
+                        _fsync_file(fd)
                 return new
             finally:
                 os.close(fd)
         finally:
             lock.release()
 
-    def _grew(self, path: str, max_bytes: int) -> None:
+    def _reserve(self, nbytes: int) -> tuple[int, int]:
+        """Count an entry of ``nbytes`` (in whole blocks) before it is written:
+        (bytes counted, sweeps begun). With no room, sweep or wait for the
+        process sweeping: the back-pressure that bounds any number of writers."""
+        max_bytes, need = self.max_bytes or 0, -(-max(nbytes, 1) // self._block) * self._block
+        took: list[bool] = []
+        seen: list[int] = []
+
+        def take(total: int | None) -> int | None:
+            if total is None or total + need > max_bytes:
+                return total
+            took.append(True)
+            return total + need
+
+        self._usage(take, seen=seen)
+        if took:
+            return need, seen[-1]
+        lock = _KeyLock(self.lock_path, _SWEEP_BYTE)
+        lock.acquire()
         try:
-            size = _disk_bytes(os.stat(path))
-        except FileNotFoundError:
-            return  # Already evicted or removed by another process.
-        total = self._usage(lambda total: None if total is None else total + size)
-        if total is None or total > max_bytes * _HIGH_WATER or total + size > max_bytes:
-            self.sweep(int(max_bytes * _LOW_WATER))
+            self._usage(take, seen=seen)  # The process that swept before may have made room.
+            while not took:
+                swept = self._sweep(min(int(max_bytes * _LOW_WATER), max_bytes - need))
+                self._usage(take, seen=seen)
+                if not took and not swept.entries:
+                    # Bigger than the bound, or the rest is being computed: over it by one entry.
+                    self._usage(lambda total: (total or 0) + need, seen=seen)
+                    break
+            return need, seen[-1]
+        finally:
+            lock.release()
 
     def sweep(
-        self, target: int | None, older_than: float | None = None, wait: bool = False, folder: str | None = None,
-        dry_run: bool = False,
-    ) -> _Swept | None:
+        self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
+    ) -> _Swept:
         """Evict entries (of ``folder``, as for files()), least recently used
         first, until the entry files take at most ``target`` bytes on disk, and
-        every entry last used before ``older_than`` (a Unix time); log each
-        eviction. One process sweeps at a time: None if another one is
-        sweeping, unless ``wait``. ``dry_run`` counts, removes nothing, writes nothing."""
-        lock = _KeyLock(self.lock_path, _SWEEP_BYTE)
+        every entry last used before ``older_than`` (a Unix time); log the
+        sweep. One process sweeps at a time: this waits for another one to
+        finish. ``dry_run`` counts what would go, and removes and writes nothing."""
         if dry_run:
-            usage: Callable[[Callable[[int | None], int | None]], int | None] = lambda change: None  # noqa: E731
-        else:
-            self._writable()
-            usage = self._usage
-            if wait:
-                lock.acquire()
-            elif not lock.try_acquire():
-                return None  # Another process is sweeping: it will bring the total down.
+            return self._sweep(target, older_than, folder, dry_run)
+        self._writable()
+        lock = _KeyLock(self.lock_path, _SWEEP_BYTE)
+        lock.acquire()
         try:
-            base = usage(lambda total: total)
-            listed: list[tuple[float, str, os.stat_result]] = []
-            for path, _folder in self.files(folder):
-                try:
-                    st = os.lstat(path)
-                except OSError:
-                    continue
-                listed.append((st.st_mtime, path, st))
-            total = sum(_disk_bytes(st) for _mtime, _path, st in listed)
-            listed.sort(key=lambda item: item[0])
-            swept = _Swept()
-
-            def left(now: int | None) -> int:
-                # The total measured, less what was evicted, plus what others wrote since it was read.
-                return total - swept.bytes + (now - base if now is not None and base is not None else 0)
-
-            for mtime, path, st in listed:
-                if (target is None or left(usage(lambda now: now)) <= target) and (
-                    older_than is None or mtime >= older_than
-                ):
-                    break
-                size = _disk_bytes(st)
-                if dry_run or self._evict(path, st, size):
-                    swept.entries += 1
-                    swept.bytes += size
-            # One folder's listing is not the store's total: only what left it is taken off.
-            usage(left if folder is None else lambda now: None if now is None else now - swept.bytes)
-            return swept
+            return self._sweep(target, older_than, folder)
         finally:
-            if not dry_run:
-                lock.release()
+            lock.release()
 
-    def _evict(self, path: str, listed: os.stat_result, size: int) -> bool:
+    def _sweep(
+        self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
+    ) -> _Swept:
+        usage: Any = (lambda change, *more, **named: None) if dry_run else self._usage
+        base = usage(lambda total: total, sweep=1)
+        listed: list[tuple[float, str, os.stat_result]] = []
+        for path, _folder in self.files(folder):
+            st = _lstat_or_none(path)
+            if st is not None:
+                listed.append((st.st_mtime, path, st))
+        total = sum(_disk_bytes(st) for _mtime, _path, st in listed)
+        listed.sort(key=lambda item: item[0])
+        swept, folders = _Swept(), set[str]()
+
+        def left(now: int | None) -> int:
+            # The total measured, less what was evicted, plus what others reserved since it was read.
+            return total - swept.bytes + (now - base if now is not None and base is not None else 0)
+
+        for mtime, path, st in listed:
+            if (target is None or left(usage(lambda now: now)) <= target) and (
+                older_than is None or mtime >= older_than
+            ):
+                break
+            size = _disk_bytes(st)
+            if dry_run or self._evict(path, st):
+                swept.entries, swept.bytes, swept.newest = swept.entries + 1, swept.bytes + size, mtime
+                folders.add(os.path.dirname(path))
+        if dry_run:
+            return swept
+        self._synced(folders)  # Evictions reach the disk before the total that leaves them out.
+        # One folder's listing is not the store's total: only what left it is taken off.
+        after = usage(left if folder is None else lambda now: None if now is None else now - swept.bytes, swept.newest)
+        logger = _log_at(_INFO) if swept.entries else None
+        if logger is not None:
+            logger.info(
+                "evicted %d entries (%d bytes on disk, the most recently used of them %.0f s ago) from %s; "
+                "its entries now take %d bytes", swept.entries, swept.bytes,
+                max(0.0, time.time() - swept.newest), self.root, after or 0,
+            )
+        return swept
+
+    def _synced(self, folders: Iterable[str]) -> None:
+        """With durable, flush the folders whose entries were removed: a removal,
+        like a rename, is durable only once its directory is (issue 18 item 12d)."""
+        if self.durable:
+            for folder in sorted(folders):
+                _fsync_dir(folder)
+
+    def _evict(self, path: str, listed: os.stat_result) -> bool:
         """Remove one entry file found by a sweep, unless its key is being
         computed or it was used or replaced since the listing; True if removed."""
         lock = _KeyLock(self.lock_path, _key_byte(os.path.basename(path)))
@@ -2721,25 +2814,24 @@ class _EntryFiles:
             return False  # This very thread is computing the key.
         try:
             try:
-                entry, st = _load_entry(path, None, _HEAD)
+                _entry, st = _load_entry(path, None, _HEAD)
             except OSError:
                 return False  # Not judged (EIO, ESTALE, EACCES).
             if st is None or not _same_file(st, listed) or st.st_mtime != listed.st_mtime:
                 return False
-            if not _remove_judged(path, st):
-                return False
+            return _remove_judged(path, st)
         finally:
             lock.release()
-        _log_eviction(self.root, entry, st, size)
-        return True
 
     def delete(self, key: bytes, slot: _Slot | None = None) -> bool:
         """Remove the entry file that ``key`` names (whatever state it is in); True if there was one."""
         self._writable()
+        path = (slot or self.slot(key)).path
         try:
-            os.unlink((slot or self.slot(key)).path)
+            os.unlink(path)
         except (FileNotFoundError, NotADirectoryError):
             return False
+        self._synced([os.path.dirname(path)])  # A value deleted because it was wrong stays deleted.
         return True
 
     def folders(self) -> list[str]:
@@ -2795,23 +2887,28 @@ class _EntryFiles:
     def clear(self, match: Callable[[bytes], bool] | None = None, folder: str | None = None) -> int:
         """Remove the entries (of ``folder``; those whose key ``match`` accepts); return how many."""
         self._writable()
-        removed = 0
+        removed, folders = 0, set[str]()
         try:
             if match is not None:
                 for found in self.scan(folder):
                     if found.entry is not None and found.stat is not None and match(found.entry.key):
-                        removed += _remove_judged(found.path, found.stat)
+                        if _remove_judged(found.path, found.stat):
+                            removed += 1
+                            folders.add(os.path.dirname(found.path))
+                self._synced(folders)
                 return removed
             for path, _folder in list(self.files(folder)):
                 try:
                     os.unlink(path)
                     removed += 1
+                    folders.add(os.path.dirname(path))
                 except (FileNotFoundError, IsADirectoryError):
                     pass  # Removed by another process first, or damage that prune() removes.
                 except PermissionError as exc:
                     if exc.errno in _READ_ONLY:
                         raise
                     # EPERM: a directory at an entry's name (macOS); prune() removes it.
+            self._synced(folders)
         except OSError as exc:
             raise _reraise_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
         return removed
@@ -2841,6 +2938,7 @@ class _EntryFiles:
         when = time.time() if now is None else now
         entries = temps = 0
         top = self.root if not folder else os.path.join(self.root, folder)
+        folders: set[str] = set()
         try:
             for found in self.scan(folder):
                 # A file that could not be read (stat None) is left alone: ESTALE,
@@ -2857,8 +2955,9 @@ class _EntryFiles:
                         continue
                 else:
                     entry = None
-                if entry is None:
-                    entries += dry_run or _remove_judged(found.path, judged)
+                if entry is None and (dry_run or _remove_judged(found.path, judged)):
+                    entries += 1
+                    folders.add(os.path.dirname(found.path))
             for directory in [top] if folder else [top, *(os.path.join(top, name) for name in self.folders())]:
                 try:
                     squatters = [
@@ -2871,6 +2970,8 @@ class _EntryFiles:
                 for squatter in squatters:  # Damage: a file or a link where a folder should be.
                     if not squatter.is_dir(follow_symlinks=False):
                         entries += dry_run or _remove_judged(squatter.path, squatter.stat(follow_symlinks=False))
+            if not dry_run:
+                self._synced(folders)
         except OSError as exc:
             raise _reraise_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
         for temp in _temp_files(top):
@@ -2948,10 +3049,10 @@ class Store(shelve.Shelf):  # type: ignore[type-arg]
         the entry files instead of reading them: writable, and changes never
         reach the file.
     max_bytes: bound the store's entries to this many bytes on disk (None,
-        the default: no bound). A write that takes them past it evicts the
-        least recently used entries (a read counts as a use) down to 80% of
-        it, and logs each eviction on the "donecache" logger (INFO). The
-        bound is the whole directory's, memoized functions' entries included.
+        the default: no bound). A write that finds no room evicts the least
+        recently used entries (a read counts as a use) down to 80% of it, and
+        logs the sweep on the "donecache" logger (INFO). The bound is the whole
+        directory's, memoized functions' entries included (docs/size-limit.md).
     compress: ``"zlib"`` (or True) or ``"lzma"``: as for memoize().
     trust_shared: open a directory that is not yours, or that group or others
         can write to. Without it, such a directory raises PermissionError,
@@ -4492,10 +4593,35 @@ class _Memoized(Generic[_P, _R]):
         meter = _Progress(name, total, progress)
         off = _switched_off()  # Taken once: the batch's workers follow the parent.
         if executor is None and (workers or 1) == 1:
-            return meter.watch(_serial(self, calls, lead, keep_going, off, retry_failures), keep_going)
+            return self._fits(meter.watch(_serial(self, calls, lead, keep_going, off, retry_failures), keep_going), name)
         plan = _Plan(self, name, executor, workers, processes, off)
         stream = _stream(self, calls, lead, keep_going, plan, chunksize, retry_failures)
-        return meter.watch(stream, keep_going)
+        return self._fits(meter.watch(stream, keep_going), name)
+
+    def _fits(self, stream: Iterator[_Done], name: str) -> Iterator[_Done]:
+        """Pass a batch on; at its end, warn if a sweep (in any process) evicted
+        an entry used since it began: its results do not all fit under
+        max_bytes, and since a batch walks its inputs in order, a rerun would
+        reuse none of the evicted ones (issue 21). One .usage read per batch."""
+        started = time.time()
+        yield from stream
+        files = self._store
+        if files is None or files.max_bytes is None or files.readonly:
+            return
+        try:
+            files._usage(lambda total: total)
+        except OSError:
+            return
+        if files.horizon < started:
+            return
+        sizes = [_disk_bytes(st) for st in map(_lstat_or_none, (p for p, _f in files.files(self._folder))) if st]
+        each = -(-sum(sizes) // len(sizes)) if sizes else 0
+        _warn(
+            f"{name}: the results do not fit in the store at max_bytes={files.max_bytes:,}: entries used since "
+            f"the batch began were evicted, so a rerun computes them again"
+            + (f"; about {files.max_bytes // each:,} of its entries fit ({each:,} bytes on disk each)" if each else "")
+            + ". Raise max_bytes, or run the batch in parts that fit"
+        )
 
 
 class _AsyncMemoized(_Memoized[_P, _R]):
@@ -5320,7 +5446,7 @@ def memoize(
     max_bytes: bound the store (the whole directory, shared with any other
         function in it) to this many bytes on disk: a miss that takes it past
         the bound evicts the least recently used entries (a hit counts as a
-        use) down to 80% of it, logging each on the "donecache" logger (INFO).
+        use) down to 80% of it, logging the sweep on the "donecache" logger (INFO).
         None (the default): no bound. ``cache_info().maxsize`` reports it, in
         bytes (functools counts entries there).
     trust_shared: use a store directory that is not yours, or that group or
@@ -5426,11 +5552,10 @@ def _prune(
     limit, age = _check_max_bytes(max_bytes), _seconds(older_than, "older_than")
     now = time.time()
     entries, temps = files.prune(now, _stale_test(files) if stale else None, folder, dry_run)
-    swept: _Swept | None = _Swept()
+    swept = _Swept()
     if limit is not None or age is not None:
         # By hand the store goes down to the size asked for, not to a low-water mark.
-        swept = files.sweep(limit, None if age is None else now - age, True, folder, dry_run)
-    assert swept is not None  # wait=True: never skipped.
+        swept = files.sweep(limit, None if age is None else now - age, folder, dry_run)
     return PruneReport(entries, temps, swept.entries, swept.bytes)
 
 
