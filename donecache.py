@@ -2487,6 +2487,7 @@ class _EntryFiles:
             names = os.listdir(self.root)
         except OSError:
             return
+        # A temporary file is a label a cut interrupted (a cut right after mkdir): ours too.
         if _foreign_names(self.root, names):
             return
         for name, content in (("CACHEDIR.TAG", _CACHEDIR_TAG), (".gitignore", b"# Made by donecache.\n*\n")):

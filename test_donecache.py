@@ -6656,7 +6656,6 @@ def test_power_cut_store_entries_are_right_or_absent(tmp_path, durable):
 
 
 @powercut_harness
-@pytest.mark.xfail(reason="issue 18 item 12d (durable deletions) is fixed on another branch", strict=False)
 def test_power_cut_durable_deletion_stays_deleted(tmp_path):
     """Issue 18, item 12d: with durable=True, a deleted entry stays deleted after a power cut once
     ``del`` returned."""
@@ -6666,7 +6665,6 @@ def test_power_cut_durable_deletion_stays_deleted(tmp_path):
 
 
 @powercut_harness
-@pytest.mark.xfail(reason="issue 18 item 12e (repair CACHEDIR.TAG, .gitignore) is fixed on another branch", strict=False)
 def test_power_cut_store_tags_are_repaired(tmp_path):
     """Issue 18, item 12e: a cut can leave the store's CACHEDIR.TAG and .gitignore empty; the next
     open of the store repairs them, so backup tools and git keep skipping it."""
@@ -6695,7 +6693,6 @@ store.close()
 
 
 @powercut_harness
-@pytest.mark.xfail(reason="issue 18 item 12c (recount a stale max_bytes total) is fixed on another branch", strict=False)
 def test_power_cut_size_limit_total_is_recounted(tmp_path):
     """Issue 18, item 12c: after a power cut the store's running total may be stale; two more
     writes must still leave the store within max_bytes plus one entry."""
