@@ -111,6 +111,7 @@ if TYPE_CHECKING:
         Generic,
         Iterable,
         Iterator,
+        NamedTuple,
         ParamSpec,
         TypeVar,
         Union,
@@ -123,6 +124,15 @@ if TYPE_CHECKING:
     AnyPath = Union[str, bytes, os.PathLike[str], os.PathLike[bytes]]
     _P = ParamSpec("_P")
     _R = TypeVar("_R")
+    # A key= function, by its arity: a union of fixed arities lets pyright's strict
+    # mode give a lambda's parameters a type (with Callable[..., Any] they stay
+    # Unknown, and `key=lambda record: record["id"]` is rejected).
+    _KeyFunction = Union[
+        Callable[[Any], object],
+        Callable[[Any, Any], object],
+        Callable[[Any, Any, Any], object],
+        Callable[[Any, Any, Any, Any], object],
+    ]
 else:
     _P = _R = None
 
@@ -888,6 +898,18 @@ def _fspath(path: StrPath, what: str = "path") -> str:
     return name
 
 
+def _store_path(path: StrPath) -> str:
+    """A store's path, refusing a URL (s3://, gs://, http://): os.path would make it a local folder "s3:"."""
+    name = _fspath(path, "the cache path")
+    scheme, sep, _rest = name.partition("://")
+    if sep and len(scheme) > 1 and scheme.replace("+", "").replace(".", "").replace("-", "").isalnum():
+        raise ValueError(
+            f"cache path {name!r} is a URL; donecache stores entries in a local (or mounted) directory: "
+            "give a filesystem path, such as the mount point of that bucket"
+        )
+    return name
+
+
 class _NotRegular(OSError):
     """Something other than a regular file stands where one was expected."""
 
@@ -1541,8 +1563,10 @@ def mark_not_done(directory: StrPath, *, marker: str = "DONE") -> bool:
 
 
 class _StageState:
-    """What `status` says of a stage: its state ("done", "building", "incomplete" or
-    "missing"), its marker's metadata, and who builds it ({"host", "pid"} where known)."""
+    """What `status` says of a stage: its state ("done", "building", "incomplete",
+    "other version" (done, but its marker names another version), "not a stage"
+    (a directory that done_dir never entered) or "missing"), its marker's
+    metadata, and who builds it ({"host", "pid"} where known)."""
 
     __slots__ = ("state", "marker", "builder")
 
@@ -1564,7 +1588,11 @@ def _stage_status(directory: str, *, version: _Version | None, marker: str) -> _
     locks += [e.path for e in _scandir(directory) if e.name.startswith(_STAGE_BUILDER)]
     lock = next((lock for lock in locks if _lock_taken(lock)), None)
     if lock is None:
-        return _StageState("incomplete", _read_marker(path))
+        # A stage that done_dir entered has its lock file; a marker of another version says so.
+        if os.path.lexists(path) and version is not None:
+            return _StageState("other version", _read_marker(path))
+        started = len(locks) > 1 or os.path.lexists(locks[0])
+        return _StageState("incomplete" if started else "not a stage", _read_marker(path))
     try:
         builder = json.loads(_file_head(lock, 4096).decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -1963,7 +1991,10 @@ done_dir = Stage
 #
 #   header  magic "dcE2", head CRC, created and expires (Unix seconds; 0.0 =
 #           never), key length, stream length, stream CRC, buffer count, flags
-#   key
+#   key     the key, then (from donecache 0.3) the entry's metadata: the
+#           seconds its computation took (a double) and the host that made it
+#           (UTF-8); flags bits 16-31 give the metadata's length, which key
+#           length includes (0.2 reads such an entry as another key's: a miss)
 #   stream  the pickle (protocol 5) of the value, less its big buffers
 #   buffers each of the pickle's out-of-band buffers (the data of NumPy arrays
 #           and pandas columns), at an offset aligned to 64 bytes
@@ -1973,13 +2004,19 @@ done_dir = Stage
 # last because its CRCs are computed while the buffers are written. Offsets
 # follow from the lengths, and the last buffer must end where the table
 # starts, at the file's size less the table's: a truncated or padded file is
-# damage. A read checks all of that and the stream's CRC (for a value with no
+# damage. Flags bits 0-7 name the codec of a compressed stream (1 zlib,
+# 2 lzma); buffers are never compressed, so that they can still be mapped.
+# A read checks all of that and the stream's CRC (for a value with no
 # big buffers that covers every byte); the buffers' own CRCs cost more than
 # the whole read of a big value, so they are checked by verify() and prune(),
 # not on every hit.
 _ENTRY_MAGIC = b"dcE2"
 _ENTRY_HEADER = struct.Struct("<4sIddQQIII")
 _BUFFER_ROW = struct.Struct("<QI")
+_META = struct.Struct("<d")  # The metadata's fixed part: the computation's seconds; the host follows.
+_seconds_of = _META.unpack_from
+_NO_META = memoryview(b"")
+_CODECS = {"zlib": 1, "lzma": 2}
 _OLD_MAGIC = b"dcE1"  # Format 1: magic, CRC of the rest, created, expires, key and value lengths (32-bit).
 _OLD_HEADER = struct.Struct("<4sIddII")
 _OUT_OF_BAND = 1 << 16  # Buffers this big are written apart from the stream, and can be mapped.
@@ -2122,36 +2159,66 @@ def _runtime_imports() -> None:
 
 
 _DatetimePickler: type[pickle.Pickler] | None = None
+def _foreign_names(root: str, names: list[str] | None = None) -> bool:
+    """True if the directory ``root`` holds names that donecache never makes in a store."""
+    try:
+        names = os.listdir(root) if names is None else names
+    except OSError:
+        return False
+    return any(
+        name not in _STORE_FILES and not (_is_hex(name, 2) or _is_hex(name, _FOLDER_HEX) or _is_temp_name(name))
+        for name in names
+    )
 
 
 class _Entry:
     """One entry file as read: its key and times, and (unless only its head was
     read) the pickle stream and the out-of-band buffers that load() joins."""
 
-    __slots__ = ("key", "created", "expires", "stream", "buffers")
+    __slots__ = ("key", "created", "expires", "stream", "buffers", "flags", "meta")
 
     def __init__(self, key: bytes, created: float, expires: float) -> None:
         self.key, self.created, self.expires = key, created, expires
         self.stream: Any = b""
         self.buffers: list[Any] = []
+        self.flags, self.meta = 0, _NO_META
 
     def live(self, now: float) -> bool:
         return not self.expires or now < self.expires
 
+    @property
+    def seconds(self) -> float:
+        """How long the computation of the value took (0.0 if not recorded: an older entry or a Store's)."""
+        return _seconds_of(self.meta)[0] if self.meta else 0.0
+
+    @property
+    def host(self) -> str:
+        return bytes(self.meta[_META.size :]).decode("utf-8", "replace")
+
     def load(self) -> Any:
         """The value; raises what unpickling raises (code that changed since)."""
-        return pickle.loads(self.stream, buffers=self.buffers)
+        stream = self.stream
+        if self.flags & 0xFF:  # Decompression errors raise as unpickling's do: a miss.
+            stream = (zlib if self.flags & 0xFF == 1 else _lzma()).decompress(stream)
+        return pickle.loads(stream, buffers=self.buffers)
+
+
+def _lzma() -> Any:
+    import lzma
+
+    return lzma
 
 
 class _Encoded:
     """A value pickled for an entry file: the stream, and the big buffers kept
     out of it (views of the value's own memory, not copies)."""
 
-    __slots__ = ("key", "expires", "stream", "buffers", "created")
+    __slots__ = ("key", "expires", "stream", "buffers", "created", "meta", "codec")
 
     def __init__(self, key: bytes, expires: float, stream: bytes, buffers: list[memoryview]) -> None:
         self.key, self.expires, self.stream, self.buffers = key, expires, stream, buffers
         self.created = 0.0  # Set by chunks(), when the header is made.
+        self.meta, self.codec = b"", 0
 
     def nbytes(self) -> int:
         """The size of the file that chunks() makes (at most a few bytes more)."""
@@ -2161,15 +2228,15 @@ class _Encoded:
     def chunks(self) -> Iterator[Any]:
         """The file's bytes, in pieces for _write_bytes: each buffer's CRC is
         computed piece by piece, just before the piece is written."""
-        key, stream = self.key, self.stream
+        key, stream, meta = self.key, self.stream, self.meta
         self.created = time.time()
         head = bytearray(
             _ENTRY_HEADER.pack(
-                _ENTRY_MAGIC, 0, self.created, self.expires, len(key), len(stream),
-                zlib.crc32(stream), len(self.buffers), 0,
+                _ENTRY_MAGIC, 0, self.created, self.expires, len(key) + len(meta), len(stream),
+                zlib.crc32(stream), len(self.buffers), self.codec | len(meta) << 16,
             )
         )
-        head += key
+        head += key + meta
         head[4:8] = zlib.crc32(memoryview(head)[8:]).to_bytes(4, "little")
         if not self.buffers and len(stream) < _OUT_OF_BAND:
             yield head + stream  # A small entry in one write(2): copying it costs less than a system call.
@@ -2208,9 +2275,21 @@ class _Encoded:
             yield table
 
 
-def _encode_entry(key: bytes, value: Any, expires: float = 0.0, protocol: int = 5) -> _Encoded:
-    """Pickle ``value`` for an entry file; raises what pickling raises, before any file is made."""
-    if len(key) > _MAX_KEY:
+_host_name: list[str] = []  # socket.gethostname(), asked once per process.
+
+
+def _encode_entry(
+    key: bytes, value: Any, expires: float = 0.0, protocol: int = 5, seconds: float = 0.0, compress: str | None = None
+) -> _Encoded:
+    """Pickle ``value`` for an entry file, with the ``seconds`` its computation
+    took, its stream compressed with the ``compress`` codec where that makes it
+    smaller; raises what pickling raises, before any file is made."""
+    if not _host_name:
+        import socket
+
+        _host_name.append(socket.gethostname())
+    meta = _META.pack(seconds) + _host_name[0].encode("utf-8")[:255]
+    if len(key) + len(meta) > _MAX_KEY:
         raise ValueError(f"a cache key of {len(key)} bytes is too long; keys may have at most {_MAX_KEY} bytes")
     buffers: list[memoryview] = []
 
@@ -2233,7 +2312,23 @@ def _encode_entry(key: bytes, value: Any, expires: float = 0.0, protocol: int = 
         file = io.BytesIO()
         _DatetimePickler(file, protocol, buffer_callback=out_of_band).dump(value)
         stream = file.getvalue()
-    return _Encoded(key, expires, stream, buffers)
+    encoded = _Encoded(key, expires, stream, buffers)
+    encoded.meta = meta
+    if compress is not None:
+        # Level 1 (zlib) and preset 1 (lzma): most of the gain on text for a fraction of the time.
+        packed = zlib.compress(stream, 1) if compress == "zlib" else _lzma().compress(stream, preset=1)
+        if len(packed) < len(stream):
+            encoded.stream, encoded.codec = packed, _CODECS[compress]
+    return encoded
+
+
+def _check_compress(compress: Any) -> str | None:
+    """compress= as a codec name, or None; False/None: off, True: zlib."""
+    if compress is None or compress is False:
+        return None
+    if compress is True or compress in _CODECS:
+        return "zlib" if compress is True else str(compress)
+    raise ValueError(f"compress must be False, True, 'zlib' or 'lzma' (stdlib codecs), not {compress!r}")
 
 
 def _datetimes_out_of_band(obj: Any) -> Any:
@@ -2324,13 +2419,16 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
         return _read_old_entry(fd, first, size, key, depth)
     if len(first) < _ENTRY_HEADER.size:
         return None
-    magic, head_crc, created, expires, key_len, stream_len, stream_crc, count, _flags = _ENTRY_HEADER.unpack_from(
+    magic, head_crc, created, expires, key_len, stream_len, stream_crc, count, flags = _ENTRY_HEADER.unpack_from(
         first
     )
     key_end = _ENTRY_HEADER.size + key_len
     stream_end = key_end + stream_len
     table_len = count * _BUFFER_ROW.size + 4 if count else 0
-    if magic != _ENTRY_MAGIC or key_len > _MAX_KEY or count > _MAX_BUFFERS or stream_end + table_len > size:
+    meta = flags >> 16  # The metadata's length, at the end of the key area (0 in entries of 0.2).
+    if magic != _ENTRY_MAGIC or meta > key_len or 0 < meta < _META.size or key_len > _MAX_KEY or count > _MAX_BUFFERS:
+        return None
+    if stream_end + table_len > size:
         return None
     head = memoryview(first)
     if len(first) < key_end:
@@ -2340,7 +2438,7 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
             return None
     if zlib.crc32(head[8:key_end]) != head_crc:
         return None
-    found = bytes(head[_ENTRY_HEADER.size : key_end])
+    found = bytes(head[_ENTRY_HEADER.size : key_end - meta])
     if key is not None and found != key:
         return None  # Another key with the same hash prefix (or a swapped file).
     spans: list[tuple[int, int, int]] = []  # (offset, length, crc) of each buffer
@@ -2357,6 +2455,8 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
     if position + table_len != size:
         return None  # Truncated, padded, or a table that does not fit the file.
     entry = _Entry(found, created, expires)
+    if flags:
+        entry.flags, entry.meta = flags, head[key_end - meta : key_end]
     if depth == _HEAD and (size > len(first) or count):
         return entry
     # The stream: from the first read when it is all there, else read after it.
@@ -2662,7 +2762,7 @@ class _EntryFiles:
         _runtime_imports()
         if flag not in ("r", "w", "c", "n"):
             raise ValueError(f"flag must be 'r', 'w', 'c' or 'n' (as for shelve.open), not {flag!r}")
-        self.root = os.path.abspath(_fspath(path))
+        self.root = os.path.abspath(_store_path(path))
         self._prefix = os.path.join(self.root, "")
         self.readonly = flag == "r"
         self.durable = durable
@@ -2702,6 +2802,14 @@ class _EntryFiles:
                 _make_dirs(self.root, 0o700, durable=durable)
             except OSError as exc:
                 raise _reraise_about(exc, self.root, "create the cache directory", "choose a writable path") from exc
+        elif _foreign_names(self.root) and not _is_store(self.root):
+            # Adopting it would write entries among the user's files, which the CLI then refuses to manage.
+            raise FileExistsError(
+                errno.EEXIST,
+                f"{self.root!r} is a directory that holds other files and is not a donecache store (no "
+                "CACHEDIR.TAG); give a new or empty directory, such as .donecache",
+                self.root,
+            )
         st = os.stat(self.root)
         if not trust_shared:
             _check_trusted(self.root, st)
@@ -2726,11 +2834,8 @@ class _EntryFiles:
             names = os.listdir(self.root)
         except OSError:
             return
-        # A temporary file is a label a cut interrupted (a cut right after mkdir).
-        def ours(name: str) -> bool:
-            return name in _STORE_FILES or _is_hex(name, 2) or _is_hex(name, _FOLDER_HEX) or _is_temp_name(name)
-
-        if not all(ours(name) for name in names):
+        # A temporary file is a label a cut interrupted (a cut right after mkdir): ours too.
+        if _foreign_names(self.root, names):
             return
         for name, content in (("CACHEDIR.TAG", _CACHEDIR_TAG), (".gitignore", b"# Made by donecache.\n*\n")):
             path = os.path.join(self.root, name)
@@ -2940,7 +3045,8 @@ class _EntryFiles:
             raise _reraise_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
         if stamps:
             entry = _Entry(encoded.key, encoded.created, encoded.expires)
-            entry.stream = encoded.stream
+            entry.stream = encoded.stream  # As read back: compressed (the codec in flags), with its metadata.
+            entry.flags, entry.meta = encoded.codec | len(encoded.meta) << 16, memoryview(encoded.meta)
             _keep_recent(path, stamps[-1], entry)
         if reserved:
             try:
@@ -3039,23 +3145,31 @@ class _EntryFiles:
         finally:
             lock.release()
 
-    def sweep(self, target: int | None, older_than: float | None = None) -> _Swept:
-        """Evict entries, least recently used first, until the entry files take
-        at most ``target`` bytes on disk, and every entry last used before
-        ``older_than`` (a Unix time); log the sweep. One process sweeps at a
-        time: this waits for another one to finish."""
+    def sweep(
+        self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
+    ) -> _Swept:
+        """Evict entries (of ``folder``, as for files()), least recently used
+        first, until the entry files take at most ``target`` bytes on disk, and
+        every entry last used before ``older_than`` (a Unix time); log the
+        sweep. One process sweeps at a time: this waits for another one to
+        finish. ``dry_run`` counts what would go, and removes and writes nothing."""
+        if dry_run:
+            return self._sweep(target, older_than, folder, dry_run)
         self._writable()
         lock = _KeyLock(self.lock_path, _SWEEP_BYTE)
         lock.acquire()
         try:
-            return self._sweep(target, older_than)
+            return self._sweep(target, older_than, folder)
         finally:
             lock.release()
 
-    def _sweep(self, target: int | None, older_than: float | None = None) -> _Swept:
-        base = self._usage(lambda total: total, sweep=1)
+    def _sweep(
+        self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
+    ) -> _Swept:
+        usage: Any = (lambda change, *more, **named: None) if dry_run else self._usage
+        base = usage(lambda total: total, sweep=1)
         listed: list[tuple[float, str, os.stat_result]] = []
-        for path, _folder in self.files():
+        for path, _folder in self.files(folder):
             st = _lstat_or_none(path)
             if st is not None:
                 listed.append((st.st_mtime, path, st))
@@ -3068,22 +3182,25 @@ class _EntryFiles:
             return total - swept.bytes + (now - base if now is not None and base is not None else 0)
 
         for mtime, path, st in listed:
-            if (target is None or left(self._usage(lambda now: now)) <= target) and (
+            if (target is None or left(usage(lambda now: now)) <= target) and (
                 older_than is None or mtime >= older_than
             ):
                 break
             size = _disk_bytes(st)
-            if self._evict(path, st):
+            if dry_run or self._evict(path, st):
                 swept.entries, swept.bytes, swept.newest = swept.entries + 1, swept.bytes + size, mtime
                 folders.add(os.path.dirname(path))
+        if dry_run:
+            return swept
         self._synced(folders)  # Evictions reach the disk before the total that leaves them out.
-        after = self._usage(left, swept.newest)
+        # One folder's listing is not the store's total: only what left it is taken off.
+        after = usage(left if folder is None else lambda now: None if now is None else now - swept.bytes, swept.newest)
         logger = _log_at(_INFO) if swept.entries else None
         if logger is not None:
             logger.info(
                 "evicted %d entries (%d bytes on disk, the most recently used of them %.0f s ago) from %s; "
                 "its entries now take %d bytes", swept.entries, swept.bytes,
-                max(0.0, time.time() - swept.newest), self.root, after,
+                max(0.0, time.time() - swept.newest), self.root, after or 0,
             )
         return swept
 
@@ -3216,16 +3333,22 @@ class _EntryFiles:
                 damaged.append(path)
         return damaged
 
-    def prune(self, now: float | None = None, stale: Callable[[_Found], bool] | None = None) -> tuple[int, int]:
-        """Remove expired or damaged entries (and those ``stale`` accepts) and old
-        temporary files: (entries, temporaries). Entries are judged by their
-        heads first; those kept are then verified byte by byte."""
-        self._writable()
+    def prune(
+        self, now: float | None = None, stale: Callable[[_Found], bool] | None = None, folder: str | None = None,
+        dry_run: bool = False,
+    ) -> tuple[int, int]:
+        """Remove expired or damaged entries (of ``folder``, as for files(); and
+        those ``stale`` accepts) and old temporary files: (entries, temporaries).
+        Entries are judged by their heads first; those kept are then verified
+        byte by byte. ``dry_run`` only counts."""
+        if not dry_run:
+            self._writable()
         when = time.time() if now is None else now
         entries = temps = 0
+        top = self.root if not folder else os.path.join(self.root, folder)
         folders: set[str] = set()
         try:
-            for found in self.scan():
+            for found in self.scan(folder):
                 # A file that could not be read (stat None) is left alone: ESTALE,
                 # EIO and EACCES say nothing about the entry itself.
                 entry, judged = found.entry, found.stat
@@ -3240,10 +3363,10 @@ class _EntryFiles:
                         continue
                 else:
                     entry = None
-                if entry is None and _remove_judged(found.path, judged):
+                if entry is None and (dry_run or _remove_judged(found.path, judged)):
                     entries += 1
                     folders.add(os.path.dirname(found.path))
-            for directory in [self.root, *(os.path.join(self.root, name) for name in self.folders())]:
+            for directory in [top] if folder else [top, *(os.path.join(top, name) for name in self.folders())]:
                 try:
                     squatters = [
                         e
@@ -3254,14 +3377,16 @@ class _EntryFiles:
                     squatters = []
                 for squatter in squatters:  # Damage: a file or a link where a folder should be.
                     if not squatter.is_dir(follow_symlinks=False):
-                        entries += _remove_judged(squatter.path, squatter.stat(follow_symlinks=False))
-            self._synced(folders)
+                        entries += dry_run or _remove_judged(squatter.path, squatter.stat(follow_symlinks=False))
+            if not dry_run:
+                self._synced(folders)
         except OSError as exc:
             raise _reraise_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
-        for temp in _temp_files(self.root):
+        for temp in _temp_files(top):
             try:
                 if os.stat(temp).st_mtime < when - _LITTER_AGE:
-                    os.unlink(temp)
+                    if not dry_run:
+                        os.unlink(temp)
                     temps += 1
             except OSError:
                 pass
@@ -3345,6 +3470,7 @@ class Store(_ShelfBase):
         recently used entries (a read counts as a use) down to 80% of it, and
         logs the sweep on the "donecache" logger (INFO). The bound is the whole
         directory's, memoized functions' entries included (docs/size-limit.md).
+    compress: ``"zlib"`` (or True) or ``"lzma"``: as for memoize().
     trust_shared: open a directory that is not yours, or that group or others
         can write to. Without it, such a directory raises PermissionError,
         because entries are pickles: loading one runs code its writer chose.
@@ -3380,9 +3506,11 @@ class Store(_ShelfBase):
         mmap: bool = False,
         max_bytes: int | None = None,
         trust_shared: bool = False,
+        compress: bool | str = False,
     ) -> None:
         # Named and typed as in shelve.DbfilenameShelf; a bytes path is decoded
         # as the filesystem encoding says, as os.open would.
+        self._compress = _check_compress(compress)
         self._files = _EntryFiles(os.fsdecode(filename), flag, durable, max_bytes, trust_shared)
         self.path = self._files.root
         self._mmap = mmap
@@ -3414,7 +3542,7 @@ class Store(_ShelfBase):
         if getattr(self, "writeback", False):
             getattr(self, "cache", {})[key] = value
         files = self._open_files()
-        files.write(_encode_entry(key.encode("utf-8"), value, 0.0, self._pickle_protocol))
+        files.write(_encode_entry(key.encode("utf-8"), value, 0.0, self._pickle_protocol, 0.0, self._compress))
 
     # Another process may delete a key between the listing and the read (or
     # between shelve's `key in self.dict` and `self[key]`): the key is then
@@ -3445,11 +3573,15 @@ class Store(_ShelfBase):
         getattr(self, "cache", {}).clear()  # shelve's writeback cache (not in its stubs).
         files.clear()
 
-    def prune(self) -> int:
+    def prune(self, *, max_bytes: int | None = None, older_than: float | Any = None, dry_run: bool = False) -> int:
         """Remove expired and damaged entries (checking every byte of the others)
-        and crashed writers' temporary files."""
-        entries, temps = self._open_files().prune()
-        return entries + temps
+        and crashed writers' temporary files; then evict the least recently used
+        entries until the store takes at most ``max_bytes`` on disk, and those
+        not used for ``older_than`` (seconds or a timedelta), as the command
+        line's prune does. Returns how many files were removed (``dry_run``:
+        would be; nothing is removed)."""
+        report = _prune(self._open_files(), None, max_bytes, older_than, stale=False, dry_run=dry_run)
+        return report.removed + report.temporary_files + report.evicted
 
     def verify(self) -> list[str]:
         """The paths of damaged entry files, checking every byte of every entry
@@ -4689,21 +4821,36 @@ def _warn(message: str) -> None:
     warnings.warn(message, DonecacheWarning, stacklevel=level)
 
 
-class CacheInfo(tuple):  # type: ignore[type-arg]
-    """(hits, misses, maxsize, currsize), spelled as functools.lru_cache spells it."""
+if TYPE_CHECKING:
+
+    class _CacheInfoFields(NamedTuple):
+        hits: int
+        misses: int
+        maxsize: int | None
+        currsize: int
+        held_seconds: float = 0.0
+        saved_seconds: float = 0.0
+
+else:  # typing costs more to import than the rest of the module.
+    import collections  # Already loaded by site in almost every interpreter.
+
+    _CacheInfoFields = collections.namedtuple(
+        "CacheInfo", "hits misses maxsize currsize held_seconds saved_seconds", defaults=(0.0, 0.0)
+    )
+
+
+class CacheInfo(_CacheInfoFields):
+    """A namedtuple with functools.lru_cache's fields first, then two of donecache's.
+
+    hits: calls answered from the cache by this process. misses: calls this
+    process computed and stored. maxsize: the store's max_bytes (bytes on disk,
+    not a count of entries), or None. currsize: this function's live entries on
+    disk. held_seconds: the computation time those entries hold (as each entry
+    recorded it when stored). saved_seconds: the computation time this
+    process's hits did not repeat.
+    """
 
     __slots__ = ()
-
-    def __new__(cls, hits: int, misses: int, maxsize: int | None, currsize: int) -> CacheInfo:
-        return tuple.__new__(cls, (hits, misses, maxsize, currsize))
-
-    hits = property(lambda self: self[0], doc="calls answered from the cache by this process")
-    misses = property(lambda self: self[1], doc="calls this process computed and stored")
-    maxsize = property(lambda self: self[2], doc="the store's max_bytes (bytes on disk, not a count of entries), or None")
-    currsize = property(lambda self: self[3], doc="this function's live entries on disk")
-
-    def __repr__(self) -> str:
-        return "CacheInfo(hits={}, misses={}, maxsize={}, currsize={})".format(*self)
 
 
 _MISSING: Any = object()
@@ -4733,11 +4880,20 @@ def _switched_off() -> bool:
     return raw is not None and _off_in_environment(_env_text(raw))
 
 
+_SWITCH_WORDS = dict.fromkeys(("0", "false", "no", "off"), True) | dict.fromkeys(("1", "true", "yes", "on"), False)
+_switch_warned: set[str] = set()
+
+
 def _off_in_environment(value: str) -> bool:
     word = value.strip().lower()
-    if word in ("off", "on", ""):
-        return word == "off"
-    raise ValueError(f"the environment variable DONECACHE={value!r} is neither 'off' nor 'on'; set one or unset it")
+    off = _SWITCH_WORDS.get(word)
+    if off is None and word:
+        if value not in _switch_warned:  # Once per value: this runs at every call; it must never raise there.
+            _switch_warned.add(value)
+            _warn(f"the environment variable DONECACHE={value!r} is not understood, so caching stays on; "
+                  "set it to off (or 0, false, no) or on (or 1, true, yes)")  # fmt: skip
+        return False
+    return bool(off)
 
 
 class _Disabled:
@@ -4859,12 +5015,14 @@ _KEY_MEMO_SIZE = 4096
 
 
 class _Call:
-    """One call of a memoized function: its arguments, key and entry slot."""
+    """One call of a memoized function: its arguments, key and entry slot, and
+    the seconds its computation took (computed now, or as its entry records)."""
 
-    __slots__ = ("args", "kwargs", "key", "slot")
+    __slots__ = ("args", "kwargs", "key", "slot", "seconds")
 
     def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: bytes, slot: _Slot | None) -> None:
         self.args, self.kwargs, self.key, self.slot = args, kwargs, key, slot
+        self.seconds = 0.0
 
 
 class _Memoized(Generic[_P, _R]):
@@ -4886,9 +5044,11 @@ class _Memoized(Generic[_P, _R]):
         mmap: bool = False,
         max_bytes: int | None = None,
         trust_shared: bool = False,
+        compress: Any = False,
     ) -> None:
         import functools
         import hashlib
+        import socket  # noqa: F401  (the host an entry records)
 
         # What the first call needs to work out and record the code identity
         # (_prepare) is imported now: a KeyboardInterrupt inside a first import
@@ -4909,12 +5069,13 @@ class _Memoized(Generic[_P, _R]):
         self._blake2b = hashlib.blake2b
         if path is None:
             path = os.environ.get("DONECACHE_DIR") or ".donecache"
-        self.path = os.path.abspath(_fspath(path))
+        self.path = os.path.abspath(_store_path(path))
         self._ttl = ttl
         self._durable = durable
         self._mmap = mmap
         self._max_bytes = _check_max_bytes(max_bytes)
         self._trust_shared = trust_shared
+        self._compress = _check_compress(compress)
         self._arguments = _Arguments(func, ignore, key)
         self._version = version
         self._function = f"{_module_name(func)}:{_function_name(func)}"
@@ -4930,6 +5091,7 @@ class _Memoized(Generic[_P, _R]):
         self._warned = False
         self._hits = self._misses = 0
         self._keys: dict[tuple[Any, ...], tuple[bytes, _Slot | None, bytes, str]] = {}  # See _call.
+        self._saved = 0.0  # Seconds of computation that this process's hits did not repeat.
 
     # By reference where its name finds it, by value otherwise: see _reduce_memoized.
     def __reduce__(self) -> str | tuple[Any, ...]:
@@ -5063,6 +5225,9 @@ class _Memoized(Generic[_P, _R]):
         except Exception:
             return _MISSING  # Written by code that has changed since: recompute.
         self._hits += 1
+        if entry.meta:  # Not in entries of 0.2.
+            call.seconds = seconds = _seconds_of(entry.meta)[0]
+            self._saved += seconds
         if _log_at(_DEBUG) is not None:
             _logger.debug("%s: hit; entry %s", self.__qualname__, call.slot.path if call.slot else "?")
         return value
@@ -5095,7 +5260,8 @@ class _Memoized(Generic[_P, _R]):
         try:
             # Protocol 5 (readable by every Python donecache supports) keeps big
             # buffers out of the stream, to be written straight from the value.
-            encoded = _encode_entry(call.key, value, time.time() + self._ttl if self._ttl is not None else 0.0)
+            expires = time.time() + self._ttl if self._ttl is not None else 0.0
+            encoded = _encode_entry(call.key, value, expires, 5, call.seconds, self._compress)
         except Exception as exc:
             _warn(
                 f"{self.__qualname__}() returned a {type(value).__name__} that cannot be pickled ({exc}); "
@@ -5147,7 +5313,9 @@ class _Memoized(Generic[_P, _R]):
             if _log_at(_DEBUG) is not None:
                 reason = "refresh" if refresh else self._why_missed(call)
                 _logger.debug("%s: miss (%s), computing; entry %s", self.__qualname__, reason, call.slot and call.slot.path)
+            started = time.perf_counter()
             value = await self._invoke(call)
+            call.seconds = time.perf_counter() - started
             if keeper is None:
                 self._keep(call, value)
             else:
@@ -5185,13 +5353,18 @@ class _Memoized(Generic[_P, _R]):
             return self.__wrapped__(*args, **kwargs)
         return self._get(self._call(args, kwargs), refresh=True)[0]  # type: ignore[no-any-return]
 
-    def _compute(self, args: tuple[Any, ...], off: bool, label: Callable[..., Any] | None, lead: int) -> tuple[Any, bool]:
-        """(result, computed) of one call of a batch; ``off``: caching was off when the batch began."""
+    def _compute(
+        self, args: tuple[Any, ...], off: bool, label: Callable[..., Any] | None = None, lead: int = 0
+    ) -> _Outcome:
+        """One call of a batch, raising its failure; ``off``: caching was off when the batch began."""
         if off:
-            return self.__wrapped__(*args), True  # type: ignore[call-arg]
+            started = time.perf_counter()
+            value = self.__wrapped__(*args)  # type: ignore[call-arg]
+            return _Outcome(True, value, True, seconds=time.perf_counter() - started)
         call = self._call(args, {})
         try:
-            return self._get(call)
+            value, computed = self._get(call)
+            return _Outcome(True, value, computed, seconds=call.seconds)
         except Exception as exc:
             self._record_failure(call, exc, _format_exception(exc), _label_text(label, args[lead:]), lead)
             raise
@@ -5270,17 +5443,40 @@ class _Memoized(Generic[_P, _R]):
             files.clear(folder=self._folder)
             files.drop_failures(lambda record: True, self._folder)  # A fresh start forgets them too.
         self._hits = self._misses = 0
+        self._saved = 0.0
 
     def cache_info(self) -> CacheInfo:
-        """Hits and misses in this process, and this function's live entries on
-        disk (counted from the heads of its own entries only)."""
+        """Hits, misses and the computation time saved in this process, and this
+        function's live entries on disk with the computation time they hold
+        (read from the heads of its own entries only)."""
         now, files, prefix = time.time(), self._files(), self._prefix or self._prepare()
-        live = sum(
-            1
-            for found in (files.scan(self._folder) if files is not None else ())
-            if found.entry is not None and found.entry.live(now) and found.entry.key.startswith(prefix)
-        )
-        return CacheInfo(self._hits, self._misses, self._max_bytes, live)
+        live, held = 0, 0.0
+        for found in files.scan(self._folder) if files is not None else ():
+            if found.entry is not None and found.entry.live(now) and found.entry.key.startswith(prefix):
+                live, held = live + 1, held + found.entry.seconds
+        return CacheInfo(self._hits, self._misses, self._max_bytes, live, held, self._saved)
+
+    def cache_parameters(self) -> dict[str, Any]:
+        """The options this function was memoized with (functools' ``maxsize`` is max_bytes)."""
+        return {
+            "maxsize": self._max_bytes, "path": self.path, "ttl": self._ttl, "version": self._version,
+            "max_bytes": self._max_bytes, "compress": self._compress, "durable": self._durable, "mmap": self._mmap,
+        }  # fmt: skip
+
+    def prune(
+        self, *, max_bytes: int | None = None, older_than: float | Any = None, stale: bool = False,
+        dry_run: bool = False,
+    ) -> PruneReport:
+        """Trim this function's entries, as ``prune`` on the command line does:
+        remove the expired and damaged ones (``stale``: and those of its older
+        code), then evict the least recently used until they take at most
+        ``max_bytes`` on disk, and those not used for ``older_than`` (seconds
+        or a timedelta). ``dry_run``: remove nothing, only count."""
+        files = self._files()
+        if files is None:
+            return PruneReport(0, 0, 0, 0)
+        self._prefix or self._prepare()  # Records the current identity, which stale= compares with.
+        return _prune(files, self._folder.rstrip(os.sep), max_bytes, older_than, stale=stale, dry_run=dry_run)
 
     def map(
         self,
@@ -5606,7 +5802,9 @@ def _reduce_memoized(func: _Memoized[..., Any]) -> str | tuple[Any, ...]:
     # The registry's key names this very wrapper: before its first call its key
     # prefix is empty, and two functions' wrappers were once taken for one.
     token = func.__dict__.setdefault("_pickle_token", os.urandom(8).hex())
-    state = dict(func.__dict__, _store=None, _warned=False, _hits=0, _misses=0, _same=_unchanged, _keys={})
+    state = dict(
+        func.__dict__, _store=None, _warned=False, _hits=0, _misses=0, _same=_unchanged, _keys={}, _saved=0.0
+    )
     _runtime_imports()
     assert _by_value is not None
     _by_value[(type(func), func.path, token)] = func
@@ -5677,10 +5875,11 @@ class _Outcome:
     """How one call went: its result (ok) or exception, whether it was computed
     (not reused), and the traceback text of a failure."""
 
-    __slots__ = ("ok", "value", "computed", "traceback")
+    __slots__ = ("ok", "value", "computed", "traceback", "seconds")
 
-    def __init__(self, ok: bool, value: Any, computed: bool, traceback: str = "") -> None:
+    def __init__(self, ok: bool, value: Any, computed: bool, traceback: str = "", seconds: float = 0.0) -> None:
         self.ok, self.value, self.computed, self.traceback = ok, value, computed, traceback
+        self.seconds = seconds  # Of the computation: done now, or (reused) as its entry records.
 
 
 def _failed(exc: BaseException, portable: bool) -> _Outcome:
@@ -5712,10 +5911,10 @@ def _call_one(
     call = None
     try:
         if off:
-            return _Outcome(True, func.__wrapped__(*args), True)
+            return func._compute(args, off)
         call = func._call(args, {}) if key is None else func._call_at(key, args, {})
         value, computed = func._get(call, keeper=keeper, missed=key is not None)
-        return _Outcome(True, value, computed)
+        return _Outcome(True, value, computed, seconds=call.seconds)
     except Exception as exc:
         outcome = _failed(exc, portable)
         if call is not None:
@@ -5864,8 +6063,7 @@ def _serial(
             shown = (lambda: _label_text(label, args))  # noqa: E731 - made only if the call fails.
             done.outcome = _call_one(func, lead + args, None, False, off, shown=shown, lead=len(lead))
         else:  # Let the failure propagate with its own traceback, as a loop would.
-            value, computed = func._compute(lead + args, off, label, len(lead))
-            done.outcome = _Outcome(True, value, computed)
+            done.outcome = func._compute(lead + args, off, label, len(lead))
         yield done
 
 
@@ -6052,6 +6250,7 @@ def _stream(
             computed = sum(1 for outcome in report.outcomes if outcome.ok and outcome.computed)
             func._misses += computed
             func._hits += sum(1 for outcome in report.outcomes if outcome.ok) - computed
+            func._saved += sum(o.seconds for o in report.outcomes if o.ok and not o.computed)
         if chunksize is None and report.seconds > 0:
             per_call = report.seconds / len(chunk)
             size = max(1, min(_MAX_CHUNK, int(_CHUNK_SECONDS / per_call)))
@@ -6171,7 +6370,7 @@ def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], 
             return True
         done.key = call.key
         return False
-    done.outcome = _Outcome(True, value, False)
+    done.outcome = _Outcome(True, value, False, seconds=call.seconds)
     return True
 
 
@@ -6231,13 +6430,37 @@ class FailureRecord(Exception):
         return {"input": self.label, **{name: getattr(self, name) for name in names}}
 
 
+def _duration(seconds: float) -> str:
+    """A length of time as a person reads it: 1.2 s, 4 min 10 s, 2 h 10 min, 3 d 4 h."""
+    if seconds < 59.95:
+        return f"{seconds:.1f} s"
+    whole = int(seconds + 0.5)
+    for big, small, name, rest in ((86400, 3600, "d", "h"), (3600, 60, "h", "min"), (60, 1, "min", "s")):
+        if whole >= big:
+            return f"{whole // big} {name} {whole % big // small} {rest}"
+    return f"{whole} s"  # Not reached.
+
+
+def _batch_figures(computed: int, computed_seconds: float, reused: int, saved_seconds: float) -> str:
+    """What a batch did, for its summary and progress lines:
+    "7 computed (1.2 s), 1,993 reused (saved 2 h 10 min of compute)"."""
+    return (
+        f"{computed:,} computed ({_duration(computed_seconds)}), "
+        f"{reused:,} reused (saved {_duration(saved_seconds)} of compute)"
+    )
+
+
 class BatchResult:
     """What :meth:`map` returns.
 
     ``results`` holds one item per input, in input order: the result, or for
     an input that failed its :class:`Failure` (so a result of None is a real
     None). ``failures`` lists the failures alone, ``successes`` the results
-    alone; ``computed`` and ``reused`` count the results by where they came from.
+    alone; ``computed`` and ``reused`` count the results by where they came
+    from. ``computed_seconds`` is the time the computed ones took (summed over
+    workers: compute time, not wall time); ``saved_seconds`` the time the
+    reused ones had taken when they were computed, as their entries record it.
+    ``summary`` says it in words.
     """
 
     def __init__(self) -> None:
@@ -6245,6 +6468,8 @@ class BatchResult:
         self.failures: list[Failure] = []
         self.computed = 0
         self.reused = 0
+        self.computed_seconds = 0.0
+        self.saved_seconds = 0.0
 
     @classmethod
     def _of(cls, stream: Iterator[_Done]) -> BatchResult:
@@ -6263,10 +6488,23 @@ class BatchResult:
         self.results.append(result)
         if isinstance(result, Failure):
             self.failures.append(result)
-        elif done.outcome is not None and done.outcome.computed:
+        else:
+            self._count(done.outcome)
+
+    def _count(self, outcome: _Outcome | None) -> None:
+        """Count a success as computed or reused, with its seconds."""
+        if outcome is not None and outcome.computed:
             self.computed += 1
+            self.computed_seconds += outcome.seconds
         else:
             self.reused += 1
+            self.saved_seconds += 0.0 if outcome is None else outcome.seconds
+
+    @property
+    def summary(self) -> str:
+        """"7 computed (1.2 s), 1,993 reused (saved 2 h 10 min of compute), 0 failed"."""
+        figures = _batch_figures(self.computed, self.computed_seconds, self.reused, self.saved_seconds)
+        return f"{figures}, {len(self.failures):,} failed"
 
     @property
     def done(self) -> int:
@@ -6301,18 +6539,25 @@ class Progress:
     """What a ``progress=`` callable of :meth:`map` receives: a snapshot of a batch.
 
     ``function`` (its qualified name), ``done`` inputs of ``total`` (None for a
-    generator), of which ``failed``, ``computed`` and ``reused``; ``elapsed``
-    seconds; ``eta`` seconds left (None when unknown); ``final``: the batch has
-    ended. ``percent`` is done/total in percent, or None. More fields may be
-    added; a callable should read them by name."""
+    generator), of which ``failed``, ``computed`` and ``reused``; the seconds
+    the computed calls took (``computed_seconds``) and those the reused results
+    had taken when first computed (``saved_seconds``); ``elapsed`` seconds;
+    ``eta`` seconds left (None when unknown); ``final``: the batch has ended.
+    ``percent`` is done/total in percent, or None. More fields may be added; a
+    callable should read them by name."""
 
-    __slots__ = ("function", "done", "total", "failed", "computed", "reused", "elapsed", "eta", "final")
+    __slots__ = (
+        "function", "done", "total", "failed", "computed", "reused", "computed_seconds", "saved_seconds",
+        "elapsed", "eta", "final",
+    )
     function: str
     done: int
     total: int | None
     failed: int
     computed: int
     reused: int
+    computed_seconds: float
+    saved_seconds: float
     elapsed: float
     eta: float | None
     final: bool
@@ -6330,10 +6575,12 @@ class Progress:
 
     def __str__(self) -> str:
         rate = self.done / self.elapsed if self.elapsed > 0 else 0.0
+        figures = _batch_figures(self.computed, self.computed_seconds, self.reused, self.saved_seconds)
         if self.percent is None:  # A generator: no total, no ETA.
-            return f"{self.function}: {self.done} done, {rate:.1f}/s, {self.failed} failed"
+            return f"{self.function}: {self.done} done, {rate:.1f}/s, {self.failed} failed; {figures}"
         eta = "-" if self.eta is None else _clock(self.eta)
-        return f"{self.function}: {self.percent:3.0f}% {self.done}/{self.total} done, {rate:.1f}/s, ETA {eta}, {self.failed} failed"
+        done = f"{self.percent:3.0f}% {self.done}/{self.total} done"
+        return f"{self.function}: {done}, {rate:.1f}/s, ETA {eta}, {self.failed} failed; {figures}"
 
 
 def _in_jupyter() -> bool:
@@ -6356,7 +6603,8 @@ class _Progress:
                 f"{name}: progress= takes True, False, None, a number of seconds or a callable, not {progress!r}"
             )
         self.name, self.total, self.function = name, total, function or name
-        self.done = self.failed = self.computed = 0
+        self.done = self.failed = 0
+        self.counts = BatchResult()  # Only its figures: computed, reused and their seconds.
         self._started = self._last = time.monotonic()
         self._logger: Any = None
         self._call: Any = None
@@ -6383,8 +6631,8 @@ class _Progress:
                     self.failed += 1
                     if not keep_going:
                         raise outcome.value
-                elif outcome is not None and outcome.computed:
-                    self.computed += 1
+                elif outcome is not None:
+                    self.counts._count(outcome)
                 self.update()
                 try:
                     yield done
@@ -6399,9 +6647,11 @@ class _Progress:
     def snapshot(self, final: bool = False) -> Progress:
         elapsed = time.monotonic() - self._started
         left = None if self.total is None or not self.done else (self.total - self.done) * elapsed / self.done
+        c = self.counts
         return Progress(
-            function=self.function, done=self.done, total=self.total, failed=self.failed, computed=self.computed,
-            reused=self.done - self.failed - self.computed, elapsed=elapsed, eta=left, final=final,
+            function=self.function, done=self.done, total=self.total, failed=self.failed, computed=c.computed,
+            reused=c.reused, computed_seconds=c.computed_seconds, saved_seconds=c.saved_seconds,
+            elapsed=elapsed, eta=left, final=final,
         )
 
     def update(self, final: bool = False) -> None:
@@ -6437,19 +6687,19 @@ class _Progress:
 _CO_GENERATOR, _CO_ASYNC_GENERATOR = 0x20, 0x200  # inspect.CO_*
 
 
-def _seconds(ttl: Any) -> float | None:
+def _seconds(ttl: Any, what: str = "ttl") -> float | None:
     if ttl is None:
         return None
     seconds = ttl.total_seconds() if hasattr(ttl, "total_seconds") else ttl
     wrong_type = isinstance(seconds, bool) or not isinstance(seconds, (int, float))
     if wrong_type or not seconds > 0:  # A wrong type is a TypeError, a wrong number a ValueError.
         raise (TypeError if wrong_type else ValueError)(
-            f"ttl must be a positive number of seconds or a timedelta, not {ttl!r}"
+            f"{what} must be a positive number of seconds or a timedelta, not {ttl!r}"
         )
     try:
         return float(seconds)
     except OverflowError:
-        raise ValueError(f"ttl={ttl!r} is too large; pass ttl=None for entries that never expire") from None
+        raise ValueError(f"{what}={ttl!r} is too large; pass {what}=None for no limit") from None
 
 
 @overload
@@ -6463,8 +6713,9 @@ def memoize(
     ttl: float | Any = None,
     version: _Version | None = None,
     ignore: Iterable[str] = (),
-    key: Callable[..., Any] | None = None,
+    key: _KeyFunction | None = None,
     durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
+    compress: bool | str = False,
 ) -> Callable[[Callable[_P, _R]], _Memoized[_P, _R]]: ...
 
 
@@ -6474,11 +6725,12 @@ def memoize(
     ttl: float | Any = None,
     version: _Version | None = None,
     ignore: Iterable[str] = (),
-    key: Callable[..., Any] | None = None,
+    key: _KeyFunction | None = None,
     durable: bool = False,
     mmap: bool = False,
     max_bytes: int | None = None,
     trust_shared: bool = False,
+    compress: bool | str = False,
 ) -> Any:
     """Keep a function's results on disk, shared by threads, processes and runs.
 
@@ -6517,6 +6769,10 @@ def memoize(
     trust_shared: use a store directory that is not yours, or that group or
         others can write to (by default the first call raises PermissionError
         there: results are pickles, and loading one runs its writer's code).
+    compress: ``"zlib"`` (or True) or ``"lzma"`` compresses each entry's pickle
+        stream (not the big buffers that mmap maps) where that makes it
+        smaller: text-heavy results shrink several times at some write time
+        (docs/storage.md). False (the default): no compression.
 
     The decorated function has ``cache_info()``, ``cache_clear()`` (this
     function's entries only), ``forget(*args)``, ``refresh(*args)`` and
@@ -6528,6 +6784,9 @@ def memoize(
     """
     seconds = _seconds(ttl)
     _check_max_bytes(max_bytes)
+    _check_compress(compress)
+    if path is not None and not callable(path):
+        _store_path(path)
     if version is not None:
         _version_text(version)  # An unusable version fails here, not at the first call.
     if isinstance(ignore, str):
@@ -6550,7 +6809,7 @@ def memoize(
                 "function that collects it"
             )
         kind = _AsyncMemoized if code is not None and code.co_flags & _CO_COROUTINE else _Memoized
-        return kind(func, store_path, seconds, version, ignore, durable, key, mmap, max_bytes, trust_shared)
+        return kind(func, store_path, seconds, version, ignore, durable, key, mmap, max_bytes, trust_shared, compress)
 
     if callable(path) and not isinstance(path, (str, os.PathLike)):
         store_path: StrPath | None = None
@@ -6583,12 +6842,50 @@ def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
     return stale
 
 
+if TYPE_CHECKING:
+
+    class _PruneFields(NamedTuple):
+        removed: int
+        temporary_files: int
+        evicted: int
+        evicted_bytes: int
+
+else:
+    _PruneFields = collections.namedtuple("PruneReport", "removed temporary_files evicted evicted_bytes")
+
+
+class PruneReport(_PruneFields):
+    """What f.prune() did (with dry_run=True: would do): expired, damaged or
+    stale entries removed, crashed writers' temporary files removed, and the
+    least recently used entries evicted with their bytes on disk."""
+
+    __slots__ = ()
+
+
+def _prune(
+    files: _EntryFiles, folder: str | None, max_bytes: Any, older_than: Any, *, stale: bool, dry_run: bool
+) -> PruneReport:
+    """prune for the command line, Store.prune() and f.prune() (one ``folder`` of the store, or all)."""
+    limit, age = _check_max_bytes(max_bytes), _seconds(older_than, "older_than")
+    now = time.time()
+    entries, temps = files.prune(now, _stale_test(files) if stale else None, folder, dry_run)
+    if stale and not dry_run:  # The failures of older code go with its entries.
+        current = files.identities()
+        files.drop_failures(lambda r: current.get(str(r.get("function")), r.get("identity")) != r.get("identity"), folder)
+    swept = _Swept()
+    if limit is not None or age is not None:
+        # By hand the store goes down to the size asked for, not to a low-water mark.
+        swept = files.sweep(limit, None if age is None else now - age, folder, dry_run)
+    return PruneReport(entries, temps, swept.entries, swept.bytes)
+
+
 def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
     """What `info` reports; it reads a bounded prefix (the head) of each entry."""
     live = expired = damaged = size = disk = 0
     functions: dict[str, int] = {}
     sizes: dict[str, dict[str, int]] = {}
     older: dict[str, int] = {}
+    each: dict[str, dict[str, Any]] = {}  # Per function, live entries only but for "expired".
     is_stale = _stale_test(files)
     for found in files.scan():
         if found.stat is None:
@@ -6598,17 +6895,27 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
         if found.entry is None:
             damaged += 1
             continue
+        name = _function_of(found.entry.key)
+        row = each.setdefault(name, {"entries": 0, "bytes": 0, "disk_bytes": 0, "expired": 0, "stale": 0})
+        row.setdefault("compute_seconds", 0.0)
+        created = found.entry.created
         if not found.entry.live(now):
             expired += 1
+            row["expired"] += 1
             continue
         live += 1
-        name = _function_of(found.entry.key)
         functions[name] = functions.get(name, 0) + 1
         counted = sizes.setdefault(name, {"bytes": 0, "disk_bytes": 0})
         counted["bytes"] += found.stat.st_size
         counted["disk_bytes"] += _disk_bytes(found.stat)
+        row.update(
+            entries=row["entries"] + 1, bytes=counted["bytes"], disk_bytes=counted["disk_bytes"],
+            compute_seconds=row["compute_seconds"] + found.entry.seconds,
+            oldest=min(row.get("oldest", created), created), newest=max(row.get("newest", created), created),
+        )  # fmt: skip
         if is_stale(found):
             older[name] = older.get(name, 0) + 1
+            row["stale"] += 1
     return {
         "path": files.root,
         "entries": {"live": live, "expired": expired, "damaged": damaged},
@@ -6622,6 +6929,9 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
         # Of those live entries, how many belong to older code than the function's
         # current identity (recorded by the last process that ran it).
         "stale": dict(sorted(older.items())),
+        # Everything per function: entries, bytes, the computation time the entries
+        # hold, when the oldest and newest were made (Unix time), stale and expired.
+        "per_function": dict(sorted(each.items())),
     }
 
 
@@ -6651,22 +6961,30 @@ def _cli_info(args: Any) -> int:
     entries = report["entries"]
     print(f"cache {report['path']}")
     print(
-        f"  entries: {entries['live']} live, {entries['expired']} expired, {entries['damaged']} damaged; "
-        f"{_mib(report['bytes'])} MiB ({_mib(report['disk_bytes'])} MiB on disk)"
+        f"  {entries['live']:,} entries, {_human(report['bytes'])} ({_human(report['disk_bytes'])} on disk); "
+        f"{entries['expired']:,} expired, {entries['damaged']:,} damaged, "
+        f"{report['temporary_files']:,} temporary files left by crashed writers"
     )
-    print(f"  temporary files left by crashed writers: {report['temporary_files']}")
-    for name, count in report["functions"].items():
-        stale = report["stale"].get(name, 0)
-        sizes = report["function_bytes"][name]
-        print(
-            f"  {count:>9}  {name}  {_mib(sizes['bytes'])} MiB ({_mib(sizes['disk_bytes'])} MiB on disk)"
-            + (f"  ({stale} of older code: prune --stale removes them)" if stale else "")
-        )
+    day = "%Y-%m-%d %H:%M"
+    for name, row in report["per_function"].items():
+        print(f"  {name}")
+        line = f"    {row['entries']:,} entries, {_human(row['bytes'])}"
+        if row["entries"]:
+            oldest, newest = (time.strftime(day, time.localtime(row[k])) for k in ("oldest", "newest"))
+            line += f", {_duration(row['compute_seconds'])} of compute held; made {oldest} to {newest}"
+        print(line)
+        if row["stale"] or row["expired"]:
+            print(f"    {row['stale']:,} of older code (prune --stale removes them), {row['expired']:,} expired")
     return 0
 
 
-def _mib(size: int) -> str:
-    return f"{size / 1048576:.1f}"
+def _human(size: float) -> str:
+    """A size in bytes by its magnitude: 512 B, 11.2 KiB, 3.4 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 def _names(name: str, wanted: str) -> bool:
@@ -6764,8 +7082,7 @@ def _cli_failures(args: Any) -> int:
     return 0 if records else 1
 
 
-# Units of --max-bytes (a bare number is bytes) and --older-than (a unit is required).
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# Units of --older-than (a unit is required).
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -6784,10 +7101,19 @@ def _cli_amount(text: str, units: dict[str, int], option: str, fix: str) -> floa
 
 
 def _cli_size(text: str) -> int:
-    fix = "give a positive size in bytes, or with K, M, G or T for KiB, MiB, GiB or TiB: 1000000, 500M, 2G"
-    size = int(_cli_amount(text, _SIZE_UNITS, "--max-bytes", fix))
+    """A size as GNU coreutils spell it (du -B, sort -S): K, KiB = 1024; KB = 1000; and so on up to T."""
+    import re
+
+    fix = (
+        "give a positive size in bytes, or with K/KiB, M/MiB, G/GiB, T/TiB (powers of 1024) or KB, MB, GB, TB "
+        "(of 1000): 1000000, 500M, 10MB, 2GiB"
+    )
+    found = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*(?:([kmgt])(i?b)?|b)?\s*", text, re.IGNORECASE)
+    number, prefix, suffix = found.groups() if found else ("0", "", "")
+    power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
+    size = int(float(number) * (1000 if (suffix or "").lower() == "b" else 1024) ** power)
     if size < 1:
-        raise _UsageError(f"--max-bytes {text!r}: less than one byte; {fix}")
+        raise _UsageError(f"--max-bytes {text!r}: {fix}")
     return size
 
 
@@ -6799,24 +7125,22 @@ def _cli_age(text: str) -> float:
 def _cli_prune(args: Any) -> int:
     max_bytes = None if args.max_bytes is None else _cli_size(args.max_bytes)
     age = None if args.older_than is None else _cli_age(args.older_than)
-    files = _cli_store(args.path, "w")
-    now = time.time()
-    entries, temps = files.prune(now, stale=_stale_test(files) if args.stale else None)
-    if args.stale:  # The failures of older code go with its entries.
-        current = files.identities()
-        files.drop_failures(lambda r: current.get(str(r.get("function")), r.get("identity")) != r.get("identity"))
-    report: dict[str, Any] = {"path": files.root, "removed_entries": entries, "removed_temporary_files": temps}
-    swept = None
+    files = _cli_store(args.path, "r" if args.dry_run else "w")
+    done = _prune(files, None, max_bytes, age, stale=args.stale, dry_run=args.dry_run)
+    report: dict[str, Any] = {
+        "path": files.root, "dry_run": args.dry_run, "removed_entries": done.removed,
+        "removed_temporary_files": done.temporary_files,
+    }  # fmt: skip
     if max_bytes is not None or age is not None:
-        # By hand the store goes down to the size asked for, not to a low-water mark.
-        swept = files.sweep(max_bytes, None if age is None else now - age)
-        report.update(evicted_entries=swept.entries, evicted_bytes=swept.bytes)
+        report.update(evicted_entries=done.evicted, evicted_bytes=done.evicted_bytes)
     if args.json:
         return _print_json(report)
     what = "expired, damaged or stale" if args.stale else "expired or damaged"
-    print(f"removed {entries} {what} entries and {temps} temporary files from {files.root}")
-    if swept is not None:
-        print(f"evicted {swept.entries} least recently used entries ({_mib(swept.bytes)} MiB on disk)")
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {done.removed} {what} entries and {done.temporary_files} temporary files from {files.root}")
+    if "evicted_entries" in report:
+        verb = "would evict" if args.dry_run else "evicted"
+        print(f"{verb} {done.evicted} least recently used entries ({_human(done.evicted_bytes)} on disk)")
     return 0
 
 
@@ -6851,7 +7175,7 @@ def _cli_status(args: Any) -> int:
             info = row["builder"] or row["marker"] or {}
             keys = ("host", "pid") if row["builder"] else ("finished", "version", "host")
             details = ", ".join(f"{k} {info[k]}" for k in keys if info.get(k) is not None)
-            print(f"{row['state']:<10}  {row['directory']}" + (f"  ({details})" if details else ""))
+            print(f"{row['state']:<13}  {row['directory']}" + (f"  ({details})" if details else ""))
     return 0 if all(row["state"] == "done" for row in rows) else 1
 
 
@@ -6866,11 +7190,14 @@ def main(argv: list[str] | None = None) -> int:
     """The ``python -m donecache`` command; returns the exit code."""
     import argparse
 
+    # The console script `donecache` (pyproject.toml) or `python -m donecache`.
+    prog = "donecache" if os.path.basename(sys.argv[0]) in ("donecache", "donecache.exe") else "python -m donecache"
     parser = argparse.ArgumentParser(
-        prog="python -m donecache",
+        prog=prog,
         description="Inspect and clean donecache stores and stage directories. "
         "Exit codes: 0 success, 1 not done or nothing matched, 2 usage error or missing path.",
     )
+    parser.add_argument("--version", action="version", version=f"donecache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -6880,7 +7207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def store_command(name: str, help: str, run: Callable[[Any], int], function: bool = False) -> argparse.ArgumentParser:
         sub = command(name, help)
-        sub.add_argument("path", help="the cache directory")
+        sub.add_argument("path", nargs="?", default=".donecache", help="the cache directory (default: .donecache)")
         if function:
             sub.add_argument(
                 "--function", metavar="NAME", help="only this function: module:qualname (as info prints it), module.qualname, or qualname"
@@ -6905,6 +7232,7 @@ def main(argv: list[str] | None = None) -> int:
     prune.add_argument(
         "--stale", action="store_true", help="also remove entries of functions' older code (see info)"
     )
+    prune.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     prune.add_argument(
         "--max-bytes",
         metavar="SIZE",
@@ -6925,12 +7253,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
+    except BrokenPipeError:
+        # The reader went away (`donecache info | head -1`): stop quietly. stdout
+        # now points at /dev/null, so that the interpreter's final flush does not
+        # report the pipe again (Python docs, "Note on SIGPIPE" in signal).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
     except (_UsageError, OSError, ValueError) as exc:
         message = str(exc)
         if isinstance(exc, OSError) and exc.strerror:  # Not str(): it appends the file name again.
             where = os.fsdecode(exc.filename) if exc.filename is not None else ""
             message = exc.strerror if where in exc.strerror else f"{where}: {exc.strerror}"
-        print(f"python -m donecache {args.command}: {message}", file=sys.stderr)
+        print(f"{prog} {args.command}: {message}", file=sys.stderr)
         return 2
 
 

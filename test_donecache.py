@@ -8,6 +8,7 @@ to ``myproject._vendor.donecache``) to run this same suite against a vendored co
 from __future__ import annotations
 
 import dbm
+import datetime
 import contextlib
 import copy
 import errno
@@ -1915,7 +1916,7 @@ def test_info_shows_bytes_on_disk_beside_logical_bytes(tmp_path):
     assert report["bytes"] == sum(p.stat().st_size for p in files)
     assert report["disk_bytes"] == sum(p.stat().st_blocks * 512 for p in files) >= report["bytes"]
     assert report["function_bytes"] == {"(donecache.open keys)": {"bytes": report["bytes"], "disk_bytes": report["disk_bytes"]}}
-    assert "MiB on disk" in cli("info", str(tmp_path / "c")).stdout
+    assert "KiB on disk)" in cli("info", str(tmp_path / "c")).stdout
 
 
 def test_datetime_columns_travel_out_of_band_and_round_trip(tmp_path):
@@ -1983,7 +1984,7 @@ def test_memoize_bare_uses_dot_donecache_or_env(tmp_path, monkeypatch):
         return 2 * x
 
     assert double(2) == 4 and double(2) == 4
-    assert double.cache_info() == (1, 1, None, 1)
+    assert double.cache_info()[:4] == (1, 1, None, 1)
     assert (tmp_path / ".donecache" / ".gitignore").exists()
     monkeypatch.setenv("DONECACHE_DIR", str(tmp_path / "elsewhere"))
 
@@ -2241,9 +2242,16 @@ def test_donecache_off_calls_straight_through(tmp_path, calls, monkeypatch):
     assert not (tmp_path / "c").exists(), "no reads, no writes, no locks: no store at all"
     monkeypatch.setenv("DONECACHE", "On")
     assert f(1) == -1 and f(1) == -1 and calls.count(1) == 4 and f.is_cached(1)
+    for word in ("0", "FALSE", "No", "oFF"):
+        monkeypatch.setenv("DONECACHE", word)
+        assert f(1) == -1 and calls.count(1) == 4 + ("0", "FALSE", "No", "oFF").index(word) + 1, word
+    for word in ("1", "True", "YES", " on "):
+        monkeypatch.setenv("DONECACHE", word)
+        assert f(1) == -1 and calls.count(1) == 8, word
     monkeypatch.setenv("DONECACHE", "of")
-    with pytest.raises(ValueError, match="DONECACHE='of' is neither 'off' nor 'on'"):
-        f(1)
+    with pytest.warns(dc.DonecacheWarning, match="DONECACHE='of' is not understood, so caching stays on") as seen:
+        assert f(1) == -1 and f(1) == -1 and calls.count(1) == 8, "an unknown value never raises: caching stays on"
+    assert len(seen) == 1, "warned once, not at every call"
 
 
 def test_disabled_switches_off_every_thread_and_takes_no_lock(tmp_path, calls):
@@ -2459,7 +2467,7 @@ def test_wrapper_methods(tmp_path, calls):
     assert f.__wrapped__(3) == 30 and f.cache_info().currsize == 2, "__wrapped__ bypasses the cache"
     assert f.__name__ == "f" and f.__doc__ is None
     f.cache_clear()
-    assert f.cache_info() == (0, 0, None, 0)
+    assert f.cache_info() == (0, 0, None, 0, 0.0, 0.0)
     assert g.cache_info().currsize == 1, "cache_clear() drops only its own function's entries"
 
 
@@ -2618,13 +2626,13 @@ def test_process_pools_share_entries_with_the_parent(tmp_path, method):
                 results = list(pool.map(square, range(20)))
             assert all(pid != os.getpid() for _, pid in results), "computed in the workers"
             assert [square(x) for x in range(20)] == results, "and reused here"
-            print(square.cache_info())
+            print(square.cache_info()[:4])
         """,
         method,
         env={"JOB_CACHE": str(tmp_path / "c")},
         script_file=tmp_path / "job.py",
     )
-    assert proc.stdout.strip() == "CacheInfo(hits=20, misses=0, maxsize=None, currsize=20)"
+    assert proc.stdout.strip() == "(20, 0, None, 20)"
 
 
 # -- memoize: small hits served in process (issue 20) -----------------------------
@@ -3103,7 +3111,7 @@ def test_info_shows_stale_entries_and_prune_removes_them(tmp_path):
     run_job(tmp_path, job.format(n=2, count=3))
     report = json.loads(cli("info", str(tmp_path / "cache"), "--json").stdout)
     assert report["functions"] == {"job:transform": 8} and report["stale"] == {"job:transform": 5}
-    assert "(5 of older code" in cli("info", str(tmp_path / "cache")).stdout
+    assert "5 of older code" in cli("info", str(tmp_path / "cache")).stdout
     assert cli("prune", str(tmp_path / "cache")).stdout.startswith("removed 0 ")
     assert cli("prune", str(tmp_path / "cache"), "--stale").stdout.startswith("removed 5 ")
     report = json.loads(cli("info", str(tmp_path / "cache"), "--json").stdout)
@@ -4578,11 +4586,11 @@ def test_functional_form_and_counters_with_workers(tmp_path, method):
         if __name__ == "__main__":
             multiprocessing.set_start_method(sys.argv[1])
             print(cached.map(range(40), workers=2))
-            print(cached.cache_info())
+            print(cached.cache_info()[:4])
             with ProcessPoolExecutor(2) as pool:
                 print(cached.map(range(50), executor=pool))
                 print(pool.submit(abs, -3).result())
-            print(cached.cache_info())
+            print(cached.cache_info()[:4])
         """,
         method,
         env={"JOB_CACHE": "relative-cache", "LOG": str(tmp_path / "log")},
@@ -4591,10 +4599,10 @@ def test_functional_form_and_counters_with_workers(tmp_path, method):
     )
     assert proc.stdout.splitlines() == [
         "BatchResult(40 inputs: 0 reused, 40 computed, 0 failed)",
-        "CacheInfo(hits=0, misses=40, maxsize=None, currsize=40)",
+        "(0, 40, None, 40)",
         "BatchResult(50 inputs: 40 reused, 10 computed, 0 failed)",
         "3",
-        "CacheInfo(hits=40, misses=50, maxsize=None, currsize=50)",
+        "(40, 50, None, 50)",
     ]
     assert sorted(map(int, (tmp_path / "log").read_text().split())) == list(range(50)), "each computed once"
 
@@ -4699,7 +4707,7 @@ DASK_JOB = """
                 executor.inputs.clear()
                 again = parse.map(range(2000), keep_going=True, executor=executor)
                 print(again, sorted(executor.inputs) == failed, again.results[:2] == batch.results[:2])
-                print(parse.cache_info())
+                print(parse.cache_info()[:4])
 """
 
 
@@ -4737,7 +4745,7 @@ def test_map_on_a_dask_cluster(tmp_path):
     assert lines[1:] == [
         f"BatchResult(2000 inputs: 0 reused, {2000 - failures} computed, {failures} failed) 2000 2",
         f"BatchResult(2000 inputs: {2000 - failures} reused, 0 computed, {failures} failed) True True",
-        f"CacheInfo(hits={2000 - failures}, misses={2000 - failures}, maxsize=None, currsize={2000 - failures})",
+        f"({2000 - failures}, {2000 - failures}, None, {2000 - failures})",
     ], proc.stderr
     computed = sorted(map(int, log.read_text().split()))
     bad = [x for x in range(2000) if x % 97 == 5]
@@ -5120,7 +5128,7 @@ def test_cache_info_reports_max_bytes_or_none(tmp_path):
 def cli(*args: str, cwd: Path | None = None, unprivileged: bool = False) -> subprocess.CompletedProcess[str]:
     """``python -m donecache ARGS`` in a subprocess (see child() for ``unprivileged``)."""
     return child(
-        f"import runpy\nsys.argv = ['donecache', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
+        f"import runpy\nsys.argv = ['donecache.py', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
         *args,
         check=False,
         cwd=cwd,
@@ -5162,9 +5170,8 @@ def filled_cache(tmp_path):
 def test_cli_info(filled_cache):
     proc = cli("info", str(filled_cache))
     assert proc.returncode == 0
-    assert "entries: 3 live, 1 expired, 1 damaged" in proc.stdout
-    assert "temporary files left by crashed writers: 1" in proc.stdout
-    assert "3  __main__:square" in proc.stdout
+    assert "3 entries, " in proc.stdout and "1 expired, 1 damaged, 1 temporary files left by crashed writers" in proc.stdout
+    assert "  __main__:square\n    3 entries, " in proc.stdout
     report = json.loads(cli("info", str(filled_cache), "--json").stdout)
     assert report["entries"] == {"live": 3, "expired": 1, "damaged": 1}
     assert report["functions"] == {"__main__:square": 3} and report["temporary_files"] == 1
@@ -5175,6 +5182,7 @@ def test_cli_prune(filled_cache):
     assert proc.returncode == 0
     assert json.loads(proc.stdout) == {
         "path": str(filled_cache),
+        "dry_run": False,
         "removed_entries": 2,
         "removed_temporary_files": 1,
     }
@@ -5252,10 +5260,10 @@ def test_cli_status(tmp_path):
     assert proc.returncode == 1
     assert [(row["state"], bool(row["marker"])) for row in json.loads(proc.stdout)] == [
         ("done", True),
-        ("incomplete", False),
+        ("not a stage", False),
         ("missing", False),
     ]
-    assert cli("status", str(tmp_path / "done"), "--version", "v3").stdout.startswith("incomplete")
+    assert cli("status", str(tmp_path / "done"), "--version", "v3").stdout.startswith("other version")
     assert cli("status", str(tmp_path / "done"), "--marker", "_SUCCESS").returncode == 1
 
 
@@ -5290,7 +5298,7 @@ def test_cli_status_names_the_live_builder_and_only_reads(tmp_path, read_only):
     [row] = json.loads(cli("status", str(stage), "--json").stdout)
     assert row["state"] == "incomplete" and row["builder"] is None, "a killed builder holds nothing"
     (tmp_path / "bare").mkdir()
-    assert cli("status", str(tmp_path / "bare")).stdout.startswith("incomplete")
+    assert cli("status", str(tmp_path / "bare")).stdout.startswith("not a stage")
     assert listing(tmp_path / "bare") == [], "status created no lock file"
 
 
@@ -5800,7 +5808,7 @@ def test_fifo_at_an_entry_is_a_miss_for_memoize_and_prune(tmp_path, calls):
 def cli_in_background(*args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
     """``python -m donecache ARGS`` started in a subprocess; stdout is a pipe."""
     return child(  # type: ignore[return-value]
-        f"import runpy\nsys.argv = ['donecache', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
+        f"import runpy\nsys.argv = ['donecache.py', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
         *args,
         background=True,
         cwd=cwd,
@@ -6452,6 +6460,228 @@ def test_keyboard_interrupts_never_leave_a_key_lock_held(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# Issue 21: the time the cache saved, trimming and compression, the
+# conventions of functools users, the command line, packaging
+# ---------------------------------------------------------------------------
+
+
+def test_entries_record_their_compute_time_and_batches_say_what_was_saved(tmp_path):
+    import socket
+
+    slept: dict[int, float] = {}  # What each call really slept (a loaded machine oversleeps).
+
+    @dc.memoize(tmp_path / "c")
+    def slow(x):
+        started = time.perf_counter()
+        time.sleep(0.1 * (x + 1))
+        slept[x] = time.perf_counter() - started
+        return x
+
+    def near(figure: float, *inputs: int) -> bool:  # Within 5% of what those calls slept.
+        return 1.0 <= figure / sum(slept[x] for x in inputs) <= 1.05
+
+    first = slow.map(range(4), workers=2, processes=False)  # 0.1+0.2+0.3+0.4 = 1.0 s of compute.
+    assert (first.computed, first.reused) == (4, 0) and near(first.computed_seconds, 0, 1, 2, 3)
+    second = slow.map(range(5))  # Four reused, one (0.5 s) computed.
+    assert (second.computed, second.reused) == (1, 4)
+    assert near(second.computed_seconds, 4) and near(second.saved_seconds, 0, 1, 2, 3)
+    assert second.summary.startswith("1 computed (0.5 s), 4 reused (saved 1.0 s of compute), 0 failed")
+    info = slow.cache_info()
+    assert info[:4] == (4, 5, None, 5) and near(info.held_seconds, 0, 1, 2, 3, 4)
+    assert near(info.saved_seconds, 0, 1, 2, 3)
+    assert slow(4) == 4 and near(slow.cache_info().saved_seconds, 0, 1, 2, 3, 4), "a plain hit counts too"
+    [found] = [f for f in dc._EntryFiles(tmp_path / "c", "r", False).scan() if f.entry.key.endswith(b"=(4,)")]
+    assert found.entry.host == socket.gethostname() and abs(found.entry.created - time.time()) < 60
+    report = json.loads(cli("info", str(tmp_path / "c"), "--json").stdout)["per_function"]
+    [row] = report.values()
+    assert row["entries"] == 5 and near(row["compute_seconds"], 0, 1, 2, 3, 4) and row["oldest"] <= row["newest"]
+    assert f"{row['compute_seconds']:.1f} s of compute held" in cli("info", str(tmp_path / "c")).stdout
+
+
+def test_batch_figures_read_as_a_person_says_them():
+    assert dc._batch_figures(7, 1.21, 1993, 7800) == "7 computed (1.2 s), 1,993 reused (saved 2 h 10 min of compute)"
+    assert [dc._duration(s) for s in (0, 59.9, 60, 250, 86400 * 3 + 3600 * 4)] == [
+        "0.0 s", "59.9 s", "1 min 0 s", "4 min 10 s", "3 d 4 h",
+    ]  # fmt: skip
+    assert [dc._human(n) for n in (0, 1023, 11468, 5 * 2**30)] == ["0 B", "1023 B", "11.2 KiB", "5.0 GiB"]
+
+
+def test_entries_without_metadata_still_read(tmp_path):
+    """An entry written by 0.2 (no metadata in its key area) is a hit that records no time."""
+
+    @dc.memoize(tmp_path / "c")
+    def f(x):
+        return x + 1
+
+    f(1)
+    [path] = entry_files(tmp_path / "c")
+    entry, _st = dc._load_entry(str(path))
+    old = dc._encode_entry(entry.key, 2)
+    old.meta = b""
+    path.write_bytes(b"".join(old.chunks()))
+    assert struct.unpack_from("<I", path.read_bytes(), 48)[0] == 0, "flags 0, as 0.2 wrote them"
+    assert f(1) == 2 and f.cache_info()[:2] == (1, 1) and f.cache_info().saved_seconds == 0.0
+    short = dc._encode_entry(entry.key, 3)
+    short.meta = b"abc"  # A metadata length that no writer makes (under 8 bytes): damage, so a miss.
+    path.write_bytes(b"".join(short.chunks()))
+    assert f(1) == 2 and f.cache_info()[:2] == (1, 2)
+
+
+def test_compress_shrinks_the_stream_and_never_the_mapped_buffers(tmp_path):
+    text = [f"record {i}: the quick brown fox jumps over the lazy dog" for i in range(20000)]
+    sizes = {}
+    for codec in (False, "zlib", True, "lzma"):
+
+        @dc.memoize(tmp_path / str(codec), compress=codec)
+        def make(n):
+            return text[:n]
+
+        assert make(20000) == text
+        [path] = entry_files(tmp_path / str(codec))
+        sizes[codec] = path.stat().st_size
+        make.cache_clear()
+        assert make(20000) == text and make(20000) == text and make.cache_info().hits == 1, codec
+    assert sizes["zlib"] == sizes[True] and sizes["zlib"] * 5 < sizes[False] and sizes["lzma"] * 5 < sizes[False]
+    with dc.open(tmp_path / "s", compress="zlib", mmap=True) as db:
+        db["big"] = pickle.PickleBuffer(bytearray(b"a" * 200_000))
+        db["small"] = b"b" * 1000
+        assert bytes(db["big"]) == b"a" * 200_000 and db["small"] == b"b" * 1000
+    blobs = {p.read_bytes() for p in entry_files(tmp_path / "s")}
+    assert any(b"a" * 200_000 in blob for blob in blobs), "an out-of-band buffer is written as it is, to be mapped"
+    assert not any(b"b" * 1000 in blob for blob in blobs), "the small value's stream is compressed"
+    for bad in ("gzip", 1):
+        with pytest.raises(ValueError, match="compress must be False, True, 'zlib' or 'lzma'"):
+            dc.memoize(tmp_path, compress=bad)
+
+
+def test_prune_in_python_trims_one_function_or_the_store(tmp_path):
+    @dc.memoize(tmp_path / "c")
+    def f(x):
+        return x
+
+    @dc.memoize(tmp_path / "c")
+    def g(x):
+        return x
+
+    f.map(range(10))
+    g.map(range(3))
+    old = time.time() - 7200
+    for path in entry_files(tmp_path / "c")[:2]:
+        os.utime(path, (old, old))
+    before = entry_files(tmp_path / "c")
+    dry = f.prune(max_bytes=4 * 4096, dry_run=True)
+    assert dry.evicted == 6 and dry.evicted_bytes == 6 * 4096 and entry_files(tmp_path / "c") == before
+    assert f.prune(max_bytes=4 * 4096) == dc.PruneReport(0, 0, 6, 6 * 4096)
+    assert f.cache_info().currsize == 4 and g.cache_info().currsize == 3, "g's entries are not f's to trim"
+    with dc.open(tmp_path / "c") as store:
+        assert store.prune(older_than=datetime.timedelta(hours=1), dry_run=True) >= 0
+        assert store.prune(max_bytes=2 * 4096) == 5 and len(store) == 2
+        with pytest.raises(ValueError, match="older_than must be a positive number of seconds"):
+            store.prune(older_than=-1)
+        with pytest.raises(ValueError, match="max_bytes must be a positive int"):
+            store.prune(max_bytes=0)
+
+
+def test_cache_info_is_a_namedtuple_like_functools(tmp_path):
+    import functools
+
+    f = dc.memoize(tmp_path, ttl=60, version=2, max_bytes=10**6)(abs)
+    info = f.cache_info()
+    assert info._fields[:4] == functools.lru_cache()(abs).cache_info()._fields
+    assert info._asdict() == {
+        "hits": 0, "misses": 0, "maxsize": 10**6, "currsize": 0, "held_seconds": 0.0, "saved_seconds": 0.0,
+    }  # fmt: skip
+    assert isinstance(info, tuple) and info._replace(hits=3).hits == 3
+    params = f.cache_parameters()
+    assert params["maxsize"] == params["max_bytes"] == 10**6 and params["ttl"] == 60 and params["version"] == 2
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/cache", "gs://b/c", "http://example.com/c", "HTTPS://x"])
+def test_url_paths_are_refused(tmp_path, monkeypatch, url):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="is a URL; donecache stores entries in a local"):
+        dc.memoize(url)
+    with pytest.raises(ValueError, match="is a URL"):
+        dc.open(url)
+    assert listing(tmp_path) == [], "no local folder named after the scheme"
+    assert dc._store_path("C:\\cache") == "C:\\cache", "a Windows drive is no URL"
+
+
+def test_a_directory_of_other_files_is_refused_not_adopted(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds other files and is not a donecache store"):
+        dc.open(tmp_path)
+    f = dc.memoize(tmp_path)(abs)
+    with pytest.warns(dc.DonecacheWarning, match="not cached: .*holds other files"):
+        assert f(-1) == 1
+    assert listing(tmp_path) == ["notes.txt"], "nothing written or labelled"
+    with dc.open(tmp_path / "store") as db:  # A store (labelled) keeps opening, whatever it holds.
+        db["k"] = 1
+    (tmp_path / "store" / "stray.txt").write_text("x")
+    with dc.open(tmp_path / "store") as db:
+        assert db["k"] == 1
+
+
+def test_cli_sizes_version_default_path_and_dry_run(tmp_path):
+    assert [dc._cli_size(t) for t in ("10M", "10MB", "10MiB", "10mib", "1.5K", "512", "2 GB", "3b")] == [
+        10 << 20, 10_000_000, 10 << 20, 10 << 20, 1536, 512, 2_000_000_000, 3,
+    ]  # fmt: skip
+    for bad in ("10X", "MiB", "10iB", "-1M", "0"):
+        with pytest.raises(dc._UsageError, match="give a positive size"):
+            dc._cli_size(bad)
+    proc = cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"donecache {dc.__version__}"
+    with dc.open(tmp_path / ".donecache") as db:
+        for i in range(5):
+            db[str(i)] = "x" * 5000
+    before = entry_files(tmp_path / ".donecache")
+    proc = cli("prune", "--dry-run", "--max-bytes", "8K", cwd=tmp_path)  # No path: .donecache.
+    assert proc.returncode == 0 and "would evict 4 least recently used entries (32.0 KiB on disk)" in proc.stdout
+    assert entry_files(tmp_path / ".donecache") == before
+    assert re.search(r"\n  5 entries, 2\d\.\d KiB \(40\.0 KiB on disk\)", cli("info", cwd=tmp_path).stdout)
+    assert json.loads(cli("prune", "--max-bytes", "8KiB", "--json", cwd=tmp_path).stdout)["evicted_entries"] == 4
+
+
+@posix_only
+def test_cli_broken_pipe_ends_quietly(tmp_path):
+    with dc.open(tmp_path / "c") as db:
+        for i in range(3000):
+            db[str(i)] = i
+    script = f"import runpy, sys\nsys.path.insert(0, {str(IMPORT_ROOT)!r})\nsys.argv = ['donecache.py', 'info', '--json', {str(tmp_path / 'c')!r}]\nrunpy.run_module({MODULE!r}, run_name='__main__')"
+    proc = subprocess.run(
+        f"{sys.executable} -c {shlex_quote(script)} | head -1", shell=True, capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout == "{\n" and proc.stderr == "", proc.stderr
+
+
+def shlex_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def test_packaging_names_the_console_script_license_and_sdist_files():
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parent
+    if not (root / "pyproject.toml").exists():
+        pytest.skip("pyproject.toml is not beside this test file (a vendored copy)")
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert project["project"]["scripts"] == {"donecache": "donecache:main"} and callable(dc.main)
+    assert project["project"]["license"] == "MIT" and not any("License ::" in c for c in project["project"]["classifiers"])
+    include = project["tool"]["hatch"]["build"]["targets"]["sdist"]["include"]
+    needed = {".ci/run", ".ci/typed_user.py", ".ci/fs_probe.py", "examples/pipeline.py", "test_donecache.py", "donecache.py"}
+    assert all(any(name == path or (path.endswith("/") and name.startswith(path)) for path in include) for name in needed)
+
+
+def test_progress_lines_carry_the_batch_figures(tmp_path, capsys):
+    f = dc.memoize(tmp_path)(abs)
+    f.map([-1, -2], progress=True)
+    f.map([-1, -2, -3], progress=True)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("0 failed; 1 computed (0.0 s), 2 reused (saved 0.0 s of compute)"), last
+
+
+# ---------------------------------------------------------------------------
 # Issue 18, items 1-3 and 11: symlinks and special files where donecache writes,
 # other users' stores, the modes of the folders inside a store, smaller defects.
 # Each test failed on 0.2.0 (3cf1caa) unless its docstring says otherwise.
@@ -6905,6 +7135,31 @@ def test_donecache_never_truncates_an_entry_in_place(tmp_path, monkeypatch):
         del db["k1"]
         db.clear()
     assert truncated == []
+
+
+def test_time_saved_by_a_pool_worker_that_waited_for_another_process_counts_in_the_parent(tmp_path):
+    """Two batches on the same inputs at once: the second one's workers wait for the first
+    one's computations and reuse them; the parent adds what they saved to its own figures."""
+    script = """
+        import os, time
+        @dc.memoize(sys.argv[1])
+        def slow(x):
+            open(f"{sys.argv[1]}.started.{x}", "w").close()
+            time.sleep(0.4)
+            return x
+
+        if __name__ == "__main__":
+            while sys.argv[2] == "late" and not all(os.path.exists(f"{sys.argv[1]}.started.{x}") for x in (0, 1)):
+                time.sleep(0.001)  # Until the other batch computes both (holding their locks).
+            batch = slow.map(range(2), workers=2)
+            print(batch.computed, batch.reused, round(batch.computed_seconds + batch.saved_seconds, 6), round(slow.cache_info().saved_seconds, 6))
+    """
+    first = child(script, str(tmp_path / "c"), "early", background=True)
+    second = child(script, str(tmp_path / "c"), "late", background=True)
+    out = [proc.communicate(timeout=60)[0].split() for proc in (first, second)]
+    assert out[0][:2] == ["2", "0"] and 0.8 <= float(out[0][2]) and out[0][3] == "0.0", out
+    computed, reused, saved, info_saved = out[1]
+    assert (computed, reused) == ("0", "2") and saved == info_saved == out[0][2], "what the first batch computed"
 
 
 # ---------------------------------------------------------------------------

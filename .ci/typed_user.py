@@ -41,3 +41,44 @@ def main() -> None:
     done: bool = donecache.is_done("stage", version=2)
     digest: str = donecache.file_digest(Path("out.txt"), quick=False)
     print(done, digest, donecache.__version__)
+
+
+# The README's own examples, typed as a user would type them.
+Record = dict[str, str]
+
+
+@donecache.memoize("typed-user-cache", version=1, key=lambda record: record["id"])
+def parse(record: Record) -> float:
+    return float(record["amount"].replace(",", "."))
+
+
+@donecache.memoize("typed-user-cache", compress="zlib")
+def render(n: int) -> str:
+    return "x" * n
+
+
+def readme_examples(records: list[Record]) -> None:
+    batch = parse.map(records, keep_going=True, workers=4)
+    for failure in batch.failures:
+        print(failure.index, failure.input, failure.exception, failure.traceback)
+    rows: list[float] = batch.successes
+    seconds: float = batch.computed_seconds + batch.saved_seconds
+    print(rows, seconds, batch.summary, batch.computed, batch.reused, batch.done, batch.ok)
+    for result in parse.imap(iter(records), keep_going=True):
+        if isinstance(result, donecache.Failure):
+            print(result.input, result.exception)
+        else:
+            print(result)
+    for record in parse.failures():
+        print(record.input, record.type, record.message, record.current)
+    info = parse.cache_info()
+    held: float = info.held_seconds + info.saved_seconds
+    print(held, info._asdict(), parse.cache_parameters())
+    trimmed: donecache.PruneReport = parse.prune(max_bytes=10 * 2**20, older_than=86400.0, dry_run=True)
+    print(trimmed.evicted, trimmed.evicted_bytes)
+    with donecache.open("typed-user-store", compress=True) as cache:
+        if "key" not in cache:
+            cache["key"] = render(3)
+        value: object = cache["key"]
+        removed: int = cache.prune(max_bytes=2**20)
+        print(value, removed)

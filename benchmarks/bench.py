@@ -6,6 +6,7 @@
     .bench/bin/python benchmarks/bench.py              # the full run
     .bench/bin/python benchmarks/bench.py --big        # big arrays and frames (numpy, pandas)
     .bench/bin/python benchmarks/bench.py --first-call # the code identity's cost at a first call
+    .bench/bin/python benchmarks/bench.py --compress   # compress= off, zlib, lzma on a text-heavy value
 
 Every workload runs each tool in turn, round after round (the order rotates),
 so drifts of the machine hit all tools alike. The table shows the median over
@@ -821,6 +822,56 @@ def map_table(rows: dict[str, dict[str, float]], n: int) -> tuple[list[str], lis
     return lines, targets
 
 
+def bench_compress(tmp: Path, rounds: int) -> dict[str, dict[str, float]]:
+    """compress= on a text-heavy value (about 9 MB pickled: 120,000 records of
+    an id, two numbers and a line of text, the text being the standard
+    library's own source lines, comments and docstrings included): the
+    entry's size on disk, and the median time of one write and one read (a
+    fresh store each)."""
+    lines: list[str] = []
+    for source in sorted(Path(os.__file__).parent.rglob("*.py")):
+        lines += [line.strip() for line in source.read_text(encoding="utf-8", errors="replace").splitlines() if len(line) > 40]
+        if len(lines) >= 120_000:
+            break
+    rng = random.Random(21)
+    value = [
+        {"id": f"rec-{i:07d}", "delay": rng.randint(-20, 300), "rate": rng.random(), "text": line}
+        for i, line in enumerate(lines[:120_000])
+    ]
+    found: dict[str, dict[str, float]] = {}
+    for codec in (False, "zlib", "lzma"):
+        writes, reads, size = [], [], 0
+        for r in range(rounds):
+            path = tmp / f"compress-{codec}-{r}"
+            with donecache.open(path, compress=codec) as db:
+                started = time.perf_counter()
+                db["v"] = value
+                writes.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                assert db["v"] == value
+                reads.append(time.perf_counter() - started)
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and len(f.name) == 32)
+            shutil.rmtree(path)
+        found[str(codec)] = {"bytes": size, "write": statistics.median(writes), "read": statistics.median(reads)}
+    return found
+
+
+def compress_only(rounds: int, path: str) -> int:
+    results: dict[str, Any] = {"machine": machine(), "mode": "compress", "python": sys.version}
+    print(f"machine: {results['machine']}\nmode: compress= on a text-heavy value, median of {rounds} rounds")
+    with tempfile.TemporaryDirectory(prefix="donecache-bench-", dir=os.environ.get("BENCH_TMP")) as tmpdir:
+        results["compress"] = rows = bench_compress(Path(tmpdir), rounds)
+    plain = rows["False"]
+    print(f"  {'compress=':10s} {'entry size':>12s} {'ratio':>6s} {'write':>10s} {'read':>10s}")
+    for codec, r in rows.items():
+        print(
+            f"  {codec:10s} {r['bytes'] / 1e6:>9.2f} MB {plain['bytes'] / r['bytes']:>5.1f}x "
+            f"{r['write'] * 1e3:>7.1f} ms {r['read'] * 1e3:>7.1f} ms"
+        )
+    Path(path).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    return 0
+
+
 def map_only(n: int, path: str) -> int:
     results: dict[str, Any] = {"machine": machine(), "mode": "map only", "python": sys.version, "load_before": loadavg()}
     print(f"machine: {results['machine']}\nmode: {results['mode']}")
@@ -849,10 +900,13 @@ def main() -> int:
     )
     parser.add_argument("--first-call", action="store_true", help="only the first call's cost (the code identity)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the first-call rows (default 5)")
+    parser.add_argument("--compress", action="store_true", help="only compress= (off, zlib, lzma) on a text-heavy value")
     parser.add_argument("--atomic-only", metavar="DIR", help="only the atomic-write rows, written under DIR")
     args = parser.parse_args()
     if args.first_call:
         return main_first_call(args)
+    if args.compress:
+        return compress_only(5, args.json)
     if args.big:
         return main_big(args)
     if args.atomic_only:  # Judge a filesystem: a loop-mounted journaled ext4, XFS, ...
