@@ -62,6 +62,7 @@ __all__ = [
     "file_digest",
     "disabled",
     "CacheInfo",
+    "PruneReport",
     "DonecacheWarning",
     "BatchResult",
     "Failure",
@@ -69,7 +70,7 @@ __all__ = [
     "Progress",
 ]
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
 
 # One-off scripts pay for every import, so only modules that the interpreter has
 # loaded anyway or that cost little are imported here. Imported where first
@@ -4823,7 +4824,7 @@ def _warn(message: str) -> None:
 
 if TYPE_CHECKING:
 
-    class _CacheInfoFields(NamedTuple):
+    class CacheInfo(NamedTuple):
         hits: int
         misses: int
         maxsize: int | None
@@ -4831,16 +4832,22 @@ if TYPE_CHECKING:
         held_seconds: float = 0.0
         saved_seconds: float = 0.0
 
-else:  # typing costs more to import than the rest of the module.
-    import collections  # Already loaded by site in almost every interpreter.
+    class PruneReport(NamedTuple):
+        removed: int
+        temporary_files: int
+        evicted: int
+        evicted_bytes: int
 
-    _CacheInfoFields = collections.namedtuple(
-        "CacheInfo", "hits misses maxsize currsize held_seconds saved_seconds", defaults=(0.0, 0.0)
-    )
 
-
-class CacheInfo(_CacheInfoFields):
-    """A namedtuple with functools.lru_cache's fields first, then two of donecache's.
+# The public records are real collections.namedtuple classes, made at their first
+# use (a call, or `donecache.CacheInfo` through the module's __getattr__):
+# collections is not loaded at startup in a venv or under -S, and import time is
+# a budget (issue 20). Type checkers see the NamedTuple classes above.
+_RECORDS: dict[str, tuple[list[str], tuple[Any, ...], str]] = {
+    "CacheInfo": (
+        ["hits", "misses", "maxsize", "currsize", "held_seconds", "saved_seconds"],
+        (0.0, 0.0),
+        """A namedtuple with functools.lru_cache's fields first, then two of donecache's.
 
     hits: calls answered from the cache by this process. misses: calls this
     process computed and stored. maxsize: the store's max_bytes (bytes on disk,
@@ -4848,9 +4855,39 @@ class CacheInfo(_CacheInfoFields):
     disk. held_seconds: the computation time those entries hold (as each entry
     recorded it when stored). saved_seconds: the computation time this
     process's hits did not repeat.
-    """
+    """,
+    ),
+    "PruneReport": (
+        ["removed", "temporary_files", "evicted", "evicted_bytes"],
+        (),
+        """What f.prune() did (with dry_run=True: would do): expired, damaged or
+    stale entries removed, crashed writers' temporary files removed, and the
+    least recently used entries evicted with their bytes on disk.""",
+    ),
+}
+_made_records: dict[str, Any] = {}
 
-    __slots__ = ()
+
+def _record(name: str) -> Any:
+    """The namedtuple class ``name`` of _RECORDS, made once."""
+    made = _made_records.get(name)
+    if made is None:
+        import collections
+
+        fields, defaults, doc = _RECORDS[name]
+        namedtuple: Any = collections.namedtuple  # Fields from a table: no literal for mypy's plugin.
+        made = namedtuple(name, fields, defaults=defaults, module=__name__)
+        made.__doc__ = doc
+        made = _made_records.setdefault(name, made)  # One class, whichever thread made it first.
+    return made
+
+
+if not TYPE_CHECKING:  # Hidden from type checkers, which would then allow any name.
+
+    def __getattr__(name: str) -> Any:
+        if name in _RECORDS:
+            return _record(name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _MISSING: Any = object()
@@ -5454,7 +5491,7 @@ class _Memoized(Generic[_P, _R]):
         for found in files.scan(self._folder) if files is not None else ():
             if found.entry is not None and found.entry.live(now) and found.entry.key.startswith(prefix):
                 live, held = live + 1, held + found.entry.seconds
-        return CacheInfo(self._hits, self._misses, self._max_bytes, live, held, self._saved)
+        return _record("CacheInfo")(self._hits, self._misses, self._max_bytes, live, held, self._saved)  # type: ignore[no-any-return]
 
     def cache_parameters(self) -> dict[str, Any]:
         """The options this function was memoized with (functools' ``maxsize`` is max_bytes)."""
@@ -5474,7 +5511,7 @@ class _Memoized(Generic[_P, _R]):
         or a timedelta). ``dry_run``: remove nothing, only count."""
         files = self._files()
         if files is None:
-            return PruneReport(0, 0, 0, 0)
+            return _record("PruneReport")(0, 0, 0, 0)  # type: ignore[no-any-return]
         self._prefix or self._prepare()  # Records the current identity, which stale= compares with.
         return _prune(files, self._folder.rstrip(os.sep), max_bytes, older_than, stale=stale, dry_run=dry_run)
 
@@ -6842,26 +6879,6 @@ def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
     return stale
 
 
-if TYPE_CHECKING:
-
-    class _PruneFields(NamedTuple):
-        removed: int
-        temporary_files: int
-        evicted: int
-        evicted_bytes: int
-
-else:
-    _PruneFields = collections.namedtuple("PruneReport", "removed temporary_files evicted evicted_bytes")
-
-
-class PruneReport(_PruneFields):
-    """What f.prune() did (with dry_run=True: would do): expired, damaged or
-    stale entries removed, crashed writers' temporary files removed, and the
-    least recently used entries evicted with their bytes on disk."""
-
-    __slots__ = ()
-
-
 def _prune(
     files: _EntryFiles, folder: str | None, max_bytes: Any, older_than: Any, *, stale: bool, dry_run: bool
 ) -> PruneReport:
@@ -6876,7 +6893,7 @@ def _prune(
     if limit is not None or age is not None:
         # By hand the store goes down to the size asked for, not to a low-water mark.
         swept = files.sweep(limit, None if age is None else now - age, folder, dry_run)
-    return PruneReport(entries, temps, swept.entries, swept.bytes)
+    return _record("PruneReport")(entries, temps, swept.entries, swept.bytes)  # type: ignore[no-any-return]
 
 
 def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
