@@ -5095,7 +5095,13 @@ class _Memoized(Generic[_P, _R]):
         import inspect  # noqa: F401
         import json  # noqa: F401
         import ast  # noqa: F401
+        import base64  # noqa: F401
         import dis  # noqa: F401
+        import importlib.util  # noqa: F401  (on 3.9 it brings typing, through importlib.abc)
+        import math  # noqa: F401
+        import reprlib  # noqa: F401
+        import types  # noqa: F401
+        import warnings  # noqa: F401
 
         _runtime_imports()
 
