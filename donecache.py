@@ -2224,7 +2224,7 @@ class _Encoded:
     def nbytes(self) -> int:
         """The size of the file that chunks() makes (at most a few bytes more)."""
         rows = sum(buffer.nbytes + _ALIGN + _BUFFER_ROW.size for buffer in self.buffers)
-        return _ENTRY_HEADER.size + len(self.key) + len(self.stream) + rows + 4
+        return _ENTRY_HEADER.size + len(self.key) + len(self.meta) + len(self.stream) + rows + 4
 
     def chunks(self) -> Iterator[Any]:
         """The file's bytes, in pieces for _write_bytes: each buffer's CRC is
@@ -6456,6 +6456,7 @@ class FailureRecord(Exception):
         self.input: Any = self.label
         if load and self.input_kept:
             import base64
+            import pickle  # Unpickled in a fresh process, before any store set the global.
 
             try:  # The store is the user's own, as trusted as its entries.
                 self.input = pickle.loads(base64.b64decode(str(get("input_pickle"))))

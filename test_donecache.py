@@ -4045,6 +4045,40 @@ class Unprintable(Exception):
         raise RuntimeError("no str for you")
 
 
+def test_a_failure_record_unpickled_in_a_fresh_process_keeps_its_input(tmp_path):
+    """A FailureRecord pickled by one process (a worker's report, a memoized list of failures)
+    and loaded in a fresh one that has opened no store still hands back the real input (it
+    once fell back to the label, silently, on a lazily imported name)."""
+    (tmp_path / "recmod.py").write_text("class P:\n    def __init__(self, v):\n        self.v = v\n")
+    child(
+        """
+        import pickle
+        sys.path.insert(0, sys.argv[1])
+        from recmod import P
+
+        @dc.memoize(sys.argv[1] + "/c")
+        def f(p):
+            raise ValueError(p.v)
+
+        f.map([P(7)], keep_going=True, progress=False)
+        [record] = f.failures()
+        assert record.input_kept and record.input.v == 7
+        open(sys.argv[1] + "/records.pkl", "wb").write(pickle.dumps([record]))
+        """,
+        str(tmp_path),
+    )
+    proc = child(
+        """
+        import pickle
+        sys.path.insert(0, sys.argv[1])
+        [record] = pickle.load(open(sys.argv[1] + "/records.pkl", "rb"))
+        print(record.input_kept, type(record.input).__name__, getattr(record.input, "v", None))
+        """,
+        str(tmp_path),
+    )
+    assert proc.stdout.split() == ["True", "P", "7"]
+
+
 def test_the_ledger_survives_hostile_inputs_and_exceptions(tmp_path):
     import copy
     import tracemalloc
