@@ -5049,6 +5049,7 @@ def _label_text(label: Callable[..., Any] | None, args: tuple[Any, ...]) -> str:
 
 _KEY_MEMO_TYPES = frozenset({int, str, bytes, type(None)})
 _KEY_MEMO_SIZE = 4096
+_KEY_MEMO_TEXT = 1024  # Longer strs and bytes are not remembered: the memo would keep them alive.
 
 
 class _Call:
@@ -5228,7 +5229,8 @@ class _Memoized(Generic[_P, _R]):
                 return _Call(args, kwargs, known[0], known[1])
         key = self._key(args, kwargs)
         call = self._call_at(key, args, kwargs)
-        if simple and self._arguments.memoizable:
+        small = simple and all(type(a) is int or a is None or len(a) <= _KEY_MEMO_TEXT for a in args)
+        if small and self._arguments.memoizable:
             if len(self._keys) >= _KEY_MEMO_SIZE:
                 self._keys = {}
             self._keys[args] = (key, call.slot, self._prefix, self._closure)

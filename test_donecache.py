@@ -2766,6 +2766,20 @@ def test_only_local_filesystems_let_lstat_vouch_for_an_entry(tmp_path, monkeypat
     assert f(1) == 1 and calls == [1] and not dc._recent
 
 
+def test_remembered_keys_never_keep_a_big_argument_alive(tmp_path):
+    """The key memo holds its arguments: a 4 MiB bytes or str argument is keyed afresh
+    instead, so thousands of big calls cannot pin their arguments in memory."""
+
+    @dc.memoize(tmp_path / "c")
+    def f(value):
+        return len(value)
+
+    big_bytes, big_text, small = b"x" * (4 << 20), "y" * (4 << 20), "z" * 10
+    assert f(small) == f(small) == 10 and f(big_bytes) == f(big_bytes) == 4 << 20 and f(big_text) == 4 << 20
+    kept = [a for args in f._keys for a in args]
+    assert small in kept and not any(a is big_bytes or a is big_text for a in kept)
+
+
 def test_remembered_keys_keep_equal_but_different_arguments_apart(tmp_path, calls):
     @dc.memoize(tmp_path)
     def f(x):

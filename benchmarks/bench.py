@@ -1074,7 +1074,8 @@ def main_big(args: Any) -> int:
     results["targets"] = {}
     for name, value, limit in targets:
         results["targets"][name] = {"value": value, "limit": limit, "holds": value <= limit}
-        lines.append(f"  {'HOLDS' if value <= limit else 'FAILS'}  {name:44s} measured {value:.2f}")
+        # ">=" targets (the batch rows) are kept negated so that one "<=" test serves all.
+        lines.append(f"  {'HOLDS' if value <= limit else 'FAILS'}  {name:44s} measured {abs(value):.2f}")
     info = results["info"]
     lines.append(f"\ninspection of a cache of {info['cache_bytes'] / 1e9:.1f} GB (another function's values)")
     for what in ("info", "cache_info", "cache_clear"):
