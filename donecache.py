@@ -754,8 +754,15 @@ class _KeyLock:
         self._handle, self._pid = handle, _pid()
         self._holders[self._name] = (owner, _weakref.ref(self))
 
-    def acquire(self, timeout: float | None = None, owner: int | None = None) -> None:
-        """Wait for the lock; TimeoutError after ``timeout`` seconds."""
+    def __enter__(self) -> _KeyLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def acquire(self, timeout: float | None = None, owner: int | None = None) -> _KeyLock:
+        """Wait for the lock; TimeoutError after ``timeout`` seconds. Returns the
+        lock, so that ``with lock.acquire(timeout):`` releases it at the end."""
         owner = _thread.get_ident() if owner is None else owner
         self._claim(owner)
         handle = _LockFile(self._name[0], self._name[1])
@@ -782,6 +789,7 @@ class _KeyLock:
         finally:
             waiting.clear()  # The wait is over: nothing more to report.
         self._took(handle, owner)
+        return self
 
     def _report_wait(self, handle: _LockFile) -> list[bool]:
         """With INFO logging on, a helper thread logs the wait once it passes a
