@@ -32,7 +32,7 @@ import time
 import types
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -121,6 +121,65 @@ def wait_for_line(proc: subprocess.Popen[str], expected: str) -> None:
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
     assert line == expected, f"child said {line!r}, expected {expected!r}"
+
+
+def cli(
+    *args: str, cwd: Path | None = None, unprivileged: bool = False, background: bool = False
+) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
+    """``python -m donecache ARGS`` in a subprocess; see child() for ``unprivileged`` and ``background``."""
+    return child(
+        f"import runpy\nsys.argv = ['donecache.py', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
+        *args,
+        check=False,
+        cwd=cwd,
+        unprivileged=unprivileged,
+        background=background,
+    )
+
+
+@contextlib.contextmanager
+def stage_being_built(stage: Path, *, expect: int | None = None) -> Iterator[subprocess.Popen[str]]:
+    """A child inside ``done_dir(stage)`` (shared: with ``expect`` and a first piece "a"), killed on exit."""
+    builder = child(
+        """
+        import time
+        expect = int(sys.argv[2]) or None
+        with dc.done_dir(sys.argv[1], **({"expect": expect} if expect else {})) as stage:
+            if expect:
+                stage.piece("a", lambda: "a")
+            print("building", flush=True)
+            time.sleep(60)
+        """,
+        str(stage),
+        str(expect or 0),
+        background=True,
+    )
+    try:
+        wait_for_line(builder, "building")  # type: ignore[arg-type]
+        yield builder  # type: ignore[misc]
+    finally:
+        builder.kill()
+        builder.wait()
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (one that init will reap soon counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    return True
+
+
+def entry_files(root: Path) -> list[Path]:
+    """Entry files of both layouts: donecache.open keys, and memoized functions' folders."""
+    found = [*root.glob("??/*"), *root.glob("?" * 16 + "/??/*")]
+    return sorted(p for p in found if not p.name.startswith("."))
 
 
 @pytest.fixture
@@ -1527,14 +1586,6 @@ ORPHAN_MAKER = """
 """
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"  # Not a zombie.
-    except FileNotFoundError:
-        return False
-
-
 def kill_quietly(pids) -> None:
     for pid in pids:
         try:
@@ -1670,12 +1721,6 @@ def test_bare_memoize_in_a_read_only_directory_computes_and_warns_once(tmp_path,
 # ---------------------------------------------------------------------------
 # The entry format and the store (donecache.open)
 # ---------------------------------------------------------------------------
-
-
-def entry_files(root: Path) -> list[Path]:
-    """Entry files of both layouts: donecache.open keys, and memoized functions' folders."""
-    found = [*root.glob("??/*"), *root.glob("?" * 16 + "/??/*")]
-    return sorted(p for p in found if not p.name.startswith("."))
 
 
 @as_str_or_path
@@ -2540,16 +2585,6 @@ def test_fifo_at_an_entry_is_a_miss_for_memoize_and_prune(tmp_path, calls):
     assert dict(pruned.items()) == {"other": "fine"}
 
 
-def cli_in_background(*args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
-    """``python -m donecache ARGS`` started in a subprocess; stdout is a pipe."""
-    return child(  # type: ignore[return-value]
-        f"import runpy\nsys.argv = ['donecache.py', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
-        *args,
-        background=True,
-        cwd=cwd,
-    )
-
-
 def finish_all(procs: dict[str, subprocess.Popen[str]], seconds: float) -> dict[str, int]:
     """Wait for every process until one deadline; kill and name those still running."""
     deadline = time.monotonic() + seconds
@@ -2575,8 +2610,8 @@ def test_cli_returns_with_a_fifo_in_the_cache_or_as_a_marker(tmp_path):
         store_with_fifo_entry(tmp_path / name)
     (tmp_path / "stage").mkdir()
     os.mkfifo(tmp_path / "stage" / "DONE")
-    procs = {name: cli_in_background(name, str(tmp_path / name)) for name in ("info", "prune", "clear")}
-    procs["status"] = cli_in_background("status", str(tmp_path / "stage"))
+    procs = {name: cli(name, str(tmp_path / name), background=True) for name in ("info", "prune", "clear")}
+    procs["status"] = cli("status", str(tmp_path / "stage"), background=True)
     codes = finish_all(procs, 5)
     assert codes == {"info": 0, "prune": 0, "clear": 0, "status": 1}
 
@@ -6081,24 +6116,11 @@ def test_pool_workers_exit_when_the_parent_is_killed(tmp_path):
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 10
-    alive = workers
-    while alive and time.monotonic() < deadline:
+    running = workers
+    while running and time.monotonic() < deadline:
         time.sleep(0.1)
-        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}") or _alive(pid)]
-    assert alive == [], "the workers exited with their parent"
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):  # A zombie (reaped by init soon) counts as gone.
-        if "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]:
-            return False
-    return True
+        running = [pid for pid in running if os.path.exists(f"/proc/{pid}") or alive(pid)]
+    assert running == [], "the workers exited with their parent"
 
 
 def test_progress_is_logged_when_stderr_is_not_a_terminal(tmp_path, capsys, caplog):
@@ -6281,17 +6303,6 @@ def test_map_in_processes_raises_the_earliest_failure(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def cli(*args: str, cwd: Path | None = None, unprivileged: bool = False) -> subprocess.CompletedProcess[str]:
-    """``python -m donecache ARGS`` in a subprocess (see child() for ``unprivileged``)."""
-    return child(
-        f"import runpy\nsys.argv = ['donecache.py', *sys.argv[1:]]\nrunpy.run_module({MODULE!r}, run_name='__main__')",
-        *args,
-        check=False,
-        cwd=cwd,
-        unprivileged=unprivileged,
-    )
-
-
 @pytest.fixture
 def filled_cache(tmp_path):
     """A cache with two memoized functions, a shelf key, and one entry of each kind of trouble."""
@@ -6428,18 +6439,7 @@ def test_cli_status_names_the_live_builder_and_only_reads(tmp_path, read_only):
     import socket
 
     stage = tmp_path / "stage"
-    builder = child(
-        """
-        import time
-        with dc.done_dir(sys.argv[1]) as stage:
-            print("building", flush=True)
-            time.sleep(60)
-        """,
-        str(stage),
-        background=True,
-    )
-    try:
-        wait_for_line(builder, "building")
+    with stage_being_built(stage) as builder:
         read_only(stage)  # status must not need to write, not even the lock file.
         proc = cli("status", str(stage), "--json", unprivileged=True)
         assert proc.returncode == 1, proc.stderr
@@ -6448,9 +6448,6 @@ def test_cli_status_names_the_live_builder_and_only_reads(tmp_path, read_only):
         assert row["builder"] == {"host": socket.gethostname(), "pid": builder.pid}
         line = cli("status", str(stage)).stdout
         assert line.startswith("building") and f"pid {builder.pid}" in line
-    finally:
-        builder.kill()
-        builder.wait()
     [row] = json.loads(cli("status", str(stage), "--json").stdout)
     assert row["state"] == "incomplete" and row["builder"] is None, "a killed builder holds nothing"
     (tmp_path / "bare").mkdir()
@@ -7157,24 +7154,9 @@ def test_status_shows_a_shared_stage_being_built(tmp_path):
     import socket
 
     stage = tmp_path / "stage"
-    builder = child(
-        """
-        import time
-        with dc.done_dir(sys.argv[1], expect=2) as stage:
-            stage.piece("a", lambda: "a")
-            print("building", flush=True)
-            time.sleep(60)
-        """,
-        str(stage),
-        background=True,
-    )
-    try:
-        wait_for_line(builder, "building")
+    with stage_being_built(stage, expect=2) as builder:
         [row] = json.loads(cli("status", str(stage), "--json").stdout)
         assert row["state"] == "building" and row["builder"] == {"host": socket.gethostname(), "pid": builder.pid}
-    finally:
-        builder.kill()
-        builder.wait()
     [row] = json.loads(cli("status", str(stage), "--json").stdout)
     assert row["state"] == "incomplete", "a killed builder holds nothing"
     with dc.done_dir(stage, expect=2) as s:
