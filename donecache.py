@@ -2268,8 +2268,7 @@ def _read_exactly(fd: int, view: memoryview) -> bool:
 
 
 def _crc_of_range(fd: int, start: int, length: int) -> int | None:
-    """The CRC-32 of ``length`` bytes at ``start``, read in pieces (memory stays
-    small whatever the size); None if the file ends first."""
+    """The CRC-32 of ``length`` bytes at ``start``, read in pieces; None if the file ends first."""
     os.lseek(fd, start, os.SEEK_SET)
     piece = memoryview(bytearray(min(length, _CHUNK)))
     crc = 0
@@ -2301,7 +2300,7 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
     meta = flags >> 16  # The metadata's length, at the end of the key area (0 in entries of 0.2).
     if magic != _ENTRY_MAGIC or meta > key_len or 0 < meta < _META.size or key_len > _MAX_KEY or count > _MAX_BUFFERS:
         return None
-    if stream_end + table_len > size:
+    if stream_end + table_len > size:  # Checked before anything is allocated.
         return None
     head = memoryview(first)
     if len(first) < key_end:
@@ -2424,8 +2423,7 @@ _USE_GRAIN = 60.0
 
 
 def _check_max_bytes(max_bytes: Any) -> int | None:
-    """max_bytes as given, if it is None or a positive int; else a TypeError (another
-    type) or ValueError (an int below 1) that says what fits."""
+    """max_bytes as given if it is None or a positive int; else a TypeError or ValueError saying what fits."""
     if max_bytes is None or (isinstance(max_bytes, int) and not isinstance(max_bytes, bool) and max_bytes > 0):
         return max_bytes
     raise (ValueError if isinstance(max_bytes, int) and not isinstance(max_bytes, bool) else TypeError)(
@@ -2546,15 +2544,11 @@ _ENTRY_FLAGS = _READ_FLAGS | _NOFOLLOW
 def _load_entry(
     path: str, key: bytes | None = None, depth: int = _VALUE, mapped: bool = False, touch_before: float = 0.0
 ) -> tuple[_Entry | None, os.stat_result | None]:
-    """Read the entry file at ``path`` to ``depth`` (_HEAD, _VALUE or _VERIFY).
-
-    (entry, stat) if it is a whole entry (for ``key``, when given); (None, stat)
-    if it is damage: not a regular file, or not a whole entry; (None, None) if
-    there is nothing there. Any other OSError (ESTALE, EIO, EACCES) propagates:
-    the file could not be judged (callers retry ESTALE with _retry_stale).
-    ``mapped`` maps the big buffers of a value instead of reading them. A whole
-    entry last modified before ``touch_before`` (a Unix time) is used now.
-    """
+    """Read the entry file at ``path`` to ``depth`` (_HEAD, _VALUE or _VERIFY): (entry, stat)
+    if it is a whole entry (for ``key``, when given); (None, stat) if it is damage (not a
+    regular file, or not a whole entry); (None, None) if there is nothing there. Other
+    OSErrors (ESTALE, EIO, EACCES) propagate: the file could not be judged. ``mapped``: as
+    _read_entry. A whole entry last modified before ``touch_before`` is used now."""
     try:
         fd, st = _open_regular(path, _ENTRY_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
