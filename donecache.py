@@ -2024,6 +2024,7 @@ _ENTRY_MAGIC = b"dcE2"
 _ENTRY_HEADER = struct.Struct("<4sIddQQIII")
 _BUFFER_ROW = struct.Struct("<QI")
 _META = struct.Struct("<d")  # The metadata's fixed part: the computation's seconds; the host follows.
+_seconds_of = _META.unpack_from
 _NO_META = memoryview(b"")
 _CODECS = {"zlib": 1, "lzma": 2}
 _OUT_OF_BAND = 1 << 16  # Buffers this big are written apart from the stream, and can be mapped.
@@ -2111,7 +2112,7 @@ class _Entry:
     @property
     def seconds(self) -> float:
         """How long the computation of the value took (0.0 if not recorded: an older entry or a Store's)."""
-        return _META.unpack_from(self.meta)[0] if self.meta else 0.0
+        return _seconds_of(self.meta)[0] if self.meta else 0.0
 
     @property
     def host(self) -> str:
@@ -2676,6 +2677,44 @@ def _keep_recent(path: str, stamp: tuple[int, ...] | None, entry: _Entry) -> Non
     _recent[path] = (stamp, entry)
 
 
+def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _Entry | None:
+    """_EntryDir.read() on a local filesystem: through _recent, by one lstat(2) when the entry is kept."""
+    try:
+        st: os.stat_result | None = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        st = None  # ESTALE, EIO...: judged by the full read (which retries ESTALE).
+    kept = _recent.get(path) if st is not None else None
+    if (
+        kept is not None
+        and st is not None
+        and kept[0] == (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_uid, st.st_mode)  # _stamp(st)
+        and kept[1].key == key
+    ):
+        if st.st_mtime >= touch_before:
+            return kept[1]
+        entry: _Entry | None = kept[1]
+    else:
+        kept = None
+        entry, st = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped))
+        if entry is None or st is None:
+            return entry
+    assert entry is not None and st is not None
+    used = _record_use(path) if st.st_mtime < touch_before else None
+    if used:
+        stamp: tuple[int, ...] | None = _stamp(st, used)
+    elif used is None and st.st_mtime_ns < time.time_ns() - _RECENT_SETTLED:
+        stamp = _stamp(st)
+    else:
+        stamp = None  # Touched at a time not known, or too new to vouch for.
+    if kept is not None and stamp is not None:
+        _recent[path] = (stamp, entry)
+    else:
+        _keep_recent(path, stamp, entry)
+    return entry
+
+
 class _EntryDir:
     """The directory of a store: where entries live, and how they are read,
     written, listed and removed (the size limit and sidecar records: _EntryFiles)."""
@@ -2813,48 +2852,13 @@ class _EntryDir:
             if recent and self._trusted is None:
                 self._trusted = _stat_trusted(self.root)
             if recent and self._trusted:
-                entry = self._read_recent(path, key, touch, mapped)
+                entry = _read_recent(path, key, touch, mapped)
             else:
                 entry = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped, touch))[0]
         except (OSError, ValueError):
             return None  # Unreadable now (EIO, or ESTALE that persisted), or a mapping refused: a miss.
         if entry is None or (entry.expires and when >= entry.expires):
             return None
-        return entry
-
-    def _read_recent(self, path: str, key: bytes, touch_before: float, mapped: bool) -> _Entry | None:
-        """read() on a local filesystem: through _recent, by one lstat(2) when the entry is kept."""
-        try:
-            st: os.stat_result | None = os.lstat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except OSError:
-            st = None  # ESTALE, EIO...: judged by the full read (which retries ESTALE).
-        kept = _recent.get(path) if st is not None else None
-        if (
-            kept is not None
-            and st is not None
-            and kept[0] == (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_uid, st.st_mode)  # _stamp(st)
-            and kept[1].key == key
-        ):
-            if st.st_mtime >= touch_before:
-                return kept[1]
-            entry: _Entry | None = kept[1]
-        else:
-            kept = None
-            entry, st = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped))
-            if entry is None or st is None:
-                return entry
-        assert entry is not None and st is not None
-        stamp = _stamp(st) if st.st_mtime_ns < time.time_ns() - _RECENT_SETTLED else None
-        if st.st_mtime < touch_before:
-            used = _record_use(path)
-            if used is not None:
-                stamp = _stamp(st, used) if used else None
-        if kept is not None and stamp is not None:
-            _recent[path] = (stamp, entry)
-        else:
-            _keep_recent(path, stamp, entry)
         return entry
 
     def write(self, encoded: _Encoded, slot: _Slot | None = None, recent: bool = False) -> None:
@@ -5258,7 +5262,7 @@ class _Memoized(Generic[_P, _R]):
             return _MISSING  # Written by code that has changed since: recompute.
         self._hits += 1
         if entry.meta:  # Not in entries of 0.2.
-            call.seconds = seconds = entry.seconds
+            call.seconds = seconds = _seconds_of(entry.meta)[0]
             self._saved += seconds
         if _log_at(_DEBUG) is not None:
             _logger.debug("%s: hit; entry %s", self.__qualname__, call.slot.path if call.slot else "?")
