@@ -3266,14 +3266,10 @@ class _EntryFiles(_EntryDir):
                     entries += 1
                     folders.add(os.path.dirname(found.path))
             for directory in [top] if folder else [top, *(os.path.join(top, name) for name in self.folders())]:
-                squatters = [
-                    e
-                    for e in _scandir(directory)
-                    if _is_hex(e.name, 2) or (directory == self.root and _is_hex(e.name, _FOLDER_HEX))
-                ]
-                for squatter in squatters:  # Damage: a file or a link where a folder should be.
-                    if not squatter.is_dir(follow_symlinks=False):
-                        entries += dry_run or _remove_judged(squatter.path, squatter.stat(follow_symlinks=False))
+                for e in _scandir(directory):  # Damage: a file or a link where a folder should be.
+                    folder_name = _is_hex(e.name, 2) or (directory == self.root and _is_hex(e.name, _FOLDER_HEX))
+                    if folder_name and not e.is_dir(follow_symlinks=False):
+                        entries += dry_run or _remove_judged(e.path, e.stat(follow_symlinks=False))
             if not dry_run:
                 self._synced(folders)
         except OSError as exc:
