@@ -2716,8 +2716,7 @@ def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _E
 
 
 class _EntryDir:
-    """The directory of a store: where entries live, and how they are read,
-    written, listed and removed (the size limit and sidecar records: _EntryFiles)."""
+    """A store's directory: where entries live, and how they are read, written, listed and removed."""
 
     def __init__(
         self, path: StrPath, flag: str, durable: bool, max_bytes: int | None = None, trust_shared: bool = False
@@ -2928,9 +2927,8 @@ class _EntryDir:
             return []
 
     def files(self, folder: str | None = None) -> Iterator[tuple[str, str]]:
-        """(path, folder) of every entry file, valid or not (not the temporary
-        files of live writers): all of them, or those of one folder ("" for
-        the top level, else a name from folders())."""
+        """(path, folder) of every entry file, valid or not (no temporary files): all, or those of
+        one folder ("" for the top level, else a name from folders())."""
         for name in self.folders() if folder is None else [folder.rstrip(os.sep)]:
             if name:
                 yield from self._shard_files(os.path.join(self.root, name), name)
@@ -2953,9 +2951,8 @@ class _EntryDir:
                     yield os.path.join(shard.path, name), folder
 
     def scan(self, folder: str | None = None) -> Iterator[_Found]:
-        """Every entry file (of ``folder``, as for files()) with its head, read
-        from a bounded prefix of the file, or None where it is damaged or filed
-        under another key's name. Expired entries are included."""
+        """Every entry file (of ``folder``, as for files()) with its head (a bounded read), or None
+        where it is damaged or filed under another key's name. Expired entries are included."""
         for path, where in self.files(folder):
             try:
                 entry, st = _retry_stale(lambda: _load_entry(path, None, _HEAD))
