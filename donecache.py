@@ -3043,6 +3043,16 @@ class _EntryFiles(_EntryDir):
     before it creates a file; a writer that finds no room sweeps (see sweep()).
     """
 
+    # -- the size limit ------------------------------------------------------
+    #
+    # Amortised: a write costs one stat and two updates of the running total
+    # under its lock byte; only a write that finds no room lists the store.
+    # An entry is written only once its value is computed, and its computation
+    # holds the key's lock byte until the waiters have read it: a sweep skips entries whose
+    # byte is held, so it never evicts an entry whose key is being computed
+    # (an expired entry being recomputed, a refresh, or a result just stored
+    # for waiting callers).
+
     def write(self, encoded: _Encoded, slot: _Slot | None = None, recent: bool = False) -> None:
         if self.max_bytes is None:
             return super().write(encoded, slot, recent)
@@ -3072,16 +3082,6 @@ class _EntryFiles(_EntryDir):
             raise _reraise_about(
                 exc, self.root, f"keep the cache within max_bytes={self.max_bytes}", "check that it is writable"
             ) from exc
-
-    # -- the size limit ------------------------------------------------------
-    #
-    # Amortised: a write costs one stat and two updates of the running total
-    # under its lock byte; only a write that finds no room lists the store.
-    # An entry is written only once its value is computed, and its computation
-    # holds the key's lock byte until the waiters have read it: a sweep skips entries whose
-    # byte is held, so it never evicts an entry whose key is being computed
-    # (an expired entry being recomputed, a refresh, or a result just stored
-    # for waiting callers).
 
     def _usage(
         self, change: Callable[[int | None], int | None], evicted: float = 0.0, sweep: int = 0,
