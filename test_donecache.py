@@ -8164,3 +8164,36 @@ def test_the_readme_signature_check_catches_drift(tmp_path):
     problems = _readme_signature_problems(f"```python\n{README_SIGNATURES_HEADER}\n{right}\n```\n", wrapper)
     assert not any("README.md:3:" in problem for problem in problems), problems
     assert _readme_signatures_elsewhere("Use `done_dir(directory, *, version=None)` here.\n", wrapper)
+
+
+def _markdown_anchors(path: Path) -> set[str]:
+    """GitHub's anchors for the headings of a Markdown file (lower case, punctuation dropped)."""
+    anchors, fenced = set(), False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif line.startswith("#") and not fenced:
+            heading = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower())
+            anchors.add(heading.replace(" ", "-"))
+    return anchors
+
+
+@pytest.mark.skipif(not README.exists(), reason="no README.md beside the tests (a vendored copy?)")
+def test_the_readme_and_docs_links_resolve():
+    """Issue 22: the README sends reference material to docs/, benchmarks/README.md and
+    CHANGELOG.md; each relative link there, and in those files, names a file that exists
+    (and, for a Markdown file, a heading it has)."""
+    root = README.parent
+    pages = [README, root / "CHANGELOG.md", root / "benchmarks" / "README.md", *sorted((root / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target):
+                continue  # http:, https:, mailto:
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.relative_to(root)}: {target}: no such file")
+            elif anchor and linked.suffix == ".md" and anchor not in _markdown_anchors(linked):
+                broken.append(f"{page.relative_to(root)}: {target}: no such heading")
+    assert not broken, "\n".join(broken)
