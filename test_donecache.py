@@ -675,7 +675,7 @@ def test_atomic_path_failure_and_missing_output(tmp_path):
     assert stat.S_IMODE(target.stat().st_mode) == 0o604
 
 
-# -- Attack 7 (issue 10 item 7; failed before its fix): atomic_write onto a FIFO or a device node ---
+# -- Attack 7 (issue 10 item 7, failed before its fix): atomic_write onto a FIFO or a device node
 
 
 def make_special(tmp_path: Path, kind: str) -> tuple[Path, Path]:
@@ -718,7 +718,7 @@ def test_atomic_write_refuses_a_special_file(tmp_path, kind, tool):
     assert listing(tmp_path) == before, "no temporary file left"
 
 
-# -- Attack 15 (issue 10 item 15; failed before its fix): durable: new directories are fsynced into their parents ---
+# -- Attack 15 (issue 10 item 15, failed before its fix): durable: new directories are fsynced into their parents
 
 
 @pytest.fixture
@@ -1563,7 +1563,7 @@ def test_entry_reads_retry_estale(tmp_path, monkeypatch, calls):
     assert failed == ["read", "read"]
 
 
-# -- Attack 2 (issue 10 item 2; failed before its fix): forked children must not keep a stage locked ---
+# -- Attack 2 (issue 10 item 2, failed before its fix): forked children must not keep a stage locked
 
 
 ORPHAN_MAKER = """
@@ -1619,7 +1619,7 @@ def test_orphans_forked_inside_a_stage_do_not_keep_it_locked(tmp_path, how):
         kill_quietly(orphans)
 
 
-# -- Attack 11 (issue 10 item 11; failed before its fix): read-only directories and filesystems ---
+# -- Attack 11 (issue 10 item 11, failed before its fix): read-only directories and filesystems
 
 
 @pytest.fixture
@@ -2366,7 +2366,7 @@ def test_numpy_and_pandas_results_round_trip_read_and_mapped(tmp_path):
     assert cli("verify", str(tmp_path)).returncode == 0
 
 
-# -- Attack 1 (issue 10 item 1; failed before its fix): prune() must remove only the file it judged ---
+# -- Attack 1 (issue 10 item 1, failed before its fix): prune() must remove only the file it judged
 
 PRUNER = """
     import time
@@ -2480,7 +2480,7 @@ def test_prune_leaves_an_entry_on_io_errors(tmp_path, monkeypatch, code, during)
         assert db["mine"] == "precious"
 
 
-# -- Attack 5 (issue 10 item 5; failed before its fix): FIFOs: never open anything but regular files ---
+# -- Attack 5 (issue 10 item 5, failed before its fix): FIFOs: never open anything but regular files
 
 
 def run_bounded(actions: dict[str, Callable[[], object]], fifos: list[Path], seconds: float = 2.0) -> dict[str, object]:
@@ -2641,7 +2641,7 @@ def test_fifo_in_a_stage_or_as_its_marker(tmp_path):
     assert results == {"done_dir": False}, "a FIFO is not a finished marker"
 
 
-# -- Attack 6 (issue 10 item 6; failed before its fix): descriptors: one per cache path, for the life of the process ---
+# -- Attack 6 (issue 10 item 6, failed before its fix): descriptors: one per cache path, for the life of the process
 
 MANY_CACHES = """
     import os, resource, warnings
@@ -2691,7 +2691,7 @@ def test_short_lived_caches_do_not_keep_descriptors(tmp_path):
     assert warned == []
 
 
-# -- Attack 8 (issue 10 item 8; failed before its fix): get/items/values while another process deletes keys ---
+# -- Attack 8 (issue 10 item 8, failed before its fix): get/items/values while another process deletes keys
 
 DELETER = """
     keys = [f"k{i}" for i in range(5)]
@@ -2738,7 +2738,7 @@ def test_keys_vanishing_meanwhile_are_simply_absent(tmp_path):
     assert raised == {}, f"KeyError for a key deleted meanwhile: {raised}"
 
 
-# -- Attack 9 (issue 10 item 9; failed before its fix): a regular file where a shard directory should be ---
+# -- Attack 9 (issue 10 item 9, failed before its fix): a regular file where a shard directory should be
 
 
 def test_a_file_in_place_of_a_shard_is_repaired(tmp_path):
@@ -2760,7 +2760,7 @@ def test_a_file_in_place_of_a_shard_is_repaired(tmp_path):
     assert shard.is_dir()
 
 
-# -- Attack 13 (issue 10 item 13; failed before its fix): misleading errors ----
+# -- Attack 13 (issue 10 item 13, failed before its fix): misleading errors
 
 
 @posix_only
@@ -3489,7 +3489,7 @@ def test_process_pools_share_entries_with_the_parent(tmp_path, method):
     assert proc.stdout.strip() == "(20, 0, None, 20)"
 
 
-# -- Attack 3 (issue 10 item 3; failed before its fix): threads in several processes: each key computed once, no EDEADLK ---
+# -- Attack 3 (issue 10 item 3, failed before its fix): threads in several processes: each key computed once, no EDEADLK
 
 THREADED_WORKER = """
     import os, random, threading, time, warnings
@@ -3550,7 +3550,7 @@ def test_threads_in_several_processes_compute_each_key_once(tmp_path):
     assert warned == []
 
 
-# -- Attack 4 (issue 10 item 4; failed before its fix): fork at any moment: the child can use memoize ---
+# -- Attack 4 (issue 10 item 4, failed before its fix): fork at any moment: the child can use memoize
 
 FORKER = """
     import json, os, signal, threading, time, warnings
@@ -3617,7 +3617,7 @@ def test_children_forked_at_any_moment_can_use_memoize(tmp_path):
     assert outcomes == {"ok": 100, "hung": 0, "failed": 0}, f"forked while threads used the locks: {proc.stdout}"
 
 
-# -- Attack 12 (issue 10 item 12; failed before its fix): an async memoized function that awaits itself ---
+# -- Attack 12 (issue 10 item 12, failed before its fix): an async memoized function that awaits itself
 
 
 def test_async_function_awaiting_its_own_key_raises(tmp_path):
@@ -3649,7 +3649,7 @@ def test_async_function_awaiting_its_own_key_raises(tmp_path):
         pytest.fail("awaiting its own key returned instead of raising RuntimeError")
 
 
-# -- Attack 16 (issue 10 item 16; failed before its fix): KeyboardInterrupt never leaves a key lock marked as held ---
+# -- Attack 16 (issue 10 item 16, failed before its fix): KeyboardInterrupt never leaves a key lock marked as held
 
 INTERRUPT_STORM = """
     import signal, time, warnings
@@ -6246,7 +6246,8 @@ def test_damage_costs_only_a_recomputation(tmp_path):
     assert proc.stdout == "" and proc.stderr == "", "the rewritten entries are hits again"
 
 
-# -- Attack 14 (issue 10 item 14; failed before its fix): map(keep_going=False, workers=N) raises the earliest input's failure ---
+# -- Attack 14 (issue 10 item 14, failed before its fix): map(keep_going=False, workers=N) raises
+#    the earliest input's failure
 
 
 def test_map_in_threads_raises_the_earliest_failure(tmp_path):
@@ -6529,7 +6530,7 @@ def test_example_pipeline_tells_the_seed_story(tmp_path):
     assert cli("failures", str(tmp_path / "out" / "cache")).returncode == 1, "the successes cleared the ledger"
 
 
-# -- Attack 10 (issue 10 item 10; failed before its fix): the command line on directories that are not caches ---
+# -- Attack 10 (issue 10 item 10, failed before its fix): the command line on directories that are not caches
 
 
 @pytest.mark.parametrize("command", ["prune", "clear", "info"])
