@@ -153,11 +153,6 @@ LAYERING_ENTRY_POINTS: set[str] = set()
 # by the section that uses it (shrinks to nothing as the layering pass lands).
 LAYERING_NOT_YET = set(
     """
-    _NotRegular _open_regular _process_id _forget_pid _temp_count _holder _kind_of
-    _LITTER_AGE _discard
-    ---
-    _QUOTED_IN_VERSIONS _read_text _list_dir _marker_version _file_head
-    ---
     _datetimes_out_of_band _argument_codes _DatetimePickler _by_value _lzma _keep_recent
     ---
     _StoreItems _StoreValues _prune
