@@ -1207,7 +1207,8 @@ class _Atomic:
             st = None
         if st is not None:
             if stat.S_ISDIR(st.st_mode):
-                raise _os_error(errno.EISDIR, target, f"cannot write {target!r}: it is a directory; choose a file path inside it")
+                message = f"cannot write {target!r}: it is a directory; choose a file path inside it"
+                raise _os_error(errno.EISDIR, target, message)
             if not stat.S_ISREG(st.st_mode):
                 # Renaming over a device or a FIFO would replace the node itself
                 # (as root, atomic_write("/dev/null") would replace the system's).
@@ -1218,9 +1219,8 @@ class _Atomic:
                     "write would replace it; write to it with open(), or choose another path",
                 )
             if not self._overwrite:
-                raise _os_error(
-                    errno.EEXIST, target, f"{target!r} already exists and overwrite=False; remove it or pass overwrite=True"
-                )
+                message = f"{target!r} already exists and overwrite=False; remove it or pass overwrite=True"
+                raise _os_error(errno.EEXIST, target, message)
         parent = os.path.dirname(os.path.abspath(target))
         if not os.path.isdir(parent):
             if os.path.exists(parent):
@@ -1423,11 +1423,7 @@ def _version_text(version: Any, what: str = "version", item: bool = False) -> st
 
 
 def _marker_path(directory: StrPath, marker: str) -> str:
-    if not isinstance(marker, str) or not marker or os.path.basename(marker) != marker or marker in (
-        ".",
-        "..",
-        _STAGE_LOCK,
-    ):
+    if not isinstance(marker, str) or marker in ("", ".", "..", _STAGE_LOCK) or os.path.basename(marker) != marker:
         raise ValueError(f"marker must be a plain file name such as 'DONE' or '_SUCCESS', not {marker!r}")
     return os.path.join(_fspath(directory, "directory"), marker)
 
@@ -1675,7 +1671,8 @@ class Stage:
     def __enter__(self) -> Stage:
         root = self._root
         if os.path.exists(root) and not os.path.isdir(root):
-            raise _os_error(errno.ENOTDIR, root, f"stage {root!r} is a file, not a directory; move it away or choose another path")
+            message = f"stage {root!r} is a file, not a directory; move it away or choose another path"
+            raise _os_error(errno.ENOTDIR, root, message)
         self._pid = os.getpid()
         if _marker_counts(self._marker_file, self.version):
             # Finished: seeing that needs no lock, and no write (the stage may
