@@ -50,24 +50,9 @@ trust can write to. See README.md for the whole story.
 from __future__ import annotations
 
 __all__ = [
-    "atomic_write",
-    "atomic_path",
-    "done_dir",
-    "is_done",
-    "mark_not_done",
-    "Stage",
-    "open",
-    "Store",
-    "memoize",
-    "file_digest",
-    "disabled",
-    "CacheInfo",
-    "PruneReport",
-    "DonecacheWarning",
-    "BatchResult",
-    "Failure",
-    "FailureRecord",
-    "Progress",
+    "atomic_write", "atomic_path", "done_dir", "is_done", "mark_not_done", "Stage", "open", "Store", "memoize",
+    "file_digest", "disabled", "CacheInfo", "PruneReport", "DonecacheWarning", "BatchResult", "Failure",
+    "FailureRecord", "Progress",
 ]
 
 __version__ = "0.3.0.dev0"
@@ -109,6 +94,7 @@ if TYPE_CHECKING:
         IO,
         Any,
         Callable,
+        Generator,
         Generic,
         Iterable,
         Iterator,
@@ -154,24 +140,18 @@ else:
 # Nothing below this section asks which OS it runs on.
 # ---------------------------------------------------------------------------
 
-# O_EXCL makes creation fail if the name exists (even as a dangling symlink, per
-# open(2)), so a temporary file is always ours. O_NOFOLLOW is belt and braces.
-_CREATE_FLAGS = (
-    os.O_WRONLY
-    | os.O_CREAT
-    | os.O_EXCL
-    | getattr(os, "O_NOFOLLOW", 0)
-    | getattr(os, "O_CLOEXEC", 0)
-    | getattr(os, "O_BINARY", 0)
-)
-_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# O_EXCL makes creation fail if the name exists (even as a dangling symlink, per
+# open(2)), so a temporary file is always ours. O_NOFOLLOW is belt and braces.
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+_READ_FLAGS = os.O_RDONLY | _CLOEXEC
 # Every file that donecache opens in place to write (lock files, .usage) is
 # opened by _open_regular with these: created if missing, never through a
 # symlink (a link planted at a stage's lock file made the holder's note empty
 # its target: issue 18), never a FIFO or a device.
-_WRITE_FLAGS = os.O_RDWR | os.O_CREAT | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+_WRITE_FLAGS = os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC
 
 
 def _delays() -> Iterator[float]:
@@ -182,25 +162,31 @@ def _delays() -> Iterator[float]:
         delay = min(delay * 2, 0.05)
 
 
-# NFS answers ESTALE when the file or directory behind a name or a handle was
-# removed or replaced by another host. It is transient: the name, looked up
-# again, leads to the new file. Linux retries a path lookup once by itself, but
-# a read on a descriptor opened just before another host's rename still fails,
-# so the whole operation, from its open, is retried.
-_STALE_TRIES = 5
+def _kind_of(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return kind
+    return "a regular file" if stat.S_ISREG(mode) else "a special file"
 
 
-def _retry_stale(operation: Callable[[], _R]) -> _R:
-    """operation(), run again (a few times, with backoff) while it fails with ESTALE."""
-    delays = _delays()
-    for _ in range(_STALE_TRIES - 1):
-        try:
-            return operation()
-        except OSError as exc:
-            if exc.errno != errno.ESTALE:
-                raise
-        time.sleep(next(delays))
-    return operation()
+class _NotRegular(OSError):
+    """Something other than a regular file stands where one was expected."""
+
+    def __init__(self, path: str, st: os.stat_result) -> None:
+        super().__init__(
+            errno.EINVAL,
+            f"{path!r} is {_kind_of(st.st_mode)}, not a regular file; donecache never writes through a link or "
+            "into a special file (one planted there could make it write elsewhere): remove it and run again",
+            path,
+        )
+        self.stat = st
 
 
 if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
@@ -254,50 +240,8 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
     def _untrusted(st: os.stat_result) -> str:
         return ""  # No owner uid in os.stat, no POSIX mode bits: nothing to check (docs/security.md).
 
-    class _LockFile:
-        """A lock file opened for one lock. Windows byte locks belong to the
-        handle, so each lock has a handle of its own: two threads never share
-        the file position that msvcrt.locking() locks at."""
-
-        can_wait = False  # msvcrt's blocking mode gives up after ten seconds: poll.
-
-        def __init__(self, path: str, offset: int | None) -> None:
-            self._file = io.FileIO(_open_regular(path, _WRITE_FLAGS)[0], "r+")
-            self.fd, self.offset = self._file.fileno(), offset or 0  # A whole-file lock is byte 0.
-
-        def try_lock(self) -> bool:
-            os.lseek(self.fd, self.offset, os.SEEK_SET)
-            try:
-                msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
-            except OSError:
-                return False
-            return True
-
-        def wait(self) -> None:
-            raise NotImplementedError
-
-        def unlock(self) -> None:
-            os.lseek(self.fd, self.offset, os.SEEK_SET)
-            msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
-
-        def close(self) -> None:
-            self._file.close()
-
     def _stat_trusted(path: str) -> bool:
         return False  # Not measured on Windows: every hit opens its entry.
-
-    def _lock_taken(path: str) -> bool:
-        try:
-            file = io.FileIO(path, "r")
-        except FileNotFoundError:
-            return False
-        with file:
-            try:
-                msvcrt.locking(file.fileno(), msvcrt.LK_NBRLCK, 1)
-            except OSError:
-                return True
-            msvcrt.locking(file.fileno(), msvcrt.LK_UNLCK, 1)
-            return False
 
 else:
     import fcntl
@@ -359,6 +303,10 @@ else:
     def _keep_mode(fd: int, mode: int) -> None:
         os.fchmod(fd, mode)
 
+    def _touch(fd: int, path: str) -> None:
+        # Through the open file (futimens(2)): no second lookup of the path, which a rename may have changed since.
+        os.utime(fd)
+
     def _pid_alive(pid: int) -> bool:
         try:
             os.kill(pid, 0)  # Signal 0 only asks (kill(2)); EPERM: alive, another user's.
@@ -367,11 +315,6 @@ else:
         except OSError:
             pass
         return True
-
-    def _touch(fd: int, path: str) -> None:
-        # Sets the modification time to now through the open file (futimens(2)):
-        # no second lookup of the path, which a rename may have changed since.
-        os.utime(fd)
 
     def _open_file(path: str, flags: int, mode: int) -> int:
         return os.open(path, flags, mode)  # O_NOFOLLOW in the flags refuses a symlink.
@@ -395,213 +338,6 @@ else:
         why = f"is writable by {writers}" if mine else f"is not yours (you are uid {os.geteuid()})"
         return f"{why}: owner {owner} (uid {st.st_uid}), mode {stat.filemode(st.st_mode)} ({stat.S_IMODE(st.st_mode):o})"
 
-    # Byte locks. Linux (3.15 and later) has open-file-description locks
-    # (F_OFD_SETLK, fcntl(2)), which belong to the open file description as
-    # flock(2) locks do: each handle's locks are its own, closing it drops only
-    # those, and the kernel's deadlock detection, which misfires when threads
-    # of several processes hold classic record locks (EDEADLK, "Resource
-    # deadlock avoided"), does not apply. Elsewhere (macOS, the BSDs) only
-    # classic record locks exist; they belong to the process: see _RecordLocks.
-    _F_OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None) if sys.maxsize > 2**32 else None
-    _F_OFD_SETLKW: int = getattr(fcntl, "F_OFD_SETLKW", 0)
-    _FLOCK = struct.Struct("@hhqqi4x")  # struct flock, 64-bit Linux: type, whence, start, len, pid.
-
-    class _RecordLocks:
-        """Classic record locks, where no OFD locks exist. They belong to the
-        process: closing *any* descriptor of the file drops all of them, and
-        threads of one process never exclude each other (fcntl(2), "Record
-        locking"). So the handles of one path share one descriptor, kept open
-        while any of them is, and threads take turns on a byte through a
-        thread lock."""
-
-        guard = _thread.allocate_lock()
-        shared: dict[str, list[Any]] = {}  # path -> [descriptor, handles]
-        turns: dict[tuple[str, int], list[Any]] = {}  # (path, byte) -> [thread lock, handles]
-
-        def __init__(self, path: str, offset: int) -> None:
-            self.path, self.offset = path, offset
-            with self.guard:
-                shared = self.shared.get(path)
-                if shared is None:
-                    shared = self.shared[path] = [_open_regular(path, _WRITE_FLAGS)[0], 0]
-                shared[1] += 1
-                turn = self.turns.setdefault((path, offset), [_thread.allocate_lock(), 0])
-                turn[1] += 1
-            self.fd, self.turn = shared[0], turn[0]
-
-        def lock(self, wait: bool) -> bool:
-            if not self.turn.acquire(wait):
-                return False
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, self.offset)
-            except BaseException as exc:
-                self.turn.release()
-                if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EAGAIN):
-                    return False
-                raise
-            return True
-
-        def unlock(self) -> None:
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.offset)
-            finally:
-                self.turn.release()
-
-        def close(self) -> None:
-            with self.guard:
-                turn = self.turns.get((self.path, self.offset))
-                shared = self.shared.get(self.path)
-                if turn is None or shared is None or shared[0] != self.fd:
-                    return  # Opened by the parent of this forked child: forgotten.
-                turn[1] -= 1
-                if turn[1] == 0:
-                    del self.turns[(self.path, self.offset)]
-                shared[1] -= 1
-                if shared[1] == 0:
-                    del self.shared[self.path]
-                    os.close(self.fd)
-
-        @classmethod
-        def forget(cls) -> None:
-            # After fork(2) the child holds no record locks and none of the
-            # parent's threads; another thread may have held the guard.
-            cls.guard, cls.shared, cls.turns = _thread.allocate_lock(), {}, {}
-
-    class _LockFile:
-        """A lock file opened for one lock: the whole file (offset None, with
-        flock(2)) or one byte of it. Whole-file locks and OFD locks belong to
-        this handle: code that opens and closes the same file (a user hashing
-        every file of a stage) cannot release them by accident, and two
-        handles exclude each other even within one thread. Both kinds work
-        over NFS (Linux emulates flock there with record locks).
-
-        A forked child closes its copies of every open handle at once (see
-        _forked), so that it never keeps its parent's locks alive: a pool
-        worker that outlives a killed parent would otherwise hold them forever.
-        """
-
-        can_wait = True
-        _open: dict[int, weakref.ref[_LockFile]] = {}  # id -> handle, for _forked (a weak set, without weakref's import)
-        _hooked = False
-        # Opening the lock file costs four system calls (open, fstat, lseek,
-        # close) per lock: a byte lock's handle released cleanly (unlocked, so
-        # it holds nothing) is kept for the next byte lock of that file, a few
-        # per file, for the last two files (short-lived stores leave no
-        # descriptors behind: issue 10, item 6). Each handle still serves one
-        # lock at a time, so OFD locks still exclude threads. A handle whose
-        # unlock did not run is closed, never kept; one whose file was removed
-        # (st_nlink 0: the store was deleted; checked once a second) is dropped,
-        # or its locks would exclude no one.
-        _spare: dict[str, list[tuple[io.FileIO, float]]] = {}  # path -> [(file, when its link count was checked)]
-        _SPARES, _SPARE_FILES = 4, 2  # No thread lock guards them: an interrupt inside `with` can leave one held (3.9).
-
-        def __init__(self, path: str, offset: int | None) -> None:
-            if not _LockFile._hooked:
-                _LockFile._hooked = True
-                os.register_at_fork(after_in_child=_LockFile._forked)
-            self.offset, self._path, self._clean = offset, path, False
-            self._records = None if offset is None or _F_OFD_SETLK is not None else _RecordLocks(path, offset)
-            # io.FileIO closes its descriptor when it is collected: a lock whose
-            # holder vanished with an exception (KeyboardInterrupt) is released.
-            self._file, self._checked = None, 0.0
-            if self._records is None:
-                spare = self._spare.get(path) if offset is not None else None
-                if spare:
-                    try:
-                        self._file, self._checked = spare.pop()  # Atomic: each kept file goes to one handle.
-                    except IndexError:  # Another thread took the last one.
-                        pass
-                    if self._file is not None and time.monotonic() - self._checked > 1.0:
-                        self._checked = time.monotonic()
-                        if os.fstat(self._file.fileno()).st_nlink == 0:
-                            self._file.close()
-                            self._file = None
-                if self._file is None:
-                    self._file, self._checked = io.FileIO(_open_regular(path, _WRITE_FLAGS)[0], "r+"), time.monotonic()
-            if len(self._open) > 1000:  # Handles collected unclosed (their holder vanished) leave dead references.
-                for key, ref in list(self._open.items()):
-                    if ref() is None:
-                        self._open.pop(key, None)
-            self._open[id(self)] = _weakref.ref(self)
-
-        @staticmethod
-        def _forked() -> None:
-            for ref in list(_LockFile._open.values()):
-                handle = ref()
-                if handle is not None and handle._file is not None:
-                    handle._file.close()
-            _LockFile._open.clear()
-            global _process_id
-            _process_id = 0
-            spares, _LockFile._spare = _LockFile._spare, {}
-            for files in spares.values():
-                for file, _checked in files:
-                    file.close()
-            _RecordLocks.forget()
-
-        def _ofd(self, command: int, kind: int) -> None:
-            assert self._file is not None and self.offset is not None
-            fcntl.fcntl(self._file.fileno(), command, _FLOCK.pack(kind, os.SEEK_SET, self.offset, 1, 0))
-
-        def _lock(self, wait: bool) -> bool:
-            if self._records is not None:
-                return self._records.lock(wait)
-            assert self._file is not None
-            try:
-                if self.offset is None:
-                    fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-                else:
-                    self._ofd(_F_OFD_SETLKW if wait else _F_OFD_SETLK, fcntl.F_WRLCK)  # type: ignore[arg-type]
-            except OSError as exc:
-                if exc.errno in (errno.EACCES, errno.EAGAIN):
-                    return False
-                raise
-            return True
-
-        def try_lock(self) -> bool:
-            return self._lock(False)
-
-        def wait(self) -> None:
-            # Blocks with the GIL released; a signal interrupts it (PEP 475).
-            self._lock(True)
-
-        def unlock(self) -> None:
-            if self._records is not None:
-                self._records.unlock()
-            elif self._file is not None and not self._file.closed:  # Closed: a forked child.
-                if self.offset is None:
-                    fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-                else:
-                    self._ofd(_F_OFD_SETLK, fcntl.F_UNLCK)  # type: ignore[arg-type]
-                self._clean = True
-
-        def close(self) -> None:
-            ref = self._open.get(id(self))
-            if ref is not None and ref() is self:
-                del self._open[id(self)]
-            file, self._file = self._file, None
-            if self._records is not None:
-                self._records.close()
-            elif file is not None:
-                if self._clean and self.offset is not None and not file.closed:
-                    spare = self._spare.get(self._path)
-                    if spare is None:
-                        while len(self._spare) >= self._SPARE_FILES:
-                            try:
-                                old = self._spare.pop(next(iter(self._spare)))
-                            except (StopIteration, KeyError, RuntimeError):  # Another thread got there first.
-                                break
-                            while old:
-                                try:
-                                    old.pop()[0].close()
-                                except IndexError:
-                                    break
-                        spare = self._spare.setdefault(self._path, [])
-                    if len(spare) < self._SPARES:
-                        spare.append((file, self._checked))
-                        return
-                file.close()
-
     # Filesystems on which an lstat(2) of a name tells whether it still holds
     # the file read before (same inode, size, mtime): local ones. NFS clients
     # cache attributes (acregmin 3 s to acregmax 60 s, nfs(5)), so an lstat may
@@ -613,8 +349,7 @@ else:
     )
 
     def _stat_trusted(path: str) -> bool:
-        """True if ``path`` is on a local filesystem (Linux: /proc/self/mountinfo, proc(5));
-        False elsewhere and when it cannot be told."""
+        """True if ``path`` is on a local filesystem (Linux: /proc/self/mountinfo, proc(5))."""
         try:
             with io.open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
                 table = mounts.read().splitlines()
@@ -628,322 +363,6 @@ else:
             if point and real.startswith(point) and len(point) >= len(best):
                 best, kind = point, rest.split(" ", 1)[0]
         return kind in _LOCAL_FS
-
-    def _lock_taken(path: str) -> bool:
-        # A shared lock, tried and dropped at once: a builder that asks for the
-        # lock in that instant waits microseconds. The file is opened read-only,
-        # never created. Only for another process's locks: on NFS, where flock
-        # is a record lock, closing this descriptor would drop our own.
-        try:
-            fd = os.open(path, _READ_FLAGS | _NONBLOCK)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return True
-            raise
-        finally:
-            os.close(fd)
-        return False
-
-
-# ---------------------------------------------------------------------------
-# Logging
-#
-# Records go to logging.getLogger("donecache"): DEBUG for each memoize hit and
-# miss, INFO for waits on a lock longer than a second and for each sweep of a
-# bounded store. logging is never imported here: if the program has not
-# imported it, nobody can have configured it, and there is nothing to log.
-# The level check is the logger's own cached isEnabledFor, so a hit pays a
-# dictionary lookup for it.
-# ---------------------------------------------------------------------------
-
-_DEBUG, _INFO = 10, 20  # logging.DEBUG, logging.INFO
-_logger: Any = None
-
-
-def _log_at(level: int) -> Any:
-    """The "donecache" logger if it handles ``level``, else None."""
-    global _logger
-    if _logger is None:
-        if "logging" not in sys.modules:
-            return None
-        # Not sys.modules["logging"]: while another thread imports it, that is a
-        # half-made module without getLogger (issue 18 item 5). The import
-        # statement waits for the other thread's import to finish.
-        import logging
-
-        _logger = logging.getLogger("donecache")
-    return _logger if _logger.isEnabledFor(level) else None
-
-
-# ---------------------------------------------------------------------------
-# Locks
-#
-# _KeyLock is the one lock that stages and memoize use: the whole of a lock
-# file, or one byte of it, held by one thread of one process at a time, with a
-# timeout, and an error instead of a deadlock when a thread asks for a lock it
-# already holds. The kernel drops the locks of a process that dies, even by
-# SIGKILL, so a crashed holder never blocks anyone.
-# ---------------------------------------------------------------------------
-
-
-# os.getpid() is a system call (glibc stopped caching it in 2.25), and each lock
-# records its process: the id is kept, and a forked child forgets it (_forked).
-_process_id = 0
-
-
-_pid_hooked = False
-
-
-def _pid() -> int:
-    global _process_id, _pid_hooked
-    if not _process_id:
-        if hasattr(os, "register_at_fork") and not _pid_hooked:
-            _pid_hooked = True  # Registered once: a child's pid and name counts are its own.
-            os.register_at_fork(after_in_child=_forget_pid)
-        _process_id = os.getpid()
-    return _process_id
-
-
-def _forget_pid() -> None:
-    global _process_id
-    _process_id = 0
-    _temp_count.clear()
-
-
-class _KeyLock:
-    """An exclusive lock on a file (offset None) or on one byte of it.
-
-    ``path`` must be canonical (os.path.realpath), so that one file has one name
-    in the table of holders.
-
-    An exception can arrive anywhere (a KeyboardInterrupt between two lines of
-    acquire or release), so nothing here must stay "held" because a line did
-    not run. The handle releases its kernel lock when it is collected, and the
-    table of holders keeps only weak references: a lock whose holder vanished
-    is no longer held. There is no in-process guard to be left locked, either.
-    """
-
-    # (path, offset) -> (owner, lock): who holds which lock in this process. The
-    # owner is a thread's id, or an asyncio task's.
-    _holders: dict[tuple[str, int | None], tuple[int, weakref.ref[_KeyLock]]] = {}
-
-    def __init__(self, path: str, offset: int | None = None) -> None:
-        self._name = (path, None if offset is None else offset % _LOCK_SPAN)
-        self._handle: _LockFile | None = None
-        self._pid = -1
-
-    @property
-    def path(self) -> str:
-        return self._name[0]
-
-    def _claim(self, owner: int) -> None:
-        """Raise if ``owner`` holds this lock already: waiting for it would never end."""
-        held = self._holders.get(self._name)
-        if held is not None and held[0] == owner:
-            lock = held[1]()
-            if lock is not None and lock._handle is not None and lock._pid == _pid():
-                raise RuntimeError(
-                    f"this thread already holds the lock {self.path}; re-entering it would wait forever"
-                )
-
-    def _took(self, handle: _LockFile, owner: int) -> None:
-        self._handle, self._pid = handle, _pid()
-        self._holders[self._name] = (owner, _weakref.ref(self))
-
-    def __enter__(self) -> _KeyLock:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
-
-    def acquire(self, timeout: float | None = None, owner: int | None = None) -> _KeyLock:
-        """Wait for the lock; TimeoutError after ``timeout`` seconds. Returns the
-        lock, so that ``with lock.acquire(timeout):`` releases it at the end."""
-        owner = _thread.get_ident() if owner is None else owner
-        self._claim(owner)
-        handle = _LockFile(self._name[0], self._name[1])
-        waiting: list[bool] = []
-        try:
-            if handle.try_lock():
-                pass
-            elif timeout is None and handle.can_wait:
-                waiting = self._report_wait(handle)
-                handle.wait()
-            else:
-                waiting = self._report_wait(handle)
-                deadline = time.monotonic() + (1e12 if timeout is None else timeout)
-                for delay in _delays():
-                    if handle.try_lock():
-                        break
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError(f"timed out after {timeout} s waiting for the lock {self.path}")
-                    time.sleep(min(delay, left))
-        except BaseException:
-            handle.close()
-            raise
-        finally:
-            waiting.clear()  # The wait is over: nothing more to report.
-        self._took(handle, owner)
-        return self
-
-    def _report_wait(self, handle: _LockFile) -> list[bool]:
-        """With INFO logging on, a helper thread logs the wait once it passes a
-        second, naming the holder if it wrote itself into the file (stages do);
-        the wait is on while the list returned is not empty."""
-        waiting = [True]
-        logger = _log_at(_INFO)
-        if logger is not None:
-            path, file = self.path, handle._file
-
-            def watch() -> None:
-                time.sleep(1.0)
-                if waiting:
-                    logger.info("waiting more than a second for the lock %s%s", path, _holder(file))
-
-            _thread.start_new_thread(watch, ())
-        return waiting
-
-    def try_acquire(self, owner: int | None = None) -> bool:
-        """Take the lock if it is free now, without waiting (for event loops)."""
-        owner = _thread.get_ident() if owner is None else owner
-        self._claim(owner)
-        handle = _LockFile(self._name[0], self._name[1])
-        try:
-            if not handle.try_lock():
-                handle.close()
-                return False
-        except BaseException:
-            handle.close()
-            raise
-        self._took(handle, owner)
-        return True
-
-    async def acquire_async(self, owner: int) -> None:
-        """Wait for the lock without blocking the event loop."""
-        import asyncio
-
-        started = time.monotonic()
-        for delay in _delays():
-            if self.try_acquire(owner):
-                return
-            if started and time.monotonic() - started > 1.0:
-                started = 0.0  # Reported once.
-                logger = _log_at(_INFO)
-                if logger is not None:
-                    logger.info("waiting more than a second for the lock %s", self.path)
-            await asyncio.sleep(delay)
-
-    def note(self, data: bytes) -> None:  # See _holder for the reader.
-        """While holding a whole-file lock, make ``data`` the lock file's content
-        (who holds it), through the lock's own handle: on NFS, closing any other
-        descriptor of the file would drop the lock. A failure (ENOSPC) costs
-        only the note."""
-        file = None if self._handle is None else self._handle._file
-        if file is not None:
-            try:
-                os.ftruncate(file.fileno(), 0)
-                os.lseek(file.fileno(), 0, os.SEEK_SET)
-                os.write(file.fileno(), data)
-            except OSError:
-                pass
-
-    def release(self) -> None:
-        handle, self._handle = self._handle, None
-        if handle is None:
-            return
-        held = self._holders.get(self._name)
-        if held is not None and held[1]() is self:
-            self._holders.pop(self._name, None)
-        try:
-            handle.unlock()
-        finally:
-            handle.close()
-
-
-def _holder(file: io.FileIO | None) -> str:
-    """" (held by pid N on HOST)" from what the holder noted in the lock file, read
-    through our own open handle (see _KeyLock.note); "" where nothing is known."""
-    import json
-
-    pread = getattr(os, "pread", None)  # Not on Windows, where the holder's locked byte is unreadable anyway.
-    try:
-        noted = json.loads(pread(file.fileno(), 4096, 0)) if file is not None and pread is not None else None
-    except (OSError, ValueError):  # Unreadable, or empty: the holder has not noted itself.
-        return ""
-    if not isinstance(noted, dict) or "pid" not in noted:
-        return ""
-    return f" (held by pid {noted['pid']} on {noted.get('host', 'an unknown host')})"
-
-
-# ---------------------------------------------------------------------------
-# Atomic writes
-#
-# A new version is written to a temporary file beside the target and renamed over
-# it: rename(2) replaces a name atomically, so a reader sees the old file or the
-# new one, whatever happens to the writer. Everything else that donecache writes
-# (stage markers and pieces, cache entries) goes through _write_bytes below.
-# ---------------------------------------------------------------------------
-
-
-def _reraise_about(exc: OSError, path: str, doing: str, fix: str = "") -> OSError:
-    """The same kind of OSError, with a message that names the user's path and the fix."""
-    reason = exc.strerror or str(exc)
-    message = f"cannot {doing} {path!r}: {reason}" + (f"; {fix}" if fix else "")
-    kind = OSError if isinstance(exc, _NotRegular) else type(exc)  # Its own constructor takes a stat.
-    new = kind(exc.errno, message) if exc.errno is not None else kind(message)
-    new.filename = path
-    return new
-
-
-def _fspath(path: StrPath, what: str = "path") -> str:
-    name = os.fspath(path)
-    if not isinstance(name, str):
-        raise TypeError(f"{what} must be a str or os.PathLike[str], not {type(path).__name__}")
-    return name
-
-
-def _store_path(path: StrPath) -> str:
-    """A store's path, refusing a URL (s3://, gs://, http://): os.path would make it a local folder "s3:"."""
-    name = _fspath(path, "the cache path")
-    scheme, sep, _rest = name.partition("://")
-    if sep and len(scheme) > 1 and scheme.replace("+", "").replace(".", "").replace("-", "").isalnum():
-        raise ValueError(
-            f"cache path {name!r} is a URL; donecache stores entries in a local (or mounted) directory: "
-            "give a filesystem path, such as the mount point of that bucket"
-        )
-    return name
-
-
-class _NotRegular(OSError):
-    """Something other than a regular file stands where one was expected."""
-
-    def __init__(self, path: str, st: os.stat_result) -> None:
-        super().__init__(
-            errno.EINVAL,
-            f"{path!r} is {_kind_of(st.st_mode)}, not a regular file; donecache never writes through a link or "
-            "into a special file (one planted there could make it write elsewhere): remove it and run again",
-            path,
-        )
-        self.stat = st
-
-
-def _kind_of(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISLNK, "a symbolic link"),
-    ):
-        if test(mode):
-            return kind
-    return "a regular file" if stat.S_ISREG(mode) else "a special file"
 
 
 def _open_regular(path: str, flags: int = _READ_FLAGS) -> tuple[int, os.stat_result]:
@@ -976,6 +395,433 @@ def _open_regular(path: str, flags: int = _READ_FLAGS) -> tuple[int, os.stat_res
     raise _NotRegular(path, st)
 
 
+# The lock primitive: _LockFile(path, offset) locks the whole file (offset None)
+# or one byte of it, through a handle of its own, with try_lock(), wait() (where
+# can_wait), unlock() and close(); _lock_taken(path) asks whether another
+# process holds a file's lock.
+if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
+
+    class _LockFile:
+        """Windows byte locks belong to the handle, so each lock has a handle of
+        its own: two threads never share the file position that msvcrt.locking() locks at."""
+
+        can_wait = False  # msvcrt's blocking mode gives up after ten seconds: poll.
+
+        def __init__(self, path: str, offset: int | None) -> None:
+            self._file = io.FileIO(_open_regular(path, _WRITE_FLAGS)[0], "r+")
+            self.fd, self.offset = self._file.fileno(), offset or 0  # A whole-file lock is byte 0.
+
+        def try_lock(self) -> bool:
+            os.lseek(self.fd, self.offset, os.SEEK_SET)
+            try:
+                msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
+            except OSError:
+                return False
+            return True
+
+        def wait(self) -> None:
+            raise NotImplementedError
+
+        def unlock(self) -> None:
+            os.lseek(self.fd, self.offset, os.SEEK_SET)
+            msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
+
+        def close(self) -> None:
+            self._file.close()
+
+    def _lock_taken(path: str) -> bool:
+        try:
+            file = io.FileIO(path, "r")
+        except FileNotFoundError:
+            return False
+        with file:
+            try:
+                msvcrt.locking(file.fileno(), msvcrt.LK_NBRLCK, 1)
+            except OSError:
+                return True
+            msvcrt.locking(file.fileno(), msvcrt.LK_UNLCK, 1)
+            return False
+
+else:
+    # Byte locks. Linux (3.15 and later) has open-file-description locks
+    # (F_OFD_SETLK, fcntl(2)), which belong to the open file description as
+    # flock(2) locks do: each handle's locks are its own, closing it drops only
+    # those, and the kernel's deadlock detection, which misfires when threads
+    # of several processes hold classic record locks (EDEADLK, "Resource
+    # deadlock avoided"), does not apply. Elsewhere (macOS, the BSDs) only
+    # classic record locks exist; they belong to the process: see _RecordLocks.
+    _F_OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None) if sys.maxsize > 2**32 else None
+    _F_OFD_SETLKW: int = getattr(fcntl, "F_OFD_SETLKW", 0)
+    _FLOCK = struct.Struct("@hhqqi4x")  # struct flock, 64-bit Linux: type, whence, start, len, pid.
+    _BUSY = (errno.EACCES, errno.EAGAIN)
+
+    class _RecordLocks:
+        """Classic record locks, where no OFD locks exist. They belong to the
+        process: closing *any* descriptor of the file drops all of them, and
+        threads of one process never exclude each other (fcntl(2), "Record
+        locking"). So the handles of one path share one descriptor, kept open
+        while any of them is, and threads take turns on a byte through a
+        thread lock."""
+
+        guard = _thread.allocate_lock()
+        shared: dict[str, list[Any]] = {}  # path -> [descriptor, handles]
+        turns: dict[tuple[str, int], list[Any]] = {}  # (path, byte) -> [thread lock, handles]
+
+        def __init__(self, path: str, offset: int) -> None:
+            self.path, self.offset = path, offset
+            with self.guard:
+                shared = self.shared.get(path)
+                if shared is None:
+                    shared = self.shared[path] = [_open_regular(path, _WRITE_FLAGS)[0], 0]
+                shared[1] += 1
+                turn = self.turns.setdefault((path, offset), [_thread.allocate_lock(), 0])
+                turn[1] += 1
+            self.fd, self.turn = shared[0], turn[0]
+
+        def lock(self, wait: bool) -> bool:
+            if not self.turn.acquire(wait):
+                return False
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, self.offset)
+            except BaseException as exc:
+                self.turn.release()
+                if isinstance(exc, OSError) and exc.errno in _BUSY:
+                    return False
+                raise
+            return True
+
+        def unlock(self) -> None:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.offset)
+            finally:
+                self.turn.release()
+
+        def close(self) -> None:
+            with self.guard:
+                turn = self.turns.get((self.path, self.offset))
+                shared = self.shared.get(self.path)
+                if turn is None or shared is None or shared[0] != self.fd:
+                    return  # Opened by the parent of this forked child: forgotten.
+                turn[1] -= 1
+                if turn[1] == 0:
+                    del self.turns[(self.path, self.offset)]
+                shared[1] -= 1
+                if shared[1] == 0:
+                    del self.shared[self.path]
+                    os.close(self.fd)
+
+    class _LockFile:
+        """A lock file opened for one lock. Whole-file locks (flock(2)) and OFD
+        locks belong to this handle: code that opens and closes the same file (a
+        user hashing every file of a stage) cannot release them by accident, and
+        two handles exclude each other even within one thread. Both kinds work
+        over NFS (Linux emulates flock there with record locks).
+
+        A forked child closes its copies of every open handle at once (see
+        _forked), so that it never keeps its parent's locks alive: a pool
+        worker that outlives a killed parent would otherwise hold them forever.
+        """
+
+        can_wait = True
+        _open: dict[int, weakref.ref[_LockFile]] = {}  # id -> handle, for _forked (a weak set, without weakref's import)
+        _hooked = False
+        # Opening the lock file costs four system calls (open, fstat, lseek,
+        # close) per lock: a byte lock's handle released cleanly (unlocked, so
+        # it holds nothing) is kept for the next byte lock of that file, a few
+        # per file, for the last two files (short-lived stores leave no
+        # descriptors behind: issue 10, item 6). Each handle still serves one
+        # lock at a time, so OFD locks still exclude threads. A handle whose
+        # unlock did not run is closed, never kept; one whose file was removed
+        # (st_nlink 0: the store was deleted; checked once a second) is dropped,
+        # or its locks would exclude no one.
+        _spare: dict[str, list[tuple[io.FileIO, float]]] = {}  # path -> [(file, when its link count was checked)]
+        _SPARES, _SPARE_FILES = 4, 2  # No thread lock guards them: an interrupt inside `with` can leave one held (3.9).
+
+        def __init__(self, path: str, offset: int | None) -> None:
+            if not _LockFile._hooked:
+                _LockFile._hooked = True
+                os.register_at_fork(after_in_child=_LockFile._forked)
+            self.offset, self._path, self._clean = offset, path, False
+            self._records = None if offset is None or _F_OFD_SETLK is not None else _RecordLocks(path, offset)
+            # io.FileIO closes its descriptor when it is collected: a lock whose
+            # holder vanished with an exception (KeyboardInterrupt) is released.
+            self._file, self._checked = None, 0.0
+            if self._records is None:
+                self._file = self._take_spare() if offset is not None else None
+                if self._file is None:
+                    self._file, self._checked = io.FileIO(_open_regular(path, _WRITE_FLAGS)[0], "r+"), time.monotonic()
+            if len(self._open) > 1000:  # Handles collected unclosed (their holder vanished) leave dead references.
+                for key, ref in list(self._open.items()):
+                    if ref() is None:
+                        self._open.pop(key, None)
+            self._open[id(self)] = _weakref.ref(self)
+
+        def _take_spare(self) -> io.FileIO | None:
+            spare = self._spare.get(self._path)
+            if not spare:
+                return None
+            try:
+                file, self._checked = spare.pop()  # Atomic: each kept file goes to one handle.
+            except IndexError:  # Another thread took the last one.
+                return None
+            if time.monotonic() - self._checked > 1.0:
+                self._checked = time.monotonic()
+                if os.fstat(file.fileno()).st_nlink == 0:
+                    file.close()
+                    return None
+            return file
+
+        @staticmethod
+        def _forked() -> None:
+            for ref in list(_LockFile._open.values()):
+                handle = ref()
+                if handle is not None and handle._file is not None:
+                    handle._file.close()
+            _LockFile._open.clear()
+            spares, _LockFile._spare = _LockFile._spare, {}
+            for files in spares.values():
+                for file, _checked in files:
+                    file.close()
+            # The child holds no record locks and none of the parent's threads; another thread may have held the guard.
+            _RecordLocks.guard, _RecordLocks.shared, _RecordLocks.turns = _thread.allocate_lock(), {}, {}
+
+        def _ofd(self, command: int, kind: int) -> None:
+            assert self._file is not None and self.offset is not None
+            fcntl.fcntl(self._file.fileno(), command, _FLOCK.pack(kind, os.SEEK_SET, self.offset, 1, 0))
+
+        def _lock(self, wait: bool) -> bool:
+            if self._records is not None:
+                return self._records.lock(wait)
+            assert self._file is not None
+            try:
+                if self.offset is None:
+                    fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                else:
+                    self._ofd(_F_OFD_SETLKW if wait else _F_OFD_SETLK, fcntl.F_WRLCK)  # type: ignore[arg-type]
+            except OSError as exc:
+                if exc.errno in _BUSY:
+                    return False
+                raise
+            return True
+
+        def try_lock(self) -> bool:
+            return self._lock(False)
+
+        def wait(self) -> None:
+            self._lock(True)  # Blocks with the GIL released; a signal interrupts it (PEP 475).
+
+        def unlock(self) -> None:
+            if self._records is not None:
+                self._records.unlock()
+            elif self._file is not None and not self._file.closed:  # Closed: a forked child.
+                if self.offset is None:
+                    fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+                else:
+                    self._ofd(_F_OFD_SETLK, fcntl.F_UNLCK)  # type: ignore[arg-type]
+                self._clean = True
+
+        def close(self) -> None:
+            ref = self._open.get(id(self))
+            if ref is not None and ref() is self:
+                del self._open[id(self)]
+            file, self._file = self._file, None
+            if self._records is not None:
+                self._records.close()
+            elif file is not None:
+                if self._clean and self.offset is not None and not file.closed and self._keep_spare(file):
+                    return
+                file.close()
+
+        def _keep_spare(self, file: io.FileIO) -> bool:
+            spare = self._spare.get(self._path)
+            if spare is None:
+                while len(self._spare) >= self._SPARE_FILES:
+                    try:
+                        old = self._spare.pop(next(iter(self._spare)))
+                    except (StopIteration, KeyError, RuntimeError):  # Another thread got there first.
+                        break
+                    while old:
+                        try:
+                            old.pop()[0].close()
+                        except IndexError:
+                            break
+                spare = self._spare.setdefault(self._path, [])
+            if len(spare) >= self._SPARES:
+                return False
+            spare.append((file, self._checked))
+            return True
+
+    def _lock_taken(path: str) -> bool:
+        # A shared lock, tried and dropped at once: a builder that asks for the
+        # lock in that instant waits microseconds. The file is opened read-only,
+        # never created. Only for another process's locks: on NFS, where flock
+        # is a record lock, closing this descriptor would drop our own.
+        try:
+            fd = os.open(path, _READ_FLAGS | _NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in _BUSY:
+                return True
+            raise
+        finally:
+            os.close(fd)
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Basics
+#
+# Retries, error messages, small files, who this process is, directories, and
+# logging: the mechanisms that everything below shares.
+# ---------------------------------------------------------------------------
+
+# NFS answers ESTALE when the file or directory behind a name or a handle was
+# removed or replaced by another host. It is transient: the name, looked up
+# again, leads to the new file. Linux retries a path lookup once by itself, but
+# a read on a descriptor opened just before another host's rename still fails,
+# so the whole operation, from its open, is retried.
+_STALE_TRIES = 5
+
+
+def _retry_stale(operation: Callable[[], _R]) -> _R:
+    """operation(), run again (a few times, with backoff) while it fails with ESTALE."""
+    delays = _delays()
+    for _ in range(_STALE_TRIES - 1):
+        try:
+            return operation()
+        except OSError as exc:
+            if exc.errno != errno.ESTALE:
+                raise
+        time.sleep(next(delays))
+    return operation()
+
+
+def _os_error(code: int | None, path: str, message: str, kind: type[OSError] = OSError) -> OSError:
+    """An OSError about ``path``: OSError(errno.ENOENT, ...) is a FileNotFoundError, and so on."""
+    error = kind(message) if code is None else kind(code, message)
+    error.filename = path
+    return error
+
+
+def _error_about(exc: OSError, path: str, doing: str, fix: str = "") -> OSError:
+    """The same kind of OSError, with a message that names the user's path and the fix."""
+    message = f"cannot {doing} {path!r}: {exc.strerror or exc}" + (f"; {fix}" if fix else "")
+    return _os_error(exc.errno, path, message, OSError if isinstance(exc, _NotRegular) else type(exc))
+
+
+def _fspath(path: StrPath, what: str = "path") -> str:
+    name = os.fspath(path)
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str or os.PathLike[str], not {type(path).__name__}")
+    return name
+
+
+def _store_path(path: StrPath) -> str:
+    """A store's path, refusing a URL (s3://, gs://, http://): os.path would make it a local folder "s3:"."""
+    name = _fspath(path, "the cache path")
+    scheme, sep, _rest = name.partition("://")
+    if sep and len(scheme) > 1 and scheme.replace("+", "").replace(".", "").replace("-", "").isalnum():
+        raise ValueError(
+            f"cache path {name!r} is a URL; donecache stores entries in a local (or mounted) directory: "
+            "give a filesystem path, such as the mount point of that bucket"
+        )
+    return name
+
+
+def _read_file(path: str, size: int = 1 << 20) -> bytes | None:
+    """The first ``size`` bytes of the regular file at ``path``, or None if nothing has that name.
+    _NotRegular if something else has it; other errors as they come."""
+
+    def read() -> bytes | None:
+        try:
+            fd, _st = _open_regular(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            return os.read(fd, size)
+        finally:
+            os.close(fd)
+
+    return _retry_stale(read)
+
+
+def _read_text(path: str) -> str | None:
+    """A small regular file's text, or None if there is none (or it is no such file, or unreadable)."""
+    try:
+        data = _read_file(path, 1 << 16)
+    except OSError:
+        return None
+    return None if data is None else data.decode("utf-8", "replace")
+
+
+def _json_object(data: bytes | str | None) -> dict[str, Any] | None:
+    """The JSON object in ``data``, or None (empty, damaged, or not an object)."""
+    import json
+
+    try:
+        found = json.loads(data) if data else None
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    """A small JSON object from a regular file, or None (absent, damaged, or not an object)."""
+    return _json_object(_read_text(path))
+
+
+def _scandir(path: str) -> list[os.DirEntry[str]]:
+    """The entries of a directory, or none if it cannot be listed."""
+    try:
+        with os.scandir(path) as entries:
+            return list(entries)
+    except OSError:
+        return []
+
+
+# Who this process is, asked once: os.getpid() is a system call (glibc stopped
+# caching it in 2.25) and the host's name costs an import. "pid", then "host",
+# "tag" and "names" when asked (see _writer_token). A forked child forgets them.
+_me: dict[str, Any] = {}
+_me_hooked: list[bool] = []
+
+
+def _pid() -> int:
+    pid: int | None = _me.get("pid")
+    if pid is None:
+        if hasattr(os, "register_at_fork") and not _me_hooked:
+            _me_hooked.append(True)  # Once: the child inherits the hook.
+            os.register_at_fork(after_in_child=_me.clear)
+        pid = _me["pid"] = os.getpid()
+    return pid
+
+
+def _who() -> dict[str, Any]:
+    """This process as lock notes and stage markers name it: {"host": ..., "pid": ...}."""
+    pid = _pid()
+    if "host" not in _me:
+        import socket
+
+        _me["host"] = socket.gethostname()
+    return {"host": _me["host"], "pid": pid}
+
+
+def _holder(file: io.FileIO | None) -> str:
+    """" (held by pid N on HOST)" from what the holder noted in the lock file (_who(), see
+    _KeyLock.note), read through our own open handle; "" where nothing is known."""
+    pread = getattr(os, "pread", None)  # Not on Windows, where the holder's locked byte is unreadable anyway.
+    try:
+        noted = _json_object(pread(file.fileno(), 4096, 0)) if file is not None and pread is not None else None
+    except OSError:
+        return ""
+    if noted is None or "pid" not in noted:
+        return ""  # The holder has not noted itself.
+    return f" (held by pid {noted['pid']} on {noted.get('host', 'an unknown host')})"
+
+
 def _make_dirs(path: str, mode: int | None = None, *, durable: bool = False) -> None:
     """os.makedirs(path, exist_ok=True), giving each new directory exactly ``mode``
     (None: 0o777 less the umask, as mkdir -p). os.makedirs gives its mode to the
@@ -1004,12 +850,196 @@ def _make_dirs(path: str, mode: int | None = None, *, durable: bool = False) -> 
             _fsync_dir(os.path.dirname(directory))
 
 
-_WRITE_MODES = ("w", "wt", "wb")
+# Records go to logging.getLogger("donecache"): DEBUG for each memoize hit and
+# miss, INFO for waits on a lock longer than a second and for each sweep of a
+# bounded store. logging is never imported here: if the program has not
+# imported it, nobody can have configured it, and there is nothing to log.
+# The level check is the logger's own cached isEnabledFor, so a hit pays a
+# dictionary lookup for it.
+_DEBUG, _INFO = 10, 20  # logging.DEBUG, logging.INFO
+_logger: Any = None
+
+
+def _log_at(level: int) -> Any:
+    """The "donecache" logger if it handles ``level``, else None."""
+    global _logger
+    if _logger is None:
+        if "logging" not in sys.modules:
+            return None
+        # Not sys.modules["logging"]: while another thread imports it, that is a
+        # half-made module without getLogger (issue 18 item 5). The import
+        # statement waits for the other thread's import to finish.
+        import logging
+
+        _logger = logging.getLogger("donecache")
+    return _logger if _logger.isEnabledFor(level) else None
+
+
+# ---------------------------------------------------------------------------
+# Locks
+#
+# _KeyLock is the one lock that stages and memoize use: the whole of a lock
+# file, or one byte of it, held by one thread of one process at a time, with a
+# timeout, and an error instead of a deadlock when a thread asks for a lock it
+# already holds. The kernel drops the locks of a process that dies, even by
+# SIGKILL, so a crashed holder never blocks anyone.
+# ---------------------------------------------------------------------------
+
+
+class _KeyLock:
+    """An exclusive lock on a file (offset None) or on one byte of it.
+
+    ``path`` must be canonical (os.path.realpath), so that one file has one name
+    in the table of holders.
+
+    An exception can arrive anywhere (a KeyboardInterrupt between two lines of
+    acquire or release), so nothing here must stay "held" because a line did
+    not run. The handle releases its kernel lock when it is collected, and the
+    table of holders keeps only weak references: a lock whose holder vanished
+    is no longer held. There is no in-process guard to be left locked, either.
+    """
+
+    # (path, offset) -> (owner, lock): who holds which lock in this process. The
+    # owner is a thread's id, or an asyncio task's.
+    _holders: dict[tuple[str, int | None], tuple[int, weakref.ref[_KeyLock]]] = {}
+
+    def __init__(self, path: str, offset: int | None = None) -> None:
+        self._name = (path, None if offset is None else offset % _LOCK_SPAN)
+        self._handle: _LockFile | None = None
+        self._pid = -1
+
+    @property
+    def path(self) -> str:
+        return self._name[0]
+
+    def __enter__(self) -> _KeyLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def _tries(self, owner: int | None, timeout: float | None, block: bool) -> Generator[float, None, None]:
+        """The one poll loop: take the lock, yielding the time to sleep (time.sleep or
+        asyncio.sleep) before each new try; TimeoutError after ``timeout`` seconds.
+        With ``block``, an untimed wait blocks in the kernel where it can."""
+        owner = _thread.get_ident() if owner is None else owner
+        held = self._holders.get(self._name)
+        if held is not None and held[0] == owner:
+            lock = held[1]()
+            if lock is not None and lock._handle is not None and lock._pid == _pid():
+                raise RuntimeError(
+                    f"this thread already holds the lock {self.path}; re-entering it would wait forever"
+                )
+        handle = _LockFile(self._name[0], self._name[1])
+        waiting: list[bool] = []
+        try:
+            if handle.try_lock():
+                pass
+            elif block and timeout is None and handle.can_wait:
+                waiting = self._report_wait(handle)
+                handle.wait()
+            else:
+                deadline = time.monotonic() + (1e12 if timeout is None else timeout)
+                for delay in _delays():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"timed out after {timeout} s waiting for the lock {self.path}")
+                    yield min(delay, left)
+                    waiting = waiting or self._report_wait(handle)
+                    if handle.try_lock():
+                        break
+        except BaseException:
+            handle.close()
+            raise
+        finally:
+            waiting.clear()  # The wait is over: nothing more to report.
+        self._handle, self._pid = handle, _pid()
+        self._holders[self._name] = (owner, _weakref.ref(self))
+
+    def acquire(self, timeout: float | None = None, owner: int | None = None) -> _KeyLock:
+        """Wait for the lock; TimeoutError after ``timeout`` seconds. Returns the
+        lock, so that ``with lock.acquire(timeout):`` releases it at the end."""
+        for delay in self._tries(owner, timeout, True):
+            time.sleep(delay)
+        return self
+
+    def try_acquire(self, owner: int | None = None) -> bool:
+        """Take the lock if it is free now, without waiting (for event loops)."""
+        tries = self._tries(owner, None, False)
+        for _delay in tries:
+            tries.close()  # Not free: give the handle back.
+            return False
+        return True
+
+    async def acquire_async(self, owner: int) -> None:
+        """Wait for the lock without blocking the event loop."""
+        import asyncio
+
+        for delay in self._tries(owner, None, False):
+            await asyncio.sleep(delay)
+
+    def _report_wait(self, handle: _LockFile) -> list[bool]:
+        """With INFO logging on, a helper thread logs the wait once it passes a
+        second, naming the holder if it wrote itself into the file (stages do);
+        the wait is on while the list returned is not empty."""
+        waiting = [True]
+        logger = _log_at(_INFO)
+        if logger is not None:
+            path, file = self.path, handle._file
+
+            def watch() -> None:
+                time.sleep(1.0)
+                if waiting:
+                    logger.info("waiting more than a second for the lock %s%s", path, _holder(file))
+
+            _thread.start_new_thread(watch, ())
+        return waiting
+
+    def note(self, data: bytes) -> None:  # See _holder for the reader.
+        """While holding a whole-file lock, make ``data`` the lock file's content
+        (who holds it), through the lock's own handle: on NFS, closing any other
+        descriptor of the file would drop the lock. A failure (ENOSPC) costs
+        only the note."""
+        file = None if self._handle is None else self._handle._file
+        if file is not None:
+            try:
+                os.ftruncate(file.fileno(), 0)
+                os.lseek(file.fileno(), 0, os.SEEK_SET)
+                os.write(file.fileno(), data)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is None:
+            return
+        held = self._holders.get(self._name)
+        if held is not None and held[1]() is self:
+            self._holders.pop(self._name, None)
+        try:
+            handle.unlock()
+        finally:
+            handle.close()
+
+
+# ---------------------------------------------------------------------------
+# Atomic writes
+#
+# A new version is written to a temporary file beside the target and renamed over
+# it: rename(2) replaces a name atomically, so a reader sees the old file or the
+# new one, whatever happens to the writer. Everything else that donecache writes
+# (stage markers and pieces, cache entries) goes through _write_bytes below.
+# ---------------------------------------------------------------------------
+
 # Temporary names start with a dot (hidden from ls and glob.glob), carry a marker
 # that `prune` recognises, and end with the target's own name so that libraries
 # which pick a format from the suffix (numpy.save, PIL, pandas' compression) see it.
 _TEMP_PREFIX = ".dc~"
-_TEMP_TOKEN = 16  # hex digits: the writer's host and pid, and randomness (_writer_token)
+_TEMP_TOKEN = 16  # hex digits: the writer's host and pid, and a count (_writer_token)
+# NAME_MAX is 255 bytes on most filesystems, so a temporary name keeps at most
+# this many bytes of the target's name (its end, which holds the suffix).
+_TEMP_KEEP = 255 - len(_TEMP_PREFIX) - _TEMP_TOKEN - 1
+_LITTER_AGE = 3600.0  # A temporary file this old belongs to no live writer.
 
 
 def _is_temp_name(name: str) -> bool:
@@ -1020,41 +1050,26 @@ def _is_temp_name(name: str) -> bool:
     )
 
 
-# NAME_MAX is 255 bytes on most filesystems, so a temporary name keeps at most
-# this many bytes of the target's name (its end, which holds the suffix).
-_TEMP_KEEP = 255 - len(_TEMP_PREFIX) - _TEMP_TOKEN - 1
-
-
-# The token names its writer: 6 hex digits of a digest of the host's name, 6 of
-# the pid, then 4 random. The finisher of a shared stage removes only the
-# temporary files of writers that are gone (issue 18): on this host, a writer
-# whose pid is no longer alive; from another host sharing the filesystem, whose
-# processes it cannot see, only a file left untouched for _LITTER_AGE.
-_host_token = ""
-
-
 def _writer_token() -> str:
-    global _host_token
-    if not _host_token:
+    """Who writes a temporary file: 6 hex digits of a digest of the host's name, 6 of
+    the pid, then 4 of a count. The finisher of a shared stage removes only the
+    temporary files of writers that are gone (issue 18): on this host, a writer
+    whose pid is no longer alive; from another host sharing the filesystem, whose
+    processes it cannot see, only a file left untouched for _LITTER_AGE."""
+    pid = _pid()
+    if "names" not in _me:
         import hashlib
-        import socket
 
-        _host_token = hashlib.blake2b(socket.gethostname().encode("utf-8", "replace"), digest_size=3).hexdigest()
-    # The pid kept per process and a count from a random start, not a getpid(2)
-    # and a getrandom(2) per name (issue 20); O_EXCL settles any collision.
-    if len(_temp_count) < 2:
-        _temp_count[:] = [int.from_bytes(os.urandom(2), "little"), itertools.count()]
-    return f"{_host_token}{_pid() & 0xFFFFFF:06x}{(_temp_count[0] + next(_temp_count[1])) & 0xFFFF:04x}"
-
-
-_temp_count: list[Any] = []  # [random start, count]; emptied in a forked child (see _pid)
+        _me["tag"] = hashlib.blake2b(_who()["host"].encode("utf-8", "replace"), digest_size=3).hexdigest()
+        # A count from a random start, not a getrandom(2) per name (issue 20); O_EXCL settles any collision.
+        _me["names"] = itertools.count(int.from_bytes(os.urandom(2), "little"))
+    return f"{_me['tag']}{pid & 0xFFFFFF:06x}{next(_me['names']) & 0xFFFF:04x}"
 
 
 def _writer_gone(path: str, now: float) -> bool:
     token = os.path.basename(path)[len(_TEMP_PREFIX) : len(_TEMP_PREFIX) + _TEMP_TOKEN]
-    _writer_token()
     try:
-        if token[:6] == _host_token and not _pid_alive(int(token[6:12], 16)):
+        if token[:6] == _writer_token()[:6] and not _pid_alive(int(token[6:12], 16)):
             return True
         return os.lstat(path).st_mtime < now - _LITTER_AGE
     except (OSError, ValueError):
@@ -1070,6 +1085,14 @@ def _temp_name(target: str) -> str:
     return os.path.join(head, f"{_TEMP_PREFIX}{_writer_token()}~{base}")
 
 
+def _discard(temp: str) -> None:
+    # Cleanup must never mask the error that made it necessary.
+    try:
+        os.unlink(temp)
+    except OSError:
+        pass
+
+
 def _create_temp(target: str, mode: int | None = None) -> tuple[int, str]:
     """Create a new temporary file beside ``target``; return (fd, path).
 
@@ -1081,7 +1104,7 @@ def _create_temp(target: str, mode: int | None = None) -> tuple[int, str]:
         temp = _temp_name(target)
         try:
             fd = os.open(temp, _CREATE_FLAGS, 0o666)
-        except FileExistsError:  # 64 random bits collided: astonishing, but harmless.
+        except FileExistsError:  # Another writer's name: harmless, take the next.
             continue
         if mode is not None:
             try:
@@ -1103,14 +1126,6 @@ def _commit(temp: str, target: str, *, durable: bool, overwrite: bool) -> None:
         _fsync_dir(os.path.dirname(target))
 
 
-def _discard(temp: str) -> None:
-    # Cleanup must never mask the error that made it necessary.
-    try:
-        os.unlink(temp)
-    except OSError:
-        pass
-
-
 def _temp_files(root: str) -> Iterator[str]:
     """Every temporary file of a writer, live or crashed, anywhere below ``root``."""
     for dirpath, _dirnames, filenames in os.walk(root):
@@ -1127,13 +1142,6 @@ def _remove_path(path: str) -> None:
         shutil.rmtree(path)
     else:
         os.unlink(path)
-
-
-def _close_quietly(file: IO[Any]) -> None:
-    try:
-        file.close()  # Flushing may fail again (ENOSPC); the file is closed all the same.
-    except Exception:
-        pass
 
 
 def _write_bytes(
@@ -1177,116 +1185,117 @@ def _write_bytes(
         raise
 
 
-def _prepare_target(path: StrPath, *, overwrite: bool, make_parents: bool, durable: bool) -> tuple[str, int | None]:
-    """Check a user's target path; return (real target, permission bits to keep or None)."""
-    target = _fspath(path)
-    # Symlink policy: writing through a link replaces the file it points to and
-    # leaves the link alone, as open(path, "w") would.
-    if os.path.islink(target):
-        target = os.path.realpath(target)
-    try:
-        st = os.stat(target)
-    except (FileNotFoundError, NotADirectoryError):  # The parent checks below explain which.
-        st = None
-    if st is not None:
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(
-                errno.EISDIR, f"cannot write {target!r}: it is a directory; choose a file path inside it", target
-            )
-        if not stat.S_ISREG(st.st_mode):
-            # Renaming over a device or a FIFO would replace the node itself
-            # (as root, atomic_write("/dev/null") would replace the system's).
-            raise FileExistsError(
-                errno.EEXIST,
-                f"cannot write {target!r}: it is {_kind_of(st.st_mode)}, not a regular file, and an atomic "
-                "write would replace it; write to it with open(), or choose another path",
-                target,
-            )
-        if not overwrite:
-            raise FileExistsError(
-                errno.EEXIST, f"{target!r} already exists and overwrite=False; remove it or pass overwrite=True", target
-            )
-    parent = os.path.dirname(os.path.abspath(target))
-    if not os.path.isdir(parent):
-        if os.path.exists(parent):
-            raise NotADirectoryError(errno.ENOTDIR, f"cannot write {target!r}: {parent!r} is not a directory", target)
-        if not make_parents:
-            raise FileNotFoundError(
-                errno.ENOENT,
-                f"cannot write {target!r}: its directory {parent!r} does not exist; "
-                "create it first or pass make_parents=True",
-                target,
-            )
+class _Atomic:
+    """What atomic_write() and atomic_path() return: a context manager around a
+    temporary file beside the target, committed onto it when the block ends
+    normally and removed otherwise (the body's exception propagates unchanged)."""
+
+    def __init__(self, path: StrPath, durable: bool, overwrite: bool, make_parents: bool) -> None:
+        self._path, self._durable, self._overwrite, self._make_parents = path, durable, overwrite, make_parents
+
+    def _create(self, *, keep_now: bool) -> int:
+        """Check the target, and create the temporary file: its descriptor. The target's
+        permission bits, if it exists, are given to the file now or kept for _finish."""
+        target = _fspath(self._path)
+        # Symlink policy: writing through a link replaces the file it points to and
+        # leaves the link alone, as open(path, "w") would.
+        if os.path.islink(target):
+            target = os.path.realpath(target)
         try:
-            _make_dirs(parent, durable=durable)
+            st = os.stat(target)
+        except (FileNotFoundError, NotADirectoryError):  # The parent checks below explain which.
+            st = None
+        if st is not None:
+            if stat.S_ISDIR(st.st_mode):
+                message = f"cannot write {target!r}: it is a directory; choose a file path inside it"
+                raise _os_error(errno.EISDIR, target, message)
+            if not stat.S_ISREG(st.st_mode):
+                # Renaming over a device or a FIFO would replace the node itself
+                # (as root, atomic_write("/dev/null") would replace the system's).
+                raise _os_error(
+                    errno.EEXIST,
+                    target,
+                    f"cannot write {target!r}: it is {_kind_of(st.st_mode)}, not a regular file, and an atomic "
+                    "write would replace it; write to it with open(), or choose another path",
+                )
+            if not self._overwrite:
+                message = f"{target!r} already exists and overwrite=False; remove it or pass overwrite=True"
+                raise _os_error(errno.EEXIST, target, message)
+        parent = os.path.dirname(os.path.abspath(target))
+        if not os.path.isdir(parent):
+            if os.path.exists(parent):
+                raise _os_error(errno.ENOTDIR, target, f"cannot write {target!r}: {parent!r} is not a directory")
+            if not self._make_parents:
+                raise _os_error(
+                    errno.ENOENT,
+                    target,
+                    f"cannot write {target!r}: its directory {parent!r} does not exist; "
+                    "create it first or pass make_parents=True",
+                )
+            try:
+                _make_dirs(parent, durable=self._durable)
+            except OSError as exc:
+                raise _error_about(exc, target, "create the parent directories of") from exc
+        self._target, self._mode = target, (stat.S_IMODE(st.st_mode) & 0o777 if st is not None else None)
+        try:
+            fd, self._temp = _create_temp(target, self._mode if keep_now else None)
         except OSError as exc:
-            raise _reraise_about(exc, target, "create the parent directories of") from exc
-    return target, (stat.S_IMODE(st.st_mode) & 0o777 if st is not None else None)
+            fix = "the directory must be writable to create a temporary file beside the target"
+            raise _error_about(exc, target, "write", fix) from exc
+        return fd
 
+    def _finish(self) -> None:
+        """Make the temporary file whole on disk, ready to be renamed."""
 
-def _create_temp_for(target: str, keep_mode: int | None) -> tuple[int, str]:
-    try:
-        return _create_temp(target, keep_mode)
-    except OSError as exc:
-        raise _reraise_about(
-            exc, target, "write", "the directory must be writable to create a temporary file beside the target"
-        ) from exc
+    def _abandon(self) -> None:
+        _discard(self._temp)
 
-
-class _AtomicFile:
-    """What atomic_write() returns: a context manager that yields the open file."""
-
-    def __init__(
-        self,
-        path: StrPath,
-        mode: str,
-        encoding: str | None,
-        newline: str | None,
-        durable: bool,
-        overwrite: bool,
-        make_parents: bool,
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if mode not in _WRITE_MODES:
-            raise ValueError(
-                f"atomic_write() mode must be one of {', '.join(map(repr, _WRITE_MODES))}, not {mode!r}"
-            )
+        try:
+            if exc_type is None:
+                self._finish()
+                _commit(self._temp, self._target, durable=self._durable, overwrite=self._overwrite)
+                return
+        except BaseException:
+            self._abandon()
+            raise
+        self._abandon()
+
+
+class _AtomicFile(_Atomic):
+    def __init__(self, path: StrPath, mode: str, encoding: str | None, newline: str | None, *options: bool) -> None:
+        if mode not in ("w", "wt", "wb"):
+            raise ValueError(f"atomic_write() mode must be one of 'w', 'wt', 'wb', not {mode!r}")
         if "b" in mode and (encoding is not None or newline is not None):
             raise ValueError("atomic_write() takes encoding= and newline= only in text mode ('w')")
-        self._path, self._mode, self._encoding, self._newline = path, mode, encoding, newline
-        self._durable, self._overwrite, self._make_parents = durable, overwrite, make_parents
+        super().__init__(path, *options)
+        self._mode_text, self._encoding, self._newline = mode, encoding, newline
 
     def __enter__(self) -> IO[Any]:
-        self._target, keep_mode = _prepare_target(
-            self._path, overwrite=self._overwrite, make_parents=self._make_parents, durable=self._durable
-        )
-        fd, self._temp = _create_temp_for(self._target, keep_mode)
+        fd = self._create(keep_now=True)
         try:
-            self._file: IO[Any] = io.open(fd, self._mode, encoding=self._encoding, newline=self._newline)
+            self._file: IO[Any] = io.open(fd, self._mode_text, encoding=self._encoding, newline=self._newline)
         except BaseException:
             os.close(fd)
             _discard(self._temp)
             raise
         return self._file
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        # Returning None lets the body's exception, if any, propagate unchanged.
-        if exc_type is not None:
-            _close_quietly(self._file)
-            _discard(self._temp)
-            return
+    def _finish(self) -> None:
+        self._file.flush()
+        # Even when not durable: without it, a power cut can keep the rename but
+        # not the data (ext4's delayed allocation, XFS), leaving an empty target.
+        _fsync_file(self._file.fileno())
+        self._file.close()
+
+    def _abandon(self) -> None:
         try:
-            self._file.flush()
-            # Even when not durable: without it, a power cut can keep the rename but
-            # not the data (ext4's delayed allocation, XFS), leaving an empty target.
-            _fsync_file(self._file.fileno())
-            self._file.close()
-            _commit(self._temp, self._target, durable=self._durable, overwrite=self._overwrite)
-        except BaseException:
-            _close_quietly(self._file)
-            _discard(self._temp)
-            raise
+            self._file.close()  # Flushing may fail again (ENOSPC); the file is closed all the same.
+        except Exception:
+            pass
+        _discard(self._temp)
 
 
 def atomic_write(
@@ -1325,52 +1334,33 @@ def atomic_write(
     return _AtomicFile(path, mode, encoding, newline, durable, overwrite, make_parents)
 
 
-class _AtomicPath:
-    """What atomic_path() returns: a context manager that yields a temporary Path."""
-
-    def __init__(self, path: StrPath, durable: bool, overwrite: bool, make_parents: bool) -> None:
-        self._path, self._durable, self._overwrite, self._make_parents = path, durable, overwrite, make_parents
-
+class _AtomicPath(_Atomic):
     def __enter__(self) -> Path:
         from pathlib import Path
 
-        self._target, self._keep_mode = _prepare_target(
-            self._path, overwrite=self._overwrite, make_parents=self._make_parents, durable=self._durable
-        )
-        # Creating the file with O_EXCL proves that the random name is free;
-        # it is removed again so that the library can create it itself.
-        fd, self._temp = _create_temp_for(self._target, None)
-        os.close(fd)
+        # Creating the file with O_EXCL proves that the name is free; it is
+        # removed again so that the library can create it itself.
+        os.close(self._create(keep_now=False))
         os.unlink(self._temp)
         return Path(self._temp)
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def _finish(self) -> None:
         temp = self._temp
-        if exc_type is not None:
-            _discard(temp)
-            return
+        if not os.path.lexists(temp):
+            raise _os_error(
+                errno.ENOENT,
+                temp,
+                f"atomic_path({self._target!r}): the block did not create a file at the temporary path {temp!r}",
+            )
+        # Opened (never through a link, which would be renamed onto the
+        # target) to check that it is a regular file, to set its mode and flush it.
+        fd = _open_regular(temp, _SYNC_FLAGS | _NOFOLLOW)[0]
         try:
-            if not os.path.lexists(temp):
-                raise FileNotFoundError(
-                    errno.ENOENT,
-                    f"atomic_path({self._target!r}): the block did not create a file at the temporary path {temp!r}",
-                    temp,
-                )
-            # Opened (never through a link, which would be renamed onto the
-            # target) to check that it is a regular file, to set its mode and flush it.
-            fd = _open_regular(temp, _SYNC_FLAGS | _NOFOLLOW)[0]
-            try:
-                if self._keep_mode is not None:
-                    _keep_mode(fd, self._keep_mode)
-                _fsync_file(fd)  # Even when not durable, as in atomic_write().
-            finally:
-                os.close(fd)
-            _commit(temp, self._target, durable=self._durable, overwrite=self._overwrite)
-        except BaseException:
-            _discard(temp)
-            raise
+            if self._mode is not None:
+                _keep_mode(fd, self._mode)
+            _fsync_file(fd)  # Even when not durable, as in atomic_write().
+        finally:
+            os.close(fd)
 
 
 def atomic_path(
@@ -1412,6 +1402,9 @@ def _is_stage_file(name: str, marker: str) -> bool:
     return name == marker or name in _STAGE_FILES or name.startswith(_STAGE_BUILDER)
 
 
+_QUOTED_IN_VERSIONS = frozenset("(),'\"\\")
+
+
 def _version_text(version: Any, what: str = "version", item: bool = False) -> str:
     """A version's canonical text: 2, "2" and the command line's --version 2 agree,
     and a tuple reads the same after a JSON round trip (which makes it a list).
@@ -1429,93 +1422,27 @@ def _version_text(version: Any, what: str = "version", item: bool = False) -> st
     )
 
 
-_QUOTED_IN_VERSIONS = frozenset("(),'\"\\")
-
-
 def _marker_path(directory: StrPath, marker: str) -> str:
-    if not isinstance(marker, str) or not marker or os.path.basename(marker) != marker or marker in (
-        ".",
-        "..",
-        _STAGE_LOCK,
-    ):
+    if not isinstance(marker, str) or marker in ("", ".", "..", _STAGE_LOCK) or os.path.basename(marker) != marker:
         raise ValueError(f"marker must be a plain file name such as 'DONE' or '_SUCCESS', not {marker!r}")
     return os.path.join(_fspath(directory, "directory"), marker)
 
 
-def _scandir(path: str) -> list[os.DirEntry[str]]:
-    """The entries of a directory, or none if it cannot be listed."""
-    try:
-        with os.scandir(path) as entries:
-            return list(entries)
-    except OSError:
-        return []
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-    """A small JSON object from a regular file, or None (absent, damaged, or not an object)."""
-    import json
-
-    text = _read_text(path)
-    try:
-        data = None if text is None else json.loads(text)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _read_text(path: str) -> str | None:
-    """A small regular file's text, or None if there is none (or it is no such file)."""
-    try:
-        fd, _st = _open_regular(path)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, 1 << 16).decode("utf-8", "replace")
-    finally:
-        os.close(fd)
-
-
 def _read_marker(path: str) -> dict[str, Any] | None:
     """The marker's metadata: {} for an empty or foreign marker, None if there is none."""
-    import json
-
-    def read() -> bytes | None:
-        try:
-            fd, _st = _open_regular(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except _NotRegular:
-            return b""  # A FIFO or a directory by the marker's name: not a marker we wrote.
-        try:
-            return os.read(fd, 1 << 20)
-        finally:
-            os.close(fd)
-
-    raw = _retry_stale(read)
-    if raw is None:
-        return None
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        data = _read_file(path)
+    except _NotRegular:
+        return {}  # A FIFO or a directory by the marker's name: not a marker we wrote.
+    return None if data is None else _json_object(data) or {}
 
 
-def _marker_counts(path: str, version: Any) -> bool:
-    def check() -> bool:
-        if version is None:
-            try:
-                return stat.S_ISREG(_retry_stale(lambda: os.stat(path)).st_mode)
-            except (FileNotFoundError, NotADirectoryError):
-                return False
-        info = _read_marker(path)
-        return info is not None and _marker_version(info) == _version_text(version)
-
-    # An NFS client caches lookups, "no such file" included, for up to acdirmax
-    # (60 s by default), so a marker that another host has just written can
-    # look absent. Opening and reading the directory makes the client fetch
-    # it again from the server (as `ls` does), so "not done" is asked twice.
-    return check() or (_list_dir(os.path.dirname(path), os.path.basename(path)) and check())
+def _marker_version(info: dict[str, Any] | None) -> str | None:
+    """The canonical text of the version a marker records, or None."""
+    try:
+        return None if not info or info.get("version") is None else _version_text(info["version"])
+    except TypeError:
+        return None  # A foreign marker's "version" that is no version of ours.
 
 
 def _list_dir(directory: str, stop_at: str) -> bool:
@@ -1536,12 +1463,21 @@ def _list_dir(directory: str, stop_at: str) -> bool:
     return True
 
 
-def _marker_version(info: dict[str, Any] | None) -> str | None:
-    """The canonical text of the version a marker records, or None."""
-    try:
-        return None if not info or info.get("version") is None else _version_text(info["version"])
-    except TypeError:
-        return None  # A foreign marker's "version" that is no version of ours.
+def _marker_counts(path: str, version: Any) -> bool:
+    def check() -> bool:
+        if version is None:
+            try:
+                return stat.S_ISREG(_retry_stale(lambda: os.stat(path)).st_mode)
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+        info = _read_marker(path)
+        return info is not None and _marker_version(info) == _version_text(version)
+
+    # An NFS client caches lookups, "no such file" included, for up to acdirmax
+    # (60 s by default), so a marker that another host has just written can
+    # look absent. Opening and reading the directory makes the client fetch
+    # it again from the server (as `ls` does), so "not done" is asked twice.
+    return check() or (_list_dir(os.path.dirname(path), os.path.basename(path)) and check())
 
 
 def is_done(directory: StrPath, *, version: _Version | None = None, marker: str = "DONE") -> bool:
@@ -1585,8 +1521,6 @@ class _StageState:
 
 def _stage_status(directory: str, *, version: _Version | None, marker: str) -> _StageState:
     """What `status` prints; it only reads (the stage may be on a read-only filesystem)."""
-    import json
-
     path = _marker_path(directory, marker)
     if not os.path.isdir(directory):
         return _StageState("missing", None)
@@ -1602,11 +1536,8 @@ def _stage_status(directory: str, *, version: _Version | None, marker: str) -> _
             return _StageState("other version", _read_marker(path))
         started = len(locks) > 1 or os.path.lexists(locks[0])
         return _StageState("incomplete" if started else "not a stage", _read_marker(path))
-    try:
-        builder = json.loads(_file_head(lock, 4096).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        builder = None  # Not written yet, or unreadable while locked (Windows).
-    return _StageState("building", _read_marker(path), builder if isinstance(builder, dict) else None)
+    # None: not written yet, or unreadable while locked (Windows).
+    return _StageState("building", _read_marker(path), _read_json(lock))
 
 
 def _flush_tree(root: str) -> None:
@@ -1740,9 +1671,8 @@ class Stage:
     def __enter__(self) -> Stage:
         root = self._root
         if os.path.exists(root) and not os.path.isdir(root):
-            raise NotADirectoryError(
-                errno.ENOTDIR, f"stage {root!r} is a file, not a directory; move it away or choose another path", root
-            )
+            message = f"stage {root!r} is a file, not a directory; move it away or choose another path"
+            raise _os_error(errno.ENOTDIR, root, message)
         self._pid = os.getpid()
         if _marker_counts(self._marker_file, self.version):
             # Finished: seeing that needs no lock, and no write (the stage may
@@ -1753,11 +1683,10 @@ class Stage:
         self._take_lock()
         try:
             import json
-            import socket
 
             # For `python -m donecache status`: who is building (read only while the lock is held).
             assert self._lock is not None
-            who = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode("utf-8")
+            who = json.dumps(_who()).encode("utf-8")
             self._lock.note(who)
             self.done = _marker_counts(self._marker_file, self.version)
             if not self.done:
@@ -1836,7 +1765,7 @@ class Stage:
         except TimeoutError as exc:
             raise TimeoutError(f"stage {root!r}: {exc}; another process or thread is building it") from None
         except OSError as exc:
-            raise _reraise_about(exc, root, "create or lock the stage directory", "check its path and permissions") from exc
+            raise _error_about(exc, root, "create or lock the stage directory", "check its path and permissions") from exc
         self._lock = lock
 
     def _finish_shared(self, expect: _Expected) -> bool:
@@ -1886,7 +1815,6 @@ class Stage:
 
     def _write_marker(self) -> None:
         import json
-        import socket
 
         if self._durable:
             _flush_tree(self._root)
@@ -1895,8 +1823,7 @@ class Stage:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._started)),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(finished)),
             "duration_s": round(finished - self._started, 6),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
+            **_who(),
             "donecache": __version__,
             "version": self.version,
         }
@@ -1937,12 +1864,12 @@ class Stage:
             except FileNotFoundError:
                 return
             if not stat.S_ISDIR(st.st_mode):
-                raise NotADirectoryError(
+                raise _os_error(
                     errno.ENOTDIR,
+                    folder,
                     f"cannot write the piece {os.path.relpath(path, self._root)!r} of stage {self._root!r}: "
                     f"{folder!r} is {_kind_of(st.st_mode)}, not a directory, and pieces are written only into real "
                     "directories inside the stage (a link could lead outside it); remove it and run again",
-                    folder,
                 )
 
     def has(self, name: StrPath) -> bool:
@@ -2401,7 +2328,6 @@ _NAME_BYTES = 16  # An entry's file name is the hex of a BLAKE2b digest this lon
 _NAME_HEX = 2 * _NAME_BYTES
 _FOLDER_HEX = 16  # A memoized function's entries live in a folder named by 16 hex digits of its name.
 _HEX = frozenset("0123456789abcdef")
-_LITTER_AGE = 3600.0  # A temporary file this old belongs to no live writer.
 _CACHEDIR_TAG = (
     b"Signature: 8a477f597d28d172789f06886806bc55\n"
     b"# This file marks a donecache store (see https://bford.info/cachedir/).\n"
@@ -2765,7 +2691,7 @@ class _EntryDir:
                 _make_dirs(os.path.dirname(self.root), durable=durable)
                 _make_dirs(self.root, 0o700, durable=durable)
             except OSError as exc:
-                raise _reraise_about(exc, self.root, "create the cache directory", "choose a writable path") from exc
+                raise _error_about(exc, self.root, "create the cache directory", "choose a writable path") from exc
         elif _foreign_names(self.root) and not _is_store(self.root):
             # Adopting it would write entries among the user's files, which the CLI then refuses to manage.
             raise FileExistsError(
@@ -2895,7 +2821,7 @@ class _EntryDir:
                 _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
                 _write_bytes(path, encoded.chunks(), durable=self.durable)
         except OSError as exc:
-            raise _reraise_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
+            raise _error_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
         if stamps:
             _keep_recent(path, stamps[-1], encoded.as_read())
 
@@ -2991,7 +2917,7 @@ class _EntryDir:
                     # EPERM: a directory at an entry's name (macOS); prune() removes it.
             self._synced(folders)
         except OSError as exc:
-            raise _reraise_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
+            raise _error_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
         return removed
 
 
@@ -3079,7 +3005,7 @@ class _EntryFiles(_EntryDir):
         try:
             return work()
         except OSError as exc:
-            raise _reraise_about(
+            raise _error_about(
                 exc, self.root, f"keep the cache within max_bytes={self.max_bytes}", "check that it is writable"
             ) from exc
 
@@ -3270,7 +3196,7 @@ class _EntryFiles(_EntryDir):
             if not dry_run:
                 self._synced(folders)
         except OSError as exc:
-            raise _reraise_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
+            raise _error_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
         for temp in _temp_files(top):
             try:
                 if os.stat(temp).st_mtime < when - _LITTER_AGE:

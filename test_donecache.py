@@ -213,11 +213,6 @@ LAYERING_ENTRY_POINTS: set[str] = set()
 # by the section that uses it (shrinks to nothing as the layering pass lands).
 LAYERING_NOT_YET = set(
     """
-    _NotRegular _open_regular _process_id _forget_pid _temp_count _holder _kind_of
-    _LITTER_AGE _discard
-    ---
-    _QUOTED_IN_VERSIONS _read_text _list_dir _marker_version _file_head
-    ---
     _StoreItems _StoreValues _prune
     ---
     _function_name _text _signed_nan _canonical_object _buffer_digest _library
