@@ -3639,16 +3639,328 @@ open = Store
 # ---------------------------------------------------------------------------
 # Memoize: keys
 #
-# Key building and key parsing, side by side. A memoize key is
+# A memoize key is
 #     <module>:<qualname>|<16 hex digits: the code digest>|
 # followed by "=" and the arguments' canonical text when that text is short,
-# or by "#" and the hex BLAKE2b digest of the text when it is long.
+# or by "#" and the hex BLAKE2b digest of the text when it is long. What counts
+# in a key, rule by rule, is in docs/identity.md.
 # ---------------------------------------------------------------------------
 
 _SCALARS = frozenset({str, int, float, bool, type(None), bytes, complex})
 _RAW_KEY_LIMIT = 96  # Longer argument texts are hashed.
 _CO_VARARGS, _CO_VARKEYWORDS, _CO_COROUTINE = 0x04, 0x08, 0x80  # inspect.CO_*
 _OPEN_KEYS = "(donecache.open keys)"
+_BIG_INT = 1 << 4000  # Larger ints are written in hex: decimal text has a digit limit (3.11+).
+_BIG_VALUE = 1 << 16  # Longer str, bytes and bytearray arguments are hashed in place, not written out.
+_FUNCTION_KINDS = (type(_delays), type(len), type(sys))  # Python functions, builtins, modules.
+
+
+def _function_name(func: Any) -> str:
+    """A callable's qualified name; a partial by what it wraps (its repr holds an address)."""
+    import functools
+
+    if isinstance(func, functools.partial):
+        return f"partial({_function_name(func.func)})"
+    return str(getattr(func, "__qualname__", None) or type(func).__qualname__)
+
+
+_script_names: dict[str, str] = {}  # _module_name(): a main script's file -> its module name.
+
+
+def _module_name(obj: Any) -> str:
+    """The name of the module that defines ``obj``; for the main script, the name it
+    would have if imported (``python -m pkg.job`` and ``python pkg/job.py`` ->
+    pkg.job, where pkg has an __init__.py; ``python job.py`` -> job, when its
+    directory is on sys.path), so that a script and its import share entries."""
+    module = getattr(obj, "__module__", None) or "?"
+    if module not in ("__main__", "__mp_main__"):
+        return module
+    main = sys.modules.get(module)
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name not in ("__main__", "__mp_main__"):
+        return str(spec.name)
+    script: str | None = getattr(main, "__file__", None)
+    if not script:
+        return "__main__"
+    name = _script_names.get(script)
+    if name is None:  # Worked out once: objects of the script's classes ask at every call.
+        folder, stem = os.path.split(os.path.splitext(os.path.realpath(script))[0])
+        name, package = stem, folder  # pkg/job.py is pkg.job while the folders above it are packages.
+        while os.path.isfile(os.path.join(package, "__init__.py")) and os.path.basename(package).isidentifier():
+            package, folder_name = os.path.split(package)
+            name = f"{folder_name}.{name}"
+        on_path = name != stem or any(os.path.realpath(entry or ".") == folder for entry in sys.path)
+        name = _script_names[script] = name if stem.isidentifier() and on_path else "__main__"
+    return name
+
+
+def _reference(obj: Any) -> str:
+    """module.qualname of a function or class (see _module_name), or "module name"."""
+    if isinstance(obj, type(sys)):
+        return f"module {obj.__name__}"
+    return f"{_module_name(obj)}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
+
+
+def _cell_value(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # An empty cell: a name the function defines later.
+        return "<empty cell>"
+
+
+def _signed_nan(value: float | complex) -> str | None:
+    """The text of a float or complex that holds -nan (repr() writes "nan", though
+    copysign() and NumPy tell them apart); None for other values."""
+    import math
+
+    parts = [("-nan" if math.copysign(1.0, p) < 0 else "nan") if p != p else repr(p) for p in (value.real, value.imag)]
+    return f"{type(value).__name__}:{','.join(parts)}" if "-nan" in parts else None
+
+
+def _buffer_digest(buffer: Any) -> str:
+    """A digest of a buffer's bytes, read in place where it is C-contiguous; a str
+    is encoded a piece at a time, never copied whole."""
+    import hashlib
+
+    # SHA-256 runs at about 1.8 GB/s on CPUs with SHA extensions, twice BLAKE2b's speed.
+    if isinstance(buffer, str):
+        digest = hashlib.sha256()
+        for start in range(0, len(buffer), 1 << 18):  # At most 1 MiB of UTF-8 at a time.
+            piece = buffer[start : start + (1 << 18)]
+            try:  # Latin-1 copies a one-byte-per-character string as it is, 30x faster than UTF-8.
+                digest.update(b"L" + piece.encode("latin-1"))
+            except UnicodeEncodeError:
+                digest.update(b"U" + piece.encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()[:40]
+    view = memoryview(buffer)
+    return hashlib.sha256(view.cast("B") if view.c_contiguous else view.tobytes()).hexdigest()[:40]
+
+
+def _no_code(obj: Any) -> str:
+    raise TypeError(f"{_reference(obj)} is code where only constants were expected")
+
+
+class _Canonical:
+    """Writes a text that is equal for equal values in every process and run.
+
+    repr() is canonical for scalars; 1, 1.0, True and "1" stay apart, as their
+    results may differ. Containers are walked; dicts and sets are sorted by
+    their items' texts, since their order depends on insertion and on
+    PYTHONHASHSEED. Big buffers, arrays and frames are hashed in place.
+    Functions and classes count by ``code`` (the code identity section gives
+    it: the keys need the code identity, which needs canonical values). Any
+    other object is taken apart as pickle would take it (``__reduce_ex__``),
+    so that the sets and dicts in its state are sorted too.
+    """
+
+    __slots__ = ("code", "active")
+
+    def __init__(self, code: Callable[[Any], str] = _no_code) -> None:
+        self.code = code
+        self.active: set[int] = set()  # The containers being written: a cycle is named, not followed.
+
+    def text(self, value: Any) -> str:
+        out: list[str] = []
+        self.write(value, out)
+        return "".join(out)
+
+    def write(self, value: Any, out: list[str]) -> None:
+        kind = type(value)
+        if kind in _SCALARS:
+            if (kind is str or kind is bytes) and len(value) > _BIG_VALUE:
+                out.append(f"<{kind.__name__} {len(value)} {_buffer_digest(value)}>")
+            elif kind is int and not -_BIG_INT < value < _BIG_INT:
+                out.append(f"int:{value:x}")
+            elif (kind is float or kind is complex) and value != value:
+                out.append(_signed_nan(value) or repr(value))
+            else:
+                out.append(repr(value))
+            return
+        active = self.active
+        if id(value) in active:
+            out.append("<cycle>")
+            return
+        active.add(id(value))
+        try:
+            if kind is tuple or kind is list:
+                out.append("(" if kind is tuple else "[")
+                for item in value:
+                    self.write(item, out)
+                    out.append(",")
+                out.append(")" if kind is tuple else "]")
+            elif kind is dict:
+                out.append("{")
+                out.extend(sorted(self.text(k) + ":" + self.text(v) + "," for k, v in value.items()))
+                out.append("}")
+            elif kind is set or kind is frozenset:
+                out.append("set{" if kind is set else "frozenset{")
+                out.extend(sorted(self.text(item) + "," for item in value))
+                out.append("}")
+            elif not self._code(value, out):
+                self._object(value, out)
+        finally:
+            active.discard(id(value))
+
+    def bytecode(self, code: Any) -> str:
+        """A code object's bytecode, names and constants (line numbers aside); it
+        changes between CPython versions."""
+        parts = [
+            code.co_code.hex(),
+            repr((code.co_argcount, code.co_kwonlyargcount, code.co_flags, code.co_names, code.co_varnames)),
+        ]
+        parts += [self.bytecode(const) if hasattr(const, "co_code") else self.text(const) for const in code.co_consts]
+        return "\n".join(parts)
+
+    def _code(self, value: Any, out: list[str]) -> bool:
+        """Functions, classes, partials and methods by their code; False for anything else."""
+        import functools
+        import types
+
+        kind = type(value)
+        if isinstance(value, type) or kind in _FUNCTION_KINDS:
+            self_ = getattr(value, "__self__", None)
+            if kind is type(len) and self_ is not None and not isinstance(self_, type(sys)):
+                # A bound built-in method (english.get): what it is bound to counts.
+                out.append(f"<built-in {value.__qualname__} of ")
+                self.write(self_, out)
+                out.append(">")
+                return True
+            reference = _reference(value)
+            out.append(f"<{reference}")
+            if kind is not type(sys):
+                out.append(self.code(value))
+            code = getattr(value, "__code__", None)
+            if "<" in reference and code is not None:
+                # A lambda or a local function: many share one name (and a line of
+                # source), so its bytecode, defaults and closure count too.
+                self.write((self.bytecode(code), value.__defaults__, value.__kwdefaults__), out)
+                self.write(tuple(_cell_value(cell) for cell in value.__closure__ or ()), out)
+            out.append(">")
+        elif kind is types.MethodType:
+            out.append("<method ")
+            self.write(value.__func__, out)
+            out.append(" of ")
+            self.write(value.__self__, out)
+            out.append(">")
+        elif isinstance(value, functools.partial):
+            out.append("<partial ")
+            self.write((value.func, value.args, value.keywords), out)
+            out.append(">")
+        elif callable(value) and callable(getattr(value, "__wrapped__", None)):
+            self.write(value.__wrapped__, out)  # memoize, lru_cache: what they wrap.
+        else:
+            return False
+        return True
+
+    def _object(self, value: Any, out: list[str]) -> None:
+        kind = type(value)
+        name = f"{_module_name(kind)}.{kind.__qualname__}"  # A script's class by its import name.
+        if kind is bytearray or kind is memoryview:
+            if kind is memoryview or len(value) > _BIG_VALUE:  # Smaller bytearrays keep their 0.2.0 key.
+                shape = f"{value.format} {value.shape}" if kind is memoryview else len(value)
+                out.append(f"<{kind.__name__} {shape} {_buffer_digest(value)}>")
+                return
+        pathlib, re, pandas = sys.modules.get("pathlib"), sys.modules.get("re"), sys.modules.get("pandas")
+        if pathlib is not None and isinstance(value, pathlib.PurePath):
+            # 3.13 moved the classes to pathlib._local and pickles a path as one
+            # string; its parts are what every version agrees on (3.9-3.12's form).
+            module = "pathlib" if kind.__module__.startswith("pathlib") else kind.__module__
+            out.append(f"<{module}.{kind.__qualname__}:")
+            self.write(tuple(value.parts), out)
+            out.append(";>")
+        elif re is not None and kind is re.Pattern:
+            out.append(f"<re.Pattern {value.flags}:")
+            self.write(value.pattern, out)
+            out.append(">")
+        elif kind.__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
+            dtype = str(value.dtype.descr) if value.dtype.names else value.dtype.str
+            if value.dtype.hasobject:  # Python objects, not a buffer of numbers.
+                out.append(f"<{name} {dtype} {value.shape}:")
+                self.write(value.tolist(), out)
+                out.append(">")
+            else:
+                data = value if value.flags.c_contiguous else value.copy(order="C")
+                out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
+        elif pandas is not None and isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
+            # By isinstance, not by module: pandas 3 names its classes' module "pandas".
+            out.append(f"<{name} ")
+            if isinstance(value, pandas.DataFrame):
+                self.write(value.columns, out)
+                self.write(value.index, out)
+                for column in range(value.shape[1]):
+                    series = value.iloc[:, column]
+                    out.append(f"|{series.dtype}:")
+                    self._pandas_values(series, out, pandas)
+            else:  # A Series or an Index.
+                names = value.names if isinstance(value, pandas.MultiIndex) else getattr(value, "name", None)
+                out.append(f"{names!r} {value.dtype}:")
+                if hasattr(value, "index"):
+                    self.write(value.index, out)
+                self._pandas_values(value, out, pandas)
+            out.append(">")
+        elif not (kind.__module__.partition(".")[0] in ("pyarrow", "polars") and self._arrow(value, out)):
+            self._reduced(value, out, name)
+
+    def _reduced(self, value: Any, out: list[str], name: str) -> None:
+        """An object as pickle takes it apart, its class by its code (its methods make the result)."""
+        kind = type(value)
+        try:
+            reduced = value.__reduce_ex__(4)
+        except Exception as exc:
+            raise TypeError(f"{name} cannot be taken apart as pickle would ({exc})") from None
+        if isinstance(reduced, str):  # A module-level singleton, named.
+            out.append(f"<{_module_name(kind)}.{reduced}>")
+            return
+        out.append(f"<{name}{self.code(kind)}:")
+        ordered = isinstance(value, collections.OrderedDict)  # Its order is part of its value (==).
+        for index, part in enumerate(reduced[1:5]):
+            if part is not None and index >= 2:  # listitems and dictitems are iterators.
+                part = list(part) if index == 2 or ordered else dict(part)
+            self.write(part, out)
+            out.append(";")
+        out.append(">")
+
+    def _pandas_values(self, value: Any, out: list[str], pandas: Any) -> None:
+        """A Series' or Index's values; a categorical's categories and their order, and
+        a tz-aware column's instants (as a buffer, not as Timestamp objects)."""
+        dtype = value.dtype
+        if isinstance(dtype, pandas.CategoricalDtype):
+            out.append(f"ordered={dtype.ordered!r} categories=")
+            self.write(dtype.categories, out)
+        if isinstance(dtype, pandas.DatetimeTZDtype):  # str(dtype) above names the zone.
+            self.write(value.to_numpy(dtype=f"datetime64[{dtype.unit}]"), out)
+        else:
+            self.write(value.to_numpy(), out)
+
+    def _arrow(self, value: Any, out: list[str]) -> bool:
+        """pyarrow tables, record batches and arrays, and polars frames and series (as
+        Arrow data, which to_arrow() hands over without a copy): a flat array by its
+        type, offset, length and buffers, read in place; a nested or dictionary
+        array by its values, as its children's offsets are not in its buffers."""
+        pyarrow, polars = sys.modules.get("pyarrow"), sys.modules.get("polars")
+        if polars is not None and isinstance(value, (polars.DataFrame, polars.Series)):
+            out.append(f"<polars.{type(value).__name__} {getattr(value, 'name', None)!r}:")
+            self._arrow(value.to_arrow(), out)
+        elif pyarrow is None:
+            return False
+        elif isinstance(value, (pyarrow.Table, pyarrow.RecordBatch)):
+            out.append(f"<pyarrow.{type(value).__name__} {value.schema.to_string(show_schema_metadata=True)!r}:")
+            for column in value.columns:
+                self._arrow(column, out)
+        elif isinstance(value, pyarrow.ChunkedArray):
+            out.append(f"<pyarrow.ChunkedArray {value.type}:")
+            for chunk in value.chunks:
+                self._arrow(chunk, out)
+        elif isinstance(value, pyarrow.Array):
+            out.append(f"<pyarrow.Array {value.type} {value.offset} {len(value)}:")
+            if value.type.num_fields or pyarrow.types.is_dictionary(value.type):
+                self.write(value.to_pylist(), out)
+            else:
+                out.extend(f"{buffer and _buffer_digest(buffer)}," for buffer in value.buffers())
+        else:
+            return False
+        out.append(">")
+        return True
 
 
 class _Arguments:
@@ -3718,377 +4030,6 @@ class _Arguments:
         return f"Leave it out with ignore=({name!r},), or build the key yourself with key=lambda ...: ..."
 
 
-_BIG_INT = 1 << 4000  # Larger ints are written in hex: decimal text has a digit limit (3.11+).
-_BIG_VALUE = 1 << 16  # Longer str, bytes and bytearray arguments are hashed in place, not written out.
-_FUNCTION_KINDS = (type(_delays), type(len), type(sys))  # Python functions, builtins, modules.
-
-
-def _canonical(value: Any, out: list[str], active: set[int]) -> None:
-    """Append a text that is equal for equal arguments in every process and run.
-
-    repr() is canonical for scalars; 1, 1.0, True and "1" stay apart, as their
-    results may differ. Containers are walked; dicts and sets are sorted by
-    their items' texts, since their order depends on insertion and on
-    PYTHONHASHSEED. Big buffers, arrays and frames are hashed in place.
-    Functions and classes count by their code. Any other object is taken
-    apart as pickle would take it (``__reduce_ex__``), so that the sets and
-    dicts in its state are sorted too. docs/identity.md has every rule.
-    ``active`` holds the containers being written, to name a cycle instead of
-    recursing into it.
-    """
-    kind = type(value)
-    if kind in _SCALARS:
-        if (kind is str or kind is bytes) and len(value) > _BIG_VALUE:
-            out.append(f"<{kind.__name__} {len(value)} {_buffer_digest(value)}>")
-        elif kind is int and not -_BIG_INT < value < _BIG_INT:
-            out.append(f"int:{value:x}")
-        elif (kind is float or kind is complex) and value != value:
-            out.append(_signed_nan(value) or repr(value))
-        else:
-            out.append(repr(value))
-        return
-    if id(value) in active:
-        out.append("<cycle>")
-        return
-    active.add(id(value))
-    try:
-        if kind is tuple or kind is list:
-            out.append("(" if kind is tuple else "[")
-            for item in value:
-                _canonical(item, out, active)
-                out.append(",")
-            out.append(")" if kind is tuple else "]")
-        elif kind is dict:
-            out.append("{")
-            out.extend(sorted(_text(k, active) + ":" + _text(v, active) + "," for k, v in value.items()))
-            out.append("}")
-        elif kind is set or kind is frozenset:
-            out.append("set{" if kind is set else "frozenset{")
-            out.extend(sorted(_text(item, active) + "," for item in value))
-            out.append("}")
-        else:
-            _canonical_object(value, out, active)
-    finally:
-        active.discard(id(value))
-
-
-def _cell_value(cell: Any) -> Any:
-    try:
-        return cell.cell_contents
-    except ValueError:  # An empty cell: a name the function defines later.
-        return "<empty cell>"
-
-
-def _signed_nan(value: float | complex) -> str | None:
-    """The text of a float or complex that holds -nan, which repr() writes as
-    "nan" though copysign() and NumPy tell it apart; None for other values."""
-    import math
-
-    parts = [("-nan" if math.copysign(1.0, p) < 0 else "nan") if p != p else repr(p) for p in (value.real, value.imag)]
-    return f"{type(value).__name__}:{','.join(parts)}" if "-nan" in parts else None
-
-
-def _text(value: Any, active: set[int] | None = None) -> str:
-    out: list[str] = []
-    _canonical(value, out, set() if active is None else active)
-    return "".join(out)
-
-
-def _buffer_digest(buffer: Any) -> str:
-    """A digest of a buffer's bytes, read in place (no copy) where it is
-    C-contiguous; a str is encoded a MiB at a time, so never copied whole."""
-    import hashlib
-
-    # SHA-256 runs at about 1.8 GB/s on CPUs with SHA extensions, twice BLAKE2b's speed.
-    if isinstance(buffer, str):
-        digest = hashlib.sha256()
-        for start in range(0, len(buffer), 1 << 18):  # At most 1 MiB of UTF-8 at a time.
-            piece = buffer[start : start + (1 << 18)]
-            try:  # Latin-1 copies a one-byte-per-character string as it is, 30x faster than UTF-8.
-                digest.update(b"L" + piece.encode("latin-1"))
-            except UnicodeEncodeError:
-                digest.update(b"U" + piece.encode("utf-8", "surrogatepass"))
-        return digest.hexdigest()[:40]
-    view = memoryview(buffer)
-    return hashlib.sha256(view.cast("B") if view.c_contiguous else view.tobytes()).hexdigest()[:40]
-
-
-# Functions and classes passed as arguments: their code identity, worked out
-# once per object (following a function's code costs milliseconds).
-_argument_codes: weakref.WeakKeyDictionary[Any, str] | None = None  # Made by _runtime_imports.
-
-
-def _argument_code(obj: Any) -> str:
-    """What stands for the code of a function or class passed as an argument (or
-    of an object's class): nothing for the standard library, name==version for
-    an installed distribution, else its code identity (_code_identity), so that
-    an edit recomputes and two same-named functions never share entries."""
-    if _argument_codes is None:  # Made at decoration: here if a key is built without one.
-        _runtime_imports()
-    assert _argument_codes is not None
-    try:
-        return _argument_codes[obj]
-    except (KeyError, TypeError):  # TypeError: unhashable, or no weak reference.
-        pass
-    library = _library(obj)  # Decided by where its file lives (a script's module is its own code).
-    code = (" " + library if library else "") if library is not None else " " + _code_identity(obj, None)
-    try:
-        _argument_codes[obj] = code
-    except TypeError:
-        pass
-    return code
-
-
-def _canonical_code(value: Any, out: list[str], active: set[int]) -> bool:
-    """Functions, classes, partials and methods passed as arguments, by their code
-    (see _argument_code); False for anything else."""
-    import functools
-    import types
-
-    kind = type(value)
-    if isinstance(value, type) or kind in _FUNCTION_KINDS:
-        self = getattr(value, "__self__", None)
-        if kind is type(len) and self is not None and not isinstance(self, type(sys)):
-            # A bound built-in method (english.get): what it is bound to counts.
-            out.append(f"<built-in {value.__qualname__} of ")
-            _canonical(self, out, active)
-            out.append(">")
-            return True
-        reference = _reference(value)
-        out.append(f"<{reference}")
-        if kind is not type(sys):
-            out.append(_argument_code(value))
-        code = getattr(value, "__code__", None)
-        if "<" in reference and code is not None:
-            # A lambda or a local function: many share one name (and a line of
-            # source), so its bytecode, defaults and closure count too.
-            _canonical((_bytecode_text(code), value.__defaults__, value.__kwdefaults__), out, active)
-            _canonical(tuple(_cell_value(cell) for cell in value.__closure__ or ()), out, active)
-        out.append(">")
-    elif kind is types.MethodType:
-        out.append("<method ")
-        _canonical(value.__func__, out, active)
-        out.append(" of ")
-        _canonical(value.__self__, out, active)
-        out.append(">")
-    elif isinstance(value, functools.partial):
-        out.append("<partial ")
-        _canonical((value.func, value.args, value.keywords), out, active)
-        out.append(">")
-    elif callable(value) and callable(getattr(value, "__wrapped__", None)):
-        _canonical(value.__wrapped__, out, active)  # memoize, lru_cache: what they wrap.
-    else:
-        return False
-    return True
-
-
-def _canonical_object(value: Any, out: list[str], active: set[int]) -> None:
-    kind = type(value)
-    name = f"{_module_name(kind)}.{kind.__qualname__}"  # A script's class by its import name.
-    if _canonical_code(value, out, active):
-        return
-    if kind is bytearray or kind is memoryview:
-        if kind is memoryview or len(value) > _BIG_VALUE:  # Smaller bytearrays keep their 0.2.0 key.
-            shape = f"{value.format} {value.shape}" if kind is memoryview else len(value)
-            out.append(f"<{kind.__name__} {shape} {_buffer_digest(value)}>")
-            return
-    pathlib = sys.modules.get("pathlib")
-    if pathlib is not None and isinstance(value, pathlib.PurePath):
-        # 3.13 moved the classes to pathlib._local and pickles a path as one
-        # string; its parts are what every version agrees on (3.9-3.12's form).
-        module = "pathlib" if kind.__module__.startswith("pathlib") else kind.__module__
-        out.append(f"<{module}.{kind.__qualname__}:")
-        _canonical(tuple(value.parts), out, active)
-        out.append(";>")
-        return
-    re = sys.modules.get("re")
-    if re is not None and kind is re.Pattern:
-        out.append(f"<re.Pattern {value.flags}:")
-        _canonical(value.pattern, out, active)
-        out.append(">")
-        return
-    if kind.__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
-        dtype = str(value.dtype.descr) if value.dtype.names else value.dtype.str
-        if value.dtype.hasobject:  # Python objects, not a buffer of numbers.
-            out.append(f"<{name} {dtype} {value.shape}:")
-            _canonical(value.tolist(), out, active)
-            out.append(">")
-            return
-        data = value if value.flags.c_contiguous else value.copy(order="C")
-        out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
-        return
-    pandas = sys.modules.get("pandas")
-    if pandas is not None and isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
-        # By isinstance, not by module: pandas 3 names its classes' module "pandas".
-        out.append(f"<{name} ")
-        if isinstance(value, pandas.DataFrame):
-            _canonical(value.columns, out, active)
-            _canonical(value.index, out, active)
-            for column in range(value.shape[1]):
-                series = value.iloc[:, column]
-                out.append(f"|{series.dtype}:")
-                _pandas_values(series, out, active, pandas)
-        else:  # A Series or an Index.
-            names = value.names if isinstance(value, pandas.MultiIndex) else getattr(value, "name", None)
-            out.append(f"{names!r} {value.dtype}:")
-            if hasattr(value, "index"):
-                _canonical(value.index, out, active)
-            _pandas_values(value, out, active, pandas)
-        out.append(">")
-        return
-    if kind.__module__.partition(".")[0] in ("pyarrow", "polars") and _canonical_arrow(value, out, active):
-        return
-    try:
-        reduced = value.__reduce_ex__(4)
-    except Exception as exc:
-        raise TypeError(f"{name} cannot be taken apart as pickle would ({exc})") from None
-    if isinstance(reduced, str):  # A module-level singleton, named.
-        out.append(f"<{_module_name(kind)}.{reduced}>")
-        return
-    out.append(f"<{name}{_argument_code(kind)}:")  # The class's own code counts (its methods make the result).
-    ordered = isinstance(value, collections.OrderedDict)  # Its order is part of its value (==).
-    for index, part in enumerate(reduced[1:5]):
-        if part is not None and index >= 2:  # listitems and dictitems are iterators.
-            part = list(part) if index == 2 or ordered else dict(part)
-        _canonical(part, out, active)
-        out.append(";")
-    out.append(">")
-
-
-def _canonical_arrow(value: Any, out: list[str], active: set[int]) -> bool:
-    """pyarrow tables, record batches and arrays, and polars frames and series (as
-    Arrow data, which to_arrow() hands over without a copy): a flat array by its
-    type, offset, length and buffers, read in place; a nested or dictionary
-    array by its values, as its children's offsets are not in its buffers."""
-    pyarrow, polars = sys.modules.get("pyarrow"), sys.modules.get("polars")
-    if polars is not None and isinstance(value, (polars.DataFrame, polars.Series)):
-        out.append(f"<polars.{type(value).__name__} {getattr(value, 'name', None)!r}:")
-        _canonical_arrow(value.to_arrow(), out, active)
-    elif pyarrow is None:
-        return False
-    elif isinstance(value, (pyarrow.Table, pyarrow.RecordBatch)):
-        out.append(f"<pyarrow.{type(value).__name__} {value.schema.to_string(show_schema_metadata=True)!r}:")
-        for column in value.columns:
-            _canonical_arrow(column, out, active)
-    elif isinstance(value, pyarrow.ChunkedArray):
-        out.append(f"<pyarrow.ChunkedArray {value.type}:")
-        for chunk in value.chunks:
-            _canonical_arrow(chunk, out, active)
-    elif isinstance(value, pyarrow.Array):
-        out.append(f"<pyarrow.Array {value.type} {value.offset} {len(value)}:")
-        if value.type.num_fields or pyarrow.types.is_dictionary(value.type):
-            _canonical(value.to_pylist(), out, active)
-        else:
-            out.extend(f"{buffer and _buffer_digest(buffer)}," for buffer in value.buffers())
-    else:
-        return False
-    out.append(">")
-    return True
-
-
-def _pandas_values(value: Any, out: list[str], active: set[int], pandas: Any) -> None:
-    """A Series' or Index's values; a categorical's categories and their order, and
-    a tz-aware column's instants (as a buffer, not as Timestamp objects)."""
-    dtype = value.dtype
-    if isinstance(dtype, pandas.CategoricalDtype):
-        out.append(f"ordered={dtype.ordered!r} categories=")
-        _canonical(dtype.categories, out, active)
-    if isinstance(dtype, pandas.DatetimeTZDtype):  # str(dtype) above names the zone.
-        _canonical(value.to_numpy(dtype=f"datetime64[{dtype.unit}]"), out, active)
-    else:
-        _canonical(value.to_numpy(), out, active)
-
-
-def _reference(obj: Any) -> str:
-    """module.qualname of a function, class or module, resolving __main__ (see _module_name)."""
-    if isinstance(obj, type(sys)):
-        return f"module {obj.__name__}"
-    return f"{_module_name(obj)}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
-
-
-_script_names: dict[str, str] = {}  # _module_name(): a main script's file -> its module name.
-
-
-def _module_name(obj: Any) -> str:
-    """The name of the module that defines ``obj``; for the main script, the name it
-    would have if imported (``python -m pkg.job`` and ``python pkg/job.py`` ->
-    pkg.job, where pkg has an __init__.py; ``python job.py`` -> job, when its
-    directory is on sys.path), so that a script and its import share entries."""
-    module = getattr(obj, "__module__", None) or "?"
-    if module not in ("__main__", "__mp_main__"):
-        return module
-    main = sys.modules.get(module)
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name not in ("__main__", "__mp_main__"):
-        return str(spec.name)
-    script: str | None = getattr(main, "__file__", None)
-    if not script:
-        return "__main__"
-    name = _script_names.get(script)
-    if name is None:  # Worked out once: objects of the script's classes ask at every call.
-        folder, stem = os.path.split(os.path.splitext(os.path.realpath(script))[0])
-        # pkg/job.py, run as a file, is the module pkg.job (as under -m) while
-        # the folders above it are packages.
-        name, package = stem, folder
-        while os.path.isfile(os.path.join(package, "__init__.py")) and os.path.basename(package).isidentifier():
-            package, folder_name = os.path.split(package)
-            name = f"{folder_name}.{name}"
-        on_path = name != stem or any(os.path.realpath(entry or ".") == folder for entry in sys.path)
-        name = _script_names[script] = name if stem.isidentifier() and on_path else "__main__"
-    return name
-
-
-def _function_name(func: Any) -> str:
-    """A callable's qualified name; a partial is named by what it wraps (never by
-    its repr, which holds a memory address)."""
-    import functools
-
-    if isinstance(func, functools.partial):
-        return f"partial({_function_name(func.func)})"
-    return str(getattr(func, "__qualname__", None) or type(func).__qualname__)
-
-
-def _is_big(value: Any) -> bool:
-    return (type(value) is str or type(value) is bytes) and len(value) > _BIG_VALUE
-
-
-def _make_key(
-    prefix: bytes, closure: str, values: tuple[Any, ...], arguments: _Arguments, blake2b: Callable[..., Any]
-) -> bytes:
-    """One key: ``prefix`` (identity and code digest), the closure's values, then a
-    call's bound argument values."""
-    text = None
-    if _SCALARS.issuperset(map(type, values)) and not any(map(_is_big, values)):
-        try:
-            text = repr(values)  # A tuple of scalars: repr() is already canonical...
-        except ValueError:  # An int too long for decimal text: _canonical writes hex.
-            pass
-        else:  # ...but for -nan, which repr() writes as "nan".
-            if "nan" in text and any(type(value) in (float, complex) and _signed_nan(value) for value in values):
-                text = None
-    if text is None:
-        out: list[str] = []
-        for index, value in enumerate(values):
-            try:
-                _canonical(value, out, set())
-            except (TypeError, ValueError, RecursionError) as exc:
-                raise TypeError(
-                    f"{arguments.function}(): {arguments.describe(index)} ({type(value).__name__}) cannot be "
-                    f"part of a cache key: {exc}. {arguments.fix(index)}"
-                ) from None
-            out.append(",")
-        text = "".join(out)
-    raw = (closure + text).encode("utf-8", "surrogatepass")
-    # Short texts (a few scalars, the common case) go into the key as they are:
-    # the store hashes the key for the file name anyway, so hashing here too
-    # would cost a second digest on every call. Long ones are hashed to bound
-    # the key. The tag keeps the two forms from ever meaning the same thing.
-    if len(raw) <= _RAW_KEY_LIMIT:
-        return prefix + b"=" + raw
-    digest: str = blake2b(raw, digest_size=20).hexdigest()
-    return prefix + b"#" + digest.encode("ascii")
-
-
 _digests: dict[tuple[Any, ...], str] = {}  # file_digest()'s memo: (device, inode, size, mtime, ctime) -> digest.
 _RACY_SECONDS = 2.0  # A file changed this recently may change again within its mtime's tick: never memoized.
 
@@ -4106,8 +4047,7 @@ def file_digest(path: StrPath, *, quick: bool = False) -> str:
     """
     import hashlib
 
-    name = _fspath(path, "path")
-    fd, st = _open_regular(name)
+    fd, st = _open_regular(_fspath(path, "path"))
     try:
         if quick:
             return f"size={st.st_size} mtime_ns={st.st_mtime_ns}"
@@ -4138,10 +4078,8 @@ class _KeyParts:
 
 
 def _parse_key(key: bytes) -> _KeyParts | None:
-    """The function (module:qualname) and code identity in a memoize key; None for
-    keys that donecache.open users wrote."""
-    text = key.decode("utf-8", "replace")
-    head, _, rest = text.partition("|")
+    """The parts of a memoize key; None for keys that donecache.open users wrote."""
+    head, _, rest = key.decode("utf-8", "replace").partition("|")
     code, sep, arguments = rest.partition("|")
     if ":" in head and sep and len(code) == 16 and set(code) <= _HEX and arguments[:1] in ("=", "#"):
         return _KeyParts(head, code)
@@ -4162,12 +4100,12 @@ def _function_of(key: bytes) -> str:
 #
 # When no version= is given, a memoized function's entries belong to its code:
 # the syntax tree of its source (docstrings aside), the module-level values it
-# reads (of any type, by canonical value), and the functions, classes and
-# modules of the user's own code that it reaches, followed transitively with
-# no limit. Installed distributions count by their RECORD (the hashes of their
-# files), the standard library not at all. What cannot be followed (eval, open,
-# the environment, a value with no canonical form) is named in one warning.
-# The rules are written out for users in docs/identity.md.
+# reads (by canonical value), and the functions, classes and modules of the
+# user's own code that it reaches, followed transitively. Installed
+# distributions count by their RECORD (the hashes of their files), the standard
+# library not at all. What cannot be followed (eval, open, the environment, a
+# value with no canonical form) is named in one warning. docs/identity.md has
+# the rules in full.
 
 _SITE_DIRS = ("site-packages", "dist-packages")
 # Read from the syntax tree, never from the text: fields that say how it was written.
@@ -4181,6 +4119,7 @@ _WHOLE_MODULE = frozenset({"getattr", "globals", "vars"})
 _SYNCHRONIZATION = frozenset({"_thread", "threading", "multiprocessing.synchronize", "asyncio.locks"})
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__firstlineno__",
                          "__static_attributes__", "__annotations__", "__orig_bases__", "__parameters__"})
+_SINK_METHODS = frozenset({"append", "extend", "add", "update", "insert", "clear", "discard", "remove"})
 _learnt: dict[Any, Any] = {}  # Per process: what each source file, RECORD and site directory told.
 
 
@@ -4190,12 +4129,138 @@ def _digest_text(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-def _stdlib_dirs() -> tuple[str, ...]:
-    # Where os.py lives is the standard library (a venv's too); lib-dynload is inside it.
-    found = _learnt.get("stdlib")
-    if found is None:
-        found = _learnt["stdlib"] = (os.path.join(os.path.realpath(os.path.dirname(os.__file__)), ""),)
-    return tuple(found)
+def _code_digest(code: Any) -> str:
+    return _digest_text(_Canonical().bytecode(code))[:16]
+
+
+def _origin_file(obj: Any) -> str | None:
+    """The file that defines a module, function or class (None: built in, or no file)."""
+    if isinstance(obj, type(sys)):
+        file = getattr(obj, "__file__", None)
+        if file is None:  # A namespace package: where its folders are.
+            file = next(iter(getattr(obj, "__path__", None) or ()), None)
+        return file if isinstance(file, str) else None
+    code = getattr(obj, "__code__", None)
+    if hasattr(code, "co_filename") and not isinstance(obj, type):
+        return str(code.co_filename)  # type: ignore[union-attr]
+    file = getattr(sys.modules.get(getattr(obj, "__module__", None) or ""), "__file__", None)
+    if file is None and isinstance(obj, type):  # A class made in a module with no file: by its methods' file.
+        codes = (getattr(getattr(member, "__func__", member), "__code__", None) for member in vars(obj).values())
+        file = next((code.co_filename for code in codes if code), None)
+    return file if isinstance(file, str) else None
+
+
+def _dist_infos(site: str) -> list[str]:
+    return sorted(entry.path for entry in _scandir(site) if entry.name.endswith(".dist-info"))
+
+
+def _distribution(site: str, name: str, top: str) -> str:
+    """An installed distribution by the hashes of its files: a digest of its
+    RECORD (read once per process and RECORD size and mtime), so that a package
+    reinstalled with an unchanged version number counts as new code."""
+    name = name.partition(".")[0]  # pkg, pkg.py, pkg.cpython-311-x86_64-linux-gnu.so
+    owners = _learnt.get(("site", site))
+    if owners is None:  # Which distribution installed each top-level name, once per site directory.
+        owners = _learnt[("site", site)] = {}
+        for found in _dist_infos(site):
+            normal = os.path.basename(found).partition("-")[0].lower().replace(".", "_")
+            for owned in (_read_text(os.path.join(found, "top_level.txt")) or "").split() or [normal]:
+                owners.setdefault(owned, found)
+    if name not in owners:  # A name no top_level.txt lists: look for it in the RECORDs, once.
+        owners[name] = ""
+        for found in _dist_infos(site):
+            text = "\n" + (_read_text(os.path.join(found, "RECORD")) or "")
+            if f"\n{name}/" in text or f"\n{name}." in text:
+                owners[name] = found
+                break
+    info = str(owners[name])
+    record = os.path.join(info, "RECORD") if info else ""
+    try:
+        st = os.stat(record)
+    except (OSError, ValueError):
+        version = getattr(sys.modules.get(top), "__version__", None)
+        return f"library {top}=={version if isinstance(version, str) else '?'}"
+    stamp = ("record", record, st.st_size, st.st_mtime_ns)
+    if stamp not in _learnt:
+        import hashlib
+
+        digest = hashlib.blake2b(_file_head(record, st.st_size), digest_size=8).hexdigest()
+        _learnt[stamp] = f"library {os.path.basename(info)} {digest}"
+    return _learnt[stamp]  # type: ignore[no-any-return]
+
+
+def _library(obj: Any) -> str | None:
+    """How code counts, decided by where its file lives (not by its module's name):
+    None for the user's own code (followed), "" for the standard library and
+    built-ins, and "library <distribution> <RECORD digest>" for an installed one."""
+    module = obj.__name__ if isinstance(obj, type(sys)) else getattr(obj, "__module__", None) or ""
+    file = _origin_file(obj)
+    top = module.partition(".")[0]
+    if file is None or file.startswith("<"):  # Built in, frozen, or typed in (a REPL, exec).
+        known = top in sys.builtin_module_names or top in getattr(sys, "stdlib_module_names", ())
+        return "" if known or (file is None and top not in ("__main__", "__mp_main__") and module in sys.modules) else None
+    if file == __file__:
+        return ""  # donecache itself.
+    stamp = ("where", file)
+    if stamp not in _learnt:
+        if "stdlib" not in _learnt:  # Where os.py lives (a venv's too); lib-dynload is inside it.
+            _learnt["stdlib"] = os.path.join(os.path.realpath(os.path.dirname(os.__file__)), "")
+        path = os.path.realpath(file)
+        parts = path.split(os.sep)
+        site = next((i for i, part in enumerate(parts) if part in _SITE_DIRS), None)
+        if site is not None and site + 1 < len(parts):
+            found: str | None = _distribution(os.sep.join(parts[: site + 1]), parts[site + 1], top)
+        else:
+            found = "" if path.startswith(_learnt["stdlib"]) else None
+        _learnt[stamp] = found
+    return _learnt[stamp]  # type: ignore[no-any-return]
+
+
+def _decorator_name(node: Any) -> str:
+    node = getattr(node, "func", node)
+    return str(getattr(node, "attr", None) or getattr(node, "id", ""))
+
+
+def _tree_text(node: Any, out: list[str], texts: dict[int, str]) -> None:
+    import ast
+
+    if isinstance(node, list):
+        out.append("[")
+        for item in node:
+            _tree_text(item, out, texts)
+            out.append(",")
+        out.append("]")
+        return
+    if not isinstance(node, ast.AST):
+        out.append(repr(node))
+        return
+    if id(node) in texts:  # A nested def or class, digested already.
+        out.append(texts[id(node)])
+        return
+    kind = type(node).__name__
+    out.append(kind + "(")
+    for name, value in ast.iter_fields(node):
+        # Empty fields are left out: 3.12 added type_params, and 3.13's ast leaves empties out.
+        if name in _TREE_SKIP or value is None or (isinstance(value, list) and not value):
+            continue
+        if name == "body" and kind in _DOCUMENTED and isinstance(value[0], ast.Expr):
+            if isinstance(value[0].value, ast.Constant) and isinstance(value[0].value.value, str):
+                value = value[1:]  # The docstring.
+        elif name == "decorator_list":  # memoize's own options (ttl=, path) are not the code.
+            value = [d for d in value if _decorator_name(d) != "memoize"]
+        out.append(name + "=")
+        _tree_text(value, out, texts)
+        out.append(",")
+    out.append(")")
+
+
+def _nested_codes(code: Any) -> Iterator[Any]:
+    """A code object, then the code objects nested in it, depth first."""
+    todo = [code]
+    while todo:
+        code = todo.pop()
+        todo += [const for const in code.co_consts if hasattr(const, "co_code")]
+        yield code
 
 
 def _parse_source(path: str, data: bytes) -> dict[str, Any] | None:
@@ -4234,51 +4299,10 @@ def _parse_source(path: str, data: bytes) -> dict[str, Any] | None:
             line = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", ())])
             found = functions.setdefault(f"{line} {getattr(node, 'name', '<lambda>')}", ["", []])
             found[0] = digest + ";" + found[0]
-    codes = [code]
-    while codes:
-        for const in codes.pop().co_consts:
-            if hasattr(const, "co_code"):
-                functions.setdefault(f"{const.co_firstlineno} {const.co_name}", ["", []])[1].append(_code_digest(const))
-                codes.append(const)
+    for inner in _nested_codes(code):
+        if inner is not code:
+            functions.setdefault(f"{inner.co_firstlineno} {inner.co_name}", ["", []])[1].append(_code_digest(inner))
     return {"functions": functions, "classes": classes}
-
-
-def _tree_text(node: Any, out: list[str], texts: dict[int, str]) -> None:
-    import ast
-
-    if isinstance(node, list):
-        out.append("[")
-        for item in node:
-            _tree_text(item, out, texts)
-            out.append(",")
-        out.append("]")
-        return
-    if not isinstance(node, ast.AST):
-        out.append(repr(node))
-        return
-    if id(node) in texts:  # A nested def or class, digested already.
-        out.append(texts[id(node)])
-        return
-    kind = type(node).__name__
-    out.append(kind + "(")
-    for name, value in ast.iter_fields(node):
-        # Empty fields are left out: 3.12 added type_params, and 3.13's ast leaves empties out.
-        if name in _TREE_SKIP or value is None or (isinstance(value, list) and not value):
-            continue
-        if name == "body" and kind in _DOCUMENTED and isinstance(value[0], ast.Expr):
-            if isinstance(value[0].value, ast.Constant) and isinstance(value[0].value.value, str):
-                value = value[1:]  # The docstring.
-        elif name == "decorator_list":  # memoize's own options (ttl=, path) are not the code.
-            value = [d for d in value if _decorator_name(d) != "memoize"]
-        out.append(name + "=")
-        _tree_text(value, out, texts)
-        out.append(",")
-    out.append(")")
-
-
-def _decorator_name(node: Any) -> str:
-    node = getattr(node, "func", node)
-    return str(getattr(node, "attr", None) or getattr(node, "id", ""))
 
 
 def _source_notes(path: str, notes: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -4303,22 +4327,6 @@ def _source_notes(path: str, notes: dict[str, Any] | None) -> dict[str, Any] | N
     return known if "functions" in known else None
 
 
-def _code_digest(code: Any) -> str:
-    return _digest_text(_bytecode_text(code))[:16]
-
-
-def _bytecode_text(code: Any) -> str:
-    """Where there is no source that matches: the bytecode, names and constants
-    (line numbers aside). It changes between CPython versions."""
-    parts = [
-        code.co_code.hex(),
-        repr((code.co_argcount, code.co_kwonlyargcount, code.co_flags, code.co_names, code.co_varnames)),
-    ]
-    for const in code.co_consts:
-        parts.append(_bytecode_text(const) if hasattr(const, "co_code") else _text(const))
-    return "\n".join(parts)
-
-
 def _function_text(func: Any, notes: dict[str, Any] | None) -> str:
     """The running code of a function: its tree digest when its source file still
     holds exactly this code (its bytecode equals a fresh compile's), else its
@@ -4327,88 +4335,13 @@ def _function_text(func: Any, notes: dict[str, Any] | None) -> str:
     code = func.__code__
     known = None if code.co_filename.startswith("<") else _source_notes(code.co_filename, notes)
     tree, compiled = (known or {}).get("functions", {}).get(f"{code.co_firstlineno} {code.co_name}", ("", ()))
-    return f"tree {tree}" if tree and _code_digest(code) in compiled else f"bytecode {_bytecode_text(code)}"
+    return f"tree {tree}" if tree and _code_digest(code) in compiled else f"bytecode {_Canonical().bytecode(code)}"
 
 
 def _class_text(cls: type, notes: dict[str, Any] | None) -> str:
     file = _origin_file(cls)
     known = _source_notes(file, notes) if file and not file.startswith("<") else None
     return str((known or {}).get("classes", {}).get(cls.__qualname__, ""))
-
-
-def _origin_file(obj: Any) -> str | None:
-    """The file that defines a module, function or class (None: built in, or no file)."""
-    if isinstance(obj, type(sys)):
-        file = getattr(obj, "__file__", None)
-        if file is None:  # A namespace package: where its folders are.
-            file = next(iter(getattr(obj, "__path__", None) or ()), None)
-        return file if isinstance(file, str) else None
-    code = getattr(obj, "__code__", None)
-    if hasattr(code, "co_filename") and not isinstance(obj, type):
-        return str(code.co_filename)  # type: ignore[union-attr]
-    file = getattr(sys.modules.get(getattr(obj, "__module__", None) or ""), "__file__", None)
-    if file is None and isinstance(obj, type):
-        file = next((c.co_filename for c in (getattr(getattr(m, "__func__", m), "__code__", None) for m in vars(obj).values()) if c), None)
-    return file if isinstance(file, str) else None
-
-
-def _library(obj: Any) -> str | None:
-    """How code counts, decided by where its file lives (not by its module's name):
-    None for the user's own code (followed), "" for the standard library and
-    built-ins, and "library <distribution> <RECORD digest>" for an installed one."""
-    module = obj.__name__ if isinstance(obj, type(sys)) else getattr(obj, "__module__", None) or ""
-    file = _origin_file(obj)
-    top = module.partition(".")[0]
-    if file is None or file.startswith("<"):  # Built in, frozen, or typed in (a REPL, exec).
-        known = top in sys.builtin_module_names or top in getattr(sys, "stdlib_module_names", ())
-        return "" if known or (file is None and top not in ("__main__", "__mp_main__") and module in sys.modules) else None
-    stamp = ("where", file)
-    if file == __file__:
-        return ""  # donecache itself.
-    if stamp not in _learnt:
-        path = os.path.realpath(file)
-        parts = path.split(os.sep)
-        site = next((i for i, part in enumerate(parts) if part in _SITE_DIRS), None)
-        if site is not None and site + 1 < len(parts):
-            found: str | None = _distribution(os.sep.join(parts[: site + 1]), parts[site + 1], top)
-        else:
-            found = "" if path.startswith(_stdlib_dirs()) else None
-        _learnt[stamp] = found
-    return _learnt[stamp]  # type: ignore[no-any-return]
-
-
-def _distribution(site: str, name: str, top: str) -> str:
-    """An installed distribution by the hashes of its files: a digest of its
-    RECORD (read once per process and RECORD size and mtime), so that a package
-    reinstalled with an unchanged version number counts as new code."""
-    name = name.partition(".")[0]  # pkg, pkg.py, pkg.cpython-311-x86_64-linux-gnu.so
-    infos = sorted(e.path for e in _scandir(site) if e.name.endswith(".dist-info")) if ("site", site) not in _learnt else []
-    owners = _learnt.setdefault(("site", site), {})
-    for found in infos:  # Which distribution installed each top-level name, once per site directory.
-        normal = os.path.basename(found).partition("-")[0].lower().replace(".", "_")
-        for owned in (_read_text(os.path.join(found, "top_level.txt")) or "").split() or [normal]:
-            owners.setdefault(owned, found)
-    if name not in owners:  # A name no top_level.txt lists: look for it in the RECORDs, once.
-        owners[name] = ""
-        for found in sorted(e.path for e in _scandir(site) if e.name.endswith(".dist-info")):
-            text = "\n" + (_read_text(os.path.join(found, "RECORD")) or "")
-            if f"\n{name}/" in text or f"\n{name}." in text:
-                owners[name] = found
-                break
-    info = str(owners[name])
-    record = os.path.join(info, "RECORD") if info else ""
-    try:
-        st = os.stat(record)
-    except (OSError, ValueError):
-        version = getattr(sys.modules.get(top), "__version__", None)
-        return f"library {top}=={version if isinstance(version, str) else '?'}"
-    stamp = ("record", record, st.st_size, st.st_mtime_ns)
-    if stamp not in _learnt:
-        import hashlib
-
-        digest = hashlib.blake2b(_file_head(record, st.st_size), digest_size=8).hexdigest()
-        _learnt[stamp] = f"library {os.path.basename(info)} {digest}"
-    return _learnt[stamp]  # type: ignore[no-any-return]
 
 
 def _is_constant(value: Any) -> bool:
@@ -4418,14 +4351,7 @@ def _is_constant(value: Any) -> bool:
 
 def _code_names(code: Any) -> set[str]:
     """The global and attribute names that code (and the code nested in it) reads."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if hasattr(const, "co_code"):
-            names |= _code_names(const)
-    return names
-
-
-_SINK_METHODS = frozenset({"append", "extend", "add", "update", "insert", "clear", "discard", "remove"})
+    return set().union(*(inner.co_names for inner in _nested_codes(code)))
 
 
 def _sinks(code: Any) -> set[str]:
@@ -4434,11 +4360,8 @@ def _sinks(code: Any) -> set[str]:
     import dis
 
     used: dict[str, bool] = {}
-    todo = [code]
-    while todo:
-        code = todo.pop()
-        todo += [const for const in code.co_consts if hasattr(const, "co_code")]
-        instructions = list(dis.get_instructions(code))
+    for inner in _nested_codes(code):
+        instructions = list(dis.get_instructions(inner))
         for here, after in zip(instructions, instructions[1:] + instructions[:1]):
             if here.opname in ("LOAD_GLOBAL", "LOAD_DEREF", "LOAD_NAME", "LOAD_CLASSDEREF"):
                 sink = after.opname in ("LOAD_ATTR", "LOAD_METHOD") and after.argval in _SINK_METHODS
@@ -4454,13 +4377,10 @@ def _imported_in(code: Any, package: str) -> list[Any]:
     import importlib.util
 
     found = []
-    todo = [code]
-    while todo:
-        code = todo.pop()
-        todo += [const for const in code.co_consts if hasattr(const, "co_code")]
-        if dis.opmap["IMPORT_NAME"] not in code.co_code[::2]:
+    for inner in _nested_codes(code):
+        if dis.opmap["IMPORT_NAME"] not in inner.co_code[::2]:
             continue
-        instructions = list(dis.get_instructions(code))
+        instructions = list(dis.get_instructions(inner))
         for index, here in enumerate(instructions):
             if here.opname != "IMPORT_NAME" or index < 2:
                 continue
@@ -4480,11 +4400,12 @@ def _global_loads(code: Any, names: set[str]) -> set[str]:
     """Which of ``names`` the code loads as globals or builtins (not as attributes)."""
     import dis
 
-    found = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and i.argval in names}
-    for const in code.co_consts:
-        if hasattr(const, "co_code"):
-            found |= _global_loads(const, names)
-    return found
+    return {
+        i.argval
+        for inner in _nested_codes(code)
+        for i in dis.get_instructions(inner)
+        if i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and i.argval in names
+    }
 
 
 _exec_count: list[int] = []  # exec() calls in this process, counted once a memoized function is called.
@@ -4496,6 +4417,10 @@ def _count_exec(event: str, args: tuple[Any, ...]) -> None:
         _exec_count[0] += 1
 
 
+# Functions and classes passed as arguments: their code, worked out once per
+# object (following a function's code costs milliseconds).
+_argument_codes: weakref.WeakKeyDictionary[Any, str] | None = None  # Made by _runtime_imports.
+_identities: dict[int, tuple[Any, str, Callable[[], bool]]] = {}  # For those it cannot hold, by id.
 class _CodeIdentity:
     """Collects what a function's code depends on, as texts to digest; the
     bindings it read, to notice a redefinition or a reload later in the
@@ -4639,7 +4564,7 @@ class _CodeIdentity:
         code = func.__code__
         names = _code_names(code)
         scope = getattr(func, "__globals__", {})
-        where = f"{_reference(func)}"
+        where = _reference(func)
         self._watch(scope, names & scope.keys())
         mutable = [name for name in names & scope.keys() if type(scope[name]) in (list, dict, set)]
         mutable += [name for name, cell in zip(code.co_freevars, func.__closure__ or ()) if type(_cell_value(cell)) in (list, dict, set)]
@@ -4668,7 +4593,7 @@ class _CodeIdentity:
         import inspect
 
         if _is_constant(value):
-            self.parts.add(f"constant {name}={_text(value)}")
+            self.parts.add(f"constant {name}={_Canonical().text(value)}")
         elif inspect.ismodule(value):
             library = _library(value)
             if library:
@@ -4721,13 +4646,47 @@ class _CodeIdentity:
         if not isinstance(value, type(sys)) and _library(kind) is None:
             self.follow(kind)
         try:
-            return _text(value)
+            return _Canonical(self.argument_code).text(value)
         except Exception as exc:  # No canonical form: its attributes, or a warning.
             state = getattr(value, "__dict__", None)
             if isinstance(state, dict):
                 return f"<{_reference(kind)} {self.text(state)}>"
             self.unseen[f"the value of {name or 'a ' + kind.__name__} ({kind.__name__}: {exc})"] = None
             return f"<unseen {_reference(kind)}>"
+
+    @classmethod
+    def argument_code(cls, obj: Any) -> str:
+        """What stands for the code of a function or class passed as an argument (or
+        of an object's class): nothing for the standard library, the distribution
+        for an installed one, else its code identity, so that an edit recomputes
+        and two same-named functions never share entries."""
+        if _argument_codes is None:  # Made at decoration: here if a key is built without one.
+            _runtime_imports()
+        assert _argument_codes is not None
+        try:
+            return _argument_codes[obj]
+        except (KeyError, TypeError):  # TypeError: unhashable, or no weak reference.
+            pass
+        library = _library(obj)  # Decided by where its file lives (a script's module is its own code).
+        code = (" " + library if library else "") if library is not None else " " + cls.digest_of(obj)
+        try:
+            _argument_codes[obj] = code
+        except TypeError:
+            pass
+        return code
+
+    @classmethod
+    def digest_of(cls, func: Any) -> str:
+        """The code identity of ``func``, followed again once a binding it read has changed."""
+        known = _identities.get(id(func))
+        if known is not None and known[0] is func and known[2]():
+            return str(known[1])
+        followed = cls()
+        followed.follow(func, root=True)
+        if len(_identities) >= 1000:
+            _identities.clear()
+        _identities[id(func)] = (func, followed.digest(), followed.same(getattr(func, "__globals__", None)))
+        return str(_identities[id(func)][1])
 
 
 def _follow(func: Any, store: str | None = None) -> _CodeIdentity:
@@ -4738,12 +4697,8 @@ def _follow(func: Any, store: str | None = None) -> _CodeIdentity:
     path = os.path.join(store, ".sources", f"{sys.implementation.cache_tag}.json") if store else None
     notes = _learnt.get(("notes", path))
     if path is not None and notes is None:
-        try:
-            fd, st = _open_regular(path)
-            try:
-                notes = json.loads(os.read(fd, st.st_size))
-            finally:
-                os.close(fd)
+        try:  # Not _read_json: the notes of a big project outgrow its 64 KiB.
+            notes = json.loads(_file_head(path, os.stat(path).st_size))
         except (OSError, ValueError):
             notes = None
         notes = _learnt[("notes", path)] = notes if isinstance(notes, dict) else {}
@@ -4758,9 +4713,6 @@ def _follow(func: Any, store: str | None = None) -> _CodeIdentity:
     return identity
 
 
-_identities: dict[int, tuple[Any, str, Callable[[], bool]]] = {}  # For code passed as arguments, by object.
-
-
 def _unchanged() -> bool:
     return True
 
@@ -4768,18 +4720,15 @@ def _unchanged() -> bool:
 def _code_identity(func: Any, version: Any = None) -> str:
     """16 hex digits naming the code of ``func`` (any function, class, partial,
     bound method or callable object): version= when given (edits then do not
-    count), else its code and what it depends on (see _CodeIdentity). The keys
-    use it for code passed as an argument."""
+    count), else its code and what it depends on (see _CodeIdentity)."""
     if version is not None:
         return _digest_text(f"version {_version_text(version)}")[:16]
-    known = _identities.get(id(func))
-    if known is not None and known[0] is func and known[2]():
-        return str(known[1])
-    followed = _follow(func)
-    if len(_identities) >= 1000:
-        _identities.clear()
-    _identities[id(func)] = (func, followed.digest(), followed.same(getattr(func, "__globals__", None)))
-    return str(_identities[id(func)][1])
+    return _CodeIdentity.digest_of(func)
+
+
+def _text(value: Any) -> str:
+    """The canonical text of a value (see _Canonical), code passed in it by its code identity."""
+    return _Canonical(_CodeIdentity.argument_code).text(value)
 
 
 def _closure_text(func: Any) -> str:
@@ -4809,6 +4758,51 @@ def _closure_text(func: Any) -> str:
             f"{getattr(func, '__qualname__', func)}(): the arguments of the partial cannot be part of a "
             f"cache key: {exc}"
         ) from None
+
+
+# -- the key: a call's arguments, with the code passed in them -------------------
+
+
+def _is_big(value: Any) -> bool:
+    return (type(value) is str or type(value) is bytes) and len(value) > _BIG_VALUE
+
+
+def _make_key(
+    prefix: bytes, closure: str, values: tuple[Any, ...], arguments: _Arguments, blake2b: Callable[..., Any]
+) -> bytes:
+    """One key: ``prefix`` (identity and code digest), the closure's values, then a
+    call's bound argument values."""
+    text = None
+    if _SCALARS.issuperset(map(type, values)) and not any(map(_is_big, values)):
+        try:
+            text = repr(values)  # A tuple of scalars: repr() is already canonical...
+        except ValueError:  # An int too long for decimal text: _Canonical writes hex.
+            pass
+        else:  # ...but for -nan, which repr() writes as "nan".
+            if "nan" in text and any(type(value) in (float, complex) and _signed_nan(value) for value in values):
+                text = None
+    if text is None:
+        out: list[str] = []
+        canonical = _Canonical(_CodeIdentity.argument_code)
+        for index, value in enumerate(values):
+            try:
+                canonical.write(value, out)
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise TypeError(
+                    f"{arguments.function}(): {arguments.describe(index)} ({type(value).__name__}) cannot be "
+                    f"part of a cache key: {exc}. {arguments.fix(index)}"
+                ) from None
+            out.append(",")
+        text = "".join(out)
+    raw = (closure + text).encode("utf-8", "surrogatepass")
+    # Short texts (a few scalars, the common case) go into the key as they are:
+    # the store hashes the key for the file name anyway, so hashing here too
+    # would cost a second digest on every call. Long ones are hashed to bound
+    # the key. The tag keeps the two forms from ever meaning the same thing.
+    if len(raw) <= _RAW_KEY_LIMIT:
+        return prefix + b"=" + raw
+    digest: str = blake2b(raw, digest_size=20).hexdigest()
+    return prefix + b"#" + digest.encode("ascii")
 
 
 # ---------------------------------------------------------------------------
