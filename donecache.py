@@ -3668,10 +3668,8 @@ _script_names: dict[str, str] = {}  # _module_name(): a main script's file -> it
 
 
 def _module_name(obj: Any) -> str:
-    """The name of the module that defines ``obj``; for the main script, the name it
-    would have if imported (``python -m pkg.job`` and ``python pkg/job.py`` ->
-    pkg.job, where pkg has an __init__.py; ``python job.py`` -> job, when its
-    directory is on sys.path), so that a script and its import share entries."""
+    """The module that defines ``obj``; the main script by the name it would have if
+    imported (pkg/job.py -> pkg.job), so that a script and its import share entries."""
     module = getattr(obj, "__module__", None) or "?"
     if module not in ("__main__", "__mp_main__"):
         return module
@@ -3695,7 +3693,7 @@ def _module_name(obj: Any) -> str:
 
 
 def _reference(obj: Any) -> str:
-    """module.qualname of a function or class (see _module_name), or "module name"."""
+    """module.qualname (see _module_name), or "module name"."""
     if isinstance(obj, type(sys)):
         return f"module {obj.__name__}"
     return f"{_module_name(obj)}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
@@ -3709,8 +3707,7 @@ def _cell_value(cell: Any) -> Any:
 
 
 def _signed_nan(value: float | complex) -> str | None:
-    """The text of a float or complex that holds -nan (repr() writes "nan", though
-    copysign() and NumPy tell them apart); None for other values."""
+    """The text of a float or complex holding -nan (repr() writes "nan"); None for others."""
     import math
 
     parts = [("-nan" if math.copysign(1.0, p) < 0 else "nan") if p != p else repr(p) for p in (value.real, value.imag)]
@@ -3718,8 +3715,7 @@ def _signed_nan(value: float | complex) -> str | None:
 
 
 def _buffer_digest(buffer: Any) -> str:
-    """A digest of a buffer's bytes, read in place where it is C-contiguous; a str
-    is encoded a piece at a time, never copied whole."""
+    """A digest of a buffer's bytes read in place, or of a str encoded a piece at a time."""
     import hashlib
 
     # SHA-256 runs at about 1.8 GB/s on CPUs with SHA extensions, twice BLAKE2b's speed.
@@ -3802,8 +3798,7 @@ class _Canonical:
             active.discard(id(value))
 
     def bytecode(self, code: Any) -> str:
-        """A code object's bytecode, names and constants (line numbers aside); it
-        changes between CPython versions."""
+        """A code object's bytecode, names and constants (line numbers aside)."""
         parts = [
             code.co_code.hex(),
             repr((code.co_argcount, code.co_kwonlyargcount, code.co_flags, code.co_names, code.co_varnames)),
@@ -3921,8 +3916,7 @@ class _Canonical:
         out.append(">")
 
     def _pandas_values(self, value: Any, out: list[str], pandas: Any) -> None:
-        """A Series' or Index's values; a categorical's categories and their order, and
-        a tz-aware column's instants (as a buffer, not as Timestamp objects)."""
+        """A Series' or Index's values, a categorical's categories, a tz-aware column's instants."""
         dtype = value.dtype
         if isinstance(dtype, pandas.CategoricalDtype):
             out.append(f"ordered={dtype.ordered!r} categories=")
@@ -4020,14 +4014,18 @@ class _Arguments:
         values = tuple(bound.arguments.values())
         return values if self._all else tuple(values[i] for i in self._keep)
 
-    def describe(self, index: int) -> str:
-        return "the value key= returned" if self._key is not None else f"argument {self.names[self._keep[index]]!r}"
-
-    def fix(self, index: int) -> str:
+    def unkeyable(self, index: int, value: Any, reason: Exception) -> TypeError:
+        """The error for a bound value (at ``index``) that has no canonical text."""
+        plain = "str, int, float, bytes, None, and tuples, lists, dicts or sets of them"
         if self._key is not None:
-            return "Make key= return plain values: str, int, float, bytes, None, and tuples, lists, dicts or sets of them"
-        name = self.names[self._keep[index]]
-        return f"Leave it out with ignore=({name!r},), or build the key yourself with key=lambda ...: ..."
+            what, fix = "the value key= returned", f"Make key= return plain values: {plain}"
+        else:
+            name = self.names[self._keep[index]]
+            what = f"argument {name!r}"
+            fix = f"Leave it out with ignore=({name!r},), or build the key yourself with key=lambda ...: ..."
+        return TypeError(
+            f"{self.function}(): {what} ({type(value).__name__}) cannot be part of a cache key: {reason}. {fix}"
+        )
 
 
 _digests: dict[tuple[Any, ...], str] = {}  # file_digest()'s memo: (device, inode, size, mtime, ctime) -> digest.
@@ -4069,7 +4067,6 @@ def file_digest(path: StrPath, *, quick: bool = False) -> str:
 
 
 class _KeyParts:
-    """What a memoize key says of itself: the function and its code identity."""
 
     __slots__ = ("function", "identity")
 
@@ -4078,7 +4075,7 @@ class _KeyParts:
 
 
 def _parse_key(key: bytes) -> _KeyParts | None:
-    """The parts of a memoize key; None for keys that donecache.open users wrote."""
+    """None for keys that donecache.open users wrote."""
     head, _, rest = key.decode("utf-8", "replace").partition("|")
     code, sep, arguments = rest.partition("|")
     if ":" in head and sep and len(code) == 16 and set(code) <= _HEX and arguments[:1] in ("=", "#"):
@@ -4155,9 +4152,8 @@ def _dist_infos(site: str) -> list[str]:
 
 
 def _distribution(site: str, name: str, top: str) -> str:
-    """An installed distribution by the hashes of its files: a digest of its
-    RECORD (read once per process and RECORD size and mtime), so that a package
-    reinstalled with an unchanged version number counts as new code."""
+    """An installed distribution by its RECORD's digest (the hashes of its files): a
+    package reinstalled under the same version number counts as new code."""
     name = name.partition(".")[0]  # pkg, pkg.py, pkg.cpython-311-x86_64-linux-gnu.so
     owners = _learnt.get(("site", site))
     if owners is None:  # Which distribution installed each top-level name, once per site directory.
@@ -4198,7 +4194,8 @@ def _library(obj: Any) -> str | None:
     top = module.partition(".")[0]
     if file is None or file.startswith("<"):  # Built in, frozen, or typed in (a REPL, exec).
         known = top in sys.builtin_module_names or top in getattr(sys, "stdlib_module_names", ())
-        return "" if known or (file is None and top not in ("__main__", "__mp_main__") and module in sys.modules) else None
+        imported = file is None and top not in ("__main__", "__mp_main__") and module in sys.modules
+        return "" if known or imported else None
     if file == __file__:
         return ""  # donecache itself.
     stamp = ("where", file)
@@ -4264,10 +4261,8 @@ def _nested_codes(code: Any) -> Iterator[Any]:
 
 
 def _parse_source(path: str, data: bytes) -> dict[str, Any] | None:
-    """What a source file holds: for each def and lambda ("LINE NAME", the line
-    that co_firstlineno gives), its tree digest and the digests of the code
-    that a fresh compile of the file makes there; for each class (by qualified
-    name), its tree digest. None if the file does not parse."""
+    """For each def and lambda (by "co_firstlineno co_name"), its tree digest and the
+    digests of the code a fresh compile makes there; for each class, its tree digest."""
     import ast
 
     try:
@@ -4306,9 +4301,8 @@ def _parse_source(path: str, data: bytes) -> dict[str, Any] | None:
 
 
 def _source_notes(path: str, notes: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What the source file at ``path`` holds (see _parse_source), learnt once per
-    (path, size, mtime): from this process's memory, else from the store's notes
-    (written by an earlier process with this interpreter), else by parsing it."""
+    """_parse_source's answer, per path, size and mtime: from this process, else the
+    store's notes (an earlier process's), else by parsing."""
     try:
         st = os.stat(path)
     except (OSError, ValueError):
@@ -4328,10 +4322,8 @@ def _source_notes(path: str, notes: dict[str, Any] | None) -> dict[str, Any] | N
 
 
 def _function_text(func: Any, notes: dict[str, Any] | None) -> str:
-    """The running code of a function: its tree digest when its source file still
-    holds exactly this code (its bytecode equals a fresh compile's), else its
-    bytecode: a file edited after import must not lend the old code the new
-    identity."""
+    """Its tree digest when its file still holds this code (a fresh compile's bytecode is
+    the same), else its bytecode: a file edited after import must not name the old code."""
     code = func.__code__
     known = None if code.co_filename.startswith("<") else _source_notes(code.co_filename, notes)
     tree, compiled = (known or {}).get("functions", {}).get(f"{code.co_firstlineno} {code.co_name}", ("", ()))
@@ -4350,7 +4342,7 @@ def _is_constant(value: Any) -> bool:
 
 
 def _code_names(code: Any) -> set[str]:
-    """The global and attribute names that code (and the code nested in it) reads."""
+    """The global and attribute names it reads."""
     return set().union(*(inner.co_names for inner in _nested_codes(code)))
 
 
@@ -4370,9 +4362,8 @@ def _sinks(code: Any) -> set[str]:
 
 
 def _imported_in(code: Any, package: str) -> list[Any]:
-    """The modules that import statements inside the code name, imported now if
-    the code has not run yet (the call is about to import them anyway); a module
-    that fails to import is left to the call."""
+    """The modules its import statements name, imported now (the call is about to);
+    a module that fails to import is left to the call."""
     import dis
     import importlib.util
 
@@ -4397,7 +4388,7 @@ def _imported_in(code: Any, package: str) -> list[Any]:
 
 
 def _global_loads(code: Any, names: set[str]) -> set[str]:
-    """Which of ``names`` the code loads as globals or builtins (not as attributes)."""
+    """Which of ``names`` it loads as globals or builtins (not as attributes)."""
     import dis
 
     return {
@@ -4420,11 +4411,9 @@ def _count_exec(event: str, args: tuple[Any, ...]) -> None:
 # Functions and classes passed as arguments: their code, worked out once per
 # object (following a function's code costs milliseconds).
 _argument_codes: weakref.WeakKeyDictionary[Any, str] | None = None  # Made by _runtime_imports.
-_identities: dict[int, tuple[Any, str, Callable[[], bool]]] = {}  # For those it cannot hold, by id.
 class _CodeIdentity:
-    """Collects what a function's code depends on, as texts to digest; the
-    bindings it read, to notice a redefinition or a reload later in the
-    process; and what it could not see, to warn about."""
+    """What a function's code depends on (texts to digest), the bindings it read (to
+    notice a redefinition or a reload) and what it could not see (to warn about)."""
 
     def __init__(self, notes: dict[str, Any] | None = None) -> None:
         self.notes = notes  # What the store says of source files (see _source_notes).
@@ -4432,20 +4421,17 @@ class _CodeIdentity:
         self.unseen: dict[str, None] = {}
         self.watched: dict[int, tuple[Any, dict[str, Any]]] = {}
         self.codes: list[tuple[Any, Any]] = []  # (function, its code when followed)
-        self._seen: set[int] = set()
-        self._modules: set[tuple[int, int]] = set()  # (module, names read of it) done.
+        # What was followed, by id (a module with the names read of it by both ids), held so no id is reused.
+        self._seen: dict[Any, Any] = {}
         self._active: set[int] = set()  # The containers being written (a cycle is named).
-        self._keep: list[Any] = []  # What _seen holds the ids of, alive while following.
 
     def digest(self) -> str:
         return _digest_text("\0".join(sorted(self.parts)))[:16]
 
     def same(self, home: Any) -> Callable[[], bool]:
-        """A check, run before each call, that the bindings read while following are
-        still the same objects. The bindings in ``home`` (the memoized function's
-        own globals: a script, a notebook) are checked at every call, the others
-        only after an exec() ran somewhere (a notebook cell, a module reloaded or
-        imported): a hit then costs a few dict reads, not one per followed name."""
+        """A check, run before each call, that the bindings read are the same objects: those
+        in ``home`` (a script's, a notebook's globals) at every call, the others after an
+        exec() ran (a cell, a reload, an import): a hit costs a few dict reads."""
         if not _exec_count:
             _exec_count.append(0)
             try:
@@ -4481,20 +4467,14 @@ class _CodeIdentity:
         for name in names:
             found[name] = mapping.get(name)
 
-    def _first(self, obj: Any) -> bool:
-        if id(obj) in self._seen:
-            return False
-        self._seen.add(id(obj))
-        self._keep.append(obj)
-        return True
-
     def follow(self, obj: Any, root: bool = False) -> None:
         """Add a function, class or callable object, and what it uses, unless it is library code."""
         import functools
         import inspect
 
-        if not self._first(obj):
+        if id(obj) in self._seen:
             return
+        self._seen[id(obj)] = obj
         if isinstance(obj, functools.partial):
             self.follow(obj.func, root)
             self.parts.add(f"partial {_reference(obj.func)} {self.text(obj.args)} {self.text(obj.keywords)}")
@@ -4559,15 +4539,15 @@ class _CodeIdentity:
                 self.value(f"{_reference(cls)}.{name}", member, set())
 
     def uses(self, func: Any) -> None:
-        """Add the module-level values, functions, classes and modules that ``func``
-        reads, its closure and its defaults; note what cannot be followed."""
+        """What ``func`` reads (globals, modules, closure, defaults); what cannot be followed."""
         code = func.__code__
         names = _code_names(code)
         scope = getattr(func, "__globals__", {})
         where = _reference(func)
         self._watch(scope, names & scope.keys())
         mutable = [name for name in names & scope.keys() if type(scope[name]) in (list, dict, set)]
-        mutable += [name for name, cell in zip(code.co_freevars, func.__closure__ or ()) if type(_cell_value(cell)) in (list, dict, set)]
+        cells = zip(code.co_freevars, func.__closure__ or ())
+        mutable += [name for name, cell in cells if type(_cell_value(cell)) in (list, dict, set)]
         sinks = _sinks(code) if mutable else set()
         for name in sorted(names & scope.keys() - sinks):
             self.value(name, scope[name], names)
@@ -4598,9 +4578,8 @@ class _CodeIdentity:
             library = _library(value)
             if library:
                 self.parts.add(library)
-            elif library is None and (id(value), id(names)) not in self._modules:
-                self._modules.add((id(value), id(names)))
-                self._keep.append(names)
+            elif library is None and (id(value), id(names)) not in self._seen:
+                self._seen[id(value), id(names)] = names
                 read = sorted(names & vars(value).keys())
                 self._watch(vars(value), read)
                 for attribute in read:
@@ -4612,8 +4591,7 @@ class _CodeIdentity:
             self.parts.add(f"value {name}={self.text(value, name)}")
 
     def text(self, value: Any, name: str = "") -> str:
-        """Data by canonical value; the functions and classes inside it by their code;
-        an instance of the user's own class also by that class's code."""
+        """Data by canonical value, code in it followed, a user's class's instance with its class."""
         kind = type(value)
         if kind in _SCALARS:
             return repr(value)
@@ -4656,10 +4634,8 @@ class _CodeIdentity:
 
     @classmethod
     def argument_code(cls, obj: Any) -> str:
-        """What stands for the code of a function or class passed as an argument (or
-        of an object's class): nothing for the standard library, the distribution
-        for an installed one, else its code identity, so that an edit recomputes
-        and two same-named functions never share entries."""
+        """The code of a function or class in a key: nothing for the standard library, the
+        distribution for an installed one, else its code identity (an edit recomputes)."""
         if _argument_codes is None:  # Made at decoration: here if a key is built without one.
             _runtime_imports()
         assert _argument_codes is not None
@@ -4668,30 +4644,22 @@ class _CodeIdentity:
         except (KeyError, TypeError):  # TypeError: unhashable, or no weak reference.
             pass
         library = _library(obj)  # Decided by where its file lives (a script's module is its own code).
-        code = (" " + library if library else "") if library is not None else " " + cls.digest_of(obj)
+        if library is None:
+            followed = cls()
+            followed.follow(obj, root=True)
+            code = " " + followed.digest()
+        else:
+            code = " " + library if library else ""
         try:
             _argument_codes[obj] = code
         except TypeError:
             pass
         return code
 
-    @classmethod
-    def digest_of(cls, func: Any) -> str:
-        """The code identity of ``func``, followed again once a binding it read has changed."""
-        known = _identities.get(id(func))
-        if known is not None and known[0] is func and known[2]():
-            return str(known[1])
-        followed = cls()
-        followed.follow(func, root=True)
-        if len(_identities) >= 1000:
-            _identities.clear()
-        _identities[id(func)] = (func, followed.digest(), followed.same(getattr(func, "__globals__", None)))
-        return str(_identities[id(func)][1])
-
 
 def _follow(func: Any, store: str | None = None) -> _CodeIdentity:
-    """Follow ``func``; with ``store``, what was learnt of source files is kept
-    there (.sources/, per interpreter), so a new process need not parse them."""
+    """Follow ``func``; what was learnt of source files is kept in ``store`` (.sources/, per
+    interpreter), so that a new process need not parse them again."""
     import json
 
     path = os.path.join(store, ".sources", f"{sys.implementation.cache_tag}.json") if store else None
@@ -4718,12 +4686,10 @@ def _unchanged() -> bool:
 
 
 def _code_identity(func: Any, version: Any = None) -> str:
-    """16 hex digits naming the code of ``func`` (any function, class, partial,
-    bound method or callable object): version= when given (edits then do not
-    count), else its code and what it depends on (see _CodeIdentity)."""
+    """16 hex digits: version= when given (edits then do not count), else the code of ``func``."""
     if version is not None:
         return _digest_text(f"version {_version_text(version)}")[:16]
-    return _CodeIdentity.digest_of(func)
+    return _follow(func).digest()
 
 
 def _text(value: Any) -> str:
@@ -4732,10 +4698,8 @@ def _text(value: Any) -> str:
 
 
 def _closure_text(func: Any) -> str:
-    """What a function's closure holds that makes it another function: its constant
-    values (outer(2) and outer(3) return different functions), and a partial's
-    arguments. Part of every key. Other values in the closure (data, functions,
-    classes) count in the code identity instead."""
+    """Part of every key: a closure's constants (outer(2) and outer(3) make different
+    functions) and a partial's arguments; its other values count in the code identity."""
     import functools
     import inspect
 
@@ -4770,8 +4734,7 @@ def _is_big(value: Any) -> bool:
 def _make_key(
     prefix: bytes, closure: str, values: tuple[Any, ...], arguments: _Arguments, blake2b: Callable[..., Any]
 ) -> bytes:
-    """One key: ``prefix`` (identity and code digest), the closure's values, then a
-    call's bound argument values."""
+    """``prefix`` (identity and code digest), the closure's text, then a call's bound values."""
     text = None
     if _SCALARS.issuperset(map(type, values)) and not any(map(_is_big, values)):
         try:
@@ -4788,10 +4751,7 @@ def _make_key(
             try:
                 canonical.write(value, out)
             except (TypeError, ValueError, RecursionError) as exc:
-                raise TypeError(
-                    f"{arguments.function}(): {arguments.describe(index)} ({type(value).__name__}) cannot be "
-                    f"part of a cache key: {exc}. {arguments.fix(index)}"
-                ) from None
+                raise arguments.unkeyable(index, value, exc) from None
             out.append(",")
         text = "".join(out)
     raw = (closure + text).encode("utf-8", "surrogatepass")
