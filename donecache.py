@@ -3855,7 +3855,7 @@ class _Canonical:
                 shape = f"{value.format} {value.shape}" if kind is memoryview else len(value)
                 out.append(f"<{kind.__name__} {shape} {_buffer_digest(value)}>")
                 return
-        pathlib, re, pandas = sys.modules.get("pathlib"), sys.modules.get("re"), sys.modules.get("pandas")
+        pathlib = sys.modules.get("pathlib")
         if pathlib is not None and isinstance(value, pathlib.PurePath):
             # 3.13 moved the classes to pathlib._local and pickles a path as one
             # string; its parts are what every version agrees on (3.9-3.12's form).
@@ -3863,20 +3863,25 @@ class _Canonical:
             out.append(f"<{module}.{kind.__qualname__}:")
             self.write(tuple(value.parts), out)
             out.append(";>")
-        elif re is not None and kind is re.Pattern:
+            return
+        re = sys.modules.get("re")
+        if re is not None and kind is re.Pattern:
             out.append(f"<re.Pattern {value.flags}:")
             self.write(value.pattern, out)
             out.append(">")
-        elif kind.__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
+            return
+        if kind.__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
             dtype = str(value.dtype.descr) if value.dtype.names else value.dtype.str
             if value.dtype.hasobject:  # Python objects, not a buffer of numbers.
                 out.append(f"<{name} {dtype} {value.shape}:")
                 self.write(value.tolist(), out)
                 out.append(">")
-            else:
-                data = value if value.flags.c_contiguous else value.copy(order="C")
-                out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
-        elif pandas is not None and isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
+                return
+            data = value if value.flags.c_contiguous else value.copy(order="C")
+            out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
+            return
+        pandas = sys.modules.get("pandas")
+        if pandas is not None and isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
             # By isinstance, not by module: pandas 3 names its classes' module "pandas".
             out.append(f"<{name} ")
             if isinstance(value, pandas.DataFrame):
@@ -3893,12 +3898,9 @@ class _Canonical:
                     self.write(value.index, out)
                 self._pandas_values(value, out, pandas)
             out.append(">")
-        elif not (kind.__module__.partition(".")[0] in ("pyarrow", "polars") and self._arrow(value, out)):
-            self._reduced(value, out, name)
-
-    def _reduced(self, value: Any, out: list[str], name: str) -> None:
-        """An object as pickle takes it apart, its class by its code (its methods make the result)."""
-        kind = type(value)
+            return
+        if kind.__module__.partition(".")[0] in ("pyarrow", "polars") and self._arrow(value, out):
+            return
         try:
             reduced = value.__reduce_ex__(4)
         except Exception as exc:
@@ -3906,7 +3908,7 @@ class _Canonical:
         if isinstance(reduced, str):  # A module-level singleton, named.
             out.append(f"<{_module_name(kind)}.{reduced}>")
             return
-        out.append(f"<{name}{self.code(kind)}:")
+        out.append(f"<{name}{self.code(kind)}:")  # The class's own code counts (its methods make the result).
         ordered = isinstance(value, collections.OrderedDict)  # Its order is part of its value (==).
         for index, part in enumerate(reduced[1:5]):
             if part is not None and index >= 2:  # listitems and dictitems are iterators.
@@ -4657,6 +4659,9 @@ class _CodeIdentity:
         return code
 
 
+_argument_code = _CodeIdentity.argument_code  # Bound once: keys ask for it at every call with code in it.
+
+
 def _follow(func: Any, store: str | None = None) -> _CodeIdentity:
     """Follow ``func``; what was learnt of source files is kept in ``store`` (.sources/, per
     interpreter), so that a new process need not parse them again."""
@@ -4694,7 +4699,7 @@ def _code_identity(func: Any, version: Any = None) -> str:
 
 def _text(value: Any) -> str:
     """The canonical text of a value (see _Canonical), code passed in it by its code identity."""
-    return _Canonical(_CodeIdentity.argument_code).text(value)
+    return _Canonical(_argument_code).text(value)
 
 
 def _closure_text(func: Any) -> str:
@@ -4746,7 +4751,7 @@ def _make_key(
                 text = None
     if text is None:
         out: list[str] = []
-        canonical = _Canonical(_CodeIdentity.argument_code)
+        canonical = _Canonical(_argument_code)
         for index, value in enumerate(values):
             try:
                 canonical.write(value, out)
