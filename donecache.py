@@ -4348,19 +4348,22 @@ def _code_names(code: Any) -> set[str]:
     return set().union(*(inner.co_names for inner in _nested_codes(code)))
 
 
-def _sinks(code: Any) -> set[str]:
-    """Names the code uses only to add to (calls.append(x), seen.add(x)): outputs,
-    not inputs, so their contents are not part of the identity."""
+def _loads(code: Any) -> tuple[set[str], set[str]]:
+    """The names it loads as globals or builtins, and those it uses only to add to
+    (calls.append(x), seen.add(x)): outputs, not inputs, so their contents do not count."""
     import dis
 
-    used: dict[str, bool] = {}
+    loaded: set[str] = set()
+    adds_only: dict[str, bool] = {}
     for inner in _nested_codes(code):
         instructions = list(dis.get_instructions(inner))
         for here, after in zip(instructions, instructions[1:] + instructions[:1]):
             if here.opname in ("LOAD_GLOBAL", "LOAD_DEREF", "LOAD_NAME", "LOAD_CLASSDEREF"):
-                sink = after.opname in ("LOAD_ATTR", "LOAD_METHOD") and after.argval in _SINK_METHODS
-                used[here.argval] = used.get(here.argval, True) and sink
-    return {name for name, sink in used.items() if sink}
+                adds = after.opname in ("LOAD_ATTR", "LOAD_METHOD") and after.argval in _SINK_METHODS
+                adds_only[here.argval] = adds_only.get(here.argval, True) and adds
+                if here.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+                    loaded.add(here.argval)
+    return loaded, {name for name, adds in adds_only.items() if adds}
 
 
 def _imported_in(code: Any, package: str) -> list[Any]:
@@ -4387,18 +4390,6 @@ def _imported_in(code: Any, package: str) -> list[Any]:
             except Exception:
                 continue
     return found
-
-
-def _global_loads(code: Any, names: set[str]) -> set[str]:
-    """Which of ``names`` it loads as globals or builtins (not as attributes)."""
-    import dis
-
-    return {
-        i.argval
-        for inner in _nested_codes(code)
-        for i in dis.get_instructions(inner)
-        if i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and i.argval in names
-    }
 
 
 _exec_count: list[int] = []  # exec() calls in this process, counted once a memoized function is called.
@@ -4550,7 +4541,9 @@ class _CodeIdentity:
         mutable = [name for name in names & scope.keys() if type(scope[name]) in (list, dict, set)]
         cells = zip(code.co_freevars, func.__closure__ or ())
         mutable += [name for name, cell in cells if type(_cell_value(cell)) in (list, dict, set)]
-        sinks = _sinks(code) if mutable else set()
+        suspect = (names & (_UNSEEN.keys() | _WHOLE_MODULE)) - scope.keys()
+        loaded, sinks = _loads(code) if mutable or suspect else (set(), set())
+        loaded, sinks = loaded & suspect, sinks if mutable else set()
         for name in sorted(names & scope.keys() - sinks):
             self.value(name, scope[name], names)
         for module in _imported_in(code, str(scope.get("__package__") or "")):
@@ -4560,8 +4553,6 @@ class _CodeIdentity:
                 self.value(f"{where} closure {name}", _cell_value(cell), names)
         for index, default in enumerate([*(func.__defaults__ or ()), *(func.__kwdefaults__ or {}).values()]):
             self.value(f"{where} default {index}", default, set())
-        suspect = (names & (_UNSEEN.keys() | _WHOLE_MODULE)) - scope.keys()
-        loaded = _global_loads(code, suspect) if suspect else set()
         for name in sorted(suspect & _UNSEEN.keys()):
             if name in loaded or name in ("environ", "getenv", "import_module"):
                 self.unseen[f"{_UNSEEN[name]} in {where}()"] = None
@@ -4601,38 +4592,36 @@ class _CodeIdentity:
             return "<cycle>"
         self._active.add(id(value))
         try:
-            return self._text(value, kind, name)
+            import inspect
+
+            if kind in (tuple, list):
+                try:
+                    if _SCALARS.issuperset(map(type, value)):
+                        return kind.__name__ + repr(value)  # Plain data, at C speed.
+                except ValueError:  # An int too long for decimal text.
+                    pass
+                return kind.__name__ + "(" + ",".join(map(self.text, value)) + ")"
+            if kind in (dict, set, frozenset):
+                items = value.items() if kind is dict else ((item, None) for item in value)
+                pairs = sorted(f"{self.text(k)}:{self.text(v)}" for k, v in items)
+                return kind.__name__ + "{" + ",".join(pairs) + "}"
+            if callable(value) and not inspect.isbuiltin(value) and not kind.__module__.startswith("numpy"):
+                self.follow(value)
+                return f"<code {_reference(value)}>"
+            if kind.__module__ in _SYNCHRONIZATION:
+                return f"<{kind.__name__}>"  # A lock is how the code waits, not what it computes.
+            if not isinstance(value, type(sys)) and _library(kind) is None:
+                self.follow(kind)
+            try:
+                return _Canonical(self.argument_code).text(value)
+            except Exception as exc:  # No canonical form: its attributes, or a warning.
+                state = getattr(value, "__dict__", None)
+                if isinstance(state, dict):
+                    return f"<{_reference(kind)} {self.text(state)}>"
+                self.unseen[f"the value of {name or 'a ' + kind.__name__} ({kind.__name__}: {exc})"] = None
+                return f"<unseen {_reference(kind)}>"
         finally:
             self._active.discard(id(value))
-
-    def _text(self, value: Any, kind: type, name: str) -> str:
-        import inspect
-
-        if kind in (tuple, list):
-            try:
-                if _SCALARS.issuperset(map(type, value)):
-                    return kind.__name__ + repr(value)  # Plain data, at C speed.
-            except ValueError:  # An int too long for decimal text.
-                pass
-            return kind.__name__ + "(" + ",".join(map(self.text, value)) + ")"
-        if kind in (dict, set, frozenset):
-            items = value.items() if kind is dict else ((item, None) for item in value)
-            return kind.__name__ + "{" + ",".join(sorted(f"{self.text(k)}:{self.text(v)}" for k, v in items)) + "}"
-        if callable(value) and not inspect.isbuiltin(value) and not kind.__module__.startswith("numpy"):
-            self.follow(value)
-            return f"<code {_reference(value)}>"
-        if kind.__module__ in _SYNCHRONIZATION:
-            return f"<{kind.__name__}>"  # A lock is how the code waits, not what it computes.
-        if not isinstance(value, type(sys)) and _library(kind) is None:
-            self.follow(kind)
-        try:
-            return _Canonical(self.argument_code).text(value)
-        except Exception as exc:  # No canonical form: its attributes, or a warning.
-            state = getattr(value, "__dict__", None)
-            if isinstance(state, dict):
-                return f"<{_reference(kind)} {self.text(state)}>"
-            self.unseen[f"the value of {name or 'a ' + kind.__name__} ({kind.__name__}: {exc})"] = None
-            return f"<unseen {_reference(kind)}>"
 
     @classmethod
     def argument_code(cls, obj: Any) -> str:
