@@ -4253,13 +4253,13 @@ def _tree_text(node: Any, out: list[str], texts: dict[int, str]) -> None:
     out.append(")")
 
 
-def _nested_codes(code: Any) -> Iterator[Any]:
+def _nested_codes(code: Any) -> list[Any]:
     """A code object, then the code objects nested in it, depth first."""
-    todo = [code]
+    found, todo = [], [code]
     while todo:
-        code = todo.pop()
-        todo += [const for const in code.co_consts if hasattr(const, "co_code")]
-        yield code
+        found.append(todo.pop())
+        todo += [const for const in found[-1].co_consts if hasattr(const, "co_code")]
+    return found
 
 
 def _parse_source(path: str, data: bytes) -> dict[str, Any] | None:
@@ -4345,7 +4345,11 @@ def _is_constant(value: Any) -> bool:
 
 def _code_names(code: Any) -> set[str]:
     """The global and attribute names it reads."""
-    return set().union(*(inner.co_names for inner in _nested_codes(code)))
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            names |= _code_names(const)
+    return names
 
 
 def _loads(code: Any) -> tuple[set[str], set[str]]:
@@ -4372,11 +4376,13 @@ def _imported_in(code: Any, package: str) -> list[Any]:
     import dis
     import importlib.util
 
-    found = []
-    for inner in _nested_codes(code):
-        if dis.opmap["IMPORT_NAME"] not in inner.co_code[::2]:
+    found, todo = [], [code]
+    while todo:  # Not _nested_codes: most code imports nothing, and this runs for every function followed.
+        code = todo.pop()
+        todo += [const for const in code.co_consts if hasattr(const, "co_code")]
+        if dis.opmap["IMPORT_NAME"] not in code.co_code[::2]:
             continue
-        instructions = list(dis.get_instructions(inner))
+        instructions = list(dis.get_instructions(code))
         for index, here in enumerate(instructions):
             if here.opname != "IMPORT_NAME" or index < 2:
                 continue
@@ -4541,9 +4547,7 @@ class _CodeIdentity:
         mutable = [name for name in names & scope.keys() if type(scope[name]) in (list, dict, set)]
         cells = zip(code.co_freevars, func.__closure__ or ())
         mutable += [name for name, cell in cells if type(_cell_value(cell)) in (list, dict, set)]
-        suspect = (names & (_UNSEEN.keys() | _WHOLE_MODULE)) - scope.keys()
-        loaded, sinks = _loads(code) if mutable or suspect else (set(), set())
-        loaded, sinks = loaded & suspect, sinks if mutable else set()
+        sinks = _loads(code)[1] if mutable else set()
         for name in sorted(names & scope.keys() - sinks):
             self.value(name, scope[name], names)
         for module in _imported_in(code, str(scope.get("__package__") or "")):
@@ -4553,6 +4557,8 @@ class _CodeIdentity:
                 self.value(f"{where} closure {name}", _cell_value(cell), names)
         for index, default in enumerate([*(func.__defaults__ or ()), *(func.__kwdefaults__ or {}).values()]):
             self.value(f"{where} default {index}", default, set())
+        suspect = (names & (_UNSEEN.keys() | _WHOLE_MODULE)) - scope.keys()
+        loaded = _loads(code)[0] & suspect if suspect else set()
         for name in sorted(suspect & _UNSEEN.keys()):
             if name in loaded or name in ("environ", "getenv", "import_module"):
                 self.unseen[f"{_UNSEEN[name]} in {where}()"] = None
