@@ -3773,13 +3773,16 @@ class _Canonical:
             active.discard(id(value))
 
     def bytecode(self, code: Any) -> str:
-        """A code object's bytecode, names and constants (line numbers aside)."""
-        parts = [
-            code.co_code.hex(),
-            repr((code.co_argcount, code.co_kwonlyargcount, code.co_flags, code.co_names, code.co_varnames)),
-        ]
-        parts += [self.bytecode(const) if hasattr(const, "co_code") else self.text(const) for const in code.co_consts]
-        return "\n".join(parts)
+        """A code object's bytecode, names and constants (line numbers aside), a line each."""
+        out = [code.co_code.hex(), "\n"]
+        out.append(repr((code.co_argcount, code.co_kwonlyargcount, code.co_flags, code.co_names, code.co_varnames)))
+        for const in code.co_consts:
+            out.append("\n")
+            if hasattr(const, "co_code"):
+                out.append(self.bytecode(const))
+            else:
+                self.write(const, out)
+        return "".join(out)
 
     def _code(self, value: Any, out: list[str]) -> bool:
         """Functions, classes, partials and methods by their code; False for anything else."""
