@@ -4274,9 +4274,10 @@ def _parse_source(path: str, data: bytes) -> dict[str, Any] | None:
             line = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", ())])
             found = functions.setdefault(f"{line} {getattr(node, 'name', '<lambda>')}", ["", []])
             found[0] = digest + ";" + found[0]
-    for inner in _nested_codes(code):
-        if inner is not code:
-            functions.setdefault(f"{inner.co_firstlineno} {inner.co_name}", ["", []])[1].append(_code_digest(inner))
+    canonical = _Canonical()
+    for inner in _nested_codes(code)[1:]:
+        digests = functions.setdefault(f"{inner.co_firstlineno} {inner.co_name}", ["", []])[1]
+        digests.append(_digest_text(canonical.bytecode(inner))[:16])
     return {"functions": functions, "classes": classes}
 
 
