@@ -3540,16 +3540,327 @@ open = Store
 # ---------------------------------------------------------------------------
 # Memoize: keys
 #
-# Key building and key parsing, side by side. A memoize key is
+# A memoize key is
 #     <module>:<qualname>|<16 hex digits: the code digest>|
 # followed by "=" and the arguments' canonical text when that text is short,
-# or by "#" and the hex BLAKE2b digest of the text when it is long.
+# or by "#" and the hex BLAKE2b digest of the text when it is long. What counts
+# in a key, rule by rule, is in docs/identity.md.
 # ---------------------------------------------------------------------------
 
 _SCALARS = frozenset({str, int, float, bool, type(None), bytes, complex})
 _RAW_KEY_LIMIT = 96  # Longer argument texts are hashed.
 _CO_VARARGS, _CO_VARKEYWORDS, _CO_COROUTINE = 0x04, 0x08, 0x80  # inspect.CO_*
 _OPEN_KEYS = "(donecache.open keys)"
+_BIG_INT = 1 << 4000  # Larger ints are written in hex: decimal text has a digit limit (3.11+).
+_BIG_VALUE = 1 << 16  # Longer str, bytes and bytearray arguments are hashed in place, not written out.
+_FUNCTION_KINDS = (type(_delays), type(len), type(sys))  # Python functions, builtins, modules.
+
+
+def _function_name(func: Any) -> str:
+    """A callable's qualified name; a partial by what it wraps (its repr holds an address)."""
+    import functools
+
+    if isinstance(func, functools.partial):
+        return f"partial({_function_name(func.func)})"
+    return str(getattr(func, "__qualname__", None) or type(func).__qualname__)
+
+
+_script_names: dict[str, str] = {}  # _module_name(): a main script's file -> its module name.
+
+
+def _module_name(obj: Any) -> str:
+    """The module that defines ``obj``; the main script by the name it would have if
+    imported (pkg/job.py -> pkg.job), so that a script and its import share entries."""
+    module = getattr(obj, "__module__", None) or "?"
+    if module not in ("__main__", "__mp_main__"):
+        return module
+    main = sys.modules.get(module)
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name not in ("__main__", "__mp_main__"):
+        return str(spec.name)
+    script: str | None = getattr(main, "__file__", None)
+    if not script:
+        return "__main__"
+    name = _script_names.get(script)
+    if name is None:  # Worked out once: objects of the script's classes ask at every call.
+        folder, stem = os.path.split(os.path.splitext(os.path.realpath(script))[0])
+        name, package = stem, folder  # pkg/job.py is pkg.job while the folders above it are packages.
+        while os.path.isfile(os.path.join(package, "__init__.py")) and os.path.basename(package).isidentifier():
+            package, folder_name = os.path.split(package)
+            name = f"{folder_name}.{name}"
+        on_path = name != stem or any(os.path.realpath(entry or ".") == folder for entry in sys.path)
+        name = _script_names[script] = name if stem.isidentifier() and on_path else "__main__"
+    return name
+
+
+def _reference(obj: Any) -> str:
+    """module.qualname (see _module_name), or "module name"."""
+    if isinstance(obj, type(sys)):
+        return f"module {obj.__name__}"
+    return f"{_module_name(obj)}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
+
+
+def _cell_value(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # An empty cell: a name the function defines later.
+        return "<empty cell>"
+
+
+def _signed_nan(value: float | complex) -> str | None:
+    """The text of a float or complex holding -nan (repr() writes "nan"); None for others."""
+    import math
+
+    parts = [("-nan" if math.copysign(1.0, p) < 0 else "nan") if p != p else repr(p) for p in (value.real, value.imag)]
+    return f"{type(value).__name__}:{','.join(parts)}" if "-nan" in parts else None
+
+
+def _buffer_digest(buffer: Any) -> str:
+    """A digest of a buffer's bytes read in place, or of a str encoded a piece at a time."""
+    import hashlib
+
+    # SHA-256 runs at about 1.8 GB/s on CPUs with SHA extensions, twice BLAKE2b's speed.
+    if isinstance(buffer, str):
+        digest = hashlib.sha256()
+        for start in range(0, len(buffer), 1 << 18):  # At most 1 MiB of UTF-8 at a time.
+            piece = buffer[start : start + (1 << 18)]
+            try:  # Latin-1 copies a one-byte-per-character string as it is, 30x faster than UTF-8.
+                digest.update(b"L" + piece.encode("latin-1"))
+            except UnicodeEncodeError:
+                digest.update(b"U" + piece.encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()[:40]
+    view = memoryview(buffer)
+    return hashlib.sha256(view.cast("B") if view.c_contiguous else view.tobytes()).hexdigest()[:40]
+
+
+def _no_code(obj: Any) -> str:
+    raise TypeError(f"{_reference(obj)} is code where only constants were expected")
+
+
+class _Canonical:
+    """Writes a text that is equal for equal values in every process and run.
+
+    repr() is canonical for scalars; 1, 1.0, True and "1" stay apart, as their
+    results may differ. Containers are walked; dicts and sets are sorted by
+    their items' texts, since their order depends on insertion and on
+    PYTHONHASHSEED. Big buffers, arrays and frames are hashed in place.
+    Functions and classes count by ``code`` (the code identity section gives
+    it: the keys need the code identity, which needs canonical values). Any
+    other object is taken apart as pickle would take it (``__reduce_ex__``),
+    so that the sets and dicts in its state are sorted too.
+    """
+
+    __slots__ = ("code", "active")
+
+    def __init__(self, code: Callable[[Any], str] = _no_code) -> None:
+        self.code = code
+        self.active: set[int] = set()  # The containers being written: a cycle is named, not followed.
+
+    def text(self, value: Any) -> str:
+        out: list[str] = []
+        self.write(value, out)
+        return "".join(out)
+
+    def write(self, value: Any, out: list[str]) -> None:
+        kind = type(value)
+        if kind in _SCALARS:
+            if (kind is str or kind is bytes) and len(value) > _BIG_VALUE:
+                out.append(f"<{kind.__name__} {len(value)} {_buffer_digest(value)}>")
+            elif kind is int and not -_BIG_INT < value < _BIG_INT:
+                out.append(f"int:{value:x}")
+            elif (kind is float or kind is complex) and value != value:
+                out.append(_signed_nan(value) or repr(value))
+            else:
+                out.append(repr(value))
+            return
+        active = self.active
+        if id(value) in active:
+            out.append("<cycle>")
+            return
+        active.add(id(value))
+        try:
+            if kind is tuple or kind is list:
+                out.append("(" if kind is tuple else "[")
+                for item in value:
+                    self.write(item, out)
+                    out.append(",")
+                out.append(")" if kind is tuple else "]")
+            elif kind is dict:
+                out.append("{")
+                out.extend(sorted(self.text(k) + ":" + self.text(v) + "," for k, v in value.items()))
+                out.append("}")
+            elif kind is set or kind is frozenset:
+                out.append("set{" if kind is set else "frozenset{")
+                out.extend(sorted(self.text(item) + "," for item in value))
+                out.append("}")
+            elif not self._code(value, out):
+                self._object(value, out)
+        finally:
+            active.discard(id(value))
+
+    def bytecode(self, code: Any) -> str:
+        """A code object's bytecode, names and constants (line numbers aside), a line each."""
+        out = [code.co_code.hex(), "\n"]
+        out.append(repr((code.co_argcount, code.co_kwonlyargcount, code.co_flags, code.co_names, code.co_varnames)))
+        for const in code.co_consts:
+            out.append("\n")
+            if hasattr(const, "co_code"):
+                out.append(self.bytecode(const))
+            else:
+                self.write(const, out)
+        return "".join(out)
+
+    def _code(self, value: Any, out: list[str]) -> bool:
+        """Functions, classes, partials and methods by their code; False for anything else."""
+        import functools
+        import types
+
+        kind = type(value)
+        if isinstance(value, type) or kind in _FUNCTION_KINDS:
+            self_ = getattr(value, "__self__", None)
+            if kind is type(len) and self_ is not None and not isinstance(self_, type(sys)):
+                # A bound built-in method (english.get): what it is bound to counts.
+                out.append(f"<built-in {value.__qualname__} of ")
+                self.write(self_, out)
+                out.append(">")
+                return True
+            reference = _reference(value)
+            out.append(f"<{reference}")
+            if kind is not type(sys):
+                out.append(self.code(value))
+            code = getattr(value, "__code__", None)
+            if "<" in reference and code is not None:
+                # A lambda or a local function: many share one name (and a line of
+                # source), so its bytecode, defaults and closure count too.
+                self.write((self.bytecode(code), value.__defaults__, value.__kwdefaults__), out)
+                self.write(tuple(_cell_value(cell) for cell in value.__closure__ or ()), out)
+            out.append(">")
+        elif kind is types.MethodType:
+            out.append("<method ")
+            self.write(value.__func__, out)
+            out.append(" of ")
+            self.write(value.__self__, out)
+            out.append(">")
+        elif isinstance(value, functools.partial):
+            out.append("<partial ")
+            self.write((value.func, value.args, value.keywords), out)
+            out.append(">")
+        elif callable(value) and callable(getattr(value, "__wrapped__", None)):
+            self.write(value.__wrapped__, out)  # memoize, lru_cache: what they wrap.
+        else:
+            return False
+        return True
+
+    def _object(self, value: Any, out: list[str]) -> None:
+        kind = type(value)
+        name = f"{_module_name(kind)}.{kind.__qualname__}"  # A script's class by its import name.
+        if kind is bytearray or kind is memoryview:
+            if kind is memoryview or len(value) > _BIG_VALUE:  # Smaller bytearrays keep their 0.2.0 key.
+                shape = f"{value.format} {value.shape}" if kind is memoryview else len(value)
+                out.append(f"<{kind.__name__} {shape} {_buffer_digest(value)}>")
+                return
+        pathlib = sys.modules.get("pathlib")
+        if pathlib is not None and isinstance(value, pathlib.PurePath):
+            # 3.13 moved the classes to pathlib._local and pickles a path as one
+            # string; its parts are what every version agrees on (3.9-3.12's form).
+            module = "pathlib" if kind.__module__.startswith("pathlib") else kind.__module__
+            out.append(f"<{module}.{kind.__qualname__}:")
+            self.write(tuple(value.parts), out)
+            out.append(";>")
+            return
+        re = sys.modules.get("re")
+        if re is not None and kind is re.Pattern:
+            out.append(f"<re.Pattern {value.flags}:")
+            self.write(value.pattern, out)
+            out.append(">")
+            return
+        if kind.__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
+            dtype = str(value.dtype.descr) if value.dtype.names else value.dtype.str
+            if value.dtype.hasobject:  # Python objects, not a buffer of numbers.
+                out.append(f"<{name} {dtype} {value.shape}:")
+                self.write(value.tolist(), out)
+                out.append(">")
+                return
+            data = value if value.flags.c_contiguous else value.copy(order="C")
+            out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
+            return
+        pandas = sys.modules.get("pandas")
+        if pandas is not None and isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
+            # By isinstance, not by module: pandas 3 names its classes' module "pandas".
+            out.append(f"<{name} ")
+            if isinstance(value, pandas.DataFrame):
+                self.write(value.columns, out)
+                self.write(value.index, out)
+                for column in range(value.shape[1]):
+                    series = value.iloc[:, column]
+                    out.append(f"|{series.dtype}:")
+                    self._pandas_values(series, out, pandas)
+            else:  # A Series or an Index.
+                names = value.names if isinstance(value, pandas.MultiIndex) else getattr(value, "name", None)
+                out.append(f"{names!r} {value.dtype}:")
+                if hasattr(value, "index"):
+                    self.write(value.index, out)
+                self._pandas_values(value, out, pandas)
+            out.append(">")
+            return
+        if kind.__module__.partition(".")[0] in ("pyarrow", "polars") and self._arrow(value, out):
+            return
+        try:
+            reduced = value.__reduce_ex__(4)
+        except Exception as exc:
+            raise TypeError(f"{name} cannot be taken apart as pickle would ({exc})") from None
+        if isinstance(reduced, str):  # A module-level singleton, named.
+            out.append(f"<{_module_name(kind)}.{reduced}>")
+            return
+        out.append(f"<{name}{self.code(kind)}:")  # The class's own code counts (its methods make the result).
+        ordered = isinstance(value, collections.OrderedDict)  # Its order is part of its value (==).
+        for index, part in enumerate(reduced[1:5]):
+            if part is not None and index >= 2:  # listitems and dictitems are iterators.
+                part = list(part) if index == 2 or ordered else dict(part)
+            self.write(part, out)
+            out.append(";")
+        out.append(">")
+
+    def _pandas_values(self, value: Any, out: list[str], pandas: Any) -> None:
+        """A Series' or Index's values, a categorical's categories, a tz-aware column's instants."""
+        dtype = value.dtype
+        if isinstance(dtype, pandas.CategoricalDtype):
+            out.append(f"ordered={dtype.ordered!r} categories=")
+            self.write(dtype.categories, out)
+        if isinstance(dtype, pandas.DatetimeTZDtype):  # str(dtype) above names the zone.
+            self.write(value.to_numpy(dtype=f"datetime64[{dtype.unit}]"), out)
+        else:
+            self.write(value.to_numpy(), out)
+
+    def _arrow(self, value: Any, out: list[str]) -> bool:
+        """pyarrow tables, record batches and arrays, and polars frames and series (as
+        Arrow data, which to_arrow() hands over without a copy): a flat array by its
+        type, offset, length and buffers, read in place; a nested or dictionary
+        array by its values, as its children's offsets are not in its buffers."""
+        pyarrow, polars = sys.modules.get("pyarrow"), sys.modules.get("polars")
+        if polars is not None and isinstance(value, (polars.DataFrame, polars.Series)):
+            out.append(f"<polars.{type(value).__name__} {getattr(value, 'name', None)!r}:")
+            self._arrow(value.to_arrow(), out)
+        elif pyarrow is None:
+            return False
+        elif isinstance(value, (pyarrow.Table, pyarrow.RecordBatch)):
+            out.append(f"<pyarrow.{type(value).__name__} {value.schema.to_string(show_schema_metadata=True)!r}:")
+            for column in value.columns:
+                self._arrow(column, out)
+        elif isinstance(value, pyarrow.ChunkedArray):
+            out.append(f"<pyarrow.ChunkedArray {value.type}:")
+            for chunk in value.chunks:
+                self._arrow(chunk, out)
+        elif isinstance(value, pyarrow.Array):
+            out.append(f"<pyarrow.Array {value.type} {value.offset} {len(value)}:")
+            if value.type.num_fields or pyarrow.types.is_dictionary(value.type):
+                self.write(value.to_pylist(), out)
+            else:
+                out.extend(f"{buffer and _buffer_digest(buffer)}," for buffer in value.buffers())
+        else:
+            return False
+        out.append(">")
+        return True
 
 
 class _Arguments:
@@ -3609,386 +3920,18 @@ class _Arguments:
         values = tuple(bound.arguments.values())
         return values if self._all else tuple(values[i] for i in self._keep)
 
-    def describe(self, index: int) -> str:
-        return "the value key= returned" if self._key is not None else f"argument {self.names[self._keep[index]]!r}"
-
-    def fix(self, index: int) -> str:
+    def unkeyable(self, index: int, value: Any, reason: Exception) -> TypeError:
+        """The error for a bound value (at ``index``) that has no canonical text."""
+        plain = "str, int, float, bytes, None, and tuples, lists, dicts or sets of them"
         if self._key is not None:
-            return "Make key= return plain values: str, int, float, bytes, None, and tuples, lists, dicts or sets of them"
-        name = self.names[self._keep[index]]
-        return f"Leave it out with ignore=({name!r},), or build the key yourself with key=lambda ...: ..."
-
-
-_BIG_INT = 1 << 4000  # Larger ints are written in hex: decimal text has a digit limit (3.11+).
-_BIG_VALUE = 1 << 16  # Longer str, bytes and bytearray arguments are hashed in place, not written out.
-_FUNCTION_KINDS = (type(_delays), type(len), type(sys))  # Python functions, builtins, modules.
-
-
-def _canonical(value: Any, out: list[str], active: set[int]) -> None:
-    """Append a text that is equal for equal arguments in every process and run.
-
-    repr() is canonical for scalars; 1, 1.0, True and "1" stay apart, as their
-    results may differ. Containers are walked; dicts and sets are sorted by
-    their items' texts, since their order depends on insertion and on
-    PYTHONHASHSEED. Big buffers, arrays and frames are hashed in place.
-    Functions and classes count by their code. Any other object is taken
-    apart as pickle would take it (``__reduce_ex__``), so that the sets and
-    dicts in its state are sorted too. docs/identity.md has every rule.
-    ``active`` holds the containers being written, to name a cycle instead of
-    recursing into it.
-    """
-    kind = type(value)
-    if kind in _SCALARS:
-        if (kind is str or kind is bytes) and len(value) > _BIG_VALUE:
-            out.append(f"<{kind.__name__} {len(value)} {_buffer_digest(value)}>")
-        elif kind is int and not -_BIG_INT < value < _BIG_INT:
-            out.append(f"int:{value:x}")
-        elif (kind is float or kind is complex) and value != value:
-            out.append(_signed_nan(value) or repr(value))
+            what, fix = "the value key= returned", f"Make key= return plain values: {plain}"
         else:
-            out.append(repr(value))
-        return
-    if id(value) in active:
-        out.append("<cycle>")
-        return
-    active.add(id(value))
-    try:
-        if kind is tuple or kind is list:
-            out.append("(" if kind is tuple else "[")
-            for item in value:
-                _canonical(item, out, active)
-                out.append(",")
-            out.append(")" if kind is tuple else "]")
-        elif kind is dict:
-            out.append("{")
-            out.extend(sorted(_text(k, active) + ":" + _text(v, active) + "," for k, v in value.items()))
-            out.append("}")
-        elif kind is set or kind is frozenset:
-            out.append("set{" if kind is set else "frozenset{")
-            out.extend(sorted(_text(item, active) + "," for item in value))
-            out.append("}")
-        else:
-            _canonical_object(value, out, active)
-    finally:
-        active.discard(id(value))
-
-
-def _cell_value(cell: Any) -> Any:
-    try:
-        return cell.cell_contents
-    except ValueError:  # An empty cell: a name the function defines later.
-        return "<empty cell>"
-
-
-def _signed_nan(value: float | complex) -> str | None:
-    """The text of a float or complex that holds -nan, which repr() writes as
-    "nan" though copysign() and NumPy tell it apart; None for other values."""
-    import math
-
-    parts = [("-nan" if math.copysign(1.0, p) < 0 else "nan") if p != p else repr(p) for p in (value.real, value.imag)]
-    return f"{type(value).__name__}:{','.join(parts)}" if "-nan" in parts else None
-
-
-def _text(value: Any, active: set[int] | None = None) -> str:
-    out: list[str] = []
-    _canonical(value, out, set() if active is None else active)
-    return "".join(out)
-
-
-def _buffer_digest(buffer: Any) -> str:
-    """A digest of a buffer's bytes, read in place (no copy) where it is
-    C-contiguous; a str is encoded a MiB at a time, so never copied whole."""
-    import hashlib
-
-    # SHA-256 runs at about 1.8 GB/s on CPUs with SHA extensions, twice BLAKE2b's speed.
-    if isinstance(buffer, str):
-        digest = hashlib.sha256()
-        for start in range(0, len(buffer), 1 << 18):  # At most 1 MiB of UTF-8 at a time.
-            piece = buffer[start : start + (1 << 18)]
-            try:  # Latin-1 copies a one-byte-per-character string as it is, 30x faster than UTF-8.
-                digest.update(b"L" + piece.encode("latin-1"))
-            except UnicodeEncodeError:
-                digest.update(b"U" + piece.encode("utf-8", "surrogatepass"))
-        return digest.hexdigest()[:40]
-    view = memoryview(buffer)
-    return hashlib.sha256(view.cast("B") if view.c_contiguous else view.tobytes()).hexdigest()[:40]
-
-
-# Functions and classes passed as arguments: their code identity, worked out
-# once per object (following a function's code costs milliseconds).
-_argument_codes: weakref.WeakKeyDictionary[Any, str] | None = None  # Made by _runtime_imports.
-_WEAK_TABLES["_argument_codes"] = "WeakKeyDictionary"
-
-
-def _argument_code(obj: Any) -> str:
-    """What stands for the code of a function or class passed as an argument (or
-    of an object's class): nothing for the standard library, name==version for
-    an installed distribution, else its code identity (_code_identity), so that
-    an edit recomputes and two same-named functions never share entries."""
-    if _argument_codes is None:  # Made at decoration: here if a key is built without one.
-        _runtime_imports()
-    assert _argument_codes is not None
-    try:
-        return _argument_codes[obj]
-    except (KeyError, TypeError):  # TypeError: unhashable, or no weak reference.
-        pass
-    library = _library(obj)  # Decided by where its file lives (a script's module is its own code).
-    code = (" " + library if library else "") if library is not None else " " + _code_identity(obj, None)
-    try:
-        _argument_codes[obj] = code
-    except TypeError:
-        pass
-    return code
-
-
-def _canonical_code(value: Any, out: list[str], active: set[int]) -> bool:
-    """Functions, classes, partials and methods passed as arguments, by their code
-    (see _argument_code); False for anything else."""
-    import functools
-    import types
-
-    kind = type(value)
-    if isinstance(value, type) or kind in _FUNCTION_KINDS:
-        self = getattr(value, "__self__", None)
-        if kind is type(len) and self is not None and not isinstance(self, type(sys)):
-            # A bound built-in method (english.get): what it is bound to counts.
-            out.append(f"<built-in {value.__qualname__} of ")
-            _canonical(self, out, active)
-            out.append(">")
-            return True
-        reference = _reference(value)
-        out.append(f"<{reference}")
-        if kind is not type(sys):
-            out.append(_argument_code(value))
-        code = getattr(value, "__code__", None)
-        if "<" in reference and code is not None:
-            # A lambda or a local function: many share one name (and a line of
-            # source), so its bytecode, defaults and closure count too.
-            _canonical((_bytecode_text(code), value.__defaults__, value.__kwdefaults__), out, active)
-            _canonical(tuple(_cell_value(cell) for cell in value.__closure__ or ()), out, active)
-        out.append(">")
-    elif kind is types.MethodType:
-        out.append("<method ")
-        _canonical(value.__func__, out, active)
-        out.append(" of ")
-        _canonical(value.__self__, out, active)
-        out.append(">")
-    elif isinstance(value, functools.partial):
-        out.append("<partial ")
-        _canonical((value.func, value.args, value.keywords), out, active)
-        out.append(">")
-    elif callable(value) and callable(getattr(value, "__wrapped__", None)):
-        _canonical(value.__wrapped__, out, active)  # memoize, lru_cache: what they wrap.
-    else:
-        return False
-    return True
-
-
-def _canonical_object(value: Any, out: list[str], active: set[int]) -> None:
-    kind = type(value)
-    name = f"{_module_name(kind)}.{kind.__qualname__}"  # A script's class by its import name.
-    if _canonical_code(value, out, active):
-        return
-    if kind is bytearray or kind is memoryview:
-        if kind is memoryview or len(value) > _BIG_VALUE:  # Smaller bytearrays keep their 0.2.0 key.
-            shape = f"{value.format} {value.shape}" if kind is memoryview else len(value)
-            out.append(f"<{kind.__name__} {shape} {_buffer_digest(value)}>")
-            return
-    pathlib = sys.modules.get("pathlib")
-    if pathlib is not None and isinstance(value, pathlib.PurePath):
-        # 3.13 moved the classes to pathlib._local and pickles a path as one
-        # string; its parts are what every version agrees on (3.9-3.12's form).
-        module = "pathlib" if kind.__module__.startswith("pathlib") else kind.__module__
-        out.append(f"<{module}.{kind.__qualname__}:")
-        _canonical(tuple(value.parts), out, active)
-        out.append(";>")
-        return
-    re = sys.modules.get("re")
-    if re is not None and kind is re.Pattern:
-        out.append(f"<re.Pattern {value.flags}:")
-        _canonical(value.pattern, out, active)
-        out.append(">")
-        return
-    if kind.__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
-        dtype = str(value.dtype.descr) if value.dtype.names else value.dtype.str
-        if value.dtype.hasobject:  # Python objects, not a buffer of numbers.
-            out.append(f"<{name} {dtype} {value.shape}:")
-            _canonical(value.tolist(), out, active)
-            out.append(">")
-            return
-        data = value if value.flags.c_contiguous else value.copy(order="C")
-        out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
-        return
-    pandas = sys.modules.get("pandas")
-    if pandas is not None and isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
-        # By isinstance, not by module: pandas 3 names its classes' module "pandas".
-        out.append(f"<{name} ")
-        if isinstance(value, pandas.DataFrame):
-            _canonical(value.columns, out, active)
-            _canonical(value.index, out, active)
-            for column in range(value.shape[1]):
-                series = value.iloc[:, column]
-                out.append(f"|{series.dtype}:")
-                _pandas_values(series, out, active, pandas)
-        else:  # A Series or an Index.
-            names = value.names if isinstance(value, pandas.MultiIndex) else getattr(value, "name", None)
-            out.append(f"{names!r} {value.dtype}:")
-            if hasattr(value, "index"):
-                _canonical(value.index, out, active)
-            _pandas_values(value, out, active, pandas)
-        out.append(">")
-        return
-    if kind.__module__.partition(".")[0] in ("pyarrow", "polars") and _canonical_arrow(value, out, active):
-        return
-    try:
-        reduced = value.__reduce_ex__(4)
-    except Exception as exc:
-        raise TypeError(f"{name} cannot be taken apart as pickle would ({exc})") from None
-    if isinstance(reduced, str):  # A module-level singleton, named.
-        out.append(f"<{_module_name(kind)}.{reduced}>")
-        return
-    out.append(f"<{name}{_argument_code(kind)}:")  # The class's own code counts (its methods make the result).
-    ordered = isinstance(value, collections.OrderedDict)  # Its order is part of its value (==).
-    for index, part in enumerate(reduced[1:5]):
-        if part is not None and index >= 2:  # listitems and dictitems are iterators.
-            part = list(part) if index == 2 or ordered else dict(part)
-        _canonical(part, out, active)
-        out.append(";")
-    out.append(">")
-
-
-def _canonical_arrow(value: Any, out: list[str], active: set[int]) -> bool:
-    """pyarrow tables, record batches and arrays, and polars frames and series (as
-    Arrow data, which to_arrow() hands over without a copy): a flat array by its
-    type, offset, length and buffers, read in place; a nested or dictionary
-    array by its values, as its children's offsets are not in its buffers."""
-    pyarrow, polars = sys.modules.get("pyarrow"), sys.modules.get("polars")
-    if polars is not None and isinstance(value, (polars.DataFrame, polars.Series)):
-        out.append(f"<polars.{type(value).__name__} {getattr(value, 'name', None)!r}:")
-        _canonical_arrow(value.to_arrow(), out, active)
-    elif pyarrow is None:
-        return False
-    elif isinstance(value, (pyarrow.Table, pyarrow.RecordBatch)):
-        out.append(f"<pyarrow.{type(value).__name__} {value.schema.to_string(show_schema_metadata=True)!r}:")
-        for column in value.columns:
-            _canonical_arrow(column, out, active)
-    elif isinstance(value, pyarrow.ChunkedArray):
-        out.append(f"<pyarrow.ChunkedArray {value.type}:")
-        for chunk in value.chunks:
-            _canonical_arrow(chunk, out, active)
-    elif isinstance(value, pyarrow.Array):
-        out.append(f"<pyarrow.Array {value.type} {value.offset} {len(value)}:")
-        if value.type.num_fields or pyarrow.types.is_dictionary(value.type):
-            _canonical(value.to_pylist(), out, active)
-        else:
-            out.extend(f"{buffer and _buffer_digest(buffer)}," for buffer in value.buffers())
-    else:
-        return False
-    out.append(">")
-    return True
-
-
-def _pandas_values(value: Any, out: list[str], active: set[int], pandas: Any) -> None:
-    """A Series' or Index's values; a categorical's categories and their order, and
-    a tz-aware column's instants (as a buffer, not as Timestamp objects)."""
-    dtype = value.dtype
-    if isinstance(dtype, pandas.CategoricalDtype):
-        out.append(f"ordered={dtype.ordered!r} categories=")
-        _canonical(dtype.categories, out, active)
-    if isinstance(dtype, pandas.DatetimeTZDtype):  # str(dtype) above names the zone.
-        _canonical(value.to_numpy(dtype=f"datetime64[{dtype.unit}]"), out, active)
-    else:
-        _canonical(value.to_numpy(), out, active)
-
-
-def _reference(obj: Any) -> str:
-    """module.qualname of a function, class or module, resolving __main__ (see _module_name)."""
-    if isinstance(obj, type(sys)):
-        return f"module {obj.__name__}"
-    return f"{_module_name(obj)}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
-
-
-_script_names: dict[str, str] = {}  # _module_name(): a main script's file -> its module name.
-
-
-def _module_name(obj: Any) -> str:
-    """The name of the module that defines ``obj``; for the main script, the name it
-    would have if imported (``python -m pkg.job`` and ``python pkg/job.py`` ->
-    pkg.job, where pkg has an __init__.py; ``python job.py`` -> job, when its
-    directory is on sys.path), so that a script and its import share entries."""
-    module = getattr(obj, "__module__", None) or "?"
-    if module not in ("__main__", "__mp_main__"):
-        return module
-    main = sys.modules.get(module)
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name not in ("__main__", "__mp_main__"):
-        return str(spec.name)
-    script: str | None = getattr(main, "__file__", None)
-    if not script:
-        return "__main__"
-    name = _script_names.get(script)
-    if name is None:  # Worked out once: objects of the script's classes ask at every call.
-        folder, stem = os.path.split(os.path.splitext(os.path.realpath(script))[0])
-        # pkg/job.py, run as a file, is the module pkg.job (as under -m) while
-        # the folders above it are packages.
-        name, package = stem, folder
-        while os.path.isfile(os.path.join(package, "__init__.py")) and os.path.basename(package).isidentifier():
-            package, folder_name = os.path.split(package)
-            name = f"{folder_name}.{name}"
-        on_path = name != stem or any(os.path.realpath(entry or ".") == folder for entry in sys.path)
-        name = _script_names[script] = name if stem.isidentifier() and on_path else "__main__"
-    return name
-
-
-def _function_name(func: Any) -> str:
-    """A callable's qualified name; a partial is named by what it wraps (never by
-    its repr, which holds a memory address)."""
-    import functools
-
-    if isinstance(func, functools.partial):
-        return f"partial({_function_name(func.func)})"
-    return str(getattr(func, "__qualname__", None) or type(func).__qualname__)
-
-
-def _is_big(value: Any) -> bool:
-    return (type(value) is str or type(value) is bytes) and len(value) > _BIG_VALUE
-
-
-def _make_key(
-    prefix: bytes, closure: str, values: tuple[Any, ...], arguments: _Arguments, blake2b: Callable[..., Any]
-) -> bytes:
-    """One key: ``prefix`` (identity and code digest), the closure's values, then a
-    call's bound argument values."""
-    text = None
-    if _SCALARS.issuperset(map(type, values)) and not any(map(_is_big, values)):
-        try:
-            text = repr(values)  # A tuple of scalars: repr() is already canonical...
-        except ValueError:  # An int too long for decimal text: _canonical writes hex.
-            pass
-        else:  # ...but for -nan, which repr() writes as "nan".
-            if "nan" in text and any(type(value) in (float, complex) and _signed_nan(value) for value in values):
-                text = None
-    if text is None:
-        out: list[str] = []
-        for index, value in enumerate(values):
-            try:
-                _canonical(value, out, set())
-            except (TypeError, ValueError, RecursionError) as exc:
-                raise TypeError(
-                    f"{arguments.function}(): {arguments.describe(index)} ({type(value).__name__}) cannot be "
-                    f"part of a cache key: {exc}. {arguments.fix(index)}"
-                ) from None
-            out.append(",")
-        text = "".join(out)
-    raw = (closure + text).encode("utf-8", "surrogatepass")
-    # Short texts (a few scalars, the common case) go into the key as they are:
-    # the store hashes the key for the file name anyway, so hashing here too
-    # would cost a second digest on every call. Long ones are hashed to bound
-    # the key. The tag keeps the two forms from ever meaning the same thing.
-    if len(raw) <= _RAW_KEY_LIMIT:
-        return prefix + b"=" + raw
-    digest: str = blake2b(raw, digest_size=20).hexdigest()
-    return prefix + b"#" + digest.encode("ascii")
+            name = self.names[self._keep[index]]
+            what = f"argument {name!r}"
+            fix = f"Leave it out with ignore=({name!r},), or build the key yourself with key=lambda ...: ..."
+        return TypeError(
+            f"{self.function}(): {what} ({type(value).__name__}) cannot be part of a cache key: {reason}. {fix}"
+        )
 
 
 _digests: dict[tuple[Any, ...], str] = {}  # file_digest()'s memo: (device, inode, size, mtime, ctime) -> digest.
@@ -4008,8 +3951,7 @@ def file_digest(path: StrPath, *, quick: bool = False) -> str:
     """
     import hashlib
 
-    name = _fspath(path, "path")
-    fd, st = _open_regular(name)
+    fd, st = _open_regular(_fspath(path, "path"))
     try:
         if quick:
             return f"size={st.st_size} mtime_ns={st.st_mtime_ns}"
@@ -4031,7 +3973,6 @@ def file_digest(path: StrPath, *, quick: bool = False) -> str:
 
 
 class _KeyParts:
-    """What a memoize key says of itself: the function and its code identity."""
 
     __slots__ = ("function", "identity")
 
@@ -4040,10 +3981,8 @@ class _KeyParts:
 
 
 def _parse_key(key: bytes) -> _KeyParts | None:
-    """The function (module:qualname) and code identity in a memoize key; None for
-    keys that donecache.open users wrote."""
-    text = key.decode("utf-8", "replace")
-    head, _, rest = text.partition("|")
+    """None for keys that donecache.open users wrote."""
+    head, _, rest = key.decode("utf-8", "replace").partition("|")
     code, sep, arguments = rest.partition("|")
     if ":" in head and sep and len(code) == 16 and set(code) <= _HEX and arguments[:1] in ("=", "#"):
         return _KeyParts(head, code)
@@ -4064,12 +4003,12 @@ def _function_of(key: bytes) -> str:
 #
 # When no version= is given, a memoized function's entries belong to its code:
 # the syntax tree of its source (docstrings aside), the module-level values it
-# reads (of any type, by canonical value), and the functions, classes and
-# modules of the user's own code that it reaches, followed transitively with
-# no limit. Installed distributions count by their RECORD (the hashes of their
-# files), the standard library not at all. What cannot be followed (eval, open,
-# the environment, a value with no canonical form) is named in one warning.
-# The rules are written out for users in docs/identity.md.
+# reads (by canonical value), and the functions, classes and modules of the
+# user's own code that it reaches, followed transitively. Installed
+# distributions count by their RECORD (the hashes of their files), the standard
+# library not at all. What cannot be followed (eval, open, the environment, a
+# value with no canonical form) is named in one warning. docs/identity.md has
+# the rules in full.
 
 _SITE_DIRS = ("site-packages", "dist-packages")
 # Read from the syntax tree, never from the text: fields that say how it was written.
@@ -4083,6 +4022,7 @@ _WHOLE_MODULE = frozenset({"getattr", "globals", "vars"})
 _SYNCHRONIZATION = frozenset({"_thread", "threading", "multiprocessing.synchronize", "asyncio.locks"})
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__firstlineno__",
                          "__static_attributes__", "__annotations__", "__orig_bases__", "__parameters__"})
+_SINK_METHODS = frozenset({"append", "extend", "add", "update", "insert", "clear", "discard", "remove"})
 _learnt: dict[Any, Any] = {}  # Per process: what each source file, RECORD and site directory told.
 
 
@@ -4092,57 +4032,96 @@ def _digest_text(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-def _stdlib_dirs() -> tuple[str, ...]:
-    # Where os.py lives is the standard library (a venv's too); lib-dynload is inside it.
-    found = _learnt.get("stdlib")
-    if found is None:
-        found = _learnt["stdlib"] = (os.path.join(os.path.realpath(os.path.dirname(os.__file__)), ""),)
-    return tuple(found)
+def _code_digest(code: Any) -> str:
+    return _digest_text(_Canonical().bytecode(code))[:16]
 
 
-def _parse_source(path: str, data: bytes) -> dict[str, Any] | None:
-    """What a source file holds: for each def and lambda ("LINE NAME", the line
-    that co_firstlineno gives), its tree digest and the digests of the code
-    that a fresh compile of the file makes there; for each class (by qualified
-    name), its tree digest. None if the file does not parse."""
-    import ast
+def _origin_file(obj: Any) -> str | None:
+    """The file that defines a module, function or class (None: built in, or no file)."""
+    if isinstance(obj, type(sys)):
+        file = getattr(obj, "__file__", None)
+        if file is None:  # A namespace package: where its folders are.
+            file = next(iter(getattr(obj, "__path__", None) or ()), None)
+        return file if isinstance(file, str) else None
+    code = getattr(obj, "__code__", None)
+    if hasattr(code, "co_filename") and not isinstance(obj, type):
+        return str(code.co_filename)  # type: ignore[union-attr]
+    file = getattr(sys.modules.get(getattr(obj, "__module__", None) or ""), "__file__", None)
+    if file is None and isinstance(obj, type):  # A class made in a module with no file: by its methods' file.
+        codes = (getattr(getattr(member, "__func__", member), "__code__", None) for member in vars(obj).values())
+        file = next((code.co_filename for code in codes if code), None)
+    return file if isinstance(file, str) else None
 
+
+def _dist_infos(site: str) -> list[str]:
+    return sorted(entry.path for entry in _scandir(site) if entry.name.endswith(".dist-info"))
+
+
+def _distribution(site: str, name: str, top: str) -> str:
+    """An installed distribution by its RECORD's digest (the hashes of its files): a
+    package reinstalled under the same version number counts as new code."""
+    name = name.partition(".")[0]  # pkg, pkg.py, pkg.cpython-311-x86_64-linux-gnu.so
+    owners = _learnt.get(("site", site))
+    if owners is None:  # Which distribution installed each top-level name, once per site directory.
+        owners = _learnt[("site", site)] = {}
+        for found in _dist_infos(site):
+            normal = os.path.basename(found).partition("-")[0].lower().replace(".", "_")
+            for owned in (_read_text(os.path.join(found, "top_level.txt")) or "").split() or [normal]:
+                owners.setdefault(owned, found)
+    if name not in owners:  # A name no top_level.txt lists: look for it in the RECORDs, once.
+        owners[name] = ""
+        for found in _dist_infos(site):
+            text = "\n" + (_read_text(os.path.join(found, "RECORD")) or "")
+            if f"\n{name}/" in text or f"\n{name}." in text:
+                owners[name] = found
+                break
+    info = str(owners[name])
+    record = os.path.join(info, "RECORD") if info else ""
     try:
-        tree = ast.parse(data, path)
-        code = compile(tree, path, "exec", dont_inherit=True)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return None
-    order: list[tuple[Any, str]] = []  # Every def, lambda and class after its parents.
-    todo: list[tuple[Any, str]] = [(tree, "")]
-    while todo:
-        node, prefix = todo.pop()
-        for child in ast.iter_child_nodes(node):
-            inner = prefix
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
-                name = getattr(child, "name", "<lambda>")
-                order.append((child, prefix + name))
-                inner = prefix + name + ("." if isinstance(child, ast.ClassDef) else ".<locals>.")
-            todo.append((child, inner))
-    texts: dict[int, str] = {}
-    functions: dict[str, list[Any]] = {}
-    classes: dict[str, str] = {}
-    for node, qualname in reversed(order):  # Inner ones first: an outer one reuses their digests.
-        out: list[str] = []
-        _tree_text(node, out, texts)
-        texts[id(node)] = digest = _digest_text("".join(out))
-        if isinstance(node, ast.ClassDef):
-            classes[qualname] = digest
-        else:  # co_firstlineno is the first decorator's line.
-            line = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", ())])
-            found = functions.setdefault(f"{line} {getattr(node, 'name', '<lambda>')}", ["", []])
-            found[0] = digest + ";" + found[0]
-    codes = [code]
-    while codes:
-        for const in codes.pop().co_consts:
-            if hasattr(const, "co_code"):
-                functions.setdefault(f"{const.co_firstlineno} {const.co_name}", ["", []])[1].append(_code_digest(const))
-                codes.append(const)
-    return {"functions": functions, "classes": classes}
+        st = os.stat(record)
+    except (OSError, ValueError):
+        version = getattr(sys.modules.get(top), "__version__", None)
+        return f"library {top}=={version if isinstance(version, str) else '?'}"
+    stamp = ("record", record, st.st_size, st.st_mtime_ns)
+    if stamp not in _learnt:
+        import hashlib
+
+        digest = hashlib.blake2b(_file_head(record, st.st_size), digest_size=8).hexdigest()
+        _learnt[stamp] = f"library {os.path.basename(info)} {digest}"
+    return _learnt[stamp]  # type: ignore[no-any-return]
+
+
+def _library(obj: Any) -> str | None:
+    """How code counts, decided by where its file lives (not by its module's name):
+    None for the user's own code (followed), "" for the standard library and
+    built-ins, and "library <distribution> <RECORD digest>" for an installed one."""
+    module = obj.__name__ if isinstance(obj, type(sys)) else getattr(obj, "__module__", None) or ""
+    file = _origin_file(obj)
+    top = module.partition(".")[0]
+    if file is None or file.startswith("<"):  # Built in, frozen, or typed in (a REPL, exec).
+        known = top in sys.builtin_module_names or top in getattr(sys, "stdlib_module_names", ())
+        imported = file is None and top not in ("__main__", "__mp_main__") and module in sys.modules
+        return "" if known or imported else None
+    if file == __file__:
+        return ""  # donecache itself.
+    stamp = ("where", file)
+    if stamp not in _learnt:
+        if "stdlib" not in _learnt:  # Where os.py lives (a venv's too); lib-dynload is inside it.
+            _learnt["stdlib"] = os.path.join(os.path.realpath(os.path.dirname(os.__file__)), "")
+        path = os.path.realpath(file)
+        parts = path.split(os.sep)
+        site = next((i for i, part in enumerate(parts) if part in _SITE_DIRS), None)
+        if site is not None and site + 1 < len(parts):
+            found: str | None = _distribution(os.sep.join(parts[: site + 1]), parts[site + 1], top)
+        else:
+            found = "" if path.startswith(_learnt["stdlib"]) else None
+        _learnt[stamp] = found
+    return _learnt[stamp]  # type: ignore[no-any-return]
+
+
+def _decorator_name(node: Any) -> str:
+    node = getattr(node, "func", node)
+    return str(getattr(node, "attr", None) or getattr(node, "id", ""))
 
 
 def _tree_text(node: Any, out: list[str], texts: dict[int, str]) -> None:
@@ -4178,15 +4157,59 @@ def _tree_text(node: Any, out: list[str], texts: dict[int, str]) -> None:
     out.append(")")
 
 
-def _decorator_name(node: Any) -> str:
-    node = getattr(node, "func", node)
-    return str(getattr(node, "attr", None) or getattr(node, "id", ""))
+def _nested_codes(code: Any) -> list[Any]:
+    """A code object, then the code objects nested in it, depth first."""
+    found, todo = [], [code]
+    while todo:
+        found.append(todo.pop())
+        todo += [const for const in found[-1].co_consts if hasattr(const, "co_code")]
+    return found
+
+
+def _parse_source(path: str, data: bytes) -> dict[str, Any] | None:
+    """For each def and lambda (by "co_firstlineno co_name"), its tree digest and the
+    digests of the code a fresh compile makes there; for each class, its tree digest."""
+    import ast
+
+    try:
+        tree = ast.parse(data, path)
+        code = compile(tree, path, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    order: list[tuple[Any, str]] = []  # Every def, lambda and class after its parents.
+    todo: list[tuple[Any, str]] = [(tree, "")]
+    while todo:
+        node, prefix = todo.pop()
+        for child in ast.iter_child_nodes(node):
+            inner = prefix
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+                name = getattr(child, "name", "<lambda>")
+                order.append((child, prefix + name))
+                inner = prefix + name + ("." if isinstance(child, ast.ClassDef) else ".<locals>.")
+            todo.append((child, inner))
+    texts: dict[int, str] = {}
+    functions: dict[str, list[Any]] = {}
+    classes: dict[str, str] = {}
+    for node, qualname in reversed(order):  # Inner ones first: an outer one reuses their digests.
+        out: list[str] = []
+        _tree_text(node, out, texts)
+        texts[id(node)] = digest = _digest_text("".join(out))
+        if isinstance(node, ast.ClassDef):
+            classes[qualname] = digest
+        else:  # co_firstlineno is the first decorator's line.
+            line = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", ())])
+            found = functions.setdefault(f"{line} {getattr(node, 'name', '<lambda>')}", ["", []])
+            found[0] = digest + ";" + found[0]
+    canonical = _Canonical()
+    for inner in _nested_codes(code)[1:]:
+        digests = functions.setdefault(f"{inner.co_firstlineno} {inner.co_name}", ["", []])[1]
+        digests.append(_digest_text(canonical.bytecode(inner))[:16])
+    return {"functions": functions, "classes": classes}
 
 
 def _source_notes(path: str, notes: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What the source file at ``path`` holds (see _parse_source), learnt once per
-    (path, size, mtime): from this process's memory, else from the store's notes
-    (written by an earlier process with this interpreter), else by parsing it."""
+    """_parse_source's answer, per path, size and mtime: from this process, else the
+    store's notes (an earlier process's), else by parsing."""
     try:
         st = os.stat(path)
     except (OSError, ValueError):
@@ -4205,31 +4228,13 @@ def _source_notes(path: str, notes: dict[str, Any] | None) -> dict[str, Any] | N
     return known if "functions" in known else None
 
 
-def _code_digest(code: Any) -> str:
-    return _digest_text(_bytecode_text(code))[:16]
-
-
-def _bytecode_text(code: Any) -> str:
-    """Where there is no source that matches: the bytecode, names and constants
-    (line numbers aside). It changes between CPython versions."""
-    parts = [
-        code.co_code.hex(),
-        repr((code.co_argcount, code.co_kwonlyargcount, code.co_flags, code.co_names, code.co_varnames)),
-    ]
-    for const in code.co_consts:
-        parts.append(_bytecode_text(const) if hasattr(const, "co_code") else _text(const))
-    return "\n".join(parts)
-
-
 def _function_text(func: Any, notes: dict[str, Any] | None) -> str:
-    """The running code of a function: its tree digest when its source file still
-    holds exactly this code (its bytecode equals a fresh compile's), else its
-    bytecode: a file edited after import must not lend the old code the new
-    identity."""
+    """Its tree digest when its file still holds this code (a fresh compile's bytecode is
+    the same), else its bytecode: a file edited after import must not name the old code."""
     code = func.__code__
     known = None if code.co_filename.startswith("<") else _source_notes(code.co_filename, notes)
     tree, compiled = (known or {}).get("functions", {}).get(f"{code.co_firstlineno} {code.co_name}", ("", ()))
-    return f"tree {tree}" if tree and _code_digest(code) in compiled else f"bytecode {_bytecode_text(code)}"
+    return f"tree {tree}" if tree and _code_digest(code) in compiled else f"bytecode {_Canonical().bytecode(code)}"
 
 
 def _class_text(cls: type, notes: dict[str, Any] | None) -> str:
@@ -4238,88 +4243,13 @@ def _class_text(cls: type, notes: dict[str, Any] | None) -> str:
     return str((known or {}).get("classes", {}).get(cls.__qualname__, ""))
 
 
-def _origin_file(obj: Any) -> str | None:
-    """The file that defines a module, function or class (None: built in, or no file)."""
-    if isinstance(obj, type(sys)):
-        file = getattr(obj, "__file__", None)
-        if file is None:  # A namespace package: where its folders are.
-            file = next(iter(getattr(obj, "__path__", None) or ()), None)
-        return file if isinstance(file, str) else None
-    code = getattr(obj, "__code__", None)
-    if hasattr(code, "co_filename") and not isinstance(obj, type):
-        return str(code.co_filename)  # type: ignore[union-attr]
-    file = getattr(sys.modules.get(getattr(obj, "__module__", None) or ""), "__file__", None)
-    if file is None and isinstance(obj, type):
-        file = next((c.co_filename for c in (getattr(getattr(m, "__func__", m), "__code__", None) for m in vars(obj).values()) if c), None)
-    return file if isinstance(file, str) else None
-
-
-def _library(obj: Any) -> str | None:
-    """How code counts, decided by where its file lives (not by its module's name):
-    None for the user's own code (followed), "" for the standard library and
-    built-ins, and "library <distribution> <RECORD digest>" for an installed one."""
-    module = obj.__name__ if isinstance(obj, type(sys)) else getattr(obj, "__module__", None) or ""
-    file = _origin_file(obj)
-    top = module.partition(".")[0]
-    if file is None or file.startswith("<"):  # Built in, frozen, or typed in (a REPL, exec).
-        known = top in sys.builtin_module_names or top in getattr(sys, "stdlib_module_names", ())
-        return "" if known or (file is None and top not in ("__main__", "__mp_main__") and module in sys.modules) else None
-    stamp = ("where", file)
-    if file == __file__:
-        return ""  # donecache itself.
-    if stamp not in _learnt:
-        path = os.path.realpath(file)
-        parts = path.split(os.sep)
-        site = next((i for i, part in enumerate(parts) if part in _SITE_DIRS), None)
-        if site is not None and site + 1 < len(parts):
-            found: str | None = _distribution(os.sep.join(parts[: site + 1]), parts[site + 1], top)
-        else:
-            found = "" if path.startswith(_stdlib_dirs()) else None
-        _learnt[stamp] = found
-    return _learnt[stamp]  # type: ignore[no-any-return]
-
-
-def _distribution(site: str, name: str, top: str) -> str:
-    """An installed distribution by the hashes of its files: a digest of its
-    RECORD (read once per process and RECORD size and mtime), so that a package
-    reinstalled with an unchanged version number counts as new code."""
-    name = name.partition(".")[0]  # pkg, pkg.py, pkg.cpython-311-x86_64-linux-gnu.so
-    infos = sorted(e.path for e in _scandir(site) if e.name.endswith(".dist-info")) if ("site", site) not in _learnt else []
-    owners = _learnt.setdefault(("site", site), {})
-    for found in infos:  # Which distribution installed each top-level name, once per site directory.
-        normal = os.path.basename(found).partition("-")[0].lower().replace(".", "_")
-        for owned in (_read_text(os.path.join(found, "top_level.txt")) or "").split() or [normal]:
-            owners.setdefault(owned, found)
-    if name not in owners:  # A name no top_level.txt lists: look for it in the RECORDs, once.
-        owners[name] = ""
-        for found in sorted(e.path for e in _scandir(site) if e.name.endswith(".dist-info")):
-            text = "\n" + (_read_text(os.path.join(found, "RECORD")) or "")
-            if f"\n{name}/" in text or f"\n{name}." in text:
-                owners[name] = found
-                break
-    info = str(owners[name])
-    record = os.path.join(info, "RECORD") if info else ""
-    try:
-        st = os.stat(record)
-    except (OSError, ValueError):
-        version = getattr(sys.modules.get(top), "__version__", None)
-        return f"library {top}=={version if isinstance(version, str) else '?'}"
-    stamp = ("record", record, st.st_size, st.st_mtime_ns)
-    if stamp not in _learnt:
-        import hashlib
-
-        digest = hashlib.blake2b(_file_head(record, st.st_size), digest_size=8).hexdigest()
-        _learnt[stamp] = f"library {os.path.basename(info)} {digest}"
-    return _learnt[stamp]  # type: ignore[no-any-return]
-
-
 def _is_constant(value: Any) -> bool:
     kind = type(value)
     return kind in _SCALARS or ((kind is tuple or kind is frozenset) and all(map(_is_constant, value)))
 
 
 def _code_names(code: Any) -> set[str]:
-    """The global and attribute names that code (and the code nested in it) reads."""
+    """The global and attribute names it reads."""
     names = set(code.co_names)
     for const in code.co_consts:
         if hasattr(const, "co_code"):
@@ -4327,37 +4257,32 @@ def _code_names(code: Any) -> set[str]:
     return names
 
 
-_SINK_METHODS = frozenset({"append", "extend", "add", "update", "insert", "clear", "discard", "remove"})
-
-
-def _sinks(code: Any) -> set[str]:
-    """Names the code uses only to add to (calls.append(x), seen.add(x)): outputs,
-    not inputs, so their contents are not part of the identity."""
+def _loads(code: Any) -> tuple[set[str], set[str]]:
+    """The names it loads as globals or builtins, and those it uses only to add to
+    (calls.append(x), seen.add(x)): outputs, not inputs, so their contents do not count."""
     import dis
 
-    used: dict[str, bool] = {}
-    todo = [code]
-    while todo:
-        code = todo.pop()
-        todo += [const for const in code.co_consts if hasattr(const, "co_code")]
-        instructions = list(dis.get_instructions(code))
+    loaded: set[str] = set()
+    adds_only: dict[str, bool] = {}
+    for inner in _nested_codes(code):
+        instructions = list(dis.get_instructions(inner))
         for here, after in zip(instructions, instructions[1:] + instructions[:1]):
             if here.opname in ("LOAD_GLOBAL", "LOAD_DEREF", "LOAD_NAME", "LOAD_CLASSDEREF"):
-                sink = after.opname in ("LOAD_ATTR", "LOAD_METHOD") and after.argval in _SINK_METHODS
-                used[here.argval] = used.get(here.argval, True) and sink
-    return {name for name, sink in used.items() if sink}
+                adds = after.opname in ("LOAD_ATTR", "LOAD_METHOD") and after.argval in _SINK_METHODS
+                adds_only[here.argval] = adds_only.get(here.argval, True) and adds
+                if here.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+                    loaded.add(here.argval)
+    return loaded, {name for name, adds in adds_only.items() if adds}
 
 
 def _imported_in(code: Any, package: str) -> list[Any]:
-    """The modules that import statements inside the code name, imported now if
-    the code has not run yet (the call is about to import them anyway); a module
-    that fails to import is left to the call."""
+    """The modules its import statements name, imported now (the call is about to);
+    a module that fails to import is left to the call."""
     import dis
     import importlib.util
 
-    found = []
-    todo = [code]
-    while todo:
+    found, todo = [], [code]
+    while todo:  # Not _nested_codes: most code imports nothing, and this runs for every function followed.
         code = todo.pop()
         todo += [const for const in code.co_consts if hasattr(const, "co_code")]
         if dis.opmap["IMPORT_NAME"] not in code.co_code[::2]:
@@ -4378,17 +4303,6 @@ def _imported_in(code: Any, package: str) -> list[Any]:
     return found
 
 
-def _global_loads(code: Any, names: set[str]) -> set[str]:
-    """Which of ``names`` the code loads as globals or builtins (not as attributes)."""
-    import dis
-
-    found = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and i.argval in names}
-    for const in code.co_consts:
-        if hasattr(const, "co_code"):
-            found |= _global_loads(const, names)
-    return found
-
-
 _exec_count: list[int] = []  # exec() calls in this process, counted once a memoized function is called.
 
 
@@ -4398,10 +4312,13 @@ def _count_exec(event: str, args: tuple[Any, ...]) -> None:
         _exec_count[0] += 1
 
 
+# Functions and classes passed as arguments: their code, worked out once per
+# object (following a function's code costs milliseconds).
+_argument_codes: weakref.WeakKeyDictionary[Any, str] | None = None  # Made by _runtime_imports.
+_WEAK_TABLES["_argument_codes"] = "WeakKeyDictionary"
 class _CodeIdentity:
-    """Collects what a function's code depends on, as texts to digest; the
-    bindings it read, to notice a redefinition or a reload later in the
-    process; and what it could not see, to warn about."""
+    """What a function's code depends on (texts to digest), the bindings it read (to
+    notice a redefinition or a reload) and what it could not see (to warn about)."""
 
     def __init__(self, notes: dict[str, Any] | None = None) -> None:
         self.notes = notes  # What the store says of source files (see _source_notes).
@@ -4409,20 +4326,17 @@ class _CodeIdentity:
         self.unseen: dict[str, None] = {}
         self.watched: dict[int, tuple[Any, dict[str, Any]]] = {}
         self.codes: list[tuple[Any, Any]] = []  # (function, its code when followed)
-        self._seen: set[int] = set()
-        self._modules: set[tuple[int, int]] = set()  # (module, names read of it) done.
+        # What was followed, by id (a module with the names read of it by both ids), held so no id is reused.
+        self._seen: dict[Any, Any] = {}
         self._active: set[int] = set()  # The containers being written (a cycle is named).
-        self._keep: list[Any] = []  # What _seen holds the ids of, alive while following.
 
     def digest(self) -> str:
         return _digest_text("\0".join(sorted(self.parts)))[:16]
 
     def same(self, home: Any) -> Callable[[], bool]:
-        """A check, run before each call, that the bindings read while following are
-        still the same objects. The bindings in ``home`` (the memoized function's
-        own globals: a script, a notebook) are checked at every call, the others
-        only after an exec() ran somewhere (a notebook cell, a module reloaded or
-        imported): a hit then costs a few dict reads, not one per followed name."""
+        """A check, run before each call, that the bindings read are the same objects: those
+        in ``home`` (a script's, a notebook's globals) at every call, the others after an
+        exec() ran (a cell, a reload, an import): a hit costs a few dict reads."""
         if not _exec_count:
             _exec_count.append(0)
             try:
@@ -4458,20 +4372,14 @@ class _CodeIdentity:
         for name in names:
             found[name] = mapping.get(name)
 
-    def _first(self, obj: Any) -> bool:
-        if id(obj) in self._seen:
-            return False
-        self._seen.add(id(obj))
-        self._keep.append(obj)
-        return True
-
     def follow(self, obj: Any, root: bool = False) -> None:
         """Add a function, class or callable object, and what it uses, unless it is library code."""
         import functools
         import inspect
 
-        if not self._first(obj):
+        if id(obj) in self._seen:
             return
+        self._seen[id(obj)] = obj
         if isinstance(obj, functools.partial):
             self.follow(obj.func, root)
             self.parts.add(f"partial {_reference(obj.func)} {self.text(obj.args)} {self.text(obj.keywords)}")
@@ -4536,16 +4444,16 @@ class _CodeIdentity:
                 self.value(f"{_reference(cls)}.{name}", member, set())
 
     def uses(self, func: Any) -> None:
-        """Add the module-level values, functions, classes and modules that ``func``
-        reads, its closure and its defaults; note what cannot be followed."""
+        """What ``func`` reads (globals, modules, closure, defaults); what cannot be followed."""
         code = func.__code__
         names = _code_names(code)
         scope = getattr(func, "__globals__", {})
-        where = f"{_reference(func)}"
+        where = _reference(func)
         self._watch(scope, names & scope.keys())
         mutable = [name for name in names & scope.keys() if type(scope[name]) in (list, dict, set)]
-        mutable += [name for name, cell in zip(code.co_freevars, func.__closure__ or ()) if type(_cell_value(cell)) in (list, dict, set)]
-        sinks = _sinks(code) if mutable else set()
+        cells = zip(code.co_freevars, func.__closure__ or ())
+        mutable += [name for name, cell in cells if type(_cell_value(cell)) in (list, dict, set)]
+        sinks = _loads(code)[1] if mutable else set()
         for name in sorted(names & scope.keys() - sinks):
             self.value(name, scope[name], names)
         for module in _imported_in(code, str(scope.get("__package__") or "")):
@@ -4556,7 +4464,7 @@ class _CodeIdentity:
         for index, default in enumerate([*(func.__defaults__ or ()), *(func.__kwdefaults__ or {}).values()]):
             self.value(f"{where} default {index}", default, set())
         suspect = (names & (_UNSEEN.keys() | _WHOLE_MODULE)) - scope.keys()
-        loaded = _global_loads(code, suspect) if suspect else set()
+        loaded = _loads(code)[0] & suspect if suspect else set()
         for name in sorted(suspect & _UNSEEN.keys()):
             if name in loaded or name in ("environ", "getenv", "import_module"):
                 self.unseen[f"{_UNSEEN[name]} in {where}()"] = None
@@ -4570,14 +4478,13 @@ class _CodeIdentity:
         import inspect
 
         if _is_constant(value):
-            self.parts.add(f"constant {name}={_text(value)}")
+            self.parts.add(f"constant {name}={_Canonical().text(value)}")
         elif inspect.ismodule(value):
             library = _library(value)
             if library:
                 self.parts.add(library)
-            elif library is None and (id(value), id(names)) not in self._modules:
-                self._modules.add((id(value), id(names)))
-                self._keep.append(names)
+            elif library is None and (id(value), id(names)) not in self._seen:
+                self._seen[id(value), id(names)] = names
                 read = sorted(names & vars(value).keys())
                 self._watch(vars(value), read)
                 for attribute in read:
@@ -4589,8 +4496,7 @@ class _CodeIdentity:
             self.parts.add(f"value {name}={self.text(value, name)}")
 
     def text(self, value: Any, name: str = "") -> str:
-        """Data by canonical value; the functions and classes inside it by their code;
-        an instance of the user's own class also by that class's code."""
+        """Data by canonical value, code in it followed, a user's class's instance with its class."""
         kind = type(value)
         if kind in _SCALARS:
             return repr(value)
@@ -4598,54 +4504,75 @@ class _CodeIdentity:
             return "<cycle>"
         self._active.add(id(value))
         try:
-            return self._text(value, kind, name)
+            import inspect
+
+            if kind in (tuple, list):
+                try:
+                    if _SCALARS.issuperset(map(type, value)):
+                        return kind.__name__ + repr(value)  # Plain data, at C speed.
+                except ValueError:  # An int too long for decimal text.
+                    pass
+                return kind.__name__ + "(" + ",".join(map(self.text, value)) + ")"
+            if kind in (dict, set, frozenset):
+                items = value.items() if kind is dict else ((item, None) for item in value)
+                pairs = sorted(f"{self.text(k)}:{self.text(v)}" for k, v in items)
+                return kind.__name__ + "{" + ",".join(pairs) + "}"
+            if callable(value) and not inspect.isbuiltin(value) and not kind.__module__.startswith("numpy"):
+                self.follow(value)
+                return f"<code {_reference(value)}>"
+            if kind.__module__ in _SYNCHRONIZATION:
+                return f"<{kind.__name__}>"  # A lock is how the code waits, not what it computes.
+            if not isinstance(value, type(sys)) and _library(kind) is None:
+                self.follow(kind)
+            try:
+                return _Canonical(self.argument_code).text(value)
+            except Exception as exc:  # No canonical form: its attributes, or a warning.
+                state = getattr(value, "__dict__", None)
+                if isinstance(state, dict):
+                    return f"<{_reference(kind)} {self.text(state)}>"
+                self.unseen[f"the value of {name or 'a ' + kind.__name__} ({kind.__name__}: {exc})"] = None
+                return f"<unseen {_reference(kind)}>"
         finally:
             self._active.discard(id(value))
 
-    def _text(self, value: Any, kind: type, name: str) -> str:
-        import inspect
-
-        if kind in (tuple, list):
-            try:
-                if _SCALARS.issuperset(map(type, value)):
-                    return kind.__name__ + repr(value)  # Plain data, at C speed.
-            except ValueError:  # An int too long for decimal text.
-                pass
-            return kind.__name__ + "(" + ",".join(map(self.text, value)) + ")"
-        if kind in (dict, set, frozenset):
-            items = value.items() if kind is dict else ((item, None) for item in value)
-            return kind.__name__ + "{" + ",".join(sorted(f"{self.text(k)}:{self.text(v)}" for k, v in items)) + "}"
-        if callable(value) and not inspect.isbuiltin(value) and not kind.__module__.startswith("numpy"):
-            self.follow(value)
-            return f"<code {_reference(value)}>"
-        if kind.__module__ in _SYNCHRONIZATION:
-            return f"<{kind.__name__}>"  # A lock is how the code waits, not what it computes.
-        if not isinstance(value, type(sys)) and _library(kind) is None:
-            self.follow(kind)
+    @classmethod
+    def argument_code(cls, obj: Any) -> str:
+        """The code of a function or class in a key: nothing for the standard library, the
+        distribution for an installed one, else its code identity (an edit recomputes)."""
+        if _argument_codes is None:  # Made at decoration: here if a key is built without one.
+            _runtime_imports()
+        assert _argument_codes is not None
         try:
-            return _text(value)
-        except Exception as exc:  # No canonical form: its attributes, or a warning.
-            state = getattr(value, "__dict__", None)
-            if isinstance(state, dict):
-                return f"<{_reference(kind)} {self.text(state)}>"
-            self.unseen[f"the value of {name or 'a ' + kind.__name__} ({kind.__name__}: {exc})"] = None
-            return f"<unseen {_reference(kind)}>"
+            return _argument_codes[obj]
+        except (KeyError, TypeError):  # TypeError: unhashable, or no weak reference.
+            pass
+        library = _library(obj)  # Decided by where its file lives (a script's module is its own code).
+        if library is None:
+            followed = cls()
+            followed.follow(obj, root=True)
+            code = " " + followed.digest()
+        else:
+            code = " " + library if library else ""
+        try:
+            _argument_codes[obj] = code
+        except TypeError:
+            pass
+        return code
+
+
+_argument_code = _CodeIdentity.argument_code  # Bound once: keys ask for it at every call with code in it.
 
 
 def _follow(func: Any, store: str | None = None) -> _CodeIdentity:
-    """Follow ``func``; with ``store``, what was learnt of source files is kept
-    there (.sources/, per interpreter), so a new process need not parse them."""
+    """Follow ``func``; what was learnt of source files is kept in ``store`` (.sources/, per
+    interpreter), so that a new process need not parse them again."""
     import json
 
     path = os.path.join(store, ".sources", f"{sys.implementation.cache_tag}.json") if store else None
     notes = _learnt.get(("notes", path))
     if path is not None and notes is None:
-        try:
-            fd, st = _open_regular(path)
-            try:
-                notes = json.loads(os.read(fd, st.st_size))
-            finally:
-                os.close(fd)
+        try:  # Not _read_json: the notes of a big project outgrow its 64 KiB.
+            notes = json.loads(_file_head(path, os.stat(path).st_size))
         except (OSError, ValueError):
             notes = None
         notes = _learnt[("notes", path)] = notes if isinstance(notes, dict) else {}
@@ -4660,35 +4587,25 @@ def _follow(func: Any, store: str | None = None) -> _CodeIdentity:
     return identity
 
 
-_identities: dict[int, tuple[Any, str, Callable[[], bool]]] = {}  # For code passed as arguments, by object.
-
-
 def _unchanged() -> bool:
     return True
 
 
 def _code_identity(func: Any, version: Any = None) -> str:
-    """16 hex digits naming the code of ``func`` (any function, class, partial,
-    bound method or callable object): version= when given (edits then do not
-    count), else its code and what it depends on (see _CodeIdentity). The keys
-    use it for code passed as an argument."""
+    """16 hex digits: version= when given (edits then do not count), else the code of ``func``."""
     if version is not None:
         return _digest_text(f"version {_version_text(version)}")[:16]
-    known = _identities.get(id(func))
-    if known is not None and known[0] is func and known[2]():
-        return str(known[1])
-    followed = _follow(func)
-    if len(_identities) >= 1000:
-        _identities.clear()
-    _identities[id(func)] = (func, followed.digest(), followed.same(getattr(func, "__globals__", None)))
-    return str(_identities[id(func)][1])
+    return _follow(func).digest()
+
+
+def _text(value: Any) -> str:
+    """The canonical text of a value (see _Canonical), code passed in it by its code identity."""
+    return _Canonical(_argument_code).text(value)
 
 
 def _closure_text(func: Any) -> str:
-    """What a function's closure holds that makes it another function: its constant
-    values (outer(2) and outer(3) return different functions), and a partial's
-    arguments. Part of every key. Other values in the closure (data, functions,
-    classes) count in the code identity instead."""
+    """Part of every key: a closure's constants (outer(2) and outer(3) make different
+    functions) and a partial's arguments; its other values count in the code identity."""
     import functools
     import inspect
 
@@ -4711,6 +4628,47 @@ def _closure_text(func: Any) -> str:
             f"{getattr(func, '__qualname__', func)}(): the arguments of the partial cannot be part of a "
             f"cache key: {exc}"
         ) from None
+
+
+# -- the key: a call's arguments, with the code passed in them -------------------
+
+
+def _is_big(value: Any) -> bool:
+    return (type(value) is str or type(value) is bytes) and len(value) > _BIG_VALUE
+
+
+def _make_key(
+    prefix: bytes, closure: str, values: tuple[Any, ...], arguments: _Arguments, blake2b: Callable[..., Any]
+) -> bytes:
+    """``prefix`` (identity and code digest), the closure's text, then a call's bound values."""
+    text = None
+    if _SCALARS.issuperset(map(type, values)) and not any(map(_is_big, values)):
+        try:
+            text = repr(values)  # A tuple of scalars: repr() is already canonical...
+        except ValueError:  # An int too long for decimal text: _Canonical writes hex.
+            pass
+        else:  # ...but for -nan, which repr() writes as "nan".
+            if "nan" in text and any(type(value) in (float, complex) and _signed_nan(value) for value in values):
+                text = None
+    if text is None:
+        out: list[str] = []
+        canonical = _Canonical(_argument_code)
+        for index, value in enumerate(values):
+            try:
+                canonical.write(value, out)
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise arguments.unkeyable(index, value, exc) from None
+            out.append(",")
+        text = "".join(out)
+    raw = (closure + text).encode("utf-8", "surrogatepass")
+    # Short texts (a few scalars, the common case) go into the key as they are:
+    # the store hashes the key for the file name anyway, so hashing here too
+    # would cost a second digest on every call. Long ones are hashed to bound
+    # the key. The tag keeps the two forms from ever meaning the same thing.
+    if len(raw) <= _RAW_KEY_LIMIT:
+        return prefix + b"=" + raw
+    digest: str = blake2b(raw, digest_size=20).hexdigest()
+    return prefix + b"#" + digest.encode("ascii")
 
 
 # ---------------------------------------------------------------------------

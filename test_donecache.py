@@ -215,10 +215,6 @@ LAYERING_NOT_YET = set(
     """
     _StoreItems _StoreValues _prune
     ---
-    _function_name _text _signed_nan _canonical_object _buffer_digest _library
-    _code_identity _bytecode_text _reference _module_name _pandas_values
-    _canonical_arrow _code_digest _tree_text _decorator_name _origin_file _distribution
-    ---
     _off_in_environment _reduce_memoized _BoundMemoized _serial _Outcome BatchResult
     _length _Progress _Plan FailureRecord _stream _format_exception
     _pickler_sends_functions_by_value _restore_memoized Failure _answer_here
