@@ -4535,6 +4535,8 @@ class _CodeIdentity:
         finally:
             self._active.discard(id(value))
 
+    _working: set[tuple[int, int]] = set()  # (thread, id) of the arguments whose code is being worked out.
+
     @classmethod
     def argument_code(cls, obj: Any) -> str:
         """The code of a function or class in a key: nothing for the standard library, the
@@ -4548,9 +4550,21 @@ class _CodeIdentity:
             pass
         library = _library(obj)  # Decided by where its file lives (a script's module is its own code).
         if library is None:
-            followed = cls()
-            followed.follow(obj, root=True)
-            code = " " + followed.digest()
+            # A class whose attributes hold its own instances (every Enum) reaches
+            # itself again while its code is worked out: that inner mention is the
+            # code being digested, not a new one to follow. Followed again, it
+            # recursed until RecursionError, whose fallback text depended on the
+            # caller's stack depth: the same argument got another key per call site.
+            working = (_thread.get_ident(), id(obj))
+            if working in cls._working:
+                return " <itself>"
+            cls._working.add(working)
+            try:
+                followed = cls()
+                followed.follow(obj, root=True)
+                code = " " + followed.digest()
+            finally:
+                cls._working.discard(working)
         else:
             code = " " + library if library else ""
         try:

@@ -4456,6 +4456,27 @@ def test_what_cannot_be_followed_is_named_once(tmp_path):
 
 # -- what is in a call's key: arguments ------------------------------------------
 
+
+def test_an_enum_argument_has_one_key_at_any_call_depth(tmp_path):
+    """An Enum's class attributes hold its own instances, so working out the class's
+    code met the class again; it recursed until RecursionError and the key's text
+    depended on how deep the first call was: each call site missed the others' entries."""
+    (tmp_path / "colors.py").write_text("import enum\n\nclass Color(enum.Enum):\n    RED = 1\n    BLUE = 2\n")
+    script = """
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        from colors import Color
+        def deep(n):
+            return dc._text(Color.RED) if n == 0 else deep(n - 1)
+        print(deep(int(sys.argv[2])))
+    """
+    texts = {child(script, str(tmp_path), str(depth)).stdout for depth in (0, 60, 300, 700)}
+    assert len(texts) == 1, texts
+    (tmp_path / "colors.py").write_text(
+        "import enum\n\nclass Color(enum.Enum):\n    RED = 1\n    BLUE = 2\n\n    def warm(self):\n        return self is Color.RED\n"
+    )
+    assert child(script, str(tmp_path), "0").stdout not in texts  # The class's code still counts.
+
 ARGUMENT_HELPERS = """
 import functools
 dc = __import__("__main__").dc
