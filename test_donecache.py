@@ -215,7 +215,7 @@ LAYERING_NOT_YET = set(
     """
     _StoreItems _StoreValues _prune
     ---
-    _off_in_environment _reduce_memoized _BoundMemoized _serial _Outcome BatchResult
+    _Keeper _Done _off_in_environment _reduce_memoized _BoundMemoized _serial _Outcome BatchResult
     _length _Progress _Plan FailureRecord _stream _format_exception
     _pickler_sends_functions_by_value _restore_memoized Failure _answer_here
     ---
@@ -254,6 +254,24 @@ def names_used_above_their_definition(source: str, filename: str) -> dict[str, t
 
     for table in symtable.symtable(source, filename, "exec").get_children():
         visit(table, table.get_lineno())
+    # Annotations count as uses too. Under `from __future__ import annotations`,
+    # symtable sees them on 3.9 but not from 3.10 on: read them from the tree, so
+    # that every interpreter gives the same answer.
+    for top in ast.parse(source).body:
+        for node in ast.walk(top):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                arguments = node.args
+                every = [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs, arguments.vararg, arguments.kwarg]
+                annotations = [a.annotation for a in every if a is not None and a.annotation is not None]
+                annotations += [node.returns] if node.returns is not None else []
+            elif isinstance(node, ast.AnnAssign):
+                annotations = [node.annotation]
+            else:
+                continue
+            for annotation in annotations:
+                for name in ast.walk(annotation):
+                    if isinstance(name, ast.Name) and defined.get(name.id, 0) > top.lineno:
+                        early.setdefault(name.id, (defined[name.id], []))[1].append(top.lineno)
     return early
 
 
