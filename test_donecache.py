@@ -160,7 +160,7 @@ LAYERING_NOT_YET = set(
     ---
     _datetimes_out_of_band _argument_codes _DatetimePickler _by_value _lzma _keep_recent
     ---
-    _StoreItems _StoreValues _prune
+    _parse_key _seconds
     ---
     _function_name _text _signed_nan _canonical_object _buffer_digest _library
     _code_identity _bytecode_text _reference _module_name _pandas_values
@@ -169,8 +169,6 @@ LAYERING_NOT_YET = set(
     _off_in_environment _reduce_memoized _BoundMemoized _serial _Outcome BatchResult
     _length _Progress _Plan FailureRecord _stream _format_exception
     _pickler_sends_functions_by_value _restore_memoized Failure _answer_here
-    ---
-    _human _print_json _cli_age
     """.split()
 ) - {"---"}
 
