@@ -3429,7 +3429,7 @@ def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
 def _prune(
     files: _EntryFiles, folder: str | None, max_bytes: Any, older_than: Any, *, stale: bool, dry_run: bool
 ) -> tuple[int, int, int, int]:
-    """Prune one ``folder`` of the store, or all of it: PruneReport's fields."""
+    """Prune one ``folder`` of the store (None: all of it); returns PruneReport's fields."""
     limit, age = _check_max_bytes(max_bytes), _seconds(older_than, "older_than")
     now = time.time()
     entries, temps = files.prune(now, _stale_test(files) if stale else None, folder, dry_run)
@@ -3478,36 +3478,29 @@ class _ShelfDict:
 if TYPE_CHECKING:
     _ItemsView = collections.abc.ItemsView[str, Any]
     _ValuesView = collections.abc.ValuesView[Any]
+    _ShelfBase = shelve.Shelf[Any]
 else:
     _ItemsView, _ValuesView = _collections_abc.ItemsView, _collections_abc.ValuesView
+    _ShelfBase = object  # shelve.Shelf joins at the first open: see Store.__new__.
 
 
 class _StoreItems(_ItemsView):
-    def __init__(self, store: shelve.Shelf[Any]) -> None:
-        super().__init__(store)
-        self._store = store
+    _mapping: shelve.Shelf[Any]  # The store, as ItemsView keeps it (not in its stubs).
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
-        for key in self._store:
+        for key in self._mapping:
             try:
-                yield key, self._store[key]
+                yield key, self._mapping[key]
             except KeyError:
                 pass
 
 
 class _StoreValues(_ValuesView):
-    def __init__(self, store: shelve.Shelf[Any]) -> None:
-        super().__init__(store)
-        self._store = store
+    _mapping: shelve.Shelf[Any]
 
     def __iter__(self) -> Iterator[Any]:
-        return (value for _key, value in _StoreItems(self._store))
+        return (value for _key, value in _StoreItems(self._mapping))
 
-
-if TYPE_CHECKING:
-    _ShelfBase = shelve.Shelf[Any]
-else:
-    _ShelfBase = object  # shelve.Shelf joins at the first open: see Store.__new__.
 
 # The class each Store class is made into at its first open: itself joined with shelve.Shelf.
 _shelf_classes: dict[type, type] = {}
@@ -6945,7 +6938,9 @@ def _cli_age(text: str | None) -> float | None:
     except (KeyError, ValueError):
         age = 0.0
     if not 0 < age < float("inf"):
-        raise _UsageError(f"--older-than {text!r}: give a positive age with its unit, s, m, h or d: 3600s, 90m, 12h, 30d")
+        raise _UsageError(
+            f"--older-than {text!r}: give a positive age with its unit, s, m, h or d: 3600s, 90m, 12h, 30d"
+        )
     return age
 
 
@@ -7016,7 +7011,7 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
         "disk_bytes": disk,
         "temporary_files": sum(1 for _ in _temp_files(files.root)),
         "functions": {name: row["entries"] for name, row in live.items()},
-        "function_bytes": {name: {"bytes": row["bytes"], "disk_bytes": row["disk_bytes"]} for name, row in live.items()},
+        "function_bytes": {name: {k: row[k] for k in ("bytes", "disk_bytes")} for name, row in live.items()},
         # Of those live entries, how many belong to older code than the function's
         # current identity (recorded by the last process that ran it).
         "stale": {name: row["stale"] for name, row in live.items() if row["stale"]},
@@ -7089,10 +7084,12 @@ def _cli_failures(args: Any) -> tuple[int, Any, list[str]]:
     if args.clear:
         removed = files.drop_failures(chosen)
         return 0, {"path": files.root, "removed": removed}, [f"removed {removed} failure record(s) from {files.root}"]
-    records = [FailureRecord(r, current.get(str(r.get("function")), r.get("identity")) == r.get("identity")) for r in every]
+    records = [
+        FailureRecord(r, current.get(str(r.get("function")), r.get("identity")) == r.get("identity")) for r in every
+    ]
     older = sum(1 for record in records if not record.current)
     records = [record for record in records if record.current or args.all]
-    groups = collections.Counter((record.type.rpartition(".")[2], _message_pattern(record.message)) for record in records)
+    groups = collections.Counter((r.type.rpartition(".")[2], _message_pattern(r.message)) for r in records)
     summary = sorted(groups.items(), key=lambda item: (-item[1], item[0]))
     shown = "" if args.all else " of the current code"
     hidden = f" ({older} more of older code: --all shows them)" if older and not args.all else ""
@@ -7167,27 +7164,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"donecache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    def command(name: str, run: Callable[[Any], tuple[int, Any, list[str]]], help: str) -> argparse.ArgumentParser:
+    def command(name: str, run: Callable[[Any], Any], help: str, *, store: bool = True, function: bool = False) -> Any:
         sub = commands.add_parser(name, help=help, description=help)
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
-        if run is not _cli_status:
+        if store:
             sub.add_argument("path", nargs="?", default=".donecache", help="the cache directory (default: .donecache)")
-        if run in (_cli_clear, _cli_failures):
+        if function:
             only = "only this function: module:qualname (as info prints it), module.qualname, or qualname"
             sub.add_argument("--function", metavar="NAME", help=only)
         sub.set_defaults(run=run)
         return sub
 
     command("info", _cli_info, "entries, bytes and expired entries of a cache, counted per function")
-    command("clear", _cli_clear, "remove a cache's entries (all, or one function's)")
+    command("clear", _cli_clear, "remove a cache's entries (all, or one function's)", function=True)
     command("verify", _cli_verify, "check every byte of every entry (exit 1 if any is damaged)")
     failures = command(
         "failures", _cli_failures,
         "list the inputs that failed in batches, from the store's ledger, with a summary by exception (exit 1 if none)",
+        function=True,
     )  # fmt: skip
     failures.add_argument("--all", action="store_true", help="also the failures of functions' older code")
     failures.add_argument("--older-than", metavar="AGE", help="only records older than AGE: 3600s, 90m, 12h, 30d")
-    failures.add_argument("--clear", action="store_true", help="remove the records chosen (by --function, --older-than)")
+    chosen = "remove the records chosen (by --function, --older-than)"
+    failures.add_argument("--clear", action="store_true", help=chosen)
     prune = command("prune", _cli_prune, "remove expired and damaged entries and temporary files left by crashes")
     prune.add_argument("--stale", action="store_true", help="also remove entries of functions' older code (see info)")
     prune.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
@@ -7199,7 +7198,8 @@ def main(argv: list[str] | None = None) -> int:
         "--older-than", metavar="AGE", help="then evict the entries not used (read or written) within AGE: 3600s, 90m, "
         "12h, 30d",
     )  # fmt: skip
-    status = command("status", _cli_status, "say whether stage directories are done, incomplete or missing")
+    stages = "say whether stage directories are done, incomplete or missing"
+    status = command("status", _cli_status, stages, store=False)
     status.add_argument("directories", nargs="+", metavar="DIR", help="stage directories")
     status.add_argument("--marker", default="DONE", help="the marker's file name (default: DONE)")
     status.add_argument("--version", help="count a stage as done only if its marker records this version")
