@@ -7005,19 +7005,14 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
     return {
         "path": files.root,
         "entries": {"live": sum(row["entries"] for row in live.values()), "expired": expired, "damaged": damaged},
-        # Logical bytes (the files' sizes) and bytes on disk (their blocks): many
-        # small entries take a block each.
-        "bytes": size,
+        "bytes": size,  # The files' sizes; disk_bytes their blocks (many small entries take a block each).
         "disk_bytes": disk,
         "temporary_files": sum(1 for _ in _temp_files(files.root)),
         "functions": {name: row["entries"] for name, row in live.items()},
         "function_bytes": {name: {k: row[k] for k in ("bytes", "disk_bytes")} for name, row in live.items()},
-        # Of those live entries, how many belong to older code than the function's
-        # current identity (recorded by the last process that ran it).
+        # Live entries of older code than the identity that the last process to run the function recorded.
         "stale": {name: row["stale"] for name, row in live.items() if row["stale"]},
-        # Everything per function: entries, bytes, the computation time the entries
-        # hold, when the oldest and newest were made (Unix time), stale and expired.
-        "per_function": dict(sorted(each.items())),
+        "per_function": dict(sorted(each.items())),  # All of it per function (docs/cli.md lists the fields).
     }
 
 
