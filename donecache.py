@@ -3535,10 +3535,9 @@ class Store(_ShelfBase):
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Store:
-        # shelve and pickle cost 4 ms to import, most of `import donecache`
-        # if it imported them: they are imported at the first open, and the
-        # store made an instance of a class that derives from this one and
-        # from shelve.Shelf (so isinstance(store, shelve.Shelf) holds, and
+        # shelve and pickle would be 4 ms of `import donecache`: they are imported
+        # at the first open, which makes the store an instance of a class joining
+        # this one with shelve.Shelf (isinstance(store, shelve.Shelf) holds, and
         # shelve's own methods serve what this class leaves to them).
         real = _shelf_classes.get(cls)
         if real is None:
