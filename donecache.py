@@ -3306,15 +3306,49 @@ class _EntryFiles(_EntryDir):
 # ---------------------------------------------------------------------------
 # The store
 #
-# shelve.Shelf supplies the pickling; _ShelfDict is the bytes-to-bytes mapping
-# it expects, over the entry files.
+# Its upkeep first: _prune serves Store.prune(), f.prune() and the command
+# line's prune. Then Store: shelve.Shelf supplies the pickling; _ShelfDict is
+# the bytes-to-bytes mapping it expects, over the entry files.
 # ---------------------------------------------------------------------------
+
+
+def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
+    """Whether an entry belongs to code older than its function's current
+    identity, or is a memoize entry in the layout of donecache 0.1 (at the top
+    level, where no memoized function looks any more)."""
+    current = files.identities()
+
+    def stale(found: _Found) -> bool:
+        parts = None if found.entry is None else _parse_key(found.entry.key)
+        return parts is not None and (
+            found.folder == "" or current.get(parts.function, parts.identity) != parts.identity
+        )
+
+    return stale
+
+
+def _prune(
+    files: _EntryFiles, folder: str | None, max_bytes: Any, older_than: Any, *, stale: bool, dry_run: bool
+) -> tuple[int, int, int, int]:
+    """Prune one ``folder`` of the store (None: all of it); returns PruneReport's fields."""
+    limit, age = _check_max_bytes(max_bytes), _seconds(older_than, "older_than")
+    now = time.time()
+    entries, temps = files.prune(now, _stale_test(files) if stale else None, folder, dry_run)
+    if stale and not dry_run:  # The failures of older code go with its entries.
+        current = files.identities()
+        files.drop_failures(lambda r: current.get(str(r.get("function")), r.get("identity")) != r.get("identity"), folder)
+    swept = _Swept()
+    if limit is not None or age is not None:
+        # By hand the store goes down to the size asked for, not to a low-water mark.
+        swept = files.sweep(limit, None if age is None else now - age, folder, dry_run)
+    return entries, temps, swept.entries, swept.bytes
 
 
 class _ShelfDict:
     """The mapping of encoded keys that shelve.Shelf works on, over the entry
     files (Store reads and writes values itself, to keep big buffers out of
-    the pickle stream). Iteration lists memoized functions' entries too."""
+    the pickle stream). Iteration lists memoized functions' entries too.
+    Shelf needs no sync() or close(): every write is in place when it returns."""
 
     def __init__(self, files: _EntryFiles) -> None:
         self.files = files
@@ -3327,72 +3361,84 @@ class _ShelfDict:
         # Mapped: the stream is checked, and big buffers are not read.
         return isinstance(key, bytes) and self.files.read(key, mapped=True, use=False) is not None
 
-    def __iter__(self) -> Iterator[bytes]:
+    def keys(self) -> Iterator[bytes]:
         now = time.time()
         for found in self.files.scan():
             if found.entry is not None and found.entry.live(now):
                 yield found.entry.key
 
-    def keys(self) -> Iterator[bytes]:
-        return iter(self)
-
     def __len__(self) -> int:
         # Entry files on disk: may count expired or damaged entries until prune().
         return sum(1 for _ in self.files.files())
 
-    def sync(self) -> None:
-        pass  # Every write is already in place when it returns.
 
-    def close(self) -> None:
-        pass
-
+# Another process may delete a key between the listing and the read (or between
+# shelve's `key in self.dict` and `self[key]`): the key is then simply absent,
+# never a KeyError. The views below, and Store.get, skip it.
 
 if TYPE_CHECKING:
+    _ItemsView = collections.abc.ItemsView[str, Any]
+    _ValuesView = collections.abc.ValuesView[Any]
     _ShelfBase = shelve.Shelf[Any]
 else:
+    _ItemsView, _ValuesView = _collections_abc.ItemsView, _collections_abc.ValuesView
     _ShelfBase = object  # shelve.Shelf joins at the first open: see Store.__new__.
+
+
+class _StoreItems(_ItemsView):
+    _mapping: shelve.Shelf[Any]  # The store, as ItemsView keeps it (not in its stubs).
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        for key in self._mapping:
+            try:
+                yield key, self._mapping[key]
+            except KeyError:
+                pass
+
+
+class _StoreValues(_ValuesView):
+    _mapping: shelve.Shelf[Any]
+
+    def __iter__(self) -> Iterator[Any]:
+        return (value for _key, value in _StoreItems(self._mapping))
+
 
 # The class each Store class is made into at its first open: itself joined with shelve.Shelf.
 _shelf_classes: dict[type, type] = {}
 
 
 class Store(_ShelfBase):
-    """donecache.open(filename, ...): open a cache directory as a shelf: a drop-in for ``shelve.open(filename)``.
+    """donecache.open(filename, ...): a cache directory as a shelf, a drop-in for ``shelve.open(filename)``.
 
     The result is a :class:`shelve.Shelf` with str keys and picklable values,
-    usable as a context manager. Unlike ``shelve.open``, it is safe for many
+    usable as a context manager. Unlike ``shelve.open``'s, it is safe for many
     threads and processes at once, a crash never corrupts it, a damaged entry
     reads as missing, and its format is the same on every Python and OS.
 
-    filename: the cache directory: a str, bytes or path-like object, as
-        shelve.open takes (the parameter has shelve's name too).
-    flag: ``"c"`` creates the directory if needed, ``"w"`` requires it to
-        exist, ``"n"`` empties it, ``"r"`` opens it read-only.
-    protocol, writeback: as for shelve.open().
+    filename: the cache directory (a str, bytes or path-like, as shelve.open takes).
+    flag: ``"c"`` creates it if needed, ``"w"`` requires it to exist, ``"n"``
+        empties it, ``"r"`` opens it read-only. protocol, writeback: as for shelve.open().
     durable: fsync each entry as it is written, so that it survives a power
-        failure (it always survives a crash of the process). Slower.
-    mmap: return the big buffers of values (64 KiB or more: the data of NumPy
-        arrays and pandas columns) as private copy-on-write memory maps of
-        the entry files instead of reading them: writable, and changes never
-        reach the file.
-    max_bytes: bound the store's entries to this many bytes on disk (None,
-        the default: no bound). A write that finds no room evicts the least
-        recently used entries (a read counts as a use) down to 80% of it, and
-        logs the sweep on the "donecache" logger (INFO). The bound is the whole
-        directory's, memoized functions' entries included (docs/size-limit.md).
+        failure (a crash of the process it always survives). Slower.
+    mmap: return values' big buffers (64 KiB or more: the data of NumPy arrays and
+        pandas columns) as private copy-on-write maps of the entry files, not read:
+        writable, and changes never reach the file.
+    max_bytes: bound the entries to this many bytes on disk (None: no bound). A
+        write that finds no room evicts the least recently used entries (a read is
+        a use) down to 80% of it and logs the sweep (INFO, "donecache" logger). The
+        bound is the whole directory's, memoized functions' entries included
+        (docs/size-limit.md).
     compress: ``"zlib"`` (or True) or ``"lzma"``: as for memoize().
-    trust_shared: open a directory that is not yours, or that group or others
-        can write to. Without it, such a directory raises PermissionError,
-        because entries are pickles: loading one runs code its writer chose.
-        Pass it only for a team cache whose writers you all trust
-        (docs/security.md).
+    trust_shared: open a directory that is not yours, or that group or others can
+        write to; without it, PermissionError, because entries are pickles: loading
+        one runs code its writer chose. Only for a team cache whose writers you all
+        trust (docs/security.md).
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Store:
-        # shelve and pickle cost 4 ms to import, most of `import donecache`
-        # if it imported them: they are imported at the first open, and the
-        # store made an instance of a class that derives from this one and
-        # from shelve.Shelf (so isinstance(store, shelve.Shelf) holds, and
+        # shelve and pickle would be 4 ms of `import donecache`: they are imported
+        # at the first open, which makes the store an instance of a class joining
+        # this one with shelve.Shelf (isinstance(store, shelve.Shelf) holds, and
         # shelve's own methods serve what this class leaves to them).
         real = _shelf_classes.get(cls)
         if real is None:
@@ -3431,13 +3477,21 @@ class Store(_ShelfBase):
     def __repr__(self) -> str:
         return f"<donecache.Store {self.path!r}>"
 
+    def _open_files(self) -> _EntryFiles:
+        # Shelf.close() swaps self.dict for a marker that raises ValueError on
+        # any use; what bypasses self.dict must refuse in the same way.
+        if not isinstance(getattr(self, "dict", None), _ShelfDict):  # Shelf.dict: not in its stubs.
+            raise ValueError(f"invalid operation on closed shelf {self.path!r}; open it again with donecache.open()")
+        return self._files
+
     # Values are read and written here rather than by shelve, so that big
     # buffers go to the file straight from the value (protocol 5, unless
     # protocol= asks for an older one) and come back in one allocation each,
     # or mapped. Otherwise this is shelve's own logic, writeback cache and all.
+    # (shelve's `cache` and `writeback` are not in its stubs.)
 
     def __getitem__(self, key: str) -> Any:
-        cache = getattr(self, "cache", {})  # shelve's writeback cache (not in its stubs).
+        cache = getattr(self, "cache", {})
         if key in cache:
             return cache[key]
         entry = self._open_files().read(key.encode("utf-8"), mapped=self._mmap)
@@ -3454,10 +3508,6 @@ class Store(_ShelfBase):
         files = self._open_files()
         files.write(_encode_entry(key.encode("utf-8"), value, 0.0, self._pickle_protocol, 0.0, self._compress))
 
-    # Another process may delete a key between the listing and the read (or
-    # between shelve's `key in self.dict` and `self[key]`): the key is then
-    # simply absent, never a KeyError.
-
     def get(self, key: str, default: Any = None) -> Any:
         try:
             return self[key]
@@ -3470,17 +3520,10 @@ class Store(_ShelfBase):
     def values(self) -> _StoreValues:
         return _StoreValues(self)
 
-    def _open_files(self) -> _EntryFiles:
-        # Shelf.close() swaps self.dict for a marker that raises ValueError on
-        # any use; what bypasses self.dict must refuse in the same way.
-        if not isinstance(getattr(self, "dict", None), _ShelfDict):  # Shelf.dict: not in its stubs.
-            raise ValueError(f"invalid operation on closed shelf {self.path!r}; open it again with donecache.open()")
-        return self._files
-
     def clear(self) -> None:
         """Remove every entry (much faster than deleting them one by one)."""
         files = self._open_files()
-        getattr(self, "cache", {}).clear()  # shelve's writeback cache (not in its stubs).
+        getattr(self, "cache", {}).clear()
         files.clear()
 
     def prune(self, *, max_bytes: int | None = None, older_than: float | Any = None, dry_run: bool = False) -> int:
@@ -3490,47 +3533,12 @@ class Store(_ShelfBase):
         not used for ``older_than`` (seconds or a timedelta), as the command
         line's prune does. Returns how many files were removed (``dry_run``:
         would be; nothing is removed)."""
-        report = _prune(self._open_files(), None, max_bytes, older_than, stale=False, dry_run=dry_run)
-        return report.removed + report.temporary_files + report.evicted
+        return sum(_prune(self._open_files(), None, max_bytes, older_than, stale=False, dry_run=dry_run)[:3])
 
     def verify(self) -> list[str]:
         """The paths of damaged entry files, checking every byte of every entry
         (reads do not check big buffers' checksums; prune() removes what this finds)."""
         return self._open_files().verify()
-
-
-def _present(store: Store) -> Iterator[tuple[str, Any]]:
-    """The store's items, skipping keys that vanish between the listing and the read."""
-    for key in store:
-        try:
-            yield key, store[key]
-        except KeyError:
-            pass
-
-
-if TYPE_CHECKING:
-    _ItemsView = collections.abc.ItemsView[str, Any]
-    _ValuesView = collections.abc.ValuesView[Any]
-else:
-    _ItemsView, _ValuesView = _collections_abc.ItemsView, _collections_abc.ValuesView
-
-
-class _StoreItems(_ItemsView):
-    def __init__(self, store: Store) -> None:
-        super().__init__(store)
-        self._store = store
-
-    def __iter__(self) -> Iterator[tuple[str, Any]]:
-        return _present(self._store)
-
-
-class _StoreValues(_ValuesView):
-    def __init__(self, store: Store) -> None:
-        super().__init__(store)
-        self._store = store
-
-    def __iter__(self) -> Iterator[Any]:
-        return (value for _key, value in _present(self._store))
 
 
 # The documented entry point, a drop-in for shelve.open(); Store is its class.
@@ -5403,7 +5411,8 @@ class _Memoized(Generic[_P, _R]):
         if files is None:
             return _record("PruneReport")(0, 0, 0, 0)  # type: ignore[no-any-return]
         self._prefix or self._prepare()  # Records the current identity, which stale= compares with.
-        return _prune(files, self._folder.rstrip(os.sep), max_bytes, older_than, stale=stale, dry_run=dry_run)
+        done = _prune(files, self._folder.rstrip(os.sep), max_bytes, older_than, stale=stale, dry_run=dry_run)
+        return _record("PruneReport")(*done)  # type: ignore[no-any-return]
 
     def map(
         self,
@@ -6748,104 +6757,79 @@ def memoize(
 
 
 # ---------------------------------------------------------------------------
-# The command line: python -m donecache info|clear|verify|prune|status
+# The command line: python -m donecache info|clear|verify|prune|status|failures
 #
 # It reads entry headers and keys, never values: inspecting a cache does not
 # unpickle anything. Exit codes: 0 success, 1 the answer is "no" (a stage is
 # not done, no entries matched), 2 a usage error or a path that is not there.
+# Each command returns its exit code, its report (printed by --json) and the
+# lines that say it to a person.
 # ---------------------------------------------------------------------------
-
-
-def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
-    """Whether an entry belongs to code older than its function's current
-    identity, or is a memoize entry in the layout of donecache 0.1 (at the top
-    level, where no memoized function looks any more)."""
-    current = files.identities()
-
-    def stale(found: _Found) -> bool:
-        parts = None if found.entry is None else _parse_key(found.entry.key)
-        return parts is not None and (
-            found.folder == "" or current.get(parts.function, parts.identity) != parts.identity
-        )
-
-    return stale
-
-
-def _prune(
-    files: _EntryFiles, folder: str | None, max_bytes: Any, older_than: Any, *, stale: bool, dry_run: bool
-) -> PruneReport:
-    """prune for the command line, Store.prune() and f.prune() (one ``folder`` of the store, or all)."""
-    limit, age = _check_max_bytes(max_bytes), _seconds(older_than, "older_than")
-    now = time.time()
-    entries, temps = files.prune(now, _stale_test(files) if stale else None, folder, dry_run)
-    if stale and not dry_run:  # The failures of older code go with its entries.
-        current = files.identities()
-        files.drop_failures(lambda r: current.get(str(r.get("function")), r.get("identity")) != r.get("identity"), folder)
-    swept = _Swept()
-    if limit is not None or age is not None:
-        # By hand the store goes down to the size asked for, not to a low-water mark.
-        swept = files.sweep(limit, None if age is None else now - age, folder, dry_run)
-    return _record("PruneReport")(entries, temps, swept.entries, swept.bytes)  # type: ignore[no-any-return]
-
-
-def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
-    """What `info` reports; it reads a bounded prefix (the head) of each entry."""
-    live = expired = damaged = size = disk = 0
-    functions: dict[str, int] = {}
-    sizes: dict[str, dict[str, int]] = {}
-    older: dict[str, int] = {}
-    each: dict[str, dict[str, Any]] = {}  # Per function, live entries only but for "expired".
-    is_stale = _stale_test(files)
-    for found in files.scan():
-        if found.stat is None:
-            continue
-        size += found.stat.st_size
-        disk += _disk_bytes(found.stat)
-        if found.entry is None:
-            damaged += 1
-            continue
-        name = _function_of(found.entry.key)
-        row = each.setdefault(name, {"entries": 0, "bytes": 0, "disk_bytes": 0, "expired": 0, "stale": 0})
-        row.setdefault("compute_seconds", 0.0)
-        created = found.entry.created
-        if not found.entry.live(now):
-            expired += 1
-            row["expired"] += 1
-            continue
-        live += 1
-        functions[name] = functions.get(name, 0) + 1
-        counted = sizes.setdefault(name, {"bytes": 0, "disk_bytes": 0})
-        counted["bytes"] += found.stat.st_size
-        counted["disk_bytes"] += _disk_bytes(found.stat)
-        row.update(
-            entries=row["entries"] + 1, bytes=counted["bytes"], disk_bytes=counted["disk_bytes"],
-            compute_seconds=row["compute_seconds"] + found.entry.seconds,
-            oldest=min(row.get("oldest", created), created), newest=max(row.get("newest", created), created),
-        )  # fmt: skip
-        if is_stale(found):
-            older[name] = older.get(name, 0) + 1
-            row["stale"] += 1
-    return {
-        "path": files.root,
-        "entries": {"live": live, "expired": expired, "damaged": damaged},
-        # Logical bytes (the files' sizes) and bytes on disk (their blocks): many
-        # small entries take a block each.
-        "bytes": size,
-        "disk_bytes": disk,
-        "temporary_files": sum(1 for _ in _temp_files(files.root)),
-        "functions": dict(sorted(functions.items())),
-        "function_bytes": dict(sorted(sizes.items())),
-        # Of those live entries, how many belong to older code than the function's
-        # current identity (recorded by the last process that ran it).
-        "stale": dict(sorted(older.items())),
-        # Everything per function: entries, bytes, the computation time the entries
-        # hold, when the oldest and newest were made (Unix time), stale and expired.
-        "per_function": dict(sorted(each.items())),
-    }
 
 
 class _UsageError(Exception):
     """A command line that cannot be carried out: exit 2 with this message."""
+
+
+class _NoMatch(Exception):
+    """Nothing matched the function named: exit 1 with this message."""
+
+
+def _human(size: float) -> str:
+    """A size in bytes by its magnitude: 512 B, 11.2 KiB, 3.4 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
+def _cli_size(text: str | None) -> int | None:
+    """--max-bytes, as GNU coreutils spell sizes (du -B, sort -S): K, KiB = 1024; KB = 1000; and so on up to T."""
+    if text is None:
+        return None
+    import re
+
+    found = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*(?:([kmgt])(i?b)?|b)?\s*", text, re.IGNORECASE)
+    number, prefix, suffix = found.groups() if found else ("0", "", "")
+    power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
+    size = int(float(number) * (1000 if (suffix or "").lower() == "b" else 1024) ** power)
+    if size < 1:
+        raise _UsageError(
+            f"--max-bytes {text!r}: give a positive size in bytes, or with K/KiB, M/MiB, G/GiB, T/TiB (powers of "
+            "1024) or KB, MB, GB, TB (of 1000): 1000000, 500M, 10MB, 2GiB"
+        )
+    return size
+
+
+def _cli_age(text: str | None) -> float | None:
+    """--older-than: a positive number and its unit (required), s, m, h or d."""
+    if text is None:
+        return None
+    word = text.strip().lower()
+    try:
+        age = float(word[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[word[-1:]]
+    except (KeyError, ValueError):
+        age = 0.0
+    if not 0 < age < float("inf"):
+        raise _UsageError(
+            f"--older-than {text!r}: give a positive age with its unit, s, m, h or d: 3600s, 90m, 12h, 30d"
+        )
+    return age
+
+
+def _names(name: str, wanted: str | None) -> bool:
+    """Whether ``wanted`` names the function ``name`` (module:qualname): as printed,
+    dotted (module.qualname), or by its qualname alone; None names every function."""
+    return wanted is None or wanted in (name, name.partition(":")[2], name.replace(":", "."))
+
+
+def _message_pattern(message: str) -> str:
+    """A failure's message with its particulars (quoted values, numbers) elided, to group alike failures."""
+    import re
+
+    pattern = re.sub(r"'[^']*'|\"[^\"]*\"|(?<![\w.])-?\d[\d.,:/-]*", "...", message.splitlines()[0] if message else "")
+    return message if pattern.strip(". ") == "" else pattern
 
 
 def _cli_store(path: str, flag: str) -> _EntryFiles:
@@ -6863,51 +6847,74 @@ def _cli_store(path: str, flag: str) -> _EntryFiles:
     return _EntryFiles(path, flag, False, trust_shared=True)
 
 
-def _cli_info(args: Any) -> int:
+def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
+    """What `info` reports; it reads a bounded prefix (the head) of each entry."""
+    expired = damaged = size = disk = 0
+    each: dict[str, dict[str, Any]] = {}  # Per function, live entries only but for "expired".
+    is_stale = _stale_test(files)
+    for found in files.scan():
+        if found.stat is None:
+            continue
+        size += found.stat.st_size
+        disk += _disk_bytes(found.stat)
+        if found.entry is None:
+            damaged += 1
+            continue
+        row = each.setdefault(
+            _function_of(found.entry.key),
+            {"entries": 0, "bytes": 0, "disk_bytes": 0, "expired": 0, "stale": 0, "compute_seconds": 0.0},
+        )
+        created = found.entry.created
+        if not found.entry.live(now):
+            expired += 1
+            row["expired"] += 1
+            continue
+        row.update(
+            entries=row["entries"] + 1, bytes=row["bytes"] + found.stat.st_size,
+            disk_bytes=row["disk_bytes"] + _disk_bytes(found.stat), stale=row["stale"] + int(is_stale(found)),
+            compute_seconds=row["compute_seconds"] + found.entry.seconds,
+            oldest=min(row.get("oldest", created), created), newest=max(row.get("newest", created), created),
+        )  # fmt: skip
+    live = {name: row for name, row in sorted(each.items()) if row["entries"]}
+    return {
+        "path": files.root,
+        "entries": {"live": sum(row["entries"] for row in live.values()), "expired": expired, "damaged": damaged},
+        "bytes": size,  # The files' sizes; disk_bytes their blocks (many small entries take a block each).
+        "disk_bytes": disk,
+        "temporary_files": sum(1 for _ in _temp_files(files.root)),
+        "functions": {name: row["entries"] for name, row in live.items()},
+        "function_bytes": {name: {k: row[k] for k in ("bytes", "disk_bytes")} for name, row in live.items()},
+        # Live entries of older code than the identity that the last process to run the function recorded.
+        "stale": {name: row["stale"] for name, row in live.items() if row["stale"]},
+        "per_function": dict(sorted(each.items())),  # All of it per function (docs/cli.md lists the fields).
+    }
+
+
+def _cli_info(args: Any) -> tuple[int, Any, list[str]]:
     report = _survey(_cli_store(args.path, "r"), time.time())
-    if args.json:
-        return _print_json(report)
     entries = report["entries"]
-    print(f"cache {report['path']}")
-    print(
+    lines = [
+        f"cache {report['path']}",
         f"  {entries['live']:,} entries, {_human(report['bytes'])} ({_human(report['disk_bytes'])} on disk); "
         f"{entries['expired']:,} expired, {entries['damaged']:,} damaged, "
-        f"{report['temporary_files']:,} temporary files left by crashed writers"
-    )
-    day = "%Y-%m-%d %H:%M"
+        f"{report['temporary_files']:,} temporary files left by crashed writers",
+    ]
     for name, row in report["per_function"].items():
-        print(f"  {name}")
         line = f"    {row['entries']:,} entries, {_human(row['bytes'])}"
         if row["entries"]:
-            oldest, newest = (time.strftime(day, time.localtime(row[k])) for k in ("oldest", "newest"))
+            oldest, newest = (time.strftime("%Y-%m-%d %H:%M", time.localtime(row[k])) for k in ("oldest", "newest"))
             line += f", {_duration(row['compute_seconds'])} of compute held; made {oldest} to {newest}"
-        print(line)
+        lines += [f"  {name}", line]
         if row["stale"] or row["expired"]:
-            print(f"    {row['stale']:,} of older code (prune --stale removes them), {row['expired']:,} expired")
-    return 0
+            lines.append(f"    {row['stale']:,} of older code (prune --stale removes them), {row['expired']:,} expired")
+    return 0, report, lines
 
 
-def _human(size: float) -> str:
-    """A size in bytes by its magnitude: 512 B, 11.2 KiB, 3.4 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            break
-        size /= 1024
-    return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
-
-
-def _names(name: str, wanted: str) -> bool:
-    """Whether ``wanted`` names the function ``name`` (module:qualname): as printed,
-    dotted (module.qualname), or by its qualname alone."""
-    return wanted in (name, name.partition(":")[2], name.replace(":", "."))
-
-
-def _cli_clear(args: Any) -> int:
-    files = _cli_store(args.path, "w")
-    wanted: str | None = args.function
+def _cli_clear(args: Any) -> tuple[int, Any, list[str]]:
+    files, wanted = _cli_store(args.path, "w"), args.function
 
     def matches(key: bytes) -> bool:
-        return _names(_function_of(key), wanted or "")
+        return _names(_function_of(key), wanted)
 
     if wanted is None:
         removed = files.clear()
@@ -6917,182 +6924,99 @@ def _cli_clear(args: Any) -> int:
         # function's entries: the first head that can be read names it.
         removed = files.clear(matches, folder="")
         for folder in files.folders():
-            found = next((f for f in files.scan(folder) if f.entry is not None), None)
-            if found is not None and found.entry is not None and matches(found.entry.key):
+            entry = next((found.entry for found in files.scan(folder) if found.entry is not None), None)
+            if entry is not None and matches(entry.key):
                 removed += files.clear(matches, folder=folder)
     # Their failures go with them: a rerun computes those inputs afresh.
-    files.drop_failures(lambda record: wanted is None or _names(str(record.get("function")), wanted))
+    files.drop_failures(lambda record: _names(str(record.get("function")), wanted))
     if wanted is not None and not removed:
         known = ", ".join(_survey(files, time.time())["functions"]) or "none"
-        print(f"no entries of {wanted!r} in {files.root}; functions there: {known}", file=sys.stderr)
-        return 1
-    if args.json:
-        return _print_json({"path": files.root, "removed": removed})
-    print(f"removed {removed} entries from {files.root}")
-    return 0
+        raise _NoMatch(f"no entries of {wanted!r} in {files.root}; functions there: {known}")
+    return 0, {"path": files.root, "removed": removed}, [f"removed {removed} entries from {files.root}"]
 
 
-def _message_pattern(message: str) -> str:
-    """A failure's message with its particulars (quoted values, numbers) elided, to group alike failures."""
-    import re
+def _cli_failures(args: Any) -> tuple[int, Any, list[str]]:
+    import collections
 
-    pattern = re.sub(r"'[^']*'|\"[^\"]*\"|(?<![\w.])-?\d[\d.,:/-]*", "...", message.splitlines()[0] if message else "")
-    return message if pattern.strip(". ") == "" else pattern
-
-
-def _cli_failures(args: Any) -> int:
-    age = None if args.older_than is None else _cli_age(args.older_than)
+    age = _cli_age(args.older_than)
     files = _cli_store(args.path, "w" if args.clear else "r")
-    wanted: str | None = args.function
-    current = files.identities()
-    now = time.time()
+    current, now = files.identities(), time.time()
 
     def chosen(record: dict[str, Any]) -> bool:
-        return (wanted is None or _names(str(record.get("function")), wanted)) and (
-            age is None or float(record.get("time") or 0) < now - age
-        )
+        old_enough = age is None or float(record.get("time") or 0) < now - age
+        return old_enough and _names(str(record.get("function")), args.function)
 
     every = [r for r in files.failures() if chosen(r)]
-    if wanted is not None and not every:
-        known = sorted({str(r.get("function")) for r in files.failures()} | set(current))
-        print(f"no failures of {wanted!r} in {files.root}; functions there: {', '.join(known) or 'none'}", file=sys.stderr)
-        return 1
+    if args.function is not None and not every:
+        known = ", ".join(sorted({str(r.get("function")) for r in files.failures()} | set(current))) or "none"
+        raise _NoMatch(f"no failures of {args.function!r} in {files.root}; functions there: {known}")
     if args.clear:
         removed = files.drop_failures(chosen)
-        if args.json:
-            return _print_json({"path": files.root, "removed": removed})
-        print(f"removed {removed} failure record(s) from {files.root}")
-        return 0
-    records = [FailureRecord(r, current.get(str(r.get("function")), r.get("identity")) == r.get("identity")) for r in every]
+        return 0, {"path": files.root, "removed": removed}, [f"removed {removed} failure record(s) from {files.root}"]
+    records = [
+        FailureRecord(r, current.get(str(r.get("function")), r.get("identity")) == r.get("identity")) for r in every
+    ]
     older = sum(1 for record in records if not record.current)
-    if not args.all:
-        records = [record for record in records if record.current]
-    groups: dict[tuple[str, str], int] = {}
-    for record in records:
-        group = (record.type.rpartition(".")[2], _message_pattern(record.message))
-        groups[group] = groups.get(group, 0) + 1
+    records = [record for record in records if record.current or args.all]
+    groups = collections.Counter((r.type.rpartition(".")[2], _message_pattern(r.message)) for r in records)
     summary = sorted(groups.items(), key=lambda item: (-item[1], item[0]))
-    if args.json:
-        return _print_json({
-            "path": files.root,
-            "summary": [{"type": t, "message": m, "inputs": n} for (t, m), n in summary],
-            "older_code": older,
-            "failures": [record.as_dict() for record in records],
-        })
     shown = "" if args.all else " of the current code"
     hidden = f" ({older} more of older code: --all shows them)" if older and not args.all else ""
-    print(f"{len(records)} failure(s){shown} recorded in {files.root}{hidden}")
-    for (kind, message), count in summary:
-        print(f"  {kind}: {message}: {count} input{'s' if count != 1 else ''}")
+    lines = [f"{len(records)} failure(s){shown} recorded in {files.root}{hidden}"]
+    lines += [f"  {kind}: {message}: {count} input{'s' if count != 1 else ''}" for (kind, message), count in summary]
     for record in records:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.time))
         old = "" if record.current else "  (older code)"
-        print(f"{when}  {record.function}({record.label}){old}\n    {record.type}: {record.message}")
-    return 0 if records else 1
+        lines.append(f"{when}  {record.function}({record.label}){old}\n    {record.type}: {record.message}")
+    report = {
+        "path": files.root,
+        "summary": [{"type": kind, "message": message, "inputs": count} for (kind, message), count in summary],
+        "older_code": older,
+        "failures": [record.as_dict() for record in records],
+    }
+    return (0 if records else 1), report, lines
 
 
-# Units of --older-than (a unit is required).
-_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _cli_amount(text: str, units: dict[str, int], option: str, fix: str) -> float:
-    """A positive finite number followed by one of ``units``; a usage error naming ``option`` otherwise."""
-    word = text.strip().lower()
-    if word[-1:].isdigit() and "" in units:
-        word += " "
-    try:
-        amount = float(word[:-1]) * units[word[-1:].strip()]
-    except (KeyError, ValueError):
-        amount = 0.0
-    if not 0 < amount < float("inf"):
-        raise _UsageError(f"{option} {text!r}: {fix}")
-    return amount
-
-
-def _cli_size(text: str) -> int:
-    """A size as GNU coreutils spell it (du -B, sort -S): K, KiB = 1024; KB = 1000; and so on up to T."""
-    import re
-
-    fix = (
-        "give a positive size in bytes, or with K/KiB, M/MiB, G/GiB, T/TiB (powers of 1024) or KB, MB, GB, TB "
-        "(of 1000): 1000000, 500M, 10MB, 2GiB"
-    )
-    found = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*(?:([kmgt])(i?b)?|b)?\s*", text, re.IGNORECASE)
-    number, prefix, suffix = found.groups() if found else ("0", "", "")
-    power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
-    size = int(float(number) * (1000 if (suffix or "").lower() == "b" else 1024) ** power)
-    if size < 1:
-        raise _UsageError(f"--max-bytes {text!r}: {fix}")
-    return size
-
-
-def _cli_age(text: str) -> float:
-    fix = "give a positive age with its unit, s, m, h or d: 3600s, 90m, 12h, 30d"
-    return _cli_amount(text, _AGE_UNITS, "--older-than", fix)
-
-
-def _cli_prune(args: Any) -> int:
-    max_bytes = None if args.max_bytes is None else _cli_size(args.max_bytes)
-    age = None if args.older_than is None else _cli_age(args.older_than)
+def _cli_prune(args: Any) -> tuple[int, Any, list[str]]:
+    max_bytes, age = _cli_size(args.max_bytes), _cli_age(args.older_than)
     files = _cli_store(args.path, "r" if args.dry_run else "w")
-    done = _prune(files, None, max_bytes, age, stale=args.stale, dry_run=args.dry_run)
-    report: dict[str, Any] = {
-        "path": files.root, "dry_run": args.dry_run, "removed_entries": done.removed,
-        "removed_temporary_files": done.temporary_files,
-    }  # fmt: skip
-    if max_bytes is not None or age is not None:
-        report.update(evicted_entries=done.evicted, evicted_bytes=done.evicted_bytes)
-    if args.json:
-        return _print_json(report)
+    removed, temps, evicted, evicted_bytes = _prune(files, None, max_bytes, age, stale=args.stale, dry_run=args.dry_run)
+    report = {"path": files.root, "dry_run": args.dry_run, "removed_entries": removed, "removed_temporary_files": temps}
     what = "expired, damaged or stale" if args.stale else "expired or damaged"
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {done.removed} {what} entries and {done.temporary_files} temporary files from {files.root}")
-    if "evicted_entries" in report:
+    lines = [f"{verb} {removed} {what} entries and {temps} temporary files from {files.root}"]
+    if max_bytes is not None or age is not None:
+        report.update(evicted_entries=evicted, evicted_bytes=evicted_bytes)
         verb = "would evict" if args.dry_run else "evicted"
-        print(f"{verb} {done.evicted} least recently used entries ({_human(done.evicted_bytes)} on disk)")
-    return 0
+        lines.append(f"{verb} {evicted} least recently used entries ({_human(evicted_bytes)} on disk)")
+    return 0, report, lines
 
 
-def _cli_verify(args: Any) -> int:
+def _cli_verify(args: Any) -> tuple[int, Any, list[str]]:
     files = _cli_store(args.path, "r")
     damaged = files.verify()
-    if args.json:
-        _print_json({"path": files.root, "damaged": damaged})
-    else:
-        for path in damaged:
-            print(f"damaged: {path}")
-        print(f"{len(damaged)} damaged entries in {files.root}" + ("; prune removes them" if damaged else ""))
-    return 1 if damaged else 0
+    lines = [f"damaged: {path}" for path in damaged]
+    lines.append(f"{len(damaged)} damaged entries in {files.root}" + ("; prune removes them" if damaged else ""))
+    return (1 if damaged else 0), {"path": files.root, "damaged": damaged}, lines
 
 
-def _cli_status(args: Any) -> int:
+def _cli_status(args: Any) -> tuple[int, Any, list[str]]:
     try:
         _marker_path(".", args.marker)
     except ValueError:
         raise _UsageError(f"--marker {args.marker!r}: give a plain file name, such as DONE or _SUCCESS") from None
-    rows = []
+    rows, lines = [], []
     for directory in args.directories:
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise _UsageError(f"{directory}: not a directory; give the directory of a stage")
         found = _stage_status(directory, version=args.version, marker=args.marker)
         rows.append({"directory": directory, "state": found.state, "marker": found.marker, "builder": found.builder})
-    if args.json:
-        _print_json(rows)
-    else:
-        for row in rows:
-            # A building stage is described by its builder; a done one by its marker.
-            info = row["builder"] or row["marker"] or {}
-            keys = ("host", "pid") if row["builder"] else ("finished", "version", "host")
-            details = ", ".join(f"{k} {info[k]}" for k in keys if info.get(k) is not None)
-            print(f"{row['state']:<13}  {row['directory']}" + (f"  ({details})" if details else ""))
-    return 0 if all(row["state"] == "done" for row in rows) else 1
-
-
-def _print_json(data: Any) -> int:
-    import json
-
-    print(json.dumps(data, indent=1))
-    return 0
+        # A building stage is described by its builder; a done one by its marker.
+        info = found.builder or found.marker or {}
+        keys = ("host", "pid") if found.builder else ("finished", "version", "host")
+        details = ", ".join(f"{k} {info[k]}" for k in keys if info.get(k) is not None)
+        lines.append(f"{found.state:<13}  {directory}" + (f"  ({details})" if details else ""))
+    return (0 if all(row["state"] == "done" for row in rows) else 1), rows, lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -7109,59 +7033,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"donecache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
+    def command(name: str, run: Callable[[Any], Any], help: str, *, store: bool = True, function: bool = False) -> Any:
         sub = commands.add_parser(name, help=help, description=help)
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
-        return sub
-
-    def store_command(name: str, help: str, run: Callable[[Any], int], function: bool = False) -> argparse.ArgumentParser:
-        sub = command(name, help)
-        sub.add_argument("path", nargs="?", default=".donecache", help="the cache directory (default: .donecache)")
+        if store:
+            sub.add_argument("path", nargs="?", default=".donecache", help="the cache directory (default: .donecache)")
         if function:
-            sub.add_argument(
-                "--function", metavar="NAME", help="only this function: module:qualname (as info prints it), module.qualname, or qualname"
-            )
+            only = "only this function: module:qualname (as info prints it), module.qualname, or qualname"
+            sub.add_argument("--function", metavar="NAME", help=only)
         sub.set_defaults(run=run)
         return sub
 
-    store_command("info", "entries, bytes and expired entries of a cache, counted per function", _cli_info)
-    store_command("clear", "remove a cache's entries (all, or one function's)", _cli_clear, function=True)
-    store_command("verify", "check every byte of every entry (exit 1 if any is damaged)", _cli_verify)
-    failures = store_command(
-        "failures",
-        "list the inputs that failed in batches, from the store's ledger, with a summary by exception "
-        "(exit 1 if none)",
-        _cli_failures,
-        True,
-    )
+    command("info", _cli_info, "entries, bytes and expired entries of a cache, counted per function")
+    command("clear", _cli_clear, "remove a cache's entries (all, or one function's)", function=True)
+    command("verify", _cli_verify, "check every byte of every entry (exit 1 if any is damaged)")
+    failures = command(
+        "failures", _cli_failures,
+        "list the inputs that failed in batches, from the store's ledger, with a summary by exception (exit 1 if none)",
+        function=True,
+    )  # fmt: skip
     failures.add_argument("--all", action="store_true", help="also the failures of functions' older code")
     failures.add_argument("--older-than", metavar="AGE", help="only records older than AGE: 3600s, 90m, 12h, 30d")
-    failures.add_argument("--clear", action="store_true", help="remove the records chosen (by --function, --older-than)")
-    prune = store_command("prune", "remove expired and damaged entries and temporary files left by crashes", _cli_prune)
-    prune.add_argument(
-        "--stale", action="store_true", help="also remove entries of functions' older code (see info)"
-    )
+    chosen = "remove the records chosen (by --function, --older-than)"
+    failures.add_argument("--clear", action="store_true", help=chosen)
+    prune = command("prune", _cli_prune, "remove expired and damaged entries and temporary files left by crashes")
+    prune.add_argument("--stale", action="store_true", help="also remove entries of functions' older code (see info)")
     prune.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     prune.add_argument(
-        "--max-bytes",
-        metavar="SIZE",
-        help="then evict the least recently used entries until the entries take at most SIZE on disk: "
-        "bytes, or K, M, G, T for KiB, MiB, GiB, TiB (1000000, 500M, 2G)",
-    )
+        "--max-bytes", metavar="SIZE", help="then evict the least recently used entries until the entries take at "
+        "most SIZE on disk: bytes, or K, M, G, T for KiB, MiB, GiB, TiB (1000000, 500M, 2G)",
+    )  # fmt: skip
     prune.add_argument(
-        "--older-than",
-        metavar="AGE",
-        help="then evict the entries not used (read or written) within AGE: 3600s, 90m, 12h, 30d",
-    )
-    status = command("status", "say whether stage directories are done, incomplete or missing")
+        "--older-than", metavar="AGE", help="then evict the entries not used (read or written) within AGE: 3600s, 90m, "
+        "12h, 30d",
+    )  # fmt: skip
+    stages = "say whether stage directories are done, incomplete or missing"
+    status = command("status", _cli_status, stages, store=False)
     status.add_argument("directories", nargs="+", metavar="DIR", help="stage directories")
     status.add_argument("--marker", default="DONE", help="the marker's file name (default: DONE)")
     status.add_argument("--version", help="count a stage as done only if its marker records this version")
-    status.set_defaults(run=_cli_status)
 
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args))
+        code, report, lines = args.run(args)
+        if args.json:
+            import json
+
+            lines = [json.dumps(report, indent=1)]
+        print(*lines, sep="\n")
+        return int(code)
     except BrokenPipeError:
         # The reader went away (`donecache info | head -1`): stop quietly. stdout
         # now points at /dev/null, so that the interpreter's final flush does not
@@ -7169,6 +7089,9 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
+        return 1
+    except _NoMatch as exc:
+        print(exc, file=sys.stderr)
         return 1
     except (_UsageError, OSError, ValueError) as exc:
         message = str(exc)
