@@ -2313,6 +2313,40 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
     return entry
 
 
+# The keys that memoize writes name their function and code identity
+# ("module:qualname|16 hex of code|arguments"); a store opened with
+# donecache.open holds keys of the user's own making, which parse to None.
+_HEX = frozenset("0123456789abcdef")
+_OPEN_KEYS = "(donecache.open keys)"
+
+
+class _KeyParts:
+
+    __slots__ = ("function", "identity")
+
+    def __init__(self, function: str, identity: str) -> None:
+        self.function, self.identity = function, identity
+
+
+def _parse_key(key: bytes) -> _KeyParts | None:
+    """None for keys that donecache.open users wrote."""
+    head, _, rest = key.decode("utf-8", "replace").partition("|")
+    code, sep, arguments = rest.partition("|")
+    if ":" in head and sep and len(code) == 16 and set(code) <= _HEX and arguments[:1] in ("=", "#"):
+        return _KeyParts(head, code)
+    return None
+
+
+def _key_identity(key: bytes) -> str:
+    """The code identity in a memoize key (or in its prefix alone)."""
+    return key.decode("utf-8", "replace").partition("|")[2].partition("|")[0]
+
+
+def _function_of(key: bytes) -> str:
+    parts = _parse_key(key)
+    return _OPEN_KEYS if parts is None else parts.function
+
+
 # ---------------------------------------------------------------------------
 # Entry files: the store directory's data path
 #
@@ -2327,7 +2361,6 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
 _NAME_BYTES = 16  # An entry's file name is the hex of a BLAKE2b digest this long.
 _NAME_HEX = 2 * _NAME_BYTES
 _FOLDER_HEX = 16  # A memoized function's entries live in a folder named by 16 hex digits of its name.
-_HEX = frozenset("0123456789abcdef")
 _CACHEDIR_TAG = (
     b"Signature: 8a477f597d28d172789f06886806bc55\n"
     b"# This file marks a donecache store (see https://bford.info/cachedir/).\n"
@@ -3558,7 +3591,6 @@ open = Store
 _SCALARS = frozenset({str, int, float, bool, type(None), bytes, complex})
 _RAW_KEY_LIMIT = 96  # Longer argument texts are hashed.
 _CO_VARARGS, _CO_VARKEYWORDS, _CO_COROUTINE = 0x04, 0x08, 0x80  # inspect.CO_*
-_OPEN_KEYS = "(donecache.open keys)"
 _BIG_INT = 1 << 4000  # Larger ints are written in hex: decimal text has a digit limit (3.11+).
 _BIG_VALUE = 1 << 16  # Longer str, bytes and bytearray arguments are hashed in place, not written out.
 _FUNCTION_KINDS = (type(_delays), type(len), type(sys))  # Python functions, builtins, modules.
@@ -3978,33 +4010,6 @@ def file_digest(path: StrPath, *, quick: bool = False) -> str:
         return digest
     finally:
         os.close(fd)
-
-
-class _KeyParts:
-
-    __slots__ = ("function", "identity")
-
-    def __init__(self, function: str, identity: str) -> None:
-        self.function, self.identity = function, identity
-
-
-def _parse_key(key: bytes) -> _KeyParts | None:
-    """None for keys that donecache.open users wrote."""
-    head, _, rest = key.decode("utf-8", "replace").partition("|")
-    code, sep, arguments = rest.partition("|")
-    if ":" in head and sep and len(code) == 16 and set(code) <= _HEX and arguments[:1] in ("=", "#"):
-        return _KeyParts(head, code)
-    return None
-
-
-def _key_identity(key: bytes) -> str:
-    """The code identity in a memoize key (or in its prefix alone)."""
-    return key.decode("utf-8", "replace").partition("|")[2].partition("|")[0]
-
-
-def _function_of(key: bytes) -> str:
-    parts = _parse_key(key)
-    return _OPEN_KEYS if parts is None else parts.function
 
 
 # -- code identity ------------------------------------------------------------

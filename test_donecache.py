@@ -213,7 +213,7 @@ LAYERING_ENTRY_POINTS: set[str] = set()
 # by the section that uses it (shrinks to nothing as the layering pass lands).
 LAYERING_NOT_YET = set(
     """
-    _parse_key _seconds
+    _seconds
     ---
     _Keeper _Done _off_in_environment _reduce_memoized _BoundMemoized _serial _Outcome BatchResult
     _length _Progress _Plan FailureRecord _stream _format_exception
