@@ -147,7 +147,7 @@ def listing(path: Path) -> list[str]:
 
 # The names the core may call although the tail defines them below: f.map() and
 # f.imap() hand their work to the batch section through these entry points.
-LAYERING_ENTRY_POINTS: set[str] = set()
+LAYERING_ENTRY_POINTS = {"_run_map", "_run_imap"}
 
 # Uses of a name above its definition still to be removed, one name a line, grouped
 # by the section that uses it (shrinks to nothing as the layering pass lands).
@@ -165,10 +165,6 @@ LAYERING_NOT_YET = set(
     _function_name _text _signed_nan _canonical_object _buffer_digest _library
     _code_identity _bytecode_text _reference _module_name _pandas_values
     _canonical_arrow _code_digest _tree_text _decorator_name _origin_file _distribution
-    ---
-    _off_in_environment _reduce_memoized _BoundMemoized _serial _Outcome BatchResult
-    _length _Progress _Plan FailureRecord _stream _format_exception
-    _pickler_sends_functions_by_value _restore_memoized Failure _answer_here
     ---
     _human _print_json _cli_age
     """.split()
@@ -1867,7 +1863,7 @@ def test_garbage_and_dev_zero_at_entry_names_read_as_missing_in_bounded_memory(t
         f(1)
         entry = dc._load_entry
         shelf_path = db._files.slot(b"k").path
-        memo_path = db._files.slot(f._call((1,), {}).key, f._folder).path
+        memo_path = db._files.slot(f._keyed((1,), {}).key, f._folder).path
         real = open(shelf_path, "rb").read()
         limit = 300 << 20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # An unbounded read fails here.
@@ -4196,7 +4192,7 @@ def test_the_ledger_survives_hostile_inputs_and_exceptions(tmp_path):
     big = bytes(64 << 20)
     tracemalloc.start()
     for value in (big, [[big]], {"k": (big,)}):  # What the ledger makes of a big input, at any depth.
-        dc._bounded_repr(value), dc._kept_input(value)
+        dc._bounded_repr(value), dc._pickled_input(value)
     peak = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
     assert peak < 2, f"the ledger took {peak:.0f} MiB for a 64 MiB input"
@@ -4495,7 +4491,7 @@ def test_batch_workers_look_up_only_under_the_lock_and_share_one_keeper(tmp_path
         import os
         @dc.memoize(sys.argv[1])
         def who(x):
-            keeper = dc._Keeper._current  # The writer of this worker process, if it has one.
+            keeper = dc._Writer._current  # The writer of this worker process, if it has one.
             return os.getpid(), id(keeper) if keeper is not None and keeper._pid == os.getpid() else None
         batch = who.map(range(60), workers=2, chunksize=5)
         writers = {}
