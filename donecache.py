@@ -1987,7 +1987,7 @@ done_dir = Stage
 
 
 # ---------------------------------------------------------------------------
-# Entry files
+# Entry files: the format
 #
 # A store is a directory with one file per entry, written with the atomic
 # writer and named by a hash of its key: <root>/<2 hex>/<32 hex>. Each file
@@ -2018,7 +2018,8 @@ done_dir = Stage
 # A read checks all of that and the stream's CRC (for a value with no
 # big buffers that covers every byte); the buffers' own CRCs cost more than
 # the whole read of a big value, so they are checked by verify() and prune(),
-# not on every hit.
+# not on every hit. Format 1 (donecache 0.1, magic "dcE1") is no longer read:
+# such a file is damage, and its entry is computed again.
 _ENTRY_MAGIC = b"dcE2"
 _ENTRY_HEADER = struct.Struct("<4sIddQQIII")
 _BUFFER_ROW = struct.Struct("<QI")
@@ -2026,13 +2027,376 @@ _META = struct.Struct("<d")  # The metadata's fixed part: the computation's seco
 _seconds_of = _META.unpack_from
 _NO_META = memoryview(b"")
 _CODECS = {"zlib": 1, "lzma": 2}
-_OLD_MAGIC = b"dcE1"  # Format 1: magic, CRC of the rest, created, expires, key and value lengths (32-bit).
-_OLD_HEADER = struct.Struct("<4sIddII")
 _OUT_OF_BAND = 1 << 16  # Buffers this big are written apart from the stream, and can be mapped.
 _MAX_BUFFERS = 4096  # Beyond this many, buffers stay in the stream: the table's size is bounded.
 _MAX_KEY = 1 << 20  # So that reading a key allocates little, whatever a damaged header says.
 _ALIGN = 64
 _CHUNK = 1 << 22  # Buffers are checksummed and written in pieces this big, each still in the CPU's cache.
+
+
+def _check_compress(compress: Any) -> str | None:
+    """compress= as a codec name, or None; False/None: off, True: zlib."""
+    if compress is None or compress is False:
+        return None
+    if compress is True or compress in _CODECS:
+        return "zlib" if compress is True else str(compress)
+    raise ValueError(f"compress must be False, True, 'zlib' or 'lzma' (stdlib codecs), not {compress!r}")
+
+
+def _lzma() -> Any:
+    import lzma
+
+    return lzma
+
+
+def _datetimes_out_of_band(obj: Any) -> Any:
+    """NumPy pickles datetime64 and timedelta64 arrays inside the stream (no
+    PickleBuffer for them): a big one (a pandas datetime block) goes as its
+    int64 view, out of band, and comes back as ndarray.view(that, its dtype).
+    Nothing of donecache's is named in the pickle."""
+    ndarray = sys.modules["numpy"].ndarray
+    if (
+        type(obj) is ndarray
+        and obj.dtype.kind in "mM"
+        and obj.nbytes >= _OUT_OF_BAND
+        and (obj.flags.c_contiguous or obj.flags.f_contiguous)
+    ):
+        return ndarray.view, (obj.view("i8"), obj.dtype)
+    return NotImplemented
+
+
+_DatetimePickler: type[pickle.Pickler] | None = None  # Made by _runtime_imports; used while numpy is loaded.
+# Weak tables of the sections below (weakref is an import that `import donecache`
+# does without): each registers its global's name and weakref class here, and
+# _runtime_imports makes the table at the first store or decoration.
+_WEAK_TABLES: dict[str, str] = {}
+
+
+def _runtime_imports() -> None:
+    """Import and make what reading and writing entries needs (see the imports at
+    the top): called where a store is opened or a function decorated or rebuilt."""
+    global pickle, collections, _DatetimePickler
+    import collections
+    import pickle
+
+    if _DatetimePickler is None:
+
+        class DatetimePickler(pickle.Pickler):
+            def reducer_override(self, obj: Any) -> Any:
+                return _datetimes_out_of_band(obj)
+
+        _DatetimePickler = DatetimePickler
+    made = globals()
+    for name, kind in _WEAK_TABLES.items():
+        if made[name] is None:
+            import weakref
+
+            made[name] = getattr(weakref, kind)()
+
+
+class _Entry:
+    """One entry file as read: its key and times, and (unless only its head was
+    read) the pickle stream and the out-of-band buffers that load() joins."""
+
+    __slots__ = ("key", "created", "expires", "stream", "buffers", "flags", "meta")
+
+    def __init__(self, key: bytes, created: float, expires: float) -> None:
+        self.key, self.created, self.expires = key, created, expires
+        self.stream: Any = b""
+        self.buffers: list[Any] = []
+        self.flags, self.meta = 0, _NO_META
+
+    def live(self, now: float) -> bool:
+        return not self.expires or now < self.expires
+
+    @property
+    def seconds(self) -> float:
+        """How long the computation of the value took (0.0 if not recorded: an older entry or a Store's)."""
+        return _seconds_of(self.meta)[0] if self.meta else 0.0
+
+    @property
+    def host(self) -> str:
+        return bytes(self.meta[_META.size :]).decode("utf-8", "replace")
+
+    def load(self) -> Any:
+        """The value; raises what unpickling raises (code that changed since)."""
+        stream = self.stream
+        if self.flags & 0xFF:  # Decompression errors raise as unpickling's do: a miss.
+            stream = (zlib if self.flags & 0xFF == 1 else _lzma()).decompress(stream)
+        return pickle.loads(stream, buffers=self.buffers)
+
+
+class _Encoded:
+    """A value pickled for an entry file: the stream, and the big buffers kept
+    out of it (views of the value's own memory, not copies)."""
+
+    __slots__ = ("key", "expires", "stream", "buffers", "created", "meta", "codec")
+
+    def __init__(self, key: bytes, expires: float, stream: bytes, buffers: list[memoryview], meta: bytes) -> None:
+        self.key, self.expires, self.stream, self.buffers, self.meta = key, expires, stream, buffers, meta
+        self.created = 0.0  # Set by chunks(), when the header is made.
+        self.codec = 0
+
+    def nbytes(self) -> int:
+        """The size of the file that chunks() makes (at most a few bytes more)."""
+        rows = sum(buffer.nbytes + _ALIGN + _BUFFER_ROW.size for buffer in self.buffers)
+        return _ENTRY_HEADER.size + len(self.key) + len(self.meta) + len(self.stream) + rows + 4
+
+    def as_read(self) -> _Entry:
+        """The entry a read of the file would give (a small one: no buffers)."""
+        entry = _Entry(self.key, self.created, self.expires)
+        entry.stream = self.stream  # Compressed as written (the codec in flags), with its metadata.
+        entry.flags, entry.meta = self.codec | len(self.meta) << 16, memoryview(self.meta)
+        return entry
+
+    def chunks(self) -> Iterator[Any]:
+        """The file's bytes, in pieces for _write_bytes: each buffer's CRC is
+        computed piece by piece, just before the piece is written."""
+        key, stream, meta = self.key, self.stream, self.meta
+        self.created = time.time()
+        head = bytearray(
+            _ENTRY_HEADER.pack(
+                _ENTRY_MAGIC, 0, self.created, self.expires, len(key) + len(meta), len(stream),
+                zlib.crc32(stream), len(self.buffers), self.codec | len(meta) << 16,
+            )
+        )
+        head += key + meta
+        head[4:8] = zlib.crc32(memoryview(head)[8:]).to_bytes(4, "little")
+        if not self.buffers and len(stream) < _OUT_OF_BAND:
+            yield head + stream  # A small entry in one write(2): copying it costs less than a system call.
+            return
+        yield head
+        yield stream
+        position = len(head) + len(stream)
+        table = bytearray()
+        for buffer in self.buffers:
+            pad = -position % _ALIGN
+            if pad:
+                yield bytes(pad)
+            # A big buffer's CRC is computed by a helper thread while this one
+            # writes it (zlib.crc32 releases the GIL): a serial CRC was half
+            # of a big miss. The write waits for the CRC only at the table.
+            crcs: list[int] = []
+            done = _thread.allocate_lock()
+            done.acquire()
+
+            def checksum(view: memoryview = buffer) -> None:
+                try:
+                    crcs.append(zlib.crc32(view))
+                finally:
+                    done.release()
+
+            _thread.start_new_thread(checksum, ())
+            for start in range(0, buffer.nbytes, _CHUNK):
+                yield buffer[start : start + _CHUNK]
+            done.acquire()
+            if not crcs:
+                raise MemoryError(f"the CRC-32 of a {buffer.nbytes}-byte buffer could not be computed")
+            table += _BUFFER_ROW.pack(buffer.nbytes, crcs[0])
+            position += pad + buffer.nbytes
+        if table:
+            table += zlib.crc32(table).to_bytes(4, "little")
+            yield table
+
+
+_host_name: list[str] = []  # socket.gethostname(), asked once per process.
+
+
+def _hostname() -> str:
+    if not _host_name:
+        import socket
+
+        _host_name.append(socket.gethostname())
+    return _host_name[0]
+
+
+def _encode_entry(
+    key: bytes, value: Any, expires: float = 0.0, protocol: int = 5, seconds: float = 0.0, compress: str | None = None
+) -> _Encoded:
+    """Pickle ``value`` for an entry file, with the ``seconds`` its computation
+    took, its stream compressed with the ``compress`` codec where that makes it
+    smaller; raises what pickling raises, before any file is made."""
+    meta = _META.pack(seconds) + _hostname().encode("utf-8")[:255]
+    if len(key) + len(meta) > _MAX_KEY:
+        raise ValueError(f"a cache key of {len(key)} bytes is too long; keys may have at most {_MAX_KEY} bytes")
+    buffers: list[memoryview] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        # True keeps a buffer in the stream: small ones, and any that is not contiguous.
+        if len(buffers) >= _MAX_BUFFERS:
+            return True
+        try:
+            view = buffer.raw()
+        except BufferError:
+            return True
+        if view.nbytes < _OUT_OF_BAND:
+            return True
+        buffers.append(view)
+        return False
+
+    if protocol < 5 or "numpy" not in sys.modules or _DatetimePickler is None:
+        stream = pickle.dumps(value, protocol=protocol, buffer_callback=out_of_band if protocol >= 5 else None)
+    else:
+        file = io.BytesIO()
+        _DatetimePickler(file, protocol, buffer_callback=out_of_band).dump(value)
+        stream = file.getvalue()
+    encoded = _Encoded(key, expires, stream, buffers, meta)
+    if compress is not None:
+        # Level 1 (zlib) and preset 1 (lzma): most of the gain on text for a fraction of the time.
+        packed = zlib.compress(stream, 1) if compress == "zlib" else _lzma().compress(stream, preset=1)
+        if len(packed) < len(stream):
+            encoded.stream, encoded.codec = packed, _CODECS[compress]
+    return encoded
+
+
+# How much of an entry a read takes: its head (header, key, and the buffer
+# table's structure), its value (the stream checked, the buffers read or
+# mapped), or a verification of every byte (the value itself is not kept).
+_HEAD, _VALUE, _VERIFY = 0, 1, 2
+_HEAD_READ = 512  # A head read asks for this much first: a header and a typical key.
+_FIRST_READ = 1 << 16  # A value read asks for this much first: most entries are whole in it.
+
+
+def _read_exactly(fd: int, view: memoryview) -> bool:
+    """Fill ``view`` from ``fd``'s current position; False if the file ends first."""
+    file = io.FileIO(fd, "r", closefd=False)
+    while view:
+        got = file.readinto(view)
+        if not got:
+            return False
+        view = view[got:]
+    return True
+
+
+def _crc_of_range(fd: int, start: int, length: int) -> int | None:
+    """The CRC-32 of ``length`` bytes at ``start``, read in pieces; None if the file ends first."""
+    os.lseek(fd, start, os.SEEK_SET)
+    piece = memoryview(bytearray(min(length, _CHUNK)))
+    crc = 0
+    while length:
+        view = piece[: min(length, len(piece))]
+        if not _read_exactly(fd, view):
+            return None
+        crc = zlib.crc32(view, crc)
+        length -= len(view)
+    return crc
+
+
+def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool) -> _Entry | None:
+    """The entry in the open file ``fd`` of ``size`` bytes, read to ``depth``; None if it is damage.
+
+    Nothing is allocated beyond what the header declares, and that is first
+    checked against the file's size (keys and tables also have fixed limits):
+    a huge or endless file reads as damage in bounded memory.
+    """
+    first = os.read(fd, _HEAD_READ if depth == _HEAD else _FIRST_READ)
+    if len(first) < _ENTRY_HEADER.size:
+        return None
+    magic, head_crc, created, expires, key_len, stream_len, stream_crc, count, flags = _ENTRY_HEADER.unpack_from(
+        first
+    )
+    key_end = _ENTRY_HEADER.size + key_len
+    stream_end = key_end + stream_len
+    table_len = count * _BUFFER_ROW.size + 4 if count else 0
+    meta = flags >> 16  # The metadata's length, at the end of the key area (0 in entries of 0.2).
+    if magic != _ENTRY_MAGIC or meta > key_len or 0 < meta < _META.size or key_len > _MAX_KEY or count > _MAX_BUFFERS:
+        return None
+    if stream_end + table_len > size:  # Checked before anything is allocated.
+        return None
+    head = memoryview(first)
+    if len(first) < key_end:
+        head = memoryview(bytearray(key_end))
+        head[: len(first)] = first
+        if not _read_exactly(fd, head[len(first) :]):
+            return None
+    if zlib.crc32(head[8:key_end]) != head_crc:
+        return None
+    found = bytes(head[_ENTRY_HEADER.size : key_end - meta])
+    if key is not None and found != key:
+        return None  # Another key with the same hash prefix (or a swapped file).
+    spans: list[tuple[int, int, int]] = []  # (offset, length, crc) of each buffer
+    position = stream_end
+    if count:
+        table = memoryview(bytearray(table_len))
+        os.lseek(fd, size - table_len, os.SEEK_SET)
+        if not _read_exactly(fd, table) or zlib.crc32(table[:-4]) != int.from_bytes(table[-4:], "little"):
+            return None
+        for length, crc in _BUFFER_ROW.iter_unpack(table[:-4]):
+            position += -position % _ALIGN
+            spans.append((position, length, crc))
+            position += length
+    if position + table_len != size:
+        return None  # Truncated, padded, or a table that does not fit the file.
+    entry = _Entry(found, created, expires)
+    if flags:
+        entry.flags, entry.meta = flags, head[key_end - meta : key_end]
+    if depth == _HEAD and (size > len(first) or count):
+        return entry
+    # The stream: from the first read when it is all there, else read after it.
+    if stream_end <= len(first):
+        stream: Any = memoryview(first)[key_end:stream_end]
+    else:
+        stream = memoryview(bytearray(stream_len))
+        have = max(0, len(first) - key_end)
+        stream[:have] = memoryview(first)[key_end : key_end + have]
+        os.lseek(fd, key_end + have, os.SEEK_SET)
+        if not _read_exactly(fd, stream[have:]):
+            return None
+    if zlib.crc32(stream) != stream_crc:
+        return None
+    if depth == _HEAD:
+        return entry  # A small entry, whole in the head read: checked for free.
+    if depth == _VERIFY:
+        for offset, length, crc in spans:
+            if _crc_of_range(fd, offset, length) != crc:
+                return None
+        return entry
+    entry.stream = stream
+    if not spans:
+        return entry
+    import mmap
+
+    if mapped:
+        # A private copy-on-write mapping: arrays over it are writable, their
+        # changes never reach the file, and since an entry file is only ever
+        # replaced by a rename, never changed in place, it stays valid after
+        # the entry is replaced or removed. Checked (issue 18): the one
+        # ftruncate in this module is a lock file's note (_KeyLock.note), and
+        # no O_TRUNC open exists. Another tool that truncates an entry in place
+        # makes the pages past the new end vanish: touching them is SIGBUS (mmap(2)).
+        whole = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
+        entry.buffers = [whole[offset : offset + length] for offset, length, _crc in spans]
+        return entry
+    for offset, length, _crc in spans:
+        # Anonymous memory, filled in place: bytearray(n) would first zero
+        # every page, one 4 KiB fault at a time (most of a big hit's time).
+        # Huge pages (madvise(2), MADV_HUGEPAGE; Linux) take a fault per
+        # 2 MiB; where they are missing the advice is skipped.
+        buffer = mmap.mmap(-1, length)
+        advise, huge = getattr(buffer, "madvise", None), getattr(mmap, "MADV_HUGEPAGE", None)
+        if advise is not None and huge is not None:
+            try:
+                advise(huge)
+            except OSError:  # EINVAL: a kernel built without transparent huge pages.
+                pass
+        os.lseek(fd, offset, os.SEEK_SET)
+        if not _read_exactly(fd, memoryview(buffer)):
+            return None
+        entry.buffers.append(buffer)
+    return entry
+
+
+# ---------------------------------------------------------------------------
+# Entry files: the store directory's data path
+#
+# donecache.open() keys live at <root>/<2 hex>/<32 hex>; a memoized
+# function's at <root>/<16 hex of its name>/<2 hex>/<32 hex>, so that one
+# function's entries are found, counted and cleared without touching any
+# other's. Safe for any number of threads and processes without locks: a
+# write is a rename, a read takes whichever version the name points to and
+# checks it.
+# ---------------------------------------------------------------------------
+
 _NAME_BYTES = 16  # An entry's file name is the hex of a BLAKE2b digest this long.
 _NAME_HEX = 2 * _NAME_BYTES
 _FOLDER_HEX = 16  # A memoized function's entries live in a folder named by 16 hex digits of its name.
@@ -2043,28 +2407,10 @@ _CACHEDIR_TAG = (
     b"# This file marks a donecache store (see https://bford.info/cachedir/).\n"
 )
 _STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions", ".failures", ".usage", ".sources"})
-
-# The size limit (max_bytes, in bytes on disk). The store's .lock file lends
-# byte 0 to the one process that sweeps the store and byte 1 to the running
-# total of its bytes in .usage; each other byte guards the computation of the
-# keys that hash to it (_key_byte).
+# The store's .lock file lends byte 0 to the one process that sweeps the store
+# and byte 1 to the running total of its bytes in .usage (see the size limit);
+# each other byte guards the computation of the keys that hash to it.
 _SWEEP_BYTE, _USAGE_BYTE, _FIRST_KEY_BYTE = 0, 1, 2
-# A writer that finds no room sweeps down to 80% (docs/size-limit.md).
-_LOW_WATER = 0.8
-# .usage: the total, the boot time and host of its last writer, the newest use
-# time of an entry a sweep evicted, and the number of sweeps begun.
-_USAGE = struct.Struct("<QdQdQ")
-_host_id: list[int] = []
-
-
-def _this_boot() -> tuple[float, int]:
-    """(boot time, host digest). A drift (a suspend, a clock step) costs only a needless recount."""
-    if not _host_id:
-        import hashlib
-        import socket
-
-        _host_id.append(int.from_bytes(hashlib.blake2b(socket.gethostname().encode(), digest_size=8).digest(), "little"))
-    return time.time() - time.monotonic(), _host_id[0]
 # An entry file's modification time is its last use: it is set when the entry
 # is written and again when a read finds it at least this many seconds old.
 # Atime cannot serve (noatime and relatime mounts do not keep it). With a
@@ -2077,16 +2423,8 @@ _USE_GRAIN_BOUNDED = 0.0
 _USE_GRAIN = 60.0
 
 
-def _disk_bytes(st: os.stat_result) -> int:
-    """The space a file takes on disk: its blocks (512 bytes each, as stat(2)
-    counts them), or its size where the system does not count blocks."""
-    blocks = getattr(st, "st_blocks", None)
-    return st.st_size if blocks is None else int(blocks) * 512
-
-
 def _check_max_bytes(max_bytes: Any) -> int | None:
-    """max_bytes as given, if it is None or a positive int; else a TypeError (another
-    type) or ValueError (an int below 1) that says what fits."""
+    """max_bytes as given if it is None or a positive int; else a TypeError or ValueError saying what fits."""
     if max_bytes is None or (isinstance(max_bytes, int) and not isinstance(max_bytes, bool) and max_bytes > 0):
         return max_bytes
     raise (ValueError if isinstance(max_bytes, int) and not isinstance(max_bytes, bool) else TypeError)(
@@ -2145,29 +2483,6 @@ def _is_hex(name: str, length: int) -> bool:
     return len(name) == length and set(name) <= _HEX
 
 
-def _runtime_imports() -> None:
-    """Import what reading and writing entries needs (see the imports at the top):
-    called where a store is opened or a function decorated or rebuilt."""
-    global pickle, collections, _by_value, _argument_codes, _DatetimePickler
-    import collections
-    import pickle
-
-    if _DatetimePickler is None:
-
-        class DatetimePickler(pickle.Pickler):  # Used while numpy is loaded: see _datetimes_out_of_band.
-            def reducer_override(self, obj: Any) -> Any:
-                return _datetimes_out_of_band(obj)
-
-        _DatetimePickler = DatetimePickler
-
-    if _by_value is None or _argument_codes is None:
-        import weakref
-
-        _by_value = weakref.WeakValueDictionary() if _by_value is None else _by_value
-        _argument_codes = weakref.WeakKeyDictionary() if _argument_codes is None else _argument_codes
-
-
-_DatetimePickler: type[pickle.Pickler] | None = None
 def _foreign_names(root: str, names: list[str] | None = None) -> bool:
     """True if the directory ``root`` holds names that donecache never makes in a store."""
     try:
@@ -2180,346 +2495,45 @@ def _foreign_names(root: str, names: list[str] | None = None) -> bool:
     )
 
 
-class _Entry:
-    """One entry file as read: its key and times, and (unless only its head was
-    read) the pickle stream and the out-of-band buffers that load() joins."""
-
-    __slots__ = ("key", "created", "expires", "stream", "buffers", "flags", "meta")
-
-    def __init__(self, key: bytes, created: float, expires: float) -> None:
-        self.key, self.created, self.expires = key, created, expires
-        self.stream: Any = b""
-        self.buffers: list[Any] = []
-        self.flags, self.meta = 0, _NO_META
-
-    def live(self, now: float) -> bool:
-        return not self.expires or now < self.expires
-
-    @property
-    def seconds(self) -> float:
-        """How long the computation of the value took (0.0 if not recorded: an older entry or a Store's)."""
-        return _seconds_of(self.meta)[0] if self.meta else 0.0
-
-    @property
-    def host(self) -> str:
-        return bytes(self.meta[_META.size :]).decode("utf-8", "replace")
-
-    def load(self) -> Any:
-        """The value; raises what unpickling raises (code that changed since)."""
-        stream = self.stream
-        if self.flags & 0xFF:  # Decompression errors raise as unpickling's do: a miss.
-            stream = (zlib if self.flags & 0xFF == 1 else _lzma()).decompress(stream)
-        return pickle.loads(stream, buffers=self.buffers)
+class _Untrusted(PermissionError):
+    """A store that another user could have written to (see _check_trusted)."""
 
 
-def _lzma() -> Any:
-    import lzma
-
-    return lzma
-
-
-class _Encoded:
-    """A value pickled for an entry file: the stream, and the big buffers kept
-    out of it (views of the value's own memory, not copies)."""
-
-    __slots__ = ("key", "expires", "stream", "buffers", "created", "meta", "codec")
-
-    def __init__(self, key: bytes, expires: float, stream: bytes, buffers: list[memoryview]) -> None:
-        self.key, self.expires, self.stream, self.buffers = key, expires, stream, buffers
-        self.created = 0.0  # Set by chunks(), when the header is made.
-        self.meta, self.codec = b"", 0
-
-    def nbytes(self) -> int:
-        """The size of the file that chunks() makes (at most a few bytes more)."""
-        rows = sum(buffer.nbytes + _ALIGN + _BUFFER_ROW.size for buffer in self.buffers)
-        return _ENTRY_HEADER.size + len(self.key) + len(self.meta) + len(self.stream) + rows + 4
-
-    def chunks(self) -> Iterator[Any]:
-        """The file's bytes, in pieces for _write_bytes: each buffer's CRC is
-        computed piece by piece, just before the piece is written."""
-        key, stream, meta = self.key, self.stream, self.meta
-        self.created = time.time()
-        head = bytearray(
-            _ENTRY_HEADER.pack(
-                _ENTRY_MAGIC, 0, self.created, self.expires, len(key) + len(meta), len(stream),
-                zlib.crc32(stream), len(self.buffers), self.codec | len(meta) << 16,
+def _check_trusted(root: str, st: os.stat_result) -> None:
+    """Refuse a store directory (or a link to it) that another user could have
+    written to: its entries are pickles, and loading one runs the code its
+    writer chose (issue 18). The directories above it are not checked."""
+    link = os.lstat(root)
+    for what, found in [("cache directory", st)] + ([("symbolic link", link)] if stat.S_ISLNK(link.st_mode) else []):
+        why = _untrusted(found)
+        if why:
+            raise _Untrusted(
+                errno.EACCES,
+                f"the {what} {root!r} {why}; loading its entries would run code that another user could have "
+                f"written. Use a cache directory of your own (chmod go-w it, if it is yours and group or others "
+                f"may write), or pass trust_shared=True if you trust everyone who can write to it (docs/security.md)",
+                root,
             )
-        )
-        head += key + meta
-        head[4:8] = zlib.crc32(memoryview(head)[8:]).to_bytes(4, "little")
-        if not self.buffers and len(stream) < _OUT_OF_BAND:
-            yield head + stream  # A small entry in one write(2): copying it costs less than a system call.
-            return
-        yield head
-        yield stream
-        position = len(head) + len(stream)
-        table = bytearray()
-        for buffer in self.buffers:
-            pad = -position % _ALIGN
-            if pad:
-                yield bytes(pad)
-            # A big buffer's CRC is computed by a helper thread while this one
-            # writes it (zlib.crc32 releases the GIL): a serial CRC was half
-            # of a big miss. The write waits for the CRC only at the table.
-            crcs: list[int] = []
-            done = _thread.allocate_lock()
-            done.acquire()
-
-            def checksum(view: memoryview = buffer) -> None:
-                try:
-                    crcs.append(zlib.crc32(view))
-                finally:
-                    done.release()
-
-            _thread.start_new_thread(checksum, ())
-            for start in range(0, buffer.nbytes, _CHUNK):
-                yield buffer[start : start + _CHUNK]
-            done.acquire()
-            if not crcs:
-                raise MemoryError(f"the CRC-32 of a {buffer.nbytes}-byte buffer could not be computed")
-            table += _BUFFER_ROW.pack(buffer.nbytes, crcs[0])
-            position += pad + buffer.nbytes
-        if table:
-            table += zlib.crc32(table).to_bytes(4, "little")
-            yield table
 
 
-_host_name: list[str] = []  # socket.gethostname(), asked once per process.
-
-
-def _encode_entry(
-    key: bytes, value: Any, expires: float = 0.0, protocol: int = 5, seconds: float = 0.0, compress: str | None = None
-) -> _Encoded:
-    """Pickle ``value`` for an entry file, with the ``seconds`` its computation
-    took, its stream compressed with the ``compress`` codec where that makes it
-    smaller; raises what pickling raises, before any file is made."""
-    if not _host_name:
-        import socket
-
-        _host_name.append(socket.gethostname())
-    meta = _META.pack(seconds) + _host_name[0].encode("utf-8")[:255]
-    if len(key) + len(meta) > _MAX_KEY:
-        raise ValueError(f"a cache key of {len(key)} bytes is too long; keys may have at most {_MAX_KEY} bytes")
-    buffers: list[memoryview] = []
-
-    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
-        # True keeps a buffer in the stream: small ones, and any that is not contiguous.
-        if len(buffers) >= _MAX_BUFFERS:
-            return True
+def _record_use(path: str, fd: int = -1) -> int | None:
+    """Set an entry file's modification time to now, a use (see _USE_GRAIN):
+    through ``fd`` if given (futimens(2): no second lookup of a path that a
+    rename may have changed since), else by name. The time set, to the
+    nanosecond (see _recent); 0 if it is not known; None if nothing was set."""
+    try:
+        if fd >= 0:
+            _touch(fd, path)
+            return 0
+        now = time.time_ns()
         try:
-            view = buffer.raw()
-        except BufferError:
-            return True
-        if view.nbytes < _OUT_OF_BAND:
-            return True
-        buffers.append(view)
-        return False
-
-    if protocol < 5 or "numpy" not in sys.modules or _DatetimePickler is None:
-        stream = pickle.dumps(value, protocol=protocol, buffer_callback=out_of_band if protocol >= 5 else None)
-    else:
-        file = io.BytesIO()
-        _DatetimePickler(file, protocol, buffer_callback=out_of_band).dump(value)
-        stream = file.getvalue()
-    encoded = _Encoded(key, expires, stream, buffers)
-    encoded.meta = meta
-    if compress is not None:
-        # Level 1 (zlib) and preset 1 (lzma): most of the gain on text for a fraction of the time.
-        packed = zlib.compress(stream, 1) if compress == "zlib" else _lzma().compress(stream, preset=1)
-        if len(packed) < len(stream):
-            encoded.stream, encoded.codec = packed, _CODECS[compress]
-    return encoded
-
-
-def _check_compress(compress: Any) -> str | None:
-    """compress= as a codec name, or None; False/None: off, True: zlib."""
-    if compress is None or compress is False:
-        return None
-    if compress is True or compress in _CODECS:
-        return "zlib" if compress is True else str(compress)
-    raise ValueError(f"compress must be False, True, 'zlib' or 'lzma' (stdlib codecs), not {compress!r}")
-
-
-def _datetimes_out_of_band(obj: Any) -> Any:
-    """NumPy pickles datetime64 and timedelta64 arrays inside the stream (no
-    PickleBuffer for them): a big one (a pandas datetime block) goes as its
-    int64 view, out of band, and comes back as ndarray.view(that, its dtype).
-    Nothing of donecache's is named in the pickle."""
-    ndarray = sys.modules["numpy"].ndarray
-    if (
-        type(obj) is ndarray
-        and obj.dtype.kind in "mM"
-        and obj.nbytes >= _OUT_OF_BAND
-        and (obj.flags.c_contiguous or obj.flags.f_contiguous)
-    ):
-        return ndarray.view, (obj.view("i8"), obj.dtype)
-    return NotImplemented
-
-
-# How much of an entry a read takes: its head (header, key, and the buffer
-# table's structure), its value (the stream checked, the buffers read or
-# mapped), or a verification of every byte (the value itself is not kept).
-_HEAD, _VALUE, _VERIFY = 0, 1, 2
-_HEAD_READ = 512  # A head read asks for this much first: a header and a typical key.
-_FIRST_READ = 1 << 16  # A value read asks for this much first: most entries are whole in it.
-
-
-def _read_exactly(fd: int, view: memoryview) -> bool:
-    """Fill ``view`` from ``fd``'s current position; False if the file ends first."""
-    file = io.FileIO(fd, "r", closefd=False)
-    while view:
-        got = file.readinto(view)
-        if not got:
-            return False
-        view = view[got:]
-    return True
-
-
-def _crc_of_range(fd: int, start: int, length: int) -> int | None:
-    """The CRC-32 of ``length`` bytes at ``start``, read in pieces (memory stays
-    small whatever the size); None if the file ends first."""
-    os.lseek(fd, start, os.SEEK_SET)
-    piece = memoryview(bytearray(min(length, _CHUNK)))
-    crc = 0
-    while length:
-        view = piece[: min(length, len(piece))]
-        if not _read_exactly(fd, view):
-            return None
-        crc = zlib.crc32(view, crc)
-        length -= len(view)
-    return crc
-
-
-def _read_old_entry(fd: int, first: bytes, size: int, key: bytes | None, depth: int) -> _Entry | None:
-    """A format 1 entry (written by donecache 0.1), whole or None: still served.
-    Its one CRC covers everything, so a head read of a big one checks only the
-    lengths against the file's size."""
-    if len(first) < _OLD_HEADER.size:
-        return None
-    _magic, crc, created, expires, key_len, value_len = _OLD_HEADER.unpack_from(first)
-    key_end = _OLD_HEADER.size + key_len
-    if key_end + value_len != size or key_len > _MAX_KEY:
-        return None
-    whole = depth != _HEAD or size <= len(first)
-    data = memoryview(bytearray(size if whole else max(key_end, len(first))))
-    data[: len(first)] = first
-    if len(first) < len(data) and not _read_exactly(fd, data[len(first) :]):
-        return None
-    if whole and crc != zlib.crc32(data[8:]):
-        return None
-    found = bytes(data[_OLD_HEADER.size : key_end])
-    if key is not None and found != key:
-        return None
-    entry = _Entry(found, created, expires)
-    if depth == _VALUE:
-        entry.stream = data[key_end:]
-    return entry
-
-
-def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool) -> _Entry | None:
-    """The entry in the open file ``fd`` of ``size`` bytes, read to ``depth``; None if it is damage.
-
-    Nothing is allocated beyond what the header declares, and that is first
-    checked against the file's size (keys and tables also have fixed limits):
-    a huge or endless file reads as damage in bounded memory.
-    """
-    first = os.read(fd, _HEAD_READ if depth == _HEAD else _FIRST_READ)
-    if first[:4] == _OLD_MAGIC:
-        return _read_old_entry(fd, first, size, key, depth)
-    if len(first) < _ENTRY_HEADER.size:
-        return None
-    magic, head_crc, created, expires, key_len, stream_len, stream_crc, count, flags = _ENTRY_HEADER.unpack_from(
-        first
-    )
-    key_end = _ENTRY_HEADER.size + key_len
-    stream_end = key_end + stream_len
-    table_len = count * _BUFFER_ROW.size + 4 if count else 0
-    meta = flags >> 16  # The metadata's length, at the end of the key area (0 in entries of 0.2).
-    if magic != _ENTRY_MAGIC or meta > key_len or 0 < meta < _META.size or key_len > _MAX_KEY or count > _MAX_BUFFERS:
-        return None
-    if stream_end + table_len > size:
-        return None
-    head = memoryview(first)
-    if len(first) < key_end:
-        head = memoryview(bytearray(key_end))
-        head[: len(first)] = first
-        if not _read_exactly(fd, head[len(first) :]):
-            return None
-    if zlib.crc32(head[8:key_end]) != head_crc:
-        return None
-    found = bytes(head[_ENTRY_HEADER.size : key_end - meta])
-    if key is not None and found != key:
-        return None  # Another key with the same hash prefix (or a swapped file).
-    spans: list[tuple[int, int, int]] = []  # (offset, length, crc) of each buffer
-    position = stream_end
-    if count:
-        table = memoryview(bytearray(table_len))
-        os.lseek(fd, size - table_len, os.SEEK_SET)
-        if not _read_exactly(fd, table) or zlib.crc32(table[:-4]) != int.from_bytes(table[-4:], "little"):
-            return None
-        for length, crc in _BUFFER_ROW.iter_unpack(table[:-4]):
-            position += -position % _ALIGN
-            spans.append((position, length, crc))
-            position += length
-    if position + table_len != size:
-        return None  # Truncated, padded, or a table that does not fit the file.
-    entry = _Entry(found, created, expires)
-    if flags:
-        entry.flags, entry.meta = flags, head[key_end - meta : key_end]
-    if depth == _HEAD and (size > len(first) or count):
-        return entry
-    # The stream: from the first read when it is all there, else read after it.
-    if stream_end <= len(first):
-        stream: Any = memoryview(first)[key_end:stream_end]
-    else:
-        stream = memoryview(bytearray(stream_len))
-        have = max(0, len(first) - key_end)
-        stream[:have] = memoryview(first)[key_end : key_end + have]
-        os.lseek(fd, key_end + have, os.SEEK_SET)
-        if not _read_exactly(fd, stream[have:]):
-            return None
-    if zlib.crc32(stream) != stream_crc:
-        return None
-    if depth == _HEAD:
-        return entry  # A small entry, whole in the head read: checked for free.
-    if depth == _VERIFY:
-        for offset, length, crc in spans:
-            if _crc_of_range(fd, offset, length) != crc:
-                return None
-        return entry
-    entry.stream = stream
-    if spans and mapped:
-        import mmap
-
-        # A private copy-on-write mapping: arrays over it are writable, their
-        # changes never reach the file, and since an entry file is only ever
-        # replaced by a rename, never changed in place, it stays valid after
-        # the entry is replaced or removed. Checked (issue 18): the one
-        # ftruncate in this module is a lock file's note (_KeyLock.note), and
-        # no O_TRUNC open exists. Another tool that truncates an entry in place
-        # makes the pages past the new end vanish: touching them is SIGBUS (mmap(2)).
-        whole = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
-        entry.buffers = [whole[offset : offset + length] for offset, length, _crc in spans]
-    else:
-        import mmap
-
-        for offset, length, _crc in spans:
-            # Anonymous memory, filled in place: bytearray(n) would first zero
-            # every page, one 4 KiB fault at a time (most of a big hit's time).
-            # Huge pages (madvise(2), MADV_HUGEPAGE; Linux) take a fault per
-            # 2 MiB; where they are missing the advice is skipped.
-            buffer = mmap.mmap(-1, length)
-            advise, huge = getattr(buffer, "madvise", None), getattr(mmap, "MADV_HUGEPAGE", None)
-            if advise is not None and huge is not None:
-                try:
-                    advise(huge)
-                except OSError:  # EINVAL: a kernel built without transparent huge pages.
-                    pass
-            os.lseek(fd, offset, os.SEEK_SET)
-            if not _read_exactly(fd, memoryview(buffer)):
-                return None
-            entry.buffers.append(buffer)
-    return entry
+            os.utime(path, ns=(now, now), follow_symlinks=False)
+            return now
+        except PermissionError:  # Group-writable, not ours: only "now" may be set.
+            os.utime(path, None, follow_symlinks=False)
+            return 0
+    except OSError:
+        return None  # A store this process may read but not change: the use goes unrecorded.
 
 
 # Entry files are opened without following symlinks: donecache never makes one,
@@ -2531,15 +2545,11 @@ _ENTRY_FLAGS = _READ_FLAGS | _NOFOLLOW
 def _load_entry(
     path: str, key: bytes | None = None, depth: int = _VALUE, mapped: bool = False, touch_before: float = 0.0
 ) -> tuple[_Entry | None, os.stat_result | None]:
-    """Read the entry file at ``path`` to ``depth`` (_HEAD, _VALUE or _VERIFY).
-
-    (entry, stat) if it is a whole entry (for ``key``, when given); (None, stat)
-    if it is damage: not a regular file, or not a whole entry; (None, None) if
-    there is nothing there. Any other OSError (ESTALE, EIO, EACCES) propagates:
-    the file could not be judged (callers retry ESTALE with _retry_stale). ``mapped`` maps the big buffers of a value
-    instead of reading them. A whole entry last modified before ``touch_before``
-    (a Unix time) has its modification time set to now: a use is recorded.
-    """
+    """Read the entry file at ``path`` to ``depth`` (_HEAD, _VALUE or _VERIFY): (entry, stat)
+    if it is a whole entry (for ``key``, when given); (None, stat) if it is damage (not a
+    regular file, or not a whole entry); (None, None) if there is nothing there. Other
+    OSErrors (ESTALE, EIO, EACCES) propagate: the file could not be judged. ``mapped``: as
+    _read_entry. A whole entry last modified before ``touch_before`` is used now."""
     try:
         fd, st = _open_regular(path, _ENTRY_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
@@ -2549,10 +2559,7 @@ def _load_entry(
     try:
         entry = _read_entry(fd, st.st_size, key, depth, mapped)
         if entry is not None and st.st_mtime < touch_before:
-            try:
-                _touch(fd, path)
-            except OSError:
-                pass  # A store this process may read but not change: the use goes unrecorded.
+            _record_use(path, fd)
         return entry, st
     finally:
         os.close(fd)
@@ -2628,16 +2635,6 @@ class _Found:
         self.path, self.entry, self.stat, self.folder = path, entry, stat, folder
 
 
-class _Swept:
-    """What a sweep evicted: how many entries, their bytes on disk, the newest use among them."""
-
-    __slots__ = ("entries", "bytes", "newest")
-
-    def __init__(self) -> None:
-        self.entries = self.bytes = 0
-        self.newest = 0.0
-
-
 # Recently read small entries of memoized functions, kept in process as the
 # bytes of their pickle (never the object: each hit unpickles afresh, so a
 # caller that changes its result cannot change the next hit), by file path. A
@@ -2663,58 +2660,12 @@ def _stamp(st: os.stat_result, mtime_ns: int | None = None) -> tuple[int, ...]:
     return (st.st_ino, st.st_dev, st.st_size, mtime, st.st_uid, st.st_mode)
 
 
-def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _Entry | None:
-    """_load_entry(path, key, _VALUE, mapped, touch_before)[0], through _recent."""
-    try:
-        st: os.stat_result | None = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError:
-        st = None  # ESTALE, EIO...: judged by the full read (which retries ESTALE).
-    kept = _recent.get(path) if st is not None else None
-    if (
-        kept is not None
-        and st is not None
-        and kept[0] == (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_uid, st.st_mode)  # _stamp(st), inline
-        and kept[1].key == key
-    ):
-        if st.st_mtime >= touch_before:
-            return kept[1]
-        entry: _Entry | None = kept[1]
-    else:
-        kept = None
-        entry, read = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped))
-        if entry is None or read is None:
-            return entry
-        st = read
-    assert entry is not None
-    small = not entry.buffers and len(entry.stream) <= _RECENT_SIZE
-    stamp = _stamp(st) if small and st.st_mtime_ns < time.time_ns() - _RECENT_SETTLED else None
-    if st.st_mtime < touch_before:  # Record the use, at a time this process then knows.
-        now = time.time_ns()
-        try:
-            os.utime(path, ns=(now, now), follow_symlinks=False)
-            stamp = _stamp(st, now) if small else None
-        except PermissionError:  # Group-writable, not ours: only "now" may be set.
-            stamp = None
-            try:
-                os.utime(path, None, follow_symlinks=False)
-            except OSError:
-                pass
-        except OSError:
-            pass  # A read-only store: the use goes unrecorded.
-    if stamp is None:
-        _recent.pop(path, None)
-    elif kept is None:
-        entry.stream = bytes(entry.stream)  # Not a view that holds the whole first read.
-        _keep_recent(path, stamp, entry)
-    else:
-        _recent[path] = (stamp, entry)
-    return entry
-
-
-def _keep_recent(path: str, stamp: tuple[int, ...], entry: _Entry) -> None:
+def _keep_recent(path: str, stamp: tuple[int, ...] | None, entry: _Entry) -> None:
+    """Keep a small ``entry`` in _recent as the file that ``stamp`` describes (None: forget it)."""
     _recent.pop(path, None)  # Inserted again, as the newest.
+    if stamp is None or entry.buffers or len(entry.stream) > _RECENT_SIZE:
+        return
+    entry.stream = bytes(entry.stream)  # Not a view that holds the whole first read.
     if len(_recent) >= _RECENT_COUNT:
         # The oldest quarter at once: a dict's first key is found past the
         # slots of keys deleted before it, so dropping one at a time is slow.
@@ -2726,42 +2677,46 @@ def _keep_recent(path: str, stamp: tuple[int, ...], entry: _Entry) -> None:
     _recent[path] = (stamp, entry)
 
 
-class _Untrusted(PermissionError):
-    """A store that another user could have written to (see _check_trusted)."""
+def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _Entry | None:
+    """_EntryDir.read() on a local filesystem: through _recent, by one lstat(2) when the entry is kept."""
+    try:
+        st: os.stat_result | None = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        st = None  # ESTALE, EIO...: judged by the full read (which retries ESTALE).
+    kept = _recent.get(path) if st is not None else None
+    if (
+        kept is not None
+        and st is not None
+        and kept[0] == (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_uid, st.st_mode)  # _stamp(st)
+        and kept[1].key == key
+    ):
+        if st.st_mtime >= touch_before:
+            return kept[1]
+        entry: _Entry | None = kept[1]
+    else:
+        kept = None
+        entry, st = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped))
+        if entry is None or st is None:
+            return entry
+    assert entry is not None and st is not None
+    used = _record_use(path) if st.st_mtime < touch_before else None
+    if used:
+        stamp: tuple[int, ...] | None = _stamp(st, used)
+    elif used is None and st.st_mtime_ns < time.time_ns() - _RECENT_SETTLED:
+        stamp = _stamp(st)
+    else:
+        stamp = None  # Touched at a time not known, or too new to vouch for.
+    if kept is not None and stamp is not None:
+        _recent[path] = (stamp, entry)
+    else:
+        _keep_recent(path, stamp, entry)
+    return entry
 
 
-def _check_trusted(root: str, st: os.stat_result) -> None:
-    """Refuse a store directory (or a link to it) that another user could have
-    written to: its entries are pickles, and loading one runs the code its
-    writer chose (issue 18). The directories above it are not checked."""
-    link = os.lstat(root)
-    for what, found in [("cache directory", st)] + ([("symbolic link", link)] if stat.S_ISLNK(link.st_mode) else []):
-        why = _untrusted(found)
-        if why:
-            raise _Untrusted(
-                errno.EACCES,
-                f"the {what} {root!r} {why}; loading its entries would run code that another user could have "
-                f"written. Use a cache directory of your own (chmod go-w it, if it is yours and group or others "
-                f"may write), or pass trust_shared=True if you trust everyone who can write to it (docs/security.md)",
-                root,
-            )
-
-
-class _EntryFiles:
-    """The directory of a store: where entries live, and their upkeep.
-
-    donecache.open() keys live at <root>/<2 hex>/<32 hex>; a memoized
-    function's at <root>/<16 hex of its name>/<2 hex>/<32 hex>, so that one
-    function's entries are found, counted and cleared without touching any
-    other's.
-
-    Safe for any number of threads and processes without locks: a write is a
-    rename, a read takes whichever version the name points to and checks it.
-
-    With ``max_bytes``, each write reserves its bytes on disk in a running
-    total kept in .usage, shared by every process that writes with a limit,
-    before it creates a file; a writer that finds no room sweeps (see sweep()).
-    """
+class _EntryDir:
+    """A store's directory: where entries live, and how they are read, written, listed and removed."""
 
     def __init__(
         self, path: StrPath, flag: str, durable: bool, max_bytes: int | None = None, trust_shared: bool = False
@@ -2828,7 +2783,7 @@ class _EntryFiles:
         if not self.readonly:
             self._label()
         self.lock_path = os.path.join(os.path.realpath(self.root), ".lock")
-        self._block = getattr(os.stat(self.root), "st_blksize", 0) or 4096
+        self._block = getattr(st, "st_blksize", 0) or 4096
         self.horizon = 0.0  # The newest use time of an entry evicted, as .usage last said.
         if flag == "n":
             self.clear()
@@ -2861,125 +2816,16 @@ class _EntryFiles:
             except OSError:
                 pass  # Labels are a courtesy; a read-only store works without them.
 
-    # Each memoized function's current code identity, one small JSON file per
-    # function under .functions/, so that `info` and `prune --stale` can tell
-    # the entries of older code without running or importing anything.
-
-    def _identity_file(self, function: str) -> str:
-        return os.path.join(self.root, ".functions", self.folder(function)[:_FOLDER_HEX])
-
-    def folder(self, function: str) -> str:
-        """Where a memoized function's entries live, relative to the root (with a trailing separator)."""
-        name: str = self._blake2b(function.encode("utf-8"), digest_size=_FOLDER_HEX // 2).hexdigest()
-        return name + os.sep
-
-    # The failure ledger: one small JSON file per failed input of a batch, under
-    # .failures/<function's folder>/<the entry's name>.json, written as the
-    # failure happens and removed when that input succeeds. JSON, never a
-    # pickle: listing failures runs nothing.
-
-    def _failure_file(self, slot: _Slot) -> str:
-        # Slots are <root>/[<folder>/]<2 hex>/<name>: string slicing, no relpath per success.
-        folder, name = slot.path[len(self._prefix) : -(_NAME_HEX + 3)], slot.path[-_NAME_HEX:]
-        return f"{self._prefix}.failures{os.sep}{folder or '.' + os.sep}{name}.json"
-
-    def record_failure(self, slot: _Slot, record: dict[str, Any]) -> None:
-        import json
-
-        path = self._failure_file(slot)
-        _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
-        _write_bytes(path, json.dumps(record, indent=1).encode("utf-8"), durable=self.durable)
-
-    def forget_failure(self, slot: _Slot) -> None:
-        try:
-            os.unlink(self._failure_file(slot))
-        except (FileNotFoundError, NotADirectoryError):
-            pass
-
-    def failure(self, slot: _Slot) -> dict[str, Any] | None:
-        return _read_json(self._failure_file(slot))
-
-    def failures(self, folder: str | None = None) -> list[dict[str, Any]]:
-        """The failure records (of one function's ``folder``), oldest first."""
-        found = [record for _path, record in self._failure_records(folder)]
-        return sorted(found, key=lambda record: float(record.get("time") or 0))
-
-    def _failure_records(self, folder: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
-        top = os.path.join(self.root, ".failures")
-        for directory in [os.path.join(top, folder)] if folder else [e.path for e in _scandir(top) if e.is_dir()]:
-            for entry in _scandir(directory):
-                record = _read_json(entry.path) if entry.name.endswith(".json") else None
-                if record is not None:
-                    yield entry.path, record
-
-    def drop_failures(self, drop: Callable[[dict[str, Any]], bool], folder: str | None = None) -> int:
-        """Remove the failure records that ``drop`` accepts; how many were removed."""
-        self._writable()
-        removed = 0
-        for path, record in list(self._failure_records(folder)):
-            if drop(record):
-                try:
-                    os.unlink(path)
-                    removed += 1
-                except FileNotFoundError:
-                    pass
-        return removed
-
-    def record_identity(self, function: str, identity: str, code: str = "") -> float | None:
-        """Record the identity this process runs under, and the code digests seen
-        under it with when each was first seen. Returns when ``code`` was first
-        seen if other code was seen before it (entries older than that came from
-        other code: a pinned version=), else None."""
-        import json
-
-        path = self._identity_file(function)
-        record = _read_json(path) or {}
-        same = record.get("identity") == identity
-        codes = record.get("codes") if same else None
-        codes = dict(codes) if isinstance(codes, dict) else {}
-        since = codes.get(code)
-        if not isinstance(since, (int, float)):
-            since = time.time()
-            if code:
-                codes[code] = since
-                codes = dict(sorted(codes.items(), key=lambda item: float(item[1]))[-50:])  # Bounded.
-            if code or not same:
-                data = {"function": function, "identity": identity, "recorded": since, "codes": codes}
-                try:
-                    _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
-                    _write_bytes(path, json.dumps(data).encode("utf-8"), durable=self.durable)
-                except OSError:
-                    pass  # Only `info`, `prune --stale` and the warning use it; a read-only store still serves.
-        older = any(isinstance(t, (int, float)) and t < since for t in codes.values())
-        return float(since) if code and older else None
-
-    def identities(self) -> dict[str, str]:
-        """function -> its current code identity, as the last process that ran it recorded."""
-        import json
-
-        folder = os.path.join(self.root, ".functions")
-        found: dict[str, str] = {}
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            return found
-        for name in names:
-            try:
-                fd, _st = _open_regular(os.path.join(folder, name))
-                try:
-                    record = json.loads(os.read(fd, 1 << 16))
-                finally:
-                    os.close(fd)
-                found[str(record["function"])] = str(record["identity"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # Damaged or foreign: it only costs the stale count.
-        return found
-
     def _writable(self) -> None:
         if self.readonly:
             raise PermissionError(
                 errno.EACCES, f"cache {self.root!r} was opened with flag='r'; open it with flag='c' to write", self.root
             )
+
+    def folder(self, function: str) -> str:
+        """Where a memoized function's entries live, relative to the root (with a trailing separator)."""
+        name: str = self._blake2b(function.encode("utf-8"), digest_size=_FOLDER_HEX // 2).hexdigest()
+        return name + os.sep
 
     def slot(self, key: bytes, folder: str = "") -> _Slot:
         digest = self._blake2b(key, digest_size=_NAME_BYTES).hexdigest()
@@ -3029,17 +2875,17 @@ class _EntryFiles:
             except OSError:
                 pass
 
-        keep = recent and self._trusted and not encoded.buffers and len(encoded.stream) <= _RECENT_SIZE
-        reserved, sweeps = (0, 0) if self.max_bytes is None else self._bounded(lambda: self._reserve(encoded.nbytes()))
+        small = recent and self._trusted and not encoded.buffers and len(encoded.stream) <= _RECENT_SIZE
+        keep = written if small else None
         try:
             try:
-                _write_bytes(path, encoded.chunks(), durable=self.durable, written=written if keep else None)
+                _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
             except FileNotFoundError:  # First entry in this folder (or the store was removed).
                 _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
-                _write_bytes(path, encoded.chunks(), durable=self.durable, written=written if keep else None)
+                _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
             except IsADirectoryError:  # Damage: something made a directory of an entry's name.
                 _remove_path(path)
-                _write_bytes(path, encoded.chunks(), durable=self.durable, written=written if keep else None)
+                _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
             except NotADirectoryError:  # Damage: a file where a folder should be.
                 folder = self.root
                 for part in os.path.relpath(os.path.dirname(path), self.root).split(os.sep):
@@ -3049,33 +2895,153 @@ class _EntryFiles:
                 _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
                 _write_bytes(path, encoded.chunks(), durable=self.durable)
         except OSError as exc:
-            if reserved:
-                self._usage(lambda total: None if total is None else total - reserved)
             raise _reraise_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
         if stamps:
-            entry = _Entry(encoded.key, encoded.created, encoded.expires)
-            entry.stream = encoded.stream  # As read back: compressed (the codec in flags), with its metadata.
-            entry.flags, entry.meta = encoded.codec | len(encoded.meta) << 16, memoryview(encoded.meta)
-            _keep_recent(path, stamps[-1], entry)
-        if reserved:
-            try:
-                size = _disk_bytes(os.stat(path))
-            except FileNotFoundError:
-                size = 0  # Already evicted or removed by another process.
-            # Count what the file really takes; if a sweep began meanwhile, its
-            # count may have missed this file: count it again (too much is safe).
-            seen: list[int] = []
-            self._bounded(lambda: self._usage(
-                lambda total: None if total is None else total + size - (reserved if seen[0] == sweeps else 0), seen=seen
-            ))
+            _keep_recent(path, stamps[-1], encoded.as_read())
 
-    def _bounded(self, work: Callable[[], Any]) -> Any:
+    def _synced(self, folders: Iterable[str]) -> None:
+        """With durable, flush the folders whose entries were removed: a removal,
+        like a rename, is durable only once its directory is (issue 18 item 12d)."""
+        if self.durable:
+            for folder in sorted(folders):
+                _fsync_dir(folder)
+
+    def delete(self, key: bytes, slot: _Slot | None = None) -> bool:
+        """Remove the entry file that ``key`` names (whatever state it is in); True if there was one."""
+        self._writable()
+        path = (slot or self.slot(key)).path
         try:
-            return work()
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        self._synced([os.path.dirname(path)])  # A value deleted because it was wrong stays deleted.
+        return True
+
+    def folders(self) -> list[str]:
+        """The function folders (their names, no separator)."""
+        try:
+            return sorted(
+                e.name for e in os.scandir(self.root) if _is_hex(e.name, _FOLDER_HEX) and e.is_dir(follow_symlinks=False)
+            )
+        except OSError:
+            return []
+
+    def files(self, folder: str | None = None) -> Iterator[tuple[str, str]]:
+        """(path, folder) of every entry file, valid or not (no temporary files): all, or those of
+        one folder ("" for the top level, else a name from folders())."""
+        for name in self.folders() if folder is None else [folder.rstrip(os.sep)]:
+            if name:
+                yield from self._shard_files(os.path.join(self.root, name), name)
+        if not folder:
+            yield from self._shard_files(self.root, "")
+
+    def _shard_files(self, directory: str, folder: str) -> Iterator[tuple[str, str]]:
+        try:
+            shards = [e for e in os.scandir(directory) if _is_hex(e.name, 2)]
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        shards = [e for e in shards if e.is_dir(follow_symlinks=False)]
+        for shard in sorted(shards, key=lambda e: e.name):
+            try:
+                names = os.listdir(shard.path)
+            except OSError:
+                continue
+            for name in names:
+                if _is_hex(name, _NAME_HEX) and name.startswith(shard.name):
+                    yield os.path.join(shard.path, name), folder
+
+    def scan(self, folder: str | None = None) -> Iterator[_Found]:
+        """Every entry file (of ``folder``, as for files()) with its head (a bounded read), or None
+        where it is damaged or filed under another key's name. Expired entries are included."""
+        for path, where in self.files(folder):
+            try:
+                entry, st = _retry_stale(lambda: _load_entry(path, None, _HEAD))
+            except OSError:
+                yield _Found(path, None, None, where)
+                continue
+            if st is None:
+                continue  # Removed since the listing.
+            if entry is not None and not path.endswith(self._blake2b(entry.key, digest_size=_NAME_BYTES).hexdigest()):
+                entry = None
+            yield _Found(path, entry, st, where)
+
+    def clear(self, match: Callable[[bytes], bool] | None = None, folder: str | None = None) -> int:
+        """Remove the entries (of ``folder``; those whose key ``match`` accepts); return how many."""
+        self._writable()
+        removed, folders = 0, set[str]()
+        try:
+            if match is not None:
+                for found in self.scan(folder):
+                    if found.entry is not None and found.stat is not None and match(found.entry.key):
+                        if _remove_judged(found.path, found.stat):
+                            removed += 1
+                            folders.add(os.path.dirname(found.path))
+                self._synced(folders)
+                return removed
+            for path, _folder in list(self.files(folder)):
+                try:
+                    os.unlink(path)
+                    removed += 1
+                    folders.add(os.path.dirname(path))
+                except (FileNotFoundError, IsADirectoryError):
+                    pass  # Removed by another process first, or damage that prune() removes.
+                except PermissionError as exc:
+                    if exc.errno in _READ_ONLY:
+                        raise
+                    # EPERM: a directory at an entry's name (macOS); prune() removes it.
+            self._synced(folders)
         except OSError as exc:
-            raise _reraise_about(
-                exc, self.root, f"keep the cache within max_bytes={self.max_bytes}", "check that it is writable"
-            ) from exc
+            raise _reraise_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
+        return removed
+
+
+# ---------------------------------------------------------------------------
+# Entry files: store upkeep
+#
+# The size limit (max_bytes, in bytes on disk), verify and prune, and the
+# sidecar records beside the entries: function identities and the failure
+# ledger.
+# ---------------------------------------------------------------------------
+
+# A writer that finds no room sweeps down to 80% (docs/size-limit.md).
+_LOW_WATER = 0.8
+# .usage: the total, the boot time and host of its last writer, the newest use
+# time of an entry a sweep evicted, and the number of sweeps begun.
+_USAGE = struct.Struct("<QdQdQ")
+
+
+def _this_boot() -> tuple[float, int]:
+    """(boot time, host digest). A drift (a suspend, a clock step) costs only a needless recount."""
+    import hashlib
+
+    host = hashlib.blake2b(_hostname().encode(), digest_size=8).digest()
+    return time.time() - time.monotonic(), int.from_bytes(host, "little")
+
+
+def _disk_bytes(st: os.stat_result) -> int:
+    """The space a file takes on disk: its blocks (512 bytes each, as stat(2)
+    counts them), or its size where the system does not count blocks."""
+    blocks = getattr(st, "st_blocks", None)
+    return st.st_size if blocks is None else int(blocks) * 512
+
+
+class _Swept:
+    """What a sweep evicted: how many entries, their bytes on disk, the newest use among them."""
+
+    __slots__ = ("entries", "bytes", "newest")
+
+    def __init__(self) -> None:
+        self.entries = self.bytes = 0
+        self.newest = 0.0
+
+
+class _EntryFiles(_EntryDir):
+    """A store's directory with its upkeep.
+
+    With ``max_bytes``, each write reserves its bytes on disk in a running
+    total kept in .usage, shared by every process that writes with a limit,
+    before it creates a file; a writer that finds no room sweeps (see sweep()).
+    """
 
     # -- the size limit ------------------------------------------------------
     #
@@ -3087,6 +3053,36 @@ class _EntryFiles:
     # (an expired entry being recomputed, a refresh, or a result just stored
     # for waiting callers).
 
+    def write(self, encoded: _Encoded, slot: _Slot | None = None, recent: bool = False) -> None:
+        if self.max_bytes is None:
+            return super().write(encoded, slot, recent)
+        self._writable()
+        slot = slot or self.slot(encoded.key)
+        reserved, sweeps = self._bounded(lambda: self._reserve(encoded.nbytes()))
+        try:
+            super().write(encoded, slot, recent)
+        except OSError:
+            self._usage(lambda total: None if total is None else total - reserved)
+            raise
+        try:
+            size = _disk_bytes(os.stat(slot.path))
+        except FileNotFoundError:
+            size = 0  # Already evicted or removed by another process.
+        # Count what the file really takes; if a sweep began meanwhile, its
+        # count may have missed this file: count it again (too much is safe).
+        seen: list[int] = []
+        self._bounded(lambda: self._usage(
+            lambda total: None if total is None else total + size - (reserved if seen[0] == sweeps else 0), seen=seen
+        ))
+
+    def _bounded(self, work: Callable[[], Any]) -> Any:
+        try:
+            return work()
+        except OSError as exc:
+            raise _reraise_about(
+                exc, self.root, f"keep the cache within max_bytes={self.max_bytes}", "check that it is writable"
+            ) from exc
+
     def _usage(
         self, change: Callable[[int | None], int | None], evicted: float = 0.0, sweep: int = 0,
         seen: list[int] | None = None,
@@ -3097,9 +3093,7 @@ class _EntryFiles:
         written before this host's last boot (a crash may have lost updates:
         issue 18 item 12c), which only a sweep's count replaces. A durable store
         syncs a total that grew before the write it counts."""
-        lock = _KeyLock(self.lock_path, _USAGE_BYTE)
-        lock.acquire()
-        try:
+        with _KeyLock(self.lock_path, _USAGE_BYTE).acquire():
             fd = _open_regular(os.path.join(self.root, ".usage"), _WRITE_FLAGS)[0]
             try:
                 raw = os.read(fd, _USAGE.size + 1)
@@ -3119,8 +3113,6 @@ class _EntryFiles:
                 return new
             finally:
                 os.close(fd)
-        finally:
-            lock.release()
 
     def _reserve(self, nbytes: int) -> tuple[int, int]:
         """Count an entry of ``nbytes`` (in whole blocks) before it is written:
@@ -3139,9 +3131,7 @@ class _EntryFiles:
         self._usage(take, seen=seen)
         if took:
             return need, seen[-1]
-        lock = _KeyLock(self.lock_path, _SWEEP_BYTE)
-        lock.acquire()
-        try:
+        with _KeyLock(self.lock_path, _SWEEP_BYTE).acquire():
             self._usage(take, seen=seen)  # The process that swept before may have made room.
             while not took:
                 swept = self._sweep(min(int(max_bytes * _LOW_WATER), max_bytes - need))
@@ -3151,8 +3141,6 @@ class _EntryFiles:
                     self._usage(lambda total: (total or 0) + need, seen=seen)
                     break
             return need, seen[-1]
-        finally:
-            lock.release()
 
     def sweep(
         self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
@@ -3165,12 +3153,8 @@ class _EntryFiles:
         if dry_run:
             return self._sweep(target, older_than, folder, dry_run)
         self._writable()
-        lock = _KeyLock(self.lock_path, _SWEEP_BYTE)
-        lock.acquire()
-        try:
+        with _KeyLock(self.lock_path, _SWEEP_BYTE).acquire():
             return self._sweep(target, older_than, folder)
-        finally:
-            lock.release()
 
     def _sweep(
         self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
@@ -3213,13 +3197,6 @@ class _EntryFiles:
             )
         return swept
 
-    def _synced(self, folders: Iterable[str]) -> None:
-        """With durable, flush the folders whose entries were removed: a removal,
-        like a rename, is durable only once its directory is (issue 18 item 12d)."""
-        if self.durable:
-            for folder in sorted(folders):
-                _fsync_dir(folder)
-
     def _evict(self, path: str, listed: os.stat_result) -> bool:
         """Remove one entry file found by a sweep, unless its key is being
         computed or it was used or replaced since the listing; True if removed."""
@@ -3239,96 +3216,6 @@ class _EntryFiles:
             return _remove_judged(path, st)
         finally:
             lock.release()
-
-    def delete(self, key: bytes, slot: _Slot | None = None) -> bool:
-        """Remove the entry file that ``key`` names (whatever state it is in); True if there was one."""
-        self._writable()
-        path = (slot or self.slot(key)).path
-        try:
-            os.unlink(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        self._synced([os.path.dirname(path)])  # A value deleted because it was wrong stays deleted.
-        return True
-
-    def folders(self) -> list[str]:
-        """The function folders (their names, no separator)."""
-        try:
-            return sorted(
-                e.name for e in os.scandir(self.root) if _is_hex(e.name, _FOLDER_HEX) and e.is_dir(follow_symlinks=False)
-            )
-        except OSError:
-            return []
-
-    def files(self, folder: str | None = None) -> Iterator[tuple[str, str]]:
-        """(path, folder) of every entry file, valid or not (not the temporary
-        files of live writers): all of them, or those of one folder ("" for
-        the top level, else a name from folders())."""
-        for name in self.folders() if folder is None else [folder.rstrip(os.sep)]:
-            if name:
-                yield from self._shard_files(os.path.join(self.root, name), name)
-        if not folder:
-            yield from self._shard_files(self.root, "")
-
-    def _shard_files(self, directory: str, folder: str) -> Iterator[tuple[str, str]]:
-        try:
-            shards = [e for e in os.scandir(directory) if _is_hex(e.name, 2)]
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        shards = [e for e in shards if e.is_dir(follow_symlinks=False)]
-        for shard in sorted(shards, key=lambda e: e.name):
-            try:
-                names = os.listdir(shard.path)
-            except OSError:
-                continue
-            for name in names:
-                if _is_hex(name, _NAME_HEX) and name.startswith(shard.name):
-                    yield os.path.join(shard.path, name), folder
-
-    def scan(self, folder: str | None = None) -> Iterator[_Found]:
-        """Every entry file (of ``folder``, as for files()) with its head, read
-        from a bounded prefix of the file, or None where it is damaged or filed
-        under another key's name. Expired entries are included."""
-        for path, where in self.files(folder):
-            try:
-                entry, st = _retry_stale(lambda: _load_entry(path, None, _HEAD))
-            except OSError:
-                yield _Found(path, None, None, where)
-                continue
-            if st is None:
-                continue  # Removed since the listing.
-            if entry is not None and not path.endswith(self._blake2b(entry.key, digest_size=_NAME_BYTES).hexdigest()):
-                entry = None
-            yield _Found(path, entry, st, where)
-
-    def clear(self, match: Callable[[bytes], bool] | None = None, folder: str | None = None) -> int:
-        """Remove the entries (of ``folder``; those whose key ``match`` accepts); return how many."""
-        self._writable()
-        removed, folders = 0, set[str]()
-        try:
-            if match is not None:
-                for found in self.scan(folder):
-                    if found.entry is not None and found.stat is not None and match(found.entry.key):
-                        if _remove_judged(found.path, found.stat):
-                            removed += 1
-                            folders.add(os.path.dirname(found.path))
-                self._synced(folders)
-                return removed
-            for path, _folder in list(self.files(folder)):
-                try:
-                    os.unlink(path)
-                    removed += 1
-                    folders.add(os.path.dirname(path))
-                except (FileNotFoundError, IsADirectoryError):
-                    pass  # Removed by another process first, or damage that prune() removes.
-                except PermissionError as exc:
-                    if exc.errno in _READ_ONLY:
-                        raise
-                    # EPERM: a directory at an entry's name (macOS); prune() removes it.
-            self._synced(folders)
-        except OSError as exc:
-            raise _reraise_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
-        return removed
 
     def verify(self) -> list[str]:
         """The entry files that are damaged, checking every byte (every buffer's CRC too)."""
@@ -3376,17 +3263,10 @@ class _EntryFiles:
                     entries += 1
                     folders.add(os.path.dirname(found.path))
             for directory in [top] if folder else [top, *(os.path.join(top, name) for name in self.folders())]:
-                try:
-                    squatters = [
-                        e
-                        for e in os.scandir(directory)
-                        if _is_hex(e.name, 2) or (directory == self.root and _is_hex(e.name, _FOLDER_HEX))
-                    ]
-                except OSError:
-                    squatters = []
-                for squatter in squatters:  # Damage: a file or a link where a folder should be.
-                    if not squatter.is_dir(follow_symlinks=False):
-                        entries += dry_run or _remove_judged(squatter.path, squatter.stat(follow_symlinks=False))
+                for e in _scandir(directory):  # Damage: a file or a link where a folder should be.
+                    folder_name = _is_hex(e.name, 2) or (directory == self.root and _is_hex(e.name, _FOLDER_HEX))
+                    if folder_name and not e.is_dir(follow_symlinks=False):
+                        entries += dry_run or _remove_judged(e.path, e.stat(follow_symlinks=False))
             if not dry_run:
                 self._synced(folders)
         except OSError as exc:
@@ -3400,6 +3280,101 @@ class _EntryFiles:
             except OSError:
                 pass
         return entries, temps
+
+    # Each memoized function's current code identity, one small JSON file per
+    # function under .functions/, so that `info` and `prune --stale` can tell
+    # the entries of older code without running or importing anything.
+
+    def _identity_file(self, function: str) -> str:
+        return os.path.join(self.root, ".functions", self.folder(function)[:_FOLDER_HEX])
+
+    def _write_json(self, path: str, record: dict[str, Any], indent: int | None = None) -> None:
+        import json
+
+        _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
+        _write_bytes(path, json.dumps(record, indent=indent).encode("utf-8"), durable=self.durable)
+
+    def record_identity(self, function: str, identity: str, code: str = "") -> float | None:
+        """Record the identity this process runs under, and the code digests seen
+        under it with when each was first seen. Returns when ``code`` was first
+        seen if other code was seen before it (entries older than that came from
+        other code: a pinned version=), else None."""
+        path = self._identity_file(function)
+        record = _read_json(path) or {}
+        same = record.get("identity") == identity
+        codes = record.get("codes") if same else None
+        codes = dict(codes) if isinstance(codes, dict) else {}
+        since = codes.get(code)
+        if not isinstance(since, (int, float)):
+            since = time.time()
+            if code:
+                codes[code] = since
+                codes = dict(sorted(codes.items(), key=lambda item: float(item[1]))[-50:])  # Bounded.
+            if code or not same:
+                data = {"function": function, "identity": identity, "recorded": since, "codes": codes}
+                try:
+                    self._write_json(path, data)
+                except OSError:
+                    pass  # Only `info`, `prune --stale` and the warning use it; a read-only store still serves.
+        older = any(isinstance(t, (int, float)) and t < since for t in codes.values())
+        return float(since) if code and older else None
+
+    def identities(self) -> dict[str, str]:
+        """function -> its current code identity, as the last process that ran it recorded."""
+        found: dict[str, str] = {}
+        for file in _scandir(os.path.join(self.root, ".functions")):
+            record = _read_json(file.path)
+            if record is not None and "function" in record and "identity" in record:
+                found[str(record["function"])] = str(record["identity"])
+        return found  # A damaged or foreign file only costs the stale count.
+
+    # The failure ledger: one small JSON file per failed input of a batch, under
+    # .failures/<function's folder>/<the entry's name>.json, written as the
+    # failure happens and removed when that input succeeds. JSON, never a
+    # pickle: listing failures runs nothing.
+
+    def _failure_file(self, slot: _Slot) -> str:
+        # Slots are <root>/[<folder>/]<2 hex>/<name>: string slicing, no relpath per success.
+        folder, name = slot.path[len(self._prefix) : -(_NAME_HEX + 3)], slot.path[-_NAME_HEX:]
+        return f"{self._prefix}.failures{os.sep}{folder or '.' + os.sep}{name}.json"
+
+    def record_failure(self, slot: _Slot, record: dict[str, Any]) -> None:
+        self._write_json(self._failure_file(slot), record, indent=1)
+
+    def forget_failure(self, slot: _Slot) -> None:
+        try:
+            os.unlink(self._failure_file(slot))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+
+    def failure(self, slot: _Slot) -> dict[str, Any] | None:
+        return _read_json(self._failure_file(slot))
+
+    def _failure_records(self, folder: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
+        top = os.path.join(self.root, ".failures")
+        for directory in [os.path.join(top, folder)] if folder else [e.path for e in _scandir(top) if e.is_dir()]:
+            for entry in _scandir(directory):
+                record = _read_json(entry.path) if entry.name.endswith(".json") else None
+                if record is not None:
+                    yield entry.path, record
+
+    def failures(self, folder: str | None = None) -> list[dict[str, Any]]:
+        """The failure records (of one function's ``folder``), oldest first."""
+        found = [record for _path, record in self._failure_records(folder)]
+        return sorted(found, key=lambda record: float(record.get("time") or 0))
+
+    def drop_failures(self, drop: Callable[[dict[str, Any]], bool], folder: str | None = None) -> int:
+        """Remove the failure records that ``drop`` accepts; how many were removed."""
+        self._writable()
+        removed = 0
+        for path, record in list(self._failure_records(folder)):
+            if drop(record):
+                try:
+                    os.unlink(path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
 
 
 # ---------------------------------------------------------------------------
@@ -3816,6 +3791,7 @@ def _buffer_digest(buffer: Any) -> str:
 # Functions and classes passed as arguments: their code identity, worked out
 # once per object (following a function's code costs milliseconds).
 _argument_codes: weakref.WeakKeyDictionary[Any, str] | None = None  # Made by _runtime_imports.
+_WEAK_TABLES["_argument_codes"] = "WeakKeyDictionary"
 
 
 def _argument_code(obj: Any) -> str:
@@ -5164,6 +5140,7 @@ class _Call:
 # has rebuilt from such pickles: unpickling in the same process gives back the
 # same object (its counters and open store), and a worker rebuilds each once per task.
 _by_value: weakref.WeakValueDictionary[tuple[Any, ...], _Memoized[..., Any]] | None = None  # Made at the first decoration.
+_WEAK_TABLES["_by_value"] = "WeakValueDictionary"
 
 
 def _pickler_sends_functions_by_value() -> bool:
