@@ -5144,12 +5144,8 @@ _WEAK_TABLES["_by_value"] = "WeakValueDictionary"
 
 
 def _pickler_sends_functions_by_value() -> bool:
-    """Whether the pickler at work is one that sends functions by value.
-
-    Such picklers (cloudpickle and those built on it) define reducer_override()
-    and run dump() as Python code, so they are on the stack; the standard
-    pickler does neither.
-    """
+    """Whether the pickler at work sends functions by value: such picklers (cloudpickle and those
+    built on it) define reducer_override() and run dump() as Python code, so they are on the stack."""
     import pickle
 
     frame = sys._getframe(2)
@@ -5219,15 +5215,6 @@ class _BoundMemoized:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.__func__(self.__self__, *args, **kwargs)
 
-    def refresh(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__func__.refresh(self.__self__, *args, **kwargs)
-
-    def forget(self, *args: Any, **kwargs: Any) -> bool:
-        return self.__func__.forget(self.__self__, *args, **kwargs)
-
-    def is_cached(self, *args: Any, **kwargs: Any) -> bool:
-        return self.__func__.is_cached(self.__self__, *args, **kwargs)
-
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
         func = self.__func__
         return _run_map(func, iterables, (self.__self__,), func._batch_options(iterables, options))
@@ -5236,20 +5223,19 @@ class _BoundMemoized:
         func = self.__func__
         return _run_imap(func, iterables, (self.__self__,), func._batch_options(iterables, options))
 
-    def cache_info(self) -> CacheInfo:
-        return self.__func__.cache_info()
-
-    def cache_clear(self) -> None:
-        self.__func__.cache_clear()
-
     @property
     def __wrapped__(self) -> Any:
         import types
 
         return types.MethodType(self.__func__.__wrapped__, self.__self__)
 
-    def __getattr__(self, name: str) -> Any:  # __name__, __doc__, path, ...
-        return getattr(self.__func__, name)
+    def __getattr__(self, name: str) -> Any:  # __name__, __doc__, path, cache_info, ...
+        found = getattr(self.__func__, name)
+        if name in ("refresh", "forget", "is_cached"):  # Called with the instance first, as the function is.
+            import functools
+
+            return functools.partial(found, self.__self__)
+        return found
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -5640,17 +5626,9 @@ class _Memoized(Generic[_P, _R]):
         return _prune(files, self._folder.rstrip(os.sep), max_bytes, older_than, stale=stale, dry_run=dry_run)
 
     def map(
-        self,
-        *iterables: Iterable[Any],
-        keep_going: bool = False,
-        workers: int | None = None,
-        processes: bool = True,
-        executor: Any = None,
-        chunksize: int | None = None,
-        progress: bool | float | None = None,
-        retry_failures: bool = True,
-        shard: tuple[int, int] | None = None,
-        label: Callable[..., Any] | None = None,
+        self, *iterables: Iterable[Any], keep_going: bool = False, workers: int | None = None, processes: bool = True,
+        executor: Any = None, chunksize: int | None = None, progress: bool | float | None = None,
+        retry_failures: bool = True, shard: tuple[int, int] | None = None, label: Callable[..., Any] | None = None,
     ) -> BatchResult:
         """Call the function on every input, caching each success as soon as it is done.
 
@@ -6044,14 +6022,8 @@ def _compute(
 
 
 def _call_one(
-    func: _Memoized[..., Any],
-    args: tuple[Any, ...],
-    key: bytes | None,
-    portable: bool,
-    off: bool,
-    writer: _Writer | None = None,
-    shown: str | Callable[[], str] = "",
-    lead: int = 0,
+    func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes | None, portable: bool, off: bool,
+    writer: _Writer | None = None, shown: str | Callable[[], str] = "", lead: int = 0,
 ) -> _Outcome:
     """One call of a batch, never raising; ``key`` when the parent made it already;
     ``off``: caching was switched off when the batch began; ``writer`` stores the
@@ -6081,12 +6053,8 @@ class _ChunkReport:
 
 
 def _run_chunk(
-    func: _Memoized[..., Any],
-    calls: list[tuple[bytes, tuple[Any, ...], str]],
-    portable: bool,
-    off: bool,
-    lead: int = 0,
-    nonce: bytes = b"",
+    func: _Memoized[..., Any], calls: list[tuple[bytes, tuple[Any, ...], str]], portable: bool, off: bool,
+    lead: int = 0, nonce: bytes = b"",
 ) -> _ChunkReport:
     """A worker's task: the calls of one chunk (key, arguments, the input's text).
     Module level, so that it pickles by name. ``nonce`` makes every submission
@@ -6177,13 +6145,14 @@ class _Plan:
     """Where a parallel batch runs: the executor (None: start one of ``workers``),
     how calls travel to it, and how many it runs at once."""
 
-    __slots__ = ("executor", "workers", "processes", "capacity", "portable", "task", "off")
+    __slots__ = ("executor", "workers", "processes", "capacity", "portable", "off", "owned")
 
     def __init__(self, func: _Memoized[..., Any], name: str, options: _BatchOptions, off: bool) -> None:
         import concurrent.futures as futures
 
         executor, workers, processes = options.executor, options.workers, options.processes
         self.executor, self.workers, self.processes, self.off = executor, workers, processes, off
+        self.owned = executor is None  # Started and shut down by the batch.
         if executor is None:
             assert workers is not None
             self.capacity = workers
@@ -6199,7 +6168,6 @@ class _Plan:
             by_standard_pickle = isinstance(executor, futures.ProcessPoolExecutor)
         # Exceptions are checked for the trip back unless the calls run in this process.
         self.portable = not in_process
-        self.task = func
         if by_standard_pickle:
             # Found now, not as a hang or a broken pool later: a function that
             # the standard pickler cannot send (a lambda, a nested function).
@@ -6246,10 +6214,6 @@ class _Plan:
         if self.processes:
             return futures.ProcessPoolExecutor(workers or self.workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
         return futures.ThreadPoolExecutor(self.workers)
-
-    @property
-    def owned(self) -> bool:
-        return self.executor is None
 
 
 def _stop_pool(pool: Any, now: bool) -> None:
@@ -6323,7 +6287,7 @@ def _stream(
     def task(chunk: list[_Done]) -> tuple[Any, ...]:
         calls = [(done.key, lead + done.args, "" if label is None else _label_text(label, done.args)) for done in chunk]
         # Only a foreign executor gets a nonce: Dask's submissions are pure by default.
-        return (_run_chunk, plan.task, calls, plan.portable, plan.off, len(lead), b"" if plan.owned else os.urandom(8))
+        return (_run_chunk, func, calls, plan.portable, plan.off, len(lead), b"" if plan.owned else os.urandom(8))
 
     def send() -> None:
         future = executor.submit(*task(buffer))
