@@ -5100,9 +5100,8 @@ class FailureRecord(Exception):
 
 
 class _Outcome:
-    """How one call went: its result (ok) or exception, whether it was computed
-    (not reused), the traceback text of a failure, and the seconds of its
-    computation (done now, or for a reused result as its entry records)."""
+    """How one call went: its result (ok) or exception, whether it was computed (not reused), the
+    traceback text of a failure, and the seconds of its computation (for a reused result, as recorded)."""
 
     __slots__ = ("ok", "value", "computed", "traceback", "seconds")
 
@@ -5764,17 +5763,9 @@ def memoize(
 
 
 def memoize(
-    path: StrPath | Callable[..., Any] | None = None,
-    *,
-    ttl: float | Any = None,
-    version: _Version | None = None,
-    ignore: Iterable[str] = (),
-    key: _KeyFunction | None = None,
-    durable: bool = False,
-    mmap: bool = False,
-    max_bytes: int | None = None,
-    trust_shared: bool = False,
-    compress: bool | str = False,
+    path: StrPath | Callable[..., Any] | None = None, *, ttl: float | Any = None, version: _Version | None = None,
+    ignore: Iterable[str] = (), key: _KeyFunction | None = None, durable: bool = False, mmap: bool = False,
+    max_bytes: int | None = None, trust_shared: bool = False, compress: bool | str = False,
 ) -> Any:
     """Keep a function's results on disk, shared by threads, processes and runs.
 
