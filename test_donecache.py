@@ -7937,3 +7937,259 @@ def test_power_cut_memoize_never_returns_a_wrong_value(tmp_path, durable, monkey
         return problems
 
     run_power_cuts(tmp_path, lambda root: None, POWERCUT_MEMO, [str(module), "1" if durable else "0"], check)
+
+
+# ---------------------------------------------------------------------------
+# The README
+#
+# The README prints the signature of every public function and of the memoized
+# wrapper's methods in "signature blocks": fenced ```python blocks whose first
+# line is exactly "# Signatures". Each other line there (a signature may run on
+# over several lines until its parentheses close; blank lines and comments are
+# skipped) is RECEIVER.NAME(PARAMETERS), optionally followed by a "# comment":
+#   donecache.NAME  the module's attribute (a class: its __init__, without self)
+#   f.NAME          the method of a memoized function (the wrapper @memoize makes)
+#   stage.NAME      a method of donecache.Stage; store.NAME: of donecache.Store
+# PARAMETERS are written as in a def: all of them, in order, with "*" before
+# keyword-only ones, "/" after positional-only ones, *args, **kwargs, and each
+# default as a Python literal (or the repr of the real default). Annotations and
+# return types are left out.
+# ---------------------------------------------------------------------------
+
+README = Path(__file__).resolve().parent / "README.md"
+README_SIGNATURES_HEADER = "# Signatures"
+# Every public function, and the batch methods, must have its signature printed.
+README_REQUIRED_SIGNATURES = {
+    "donecache.atomic_write", "donecache.atomic_path", "donecache.done_dir", "donecache.is_done",
+    "donecache.mark_not_done", "donecache.open", "donecache.memoize", "donecache.file_digest",
+    "donecache.disabled", "f.map", "f.imap",
+}  # fmt: skip
+
+
+def _readme_square(x):
+    return x * x
+
+
+def _readme_signature_lines(text: str) -> tuple[list[tuple[int, str]], set[int]]:
+    """The signatures in the signature blocks, each as (first line number, text with
+    continuation lines joined), and the numbers of every line inside those blocks."""
+    signatures: list[tuple[int, str]] = []
+    inside: set[int] = set()
+    lines = text.splitlines()
+    fence = None  # None outside a fenced block, else whether it is a signature block.
+    pending: tuple[int, str] | None = None
+    for number, line in enumerate(lines, 1):
+        if line.startswith("```"):
+            if fence is None:
+                following = lines[number].strip() if number < len(lines) else ""
+                fence = line.strip() == "```python" and following == README_SIGNATURES_HEADER
+            else:
+                assert pending is None, f"README.md:{pending[0]}: a signature whose parentheses never close"
+                fence = None
+            continue
+        if not fence:
+            continue
+        inside.add(number)
+        stripped = line.strip()
+        if pending is None and (not stripped or stripped.startswith("#")):
+            continue
+        start, joined = pending if pending is not None else (number, "")
+        joined = f"{joined} {stripped}" if joined else stripped
+        code = joined.split("#", 1)[0]  # Defaults here hold no "#".
+        pending = (start, joined) if code.count("(") > code.count(")") else None
+        if pending is None:
+            signatures.append((start, joined))
+    return signatures, inside
+
+
+def _readme_parameters(text: str) -> tuple[str, list[tuple[str, str, str | None]]]:
+    """('receiver.name', [(parameter name, kind, default source or None)]) of one
+    signature line; raises ValueError if it is not one."""
+    import ast
+
+    match = re.fullmatch(r"(\w+)\.(\w+)\((.*)\)\s*(#.*)?", text, re.S)
+    if match is None:
+        raise ValueError("not RECEIVER.NAME(PARAMETERS), optionally followed by a comment")
+    receiver, name, params = match.group(1), match.group(2), match.group(3)
+    try:
+        arguments = ast.parse(f"def {name}({params}): pass").body[0].args
+    except SyntaxError as exc:
+        raise ValueError(f"its parameters do not parse as a def's: {exc.msg}") from None
+    result: list[tuple[str, str, str | None]] = []
+    positional = arguments.posonlyargs + arguments.args
+    defaults = [None] * (len(positional) - len(arguments.defaults)) + list(arguments.defaults)
+    for i, (arg, default) in enumerate(zip(positional, defaults)):
+        kind = "POSITIONAL_ONLY" if i < len(arguments.posonlyargs) else "POSITIONAL_OR_KEYWORD"
+        result.append((arg.arg, kind, None if default is None else ast.unparse(default)))
+    if arguments.vararg is not None:
+        result.append((arguments.vararg.arg, "VAR_POSITIONAL", None))
+    for arg, default in zip(arguments.kwonlyargs, arguments.kw_defaults):
+        result.append((arg.arg, "KEYWORD_ONLY", None if default is None else ast.unparse(default)))
+    if arguments.kwarg is not None:
+        result.append((arguments.kwarg.arg, "VAR_KEYWORD", None))
+    return f"{receiver}.{name}", result
+
+
+def _readme_real_signature(qualified: str, wrapper: object):
+    """inspect.Signature of what a signature line names, without self; None if it names nothing."""
+    import inspect
+
+    receiver, name = qualified.split(".")
+    owners = {"donecache": dc, "f": wrapper, "stage": dc.Stage, "store": dc.Store}
+    if receiver not in owners or not hasattr(owners[receiver], name):
+        return None
+    obj = getattr(owners[receiver], name)
+    if inspect.isclass(obj):
+        obj = obj.__init__  # donecache.open is the class Store: its parameters are __init__'s.
+    signature = inspect.signature(obj)
+    if inspect.isfunction(obj) and (inspect.isclass(owners[receiver]) or obj.__name__ == "__init__"):
+        signature = signature.replace(parameters=list(signature.parameters.values())[1:])  # self
+    return signature
+
+
+def _readme_default_matches(source: str, default: object) -> bool:
+    import ast
+
+    try:
+        value = ast.literal_eval(source)
+    except ValueError:
+        return source == repr(default)
+    return type(value) is type(default) and value == default
+
+
+def _readme_signature_problems(text: str, wrapper: object) -> list[str]:
+    """Every way the signature blocks of text disagree with the module, one line each."""
+    import inspect
+
+    problems = []
+    shown = set()
+    for number, line in _readme_signature_lines(text)[0]:
+        try:
+            qualified, parameters = _readme_parameters(line)
+        except ValueError as exc:
+            problems.append(f"README.md:{number}: {line!r}: {exc}")
+            continue
+        shown.add(qualified)
+        real = _readme_real_signature(qualified, wrapper)
+        if real is None:
+            problems.append(
+                f"README.md:{number}: {qualified} names nothing in the module (receivers: donecache, f, stage, store)"
+            )
+            continue
+        real_parameters = [(p.name, p.kind.name, p.default) for p in real.parameters.values()]
+        printed = [(name, kind) for name, kind, _ in parameters]
+        actual = [(name, kind) for name, kind, _ in real_parameters]
+        if printed != actual:
+            problems.append(
+                f"README.md:{number}: {qualified}: the README prints the parameters {printed}, "
+                f"the module has {actual} (signature {real})"
+            )
+            continue
+        for (name, _, printed_default), (_, _, real_default) in zip(parameters, real_parameters):
+            no_default = real_default is inspect.Parameter.empty
+            if (printed_default is None) != no_default or (
+                printed_default is not None and not _readme_default_matches(printed_default, real_default)
+            ):
+                module_default = "none" if no_default else repr(real_default)
+                problems.append(
+                    f"README.md:{number}: {qualified}: parameter {name!r} has the default "
+                    f"{printed_default or 'none'} in the README, {module_default} in the module"
+                )
+    problems += [f"README.md: no signature block shows {name}" for name in sorted(README_REQUIRED_SIGNATURES - shown)]
+    return problems
+
+
+def _readme_signatures_elsewhere(text: str, wrapper: object) -> list[str]:
+    """Signatures printed outside the signature blocks (so never checked): any NAME(...)
+    of a public function or a wrapper method, in prose, a heading or another code block,
+    whose parameters parse as a def's with a bare "*" (which no call can have)."""
+    import ast
+
+    names = {qualified.split(".")[1] for qualified in README_REQUIRED_SIGNATURES} | {
+        name for name in dir(wrapper) if not name.startswith("_")
+    }
+    inside = _readme_signature_lines(text)[1]
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if number in inside:
+            continue
+        for match in re.finditer(r"(\w+)\(((?:[^()]|\([^()]*\))*)\)", line):
+            if match.group(1) not in names:
+                continue
+            try:
+                arguments = ast.parse(f"def {match.group(1)}({match.group(2)}): pass").body[0].args
+            except SyntaxError:
+                continue
+            if arguments.kwonlyargs and arguments.vararg is None:
+                found.append(f"README.md:{number}: {match.group(0)}")
+    return found
+
+
+@pytest.mark.skipif(not README.exists(), reason="no README.md beside the tests (a vendored copy?)")
+def test_every_signature_the_readme_prints_matches_the_module(tmp_path):
+    """Issue 22: each signature in the README's signature blocks (see the banner above for
+    the convention) has the real object's parameters: names, order, kind and defaults,
+    compared with inspect.signature; every public function and f.map/f.imap have one; and
+    no signature with keyword-only parameters is printed outside those blocks, where
+    nothing would check it."""
+    text = README.read_text(encoding="utf-8")
+    wrapper = dc.memoize(str(tmp_path / "cache"))(_readme_square)
+    problems = _readme_signature_problems(text, wrapper)
+    elsewhere = _readme_signatures_elsewhere(text, wrapper)
+    problems += [f"{where}: a signature outside a '# Signatures' block" for where in elsewhere]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_readme_signature_check_catches_drift(tmp_path):
+    """The check itself: a parameter missing, one too many, a keyword-only parameter
+    shown as positional, a changed default, and a name the module lacks each fail."""
+    wrapper = dc.memoize(str(tmp_path / "cache"))(_readme_square)
+    required = "\n".join(f"{name}(*args, **kwargs)" for name in sorted(README_REQUIRED_SIGNATURES))
+    drifted = {
+        "missing": 'donecache.is_done(directory, *, version=None)',
+        "extra": 'donecache.is_done(directory, *, version=None, marker="DONE", extra=1)',
+        "kind": 'donecache.is_done(directory, version=None, *, marker="DONE")',
+        "default": 'donecache.is_done(directory, *, version=None, marker="READY")',
+        "unknown": "f.no_such_method(x)",
+    }
+    for case, line in drifted.items():
+        text = f"```python\n{README_SIGNATURES_HEADER}\n{line}\n{required}\n```\n"
+        problems = _readme_signature_problems(text, wrapper)
+        assert any("README.md:3:" in problem for problem in problems), (case, problems)
+    right = 'donecache.is_done(directory, *, version=None, marker="DONE")'
+    problems = _readme_signature_problems(f"```python\n{README_SIGNATURES_HEADER}\n{right}\n```\n", wrapper)
+    assert not any("README.md:3:" in problem for problem in problems), problems
+    assert _readme_signatures_elsewhere("Use `done_dir(directory, *, version=None)` here.\n", wrapper)
+
+
+def _markdown_anchors(path: Path) -> set[str]:
+    """GitHub's anchors for the headings of a Markdown file (lower case, punctuation dropped)."""
+    anchors, fenced = set(), False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif line.startswith("#") and not fenced:
+            heading = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower())
+            anchors.add(heading.replace(" ", "-"))
+    return anchors
+
+
+@pytest.mark.skipif(not README.exists(), reason="no README.md beside the tests (a vendored copy?)")
+def test_the_readme_and_docs_links_resolve():
+    """Issue 22: the README sends reference material to docs/, benchmarks/README.md and
+    CHANGELOG.md; each relative link there, and in those files, names a file that exists
+    (and, for a Markdown file, a heading it has)."""
+    root = README.parent
+    pages = [README, root / "CHANGELOG.md", root / "benchmarks" / "README.md", *sorted((root / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target):
+                continue  # http:, https:, mailto:
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.relative_to(root)}: {target}: no such file")
+            elif anchor and linked.suffix == ".md" and anchor not in _markdown_anchors(linked):
+                broken.append(f"{page.relative_to(root)}: {target}: no such heading")
+    assert not broken, "\n".join(broken)
