@@ -2382,6 +2382,21 @@ _USE_GRAIN_BOUNDED = 0.0
 _USE_GRAIN = 60.0
 
 
+def _seconds(ttl: Any, what: str = "ttl") -> float | None:
+    if ttl is None:
+        return None
+    seconds = ttl.total_seconds() if hasattr(ttl, "total_seconds") else ttl
+    wrong_type = isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+    if wrong_type or not seconds > 0:  # A wrong type is a TypeError, a wrong number a ValueError.
+        raise (TypeError if wrong_type else ValueError)(
+            f"{what} must be a positive number of seconds or a timedelta, not {ttl!r}"
+        )
+    try:
+        return float(seconds)
+    except OverflowError:
+        raise ValueError(f"{what}={ttl!r} is too large; pass {what}=None for no limit") from None
+
+
 def _check_max_bytes(max_bytes: Any) -> int | None:
     """max_bytes as given if it is None or a positive int; else a TypeError or ValueError saying what fits."""
     if max_bytes is None or (isinstance(max_bytes, int) and not isinstance(max_bytes, bool) and max_bytes > 0):
@@ -4733,14 +4748,25 @@ if TYPE_CHECKING:
         evicted: int
         evicted_bytes: int
 
+    class _BatchOptions(NamedTuple):
+        keep_going: bool
+        workers: int | None
+        processes: bool
+        executor: Any
+        chunksize: int | None
+        progress: Any
+        retry_failures: bool
+        shard: tuple[int, int] | None
+        label: Callable[..., Any] | None
 
-# The public records are real collections.namedtuple classes, made at their first
-# use (a call, or `donecache.CacheInfo` through the module's __getattr__):
-# collections is not loaded at startup in a venv or under -S, and import time is
-# a budget (issue 20). Type checkers see the NamedTuple classes above.
-_RECORDS: dict[str, tuple[list[str], tuple[Any, ...], str]] = {
+
+# The records are collections.namedtuple classes, made at their first use (a
+# call, or `donecache.CacheInfo` through the module's __getattr__): collections
+# is not loaded at startup in a venv or under -S, and import time is a budget
+# (issue 20). Type checkers see the NamedTuple classes above.
+_RECORDS: dict[str, tuple[str, tuple[Any, ...], str]] = {
     "CacheInfo": (
-        ["hits", "misses", "maxsize", "currsize", "held_seconds", "saved_seconds"],
+        "hits misses maxsize currsize held_seconds saved_seconds",
         (0.0, 0.0),
         """A namedtuple with functools.lru_cache's fields first, then two of donecache's.
 
@@ -4753,18 +4779,22 @@ _RECORDS: dict[str, tuple[list[str], tuple[Any, ...], str]] = {
     """,
     ),
     "PruneReport": (
-        ["removed", "temporary_files", "evicted", "evicted_bytes"],
+        "removed temporary_files evicted evicted_bytes",
         (),
         """What f.prune() did (with dry_run=True: would do): expired, damaged or
     stale entries removed, crashed writers' temporary files removed, and the
     least recently used entries evicted with their bytes on disk.""",
+    ),
+    "_BatchOptions": (
+        "keep_going workers processes executor chunksize progress retry_failures shard label",
+        (),
+        "The options of f.map() and f.imap(), as map() names them.",
     ),
 }
 _made_records: dict[str, Any] = {}
 
 
 def _record(name: str) -> Any:
-    """The namedtuple class ``name`` of _RECORDS, made once."""
     made = _made_records.get(name)
     if made is None:
         import collections
@@ -4780,7 +4810,7 @@ def _record(name: str) -> Any:
 if not TYPE_CHECKING:  # Hidden from type checkers, which would then allow any name.
 
     def __getattr__(name: str) -> Any:
-        if name in _RECORDS:
+        if name in _RECORDS and not name.startswith("_"):
             return _record(name)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -4790,10 +4820,10 @@ _MISSING: Any = object()
 
 # -- the switch: DONECACHE=off, or donecache.disabled() ------------------------
 #
-# Checked on every call, so it must cost next to nothing. os.environ.get()
-# encodes its key each time (about 0.5 us, a few percent of a hit); the
-# mapping under os.environ is read instead, with the key encoded once, as
-# os.environ itself encodes it (bytes on POSIX, upper case on Windows).
+# Checked on every call, so it must cost next to nothing: os.environ.get()
+# encodes its key and raises KeyError inside when the variable is unset (0.75 us,
+# 15% of a hit, measured). The mapping under os.environ is read instead, with the
+# key encoded once, as os.environ encodes it (bytes on POSIX, upper case on Windows).
 _ENVIRON: Any = getattr(os.environ, "_data", None)
 if _ENVIRON is not None:
     _SWITCH_KEY: Any = os.environ.encodekey("DONECACHE")
@@ -4802,16 +4832,6 @@ else:  # pragma: no cover - an os.environ without CPython's internals
     _ENVIRON, _SWITCH_KEY, _env_text = os.environ, "DONECACHE", str
 _off_depth = 0  # How many disabled() blocks are open, in all threads.
 _off_guard = _thread.allocate_lock()
-
-
-def _switched_off() -> bool:
-    """True while memoize calls straight through: inside disabled(), or with DONECACHE=off."""
-    if _off_depth:
-        return True
-    raw = _ENVIRON.get(_SWITCH_KEY)
-    return raw is not None and _off_in_environment(_env_text(raw))
-
-
 _SWITCH_WORDS = dict.fromkeys(("0", "false", "no", "off"), True) | dict.fromkeys(("1", "true", "yes", "on"), False)
 _switch_warned: set[str] = set()
 
@@ -4828,6 +4848,14 @@ def _off_in_environment(value: str) -> bool:
     return bool(off)
 
 
+def _switched_off() -> bool:
+    """True while memoize calls straight through: inside disabled(), or with DONECACHE=off."""
+    if _off_depth:
+        return True
+    raw = _ENVIRON.get(_SWITCH_KEY)
+    return raw is not None and _off_in_environment(_env_text(raw))
+
+
 class _Disabled:
     """What disabled() returns: a context manager, usable again and nested."""
 
@@ -4836,9 +4864,7 @@ class _Disabled:
         with _off_guard:
             _off_depth += 1
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         global _off_depth
         with _off_guard:
             _off_depth -= 1
@@ -4864,7 +4890,7 @@ def disabled() -> _Disabled:
 # bytes input, an int of a million digits (repr raises ValueError from 3.11).
 
 _SHOWN = 300  # Characters of an input's text in the ledger.
-_KEPT_INPUT = 256 * 1024  # Pickled inputs up to this size are kept in the ledger.
+_INPUT_PICKLE_MAX = 256 * 1024  # Pickled inputs up to this size go into the ledger.
 _bounded: Any = None  # The reprlib.Repr below, made at the first failure.
 
 
@@ -4881,7 +4907,6 @@ def _bounded_repr(value: Any) -> str:
     after), with dicts in their own order (a record's id usually comes first)."""
     global _bounded
     if _bounded is None:
-        import itertools
         import reprlib
 
         class Bounded(reprlib.Repr):
@@ -4911,15 +4936,15 @@ def _bounded_repr(value: Any) -> str:
         return f"<{type(value).__name__} object; its repr raised {type(exc).__name__}>"
 
 
-def _kept_input(value: Any) -> str | None:
+def _pickled_input(value: Any) -> str | None:
     """The input pickled (base64 text, for the JSON record), or None if it cannot
-    be pickled or its pickle passes _KEPT_INPUT: the pickler stops there, never
-    building the whole of a big input's pickle."""
+    be pickled or its pickle passes _INPUT_PICKLE_MAX: the pickler stops there,
+    never building the whole of a big input's pickle."""
     import base64
 
     class Bounded(io.BytesIO):
         def write(self, data: Any) -> int:
-            if self.tell() + len(data) > _KEPT_INPUT:
+            if self.tell() + len(data) > _INPUT_PICKLE_MAX:
                 raise OverflowError
             return super().write(data)
 
@@ -4933,18 +4958,94 @@ def _kept_input(value: Any) -> str | None:
 
 def _label_text(label: Callable[..., Any] | None, args: tuple[Any, ...]) -> str:
     """What the ledger shows for an input: ``label(*args)`` if given, or a bounded repr."""
+    shown = args[0] if len(args) == 1 else args
     if label is None:
-        return _bounded_repr(args[0] if len(args) == 1 else args)
+        return _bounded_repr(shown)
     try:
         text = label(*args)
     except Exception as exc:
-        return f"<label raised {type(exc).__name__}: {_safe_str(exc, 200)}> {_bounded_repr(args[0] if len(args) == 1 else args)}"
+        return f"<label raised {type(exc).__name__}: {_safe_str(exc, 200)}> {_bounded_repr(shown)}"
     return (text if isinstance(text, str) else _bounded_repr(text))[:_SHOWN]
+
+
+def _format_exception(exc: BaseException) -> str:
+    """The traceback text, without donecache's own frames (the user's code is what failed)."""
+    import traceback
+
+    shown = traceback.TracebackException.from_exception(exc)
+    part: Any = shown
+    while part is not None:
+        part.stack = traceback.StackSummary.from_list([f for f in part.stack if f.filename != __file__])
+        part = part.__cause__ or (None if part.__suppress_context__ else part.__context__)
+    return "".join(shown.format())
+
+
+class FailureRecord(Exception):
+    """A failure of a batch as the store's ledger keeps it (see ``f.failures()``).
+
+    ``input`` is the input itself when the ledger kept its pickle and this
+    record was read by ``f.failures()``; else (the command line, an input too
+    big to keep or that no longer unpickles) the text in ``label``. ``label``
+    is what ``map(label=...)`` gave, or a bounded repr; ``entry`` names the
+    input's entry file. Then the exception's ``type`` and ``message``, the
+    ``traceback`` text (donecache's own frames left out), when and where
+    (``time``, ``host``, ``pid``), and the code ``identity`` it failed under
+    (``current``: the code that reads it now). A batch with
+    ``retry_failures=False`` reports such a failure again as this exception.
+    It pickles and copies (a worker may return one; a memoized report of
+    failures holds them)."""
+
+    def __init__(self, record: dict[str, Any], current: bool, load: bool = False) -> None:
+        self._record, self._load = record, load
+        get = record.get
+        self.function, self.label, self.entry = str(get("function", "?")), str(get("input", "?")), str(get("entry", ""))
+        self.type, self.message, self.traceback = str(get("type", "?")), str(get("message", "")), str(get("traceback", ""))
+        self.time = float(get("time") or 0)
+        self.host, self.pid = str(get("host", "?")), get("pid")
+        self.identity, self.current = str(get("identity", "")), current
+        self.input_kept = isinstance(get("input_pickle"), str)
+        self.input: Any = self.label
+        if load and self.input_kept:
+            import base64
+            import pickle  # Unpickled in a fresh process, before any store set the global.
+
+            try:  # The store is the user's own, as trusted as its entries.
+                self.input = pickle.loads(base64.b64decode(str(get("input_pickle"))))
+            except Exception:
+                self.input_kept = False  # Its class changed or is gone: the text stands in.
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time))
+        super().__init__(f"{self.type}: {self.message} (recorded {when}; retry_failures=True calls it again)")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return FailureRecord, (self._record, self.current, self._load)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record as JSON data (``input`` is the text, ``label``)."""
+        names = ("function", "label", "entry", "input_kept", "type", "message", "traceback", "time", "host", "pid", "identity", "current")
+        return {"input": self.label, **{name: getattr(self, name) for name in names}}
+
+
+class _Outcome:
+    """How one call went: its result (ok) or exception, whether it was computed (not reused), the
+    traceback text of a failure, and the seconds of its computation (for a reused result, as recorded)."""
+
+    __slots__ = ("ok", "value", "computed", "traceback", "seconds")
+
+    def __init__(self, ok: bool, value: Any, computed: bool, traceback: str = "", seconds: float = 0.0) -> None:
+        self.ok, self.value, self.computed, self.traceback, self.seconds = ok, value, computed, traceback, seconds
 
 
 _KEY_MEMO_TYPES = frozenset({int, str, bytes, type(None)})
 _KEY_MEMO_SIZE = 4096
 _KEY_MEMO_TEXT = 1024  # Longer strs and bytes are not remembered: the memo would keep them alive.
+# What a memoized function's first call needs to work out and record its code
+# identity, imported when it is decorated: a KeyboardInterrupt inside a first
+# import can leave a half-made module behind (seen with inspect and json on
+# CPython 3.9). importlib.util brings typing on 3.9, through importlib.abc.
+_DECORATION_IMPORTS = (
+    "ast", "base64", "collections", "dis", "functools", "hashlib", "importlib.util", "inspect", "json", "math",
+    "reprlib", "socket", "types", "warnings",
+)  # fmt: skip
 
 
 class _Call:
@@ -4958,6 +5059,124 @@ class _Call:
         self.seconds = 0.0
 
 
+# -- pickling a memoized function ---------------------------------------------
+#
+# The memoized functions that this process has pickled by value, and those it
+# has rebuilt from such pickles: unpickling in the same process gives back the
+# same object (its counters and open store), and a worker rebuilds each once per task.
+_by_value: weakref.WeakValueDictionary[tuple[Any, ...], _Memoized[..., Any]] | None = None  # Made at the first decoration.
+_WEAK_TABLES["_by_value"] = "WeakValueDictionary"
+
+
+def _pickler_sends_functions_by_value() -> bool:
+    """Whether the pickler at work sends functions by value: such picklers (cloudpickle and those
+    built on it) define reducer_override() and run dump() as Python code, so they are on the stack."""
+    import pickle
+
+    frame = sys._getframe(2)
+    for _ in range(16):
+        if frame is None:
+            break
+        pickler = frame.f_locals.get("self")
+        if isinstance(pickler, pickle.Pickler):
+            return callable(getattr(pickler, "reducer_override", None))
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+def _restore_memoized(kind: type[_Memoized[..., Any]], state: dict[str, Any]) -> _Memoized[..., Any]:
+    key = (kind, state["path"], state["_pickle_token"])
+    _runtime_imports()  # A worker may rebuild a function before it decorates any.
+    assert _by_value is not None
+    func = _by_value.get(key)
+    if func is None:
+        func = kind.__new__(kind)
+        func.__dict__.update(state)
+        _by_value[key] = func
+    return func
+
+
+def _reduce_memoized(func: _Memoized[..., Any]) -> str | tuple[Any, ...]:
+    """How a memoized function pickles: by name where its name finds it (the
+    decorator form, as plain functions pickle), else by value.
+
+    By value (the functional form ``cached = memoize(path)(f)``, where the
+    name ``f`` is the plain function) means the plain function, sent as the
+    pickler sends functions, and the wrapper's settings (the absolute store
+    path, ttl, the key prefix made here). A function of the main script goes
+    by value too when the pickler can send functions by value (cloudpickle,
+    which dask and loky use), since a remote worker cannot import the parent's
+    main script; the standard pickler (process pools) sends it by name, which
+    its workers can resolve.
+    """
+    target: Any = sys.modules.get(func.__module__)
+    for part in func.__qualname__.split("."):  # A method's name: Class.method.
+        target = getattr(target, part, None)
+    name: str = func.__qualname__
+    if target is func and not (func.__module__ == "__main__" and _pickler_sends_functions_by_value()):
+        return name
+    # The registry's key names this very wrapper: before its first call its key
+    # prefix is empty, and two functions' wrappers were once taken for one.
+    token = func.__dict__.setdefault("_pickle_token", os.urandom(8).hex())
+    state = dict(
+        func.__dict__, _store=None, _warned=False, _hits=0, _misses=0, _same=_unchanged, _keys={}, _saved=0.0
+    )
+    _runtime_imports()
+    assert _by_value is not None
+    _by_value[(type(func), func.path, token)] = func
+    return _restore_memoized, (type(func), state)
+
+
+class _BoundMemoized:
+    """A memoized method bound to an instance, as ``obj.method`` gives it: the
+    call and every wrapper method (map, forget, refresh, ...) take the
+    instance as their first argument, as a bound method does."""
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, func: _Memoized[..., Any], instance: Any) -> None:
+        self.__func__, self.__self__ = func, instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
+        func = self.__func__
+        return _run_map(func, iterables, (self.__self__,), func._batch_options(iterables, options))
+
+    def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
+        func = self.__func__
+        return _run_imap(func, iterables, (self.__self__,), func._batch_options(iterables, options))
+
+    @property
+    def __wrapped__(self) -> Any:
+        import types
+
+        return types.MethodType(self.__func__.__wrapped__, self.__self__)
+
+    def __getattr__(self, name: str) -> Any:  # __name__, __doc__, path, cache_info, ...
+        found = getattr(self.__func__, name)
+        if name in ("refresh", "forget", "is_cached"):  # Called with the instance first, as the function is.
+            import functools
+
+            return functools.partial(found, self.__self__)
+        return found
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _BoundMemoized) and self.__func__ is other.__func__ and self.__self__ is other.__self__
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.__func__), id(self.__self__)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return getattr, (self.__self__, self.__func__.__wrapped__.__name__)
+
+    def __repr__(self) -> str:
+        return f"<bound memoized {self.__func__.__qualname__} of {self.__self__!r}>"
+
+
 class _Memoized(Generic[_P, _R]):
     """A function whose results are kept in a donecache store."""
 
@@ -4966,57 +5185,26 @@ class _Memoized(Generic[_P, _R]):
     __qualname__: str
 
     def __init__(
-        self,
-        func: Callable[..., Any],
-        path: StrPath | None,
-        ttl: float | None,
-        version: Any,
-        ignore: Iterable[str],
-        durable: bool,
-        key: Callable[..., Any] | None = None,
-        mmap: bool = False,
-        max_bytes: int | None = None,
-        trust_shared: bool = False,
-        compress: Any = False,
-    ) -> None:
+        self, func: Callable[..., Any], path: StrPath | None, ttl: float | None, version: Any, ignore: Iterable[str],
+        durable: bool, key: Callable[..., Any] | None = None, mmap: bool = False, max_bytes: int | None = None,
+        trust_shared: bool = False, compress: Any = False,
+    ) -> None:  # fmt: skip
         import functools
         import hashlib
-        import socket  # noqa: F401  (the host an entry records)
 
-        # What the first call needs to work out and record the code identity
-        # (_prepare) is imported now: a KeyboardInterrupt inside a first import
-        # can leave a half-initialised module behind (seen with inspect and json
-        # on CPython 3.9).
-        import collections  # noqa: F401
-        import inspect  # noqa: F401
-        import json  # noqa: F401
-        import ast  # noqa: F401
-        import base64  # noqa: F401
-        import dis  # noqa: F401
-        import importlib.util  # noqa: F401  (on 3.9 it brings typing, through importlib.abc)
-        import math  # noqa: F401
-        import reprlib  # noqa: F401
-        import types  # noqa: F401
-        import warnings  # noqa: F401
-
+        for module in _DECORATION_IMPORTS:
+            __import__(module)
         _runtime_imports()
-
         functools.update_wrapper(self, func)
         if not hasattr(func, "__qualname__"):  # A functools.partial or a callable object.
             self.__qualname__ = self.__name__ = _function_name(func)
         # Bound once here: an import statement on the hit path costs a dict lookup per call.
         self._blake2b = hashlib.blake2b
-        if path is None:
-            path = os.environ.get("DONECACHE_DIR") or ".donecache"
-        self.path = os.path.abspath(_store_path(path))
-        self._ttl = ttl
-        self._durable = durable
-        self._mmap = mmap
-        self._max_bytes = _check_max_bytes(max_bytes)
-        self._trust_shared = trust_shared
+        self.path = os.path.abspath(_store_path(os.environ.get("DONECACHE_DIR") or ".donecache" if path is None else path))
+        self._ttl, self._durable, self._mmap, self._version = ttl, durable, mmap, version
+        self._max_bytes, self._trust_shared = _check_max_bytes(max_bytes), trust_shared
         self._compress = _check_compress(compress)
         self._arguments = _Arguments(func, ignore, key)
-        self._version = version
         self._function = f"{_module_name(func)}:{_function_name(func)}"
         self._identity = f"{self._function}|".encode("utf-8")
         # Made at the first call (_prepare): the code identity and the closure's values.
@@ -5029,17 +5217,14 @@ class _Memoized(Generic[_P, _R]):
         self._folder = ""  # Where this function's entries live in the store (set with it).
         self._warned = False
         self._hits = self._misses = 0
-        self._keys: dict[tuple[Any, ...], tuple[bytes, _Slot | None, bytes, str]] = {}  # See _call.
         self._saved = 0.0  # Seconds of computation that this process's hits did not repeat.
+        self._keys: dict[tuple[Any, ...], tuple[bytes, _Slot | None, bytes, str]] = {}  # See _keyed.
 
-    # By reference where its name finds it, by value otherwise: see _reduce_memoized.
     def __reduce__(self) -> str | tuple[Any, ...]:
         return _reduce_memoized(self)
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        if instance is None:
-            return self
-        return _BoundMemoized(self, instance)
+        return self if instance is None else _BoundMemoized(self, instance)
 
     def __repr__(self) -> str:
         return f"<memoized {self.__module__}.{self.__qualname__} in {self.path!r}>"
@@ -5104,14 +5289,16 @@ class _Memoized(Generic[_P, _R]):
         prefix = self._prefix if self._prefix and self._same() else self._prepare()
         return _make_key(prefix, self._closure, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
 
-    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
-        # Keys of calls with a few ints, strs, bytes or Nones, remembered (the
-        # key and the entry's path cost more than a hit's read): for these
-        # types, equal arguments have equal keys (not so for floats: 0.0 ==
-        # -0.0, or bools: True == 1). Built anew once the memo is full. A key
-        # is reused only while the prefix and closure text it was made with
-        # are the very objects in use and what the identity followed is
-        # unchanged (_same; else _key works the prefix out again).
+    def _keyed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+        """The call with its key and entry slot.
+
+        Keys of calls with a few ints, strs, bytes or Nones are remembered (the
+        key and the entry's path cost more than a hit's read): for these types,
+        equal arguments have equal keys (not so for floats: 0.0 == -0.0, or
+        bools: True == 1). The memo starts anew once full. A key is reused only
+        while the prefix and closure text it was made with are the very objects
+        in use and what the identity followed is unchanged (_same; else _key
+        works the prefix out again)."""
         simple = (
             not kwargs
             and self._store is not None
@@ -5123,7 +5310,7 @@ class _Memoized(Generic[_P, _R]):
             if known is not None and known[2] is self._prefix and known[3] is self._closure and self._same():
                 return _Call(args, kwargs, known[0], known[1])
         key = self._key(args, kwargs)
-        call = self._call_at(key, args, kwargs)
+        call = self._at_key(key, args, kwargs)
         small = simple and all(type(a) is int or a is None or len(a) <= _KEY_MEMO_TEXT for a in args)
         if small and self._arguments.memoizable:
             if len(self._keys) >= _KEY_MEMO_SIZE:
@@ -5131,16 +5318,16 @@ class _Memoized(Generic[_P, _R]):
             self._keys[args] = (key, call.slot, self._prefix, self._closure)
         return call
 
-    def _call_at(self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
-        """A call whose key is already made (a batch's worker gets it from the parent)."""
+    def _at_key(self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+        """The call with a key made already (a batch's worker gets it from the parent)."""
         files = self._store or self._files()
         return _Call(args, kwargs, key, None if files is None else files.slot(key, self._folder))
 
     # -- the flow of one call, written once ----------------------------------
     #
     # _flow is a coroutine for sync and async functions alike. For a sync
-    # function its two awaits (_lock and _invoke) never suspend, so _get runs
-    # it to the end with a single send(); the async class overrides only those
+    # function its awaits (_acquire and _invoke) never suspend, so _get runs it
+    # to the end with a single send(); the async class overrides only those
     # two, and awaits _flow.
 
     def _live(self, call: _Call, files: _EntryFiles, use: bool = True) -> _Entry | None:
@@ -5173,9 +5360,8 @@ class _Memoized(Generic[_P, _R]):
         return value
 
     def _why_missed(self, call: _Call) -> str:
-        """For the DEBUG log: why the entry was not used (it reads the file again).
-        An entry of the same arguments under an older code digest lives in another
-        file, found only by a scan: a code change reads as "new key"."""
+        """For the DEBUG log (it reads the file again). An entry of the same arguments under
+        an older code digest lives in another file, found only by a scan: it reads as "new key"."""
         if self._store is None or call.slot is None:
             return "no cache directory"
         try:
@@ -5191,7 +5377,7 @@ class _Memoized(Generic[_P, _R]):
             return "expired"
         return "damaged entry (its value does not unpickle)"
 
-    def _keep(self, call: _Call, value: Any) -> None:
+    def _store_result(self, call: _Call, value: Any) -> None:
         """Count a freshly computed result as a miss and store it (or warn why not)."""
         self._misses += 1
         files = self._store
@@ -5216,34 +5402,32 @@ class _Memoized(Generic[_P, _R]):
         if call.slot is not None:
             files.forget_failure(call.slot)  # A success clears the input's recorded failure.
 
-    def _key_lock(self, call: _Call) -> _KeyLock | None:
-        files = self._store
-        return None if files is None or call.slot is None else _KeyLock(files.lock_path, call.slot.offset)
-
-    def _unlocked(self, exc: OSError) -> None:
-        # No lock file (a read-only or damaged store): compute without one.
-        # Results stay right; concurrent callers may compute the same key.
-        _warn(f"{self.__qualname__}(): computing without the cache lock: {exc}")
-
     async def _lock(self, call: _Call) -> _KeyLock | None:
-        lock = self._key_lock(call)
-        if lock is None:
+        """The key's lock, held, or None: with no store, or no lock file (a read-only
+        or damaged store) the call computes without one. Results stay right;
+        concurrent callers may compute the same key."""
+        files = self._store
+        if files is None or call.slot is None:
             return None
+        lock = _KeyLock(files.lock_path, call.slot.offset)
         try:
-            lock.acquire()
+            await self._acquire(lock)
         except OSError as exc:
-            self._unlocked(exc)
+            _warn(f"{self.__qualname__}(): computing without the cache lock: {exc}")
             return None
         return lock
+
+    async def _acquire(self, lock: _KeyLock) -> None:
+        lock.acquire()
 
     async def _invoke(self, call: _Call) -> Any:
         return self.__wrapped__(*call.args, **call.kwargs)
 
-    async def _flow(self, call: _Call, refresh: bool, keeper: _Keeper | None = None) -> tuple[Any, bool]:
+    async def _flow(self, call: _Call, refresh: bool, hand_off: Callable[..., None] | None = None) -> tuple[Any, bool]:
         """(result, whether this call computed it), after a miss or for a
         refresh: compute under the key's lock, unless another caller stored
-        it while this one waited. A ``keeper`` takes over the storing and the
-        lock's release (a batch worker stores in the background)."""
+        it while this one waited. ``hand_off(self, call, value, lock)`` takes
+        over the storing and the lock's release (a batch worker stores in the background)."""
         lock = await self._lock(call)
         try:
             if not refresh:
@@ -5256,10 +5440,10 @@ class _Memoized(Generic[_P, _R]):
             started = time.perf_counter()
             value = await self._invoke(call)
             call.seconds = time.perf_counter() - started
-            if keeper is None:
-                self._keep(call, value)
+            if hand_off is None:
+                self._store_result(call, value)
             else:
-                keeper.keep(self, call, value, lock)
+                hand_off(self, call, value, lock)
                 lock = None
             return value, True
         finally:
@@ -5267,14 +5451,14 @@ class _Memoized(Generic[_P, _R]):
                 lock.release()
 
     def _get(
-        self, call: _Call, refresh: bool = False, keeper: _Keeper | None = None, missed: bool = False
+        self, call: _Call, refresh: bool = False, hand_off: Callable[..., None] | None = None, missed: bool = False
     ) -> tuple[Any, bool]:
         """(result, whether this call computed it rather than reusing a stored one);
         ``missed``: a lookup just missed (a batch's parent), so look again only under the lock."""
         value = _MISSING if refresh or missed else self._hit(call)
         if value is not _MISSING:
             return value, False
-        flow = self._flow(call, refresh, keeper)
+        flow = self._flow(call, refresh, hand_off)
         try:
             flow.send(None)
         except StopIteration as done:
@@ -5285,65 +5469,13 @@ class _Memoized(Generic[_P, _R]):
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         if _switched_off():
             return self.__wrapped__(*args, **kwargs)
-        return self._get(self._call(args, kwargs))[0]  # type: ignore[no-any-return]
+        return self._get(self._keyed(args, kwargs))[0]  # type: ignore[no-any-return]
 
     def refresh(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         """Compute this call again, whatever the cache holds, and store the result."""
         if _switched_off():
             return self.__wrapped__(*args, **kwargs)
-        return self._get(self._call(args, kwargs), refresh=True)[0]  # type: ignore[no-any-return]
-
-    def _compute(
-        self, args: tuple[Any, ...], off: bool, label: Callable[..., Any] | None = None, lead: int = 0
-    ) -> _Outcome:
-        """One call of a batch, raising its failure; ``off``: caching was off when the batch began."""
-        if off:
-            started = time.perf_counter()
-            value = self.__wrapped__(*args)  # type: ignore[call-arg]
-            return _Outcome(True, value, True, seconds=time.perf_counter() - started)
-        call = self._call(args, {})
-        try:
-            value, computed = self._get(call)
-            return _Outcome(True, value, computed, seconds=call.seconds)
-        except Exception as exc:
-            self._record_failure(call, exc, _format_exception(exc), _label_text(label, args[lead:]), lead)
-            raise
-
-    def _record_failure(self, call: _Call, exc: BaseException, traceback: str, shown: str, lead: int = 0) -> None:
-        """Write a batch's failure to the ledger at once, so that a crash of the parent cannot lose it.
-        ``shown``: the input's text; ``lead``: how many arguments come before the input (a method's self)."""
-        import socket
-
-        files = self._store
-        if files is None or call.slot is None or files.readonly:
-            return
-        args = call.args[lead:]
-        kept = _kept_input(args[0] if len(args) == 1 and not call.kwargs else args)
-        record = {
-            "function": self._function,
-            "identity": _key_identity(call.key),
-            "input": shown,
-            "input_pickle": kept,
-            "entry": os.path.basename(call.slot.path),  # Names the input when its pickle is not kept.
-            "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-            "message": _safe_str(exc),
-            "traceback": traceback[-20000:],
-            "time": time.time(),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-        }
-        try:
-            files.record_failure(call.slot, record)
-        except OSError as exc:
-            _warn(f"{self.__qualname__}(): a failure could not be recorded in the cache: {exc}")
-
-    def _recorded_failure(self, call: _Call) -> FailureRecord | None:
-        """The failure recorded for this call under the current code identity, if any."""
-        files = self._store
-        record = None if files is None or call.slot is None else files.failure(call.slot)
-        if record is None or record.get("identity") != _key_identity(call.key):
-            return None
-        return FailureRecord(record, current=True)
+        return self._get(self._keyed(args, kwargs), refresh=True)[0]  # type: ignore[no-any-return]
 
     def failures(self, *, all: bool = False) -> list[FailureRecord]:
         """The inputs of this function that failed in a batch and have not succeeded
@@ -5364,7 +5496,7 @@ class _Memoized(Generic[_P, _R]):
         unpickled: one that no longer loads (its class changed) still counts."""
         if _switched_off() or (self._store is None and not os.path.isdir(self.path)):
             return False
-        call = self._call(args, kwargs)
+        call = self._keyed(args, kwargs)
         return self._store is not None and self._live(call, self._store, use=False) is not None
 
     def forget(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
@@ -5372,7 +5504,7 @@ class _Memoized(Generic[_P, _R]):
         files = self._files()
         if files is None:
             return False
-        call = self._call(args, kwargs)
+        call = self._keyed(args, kwargs)
         return files.delete(call.key, call.slot)
 
     def cache_clear(self) -> None:
@@ -5420,17 +5552,9 @@ class _Memoized(Generic[_P, _R]):
         return _record("PruneReport")(*done)  # type: ignore[no-any-return]
 
     def map(
-        self,
-        *iterables: Iterable[Any],
-        keep_going: bool = False,
-        workers: int | None = None,
-        processes: bool = True,
-        executor: Any = None,
-        chunksize: int | None = None,
-        progress: bool | float | None = None,
-        retry_failures: bool = True,
-        shard: tuple[int, int] | None = None,
-        label: Callable[..., Any] | None = None,
+        self, *iterables: Iterable[Any], keep_going: bool = False, workers: int | None = None, processes: bool = True,
+        executor: Any = None, chunksize: int | None = None, progress: bool | float | None = None,
+        retry_failures: bool = True, shard: tuple[int, int] | None = None, label: Callable[..., Any] | None = None,
     ) -> BatchResult:
         """Call the function on every input, caching each success as soon as it is done.
 
@@ -5478,147 +5602,32 @@ class _Memoized(Generic[_P, _R]):
         Cached inputs are answered here, never sent; only misses go to the
         workers, a bounded number at a time, so the inputs can be a generator.
         """
-        stream = self._batch(
-            iterables, (), "map", keep_going, workers, processes, executor, chunksize, progress, retry_failures, shard, label
-        )
-        return BatchResult._of(stream)
+        options = (keep_going, workers, processes, executor, chunksize, progress, retry_failures, shard, label)
+        return _run_map(self, iterables, (), _record("_BatchOptions")(*options))
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
         """:meth:`map` as a stream, with the same options: yield each result in
         input order as soon as it and every one before it are done, keeping none
         of them, so memory stays bounded however many inputs the iterables give.
         With keep_going=True a failed input yields its :class:`Failure` in its place."""
-        return (done.result() for done in self._batch_with(iterables, (), "imap", options))
+        return _run_imap(self, iterables, (), self._batch_options(iterables, options))
 
-    def _batch_with(
-        self, iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], method: str, options: dict[str, Any]
-    ) -> Iterator[_Done]:
-        """_batch with map()'s options given by name, checked as a call of map() checks them."""
+    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: dict[str, Any]) -> _BatchOptions:
+        """Options given by name, checked as a call of map() checks them."""
         import inspect
 
         bound = inspect.signature(_Memoized.map).bind(self, *iterables, **options)
         bound.apply_defaults()
-        given = bound.arguments
-        return self._batch(
-            iterables,
-            lead,
-            method,
-            given["keep_going"],
-            given["workers"],
-            given["processes"],
-            given["executor"],
-            given["chunksize"],
-            given["progress"],
-            given["retry_failures"],
-            given["shard"],
-            given["label"],
-        )
-
-    def _share(
-        self, calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], shard: Any, name: str
-    ) -> Iterator[tuple[Any, ...]]:
-        """The inputs that shard=(index, count) runs: those whose key's digest is
-        index modulo count, so that every input falls to exactly one shard, in
-        any process on any host (keys are the same everywhere). An input with no
-        key (an argument that cannot be one) falls to shard 0, which reports it."""
-        if not (
-            isinstance(shard, tuple)
-            and len(shard) == 2
-            and all(isinstance(n, int) and not isinstance(n, bool) for n in shard)
-            and 0 <= shard[0] < shard[1]
-        ):
-            raise ValueError(f"{name}: shard= takes (index, count) with 0 <= index < count, not {shard!r}")
-        index, count = shard
-        for args in calls:
-            try:
-                key = self._key(lead + args, {})  # Makes no cache directory (DONECACHE=off).
-            except Exception:
-                if index == 0:
-                    yield args
-                continue
-            if int.from_bytes(self._blake2b(key, digest_size=8).digest(), "big") % count == index:
-                yield args
-
-    def _batch(
-        self,
-        iterables: tuple[Iterable[Any], ...],
-        lead: tuple[Any, ...],
-        method: str,
-        keep_going: bool,
-        workers: int | None,
-        processes: bool,
-        executor: Any,
-        chunksize: int | None,
-        progress: bool | float | None,
-        retry_failures: bool = True,
-        shard: tuple[int, int] | None = None,
-        label: Callable[..., Any] | None = None,
-    ) -> Iterator[_Done]:
-        """map() and imap(): check the options at once, then stream the outcomes.
-
-        ``lead`` is put before every call's arguments (a bound method's instance)."""
-        name = f"{self.__qualname__}.{method}()"
-        if not iterables:
-            raise TypeError(f"{name} needs at least one iterable of inputs")
-        for option, value in (("workers", workers), ("chunksize", chunksize)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}: {option}= must be a positive int or None, not {value!r}")
-        calls: Iterator[tuple[Any, ...]] = zip(*iterables)
-        total = _length(iterables)
-        if shard is not None:
-            calls = self._share(calls, lead, shard, name)
-            total = None
-        if label is not None and not callable(label):
-            raise TypeError(f"{name}: label= takes a callable (called with an input's arguments), not {label!r}")
-        meter = _Progress(name, total, progress, self.__qualname__)
-        off = _switched_off()  # Taken once: the batch's workers follow the parent.
-        if executor is None and (workers or 1) == 1:
-            return self._fits(meter.watch(_serial(self, calls, lead, keep_going, off, retry_failures, label), keep_going), name)
-        plan = _Plan(self, name, executor, workers, processes, off)
-        stream = _stream(self, calls, lead, keep_going, plan, chunksize, retry_failures, label)
-        return self._fits(meter.watch(stream, keep_going), name)
-
-    def _fits(self, stream: Iterator[_Done], name: str) -> Iterator[_Done]:
-        """Pass a batch on; at its end, warn if a sweep (in any process) evicted
-        an entry used since it began: its results do not all fit under
-        max_bytes, and since a batch walks its inputs in order, a rerun would
-        reuse none of the evicted ones (issue 21). One .usage read per batch."""
-        started = time.time()
-        yield from stream
-        files = self._store
-        if files is None or files.max_bytes is None or files.readonly:
-            return
-        try:
-            files._usage(lambda total: total)
-        except OSError:
-            return
-        if files.horizon < started:
-            return
-        sizes = [_disk_bytes(st) for st in map(_lstat_or_none, (p for p, _f in files.files(self._folder))) if st]
-        each = -(-sum(sizes) // len(sizes)) if sizes else 0
-        _warn(
-            f"{name}: the results do not fit in the store at max_bytes={files.max_bytes:,}: entries used since "
-            f"the batch began were evicted, so a rerun computes them again"
-            + (f"; about {files.max_bytes // each:,} of its entries fit ({each:,} bytes on disk each)" if each else "")
-            + ". Raise max_bytes, or run the batch in parts that fit"
-        )
+        return _record("_BatchOptions")(**bound.kwargs)  # type: ignore[no-any-return]
 
 
 class _AsyncMemoized(_Memoized[_P, _R]):
     """The same for ``async def`` functions: the event loop never blocks on a lock."""
 
-    async def _lock(self, call: _Call) -> _KeyLock | None:
+    async def _acquire(self, lock: _KeyLock) -> None:
         import asyncio
 
-        lock = self._key_lock(call)
-        if lock is None:
-            return None
-        try:
-            await lock.acquire_async(id(asyncio.current_task()))
-        except OSError as exc:
-            self._unlocked(exc)
-            return None
-        return lock
+        await lock.acquire_async(id(asyncio.current_task()))
 
     async def _invoke(self, call: _Call) -> Any:
         coroutine: Any = self.__wrapped__(*call.args, **call.kwargs)
@@ -5627,14 +5636,14 @@ class _AsyncMemoized(_Memoized[_P, _R]):
     async def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> Any:  # type: ignore[override]
         if _switched_off():
             return await self.__wrapped__(*args, **kwargs)  # type: ignore[misc]
-        call = self._call(args, kwargs)
+        call = self._keyed(args, kwargs)
         value = self._hit(call)
         return value if value is not _MISSING else (await self._flow(call, False))[0]
 
     async def refresh(self, *args: _P.args, **kwargs: _P.kwargs) -> Any:  # type: ignore[override]
         if _switched_off():
             return await self.__wrapped__(*args, **kwargs)  # type: ignore[misc]
-        return (await self._flow(self._call(args, kwargs), True))[0]
+        return (await self._flow(self._keyed(args, kwargs), True))[0]
 
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
         raise TypeError(f"{self.__qualname__}.map(): use asyncio.gather() for async functions")
@@ -5643,62 +5652,122 @@ class _AsyncMemoized(_Memoized[_P, _R]):
         raise TypeError(f"{self.__qualname__}.imap(): use asyncio.as_completed() for async functions")
 
 
-class _BoundMemoized:
-    """A memoized method bound to an instance, as ``obj.method`` gives it: the
-    call and every wrapper method (map, forget, refresh, ...) take the
-    instance as their first argument, as a bound method does."""
+# -- the decorator --------------------------------------------------------------
 
-    __slots__ = ("__func__", "__self__")
+_CO_GENERATOR, _CO_ASYNC_GENERATOR = 0x20, 0x200  # inspect.CO_*
 
-    def __init__(self, func: _Memoized[..., Any], instance: Any) -> None:
-        self.__func__, self.__self__ = func, instance
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__func__(self.__self__, *args, **kwargs)
+@overload
+def memoize(path: Callable[_P, _R]) -> _Memoized[_P, _R]: ...
 
-    def refresh(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__func__.refresh(self.__self__, *args, **kwargs)
 
-    def forget(self, *args: Any, **kwargs: Any) -> bool:
-        return self.__func__.forget(self.__self__, *args, **kwargs)
+@overload
+def memoize(
+    path: StrPath | None = None,
+    *,
+    ttl: float | Any = None,
+    version: _Version | None = None,
+    ignore: Iterable[str] = (),
+    key: _KeyFunction | None = None,
+    durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
+    compress: bool | str = False,
+) -> Callable[[Callable[_P, _R]], _Memoized[_P, _R]]: ...
 
-    def is_cached(self, *args: Any, **kwargs: Any) -> bool:
-        return self.__func__.is_cached(self.__self__, *args, **kwargs)
 
-    def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
-        return BatchResult._of(self.__func__._batch_with(iterables, (self.__self__,), "map", options))
+def memoize(
+    path: StrPath | Callable[..., Any] | None = None, *, ttl: float | Any = None, version: _Version | None = None,
+    ignore: Iterable[str] = (), key: _KeyFunction | None = None, durable: bool = False, mmap: bool = False,
+    max_bytes: int | None = None, trust_shared: bool = False, compress: bool | str = False,
+) -> Any:
+    """Keep a function's results on disk, shared by threads, processes and runs.
 
-    def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        return (done.result() for done in self.__func__._batch_with(iterables, (self.__self__,), "imap", options))
+    ``@memoize`` or ``@memoize("cache-dir", ttl=3600)``. Without a path the
+    store is ``.donecache`` in the current directory, or $DONECACHE_DIR.
 
-    def cache_info(self) -> CacheInfo:
-        return self.__func__.cache_info()
+    A call's key is the function's module and qualified name, its code
+    identity, the values its closure holds, and the arguments bound to its
+    signature with defaults applied, so f(1), f(x=1) and f() (when x=1 is the
+    default) are one entry. The code identity is ``version`` when given;
+    otherwise it follows the function's source (comments, blank lines and
+    decorators aside), the module-level constants it reads and the functions
+    and classes of your own code that it uses (README, "Code changes").
+    Concurrent callers of one key, in threads or processes, compute it once;
+    the others wait and reuse the result. Exceptions are not cached; None is.
+    A result that cannot be pickled is returned with a DonecacheWarning and
+    not stored.
 
-    def cache_clear(self) -> None:
-        self.__func__.cache_clear()
+    ttl: seconds (or a timedelta) after which an entry is recomputed.
+    version: pins the code identity (a str, an int or a tuple of them): edits
+        keep the entries until you change it.
+    ignore: names of parameters left out of the key (``self``, a logger).
+    key: a function of the same arguments whose result stands for them in the
+        key, as ``key=lambda record: record["id"]``.
+    durable: fsync each entry as it is written (survives power failures).
+    mmap: return the big buffers of results (64 KiB or more: the data of
+        NumPy arrays and pandas columns) as private copy-on-write memory maps
+        of the entry files: a hit costs milliseconds whatever the size; the
+        arrays are writable, and changes never reach the file.
+    max_bytes: bound the store (the whole directory, shared with any other
+        function in it) to this many bytes on disk: a miss that takes it past
+        the bound evicts the least recently used entries (a hit counts as a
+        use) down to 80% of it, logging the sweep on the "donecache" logger (INFO).
+        None (the default): no bound. ``cache_info().maxsize`` reports it, in
+        bytes (functools counts entries there).
+    trust_shared: use a store directory that is not yours, or that group or
+        others can write to (by default the first call raises PermissionError
+        there: results are pickles, and loading one runs its writer's code).
+    compress: ``"zlib"`` (or True) or ``"lzma"`` compresses each entry's pickle
+        stream (not the big buffers that mmap maps) where that makes it
+        smaller: text-heavy results shrink several times at some write time
+        (docs/storage.md). False (the default): no compression.
 
-    @property
-    def __wrapped__(self) -> Any:
-        import types
-
-        return types.MethodType(self.__func__.__wrapped__, self.__self__)
-
-    def __getattr__(self, name: str) -> Any:  # __name__, __doc__, path, ...
-        return getattr(self.__func__, name)
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, _BoundMemoized) and self.__func__ is other.__func__ and self.__self__ is other.__self__
+    The decorated function has ``cache_info()``, ``cache_clear()`` (this
+    function's entries only), ``forget(*args)``, ``refresh(*args)`` and
+    ``__wrapped__`` (the function itself: call it to bypass the cache), and
+    ``map``/``imap`` for batches on any executor. It pickles by reference
+    where its name finds it, else by value, so it works with
+    ProcessPoolExecutor, multiprocessing and Dask; bound to an instance, it
+    keeps all of these. ``async def`` functions are supported.
+    """
+    seconds = _seconds(ttl)
+    _check_max_bytes(max_bytes)
+    _check_compress(compress)
+    if path is not None and not callable(path):
+        _store_path(path)
+    if version is not None:
+        _version_text(version)  # An unusable version fails here, not at the first call.
+    if isinstance(ignore, str):
+        ignore = (ignore,)
+    if key is not None and (ignore or not callable(key)):
+        raise ValueError(
+            "memoize(key=...) takes a function of the call's arguments, and then no ignore= (the key "
+            "function chooses what counts)" if ignore else f"memoize(key=...) must be callable, not {key!r}"
         )
 
-    def __hash__(self) -> int:
-        return hash((id(self.__func__), id(self.__self__)))
+    def decorate(func: Callable[..., Any]) -> Any:
+        if not callable(func):
+            raise TypeError(f"memoize() decorates functions, not {type(func).__name__}")
+        code = getattr(func, "__code__", None)
+        if code is not None and code.co_flags & (_CO_GENERATOR | _CO_ASYNC_GENERATOR):
+            what = "an async generator" if code.co_flags & _CO_ASYNC_GENERATOR else "a generator"
+            raise TypeError(
+                f"memoize() cannot cache {getattr(func, '__qualname__', func)}(): it is {what} function, and "
+                "the iterator that it returns is used up once read; return a list instead, or memoize a "
+                "function that collects it"
+            )
+        kind = _AsyncMemoized if code is not None and code.co_flags & _CO_COROUTINE else _Memoized
+        return kind(func, store_path, seconds, version, ignore, durable, key, mmap, max_bytes, trust_shared, compress)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return getattr, (self.__self__, self.__func__.__wrapped__.__name__)
+    if callable(path) and not isinstance(path, (str, os.PathLike)):
+        store_path: StrPath | None = None
+        return decorate(path)  # Used bare: @memoize
+    store_path = path
+    return decorate
 
-    def __repr__(self) -> str:
-        return f"<bound memoized {self.__func__.__qualname__} of {self.__self__!r}>"
+
+# ---- core ends here ----------------------------------------------------------
+# The tail: batches, then the command line. The core reaches the batches only
+# through _run_map and _run_imap.
 
 
 # ---------------------------------------------------------------------------
@@ -5715,86 +5784,35 @@ _CHUNK_SECONDS = 0.05  # A chunk grows until it takes about this long...
 _MAX_CHUNK = 1000  # ...up to this many calls.
 _LOG_EVERY = 30.0  # Seconds between progress records when stderr is not a terminal.
 
-# The memoized functions that this process has pickled by value, and those it
-# has rebuilt from such pickles: unpickling in the same process gives back the
-# same object (its counters and open store), and a worker rebuilds each once per task.
-_by_value: weakref.WeakValueDictionary[tuple[Any, ...], _Memoized[..., Any]] | None = None  # Made at the first decoration.
-_WEAK_TABLES["_by_value"] = "WeakValueDictionary"
 
+def _record_failure(
+    func: _Memoized[..., Any], call: _Call, exc: BaseException, traceback: str, shown: str, lead: int = 0
+) -> None:
+    """Write a batch's failure to the ledger at once, so that a crash of the parent cannot lose it.
+    ``shown``: the input's text; ``lead``: how many arguments come before the input (a method's self)."""
+    import socket
 
-def _reduce_memoized(func: _Memoized[..., Any]) -> str | tuple[Any, ...]:
-    """How a memoized function pickles: by name where its name finds it (the
-    decorator form, as plain functions pickle), else by value.
-
-    By value (the functional form ``cached = memoize(path)(f)``, where the
-    name ``f`` is the plain function) means the plain function, sent as the
-    pickler sends functions, and the wrapper's settings (the absolute store
-    path, ttl, the key prefix made here). A function of the main script goes
-    by value too when the pickler can send functions by value (cloudpickle,
-    which dask and loky use), since a remote worker cannot import the parent's
-    main script; the standard pickler (process pools) sends it by name, which
-    its workers can resolve.
-    """
-    target: Any = sys.modules.get(func.__module__)
-    for part in func.__qualname__.split("."):  # A method's name: Class.method.
-        target = getattr(target, part, None)
-    name: str = func.__qualname__
-    if target is func and not (func.__module__ == "__main__" and _pickler_sends_functions_by_value()):
-        return name
-    # The registry's key names this very wrapper: before its first call its key
-    # prefix is empty, and two functions' wrappers were once taken for one.
-    token = func.__dict__.setdefault("_pickle_token", os.urandom(8).hex())
-    state = dict(
-        func.__dict__, _store=None, _warned=False, _hits=0, _misses=0, _same=_unchanged, _keys={}, _saved=0.0
-    )
-    _runtime_imports()
-    assert _by_value is not None
-    _by_value[(type(func), func.path, token)] = func
-    return _restore_memoized, (type(func), state)
-
-
-def _restore_memoized(kind: type[_Memoized[..., Any]], state: dict[str, Any]) -> _Memoized[..., Any]:
-    key = (kind, state["path"], state["_pickle_token"])
-    _runtime_imports()  # A worker may rebuild a function before it decorates any.
-    assert _by_value is not None
-    func = _by_value.get(key)
-    if func is None:
-        func = kind.__new__(kind)
-        func.__dict__.update(state)
-        _by_value[key] = func
-    return func
-
-
-def _pickler_sends_functions_by_value() -> bool:
-    """Whether the pickler at work is one that sends functions by value.
-
-    Such picklers (cloudpickle and those built on it) define reducer_override()
-    and run dump() as Python code, so they are on the stack; the standard
-    pickler does neither.
-    """
-    import pickle
-
-    frame = sys._getframe(2)
-    for _ in range(16):
-        if frame is None:
-            break
-        pickler = frame.f_locals.get("self")
-        if isinstance(pickler, pickle.Pickler):
-            return callable(getattr(pickler, "reducer_override", None))
-        frame = frame.f_back  # type: ignore[assignment]
-    return False
-
-
-def _format_exception(exc: BaseException) -> str:
-    """The traceback text, without donecache's own frames (the user's code is what failed)."""
-    import traceback
-
-    shown = traceback.TracebackException.from_exception(exc)
-    part: Any = shown
-    while part is not None:
-        part.stack = traceback.StackSummary.from_list([f for f in part.stack if f.filename != __file__])
-        part = part.__cause__ or (None if part.__suppress_context__ else part.__context__)
-    return "".join(shown.format())
+    files = func._store
+    if files is None or call.slot is None or files.readonly:
+        return
+    args = call.args[lead:]
+    record = {
+        "function": func._function,
+        "identity": _key_identity(call.key),
+        "input": shown,
+        "input_pickle": _pickled_input(args[0] if len(args) == 1 and not call.kwargs else args),
+        "entry": os.path.basename(call.slot.path),  # Names the input when its pickle is not kept.
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": _safe_str(exc),
+        "traceback": traceback[-20000:],
+        "time": time.time(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    try:
+        files.record_failure(call.slot, record)
+    except OSError as exc:
+        _warn(f"{func.__qualname__}(): a failure could not be recorded in the cache: {exc}")
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -5813,17 +5831,6 @@ def _exit_with_parent(parent: int) -> None:
     _thread.start_new_thread(watch, ())
 
 
-class _Outcome:
-    """How one call went: its result (ok) or exception, whether it was computed
-    (not reused), and the traceback text of a failure."""
-
-    __slots__ = ("ok", "value", "computed", "traceback", "seconds")
-
-    def __init__(self, ok: bool, value: Any, computed: bool, traceback: str = "", seconds: float = 0.0) -> None:
-        self.ok, self.value, self.computed, self.traceback = ok, value, computed, traceback
-        self.seconds = seconds  # Of the computation: done now, or (reused) as its entry records.
-
-
 def _failed(exc: BaseException, portable: bool) -> _Outcome:
     text = _format_exception(exc)
     if portable:  # The exception must cross back to the parent process.
@@ -5836,35 +5843,7 @@ def _failed(exc: BaseException, portable: bool) -> _Outcome:
     return _Outcome(False, exc, True, text)
 
 
-def _call_one(
-    func: _Memoized[..., Any],
-    args: tuple[Any, ...],
-    key: bytes | None,
-    portable: bool,
-    off: bool,
-    keeper: _Keeper | None = None,
-    shown: str | Callable[[], str] = "",
-    lead: int = 0,
-) -> _Outcome:
-    """One call of a batch, never raising; ``key`` when the parent made it already;
-    ``off``: caching was switched off when the batch began; ``keeper`` stores the
-    result in the background; ``shown``: the input's text for the ledger (or
-    what makes it); ``lead``: arguments before the input (a method's self)."""
-    call = None
-    try:
-        if off:
-            return func._compute(args, off)
-        call = func._call(args, {}) if key is None else func._call_at(key, args, {})
-        value, computed = func._get(call, keeper=keeper, missed=key is not None)
-        return _Outcome(True, value, computed, seconds=call.seconds)
-    except Exception as exc:
-        outcome = _failed(exc, portable)
-        if call is not None:
-            func._record_failure(call, exc, outcome.traceback, shown if isinstance(shown, str) else shown(), lead)
-        return outcome
-
-
-class _Keeper:
+class _Writer:
     """A worker's background writer: it stores a chunk's results (and releases
     their keys' locks) while the next call computes, so that creating entry
     files costs no time of the calls. finish() waits until all are stored.
@@ -5876,7 +5855,7 @@ class _Keeper:
     its end, so that no thread outlives the batch in the user's process (a
     later fork(2) with threads alive can deadlock its child)."""
 
-    _current: _Keeper | None = None
+    _current: _Writer | None = None
 
     def __init__(self) -> None:
         import queue
@@ -5888,18 +5867,18 @@ class _Keeper:
         self._thread.start()
 
     @classmethod
-    def running(cls) -> _Keeper:
-        """This process's keeper (a forked child's is its own), or a chunk's own (see above)."""
+    def running(cls) -> _Writer:
+        """This process's writer (a forked child's is its own), or a chunk's own (see above)."""
         import threading
 
         if threading.current_thread() is not threading.main_thread():
             return cls()
-        keeper = cls._current
-        if keeper is None or keeper._pid != os.getpid() or not keeper._thread.is_alive():
-            keeper = cls._current = cls()
-        return keeper
+        writer = cls._current
+        if writer is None or writer._pid != os.getpid() or not writer._thread.is_alive():
+            writer = cls._current = cls()
+        return writer
 
-    def keep(self, func: _Memoized[..., Any], call: _Call, value: Any, lock: _KeyLock | None) -> None:
+    def put(self, func: _Memoized[..., Any], call: _Call, value: Any, lock: _KeyLock | None) -> None:
         self._queue.put((func, call, value, lock))
 
     def _run(self) -> None:
@@ -5907,12 +5886,12 @@ class _Keeper:
             job = self._queue.get()
             if not isinstance(job, tuple):  # finish(): everything before it is stored.
                 job.release()
-                if self is not _Keeper._current:
-                    return  # A chunk's own keeper: its chunk is done.
+                if self is not _Writer._current:
+                    return  # A chunk's own writer: its chunk is done.
                 continue
             func, call, value, lock = job
             try:
-                func._keep(call, value)
+                func._store_result(call, value)
             except Exception as exc:  # The thread serves the next chunks too: say it, go on.
                 _warn(f"{func.__qualname__}(): the result is returned but not cached: {exc!r}")
             finally:
@@ -5928,6 +5907,45 @@ class _Keeper:
                 break
 
 
+def _compute(
+    func: _Memoized[..., Any], args: tuple[Any, ...], off: bool, label: Callable[..., Any] | None = None, lead: int = 0
+) -> _Outcome:
+    """One call of a batch, raising its failure; ``off``: caching was off when the batch began."""
+    if off:
+        started = time.perf_counter()
+        value = func.__wrapped__(*args)
+        return _Outcome(True, value, True, seconds=time.perf_counter() - started)
+    call = func._keyed(args, {})
+    try:
+        value, computed = func._get(call)
+        return _Outcome(True, value, computed, seconds=call.seconds)
+    except Exception as exc:
+        _record_failure(func, call, exc, _format_exception(exc), _label_text(label, args[lead:]), lead)
+        raise
+
+
+def _call_one(
+    func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes | None, portable: bool, off: bool,
+    writer: _Writer | None = None, shown: str | Callable[[], str] = "", lead: int = 0,
+) -> _Outcome:
+    """One call of a batch, never raising; ``key`` when the parent made it already;
+    ``off``: caching was switched off when the batch began; ``writer`` stores the
+    result in the background; ``shown``: the input's text for the ledger (or
+    what makes it); ``lead``: arguments before the input (a method's self)."""
+    call = None
+    try:
+        if off:
+            return _compute(func, args, off)
+        call = func._keyed(args, {}) if key is None else func._at_key(key, args, {})
+        value, computed = func._get(call, hand_off=None if writer is None else writer.put, missed=key is not None)
+        return _Outcome(True, value, computed, seconds=call.seconds)
+    except Exception as exc:
+        outcome = _failed(exc, portable)
+        if call is not None:
+            _record_failure(func, call, exc, outcome.traceback, shown if isinstance(shown, str) else shown(), lead)
+        return outcome
+
+
 class _ChunkReport:
     """What a worker sends back for a chunk: the outcomes in order, its pid and the time it took."""
 
@@ -5938,24 +5956,32 @@ class _ChunkReport:
 
 
 def _run_chunk(
-    func: _Memoized[..., Any],
-    calls: list[tuple[bytes, tuple[Any, ...], str]],
-    portable: bool,
-    off: bool,
-    lead: int = 0,
-    nonce: bytes = b"",
+    func: _Memoized[..., Any], calls: list[tuple[bytes, tuple[Any, ...], str]], portable: bool, off: bool,
+    lead: int = 0, nonce: bytes = b"",
 ) -> _ChunkReport:
     """A worker's task: the calls of one chunk (key, arguments, the input's text).
     Module level, so that it pickles by name. ``nonce`` makes every submission
     unique: Dask treats equal submissions as one pure task and hands back an old
     result, which would be reported as computed but never stored (issue 18)."""
     started = time.perf_counter()
-    keeper = _Keeper.running()
+    writer = _Writer.running()
     try:
-        outcomes = [_call_one(func, args, key or None, portable, off, keeper, shown, lead) for key, args, shown in calls]
+        outcomes = [_call_one(func, args, key or None, portable, off, writer, shown, lead) for key, args, shown in calls]
     finally:
-        keeper.finish()
+        writer.finish()
     return _ChunkReport(outcomes, os.getpid(), time.perf_counter() - started)
+
+
+class Failure:
+    """One input that raised in :meth:`map`: its position, the input, the exception and its traceback text."""
+
+    __slots__ = ("index", "input", "exception", "traceback")
+
+    def __init__(self, index: int, input: Any, exception: BaseException, traceback: str) -> None:
+        self.index, self.input, self.exception, self.traceback = index, input, exception, traceback
+
+    def __repr__(self) -> str:
+        return f"Failure(index={self.index}, input={self.input!r}, exception={self.exception!r})"
 
 
 class _Done:
@@ -5978,34 +6004,43 @@ class _Done:
         return Failure(self.index, self.args[0] if len(self.args) == 1 else self.args, outcome.value, outcome.traceback)
 
 
-def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
-    """How many calls zip(*iterables) makes, if every iterable knows its length."""
+def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True) -> bool:
+    """Settle an input in the parent if its result is cached, if its key cannot
+    be made, or (without ``retry``) if its failure is recorded for the current
+    code; else keep its key for the worker and return False."""
     try:
-        return min(len(it) for it in iterables)  # type: ignore[arg-type]
-    except TypeError:
-        return None
+        call = func._keyed(lead + done.args, {})
+    except Exception as exc:
+        done.outcome = _failed(exc, False)
+        return True
+    value = func._hit(call)
+    if value is not _MISSING:
+        done.outcome = _Outcome(True, value, False, seconds=call.seconds)
+        return True
+    files = func._store
+    recorded = None if retry or files is None or call.slot is None else files.failure(call.slot)
+    if recorded is not None and recorded.get("identity") == _key_identity(call.key):  # Failed under this code.
+        failure = FailureRecord(recorded, current=True)
+        done.outcome = _Outcome(False, failure, False, failure.traceback)
+        return True
+    done.key = call.key
+    return False
 
 
 def _serial(
-    func: _Memoized[..., Any],
-    calls: Iterator[tuple[Any, ...]],
-    lead: tuple[Any, ...],
-    keep_going: bool,
-    off: bool,
-    retry: bool = True,
-    label: Callable[..., Any] | None = None,
+    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions, off: bool
 ) -> Iterator[_Done]:
     """A batch in this thread, one call after the other."""
     for index, args in enumerate(calls):
         done = _Done(index, args)
-        if not retry and not off and _answer_here(func, done, lead, retry):
-            if not keep_going and done.outcome is not None and not done.outcome.ok:
+        if not options.retry_failures and not off and _answer_here(func, done, lead, False):
+            if not options.keep_going and done.outcome is not None and not done.outcome.ok:
                 raise done.outcome.value
-        elif keep_going:
-            shown = (lambda: _label_text(label, args))  # noqa: E731 - made only if the call fails.
+        elif options.keep_going:
+            shown = (lambda: _label_text(options.label, args))  # noqa: E731 - made only if the call fails.
             done.outcome = _call_one(func, lead + args, None, False, off, shown=shown, lead=len(lead))
         else:  # Let the failure propagate with its own traceback, as a loop would.
-            done.outcome = func._compute(lead + args, off, label, len(lead))
+            done.outcome = _compute(func, lead + args, off, options.label, len(lead))
         yield done
 
 
@@ -6013,14 +6048,14 @@ class _Plan:
     """Where a parallel batch runs: the executor (None: start one of ``workers``),
     how calls travel to it, and how many it runs at once."""
 
-    __slots__ = ("executor", "workers", "processes", "capacity", "portable", "task", "off")
+    __slots__ = ("executor", "workers", "processes", "capacity", "portable", "off", "owned")
 
-    def __init__(
-        self, func: _Memoized[..., Any], name: str, executor: Any, workers: int | None, processes: bool, off: bool
-    ) -> None:
+    def __init__(self, func: _Memoized[..., Any], name: str, options: _BatchOptions, off: bool) -> None:
         import concurrent.futures as futures
 
+        executor, workers, processes = options.executor, options.workers, options.processes
         self.executor, self.workers, self.processes, self.off = executor, workers, processes, off
+        self.owned = executor is None  # Started and shut down by the batch.
         if executor is None:
             assert workers is not None
             self.capacity = workers
@@ -6036,7 +6071,6 @@ class _Plan:
             by_standard_pickle = isinstance(executor, futures.ProcessPoolExecutor)
         # Exceptions are checked for the trip back unless the calls run in this process.
         self.portable = not in_process
-        self.task = func
         if by_standard_pickle:
             # Found now, not as a hang or a broken pool later: a function that
             # the standard pickler cannot send (a lambda, a nested function).
@@ -6084,10 +6118,6 @@ class _Plan:
             return futures.ProcessPoolExecutor(workers or self.workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
         return futures.ThreadPoolExecutor(self.workers)
 
-    @property
-    def owned(self) -> bool:
-        return self.executor is None
-
 
 def _stop_pool(pool: Any, now: bool) -> None:
     """Shut down a pool that a batch started; ``now`` (an interrupt): terminate its
@@ -6123,14 +6153,7 @@ def _death(pool: Any, processes: list[Any]) -> str:
 
 
 def _stream(
-    func: _Memoized[..., Any],
-    calls: Iterator[tuple[Any, ...]],
-    lead: tuple[Any, ...],
-    keep_going: bool,
-    plan: _Plan,
-    chunksize: int | None,
-    retry: bool = True,
-    label: Callable[..., Any] | None = None,
+    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions, plan: _Plan
 ) -> Iterator[_Done]:
     """A batch on an executor, yielding each input's _Done in input order.
 
@@ -6150,6 +6173,7 @@ def _stream(
     import collections
     import concurrent.futures as futures
 
+    keep_going, chunksize, label = options.keep_going, options.chunksize, options.label
     limit = 2 * plan.capacity
     size = chunksize or 1
     here = os.getpid()
@@ -6166,7 +6190,7 @@ def _stream(
     def task(chunk: list[_Done]) -> tuple[Any, ...]:
         calls = [(done.key, lead + done.args, "" if label is None else _label_text(label, done.args)) for done in chunk]
         # Only a foreign executor gets a nonce: Dask's submissions are pure by default.
-        return (_run_chunk, plan.task, calls, plan.portable, plan.off, len(lead), b"" if plan.owned else os.urandom(8))
+        return (_run_chunk, func, calls, plan.portable, plan.off, len(lead), b"" if plan.owned else os.urandom(8))
 
     def send() -> None:
         future = executor.submit(*task(buffer))
@@ -6214,8 +6238,8 @@ def _stream(
         except BrokenProcessPool:
             exc = BrokenProcessPool(f"{_death(solo, processes)} while running {func.__qualname__} on this input")
             done.outcome = _failed(exc, False)
-            call = func._call_at(done.key, lead + done.args, {})
-            func._record_failure(call, exc, "", _label_text(label, done.args), len(lead))
+            call = func._at_key(done.key, lead + done.args, {})
+            _record_failure(func, call, exc, "", _label_text(label, done.args), len(lead))
         finally:
             solo.shutdown(wait=True)
             pools.remove(solo)
@@ -6232,7 +6256,7 @@ def _stream(
                 else:
                     done = _Done(*item)
                     ahead.append(done)
-                    if plan.off or not _answer_here(func, done, lead, retry):
+                    if plan.off or not _answer_here(func, done, lead, options.retry_failures):
                         if done.key and done.key in queued:  # One key twice in a chunk: the second waits for the next.
                             send()
                         buffer.append(done)
@@ -6293,84 +6317,6 @@ def _stream(
             future.cancel()  # Only this batch's futures; an executor it did not start stays up.
         for pool in pools:
             _stop_pool(pool, interrupted)
-
-
-def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True) -> bool:
-    """Settle an input in the parent if its result is cached, if its key cannot
-    be made, or (without ``retry``) if its failure is recorded for the current
-    code; else keep its key for the worker and return False."""
-    try:
-        call = func._call(lead + done.args, {})
-    except Exception as exc:
-        done.outcome = _failed(exc, False)
-        return True
-    value = func._hit(call)
-    if value is _MISSING:
-        recorded = None if retry else func._recorded_failure(call)
-        if recorded is not None:
-            done.outcome = _Outcome(False, recorded, False, recorded.traceback)
-            return True
-        done.key = call.key
-        return False
-    done.outcome = _Outcome(True, value, False, seconds=call.seconds)
-    return True
-
-
-class Failure:
-    """One input that raised in :meth:`map`: its position, the input, the exception and its traceback text."""
-
-    __slots__ = ("index", "input", "exception", "traceback")
-
-    def __init__(self, index: int, input: Any, exception: BaseException, traceback: str) -> None:
-        self.index, self.input, self.exception, self.traceback = index, input, exception, traceback
-
-    def __repr__(self) -> str:
-        return f"Failure(index={self.index}, input={self.input!r}, exception={self.exception!r})"
-
-
-class FailureRecord(Exception):
-    """A failure of a batch as the store's ledger keeps it (see ``f.failures()``).
-
-    ``input`` is the input itself when the ledger kept its pickle and this
-    record was read by ``f.failures()``; else (the command line, an input too
-    big to keep or that no longer unpickles) the text in ``label``. ``label``
-    is what ``map(label=...)`` gave, or a bounded repr; ``entry`` names the
-    input's entry file. Then the exception's ``type`` and ``message``, the
-    ``traceback`` text (donecache's own frames left out), when and where
-    (``time``, ``host``, ``pid``), and the code ``identity`` it failed under
-    (``current``: the code that reads it now). A batch with
-    ``retry_failures=False`` reports such a failure again as this exception.
-    It pickles and copies (a worker may return one; a memoized report of
-    failures holds them)."""
-
-    def __init__(self, record: dict[str, Any], current: bool, load: bool = False) -> None:
-        self._record, self._load = record, load
-        get = record.get
-        self.function, self.label, self.entry = str(get("function", "?")), str(get("input", "?")), str(get("entry", ""))
-        self.type, self.message, self.traceback = str(get("type", "?")), str(get("message", "")), str(get("traceback", ""))
-        self.time = float(get("time") or 0)
-        self.host, self.pid = str(get("host", "?")), get("pid")
-        self.identity, self.current = str(get("identity", "")), current
-        self.input_kept = isinstance(get("input_pickle"), str)
-        self.input: Any = self.label
-        if load and self.input_kept:
-            import base64
-            import pickle  # Unpickled in a fresh process, before any store set the global.
-
-            try:  # The store is the user's own, as trusted as its entries.
-                self.input = pickle.loads(base64.b64decode(str(get("input_pickle"))))
-            except Exception:
-                self.input_kept = False  # Its class changed or is gone: the text stands in.
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time))
-        super().__init__(f"{self.type}: {self.message} (recorded {when}; retry_failures=True calls it again)")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return FailureRecord, (self._record, self.current, self._load)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The record as JSON data (``input`` is the text, ``label``)."""
-        names = ("function", "label", "entry", "input_kept", "type", "message", "traceback", "time", "host", "pid", "identity", "current")
-        return {"input": self.label, **{name: getattr(self, name) for name in names}}
 
 
 def _duration(seconds: float) -> str:
@@ -6622,143 +6568,98 @@ class _Progress:
             sys.stderr.flush()
 
 
-# ---------------------------------------------------------------------------
-# The decorator
-# ---------------------------------------------------------------------------
+def _share(
+    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], shard: Any, name: str
+) -> Iterator[tuple[Any, ...]]:
+    """The inputs that shard=(index, count) runs: those whose key's digest is
+    index modulo count, so that every input falls to exactly one shard, in
+    any process on any host (keys are the same everywhere). An input with no
+    key (an argument that cannot be one) falls to shard 0, which reports it."""
+    if not (
+        isinstance(shard, tuple)
+        and len(shard) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) for n in shard)
+        and 0 <= shard[0] < shard[1]
+    ):
+        raise ValueError(f"{name}: shard= takes (index, count) with 0 <= index < count, not {shard!r}")
+    index, count = shard
+    for args in calls:
+        try:
+            key = func._key(lead + args, {})  # Makes no cache directory (DONECACHE=off).
+        except Exception:
+            if index == 0:
+                yield args
+            continue
+        if int.from_bytes(func._blake2b(key, digest_size=8).digest(), "big") % count == index:
+            yield args
 
 
-_CO_GENERATOR, _CO_ASYNC_GENERATOR = 0x20, 0x200  # inspect.CO_*
-
-
-def _seconds(ttl: Any, what: str = "ttl") -> float | None:
-    if ttl is None:
-        return None
-    seconds = ttl.total_seconds() if hasattr(ttl, "total_seconds") else ttl
-    wrong_type = isinstance(seconds, bool) or not isinstance(seconds, (int, float))
-    if wrong_type or not seconds > 0:  # A wrong type is a TypeError, a wrong number a ValueError.
-        raise (TypeError if wrong_type else ValueError)(
-            f"{what} must be a positive number of seconds or a timedelta, not {ttl!r}"
-        )
+def _fits(func: _Memoized[..., Any], stream: Iterator[_Done], name: str) -> Iterator[_Done]:
+    """Pass a batch on; at its end, warn if a sweep (in any process) evicted
+    an entry used since it began: its results do not all fit under
+    max_bytes, and since a batch walks its inputs in order, a rerun would
+    reuse none of the evicted ones (issue 21). One .usage read per batch."""
+    started = time.time()
+    yield from stream
+    files = func._store
+    if files is None or files.max_bytes is None or files.readonly:
+        return
     try:
-        return float(seconds)
-    except OverflowError:
-        raise ValueError(f"{what}={ttl!r} is too large; pass {what}=None for no limit") from None
+        files._usage(lambda total: total)
+    except OSError:
+        return
+    if files.horizon < started:
+        return
+    sizes = [_disk_bytes(st) for st in map(_lstat_or_none, (p for p, _f in files.files(func._folder))) if st]
+    each = -(-sum(sizes) // len(sizes)) if sizes else 0
+    _warn(
+        f"{name}: the results do not fit in the store at max_bytes={files.max_bytes:,}: entries used since "
+        f"the batch began were evicted, so a rerun computes them again"
+        + (f"; about {files.max_bytes // each:,} of its entries fit ({each:,} bytes on disk each)" if each else "")
+        + ". Raise max_bytes, or run the batch in parts that fit"
+    )
 
 
-@overload
-def memoize(path: Callable[_P, _R]) -> _Memoized[_P, _R]: ...
+def _batch(
+    func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], method: str,
+    options: _BatchOptions,
+) -> Iterator[_Done]:
+    """map() and imap(): check the options at once, then stream the outcomes.
+    ``lead`` is put before every call's arguments (a bound method's instance)."""
+    name = f"{func.__qualname__}.{method}()"
+    if not iterables:
+        raise TypeError(f"{name} needs at least one iterable of inputs")
+    for option, value in (("workers", options.workers), ("chunksize", options.chunksize)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}: {option}= must be a positive int or None, not {value!r}")
+    calls: Iterator[tuple[Any, ...]] = zip(*iterables)
+    try:
+        total: int | None = min(len(it) for it in iterables)  # type: ignore[arg-type]
+    except TypeError:  # An iterable without a length.
+        total = None
+    if options.shard is not None:
+        calls, total = _share(func, calls, lead, options.shard, name), None
+    if options.label is not None and not callable(options.label):
+        raise TypeError(f"{name}: label= takes a callable (called with an input's arguments), not {options.label!r}")
+    meter = _Progress(name, total, options.progress, func.__qualname__)
+    off = _switched_off()  # Taken once: the batch's workers follow the parent.
+    if options.executor is None and (options.workers or 1) == 1:
+        stream = _serial(func, calls, lead, options, off)
+    else:
+        stream = _stream(func, calls, lead, options, _Plan(func, name, options, off))
+    return _fits(func, meter.watch(stream, options.keep_going), name)
 
 
-@overload
-def memoize(
-    path: StrPath | None = None,
-    *,
-    ttl: float | Any = None,
-    version: _Version | None = None,
-    ignore: Iterable[str] = (),
-    key: _KeyFunction | None = None,
-    durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
-    compress: bool | str = False,
-) -> Callable[[Callable[_P, _R]], _Memoized[_P, _R]]: ...
+def _run_map(
+    func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], options: _BatchOptions
+) -> BatchResult:
+    return BatchResult._of(_batch(func, iterables, lead, "map", options))
 
 
-def memoize(
-    path: StrPath | Callable[..., Any] | None = None,
-    *,
-    ttl: float | Any = None,
-    version: _Version | None = None,
-    ignore: Iterable[str] = (),
-    key: _KeyFunction | None = None,
-    durable: bool = False,
-    mmap: bool = False,
-    max_bytes: int | None = None,
-    trust_shared: bool = False,
-    compress: bool | str = False,
-) -> Any:
-    """Keep a function's results on disk, shared by threads, processes and runs.
-
-    ``@memoize`` or ``@memoize("cache-dir", ttl=3600)``. Without a path the
-    store is ``.donecache`` in the current directory, or $DONECACHE_DIR.
-
-    A call's key is the function's module and qualified name, its code
-    identity, the values its closure holds, and the arguments bound to its
-    signature with defaults applied, so f(1), f(x=1) and f() (when x=1 is the
-    default) are one entry. The code identity is ``version`` when given;
-    otherwise it follows the function's source (comments, blank lines and
-    decorators aside), the module-level constants it reads and the functions
-    and classes of your own code that it uses (README, "Code changes").
-    Concurrent callers of one key, in threads or processes, compute it once;
-    the others wait and reuse the result. Exceptions are not cached; None is.
-    A result that cannot be pickled is returned with a DonecacheWarning and
-    not stored.
-
-    ttl: seconds (or a timedelta) after which an entry is recomputed.
-    version: pins the code identity (a str, an int or a tuple of them): edits
-        keep the entries until you change it.
-    ignore: names of parameters left out of the key (``self``, a logger).
-    key: a function of the same arguments whose result stands for them in the
-        key, as ``key=lambda record: record["id"]``.
-    durable: fsync each entry as it is written (survives power failures).
-    mmap: return the big buffers of results (64 KiB or more: the data of
-        NumPy arrays and pandas columns) as private copy-on-write memory maps
-        of the entry files: a hit costs milliseconds whatever the size; the
-        arrays are writable, and changes never reach the file.
-    max_bytes: bound the store (the whole directory, shared with any other
-        function in it) to this many bytes on disk: a miss that takes it past
-        the bound evicts the least recently used entries (a hit counts as a
-        use) down to 80% of it, logging the sweep on the "donecache" logger (INFO).
-        None (the default): no bound. ``cache_info().maxsize`` reports it, in
-        bytes (functools counts entries there).
-    trust_shared: use a store directory that is not yours, or that group or
-        others can write to (by default the first call raises PermissionError
-        there: results are pickles, and loading one runs its writer's code).
-    compress: ``"zlib"`` (or True) or ``"lzma"`` compresses each entry's pickle
-        stream (not the big buffers that mmap maps) where that makes it
-        smaller: text-heavy results shrink several times at some write time
-        (docs/storage.md). False (the default): no compression.
-
-    The decorated function has ``cache_info()``, ``cache_clear()`` (this
-    function's entries only), ``forget(*args)``, ``refresh(*args)`` and
-    ``__wrapped__`` (the function itself: call it to bypass the cache), and
-    ``map``/``imap`` for batches on any executor. It pickles by reference
-    where its name finds it, else by value, so it works with
-    ProcessPoolExecutor, multiprocessing and Dask; bound to an instance, it
-    keeps all of these. ``async def`` functions are supported.
-    """
-    seconds = _seconds(ttl)
-    _check_max_bytes(max_bytes)
-    _check_compress(compress)
-    if path is not None and not callable(path):
-        _store_path(path)
-    if version is not None:
-        _version_text(version)  # An unusable version fails here, not at the first call.
-    if isinstance(ignore, str):
-        ignore = (ignore,)
-    if key is not None and (ignore or not callable(key)):
-        raise ValueError(
-            "memoize(key=...) takes a function of the call's arguments, and then no ignore= (the key "
-            "function chooses what counts)" if ignore else f"memoize(key=...) must be callable, not {key!r}"
-        )
-
-    def decorate(func: Callable[..., Any]) -> Any:
-        if not callable(func):
-            raise TypeError(f"memoize() decorates functions, not {type(func).__name__}")
-        code = getattr(func, "__code__", None)
-        if code is not None and code.co_flags & (_CO_GENERATOR | _CO_ASYNC_GENERATOR):
-            what = "an async generator" if code.co_flags & _CO_ASYNC_GENERATOR else "a generator"
-            raise TypeError(
-                f"memoize() cannot cache {getattr(func, '__qualname__', func)}(): it is {what} function, and "
-                "the iterator that it returns is used up once read; return a list instead, or memoize a "
-                "function that collects it"
-            )
-        kind = _AsyncMemoized if code is not None and code.co_flags & _CO_COROUTINE else _Memoized
-        return kind(func, store_path, seconds, version, ignore, durable, key, mmap, max_bytes, trust_shared, compress)
-
-    if callable(path) and not isinstance(path, (str, os.PathLike)):
-        store_path: StrPath | None = None
-        return decorate(path)  # Used bare: @memoize
-    store_path = path
-    return decorate
+def _run_imap(
+    func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], options: _BatchOptions
+) -> Iterator[Any]:
+    return (done.result() for done in _batch(func, iterables, lead, "imap", options))
 
 
 # ---------------------------------------------------------------------------
