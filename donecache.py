@@ -799,14 +799,18 @@ def _pid() -> int:
     return pid
 
 
-def _who() -> dict[str, Any]:
-    """This process as lock notes and stage markers name it: {"host": ..., "pid": ...}."""
-    pid = _pid()
-    if "host" not in _me:
+def _host() -> str:
+    host: str | None = _me.get("host")
+    if host is None:
         import socket
 
-        _me["host"] = socket.gethostname()
-    return {"host": _me["host"], "pid": pid}
+        host = _me["host"] = socket.gethostname()
+    return host
+
+
+def _who() -> dict[str, Any]:
+    """This process as lock notes, stage markers and failure records name it: {"host": ..., "pid": ...}."""
+    return {"host": _host(), "pid": _pid()}
 
 
 def _holder(file: io.FileIO | None) -> str:
@@ -1060,7 +1064,7 @@ def _writer_token() -> str:
     if "names" not in _me:
         import hashlib
 
-        _me["tag"] = hashlib.blake2b(_who()["host"].encode("utf-8", "replace"), digest_size=3).hexdigest()
+        _me["tag"] = hashlib.blake2b(_host().encode("utf-8", "replace"), digest_size=3).hexdigest()
         # A count from a random start, not a getrandom(2) per name (issue 20); O_EXCL settles any collision.
         _me["names"] = itertools.count(int.from_bytes(os.urandom(2), "little"))
     return f"{_me['tag']}{pid & 0xFFFFFF:06x}{next(_me['names']) & 0xFFFF:04x}"
@@ -2126,24 +2130,13 @@ class _Encoded:
             yield table
 
 
-_host_name: list[str] = []  # socket.gethostname(), asked once per process.
-
-
-def _hostname() -> str:
-    if not _host_name:
-        import socket
-
-        _host_name.append(socket.gethostname())
-    return _host_name[0]
-
-
 def _encode_entry(
     key: bytes, value: Any, expires: float = 0.0, protocol: int = 5, seconds: float = 0.0, compress: str | None = None
 ) -> _Encoded:
     """Pickle ``value`` for an entry file, with the ``seconds`` its computation
     took, its stream compressed with the ``compress`` codec where that makes it
     smaller; raises what pickling raises, before any file is made."""
-    meta = _META.pack(seconds) + _hostname().encode("utf-8")[:255]
+    meta = _META.pack(seconds) + _host().encode("utf-8")[:255]
     if len(key) + len(meta) > _MAX_KEY:
         raise ValueError(f"a cache key of {len(key)} bytes is too long; keys may have at most {_MAX_KEY} bytes")
     buffers: list[memoryview] = []
@@ -2988,7 +2981,7 @@ def _this_boot() -> tuple[float, int]:
     """(boot time, host digest). A drift (a suspend, a clock step) costs only a needless recount."""
     import hashlib
 
-    host = hashlib.blake2b(_hostname().encode(), digest_size=8).digest()
+    host = hashlib.blake2b(_host().encode(), digest_size=8).digest()
     return time.time() - time.monotonic(), int.from_bytes(host, "little")
 
 
@@ -5790,8 +5783,6 @@ def _record_failure(
 ) -> None:
     """Write a batch's failure to the ledger at once, so that a crash of the parent cannot lose it.
     ``shown``: the input's text; ``lead``: how many arguments come before the input (a method's self)."""
-    import socket
-
     files = func._store
     if files is None or call.slot is None or files.readonly:
         return
@@ -5806,8 +5797,7 @@ def _record_failure(
         "message": _safe_str(exc),
         "traceback": traceback[-20000:],
         "time": time.time(),
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
+        **_who(),
     }
     try:
         files.record_failure(call.slot, record)
