@@ -731,27 +731,35 @@ def _store_path(path: StrPath) -> str:
     return name
 
 
-def _read_file(path: str, size: int = 1 << 20) -> bytes | None:
-    """The first ``size`` bytes of the regular file at ``path``, or None if nothing has that name.
-    _NotRegular if something else has it; other errors as they come."""
+def _read_file(path: str, size: int | None = 1 << 20) -> bytes | None:
+    """The first ``size`` bytes (None: as many as it has) of the regular file at ``path``,
+    or None if nothing has that name. _NotRegular if something else has it; other errors as they come."""
 
     def read() -> bytes | None:
         try:
-            fd, _st = _open_regular(path)
+            fd, st = _open_regular(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
         try:
-            return os.read(fd, size)
+            return os.read(fd, st.st_size if size is None else size)
         finally:
             os.close(fd)
 
     return _retry_stale(read)
 
 
-def _read_text(path: str) -> str | None:
+def _file_head(path: str, size: int | None) -> bytes:
+    """_read_file(path, size), or b"" where there is no such file or it cannot be read."""
+    try:
+        return _read_file(path, size) or b""
+    except OSError:
+        return b""
+
+
+def _read_text(path: str, size: int | None = 1 << 16) -> str | None:
     """A small regular file's text, or None if there is none (or it is no such file, or unreadable)."""
     try:
-        data = _read_file(path, 1 << 16)
+        data = _read_file(path, size)
     except OSError:
         return None
     return None if data is None else data.decode("utf-8", "replace")
@@ -768,9 +776,9 @@ def _json_object(data: bytes | str | None) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
+def _read_json(path: str, size: int | None = 1 << 16) -> dict[str, Any] | None:
     """A small JSON object from a regular file, or None (absent, damaged, or not an object)."""
-    return _json_object(_read_text(path))
+    return _json_object(_read_text(path, size))
 
 
 def _scandir(path: str) -> list[os.DirEntry[str]]:
@@ -2403,18 +2411,6 @@ def _check_max_bytes(max_bytes: Any) -> int | None:
 def _key_byte(digest: str) -> int:
     """The byte of the store's lock file that guards the keys whose file name is ``digest``."""
     return _FIRST_KEY_BYTE + int(digest[-16:], 16) % (_LOCK_SPAN - _FIRST_KEY_BYTE)
-
-
-def _file_head(path: str, size: int) -> bytes:
-    """The first ``size`` bytes of the regular file at ``path``; b"" if there is none."""
-    try:
-        fd, _st = _open_regular(path)
-    except OSError:
-        return b""
-    try:
-        return os.read(fd, size)
-    finally:
-        os.close(fd)
 
 
 def _is_store(root: str) -> bool:
@@ -4606,11 +4602,8 @@ def _follow(func: Any, store: str | None = None) -> _CodeIdentity:
     path = os.path.join(store, ".sources", f"{sys.implementation.cache_tag}.json") if store else None
     notes = _learnt.get(("notes", path))
     if path is not None and notes is None:
-        try:  # Not _read_json: the notes of a big project outgrow its 64 KiB.
-            notes = json.loads(_file_head(path, os.stat(path).st_size))
-        except (OSError, ValueError):
-            notes = None
-        notes = _learnt[("notes", path)] = notes if isinstance(notes, dict) else {}
+        # Read whole: the notes of a big project outgrow _read_json's usual 64 KiB.
+        notes = _learnt[("notes", path)] = _read_json(path, None) or {}
     identity = _CodeIdentity(notes)
     identity.follow(func, root=True)
     if path is not None and notes is not None and notes.pop("", None):
