@@ -4619,11 +4619,9 @@ def _unchanged() -> bool:
     return True
 
 
-def _code_identity(func: Any, version: Any = None) -> str:
-    """16 hex digits: version= when given (edits then do not count), else the code of ``func``."""
-    if version is not None:
-        return _digest_text(f"version {_version_text(version)}")[:16]
-    return _follow(func).digest()
+def _version_identity(version: Any) -> str:
+    """16 hex digits naming a pinned version= (edits of the code then do not count)."""
+    return _digest_text(f"version {_version_text(version)}")[:16]
 
 
 def _text(value: Any) -> str:
@@ -5244,7 +5242,7 @@ class _Memoized(Generic[_P, _R]):
         files = self._store or (None if _switched_off() else self._files())  # Off: no cache directory is made.
         followed = _follow(self.__wrapped__, None if files is None or files.readonly else files.root)
         code = followed.digest()
-        identity = _code_identity(None, self._version) if self._version is not None else code
+        identity = _version_identity(self._version) if self._version is not None else code
         self._closure = _closure_text(self.__wrapped__)
         home = getattr(inspect.unwrap(self.__wrapped__), "__globals__", None)
         self._same = followed.same(home) if self._version is None else _unchanged
