@@ -3291,6 +3291,11 @@ class _EntryFiles(_EntryDir):
                 found[str(record["function"])] = str(record["identity"])
         return found  # A damaged or foreign file only costs the stale count.
 
+    def older_code(self) -> Callable[[str, Any], bool]:
+        """older(function, identity): whether an entry or failure record is of code older than the recorded one."""
+        current = self.identities()
+        return lambda function, identity: current.get(function, identity) != identity
+
     # The failure ledger: one small JSON file per failed input of a batch, under
     # .failures/<function's folder>/<the entry's name>.json, written as the
     # failure happens and removed when that input succeeds. JSON, never a
@@ -3353,13 +3358,11 @@ def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
     """Whether an entry belongs to code older than its function's current
     identity, or is a memoize entry in the layout of donecache 0.1 (at the top
     level, where no memoized function looks any more)."""
-    current = files.identities()
+    older = files.older_code()
 
     def stale(found: _Found) -> bool:
         parts = None if found.entry is None else _parse_key(found.entry.key)
-        return parts is not None and (
-            found.folder == "" or current.get(parts.function, parts.identity) != parts.identity
-        )
+        return parts is not None and (found.folder == "" or older(parts.function, parts.identity))
 
     return stale
 
@@ -3372,8 +3375,8 @@ def _prune(
     now = time.time()
     entries, temps = files.prune(now, _stale_test(files) if stale else None, folder, dry_run)
     if stale and not dry_run:  # The failures of older code go with its entries.
-        current = files.identities()
-        files.drop_failures(lambda r: current.get(str(r.get("function")), r.get("identity")) != r.get("identity"), folder)
+        older = files.older_code()
+        files.drop_failures(lambda r: older(str(r.get("function")), r.get("identity")), folder)
     swept = _Swept()
     if limit is not None or age is not None:
         # By hand the store goes down to the size asked for, not to a low-water mark.
@@ -6827,7 +6830,7 @@ def _cli_failures(args: Any) -> tuple[int, Any, list[str]]:
 
     age = _cli_age(args.older_than)
     files = _cli_store(args.path, "w" if args.clear else "r")
-    current, now = files.identities(), time.time()
+    is_older, now = files.older_code(), time.time()
 
     def chosen(record: dict[str, Any]) -> bool:
         old_enough = age is None or float(record.get("time") or 0) < now - age
@@ -6835,14 +6838,13 @@ def _cli_failures(args: Any) -> tuple[int, Any, list[str]]:
 
     every = [r for r in files.failures() if chosen(r)]
     if args.function is not None and not every:
-        known = ", ".join(sorted({str(r.get("function")) for r in files.failures()} | set(current))) or "none"
+        functions = {str(r.get("function")) for r in files.failures()} | set(files.identities())
+        known = ", ".join(sorted(functions)) or "none"
         raise _NoMatch(f"no failures of {args.function!r} in {files.root}; functions there: {known}")
     if args.clear:
         removed = files.drop_failures(chosen)
         return 0, {"path": files.root, "removed": removed}, [f"removed {removed} failure record(s) from {files.root}"]
-    records = [
-        FailureRecord(r, current.get(str(r.get("function")), r.get("identity")) == r.get("identity")) for r in every
-    ]
+    records = [FailureRecord(r, not is_older(str(r.get("function")), r.get("identity"))) for r in every]
     older = sum(1 for record in records if not record.current)
     records = [record for record in records if record.current or args.all]
     groups = collections.Counter((r.type.rpartition(".")[2], _message_pattern(r.message)) for r in records)
