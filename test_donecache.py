@@ -61,6 +61,7 @@ def child(
     timeout: float = 120,
     script_file: Path | None = None,
     python: str | None = None,
+    run: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
     """Run ``script`` in a fresh interpreter where ``dc`` is donecache; args go to sys.argv[1:].
 
@@ -71,6 +72,8 @@ def child(
     script_file: save the script there and run the file instead of ``-c``
         (multiprocessing's spawn start method re-imports the main script).
     python: another interpreter to run it with.
+    run: the interpreter's arguments instead of the script (which must be ""): an existing
+        file, ``-m MODULE``, or ``-c CODE`` that does without the line importing ``dc``.
     """
     prelude = f"import importlib, sys\ndc = importlib.import_module({MODULE!r})\n"
     full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(IMPORT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -78,6 +81,9 @@ def child(
     if script_file is not None:
         script_file.write_text(prelude + textwrap.dedent(script))
         argv[1:3] = [str(script_file)]
+    if run is not None:
+        assert script == "", "child(): give either a script or run="
+        argv[1:3] = run
     if unprivileged and IS_ROOT:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
@@ -5158,10 +5164,8 @@ def test_a_script_in_a_package_shares_entries_with_its_run_as_a_module(tmp_path)
             return x + 1
         print(transform(1))
     """))
-    env = {**os.environ, "PYTHONPATH": str(IMPORT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
     outputs = [
-        subprocess.run([sys.executable, *how, str(tmp_path / "cache")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       check=True).stdout.split()
+        child("", str(tmp_path / "cache"), run=how, cwd=tmp_path).stdout.split()
         for how in (["pkg/job.py"], ["-m", "pkg.job"], ["pkg/job.py"])
     ]
     assert outputs == [["computed", "2"], ["2"], ["2"]]
@@ -5496,8 +5500,7 @@ def test_import_loads_none_of_the_costly_modules(tmp_path):
         "import sys; before = set(sys.modules); import importlib; importlib.import_module(sys.argv[1]); "
         "print(' '.join(sorted(set(sys.modules) - before)))"
     )
-    env = {**os.environ, "PYTHONPATH": str(IMPORT_ROOT)}
-    loaded = subprocess.run([sys.executable, "-c", script, MODULE], capture_output=True, text=True, env=env, check=True)
+    loaded = child("", MODULE, run=["-c", script])
     costly = {"pickle", "shelve", "collections", "weakref", "re", "enum", "typing", "functools", "hashlib", "json"}
     assert not costly & set(loaded.stdout.split()), loaded.stdout
 
@@ -7168,10 +7171,10 @@ def test_example_pipeline_tells_the_seed_story(tmp_path):
     script = Path(__file__).resolve().parent / "examples" / "pipeline.py"
     if not script.exists():
         pytest.skip("examples/ is not beside this test file (a vendored copy)")
-    env = {**os.environ, "PYTHONPATH": str(IMPORT_ROOT), "PIPELINE_OUT": str(tmp_path / "out")}
 
     def run(*args: str) -> str:
-        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+        proc = child("", *args, run=[str(script)], env={"PIPELINE_OUT": str(tmp_path / "out")}, cwd=tmp_path,
+                     check=False, timeout=600)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
