@@ -2313,6 +2313,40 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
     return entry
 
 
+# The keys that memoize writes name their function and code identity
+# ("module:qualname|16 hex of code|arguments"); a store opened with
+# donecache.open holds keys of the user's own making, which parse to None.
+_HEX = frozenset("0123456789abcdef")
+_OPEN_KEYS = "(donecache.open keys)"
+
+
+class _KeyParts:
+
+    __slots__ = ("function", "identity")
+
+    def __init__(self, function: str, identity: str) -> None:
+        self.function, self.identity = function, identity
+
+
+def _parse_key(key: bytes) -> _KeyParts | None:
+    """None for keys that donecache.open users wrote."""
+    head, _, rest = key.decode("utf-8", "replace").partition("|")
+    code, sep, arguments = rest.partition("|")
+    if ":" in head and sep and len(code) == 16 and set(code) <= _HEX and arguments[:1] in ("=", "#"):
+        return _KeyParts(head, code)
+    return None
+
+
+def _key_identity(key: bytes) -> str:
+    """The code identity in a memoize key (or in its prefix alone)."""
+    return key.decode("utf-8", "replace").partition("|")[2].partition("|")[0]
+
+
+def _function_of(key: bytes) -> str:
+    parts = _parse_key(key)
+    return _OPEN_KEYS if parts is None else parts.function
+
+
 # ---------------------------------------------------------------------------
 # Entry files: the store directory's data path
 #
@@ -2327,7 +2361,6 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
 _NAME_BYTES = 16  # An entry's file name is the hex of a BLAKE2b digest this long.
 _NAME_HEX = 2 * _NAME_BYTES
 _FOLDER_HEX = 16  # A memoized function's entries live in a folder named by 16 hex digits of its name.
-_HEX = frozenset("0123456789abcdef")
 _CACHEDIR_TAG = (
     b"Signature: 8a477f597d28d172789f06886806bc55\n"
     b"# This file marks a donecache store (see https://bford.info/cachedir/).\n"
@@ -2347,6 +2380,21 @@ _SWEEP_BYTE, _USAGE_BYTE, _FIRST_KEY_BYTE = 0, 1, 2
 # per minute at most.
 _USE_GRAIN_BOUNDED = 0.0
 _USE_GRAIN = 60.0
+
+
+def _seconds(ttl: Any, what: str = "ttl") -> float | None:
+    if ttl is None:
+        return None
+    seconds = ttl.total_seconds() if hasattr(ttl, "total_seconds") else ttl
+    wrong_type = isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+    if wrong_type or not seconds > 0:  # A wrong type is a TypeError, a wrong number a ValueError.
+        raise (TypeError if wrong_type else ValueError)(
+            f"{what} must be a positive number of seconds or a timedelta, not {ttl!r}"
+        )
+    try:
+        return float(seconds)
+    except OverflowError:
+        raise ValueError(f"{what}={ttl!r} is too large; pass {what}=None for no limit") from None
 
 
 def _check_max_bytes(max_bytes: Any) -> int | None:
@@ -3306,15 +3354,49 @@ class _EntryFiles(_EntryDir):
 # ---------------------------------------------------------------------------
 # The store
 #
-# shelve.Shelf supplies the pickling; _ShelfDict is the bytes-to-bytes mapping
-# it expects, over the entry files.
+# Its upkeep first: _prune serves Store.prune(), f.prune() and the command
+# line's prune. Then Store: shelve.Shelf supplies the pickling; _ShelfDict is
+# the bytes-to-bytes mapping it expects, over the entry files.
 # ---------------------------------------------------------------------------
+
+
+def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
+    """Whether an entry belongs to code older than its function's current
+    identity, or is a memoize entry in the layout of donecache 0.1 (at the top
+    level, where no memoized function looks any more)."""
+    current = files.identities()
+
+    def stale(found: _Found) -> bool:
+        parts = None if found.entry is None else _parse_key(found.entry.key)
+        return parts is not None and (
+            found.folder == "" or current.get(parts.function, parts.identity) != parts.identity
+        )
+
+    return stale
+
+
+def _prune(
+    files: _EntryFiles, folder: str | None, max_bytes: Any, older_than: Any, *, stale: bool, dry_run: bool
+) -> tuple[int, int, int, int]:
+    """Prune one ``folder`` of the store (None: all of it); returns PruneReport's fields."""
+    limit, age = _check_max_bytes(max_bytes), _seconds(older_than, "older_than")
+    now = time.time()
+    entries, temps = files.prune(now, _stale_test(files) if stale else None, folder, dry_run)
+    if stale and not dry_run:  # The failures of older code go with its entries.
+        current = files.identities()
+        files.drop_failures(lambda r: current.get(str(r.get("function")), r.get("identity")) != r.get("identity"), folder)
+    swept = _Swept()
+    if limit is not None or age is not None:
+        # By hand the store goes down to the size asked for, not to a low-water mark.
+        swept = files.sweep(limit, None if age is None else now - age, folder, dry_run)
+    return entries, temps, swept.entries, swept.bytes
 
 
 class _ShelfDict:
     """The mapping of encoded keys that shelve.Shelf works on, over the entry
     files (Store reads and writes values itself, to keep big buffers out of
-    the pickle stream). Iteration lists memoized functions' entries too."""
+    the pickle stream). Iteration lists memoized functions' entries too.
+    Shelf needs no sync() or close(): every write is in place when it returns."""
 
     def __init__(self, files: _EntryFiles) -> None:
         self.files = files
@@ -3327,72 +3409,84 @@ class _ShelfDict:
         # Mapped: the stream is checked, and big buffers are not read.
         return isinstance(key, bytes) and self.files.read(key, mapped=True, use=False) is not None
 
-    def __iter__(self) -> Iterator[bytes]:
+    def keys(self) -> Iterator[bytes]:
         now = time.time()
         for found in self.files.scan():
             if found.entry is not None and found.entry.live(now):
                 yield found.entry.key
 
-    def keys(self) -> Iterator[bytes]:
-        return iter(self)
-
     def __len__(self) -> int:
         # Entry files on disk: may count expired or damaged entries until prune().
         return sum(1 for _ in self.files.files())
 
-    def sync(self) -> None:
-        pass  # Every write is already in place when it returns.
 
-    def close(self) -> None:
-        pass
-
+# Another process may delete a key between the listing and the read (or between
+# shelve's `key in self.dict` and `self[key]`): the key is then simply absent,
+# never a KeyError. The views below, and Store.get, skip it.
 
 if TYPE_CHECKING:
+    _ItemsView = collections.abc.ItemsView[str, Any]
+    _ValuesView = collections.abc.ValuesView[Any]
     _ShelfBase = shelve.Shelf[Any]
 else:
+    _ItemsView, _ValuesView = _collections_abc.ItemsView, _collections_abc.ValuesView
     _ShelfBase = object  # shelve.Shelf joins at the first open: see Store.__new__.
+
+
+class _StoreItems(_ItemsView):
+    _mapping: shelve.Shelf[Any]  # The store, as ItemsView keeps it (not in its stubs).
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        for key in self._mapping:
+            try:
+                yield key, self._mapping[key]
+            except KeyError:
+                pass
+
+
+class _StoreValues(_ValuesView):
+    _mapping: shelve.Shelf[Any]
+
+    def __iter__(self) -> Iterator[Any]:
+        return (value for _key, value in _StoreItems(self._mapping))
+
 
 # The class each Store class is made into at its first open: itself joined with shelve.Shelf.
 _shelf_classes: dict[type, type] = {}
 
 
 class Store(_ShelfBase):
-    """donecache.open(filename, ...): open a cache directory as a shelf: a drop-in for ``shelve.open(filename)``.
+    """donecache.open(filename, ...): a cache directory as a shelf, a drop-in for ``shelve.open(filename)``.
 
     The result is a :class:`shelve.Shelf` with str keys and picklable values,
-    usable as a context manager. Unlike ``shelve.open``, it is safe for many
+    usable as a context manager. Unlike ``shelve.open``'s, it is safe for many
     threads and processes at once, a crash never corrupts it, a damaged entry
     reads as missing, and its format is the same on every Python and OS.
 
-    filename: the cache directory: a str, bytes or path-like object, as
-        shelve.open takes (the parameter has shelve's name too).
-    flag: ``"c"`` creates the directory if needed, ``"w"`` requires it to
-        exist, ``"n"`` empties it, ``"r"`` opens it read-only.
-    protocol, writeback: as for shelve.open().
+    filename: the cache directory (a str, bytes or path-like, as shelve.open takes).
+    flag: ``"c"`` creates it if needed, ``"w"`` requires it to exist, ``"n"``
+        empties it, ``"r"`` opens it read-only. protocol, writeback: as for shelve.open().
     durable: fsync each entry as it is written, so that it survives a power
-        failure (it always survives a crash of the process). Slower.
-    mmap: return the big buffers of values (64 KiB or more: the data of NumPy
-        arrays and pandas columns) as private copy-on-write memory maps of
-        the entry files instead of reading them: writable, and changes never
-        reach the file.
-    max_bytes: bound the store's entries to this many bytes on disk (None,
-        the default: no bound). A write that finds no room evicts the least
-        recently used entries (a read counts as a use) down to 80% of it, and
-        logs the sweep on the "donecache" logger (INFO). The bound is the whole
-        directory's, memoized functions' entries included (docs/size-limit.md).
+        failure (a crash of the process it always survives). Slower.
+    mmap: return values' big buffers (64 KiB or more: the data of NumPy arrays and
+        pandas columns) as private copy-on-write maps of the entry files, not read:
+        writable, and changes never reach the file.
+    max_bytes: bound the entries to this many bytes on disk (None: no bound). A
+        write that finds no room evicts the least recently used entries (a read is
+        a use) down to 80% of it and logs the sweep (INFO, "donecache" logger). The
+        bound is the whole directory's, memoized functions' entries included
+        (docs/size-limit.md).
     compress: ``"zlib"`` (or True) or ``"lzma"``: as for memoize().
-    trust_shared: open a directory that is not yours, or that group or others
-        can write to. Without it, such a directory raises PermissionError,
-        because entries are pickles: loading one runs code its writer chose.
-        Pass it only for a team cache whose writers you all trust
-        (docs/security.md).
+    trust_shared: open a directory that is not yours, or that group or others can
+        write to; without it, PermissionError, because entries are pickles: loading
+        one runs code its writer chose. Only for a team cache whose writers you all
+        trust (docs/security.md).
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Store:
-        # shelve and pickle cost 4 ms to import, most of `import donecache`
-        # if it imported them: they are imported at the first open, and the
-        # store made an instance of a class that derives from this one and
-        # from shelve.Shelf (so isinstance(store, shelve.Shelf) holds, and
+        # shelve and pickle would be 4 ms of `import donecache`: they are imported
+        # at the first open, which makes the store an instance of a class joining
+        # this one with shelve.Shelf (isinstance(store, shelve.Shelf) holds, and
         # shelve's own methods serve what this class leaves to them).
         real = _shelf_classes.get(cls)
         if real is None:
@@ -3431,13 +3525,21 @@ class Store(_ShelfBase):
     def __repr__(self) -> str:
         return f"<donecache.Store {self.path!r}>"
 
+    def _open_files(self) -> _EntryFiles:
+        # Shelf.close() swaps self.dict for a marker that raises ValueError on
+        # any use; what bypasses self.dict must refuse in the same way.
+        if not isinstance(getattr(self, "dict", None), _ShelfDict):  # Shelf.dict: not in its stubs.
+            raise ValueError(f"invalid operation on closed shelf {self.path!r}; open it again with donecache.open()")
+        return self._files
+
     # Values are read and written here rather than by shelve, so that big
     # buffers go to the file straight from the value (protocol 5, unless
     # protocol= asks for an older one) and come back in one allocation each,
     # or mapped. Otherwise this is shelve's own logic, writeback cache and all.
+    # (shelve's `cache` and `writeback` are not in its stubs.)
 
     def __getitem__(self, key: str) -> Any:
-        cache = getattr(self, "cache", {})  # shelve's writeback cache (not in its stubs).
+        cache = getattr(self, "cache", {})
         if key in cache:
             return cache[key]
         entry = self._open_files().read(key.encode("utf-8"), mapped=self._mmap)
@@ -3454,10 +3556,6 @@ class Store(_ShelfBase):
         files = self._open_files()
         files.write(_encode_entry(key.encode("utf-8"), value, 0.0, self._pickle_protocol, 0.0, self._compress))
 
-    # Another process may delete a key between the listing and the read (or
-    # between shelve's `key in self.dict` and `self[key]`): the key is then
-    # simply absent, never a KeyError.
-
     def get(self, key: str, default: Any = None) -> Any:
         try:
             return self[key]
@@ -3470,17 +3568,10 @@ class Store(_ShelfBase):
     def values(self) -> _StoreValues:
         return _StoreValues(self)
 
-    def _open_files(self) -> _EntryFiles:
-        # Shelf.close() swaps self.dict for a marker that raises ValueError on
-        # any use; what bypasses self.dict must refuse in the same way.
-        if not isinstance(getattr(self, "dict", None), _ShelfDict):  # Shelf.dict: not in its stubs.
-            raise ValueError(f"invalid operation on closed shelf {self.path!r}; open it again with donecache.open()")
-        return self._files
-
     def clear(self) -> None:
         """Remove every entry (much faster than deleting them one by one)."""
         files = self._open_files()
-        getattr(self, "cache", {}).clear()  # shelve's writeback cache (not in its stubs).
+        getattr(self, "cache", {}).clear()
         files.clear()
 
     def prune(self, *, max_bytes: int | None = None, older_than: float | Any = None, dry_run: bool = False) -> int:
@@ -3490,47 +3581,12 @@ class Store(_ShelfBase):
         not used for ``older_than`` (seconds or a timedelta), as the command
         line's prune does. Returns how many files were removed (``dry_run``:
         would be; nothing is removed)."""
-        report = _prune(self._open_files(), None, max_bytes, older_than, stale=False, dry_run=dry_run)
-        return report.removed + report.temporary_files + report.evicted
+        return sum(_prune(self._open_files(), None, max_bytes, older_than, stale=False, dry_run=dry_run)[:3])
 
     def verify(self) -> list[str]:
         """The paths of damaged entry files, checking every byte of every entry
         (reads do not check big buffers' checksums; prune() removes what this finds)."""
         return self._open_files().verify()
-
-
-def _present(store: Store) -> Iterator[tuple[str, Any]]:
-    """The store's items, skipping keys that vanish between the listing and the read."""
-    for key in store:
-        try:
-            yield key, store[key]
-        except KeyError:
-            pass
-
-
-if TYPE_CHECKING:
-    _ItemsView = collections.abc.ItemsView[str, Any]
-    _ValuesView = collections.abc.ValuesView[Any]
-else:
-    _ItemsView, _ValuesView = _collections_abc.ItemsView, _collections_abc.ValuesView
-
-
-class _StoreItems(_ItemsView):
-    def __init__(self, store: Store) -> None:
-        super().__init__(store)
-        self._store = store
-
-    def __iter__(self) -> Iterator[tuple[str, Any]]:
-        return _present(self._store)
-
-
-class _StoreValues(_ValuesView):
-    def __init__(self, store: Store) -> None:
-        super().__init__(store)
-        self._store = store
-
-    def __iter__(self) -> Iterator[Any]:
-        return (value for _key, value in _present(self._store))
 
 
 # The documented entry point, a drop-in for shelve.open(); Store is its class.
@@ -3550,7 +3606,6 @@ open = Store
 _SCALARS = frozenset({str, int, float, bool, type(None), bytes, complex})
 _RAW_KEY_LIMIT = 96  # Longer argument texts are hashed.
 _CO_VARARGS, _CO_VARKEYWORDS, _CO_COROUTINE = 0x04, 0x08, 0x80  # inspect.CO_*
-_OPEN_KEYS = "(donecache.open keys)"
 _BIG_INT = 1 << 4000  # Larger ints are written in hex: decimal text has a digit limit (3.11+).
 _BIG_VALUE = 1 << 16  # Longer str, bytes and bytearray arguments are hashed in place, not written out.
 _FUNCTION_KINDS = (type(_delays), type(len), type(sys))  # Python functions, builtins, modules.
@@ -3970,33 +4025,6 @@ def file_digest(path: StrPath, *, quick: bool = False) -> str:
         return digest
     finally:
         os.close(fd)
-
-
-class _KeyParts:
-
-    __slots__ = ("function", "identity")
-
-    def __init__(self, function: str, identity: str) -> None:
-        self.function, self.identity = function, identity
-
-
-def _parse_key(key: bytes) -> _KeyParts | None:
-    """None for keys that donecache.open users wrote."""
-    head, _, rest = key.decode("utf-8", "replace").partition("|")
-    code, sep, arguments = rest.partition("|")
-    if ":" in head and sep and len(code) == 16 and set(code) <= _HEX and arguments[:1] in ("=", "#"):
-        return _KeyParts(head, code)
-    return None
-
-
-def _key_identity(key: bytes) -> str:
-    """The code identity in a memoize key (or in its prefix alone)."""
-    return key.decode("utf-8", "replace").partition("|")[2].partition("|")[0]
-
-
-def _function_of(key: bytes) -> str:
-    parts = _parse_key(key)
-    return _OPEN_KEYS if parts is None else parts.function
 
 
 # -- code identity ------------------------------------------------------------
@@ -4720,14 +4748,25 @@ if TYPE_CHECKING:
         evicted: int
         evicted_bytes: int
 
+    class _BatchOptions(NamedTuple):
+        keep_going: bool
+        workers: int | None
+        processes: bool
+        executor: Any
+        chunksize: int | None
+        progress: Any
+        retry_failures: bool
+        shard: tuple[int, int] | None
+        label: Callable[..., Any] | None
 
-# The public records are real collections.namedtuple classes, made at their first
-# use (a call, or `donecache.CacheInfo` through the module's __getattr__):
-# collections is not loaded at startup in a venv or under -S, and import time is
-# a budget (issue 20). Type checkers see the NamedTuple classes above.
-_RECORDS: dict[str, tuple[list[str], tuple[Any, ...], str]] = {
+
+# The records are collections.namedtuple classes, made at their first use (a
+# call, or `donecache.CacheInfo` through the module's __getattr__): collections
+# is not loaded at startup in a venv or under -S, and import time is a budget
+# (issue 20). Type checkers see the NamedTuple classes above.
+_RECORDS: dict[str, tuple[str, tuple[Any, ...], str]] = {
     "CacheInfo": (
-        ["hits", "misses", "maxsize", "currsize", "held_seconds", "saved_seconds"],
+        "hits misses maxsize currsize held_seconds saved_seconds",
         (0.0, 0.0),
         """A namedtuple with functools.lru_cache's fields first, then two of donecache's.
 
@@ -4740,18 +4779,22 @@ _RECORDS: dict[str, tuple[list[str], tuple[Any, ...], str]] = {
     """,
     ),
     "PruneReport": (
-        ["removed", "temporary_files", "evicted", "evicted_bytes"],
+        "removed temporary_files evicted evicted_bytes",
         (),
         """What f.prune() did (with dry_run=True: would do): expired, damaged or
     stale entries removed, crashed writers' temporary files removed, and the
     least recently used entries evicted with their bytes on disk.""",
+    ),
+    "_BatchOptions": (
+        "keep_going workers processes executor chunksize progress retry_failures shard label",
+        (),
+        "The options of f.map() and f.imap(), as map() names them.",
     ),
 }
 _made_records: dict[str, Any] = {}
 
 
 def _record(name: str) -> Any:
-    """The namedtuple class ``name`` of _RECORDS, made once."""
     made = _made_records.get(name)
     if made is None:
         import collections
@@ -4767,7 +4810,7 @@ def _record(name: str) -> Any:
 if not TYPE_CHECKING:  # Hidden from type checkers, which would then allow any name.
 
     def __getattr__(name: str) -> Any:
-        if name in _RECORDS:
+        if name in _RECORDS and not name.startswith("_"):
             return _record(name)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -4777,10 +4820,10 @@ _MISSING: Any = object()
 
 # -- the switch: DONECACHE=off, or donecache.disabled() ------------------------
 #
-# Checked on every call, so it must cost next to nothing. os.environ.get()
-# encodes its key each time (about 0.5 us, a few percent of a hit); the
-# mapping under os.environ is read instead, with the key encoded once, as
-# os.environ itself encodes it (bytes on POSIX, upper case on Windows).
+# Checked on every call, so it must cost next to nothing: os.environ.get()
+# encodes its key and raises KeyError inside when the variable is unset (0.75 us,
+# 15% of a hit, measured). The mapping under os.environ is read instead, with the
+# key encoded once, as os.environ encodes it (bytes on POSIX, upper case on Windows).
 _ENVIRON: Any = getattr(os.environ, "_data", None)
 if _ENVIRON is not None:
     _SWITCH_KEY: Any = os.environ.encodekey("DONECACHE")
@@ -4789,16 +4832,6 @@ else:  # pragma: no cover - an os.environ without CPython's internals
     _ENVIRON, _SWITCH_KEY, _env_text = os.environ, "DONECACHE", str
 _off_depth = 0  # How many disabled() blocks are open, in all threads.
 _off_guard = _thread.allocate_lock()
-
-
-def _switched_off() -> bool:
-    """True while memoize calls straight through: inside disabled(), or with DONECACHE=off."""
-    if _off_depth:
-        return True
-    raw = _ENVIRON.get(_SWITCH_KEY)
-    return raw is not None and _off_in_environment(_env_text(raw))
-
-
 _SWITCH_WORDS = dict.fromkeys(("0", "false", "no", "off"), True) | dict.fromkeys(("1", "true", "yes", "on"), False)
 _switch_warned: set[str] = set()
 
@@ -4815,6 +4848,14 @@ def _off_in_environment(value: str) -> bool:
     return bool(off)
 
 
+def _switched_off() -> bool:
+    """True while memoize calls straight through: inside disabled(), or with DONECACHE=off."""
+    if _off_depth:
+        return True
+    raw = _ENVIRON.get(_SWITCH_KEY)
+    return raw is not None and _off_in_environment(_env_text(raw))
+
+
 class _Disabled:
     """What disabled() returns: a context manager, usable again and nested."""
 
@@ -4823,9 +4864,7 @@ class _Disabled:
         with _off_guard:
             _off_depth += 1
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         global _off_depth
         with _off_guard:
             _off_depth -= 1
@@ -4851,7 +4890,7 @@ def disabled() -> _Disabled:
 # bytes input, an int of a million digits (repr raises ValueError from 3.11).
 
 _SHOWN = 300  # Characters of an input's text in the ledger.
-_KEPT_INPUT = 256 * 1024  # Pickled inputs up to this size are kept in the ledger.
+_INPUT_PICKLE_MAX = 256 * 1024  # Pickled inputs up to this size go into the ledger.
 _bounded: Any = None  # The reprlib.Repr below, made at the first failure.
 
 
@@ -4868,7 +4907,6 @@ def _bounded_repr(value: Any) -> str:
     after), with dicts in their own order (a record's id usually comes first)."""
     global _bounded
     if _bounded is None:
-        import itertools
         import reprlib
 
         class Bounded(reprlib.Repr):
@@ -4898,15 +4936,15 @@ def _bounded_repr(value: Any) -> str:
         return f"<{type(value).__name__} object; its repr raised {type(exc).__name__}>"
 
 
-def _kept_input(value: Any) -> str | None:
+def _pickled_input(value: Any) -> str | None:
     """The input pickled (base64 text, for the JSON record), or None if it cannot
-    be pickled or its pickle passes _KEPT_INPUT: the pickler stops there, never
-    building the whole of a big input's pickle."""
+    be pickled or its pickle passes _INPUT_PICKLE_MAX: the pickler stops there,
+    never building the whole of a big input's pickle."""
     import base64
 
     class Bounded(io.BytesIO):
         def write(self, data: Any) -> int:
-            if self.tell() + len(data) > _KEPT_INPUT:
+            if self.tell() + len(data) > _INPUT_PICKLE_MAX:
                 raise OverflowError
             return super().write(data)
 
@@ -4920,18 +4958,94 @@ def _kept_input(value: Any) -> str | None:
 
 def _label_text(label: Callable[..., Any] | None, args: tuple[Any, ...]) -> str:
     """What the ledger shows for an input: ``label(*args)`` if given, or a bounded repr."""
+    shown = args[0] if len(args) == 1 else args
     if label is None:
-        return _bounded_repr(args[0] if len(args) == 1 else args)
+        return _bounded_repr(shown)
     try:
         text = label(*args)
     except Exception as exc:
-        return f"<label raised {type(exc).__name__}: {_safe_str(exc, 200)}> {_bounded_repr(args[0] if len(args) == 1 else args)}"
+        return f"<label raised {type(exc).__name__}: {_safe_str(exc, 200)}> {_bounded_repr(shown)}"
     return (text if isinstance(text, str) else _bounded_repr(text))[:_SHOWN]
+
+
+def _format_exception(exc: BaseException) -> str:
+    """The traceback text, without donecache's own frames (the user's code is what failed)."""
+    import traceback
+
+    shown = traceback.TracebackException.from_exception(exc)
+    part: Any = shown
+    while part is not None:
+        part.stack = traceback.StackSummary.from_list([f for f in part.stack if f.filename != __file__])
+        part = part.__cause__ or (None if part.__suppress_context__ else part.__context__)
+    return "".join(shown.format())
+
+
+class FailureRecord(Exception):
+    """A failure of a batch as the store's ledger keeps it (see ``f.failures()``).
+
+    ``input`` is the input itself when the ledger kept its pickle and this
+    record was read by ``f.failures()``; else (the command line, an input too
+    big to keep or that no longer unpickles) the text in ``label``. ``label``
+    is what ``map(label=...)`` gave, or a bounded repr; ``entry`` names the
+    input's entry file. Then the exception's ``type`` and ``message``, the
+    ``traceback`` text (donecache's own frames left out), when and where
+    (``time``, ``host``, ``pid``), and the code ``identity`` it failed under
+    (``current``: the code that reads it now). A batch with
+    ``retry_failures=False`` reports such a failure again as this exception.
+    It pickles and copies (a worker may return one; a memoized report of
+    failures holds them)."""
+
+    def __init__(self, record: dict[str, Any], current: bool, load: bool = False) -> None:
+        self._record, self._load = record, load
+        get = record.get
+        self.function, self.label, self.entry = str(get("function", "?")), str(get("input", "?")), str(get("entry", ""))
+        self.type, self.message, self.traceback = str(get("type", "?")), str(get("message", "")), str(get("traceback", ""))
+        self.time = float(get("time") or 0)
+        self.host, self.pid = str(get("host", "?")), get("pid")
+        self.identity, self.current = str(get("identity", "")), current
+        self.input_kept = isinstance(get("input_pickle"), str)
+        self.input: Any = self.label
+        if load and self.input_kept:
+            import base64
+            import pickle  # Unpickled in a fresh process, before any store set the global.
+
+            try:  # The store is the user's own, as trusted as its entries.
+                self.input = pickle.loads(base64.b64decode(str(get("input_pickle"))))
+            except Exception:
+                self.input_kept = False  # Its class changed or is gone: the text stands in.
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time))
+        super().__init__(f"{self.type}: {self.message} (recorded {when}; retry_failures=True calls it again)")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return FailureRecord, (self._record, self.current, self._load)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record as JSON data (``input`` is the text, ``label``)."""
+        names = ("function", "label", "entry", "input_kept", "type", "message", "traceback", "time", "host", "pid", "identity", "current")
+        return {"input": self.label, **{name: getattr(self, name) for name in names}}
+
+
+class _Outcome:
+    """How one call went: its result (ok) or exception, whether it was computed (not reused), the
+    traceback text of a failure, and the seconds of its computation (for a reused result, as recorded)."""
+
+    __slots__ = ("ok", "value", "computed", "traceback", "seconds")
+
+    def __init__(self, ok: bool, value: Any, computed: bool, traceback: str = "", seconds: float = 0.0) -> None:
+        self.ok, self.value, self.computed, self.traceback, self.seconds = ok, value, computed, traceback, seconds
 
 
 _KEY_MEMO_TYPES = frozenset({int, str, bytes, type(None)})
 _KEY_MEMO_SIZE = 4096
 _KEY_MEMO_TEXT = 1024  # Longer strs and bytes are not remembered: the memo would keep them alive.
+# What a memoized function's first call needs to work out and record its code
+# identity, imported when it is decorated: a KeyboardInterrupt inside a first
+# import can leave a half-made module behind (seen with inspect and json on
+# CPython 3.9). importlib.util brings typing on 3.9, through importlib.abc.
+_DECORATION_IMPORTS = (
+    "ast", "base64", "collections", "dis", "functools", "hashlib", "importlib.util", "inspect", "json", "math",
+    "reprlib", "socket", "types", "warnings",
+)  # fmt: skip
 
 
 class _Call:
@@ -4945,6 +5059,124 @@ class _Call:
         self.seconds = 0.0
 
 
+# -- pickling a memoized function ---------------------------------------------
+#
+# The memoized functions that this process has pickled by value, and those it
+# has rebuilt from such pickles: unpickling in the same process gives back the
+# same object (its counters and open store), and a worker rebuilds each once per task.
+_by_value: weakref.WeakValueDictionary[tuple[Any, ...], _Memoized[..., Any]] | None = None  # Made at the first decoration.
+_WEAK_TABLES["_by_value"] = "WeakValueDictionary"
+
+
+def _pickler_sends_functions_by_value() -> bool:
+    """Whether the pickler at work sends functions by value: such picklers (cloudpickle and those
+    built on it) define reducer_override() and run dump() as Python code, so they are on the stack."""
+    import pickle
+
+    frame = sys._getframe(2)
+    for _ in range(16):
+        if frame is None:
+            break
+        pickler = frame.f_locals.get("self")
+        if isinstance(pickler, pickle.Pickler):
+            return callable(getattr(pickler, "reducer_override", None))
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+def _restore_memoized(kind: type[_Memoized[..., Any]], state: dict[str, Any]) -> _Memoized[..., Any]:
+    key = (kind, state["path"], state["_pickle_token"])
+    _runtime_imports()  # A worker may rebuild a function before it decorates any.
+    assert _by_value is not None
+    func = _by_value.get(key)
+    if func is None:
+        func = kind.__new__(kind)
+        func.__dict__.update(state)
+        _by_value[key] = func
+    return func
+
+
+def _reduce_memoized(func: _Memoized[..., Any]) -> str | tuple[Any, ...]:
+    """How a memoized function pickles: by name where its name finds it (the
+    decorator form, as plain functions pickle), else by value.
+
+    By value (the functional form ``cached = memoize(path)(f)``, where the
+    name ``f`` is the plain function) means the plain function, sent as the
+    pickler sends functions, and the wrapper's settings (the absolute store
+    path, ttl, the key prefix made here). A function of the main script goes
+    by value too when the pickler can send functions by value (cloudpickle,
+    which dask and loky use), since a remote worker cannot import the parent's
+    main script; the standard pickler (process pools) sends it by name, which
+    its workers can resolve.
+    """
+    target: Any = sys.modules.get(func.__module__)
+    for part in func.__qualname__.split("."):  # A method's name: Class.method.
+        target = getattr(target, part, None)
+    name: str = func.__qualname__
+    if target is func and not (func.__module__ == "__main__" and _pickler_sends_functions_by_value()):
+        return name
+    # The registry's key names this very wrapper: before its first call its key
+    # prefix is empty, and two functions' wrappers were once taken for one.
+    token = func.__dict__.setdefault("_pickle_token", os.urandom(8).hex())
+    state = dict(
+        func.__dict__, _store=None, _warned=False, _hits=0, _misses=0, _same=_unchanged, _keys={}, _saved=0.0
+    )
+    _runtime_imports()
+    assert _by_value is not None
+    _by_value[(type(func), func.path, token)] = func
+    return _restore_memoized, (type(func), state)
+
+
+class _BoundMemoized:
+    """A memoized method bound to an instance, as ``obj.method`` gives it: the
+    call and every wrapper method (map, forget, refresh, ...) take the
+    instance as their first argument, as a bound method does."""
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, func: _Memoized[..., Any], instance: Any) -> None:
+        self.__func__, self.__self__ = func, instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
+        func = self.__func__
+        return _run_map(func, iterables, (self.__self__,), func._batch_options(iterables, options))
+
+    def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
+        func = self.__func__
+        return _run_imap(func, iterables, (self.__self__,), func._batch_options(iterables, options))
+
+    @property
+    def __wrapped__(self) -> Any:
+        import types
+
+        return types.MethodType(self.__func__.__wrapped__, self.__self__)
+
+    def __getattr__(self, name: str) -> Any:  # __name__, __doc__, path, cache_info, ...
+        found = getattr(self.__func__, name)
+        if name in ("refresh", "forget", "is_cached"):  # Called with the instance first, as the function is.
+            import functools
+
+            return functools.partial(found, self.__self__)
+        return found
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _BoundMemoized) and self.__func__ is other.__func__ and self.__self__ is other.__self__
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.__func__), id(self.__self__)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return getattr, (self.__self__, self.__func__.__wrapped__.__name__)
+
+    def __repr__(self) -> str:
+        return f"<bound memoized {self.__func__.__qualname__} of {self.__self__!r}>"
+
+
 class _Memoized(Generic[_P, _R]):
     """A function whose results are kept in a donecache store."""
 
@@ -4953,57 +5185,26 @@ class _Memoized(Generic[_P, _R]):
     __qualname__: str
 
     def __init__(
-        self,
-        func: Callable[..., Any],
-        path: StrPath | None,
-        ttl: float | None,
-        version: Any,
-        ignore: Iterable[str],
-        durable: bool,
-        key: Callable[..., Any] | None = None,
-        mmap: bool = False,
-        max_bytes: int | None = None,
-        trust_shared: bool = False,
-        compress: Any = False,
-    ) -> None:
+        self, func: Callable[..., Any], path: StrPath | None, ttl: float | None, version: Any, ignore: Iterable[str],
+        durable: bool, key: Callable[..., Any] | None = None, mmap: bool = False, max_bytes: int | None = None,
+        trust_shared: bool = False, compress: Any = False,
+    ) -> None:  # fmt: skip
         import functools
         import hashlib
-        import socket  # noqa: F401  (the host an entry records)
 
-        # What the first call needs to work out and record the code identity
-        # (_prepare) is imported now: a KeyboardInterrupt inside a first import
-        # can leave a half-initialised module behind (seen with inspect and json
-        # on CPython 3.9).
-        import collections  # noqa: F401
-        import inspect  # noqa: F401
-        import json  # noqa: F401
-        import ast  # noqa: F401
-        import base64  # noqa: F401
-        import dis  # noqa: F401
-        import importlib.util  # noqa: F401  (on 3.9 it brings typing, through importlib.abc)
-        import math  # noqa: F401
-        import reprlib  # noqa: F401
-        import types  # noqa: F401
-        import warnings  # noqa: F401
-
+        for module in _DECORATION_IMPORTS:
+            __import__(module)
         _runtime_imports()
-
         functools.update_wrapper(self, func)
         if not hasattr(func, "__qualname__"):  # A functools.partial or a callable object.
             self.__qualname__ = self.__name__ = _function_name(func)
         # Bound once here: an import statement on the hit path costs a dict lookup per call.
         self._blake2b = hashlib.blake2b
-        if path is None:
-            path = os.environ.get("DONECACHE_DIR") or ".donecache"
-        self.path = os.path.abspath(_store_path(path))
-        self._ttl = ttl
-        self._durable = durable
-        self._mmap = mmap
-        self._max_bytes = _check_max_bytes(max_bytes)
-        self._trust_shared = trust_shared
+        self.path = os.path.abspath(_store_path(os.environ.get("DONECACHE_DIR") or ".donecache" if path is None else path))
+        self._ttl, self._durable, self._mmap, self._version = ttl, durable, mmap, version
+        self._max_bytes, self._trust_shared = _check_max_bytes(max_bytes), trust_shared
         self._compress = _check_compress(compress)
         self._arguments = _Arguments(func, ignore, key)
-        self._version = version
         self._function = f"{_module_name(func)}:{_function_name(func)}"
         self._identity = f"{self._function}|".encode("utf-8")
         # Made at the first call (_prepare): the code identity and the closure's values.
@@ -5016,17 +5217,14 @@ class _Memoized(Generic[_P, _R]):
         self._folder = ""  # Where this function's entries live in the store (set with it).
         self._warned = False
         self._hits = self._misses = 0
-        self._keys: dict[tuple[Any, ...], tuple[bytes, _Slot | None, bytes, str]] = {}  # See _call.
         self._saved = 0.0  # Seconds of computation that this process's hits did not repeat.
+        self._keys: dict[tuple[Any, ...], tuple[bytes, _Slot | None, bytes, str]] = {}  # See _keyed.
 
-    # By reference where its name finds it, by value otherwise: see _reduce_memoized.
     def __reduce__(self) -> str | tuple[Any, ...]:
         return _reduce_memoized(self)
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        if instance is None:
-            return self
-        return _BoundMemoized(self, instance)
+        return self if instance is None else _BoundMemoized(self, instance)
 
     def __repr__(self) -> str:
         return f"<memoized {self.__module__}.{self.__qualname__} in {self.path!r}>"
@@ -5091,14 +5289,16 @@ class _Memoized(Generic[_P, _R]):
         prefix = self._prefix if self._prefix and self._same() else self._prepare()
         return _make_key(prefix, self._closure, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
 
-    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
-        # Keys of calls with a few ints, strs, bytes or Nones, remembered (the
-        # key and the entry's path cost more than a hit's read): for these
-        # types, equal arguments have equal keys (not so for floats: 0.0 ==
-        # -0.0, or bools: True == 1). Built anew once the memo is full. A key
-        # is reused only while the prefix and closure text it was made with
-        # are the very objects in use and what the identity followed is
-        # unchanged (_same; else _key works the prefix out again).
+    def _keyed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+        """The call with its key and entry slot.
+
+        Keys of calls with a few ints, strs, bytes or Nones are remembered (the
+        key and the entry's path cost more than a hit's read): for these types,
+        equal arguments have equal keys (not so for floats: 0.0 == -0.0, or
+        bools: True == 1). The memo starts anew once full. A key is reused only
+        while the prefix and closure text it was made with are the very objects
+        in use and what the identity followed is unchanged (_same; else _key
+        works the prefix out again)."""
         simple = (
             not kwargs
             and self._store is not None
@@ -5110,7 +5310,7 @@ class _Memoized(Generic[_P, _R]):
             if known is not None and known[2] is self._prefix and known[3] is self._closure and self._same():
                 return _Call(args, kwargs, known[0], known[1])
         key = self._key(args, kwargs)
-        call = self._call_at(key, args, kwargs)
+        call = self._at_key(key, args, kwargs)
         small = simple and all(type(a) is int or a is None or len(a) <= _KEY_MEMO_TEXT for a in args)
         if small and self._arguments.memoizable:
             if len(self._keys) >= _KEY_MEMO_SIZE:
@@ -5118,16 +5318,16 @@ class _Memoized(Generic[_P, _R]):
             self._keys[args] = (key, call.slot, self._prefix, self._closure)
         return call
 
-    def _call_at(self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
-        """A call whose key is already made (a batch's worker gets it from the parent)."""
+    def _at_key(self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+        """The call with a key made already (a batch's worker gets it from the parent)."""
         files = self._store or self._files()
         return _Call(args, kwargs, key, None if files is None else files.slot(key, self._folder))
 
     # -- the flow of one call, written once ----------------------------------
     #
     # _flow is a coroutine for sync and async functions alike. For a sync
-    # function its two awaits (_lock and _invoke) never suspend, so _get runs
-    # it to the end with a single send(); the async class overrides only those
+    # function its awaits (_acquire and _invoke) never suspend, so _get runs it
+    # to the end with a single send(); the async class overrides only those
     # two, and awaits _flow.
 
     def _live(self, call: _Call, files: _EntryFiles, use: bool = True) -> _Entry | None:
@@ -5160,9 +5360,8 @@ class _Memoized(Generic[_P, _R]):
         return value
 
     def _why_missed(self, call: _Call) -> str:
-        """For the DEBUG log: why the entry was not used (it reads the file again).
-        An entry of the same arguments under an older code digest lives in another
-        file, found only by a scan: a code change reads as "new key"."""
+        """For the DEBUG log (it reads the file again). An entry of the same arguments under
+        an older code digest lives in another file, found only by a scan: it reads as "new key"."""
         if self._store is None or call.slot is None:
             return "no cache directory"
         try:
@@ -5178,7 +5377,7 @@ class _Memoized(Generic[_P, _R]):
             return "expired"
         return "damaged entry (its value does not unpickle)"
 
-    def _keep(self, call: _Call, value: Any) -> None:
+    def _store_result(self, call: _Call, value: Any) -> None:
         """Count a freshly computed result as a miss and store it (or warn why not)."""
         self._misses += 1
         files = self._store
@@ -5203,34 +5402,32 @@ class _Memoized(Generic[_P, _R]):
         if call.slot is not None:
             files.forget_failure(call.slot)  # A success clears the input's recorded failure.
 
-    def _key_lock(self, call: _Call) -> _KeyLock | None:
-        files = self._store
-        return None if files is None or call.slot is None else _KeyLock(files.lock_path, call.slot.offset)
-
-    def _unlocked(self, exc: OSError) -> None:
-        # No lock file (a read-only or damaged store): compute without one.
-        # Results stay right; concurrent callers may compute the same key.
-        _warn(f"{self.__qualname__}(): computing without the cache lock: {exc}")
-
     async def _lock(self, call: _Call) -> _KeyLock | None:
-        lock = self._key_lock(call)
-        if lock is None:
+        """The key's lock, held, or None: with no store, or no lock file (a read-only
+        or damaged store) the call computes without one. Results stay right;
+        concurrent callers may compute the same key."""
+        files = self._store
+        if files is None or call.slot is None:
             return None
+        lock = _KeyLock(files.lock_path, call.slot.offset)
         try:
-            lock.acquire()
+            await self._acquire(lock)
         except OSError as exc:
-            self._unlocked(exc)
+            _warn(f"{self.__qualname__}(): computing without the cache lock: {exc}")
             return None
         return lock
+
+    async def _acquire(self, lock: _KeyLock) -> None:
+        lock.acquire()
 
     async def _invoke(self, call: _Call) -> Any:
         return self.__wrapped__(*call.args, **call.kwargs)
 
-    async def _flow(self, call: _Call, refresh: bool, keeper: _Keeper | None = None) -> tuple[Any, bool]:
+    async def _flow(self, call: _Call, refresh: bool, hand_off: Callable[..., None] | None = None) -> tuple[Any, bool]:
         """(result, whether this call computed it), after a miss or for a
         refresh: compute under the key's lock, unless another caller stored
-        it while this one waited. A ``keeper`` takes over the storing and the
-        lock's release (a batch worker stores in the background)."""
+        it while this one waited. ``hand_off(self, call, value, lock)`` takes
+        over the storing and the lock's release (a batch worker stores in the background)."""
         lock = await self._lock(call)
         try:
             if not refresh:
@@ -5243,10 +5440,10 @@ class _Memoized(Generic[_P, _R]):
             started = time.perf_counter()
             value = await self._invoke(call)
             call.seconds = time.perf_counter() - started
-            if keeper is None:
-                self._keep(call, value)
+            if hand_off is None:
+                self._store_result(call, value)
             else:
-                keeper.keep(self, call, value, lock)
+                hand_off(self, call, value, lock)
                 lock = None
             return value, True
         finally:
@@ -5254,14 +5451,14 @@ class _Memoized(Generic[_P, _R]):
                 lock.release()
 
     def _get(
-        self, call: _Call, refresh: bool = False, keeper: _Keeper | None = None, missed: bool = False
+        self, call: _Call, refresh: bool = False, hand_off: Callable[..., None] | None = None, missed: bool = False
     ) -> tuple[Any, bool]:
         """(result, whether this call computed it rather than reusing a stored one);
         ``missed``: a lookup just missed (a batch's parent), so look again only under the lock."""
         value = _MISSING if refresh or missed else self._hit(call)
         if value is not _MISSING:
             return value, False
-        flow = self._flow(call, refresh, keeper)
+        flow = self._flow(call, refresh, hand_off)
         try:
             flow.send(None)
         except StopIteration as done:
@@ -5272,65 +5469,13 @@ class _Memoized(Generic[_P, _R]):
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         if _switched_off():
             return self.__wrapped__(*args, **kwargs)
-        return self._get(self._call(args, kwargs))[0]  # type: ignore[no-any-return]
+        return self._get(self._keyed(args, kwargs))[0]  # type: ignore[no-any-return]
 
     def refresh(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         """Compute this call again, whatever the cache holds, and store the result."""
         if _switched_off():
             return self.__wrapped__(*args, **kwargs)
-        return self._get(self._call(args, kwargs), refresh=True)[0]  # type: ignore[no-any-return]
-
-    def _compute(
-        self, args: tuple[Any, ...], off: bool, label: Callable[..., Any] | None = None, lead: int = 0
-    ) -> _Outcome:
-        """One call of a batch, raising its failure; ``off``: caching was off when the batch began."""
-        if off:
-            started = time.perf_counter()
-            value = self.__wrapped__(*args)  # type: ignore[call-arg]
-            return _Outcome(True, value, True, seconds=time.perf_counter() - started)
-        call = self._call(args, {})
-        try:
-            value, computed = self._get(call)
-            return _Outcome(True, value, computed, seconds=call.seconds)
-        except Exception as exc:
-            self._record_failure(call, exc, _format_exception(exc), _label_text(label, args[lead:]), lead)
-            raise
-
-    def _record_failure(self, call: _Call, exc: BaseException, traceback: str, shown: str, lead: int = 0) -> None:
-        """Write a batch's failure to the ledger at once, so that a crash of the parent cannot lose it.
-        ``shown``: the input's text; ``lead``: how many arguments come before the input (a method's self)."""
-        import socket
-
-        files = self._store
-        if files is None or call.slot is None or files.readonly:
-            return
-        args = call.args[lead:]
-        kept = _kept_input(args[0] if len(args) == 1 and not call.kwargs else args)
-        record = {
-            "function": self._function,
-            "identity": _key_identity(call.key),
-            "input": shown,
-            "input_pickle": kept,
-            "entry": os.path.basename(call.slot.path),  # Names the input when its pickle is not kept.
-            "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-            "message": _safe_str(exc),
-            "traceback": traceback[-20000:],
-            "time": time.time(),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-        }
-        try:
-            files.record_failure(call.slot, record)
-        except OSError as exc:
-            _warn(f"{self.__qualname__}(): a failure could not be recorded in the cache: {exc}")
-
-    def _recorded_failure(self, call: _Call) -> FailureRecord | None:
-        """The failure recorded for this call under the current code identity, if any."""
-        files = self._store
-        record = None if files is None or call.slot is None else files.failure(call.slot)
-        if record is None or record.get("identity") != _key_identity(call.key):
-            return None
-        return FailureRecord(record, current=True)
+        return self._get(self._keyed(args, kwargs), refresh=True)[0]  # type: ignore[no-any-return]
 
     def failures(self, *, all: bool = False) -> list[FailureRecord]:
         """The inputs of this function that failed in a batch and have not succeeded
@@ -5351,7 +5496,7 @@ class _Memoized(Generic[_P, _R]):
         unpickled: one that no longer loads (its class changed) still counts."""
         if _switched_off() or (self._store is None and not os.path.isdir(self.path)):
             return False
-        call = self._call(args, kwargs)
+        call = self._keyed(args, kwargs)
         return self._store is not None and self._live(call, self._store, use=False) is not None
 
     def forget(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
@@ -5359,7 +5504,7 @@ class _Memoized(Generic[_P, _R]):
         files = self._files()
         if files is None:
             return False
-        call = self._call(args, kwargs)
+        call = self._keyed(args, kwargs)
         return files.delete(call.key, call.slot)
 
     def cache_clear(self) -> None:
@@ -5403,20 +5548,13 @@ class _Memoized(Generic[_P, _R]):
         if files is None:
             return _record("PruneReport")(0, 0, 0, 0)  # type: ignore[no-any-return]
         self._prefix or self._prepare()  # Records the current identity, which stale= compares with.
-        return _prune(files, self._folder.rstrip(os.sep), max_bytes, older_than, stale=stale, dry_run=dry_run)
+        done = _prune(files, self._folder.rstrip(os.sep), max_bytes, older_than, stale=stale, dry_run=dry_run)
+        return _record("PruneReport")(*done)  # type: ignore[no-any-return]
 
     def map(
-        self,
-        *iterables: Iterable[Any],
-        keep_going: bool = False,
-        workers: int | None = None,
-        processes: bool = True,
-        executor: Any = None,
-        chunksize: int | None = None,
-        progress: bool | float | None = None,
-        retry_failures: bool = True,
-        shard: tuple[int, int] | None = None,
-        label: Callable[..., Any] | None = None,
+        self, *iterables: Iterable[Any], keep_going: bool = False, workers: int | None = None, processes: bool = True,
+        executor: Any = None, chunksize: int | None = None, progress: bool | float | None = None,
+        retry_failures: bool = True, shard: tuple[int, int] | None = None, label: Callable[..., Any] | None = None,
     ) -> BatchResult:
         """Call the function on every input, caching each success as soon as it is done.
 
@@ -5464,147 +5602,32 @@ class _Memoized(Generic[_P, _R]):
         Cached inputs are answered here, never sent; only misses go to the
         workers, a bounded number at a time, so the inputs can be a generator.
         """
-        stream = self._batch(
-            iterables, (), "map", keep_going, workers, processes, executor, chunksize, progress, retry_failures, shard, label
-        )
-        return BatchResult._of(stream)
+        options = (keep_going, workers, processes, executor, chunksize, progress, retry_failures, shard, label)
+        return _run_map(self, iterables, (), _record("_BatchOptions")(*options))
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
         """:meth:`map` as a stream, with the same options: yield each result in
         input order as soon as it and every one before it are done, keeping none
         of them, so memory stays bounded however many inputs the iterables give.
         With keep_going=True a failed input yields its :class:`Failure` in its place."""
-        return (done.result() for done in self._batch_with(iterables, (), "imap", options))
+        return _run_imap(self, iterables, (), self._batch_options(iterables, options))
 
-    def _batch_with(
-        self, iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], method: str, options: dict[str, Any]
-    ) -> Iterator[_Done]:
-        """_batch with map()'s options given by name, checked as a call of map() checks them."""
+    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: dict[str, Any]) -> _BatchOptions:
+        """Options given by name, checked as a call of map() checks them."""
         import inspect
 
         bound = inspect.signature(_Memoized.map).bind(self, *iterables, **options)
         bound.apply_defaults()
-        given = bound.arguments
-        return self._batch(
-            iterables,
-            lead,
-            method,
-            given["keep_going"],
-            given["workers"],
-            given["processes"],
-            given["executor"],
-            given["chunksize"],
-            given["progress"],
-            given["retry_failures"],
-            given["shard"],
-            given["label"],
-        )
-
-    def _share(
-        self, calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], shard: Any, name: str
-    ) -> Iterator[tuple[Any, ...]]:
-        """The inputs that shard=(index, count) runs: those whose key's digest is
-        index modulo count, so that every input falls to exactly one shard, in
-        any process on any host (keys are the same everywhere). An input with no
-        key (an argument that cannot be one) falls to shard 0, which reports it."""
-        if not (
-            isinstance(shard, tuple)
-            and len(shard) == 2
-            and all(isinstance(n, int) and not isinstance(n, bool) for n in shard)
-            and 0 <= shard[0] < shard[1]
-        ):
-            raise ValueError(f"{name}: shard= takes (index, count) with 0 <= index < count, not {shard!r}")
-        index, count = shard
-        for args in calls:
-            try:
-                key = self._key(lead + args, {})  # Makes no cache directory (DONECACHE=off).
-            except Exception:
-                if index == 0:
-                    yield args
-                continue
-            if int.from_bytes(self._blake2b(key, digest_size=8).digest(), "big") % count == index:
-                yield args
-
-    def _batch(
-        self,
-        iterables: tuple[Iterable[Any], ...],
-        lead: tuple[Any, ...],
-        method: str,
-        keep_going: bool,
-        workers: int | None,
-        processes: bool,
-        executor: Any,
-        chunksize: int | None,
-        progress: bool | float | None,
-        retry_failures: bool = True,
-        shard: tuple[int, int] | None = None,
-        label: Callable[..., Any] | None = None,
-    ) -> Iterator[_Done]:
-        """map() and imap(): check the options at once, then stream the outcomes.
-
-        ``lead`` is put before every call's arguments (a bound method's instance)."""
-        name = f"{self.__qualname__}.{method}()"
-        if not iterables:
-            raise TypeError(f"{name} needs at least one iterable of inputs")
-        for option, value in (("workers", workers), ("chunksize", chunksize)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}: {option}= must be a positive int or None, not {value!r}")
-        calls: Iterator[tuple[Any, ...]] = zip(*iterables)
-        total = _length(iterables)
-        if shard is not None:
-            calls = self._share(calls, lead, shard, name)
-            total = None
-        if label is not None and not callable(label):
-            raise TypeError(f"{name}: label= takes a callable (called with an input's arguments), not {label!r}")
-        meter = _Progress(name, total, progress, self.__qualname__)
-        off = _switched_off()  # Taken once: the batch's workers follow the parent.
-        if executor is None and (workers or 1) == 1:
-            return self._fits(meter.watch(_serial(self, calls, lead, keep_going, off, retry_failures, label), keep_going), name)
-        plan = _Plan(self, name, executor, workers, processes, off)
-        stream = _stream(self, calls, lead, keep_going, plan, chunksize, retry_failures, label)
-        return self._fits(meter.watch(stream, keep_going), name)
-
-    def _fits(self, stream: Iterator[_Done], name: str) -> Iterator[_Done]:
-        """Pass a batch on; at its end, warn if a sweep (in any process) evicted
-        an entry used since it began: its results do not all fit under
-        max_bytes, and since a batch walks its inputs in order, a rerun would
-        reuse none of the evicted ones (issue 21). One .usage read per batch."""
-        started = time.time()
-        yield from stream
-        files = self._store
-        if files is None or files.max_bytes is None or files.readonly:
-            return
-        try:
-            files._usage(lambda total: total)
-        except OSError:
-            return
-        if files.horizon < started:
-            return
-        sizes = [_disk_bytes(st) for st in map(_lstat_or_none, (p for p, _f in files.files(self._folder))) if st]
-        each = -(-sum(sizes) // len(sizes)) if sizes else 0
-        _warn(
-            f"{name}: the results do not fit in the store at max_bytes={files.max_bytes:,}: entries used since "
-            f"the batch began were evicted, so a rerun computes them again"
-            + (f"; about {files.max_bytes // each:,} of its entries fit ({each:,} bytes on disk each)" if each else "")
-            + ". Raise max_bytes, or run the batch in parts that fit"
-        )
+        return _record("_BatchOptions")(**bound.kwargs)  # type: ignore[no-any-return]
 
 
 class _AsyncMemoized(_Memoized[_P, _R]):
     """The same for ``async def`` functions: the event loop never blocks on a lock."""
 
-    async def _lock(self, call: _Call) -> _KeyLock | None:
+    async def _acquire(self, lock: _KeyLock) -> None:
         import asyncio
 
-        lock = self._key_lock(call)
-        if lock is None:
-            return None
-        try:
-            await lock.acquire_async(id(asyncio.current_task()))
-        except OSError as exc:
-            self._unlocked(exc)
-            return None
-        return lock
+        await lock.acquire_async(id(asyncio.current_task()))
 
     async def _invoke(self, call: _Call) -> Any:
         coroutine: Any = self.__wrapped__(*call.args, **call.kwargs)
@@ -5613,14 +5636,14 @@ class _AsyncMemoized(_Memoized[_P, _R]):
     async def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> Any:  # type: ignore[override]
         if _switched_off():
             return await self.__wrapped__(*args, **kwargs)  # type: ignore[misc]
-        call = self._call(args, kwargs)
+        call = self._keyed(args, kwargs)
         value = self._hit(call)
         return value if value is not _MISSING else (await self._flow(call, False))[0]
 
     async def refresh(self, *args: _P.args, **kwargs: _P.kwargs) -> Any:  # type: ignore[override]
         if _switched_off():
             return await self.__wrapped__(*args, **kwargs)  # type: ignore[misc]
-        return (await self._flow(self._call(args, kwargs), True))[0]
+        return (await self._flow(self._keyed(args, kwargs), True))[0]
 
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
         raise TypeError(f"{self.__qualname__}.map(): use asyncio.gather() for async functions")
@@ -5629,62 +5652,122 @@ class _AsyncMemoized(_Memoized[_P, _R]):
         raise TypeError(f"{self.__qualname__}.imap(): use asyncio.as_completed() for async functions")
 
 
-class _BoundMemoized:
-    """A memoized method bound to an instance, as ``obj.method`` gives it: the
-    call and every wrapper method (map, forget, refresh, ...) take the
-    instance as their first argument, as a bound method does."""
+# -- the decorator --------------------------------------------------------------
 
-    __slots__ = ("__func__", "__self__")
+_CO_GENERATOR, _CO_ASYNC_GENERATOR = 0x20, 0x200  # inspect.CO_*
 
-    def __init__(self, func: _Memoized[..., Any], instance: Any) -> None:
-        self.__func__, self.__self__ = func, instance
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__func__(self.__self__, *args, **kwargs)
+@overload
+def memoize(path: Callable[_P, _R]) -> _Memoized[_P, _R]: ...
 
-    def refresh(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__func__.refresh(self.__self__, *args, **kwargs)
 
-    def forget(self, *args: Any, **kwargs: Any) -> bool:
-        return self.__func__.forget(self.__self__, *args, **kwargs)
+@overload
+def memoize(
+    path: StrPath | None = None,
+    *,
+    ttl: float | Any = None,
+    version: _Version | None = None,
+    ignore: Iterable[str] = (),
+    key: _KeyFunction | None = None,
+    durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
+    compress: bool | str = False,
+) -> Callable[[Callable[_P, _R]], _Memoized[_P, _R]]: ...
 
-    def is_cached(self, *args: Any, **kwargs: Any) -> bool:
-        return self.__func__.is_cached(self.__self__, *args, **kwargs)
 
-    def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
-        return BatchResult._of(self.__func__._batch_with(iterables, (self.__self__,), "map", options))
+def memoize(
+    path: StrPath | Callable[..., Any] | None = None, *, ttl: float | Any = None, version: _Version | None = None,
+    ignore: Iterable[str] = (), key: _KeyFunction | None = None, durable: bool = False, mmap: bool = False,
+    max_bytes: int | None = None, trust_shared: bool = False, compress: bool | str = False,
+) -> Any:
+    """Keep a function's results on disk, shared by threads, processes and runs.
 
-    def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        return (done.result() for done in self.__func__._batch_with(iterables, (self.__self__,), "imap", options))
+    ``@memoize`` or ``@memoize("cache-dir", ttl=3600)``. Without a path the
+    store is ``.donecache`` in the current directory, or $DONECACHE_DIR.
 
-    def cache_info(self) -> CacheInfo:
-        return self.__func__.cache_info()
+    A call's key is the function's module and qualified name, its code
+    identity, the values its closure holds, and the arguments bound to its
+    signature with defaults applied, so f(1), f(x=1) and f() (when x=1 is the
+    default) are one entry. The code identity is ``version`` when given;
+    otherwise it follows the function's source (comments, blank lines and
+    decorators aside), the module-level constants it reads and the functions
+    and classes of your own code that it uses (README, "Code changes").
+    Concurrent callers of one key, in threads or processes, compute it once;
+    the others wait and reuse the result. Exceptions are not cached; None is.
+    A result that cannot be pickled is returned with a DonecacheWarning and
+    not stored.
 
-    def cache_clear(self) -> None:
-        self.__func__.cache_clear()
+    ttl: seconds (or a timedelta) after which an entry is recomputed.
+    version: pins the code identity (a str, an int or a tuple of them): edits
+        keep the entries until you change it.
+    ignore: names of parameters left out of the key (``self``, a logger).
+    key: a function of the same arguments whose result stands for them in the
+        key, as ``key=lambda record: record["id"]``.
+    durable: fsync each entry as it is written (survives power failures).
+    mmap: return the big buffers of results (64 KiB or more: the data of
+        NumPy arrays and pandas columns) as private copy-on-write memory maps
+        of the entry files: a hit costs milliseconds whatever the size; the
+        arrays are writable, and changes never reach the file.
+    max_bytes: bound the store (the whole directory, shared with any other
+        function in it) to this many bytes on disk: a miss that takes it past
+        the bound evicts the least recently used entries (a hit counts as a
+        use) down to 80% of it, logging the sweep on the "donecache" logger (INFO).
+        None (the default): no bound. ``cache_info().maxsize`` reports it, in
+        bytes (functools counts entries there).
+    trust_shared: use a store directory that is not yours, or that group or
+        others can write to (by default the first call raises PermissionError
+        there: results are pickles, and loading one runs its writer's code).
+    compress: ``"zlib"`` (or True) or ``"lzma"`` compresses each entry's pickle
+        stream (not the big buffers that mmap maps) where that makes it
+        smaller: text-heavy results shrink several times at some write time
+        (docs/storage.md). False (the default): no compression.
 
-    @property
-    def __wrapped__(self) -> Any:
-        import types
-
-        return types.MethodType(self.__func__.__wrapped__, self.__self__)
-
-    def __getattr__(self, name: str) -> Any:  # __name__, __doc__, path, ...
-        return getattr(self.__func__, name)
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, _BoundMemoized) and self.__func__ is other.__func__ and self.__self__ is other.__self__
+    The decorated function has ``cache_info()``, ``cache_clear()`` (this
+    function's entries only), ``forget(*args)``, ``refresh(*args)`` and
+    ``__wrapped__`` (the function itself: call it to bypass the cache), and
+    ``map``/``imap`` for batches on any executor. It pickles by reference
+    where its name finds it, else by value, so it works with
+    ProcessPoolExecutor, multiprocessing and Dask; bound to an instance, it
+    keeps all of these. ``async def`` functions are supported.
+    """
+    seconds = _seconds(ttl)
+    _check_max_bytes(max_bytes)
+    _check_compress(compress)
+    if path is not None and not callable(path):
+        _store_path(path)
+    if version is not None:
+        _version_text(version)  # An unusable version fails here, not at the first call.
+    if isinstance(ignore, str):
+        ignore = (ignore,)
+    if key is not None and (ignore or not callable(key)):
+        raise ValueError(
+            "memoize(key=...) takes a function of the call's arguments, and then no ignore= (the key "
+            "function chooses what counts)" if ignore else f"memoize(key=...) must be callable, not {key!r}"
         )
 
-    def __hash__(self) -> int:
-        return hash((id(self.__func__), id(self.__self__)))
+    def decorate(func: Callable[..., Any]) -> Any:
+        if not callable(func):
+            raise TypeError(f"memoize() decorates functions, not {type(func).__name__}")
+        code = getattr(func, "__code__", None)
+        if code is not None and code.co_flags & (_CO_GENERATOR | _CO_ASYNC_GENERATOR):
+            what = "an async generator" if code.co_flags & _CO_ASYNC_GENERATOR else "a generator"
+            raise TypeError(
+                f"memoize() cannot cache {getattr(func, '__qualname__', func)}(): it is {what} function, and "
+                "the iterator that it returns is used up once read; return a list instead, or memoize a "
+                "function that collects it"
+            )
+        kind = _AsyncMemoized if code is not None and code.co_flags & _CO_COROUTINE else _Memoized
+        return kind(func, store_path, seconds, version, ignore, durable, key, mmap, max_bytes, trust_shared, compress)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return getattr, (self.__self__, self.__func__.__wrapped__.__name__)
+    if callable(path) and not isinstance(path, (str, os.PathLike)):
+        store_path: StrPath | None = None
+        return decorate(path)  # Used bare: @memoize
+    store_path = path
+    return decorate
 
-    def __repr__(self) -> str:
-        return f"<bound memoized {self.__func__.__qualname__} of {self.__self__!r}>"
+
+# ---- core ends here ----------------------------------------------------------
+# The tail: batches, then the command line. The core reaches the batches only
+# through _run_map and _run_imap.
 
 
 # ---------------------------------------------------------------------------
@@ -5701,86 +5784,35 @@ _CHUNK_SECONDS = 0.05  # A chunk grows until it takes about this long...
 _MAX_CHUNK = 1000  # ...up to this many calls.
 _LOG_EVERY = 30.0  # Seconds between progress records when stderr is not a terminal.
 
-# The memoized functions that this process has pickled by value, and those it
-# has rebuilt from such pickles: unpickling in the same process gives back the
-# same object (its counters and open store), and a worker rebuilds each once per task.
-_by_value: weakref.WeakValueDictionary[tuple[Any, ...], _Memoized[..., Any]] | None = None  # Made at the first decoration.
-_WEAK_TABLES["_by_value"] = "WeakValueDictionary"
 
+def _record_failure(
+    func: _Memoized[..., Any], call: _Call, exc: BaseException, traceback: str, shown: str, lead: int = 0
+) -> None:
+    """Write a batch's failure to the ledger at once, so that a crash of the parent cannot lose it.
+    ``shown``: the input's text; ``lead``: how many arguments come before the input (a method's self)."""
+    import socket
 
-def _reduce_memoized(func: _Memoized[..., Any]) -> str | tuple[Any, ...]:
-    """How a memoized function pickles: by name where its name finds it (the
-    decorator form, as plain functions pickle), else by value.
-
-    By value (the functional form ``cached = memoize(path)(f)``, where the
-    name ``f`` is the plain function) means the plain function, sent as the
-    pickler sends functions, and the wrapper's settings (the absolute store
-    path, ttl, the key prefix made here). A function of the main script goes
-    by value too when the pickler can send functions by value (cloudpickle,
-    which dask and loky use), since a remote worker cannot import the parent's
-    main script; the standard pickler (process pools) sends it by name, which
-    its workers can resolve.
-    """
-    target: Any = sys.modules.get(func.__module__)
-    for part in func.__qualname__.split("."):  # A method's name: Class.method.
-        target = getattr(target, part, None)
-    name: str = func.__qualname__
-    if target is func and not (func.__module__ == "__main__" and _pickler_sends_functions_by_value()):
-        return name
-    # The registry's key names this very wrapper: before its first call its key
-    # prefix is empty, and two functions' wrappers were once taken for one.
-    token = func.__dict__.setdefault("_pickle_token", os.urandom(8).hex())
-    state = dict(
-        func.__dict__, _store=None, _warned=False, _hits=0, _misses=0, _same=_unchanged, _keys={}, _saved=0.0
-    )
-    _runtime_imports()
-    assert _by_value is not None
-    _by_value[(type(func), func.path, token)] = func
-    return _restore_memoized, (type(func), state)
-
-
-def _restore_memoized(kind: type[_Memoized[..., Any]], state: dict[str, Any]) -> _Memoized[..., Any]:
-    key = (kind, state["path"], state["_pickle_token"])
-    _runtime_imports()  # A worker may rebuild a function before it decorates any.
-    assert _by_value is not None
-    func = _by_value.get(key)
-    if func is None:
-        func = kind.__new__(kind)
-        func.__dict__.update(state)
-        _by_value[key] = func
-    return func
-
-
-def _pickler_sends_functions_by_value() -> bool:
-    """Whether the pickler at work is one that sends functions by value.
-
-    Such picklers (cloudpickle and those built on it) define reducer_override()
-    and run dump() as Python code, so they are on the stack; the standard
-    pickler does neither.
-    """
-    import pickle
-
-    frame = sys._getframe(2)
-    for _ in range(16):
-        if frame is None:
-            break
-        pickler = frame.f_locals.get("self")
-        if isinstance(pickler, pickle.Pickler):
-            return callable(getattr(pickler, "reducer_override", None))
-        frame = frame.f_back  # type: ignore[assignment]
-    return False
-
-
-def _format_exception(exc: BaseException) -> str:
-    """The traceback text, without donecache's own frames (the user's code is what failed)."""
-    import traceback
-
-    shown = traceback.TracebackException.from_exception(exc)
-    part: Any = shown
-    while part is not None:
-        part.stack = traceback.StackSummary.from_list([f for f in part.stack if f.filename != __file__])
-        part = part.__cause__ or (None if part.__suppress_context__ else part.__context__)
-    return "".join(shown.format())
+    files = func._store
+    if files is None or call.slot is None or files.readonly:
+        return
+    args = call.args[lead:]
+    record = {
+        "function": func._function,
+        "identity": _key_identity(call.key),
+        "input": shown,
+        "input_pickle": _pickled_input(args[0] if len(args) == 1 and not call.kwargs else args),
+        "entry": os.path.basename(call.slot.path),  # Names the input when its pickle is not kept.
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": _safe_str(exc),
+        "traceback": traceback[-20000:],
+        "time": time.time(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    try:
+        files.record_failure(call.slot, record)
+    except OSError as exc:
+        _warn(f"{func.__qualname__}(): a failure could not be recorded in the cache: {exc}")
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -5799,17 +5831,6 @@ def _exit_with_parent(parent: int) -> None:
     _thread.start_new_thread(watch, ())
 
 
-class _Outcome:
-    """How one call went: its result (ok) or exception, whether it was computed
-    (not reused), and the traceback text of a failure."""
-
-    __slots__ = ("ok", "value", "computed", "traceback", "seconds")
-
-    def __init__(self, ok: bool, value: Any, computed: bool, traceback: str = "", seconds: float = 0.0) -> None:
-        self.ok, self.value, self.computed, self.traceback = ok, value, computed, traceback
-        self.seconds = seconds  # Of the computation: done now, or (reused) as its entry records.
-
-
 def _failed(exc: BaseException, portable: bool) -> _Outcome:
     text = _format_exception(exc)
     if portable:  # The exception must cross back to the parent process.
@@ -5822,35 +5843,7 @@ def _failed(exc: BaseException, portable: bool) -> _Outcome:
     return _Outcome(False, exc, True, text)
 
 
-def _call_one(
-    func: _Memoized[..., Any],
-    args: tuple[Any, ...],
-    key: bytes | None,
-    portable: bool,
-    off: bool,
-    keeper: _Keeper | None = None,
-    shown: str | Callable[[], str] = "",
-    lead: int = 0,
-) -> _Outcome:
-    """One call of a batch, never raising; ``key`` when the parent made it already;
-    ``off``: caching was switched off when the batch began; ``keeper`` stores the
-    result in the background; ``shown``: the input's text for the ledger (or
-    what makes it); ``lead``: arguments before the input (a method's self)."""
-    call = None
-    try:
-        if off:
-            return func._compute(args, off)
-        call = func._call(args, {}) if key is None else func._call_at(key, args, {})
-        value, computed = func._get(call, keeper=keeper, missed=key is not None)
-        return _Outcome(True, value, computed, seconds=call.seconds)
-    except Exception as exc:
-        outcome = _failed(exc, portable)
-        if call is not None:
-            func._record_failure(call, exc, outcome.traceback, shown if isinstance(shown, str) else shown(), lead)
-        return outcome
-
-
-class _Keeper:
+class _Writer:
     """A worker's background writer: it stores a chunk's results (and releases
     their keys' locks) while the next call computes, so that creating entry
     files costs no time of the calls. finish() waits until all are stored.
@@ -5862,7 +5855,7 @@ class _Keeper:
     its end, so that no thread outlives the batch in the user's process (a
     later fork(2) with threads alive can deadlock its child)."""
 
-    _current: _Keeper | None = None
+    _current: _Writer | None = None
 
     def __init__(self) -> None:
         import queue
@@ -5874,18 +5867,18 @@ class _Keeper:
         self._thread.start()
 
     @classmethod
-    def running(cls) -> _Keeper:
-        """This process's keeper (a forked child's is its own), or a chunk's own (see above)."""
+    def running(cls) -> _Writer:
+        """This process's writer (a forked child's is its own), or a chunk's own (see above)."""
         import threading
 
         if threading.current_thread() is not threading.main_thread():
             return cls()
-        keeper = cls._current
-        if keeper is None or keeper._pid != os.getpid() or not keeper._thread.is_alive():
-            keeper = cls._current = cls()
-        return keeper
+        writer = cls._current
+        if writer is None or writer._pid != os.getpid() or not writer._thread.is_alive():
+            writer = cls._current = cls()
+        return writer
 
-    def keep(self, func: _Memoized[..., Any], call: _Call, value: Any, lock: _KeyLock | None) -> None:
+    def put(self, func: _Memoized[..., Any], call: _Call, value: Any, lock: _KeyLock | None) -> None:
         self._queue.put((func, call, value, lock))
 
     def _run(self) -> None:
@@ -5893,12 +5886,12 @@ class _Keeper:
             job = self._queue.get()
             if not isinstance(job, tuple):  # finish(): everything before it is stored.
                 job.release()
-                if self is not _Keeper._current:
-                    return  # A chunk's own keeper: its chunk is done.
+                if self is not _Writer._current:
+                    return  # A chunk's own writer: its chunk is done.
                 continue
             func, call, value, lock = job
             try:
-                func._keep(call, value)
+                func._store_result(call, value)
             except Exception as exc:  # The thread serves the next chunks too: say it, go on.
                 _warn(f"{func.__qualname__}(): the result is returned but not cached: {exc!r}")
             finally:
@@ -5914,6 +5907,45 @@ class _Keeper:
                 break
 
 
+def _compute(
+    func: _Memoized[..., Any], args: tuple[Any, ...], off: bool, label: Callable[..., Any] | None = None, lead: int = 0
+) -> _Outcome:
+    """One call of a batch, raising its failure; ``off``: caching was off when the batch began."""
+    if off:
+        started = time.perf_counter()
+        value = func.__wrapped__(*args)
+        return _Outcome(True, value, True, seconds=time.perf_counter() - started)
+    call = func._keyed(args, {})
+    try:
+        value, computed = func._get(call)
+        return _Outcome(True, value, computed, seconds=call.seconds)
+    except Exception as exc:
+        _record_failure(func, call, exc, _format_exception(exc), _label_text(label, args[lead:]), lead)
+        raise
+
+
+def _call_one(
+    func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes | None, portable: bool, off: bool,
+    writer: _Writer | None = None, shown: str | Callable[[], str] = "", lead: int = 0,
+) -> _Outcome:
+    """One call of a batch, never raising; ``key`` when the parent made it already;
+    ``off``: caching was switched off when the batch began; ``writer`` stores the
+    result in the background; ``shown``: the input's text for the ledger (or
+    what makes it); ``lead``: arguments before the input (a method's self)."""
+    call = None
+    try:
+        if off:
+            return _compute(func, args, off)
+        call = func._keyed(args, {}) if key is None else func._at_key(key, args, {})
+        value, computed = func._get(call, hand_off=None if writer is None else writer.put, missed=key is not None)
+        return _Outcome(True, value, computed, seconds=call.seconds)
+    except Exception as exc:
+        outcome = _failed(exc, portable)
+        if call is not None:
+            _record_failure(func, call, exc, outcome.traceback, shown if isinstance(shown, str) else shown(), lead)
+        return outcome
+
+
 class _ChunkReport:
     """What a worker sends back for a chunk: the outcomes in order, its pid and the time it took."""
 
@@ -5924,24 +5956,32 @@ class _ChunkReport:
 
 
 def _run_chunk(
-    func: _Memoized[..., Any],
-    calls: list[tuple[bytes, tuple[Any, ...], str]],
-    portable: bool,
-    off: bool,
-    lead: int = 0,
-    nonce: bytes = b"",
+    func: _Memoized[..., Any], calls: list[tuple[bytes, tuple[Any, ...], str]], portable: bool, off: bool,
+    lead: int = 0, nonce: bytes = b"",
 ) -> _ChunkReport:
     """A worker's task: the calls of one chunk (key, arguments, the input's text).
     Module level, so that it pickles by name. ``nonce`` makes every submission
     unique: Dask treats equal submissions as one pure task and hands back an old
     result, which would be reported as computed but never stored (issue 18)."""
     started = time.perf_counter()
-    keeper = _Keeper.running()
+    writer = _Writer.running()
     try:
-        outcomes = [_call_one(func, args, key or None, portable, off, keeper, shown, lead) for key, args, shown in calls]
+        outcomes = [_call_one(func, args, key or None, portable, off, writer, shown, lead) for key, args, shown in calls]
     finally:
-        keeper.finish()
+        writer.finish()
     return _ChunkReport(outcomes, os.getpid(), time.perf_counter() - started)
+
+
+class Failure:
+    """One input that raised in :meth:`map`: its position, the input, the exception and its traceback text."""
+
+    __slots__ = ("index", "input", "exception", "traceback")
+
+    def __init__(self, index: int, input: Any, exception: BaseException, traceback: str) -> None:
+        self.index, self.input, self.exception, self.traceback = index, input, exception, traceback
+
+    def __repr__(self) -> str:
+        return f"Failure(index={self.index}, input={self.input!r}, exception={self.exception!r})"
 
 
 class _Done:
@@ -5964,34 +6004,43 @@ class _Done:
         return Failure(self.index, self.args[0] if len(self.args) == 1 else self.args, outcome.value, outcome.traceback)
 
 
-def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
-    """How many calls zip(*iterables) makes, if every iterable knows its length."""
+def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True) -> bool:
+    """Settle an input in the parent if its result is cached, if its key cannot
+    be made, or (without ``retry``) if its failure is recorded for the current
+    code; else keep its key for the worker and return False."""
     try:
-        return min(len(it) for it in iterables)  # type: ignore[arg-type]
-    except TypeError:
-        return None
+        call = func._keyed(lead + done.args, {})
+    except Exception as exc:
+        done.outcome = _failed(exc, False)
+        return True
+    value = func._hit(call)
+    if value is not _MISSING:
+        done.outcome = _Outcome(True, value, False, seconds=call.seconds)
+        return True
+    files = func._store
+    recorded = None if retry or files is None or call.slot is None else files.failure(call.slot)
+    if recorded is not None and recorded.get("identity") == _key_identity(call.key):  # Failed under this code.
+        failure = FailureRecord(recorded, current=True)
+        done.outcome = _Outcome(False, failure, False, failure.traceback)
+        return True
+    done.key = call.key
+    return False
 
 
 def _serial(
-    func: _Memoized[..., Any],
-    calls: Iterator[tuple[Any, ...]],
-    lead: tuple[Any, ...],
-    keep_going: bool,
-    off: bool,
-    retry: bool = True,
-    label: Callable[..., Any] | None = None,
+    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions, off: bool
 ) -> Iterator[_Done]:
     """A batch in this thread, one call after the other."""
     for index, args in enumerate(calls):
         done = _Done(index, args)
-        if not retry and not off and _answer_here(func, done, lead, retry):
-            if not keep_going and done.outcome is not None and not done.outcome.ok:
+        if not options.retry_failures and not off and _answer_here(func, done, lead, False):
+            if not options.keep_going and done.outcome is not None and not done.outcome.ok:
                 raise done.outcome.value
-        elif keep_going:
-            shown = (lambda: _label_text(label, args))  # noqa: E731 - made only if the call fails.
+        elif options.keep_going:
+            shown = (lambda: _label_text(options.label, args))  # noqa: E731 - made only if the call fails.
             done.outcome = _call_one(func, lead + args, None, False, off, shown=shown, lead=len(lead))
         else:  # Let the failure propagate with its own traceback, as a loop would.
-            done.outcome = func._compute(lead + args, off, label, len(lead))
+            done.outcome = _compute(func, lead + args, off, options.label, len(lead))
         yield done
 
 
@@ -5999,14 +6048,14 @@ class _Plan:
     """Where a parallel batch runs: the executor (None: start one of ``workers``),
     how calls travel to it, and how many it runs at once."""
 
-    __slots__ = ("executor", "workers", "processes", "capacity", "portable", "task", "off")
+    __slots__ = ("executor", "workers", "processes", "capacity", "portable", "off", "owned")
 
-    def __init__(
-        self, func: _Memoized[..., Any], name: str, executor: Any, workers: int | None, processes: bool, off: bool
-    ) -> None:
+    def __init__(self, func: _Memoized[..., Any], name: str, options: _BatchOptions, off: bool) -> None:
         import concurrent.futures as futures
 
+        executor, workers, processes = options.executor, options.workers, options.processes
         self.executor, self.workers, self.processes, self.off = executor, workers, processes, off
+        self.owned = executor is None  # Started and shut down by the batch.
         if executor is None:
             assert workers is not None
             self.capacity = workers
@@ -6022,7 +6071,6 @@ class _Plan:
             by_standard_pickle = isinstance(executor, futures.ProcessPoolExecutor)
         # Exceptions are checked for the trip back unless the calls run in this process.
         self.portable = not in_process
-        self.task = func
         if by_standard_pickle:
             # Found now, not as a hang or a broken pool later: a function that
             # the standard pickler cannot send (a lambda, a nested function).
@@ -6070,10 +6118,6 @@ class _Plan:
             return futures.ProcessPoolExecutor(workers or self.workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
         return futures.ThreadPoolExecutor(self.workers)
 
-    @property
-    def owned(self) -> bool:
-        return self.executor is None
-
 
 def _stop_pool(pool: Any, now: bool) -> None:
     """Shut down a pool that a batch started; ``now`` (an interrupt): terminate its
@@ -6109,14 +6153,7 @@ def _death(pool: Any, processes: list[Any]) -> str:
 
 
 def _stream(
-    func: _Memoized[..., Any],
-    calls: Iterator[tuple[Any, ...]],
-    lead: tuple[Any, ...],
-    keep_going: bool,
-    plan: _Plan,
-    chunksize: int | None,
-    retry: bool = True,
-    label: Callable[..., Any] | None = None,
+    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions, plan: _Plan
 ) -> Iterator[_Done]:
     """A batch on an executor, yielding each input's _Done in input order.
 
@@ -6136,6 +6173,7 @@ def _stream(
     import collections
     import concurrent.futures as futures
 
+    keep_going, chunksize, label = options.keep_going, options.chunksize, options.label
     limit = 2 * plan.capacity
     size = chunksize or 1
     here = os.getpid()
@@ -6152,7 +6190,7 @@ def _stream(
     def task(chunk: list[_Done]) -> tuple[Any, ...]:
         calls = [(done.key, lead + done.args, "" if label is None else _label_text(label, done.args)) for done in chunk]
         # Only a foreign executor gets a nonce: Dask's submissions are pure by default.
-        return (_run_chunk, plan.task, calls, plan.portable, plan.off, len(lead), b"" if plan.owned else os.urandom(8))
+        return (_run_chunk, func, calls, plan.portable, plan.off, len(lead), b"" if plan.owned else os.urandom(8))
 
     def send() -> None:
         future = executor.submit(*task(buffer))
@@ -6200,8 +6238,8 @@ def _stream(
         except BrokenProcessPool:
             exc = BrokenProcessPool(f"{_death(solo, processes)} while running {func.__qualname__} on this input")
             done.outcome = _failed(exc, False)
-            call = func._call_at(done.key, lead + done.args, {})
-            func._record_failure(call, exc, "", _label_text(label, done.args), len(lead))
+            call = func._at_key(done.key, lead + done.args, {})
+            _record_failure(func, call, exc, "", _label_text(label, done.args), len(lead))
         finally:
             solo.shutdown(wait=True)
             pools.remove(solo)
@@ -6218,7 +6256,7 @@ def _stream(
                 else:
                     done = _Done(*item)
                     ahead.append(done)
-                    if plan.off or not _answer_here(func, done, lead, retry):
+                    if plan.off or not _answer_here(func, done, lead, options.retry_failures):
                         if done.key and done.key in queued:  # One key twice in a chunk: the second waits for the next.
                             send()
                         buffer.append(done)
@@ -6279,84 +6317,6 @@ def _stream(
             future.cancel()  # Only this batch's futures; an executor it did not start stays up.
         for pool in pools:
             _stop_pool(pool, interrupted)
-
-
-def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True) -> bool:
-    """Settle an input in the parent if its result is cached, if its key cannot
-    be made, or (without ``retry``) if its failure is recorded for the current
-    code; else keep its key for the worker and return False."""
-    try:
-        call = func._call(lead + done.args, {})
-    except Exception as exc:
-        done.outcome = _failed(exc, False)
-        return True
-    value = func._hit(call)
-    if value is _MISSING:
-        recorded = None if retry else func._recorded_failure(call)
-        if recorded is not None:
-            done.outcome = _Outcome(False, recorded, False, recorded.traceback)
-            return True
-        done.key = call.key
-        return False
-    done.outcome = _Outcome(True, value, False, seconds=call.seconds)
-    return True
-
-
-class Failure:
-    """One input that raised in :meth:`map`: its position, the input, the exception and its traceback text."""
-
-    __slots__ = ("index", "input", "exception", "traceback")
-
-    def __init__(self, index: int, input: Any, exception: BaseException, traceback: str) -> None:
-        self.index, self.input, self.exception, self.traceback = index, input, exception, traceback
-
-    def __repr__(self) -> str:
-        return f"Failure(index={self.index}, input={self.input!r}, exception={self.exception!r})"
-
-
-class FailureRecord(Exception):
-    """A failure of a batch as the store's ledger keeps it (see ``f.failures()``).
-
-    ``input`` is the input itself when the ledger kept its pickle and this
-    record was read by ``f.failures()``; else (the command line, an input too
-    big to keep or that no longer unpickles) the text in ``label``. ``label``
-    is what ``map(label=...)`` gave, or a bounded repr; ``entry`` names the
-    input's entry file. Then the exception's ``type`` and ``message``, the
-    ``traceback`` text (donecache's own frames left out), when and where
-    (``time``, ``host``, ``pid``), and the code ``identity`` it failed under
-    (``current``: the code that reads it now). A batch with
-    ``retry_failures=False`` reports such a failure again as this exception.
-    It pickles and copies (a worker may return one; a memoized report of
-    failures holds them)."""
-
-    def __init__(self, record: dict[str, Any], current: bool, load: bool = False) -> None:
-        self._record, self._load = record, load
-        get = record.get
-        self.function, self.label, self.entry = str(get("function", "?")), str(get("input", "?")), str(get("entry", ""))
-        self.type, self.message, self.traceback = str(get("type", "?")), str(get("message", "")), str(get("traceback", ""))
-        self.time = float(get("time") or 0)
-        self.host, self.pid = str(get("host", "?")), get("pid")
-        self.identity, self.current = str(get("identity", "")), current
-        self.input_kept = isinstance(get("input_pickle"), str)
-        self.input: Any = self.label
-        if load and self.input_kept:
-            import base64
-            import pickle  # Unpickled in a fresh process, before any store set the global.
-
-            try:  # The store is the user's own, as trusted as its entries.
-                self.input = pickle.loads(base64.b64decode(str(get("input_pickle"))))
-            except Exception:
-                self.input_kept = False  # Its class changed or is gone: the text stands in.
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time))
-        super().__init__(f"{self.type}: {self.message} (recorded {when}; retry_failures=True calls it again)")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return FailureRecord, (self._record, self.current, self._load)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The record as JSON data (``input`` is the text, ``label``)."""
-        names = ("function", "label", "entry", "input_kept", "type", "message", "traceback", "time", "host", "pid", "identity", "current")
-        return {"input": self.label, **{name: getattr(self, name) for name in names}}
 
 
 def _duration(seconds: float) -> str:
@@ -6608,244 +6568,174 @@ class _Progress:
             sys.stderr.flush()
 
 
-# ---------------------------------------------------------------------------
-# The decorator
-# ---------------------------------------------------------------------------
+def _share(
+    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], shard: Any, name: str
+) -> Iterator[tuple[Any, ...]]:
+    """The inputs that shard=(index, count) runs: those whose key's digest is
+    index modulo count, so that every input falls to exactly one shard, in
+    any process on any host (keys are the same everywhere). An input with no
+    key (an argument that cannot be one) falls to shard 0, which reports it."""
+    if not (
+        isinstance(shard, tuple)
+        and len(shard) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) for n in shard)
+        and 0 <= shard[0] < shard[1]
+    ):
+        raise ValueError(f"{name}: shard= takes (index, count) with 0 <= index < count, not {shard!r}")
+    index, count = shard
+    for args in calls:
+        try:
+            key = func._key(lead + args, {})  # Makes no cache directory (DONECACHE=off).
+        except Exception:
+            if index == 0:
+                yield args
+            continue
+        if int.from_bytes(func._blake2b(key, digest_size=8).digest(), "big") % count == index:
+            yield args
 
 
-_CO_GENERATOR, _CO_ASYNC_GENERATOR = 0x20, 0x200  # inspect.CO_*
-
-
-def _seconds(ttl: Any, what: str = "ttl") -> float | None:
-    if ttl is None:
-        return None
-    seconds = ttl.total_seconds() if hasattr(ttl, "total_seconds") else ttl
-    wrong_type = isinstance(seconds, bool) or not isinstance(seconds, (int, float))
-    if wrong_type or not seconds > 0:  # A wrong type is a TypeError, a wrong number a ValueError.
-        raise (TypeError if wrong_type else ValueError)(
-            f"{what} must be a positive number of seconds or a timedelta, not {ttl!r}"
-        )
+def _fits(func: _Memoized[..., Any], stream: Iterator[_Done], name: str) -> Iterator[_Done]:
+    """Pass a batch on; at its end, warn if a sweep (in any process) evicted
+    an entry used since it began: its results do not all fit under
+    max_bytes, and since a batch walks its inputs in order, a rerun would
+    reuse none of the evicted ones (issue 21). One .usage read per batch."""
+    started = time.time()
+    yield from stream
+    files = func._store
+    if files is None or files.max_bytes is None or files.readonly:
+        return
     try:
-        return float(seconds)
-    except OverflowError:
-        raise ValueError(f"{what}={ttl!r} is too large; pass {what}=None for no limit") from None
+        files._usage(lambda total: total)
+    except OSError:
+        return
+    if files.horizon < started:
+        return
+    sizes = [_disk_bytes(st) for st in map(_lstat_or_none, (p for p, _f in files.files(func._folder))) if st]
+    each = -(-sum(sizes) // len(sizes)) if sizes else 0
+    _warn(
+        f"{name}: the results do not fit in the store at max_bytes={files.max_bytes:,}: entries used since "
+        f"the batch began were evicted, so a rerun computes them again"
+        + (f"; about {files.max_bytes // each:,} of its entries fit ({each:,} bytes on disk each)" if each else "")
+        + ". Raise max_bytes, or run the batch in parts that fit"
+    )
 
 
-@overload
-def memoize(path: Callable[_P, _R]) -> _Memoized[_P, _R]: ...
+def _batch(
+    func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], method: str,
+    options: _BatchOptions,
+) -> Iterator[_Done]:
+    """map() and imap(): check the options at once, then stream the outcomes.
+    ``lead`` is put before every call's arguments (a bound method's instance)."""
+    name = f"{func.__qualname__}.{method}()"
+    if not iterables:
+        raise TypeError(f"{name} needs at least one iterable of inputs")
+    for option, value in (("workers", options.workers), ("chunksize", options.chunksize)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}: {option}= must be a positive int or None, not {value!r}")
+    calls: Iterator[tuple[Any, ...]] = zip(*iterables)
+    try:
+        total: int | None = min(len(it) for it in iterables)  # type: ignore[arg-type]
+    except TypeError:  # An iterable without a length.
+        total = None
+    if options.shard is not None:
+        calls, total = _share(func, calls, lead, options.shard, name), None
+    if options.label is not None and not callable(options.label):
+        raise TypeError(f"{name}: label= takes a callable (called with an input's arguments), not {options.label!r}")
+    meter = _Progress(name, total, options.progress, func.__qualname__)
+    off = _switched_off()  # Taken once: the batch's workers follow the parent.
+    if options.executor is None and (options.workers or 1) == 1:
+        stream = _serial(func, calls, lead, options, off)
+    else:
+        stream = _stream(func, calls, lead, options, _Plan(func, name, options, off))
+    return _fits(func, meter.watch(stream, options.keep_going), name)
 
 
-@overload
-def memoize(
-    path: StrPath | None = None,
-    *,
-    ttl: float | Any = None,
-    version: _Version | None = None,
-    ignore: Iterable[str] = (),
-    key: _KeyFunction | None = None,
-    durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
-    compress: bool | str = False,
-) -> Callable[[Callable[_P, _R]], _Memoized[_P, _R]]: ...
+def _run_map(
+    func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], options: _BatchOptions
+) -> BatchResult:
+    return BatchResult._of(_batch(func, iterables, lead, "map", options))
 
 
-def memoize(
-    path: StrPath | Callable[..., Any] | None = None,
-    *,
-    ttl: float | Any = None,
-    version: _Version | None = None,
-    ignore: Iterable[str] = (),
-    key: _KeyFunction | None = None,
-    durable: bool = False,
-    mmap: bool = False,
-    max_bytes: int | None = None,
-    trust_shared: bool = False,
-    compress: bool | str = False,
-) -> Any:
-    """Keep a function's results on disk, shared by threads, processes and runs.
-
-    ``@memoize`` or ``@memoize("cache-dir", ttl=3600)``. Without a path the
-    store is ``.donecache`` in the current directory, or $DONECACHE_DIR.
-
-    A call's key is the function's module and qualified name, its code
-    identity, the values its closure holds, and the arguments bound to its
-    signature with defaults applied, so f(1), f(x=1) and f() (when x=1 is the
-    default) are one entry. The code identity is ``version`` when given;
-    otherwise it follows the function's source (comments, blank lines and
-    decorators aside), the module-level constants it reads and the functions
-    and classes of your own code that it uses (README, "Code changes").
-    Concurrent callers of one key, in threads or processes, compute it once;
-    the others wait and reuse the result. Exceptions are not cached; None is.
-    A result that cannot be pickled is returned with a DonecacheWarning and
-    not stored.
-
-    ttl: seconds (or a timedelta) after which an entry is recomputed.
-    version: pins the code identity (a str, an int or a tuple of them): edits
-        keep the entries until you change it.
-    ignore: names of parameters left out of the key (``self``, a logger).
-    key: a function of the same arguments whose result stands for them in the
-        key, as ``key=lambda record: record["id"]``.
-    durable: fsync each entry as it is written (survives power failures).
-    mmap: return the big buffers of results (64 KiB or more: the data of
-        NumPy arrays and pandas columns) as private copy-on-write memory maps
-        of the entry files: a hit costs milliseconds whatever the size; the
-        arrays are writable, and changes never reach the file.
-    max_bytes: bound the store (the whole directory, shared with any other
-        function in it) to this many bytes on disk: a miss that takes it past
-        the bound evicts the least recently used entries (a hit counts as a
-        use) down to 80% of it, logging the sweep on the "donecache" logger (INFO).
-        None (the default): no bound. ``cache_info().maxsize`` reports it, in
-        bytes (functools counts entries there).
-    trust_shared: use a store directory that is not yours, or that group or
-        others can write to (by default the first call raises PermissionError
-        there: results are pickles, and loading one runs its writer's code).
-    compress: ``"zlib"`` (or True) or ``"lzma"`` compresses each entry's pickle
-        stream (not the big buffers that mmap maps) where that makes it
-        smaller: text-heavy results shrink several times at some write time
-        (docs/storage.md). False (the default): no compression.
-
-    The decorated function has ``cache_info()``, ``cache_clear()`` (this
-    function's entries only), ``forget(*args)``, ``refresh(*args)`` and
-    ``__wrapped__`` (the function itself: call it to bypass the cache), and
-    ``map``/``imap`` for batches on any executor. It pickles by reference
-    where its name finds it, else by value, so it works with
-    ProcessPoolExecutor, multiprocessing and Dask; bound to an instance, it
-    keeps all of these. ``async def`` functions are supported.
-    """
-    seconds = _seconds(ttl)
-    _check_max_bytes(max_bytes)
-    _check_compress(compress)
-    if path is not None and not callable(path):
-        _store_path(path)
-    if version is not None:
-        _version_text(version)  # An unusable version fails here, not at the first call.
-    if isinstance(ignore, str):
-        ignore = (ignore,)
-    if key is not None and (ignore or not callable(key)):
-        raise ValueError(
-            "memoize(key=...) takes a function of the call's arguments, and then no ignore= (the key "
-            "function chooses what counts)" if ignore else f"memoize(key=...) must be callable, not {key!r}"
-        )
-
-    def decorate(func: Callable[..., Any]) -> Any:
-        if not callable(func):
-            raise TypeError(f"memoize() decorates functions, not {type(func).__name__}")
-        code = getattr(func, "__code__", None)
-        if code is not None and code.co_flags & (_CO_GENERATOR | _CO_ASYNC_GENERATOR):
-            what = "an async generator" if code.co_flags & _CO_ASYNC_GENERATOR else "a generator"
-            raise TypeError(
-                f"memoize() cannot cache {getattr(func, '__qualname__', func)}(): it is {what} function, and "
-                "the iterator that it returns is used up once read; return a list instead, or memoize a "
-                "function that collects it"
-            )
-        kind = _AsyncMemoized if code is not None and code.co_flags & _CO_COROUTINE else _Memoized
-        return kind(func, store_path, seconds, version, ignore, durable, key, mmap, max_bytes, trust_shared, compress)
-
-    if callable(path) and not isinstance(path, (str, os.PathLike)):
-        store_path: StrPath | None = None
-        return decorate(path)  # Used bare: @memoize
-    store_path = path
-    return decorate
+def _run_imap(
+    func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], options: _BatchOptions
+) -> Iterator[Any]:
+    return (done.result() for done in _batch(func, iterables, lead, "imap", options))
 
 
 # ---------------------------------------------------------------------------
-# The command line: python -m donecache info|clear|verify|prune|status
+# The command line: python -m donecache info|clear|verify|prune|status|failures
 #
 # It reads entry headers and keys, never values: inspecting a cache does not
 # unpickle anything. Exit codes: 0 success, 1 the answer is "no" (a stage is
 # not done, no entries matched), 2 a usage error or a path that is not there.
+# Each command returns its exit code, its report (printed by --json) and the
+# lines that say it to a person.
 # ---------------------------------------------------------------------------
-
-
-def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
-    """Whether an entry belongs to code older than its function's current
-    identity, or is a memoize entry in the layout of donecache 0.1 (at the top
-    level, where no memoized function looks any more)."""
-    current = files.identities()
-
-    def stale(found: _Found) -> bool:
-        parts = None if found.entry is None else _parse_key(found.entry.key)
-        return parts is not None and (
-            found.folder == "" or current.get(parts.function, parts.identity) != parts.identity
-        )
-
-    return stale
-
-
-def _prune(
-    files: _EntryFiles, folder: str | None, max_bytes: Any, older_than: Any, *, stale: bool, dry_run: bool
-) -> PruneReport:
-    """prune for the command line, Store.prune() and f.prune() (one ``folder`` of the store, or all)."""
-    limit, age = _check_max_bytes(max_bytes), _seconds(older_than, "older_than")
-    now = time.time()
-    entries, temps = files.prune(now, _stale_test(files) if stale else None, folder, dry_run)
-    if stale and not dry_run:  # The failures of older code go with its entries.
-        current = files.identities()
-        files.drop_failures(lambda r: current.get(str(r.get("function")), r.get("identity")) != r.get("identity"), folder)
-    swept = _Swept()
-    if limit is not None or age is not None:
-        # By hand the store goes down to the size asked for, not to a low-water mark.
-        swept = files.sweep(limit, None if age is None else now - age, folder, dry_run)
-    return _record("PruneReport")(entries, temps, swept.entries, swept.bytes)  # type: ignore[no-any-return]
-
-
-def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
-    """What `info` reports; it reads a bounded prefix (the head) of each entry."""
-    live = expired = damaged = size = disk = 0
-    functions: dict[str, int] = {}
-    sizes: dict[str, dict[str, int]] = {}
-    older: dict[str, int] = {}
-    each: dict[str, dict[str, Any]] = {}  # Per function, live entries only but for "expired".
-    is_stale = _stale_test(files)
-    for found in files.scan():
-        if found.stat is None:
-            continue
-        size += found.stat.st_size
-        disk += _disk_bytes(found.stat)
-        if found.entry is None:
-            damaged += 1
-            continue
-        name = _function_of(found.entry.key)
-        row = each.setdefault(name, {"entries": 0, "bytes": 0, "disk_bytes": 0, "expired": 0, "stale": 0})
-        row.setdefault("compute_seconds", 0.0)
-        created = found.entry.created
-        if not found.entry.live(now):
-            expired += 1
-            row["expired"] += 1
-            continue
-        live += 1
-        functions[name] = functions.get(name, 0) + 1
-        counted = sizes.setdefault(name, {"bytes": 0, "disk_bytes": 0})
-        counted["bytes"] += found.stat.st_size
-        counted["disk_bytes"] += _disk_bytes(found.stat)
-        row.update(
-            entries=row["entries"] + 1, bytes=counted["bytes"], disk_bytes=counted["disk_bytes"],
-            compute_seconds=row["compute_seconds"] + found.entry.seconds,
-            oldest=min(row.get("oldest", created), created), newest=max(row.get("newest", created), created),
-        )  # fmt: skip
-        if is_stale(found):
-            older[name] = older.get(name, 0) + 1
-            row["stale"] += 1
-    return {
-        "path": files.root,
-        "entries": {"live": live, "expired": expired, "damaged": damaged},
-        # Logical bytes (the files' sizes) and bytes on disk (their blocks): many
-        # small entries take a block each.
-        "bytes": size,
-        "disk_bytes": disk,
-        "temporary_files": sum(1 for _ in _temp_files(files.root)),
-        "functions": dict(sorted(functions.items())),
-        "function_bytes": dict(sorted(sizes.items())),
-        # Of those live entries, how many belong to older code than the function's
-        # current identity (recorded by the last process that ran it).
-        "stale": dict(sorted(older.items())),
-        # Everything per function: entries, bytes, the computation time the entries
-        # hold, when the oldest and newest were made (Unix time), stale and expired.
-        "per_function": dict(sorted(each.items())),
-    }
 
 
 class _UsageError(Exception):
     """A command line that cannot be carried out: exit 2 with this message."""
+
+
+class _NoMatch(Exception):
+    """Nothing matched the function named: exit 1 with this message."""
+
+
+def _human(size: float) -> str:
+    """A size in bytes by its magnitude: 512 B, 11.2 KiB, 3.4 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
+def _cli_size(text: str | None) -> int | None:
+    """--max-bytes, as GNU coreutils spell sizes (du -B, sort -S): K, KiB = 1024; KB = 1000; and so on up to T."""
+    if text is None:
+        return None
+    import re
+
+    found = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*(?:([kmgt])(i?b)?|b)?\s*", text, re.IGNORECASE)
+    number, prefix, suffix = found.groups() if found else ("0", "", "")
+    power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
+    size = int(float(number) * (1000 if (suffix or "").lower() == "b" else 1024) ** power)
+    if size < 1:
+        raise _UsageError(
+            f"--max-bytes {text!r}: give a positive size in bytes, or with K/KiB, M/MiB, G/GiB, T/TiB (powers of "
+            "1024) or KB, MB, GB, TB (of 1000): 1000000, 500M, 10MB, 2GiB"
+        )
+    return size
+
+
+def _cli_age(text: str | None) -> float | None:
+    """--older-than: a positive number and its unit (required), s, m, h or d."""
+    if text is None:
+        return None
+    word = text.strip().lower()
+    try:
+        age = float(word[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[word[-1:]]
+    except (KeyError, ValueError):
+        age = 0.0
+    if not 0 < age < float("inf"):
+        raise _UsageError(
+            f"--older-than {text!r}: give a positive age with its unit, s, m, h or d: 3600s, 90m, 12h, 30d"
+        )
+    return age
+
+
+def _names(name: str, wanted: str | None) -> bool:
+    """Whether ``wanted`` names the function ``name`` (module:qualname): as printed,
+    dotted (module.qualname), or by its qualname alone; None names every function."""
+    return wanted is None or wanted in (name, name.partition(":")[2], name.replace(":", "."))
+
+
+def _message_pattern(message: str) -> str:
+    """A failure's message with its particulars (quoted values, numbers) elided, to group alike failures."""
+    import re
+
+    pattern = re.sub(r"'[^']*'|\"[^\"]*\"|(?<![\w.])-?\d[\d.,:/-]*", "...", message.splitlines()[0] if message else "")
+    return message if pattern.strip(". ") == "" else pattern
 
 
 def _cli_store(path: str, flag: str) -> _EntryFiles:
@@ -6863,51 +6753,74 @@ def _cli_store(path: str, flag: str) -> _EntryFiles:
     return _EntryFiles(path, flag, False, trust_shared=True)
 
 
-def _cli_info(args: Any) -> int:
+def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
+    """What `info` reports; it reads a bounded prefix (the head) of each entry."""
+    expired = damaged = size = disk = 0
+    each: dict[str, dict[str, Any]] = {}  # Per function, live entries only but for "expired".
+    is_stale = _stale_test(files)
+    for found in files.scan():
+        if found.stat is None:
+            continue
+        size += found.stat.st_size
+        disk += _disk_bytes(found.stat)
+        if found.entry is None:
+            damaged += 1
+            continue
+        row = each.setdefault(
+            _function_of(found.entry.key),
+            {"entries": 0, "bytes": 0, "disk_bytes": 0, "expired": 0, "stale": 0, "compute_seconds": 0.0},
+        )
+        created = found.entry.created
+        if not found.entry.live(now):
+            expired += 1
+            row["expired"] += 1
+            continue
+        row.update(
+            entries=row["entries"] + 1, bytes=row["bytes"] + found.stat.st_size,
+            disk_bytes=row["disk_bytes"] + _disk_bytes(found.stat), stale=row["stale"] + int(is_stale(found)),
+            compute_seconds=row["compute_seconds"] + found.entry.seconds,
+            oldest=min(row.get("oldest", created), created), newest=max(row.get("newest", created), created),
+        )  # fmt: skip
+    live = {name: row for name, row in sorted(each.items()) if row["entries"]}
+    return {
+        "path": files.root,
+        "entries": {"live": sum(row["entries"] for row in live.values()), "expired": expired, "damaged": damaged},
+        "bytes": size,  # The files' sizes; disk_bytes their blocks (many small entries take a block each).
+        "disk_bytes": disk,
+        "temporary_files": sum(1 for _ in _temp_files(files.root)),
+        "functions": {name: row["entries"] for name, row in live.items()},
+        "function_bytes": {name: {k: row[k] for k in ("bytes", "disk_bytes")} for name, row in live.items()},
+        # Live entries of older code than the identity that the last process to run the function recorded.
+        "stale": {name: row["stale"] for name, row in live.items() if row["stale"]},
+        "per_function": dict(sorted(each.items())),  # All of it per function (docs/cli.md lists the fields).
+    }
+
+
+def _cli_info(args: Any) -> tuple[int, Any, list[str]]:
     report = _survey(_cli_store(args.path, "r"), time.time())
-    if args.json:
-        return _print_json(report)
     entries = report["entries"]
-    print(f"cache {report['path']}")
-    print(
+    lines = [
+        f"cache {report['path']}",
         f"  {entries['live']:,} entries, {_human(report['bytes'])} ({_human(report['disk_bytes'])} on disk); "
         f"{entries['expired']:,} expired, {entries['damaged']:,} damaged, "
-        f"{report['temporary_files']:,} temporary files left by crashed writers"
-    )
-    day = "%Y-%m-%d %H:%M"
+        f"{report['temporary_files']:,} temporary files left by crashed writers",
+    ]
     for name, row in report["per_function"].items():
-        print(f"  {name}")
         line = f"    {row['entries']:,} entries, {_human(row['bytes'])}"
         if row["entries"]:
-            oldest, newest = (time.strftime(day, time.localtime(row[k])) for k in ("oldest", "newest"))
+            oldest, newest = (time.strftime("%Y-%m-%d %H:%M", time.localtime(row[k])) for k in ("oldest", "newest"))
             line += f", {_duration(row['compute_seconds'])} of compute held; made {oldest} to {newest}"
-        print(line)
+        lines += [f"  {name}", line]
         if row["stale"] or row["expired"]:
-            print(f"    {row['stale']:,} of older code (prune --stale removes them), {row['expired']:,} expired")
-    return 0
+            lines.append(f"    {row['stale']:,} of older code (prune --stale removes them), {row['expired']:,} expired")
+    return 0, report, lines
 
 
-def _human(size: float) -> str:
-    """A size in bytes by its magnitude: 512 B, 11.2 KiB, 3.4 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            break
-        size /= 1024
-    return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
-
-
-def _names(name: str, wanted: str) -> bool:
-    """Whether ``wanted`` names the function ``name`` (module:qualname): as printed,
-    dotted (module.qualname), or by its qualname alone."""
-    return wanted in (name, name.partition(":")[2], name.replace(":", "."))
-
-
-def _cli_clear(args: Any) -> int:
-    files = _cli_store(args.path, "w")
-    wanted: str | None = args.function
+def _cli_clear(args: Any) -> tuple[int, Any, list[str]]:
+    files, wanted = _cli_store(args.path, "w"), args.function
 
     def matches(key: bytes) -> bool:
-        return _names(_function_of(key), wanted or "")
+        return _names(_function_of(key), wanted)
 
     if wanted is None:
         removed = files.clear()
@@ -6917,182 +6830,99 @@ def _cli_clear(args: Any) -> int:
         # function's entries: the first head that can be read names it.
         removed = files.clear(matches, folder="")
         for folder in files.folders():
-            found = next((f for f in files.scan(folder) if f.entry is not None), None)
-            if found is not None and found.entry is not None and matches(found.entry.key):
+            entry = next((found.entry for found in files.scan(folder) if found.entry is not None), None)
+            if entry is not None and matches(entry.key):
                 removed += files.clear(matches, folder=folder)
     # Their failures go with them: a rerun computes those inputs afresh.
-    files.drop_failures(lambda record: wanted is None or _names(str(record.get("function")), wanted))
+    files.drop_failures(lambda record: _names(str(record.get("function")), wanted))
     if wanted is not None and not removed:
         known = ", ".join(_survey(files, time.time())["functions"]) or "none"
-        print(f"no entries of {wanted!r} in {files.root}; functions there: {known}", file=sys.stderr)
-        return 1
-    if args.json:
-        return _print_json({"path": files.root, "removed": removed})
-    print(f"removed {removed} entries from {files.root}")
-    return 0
+        raise _NoMatch(f"no entries of {wanted!r} in {files.root}; functions there: {known}")
+    return 0, {"path": files.root, "removed": removed}, [f"removed {removed} entries from {files.root}"]
 
 
-def _message_pattern(message: str) -> str:
-    """A failure's message with its particulars (quoted values, numbers) elided, to group alike failures."""
-    import re
+def _cli_failures(args: Any) -> tuple[int, Any, list[str]]:
+    import collections
 
-    pattern = re.sub(r"'[^']*'|\"[^\"]*\"|(?<![\w.])-?\d[\d.,:/-]*", "...", message.splitlines()[0] if message else "")
-    return message if pattern.strip(". ") == "" else pattern
-
-
-def _cli_failures(args: Any) -> int:
-    age = None if args.older_than is None else _cli_age(args.older_than)
+    age = _cli_age(args.older_than)
     files = _cli_store(args.path, "w" if args.clear else "r")
-    wanted: str | None = args.function
-    current = files.identities()
-    now = time.time()
+    current, now = files.identities(), time.time()
 
     def chosen(record: dict[str, Any]) -> bool:
-        return (wanted is None or _names(str(record.get("function")), wanted)) and (
-            age is None or float(record.get("time") or 0) < now - age
-        )
+        old_enough = age is None or float(record.get("time") or 0) < now - age
+        return old_enough and _names(str(record.get("function")), args.function)
 
     every = [r for r in files.failures() if chosen(r)]
-    if wanted is not None and not every:
-        known = sorted({str(r.get("function")) for r in files.failures()} | set(current))
-        print(f"no failures of {wanted!r} in {files.root}; functions there: {', '.join(known) or 'none'}", file=sys.stderr)
-        return 1
+    if args.function is not None and not every:
+        known = ", ".join(sorted({str(r.get("function")) for r in files.failures()} | set(current))) or "none"
+        raise _NoMatch(f"no failures of {args.function!r} in {files.root}; functions there: {known}")
     if args.clear:
         removed = files.drop_failures(chosen)
-        if args.json:
-            return _print_json({"path": files.root, "removed": removed})
-        print(f"removed {removed} failure record(s) from {files.root}")
-        return 0
-    records = [FailureRecord(r, current.get(str(r.get("function")), r.get("identity")) == r.get("identity")) for r in every]
+        return 0, {"path": files.root, "removed": removed}, [f"removed {removed} failure record(s) from {files.root}"]
+    records = [
+        FailureRecord(r, current.get(str(r.get("function")), r.get("identity")) == r.get("identity")) for r in every
+    ]
     older = sum(1 for record in records if not record.current)
-    if not args.all:
-        records = [record for record in records if record.current]
-    groups: dict[tuple[str, str], int] = {}
-    for record in records:
-        group = (record.type.rpartition(".")[2], _message_pattern(record.message))
-        groups[group] = groups.get(group, 0) + 1
+    records = [record for record in records if record.current or args.all]
+    groups = collections.Counter((r.type.rpartition(".")[2], _message_pattern(r.message)) for r in records)
     summary = sorted(groups.items(), key=lambda item: (-item[1], item[0]))
-    if args.json:
-        return _print_json({
-            "path": files.root,
-            "summary": [{"type": t, "message": m, "inputs": n} for (t, m), n in summary],
-            "older_code": older,
-            "failures": [record.as_dict() for record in records],
-        })
     shown = "" if args.all else " of the current code"
     hidden = f" ({older} more of older code: --all shows them)" if older and not args.all else ""
-    print(f"{len(records)} failure(s){shown} recorded in {files.root}{hidden}")
-    for (kind, message), count in summary:
-        print(f"  {kind}: {message}: {count} input{'s' if count != 1 else ''}")
+    lines = [f"{len(records)} failure(s){shown} recorded in {files.root}{hidden}"]
+    lines += [f"  {kind}: {message}: {count} input{'s' if count != 1 else ''}" for (kind, message), count in summary]
     for record in records:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.time))
         old = "" if record.current else "  (older code)"
-        print(f"{when}  {record.function}({record.label}){old}\n    {record.type}: {record.message}")
-    return 0 if records else 1
+        lines.append(f"{when}  {record.function}({record.label}){old}\n    {record.type}: {record.message}")
+    report = {
+        "path": files.root,
+        "summary": [{"type": kind, "message": message, "inputs": count} for (kind, message), count in summary],
+        "older_code": older,
+        "failures": [record.as_dict() for record in records],
+    }
+    return (0 if records else 1), report, lines
 
 
-# Units of --older-than (a unit is required).
-_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _cli_amount(text: str, units: dict[str, int], option: str, fix: str) -> float:
-    """A positive finite number followed by one of ``units``; a usage error naming ``option`` otherwise."""
-    word = text.strip().lower()
-    if word[-1:].isdigit() and "" in units:
-        word += " "
-    try:
-        amount = float(word[:-1]) * units[word[-1:].strip()]
-    except (KeyError, ValueError):
-        amount = 0.0
-    if not 0 < amount < float("inf"):
-        raise _UsageError(f"{option} {text!r}: {fix}")
-    return amount
-
-
-def _cli_size(text: str) -> int:
-    """A size as GNU coreutils spell it (du -B, sort -S): K, KiB = 1024; KB = 1000; and so on up to T."""
-    import re
-
-    fix = (
-        "give a positive size in bytes, or with K/KiB, M/MiB, G/GiB, T/TiB (powers of 1024) or KB, MB, GB, TB "
-        "(of 1000): 1000000, 500M, 10MB, 2GiB"
-    )
-    found = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*(?:([kmgt])(i?b)?|b)?\s*", text, re.IGNORECASE)
-    number, prefix, suffix = found.groups() if found else ("0", "", "")
-    power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
-    size = int(float(number) * (1000 if (suffix or "").lower() == "b" else 1024) ** power)
-    if size < 1:
-        raise _UsageError(f"--max-bytes {text!r}: {fix}")
-    return size
-
-
-def _cli_age(text: str) -> float:
-    fix = "give a positive age with its unit, s, m, h or d: 3600s, 90m, 12h, 30d"
-    return _cli_amount(text, _AGE_UNITS, "--older-than", fix)
-
-
-def _cli_prune(args: Any) -> int:
-    max_bytes = None if args.max_bytes is None else _cli_size(args.max_bytes)
-    age = None if args.older_than is None else _cli_age(args.older_than)
+def _cli_prune(args: Any) -> tuple[int, Any, list[str]]:
+    max_bytes, age = _cli_size(args.max_bytes), _cli_age(args.older_than)
     files = _cli_store(args.path, "r" if args.dry_run else "w")
-    done = _prune(files, None, max_bytes, age, stale=args.stale, dry_run=args.dry_run)
-    report: dict[str, Any] = {
-        "path": files.root, "dry_run": args.dry_run, "removed_entries": done.removed,
-        "removed_temporary_files": done.temporary_files,
-    }  # fmt: skip
-    if max_bytes is not None or age is not None:
-        report.update(evicted_entries=done.evicted, evicted_bytes=done.evicted_bytes)
-    if args.json:
-        return _print_json(report)
+    removed, temps, evicted, evicted_bytes = _prune(files, None, max_bytes, age, stale=args.stale, dry_run=args.dry_run)
+    report = {"path": files.root, "dry_run": args.dry_run, "removed_entries": removed, "removed_temporary_files": temps}
     what = "expired, damaged or stale" if args.stale else "expired or damaged"
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {done.removed} {what} entries and {done.temporary_files} temporary files from {files.root}")
-    if "evicted_entries" in report:
+    lines = [f"{verb} {removed} {what} entries and {temps} temporary files from {files.root}"]
+    if max_bytes is not None or age is not None:
+        report.update(evicted_entries=evicted, evicted_bytes=evicted_bytes)
         verb = "would evict" if args.dry_run else "evicted"
-        print(f"{verb} {done.evicted} least recently used entries ({_human(done.evicted_bytes)} on disk)")
-    return 0
+        lines.append(f"{verb} {evicted} least recently used entries ({_human(evicted_bytes)} on disk)")
+    return 0, report, lines
 
 
-def _cli_verify(args: Any) -> int:
+def _cli_verify(args: Any) -> tuple[int, Any, list[str]]:
     files = _cli_store(args.path, "r")
     damaged = files.verify()
-    if args.json:
-        _print_json({"path": files.root, "damaged": damaged})
-    else:
-        for path in damaged:
-            print(f"damaged: {path}")
-        print(f"{len(damaged)} damaged entries in {files.root}" + ("; prune removes them" if damaged else ""))
-    return 1 if damaged else 0
+    lines = [f"damaged: {path}" for path in damaged]
+    lines.append(f"{len(damaged)} damaged entries in {files.root}" + ("; prune removes them" if damaged else ""))
+    return (1 if damaged else 0), {"path": files.root, "damaged": damaged}, lines
 
 
-def _cli_status(args: Any) -> int:
+def _cli_status(args: Any) -> tuple[int, Any, list[str]]:
     try:
         _marker_path(".", args.marker)
     except ValueError:
         raise _UsageError(f"--marker {args.marker!r}: give a plain file name, such as DONE or _SUCCESS") from None
-    rows = []
+    rows, lines = [], []
     for directory in args.directories:
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise _UsageError(f"{directory}: not a directory; give the directory of a stage")
         found = _stage_status(directory, version=args.version, marker=args.marker)
         rows.append({"directory": directory, "state": found.state, "marker": found.marker, "builder": found.builder})
-    if args.json:
-        _print_json(rows)
-    else:
-        for row in rows:
-            # A building stage is described by its builder; a done one by its marker.
-            info = row["builder"] or row["marker"] or {}
-            keys = ("host", "pid") if row["builder"] else ("finished", "version", "host")
-            details = ", ".join(f"{k} {info[k]}" for k in keys if info.get(k) is not None)
-            print(f"{row['state']:<13}  {row['directory']}" + (f"  ({details})" if details else ""))
-    return 0 if all(row["state"] == "done" for row in rows) else 1
-
-
-def _print_json(data: Any) -> int:
-    import json
-
-    print(json.dumps(data, indent=1))
-    return 0
+        # A building stage is described by its builder; a done one by its marker.
+        info = found.builder or found.marker or {}
+        keys = ("host", "pid") if found.builder else ("finished", "version", "host")
+        details = ", ".join(f"{k} {info[k]}" for k in keys if info.get(k) is not None)
+        lines.append(f"{found.state:<13}  {directory}" + (f"  ({details})" if details else ""))
+    return (0 if all(row["state"] == "done" for row in rows) else 1), rows, lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -7109,59 +6939,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"donecache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
+    def command(name: str, run: Callable[[Any], Any], help: str, *, store: bool = True, function: bool = False) -> Any:
         sub = commands.add_parser(name, help=help, description=help)
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
-        return sub
-
-    def store_command(name: str, help: str, run: Callable[[Any], int], function: bool = False) -> argparse.ArgumentParser:
-        sub = command(name, help)
-        sub.add_argument("path", nargs="?", default=".donecache", help="the cache directory (default: .donecache)")
+        if store:
+            sub.add_argument("path", nargs="?", default=".donecache", help="the cache directory (default: .donecache)")
         if function:
-            sub.add_argument(
-                "--function", metavar="NAME", help="only this function: module:qualname (as info prints it), module.qualname, or qualname"
-            )
+            only = "only this function: module:qualname (as info prints it), module.qualname, or qualname"
+            sub.add_argument("--function", metavar="NAME", help=only)
         sub.set_defaults(run=run)
         return sub
 
-    store_command("info", "entries, bytes and expired entries of a cache, counted per function", _cli_info)
-    store_command("clear", "remove a cache's entries (all, or one function's)", _cli_clear, function=True)
-    store_command("verify", "check every byte of every entry (exit 1 if any is damaged)", _cli_verify)
-    failures = store_command(
-        "failures",
-        "list the inputs that failed in batches, from the store's ledger, with a summary by exception "
-        "(exit 1 if none)",
-        _cli_failures,
-        True,
-    )
+    command("info", _cli_info, "entries, bytes and expired entries of a cache, counted per function")
+    command("clear", _cli_clear, "remove a cache's entries (all, or one function's)", function=True)
+    command("verify", _cli_verify, "check every byte of every entry (exit 1 if any is damaged)")
+    failures = command(
+        "failures", _cli_failures,
+        "list the inputs that failed in batches, from the store's ledger, with a summary by exception (exit 1 if none)",
+        function=True,
+    )  # fmt: skip
     failures.add_argument("--all", action="store_true", help="also the failures of functions' older code")
     failures.add_argument("--older-than", metavar="AGE", help="only records older than AGE: 3600s, 90m, 12h, 30d")
-    failures.add_argument("--clear", action="store_true", help="remove the records chosen (by --function, --older-than)")
-    prune = store_command("prune", "remove expired and damaged entries and temporary files left by crashes", _cli_prune)
-    prune.add_argument(
-        "--stale", action="store_true", help="also remove entries of functions' older code (see info)"
-    )
+    chosen = "remove the records chosen (by --function, --older-than)"
+    failures.add_argument("--clear", action="store_true", help=chosen)
+    prune = command("prune", _cli_prune, "remove expired and damaged entries and temporary files left by crashes")
+    prune.add_argument("--stale", action="store_true", help="also remove entries of functions' older code (see info)")
     prune.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     prune.add_argument(
-        "--max-bytes",
-        metavar="SIZE",
-        help="then evict the least recently used entries until the entries take at most SIZE on disk: "
-        "bytes, or K, M, G, T for KiB, MiB, GiB, TiB (1000000, 500M, 2G)",
-    )
+        "--max-bytes", metavar="SIZE", help="then evict the least recently used entries until the entries take at "
+        "most SIZE on disk: bytes, or K, M, G, T for KiB, MiB, GiB, TiB (1000000, 500M, 2G)",
+    )  # fmt: skip
     prune.add_argument(
-        "--older-than",
-        metavar="AGE",
-        help="then evict the entries not used (read or written) within AGE: 3600s, 90m, 12h, 30d",
-    )
-    status = command("status", "say whether stage directories are done, incomplete or missing")
+        "--older-than", metavar="AGE", help="then evict the entries not used (read or written) within AGE: 3600s, 90m, "
+        "12h, 30d",
+    )  # fmt: skip
+    stages = "say whether stage directories are done, incomplete or missing"
+    status = command("status", _cli_status, stages, store=False)
     status.add_argument("directories", nargs="+", metavar="DIR", help="stage directories")
     status.add_argument("--marker", default="DONE", help="the marker's file name (default: DONE)")
     status.add_argument("--version", help="count a stage as done only if its marker records this version")
-    status.set_defaults(run=_cli_status)
 
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args))
+        code, report, lines = args.run(args)
+        if args.json:
+            import json
+
+            lines = [json.dumps(report, indent=1)]
+        print(*lines, sep="\n")
+        return int(code)
     except BrokenPipeError:
         # The reader went away (`donecache info | head -1`): stop quietly. stdout
         # now points at /dev/null, so that the interpreter's final flush does not
@@ -7169,6 +6995,9 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
+        return 1
+    except _NoMatch as exc:
+        print(exc, file=sys.stderr)
         return 1
     except (_UsageError, OSError, ValueError) as exc:
         message = str(exc)

@@ -213,21 +213,40 @@ def listing(path: Path) -> list[str]:
 
 # The names the core may call although the tail defines them below: f.map() and
 # f.imap() hand their work to the batch section through these entry points.
-LAYERING_ENTRY_POINTS: set[str] = set()
+LAYERING_ENTRY_POINTS = {"_run_map", "_run_imap"}
 
-# Uses of a name above its definition still to be removed, one name a line, grouped
-# by the section that uses it (shrinks to nothing as the layering pass lands).
-LAYERING_NOT_YET = set(
-    """
-    _StoreItems _StoreValues _prune
-    ---
-    _Keeper _Done _off_in_environment _reduce_memoized _BoundMemoized _serial _Outcome BatchResult
-    _length _Progress _Plan FailureRecord _stream _format_exception
-    _pickler_sends_functions_by_value _restore_memoized Failure _answer_here
-    ---
-    _human _print_json _cli_age
-    """.split()
-) - {"---"}
+# Uses of a name above its definition still to be removed (none: keep it so).
+LAYERING_NOT_YET: set[str] = set()
+
+
+def _without_annotations(source: str) -> str:
+    """``source`` with every annotation blanked out, lines and columns kept. Under
+    `from __future__ import annotations` an annotation is never evaluated, so a
+    type named before its class does not count as a use; symtable sees
+    annotations on 3.9 but not from 3.10 on, and this makes every version agree."""
+    import ast
+
+    lines = source.splitlines(keepends=True)
+    spans = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.arg) and node.annotation is not None:
+            spans.append(node.annotation)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None:
+            spans.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            spans.append(node.annotation)
+    for node in sorted(spans, key=lambda n: (n.lineno, n.col_offset), reverse=True):
+        first, last = node.lineno - 1, node.end_lineno - 1
+        if first == last:
+            line = lines[first]
+            width = node.end_col_offset - node.col_offset
+            lines[first] = line[: node.col_offset] + "0".ljust(width) + line[node.end_col_offset :]
+        else:  # In parentheses, so that the line breaks stay legal.
+            lines[first] = lines[first][: node.col_offset] + "(0" + "\n"
+            for number in range(first + 1, last):
+                lines[number] = "\n"
+            lines[last] = " " * max(node.end_col_offset - 1, 0) + ")" + lines[last][node.end_col_offset :]
+    return "".join(lines)
 
 
 def names_used_above_their_definition(source: str, filename: str) -> dict[str, tuple[int, list[int]]]:
@@ -258,26 +277,8 @@ def names_used_above_their_definition(source: str, filename: str) -> dict[str, t
         for inner in table.get_children():
             visit(inner, top_line)
 
-    for table in symtable.symtable(source, filename, "exec").get_children():
+    for table in symtable.symtable(_without_annotations(source), filename, "exec").get_children():
         visit(table, table.get_lineno())
-    # Annotations count as uses too. Under `from __future__ import annotations`,
-    # symtable sees them on 3.9 but not from 3.10 on: read them from the tree, so
-    # that every interpreter gives the same answer.
-    for top in ast.parse(source).body:
-        for node in ast.walk(top):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                arguments = node.args
-                every = [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs, arguments.vararg, arguments.kwarg]
-                annotations = [a.annotation for a in every if a is not None and a.annotation is not None]
-                annotations += [node.returns] if node.returns is not None else []
-            elif isinstance(node, ast.AnnAssign):
-                annotations = [node.annotation]
-            else:
-                continue
-            for annotation in annotations:
-                for name in ast.walk(annotation):
-                    if isinstance(name, ast.Name) and defined.get(name.id, 0) > top.lineno:
-                        early.setdefault(name.id, (defined[name.id], []))[1].append(top.lineno)
     return early
 
 
@@ -2338,7 +2339,7 @@ def test_garbage_and_dev_zero_at_entry_names_read_as_missing_in_bounded_memory(t
         f(1)
         entry = dc._load_entry
         shelf_path = db._files.slot(b"k").path
-        memo_path = db._files.slot(f._call((1,), {}).key, f._folder).path
+        memo_path = db._files.slot(f._keyed((1,), {}).key, f._folder).path
         real = open(shelf_path, "rb").read()
         limit = 300 << 20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # An unbounded read fails here.
@@ -6103,7 +6104,7 @@ def test_the_ledger_survives_hostile_inputs_and_exceptions(tmp_path):
     big = bytes(64 << 20)
     tracemalloc.start()
     for value in (big, [[big]], {"k": (big,)}):  # What the ledger makes of a big input, at any depth.
-        dc._bounded_repr(value), dc._kept_input(value)
+        dc._bounded_repr(value), dc._pickled_input(value)
     peak = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
     assert peak < 2, f"the ledger took {peak:.0f} MiB for a 64 MiB input"
@@ -6407,7 +6408,7 @@ def test_batch_workers_look_up_only_under_the_lock_and_share_one_keeper(tmp_path
         import os
         @dc.memoize(sys.argv[1])
         def who(x):
-            keeper = dc._Keeper._current  # The writer of this worker process, if it has one.
+            keeper = dc._Writer._current  # The writer of this worker process, if it has one.
             return os.getpid(), id(keeper) if keeper is not None and keeper._pid == os.getpid() else None
         batch = who.map(range(60), workers=2, chunksize=5)
         writers = {}
