@@ -39,9 +39,10 @@ A ten-line tour::
     @donecache.memoize(ttl=3600)                           # on disk, across processes
     def transform(record): ...
 
-The module reads top to bottom, each tool built on the one before: platform
-primitives, locks, atomic writes, stages, entry files, the store, memoize and
-its batches, and the command line.
+The module reads top to bottom, each section using only those above it: platform
+primitives, basics, locks, atomic writes, stages, the entry format, the store
+directory's data path and upkeep, the store, keys, code identity and memoize.
+The core ends there; batches (f.map, f.imap) and the command line follow.
 
 Cache entries are pickles: never open a cache directory that someone you do not
 trust can write to. See README.md for the whole story.
@@ -4019,7 +4020,8 @@ def file_digest(path: StrPath, *, quick: bool = False) -> str:
         os.close(fd)
 
 
-# -- code identity ------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# Code identity
 #
 # When no version= is given, a memoized function's entries belong to its code:
 # the syntax tree of its source (docstrings aside), the module-level values it
@@ -4029,6 +4031,7 @@ def file_digest(path: StrPath, *, quick: bool = False) -> str:
 # library not at all. What cannot be followed (eval, open, the environment, a
 # value with no canonical form) is named in one warning. docs/identity.md has
 # the rules in full.
+# ---------------------------------------------------------------------------
 
 _SITE_DIRS = ("site-packages", "dist-packages")
 # Read from the syntax tree, never from the text: fields that say how it was written.

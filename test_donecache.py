@@ -61,6 +61,7 @@ def child(
     timeout: float = 120,
     script_file: Path | None = None,
     python: str | None = None,
+    run: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
     """Run ``script`` in a fresh interpreter where ``dc`` is donecache; args go to sys.argv[1:].
 
@@ -71,6 +72,8 @@ def child(
     script_file: save the script there and run the file instead of ``-c``
         (multiprocessing's spawn start method re-imports the main script).
     python: another interpreter to run it with.
+    run: the interpreter's arguments instead of the script (which must be ""): an existing
+        file, ``-m MODULE``, or ``-c CODE`` that does without the line importing ``dc``.
     """
     prelude = f"import importlib, sys\ndc = importlib.import_module({MODULE!r})\n"
     full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(IMPORT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -78,6 +81,9 @@ def child(
     if script_file is not None:
         script_file.write_text(prelude + textwrap.dedent(script))
         argv[1:3] = [str(script_file)]
+    if run is not None:
+        assert script == "", "child(): give either a script or run="
+        argv[1:3] = run
     if unprivileged and IS_ROOT:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
@@ -685,6 +691,37 @@ def test_atomic_path_failure_and_missing_output(tmp_path):
     assert stat.S_IMODE(target.stat().st_mode) == 0o604
 
 
+VICTIM = b"precious data of another file\n"
+
+
+def victim_file(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim"
+    victim.write_bytes(VICTIM)
+    os.chmod(victim, 0o640)
+    return victim
+
+
+def untouched(victim: Path) -> bool:
+    return victim.read_bytes() == VICTIM and stat.S_IMODE(victim.stat().st_mode) == 0o640
+
+
+# issue 18 item 1 (failed on 0.2.0, 3cf1caa, unless the docstring says otherwise)
+@posix_only
+def test_atomic_path_never_renames_or_chmods_through_a_link(tmp_path):
+    """Item 1: a symlink made at atomic_path's temporary name (by the library, or by someone
+    racing it) was followed: its target was chmod-ed to the old file's mode and the link was
+    renamed onto the target."""
+    victim = victim_file(tmp_path)
+    target = tmp_path / "out.npy"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o600)
+    with pytest.raises(OSError, match="symbolic link"):
+        with dc.atomic_path(target) as tmp:
+            os.symlink(victim, tmp)
+    assert untouched(victim) and not target.is_symlink() and target.read_bytes() == b"old"
+    assert listing(tmp_path) == ["out.npy", "victim"]
+
+
 # -- Attack 7 (issue 10 item 7, failed before its fix): atomic_write onto a FIFO or a device node
 
 
@@ -1119,6 +1156,81 @@ def test_sigkill_in_the_body_leaves_stage_not_done_and_lock_free(tmp_path):
         assert not stage.done and len(list(stage.path.glob("piece-*"))) == 5
     assert time.monotonic() - started < 2, "the killed holders' locks were released"
     assert dc.is_done(stage_dir)
+
+
+# issue 18 item 1 (failed on 0.2.0, 3cf1caa, unless the docstring says otherwise)
+@posix_only
+@pytest.mark.parametrize("shared", [False, True], ids=["stage", "shared-stage"])
+def test_a_symlink_at_a_stage_lock_is_refused_and_its_target_kept(tmp_path, shared):
+    """Item 1: the lock file was opened through a planted link, then truncated and rewritten
+    with the builder's host and pid: the link's target was emptied."""
+    victim = victim_file(tmp_path)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / ".donecache.lock").symlink_to(victim)
+    with pytest.raises(OSError, match="symbolic link, not a regular file") as caught:
+        with dc.done_dir(stage, expect=1 if shared else None) as s:
+            s.piece("a", lambda: "a")
+    assert ".donecache.lock" in str(caught.value) and "remove it" in str(caught.value)
+    assert untouched(victim) and not (stage / "DONE").exists()
+
+
+# issue 18 item 1 (failed on 0.2.0, 3cf1caa, unless the docstring says otherwise)
+@posix_only
+@pytest.mark.parametrize("depth", ["sub/x", "sub/deeper/x"])
+def test_a_piece_is_never_written_through_a_symlinked_folder(tmp_path, depth):
+    """Item 1: a symlinked folder planted inside a stage made piece() write outside it (and
+    count a file found there as the piece)."""
+    outside = tmp_path / "outside"
+    (outside / "deeper").mkdir(parents=True)
+    victim = victim_file(tmp_path)
+    os.link(victim, outside / "x")
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "sub").symlink_to(outside, target_is_directory=True)
+    before = listing(outside)
+    with pytest.raises(NotADirectoryError, match="is a symbolic link, not a directory") as caught:
+        with dc.done_dir(stage) as s:
+            s.piece(depth, lambda: "written outside the stage")
+    assert str(stage / "sub") in str(caught.value) and "remove it" in str(caught.value)
+    assert untouched(victim) and listing(outside) == before and listing(outside / "deeper") == []
+    assert not (stage / "DONE").exists()
+    (stage / "sub").unlink()
+
+    def plant_meanwhile():
+        (stage / "sub").symlink_to(outside, target_is_directory=True)
+        return "written while a link was planted"
+
+    with pytest.raises(NotADirectoryError, match="symbolic link"):
+        with dc.done_dir(stage) as s:
+            s.piece(depth, plant_meanwhile)
+    assert untouched(victim) and listing(outside) == before and listing(outside / "deeper") == []
+    (stage / "sub").unlink()
+    with pytest.raises(Boom), dc.done_dir(stage) as s:
+        s.piece(depth, lambda: (_ for _ in ()).throw(Boom()))
+    assert listing(stage) == [".donecache.lock"], "a failed make() leaves no folder behind"
+    with dc.done_dir(stage) as s:  # Real folders are made as before.
+        s.piece(depth, lambda: "inside")
+    assert (stage / depth).read_text() == "inside"
+
+
+# issue 18 item 11 (failed on 0.2.0, 3cf1caa, unless the docstring says otherwise)
+def test_a_versioned_stage_over_an_unversioned_build_starts_empty(tmp_path):
+    """Item 11: a version=2 stage resumed the pieces of a finished unversioned build (whose
+    marker names no version and which recorded none) and wrote its marker over them."""
+    stage = tmp_path / "stage"
+    with dc.done_dir(stage) as s:
+        s.piece("old", lambda: "from the unversioned build")
+    with dc.done_dir(stage, version=2) as s:
+        assert not s.done and not (stage / "old").exists()
+        s.piece("new", lambda: "v2")
+    assert dc.is_done(stage, version=2) and not (stage / "old").exists()
+    with dc.done_dir(tmp_path / "crashed") as s:  # No marker: an unversioned build that crashed.
+        s.piece("kept", lambda: "x")
+        mark = s.path / "DONE"
+    mark.unlink()
+    with dc.done_dir(tmp_path / "crashed", version=2) as s:
+        assert (s.path / "kept").exists(), "without a marker nothing says which version wrote the pieces"
 
 
 # -- shared stages (expect=) ---------------------------------------------------
@@ -1985,6 +2097,45 @@ def test_open_beside_a_shelve_database_refuses_and_says_how_to_copy_it(tmp_path,
     dc.open(tmp_path / "notes").close()
 
 
+# issue 21
+@pytest.mark.parametrize("url", ["s3://bucket/cache", "gs://b/c", "http://example.com/c", "HTTPS://x"])
+def test_url_paths_are_refused(tmp_path, monkeypatch, url):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="is a URL; donecache stores entries in a local"):
+        dc.memoize(url)
+    with pytest.raises(ValueError, match="is a URL"):
+        dc.open(url)
+    assert listing(tmp_path) == [], "no local folder named after the scheme"
+    assert dc._store_path("C:\\cache") == "C:\\cache", "a Windows drive is no URL"
+
+
+# issue 21
+def test_a_directory_of_other_files_is_refused_not_adopted(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds other files and is not a donecache store"):
+        dc.open(tmp_path)
+    f = dc.memoize(tmp_path)(abs)
+    with pytest.warns(dc.DonecacheWarning, match="not cached: .*holds other files"):
+        assert f(-1) == 1
+    assert listing(tmp_path) == ["notes.txt"], "nothing written or labelled"
+    with dc.open(tmp_path / "store") as db:  # A store (labelled) keeps opening, whatever it holds.
+        db["k"] = 1
+    (tmp_path / "store" / "stray.txt").write_text("x")
+    with dc.open(tmp_path / "store") as db:
+        assert db["k"] == 1
+
+
+# issue 18 item 11 (failed on 0.2.0, 3cf1caa, unless the docstring says otherwise)
+def test_verify_on_a_closed_store_raises_like_other_operations(tmp_path):
+    """Item 11: Store.verify() worked on a closed store, unlike every other operation."""
+    db = dc.open(tmp_path / "c")
+    db["k"] = 1
+    db.close()
+    for operation in (lambda: db["k"], db.prune, db.verify):
+        with pytest.raises(ValueError, match="closed"):
+            operation()
+
+
 # -- CPython's own shelve tests, run against donecache.open ---------------------
 #
 # Lib/test/test_shelve.py (and mapping_tests) come from the interpreter's test
@@ -2376,6 +2527,292 @@ def test_numpy_and_pandas_results_round_trip_read_and_mapped(tmp_path):
     assert cli("verify", str(tmp_path)).returncode == 0
 
 
+# issue 21
+def test_entries_without_metadata_still_read(tmp_path):
+    """An entry written by 0.2 (no metadata in its key area) is a hit that records no time."""
+
+    @dc.memoize(tmp_path / "c")
+    def f(x):
+        return x + 1
+
+    f(1)
+    [path] = entry_files(tmp_path / "c")
+    entry, _st = dc._load_entry(str(path))
+    old = dc._encode_entry(entry.key, 2)
+    old.meta = b""
+    path.write_bytes(b"".join(old.chunks()))
+    assert struct.unpack_from("<I", path.read_bytes(), 48)[0] == 0, "flags 0, as 0.2 wrote them"
+    assert f(1) == 2 and f.cache_info()[:2] == (1, 1) and f.cache_info().saved_seconds == 0.0
+    short = dc._encode_entry(entry.key, 3)
+    short.meta = b"abc"  # A metadata length that no writer makes (under 8 bytes): damage, so a miss.
+    path.write_bytes(b"".join(short.chunks()))
+    assert f(1) == 2 and f.cache_info()[:2] == (1, 2)
+
+
+# issue 21
+def test_compress_shrinks_the_stream_and_never_the_mapped_buffers(tmp_path):
+    text = [f"record {i}: the quick brown fox jumps over the lazy dog" for i in range(20000)]
+    sizes = {}
+    for codec in (False, "zlib", True, "lzma"):
+
+        @dc.memoize(tmp_path / str(codec), compress=codec)
+        def make(n):
+            return text[:n]
+
+        assert make(20000) == text
+        [path] = entry_files(tmp_path / str(codec))
+        sizes[codec] = path.stat().st_size
+        make.cache_clear()
+        assert make(20000) == text and make(20000) == text and make.cache_info().hits == 1, codec
+    assert sizes["zlib"] == sizes[True] and sizes["zlib"] * 5 < sizes[False] and sizes["lzma"] * 5 < sizes[False]
+    with dc.open(tmp_path / "s", compress="zlib", mmap=True) as db:
+        db["big"] = pickle.PickleBuffer(bytearray(b"a" * 200_000))
+        db["small"] = b"b" * 1000
+        assert bytes(db["big"]) == b"a" * 200_000 and db["small"] == b"b" * 1000
+    blobs = {p.read_bytes() for p in entry_files(tmp_path / "s")}
+    assert any(b"a" * 200_000 in blob for blob in blobs), "an out-of-band buffer is written as it is, to be mapped"
+    assert not any(b"b" * 1000 in blob for blob in blobs), "the small value's stream is compressed"
+    for bad in ("gzip", 1):
+        with pytest.raises(ValueError, match="compress must be False, True, 'zlib' or 'lzma'"):
+            dc.memoize(tmp_path, compress=bad)
+
+
+# issue 18 item 11 (failed on 0.2.0, 3cf1caa, unless the docstring says otherwise)
+@linux_only
+def test_donecache_never_truncates_an_entry_in_place(tmp_path, monkeypatch):
+    """Item 11: a mapped hit dies with SIGBUS if its file shrinks under it (mmap(2)), so
+    donecache must replace entries, never truncate or rewrite them in place: every write,
+    overwrite, clear, prune and sweep is watched for O_TRUNC opens and ftruncate of an
+    entry file. (0.2.0 did not either: kept as a guard.)"""
+    truncated: list[str] = []
+    real_open, real_ftruncate, real_truncate = os.open, os.ftruncate, os.truncate
+
+    def watched_open(path, flags, *args, **kwargs):
+        if flags & os.O_TRUNC:
+            truncated.append(f"O_TRUNC {path}")
+        return real_open(path, flags, *args, **kwargs)
+
+    def watched_ftruncate(fd, length):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if not name.endswith(".lock"):  # A lock file's note of its holder is rewritten in place.
+            truncated.append(f"ftruncate {name}")
+        return real_ftruncate(fd, length)
+
+    monkeypatch.setattr(os, "open", watched_open)
+    monkeypatch.setattr(os, "ftruncate", watched_ftruncate)
+    monkeypatch.setattr(os, "truncate", lambda *a: truncated.append(f"truncate {a}") or real_truncate(*a))
+    big = bytes(1 << 17)
+    with dc.open(tmp_path / "c", mmap=True, max_bytes=1 << 20) as db:
+        for round_ in range(12):
+            db[f"k{round_ % 5}"] = big
+            assert db[f"k{round_ % 5}"] == big
+        db.prune()
+        del db["k1"]
+        db.clear()
+    assert truncated == []
+
+
+# -- links, special files and other users' stores (issue 18 items 1-3) ---------
+
+# issue 18 item 1 (failed on 0.2.0, 3cf1caa, unless the docstring says otherwise)
+@posix_only
+def test_a_symlink_at_the_store_lock_is_refused(tmp_path):
+    """Item 1: the store's .lock was opened through a planted link: a dangling one made
+    donecache create its target, an existing one was locked and kept open (the same path
+    takes the stage-lock note). A store with max_bytes raises; memoize warns and computes
+    without the lock (its policy for a lock it cannot take); neither touches the targets."""
+    victim = victim_file(tmp_path)
+    nowhere = tmp_path / "made-through-the-link"
+    for target, name in ((victim, "a"), (nowhere, "b")):
+        cache = tmp_path / name
+        with dc.open(cache) as db:
+            db["k"] = 0
+        (cache / ".lock").symlink_to(target)
+        with dc.open(cache, max_bytes=1 << 20) as db, pytest.raises(OSError, match="symbolic link"):
+            db["k"] = 1
+
+        @dc.memoize(cache)
+        def double(x):
+            return 2 * x
+
+        with pytest.warns(dc.DonecacheWarning, match="symbolic link"):
+            assert double(21) == 42
+    assert untouched(victim) and not os.path.lexists(nowhere)
+
+
+# issue 18 item 1 (failed on 0.2.0, 3cf1caa, unless the docstring says otherwise)
+@posix_only
+@pytest.mark.parametrize(
+    "where", ["marker", "version file", "CACHEDIR.TAG", "identity", "ledger", "entry"]
+)
+def test_links_at_files_written_by_rename_are_replaced_and_their_targets_kept(tmp_path, where):
+    """Item 1: markers, version files, labels, identity records, ledger records and entries are
+    written to a temporary file and renamed over their name, which replaces a planted link by
+    a fresh regular file and never writes through it (a label whose name exists, even as a
+    link, is left alone). Passed on 0.2.0 too: kept as a guard."""
+    victim = victim_file(tmp_path)
+    cache = tmp_path / "cache"
+    if where in ("marker", "version file"):
+        stage = tmp_path / "stage"
+        stage.mkdir()
+        planted = stage / ("DONE" if where == "marker" else ".donecache.version")
+        planted.symlink_to(victim)
+        with dc.done_dir(stage, version=2) as s:
+            s.piece("a", lambda: "a")
+        assert dc.is_done(stage, version=2)
+    elif where == "CACHEDIR.TAG":
+        cache.mkdir(mode=0o700)
+        planted = cache / ".gitignore"
+        planted.symlink_to(victim)
+        dc.open(cache).close()
+        assert (cache / "CACHEDIR.TAG").is_file() and planted.is_symlink(), "a name that exists is left alone"
+        planted = cache / "CACHEDIR.TAG"
+    elif where in ("identity", "ledger"):
+        def half(x):
+            if x == 1:
+                raise ValueError("one")
+            return x / 2
+
+        dc.memoize(cache, version=1)(half).map([1, 2], keep_going=True)
+        [planted] = (cache / (".functions" if where == "identity" else ".failures")).rglob("*.*" if where == "ledger" else "*")
+        planted.unlink()
+        planted.symlink_to(victim)
+        dc.memoize(cache, version=2 if where == "identity" else 1)(half).map([1, 2], keep_going=True)
+    else:
+        with dc.open(cache) as db:
+            db["k"] = 1
+            [planted] = entry_files(cache)
+            planted.unlink()
+            planted.symlink_to(victim)
+            db["k"] = 2
+            assert db["k"] == 2
+    assert untouched(victim)
+    assert planted.is_file() and not planted.is_symlink() and planted.read_bytes() != VICTIM
+
+
+class RunsCode:
+    """A value whose unpickling runs code: it makes a directory (what an attacker's entry could do)."""
+
+    def __init__(self, proof: str) -> None:
+        self.proof = proof
+
+    def __reduce__(self):
+        return os.mkdir, (self.proof,)
+
+
+root_only = pytest.mark.skipif(not IS_ROOT or sys.platform == "win32", reason="chowns to another user: needs root")
+
+
+# issue 18 item 2 (failed on 0.2.0, 3cf1caa, unless the docstring says otherwise)
+@root_only
+@pytest.mark.parametrize("how", ["owner", "g+w", "o+w", "link owner"])
+def test_a_store_another_user_could_write_is_refused_unless_trusted(tmp_path, how):
+    """Item 2: open() and memoize loaded the entries of a store that another user owns, or that
+    group or others can write, running whatever code its pickles held."""
+    cache, proof = tmp_path / "cache", tmp_path / "code-ran"
+    with dc.open(cache) as db:
+        db["k"] = RunsCode(str(proof))
+
+    @dc.memoize(cache)
+    def answer():
+        return 42
+
+    assert answer() == 42 and not proof.exists()
+    path = cache
+    if how == "owner":
+        for folder, _dirs, files in os.walk(cache):
+            for name in [folder, *(os.path.join(folder, f) for f in files)]:
+                os.lchown(name, 65534, 65534)
+    elif how == "link owner":
+        path = tmp_path / "link"
+        path.symlink_to(cache, target_is_directory=True)
+        os.lchown(path, 65534, 65534)
+    else:
+        os.chmod(cache, 0o720 if how == "g+w" else 0o702)
+    for attempt in (lambda: dc.open(path)["k"], lambda: dc.memoize(path)(answer.__wrapped__)()):
+        with pytest.raises(PermissionError) as caught:
+            attempt()
+        message = str(caught.value)
+        assert str(path) in message and "trust_shared=True" in message, message
+        if how in ("owner", "link owner"):
+            assert "uid 65534" in message and "not yours" in message, message
+        else:
+            assert ("its group" if how == "g+w" else "others") in message and "drwx-" in message, message
+    assert not proof.exists(), "nothing was loaded"
+    assert dc.memoize(path, trust_shared=True)(answer.__wrapped__)() == 42
+    with dc.open(path, trust_shared=True) as db:
+        db["k"]
+    assert proof.is_dir(), "trusted: the entry was loaded, and its code ran"
+    assert cli("info", str(path)).returncode == 0, "the command line loads no value: it needs no trust"
+
+
+# issue 18 item 2 (failed on 0.2.0, 3cf1caa, unless the docstring says otherwise)
+@root_only
+def test_a_fresh_store_is_trusted_whatever_the_umask(tmp_path):
+    """Item 2: a store that donecache creates passes its own check (0700, the user's)."""
+    proc = child(
+        """
+        import os
+        os.umask(0)
+        with dc.open(sys.argv[1] + "/a/b/cache") as db:
+            db["k"] = 1
+        with dc.open(sys.argv[1] + "/a/b/cache") as db:
+            print(db["k"])
+        """,
+        str(tmp_path),
+    )
+    assert proc.stdout.strip() == "1"
+
+
+TREE_OF_A_STORE = """
+import os
+os.umask(int(sys.argv[2], 8))
+root = sys.argv[1] + "/new/parent/cache"
+
+def half(x):
+    if x == 3:
+        raise ValueError("three")
+    return x / 2
+
+with dc.open(root, max_bytes=1 << 30) as db:
+    db["k"] = 1
+dc.memoize(root, max_bytes=1 << 30)(half).map(range(8), keep_going=True)
+for folder, _dirs, _files in os.walk(sys.argv[1]):
+    print(folder, oct(os.stat(folder).st_mode & 0o7777))
+"""
+
+
+# issue 18 item 3 (failed on 0.2.0, 3cf1caa, unless the docstring says otherwise)
+@posix_only
+@pytest.mark.parametrize("umask", ["000", "077", "022", "277"])
+def test_every_folder_of_a_store_is_private_whatever_the_umask(tmp_path, umask):
+    """Item 3: os.makedirs(..., 0o700) gave 0700 to the last folder only: function folders,
+    shards and .failures/ got 0777 less the umask (0777 with umask 000)."""
+    modes = dict(line.rsplit(" ", 1) for line in child(TREE_OF_A_STORE, str(tmp_path), umask).stdout.splitlines())
+    root = str(tmp_path / "new" / "parent" / "cache")
+    inside = {path: mode for path, mode in modes.items() if path.startswith(root)}
+    assert len(inside) >= 8, inside  # The store, shards, a function folder and its shards, .functions, .failures/x.
+    assert set(inside.values()) == {"0o700"}, inside
+    above = 0o777 & ~int(umask, 8)  # Directories above the store are the user's: mkdir -p's mode.
+    assert modes[str(tmp_path / "new")] == oct(above) and modes[str(tmp_path / "new" / "parent")] == oct(above)
+
+
+# issue 18 item 3 (failed on 0.2.0, 3cf1caa, unless the docstring says otherwise)
+@root_only
+@pytest.mark.parametrize("umask", ["077", "002"])
+def test_folders_of_a_team_store_keep_its_mode(tmp_path, umask):
+    """Item 3: a team store (setgid, group-writable, trusted) passes its mode to every folder
+    donecache makes in it, whatever the umask of the member who writes."""
+    team = tmp_path / "new" / "parent" / "cache"
+    team.mkdir(parents=True)
+    os.chown(team, 0, 65534)
+    os.chmod(team, 0o2770)
+    script = TREE_OF_A_STORE.replace("max_bytes=1 << 30", "max_bytes=1 << 30, trust_shared=True")
+    modes = dict(line.rsplit(" ", 1) for line in child(script, str(tmp_path), umask).stdout.splitlines())
+    inside = {path: mode for path, mode in modes.items() if path.startswith(str(team))}
+    assert len(inside) >= 8 and set(inside.values()) == {"0o2770"}, inside
+
+
 # -- Attack 1 (issue 10 item 1, failed before its fix): prune() must remove only the file it judged
 
 PRUNER = """
@@ -2649,6 +3086,44 @@ def test_fifo_in_a_stage_or_as_its_marker(tmp_path):
     assert stat.S_ISFIFO(os.lstat(tmp_path / "built" / "sub" / "pipe").st_mode), "the user's FIFO stays"
     results = run_bounded({"done_dir": enter_with_version}, [tmp_path / "marker" / "DONE"])
     assert results == {"done_dir": False}, "a FIFO is not a finished marker"
+
+
+# issue 18 item 1 (failed on 0.2.0, 3cf1caa, unless the docstring says otherwise)
+@posix_only
+def test_fifos_at_lock_files_and_usage_do_not_hang(tmp_path):
+    """Item 1: a FIFO at .usage hung every write of a store with max_bytes (its read waited
+    for a writer); a FIFO at a stage's lock file was taken as the lock. Each now fails at
+    once with an error naming the FIFO."""
+    fifos = []
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    os.mkfifo(stage / ".donecache.lock")
+    for name in ("usage", "lock"):
+        with dc.open(tmp_path / name) as db:
+            db["k"] = 0
+        os.mkfifo(tmp_path / name / f".{name}")
+        fifos.append(tmp_path / name / f".{name}")
+    fifos.append(stage / ".donecache.lock")
+
+    def store(name: str) -> str:
+        try:
+            with dc.open(tmp_path / name, max_bytes=1 << 20) as db:
+                db["k"] = 1
+        except OSError as exc:
+            return str(exc)
+        return "no error"
+
+    def build() -> str:
+        try:
+            with dc.done_dir(stage):
+                pass
+        except OSError as exc:
+            return str(exc)
+        return "no error"
+
+    results = run_bounded({"usage": lambda: store("usage"), "lock": lambda: store("lock"), "stage": build}, fifos)
+    assert all("FIFO" in message for message in results.values()), results
+    assert not (stage / "DONE").exists()
 
 
 # -- Attack 6 (issue 10 item 6, failed before its fix): descriptors: one per cache path, for the life of the process
@@ -3497,6 +3972,41 @@ def test_process_pools_share_entries_with_the_parent(tmp_path, method):
         script_file=tmp_path / "job.py",
     )
     assert proc.stdout.strip() == "(20, 0, None, 20)"
+
+
+# issue 21
+def test_cache_info_is_a_namedtuple_like_functools(tmp_path):
+    import functools
+
+    f = dc.memoize(tmp_path, ttl=60, version=2, max_bytes=10**6)(abs)
+    info = f.cache_info()
+    assert info._fields[:4] == functools.lru_cache()(abs).cache_info()._fields
+    assert info._asdict() == {
+        "hits": 0, "misses": 0, "maxsize": 10**6, "currsize": 0, "held_seconds": 0.0, "saved_seconds": 0.0,
+    }  # fmt: skip
+    assert isinstance(info, tuple) and info._replace(hits=3).hits == 3
+    params = f.cache_parameters()
+    assert params["maxsize"] == params["max_bytes"] == 10**6 and params["ttl"] == 60 and params["version"] == 2
+
+
+# issue 18 item 11 (failed on 0.2.0, 3cf1caa, unless the docstring says otherwise)
+def test_is_cached_on_a_bound_method(tmp_path):
+    """Item 11: obj.method.is_cached(3) raised TypeError: the bound wrapper did not pass obj."""
+    calls = []
+
+    class Model:
+        def __init__(self, scale):
+            self.scale = scale
+
+        @dc.memoize(tmp_path, key=lambda self, x: (self.scale, x))
+        def predict(self, x):
+            calls.append(x)
+            return self.scale * x
+
+    model = Model(2)
+    assert not model.predict.is_cached(3)
+    assert model.predict(3) == 6 and model.predict.is_cached(3) and not model.predict.is_cached(4)
+    assert not Model(5).predict.is_cached(3) and calls == [3]
 
 
 # -- Attack 3 (issue 10 item 3, failed before its fix): threads in several processes: each key computed once, no EDEADLK
@@ -4655,10 +5165,8 @@ def test_a_script_in_a_package_shares_entries_with_its_run_as_a_module(tmp_path)
             return x + 1
         print(transform(1))
     """))
-    env = {**os.environ, "PYTHONPATH": str(IMPORT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
     outputs = [
-        subprocess.run([sys.executable, *how, str(tmp_path / "cache")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       check=True).stdout.split()
+        child("", str(tmp_path / "cache"), run=how, cwd=tmp_path).stdout.split()
         for how in (["pkg/job.py"], ["-m", "pkg.job"], ["pkg/job.py"])
     ]
     assert outputs == [["computed", "2"], ["2"], ["2"]]
@@ -4993,8 +5501,7 @@ def test_import_loads_none_of_the_costly_modules(tmp_path):
         "import sys; before = set(sys.modules); import importlib; importlib.import_module(sys.argv[1]); "
         "print(' '.join(sorted(set(sys.modules) - before)))"
     )
-    env = {**os.environ, "PYTHONPATH": str(IMPORT_ROOT)}
-    loaded = subprocess.run([sys.executable, "-c", script, MODULE], capture_output=True, text=True, env=env, check=True)
+    loaded = child("", MODULE, run=["-c", script])
     costly = {"pickle", "shelve", "collections", "weakref", "re", "enum", "typing", "functools", "hashlib", "json"}
     assert not costly & set(loaded.stdout.split()), loaded.stdout
 
@@ -5403,6 +5910,35 @@ def test_max_bytes_must_be_a_positive_int(tmp_path, bad, error):
 def test_cache_info_reports_max_bytes_or_none(tmp_path):
     assert dc.memoize(tmp_path, max_bytes=123456)(abs).cache_info().maxsize == 123456
     assert dc.memoize(tmp_path)(abs).cache_info().maxsize is None
+
+
+# issue 21
+def test_prune_in_python_trims_one_function_or_the_store(tmp_path):
+    @dc.memoize(tmp_path / "c")
+    def f(x):
+        return x
+
+    @dc.memoize(tmp_path / "c")
+    def g(x):
+        return x
+
+    f.map(range(10))
+    g.map(range(3))
+    old = time.time() - 7200
+    for path in entry_files(tmp_path / "c")[:2]:
+        os.utime(path, (old, old))
+    before = entry_files(tmp_path / "c")
+    dry = f.prune(max_bytes=4 * 4096, dry_run=True)
+    assert dry.evicted == 6 and dry.evicted_bytes == 6 * 4096 and entry_files(tmp_path / "c") == before
+    assert f.prune(max_bytes=4 * 4096) == dc.PruneReport(0, 0, 6, 6 * 4096)
+    assert f.cache_info().currsize == 4 and g.cache_info().currsize == 3, "g's entries are not f's to trim"
+    with dc.open(tmp_path / "c") as store:
+        assert store.prune(older_than=datetime.timedelta(hours=1), dry_run=True) >= 0
+        assert store.prune(max_bytes=2 * 4096) == 5 and len(store) == 2
+        with pytest.raises(ValueError, match="older_than must be a positive number of seconds"):
+            store.prune(older_than=-1)
+        with pytest.raises(ValueError, match="max_bytes must be a positive int"):
+            store.prune(max_bytes=0)
 
 
 # -- the failure ledger and array jobs ------------------------------------------
@@ -6277,6 +6813,107 @@ def test_damage_costs_only_a_recomputation(tmp_path):
     assert proc.stdout == "" and proc.stderr == "", "the rewritten entries are hits again"
 
 
+# issue 21
+def test_entries_record_their_compute_time_and_batches_say_what_was_saved(tmp_path):
+    import socket
+
+    slept: dict[int, float] = {}  # What each call really slept (a loaded machine oversleeps).
+
+    @dc.memoize(tmp_path / "c")
+    def slow(x):
+        started = time.perf_counter()
+        time.sleep(0.1 * (x + 1))
+        slept[x] = time.perf_counter() - started
+        return x
+
+    def near(figure: float, *inputs: int) -> bool:  # Within 5% of what those calls slept.
+        return 1.0 <= figure / sum(slept[x] for x in inputs) <= 1.05
+
+    first = slow.map(range(4), workers=2, processes=False)  # 0.1+0.2+0.3+0.4 = 1.0 s of compute.
+    assert (first.computed, first.reused) == (4, 0) and near(first.computed_seconds, 0, 1, 2, 3)
+    second = slow.map(range(5))  # Four reused, one (0.5 s) computed.
+    assert (second.computed, second.reused) == (1, 4)
+    assert near(second.computed_seconds, 4) and near(second.saved_seconds, 0, 1, 2, 3)
+    assert second.summary.startswith("1 computed (0.5 s), 4 reused (saved 1.0 s of compute), 0 failed")
+    info = slow.cache_info()
+    assert info[:4] == (4, 5, None, 5) and near(info.held_seconds, 0, 1, 2, 3, 4)
+    assert near(info.saved_seconds, 0, 1, 2, 3)
+    assert slow(4) == 4 and near(slow.cache_info().saved_seconds, 0, 1, 2, 3, 4), "a plain hit counts too"
+    [found] = [f for f in dc._EntryFiles(tmp_path / "c", "r", False).scan() if f.entry.key.endswith(b"=(4,)")]
+    assert found.entry.host == socket.gethostname() and abs(found.entry.created - time.time()) < 60
+    report = json.loads(cli("info", str(tmp_path / "c"), "--json").stdout)["per_function"]
+    [row] = report.values()
+    assert row["entries"] == 5 and near(row["compute_seconds"], 0, 1, 2, 3, 4) and row["oldest"] <= row["newest"]
+    assert f"{row['compute_seconds']:.1f} s of compute held" in cli("info", str(tmp_path / "c")).stdout
+
+
+# issue 21
+def test_batch_figures_read_as_a_person_says_them():
+    assert dc._batch_figures(7, 1.21, 1993, 7800) == "7 computed (1.2 s), 1,993 reused (saved 2 h 10 min of compute)"
+    assert [dc._duration(s) for s in (0, 59.9, 60, 250, 86400 * 3 + 3600 * 4)] == [
+        "0.0 s", "59.9 s", "1 min 0 s", "4 min 10 s", "3 d 4 h",
+    ]  # fmt: skip
+    assert [dc._human(n) for n in (0, 1023, 11468, 5 * 2**30)] == ["0 B", "1023 B", "11.2 KiB", "5.0 GiB"]
+
+
+# issue 21
+def test_progress_lines_carry_the_batch_figures(tmp_path, capsys):
+    f = dc.memoize(tmp_path)(abs)
+    f.map([-1, -2], progress=True)
+    f.map([-1, -2, -3], progress=True)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("0 failed; 1 computed (0.0 s), 2 reused (saved 0.0 s of compute)"), last
+
+
+def test_time_saved_by_a_pool_worker_that_waited_for_another_process_counts_in_the_parent(tmp_path):
+    """Two batches on the same inputs at once: the second one's workers wait for the first
+    one's computations and reuse them; the parent adds what they saved to its own figures."""
+    script = """
+        import os, time
+        @dc.memoize(sys.argv[1])
+        def slow(x):
+            open(f"{sys.argv[1]}.started.{x}", "w").close()
+            time.sleep(0.4)
+            return x
+
+        if __name__ == "__main__":
+            while sys.argv[2] == "late" and not all(os.path.exists(f"{sys.argv[1]}.started.{x}") for x in (0, 1)):
+                time.sleep(0.001)  # Until the other batch computes both (holding their locks).
+            batch = slow.map(range(2), workers=2)
+            print(batch.computed, batch.reused, round(batch.computed_seconds + batch.saved_seconds, 6), round(slow.cache_info().saved_seconds, 6))
+    """
+    first = child(script, str(tmp_path / "c"), "early", background=True)
+    second = child(script, str(tmp_path / "c"), "late", background=True)
+    out = [proc.communicate(timeout=60)[0].split() for proc in (first, second)]
+    assert out[0][:2] == ["2", "0"] and 0.8 <= float(out[0][2]) and out[0][3] == "0.0", out
+    computed, reused, saved, info_saved = out[1]
+    assert (computed, reused) == ("0", "2") and saved == info_saved == out[0][2], "what the first batch computed"
+
+
+# issue 18 item 11 (failed on 0.2.0, 3cf1caa, unless the docstring says otherwise)
+def test_donecache_off_with_shards_makes_no_cache_directory(tmp_path, monkeypatch, calls):
+    """Item 11: DONECACHE=off with map(shard=...) created the cache directory (making the keys
+    that choose each shard made the store)."""
+    monkeypatch.setenv("DONECACHE", "off")
+
+    def square(x):
+        calls.append(x)
+        return x * x
+
+    new = dc.memoize(tmp_path / "cache", version=2)(square)
+    mine = [new.map(range(20), shard=(index, 2)).successes for index in (0, 1)]
+    assert sorted(mine[0] + mine[1]) == sorted(x * x for x in range(20)) and mine[0] and mine[1]
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.delenv("DONECACHE")
+    assert dc.memoize(tmp_path / "cache", version=1)(square)(5) == 25  # Older code, recorded as current.
+    assert new(3) == 9 and new.is_cached(3)
+    # The identity prepared while off is recorded once the store is made: version 2 is current.
+    assert cli("prune", str(tmp_path / "cache"), "--stale").returncode == 0
+    assert new.is_cached(3), "prune --stale kept the entry of the current code"
+    assert json.loads(cli("info", str(tmp_path / "cache"), "--json").stdout)["entries"]["live"] == 1
+    assert sorted(calls) == sorted([*range(20), 5, 3])
+
+
 # -- Attack 14 (issue 10 item 14, failed before its fix): map(keep_going=False, workers=N) raises
 #    the earliest input's failure
 
@@ -6535,10 +7172,10 @@ def test_example_pipeline_tells_the_seed_story(tmp_path):
     script = Path(__file__).resolve().parent / "examples" / "pipeline.py"
     if not script.exists():
         pytest.skip("examples/ is not beside this test file (a vendored copy)")
-    env = {**os.environ, "PYTHONPATH": str(IMPORT_ROOT), "PIPELINE_OUT": str(tmp_path / "out")}
 
     def run(*args: str) -> str:
-        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+        proc = child("", *args, run=[str(script)], env={"PIPELINE_OUT": str(tmp_path / "out")}, cwd=tmp_path,
+                     check=False, timeout=600)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
@@ -6559,6 +7196,78 @@ def test_example_pipeline_tells_the_seed_story(tmp_path):
     assert re.search(r"stage 2: 7 computed \([^)]+\), 1,993 reused \(saved [^)]+\), 0 failed", fixed), "the fix kept version=1"
     assert len((tmp_path / "out" / "report.csv").read_text().splitlines()) == 2001
     assert cli("failures", str(tmp_path / "out" / "cache")).returncode == 1, "the successes cleared the ledger"
+
+
+# issue 21
+def test_cli_sizes_version_default_path_and_dry_run(tmp_path):
+    assert [dc._cli_size(t) for t in ("10M", "10MB", "10MiB", "10mib", "1.5K", "512", "2 GB", "3b")] == [
+        10 << 20, 10_000_000, 10 << 20, 10 << 20, 1536, 512, 2_000_000_000, 3,
+    ]  # fmt: skip
+    for bad in ("10X", "MiB", "10iB", "-1M", "0"):
+        with pytest.raises(dc._UsageError, match="give a positive size"):
+            dc._cli_size(bad)
+    proc = cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"donecache {dc.__version__}"
+    with dc.open(tmp_path / ".donecache") as db:
+        for i in range(5):
+            db[str(i)] = "x" * 5000
+    before = entry_files(tmp_path / ".donecache")
+    proc = cli("prune", "--dry-run", "--max-bytes", "8K", cwd=tmp_path)  # No path: .donecache.
+    assert proc.returncode == 0 and "would evict 4 least recently used entries (32.0 KiB on disk)" in proc.stdout
+    assert entry_files(tmp_path / ".donecache") == before
+    assert re.search(r"\n  5 entries, 2\d\.\d KiB \(40\.0 KiB on disk\)", cli("info", cwd=tmp_path).stdout)
+    assert json.loads(cli("prune", "--max-bytes", "8KiB", "--json", cwd=tmp_path).stdout)["evicted_entries"] == 4
+
+
+def shlex_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+# issue 21
+@posix_only
+def test_cli_broken_pipe_ends_quietly(tmp_path):
+    with dc.open(tmp_path / "c") as db:
+        for i in range(3000):
+            db[str(i)] = i
+    script = f"import runpy, sys\nsys.path.insert(0, {str(IMPORT_ROOT)!r})\nsys.argv = ['donecache.py', 'info', '--json', {str(tmp_path / 'c')!r}]\nrunpy.run_module({MODULE!r}, run_name='__main__')"
+    proc = subprocess.run(
+        f"{sys.executable} -c {shlex_quote(script)} | head -1", shell=True, capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout == "{\n" and proc.stderr == "", proc.stderr
+
+
+# issue 21
+def test_packaging_names_the_console_script_license_and_sdist_files():
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parent
+    if not (root / "pyproject.toml").exists():
+        pytest.skip("pyproject.toml is not beside this test file (a vendored copy)")
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert project["project"]["scripts"] == {"donecache": "donecache:main"} and callable(dc.main)
+    assert project["project"]["license"] == "MIT" and not any("License ::" in c for c in project["project"]["classifiers"])
+    include = project["tool"]["hatch"]["build"]["targets"]["sdist"]["include"]
+    needed = {".ci/run", ".ci/typed_user.py", ".ci/fs_probe.py", "examples/pipeline.py", "test_donecache.py", "donecache.py"}
+    assert all(any(name == path or (path.endswith("/") and name.startswith(path)) for path in include) for name in needed)
+
+
+# issue 18 item 11 (failed on 0.2.0, 3cf1caa, unless the docstring says otherwise)
+@posix_only
+def test_status_shows_a_shared_stage_being_built(tmp_path):
+    """Item 11: `status` said `incomplete` for a shared stage whose builders were at work:
+    they hold the stage's lock only on entry and exit."""
+    import socket
+
+    stage = tmp_path / "stage"
+    with stage_being_built(stage, expect=2) as builder:
+        [row] = json.loads(cli("status", str(stage), "--json").stdout)
+        assert row["state"] == "building" and row["builder"] == {"host": socket.gethostname(), "pid": builder.pid}
+    [row] = json.loads(cli("status", str(stage), "--json").stdout)
+    assert row["state"] == "incomplete", "a killed builder holds nothing"
+    with dc.done_dir(stage, expect=2) as s:
+        s.piece("b", lambda: "b")
+    assert s.done and listing(stage) == [".donecache.lock", "DONE", "a", "b"], "the killed builder's file is swept"
 
 
 # -- Attack 10 (issue 10 item 10, failed before its fix): the command line on directories that are not caches
@@ -6591,694 +7300,6 @@ def test_cli_still_serves_real_stores(tmp_path):
         proc = cli(command, str(tmp_path / "c"))
         assert proc.returncode == 0, proc.stderr
     assert entry_files(tmp_path / "c") == []
-
-
-# ---------------------------------------------------------------------------
-# Issue 21: the time the cache saved, trimming and compression, the
-# conventions of functools users, the command line, packaging
-# ---------------------------------------------------------------------------
-
-
-def test_entries_record_their_compute_time_and_batches_say_what_was_saved(tmp_path):
-    import socket
-
-    slept: dict[int, float] = {}  # What each call really slept (a loaded machine oversleeps).
-
-    @dc.memoize(tmp_path / "c")
-    def slow(x):
-        started = time.perf_counter()
-        time.sleep(0.1 * (x + 1))
-        slept[x] = time.perf_counter() - started
-        return x
-
-    def near(figure: float, *inputs: int) -> bool:  # Within 5% of what those calls slept.
-        return 1.0 <= figure / sum(slept[x] for x in inputs) <= 1.05
-
-    first = slow.map(range(4), workers=2, processes=False)  # 0.1+0.2+0.3+0.4 = 1.0 s of compute.
-    assert (first.computed, first.reused) == (4, 0) and near(first.computed_seconds, 0, 1, 2, 3)
-    second = slow.map(range(5))  # Four reused, one (0.5 s) computed.
-    assert (second.computed, second.reused) == (1, 4)
-    assert near(second.computed_seconds, 4) and near(second.saved_seconds, 0, 1, 2, 3)
-    assert second.summary.startswith("1 computed (0.5 s), 4 reused (saved 1.0 s of compute), 0 failed")
-    info = slow.cache_info()
-    assert info[:4] == (4, 5, None, 5) and near(info.held_seconds, 0, 1, 2, 3, 4)
-    assert near(info.saved_seconds, 0, 1, 2, 3)
-    assert slow(4) == 4 and near(slow.cache_info().saved_seconds, 0, 1, 2, 3, 4), "a plain hit counts too"
-    [found] = [f for f in dc._EntryFiles(tmp_path / "c", "r", False).scan() if f.entry.key.endswith(b"=(4,)")]
-    assert found.entry.host == socket.gethostname() and abs(found.entry.created - time.time()) < 60
-    report = json.loads(cli("info", str(tmp_path / "c"), "--json").stdout)["per_function"]
-    [row] = report.values()
-    assert row["entries"] == 5 and near(row["compute_seconds"], 0, 1, 2, 3, 4) and row["oldest"] <= row["newest"]
-    assert f"{row['compute_seconds']:.1f} s of compute held" in cli("info", str(tmp_path / "c")).stdout
-
-
-def test_batch_figures_read_as_a_person_says_them():
-    assert dc._batch_figures(7, 1.21, 1993, 7800) == "7 computed (1.2 s), 1,993 reused (saved 2 h 10 min of compute)"
-    assert [dc._duration(s) for s in (0, 59.9, 60, 250, 86400 * 3 + 3600 * 4)] == [
-        "0.0 s", "59.9 s", "1 min 0 s", "4 min 10 s", "3 d 4 h",
-    ]  # fmt: skip
-    assert [dc._human(n) for n in (0, 1023, 11468, 5 * 2**30)] == ["0 B", "1023 B", "11.2 KiB", "5.0 GiB"]
-
-
-def test_entries_without_metadata_still_read(tmp_path):
-    """An entry written by 0.2 (no metadata in its key area) is a hit that records no time."""
-
-    @dc.memoize(tmp_path / "c")
-    def f(x):
-        return x + 1
-
-    f(1)
-    [path] = entry_files(tmp_path / "c")
-    entry, _st = dc._load_entry(str(path))
-    old = dc._encode_entry(entry.key, 2)
-    old.meta = b""
-    path.write_bytes(b"".join(old.chunks()))
-    assert struct.unpack_from("<I", path.read_bytes(), 48)[0] == 0, "flags 0, as 0.2 wrote them"
-    assert f(1) == 2 and f.cache_info()[:2] == (1, 1) and f.cache_info().saved_seconds == 0.0
-    short = dc._encode_entry(entry.key, 3)
-    short.meta = b"abc"  # A metadata length that no writer makes (under 8 bytes): damage, so a miss.
-    path.write_bytes(b"".join(short.chunks()))
-    assert f(1) == 2 and f.cache_info()[:2] == (1, 2)
-
-
-def test_compress_shrinks_the_stream_and_never_the_mapped_buffers(tmp_path):
-    text = [f"record {i}: the quick brown fox jumps over the lazy dog" for i in range(20000)]
-    sizes = {}
-    for codec in (False, "zlib", True, "lzma"):
-
-        @dc.memoize(tmp_path / str(codec), compress=codec)
-        def make(n):
-            return text[:n]
-
-        assert make(20000) == text
-        [path] = entry_files(tmp_path / str(codec))
-        sizes[codec] = path.stat().st_size
-        make.cache_clear()
-        assert make(20000) == text and make(20000) == text and make.cache_info().hits == 1, codec
-    assert sizes["zlib"] == sizes[True] and sizes["zlib"] * 5 < sizes[False] and sizes["lzma"] * 5 < sizes[False]
-    with dc.open(tmp_path / "s", compress="zlib", mmap=True) as db:
-        db["big"] = pickle.PickleBuffer(bytearray(b"a" * 200_000))
-        db["small"] = b"b" * 1000
-        assert bytes(db["big"]) == b"a" * 200_000 and db["small"] == b"b" * 1000
-    blobs = {p.read_bytes() for p in entry_files(tmp_path / "s")}
-    assert any(b"a" * 200_000 in blob for blob in blobs), "an out-of-band buffer is written as it is, to be mapped"
-    assert not any(b"b" * 1000 in blob for blob in blobs), "the small value's stream is compressed"
-    for bad in ("gzip", 1):
-        with pytest.raises(ValueError, match="compress must be False, True, 'zlib' or 'lzma'"):
-            dc.memoize(tmp_path, compress=bad)
-
-
-def test_prune_in_python_trims_one_function_or_the_store(tmp_path):
-    @dc.memoize(tmp_path / "c")
-    def f(x):
-        return x
-
-    @dc.memoize(tmp_path / "c")
-    def g(x):
-        return x
-
-    f.map(range(10))
-    g.map(range(3))
-    old = time.time() - 7200
-    for path in entry_files(tmp_path / "c")[:2]:
-        os.utime(path, (old, old))
-    before = entry_files(tmp_path / "c")
-    dry = f.prune(max_bytes=4 * 4096, dry_run=True)
-    assert dry.evicted == 6 and dry.evicted_bytes == 6 * 4096 and entry_files(tmp_path / "c") == before
-    assert f.prune(max_bytes=4 * 4096) == dc.PruneReport(0, 0, 6, 6 * 4096)
-    assert f.cache_info().currsize == 4 and g.cache_info().currsize == 3, "g's entries are not f's to trim"
-    with dc.open(tmp_path / "c") as store:
-        assert store.prune(older_than=datetime.timedelta(hours=1), dry_run=True) >= 0
-        assert store.prune(max_bytes=2 * 4096) == 5 and len(store) == 2
-        with pytest.raises(ValueError, match="older_than must be a positive number of seconds"):
-            store.prune(older_than=-1)
-        with pytest.raises(ValueError, match="max_bytes must be a positive int"):
-            store.prune(max_bytes=0)
-
-
-def test_cache_info_is_a_namedtuple_like_functools(tmp_path):
-    import functools
-
-    f = dc.memoize(tmp_path, ttl=60, version=2, max_bytes=10**6)(abs)
-    info = f.cache_info()
-    assert info._fields[:4] == functools.lru_cache()(abs).cache_info()._fields
-    assert info._asdict() == {
-        "hits": 0, "misses": 0, "maxsize": 10**6, "currsize": 0, "held_seconds": 0.0, "saved_seconds": 0.0,
-    }  # fmt: skip
-    assert isinstance(info, tuple) and info._replace(hits=3).hits == 3
-    params = f.cache_parameters()
-    assert params["maxsize"] == params["max_bytes"] == 10**6 and params["ttl"] == 60 and params["version"] == 2
-
-
-@pytest.mark.parametrize("url", ["s3://bucket/cache", "gs://b/c", "http://example.com/c", "HTTPS://x"])
-def test_url_paths_are_refused(tmp_path, monkeypatch, url):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="is a URL; donecache stores entries in a local"):
-        dc.memoize(url)
-    with pytest.raises(ValueError, match="is a URL"):
-        dc.open(url)
-    assert listing(tmp_path) == [], "no local folder named after the scheme"
-    assert dc._store_path("C:\\cache") == "C:\\cache", "a Windows drive is no URL"
-
-
-def test_a_directory_of_other_files_is_refused_not_adopted(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="holds other files and is not a donecache store"):
-        dc.open(tmp_path)
-    f = dc.memoize(tmp_path)(abs)
-    with pytest.warns(dc.DonecacheWarning, match="not cached: .*holds other files"):
-        assert f(-1) == 1
-    assert listing(tmp_path) == ["notes.txt"], "nothing written or labelled"
-    with dc.open(tmp_path / "store") as db:  # A store (labelled) keeps opening, whatever it holds.
-        db["k"] = 1
-    (tmp_path / "store" / "stray.txt").write_text("x")
-    with dc.open(tmp_path / "store") as db:
-        assert db["k"] == 1
-
-
-def test_cli_sizes_version_default_path_and_dry_run(tmp_path):
-    assert [dc._cli_size(t) for t in ("10M", "10MB", "10MiB", "10mib", "1.5K", "512", "2 GB", "3b")] == [
-        10 << 20, 10_000_000, 10 << 20, 10 << 20, 1536, 512, 2_000_000_000, 3,
-    ]  # fmt: skip
-    for bad in ("10X", "MiB", "10iB", "-1M", "0"):
-        with pytest.raises(dc._UsageError, match="give a positive size"):
-            dc._cli_size(bad)
-    proc = cli("--version")
-    assert proc.returncode == 0 and proc.stdout.strip() == f"donecache {dc.__version__}"
-    with dc.open(tmp_path / ".donecache") as db:
-        for i in range(5):
-            db[str(i)] = "x" * 5000
-    before = entry_files(tmp_path / ".donecache")
-    proc = cli("prune", "--dry-run", "--max-bytes", "8K", cwd=tmp_path)  # No path: .donecache.
-    assert proc.returncode == 0 and "would evict 4 least recently used entries (32.0 KiB on disk)" in proc.stdout
-    assert entry_files(tmp_path / ".donecache") == before
-    assert re.search(r"\n  5 entries, 2\d\.\d KiB \(40\.0 KiB on disk\)", cli("info", cwd=tmp_path).stdout)
-    assert json.loads(cli("prune", "--max-bytes", "8KiB", "--json", cwd=tmp_path).stdout)["evicted_entries"] == 4
-
-
-@posix_only
-def test_cli_broken_pipe_ends_quietly(tmp_path):
-    with dc.open(tmp_path / "c") as db:
-        for i in range(3000):
-            db[str(i)] = i
-    script = f"import runpy, sys\nsys.path.insert(0, {str(IMPORT_ROOT)!r})\nsys.argv = ['donecache.py', 'info', '--json', {str(tmp_path / 'c')!r}]\nrunpy.run_module({MODULE!r}, run_name='__main__')"
-    proc = subprocess.run(
-        f"{sys.executable} -c {shlex_quote(script)} | head -1", shell=True, capture_output=True, text=True, timeout=60
-    )
-    assert proc.stdout == "{\n" and proc.stderr == "", proc.stderr
-
-
-def shlex_quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
-
-
-def test_packaging_names_the_console_script_license_and_sdist_files():
-    tomllib = pytest.importorskip("tomllib")
-    root = Path(__file__).resolve().parent
-    if not (root / "pyproject.toml").exists():
-        pytest.skip("pyproject.toml is not beside this test file (a vendored copy)")
-    project = tomllib.loads((root / "pyproject.toml").read_text())
-    assert project["project"]["scripts"] == {"donecache": "donecache:main"} and callable(dc.main)
-    assert project["project"]["license"] == "MIT" and not any("License ::" in c for c in project["project"]["classifiers"])
-    include = project["tool"]["hatch"]["build"]["targets"]["sdist"]["include"]
-    needed = {".ci/run", ".ci/typed_user.py", ".ci/fs_probe.py", "examples/pipeline.py", "test_donecache.py", "donecache.py"}
-    assert all(any(name == path or (path.endswith("/") and name.startswith(path)) for path in include) for name in needed)
-
-
-def test_progress_lines_carry_the_batch_figures(tmp_path, capsys):
-    f = dc.memoize(tmp_path)(abs)
-    f.map([-1, -2], progress=True)
-    f.map([-1, -2, -3], progress=True)
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.endswith("0 failed; 1 computed (0.0 s), 2 reused (saved 0.0 s of compute)"), last
-
-
-# ---------------------------------------------------------------------------
-# Issue 18, items 1-3 and 11: symlinks and special files where donecache writes,
-# other users' stores, the modes of the folders inside a store, smaller defects.
-# Each test failed on 0.2.0 (3cf1caa) unless its docstring says otherwise.
-# ---------------------------------------------------------------------------
-
-VICTIM = b"precious data of another file\n"
-
-
-def victim_file(tmp_path: Path) -> Path:
-    victim = tmp_path / "victim"
-    victim.write_bytes(VICTIM)
-    os.chmod(victim, 0o640)
-    return victim
-
-
-def untouched(victim: Path) -> bool:
-    return victim.read_bytes() == VICTIM and stat.S_IMODE(victim.stat().st_mode) == 0o640
-
-
-@posix_only
-@pytest.mark.parametrize("shared", [False, True], ids=["stage", "shared-stage"])
-def test_a_symlink_at_a_stage_lock_is_refused_and_its_target_kept(tmp_path, shared):
-    """Item 1: the lock file was opened through a planted link, then truncated and rewritten
-    with the builder's host and pid: the link's target was emptied."""
-    victim = victim_file(tmp_path)
-    stage = tmp_path / "stage"
-    stage.mkdir()
-    (stage / ".donecache.lock").symlink_to(victim)
-    with pytest.raises(OSError, match="symbolic link, not a regular file") as caught:
-        with dc.done_dir(stage, expect=1 if shared else None) as s:
-            s.piece("a", lambda: "a")
-    assert ".donecache.lock" in str(caught.value) and "remove it" in str(caught.value)
-    assert untouched(victim) and not (stage / "DONE").exists()
-
-
-@posix_only
-def test_a_symlink_at_the_store_lock_is_refused(tmp_path):
-    """Item 1: the store's .lock was opened through a planted link: a dangling one made
-    donecache create its target, an existing one was locked and kept open (the same path
-    takes the stage-lock note). A store with max_bytes raises; memoize warns and computes
-    without the lock (its policy for a lock it cannot take); neither touches the targets."""
-    victim = victim_file(tmp_path)
-    nowhere = tmp_path / "made-through-the-link"
-    for target, name in ((victim, "a"), (nowhere, "b")):
-        cache = tmp_path / name
-        with dc.open(cache) as db:
-            db["k"] = 0
-        (cache / ".lock").symlink_to(target)
-        with dc.open(cache, max_bytes=1 << 20) as db, pytest.raises(OSError, match="symbolic link"):
-            db["k"] = 1
-
-        @dc.memoize(cache)
-        def double(x):
-            return 2 * x
-
-        with pytest.warns(dc.DonecacheWarning, match="symbolic link"):
-            assert double(21) == 42
-    assert untouched(victim) and not os.path.lexists(nowhere)
-
-
-@posix_only
-def test_fifos_at_lock_files_and_usage_do_not_hang(tmp_path):
-    """Item 1: a FIFO at .usage hung every write of a store with max_bytes (its read waited
-    for a writer); a FIFO at a stage's lock file was taken as the lock. Each now fails at
-    once with an error naming the FIFO."""
-    fifos = []
-    stage = tmp_path / "stage"
-    stage.mkdir()
-    os.mkfifo(stage / ".donecache.lock")
-    for name in ("usage", "lock"):
-        with dc.open(tmp_path / name) as db:
-            db["k"] = 0
-        os.mkfifo(tmp_path / name / f".{name}")
-        fifos.append(tmp_path / name / f".{name}")
-    fifos.append(stage / ".donecache.lock")
-
-    def store(name: str) -> str:
-        try:
-            with dc.open(tmp_path / name, max_bytes=1 << 20) as db:
-                db["k"] = 1
-        except OSError as exc:
-            return str(exc)
-        return "no error"
-
-    def build() -> str:
-        try:
-            with dc.done_dir(stage):
-                pass
-        except OSError as exc:
-            return str(exc)
-        return "no error"
-
-    results = run_bounded({"usage": lambda: store("usage"), "lock": lambda: store("lock"), "stage": build}, fifos)
-    assert all("FIFO" in message for message in results.values()), results
-    assert not (stage / "DONE").exists()
-
-
-@posix_only
-@pytest.mark.parametrize(
-    "where", ["marker", "version file", "CACHEDIR.TAG", "identity", "ledger", "entry"]
-)
-def test_links_at_files_written_by_rename_are_replaced_and_their_targets_kept(tmp_path, where):
-    """Item 1: markers, version files, labels, identity records, ledger records and entries are
-    written to a temporary file and renamed over their name, which replaces a planted link by
-    a fresh regular file and never writes through it (a label whose name exists, even as a
-    link, is left alone). Passed on 0.2.0 too: kept as a guard."""
-    victim = victim_file(tmp_path)
-    cache = tmp_path / "cache"
-    if where in ("marker", "version file"):
-        stage = tmp_path / "stage"
-        stage.mkdir()
-        planted = stage / ("DONE" if where == "marker" else ".donecache.version")
-        planted.symlink_to(victim)
-        with dc.done_dir(stage, version=2) as s:
-            s.piece("a", lambda: "a")
-        assert dc.is_done(stage, version=2)
-    elif where == "CACHEDIR.TAG":
-        cache.mkdir(mode=0o700)
-        planted = cache / ".gitignore"
-        planted.symlink_to(victim)
-        dc.open(cache).close()
-        assert (cache / "CACHEDIR.TAG").is_file() and planted.is_symlink(), "a name that exists is left alone"
-        planted = cache / "CACHEDIR.TAG"
-    elif where in ("identity", "ledger"):
-        def half(x):
-            if x == 1:
-                raise ValueError("one")
-            return x / 2
-
-        dc.memoize(cache, version=1)(half).map([1, 2], keep_going=True)
-        [planted] = (cache / (".functions" if where == "identity" else ".failures")).rglob("*.*" if where == "ledger" else "*")
-        planted.unlink()
-        planted.symlink_to(victim)
-        dc.memoize(cache, version=2 if where == "identity" else 1)(half).map([1, 2], keep_going=True)
-    else:
-        with dc.open(cache) as db:
-            db["k"] = 1
-            [planted] = entry_files(cache)
-            planted.unlink()
-            planted.symlink_to(victim)
-            db["k"] = 2
-            assert db["k"] == 2
-    assert untouched(victim)
-    assert planted.is_file() and not planted.is_symlink() and planted.read_bytes() != VICTIM
-
-
-@posix_only
-@pytest.mark.parametrize("depth", ["sub/x", "sub/deeper/x"])
-def test_a_piece_is_never_written_through_a_symlinked_folder(tmp_path, depth):
-    """Item 1: a symlinked folder planted inside a stage made piece() write outside it (and
-    count a file found there as the piece)."""
-    outside = tmp_path / "outside"
-    (outside / "deeper").mkdir(parents=True)
-    victim = victim_file(tmp_path)
-    os.link(victim, outside / "x")
-    stage = tmp_path / "stage"
-    stage.mkdir()
-    (stage / "sub").symlink_to(outside, target_is_directory=True)
-    before = listing(outside)
-    with pytest.raises(NotADirectoryError, match="is a symbolic link, not a directory") as caught:
-        with dc.done_dir(stage) as s:
-            s.piece(depth, lambda: "written outside the stage")
-    assert str(stage / "sub") in str(caught.value) and "remove it" in str(caught.value)
-    assert untouched(victim) and listing(outside) == before and listing(outside / "deeper") == []
-    assert not (stage / "DONE").exists()
-    (stage / "sub").unlink()
-
-    def plant_meanwhile():
-        (stage / "sub").symlink_to(outside, target_is_directory=True)
-        return "written while a link was planted"
-
-    with pytest.raises(NotADirectoryError, match="symbolic link"):
-        with dc.done_dir(stage) as s:
-            s.piece(depth, plant_meanwhile)
-    assert untouched(victim) and listing(outside) == before and listing(outside / "deeper") == []
-    (stage / "sub").unlink()
-    with pytest.raises(Boom), dc.done_dir(stage) as s:
-        s.piece(depth, lambda: (_ for _ in ()).throw(Boom()))
-    assert listing(stage) == [".donecache.lock"], "a failed make() leaves no folder behind"
-    with dc.done_dir(stage) as s:  # Real folders are made as before.
-        s.piece(depth, lambda: "inside")
-    assert (stage / depth).read_text() == "inside"
-
-
-@posix_only
-def test_atomic_path_never_renames_or_chmods_through_a_link(tmp_path):
-    """Item 1: a symlink made at atomic_path's temporary name (by the library, or by someone
-    racing it) was followed: its target was chmod-ed to the old file's mode and the link was
-    renamed onto the target."""
-    victim = victim_file(tmp_path)
-    target = tmp_path / "out.npy"
-    target.write_bytes(b"old")
-    os.chmod(target, 0o600)
-    with pytest.raises(OSError, match="symbolic link"):
-        with dc.atomic_path(target) as tmp:
-            os.symlink(victim, tmp)
-    assert untouched(victim) and not target.is_symlink() and target.read_bytes() == b"old"
-    assert listing(tmp_path) == ["out.npy", "victim"]
-
-
-class RunsCode:
-    """A value whose unpickling runs code: it makes a directory (what an attacker's entry could do)."""
-
-    def __init__(self, proof: str) -> None:
-        self.proof = proof
-
-    def __reduce__(self):
-        return os.mkdir, (self.proof,)
-
-
-root_only = pytest.mark.skipif(not IS_ROOT or sys.platform == "win32", reason="chowns to another user: needs root")
-
-
-@root_only
-@pytest.mark.parametrize("how", ["owner", "g+w", "o+w", "link owner"])
-def test_a_store_another_user_could_write_is_refused_unless_trusted(tmp_path, how):
-    """Item 2: open() and memoize loaded the entries of a store that another user owns, or that
-    group or others can write, running whatever code its pickles held."""
-    cache, proof = tmp_path / "cache", tmp_path / "code-ran"
-    with dc.open(cache) as db:
-        db["k"] = RunsCode(str(proof))
-
-    @dc.memoize(cache)
-    def answer():
-        return 42
-
-    assert answer() == 42 and not proof.exists()
-    path = cache
-    if how == "owner":
-        for folder, _dirs, files in os.walk(cache):
-            for name in [folder, *(os.path.join(folder, f) for f in files)]:
-                os.lchown(name, 65534, 65534)
-    elif how == "link owner":
-        path = tmp_path / "link"
-        path.symlink_to(cache, target_is_directory=True)
-        os.lchown(path, 65534, 65534)
-    else:
-        os.chmod(cache, 0o720 if how == "g+w" else 0o702)
-    for attempt in (lambda: dc.open(path)["k"], lambda: dc.memoize(path)(answer.__wrapped__)()):
-        with pytest.raises(PermissionError) as caught:
-            attempt()
-        message = str(caught.value)
-        assert str(path) in message and "trust_shared=True" in message, message
-        if how in ("owner", "link owner"):
-            assert "uid 65534" in message and "not yours" in message, message
-        else:
-            assert ("its group" if how == "g+w" else "others") in message and "drwx-" in message, message
-    assert not proof.exists(), "nothing was loaded"
-    assert dc.memoize(path, trust_shared=True)(answer.__wrapped__)() == 42
-    with dc.open(path, trust_shared=True) as db:
-        db["k"]
-    assert proof.is_dir(), "trusted: the entry was loaded, and its code ran"
-    assert cli("info", str(path)).returncode == 0, "the command line loads no value: it needs no trust"
-
-
-@root_only
-def test_a_fresh_store_is_trusted_whatever_the_umask(tmp_path):
-    """Item 2: a store that donecache creates passes its own check (0700, the user's)."""
-    proc = child(
-        """
-        import os
-        os.umask(0)
-        with dc.open(sys.argv[1] + "/a/b/cache") as db:
-            db["k"] = 1
-        with dc.open(sys.argv[1] + "/a/b/cache") as db:
-            print(db["k"])
-        """,
-        str(tmp_path),
-    )
-    assert proc.stdout.strip() == "1"
-
-
-TREE_OF_A_STORE = """
-import os
-os.umask(int(sys.argv[2], 8))
-root = sys.argv[1] + "/new/parent/cache"
-
-def half(x):
-    if x == 3:
-        raise ValueError("three")
-    return x / 2
-
-with dc.open(root, max_bytes=1 << 30) as db:
-    db["k"] = 1
-dc.memoize(root, max_bytes=1 << 30)(half).map(range(8), keep_going=True)
-for folder, _dirs, _files in os.walk(sys.argv[1]):
-    print(folder, oct(os.stat(folder).st_mode & 0o7777))
-"""
-
-
-@posix_only
-@pytest.mark.parametrize("umask", ["000", "077", "022", "277"])
-def test_every_folder_of_a_store_is_private_whatever_the_umask(tmp_path, umask):
-    """Item 3: os.makedirs(..., 0o700) gave 0700 to the last folder only: function folders,
-    shards and .failures/ got 0777 less the umask (0777 with umask 000)."""
-    modes = dict(line.rsplit(" ", 1) for line in child(TREE_OF_A_STORE, str(tmp_path), umask).stdout.splitlines())
-    root = str(tmp_path / "new" / "parent" / "cache")
-    inside = {path: mode for path, mode in modes.items() if path.startswith(root)}
-    assert len(inside) >= 8, inside  # The store, shards, a function folder and its shards, .functions, .failures/x.
-    assert set(inside.values()) == {"0o700"}, inside
-    above = 0o777 & ~int(umask, 8)  # Directories above the store are the user's: mkdir -p's mode.
-    assert modes[str(tmp_path / "new")] == oct(above) and modes[str(tmp_path / "new" / "parent")] == oct(above)
-
-
-@root_only
-@pytest.mark.parametrize("umask", ["077", "002"])
-def test_folders_of_a_team_store_keep_its_mode(tmp_path, umask):
-    """Item 3: a team store (setgid, group-writable, trusted) passes its mode to every folder
-    donecache makes in it, whatever the umask of the member who writes."""
-    team = tmp_path / "new" / "parent" / "cache"
-    team.mkdir(parents=True)
-    os.chown(team, 0, 65534)
-    os.chmod(team, 0o2770)
-    script = TREE_OF_A_STORE.replace("max_bytes=1 << 30", "max_bytes=1 << 30, trust_shared=True")
-    modes = dict(line.rsplit(" ", 1) for line in child(script, str(tmp_path), umask).stdout.splitlines())
-    inside = {path: mode for path, mode in modes.items() if path.startswith(str(team))}
-    assert len(inside) >= 8 and set(inside.values()) == {"0o2770"}, inside
-
-
-def test_donecache_off_with_shards_makes_no_cache_directory(tmp_path, monkeypatch, calls):
-    """Item 11: DONECACHE=off with map(shard=...) created the cache directory (making the keys
-    that choose each shard made the store)."""
-    monkeypatch.setenv("DONECACHE", "off")
-
-    def square(x):
-        calls.append(x)
-        return x * x
-
-    new = dc.memoize(tmp_path / "cache", version=2)(square)
-    mine = [new.map(range(20), shard=(index, 2)).successes for index in (0, 1)]
-    assert sorted(mine[0] + mine[1]) == sorted(x * x for x in range(20)) and mine[0] and mine[1]
-    assert not (tmp_path / "cache").exists()
-    monkeypatch.delenv("DONECACHE")
-    assert dc.memoize(tmp_path / "cache", version=1)(square)(5) == 25  # Older code, recorded as current.
-    assert new(3) == 9 and new.is_cached(3)
-    # The identity prepared while off is recorded once the store is made: version 2 is current.
-    assert cli("prune", str(tmp_path / "cache"), "--stale").returncode == 0
-    assert new.is_cached(3), "prune --stale kept the entry of the current code"
-    assert json.loads(cli("info", str(tmp_path / "cache"), "--json").stdout)["entries"]["live"] == 1
-    assert sorted(calls) == sorted([*range(20), 5, 3])
-
-
-def test_a_versioned_stage_over_an_unversioned_build_starts_empty(tmp_path):
-    """Item 11: a version=2 stage resumed the pieces of a finished unversioned build (whose
-    marker names no version and which recorded none) and wrote its marker over them."""
-    stage = tmp_path / "stage"
-    with dc.done_dir(stage) as s:
-        s.piece("old", lambda: "from the unversioned build")
-    with dc.done_dir(stage, version=2) as s:
-        assert not s.done and not (stage / "old").exists()
-        s.piece("new", lambda: "v2")
-    assert dc.is_done(stage, version=2) and not (stage / "old").exists()
-    with dc.done_dir(tmp_path / "crashed") as s:  # No marker: an unversioned build that crashed.
-        s.piece("kept", lambda: "x")
-        mark = s.path / "DONE"
-    mark.unlink()
-    with dc.done_dir(tmp_path / "crashed", version=2) as s:
-        assert (s.path / "kept").exists(), "without a marker nothing says which version wrote the pieces"
-
-
-@posix_only
-def test_status_shows_a_shared_stage_being_built(tmp_path):
-    """Item 11: `status` said `incomplete` for a shared stage whose builders were at work:
-    they hold the stage's lock only on entry and exit."""
-    import socket
-
-    stage = tmp_path / "stage"
-    with stage_being_built(stage, expect=2) as builder:
-        [row] = json.loads(cli("status", str(stage), "--json").stdout)
-        assert row["state"] == "building" and row["builder"] == {"host": socket.gethostname(), "pid": builder.pid}
-    [row] = json.loads(cli("status", str(stage), "--json").stdout)
-    assert row["state"] == "incomplete", "a killed builder holds nothing"
-    with dc.done_dir(stage, expect=2) as s:
-        s.piece("b", lambda: "b")
-    assert s.done and listing(stage) == [".donecache.lock", "DONE", "a", "b"], "the killed builder's file is swept"
-
-
-def test_is_cached_on_a_bound_method(tmp_path):
-    """Item 11: obj.method.is_cached(3) raised TypeError: the bound wrapper did not pass obj."""
-    calls = []
-
-    class Model:
-        def __init__(self, scale):
-            self.scale = scale
-
-        @dc.memoize(tmp_path, key=lambda self, x: (self.scale, x))
-        def predict(self, x):
-            calls.append(x)
-            return self.scale * x
-
-    model = Model(2)
-    assert not model.predict.is_cached(3)
-    assert model.predict(3) == 6 and model.predict.is_cached(3) and not model.predict.is_cached(4)
-    assert not Model(5).predict.is_cached(3) and calls == [3]
-
-
-def test_verify_on_a_closed_store_raises_like_other_operations(tmp_path):
-    """Item 11: Store.verify() worked on a closed store, unlike every other operation."""
-    db = dc.open(tmp_path / "c")
-    db["k"] = 1
-    db.close()
-    for operation in (lambda: db["k"], db.prune, db.verify):
-        with pytest.raises(ValueError, match="closed"):
-            operation()
-
-
-@linux_only
-def test_donecache_never_truncates_an_entry_in_place(tmp_path, monkeypatch):
-    """Item 11: a mapped hit dies with SIGBUS if its file shrinks under it (mmap(2)), so
-    donecache must replace entries, never truncate or rewrite them in place: every write,
-    overwrite, clear, prune and sweep is watched for O_TRUNC opens and ftruncate of an
-    entry file. (0.2.0 did not either: kept as a guard.)"""
-    truncated: list[str] = []
-    real_open, real_ftruncate, real_truncate = os.open, os.ftruncate, os.truncate
-
-    def watched_open(path, flags, *args, **kwargs):
-        if flags & os.O_TRUNC:
-            truncated.append(f"O_TRUNC {path}")
-        return real_open(path, flags, *args, **kwargs)
-
-    def watched_ftruncate(fd, length):
-        name = os.readlink(f"/proc/self/fd/{fd}")
-        if not name.endswith(".lock"):  # A lock file's note of its holder is rewritten in place.
-            truncated.append(f"ftruncate {name}")
-        return real_ftruncate(fd, length)
-
-    monkeypatch.setattr(os, "open", watched_open)
-    monkeypatch.setattr(os, "ftruncate", watched_ftruncate)
-    monkeypatch.setattr(os, "truncate", lambda *a: truncated.append(f"truncate {a}") or real_truncate(*a))
-    big = bytes(1 << 17)
-    with dc.open(tmp_path / "c", mmap=True, max_bytes=1 << 20) as db:
-        for round_ in range(12):
-            db[f"k{round_ % 5}"] = big
-            assert db[f"k{round_ % 5}"] == big
-        db.prune()
-        del db["k1"]
-        db.clear()
-    assert truncated == []
-
-
-def test_time_saved_by_a_pool_worker_that_waited_for_another_process_counts_in_the_parent(tmp_path):
-    """Two batches on the same inputs at once: the second one's workers wait for the first
-    one's computations and reuse them; the parent adds what they saved to its own figures."""
-    script = """
-        import os, time
-        @dc.memoize(sys.argv[1])
-        def slow(x):
-            open(f"{sys.argv[1]}.started.{x}", "w").close()
-            time.sleep(0.4)
-            return x
-
-        if __name__ == "__main__":
-            while sys.argv[2] == "late" and not all(os.path.exists(f"{sys.argv[1]}.started.{x}") for x in (0, 1)):
-                time.sleep(0.001)  # Until the other batch computes both (holding their locks).
-            batch = slow.map(range(2), workers=2)
-            print(batch.computed, batch.reused, round(batch.computed_seconds + batch.saved_seconds, 6), round(slow.cache_info().saved_seconds, 6))
-    """
-    first = child(script, str(tmp_path / "c"), "early", background=True)
-    second = child(script, str(tmp_path / "c"), "late", background=True)
-    out = [proc.communicate(timeout=60)[0].split() for proc in (first, second)]
-    assert out[0][:2] == ["2", "0"] and 0.8 <= float(out[0][2]) and out[0][3] == "0.0", out
-    computed, reused, saved, info_saved = out[1]
-    assert (computed, reused) == ("0", "2") and saved == info_saved == out[0][2], "what the first batch computed"
 
 
 # ---------------------------------------------------------------------------
