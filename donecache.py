@@ -1930,42 +1930,35 @@ done_dir = Stage
 # Entry files: the format
 #
 # A store is a directory with one file per entry, written with the atomic
-# writer and named by a hash of its key: <root>/<2 hex>/<32 hex>. Each file
-# holds a header (format, checksum, times, lengths), the key and the pickled
-# value, so reads need no lock and no index, and a torn or damaged file reads
-# as missing.
+# writer and named by a hash of its key. Each file holds a header, the key and
+# the pickled value, so reads need no lock and no index, and a torn or damaged
+# file reads as missing.
 # ---------------------------------------------------------------------------
 
-# An entry file (format dcE2; all integers little-endian, lengths 64-bit):
-#
+# Format dcE2 (all integers little-endian, lengths 64-bit; docs/storage.md):
 #   header  magic "dcE2", head CRC, created and expires (Unix seconds; 0.0 =
 #           never), key length, stream length, stream CRC, buffer count, flags
-#   key     the key, then (from donecache 0.3) the entry's metadata: the
-#           seconds its computation took (a double) and the host that made it
-#           (UTF-8); flags bits 16-31 give the metadata's length, which key
-#           length includes (0.2 reads such an entry as another key's: a miss)
-#   stream  the pickle (protocol 5) of the value, less its big buffers
-#   buffers each of the pickle's out-of-band buffers (the data of NumPy arrays
-#           and pandas columns), at an offset aligned to 64 bytes
+#   key     the key, then (from 0.3) the entry's metadata: the seconds its
+#           computation took (a double) and the host that made it (UTF-8);
+#           flags bits 16-31 give the metadata's length, which key length
+#           includes (0.2 reads such an entry as another key's: a miss)
+#   stream  the pickle (protocol 5) of the value, less its big buffers; flags
+#           bits 0-7 name its codec (1 zlib, 2 lzma); buffers are never
+#           compressed, so that they can still be mapped
+#   buffers the pickle's out-of-band buffers, each at an offset aligned to 64
 #   table   per buffer: its length and CRC-32; then the table's own CRC-32
-#
 # The head CRC covers the header after itself and the key; the table comes
-# last because its CRCs are computed while the buffers are written. Offsets
-# follow from the lengths, and the last buffer must end where the table
-# starts, at the file's size less the table's: a truncated or padded file is
-# damage. Flags bits 0-7 name the codec of a compressed stream (1 zlib,
-# 2 lzma); buffers are never compressed, so that they can still be mapped.
-# A read checks all of that and the stream's CRC (for a value with no
-# big buffers that covers every byte); the buffers' own CRCs cost more than
-# the whole read of a big value, so they are checked by verify() and prune(),
-# not on every hit. Format 1 (donecache 0.1, magic "dcE1") is no longer read:
-# such a file is damage, and its entry is computed again.
+# last because its CRCs are computed while the buffers are written. The last
+# buffer must end where the table starts: a truncated or padded file is
+# damage. A read checks all of that and the stream's CRC (every byte of a
+# value with no big buffers); the buffers' CRCs cost more than the whole read
+# of a big value, so verify() and prune() check them, not every hit. Format 1
+# (donecache 0.1, "dcE1") is damage: its entry is computed again.
 _ENTRY_MAGIC = b"dcE2"
 _ENTRY_HEADER = struct.Struct("<4sIddQQIII")
 _BUFFER_ROW = struct.Struct("<QI")
 _META = struct.Struct("<d")  # The metadata's fixed part: the computation's seconds; the host follows.
 _seconds_of = _META.unpack_from
-_NO_META = memoryview(b"")
 _CODECS = {"zlib": 1, "lzma": 2}
 _OUT_OF_BAND = 1 << 16  # Buffers this big are written apart from the stream, and can be mapped.
 _MAX_BUFFERS = 4096  # Beyond this many, buffers stay in the stream: the table's size is bounded.
@@ -1989,22 +1982,6 @@ def _lzma() -> Any:
     return lzma
 
 
-def _datetimes_out_of_band(obj: Any) -> Any:
-    """NumPy pickles datetime64 and timedelta64 arrays inside the stream (no
-    PickleBuffer for them): a big one (a pandas datetime block) goes as its
-    int64 view, out of band, and comes back as ndarray.view(that, its dtype).
-    Nothing of donecache's is named in the pickle."""
-    ndarray = sys.modules["numpy"].ndarray
-    if (
-        type(obj) is ndarray
-        and obj.dtype.kind in "mM"
-        and obj.nbytes >= _OUT_OF_BAND
-        and (obj.flags.c_contiguous or obj.flags.f_contiguous)
-    ):
-        return ndarray.view, (obj.view("i8"), obj.dtype)
-    return NotImplemented
-
-
 _DatetimePickler: type[pickle.Pickler] | None = None  # Made by _runtime_imports; used while numpy is loaded.
 # Weak tables of the sections below (weakref is an import that `import donecache`
 # does without): each registers its global's name and weakref class here, and
@@ -2022,8 +1999,17 @@ def _runtime_imports() -> None:
     if _DatetimePickler is None:
 
         class DatetimePickler(pickle.Pickler):
+            # NumPy pickles datetime64 and timedelta64 arrays inside the stream (no
+            # PickleBuffer for them): a big one (a pandas datetime block) goes as its
+            # int64 view, out of band, and comes back as ndarray.view(that, its dtype).
+            # Nothing of donecache's is named in the pickle.
             def reducer_override(self, obj: Any) -> Any:
-                return _datetimes_out_of_band(obj)
+                ndarray = sys.modules["numpy"].ndarray
+                if type(obj) is ndarray and obj.dtype.kind in "mM" and obj.nbytes >= _OUT_OF_BAND and (
+                    obj.flags.c_contiguous or obj.flags.f_contiguous
+                ):
+                    return ndarray.view, (obj.view("i8"), obj.dtype)
+                return NotImplemented
 
         _DatetimePickler = DatetimePickler
     made = globals()
@@ -2035,16 +2021,15 @@ def _runtime_imports() -> None:
 
 
 class _Entry:
-    """One entry file as read: its key and times, and (unless only its head was
-    read) the pickle stream and the out-of-band buffers that load() joins."""
+    """An entry file as read: its key and times, and (unless only its head was read) the pickle stream and
+    the out-of-band buffers that load() joins."""
 
     __slots__ = ("key", "created", "expires", "stream", "buffers", "flags", "meta")
 
-    def __init__(self, key: bytes, created: float, expires: float) -> None:
-        self.key, self.created, self.expires = key, created, expires
+    def __init__(self, key: bytes, created: float, expires: float, flags: int = 0, meta: Any = b"") -> None:
+        self.key, self.created, self.expires, self.flags, self.meta = key, created, expires, flags, meta
         self.stream: Any = b""
         self.buffers: list[Any] = []
-        self.flags, self.meta = 0, _NO_META
 
     def live(self, now: float) -> bool:
         return not self.expires or now < self.expires
@@ -2066,41 +2051,28 @@ class _Entry:
         return pickle.loads(stream, buffers=self.buffers)
 
 
-class _Encoded:
-    """A value pickled for an entry file: the stream, and the big buffers kept
-    out of it (views of the value's own memory, not copies)."""
+class _Encoded(_Entry):
+    """A value pickled for an entry file (a small one reads back as itself, with no
+    buffers); its big buffers are views of the value's own memory, not copies."""
 
-    __slots__ = ("key", "expires", "stream", "buffers", "created", "meta", "codec")
+    __slots__ = ("codec",)
 
     def __init__(self, key: bytes, expires: float, stream: bytes, buffers: list[memoryview], meta: bytes) -> None:
-        self.key, self.expires, self.stream, self.buffers, self.meta = key, expires, stream, buffers, meta
-        self.created = 0.0  # Set by chunks(), when the header is made.
-        self.codec = 0
+        super().__init__(key, 0.0, expires, 0, meta)  # created: set by chunks(), when the header is made.
+        self.stream, self.buffers, self.codec = stream, buffers, 0
 
     def nbytes(self) -> int:
         """The size of the file that chunks() makes (at most a few bytes more)."""
-        rows = sum(buffer.nbytes + _ALIGN + _BUFFER_ROW.size for buffer in self.buffers)
+        rows: int = sum(buffer.nbytes + _ALIGN + _BUFFER_ROW.size for buffer in self.buffers)
         return _ENTRY_HEADER.size + len(self.key) + len(self.meta) + len(self.stream) + rows + 4
-
-    def as_read(self) -> _Entry:
-        """The entry a read of the file would give (a small one: no buffers)."""
-        entry = _Entry(self.key, self.created, self.expires)
-        entry.stream = self.stream  # Compressed as written (the codec in flags), with its metadata.
-        entry.flags, entry.meta = self.codec | len(self.meta) << 16, memoryview(self.meta)
-        return entry
 
     def chunks(self) -> Iterator[Any]:
         """The file's bytes, in pieces for _write_bytes: each buffer's CRC is
         computed piece by piece, just before the piece is written."""
         key, stream, meta = self.key, self.stream, self.meta
-        self.created = time.time()
-        head = bytearray(
-            _ENTRY_HEADER.pack(
-                _ENTRY_MAGIC, 0, self.created, self.expires, len(key) + len(meta), len(stream),
-                zlib.crc32(stream), len(self.buffers), self.codec | len(meta) << 16,
-            )
-        )
-        head += key + meta
+        self.created, self.flags = time.time(), self.codec | len(meta) << 16
+        lengths = (len(key) + len(meta), len(stream), zlib.crc32(stream), len(self.buffers), self.flags)
+        head = bytearray(_ENTRY_HEADER.pack(_ENTRY_MAGIC, 0, self.created, self.expires, *lengths)) + key + meta
         head[4:8] = zlib.crc32(memoryview(head)[8:]).to_bytes(4, "little")
         if not self.buffers and len(stream) < _OUT_OF_BAND:
             yield head + stream  # A small entry in one write(2): copying it costs less than a system call.
@@ -2113,9 +2085,8 @@ class _Encoded:
             pad = -position % _ALIGN
             if pad:
                 yield bytes(pad)
-            # A big buffer's CRC is computed by a helper thread while this one
-            # writes it (zlib.crc32 releases the GIL): a serial CRC was half
-            # of a big miss. The write waits for the CRC only at the table.
+            # A helper thread computes the buffer's CRC while this one writes it
+            # (zlib.crc32 releases the GIL): a serial CRC was half of a big miss.
             crcs: list[int] = []
             done = _thread.allocate_lock()
             done.acquire()
@@ -2152,13 +2123,11 @@ def _encode_entry(
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
         # True keeps a buffer in the stream: small ones, and any that is not contiguous.
-        if len(buffers) >= _MAX_BUFFERS:
-            return True
         try:
             view = buffer.raw()
         except BufferError:
             return True
-        if view.nbytes < _OUT_OF_BAND:
+        if len(buffers) >= _MAX_BUFFERS or view.nbytes < _OUT_OF_BAND:
             return True
         buffers.append(view)
         return False
@@ -2197,6 +2166,18 @@ def _read_exactly(fd: int, view: memoryview) -> bool:
     return True
 
 
+def _read_span(fd: int, first: bytes, start: int, end: int) -> memoryview | None:
+    """Bytes ``start`` to ``end`` of the file: from ``first`` (its first read) as far as that goes, the rest
+    read; None if the file ends first."""
+    if end <= len(first):
+        return memoryview(first)[start:end]
+    span = memoryview(bytearray(end - start))
+    have = max(0, len(first) - start)
+    span[:have] = memoryview(first)[start : start + have]
+    os.lseek(fd, start + have, os.SEEK_SET)
+    return span if _read_exactly(fd, span[have:]) else None
+
+
 def _crc_of_range(fd: int, start: int, length: int) -> int | None:
     """The CRC-32 of ``length`` bytes at ``start``, read in pieces; None if the file ends first."""
     os.lseek(fd, start, os.SEEK_SET)
@@ -2232,13 +2213,8 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
         return None
     if stream_end + table_len > size:  # Checked before anything is allocated.
         return None
-    head = memoryview(first)
-    if len(first) < key_end:
-        head = memoryview(bytearray(key_end))
-        head[: len(first)] = first
-        if not _read_exactly(fd, head[len(first) :]):
-            return None
-    if zlib.crc32(head[8:key_end]) != head_crc:
+    head = _read_span(fd, first, 0, key_end)
+    if head is None or zlib.crc32(head[8:key_end]) != head_crc:
         return None
     found = bytes(head[_ENTRY_HEADER.size : key_end - meta])
     if key is not None and found != key:
@@ -2256,30 +2232,16 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
             position += length
     if position + table_len != size:
         return None  # Truncated, padded, or a table that does not fit the file.
-    entry = _Entry(found, created, expires)
-    if flags:
-        entry.flags, entry.meta = flags, head[key_end - meta : key_end]
+    entry = _Entry(found, created, expires, flags, head[key_end - meta : key_end])
     if depth == _HEAD and (size > len(first) or count):
         return entry
-    # The stream: from the first read when it is all there, else read after it.
-    if stream_end <= len(first):
-        stream: Any = memoryview(first)[key_end:stream_end]
-    else:
-        stream = memoryview(bytearray(stream_len))
-        have = max(0, len(first) - key_end)
-        stream[:have] = memoryview(first)[key_end : key_end + have]
-        os.lseek(fd, key_end + have, os.SEEK_SET)
-        if not _read_exactly(fd, stream[have:]):
-            return None
-    if zlib.crc32(stream) != stream_crc:
+    stream = _read_span(fd, first, key_end, stream_end)
+    if stream is None or zlib.crc32(stream) != stream_crc:
         return None
     if depth == _HEAD:
         return entry  # A small entry, whole in the head read: checked for free.
     if depth == _VERIFY:
-        for offset, length, crc in spans:
-            if _crc_of_range(fd, offset, length) != crc:
-                return None
-        return entry
+        return entry if all(_crc_of_range(fd, offset, length) == crc for offset, length, crc in spans) else None
     entry.stream = stream
     if not spans:
         return entry
@@ -2322,20 +2284,12 @@ _HEX = frozenset("0123456789abcdef")
 _OPEN_KEYS = "(donecache.open keys)"
 
 
-class _KeyParts:
-
-    __slots__ = ("function", "identity")
-
-    def __init__(self, function: str, identity: str) -> None:
-        self.function, self.identity = function, identity
-
-
-def _parse_key(key: bytes) -> _KeyParts | None:
-    """None for keys that donecache.open users wrote."""
+def _parse_key(key: bytes) -> tuple[str, str] | None:
+    """(function, code identity) of a memoize key; None for keys that donecache.open users wrote."""
     head, _, rest = key.decode("utf-8", "replace").partition("|")
     code, sep, arguments = rest.partition("|")
     if ":" in head and sep and len(code) == 16 and set(code) <= _HEX and arguments[:1] in ("=", "#"):
-        return _KeyParts(head, code)
+        return head, code
     return None
 
 
@@ -2346,7 +2300,7 @@ def _key_identity(key: bytes) -> str:
 
 def _function_of(key: bytes) -> str:
     parts = _parse_key(key)
-    return _OPEN_KEYS if parts is None else parts.function
+    return _OPEN_KEYS if parts is None else parts[0]
 
 
 # ---------------------------------------------------------------------------
@@ -2481,10 +2435,9 @@ def _check_trusted(root: str, st: os.stat_result) -> None:
 
 
 def _record_use(path: str, fd: int = -1) -> int | None:
-    """Set an entry file's modification time to now, a use (see _USE_GRAIN):
-    through ``fd`` if given (futimens(2): no second lookup of a path that a
-    rename may have changed since), else by name. The time set, to the
-    nanosecond (see _recent); 0 if it is not known; None if nothing was set."""
+    """Set an entry file's modification time to now (a use, see _USE_GRAIN), through ``fd``
+    if given (no second lookup of a name a rename may have changed), else by name. The time
+    set in ns (see _recent); 0 if it is not known; None if nothing was set."""
     try:
         if fd >= 0:
             _touch(fd, path)
@@ -2548,11 +2501,10 @@ _READ_ONLY = frozenset({errno.EACCES, errno.EROFS})
 def _remove_judged(path: str, judged: os.stat_result) -> bool:
     """Remove ``path`` only if it still is the file that was judged; True if it was removed.
 
-    Between reading a file and removing it, a writer may have renamed a fresh
-    entry onto its name; unlinking the name would then remove a write that had
-    already returned. So the judged file is first renamed aside, and removed
-    only if the inode moved aside is the one judged; otherwise it is put back
-    (unless an even newer file has taken the name meanwhile).
+    A writer may have renamed a fresh entry onto the name since it was judged, and
+    unlinking the name would remove a write that had returned. So the file is first
+    renamed aside, removed only if it is the one judged, else put back (unless an even
+    newer file has taken the name meanwhile).
     """
     aside = _temp_name(path)
     try:
@@ -2578,8 +2530,7 @@ def _remove_judged(path: str, judged: os.stat_result) -> bool:
 
 
 class _Slot:
-    """Where an entry lives: its file, and the byte of the store's lock file that
-    guards its computation."""
+    """Where an entry lives: its file, and the byte of the store's lock file that guards its computation."""
 
     __slots__ = ("path", "offset")
 
@@ -2588,10 +2539,8 @@ class _Slot:
 
 
 class _Found:
-    """What a scan of a store finds at one entry file: the entry's head, or None
-    where the file is damage; ``stat`` is what was judged, None if the file
-    could not be read (ESTALE, EIO, EACCES): then nothing is known about it.
-    ``folder`` is the function folder it lies in ("" at the top level)."""
+    """An entry file that a scan found: its head, or None where it is damage; ``stat`` is what was judged,
+    None if it could not be read (ESTALE, EIO, EACCES); ``folder``: its function folder ("" at the top)."""
 
     __slots__ = ("path", "entry", "stat", "folder")
 
@@ -2599,20 +2548,14 @@ class _Found:
         self.path, self.entry, self.stat, self.folder = path, entry, stat, folder
 
 
-# Recently read small entries of memoized functions, kept in process as the
-# bytes of their pickle (never the object: each hit unpickles afresh, so a
-# caller that changes its result cannot change the next hit), by file path. A
-# hit then costs one lstat(2), not open, fstat, read and close: the name must
-# still hold the very file read, with the same inode, device, size, owner,
-# mode and modification time to the nanosecond; anything else (another process
-# replaced, removed or touched it) reads the file again. Two guards against a
-# new file that looks like the old one (a removed file's inode number is soon
-# reused): a file is kept only once its modification time is _RECENT_SETTLED
-# old, more than the filesystem clock's tick (timestamps come from a coarse
-# clock, a jiffy of 1-10 ms), so a later file cannot share it; or when this
-# process set that time itself, to the nanosecond (a recorded use). Only on
-# local filesystems (_stat_trusted): NFS caches attributes. Bounded: at most
-# _RECENT_COUNT entries of at most _RECENT_SIZE bytes, the oldest kept dropped first.
+# Recently read or written small entries of memoized functions, by path, kept in
+# process as the bytes of their pickle (each hit unpickles afresh: a caller that
+# changes its result cannot change the next), so that a hit costs one lstat(2).
+# The name must still hold the very file read (inode, device, size, owner, mode,
+# mtime to the ns), kept only once its mtime is _RECENT_SETTLED old (a coarse
+# clock tick, so a new file on a reused inode cannot share it) or set by this
+# process to the ns. Only where _stat_trusted (NFS caches attributes). Why, and
+# the residual risk: benchmarks/README.md, "Small hits served in process".
 _RECENT_COUNT = 2048
 _RECENT_SIZE = 8192
 _RECENT_SETTLED = 50_000_000  # nanoseconds
@@ -2649,33 +2592,21 @@ def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _E
         return None
     except OSError:
         st = None  # ESTALE, EIO...: judged by the full read (which retries ESTALE).
-    kept = _recent.get(path) if st is not None else None
-    if (
-        kept is not None
-        and st is not None
-        and kept[0] == (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_uid, st.st_mode)  # _stamp(st)
-        and kept[1].key == key
+    kept = _recent.get(path)
+    if kept is None or st is None or kept[1].key != key or kept[0] != (
+        st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_uid, st.st_mode  # _stamp(st), inline: a hit.
     ):
-        if st.st_mtime >= touch_before:
-            return kept[1]
-        entry: _Entry | None = kept[1]
-    else:
-        kept = None
         entry, st = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped))
         if entry is None or st is None:
             return entry
-    assert entry is not None and st is not None
+    elif st.st_mtime >= touch_before:
+        return kept[1]
+    else:
+        entry = kept[1]
     used = _record_use(path) if st.st_mtime < touch_before else None
-    if used:
-        stamp: tuple[int, ...] | None = _stamp(st, used)
-    elif used is None and st.st_mtime_ns < time.time_ns() - _RECENT_SETTLED:
-        stamp = _stamp(st)
-    else:
-        stamp = None  # Touched at a time not known, or too new to vouch for.
-    if kept is not None and stamp is not None:
-        _recent[path] = (stamp, entry)
-    else:
-        _keep_recent(path, stamp, entry)
+    settled = used is None and st.st_mtime_ns < time.time_ns() - _RECENT_SETTLED
+    # Unless touched at a time not known, or too new to vouch for.
+    _keep_recent(path, _stamp(st, used) if used else _stamp(st) if settled else None, entry)
     return entry
 
 
@@ -2690,79 +2621,73 @@ class _EntryDir:
         _runtime_imports()
         if flag not in ("r", "w", "c", "n"):
             raise ValueError(f"flag must be 'r', 'w', 'c' or 'n' (as for shelve.open), not {flag!r}")
-        self.root = os.path.abspath(_store_path(path))
-        self._prefix = os.path.join(self.root, "")
-        self.readonly = flag == "r"
-        self.durable = durable
-        self.max_bytes = _check_max_bytes(max_bytes)
+        self.root = root = os.path.abspath(_store_path(path))
+        self._prefix = os.path.join(root, "")
+        self.readonly, self.durable, self.max_bytes = flag == "r", durable, _check_max_bytes(max_bytes)
         self._grain = _USE_GRAIN if max_bytes is None else _USE_GRAIN_BOUNDED
         self._blake2b = hashlib.blake2b
         self._trusted: bool | None = None  # Whether lstat can vouch for an entry (see _recent); told at the first read.
-        if os.path.islink(self.root) and not os.path.exists(self.root):
+        self.horizon = 0.0  # The newest use time of an entry evicted, as .usage last said.
+        if os.path.islink(root) and not os.path.exists(root):
             raise FileNotFoundError(
-                errno.ENOENT,
-                f"cache path {self.root!r} is a symbolic link to {os.readlink(self.root)!r}, which does not "
-                "exist; create that directory or remove the link",
-                self.root,
+                errno.ENOENT, f"cache path {root!r} is a symbolic link to {os.readlink(root)!r}, which does not "
+                "exist; create that directory or remove the link", root
             )
-        legacy = None if os.path.isdir(self.root) else _dbm_database(self.root)
+        is_dir = os.path.isdir(root)
+        legacy = None if is_dir else _dbm_database(root)
         if legacy is not None:
-            new = self.root + ".donecache"
+            new = root + ".donecache"
             raise FileExistsError(
                 errno.EEXIST,
-                f"{self.root!r} names a shelve (dbm) database, not a donecache store: {legacy[0]} files "
+                f"{root!r} names a shelve (dbm) database, not a donecache store: {legacy[0]} files "
                 f"{', '.join(os.path.basename(name) for name in legacy[1])}; donecache does not read dbm files. "
-                f"Copy it into a new store once with: with shelve.open({self.root!r}, 'r') as old, "
+                f"Copy it into a new store once with: with shelve.open({root!r}, 'r') as old, "
                 f"donecache.open({new!r}) as new: new.update(old)",
             )  # No filename: str() would append it after the line to copy.
-        if os.path.exists(self.root) and not os.path.isdir(self.root):
+        if not is_dir and os.path.exists(root):
             raise NotADirectoryError(
-                errno.ENOTDIR, f"cache {self.root!r} is a file, not a directory; choose another path", self.root
+                errno.ENOTDIR, f"cache {root!r} is a file, not a directory; choose another path", root
             )
-        if not os.path.isdir(self.root):
+        if not is_dir:
             if flag in ("r", "w"):
                 raise FileNotFoundError(
-                    errno.ENOENT, f"there is no cache at {self.root!r}; open it with flag='c' to create one", self.root
+                    errno.ENOENT, f"there is no cache at {root!r}; open it with flag='c' to create one", root
                 )
             try:
                 # Private, whatever the umask: whoever can write entries can run code in the reader.
-                _make_dirs(os.path.dirname(self.root), durable=durable)
-                _make_dirs(self.root, 0o700, durable=durable)
+                _make_dirs(os.path.dirname(root), durable=durable)
+                _make_dirs(root, 0o700, durable=durable)
             except OSError as exc:
-                raise _error_about(exc, self.root, "create the cache directory", "choose a writable path") from exc
-        elif _foreign_names(self.root) and not _is_store(self.root):
+                raise _error_about(exc, root, "create the cache directory", "choose a writable path") from exc
+        elif _foreign_names(root) and not _is_store(root):
             # Adopting it would write entries among the user's files, which the CLI then refuses to manage.
             raise FileExistsError(
-                errno.EEXIST,
-                f"{self.root!r} is a directory that holds other files and is not a donecache store (no "
-                "CACHEDIR.TAG); give a new or empty directory, such as .donecache",
-                self.root,
+                errno.EEXIST, f"{root!r} is a directory that holds other files and is not a donecache store (no "
+                "CACHEDIR.TAG); give a new or empty directory, such as .donecache", root
             )
-        st = os.stat(self.root)
+        st = os.stat(root)
         if not trust_shared:
-            _check_trusted(self.root, st)
+            _check_trusted(root, st)
         # Folders made inside the store get the store directory's own mode, whatever
         # the umask: 0700 in a store that donecache made, a team's in a shared one.
         self.dir_mode = stat.S_IMODE(st.st_mode)
         if not self.readonly:
             self._label()
-        self.lock_path = os.path.join(os.path.realpath(self.root), ".lock")
+        self.lock_path = os.path.join(os.path.realpath(root), ".lock")
         self._block = getattr(st, "st_blksize", 0) or 4096
-        self.horizon = 0.0  # The newest use time of an entry evicted, as .usage last said.
         if flag == "n":
             self.clear()
 
     def _label(self) -> None:
-        # CACHEDIR.TAG tells backup tools to skip the store; .gitignore keeps it
-        # out of commits when it lives in a checkout, as .donecache/ does. Both
-        # would hide a user's own files, so a directory that holds anything but
-        # donecache's files is never labelled. A label that a crash left empty
-        # or torn (issue 18 item 12e) is written again, whole.
+        # CACHEDIR.TAG tells backup tools to skip the store; .gitignore keeps it out
+        # of commits when it lives in a checkout, as .donecache/ does. Both would hide
+        # a user's own files, so a directory that holds anything but donecache's files
+        # (a temporary file is a label a cut interrupted: ours) is never labelled. A
+        # label that a crash left empty or torn (issue 18 item 12e) is written again.
         try:
             names = os.listdir(self.root)
         except OSError:
             return
-        # A temporary file is a label a cut interrupted (a cut right after mkdir): ours too.
         if _foreign_names(self.root, names):
             return
         for name, content in (("CACHEDIR.TAG", _CACHEDIR_TAG), (".gitignore", b"# Made by donecache.\n*\n")):
@@ -2796,22 +2721,16 @@ class _EntryDir:
         return _Slot(f"{self._prefix}{folder}{digest[:2]}{os.sep}{digest}", _key_byte(digest))
 
     def read(
-        self,
-        key: bytes,
-        slot: _Slot | None = None,
-        now: float | None = None,
-        mapped: bool = False,
-        use: bool = True,
-        recent: bool = False,
+        self, key: bytes, slot: _Slot | None = None, now: float | None = None, mapped: bool = False,
+        use: bool = True, recent: bool = False,
     ) -> _Entry | None:
-        """The entry for ``key`` if it is whole and live at ``now``, or None;
-        ``mapped`` maps its big buffers instead of reading them. ``use``: the
-        read is a use of the entry, recorded for the size limit and prune.
-        ``recent``: a small entry read lately may be served from _recent."""
+        """The entry for ``key`` if it is whole and live at ``now``, or None; ``mapped`` maps its big
+        buffers instead of reading them; ``use``: the read is a use of the entry, recorded for the size
+        limit and prune; ``recent``: a small entry read lately may be served from _recent."""
         when = time.time() if now is None else now
         touch = when - self._grain if use and not self.readonly else 0.0
+        path = (slot or self.slot(key)).path
         try:
-            path = (slot or self.slot(key)).path
             if recent and self._trusted is None:
                 self._trusted = _stat_trusted(self.root)
             if recent and self._trusted:
@@ -2820,9 +2739,7 @@ class _EntryDir:
                 entry = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped, touch))[0]
         except (OSError, ValueError):
             return None  # Unreadable now (EIO, or ESTALE that persisted), or a mapping refused: a miss.
-        if entry is None or (entry.expires and when >= entry.expires):
-            return None
-        return entry
+        return None if entry is None or (entry.expires and when >= entry.expires) else entry
 
     def write(self, encoded: _Encoded, slot: _Slot | None = None, recent: bool = False) -> None:
         """Store an entry; ``recent``: a small one is also kept in _recent, as read."""
@@ -2844,24 +2761,22 @@ class _EntryDir:
         try:
             try:
                 _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
-            except FileNotFoundError:  # First entry in this folder (or the store was removed).
-                _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
-                _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
-            except IsADirectoryError:  # Damage: something made a directory of an entry's name.
-                _remove_path(path)
-                _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
-            except NotADirectoryError:  # Damage: a file where a folder should be.
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                # The first entry in its folder (or the store was removed), or damage: a file
+                # where a folder should be, a directory at the entry's name.
                 folder = self.root
                 for part in os.path.relpath(os.path.dirname(path), self.root).split(os.sep):
                     folder = os.path.join(folder, part)
                     if os.path.lexists(folder) and not os.path.isdir(folder):
                         os.unlink(folder)
                 _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
-                _write_bytes(path, encoded.chunks(), durable=self.durable)
+                if os.path.isdir(path):
+                    _remove_path(path)
+                _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
         except OSError as exc:
             raise _error_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
         if stamps:
-            _keep_recent(path, stamps[-1], encoded.as_read())
+            _keep_recent(path, stamps[-1], encoded)
 
     def _synced(self, folders: Iterable[str]) -> None:
         """With durable, flush the folders whose entries were removed: a removal,
@@ -2893,26 +2808,19 @@ class _EntryDir:
     def files(self, folder: str | None = None) -> Iterator[tuple[str, str]]:
         """(path, folder) of every entry file, valid or not (no temporary files): all, or those of
         one folder ("" for the top level, else a name from folders())."""
-        for name in self.folders() if folder is None else [folder.rstrip(os.sep)]:
-            if name:
-                yield from self._shard_files(os.path.join(self.root, name), name)
-        if not folder:
-            yield from self._shard_files(self.root, "")
-
-    def _shard_files(self, directory: str, folder: str) -> Iterator[tuple[str, str]]:
-        try:
-            shards = [e for e in os.scandir(directory) if _is_hex(e.name, 2)]
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        shards = [e for e in shards if e.is_dir(follow_symlinks=False)]
-        for shard in sorted(shards, key=lambda e: e.name):
+        for name in self.folders() + [""] if folder is None else [folder.rstrip(os.sep)]:
             try:
-                names = os.listdir(shard.path)
-            except OSError:
+                shards = [e for e in os.scandir(os.path.join(self.root, name)) if _is_hex(e.name, 2)]
+            except (FileNotFoundError, NotADirectoryError):
                 continue
-            for name in names:
-                if _is_hex(name, _NAME_HEX) and name.startswith(shard.name):
-                    yield os.path.join(shard.path, name), folder
+            for shard in sorted((e for e in shards if e.is_dir(follow_symlinks=False)), key=lambda e: e.name):
+                try:
+                    names = os.listdir(shard.path)
+                except OSError:
+                    continue
+                for entry in names:
+                    if _is_hex(entry, _NAME_HEX) and entry.startswith(shard.name):
+                        yield os.path.join(shard.path, entry), name
 
     def scan(self, folder: str | None = None) -> Iterator[_Found]:
         """Every entry file (of ``folder``, as for files()) with its head (a bounded read), or None
@@ -2932,31 +2840,27 @@ class _EntryDir:
     def clear(self, match: Callable[[bytes], bool] | None = None, folder: str | None = None) -> int:
         """Remove the entries (of ``folder``; those whose key ``match`` accepts); return how many."""
         self._writable()
-        removed, folders = 0, set[str]()
+        removed: list[str] = []
         try:
             if match is not None:
                 for found in self.scan(folder):
                     if found.entry is not None and found.stat is not None and match(found.entry.key):
                         if _remove_judged(found.path, found.stat):
-                            removed += 1
-                            folders.add(os.path.dirname(found.path))
-                self._synced(folders)
-                return removed
-            for path, _folder in list(self.files(folder)):
+                            removed.append(found.path)
+            for path, _folder in list(self.files(folder)) if match is None else ():
                 try:
                     os.unlink(path)
-                    removed += 1
-                    folders.add(os.path.dirname(path))
+                    removed.append(path)
                 except (FileNotFoundError, IsADirectoryError):
                     pass  # Removed by another process first, or damage that prune() removes.
                 except PermissionError as exc:
                     if exc.errno in _READ_ONLY:
                         raise
                     # EPERM: a directory at an entry's name (macOS); prune() removes it.
-            self._synced(folders)
+            self._synced({os.path.dirname(path) for path in removed})
         except OSError as exc:
             raise _error_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
-        return removed
+        return len(removed)
 
 
 # ---------------------------------------------------------------------------
@@ -3363,7 +3267,7 @@ def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
 
     def stale(found: _Found) -> bool:
         parts = None if found.entry is None else _parse_key(found.entry.key)
-        return parts is not None and (found.folder == "" or older(parts.function, parts.identity))
+        return parts is not None and (found.folder == "" or older(*parts))
 
     return stale
 
