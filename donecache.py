@@ -1948,12 +1948,9 @@ done_dir = Stage
 #   buffers the pickle's out-of-band buffers, each at an offset aligned to 64
 #   table   per buffer: its length and CRC-32; then the table's own CRC-32
 # The head CRC covers the header after itself and the key; the table comes
-# last because its CRCs are computed while the buffers are written. The last
-# buffer must end where the table starts: a truncated or padded file is
-# damage. A read checks all of that and the stream's CRC (every byte of a
-# value with no big buffers); the buffers' CRCs cost more than the whole read
-# of a big value, so verify() and prune() check them, not every hit. Format 1
-# (donecache 0.1, "dcE1") is damage: its entry is computed again.
+# last because its CRCs are computed while the buffers are written. What each
+# read checks (not the buffers' CRCs on a hit: they cost more than the whole
+# read of a big value): docs/storage.md.
 _ENTRY_MAGIC = b"dcE2"
 _ENTRY_HEADER = struct.Struct("<4sIddQQIII")
 _BUFFER_ROW = struct.Struct("<QI")
@@ -2052,14 +2049,10 @@ class _Entry:
 
 
 class _Encoded(_Entry):
-    """A value pickled for an entry file (a small one reads back as itself, with no
+    """A value pickled for an entry file by _encode_entry (a small one reads back as itself, with no
     buffers); its big buffers are views of the value's own memory, not copies."""
 
-    __slots__ = ("codec",)
-
-    def __init__(self, key: bytes, expires: float, stream: bytes, buffers: list[memoryview], meta: bytes) -> None:
-        super().__init__(key, 0.0, expires, 0, meta)  # created: set by chunks(), when the header is made.
-        self.stream, self.buffers, self.codec = stream, buffers, 0
+    __slots__ = ()
 
     def nbytes(self) -> int:
         """The size of the file that chunks() makes (at most a few bytes more)."""
@@ -2070,7 +2063,7 @@ class _Encoded(_Entry):
         """The file's bytes, in pieces for _write_bytes: each buffer's CRC is
         computed piece by piece, just before the piece is written."""
         key, stream, meta = self.key, self.stream, self.meta
-        self.created, self.flags = time.time(), self.codec | len(meta) << 16
+        self.created, self.flags = time.time(), self.flags & 0xFF | len(meta) << 16  # The codec, and meta's length.
         lengths = (len(key) + len(meta), len(stream), zlib.crc32(stream), len(self.buffers), self.flags)
         head = bytearray(_ENTRY_HEADER.pack(_ENTRY_MAGIC, 0, self.created, self.expires, *lengths)) + key + meta
         head[4:8] = zlib.crc32(memoryview(head)[8:]).to_bytes(4, "little")
@@ -2138,12 +2131,13 @@ def _encode_entry(
         file = io.BytesIO()
         _DatetimePickler(file, protocol, buffer_callback=out_of_band).dump(value)
         stream = file.getvalue()
-    encoded = _Encoded(key, expires, stream, buffers, meta)
+    encoded = _Encoded(key, 0.0, expires, 0, meta)  # Its creation time is set by chunks(), in the header.
+    encoded.stream, encoded.buffers = stream, buffers
     if compress is not None:
         # Level 1 (zlib) and preset 1 (lzma): most of the gain on text for a fraction of the time.
         packed = zlib.compress(stream, 1) if compress == "zlib" else _lzma().compress(stream, preset=1)
         if len(packed) < len(stream):
-            encoded.stream, encoded.codec = packed, _CODECS[compress]
+            encoded.stream, encoded.flags = packed, _CODECS[compress]
     return encoded
 
 
@@ -2202,9 +2196,7 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
     first = os.read(fd, _HEAD_READ if depth == _HEAD else _FIRST_READ)
     if len(first) < _ENTRY_HEADER.size:
         return None
-    magic, head_crc, created, expires, key_len, stream_len, stream_crc, count, flags = _ENTRY_HEADER.unpack_from(
-        first
-    )
+    magic, head_crc, created, expires, key_len, stream_len, stream_crc, count, flags = _ENTRY_HEADER.unpack_from(first)
     key_end = _ENTRY_HEADER.size + key_len
     stream_end = key_end + stream_len
     table_len = count * _BUFFER_ROW.size + 4 if count else 0
@@ -2222,9 +2214,8 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
     spans: list[tuple[int, int, int]] = []  # (offset, length, crc) of each buffer
     position = stream_end
     if count:
-        table = memoryview(bytearray(table_len))
-        os.lseek(fd, size - table_len, os.SEEK_SET)
-        if not _read_exactly(fd, table) or zlib.crc32(table[:-4]) != int.from_bytes(table[-4:], "little"):
+        table = _read_span(fd, b"", size - table_len, size)
+        if table is None or zlib.crc32(table[:-4]) != int.from_bytes(table[-4:], "little"):
             return None
         for length, crc in _BUFFER_ROW.iter_unpack(table[:-4]):
             position += -position % _ALIGN
@@ -2248,21 +2239,17 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
     import mmap
 
     if mapped:
-        # A private copy-on-write mapping: arrays over it are writable, their
-        # changes never reach the file, and since an entry file is only ever
-        # replaced by a rename, never changed in place, it stays valid after
-        # the entry is replaced or removed. Checked (issue 18): the one
-        # ftruncate in this module is a lock file's note (_KeyLock.note), and
-        # no O_TRUNC open exists. Another tool that truncates an entry in place
-        # makes the pages past the new end vanish: touching them is SIGBUS (mmap(2)).
+        # A private copy-on-write mapping: arrays over it are writable, their changes never
+        # reach the file, and it stays valid after the entry is replaced or removed (entry
+        # files are replaced by a rename, never changed in place; issue 18 checked: no
+        # O_TRUNC open, the one ftruncate is _KeyLock.note's). Another tool that truncates
+        # an entry in place makes the pages past the new end vanish: touching them is SIGBUS (mmap(2)).
         whole = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
         entry.buffers = [whole[offset : offset + length] for offset, length, _crc in spans]
         return entry
     for offset, length, _crc in spans:
-        # Anonymous memory, filled in place: bytearray(n) would first zero
-        # every page, one 4 KiB fault at a time (most of a big hit's time).
-        # Huge pages (madvise(2), MADV_HUGEPAGE; Linux) take a fault per
-        # 2 MiB; where they are missing the advice is skipped.
+        # Anonymous memory, filled in place: bytearray(n) would first zero every page, one 4 KiB
+        # fault at a time (most of a big hit). Huge pages (madvise(2); Linux) fault per 2 MiB.
         buffer = mmap.mmap(-1, length)
         advise, huge = getattr(buffer, "madvise", None), getattr(mmap, "MADV_HUGEPAGE", None)
         if advise is not None and huge is not None:
@@ -2326,14 +2313,11 @@ _STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions", "
 # and byte 1 to the running total of its bytes in .usage (see the size limit);
 # each other byte guards the computation of the keys that hash to it.
 _SWEEP_BYTE, _USAGE_BYTE, _FIRST_KEY_BYTE = 0, 1, 2
-# An entry file's modification time is its last use: it is set when the entry
-# is written and again when a read finds it at least this many seconds old.
-# Atime cannot serve (noatime and relatime mounts do not keep it). With a
-# limit, every read records its use (one futimens(2), about 2.5 us, a tenth
-# of a hit): a coarser grain let entries hit every few milliseconds lose to
-# entries just written by other processes. Without a limit, a use is recorded
-# within a minute, which `prune --older-than` needs, at one utime per entry
-# per minute at most.
+# An entry file's modification time is its last use (atime cannot serve: noatime and
+# relatime mounts do not keep it), set when it is written and when a read finds it this
+# many seconds old. With a limit, every read (one futimens(2), 2.5 us, a tenth of a hit):
+# a coarser grain let entries hit every few ms lose to entries just written by other
+# processes. Without, within a minute, as `prune --older-than` needs.
 _USE_GRAIN_BOUNDED = 0.0
 _USE_GRAIN = 60.0
 
@@ -2426,11 +2410,10 @@ def _check_trusted(root: str, st: os.stat_result) -> None:
         why = _untrusted(found)
         if why:
             raise _Untrusted(
-                errno.EACCES,
-                f"the {what} {root!r} {why}; loading its entries would run code that another user could have "
-                f"written. Use a cache directory of your own (chmod go-w it, if it is yours and group or others "
-                f"may write), or pass trust_shared=True if you trust everyone who can write to it (docs/security.md)",
-                root,
+                errno.EACCES, f"the {what} {root!r} {why}; loading its entries would run code that another user "
+                "could have written. Use a cache directory of your own (chmod go-w it, if it is yours and group or "
+                "others may write), or pass trust_shared=True if you trust everyone who can write to it "
+                "(docs/security.md)", root
             )
 
 
@@ -2462,11 +2445,9 @@ _ENTRY_FLAGS = _READ_FLAGS | _NOFOLLOW
 def _load_entry(
     path: str, key: bytes | None = None, depth: int = _VALUE, mapped: bool = False, touch_before: float = 0.0
 ) -> tuple[_Entry | None, os.stat_result | None]:
-    """Read the entry file at ``path`` to ``depth`` (_HEAD, _VALUE or _VERIFY): (entry, stat)
-    if it is a whole entry (for ``key``, when given); (None, stat) if it is damage (not a
-    regular file, or not a whole entry); (None, None) if there is nothing there. Other
-    OSErrors (ESTALE, EIO, EACCES) propagate: the file could not be judged. ``mapped``: as
-    _read_entry. A whole entry last modified before ``touch_before`` is used now."""
+    """The entry file at ``path`` read to ``depth``: (entry, stat) if it is a whole entry (for ``key``,
+    if given), (None, stat) if it is damage, (None, None) if there is nothing there; other OSErrors
+    (ESTALE, EIO) propagate. A whole entry last modified before ``touch_before`` is used now."""
     try:
         fd, st = _open_regular(path, _ENTRY_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
@@ -2499,13 +2480,9 @@ _READ_ONLY = frozenset({errno.EACCES, errno.EROFS})
 
 
 def _remove_judged(path: str, judged: os.stat_result) -> bool:
-    """Remove ``path`` only if it still is the file that was judged; True if it was removed.
-
-    A writer may have renamed a fresh entry onto the name since it was judged, and
-    unlinking the name would remove a write that had returned. So the file is first
-    renamed aside, removed only if it is the one judged, else put back (unless an even
-    newer file has taken the name meanwhile).
-    """
+    """Remove ``path`` only if it still is the file that was judged; True if it was removed. A writer
+    may have renamed a fresh entry onto the name since (unlinking it would lose a write that had
+    returned), so the file is renamed aside first, and put back unless it is the one judged."""
     aside = _temp_name(path)
     try:
         if not _same_file(os.lstat(path), judged):
