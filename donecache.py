@@ -1938,13 +1938,11 @@ done_dir = Stage
 # Format dcE2 (all integers little-endian, lengths 64-bit; docs/storage.md):
 #   header  magic "dcE2", head CRC, created and expires (Unix seconds; 0.0 =
 #           never), key length, stream length, stream CRC, buffer count, flags
-#   key     the key, then (from 0.3) the entry's metadata: the seconds its
-#           computation took (a double) and the host that made it (UTF-8);
-#           flags bits 16-31 give the metadata's length, which key length
-#           includes (0.2 reads such an entry as another key's: a miss)
-#   stream  the pickle (protocol 5) of the value, less its big buffers; flags
-#           bits 0-7 name its codec (1 zlib, 2 lzma); buffers are never
-#           compressed, so that they can still be mapped
+#   key     the key, then (from 0.3) the entry's metadata: the seconds its computation
+#           took (a double) and the host that made it (UTF-8); flags bits 16-31 give
+#           its length, which key length includes (0.2 reads it as another key's)
+#   stream  the pickle (protocol 5) of the value, less its big buffers; flags bits
+#           0-7 name its codec (1 zlib, 2 lzma; buffers stay uncompressed, mappable)
 #   buffers the pickle's out-of-band buffers, each at an offset aligned to 64
 #   table   per buffer: its length and CRC-32; then the table's own CRC-32
 # The head CRC covers the header after itself and the key; the table comes
@@ -1987,8 +1985,7 @@ _WEAK_TABLES: dict[str, str] = {}
 
 
 def _runtime_imports() -> None:
-    """Import and make what reading and writing entries needs (see the imports at
-    the top): called where a store is opened or a function decorated or rebuilt."""
+    """Import and make what entries need: called where a store is opened or a function decorated or rebuilt."""
     global pickle, collections, _DatetimePickler
     import collections
     import pickle
@@ -1996,10 +1993,9 @@ def _runtime_imports() -> None:
     if _DatetimePickler is None:
 
         class DatetimePickler(pickle.Pickler):
-            # NumPy pickles datetime64 and timedelta64 arrays inside the stream (no
-            # PickleBuffer for them): a big one (a pandas datetime block) goes as its
-            # int64 view, out of band, and comes back as ndarray.view(that, its dtype).
-            # Nothing of donecache's is named in the pickle.
+            # NumPy pickles datetime64 and timedelta64 arrays in the stream (no PickleBuffer): a big
+            # one (a pandas datetime block) goes as its int64 view, out of band, and comes back as
+            # ndarray.view(that, its dtype). Nothing of donecache's is named in the pickle.
             def reducer_override(self, obj: Any) -> Any:
                 ndarray = sys.modules["numpy"].ndarray
                 if type(obj) is ndarray and obj.dtype.kind in "mM" and obj.nbytes >= _OUT_OF_BAND and (
@@ -2018,8 +2014,7 @@ def _runtime_imports() -> None:
 
 
 class _Entry:
-    """An entry file as read: its key and times, and (unless only its head was read) the pickle stream and
-    the out-of-band buffers that load() joins."""
+    """An entry file as read: key, times and (unless only its head was read) the stream and buffers to load()."""
 
     __slots__ = ("key", "created", "expires", "stream", "buffers", "flags", "meta")
 
@@ -2049,8 +2044,7 @@ class _Entry:
 
 
 class _Encoded(_Entry):
-    """A value pickled for an entry file by _encode_entry (a small one reads back as itself, with no
-    buffers); its big buffers are views of the value's own memory, not copies."""
+    """A value pickled by _encode_entry (its buffers: views of the value's memory); a small one reads as itself."""
 
     __slots__ = ()
 
@@ -2060,8 +2054,7 @@ class _Encoded(_Entry):
         return _ENTRY_HEADER.size + len(self.key) + len(self.meta) + len(self.stream) + rows + 4
 
     def chunks(self) -> Iterator[Any]:
-        """The file's bytes, in pieces for _write_bytes: each buffer's CRC is
-        computed piece by piece, just before the piece is written."""
+        """The file's bytes, in pieces for _write_bytes (the table's CRCs computed as the buffers are written)."""
         key, stream, meta = self.key, self.stream, self.meta
         self.created, self.flags = time.time(), self.flags & 0xFF | len(meta) << 16  # The codec, and meta's length.
         lengths = (len(key) + len(meta), len(stream), zlib.crc32(stream), len(self.buffers), self.flags)
@@ -2106,9 +2099,7 @@ class _Encoded(_Entry):
 def _encode_entry(
     key: bytes, value: Any, expires: float = 0.0, protocol: int = 5, seconds: float = 0.0, compress: str | None = None
 ) -> _Encoded:
-    """Pickle ``value`` for an entry file, with the ``seconds`` its computation
-    took, its stream compressed with the ``compress`` codec where that makes it
-    smaller; raises what pickling raises, before any file is made."""
+    """``value`` pickled (compressed where that makes it smaller) with its metadata; raises what pickling raises."""
     meta = _META.pack(seconds) + _host().encode("utf-8")[:255]
     if len(key) + len(meta) > _MAX_KEY:
         raise ValueError(f"a cache key of {len(key)} bytes is too long; keys may have at most {_MAX_KEY} bytes")
@@ -2161,8 +2152,7 @@ def _read_exactly(fd: int, view: memoryview) -> bool:
 
 
 def _read_span(fd: int, first: bytes, start: int, end: int) -> memoryview | None:
-    """Bytes ``start`` to ``end`` of the file: from ``first`` (its first read) as far as that goes, the rest
-    read; None if the file ends first."""
+    """Bytes ``start`` to ``end`` of the file, from its ``first`` read as far as that goes; None if it ends first."""
     if end <= len(first):
         return memoryview(first)[start:end]
     span = memoryview(bytearray(end - start))
@@ -2187,12 +2177,9 @@ def _crc_of_range(fd: int, start: int, length: int) -> int | None:
 
 
 def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool) -> _Entry | None:
-    """The entry in the open file ``fd`` of ``size`` bytes, read to ``depth``; None if it is damage.
-
-    Nothing is allocated beyond what the header declares, and that is first
-    checked against the file's size (keys and tables also have fixed limits):
-    a huge or endless file reads as damage in bounded memory.
-    """
+    """The entry in the open file ``fd`` of ``size`` bytes, read to ``depth``; None if it is damage."""
+    # Nothing is allocated beyond what the header declares, first checked against the file's size (keys
+    # and tables also have fixed limits): a huge or endless file reads as damage in bounded memory.
     first = os.read(fd, _HEAD_READ if depth == _HEAD else _FIRST_READ)
     if len(first) < _ENTRY_HEADER.size:
         return None
@@ -2293,12 +2280,11 @@ def _function_of(key: bytes) -> str:
 # ---------------------------------------------------------------------------
 # Entry files: the store directory's data path
 #
-# donecache.open() keys live at <root>/<2 hex>/<32 hex>; a memoized
-# function's at <root>/<16 hex of its name>/<2 hex>/<32 hex>, so that one
-# function's entries are found, counted and cleared without touching any
-# other's. Safe for any number of threads and processes without locks: a
-# write is a rename, a read takes whichever version the name points to and
-# checks it.
+# donecache.open() keys live at <root>/<2 hex>/<32 hex>; a memoized function's at
+# <root>/<16 hex of its name>/<2 hex>/<32 hex>, so that one function's entries are
+# found, counted and cleared without touching any other's. Safe for any number of
+# threads and processes without locks: a write is a rename, a read takes whichever
+# version the name points to and checks it.
 # ---------------------------------------------------------------------------
 
 _NAME_BYTES = 16  # An entry's file name is the hex of a BLAKE2b digest this long.
@@ -2402,9 +2388,8 @@ class _Untrusted(PermissionError):
 
 
 def _check_trusted(root: str, st: os.stat_result) -> None:
-    """Refuse a store directory (or a link to it) that another user could have
-    written to: its entries are pickles, and loading one runs the code its
-    writer chose (issue 18). The directories above it are not checked."""
+    """Refuse a store directory (or a link to it) that another user could have written to (not those above it):
+    its entries are pickles, and loading one runs the code its writer chose (issue 18)."""
     link = os.lstat(root)
     for what, found in [("cache directory", st)] + ([("symbolic link", link)] if stat.S_ISLNK(link.st_mode) else []):
         why = _untrusted(found)
@@ -2418,9 +2403,8 @@ def _check_trusted(root: str, st: os.stat_result) -> None:
 
 
 def _record_use(path: str, fd: int = -1) -> int | None:
-    """Set an entry file's modification time to now (a use, see _USE_GRAIN), through ``fd``
-    if given (no second lookup of a name a rename may have changed), else by name. The time
-    set in ns (see _recent); 0 if it is not known; None if nothing was set."""
+    """Record a use (see _USE_GRAIN): the time set in ns (see _recent), 0 if not known, None if none was set."""
+    # Through ``fd`` if given: no second lookup of a name that a rename may have changed since.
     try:
         if fd >= 0:
             _touch(fd, path)
@@ -2445,9 +2429,8 @@ _ENTRY_FLAGS = _READ_FLAGS | _NOFOLLOW
 def _load_entry(
     path: str, key: bytes | None = None, depth: int = _VALUE, mapped: bool = False, touch_before: float = 0.0
 ) -> tuple[_Entry | None, os.stat_result | None]:
-    """The entry file at ``path`` read to ``depth``: (entry, stat) if it is a whole entry (for ``key``,
-    if given), (None, stat) if it is damage, (None, None) if there is nothing there; other OSErrors
-    (ESTALE, EIO) propagate. A whole entry last modified before ``touch_before`` is used now."""
+    """(entry, stat) read to ``depth``, (None, stat) if damage, (None, None) if nothing; a use if older than
+    ``touch_before``. Other OSErrors (ESTALE, EIO) propagate: the file could not be judged."""
     try:
         fd, st = _open_regular(path, _ENTRY_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
@@ -2516,8 +2499,7 @@ class _Slot:
 
 
 class _Found:
-    """An entry file that a scan found: its head, or None where it is damage; ``stat`` is what was judged,
-    None if it could not be read (ESTALE, EIO, EACCES); ``folder``: its function folder ("" at the top)."""
+    """A scanned entry file: its head (None: damage), the stat judged (None: unreadable), its folder ("": top)."""
 
     __slots__ = ("path", "entry", "stat", "folder")
 
@@ -2701,9 +2683,7 @@ class _EntryDir:
         self, key: bytes, slot: _Slot | None = None, now: float | None = None, mapped: bool = False,
         use: bool = True, recent: bool = False,
     ) -> _Entry | None:
-        """The entry for ``key`` if it is whole and live at ``now``, or None; ``mapped`` maps its big
-        buffers instead of reading them; ``use``: the read is a use of the entry, recorded for the size
-        limit and prune; ``recent``: a small entry read lately may be served from _recent."""
+        """The entry if whole and live at ``now``, or None; ``use``: recorded as a use; ``recent``: may use _recent."""
         when = time.time() if now is None else now
         touch = when - self._grain if use and not self.readonly else 0.0
         path = (slot or self.slot(key)).path
@@ -2756,8 +2736,7 @@ class _EntryDir:
             _keep_recent(path, stamps[-1], encoded)
 
     def _synced(self, folders: Iterable[str]) -> None:
-        """With durable, flush the folders whose entries were removed: a removal,
-        like a rename, is durable only once its directory is (issue 18 item 12d)."""
+        """With durable, flush the folders of removed entries: a removal is durable once they are (issue 18, 12d)."""
         if self.durable:
             for folder in sorted(folders):
                 _fsync_dir(folder)
@@ -2783,8 +2762,7 @@ class _EntryDir:
             return []
 
     def files(self, folder: str | None = None) -> Iterator[tuple[str, str]]:
-        """(path, folder) of every entry file, valid or not (no temporary files): all, or those of
-        one folder ("" for the top level, else a name from folders())."""
+        """(path, folder) of each entry file (valid or not), or of one of folders() ("" for the top level)."""
         for name in self.folders() + [""] if folder is None else [folder.rstrip(os.sep)]:
             try:
                 shards = [e for e in os.scandir(os.path.join(self.root, name)) if _is_hex(e.name, 2)]
@@ -2800,8 +2778,7 @@ class _EntryDir:
                         yield os.path.join(shard.path, entry), name
 
     def scan(self, folder: str | None = None) -> Iterator[_Found]:
-        """Every entry file (of ``folder``, as for files()) with its head (a bounded read), or None
-        where it is damaged or filed under another key's name. Expired entries are included."""
+        """_Found for each of files() (expired ones too; a file under another key's name is damage)."""
         for path, where in self.files(folder):
             try:
                 entry, st = _retry_stale(lambda: _load_entry(path, None, _HEAD))
