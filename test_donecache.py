@@ -4450,10 +4450,16 @@ def other_pythons() -> list[str]:
     return found
 
 
-def test_entries_are_shared_across_cpython_versions(tmp_path):
+def assert_computed_once_across_pythons(tmp_path, job, *output):
+    """Runs the job on each other CPython: the first computes and prints output, the rest reuse it."""
     pythons = other_pythons()
     if len(pythons) < 2:
         pytest.skip("needs two of CPython 3.11, 3.12, 3.13")
+    outputs = [run_job(tmp_path, job, python=python) for python in pythons]
+    assert outputs == [["computed", *output]] + [list(output)] * (len(pythons) - 1), pythons
+
+
+def test_entries_are_shared_across_cpython_versions(tmp_path):
     job = """
         @dc.memoize(sys.argv[1])
         def transform(x):
@@ -4461,8 +4467,7 @@ def test_entries_are_shared_across_cpython_versions(tmp_path):
             return [x, {"a": (1, 2.5)}]
         print(transform(1) == [1, {"a": (1, 2.5)}])
     """
-    outputs = [run_job(tmp_path, job, python=python) for python in pythons]
-    assert outputs == [["computed", "True"]] + [["True"]] * (len(pythons) - 1), pythons
+    assert_computed_once_across_pythons(tmp_path, job, "True")
 
 
 def test_info_shows_stale_entries_and_prune_removes_them(tmp_path):
@@ -5116,9 +5121,6 @@ def test_functional_memoized_functions_keep_their_own_identity_when_pickled(tmp_
 
 
 def test_path_arguments_share_entries_across_cpython_versions(tmp_path):
-    pythons = other_pythons()
-    if len(pythons) < 2:
-        pytest.skip("needs two of CPython 3.11, 3.12, 3.13")
     job = """
         import pathlib
         @dc.memoize(sys.argv[1])
@@ -5127,8 +5129,7 @@ def test_path_arguments_share_entries_across_cpython_versions(tmp_path):
             return path.stem + pure.stem
         print(stem(pathlib.Path("/data/in.csv"), pathlib.PureWindowsPath("C:/data/b.txt")))
     """
-    outputs = [run_job(tmp_path, job, python=python) for python in pythons]
-    assert outputs == [["computed", "inb"]] + [["inb"]] * (len(pythons) - 1), pythons
+    assert_computed_once_across_pythons(tmp_path, job, "inb")
 
 
 def test_enum_and_dataclass_arguments_of_a_script_share_entries_with_its_import(tmp_path):
