@@ -3314,6 +3314,17 @@ def calls():
     return []
 
 
+def counted(tmp_path, calls, answer):
+    """A function memoized in tmp_path that appends to calls each time it runs and returns answer(value)."""
+
+    @dc.memoize(tmp_path)
+    def count(value):
+        calls.append(1)
+        return answer(value)
+
+    return count
+
+
 def test_memoize_bare_uses_dot_donecache_or_env(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DONECACHE_DIR", raising=False)
@@ -5254,12 +5265,7 @@ def test_file_digest_reads_a_file_rewritten_within_its_timestamps_tick(coarse_cl
 
 def test_pandas_values_are_keyed_by_what_they_hold(tmp_path, calls):
     pd = pytest.importorskip("pandas")
-
-    @dc.memoize(tmp_path)
-    def show(value):
-        calls.append(1)
-        return repr(value)
-
+    show = counted(tmp_path, calls, repr)
     one = pd.DataFrame({"a": [1, 2], "b": [3.0, 4.0]})
     split = pd.DataFrame({"a": [1, 2]})
     split["b"] = [3.0, 4.0]  # Another block layout, the same frame.
@@ -5289,12 +5295,7 @@ def test_pandas_values_are_keyed_by_what_they_hold(tmp_path, calls):
 
 def test_arrow_values_are_keyed_by_their_buffers(tmp_path, calls):
     pa = pytest.importorskip("pyarrow")
-
-    @dc.memoize(tmp_path)
-    def rows(table):
-        calls.append(1)
-        return len(table)
-
+    rows = counted(tmp_path, calls, len)
     values = [pa.table({"a": [1, 2, None], "s": ["x", "y", "z"]}), pa.table({"a": [1, 2, 3], "s": ["x", "y", "z"]}),
               pa.table({"a": [1, 2, None], "s": ["x", "y", "w"]}), pa.table({"l": [[1], [2, 3]]}),
               pa.table({"l": [[1, 2], [3]]}), pa.array(["a", "b"]).dictionary_encode(),
