@@ -2592,8 +2592,7 @@ class _EntryDir:
                 errno.ENOENT, f"cache path {root!r} is a symbolic link to {os.readlink(root)!r}, which does not "
                 "exist; create that directory or remove the link", root
             )
-        is_dir = os.path.isdir(root)
-        legacy = None if is_dir else _dbm_database(root)
+        legacy = None if os.path.isdir(root) else _dbm_database(root)
         if legacy is not None:
             new = root + ".donecache"
             raise FileExistsError(
@@ -2603,11 +2602,11 @@ class _EntryDir:
                 f"Copy it into a new store once with: with shelve.open({root!r}, 'r') as old, "
                 f"donecache.open({new!r}) as new: new.update(old)",
             )  # No filename: str() would append it after the line to copy.
-        if not is_dir and os.path.exists(root):
+        if os.path.exists(root) and not os.path.isdir(root):  # Asked again: another thread may make it meanwhile.
             raise NotADirectoryError(
                 errno.ENOTDIR, f"cache {root!r} is a file, not a directory; choose another path", root
             )
-        if not is_dir:
+        if not os.path.isdir(root):
             if flag in ("r", "w"):
                 raise FileNotFoundError(
                     errno.ENOENT, f"there is no cache at {root!r}; open it with flag='c' to create one", root
