@@ -2717,9 +2717,10 @@ class _EntryDir:
         try:
             try:
                 _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                # The first entry in its folder (or the store was removed), or damage: a file
-                # where a folder should be, a directory at the entry's name.
+            except FileNotFoundError:  # The first entry in its folder (or the store was removed).
+                _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
+                _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
+            except (NotADirectoryError, IsADirectoryError):  # Damage: a file as a folder, or a folder as the entry.
                 folder = self.root
                 for part in os.path.relpath(os.path.dirname(path), self.root).split(os.sep):
                     folder = os.path.join(folder, part)
