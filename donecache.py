@@ -4750,36 +4750,20 @@ if TYPE_CHECKING:
         label: Callable[..., Any] | None
 
 
-# The records are collections.namedtuple classes, made at their first use (a
-# call, or `donecache.CacheInfo` through the module's __getattr__): collections
-# is not loaded at startup in a venv or under -S, and import time is a budget
-# (issue 20). Type checkers see the NamedTuple classes above.
+# The records are collections.namedtuple classes made at their first use (a call, or
+# `donecache.CacheInfo` through the module's __getattr__): collections is not loaded at
+# startup in a venv or under -S, and import time is a budget (issue 20). Type checkers
+# see the NamedTuple classes above.
 _RECORDS: dict[str, tuple[str, tuple[Any, ...], str]] = {
-    "CacheInfo": (
-        "hits misses maxsize currsize held_seconds saved_seconds",
-        (0.0, 0.0),
-        """A namedtuple with functools.lru_cache's fields first, then two of donecache's.
-
-    hits: calls answered from the cache by this process. misses: calls this
-    process computed and stored. maxsize: the store's max_bytes (bytes on disk,
-    not a count of entries), or None. currsize: this function's live entries on
-    disk. held_seconds: the computation time those entries hold (as each entry
-    recorded it when stored). saved_seconds: the computation time this
-    process's hits did not repeat.
-    """,
-    ),
-    "PruneReport": (
-        "removed temporary_files evicted evicted_bytes",
-        (),
-        """What f.prune() did (with dry_run=True: would do): expired, damaged or
-    stale entries removed, crashed writers' temporary files removed, and the
-    least recently used entries evicted with their bytes on disk.""",
-    ),
-    "_BatchOptions": (
-        "keep_going workers processes executor chunksize progress retry_failures shard label",
-        (),
-        "The options of f.map() and f.imap(), as map() names them.",
-    ),
+    "CacheInfo": ("hits misses maxsize currsize held_seconds saved_seconds", (0.0, 0.0), """\
+functools.lru_cache's fields, then donecache's: hits and misses, this process's calls answered
+    from the cache and computed; maxsize, the store's max_bytes (bytes on disk, not entries) or None;
+    currsize, this function's live entries on disk; held_seconds, the computation time they hold (as
+    each entry recorded it); saved_seconds, the computation time this process's hits did not repeat."""),
+    "PruneReport": ("removed temporary_files evicted evicted_bytes", (), """\
+What f.prune() did (dry_run=True: would do): expired, damaged or stale entries removed, crashed
+    writers' temporary files removed, least recently used entries evicted and their bytes on disk."""),
+    "_BatchOptions": ("keep_going workers processes executor chunksize progress retry_failures shard label", (), ""),
 }
 _made_records: dict[str, Any] = {}
 
@@ -4792,7 +4776,7 @@ def _record(name: str) -> Any:
         fields, defaults, doc = _RECORDS[name]
         namedtuple: Any = collections.namedtuple  # Fields from a table: no literal for mypy's plugin.
         made = namedtuple(name, fields, defaults=defaults, module=__name__)
-        made.__doc__ = doc
+        made.__doc__ = doc or made.__doc__
         made = _made_records.setdefault(name, made)  # One class, whichever thread made it first.
     return made
 
@@ -4810,10 +4794,9 @@ _MISSING: Any = object()
 
 # -- the switch: DONECACHE=off, or donecache.disabled() ------------------------
 #
-# Checked on every call, so it must cost next to nothing: os.environ.get()
-# encodes its key and raises KeyError inside when the variable is unset (0.75 us,
-# 15% of a hit, measured). The mapping under os.environ is read instead, with the
-# key encoded once, as os.environ encodes it (bytes on POSIX, upper case on Windows).
+# Checked on every call: os.environ.get() encodes its key and raises KeyError inside when the
+# variable is unset (0.57 us, 14% of a hit, on 3.11), so the mapping under it is read, with the
+# key encoded once as os.environ does (bytes on POSIX, upper case on Windows).
 _ENVIRON: Any = getattr(os.environ, "_data", None)
 if _ENVIRON is not None:
     _SWITCH_KEY: Any = os.environ.encodekey("DONECACHE")
@@ -4826,24 +4809,20 @@ _SWITCH_WORDS = dict.fromkeys(("0", "false", "no", "off"), True) | dict.fromkeys
 _switch_warned: set[str] = set()
 
 
-def _off_in_environment(value: str) -> bool:
-    word = value.strip().lower()
-    off = _SWITCH_WORDS.get(word)
-    if off is None and word:
-        if value not in _switch_warned:  # Once per value: this runs at every call; it must never raise there.
-            _switch_warned.add(value)
-            _warn(f"the environment variable DONECACHE={value!r} is not understood, so caching stays on; "
-                  "set it to off (or 0, false, no) or on (or 1, true, yes)")  # fmt: skip
-        return False
-    return bool(off)
-
-
 def _switched_off() -> bool:
     """True while memoize calls straight through: inside disabled(), or with DONECACHE=off."""
     if _off_depth:
         return True
     raw = _ENVIRON.get(_SWITCH_KEY)
-    return raw is not None and _off_in_environment(_env_text(raw))
+    if raw is None:
+        return False
+    value = _env_text(raw)
+    off = _SWITCH_WORDS.get(value.strip().lower())
+    if off is None and value.strip() and value not in _switch_warned:  # Once per value; never raises here.
+        _switch_warned.add(value)
+        _warn(f"the environment variable DONECACHE={value!r} is not understood, so caching stays on; "
+              "set it to off (or 0, false, no) or on (or 1, true, yes)")  # fmt: skip
+    return bool(off)
 
 
 class _Disabled:
@@ -4875,9 +4854,9 @@ def disabled() -> _Disabled:
 
 # -- the failure ledger's view of user objects ------------------------------
 #
-# A failure is recorded inside a batch that must keep going, so nothing here
-# may raise or grow without bound: an exception whose str() raises, a 300 MiB
-# bytes input, an int of a million digits (repr raises ValueError from 3.11).
+# A failure is recorded inside a batch that must keep going, so nothing here may raise or grow
+# without bound: an exception whose str() raises, a 300 MiB bytes input, an int of a million
+# digits (repr raises ValueError from 3.11).
 
 _SHOWN = 300  # Characters of an input's text in the ledger.
 _INPUT_PICKLE_MAX = 256 * 1024  # Pickled inputs up to this size go into the ledger.
@@ -4892,9 +4871,8 @@ def _safe_str(value: Any, limit: int = 4000) -> str:
 
 
 def _bounded_repr(value: Any) -> str:
-    """A repr capped at every level, as reprlib makes it, but also for bytes, big
-    ints and subclasses of the containers (reprlib shows those in full and cuts
-    after), with dicts in their own order (a record's id usually comes first)."""
+    """A repr capped at every level, as reprlib makes it, but also for bytes, big ints and subclasses of
+    the containers (reprlib shows those in full, then cuts), with dicts in their own order (ids come first)."""
     global _bounded
     if _bounded is None:
         import reprlib
@@ -4927,9 +4905,8 @@ def _bounded_repr(value: Any) -> str:
 
 
 def _pickled_input(value: Any) -> str | None:
-    """The input pickled (base64 text, for the JSON record), or None if it cannot
-    be pickled or its pickle passes _INPUT_PICKLE_MAX: the pickler stops there,
-    never building the whole of a big input's pickle."""
+    """The input pickled (base64 text, for the JSON record), or None if it cannot be pickled or its
+    pickle passes _INPUT_PICKLE_MAX: the pickler stops there, never building a big input's whole pickle."""
     import base64
 
     class Bounded(io.BytesIO):
@@ -4973,17 +4950,14 @@ def _format_exception(exc: BaseException) -> str:
 class FailureRecord(Exception):
     """A failure of a batch as the store's ledger keeps it (see ``f.failures()``).
 
-    ``input`` is the input itself when the ledger kept its pickle and this
-    record was read by ``f.failures()``; else (the command line, an input too
-    big to keep or that no longer unpickles) the text in ``label``. ``label``
-    is what ``map(label=...)`` gave, or a bounded repr; ``entry`` names the
-    input's entry file. Then the exception's ``type`` and ``message``, the
-    ``traceback`` text (donecache's own frames left out), when and where
-    (``time``, ``host``, ``pid``), and the code ``identity`` it failed under
-    (``current``: the code that reads it now). A batch with
-    ``retry_failures=False`` reports such a failure again as this exception.
-    It pickles and copies (a worker may return one; a memoized report of
-    failures holds them)."""
+    ``input`` is the input itself when the ledger kept its pickle and ``f.failures()`` read this
+    record; else (the command line, an input too big to keep or that no longer unpickles) the text in
+    ``label``: what ``map(label=...)`` gave, or a bounded repr. ``entry`` names the input's entry file.
+    Then the exception's ``type`` and ``message``, the ``traceback`` text (donecache's own frames left
+    out), when and where (``time``, ``host``, ``pid``), and the code ``identity`` it failed under
+    (``current``: the code that reads it now). A batch with ``retry_failures=False`` reports such a
+    failure again as this exception. It pickles and copies (a worker may return one; a memoized
+    report of failures holds them)."""
 
     def __init__(self, record: dict[str, Any], current: bool, load: bool = False) -> None:
         self._record, self._load = record, load
@@ -5011,7 +4985,7 @@ class FailureRecord(Exception):
 
     def as_dict(self) -> dict[str, Any]:
         """The record as JSON data (``input`` is the text, ``label``)."""
-        names = ("function", "label", "entry", "input_kept", "type", "message", "traceback", "time", "host", "pid", "identity", "current")
+        names = "function label entry input_kept type message traceback time host pid identity current".split()
         return {"input": self.label, **{name: getattr(self, name) for name in names}}
 
 
@@ -5028,10 +5002,9 @@ class _Outcome:
 _KEY_MEMO_TYPES = frozenset({int, str, bytes, type(None)})
 _KEY_MEMO_SIZE = 4096
 _KEY_MEMO_TEXT = 1024  # Longer strs and bytes are not remembered: the memo would keep them alive.
-# What a memoized function's first call needs to work out and record its code
-# identity, imported when it is decorated: a KeyboardInterrupt inside a first
-# import can leave a half-made module behind (seen with inspect and json on
-# CPython 3.9). importlib.util brings typing on 3.9, through importlib.abc.
+# What a memoized function's first call needs to work out and record its code identity, imported
+# when it is decorated: a KeyboardInterrupt inside a first import can leave a half-made module
+# behind (seen with inspect and json on CPython 3.9). importlib.util brings typing on 3.9.
 _DECORATION_IMPORTS = (
     "ast", "base64", "collections", "dis", "functools", "hashlib", "importlib.util", "inspect", "json", "math",
     "reprlib", "socket", "types", "warnings",
@@ -5039,21 +5012,19 @@ _DECORATION_IMPORTS = (
 
 
 class _Call:
-    """One call of a memoized function: its arguments, key and entry slot, and
-    the seconds its computation took (computed now, or as its entry records)."""
+    """One call: its arguments, key, entry slot and computation seconds (now, or as its entry records)."""
 
     __slots__ = ("args", "kwargs", "key", "slot", "seconds")
 
     def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: bytes, slot: _Slot | None) -> None:
-        self.args, self.kwargs, self.key, self.slot = args, kwargs, key, slot
-        self.seconds = 0.0
+        self.args, self.kwargs, self.key, self.slot, self.seconds = args, kwargs, key, slot, 0.0
 
 
 # -- pickling a memoized function ---------------------------------------------
 #
-# The memoized functions that this process has pickled by value, and those it
-# has rebuilt from such pickles: unpickling in the same process gives back the
-# same object (its counters and open store), and a worker rebuilds each once per task.
+# The memoized functions that this process has pickled by value, and those it has rebuilt from such
+# pickles: unpickling in the same process gives back the same object (its counters and open store),
+# and a worker rebuilds each once per task.
 _by_value: weakref.WeakValueDictionary[tuple[Any, ...], _Memoized[..., Any]] | None = None  # Made at the first decoration.
 _WEAK_TABLES["_by_value"] = "WeakValueDictionary"
 
@@ -5086,41 +5057,9 @@ def _restore_memoized(kind: type[_Memoized[..., Any]], state: dict[str, Any]) ->
     return func
 
 
-def _reduce_memoized(func: _Memoized[..., Any]) -> str | tuple[Any, ...]:
-    """How a memoized function pickles: by name where its name finds it (the
-    decorator form, as plain functions pickle), else by value.
-
-    By value (the functional form ``cached = memoize(path)(f)``, where the
-    name ``f`` is the plain function) means the plain function, sent as the
-    pickler sends functions, and the wrapper's settings (the absolute store
-    path, ttl, the key prefix made here). A function of the main script goes
-    by value too when the pickler can send functions by value (cloudpickle,
-    which dask and loky use), since a remote worker cannot import the parent's
-    main script; the standard pickler (process pools) sends it by name, which
-    its workers can resolve.
-    """
-    target: Any = sys.modules.get(func.__module__)
-    for part in func.__qualname__.split("."):  # A method's name: Class.method.
-        target = getattr(target, part, None)
-    name: str = func.__qualname__
-    if target is func and not (func.__module__ == "__main__" and _pickler_sends_functions_by_value()):
-        return name
-    # The registry's key names this very wrapper: before its first call its key
-    # prefix is empty, and two functions' wrappers were once taken for one.
-    token = func.__dict__.setdefault("_pickle_token", os.urandom(8).hex())
-    state = dict(
-        func.__dict__, _store=None, _warned=False, _hits=0, _misses=0, _same=_unchanged, _keys={}, _saved=0.0
-    )
-    _runtime_imports()
-    assert _by_value is not None
-    _by_value[(type(func), func.path, token)] = func
-    return _restore_memoized, (type(func), state)
-
-
 class _BoundMemoized:
-    """A memoized method bound to an instance, as ``obj.method`` gives it: the
-    call and every wrapper method (map, forget, refresh, ...) take the
-    instance as their first argument, as a bound method does."""
+    """A memoized method bound to an instance, as ``obj.method`` gives it: the call and every wrapper
+    method (map, forget, refresh, ...) take the instance as their first argument, as a bound method does."""
 
     __slots__ = ("__func__", "__self__")
 
@@ -5131,12 +5070,10 @@ class _BoundMemoized:
         return self.__func__(self.__self__, *args, **kwargs)
 
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
-        func = self.__func__
-        return _run_map(func, iterables, (self.__self__,), func._batch_options(iterables, options))
+        return _run_map(self.__func__, iterables, (self.__self__,), self.__func__._batch_options(iterables, options))
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        func = self.__func__
-        return _run_imap(func, iterables, (self.__self__,), func._batch_options(iterables, options))
+        return _run_imap(self.__func__, iterables, (self.__self__,), self.__func__._batch_options(iterables, options))
 
     @property
     def __wrapped__(self) -> Any:
@@ -5153,9 +5090,7 @@ class _BoundMemoized:
         return found
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, _BoundMemoized) and self.__func__ is other.__func__ and self.__self__ is other.__self__
-        )
+        return isinstance(other, _BoundMemoized) and (self.__func__, self.__self__) == (other.__func__, other.__self__)
 
     def __hash__(self) -> int:
         return hash((id(self.__func__), id(self.__self__)))
@@ -5176,8 +5111,8 @@ class _Memoized(Generic[_P, _R]):
 
     def __init__(
         self, func: Callable[..., Any], path: StrPath | None, ttl: float | None, version: Any, ignore: Iterable[str],
-        durable: bool, key: Callable[..., Any] | None = None, mmap: bool = False, max_bytes: int | None = None,
-        trust_shared: bool = False, compress: Any = False,
+        durable: bool, key: Callable[..., Any] | None, mmap: bool, max_bytes: int | None, trust_shared: bool,
+        compress: Any,
     ) -> None:  # fmt: skip
         import functools
         import hashlib
@@ -5188,21 +5123,17 @@ class _Memoized(Generic[_P, _R]):
         functools.update_wrapper(self, func)
         if not hasattr(func, "__qualname__"):  # A functools.partial or a callable object.
             self.__qualname__ = self.__name__ = _function_name(func)
-        # Bound once here: an import statement on the hit path costs a dict lookup per call.
-        self._blake2b = hashlib.blake2b
+        self._blake2b = hashlib.blake2b  # Bound once: an import statement on the hit path costs a lookup per call.
         self.path = os.path.abspath(_store_path(os.environ.get("DONECACHE_DIR") or ".donecache" if path is None else path))
         self._ttl, self._durable, self._mmap, self._version = ttl, durable, mmap, version
         self._max_bytes, self._trust_shared = _check_max_bytes(max_bytes), trust_shared
         self._compress = _check_compress(compress)
-        self._arguments = _Arguments(func, ignore, key)
+        self._arguments, self._key_given = _Arguments(func, ignore, key), key is not None
         self._function = f"{_module_name(func)}:{_function_name(func)}"
         self._identity = f"{self._function}|".encode("utf-8")
-        # Made at the first call (_prepare): the code identity and the closure's values.
-        self._prefix = b""
-        self._closure = ""
-        self._same: Callable[[], bool] = _unchanged  # Whether what the identity followed is unchanged.
-        self._key_given = key is not None
-        self._unrecorded = False
+        # Made at the first call (_prepare): the key prefix (with the code identity), the closure's
+        # values, and whether what the identity followed is unchanged.
+        self._prefix, self._closure, self._same, self._unrecorded = b"", "", _unchanged, False
         self._store: _EntryFiles | None = None
         self._folder = ""  # Where this function's entries live in the store (set with it).
         self._warned = False
@@ -5211,7 +5142,28 @@ class _Memoized(Generic[_P, _R]):
         self._keys: dict[tuple[Any, ...], tuple[bytes, _Slot | None, bytes, str]] = {}  # See _keyed.
 
     def __reduce__(self) -> str | tuple[Any, ...]:
-        return _reduce_memoized(self)
+        """By name where its name finds it (the decorator form, as plain functions pickle), else by value:
+        the plain function, as the pickler sends functions, and the wrapper's settings (absolute store path,
+        ttl, the key prefix made here). The functional form ``cached = memoize(path)(f)`` goes by value, as
+        does a function of the main script when the pickler sends functions by value (cloudpickle, which
+        dask and loky use: a remote worker cannot import the parent's main script); the standard pickler
+        (process pools) sends that by name, which its workers resolve."""
+        name: str = self.__qualname__
+        target: Any = sys.modules.get(self.__module__)
+        for part in name.split("."):  # A method's name: Class.method.
+            target = getattr(target, part, None)
+        if target is self and not (self.__module__ == "__main__" and _pickler_sends_functions_by_value()):
+            return name
+        # The registry's key names this very wrapper: before its first call its key prefix is
+        # empty, and two functions' wrappers were once taken for one.
+        token = self.__dict__.setdefault("_pickle_token", os.urandom(8).hex())
+        state = dict(
+            self.__dict__, _store=None, _warned=False, _hits=0, _misses=0, _same=_unchanged, _keys={}, _saved=0.0
+        )
+        _runtime_imports()
+        assert _by_value is not None
+        _by_value[(type(self), self.path, token)] = self
+        return _restore_memoized, (type(self), state)
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         return self if instance is None else _BoundMemoized(self, instance)
@@ -5220,8 +5172,8 @@ class _Memoized(Generic[_P, _R]):
         return f"<memoized {self.__module__}.{self.__qualname__} in {self.path!r}>"
 
     def _files(self) -> _EntryFiles | None:
-        """The store, or None if it cannot be made (a read-only working directory):
-        then the function is called straight through, with one warning."""
+        """The store, or None if it cannot be made (a read-only working directory): then
+        the function is called straight through, with one warning."""
         if self._store is None:
             try:
                 files = _EntryFiles(self.path, "c", self._durable, self._max_bytes, self._trust_shared)
@@ -5238,11 +5190,10 @@ class _Memoized(Generic[_P, _R]):
         return self._store
 
     def _prepare(self) -> bytes:
-        """At the first call, and again when a binding it followed has changed (a
-        redefinition, a reload): the code identity and the closure's values. The
-        identity is recorded in the store, so that `info` and `prune` can tell
-        stale entries, with the code under a pinned version=, to say when other
-        code made the entries it reuses. What cannot be followed is named once."""
+        """At the first call, and again when a binding it followed has changed (a redefinition, a
+        reload): the code identity and the closure's values. The identity is recorded in the store,
+        so that `info` and `prune` can tell stale entries, with the code under a pinned version=, to
+        say when other code made the entries it reuses. What cannot be followed is named once."""
         import inspect
 
         files = self._store or (None if _switched_off() else self._files())  # Off: no cache directory is made.
@@ -5262,11 +5213,8 @@ class _Memoized(Generic[_P, _R]):
         since = None if files is None or files.readonly else files.record_identity(self._function, identity, code)
         self._unrecorded = files is None  # Then _files() records it once the store is made.
         if first and since is not None and files is not None:
-            older = sum(
-                1
-                for found in files.scan(self._folder)
-                if found.entry is not None and found.entry.created < since and found.entry.key.startswith(self._prefix)
-            )
+            entries = [found.entry for found in files.scan(self._folder) if found.entry is not None]
+            older = sum(entry.created < since and entry.key.startswith(self._prefix) for entry in entries)
             if older:
                 _warn(
                     f"{self.__qualname__}(): version={self._version!r} is pinned but the code has changed: "
@@ -5282,13 +5230,11 @@ class _Memoized(Generic[_P, _R]):
     def _keyed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         """The call with its key and entry slot.
 
-        Keys of calls with a few ints, strs, bytes or Nones are remembered (the
-        key and the entry's path cost more than a hit's read): for these types,
-        equal arguments have equal keys (not so for floats: 0.0 == -0.0, or
-        bools: True == 1). The memo starts anew once full. A key is reused only
-        while the prefix and closure text it was made with are the very objects
-        in use and what the identity followed is unchanged (_same; else _key
-        works the prefix out again)."""
+        Keys of calls with a few ints, strs, bytes or Nones are remembered (the key and the entry's path
+        cost more than a hit's read): for these types, equal arguments have equal keys (not so for floats:
+        0.0 == -0.0, or bools: True == 1). The memo starts anew once full. A key is reused only while the
+        prefix and closure text it was made with are the very objects in use and what the identity
+        followed is unchanged (_same; else _key works the prefix out again)."""
         simple = (
             not kwargs
             and self._store is not None
@@ -5315,27 +5261,18 @@ class _Memoized(Generic[_P, _R]):
 
     # -- the flow of one call, written once ----------------------------------
     #
-    # _flow is a coroutine for sync and async functions alike. For a sync
-    # function its awaits (_acquire and _invoke) never suspend, so _get runs it
-    # to the end with a single send(); the async class overrides only those
-    # two, and awaits _flow.
-
-    def _live(self, call: _Call, files: _EntryFiles, use: bool = True) -> _Entry | None:
-        """The call's entry if it is whole and live, by its own expiry and this
-        function's ttl; ``use``: record the read as a use of the entry."""
-        now = time.time()
-        entry = files.read(call.key, call.slot, now, self._mmap, use, recent=True)
-        if entry is None or (self._ttl is not None and now - entry.created >= self._ttl):
-            return None
-        return entry
+    # _flow is a coroutine for sync and async functions alike. For a sync function its awaits
+    # (_acquire and _invoke) never suspend, so _get runs it to the end with a single send(); the
+    # async class overrides only those two, and awaits _flow.
 
     def _hit(self, call: _Call) -> Any:
         """The cached result, counted as a hit, or _MISSING."""
         files = self._store
         if files is None:
             return _MISSING
-        entry = self._live(call, files)
-        if entry is None:
+        now = time.time()
+        entry = files.read(call.key, call.slot, now, self._mmap, True, recent=True)  # True: a use of the entry.
+        if entry is None or (self._ttl is not None and now - entry.created >= self._ttl):
             return _MISSING
         try:
             value = entry.load()
@@ -5350,8 +5287,8 @@ class _Memoized(Generic[_P, _R]):
         return value
 
     def _why_missed(self, call: _Call) -> str:
-        """For the DEBUG log (it reads the file again). An entry of the same arguments under
-        an older code digest lives in another file, found only by a scan: it reads as "new key"."""
+        """For the DEBUG log (it reads the file again). An entry of the same arguments under an older
+        code digest lives in another file, found only by a scan: it reads as "new key"."""
         if self._store is None or call.slot is None:
             return "no cache directory"
         try:
@@ -5374,15 +5311,13 @@ class _Memoized(Generic[_P, _R]):
         if files is None:
             return  # No store (already warned).
         try:
-            # Protocol 5 (readable by every Python donecache supports) keeps big
-            # buffers out of the stream, to be written straight from the value.
+            # Protocol 5 (readable by every Python donecache supports) keeps big buffers out of
+            # the stream, to be written straight from the value.
             expires = time.time() + self._ttl if self._ttl is not None else 0.0
             encoded = _encode_entry(call.key, value, expires, 5, call.seconds, self._compress)
         except Exception as exc:
-            _warn(
-                f"{self.__qualname__}() returned a {type(value).__name__} that cannot be pickled ({exc}); "
-                "it is returned but not cached"
-            )
+            _warn(f"{self.__qualname__}() returned a {type(value).__name__} that cannot be pickled ({exc}); "
+                  "it is returned but not cached")  # fmt: skip
             return
         try:
             files.write(encoded, call.slot, recent=True)
@@ -5393,9 +5328,9 @@ class _Memoized(Generic[_P, _R]):
             files.forget_failure(call.slot)  # A success clears the input's recorded failure.
 
     async def _lock(self, call: _Call) -> _KeyLock | None:
-        """The key's lock, held, or None: with no store, or no lock file (a read-only
-        or damaged store) the call computes without one. Results stay right;
-        concurrent callers may compute the same key."""
+        """The key's lock, held, or None: with no store, or no lock file (a read-only or damaged
+        store) the call computes without one. Results stay right; concurrent callers may compute
+        the same key."""
         files = self._store
         if files is None or call.slot is None:
             return None
@@ -5414,10 +5349,9 @@ class _Memoized(Generic[_P, _R]):
         return self.__wrapped__(*call.args, **call.kwargs)
 
     async def _flow(self, call: _Call, refresh: bool, hand_off: Callable[..., None] | None = None) -> tuple[Any, bool]:
-        """(result, whether this call computed it), after a miss or for a
-        refresh: compute under the key's lock, unless another caller stored
-        it while this one waited. ``hand_off(self, call, value, lock)`` takes
-        over the storing and the lock's release (a batch worker stores in the background)."""
+        """(result, whether this call computed it), after a miss or for a refresh: compute under the
+        key's lock, unless another caller stored it while this one waited. ``hand_off(self, call,
+        value, lock)`` takes over the storing and the lock's release (a batch worker stores in the background)."""
         lock = await self._lock(call)
         try:
             if not refresh:
@@ -5444,7 +5378,7 @@ class _Memoized(Generic[_P, _R]):
         self, call: _Call, refresh: bool = False, hand_off: Callable[..., None] | None = None, missed: bool = False
     ) -> tuple[Any, bool]:
         """(result, whether this call computed it rather than reusing a stored one);
-        ``missed``: a lookup just missed (a batch's parent), so look again only under the lock."""
+        ``missed``: a lookup just missed, so look again only under the lock."""
         value = _MISSING if refresh or missed else self._hit(call)
         if value is not _MISSING:
             return value, False
@@ -5459,7 +5393,9 @@ class _Memoized(Generic[_P, _R]):
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         if _switched_off():
             return self.__wrapped__(*args, **kwargs)
-        return self._get(self._keyed(args, kwargs))[0]  # type: ignore[no-any-return]
+        call = self._keyed(args, kwargs)
+        value = self._hit(call)  # Here, not in _get: one call layer fewer on a hit.
+        return value if value is not _MISSING else self._get(call, missed=True)[0]  # type: ignore[no-any-return]
 
     def refresh(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         """Compute this call again, whatever the cache holds, and store the result."""
@@ -5468,11 +5404,11 @@ class _Memoized(Generic[_P, _R]):
         return self._get(self._keyed(args, kwargs), refresh=True)[0]  # type: ignore[no-any-return]
 
     def failures(self, *, all: bool = False) -> list[FailureRecord]:
-        """The inputs of this function that failed in a batch and have not succeeded
-        since, oldest first, as recorded in the store: those of the current code, or
-        with ``all=True`` of older code too (``current`` tells them apart). Each
-        record's ``input`` is the input itself when the ledger kept it (a pickle up
-        to 256 KiB), so ``f.map([r.input for r in f.failures()])`` runs them again."""
+        """The inputs of this function that failed in a batch and have not succeeded since, oldest
+        first, as recorded in the store: those of the current code, or with ``all=True`` of older
+        code too (``current`` tells them apart). Each record's ``input`` is the input itself when
+        the ledger kept it (a pickle up to 256 KiB), so ``f.map([r.input for r in f.failures()])``
+        runs them again."""
         files, identity = self._files(), _key_identity(self._prefix or self._prepare())
         if files is None:
             return []
@@ -5480,14 +5416,15 @@ class _Memoized(Generic[_P, _R]):
         return [record for record in records if all or record.current]
 
     def is_cached(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
-        """True if a call with these arguments would be a hit: its entry is stored and
-        live (ttl counts as for a call). It never calls the function, takes no lock,
-        counts no hit, and does not create the cache directory. The value is not
-        unpickled: one that no longer loads (its class changed) still counts."""
+        """True if a call with these arguments would be a hit: its entry is stored and live (ttl
+        counts as for a call). It never calls the function, takes no lock, counts no hit, and does
+        not create the cache directory. The value is not unpickled: one that no longer loads (its
+        class changed) still counts."""
         if _switched_off() or (self._store is None and not os.path.isdir(self.path)):
             return False
-        call = self._keyed(args, kwargs)
-        return self._store is not None and self._live(call, self._store, use=False) is not None
+        call, files, now = self._keyed(args, kwargs), self._store, time.time()
+        entry = None if files is None else files.read(call.key, call.slot, now, self._mmap, False, recent=True)
+        return entry is not None and (self._ttl is None or now - entry.created < self._ttl)
 
     def forget(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
         """Drop the cached result of this one call; True if there was one."""
@@ -5498,8 +5435,8 @@ class _Memoized(Generic[_P, _R]):
         return files.delete(call.key, call.slot)
 
     def cache_clear(self) -> None:
-        """Drop every entry of this function (all versions of its code), its recorded
-        failures, and the counts. Its folder holds nothing else, so nothing is read."""
+        """Drop every entry of this function (all versions of its code), its recorded failures, and
+        the counts. Its folder holds nothing else, so nothing is read."""
         files = self._files()
         if files is not None:
             files.clear(folder=self._folder)
@@ -5508,9 +5445,8 @@ class _Memoized(Generic[_P, _R]):
         self._saved = 0.0
 
     def cache_info(self) -> CacheInfo:
-        """Hits, misses and the computation time saved in this process, and this
-        function's live entries on disk with the computation time they hold
-        (read from the heads of its own entries only)."""
+        """Hits, misses and the computation time saved in this process, and this function's live
+        entries on disk with the computation time they hold (read from the heads of its own entries only)."""
         now, files, prefix = time.time(), self._files(), self._prefix or self._prepare()
         live, held = 0, 0.0
         for found in files.scan(self._folder) if files is not None else ():
@@ -5529,11 +5465,10 @@ class _Memoized(Generic[_P, _R]):
         self, *, max_bytes: int | None = None, older_than: float | Any = None, stale: bool = False,
         dry_run: bool = False,
     ) -> PruneReport:
-        """Trim this function's entries, as ``prune`` on the command line does:
-        remove the expired and damaged ones (``stale``: and those of its older
-        code), then evict the least recently used until they take at most
-        ``max_bytes`` on disk, and those not used for ``older_than`` (seconds
-        or a timedelta). ``dry_run``: remove nothing, only count."""
+        """Trim this function's entries, as ``prune`` on the command line does: remove the expired and
+        damaged ones (``stale``: and those of its older code), then evict the least recently used until
+        they take at most ``max_bytes`` on disk, and those not used for ``older_than`` (seconds or a
+        timedelta). ``dry_run``: remove nothing, only count."""
         files = self._files()
         if files is None:
             return _record("PruneReport")(0, 0, 0, 0)  # type: ignore[no-any-return]
@@ -5548,58 +5483,52 @@ class _Memoized(Generic[_P, _R]):
     ) -> BatchResult:
         """Call the function on every input, caching each success as soon as it is done.
 
-        ``f.map(records)`` calls ``f(record)`` for each record; with several
-        iterables, ``f.map(xs, ys)`` calls ``f(x, y)`` pairwise, like map().
-        A rerun reuses every stored result and computes only what failed or is new.
-        The result keeps one entry per input; for more inputs than fit in
-        memory, iterate over :meth:`imap` instead.
+        ``f.map(records)`` calls ``f(record)`` for each record; with several iterables,
+        ``f.map(xs, ys)`` calls ``f(x, y)`` pairwise, like map(). A rerun reuses every stored result
+        and computes only what failed or is new. The result keeps one entry per input; for more
+        inputs than fit in memory, iterate over :meth:`imap` instead.
 
-        keep_going: False stops at the first failure and raises it, as a plain
-            loop would (what finished before it stays cached). True runs every
-            input and reports the failures in the result, each with its input,
-            exception and traceback.
-        workers: run that many calls at once, in a ProcessPoolExecutor (or, with
-            processes=False, a ThreadPoolExecutor) that map() starts and shuts down.
+        keep_going: False stops at the first failure and raises it, as a plain loop would (what
+            finished before it stays cached). True runs every input and reports the failures in
+            the result, each with its input, exception and traceback.
+        workers: run that many calls at once, in a ProcessPoolExecutor (or, with processes=False,
+            a ThreadPoolExecutor) that map() starts and shuts down.
         executor: run the calls on an executor you made instead (any object with
-            concurrent.futures' submit(), such as dask.distributed's
-            Client.get_executor() or loky's); it is never shut down, and only
-            this batch's own futures are cancelled. workers= then says how many
-            calls it runs at once (default: its _max_workers, or the CPU count).
-        chunksize: calls per submitted task; by default it grows until a task
-            takes about 50 ms, and an idle worker gets whatever is ready.
-        progress: the function's name, percentage, done/total, rate, ETA and
-            failures. None (the default): a line redrawn on stderr when it is a
-            terminal or a Jupyter kernel, else a record every 30 s on the
-            "donecache" logger (INFO). True: always on stderr. A number: log
-            every that many seconds. False: silent. A callable: called with a
-            :class:`Progress` record at most ten times a second and once at
-            the end (``final`` True), to drive a tqdm or rich bar.
+            concurrent.futures' submit(), such as dask.distributed's Client.get_executor() or
+            loky's); it is never shut down, and only this batch's own futures are cancelled.
+            workers= then says how many calls it runs at once (default: its _max_workers, or the
+            CPU count).
+        chunksize: calls per submitted task; by default it grows until a task takes about 50 ms,
+            and an idle worker gets whatever is ready.
+        progress: the function's name, percentage, done/total, rate, ETA and failures. None (the
+            default): a line redrawn on stderr when it is a terminal or a Jupyter kernel, else a
+            record every 30 s on the "donecache" logger (INFO). True: always on stderr. A number:
+            log every that many seconds. False: silent. A callable: called with a
+            :class:`Progress` record at most ten times a second and once at the end (``final``
+            True), to drive a tqdm or rich bar.
+        retry_failures: True (the default) calls again the inputs that failed in an earlier batch.
+            False reports, without calling, the failures that the store's ledger holds for the
+            current code (see :meth:`failures`), each as a :class:`FailureRecord` exception.
+        shard: (index, count) runs only this process's share of the inputs, for array jobs: every
+            input falls to exactly one index, the same in every process and on every host, by a
+            digest of its key. A final unsharded map() then finds every result cached, or in the ledger.
+        label: called with an input's arguments, as the function is, to give the text that the
+            ledger shows for it when it fails (``label=lambda rec: rec["id"]``); by default a repr
+            bounded at every level.
 
-        retry_failures: True (the default) calls again the inputs that failed in
-            an earlier batch. False reports, without calling, the failures that
-            the store's ledger holds for the current code (see :meth:`failures`),
-            each as a :class:`FailureRecord` exception.
-        shard: (index, count) runs only this process's share of the inputs, for
-            array jobs: every input falls to exactly one index, the same in
-            every process and on every host, by a digest of its key. A final
-            unsharded map() then finds every result cached, or in the ledger.
-        label: called with an input's arguments, as the function is, to give the
-            text that the ledger shows for it when it fails (``label=lambda
-            rec: rec["id"]``); by default a repr bounded at every level.
-
-        Each failure is written to the store's ledger as it happens, so a crash
-        of this process loses none of them; a later success removes it.
-        Cached inputs are answered here, never sent; only misses go to the
-        workers, a bounded number at a time, so the inputs can be a generator.
+        Each failure is written to the store's ledger as it happens, so a crash of this process
+        loses none of them; a later success removes it. Cached inputs are answered here, never
+        sent; only misses go to the workers, a bounded number at a time, so the inputs can be a
+        generator.
         """
         options = (keep_going, workers, processes, executor, chunksize, progress, retry_failures, shard, label)
         return _run_map(self, iterables, (), _record("_BatchOptions")(*options))
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        """:meth:`map` as a stream, with the same options: yield each result in
-        input order as soon as it and every one before it are done, keeping none
-        of them, so memory stays bounded however many inputs the iterables give.
-        With keep_going=True a failed input yields its :class:`Failure` in its place."""
+        """:meth:`map` as a stream, with the same options: yield each result in input order as soon
+        as it and every one before it are done, keeping none of them, so memory stays bounded however
+        many inputs the iterables give. With keep_going=True a failed input yields its
+        :class:`Failure` in its place."""
         return _run_imap(self, iterables, (), self._batch_options(iterables, options))
 
     def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: dict[str, Any]) -> _BatchOptions:
@@ -5653,14 +5582,9 @@ def memoize(path: Callable[_P, _R]) -> _Memoized[_P, _R]: ...
 
 @overload
 def memoize(
-    path: StrPath | None = None,
-    *,
-    ttl: float | Any = None,
-    version: _Version | None = None,
-    ignore: Iterable[str] = (),
-    key: _KeyFunction | None = None,
-    durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
-    compress: bool | str = False,
+    path: StrPath | None = None, *, ttl: float | Any = None, version: _Version | None = None,
+    ignore: Iterable[str] = (), key: _KeyFunction | None = None, durable: bool = False, mmap: bool = False,
+    max_bytes: int | None = None, trust_shared: bool = False, compress: bool | str = False,
 ) -> Callable[[Callable[_P, _R]], _Memoized[_P, _R]]: ...
 
 
@@ -5671,53 +5595,45 @@ def memoize(
 ) -> Any:
     """Keep a function's results on disk, shared by threads, processes and runs.
 
-    ``@memoize`` or ``@memoize("cache-dir", ttl=3600)``. Without a path the
-    store is ``.donecache`` in the current directory, or $DONECACHE_DIR.
+    ``@memoize`` or ``@memoize("cache-dir", ttl=3600)``. Without a path the store is ``.donecache`` in
+    the current directory, or $DONECACHE_DIR.
 
-    A call's key is the function's module and qualified name, its code
-    identity, the values its closure holds, and the arguments bound to its
-    signature with defaults applied, so f(1), f(x=1) and f() (when x=1 is the
-    default) are one entry. The code identity is ``version`` when given;
-    otherwise it follows the function's source (comments, blank lines and
-    decorators aside), the module-level constants it reads and the functions
-    and classes of your own code that it uses (README, "Code changes").
-    Concurrent callers of one key, in threads or processes, compute it once;
-    the others wait and reuse the result. Exceptions are not cached; None is.
-    A result that cannot be pickled is returned with a DonecacheWarning and
-    not stored.
+    A call's key is the function's module and qualified name, its code identity, the values its
+    closure holds, and the arguments bound to its signature with defaults applied, so f(1), f(x=1)
+    and f() (when x=1 is the default) are one entry. The code identity is ``version`` when given;
+    otherwise it follows the function's source (comments, blank lines and decorators aside), the
+    module-level constants it reads and the functions and classes of your own code that it uses
+    (README, "Code changes"). Concurrent callers of one key, in threads or processes, compute it
+    once; the others wait and reuse the result. Exceptions are not cached; None is. A result that
+    cannot be pickled is returned with a DonecacheWarning and not stored.
 
     ttl: seconds (or a timedelta) after which an entry is recomputed.
-    version: pins the code identity (a str, an int or a tuple of them): edits
-        keep the entries until you change it.
+    version: pins the code identity (a str, an int or a tuple of them): edits keep the entries
+        until you change it.
     ignore: names of parameters left out of the key (``self``, a logger).
-    key: a function of the same arguments whose result stands for them in the
-        key, as ``key=lambda record: record["id"]``.
+    key: a function of the same arguments whose result stands for them in the key, as
+        ``key=lambda record: record["id"]``.
     durable: fsync each entry as it is written (survives power failures).
-    mmap: return the big buffers of results (64 KiB or more: the data of
-        NumPy arrays and pandas columns) as private copy-on-write memory maps
-        of the entry files: a hit costs milliseconds whatever the size; the
-        arrays are writable, and changes never reach the file.
-    max_bytes: bound the store (the whole directory, shared with any other
-        function in it) to this many bytes on disk: a miss that takes it past
-        the bound evicts the least recently used entries (a hit counts as a
-        use) down to 80% of it, logging the sweep on the "donecache" logger (INFO).
-        None (the default): no bound. ``cache_info().maxsize`` reports it, in
-        bytes (functools counts entries there).
-    trust_shared: use a store directory that is not yours, or that group or
-        others can write to (by default the first call raises PermissionError
-        there: results are pickles, and loading one runs its writer's code).
-    compress: ``"zlib"`` (or True) or ``"lzma"`` compresses each entry's pickle
-        stream (not the big buffers that mmap maps) where that makes it
-        smaller: text-heavy results shrink several times at some write time
-        (docs/storage.md). False (the default): no compression.
+    mmap: return the big buffers of results (64 KiB or more: the data of NumPy arrays and pandas
+        columns) as private copy-on-write memory maps of the entry files: a hit costs milliseconds
+        whatever the size; the arrays are writable, and changes never reach the file.
+    max_bytes: bound the store (the whole directory, shared with any other function in it) to this
+        many bytes on disk: a miss that takes it past the bound evicts the least recently used
+        entries (a hit counts as a use) down to 80% of it, logging the sweep on the "donecache"
+        logger (INFO). None (the default): no bound. ``cache_info().maxsize`` reports it, in bytes
+        (functools counts entries there).
+    trust_shared: use a store directory that is not yours, or that group or others can write to (by
+        default the first call raises PermissionError there: results are pickles, and loading one
+        runs its writer's code).
+    compress: ``"zlib"`` (or True) or ``"lzma"`` compresses each entry's pickle stream (not the big
+        buffers that mmap maps) where that makes it smaller: text-heavy results shrink several times
+        at some write time (docs/storage.md). False (the default): no compression.
 
-    The decorated function has ``cache_info()``, ``cache_clear()`` (this
-    function's entries only), ``forget(*args)``, ``refresh(*args)`` and
-    ``__wrapped__`` (the function itself: call it to bypass the cache), and
-    ``map``/``imap`` for batches on any executor. It pickles by reference
-    where its name finds it, else by value, so it works with
-    ProcessPoolExecutor, multiprocessing and Dask; bound to an instance, it
-    keeps all of these. ``async def`` functions are supported.
+    The decorated function has ``cache_info()``, ``cache_clear()`` (this function's entries only),
+    ``forget(*args)``, ``refresh(*args)`` and ``__wrapped__`` (the function itself: call it to bypass
+    the cache), and ``map``/``imap`` for batches on any executor. It pickles by reference where its
+    name finds it, else by value, so it works with ProcessPoolExecutor, multiprocessing and Dask;
+    bound to an instance, it keeps all of these. ``async def`` functions are supported.
     """
     seconds = _seconds(ttl)
     _check_max_bytes(max_bytes)
