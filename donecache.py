@@ -4842,12 +4842,11 @@ class _Disabled:
 def disabled() -> _Disabled:
     """``with donecache.disabled():`` memoized functions call straight through.
 
-    For tests: while any such block is open, every thread of this process calls
-    memoized functions as plain functions, with no reads, writes or locks, and
-    no cache directory is created; hits and misses are not counted. A batch
-    (f.map) started inside the block runs its workers the same way. The
-    environment variable DONECACHE=off does the same for a whole process (and
-    the processes it starts), checked at each call.
+    For tests: while any such block is open, every thread of this process calls memoized functions
+    as plain functions, with no reads, writes or locks, and no cache directory is created; hits and
+    misses are not counted. A batch (f.map) started inside the block runs its workers the same way.
+    The environment variable DONECACHE=off does the same for a whole process (and the processes it
+    starts), checked at each call.
     """
     return _Disabled()
 
@@ -4871,8 +4870,8 @@ def _safe_str(value: Any, limit: int = 4000) -> str:
 
 
 def _bounded_repr(value: Any) -> str:
-    """A repr capped at every level, as reprlib makes it, but also for bytes, big ints and subclasses of
-    the containers (reprlib shows those in full, then cuts), with dicts in their own order (ids come first)."""
+    """A repr capped at every level, as reprlib makes it, but also for bytes, big ints and container subclasses."""
+    # reprlib shows those in full, then cuts. Dicts keep their own order (a record's id usually comes first).
     global _bounded
     if _bounded is None:
         import reprlib
@@ -4905,14 +4904,13 @@ def _bounded_repr(value: Any) -> str:
 
 
 def _pickled_input(value: Any) -> str | None:
-    """The input pickled (base64 text, for the JSON record), or None if it cannot be pickled or its
-    pickle passes _INPUT_PICKLE_MAX: the pickler stops there, never building a big input's whole pickle."""
+    """The input's pickle as base64 text, or None if it cannot be pickled or passes _INPUT_PICKLE_MAX."""
     import base64
 
     class Bounded(io.BytesIO):
         def write(self, data: Any) -> int:
             if self.tell() + len(data) > _INPUT_PICKLE_MAX:
-                raise OverflowError
+                raise OverflowError  # The pickler stops here, never building a big input's whole pickle.
             return super().write(data)
 
     out = Bounded()
@@ -4990,8 +4988,7 @@ class FailureRecord(Exception):
 
 
 class _Outcome:
-    """How one call went: its result (ok) or exception, whether it was computed (not reused), the
-    traceback text of a failure, and the seconds of its computation (for a reused result, as recorded)."""
+    """How one call went: result (ok) or exception, computed (not reused), failure's traceback, seconds."""
 
     __slots__ = ("ok", "value", "computed", "traceback", "seconds")
 
@@ -5030,18 +5027,16 @@ _WEAK_TABLES["_by_value"] = "WeakValueDictionary"
 
 
 def _pickler_sends_functions_by_value() -> bool:
-    """Whether the pickler at work sends functions by value: such picklers (cloudpickle and those
-    built on it) define reducer_override() and run dump() as Python code, so they are on the stack."""
+    """Whether the pickler at work sends functions by value (cloudpickle and those built on it)."""
+    # Such picklers define reducer_override() and run dump() as Python code, so they are on the stack.
     import pickle
 
-    frame = sys._getframe(2)
+    frame: Any = sys._getframe(2)
     for _ in range(16):
-        if frame is None:
-            break
-        pickler = frame.f_locals.get("self")
+        pickler = frame and frame.f_locals.get("self")
         if isinstance(pickler, pickle.Pickler):
             return callable(getattr(pickler, "reducer_override", None))
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame and frame.f_back
     return False
 
 
@@ -5058,8 +5053,7 @@ def _restore_memoized(kind: type[_Memoized[..., Any]], state: dict[str, Any]) ->
 
 
 class _BoundMemoized:
-    """A memoized method bound to an instance, as ``obj.method`` gives it: the call and every wrapper
-    method (map, forget, refresh, ...) take the instance as their first argument, as a bound method does."""
+    """``obj.method``: the call and the wrapper's methods take the instance first, as a bound method does."""
 
     __slots__ = ("__func__", "__self__")
 
@@ -5172,8 +5166,7 @@ class _Memoized(Generic[_P, _R]):
         return f"<memoized {self.__module__}.{self.__qualname__} in {self.path!r}>"
 
     def _files(self) -> _EntryFiles | None:
-        """The store, or None if it cannot be made (a read-only working directory): then
-        the function is called straight through, with one warning."""
+        """The store, or None (called straight through, warned once) if it cannot be made: a read-only cwd."""
         if self._store is None:
             try:
                 files = _EntryFiles(self.path, "c", self._durable, self._max_bytes, self._trust_shared)
@@ -5190,10 +5183,9 @@ class _Memoized(Generic[_P, _R]):
         return self._store
 
     def _prepare(self) -> bytes:
-        """At the first call, and again when a binding it followed has changed (a redefinition, a
-        reload): the code identity and the closure's values. The identity is recorded in the store,
-        so that `info` and `prune` can tell stale entries, with the code under a pinned version=, to
-        say when other code made the entries it reuses. What cannot be followed is named once."""
+        """The key prefix, at the first call and when a binding it followed changed (a redefinition, a reload)."""
+        # The identity is recorded in the store, so that `info` and `prune` can tell stale entries, with the
+        # code under a pinned version=, to say when other code made the entries it reuses.
         import inspect
 
         files = self._store or (None if _switched_off() else self._files())  # Off: no cache directory is made.
@@ -5228,13 +5220,11 @@ class _Memoized(Generic[_P, _R]):
         return _make_key(prefix, self._closure, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
 
     def _keyed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
-        """The call with its key and entry slot.
-
-        Keys of calls with a few ints, strs, bytes or Nones are remembered (the key and the entry's path
-        cost more than a hit's read): for these types, equal arguments have equal keys (not so for floats:
-        0.0 == -0.0, or bools: True == 1). The memo starts anew once full. A key is reused only while the
-        prefix and closure text it was made with are the very objects in use and what the identity
-        followed is unchanged (_same; else _key works the prefix out again)."""
+        """The call with its key and entry slot."""
+        # Keys of calls with a few ints, strs, bytes or Nones are remembered (the key and the entry's path
+        # cost more than a hit's read): for these types equal arguments have equal keys (not for floats,
+        # 0.0 == -0.0, or bools, True == 1). A key is reused only while the prefix and closure text it was
+        # made with are the very objects in use and what the identity followed is unchanged (_same).
         simple = (
             not kwargs
             and self._store is not None
@@ -5287,8 +5277,8 @@ class _Memoized(Generic[_P, _R]):
         return value
 
     def _why_missed(self, call: _Call) -> str:
-        """For the DEBUG log (it reads the file again). An entry of the same arguments under an older
-        code digest lives in another file, found only by a scan: it reads as "new key"."""
+        """For the DEBUG log (it reads the file again)."""
+        # An entry of the same arguments under an older code digest, in another file, reads as "new key".
         if self._store is None or call.slot is None:
             return "no cache directory"
         try:
@@ -5327,21 +5317,6 @@ class _Memoized(Generic[_P, _R]):
         if call.slot is not None:
             files.forget_failure(call.slot)  # A success clears the input's recorded failure.
 
-    async def _lock(self, call: _Call) -> _KeyLock | None:
-        """The key's lock, held, or None: with no store, or no lock file (a read-only or damaged
-        store) the call computes without one. Results stay right; concurrent callers may compute
-        the same key."""
-        files = self._store
-        if files is None or call.slot is None:
-            return None
-        lock = _KeyLock(files.lock_path, call.slot.offset)
-        try:
-            await self._acquire(lock)
-        except OSError as exc:
-            _warn(f"{self.__qualname__}(): computing without the cache lock: {exc}")
-            return None
-        return lock
-
     async def _acquire(self, lock: _KeyLock) -> None:
         lock.acquire()
 
@@ -5349,10 +5324,18 @@ class _Memoized(Generic[_P, _R]):
         return self.__wrapped__(*call.args, **call.kwargs)
 
     async def _flow(self, call: _Call, refresh: bool, hand_off: Callable[..., None] | None = None) -> tuple[Any, bool]:
-        """(result, whether this call computed it), after a miss or for a refresh: compute under the
-        key's lock, unless another caller stored it while this one waited. ``hand_off(self, call,
-        value, lock)`` takes over the storing and the lock's release (a batch worker stores in the background)."""
-        lock = await self._lock(call)
+        """(result, computed), after a miss or for a refresh: compute under the key's lock unless it is stored."""
+        # hand_off(self, call, value, lock) takes over the storing and the lock's release (a batch worker
+        # stores in the background). With no store, or no lock file (a read-only or damaged store), it
+        # computes without the lock: results stay right; concurrent callers may compute the same key.
+        files, lock = self._store, None
+        if files is not None and call.slot is not None:
+            lock = _KeyLock(files.lock_path, call.slot.offset)
+            try:
+                await self._acquire(lock)
+            except OSError as exc:
+                _warn(f"{self.__qualname__}(): computing without the cache lock: {exc}")
+                lock = None
         try:
             if not refresh:
                 value = self._hit(call)
@@ -5377,8 +5360,7 @@ class _Memoized(Generic[_P, _R]):
     def _get(
         self, call: _Call, refresh: bool = False, hand_off: Callable[..., None] | None = None, missed: bool = False
     ) -> tuple[Any, bool]:
-        """(result, whether this call computed it rather than reusing a stored one);
-        ``missed``: a lookup just missed, so look again only under the lock."""
+        """(result, computed); ``missed``: a lookup just missed, so look again only under the lock."""
         value = _MISSING if refresh or missed else self._hit(call)
         if value is not _MISSING:
             return value, False
