@@ -4999,9 +4999,8 @@ class _Outcome:
 _KEY_MEMO_TYPES = frozenset({int, str, bytes, type(None)})
 _KEY_MEMO_SIZE = 4096
 _KEY_MEMO_TEXT = 1024  # Longer strs and bytes are not remembered: the memo would keep them alive.
-# What a memoized function's first call needs to work out and record its code identity, imported
-# when it is decorated: a KeyboardInterrupt inside a first import can leave a half-made module
-# behind (seen with inspect and json on CPython 3.9). importlib.util brings typing on 3.9.
+# What a first call needs to work out and record the code identity, imported at decoration: a KeyboardInterrupt
+# in a first import can leave a half-made module (seen with inspect and json on 3.9; importlib.util brings typing).
 _DECORATION_IMPORTS = (
     "ast", "base64", "collections", "dis", "functools", "hashlib", "importlib.util", "inspect", "json", "math",
     "reprlib", "socket", "types", "warnings",
@@ -5129,19 +5128,16 @@ class _Memoized(Generic[_P, _R]):
         # values, and whether what the identity followed is unchanged.
         self._prefix, self._closure, self._same, self._unrecorded = b"", "", _unchanged, False
         self._store: _EntryFiles | None = None
-        self._folder = ""  # Where this function's entries live in the store (set with it).
-        self._warned = False
-        self._hits = self._misses = 0
-        self._saved = 0.0  # Seconds of computation that this process's hits did not repeat.
+        # The folder of this function's entries (set with the store); _saved: the seconds of computation
+        # that this process's hits did not repeat.
+        self._folder, self._warned, self._hits, self._misses, self._saved = "", False, 0, 0, 0.0
         self._keys: dict[tuple[Any, ...], tuple[bytes, _Slot | None, bytes, str]] = {}  # See _keyed.
 
     def __reduce__(self) -> str | tuple[Any, ...]:
-        """By name where its name finds it (the decorator form, as plain functions pickle), else by value:
-        the plain function, as the pickler sends functions, and the wrapper's settings (absolute store path,
-        ttl, the key prefix made here). The functional form ``cached = memoize(path)(f)`` goes by value, as
-        does a function of the main script when the pickler sends functions by value (cloudpickle, which
-        dask and loky use: a remote worker cannot import the parent's main script); the standard pickler
-        (process pools) sends that by name, which its workers resolve."""
+        """By name where its name finds it (the decorator form), else by value: the function and the settings."""
+        # The functional form ``cached = memoize(path)(f)`` goes by value, and so does a function of the main
+        # script when the pickler sends functions by value (cloudpickle, for dask and loky: a remote worker cannot
+        # import the parent's main script); the standard pickler (process pools) sends that by name.
         name: str = self.__qualname__
         target: Any = sys.modules.get(self.__module__)
         for part in name.split("."):  # A method's name: Class.method.
@@ -5386,11 +5382,10 @@ class _Memoized(Generic[_P, _R]):
         return self._get(self._keyed(args, kwargs), refresh=True)[0]  # type: ignore[no-any-return]
 
     def failures(self, *, all: bool = False) -> list[FailureRecord]:
-        """The inputs of this function that failed in a batch and have not succeeded since, oldest
-        first, as recorded in the store: those of the current code, or with ``all=True`` of older
-        code too (``current`` tells them apart). Each record's ``input`` is the input itself when
-        the ledger kept it (a pickle up to 256 KiB), so ``f.map([r.input for r in f.failures()])``
-        runs them again."""
+        """The inputs that failed in a batch and have not succeeded since, oldest first, as the store
+        records them: those of the current code, or with ``all=True`` of older code too (``current``
+        tells them apart). ``input`` is the input itself when the ledger kept it (a pickle up to 256
+        KiB), so ``f.map([r.input for r in f.failures()])`` runs them again."""
         files, identity = self._files(), _key_identity(self._prefix or self._prepare())
         if files is None:
             return []
@@ -5398,10 +5393,9 @@ class _Memoized(Generic[_P, _R]):
         return [record for record in records if all or record.current]
 
     def is_cached(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
-        """True if a call with these arguments would be a hit: its entry is stored and live (ttl
-        counts as for a call). It never calls the function, takes no lock, counts no hit, and does
-        not create the cache directory. The value is not unpickled: one that no longer loads (its
-        class changed) still counts."""
+        """True if a call with these arguments would be a hit: its entry is stored and live (ttl counts).
+        It never calls the function, takes no lock, counts no hit, makes no cache directory, and does not
+        unpickle the value: one that no longer loads (its class changed) still counts."""
         if _switched_off() or (self._store is None and not os.path.isdir(self.path)):
             return False
         call, files, now = self._keyed(args, kwargs), self._store, time.time()
@@ -5423,8 +5417,7 @@ class _Memoized(Generic[_P, _R]):
         if files is not None:
             files.clear(folder=self._folder)
             files.drop_failures(lambda record: True, self._folder)  # A fresh start forgets them too.
-        self._hits = self._misses = 0
-        self._saved = 0.0
+        self._hits, self._misses, self._saved = 0, 0, 0.0
 
     def cache_info(self) -> CacheInfo:
         """Hits, misses and the computation time saved in this process, and this function's live
@@ -5465,52 +5458,46 @@ class _Memoized(Generic[_P, _R]):
     ) -> BatchResult:
         """Call the function on every input, caching each success as soon as it is done.
 
-        ``f.map(records)`` calls ``f(record)`` for each record; with several iterables,
-        ``f.map(xs, ys)`` calls ``f(x, y)`` pairwise, like map(). A rerun reuses every stored result
-        and computes only what failed or is new. The result keeps one entry per input; for more
-        inputs than fit in memory, iterate over :meth:`imap` instead.
+        ``f.map(records)`` calls ``f(record)`` for each record; ``f.map(xs, ys)`` calls ``f(x, y)``
+        pairwise, like map(). A rerun reuses every stored result and computes only what failed or is
+        new. The result keeps one entry per input; for more inputs than fit in memory, use :meth:`imap`.
 
         keep_going: False stops at the first failure and raises it, as a plain loop would (what
-            finished before it stays cached). True runs every input and reports the failures in
-            the result, each with its input, exception and traceback.
-        workers: run that many calls at once, in a ProcessPoolExecutor (or, with processes=False,
-            a ThreadPoolExecutor) that map() starts and shuts down.
-        executor: run the calls on an executor you made instead (any object with
-            concurrent.futures' submit(), such as dask.distributed's Client.get_executor() or
-            loky's); it is never shut down, and only this batch's own futures are cancelled.
-            workers= then says how many calls it runs at once (default: its _max_workers, or the
-            CPU count).
-        chunksize: calls per submitted task; by default it grows until a task takes about 50 ms,
-            and an idle worker gets whatever is ready.
+            finished before it stays cached). True runs every input and reports the failures in the
+            result, each with its input, exception and traceback.
+        workers: run that many calls at once, in a ProcessPoolExecutor (processes=False: a
+            ThreadPoolExecutor) that map() starts and shuts down.
+        executor: run the calls on an executor you made instead (any object with concurrent.futures'
+            submit(), such as dask.distributed's Client.get_executor() or loky's); it is never shut
+            down, and only this batch's own futures are cancelled. workers= then says how many calls
+            it runs at once (default: its _max_workers, or the CPU count).
+        chunksize: calls per submitted task; by default it grows until a task takes about 50 ms, and
+            an idle worker gets whatever is ready.
         progress: the function's name, percentage, done/total, rate, ETA and failures. None (the
-            default): a line redrawn on stderr when it is a terminal or a Jupyter kernel, else a
-            record every 30 s on the "donecache" logger (INFO). True: always on stderr. A number:
-            log every that many seconds. False: silent. A callable: called with a
-            :class:`Progress` record at most ten times a second and once at the end (``final``
-            True), to drive a tqdm or rich bar.
+            default): a line redrawn on stderr when it is a terminal or a Jupyter kernel, else a record
+            every 30 s on the "donecache" logger (INFO). True: always on stderr. A number: log every
+            that many seconds. False: silent. A callable: called with a :class:`Progress` record at
+            most ten times a second and once at the end (``final`` True), to drive a tqdm or rich bar.
         retry_failures: True (the default) calls again the inputs that failed in an earlier batch.
-            False reports, without calling, the failures that the store's ledger holds for the
-            current code (see :meth:`failures`), each as a :class:`FailureRecord` exception.
-        shard: (index, count) runs only this process's share of the inputs, for array jobs: every
-            input falls to exactly one index, the same in every process and on every host, by a
-            digest of its key. A final unsharded map() then finds every result cached, or in the ledger.
-        label: called with an input's arguments, as the function is, to give the text that the
-            ledger shows for it when it fails (``label=lambda rec: rec["id"]``); by default a repr
-            bounded at every level.
+            False reports, without calling, the failures that the store's ledger holds for the current
+            code (see :meth:`failures`), each as a :class:`FailureRecord` exception.
+        shard: (index, count) runs only this process's share of the inputs, for array jobs: every input
+            falls to exactly one index, the same in every process and on every host, by a digest of its
+            key. A final unsharded map() then finds every result cached, or in the ledger.
+        label: called with an input's arguments, as the function is, to give the text that the ledger
+            shows for it when it fails (``label=lambda rec: rec["id"]``); by default a bounded repr.
 
-        Each failure is written to the store's ledger as it happens, so a crash of this process
-        loses none of them; a later success removes it. Cached inputs are answered here, never
-        sent; only misses go to the workers, a bounded number at a time, so the inputs can be a
-        generator.
+        Each failure is written to the store's ledger as it happens, so a crash of this process loses
+        none of them; a later success removes it. Cached inputs are answered here, never sent; only
+        misses go to the workers, a bounded number at a time, so the inputs can be a generator.
         """
         options = (keep_going, workers, processes, executor, chunksize, progress, retry_failures, shard, label)
         return _run_map(self, iterables, (), _record("_BatchOptions")(*options))
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        """:meth:`map` as a stream, with the same options: yield each result in input order as soon
-        as it and every one before it are done, keeping none of them, so memory stays bounded however
-        many inputs the iterables give. With keep_going=True a failed input yields its
-        :class:`Failure` in its place."""
+        """:meth:`map` as a stream, with the same options: yield each result in input order as soon as it
+        and every one before it are done, keeping none, so memory stays bounded however many inputs there
+        are. With keep_going=True a failed input yields its :class:`Failure` in its place."""
         return _run_imap(self, iterables, (), self._batch_options(iterables, options))
 
     def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: dict[str, Any]) -> _BatchOptions:
