@@ -4880,16 +4880,18 @@ def _bounded_repr(value: Any) -> str:
             def repr_dict(self, x: Any, level: int) -> str:
                 if level <= 0 or not x:
                     return "{...}" if x else "{}"
-                shown = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}" for k, v in itertools.islice(x.items(), self.maxdict)]
+                pairs = itertools.islice(x.items(), self.maxdict)
+                shown = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}" for k, v in pairs]
                 return "{" + ", ".join(shown) + (", ..." if len(x) > self.maxdict else "") + "}"
 
             def repr_int(self, x: Any, level: int) -> str:
                 return f"<int of {x.bit_length()} bits>" if x.bit_length() > 256 else int.__repr__(x)
 
             def repr_instance(self, x: Any, level: int) -> str:
-                for kind, name in ((str, "str"), (bytes, "str"), (bytearray, "str"), (dict, "dict"), (list, "list"), (tuple, "tuple")):
-                    if isinstance(x, kind):
-                        return getattr(self, f"repr_{name}")(x[: self.maxstring + 1] if name == "str" else x, level)  # type: ignore[no-any-return]
+                for kinds, name in (((str, bytes, bytearray), "str"), (dict, "dict"), (list, "list"), (tuple, "tuple")):
+                    if isinstance(x, kinds):
+                        shown = getattr(self, f"repr_{name}")(x[: self.maxstring + 1] if name == "str" else x, level)
+                        return str(shown)
                 return reprlib.Repr.repr_instance(self, x, level)
 
             repr_bytes = repr_bytearray = repr_instance
@@ -4961,7 +4963,8 @@ class FailureRecord(Exception):
         self._record, self._load = record, load
         get = record.get
         self.function, self.label, self.entry = str(get("function", "?")), str(get("input", "?")), str(get("entry", ""))
-        self.type, self.message, self.traceback = str(get("type", "?")), str(get("message", "")), str(get("traceback", ""))
+        self.type, self.message = str(get("type", "?")), str(get("message", ""))
+        self.traceback = str(get("traceback", ""))
         self.time = float(get("time") or 0)
         self.host, self.pid = str(get("host", "?")), get("pid")
         self.identity, self.current = str(get("identity", "")), current
@@ -5021,7 +5024,7 @@ class _Call:
 # The memoized functions that this process has pickled by value, and those it has rebuilt from such
 # pickles: unpickling in the same process gives back the same object (its counters and open store),
 # and a worker rebuilds each once per task.
-_by_value: weakref.WeakValueDictionary[tuple[Any, ...], _Memoized[..., Any]] | None = None  # Made at the first decoration.
+_by_value: weakref.WeakValueDictionary[tuple[Any, ...], _Memoized[..., Any]] | None = None  # At the first decoration.
 _WEAK_TABLES["_by_value"] = "WeakValueDictionary"
 
 
@@ -5117,7 +5120,8 @@ class _Memoized(Generic[_P, _R]):
         if not hasattr(func, "__qualname__"):  # A functools.partial or a callable object.
             self.__qualname__ = self.__name__ = _function_name(func)
         self._blake2b = hashlib.blake2b  # Bound once: an import statement on the hit path costs a lookup per call.
-        self.path = os.path.abspath(_store_path(os.environ.get("DONECACHE_DIR") or ".donecache" if path is None else path))
+        path = os.environ.get("DONECACHE_DIR") or ".donecache" if path is None else path
+        self.path = os.path.abspath(_store_path(path))
         self._ttl, self._durable, self._mmap, self._version = ttl, durable, mmap, version
         self._max_bytes, self._trust_shared = _check_max_bytes(max_bytes), trust_shared
         self._compress = _check_compress(compress)
@@ -5339,7 +5343,8 @@ class _Memoized(Generic[_P, _R]):
                     return value, False
             if _log_at(_DEBUG) is not None:
                 reason = "refresh" if refresh else self._why_missed(call)
-                _logger.debug("%s: miss (%s), computing; entry %s", self.__qualname__, reason, call.slot and call.slot.path)
+                where = call.slot and call.slot.path
+                _logger.debug("%s: miss (%s), computing; entry %s", self.__qualname__, reason, where)
             started = time.perf_counter()
             value = await self._invoke(call)
             call.seconds = time.perf_counter() - started
@@ -5427,7 +5432,8 @@ class _Memoized(Generic[_P, _R]):
         for found in files.scan(self._folder) if files is not None else ():
             if found.entry is not None and found.entry.live(now) and found.entry.key.startswith(prefix):
                 live, held = live + 1, held + found.entry.seconds
-        return _record("CacheInfo")(self._hits, self._misses, self._max_bytes, live, held, self._saved)  # type: ignore[no-any-return]
+        info: CacheInfo = _record("CacheInfo")(self._hits, self._misses, self._max_bytes, live, held, self._saved)
+        return info
 
     def cache_parameters(self) -> dict[str, Any]:
         """The options this function was memoized with (functools' ``maxsize`` is max_bytes)."""
