@@ -4818,7 +4818,7 @@ def _switched_off() -> bool:
         return False
     value = _env_text(raw)
     off = _SWITCH_WORDS.get(value.strip().lower())
-    if off is None and value.strip() and value not in _switch_warned:  # Once per value; never raises here.
+    if off is None and value.strip() and value not in _switch_warned:  # Once per value: this runs at every call.
         _switch_warned.add(value)
         _warn(f"the environment variable DONECACHE={value!r} is not understood, so caching stays on; "
               "set it to off (or 0, false, no) or on (or 1, true, yes)")  # fmt: skip
@@ -5086,7 +5086,7 @@ class _BoundMemoized:
         return found
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _BoundMemoized) and (self.__func__, self.__self__) == (other.__func__, other.__self__)
+        return isinstance(other, _BoundMemoized) and self.__func__ is other.__func__ and self.__self__ is other.__self__
 
     def __hash__(self) -> int:
         return hash((id(self.__func__), id(self.__self__)))
@@ -5205,8 +5205,8 @@ class _Memoized(Generic[_P, _R]):
         since = None if files is None or files.readonly else files.record_identity(self._function, identity, code)
         self._unrecorded = files is None  # Then _files() records it once the store is made.
         if first and since is not None and files is not None:
-            entries = [found.entry for found in files.scan(self._folder) if found.entry is not None]
-            older = sum(entry.created < since and entry.key.startswith(self._prefix) for entry in entries)
+            scanned = (found.entry for found in files.scan(self._folder))
+            older = sum(1 for e in scanned if e is not None and e.created < since and e.key.startswith(self._prefix))
             if older:
                 _warn(
                     f"{self.__qualname__}(): version={self._version!r} is pinned but the code has changed: "
