@@ -236,19 +236,16 @@ else:
     def _fsync_dir(path: str) -> None:
         # A rename is durable only once its directory is flushed (fsync(2), "Calling fsync() does not necessarily
         # ensure that the entry in the directory containing the file has also reached disk").
+        fd = -1
         try:
             fd = os.open(path or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        except OSError as exc:
-            if exc.errno in _NO_DIR_FSYNC or exc.errno == errno.EACCES:
-                return
-            raise
-        try:
             os.fsync(fd)
         except OSError as exc:
-            if exc.errno not in _NO_DIR_FSYNC:
+            if exc.errno not in _NO_DIR_FSYNC and not (fd < 0 and exc.errno == errno.EACCES):  # EACCES: unopenable.
                 raise
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
     _replace = os.replace
 
