@@ -298,12 +298,11 @@ else:
         except KeyError:
             owner = "no name"
         why = f"is writable by {writers}" if mine else f"is not yours (you are uid {os.geteuid()})"
-        return f"{why}: owner {owner} (uid {st.st_uid}), mode {stat.filemode(st.st_mode)} ({stat.S_IMODE(st.st_mode):o})"
+        return f"{why}: owner {owner} (uid {st.st_uid}), mode {stat.filemode(st.st_mode)} ({st.st_mode & 0o7777:o})"
 
     # Filesystems on which an lstat(2) of a name tells whether it still holds the file read before (same inode,
-    # size, mtime): local ones. NFS clients cache attributes (acregmin 3 s to acregmax 60 s, nfs(5)), so an lstat
-    # may describe a file that another host has replaced since; only open(2) revalidates (close-to-open
-    # consistency). There, and on any filesystem not listed (FUSE, SMB, Lustre...), every hit opens its entry.
+    # size, mtime): local ones. NFS clients cache attributes (acregmin 3 s to acregmax 60 s, nfs(5)); only open(2)
+    # revalidates. There, and on any filesystem not listed (FUSE, SMB, Lustre...), every hit opens its entry.
     _LOCAL_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "zfs", "f2fs", "jfs", "bcachefs",
                            "overlay", "ramfs"})
 
@@ -604,10 +603,9 @@ else:
 # logging: the mechanisms that everything below shares.
 # ---------------------------------------------------------------------------
 
-# NFS answers ESTALE when the file or directory behind a name or a handle was removed or replaced by another host.
-# It is transient: the name, looked up again, leads to the new file. Linux retries a path lookup once by itself, but
-# a read on a descriptor opened just before another host's rename still fails: the whole operation, from its open,
-# is retried.
+# NFS answers ESTALE when the file behind a name or a handle was replaced or removed by another host; the name,
+# looked up again, leads to the new file. Linux retries a path lookup once by itself, but a read on a descriptor
+# opened just before another host's rename still fails: the whole operation, from its open, is retried.
 _STALE_TRIES = 5
 
 
