@@ -58,13 +58,11 @@ __all__ = [
 
 __version__ = "0.3.0.dev0"
 
-# One-off scripts pay for every import, so only modules that the interpreter has loaded anyway or that cost little
-# are imported here. The rest (pickle and shelve: 4 ms, with re and enum; collections, weakref's helpers, hashlib,
-# json, pathlib, shutil, socket, inspect, functools, types, warnings, traceback, asyncio, concurrent.futures,
-# argparse) are imported where first needed, when a store is opened or a function decorated, in the caller's
-# thread, never first on a hot path: a KeyboardInterrupt inside a first import can leave a half-made module behind
-# (seen with inspect and json on CPython 3.9). _collections_abc and _weakref are the interpreter's own (os and the
-# startup load them).
+# One-off scripts pay for every import: only modules that the interpreter has loaded anyway (_collections_abc and
+# _weakref: os and the startup load them) or that cost little are imported here. The rest (pickle and shelve alone
+# cost 4 ms, with re and enum) are imported where first needed, when a store is opened or a function decorated, in
+# the caller's thread, never first on a hot path: a KeyboardInterrupt inside a first import can leave a half-made
+# module behind (seen with inspect and json on CPython 3.9).
 import _collections_abc
 import _thread
 import _weakref
