@@ -891,11 +891,11 @@ def _log_at(level: int) -> Any:
 # ---------------------------------------------------------------------------
 # Locks
 #
-# _KeyLock is the one lock that stages and memoize use: the whole of a lock file,
-# or one byte of it, held by one thread of one process at a time, with a timeout,
-# and an error instead of a deadlock when a thread asks for a lock it already
-# holds. The kernel drops the locks of a process that dies, even by SIGKILL, so a
-# crashed holder never blocks anyone.
+# _KeyLock is the one lock that stages and memoize use: the whole of a lock
+# file, or one byte of it, held by one thread of one process at a time, with a
+# timeout, and an error instead of a deadlock when a thread asks for a lock it
+# already holds. The kernel drops the locks of a process that dies, even by
+# SIGKILL, so a crashed holder never blocks anyone.
 # ---------------------------------------------------------------------------
 
 
@@ -1169,8 +1169,8 @@ class _Atomic:
         self._path, self._durable, self._overwrite, self._make_parents = path, durable, overwrite, make_parents
 
     def _create(self, *, keep_now: bool) -> int:
-        """Check the target and create the temporary file: its descriptor. The target's permission
-        bits, if it exists, are given to the file now or kept for _finish."""
+        """Check the target, and create the temporary file: its descriptor. The target's
+        permission bits, if it exists, are given to the file now or kept for _finish."""
         target = _fspath(self._path)
         # Symlink policy: writing through a link replaces the file it points to and
         # leaves the link alone, as open(path, "w") would.
@@ -1345,9 +1345,9 @@ def atomic_path(
 
 _STAGE_LOCK = ".donecache.lock"
 _STAGE_VERSION = ".donecache.version"  # The version being built, recorded when a build starts.
-# Each builder of a shared stage holds a lock file of its own, named this and 16 hex digits, while it
-# builds: the stage's lock is held only on entry and exit, so `status` looks for these to tell
-# "building" from "incomplete".
+# Each builder of a shared stage holds a lock file of its own, named this and 16
+# hex digits, while it builds: the stage's lock is held only on entry and exit,
+# so `status` looks for these to tell "building" from "incomplete".
 _STAGE_BUILDER = ".donecache.builder~"
 
 
@@ -1445,10 +1445,7 @@ def is_done(directory: StrPath, *, version: _Version | None = None, marker: str 
 
 
 def mark_not_done(directory: StrPath, *, marker: str = "DONE") -> bool:
-    """Remove the stage's marker so that the next run rebuilds it; its pieces stay.
-
-    Returns True if there was a marker to remove.
-    """
+    """Remove the stage's marker so that the next run rebuilds it (its pieces stay); True if there was one."""
     try:
         os.unlink(_marker_path(directory, marker))
     except FileNotFoundError:
@@ -1457,8 +1454,9 @@ def mark_not_done(directory: StrPath, *, marker: str = "DONE") -> bool:
 
 
 class _StageState:
-    """What `status` says of a stage: its state ("done"; "building"; "incomplete"; "other version": done, but
-    its marker names another; "not a stage": a directory done_dir never entered; "missing"), its marker's
+    """What `status` says of a stage: its state ("done", "building", "incomplete",
+    "other version" (done, but its marker names another version), "not a stage"
+    (a directory that done_dir never entered) or "missing"), its marker's
     metadata, and who builds it ({"host", "pid"} where known)."""
 
     __slots__ = ("state", "marker", "builder")
@@ -1494,7 +1492,7 @@ def _flush_tree(root: str) -> None:
             if dirpath == root and (name == _STAGE_LOCK or name.startswith(_STAGE_BUILDER)):
                 continue  # Nothing to flush, and on NFS closing it would drop our lock.
             try:
-                fd = _open_regular(os.path.join(dirpath, name), _SYNC_FLAGS | _NOFOLLOW)[0]
+                fd, _st = _open_regular(os.path.join(dirpath, name), _SYNC_FLAGS | _NOFOLLOW)
             except OSError:
                 continue  # Unreadable, vanished, or a link, FIFO or device: nothing of ours to flush.
             try:
@@ -1514,28 +1512,22 @@ class Stage:
                 for rec in records:
                     stage.piece(f"{rec.id}.json", lambda: parse(rec))
 
-    The directory is created with its parents. While the block runs, the stage is locked against other
-    processes and threads building it; one that waited finds ``stage.done`` True when the first finished
-    it. When the block ends normally, the marker file (``marker``, default ``DONE``) is written atomically
-    with JSON metadata: times, host, pid, donecache's version and ``version``. If the block raises or the
-    process dies, no marker is written and the pieces stay, so the next run resumes.
+    The directory is created with its parents and, while the block runs, locked against other processes and
+    threads building it: one that waited finds ``stage.done`` (checked under the lock) True. When the block
+    ends normally, the marker file (``marker``, default ``DONE``) is written atomically with JSON metadata:
+    times, host, pid, donecache's version and ``version``. If the block raises or the process dies, there is
+    no marker and the pieces stay, so the next run resumes. ``stage.path`` is the directory as a Path.
 
-    version: a str or int naming your code's or data's version; a stage whose marker records another
-        version counts as not done, and its stale marker is removed before rebuilding.
-    fresh: when the stage is not done, empty the directory first instead of resuming from the pieces of
-        an earlier run.
-    durable: fsync each piece as it is written and every file of the stage before writing the marker, so
-        that neither the marker nor a rerun that resumes trusts a piece that a power failure emptied.
+    version: a str, an int or a tuple of them naming your code's or data's version; a stage whose marker
+        records another version counts as not done, and its stale marker is removed before rebuilding.
+    fresh: when the stage is not done, empty it first instead of resuming from the pieces of an earlier run.
+    durable: fsync each piece as it is written and every file of the stage before the marker, so that neither
+        the marker nor a rerun that resumes trusts a piece that a power failure emptied.
     timeout: seconds to wait for another builder before TimeoutError.
     expect: make this a shared stage, which many processes or hosts fill at once: a count of pieces, or an
-        iterable of the pieces' names. Each builder holds the lock only briefly, on entry and on exit, and
-        writes its own pieces meanwhile. On a normal exit it lists the pieces under the lock; the builder
-        that finds every expected piece present writes the marker, exactly once. The others leave without
-        one, with ``stage.done`` False. Every builder of the stage must pass the same ``expect``; ``fresh``
-        cannot be combined with it.
-
-    What ``with done_dir(...) as stage`` gives is the Stage: ``stage.done`` (checked while holding the
-    lock), ``stage.path``, ``stage.piece()`` and ``stage.has()``.
+        iterable of their names. Each builder holds the lock only on entry and on exit; the one whose exit
+        finds every expected piece present writes the marker, exactly once, and the others leave with
+        ``stage.done`` False. Every builder must pass the same ``expect``; ``fresh`` cannot be combined with it.
     """
 
     def __init__(
@@ -1637,8 +1629,8 @@ class Stage:
         self._builder = builder
 
     def _begin(self) -> None:
-        """Under the lock, for a stage that is not done: resume the pieces of a build of the same
-        version, or start from an empty stage."""
+        """Under the lock, for a stage that is not done: resume the pieces of a build
+        of the same version, or start from an empty stage."""
         root, wanted = self._root, None if self.version is None else _version_text(self.version)
         old = _marker_version(_read_marker(self._marker_file))
         marked = os.path.lexists(self._marker_file)
@@ -1691,11 +1683,9 @@ class Stage:
         return lock
 
     def _finish_shared(self, expect: int | frozenset[str]) -> bool:
-        """Write the marker if every expected piece is present and nobody has yet; True if the stage is done.
-
-        Pieces only ever appear by a rename, so a piece that is listed is whole. Under the lock, two builders
-        cannot both see "complete, no marker", and the marker cannot appear before the last piece.
-        """
+        """Write the marker if every expected piece is present and nobody has; True if the stage is done. Pieces
+        appear only by a rename, so a listed piece is whole; under the lock, two builders cannot both see
+        "complete, no marker", and the marker cannot appear before the last piece."""
         self._take_lock()
         if _marker_counts(self._marker_file, self.version):
             return True
