@@ -891,11 +891,10 @@ def _log_at(level: int) -> Any:
 # ---------------------------------------------------------------------------
 # Locks
 #
-# _KeyLock is the one lock that stages and memoize use: the whole of a lock
-# file, or one byte of it, held by one thread of one process at a time, with a
-# timeout, and an error instead of a deadlock when a thread asks for a lock it
-# already holds. The kernel drops the locks of a process that dies, even by
-# SIGKILL, so a crashed holder never blocks anyone.
+# _KeyLock is the one lock that stages and memoize use: the whole of a lock file, or one byte of it, held
+# by one thread of one process at a time, with a timeout, and an error instead of a deadlock when a thread
+# asks for a lock it already holds. The kernel drops the locks of a process that dies, even by SIGKILL, so
+# a crashed holder never blocks anyone.
 # ---------------------------------------------------------------------------
 
 
@@ -1020,15 +1019,13 @@ class _KeyLock:
 # ---------------------------------------------------------------------------
 # Atomic writes
 #
-# A new version is written to a temporary file beside the target and renamed over
-# it: rename(2) replaces a name atomically, so a reader sees the old file or the
-# new one, whatever happens to the writer. Everything else that donecache writes
-# (stage markers and pieces, cache entries) goes through _write_bytes below.
+# A new version is written to a temporary file beside the target and renamed over it: rename(2) replaces
+# a name atomically, so a reader sees the old file or the new one, whatever happens to the writer.
+# Everything else that donecache writes (stage markers and pieces, cache entries) goes through _write_bytes.
 # ---------------------------------------------------------------------------
 
-# Temporary names start with a dot (hidden from ls and glob.glob), carry a marker
-# that `prune` recognises, and end with the target's own name so that libraries
-# which pick a format from the suffix (numpy.save, PIL, pandas' compression) see it.
+# Temporary names start with a dot (hidden from ls and glob.glob), carry a marker that `prune` recognises, and end
+# with the target's own name, for libraries that pick a format from the suffix (numpy.save, PIL, pandas' compression).
 _TEMP_PREFIX = ".dc~"
 _TEMP_TOKEN = 16  # hex digits: the writer's host and pid, and a count (_writer_token)
 # NAME_MAX is 255 bytes on most filesystems: a temporary name keeps this many bytes of the target's name (its end).
@@ -1172,8 +1169,7 @@ class _Atomic:
         """Check the target, and create the temporary file: its descriptor. The target's
         permission bits, if it exists, are given to the file now or kept for _finish."""
         target = _fspath(self._path)
-        # Symlink policy: writing through a link replaces the file it points to and
-        # leaves the link alone, as open(path, "w") would.
+        # Symlink policy: a write through a link replaces the file it points to, not the link, as open(path, "w") would.
         if os.path.islink(target):
             target = os.path.realpath(target)
         try:
@@ -1298,8 +1294,7 @@ class _AtomicPath(_Atomic):
     def __enter__(self) -> Path:
         from pathlib import Path
 
-        # Creating the file with O_EXCL proves that the name is free; it is
-        # removed again so that the library can create it itself.
+        # Creating the file with O_EXCL proves that the name is free; the library then creates it itself.
         os.close(self._create(keep_now=False))
         os.unlink(self._temp)
         return Path(self._temp)
@@ -1337,10 +1332,9 @@ def atomic_path(
 # ---------------------------------------------------------------------------
 # Stage directories
 #
-# A stage is a directory filled piece by piece; its marker file says that the
-# whole stage finished. The marker is written last, with the atomic writer, so
-# it exists only if every piece before it does. While a stage is being built, a
-# lock on a hidden file inside it keeps other processes and threads out.
+# A stage is a directory filled piece by piece; its marker file says that the whole stage finished. The
+# marker is written last, with the atomic writer, so it exists only if every piece before it does. While a
+# stage is being built, a lock on a hidden file inside it keeps other processes and threads out.
 # ---------------------------------------------------------------------------
 
 _STAGE_LOCK = ".donecache.lock"
@@ -1417,10 +1411,9 @@ def _marker_counts(path: str, version: Any) -> bool:
 
     if check():
         return True
-    # An NFS client caches lookups, "no such file" included, for up to acdirmax
-    # (60 s by default), so a marker that another host has just written can
-    # look absent. Opening and reading the directory makes the client fetch
-    # it again from the server (as `ls` does), so "not done" is asked twice.
+    # An NFS client caches lookups, "no such file" included, for up to acdirmax (60 s by default), so a
+    # marker that another host has just written can look absent. Opening and reading the directory makes
+    # the client fetch it again from the server (as `ls` does), so "not done" is asked twice.
     try:
         _retry_stale(read_directory)
     except (FileNotFoundError, NotADirectoryError):
@@ -1803,8 +1796,7 @@ class Stage:
         except FileNotFoundError:
             if not path.exists():
                 raise
-            # Another builder wrote the same piece and finished the stage,
-            # sweeping this temporary file: the piece is there all the same.
+            # Another builder wrote this piece and finished the stage, sweeping our temporary file: it is there.
         return path
 
 
