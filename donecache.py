@@ -4023,17 +4023,15 @@ def file_digest(path: StrPath, *, quick: bool = False) -> str:
 # ---------------------------------------------------------------------------
 # Code identity
 #
-# When no version= is given, a memoized function's entries belong to its code:
-# the syntax tree of its source (docstrings aside), the module-level values it
-# reads (by canonical value), and the functions, classes and modules of the
-# user's own code that it reaches, followed transitively. Installed
-# distributions count by their RECORD (the hashes of their files), the standard
-# library not at all. What cannot be followed (eval, open, the environment, a
-# value with no canonical form) is named in one warning. docs/identity.md has
-# the rules in full.
+# Without version=, a memoized function's entries belong to its code: its syntax
+# tree (docstrings aside), the module-level values it reads (by canonical value),
+# and the user's own functions, classes and modules it reaches, transitively.
+# Installed distributions count by their RECORD (the hashes of their files), the
+# standard library not at all. What cannot be followed (eval, open, the
+# environment, a value with no canonical form) is named in one warning. The rules
+# in full: docs/identity.md.
 # ---------------------------------------------------------------------------
 
-_SITE_DIRS = ("site-packages", "dist-packages")
 # Read from the syntax tree, never from the text: fields that say how it was written.
 _TREE_SKIP = frozenset({"kind", "type_comment", "lineno", "col_offset", "end_lineno", "end_col_offset"})
 _DOCUMENTED = ("FunctionDef", "AsyncFunctionDef", "ClassDef")
@@ -4042,7 +4040,6 @@ _UNSEEN = {  # Names whose use donecache cannot follow, and what they do.
     "import_module": "importlib.import_module()", "environ": "os.environ", "getenv": "os.getenv()",
 }
 _WHOLE_MODULE = frozenset({"getattr", "globals", "vars"})
-_SYNCHRONIZATION = frozenset({"_thread", "threading", "multiprocessing.synchronize", "asyncio.locks"})
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__firstlineno__",
                          "__static_attributes__", "__annotations__", "__orig_bases__", "__parameters__"})
 _SINK_METHODS = frozenset({"append", "extend", "add", "update", "insert", "clear", "discard", "remove"})
@@ -4133,7 +4130,7 @@ def _library(obj: Any) -> str | None:
             _learnt["stdlib"] = os.path.join(os.path.realpath(os.path.dirname(os.__file__)), "")
         path = os.path.realpath(file)
         parts = path.split(os.sep)
-        site = next((i for i, part in enumerate(parts) if part in _SITE_DIRS), None)
+        site = next((i for i, part in enumerate(parts) if part in ("site-packages", "dist-packages")), None)
         if site is not None and site + 1 < len(parts):
             found: str | None = _distribution(os.sep.join(parts[: site + 1]), parts[site + 1], top)
         else:
@@ -4223,10 +4220,8 @@ def _parse_source(path: str, data: bytes) -> dict[str, Any] | None:
             line = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", ())])
             found = functions.setdefault(f"{line} {getattr(node, 'name', '<lambda>')}", ["", []])
             found[0] = digest + ";" + found[0]
-    canonical = _Canonical()
     for inner in _nested_codes(code)[1:]:
-        digests = functions.setdefault(f"{inner.co_firstlineno} {inner.co_name}", ["", []])[1]
-        digests.append(_digest_text(canonical.bytecode(inner))[:16])
+        functions.setdefault(f"{inner.co_firstlineno} {inner.co_name}", ["", []])[1].append(_code_digest(inner))
     return {"functions": functions, "classes": classes}
 
 
@@ -4271,15 +4266,6 @@ def _is_constant(value: Any) -> bool:
     return kind in _SCALARS or ((kind is tuple or kind is frozenset) and all(map(_is_constant, value)))
 
 
-def _code_names(code: Any) -> set[str]:
-    """The global and attribute names it reads."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if hasattr(const, "co_code"):
-            names |= _code_names(const)
-    return names
-
-
 def _loads(code: Any) -> tuple[set[str], set[str]]:
     """The names it loads as globals or builtins, and those it uses only to add to
     (calls.append(x), seen.add(x)): outputs, not inputs, so their contents do not count."""
@@ -4304,13 +4290,11 @@ def _imported_in(code: Any, package: str) -> list[Any]:
     import dis
     import importlib.util
 
-    found, todo = [], [code]
-    while todo:  # Not _nested_codes: most code imports nothing, and this runs for every function followed.
-        code = todo.pop()
-        todo += [const for const in code.co_consts if hasattr(const, "co_code")]
-        if dis.opmap["IMPORT_NAME"] not in code.co_code[::2]:
+    found = []
+    for inner in _nested_codes(code):
+        if dis.opmap["IMPORT_NAME"] not in inner.co_code[::2]:  # Most code imports nothing: no dis for it.
             continue
-        instructions = list(dis.get_instructions(code))
+        instructions = list(dis.get_instructions(inner))
         for index, here in enumerate(instructions):
             if here.opname != "IMPORT_NAME" or index < 2:
                 continue
@@ -4469,7 +4453,7 @@ class _CodeIdentity:
     def uses(self, func: Any) -> None:
         """What ``func`` reads (globals, modules, closure, defaults); what cannot be followed."""
         code = func.__code__
-        names = _code_names(code)
+        names = {name for inner in _nested_codes(code) for name in inner.co_names}  # Globals and attributes read.
         scope = getattr(func, "__globals__", {})
         where = _reference(func)
         self._watch(scope, names & scope.keys())
@@ -4543,7 +4527,7 @@ class _CodeIdentity:
             if callable(value) and not inspect.isbuiltin(value) and not kind.__module__.startswith("numpy"):
                 self.follow(value)
                 return f"<code {_reference(value)}>"
-            if kind.__module__ in _SYNCHRONIZATION:
+            if kind.__module__ in ("_thread", "threading", "multiprocessing.synchronize", "asyncio.locks"):
                 return f"<{kind.__name__}>"  # A lock is how the code waits, not what it computes.
             if not isinstance(value, type(sys)) and _library(kind) is None:
                 self.follow(kind)
@@ -6753,10 +6737,8 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
         if found.entry is None:
             damaged += 1
             continue
-        row = each.setdefault(
-            _function_of(found.entry.key),
-            {"entries": 0, "bytes": 0, "disk_bytes": 0, "expired": 0, "stale": 0, "compute_seconds": 0.0},
-        )
+        fresh = {"entries": 0, "bytes": 0, "disk_bytes": 0, "expired": 0, "stale": 0, "compute_seconds": 0.0}
+        row = each.setdefault(_function_of(found.entry.key), fresh)
         created = found.entry.created
         if not found.entry.live(now):
             expired += 1
@@ -6918,10 +6900,8 @@ def main(argv: list[str] | None = None) -> int:
     # The console script `donecache` (pyproject.toml) or `python -m donecache`.
     prog = "donecache" if os.path.basename(sys.argv[0]) in ("donecache", "donecache.exe") else "python -m donecache"
     parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Inspect and clean donecache stores and stage directories. "
-        "Exit codes: 0 success, 1 not done or nothing matched, 2 usage error or missing path.",
-    )
+        prog=prog, description="Inspect and clean donecache stores and stage directories. Exit codes: 0 success, 1 not "
+        "done or nothing matched, 2 usage error or missing path.")
     parser.add_argument("--version", action="version", version=f"donecache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
@@ -6939,11 +6919,8 @@ def main(argv: list[str] | None = None) -> int:
     command("info", _cli_info, "entries, bytes and expired entries of a cache, counted per function")
     command("clear", _cli_clear, "remove a cache's entries (all, or one function's)", function=True)
     command("verify", _cli_verify, "check every byte of every entry (exit 1 if any is damaged)")
-    failures = command(
-        "failures", _cli_failures,
-        "list the inputs that failed in batches, from the store's ledger, with a summary by exception (exit 1 if none)",
-        function=True,
-    )  # fmt: skip
+    failures = command("failures", _cli_failures, "list the inputs that failed in batches, from the "
+                       "store's ledger, with a summary by exception (exit 1 if none)", function=True)
     failures.add_argument("--all", action="store_true", help="also the failures of functions' older code")
     failures.add_argument("--older-than", metavar="AGE", help="only records older than AGE: 3600s, 90m, 12h, 30d")
     chosen = "remove the records chosen (by --function, --older-than)"
@@ -6953,12 +6930,9 @@ def main(argv: list[str] | None = None) -> int:
     prune.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     prune.add_argument(
         "--max-bytes", metavar="SIZE", help="then evict the least recently used entries until the entries take at "
-        "most SIZE on disk: bytes, or K, M, G, T for KiB, MiB, GiB, TiB (1000000, 500M, 2G)",
-    )  # fmt: skip
-    prune.add_argument(
-        "--older-than", metavar="AGE", help="then evict the entries not used (read or written) within AGE: 3600s, 90m, "
-        "12h, 30d",
-    )  # fmt: skip
+        "most SIZE on disk: bytes, or K, M, G, T for KiB, MiB, GiB, TiB (1000000, 500M, 2G)")
+    prune.add_argument("--older-than", metavar="AGE", help="then evict the entries not used (read or written) within "
+                       "AGE: 3600s, 90m, 12h, 30d")
     stages = "say whether stage directories are done, incomplete or missing"
     status = command("status", _cli_status, stages, store=False)
     status.add_argument("directories", nargs="+", metavar="DIR", help="stage directories")
