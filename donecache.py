@@ -4078,8 +4078,7 @@ def _dist_infos(site: str) -> list[str]:
 
 
 def _distribution(site: str, name: str, top: str) -> str:
-    """An installed distribution by its RECORD's digest (the hashes of its files): a
-    package reinstalled under the same version number counts as new code."""
+    """An installed distribution by its RECORD's digest: a reinstall under the same version counts as new code."""
     name = name.partition(".")[0]  # pkg, pkg.py, pkg.cpython-311-x86_64-linux-gnu.so
     owners = _learnt.get(("site", site))
     if owners is None:  # Which distribution installed each top-level name, once per site directory.
@@ -4112,9 +4111,8 @@ def _distribution(site: str, name: str, top: str) -> str:
 
 
 def _library(obj: Any) -> str | None:
-    """How code counts, decided by where its file lives (not by its module's name):
-    None for the user's own code (followed), "" for the standard library and
-    built-ins, and "library <distribution> <RECORD digest>" for an installed one."""
+    """How code counts, by where its file lives (not its module's name): None for the user's own (followed),
+    "" for the standard library and built-ins, "library <distribution> <RECORD digest>" for an installed one."""
     module = obj.__name__ if isinstance(obj, type(sys)) else getattr(obj, "__module__", None) or ""
     file = _origin_file(obj)
     top = module.partition(".")[0]
@@ -4226,8 +4224,7 @@ def _parse_source(path: str, data: bytes) -> dict[str, Any] | None:
 
 
 def _source_notes(path: str, notes: dict[str, Any] | None) -> dict[str, Any] | None:
-    """_parse_source's answer, per path, size and mtime: from this process, else the
-    store's notes (an earlier process's), else by parsing."""
+    """_parse_source's answer by path, size and mtime: this process's, else the store's notes, else parsed."""
     try:
         st = os.stat(path)
     except (OSError, ValueError):
@@ -4285,8 +4282,7 @@ def _loads(code: Any) -> tuple[set[str], set[str]]:
 
 
 def _imported_in(code: Any, package: str) -> list[Any]:
-    """The modules its import statements name, imported now (the call is about to);
-    a module that fails to import is left to the call."""
+    """The modules its imports name, imported now (the call is about to; one that fails is left to the call)."""
     import dis
     import importlib.util
 
@@ -4323,6 +4319,8 @@ def _count_exec(event: str, args: tuple[Any, ...]) -> None:
 # object (following a function's code costs milliseconds).
 _argument_codes: weakref.WeakKeyDictionary[Any, str] | None = None  # Made by _runtime_imports.
 _WEAK_TABLES["_argument_codes"] = "WeakKeyDictionary"
+
+
 class _CodeIdentity:
     """What a function's code depends on (texts to digest), the bindings it read (to
     notice a redefinition or a reload) and what it could not see (to warn about)."""
@@ -4341,9 +4339,8 @@ class _CodeIdentity:
         return _digest_text("\0".join(sorted(self.parts)))[:16]
 
     def same(self, home: Any) -> Callable[[], bool]:
-        """A check, run before each call, that the bindings read are the same objects: those
-        in ``home`` (a script's, a notebook's globals) at every call, the others after an
-        exec() ran (a cell, a reload, an import): a hit costs a few dict reads."""
+        """A check, before each call, that the bindings read are the same objects: those in ``home`` (a script's,
+        a notebook's globals) at every call, the others after an exec() (a cell, a reload, an import)."""
         if not _exec_count:
             _exec_count.append(0)
             try:
@@ -4585,8 +4582,7 @@ _argument_code = _CodeIdentity.argument_code  # Bound once: keys ask for it at e
 
 
 def _follow(func: Any, store: str | None = None) -> _CodeIdentity:
-    """Follow ``func``; what was learnt of source files is kept in ``store`` (.sources/, per
-    interpreter), so that a new process need not parse them again."""
+    """Follow ``func``, keeping what source files told in ``store``/.sources (per interpreter) for later processes."""
     import json
 
     path = os.path.join(store, ".sources", f"{sys.implementation.cache_tag}.json") if store else None
@@ -6696,8 +6692,7 @@ def _cli_age(text: str | None) -> float | None:
 
 
 def _names(name: str, wanted: str | None) -> bool:
-    """Whether ``wanted`` names the function ``name`` (module:qualname): as printed,
-    dotted (module.qualname), or by its qualname alone; None names every function."""
+    """Whether ``wanted`` (None: every function) names ``name`` as printed, as module.qualname or by qualname."""
     return wanted is None or wanted in (name, name.partition(":")[2], name.replace(":", "."))
 
 
@@ -6710,8 +6705,7 @@ def _message_pattern(message: str) -> str:
 
 
 def _cli_store(path: str, flag: str) -> _EntryFiles:
-    """The store at ``path``, refusing anything that is not one: the command line
-    never writes into, or labels, a directory that donecache did not make."""
+    """The store at ``path``: the command line never writes into, or labels, a directory donecache did not make."""
     if not os.path.isdir(path):
         what = "not a directory" if os.path.exists(path) else "no such directory"
         raise _UsageError(f"{path}: {what}; give the path of a cache directory (by default .donecache)")
