@@ -4554,11 +4554,9 @@ class _CodeIdentity:
             pass
         library = _library(obj)  # Decided by where its file lives (a script's module is its own code).
         if library is None:
-            # A class whose attributes hold its own instances (every Enum) reaches
-            # itself again while its code is worked out: that inner mention is the
-            # code being digested, not a new one to follow. Followed again, it
-            # recursed until RecursionError, whose fallback text depended on the
-            # caller's stack depth: the same argument got another key per call site.
+            # A class whose attributes hold its own instances (every Enum) reaches itself while its code is worked
+            # out: that is the code being digested. Followed again, it recursed until RecursionError, whose fallback
+            # text depended on the caller's stack depth: the same argument got another key per call site.
             working = (_thread.get_ident(), id(obj))
             if working in cls._working:
                 return " <itself>"
@@ -4636,10 +4634,8 @@ def _closure_text(func: Any) -> str:
     try:
         return "closure " + _text(tuple(values)) + ";"
     except (TypeError, ValueError, RecursionError) as exc:
-        raise TypeError(
-            f"{getattr(func, '__qualname__', func)}(): the arguments of the partial cannot be part of a "
-            f"cache key: {exc}"
-        ) from None
+        qualname = getattr(func, "__qualname__", func)
+        raise TypeError(f"{qualname}(): the arguments of the partial cannot be part of a cache key: {exc}") from None
 
 
 # -- the key: a call's arguments, with the code passed in them -------------------
@@ -4673,9 +4669,8 @@ def _make_key(
             out.append(",")
         text = "".join(out)
     raw = (closure + text).encode("utf-8", "surrogatepass")
-    # Short texts (a few scalars, the common case) go into the key as they are:
-    # the store hashes the key for the file name anyway, so hashing here too
-    # would cost a second digest on every call. Long ones are hashed to bound
+    # Short texts (a few scalars, the common case) go into the key as they are: the store hashes the key for the
+    # file name anyway, so hashing here too would cost a second digest on every call. Long ones are hashed to bound
     # the key. The tag keeps the two forms from ever meaning the same thing.
     if len(raw) <= _RAW_KEY_LIMIT:
         return prefix + b"=" + raw
