@@ -4315,8 +4315,7 @@ def _count_exec(event: str, args: tuple[Any, ...]) -> None:
         _exec_count[0] += 1
 
 
-# Functions and classes passed as arguments: their code, worked out once per
-# object (following a function's code costs milliseconds).
+# Functions and classes passed as arguments: their code, worked out once per object (following code costs ms).
 _argument_codes: weakref.WeakKeyDictionary[Any, str] | None = None  # Made by _runtime_imports.
 _WEAK_TABLES["_argument_codes"] = "WeakKeyDictionary"
 
@@ -4645,9 +4644,8 @@ def _is_big(value: Any) -> bool:
     return (type(value) is str or type(value) is bytes) and len(value) > _BIG_VALUE
 
 
-def _make_key(
-    prefix: bytes, closure: str, values: tuple[Any, ...], arguments: _Arguments, blake2b: Callable[..., Any]
-) -> bytes:
+def _make_key(prefix: bytes, closure: str, values: tuple[Any, ...], arguments: _Arguments,
+              blake2b: Callable[..., Any]) -> bytes:
     """``prefix`` (identity and code digest), the closure's text, then a call's bound values."""
     text = None
     if _SCALARS.issuperset(map(type, values)) and not any(map(_is_big, values)):
@@ -6663,10 +6661,8 @@ def _cli_size(text: str | None) -> int | None:
     power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
     size = int(float(number) * (1000 if (suffix or "").lower() == "b" else 1024) ** power)
     if size < 1:
-        raise _UsageError(
-            f"--max-bytes {text!r}: give a positive size in bytes, or with K/KiB, M/MiB, G/GiB, T/TiB (powers of "
-            "1024) or KB, MB, GB, TB (of 1000): 1000000, 500M, 10MB, 2GiB"
-        )
+        raise _UsageError(f"--max-bytes {text!r}: give a positive size in bytes, or with K/KiB, M/MiB, G/GiB, T/TiB "
+                          "(powers of 1024) or KB, MB, GB, TB (of 1000): 1000000, 500M, 10MB, 2GiB")
     return size
 
 
@@ -6680,9 +6676,8 @@ def _cli_age(text: str | None) -> float | None:
     except (KeyError, ValueError):
         age = 0.0
     if not 0 < age < float("inf"):
-        raise _UsageError(
-            f"--older-than {text!r}: give a positive age with its unit, s, m, h or d: 3600s, 90m, 12h, 30d"
-        )
+        raise _UsageError(f"--older-than {text!r}: give a positive age with its unit, s, m, h or d: "
+                          "3600s, 90m, 12h, 30d")
     return age
 
 
@@ -6705,10 +6700,8 @@ def _cli_store(path: str, flag: str) -> _EntryFiles:
         what = "not a directory" if os.path.exists(path) else "no such directory"
         raise _UsageError(f"{path}: {what}; give the path of a cache directory (by default .donecache)")
     if not _is_store(path):
-        raise _UsageError(
-            f"{path}: not a donecache store (there is no CACHEDIR.TAG written by donecache in it); "
-            "give the path of a cache directory, such as the .donecache directory beside your script"
-        )
+        raise _UsageError(f"{path}: not a donecache store (there is no CACHEDIR.TAG written by donecache in it); "
+                          "give the path of a cache directory, such as the .donecache directory beside your script")
     # Trusted whoever owns it: the command line reads keys, heads and JSON, never a value.
     return _EntryFiles(path, flag, False, trust_shared=True)
 
@@ -6783,9 +6776,8 @@ def _cli_clear(args: Any) -> tuple[int, Any, list[str]]:
     if wanted is None:
         removed = files.clear()
     else:
-        # The top level holds donecache.open() keys (and memoize entries of
-        # donecache 0.1): judged key by key. A function folder holds one
-        # function's entries: the first head that can be read names it.
+        # The top level holds donecache.open() keys (and memoize entries of donecache 0.1): judged key by key.
+        # A function folder holds one function's entries: the first head that can be read names it.
         removed = files.clear(matches, folder="")
         for folder in files.folders():
             entry = next((found.entry for found in files.scan(folder) if found.entry is not None), None)
@@ -6831,12 +6823,8 @@ def _cli_failures(args: Any) -> tuple[int, Any, list[str]]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.time))
         old = "" if record.current else "  (older code)"
         lines.append(f"{when}  {record.function}({record.label}){old}\n    {record.type}: {record.message}")
-    report = {
-        "path": files.root,
-        "summary": [{"type": kind, "message": message, "inputs": count} for (kind, message), count in summary],
-        "older_code": older,
-        "failures": [record.as_dict() for record in records],
-    }
+    rows = [{"type": kind, "message": message, "inputs": count} for (kind, message), count in summary]
+    report = {"path": files.root, "summary": rows, "older_code": older, "failures": [r.as_dict() for r in records]}
     return (0 if records else 1), report, lines
 
 
@@ -6938,9 +6926,8 @@ def main(argv: list[str] | None = None) -> int:
         print(*lines, sep="\n")
         return int(code)
     except BrokenPipeError:
-        # The reader went away (`donecache info | head -1`): stop quietly. stdout
-        # now points at /dev/null, so that the interpreter's final flush does not
-        # report the pipe again (Python docs, "Note on SIGPIPE" in signal).
+        # The reader went away (`donecache info | head -1`): stop quietly, stdout on /dev/null so that the
+        # interpreter's final flush does not report the pipe again (Python docs, "Note on SIGPIPE" in signal).
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
