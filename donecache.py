@@ -4151,28 +4151,26 @@ def _tree_text(node: Any, out: list[str], texts: dict[int, str]) -> None:
             _tree_text(item, out, texts)
             out.append(",")
         out.append("]")
-        return
-    if not isinstance(node, ast.AST):
+    elif not isinstance(node, ast.AST):
         out.append(repr(node))
-        return
-    if id(node) in texts:  # A nested def or class, digested already.
+    elif id(node) in texts:  # A nested def or class, digested already.
         out.append(texts[id(node)])
-        return
-    kind = type(node).__name__
-    out.append(kind + "(")
-    for name, value in ast.iter_fields(node):
-        # Empty fields are left out: 3.12 added type_params, and 3.13's ast leaves empties out.
-        if name in _TREE_SKIP or value is None or (isinstance(value, list) and not value):
-            continue
-        if name == "body" and kind in _DOCUMENTED and isinstance(value[0], ast.Expr):
-            if isinstance(value[0].value, ast.Constant) and isinstance(value[0].value.value, str):
-                value = value[1:]  # The docstring.
-        elif name == "decorator_list":  # memoize's own options (ttl=, path) are not the code.
-            value = [d for d in value if _decorator_name(d) != "memoize"]
-        out.append(name + "=")
-        _tree_text(value, out, texts)
-        out.append(",")
-    out.append(")")
+    else:
+        kind = type(node).__name__
+        out.append(kind + "(")
+        for name, value in ast.iter_fields(node):
+            # Empty fields are left out: 3.12 added type_params, and 3.13's ast leaves empties out.
+            if name in _TREE_SKIP or value is None or (isinstance(value, list) and not value):
+                continue
+            if name == "body" and kind in _DOCUMENTED and isinstance(value[0], ast.Expr):
+                if isinstance(value[0].value, ast.Constant) and isinstance(value[0].value.value, str):
+                    value = value[1:]  # The docstring.
+            elif name == "decorator_list":  # memoize's own options (ttl=, path) are not the code.
+                value = [d for d in value if _decorator_name(d) != "memoize"]
+            out.append(name + "=")
+            _tree_text(value, out, texts)
+            out.append(",")
+        out.append(")")
 
 
 def _nested_codes(code: Any) -> list[Any]:
