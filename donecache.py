@@ -4035,10 +4035,9 @@ def file_digest(path: StrPath, *, quick: bool = False) -> str:
 # Read from the syntax tree, never from the text: fields that say how it was written.
 _TREE_SKIP = frozenset({"kind", "type_comment", "lineno", "col_offset", "end_lineno", "end_col_offset"})
 _DOCUMENTED = ("FunctionDef", "AsyncFunctionDef", "ClassDef")
-_UNSEEN = {  # Names whose use donecache cannot follow, and what they do.
-    "eval": "eval()", "exec": "exec()", "open": "open() (files read at run time)", "__import__": "__import__()",
-    "import_module": "importlib.import_module()", "environ": "os.environ", "getenv": "os.getenv()",
-}
+# Names whose use donecache cannot follow, and what they do.
+_UNSEEN = {"eval": "eval()", "exec": "exec()", "open": "open() (files read at run time)", "__import__": "__import__()",
+           "import_module": "importlib.import_module()", "environ": "os.environ", "getenv": "os.getenv()"}
 _WHOLE_MODULE = frozenset({"getattr", "globals", "vars"})
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__firstlineno__",
                          "__static_attributes__", "__annotations__", "__orig_bases__", "__parameters__"})
