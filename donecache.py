@@ -6747,12 +6747,9 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
 def _cli_info(args: Any) -> tuple[int, Any, list[str]]:
     report = _survey(_cli_store(args.path, "r"), time.time())
     entries = report["entries"]
-    lines = [
-        f"cache {report['path']}",
-        f"  {entries['live']:,} entries, {_human(report['bytes'])} ({_human(report['disk_bytes'])} on disk); "
-        f"{entries['expired']:,} expired, {entries['damaged']:,} damaged, "
-        f"{report['temporary_files']:,} temporary files left by crashed writers",
-    ]
+    lines = [f"cache {report['path']}", f"  {entries['live']:,} entries, {_human(report['bytes'])} "
+             f"({_human(report['disk_bytes'])} on disk); {entries['expired']:,} expired, "
+             f"{entries['damaged']:,} damaged, {report['temporary_files']:,} temporary files left by crashed writers"]
     for name, row in report["per_function"].items():
         line = f"    {row['entries']:,} entries, {_human(row['bytes'])}"
         if row["entries"]:
