@@ -4368,9 +4368,7 @@ class _CodeIdentity:
         return same
 
     def _watch(self, mapping: Any, names: Iterable[str]) -> None:
-        found = self.watched.setdefault(id(mapping), (mapping, {}))[1]
-        for name in names:
-            found[name] = mapping.get(name)
+        self.watched.setdefault(id(mapping), (mapping, {}))[1].update({name: mapping.get(name) for name in names})
 
     def follow(self, obj: Any, root: bool = False) -> None:
         """Add a function, class or callable object, and what it uses, unless it is library code."""
