@@ -3809,26 +3809,22 @@ def file_digest(path: StrPath, *, quick: bool = False) -> str:
 # ---------------------------------------------------------------------------
 # Code identity
 #
-# When no version= is given, a memoized function's entries belong to its code:
-# the syntax tree of its source (docstrings aside), the module-level values it
-# reads (by canonical value), and the functions, classes and modules of the
-# user's own code that it reaches, followed transitively. Installed
-# distributions count by their RECORD (the hashes of their files), the standard
-# library not at all. What cannot be followed (eval, open, the environment, a
-# value with no canonical form) is named in one warning. docs/identity.md has
-# the rules in full.
+# Without version=, a memoized function's entries belong to its code: its syntax
+# tree (docstrings aside), the module-level values it reads (by canonical value),
+# and the user's own functions, classes and modules it reaches, transitively.
+# Installed distributions count by their RECORD (the hashes of their files), the
+# standard library not at all. What cannot be followed (eval, open, the
+# environment, a value with no canonical form) is named in one warning. The rules
+# in full: docs/identity.md.
 # ---------------------------------------------------------------------------
 
-_SITE_DIRS = ("site-packages", "dist-packages")
 # Read from the syntax tree, never from the text: fields that say how it was written.
 _TREE_SKIP = frozenset({"kind", "type_comment", "lineno", "col_offset", "end_lineno", "end_col_offset"})
 _DOCUMENTED = ("FunctionDef", "AsyncFunctionDef", "ClassDef")
-_UNSEEN = {  # Names whose use donecache cannot follow, and what they do.
-    "eval": "eval()", "exec": "exec()", "open": "open() (files read at run time)", "__import__": "__import__()",
-    "import_module": "importlib.import_module()", "environ": "os.environ", "getenv": "os.getenv()",
-}
+# Names whose use donecache cannot follow, and what they do.
+_UNSEEN = {"eval": "eval()", "exec": "exec()", "open": "open() (files read at run time)", "__import__": "__import__()",
+           "import_module": "importlib.import_module()", "environ": "os.environ", "getenv": "os.getenv()"}
 _WHOLE_MODULE = frozenset({"getattr", "globals", "vars"})
-_SYNCHRONIZATION = frozenset({"_thread", "threading", "multiprocessing.synchronize", "asyncio.locks"})
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__firstlineno__",
                          "__static_attributes__", "__annotations__", "__orig_bases__", "__parameters__"})
 _SINK_METHODS = frozenset({"append", "extend", "add", "update", "insert", "clear", "discard", "remove"})
@@ -3867,8 +3863,7 @@ def _dist_infos(site: str) -> list[str]:
 
 
 def _distribution(site: str, name: str, top: str) -> str:
-    """An installed distribution by its RECORD's digest (the hashes of its files): a
-    package reinstalled under the same version number counts as new code."""
+    """An installed distribution by its RECORD's digest: a reinstall under the same version counts as new code."""
     name = name.partition(".")[0]  # pkg, pkg.py, pkg.cpython-311-x86_64-linux-gnu.so
     owners = _learnt.get(("site", site))
     if owners is None:  # Which distribution installed each top-level name, once per site directory.
@@ -3901,9 +3896,8 @@ def _distribution(site: str, name: str, top: str) -> str:
 
 
 def _library(obj: Any) -> str | None:
-    """How code counts, decided by where its file lives (not by its module's name):
-    None for the user's own code (followed), "" for the standard library and
-    built-ins, and "library <distribution> <RECORD digest>" for an installed one."""
+    """How code counts, by where its file lives (not its module's name): None for the user's own (followed),
+    "" for the standard library and built-ins, "library <distribution> <RECORD digest>" for an installed one."""
     module = obj.__name__ if isinstance(obj, type(sys)) else getattr(obj, "__module__", None) or ""
     file = _origin_file(obj)
     top = module.partition(".")[0]
@@ -3919,7 +3913,7 @@ def _library(obj: Any) -> str | None:
             _learnt["stdlib"] = os.path.join(os.path.realpath(os.path.dirname(os.__file__)), "")
         path = os.path.realpath(file)
         parts = path.split(os.sep)
-        site = next((i for i, part in enumerate(parts) if part in _SITE_DIRS), None)
+        site = next((i for i, part in enumerate(parts) if part in ("site-packages", "dist-packages")), None)
         if site is not None and site + 1 < len(parts):
             found: str | None = _distribution(os.sep.join(parts[: site + 1]), parts[site + 1], top)
         else:
@@ -3942,28 +3936,26 @@ def _tree_text(node: Any, out: list[str], texts: dict[int, str]) -> None:
             _tree_text(item, out, texts)
             out.append(",")
         out.append("]")
-        return
-    if not isinstance(node, ast.AST):
+    elif not isinstance(node, ast.AST):
         out.append(repr(node))
-        return
-    if id(node) in texts:  # A nested def or class, digested already.
+    elif id(node) in texts:  # A nested def or class, digested already.
         out.append(texts[id(node)])
-        return
-    kind = type(node).__name__
-    out.append(kind + "(")
-    for name, value in ast.iter_fields(node):
-        # Empty fields are left out: 3.12 added type_params, and 3.13's ast leaves empties out.
-        if name in _TREE_SKIP or value is None or (isinstance(value, list) and not value):
-            continue
-        if name == "body" and kind in _DOCUMENTED and isinstance(value[0], ast.Expr):
-            if isinstance(value[0].value, ast.Constant) and isinstance(value[0].value.value, str):
-                value = value[1:]  # The docstring.
-        elif name == "decorator_list":  # memoize's own options (ttl=, path) are not the code.
-            value = [d for d in value if _decorator_name(d) != "memoize"]
-        out.append(name + "=")
-        _tree_text(value, out, texts)
-        out.append(",")
-    out.append(")")
+    else:
+        kind = type(node).__name__
+        out.append(kind + "(")
+        for name, value in ast.iter_fields(node):
+            # Empty fields are left out: 3.12 added type_params, and 3.13's ast leaves empties out.
+            if name in _TREE_SKIP or value is None or (isinstance(value, list) and not value):
+                continue
+            if name == "body" and kind in _DOCUMENTED and isinstance(value[0], ast.Expr):
+                if isinstance(value[0].value, ast.Constant) and isinstance(value[0].value.value, str):
+                    value = value[1:]  # The docstring.
+            elif name == "decorator_list":  # memoize's own options (ttl=, path) are not the code.
+                value = [d for d in value if _decorator_name(d) != "memoize"]
+            out.append(name + "=")
+            _tree_text(value, out, texts)
+            out.append(",")
+        out.append(")")
 
 
 def _nested_codes(code: Any) -> list[Any]:
@@ -4009,16 +4001,13 @@ def _parse_source(path: str, data: bytes) -> dict[str, Any] | None:
             line = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", ())])
             found = functions.setdefault(f"{line} {getattr(node, 'name', '<lambda>')}", ["", []])
             found[0] = digest + ";" + found[0]
-    canonical = _Canonical()
     for inner in _nested_codes(code)[1:]:
-        digests = functions.setdefault(f"{inner.co_firstlineno} {inner.co_name}", ["", []])[1]
-        digests.append(_digest_text(canonical.bytecode(inner))[:16])
+        functions.setdefault(f"{inner.co_firstlineno} {inner.co_name}", ["", []])[1].append(_code_digest(inner))
     return {"functions": functions, "classes": classes}
 
 
 def _source_notes(path: str, notes: dict[str, Any] | None) -> dict[str, Any] | None:
-    """_parse_source's answer, per path, size and mtime: from this process, else the
-    store's notes (an earlier process's), else by parsing."""
+    """_parse_source's answer by path, size and mtime: this process's, else the store's notes, else parsed."""
     try:
         st = os.stat(path)
     except (OSError, ValueError):
@@ -4057,15 +4046,6 @@ def _is_constant(value: Any) -> bool:
     return kind in _SCALARS or ((kind is tuple or kind is frozenset) and all(map(_is_constant, value)))
 
 
-def _code_names(code: Any) -> set[str]:
-    """The global and attribute names it reads."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if hasattr(const, "co_code"):
-            names |= _code_names(const)
-    return names
-
-
 def _loads(code: Any) -> tuple[set[str], set[str]]:
     """The names it loads as globals or builtins, and those it uses only to add to
     (calls.append(x), seen.add(x)): outputs, not inputs, so their contents do not count."""
@@ -4085,18 +4065,15 @@ def _loads(code: Any) -> tuple[set[str], set[str]]:
 
 
 def _imported_in(code: Any, package: str) -> list[Any]:
-    """The modules its import statements name, imported now (the call is about to);
-    a module that fails to import is left to the call."""
+    """The modules its imports name, imported now (the call is about to; one that fails is left to the call)."""
     import dis
     import importlib.util
 
-    found, todo = [], [code]
-    while todo:  # Not _nested_codes: most code imports nothing, and this runs for every function followed.
-        code = todo.pop()
-        todo += [const for const in code.co_consts if hasattr(const, "co_code")]
-        if dis.opmap["IMPORT_NAME"] not in code.co_code[::2]:
+    found = []
+    for inner in _nested_codes(code):
+        if dis.opmap["IMPORT_NAME"] not in inner.co_code[::2]:  # Most code imports nothing: no dis for it.
             continue
-        instructions = list(dis.get_instructions(code))
+        instructions = list(dis.get_instructions(inner))
         for index, here in enumerate(instructions):
             if here.opname != "IMPORT_NAME" or index < 2:
                 continue
@@ -4121,10 +4098,11 @@ def _count_exec(event: str, args: tuple[Any, ...]) -> None:
         _exec_count[0] += 1
 
 
-# Functions and classes passed as arguments: their code, worked out once per
-# object (following a function's code costs milliseconds).
+# Functions and classes passed as arguments: their code, worked out once per object (following code costs ms).
 _argument_codes: weakref.WeakKeyDictionary[Any, str] | None = None  # Made by _runtime_imports.
 _WEAK_TABLES["_argument_codes"] = "WeakKeyDictionary"
+
+
 class _CodeIdentity:
     """What a function's code depends on (texts to digest), the bindings it read (to
     notice a redefinition or a reload) and what it could not see (to warn about)."""
@@ -4143,9 +4121,8 @@ class _CodeIdentity:
         return _digest_text("\0".join(sorted(self.parts)))[:16]
 
     def same(self, home: Any) -> Callable[[], bool]:
-        """A check, run before each call, that the bindings read are the same objects: those
-        in ``home`` (a script's, a notebook's globals) at every call, the others after an
-        exec() ran (a cell, a reload, an import): a hit costs a few dict reads."""
+        """A check, before each call, that the bindings read are the same objects: those in ``home`` (a script's,
+        a notebook's globals) at every call, the others after an exec() (a cell, a reload, an import)."""
         if not _exec_count:
             _exec_count.append(0)
             try:
@@ -4177,9 +4154,7 @@ class _CodeIdentity:
         return same
 
     def _watch(self, mapping: Any, names: Iterable[str]) -> None:
-        found = self.watched.setdefault(id(mapping), (mapping, {}))[1]
-        for name in names:
-            found[name] = mapping.get(name)
+        self.watched.setdefault(id(mapping), (mapping, {}))[1].update({name: mapping.get(name) for name in names})
 
     def follow(self, obj: Any, root: bool = False) -> None:
         """Add a function, class or callable object, and what it uses, unless it is library code."""
@@ -4255,7 +4230,7 @@ class _CodeIdentity:
     def uses(self, func: Any) -> None:
         """What ``func`` reads (globals, modules, closure, defaults); what cannot be followed."""
         code = func.__code__
-        names = _code_names(code)
+        names = {name for inner in _nested_codes(code) for name in inner.co_names}  # Globals and attributes read.
         scope = getattr(func, "__globals__", {})
         where = _reference(func)
         self._watch(scope, names & scope.keys())
@@ -4329,7 +4304,7 @@ class _CodeIdentity:
             if callable(value) and not inspect.isbuiltin(value) and not kind.__module__.startswith("numpy"):
                 self.follow(value)
                 return f"<code {_reference(value)}>"
-            if kind.__module__ in _SYNCHRONIZATION:
+            if kind.__module__ in ("_thread", "threading", "multiprocessing.synchronize", "asyncio.locks"):
                 return f"<{kind.__name__}>"  # A lock is how the code waits, not what it computes.
             if not isinstance(value, type(sys)) and _library(kind) is None:
                 self.follow(kind)
@@ -4359,11 +4334,9 @@ class _CodeIdentity:
             pass
         library = _library(obj)  # Decided by where its file lives (a script's module is its own code).
         if library is None:
-            # A class whose attributes hold its own instances (every Enum) reaches
-            # itself again while its code is worked out: that inner mention is the
-            # code being digested, not a new one to follow. Followed again, it
-            # recursed until RecursionError, whose fallback text depended on the
-            # caller's stack depth: the same argument got another key per call site.
+            # A class whose attributes hold its own instances (every Enum) reaches itself while its code is worked
+            # out: that is the code being digested. Followed again, it recursed until RecursionError, whose fallback
+            # text depended on the caller's stack depth: the same argument got another key per call site.
             working = (_thread.get_ident(), id(obj))
             if working in cls._working:
                 return " <itself>"
@@ -4387,8 +4360,7 @@ _argument_code = _CodeIdentity.argument_code  # Bound once: keys ask for it at e
 
 
 def _follow(func: Any, store: str | None = None) -> _CodeIdentity:
-    """Follow ``func``; what was learnt of source files is kept in ``store`` (.sources/, per
-    interpreter), so that a new process need not parse them again."""
+    """Follow ``func``, keeping what source files told in ``store``/.sources (per interpreter) for later processes."""
     import json
 
     path = os.path.join(store, ".sources", f"{sys.implementation.cache_tag}.json") if store else None
@@ -4442,10 +4414,8 @@ def _closure_text(func: Any) -> str:
     try:
         return "closure " + _text(tuple(values)) + ";"
     except (TypeError, ValueError, RecursionError) as exc:
-        raise TypeError(
-            f"{getattr(func, '__qualname__', func)}(): the arguments of the partial cannot be part of a "
-            f"cache key: {exc}"
-        ) from None
+        qualname = getattr(func, "__qualname__", func)
+        raise TypeError(f"{qualname}(): the arguments of the partial cannot be part of a cache key: {exc}") from None
 
 
 # -- the key: a call's arguments, with the code passed in them -------------------
@@ -4455,9 +4425,8 @@ def _is_big(value: Any) -> bool:
     return (type(value) is str or type(value) is bytes) and len(value) > _BIG_VALUE
 
 
-def _make_key(
-    prefix: bytes, closure: str, values: tuple[Any, ...], arguments: _Arguments, blake2b: Callable[..., Any]
-) -> bytes:
+def _make_key(prefix: bytes, closure: str, values: tuple[Any, ...], arguments: _Arguments,
+              blake2b: Callable[..., Any]) -> bytes:
     """``prefix`` (identity and code digest), the closure's text, then a call's bound values."""
     text = None
     if _SCALARS.issuperset(map(type, values)) and not any(map(_is_big, values)):
@@ -4479,9 +4448,8 @@ def _make_key(
             out.append(",")
         text = "".join(out)
     raw = (closure + text).encode("utf-8", "surrogatepass")
-    # Short texts (a few scalars, the common case) go into the key as they are:
-    # the store hashes the key for the file name anyway, so hashing here too
-    # would cost a second digest on every call. Long ones are hashed to bound
+    # Short texts (a few scalars, the common case) go into the key as they are: the store hashes the key for the
+    # file name anyway, so hashing here too would cost a second digest on every call. Long ones are hashed to bound
     # the key. The tag keeps the two forms from ever meaning the same thing.
     if len(raw) <= _RAW_KEY_LIMIT:
         return prefix + b"=" + raw
@@ -6474,10 +6442,8 @@ def _cli_size(text: str | None) -> int | None:
     power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
     size = int(float(number) * (1000 if (suffix or "").lower() == "b" else 1024) ** power)
     if size < 1:
-        raise _UsageError(
-            f"--max-bytes {text!r}: give a positive size in bytes, or with K/KiB, M/MiB, G/GiB, T/TiB (powers of "
-            "1024) or KB, MB, GB, TB (of 1000): 1000000, 500M, 10MB, 2GiB"
-        )
+        raise _UsageError(f"--max-bytes {text!r}: give a positive size in bytes, or with K/KiB, M/MiB, G/GiB, T/TiB "
+                          "(powers of 1024) or KB, MB, GB, TB (of 1000): 1000000, 500M, 10MB, 2GiB")
     return size
 
 
@@ -6491,15 +6457,13 @@ def _cli_age(text: str | None) -> float | None:
     except (KeyError, ValueError):
         age = 0.0
     if not 0 < age < float("inf"):
-        raise _UsageError(
-            f"--older-than {text!r}: give a positive age with its unit, s, m, h or d: 3600s, 90m, 12h, 30d"
-        )
+        raise _UsageError(f"--older-than {text!r}: give a positive age with its unit, s, m, h or d: "
+                          "3600s, 90m, 12h, 30d")
     return age
 
 
 def _names(name: str, wanted: str | None) -> bool:
-    """Whether ``wanted`` names the function ``name`` (module:qualname): as printed,
-    dotted (module.qualname), or by its qualname alone; None names every function."""
+    """Whether ``wanted`` (None: every function) names ``name`` as printed, as module.qualname or by qualname."""
     return wanted is None or wanted in (name, name.partition(":")[2], name.replace(":", "."))
 
 
@@ -6512,16 +6476,13 @@ def _message_pattern(message: str) -> str:
 
 
 def _cli_store(path: str, flag: str) -> _EntryFiles:
-    """The store at ``path``, refusing anything that is not one: the command line
-    never writes into, or labels, a directory that donecache did not make."""
+    """The store at ``path``: the command line never writes into, or labels, a directory donecache did not make."""
     if not os.path.isdir(path):
         what = "not a directory" if os.path.exists(path) else "no such directory"
         raise _UsageError(f"{path}: {what}; give the path of a cache directory (by default .donecache)")
     if not _is_store(path):
-        raise _UsageError(
-            f"{path}: not a donecache store (there is no CACHEDIR.TAG written by donecache in it); "
-            "give the path of a cache directory, such as the .donecache directory beside your script"
-        )
+        raise _UsageError(f"{path}: not a donecache store (there is no CACHEDIR.TAG written by donecache in it); "
+                          "give the path of a cache directory, such as the .donecache directory beside your script")
     # Trusted whoever owns it: the command line reads keys, heads and JSON, never a value.
     return _EntryFiles(path, flag, False, trust_shared=True)
 
@@ -6539,10 +6500,8 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
         if found.entry is None:
             damaged += 1
             continue
-        row = each.setdefault(
-            _function_of(found.entry.key),
-            {"entries": 0, "bytes": 0, "disk_bytes": 0, "expired": 0, "stale": 0, "compute_seconds": 0.0},
-        )
+        fresh = {"entries": 0, "bytes": 0, "disk_bytes": 0, "expired": 0, "stale": 0, "compute_seconds": 0.0}
+        row = each.setdefault(_function_of(found.entry.key), fresh)
         created = found.entry.created
         if not found.entry.live(now):
             expired += 1
@@ -6572,12 +6531,9 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
 def _cli_info(args: Any) -> tuple[int, Any, list[str]]:
     report = _survey(_cli_store(args.path, "r"), time.time())
     entries = report["entries"]
-    lines = [
-        f"cache {report['path']}",
-        f"  {entries['live']:,} entries, {_human(report['bytes'])} ({_human(report['disk_bytes'])} on disk); "
-        f"{entries['expired']:,} expired, {entries['damaged']:,} damaged, "
-        f"{report['temporary_files']:,} temporary files left by crashed writers",
-    ]
+    lines = [f"cache {report['path']}", f"  {entries['live']:,} entries, {_human(report['bytes'])} "
+             f"({_human(report['disk_bytes'])} on disk); {entries['expired']:,} expired, "
+             f"{entries['damaged']:,} damaged, {report['temporary_files']:,} temporary files left by crashed writers"]
     for name, row in report["per_function"].items():
         line = f"    {row['entries']:,} entries, {_human(row['bytes'])}"
         if row["entries"]:
@@ -6598,9 +6554,8 @@ def _cli_clear(args: Any) -> tuple[int, Any, list[str]]:
     if wanted is None:
         removed = files.clear()
     else:
-        # The top level holds donecache.open() keys (and memoize entries of
-        # donecache 0.1): judged key by key. A function folder holds one
-        # function's entries: the first head that can be read names it.
+        # The top level holds donecache.open() keys (and memoize entries of donecache 0.1): judged key by key.
+        # A function folder holds one function's entries: the first head that can be read names it.
         removed = files.clear(matches, folder="")
         for folder in files.folders():
             entry = next((found.entry for found in files.scan(folder) if found.entry is not None), None)
@@ -6646,12 +6601,8 @@ def _cli_failures(args: Any) -> tuple[int, Any, list[str]]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.time))
         old = "" if record.current else "  (older code)"
         lines.append(f"{when}  {record.function}({record.label}){old}\n    {record.type}: {record.message}")
-    report = {
-        "path": files.root,
-        "summary": [{"type": kind, "message": message, "inputs": count} for (kind, message), count in summary],
-        "older_code": older,
-        "failures": [record.as_dict() for record in records],
-    }
+    rows = [{"type": kind, "message": message, "inputs": count} for (kind, message), count in summary]
+    report = {"path": files.root, "summary": rows, "older_code": older, "failures": [r.as_dict() for r in records]}
     return (0 if records else 1), report, lines
 
 
@@ -6704,10 +6655,8 @@ def main(argv: list[str] | None = None) -> int:
     # The console script `donecache` (pyproject.toml) or `python -m donecache`.
     prog = "donecache" if os.path.basename(sys.argv[0]) in ("donecache", "donecache.exe") else "python -m donecache"
     parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Inspect and clean donecache stores and stage directories. "
-        "Exit codes: 0 success, 1 not done or nothing matched, 2 usage error or missing path.",
-    )
+        prog=prog, description="Inspect and clean donecache stores and stage directories. Exit codes: 0 success, 1 not "
+        "done or nothing matched, 2 usage error or missing path.")
     parser.add_argument("--version", action="version", version=f"donecache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
@@ -6725,11 +6674,8 @@ def main(argv: list[str] | None = None) -> int:
     command("info", _cli_info, "entries, bytes and expired entries of a cache, counted per function")
     command("clear", _cli_clear, "remove a cache's entries (all, or one function's)", function=True)
     command("verify", _cli_verify, "check every byte of every entry (exit 1 if any is damaged)")
-    failures = command(
-        "failures", _cli_failures,
-        "list the inputs that failed in batches, from the store's ledger, with a summary by exception (exit 1 if none)",
-        function=True,
-    )  # fmt: skip
+    failures = command("failures", _cli_failures, "list the inputs that failed in batches, from the "
+                       "store's ledger, with a summary by exception (exit 1 if none)", function=True)
     failures.add_argument("--all", action="store_true", help="also the failures of functions' older code")
     failures.add_argument("--older-than", metavar="AGE", help="only records older than AGE: 3600s, 90m, 12h, 30d")
     chosen = "remove the records chosen (by --function, --older-than)"
@@ -6739,12 +6685,9 @@ def main(argv: list[str] | None = None) -> int:
     prune.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     prune.add_argument(
         "--max-bytes", metavar="SIZE", help="then evict the least recently used entries until the entries take at "
-        "most SIZE on disk: bytes, or K, M, G, T for KiB, MiB, GiB, TiB (1000000, 500M, 2G)",
-    )  # fmt: skip
-    prune.add_argument(
-        "--older-than", metavar="AGE", help="then evict the entries not used (read or written) within AGE: 3600s, 90m, "
-        "12h, 30d",
-    )  # fmt: skip
+        "most SIZE on disk: bytes, or K, M, G, T for KiB, MiB, GiB, TiB (1000000, 500M, 2G)")
+    prune.add_argument("--older-than", metavar="AGE", help="then evict the entries not used (read or written) within "
+                       "AGE: 3600s, 90m, 12h, 30d")
     stages = "say whether stage directories are done, incomplete or missing"
     status = command("status", _cli_status, stages, store=False)
     status.add_argument("directories", nargs="+", metavar="DIR", help="stage directories")
@@ -6761,9 +6704,8 @@ def main(argv: list[str] | None = None) -> int:
         print(*lines, sep="\n")
         return int(code)
     except BrokenPipeError:
-        # The reader went away (`donecache info | head -1`): stop quietly. stdout
-        # now points at /dev/null, so that the interpreter's final flush does not
-        # report the pipe again (Python docs, "Note on SIGPIPE" in signal).
+        # The reader went away (`donecache info | head -1`): stop quietly, stdout on /dev/null so that the
+        # interpreter's final flush does not report the pipe again (Python docs, "Note on SIGPIPE" in signal).
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
