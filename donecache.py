@@ -4504,10 +4504,9 @@ if TYPE_CHECKING:
         label: Callable[..., Any] | None
 
 
-# The records are collections.namedtuple classes made at their first use (a call, or
-# `donecache.CacheInfo` through the module's __getattr__): collections is not loaded at
-# startup in a venv or under -S, and import time is a budget (issue 20). Type checkers
-# see the NamedTuple classes above.
+# The records are collections.namedtuple classes made at their first use (a call, or `donecache.CacheInfo` through
+# the module's __getattr__): collections is not loaded at startup in a venv or under -S, and import time is a
+# budget (issue 20). Type checkers see the NamedTuple classes above.
 _RECORDS: dict[str, tuple[str, tuple[Any, ...], str]] = {
     "CacheInfo": ("hits misses maxsize currsize held_seconds saved_seconds", (0.0, 0.0), """\
 functools.lru_cache's fields, then donecache's: hits and misses, this process's calls answered
@@ -4548,9 +4547,9 @@ _MISSING: Any = object()
 
 # -- the switch: DONECACHE=off, or donecache.disabled() ------------------------
 #
-# Checked on every call: os.environ.get() encodes its key and raises KeyError inside when the
-# variable is unset (0.57 us, 14% of a hit, on 3.11), so the mapping under it is read, with the
-# key encoded once as os.environ does (bytes on POSIX, upper case on Windows).
+# Checked on every call: os.environ.get() encodes its key and raises KeyError inside when the variable is unset
+# (0.57 us, 14% of a hit, on 3.11), so the mapping under it is read, with the key encoded once as os.environ does
+# (bytes on POSIX, upper case on Windows).
 _ENVIRON: Any = getattr(os.environ, "_data", None)
 if _ENVIRON is not None:
     _SWITCH_KEY: Any = os.environ.encodekey("DONECACHE")
@@ -4607,9 +4606,8 @@ def disabled() -> _Disabled:
 
 # -- the failure ledger's view of user objects ------------------------------
 #
-# A failure is recorded inside a batch that must keep going, so nothing here may raise or grow
-# without bound: an exception whose str() raises, a 300 MiB bytes input, an int of a million
-# digits (repr raises ValueError from 3.11).
+# A failure is recorded inside a batch that must keep going, so nothing here may raise or grow without bound:
+# an exception whose str() raises, a 300 MiB bytes input, an int of a million digits (repr raises ValueError from 3.11).
 
 _SHOWN = 300  # Characters of an input's text in the ledger.
 _INPUT_PICKLE_MAX = 256 * 1024  # Pickled inputs up to this size go into the ledger.
@@ -4775,9 +4773,8 @@ class _Call:
 
 # -- pickling a memoized function ---------------------------------------------
 #
-# The memoized functions that this process has pickled by value, and those it has rebuilt from such
-# pickles: unpickling in the same process gives back the same object (its counters and open store),
-# and a worker rebuilds each once per task.
+# The memoized functions that this process has pickled by value or rebuilt from such pickles: unpickling in the
+# same process gives back the same object (its counters and open store); a worker rebuilds each once per task.
 _by_value: weakref.WeakValueDictionary[tuple[Any, ...], _Memoized[..., Any]] | None = None  # At the first decoration.
 _WEAK_TABLES["_by_value"] = "WeakValueDictionary"
 
@@ -4882,8 +4879,8 @@ class _Memoized(Generic[_P, _R]):
         self._arguments, self._key_given = _Arguments(func, ignore, key), key is not None
         self._function = f"{_module_name(func)}:{_function_name(func)}"
         self._identity = f"{self._function}|".encode("utf-8")
-        # Made at the first call (_prepare): the key prefix (with the code identity), the closure's
-        # values, and whether what the identity followed is unchanged.
+        # Made at the first call (_prepare): the key prefix (with the code identity), the closure's values,
+        # and whether what the identity followed is unchanged.
         self._prefix, self._closure, self._same, self._unrecorded = b"", "", _unchanged, False
         self._store: _EntryFiles | None = None
         # The folder of this function's entries (set with the store); _saved: the seconds of computation
@@ -4975,10 +4972,10 @@ class _Memoized(Generic[_P, _R]):
 
     def _keyed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         """The call with its key and entry slot."""
-        # Keys of calls with a few ints, strs, bytes or Nones are remembered (the key and the entry's path
-        # cost more than a hit's read): for these types equal arguments have equal keys (not for floats,
-        # 0.0 == -0.0, or bools, True == 1). A key is reused only while the prefix and closure text it was
-        # made with are the very objects in use and what the identity followed is unchanged (_same).
+        # Keys of calls with a few ints, strs, bytes or Nones are remembered (the key and the entry's path cost
+        # more than a hit's read): for these types equal arguments have equal keys (not for floats, 0.0 == -0.0,
+        # or bools, True == 1). A key is reused only while the prefix and closure text it was made with are the
+        # very objects in use and what the identity followed is unchanged (_same).
         simple = (
             not kwargs
             and self._store is not None
@@ -5005,9 +5002,8 @@ class _Memoized(Generic[_P, _R]):
 
     # -- the flow of one call, written once ----------------------------------
     #
-    # _flow is a coroutine for sync and async functions alike. For a sync function its awaits
-    # (_acquire and _invoke) never suspend, so _get runs it to the end with a single send(); the
-    # async class overrides only those two, and awaits _flow.
+    # _flow is a coroutine for sync and async functions alike. For a sync function its awaits (_acquire and
+    # _invoke) never suspend, so _get runs it to the end with one send(); the async class overrides only those two.
 
     def _hit(self, call: _Call) -> Any:
         """The cached result, counted as a hit, or _MISSING."""
@@ -5055,8 +5051,8 @@ class _Memoized(Generic[_P, _R]):
         if files is None:
             return  # No store (already warned).
         try:
-            # Protocol 5 (readable by every Python donecache supports) keeps big buffers out of
-            # the stream, to be written straight from the value.
+            # Protocol 5 (readable by every Python donecache supports) keeps big buffers out of the stream,
+            # to be written straight from the value.
             expires = time.time() + self._ttl if self._ttl is not None else 0.0
             encoded = _encode_entry(call.key, value, expires, 5, call.seconds, self._compress)
         except Exception as exc:
@@ -5079,9 +5075,9 @@ class _Memoized(Generic[_P, _R]):
 
     async def _flow(self, call: _Call, refresh: bool, hand_off: Callable[..., None] | None = None) -> tuple[Any, bool]:
         """(result, computed), after a miss or for a refresh: compute under the key's lock unless it is stored."""
-        # hand_off(self, call, value, lock) takes over the storing and the lock's release (a batch worker
-        # stores in the background). With no store, or no lock file (a read-only or damaged store), it
-        # computes without the lock: results stay right; concurrent callers may compute the same key.
+        # hand_off(self, call, value, lock) takes over the storing and the lock's release (a batch worker stores in
+        # the background). With no store, or no lock file (a read-only or damaged store), it computes without the
+        # lock: results stay right; concurrent callers may compute the same key.
         files, lock = self._store, None
         if files is not None and call.slot is not None:
             lock = _KeyLock(files.lock_path, call.slot.offset)
