@@ -2983,39 +2983,29 @@ def _this_boot() -> tuple[float, int]:
 
 
 def _disk_bytes(st: os.stat_result) -> int:
-    """The space a file takes on disk: its blocks (512 bytes each, as stat(2)
-    counts them), or its size where the system does not count blocks."""
+    """A file's space on disk: its 512-byte blocks (as stat(2) counts them), or its size where there are none."""
     blocks = getattr(st, "st_blocks", None)
     return st.st_size if blocks is None else int(blocks) * 512
 
 
-class _Swept:
-    """What a sweep evicted: how many entries, their bytes on disk, the newest use among them."""
-
-    __slots__ = ("entries", "bytes", "newest")
-
-    def __init__(self) -> None:
-        self.entries = self.bytes = 0
-        self.newest = 0.0
+def _judge(path: str, key: bytes | None, depth: int) -> tuple[_Entry | None, os.stat_result | None]:
+    """_load_entry, with a file that could not be read (EIO, ESTALE, EACCES) as not judged: (None, None)."""
+    try:
+        return _load_entry(path, key, depth)
+    except OSError:
+        return None, None
 
 
 class _EntryFiles(_EntryDir):
-    """A store's directory with its upkeep.
+    """A store's directory with its upkeep: the size limit, verify, prune and the sidecar records."""
 
-    With ``max_bytes``, each write reserves its bytes on disk in a running
-    total kept in .usage, shared by every process that writes with a limit,
-    before it creates a file; a writer that finds no room sweeps (see sweep()).
-    """
-
-    # -- the size limit ------------------------------------------------------
+    # -- the size limit (docs/size-limit.md) ---------------------------------
     #
-    # Amortised: a write costs one stat and two updates of the running total
-    # under its lock byte; only a write that finds no room lists the store.
-    # An entry is written only once its value is computed, and its computation
-    # holds the key's lock byte until the waiters have read it: a sweep skips entries whose
-    # byte is held, so it never evicts an entry whose key is being computed
-    # (an expired entry being recomputed, a refresh, or a result just stored
-    # for waiting callers).
+    # Each write reserves its bytes in a running total kept in .usage, under its
+    # lock byte, before it creates its file; only a write that finds no room
+    # lists the store and sweeps. A computation holds its key's lock byte until
+    # the waiters have read the entry, and a sweep skips entries whose byte is
+    # held: it never evicts an entry whose key is being computed.
 
     def write(self, encoded: _Encoded, slot: _Slot | None = None, recent: bool = False) -> None:
         if self.max_bytes is None:
@@ -3051,12 +3041,12 @@ class _EntryFiles(_EntryDir):
         self, change: Callable[[int | None], int | None], evicted: float = 0.0, sweep: int = 0,
         seen: list[int] | None = None,
     ) -> int | None:
-        """Replace the running total of the store's bytes on disk by ``change`` of
-        it, under its lock byte; return the new total. ``seen`` gets the number of
-        sweeps begun. ``change`` gets None where .usage is missing, damaged, or
-        written before this host's last boot (a crash may have lost updates:
-        issue 18 item 12c), which only a sweep's count replaces. A durable store
-        syncs a total that grew before the write it counts."""
+        """Replace the running total by ``change`` of it under its lock byte; return the new total.
+
+        ``seen`` gets the number of sweeps begun. ``change`` gets None where .usage
+        is missing, damaged, or written before this host's last boot (a crash may
+        have lost updates: issue 18 item 12c); only a sweep's count replaces it. A
+        durable store syncs a total that grew before the write it counts."""
         with _KeyLock(self.lock_path, _USAGE_BYTE).acquire():
             fd = _open_regular(os.path.join(self.root, ".usage"), _WRITE_FLAGS)[0]
             try:
@@ -3079,9 +3069,8 @@ class _EntryFiles(_EntryDir):
                 os.close(fd)
 
     def _reserve(self, nbytes: int) -> tuple[int, int]:
-        """Count an entry of ``nbytes`` (in whole blocks) before it is written:
-        (bytes counted, sweeps begun). With no room, sweep or wait for the
-        process sweeping: the back-pressure that bounds any number of writers."""
+        """Count an entry of ``nbytes`` (in whole blocks) before it is written: (bytes counted,
+        sweeps begun). With no room, sweep or wait for the process sweeping: the back-pressure."""
         max_bytes, need = self.max_bytes or 0, -(-max(nbytes, 1) // self._block) * self._block
         took: list[bool] = []
         seen: list[int] = []
@@ -3098,9 +3087,9 @@ class _EntryFiles(_EntryDir):
         with _KeyLock(self.lock_path, _SWEEP_BYTE).acquire():
             self._usage(take, seen=seen)  # The process that swept before may have made room.
             while not took:
-                swept = self._sweep(min(int(max_bytes * _LOW_WATER), max_bytes - need))
+                evicted = self._sweep(min(int(max_bytes * _LOW_WATER), max_bytes - need))[0]
                 self._usage(take, seen=seen)
-                if not took and not swept.entries:
+                if not took and not evicted:
                     # Bigger than the bound, or the rest is being computed: over it by one entry.
                     self._usage(lambda total: (total or 0) + need, seen=seen)
                     break
@@ -3108,12 +3097,10 @@ class _EntryFiles(_EntryDir):
 
     def sweep(
         self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
-    ) -> _Swept:
-        """Evict entries (of ``folder``, as for files()), least recently used
-        first, until the entry files take at most ``target`` bytes on disk, and
-        every entry last used before ``older_than`` (a Unix time); log the
-        sweep. One process sweeps at a time: this waits for another one to
-        finish. ``dry_run`` counts what would go, and removes and writes nothing."""
+    ) -> tuple[int, int]:
+        """Evict entries (of ``folder``), least recently used first, until they take at most
+        ``target`` bytes on disk, and those last used before ``older_than`` (a Unix time);
+        log it; return (entries, bytes). One process sweeps at a time; ``dry_run`` only counts."""
         if dry_run:
             return self._sweep(target, older_than, folder, dry_run)
         self._writable()
@@ -3122,85 +3109,65 @@ class _EntryFiles(_EntryDir):
 
     def _sweep(
         self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
-    ) -> _Swept:
+    ) -> tuple[int, int]:
         usage: Any = (lambda change, *more, **named: None) if dry_run else self._usage
         base = usage(lambda total: total, sweep=1)
-        listed: list[tuple[float, str, os.stat_result]] = []
-        for path, _folder in self.files(folder):
-            st = _lstat_or_none(path)
-            if st is not None:
-                listed.append((st.st_mtime, path, st))
+        stats = ((path, _lstat_or_none(path)) for path, _folder in self.files(folder))
+        listed = sorted(((st.st_mtime, path, st) for path, st in stats if st is not None), key=lambda item: item[0])
         total = sum(_disk_bytes(st) for _mtime, _path, st in listed)
-        listed.sort(key=lambda item: item[0])
-        swept, folders = _Swept(), set[str]()
+        entries = evicted = 0
+        newest, folders = 0.0, set[str]()
 
         def left(now: int | None) -> int:
             # The total measured, less what was evicted, plus what others reserved since it was read.
-            return total - swept.bytes + (now - base if now is not None and base is not None else 0)
+            return total - evicted + (now - base if now is not None and base is not None else 0)
 
         for mtime, path, st in listed:
             if (target is None or left(usage(lambda now: now)) <= target) and (
                 older_than is None or mtime >= older_than
             ):
                 break
-            size = _disk_bytes(st)
             if dry_run or self._evict(path, st):
-                swept.entries, swept.bytes, swept.newest = swept.entries + 1, swept.bytes + size, mtime
+                entries, evicted, newest = entries + 1, evicted + _disk_bytes(st), mtime
                 folders.add(os.path.dirname(path))
         if dry_run:
-            return swept
+            return entries, evicted
         self._synced(folders)  # Evictions reach the disk before the total that leaves them out.
         # One folder's listing is not the store's total: only what left it is taken off.
-        after = usage(left if folder is None else lambda now: None if now is None else now - swept.bytes, swept.newest)
-        logger = _log_at(_INFO) if swept.entries else None
+        after = usage(left if folder is None else lambda now: None if now is None else now - evicted, newest)
+        logger = _log_at(_INFO) if entries else None
         if logger is not None:
             logger.info(
                 "evicted %d entries (%d bytes on disk, the most recently used of them %.0f s ago) from %s; "
-                "its entries now take %d bytes", swept.entries, swept.bytes,
-                max(0.0, time.time() - swept.newest), self.root, after or 0,
+                "its entries now take %d bytes", entries, evicted, max(0.0, time.time() - newest), self.root, after or 0,
             )
-        return swept
+        return entries, evicted
 
     def _evict(self, path: str, listed: os.stat_result) -> bool:
-        """Remove one entry file found by a sweep, unless its key is being
-        computed or it was used or replaced since the listing; True if removed."""
+        """Remove an entry file a sweep listed, unless its key is being computed or it changed since."""
         lock = _KeyLock(self.lock_path, _key_byte(os.path.basename(path)))
         try:
             if not lock.try_acquire():
                 return False
         except RuntimeError:
             return False  # This very thread is computing the key.
-        try:
-            try:
-                _entry, st = _load_entry(path, None, _HEAD)
-            except OSError:
-                return False  # Not judged (EIO, ESTALE, EACCES).
+        with lock:
+            st = _judge(path, None, _HEAD)[1]
             if st is None or not _same_file(st, listed) or st.st_mtime != listed.st_mtime:
                 return False
             return _remove_judged(path, st)
-        finally:
-            lock.release()
 
     def verify(self) -> list[str]:
         """The entry files that are damaged, checking every byte (every buffer's CRC too)."""
-        damaged = []
-        for path, _folder in self.files():
-            try:
-                entry, st = _load_entry(path, None, _VERIFY)
-            except OSError:
-                continue  # Not judged (EIO, ESTALE, EACCES).
-            if st is not None and entry is None:
-                damaged.append(path)
-        return damaged
+        judged = ((path, *_judge(path, None, _VERIFY)) for path, _folder in self.files())
+        return [path for path, entry, st in judged if st is not None and entry is None]
 
     def prune(
         self, now: float | None = None, stale: Callable[[_Found], bool] | None = None, folder: str | None = None,
         dry_run: bool = False,
     ) -> tuple[int, int]:
-        """Remove expired or damaged entries (of ``folder``, as for files(); and
-        those ``stale`` accepts) and old temporary files: (entries, temporaries).
-        Entries are judged by their heads first; those kept are then verified
-        byte by byte. ``dry_run`` only counts."""
+        """Remove expired or damaged entries (of ``folder``; and those ``stale`` accepts), the live
+        ones checked byte by byte, and old temporary files: (entries, temporaries). ``dry_run`` counts."""
         if not dry_run:
             self._writable()
         when = time.time() if now is None else now
@@ -3209,21 +3176,13 @@ class _EntryFiles(_EntryDir):
         folders: set[str] = set()
         try:
             for found in self.scan(folder):
-                # A file that could not be read (stat None) is left alone: ESTALE,
-                # EIO and EACCES say nothing about the entry itself.
+                # A file not judged (stat None) is left alone: ESTALE, EIO and EACCES say nothing of the entry.
                 entry, judged = found.entry, found.stat
-                if judged is None:
-                    continue
                 if entry is not None and entry.live(when) and not (stale is not None and stale(found)):
-                    try:
-                        entry, judged = _load_entry(found.path, entry.key, _VERIFY)
-                    except OSError:
+                    entry, judged = _judge(found.path, entry.key, _VERIFY)
+                    if entry is not None:
                         continue
-                    if judged is None:
-                        continue
-                else:
-                    entry = None
-                if entry is None and (dry_run or _remove_judged(found.path, judged)):
+                if judged is not None and (dry_run or _remove_judged(found.path, judged)):
                     entries += 1
                     folders.add(os.path.dirname(found.path))
             for directory in [top] if folder else [top, *(os.path.join(top, name) for name in self.folders())]:
@@ -3249,9 +3208,6 @@ class _EntryFiles(_EntryDir):
     # function under .functions/, so that `info` and `prune --stale` can tell
     # the entries of older code without running or importing anything.
 
-    def _identity_file(self, function: str) -> str:
-        return os.path.join(self.root, ".functions", self.folder(function)[:_FOLDER_HEX])
-
     def _write_json(self, path: str, record: dict[str, Any], indent: int | None = None) -> None:
         import json
 
@@ -3259,11 +3215,9 @@ class _EntryFiles(_EntryDir):
         _write_bytes(path, json.dumps(record, indent=indent).encode("utf-8"), durable=self.durable)
 
     def record_identity(self, function: str, identity: str, code: str = "") -> float | None:
-        """Record the identity this process runs under, and the code digests seen
-        under it with when each was first seen. Returns when ``code`` was first
-        seen if other code was seen before it (entries older than that came from
-        other code: a pinned version=), else None."""
-        path = self._identity_file(function)
+        """Record the identity this process runs under and when each code digest under it was first
+        seen; return when ``code`` was, if other code was seen before it (a pinned version=), else None."""
+        path = os.path.join(self.root, ".functions", self.folder(function)[:_FOLDER_HEX])
         record = _read_json(path) or {}
         same = record.get("identity") == identity
         codes = record.get("codes") if same else None
@@ -3356,9 +3310,8 @@ class _EntryFiles(_EntryDir):
 
 
 def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
-    """Whether an entry belongs to code older than its function's current
-    identity, or is a memoize entry in the layout of donecache 0.1 (at the top
-    level, where no memoized function looks any more)."""
+    """Whether an entry is of code older than its function's current identity, or a memoize
+    entry in donecache 0.1's layout (at the top level, where no memoized function looks now)."""
     older = files.older_code()
 
     def stale(found: _Found) -> bool:
@@ -3378,18 +3331,16 @@ def _prune(
     if stale and not dry_run:  # The failures of older code go with its entries.
         older = files.older_code()
         files.drop_failures(lambda r: older(str(r.get("function")), r.get("identity")), folder)
-    swept = _Swept()
+    swept = (0, 0)
     if limit is not None or age is not None:
         # By hand the store goes down to the size asked for, not to a low-water mark.
         swept = files.sweep(limit, None if age is None else now - age, folder, dry_run)
-    return entries, temps, swept.entries, swept.bytes
+    return entries, temps, *swept
 
 
 class _ShelfDict:
-    """The mapping of encoded keys that shelve.Shelf works on, over the entry
-    files (Store reads and writes values itself, to keep big buffers out of
-    the pickle stream). Iteration lists memoized functions' entries too.
-    Shelf needs no sync() or close(): every write is in place when it returns."""
+    """The bytes-keyed mapping that shelve.Shelf works on, over the entry files (Store reads and
+    writes values itself). Shelf needs no sync() or close(): every write is in place when it returns."""
 
     def __init__(self, files: _EntryFiles) -> None:
         self.files = files
@@ -3402,7 +3353,7 @@ class _ShelfDict:
         # Mapped: the stream is checked, and big buffers are not read.
         return isinstance(key, bytes) and self.files.read(key, mapped=True, use=False) is not None
 
-    def keys(self) -> Iterator[bytes]:
+    def keys(self) -> Iterator[bytes]:  # Memoized functions' entries too.
         now = time.time()
         for found in self.files.scan():
             if found.entry is not None and found.entry.live(now):
@@ -3493,16 +3444,8 @@ class Store(_ShelfBase):
         return store
 
     def __init__(
-        self,
-        filename: AnyPath,
-        flag: str = "c",
-        protocol: int | None = None,
-        writeback: bool = False,
-        *,
-        durable: bool = False,
-        mmap: bool = False,
-        max_bytes: int | None = None,
-        trust_shared: bool = False,
+        self, filename: AnyPath, flag: str = "c", protocol: int | None = None, writeback: bool = False, *,
+        durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
         compress: bool | str = False,
     ) -> None:
         # Named and typed as in shelve.DbfilenameShelf; a bytes path is decoded
