@@ -3369,15 +3369,12 @@ class _ShelfDict:
 # never a KeyError. The views below, and Store.get, skip it.
 
 if TYPE_CHECKING:
-    _ItemsView = collections.abc.ItemsView[str, Any]
-    _ValuesView = collections.abc.ValuesView[Any]
     _ShelfBase = shelve.Shelf[Any]
 else:
-    _ItemsView, _ValuesView = _collections_abc.ItemsView, _collections_abc.ValuesView
     _ShelfBase = object  # shelve.Shelf joins at the first open: see Store.__new__.
 
 
-class _StoreItems(_ItemsView):
+class _StoreItems(_collections_abc.ItemsView[str, object]):
     _mapping: shelve.Shelf[Any]  # The store, as ItemsView keeps it (not in its stubs).
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
@@ -3388,7 +3385,7 @@ class _StoreItems(_ItemsView):
                 pass
 
 
-class _StoreValues(_ValuesView):
+class _StoreValues(_collections_abc.ValuesView[object]):
     _mapping: shelve.Shelf[Any]
 
     def __iter__(self) -> Iterator[Any]:
@@ -3511,12 +3508,10 @@ class Store(_ShelfBase):
         files.clear()
 
     def prune(self, *, max_bytes: int | None = None, older_than: float | Any = None, dry_run: bool = False) -> int:
-        """Remove expired and damaged entries (checking every byte of the others)
-        and crashed writers' temporary files; then evict the least recently used
-        entries until the store takes at most ``max_bytes`` on disk, and those
-        not used for ``older_than`` (seconds or a timedelta), as the command
-        line's prune does. Returns how many files were removed (``dry_run``:
-        would be; nothing is removed)."""
+        """Remove expired and damaged entries (checking every byte of the others) and crashed
+        writers' temporary files; then, as the command line's prune does, evict the least recently
+        used entries until the store takes at most ``max_bytes`` on disk, and those not used for
+        ``older_than`` (seconds or a timedelta). Returns how many files were (``dry_run``: would be) removed."""
         return sum(_prune(self._open_files(), None, max_bytes, older_than, stale=False, dry_run=dry_run)[:3])
 
     def verify(self) -> list[str]:
@@ -3629,16 +3624,10 @@ def _no_code(obj: Any) -> str:
 
 
 class _Canonical:
-    """Writes a text that is equal for equal values in every process and run.
+    """Writes a text that is equal for equal values in every process and run (docs/identity.md).
 
-    repr() is canonical for scalars; 1, 1.0, True and "1" stay apart, as their
-    results may differ. Containers are walked; dicts and sets are sorted by
-    their items' texts, since their order depends on insertion and on
-    PYTHONHASHSEED. Big buffers, arrays and frames are hashed in place.
-    Functions and classes count by ``code`` (the code identity section gives
-    it: the keys need the code identity, which needs canonical values). Any
-    other object is taken apart as pickle would take it (``__reduce_ex__``),
-    so that the sets and dicts in its state are sorted too.
+    Functions and classes count by ``code``, which the code identity section below
+    passes in: the keys need the code identity, which needs canonical values.
     """
 
     __slots__ = ("code", "active")
@@ -3651,6 +3640,11 @@ class _Canonical:
         out: list[str] = []
         self.write(value, out)
         return "".join(out)
+
+    def tagged(self, head: str, value: Any, out: list[str], tail: str = ">") -> None:
+        out.append(head)
+        self.write(value, out)
+        out.append(tail)
 
     def write(self, value: Any, out: list[str]) -> None:
         kind = type(value)
@@ -3711,9 +3705,7 @@ class _Canonical:
             self_ = getattr(value, "__self__", None)
             if kind is type(len) and self_ is not None and not isinstance(self_, type(sys)):
                 # A bound built-in method (english.get): what it is bound to counts.
-                out.append(f"<built-in {value.__qualname__} of ")
-                self.write(self_, out)
-                out.append(">")
+                self.tagged(f"<built-in {value.__qualname__} of ", self_, out)
                 return True
             reference = _reference(value)
             out.append(f"<{reference}")
@@ -3727,15 +3719,10 @@ class _Canonical:
                 self.write(tuple(_cell_value(cell) for cell in value.__closure__ or ()), out)
             out.append(">")
         elif kind is types.MethodType:
-            out.append("<method ")
-            self.write(value.__func__, out)
-            out.append(" of ")
-            self.write(value.__self__, out)
-            out.append(">")
+            self.tagged("<method ", value.__func__, out, " of ")
+            self.tagged("", value.__self__, out)
         elif isinstance(value, functools.partial):
-            out.append("<partial ")
-            self.write((value.func, value.args, value.keywords), out)
-            out.append(">")
+            self.tagged("<partial ", (value.func, value.args, value.keywords), out)
         elif callable(value) and callable(getattr(value, "__wrapped__", None)):
             self.write(value.__wrapped__, out)  # memoize, lru_cache: what they wrap.
         else:
@@ -3755,25 +3742,19 @@ class _Canonical:
             # 3.13 moved the classes to pathlib._local and pickles a path as one
             # string; its parts are what every version agrees on (3.9-3.12's form).
             module = "pathlib" if kind.__module__.startswith("pathlib") else kind.__module__
-            out.append(f"<{module}.{kind.__qualname__}:")
-            self.write(tuple(value.parts), out)
-            out.append(";>")
+            self.tagged(f"<{module}.{kind.__qualname__}:", tuple(value.parts), out, ";>")
             return
         re = sys.modules.get("re")
         if re is not None and kind is re.Pattern:
-            out.append(f"<re.Pattern {value.flags}:")
-            self.write(value.pattern, out)
-            out.append(">")
+            self.tagged(f"<re.Pattern {value.flags}:", value.pattern, out)
             return
         if kind.__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
             dtype = str(value.dtype.descr) if value.dtype.names else value.dtype.str
             if value.dtype.hasobject:  # Python objects, not a buffer of numbers.
-                out.append(f"<{name} {dtype} {value.shape}:")
-                self.write(value.tolist(), out)
-                out.append(">")
-                return
-            data = value if value.flags.c_contiguous else value.copy(order="C")
-            out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
+                self.tagged(f"<{name} {dtype} {value.shape}:", value.tolist(), out)
+            else:
+                data = value if value.flags.c_contiguous else value.copy(order="C")
+                out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
             return
         pandas = sys.modules.get("pandas")
         if pandas is not None and isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
@@ -3816,18 +3797,14 @@ class _Canonical:
         """A Series' or Index's values, a categorical's categories, a tz-aware column's instants."""
         dtype = value.dtype
         if isinstance(dtype, pandas.CategoricalDtype):
-            out.append(f"ordered={dtype.ordered!r} categories=")
-            self.write(dtype.categories, out)
+            self.tagged(f"ordered={dtype.ordered!r} categories=", dtype.categories, out, "")
         if isinstance(dtype, pandas.DatetimeTZDtype):  # str(dtype) above names the zone.
             self.write(value.to_numpy(dtype=f"datetime64[{dtype.unit}]"), out)
         else:
             self.write(value.to_numpy(), out)
 
     def _arrow(self, value: Any, out: list[str]) -> bool:
-        """pyarrow tables, record batches and arrays, and polars frames and series (as
-        Arrow data, which to_arrow() hands over without a copy): a flat array by its
-        type, offset, length and buffers, read in place; a nested or dictionary
-        array by its values, as its children's offsets are not in its buffers."""
+        """pyarrow values, and polars values as Arrow data (to_arrow() does not copy); False for others."""
         pyarrow, polars = sys.modules.get("pyarrow"), sys.modules.get("polars")
         if polars is not None and isinstance(value, (polars.DataFrame, polars.Series)):
             out.append(f"<polars.{type(value).__name__} {getattr(value, 'name', None)!r}:")
@@ -3845,7 +3822,7 @@ class _Canonical:
         elif isinstance(value, pyarrow.Array):
             out.append(f"<pyarrow.Array {value.type} {value.offset} {len(value)}:")
             if value.type.num_fields or pyarrow.types.is_dictionary(value.type):
-                self.write(value.to_pylist(), out)
+                self.write(value.to_pylist(), out)  # A child's offset is not in the buffers.
             else:
                 out.extend(f"{buffer and _buffer_digest(buffer)}," for buffer in value.buffers())
         else:
@@ -3871,9 +3848,7 @@ class _Arguments:
             npos, nkw = code.co_argcount, code.co_kwonlyargcount
             self.names: tuple[str, ...] = code.co_varnames[: npos + nkw]
             kwonly = self.names[npos:]
-            if all(name in kwdefaults for name in kwonly):
-                # The common case, bound without inspect: positional arguments,
-                # then positional defaults, then keyword-only defaults.
+            if all(name in kwdefaults for name in kwonly):  # Bound without inspect: args, then the defaults.
                 self._fast = True
                 self._npos, self._defaults = npos, tuple(defaults)
                 self._kwdefaults = tuple(kwdefaults[name] for name in kwonly)
