@@ -891,39 +891,28 @@ def _log_at(level: int) -> Any:
 # ---------------------------------------------------------------------------
 # Locks
 #
-# _KeyLock is the one lock that stages and memoize use: the whole of a lock
-# file, or one byte of it, held by one thread of one process at a time, with a
-# timeout, and an error instead of a deadlock when a thread asks for a lock it
-# already holds. The kernel drops the locks of a process that dies, even by
-# SIGKILL, so a crashed holder never blocks anyone.
+# _KeyLock is the one lock that stages and memoize use: the whole of a lock file, or one byte of it, held
+# by one thread of one process at a time, with a timeout, and an error instead of a deadlock when a thread
+# asks for a lock it already holds. The kernel drops the locks of a process that dies, even by SIGKILL, so
+# a crashed holder never blocks anyone.
 # ---------------------------------------------------------------------------
 
 
 class _KeyLock:
-    """An exclusive lock on a file (offset None) or on one byte of it.
+    """An exclusive lock on a file (offset None) or one byte of it; ``path`` must be canonical (realpath).
 
-    ``path`` must be canonical (os.path.realpath), so that one file has one name
-    in the table of holders.
-
-    An exception can arrive anywhere (a KeyboardInterrupt between two lines of
-    acquire or release), so nothing here must stay "held" because a line did
-    not run. The handle releases its kernel lock when it is collected, and the
-    table of holders keeps only weak references: a lock whose holder vanished
-    is no longer held. There is no in-process guard to be left locked, either.
+    An exception can arrive between any two lines (KeyboardInterrupt), so nothing stays "held" because
+    a line did not run: a collected handle releases its kernel lock, the table of holders keeps only
+    weak references, and there is no in-process guard to be left locked.
     """
 
-    # (path, offset) -> (owner, lock): who holds which lock in this process. The
-    # owner is a thread's id, or an asyncio task's.
+    # (path, offset) -> (owner: a thread's id or an asyncio task's, the lock) for the locks this process holds.
     _holders: dict[tuple[str, int | None], tuple[int, weakref.ref[_KeyLock]]] = {}
 
     def __init__(self, path: str, offset: int | None = None) -> None:
-        self._name = (path, None if offset is None else offset % _LOCK_SPAN)
+        self.path, self._name = path, (path, None if offset is None else offset % _LOCK_SPAN)
         self._handle: _LockFile | None = None
         self._pid = -1
-
-    @property
-    def path(self) -> str:
-        return self._name[0]
 
     def __enter__(self) -> _KeyLock:
         return self
@@ -932,18 +921,14 @@ class _KeyLock:
         self.release()
 
     def _tries(self, owner: int | None, timeout: float | None, block: bool) -> Generator[float, None, None]:
-        """The one poll loop: take the lock, yielding the time to sleep (time.sleep or
-        asyncio.sleep) before each new try; TimeoutError after ``timeout`` seconds.
-        With ``block``, an untimed wait blocks in the kernel where it can."""
+        """The one poll loop: take the lock, yielding the sleep (time.sleep or asyncio.sleep) before each
+        new try; TimeoutError after ``timeout`` s. With ``block``, an untimed wait blocks in the kernel if it can."""
         owner = _thread.get_ident() if owner is None else owner
         held = self._holders.get(self._name)
-        if held is not None and held[0] == owner:
-            lock = held[1]()
-            if lock is not None and lock._handle is not None and lock._pid == _pid():
-                raise RuntimeError(
-                    f"this thread already holds the lock {self.path}; re-entering it would wait forever"
-                )
-        handle = _LockFile(self._name[0], self._name[1])
+        lock = held[1]() if held is not None and held[0] == owner else None
+        if lock is not None and lock._handle is not None and lock._pid == _pid():
+            raise RuntimeError(f"this thread already holds the lock {self.path}; re-entering it would wait forever")
+        handle = _LockFile(*self._name)
         waiting: list[bool] = []
         try:
             if handle.try_lock():
@@ -969,20 +954,18 @@ class _KeyLock:
         self._handle, self._pid = handle, _pid()
         self._holders[self._name] = (owner, _weakref.ref(self))
 
-    def acquire(self, timeout: float | None = None, owner: int | None = None) -> _KeyLock:
-        """Wait for the lock; TimeoutError after ``timeout`` seconds. Returns the
-        lock, so that ``with lock.acquire(timeout):`` releases it at the end."""
-        for delay in self._tries(owner, timeout, True):
+    def acquire(self, timeout: float | None = None) -> _KeyLock:
+        """Wait for the lock (TimeoutError after ``timeout`` s); returns it, for ``with lock.acquire(timeout):``."""
+        for delay in self._tries(None, timeout, True):
             time.sleep(delay)
         return self
 
-    def try_acquire(self, owner: int | None = None) -> bool:
+    def try_acquire(self) -> bool:
         """Take the lock if it is free now, without waiting (for event loops)."""
-        tries = self._tries(owner, None, False)
-        for _delay in tries:
-            tries.close()  # Not free: give the handle back.
-            return False
-        return True
+        tries = self._tries(None, None, False)
+        free = next(tries, None) is None
+        tries.close()  # Not free: give the handle back.
+        return free
 
     async def acquire_async(self, owner: int) -> None:
         """Wait for the lock without blocking the event loop."""
@@ -992,9 +975,8 @@ class _KeyLock:
             await asyncio.sleep(delay)
 
     def _report_wait(self, handle: _LockFile) -> list[bool]:
-        """With INFO logging on, a helper thread logs the wait once it passes a
-        second, naming the holder if it wrote itself into the file (stages do);
-        the wait is on while the list returned is not empty."""
+        """With INFO logging on, a helper thread logs a wait that passes a second, naming the holder if it
+        noted itself in the file (stages do); the wait is on while the list returned is not empty."""
         waiting = [True]
         logger = _log_at(_INFO)
         if logger is not None:
@@ -1009,10 +991,9 @@ class _KeyLock:
         return waiting
 
     def note(self, data: bytes) -> None:  # See _holder for the reader.
-        """While holding a whole-file lock, make ``data`` the lock file's content
-        (who holds it), through the lock's own handle: on NFS, closing any other
-        descriptor of the file would drop the lock. A failure (ENOSPC) costs
-        only the note."""
+        """While holding a whole-file lock, make ``data`` the file's content (who holds it), through the
+        lock's own handle: on NFS, closing any other descriptor of the file would drop the lock. A failure
+        (ENOSPC) costs only the note."""
         file = None if self._handle is None else self._handle._file
         if file is not None:
             try:
@@ -1038,37 +1019,26 @@ class _KeyLock:
 # ---------------------------------------------------------------------------
 # Atomic writes
 #
-# A new version is written to a temporary file beside the target and renamed over
-# it: rename(2) replaces a name atomically, so a reader sees the old file or the
-# new one, whatever happens to the writer. Everything else that donecache writes
-# (stage markers and pieces, cache entries) goes through _write_bytes below.
+# A new version is written to a temporary file beside the target and renamed over it: rename(2) replaces
+# a name atomically, so a reader sees the old file or the new one, whatever happens to the writer.
+# Everything else that donecache writes (stage markers and pieces, cache entries) goes through _write_bytes.
 # ---------------------------------------------------------------------------
 
-# Temporary names start with a dot (hidden from ls and glob.glob), carry a marker
-# that `prune` recognises, and end with the target's own name so that libraries
-# which pick a format from the suffix (numpy.save, PIL, pandas' compression) see it.
+# Temporary names start with a dot (hidden from ls and glob.glob), carry a marker that `prune` recognises, and end
+# with the target's own name, for libraries that pick a format from the suffix (numpy.save, PIL, pandas' compression).
 _TEMP_PREFIX = ".dc~"
 _TEMP_TOKEN = 16  # hex digits: the writer's host and pid, and a count (_writer_token)
-# NAME_MAX is 255 bytes on most filesystems, so a temporary name keeps at most
-# this many bytes of the target's name (its end, which holds the suffix).
+# NAME_MAX is 255 bytes on most filesystems: a temporary name keeps this many bytes of the target's name (its end).
 _TEMP_KEEP = 255 - len(_TEMP_PREFIX) - _TEMP_TOKEN - 1
 _LITTER_AGE = 3600.0  # A temporary file this old belongs to no live writer.
 
 
 def _is_temp_name(name: str) -> bool:
-    return (
-        name.startswith(_TEMP_PREFIX)
-        and len(name) > len(_TEMP_PREFIX) + _TEMP_TOKEN
-        and name[len(_TEMP_PREFIX) + _TEMP_TOKEN] == "~"
-    )
+    return name.startswith(_TEMP_PREFIX) and name[len(_TEMP_PREFIX) + _TEMP_TOKEN :][:1] == "~"
 
 
 def _writer_token() -> str:
-    """Who writes a temporary file: 6 hex digits of a digest of the host's name, 6 of
-    the pid, then 4 of a count. The finisher of a shared stage removes only the
-    temporary files of writers that are gone (issue 18): on this host, a writer
-    whose pid is no longer alive; from another host sharing the filesystem, whose
-    processes it cannot see, only a file left untouched for _LITTER_AGE."""
+    """Who writes a temporary file: 6 hex digits of a digest of the host's name, 6 of the pid, 4 of a count."""
     pid = _pid()
     if "names" not in _me:
         import hashlib
@@ -1080,11 +1050,12 @@ def _writer_token() -> str:
 
 
 def _writer_gone(path: str, now: float) -> bool:
+    """Whether a temporary file's writer is gone (issue 18): on this host, its pid is dead; from another host,
+    whose processes we cannot see, the file was left untouched for _LITTER_AGE."""
     token = os.path.basename(path)[len(_TEMP_PREFIX) : len(_TEMP_PREFIX) + _TEMP_TOKEN]
     try:
-        if token[:6] == _writer_token()[:6] and not _pid_alive(int(token[6:12], 16)):
-            return True
-        return os.lstat(path).st_mtime < now - _LITTER_AGE
+        dead = token[:6] == _writer_token()[:6] and not _pid_alive(int(token[6:12], 16))
+        return dead or os.lstat(path).st_mtime < now - _LITTER_AGE
     except (OSError, ValueError):
         return False
 
@@ -1107,12 +1078,8 @@ def _discard(temp: str) -> None:
 
 
 def _create_temp(target: str, mode: int | None = None) -> tuple[int, str]:
-    """Create a new temporary file beside ``target``; return (fd, path).
-
-    A new file gets 0o666 filtered by the process umask, as open() would give it;
-    ``mode`` (an existing target's permission bits) is applied exactly instead.
-    The umask is never read by changing it: that races with other threads.
-    """
+    """A new temporary file beside ``target``: (fd, path). It gets 0o666 less the umask, as open() gives, or exactly
+    ``mode`` (an existing target's bits); the umask is never read by changing it: that races with other threads."""
     while True:
         temp = _temp_name(target)
         try:
@@ -1129,12 +1096,9 @@ def _create_temp(target: str, mode: int | None = None) -> tuple[int, str]:
         return fd, temp
 
 
-def _commit(temp: str, target: str, *, durable: bool, overwrite: bool) -> None:
+def _commit(temp: str, target: str, *, durable: bool, overwrite: bool = True) -> None:
     """Move a finished, closed temporary file onto ``target``."""
-    if overwrite:
-        _replace(temp, target)
-    else:
-        _move_new(temp, target)
+    (_replace if overwrite else _move_new)(temp, target)
     if durable:
         _fsync_dir(os.path.dirname(target))
 
@@ -1162,20 +1126,16 @@ def _write_bytes(
     data: bytes | Iterable[Any],
     *,
     durable: bool,
-    overwrite: bool = True,
     whole: bool = False,
     written: Callable[[int], None] | None = None,
 ) -> None:
     """Atomically make ``target`` hold ``data``: the writer behind markers, pieces and entries.
 
-    ``whole`` fsyncs the data (not the directory) even when not ``durable``:
-    after a power cut the name may be missing, but never holds a torn file.
-
-    ``data`` is bytes, or an iterable of bytes-like chunks written one after the
-    other, each straight from its own buffer (as writev would): a big value's
-    arrays go to the file without ever being joined or copied. The iterable may
-    be a generator, producing a chunk (a table of checksums) only once the
-    chunks before it are written. ``written(fd)`` runs once all is written.
+    ``whole`` fsyncs the data (not the directory) even when not ``durable``: after a power cut
+    the name may be missing, but never holds a torn file. ``data`` is bytes, or an iterable of
+    bytes-like chunks, each written straight from its own buffer (as writev would): a big value's
+    arrays are never joined or copied. A generator may produce a chunk (a table of checksums) only
+    once the chunks before it are written. ``written(fd)`` runs once all is written.
     """
     fd, temp = _create_temp(target)
     try:
@@ -1190,7 +1150,7 @@ def _write_bytes(
             _fsync_file(fd)
         os.close(fd)
         fd = -1
-        _commit(temp, target, durable=durable, overwrite=overwrite)
+        _commit(temp, target, durable=durable)
     except BaseException:
         if fd >= 0:
             os.close(fd)
@@ -1199,9 +1159,8 @@ def _write_bytes(
 
 
 class _Atomic:
-    """What atomic_write() and atomic_path() return: a context manager around a
-    temporary file beside the target, committed onto it when the block ends
-    normally and removed otherwise (the body's exception propagates unchanged)."""
+    """What atomic_write() and atomic_path() return: a context manager around a temporary file beside the target,
+    committed onto it when the block ends normally and removed otherwise (the body's exception propagates unchanged)."""
 
     def __init__(self, path: StrPath, durable: bool, overwrite: bool, make_parents: bool) -> None:
         self._path, self._durable, self._overwrite, self._make_parents = path, durable, overwrite, make_parents
@@ -1210,8 +1169,7 @@ class _Atomic:
         """Check the target, and create the temporary file: its descriptor. The target's
         permission bits, if it exists, are given to the file now or kept for _finish."""
         target = _fspath(self._path)
-        # Symlink policy: writing through a link replaces the file it points to and
-        # leaves the link alone, as open(path, "w") would.
+        # Symlink policy: a write through a link replaces the file it points to, not the link, as open(path, "w") would.
         if os.path.islink(target):
             target = os.path.realpath(target)
         try:
@@ -1225,12 +1183,9 @@ class _Atomic:
             if not stat.S_ISREG(st.st_mode):
                 # Renaming over a device or a FIFO would replace the node itself
                 # (as root, atomic_write("/dev/null") would replace the system's).
-                raise _os_error(
-                    errno.EEXIST,
-                    target,
-                    f"cannot write {target!r}: it is {_kind_of(st.st_mode)}, not a regular file, and an atomic "
-                    "write would replace it; write to it with open(), or choose another path",
-                )
+                what = f"it is {_kind_of(st.st_mode)}, not a regular file, and an atomic write would replace it"
+                message = f"cannot write {target!r}: {what}; write to it with open(), or choose another path"
+                raise _os_error(errno.EEXIST, target, message)
             if not self._overwrite:
                 message = f"{target!r} already exists and overwrite=False; remove it or pass overwrite=True"
                 raise _os_error(errno.EEXIST, target, message)
@@ -1239,12 +1194,8 @@ class _Atomic:
             if os.path.exists(parent):
                 raise _os_error(errno.ENOTDIR, target, f"cannot write {target!r}: {parent!r} is not a directory")
             if not self._make_parents:
-                raise _os_error(
-                    errno.ENOENT,
-                    target,
-                    f"cannot write {target!r}: its directory {parent!r} does not exist; "
-                    "create it first or pass make_parents=True",
-                )
+                message = f"cannot write {target!r}: its directory {parent!r} does not exist"
+                raise _os_error(errno.ENOENT, target, f"{message}; create it first or pass make_parents=True")
             try:
                 _make_dirs(parent, durable=self._durable)
             except OSError as exc:
@@ -1263,9 +1214,7 @@ class _Atomic:
     def _abandon(self) -> None:
         _discard(self._temp)
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         try:
             if exc_type is None:
                 self._finish()
@@ -1323,26 +1272,20 @@ def atomic_write(
 ) -> _AtomicFile:
     """Write a file so that readers see the old version or the whole new one.
 
-    Use it as ``with atomic_write(path) as f: f.write(...)``. The file is written
-    under a temporary name in the same directory and renamed over ``path`` when
-    the block ends. If the block raises (KeyboardInterrupt included), or the
-    disk fills up, the temporary file is removed, ``path`` is untouched and the
-    original exception propagates.
+    ``with atomic_write(path) as f: f.write(...)`` writes under a temporary name in the same directory,
+    renamed over ``path`` when the block ends. If the block raises (KeyboardInterrupt included) or the disk
+    fills up, the temporary file is removed, ``path`` is untouched and the original exception propagates.
 
-    mode: ``"w"`` (text) or ``"wb"`` (binary). ``encoding`` and ``newline`` work
-        as for open() in text mode.
-    durable: flush the file and its directory to stable storage (fsync) before
-        returning, so that the new version also survives a power failure.
-        ``False`` skips the directory's flush: after a power failure ``path``
-        holds the old version or the whole new one, never an empty or torn
-        file; the file itself is still flushed, which costs most of the time.
-    overwrite: if False, raise FileExistsError when ``path`` exists, and never
-        clobber a file that appears while the block runs.
-    make_parents: create missing parent directories instead of raising
-        FileNotFoundError.
+    mode: ``"w"`` (text) or ``"wb"`` (binary); ``encoding`` and ``newline`` work as for open() in text mode.
+    durable: fsync the file and its directory before returning, so that the new version survives a power
+        failure. ``False`` skips the directory's flush: after a power failure ``path`` holds the old version
+        or the whole new one, never an empty or torn file (the file's flush, still done, is most of the cost).
+    overwrite: if False, raise FileExistsError when ``path`` exists, and never clobber a file that appears
+        while the block runs.
+    make_parents: create missing parent directories instead of raising FileNotFoundError.
 
-    A new file gets mode 0o666 less the umask; an existing file keeps its
-    permission bits. A symlink at ``path`` is followed: its target is replaced.
+    A new file gets mode 0o666 less the umask; an existing file keeps its permission bits. A symlink at
+    ``path`` is followed: its target is replaced.
     """
     return _AtomicFile(path, mode, encoding, newline, durable, overwrite, make_parents)
 
@@ -1351,8 +1294,7 @@ class _AtomicPath(_Atomic):
     def __enter__(self) -> Path:
         from pathlib import Path
 
-        # Creating the file with O_EXCL proves that the name is free; it is
-        # removed again so that the library can create it itself.
+        # Creating the file with O_EXCL proves that the name is free; the library then creates it itself.
         os.close(self._create(keep_now=False))
         os.unlink(self._temp)
         return Path(self._temp)
@@ -1360,11 +1302,8 @@ class _AtomicPath(_Atomic):
     def _finish(self) -> None:
         temp = self._temp
         if not os.path.lexists(temp):
-            raise _os_error(
-                errno.ENOENT,
-                temp,
-                f"atomic_path({self._target!r}): the block did not create a file at the temporary path {temp!r}",
-            )
+            message = f"atomic_path({self._target!r}): the block did not create a file at the temporary path {temp!r}"
+            raise _os_error(errno.ENOENT, temp, message)
         # Opened (never through a link, which would be renamed onto the
         # target) to check that it is a regular file, to set its mode and flush it.
         fd = _open_regular(temp, _SYNC_FLAGS | _NOFOLLOW)[0]
@@ -1381,13 +1320,11 @@ def atomic_path(
 ) -> _AtomicPath:
     """Yield a temporary path for a library that writes files itself.
 
-    ``with atomic_path("x.npy") as tmp: numpy.save(tmp, array)``. The yielded
-    :class:`pathlib.Path` does not exist yet; it lies in the same directory and
-    ends with the target's name, so suffix-sniffing libraries choose the right
-    format. When the block ends the file is renamed onto ``path``; if the block
-    raises, the file is removed and ``path`` is untouched. The options are those
-    of :func:`atomic_write`. It raises FileNotFoundError if the block did not
-    create the file.
+    ``with atomic_path("x.npy") as tmp: numpy.save(tmp, array)``. The yielded :class:`pathlib.Path` does not
+    exist yet; it lies in the same directory and ends with the target's name, so suffix-sniffing libraries
+    choose the right format. When the block ends the file is renamed onto ``path``; if the block raises, the
+    file is removed and ``path`` is untouched. The options are those of :func:`atomic_write`. It raises
+    FileNotFoundError if the block did not create the file.
     """
     return _AtomicPath(path, durable, overwrite, make_parents)
 
@@ -1395,15 +1332,13 @@ def atomic_path(
 # ---------------------------------------------------------------------------
 # Stage directories
 #
-# A stage is a directory filled piece by piece; its marker file says that the
-# whole stage finished. The marker is written last, with the atomic writer, so
-# it exists only if every piece before it does. While a stage is being built, a
-# lock on a hidden file inside it keeps other processes and threads out.
+# A stage is a directory filled piece by piece; its marker file says that the whole stage finished. The
+# marker is written last, with the atomic writer, so it exists only if every piece before it does. While a
+# stage is being built, a lock on a hidden file inside it keeps other processes and threads out.
 # ---------------------------------------------------------------------------
 
 _STAGE_LOCK = ".donecache.lock"
 _STAGE_VERSION = ".donecache.version"  # The version being built, recorded when a build starts.
-_STAGE_FILES = (_STAGE_LOCK, _STAGE_VERSION)
 # Each builder of a shared stage holds a lock file of its own, named this and 16
 # hex digits, while it builds: the stage's lock is held only on entry and exit,
 # so `status` looks for these to tell "building" from "incomplete".
@@ -1412,25 +1347,24 @@ _STAGE_BUILDER = ".donecache.builder~"
 
 def _is_stage_file(name: str, marker: str) -> bool:
     """Whether a name at a stage's top is donecache's own (or the marker), not a piece."""
-    return name == marker or name in _STAGE_FILES or name.startswith(_STAGE_BUILDER)
+    return name in (marker, _STAGE_LOCK, _STAGE_VERSION) or name.startswith(_STAGE_BUILDER)
 
 
 _QUOTED_IN_VERSIONS = frozenset("(),'\"\\")
 
 
-def _version_text(version: Any, what: str = "version", item: bool = False) -> str:
-    """A version's canonical text: 2, "2" and the command line's --version 2 agree,
-    and a tuple reads the same after a JSON round trip (which makes it a list).
-    A str item of a tuple that is empty or holds a comma, bracket, quote or
-    backslash is quoted, so ("1,2",) and (1, 2) differ. Floats are refused: 1.10 == 1.1."""
+def _version_text(version: Any, item: bool = False) -> str:
+    """A version's canonical text: 2, "2" and the command line's --version 2 agree, and a tuple reads the
+    same after a JSON round trip (which makes it a list). A str item of a tuple that is empty or holds a
+    comma, bracket, quote or backslash is quoted, so ("1,2",) and (1, 2) differ. Floats are refused: 1.10 == 1.1."""
     if isinstance(version, str):
         return repr(version) if item and (not version or not _QUOTED_IN_VERSIONS.isdisjoint(version)) else version
     if isinstance(version, int):
         return str(version)
     if isinstance(version, (tuple, list)):
-        return "(" + ",".join(_version_text(part, what, True) for part in version) + ")"
+        return "(" + ",".join(_version_text(part, True) for part in version) + ")"
     raise TypeError(
-        f"{what} must be a str, an int, or a tuple of them, not {type(version).__name__}: {version!r}"
+        f"version must be a str, an int, or a tuple of them, not {type(version).__name__}: {version!r}"
         + (f" (1.10 and 1.1 are one float: write {str(version)!r})" if isinstance(version, float) else "")
     )
 
@@ -1458,50 +1392,45 @@ def _marker_version(info: dict[str, Any] | None) -> str | None:
         return None  # A foreign marker's "version" that is no version of ours.
 
 
-def _list_dir(directory: str, stop_at: str) -> bool:
-    """Read ``directory`` through (until the name ``stop_at``); False if there is no such directory."""
-
-    def read() -> None:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.name == stop_at:
-                    break
-
-    try:
-        _retry_stale(read)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except PermissionError:
-        pass  # Searchable but not readable: the stat's answer is all there is.
-    return True
-
-
 def _marker_counts(path: str, version: Any) -> bool:
+    """Whether the marker at ``path`` exists (version None) or records ``version``."""
+
     def check() -> bool:
         if version is None:
             try:
                 return stat.S_ISREG(_retry_stale(lambda: os.stat(path)).st_mode)
             except (FileNotFoundError, NotADirectoryError):
                 return False
-        info = _read_marker(path)
-        return info is not None and _marker_version(info) == _version_text(version)
+        return _marker_version(_read_marker(path)) == _version_text(version)
 
-    # An NFS client caches lookups, "no such file" included, for up to acdirmax
-    # (60 s by default), so a marker that another host has just written can
-    # look absent. Opening and reading the directory makes the client fetch
-    # it again from the server (as `ls` does), so "not done" is asked twice.
-    return check() or (_list_dir(os.path.dirname(path), os.path.basename(path)) and check())
+    directory, name = os.path.split(path)
+
+    def read_directory() -> None:
+        with os.scandir(directory) as entries:
+            any(entry.name == name for entry in entries)  # Read it through, up to the marker's name.
+
+    if check():
+        return True
+    # An NFS client caches lookups, "no such file" included, for up to acdirmax (60 s by default), so a
+    # marker that another host has just written can look absent. Opening and reading the directory makes
+    # the client fetch it again from the server (as `ls` does), so "not done" is asked twice.
+    try:
+        _retry_stale(read_directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError:
+        pass  # Searchable but not readable: the stat's answer is all there is.
+    return check()
 
 
 def is_done(directory: StrPath, *, version: _Version | None = None, marker: str = "DONE") -> bool:
     """True if the stage in ``directory`` finished: its marker is a regular file.
 
-    With ``version``, the marker must also record that same version; a marker
-    from an older version of your code, or one written by another tool (an
-    empty ``_SUCCESS``, say), then counts as not done. Without it, a finished
-    stage costs a single stat(2), cheap enough to call for thousands of stages.
-    Before answering "not done" it also reads the directory's listing, which
-    makes an NFS client see a marker that another host wrote moments ago.
+    With ``version``, the marker must also record that same version; a marker from an older version of
+    your code, or one written by another tool (an empty ``_SUCCESS``, say), then counts as not done.
+    Without it, a finished stage costs a single stat(2), cheap enough to call for thousands of stages.
+    Before answering "not done" it also reads the directory's listing, which makes an NFS client see a
+    marker that another host wrote moments ago.
     """
     if version is not None:
         _version_text(version)  # A float is refused whether or not there is a marker.
@@ -1509,10 +1438,7 @@ def is_done(directory: StrPath, *, version: _Version | None = None, marker: str 
 
 
 def mark_not_done(directory: StrPath, *, marker: str = "DONE") -> bool:
-    """Remove the stage's marker so that the next run rebuilds it; its pieces stay.
-
-    Returns True if there was a marker to remove.
-    """
+    """Remove the stage's marker so that the next run rebuilds it (its pieces stay); True if there was one."""
     try:
         os.unlink(_marker_path(directory, marker))
     except FileNotFoundError:
@@ -1543,14 +1469,13 @@ def _stage_status(directory: str, *, version: _Version | None, marker: str) -> _
     locks = [os.path.join(directory, _STAGE_LOCK)]
     locks += [e.path for e in _scandir(directory) if e.name.startswith(_STAGE_BUILDER)]
     lock = next((lock for lock in locks if _lock_taken(lock)), None)
-    if lock is None:
-        # A stage that done_dir entered has its lock file; a marker of another version says so.
-        if os.path.lexists(path) and version is not None:
-            return _StageState("other version", _read_marker(path))
-        started = len(locks) > 1 or os.path.lexists(locks[0])
-        return _StageState("incomplete" if started else "not a stage", _read_marker(path))
-    # None: not written yet, or unreadable while locked (Windows).
-    return _StageState("building", _read_marker(path), _read_json(lock))
+    if lock is not None:  # Its note is None if not written yet, or unreadable while locked (Windows).
+        return _StageState("building", _read_marker(path), _read_json(lock))
+    # A stage that done_dir entered has its lock file; a marker of another version says so.
+    if os.path.lexists(path) and version is not None:
+        return _StageState("other version", _read_marker(path))
+    started = len(locks) > 1 or os.path.lexists(locks[0])
+    return _StageState("incomplete" if started else "not a stage", _read_marker(path))
 
 
 def _flush_tree(root: str) -> None:
@@ -1570,18 +1495,6 @@ def _flush_tree(root: str) -> None:
         _fsync_dir(dirpath)
 
 
-class _Expected:
-    """What a shared stage waits for: ``count`` pieces, or every one of the pieces ``names``."""
-
-    __slots__ = ("count", "names")
-
-    def __init__(self, count: int, names: frozenset[str] | None) -> None:
-        self.count, self.names = count, names
-
-    def met_by(self, present: set[str]) -> bool:
-        return present >= self.names if self.names is not None else len(present) >= self.count
-
-
 class Stage:
     """done_dir(directory, ...): build a stage directory that is marked done only once all of it is written.
 
@@ -1592,35 +1505,22 @@ class Stage:
                 for rec in records:
                     stage.piece(f"{rec.id}.json", lambda: parse(rec))
 
-    The directory is created with its parents. While the block runs, the stage
-    is locked against other processes and threads building it; one that
-    waited finds ``stage.done`` True when the first finished it. When the
-    block ends normally, the marker file (``marker``, default ``DONE``) is
-    written atomically with JSON metadata: times, host, pid, donecache's
-    version and ``version``. If the block raises or the process dies, no
-    marker is written and the pieces stay, so the next run resumes.
+    The directory is created with its parents and, while the block runs, locked against other processes and
+    threads building it: one that waited finds ``stage.done`` (checked under the lock) True. When the block
+    ends normally, the marker file (``marker``, default ``DONE``) is written atomically with JSON metadata:
+    times, host, pid, donecache's version and ``version``. If the block raises or the process dies, there is
+    no marker and the pieces stay, so the next run resumes. ``stage.path`` is the directory as a Path.
 
-    version: a str or int naming your code's or data's version; a stage whose
-        marker records another version counts as not done, and its stale marker
-        is removed before rebuilding.
-    fresh: when the stage is not done, empty the directory first instead of
-        resuming from the pieces of an earlier run.
-    durable: fsync each piece as it is written and every file of the stage
-        before writing the marker, so that neither the marker nor a rerun that
-        resumes trusts a piece that a power failure emptied.
+    version: a str, an int or a tuple of them naming your code's or data's version; a stage whose marker
+        records another version counts as not done, and its stale marker is removed before rebuilding.
+    fresh: when the stage is not done, empty it first instead of resuming from the pieces of an earlier run.
+    durable: fsync each piece as it is written and every file of the stage before the marker, so that neither
+        the marker nor a rerun that resumes trusts a piece that a power failure emptied.
     timeout: seconds to wait for another builder before TimeoutError.
-    expect: make this a shared stage, which many processes or hosts fill at
-        once: a count of pieces, or an iterable of the pieces' names. Each
-        builder holds the lock only briefly, on entry and on exit, and writes
-        its own pieces meanwhile. On a normal exit it lists the pieces under
-        the lock; the builder that finds every expected piece present writes
-        the marker, exactly once. The others leave without one, with
-        ``stage.done`` False. Every builder of the stage must pass the same
-        ``expect``; ``fresh`` cannot be combined with it.
-
-    What ``with done_dir(...) as stage`` gives is the Stage: ``stage.done``
-    (checked while holding the lock), ``stage.path``, ``stage.piece()`` and
-    ``stage.has()``.
+    expect: make this a shared stage, which many processes or hosts fill at once: a count of pieces, or an
+        iterable of their names. Each builder holds the lock only on entry and on exit; the one whose exit
+        finds every expected piece present writes the marker, exactly once, and the others leave with
+        ``stage.done`` False. Every builder must pass the same ``expect``; ``fresh`` cannot be combined with it.
     """
 
     def __init__(
@@ -1638,15 +1538,13 @@ class Stage:
 
         self._root = os.path.abspath(_fspath(directory, "directory"))
         self._marker_file = _marker_path(self._root, marker)
-        self.path = Path(self._root)
-        self.marker = marker
         if version is not None:
             _version_text(version)  # An unusable version fails before the stage is entered.
-        self.version = version
-        self.done = False
+        self.path, self.marker, self.version, self.done = Path(self._root), marker, version, False
         self._fresh, self._durable, self._timeout = fresh, durable, timeout
         self._lock: _KeyLock | None = None
         self._builder: _KeyLock | None = None  # A shared builder's own lock (see _announce).
+        # A shared stage waits for a count of pieces (an int) or for every one of some pieces (their names).
         self._expect = None if expect is None else self._expected(expect)
         if self._expect is not None and fresh:
             raise ValueError(
@@ -1654,12 +1552,12 @@ class Stage:
                 "stage would throw away the pieces of the other builders; empty it once, before they start"
             )
 
-    def _expected(self, expect: int | Iterable[StrPath]) -> _Expected:
+    def _expected(self, expect: int | Iterable[StrPath]) -> int | frozenset[str]:
         """Check ``expect=``: a count of pieces, or their names (relative to the stage, normalised)."""
         if isinstance(expect, int) and not isinstance(expect, bool):
             if expect < 0:
                 raise ValueError(f"expect={expect} is negative; pass the number of pieces the stage must hold")
-            return _Expected(expect, None)
+            return expect
         if isinstance(expect, (str, bytes, os.PathLike)) or not isinstance(expect, _collections_abc.Iterable):
             raise TypeError(
                 f"expect must be a count of pieces or an iterable of piece names, not {type(expect).__name__}"
@@ -1676,7 +1574,7 @@ class Stage:
             if rel in names:
                 raise ValueError(f"expect= names the piece {rel!r} twice; each piece counts once")
             names.add(rel)
-        return _Expected(len(names), frozenset(names))
+        return frozenset(names)
 
     def __repr__(self) -> str:
         return f"Stage({self._root!r}, done={self.done})"
@@ -1688,19 +1586,17 @@ class Stage:
             raise _os_error(errno.ENOTDIR, root, message)
         self._pid = os.getpid()
         if _marker_counts(self._marker_file, self.version):
-            # Finished: seeing that needs no lock, and no write (the stage may
-            # be on a read-only filesystem). A builder that would rebuild it
-            # removes the marker first, under the lock.
+            # Finished: seeing that needs no lock, and no write (the stage may be on a read-only
+            # filesystem). A builder that would rebuild it removes the marker first, under the lock.
             self.done = True
             return self
-        self._take_lock()
+        lock = self._take_lock()
         try:
             import json
 
             # For `python -m donecache status`: who is building (read only while the lock is held).
-            assert self._lock is not None
             who = json.dumps(_who()).encode("utf-8")
-            self._lock.note(who)
+            lock.note(who)
             self.done = _marker_counts(self._marker_file, self.version)
             if not self.done:
                 self._begin()
@@ -1734,10 +1630,9 @@ class Stage:
         if marked:
             os.unlink(self._marker_file)  # Stale: it must not count while we rebuild.
         building = _read_text(os.path.join(root, _STAGE_VERSION))
-        # The pieces belong to the version whose build started last, or (for a stage
-        # made before versions were recorded) to the one its old marker names; a
-        # marker that names none, with no version recorded, is an unversioned
-        # build's: another version (issue 18).
+        # The pieces belong to the version whose build started last, or (for a stage made before
+        # versions were recorded) to the one its old marker names; a marker that names none, with
+        # no version recorded, is an unversioned build's: another version (issue 18).
         other = wanted is not None and (building or old or ("" if marked else wanted)) != wanted
         if self._fresh or other:
             for name in os.listdir(root):
@@ -1751,9 +1646,7 @@ class Stage:
         if wanted is not None and (building != wanted or self._fresh or other):
             _write_bytes(os.path.join(root, _STAGE_VERSION), wanted.encode("utf-8"), durable=self._durable)
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         try:
             # A forked child that leaves the block did not build the stage.
             if exc_type is None and not self.done and os.getpid() == self._pid:
@@ -1769,7 +1662,7 @@ class Stage:
                 _discard(builder.path)
                 builder.release()
 
-    def _take_lock(self) -> None:
+    def _take_lock(self) -> _KeyLock:
         root = self._root
         try:
             _make_dirs(root, durable=self._durable)
@@ -1780,22 +1673,20 @@ class Stage:
         except OSError as exc:
             raise _error_about(exc, root, "create or lock the stage directory", "check its path and permissions") from exc
         self._lock = lock
+        return lock
 
-    def _finish_shared(self, expect: _Expected) -> bool:
-        """Write the marker if every expected piece is present and nobody has yet; True if the stage is done.
-
-        Pieces only ever appear by a rename, so a piece that is listed is
-        whole. Under the lock, two builders cannot both see "complete, no
-        marker", and the marker cannot appear before the last piece.
-        """
+    def _finish_shared(self, expect: int | frozenset[str]) -> bool:
+        """Write the marker if every expected piece is present and nobody has; True if the stage is done. Pieces
+        appear only by a rename, so a listed piece is whole; under the lock, two builders cannot both see
+        "complete, no marker", and the marker cannot appear before the last piece."""
         self._take_lock()
         if _marker_counts(self._marker_file, self.version):
             return True
-        if not expect.met_by(_retry_stale(self._pieces)):
+        present = _retry_stale(self._pieces)
+        if not (present >= expect if isinstance(expect, frozenset) else len(present) >= expect):
             return False
-        # Complete: a temporary file left is a crashed writer's, or a live
-        # builder's (a late duplicate, an atomic_path() into the stage), which
-        # must be left to it.
+        # Complete: a temporary file left is a crashed writer's, or a live builder's (a late
+        # duplicate, an atomic_path() into the stage), which must be left to it.
         now = time.time()
         for temp in _temp_files(self._root):
             if _writer_gone(temp, now):
@@ -1832,16 +1723,11 @@ class Stage:
         if self._durable:
             _flush_tree(self._root)
         finished = time.time()
-        metadata = {
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._started)),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(finished)),
-            "duration_s": round(finished - self._started, 6),
-            **_who(),
-            "donecache": __version__,
-            "version": self.version,
-        }
+        started, ended = (time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t)) for t in (self._started, finished))
+        metadata = {"started": started, "finished": ended, "duration_s": round(finished - self._started, 6), **_who()}
+        metadata.update(donecache=__version__, version=self.version)
         if self._expect is not None:
-            metadata["expect"] = self._expect.count
+            metadata["expect"] = self._expect if isinstance(self._expect, int) else len(self._expect)
         _write_bytes(self._marker_file, json.dumps(metadata, indent=1).encode("utf-8") + b"\n", durable=self._durable)
 
     def _piece_path(self, name: StrPath) -> Path:
@@ -1849,12 +1735,7 @@ class Stage:
 
         rel = _fspath(name, "piece name")
         parts = PurePath(rel).parts if rel and not os.path.isabs(rel) else ()
-        if (
-            not parts
-            or ".." in parts
-            or _is_stage_file(parts[0], self.marker)
-            or any(_is_temp_name(p) for p in parts)
-        ):
+        if not parts or ".." in parts or _is_stage_file(parts[0], self.marker) or any(map(_is_temp_name, parts)):
             raise ValueError(
                 f"piece name {rel!r} must be a relative path inside the stage, "
                 f"and not its marker {self.marker!r} or lock file"
@@ -1862,11 +1743,10 @@ class Stage:
         return self.path / rel
 
     def _folders_of(self, path: Path) -> None:
-        """Refuse a piece whose folders (between the stage and it) are not all real
-        directories: through a symlinked folder planted inside the stage (by
-        anyone who can write there), a piece would be written outside it (issue
-        18). Checked with lstat, never following a link, up to the first folder
-        that is missing; one swapped for a link after the check is not caught."""
+        """Refuse a piece whose folders (between the stage and it) are not all real directories: through a
+        symlinked folder planted inside the stage (by anyone who can write there), a piece would be written
+        outside it (issue 18). Checked with lstat, never following a link, up to the first folder that is
+        missing; one swapped for a link after the check is not caught."""
         folder = self._root
         for part in os.path.relpath(path.parent, folder).split(os.sep):
             if part == os.curdir:
@@ -1877,12 +1757,13 @@ class Stage:
             except FileNotFoundError:
                 return
             if not stat.S_ISDIR(st.st_mode):
+                piece = os.path.relpath(path, self._root)
                 raise _os_error(
                     errno.ENOTDIR,
                     folder,
-                    f"cannot write the piece {os.path.relpath(path, self._root)!r} of stage {self._root!r}: "
-                    f"{folder!r} is {_kind_of(st.st_mode)}, not a directory, and pieces are written only into real "
-                    "directories inside the stage (a link could lead outside it); remove it and run again",
+                    f"cannot write the piece {piece!r} of stage {self._root!r}: {folder!r} is {_kind_of(st.st_mode)}, "
+                    "not a directory, and pieces are written only into real directories inside the stage (a link "
+                    "could lead outside it); remove it and run again",
                 )
 
     def has(self, name: StrPath) -> bool:
@@ -1892,10 +1773,9 @@ class Stage:
     def piece(self, name: StrPath, make: Callable[[], str | bytes]) -> Path:
         """Write one piece unless an earlier run already wrote it; return its path.
 
-        ``make()`` is called only when the piece is missing. A str is written
-        as UTF-8 and bytes as they are, atomically, so an interrupted run never
-        leaves a torn piece that a rerun would trust. Names may contain
-        subdirectories (``"shard-3/42.json"``).
+        ``make()`` is called only when the piece is missing. A str is written as UTF-8 and bytes as they
+        are, atomically, so an interrupted run never leaves a torn piece that a rerun would trust. Names may
+        contain subdirectories (``"shard-3/42.json"``).
         """
         path = self._piece_path(name)
         self._folders_of(path)
@@ -1908,17 +1788,15 @@ class Stage:
             raise TypeError(f"make() for piece {os.fspath(name)!r} must return str or bytes, not {type(data).__name__}")
         self._folders_of(path)  # Again: make() may have taken long.
         _make_dirs(str(path.parent))  # When durable, the flush before the marker reaches them.
-        # A durable piece's data is flushed before its rename: a rerun after a power
-        # cut trusts every piece whose name survived, and ext4 can keep a rename
-        # without the data. Its directory is flushed before the marker; in a shared
-        # stage at once: the builder that writes the marker may be on another host.
+        # A durable piece's data is flushed before its rename: a rerun after a power cut trusts every
+        # piece whose name survived, and ext4 can keep a rename without the data. Its directory is
+        # flushed before the marker; in a shared stage at once: the marker's writer may be on another host.
         try:
             _write_bytes(str(path), bytes(data), durable=self._durable and self._expect is not None, whole=self._durable)
         except FileNotFoundError:
             if not path.exists():
                 raise
-            # Another builder wrote the same piece and finished the stage,
-            # sweeping this temporary file: the piece is there all the same.
+            # Another builder wrote this piece and finished the stage, sweeping our temporary file: it is there.
         return path
 
 
