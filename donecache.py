@@ -4735,10 +4735,12 @@ class _BoundMemoized:
         return self.__func__(self.__self__, *args, **kwargs)
 
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
-        return _run_map(self.__func__, iterables, (self.__self__,), self.__func__._batch_options(iterables, options))
+        checked = self.__func__._batch_options(iterables, options, "map")
+        return _run_map(self.__func__, iterables, (self.__self__,), checked)
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        return _run_imap(self.__func__, iterables, (self.__self__,), self.__func__._batch_options(iterables, options))
+        checked = self.__func__._batch_options(iterables, options, "imap")
+        return _run_imap(self.__func__, iterables, (self.__self__,), checked)
 
     @property
     def __wrapped__(self) -> Any:
@@ -5172,10 +5174,10 @@ class _Memoized(Generic[_P, _R]):
         """:meth:`map` as a stream, with the same options: yield each result in input order as soon as it
         and every one before it are done, keeping none, so memory stays bounded however many inputs there
         are. With keep_going=True a failed input yields its :class:`Failure` in its place."""
-        return _run_imap(self, iterables, (), self._batch_options(iterables, options))
+        return _run_imap(self, iterables, (), self._batch_options(iterables, options, "imap"))
 
-    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: dict[str, Any]) -> _BatchOptions:
-        """Options given by name, checked as a call of map() checks them."""
+    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: Any, name: str) -> _BatchOptions:
+        """Options given by name to ``name`` (map or imap, perhaps of a bound method), checked as map() checks them."""
         import inspect
 
         bound = inspect.signature(_Memoized.map).bind(self, *iterables, **options)
@@ -5210,8 +5212,10 @@ class _AsyncMemoized(_Memoized[_P, _R]):
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
         raise TypeError(f"{self.__qualname__}.map(): use asyncio.gather() for async functions")
 
-    def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        raise TypeError(f"{self.__qualname__}.imap(): use asyncio.as_completed() for async functions")
+    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: Any, name: str) -> _BatchOptions:
+        # Also where a bound method's map and imap start: they must not run a coroutine function as a batch.
+        advice = "asyncio.gather()" if name == "map" else "asyncio.as_completed()"
+        raise TypeError(f"{self.__qualname__}.{name}(): use {advice} for async functions")
 
 
 # -- the decorator --------------------------------------------------------------

@@ -6205,6 +6205,17 @@ def test_map_over_several_iterables_and_its_errors(tmp_path):
 
     with pytest.raises(TypeError, match="asyncio.gather"):
         fetch.map([1])
+    with pytest.raises(TypeError, match="as_completed"):
+        fetch.imap([1])
+
+    class Client:
+        @dc.memoize(tmp_path)
+        async def get(self, x):
+            return x
+
+    for batch, advice in ((Client().get.map, "asyncio.gather"), (Client().get.imap, "as_completed")):
+        with pytest.raises(TypeError, match=advice):  # Not a coroutine run outside any event loop.
+            batch([1])
 
 
 def test_map_progress_only_when_asked_or_on_a_terminal(tmp_path, capsys):
