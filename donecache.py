@@ -5743,7 +5743,13 @@ def _stream(
         return (_run_chunk, func, calls, plan.portable, plan.off, len(lead), b"" if plan.owned else os.urandom(8))
 
     def send() -> None:
-        future = executor.submit(*task(buffer))
+        try:
+            future = executor.submit(*task(buffer))
+        except Exception as exc:  # A worker died since the last send: the pool refuses work.
+            if not (plan.owned and plan.processes and type(exc).__name__ == "BrokenProcessPool"):
+                raise
+            future = futures.Future()  # Judged with the broken pool's other chunks, one input at a time.
+            future.set_exception(exc)
         pending[future] = buffer[:]
         buffer.clear()
         queued.clear()

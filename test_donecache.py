@@ -6338,6 +6338,32 @@ def test_a_dying_worker_is_a_recorded_failure_and_the_batch_goes_on(tmp_path):
 
 
 @posix_only
+def test_a_pool_that_breaks_before_a_chunk_is_sent_is_a_dying_worker_too(tmp_path):
+    # The race behind a rare failure of the test above: submit() itself raises
+    # BrokenProcessPool once the pool knows a worker died. label= delays the send.
+    job = """
+        import os, time
+        @dc.memoize(sys.argv[1])
+        def parse(x):
+            if x == 0:
+                os._exit(3)
+            return x * 2
+        def label(x):
+            if x == 3:
+                time.sleep(1)  # Input 0 kills its worker meanwhile.
+            return f"rec{x}"
+        if __name__ == "__main__":
+            batch = parse.map(range(6), keep_going=True, workers=2, chunksize=1, label=label)
+            print(batch)
+            print(*(f"{f.index} {f.exception}" for f in batch.failures), sep="\\n")
+    """
+    out = child(job, str(tmp_path / "c"), script_file=tmp_path / "job.py").stdout.splitlines()
+    reused, computed = (int(w) for w in out[0].replace(",", "").split()[2:5:2])  # As in the test above.
+    assert reused + computed == 5 and out[0].endswith(" 1 failed)"), out
+    assert out[1:] == ["0 worker died: exit code 3 while running parse on this input"], out
+
+
+@posix_only
 @pytest.mark.parametrize("own", [True, False], ids=["own-pool", "foreign-pool"])
 def test_an_interrupt_of_the_parent_stops_the_batch_at_once(tmp_path, own):
     job = """
