@@ -250,7 +250,7 @@ else:
     def _move_new(src: str, dst: str) -> None:
         # link(2) fails with EEXIST if dst exists, atomically, so a file that appeared meanwhile is never clobbered.
         # Filesystems without hard links (FAT, some SMB mounts) fall back to check-then-rename, which has a tiny
-        # window in which a concurrent creator can lose; the README says so.
+        # window in which a concurrent creator can lose; docs/atomic-writes.md says so.
         try:
             os.link(src, dst)
         except OSError as exc:
@@ -5250,7 +5250,7 @@ def memoize(
     and f() (when x=1 is the default) are one entry. The code identity is ``version`` when given;
     otherwise it follows the function's source (comments, blank lines and decorators aside), the
     module-level constants it reads and the functions and classes of your own code that it uses
-    (README, "Code changes"). Concurrent callers of one key, in threads or processes, compute it
+    (docs/identity.md). Concurrent callers of one key, in threads or processes, compute it
     once; the others wait and reuse the result. Exceptions are not cached; None is. A result that
     cannot be pickled is returned with a DonecacheWarning and not stored.
 
@@ -5276,9 +5276,10 @@ def memoize(
         buffers that mmap maps) where that makes it smaller: text-heavy results shrink several times
         at some write time (docs/storage.md). False (the default): no compression.
 
-    The decorated function has ``cache_info()``, ``cache_clear()`` (this function's entries only),
-    ``forget(*args)``, ``refresh(*args)`` and ``__wrapped__`` (the function itself: call it to bypass
-    the cache), and ``map``/``imap`` for batches on any executor. It pickles by reference where its
+    The decorated function has ``cache_info()``, ``cache_parameters()``, ``cache_clear()`` (this
+    function's entries only), ``is_cached(*args)``, ``forget(*args)``, ``refresh(*args)``, ``prune()``,
+    ``__wrapped__`` (the function itself: call it to bypass the cache), ``map``/``imap`` for batches
+    on any executor and ``failures()`` for their ledger. It pickles by reference where its
     name finds it, else by value, so it works with ProcessPoolExecutor, multiprocessing and Dask;
     bound to an instance, it keeps all of these. ``async def`` functions are supported.
     """
