@@ -250,7 +250,7 @@ else:
     def _move_new(src: str, dst: str) -> None:
         # link(2) fails with EEXIST if dst exists, atomically, so a file that appeared meanwhile is never clobbered.
         # Filesystems without hard links (FAT, some SMB mounts) fall back to check-then-rename, which has a tiny
-        # window in which a concurrent creator can lose; the README says so.
+        # window in which a concurrent creator can lose; docs/atomic-writes.md says so.
         try:
             os.link(src, dst)
         except OSError as exc:
@@ -2627,39 +2627,29 @@ def _this_boot() -> tuple[float, int]:
 
 
 def _disk_bytes(st: os.stat_result) -> int:
-    """The space a file takes on disk: its blocks (512 bytes each, as stat(2)
-    counts them), or its size where the system does not count blocks."""
+    """A file's space on disk: its 512-byte blocks (as stat(2) counts them), or its size where there are none."""
     blocks = getattr(st, "st_blocks", None)
     return st.st_size if blocks is None else int(blocks) * 512
 
 
-class _Swept:
-    """What a sweep evicted: how many entries, their bytes on disk, the newest use among them."""
-
-    __slots__ = ("entries", "bytes", "newest")
-
-    def __init__(self) -> None:
-        self.entries = self.bytes = 0
-        self.newest = 0.0
+def _judge(path: str, key: bytes | None, depth: int) -> tuple[_Entry | None, os.stat_result | None]:
+    """_load_entry, with a file that could not be read (EIO, ESTALE, EACCES) as not judged: (None, None)."""
+    try:
+        return _load_entry(path, key, depth)
+    except OSError:
+        return None, None
 
 
 class _EntryFiles(_EntryDir):
-    """A store's directory with its upkeep.
+    """A store's directory with its upkeep: the size limit, verify, prune and the sidecar records."""
 
-    With ``max_bytes``, each write reserves its bytes on disk in a running
-    total kept in .usage, shared by every process that writes with a limit,
-    before it creates a file; a writer that finds no room sweeps (see sweep()).
-    """
-
-    # -- the size limit ------------------------------------------------------
+    # -- the size limit (docs/size-limit.md) ---------------------------------
     #
-    # Amortised: a write costs one stat and two updates of the running total
-    # under its lock byte; only a write that finds no room lists the store.
-    # An entry is written only once its value is computed, and its computation
-    # holds the key's lock byte until the waiters have read it: a sweep skips entries whose
-    # byte is held, so it never evicts an entry whose key is being computed
-    # (an expired entry being recomputed, a refresh, or a result just stored
-    # for waiting callers).
+    # Each write reserves its bytes in a running total kept in .usage, under its
+    # lock byte, before it creates its file; only a write that finds no room
+    # lists the store and sweeps. A computation holds its key's lock byte until
+    # the waiters have read the entry, and a sweep skips entries whose byte is
+    # held: it never evicts an entry whose key is being computed.
 
     def write(self, encoded: _Encoded, slot: _Slot | None = None, recent: bool = False) -> None:
         if self.max_bytes is None:
@@ -2695,12 +2685,12 @@ class _EntryFiles(_EntryDir):
         self, change: Callable[[int | None], int | None], evicted: float = 0.0, sweep: int = 0,
         seen: list[int] | None = None,
     ) -> int | None:
-        """Replace the running total of the store's bytes on disk by ``change`` of
-        it, under its lock byte; return the new total. ``seen`` gets the number of
-        sweeps begun. ``change`` gets None where .usage is missing, damaged, or
-        written before this host's last boot (a crash may have lost updates:
-        issue 18 item 12c), which only a sweep's count replaces. A durable store
-        syncs a total that grew before the write it counts."""
+        """Replace the running total by ``change`` of it under its lock byte; return the new total.
+
+        ``seen`` gets the number of sweeps begun. ``change`` gets None where .usage
+        is missing, damaged, or written before this host's last boot (a crash may
+        have lost updates: issue 18 item 12c); only a sweep's count replaces it. A
+        durable store syncs a total that grew before the write it counts."""
         with _KeyLock(self.lock_path, _USAGE_BYTE).acquire():
             fd = _open_regular(os.path.join(self.root, ".usage"), _WRITE_FLAGS)[0]
             try:
@@ -2723,9 +2713,8 @@ class _EntryFiles(_EntryDir):
                 os.close(fd)
 
     def _reserve(self, nbytes: int) -> tuple[int, int]:
-        """Count an entry of ``nbytes`` (in whole blocks) before it is written:
-        (bytes counted, sweeps begun). With no room, sweep or wait for the
-        process sweeping: the back-pressure that bounds any number of writers."""
+        """Count an entry of ``nbytes`` (in whole blocks) before it is written: (bytes counted,
+        sweeps begun). With no room, sweep or wait for the process sweeping: the back-pressure."""
         max_bytes, need = self.max_bytes or 0, -(-max(nbytes, 1) // self._block) * self._block
         took: list[bool] = []
         seen: list[int] = []
@@ -2742,9 +2731,9 @@ class _EntryFiles(_EntryDir):
         with _KeyLock(self.lock_path, _SWEEP_BYTE).acquire():
             self._usage(take, seen=seen)  # The process that swept before may have made room.
             while not took:
-                swept = self._sweep(min(int(max_bytes * _LOW_WATER), max_bytes - need))
+                evicted = self._sweep(min(int(max_bytes * _LOW_WATER), max_bytes - need))[0]
                 self._usage(take, seen=seen)
-                if not took and not swept.entries:
+                if not took and not evicted:
                     # Bigger than the bound, or the rest is being computed: over it by one entry.
                     self._usage(lambda total: (total or 0) + need, seen=seen)
                     break
@@ -2752,12 +2741,10 @@ class _EntryFiles(_EntryDir):
 
     def sweep(
         self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
-    ) -> _Swept:
-        """Evict entries (of ``folder``, as for files()), least recently used
-        first, until the entry files take at most ``target`` bytes on disk, and
-        every entry last used before ``older_than`` (a Unix time); log the
-        sweep. One process sweeps at a time: this waits for another one to
-        finish. ``dry_run`` counts what would go, and removes and writes nothing."""
+    ) -> tuple[int, int]:
+        """Evict entries (of ``folder``), least recently used first, until they take at most
+        ``target`` bytes on disk, and those last used before ``older_than`` (a Unix time);
+        log it; return (entries, bytes). One process sweeps at a time; ``dry_run`` only counts."""
         if dry_run:
             return self._sweep(target, older_than, folder, dry_run)
         self._writable()
@@ -2766,85 +2753,65 @@ class _EntryFiles(_EntryDir):
 
     def _sweep(
         self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
-    ) -> _Swept:
+    ) -> tuple[int, int]:
         usage: Any = (lambda change, *more, **named: None) if dry_run else self._usage
         base = usage(lambda total: total, sweep=1)
-        listed: list[tuple[float, str, os.stat_result]] = []
-        for path, _folder in self.files(folder):
-            st = _lstat_or_none(path)
-            if st is not None:
-                listed.append((st.st_mtime, path, st))
+        stats = ((path, _lstat_or_none(path)) for path, _folder in self.files(folder))
+        listed = sorted(((st.st_mtime, path, st) for path, st in stats if st is not None), key=lambda item: item[0])
         total = sum(_disk_bytes(st) for _mtime, _path, st in listed)
-        listed.sort(key=lambda item: item[0])
-        swept, folders = _Swept(), set[str]()
+        entries = evicted = 0
+        newest, folders = 0.0, set[str]()
 
         def left(now: int | None) -> int:
             # The total measured, less what was evicted, plus what others reserved since it was read.
-            return total - swept.bytes + (now - base if now is not None and base is not None else 0)
+            return total - evicted + (now - base if now is not None and base is not None else 0)
 
         for mtime, path, st in listed:
             if (target is None or left(usage(lambda now: now)) <= target) and (
                 older_than is None or mtime >= older_than
             ):
                 break
-            size = _disk_bytes(st)
             if dry_run or self._evict(path, st):
-                swept.entries, swept.bytes, swept.newest = swept.entries + 1, swept.bytes + size, mtime
+                entries, evicted, newest = entries + 1, evicted + _disk_bytes(st), mtime
                 folders.add(os.path.dirname(path))
         if dry_run:
-            return swept
+            return entries, evicted
         self._synced(folders)  # Evictions reach the disk before the total that leaves them out.
         # One folder's listing is not the store's total: only what left it is taken off.
-        after = usage(left if folder is None else lambda now: None if now is None else now - swept.bytes, swept.newest)
-        logger = _log_at(_INFO) if swept.entries else None
+        after = usage(left if folder is None else lambda now: None if now is None else now - evicted, newest)
+        logger = _log_at(_INFO) if entries else None
         if logger is not None:
             logger.info(
                 "evicted %d entries (%d bytes on disk, the most recently used of them %.0f s ago) from %s; "
-                "its entries now take %d bytes", swept.entries, swept.bytes,
-                max(0.0, time.time() - swept.newest), self.root, after or 0,
+                "its entries now take %d bytes", entries, evicted, max(0.0, time.time() - newest), self.root, after or 0,
             )
-        return swept
+        return entries, evicted
 
     def _evict(self, path: str, listed: os.stat_result) -> bool:
-        """Remove one entry file found by a sweep, unless its key is being
-        computed or it was used or replaced since the listing; True if removed."""
+        """Remove an entry file a sweep listed, unless its key is being computed or it changed since."""
         lock = _KeyLock(self.lock_path, _key_byte(os.path.basename(path)))
         try:
             if not lock.try_acquire():
                 return False
         except RuntimeError:
             return False  # This very thread is computing the key.
-        try:
-            try:
-                _entry, st = _load_entry(path, None, _HEAD)
-            except OSError:
-                return False  # Not judged (EIO, ESTALE, EACCES).
+        with lock:
+            st = _judge(path, None, _HEAD)[1]
             if st is None or not _same_file(st, listed) or st.st_mtime != listed.st_mtime:
                 return False
             return _remove_judged(path, st)
-        finally:
-            lock.release()
 
     def verify(self) -> list[str]:
         """The entry files that are damaged, checking every byte (every buffer's CRC too)."""
-        damaged = []
-        for path, _folder in self.files():
-            try:
-                entry, st = _load_entry(path, None, _VERIFY)
-            except OSError:
-                continue  # Not judged (EIO, ESTALE, EACCES).
-            if st is not None and entry is None:
-                damaged.append(path)
-        return damaged
+        judged = ((path, *_judge(path, None, _VERIFY)) for path, _folder in self.files())
+        return [path for path, entry, st in judged if st is not None and entry is None]
 
     def prune(
         self, now: float | None = None, stale: Callable[[_Found], bool] | None = None, folder: str | None = None,
         dry_run: bool = False,
     ) -> tuple[int, int]:
-        """Remove expired or damaged entries (of ``folder``, as for files(); and
-        those ``stale`` accepts) and old temporary files: (entries, temporaries).
-        Entries are judged by their heads first; those kept are then verified
-        byte by byte. ``dry_run`` only counts."""
+        """Remove expired or damaged entries (of ``folder``; and those ``stale`` accepts), the live
+        ones checked byte by byte, and old temporary files: (entries, temporaries). ``dry_run`` counts."""
         if not dry_run:
             self._writable()
         when = time.time() if now is None else now
@@ -2853,21 +2820,13 @@ class _EntryFiles(_EntryDir):
         folders: set[str] = set()
         try:
             for found in self.scan(folder):
-                # A file that could not be read (stat None) is left alone: ESTALE,
-                # EIO and EACCES say nothing about the entry itself.
+                # A file not judged (stat None) is left alone: ESTALE, EIO and EACCES say nothing of the entry.
                 entry, judged = found.entry, found.stat
-                if judged is None:
-                    continue
                 if entry is not None and entry.live(when) and not (stale is not None and stale(found)):
-                    try:
-                        entry, judged = _load_entry(found.path, entry.key, _VERIFY)
-                    except OSError:
+                    entry, judged = _judge(found.path, entry.key, _VERIFY)
+                    if entry is not None:
                         continue
-                    if judged is None:
-                        continue
-                else:
-                    entry = None
-                if entry is None and (dry_run or _remove_judged(found.path, judged)):
+                if judged is not None and (dry_run or _remove_judged(found.path, judged)):
                     entries += 1
                     folders.add(os.path.dirname(found.path))
             for directory in [top] if folder else [top, *(os.path.join(top, name) for name in self.folders())]:
@@ -2893,9 +2852,6 @@ class _EntryFiles(_EntryDir):
     # function under .functions/, so that `info` and `prune --stale` can tell
     # the entries of older code without running or importing anything.
 
-    def _identity_file(self, function: str) -> str:
-        return os.path.join(self.root, ".functions", self.folder(function)[:_FOLDER_HEX])
-
     def _write_json(self, path: str, record: dict[str, Any], indent: int | None = None) -> None:
         import json
 
@@ -2903,11 +2859,9 @@ class _EntryFiles(_EntryDir):
         _write_bytes(path, json.dumps(record, indent=indent).encode("utf-8"), durable=self.durable)
 
     def record_identity(self, function: str, identity: str, code: str = "") -> float | None:
-        """Record the identity this process runs under, and the code digests seen
-        under it with when each was first seen. Returns when ``code`` was first
-        seen if other code was seen before it (entries older than that came from
-        other code: a pinned version=), else None."""
-        path = self._identity_file(function)
+        """Record the identity this process runs under and when each code digest under it was first
+        seen; return when ``code`` was, if other code was seen before it (a pinned version=), else None."""
+        path = os.path.join(self.root, ".functions", self.folder(function)[:_FOLDER_HEX])
         record = _read_json(path) or {}
         same = record.get("identity") == identity
         codes = record.get("codes") if same else None
@@ -3000,9 +2954,8 @@ class _EntryFiles(_EntryDir):
 
 
 def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
-    """Whether an entry belongs to code older than its function's current
-    identity, or is a memoize entry in the layout of donecache 0.1 (at the top
-    level, where no memoized function looks any more)."""
+    """Whether an entry is of code older than its function's current identity, or a memoize
+    entry in donecache 0.1's layout (at the top level, where no memoized function looks now)."""
     older = files.older_code()
 
     def stale(found: _Found) -> bool:
@@ -3022,18 +2975,16 @@ def _prune(
     if stale and not dry_run:  # The failures of older code go with its entries.
         older = files.older_code()
         files.drop_failures(lambda r: older(str(r.get("function")), r.get("identity")), folder)
-    swept = _Swept()
+    swept = (0, 0)
     if limit is not None or age is not None:
         # By hand the store goes down to the size asked for, not to a low-water mark.
         swept = files.sweep(limit, None if age is None else now - age, folder, dry_run)
-    return entries, temps, swept.entries, swept.bytes
+    return entries, temps, *swept
 
 
 class _ShelfDict:
-    """The mapping of encoded keys that shelve.Shelf works on, over the entry
-    files (Store reads and writes values itself, to keep big buffers out of
-    the pickle stream). Iteration lists memoized functions' entries too.
-    Shelf needs no sync() or close(): every write is in place when it returns."""
+    """The bytes-keyed mapping that shelve.Shelf works on, over the entry files (Store reads and
+    writes values itself). Shelf needs no sync() or close(): every write is in place when it returns."""
 
     def __init__(self, files: _EntryFiles) -> None:
         self.files = files
@@ -3046,7 +2997,7 @@ class _ShelfDict:
         # Mapped: the stream is checked, and big buffers are not read.
         return isinstance(key, bytes) and self.files.read(key, mapped=True, use=False) is not None
 
-    def keys(self) -> Iterator[bytes]:
+    def keys(self) -> Iterator[bytes]:  # Memoized functions' entries too.
         now = time.time()
         for found in self.files.scan():
             if found.entry is not None and found.entry.live(now):
@@ -3062,15 +3013,12 @@ class _ShelfDict:
 # never a KeyError. The views below, and Store.get, skip it.
 
 if TYPE_CHECKING:
-    _ItemsView = collections.abc.ItemsView[str, Any]
-    _ValuesView = collections.abc.ValuesView[Any]
     _ShelfBase = shelve.Shelf[Any]
 else:
-    _ItemsView, _ValuesView = _collections_abc.ItemsView, _collections_abc.ValuesView
     _ShelfBase = object  # shelve.Shelf joins at the first open: see Store.__new__.
 
 
-class _StoreItems(_ItemsView):
+class _StoreItems(_collections_abc.ItemsView[str, object]):
     _mapping: shelve.Shelf[Any]  # The store, as ItemsView keeps it (not in its stubs).
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
@@ -3081,7 +3029,7 @@ class _StoreItems(_ItemsView):
                 pass
 
 
-class _StoreValues(_ValuesView):
+class _StoreValues(_collections_abc.ValuesView[object]):
     _mapping: shelve.Shelf[Any]
 
     def __iter__(self) -> Iterator[Any]:
@@ -3137,16 +3085,8 @@ class Store(_ShelfBase):
         return store
 
     def __init__(
-        self,
-        filename: AnyPath,
-        flag: str = "c",
-        protocol: int | None = None,
-        writeback: bool = False,
-        *,
-        durable: bool = False,
-        mmap: bool = False,
-        max_bytes: int | None = None,
-        trust_shared: bool = False,
+        self, filename: AnyPath, flag: str = "c", protocol: int | None = None, writeback: bool = False, *,
+        durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
         compress: bool | str = False,
     ) -> None:
         # Named and typed as in shelve.DbfilenameShelf; a bytes path is decoded
@@ -3212,12 +3152,10 @@ class Store(_ShelfBase):
         files.clear()
 
     def prune(self, *, max_bytes: int | None = None, older_than: float | Any = None, dry_run: bool = False) -> int:
-        """Remove expired and damaged entries (checking every byte of the others)
-        and crashed writers' temporary files; then evict the least recently used
-        entries until the store takes at most ``max_bytes`` on disk, and those
-        not used for ``older_than`` (seconds or a timedelta), as the command
-        line's prune does. Returns how many files were removed (``dry_run``:
-        would be; nothing is removed)."""
+        """Remove expired and damaged entries (checking every byte of the others) and crashed
+        writers' temporary files; then, as the command line's prune does, evict the least recently
+        used entries until the store takes at most ``max_bytes`` on disk, and those not used for
+        ``older_than`` (seconds or a timedelta). Returns how many files were (``dry_run``: would be) removed."""
         return sum(_prune(self._open_files(), None, max_bytes, older_than, stale=False, dry_run=dry_run)[:3])
 
     def verify(self) -> list[str]:
@@ -3330,16 +3268,10 @@ def _no_code(obj: Any) -> str:
 
 
 class _Canonical:
-    """Writes a text that is equal for equal values in every process and run.
+    """Writes a text that is equal for equal values in every process and run (docs/identity.md).
 
-    repr() is canonical for scalars; 1, 1.0, True and "1" stay apart, as their
-    results may differ. Containers are walked; dicts and sets are sorted by
-    their items' texts, since their order depends on insertion and on
-    PYTHONHASHSEED. Big buffers, arrays and frames are hashed in place.
-    Functions and classes count by ``code`` (the code identity section gives
-    it: the keys need the code identity, which needs canonical values). Any
-    other object is taken apart as pickle would take it (``__reduce_ex__``),
-    so that the sets and dicts in its state are sorted too.
+    Functions and classes count by ``code``, which the code identity section below
+    passes in: the keys need the code identity, which needs canonical values.
     """
 
     __slots__ = ("code", "active")
@@ -3352,6 +3284,11 @@ class _Canonical:
         out: list[str] = []
         self.write(value, out)
         return "".join(out)
+
+    def tagged(self, head: str, value: Any, out: list[str], tail: str = ">") -> None:
+        out.append(head)
+        self.write(value, out)
+        out.append(tail)
 
     def write(self, value: Any, out: list[str]) -> None:
         kind = type(value)
@@ -3412,9 +3349,7 @@ class _Canonical:
             self_ = getattr(value, "__self__", None)
             if kind is type(len) and self_ is not None and not isinstance(self_, type(sys)):
                 # A bound built-in method (english.get): what it is bound to counts.
-                out.append(f"<built-in {value.__qualname__} of ")
-                self.write(self_, out)
-                out.append(">")
+                self.tagged(f"<built-in {value.__qualname__} of ", self_, out)
                 return True
             reference = _reference(value)
             out.append(f"<{reference}")
@@ -3428,15 +3363,10 @@ class _Canonical:
                 self.write(tuple(_cell_value(cell) for cell in value.__closure__ or ()), out)
             out.append(">")
         elif kind is types.MethodType:
-            out.append("<method ")
-            self.write(value.__func__, out)
-            out.append(" of ")
-            self.write(value.__self__, out)
-            out.append(">")
+            self.tagged("<method ", value.__func__, out, " of ")
+            self.tagged("", value.__self__, out)
         elif isinstance(value, functools.partial):
-            out.append("<partial ")
-            self.write((value.func, value.args, value.keywords), out)
-            out.append(">")
+            self.tagged("<partial ", (value.func, value.args, value.keywords), out)
         elif callable(value) and callable(getattr(value, "__wrapped__", None)):
             self.write(value.__wrapped__, out)  # memoize, lru_cache: what they wrap.
         else:
@@ -3456,25 +3386,19 @@ class _Canonical:
             # 3.13 moved the classes to pathlib._local and pickles a path as one
             # string; its parts are what every version agrees on (3.9-3.12's form).
             module = "pathlib" if kind.__module__.startswith("pathlib") else kind.__module__
-            out.append(f"<{module}.{kind.__qualname__}:")
-            self.write(tuple(value.parts), out)
-            out.append(";>")
+            self.tagged(f"<{module}.{kind.__qualname__}:", tuple(value.parts), out, ";>")
             return
         re = sys.modules.get("re")
         if re is not None and kind is re.Pattern:
-            out.append(f"<re.Pattern {value.flags}:")
-            self.write(value.pattern, out)
-            out.append(">")
+            self.tagged(f"<re.Pattern {value.flags}:", value.pattern, out)
             return
         if kind.__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
             dtype = str(value.dtype.descr) if value.dtype.names else value.dtype.str
             if value.dtype.hasobject:  # Python objects, not a buffer of numbers.
-                out.append(f"<{name} {dtype} {value.shape}:")
-                self.write(value.tolist(), out)
-                out.append(">")
-                return
-            data = value if value.flags.c_contiguous else value.copy(order="C")
-            out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
+                self.tagged(f"<{name} {dtype} {value.shape}:", value.tolist(), out)
+            else:
+                data = value if value.flags.c_contiguous else value.copy(order="C")
+                out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
             return
         pandas = sys.modules.get("pandas")
         if pandas is not None and isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
@@ -3517,18 +3441,14 @@ class _Canonical:
         """A Series' or Index's values, a categorical's categories, a tz-aware column's instants."""
         dtype = value.dtype
         if isinstance(dtype, pandas.CategoricalDtype):
-            out.append(f"ordered={dtype.ordered!r} categories=")
-            self.write(dtype.categories, out)
+            self.tagged(f"ordered={dtype.ordered!r} categories=", dtype.categories, out, "")
         if isinstance(dtype, pandas.DatetimeTZDtype):  # str(dtype) above names the zone.
             self.write(value.to_numpy(dtype=f"datetime64[{dtype.unit}]"), out)
         else:
             self.write(value.to_numpy(), out)
 
     def _arrow(self, value: Any, out: list[str]) -> bool:
-        """pyarrow tables, record batches and arrays, and polars frames and series (as
-        Arrow data, which to_arrow() hands over without a copy): a flat array by its
-        type, offset, length and buffers, read in place; a nested or dictionary
-        array by its values, as its children's offsets are not in its buffers."""
+        """pyarrow values, and polars values as Arrow data (to_arrow() does not copy); False for others."""
         pyarrow, polars = sys.modules.get("pyarrow"), sys.modules.get("polars")
         if polars is not None and isinstance(value, (polars.DataFrame, polars.Series)):
             out.append(f"<polars.{type(value).__name__} {getattr(value, 'name', None)!r}:")
@@ -3546,7 +3466,7 @@ class _Canonical:
         elif isinstance(value, pyarrow.Array):
             out.append(f"<pyarrow.Array {value.type} {value.offset} {len(value)}:")
             if value.type.num_fields or pyarrow.types.is_dictionary(value.type):
-                self.write(value.to_pylist(), out)
+                self.write(value.to_pylist(), out)  # A child's offset is not in the buffers.
             else:
                 out.extend(f"{buffer and _buffer_digest(buffer)}," for buffer in value.buffers())
         else:
@@ -3572,9 +3492,7 @@ class _Arguments:
             npos, nkw = code.co_argcount, code.co_kwonlyargcount
             self.names: tuple[str, ...] = code.co_varnames[: npos + nkw]
             kwonly = self.names[npos:]
-            if all(name in kwdefaults for name in kwonly):
-                # The common case, bound without inspect: positional arguments,
-                # then positional defaults, then keyword-only defaults.
+            if all(name in kwdefaults for name in kwonly):  # Bound without inspect: args, then the defaults.
                 self._fast = True
                 self._npos, self._defaults = npos, tuple(defaults)
                 self._kwdefaults = tuple(kwdefaults[name] for name in kwonly)
@@ -4675,10 +4593,12 @@ class _BoundMemoized:
         return self.__func__(self.__self__, *args, **kwargs)
 
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
-        return _run_map(self.__func__, iterables, (self.__self__,), self.__func__._batch_options(iterables, options))
+        checked = self.__func__._batch_options(iterables, options, "map")
+        return _run_map(self.__func__, iterables, (self.__self__,), checked)
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        return _run_imap(self.__func__, iterables, (self.__self__,), self.__func__._batch_options(iterables, options))
+        checked = self.__func__._batch_options(iterables, options, "imap")
+        return _run_imap(self.__func__, iterables, (self.__self__,), checked)
 
     @property
     def __wrapped__(self) -> Any:
@@ -5112,10 +5032,10 @@ class _Memoized(Generic[_P, _R]):
         """:meth:`map` as a stream, with the same options: yield each result in input order as soon as it
         and every one before it are done, keeping none, so memory stays bounded however many inputs there
         are. With keep_going=True a failed input yields its :class:`Failure` in its place."""
-        return _run_imap(self, iterables, (), self._batch_options(iterables, options))
+        return _run_imap(self, iterables, (), self._batch_options(iterables, options, "imap"))
 
-    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: dict[str, Any]) -> _BatchOptions:
-        """Options given by name, checked as a call of map() checks them."""
+    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: Any, name: str) -> _BatchOptions:
+        """Options given by name to ``name`` (map or imap, perhaps of a bound method), checked as map() checks them."""
         import inspect
 
         bound = inspect.signature(_Memoized.map).bind(self, *iterables, **options)
@@ -5150,8 +5070,10 @@ class _AsyncMemoized(_Memoized[_P, _R]):
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
         raise TypeError(f"{self.__qualname__}.map(): use asyncio.gather() for async functions")
 
-    def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        raise TypeError(f"{self.__qualname__}.imap(): use asyncio.as_completed() for async functions")
+    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: Any, name: str) -> _BatchOptions:
+        # Also where a bound method's map and imap start: they must not run a coroutine function as a batch.
+        advice = "asyncio.gather()" if name == "map" else "asyncio.as_completed()"
+        raise TypeError(f"{self.__qualname__}.{name}(): use {advice} for async functions")
 
 
 # -- the decorator --------------------------------------------------------------
@@ -5186,7 +5108,7 @@ def memoize(
     and f() (when x=1 is the default) are one entry. The code identity is ``version`` when given;
     otherwise it follows the function's source (comments, blank lines and decorators aside), the
     module-level constants it reads and the functions and classes of your own code that it uses
-    (README, "Code changes"). Concurrent callers of one key, in threads or processes, compute it
+    (docs/identity.md). Concurrent callers of one key, in threads or processes, compute it
     once; the others wait and reuse the result. Exceptions are not cached; None is. A result that
     cannot be pickled is returned with a DonecacheWarning and not stored.
 
@@ -5212,9 +5134,10 @@ def memoize(
         buffers that mmap maps) where that makes it smaller: text-heavy results shrink several times
         at some write time (docs/storage.md). False (the default): no compression.
 
-    The decorated function has ``cache_info()``, ``cache_clear()`` (this function's entries only),
-    ``forget(*args)``, ``refresh(*args)`` and ``__wrapped__`` (the function itself: call it to bypass
-    the cache), and ``map``/``imap`` for batches on any executor. It pickles by reference where its
+    The decorated function has ``cache_info()``, ``cache_parameters()``, ``cache_clear()`` (this
+    function's entries only), ``is_cached(*args)``, ``forget(*args)``, ``refresh(*args)``, ``prune()``,
+    ``__wrapped__`` (the function itself: call it to bypass the cache), ``map``/``imap`` for batches
+    on any executor and ``failures()`` for their ledger. It pickles by reference where its
     name finds it, else by value, so it works with ProcessPoolExecutor, multiprocessing and Dask;
     bound to an instance, it keeps all of these. ``async def`` functions are supported.
     """
@@ -5679,7 +5602,13 @@ def _stream(
         return (_run_chunk, func, calls, plan.portable, plan.off, len(lead), b"" if plan.owned else os.urandom(8))
 
     def send() -> None:
-        future = executor.submit(*task(buffer))
+        try:
+            future = executor.submit(*task(buffer))
+        except Exception as exc:  # A worker died since the last send: the pool refuses work.
+            if not (plan.owned and plan.processes and type(exc).__name__ == "BrokenProcessPool"):
+                raise
+            future = futures.Future()  # Judged with the broken pool's other chunks, one input at a time.
+            future.set_exception(exc)
         pending[future] = buffer[:]
         buffer.clear()
         queued.clear()
