@@ -5947,8 +5947,7 @@ class _Done:
     __slots__ = ("index", "args", "key", "outcome")
 
     def __init__(self, index: int, args: tuple[Any, ...]) -> None:
-        self.index, self.args = index, args
-        self.key = b""
+        self.index, self.args, self.key = index, args, b""
         self.outcome: _Outcome | None = None
 
     def result(self) -> Any:
