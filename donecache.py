@@ -5887,11 +5887,9 @@ def _call_one(
     func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes | None, portable: bool, off: bool,
     writer: _Writer | None = None, shown: str | Callable[[], str] = "", lead: int = 0, raising: bool = False,
 ) -> _Outcome:
-    """One call of a batch; its failure is recorded, then returned (or raised if ``raising``).
-
-    ``key`` when the parent made it already; ``off``: caching was switched off when the batch began; ``writer``
-    stores the result in the background; ``shown``: the input's text for the ledger (or what makes it);
-    ``lead``: arguments before the input (a method's self)."""
+    """One call of a batch; a failure is recorded, then returned (raised if ``raising``). ``key``: if the parent made
+    it; ``off``: caching was off when the batch began; ``writer`` stores the result in the background; ``shown``:
+    the input's text for the ledger (or what makes it); ``lead``: arguments before the input (a method's self)."""
     call = None
     try:
         if off:
@@ -5921,7 +5919,7 @@ def _run_chunk(
     started = time.perf_counter()
     writer = _Writer.running()
     try:
-        outcomes = [_call_one(func, args, key or None, portable, off, writer, shown, lead) for key, args, shown in calls]
+        outcomes = [_call_one(func, args, key or None, portable, off, writer, text, lead) for key, args, text in calls]
     finally:
         writer.finish()
     # Tuples: a list of _Outcome objects took 30 times as long to pickle and 15 times as long to unpickle.
@@ -5982,7 +5980,8 @@ def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], 
 
 
 def _serial(
-    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions, off: bool
+    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions,
+    off: bool,
 ) -> Iterator[_Done]:
     """A batch in this thread, one call after the other."""
     keep_going = options.keep_going
@@ -6039,10 +6038,10 @@ class _Plan:
         in_main = getattr(func.__wrapped__, "__module__", None) == "__main__"
         if method != "fork" and in_main and not getattr(sys.modules.get("__main__"), "__file__", None):
             raise TypeError(
-                f"{name}: {func.__qualname__} is defined in __main__ without a file (a notebook, the REPL or "
-                f"python -c), and worker processes started by {method!r} cannot import it. Move it into a module "
-                "(a .py file beside the notebook) and import it from there, run the calls in threads "
-                "(processes=False), or pass executor=ProcessPoolExecutor(mp_context=multiprocessing.get_context('fork'))"
+                f"{name}: {func.__qualname__} is defined in __main__ without a file (a notebook, the REPL or python "
+                f"-c), and worker processes started by {method!r} cannot import it. Move it into a module (a .py file "
+                "beside the notebook) and import it from there, run the calls in threads (processes=False), or pass "
+                "executor=ProcessPoolExecutor(mp_context=multiprocessing.get_context('fork'))"
             )
 
     def start(self, workers: int | None = None) -> Any:
@@ -6090,7 +6089,8 @@ def _death(pool: Any, processes: list[Any]) -> str:
 
 
 def _stream(
-    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions, plan: _Plan
+    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions,
+    plan: _Plan,
 ) -> Iterator[_Done]:
     """A batch on an executor, yielding each input's _Done in input order (docs/batches.md)."""
     import collections
@@ -6215,9 +6215,8 @@ def _stream(
                 if failed and not keep_going:
                     stop_after(failed[0])
             if broken:
-                # A worker that dies (a segfault, the OOM killer, os._exit) breaks the whole pool: each input of
-                # the chunks in flight runs again alone, so that the one that kills its worker is recorded as a
-                # failure ("worker died: signal 9 (SIGKILL)"); then a new pool takes the rest.
+                # A dying worker breaks the whole pool: each input of the chunks in flight runs again alone, to
+                # record the one that kills its worker as a failure; a new pool takes the rest (docs/batches.md).
                 executor.shutdown(wait=True)  # Every future of a broken pool is settled by now.
                 suspects = []
                 for future, chunk in sorted(pending.items(), key=lambda item: item[1][0].index):
@@ -6457,7 +6456,8 @@ class _Progress:
                 self._call(self.snapshot(final))
             except Exception as exc:  # A broken bar must not end a long batch.
                 self.mode = "off"
-                _warn(f"{self.name}: the progress= callable raised {type(exc).__name__}: {_safe_str(exc)}; progress is off")
+                failure = f"{type(exc).__name__}: {_safe_str(exc)}"
+                _warn(f"{self.name}: the progress= callable raised {failure}; progress is off")
         elif self.mode == "terminal":
             sys.stderr.write(f"\r{self.snapshot(final)} ")
             sys.stderr.flush()
