@@ -58,16 +58,11 @@ __all__ = [
 
 __version__ = "0.3.0.dev0"
 
-# One-off scripts pay for every import, so only modules that the interpreter has
-# loaded anyway or that cost little are imported here. Imported where first
-# needed, to keep `import donecache` cheap: pickle and shelve (4 ms: they bring
-# re and enum), collections, weakref's helpers, hashlib, json, pathlib, shutil,
-# socket, inspect, functools, types, warnings, traceback, asyncio,
-# concurrent.futures, argparse. They are imported when a store is opened or a
-# function decorated, in the caller's thread, never first on a hot path: a
-# KeyboardInterrupt inside a first import can leave a half-made module behind
-# (seen with inspect and json on CPython 3.9). _collections_abc and _weakref
-# are the interpreter's own (os and the startup load them).
+# One-off scripts pay for every import: only modules that the interpreter has loaded anyway (_collections_abc and
+# _weakref: os and the startup load them) or that cost little are imported here. The rest (pickle and shelve alone
+# cost 4 ms, with re and enum) are imported where first needed, when a store is opened or a function decorated, in
+# the caller's thread, never first on a hot path: a KeyboardInterrupt inside a first import can leave a half-made
+# module behind (seen with inspect and json on CPython 3.9).
 import _collections_abc
 import _thread
 import _weakref
@@ -81,8 +76,8 @@ import sys
 import time
 import zlib
 
-# typing itself costs more to import than all of the above; type checkers treat
-# this name as True (mypy, pyright), and `overload` is a no-op at run time.
+# typing costs more to import than all of the above; type checkers treat this name as True (mypy, pyright), and
+# `overload` is a no-op at run time.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import collections
@@ -91,20 +86,8 @@ if TYPE_CHECKING:
     import weakref
     from pathlib import Path
     from types import TracebackType
-    from typing import (
-        IO,
-        Any,
-        Callable,
-        Generator,
-        Generic,
-        Iterable,
-        Iterator,
-        NamedTuple,
-        ParamSpec,
-        TypeVar,
-        Union,
-        overload,
-    )
+    from typing import IO, Any, Callable, Generator, Generic, Iterable, Iterator, NamedTuple, ParamSpec, TypeVar
+    from typing import Union, overload
 
     StrPath = Union[str, os.PathLike[str]]
     _Version = Union[str, int, tuple[Union[str, int], ...]]  # Compared by _version_text().
@@ -112,15 +95,10 @@ if TYPE_CHECKING:
     AnyPath = Union[str, bytes, os.PathLike[str], os.PathLike[bytes]]
     _P = ParamSpec("_P")
     _R = TypeVar("_R")
-    # A key= function, by its arity: a union of fixed arities lets pyright's strict
-    # mode give a lambda's parameters a type (with Callable[..., Any] they stay
-    # Unknown, and `key=lambda record: record["id"]` is rejected).
-    _KeyFunction = Union[
-        Callable[[Any], object],
-        Callable[[Any, Any], object],
-        Callable[[Any, Any, Any], object],
-        Callable[[Any, Any, Any, Any], object],
-    ]
+    # A key= function, by its arity: with a union of fixed arities pyright's strict mode gives a lambda's parameters
+    # a type (with Callable[..., Any] they stay Unknown, and `key=lambda record: record["id"]` is rejected).
+    _KeyFunction = Union[Callable[[Any], object], Callable[[Any, Any], object], Callable[[Any, Any, Any], object],
+                         Callable[[Any, Any, Any, Any], object]]
 else:
     _P = _R = None
 
@@ -135,24 +113,25 @@ else:
 # ---------------------------------------------------------------------------
 # Platform primitives
 #
-# Every difference between operating systems lives here, as one set of private
-# names defined per platform: file flags, flushing, renaming, permission bits,
-# and _LockFile, a lock file whose locks belong to that one open handle.
-# Nothing below this section asks which OS it runs on.
+# Every difference between operating systems lives here, as one set of private names defined per platform: file
+# flags, flushing, renaming, permission bits, and _LockFile, a lock file whose locks belong to that one open handle.
+# Nothing below this section asks which OS it runs on. What differs, and what is not run: docs/filesystems.md.
 # ---------------------------------------------------------------------------
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-# O_EXCL makes creation fail if the name exists (even as a dangling symlink, per
-# open(2)), so a temporary file is always ours. O_NOFOLLOW is belt and braces.
+# O_EXCL makes creation fail if the name exists (even as a dangling symlink, per open(2)), so a temporary file is
+# always ours. O_NOFOLLOW is belt and braces.
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
 _READ_FLAGS = os.O_RDONLY | _CLOEXEC
-# Every file that donecache opens in place to write (lock files, .usage) is
-# opened by _open_regular with these: created if missing, never through a
-# symlink (a link planted at a stage's lock file made the holder's note empty
+# Every file that donecache opens in place to write (lock files, .usage) is opened by _open_regular with these:
+# created if missing, never through a symlink (a link planted at a stage's lock file made the holder's note empty
 # its target: issue 18), never a FIFO or a device.
 _WRITE_FLAGS = os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC
+_KINDS = {stat.S_IFREG: "a regular file", stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO (named pipe)",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket",
+          stat.S_IFLNK: "a symbolic link"}
 
 
 def _delays() -> Iterator[float]:
@@ -164,17 +143,7 @@ def _delays() -> Iterator[float]:
 
 
 def _kind_of(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISLNK, "a symbolic link"),
-    ):
-        if test(mode):
-            return kind
-    return "a regular file" if stat.S_ISREG(mode) else "a special file"
+    return _KINDS.get(stat.S_IFMT(mode), "a special file")
 
 
 class _NotRegular(OSError):
@@ -193,10 +162,8 @@ class _NotRegular(OSError):
 if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
     import msvcrt
 
-    # os.fsync() on Windows needs a descriptor open for writing.
-    _SYNC_FLAGS = os.O_RDWR | os.O_BINARY
-    # A byte offset that msvcrt.locking() can seek to on every Windows build.
-    _LOCK_SPAN = 2**31 - 1
+    _SYNC_FLAGS = os.O_RDWR | os.O_BINARY  # os.fsync() on Windows needs a descriptor open for writing.
+    _LOCK_SPAN = 2**31 - 1  # A byte offset that msvcrt.locking() can seek to on every Windows build.
 
     def _fsync_file(fd: int) -> None:
         os.fsync(fd)  # _commit(): flushes the file's data and metadata.
@@ -205,9 +172,8 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
         pass  # Windows cannot open a directory for flushing; NTFS journals the rename.
 
     def _replace(src: str, dst: str) -> None:
-        # os.replace fails with a sharing violation (PermissionError) while any
-        # process (a virus scanner, an indexer, a reader) has the target open.
-        # Such handles are usually short-lived, so retry for about a second.
+        # os.replace fails with a sharing violation (PermissionError) while any process (a virus scanner, an
+        # indexer, a reader) has the target open. Such handles are usually short-lived: retry for about a second.
         waited = 0.0
         for delay in _delays():
             try:
@@ -232,8 +198,8 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
         return True  # os.kill(pid, 0) would terminate it; an open file cannot be removed here anyway.
 
     def _open_file(path: str, flags: int, mode: int) -> int:
-        # No O_NOFOLLOW: a name opened to write is refused if it is a symlink now
-        # (one made between this check and the open is not seen).
+        # No O_NOFOLLOW: a name opened to write is refused if it is a symlink now (one made between this check and
+        # the open is not seen).
         if flags & (os.O_WRONLY | os.O_RDWR) and os.path.islink(path):
             raise _NotRegular(path, os.lstat(path))
         return os.open(path, flags, mode)
@@ -249,11 +215,11 @@ else:
 
     _SYNC_FLAGS = _READ_FLAGS
     _LOCK_SPAN = 2**62
-    # macOS: fsync(2) only hands data to the drive, whose cache may lose it on
-    # power failure; F_FULLFSYNC asks the drive to flush (see fcntl(2) on macOS).
+    # macOS: fsync(2) only hands data to the drive, whose cache may lose it on power failure; F_FULLFSYNC asks the
+    # drive to flush (see fcntl(2) on macOS).
     _F_FULLFSYNC: int | None = getattr(fcntl, "F_FULLFSYNC", None)
-    # Filesystems that cannot fsync a directory say so with these: CIFS, some FUSE
-    # and VirtualBox shares give EINVAL (python-atomicwrites issue #27).
+    # Filesystems that cannot fsync a directory say so with these: CIFS, some FUSE and VirtualBox shares give
+    # EINVAL (python-atomicwrites issue #27).
     _NO_DIR_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
 
     def _fsync_file(fd: int) -> None:
@@ -266,29 +232,24 @@ else:
         os.fsync(fd)
 
     def _fsync_dir(path: str) -> None:
-        # A rename is durable only once its directory is flushed (fsync(2), "Calling
-        # fsync() does not necessarily ensure that the entry in the directory
-        # containing the file has also reached disk").
+        # A rename is durable only once its directory is flushed (fsync(2), "Calling fsync() does not necessarily
+        # ensure that the entry in the directory containing the file has also reached disk").
+        fd = -1
         try:
             fd = os.open(path or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        except OSError as exc:
-            if exc.errno in _NO_DIR_FSYNC or exc.errno == errno.EACCES:
-                return
-            raise
-        try:
             os.fsync(fd)
         except OSError as exc:
-            if exc.errno not in _NO_DIR_FSYNC:
+            if exc.errno not in _NO_DIR_FSYNC and not (fd < 0 and exc.errno == errno.EACCES):  # EACCES: unopenable.
                 raise
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
     _replace = os.replace
 
     def _move_new(src: str, dst: str) -> None:
-        # link(2) fails with EEXIST if dst exists, atomically, so a file that
-        # appeared meanwhile is never clobbered. Filesystems without hard links
-        # (FAT, some SMB mounts) fall back to check-then-rename, which has a tiny
+        # link(2) fails with EEXIST if dst exists, atomically, so a file that appeared meanwhile is never clobbered.
+        # Filesystems without hard links (FAT, some SMB mounts) fall back to check-then-rename, which has a tiny
         # window in which a concurrent creator can lose; the README says so.
         try:
             os.link(src, dst)
@@ -305,8 +266,7 @@ else:
         os.fchmod(fd, mode)
 
     def _touch(fd: int, path: str) -> None:
-        # Through the open file (futimens(2)): no second lookup of the path, which a rename may have changed since.
-        os.utime(fd)
+        os.utime(fd)  # Through the open file (futimens(2)): no second lookup of a path that a rename may have changed.
 
     def _pid_alive(pid: int) -> bool:
         try:
@@ -321,9 +281,8 @@ else:
         return os.open(path, flags, mode)  # O_NOFOLLOW in the flags refuses a symlink.
 
     def _untrusted(st: os.stat_result) -> str:
-        """Why a directory (or a link to one) may hold what another user wrote, or "":
-        it is not the effective user's (root's too; a link may be root's), or group
-        or others can write to it."""
+        """Why a directory (or a link to one) may hold what another user wrote, or "": it is not the effective
+        user's (root's too; a link may be root's), or group or others can write to it."""
         mine = st.st_uid == os.geteuid() or (stat.S_ISLNK(st.st_mode) and st.st_uid == 0)
         writers = {0o020: "its group", 0o002: "others", 0o022: "its group and others"}.get(
             st.st_mode & 0o022 if stat.S_ISDIR(st.st_mode) else 0
@@ -337,17 +296,13 @@ else:
         except KeyError:
             owner = "no name"
         why = f"is writable by {writers}" if mine else f"is not yours (you are uid {os.geteuid()})"
-        return f"{why}: owner {owner} (uid {st.st_uid}), mode {stat.filemode(st.st_mode)} ({stat.S_IMODE(st.st_mode):o})"
+        return f"{why}: owner {owner} (uid {st.st_uid}), mode {stat.filemode(st.st_mode)} ({st.st_mode & 0o7777:o})"
 
-    # Filesystems on which an lstat(2) of a name tells whether it still holds
-    # the file read before (same inode, size, mtime): local ones. NFS clients
-    # cache attributes (acregmin 3 s to acregmax 60 s, nfs(5)), so an lstat may
-    # describe a file that another host has replaced since; only open(2)
-    # revalidates (close-to-open consistency). There, and on any filesystem
-    # not listed (FUSE, SMB, Lustre...), every hit opens its entry.
-    _LOCAL_FS = frozenset(
-        {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "zfs", "f2fs", "jfs", "bcachefs", "overlay", "ramfs"}
-    )
+    # Filesystems on which an lstat(2) of a name tells whether it still holds the file read before (same inode,
+    # size, mtime): local ones. NFS clients cache attributes (acregmin 3 s to acregmax 60 s, nfs(5)); only open(2)
+    # revalidates. There, and on any filesystem not listed (FUSE, SMB, Lustre...), every hit opens its entry.
+    _LOCAL_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "zfs", "f2fs", "jfs", "bcachefs",
+                           "overlay", "ramfs"})
 
     def _stat_trusted(path: str) -> bool:
         """True if ``path`` is on a local filesystem (Linux: /proc/self/mountinfo, proc(5))."""
@@ -367,14 +322,11 @@ else:
 
 
 def _open_regular(path: str, flags: int = _READ_FLAGS) -> tuple[int, os.stat_result]:
-    """Open ``path`` only if it is a regular file: (descriptor, its stat).
+    """Open ``path`` only if it is a regular file: (descriptor, its stat), else _NotRegular.
 
-    Opening a FIFO for reading blocks until a writer comes, and a device may
-    never end; O_NONBLOCK makes the open return at once (fifo(7)), and fstat
-    then refuses anything that is not a regular file with _NotRegular. With
-    O_NOFOLLOW in ``flags`` (always in _WRITE_FLAGS), a symlink at ``path`` is
-    _NotRegular too: open(2) fails with ELOOP (EMLINK on FreeBSD, EFTYPE on
-    NetBSD) and lstat says why.
+    O_NONBLOCK makes the open of a FIFO or a device return at once (fifo(7)) instead of waiting for a writer or an
+    end, and fstat then refuses it. With O_NOFOLLOW in ``flags`` (always in _WRITE_FLAGS), open(2) refuses a
+    symlink with ELOOP (EMLINK on FreeBSD, EFTYPE on NetBSD), and lstat says why.
     """
     try:
         fd = _open_file(path, flags | _NONBLOCK, 0o666)
@@ -396,15 +348,14 @@ def _open_regular(path: str, flags: int = _READ_FLAGS) -> tuple[int, os.stat_res
     raise _NotRegular(path, st)
 
 
-# The lock primitive: _LockFile(path, offset) locks the whole file (offset None)
-# or one byte of it, through a handle of its own, with try_lock(), wait() (where
-# can_wait), unlock() and close(); _lock_taken(path) asks whether another
-# process holds a file's lock.
+# The lock primitive: _LockFile(path, offset) locks the whole file (offset None) or one byte of it, through a handle
+# of its own, with lock(wait) (wait=True only where can_wait), unlock() and close(); _lock_taken(path) asks whether
+# another process holds a file's lock.
 if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
 
     class _LockFile:
-        """Windows byte locks belong to the handle, so each lock has a handle of
-        its own: two threads never share the file position that msvcrt.locking() locks at."""
+        """Windows byte locks belong to the handle, so each lock has a handle of its own: two threads never share
+        the file position that msvcrt.locking() locks at."""
 
         can_wait = False  # msvcrt's blocking mode gives up after ten seconds: poll.
 
@@ -412,16 +363,13 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
             self._file = io.FileIO(_open_regular(path, _WRITE_FLAGS)[0], "r+")
             self.fd, self.offset = self._file.fileno(), offset or 0  # A whole-file lock is byte 0.
 
-        def try_lock(self) -> bool:
+        def lock(self, wait: bool) -> bool:
             os.lseek(self.fd, self.offset, os.SEEK_SET)
             try:
                 msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
             except OSError:
                 return False
             return True
-
-        def wait(self) -> None:
-            raise NotImplementedError
 
         def unlock(self) -> None:
             os.lseek(self.fd, self.offset, os.SEEK_SET)
@@ -444,25 +392,20 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
             return False
 
 else:
-    # Byte locks. Linux (3.15 and later) has open-file-description locks
-    # (F_OFD_SETLK, fcntl(2)), which belong to the open file description as
-    # flock(2) locks do: each handle's locks are its own, closing it drops only
-    # those, and the kernel's deadlock detection, which misfires when threads
-    # of several processes hold classic record locks (EDEADLK, "Resource
-    # deadlock avoided"), does not apply. Elsewhere (macOS, the BSDs) only
-    # classic record locks exist; they belong to the process: see _RecordLocks.
-    _F_OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None) if sys.maxsize > 2**32 else None
+    # Byte locks. Linux (3.15 and later) has open-file-description locks (F_OFD_SETLK, fcntl(2)), which belong to
+    # the open file description as flock(2) locks do: each handle's locks are its own, closing it drops only those,
+    # and the kernel's deadlock detection, which misfires when threads of several processes hold classic record
+    # locks (EDEADLK, "Resource deadlock avoided"), does not apply. Elsewhere (macOS, the BSDs; 32-bit Linux, whose
+    # struct flock differs from _FLOCK) only classic record locks are used: see _RecordLocks.
+    _F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 0) if sys.maxsize > 2**32 else 0
     _F_OFD_SETLKW: int = getattr(fcntl, "F_OFD_SETLKW", 0)
     _FLOCK = struct.Struct("@hhqqi4x")  # struct flock, 64-bit Linux: type, whence, start, len, pid.
     _BUSY = (errno.EACCES, errno.EAGAIN)
 
     class _RecordLocks:
-        """Classic record locks, where no OFD locks exist. They belong to the
-        process: closing *any* descriptor of the file drops all of them, and
-        threads of one process never exclude each other (fcntl(2), "Record
-        locking"). So the handles of one path share one descriptor, kept open
-        while any of them is, and threads take turns on a byte through a
-        thread lock."""
+        """Classic record locks belong to the process: closing *any* descriptor of the file drops all of them, and
+        threads of one process never exclude each other (fcntl(2), "Record locking"). So the handles of one path
+        share one descriptor, kept open while any of them is, and threads take turns on a byte by a thread lock."""
 
         guard = _thread.allocate_lock()
         shared: dict[str, list[Any]] = {}  # path -> [descriptor, handles]
@@ -512,29 +455,21 @@ else:
                     os.close(self.fd)
 
     class _LockFile:
-        """A lock file opened for one lock. Whole-file locks (flock(2)) and OFD
-        locks belong to this handle: code that opens and closes the same file (a
-        user hashing every file of a stage) cannot release them by accident, and
-        two handles exclude each other even within one thread. Both kinds work
-        over NFS (Linux emulates flock there with record locks).
-
-        A forked child closes its copies of every open handle at once (see
-        _forked), so that it never keeps its parent's locks alive: a pool
-        worker that outlives a killed parent would otherwise hold them forever.
-        """
+        """A lock file opened for one lock. Whole-file locks (flock(2)) and OFD locks belong to this handle: code
+        that opens and closes the same file (a user hashing every file of a stage) cannot release them by accident,
+        and two handles exclude each other even within one thread. Both kinds work over NFS (Linux emulates flock
+        there with record locks). A forked child closes its copies of every open handle at once (_forked), so that
+        a pool worker that outlives a killed parent never holds the parent's locks forever."""
 
         can_wait = True
-        _open: dict[int, weakref.ref[_LockFile]] = {}  # id -> handle, for _forked (a weak set, without weakref's import)
+        _open: set[weakref.ref[_LockFile]] = set()  # For _forked: a weak set, without weakref's import.
         _hooked = False
-        # Opening the lock file costs four system calls (open, fstat, lseek,
-        # close) per lock: a byte lock's handle released cleanly (unlocked, so
-        # it holds nothing) is kept for the next byte lock of that file, a few
-        # per file, for the last two files (short-lived stores leave no
-        # descriptors behind: issue 10, item 6). Each handle still serves one
-        # lock at a time, so OFD locks still exclude threads. A handle whose
-        # unlock did not run is closed, never kept; one whose file was removed
-        # (st_nlink 0: the store was deleted; checked once a second) is dropped,
-        # or its locks would exclude no one.
+        # Opening the lock file costs four system calls (open, fstat, lseek, close) per lock: a byte lock's handle
+        # released cleanly (unlocked, so it holds nothing) is kept for the next byte lock of that file, a few per
+        # file, for the last two files (short-lived stores leave no descriptors behind: issue 10, item 6). Each
+        # handle still serves one lock at a time, so OFD locks still exclude threads. A handle whose unlock did not
+        # run is closed, never kept; one whose file was removed (st_nlink 0: the store was deleted; checked once a
+        # second) is dropped, or its locks would exclude no one.
         _spare: dict[str, list[tuple[io.FileIO, float]]] = {}  # path -> [(file, when its link count was checked)]
         _SPARES, _SPARE_FILES = 4, 2  # No thread lock guards them: an interrupt inside `with` can leave one held (3.9).
 
@@ -543,19 +478,16 @@ else:
                 _LockFile._hooked = True
                 os.register_at_fork(after_in_child=_LockFile._forked)
             self.offset, self._path, self._clean = offset, path, False
-            self._records = None if offset is None or _F_OFD_SETLK is not None else _RecordLocks(path, offset)
-            # io.FileIO closes its descriptor when it is collected: a lock whose
-            # holder vanished with an exception (KeyboardInterrupt) is released.
+            self._records = None if offset is None or _F_OFD_SETLK else _RecordLocks(path, offset)
+            # io.FileIO closes its descriptor when it is collected: a lock whose holder vanished with an exception
+            # (KeyboardInterrupt) is released.
             self._file, self._checked = None, 0.0
             if self._records is None:
                 self._file = self._take_spare() if offset is not None else None
                 if self._file is None:
                     self._file, self._checked = io.FileIO(_open_regular(path, _WRITE_FLAGS)[0], "r+"), time.monotonic()
-            if len(self._open) > 1000:  # Handles collected unclosed (their holder vanished) leave dead references.
-                for key, ref in list(self._open.items()):
-                    if ref() is None:
-                        self._open.pop(key, None)
-            self._open[id(self)] = _weakref.ref(self)
+            self._ref = _weakref.ref(self, _LockFile._open.discard)  # Collected unclosed: its holder vanished.
+            self._open.add(self._ref)
 
         def _take_spare(self) -> io.FileIO | None:
             spare = self._spare.get(self._path)
@@ -574,7 +506,7 @@ else:
 
         @staticmethod
         def _forked() -> None:
-            for ref in list(_LockFile._open.values()):
+            for ref in list(_LockFile._open):
                 handle = ref()
                 if handle is not None and handle._file is not None:
                     handle._file.close()
@@ -586,45 +518,36 @@ else:
             # The child holds no record locks and none of the parent's threads; another thread may have held the guard.
             _RecordLocks.guard, _RecordLocks.shared, _RecordLocks.turns = _thread.allocate_lock(), {}, {}
 
-        def _ofd(self, command: int, kind: int) -> None:
-            assert self._file is not None and self.offset is not None
-            fcntl.fcntl(self._file.fileno(), command, _FLOCK.pack(kind, os.SEEK_SET, self.offset, 1, 0))
+        def _apply(self, operation: int, command: int, kind: int) -> None:
+            """flock(operation) on the whole file, or fcntl(command) for a ``kind`` OFD lock on the byte."""
+            assert self._file is not None
+            if self.offset is None:
+                fcntl.flock(self._file.fileno(), operation)
+            else:
+                fcntl.fcntl(self._file.fileno(), command, _FLOCK.pack(kind, os.SEEK_SET, self.offset, 1, 0))
 
-        def _lock(self, wait: bool) -> bool:
+        def lock(self, wait: bool) -> bool:
+            """Take the lock; with ``wait``, block for it with the GIL released (a signal interrupts it: PEP 475)."""
             if self._records is not None:
                 return self._records.lock(wait)
-            assert self._file is not None
             try:
-                if self.offset is None:
-                    fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-                else:
-                    self._ofd(_F_OFD_SETLKW if wait else _F_OFD_SETLK, fcntl.F_WRLCK)  # type: ignore[arg-type]
+                self._apply(fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), _F_OFD_SETLKW if wait else _F_OFD_SETLK,
+                            fcntl.F_WRLCK)
             except OSError as exc:
                 if exc.errno in _BUSY:
                     return False
                 raise
             return True
 
-        def try_lock(self) -> bool:
-            return self._lock(False)
-
-        def wait(self) -> None:
-            self._lock(True)  # Blocks with the GIL released; a signal interrupts it (PEP 475).
-
         def unlock(self) -> None:
             if self._records is not None:
                 self._records.unlock()
             elif self._file is not None and not self._file.closed:  # Closed: a forked child.
-                if self.offset is None:
-                    fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-                else:
-                    self._ofd(_F_OFD_SETLK, fcntl.F_UNLCK)  # type: ignore[arg-type]
+                self._apply(fcntl.LOCK_UN, _F_OFD_SETLK, fcntl.F_UNLCK)
                 self._clean = True
 
         def close(self) -> None:
-            ref = self._open.get(id(self))
-            if ref is not None and ref() is self:
-                del self._open[id(self)]
+            self._open.discard(self._ref)
             file, self._file = self._file, None
             if self._records is not None:
                 self._records.close()
@@ -653,10 +576,9 @@ else:
             return True
 
     def _lock_taken(path: str) -> bool:
-        # A shared lock, tried and dropped at once: a builder that asks for the
-        # lock in that instant waits microseconds. The file is opened read-only,
-        # never created. Only for another process's locks: on NFS, where flock
-        # is a record lock, closing this descriptor would drop our own.
+        # A shared lock, tried and dropped at once: a builder that asks for the lock in that instant waits
+        # microseconds. The file is opened read-only, never created. Only for another process's locks: on NFS,
+        # where flock is a record lock, closing this descriptor would drop our own.
         try:
             fd = os.open(path, _READ_FLAGS | _NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
@@ -679,11 +601,9 @@ else:
 # logging: the mechanisms that everything below shares.
 # ---------------------------------------------------------------------------
 
-# NFS answers ESTALE when the file or directory behind a name or a handle was
-# removed or replaced by another host. It is transient: the name, looked up
-# again, leads to the new file. Linux retries a path lookup once by itself, but
-# a read on a descriptor opened just before another host's rename still fails,
-# so the whole operation, from its open, is retried.
+# NFS answers ESTALE when the file behind a name or a handle was replaced or removed by another host; the name,
+# looked up again, leads to the new file. Linux retries a path lookup once by itself, but a read on a descriptor
+# opened just before another host's rename still fails: the whole operation, from its open, is retried.
 _STALE_TRIES = 5
 
 
@@ -733,8 +653,8 @@ def _store_path(path: StrPath) -> str:
 
 
 def _read_file(path: str, size: int | None = 1 << 20) -> bytes | None:
-    """The first ``size`` bytes (None: as many as it has) of the regular file at ``path``,
-    or None if nothing has that name. _NotRegular if something else has it; other errors as they come."""
+    """The first ``size`` bytes (None: as many as it has) of the regular file at ``path``, or None if nothing has
+    that name. _NotRegular if something else has it; other errors as they come."""
 
     def read() -> bytes | None:
         try:
@@ -757,13 +677,9 @@ def _file_head(path: str, size: int | None) -> bytes:
         return b""
 
 
-def _read_text(path: str, size: int | None = 1 << 16) -> str | None:
-    """A small regular file's text, or None if there is none (or it is no such file, or unreadable)."""
-    try:
-        data = _read_file(path, size)
-    except OSError:
-        return None
-    return None if data is None else data.decode("utf-8", "replace")
+def _read_text(path: str, size: int | None = 1 << 16) -> str:
+    """A small regular file's text, or "" if there is none (or it is no such file, or unreadable)."""
+    return _file_head(path, size).decode("utf-8", "replace")
 
 
 def _json_object(data: bytes | str | None) -> dict[str, Any] | None:
@@ -791,9 +707,9 @@ def _scandir(path: str) -> list[os.DirEntry[str]]:
         return []
 
 
-# Who this process is, asked once: os.getpid() is a system call (glibc stopped
-# caching it in 2.25) and the host's name costs an import. "pid", then "host",
-# "tag" and "names" when asked (see _writer_token). A forked child forgets them.
+# Who this process is, asked once: os.getpid() is a system call (glibc stopped caching it in 2.25) and the host's
+# name costs an import. "pid", then "host", "tag" and "names" when asked (see _writer_token). A forked child
+# forgets them.
 _me: dict[str, Any] = {}
 _me_hooked: list[bool] = []
 
@@ -823,8 +739,8 @@ def _who() -> dict[str, Any]:
 
 
 def _holder(file: io.FileIO | None) -> str:
-    """" (held by pid N on HOST)" from what the holder noted in the lock file (_who(), see
-    _KeyLock.note), read through our own open handle; "" where nothing is known."""
+    """" (held by pid N on HOST)" from what the holder noted in the lock file (_who(), see _KeyLock.note), read
+    through our own open handle; "" where nothing is known."""
     pread = getattr(os, "pread", None)  # Not on Windows, where the holder's locked byte is unreadable anyway.
     try:
         noted = _json_object(pread(file.fileno(), 4096, 0)) if file is not None and pread is not None else None
@@ -836,20 +752,15 @@ def _holder(file: io.FileIO | None) -> str:
 
 
 def _make_dirs(path: str, mode: int | None = None, *, durable: bool = False) -> None:
-    """os.makedirs(path, exist_ok=True), giving each new directory exactly ``mode``
-    (None: 0o777 less the umask, as mkdir -p). os.makedirs gives its mode to the
-    last one only, filtered by the umask (mkdir(2)): a store's shards came out
-    0777 less the umask (issue 18). With ``durable``, each new directory is also
-    flushed into its parent, so that a power cut cannot lose it and with it the
-    durable files written next."""
+    """os.makedirs(path, exist_ok=True), giving each new directory exactly ``mode`` (None: 0o777 less the umask, as
+    mkdir -p): os.makedirs gives its mode to the last one only, filtered by the umask (mkdir(2)), so a store's shards
+    came out 0777 less the umask (issue 18). With ``durable``, each new directory is also flushed into its parent,
+    so that a power cut cannot lose it and with it the durable files written next."""
     new: list[str] = []
     head = path
-    while not os.path.isdir(head):
+    while not os.path.isdir(head) and head not in new:  # At the root, os.path.dirname(head) is head.
         new.append(head)
-        parent = os.path.dirname(head)
-        if parent == head:
-            break
-        head = parent
+        head = os.path.dirname(head)
     for directory in reversed(new):
         try:
             os.mkdir(directory, 0o777 if mode is None else mode)
@@ -863,12 +774,10 @@ def _make_dirs(path: str, mode: int | None = None, *, durable: bool = False) -> 
             _fsync_dir(os.path.dirname(directory))
 
 
-# Records go to logging.getLogger("donecache"): DEBUG for each memoize hit and
-# miss, INFO for waits on a lock longer than a second and for each sweep of a
-# bounded store. logging is never imported here: if the program has not
-# imported it, nobody can have configured it, and there is nothing to log.
-# The level check is the logger's own cached isEnabledFor, so a hit pays a
-# dictionary lookup for it.
+# Records go to logging.getLogger("donecache"): DEBUG for each memoize hit and miss, INFO for waits on a lock
+# longer than a second and for each sweep of a bounded store. logging is never imported here: if the program has
+# not imported it, nobody can have configured it, and there is nothing to log. The level check is the logger's own
+# cached isEnabledFor, so a hit pays a dictionary lookup for it.
 _DEBUG, _INFO = 10, 20  # logging.DEBUG, logging.INFO
 _logger: Any = None
 
@@ -879,9 +788,8 @@ def _log_at(level: int) -> Any:
     if _logger is None:
         if "logging" not in sys.modules:
             return None
-        # Not sys.modules["logging"]: while another thread imports it, that is a
-        # half-made module without getLogger (issue 18 item 5). The import
-        # statement waits for the other thread's import to finish.
+        # Not sys.modules["logging"]: while another thread imports it, that is a half-made module without
+        # getLogger (issue 18 item 5). The import statement waits for the other thread's import to finish.
         import logging
 
         _logger = logging.getLogger("donecache")
@@ -891,39 +799,28 @@ def _log_at(level: int) -> Any:
 # ---------------------------------------------------------------------------
 # Locks
 #
-# _KeyLock is the one lock that stages and memoize use: the whole of a lock
-# file, or one byte of it, held by one thread of one process at a time, with a
-# timeout, and an error instead of a deadlock when a thread asks for a lock it
-# already holds. The kernel drops the locks of a process that dies, even by
-# SIGKILL, so a crashed holder never blocks anyone.
+# _KeyLock is the one lock that stages and memoize use: the whole of a lock file, or one byte of it, held
+# by one thread of one process at a time, with a timeout, and an error instead of a deadlock when a thread
+# asks for a lock it already holds. The kernel drops the locks of a process that dies, even by SIGKILL, so
+# a crashed holder never blocks anyone.
 # ---------------------------------------------------------------------------
 
 
 class _KeyLock:
-    """An exclusive lock on a file (offset None) or on one byte of it.
+    """An exclusive lock on a file (offset None) or one byte of it; ``path`` must be canonical (realpath).
 
-    ``path`` must be canonical (os.path.realpath), so that one file has one name
-    in the table of holders.
-
-    An exception can arrive anywhere (a KeyboardInterrupt between two lines of
-    acquire or release), so nothing here must stay "held" because a line did
-    not run. The handle releases its kernel lock when it is collected, and the
-    table of holders keeps only weak references: a lock whose holder vanished
-    is no longer held. There is no in-process guard to be left locked, either.
+    An exception can arrive between any two lines (KeyboardInterrupt), so nothing stays "held" because
+    a line did not run: a collected handle releases its kernel lock, the table of holders keeps only
+    weak references, and there is no in-process guard to be left locked.
     """
 
-    # (path, offset) -> (owner, lock): who holds which lock in this process. The
-    # owner is a thread's id, or an asyncio task's.
+    # (path, offset) -> (owner: a thread's id or an asyncio task's, the lock) for the locks this process holds.
     _holders: dict[tuple[str, int | None], tuple[int, weakref.ref[_KeyLock]]] = {}
 
     def __init__(self, path: str, offset: int | None = None) -> None:
-        self._name = (path, None if offset is None else offset % _LOCK_SPAN)
+        self.path, self._name = path, (path, None if offset is None else offset % _LOCK_SPAN)
         self._handle: _LockFile | None = None
         self._pid = -1
-
-    @property
-    def path(self) -> str:
-        return self._name[0]
 
     def __enter__(self) -> _KeyLock:
         return self
@@ -932,25 +829,21 @@ class _KeyLock:
         self.release()
 
     def _tries(self, owner: int | None, timeout: float | None, block: bool) -> Generator[float, None, None]:
-        """The one poll loop: take the lock, yielding the time to sleep (time.sleep or
-        asyncio.sleep) before each new try; TimeoutError after ``timeout`` seconds.
-        With ``block``, an untimed wait blocks in the kernel where it can."""
+        """The one poll loop: take the lock, yielding the sleep (time.sleep or asyncio.sleep) before each
+        new try; TimeoutError after ``timeout`` s. With ``block``, an untimed wait blocks in the kernel if it can."""
         owner = _thread.get_ident() if owner is None else owner
         held = self._holders.get(self._name)
-        if held is not None and held[0] == owner:
-            lock = held[1]()
-            if lock is not None and lock._handle is not None and lock._pid == _pid():
-                raise RuntimeError(
-                    f"this thread already holds the lock {self.path}; re-entering it would wait forever"
-                )
-        handle = _LockFile(self._name[0], self._name[1])
+        lock = held[1]() if held is not None and held[0] == owner else None
+        if lock is not None and lock._handle is not None and lock._pid == _pid():
+            raise RuntimeError(f"this thread already holds the lock {self.path}; re-entering it would wait forever")
+        handle = _LockFile(*self._name)
         waiting: list[bool] = []
         try:
-            if handle.try_lock():
+            if handle.lock(False):
                 pass
             elif block and timeout is None and handle.can_wait:
                 waiting = self._report_wait(handle)
-                handle.wait()
+                handle.lock(True)
             else:
                 deadline = time.monotonic() + (1e12 if timeout is None else timeout)
                 for delay in _delays():
@@ -959,7 +852,7 @@ class _KeyLock:
                         raise TimeoutError(f"timed out after {timeout} s waiting for the lock {self.path}")
                     yield min(delay, left)
                     waiting = waiting or self._report_wait(handle)
-                    if handle.try_lock():
+                    if handle.lock(False):
                         break
         except BaseException:
             handle.close()
@@ -969,20 +862,18 @@ class _KeyLock:
         self._handle, self._pid = handle, _pid()
         self._holders[self._name] = (owner, _weakref.ref(self))
 
-    def acquire(self, timeout: float | None = None, owner: int | None = None) -> _KeyLock:
-        """Wait for the lock; TimeoutError after ``timeout`` seconds. Returns the
-        lock, so that ``with lock.acquire(timeout):`` releases it at the end."""
-        for delay in self._tries(owner, timeout, True):
+    def acquire(self, timeout: float | None = None) -> _KeyLock:
+        """Wait for the lock (TimeoutError after ``timeout`` s); returns it, for ``with lock.acquire(timeout):``."""
+        for delay in self._tries(None, timeout, True):
             time.sleep(delay)
         return self
 
-    def try_acquire(self, owner: int | None = None) -> bool:
+    def try_acquire(self) -> bool:
         """Take the lock if it is free now, without waiting (for event loops)."""
-        tries = self._tries(owner, None, False)
-        for _delay in tries:
-            tries.close()  # Not free: give the handle back.
-            return False
-        return True
+        tries = self._tries(None, None, False)
+        free = next(tries, None) is None
+        tries.close()  # Not free: give the handle back.
+        return free
 
     async def acquire_async(self, owner: int) -> None:
         """Wait for the lock without blocking the event loop."""
@@ -992,9 +883,8 @@ class _KeyLock:
             await asyncio.sleep(delay)
 
     def _report_wait(self, handle: _LockFile) -> list[bool]:
-        """With INFO logging on, a helper thread logs the wait once it passes a
-        second, naming the holder if it wrote itself into the file (stages do);
-        the wait is on while the list returned is not empty."""
+        """With INFO logging on, a helper thread logs a wait that passes a second, naming the holder if it
+        noted itself in the file (stages do); the wait is on while the list returned is not empty."""
         waiting = [True]
         logger = _log_at(_INFO)
         if logger is not None:
@@ -1009,10 +899,9 @@ class _KeyLock:
         return waiting
 
     def note(self, data: bytes) -> None:  # See _holder for the reader.
-        """While holding a whole-file lock, make ``data`` the lock file's content
-        (who holds it), through the lock's own handle: on NFS, closing any other
-        descriptor of the file would drop the lock. A failure (ENOSPC) costs
-        only the note."""
+        """While holding a whole-file lock, make ``data`` the file's content (who holds it), through the
+        lock's own handle: on NFS, closing any other descriptor of the file would drop the lock. A failure
+        (ENOSPC) costs only the note."""
         file = None if self._handle is None else self._handle._file
         if file is not None:
             try:
@@ -1038,37 +927,26 @@ class _KeyLock:
 # ---------------------------------------------------------------------------
 # Atomic writes
 #
-# A new version is written to a temporary file beside the target and renamed over
-# it: rename(2) replaces a name atomically, so a reader sees the old file or the
-# new one, whatever happens to the writer. Everything else that donecache writes
-# (stage markers and pieces, cache entries) goes through _write_bytes below.
+# A new version is written to a temporary file beside the target and renamed over it: rename(2) replaces
+# a name atomically, so a reader sees the old file or the new one, whatever happens to the writer.
+# Everything else that donecache writes (stage markers and pieces, cache entries) goes through _write_bytes.
 # ---------------------------------------------------------------------------
 
-# Temporary names start with a dot (hidden from ls and glob.glob), carry a marker
-# that `prune` recognises, and end with the target's own name so that libraries
-# which pick a format from the suffix (numpy.save, PIL, pandas' compression) see it.
+# Temporary names start with a dot (hidden from ls and glob.glob), carry a marker that `prune` recognises, and end
+# with the target's own name, for libraries that pick a format from the suffix (numpy.save, PIL, pandas' compression).
 _TEMP_PREFIX = ".dc~"
 _TEMP_TOKEN = 16  # hex digits: the writer's host and pid, and a count (_writer_token)
-# NAME_MAX is 255 bytes on most filesystems, so a temporary name keeps at most
-# this many bytes of the target's name (its end, which holds the suffix).
+# NAME_MAX is 255 bytes on most filesystems: a temporary name keeps this many bytes of the target's name (its end).
 _TEMP_KEEP = 255 - len(_TEMP_PREFIX) - _TEMP_TOKEN - 1
 _LITTER_AGE = 3600.0  # A temporary file this old belongs to no live writer.
 
 
 def _is_temp_name(name: str) -> bool:
-    return (
-        name.startswith(_TEMP_PREFIX)
-        and len(name) > len(_TEMP_PREFIX) + _TEMP_TOKEN
-        and name[len(_TEMP_PREFIX) + _TEMP_TOKEN] == "~"
-    )
+    return name.startswith(_TEMP_PREFIX) and name[len(_TEMP_PREFIX) + _TEMP_TOKEN :][:1] == "~"
 
 
 def _writer_token() -> str:
-    """Who writes a temporary file: 6 hex digits of a digest of the host's name, 6 of
-    the pid, then 4 of a count. The finisher of a shared stage removes only the
-    temporary files of writers that are gone (issue 18): on this host, a writer
-    whose pid is no longer alive; from another host sharing the filesystem, whose
-    processes it cannot see, only a file left untouched for _LITTER_AGE."""
+    """Who writes a temporary file: 6 hex digits of a digest of the host's name, 6 of the pid, 4 of a count."""
     pid = _pid()
     if "names" not in _me:
         import hashlib
@@ -1080,11 +958,12 @@ def _writer_token() -> str:
 
 
 def _writer_gone(path: str, now: float) -> bool:
+    """Whether a temporary file's writer is gone (issue 18): on this host, its pid is dead; from another host,
+    whose processes we cannot see, the file was left untouched for _LITTER_AGE."""
     token = os.path.basename(path)[len(_TEMP_PREFIX) : len(_TEMP_PREFIX) + _TEMP_TOKEN]
     try:
-        if token[:6] == _writer_token()[:6] and not _pid_alive(int(token[6:12], 16)):
-            return True
-        return os.lstat(path).st_mtime < now - _LITTER_AGE
+        dead = token[:6] == _writer_token()[:6] and not _pid_alive(int(token[6:12], 16))
+        return dead or os.lstat(path).st_mtime < now - _LITTER_AGE
     except (OSError, ValueError):
         return False
 
@@ -1107,12 +986,8 @@ def _discard(temp: str) -> None:
 
 
 def _create_temp(target: str, mode: int | None = None) -> tuple[int, str]:
-    """Create a new temporary file beside ``target``; return (fd, path).
-
-    A new file gets 0o666 filtered by the process umask, as open() would give it;
-    ``mode`` (an existing target's permission bits) is applied exactly instead.
-    The umask is never read by changing it: that races with other threads.
-    """
+    """A new temporary file beside ``target``: (fd, path). It gets 0o666 less the umask, as open() gives, or exactly
+    ``mode`` (an existing target's bits); the umask is never read by changing it: that races with other threads."""
     while True:
         temp = _temp_name(target)
         try:
@@ -1129,12 +1004,9 @@ def _create_temp(target: str, mode: int | None = None) -> tuple[int, str]:
         return fd, temp
 
 
-def _commit(temp: str, target: str, *, durable: bool, overwrite: bool) -> None:
+def _commit(temp: str, target: str, *, durable: bool, overwrite: bool = True) -> None:
     """Move a finished, closed temporary file onto ``target``."""
-    if overwrite:
-        _replace(temp, target)
-    else:
-        _move_new(temp, target)
+    (_replace if overwrite else _move_new)(temp, target)
     if durable:
         _fsync_dir(os.path.dirname(target))
 
@@ -1162,20 +1034,16 @@ def _write_bytes(
     data: bytes | Iterable[Any],
     *,
     durable: bool,
-    overwrite: bool = True,
     whole: bool = False,
     written: Callable[[int], None] | None = None,
 ) -> None:
     """Atomically make ``target`` hold ``data``: the writer behind markers, pieces and entries.
 
-    ``whole`` fsyncs the data (not the directory) even when not ``durable``:
-    after a power cut the name may be missing, but never holds a torn file.
-
-    ``data`` is bytes, or an iterable of bytes-like chunks written one after the
-    other, each straight from its own buffer (as writev would): a big value's
-    arrays go to the file without ever being joined or copied. The iterable may
-    be a generator, producing a chunk (a table of checksums) only once the
-    chunks before it are written. ``written(fd)`` runs once all is written.
+    ``whole`` fsyncs the data (not the directory) even when not ``durable``: after a power cut
+    the name may be missing, but never holds a torn file. ``data`` is bytes, or an iterable of
+    bytes-like chunks, each written straight from its own buffer (as writev would): a big value's
+    arrays are never joined or copied. A generator may produce a chunk (a table of checksums) only
+    once the chunks before it are written. ``written(fd)`` runs once all is written.
     """
     fd, temp = _create_temp(target)
     try:
@@ -1190,7 +1058,7 @@ def _write_bytes(
             _fsync_file(fd)
         os.close(fd)
         fd = -1
-        _commit(temp, target, durable=durable, overwrite=overwrite)
+        _commit(temp, target, durable=durable)
     except BaseException:
         if fd >= 0:
             os.close(fd)
@@ -1199,9 +1067,8 @@ def _write_bytes(
 
 
 class _Atomic:
-    """What atomic_write() and atomic_path() return: a context manager around a
-    temporary file beside the target, committed onto it when the block ends
-    normally and removed otherwise (the body's exception propagates unchanged)."""
+    """What atomic_write() and atomic_path() return: a context manager around a temporary file beside the target,
+    committed onto it when the block ends normally and removed otherwise (the body's exception propagates unchanged)."""
 
     def __init__(self, path: StrPath, durable: bool, overwrite: bool, make_parents: bool) -> None:
         self._path, self._durable, self._overwrite, self._make_parents = path, durable, overwrite, make_parents
@@ -1210,8 +1077,7 @@ class _Atomic:
         """Check the target, and create the temporary file: its descriptor. The target's
         permission bits, if it exists, are given to the file now or kept for _finish."""
         target = _fspath(self._path)
-        # Symlink policy: writing through a link replaces the file it points to and
-        # leaves the link alone, as open(path, "w") would.
+        # Symlink policy: a write through a link replaces the file it points to, not the link, as open(path, "w") would.
         if os.path.islink(target):
             target = os.path.realpath(target)
         try:
@@ -1225,12 +1091,9 @@ class _Atomic:
             if not stat.S_ISREG(st.st_mode):
                 # Renaming over a device or a FIFO would replace the node itself
                 # (as root, atomic_write("/dev/null") would replace the system's).
-                raise _os_error(
-                    errno.EEXIST,
-                    target,
-                    f"cannot write {target!r}: it is {_kind_of(st.st_mode)}, not a regular file, and an atomic "
-                    "write would replace it; write to it with open(), or choose another path",
-                )
+                what = f"it is {_kind_of(st.st_mode)}, not a regular file, and an atomic write would replace it"
+                message = f"cannot write {target!r}: {what}; write to it with open(), or choose another path"
+                raise _os_error(errno.EEXIST, target, message)
             if not self._overwrite:
                 message = f"{target!r} already exists and overwrite=False; remove it or pass overwrite=True"
                 raise _os_error(errno.EEXIST, target, message)
@@ -1239,12 +1102,8 @@ class _Atomic:
             if os.path.exists(parent):
                 raise _os_error(errno.ENOTDIR, target, f"cannot write {target!r}: {parent!r} is not a directory")
             if not self._make_parents:
-                raise _os_error(
-                    errno.ENOENT,
-                    target,
-                    f"cannot write {target!r}: its directory {parent!r} does not exist; "
-                    "create it first or pass make_parents=True",
-                )
+                message = f"cannot write {target!r}: its directory {parent!r} does not exist"
+                raise _os_error(errno.ENOENT, target, f"{message}; create it first or pass make_parents=True")
             try:
                 _make_dirs(parent, durable=self._durable)
             except OSError as exc:
@@ -1263,9 +1122,7 @@ class _Atomic:
     def _abandon(self) -> None:
         _discard(self._temp)
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         try:
             if exc_type is None:
                 self._finish()
@@ -1323,26 +1180,20 @@ def atomic_write(
 ) -> _AtomicFile:
     """Write a file so that readers see the old version or the whole new one.
 
-    Use it as ``with atomic_write(path) as f: f.write(...)``. The file is written
-    under a temporary name in the same directory and renamed over ``path`` when
-    the block ends. If the block raises (KeyboardInterrupt included), or the
-    disk fills up, the temporary file is removed, ``path`` is untouched and the
-    original exception propagates.
+    ``with atomic_write(path) as f: f.write(...)`` writes under a temporary name in the same directory,
+    renamed over ``path`` when the block ends. If the block raises (KeyboardInterrupt included) or the disk
+    fills up, the temporary file is removed, ``path`` is untouched and the original exception propagates.
 
-    mode: ``"w"`` (text) or ``"wb"`` (binary). ``encoding`` and ``newline`` work
-        as for open() in text mode.
-    durable: flush the file and its directory to stable storage (fsync) before
-        returning, so that the new version also survives a power failure.
-        ``False`` skips the directory's flush: after a power failure ``path``
-        holds the old version or the whole new one, never an empty or torn
-        file; the file itself is still flushed, which costs most of the time.
-    overwrite: if False, raise FileExistsError when ``path`` exists, and never
-        clobber a file that appears while the block runs.
-    make_parents: create missing parent directories instead of raising
-        FileNotFoundError.
+    mode: ``"w"`` (text) or ``"wb"`` (binary); ``encoding`` and ``newline`` work as for open() in text mode.
+    durable: fsync the file and its directory before returning, so that the new version survives a power
+        failure. ``False`` skips the directory's flush: after a power failure ``path`` holds the old version
+        or the whole new one, never an empty or torn file (the file's flush, still done, is most of the cost).
+    overwrite: if False, raise FileExistsError when ``path`` exists, and never clobber a file that appears
+        while the block runs.
+    make_parents: create missing parent directories instead of raising FileNotFoundError.
 
-    A new file gets mode 0o666 less the umask; an existing file keeps its
-    permission bits. A symlink at ``path`` is followed: its target is replaced.
+    A new file gets mode 0o666 less the umask; an existing file keeps its permission bits. A symlink at
+    ``path`` is followed: its target is replaced.
     """
     return _AtomicFile(path, mode, encoding, newline, durable, overwrite, make_parents)
 
@@ -1351,8 +1202,7 @@ class _AtomicPath(_Atomic):
     def __enter__(self) -> Path:
         from pathlib import Path
 
-        # Creating the file with O_EXCL proves that the name is free; it is
-        # removed again so that the library can create it itself.
+        # Creating the file with O_EXCL proves that the name is free; the library then creates it itself.
         os.close(self._create(keep_now=False))
         os.unlink(self._temp)
         return Path(self._temp)
@@ -1360,11 +1210,8 @@ class _AtomicPath(_Atomic):
     def _finish(self) -> None:
         temp = self._temp
         if not os.path.lexists(temp):
-            raise _os_error(
-                errno.ENOENT,
-                temp,
-                f"atomic_path({self._target!r}): the block did not create a file at the temporary path {temp!r}",
-            )
+            message = f"atomic_path({self._target!r}): the block did not create a file at the temporary path {temp!r}"
+            raise _os_error(errno.ENOENT, temp, message)
         # Opened (never through a link, which would be renamed onto the
         # target) to check that it is a regular file, to set its mode and flush it.
         fd = _open_regular(temp, _SYNC_FLAGS | _NOFOLLOW)[0]
@@ -1381,13 +1228,11 @@ def atomic_path(
 ) -> _AtomicPath:
     """Yield a temporary path for a library that writes files itself.
 
-    ``with atomic_path("x.npy") as tmp: numpy.save(tmp, array)``. The yielded
-    :class:`pathlib.Path` does not exist yet; it lies in the same directory and
-    ends with the target's name, so suffix-sniffing libraries choose the right
-    format. When the block ends the file is renamed onto ``path``; if the block
-    raises, the file is removed and ``path`` is untouched. The options are those
-    of :func:`atomic_write`. It raises FileNotFoundError if the block did not
-    create the file.
+    ``with atomic_path("x.npy") as tmp: numpy.save(tmp, array)``. The yielded :class:`pathlib.Path` does not
+    exist yet; it lies in the same directory and ends with the target's name, so suffix-sniffing libraries
+    choose the right format. When the block ends the file is renamed onto ``path``; if the block raises, the
+    file is removed and ``path`` is untouched. The options are those of :func:`atomic_write`. It raises
+    FileNotFoundError if the block did not create the file.
     """
     return _AtomicPath(path, durable, overwrite, make_parents)
 
@@ -1395,15 +1240,13 @@ def atomic_path(
 # ---------------------------------------------------------------------------
 # Stage directories
 #
-# A stage is a directory filled piece by piece; its marker file says that the
-# whole stage finished. The marker is written last, with the atomic writer, so
-# it exists only if every piece before it does. While a stage is being built, a
-# lock on a hidden file inside it keeps other processes and threads out.
+# A stage is a directory filled piece by piece; its marker file says that the whole stage finished. The
+# marker is written last, with the atomic writer, so it exists only if every piece before it does. While a
+# stage is being built, a lock on a hidden file inside it keeps other processes and threads out.
 # ---------------------------------------------------------------------------
 
 _STAGE_LOCK = ".donecache.lock"
 _STAGE_VERSION = ".donecache.version"  # The version being built, recorded when a build starts.
-_STAGE_FILES = (_STAGE_LOCK, _STAGE_VERSION)
 # Each builder of a shared stage holds a lock file of its own, named this and 16
 # hex digits, while it builds: the stage's lock is held only on entry and exit,
 # so `status` looks for these to tell "building" from "incomplete".
@@ -1412,25 +1255,24 @@ _STAGE_BUILDER = ".donecache.builder~"
 
 def _is_stage_file(name: str, marker: str) -> bool:
     """Whether a name at a stage's top is donecache's own (or the marker), not a piece."""
-    return name == marker or name in _STAGE_FILES or name.startswith(_STAGE_BUILDER)
+    return name in (marker, _STAGE_LOCK, _STAGE_VERSION) or name.startswith(_STAGE_BUILDER)
 
 
 _QUOTED_IN_VERSIONS = frozenset("(),'\"\\")
 
 
-def _version_text(version: Any, what: str = "version", item: bool = False) -> str:
-    """A version's canonical text: 2, "2" and the command line's --version 2 agree,
-    and a tuple reads the same after a JSON round trip (which makes it a list).
-    A str item of a tuple that is empty or holds a comma, bracket, quote or
-    backslash is quoted, so ("1,2",) and (1, 2) differ. Floats are refused: 1.10 == 1.1."""
+def _version_text(version: Any, item: bool = False) -> str:
+    """A version's canonical text: 2, "2" and the command line's --version 2 agree, and a tuple reads the
+    same after a JSON round trip (which makes it a list). A str item of a tuple that is empty or holds a
+    comma, bracket, quote or backslash is quoted, so ("1,2",) and (1, 2) differ. Floats are refused: 1.10 == 1.1."""
     if isinstance(version, str):
         return repr(version) if item and (not version or not _QUOTED_IN_VERSIONS.isdisjoint(version)) else version
     if isinstance(version, int):
         return str(version)
     if isinstance(version, (tuple, list)):
-        return "(" + ",".join(_version_text(part, what, True) for part in version) + ")"
+        return "(" + ",".join(_version_text(part, True) for part in version) + ")"
     raise TypeError(
-        f"{what} must be a str, an int, or a tuple of them, not {type(version).__name__}: {version!r}"
+        f"version must be a str, an int, or a tuple of them, not {type(version).__name__}: {version!r}"
         + (f" (1.10 and 1.1 are one float: write {str(version)!r})" if isinstance(version, float) else "")
     )
 
@@ -1458,50 +1300,45 @@ def _marker_version(info: dict[str, Any] | None) -> str | None:
         return None  # A foreign marker's "version" that is no version of ours.
 
 
-def _list_dir(directory: str, stop_at: str) -> bool:
-    """Read ``directory`` through (until the name ``stop_at``); False if there is no such directory."""
-
-    def read() -> None:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.name == stop_at:
-                    break
-
-    try:
-        _retry_stale(read)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except PermissionError:
-        pass  # Searchable but not readable: the stat's answer is all there is.
-    return True
-
-
 def _marker_counts(path: str, version: Any) -> bool:
+    """Whether the marker at ``path`` exists (version None) or records ``version``."""
+
     def check() -> bool:
         if version is None:
             try:
                 return stat.S_ISREG(_retry_stale(lambda: os.stat(path)).st_mode)
             except (FileNotFoundError, NotADirectoryError):
                 return False
-        info = _read_marker(path)
-        return info is not None and _marker_version(info) == _version_text(version)
+        return _marker_version(_read_marker(path)) == _version_text(version)
 
-    # An NFS client caches lookups, "no such file" included, for up to acdirmax
-    # (60 s by default), so a marker that another host has just written can
-    # look absent. Opening and reading the directory makes the client fetch
-    # it again from the server (as `ls` does), so "not done" is asked twice.
-    return check() or (_list_dir(os.path.dirname(path), os.path.basename(path)) and check())
+    directory, name = os.path.split(path)
+
+    def read_directory() -> None:
+        with os.scandir(directory) as entries:
+            any(entry.name == name for entry in entries)  # Read it through, up to the marker's name.
+
+    if check():
+        return True
+    # An NFS client caches lookups, "no such file" included, for up to acdirmax (60 s by default), so a
+    # marker that another host has just written can look absent. Opening and reading the directory makes
+    # the client fetch it again from the server (as `ls` does), so "not done" is asked twice.
+    try:
+        _retry_stale(read_directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError:
+        pass  # Searchable but not readable: the stat's answer is all there is.
+    return check()
 
 
 def is_done(directory: StrPath, *, version: _Version | None = None, marker: str = "DONE") -> bool:
     """True if the stage in ``directory`` finished: its marker is a regular file.
 
-    With ``version``, the marker must also record that same version; a marker
-    from an older version of your code, or one written by another tool (an
-    empty ``_SUCCESS``, say), then counts as not done. Without it, a finished
-    stage costs a single stat(2), cheap enough to call for thousands of stages.
-    Before answering "not done" it also reads the directory's listing, which
-    makes an NFS client see a marker that another host wrote moments ago.
+    With ``version``, the marker must also record that same version; a marker from an older version of
+    your code, or one written by another tool (an empty ``_SUCCESS``, say), then counts as not done.
+    Without it, a finished stage costs a single stat(2), cheap enough to call for thousands of stages.
+    Before answering "not done" it also reads the directory's listing, which makes an NFS client see a
+    marker that another host wrote moments ago.
     """
     if version is not None:
         _version_text(version)  # A float is refused whether or not there is a marker.
@@ -1509,10 +1346,7 @@ def is_done(directory: StrPath, *, version: _Version | None = None, marker: str 
 
 
 def mark_not_done(directory: StrPath, *, marker: str = "DONE") -> bool:
-    """Remove the stage's marker so that the next run rebuilds it; its pieces stay.
-
-    Returns True if there was a marker to remove.
-    """
+    """Remove the stage's marker so that the next run rebuilds it (its pieces stay); True if there was one."""
     try:
         os.unlink(_marker_path(directory, marker))
     except FileNotFoundError:
@@ -1543,14 +1377,13 @@ def _stage_status(directory: str, *, version: _Version | None, marker: str) -> _
     locks = [os.path.join(directory, _STAGE_LOCK)]
     locks += [e.path for e in _scandir(directory) if e.name.startswith(_STAGE_BUILDER)]
     lock = next((lock for lock in locks if _lock_taken(lock)), None)
-    if lock is None:
-        # A stage that done_dir entered has its lock file; a marker of another version says so.
-        if os.path.lexists(path) and version is not None:
-            return _StageState("other version", _read_marker(path))
-        started = len(locks) > 1 or os.path.lexists(locks[0])
-        return _StageState("incomplete" if started else "not a stage", _read_marker(path))
-    # None: not written yet, or unreadable while locked (Windows).
-    return _StageState("building", _read_marker(path), _read_json(lock))
+    if lock is not None:  # Its note is None if not written yet, or unreadable while locked (Windows).
+        return _StageState("building", _read_marker(path), _read_json(lock))
+    # A stage that done_dir entered has its lock file; a marker of another version says so.
+    if os.path.lexists(path) and version is not None:
+        return _StageState("other version", _read_marker(path))
+    started = len(locks) > 1 or os.path.lexists(locks[0])
+    return _StageState("incomplete" if started else "not a stage", _read_marker(path))
 
 
 def _flush_tree(root: str) -> None:
@@ -1570,18 +1403,6 @@ def _flush_tree(root: str) -> None:
         _fsync_dir(dirpath)
 
 
-class _Expected:
-    """What a shared stage waits for: ``count`` pieces, or every one of the pieces ``names``."""
-
-    __slots__ = ("count", "names")
-
-    def __init__(self, count: int, names: frozenset[str] | None) -> None:
-        self.count, self.names = count, names
-
-    def met_by(self, present: set[str]) -> bool:
-        return present >= self.names if self.names is not None else len(present) >= self.count
-
-
 class Stage:
     """done_dir(directory, ...): build a stage directory that is marked done only once all of it is written.
 
@@ -1592,35 +1413,22 @@ class Stage:
                 for rec in records:
                     stage.piece(f"{rec.id}.json", lambda: parse(rec))
 
-    The directory is created with its parents. While the block runs, the stage
-    is locked against other processes and threads building it; one that
-    waited finds ``stage.done`` True when the first finished it. When the
-    block ends normally, the marker file (``marker``, default ``DONE``) is
-    written atomically with JSON metadata: times, host, pid, donecache's
-    version and ``version``. If the block raises or the process dies, no
-    marker is written and the pieces stay, so the next run resumes.
+    The directory is created with its parents and, while the block runs, locked against other processes and
+    threads building it: one that waited finds ``stage.done`` (checked under the lock) True. When the block
+    ends normally, the marker file (``marker``, default ``DONE``) is written atomically with JSON metadata:
+    times, host, pid, donecache's version and ``version``. If the block raises or the process dies, there is
+    no marker and the pieces stay, so the next run resumes. ``stage.path`` is the directory as a Path.
 
-    version: a str or int naming your code's or data's version; a stage whose
-        marker records another version counts as not done, and its stale marker
-        is removed before rebuilding.
-    fresh: when the stage is not done, empty the directory first instead of
-        resuming from the pieces of an earlier run.
-    durable: fsync each piece as it is written and every file of the stage
-        before writing the marker, so that neither the marker nor a rerun that
-        resumes trusts a piece that a power failure emptied.
+    version: a str, an int or a tuple of them naming your code's or data's version; a stage whose marker
+        records another version counts as not done, and its stale marker is removed before rebuilding.
+    fresh: when the stage is not done, empty it first instead of resuming from the pieces of an earlier run.
+    durable: fsync each piece as it is written and every file of the stage before the marker, so that neither
+        the marker nor a rerun that resumes trusts a piece that a power failure emptied.
     timeout: seconds to wait for another builder before TimeoutError.
-    expect: make this a shared stage, which many processes or hosts fill at
-        once: a count of pieces, or an iterable of the pieces' names. Each
-        builder holds the lock only briefly, on entry and on exit, and writes
-        its own pieces meanwhile. On a normal exit it lists the pieces under
-        the lock; the builder that finds every expected piece present writes
-        the marker, exactly once. The others leave without one, with
-        ``stage.done`` False. Every builder of the stage must pass the same
-        ``expect``; ``fresh`` cannot be combined with it.
-
-    What ``with done_dir(...) as stage`` gives is the Stage: ``stage.done``
-    (checked while holding the lock), ``stage.path``, ``stage.piece()`` and
-    ``stage.has()``.
+    expect: make this a shared stage, which many processes or hosts fill at once: a count of pieces, or an
+        iterable of their names. Each builder holds the lock only on entry and on exit; the one whose exit
+        finds every expected piece present writes the marker, exactly once, and the others leave with
+        ``stage.done`` False. Every builder must pass the same ``expect``; ``fresh`` cannot be combined with it.
     """
 
     def __init__(
@@ -1638,15 +1446,13 @@ class Stage:
 
         self._root = os.path.abspath(_fspath(directory, "directory"))
         self._marker_file = _marker_path(self._root, marker)
-        self.path = Path(self._root)
-        self.marker = marker
         if version is not None:
             _version_text(version)  # An unusable version fails before the stage is entered.
-        self.version = version
-        self.done = False
+        self.path, self.marker, self.version, self.done = Path(self._root), marker, version, False
         self._fresh, self._durable, self._timeout = fresh, durable, timeout
         self._lock: _KeyLock | None = None
         self._builder: _KeyLock | None = None  # A shared builder's own lock (see _announce).
+        # A shared stage waits for a count of pieces (an int) or for every one of some pieces (their names).
         self._expect = None if expect is None else self._expected(expect)
         if self._expect is not None and fresh:
             raise ValueError(
@@ -1654,12 +1460,12 @@ class Stage:
                 "stage would throw away the pieces of the other builders; empty it once, before they start"
             )
 
-    def _expected(self, expect: int | Iterable[StrPath]) -> _Expected:
+    def _expected(self, expect: int | Iterable[StrPath]) -> int | frozenset[str]:
         """Check ``expect=``: a count of pieces, or their names (relative to the stage, normalised)."""
         if isinstance(expect, int) and not isinstance(expect, bool):
             if expect < 0:
                 raise ValueError(f"expect={expect} is negative; pass the number of pieces the stage must hold")
-            return _Expected(expect, None)
+            return expect
         if isinstance(expect, (str, bytes, os.PathLike)) or not isinstance(expect, _collections_abc.Iterable):
             raise TypeError(
                 f"expect must be a count of pieces or an iterable of piece names, not {type(expect).__name__}"
@@ -1676,7 +1482,7 @@ class Stage:
             if rel in names:
                 raise ValueError(f"expect= names the piece {rel!r} twice; each piece counts once")
             names.add(rel)
-        return _Expected(len(names), frozenset(names))
+        return frozenset(names)
 
     def __repr__(self) -> str:
         return f"Stage({self._root!r}, done={self.done})"
@@ -1688,19 +1494,17 @@ class Stage:
             raise _os_error(errno.ENOTDIR, root, message)
         self._pid = os.getpid()
         if _marker_counts(self._marker_file, self.version):
-            # Finished: seeing that needs no lock, and no write (the stage may
-            # be on a read-only filesystem). A builder that would rebuild it
-            # removes the marker first, under the lock.
+            # Finished: seeing that needs no lock, and no write (the stage may be on a read-only
+            # filesystem). A builder that would rebuild it removes the marker first, under the lock.
             self.done = True
             return self
-        self._take_lock()
+        lock = self._take_lock()
         try:
             import json
 
             # For `python -m donecache status`: who is building (read only while the lock is held).
-            assert self._lock is not None
             who = json.dumps(_who()).encode("utf-8")
-            self._lock.note(who)
+            lock.note(who)
             self.done = _marker_counts(self._marker_file, self.version)
             if not self.done:
                 self._begin()
@@ -1734,10 +1538,9 @@ class Stage:
         if marked:
             os.unlink(self._marker_file)  # Stale: it must not count while we rebuild.
         building = _read_text(os.path.join(root, _STAGE_VERSION))
-        # The pieces belong to the version whose build started last, or (for a stage
-        # made before versions were recorded) to the one its old marker names; a
-        # marker that names none, with no version recorded, is an unversioned
-        # build's: another version (issue 18).
+        # The pieces belong to the version whose build started last, or (for a stage made before
+        # versions were recorded) to the one its old marker names; a marker that names none, with
+        # no version recorded, is an unversioned build's: another version (issue 18).
         other = wanted is not None and (building or old or ("" if marked else wanted)) != wanted
         if self._fresh or other:
             for name in os.listdir(root):
@@ -1751,9 +1554,7 @@ class Stage:
         if wanted is not None and (building != wanted or self._fresh or other):
             _write_bytes(os.path.join(root, _STAGE_VERSION), wanted.encode("utf-8"), durable=self._durable)
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         try:
             # A forked child that leaves the block did not build the stage.
             if exc_type is None and not self.done and os.getpid() == self._pid:
@@ -1769,7 +1570,7 @@ class Stage:
                 _discard(builder.path)
                 builder.release()
 
-    def _take_lock(self) -> None:
+    def _take_lock(self) -> _KeyLock:
         root = self._root
         try:
             _make_dirs(root, durable=self._durable)
@@ -1780,22 +1581,20 @@ class Stage:
         except OSError as exc:
             raise _error_about(exc, root, "create or lock the stage directory", "check its path and permissions") from exc
         self._lock = lock
+        return lock
 
-    def _finish_shared(self, expect: _Expected) -> bool:
-        """Write the marker if every expected piece is present and nobody has yet; True if the stage is done.
-
-        Pieces only ever appear by a rename, so a piece that is listed is
-        whole. Under the lock, two builders cannot both see "complete, no
-        marker", and the marker cannot appear before the last piece.
-        """
+    def _finish_shared(self, expect: int | frozenset[str]) -> bool:
+        """Write the marker if every expected piece is present and nobody has; True if the stage is done. Pieces
+        appear only by a rename, so a listed piece is whole; under the lock, two builders cannot both see
+        "complete, no marker", and the marker cannot appear before the last piece."""
         self._take_lock()
         if _marker_counts(self._marker_file, self.version):
             return True
-        if not expect.met_by(_retry_stale(self._pieces)):
+        present = _retry_stale(self._pieces)
+        if not (present >= expect if isinstance(expect, frozenset) else len(present) >= expect):
             return False
-        # Complete: a temporary file left is a crashed writer's, or a live
-        # builder's (a late duplicate, an atomic_path() into the stage), which
-        # must be left to it.
+        # Complete: a temporary file left is a crashed writer's, or a live builder's (a late
+        # duplicate, an atomic_path() into the stage), which must be left to it.
         now = time.time()
         for temp in _temp_files(self._root):
             if _writer_gone(temp, now):
@@ -1832,16 +1631,11 @@ class Stage:
         if self._durable:
             _flush_tree(self._root)
         finished = time.time()
-        metadata = {
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._started)),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(finished)),
-            "duration_s": round(finished - self._started, 6),
-            **_who(),
-            "donecache": __version__,
-            "version": self.version,
-        }
+        started, ended = (time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t)) for t in (self._started, finished))
+        metadata = {"started": started, "finished": ended, "duration_s": round(finished - self._started, 6), **_who()}
+        metadata.update(donecache=__version__, version=self.version)
         if self._expect is not None:
-            metadata["expect"] = self._expect.count
+            metadata["expect"] = self._expect if isinstance(self._expect, int) else len(self._expect)
         _write_bytes(self._marker_file, json.dumps(metadata, indent=1).encode("utf-8") + b"\n", durable=self._durable)
 
     def _piece_path(self, name: StrPath) -> Path:
@@ -1849,12 +1643,7 @@ class Stage:
 
         rel = _fspath(name, "piece name")
         parts = PurePath(rel).parts if rel and not os.path.isabs(rel) else ()
-        if (
-            not parts
-            or ".." in parts
-            or _is_stage_file(parts[0], self.marker)
-            or any(_is_temp_name(p) for p in parts)
-        ):
+        if not parts or ".." in parts or _is_stage_file(parts[0], self.marker) or any(map(_is_temp_name, parts)):
             raise ValueError(
                 f"piece name {rel!r} must be a relative path inside the stage, "
                 f"and not its marker {self.marker!r} or lock file"
@@ -1862,11 +1651,10 @@ class Stage:
         return self.path / rel
 
     def _folders_of(self, path: Path) -> None:
-        """Refuse a piece whose folders (between the stage and it) are not all real
-        directories: through a symlinked folder planted inside the stage (by
-        anyone who can write there), a piece would be written outside it (issue
-        18). Checked with lstat, never following a link, up to the first folder
-        that is missing; one swapped for a link after the check is not caught."""
+        """Refuse a piece whose folders (between the stage and it) are not all real directories: through a
+        symlinked folder planted inside the stage (by anyone who can write there), a piece would be written
+        outside it (issue 18). Checked with lstat, never following a link, up to the first folder that is
+        missing; one swapped for a link after the check is not caught."""
         folder = self._root
         for part in os.path.relpath(path.parent, folder).split(os.sep):
             if part == os.curdir:
@@ -1877,12 +1665,13 @@ class Stage:
             except FileNotFoundError:
                 return
             if not stat.S_ISDIR(st.st_mode):
+                piece = os.path.relpath(path, self._root)
                 raise _os_error(
                     errno.ENOTDIR,
                     folder,
-                    f"cannot write the piece {os.path.relpath(path, self._root)!r} of stage {self._root!r}: "
-                    f"{folder!r} is {_kind_of(st.st_mode)}, not a directory, and pieces are written only into real "
-                    "directories inside the stage (a link could lead outside it); remove it and run again",
+                    f"cannot write the piece {piece!r} of stage {self._root!r}: {folder!r} is {_kind_of(st.st_mode)}, "
+                    "not a directory, and pieces are written only into real directories inside the stage (a link "
+                    "could lead outside it); remove it and run again",
                 )
 
     def has(self, name: StrPath) -> bool:
@@ -1892,10 +1681,9 @@ class Stage:
     def piece(self, name: StrPath, make: Callable[[], str | bytes]) -> Path:
         """Write one piece unless an earlier run already wrote it; return its path.
 
-        ``make()`` is called only when the piece is missing. A str is written
-        as UTF-8 and bytes as they are, atomically, so an interrupted run never
-        leaves a torn piece that a rerun would trust. Names may contain
-        subdirectories (``"shard-3/42.json"``).
+        ``make()`` is called only when the piece is missing. A str is written as UTF-8 and bytes as they
+        are, atomically, so an interrupted run never leaves a torn piece that a rerun would trust. Names may
+        contain subdirectories (``"shard-3/42.json"``).
         """
         path = self._piece_path(name)
         self._folders_of(path)
@@ -1908,17 +1696,15 @@ class Stage:
             raise TypeError(f"make() for piece {os.fspath(name)!r} must return str or bytes, not {type(data).__name__}")
         self._folders_of(path)  # Again: make() may have taken long.
         _make_dirs(str(path.parent))  # When durable, the flush before the marker reaches them.
-        # A durable piece's data is flushed before its rename: a rerun after a power
-        # cut trusts every piece whose name survived, and ext4 can keep a rename
-        # without the data. Its directory is flushed before the marker; in a shared
-        # stage at once: the builder that writes the marker may be on another host.
+        # A durable piece's data is flushed before its rename: a rerun after a power cut trusts every
+        # piece whose name survived, and ext4 can keep a rename without the data. Its directory is
+        # flushed before the marker; in a shared stage at once: the marker's writer may be on another host.
         try:
             _write_bytes(str(path), bytes(data), durable=self._durable and self._expect is not None, whole=self._durable)
         except FileNotFoundError:
             if not path.exists():
                 raise
-            # Another builder wrote the same piece and finished the stage,
-            # sweeping this temporary file: the piece is there all the same.
+            # Another builder wrote this piece and finished the stage, sweeping our temporary file: it is there.
         return path
 
 
@@ -4023,26 +3809,22 @@ def file_digest(path: StrPath, *, quick: bool = False) -> str:
 # ---------------------------------------------------------------------------
 # Code identity
 #
-# When no version= is given, a memoized function's entries belong to its code:
-# the syntax tree of its source (docstrings aside), the module-level values it
-# reads (by canonical value), and the functions, classes and modules of the
-# user's own code that it reaches, followed transitively. Installed
-# distributions count by their RECORD (the hashes of their files), the standard
-# library not at all. What cannot be followed (eval, open, the environment, a
-# value with no canonical form) is named in one warning. docs/identity.md has
-# the rules in full.
+# Without version=, a memoized function's entries belong to its code: its syntax
+# tree (docstrings aside), the module-level values it reads (by canonical value),
+# and the user's own functions, classes and modules it reaches, transitively.
+# Installed distributions count by their RECORD (the hashes of their files), the
+# standard library not at all. What cannot be followed (eval, open, the
+# environment, a value with no canonical form) is named in one warning. The rules
+# in full: docs/identity.md.
 # ---------------------------------------------------------------------------
 
-_SITE_DIRS = ("site-packages", "dist-packages")
 # Read from the syntax tree, never from the text: fields that say how it was written.
 _TREE_SKIP = frozenset({"kind", "type_comment", "lineno", "col_offset", "end_lineno", "end_col_offset"})
 _DOCUMENTED = ("FunctionDef", "AsyncFunctionDef", "ClassDef")
-_UNSEEN = {  # Names whose use donecache cannot follow, and what they do.
-    "eval": "eval()", "exec": "exec()", "open": "open() (files read at run time)", "__import__": "__import__()",
-    "import_module": "importlib.import_module()", "environ": "os.environ", "getenv": "os.getenv()",
-}
+# Names whose use donecache cannot follow, and what they do.
+_UNSEEN = {"eval": "eval()", "exec": "exec()", "open": "open() (files read at run time)", "__import__": "__import__()",
+           "import_module": "importlib.import_module()", "environ": "os.environ", "getenv": "os.getenv()"}
 _WHOLE_MODULE = frozenset({"getattr", "globals", "vars"})
-_SYNCHRONIZATION = frozenset({"_thread", "threading", "multiprocessing.synchronize", "asyncio.locks"})
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__firstlineno__",
                          "__static_attributes__", "__annotations__", "__orig_bases__", "__parameters__"})
 _SINK_METHODS = frozenset({"append", "extend", "add", "update", "insert", "clear", "discard", "remove"})
@@ -4081,8 +3863,7 @@ def _dist_infos(site: str) -> list[str]:
 
 
 def _distribution(site: str, name: str, top: str) -> str:
-    """An installed distribution by its RECORD's digest (the hashes of its files): a
-    package reinstalled under the same version number counts as new code."""
+    """An installed distribution by its RECORD's digest: a reinstall under the same version counts as new code."""
     name = name.partition(".")[0]  # pkg, pkg.py, pkg.cpython-311-x86_64-linux-gnu.so
     owners = _learnt.get(("site", site))
     if owners is None:  # Which distribution installed each top-level name, once per site directory.
@@ -4115,9 +3896,8 @@ def _distribution(site: str, name: str, top: str) -> str:
 
 
 def _library(obj: Any) -> str | None:
-    """How code counts, decided by where its file lives (not by its module's name):
-    None for the user's own code (followed), "" for the standard library and
-    built-ins, and "library <distribution> <RECORD digest>" for an installed one."""
+    """How code counts, by where its file lives (not its module's name): None for the user's own (followed),
+    "" for the standard library and built-ins, "library <distribution> <RECORD digest>" for an installed one."""
     module = obj.__name__ if isinstance(obj, type(sys)) else getattr(obj, "__module__", None) or ""
     file = _origin_file(obj)
     top = module.partition(".")[0]
@@ -4133,7 +3913,7 @@ def _library(obj: Any) -> str | None:
             _learnt["stdlib"] = os.path.join(os.path.realpath(os.path.dirname(os.__file__)), "")
         path = os.path.realpath(file)
         parts = path.split(os.sep)
-        site = next((i for i, part in enumerate(parts) if part in _SITE_DIRS), None)
+        site = next((i for i, part in enumerate(parts) if part in ("site-packages", "dist-packages")), None)
         if site is not None and site + 1 < len(parts):
             found: str | None = _distribution(os.sep.join(parts[: site + 1]), parts[site + 1], top)
         else:
@@ -4156,28 +3936,26 @@ def _tree_text(node: Any, out: list[str], texts: dict[int, str]) -> None:
             _tree_text(item, out, texts)
             out.append(",")
         out.append("]")
-        return
-    if not isinstance(node, ast.AST):
+    elif not isinstance(node, ast.AST):
         out.append(repr(node))
-        return
-    if id(node) in texts:  # A nested def or class, digested already.
+    elif id(node) in texts:  # A nested def or class, digested already.
         out.append(texts[id(node)])
-        return
-    kind = type(node).__name__
-    out.append(kind + "(")
-    for name, value in ast.iter_fields(node):
-        # Empty fields are left out: 3.12 added type_params, and 3.13's ast leaves empties out.
-        if name in _TREE_SKIP or value is None or (isinstance(value, list) and not value):
-            continue
-        if name == "body" and kind in _DOCUMENTED and isinstance(value[0], ast.Expr):
-            if isinstance(value[0].value, ast.Constant) and isinstance(value[0].value.value, str):
-                value = value[1:]  # The docstring.
-        elif name == "decorator_list":  # memoize's own options (ttl=, path) are not the code.
-            value = [d for d in value if _decorator_name(d) != "memoize"]
-        out.append(name + "=")
-        _tree_text(value, out, texts)
-        out.append(",")
-    out.append(")")
+    else:
+        kind = type(node).__name__
+        out.append(kind + "(")
+        for name, value in ast.iter_fields(node):
+            # Empty fields are left out: 3.12 added type_params, and 3.13's ast leaves empties out.
+            if name in _TREE_SKIP or value is None or (isinstance(value, list) and not value):
+                continue
+            if name == "body" and kind in _DOCUMENTED and isinstance(value[0], ast.Expr):
+                if isinstance(value[0].value, ast.Constant) and isinstance(value[0].value.value, str):
+                    value = value[1:]  # The docstring.
+            elif name == "decorator_list":  # memoize's own options (ttl=, path) are not the code.
+                value = [d for d in value if _decorator_name(d) != "memoize"]
+            out.append(name + "=")
+            _tree_text(value, out, texts)
+            out.append(",")
+        out.append(")")
 
 
 def _nested_codes(code: Any) -> list[Any]:
@@ -4223,16 +4001,13 @@ def _parse_source(path: str, data: bytes) -> dict[str, Any] | None:
             line = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", ())])
             found = functions.setdefault(f"{line} {getattr(node, 'name', '<lambda>')}", ["", []])
             found[0] = digest + ";" + found[0]
-    canonical = _Canonical()
     for inner in _nested_codes(code)[1:]:
-        digests = functions.setdefault(f"{inner.co_firstlineno} {inner.co_name}", ["", []])[1]
-        digests.append(_digest_text(canonical.bytecode(inner))[:16])
+        functions.setdefault(f"{inner.co_firstlineno} {inner.co_name}", ["", []])[1].append(_code_digest(inner))
     return {"functions": functions, "classes": classes}
 
 
 def _source_notes(path: str, notes: dict[str, Any] | None) -> dict[str, Any] | None:
-    """_parse_source's answer, per path, size and mtime: from this process, else the
-    store's notes (an earlier process's), else by parsing."""
+    """_parse_source's answer by path, size and mtime: this process's, else the store's notes, else parsed."""
     try:
         st = os.stat(path)
     except (OSError, ValueError):
@@ -4271,15 +4046,6 @@ def _is_constant(value: Any) -> bool:
     return kind in _SCALARS or ((kind is tuple or kind is frozenset) and all(map(_is_constant, value)))
 
 
-def _code_names(code: Any) -> set[str]:
-    """The global and attribute names it reads."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if hasattr(const, "co_code"):
-            names |= _code_names(const)
-    return names
-
-
 def _loads(code: Any) -> tuple[set[str], set[str]]:
     """The names it loads as globals or builtins, and those it uses only to add to
     (calls.append(x), seen.add(x)): outputs, not inputs, so their contents do not count."""
@@ -4299,18 +4065,15 @@ def _loads(code: Any) -> tuple[set[str], set[str]]:
 
 
 def _imported_in(code: Any, package: str) -> list[Any]:
-    """The modules its import statements name, imported now (the call is about to);
-    a module that fails to import is left to the call."""
+    """The modules its imports name, imported now (the call is about to; one that fails is left to the call)."""
     import dis
     import importlib.util
 
-    found, todo = [], [code]
-    while todo:  # Not _nested_codes: most code imports nothing, and this runs for every function followed.
-        code = todo.pop()
-        todo += [const for const in code.co_consts if hasattr(const, "co_code")]
-        if dis.opmap["IMPORT_NAME"] not in code.co_code[::2]:
+    found = []
+    for inner in _nested_codes(code):
+        if dis.opmap["IMPORT_NAME"] not in inner.co_code[::2]:  # Most code imports nothing: no dis for it.
             continue
-        instructions = list(dis.get_instructions(code))
+        instructions = list(dis.get_instructions(inner))
         for index, here in enumerate(instructions):
             if here.opname != "IMPORT_NAME" or index < 2:
                 continue
@@ -4335,10 +4098,11 @@ def _count_exec(event: str, args: tuple[Any, ...]) -> None:
         _exec_count[0] += 1
 
 
-# Functions and classes passed as arguments: their code, worked out once per
-# object (following a function's code costs milliseconds).
+# Functions and classes passed as arguments: their code, worked out once per object (following code costs ms).
 _argument_codes: weakref.WeakKeyDictionary[Any, str] | None = None  # Made by _runtime_imports.
 _WEAK_TABLES["_argument_codes"] = "WeakKeyDictionary"
+
+
 class _CodeIdentity:
     """What a function's code depends on (texts to digest), the bindings it read (to
     notice a redefinition or a reload) and what it could not see (to warn about)."""
@@ -4357,9 +4121,8 @@ class _CodeIdentity:
         return _digest_text("\0".join(sorted(self.parts)))[:16]
 
     def same(self, home: Any) -> Callable[[], bool]:
-        """A check, run before each call, that the bindings read are the same objects: those
-        in ``home`` (a script's, a notebook's globals) at every call, the others after an
-        exec() ran (a cell, a reload, an import): a hit costs a few dict reads."""
+        """A check, before each call, that the bindings read are the same objects: those in ``home`` (a script's,
+        a notebook's globals) at every call, the others after an exec() (a cell, a reload, an import)."""
         if not _exec_count:
             _exec_count.append(0)
             try:
@@ -4391,9 +4154,7 @@ class _CodeIdentity:
         return same
 
     def _watch(self, mapping: Any, names: Iterable[str]) -> None:
-        found = self.watched.setdefault(id(mapping), (mapping, {}))[1]
-        for name in names:
-            found[name] = mapping.get(name)
+        self.watched.setdefault(id(mapping), (mapping, {}))[1].update({name: mapping.get(name) for name in names})
 
     def follow(self, obj: Any, root: bool = False) -> None:
         """Add a function, class or callable object, and what it uses, unless it is library code."""
@@ -4469,7 +4230,7 @@ class _CodeIdentity:
     def uses(self, func: Any) -> None:
         """What ``func`` reads (globals, modules, closure, defaults); what cannot be followed."""
         code = func.__code__
-        names = _code_names(code)
+        names = {name for inner in _nested_codes(code) for name in inner.co_names}  # Globals and attributes read.
         scope = getattr(func, "__globals__", {})
         where = _reference(func)
         self._watch(scope, names & scope.keys())
@@ -4543,7 +4304,7 @@ class _CodeIdentity:
             if callable(value) and not inspect.isbuiltin(value) and not kind.__module__.startswith("numpy"):
                 self.follow(value)
                 return f"<code {_reference(value)}>"
-            if kind.__module__ in _SYNCHRONIZATION:
+            if kind.__module__ in ("_thread", "threading", "multiprocessing.synchronize", "asyncio.locks"):
                 return f"<{kind.__name__}>"  # A lock is how the code waits, not what it computes.
             if not isinstance(value, type(sys)) and _library(kind) is None:
                 self.follow(kind)
@@ -4573,11 +4334,9 @@ class _CodeIdentity:
             pass
         library = _library(obj)  # Decided by where its file lives (a script's module is its own code).
         if library is None:
-            # A class whose attributes hold its own instances (every Enum) reaches
-            # itself again while its code is worked out: that inner mention is the
-            # code being digested, not a new one to follow. Followed again, it
-            # recursed until RecursionError, whose fallback text depended on the
-            # caller's stack depth: the same argument got another key per call site.
+            # A class whose attributes hold its own instances (every Enum) reaches itself while its code is worked
+            # out: that is the code being digested. Followed again, it recursed until RecursionError, whose fallback
+            # text depended on the caller's stack depth: the same argument got another key per call site.
             working = (_thread.get_ident(), id(obj))
             if working in cls._working:
                 return " <itself>"
@@ -4601,8 +4360,7 @@ _argument_code = _CodeIdentity.argument_code  # Bound once: keys ask for it at e
 
 
 def _follow(func: Any, store: str | None = None) -> _CodeIdentity:
-    """Follow ``func``; what was learnt of source files is kept in ``store`` (.sources/, per
-    interpreter), so that a new process need not parse them again."""
+    """Follow ``func``, keeping what source files told in ``store``/.sources (per interpreter) for later processes."""
     import json
 
     path = os.path.join(store, ".sources", f"{sys.implementation.cache_tag}.json") if store else None
@@ -4656,10 +4414,8 @@ def _closure_text(func: Any) -> str:
     try:
         return "closure " + _text(tuple(values)) + ";"
     except (TypeError, ValueError, RecursionError) as exc:
-        raise TypeError(
-            f"{getattr(func, '__qualname__', func)}(): the arguments of the partial cannot be part of a "
-            f"cache key: {exc}"
-        ) from None
+        qualname = getattr(func, "__qualname__", func)
+        raise TypeError(f"{qualname}(): the arguments of the partial cannot be part of a cache key: {exc}") from None
 
 
 # -- the key: a call's arguments, with the code passed in them -------------------
@@ -4669,9 +4425,8 @@ def _is_big(value: Any) -> bool:
     return (type(value) is str or type(value) is bytes) and len(value) > _BIG_VALUE
 
 
-def _make_key(
-    prefix: bytes, closure: str, values: tuple[Any, ...], arguments: _Arguments, blake2b: Callable[..., Any]
-) -> bytes:
+def _make_key(prefix: bytes, closure: str, values: tuple[Any, ...], arguments: _Arguments,
+              blake2b: Callable[..., Any]) -> bytes:
     """``prefix`` (identity and code digest), the closure's text, then a call's bound values."""
     text = None
     if _SCALARS.issuperset(map(type, values)) and not any(map(_is_big, values)):
@@ -4693,9 +4448,8 @@ def _make_key(
             out.append(",")
         text = "".join(out)
     raw = (closure + text).encode("utf-8", "surrogatepass")
-    # Short texts (a few scalars, the common case) go into the key as they are:
-    # the store hashes the key for the file name anyway, so hashing here too
-    # would cost a second digest on every call. Long ones are hashed to bound
+    # Short texts (a few scalars, the common case) go into the key as they are: the store hashes the key for the
+    # file name anyway, so hashing here too would cost a second digest on every call. Long ones are hashed to bound
     # the key. The tag keeps the two forms from ever meaning the same thing.
     if len(raw) <= _RAW_KEY_LIMIT:
         return prefix + b"=" + raw
@@ -6601,10 +6355,8 @@ def _cli_size(text: str | None) -> int | None:
     power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
     size = int(float(number) * (1000 if (suffix or "").lower() == "b" else 1024) ** power)
     if size < 1:
-        raise _UsageError(
-            f"--max-bytes {text!r}: give a positive size in bytes, or with K/KiB, M/MiB, G/GiB, T/TiB (powers of "
-            "1024) or KB, MB, GB, TB (of 1000): 1000000, 500M, 10MB, 2GiB"
-        )
+        raise _UsageError(f"--max-bytes {text!r}: give a positive size in bytes, or with K/KiB, M/MiB, G/GiB, T/TiB "
+                          "(powers of 1024) or KB, MB, GB, TB (of 1000): 1000000, 500M, 10MB, 2GiB")
     return size
 
 
@@ -6618,15 +6370,13 @@ def _cli_age(text: str | None) -> float | None:
     except (KeyError, ValueError):
         age = 0.0
     if not 0 < age < float("inf"):
-        raise _UsageError(
-            f"--older-than {text!r}: give a positive age with its unit, s, m, h or d: 3600s, 90m, 12h, 30d"
-        )
+        raise _UsageError(f"--older-than {text!r}: give a positive age with its unit, s, m, h or d: "
+                          "3600s, 90m, 12h, 30d")
     return age
 
 
 def _names(name: str, wanted: str | None) -> bool:
-    """Whether ``wanted`` names the function ``name`` (module:qualname): as printed,
-    dotted (module.qualname), or by its qualname alone; None names every function."""
+    """Whether ``wanted`` (None: every function) names ``name`` as printed, as module.qualname or by qualname."""
     return wanted is None or wanted in (name, name.partition(":")[2], name.replace(":", "."))
 
 
@@ -6639,16 +6389,13 @@ def _message_pattern(message: str) -> str:
 
 
 def _cli_store(path: str, flag: str) -> _EntryFiles:
-    """The store at ``path``, refusing anything that is not one: the command line
-    never writes into, or labels, a directory that donecache did not make."""
+    """The store at ``path``: the command line never writes into, or labels, a directory donecache did not make."""
     if not os.path.isdir(path):
         what = "not a directory" if os.path.exists(path) else "no such directory"
         raise _UsageError(f"{path}: {what}; give the path of a cache directory (by default .donecache)")
     if not _is_store(path):
-        raise _UsageError(
-            f"{path}: not a donecache store (there is no CACHEDIR.TAG written by donecache in it); "
-            "give the path of a cache directory, such as the .donecache directory beside your script"
-        )
+        raise _UsageError(f"{path}: not a donecache store (there is no CACHEDIR.TAG written by donecache in it); "
+                          "give the path of a cache directory, such as the .donecache directory beside your script")
     # Trusted whoever owns it: the command line reads keys, heads and JSON, never a value.
     return _EntryFiles(path, flag, False, trust_shared=True)
 
@@ -6666,10 +6413,8 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
         if found.entry is None:
             damaged += 1
             continue
-        row = each.setdefault(
-            _function_of(found.entry.key),
-            {"entries": 0, "bytes": 0, "disk_bytes": 0, "expired": 0, "stale": 0, "compute_seconds": 0.0},
-        )
+        fresh = {"entries": 0, "bytes": 0, "disk_bytes": 0, "expired": 0, "stale": 0, "compute_seconds": 0.0}
+        row = each.setdefault(_function_of(found.entry.key), fresh)
         created = found.entry.created
         if not found.entry.live(now):
             expired += 1
@@ -6699,12 +6444,9 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
 def _cli_info(args: Any) -> tuple[int, Any, list[str]]:
     report = _survey(_cli_store(args.path, "r"), time.time())
     entries = report["entries"]
-    lines = [
-        f"cache {report['path']}",
-        f"  {entries['live']:,} entries, {_human(report['bytes'])} ({_human(report['disk_bytes'])} on disk); "
-        f"{entries['expired']:,} expired, {entries['damaged']:,} damaged, "
-        f"{report['temporary_files']:,} temporary files left by crashed writers",
-    ]
+    lines = [f"cache {report['path']}", f"  {entries['live']:,} entries, {_human(report['bytes'])} "
+             f"({_human(report['disk_bytes'])} on disk); {entries['expired']:,} expired, "
+             f"{entries['damaged']:,} damaged, {report['temporary_files']:,} temporary files left by crashed writers"]
     for name, row in report["per_function"].items():
         line = f"    {row['entries']:,} entries, {_human(row['bytes'])}"
         if row["entries"]:
@@ -6725,9 +6467,8 @@ def _cli_clear(args: Any) -> tuple[int, Any, list[str]]:
     if wanted is None:
         removed = files.clear()
     else:
-        # The top level holds donecache.open() keys (and memoize entries of
-        # donecache 0.1): judged key by key. A function folder holds one
-        # function's entries: the first head that can be read names it.
+        # The top level holds donecache.open() keys (and memoize entries of donecache 0.1): judged key by key.
+        # A function folder holds one function's entries: the first head that can be read names it.
         removed = files.clear(matches, folder="")
         for folder in files.folders():
             entry = next((found.entry for found in files.scan(folder) if found.entry is not None), None)
@@ -6773,12 +6514,8 @@ def _cli_failures(args: Any) -> tuple[int, Any, list[str]]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.time))
         old = "" if record.current else "  (older code)"
         lines.append(f"{when}  {record.function}({record.label}){old}\n    {record.type}: {record.message}")
-    report = {
-        "path": files.root,
-        "summary": [{"type": kind, "message": message, "inputs": count} for (kind, message), count in summary],
-        "older_code": older,
-        "failures": [record.as_dict() for record in records],
-    }
+    rows = [{"type": kind, "message": message, "inputs": count} for (kind, message), count in summary]
+    report = {"path": files.root, "summary": rows, "older_code": older, "failures": [r.as_dict() for r in records]}
     return (0 if records else 1), report, lines
 
 
@@ -6831,10 +6568,8 @@ def main(argv: list[str] | None = None) -> int:
     # The console script `donecache` (pyproject.toml) or `python -m donecache`.
     prog = "donecache" if os.path.basename(sys.argv[0]) in ("donecache", "donecache.exe") else "python -m donecache"
     parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Inspect and clean donecache stores and stage directories. "
-        "Exit codes: 0 success, 1 not done or nothing matched, 2 usage error or missing path.",
-    )
+        prog=prog, description="Inspect and clean donecache stores and stage directories. Exit codes: 0 success, 1 not "
+        "done or nothing matched, 2 usage error or missing path.")
     parser.add_argument("--version", action="version", version=f"donecache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
@@ -6852,11 +6587,8 @@ def main(argv: list[str] | None = None) -> int:
     command("info", _cli_info, "entries, bytes and expired entries of a cache, counted per function")
     command("clear", _cli_clear, "remove a cache's entries (all, or one function's)", function=True)
     command("verify", _cli_verify, "check every byte of every entry (exit 1 if any is damaged)")
-    failures = command(
-        "failures", _cli_failures,
-        "list the inputs that failed in batches, from the store's ledger, with a summary by exception (exit 1 if none)",
-        function=True,
-    )  # fmt: skip
+    failures = command("failures", _cli_failures, "list the inputs that failed in batches, from the "
+                       "store's ledger, with a summary by exception (exit 1 if none)", function=True)
     failures.add_argument("--all", action="store_true", help="also the failures of functions' older code")
     failures.add_argument("--older-than", metavar="AGE", help="only records older than AGE: 3600s, 90m, 12h, 30d")
     chosen = "remove the records chosen (by --function, --older-than)"
@@ -6866,12 +6598,9 @@ def main(argv: list[str] | None = None) -> int:
     prune.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     prune.add_argument(
         "--max-bytes", metavar="SIZE", help="then evict the least recently used entries until the entries take at "
-        "most SIZE on disk: bytes, or K, M, G, T for KiB, MiB, GiB, TiB (1000000, 500M, 2G)",
-    )  # fmt: skip
-    prune.add_argument(
-        "--older-than", metavar="AGE", help="then evict the entries not used (read or written) within AGE: 3600s, 90m, "
-        "12h, 30d",
-    )  # fmt: skip
+        "most SIZE on disk: bytes, or K, M, G, T for KiB, MiB, GiB, TiB (1000000, 500M, 2G)")
+    prune.add_argument("--older-than", metavar="AGE", help="then evict the entries not used (read or written) within "
+                       "AGE: 3600s, 90m, 12h, 30d")
     stages = "say whether stage directories are done, incomplete or missing"
     status = command("status", _cli_status, stages, store=False)
     status.add_argument("directories", nargs="+", metavar="DIR", help="stage directories")
@@ -6888,9 +6617,8 @@ def main(argv: list[str] | None = None) -> int:
         print(*lines, sep="\n")
         return int(code)
     except BrokenPipeError:
-        # The reader went away (`donecache info | head -1`): stop quietly. stdout
-        # now points at /dev/null, so that the interpreter's final flush does not
-        # report the pipe again (Python docs, "Note on SIGPIPE" in signal).
+        # The reader went away (`donecache info | head -1`): stop quietly, stdout on /dev/null so that the
+        # interpreter's final flush does not report the pipe again (Python docs, "Note on SIGPIPE" in signal).
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)

@@ -3314,6 +3314,17 @@ def calls():
     return []
 
 
+def counted(tmp_path, calls, answer):
+    """A function memoized in tmp_path that appends to calls each time it runs and returns answer(value)."""
+
+    @dc.memoize(tmp_path)
+    def count(value):
+        calls.append(1)
+        return answer(value)
+
+    return count
+
+
 def test_memoize_bare_uses_dot_donecache_or_env(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DONECACHE_DIR", raising=False)
@@ -4450,10 +4461,16 @@ def other_pythons() -> list[str]:
     return found
 
 
-def test_entries_are_shared_across_cpython_versions(tmp_path):
+def assert_computed_once_across_pythons(tmp_path, job, *output):
+    """Runs the job on each other CPython: the first computes and prints output, the rest reuse it."""
     pythons = other_pythons()
     if len(pythons) < 2:
         pytest.skip("needs two of CPython 3.11, 3.12, 3.13")
+    outputs = [run_job(tmp_path, job, python=python) for python in pythons]
+    assert outputs == [["computed", *output]] + [list(output)] * (len(pythons) - 1), pythons
+
+
+def test_entries_are_shared_across_cpython_versions(tmp_path):
     job = """
         @dc.memoize(sys.argv[1])
         def transform(x):
@@ -4461,8 +4478,7 @@ def test_entries_are_shared_across_cpython_versions(tmp_path):
             return [x, {"a": (1, 2.5)}]
         print(transform(1) == [1, {"a": (1, 2.5)}])
     """
-    outputs = [run_job(tmp_path, job, python=python) for python in pythons]
-    assert outputs == [["computed", "True"]] + [["True"]] * (len(pythons) - 1), pythons
+    assert_computed_once_across_pythons(tmp_path, job, "True")
 
 
 def test_info_shows_stale_entries_and_prune_removes_them(tmp_path):
@@ -5116,9 +5132,6 @@ def test_functional_memoized_functions_keep_their_own_identity_when_pickled(tmp_
 
 
 def test_path_arguments_share_entries_across_cpython_versions(tmp_path):
-    pythons = other_pythons()
-    if len(pythons) < 2:
-        pytest.skip("needs two of CPython 3.11, 3.12, 3.13")
     job = """
         import pathlib
         @dc.memoize(sys.argv[1])
@@ -5127,8 +5140,7 @@ def test_path_arguments_share_entries_across_cpython_versions(tmp_path):
             return path.stem + pure.stem
         print(stem(pathlib.Path("/data/in.csv"), pathlib.PureWindowsPath("C:/data/b.txt")))
     """
-    outputs = [run_job(tmp_path, job, python=python) for python in pythons]
-    assert outputs == [["computed", "inb"]] + [["inb"]] * (len(pythons) - 1), pythons
+    assert_computed_once_across_pythons(tmp_path, job, "inb")
 
 
 def test_enum_and_dataclass_arguments_of_a_script_share_entries_with_its_import(tmp_path):
@@ -5253,12 +5265,7 @@ def test_file_digest_reads_a_file_rewritten_within_its_timestamps_tick(coarse_cl
 
 def test_pandas_values_are_keyed_by_what_they_hold(tmp_path, calls):
     pd = pytest.importorskip("pandas")
-
-    @dc.memoize(tmp_path)
-    def show(value):
-        calls.append(1)
-        return repr(value)
-
+    show = counted(tmp_path, calls, repr)
     one = pd.DataFrame({"a": [1, 2], "b": [3.0, 4.0]})
     split = pd.DataFrame({"a": [1, 2]})
     split["b"] = [3.0, 4.0]  # Another block layout, the same frame.
@@ -5288,12 +5295,7 @@ def test_pandas_values_are_keyed_by_what_they_hold(tmp_path, calls):
 
 def test_arrow_values_are_keyed_by_their_buffers(tmp_path, calls):
     pa = pytest.importorskip("pyarrow")
-
-    @dc.memoize(tmp_path)
-    def rows(table):
-        calls.append(1)
-        return len(table)
-
+    rows = counted(tmp_path, calls, len)
     values = [pa.table({"a": [1, 2, None], "s": ["x", "y", "z"]}), pa.table({"a": [1, 2, 3], "s": ["x", "y", "z"]}),
               pa.table({"a": [1, 2, None], "s": ["x", "y", "w"]}), pa.table({"l": [[1], [2, 3]]}),
               pa.table({"l": [[1, 2], [3]]}), pa.array(["a", "b"]).dictionary_encode(),
