@@ -6165,7 +6165,10 @@ class _Progress:
         elif progress is False:
             self.mode, self._every = "off", 0.0
         else:
+            import logging
+
             self.mode, self._every = "log", _LOG_EVERY if progress is None else float(progress)
+            self._logger = logging.getLogger("donecache")
 
     def watch(self, stream: Iterator[_Done], keep_going: bool) -> Iterator[_Done]:
         """Pass the stream on, counting; raise a failure unless ``keep_going``."""
@@ -6216,10 +6219,8 @@ class _Progress:
             sys.stderr.write(f"\r{self.snapshot(final)} ")
             sys.stderr.flush()
         elif not final or self._logged:  # A batch that ends before the first record logs nothing.
-            import logging
-
             self._logged = True
-            logging.getLogger("donecache").info("%s", self.snapshot(final))
+            self._logger.info("%s", self.snapshot(final))
 
     def close(self) -> None:
         self.update(final=True)
