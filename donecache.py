@@ -250,7 +250,7 @@ else:
     def _move_new(src: str, dst: str) -> None:
         # link(2) fails with EEXIST if dst exists, atomically, so a file that appeared meanwhile is never clobbered.
         # Filesystems without hard links (FAT, some SMB mounts) fall back to check-then-rename, which has a tiny
-        # window in which a concurrent creator can lose; the README says so.
+        # window in which a concurrent creator can lose; docs/atomic-writes.md says so.
         try:
             os.link(src, dst)
         except OSError as exc:
@@ -1716,42 +1716,30 @@ done_dir = Stage
 # Entry files: the format
 #
 # A store is a directory with one file per entry, written with the atomic
-# writer and named by a hash of its key: <root>/<2 hex>/<32 hex>. Each file
-# holds a header (format, checksum, times, lengths), the key and the pickled
-# value, so reads need no lock and no index, and a torn or damaged file reads
-# as missing.
+# writer and named by a hash of its key. Each file holds a header, the key and
+# the pickled value, so reads need no lock and no index, and a torn or damaged
+# file reads as missing.
 # ---------------------------------------------------------------------------
 
-# An entry file (format dcE2; all integers little-endian, lengths 64-bit):
-#
+# Format dcE2 (all integers little-endian, lengths 64-bit; docs/storage.md):
 #   header  magic "dcE2", head CRC, created and expires (Unix seconds; 0.0 =
 #           never), key length, stream length, stream CRC, buffer count, flags
-#   key     the key, then (from donecache 0.3) the entry's metadata: the
-#           seconds its computation took (a double) and the host that made it
-#           (UTF-8); flags bits 16-31 give the metadata's length, which key
-#           length includes (0.2 reads such an entry as another key's: a miss)
-#   stream  the pickle (protocol 5) of the value, less its big buffers
-#   buffers each of the pickle's out-of-band buffers (the data of NumPy arrays
-#           and pandas columns), at an offset aligned to 64 bytes
+#   key     the key, then (from 0.3) the entry's metadata: the seconds its computation
+#           took (a double) and the host that made it (UTF-8); flags bits 16-31 give
+#           its length, which key length includes (0.2 reads it as another key's)
+#   stream  the pickle (protocol 5) of the value, less its big buffers; flags bits
+#           0-7 name its codec (1 zlib, 2 lzma; buffers stay uncompressed, mappable)
+#   buffers the pickle's out-of-band buffers, each at an offset aligned to 64
 #   table   per buffer: its length and CRC-32; then the table's own CRC-32
-#
 # The head CRC covers the header after itself and the key; the table comes
-# last because its CRCs are computed while the buffers are written. Offsets
-# follow from the lengths, and the last buffer must end where the table
-# starts, at the file's size less the table's: a truncated or padded file is
-# damage. Flags bits 0-7 name the codec of a compressed stream (1 zlib,
-# 2 lzma); buffers are never compressed, so that they can still be mapped.
-# A read checks all of that and the stream's CRC (for a value with no
-# big buffers that covers every byte); the buffers' own CRCs cost more than
-# the whole read of a big value, so they are checked by verify() and prune(),
-# not on every hit. Format 1 (donecache 0.1, magic "dcE1") is no longer read:
-# such a file is damage, and its entry is computed again.
+# last because its CRCs are computed while the buffers are written. What each
+# read checks (not the buffers' CRCs on a hit: they cost more than the whole
+# read of a big value): docs/storage.md.
 _ENTRY_MAGIC = b"dcE2"
 _ENTRY_HEADER = struct.Struct("<4sIddQQIII")
 _BUFFER_ROW = struct.Struct("<QI")
 _META = struct.Struct("<d")  # The metadata's fixed part: the computation's seconds; the host follows.
 _seconds_of = _META.unpack_from
-_NO_META = memoryview(b"")
 _CODECS = {"zlib": 1, "lzma": 2}
 _OUT_OF_BAND = 1 << 16  # Buffers this big are written apart from the stream, and can be mapped.
 _MAX_BUFFERS = 4096  # Beyond this many, buffers stay in the stream: the table's size is bounded.
@@ -1775,22 +1763,6 @@ def _lzma() -> Any:
     return lzma
 
 
-def _datetimes_out_of_band(obj: Any) -> Any:
-    """NumPy pickles datetime64 and timedelta64 arrays inside the stream (no
-    PickleBuffer for them): a big one (a pandas datetime block) goes as its
-    int64 view, out of band, and comes back as ndarray.view(that, its dtype).
-    Nothing of donecache's is named in the pickle."""
-    ndarray = sys.modules["numpy"].ndarray
-    if (
-        type(obj) is ndarray
-        and obj.dtype.kind in "mM"
-        and obj.nbytes >= _OUT_OF_BAND
-        and (obj.flags.c_contiguous or obj.flags.f_contiguous)
-    ):
-        return ndarray.view, (obj.view("i8"), obj.dtype)
-    return NotImplemented
-
-
 _DatetimePickler: type[pickle.Pickler] | None = None  # Made by _runtime_imports; used while numpy is loaded.
 # Weak tables of the sections below (weakref is an import that `import donecache`
 # does without): each registers its global's name and weakref class here, and
@@ -1799,8 +1771,7 @@ _WEAK_TABLES: dict[str, str] = {}
 
 
 def _runtime_imports() -> None:
-    """Import and make what reading and writing entries needs (see the imports at
-    the top): called where a store is opened or a function decorated or rebuilt."""
+    """Import and make what entries need: called where a store is opened or a function decorated or rebuilt."""
     global pickle, collections, _DatetimePickler
     import collections
     import pickle
@@ -1808,8 +1779,16 @@ def _runtime_imports() -> None:
     if _DatetimePickler is None:
 
         class DatetimePickler(pickle.Pickler):
+            # NumPy pickles datetime64 and timedelta64 arrays in the stream (no PickleBuffer): a big
+            # one (a pandas datetime block) goes as its int64 view, out of band, and comes back as
+            # ndarray.view(that, its dtype). Nothing of donecache's is named in the pickle.
             def reducer_override(self, obj: Any) -> Any:
-                return _datetimes_out_of_band(obj)
+                ndarray = sys.modules["numpy"].ndarray
+                if type(obj) is ndarray and obj.dtype.kind in "mM" and obj.nbytes >= _OUT_OF_BAND and (
+                    obj.flags.c_contiguous or obj.flags.f_contiguous
+                ):
+                    return ndarray.view, (obj.view("i8"), obj.dtype)
+                return NotImplemented
 
         _DatetimePickler = DatetimePickler
     made = globals()
@@ -1821,16 +1800,14 @@ def _runtime_imports() -> None:
 
 
 class _Entry:
-    """One entry file as read: its key and times, and (unless only its head was
-    read) the pickle stream and the out-of-band buffers that load() joins."""
+    """An entry file as read: key, times and (unless only its head was read) the stream and buffers to load()."""
 
     __slots__ = ("key", "created", "expires", "stream", "buffers", "flags", "meta")
 
-    def __init__(self, key: bytes, created: float, expires: float) -> None:
-        self.key, self.created, self.expires = key, created, expires
+    def __init__(self, key: bytes, created: float, expires: float, flags: int = 0, meta: Any = b"") -> None:
+        self.key, self.created, self.expires, self.flags, self.meta = key, created, expires, flags, meta
         self.stream: Any = b""
         self.buffers: list[Any] = []
-        self.flags, self.meta = 0, _NO_META
 
     def live(self, now: float) -> bool:
         return not self.expires or now < self.expires
@@ -1852,41 +1829,22 @@ class _Entry:
         return pickle.loads(stream, buffers=self.buffers)
 
 
-class _Encoded:
-    """A value pickled for an entry file: the stream, and the big buffers kept
-    out of it (views of the value's own memory, not copies)."""
+class _Encoded(_Entry):
+    """A value pickled by _encode_entry (its buffers: views of the value's memory); a small one reads as itself."""
 
-    __slots__ = ("key", "expires", "stream", "buffers", "created", "meta", "codec")
-
-    def __init__(self, key: bytes, expires: float, stream: bytes, buffers: list[memoryview], meta: bytes) -> None:
-        self.key, self.expires, self.stream, self.buffers, self.meta = key, expires, stream, buffers, meta
-        self.created = 0.0  # Set by chunks(), when the header is made.
-        self.codec = 0
+    __slots__ = ()
 
     def nbytes(self) -> int:
         """The size of the file that chunks() makes (at most a few bytes more)."""
-        rows = sum(buffer.nbytes + _ALIGN + _BUFFER_ROW.size for buffer in self.buffers)
+        rows: int = sum(buffer.nbytes + _ALIGN + _BUFFER_ROW.size for buffer in self.buffers)
         return _ENTRY_HEADER.size + len(self.key) + len(self.meta) + len(self.stream) + rows + 4
 
-    def as_read(self) -> _Entry:
-        """The entry a read of the file would give (a small one: no buffers)."""
-        entry = _Entry(self.key, self.created, self.expires)
-        entry.stream = self.stream  # Compressed as written (the codec in flags), with its metadata.
-        entry.flags, entry.meta = self.codec | len(self.meta) << 16, memoryview(self.meta)
-        return entry
-
     def chunks(self) -> Iterator[Any]:
-        """The file's bytes, in pieces for _write_bytes: each buffer's CRC is
-        computed piece by piece, just before the piece is written."""
+        """The file's bytes, in pieces for _write_bytes (the table's CRCs computed as the buffers are written)."""
         key, stream, meta = self.key, self.stream, self.meta
-        self.created = time.time()
-        head = bytearray(
-            _ENTRY_HEADER.pack(
-                _ENTRY_MAGIC, 0, self.created, self.expires, len(key) + len(meta), len(stream),
-                zlib.crc32(stream), len(self.buffers), self.codec | len(meta) << 16,
-            )
-        )
-        head += key + meta
+        self.created, self.flags = time.time(), self.flags & 0xFF | len(meta) << 16  # The codec, and meta's length.
+        lengths = (len(key) + len(meta), len(stream), zlib.crc32(stream), len(self.buffers), self.flags)
+        head = bytearray(_ENTRY_HEADER.pack(_ENTRY_MAGIC, 0, self.created, self.expires, *lengths)) + key + meta
         head[4:8] = zlib.crc32(memoryview(head)[8:]).to_bytes(4, "little")
         if not self.buffers and len(stream) < _OUT_OF_BAND:
             yield head + stream  # A small entry in one write(2): copying it costs less than a system call.
@@ -1899,9 +1857,8 @@ class _Encoded:
             pad = -position % _ALIGN
             if pad:
                 yield bytes(pad)
-            # A big buffer's CRC is computed by a helper thread while this one
-            # writes it (zlib.crc32 releases the GIL): a serial CRC was half
-            # of a big miss. The write waits for the CRC only at the table.
+            # A helper thread computes the buffer's CRC while this one writes it
+            # (zlib.crc32 releases the GIL): a serial CRC was half of a big miss.
             crcs: list[int] = []
             done = _thread.allocate_lock()
             done.acquire()
@@ -1928,9 +1885,7 @@ class _Encoded:
 def _encode_entry(
     key: bytes, value: Any, expires: float = 0.0, protocol: int = 5, seconds: float = 0.0, compress: str | None = None
 ) -> _Encoded:
-    """Pickle ``value`` for an entry file, with the ``seconds`` its computation
-    took, its stream compressed with the ``compress`` codec where that makes it
-    smaller; raises what pickling raises, before any file is made."""
+    """``value`` pickled (compressed where that makes it smaller) with its metadata; raises what pickling raises."""
     meta = _META.pack(seconds) + _host().encode("utf-8")[:255]
     if len(key) + len(meta) > _MAX_KEY:
         raise ValueError(f"a cache key of {len(key)} bytes is too long; keys may have at most {_MAX_KEY} bytes")
@@ -1938,13 +1893,11 @@ def _encode_entry(
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
         # True keeps a buffer in the stream: small ones, and any that is not contiguous.
-        if len(buffers) >= _MAX_BUFFERS:
-            return True
         try:
             view = buffer.raw()
         except BufferError:
             return True
-        if view.nbytes < _OUT_OF_BAND:
+        if len(buffers) >= _MAX_BUFFERS or view.nbytes < _OUT_OF_BAND:
             return True
         buffers.append(view)
         return False
@@ -1955,12 +1908,13 @@ def _encode_entry(
         file = io.BytesIO()
         _DatetimePickler(file, protocol, buffer_callback=out_of_band).dump(value)
         stream = file.getvalue()
-    encoded = _Encoded(key, expires, stream, buffers, meta)
+    encoded = _Encoded(key, 0.0, expires, 0, meta)  # Its creation time is set by chunks(), in the header.
+    encoded.stream, encoded.buffers = stream, buffers
     if compress is not None:
         # Level 1 (zlib) and preset 1 (lzma): most of the gain on text for a fraction of the time.
         packed = zlib.compress(stream, 1) if compress == "zlib" else _lzma().compress(stream, preset=1)
         if len(packed) < len(stream):
-            encoded.stream, encoded.codec = packed, _CODECS[compress]
+            encoded.stream, encoded.flags = packed, _CODECS[compress]
     return encoded
 
 
@@ -1983,6 +1937,17 @@ def _read_exactly(fd: int, view: memoryview) -> bool:
     return True
 
 
+def _read_span(fd: int, first: bytes, start: int, end: int) -> memoryview | None:
+    """Bytes ``start`` to ``end`` of the file, from its ``first`` read as far as that goes; None if it ends first."""
+    if end <= len(first):
+        return memoryview(first)[start:end]
+    span = memoryview(bytearray(end - start))
+    have = max(0, len(first) - start)
+    span[:have] = memoryview(first)[start : start + have]
+    os.lseek(fd, start + have, os.SEEK_SET)
+    return span if _read_exactly(fd, span[have:]) else None
+
+
 def _crc_of_range(fd: int, start: int, length: int) -> int | None:
     """The CRC-32 of ``length`` bytes at ``start``, read in pieces; None if the file ends first."""
     os.lseek(fd, start, os.SEEK_SET)
@@ -1998,18 +1963,13 @@ def _crc_of_range(fd: int, start: int, length: int) -> int | None:
 
 
 def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool) -> _Entry | None:
-    """The entry in the open file ``fd`` of ``size`` bytes, read to ``depth``; None if it is damage.
-
-    Nothing is allocated beyond what the header declares, and that is first
-    checked against the file's size (keys and tables also have fixed limits):
-    a huge or endless file reads as damage in bounded memory.
-    """
+    """The entry in the open file ``fd`` of ``size`` bytes, read to ``depth``; None if it is damage."""
+    # Nothing is allocated beyond what the header declares, first checked against the file's size (keys
+    # and tables also have fixed limits): a huge or endless file reads as damage in bounded memory.
     first = os.read(fd, _HEAD_READ if depth == _HEAD else _FIRST_READ)
     if len(first) < _ENTRY_HEADER.size:
         return None
-    magic, head_crc, created, expires, key_len, stream_len, stream_crc, count, flags = _ENTRY_HEADER.unpack_from(
-        first
-    )
+    magic, head_crc, created, expires, key_len, stream_len, stream_crc, count, flags = _ENTRY_HEADER.unpack_from(first)
     key_end = _ENTRY_HEADER.size + key_len
     stream_end = key_end + stream_len
     table_len = count * _BUFFER_ROW.size + 4 if count else 0
@@ -2018,13 +1978,8 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
         return None
     if stream_end + table_len > size:  # Checked before anything is allocated.
         return None
-    head = memoryview(first)
-    if len(first) < key_end:
-        head = memoryview(bytearray(key_end))
-        head[: len(first)] = first
-        if not _read_exactly(fd, head[len(first) :]):
-            return None
-    if zlib.crc32(head[8:key_end]) != head_crc:
+    head = _read_span(fd, first, 0, key_end)
+    if head is None or zlib.crc32(head[8:key_end]) != head_crc:
         return None
     found = bytes(head[_ENTRY_HEADER.size : key_end - meta])
     if key is not None and found != key:
@@ -2032,9 +1987,8 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
     spans: list[tuple[int, int, int]] = []  # (offset, length, crc) of each buffer
     position = stream_end
     if count:
-        table = memoryview(bytearray(table_len))
-        os.lseek(fd, size - table_len, os.SEEK_SET)
-        if not _read_exactly(fd, table) or zlib.crc32(table[:-4]) != int.from_bytes(table[-4:], "little"):
+        table = _read_span(fd, b"", size - table_len, size)
+        if table is None or zlib.crc32(table[:-4]) != int.from_bytes(table[-4:], "little"):
             return None
         for length, crc in _BUFFER_ROW.iter_unpack(table[:-4]):
             position += -position % _ALIGN
@@ -2042,51 +1996,33 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
             position += length
     if position + table_len != size:
         return None  # Truncated, padded, or a table that does not fit the file.
-    entry = _Entry(found, created, expires)
-    if flags:
-        entry.flags, entry.meta = flags, head[key_end - meta : key_end]
+    entry = _Entry(found, created, expires, flags, head[key_end - meta : key_end])
     if depth == _HEAD and (size > len(first) or count):
         return entry
-    # The stream: from the first read when it is all there, else read after it.
-    if stream_end <= len(first):
-        stream: Any = memoryview(first)[key_end:stream_end]
-    else:
-        stream = memoryview(bytearray(stream_len))
-        have = max(0, len(first) - key_end)
-        stream[:have] = memoryview(first)[key_end : key_end + have]
-        os.lseek(fd, key_end + have, os.SEEK_SET)
-        if not _read_exactly(fd, stream[have:]):
-            return None
-    if zlib.crc32(stream) != stream_crc:
+    stream = _read_span(fd, first, key_end, stream_end)
+    if stream is None or zlib.crc32(stream) != stream_crc:
         return None
     if depth == _HEAD:
         return entry  # A small entry, whole in the head read: checked for free.
     if depth == _VERIFY:
-        for offset, length, crc in spans:
-            if _crc_of_range(fd, offset, length) != crc:
-                return None
-        return entry
+        return entry if all(_crc_of_range(fd, offset, length) == crc for offset, length, crc in spans) else None
     entry.stream = stream
     if not spans:
         return entry
     import mmap
 
     if mapped:
-        # A private copy-on-write mapping: arrays over it are writable, their
-        # changes never reach the file, and since an entry file is only ever
-        # replaced by a rename, never changed in place, it stays valid after
-        # the entry is replaced or removed. Checked (issue 18): the one
-        # ftruncate in this module is a lock file's note (_KeyLock.note), and
-        # no O_TRUNC open exists. Another tool that truncates an entry in place
-        # makes the pages past the new end vanish: touching them is SIGBUS (mmap(2)).
+        # A private copy-on-write mapping: arrays over it are writable, their changes never
+        # reach the file, and it stays valid after the entry is replaced or removed (entry
+        # files are replaced by a rename, never changed in place; issue 18 checked: no
+        # O_TRUNC open, the one ftruncate is _KeyLock.note's). Another tool that truncates
+        # an entry in place makes the pages past the new end vanish: touching them is SIGBUS (mmap(2)).
         whole = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
         entry.buffers = [whole[offset : offset + length] for offset, length, _crc in spans]
         return entry
     for offset, length, _crc in spans:
-        # Anonymous memory, filled in place: bytearray(n) would first zero
-        # every page, one 4 KiB fault at a time (most of a big hit's time).
-        # Huge pages (madvise(2), MADV_HUGEPAGE; Linux) take a fault per
-        # 2 MiB; where they are missing the advice is skipped.
+        # Anonymous memory, filled in place: bytearray(n) would first zero every page, one 4 KiB
+        # fault at a time (most of a big hit). Huge pages (madvise(2); Linux) fault per 2 MiB.
         buffer = mmap.mmap(-1, length)
         advise, huge = getattr(buffer, "madvise", None), getattr(mmap, "MADV_HUGEPAGE", None)
         if advise is not None and huge is not None:
@@ -2108,20 +2044,12 @@ _HEX = frozenset("0123456789abcdef")
 _OPEN_KEYS = "(donecache.open keys)"
 
 
-class _KeyParts:
-
-    __slots__ = ("function", "identity")
-
-    def __init__(self, function: str, identity: str) -> None:
-        self.function, self.identity = function, identity
-
-
-def _parse_key(key: bytes) -> _KeyParts | None:
-    """None for keys that donecache.open users wrote."""
+def _parse_key(key: bytes) -> tuple[str, str] | None:
+    """(function, code identity) of a memoize key; None for keys that donecache.open users wrote."""
     head, _, rest = key.decode("utf-8", "replace").partition("|")
     code, sep, arguments = rest.partition("|")
     if ":" in head and sep and len(code) == 16 and set(code) <= _HEX and arguments[:1] in ("=", "#"):
-        return _KeyParts(head, code)
+        return head, code
     return None
 
 
@@ -2132,18 +2060,17 @@ def _key_identity(key: bytes) -> str:
 
 def _function_of(key: bytes) -> str:
     parts = _parse_key(key)
-    return _OPEN_KEYS if parts is None else parts.function
+    return _OPEN_KEYS if parts is None else parts[0]
 
 
 # ---------------------------------------------------------------------------
 # Entry files: the store directory's data path
 #
-# donecache.open() keys live at <root>/<2 hex>/<32 hex>; a memoized
-# function's at <root>/<16 hex of its name>/<2 hex>/<32 hex>, so that one
-# function's entries are found, counted and cleared without touching any
-# other's. Safe for any number of threads and processes without locks: a
-# write is a rename, a read takes whichever version the name points to and
-# checks it.
+# donecache.open() keys live at <root>/<2 hex>/<32 hex>; a memoized function's at
+# <root>/<16 hex of its name>/<2 hex>/<32 hex>, so that one function's entries are
+# found, counted and cleared without touching any other's. Safe for any number of
+# threads and processes without locks: a write is a rename, a read takes whichever
+# version the name points to and checks it.
 # ---------------------------------------------------------------------------
 
 _NAME_BYTES = 16  # An entry's file name is the hex of a BLAKE2b digest this long.
@@ -2158,14 +2085,11 @@ _STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions", "
 # and byte 1 to the running total of its bytes in .usage (see the size limit);
 # each other byte guards the computation of the keys that hash to it.
 _SWEEP_BYTE, _USAGE_BYTE, _FIRST_KEY_BYTE = 0, 1, 2
-# An entry file's modification time is its last use: it is set when the entry
-# is written and again when a read finds it at least this many seconds old.
-# Atime cannot serve (noatime and relatime mounts do not keep it). With a
-# limit, every read records its use (one futimens(2), about 2.5 us, a tenth
-# of a hit): a coarser grain let entries hit every few milliseconds lose to
-# entries just written by other processes. Without a limit, a use is recorded
-# within a minute, which `prune --older-than` needs, at one utime per entry
-# per minute at most.
+# An entry file's modification time is its last use (atime cannot serve: noatime and
+# relatime mounts do not keep it), set when it is written and when a read finds it this
+# many seconds old. With a limit, every read (one futimens(2), 2.5 us, a tenth of a hit):
+# a coarser grain let entries hit every few ms lose to entries just written by other
+# processes. Without, within a minute, as `prune --older-than` needs.
 _USE_GRAIN_BOUNDED = 0.0
 _USE_GRAIN = 60.0
 
@@ -2250,27 +2174,23 @@ class _Untrusted(PermissionError):
 
 
 def _check_trusted(root: str, st: os.stat_result) -> None:
-    """Refuse a store directory (or a link to it) that another user could have
-    written to: its entries are pickles, and loading one runs the code its
-    writer chose (issue 18). The directories above it are not checked."""
+    """Refuse a store directory (or a link to it) that another user could have written to (not those above it):
+    its entries are pickles, and loading one runs the code its writer chose (issue 18)."""
     link = os.lstat(root)
     for what, found in [("cache directory", st)] + ([("symbolic link", link)] if stat.S_ISLNK(link.st_mode) else []):
         why = _untrusted(found)
         if why:
             raise _Untrusted(
-                errno.EACCES,
-                f"the {what} {root!r} {why}; loading its entries would run code that another user could have "
-                f"written. Use a cache directory of your own (chmod go-w it, if it is yours and group or others "
-                f"may write), or pass trust_shared=True if you trust everyone who can write to it (docs/security.md)",
-                root,
+                errno.EACCES, f"the {what} {root!r} {why}; loading its entries would run code that another user "
+                "could have written. Use a cache directory of your own (chmod go-w it, if it is yours and group or "
+                "others may write), or pass trust_shared=True if you trust everyone who can write to it "
+                "(docs/security.md)", root
             )
 
 
 def _record_use(path: str, fd: int = -1) -> int | None:
-    """Set an entry file's modification time to now, a use (see _USE_GRAIN):
-    through ``fd`` if given (futimens(2): no second lookup of a path that a
-    rename may have changed since), else by name. The time set, to the
-    nanosecond (see _recent); 0 if it is not known; None if nothing was set."""
+    """Record a use (see _USE_GRAIN): the time set in ns (see _recent), 0 if not known, None if none was set."""
+    # Through ``fd`` if given: no second lookup of a name that a rename may have changed since.
     try:
         if fd >= 0:
             _touch(fd, path)
@@ -2295,11 +2215,8 @@ _ENTRY_FLAGS = _READ_FLAGS | _NOFOLLOW
 def _load_entry(
     path: str, key: bytes | None = None, depth: int = _VALUE, mapped: bool = False, touch_before: float = 0.0
 ) -> tuple[_Entry | None, os.stat_result | None]:
-    """Read the entry file at ``path`` to ``depth`` (_HEAD, _VALUE or _VERIFY): (entry, stat)
-    if it is a whole entry (for ``key``, when given); (None, stat) if it is damage (not a
-    regular file, or not a whole entry); (None, None) if there is nothing there. Other
-    OSErrors (ESTALE, EIO, EACCES) propagate: the file could not be judged. ``mapped``: as
-    _read_entry. A whole entry last modified before ``touch_before`` is used now."""
+    """(entry, stat) read to ``depth``, (None, stat) if damage, (None, None) if nothing; a use if older than
+    ``touch_before``. Other OSErrors (ESTALE, EIO) propagate: the file could not be judged."""
     try:
         fd, st = _open_regular(path, _ENTRY_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
@@ -2332,14 +2249,9 @@ _READ_ONLY = frozenset({errno.EACCES, errno.EROFS})
 
 
 def _remove_judged(path: str, judged: os.stat_result) -> bool:
-    """Remove ``path`` only if it still is the file that was judged; True if it was removed.
-
-    Between reading a file and removing it, a writer may have renamed a fresh
-    entry onto its name; unlinking the name would then remove a write that had
-    already returned. So the judged file is first renamed aside, and removed
-    only if the inode moved aside is the one judged; otherwise it is put back
-    (unless an even newer file has taken the name meanwhile).
-    """
+    """Remove ``path`` only if it still is the file that was judged; True if it was removed. A writer
+    may have renamed a fresh entry onto the name since (unlinking it would lose a write that had
+    returned), so the file is renamed aside first, and put back unless it is the one judged."""
     aside = _temp_name(path)
     try:
         if not _same_file(os.lstat(path), judged):
@@ -2364,8 +2276,7 @@ def _remove_judged(path: str, judged: os.stat_result) -> bool:
 
 
 class _Slot:
-    """Where an entry lives: its file, and the byte of the store's lock file that
-    guards its computation."""
+    """Where an entry lives: its file, and the byte of the store's lock file that guards its computation."""
 
     __slots__ = ("path", "offset")
 
@@ -2374,10 +2285,7 @@ class _Slot:
 
 
 class _Found:
-    """What a scan of a store finds at one entry file: the entry's head, or None
-    where the file is damage; ``stat`` is what was judged, None if the file
-    could not be read (ESTALE, EIO, EACCES): then nothing is known about it.
-    ``folder`` is the function folder it lies in ("" at the top level)."""
+    """A scanned entry file: its head (None: damage), the stat judged (None: unreadable), its folder ("": top)."""
 
     __slots__ = ("path", "entry", "stat", "folder")
 
@@ -2385,20 +2293,14 @@ class _Found:
         self.path, self.entry, self.stat, self.folder = path, entry, stat, folder
 
 
-# Recently read small entries of memoized functions, kept in process as the
-# bytes of their pickle (never the object: each hit unpickles afresh, so a
-# caller that changes its result cannot change the next hit), by file path. A
-# hit then costs one lstat(2), not open, fstat, read and close: the name must
-# still hold the very file read, with the same inode, device, size, owner,
-# mode and modification time to the nanosecond; anything else (another process
-# replaced, removed or touched it) reads the file again. Two guards against a
-# new file that looks like the old one (a removed file's inode number is soon
-# reused): a file is kept only once its modification time is _RECENT_SETTLED
-# old, more than the filesystem clock's tick (timestamps come from a coarse
-# clock, a jiffy of 1-10 ms), so a later file cannot share it; or when this
-# process set that time itself, to the nanosecond (a recorded use). Only on
-# local filesystems (_stat_trusted): NFS caches attributes. Bounded: at most
-# _RECENT_COUNT entries of at most _RECENT_SIZE bytes, the oldest kept dropped first.
+# Recently read or written small entries of memoized functions, by path, kept in
+# process as the bytes of their pickle (each hit unpickles afresh: a caller that
+# changes its result cannot change the next), so that a hit costs one lstat(2).
+# The name must still hold the very file read (inode, device, size, owner, mode,
+# mtime to the ns), kept only once its mtime is _RECENT_SETTLED old (a coarse
+# clock tick, so a new file on a reused inode cannot share it) or set by this
+# process to the ns. Only where _stat_trusted (NFS caches attributes). Why, and
+# the residual risk: benchmarks/README.md, "Small hits served in process".
 _RECENT_COUNT = 2048
 _RECENT_SIZE = 8192
 _RECENT_SETTLED = 50_000_000  # nanoseconds
@@ -2435,33 +2337,21 @@ def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _E
         return None
     except OSError:
         st = None  # ESTALE, EIO...: judged by the full read (which retries ESTALE).
-    kept = _recent.get(path) if st is not None else None
-    if (
-        kept is not None
-        and st is not None
-        and kept[0] == (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_uid, st.st_mode)  # _stamp(st)
-        and kept[1].key == key
+    kept = _recent.get(path)
+    if kept is None or st is None or kept[1].key != key or kept[0] != (
+        st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_uid, st.st_mode  # _stamp(st), inline: a hit.
     ):
-        if st.st_mtime >= touch_before:
-            return kept[1]
-        entry: _Entry | None = kept[1]
-    else:
-        kept = None
         entry, st = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped))
         if entry is None or st is None:
             return entry
-    assert entry is not None and st is not None
+    elif st.st_mtime >= touch_before:
+        return kept[1]
+    else:
+        entry = kept[1]
     used = _record_use(path) if st.st_mtime < touch_before else None
-    if used:
-        stamp: tuple[int, ...] | None = _stamp(st, used)
-    elif used is None and st.st_mtime_ns < time.time_ns() - _RECENT_SETTLED:
-        stamp = _stamp(st)
-    else:
-        stamp = None  # Touched at a time not known, or too new to vouch for.
-    if kept is not None and stamp is not None:
-        _recent[path] = (stamp, entry)
-    else:
-        _keep_recent(path, stamp, entry)
+    settled = used is None and st.st_mtime_ns < time.time_ns() - _RECENT_SETTLED
+    # Unless touched at a time not known, or too new to vouch for.
+    _keep_recent(path, _stamp(st, used) if used else _stamp(st) if settled else None, entry)
     return entry
 
 
@@ -2476,79 +2366,72 @@ class _EntryDir:
         _runtime_imports()
         if flag not in ("r", "w", "c", "n"):
             raise ValueError(f"flag must be 'r', 'w', 'c' or 'n' (as for shelve.open), not {flag!r}")
-        self.root = os.path.abspath(_store_path(path))
-        self._prefix = os.path.join(self.root, "")
-        self.readonly = flag == "r"
-        self.durable = durable
-        self.max_bytes = _check_max_bytes(max_bytes)
+        self.root = root = os.path.abspath(_store_path(path))
+        self._prefix = os.path.join(root, "")
+        self.readonly, self.durable, self.max_bytes = flag == "r", durable, _check_max_bytes(max_bytes)
         self._grain = _USE_GRAIN if max_bytes is None else _USE_GRAIN_BOUNDED
         self._blake2b = hashlib.blake2b
         self._trusted: bool | None = None  # Whether lstat can vouch for an entry (see _recent); told at the first read.
-        if os.path.islink(self.root) and not os.path.exists(self.root):
+        self.horizon = 0.0  # The newest use time of an entry evicted, as .usage last said.
+        if os.path.islink(root) and not os.path.exists(root):
             raise FileNotFoundError(
-                errno.ENOENT,
-                f"cache path {self.root!r} is a symbolic link to {os.readlink(self.root)!r}, which does not "
-                "exist; create that directory or remove the link",
-                self.root,
+                errno.ENOENT, f"cache path {root!r} is a symbolic link to {os.readlink(root)!r}, which does not "
+                "exist; create that directory or remove the link", root
             )
-        legacy = None if os.path.isdir(self.root) else _dbm_database(self.root)
+        legacy = None if os.path.isdir(root) else _dbm_database(root)
         if legacy is not None:
-            new = self.root + ".donecache"
+            new = root + ".donecache"
             raise FileExistsError(
                 errno.EEXIST,
-                f"{self.root!r} names a shelve (dbm) database, not a donecache store: {legacy[0]} files "
+                f"{root!r} names a shelve (dbm) database, not a donecache store: {legacy[0]} files "
                 f"{', '.join(os.path.basename(name) for name in legacy[1])}; donecache does not read dbm files. "
-                f"Copy it into a new store once with: with shelve.open({self.root!r}, 'r') as old, "
+                f"Copy it into a new store once with: with shelve.open({root!r}, 'r') as old, "
                 f"donecache.open({new!r}) as new: new.update(old)",
             )  # No filename: str() would append it after the line to copy.
-        if os.path.exists(self.root) and not os.path.isdir(self.root):
+        if os.path.exists(root) and not os.path.isdir(root):  # Asked again: another thread may make it meanwhile.
             raise NotADirectoryError(
-                errno.ENOTDIR, f"cache {self.root!r} is a file, not a directory; choose another path", self.root
+                errno.ENOTDIR, f"cache {root!r} is a file, not a directory; choose another path", root
             )
-        if not os.path.isdir(self.root):
+        if not os.path.isdir(root):
             if flag in ("r", "w"):
                 raise FileNotFoundError(
-                    errno.ENOENT, f"there is no cache at {self.root!r}; open it with flag='c' to create one", self.root
+                    errno.ENOENT, f"there is no cache at {root!r}; open it with flag='c' to create one", root
                 )
             try:
                 # Private, whatever the umask: whoever can write entries can run code in the reader.
-                _make_dirs(os.path.dirname(self.root), durable=durable)
-                _make_dirs(self.root, 0o700, durable=durable)
+                _make_dirs(os.path.dirname(root), durable=durable)
+                _make_dirs(root, 0o700, durable=durable)
             except OSError as exc:
-                raise _error_about(exc, self.root, "create the cache directory", "choose a writable path") from exc
-        elif _foreign_names(self.root) and not _is_store(self.root):
+                raise _error_about(exc, root, "create the cache directory", "choose a writable path") from exc
+        elif _foreign_names(root) and not _is_store(root):
             # Adopting it would write entries among the user's files, which the CLI then refuses to manage.
             raise FileExistsError(
-                errno.EEXIST,
-                f"{self.root!r} is a directory that holds other files and is not a donecache store (no "
-                "CACHEDIR.TAG); give a new or empty directory, such as .donecache",
-                self.root,
+                errno.EEXIST, f"{root!r} is a directory that holds other files and is not a donecache store (no "
+                "CACHEDIR.TAG); give a new or empty directory, such as .donecache", root
             )
-        st = os.stat(self.root)
+        st = os.stat(root)
         if not trust_shared:
-            _check_trusted(self.root, st)
+            _check_trusted(root, st)
         # Folders made inside the store get the store directory's own mode, whatever
         # the umask: 0700 in a store that donecache made, a team's in a shared one.
         self.dir_mode = stat.S_IMODE(st.st_mode)
         if not self.readonly:
             self._label()
-        self.lock_path = os.path.join(os.path.realpath(self.root), ".lock")
+        self.lock_path = os.path.join(os.path.realpath(root), ".lock")
         self._block = getattr(st, "st_blksize", 0) or 4096
-        self.horizon = 0.0  # The newest use time of an entry evicted, as .usage last said.
         if flag == "n":
             self.clear()
 
     def _label(self) -> None:
-        # CACHEDIR.TAG tells backup tools to skip the store; .gitignore keeps it
-        # out of commits when it lives in a checkout, as .donecache/ does. Both
-        # would hide a user's own files, so a directory that holds anything but
-        # donecache's files is never labelled. A label that a crash left empty
-        # or torn (issue 18 item 12e) is written again, whole.
+        # CACHEDIR.TAG tells backup tools to skip the store; .gitignore keeps it out
+        # of commits when it lives in a checkout, as .donecache/ does. Both would hide
+        # a user's own files, so a directory that holds anything but donecache's files
+        # (a temporary file is a label a cut interrupted: ours) is never labelled. A
+        # label that a crash left empty or torn (issue 18 item 12e) is written again.
         try:
             names = os.listdir(self.root)
         except OSError:
             return
-        # A temporary file is a label a cut interrupted (a cut right after mkdir): ours too.
         if _foreign_names(self.root, names):
             return
         for name, content in (("CACHEDIR.TAG", _CACHEDIR_TAG), (".gitignore", b"# Made by donecache.\n*\n")):
@@ -2582,22 +2465,14 @@ class _EntryDir:
         return _Slot(f"{self._prefix}{folder}{digest[:2]}{os.sep}{digest}", _key_byte(digest))
 
     def read(
-        self,
-        key: bytes,
-        slot: _Slot | None = None,
-        now: float | None = None,
-        mapped: bool = False,
-        use: bool = True,
-        recent: bool = False,
+        self, key: bytes, slot: _Slot | None = None, now: float | None = None, mapped: bool = False,
+        use: bool = True, recent: bool = False,
     ) -> _Entry | None:
-        """The entry for ``key`` if it is whole and live at ``now``, or None;
-        ``mapped`` maps its big buffers instead of reading them. ``use``: the
-        read is a use of the entry, recorded for the size limit and prune.
-        ``recent``: a small entry read lately may be served from _recent."""
+        """The entry if whole and live at ``now``, or None; ``use``: recorded as a use; ``recent``: may use _recent."""
         when = time.time() if now is None else now
         touch = when - self._grain if use and not self.readonly else 0.0
+        path = (slot or self.slot(key)).path
         try:
-            path = (slot or self.slot(key)).path
             if recent and self._trusted is None:
                 self._trusted = _stat_trusted(self.root)
             if recent and self._trusted:
@@ -2606,9 +2481,7 @@ class _EntryDir:
                 entry = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped, touch))[0]
         except (OSError, ValueError):
             return None  # Unreadable now (EIO, or ESTALE that persisted), or a mapping refused: a miss.
-        if entry is None or (entry.expires and when >= entry.expires):
-            return None
-        return entry
+        return None if entry is None or (entry.expires and when >= entry.expires) else entry
 
     def write(self, encoded: _Encoded, slot: _Slot | None = None, recent: bool = False) -> None:
         """Store an entry; ``recent``: a small one is also kept in _recent, as read."""
@@ -2630,28 +2503,26 @@ class _EntryDir:
         try:
             try:
                 _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
-            except FileNotFoundError:  # First entry in this folder (or the store was removed).
+            except FileNotFoundError:  # The first entry in its folder (or the store was removed).
                 _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
                 _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
-            except IsADirectoryError:  # Damage: something made a directory of an entry's name.
-                _remove_path(path)
-                _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
-            except NotADirectoryError:  # Damage: a file where a folder should be.
+            except (NotADirectoryError, IsADirectoryError):  # Damage: a file as a folder, or a folder as the entry.
                 folder = self.root
                 for part in os.path.relpath(os.path.dirname(path), self.root).split(os.sep):
                     folder = os.path.join(folder, part)
                     if os.path.lexists(folder) and not os.path.isdir(folder):
                         os.unlink(folder)
                 _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
-                _write_bytes(path, encoded.chunks(), durable=self.durable)
+                if os.path.isdir(path):
+                    _remove_path(path)
+                _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
         except OSError as exc:
             raise _error_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
         if stamps:
-            _keep_recent(path, stamps[-1], encoded.as_read())
+            _keep_recent(path, stamps[-1], encoded)
 
     def _synced(self, folders: Iterable[str]) -> None:
-        """With durable, flush the folders whose entries were removed: a removal,
-        like a rename, is durable only once its directory is (issue 18 item 12d)."""
+        """With durable, flush the folders of removed entries: a removal is durable once they are (issue 18, 12d)."""
         if self.durable:
             for folder in sorted(folders):
                 _fsync_dir(folder)
@@ -2677,32 +2548,23 @@ class _EntryDir:
             return []
 
     def files(self, folder: str | None = None) -> Iterator[tuple[str, str]]:
-        """(path, folder) of every entry file, valid or not (no temporary files): all, or those of
-        one folder ("" for the top level, else a name from folders())."""
-        for name in self.folders() if folder is None else [folder.rstrip(os.sep)]:
-            if name:
-                yield from self._shard_files(os.path.join(self.root, name), name)
-        if not folder:
-            yield from self._shard_files(self.root, "")
-
-    def _shard_files(self, directory: str, folder: str) -> Iterator[tuple[str, str]]:
-        try:
-            shards = [e for e in os.scandir(directory) if _is_hex(e.name, 2)]
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        shards = [e for e in shards if e.is_dir(follow_symlinks=False)]
-        for shard in sorted(shards, key=lambda e: e.name):
+        """(path, folder) of each entry file (valid or not), or of one of folders() ("" for the top level)."""
+        for name in self.folders() + [""] if folder is None else [folder.rstrip(os.sep)]:
             try:
-                names = os.listdir(shard.path)
-            except OSError:
+                shards = [e for e in os.scandir(os.path.join(self.root, name)) if _is_hex(e.name, 2)]
+            except (FileNotFoundError, NotADirectoryError):
                 continue
-            for name in names:
-                if _is_hex(name, _NAME_HEX) and name.startswith(shard.name):
-                    yield os.path.join(shard.path, name), folder
+            for shard in sorted((e for e in shards if e.is_dir(follow_symlinks=False)), key=lambda e: e.name):
+                try:
+                    names = os.listdir(shard.path)
+                except OSError:
+                    continue
+                for entry in names:
+                    if _is_hex(entry, _NAME_HEX) and entry.startswith(shard.name):
+                        yield os.path.join(shard.path, entry), name
 
     def scan(self, folder: str | None = None) -> Iterator[_Found]:
-        """Every entry file (of ``folder``, as for files()) with its head (a bounded read), or None
-        where it is damaged or filed under another key's name. Expired entries are included."""
+        """_Found for each of files() (expired ones too; a file under another key's name is damage)."""
         for path, where in self.files(folder):
             try:
                 entry, st = _retry_stale(lambda: _load_entry(path, None, _HEAD))
@@ -2718,31 +2580,27 @@ class _EntryDir:
     def clear(self, match: Callable[[bytes], bool] | None = None, folder: str | None = None) -> int:
         """Remove the entries (of ``folder``; those whose key ``match`` accepts); return how many."""
         self._writable()
-        removed, folders = 0, set[str]()
+        removed: list[str] = []
         try:
             if match is not None:
                 for found in self.scan(folder):
                     if found.entry is not None and found.stat is not None and match(found.entry.key):
                         if _remove_judged(found.path, found.stat):
-                            removed += 1
-                            folders.add(os.path.dirname(found.path))
-                self._synced(folders)
-                return removed
-            for path, _folder in list(self.files(folder)):
+                            removed.append(found.path)
+            for path, _folder in list(self.files(folder)) if match is None else ():
                 try:
                     os.unlink(path)
-                    removed += 1
-                    folders.add(os.path.dirname(path))
+                    removed.append(path)
                 except (FileNotFoundError, IsADirectoryError):
                     pass  # Removed by another process first, or damage that prune() removes.
                 except PermissionError as exc:
                     if exc.errno in _READ_ONLY:
                         raise
                     # EPERM: a directory at an entry's name (macOS); prune() removes it.
-            self._synced(folders)
+            self._synced({os.path.dirname(path) for path in removed})
         except OSError as exc:
             raise _error_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
-        return removed
+        return len(removed)
 
 
 # ---------------------------------------------------------------------------
@@ -2769,39 +2627,29 @@ def _this_boot() -> tuple[float, int]:
 
 
 def _disk_bytes(st: os.stat_result) -> int:
-    """The space a file takes on disk: its blocks (512 bytes each, as stat(2)
-    counts them), or its size where the system does not count blocks."""
+    """A file's space on disk: its 512-byte blocks (as stat(2) counts them), or its size where there are none."""
     blocks = getattr(st, "st_blocks", None)
     return st.st_size if blocks is None else int(blocks) * 512
 
 
-class _Swept:
-    """What a sweep evicted: how many entries, their bytes on disk, the newest use among them."""
-
-    __slots__ = ("entries", "bytes", "newest")
-
-    def __init__(self) -> None:
-        self.entries = self.bytes = 0
-        self.newest = 0.0
+def _judge(path: str, key: bytes | None, depth: int) -> tuple[_Entry | None, os.stat_result | None]:
+    """_load_entry, with a file that could not be read (EIO, ESTALE, EACCES) as not judged: (None, None)."""
+    try:
+        return _load_entry(path, key, depth)
+    except OSError:
+        return None, None
 
 
 class _EntryFiles(_EntryDir):
-    """A store's directory with its upkeep.
+    """A store's directory with its upkeep: the size limit, verify, prune and the sidecar records."""
 
-    With ``max_bytes``, each write reserves its bytes on disk in a running
-    total kept in .usage, shared by every process that writes with a limit,
-    before it creates a file; a writer that finds no room sweeps (see sweep()).
-    """
-
-    # -- the size limit ------------------------------------------------------
+    # -- the size limit (docs/size-limit.md) ---------------------------------
     #
-    # Amortised: a write costs one stat and two updates of the running total
-    # under its lock byte; only a write that finds no room lists the store.
-    # An entry is written only once its value is computed, and its computation
-    # holds the key's lock byte until the waiters have read it: a sweep skips entries whose
-    # byte is held, so it never evicts an entry whose key is being computed
-    # (an expired entry being recomputed, a refresh, or a result just stored
-    # for waiting callers).
+    # Each write reserves its bytes in a running total kept in .usage, under its
+    # lock byte, before it creates its file; only a write that finds no room
+    # lists the store and sweeps. A computation holds its key's lock byte until
+    # the waiters have read the entry, and a sweep skips entries whose byte is
+    # held: it never evicts an entry whose key is being computed.
 
     def write(self, encoded: _Encoded, slot: _Slot | None = None, recent: bool = False) -> None:
         if self.max_bytes is None:
@@ -2837,12 +2685,12 @@ class _EntryFiles(_EntryDir):
         self, change: Callable[[int | None], int | None], evicted: float = 0.0, sweep: int = 0,
         seen: list[int] | None = None,
     ) -> int | None:
-        """Replace the running total of the store's bytes on disk by ``change`` of
-        it, under its lock byte; return the new total. ``seen`` gets the number of
-        sweeps begun. ``change`` gets None where .usage is missing, damaged, or
-        written before this host's last boot (a crash may have lost updates:
-        issue 18 item 12c), which only a sweep's count replaces. A durable store
-        syncs a total that grew before the write it counts."""
+        """Replace the running total by ``change`` of it under its lock byte; return the new total.
+
+        ``seen`` gets the number of sweeps begun. ``change`` gets None where .usage
+        is missing, damaged, or written before this host's last boot (a crash may
+        have lost updates: issue 18 item 12c); only a sweep's count replaces it. A
+        durable store syncs a total that grew before the write it counts."""
         with _KeyLock(self.lock_path, _USAGE_BYTE).acquire():
             fd = _open_regular(os.path.join(self.root, ".usage"), _WRITE_FLAGS)[0]
             try:
@@ -2865,9 +2713,8 @@ class _EntryFiles(_EntryDir):
                 os.close(fd)
 
     def _reserve(self, nbytes: int) -> tuple[int, int]:
-        """Count an entry of ``nbytes`` (in whole blocks) before it is written:
-        (bytes counted, sweeps begun). With no room, sweep or wait for the
-        process sweeping: the back-pressure that bounds any number of writers."""
+        """Count an entry of ``nbytes`` (in whole blocks) before it is written: (bytes counted,
+        sweeps begun). With no room, sweep or wait for the process sweeping: the back-pressure."""
         max_bytes, need = self.max_bytes or 0, -(-max(nbytes, 1) // self._block) * self._block
         took: list[bool] = []
         seen: list[int] = []
@@ -2884,9 +2731,9 @@ class _EntryFiles(_EntryDir):
         with _KeyLock(self.lock_path, _SWEEP_BYTE).acquire():
             self._usage(take, seen=seen)  # The process that swept before may have made room.
             while not took:
-                swept = self._sweep(min(int(max_bytes * _LOW_WATER), max_bytes - need))
+                evicted = self._sweep(min(int(max_bytes * _LOW_WATER), max_bytes - need))[0]
                 self._usage(take, seen=seen)
-                if not took and not swept.entries:
+                if not took and not evicted:
                     # Bigger than the bound, or the rest is being computed: over it by one entry.
                     self._usage(lambda total: (total or 0) + need, seen=seen)
                     break
@@ -2894,12 +2741,10 @@ class _EntryFiles(_EntryDir):
 
     def sweep(
         self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
-    ) -> _Swept:
-        """Evict entries (of ``folder``, as for files()), least recently used
-        first, until the entry files take at most ``target`` bytes on disk, and
-        every entry last used before ``older_than`` (a Unix time); log the
-        sweep. One process sweeps at a time: this waits for another one to
-        finish. ``dry_run`` counts what would go, and removes and writes nothing."""
+    ) -> tuple[int, int]:
+        """Evict entries (of ``folder``), least recently used first, until they take at most
+        ``target`` bytes on disk, and those last used before ``older_than`` (a Unix time);
+        log it; return (entries, bytes). One process sweeps at a time; ``dry_run`` only counts."""
         if dry_run:
             return self._sweep(target, older_than, folder, dry_run)
         self._writable()
@@ -2908,85 +2753,65 @@ class _EntryFiles(_EntryDir):
 
     def _sweep(
         self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
-    ) -> _Swept:
+    ) -> tuple[int, int]:
         usage: Any = (lambda change, *more, **named: None) if dry_run else self._usage
         base = usage(lambda total: total, sweep=1)
-        listed: list[tuple[float, str, os.stat_result]] = []
-        for path, _folder in self.files(folder):
-            st = _lstat_or_none(path)
-            if st is not None:
-                listed.append((st.st_mtime, path, st))
+        stats = ((path, _lstat_or_none(path)) for path, _folder in self.files(folder))
+        listed = sorted(((st.st_mtime, path, st) for path, st in stats if st is not None), key=lambda item: item[0])
         total = sum(_disk_bytes(st) for _mtime, _path, st in listed)
-        listed.sort(key=lambda item: item[0])
-        swept, folders = _Swept(), set[str]()
+        entries = evicted = 0
+        newest, folders = 0.0, set[str]()
 
         def left(now: int | None) -> int:
             # The total measured, less what was evicted, plus what others reserved since it was read.
-            return total - swept.bytes + (now - base if now is not None and base is not None else 0)
+            return total - evicted + (now - base if now is not None and base is not None else 0)
 
         for mtime, path, st in listed:
             if (target is None or left(usage(lambda now: now)) <= target) and (
                 older_than is None or mtime >= older_than
             ):
                 break
-            size = _disk_bytes(st)
             if dry_run or self._evict(path, st):
-                swept.entries, swept.bytes, swept.newest = swept.entries + 1, swept.bytes + size, mtime
+                entries, evicted, newest = entries + 1, evicted + _disk_bytes(st), mtime
                 folders.add(os.path.dirname(path))
         if dry_run:
-            return swept
+            return entries, evicted
         self._synced(folders)  # Evictions reach the disk before the total that leaves them out.
         # One folder's listing is not the store's total: only what left it is taken off.
-        after = usage(left if folder is None else lambda now: None if now is None else now - swept.bytes, swept.newest)
-        logger = _log_at(_INFO) if swept.entries else None
+        after = usage(left if folder is None else lambda now: None if now is None else now - evicted, newest)
+        logger = _log_at(_INFO) if entries else None
         if logger is not None:
             logger.info(
                 "evicted %d entries (%d bytes on disk, the most recently used of them %.0f s ago) from %s; "
-                "its entries now take %d bytes", swept.entries, swept.bytes,
-                max(0.0, time.time() - swept.newest), self.root, after or 0,
+                "its entries now take %d bytes", entries, evicted, max(0.0, time.time() - newest), self.root, after or 0,
             )
-        return swept
+        return entries, evicted
 
     def _evict(self, path: str, listed: os.stat_result) -> bool:
-        """Remove one entry file found by a sweep, unless its key is being
-        computed or it was used or replaced since the listing; True if removed."""
+        """Remove an entry file a sweep listed, unless its key is being computed or it changed since."""
         lock = _KeyLock(self.lock_path, _key_byte(os.path.basename(path)))
         try:
             if not lock.try_acquire():
                 return False
         except RuntimeError:
             return False  # This very thread is computing the key.
-        try:
-            try:
-                _entry, st = _load_entry(path, None, _HEAD)
-            except OSError:
-                return False  # Not judged (EIO, ESTALE, EACCES).
+        with lock:
+            st = _judge(path, None, _HEAD)[1]
             if st is None or not _same_file(st, listed) or st.st_mtime != listed.st_mtime:
                 return False
             return _remove_judged(path, st)
-        finally:
-            lock.release()
 
     def verify(self) -> list[str]:
         """The entry files that are damaged, checking every byte (every buffer's CRC too)."""
-        damaged = []
-        for path, _folder in self.files():
-            try:
-                entry, st = _load_entry(path, None, _VERIFY)
-            except OSError:
-                continue  # Not judged (EIO, ESTALE, EACCES).
-            if st is not None and entry is None:
-                damaged.append(path)
-        return damaged
+        judged = ((path, *_judge(path, None, _VERIFY)) for path, _folder in self.files())
+        return [path for path, entry, st in judged if st is not None and entry is None]
 
     def prune(
         self, now: float | None = None, stale: Callable[[_Found], bool] | None = None, folder: str | None = None,
         dry_run: bool = False,
     ) -> tuple[int, int]:
-        """Remove expired or damaged entries (of ``folder``, as for files(); and
-        those ``stale`` accepts) and old temporary files: (entries, temporaries).
-        Entries are judged by their heads first; those kept are then verified
-        byte by byte. ``dry_run`` only counts."""
+        """Remove expired or damaged entries (of ``folder``; and those ``stale`` accepts), the live
+        ones checked byte by byte, and old temporary files: (entries, temporaries). ``dry_run`` counts."""
         if not dry_run:
             self._writable()
         when = time.time() if now is None else now
@@ -2995,21 +2820,13 @@ class _EntryFiles(_EntryDir):
         folders: set[str] = set()
         try:
             for found in self.scan(folder):
-                # A file that could not be read (stat None) is left alone: ESTALE,
-                # EIO and EACCES say nothing about the entry itself.
+                # A file not judged (stat None) is left alone: ESTALE, EIO and EACCES say nothing of the entry.
                 entry, judged = found.entry, found.stat
-                if judged is None:
-                    continue
                 if entry is not None and entry.live(when) and not (stale is not None and stale(found)):
-                    try:
-                        entry, judged = _load_entry(found.path, entry.key, _VERIFY)
-                    except OSError:
+                    entry, judged = _judge(found.path, entry.key, _VERIFY)
+                    if entry is not None:
                         continue
-                    if judged is None:
-                        continue
-                else:
-                    entry = None
-                if entry is None and (dry_run or _remove_judged(found.path, judged)):
+                if judged is not None and (dry_run or _remove_judged(found.path, judged)):
                     entries += 1
                     folders.add(os.path.dirname(found.path))
             for directory in [top] if folder else [top, *(os.path.join(top, name) for name in self.folders())]:
@@ -3035,9 +2852,6 @@ class _EntryFiles(_EntryDir):
     # function under .functions/, so that `info` and `prune --stale` can tell
     # the entries of older code without running or importing anything.
 
-    def _identity_file(self, function: str) -> str:
-        return os.path.join(self.root, ".functions", self.folder(function)[:_FOLDER_HEX])
-
     def _write_json(self, path: str, record: dict[str, Any], indent: int | None = None) -> None:
         import json
 
@@ -3045,11 +2859,9 @@ class _EntryFiles(_EntryDir):
         _write_bytes(path, json.dumps(record, indent=indent).encode("utf-8"), durable=self.durable)
 
     def record_identity(self, function: str, identity: str, code: str = "") -> float | None:
-        """Record the identity this process runs under, and the code digests seen
-        under it with when each was first seen. Returns when ``code`` was first
-        seen if other code was seen before it (entries older than that came from
-        other code: a pinned version=), else None."""
-        path = self._identity_file(function)
+        """Record the identity this process runs under and when each code digest under it was first
+        seen; return when ``code`` was, if other code was seen before it (a pinned version=), else None."""
+        path = os.path.join(self.root, ".functions", self.folder(function)[:_FOLDER_HEX])
         record = _read_json(path) or {}
         same = record.get("identity") == identity
         codes = record.get("codes") if same else None
@@ -3142,14 +2954,13 @@ class _EntryFiles(_EntryDir):
 
 
 def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
-    """Whether an entry belongs to code older than its function's current
-    identity, or is a memoize entry in the layout of donecache 0.1 (at the top
-    level, where no memoized function looks any more)."""
+    """Whether an entry is of code older than its function's current identity, or a memoize
+    entry in donecache 0.1's layout (at the top level, where no memoized function looks now)."""
     older = files.older_code()
 
     def stale(found: _Found) -> bool:
         parts = None if found.entry is None else _parse_key(found.entry.key)
-        return parts is not None and (found.folder == "" or older(parts.function, parts.identity))
+        return parts is not None and (found.folder == "" or older(*parts))
 
     return stale
 
@@ -3164,18 +2975,16 @@ def _prune(
     if stale and not dry_run:  # The failures of older code go with its entries.
         older = files.older_code()
         files.drop_failures(lambda r: older(str(r.get("function")), r.get("identity")), folder)
-    swept = _Swept()
+    swept = (0, 0)
     if limit is not None or age is not None:
         # By hand the store goes down to the size asked for, not to a low-water mark.
         swept = files.sweep(limit, None if age is None else now - age, folder, dry_run)
-    return entries, temps, swept.entries, swept.bytes
+    return entries, temps, *swept
 
 
 class _ShelfDict:
-    """The mapping of encoded keys that shelve.Shelf works on, over the entry
-    files (Store reads and writes values itself, to keep big buffers out of
-    the pickle stream). Iteration lists memoized functions' entries too.
-    Shelf needs no sync() or close(): every write is in place when it returns."""
+    """The bytes-keyed mapping that shelve.Shelf works on, over the entry files (Store reads and
+    writes values itself). Shelf needs no sync() or close(): every write is in place when it returns."""
 
     def __init__(self, files: _EntryFiles) -> None:
         self.files = files
@@ -3188,7 +2997,7 @@ class _ShelfDict:
         # Mapped: the stream is checked, and big buffers are not read.
         return isinstance(key, bytes) and self.files.read(key, mapped=True, use=False) is not None
 
-    def keys(self) -> Iterator[bytes]:
+    def keys(self) -> Iterator[bytes]:  # Memoized functions' entries too.
         now = time.time()
         for found in self.files.scan():
             if found.entry is not None and found.entry.live(now):
@@ -3204,15 +3013,12 @@ class _ShelfDict:
 # never a KeyError. The views below, and Store.get, skip it.
 
 if TYPE_CHECKING:
-    _ItemsView = collections.abc.ItemsView[str, Any]
-    _ValuesView = collections.abc.ValuesView[Any]
     _ShelfBase = shelve.Shelf[Any]
 else:
-    _ItemsView, _ValuesView = _collections_abc.ItemsView, _collections_abc.ValuesView
     _ShelfBase = object  # shelve.Shelf joins at the first open: see Store.__new__.
 
 
-class _StoreItems(_ItemsView):
+class _StoreItems(_collections_abc.ItemsView[str, object]):
     _mapping: shelve.Shelf[Any]  # The store, as ItemsView keeps it (not in its stubs).
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
@@ -3223,7 +3029,7 @@ class _StoreItems(_ItemsView):
                 pass
 
 
-class _StoreValues(_ValuesView):
+class _StoreValues(_collections_abc.ValuesView[object]):
     _mapping: shelve.Shelf[Any]
 
     def __iter__(self) -> Iterator[Any]:
@@ -3279,16 +3085,8 @@ class Store(_ShelfBase):
         return store
 
     def __init__(
-        self,
-        filename: AnyPath,
-        flag: str = "c",
-        protocol: int | None = None,
-        writeback: bool = False,
-        *,
-        durable: bool = False,
-        mmap: bool = False,
-        max_bytes: int | None = None,
-        trust_shared: bool = False,
+        self, filename: AnyPath, flag: str = "c", protocol: int | None = None, writeback: bool = False, *,
+        durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
         compress: bool | str = False,
     ) -> None:
         # Named and typed as in shelve.DbfilenameShelf; a bytes path is decoded
@@ -3354,12 +3152,10 @@ class Store(_ShelfBase):
         files.clear()
 
     def prune(self, *, max_bytes: int | None = None, older_than: float | Any = None, dry_run: bool = False) -> int:
-        """Remove expired and damaged entries (checking every byte of the others)
-        and crashed writers' temporary files; then evict the least recently used
-        entries until the store takes at most ``max_bytes`` on disk, and those
-        not used for ``older_than`` (seconds or a timedelta), as the command
-        line's prune does. Returns how many files were removed (``dry_run``:
-        would be; nothing is removed)."""
+        """Remove expired and damaged entries (checking every byte of the others) and crashed
+        writers' temporary files; then, as the command line's prune does, evict the least recently
+        used entries until the store takes at most ``max_bytes`` on disk, and those not used for
+        ``older_than`` (seconds or a timedelta). Returns how many files were (``dry_run``: would be) removed."""
         return sum(_prune(self._open_files(), None, max_bytes, older_than, stale=False, dry_run=dry_run)[:3])
 
     def verify(self) -> list[str]:
@@ -3472,16 +3268,10 @@ def _no_code(obj: Any) -> str:
 
 
 class _Canonical:
-    """Writes a text that is equal for equal values in every process and run.
+    """Writes a text that is equal for equal values in every process and run (docs/identity.md).
 
-    repr() is canonical for scalars; 1, 1.0, True and "1" stay apart, as their
-    results may differ. Containers are walked; dicts and sets are sorted by
-    their items' texts, since their order depends on insertion and on
-    PYTHONHASHSEED. Big buffers, arrays and frames are hashed in place.
-    Functions and classes count by ``code`` (the code identity section gives
-    it: the keys need the code identity, which needs canonical values). Any
-    other object is taken apart as pickle would take it (``__reduce_ex__``),
-    so that the sets and dicts in its state are sorted too.
+    Functions and classes count by ``code``, which the code identity section below
+    passes in: the keys need the code identity, which needs canonical values.
     """
 
     __slots__ = ("code", "active")
@@ -3494,6 +3284,11 @@ class _Canonical:
         out: list[str] = []
         self.write(value, out)
         return "".join(out)
+
+    def tagged(self, head: str, value: Any, out: list[str], tail: str = ">") -> None:
+        out.append(head)
+        self.write(value, out)
+        out.append(tail)
 
     def write(self, value: Any, out: list[str]) -> None:
         kind = type(value)
@@ -3554,9 +3349,7 @@ class _Canonical:
             self_ = getattr(value, "__self__", None)
             if kind is type(len) and self_ is not None and not isinstance(self_, type(sys)):
                 # A bound built-in method (english.get): what it is bound to counts.
-                out.append(f"<built-in {value.__qualname__} of ")
-                self.write(self_, out)
-                out.append(">")
+                self.tagged(f"<built-in {value.__qualname__} of ", self_, out)
                 return True
             reference = _reference(value)
             out.append(f"<{reference}")
@@ -3570,15 +3363,10 @@ class _Canonical:
                 self.write(tuple(_cell_value(cell) for cell in value.__closure__ or ()), out)
             out.append(">")
         elif kind is types.MethodType:
-            out.append("<method ")
-            self.write(value.__func__, out)
-            out.append(" of ")
-            self.write(value.__self__, out)
-            out.append(">")
+            self.tagged("<method ", value.__func__, out, " of ")
+            self.tagged("", value.__self__, out)
         elif isinstance(value, functools.partial):
-            out.append("<partial ")
-            self.write((value.func, value.args, value.keywords), out)
-            out.append(">")
+            self.tagged("<partial ", (value.func, value.args, value.keywords), out)
         elif callable(value) and callable(getattr(value, "__wrapped__", None)):
             self.write(value.__wrapped__, out)  # memoize, lru_cache: what they wrap.
         else:
@@ -3598,25 +3386,19 @@ class _Canonical:
             # 3.13 moved the classes to pathlib._local and pickles a path as one
             # string; its parts are what every version agrees on (3.9-3.12's form).
             module = "pathlib" if kind.__module__.startswith("pathlib") else kind.__module__
-            out.append(f"<{module}.{kind.__qualname__}:")
-            self.write(tuple(value.parts), out)
-            out.append(";>")
+            self.tagged(f"<{module}.{kind.__qualname__}:", tuple(value.parts), out, ";>")
             return
         re = sys.modules.get("re")
         if re is not None and kind is re.Pattern:
-            out.append(f"<re.Pattern {value.flags}:")
-            self.write(value.pattern, out)
-            out.append(">")
+            self.tagged(f"<re.Pattern {value.flags}:", value.pattern, out)
             return
         if kind.__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
             dtype = str(value.dtype.descr) if value.dtype.names else value.dtype.str
             if value.dtype.hasobject:  # Python objects, not a buffer of numbers.
-                out.append(f"<{name} {dtype} {value.shape}:")
-                self.write(value.tolist(), out)
-                out.append(">")
-                return
-            data = value if value.flags.c_contiguous else value.copy(order="C")
-            out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
+                self.tagged(f"<{name} {dtype} {value.shape}:", value.tolist(), out)
+            else:
+                data = value if value.flags.c_contiguous else value.copy(order="C")
+                out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
             return
         pandas = sys.modules.get("pandas")
         if pandas is not None and isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
@@ -3659,18 +3441,14 @@ class _Canonical:
         """A Series' or Index's values, a categorical's categories, a tz-aware column's instants."""
         dtype = value.dtype
         if isinstance(dtype, pandas.CategoricalDtype):
-            out.append(f"ordered={dtype.ordered!r} categories=")
-            self.write(dtype.categories, out)
+            self.tagged(f"ordered={dtype.ordered!r} categories=", dtype.categories, out, "")
         if isinstance(dtype, pandas.DatetimeTZDtype):  # str(dtype) above names the zone.
             self.write(value.to_numpy(dtype=f"datetime64[{dtype.unit}]"), out)
         else:
             self.write(value.to_numpy(), out)
 
     def _arrow(self, value: Any, out: list[str]) -> bool:
-        """pyarrow tables, record batches and arrays, and polars frames and series (as
-        Arrow data, which to_arrow() hands over without a copy): a flat array by its
-        type, offset, length and buffers, read in place; a nested or dictionary
-        array by its values, as its children's offsets are not in its buffers."""
+        """pyarrow values, and polars values as Arrow data (to_arrow() does not copy); False for others."""
         pyarrow, polars = sys.modules.get("pyarrow"), sys.modules.get("polars")
         if polars is not None and isinstance(value, (polars.DataFrame, polars.Series)):
             out.append(f"<polars.{type(value).__name__} {getattr(value, 'name', None)!r}:")
@@ -3688,7 +3466,7 @@ class _Canonical:
         elif isinstance(value, pyarrow.Array):
             out.append(f"<pyarrow.Array {value.type} {value.offset} {len(value)}:")
             if value.type.num_fields or pyarrow.types.is_dictionary(value.type):
-                self.write(value.to_pylist(), out)
+                self.write(value.to_pylist(), out)  # A child's offset is not in the buffers.
             else:
                 out.extend(f"{buffer and _buffer_digest(buffer)}," for buffer in value.buffers())
         else:
@@ -3714,9 +3492,7 @@ class _Arguments:
             npos, nkw = code.co_argcount, code.co_kwonlyargcount
             self.names: tuple[str, ...] = code.co_varnames[: npos + nkw]
             kwonly = self.names[npos:]
-            if all(name in kwdefaults for name in kwonly):
-                # The common case, bound without inspect: positional arguments,
-                # then positional defaults, then keyword-only defaults.
+            if all(name in kwdefaults for name in kwonly):  # Bound without inspect: args, then the defaults.
                 self._fast = True
                 self._npos, self._defaults = npos, tuple(defaults)
                 self._kwdefaults = tuple(kwdefaults[name] for name in kwonly)
@@ -4504,36 +4280,19 @@ if TYPE_CHECKING:
         label: Callable[..., Any] | None
 
 
-# The records are collections.namedtuple classes, made at their first use (a
-# call, or `donecache.CacheInfo` through the module's __getattr__): collections
-# is not loaded at startup in a venv or under -S, and import time is a budget
-# (issue 20). Type checkers see the NamedTuple classes above.
+# The records are collections.namedtuple classes made at their first use (a call, or `donecache.CacheInfo` through
+# the module's __getattr__): collections is not loaded at startup in a venv or under -S, and import time is a
+# budget (issue 20). Type checkers see the NamedTuple classes above.
 _RECORDS: dict[str, tuple[str, tuple[Any, ...], str]] = {
-    "CacheInfo": (
-        "hits misses maxsize currsize held_seconds saved_seconds",
-        (0.0, 0.0),
-        """A namedtuple with functools.lru_cache's fields first, then two of donecache's.
-
-    hits: calls answered from the cache by this process. misses: calls this
-    process computed and stored. maxsize: the store's max_bytes (bytes on disk,
-    not a count of entries), or None. currsize: this function's live entries on
-    disk. held_seconds: the computation time those entries hold (as each entry
-    recorded it when stored). saved_seconds: the computation time this
-    process's hits did not repeat.
-    """,
-    ),
-    "PruneReport": (
-        "removed temporary_files evicted evicted_bytes",
-        (),
-        """What f.prune() did (with dry_run=True: would do): expired, damaged or
-    stale entries removed, crashed writers' temporary files removed, and the
-    least recently used entries evicted with their bytes on disk.""",
-    ),
-    "_BatchOptions": (
-        "keep_going workers processes executor chunksize progress retry_failures shard label",
-        (),
-        "The options of f.map() and f.imap(), as map() names them.",
-    ),
+    "CacheInfo": ("hits misses maxsize currsize held_seconds saved_seconds", (0.0, 0.0), """\
+functools.lru_cache's fields, then donecache's: hits and misses, this process's calls answered
+    from the cache and computed; maxsize, the store's max_bytes (bytes on disk, not entries) or None;
+    currsize, this function's live entries on disk; held_seconds, the computation time they hold (as
+    each entry recorded it); saved_seconds, the computation time this process's hits did not repeat."""),
+    "PruneReport": ("removed temporary_files evicted evicted_bytes", (), """\
+What f.prune() did (dry_run=True: would do): expired, damaged or stale entries removed, crashed
+    writers' temporary files removed, least recently used entries evicted and their bytes on disk."""),
+    "_BatchOptions": ("keep_going workers processes executor chunksize progress retry_failures shard label", (), ""),
 }
 _made_records: dict[str, Any] = {}
 
@@ -4546,7 +4305,7 @@ def _record(name: str) -> Any:
         fields, defaults, doc = _RECORDS[name]
         namedtuple: Any = collections.namedtuple  # Fields from a table: no literal for mypy's plugin.
         made = namedtuple(name, fields, defaults=defaults, module=__name__)
-        made.__doc__ = doc
+        made.__doc__ = doc or made.__doc__
         made = _made_records.setdefault(name, made)  # One class, whichever thread made it first.
     return made
 
@@ -4564,10 +4323,9 @@ _MISSING: Any = object()
 
 # -- the switch: DONECACHE=off, or donecache.disabled() ------------------------
 #
-# Checked on every call, so it must cost next to nothing: os.environ.get()
-# encodes its key and raises KeyError inside when the variable is unset (0.75 us,
-# 15% of a hit, measured). The mapping under os.environ is read instead, with the
-# key encoded once, as os.environ encodes it (bytes on POSIX, upper case on Windows).
+# Checked on every call: os.environ.get() encodes its key and raises KeyError inside when the variable is unset
+# (0.57 us, 14% of a hit, on 3.11), so the mapping under it is read, with the key encoded once as os.environ does
+# (bytes on POSIX, upper case on Windows).
 _ENVIRON: Any = getattr(os.environ, "_data", None)
 if _ENVIRON is not None:
     _SWITCH_KEY: Any = os.environ.encodekey("DONECACHE")
@@ -4580,24 +4338,20 @@ _SWITCH_WORDS = dict.fromkeys(("0", "false", "no", "off"), True) | dict.fromkeys
 _switch_warned: set[str] = set()
 
 
-def _off_in_environment(value: str) -> bool:
-    word = value.strip().lower()
-    off = _SWITCH_WORDS.get(word)
-    if off is None and word:
-        if value not in _switch_warned:  # Once per value: this runs at every call; it must never raise there.
-            _switch_warned.add(value)
-            _warn(f"the environment variable DONECACHE={value!r} is not understood, so caching stays on; "
-                  "set it to off (or 0, false, no) or on (or 1, true, yes)")  # fmt: skip
-        return False
-    return bool(off)
-
-
 def _switched_off() -> bool:
     """True while memoize calls straight through: inside disabled(), or with DONECACHE=off."""
     if _off_depth:
         return True
     raw = _ENVIRON.get(_SWITCH_KEY)
-    return raw is not None and _off_in_environment(_env_text(raw))
+    if raw is None:
+        return False
+    value = _env_text(raw)
+    off = _SWITCH_WORDS.get(value.strip().lower())
+    if off is None and value.strip() and value not in _switch_warned:  # Once per value: this runs at every call.
+        _switch_warned.add(value)
+        _warn(f"the environment variable DONECACHE={value!r} is not understood, so caching stays on; "
+              "set it to off (or 0, false, no) or on (or 1, true, yes)")  # fmt: skip
+    return bool(off)
 
 
 class _Disabled:
@@ -4617,21 +4371,19 @@ class _Disabled:
 def disabled() -> _Disabled:
     """``with donecache.disabled():`` memoized functions call straight through.
 
-    For tests: while any such block is open, every thread of this process calls
-    memoized functions as plain functions, with no reads, writes or locks, and
-    no cache directory is created; hits and misses are not counted. A batch
-    (f.map) started inside the block runs its workers the same way. The
-    environment variable DONECACHE=off does the same for a whole process (and
-    the processes it starts), checked at each call.
+    For tests: while any such block is open, every thread of this process calls memoized functions
+    as plain functions, with no reads, writes or locks, and no cache directory is created; hits and
+    misses are not counted. A batch (f.map) started inside the block runs its workers the same way.
+    The environment variable DONECACHE=off does the same for a whole process (and the processes it
+    starts), checked at each call.
     """
     return _Disabled()
 
 
 # -- the failure ledger's view of user objects ------------------------------
 #
-# A failure is recorded inside a batch that must keep going, so nothing here
-# may raise or grow without bound: an exception whose str() raises, a 300 MiB
-# bytes input, an int of a million digits (repr raises ValueError from 3.11).
+# A failure is recorded inside a batch that must keep going, so nothing here may raise or grow without bound:
+# an exception whose str() raises, a 300 MiB bytes input, an int of a million digits (repr raises ValueError from 3.11).
 
 _SHOWN = 300  # Characters of an input's text in the ledger.
 _INPUT_PICKLE_MAX = 256 * 1024  # Pickled inputs up to this size go into the ledger.
@@ -4646,9 +4398,8 @@ def _safe_str(value: Any, limit: int = 4000) -> str:
 
 
 def _bounded_repr(value: Any) -> str:
-    """A repr capped at every level, as reprlib makes it, but also for bytes, big
-    ints and subclasses of the containers (reprlib shows those in full and cuts
-    after), with dicts in their own order (a record's id usually comes first)."""
+    """A repr capped at every level, as reprlib makes it, but also for bytes, big ints and container subclasses."""
+    # reprlib shows those in full, then cuts. Dicts keep their own order (a record's id usually comes first).
     global _bounded
     if _bounded is None:
         import reprlib
@@ -4657,16 +4408,18 @@ def _bounded_repr(value: Any) -> str:
             def repr_dict(self, x: Any, level: int) -> str:
                 if level <= 0 or not x:
                     return "{...}" if x else "{}"
-                shown = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}" for k, v in itertools.islice(x.items(), self.maxdict)]
+                pairs = itertools.islice(x.items(), self.maxdict)
+                shown = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}" for k, v in pairs]
                 return "{" + ", ".join(shown) + (", ..." if len(x) > self.maxdict else "") + "}"
 
             def repr_int(self, x: Any, level: int) -> str:
                 return f"<int of {x.bit_length()} bits>" if x.bit_length() > 256 else int.__repr__(x)
 
             def repr_instance(self, x: Any, level: int) -> str:
-                for kind, name in ((str, "str"), (bytes, "str"), (bytearray, "str"), (dict, "dict"), (list, "list"), (tuple, "tuple")):
-                    if isinstance(x, kind):
-                        return getattr(self, f"repr_{name}")(x[: self.maxstring + 1] if name == "str" else x, level)  # type: ignore[no-any-return]
+                for kinds, name in (((str, bytes, bytearray), "str"), (dict, "dict"), (list, "list"), (tuple, "tuple")):
+                    if isinstance(x, kinds):
+                        shown = getattr(self, f"repr_{name}")(x[: self.maxstring + 1] if name == "str" else x, level)
+                        return str(shown)
                 return reprlib.Repr.repr_instance(self, x, level)
 
             repr_bytes = repr_bytearray = repr_instance
@@ -4681,15 +4434,13 @@ def _bounded_repr(value: Any) -> str:
 
 
 def _pickled_input(value: Any) -> str | None:
-    """The input pickled (base64 text, for the JSON record), or None if it cannot
-    be pickled or its pickle passes _INPUT_PICKLE_MAX: the pickler stops there,
-    never building the whole of a big input's pickle."""
+    """The input's pickle as base64 text, or None if it cannot be pickled or passes _INPUT_PICKLE_MAX."""
     import base64
 
     class Bounded(io.BytesIO):
         def write(self, data: Any) -> int:
             if self.tell() + len(data) > _INPUT_PICKLE_MAX:
-                raise OverflowError
+                raise OverflowError  # The pickler stops here, never building a big input's whole pickle.
             return super().write(data)
 
     out = Bounded()
@@ -4727,23 +4478,21 @@ def _format_exception(exc: BaseException) -> str:
 class FailureRecord(Exception):
     """A failure of a batch as the store's ledger keeps it (see ``f.failures()``).
 
-    ``input`` is the input itself when the ledger kept its pickle and this
-    record was read by ``f.failures()``; else (the command line, an input too
-    big to keep or that no longer unpickles) the text in ``label``. ``label``
-    is what ``map(label=...)`` gave, or a bounded repr; ``entry`` names the
-    input's entry file. Then the exception's ``type`` and ``message``, the
-    ``traceback`` text (donecache's own frames left out), when and where
-    (``time``, ``host``, ``pid``), and the code ``identity`` it failed under
-    (``current``: the code that reads it now). A batch with
-    ``retry_failures=False`` reports such a failure again as this exception.
-    It pickles and copies (a worker may return one; a memoized report of
-    failures holds them)."""
+    ``input`` is the input itself when the ledger kept its pickle and ``f.failures()`` read this
+    record; else (the command line, an input too big to keep or that no longer unpickles) the text in
+    ``label``: what ``map(label=...)`` gave, or a bounded repr. ``entry`` names the input's entry file.
+    Then the exception's ``type`` and ``message``, the ``traceback`` text (donecache's own frames left
+    out), when and where (``time``, ``host``, ``pid``), and the code ``identity`` it failed under
+    (``current``: the code that reads it now). A batch with ``retry_failures=False`` reports such a
+    failure again as this exception. It pickles and copies (a worker may return one; a memoized
+    report of failures holds them)."""
 
     def __init__(self, record: dict[str, Any], current: bool, load: bool = False) -> None:
         self._record, self._load = record, load
         get = record.get
         self.function, self.label, self.entry = str(get("function", "?")), str(get("input", "?")), str(get("entry", ""))
-        self.type, self.message, self.traceback = str(get("type", "?")), str(get("message", "")), str(get("traceback", ""))
+        self.type, self.message = str(get("type", "?")), str(get("message", ""))
+        self.traceback = str(get("traceback", ""))
         self.time = float(get("time") or 0)
         self.host, self.pid = str(get("host", "?")), get("pid")
         self.identity, self.current = str(get("identity", "")), current
@@ -4765,13 +4514,12 @@ class FailureRecord(Exception):
 
     def as_dict(self) -> dict[str, Any]:
         """The record as JSON data (``input`` is the text, ``label``)."""
-        names = ("function", "label", "entry", "input_kept", "type", "message", "traceback", "time", "host", "pid", "identity", "current")
+        names = "function label entry input_kept type message traceback time host pid identity current".split()
         return {"input": self.label, **{name: getattr(self, name) for name in names}}
 
 
 class _Outcome:
-    """How one call went: its result (ok) or exception, whether it was computed (not reused), the
-    traceback text of a failure, and the seconds of its computation (for a reused result, as recorded)."""
+    """How one call went: result (ok) or exception, computed (not reused), failure's traceback, seconds."""
 
     __slots__ = ("ok", "value", "computed", "traceback", "seconds")
 
@@ -4782,10 +4530,8 @@ class _Outcome:
 _KEY_MEMO_TYPES = frozenset({int, str, bytes, type(None)})
 _KEY_MEMO_SIZE = 4096
 _KEY_MEMO_TEXT = 1024  # Longer strs and bytes are not remembered: the memo would keep them alive.
-# What a memoized function's first call needs to work out and record its code
-# identity, imported when it is decorated: a KeyboardInterrupt inside a first
-# import can leave a half-made module behind (seen with inspect and json on
-# CPython 3.9). importlib.util brings typing on 3.9, through importlib.abc.
+# What a first call needs to work out and record the code identity, imported at decoration: a KeyboardInterrupt
+# in a first import can leave a half-made module (seen with inspect and json on 3.9; importlib.util brings typing).
 _DECORATION_IMPORTS = (
     "ast", "base64", "collections", "dis", "functools", "hashlib", "importlib.util", "inspect", "json", "math",
     "reprlib", "socket", "types", "warnings",
@@ -4793,38 +4539,33 @@ _DECORATION_IMPORTS = (
 
 
 class _Call:
-    """One call of a memoized function: its arguments, key and entry slot, and
-    the seconds its computation took (computed now, or as its entry records)."""
+    """One call: its arguments, key, entry slot and computation seconds (now, or as its entry records)."""
 
     __slots__ = ("args", "kwargs", "key", "slot", "seconds")
 
     def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: bytes, slot: _Slot | None) -> None:
-        self.args, self.kwargs, self.key, self.slot = args, kwargs, key, slot
-        self.seconds = 0.0
+        self.args, self.kwargs, self.key, self.slot, self.seconds = args, kwargs, key, slot, 0.0
 
 
 # -- pickling a memoized function ---------------------------------------------
 #
-# The memoized functions that this process has pickled by value, and those it
-# has rebuilt from such pickles: unpickling in the same process gives back the
-# same object (its counters and open store), and a worker rebuilds each once per task.
-_by_value: weakref.WeakValueDictionary[tuple[Any, ...], _Memoized[..., Any]] | None = None  # Made at the first decoration.
+# The memoized functions that this process has pickled by value or rebuilt from such pickles: unpickling in the
+# same process gives back the same object (its counters and open store); a worker rebuilds each once per task.
+_by_value: weakref.WeakValueDictionary[tuple[Any, ...], _Memoized[..., Any]] | None = None  # At the first decoration.
 _WEAK_TABLES["_by_value"] = "WeakValueDictionary"
 
 
 def _pickler_sends_functions_by_value() -> bool:
-    """Whether the pickler at work sends functions by value: such picklers (cloudpickle and those
-    built on it) define reducer_override() and run dump() as Python code, so they are on the stack."""
+    """Whether the pickler at work sends functions by value (cloudpickle and those built on it)."""
+    # Such picklers define reducer_override() and run dump() as Python code, so they are on the stack.
     import pickle
 
-    frame = sys._getframe(2)
+    frame: Any = sys._getframe(2)
     for _ in range(16):
-        if frame is None:
-            break
-        pickler = frame.f_locals.get("self")
+        pickler = frame and frame.f_locals.get("self")
         if isinstance(pickler, pickle.Pickler):
             return callable(getattr(pickler, "reducer_override", None))
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame and frame.f_back
     return False
 
 
@@ -4840,41 +4581,8 @@ def _restore_memoized(kind: type[_Memoized[..., Any]], state: dict[str, Any]) ->
     return func
 
 
-def _reduce_memoized(func: _Memoized[..., Any]) -> str | tuple[Any, ...]:
-    """How a memoized function pickles: by name where its name finds it (the
-    decorator form, as plain functions pickle), else by value.
-
-    By value (the functional form ``cached = memoize(path)(f)``, where the
-    name ``f`` is the plain function) means the plain function, sent as the
-    pickler sends functions, and the wrapper's settings (the absolute store
-    path, ttl, the key prefix made here). A function of the main script goes
-    by value too when the pickler can send functions by value (cloudpickle,
-    which dask and loky use), since a remote worker cannot import the parent's
-    main script; the standard pickler (process pools) sends it by name, which
-    its workers can resolve.
-    """
-    target: Any = sys.modules.get(func.__module__)
-    for part in func.__qualname__.split("."):  # A method's name: Class.method.
-        target = getattr(target, part, None)
-    name: str = func.__qualname__
-    if target is func and not (func.__module__ == "__main__" and _pickler_sends_functions_by_value()):
-        return name
-    # The registry's key names this very wrapper: before its first call its key
-    # prefix is empty, and two functions' wrappers were once taken for one.
-    token = func.__dict__.setdefault("_pickle_token", os.urandom(8).hex())
-    state = dict(
-        func.__dict__, _store=None, _warned=False, _hits=0, _misses=0, _same=_unchanged, _keys={}, _saved=0.0
-    )
-    _runtime_imports()
-    assert _by_value is not None
-    _by_value[(type(func), func.path, token)] = func
-    return _restore_memoized, (type(func), state)
-
-
 class _BoundMemoized:
-    """A memoized method bound to an instance, as ``obj.method`` gives it: the
-    call and every wrapper method (map, forget, refresh, ...) take the
-    instance as their first argument, as a bound method does."""
+    """``obj.method``: the call and the wrapper's methods take the instance first, as a bound method does."""
 
     __slots__ = ("__func__", "__self__")
 
@@ -4885,12 +4593,12 @@ class _BoundMemoized:
         return self.__func__(self.__self__, *args, **kwargs)
 
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
-        func = self.__func__
-        return _run_map(func, iterables, (self.__self__,), func._batch_options(iterables, options))
+        checked = self.__func__._batch_options(iterables, options, "map")
+        return _run_map(self.__func__, iterables, (self.__self__,), checked)
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        func = self.__func__
-        return _run_imap(func, iterables, (self.__self__,), func._batch_options(iterables, options))
+        checked = self.__func__._batch_options(iterables, options, "imap")
+        return _run_imap(self.__func__, iterables, (self.__self__,), checked)
 
     @property
     def __wrapped__(self) -> Any:
@@ -4907,9 +4615,7 @@ class _BoundMemoized:
         return found
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, _BoundMemoized) and self.__func__ is other.__func__ and self.__self__ is other.__self__
-        )
+        return isinstance(other, _BoundMemoized) and self.__func__ is other.__func__ and self.__self__ is other.__self__
 
     def __hash__(self) -> int:
         return hash((id(self.__func__), id(self.__self__)))
@@ -4930,8 +4636,8 @@ class _Memoized(Generic[_P, _R]):
 
     def __init__(
         self, func: Callable[..., Any], path: StrPath | None, ttl: float | None, version: Any, ignore: Iterable[str],
-        durable: bool, key: Callable[..., Any] | None = None, mmap: bool = False, max_bytes: int | None = None,
-        trust_shared: bool = False, compress: Any = False,
+        durable: bool, key: Callable[..., Any] | None, mmap: bool, max_bytes: int | None, trust_shared: bool,
+        compress: Any,
     ) -> None:  # fmt: skip
         import functools
         import hashlib
@@ -4942,30 +4648,45 @@ class _Memoized(Generic[_P, _R]):
         functools.update_wrapper(self, func)
         if not hasattr(func, "__qualname__"):  # A functools.partial or a callable object.
             self.__qualname__ = self.__name__ = _function_name(func)
-        # Bound once here: an import statement on the hit path costs a dict lookup per call.
-        self._blake2b = hashlib.blake2b
-        self.path = os.path.abspath(_store_path(os.environ.get("DONECACHE_DIR") or ".donecache" if path is None else path))
+        self._blake2b = hashlib.blake2b  # Bound once: an import statement on the hit path costs a lookup per call.
+        path = os.environ.get("DONECACHE_DIR") or ".donecache" if path is None else path
+        self.path = os.path.abspath(_store_path(path))
         self._ttl, self._durable, self._mmap, self._version = ttl, durable, mmap, version
         self._max_bytes, self._trust_shared = _check_max_bytes(max_bytes), trust_shared
         self._compress = _check_compress(compress)
-        self._arguments = _Arguments(func, ignore, key)
+        self._arguments, self._key_given = _Arguments(func, ignore, key), key is not None
         self._function = f"{_module_name(func)}:{_function_name(func)}"
         self._identity = f"{self._function}|".encode("utf-8")
-        # Made at the first call (_prepare): the code identity and the closure's values.
-        self._prefix = b""
-        self._closure = ""
-        self._same: Callable[[], bool] = _unchanged  # Whether what the identity followed is unchanged.
-        self._key_given = key is not None
-        self._unrecorded = False
+        # Made at the first call (_prepare): the key prefix (with the code identity), the closure's values,
+        # and whether what the identity followed is unchanged.
+        self._prefix, self._closure, self._same, self._unrecorded = b"", "", _unchanged, False
         self._store: _EntryFiles | None = None
-        self._folder = ""  # Where this function's entries live in the store (set with it).
-        self._warned = False
-        self._hits = self._misses = 0
-        self._saved = 0.0  # Seconds of computation that this process's hits did not repeat.
+        # The folder of this function's entries (set with the store); _saved: the seconds of computation
+        # that this process's hits did not repeat.
+        self._folder, self._warned, self._hits, self._misses, self._saved = "", False, 0, 0, 0.0
         self._keys: dict[tuple[Any, ...], tuple[bytes, _Slot | None, bytes, str]] = {}  # See _keyed.
 
     def __reduce__(self) -> str | tuple[Any, ...]:
-        return _reduce_memoized(self)
+        """By name where its name finds it (the decorator form), else by value: the function and the settings."""
+        # The functional form ``cached = memoize(path)(f)`` goes by value, and so does a function of the main
+        # script when the pickler sends functions by value (cloudpickle, for dask and loky: a remote worker cannot
+        # import the parent's main script); the standard pickler (process pools) sends that by name.
+        name: str = self.__qualname__
+        target: Any = sys.modules.get(self.__module__)
+        for part in name.split("."):  # A method's name: Class.method.
+            target = getattr(target, part, None)
+        if target is self and not (self.__module__ == "__main__" and _pickler_sends_functions_by_value()):
+            return name
+        # The registry's key names this very wrapper: before its first call its key prefix is
+        # empty, and two functions' wrappers were once taken for one.
+        token = self.__dict__.setdefault("_pickle_token", os.urandom(8).hex())
+        state = dict(
+            self.__dict__, _store=None, _warned=False, _hits=0, _misses=0, _same=_unchanged, _keys={}, _saved=0.0
+        )
+        _runtime_imports()
+        assert _by_value is not None
+        _by_value[(type(self), self.path, token)] = self
+        return _restore_memoized, (type(self), state)
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         return self if instance is None else _BoundMemoized(self, instance)
@@ -4974,8 +4695,7 @@ class _Memoized(Generic[_P, _R]):
         return f"<memoized {self.__module__}.{self.__qualname__} in {self.path!r}>"
 
     def _files(self) -> _EntryFiles | None:
-        """The store, or None if it cannot be made (a read-only working directory):
-        then the function is called straight through, with one warning."""
+        """The store, or None (called straight through, warned once) if it cannot be made: a read-only cwd."""
         if self._store is None:
             try:
                 files = _EntryFiles(self.path, "c", self._durable, self._max_bytes, self._trust_shared)
@@ -4992,11 +4712,9 @@ class _Memoized(Generic[_P, _R]):
         return self._store
 
     def _prepare(self) -> bytes:
-        """At the first call, and again when a binding it followed has changed (a
-        redefinition, a reload): the code identity and the closure's values. The
-        identity is recorded in the store, so that `info` and `prune` can tell
-        stale entries, with the code under a pinned version=, to say when other
-        code made the entries it reuses. What cannot be followed is named once."""
+        """The key prefix, at the first call and when a binding it followed changed (a redefinition, a reload)."""
+        # The identity is recorded in the store, so that `info` and `prune` can tell stale entries, with the
+        # code under a pinned version=, to say when other code made the entries it reuses.
         import inspect
 
         files = self._store or (None if _switched_off() else self._files())  # Off: no cache directory is made.
@@ -5016,11 +4734,8 @@ class _Memoized(Generic[_P, _R]):
         since = None if files is None or files.readonly else files.record_identity(self._function, identity, code)
         self._unrecorded = files is None  # Then _files() records it once the store is made.
         if first and since is not None and files is not None:
-            older = sum(
-                1
-                for found in files.scan(self._folder)
-                if found.entry is not None and found.entry.created < since and found.entry.key.startswith(self._prefix)
-            )
+            scanned = (found.entry for found in files.scan(self._folder))
+            older = sum(1 for e in scanned if e is not None and e.created < since and e.key.startswith(self._prefix))
             if older:
                 _warn(
                     f"{self.__qualname__}(): version={self._version!r} is pinned but the code has changed: "
@@ -5034,15 +4749,11 @@ class _Memoized(Generic[_P, _R]):
         return _make_key(prefix, self._closure, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
 
     def _keyed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
-        """The call with its key and entry slot.
-
-        Keys of calls with a few ints, strs, bytes or Nones are remembered (the
-        key and the entry's path cost more than a hit's read): for these types,
-        equal arguments have equal keys (not so for floats: 0.0 == -0.0, or
-        bools: True == 1). The memo starts anew once full. A key is reused only
-        while the prefix and closure text it was made with are the very objects
-        in use and what the identity followed is unchanged (_same; else _key
-        works the prefix out again)."""
+        """The call with its key and entry slot."""
+        # Keys of calls with a few ints, strs, bytes or Nones are remembered (the key and the entry's path cost
+        # more than a hit's read): for these types equal arguments have equal keys (not for floats, 0.0 == -0.0,
+        # or bools, True == 1). A key is reused only while the prefix and closure text it was made with are the
+        # very objects in use and what the identity followed is unchanged (_same).
         simple = (
             not kwargs
             and self._store is not None
@@ -5069,27 +4780,17 @@ class _Memoized(Generic[_P, _R]):
 
     # -- the flow of one call, written once ----------------------------------
     #
-    # _flow is a coroutine for sync and async functions alike. For a sync
-    # function its awaits (_acquire and _invoke) never suspend, so _get runs it
-    # to the end with a single send(); the async class overrides only those
-    # two, and awaits _flow.
-
-    def _live(self, call: _Call, files: _EntryFiles, use: bool = True) -> _Entry | None:
-        """The call's entry if it is whole and live, by its own expiry and this
-        function's ttl; ``use``: record the read as a use of the entry."""
-        now = time.time()
-        entry = files.read(call.key, call.slot, now, self._mmap, use, recent=True)
-        if entry is None or (self._ttl is not None and now - entry.created >= self._ttl):
-            return None
-        return entry
+    # _flow is a coroutine for sync and async functions alike. For a sync function its awaits (_acquire and
+    # _invoke) never suspend, so _get runs it to the end with one send(); the async class overrides only those two.
 
     def _hit(self, call: _Call) -> Any:
         """The cached result, counted as a hit, or _MISSING."""
         files = self._store
         if files is None:
             return _MISSING
-        entry = self._live(call, files)
-        if entry is None:
+        now = time.time()
+        entry = files.read(call.key, call.slot, now, self._mmap, True, recent=True)  # True: a use of the entry.
+        if entry is None or (self._ttl is not None and now - entry.created >= self._ttl):
             return _MISSING
         try:
             value = entry.load()
@@ -5104,8 +4805,8 @@ class _Memoized(Generic[_P, _R]):
         return value
 
     def _why_missed(self, call: _Call) -> str:
-        """For the DEBUG log (it reads the file again). An entry of the same arguments under
-        an older code digest lives in another file, found only by a scan: it reads as "new key"."""
+        """For the DEBUG log (it reads the file again)."""
+        # An entry of the same arguments under an older code digest, in another file, reads as "new key".
         if self._store is None or call.slot is None:
             return "no cache directory"
         try:
@@ -5128,15 +4829,13 @@ class _Memoized(Generic[_P, _R]):
         if files is None:
             return  # No store (already warned).
         try:
-            # Protocol 5 (readable by every Python donecache supports) keeps big
-            # buffers out of the stream, to be written straight from the value.
+            # Protocol 5 (readable by every Python donecache supports) keeps big buffers out of the stream,
+            # to be written straight from the value.
             expires = time.time() + self._ttl if self._ttl is not None else 0.0
             encoded = _encode_entry(call.key, value, expires, 5, call.seconds, self._compress)
         except Exception as exc:
-            _warn(
-                f"{self.__qualname__}() returned a {type(value).__name__} that cannot be pickled ({exc}); "
-                "it is returned but not cached"
-            )
+            _warn(f"{self.__qualname__}() returned a {type(value).__name__} that cannot be pickled ({exc}); "
+                  "it is returned but not cached")  # fmt: skip
             return
         try:
             files.write(encoded, call.slot, recent=True)
@@ -5146,21 +4845,6 @@ class _Memoized(Generic[_P, _R]):
         if call.slot is not None:
             files.forget_failure(call.slot)  # A success clears the input's recorded failure.
 
-    async def _lock(self, call: _Call) -> _KeyLock | None:
-        """The key's lock, held, or None: with no store, or no lock file (a read-only
-        or damaged store) the call computes without one. Results stay right;
-        concurrent callers may compute the same key."""
-        files = self._store
-        if files is None or call.slot is None:
-            return None
-        lock = _KeyLock(files.lock_path, call.slot.offset)
-        try:
-            await self._acquire(lock)
-        except OSError as exc:
-            _warn(f"{self.__qualname__}(): computing without the cache lock: {exc}")
-            return None
-        return lock
-
     async def _acquire(self, lock: _KeyLock) -> None:
         lock.acquire()
 
@@ -5168,11 +4852,18 @@ class _Memoized(Generic[_P, _R]):
         return self.__wrapped__(*call.args, **call.kwargs)
 
     async def _flow(self, call: _Call, refresh: bool, hand_off: Callable[..., None] | None = None) -> tuple[Any, bool]:
-        """(result, whether this call computed it), after a miss or for a
-        refresh: compute under the key's lock, unless another caller stored
-        it while this one waited. ``hand_off(self, call, value, lock)`` takes
-        over the storing and the lock's release (a batch worker stores in the background)."""
-        lock = await self._lock(call)
+        """(result, computed), after a miss or for a refresh: compute under the key's lock unless it is stored."""
+        # hand_off(self, call, value, lock) takes over the storing and the lock's release (a batch worker stores in
+        # the background). With no store, or no lock file (a read-only or damaged store), it computes without the
+        # lock: results stay right; concurrent callers may compute the same key.
+        files, lock = self._store, None
+        if files is not None and call.slot is not None:
+            lock = _KeyLock(files.lock_path, call.slot.offset)
+            try:
+                await self._acquire(lock)
+            except OSError as exc:
+                _warn(f"{self.__qualname__}(): computing without the cache lock: {exc}")
+                lock = None
         try:
             if not refresh:
                 value = self._hit(call)
@@ -5180,7 +4871,8 @@ class _Memoized(Generic[_P, _R]):
                     return value, False
             if _log_at(_DEBUG) is not None:
                 reason = "refresh" if refresh else self._why_missed(call)
-                _logger.debug("%s: miss (%s), computing; entry %s", self.__qualname__, reason, call.slot and call.slot.path)
+                where = call.slot and call.slot.path
+                _logger.debug("%s: miss (%s), computing; entry %s", self.__qualname__, reason, where)
             started = time.perf_counter()
             value = await self._invoke(call)
             call.seconds = time.perf_counter() - started
@@ -5197,8 +4889,7 @@ class _Memoized(Generic[_P, _R]):
     def _get(
         self, call: _Call, refresh: bool = False, hand_off: Callable[..., None] | None = None, missed: bool = False
     ) -> tuple[Any, bool]:
-        """(result, whether this call computed it rather than reusing a stored one);
-        ``missed``: a lookup just missed (a batch's parent), so look again only under the lock."""
+        """(result, computed); ``missed``: a lookup just missed, so look again only under the lock."""
         value = _MISSING if refresh or missed else self._hit(call)
         if value is not _MISSING:
             return value, False
@@ -5213,7 +4904,9 @@ class _Memoized(Generic[_P, _R]):
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         if _switched_off():
             return self.__wrapped__(*args, **kwargs)
-        return self._get(self._keyed(args, kwargs))[0]  # type: ignore[no-any-return]
+        call = self._keyed(args, kwargs)
+        value = self._hit(call)  # Here, not in _get: one call layer fewer on a hit.
+        return value if value is not _MISSING else self._get(call, missed=True)[0]  # type: ignore[no-any-return]
 
     def refresh(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         """Compute this call again, whatever the cache holds, and store the result."""
@@ -5222,11 +4915,10 @@ class _Memoized(Generic[_P, _R]):
         return self._get(self._keyed(args, kwargs), refresh=True)[0]  # type: ignore[no-any-return]
 
     def failures(self, *, all: bool = False) -> list[FailureRecord]:
-        """The inputs of this function that failed in a batch and have not succeeded
-        since, oldest first, as recorded in the store: those of the current code, or
-        with ``all=True`` of older code too (``current`` tells them apart). Each
-        record's ``input`` is the input itself when the ledger kept it (a pickle up
-        to 256 KiB), so ``f.map([r.input for r in f.failures()])`` runs them again."""
+        """The inputs that failed in a batch and have not succeeded since, oldest first, as the store
+        records them: those of the current code, or with ``all=True`` of older code too (``current``
+        tells them apart). ``input`` is the input itself when the ledger kept it (a pickle up to 256
+        KiB), so ``f.map([r.input for r in f.failures()])`` runs them again."""
         files, identity = self._files(), _key_identity(self._prefix or self._prepare())
         if files is None:
             return []
@@ -5234,14 +4926,14 @@ class _Memoized(Generic[_P, _R]):
         return [record for record in records if all or record.current]
 
     def is_cached(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
-        """True if a call with these arguments would be a hit: its entry is stored and
-        live (ttl counts as for a call). It never calls the function, takes no lock,
-        counts no hit, and does not create the cache directory. The value is not
-        unpickled: one that no longer loads (its class changed) still counts."""
+        """True if a call with these arguments would be a hit: its entry is stored and live (ttl counts).
+        It never calls the function, takes no lock, counts no hit, makes no cache directory, and does not
+        unpickle the value: one that no longer loads (its class changed) still counts."""
         if _switched_off() or (self._store is None and not os.path.isdir(self.path)):
             return False
-        call = self._keyed(args, kwargs)
-        return self._store is not None and self._live(call, self._store, use=False) is not None
+        call, files, now = self._keyed(args, kwargs), self._store, time.time()
+        entry = None if files is None else files.read(call.key, call.slot, now, self._mmap, False, recent=True)
+        return entry is not None and (self._ttl is None or now - entry.created < self._ttl)
 
     def forget(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
         """Drop the cached result of this one call; True if there was one."""
@@ -5252,25 +4944,24 @@ class _Memoized(Generic[_P, _R]):
         return files.delete(call.key, call.slot)
 
     def cache_clear(self) -> None:
-        """Drop every entry of this function (all versions of its code), its recorded
-        failures, and the counts. Its folder holds nothing else, so nothing is read."""
+        """Drop every entry of this function (all versions of its code), its recorded failures, and
+        the counts. Its folder holds nothing else, so nothing is read."""
         files = self._files()
         if files is not None:
             files.clear(folder=self._folder)
             files.drop_failures(lambda record: True, self._folder)  # A fresh start forgets them too.
-        self._hits = self._misses = 0
-        self._saved = 0.0
+        self._hits, self._misses, self._saved = 0, 0, 0.0
 
     def cache_info(self) -> CacheInfo:
-        """Hits, misses and the computation time saved in this process, and this
-        function's live entries on disk with the computation time they hold
-        (read from the heads of its own entries only)."""
+        """Hits, misses and the computation time saved in this process, and this function's live
+        entries on disk with the computation time they hold (read from the heads of its own entries only)."""
         now, files, prefix = time.time(), self._files(), self._prefix or self._prepare()
         live, held = 0, 0.0
         for found in files.scan(self._folder) if files is not None else ():
             if found.entry is not None and found.entry.live(now) and found.entry.key.startswith(prefix):
                 live, held = live + 1, held + found.entry.seconds
-        return _record("CacheInfo")(self._hits, self._misses, self._max_bytes, live, held, self._saved)  # type: ignore[no-any-return]
+        info: CacheInfo = _record("CacheInfo")(self._hits, self._misses, self._max_bytes, live, held, self._saved)
+        return info
 
     def cache_parameters(self) -> dict[str, Any]:
         """The options this function was memoized with (functools' ``maxsize`` is max_bytes)."""
@@ -5283,11 +4974,10 @@ class _Memoized(Generic[_P, _R]):
         self, *, max_bytes: int | None = None, older_than: float | Any = None, stale: bool = False,
         dry_run: bool = False,
     ) -> PruneReport:
-        """Trim this function's entries, as ``prune`` on the command line does:
-        remove the expired and damaged ones (``stale``: and those of its older
-        code), then evict the least recently used until they take at most
-        ``max_bytes`` on disk, and those not used for ``older_than`` (seconds
-        or a timedelta). ``dry_run``: remove nothing, only count."""
+        """Trim this function's entries, as ``prune`` on the command line does: remove the expired and
+        damaged ones (``stale``: and those of its older code), then evict the least recently used until
+        they take at most ``max_bytes`` on disk, and those not used for ``older_than`` (seconds or a
+        timedelta). ``dry_run``: remove nothing, only count."""
         files = self._files()
         if files is None:
             return _record("PruneReport")(0, 0, 0, 0)  # type: ignore[no-any-return]
@@ -5302,62 +4992,50 @@ class _Memoized(Generic[_P, _R]):
     ) -> BatchResult:
         """Call the function on every input, caching each success as soon as it is done.
 
-        ``f.map(records)`` calls ``f(record)`` for each record; with several
-        iterables, ``f.map(xs, ys)`` calls ``f(x, y)`` pairwise, like map().
-        A rerun reuses every stored result and computes only what failed or is new.
-        The result keeps one entry per input; for more inputs than fit in
-        memory, iterate over :meth:`imap` instead.
+        ``f.map(records)`` calls ``f(record)`` for each record; ``f.map(xs, ys)`` calls ``f(x, y)``
+        pairwise, like map(). A rerun reuses every stored result and computes only what failed or is
+        new. The result keeps one entry per input; for more inputs than fit in memory, use :meth:`imap`.
 
-        keep_going: False stops at the first failure and raises it, as a plain
-            loop would (what finished before it stays cached). True runs every
-            input and reports the failures in the result, each with its input,
-            exception and traceback.
-        workers: run that many calls at once, in a ProcessPoolExecutor (or, with
-            processes=False, a ThreadPoolExecutor) that map() starts and shuts down.
-        executor: run the calls on an executor you made instead (any object with
-            concurrent.futures' submit(), such as dask.distributed's
-            Client.get_executor() or loky's); it is never shut down, and only
-            this batch's own futures are cancelled. workers= then says how many
-            calls it runs at once (default: its _max_workers, or the CPU count).
-        chunksize: calls per submitted task; by default it grows until a task
-            takes about 50 ms, and an idle worker gets whatever is ready.
-        progress: the function's name, percentage, done/total, rate, ETA and
-            failures. None (the default): a line redrawn on stderr when it is a
-            terminal or a Jupyter kernel, else a record every 30 s on the
-            "donecache" logger (INFO). True: always on stderr. A number: log
-            every that many seconds. False: silent. A callable: called with a
-            :class:`Progress` record at most ten times a second and once at
-            the end (``final`` True), to drive a tqdm or rich bar.
+        keep_going: False stops at the first failure and raises it, as a plain loop would (what
+            finished before it stays cached). True runs every input and reports the failures in the
+            result, each with its input, exception and traceback.
+        workers: run that many calls at once, in a ProcessPoolExecutor (processes=False: a
+            ThreadPoolExecutor) that map() starts and shuts down.
+        executor: run the calls on an executor you made instead (any object with concurrent.futures'
+            submit(), such as dask.distributed's Client.get_executor() or loky's); it is never shut
+            down, and only this batch's own futures are cancelled. workers= then says how many calls
+            it runs at once (default: its _max_workers, or the CPU count).
+        chunksize: calls per submitted task; by default it grows until a task takes about 50 ms, and
+            an idle worker gets whatever is ready.
+        progress: the function's name, percentage, done/total, rate, ETA and failures. None (the
+            default): a line redrawn on stderr when it is a terminal or a Jupyter kernel, else a record
+            every 30 s on the "donecache" logger (INFO). True: always on stderr. A number: log every
+            that many seconds. False: silent. A callable: called with a :class:`Progress` record at
+            most ten times a second and once at the end (``final`` True), to drive a tqdm or rich bar.
+        retry_failures: True (the default) calls again the inputs that failed in an earlier batch.
+            False reports, without calling, the failures that the store's ledger holds for the current
+            code (see :meth:`failures`), each as a :class:`FailureRecord` exception.
+        shard: (index, count) runs only this process's share of the inputs, for array jobs: every input
+            falls to exactly one index, the same in every process and on every host, by a digest of its
+            key. A final unsharded map() then finds every result cached, or in the ledger.
+        label: called with an input's arguments, as the function is, to give the text that the ledger
+            shows for it when it fails (``label=lambda rec: rec["id"]``); by default a bounded repr.
 
-        retry_failures: True (the default) calls again the inputs that failed in
-            an earlier batch. False reports, without calling, the failures that
-            the store's ledger holds for the current code (see :meth:`failures`),
-            each as a :class:`FailureRecord` exception.
-        shard: (index, count) runs only this process's share of the inputs, for
-            array jobs: every input falls to exactly one index, the same in
-            every process and on every host, by a digest of its key. A final
-            unsharded map() then finds every result cached, or in the ledger.
-        label: called with an input's arguments, as the function is, to give the
-            text that the ledger shows for it when it fails (``label=lambda
-            rec: rec["id"]``); by default a repr bounded at every level.
-
-        Each failure is written to the store's ledger as it happens, so a crash
-        of this process loses none of them; a later success removes it.
-        Cached inputs are answered here, never sent; only misses go to the
-        workers, a bounded number at a time, so the inputs can be a generator.
+        Each failure is written to the store's ledger as it happens, so a crash of this process loses
+        none of them; a later success removes it. Cached inputs are answered here, never sent; only
+        misses go to the workers, a bounded number at a time, so the inputs can be a generator.
         """
         options = (keep_going, workers, processes, executor, chunksize, progress, retry_failures, shard, label)
         return _run_map(self, iterables, (), _record("_BatchOptions")(*options))
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        """:meth:`map` as a stream, with the same options: yield each result in
-        input order as soon as it and every one before it are done, keeping none
-        of them, so memory stays bounded however many inputs the iterables give.
-        With keep_going=True a failed input yields its :class:`Failure` in its place."""
-        return _run_imap(self, iterables, (), self._batch_options(iterables, options))
+        """:meth:`map` as a stream, with the same options: yield each result in input order as soon as it
+        and every one before it are done, keeping none, so memory stays bounded however many inputs there
+        are. With keep_going=True a failed input yields its :class:`Failure` in its place."""
+        return _run_imap(self, iterables, (), self._batch_options(iterables, options, "imap"))
 
-    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: dict[str, Any]) -> _BatchOptions:
-        """Options given by name, checked as a call of map() checks them."""
+    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: Any, name: str) -> _BatchOptions:
+        """Options given by name to ``name`` (map or imap, perhaps of a bound method), checked as map() checks them."""
         import inspect
 
         bound = inspect.signature(_Memoized.map).bind(self, *iterables, **options)
@@ -5392,8 +5070,10 @@ class _AsyncMemoized(_Memoized[_P, _R]):
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
         raise TypeError(f"{self.__qualname__}.map(): use asyncio.gather() for async functions")
 
-    def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        raise TypeError(f"{self.__qualname__}.imap(): use asyncio.as_completed() for async functions")
+    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: Any, name: str) -> _BatchOptions:
+        # Also where a bound method's map and imap start: they must not run a coroutine function as a batch.
+        advice = "asyncio.gather()" if name == "map" else "asyncio.as_completed()"
+        raise TypeError(f"{self.__qualname__}.{name}(): use {advice} for async functions")
 
 
 # -- the decorator --------------------------------------------------------------
@@ -5407,14 +5087,9 @@ def memoize(path: Callable[_P, _R]) -> _Memoized[_P, _R]: ...
 
 @overload
 def memoize(
-    path: StrPath | None = None,
-    *,
-    ttl: float | Any = None,
-    version: _Version | None = None,
-    ignore: Iterable[str] = (),
-    key: _KeyFunction | None = None,
-    durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
-    compress: bool | str = False,
+    path: StrPath | None = None, *, ttl: float | Any = None, version: _Version | None = None,
+    ignore: Iterable[str] = (), key: _KeyFunction | None = None, durable: bool = False, mmap: bool = False,
+    max_bytes: int | None = None, trust_shared: bool = False, compress: bool | str = False,
 ) -> Callable[[Callable[_P, _R]], _Memoized[_P, _R]]: ...
 
 
@@ -5425,53 +5100,46 @@ def memoize(
 ) -> Any:
     """Keep a function's results on disk, shared by threads, processes and runs.
 
-    ``@memoize`` or ``@memoize("cache-dir", ttl=3600)``. Without a path the
-    store is ``.donecache`` in the current directory, or $DONECACHE_DIR.
+    ``@memoize`` or ``@memoize("cache-dir", ttl=3600)``. Without a path the store is ``.donecache`` in
+    the current directory, or $DONECACHE_DIR.
 
-    A call's key is the function's module and qualified name, its code
-    identity, the values its closure holds, and the arguments bound to its
-    signature with defaults applied, so f(1), f(x=1) and f() (when x=1 is the
-    default) are one entry. The code identity is ``version`` when given;
-    otherwise it follows the function's source (comments, blank lines and
-    decorators aside), the module-level constants it reads and the functions
-    and classes of your own code that it uses (README, "Code changes").
-    Concurrent callers of one key, in threads or processes, compute it once;
-    the others wait and reuse the result. Exceptions are not cached; None is.
-    A result that cannot be pickled is returned with a DonecacheWarning and
-    not stored.
+    A call's key is the function's module and qualified name, its code identity, the values its
+    closure holds, and the arguments bound to its signature with defaults applied, so f(1), f(x=1)
+    and f() (when x=1 is the default) are one entry. The code identity is ``version`` when given;
+    otherwise it follows the function's source (comments, blank lines and decorators aside), the
+    module-level constants it reads and the functions and classes of your own code that it uses
+    (docs/identity.md). Concurrent callers of one key, in threads or processes, compute it
+    once; the others wait and reuse the result. Exceptions are not cached; None is. A result that
+    cannot be pickled is returned with a DonecacheWarning and not stored.
 
     ttl: seconds (or a timedelta) after which an entry is recomputed.
-    version: pins the code identity (a str, an int or a tuple of them): edits
-        keep the entries until you change it.
+    version: pins the code identity (a str, an int or a tuple of them): edits keep the entries
+        until you change it.
     ignore: names of parameters left out of the key (``self``, a logger).
-    key: a function of the same arguments whose result stands for them in the
-        key, as ``key=lambda record: record["id"]``.
+    key: a function of the same arguments whose result stands for them in the key, as
+        ``key=lambda record: record["id"]``.
     durable: fsync each entry as it is written (survives power failures).
-    mmap: return the big buffers of results (64 KiB or more: the data of
-        NumPy arrays and pandas columns) as private copy-on-write memory maps
-        of the entry files: a hit costs milliseconds whatever the size; the
-        arrays are writable, and changes never reach the file.
-    max_bytes: bound the store (the whole directory, shared with any other
-        function in it) to this many bytes on disk: a miss that takes it past
-        the bound evicts the least recently used entries (a hit counts as a
-        use) down to 80% of it, logging the sweep on the "donecache" logger (INFO).
-        None (the default): no bound. ``cache_info().maxsize`` reports it, in
-        bytes (functools counts entries there).
-    trust_shared: use a store directory that is not yours, or that group or
-        others can write to (by default the first call raises PermissionError
-        there: results are pickles, and loading one runs its writer's code).
-    compress: ``"zlib"`` (or True) or ``"lzma"`` compresses each entry's pickle
-        stream (not the big buffers that mmap maps) where that makes it
-        smaller: text-heavy results shrink several times at some write time
-        (docs/storage.md). False (the default): no compression.
+    mmap: return the big buffers of results (64 KiB or more: the data of NumPy arrays and pandas
+        columns) as private copy-on-write memory maps of the entry files: a hit costs milliseconds
+        whatever the size; the arrays are writable, and changes never reach the file.
+    max_bytes: bound the store (the whole directory, shared with any other function in it) to this
+        many bytes on disk: a miss that takes it past the bound evicts the least recently used
+        entries (a hit counts as a use) down to 80% of it, logging the sweep on the "donecache"
+        logger (INFO). None (the default): no bound. ``cache_info().maxsize`` reports it, in bytes
+        (functools counts entries there).
+    trust_shared: use a store directory that is not yours, or that group or others can write to (by
+        default the first call raises PermissionError there: results are pickles, and loading one
+        runs its writer's code).
+    compress: ``"zlib"`` (or True) or ``"lzma"`` compresses each entry's pickle stream (not the big
+        buffers that mmap maps) where that makes it smaller: text-heavy results shrink several times
+        at some write time (docs/storage.md). False (the default): no compression.
 
-    The decorated function has ``cache_info()``, ``cache_clear()`` (this
-    function's entries only), ``forget(*args)``, ``refresh(*args)`` and
-    ``__wrapped__`` (the function itself: call it to bypass the cache), and
-    ``map``/``imap`` for batches on any executor. It pickles by reference
-    where its name finds it, else by value, so it works with
-    ProcessPoolExecutor, multiprocessing and Dask; bound to an instance, it
-    keeps all of these. ``async def`` functions are supported.
+    The decorated function has ``cache_info()``, ``cache_parameters()``, ``cache_clear()`` (this
+    function's entries only), ``is_cached(*args)``, ``forget(*args)``, ``refresh(*args)``, ``prune()``,
+    ``__wrapped__`` (the function itself: call it to bypass the cache), ``map``/``imap`` for batches
+    on any executor and ``failures()`` for their ledger. It pickles by reference where its
+    name finds it, else by value, so it works with ProcessPoolExecutor, multiprocessing and Dask;
+    bound to an instance, it keeps all of these. ``async def`` functions are supported.
     """
     seconds = _seconds(ttl)
     _check_max_bytes(max_bytes)
@@ -5870,7 +5538,14 @@ def _stream(
         return (_run_chunk, func, calls, plan.portable, plan.off, len(lead), b"" if plan.owned else os.urandom(8))
 
     def send() -> None:
-        pending[executor.submit(*task(buffer))] = buffer[:]
+        try:
+            future = executor.submit(*task(buffer))
+        except Exception as exc:  # A worker died since the last send: the pool refuses work.
+            if not (plan.owned and plan.processes and type(exc).__name__ == "BrokenProcessPool"):
+                raise
+            future = futures.Future()  # Judged with the broken pool's other chunks, one input at a time.
+            future.set_exception(exc)
+        pending[future] = buffer[:]
         buffer.clear()
         queued.clear()
 
