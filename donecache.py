@@ -5207,16 +5207,11 @@ def _record_failure(
         return
     args = call.args[lead:]
     record = {
-        "function": func._function,
-        "identity": _key_identity(call.key),
-        "input": shown,
+        "function": func._function, "identity": _key_identity(call.key), "input": shown,
         "input_pickle": _pickled_input(args[0] if len(args) == 1 and not call.kwargs else args),
         "entry": os.path.basename(call.slot.path),  # Names the input when its pickle is not kept.
-        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": _safe_str(exc),
-        "traceback": traceback[-20000:],
-        "time": time.time(),
-        **_who(),
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": _safe_str(exc),
+        "traceback": traceback[-20000:], "time": time.time(), **_who(),
     }
     try:
         files.record_failure(call.slot, record)
@@ -5224,12 +5219,10 @@ def _record_failure(
         _warn(f"{func.__qualname__}(): a failure could not be recorded in the cache: {exc}")
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A pool worker's initializer: exit when the parent process is gone (its
-    parent pid changes), instead of idling forever after a kill -9."""
-
-    # Under forkserver the worker's parent is the fork server, which exits when
-    # ``parent`` does: watch whichever process is the parent now.
+def _exit_with_parent() -> None:
+    """A pool worker's initializer: exit when the parent is gone, instead of idling forever after a kill -9."""
+    # The parent pid changes then. Under forkserver the worker's parent is the fork server, which exits when
+    # the batch's process does: watch whichever process is the parent now.
     first = os.getppid()
 
     def watch() -> None:
@@ -5253,17 +5246,14 @@ def _failed(exc: BaseException, portable: bool) -> _Outcome:
 
 
 class _Writer:
-    """A worker's background writer: it stores a chunk's results (and releases
-    their keys' locks) while the next call computes, so that creating entry
-    files costs no time of the calls. finish() waits until all are stored.
-    Keys are distinct within a chunk (the parent sees to it): a key's lock is
-    never asked for again while the writer holds it. One per worker process,
-    made with its first chunk (a thread started and joined per chunk cost 7%
-    of a batch of 1 ms calls); a chunk run in a thread of a process that is
-    not a pool's worker (executor=ThreadPoolExecutor) has its own, stopped at
-    its end, so that no thread outlives the batch in the user's process (a
-    later fork(2) with threads alive can deadlock its child)."""
+    """A worker's background writer: it stores a chunk's results (and releases their keys' locks) while the next
+    call computes, so that creating entry files costs the calls no time. finish() waits until all are stored."""
 
+    # Keys are distinct within a chunk (the parent sees to it): a key's lock is never asked for again while the
+    # writer holds it. One per worker process, made with its first chunk (a thread started and joined per chunk
+    # cost 7% of a batch of 1 ms calls); a chunk run in a thread of a process that is not a pool's worker
+    # (executor=ThreadPoolExecutor) has its own, stopped at its end, so that no thread outlives the batch in the
+    # user's process (a later fork(2) with threads alive can deadlock its child).
     _current: _Writer | None = None
 
     def __init__(self) -> None:
@@ -5311,40 +5301,23 @@ class _Writer:
         done = _thread.allocate_lock()
         done.acquire()
         self._queue.put(done)
-        while not done.acquire(timeout=0.1):
-            if not self._thread.is_alive():
-                break
-
-
-def _compute(
-    func: _Memoized[..., Any], args: tuple[Any, ...], off: bool, label: Callable[..., Any] | None = None, lead: int = 0
-) -> _Outcome:
-    """One call of a batch, raising its failure; ``off``: caching was off when the batch began."""
-    if off:
-        started = time.perf_counter()
-        value = func.__wrapped__(*args)
-        return _Outcome(True, value, True, seconds=time.perf_counter() - started)
-    call = func._keyed(args, {})
-    try:
-        value, computed = func._get(call)
-        return _Outcome(True, value, computed, seconds=call.seconds)
-    except Exception as exc:
-        _record_failure(func, call, exc, _format_exception(exc), _label_text(label, args[lead:]), lead)
-        raise
+        while not done.acquire(timeout=0.1) and self._thread.is_alive():
+            pass
 
 
 def _call_one(
     func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes | None, portable: bool, off: bool,
-    writer: _Writer | None = None, shown: str | Callable[[], str] = "", lead: int = 0,
+    writer: _Writer | None = None, shown: str | Callable[[], str] = "", lead: int = 0, raising: bool = False,
 ) -> _Outcome:
-    """One call of a batch, never raising; ``key`` when the parent made it already;
-    ``off``: caching was switched off when the batch began; ``writer`` stores the
-    result in the background; ``shown``: the input's text for the ledger (or
-    what makes it); ``lead``: arguments before the input (a method's self)."""
+    """One call of a batch; a failure is recorded, then returned (raised if ``raising``). ``key``: if the parent made
+    it; ``off``: caching was off when the batch began; ``writer`` stores the result in the background; ``shown``:
+    the input's text for the ledger (or what makes it); ``lead``: arguments before the input (a method's self)."""
     call = None
     try:
         if off:
-            return _compute(func, args, off)
+            started = time.perf_counter()
+            value = func.__wrapped__(*args)
+            return _Outcome(True, value, True, seconds=time.perf_counter() - started)
         call = func._keyed(args, {}) if key is None else func._at_key(key, args, {})
         value, computed = func._get(call, hand_off=None if writer is None else writer.put, missed=key is not None)
         return _Outcome(True, value, computed, seconds=call.seconds)
@@ -5352,33 +5325,28 @@ def _call_one(
         outcome = _failed(exc, portable)
         if call is not None:
             _record_failure(func, call, exc, outcome.traceback, shown if isinstance(shown, str) else shown(), lead)
+        if raising:
+            raise
         return outcome
-
-
-class _ChunkReport:
-    """What a worker sends back for a chunk: the outcomes in order, its pid and the time it took."""
-
-    __slots__ = ("outcomes", "pid", "seconds")
-
-    def __init__(self, outcomes: list[_Outcome], pid: int, seconds: float) -> None:
-        self.outcomes, self.pid, self.seconds = outcomes, pid, seconds
 
 
 def _run_chunk(
     func: _Memoized[..., Any], calls: list[tuple[bytes, tuple[Any, ...], str]], portable: bool, off: bool,
     lead: int = 0, nonce: bytes = b"",
-) -> _ChunkReport:
-    """A worker's task: the calls of one chunk (key, arguments, the input's text).
-    Module level, so that it pickles by name. ``nonce`` makes every submission
-    unique: Dask treats equal submissions as one pure task and hands back an old
-    result, which would be reported as computed but never stored (issue 18)."""
+) -> tuple[list[tuple[Any, ...]], int, float]:
+    """A worker's task, at module level to pickle by name: a chunk's calls (key, arguments, the input's text),
+    giving their outcomes' fields in order, its pid and its seconds. ``nonce`` makes every submission unique:
+    Dask treats equal submissions as one pure task and hands back an old result, reported as computed but never
+    stored (issue 18)."""
     started = time.perf_counter()
     writer = _Writer.running()
     try:
-        outcomes = [_call_one(func, args, key or None, portable, off, writer, shown, lead) for key, args, shown in calls]
+        outcomes = [_call_one(func, args, key or None, portable, off, writer, text, lead) for key, args, text in calls]
     finally:
         writer.finish()
-    return _ChunkReport(outcomes, os.getpid(), time.perf_counter() - started)
+    # Tuples: a list of _Outcome objects took 30 times as long to pickle and 15 times as long to unpickle.
+    fields = [(o.ok, o.value, o.computed, o.traceback, o.seconds) for o in outcomes]
+    return fields, os.getpid(), time.perf_counter() - started
 
 
 class Failure:
@@ -5394,14 +5362,12 @@ class Failure:
 
 
 class _Done:
-    """One input of a batch: its position, its arguments, the key if it goes to
-    a worker, and its outcome (None until it is known)."""
+    """One input of a batch: its position, its arguments, its key if it goes to a worker, its outcome once known."""
 
     __slots__ = ("index", "args", "key", "outcome")
 
     def __init__(self, index: int, args: tuple[Any, ...]) -> None:
-        self.index, self.args = index, args
-        self.key = b""
+        self.index, self.args, self.key = index, args, b""
         self.outcome: _Outcome | None = None
 
     def result(self) -> Any:
@@ -5414,9 +5380,8 @@ class _Done:
 
 
 def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True) -> bool:
-    """Settle an input in the parent if its result is cached, if its key cannot
-    be made, or (without ``retry``) if its failure is recorded for the current
-    code; else keep its key for the worker and return False."""
+    """Settle an input in the parent if its result is cached, its key cannot be made, or (without ``retry``) its
+    failure is recorded for the current code; else keep its key for a worker and return False."""
     try:
         call = func._keyed(lead + done.args, {})
     except Exception as exc:
@@ -5437,27 +5402,24 @@ def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], 
 
 
 def _serial(
-    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions, off: bool
+    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions,
+    off: bool,
 ) -> Iterator[_Done]:
     """A batch in this thread, one call after the other."""
+    keep_going = options.keep_going
     for index, args in enumerate(calls):
         done = _Done(index, args)
         if not options.retry_failures and not off and _answer_here(func, done, lead, False):
-            if not options.keep_going and done.outcome is not None and not done.outcome.ok:
+            if not keep_going and done.outcome is not None and not done.outcome.ok:
                 raise done.outcome.value
-        elif options.keep_going:
+        else:  # Without keep_going a failure propagates with its own traceback, as a loop would.
             shown = (lambda: _label_text(options.label, args))  # noqa: E731 - made only if the call fails.
-            done.outcome = _call_one(func, lead + args, None, False, off, shown=shown, lead=len(lead))
-        else:  # Let the failure propagate with its own traceback, as a loop would.
-            done.outcome = _compute(func, lead + args, off, options.label, len(lead))
+            done.outcome = _call_one(func, lead + args, None, False, off, None, shown, len(lead), not keep_going)
         yield done
 
 
 class _Plan:
-    """Where a parallel batch runs: the executor (None: start one of ``workers``),
-    how calls travel to it, and how many it runs at once."""
-
-    __slots__ = ("executor", "workers", "processes", "capacity", "portable", "off", "owned")
+    """Where a batch runs: its executor (or a pool of ``workers`` to start), how calls travel, how many at once."""
 
     def __init__(self, func: _Memoized[..., Any], name: str, options: _BatchOptions, off: bool) -> None:
         import concurrent.futures as futures
@@ -5466,9 +5428,7 @@ class _Plan:
         self.executor, self.workers, self.processes, self.off = executor, workers, processes, off
         self.owned = executor is None  # Started and shut down by the batch.
         if executor is None:
-            assert workers is not None
-            self.capacity = workers
-            in_process, by_standard_pickle = not processes, processes
+            self.capacity, in_process, by_standard_pickle = workers or 1, not processes, processes
         elif not callable(getattr(executor, "submit", None)):
             raise TypeError(
                 f"{name}: executor= takes a concurrent.futures.Executor (an object with submit()), "
@@ -5478,44 +5438,33 @@ class _Plan:
             self.capacity = workers or getattr(executor, "_max_workers", None) or os.cpu_count() or 1
             in_process = isinstance(executor, futures.ThreadPoolExecutor)
             by_standard_pickle = isinstance(executor, futures.ProcessPoolExecutor)
-        # Exceptions are checked for the trip back unless the calls run in this process.
-        self.portable = not in_process
-        if by_standard_pickle:
-            # Found now, not as a hang or a broken pool later: a function that
-            # the standard pickler cannot send (a lambda, a nested function).
-            import pickle
-
-            try:
-                pickle.dumps(func)
-            except Exception as exc:
-                raise TypeError(
-                    f"{name}: {func.__qualname__} cannot be sent to worker processes ({exc}). "
-                    "Define it at module level (a lambda or a function defined inside another cannot be "
-                    "pickled), or run the calls in threads: processes=False, or an executor of threads"
-                ) from exc
-            self._check_main(func, name)
-
-    def _check_main(self, func: _Memoized[..., Any], name: str) -> None:
-        """Workers started by spawn or forkserver (Linux's default from 3.14) import
-        __main__ afresh, from its file: a function of a notebook, the REPL or
-        ``python -c`` has none, and the pool would break at the first task."""
-        import multiprocessing
-
-        context = getattr(self.executor, "_mp_context", None)
-        method = (
-            context.get_start_method()
-            if context is not None
-            else multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
-        )
-        main = sys.modules.get("__main__")
-        if method == "fork" or getattr(func.__wrapped__, "__module__", None) != "__main__" or getattr(main, "__file__", None):
+        self.portable = not in_process  # Exceptions are checked for the trip back unless the calls run here.
+        if not by_standard_pickle:
             return
-        raise TypeError(
-            f"{name}: {func.__qualname__} is defined in __main__ without a file (a notebook, the REPL or "
-            f"python -c), and worker processes started by {method!r} cannot import it. Move it into a module "
-            "(a .py file beside the notebook) and import it from there, run the calls in threads "
-            "(processes=False), or pass executor=ProcessPoolExecutor(mp_context=multiprocessing.get_context('fork'))"
-        )
+        # Found now, not as a hang or a broken pool later: a function that the standard pickler cannot send (a
+        # lambda, a nested function), or one of a __main__ without a file where workers import __main__ afresh
+        # from its file (spawn or forkserver, Linux's default from 3.14): a notebook, the REPL or ``python -c``.
+        import multiprocessing
+        import pickle
+
+        try:
+            pickle.dumps(func)
+        except Exception as exc:
+            raise TypeError(
+                f"{name}: {func.__qualname__} cannot be sent to worker processes ({exc}). "
+                "Define it at module level (a lambda or a function defined inside another cannot be "
+                "pickled), or run the calls in threads: processes=False, or an executor of threads"
+            ) from exc
+        context = getattr(executor, "_mp_context", None) or multiprocessing
+        method = context.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+        in_main = getattr(func.__wrapped__, "__module__", None) == "__main__"
+        if method != "fork" and in_main and not getattr(sys.modules.get("__main__"), "__file__", None):
+            raise TypeError(
+                f"{name}: {func.__qualname__} is defined in __main__ without a file (a notebook, the REPL or python "
+                f"-c), and worker processes started by {method!r} cannot import it. Move it into a module (a .py file "
+                "beside the notebook) and import it from there, run the calls in threads (processes=False), or pass "
+                "executor=ProcessPoolExecutor(mp_context=multiprocessing.get_context('fork'))"
+            )
 
     def start(self, workers: int | None = None) -> Any:
         """The executor to use (``workers``: a pool of that many); the caller shuts it down if ``owned``."""
@@ -5524,13 +5473,13 @@ class _Plan:
         if self.executor is not None and workers is None:
             return self.executor
         if self.processes:
-            return futures.ProcessPoolExecutor(workers or self.workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
+            return futures.ProcessPoolExecutor(workers or self.workers, initializer=_exit_with_parent)
         return futures.ThreadPoolExecutor(self.workers)
 
 
 def _stop_pool(pool: Any, now: bool) -> None:
-    """Shut down a pool that a batch started; ``now`` (an interrupt): terminate its
-    worker processes instead of waiting for the calls they run (issue 18)."""
+    """Shut down a pool that a batch started; ``now`` (an interrupt): terminate its worker processes instead of
+    waiting for the calls they run (issue 18)."""
     processes = list((getattr(pool, "_processes", None) or {}).values()) if now else []
     for process in processes:
         process.terminate()
@@ -5562,31 +5511,18 @@ def _death(pool: Any, processes: list[Any]) -> str:
 
 
 def _stream(
-    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions, plan: _Plan
+    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions,
+    plan: _Plan,
 ) -> Iterator[_Done]:
-    """A batch on an executor, yielding each input's _Done in input order.
-
-    Reads inputs while a bounded number wait to be yielded. Keeps at most two
-    chunks per worker in flight, and sends the misses gathered so far as soon
-    as there is room: a rerun's few misses go out at once, one by one, while
-    a cold run's misses gather into full chunks as the workers stay busy.
-    Without keep_going, a failure stops reading and sending, and cancels the
-    chunks after it.
-
-    A worker of a pool started here that dies (a segfault, the OOM killer,
-    os._exit) breaks the whole pool: every chunk in flight fails. Those inputs
-    are then run again one at a time, each in a pool of its own, so that the
-    one that kills its worker is found and recorded as a failure ("worker
-    died: signal 9 (SIGKILL)"); then a new pool takes the rest.
-    """
+    """A batch on an executor, yielding each input's _Done in input order (docs/batches.md)."""
     import collections
     import concurrent.futures as futures
 
     keep_going, chunksize, label = options.keep_going, options.chunksize, options.label
-    limit = 2 * plan.capacity
+    limit = 2 * plan.capacity  # Chunks in flight: two per worker.
     size = chunksize or 1
     here = os.getpid()
-    ahead: collections.deque[_Done] = collections.deque()
+    ahead: collections.deque[_Done] = collections.deque()  # Read, waiting to be yielded.
     pending: dict[Any, list[_Done]] = {}
     buffer: list[_Done] = []
     queued: set[bytes] = set()  # The keys in buffer.
@@ -5623,22 +5559,22 @@ def _stream(
             if chunk[0].index > index:
                 future.cancel()
 
-    def settle(chunk: list[_Done], report: _ChunkReport) -> None:
+    def settle(chunk: list[_Done], report: tuple[list[tuple[Any, ...]], int, float]) -> None:
         nonlocal size
-        for done, outcome in zip(chunk, report.outcomes):
+        fields, pid, seconds = report
+        outcomes = [_Outcome(*each) for each in fields]
+        for done, outcome in zip(chunk, outcomes):
             done.outcome = outcome
-        if report.pid != here:  # Another process's counts: add them to this one's.
-            computed = sum(1 for outcome in report.outcomes if outcome.ok and outcome.computed)
+        if pid != here:  # Another process's counts: add them to this one's.
+            computed = sum(1 for outcome in outcomes if outcome.ok and outcome.computed)
             func._misses += computed
-            func._hits += sum(1 for outcome in report.outcomes if outcome.ok) - computed
-            func._saved += sum(o.seconds for o in report.outcomes if o.ok and not o.computed)
-        if chunksize is None and report.seconds > 0:
-            per_call = report.seconds / len(chunk)
-            size = max(1, min(_MAX_CHUNK, int(_CHUNK_SECONDS / per_call)))
+            func._hits += sum(1 for outcome in outcomes if outcome.ok) - computed
+            func._saved += sum(o.seconds for o in outcomes if o.ok and not o.computed)
+        if chunksize is None and seconds > 0:
+            size = max(1, min(_MAX_CHUNK, int(_CHUNK_SECONDS / (seconds / len(chunk)))))
 
     def alone(done: _Done) -> None:
-        """Run an input of a broken pool's chunk in a pool of one worker: either it
-        completes, or its worker's death is its failure."""
+        """Run an input of a broken pool alone, in a pool of one: it completes, or its worker's death is its failure."""
         from concurrent.futures.process import BrokenProcessPool
 
         if _answer_here(func, done, lead, True):
@@ -5664,7 +5600,10 @@ def _stream(
             while ahead and ahead[0].outcome is not None:
                 yield ahead.popleft()
             full = len(pending) >= limit
-            if reading and len(ahead) < (limit + 1) * size + 1000 and not (full and len(buffer) >= size):
+            # Read a bounded window ahead; send the misses gathered so far as soon as there is room: a rerun's few
+            # misses go out at once, one by one, while a cold run's gather into full chunks as the workers stay busy.
+            reads = reading and len(ahead) < (limit + 1) * size + 1000 and not (full and len(buffer) >= size)
+            if reads:
                 item = next(inputs, None)
                 if item is None:
                     reading = False
@@ -5678,11 +5617,10 @@ def _stream(
                         queued.add(done.key)
                     elif not keep_going and not done.outcome.ok:  # type: ignore[union-attr]
                         stop_after(done.index)
-                if buffer and not full:
-                    send()
-                continue
             if buffer and not full:
                 send()
+                continue
+            if reads:
                 continue
             if not pending:
                 return  # Everything sent came back; anything left lies after a failure.
@@ -5699,13 +5637,15 @@ def _stream(
                         broken = True
                         pending[future] = chunk  # Judged below, with the rest of the broken pool's.
                         continue
-                    report = _ChunkReport([_failed(exc, False)] * len(chunk), here, 0.0)
+                    failure = _failed(exc, False)
+                    report = ([(False, exc, True, failure.traceback, 0.0)] * len(chunk), here, 0.0)
                 settle(chunk, report)
-                if not keep_going:
-                    failed = [done.index for done in chunk if done.outcome is not None and not done.outcome.ok]
-                    if failed:
-                        stop_after(failed[0])
+                failed = [done.index for done in chunk if done.outcome is not None and not done.outcome.ok]
+                if failed and not keep_going:
+                    stop_after(failed[0])
             if broken:
+                # A dying worker breaks the whole pool: each input of the chunks in flight runs again alone, to
+                # record the one that kills its worker as a failure; a new pool takes the rest (docs/batches.md).
                 executor.shutdown(wait=True)  # Every future of a broken pool is settled by now.
                 suspects = []
                 for future, chunk in sorted(pending.items(), key=lambda item: item[1][0].index):
@@ -5739,61 +5679,51 @@ def _duration(seconds: float) -> str:
     if seconds < 59.95:
         return f"{seconds:.1f} s"
     whole = int(seconds + 0.5)
-    for big, small, name, rest in ((86400, 3600, "d", "h"), (3600, 60, "h", "min"), (60, 1, "min", "s")):
+    for big, small, name, rest in ((86400, 3600, "d", "h"), (3600, 60, "h", "min")):
         if whole >= big:
             return f"{whole // big} {name} {whole % big // small} {rest}"
-    return f"{whole} s"  # Not reached.
+    return f"{whole // 60} min {whole % 60} s"
 
 
 def _batch_figures(computed: int, computed_seconds: float, reused: int, saved_seconds: float) -> str:
-    """What a batch did, for its summary and progress lines:
-    "7 computed (1.2 s), 1,993 reused (saved 2 h 10 min of compute)"."""
-    return (
-        f"{computed:,} computed ({_duration(computed_seconds)}), "
-        f"{reused:,} reused (saved {_duration(saved_seconds)} of compute)"
-    )
+    """What a batch did: "7 computed (1.2 s), 1,993 reused (saved 2 h 10 min of compute)"."""
+    spent, saved = _duration(computed_seconds), _duration(saved_seconds)
+    return f"{computed:,} computed ({spent}), {reused:,} reused (saved {saved} of compute)"
 
 
 class BatchResult:
     """What :meth:`map` returns.
 
-    ``results`` holds one item per input, in input order: the result, or for
-    an input that failed its :class:`Failure` (so a result of None is a real
-    None). ``failures`` lists the failures alone, ``successes`` the results
-    alone; ``computed`` and ``reused`` count the results by where they came
-    from. ``computed_seconds`` is the time the computed ones took (summed over
-    workers: compute time, not wall time); ``saved_seconds`` the time the
-    reused ones had taken when they were computed, as their entries record it.
+    ``results`` holds one item per input, in input order: the result, or for an input that failed its
+    :class:`Failure` (so a result of None is a real None). ``failures`` lists the failures alone, ``successes``
+    the results alone; ``computed`` and ``reused`` count the results by where they came from.
+    ``computed_seconds`` is the time the computed ones took (summed over workers: compute time, not wall time);
+    ``saved_seconds`` the time the reused ones had taken when they were computed, as their entries record it.
     ``summary`` says it in words.
     """
 
     def __init__(self) -> None:
         self.results: list[Any] = []
         self.failures: list[Failure] = []
-        self.computed = 0
-        self.reused = 0
-        self.computed_seconds = 0.0
-        self.saved_seconds = 0.0
+        self.computed = self.reused = 0
+        self.computed_seconds = self.saved_seconds = 0.0
 
     @classmethod
     def _of(cls, stream: Iterator[_Done]) -> BatchResult:
         batch = cls()
         try:
             for done in stream:
-                batch._record(done)
+                result = done.result()
+                batch.results.append(result)
+                if isinstance(result, Failure):
+                    batch.failures.append(result)
+                else:
+                    batch._count(done.outcome)
         except BaseException as exc:
             if not isinstance(exc, Exception) and hasattr(stream, "throw"):
                 stream.throw(exc)  # An interrupt here, not in the stream: it must stop the pool now.
             raise
         return batch
-
-    def _record(self, done: _Done) -> None:
-        result = done.result()
-        self.results.append(result)
-        if isinstance(result, Failure):
-            self.failures.append(result)
-        else:
-            self._count(done.outcome)
 
     def _count(self, outcome: _Outcome | None) -> None:
         """Count a success as computed or reused, with its seconds."""
@@ -5842,13 +5772,11 @@ def _clock(seconds: float) -> str:
 class Progress:
     """What a ``progress=`` callable of :meth:`map` receives: a snapshot of a batch.
 
-    ``function`` (its qualified name), ``done`` inputs of ``total`` (None for a
-    generator), of which ``failed``, ``computed`` and ``reused``; the seconds
-    the computed calls took (``computed_seconds``) and those the reused results
-    had taken when first computed (``saved_seconds``); ``elapsed`` seconds;
-    ``eta`` seconds left (None when unknown); ``final``: the batch has ended.
-    ``percent`` is done/total in percent, or None. More fields may be added; a
-    callable should read them by name."""
+    ``function`` (its qualified name), ``done`` inputs of ``total`` (None for a generator), of which ``failed``,
+    ``computed`` and ``reused``; the seconds the computed calls took (``computed_seconds``) and those the reused
+    results had taken when first computed (``saved_seconds``); ``elapsed`` seconds; ``eta`` seconds left (None
+    when unknown); ``final``: the batch has ended. ``percent`` is done/total in percent, or None. More fields may
+    be added; a callable should read them by name."""
 
     __slots__ = (
         "function", "done", "total", "failed", "computed", "reused", "computed_seconds", "saved_seconds",
@@ -5887,34 +5815,27 @@ class Progress:
         return f"{self.function}: {done}, {rate:.1f}/s, ETA {eta}, {self.failed} failed; {figures}"
 
 
-def _in_jupyter() -> bool:
-    # A Jupyter kernel replaces stderr with its own stream, which draws "\r" lines;
-    # asking the type costs nothing (importing IPython to ask would cost 0.3 s).
-    return type(sys.stderr).__module__.startswith("ipykernel")
-
-
 class _Progress:
-    """A batch's progress: one line redrawn on stderr (five times a second at
-    most), a record on the "donecache" logger every few seconds, or a Progress
-    for the user's callable (ten times a second at most)."""
+    """A batch's progress: one line redrawn on stderr (five times a second at most), a record on the "donecache"
+    logger every few seconds, or a Progress for the user's callable (ten times a second at most)."""
 
-    def __init__(self, name: str, total: int | None, progress: Any, function: str = "") -> None:
-        if not callable(progress) and (
-            progress is not None and not isinstance(progress, (bool, int, float))
-            or (not isinstance(progress, bool) and isinstance(progress, (int, float)) and not progress > 0)
-        ):
+    def __init__(self, name: str, total: int | None, progress: Any, function: str) -> None:
+        number = isinstance(progress, (int, float)) and not isinstance(progress, bool)
+        if not (progress is None or callable(progress) or isinstance(progress, bool) or number and progress > 0):
             raise ValueError(
                 f"{name}: progress= takes True, False, None, a number of seconds or a callable, not {progress!r}"
             )
-        self.name, self.total, self.function = name, total, function or name
+        self.name, self.total, self.function, self._call = name, total, function, progress
         self.done = self.failed = 0
         self.counts = BatchResult()  # Only its figures: computed, reused and their seconds.
         self._started = self._last = time.monotonic()
-        self._logger: Any = None
-        self._call: Any = None
-        if callable(progress) and not isinstance(progress, bool):
-            self.mode, self._every, self._call = "call", 0.1, progress
-        elif progress is True or (progress is None and (sys.stderr.isatty() or _in_jupyter())):
+        self._logged = False
+        # A Jupyter kernel replaces stderr with its own stream, which draws "\r" lines; asking the type costs
+        # nothing (importing IPython to ask would cost 0.3 s).
+        terminal = progress is None and (sys.stderr.isatty() or type(sys.stderr).__module__.startswith("ipykernel"))
+        if callable(progress):
+            self.mode, self._every = "call", 0.1
+        elif progress is True or terminal:
             self.mode, self._every = "terminal", 0.2
         elif progress is False:
             self.mode, self._every = "off", 0.0
@@ -5923,7 +5844,6 @@ class _Progress:
 
             self.mode, self._every = "log", _LOG_EVERY if progress is None else float(progress)
             self._logger = logging.getLogger("donecache")
-        self._logged = False
 
     def watch(self, stream: Iterator[_Done], keep_going: bool) -> Iterator[_Done]:
         """Pass the stream on, counting; raise a failure unless ``keep_going``."""
@@ -5935,7 +5855,7 @@ class _Progress:
                     self.failed += 1
                     if not keep_going:
                         raise outcome.value
-                elif outcome is not None:
+                else:
                     self.counts._count(outcome)
                 self.update()
                 try:
@@ -5968,7 +5888,8 @@ class _Progress:
                 self._call(self.snapshot(final))
             except Exception as exc:  # A broken bar must not end a long batch.
                 self.mode = "off"
-                _warn(f"{self.name}: the progress= callable raised {type(exc).__name__}: {_safe_str(exc)}; progress is off")
+                failure = f"{type(exc).__name__}: {_safe_str(exc)}"
+                _warn(f"{self.name}: the progress= callable raised {failure}; progress is off")
         elif self.mode == "terminal":
             sys.stderr.write(f"\r{self.snapshot(final)} ")
             sys.stderr.flush()
@@ -5986,16 +5907,11 @@ class _Progress:
 def _share(
     func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], shard: Any, name: str
 ) -> Iterator[tuple[Any, ...]]:
-    """The inputs that shard=(index, count) runs: those whose key's digest is
-    index modulo count, so that every input falls to exactly one shard, in
-    any process on any host (keys are the same everywhere). An input with no
+    """The inputs that shard=(index, count) runs: those whose key's digest is index modulo count, so that every
+    input falls to exactly one shard, in any process on any host (keys are the same everywhere). An input with no
     key (an argument that cannot be one) falls to shard 0, which reports it."""
-    if not (
-        isinstance(shard, tuple)
-        and len(shard) == 2
-        and all(isinstance(n, int) and not isinstance(n, bool) for n in shard)
-        and 0 <= shard[0] < shard[1]
-    ):
+    pair = isinstance(shard, tuple) and len(shard) == 2
+    if not (pair and all(isinstance(n, int) and not isinstance(n, bool) for n in shard) and 0 <= shard[0] < shard[1]):
         raise ValueError(f"{name}: shard= takes (index, count) with 0 <= index < count, not {shard!r}")
     index, count = shard
     for args in calls:
@@ -6010,10 +5926,9 @@ def _share(
 
 
 def _fits(func: _Memoized[..., Any], stream: Iterator[_Done], name: str) -> Iterator[_Done]:
-    """Pass a batch on; at its end, warn if a sweep (in any process) evicted
-    an entry used since it began: its results do not all fit under
-    max_bytes, and since a batch walks its inputs in order, a rerun would
-    reuse none of the evicted ones (issue 21). One .usage read per batch."""
+    """Pass a batch on; at its end, warn if a sweep (in any process) evicted an entry used since it began: its
+    results do not all fit under max_bytes, and since a batch walks its inputs in order, a rerun would reuse none
+    of the evicted ones (issue 21). One .usage read per batch."""
     started = time.time()
     yield from stream
     files = func._store
