@@ -4380,100 +4380,7 @@ def disabled() -> _Disabled:
     return _Disabled()
 
 
-# -- the failure ledger's view of user objects ------------------------------
-#
-# A failure is recorded inside a batch that must keep going, so nothing here may raise or grow without bound:
-# an exception whose str() raises, a 300 MiB bytes input, an int of a million digits (repr raises ValueError from 3.11).
-
-_SHOWN = 300  # Characters of an input's text in the ledger.
-_INPUT_PICKLE_MAX = 256 * 1024  # Pickled inputs up to this size go into the ledger.
-_bounded: Any = None  # The reprlib.Repr below, made at the first failure.
-
-
-def _safe_str(value: Any, limit: int = 4000) -> str:
-    try:
-        return str(value)[:limit]
-    except Exception as exc:
-        return f"<str() of {type(value).__name__} raised {type(exc).__name__}>"
-
-
-def _bounded_repr(value: Any) -> str:
-    """A repr capped at every level, as reprlib makes it, but also for bytes, big ints and container subclasses."""
-    # reprlib shows those in full, then cuts. Dicts keep their own order (a record's id usually comes first).
-    global _bounded
-    if _bounded is None:
-        import reprlib
-
-        class Bounded(reprlib.Repr):
-            def repr_dict(self, x: Any, level: int) -> str:
-                if level <= 0 or not x:
-                    return "{...}" if x else "{}"
-                pairs = itertools.islice(x.items(), self.maxdict)
-                shown = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}" for k, v in pairs]
-                return "{" + ", ".join(shown) + (", ..." if len(x) > self.maxdict else "") + "}"
-
-            def repr_int(self, x: Any, level: int) -> str:
-                return f"<int of {x.bit_length()} bits>" if x.bit_length() > 256 else int.__repr__(x)
-
-            def repr_instance(self, x: Any, level: int) -> str:
-                for kinds, name in (((str, bytes, bytearray), "str"), (dict, "dict"), (list, "list"), (tuple, "tuple")):
-                    if isinstance(x, kinds):
-                        shown = getattr(self, f"repr_{name}")(x[: self.maxstring + 1] if name == "str" else x, level)
-                        return str(shown)
-                return reprlib.Repr.repr_instance(self, x, level)
-
-            repr_bytes = repr_bytearray = repr_instance
-
-        shown = Bounded()
-        shown.maxstring, shown.maxother, shown.maxdict, shown.maxlist, shown.maxtuple = 120, 120, 8, 8, 8
-        _bounded = shown
-    try:
-        return str(_bounded.repr(value))[:_SHOWN]
-    except Exception as exc:
-        return f"<{type(value).__name__} object; its repr raised {type(exc).__name__}>"
-
-
-def _pickled_input(value: Any) -> str | None:
-    """The input's pickle as base64 text, or None if it cannot be pickled or passes _INPUT_PICKLE_MAX."""
-    import base64
-
-    class Bounded(io.BytesIO):
-        def write(self, data: Any) -> int:
-            if self.tell() + len(data) > _INPUT_PICKLE_MAX:
-                raise OverflowError  # The pickler stops here, never building a big input's whole pickle.
-            return super().write(data)
-
-    out = Bounded()
-    try:
-        pickle.Pickler(out, protocol=4).dump(value)
-    except Exception:
-        return None
-    return base64.b64encode(out.getvalue()).decode("ascii")
-
-
-def _label_text(label: Callable[..., Any] | None, args: tuple[Any, ...]) -> str:
-    """What the ledger shows for an input: ``label(*args)`` if given, or a bounded repr."""
-    shown = args[0] if len(args) == 1 else args
-    if label is None:
-        return _bounded_repr(shown)
-    try:
-        text = label(*args)
-    except Exception as exc:
-        return f"<label raised {type(exc).__name__}: {_safe_str(exc, 200)}> {_bounded_repr(shown)}"
-    return (text if isinstance(text, str) else _bounded_repr(text))[:_SHOWN]
-
-
-def _format_exception(exc: BaseException) -> str:
-    """The traceback text, without donecache's own frames (the user's code is what failed)."""
-    import traceback
-
-    shown = traceback.TracebackException.from_exception(exc)
-    part: Any = shown
-    while part is not None:
-        part.stack = traceback.StackSummary.from_list([f for f in part.stack if f.filename != __file__])
-        part = part.__cause__ or (None if part.__suppress_context__ else part.__context__)
-    return "".join(shown.format())
-
+# -- a batch's failure, as the store's ledger keeps it ------------------------
 
 class FailureRecord(Exception):
     """A failure of a batch as the store's ledger keeps it (see ``f.failures()``).
@@ -4516,19 +4423,6 @@ class FailureRecord(Exception):
         """The record as JSON data (``input`` is the text, ``label``)."""
         names = "function label entry input_kept type message traceback time host pid identity current".split()
         return {"input": self.label, **{name: getattr(self, name) for name in names}}
-
-
-class _Outcome:
-    """How one call went: result (ok) or exception, computed (not reused), failure's traceback, seconds."""
-
-    __slots__ = ("ok", "value", "computed", "traceback", "seconds")
-
-    def __init__(self, ok: bool, value: Any, computed: bool, traceback: str = "", seconds: float = 0.0) -> None:
-        self.ok, self.value, self.computed, self.traceback, self.seconds = ok, value, computed, traceback, seconds
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # A worker sends a chunk's outcomes back: by their fields, a third of the time slots' default takes.
-        return _Outcome, (self.ok, self.value, self.computed, self.traceback, self.seconds)
 
 
 _KEY_MEMO_TYPES = frozenset({int, str, bytes, type(None)})
@@ -5201,6 +5095,100 @@ _MAX_CHUNK = 1000  # ...up to this many calls.
 _LOG_EVERY = 30.0  # Seconds between progress records when stderr is not a terminal.
 
 
+# The failure ledger's view of user objects. A failure is recorded inside a batch that must keep going, so nothing
+# here may raise or grow without bound: an exception whose str() raises, a 300 MiB bytes input, an int of a million
+# digits (repr raises ValueError from 3.11).
+
+_SHOWN = 300  # Characters of an input's text in the ledger.
+_INPUT_PICKLE_MAX = 256 * 1024  # Pickled inputs up to this size go into the ledger.
+_bounded: Any = None  # The reprlib.Repr below, made at the first failure.
+
+
+def _safe_str(value: Any, limit: int = 4000) -> str:
+    try:
+        return str(value)[:limit]
+    except Exception as exc:
+        return f"<str() of {type(value).__name__} raised {type(exc).__name__}>"
+
+
+def _bounded_repr(value: Any) -> str:
+    """A repr capped at every level, as reprlib makes it, but also for bytes, big ints and container subclasses."""
+    # reprlib shows those in full, then cuts. Dicts keep their own order (a record's id usually comes first).
+    global _bounded
+    if _bounded is None:
+        import reprlib
+
+        class Bounded(reprlib.Repr):
+            def repr_dict(self, x: Any, level: int) -> str:
+                if level <= 0 or not x:
+                    return "{...}" if x else "{}"
+                pairs = itertools.islice(x.items(), self.maxdict)
+                shown = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}" for k, v in pairs]
+                return "{" + ", ".join(shown) + (", ..." if len(x) > self.maxdict else "") + "}"
+
+            def repr_int(self, x: Any, level: int) -> str:
+                return f"<int of {x.bit_length()} bits>" if x.bit_length() > 256 else int.__repr__(x)
+
+            def repr_instance(self, x: Any, level: int) -> str:
+                for kinds, name in (((str, bytes, bytearray), "str"), (dict, "dict"), (list, "list"), (tuple, "tuple")):
+                    if isinstance(x, kinds):
+                        shown = getattr(self, f"repr_{name}")(x[: self.maxstring + 1] if name == "str" else x, level)
+                        return str(shown)
+                return reprlib.Repr.repr_instance(self, x, level)
+
+            repr_bytes = repr_bytearray = repr_instance
+
+        shown = Bounded()
+        shown.maxstring, shown.maxother, shown.maxdict, shown.maxlist, shown.maxtuple = 120, 120, 8, 8, 8
+        _bounded = shown
+    try:
+        return str(_bounded.repr(value))[:_SHOWN]
+    except Exception as exc:
+        return f"<{type(value).__name__} object; its repr raised {type(exc).__name__}>"
+
+
+def _pickled_input(value: Any) -> str | None:
+    """The input's pickle as base64 text, or None if it cannot be pickled or passes _INPUT_PICKLE_MAX."""
+    import base64
+
+    class Bounded(io.BytesIO):
+        def write(self, data: Any) -> int:
+            if self.tell() + len(data) > _INPUT_PICKLE_MAX:
+                raise OverflowError  # The pickler stops here, never building a big input's whole pickle.
+            return super().write(data)
+
+    out = Bounded()
+    try:
+        pickle.Pickler(out, protocol=4).dump(value)
+    except Exception:
+        return None
+    return base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def _label_text(label: Callable[..., Any] | None, args: tuple[Any, ...]) -> str:
+    """What the ledger shows for an input: ``label(*args)`` if given, or a bounded repr."""
+    shown = args[0] if len(args) == 1 else args
+    if label is None:
+        return _bounded_repr(shown)
+    try:
+        text = label(*args)
+    except Exception as exc:
+        return f"<label raised {type(exc).__name__}: {_safe_str(exc, 200)}> {_bounded_repr(shown)}"
+    return (text if isinstance(text, str) else _bounded_repr(text))[:_SHOWN]
+
+
+def _format_exception(exc: BaseException) -> str:
+    """The traceback text, without donecache's own frames (the user's code is what failed)."""
+    import traceback
+
+    shown = traceback.TracebackException.from_exception(exc)
+    part: Any = shown
+    while part is not None:
+        part.stack = traceback.StackSummary.from_list([f for f in part.stack if f.filename != __file__])
+        part = part.__cause__ or (None if part.__suppress_context__ else part.__context__)
+    return "".join(shown.format())
+
+
 def _record_failure(
     func: _Memoized[..., Any], call: _Call, exc: BaseException, traceback: str, shown: str, lead: int = 0
 ) -> None:
@@ -5235,6 +5223,19 @@ def _exit_with_parent() -> None:
         os._exit(1)
 
     _thread.start_new_thread(watch, ())
+
+
+class _Outcome:
+    """How one call went: result (ok) or exception, computed (not reused), failure's traceback, seconds."""
+
+    __slots__ = ("ok", "value", "computed", "traceback", "seconds")
+
+    def __init__(self, ok: bool, value: Any, computed: bool, traceback: str = "", seconds: float = 0.0) -> None:
+        self.ok, self.value, self.computed, self.traceback, self.seconds = ok, value, computed, traceback, seconds
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A worker sends a chunk's outcomes back: by their fields, a third of the time slots' default takes.
+        return _Outcome, (self.ok, self.value, self.computed, self.traceback, self.seconds)
 
 
 def _failed(exc: BaseException, portable: bool) -> _Outcome:
