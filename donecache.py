@@ -4535,7 +4535,7 @@ class _Memoized(Generic[_P, _R]):
     def __init__(
         self, func: Callable[..., Any], path: StrPath | None, ttl: float | None, version: Any, ignore: Iterable[str],
         durable: bool, key: Callable[..., Any] | None, mmap: bool, max_bytes: int | None, trust_shared: bool,
-        compress: Any,
+        compress: str | None,
     ) -> None:  # fmt: skip
         import functools
         import hashlib
@@ -4550,8 +4550,7 @@ class _Memoized(Generic[_P, _R]):
         path = os.environ.get("DONECACHE_DIR") or ".donecache" if path is None else path
         self.path = os.path.abspath(_store_path(path))
         self._ttl, self._durable, self._mmap, self._version = ttl, durable, mmap, version
-        self._max_bytes, self._trust_shared = _check_max_bytes(max_bytes), trust_shared
-        self._compress = _check_compress(compress)
+        self._max_bytes, self._trust_shared, self._compress = max_bytes, trust_shared, compress
         self._arguments, self._key_given = _Arguments(func, ignore, key), key is not None
         self._function = f"{_module_name(func)}:{_function_name(func)}"
         self._identity = f"{self._function}|".encode("utf-8")
@@ -5039,9 +5038,7 @@ def memoize(
     name finds it, else by value, so it works with ProcessPoolExecutor, multiprocessing and Dask;
     bound to an instance, it keeps all of these. ``async def`` functions are supported.
     """
-    seconds = _seconds(ttl)
-    _check_max_bytes(max_bytes)
-    _check_compress(compress)
+    seconds, max_bytes, codec = _seconds(ttl), _check_max_bytes(max_bytes), _check_compress(compress)
     if path is not None and not callable(path):
         _store_path(path)
     if version is not None:
@@ -5066,7 +5063,7 @@ def memoize(
                 "function that collects it"
             )
         kind = _AsyncMemoized if code is not None and code.co_flags & _CO_COROUTINE else _Memoized
-        return kind(func, store_path, seconds, version, ignore, durable, key, mmap, max_bytes, trust_shared, compress)
+        return kind(func, store_path, seconds, version, ignore, durable, key, mmap, max_bytes, trust_shared, codec)
 
     if callable(path) and not isinstance(path, (str, os.PathLike)):
         store_path: StrPath | None = None
