@@ -2652,9 +2652,8 @@ class _EntryFiles(_EntryDir):
     # held: it never evicts an entry whose key is being computed.
 
     def write(self, encoded: _Encoded, slot: _Slot | None = None, recent: bool = False) -> None:
-        if self.max_bytes is None:
+        if self.max_bytes is None or self.readonly:  # A read-only store: super() refuses, before any reservation.
             return super().write(encoded, slot, recent)
-        self._writable()
         slot = slot or self.slot(encoded.key)
         reserved, sweeps = self._bounded(lambda: self._reserve(encoded.nbytes()))
         try:
