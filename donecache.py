@@ -1492,7 +1492,7 @@ class Stage:
         if os.path.exists(root) and not os.path.isdir(root):
             message = f"stage {root!r} is a file, not a directory; move it away or choose another path"
             raise _os_error(errno.ENOTDIR, root, message)
-        self._pid = os.getpid()
+        self._pid = _pid()
         if _marker_counts(self._marker_file, self.version):
             # Finished: seeing that needs no lock, and no write (the stage may be on a read-only
             # filesystem). A builder that would rebuild it removes the marker first, under the lock.
@@ -1557,7 +1557,7 @@ class Stage:
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         try:
             # A forked child that leaves the block did not build the stage.
-            if exc_type is None and not self.done and os.getpid() == self._pid:
+            if exc_type is None and not self.done and _pid() == self._pid:
                 if self._expect is None:
                     self._write_marker()
                     self.done = True
@@ -1566,7 +1566,7 @@ class Stage:
         finally:
             self._release()
             builder, self._builder = self._builder, None
-            if builder is not None and os.getpid() == self._pid:
+            if builder is not None and _pid() == self._pid:
                 _discard(builder.path)
                 builder.release()
 
@@ -5260,7 +5260,7 @@ class _Writer:
         import queue
         import threading
 
-        self._pid = os.getpid()
+        self._pid = _pid()
         self._queue: Any = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="donecache-keeper", daemon=True)
         self._thread.start()
@@ -5273,7 +5273,7 @@ class _Writer:
         if threading.current_thread() is not threading.main_thread():
             return cls()
         writer = cls._current
-        if writer is None or writer._pid != os.getpid() or not writer._thread.is_alive():
+        if writer is None or writer._pid != _pid() or not writer._thread.is_alive():
             writer = cls._current = cls()
         return writer
 
@@ -5344,7 +5344,7 @@ def _run_chunk(
         outcomes = [_call_one(func, args, key or None, portable, off, writer, text, lead) for key, args, text in calls]
     finally:
         writer.finish()
-    return outcomes, os.getpid(), time.perf_counter() - started
+    return outcomes, _pid(), time.perf_counter() - started
 
 
 class Failure:
@@ -5519,7 +5519,7 @@ def _stream(
     keep_going, chunksize, label = options.keep_going, options.chunksize, options.label
     limit = 2 * plan.capacity  # Chunks in flight: two per worker.
     size = chunksize or 1
-    here = os.getpid()
+    here = _pid()
     ahead: collections.deque[_Done] = collections.deque()  # Read, waiting to be yielded.
     pending: dict[Any, list[_Done]] = {}
     buffer: list[_Done] = []
