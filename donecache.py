@@ -2640,6 +2640,14 @@ def _judge(path: str, key: bytes | None, depth: int) -> tuple[_Entry | None, os.
         return None, None
 
 
+def _write_json(path: str, record: dict[str, Any], mode: int, durable: bool, indent: int | None = None) -> None:
+    """A sidecar record (identities, failures, what source files told), its missing folders made with ``mode``."""
+    import json
+
+    _make_dirs(os.path.dirname(path), mode, durable=durable)
+    _write_bytes(path, json.dumps(record, indent=indent).encode("utf-8"), durable=durable)
+
+
 class _EntryFiles(_EntryDir):
     """A store's directory with its upkeep: the size limit, verify, prune and the sidecar records."""
 
@@ -2851,12 +2859,6 @@ class _EntryFiles(_EntryDir):
     # function under .functions/, so that `info` and `prune --stale` can tell
     # the entries of older code without running or importing anything.
 
-    def _write_json(self, path: str, record: dict[str, Any], indent: int | None = None) -> None:
-        import json
-
-        _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
-        _write_bytes(path, json.dumps(record, indent=indent).encode("utf-8"), durable=self.durable)
-
     def record_identity(self, function: str, identity: str, code: str = "") -> float | None:
         """Record the identity this process runs under and when each code digest under it was first
         seen; return when ``code`` was, if other code was seen before it (a pinned version=), else None."""
@@ -2874,7 +2876,7 @@ class _EntryFiles(_EntryDir):
             if code or not same:
                 data = {"function": function, "identity": identity, "recorded": since, "codes": codes}
                 try:
-                    self._write_json(path, data)
+                    _write_json(path, data, self.dir_mode, self.durable)
                 except OSError:
                     pass  # Only `info`, `prune --stale` and the warning use it; a read-only store still serves.
         older = any(isinstance(t, (int, float)) and t < since for t in codes.values())
@@ -2905,7 +2907,7 @@ class _EntryFiles(_EntryDir):
         return f"{self._prefix}.failures{os.sep}{folder or '.' + os.sep}{name}.json"
 
     def record_failure(self, slot: _Slot, record: dict[str, Any]) -> None:
-        self._write_json(self._failure_file(slot), record, indent=1)
+        _write_json(self._failure_file(slot), record, self.dir_mode, self.durable, indent=1)
 
     def forget_failure(self, slot: _Slot) -> None:
         try:
@@ -4136,8 +4138,6 @@ _argument_code = _CodeIdentity.argument_code  # Bound once: keys ask for it at e
 
 def _follow(func: Any, store: str | None = None) -> _CodeIdentity:
     """Follow ``func``, keeping what source files told in ``store``/.sources (per interpreter) for later processes."""
-    import json
-
     path = os.path.join(store, ".sources", f"{sys.implementation.cache_tag}.json") if store else None
     notes = _learnt.get(("notes", path))
     if path is not None and notes is None:
@@ -4147,8 +4147,7 @@ def _follow(func: Any, store: str | None = None) -> _CodeIdentity:
     identity.follow(func, root=True)
     if path is not None and notes is not None and notes.pop("", None):
         try:
-            _make_dirs(os.path.dirname(path), 0o700)
-            _write_bytes(path, json.dumps(notes).encode("utf-8"), durable=False)
+            _write_json(path, notes, 0o700, False)
         except OSError:
             pass  # Only a cost: the next process parses the files again.
     return identity
