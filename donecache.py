@@ -708,8 +708,7 @@ def _scandir(path: str) -> list[os.DirEntry[str]]:
 
 
 # Who this process is, asked once: os.getpid() is a system call (glibc stopped caching it in 2.25) and the host's
-# name costs an import. "pid", then "host", "tag" and "names" when asked (see _writer_token). A forked child
-# forgets them.
+# name costs an import. "pid", then "host" and "writer" when asked (see _writer_token). A forked child forgets them.
 _me: dict[str, Any] = {}
 _me_hooked: list[bool] = []
 
@@ -947,14 +946,15 @@ def _is_temp_name(name: str) -> bool:
 
 def _writer_token() -> str:
     """Who writes a temporary file: 6 hex digits of a digest of the host's name, 6 of the pid, 4 of a count."""
-    pid = _pid()
-    if "names" not in _me:
+    writer = _me.get("writer")
+    if writer is None:
         import hashlib
 
-        _me["tag"] = hashlib.blake2b(_host().encode("utf-8", "replace"), digest_size=3).hexdigest()
+        tag = hashlib.blake2b(_host().encode("utf-8", "replace"), digest_size=3).hexdigest()
         # A count from a random start, not a getrandom(2) per name (issue 20); O_EXCL settles any collision.
-        _me["names"] = itertools.count(int.from_bytes(os.urandom(2), "little"))
-    return f"{_me['tag']}{pid & 0xFFFFFF:06x}{next(_me['names']) & 0xFFFF:04x}"
+        names = itertools.count(int.from_bytes(os.urandom(2), "little"))
+        writer = _me["writer"] = f"{tag}{_pid() & 0xFFFFFF:06x}", names
+    return f"{writer[0]}{next(writer[1]) & 0xFFFF:04x}"
 
 
 def _writer_gone(path: str, now: float) -> bool:
@@ -969,12 +969,13 @@ def _writer_gone(path: str, now: float) -> bool:
 
 
 def _temp_name(target: str) -> str:
-    head, base = os.path.split(target)
-    # Bytes, not characters, count: a 238-byte name of 79 CJK characters must
+    base = os.path.basename(target)
+    head = target[: len(target) - len(base)]
+    # Bytes, not characters, count (at most 4 a character): a 238-byte name of 79 CJK characters must
     # fit, so characters are trimmed from the front until the rest does.
-    while len(os.fsencode(base)) > _TEMP_KEEP:
+    while len(base) * 4 > _TEMP_KEEP and len(os.fsencode(base)) > _TEMP_KEEP:
         base = base[max(1, (len(os.fsencode(base)) - _TEMP_KEEP) // 4) :]
-    return os.path.join(head, f"{_TEMP_PREFIX}{_writer_token()}~{base}")
+    return f"{head}{_TEMP_PREFIX}{_writer_token()}~{base}"
 
 
 def _discard(temp: str) -> None:
