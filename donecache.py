@@ -755,22 +755,28 @@ def _make_dirs(path: str, mode: int | None = None, *, durable: bool = False) -> 
     mkdir -p): os.makedirs gives its mode to the last one only, filtered by the umask (mkdir(2)), so a store's shards
     came out 0777 less the umask (issue 18). With ``durable``, each new directory is also flushed into its parent,
     so that a power cut cannot lose it and with it the durable files written next."""
-    new: list[str] = []
-    head = path
-    while not os.path.isdir(head) and head not in new:  # At the root, os.path.dirname(head) is head.
-        new.append(head)
-        head = os.path.dirname(head)
-    for directory in reversed(new):
+    # To make, the last one first. A parent is looked at only once mkdir finds it missing (or not a directory): a
+    # store's new shard costs stat, mkdir and lstat. Once one is made, a missing parent was removed meanwhile.
+    new, made = ([] if os.path.isdir(path) else [path]), False
+    while new:
+        directory = new[-1]
         try:
             os.mkdir(directory, 0o777 if mode is None else mode)
+        except (FileNotFoundError, NotADirectoryError):
+            if made or os.path.dirname(directory) == directory:  # At the root, os.path.dirname(head) is head.
+                raise
+            new.append(os.path.dirname(directory))
+            continue
         except FileExistsError:
             if not os.path.isdir(directory):
-                raise
-            continue  # Made meanwhile by another process (with the same mode, if it is donecache).
-        if mode is not None and stat.S_IMODE(os.lstat(directory).st_mode) != mode:
-            os.chmod(directory, mode)
-        if durable:
-            _fsync_dir(os.path.dirname(directory))
+                raise  # Else made meanwhile by another process (with the same mode, if it is donecache).
+        else:
+            if mode is not None and stat.S_IMODE(os.lstat(directory).st_mode) != mode:
+                os.chmod(directory, mode)
+            if durable:
+                _fsync_dir(os.path.dirname(directory))
+        new.pop()
+        made = True
 
 
 # Records go to logging.getLogger("donecache"): DEBUG for each memoize hit and miss, INFO for waits on a lock
