@@ -462,7 +462,7 @@ else:
         a pool worker that outlives a killed parent never holds the parent's locks forever."""
 
         can_wait = True
-        _open: set[weakref.ref[_LockFile]] = set()  # For _forked: a weak set, without weakref's import.
+        _files: set[weakref.ref[io.FileIO]] = set()  # The handles' open files, for _forked: a weak set without weakref.
         _hooked = False
         # Opening the lock file costs four system calls (open, fstat, lseek, close) per lock: a byte lock's handle
         # released cleanly (unlocked, so it holds nothing) is kept for the next byte lock of that file, a few per
@@ -486,8 +486,7 @@ else:
                 self._file = self._take_spare() if offset is not None else None
                 if self._file is None:
                     self._file, self._checked = io.FileIO(_open_regular(path, _WRITE_FLAGS)[0], "r+"), time.monotonic()
-            self._ref = _weakref.ref(self, _LockFile._open.discard)  # Collected unclosed: its holder vanished.
-            self._open.add(self._ref)
+                    self._files.add(_weakref.ref(self._file, _LockFile._files.discard))  # Collected: closed, forgotten.
 
         def _take_spare(self) -> io.FileIO | None:
             spare = self._spare.get(self._path)
@@ -506,15 +505,12 @@ else:
 
         @staticmethod
         def _forked() -> None:
-            for ref in list(_LockFile._open):
-                handle = ref()
-                if handle is not None and handle._file is not None:
-                    handle._file.close()
-            _LockFile._open.clear()
-            spares, _LockFile._spare = _LockFile._spare, {}
-            for files in spares.values():
-                for file, _checked in files:
+            for ref in list(_LockFile._files):  # Kept ones too.
+                file = ref()
+                if file is not None:
                     file.close()
+            _LockFile._files.clear()
+            _LockFile._spare = {}
             # The child holds no record locks and none of the parent's threads; another thread may have held the guard.
             _RecordLocks.guard, _RecordLocks.shared, _RecordLocks.turns = _thread.allocate_lock(), {}, {}
 
@@ -547,7 +543,6 @@ else:
                 self._clean = True
 
         def close(self) -> None:
-            self._open.discard(self._ref)
             file, self._file = self._file, None
             if self._records is not None:
                 self._records.close()
