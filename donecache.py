@@ -150,12 +150,9 @@ class _NotRegular(OSError):
     """Something other than a regular file stands where one was expected."""
 
     def __init__(self, path: str, st: os.stat_result) -> None:
-        super().__init__(
-            errno.EINVAL,
-            f"{path!r} is {_kind_of(st.st_mode)}, not a regular file; donecache never writes through a link or "
-            "into a special file (one planted there could make it write elsewhere): remove it and run again",
-            path,
-        )
+        message = (f"{path!r} is {_kind_of(st.st_mode)}, not a regular file; donecache never writes through a link or "
+                   "into a special file (one planted there could make it write elsewhere): remove it and run again")
+        super().__init__(errno.EINVAL, message, path)
         self.stat = st
 
 
@@ -509,8 +506,7 @@ else:
                 file = ref()
                 if file is not None:
                     file.close()
-            _LockFile._files.clear()
-            _LockFile._spare = {}
+            _LockFile._files, _LockFile._spare = set(), {}
             # The child holds no record locks and none of the parent's threads; another thread may have held the guard.
             _RecordLocks.guard, _RecordLocks.shared, _RecordLocks.turns = _thread.allocate_lock(), {}, {}
 
@@ -758,7 +754,7 @@ def _make_dirs(path: str, mode: int | None = None, *, durable: bool = False) -> 
         try:
             os.mkdir(directory, 0o777 if mode is None else mode)
         except (FileNotFoundError, NotADirectoryError):
-            if made or os.path.dirname(directory) == directory:  # At the root, os.path.dirname(head) is head.
+            if made or os.path.dirname(directory) == directory:  # At the root, os.path.dirname(x) is x.
                 raise
             new.append(os.path.dirname(directory))
             continue
@@ -1031,14 +1027,8 @@ def _remove_path(path: str) -> None:
         os.unlink(path)
 
 
-def _write_bytes(
-    target: str,
-    data: bytes | Iterable[Any],
-    *,
-    durable: bool,
-    whole: bool = False,
-    written: Callable[[int], None] | None = None,
-) -> None:
+def _write_bytes(target: str, data: bytes | Iterable[Any], *, durable: bool, whole: bool = False,
+                 written: Callable[[int], None] | None = None) -> None:
     """Atomically make ``target`` hold ``data``: the writer behind markers, pieces and entries.
 
     ``whole`` fsyncs the data (not the directory) even when not ``durable``: after a power cut
