@@ -1414,10 +1414,11 @@ class Stage:
                     stage.piece(f"{rec.id}.json", lambda: parse(rec))
 
     The directory is created with its parents and, while the block runs, locked against other processes and
-    threads building it: one that waited finds ``stage.done`` (checked under the lock) True. When the block
-    ends normally, the marker file (``marker``, default ``DONE``) is written atomically with JSON metadata:
-    times, host, pid, donecache's version and ``version``. If the block raises or the process dies, there is
-    no marker and the pieces stay, so the next run resumes. ``stage.path`` is the directory as a Path.
+    threads building it: one that waited finds ``stage.done`` (checked under the lock) True if the first finished
+    it. When the block ends normally, the marker file (``marker``, default ``DONE``) is written atomically with
+    JSON metadata: times, host, pid, donecache's version and ``version``. If the block raises or the process
+    dies, there is no marker and the pieces stay, so the next run resumes. ``stage.path`` is the directory as a
+    Path; ``stage.piece()`` writes a piece and ``stage.has()`` asks whether one is there.
 
     version: a str, an int or a tuple of them naming your code's or data's version; a stage whose marker
         records another version counts as not done, and its stale marker is removed before rebuilding.
