@@ -1449,7 +1449,8 @@ class Stage:
         self._marker_file = _marker_path(self._root, marker)
         if version is not None:
             _version_text(version)  # An unusable version fails before the stage is entered.
-        self.path, self.marker, self.version, self.done = Path(self._root), marker, version, False
+        self.path, self.marker, self.version = Path(self._root), marker, version
+        self.done = False
         self._fresh, self._durable, self._timeout = fresh, durable, timeout
         self._lock: _KeyLock | None = None
         self._builder: _KeyLock | None = None  # A shared builder's own lock (see _announce).
@@ -1632,9 +1633,11 @@ class Stage:
         if self._durable:
             _flush_tree(self._root)
         finished = time.time()
-        started, ended = (time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t)) for t in (self._started, finished))
-        metadata = {"started": started, "finished": ended, "duration_s": round(finished - self._started, 6), **_who()}
-        metadata.update(donecache=__version__, version=self.version)
+        stamp = "%Y-%m-%dT%H:%M:%S%z"
+        metadata = {"started": time.strftime(stamp, time.localtime(self._started)),
+                    "finished": time.strftime(stamp, time.localtime(finished)),
+                    "duration_s": round(finished - self._started, 6), **_who(),
+                    "donecache": __version__, "version": self.version}
         if self._expect is not None:
             metadata["expect"] = self._expect if isinstance(self._expect, int) else len(self._expect)
         _write_bytes(self._marker_file, json.dumps(metadata, indent=1).encode("utf-8") + b"\n", durable=self._durable)
