@@ -871,9 +871,10 @@ class _KeyLock:
     def try_acquire(self) -> bool:
         """Take the lock if it is free now, without waiting (for event loops)."""
         tries = self._tries(None, None, False)
-        free = next(tries, None) is None
+        if next(tries, None) is None:
+            return True
         tries.close()  # Not free: give the handle back.
-        return free
+        return False
 
     async def acquire_async(self, owner: int) -> None:
         """Wait for the lock without blocking the event loop."""
@@ -1311,11 +1312,12 @@ def _marker_counts(path: str, version: Any) -> bool:
                 return False
         return _marker_version(_read_marker(path)) == _version_text(version)
 
-    directory, name = os.path.split(path)
-
     def read_directory() -> None:
+        directory, name = os.path.split(path)
         with os.scandir(directory) as entries:
-            any(entry.name == name for entry in entries)  # Read it through, up to the marker's name.
+            for entry in entries:  # Read it through, up to the marker's name.
+                if entry.name == name:
+                    break
 
     if check():
         return True
