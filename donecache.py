@@ -807,7 +807,8 @@ def _log_at(level: int) -> Any:
 
 
 class _KeyLock:
-    """An exclusive lock on a file (offset None) or one byte of it; ``path`` must be canonical (realpath).
+    """An exclusive lock on a file (offset None) or one byte of it; ``path`` must be canonical (realpath), so
+    that one file has one name in the table of holders.
 
     An exception can arrive between any two lines (KeyboardInterrupt), so nothing stays "held" because
     a line did not run: a collected handle releases its kernel lock, the table of holders keeps only
@@ -4128,7 +4129,8 @@ class _CodeIdentity:
 
     def same(self, home: Any) -> Callable[[], bool]:
         """A check, before each call, that the bindings read are the same objects: those in ``home`` (a script's,
-        a notebook's globals) at every call, the others after an exec() (a cell, a reload, an import)."""
+        a notebook's globals) at every call, the others after an exec() (a cell, a reload, an import): a hit
+        costs a few dict reads."""
         if not _exec_count:
             _exec_count.append(0)
             try:
