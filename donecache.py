@@ -6539,9 +6539,10 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
 def _cli_info(args: Any) -> tuple[int, Any, list[str]]:
     report = _survey(_cli_store(args.path, "r"), time.time())
     entries = report["entries"]
-    lines = [f"cache {report['path']}", f"  {entries['live']:,} entries, {_human(report['bytes'])} "
-             f"({_human(report['disk_bytes'])} on disk); {entries['expired']:,} expired, "
-             f"{entries['damaged']:,} damaged, {report['temporary_files']:,} temporary files left by crashed writers"]
+    summary = (f"  {entries['live']:,} entries, {_human(report['bytes'])} ({_human(report['disk_bytes'])} on disk); "
+               f"{entries['expired']:,} expired, {entries['damaged']:,} damaged, "
+               f"{report['temporary_files']:,} temporary files left by crashed writers")
+    lines = [f"cache {report['path']}", summary]
     for name, row in report["per_function"].items():
         line = f"    {row['entries']:,} entries, {_human(row['bytes'])}"
         if row["entries"]:
@@ -6662,9 +6663,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # The console script `donecache` (pyproject.toml) or `python -m donecache`.
     prog = "donecache" if os.path.basename(sys.argv[0]) in ("donecache", "donecache.exe") else "python -m donecache"
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Inspect and clean donecache stores and stage directories. Exit codes: 0 success, 1 not "
-        "done or nothing matched, 2 usage error or missing path.")
+    description = ("Inspect and clean donecache stores and stage directories. Exit codes: 0 success, "
+                   "1 not done or nothing matched, 2 usage error or missing path.")
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=f"donecache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
