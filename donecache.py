@@ -250,7 +250,7 @@ else:
     def _move_new(src: str, dst: str) -> None:
         # link(2) fails with EEXIST if dst exists, atomically, so a file that appeared meanwhile is never clobbered.
         # Filesystems without hard links (FAT, some SMB mounts) fall back to check-then-rename, which has a tiny
-        # window in which a concurrent creator can lose; the README says so.
+        # window in which a concurrent creator can lose; docs/atomic-writes.md says so.
         try:
             os.link(src, dst)
         except OSError as exc:
@@ -2776,39 +2776,29 @@ def _this_boot() -> tuple[float, int]:
 
 
 def _disk_bytes(st: os.stat_result) -> int:
-    """The space a file takes on disk: its blocks (512 bytes each, as stat(2)
-    counts them), or its size where the system does not count blocks."""
+    """A file's space on disk: its 512-byte blocks (as stat(2) counts them), or its size where there are none."""
     blocks = getattr(st, "st_blocks", None)
     return st.st_size if blocks is None else int(blocks) * 512
 
 
-class _Swept:
-    """What a sweep evicted: how many entries, their bytes on disk, the newest use among them."""
-
-    __slots__ = ("entries", "bytes", "newest")
-
-    def __init__(self) -> None:
-        self.entries = self.bytes = 0
-        self.newest = 0.0
+def _judge(path: str, key: bytes | None, depth: int) -> tuple[_Entry | None, os.stat_result | None]:
+    """_load_entry, with a file that could not be read (EIO, ESTALE, EACCES) as not judged: (None, None)."""
+    try:
+        return _load_entry(path, key, depth)
+    except OSError:
+        return None, None
 
 
 class _EntryFiles(_EntryDir):
-    """A store's directory with its upkeep.
+    """A store's directory with its upkeep: the size limit, verify, prune and the sidecar records."""
 
-    With ``max_bytes``, each write reserves its bytes on disk in a running
-    total kept in .usage, shared by every process that writes with a limit,
-    before it creates a file; a writer that finds no room sweeps (see sweep()).
-    """
-
-    # -- the size limit ------------------------------------------------------
+    # -- the size limit (docs/size-limit.md) ---------------------------------
     #
-    # Amortised: a write costs one stat and two updates of the running total
-    # under its lock byte; only a write that finds no room lists the store.
-    # An entry is written only once its value is computed, and its computation
-    # holds the key's lock byte until the waiters have read it: a sweep skips entries whose
-    # byte is held, so it never evicts an entry whose key is being computed
-    # (an expired entry being recomputed, a refresh, or a result just stored
-    # for waiting callers).
+    # Each write reserves its bytes in a running total kept in .usage, under its
+    # lock byte, before it creates its file; only a write that finds no room
+    # lists the store and sweeps. A computation holds its key's lock byte until
+    # the waiters have read the entry, and a sweep skips entries whose byte is
+    # held: it never evicts an entry whose key is being computed.
 
     def write(self, encoded: _Encoded, slot: _Slot | None = None, recent: bool = False) -> None:
         if self.max_bytes is None:
@@ -2844,12 +2834,12 @@ class _EntryFiles(_EntryDir):
         self, change: Callable[[int | None], int | None], evicted: float = 0.0, sweep: int = 0,
         seen: list[int] | None = None,
     ) -> int | None:
-        """Replace the running total of the store's bytes on disk by ``change`` of
-        it, under its lock byte; return the new total. ``seen`` gets the number of
-        sweeps begun. ``change`` gets None where .usage is missing, damaged, or
-        written before this host's last boot (a crash may have lost updates:
-        issue 18 item 12c), which only a sweep's count replaces. A durable store
-        syncs a total that grew before the write it counts."""
+        """Replace the running total by ``change`` of it under its lock byte; return the new total.
+
+        ``seen`` gets the number of sweeps begun. ``change`` gets None where .usage
+        is missing, damaged, or written before this host's last boot (a crash may
+        have lost updates: issue 18 item 12c); only a sweep's count replaces it. A
+        durable store syncs a total that grew before the write it counts."""
         with _KeyLock(self.lock_path, _USAGE_BYTE).acquire():
             fd = _open_regular(os.path.join(self.root, ".usage"), _WRITE_FLAGS)[0]
             try:
@@ -2872,9 +2862,8 @@ class _EntryFiles(_EntryDir):
                 os.close(fd)
 
     def _reserve(self, nbytes: int) -> tuple[int, int]:
-        """Count an entry of ``nbytes`` (in whole blocks) before it is written:
-        (bytes counted, sweeps begun). With no room, sweep or wait for the
-        process sweeping: the back-pressure that bounds any number of writers."""
+        """Count an entry of ``nbytes`` (in whole blocks) before it is written: (bytes counted,
+        sweeps begun). With no room, sweep or wait for the process sweeping: the back-pressure."""
         max_bytes, need = self.max_bytes or 0, -(-max(nbytes, 1) // self._block) * self._block
         took: list[bool] = []
         seen: list[int] = []
@@ -2891,9 +2880,9 @@ class _EntryFiles(_EntryDir):
         with _KeyLock(self.lock_path, _SWEEP_BYTE).acquire():
             self._usage(take, seen=seen)  # The process that swept before may have made room.
             while not took:
-                swept = self._sweep(min(int(max_bytes * _LOW_WATER), max_bytes - need))
+                evicted = self._sweep(min(int(max_bytes * _LOW_WATER), max_bytes - need))[0]
                 self._usage(take, seen=seen)
-                if not took and not swept.entries:
+                if not took and not evicted:
                     # Bigger than the bound, or the rest is being computed: over it by one entry.
                     self._usage(lambda total: (total or 0) + need, seen=seen)
                     break
@@ -2901,12 +2890,10 @@ class _EntryFiles(_EntryDir):
 
     def sweep(
         self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
-    ) -> _Swept:
-        """Evict entries (of ``folder``, as for files()), least recently used
-        first, until the entry files take at most ``target`` bytes on disk, and
-        every entry last used before ``older_than`` (a Unix time); log the
-        sweep. One process sweeps at a time: this waits for another one to
-        finish. ``dry_run`` counts what would go, and removes and writes nothing."""
+    ) -> tuple[int, int]:
+        """Evict entries (of ``folder``), least recently used first, until they take at most
+        ``target`` bytes on disk, and those last used before ``older_than`` (a Unix time);
+        log it; return (entries, bytes). One process sweeps at a time; ``dry_run`` only counts."""
         if dry_run:
             return self._sweep(target, older_than, folder, dry_run)
         self._writable()
@@ -2915,85 +2902,65 @@ class _EntryFiles(_EntryDir):
 
     def _sweep(
         self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
-    ) -> _Swept:
+    ) -> tuple[int, int]:
         usage: Any = (lambda change, *more, **named: None) if dry_run else self._usage
         base = usage(lambda total: total, sweep=1)
-        listed: list[tuple[float, str, os.stat_result]] = []
-        for path, _folder in self.files(folder):
-            st = _lstat_or_none(path)
-            if st is not None:
-                listed.append((st.st_mtime, path, st))
+        stats = ((path, _lstat_or_none(path)) for path, _folder in self.files(folder))
+        listed = sorted(((st.st_mtime, path, st) for path, st in stats if st is not None), key=lambda item: item[0])
         total = sum(_disk_bytes(st) for _mtime, _path, st in listed)
-        listed.sort(key=lambda item: item[0])
-        swept, folders = _Swept(), set[str]()
+        entries = evicted = 0
+        newest, folders = 0.0, set[str]()
 
         def left(now: int | None) -> int:
             # The total measured, less what was evicted, plus what others reserved since it was read.
-            return total - swept.bytes + (now - base if now is not None and base is not None else 0)
+            return total - evicted + (now - base if now is not None and base is not None else 0)
 
         for mtime, path, st in listed:
             if (target is None or left(usage(lambda now: now)) <= target) and (
                 older_than is None or mtime >= older_than
             ):
                 break
-            size = _disk_bytes(st)
             if dry_run or self._evict(path, st):
-                swept.entries, swept.bytes, swept.newest = swept.entries + 1, swept.bytes + size, mtime
+                entries, evicted, newest = entries + 1, evicted + _disk_bytes(st), mtime
                 folders.add(os.path.dirname(path))
         if dry_run:
-            return swept
+            return entries, evicted
         self._synced(folders)  # Evictions reach the disk before the total that leaves them out.
         # One folder's listing is not the store's total: only what left it is taken off.
-        after = usage(left if folder is None else lambda now: None if now is None else now - swept.bytes, swept.newest)
-        logger = _log_at(_INFO) if swept.entries else None
+        after = usage(left if folder is None else lambda now: None if now is None else now - evicted, newest)
+        logger = _log_at(_INFO) if entries else None
         if logger is not None:
             logger.info(
                 "evicted %d entries (%d bytes on disk, the most recently used of them %.0f s ago) from %s; "
-                "its entries now take %d bytes", swept.entries, swept.bytes,
-                max(0.0, time.time() - swept.newest), self.root, after or 0,
+                "its entries now take %d bytes", entries, evicted, max(0.0, time.time() - newest), self.root, after or 0,
             )
-        return swept
+        return entries, evicted
 
     def _evict(self, path: str, listed: os.stat_result) -> bool:
-        """Remove one entry file found by a sweep, unless its key is being
-        computed or it was used or replaced since the listing; True if removed."""
+        """Remove an entry file a sweep listed, unless its key is being computed or it changed since."""
         lock = _KeyLock(self.lock_path, _key_byte(os.path.basename(path)))
         try:
             if not lock.try_acquire():
                 return False
         except RuntimeError:
             return False  # This very thread is computing the key.
-        try:
-            try:
-                _entry, st = _load_entry(path, None, _HEAD)
-            except OSError:
-                return False  # Not judged (EIO, ESTALE, EACCES).
+        with lock:
+            st = _judge(path, None, _HEAD)[1]
             if st is None or not _same_file(st, listed) or st.st_mtime != listed.st_mtime:
                 return False
             return _remove_judged(path, st)
-        finally:
-            lock.release()
 
     def verify(self) -> list[str]:
         """The entry files that are damaged, checking every byte (every buffer's CRC too)."""
-        damaged = []
-        for path, _folder in self.files():
-            try:
-                entry, st = _load_entry(path, None, _VERIFY)
-            except OSError:
-                continue  # Not judged (EIO, ESTALE, EACCES).
-            if st is not None and entry is None:
-                damaged.append(path)
-        return damaged
+        judged = ((path, *_judge(path, None, _VERIFY)) for path, _folder in self.files())
+        return [path for path, entry, st in judged if st is not None and entry is None]
 
     def prune(
         self, now: float | None = None, stale: Callable[[_Found], bool] | None = None, folder: str | None = None,
         dry_run: bool = False,
     ) -> tuple[int, int]:
-        """Remove expired or damaged entries (of ``folder``, as for files(); and
-        those ``stale`` accepts) and old temporary files: (entries, temporaries).
-        Entries are judged by their heads first; those kept are then verified
-        byte by byte. ``dry_run`` only counts."""
+        """Remove expired or damaged entries (of ``folder``; and those ``stale`` accepts), the live
+        ones checked byte by byte, and old temporary files: (entries, temporaries). ``dry_run`` counts."""
         if not dry_run:
             self._writable()
         when = time.time() if now is None else now
@@ -3002,21 +2969,13 @@ class _EntryFiles(_EntryDir):
         folders: set[str] = set()
         try:
             for found in self.scan(folder):
-                # A file that could not be read (stat None) is left alone: ESTALE,
-                # EIO and EACCES say nothing about the entry itself.
+                # A file not judged (stat None) is left alone: ESTALE, EIO and EACCES say nothing of the entry.
                 entry, judged = found.entry, found.stat
-                if judged is None:
-                    continue
                 if entry is not None and entry.live(when) and not (stale is not None and stale(found)):
-                    try:
-                        entry, judged = _load_entry(found.path, entry.key, _VERIFY)
-                    except OSError:
+                    entry, judged = _judge(found.path, entry.key, _VERIFY)
+                    if entry is not None:
                         continue
-                    if judged is None:
-                        continue
-                else:
-                    entry = None
-                if entry is None and (dry_run or _remove_judged(found.path, judged)):
+                if judged is not None and (dry_run or _remove_judged(found.path, judged)):
                     entries += 1
                     folders.add(os.path.dirname(found.path))
             for directory in [top] if folder else [top, *(os.path.join(top, name) for name in self.folders())]:
@@ -3042,9 +3001,6 @@ class _EntryFiles(_EntryDir):
     # function under .functions/, so that `info` and `prune --stale` can tell
     # the entries of older code without running or importing anything.
 
-    def _identity_file(self, function: str) -> str:
-        return os.path.join(self.root, ".functions", self.folder(function)[:_FOLDER_HEX])
-
     def _write_json(self, path: str, record: dict[str, Any], indent: int | None = None) -> None:
         import json
 
@@ -3052,11 +3008,9 @@ class _EntryFiles(_EntryDir):
         _write_bytes(path, json.dumps(record, indent=indent).encode("utf-8"), durable=self.durable)
 
     def record_identity(self, function: str, identity: str, code: str = "") -> float | None:
-        """Record the identity this process runs under, and the code digests seen
-        under it with when each was first seen. Returns when ``code`` was first
-        seen if other code was seen before it (entries older than that came from
-        other code: a pinned version=), else None."""
-        path = self._identity_file(function)
+        """Record the identity this process runs under and when each code digest under it was first
+        seen; return when ``code`` was, if other code was seen before it (a pinned version=), else None."""
+        path = os.path.join(self.root, ".functions", self.folder(function)[:_FOLDER_HEX])
         record = _read_json(path) or {}
         same = record.get("identity") == identity
         codes = record.get("codes") if same else None
@@ -3149,9 +3103,8 @@ class _EntryFiles(_EntryDir):
 
 
 def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
-    """Whether an entry belongs to code older than its function's current
-    identity, or is a memoize entry in the layout of donecache 0.1 (at the top
-    level, where no memoized function looks any more)."""
+    """Whether an entry is of code older than its function's current identity, or a memoize
+    entry in donecache 0.1's layout (at the top level, where no memoized function looks now)."""
     older = files.older_code()
 
     def stale(found: _Found) -> bool:
@@ -3171,18 +3124,16 @@ def _prune(
     if stale and not dry_run:  # The failures of older code go with its entries.
         older = files.older_code()
         files.drop_failures(lambda r: older(str(r.get("function")), r.get("identity")), folder)
-    swept = _Swept()
+    swept = (0, 0)
     if limit is not None or age is not None:
         # By hand the store goes down to the size asked for, not to a low-water mark.
         swept = files.sweep(limit, None if age is None else now - age, folder, dry_run)
-    return entries, temps, swept.entries, swept.bytes
+    return entries, temps, *swept
 
 
 class _ShelfDict:
-    """The mapping of encoded keys that shelve.Shelf works on, over the entry
-    files (Store reads and writes values itself, to keep big buffers out of
-    the pickle stream). Iteration lists memoized functions' entries too.
-    Shelf needs no sync() or close(): every write is in place when it returns."""
+    """The bytes-keyed mapping that shelve.Shelf works on, over the entry files (Store reads and
+    writes values itself). Shelf needs no sync() or close(): every write is in place when it returns."""
 
     def __init__(self, files: _EntryFiles) -> None:
         self.files = files
@@ -3195,7 +3146,7 @@ class _ShelfDict:
         # Mapped: the stream is checked, and big buffers are not read.
         return isinstance(key, bytes) and self.files.read(key, mapped=True, use=False) is not None
 
-    def keys(self) -> Iterator[bytes]:
+    def keys(self) -> Iterator[bytes]:  # Memoized functions' entries too.
         now = time.time()
         for found in self.files.scan():
             if found.entry is not None and found.entry.live(now):
@@ -3211,15 +3162,12 @@ class _ShelfDict:
 # never a KeyError. The views below, and Store.get, skip it.
 
 if TYPE_CHECKING:
-    _ItemsView = collections.abc.ItemsView[str, Any]
-    _ValuesView = collections.abc.ValuesView[Any]
     _ShelfBase = shelve.Shelf[Any]
 else:
-    _ItemsView, _ValuesView = _collections_abc.ItemsView, _collections_abc.ValuesView
     _ShelfBase = object  # shelve.Shelf joins at the first open: see Store.__new__.
 
 
-class _StoreItems(_ItemsView):
+class _StoreItems(_collections_abc.ItemsView[str, object]):
     _mapping: shelve.Shelf[Any]  # The store, as ItemsView keeps it (not in its stubs).
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
@@ -3230,7 +3178,7 @@ class _StoreItems(_ItemsView):
                 pass
 
 
-class _StoreValues(_ValuesView):
+class _StoreValues(_collections_abc.ValuesView[object]):
     _mapping: shelve.Shelf[Any]
 
     def __iter__(self) -> Iterator[Any]:
@@ -3286,16 +3234,8 @@ class Store(_ShelfBase):
         return store
 
     def __init__(
-        self,
-        filename: AnyPath,
-        flag: str = "c",
-        protocol: int | None = None,
-        writeback: bool = False,
-        *,
-        durable: bool = False,
-        mmap: bool = False,
-        max_bytes: int | None = None,
-        trust_shared: bool = False,
+        self, filename: AnyPath, flag: str = "c", protocol: int | None = None, writeback: bool = False, *,
+        durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
         compress: bool | str = False,
     ) -> None:
         # Named and typed as in shelve.DbfilenameShelf; a bytes path is decoded
@@ -3361,12 +3301,10 @@ class Store(_ShelfBase):
         files.clear()
 
     def prune(self, *, max_bytes: int | None = None, older_than: float | Any = None, dry_run: bool = False) -> int:
-        """Remove expired and damaged entries (checking every byte of the others)
-        and crashed writers' temporary files; then evict the least recently used
-        entries until the store takes at most ``max_bytes`` on disk, and those
-        not used for ``older_than`` (seconds or a timedelta), as the command
-        line's prune does. Returns how many files were removed (``dry_run``:
-        would be; nothing is removed)."""
+        """Remove expired and damaged entries (checking every byte of the others) and crashed
+        writers' temporary files; then, as the command line's prune does, evict the least recently
+        used entries until the store takes at most ``max_bytes`` on disk, and those not used for
+        ``older_than`` (seconds or a timedelta). Returns how many files were (``dry_run``: would be) removed."""
         return sum(_prune(self._open_files(), None, max_bytes, older_than, stale=False, dry_run=dry_run)[:3])
 
     def verify(self) -> list[str]:
@@ -3479,16 +3417,10 @@ def _no_code(obj: Any) -> str:
 
 
 class _Canonical:
-    """Writes a text that is equal for equal values in every process and run.
+    """Writes a text that is equal for equal values in every process and run (docs/identity.md).
 
-    repr() is canonical for scalars; 1, 1.0, True and "1" stay apart, as their
-    results may differ. Containers are walked; dicts and sets are sorted by
-    their items' texts, since their order depends on insertion and on
-    PYTHONHASHSEED. Big buffers, arrays and frames are hashed in place.
-    Functions and classes count by ``code`` (the code identity section gives
-    it: the keys need the code identity, which needs canonical values). Any
-    other object is taken apart as pickle would take it (``__reduce_ex__``),
-    so that the sets and dicts in its state are sorted too.
+    Functions and classes count by ``code``, which the code identity section below
+    passes in: the keys need the code identity, which needs canonical values.
     """
 
     __slots__ = ("code", "active")
@@ -3501,6 +3433,11 @@ class _Canonical:
         out: list[str] = []
         self.write(value, out)
         return "".join(out)
+
+    def tagged(self, head: str, value: Any, out: list[str], tail: str = ">") -> None:
+        out.append(head)
+        self.write(value, out)
+        out.append(tail)
 
     def write(self, value: Any, out: list[str]) -> None:
         kind = type(value)
@@ -3561,9 +3498,7 @@ class _Canonical:
             self_ = getattr(value, "__self__", None)
             if kind is type(len) and self_ is not None and not isinstance(self_, type(sys)):
                 # A bound built-in method (english.get): what it is bound to counts.
-                out.append(f"<built-in {value.__qualname__} of ")
-                self.write(self_, out)
-                out.append(">")
+                self.tagged(f"<built-in {value.__qualname__} of ", self_, out)
                 return True
             reference = _reference(value)
             out.append(f"<{reference}")
@@ -3577,15 +3512,10 @@ class _Canonical:
                 self.write(tuple(_cell_value(cell) for cell in value.__closure__ or ()), out)
             out.append(">")
         elif kind is types.MethodType:
-            out.append("<method ")
-            self.write(value.__func__, out)
-            out.append(" of ")
-            self.write(value.__self__, out)
-            out.append(">")
+            self.tagged("<method ", value.__func__, out, " of ")
+            self.tagged("", value.__self__, out)
         elif isinstance(value, functools.partial):
-            out.append("<partial ")
-            self.write((value.func, value.args, value.keywords), out)
-            out.append(">")
+            self.tagged("<partial ", (value.func, value.args, value.keywords), out)
         elif callable(value) and callable(getattr(value, "__wrapped__", None)):
             self.write(value.__wrapped__, out)  # memoize, lru_cache: what they wrap.
         else:
@@ -3605,25 +3535,19 @@ class _Canonical:
             # 3.13 moved the classes to pathlib._local and pickles a path as one
             # string; its parts are what every version agrees on (3.9-3.12's form).
             module = "pathlib" if kind.__module__.startswith("pathlib") else kind.__module__
-            out.append(f"<{module}.{kind.__qualname__}:")
-            self.write(tuple(value.parts), out)
-            out.append(";>")
+            self.tagged(f"<{module}.{kind.__qualname__}:", tuple(value.parts), out, ";>")
             return
         re = sys.modules.get("re")
         if re is not None and kind is re.Pattern:
-            out.append(f"<re.Pattern {value.flags}:")
-            self.write(value.pattern, out)
-            out.append(">")
+            self.tagged(f"<re.Pattern {value.flags}:", value.pattern, out)
             return
         if kind.__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
             dtype = str(value.dtype.descr) if value.dtype.names else value.dtype.str
             if value.dtype.hasobject:  # Python objects, not a buffer of numbers.
-                out.append(f"<{name} {dtype} {value.shape}:")
-                self.write(value.tolist(), out)
-                out.append(">")
-                return
-            data = value if value.flags.c_contiguous else value.copy(order="C")
-            out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
+                self.tagged(f"<{name} {dtype} {value.shape}:", value.tolist(), out)
+            else:
+                data = value if value.flags.c_contiguous else value.copy(order="C")
+                out.append(f"<{name} {dtype} {value.shape} {_buffer_digest(data.reshape(-1).view('u1'))}>")
             return
         pandas = sys.modules.get("pandas")
         if pandas is not None and isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
@@ -3666,18 +3590,14 @@ class _Canonical:
         """A Series' or Index's values, a categorical's categories, a tz-aware column's instants."""
         dtype = value.dtype
         if isinstance(dtype, pandas.CategoricalDtype):
-            out.append(f"ordered={dtype.ordered!r} categories=")
-            self.write(dtype.categories, out)
+            self.tagged(f"ordered={dtype.ordered!r} categories=", dtype.categories, out, "")
         if isinstance(dtype, pandas.DatetimeTZDtype):  # str(dtype) above names the zone.
             self.write(value.to_numpy(dtype=f"datetime64[{dtype.unit}]"), out)
         else:
             self.write(value.to_numpy(), out)
 
     def _arrow(self, value: Any, out: list[str]) -> bool:
-        """pyarrow tables, record batches and arrays, and polars frames and series (as
-        Arrow data, which to_arrow() hands over without a copy): a flat array by its
-        type, offset, length and buffers, read in place; a nested or dictionary
-        array by its values, as its children's offsets are not in its buffers."""
+        """pyarrow values, and polars values as Arrow data (to_arrow() does not copy); False for others."""
         pyarrow, polars = sys.modules.get("pyarrow"), sys.modules.get("polars")
         if polars is not None and isinstance(value, (polars.DataFrame, polars.Series)):
             out.append(f"<polars.{type(value).__name__} {getattr(value, 'name', None)!r}:")
@@ -3695,7 +3615,7 @@ class _Canonical:
         elif isinstance(value, pyarrow.Array):
             out.append(f"<pyarrow.Array {value.type} {value.offset} {len(value)}:")
             if value.type.num_fields or pyarrow.types.is_dictionary(value.type):
-                self.write(value.to_pylist(), out)
+                self.write(value.to_pylist(), out)  # A child's offset is not in the buffers.
             else:
                 out.extend(f"{buffer and _buffer_digest(buffer)}," for buffer in value.buffers())
         else:
@@ -3721,9 +3641,7 @@ class _Arguments:
             npos, nkw = code.co_argcount, code.co_kwonlyargcount
             self.names: tuple[str, ...] = code.co_varnames[: npos + nkw]
             kwonly = self.names[npos:]
-            if all(name in kwdefaults for name in kwonly):
-                # The common case, bound without inspect: positional arguments,
-                # then positional defaults, then keyword-only defaults.
+            if all(name in kwdefaults for name in kwonly):  # Bound without inspect: args, then the defaults.
                 self._fast = True
                 self._npos, self._defaults = npos, tuple(defaults)
                 self._kwdefaults = tuple(kwdefaults[name] for name in kwonly)
@@ -4512,36 +4430,19 @@ if TYPE_CHECKING:
         label: Callable[..., Any] | None
 
 
-# The records are collections.namedtuple classes, made at their first use (a
-# call, or `donecache.CacheInfo` through the module's __getattr__): collections
-# is not loaded at startup in a venv or under -S, and import time is a budget
-# (issue 20). Type checkers see the NamedTuple classes above.
+# The records are collections.namedtuple classes made at their first use (a call, or `donecache.CacheInfo` through
+# the module's __getattr__): collections is not loaded at startup in a venv or under -S, and import time is a
+# budget (issue 20). Type checkers see the NamedTuple classes above.
 _RECORDS: dict[str, tuple[str, tuple[Any, ...], str]] = {
-    "CacheInfo": (
-        "hits misses maxsize currsize held_seconds saved_seconds",
-        (0.0, 0.0),
-        """A namedtuple with functools.lru_cache's fields first, then two of donecache's.
-
-    hits: calls answered from the cache by this process. misses: calls this
-    process computed and stored. maxsize: the store's max_bytes (bytes on disk,
-    not a count of entries), or None. currsize: this function's live entries on
-    disk. held_seconds: the computation time those entries hold (as each entry
-    recorded it when stored). saved_seconds: the computation time this
-    process's hits did not repeat.
-    """,
-    ),
-    "PruneReport": (
-        "removed temporary_files evicted evicted_bytes",
-        (),
-        """What f.prune() did (with dry_run=True: would do): expired, damaged or
-    stale entries removed, crashed writers' temporary files removed, and the
-    least recently used entries evicted with their bytes on disk.""",
-    ),
-    "_BatchOptions": (
-        "keep_going workers processes executor chunksize progress retry_failures shard label",
-        (),
-        "The options of f.map() and f.imap(), as map() names them.",
-    ),
+    "CacheInfo": ("hits misses maxsize currsize held_seconds saved_seconds", (0.0, 0.0), """\
+functools.lru_cache's fields, then donecache's: hits and misses, this process's calls answered
+    from the cache and computed; maxsize, the store's max_bytes (bytes on disk, not entries) or None;
+    currsize, this function's live entries on disk; held_seconds, the computation time they hold (as
+    each entry recorded it); saved_seconds, the computation time this process's hits did not repeat."""),
+    "PruneReport": ("removed temporary_files evicted evicted_bytes", (), """\
+What f.prune() did (dry_run=True: would do): expired, damaged or stale entries removed, crashed
+    writers' temporary files removed, least recently used entries evicted and their bytes on disk."""),
+    "_BatchOptions": ("keep_going workers processes executor chunksize progress retry_failures shard label", (), ""),
 }
 _made_records: dict[str, Any] = {}
 
@@ -4554,7 +4455,7 @@ def _record(name: str) -> Any:
         fields, defaults, doc = _RECORDS[name]
         namedtuple: Any = collections.namedtuple  # Fields from a table: no literal for mypy's plugin.
         made = namedtuple(name, fields, defaults=defaults, module=__name__)
-        made.__doc__ = doc
+        made.__doc__ = doc or made.__doc__
         made = _made_records.setdefault(name, made)  # One class, whichever thread made it first.
     return made
 
@@ -4572,10 +4473,9 @@ _MISSING: Any = object()
 
 # -- the switch: DONECACHE=off, or donecache.disabled() ------------------------
 #
-# Checked on every call, so it must cost next to nothing: os.environ.get()
-# encodes its key and raises KeyError inside when the variable is unset (0.75 us,
-# 15% of a hit, measured). The mapping under os.environ is read instead, with the
-# key encoded once, as os.environ encodes it (bytes on POSIX, upper case on Windows).
+# Checked on every call: os.environ.get() encodes its key and raises KeyError inside when the variable is unset
+# (0.57 us, 14% of a hit, on 3.11), so the mapping under it is read, with the key encoded once as os.environ does
+# (bytes on POSIX, upper case on Windows).
 _ENVIRON: Any = getattr(os.environ, "_data", None)
 if _ENVIRON is not None:
     _SWITCH_KEY: Any = os.environ.encodekey("DONECACHE")
@@ -4588,24 +4488,20 @@ _SWITCH_WORDS = dict.fromkeys(("0", "false", "no", "off"), True) | dict.fromkeys
 _switch_warned: set[str] = set()
 
 
-def _off_in_environment(value: str) -> bool:
-    word = value.strip().lower()
-    off = _SWITCH_WORDS.get(word)
-    if off is None and word:
-        if value not in _switch_warned:  # Once per value: this runs at every call; it must never raise there.
-            _switch_warned.add(value)
-            _warn(f"the environment variable DONECACHE={value!r} is not understood, so caching stays on; "
-                  "set it to off (or 0, false, no) or on (or 1, true, yes)")  # fmt: skip
-        return False
-    return bool(off)
-
-
 def _switched_off() -> bool:
     """True while memoize calls straight through: inside disabled(), or with DONECACHE=off."""
     if _off_depth:
         return True
     raw = _ENVIRON.get(_SWITCH_KEY)
-    return raw is not None and _off_in_environment(_env_text(raw))
+    if raw is None:
+        return False
+    value = _env_text(raw)
+    off = _SWITCH_WORDS.get(value.strip().lower())
+    if off is None and value.strip() and value not in _switch_warned:  # Once per value: this runs at every call.
+        _switch_warned.add(value)
+        _warn(f"the environment variable DONECACHE={value!r} is not understood, so caching stays on; "
+              "set it to off (or 0, false, no) or on (or 1, true, yes)")  # fmt: skip
+    return bool(off)
 
 
 class _Disabled:
@@ -4625,21 +4521,19 @@ class _Disabled:
 def disabled() -> _Disabled:
     """``with donecache.disabled():`` memoized functions call straight through.
 
-    For tests: while any such block is open, every thread of this process calls
-    memoized functions as plain functions, with no reads, writes or locks, and
-    no cache directory is created; hits and misses are not counted. A batch
-    (f.map) started inside the block runs its workers the same way. The
-    environment variable DONECACHE=off does the same for a whole process (and
-    the processes it starts), checked at each call.
+    For tests: while any such block is open, every thread of this process calls memoized functions
+    as plain functions, with no reads, writes or locks, and no cache directory is created; hits and
+    misses are not counted. A batch (f.map) started inside the block runs its workers the same way.
+    The environment variable DONECACHE=off does the same for a whole process (and the processes it
+    starts), checked at each call.
     """
     return _Disabled()
 
 
 # -- the failure ledger's view of user objects ------------------------------
 #
-# A failure is recorded inside a batch that must keep going, so nothing here
-# may raise or grow without bound: an exception whose str() raises, a 300 MiB
-# bytes input, an int of a million digits (repr raises ValueError from 3.11).
+# A failure is recorded inside a batch that must keep going, so nothing here may raise or grow without bound:
+# an exception whose str() raises, a 300 MiB bytes input, an int of a million digits (repr raises ValueError from 3.11).
 
 _SHOWN = 300  # Characters of an input's text in the ledger.
 _INPUT_PICKLE_MAX = 256 * 1024  # Pickled inputs up to this size go into the ledger.
@@ -4654,9 +4548,8 @@ def _safe_str(value: Any, limit: int = 4000) -> str:
 
 
 def _bounded_repr(value: Any) -> str:
-    """A repr capped at every level, as reprlib makes it, but also for bytes, big
-    ints and subclasses of the containers (reprlib shows those in full and cuts
-    after), with dicts in their own order (a record's id usually comes first)."""
+    """A repr capped at every level, as reprlib makes it, but also for bytes, big ints and container subclasses."""
+    # reprlib shows those in full, then cuts. Dicts keep their own order (a record's id usually comes first).
     global _bounded
     if _bounded is None:
         import reprlib
@@ -4665,16 +4558,18 @@ def _bounded_repr(value: Any) -> str:
             def repr_dict(self, x: Any, level: int) -> str:
                 if level <= 0 or not x:
                     return "{...}" if x else "{}"
-                shown = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}" for k, v in itertools.islice(x.items(), self.maxdict)]
+                pairs = itertools.islice(x.items(), self.maxdict)
+                shown = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}" for k, v in pairs]
                 return "{" + ", ".join(shown) + (", ..." if len(x) > self.maxdict else "") + "}"
 
             def repr_int(self, x: Any, level: int) -> str:
                 return f"<int of {x.bit_length()} bits>" if x.bit_length() > 256 else int.__repr__(x)
 
             def repr_instance(self, x: Any, level: int) -> str:
-                for kind, name in ((str, "str"), (bytes, "str"), (bytearray, "str"), (dict, "dict"), (list, "list"), (tuple, "tuple")):
-                    if isinstance(x, kind):
-                        return getattr(self, f"repr_{name}")(x[: self.maxstring + 1] if name == "str" else x, level)  # type: ignore[no-any-return]
+                for kinds, name in (((str, bytes, bytearray), "str"), (dict, "dict"), (list, "list"), (tuple, "tuple")):
+                    if isinstance(x, kinds):
+                        shown = getattr(self, f"repr_{name}")(x[: self.maxstring + 1] if name == "str" else x, level)
+                        return str(shown)
                 return reprlib.Repr.repr_instance(self, x, level)
 
             repr_bytes = repr_bytearray = repr_instance
@@ -4689,15 +4584,13 @@ def _bounded_repr(value: Any) -> str:
 
 
 def _pickled_input(value: Any) -> str | None:
-    """The input pickled (base64 text, for the JSON record), or None if it cannot
-    be pickled or its pickle passes _INPUT_PICKLE_MAX: the pickler stops there,
-    never building the whole of a big input's pickle."""
+    """The input's pickle as base64 text, or None if it cannot be pickled or passes _INPUT_PICKLE_MAX."""
     import base64
 
     class Bounded(io.BytesIO):
         def write(self, data: Any) -> int:
             if self.tell() + len(data) > _INPUT_PICKLE_MAX:
-                raise OverflowError
+                raise OverflowError  # The pickler stops here, never building a big input's whole pickle.
             return super().write(data)
 
     out = Bounded()
@@ -4735,23 +4628,21 @@ def _format_exception(exc: BaseException) -> str:
 class FailureRecord(Exception):
     """A failure of a batch as the store's ledger keeps it (see ``f.failures()``).
 
-    ``input`` is the input itself when the ledger kept its pickle and this
-    record was read by ``f.failures()``; else (the command line, an input too
-    big to keep or that no longer unpickles) the text in ``label``. ``label``
-    is what ``map(label=...)`` gave, or a bounded repr; ``entry`` names the
-    input's entry file. Then the exception's ``type`` and ``message``, the
-    ``traceback`` text (donecache's own frames left out), when and where
-    (``time``, ``host``, ``pid``), and the code ``identity`` it failed under
-    (``current``: the code that reads it now). A batch with
-    ``retry_failures=False`` reports such a failure again as this exception.
-    It pickles and copies (a worker may return one; a memoized report of
-    failures holds them)."""
+    ``input`` is the input itself when the ledger kept its pickle and ``f.failures()`` read this
+    record; else (the command line, an input too big to keep or that no longer unpickles) the text in
+    ``label``: what ``map(label=...)`` gave, or a bounded repr. ``entry`` names the input's entry file.
+    Then the exception's ``type`` and ``message``, the ``traceback`` text (donecache's own frames left
+    out), when and where (``time``, ``host``, ``pid``), and the code ``identity`` it failed under
+    (``current``: the code that reads it now). A batch with ``retry_failures=False`` reports such a
+    failure again as this exception. It pickles and copies (a worker may return one; a memoized
+    report of failures holds them)."""
 
     def __init__(self, record: dict[str, Any], current: bool, load: bool = False) -> None:
         self._record, self._load = record, load
         get = record.get
         self.function, self.label, self.entry = str(get("function", "?")), str(get("input", "?")), str(get("entry", ""))
-        self.type, self.message, self.traceback = str(get("type", "?")), str(get("message", "")), str(get("traceback", ""))
+        self.type, self.message = str(get("type", "?")), str(get("message", ""))
+        self.traceback = str(get("traceback", ""))
         self.time = float(get("time") or 0)
         self.host, self.pid = str(get("host", "?")), get("pid")
         self.identity, self.current = str(get("identity", "")), current
@@ -4773,13 +4664,12 @@ class FailureRecord(Exception):
 
     def as_dict(self) -> dict[str, Any]:
         """The record as JSON data (``input`` is the text, ``label``)."""
-        names = ("function", "label", "entry", "input_kept", "type", "message", "traceback", "time", "host", "pid", "identity", "current")
+        names = "function label entry input_kept type message traceback time host pid identity current".split()
         return {"input": self.label, **{name: getattr(self, name) for name in names}}
 
 
 class _Outcome:
-    """How one call went: its result (ok) or exception, whether it was computed (not reused), the
-    traceback text of a failure, and the seconds of its computation (for a reused result, as recorded)."""
+    """How one call went: result (ok) or exception, computed (not reused), failure's traceback, seconds."""
 
     __slots__ = ("ok", "value", "computed", "traceback", "seconds")
 
@@ -4790,10 +4680,8 @@ class _Outcome:
 _KEY_MEMO_TYPES = frozenset({int, str, bytes, type(None)})
 _KEY_MEMO_SIZE = 4096
 _KEY_MEMO_TEXT = 1024  # Longer strs and bytes are not remembered: the memo would keep them alive.
-# What a memoized function's first call needs to work out and record its code
-# identity, imported when it is decorated: a KeyboardInterrupt inside a first
-# import can leave a half-made module behind (seen with inspect and json on
-# CPython 3.9). importlib.util brings typing on 3.9, through importlib.abc.
+# What a first call needs to work out and record the code identity, imported at decoration: a KeyboardInterrupt
+# in a first import can leave a half-made module (seen with inspect and json on 3.9; importlib.util brings typing).
 _DECORATION_IMPORTS = (
     "ast", "base64", "collections", "dis", "functools", "hashlib", "importlib.util", "inspect", "json", "math",
     "reprlib", "socket", "types", "warnings",
@@ -4801,38 +4689,33 @@ _DECORATION_IMPORTS = (
 
 
 class _Call:
-    """One call of a memoized function: its arguments, key and entry slot, and
-    the seconds its computation took (computed now, or as its entry records)."""
+    """One call: its arguments, key, entry slot and computation seconds (now, or as its entry records)."""
 
     __slots__ = ("args", "kwargs", "key", "slot", "seconds")
 
     def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: bytes, slot: _Slot | None) -> None:
-        self.args, self.kwargs, self.key, self.slot = args, kwargs, key, slot
-        self.seconds = 0.0
+        self.args, self.kwargs, self.key, self.slot, self.seconds = args, kwargs, key, slot, 0.0
 
 
 # -- pickling a memoized function ---------------------------------------------
 #
-# The memoized functions that this process has pickled by value, and those it
-# has rebuilt from such pickles: unpickling in the same process gives back the
-# same object (its counters and open store), and a worker rebuilds each once per task.
-_by_value: weakref.WeakValueDictionary[tuple[Any, ...], _Memoized[..., Any]] | None = None  # Made at the first decoration.
+# The memoized functions that this process has pickled by value or rebuilt from such pickles: unpickling in the
+# same process gives back the same object (its counters and open store); a worker rebuilds each once per task.
+_by_value: weakref.WeakValueDictionary[tuple[Any, ...], _Memoized[..., Any]] | None = None  # At the first decoration.
 _WEAK_TABLES["_by_value"] = "WeakValueDictionary"
 
 
 def _pickler_sends_functions_by_value() -> bool:
-    """Whether the pickler at work sends functions by value: such picklers (cloudpickle and those
-    built on it) define reducer_override() and run dump() as Python code, so they are on the stack."""
+    """Whether the pickler at work sends functions by value (cloudpickle and those built on it)."""
+    # Such picklers define reducer_override() and run dump() as Python code, so they are on the stack.
     import pickle
 
-    frame = sys._getframe(2)
+    frame: Any = sys._getframe(2)
     for _ in range(16):
-        if frame is None:
-            break
-        pickler = frame.f_locals.get("self")
+        pickler = frame and frame.f_locals.get("self")
         if isinstance(pickler, pickle.Pickler):
             return callable(getattr(pickler, "reducer_override", None))
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame and frame.f_back
     return False
 
 
@@ -4848,41 +4731,8 @@ def _restore_memoized(kind: type[_Memoized[..., Any]], state: dict[str, Any]) ->
     return func
 
 
-def _reduce_memoized(func: _Memoized[..., Any]) -> str | tuple[Any, ...]:
-    """How a memoized function pickles: by name where its name finds it (the
-    decorator form, as plain functions pickle), else by value.
-
-    By value (the functional form ``cached = memoize(path)(f)``, where the
-    name ``f`` is the plain function) means the plain function, sent as the
-    pickler sends functions, and the wrapper's settings (the absolute store
-    path, ttl, the key prefix made here). A function of the main script goes
-    by value too when the pickler can send functions by value (cloudpickle,
-    which dask and loky use), since a remote worker cannot import the parent's
-    main script; the standard pickler (process pools) sends it by name, which
-    its workers can resolve.
-    """
-    target: Any = sys.modules.get(func.__module__)
-    for part in func.__qualname__.split("."):  # A method's name: Class.method.
-        target = getattr(target, part, None)
-    name: str = func.__qualname__
-    if target is func and not (func.__module__ == "__main__" and _pickler_sends_functions_by_value()):
-        return name
-    # The registry's key names this very wrapper: before its first call its key
-    # prefix is empty, and two functions' wrappers were once taken for one.
-    token = func.__dict__.setdefault("_pickle_token", os.urandom(8).hex())
-    state = dict(
-        func.__dict__, _store=None, _warned=False, _hits=0, _misses=0, _same=_unchanged, _keys={}, _saved=0.0
-    )
-    _runtime_imports()
-    assert _by_value is not None
-    _by_value[(type(func), func.path, token)] = func
-    return _restore_memoized, (type(func), state)
-
-
 class _BoundMemoized:
-    """A memoized method bound to an instance, as ``obj.method`` gives it: the
-    call and every wrapper method (map, forget, refresh, ...) take the
-    instance as their first argument, as a bound method does."""
+    """``obj.method``: the call and the wrapper's methods take the instance first, as a bound method does."""
 
     __slots__ = ("__func__", "__self__")
 
@@ -4893,12 +4743,12 @@ class _BoundMemoized:
         return self.__func__(self.__self__, *args, **kwargs)
 
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
-        func = self.__func__
-        return _run_map(func, iterables, (self.__self__,), func._batch_options(iterables, options))
+        checked = self.__func__._batch_options(iterables, options, "map")
+        return _run_map(self.__func__, iterables, (self.__self__,), checked)
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        func = self.__func__
-        return _run_imap(func, iterables, (self.__self__,), func._batch_options(iterables, options))
+        checked = self.__func__._batch_options(iterables, options, "imap")
+        return _run_imap(self.__func__, iterables, (self.__self__,), checked)
 
     @property
     def __wrapped__(self) -> Any:
@@ -4915,9 +4765,7 @@ class _BoundMemoized:
         return found
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, _BoundMemoized) and self.__func__ is other.__func__ and self.__self__ is other.__self__
-        )
+        return isinstance(other, _BoundMemoized) and self.__func__ is other.__func__ and self.__self__ is other.__self__
 
     def __hash__(self) -> int:
         return hash((id(self.__func__), id(self.__self__)))
@@ -4938,8 +4786,8 @@ class _Memoized(Generic[_P, _R]):
 
     def __init__(
         self, func: Callable[..., Any], path: StrPath | None, ttl: float | None, version: Any, ignore: Iterable[str],
-        durable: bool, key: Callable[..., Any] | None = None, mmap: bool = False, max_bytes: int | None = None,
-        trust_shared: bool = False, compress: Any = False,
+        durable: bool, key: Callable[..., Any] | None, mmap: bool, max_bytes: int | None, trust_shared: bool,
+        compress: Any,
     ) -> None:  # fmt: skip
         import functools
         import hashlib
@@ -4950,30 +4798,45 @@ class _Memoized(Generic[_P, _R]):
         functools.update_wrapper(self, func)
         if not hasattr(func, "__qualname__"):  # A functools.partial or a callable object.
             self.__qualname__ = self.__name__ = _function_name(func)
-        # Bound once here: an import statement on the hit path costs a dict lookup per call.
-        self._blake2b = hashlib.blake2b
-        self.path = os.path.abspath(_store_path(os.environ.get("DONECACHE_DIR") or ".donecache" if path is None else path))
+        self._blake2b = hashlib.blake2b  # Bound once: an import statement on the hit path costs a lookup per call.
+        path = os.environ.get("DONECACHE_DIR") or ".donecache" if path is None else path
+        self.path = os.path.abspath(_store_path(path))
         self._ttl, self._durable, self._mmap, self._version = ttl, durable, mmap, version
         self._max_bytes, self._trust_shared = _check_max_bytes(max_bytes), trust_shared
         self._compress = _check_compress(compress)
-        self._arguments = _Arguments(func, ignore, key)
+        self._arguments, self._key_given = _Arguments(func, ignore, key), key is not None
         self._function = f"{_module_name(func)}:{_function_name(func)}"
         self._identity = f"{self._function}|".encode("utf-8")
-        # Made at the first call (_prepare): the code identity and the closure's values.
-        self._prefix = b""
-        self._closure = ""
-        self._same: Callable[[], bool] = _unchanged  # Whether what the identity followed is unchanged.
-        self._key_given = key is not None
-        self._unrecorded = False
+        # Made at the first call (_prepare): the key prefix (with the code identity), the closure's values,
+        # and whether what the identity followed is unchanged.
+        self._prefix, self._closure, self._same, self._unrecorded = b"", "", _unchanged, False
         self._store: _EntryFiles | None = None
-        self._folder = ""  # Where this function's entries live in the store (set with it).
-        self._warned = False
-        self._hits = self._misses = 0
-        self._saved = 0.0  # Seconds of computation that this process's hits did not repeat.
+        # The folder of this function's entries (set with the store); _saved: the seconds of computation
+        # that this process's hits did not repeat.
+        self._folder, self._warned, self._hits, self._misses, self._saved = "", False, 0, 0, 0.0
         self._keys: dict[tuple[Any, ...], tuple[bytes, _Slot | None, bytes, str]] = {}  # See _keyed.
 
     def __reduce__(self) -> str | tuple[Any, ...]:
-        return _reduce_memoized(self)
+        """By name where its name finds it (the decorator form), else by value: the function and the settings."""
+        # The functional form ``cached = memoize(path)(f)`` goes by value, and so does a function of the main
+        # script when the pickler sends functions by value (cloudpickle, for dask and loky: a remote worker cannot
+        # import the parent's main script); the standard pickler (process pools) sends that by name.
+        name: str = self.__qualname__
+        target: Any = sys.modules.get(self.__module__)
+        for part in name.split("."):  # A method's name: Class.method.
+            target = getattr(target, part, None)
+        if target is self and not (self.__module__ == "__main__" and _pickler_sends_functions_by_value()):
+            return name
+        # The registry's key names this very wrapper: before its first call its key prefix is
+        # empty, and two functions' wrappers were once taken for one.
+        token = self.__dict__.setdefault("_pickle_token", os.urandom(8).hex())
+        state = dict(
+            self.__dict__, _store=None, _warned=False, _hits=0, _misses=0, _same=_unchanged, _keys={}, _saved=0.0
+        )
+        _runtime_imports()
+        assert _by_value is not None
+        _by_value[(type(self), self.path, token)] = self
+        return _restore_memoized, (type(self), state)
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         return self if instance is None else _BoundMemoized(self, instance)
@@ -4982,8 +4845,7 @@ class _Memoized(Generic[_P, _R]):
         return f"<memoized {self.__module__}.{self.__qualname__} in {self.path!r}>"
 
     def _files(self) -> _EntryFiles | None:
-        """The store, or None if it cannot be made (a read-only working directory):
-        then the function is called straight through, with one warning."""
+        """The store, or None (called straight through, warned once) if it cannot be made: a read-only cwd."""
         if self._store is None:
             try:
                 files = _EntryFiles(self.path, "c", self._durable, self._max_bytes, self._trust_shared)
@@ -5000,11 +4862,9 @@ class _Memoized(Generic[_P, _R]):
         return self._store
 
     def _prepare(self) -> bytes:
-        """At the first call, and again when a binding it followed has changed (a
-        redefinition, a reload): the code identity and the closure's values. The
-        identity is recorded in the store, so that `info` and `prune` can tell
-        stale entries, with the code under a pinned version=, to say when other
-        code made the entries it reuses. What cannot be followed is named once."""
+        """The key prefix, at the first call and when a binding it followed changed (a redefinition, a reload)."""
+        # The identity is recorded in the store, so that `info` and `prune` can tell stale entries, with the
+        # code under a pinned version=, to say when other code made the entries it reuses.
         import inspect
 
         files = self._store or (None if _switched_off() else self._files())  # Off: no cache directory is made.
@@ -5024,11 +4884,8 @@ class _Memoized(Generic[_P, _R]):
         since = None if files is None or files.readonly else files.record_identity(self._function, identity, code)
         self._unrecorded = files is None  # Then _files() records it once the store is made.
         if first and since is not None and files is not None:
-            older = sum(
-                1
-                for found in files.scan(self._folder)
-                if found.entry is not None and found.entry.created < since and found.entry.key.startswith(self._prefix)
-            )
+            scanned = (found.entry for found in files.scan(self._folder))
+            older = sum(1 for e in scanned if e is not None and e.created < since and e.key.startswith(self._prefix))
             if older:
                 _warn(
                     f"{self.__qualname__}(): version={self._version!r} is pinned but the code has changed: "
@@ -5042,15 +4899,11 @@ class _Memoized(Generic[_P, _R]):
         return _make_key(prefix, self._closure, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
 
     def _keyed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
-        """The call with its key and entry slot.
-
-        Keys of calls with a few ints, strs, bytes or Nones are remembered (the
-        key and the entry's path cost more than a hit's read): for these types,
-        equal arguments have equal keys (not so for floats: 0.0 == -0.0, or
-        bools: True == 1). The memo starts anew once full. A key is reused only
-        while the prefix and closure text it was made with are the very objects
-        in use and what the identity followed is unchanged (_same; else _key
-        works the prefix out again)."""
+        """The call with its key and entry slot."""
+        # Keys of calls with a few ints, strs, bytes or Nones are remembered (the key and the entry's path cost
+        # more than a hit's read): for these types equal arguments have equal keys (not for floats, 0.0 == -0.0,
+        # or bools, True == 1). A key is reused only while the prefix and closure text it was made with are the
+        # very objects in use and what the identity followed is unchanged (_same).
         simple = (
             not kwargs
             and self._store is not None
@@ -5077,27 +4930,17 @@ class _Memoized(Generic[_P, _R]):
 
     # -- the flow of one call, written once ----------------------------------
     #
-    # _flow is a coroutine for sync and async functions alike. For a sync
-    # function its awaits (_acquire and _invoke) never suspend, so _get runs it
-    # to the end with a single send(); the async class overrides only those
-    # two, and awaits _flow.
-
-    def _live(self, call: _Call, files: _EntryFiles, use: bool = True) -> _Entry | None:
-        """The call's entry if it is whole and live, by its own expiry and this
-        function's ttl; ``use``: record the read as a use of the entry."""
-        now = time.time()
-        entry = files.read(call.key, call.slot, now, self._mmap, use, recent=True)
-        if entry is None or (self._ttl is not None and now - entry.created >= self._ttl):
-            return None
-        return entry
+    # _flow is a coroutine for sync and async functions alike. For a sync function its awaits (_acquire and
+    # _invoke) never suspend, so _get runs it to the end with one send(); the async class overrides only those two.
 
     def _hit(self, call: _Call) -> Any:
         """The cached result, counted as a hit, or _MISSING."""
         files = self._store
         if files is None:
             return _MISSING
-        entry = self._live(call, files)
-        if entry is None:
+        now = time.time()
+        entry = files.read(call.key, call.slot, now, self._mmap, True, recent=True)  # True: a use of the entry.
+        if entry is None or (self._ttl is not None and now - entry.created >= self._ttl):
             return _MISSING
         try:
             value = entry.load()
@@ -5112,8 +4955,8 @@ class _Memoized(Generic[_P, _R]):
         return value
 
     def _why_missed(self, call: _Call) -> str:
-        """For the DEBUG log (it reads the file again). An entry of the same arguments under
-        an older code digest lives in another file, found only by a scan: it reads as "new key"."""
+        """For the DEBUG log (it reads the file again)."""
+        # An entry of the same arguments under an older code digest, in another file, reads as "new key".
         if self._store is None or call.slot is None:
             return "no cache directory"
         try:
@@ -5136,15 +4979,13 @@ class _Memoized(Generic[_P, _R]):
         if files is None:
             return  # No store (already warned).
         try:
-            # Protocol 5 (readable by every Python donecache supports) keeps big
-            # buffers out of the stream, to be written straight from the value.
+            # Protocol 5 (readable by every Python donecache supports) keeps big buffers out of the stream,
+            # to be written straight from the value.
             expires = time.time() + self._ttl if self._ttl is not None else 0.0
             encoded = _encode_entry(call.key, value, expires, 5, call.seconds, self._compress)
         except Exception as exc:
-            _warn(
-                f"{self.__qualname__}() returned a {type(value).__name__} that cannot be pickled ({exc}); "
-                "it is returned but not cached"
-            )
+            _warn(f"{self.__qualname__}() returned a {type(value).__name__} that cannot be pickled ({exc}); "
+                  "it is returned but not cached")  # fmt: skip
             return
         try:
             files.write(encoded, call.slot, recent=True)
@@ -5154,21 +4995,6 @@ class _Memoized(Generic[_P, _R]):
         if call.slot is not None:
             files.forget_failure(call.slot)  # A success clears the input's recorded failure.
 
-    async def _lock(self, call: _Call) -> _KeyLock | None:
-        """The key's lock, held, or None: with no store, or no lock file (a read-only
-        or damaged store) the call computes without one. Results stay right;
-        concurrent callers may compute the same key."""
-        files = self._store
-        if files is None or call.slot is None:
-            return None
-        lock = _KeyLock(files.lock_path, call.slot.offset)
-        try:
-            await self._acquire(lock)
-        except OSError as exc:
-            _warn(f"{self.__qualname__}(): computing without the cache lock: {exc}")
-            return None
-        return lock
-
     async def _acquire(self, lock: _KeyLock) -> None:
         lock.acquire()
 
@@ -5176,11 +5002,18 @@ class _Memoized(Generic[_P, _R]):
         return self.__wrapped__(*call.args, **call.kwargs)
 
     async def _flow(self, call: _Call, refresh: bool, hand_off: Callable[..., None] | None = None) -> tuple[Any, bool]:
-        """(result, whether this call computed it), after a miss or for a
-        refresh: compute under the key's lock, unless another caller stored
-        it while this one waited. ``hand_off(self, call, value, lock)`` takes
-        over the storing and the lock's release (a batch worker stores in the background)."""
-        lock = await self._lock(call)
+        """(result, computed), after a miss or for a refresh: compute under the key's lock unless it is stored."""
+        # hand_off(self, call, value, lock) takes over the storing and the lock's release (a batch worker stores in
+        # the background). With no store, or no lock file (a read-only or damaged store), it computes without the
+        # lock: results stay right; concurrent callers may compute the same key.
+        files, lock = self._store, None
+        if files is not None and call.slot is not None:
+            lock = _KeyLock(files.lock_path, call.slot.offset)
+            try:
+                await self._acquire(lock)
+            except OSError as exc:
+                _warn(f"{self.__qualname__}(): computing without the cache lock: {exc}")
+                lock = None
         try:
             if not refresh:
                 value = self._hit(call)
@@ -5188,7 +5021,8 @@ class _Memoized(Generic[_P, _R]):
                     return value, False
             if _log_at(_DEBUG) is not None:
                 reason = "refresh" if refresh else self._why_missed(call)
-                _logger.debug("%s: miss (%s), computing; entry %s", self.__qualname__, reason, call.slot and call.slot.path)
+                where = call.slot and call.slot.path
+                _logger.debug("%s: miss (%s), computing; entry %s", self.__qualname__, reason, where)
             started = time.perf_counter()
             value = await self._invoke(call)
             call.seconds = time.perf_counter() - started
@@ -5205,8 +5039,7 @@ class _Memoized(Generic[_P, _R]):
     def _get(
         self, call: _Call, refresh: bool = False, hand_off: Callable[..., None] | None = None, missed: bool = False
     ) -> tuple[Any, bool]:
-        """(result, whether this call computed it rather than reusing a stored one);
-        ``missed``: a lookup just missed (a batch's parent), so look again only under the lock."""
+        """(result, computed); ``missed``: a lookup just missed, so look again only under the lock."""
         value = _MISSING if refresh or missed else self._hit(call)
         if value is not _MISSING:
             return value, False
@@ -5221,7 +5054,9 @@ class _Memoized(Generic[_P, _R]):
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         if _switched_off():
             return self.__wrapped__(*args, **kwargs)
-        return self._get(self._keyed(args, kwargs))[0]  # type: ignore[no-any-return]
+        call = self._keyed(args, kwargs)
+        value = self._hit(call)  # Here, not in _get: one call layer fewer on a hit.
+        return value if value is not _MISSING else self._get(call, missed=True)[0]  # type: ignore[no-any-return]
 
     def refresh(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         """Compute this call again, whatever the cache holds, and store the result."""
@@ -5230,11 +5065,10 @@ class _Memoized(Generic[_P, _R]):
         return self._get(self._keyed(args, kwargs), refresh=True)[0]  # type: ignore[no-any-return]
 
     def failures(self, *, all: bool = False) -> list[FailureRecord]:
-        """The inputs of this function that failed in a batch and have not succeeded
-        since, oldest first, as recorded in the store: those of the current code, or
-        with ``all=True`` of older code too (``current`` tells them apart). Each
-        record's ``input`` is the input itself when the ledger kept it (a pickle up
-        to 256 KiB), so ``f.map([r.input for r in f.failures()])`` runs them again."""
+        """The inputs that failed in a batch and have not succeeded since, oldest first, as the store
+        records them: those of the current code, or with ``all=True`` of older code too (``current``
+        tells them apart). ``input`` is the input itself when the ledger kept it (a pickle up to 256
+        KiB), so ``f.map([r.input for r in f.failures()])`` runs them again."""
         files, identity = self._files(), _key_identity(self._prefix or self._prepare())
         if files is None:
             return []
@@ -5242,14 +5076,14 @@ class _Memoized(Generic[_P, _R]):
         return [record for record in records if all or record.current]
 
     def is_cached(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
-        """True if a call with these arguments would be a hit: its entry is stored and
-        live (ttl counts as for a call). It never calls the function, takes no lock,
-        counts no hit, and does not create the cache directory. The value is not
-        unpickled: one that no longer loads (its class changed) still counts."""
+        """True if a call with these arguments would be a hit: its entry is stored and live (ttl counts).
+        It never calls the function, takes no lock, counts no hit, makes no cache directory, and does not
+        unpickle the value: one that no longer loads (its class changed) still counts."""
         if _switched_off() or (self._store is None and not os.path.isdir(self.path)):
             return False
-        call = self._keyed(args, kwargs)
-        return self._store is not None and self._live(call, self._store, use=False) is not None
+        call, files, now = self._keyed(args, kwargs), self._store, time.time()
+        entry = None if files is None else files.read(call.key, call.slot, now, self._mmap, False, recent=True)
+        return entry is not None and (self._ttl is None or now - entry.created < self._ttl)
 
     def forget(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
         """Drop the cached result of this one call; True if there was one."""
@@ -5260,25 +5094,24 @@ class _Memoized(Generic[_P, _R]):
         return files.delete(call.key, call.slot)
 
     def cache_clear(self) -> None:
-        """Drop every entry of this function (all versions of its code), its recorded
-        failures, and the counts. Its folder holds nothing else, so nothing is read."""
+        """Drop every entry of this function (all versions of its code), its recorded failures, and
+        the counts. Its folder holds nothing else, so nothing is read."""
         files = self._files()
         if files is not None:
             files.clear(folder=self._folder)
             files.drop_failures(lambda record: True, self._folder)  # A fresh start forgets them too.
-        self._hits = self._misses = 0
-        self._saved = 0.0
+        self._hits, self._misses, self._saved = 0, 0, 0.0
 
     def cache_info(self) -> CacheInfo:
-        """Hits, misses and the computation time saved in this process, and this
-        function's live entries on disk with the computation time they hold
-        (read from the heads of its own entries only)."""
+        """Hits, misses and the computation time saved in this process, and this function's live
+        entries on disk with the computation time they hold (read from the heads of its own entries only)."""
         now, files, prefix = time.time(), self._files(), self._prefix or self._prepare()
         live, held = 0, 0.0
         for found in files.scan(self._folder) if files is not None else ():
             if found.entry is not None and found.entry.live(now) and found.entry.key.startswith(prefix):
                 live, held = live + 1, held + found.entry.seconds
-        return _record("CacheInfo")(self._hits, self._misses, self._max_bytes, live, held, self._saved)  # type: ignore[no-any-return]
+        info: CacheInfo = _record("CacheInfo")(self._hits, self._misses, self._max_bytes, live, held, self._saved)
+        return info
 
     def cache_parameters(self) -> dict[str, Any]:
         """The options this function was memoized with (functools' ``maxsize`` is max_bytes)."""
@@ -5291,11 +5124,10 @@ class _Memoized(Generic[_P, _R]):
         self, *, max_bytes: int | None = None, older_than: float | Any = None, stale: bool = False,
         dry_run: bool = False,
     ) -> PruneReport:
-        """Trim this function's entries, as ``prune`` on the command line does:
-        remove the expired and damaged ones (``stale``: and those of its older
-        code), then evict the least recently used until they take at most
-        ``max_bytes`` on disk, and those not used for ``older_than`` (seconds
-        or a timedelta). ``dry_run``: remove nothing, only count."""
+        """Trim this function's entries, as ``prune`` on the command line does: remove the expired and
+        damaged ones (``stale``: and those of its older code), then evict the least recently used until
+        they take at most ``max_bytes`` on disk, and those not used for ``older_than`` (seconds or a
+        timedelta). ``dry_run``: remove nothing, only count."""
         files = self._files()
         if files is None:
             return _record("PruneReport")(0, 0, 0, 0)  # type: ignore[no-any-return]
@@ -5310,62 +5142,50 @@ class _Memoized(Generic[_P, _R]):
     ) -> BatchResult:
         """Call the function on every input, caching each success as soon as it is done.
 
-        ``f.map(records)`` calls ``f(record)`` for each record; with several
-        iterables, ``f.map(xs, ys)`` calls ``f(x, y)`` pairwise, like map().
-        A rerun reuses every stored result and computes only what failed or is new.
-        The result keeps one entry per input; for more inputs than fit in
-        memory, iterate over :meth:`imap` instead.
+        ``f.map(records)`` calls ``f(record)`` for each record; ``f.map(xs, ys)`` calls ``f(x, y)``
+        pairwise, like map(). A rerun reuses every stored result and computes only what failed or is
+        new. The result keeps one entry per input; for more inputs than fit in memory, use :meth:`imap`.
 
-        keep_going: False stops at the first failure and raises it, as a plain
-            loop would (what finished before it stays cached). True runs every
-            input and reports the failures in the result, each with its input,
-            exception and traceback.
-        workers: run that many calls at once, in a ProcessPoolExecutor (or, with
-            processes=False, a ThreadPoolExecutor) that map() starts and shuts down.
-        executor: run the calls on an executor you made instead (any object with
-            concurrent.futures' submit(), such as dask.distributed's
-            Client.get_executor() or loky's); it is never shut down, and only
-            this batch's own futures are cancelled. workers= then says how many
-            calls it runs at once (default: its _max_workers, or the CPU count).
-        chunksize: calls per submitted task; by default it grows until a task
-            takes about 50 ms, and an idle worker gets whatever is ready.
-        progress: the function's name, percentage, done/total, rate, ETA and
-            failures. None (the default): a line redrawn on stderr when it is a
-            terminal or a Jupyter kernel, else a record every 30 s on the
-            "donecache" logger (INFO). True: always on stderr. A number: log
-            every that many seconds. False: silent. A callable: called with a
-            :class:`Progress` record at most ten times a second and once at
-            the end (``final`` True), to drive a tqdm or rich bar.
+        keep_going: False stops at the first failure and raises it, as a plain loop would (what
+            finished before it stays cached). True runs every input and reports the failures in the
+            result, each with its input, exception and traceback.
+        workers: run that many calls at once, in a ProcessPoolExecutor (processes=False: a
+            ThreadPoolExecutor) that map() starts and shuts down.
+        executor: run the calls on an executor you made instead (any object with concurrent.futures'
+            submit(), such as dask.distributed's Client.get_executor() or loky's); it is never shut
+            down, and only this batch's own futures are cancelled. workers= then says how many calls
+            it runs at once (default: its _max_workers, or the CPU count).
+        chunksize: calls per submitted task; by default it grows until a task takes about 50 ms, and
+            an idle worker gets whatever is ready.
+        progress: the function's name, percentage, done/total, rate, ETA and failures. None (the
+            default): a line redrawn on stderr when it is a terminal or a Jupyter kernel, else a record
+            every 30 s on the "donecache" logger (INFO). True: always on stderr. A number: log every
+            that many seconds. False: silent. A callable: called with a :class:`Progress` record at
+            most ten times a second and once at the end (``final`` True), to drive a tqdm or rich bar.
+        retry_failures: True (the default) calls again the inputs that failed in an earlier batch.
+            False reports, without calling, the failures that the store's ledger holds for the current
+            code (see :meth:`failures`), each as a :class:`FailureRecord` exception.
+        shard: (index, count) runs only this process's share of the inputs, for array jobs: every input
+            falls to exactly one index, the same in every process and on every host, by a digest of its
+            key. A final unsharded map() then finds every result cached, or in the ledger.
+        label: called with an input's arguments, as the function is, to give the text that the ledger
+            shows for it when it fails (``label=lambda rec: rec["id"]``); by default a bounded repr.
 
-        retry_failures: True (the default) calls again the inputs that failed in
-            an earlier batch. False reports, without calling, the failures that
-            the store's ledger holds for the current code (see :meth:`failures`),
-            each as a :class:`FailureRecord` exception.
-        shard: (index, count) runs only this process's share of the inputs, for
-            array jobs: every input falls to exactly one index, the same in
-            every process and on every host, by a digest of its key. A final
-            unsharded map() then finds every result cached, or in the ledger.
-        label: called with an input's arguments, as the function is, to give the
-            text that the ledger shows for it when it fails (``label=lambda
-            rec: rec["id"]``); by default a repr bounded at every level.
-
-        Each failure is written to the store's ledger as it happens, so a crash
-        of this process loses none of them; a later success removes it.
-        Cached inputs are answered here, never sent; only misses go to the
-        workers, a bounded number at a time, so the inputs can be a generator.
+        Each failure is written to the store's ledger as it happens, so a crash of this process loses
+        none of them; a later success removes it. Cached inputs are answered here, never sent; only
+        misses go to the workers, a bounded number at a time, so the inputs can be a generator.
         """
         options = (keep_going, workers, processes, executor, chunksize, progress, retry_failures, shard, label)
         return _run_map(self, iterables, (), _record("_BatchOptions")(*options))
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        """:meth:`map` as a stream, with the same options: yield each result in
-        input order as soon as it and every one before it are done, keeping none
-        of them, so memory stays bounded however many inputs the iterables give.
-        With keep_going=True a failed input yields its :class:`Failure` in its place."""
-        return _run_imap(self, iterables, (), self._batch_options(iterables, options))
+        """:meth:`map` as a stream, with the same options: yield each result in input order as soon as it
+        and every one before it are done, keeping none, so memory stays bounded however many inputs there
+        are. With keep_going=True a failed input yields its :class:`Failure` in its place."""
+        return _run_imap(self, iterables, (), self._batch_options(iterables, options, "imap"))
 
-    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: dict[str, Any]) -> _BatchOptions:
-        """Options given by name, checked as a call of map() checks them."""
+    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: Any, name: str) -> _BatchOptions:
+        """Options given by name to ``name`` (map or imap, perhaps of a bound method), checked as map() checks them."""
         import inspect
 
         bound = inspect.signature(_Memoized.map).bind(self, *iterables, **options)
@@ -5400,8 +5220,10 @@ class _AsyncMemoized(_Memoized[_P, _R]):
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
         raise TypeError(f"{self.__qualname__}.map(): use asyncio.gather() for async functions")
 
-    def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        raise TypeError(f"{self.__qualname__}.imap(): use asyncio.as_completed() for async functions")
+    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: Any, name: str) -> _BatchOptions:
+        # Also where a bound method's map and imap start: they must not run a coroutine function as a batch.
+        advice = "asyncio.gather()" if name == "map" else "asyncio.as_completed()"
+        raise TypeError(f"{self.__qualname__}.{name}(): use {advice} for async functions")
 
 
 # -- the decorator --------------------------------------------------------------
@@ -5415,14 +5237,9 @@ def memoize(path: Callable[_P, _R]) -> _Memoized[_P, _R]: ...
 
 @overload
 def memoize(
-    path: StrPath | None = None,
-    *,
-    ttl: float | Any = None,
-    version: _Version | None = None,
-    ignore: Iterable[str] = (),
-    key: _KeyFunction | None = None,
-    durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
-    compress: bool | str = False,
+    path: StrPath | None = None, *, ttl: float | Any = None, version: _Version | None = None,
+    ignore: Iterable[str] = (), key: _KeyFunction | None = None, durable: bool = False, mmap: bool = False,
+    max_bytes: int | None = None, trust_shared: bool = False, compress: bool | str = False,
 ) -> Callable[[Callable[_P, _R]], _Memoized[_P, _R]]: ...
 
 
@@ -5433,53 +5250,46 @@ def memoize(
 ) -> Any:
     """Keep a function's results on disk, shared by threads, processes and runs.
 
-    ``@memoize`` or ``@memoize("cache-dir", ttl=3600)``. Without a path the
-    store is ``.donecache`` in the current directory, or $DONECACHE_DIR.
+    ``@memoize`` or ``@memoize("cache-dir", ttl=3600)``. Without a path the store is ``.donecache`` in
+    the current directory, or $DONECACHE_DIR.
 
-    A call's key is the function's module and qualified name, its code
-    identity, the values its closure holds, and the arguments bound to its
-    signature with defaults applied, so f(1), f(x=1) and f() (when x=1 is the
-    default) are one entry. The code identity is ``version`` when given;
-    otherwise it follows the function's source (comments, blank lines and
-    decorators aside), the module-level constants it reads and the functions
-    and classes of your own code that it uses (README, "Code changes").
-    Concurrent callers of one key, in threads or processes, compute it once;
-    the others wait and reuse the result. Exceptions are not cached; None is.
-    A result that cannot be pickled is returned with a DonecacheWarning and
-    not stored.
+    A call's key is the function's module and qualified name, its code identity, the values its
+    closure holds, and the arguments bound to its signature with defaults applied, so f(1), f(x=1)
+    and f() (when x=1 is the default) are one entry. The code identity is ``version`` when given;
+    otherwise it follows the function's source (comments, blank lines and decorators aside), the
+    module-level constants it reads and the functions and classes of your own code that it uses
+    (docs/identity.md). Concurrent callers of one key, in threads or processes, compute it
+    once; the others wait and reuse the result. Exceptions are not cached; None is. A result that
+    cannot be pickled is returned with a DonecacheWarning and not stored.
 
     ttl: seconds (or a timedelta) after which an entry is recomputed.
-    version: pins the code identity (a str, an int or a tuple of them): edits
-        keep the entries until you change it.
+    version: pins the code identity (a str, an int or a tuple of them): edits keep the entries
+        until you change it.
     ignore: names of parameters left out of the key (``self``, a logger).
-    key: a function of the same arguments whose result stands for them in the
-        key, as ``key=lambda record: record["id"]``.
+    key: a function of the same arguments whose result stands for them in the key, as
+        ``key=lambda record: record["id"]``.
     durable: fsync each entry as it is written (survives power failures).
-    mmap: return the big buffers of results (64 KiB or more: the data of
-        NumPy arrays and pandas columns) as private copy-on-write memory maps
-        of the entry files: a hit costs milliseconds whatever the size; the
-        arrays are writable, and changes never reach the file.
-    max_bytes: bound the store (the whole directory, shared with any other
-        function in it) to this many bytes on disk: a miss that takes it past
-        the bound evicts the least recently used entries (a hit counts as a
-        use) down to 80% of it, logging the sweep on the "donecache" logger (INFO).
-        None (the default): no bound. ``cache_info().maxsize`` reports it, in
-        bytes (functools counts entries there).
-    trust_shared: use a store directory that is not yours, or that group or
-        others can write to (by default the first call raises PermissionError
-        there: results are pickles, and loading one runs its writer's code).
-    compress: ``"zlib"`` (or True) or ``"lzma"`` compresses each entry's pickle
-        stream (not the big buffers that mmap maps) where that makes it
-        smaller: text-heavy results shrink several times at some write time
-        (docs/storage.md). False (the default): no compression.
+    mmap: return the big buffers of results (64 KiB or more: the data of NumPy arrays and pandas
+        columns) as private copy-on-write memory maps of the entry files: a hit costs milliseconds
+        whatever the size; the arrays are writable, and changes never reach the file.
+    max_bytes: bound the store (the whole directory, shared with any other function in it) to this
+        many bytes on disk: a miss that takes it past the bound evicts the least recently used
+        entries (a hit counts as a use) down to 80% of it, logging the sweep on the "donecache"
+        logger (INFO). None (the default): no bound. ``cache_info().maxsize`` reports it, in bytes
+        (functools counts entries there).
+    trust_shared: use a store directory that is not yours, or that group or others can write to (by
+        default the first call raises PermissionError there: results are pickles, and loading one
+        runs its writer's code).
+    compress: ``"zlib"`` (or True) or ``"lzma"`` compresses each entry's pickle stream (not the big
+        buffers that mmap maps) where that makes it smaller: text-heavy results shrink several times
+        at some write time (docs/storage.md). False (the default): no compression.
 
-    The decorated function has ``cache_info()``, ``cache_clear()`` (this
-    function's entries only), ``forget(*args)``, ``refresh(*args)`` and
-    ``__wrapped__`` (the function itself: call it to bypass the cache), and
-    ``map``/``imap`` for batches on any executor. It pickles by reference
-    where its name finds it, else by value, so it works with
-    ProcessPoolExecutor, multiprocessing and Dask; bound to an instance, it
-    keeps all of these. ``async def`` functions are supported.
+    The decorated function has ``cache_info()``, ``cache_parameters()``, ``cache_clear()`` (this
+    function's entries only), ``is_cached(*args)``, ``forget(*args)``, ``refresh(*args)``, ``prune()``,
+    ``__wrapped__`` (the function itself: call it to bypass the cache), ``map``/``imap`` for batches
+    on any executor and ``failures()`` for their ledger. It pickles by reference where its
+    name finds it, else by value, so it works with ProcessPoolExecutor, multiprocessing and Dask;
+    bound to an instance, it keeps all of these. ``async def`` functions are supported.
     """
     seconds = _seconds(ttl)
     _check_max_bytes(max_bytes)
@@ -5942,7 +5752,13 @@ def _stream(
         return (_run_chunk, func, calls, plan.portable, plan.off, len(lead), b"" if plan.owned else os.urandom(8))
 
     def send() -> None:
-        future = executor.submit(*task(buffer))
+        try:
+            future = executor.submit(*task(buffer))
+        except Exception as exc:  # A worker died since the last send: the pool refuses work.
+            if not (plan.owned and plan.processes and type(exc).__name__ == "BrokenProcessPool"):
+                raise
+            future = futures.Future()  # Judged with the broken pool's other chunks, one input at a time.
+            future.set_exception(exc)
         pending[future] = buffer[:]
         buffer.clear()
         queued.clear()

@@ -6205,6 +6205,17 @@ def test_map_over_several_iterables_and_its_errors(tmp_path):
 
     with pytest.raises(TypeError, match="asyncio.gather"):
         fetch.map([1])
+    with pytest.raises(TypeError, match="as_completed"):
+        fetch.imap([1])
+
+    class Client:
+        @dc.memoize(tmp_path)
+        async def get(self, x):
+            return x
+
+    for batch, advice in ((Client().get.map, "asyncio.gather"), (Client().get.imap, "as_completed")):
+        with pytest.raises(TypeError, match=advice):  # Not a coroutine run outside any event loop.
+            batch([1])
 
 
 def test_map_progress_only_when_asked_or_on_a_terminal(tmp_path, capsys):
@@ -6324,6 +6335,32 @@ def test_a_dying_worker_is_a_recorded_failure_and_the_batch_goes_on(tmp_path):
     assert out[3] == "17 ValueError bad 17"
     assert out[4] == "['rec11', 'rec17', 'rec5']"
     assert out[5] == "BatchResult(40 inputs: 37 reused, 0 computed, 3 failed)", "the ledger holds the deaths"
+
+
+@posix_only
+def test_a_pool_that_breaks_before_a_chunk_is_sent_is_a_dying_worker_too(tmp_path):
+    # The race behind a rare failure of the test above: submit() itself raises
+    # BrokenProcessPool once the pool knows a worker died. label= delays the send.
+    job = """
+        import os, time
+        @dc.memoize(sys.argv[1])
+        def parse(x):
+            if x == 0:
+                os._exit(3)
+            return x * 2
+        def label(x):
+            if x == 3:
+                time.sleep(1)  # Input 0 kills its worker meanwhile.
+            return f"rec{x}"
+        if __name__ == "__main__":
+            batch = parse.map(range(6), keep_going=True, workers=2, chunksize=1, label=label)
+            print(batch)
+            print(*(f"{f.index} {f.exception}" for f in batch.failures), sep="\\n")
+    """
+    out = child(job, str(tmp_path / "c"), script_file=tmp_path / "job.py").stdout.splitlines()
+    reused, computed = (int(w) for w in out[0].replace(",", "").split()[2:5:2])  # As in the test above.
+    assert reused + computed == 5 and out[0].endswith(" 1 failed)"), out
+    assert out[1:] == ["0 worker died: exit code 3 while running parse on this input"], out
 
 
 @posix_only
