@@ -807,7 +807,8 @@ def _log_at(level: int) -> Any:
 
 
 class _KeyLock:
-    """An exclusive lock on a file (offset None) or one byte of it; ``path`` must be canonical (realpath).
+    """An exclusive lock on a file (offset None) or one byte of it; ``path`` must be canonical (realpath), so
+    that one file has one name in the table of holders.
 
     An exception can arrive between any two lines (KeyboardInterrupt), so nothing stays "held" because
     a line did not run: a collected handle releases its kernel lock, the table of holders keeps only
@@ -871,9 +872,10 @@ class _KeyLock:
     def try_acquire(self) -> bool:
         """Take the lock if it is free now, without waiting (for event loops)."""
         tries = self._tries(None, None, False)
-        free = next(tries, None) is None
+        if next(tries, None) is None:
+            return True
         tries.close()  # Not free: give the handle back.
-        return free
+        return False
 
     async def acquire_async(self, owner: int) -> None:
         """Wait for the lock without blocking the event loop."""
@@ -1311,11 +1313,12 @@ def _marker_counts(path: str, version: Any) -> bool:
                 return False
         return _marker_version(_read_marker(path)) == _version_text(version)
 
-    directory, name = os.path.split(path)
-
     def read_directory() -> None:
+        directory, name = os.path.split(path)
         with os.scandir(directory) as entries:
-            any(entry.name == name for entry in entries)  # Read it through, up to the marker's name.
+            for entry in entries:  # Read it through, up to the marker's name.
+                if entry.name == name:
+                    break
 
     if check():
         return True
@@ -1414,10 +1417,11 @@ class Stage:
                     stage.piece(f"{rec.id}.json", lambda: parse(rec))
 
     The directory is created with its parents and, while the block runs, locked against other processes and
-    threads building it: one that waited finds ``stage.done`` (checked under the lock) True. When the block
-    ends normally, the marker file (``marker``, default ``DONE``) is written atomically with JSON metadata:
-    times, host, pid, donecache's version and ``version``. If the block raises or the process dies, there is
-    no marker and the pieces stay, so the next run resumes. ``stage.path`` is the directory as a Path.
+    threads building it: one that waited finds ``stage.done`` (checked under the lock) True if the first finished
+    it. When the block ends normally, the marker file (``marker``, default ``DONE``) is written atomically with
+    JSON metadata: times, host, pid, donecache's version and ``version``. If the block raises or the process
+    dies, there is no marker and the pieces stay, so the next run resumes. ``stage.path`` is the directory as a
+    Path; ``stage.piece()`` writes a piece and ``stage.has()`` asks whether one is there.
 
     version: a str, an int or a tuple of them naming your code's or data's version; a stage whose marker
         records another version counts as not done, and its stale marker is removed before rebuilding.
@@ -1448,7 +1452,8 @@ class Stage:
         self._marker_file = _marker_path(self._root, marker)
         if version is not None:
             _version_text(version)  # An unusable version fails before the stage is entered.
-        self.path, self.marker, self.version, self.done = Path(self._root), marker, version, False
+        self.path, self.marker, self.version = Path(self._root), marker, version
+        self.done = False
         self._fresh, self._durable, self._timeout = fresh, durable, timeout
         self._lock: _KeyLock | None = None
         self._builder: _KeyLock | None = None  # A shared builder's own lock (see _announce).
@@ -1631,9 +1636,11 @@ class Stage:
         if self._durable:
             _flush_tree(self._root)
         finished = time.time()
-        started, ended = (time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t)) for t in (self._started, finished))
-        metadata = {"started": started, "finished": ended, "duration_s": round(finished - self._started, 6), **_who()}
-        metadata.update(donecache=__version__, version=self.version)
+        stamp = "%Y-%m-%dT%H:%M:%S%z"
+        metadata = {"started": time.strftime(stamp, time.localtime(self._started)),
+                    "finished": time.strftime(stamp, time.localtime(finished)),
+                    "duration_s": round(finished - self._started, 6), **_who(),
+                    "donecache": __version__, "version": self.version}
         if self._expect is not None:
             metadata["expect"] = self._expect if isinstance(self._expect, int) else len(self._expect)
         _write_bytes(self._marker_file, json.dumps(metadata, indent=1).encode("utf-8") + b"\n", durable=self._durable)
@@ -3898,7 +3905,8 @@ class _CodeIdentity:
 
     def same(self, home: Any) -> Callable[[], bool]:
         """A check, before each call, that the bindings read are the same objects: those in ``home`` (a script's,
-        a notebook's globals) at every call, the others after an exec() (a cell, a reload, an import)."""
+        a notebook's globals) at every call, the others after an exec() (a cell, a reload, an import): a hit
+        costs a few dict reads."""
         if not _exec_count:
             _exec_count.append(0)
             try:
@@ -6120,9 +6128,10 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
 def _cli_info(args: Any) -> tuple[int, Any, list[str]]:
     report = _survey(_cli_store(args.path, "r"), time.time())
     entries = report["entries"]
-    lines = [f"cache {report['path']}", f"  {entries['live']:,} entries, {_human(report['bytes'])} "
-             f"({_human(report['disk_bytes'])} on disk); {entries['expired']:,} expired, "
-             f"{entries['damaged']:,} damaged, {report['temporary_files']:,} temporary files left by crashed writers"]
+    summary = (f"  {entries['live']:,} entries, {_human(report['bytes'])} ({_human(report['disk_bytes'])} on disk); "
+               f"{entries['expired']:,} expired, {entries['damaged']:,} damaged, "
+               f"{report['temporary_files']:,} temporary files left by crashed writers")
+    lines = [f"cache {report['path']}", summary]
     for name, row in report["per_function"].items():
         line = f"    {row['entries']:,} entries, {_human(row['bytes'])}"
         if row["entries"]:
@@ -6243,9 +6252,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # The console script `donecache` (pyproject.toml) or `python -m donecache`.
     prog = "donecache" if os.path.basename(sys.argv[0]) in ("donecache", "donecache.exe") else "python -m donecache"
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Inspect and clean donecache stores and stage directories. Exit codes: 0 success, 1 not "
-        "done or nothing matched, 2 usage error or missing path.")
+    description = ("Inspect and clean donecache stores and stage directories. Exit codes: 0 success, "
+                   "1 not done or nothing matched, 2 usage error or missing path.")
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=f"donecache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
