@@ -247,7 +247,7 @@ else:
     def _move_new(src: str, dst: str) -> None:
         # link(2) fails with EEXIST if dst exists, atomically, so a file that appeared meanwhile is never clobbered.
         # Filesystems without hard links (FAT, some SMB mounts) fall back to check-then-rename, which has a tiny
-        # window in which a concurrent creator can lose; the README says so.
+        # window in which a concurrent creator can lose; docs/atomic-writes.md says so.
         try:
             os.link(src, dst)
         except OSError as exc:
@@ -803,7 +803,8 @@ def _log_at(level: int) -> Any:
 
 
 class _KeyLock:
-    """An exclusive lock on a file (offset None) or one byte of it; ``path`` must be canonical (realpath).
+    """An exclusive lock on a file (offset None) or one byte of it; ``path`` must be canonical (realpath), so
+    that one file has one name in the table of holders.
 
     An exception can arrive between any two lines (KeyboardInterrupt), so nothing stays "held" because
     a line did not run: a collected handle releases its kernel lock, the table of holders keeps only
@@ -867,9 +868,10 @@ class _KeyLock:
     def try_acquire(self) -> bool:
         """Take the lock if it is free now, without waiting (for event loops)."""
         tries = self._tries(None, None, False)
-        free = next(tries, None) is None
+        if next(tries, None) is None:
+            return True
         tries.close()  # Not free: give the handle back.
-        return free
+        return False
 
     async def acquire_async(self, owner: int) -> None:
         """Wait for the lock without blocking the event loop."""
@@ -1303,11 +1305,12 @@ def _marker_counts(path: str, version: Any) -> bool:
                 return False
         return _marker_version(_read_marker(path)) == _version_text(version)
 
-    directory, name = os.path.split(path)
-
     def read_directory() -> None:
+        directory, name = os.path.split(path)
         with os.scandir(directory) as entries:
-            any(entry.name == name for entry in entries)  # Read it through, up to the marker's name.
+            for entry in entries:  # Read it through, up to the marker's name.
+                if entry.name == name:
+                    break
 
     if check():
         return True
@@ -1406,10 +1409,11 @@ class Stage:
                     stage.piece(f"{rec.id}.json", lambda: parse(rec))
 
     The directory is created with its parents and, while the block runs, locked against other processes and
-    threads building it: one that waited finds ``stage.done`` (checked under the lock) True. When the block
-    ends normally, the marker file (``marker``, default ``DONE``) is written atomically with JSON metadata:
-    times, host, pid, donecache's version and ``version``. If the block raises or the process dies, there is
-    no marker and the pieces stay, so the next run resumes. ``stage.path`` is the directory as a Path.
+    threads building it: one that waited finds ``stage.done`` (checked under the lock) True if the first finished
+    it. When the block ends normally, the marker file (``marker``, default ``DONE``) is written atomically with
+    JSON metadata: times, host, pid, donecache's version and ``version``. If the block raises or the process
+    dies, there is no marker and the pieces stay, so the next run resumes. ``stage.path`` is the directory as a
+    Path; ``stage.piece()`` writes a piece and ``stage.has()`` asks whether one is there.
 
     version: a str, an int or a tuple of them naming your code's or data's version; a stage whose marker
         records another version counts as not done, and its stale marker is removed before rebuilding.
@@ -1440,7 +1444,8 @@ class Stage:
         self._marker_file = _marker_path(self._root, marker)
         if version is not None:
             _version_text(version)  # An unusable version fails before the stage is entered.
-        self.path, self.marker, self.version, self.done = Path(self._root), marker, version, False
+        self.path, self.marker, self.version = Path(self._root), marker, version
+        self.done = False
         self._fresh, self._durable, self._timeout = fresh, durable, timeout
         self._lock: _KeyLock | None = None
         self._builder: _KeyLock | None = None  # A shared builder's own lock (see _announce).
@@ -1623,9 +1628,11 @@ class Stage:
         if self._durable:
             _flush_tree(self._root)
         finished = time.time()
-        started, ended = (time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t)) for t in (self._started, finished))
-        metadata = {"started": started, "finished": ended, "duration_s": round(finished - self._started, 6), **_who()}
-        metadata.update(donecache=__version__, version=self.version)
+        stamp = "%Y-%m-%dT%H:%M:%S%z"
+        metadata = {"started": time.strftime(stamp, time.localtime(self._started)),
+                    "finished": time.strftime(stamp, time.localtime(finished)),
+                    "duration_s": round(finished - self._started, 6), **_who(),
+                    "donecache": __version__, "version": self.version}
         if self._expect is not None:
             metadata["expect"] = self._expect if isinstance(self._expect, int) else len(self._expect)
         _write_bytes(self._marker_file, json.dumps(metadata, indent=1).encode("utf-8") + b"\n", durable=self._durable)
@@ -1708,42 +1715,30 @@ done_dir = Stage
 # Entry files: the format
 #
 # A store is a directory with one file per entry, written with the atomic
-# writer and named by a hash of its key: <root>/<2 hex>/<32 hex>. Each file
-# holds a header (format, checksum, times, lengths), the key and the pickled
-# value, so reads need no lock and no index, and a torn or damaged file reads
-# as missing.
+# writer and named by a hash of its key. Each file holds a header, the key and
+# the pickled value, so reads need no lock and no index, and a torn or damaged
+# file reads as missing.
 # ---------------------------------------------------------------------------
 
-# An entry file (format dcE2; all integers little-endian, lengths 64-bit):
-#
+# Format dcE2 (all integers little-endian, lengths 64-bit; docs/storage.md):
 #   header  magic "dcE2", head CRC, created and expires (Unix seconds; 0.0 =
 #           never), key length, stream length, stream CRC, buffer count, flags
-#   key     the key, then (from donecache 0.3) the entry's metadata: the
-#           seconds its computation took (a double) and the host that made it
-#           (UTF-8); flags bits 16-31 give the metadata's length, which key
-#           length includes (0.2 reads such an entry as another key's: a miss)
-#   stream  the pickle (protocol 5) of the value, less its big buffers
-#   buffers each of the pickle's out-of-band buffers (the data of NumPy arrays
-#           and pandas columns), at an offset aligned to 64 bytes
+#   key     the key, then (from 0.3) the entry's metadata: the seconds its computation
+#           took (a double) and the host that made it (UTF-8); flags bits 16-31 give
+#           its length, which key length includes (0.2 reads it as another key's)
+#   stream  the pickle (protocol 5) of the value, less its big buffers; flags bits
+#           0-7 name its codec (1 zlib, 2 lzma; buffers stay uncompressed, mappable)
+#   buffers the pickle's out-of-band buffers, each at an offset aligned to 64
 #   table   per buffer: its length and CRC-32; then the table's own CRC-32
-#
 # The head CRC covers the header after itself and the key; the table comes
-# last because its CRCs are computed while the buffers are written. Offsets
-# follow from the lengths, and the last buffer must end where the table
-# starts, at the file's size less the table's: a truncated or padded file is
-# damage. Flags bits 0-7 name the codec of a compressed stream (1 zlib,
-# 2 lzma); buffers are never compressed, so that they can still be mapped.
-# A read checks all of that and the stream's CRC (for a value with no
-# big buffers that covers every byte); the buffers' own CRCs cost more than
-# the whole read of a big value, so they are checked by verify() and prune(),
-# not on every hit. Format 1 (donecache 0.1, magic "dcE1") is no longer read:
-# such a file is damage, and its entry is computed again.
+# last because its CRCs are computed while the buffers are written. What each
+# read checks (not the buffers' CRCs on a hit: they cost more than the whole
+# read of a big value): docs/storage.md.
 _ENTRY_MAGIC = b"dcE2"
 _ENTRY_HEADER = struct.Struct("<4sIddQQIII")
 _BUFFER_ROW = struct.Struct("<QI")
 _META = struct.Struct("<d")  # The metadata's fixed part: the computation's seconds; the host follows.
 _seconds_of = _META.unpack_from
-_NO_META = memoryview(b"")
 _CODECS = {"zlib": 1, "lzma": 2}
 _OUT_OF_BAND = 1 << 16  # Buffers this big are written apart from the stream, and can be mapped.
 _MAX_BUFFERS = 4096  # Beyond this many, buffers stay in the stream: the table's size is bounded.
@@ -1767,22 +1762,6 @@ def _lzma() -> Any:
     return lzma
 
 
-def _datetimes_out_of_band(obj: Any) -> Any:
-    """NumPy pickles datetime64 and timedelta64 arrays inside the stream (no
-    PickleBuffer for them): a big one (a pandas datetime block) goes as its
-    int64 view, out of band, and comes back as ndarray.view(that, its dtype).
-    Nothing of donecache's is named in the pickle."""
-    ndarray = sys.modules["numpy"].ndarray
-    if (
-        type(obj) is ndarray
-        and obj.dtype.kind in "mM"
-        and obj.nbytes >= _OUT_OF_BAND
-        and (obj.flags.c_contiguous or obj.flags.f_contiguous)
-    ):
-        return ndarray.view, (obj.view("i8"), obj.dtype)
-    return NotImplemented
-
-
 _DatetimePickler: type[pickle.Pickler] | None = None  # Made by _runtime_imports; used while numpy is loaded.
 # Weak tables of the sections below (weakref is an import that `import donecache`
 # does without): each registers its global's name and weakref class here, and
@@ -1791,8 +1770,7 @@ _WEAK_TABLES: dict[str, str] = {}
 
 
 def _runtime_imports() -> None:
-    """Import and make what reading and writing entries needs (see the imports at
-    the top): called where a store is opened or a function decorated or rebuilt."""
+    """Import and make what entries need: called where a store is opened or a function decorated or rebuilt."""
     global pickle, collections, _DatetimePickler
     import collections
     import pickle
@@ -1800,8 +1778,16 @@ def _runtime_imports() -> None:
     if _DatetimePickler is None:
 
         class DatetimePickler(pickle.Pickler):
+            # NumPy pickles datetime64 and timedelta64 arrays in the stream (no PickleBuffer): a big
+            # one (a pandas datetime block) goes as its int64 view, out of band, and comes back as
+            # ndarray.view(that, its dtype). Nothing of donecache's is named in the pickle.
             def reducer_override(self, obj: Any) -> Any:
-                return _datetimes_out_of_band(obj)
+                ndarray = sys.modules["numpy"].ndarray
+                if type(obj) is ndarray and obj.dtype.kind in "mM" and obj.nbytes >= _OUT_OF_BAND and (
+                    obj.flags.c_contiguous or obj.flags.f_contiguous
+                ):
+                    return ndarray.view, (obj.view("i8"), obj.dtype)
+                return NotImplemented
 
         _DatetimePickler = DatetimePickler
     made = globals()
@@ -1813,16 +1799,14 @@ def _runtime_imports() -> None:
 
 
 class _Entry:
-    """One entry file as read: its key and times, and (unless only its head was
-    read) the pickle stream and the out-of-band buffers that load() joins."""
+    """An entry file as read: key, times and (unless only its head was read) the stream and buffers to load()."""
 
     __slots__ = ("key", "created", "expires", "stream", "buffers", "flags", "meta")
 
-    def __init__(self, key: bytes, created: float, expires: float) -> None:
-        self.key, self.created, self.expires = key, created, expires
+    def __init__(self, key: bytes, created: float, expires: float, flags: int = 0, meta: Any = b"") -> None:
+        self.key, self.created, self.expires, self.flags, self.meta = key, created, expires, flags, meta
         self.stream: Any = b""
         self.buffers: list[Any] = []
-        self.flags, self.meta = 0, _NO_META
 
     def live(self, now: float) -> bool:
         return not self.expires or now < self.expires
@@ -1844,41 +1828,22 @@ class _Entry:
         return pickle.loads(stream, buffers=self.buffers)
 
 
-class _Encoded:
-    """A value pickled for an entry file: the stream, and the big buffers kept
-    out of it (views of the value's own memory, not copies)."""
+class _Encoded(_Entry):
+    """A value pickled by _encode_entry (its buffers: views of the value's memory); a small one reads as itself."""
 
-    __slots__ = ("key", "expires", "stream", "buffers", "created", "meta", "codec")
-
-    def __init__(self, key: bytes, expires: float, stream: bytes, buffers: list[memoryview], meta: bytes) -> None:
-        self.key, self.expires, self.stream, self.buffers, self.meta = key, expires, stream, buffers, meta
-        self.created = 0.0  # Set by chunks(), when the header is made.
-        self.codec = 0
+    __slots__ = ()
 
     def nbytes(self) -> int:
         """The size of the file that chunks() makes (at most a few bytes more)."""
-        rows = sum(buffer.nbytes + _ALIGN + _BUFFER_ROW.size for buffer in self.buffers)
+        rows: int = sum(buffer.nbytes + _ALIGN + _BUFFER_ROW.size for buffer in self.buffers)
         return _ENTRY_HEADER.size + len(self.key) + len(self.meta) + len(self.stream) + rows + 4
 
-    def as_read(self) -> _Entry:
-        """The entry a read of the file would give (a small one: no buffers)."""
-        entry = _Entry(self.key, self.created, self.expires)
-        entry.stream = self.stream  # Compressed as written (the codec in flags), with its metadata.
-        entry.flags, entry.meta = self.codec | len(self.meta) << 16, memoryview(self.meta)
-        return entry
-
     def chunks(self) -> Iterator[Any]:
-        """The file's bytes, in pieces for _write_bytes: each buffer's CRC is
-        computed piece by piece, just before the piece is written."""
+        """The file's bytes, in pieces for _write_bytes (the table's CRCs computed as the buffers are written)."""
         key, stream, meta = self.key, self.stream, self.meta
-        self.created = time.time()
-        head = bytearray(
-            _ENTRY_HEADER.pack(
-                _ENTRY_MAGIC, 0, self.created, self.expires, len(key) + len(meta), len(stream),
-                zlib.crc32(stream), len(self.buffers), self.codec | len(meta) << 16,
-            )
-        )
-        head += key + meta
+        self.created, self.flags = time.time(), self.flags & 0xFF | len(meta) << 16  # The codec, and meta's length.
+        lengths = (len(key) + len(meta), len(stream), zlib.crc32(stream), len(self.buffers), self.flags)
+        head = bytearray(_ENTRY_HEADER.pack(_ENTRY_MAGIC, 0, self.created, self.expires, *lengths)) + key + meta
         head[4:8] = zlib.crc32(memoryview(head)[8:]).to_bytes(4, "little")
         if not self.buffers and len(stream) < _OUT_OF_BAND:
             yield head + stream  # A small entry in one write(2): copying it costs less than a system call.
@@ -1891,9 +1856,8 @@ class _Encoded:
             pad = -position % _ALIGN
             if pad:
                 yield bytes(pad)
-            # A big buffer's CRC is computed by a helper thread while this one
-            # writes it (zlib.crc32 releases the GIL): a serial CRC was half
-            # of a big miss. The write waits for the CRC only at the table.
+            # A helper thread computes the buffer's CRC while this one writes it
+            # (zlib.crc32 releases the GIL): a serial CRC was half of a big miss.
             crcs: list[int] = []
             done = _thread.allocate_lock()
             done.acquire()
@@ -1920,9 +1884,7 @@ class _Encoded:
 def _encode_entry(
     key: bytes, value: Any, expires: float = 0.0, protocol: int = 5, seconds: float = 0.0, compress: str | None = None
 ) -> _Encoded:
-    """Pickle ``value`` for an entry file, with the ``seconds`` its computation
-    took, its stream compressed with the ``compress`` codec where that makes it
-    smaller; raises what pickling raises, before any file is made."""
+    """``value`` pickled (compressed where that makes it smaller) with its metadata; raises what pickling raises."""
     meta = _META.pack(seconds) + _host().encode("utf-8")[:255]
     if len(key) + len(meta) > _MAX_KEY:
         raise ValueError(f"a cache key of {len(key)} bytes is too long; keys may have at most {_MAX_KEY} bytes")
@@ -1930,13 +1892,11 @@ def _encode_entry(
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
         # True keeps a buffer in the stream: small ones, and any that is not contiguous.
-        if len(buffers) >= _MAX_BUFFERS:
-            return True
         try:
             view = buffer.raw()
         except BufferError:
             return True
-        if view.nbytes < _OUT_OF_BAND:
+        if len(buffers) >= _MAX_BUFFERS or view.nbytes < _OUT_OF_BAND:
             return True
         buffers.append(view)
         return False
@@ -1947,12 +1907,13 @@ def _encode_entry(
         file = io.BytesIO()
         _DatetimePickler(file, protocol, buffer_callback=out_of_band).dump(value)
         stream = file.getvalue()
-    encoded = _Encoded(key, expires, stream, buffers, meta)
+    encoded = _Encoded(key, 0.0, expires, 0, meta)  # Its creation time is set by chunks(), in the header.
+    encoded.stream, encoded.buffers = stream, buffers
     if compress is not None:
         # Level 1 (zlib) and preset 1 (lzma): most of the gain on text for a fraction of the time.
         packed = zlib.compress(stream, 1) if compress == "zlib" else _lzma().compress(stream, preset=1)
         if len(packed) < len(stream):
-            encoded.stream, encoded.codec = packed, _CODECS[compress]
+            encoded.stream, encoded.flags = packed, _CODECS[compress]
     return encoded
 
 
@@ -1975,6 +1936,17 @@ def _read_exactly(fd: int, view: memoryview) -> bool:
     return True
 
 
+def _read_span(fd: int, first: bytes, start: int, end: int) -> memoryview | None:
+    """Bytes ``start`` to ``end`` of the file, from its ``first`` read as far as that goes; None if it ends first."""
+    if end <= len(first):
+        return memoryview(first)[start:end]
+    span = memoryview(bytearray(end - start))
+    have = max(0, len(first) - start)
+    span[:have] = memoryview(first)[start : start + have]
+    os.lseek(fd, start + have, os.SEEK_SET)
+    return span if _read_exactly(fd, span[have:]) else None
+
+
 def _crc_of_range(fd: int, start: int, length: int) -> int | None:
     """The CRC-32 of ``length`` bytes at ``start``, read in pieces; None if the file ends first."""
     os.lseek(fd, start, os.SEEK_SET)
@@ -1990,18 +1962,13 @@ def _crc_of_range(fd: int, start: int, length: int) -> int | None:
 
 
 def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool) -> _Entry | None:
-    """The entry in the open file ``fd`` of ``size`` bytes, read to ``depth``; None if it is damage.
-
-    Nothing is allocated beyond what the header declares, and that is first
-    checked against the file's size (keys and tables also have fixed limits):
-    a huge or endless file reads as damage in bounded memory.
-    """
+    """The entry in the open file ``fd`` of ``size`` bytes, read to ``depth``; None if it is damage."""
+    # Nothing is allocated beyond what the header declares, first checked against the file's size (keys
+    # and tables also have fixed limits): a huge or endless file reads as damage in bounded memory.
     first = os.read(fd, _HEAD_READ if depth == _HEAD else _FIRST_READ)
     if len(first) < _ENTRY_HEADER.size:
         return None
-    magic, head_crc, created, expires, key_len, stream_len, stream_crc, count, flags = _ENTRY_HEADER.unpack_from(
-        first
-    )
+    magic, head_crc, created, expires, key_len, stream_len, stream_crc, count, flags = _ENTRY_HEADER.unpack_from(first)
     key_end = _ENTRY_HEADER.size + key_len
     stream_end = key_end + stream_len
     table_len = count * _BUFFER_ROW.size + 4 if count else 0
@@ -2010,13 +1977,8 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
         return None
     if stream_end + table_len > size:  # Checked before anything is allocated.
         return None
-    head = memoryview(first)
-    if len(first) < key_end:
-        head = memoryview(bytearray(key_end))
-        head[: len(first)] = first
-        if not _read_exactly(fd, head[len(first) :]):
-            return None
-    if zlib.crc32(head[8:key_end]) != head_crc:
+    head = _read_span(fd, first, 0, key_end)
+    if head is None or zlib.crc32(head[8:key_end]) != head_crc:
         return None
     found = bytes(head[_ENTRY_HEADER.size : key_end - meta])
     if key is not None and found != key:
@@ -2024,9 +1986,8 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
     spans: list[tuple[int, int, int]] = []  # (offset, length, crc) of each buffer
     position = stream_end
     if count:
-        table = memoryview(bytearray(table_len))
-        os.lseek(fd, size - table_len, os.SEEK_SET)
-        if not _read_exactly(fd, table) or zlib.crc32(table[:-4]) != int.from_bytes(table[-4:], "little"):
+        table = _read_span(fd, b"", size - table_len, size)
+        if table is None or zlib.crc32(table[:-4]) != int.from_bytes(table[-4:], "little"):
             return None
         for length, crc in _BUFFER_ROW.iter_unpack(table[:-4]):
             position += -position % _ALIGN
@@ -2034,51 +1995,33 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
             position += length
     if position + table_len != size:
         return None  # Truncated, padded, or a table that does not fit the file.
-    entry = _Entry(found, created, expires)
-    if flags:
-        entry.flags, entry.meta = flags, head[key_end - meta : key_end]
+    entry = _Entry(found, created, expires, flags, head[key_end - meta : key_end])
     if depth == _HEAD and (size > len(first) or count):
         return entry
-    # The stream: from the first read when it is all there, else read after it.
-    if stream_end <= len(first):
-        stream: Any = memoryview(first)[key_end:stream_end]
-    else:
-        stream = memoryview(bytearray(stream_len))
-        have = max(0, len(first) - key_end)
-        stream[:have] = memoryview(first)[key_end : key_end + have]
-        os.lseek(fd, key_end + have, os.SEEK_SET)
-        if not _read_exactly(fd, stream[have:]):
-            return None
-    if zlib.crc32(stream) != stream_crc:
+    stream = _read_span(fd, first, key_end, stream_end)
+    if stream is None or zlib.crc32(stream) != stream_crc:
         return None
     if depth == _HEAD:
         return entry  # A small entry, whole in the head read: checked for free.
     if depth == _VERIFY:
-        for offset, length, crc in spans:
-            if _crc_of_range(fd, offset, length) != crc:
-                return None
-        return entry
+        return entry if all(_crc_of_range(fd, offset, length) == crc for offset, length, crc in spans) else None
     entry.stream = stream
     if not spans:
         return entry
     import mmap
 
     if mapped:
-        # A private copy-on-write mapping: arrays over it are writable, their
-        # changes never reach the file, and since an entry file is only ever
-        # replaced by a rename, never changed in place, it stays valid after
-        # the entry is replaced or removed. Checked (issue 18): the one
-        # ftruncate in this module is a lock file's note (_KeyLock.note), and
-        # no O_TRUNC open exists. Another tool that truncates an entry in place
-        # makes the pages past the new end vanish: touching them is SIGBUS (mmap(2)).
+        # A private copy-on-write mapping: arrays over it are writable, their changes never
+        # reach the file, and it stays valid after the entry is replaced or removed (entry
+        # files are replaced by a rename, never changed in place; issue 18 checked: no
+        # O_TRUNC open, the one ftruncate is _KeyLock.note's). Another tool that truncates
+        # an entry in place makes the pages past the new end vanish: touching them is SIGBUS (mmap(2)).
         whole = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
         entry.buffers = [whole[offset : offset + length] for offset, length, _crc in spans]
         return entry
     for offset, length, _crc in spans:
-        # Anonymous memory, filled in place: bytearray(n) would first zero
-        # every page, one 4 KiB fault at a time (most of a big hit's time).
-        # Huge pages (madvise(2), MADV_HUGEPAGE; Linux) take a fault per
-        # 2 MiB; where they are missing the advice is skipped.
+        # Anonymous memory, filled in place: bytearray(n) would first zero every page, one 4 KiB
+        # fault at a time (most of a big hit). Huge pages (madvise(2); Linux) fault per 2 MiB.
         buffer = mmap.mmap(-1, length)
         advise, huge = getattr(buffer, "madvise", None), getattr(mmap, "MADV_HUGEPAGE", None)
         if advise is not None and huge is not None:
@@ -2100,20 +2043,12 @@ _HEX = frozenset("0123456789abcdef")
 _OPEN_KEYS = "(donecache.open keys)"
 
 
-class _KeyParts:
-
-    __slots__ = ("function", "identity")
-
-    def __init__(self, function: str, identity: str) -> None:
-        self.function, self.identity = function, identity
-
-
-def _parse_key(key: bytes) -> _KeyParts | None:
-    """None for keys that donecache.open users wrote."""
+def _parse_key(key: bytes) -> tuple[str, str] | None:
+    """(function, code identity) of a memoize key; None for keys that donecache.open users wrote."""
     head, _, rest = key.decode("utf-8", "replace").partition("|")
     code, sep, arguments = rest.partition("|")
     if ":" in head and sep and len(code) == 16 and set(code) <= _HEX and arguments[:1] in ("=", "#"):
-        return _KeyParts(head, code)
+        return head, code
     return None
 
 
@@ -2124,18 +2059,17 @@ def _key_identity(key: bytes) -> str:
 
 def _function_of(key: bytes) -> str:
     parts = _parse_key(key)
-    return _OPEN_KEYS if parts is None else parts.function
+    return _OPEN_KEYS if parts is None else parts[0]
 
 
 # ---------------------------------------------------------------------------
 # Entry files: the store directory's data path
 #
-# donecache.open() keys live at <root>/<2 hex>/<32 hex>; a memoized
-# function's at <root>/<16 hex of its name>/<2 hex>/<32 hex>, so that one
-# function's entries are found, counted and cleared without touching any
-# other's. Safe for any number of threads and processes without locks: a
-# write is a rename, a read takes whichever version the name points to and
-# checks it.
+# donecache.open() keys live at <root>/<2 hex>/<32 hex>; a memoized function's at
+# <root>/<16 hex of its name>/<2 hex>/<32 hex>, so that one function's entries are
+# found, counted and cleared without touching any other's. Safe for any number of
+# threads and processes without locks: a write is a rename, a read takes whichever
+# version the name points to and checks it.
 # ---------------------------------------------------------------------------
 
 _NAME_BYTES = 16  # An entry's file name is the hex of a BLAKE2b digest this long.
@@ -2150,14 +2084,11 @@ _STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions", "
 # and byte 1 to the running total of its bytes in .usage (see the size limit);
 # each other byte guards the computation of the keys that hash to it.
 _SWEEP_BYTE, _USAGE_BYTE, _FIRST_KEY_BYTE = 0, 1, 2
-# An entry file's modification time is its last use: it is set when the entry
-# is written and again when a read finds it at least this many seconds old.
-# Atime cannot serve (noatime and relatime mounts do not keep it). With a
-# limit, every read records its use (one futimens(2), about 2.5 us, a tenth
-# of a hit): a coarser grain let entries hit every few milliseconds lose to
-# entries just written by other processes. Without a limit, a use is recorded
-# within a minute, which `prune --older-than` needs, at one utime per entry
-# per minute at most.
+# An entry file's modification time is its last use (atime cannot serve: noatime and
+# relatime mounts do not keep it), set when it is written and when a read finds it this
+# many seconds old. With a limit, every read (one futimens(2), 2.5 us, a tenth of a hit):
+# a coarser grain let entries hit every few ms lose to entries just written by other
+# processes. Without, within a minute, as `prune --older-than` needs.
 _USE_GRAIN_BOUNDED = 0.0
 _USE_GRAIN = 60.0
 
@@ -2242,27 +2173,23 @@ class _Untrusted(PermissionError):
 
 
 def _check_trusted(root: str, st: os.stat_result) -> None:
-    """Refuse a store directory (or a link to it) that another user could have
-    written to: its entries are pickles, and loading one runs the code its
-    writer chose (issue 18). The directories above it are not checked."""
+    """Refuse a store directory (or a link to it) that another user could have written to (not those above it):
+    its entries are pickles, and loading one runs the code its writer chose (issue 18)."""
     link = os.lstat(root)
     for what, found in [("cache directory", st)] + ([("symbolic link", link)] if stat.S_ISLNK(link.st_mode) else []):
         why = _untrusted(found)
         if why:
             raise _Untrusted(
-                errno.EACCES,
-                f"the {what} {root!r} {why}; loading its entries would run code that another user could have "
-                f"written. Use a cache directory of your own (chmod go-w it, if it is yours and group or others "
-                f"may write), or pass trust_shared=True if you trust everyone who can write to it (docs/security.md)",
-                root,
+                errno.EACCES, f"the {what} {root!r} {why}; loading its entries would run code that another user "
+                "could have written. Use a cache directory of your own (chmod go-w it, if it is yours and group or "
+                "others may write), or pass trust_shared=True if you trust everyone who can write to it "
+                "(docs/security.md)", root
             )
 
 
 def _record_use(path: str, fd: int = -1) -> int | None:
-    """Set an entry file's modification time to now, a use (see _USE_GRAIN):
-    through ``fd`` if given (futimens(2): no second lookup of a path that a
-    rename may have changed since), else by name. The time set, to the
-    nanosecond (see _recent); 0 if it is not known; None if nothing was set."""
+    """Record a use (see _USE_GRAIN): the time set in ns (see _recent), 0 if not known, None if none was set."""
+    # Through ``fd`` if given: no second lookup of a name that a rename may have changed since.
     try:
         if fd >= 0:
             _touch(fd, path)
@@ -2287,11 +2214,8 @@ _ENTRY_FLAGS = _READ_FLAGS | _NOFOLLOW
 def _load_entry(
     path: str, key: bytes | None = None, depth: int = _VALUE, mapped: bool = False, touch_before: float = 0.0
 ) -> tuple[_Entry | None, os.stat_result | None]:
-    """Read the entry file at ``path`` to ``depth`` (_HEAD, _VALUE or _VERIFY): (entry, stat)
-    if it is a whole entry (for ``key``, when given); (None, stat) if it is damage (not a
-    regular file, or not a whole entry); (None, None) if there is nothing there. Other
-    OSErrors (ESTALE, EIO, EACCES) propagate: the file could not be judged. ``mapped``: as
-    _read_entry. A whole entry last modified before ``touch_before`` is used now."""
+    """(entry, stat) read to ``depth``, (None, stat) if damage, (None, None) if nothing; a use if older than
+    ``touch_before``. Other OSErrors (ESTALE, EIO) propagate: the file could not be judged."""
     try:
         fd, st = _open_regular(path, _ENTRY_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
@@ -2324,14 +2248,9 @@ _READ_ONLY = frozenset({errno.EACCES, errno.EROFS})
 
 
 def _remove_judged(path: str, judged: os.stat_result) -> bool:
-    """Remove ``path`` only if it still is the file that was judged; True if it was removed.
-
-    Between reading a file and removing it, a writer may have renamed a fresh
-    entry onto its name; unlinking the name would then remove a write that had
-    already returned. So the judged file is first renamed aside, and removed
-    only if the inode moved aside is the one judged; otherwise it is put back
-    (unless an even newer file has taken the name meanwhile).
-    """
+    """Remove ``path`` only if it still is the file that was judged; True if it was removed. A writer
+    may have renamed a fresh entry onto the name since (unlinking it would lose a write that had
+    returned), so the file is renamed aside first, and put back unless it is the one judged."""
     aside = _temp_name(path)
     try:
         if not _same_file(os.lstat(path), judged):
@@ -2356,8 +2275,7 @@ def _remove_judged(path: str, judged: os.stat_result) -> bool:
 
 
 class _Slot:
-    """Where an entry lives: its file, and the byte of the store's lock file that
-    guards its computation."""
+    """Where an entry lives: its file, and the byte of the store's lock file that guards its computation."""
 
     __slots__ = ("path", "offset")
 
@@ -2366,10 +2284,7 @@ class _Slot:
 
 
 class _Found:
-    """What a scan of a store finds at one entry file: the entry's head, or None
-    where the file is damage; ``stat`` is what was judged, None if the file
-    could not be read (ESTALE, EIO, EACCES): then nothing is known about it.
-    ``folder`` is the function folder it lies in ("" at the top level)."""
+    """A scanned entry file: its head (None: damage), the stat judged (None: unreadable), its folder ("": top)."""
 
     __slots__ = ("path", "entry", "stat", "folder")
 
@@ -2377,20 +2292,14 @@ class _Found:
         self.path, self.entry, self.stat, self.folder = path, entry, stat, folder
 
 
-# Recently read small entries of memoized functions, kept in process as the
-# bytes of their pickle (never the object: each hit unpickles afresh, so a
-# caller that changes its result cannot change the next hit), by file path. A
-# hit then costs one lstat(2), not open, fstat, read and close: the name must
-# still hold the very file read, with the same inode, device, size, owner,
-# mode and modification time to the nanosecond; anything else (another process
-# replaced, removed or touched it) reads the file again. Two guards against a
-# new file that looks like the old one (a removed file's inode number is soon
-# reused): a file is kept only once its modification time is _RECENT_SETTLED
-# old, more than the filesystem clock's tick (timestamps come from a coarse
-# clock, a jiffy of 1-10 ms), so a later file cannot share it; or when this
-# process set that time itself, to the nanosecond (a recorded use). Only on
-# local filesystems (_stat_trusted): NFS caches attributes. Bounded: at most
-# _RECENT_COUNT entries of at most _RECENT_SIZE bytes, the oldest kept dropped first.
+# Recently read or written small entries of memoized functions, by path, kept in
+# process as the bytes of their pickle (each hit unpickles afresh: a caller that
+# changes its result cannot change the next), so that a hit costs one lstat(2).
+# The name must still hold the very file read (inode, device, size, owner, mode,
+# mtime to the ns), kept only once its mtime is _RECENT_SETTLED old (a coarse
+# clock tick, so a new file on a reused inode cannot share it) or set by this
+# process to the ns. Only where _stat_trusted (NFS caches attributes). Why, and
+# the residual risk: benchmarks/README.md, "Small hits served in process".
 _RECENT_COUNT = 2048
 _RECENT_SIZE = 8192
 _RECENT_SETTLED = 50_000_000  # nanoseconds
@@ -2427,33 +2336,21 @@ def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _E
         return None
     except OSError:
         st = None  # ESTALE, EIO...: judged by the full read (which retries ESTALE).
-    kept = _recent.get(path) if st is not None else None
-    if (
-        kept is not None
-        and st is not None
-        and kept[0] == (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_uid, st.st_mode)  # _stamp(st)
-        and kept[1].key == key
+    kept = _recent.get(path)
+    if kept is None or st is None or kept[1].key != key or kept[0] != (
+        st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_uid, st.st_mode  # _stamp(st), inline: a hit.
     ):
-        if st.st_mtime >= touch_before:
-            return kept[1]
-        entry: _Entry | None = kept[1]
-    else:
-        kept = None
         entry, st = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped))
         if entry is None or st is None:
             return entry
-    assert entry is not None and st is not None
+    elif st.st_mtime >= touch_before:
+        return kept[1]
+    else:
+        entry = kept[1]
     used = _record_use(path) if st.st_mtime < touch_before else None
-    if used:
-        stamp: tuple[int, ...] | None = _stamp(st, used)
-    elif used is None and st.st_mtime_ns < time.time_ns() - _RECENT_SETTLED:
-        stamp = _stamp(st)
-    else:
-        stamp = None  # Touched at a time not known, or too new to vouch for.
-    if kept is not None and stamp is not None:
-        _recent[path] = (stamp, entry)
-    else:
-        _keep_recent(path, stamp, entry)
+    settled = used is None and st.st_mtime_ns < time.time_ns() - _RECENT_SETTLED
+    # Unless touched at a time not known, or too new to vouch for.
+    _keep_recent(path, _stamp(st, used) if used else _stamp(st) if settled else None, entry)
     return entry
 
 
@@ -2468,79 +2365,72 @@ class _EntryDir:
         _runtime_imports()
         if flag not in ("r", "w", "c", "n"):
             raise ValueError(f"flag must be 'r', 'w', 'c' or 'n' (as for shelve.open), not {flag!r}")
-        self.root = os.path.abspath(_store_path(path))
-        self._prefix = os.path.join(self.root, "")
-        self.readonly = flag == "r"
-        self.durable = durable
-        self.max_bytes = _check_max_bytes(max_bytes)
+        self.root = root = os.path.abspath(_store_path(path))
+        self._prefix = os.path.join(root, "")
+        self.readonly, self.durable, self.max_bytes = flag == "r", durable, _check_max_bytes(max_bytes)
         self._grain = _USE_GRAIN if max_bytes is None else _USE_GRAIN_BOUNDED
         self._blake2b = hashlib.blake2b
         self._trusted: bool | None = None  # Whether lstat can vouch for an entry (see _recent); told at the first read.
-        if os.path.islink(self.root) and not os.path.exists(self.root):
+        self.horizon = 0.0  # The newest use time of an entry evicted, as .usage last said.
+        if os.path.islink(root) and not os.path.exists(root):
             raise FileNotFoundError(
-                errno.ENOENT,
-                f"cache path {self.root!r} is a symbolic link to {os.readlink(self.root)!r}, which does not "
-                "exist; create that directory or remove the link",
-                self.root,
+                errno.ENOENT, f"cache path {root!r} is a symbolic link to {os.readlink(root)!r}, which does not "
+                "exist; create that directory or remove the link", root
             )
-        legacy = None if os.path.isdir(self.root) else _dbm_database(self.root)
+        legacy = None if os.path.isdir(root) else _dbm_database(root)
         if legacy is not None:
-            new = self.root + ".donecache"
+            new = root + ".donecache"
             raise FileExistsError(
                 errno.EEXIST,
-                f"{self.root!r} names a shelve (dbm) database, not a donecache store: {legacy[0]} files "
+                f"{root!r} names a shelve (dbm) database, not a donecache store: {legacy[0]} files "
                 f"{', '.join(os.path.basename(name) for name in legacy[1])}; donecache does not read dbm files. "
-                f"Copy it into a new store once with: with shelve.open({self.root!r}, 'r') as old, "
+                f"Copy it into a new store once with: with shelve.open({root!r}, 'r') as old, "
                 f"donecache.open({new!r}) as new: new.update(old)",
             )  # No filename: str() would append it after the line to copy.
-        if os.path.exists(self.root) and not os.path.isdir(self.root):
+        if os.path.exists(root) and not os.path.isdir(root):  # Asked again: another thread may make it meanwhile.
             raise NotADirectoryError(
-                errno.ENOTDIR, f"cache {self.root!r} is a file, not a directory; choose another path", self.root
+                errno.ENOTDIR, f"cache {root!r} is a file, not a directory; choose another path", root
             )
-        if not os.path.isdir(self.root):
+        if not os.path.isdir(root):
             if flag in ("r", "w"):
                 raise FileNotFoundError(
-                    errno.ENOENT, f"there is no cache at {self.root!r}; open it with flag='c' to create one", self.root
+                    errno.ENOENT, f"there is no cache at {root!r}; open it with flag='c' to create one", root
                 )
             try:
                 # Private, whatever the umask: whoever can write entries can run code in the reader.
-                _make_dirs(os.path.dirname(self.root), durable=durable)
-                _make_dirs(self.root, 0o700, durable=durable)
+                _make_dirs(os.path.dirname(root), durable=durable)
+                _make_dirs(root, 0o700, durable=durable)
             except OSError as exc:
-                raise _error_about(exc, self.root, "create the cache directory", "choose a writable path") from exc
-        elif _foreign_names(self.root) and not _is_store(self.root):
+                raise _error_about(exc, root, "create the cache directory", "choose a writable path") from exc
+        elif _foreign_names(root) and not _is_store(root):
             # Adopting it would write entries among the user's files, which the CLI then refuses to manage.
             raise FileExistsError(
-                errno.EEXIST,
-                f"{self.root!r} is a directory that holds other files and is not a donecache store (no "
-                "CACHEDIR.TAG); give a new or empty directory, such as .donecache",
-                self.root,
+                errno.EEXIST, f"{root!r} is a directory that holds other files and is not a donecache store (no "
+                "CACHEDIR.TAG); give a new or empty directory, such as .donecache", root
             )
-        st = os.stat(self.root)
+        st = os.stat(root)
         if not trust_shared:
-            _check_trusted(self.root, st)
+            _check_trusted(root, st)
         # Folders made inside the store get the store directory's own mode, whatever
         # the umask: 0700 in a store that donecache made, a team's in a shared one.
         self.dir_mode = stat.S_IMODE(st.st_mode)
         if not self.readonly:
             self._label()
-        self.lock_path = os.path.join(os.path.realpath(self.root), ".lock")
+        self.lock_path = os.path.join(os.path.realpath(root), ".lock")
         self._block = getattr(st, "st_blksize", 0) or 4096
-        self.horizon = 0.0  # The newest use time of an entry evicted, as .usage last said.
         if flag == "n":
             self.clear()
 
     def _label(self) -> None:
-        # CACHEDIR.TAG tells backup tools to skip the store; .gitignore keeps it
-        # out of commits when it lives in a checkout, as .donecache/ does. Both
-        # would hide a user's own files, so a directory that holds anything but
-        # donecache's files is never labelled. A label that a crash left empty
-        # or torn (issue 18 item 12e) is written again, whole.
+        # CACHEDIR.TAG tells backup tools to skip the store; .gitignore keeps it out
+        # of commits when it lives in a checkout, as .donecache/ does. Both would hide
+        # a user's own files, so a directory that holds anything but donecache's files
+        # (a temporary file is a label a cut interrupted: ours) is never labelled. A
+        # label that a crash left empty or torn (issue 18 item 12e) is written again.
         try:
             names = os.listdir(self.root)
         except OSError:
             return
-        # A temporary file is a label a cut interrupted (a cut right after mkdir): ours too.
         if _foreign_names(self.root, names):
             return
         for name, content in (("CACHEDIR.TAG", _CACHEDIR_TAG), (".gitignore", b"# Made by donecache.\n*\n")):
@@ -2574,22 +2464,14 @@ class _EntryDir:
         return _Slot(f"{self._prefix}{folder}{digest[:2]}{os.sep}{digest}", _key_byte(digest))
 
     def read(
-        self,
-        key: bytes,
-        slot: _Slot | None = None,
-        now: float | None = None,
-        mapped: bool = False,
-        use: bool = True,
-        recent: bool = False,
+        self, key: bytes, slot: _Slot | None = None, now: float | None = None, mapped: bool = False,
+        use: bool = True, recent: bool = False,
     ) -> _Entry | None:
-        """The entry for ``key`` if it is whole and live at ``now``, or None;
-        ``mapped`` maps its big buffers instead of reading them. ``use``: the
-        read is a use of the entry, recorded for the size limit and prune.
-        ``recent``: a small entry read lately may be served from _recent."""
+        """The entry if whole and live at ``now``, or None; ``use``: recorded as a use; ``recent``: may use _recent."""
         when = time.time() if now is None else now
         touch = when - self._grain if use and not self.readonly else 0.0
+        path = (slot or self.slot(key)).path
         try:
-            path = (slot or self.slot(key)).path
             if recent and self._trusted is None:
                 self._trusted = _stat_trusted(self.root)
             if recent and self._trusted:
@@ -2598,9 +2480,7 @@ class _EntryDir:
                 entry = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped, touch))[0]
         except (OSError, ValueError):
             return None  # Unreadable now (EIO, or ESTALE that persisted), or a mapping refused: a miss.
-        if entry is None or (entry.expires and when >= entry.expires):
-            return None
-        return entry
+        return None if entry is None or (entry.expires and when >= entry.expires) else entry
 
     def write(self, encoded: _Encoded, slot: _Slot | None = None, recent: bool = False) -> None:
         """Store an entry; ``recent``: a small one is also kept in _recent, as read."""
@@ -2622,28 +2502,26 @@ class _EntryDir:
         try:
             try:
                 _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
-            except FileNotFoundError:  # First entry in this folder (or the store was removed).
+            except FileNotFoundError:  # The first entry in its folder (or the store was removed).
                 _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
                 _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
-            except IsADirectoryError:  # Damage: something made a directory of an entry's name.
-                _remove_path(path)
-                _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
-            except NotADirectoryError:  # Damage: a file where a folder should be.
+            except (NotADirectoryError, IsADirectoryError):  # Damage: a file as a folder, or a folder as the entry.
                 folder = self.root
                 for part in os.path.relpath(os.path.dirname(path), self.root).split(os.sep):
                     folder = os.path.join(folder, part)
                     if os.path.lexists(folder) and not os.path.isdir(folder):
                         os.unlink(folder)
                 _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)
-                _write_bytes(path, encoded.chunks(), durable=self.durable)
+                if os.path.isdir(path):
+                    _remove_path(path)
+                _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
         except OSError as exc:
             raise _error_about(exc, self.root, "store an entry in the cache", "check that it is writable") from exc
         if stamps:
-            _keep_recent(path, stamps[-1], encoded.as_read())
+            _keep_recent(path, stamps[-1], encoded)
 
     def _synced(self, folders: Iterable[str]) -> None:
-        """With durable, flush the folders whose entries were removed: a removal,
-        like a rename, is durable only once its directory is (issue 18 item 12d)."""
+        """With durable, flush the folders of removed entries: a removal is durable once they are (issue 18, 12d)."""
         if self.durable:
             for folder in sorted(folders):
                 _fsync_dir(folder)
@@ -2669,32 +2547,23 @@ class _EntryDir:
             return []
 
     def files(self, folder: str | None = None) -> Iterator[tuple[str, str]]:
-        """(path, folder) of every entry file, valid or not (no temporary files): all, or those of
-        one folder ("" for the top level, else a name from folders())."""
-        for name in self.folders() if folder is None else [folder.rstrip(os.sep)]:
-            if name:
-                yield from self._shard_files(os.path.join(self.root, name), name)
-        if not folder:
-            yield from self._shard_files(self.root, "")
-
-    def _shard_files(self, directory: str, folder: str) -> Iterator[tuple[str, str]]:
-        try:
-            shards = [e for e in os.scandir(directory) if _is_hex(e.name, 2)]
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        shards = [e for e in shards if e.is_dir(follow_symlinks=False)]
-        for shard in sorted(shards, key=lambda e: e.name):
+        """(path, folder) of each entry file (valid or not), or of one of folders() ("" for the top level)."""
+        for name in self.folders() + [""] if folder is None else [folder.rstrip(os.sep)]:
             try:
-                names = os.listdir(shard.path)
-            except OSError:
+                shards = [e for e in os.scandir(os.path.join(self.root, name)) if _is_hex(e.name, 2)]
+            except (FileNotFoundError, NotADirectoryError):
                 continue
-            for name in names:
-                if _is_hex(name, _NAME_HEX) and name.startswith(shard.name):
-                    yield os.path.join(shard.path, name), folder
+            for shard in sorted((e for e in shards if e.is_dir(follow_symlinks=False)), key=lambda e: e.name):
+                try:
+                    names = os.listdir(shard.path)
+                except OSError:
+                    continue
+                for entry in names:
+                    if _is_hex(entry, _NAME_HEX) and entry.startswith(shard.name):
+                        yield os.path.join(shard.path, entry), name
 
     def scan(self, folder: str | None = None) -> Iterator[_Found]:
-        """Every entry file (of ``folder``, as for files()) with its head (a bounded read), or None
-        where it is damaged or filed under another key's name. Expired entries are included."""
+        """_Found for each of files() (expired ones too; a file under another key's name is damage)."""
         for path, where in self.files(folder):
             try:
                 entry, st = _retry_stale(lambda: _load_entry(path, None, _HEAD))
@@ -2710,31 +2579,27 @@ class _EntryDir:
     def clear(self, match: Callable[[bytes], bool] | None = None, folder: str | None = None) -> int:
         """Remove the entries (of ``folder``; those whose key ``match`` accepts); return how many."""
         self._writable()
-        removed, folders = 0, set[str]()
+        removed: list[str] = []
         try:
             if match is not None:
                 for found in self.scan(folder):
                     if found.entry is not None and found.stat is not None and match(found.entry.key):
                         if _remove_judged(found.path, found.stat):
-                            removed += 1
-                            folders.add(os.path.dirname(found.path))
-                self._synced(folders)
-                return removed
-            for path, _folder in list(self.files(folder)):
+                            removed.append(found.path)
+            for path, _folder in list(self.files(folder)) if match is None else ():
                 try:
                     os.unlink(path)
-                    removed += 1
-                    folders.add(os.path.dirname(path))
+                    removed.append(path)
                 except (FileNotFoundError, IsADirectoryError):
                     pass  # Removed by another process first, or damage that prune() removes.
                 except PermissionError as exc:
                     if exc.errno in _READ_ONLY:
                         raise
                     # EPERM: a directory at an entry's name (macOS); prune() removes it.
-            self._synced(folders)
+            self._synced({os.path.dirname(path) for path in removed})
         except OSError as exc:
             raise _error_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
-        return removed
+        return len(removed)
 
 
 # ---------------------------------------------------------------------------
@@ -3094,7 +2959,7 @@ def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
 
     def stale(found: _Found) -> bool:
         parts = None if found.entry is None else _parse_key(found.entry.key)
-        return parts is not None and (found.folder == "" or older(parts.function, parts.identity))
+        return parts is not None and (found.folder == "" or older(*parts))
 
     return stale
 
@@ -4032,7 +3897,8 @@ class _CodeIdentity:
 
     def same(self, home: Any) -> Callable[[], bool]:
         """A check, before each call, that the bindings read are the same objects: those in ``home`` (a script's,
-        a notebook's globals) at every call, the others after an exec() (a cell, a reload, an import)."""
+        a notebook's globals) at every call, the others after an exec() (a cell, a reload, an import): a hit
+        costs a few dict reads."""
         if not _exec_count:
             _exec_count.append(0)
             try:
@@ -4660,6 +4526,10 @@ class _Outcome:
     def __init__(self, ok: bool, value: Any, computed: bool, traceback: str = "", seconds: float = 0.0) -> None:
         self.ok, self.value, self.computed, self.traceback, self.seconds = ok, value, computed, traceback, seconds
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A worker sends a chunk's outcomes back: by their fields, a third of the time slots' default takes.
+        return _Outcome, (self.ok, self.value, self.computed, self.traceback, self.seconds)
+
 
 _KEY_MEMO_TYPES = frozenset({int, str, bytes, type(None)})
 _KEY_MEMO_SIZE = 4096
@@ -5242,7 +5112,7 @@ def memoize(
     and f() (when x=1 is the default) are one entry. The code identity is ``version`` when given;
     otherwise it follows the function's source (comments, blank lines and decorators aside), the
     module-level constants it reads and the functions and classes of your own code that it uses
-    (README, "Code changes"). Concurrent callers of one key, in threads or processes, compute it
+    (docs/identity.md). Concurrent callers of one key, in threads or processes, compute it
     once; the others wait and reuse the result. Exceptions are not cached; None is. A result that
     cannot be pickled is returned with a DonecacheWarning and not stored.
 
@@ -5268,9 +5138,10 @@ def memoize(
         buffers that mmap maps) where that makes it smaller: text-heavy results shrink several times
         at some write time (docs/storage.md). False (the default): no compression.
 
-    The decorated function has ``cache_info()``, ``cache_clear()`` (this function's entries only),
-    ``forget(*args)``, ``refresh(*args)`` and ``__wrapped__`` (the function itself: call it to bypass
-    the cache), and ``map``/``imap`` for batches on any executor. It pickles by reference where its
+    The decorated function has ``cache_info()``, ``cache_parameters()``, ``cache_clear()`` (this
+    function's entries only), ``is_cached(*args)``, ``forget(*args)``, ``refresh(*args)``, ``prune()``,
+    ``__wrapped__`` (the function itself: call it to bypass the cache), ``map``/``imap`` for batches
+    on any executor and ``failures()`` for their ledger. It pickles by reference where its
     name finds it, else by value, so it works with ProcessPoolExecutor, multiprocessing and Dask;
     bound to an instance, it keeps all of these. ``async def`` functions are supported.
     """
@@ -5340,16 +5211,11 @@ def _record_failure(
         return
     args = call.args[lead:]
     record = {
-        "function": func._function,
-        "identity": _key_identity(call.key),
-        "input": shown,
+        "function": func._function, "identity": _key_identity(call.key), "input": shown,
         "input_pickle": _pickled_input(args[0] if len(args) == 1 and not call.kwargs else args),
         "entry": os.path.basename(call.slot.path),  # Names the input when its pickle is not kept.
-        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": _safe_str(exc),
-        "traceback": traceback[-20000:],
-        "time": time.time(),
-        **_who(),
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": _safe_str(exc),
+        "traceback": traceback[-20000:], "time": time.time(), **_who(),
     }
     try:
         files.record_failure(call.slot, record)
@@ -5357,12 +5223,10 @@ def _record_failure(
         _warn(f"{func.__qualname__}(): a failure could not be recorded in the cache: {exc}")
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A pool worker's initializer: exit when the parent process is gone (its
-    parent pid changes), instead of idling forever after a kill -9."""
-
-    # Under forkserver the worker's parent is the fork server, which exits when
-    # ``parent`` does: watch whichever process is the parent now.
+def _exit_with_parent() -> None:
+    """A pool worker's initializer: exit when the parent is gone, instead of idling forever after a kill -9."""
+    # The parent pid changes then. Under forkserver the worker's parent is the fork server, which exits when
+    # the batch's process does: watch whichever process is the parent now.
     first = os.getppid()
 
     def watch() -> None:
@@ -5386,17 +5250,14 @@ def _failed(exc: BaseException, portable: bool) -> _Outcome:
 
 
 class _Writer:
-    """A worker's background writer: it stores a chunk's results (and releases
-    their keys' locks) while the next call computes, so that creating entry
-    files costs no time of the calls. finish() waits until all are stored.
-    Keys are distinct within a chunk (the parent sees to it): a key's lock is
-    never asked for again while the writer holds it. One per worker process,
-    made with its first chunk (a thread started and joined per chunk cost 7%
-    of a batch of 1 ms calls); a chunk run in a thread of a process that is
-    not a pool's worker (executor=ThreadPoolExecutor) has its own, stopped at
-    its end, so that no thread outlives the batch in the user's process (a
-    later fork(2) with threads alive can deadlock its child)."""
+    """A worker's background writer: it stores a chunk's results (and releases their keys' locks) while the next
+    call computes, so that creating entry files costs the calls no time. finish() waits until all are stored."""
 
+    # Keys are distinct within a chunk (the parent sees to it): a key's lock is never asked for again while the
+    # writer holds it. One per worker process, made with its first chunk (a thread started and joined per chunk
+    # cost 7% of a batch of 1 ms calls); a chunk run in a thread of a process that is not a pool's worker
+    # (executor=ThreadPoolExecutor) has its own, stopped at its end, so that no thread outlives the batch in the
+    # user's process (a later fork(2) with threads alive can deadlock its child).
     _current: _Writer | None = None
 
     def __init__(self) -> None:
@@ -5444,40 +5305,23 @@ class _Writer:
         done = _thread.allocate_lock()
         done.acquire()
         self._queue.put(done)
-        while not done.acquire(timeout=0.1):
-            if not self._thread.is_alive():
-                break
-
-
-def _compute(
-    func: _Memoized[..., Any], args: tuple[Any, ...], off: bool, label: Callable[..., Any] | None = None, lead: int = 0
-) -> _Outcome:
-    """One call of a batch, raising its failure; ``off``: caching was off when the batch began."""
-    if off:
-        started = time.perf_counter()
-        value = func.__wrapped__(*args)
-        return _Outcome(True, value, True, seconds=time.perf_counter() - started)
-    call = func._keyed(args, {})
-    try:
-        value, computed = func._get(call)
-        return _Outcome(True, value, computed, seconds=call.seconds)
-    except Exception as exc:
-        _record_failure(func, call, exc, _format_exception(exc), _label_text(label, args[lead:]), lead)
-        raise
+        while not done.acquire(timeout=0.1) and self._thread.is_alive():
+            pass
 
 
 def _call_one(
     func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes | None, portable: bool, off: bool,
-    writer: _Writer | None = None, shown: str | Callable[[], str] = "", lead: int = 0,
+    writer: _Writer | None = None, shown: str | Callable[[], str] = "", lead: int = 0, raising: bool = False,
 ) -> _Outcome:
-    """One call of a batch, never raising; ``key`` when the parent made it already;
-    ``off``: caching was switched off when the batch began; ``writer`` stores the
-    result in the background; ``shown``: the input's text for the ledger (or
-    what makes it); ``lead``: arguments before the input (a method's self)."""
+    """One call of a batch; a failure is recorded, then returned (raised if ``raising``). ``key``: if the parent made
+    it; ``off``: caching was off when the batch began; ``writer`` stores the result in the background; ``shown``:
+    the input's text for the ledger (or what makes it); ``lead``: arguments before the input (a method's self)."""
     call = None
     try:
         if off:
-            return _compute(func, args, off)
+            started = time.perf_counter()
+            value = func.__wrapped__(*args)
+            return _Outcome(True, value, True, seconds=time.perf_counter() - started)
         call = func._keyed(args, {}) if key is None else func._at_key(key, args, {})
         value, computed = func._get(call, hand_off=None if writer is None else writer.put, missed=key is not None)
         return _Outcome(True, value, computed, seconds=call.seconds)
@@ -5485,33 +5329,26 @@ def _call_one(
         outcome = _failed(exc, portable)
         if call is not None:
             _record_failure(func, call, exc, outcome.traceback, shown if isinstance(shown, str) else shown(), lead)
+        if raising:
+            raise
         return outcome
-
-
-class _ChunkReport:
-    """What a worker sends back for a chunk: the outcomes in order, its pid and the time it took."""
-
-    __slots__ = ("outcomes", "pid", "seconds")
-
-    def __init__(self, outcomes: list[_Outcome], pid: int, seconds: float) -> None:
-        self.outcomes, self.pid, self.seconds = outcomes, pid, seconds
 
 
 def _run_chunk(
     func: _Memoized[..., Any], calls: list[tuple[bytes, tuple[Any, ...], str]], portable: bool, off: bool,
     lead: int = 0, nonce: bytes = b"",
-) -> _ChunkReport:
-    """A worker's task: the calls of one chunk (key, arguments, the input's text).
-    Module level, so that it pickles by name. ``nonce`` makes every submission
-    unique: Dask treats equal submissions as one pure task and hands back an old
-    result, which would be reported as computed but never stored (issue 18)."""
+) -> tuple[list[_Outcome], int, float]:
+    """A worker's task, at module level to pickle by name: a chunk's calls (key, arguments, the input's text),
+    giving their outcomes in order, its pid and its seconds. ``nonce`` makes every submission unique:
+    Dask treats equal submissions as one pure task and hands back an old result, reported as computed but never
+    stored (issue 18)."""
     started = time.perf_counter()
     writer = _Writer.running()
     try:
-        outcomes = [_call_one(func, args, key or None, portable, off, writer, shown, lead) for key, args, shown in calls]
+        outcomes = [_call_one(func, args, key or None, portable, off, writer, text, lead) for key, args, text in calls]
     finally:
         writer.finish()
-    return _ChunkReport(outcomes, os.getpid(), time.perf_counter() - started)
+    return outcomes, os.getpid(), time.perf_counter() - started
 
 
 class Failure:
@@ -5527,14 +5364,12 @@ class Failure:
 
 
 class _Done:
-    """One input of a batch: its position, its arguments, the key if it goes to
-    a worker, and its outcome (None until it is known)."""
+    """One input of a batch: its position, its arguments, its key if it goes to a worker, its outcome once known."""
 
     __slots__ = ("index", "args", "key", "outcome")
 
     def __init__(self, index: int, args: tuple[Any, ...]) -> None:
-        self.index, self.args = index, args
-        self.key = b""
+        self.index, self.args, self.key = index, args, b""
         self.outcome: _Outcome | None = None
 
     def result(self) -> Any:
@@ -5547,9 +5382,8 @@ class _Done:
 
 
 def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True) -> bool:
-    """Settle an input in the parent if its result is cached, if its key cannot
-    be made, or (without ``retry``) if its failure is recorded for the current
-    code; else keep its key for the worker and return False."""
+    """Settle an input in the parent if its result is cached, its key cannot be made, or (without ``retry``) its
+    failure is recorded for the current code; else keep its key for a worker and return False."""
     try:
         call = func._keyed(lead + done.args, {})
     except Exception as exc:
@@ -5570,27 +5404,24 @@ def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], 
 
 
 def _serial(
-    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions, off: bool
+    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions,
+    off: bool,
 ) -> Iterator[_Done]:
     """A batch in this thread, one call after the other."""
+    keep_going = options.keep_going
     for index, args in enumerate(calls):
         done = _Done(index, args)
         if not options.retry_failures and not off and _answer_here(func, done, lead, False):
-            if not options.keep_going and done.outcome is not None and not done.outcome.ok:
+            if not keep_going and done.outcome is not None and not done.outcome.ok:
                 raise done.outcome.value
-        elif options.keep_going:
+        else:  # Without keep_going a failure propagates with its own traceback, as a loop would.
             shown = (lambda: _label_text(options.label, args))  # noqa: E731 - made only if the call fails.
-            done.outcome = _call_one(func, lead + args, None, False, off, shown=shown, lead=len(lead))
-        else:  # Let the failure propagate with its own traceback, as a loop would.
-            done.outcome = _compute(func, lead + args, off, options.label, len(lead))
+            done.outcome = _call_one(func, lead + args, None, False, off, None, shown, len(lead), not keep_going)
         yield done
 
 
 class _Plan:
-    """Where a parallel batch runs: the executor (None: start one of ``workers``),
-    how calls travel to it, and how many it runs at once."""
-
-    __slots__ = ("executor", "workers", "processes", "capacity", "portable", "off", "owned")
+    """Where a batch runs: its executor (or a pool of ``workers`` to start), how calls travel, how many at once."""
 
     def __init__(self, func: _Memoized[..., Any], name: str, options: _BatchOptions, off: bool) -> None:
         import concurrent.futures as futures
@@ -5599,9 +5430,7 @@ class _Plan:
         self.executor, self.workers, self.processes, self.off = executor, workers, processes, off
         self.owned = executor is None  # Started and shut down by the batch.
         if executor is None:
-            assert workers is not None
-            self.capacity = workers
-            in_process, by_standard_pickle = not processes, processes
+            self.capacity, in_process, by_standard_pickle = workers or 1, not processes, processes
         elif not callable(getattr(executor, "submit", None)):
             raise TypeError(
                 f"{name}: executor= takes a concurrent.futures.Executor (an object with submit()), "
@@ -5611,44 +5440,33 @@ class _Plan:
             self.capacity = workers or getattr(executor, "_max_workers", None) or os.cpu_count() or 1
             in_process = isinstance(executor, futures.ThreadPoolExecutor)
             by_standard_pickle = isinstance(executor, futures.ProcessPoolExecutor)
-        # Exceptions are checked for the trip back unless the calls run in this process.
-        self.portable = not in_process
-        if by_standard_pickle:
-            # Found now, not as a hang or a broken pool later: a function that
-            # the standard pickler cannot send (a lambda, a nested function).
-            import pickle
-
-            try:
-                pickle.dumps(func)
-            except Exception as exc:
-                raise TypeError(
-                    f"{name}: {func.__qualname__} cannot be sent to worker processes ({exc}). "
-                    "Define it at module level (a lambda or a function defined inside another cannot be "
-                    "pickled), or run the calls in threads: processes=False, or an executor of threads"
-                ) from exc
-            self._check_main(func, name)
-
-    def _check_main(self, func: _Memoized[..., Any], name: str) -> None:
-        """Workers started by spawn or forkserver (Linux's default from 3.14) import
-        __main__ afresh, from its file: a function of a notebook, the REPL or
-        ``python -c`` has none, and the pool would break at the first task."""
-        import multiprocessing
-
-        context = getattr(self.executor, "_mp_context", None)
-        method = (
-            context.get_start_method()
-            if context is not None
-            else multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
-        )
-        main = sys.modules.get("__main__")
-        if method == "fork" or getattr(func.__wrapped__, "__module__", None) != "__main__" or getattr(main, "__file__", None):
+        self.portable = not in_process  # Exceptions are checked for the trip back unless the calls run here.
+        if not by_standard_pickle:
             return
-        raise TypeError(
-            f"{name}: {func.__qualname__} is defined in __main__ without a file (a notebook, the REPL or "
-            f"python -c), and worker processes started by {method!r} cannot import it. Move it into a module "
-            "(a .py file beside the notebook) and import it from there, run the calls in threads "
-            "(processes=False), or pass executor=ProcessPoolExecutor(mp_context=multiprocessing.get_context('fork'))"
-        )
+        # Found now, not as a hang or a broken pool later: a function that the standard pickler cannot send (a
+        # lambda, a nested function), or one of a __main__ without a file where workers import __main__ afresh
+        # from its file (spawn or forkserver, Linux's default from 3.14): a notebook, the REPL or ``python -c``.
+        import multiprocessing
+        import pickle
+
+        try:
+            pickle.dumps(func)
+        except Exception as exc:
+            raise TypeError(
+                f"{name}: {func.__qualname__} cannot be sent to worker processes ({exc}). "
+                "Define it at module level (a lambda or a function defined inside another cannot be "
+                "pickled), or run the calls in threads: processes=False, or an executor of threads"
+            ) from exc
+        context = getattr(executor, "_mp_context", None) or multiprocessing
+        method = context.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+        in_main = getattr(func.__wrapped__, "__module__", None) == "__main__"
+        if method != "fork" and in_main and not getattr(sys.modules.get("__main__"), "__file__", None):
+            raise TypeError(
+                f"{name}: {func.__qualname__} is defined in __main__ without a file (a notebook, the REPL or python "
+                f"-c), and worker processes started by {method!r} cannot import it. Move it into a module (a .py file "
+                "beside the notebook) and import it from there, run the calls in threads (processes=False), or pass "
+                "executor=ProcessPoolExecutor(mp_context=multiprocessing.get_context('fork'))"
+            )
 
     def start(self, workers: int | None = None) -> Any:
         """The executor to use (``workers``: a pool of that many); the caller shuts it down if ``owned``."""
@@ -5657,13 +5475,13 @@ class _Plan:
         if self.executor is not None and workers is None:
             return self.executor
         if self.processes:
-            return futures.ProcessPoolExecutor(workers or self.workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
+            return futures.ProcessPoolExecutor(workers or self.workers, initializer=_exit_with_parent)
         return futures.ThreadPoolExecutor(self.workers)
 
 
 def _stop_pool(pool: Any, now: bool) -> None:
-    """Shut down a pool that a batch started; ``now`` (an interrupt): terminate its
-    worker processes instead of waiting for the calls they run (issue 18)."""
+    """Shut down a pool that a batch started; ``now`` (an interrupt): terminate its worker processes instead of
+    waiting for the calls they run (issue 18)."""
     processes = list((getattr(pool, "_processes", None) or {}).values()) if now else []
     for process in processes:
         process.terminate()
@@ -5695,31 +5513,18 @@ def _death(pool: Any, processes: list[Any]) -> str:
 
 
 def _stream(
-    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions, plan: _Plan
+    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions,
+    plan: _Plan,
 ) -> Iterator[_Done]:
-    """A batch on an executor, yielding each input's _Done in input order.
-
-    Reads inputs while a bounded number wait to be yielded. Keeps at most two
-    chunks per worker in flight, and sends the misses gathered so far as soon
-    as there is room: a rerun's few misses go out at once, one by one, while
-    a cold run's misses gather into full chunks as the workers stay busy.
-    Without keep_going, a failure stops reading and sending, and cancels the
-    chunks after it.
-
-    A worker of a pool started here that dies (a segfault, the OOM killer,
-    os._exit) breaks the whole pool: every chunk in flight fails. Those inputs
-    are then run again one at a time, each in a pool of its own, so that the
-    one that kills its worker is found and recorded as a failure ("worker
-    died: signal 9 (SIGKILL)"); then a new pool takes the rest.
-    """
+    """A batch on an executor, yielding each input's _Done in input order (docs/batches.md)."""
     import collections
     import concurrent.futures as futures
 
     keep_going, chunksize, label = options.keep_going, options.chunksize, options.label
-    limit = 2 * plan.capacity
+    limit = 2 * plan.capacity  # Chunks in flight: two per worker.
     size = chunksize or 1
     here = os.getpid()
-    ahead: collections.deque[_Done] = collections.deque()
+    ahead: collections.deque[_Done] = collections.deque()  # Read, waiting to be yielded.
     pending: dict[Any, list[_Done]] = {}
     buffer: list[_Done] = []
     queued: set[bytes] = set()  # The keys in buffer.
@@ -5756,22 +5561,21 @@ def _stream(
             if chunk[0].index > index:
                 future.cancel()
 
-    def settle(chunk: list[_Done], report: _ChunkReport) -> None:
+    def settle(chunk: list[_Done], report: tuple[list[_Outcome], int, float]) -> None:
         nonlocal size
-        for done, outcome in zip(chunk, report.outcomes):
+        outcomes, pid, seconds = report
+        for done, outcome in zip(chunk, outcomes):
             done.outcome = outcome
-        if report.pid != here:  # Another process's counts: add them to this one's.
-            computed = sum(1 for outcome in report.outcomes if outcome.ok and outcome.computed)
+        if pid != here:  # Another process's counts: add them to this one's.
+            computed = sum(1 for outcome in outcomes if outcome.ok and outcome.computed)
             func._misses += computed
-            func._hits += sum(1 for outcome in report.outcomes if outcome.ok) - computed
-            func._saved += sum(o.seconds for o in report.outcomes if o.ok and not o.computed)
-        if chunksize is None and report.seconds > 0:
-            per_call = report.seconds / len(chunk)
-            size = max(1, min(_MAX_CHUNK, int(_CHUNK_SECONDS / per_call)))
+            func._hits += sum(1 for outcome in outcomes if outcome.ok) - computed
+            func._saved += sum(o.seconds for o in outcomes if o.ok and not o.computed)
+        if chunksize is None and seconds > 0:
+            size = max(1, min(_MAX_CHUNK, int(_CHUNK_SECONDS / (seconds / len(chunk)))))
 
     def alone(done: _Done) -> None:
-        """Run an input of a broken pool's chunk in a pool of one worker: either it
-        completes, or its worker's death is its failure."""
+        """Run an input of a broken pool alone, in a pool of one: it completes, or its worker's death is its failure."""
         from concurrent.futures.process import BrokenProcessPool
 
         if _answer_here(func, done, lead, True):
@@ -5797,7 +5601,10 @@ def _stream(
             while ahead and ahead[0].outcome is not None:
                 yield ahead.popleft()
             full = len(pending) >= limit
-            if reading and len(ahead) < (limit + 1) * size + 1000 and not (full and len(buffer) >= size):
+            # Read a bounded window ahead; send the misses gathered so far as soon as there is room: a rerun's few
+            # misses go out at once, one by one, while a cold run's gather into full chunks as the workers stay busy.
+            reads = reading and len(ahead) < (limit + 1) * size + 1000 and not (full and len(buffer) >= size)
+            if reads:
                 item = next(inputs, None)
                 if item is None:
                     reading = False
@@ -5811,11 +5618,10 @@ def _stream(
                         queued.add(done.key)
                     elif not keep_going and not done.outcome.ok:  # type: ignore[union-attr]
                         stop_after(done.index)
-                if buffer and not full:
-                    send()
-                continue
             if buffer and not full:
                 send()
+                continue
+            if reads:
                 continue
             if not pending:
                 return  # Everything sent came back; anything left lies after a failure.
@@ -5832,13 +5638,14 @@ def _stream(
                         broken = True
                         pending[future] = chunk  # Judged below, with the rest of the broken pool's.
                         continue
-                    report = _ChunkReport([_failed(exc, False)] * len(chunk), here, 0.0)
+                    report = ([_failed(exc, False)] * len(chunk), here, 0.0)
                 settle(chunk, report)
-                if not keep_going:
-                    failed = [done.index for done in chunk if done.outcome is not None and not done.outcome.ok]
-                    if failed:
-                        stop_after(failed[0])
+                failed = [done.index for done in chunk if done.outcome is not None and not done.outcome.ok]
+                if failed and not keep_going:
+                    stop_after(failed[0])
             if broken:
+                # A dying worker breaks the whole pool: each input of the chunks in flight runs again alone, to
+                # record the one that kills its worker as a failure; a new pool takes the rest (docs/batches.md).
                 executor.shutdown(wait=True)  # Every future of a broken pool is settled by now.
                 suspects = []
                 for future, chunk in sorted(pending.items(), key=lambda item: item[1][0].index):
@@ -5872,61 +5679,51 @@ def _duration(seconds: float) -> str:
     if seconds < 59.95:
         return f"{seconds:.1f} s"
     whole = int(seconds + 0.5)
-    for big, small, name, rest in ((86400, 3600, "d", "h"), (3600, 60, "h", "min"), (60, 1, "min", "s")):
+    for big, small, name, rest in ((86400, 3600, "d", "h"), (3600, 60, "h", "min")):
         if whole >= big:
             return f"{whole // big} {name} {whole % big // small} {rest}"
-    return f"{whole} s"  # Not reached.
+    return f"{whole // 60} min {whole % 60} s"
 
 
 def _batch_figures(computed: int, computed_seconds: float, reused: int, saved_seconds: float) -> str:
-    """What a batch did, for its summary and progress lines:
-    "7 computed (1.2 s), 1,993 reused (saved 2 h 10 min of compute)"."""
-    return (
-        f"{computed:,} computed ({_duration(computed_seconds)}), "
-        f"{reused:,} reused (saved {_duration(saved_seconds)} of compute)"
-    )
+    """What a batch did: "7 computed (1.2 s), 1,993 reused (saved 2 h 10 min of compute)"."""
+    spent, saved = _duration(computed_seconds), _duration(saved_seconds)
+    return f"{computed:,} computed ({spent}), {reused:,} reused (saved {saved} of compute)"
 
 
 class BatchResult:
     """What :meth:`map` returns.
 
-    ``results`` holds one item per input, in input order: the result, or for
-    an input that failed its :class:`Failure` (so a result of None is a real
-    None). ``failures`` lists the failures alone, ``successes`` the results
-    alone; ``computed`` and ``reused`` count the results by where they came
-    from. ``computed_seconds`` is the time the computed ones took (summed over
-    workers: compute time, not wall time); ``saved_seconds`` the time the
-    reused ones had taken when they were computed, as their entries record it.
+    ``results`` holds one item per input, in input order: the result, or for an input that failed its
+    :class:`Failure` (so a result of None is a real None). ``failures`` lists the failures alone, ``successes``
+    the results alone; ``computed`` and ``reused`` count the results by where they came from.
+    ``computed_seconds`` is the time the computed ones took (summed over workers: compute time, not wall time);
+    ``saved_seconds`` the time the reused ones had taken when they were computed, as their entries record it.
     ``summary`` says it in words.
     """
 
     def __init__(self) -> None:
         self.results: list[Any] = []
         self.failures: list[Failure] = []
-        self.computed = 0
-        self.reused = 0
-        self.computed_seconds = 0.0
-        self.saved_seconds = 0.0
+        self.computed = self.reused = 0
+        self.computed_seconds = self.saved_seconds = 0.0
 
     @classmethod
     def _of(cls, stream: Iterator[_Done]) -> BatchResult:
         batch = cls()
         try:
             for done in stream:
-                batch._record(done)
+                result = done.result()
+                batch.results.append(result)
+                if isinstance(result, Failure):
+                    batch.failures.append(result)
+                else:
+                    batch._count(done.outcome)
         except BaseException as exc:
             if not isinstance(exc, Exception) and hasattr(stream, "throw"):
                 stream.throw(exc)  # An interrupt here, not in the stream: it must stop the pool now.
             raise
         return batch
-
-    def _record(self, done: _Done) -> None:
-        result = done.result()
-        self.results.append(result)
-        if isinstance(result, Failure):
-            self.failures.append(result)
-        else:
-            self._count(done.outcome)
 
     def _count(self, outcome: _Outcome | None) -> None:
         """Count a success as computed or reused, with its seconds."""
@@ -5975,13 +5772,11 @@ def _clock(seconds: float) -> str:
 class Progress:
     """What a ``progress=`` callable of :meth:`map` receives: a snapshot of a batch.
 
-    ``function`` (its qualified name), ``done`` inputs of ``total`` (None for a
-    generator), of which ``failed``, ``computed`` and ``reused``; the seconds
-    the computed calls took (``computed_seconds``) and those the reused results
-    had taken when first computed (``saved_seconds``); ``elapsed`` seconds;
-    ``eta`` seconds left (None when unknown); ``final``: the batch has ended.
-    ``percent`` is done/total in percent, or None. More fields may be added; a
-    callable should read them by name."""
+    ``function`` (its qualified name), ``done`` inputs of ``total`` (None for a generator), of which ``failed``,
+    ``computed`` and ``reused``; the seconds the computed calls took (``computed_seconds``) and those the reused
+    results had taken when first computed (``saved_seconds``); ``elapsed`` seconds; ``eta`` seconds left (None
+    when unknown); ``final``: the batch has ended. ``percent`` is done/total in percent, or None. More fields may
+    be added; a callable should read them by name."""
 
     __slots__ = (
         "function", "done", "total", "failed", "computed", "reused", "computed_seconds", "saved_seconds",
@@ -6020,34 +5815,27 @@ class Progress:
         return f"{self.function}: {done}, {rate:.1f}/s, ETA {eta}, {self.failed} failed; {figures}"
 
 
-def _in_jupyter() -> bool:
-    # A Jupyter kernel replaces stderr with its own stream, which draws "\r" lines;
-    # asking the type costs nothing (importing IPython to ask would cost 0.3 s).
-    return type(sys.stderr).__module__.startswith("ipykernel")
-
-
 class _Progress:
-    """A batch's progress: one line redrawn on stderr (five times a second at
-    most), a record on the "donecache" logger every few seconds, or a Progress
-    for the user's callable (ten times a second at most)."""
+    """A batch's progress: one line redrawn on stderr (five times a second at most), a record on the "donecache"
+    logger every few seconds, or a Progress for the user's callable (ten times a second at most)."""
 
-    def __init__(self, name: str, total: int | None, progress: Any, function: str = "") -> None:
-        if not callable(progress) and (
-            progress is not None and not isinstance(progress, (bool, int, float))
-            or (not isinstance(progress, bool) and isinstance(progress, (int, float)) and not progress > 0)
-        ):
+    def __init__(self, name: str, total: int | None, progress: Any, function: str) -> None:
+        number = isinstance(progress, (int, float)) and not isinstance(progress, bool)
+        if not (progress is None or callable(progress) or isinstance(progress, bool) or number and progress > 0):
             raise ValueError(
                 f"{name}: progress= takes True, False, None, a number of seconds or a callable, not {progress!r}"
             )
-        self.name, self.total, self.function = name, total, function or name
+        self.name, self.total, self.function, self._call = name, total, function, progress
         self.done = self.failed = 0
         self.counts = BatchResult()  # Only its figures: computed, reused and their seconds.
         self._started = self._last = time.monotonic()
-        self._logger: Any = None
-        self._call: Any = None
-        if callable(progress) and not isinstance(progress, bool):
-            self.mode, self._every, self._call = "call", 0.1, progress
-        elif progress is True or (progress is None and (sys.stderr.isatty() or _in_jupyter())):
+        self._logged = False
+        # A Jupyter kernel replaces stderr with its own stream, which draws "\r" lines; asking the type costs
+        # nothing (importing IPython to ask would cost 0.3 s).
+        terminal = progress is None and (sys.stderr.isatty() or type(sys.stderr).__module__.startswith("ipykernel"))
+        if callable(progress):
+            self.mode, self._every = "call", 0.1
+        elif progress is True or terminal:
             self.mode, self._every = "terminal", 0.2
         elif progress is False:
             self.mode, self._every = "off", 0.0
@@ -6056,7 +5844,6 @@ class _Progress:
 
             self.mode, self._every = "log", _LOG_EVERY if progress is None else float(progress)
             self._logger = logging.getLogger("donecache")
-        self._logged = False
 
     def watch(self, stream: Iterator[_Done], keep_going: bool) -> Iterator[_Done]:
         """Pass the stream on, counting; raise a failure unless ``keep_going``."""
@@ -6068,7 +5855,7 @@ class _Progress:
                     self.failed += 1
                     if not keep_going:
                         raise outcome.value
-                elif outcome is not None:
+                else:
                     self.counts._count(outcome)
                 self.update()
                 try:
@@ -6101,7 +5888,8 @@ class _Progress:
                 self._call(self.snapshot(final))
             except Exception as exc:  # A broken bar must not end a long batch.
                 self.mode = "off"
-                _warn(f"{self.name}: the progress= callable raised {type(exc).__name__}: {_safe_str(exc)}; progress is off")
+                failure = f"{type(exc).__name__}: {_safe_str(exc)}"
+                _warn(f"{self.name}: the progress= callable raised {failure}; progress is off")
         elif self.mode == "terminal":
             sys.stderr.write(f"\r{self.snapshot(final)} ")
             sys.stderr.flush()
@@ -6119,16 +5907,11 @@ class _Progress:
 def _share(
     func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], shard: Any, name: str
 ) -> Iterator[tuple[Any, ...]]:
-    """The inputs that shard=(index, count) runs: those whose key's digest is
-    index modulo count, so that every input falls to exactly one shard, in
-    any process on any host (keys are the same everywhere). An input with no
+    """The inputs that shard=(index, count) runs: those whose key's digest is index modulo count, so that every
+    input falls to exactly one shard, in any process on any host (keys are the same everywhere). An input with no
     key (an argument that cannot be one) falls to shard 0, which reports it."""
-    if not (
-        isinstance(shard, tuple)
-        and len(shard) == 2
-        and all(isinstance(n, int) and not isinstance(n, bool) for n in shard)
-        and 0 <= shard[0] < shard[1]
-    ):
+    pair = isinstance(shard, tuple) and len(shard) == 2
+    if not (pair and all(isinstance(n, int) and not isinstance(n, bool) for n in shard) and 0 <= shard[0] < shard[1]):
         raise ValueError(f"{name}: shard= takes (index, count) with 0 <= index < count, not {shard!r}")
     index, count = shard
     for args in calls:
@@ -6143,10 +5926,9 @@ def _share(
 
 
 def _fits(func: _Memoized[..., Any], stream: Iterator[_Done], name: str) -> Iterator[_Done]:
-    """Pass a batch on; at its end, warn if a sweep (in any process) evicted
-    an entry used since it began: its results do not all fit under
-    max_bytes, and since a batch walks its inputs in order, a rerun would
-    reuse none of the evicted ones (issue 21). One .usage read per batch."""
+    """Pass a batch on; at its end, warn if a sweep (in any process) evicted an entry used since it began: its
+    results do not all fit under max_bytes, and since a batch walks its inputs in order, a rerun would reuse none
+    of the evicted ones (issue 21). One .usage read per batch."""
     started = time.time()
     yield from stream
     files = func._store
@@ -6338,9 +6120,10 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
 def _cli_info(args: Any) -> tuple[int, Any, list[str]]:
     report = _survey(_cli_store(args.path, "r"), time.time())
     entries = report["entries"]
-    lines = [f"cache {report['path']}", f"  {entries['live']:,} entries, {_human(report['bytes'])} "
-             f"({_human(report['disk_bytes'])} on disk); {entries['expired']:,} expired, "
-             f"{entries['damaged']:,} damaged, {report['temporary_files']:,} temporary files left by crashed writers"]
+    summary = (f"  {entries['live']:,} entries, {_human(report['bytes'])} ({_human(report['disk_bytes'])} on disk); "
+               f"{entries['expired']:,} expired, {entries['damaged']:,} damaged, "
+               f"{report['temporary_files']:,} temporary files left by crashed writers")
+    lines = [f"cache {report['path']}", summary]
     for name, row in report["per_function"].items():
         line = f"    {row['entries']:,} entries, {_human(row['bytes'])}"
         if row["entries"]:
@@ -6461,9 +6244,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # The console script `donecache` (pyproject.toml) or `python -m donecache`.
     prog = "donecache" if os.path.basename(sys.argv[0]) in ("donecache", "donecache.exe") else "python -m donecache"
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Inspect and clean donecache stores and stage directories. Exit codes: 0 success, 1 not "
-        "done or nothing matched, 2 usage error or missing path.")
+    description = ("Inspect and clean donecache stores and stage directories. Exit codes: 0 success, "
+                   "1 not done or nothing matched, 2 usage error or missing path.")
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=f"donecache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
