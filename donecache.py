@@ -150,12 +150,9 @@ class _NotRegular(OSError):
     """Something other than a regular file stands where one was expected."""
 
     def __init__(self, path: str, st: os.stat_result) -> None:
-        super().__init__(
-            errno.EINVAL,
-            f"{path!r} is {_kind_of(st.st_mode)}, not a regular file; donecache never writes through a link or "
-            "into a special file (one planted there could make it write elsewhere): remove it and run again",
-            path,
-        )
+        message = (f"{path!r} is {_kind_of(st.st_mode)}, not a regular file; donecache never writes through a link or "
+                   "into a special file (one planted there could make it write elsewhere): remove it and run again")
+        super().__init__(errno.EINVAL, message, path)
         self.stat = st
 
 
@@ -462,7 +459,7 @@ else:
         a pool worker that outlives a killed parent never holds the parent's locks forever."""
 
         can_wait = True
-        _open: set[weakref.ref[_LockFile]] = set()  # For _forked: a weak set, without weakref's import.
+        _files: set[weakref.ref[io.FileIO]] = set()  # The handles' open files, for _forked: a weak set without weakref.
         _hooked = False
         # Opening the lock file costs four system calls (open, fstat, lseek, close) per lock: a byte lock's handle
         # released cleanly (unlocked, so it holds nothing) is kept for the next byte lock of that file, a few per
@@ -486,8 +483,7 @@ else:
                 self._file = self._take_spare() if offset is not None else None
                 if self._file is None:
                     self._file, self._checked = io.FileIO(_open_regular(path, _WRITE_FLAGS)[0], "r+"), time.monotonic()
-            self._ref = _weakref.ref(self, _LockFile._open.discard)  # Collected unclosed: its holder vanished.
-            self._open.add(self._ref)
+                    self._files.add(_weakref.ref(self._file, _LockFile._files.discard))  # Collected: closed, forgotten.
 
         def _take_spare(self) -> io.FileIO | None:
             spare = self._spare.get(self._path)
@@ -506,15 +502,11 @@ else:
 
         @staticmethod
         def _forked() -> None:
-            for ref in list(_LockFile._open):
-                handle = ref()
-                if handle is not None and handle._file is not None:
-                    handle._file.close()
-            _LockFile._open.clear()
-            spares, _LockFile._spare = _LockFile._spare, {}
-            for files in spares.values():
-                for file, _checked in files:
+            for ref in list(_LockFile._files):  # Kept ones too.
+                file = ref()
+                if file is not None:
                     file.close()
+            _LockFile._files, _LockFile._spare = set(), {}
             # The child holds no record locks and none of the parent's threads; another thread may have held the guard.
             _RecordLocks.guard, _RecordLocks.shared, _RecordLocks.turns = _thread.allocate_lock(), {}, {}
 
@@ -547,7 +539,6 @@ else:
                 self._clean = True
 
         def close(self) -> None:
-            self._open.discard(self._ref)
             file, self._file = self._file, None
             if self._records is not None:
                 self._records.close()
@@ -708,8 +699,7 @@ def _scandir(path: str) -> list[os.DirEntry[str]]:
 
 
 # Who this process is, asked once: os.getpid() is a system call (glibc stopped caching it in 2.25) and the host's
-# name costs an import. "pid", then "host", "tag" and "names" when asked (see _writer_token). A forked child
-# forgets them.
+# name costs an import. "pid", then "host" and "writer" when asked (see _writer_token). A forked child forgets them.
 _me: dict[str, Any] = {}
 _me_hooked: list[bool] = []
 
@@ -756,22 +746,28 @@ def _make_dirs(path: str, mode: int | None = None, *, durable: bool = False) -> 
     mkdir -p): os.makedirs gives its mode to the last one only, filtered by the umask (mkdir(2)), so a store's shards
     came out 0777 less the umask (issue 18). With ``durable``, each new directory is also flushed into its parent,
     so that a power cut cannot lose it and with it the durable files written next."""
-    new: list[str] = []
-    head = path
-    while not os.path.isdir(head) and head not in new:  # At the root, os.path.dirname(head) is head.
-        new.append(head)
-        head = os.path.dirname(head)
-    for directory in reversed(new):
+    # To make, the last one first. A parent is looked at only once mkdir finds it missing (or not a directory): a
+    # store's new shard costs stat, mkdir and lstat. Once one is made, a missing parent was removed meanwhile.
+    new, made = ([] if os.path.isdir(path) else [path]), False
+    while new:
+        directory = new[-1]
         try:
             os.mkdir(directory, 0o777 if mode is None else mode)
+        except (FileNotFoundError, NotADirectoryError):
+            if made or os.path.dirname(directory) == directory:  # At the root, os.path.dirname(x) is x.
+                raise
+            new.append(os.path.dirname(directory))
+            continue
         except FileExistsError:
             if not os.path.isdir(directory):
-                raise
-            continue  # Made meanwhile by another process (with the same mode, if it is donecache).
-        if mode is not None and stat.S_IMODE(os.lstat(directory).st_mode) != mode:
-            os.chmod(directory, mode)
-        if durable:
-            _fsync_dir(os.path.dirname(directory))
+                raise  # Else made meanwhile by another process (with the same mode, if it is donecache).
+        else:
+            if mode is not None and stat.S_IMODE(os.lstat(directory).st_mode) != mode:
+                os.chmod(directory, mode)
+            if durable:
+                _fsync_dir(os.path.dirname(directory))
+        new.pop()
+        made = True
 
 
 # Records go to logging.getLogger("donecache"): DEBUG for each memoize hit and miss, INFO for waits on a lock
@@ -807,7 +803,8 @@ def _log_at(level: int) -> Any:
 
 
 class _KeyLock:
-    """An exclusive lock on a file (offset None) or one byte of it; ``path`` must be canonical (realpath).
+    """An exclusive lock on a file (offset None) or one byte of it; ``path`` must be canonical (realpath), so
+    that one file has one name in the table of holders.
 
     An exception can arrive between any two lines (KeyboardInterrupt), so nothing stays "held" because
     a line did not run: a collected handle releases its kernel lock, the table of holders keeps only
@@ -871,9 +868,10 @@ class _KeyLock:
     def try_acquire(self) -> bool:
         """Take the lock if it is free now, without waiting (for event loops)."""
         tries = self._tries(None, None, False)
-        free = next(tries, None) is None
+        if next(tries, None) is None:
+            return True
         tries.close()  # Not free: give the handle back.
-        return free
+        return False
 
     async def acquire_async(self, owner: int) -> None:
         """Wait for the lock without blocking the event loop."""
@@ -947,14 +945,15 @@ def _is_temp_name(name: str) -> bool:
 
 def _writer_token() -> str:
     """Who writes a temporary file: 6 hex digits of a digest of the host's name, 6 of the pid, 4 of a count."""
-    pid = _pid()
-    if "names" not in _me:
+    writer = _me.get("writer")
+    if writer is None:
         import hashlib
 
-        _me["tag"] = hashlib.blake2b(_host().encode("utf-8", "replace"), digest_size=3).hexdigest()
+        tag = hashlib.blake2b(_host().encode("utf-8", "replace"), digest_size=3).hexdigest()
         # A count from a random start, not a getrandom(2) per name (issue 20); O_EXCL settles any collision.
-        _me["names"] = itertools.count(int.from_bytes(os.urandom(2), "little"))
-    return f"{_me['tag']}{pid & 0xFFFFFF:06x}{next(_me['names']) & 0xFFFF:04x}"
+        names = itertools.count(int.from_bytes(os.urandom(2), "little"))
+        writer = _me["writer"] = f"{tag}{_pid() & 0xFFFFFF:06x}", names
+    return f"{writer[0]}{next(writer[1]) & 0xFFFF:04x}"
 
 
 def _writer_gone(path: str, now: float) -> bool:
@@ -969,12 +968,13 @@ def _writer_gone(path: str, now: float) -> bool:
 
 
 def _temp_name(target: str) -> str:
-    head, base = os.path.split(target)
-    # Bytes, not characters, count: a 238-byte name of 79 CJK characters must
+    base = os.path.basename(target)
+    head = target[: len(target) - len(base)]
+    # Bytes, not characters, count (at most 4 a character): a 238-byte name of 79 CJK characters must
     # fit, so characters are trimmed from the front until the rest does.
-    while len(os.fsencode(base)) > _TEMP_KEEP:
+    while len(base) * 4 > _TEMP_KEEP and len(os.fsencode(base)) > _TEMP_KEEP:
         base = base[max(1, (len(os.fsencode(base)) - _TEMP_KEEP) // 4) :]
-    return os.path.join(head, f"{_TEMP_PREFIX}{_writer_token()}~{base}")
+    return f"{head}{_TEMP_PREFIX}{_writer_token()}~{base}"
 
 
 def _discard(temp: str) -> None:
@@ -1029,14 +1029,8 @@ def _remove_path(path: str) -> None:
         os.unlink(path)
 
 
-def _write_bytes(
-    target: str,
-    data: bytes | Iterable[Any],
-    *,
-    durable: bool,
-    whole: bool = False,
-    written: Callable[[int], None] | None = None,
-) -> None:
+def _write_bytes(target: str, data: bytes | Iterable[Any], *, durable: bool, whole: bool = False,
+                 written: Callable[[int], None] | None = None) -> None:
     """Atomically make ``target`` hold ``data``: the writer behind markers, pieces and entries.
 
     ``whole`` fsyncs the data (not the directory) even when not ``durable``: after a power cut
@@ -1311,11 +1305,12 @@ def _marker_counts(path: str, version: Any) -> bool:
                 return False
         return _marker_version(_read_marker(path)) == _version_text(version)
 
-    directory, name = os.path.split(path)
-
     def read_directory() -> None:
+        directory, name = os.path.split(path)
         with os.scandir(directory) as entries:
-            any(entry.name == name for entry in entries)  # Read it through, up to the marker's name.
+            for entry in entries:  # Read it through, up to the marker's name.
+                if entry.name == name:
+                    break
 
     if check():
         return True
@@ -1414,10 +1409,11 @@ class Stage:
                     stage.piece(f"{rec.id}.json", lambda: parse(rec))
 
     The directory is created with its parents and, while the block runs, locked against other processes and
-    threads building it: one that waited finds ``stage.done`` (checked under the lock) True. When the block
-    ends normally, the marker file (``marker``, default ``DONE``) is written atomically with JSON metadata:
-    times, host, pid, donecache's version and ``version``. If the block raises or the process dies, there is
-    no marker and the pieces stay, so the next run resumes. ``stage.path`` is the directory as a Path.
+    threads building it: one that waited finds ``stage.done`` (checked under the lock) True if the first finished
+    it. When the block ends normally, the marker file (``marker``, default ``DONE``) is written atomically with
+    JSON metadata: times, host, pid, donecache's version and ``version``. If the block raises or the process
+    dies, there is no marker and the pieces stay, so the next run resumes. ``stage.path`` is the directory as a
+    Path; ``stage.piece()`` writes a piece and ``stage.has()`` asks whether one is there.
 
     version: a str, an int or a tuple of them naming your code's or data's version; a stage whose marker
         records another version counts as not done, and its stale marker is removed before rebuilding.
@@ -1448,7 +1444,8 @@ class Stage:
         self._marker_file = _marker_path(self._root, marker)
         if version is not None:
             _version_text(version)  # An unusable version fails before the stage is entered.
-        self.path, self.marker, self.version, self.done = Path(self._root), marker, version, False
+        self.path, self.marker, self.version = Path(self._root), marker, version
+        self.done = False
         self._fresh, self._durable, self._timeout = fresh, durable, timeout
         self._lock: _KeyLock | None = None
         self._builder: _KeyLock | None = None  # A shared builder's own lock (see _announce).
@@ -1631,9 +1628,11 @@ class Stage:
         if self._durable:
             _flush_tree(self._root)
         finished = time.time()
-        started, ended = (time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t)) for t in (self._started, finished))
-        metadata = {"started": started, "finished": ended, "duration_s": round(finished - self._started, 6), **_who()}
-        metadata.update(donecache=__version__, version=self.version)
+        stamp = "%Y-%m-%dT%H:%M:%S%z"
+        metadata = {"started": time.strftime(stamp, time.localtime(self._started)),
+                    "finished": time.strftime(stamp, time.localtime(finished)),
+                    "duration_s": round(finished - self._started, 6), **_who(),
+                    "donecache": __version__, "version": self.version}
         if self._expect is not None:
             metadata["expect"] = self._expect if isinstance(self._expect, int) else len(self._expect)
         _write_bytes(self._marker_file, json.dumps(metadata, indent=1).encode("utf-8") + b"\n", durable=self._durable)
@@ -3899,7 +3898,8 @@ class _CodeIdentity:
 
     def same(self, home: Any) -> Callable[[], bool]:
         """A check, before each call, that the bindings read are the same objects: those in ``home`` (a script's,
-        a notebook's globals) at every call, the others after an exec() (a cell, a reload, an import)."""
+        a notebook's globals) at every call, the others after an exec() (a cell, a reload, an import): a hit
+        costs a few dict reads."""
         if not _exec_count:
             _exec_count.append(0)
             try:
@@ -6115,9 +6115,10 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
 def _cli_info(args: Any) -> tuple[int, Any, list[str]]:
     report = _survey(_cli_store(args.path, "r"), time.time())
     entries = report["entries"]
-    lines = [f"cache {report['path']}", f"  {entries['live']:,} entries, {_human(report['bytes'])} "
-             f"({_human(report['disk_bytes'])} on disk); {entries['expired']:,} expired, "
-             f"{entries['damaged']:,} damaged, {report['temporary_files']:,} temporary files left by crashed writers"]
+    summary = (f"  {entries['live']:,} entries, {_human(report['bytes'])} ({_human(report['disk_bytes'])} on disk); "
+               f"{entries['expired']:,} expired, {entries['damaged']:,} damaged, "
+               f"{report['temporary_files']:,} temporary files left by crashed writers")
+    lines = [f"cache {report['path']}", summary]
     for name, row in report["per_function"].items():
         line = f"    {row['entries']:,} entries, {_human(row['bytes'])}"
         if row["entries"]:
@@ -6238,9 +6239,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # The console script `donecache` (pyproject.toml) or `python -m donecache`.
     prog = "donecache" if os.path.basename(sys.argv[0]) in ("donecache", "donecache.exe") else "python -m donecache"
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Inspect and clean donecache stores and stage directories. Exit codes: 0 success, 1 not "
-        "done or nothing matched, 2 usage error or missing path.")
+    description = ("Inspect and clean donecache stores and stage directories. Exit codes: 0 success, "
+                   "1 not done or nothing matched, 2 usage error or missing path.")
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=f"donecache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
