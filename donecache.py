@@ -4692,8 +4692,9 @@ class _Memoized(Generic[_P, _R]):
         except Exception:
             return _MISSING  # Written by code that has changed since: recompute.
         self._hits += 1
-        call.seconds = seconds = entry.seconds
-        self._saved += seconds
+        if entry.meta:  # Not in entries of 0.2.
+            call.seconds = seconds = _seconds_of(entry.meta)[0]
+            self._saved += seconds
         if _log_at(_DEBUG) is not None:
             _logger.debug("%s: hit; entry %s", self.__qualname__, call.slot.path if call.slot else "?")
         return value
