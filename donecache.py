@@ -375,6 +375,7 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
             self.fd, self.offset = self._file.fileno(), offset or 0  # A whole-file lock is byte 0.
 
         def lock(self, wait: bool) -> bool:
+            assert not wait, "can_wait is False: callers poll"
             os.lseek(self.fd, self.offset, os.SEEK_SET)
             try:
                 msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
