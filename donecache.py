@@ -208,19 +208,33 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
         return False  # Not measured on Windows: every hit opens its entry.
 
 else:
-    import fcntl
-
     _SYNC_FLAGS = _READ_FLAGS
     _LOCK_SPAN = 2**62
-    # macOS: fsync(2) only hands data to the drive, whose cache may lose it on power failure; F_FULLFSYNC asks the
-    # drive to flush (see fcntl(2) on macOS).
-    _F_FULLFSYNC: int | None = getattr(fcntl, "F_FULLFSYNC", None)
+    # fcntl is imported by _load_fcntl() at the first lock or flush, not by `import donecache` (0.15 ms of a 3 ms
+    # import, issue 20), with the constants taken from it: 0 stands for one this system lacks.
+    fcntl: Any = None
+    _F_FULLFSYNC = _F_OFD_SETLK = _F_OFD_SETLKW = 0
+
+    def _load_fcntl() -> Any:
+        global fcntl, _F_FULLFSYNC, _F_OFD_SETLK, _F_OFD_SETLKW
+        import fcntl as module
+
+        # macOS: fsync(2) only hands data to the drive, whose cache may lose it on power failure; F_FULLFSYNC asks
+        # the drive to flush (see fcntl(2) on macOS).
+        _F_FULLFSYNC = getattr(module, "F_FULLFSYNC", 0)
+        # OFD locks (see _LockFile) on 64-bit Linux only: 32-bit Linux's struct flock differs from _FLOCK.
+        _F_OFD_SETLK = getattr(module, "F_OFD_SETLK", 0) if sys.maxsize > 2**32 else 0
+        _F_OFD_SETLKW = getattr(module, "F_OFD_SETLKW", 0)
+        fcntl = module
+        return module
     # Filesystems that cannot fsync a directory say so with these: CIFS, some FUSE and VirtualBox shares give
     # EINVAL (python-atomicwrites issue #27).
     _NO_DIR_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
 
     def _fsync_file(fd: int) -> None:
-        if _F_FULLFSYNC is not None:
+        if fcntl is None:
+            _load_fcntl()
+        if _F_FULLFSYNC:
             try:
                 fcntl.fcntl(fd, _F_FULLFSYNC)
                 return
@@ -361,6 +375,7 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
             self.fd, self.offset = self._file.fileno(), offset or 0  # A whole-file lock is byte 0.
 
         def lock(self, wait: bool) -> bool:
+            assert not wait, "can_wait is False: callers poll"
             os.lseek(self.fd, self.offset, os.SEEK_SET)
             try:
                 msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
@@ -393,9 +408,8 @@ else:
     # the open file description as flock(2) locks do: each handle's locks are its own, closing it drops only those,
     # and the kernel's deadlock detection, which misfires when threads of several processes hold classic record
     # locks (EDEADLK, "Resource deadlock avoided"), does not apply. Elsewhere (macOS, the BSDs; 32-bit Linux, whose
-    # struct flock differs from _FLOCK) only classic record locks are used: see _RecordLocks.
-    _F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 0) if sys.maxsize > 2**32 else 0
-    _F_OFD_SETLKW: int = getattr(fcntl, "F_OFD_SETLKW", 0)
+    # struct flock differs from _FLOCK) only classic record locks are used: see _RecordLocks. (_F_OFD_SETLK is 0
+    # there, set by _load_fcntl.)
     _FLOCK = struct.Struct("@hhqqi4x")  # struct flock, 64-bit Linux: type, whence, start, len, pid.
     _BUSY = (errno.EACCES, errno.EAGAIN)
 
@@ -475,6 +489,8 @@ else:
                 _LockFile._hooked = True
                 os.register_at_fork(after_in_child=_LockFile._forked)
             self.offset, self._path, self._clean = offset, path, False
+            if fcntl is None:
+                _load_fcntl()
             self._records = None if offset is None or _F_OFD_SETLK else _RecordLocks(path, offset)
             # io.FileIO closes its descriptor when it is collected: a lock whose holder vanished with an exception
             # (KeyboardInterrupt) is released.
@@ -570,12 +586,13 @@ else:
         # A shared lock, tried and dropped at once: a builder that asks for the lock in that instant waits
         # microseconds. The file is opened read-only, never created. Only for another process's locks: on NFS,
         # where flock is a record lock, closing this descriptor would drop our own.
+        module = fcntl or _load_fcntl()
         try:
             fd = os.open(path, _READ_FLAGS | _NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            module.flock(fd, module.LOCK_SH | module.LOCK_NB)
         except OSError as exc:
             if exc.errno in _BUSY:
                 return True
