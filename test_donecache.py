@@ -5324,6 +5324,20 @@ def test_arrow_values_are_keyed_by_their_buffers(tmp_path, calls):
 # a modification time set to the nanosecond or settled past the clock's tick).
 
 
+def test_a_written_entry_kept_in_process_is_the_entry_its_file_holds(tmp_path):
+    for compress in (False, "zlib", "lzma"):
+        @dc.memoize(tmp_path / str(compress), compress=compress, ttl=3600)
+        def text(x):
+            return "text " * 300 + str(x)
+
+        text(1)
+        [path] = entry_files(tmp_path / str(compress))
+        kept, (read, _) = dc._recent[str(path)][1], dc._load_entry(str(path))
+        fields = ("key", "created", "expires", "flags")
+        assert [getattr(kept, f) for f in fields] == [getattr(read, f) for f in fields], compress
+        assert (bytes(kept.meta), bytes(kept.stream)) == (bytes(read.meta), bytes(read.stream)), compress
+
+
 def memo_stamp_matches(path: Path) -> bool:
     kept = dc._recent.get(str(path))
     return kept is not None and kept[0] == dc._stamp(os.lstat(path))
