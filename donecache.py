@@ -1859,6 +1859,7 @@ class _Encoded(_Entry):
         """The file's bytes, in pieces for _write_bytes (the table's CRCs computed as the buffers are written)."""
         key, stream, meta = self.key, self.stream, self.meta
         self.created = time.time()
+        self.flags = self.flags & 0xFF | len(meta) << 16  # The codec, then meta's length as the header records it.
         lengths = (len(key) + len(meta), len(stream), zlib.crc32(stream), len(self.buffers), self.flags)
         head = bytearray(_ENTRY_HEADER.pack(_ENTRY_MAGIC, 0, self.created, self.expires, *lengths)) + key + meta
         head[4:8] = zlib.crc32(memoryview(head)[8:]).to_bytes(4, "little")
@@ -1924,14 +1925,13 @@ def _encode_entry(
         file = io.BytesIO()
         _DatetimePickler(file, protocol, buffer_callback=out_of_band).dump(value)
         stream = file.getvalue()
-    encoded = _Encoded(key, 0.0, expires, len(meta) << 16, meta)  # The creation time is set by chunks(), in the header.
+    encoded = _Encoded(key, 0.0, expires, 0, meta)  # Its creation time and meta's length are set by chunks().
     encoded.stream, encoded.buffers = stream, buffers
     if compress is not None:
         # Level 1 (zlib) and preset 1 (lzma): most of the gain on text for a fraction of the time.
         packed = zlib.compress(stream, 1) if compress == "zlib" else _lzma().compress(stream, preset=1)
         if len(packed) < len(stream):
-            encoded.stream = packed
-            encoded.flags |= _CODECS[compress]  # The codec, in the low byte; meta's length above it.
+            encoded.stream, encoded.flags = packed, _CODECS[compress]
     return encoded
 
 
