@@ -1593,7 +1593,8 @@ class Stage:
         except TimeoutError as exc:
             raise TimeoutError(f"stage {root!r}: {exc}; another process or thread is building it") from None
         except OSError as exc:
-            raise _error_about(exc, root, "create or lock the stage directory", "check its path and permissions") from exc
+            fix = "check its path and permissions"
+            raise _error_about(exc, root, "create or lock the stage directory", fix) from exc
         self._lock = lock
         return lock
 
@@ -1716,7 +1717,8 @@ class Stage:
         # piece whose name survived, and ext4 can keep a rename without the data. Its directory is
         # flushed before the marker; in a shared stage at once: the marker's writer may be on another host.
         try:
-            _write_bytes(str(path), bytes(data), durable=self._durable and self._expect is not None, whole=self._durable)
+            shared = self._expect is not None
+            _write_bytes(str(path), bytes(data), durable=self._durable and shared, whole=self._durable)
         except FileNotFoundError:
             if not path.exists():
                 raise
@@ -2558,9 +2560,8 @@ class _EntryDir:
     def folders(self) -> list[str]:
         """The function folders (their names, no separator)."""
         try:
-            return sorted(
-                e.name for e in os.scandir(self.root) if _is_hex(e.name, _FOLDER_HEX) and e.is_dir(follow_symlinks=False)
-            )
+            found = os.scandir(self.root)
+            return sorted(e.name for e in found if _is_hex(e.name, _FOLDER_HEX) and e.is_dir(follow_symlinks=False))
         except OSError:
             return []
 
@@ -2738,7 +2739,8 @@ class _EntryFiles(_EntryDir):
 
     def _reserve(self, nbytes: int) -> tuple[int, int]:
         """Count an entry of ``nbytes`` (in whole blocks) before it is written: (bytes counted,
-        sweeps begun). With no room, sweep or wait for the process sweeping: the back-pressure."""
+        sweeps begun). With no room, sweep or wait for the process sweeping: the back-pressure that bounds any
+        number of writers."""
         max_bytes, need = self.max_bytes or 0, -(-max(nbytes, 1) // self._block) * self._block
         took: list[bool] = []
         seen: list[int] = []
@@ -2807,7 +2809,8 @@ class _EntryFiles(_EntryDir):
         if logger is not None:
             logger.info(
                 "evicted %d entries (%d bytes on disk, the most recently used of them %.0f s ago) from %s; "
-                "its entries now take %d bytes", entries, evicted, max(0.0, time.time() - newest), self.root, after or 0,
+                "its entries now take %d bytes",
+                entries, evicted, max(0.0, time.time() - newest), self.root, after or 0,
             )
         return entries, evicted
 
@@ -2878,7 +2881,8 @@ class _EntryFiles(_EntryDir):
 
     def record_identity(self, function: str, identity: str, code: str = "") -> float | None:
         """Record the identity this process runs under and when each code digest under it was first
-        seen; return when ``code`` was, if other code was seen before it (a pinned version=), else None."""
+        seen; return when ``code`` was, if other code was seen before it (entries older than that came from
+        other code: a pinned version=), else None."""
         path = os.path.join(self.root, ".functions", self.folder(function)[:_FOLDER_HEX])
         record = _read_json(path) or {}
         same = record.get("identity") == identity
@@ -3036,7 +3040,7 @@ else:
     _ShelfBase = object  # shelve.Shelf joins at the first open: see Store.__new__.
 
 
-class _StoreItems(_collections_abc.ItemsView[str, object]):
+class _StoreItems(_collections_abc.ItemsView[str, "Any"]):  # "Any": typing is not imported at run time.
     _mapping: shelve.Shelf[Any]  # The store, as ItemsView keeps it (not in its stubs).
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
@@ -3047,7 +3051,7 @@ class _StoreItems(_collections_abc.ItemsView[str, object]):
                 pass
 
 
-class _StoreValues(_collections_abc.ValuesView[object]):
+class _StoreValues(_collections_abc.ValuesView["Any"]):
     _mapping: shelve.Shelf[Any]
 
     def __iter__(self) -> Iterator[Any]:
@@ -3287,6 +3291,9 @@ def _no_code(obj: Any) -> str:
 
 class _Canonical:
     """Writes a text that is equal for equal values in every process and run (docs/identity.md).
+
+    1, 1.0, True and "1" stay apart, as their results may differ; dicts and sets are sorted by their items'
+    texts, since their order depends on insertion and on PYTHONHASHSEED.
 
     Functions and classes count by ``code``, which the code identity section below
     passes in: the keys need the code identity, which needs canonical values.
@@ -4308,7 +4315,8 @@ functools.lru_cache's fields, then donecache's: hits and misses, this process's 
     "PruneReport": ("removed temporary_files evicted evicted_bytes", (), """\
 What f.prune() did (dry_run=True: would do): expired, damaged or stale entries removed, crashed
     writers' temporary files removed, least recently used entries evicted and their bytes on disk."""),
-    "_BatchOptions": ("keep_going workers processes executor chunksize progress retry_failures shard label", (), ""),
+    "_BatchOptions": ("keep_going workers processes executor chunksize progress retry_failures shard label", (),
+                      "The options of f.map() and f.imap(), as map() names them."),
 }
 _made_records: dict[str, Any] = {}
 
@@ -4363,7 +4371,8 @@ def _switched_off() -> bool:
         return False
     value = _env_text(raw)
     off = _SWITCH_WORDS.get(value.strip().lower())
-    if off is None and value.strip() and value not in _switch_warned:  # Once per value: this runs at every call.
+    # Once per value: this runs at every call, and it must never raise there.
+    if off is None and value.strip() and value not in _switch_warned:
         _switch_warned.add(value)
         _warn(f"the environment variable DONECACHE={value!r} is not understood, so caching stays on; "
               "set it to off (or 0, false, no) or on (or 1, true, yes)")  # fmt: skip
@@ -4445,7 +4454,8 @@ _KEY_MEMO_TYPES = frozenset({int, str, bytes, type(None)})
 _KEY_MEMO_SIZE = 4096
 _KEY_MEMO_TEXT = 1024  # Longer strs and bytes are not remembered: the memo would keep them alive.
 # What a first call needs to work out and record the code identity, imported at decoration: a KeyboardInterrupt
-# in a first import can leave a half-made module (seen with inspect and json on 3.9; importlib.util brings typing).
+# in a first import can leave a half-made module (seen with inspect and json on 3.9; importlib.util brings typing on
+# 3.9, through importlib.abc).
 _DECORATION_IMPORTS = (
     "ast", "base64", "collections", "dis", "functools", "hashlib", "importlib.util", "inspect", "json", "math",
     "reprlib", "socket", "types", "warnings",
@@ -4474,7 +4484,7 @@ def _pickler_sends_functions_by_value() -> bool:
     # Such picklers define reducer_override() and run dump() as Python code, so they are on the stack.
     import pickle
 
-    frame: Any = sys._getframe(2)
+    frame: Any = sys._getframe(1)  # From __reduce__, the caller, up: 16 frames, as before it was folded in.
     for _ in range(16):
         pickler = frame and frame.f_locals.get("self")
         if isinstance(pickler, pickle.Pickler):
@@ -4583,7 +4593,8 @@ class _Memoized(Generic[_P, _R]):
         """By name where its name finds it (the decorator form), else by value: the function and the settings."""
         # The functional form ``cached = memoize(path)(f)`` goes by value, and so does a function of the main
         # script when the pickler sends functions by value (cloudpickle, for dask and loky: a remote worker cannot
-        # import the parent's main script); the standard pickler (process pools) sends that by name.
+        # import the parent's main script); the standard pickler (process pools) sends that by name, which their
+        # workers can resolve.
         name: str = self.__qualname__
         target: Any = sys.modules.get(self.__module__)
         for part in name.split("."):  # A method's name: Class.method.
@@ -4719,7 +4730,8 @@ class _Memoized(Generic[_P, _R]):
 
     def _why_missed(self, call: _Call) -> str:
         """For the DEBUG log (it reads the file again)."""
-        # An entry of the same arguments under an older code digest, in another file, reads as "new key".
+        # An entry of the same arguments under an older code digest lives in another file, found only by a scan:
+        # it reads as "new key".
         if self._store is None or call.slot is None:
             return "no cache directory"
         try:
@@ -4765,7 +4777,8 @@ class _Memoized(Generic[_P, _R]):
         return self.__wrapped__(*call.args, **call.kwargs)
 
     async def _flow(self, call: _Call, refresh: bool, hand_off: Callable[..., None] | None = None) -> tuple[Any, bool]:
-        """(result, computed), after a miss or for a refresh: compute under the key's lock unless it is stored."""
+        """(result, computed), after a miss or for a refresh: compute under the key's lock, unless another caller
+        stored the result while this one waited for the lock."""
         # hand_off(self, call, value, lock) takes over the storing and the lock's release (a batch worker stores in
         # the background). With no store, or no lock file (a read-only or damaged store), it computes without the
         # lock: results stay right; concurrent callers may compute the same key.
@@ -4844,7 +4857,8 @@ class _Memoized(Generic[_P, _R]):
         unpickle the value: one that no longer loads (its class changed) still counts."""
         if _switched_off() or (self._store is None and not os.path.isdir(self.path)):
             return False
-        call, files, now = self._keyed(args, kwargs), self._store, time.time()
+        call = self._keyed(args, kwargs)  # Opens the store on a first call: self._store is read after it.
+        files, now = self._store, time.time()
         entry = None if files is None else files.read(call.key, call.slot, now, self._mmap, False, recent=True)
         return entry is not None and (self._ttl is None or now - entry.created < self._ttl)
 
@@ -5430,7 +5444,8 @@ def _serial(
                 raise done.outcome.value
         else:  # Without keep_going a failure propagates with its own traceback, as a loop would.
             shown = (lambda: _label_text(options.label, args))  # noqa: E731 - made only if the call fails.
-            done.outcome = _call_one(func, lead + args, None, False, off, None, shown, len(lead), not keep_going)
+            done.outcome = _call_one(func, lead + args, None, False, off, shown=shown, lead=len(lead),
+                                     raising=not keep_going)
         yield done
 
 
@@ -5835,7 +5850,7 @@ class _Progress:
 
     def __init__(self, name: str, total: int | None, progress: Any, function: str) -> None:
         number = isinstance(progress, (int, float)) and not isinstance(progress, bool)
-        if not (progress is None or callable(progress) or isinstance(progress, bool) or number and progress > 0):
+        if not (progress is None or callable(progress) or isinstance(progress, bool) or (number and progress > 0)):
             raise ValueError(
                 f"{name}: progress= takes True, False, None, a number of seconds or a callable, not {progress!r}"
             )
@@ -5869,7 +5884,7 @@ class _Progress:
                     self.failed += 1
                     if not keep_going:
                         raise outcome.value
-                else:
+                elif outcome is not None:
                     self.counts._count(outcome)
                 self.update()
                 try:
