@@ -4517,11 +4517,11 @@ class _BoundMemoized:
         return self.__func__(self.__self__, *args, **kwargs)
 
     def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
-        checked = self.__func__._batch_options(iterables, options, "map")
+        checked = self.__func__._batch_options(iterables, options)
         return _run_map(self.__func__, iterables, (self.__self__,), checked)
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        checked = self.__func__._batch_options(iterables, options, "imap")
+        checked = self.__func__._batch_options(iterables, options)
         return _run_imap(self.__func__, iterables, (self.__self__,), checked)
 
     @property
@@ -4959,10 +4959,10 @@ class _Memoized(Generic[_P, _R]):
         """:meth:`map` as a stream, with the same options: yield each result in input order as soon as it
         and every one before it are done, keeping none, so memory stays bounded however many inputs there
         are. With keep_going=True a failed input yields its :class:`Failure` in its place."""
-        return _run_imap(self, iterables, (), self._batch_options(iterables, options, "imap"))
+        return _run_imap(self, iterables, (), self._batch_options(iterables, options))
 
-    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: Any, name: str) -> _BatchOptions:
-        """Options given by name to ``name`` (map or imap, perhaps of a bound method), checked as map() checks them."""
+    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: Any) -> _BatchOptions:
+        """Options given by name (to imap, or to a bound method's map), checked as map() checks them."""
         import inspect
 
         bound = inspect.signature(_Memoized.map).bind(self, *iterables, **options)
@@ -4994,13 +4994,6 @@ class _AsyncMemoized(_Memoized[_P, _R]):
             return await self.__wrapped__(*args, **kwargs)  # type: ignore[misc]
         return (await self._flow(self._keyed(args, kwargs), True))[0]
 
-    def map(self, *iterables: Iterable[Any], **options: Any) -> BatchResult:
-        raise TypeError(f"{self.__qualname__}.map(): use asyncio.gather() for async functions")
-
-    def _batch_options(self, iterables: tuple[Iterable[Any], ...], options: Any, name: str) -> _BatchOptions:
-        # Also where a bound method's map and imap start: they must not run a coroutine function as a batch.
-        advice = "asyncio.gather()" if name == "map" else "asyncio.as_completed()"
-        raise TypeError(f"{self.__qualname__}.{name}(): use {advice} for async functions")
 
 
 # -- the decorator --------------------------------------------------------------
@@ -5986,6 +5979,9 @@ def _batch(
     """map() and imap(): check the options at once, then stream the outcomes.
     ``lead`` is put before every call's arguments (a bound method's instance)."""
     name = f"{func.__qualname__}.{method}()"
+    if isinstance(func, _AsyncMemoized):  # Every batch starts here: plain or bound, map or imap.
+        advice = "asyncio.gather()" if method == "map" else "asyncio.as_completed()"
+        raise TypeError(f"{name}: use {advice} for async functions")
     if not iterables:
         raise TypeError(f"{name} needs at least one iterable of inputs")
     for option, value in (("workers", options.workers), ("chunksize", options.chunksize)):
