@@ -5402,7 +5402,9 @@ def test_another_process_replacing_an_entry_is_seen_at_the_next_hit(tmp_path, mo
     assert memo_replaced.f(1) == 8
 
 
-def test_in_process_hits_record_their_use_under_max_bytes(tmp_path):
+def test_in_process_hits_record_their_use_under_max_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(dc, "_USE_GRAIN_BOUNDED", 0.2)  # A shorter grain than the second, for a quick test.
+
     @dc.memoize(tmp_path, max_bytes=1 << 30)
     def f(x):
         return x
@@ -5411,11 +5413,28 @@ def test_in_process_hits_record_their_use_under_max_bytes(tmp_path):
     (path,) = entry_files(tmp_path)
     seen = [path.stat().st_mtime_ns]
     for _ in range(3):
-        time.sleep(0.01)
+        assert f(1) == 1 and path.stat().st_mtime_ns == seen[-1], "a use within the grain of the last is recorded"
+        time.sleep(0.25)
         assert f(1) == 1
         seen.append(path.stat().st_mtime_ns)
         assert memo_stamp_matches(path), "the use is recorded and the entry stays kept"
-    assert seen == sorted(set(seen)), f"every hit records its use: {seen}"
+    assert seen == sorted(set(seen)), f"every hit a grain after the last use records its use: {seen}"
+    assert all(later - earlier >= 0.2e9 for earlier, later in zip(seen, seen[1:])), seen
+
+
+def test_hits_under_max_bytes_record_uses_to_the_second(tmp_path):
+    @dc.memoize(tmp_path, max_bytes=1 << 30)
+    def f(x):
+        return x
+
+    f(1)
+    (path,) = entry_files(tmp_path)
+    os.utime(path, ns=(time.time_ns() - 1_100_000_000,) * 2)  # Used 1.1 s ago: a read records the use.
+    before = path.stat().st_mtime_ns
+    assert f(1) == 1 and path.stat().st_mtime_ns > before + 1_000_000_000
+    after = path.stat().st_mtime_ns
+    assert f(1) == 1 and f.is_cached(1) and path.stat().st_mtime_ns == after, "within the second: no second write"
+    assert memo_stamp_matches(path)
 
 
 def test_in_process_hits_honour_ttl(tmp_path, calls):
