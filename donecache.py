@@ -2763,10 +2763,11 @@ class _EntryFiles(_EntryDir):
                     os.write(fd, _USAGE.pack(max(0, new), *now, self.horizon, sweeps + sweep))
                     if self.durable and (found is None or new > found):
                         _fsync_file(fd)
-                # Record uses finely enough that a hot entry never looks as old as those a sweep evicts.
-                age = max(0.0, time.time() - self.horizon) / 8 if self.horizon else _USE_GRAIN_BOUNDED
-                near = (new if new is not None else found or 0) >= (self.max_bytes or 0) // 2
-                self.grain = min(age, 0.0 if near and not self.horizon else _USE_GRAIN_BOUNDED)
+                if self.max_bytes is not None and not self.readonly:
+                    # Record uses finely enough that a hot entry never looks as old as those a sweep evicts.
+                    age = max(0.0, time.time() - self.horizon) / 8 if self.horizon else _USE_GRAIN_BOUNDED
+                    near = (new if new is not None else found or 0) >= self.max_bytes // 2
+                    self.grain = min(age, 0.0 if near and not self.horizon else _USE_GRAIN_BOUNDED)
                 return new
             finally:
                 os.close(fd)
