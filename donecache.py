@@ -2671,11 +2671,10 @@ class _EntryFiles(_EntryDir):
 
     # -- the size limit (docs/size-limit.md) ---------------------------------
     #
-    # Each write reserves its bytes in a running total kept in .usage, under its
-    # lock byte, before it creates its file; only a write that finds no room
-    # lists the store and sweeps. A computation holds its key's lock byte until
-    # the waiters have read the entry, and a sweep skips entries whose byte is
-    # held: it never evicts an entry whose key is being computed.
+    # Each write reserves its bytes in a running total kept in .usage, under its lock byte, before it creates its file;
+    # only a write that finds no room lists the store and sweeps. A computation holds its key's lock byte until the
+    # waiters have read the entry, and a sweep skips entries whose byte is held: it never evicts an entry whose key is
+    # being computed.
 
     def write(self, encoded: _Encoded, slot: _Slot | None = None, recent: bool = False) -> None:
         if self.max_bytes is None or self.readonly:  # A read-only store: super() refuses, before any reservation.
@@ -2746,20 +2745,18 @@ class _EntryFiles(_EntryDir):
         seen: list[int] = []
 
         def take(total: int | None) -> int | None:
-            if total is None or total + need > max_bytes:
-                return total
-            took.append(True)
-            return total + need
+            took.append(total is not None and total + need <= max_bytes)
+            return total + need if took[-1] and total is not None else total
 
         self._usage(take, seen=seen)
-        if took:
+        if took[-1]:
             return need, seen[-1]
         with _KeyLock(self.lock_path, _SWEEP_BYTE).acquire():
             self._usage(take, seen=seen)  # The process that swept before may have made room.
-            while not took:
+            while not took[-1]:
                 evicted = self._sweep(min(int(max_bytes * _LOW_WATER), max_bytes - need))[0]
                 self._usage(take, seen=seen)
-                if not took and not evicted:
+                if not took[-1] and not evicted:
                     # Bigger than the bound, or the rest is being computed: over it by one entry.
                     self._usage(lambda total: (total or 0) + need, seen=seen)
                     break
@@ -2875,9 +2872,8 @@ class _EntryFiles(_EntryDir):
                 pass
         return entries, temps
 
-    # Each memoized function's current code identity, one small JSON file per
-    # function under .functions/, so that `info` and `prune --stale` can tell
-    # the entries of older code without running or importing anything.
+    # Each memoized function's current code identity, one small JSON file per function under .functions/, so that
+    # `info` and `prune --stale` can tell the entries of older code without running or importing anything.
 
     def record_identity(self, function: str, identity: str, code: str = "") -> float | None:
         """Record the identity this process runs under and when each code digest under it was first
@@ -2917,10 +2913,9 @@ class _EntryFiles(_EntryDir):
         current = self.identities()
         return lambda function, identity: current.get(function, identity) != identity
 
-    # The failure ledger: one small JSON file per failed input of a batch, under
-    # .failures/<function's folder>/<the entry's name>.json, written as the
-    # failure happens and removed when that input succeeds. JSON, never a
-    # pickle: listing failures runs nothing.
+    # The failure ledger: one small JSON file per failed input of a batch, under .failures/<function's folder>/<the
+    # entry's name>.json, written as the failure happens and removed when that input succeeds. JSON, never a pickle:
+    # listing failures runs nothing.
 
     def _failure_file(self, slot: _Slot) -> str:
         # Slots are <root>/[<folder>/]<2 hex>/<name>: string slicing, no relpath per success.
@@ -3030,9 +3025,8 @@ class _ShelfDict:
         return sum(1 for _ in self.files.files())
 
 
-# Another process may delete a key between the listing and the read (or between
-# shelve's `key in self.dict` and `self[key]`): the key is then simply absent,
-# never a KeyError. The views below, and Store.get, skip it.
+# Another process may delete a key between the listing and the read (or between shelve's `key in self.dict` and
+# `self[key]`): the key is then simply absent, never a KeyError. The views below, and Store.get, skip it.
 
 if TYPE_CHECKING:
     _ShelfBase = shelve.Shelf[Any]
@@ -3091,9 +3085,8 @@ class Store(_ShelfBase):
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Store:
-        # shelve and pickle would be 4 ms of `import donecache`: they are imported
-        # at the first open, which makes the store an instance of a class joining
-        # this one with shelve.Shelf (isinstance(store, shelve.Shelf) holds, and
+        # shelve and pickle would be 4 ms of `import donecache`: they are imported at the first open, which makes the
+        # store an instance of a class joining this one with shelve.Shelf (isinstance(store, shelve.Shelf) holds, and
         # shelve's own methods serve what this class leaves to them).
         real = _shelf_classes.get(cls)
         if real is None:
@@ -3131,11 +3124,10 @@ class Store(_ShelfBase):
             raise ValueError(f"invalid operation on closed shelf {self.path!r}; open it again with donecache.open()")
         return self._files
 
-    # Values are read and written here rather than by shelve, so that big
-    # buffers go to the file straight from the value (protocol 5, unless
-    # protocol= asks for an older one) and come back in one allocation each,
-    # or mapped. Otherwise this is shelve's own logic, writeback cache and all.
-    # (shelve's `cache` and `writeback` are not in its stubs.)
+    # Values are read and written here rather than by shelve, so that big buffers go to the file straight from the
+    # value (protocol 5, unless protocol= asks for an older one) and come back in one allocation each, or mapped.
+    # Otherwise this is shelve's own logic, writeback cache and all. (shelve's `cache` and `writeback` are not in its
+    # stubs.)
 
     def __getitem__(self, key: str) -> Any:
         cache = getattr(self, "cache", {})
