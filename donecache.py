@@ -2711,10 +2711,9 @@ class _EntryFiles(_EntryDir):
     ) -> int | None:
         """Replace the running total by ``change`` of it under its lock byte; return the new total.
 
-        ``seen`` gets the number of sweeps begun. ``change`` gets None where .usage
-        is missing, damaged, or written before this host's last boot (a crash may
-        have lost updates: issue 18 item 12c); only a sweep's count replaces it. A
-        durable store syncs a total that grew before the write it counts."""
+        ``seen`` gets the number of sweeps begun. ``change`` gets None where .usage is missing, damaged, or written
+        before this host's last boot (a crash may have lost updates: issue 18 item 12c); only a sweep's count replaces
+        it. A durable store syncs a total that grew before the write it counts."""
         with _KeyLock(self.lock_path, _USAGE_BYTE).acquire():
             fd = _open_regular(os.path.join(self.root, ".usage"), _WRITE_FLAGS)[0]
             try:
@@ -2737,9 +2736,8 @@ class _EntryFiles(_EntryDir):
                 os.close(fd)
 
     def _reserve(self, nbytes: int) -> tuple[int, int]:
-        """Count an entry of ``nbytes`` (in whole blocks) before it is written: (bytes counted,
-        sweeps begun). With no room, sweep or wait for the process sweeping: the back-pressure that bounds any
-        number of writers."""
+        """Count an entry of ``nbytes`` (in whole blocks) before it is written: (bytes counted, sweeps begun). With no
+        room, sweep or wait for the process sweeping: the back-pressure that bounds any number of writers."""
         max_bytes, need = self.max_bytes or 0, -(-max(nbytes, 1) // self._block) * self._block
         took: list[bool] = []
         seen: list[int] = []
@@ -2754,7 +2752,7 @@ class _EntryFiles(_EntryDir):
         with _KeyLock(self.lock_path, _SWEEP_BYTE).acquire():
             self._usage(take, seen=seen)  # The process that swept before may have made room.
             while not took[-1]:
-                evicted = self._sweep(min(int(max_bytes * _LOW_WATER), max_bytes - need))[0]
+                evicted = self.sweep(min(int(max_bytes * _LOW_WATER), max_bytes - need), locked=True)[0]
                 self._usage(take, seen=seen)
                 if not took[-1] and not evicted:
                     # Bigger than the bound, or the rest is being computed: over it by one entry.
@@ -2763,20 +2761,16 @@ class _EntryFiles(_EntryDir):
             return need, seen[-1]
 
     def sweep(
-        self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
+        self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False,
+        locked: bool = False,
     ) -> tuple[int, int]:
-        """Evict entries (of ``folder``), least recently used first, until they take at most
-        ``target`` bytes on disk, and those last used before ``older_than`` (a Unix time);
-        log it; return (entries, bytes). One process sweeps at a time; ``dry_run`` only counts."""
-        if dry_run:
-            return self._sweep(target, older_than, folder, dry_run)
-        self._writable()
-        with _KeyLock(self.lock_path, _SWEEP_BYTE).acquire():
-            return self._sweep(target, older_than, folder)
-
-    def _sweep(
-        self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
-    ) -> tuple[int, int]:
+        """Evict entries (of ``folder``), least recently used first, until they take at most ``target`` bytes on disk,
+        and those last used before ``older_than`` (a Unix time); log it; return (entries, bytes). One process sweeps
+        at a time (``locked``: this one holds the sweep's lock byte); ``dry_run`` only counts."""
+        if not (dry_run or locked):
+            self._writable()
+            with _KeyLock(self.lock_path, _SWEEP_BYTE).acquire():
+                return self.sweep(target, older_than, folder, locked=True)
         usage: Any = (lambda change, *more, **named: None) if dry_run else self._usage
         base = usage(lambda total: total, sweep=1)
         stats = ((path, _lstat_or_none(path)) for path, _folder in self.files(folder))
@@ -4174,11 +4168,6 @@ def _unchanged() -> bool:
     return True
 
 
-def _version_identity(version: Any) -> str:
-    """16 hex digits naming a pinned version= (edits of the code then do not count)."""
-    return _digest_text(f"version {_version_text(version)}")[:16]
-
-
 def _text(value: Any) -> str:
     """The canonical text of a value (see _Canonical), code passed in it by its code identity."""
     return _Canonical(_argument_code).text(value)
@@ -4636,7 +4625,7 @@ class _Memoized(Generic[_P, _R]):
         files = self._store or (None if _switched_off() else self._files())  # Off: no cache directory is made.
         followed = _follow(self.__wrapped__, None if files is None or files.readonly else files.root)
         code = followed.digest()
-        identity = _version_identity(self._version) if self._version is not None else code
+        identity = code if self._version is None else _digest_text(f"version {_version_text(self._version)}")[:16]
         self._closure = _closure_text(self.__wrapped__)
         home = getattr(inspect.unwrap(self.__wrapped__), "__globals__", None)
         self._same = followed.same(home) if self._version is None else _unchanged
@@ -6154,10 +6143,7 @@ def _cli_info(args: Any) -> tuple[int, Any, list[str]]:
 
 def _cli_clear(args: Any) -> tuple[int, Any, list[str]]:
     files, wanted = _cli_store(args.path, "w"), args.function
-
-    def matches(key: bytes) -> bool:
-        return _names(_function_of(key), wanted)
-
+    matches: Callable[[bytes], bool] = lambda key: _names(_function_of(key), wanted)  # noqa: E731
     if wanted is None:
         removed = files.clear()
     else:
