@@ -2624,9 +2624,8 @@ class _EntryDir:
 # ---------------------------------------------------------------------------
 # Entry files: store upkeep
 #
-# The size limit (max_bytes, in bytes on disk), verify and prune, and the
-# sidecar records beside the entries: function identities and the failure
-# ledger.
+# The size limit (max_bytes, in bytes on disk), verify and prune, and the sidecar records beside the entries:
+# function identities and the failure ledger.
 # ---------------------------------------------------------------------------
 
 # A writer that finds no room sweeps down to 80% (docs/size-limit.md).
@@ -2876,8 +2875,7 @@ class _EntryFiles(_EntryDir):
         path = os.path.join(self.root, ".functions", self.folder(function)[:_FOLDER_HEX])
         record = _read_json(path) or {}
         same = record.get("identity") == identity
-        codes = record.get("codes") if same else None
-        codes = dict(codes) if isinstance(codes, dict) else {}
+        codes = dict(record["codes"]) if same and isinstance(record.get("codes"), dict) else {}
         since = codes.get(code)
         if not isinstance(since, (int, float)):
             since = time.time()
@@ -2938,8 +2936,7 @@ class _EntryFiles(_EntryDir):
 
     def failures(self, folder: str | None = None) -> list[dict[str, Any]]:
         """The failure records (of one function's ``folder``), oldest first."""
-        found = [record for _path, record in self._failure_records(folder)]
-        return sorted(found, key=lambda record: float(record.get("time") or 0))
+        return sorted((r for _path, r in self._failure_records(folder)), key=lambda r: float(r.get("time") or 0))
 
     def drop_failures(self, drop: Callable[[dict[str, Any]], bool], folder: str | None = None) -> int:
         """Remove the failure records that ``drop`` accepts; how many were removed."""
@@ -2958,9 +2955,8 @@ class _EntryFiles(_EntryDir):
 # ---------------------------------------------------------------------------
 # The store
 #
-# Its upkeep first: _prune serves Store.prune(), f.prune() and the command
-# line's prune. Then Store: shelve.Shelf supplies the pickling; _ShelfDict is
-# the bytes-to-bytes mapping it expects, over the entry files.
+# Its upkeep first: _prune serves Store.prune(), f.prune() and the command line's prune. Then Store: shelve.Shelf
+# supplies the pickling; _ShelfDict is the bytes-to-bytes mapping it expects, over the entry files.
 # ---------------------------------------------------------------------------
 
 
@@ -3120,8 +3116,7 @@ class Store(_ShelfBase):
 
     # Values are read and written here rather than by shelve, so that big buffers go to the file straight from the
     # value (protocol 5, unless protocol= asks for an older one) and come back in one allocation each, or mapped.
-    # Otherwise this is shelve's own logic, writeback cache and all. (shelve's `cache` and `writeback` are not in its
-    # stubs.)
+    # Otherwise this is shelve's own logic, writeback cache and all (`cache`, `writeback`: not in shelve's stubs).
 
     def __getitem__(self, key: str) -> Any:
         cache = getattr(self, "cache", {})
@@ -3596,13 +3591,11 @@ def file_digest(path: StrPath, *, quick: bool = False) -> str:
 # ---------------------------------------------------------------------------
 # Code identity
 #
-# Without version=, a memoized function's entries belong to its code: its syntax
-# tree (docstrings aside), the module-level values it reads (by canonical value),
-# and the user's own functions, classes and modules it reaches, transitively.
-# Installed distributions count by their RECORD (the hashes of their files), the
-# standard library not at all. What cannot be followed (eval, open, the
-# environment, a value with no canonical form) is named in one warning. The rules
-# in full: docs/identity.md.
+# Without version=, a memoized function's entries belong to its code: its syntax tree (docstrings aside), the
+# module-level values it reads (by canonical value), and the user's own functions, classes and modules it reaches,
+# transitively. Installed distributions count by their RECORD (the hashes of their files), the standard library not
+# at all. What cannot be followed (eval, open, the environment, a value with no canonical form) is named in one
+# warning. The rules in full: docs/identity.md.
 # ---------------------------------------------------------------------------
 
 # Read from the syntax tree, never from the text: fields that say how it was written.
@@ -6001,11 +5994,9 @@ def _run_imap(
 # ---------------------------------------------------------------------------
 # The command line: python -m donecache info|clear|verify|prune|status|failures
 #
-# It reads entry headers and keys, never values: inspecting a cache does not
-# unpickle anything. Exit codes: 0 success, 1 the answer is "no" (a stage is
-# not done, no entries matched), 2 a usage error or a path that is not there.
-# Each command returns its exit code, its report (printed by --json) and the
-# lines that say it to a person.
+# It reads entry headers and keys, never values: inspecting a cache does not unpickle anything. Exit codes: 0
+# success, 1 the answer is "no" (a stage is not done, no entries matched), 2 a usage error or a path that is not
+# there. Each command returns its exit code, its report (printed by --json) and the lines that say it to a person.
 # ---------------------------------------------------------------------------
 
 
