@@ -2824,14 +2824,12 @@ class _EntryFiles(_EntryDir):
         return [path for path, entry, st in judged if st is not None and entry is None]
 
     def prune(
-        self, now: float | None = None, stale: Callable[[_Found], bool] | None = None, folder: str | None = None,
-        dry_run: bool = False,
+        self, when: float, stale: Callable[[_Found], bool] | None, folder: str | None, dry_run: bool
     ) -> tuple[int, int]:
-        """Remove expired or damaged entries (of ``folder``; and those ``stale`` accepts), the live
-        ones checked byte by byte, and old temporary files: (entries, temporaries). ``dry_run`` counts."""
+        """Remove expired or damaged entries (of ``folder``; and those ``stale`` accepts), the live ones checked byte
+        by byte, and temporary files old at ``when``: (entries, temporaries). ``dry_run`` only counts."""
         if not dry_run:
             self._writable()
-        when = time.time() if now is None else now
         entries = temps = 0
         top = self.root if not folder else os.path.join(self.root, folder)
         folders: set[str] = set()
