@@ -6148,8 +6148,7 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
     for found in files.scan():
         if found.stat is None:
             continue
-        size += found.stat.st_size
-        disk += _disk_bytes(found.stat)
+        size, disk = size + found.stat.st_size, disk + _disk_bytes(found.stat)
         if found.entry is None:
             damaged += 1
             continue
