@@ -188,8 +188,8 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
     def _keep_mode(fd: int, mode: int) -> None:
         pass  # Windows files carry only a read-only flag, not POSIX permission bits.
 
-    def _touch(fd: int, path: str) -> None:
-        os.utime(path)  # Windows' os.utime takes no descriptor.
+    def _touch(fd: int, path: str, ns: int | None) -> None:
+        os.utime(path, None if ns is None else (ns, ns))  # Windows' os.utime takes no descriptor.
 
     def _pid_alive(pid: int) -> bool:
         return True  # os.kill(pid, 0) would terminate it; an open file cannot be removed here anyway.
@@ -281,8 +281,9 @@ else:
     def _keep_mode(fd: int, mode: int) -> None:
         os.fchmod(fd, mode)
 
-    def _touch(fd: int, path: str) -> None:
-        os.utime(fd)  # Through the open file (futimens(2)): no second lookup of a path that a rename may have changed.
+    def _touch(fd: int, path: str, ns: int | None) -> None:
+        # Through the open file (futimens(2)): no second lookup of a path that a rename may have changed.
+        os.utime(fd, None) if ns is None else os.utime(fd, ns=(ns, ns))
 
     def _pid_alive(pid: int) -> bool:
         try:
@@ -2223,22 +2224,17 @@ def _check_trusted(root: str, st: os.stat_result) -> None:
             )
 
 
-def _record_use(path: str, fd: int = -1) -> int | None:
-    """Record a use (see _USE_GRAIN): the time set in ns (see _recent), 0 if not known, None if none was set."""
-    # Through ``fd`` if given: no second lookup of a name that a rename may have changed since.
+def _record_use(fd: int, path: str, ns: int) -> None:
+    """Record a use (see _USE_GRAIN) of the open file ``fd``: its times set to ``ns``."""
+    # Through the descriptor, while it is open: set by name, the time could land on a file that another process
+    # renamed onto the name meanwhile, on the inode number just freed, and vouch for it (see _recent).
     try:
-        if fd >= 0:
-            _touch(fd, path)
-            return 0
-        now = time.time_ns()
         try:
-            os.utime(path, ns=(now, now), follow_symlinks=False)
-            return now
+            _touch(fd, path, ns)
         except PermissionError:  # Group-writable, not ours: only "now" may be set.
-            os.utime(path, None, follow_symlinks=False)
-            return 0
+            _touch(fd, path, None)
     except OSError:
-        return None  # A store this process may read but not change: the use goes unrecorded.
+        pass  # A store this process may read but not change: the use goes unrecorded.
 
 
 # Entry files are opened without following symlinks: donecache never makes one,
@@ -2248,10 +2244,12 @@ _ENTRY_FLAGS = _READ_FLAGS | _NOFOLLOW
 
 
 def _load_entry(
-    path: str, key: bytes | None = None, depth: int = _VALUE, mapped: bool = False, touch_before: float = 0.0
+    path: str, key: bytes | None = None, depth: int = _VALUE, mapped: bool = False, touch_before: float = 0.0,
+    ns: int = 0,
 ) -> tuple[_Entry | None, os.stat_result | None]:
-    """(entry, stat) read to ``depth``, (None, stat) if damage, (None, None) if nothing; a use if older than
-    ``touch_before``. Other OSErrors (ESTALE, EIO) propagate: the file could not be judged."""
+    """(entry, stat) read to ``depth``, (None, stat) if damage, (None, None) if nothing; a use recorded (at ``ns``, or
+    now) if older than ``touch_before``, and then the stat is the file's after it. Other OSErrors (ESTALE, EIO)
+    propagate: the file could not be judged."""
     try:
         fd, st = _open_regular(path, _ENTRY_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
@@ -2261,7 +2259,8 @@ def _load_entry(
     try:
         entry = _read_entry(fd, st.st_size, key, depth, mapped)
         if entry is not None and st.st_mtime < touch_before:
-            _record_use(path, fd)
+            _record_use(fd, path, ns or time.time_ns())
+            st = os.fstat(fd)
         return entry, st
     finally:
         os.close(fd)
@@ -2332,19 +2331,18 @@ class _Found:
 # process as the bytes of their pickle (each hit unpickles afresh: a caller that
 # changes its result cannot change the next), so that a hit costs one lstat(2).
 # The name must still hold the very file read (inode, device, size, owner, mode,
-# mtime to the ns), kept only once its mtime is _RECENT_SETTLED old (a coarse
-# clock tick, so a new file on a reused inode cannot share it) or set by this
-# process to the ns. Only where _stat_trusted (NFS caches attributes). Why, and
-# the residual risk: benchmarks/README.md, "Small hits served in process".
+# mtime to the ns), kept only once no new file can share its mtime (_settled) or
+# when this process set that mtime to the ns through the open file. Only where
+# _stat_trusted (NFS caches attributes). Why, and the residual risk:
+# benchmarks/README.md, "Small hits served in process".
 _RECENT_COUNT = 2048
 _RECENT_SIZE = 8192
-_RECENT_SETTLED = 50_000_000  # nanoseconds
+_RECENT_SETTLED = 50_000_000  # nanoseconds: more than a coarse clock tick (1-10 ms)
 _recent: dict[str, tuple[tuple[int, ...], _Entry]] = {}
 
 
-def _stamp(st: os.stat_result, mtime_ns: int | None = None) -> tuple[int, ...]:
-    mtime = st.st_mtime_ns if mtime_ns is None else mtime_ns
-    return (st.st_ino, st.st_dev, st.st_size, mtime, st.st_uid, st.st_mode)
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_uid, st.st_mode)
 
 
 def _keep_recent(path: str, stamp: tuple[int, ...] | None, entry: _Entry) -> None:
@@ -2363,6 +2361,12 @@ def _keep_recent(path: str, stamp: tuple[int, ...] | None, entry: _Entry) -> Non
             pass
     _recent[path] = (stamp, entry)
 
+
+def _settled(st: os.stat_result, now: int) -> bool:
+    """Whether no file made from ``now`` (ns) on can have ``st``'s modification time: it is older than a clock tick,
+    or than a second where the filesystem keeps times in whole seconds (ext2-4 with 128-byte inodes)."""
+    coarse = 1_000_000_000 if st.st_mtime_ns % 1_000_000_000 == 0 else 0  # By chance, 1 in 10^9: a needless wait.
+    return st.st_mtime_ns < now - coarse - _RECENT_SETTLED
 
 def _kept(path: str, key: bytes, touch_before: float) -> _Entry | None:
     """The entry kept in _recent for ``path`` if the name still holds that very file (one lstat(2)) and no use is
@@ -2387,20 +2391,19 @@ def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _E
     entry = _kept(path, key, touch_before)
     if entry is not None:
         return entry
-    try:
-        os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None  # A miss: an lstat costs less than a failed open (and its Python exception handling).
-    except OSError:
-        pass  # ESTALE, EIO...: judged by the full read (which retries ESTALE).
-    entry, st = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped))
-    if entry is None or st is None:
-        return entry
-    used = _record_use(path) if st.st_mtime < touch_before else None
-    settled = used is None and st.st_mtime_ns < time.time_ns() - _RECENT_SETTLED
-    # Unless touched at a time not known, or too new to vouch for.
-    _keep_recent(path, _stamp(st, used) if used else _stamp(st) if settled else None, entry)
+    if path not in _recent:  # Else _kept's lstat found it.
+        try:
+            os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # A miss: an lstat costs less than a failed open (and its Python exception handling).
+        except OSError:
+            pass  # ESTALE, EIO...: judged by the full read (which retries ESTALE).
+    now = time.time_ns()
+    entry, st = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped, touch_before, now))
+    if entry is not None and st is not None:  # Kept if the use just recorded set its time exactly, or settled.
+        _keep_recent(path, _stamp(st) if st.st_mtime_ns == now or _settled(st, now) else None, entry)
     return entry
+
 
 
 class _EntryDir:
@@ -2539,11 +2542,14 @@ class _EntryDir:
         stamps: list[tuple[int, ...]] = []
 
         def written(fd: int) -> None:
-            # The file's time set to the nanosecond, as a recorded use sets it (see _recent).
+            # The file's time set to the nanosecond, as a recorded use sets it (see _recent), where the
+            # filesystem keeps it so.
             try:
                 now = time.time_ns()
-                os.utime(fd, ns=(now, now))
-                stamps.append(_stamp(os.fstat(fd), now))
+                _touch(fd, path, now)
+                st = os.fstat(fd)
+                if st.st_mtime_ns == now:
+                    stamps.append(_stamp(st))
             except OSError:
                 pass
 

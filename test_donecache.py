@@ -5383,27 +5383,65 @@ def test_in_process_hits_unpickle_afresh_so_a_mutated_result_changes_nothing(tmp
     assert f(1) == {"x": [1]} and calls == [1]
 
 
-def test_an_entry_replaced_twice_by_another_writer_is_seen_at_the_next_hit(tmp_path):
+@pytest.mark.parametrize("max_bytes", [None, 10**8])
+@pytest.mark.parametrize("clock", ["fine", "whole seconds"])
+def test_an_entry_replaced_twice_by_another_writer_is_seen_at_the_next_hit(tmp_path, request, clock, max_bytes):
     """The writer's replacements copy in another store's entry for the same key (the same size),
     twice within microseconds, so the second file often gets the first one's inode back, in the
-    same tick of the filesystem clock; the kept entry must not be taken for it."""
+    same tick of the filesystem clock; the kept entry must not be taken for it. Where file times
+    are whole seconds, a new file shares a kept one's time for up to a second (and with max_bytes a
+    read within the second records no use that would set a time of its own)."""
+    root = tmp_path if clock == "fine" else request.getfixturevalue("coarse_clock_dir")
+    state = {"value": 0}
+
+    def f(x):
+        return state["value"] + x
+
+    here, there = (dc.memoize(root / name, max_bytes=max_bytes)(f) for name in ("here", "there"))
+    for attempt in range(30):
+        state["value"] = 1000 + attempt
+        assert here.refresh(1) == 1001 + attempt and here(1) == 1001 + attempt
+        state["value"] = 2000 + attempt
+        assert there.refresh(1) == 2001 + attempt
+        (ours,), (theirs,) = entry_files(root / "here"), entry_files(root / "there")
+        assert ours.stat().st_size == theirs.stat().st_size
+        for _ in range(2):  # What another process does: copy aside, rename over the name.
+            temp = ours.with_name(".dc~" + "0" * 16 + "~copy")
+            shutil.copyfile(theirs, temp)
+            os.replace(temp, ours)
+        assert here(1) == 2001 + attempt, f"attempt {attempt}: the replaced entry's old value was served"
+
+
+def test_an_entry_replaced_while_its_use_is_recorded_is_seen_at_the_next_hit(tmp_path, monkeypatch):
+    """A read that records a use, and another process's forget and recompute just after it: the use must
+    land on the file read (through its descriptor), never by name on the new file, which may reuse the
+    freed inode and the same size, and would then look like the kept one."""
     state = {"value": 0}
 
     def f(x):
         return state["value"] + x
 
     here, there = dc.memoize(tmp_path / "here")(f), dc.memoize(tmp_path / "there")(f)
-    for attempt in range(30):
+    load = dc._load_entry
+    for attempt in range(10):
         state["value"] = 1000 + attempt
-        assert here.refresh(1) == 1001 + attempt and here(1) == 1001 + attempt
+        assert here.refresh(1) == 1001 + attempt
         state["value"] = 2000 + attempt
         assert there.refresh(1) == 2001 + attempt
         (ours,), (theirs,) = entry_files(tmp_path / "here"), entry_files(tmp_path / "there")
-        assert ours.stat().st_size == theirs.stat().st_size
-        for _ in range(2):  # What another process does: copy aside, rename over the name.
+        os.utime(ours, (time.time() - 600,) * 2)  # Last used ten minutes ago: the next read records a use.
+
+        def replaced_after(*args, **kwargs):
+            found = load(*args, **kwargs)
+            os.unlink(ours)  # What another process does right after this one's read: forget, compute again.
             temp = ours.with_name(".dc~" + "0" * 16 + "~copy")
-            shutil.copyfile(theirs, temp)
+            shutil.copyfile(theirs, temp)  # On the inode just freed, where the filesystem reuses it (ext4).
             os.replace(temp, ours)
+            return found
+
+        monkeypatch.setattr(dc, "_load_entry", replaced_after)
+        assert here(1) == 1001 + attempt, "the read itself saw the file it opened"
+        monkeypatch.setattr(dc, "_load_entry", load)
         assert here(1) == 2001 + attempt, f"attempt {attempt}: the replaced entry's old value was served"
 
 
