@@ -5457,19 +5457,31 @@ class _Done:
         return Failure(self.index, self.args[0] if len(self.args) == 1 else self.args, outcome.value, outcome.traceback)
 
 
-def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True) -> bool:
-    """Settle an input in the parent if its result is cached, its key cannot be made, or (without ``retry``) its
-    failure is recorded for the current code; else keep its key for a worker and return False."""
+def _answer_here(
+    func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True, recent: bool = True
+) -> bool:
+    """Settle an input here if its result is cached, its key cannot be made, or (without ``retry``) its failure is
+    recorded for the current code; else keep its key for the call and return False. ``recent``: read through
+    _recent (False in a batch of more inputs than it keeps: each read would only evict another, issue 20)."""
     try:
         call = func._keyed(lead + done.args, {})
     except Exception as exc:
         done.outcome = _failed(exc, False)
         return True
-    value = func._hit(call)
+    files = func._store
+    value = func._hit(call) if recent or files is None else _MISSING
+    if not recent and files is not None:  # func._hit(call) but past _recent: the same checks and counts.
+        now = time.time()
+        entry = files.read(call.key, call.slot, now, func._mmap, True)
+        if entry is not None and (func._ttl is None or now - entry.created < func._ttl):
+            try:
+                value = func._counted(entry, call.slot, entry.load())
+                call.seconds = _seconds_of(entry.meta)[0] if entry.meta else 0.0
+            except Exception:
+                pass  # Written by code that has changed since: recompute.
     if value is not _MISSING:
         done.outcome = _Outcome(True, value, False, seconds=call.seconds)
         return True
-    files = func._store
     recorded = None if retry or files is None or call.slot is None else files.failure(call.slot)
     if recorded is not None and recorded.get("identity") == _key_identity(call.key):  # Failed under this code.
         failure = FailureRecord(recorded, current=True)
@@ -5481,19 +5493,19 @@ def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], 
 
 def _serial(
     func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions,
-    off: bool,
+    off: bool, recent: bool,
 ) -> Iterator[_Done]:
     """A batch in this thread, one call after the other."""
     keep_going = options.keep_going
     for index, args in enumerate(calls):
         done = _Done(index, args)
-        if not options.retry_failures and not off and _answer_here(func, done, lead, False):
-            if not keep_going and done.outcome is not None and not done.outcome.ok:
-                raise done.outcome.value
-        else:  # Without keep_going a failure propagates with its own traceback, as a loop would.
+        if off or not _answer_here(func, done, lead, options.retry_failures, recent):
+            # Without keep_going a failure propagates with its own traceback, as a loop would.
             shown = (lambda: _label_text(options.label, args))  # noqa: E731 - made only if the call fails.
-            done.outcome = _call_one(func, lead + args, None, False, off, shown=shown, lead=len(lead),
+            done.outcome = _call_one(func, lead + args, done.key or None, False, off, shown=shown, lead=len(lead),
                                      raising=not keep_going)
+        elif not keep_going and not done.outcome.ok:  # type: ignore[union-attr]
+            raise done.outcome.value  # type: ignore[union-attr]
         yield done
 
 
@@ -5591,7 +5603,7 @@ def _death(pool: Any, processes: list[Any]) -> str:
 
 def _stream(
     func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions,
-    plan: _Plan,
+    plan: _Plan, recent: bool,
 ) -> Iterator[_Done]:
     """A batch on an executor, yielding each input's _Done in input order (docs/batches.md)."""
     import collections
@@ -5608,8 +5620,8 @@ def _stream(
     inputs = enumerate(calls)
     reading = True
     interrupted = False
-    executor = plan.start()
-    pools = [executor] if plan.owned else []  # What to stop at the end.
+    executor: Any = None  # Started by the first send: a batch with every result cached starts no pool.
+    pools: list[Any] = []  # What to stop at the end.
 
     def task(chunk: list[_Done]) -> tuple[Any, ...]:
         calls = [(done.key, lead + done.args, "" if label is None else _label_text(label, done.args)) for done in chunk]
@@ -5617,6 +5629,10 @@ def _stream(
         return (_run_chunk, func, calls, plan.portable, plan.off, len(lead), b"" if plan.owned else os.urandom(8))
 
     def send() -> None:
+        nonlocal executor
+        if executor is None:
+            executor = plan.start()
+            pools.extend([executor] if plan.owned else [])
         try:
             future = executor.submit(*task(buffer))
         except Exception as exc:  # A worker died since the last send: the pool refuses work.
@@ -5687,14 +5703,18 @@ def _stream(
                     reading = False
                 else:
                     done = _Done(*item)
-                    ahead.append(done)
-                    if plan.off or not _answer_here(func, done, lead, options.retry_failures):
+                    if not plan.off and _answer_here(func, done, lead, options.retry_failures, recent):
+                        if not keep_going and not done.outcome.ok:  # type: ignore[union-attr]
+                            stop_after(done.index)
+                        if not ahead:  # Nothing before it waits (nor is sent): out at once, as a rerun's inputs go.
+                            yield done
+                            continue
+                    else:
                         if done.key and done.key in queued:  # One key twice in a chunk: the second waits for the next.
                             send()
                         buffer.append(done)
                         queued.add(done.key)
-                    elif not keep_going and not done.outcome.ok:  # type: ignore[union-attr]
-                        stop_after(done.index)
+                    ahead.append(done)
             if buffer and not full:
                 send()
                 continue
@@ -5723,6 +5743,7 @@ def _stream(
             if broken:
                 # A dying worker breaks the whole pool: each input of the chunks in flight runs again alone, to
                 # record the one that kills its worker as a failure; a new pool takes the rest (docs/batches.md).
+                pools.remove(executor)
                 executor.shutdown(wait=True)  # Every future of a broken pool is settled by now.
                 suspects = []
                 for future, chunk in sorted(pending.items(), key=lambda item: item[1][0].index):
@@ -5738,9 +5759,7 @@ def _stream(
                     if not keep_going and not done.outcome.ok:  # type: ignore[union-attr]
                         stop_after(done.index)
                         break
-                pools.remove(executor)
-                executor = plan.start()
-                pools.append(executor)
+                executor = None
     except BaseException as exc:
         interrupted = not isinstance(exc, (Exception, GeneratorExit))  # KeyboardInterrupt, SystemExit
         raise
@@ -5784,32 +5803,6 @@ class BatchResult:
         self.failures: list[Failure] = []
         self.computed = self.reused = 0
         self.computed_seconds = self.saved_seconds = 0.0
-
-    @classmethod
-    def _of(cls, stream: Iterator[_Done]) -> BatchResult:
-        batch = cls()
-        try:
-            for done in stream:
-                result = done.result()
-                batch.results.append(result)
-                if isinstance(result, Failure):
-                    batch.failures.append(result)
-                else:
-                    batch._count(done.outcome)
-        except BaseException as exc:
-            if not isinstance(exc, Exception) and hasattr(stream, "throw"):
-                stream.throw(exc)  # An interrupt here, not in the stream: it must stop the pool now.
-            raise
-        return batch
-
-    def _count(self, outcome: _Outcome | None) -> None:
-        """Count a success as computed or reused, with its seconds."""
-        if outcome is not None and outcome.computed:
-            self.computed += 1
-            self.computed_seconds += outcome.seconds
-        else:
-            self.reused += 1
-            self.saved_seconds += 0.0 if outcome is None else outcome.seconds
 
     @property
     def summary(self) -> str:
@@ -5892,11 +5885,34 @@ class Progress:
         return f"{self.function}: {done}, {rate:.1f}/s, ETA {eta}, {self.failed} failed; {figures}"
 
 
+def _unfit(func: _Memoized[..., Any], started: float, name: str) -> None:
+    """At a batch's end, warn if a sweep (in any process) evicted an entry used since it ``started``: its results do
+    not all fit under max_bytes, and since a batch walks its inputs in order, a rerun would reuse none of the
+    evicted ones (issue 21). One .usage read per batch."""
+    files = func._store
+    if files is None or files.max_bytes is None or files.readonly:
+        return
+    try:
+        files._usage(lambda total: total)
+    except OSError:
+        return
+    if files.horizon < started:
+        return
+    sizes = [_disk_bytes(st) for st in map(_lstat_or_none, (p for p, _f in files.files(func._folder))) if st]
+    each = -(-sum(sizes) // len(sizes)) if sizes else 0
+    _warn(
+        f"{name}: the results do not fit in the store at max_bytes={files.max_bytes:,}: entries used since "
+        f"the batch began were evicted, so a rerun computes them again"
+        + (f"; about {files.max_bytes // each:,} of its entries fit ({each:,} bytes on disk each)" if each else "")
+        + ". Raise max_bytes, or run the batch in parts that fit"
+    )
+
+
 class _Progress:
     """A batch's progress: one line redrawn on stderr (five times a second at most), a record on the "donecache"
     logger every few seconds, or a Progress for the user's callable (ten times a second at most)."""
 
-    def __init__(self, name: str, total: int | None, progress: Any, function: str) -> None:
+    def __init__(self, name: str, total: int | None, progress: Any, function: str, counts: BatchResult) -> None:
         number = isinstance(progress, (int, float)) and not isinstance(progress, bool)
         if not (progress is None or callable(progress) or isinstance(progress, bool) or (number and progress > 0)):
             raise ValueError(
@@ -5904,7 +5920,7 @@ class _Progress:
             )
         self.name, self.total, self.function, self._call = name, total, function, progress
         self.done = self.failed = 0
-        self.counts = BatchResult()  # Only its figures: computed, reused and their seconds.
+        self.counts = counts  # map()'s result; for imap() only its figures count.
         self._started = self._last = time.monotonic()
         self._logged = False
         # A Jupyter kernel replaces stderr with its own stream, which draws "\r" lines; asking the type costs
@@ -5922,21 +5938,34 @@ class _Progress:
             self.mode, self._every = "log", _LOG_EVERY if progress is None else float(progress)
             self._logger = logging.getLogger("donecache")
 
-    def watch(self, stream: Iterator[_Done], keep_going: bool) -> Iterator[_Done]:
-        """Pass the stream on, counting; raise a failure unless ``keep_going``."""
+    def watch(self, func: _Memoized[..., Any], stream: Iterator[_Done], keep_going: bool, keep: bool) -> Iterator[Any]:
+        """Pass the results on, counting (``keep``: into self.counts, for map(), yielding none); raise a failure
+        unless ``keep_going``; at the end, warn if the results did not fit (_unfit)."""
+        started, counts = time.time(), self.counts
         try:
             for done in stream:
-                self.done += 1
                 outcome = done.outcome
-                if outcome is not None and not outcome.ok:
+                assert outcome is not None
+                self.done += 1
+                if not outcome.ok:
                     self.failed += 1
                     if not keep_going:
                         raise outcome.value
-                elif outcome is not None:
-                    self.counts._count(outcome)
+                elif outcome.computed:
+                    counts.computed += 1
+                    counts.computed_seconds += outcome.seconds
+                else:
+                    counts.reused += 1
+                    counts.saved_seconds += outcome.seconds
                 self.update()
+                result = done.result()
+                if keep:
+                    counts.results.append(result)
+                    if not outcome.ok:
+                        counts.failures.append(result)
+                    continue
                 try:
-                    yield done
+                    yield result
                 except BaseException as exc:
                     if not isinstance(exc, (Exception, GeneratorExit)):
                         stream.throw(exc)  # type: ignore[attr-defined]  # An interrupt: the pool stops now.
@@ -5944,6 +5973,7 @@ class _Progress:
         finally:
             stream.close()  # type: ignore[attr-defined]
             self.close()
+        _unfit(func, started, self.name)
 
     def snapshot(self, final: bool = False) -> Progress:
         elapsed = time.monotonic() - self._started
@@ -6002,36 +6032,11 @@ def _share(
             yield args
 
 
-def _fits(func: _Memoized[..., Any], stream: Iterator[_Done], name: str) -> Iterator[_Done]:
-    """Pass a batch on; at its end, warn if a sweep (in any process) evicted an entry used since it began: its
-    results do not all fit under max_bytes, and since a batch walks its inputs in order, a rerun would reuse none
-    of the evicted ones (issue 21). One .usage read per batch."""
-    started = time.time()
-    yield from stream
-    files = func._store
-    if files is None or files.max_bytes is None or files.readonly:
-        return
-    try:
-        files._usage(lambda total: total)
-    except OSError:
-        return
-    if files.horizon < started:
-        return
-    sizes = [_disk_bytes(st) for st in map(_lstat_or_none, (p for p, _f in files.files(func._folder))) if st]
-    each = -(-sum(sizes) // len(sizes)) if sizes else 0
-    _warn(
-        f"{name}: the results do not fit in the store at max_bytes={files.max_bytes:,}: entries used since "
-        f"the batch began were evicted, so a rerun computes them again"
-        + (f"; about {files.max_bytes // each:,} of its entries fit ({each:,} bytes on disk each)" if each else "")
-        + ". Raise max_bytes, or run the batch in parts that fit"
-    )
-
-
 def _batch(
     func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], method: str,
-    options: _BatchOptions,
-) -> Iterator[_Done]:
-    """map() and imap(): check the options at once, then stream the outcomes.
+    options: _BatchOptions, batch: BatchResult | None = None,
+) -> Iterator[Any]:
+    """map() and imap(): check the options at once, then stream the results (map: into ``batch``).
     ``lead`` is put before every call's arguments (a bound method's instance)."""
     name = f"{func.__qualname__}.{method}()"
     if isinstance(func, _AsyncMemoized):  # Every batch starts here: plain or bound, map or imap.
@@ -6051,25 +6056,28 @@ def _batch(
         calls, total = _share(func, calls, lead, options.shard, name), None
     if options.label is not None and not callable(options.label):
         raise TypeError(f"{name}: label= takes a callable (called with an input's arguments), not {options.label!r}")
-    meter = _Progress(name, total, options.progress, func.__qualname__)
+    meter = _Progress(name, total, options.progress, func.__qualname__, batch or BatchResult())
     off = _switched_off()  # Taken once: the batch's workers follow the parent.
+    recent = total is None or total <= _RECENT_COUNT
     if options.executor is None and (options.workers or 1) == 1:
-        stream = _serial(func, calls, lead, options, off)
+        stream = _serial(func, calls, lead, options, off, recent)
     else:
-        stream = _stream(func, calls, lead, options, _Plan(func, name, options, off))
-    return _fits(func, meter.watch(stream, options.keep_going), name)
+        stream = _stream(func, calls, lead, options, _Plan(func, name, options, off), recent)
+    return meter.watch(func, stream, options.keep_going, batch is not None)
 
 
 def _run_map(
     func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], options: _BatchOptions
 ) -> BatchResult:
-    return BatchResult._of(_batch(func, iterables, lead, "map", options))
+    batch = BatchResult()
+    next(_batch(func, iterables, lead, "map", options, batch), None)  # It yields nothing: the results go to batch.
+    return batch
 
 
 def _run_imap(
     func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], options: _BatchOptions
 ) -> Iterator[Any]:
-    return (done.result() for done in _batch(func, iterables, lead, "imap", options))
+    return _batch(func, iterables, lead, "imap", options)
 
 
 # ---------------------------------------------------------------------------
