@@ -5605,8 +5605,7 @@ def _stream(
     here = _pid()
     ahead: collections.deque[_Done] = collections.deque()  # Read, waiting to be yielded.
     pending: dict[Any, list[_Done]] = {}
-    buffer: list[_Done] = []
-    queued: set[bytes] = set()  # The keys in buffer.
+    buffer: dict[Any, _Done] = {}  # The next chunk, by key (by index when off: no keys).
     inputs = enumerate(calls)
     reading = True
     interrupted = False
@@ -5623,23 +5622,23 @@ def _stream(
         if executor is None:
             executor = plan.start()
             pools.extend([executor] if plan.owned else [])
+        chunk = list(buffer.values())
         try:
-            future = executor.submit(*task(buffer))
+            future = executor.submit(*task(chunk))
         except Exception as exc:  # A worker died since the last send: the pool refuses work.
             if not (plan.owned and plan.processes and type(exc).__name__ == "BrokenProcessPool"):
                 raise
             future = futures.Future()  # Judged with the broken pool's other chunks, one input at a time.
             future.set_exception(exc)
-        pending[future] = buffer[:]
+        pending[future] = chunk
         buffer.clear()
-        queued.clear()
 
     def stop_after(index: int) -> None:
         """A loop would have stopped at this failure: nothing after it runs."""
         nonlocal reading
         reading = False
-        buffer[:] = [done for done in buffer if done.index < index]
-        queued.intersection_update(done.key for done in buffer)
+        for key in [key for key, done in buffer.items() if done.index >= index]:
+            del buffer[key]
         for future, chunk in pending.items():
             if chunk[0].index > index:
                 future.cancel()
@@ -5700,10 +5699,9 @@ def _stream(
                             yield done
                             continue
                     else:
-                        if done.key and done.key in queued:  # One key twice in a chunk: the second waits for the next.
+                        if done.key in buffer:  # One key twice in a chunk: the second waits for the next.
                             send()
-                        buffer.append(done)
-                        queued.add(done.key)
+                        buffer[done.key or done.index] = done
                     ahead.append(done)
             if buffer and not full:
                 send()
