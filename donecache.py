@@ -5448,13 +5448,17 @@ class _Done:
 
 
 def _answer_here(
-    func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True, recent: bool = True
+    func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True, total: int | None = None
 ) -> bool:
     """Settle an input here if its result is cached, its key cannot be made, or (without ``retry``) its failure is
-    recorded for the current code; else keep its key for the call and return False. ``recent``: read through
-    _recent (False in a batch of more inputs than it keeps: each read would only evict another, issue 20)."""
+    recorded for the current code; else keep its key for the call and return False. A batch of more inputs (its
+    ``total``) than the key memo or _recent keep goes past them: each input would only evict another (issue 20)."""
+    args, recent = lead + done.args, total is None or total <= _RECENT_COUNT
     try:
-        call = func._keyed(lead + done.args, {})
+        if total is None or total <= _KEY_MEMO_SIZE:
+            call = func._keyed(args, {})
+        else:
+            call = func._at_key(func._key(args, {}), args, {})
     except Exception as exc:
         done.outcome = _failed(exc, False)
         return True
@@ -5483,13 +5487,13 @@ def _answer_here(
 
 def _serial(
     func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions,
-    off: bool, recent: bool,
+    off: bool, total: int | None,
 ) -> Iterator[_Done]:
     """A batch in this thread, one call after the other."""
     keep_going = options.keep_going
     for index, args in enumerate(calls):
         done = _Done(index, args)
-        if off or not _answer_here(func, done, lead, options.retry_failures, recent):
+        if off or not _answer_here(func, done, lead, options.retry_failures, total):
             # Without keep_going a failure propagates with its own traceback, as a loop would.
             shown = (lambda: _label_text(options.label, args))  # noqa: E731 - made only if the call fails.
             done.outcome = _call_one(func, lead + args, done.key or None, False, off, shown=shown, lead=len(lead),
@@ -5593,7 +5597,7 @@ def _death(pool: Any, processes: list[Any]) -> str:
 
 def _stream(
     func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions,
-    plan: _Plan, recent: bool,
+    plan: _Plan, total: int | None,
 ) -> Iterator[_Done]:
     """A batch on an executor, yielding each input's _Done in input order (docs/batches.md)."""
     import collections
@@ -5692,7 +5696,7 @@ def _stream(
                     reading = False
                 else:
                     done = _Done(*item)
-                    if not plan.off and _answer_here(func, done, lead, options.retry_failures, recent):
+                    if not plan.off and _answer_here(func, done, lead, options.retry_failures, total):
                         if not keep_going and not done.outcome[0]:  # type: ignore[index]
                             stop_after(done.index)
                         if not ahead:  # Nothing before it waits (nor is sent): out at once, as a rerun's inputs go.
@@ -6045,11 +6049,10 @@ def _batch(
         raise TypeError(f"{name}: label= takes a callable (called with an input's arguments), not {options.label!r}")
     meter = _Progress(name, total, options.progress, func.__qualname__, batch or BatchResult())
     off = _switched_off()  # Taken once: the batch's workers follow the parent.
-    recent = total is None or total <= _RECENT_COUNT
     if options.executor is None and (options.workers or 1) == 1:
-        stream = _serial(func, calls, lead, options, off, recent)
+        stream = _serial(func, calls, lead, options, off, total)
     else:
-        stream = _stream(func, calls, lead, options, _Plan(func, name, options, off), recent)
+        stream = _stream(func, calls, lead, options, _Plan(func, name, options, off), total)
     return meter.watch(func, stream, options.keep_going, batch is not None)
 
 
