@@ -5444,7 +5444,8 @@ class _Done:
     def result(self) -> Any:
         """The result, or the Failure in its place."""
         ok, value, _computed, traceback, _seconds = self.outcome  # type: ignore[misc]
-        return value if ok else Failure(self.index, self.args[0] if len(self.args) == 1 else self.args, value, traceback)
+        shown = self.args[0] if len(self.args) == 1 else self.args
+        return value if ok else Failure(self.index, shown, value, traceback)
 
 
 def _answer_here(
@@ -5551,6 +5552,10 @@ class _Plan:
                 "executor=ProcessPoolExecutor(mp_context=multiprocessing.get_context('fork'))"
             )
 
+    def broken(self, exc: BaseException | None) -> bool:
+        """Whether ``exc`` says that a worker of the pool the batch started died: the pool takes no more work."""
+        return self.owned and self.processes and type(exc).__name__ == "BrokenProcessPool"
+
     def start(self, workers: int | None = None) -> Any:
         """The executor to use (``workers``: a pool of that many); the caller shuts it down if ``owned``."""
         import concurrent.futures as futures
@@ -5630,7 +5635,7 @@ def _stream(
         try:
             future = executor.submit(*task(chunk))
         except Exception as exc:  # A worker died since the last send: the pool refuses work.
-            if not (plan.owned and plan.processes and type(exc).__name__ == "BrokenProcessPool"):
+            if not plan.broken(exc):
                 raise
             future = futures.Future()  # Judged with the broken pool's other chunks, one input at a time.
             future.set_exception(exc)
@@ -5715,43 +5720,28 @@ def _stream(
             if not pending:
                 return  # Everything sent came back; anything left lies after a failure.
             finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
-            broken = False
-            for future in finished:
-                chunk = pending.pop(future)
-                if future.cancelled():
-                    continue
-                try:
-                    report = future.result()
-                except Exception as exc:  # The chunk could not go out, run, or come back.
-                    if plan.owned and plan.processes and type(exc).__name__ == "BrokenProcessPool":
-                        broken = True
-                        pending[future] = chunk  # Judged below, with the rest of the broken pool's.
-                        continue
-                    report = ([_failed(exc, False)] * len(chunk), here, 0.0)
-                settle(chunk, report)
-                failed = [done.index for done in chunk if done.outcome is not None and not done.outcome[0]]
-                if failed and not keep_going:
-                    stop_after(failed[0])
-            if broken:
+            if any(plan.broken(future.exception()) for future in finished if not future.cancelled()):
                 # A dying worker breaks the whole pool: each input of the chunks in flight runs again alone, to
                 # record the one that kills its worker as a failure; a new pool takes the rest (docs/batches.md).
                 pools.remove(executor)
                 executor.shutdown(wait=True)  # Every future of a broken pool is settled by now.
-                suspects = []
-                for future, chunk in sorted(pending.items(), key=lambda item: item[1][0].index):
-                    if future.cancelled():
-                        continue
-                    if future.exception() is None:
-                        settle(chunk, future.result())
-                    else:
-                        suspects.extend(chunk)
-                pending.clear()
-                for done in suspects:
-                    alone(done)
-                    if not keep_going and not done.outcome[0]:  # type: ignore[index]
-                        stop_after(done.index)
-                        break
-                executor = None
+                executor, finished = None, set(pending)
+            suspects: list[_Done] = []
+            for future in sorted(finished, key=lambda future: pending[future][0].index):
+                chunk = pending.pop(future)
+                exc = None if future.cancelled() else future.exception()
+                if plan.broken(exc):
+                    suspects.extend(chunk)
+                elif not future.cancelled():  # It came back, or could not go out, run, or come back.
+                    settle(chunk, future.result() if exc is None else ([_failed(exc, False)] * len(chunk), here, 0.0))
+                    failed = [done.index for done in chunk if done.outcome is not None and not done.outcome[0]]
+                    if failed and not keep_going:
+                        stop_after(failed[0])
+            for done in suspects:
+                alone(done)
+                if not keep_going and not done.outcome[0]:  # type: ignore[index]
+                    stop_after(done.index)
+                    break
     except BaseException as exc:
         interrupted = not isinstance(exc, (Exception, GeneratorExit))  # KeyboardInterrupt, SystemExit
         raise
