@@ -2241,6 +2241,29 @@ def test_big_buffers_go_out_of_band_aligned_and_come_back_writable(tmp_path):
     assert start % 64 == 0 and raw[start : start + 300_000] == b"\7" * 300_000  # ...aligned for arrays.
 
 
+@posix_only
+def test_a_big_value_read_is_private_memory_that_a_forked_child_cannot_change(tmp_path):
+    with dc.open(tmp_path / "c") as db:
+        db["big"] = big_buffer(300_000)
+        data = db["big"]
+    pid = os.fork()
+    if pid == 0:  # The child writes to its copy and leaves at once.
+        data[0] = 1
+        os._exit(0 if data[0] == 1 else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert data[0] == 7, "the child's write reached the parent: the buffer was shared memory"
+
+
+@linux_only
+def test_a_big_value_is_read_where_huge_pages_cannot_be_advised(tmp_path, monkeypatch):
+    import mmap
+
+    monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 0x7FFF)  # An advice no kernel knows: madvise(2) says EINVAL.
+    with dc.open(tmp_path / "c") as db:
+        db["big"] = big_buffer(300_000)
+        assert bytes(db["big"]) == b"\7" * 300_000
+
+
 def test_truncated_or_padded_big_entry_reads_as_missing(tmp_path):
     for damage in (lambda b: b[:-1], lambda b: b + b"\0", lambda b: b[:-100_000], lambda b: b[:4096]):
         with dc.open(tmp_path / "c", "n") as db:
@@ -5197,6 +5220,8 @@ def test_big_buffers_are_hashed_in_place(tmp_path, calls):
     changed[-1] = 1
     text = "e" * (20 * 2**20)
     values = [big, changed, memoryview(changed), memoryview(big), "é" * len(text), text, text[:-1] + "f"]
+    size(b"")  # The first call works out the code identity (it parses this file): not traced.
+    calls.clear()
     for value in values:
         tracemalloc.start()
         size(value)
@@ -5876,6 +5901,27 @@ def test_a_hit_records_a_use_and_a_sweep_evicts_the_least_recently_used(tmp_path
     one = os.lstat(paths[0]).st_blocks * 512
     assert len(evicted) == 2, "one line per sweep"
     assert all(m.startswith(f"evicted 2 entries ({2 * one} bytes on disk, the most recently used") for m in evicted)
+
+
+def test_a_bounded_store_records_every_use_once_half_full_and_finely_after_sweeps(tmp_path):
+    def used(db, key, path):
+        """Whether reading ``key`` half a second after its last recorded use records another."""
+        os.utime(path, ns=(time.time_ns() - 500_000_000,) * 2)
+        before = os.stat(path).st_mtime_ns
+        assert db[key] is not None
+        return os.stat(path).st_mtime_ns != before
+
+    with dc.open(tmp_path / "s", max_bytes=2**20) as db:
+        db["a"] = b"a"
+        (path,) = entry_files(tmp_path / "s")
+        assert not used(db, "a", path), "a store far from its bound records uses to the second"
+        for n in range(6):
+            db[f"k{n}"] = b"x" * 100_000  # About 600 KB: over half the bound, and no sweep yet.
+        assert used(db, "a", path), "half full: every use is recorded"
+        for n in range(6, 12):
+            db[f"k{n}"] = b"x" * 100_000  # Past the bound: sweeps evict entries used a moment ago.
+        assert len(db) < 13 and "a" in db
+        assert used(db, "a", path), "after sweeps of recently used entries: uses recorded finely"
 
 
 def test_is_cached_does_not_count_as_a_use(tmp_path):
