@@ -5486,7 +5486,7 @@ def _answer_here(
     if not recent and files is not None:  # func._hit(call) but past _recent: the same checks and counts.
         now = time.time()
         entry = files.read(call.key, call.slot, now, func._mmap, True)
-        if entry is not None and (func._ttl is None or now - entry.created < func._ttl):
+        if entry is not None and func._live(entry, now):
             try:
                 value = func._counted(entry, call.slot, entry.load())
                 call.seconds = _seconds_of(entry.meta)[0] if entry.meta else 0.0
