@@ -5397,20 +5397,20 @@ class _Writer:
 
 
 def _call_one(
-    func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes | None, portable: bool, off: bool,
+    func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes, portable: bool, off: bool,
     writer: _Writer | None = None, shown: str | Callable[[], str] = "", lead: int = 0, raising: bool = False,
 ) -> _Outcome:
-    """One call of a batch; a failure is recorded, then returned (raised if ``raising``). ``key``: if the parent made
-    it; ``off``: caching was off when the batch began; ``writer`` stores the result in the background; ``shown``:
-    the input's text for the ledger (or what makes it); ``lead``: arguments before the input (a method's self)."""
+    """One call of a batch; a failure is recorded, then returned (raised if ``raising``). ``key``: just looked up (b""
+    if ``off``: caching was off when the batch began); ``writer`` stores the result in the background; ``shown``: the
+    input's text for the ledger (or what makes it); ``lead``: arguments before the input (a method's self)."""
     call = None
     try:
         if off:
             started = time.perf_counter()
             value = func.__wrapped__(*args)
             return True, value, True, "", time.perf_counter() - started
-        call = func._keyed(args, {}) if key is None else func._at_key(key, args, {})
-        value, computed = func._get(call, hand_off=None if writer is None else writer.put, missed=key is not None)
+        call = func._at_key(key, args, {})
+        value, computed = func._get(call, hand_off=None if writer is None else writer.put, missed=True)
         return True, value, computed, "", call.seconds
     except Exception as exc:
         outcome = _failed(exc, portable)
@@ -5432,7 +5432,7 @@ def _run_chunk(
     started = time.perf_counter()
     writer = _Writer.running()
     try:
-        outcomes = [_call_one(func, args, key or None, portable, off, writer, text, lead) for key, args, text in calls]
+        outcomes = [_call_one(func, args, key, portable, off, writer, text, lead) for key, args, text in calls]
     finally:
         writer.finish()
     return outcomes, _pid(), time.perf_counter() - started
@@ -5515,7 +5515,7 @@ def _serial(
         if off or not _answer_here(func, done, lead, options.retry_failures, total):
             # Without keep_going a failure propagates with its own traceback, as a loop would.
             shown = (lambda: _label_text(options.label, args))  # noqa: E731 - made only if the call fails.
-            done.outcome = _call_one(func, lead + args, done.key or None, False, off, shown=shown, lead=len(lead),
+            done.outcome = _call_one(func, lead + args, done.key, False, off, shown=shown, lead=len(lead),
                                      raising=not keep_going)
         elif not keep_going and not done.outcome[0]:  # type: ignore[index]
             raise done.outcome[1]  # type: ignore[index]
