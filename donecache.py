@@ -5431,12 +5431,6 @@ class _Done:
         self.index, self.args, self.key = index, args, b""
         self.outcome: _Outcome | None = None
 
-    def result(self) -> Any:
-        """The result, or the Failure in its place."""
-        ok, value, _computed, traceback, _seconds = self.outcome  # type: ignore[misc]
-        shown = self.args[0] if len(self.args) == 1 else self.args
-        return value if ok else Failure(self.index, shown, value, traceback)
-
 
 def _answer_here(
     func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True, total: int | None = None
@@ -5916,13 +5910,13 @@ class _Progress:
         started, counts = time.time(), self.counts
         try:
             for done in stream:
-                ok, value, computed, _traceback, seconds = done.outcome  # type: ignore[misc]
+                ok, value, computed, traceback, seconds = done.outcome  # type: ignore[misc]
                 self.done += 1
                 if not ok:
                     self.failed += 1
                     if not keep_going:
                         raise value
-                    value = done.result()  # The Failure in its place.
+                    value = Failure(done.index, done.args[0] if len(done.args) == 1 else done.args, value, traceback)
                     if keep:
                         counts.failures.append(value)
                 elif computed:
