@@ -5296,17 +5296,10 @@ def _exit_with_parent() -> None:
     _thread.start_new_thread(watch, ())
 
 
-class _Outcome:
-    """How one call went: result (ok) or exception, computed (not reused), failure's traceback, seconds."""
-
-    __slots__ = ("ok", "value", "computed", "traceback", "seconds")
-
-    def __init__(self, ok: bool, value: Any, computed: bool, traceback: str = "", seconds: float = 0.0) -> None:
-        self.ok, self.value, self.computed, self.traceback, self.seconds = ok, value, computed, traceback, seconds
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # A worker sends a chunk's outcomes back: by their fields, a third of the time slots' default takes.
-        return _Outcome, (self.ok, self.value, self.computed, self.traceback, self.seconds)
+# How one call went: (ok, its result or exception, computed (not reused), a failure's traceback text, seconds).
+# A plain tuple: a worker sends a chunk's outcomes back, and tuples pickle fastest.
+if TYPE_CHECKING:
+    _Outcome = tuple[bool, Any, bool, str, float]
 
 
 def _failed(exc: BaseException, portable: bool) -> _Outcome:
@@ -5318,7 +5311,7 @@ def _failed(exc: BaseException, portable: bool) -> _Outcome:
             pickle.loads(pickle.dumps(exc))  # Many exceptions pickle but do not unpickle.
         except Exception:
             exc = RuntimeError(f"{type(exc).__name__}: {_safe_str(exc)}")
-    return _Outcome(False, exc, True, text)
+    return False, exc, True, text, 0.0
 
 
 class _Writer:
@@ -5382,25 +5375,25 @@ class _Writer:
 
 
 def _call_one(
-    func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes | None, portable: bool, off: bool,
+    func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes, portable: bool, off: bool,
     writer: _Writer | None = None, shown: str | Callable[[], str] = "", lead: int = 0, raising: bool = False,
 ) -> _Outcome:
-    """One call of a batch; a failure is recorded, then returned (raised if ``raising``). ``key``: if the parent made
-    it; ``off``: caching was off when the batch began; ``writer`` stores the result in the background; ``shown``:
-    the input's text for the ledger (or what makes it); ``lead``: arguments before the input (a method's self)."""
+    """One call of a batch; a failure is recorded, then returned (raised if ``raising``). ``key``: just looked up (b""
+    if ``off``: caching was off when the batch began); ``writer`` stores the result in the background; ``shown``: the
+    input's text for the ledger (or what makes it); ``lead``: arguments before the input (a method's self)."""
     call = None
     try:
         if off:
             started = time.perf_counter()
             value = func.__wrapped__(*args)
-            return _Outcome(True, value, True, seconds=time.perf_counter() - started)
-        call = func._keyed(args, {}) if key is None else func._at_key(key, args, {})
-        value, computed = func._get(call, hand_off=None if writer is None else writer.put, missed=key is not None)
-        return _Outcome(True, value, computed, seconds=call.seconds)
+            return True, value, True, "", time.perf_counter() - started
+        call = func._at_key(key, args, {})
+        value, computed = func._get(call, hand_off=None if writer is None else writer.put, missed=True)
+        return True, value, computed, "", call.seconds
     except Exception as exc:
         outcome = _failed(exc, portable)
         if call is not None:
-            _record_failure(func, call, exc, outcome.traceback, shown if isinstance(shown, str) else shown(), lead)
+            _record_failure(func, call, exc, outcome[3], shown if isinstance(shown, str) else shown(), lead)
         if raising:
             raise
         return outcome
@@ -5417,7 +5410,7 @@ def _run_chunk(
     started = time.perf_counter()
     writer = _Writer.running()
     try:
-        outcomes = [_call_one(func, args, key or None, portable, off, writer, text, lead) for key, args, text in calls]
+        outcomes = [_call_one(func, args, key, portable, off, writer, text, lead) for key, args, text in calls]
     finally:
         writer.finish()
     return outcomes, _pid(), time.perf_counter() - started
@@ -5444,32 +5437,40 @@ class _Done:
         self.index, self.args, self.key = index, args, b""
         self.outcome: _Outcome | None = None
 
-    def result(self) -> Any:
-        """The result, or the Failure in its place."""
-        outcome = self.outcome
-        assert outcome is not None
-        if outcome.ok:
-            return outcome.value
-        return Failure(self.index, self.args[0] if len(self.args) == 1 else self.args, outcome.value, outcome.traceback)
 
-
-def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True) -> bool:
-    """Settle an input in the parent if its result is cached, its key cannot be made, or (without ``retry``) its
-    failure is recorded for the current code; else keep its key for a worker and return False."""
+def _answer_here(
+    func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True, total: int | None = None
+) -> bool:
+    """Settle an input here if its result is cached, its key cannot be made, or (without ``retry``) its failure is
+    recorded for the current code; else keep its key for the call and return False. A batch of more inputs (its
+    ``total``) than the key memo or _recent keep goes past them: each input would only evict another (issue 20)."""
+    args, recent = lead + done.args, total is None or total <= _RECENT_COUNT
     try:
-        call = func._keyed(lead + done.args, {})
+        if total is None or total <= _KEY_MEMO_SIZE:
+            call = func._keyed(args, {})
+        else:
+            call = func._at_key(func._key(args, {}), args, {})
     except Exception as exc:
         done.outcome = _failed(exc, False)
         return True
-    value = func._hit(call)
-    if value is not _MISSING:
-        done.outcome = _Outcome(True, value, False, seconds=call.seconds)
-        return True
     files = func._store
+    value = func._hit(call) if recent or files is None else _MISSING
+    if not recent and files is not None:  # func._hit(call) but past _recent: the same checks and counts.
+        now = time.time()
+        entry = files.read(call.key, call.slot, now, func._mmap, True)
+        if entry is not None and func._live(entry, now):
+            try:
+                value = func._counted(entry, call.slot, entry.load())
+                call.seconds = _seconds_of(entry.meta)[0] if entry.meta else 0.0
+            except Exception:
+                pass  # Written by code that has changed since: recompute.
+    if value is not _MISSING:
+        done.outcome = True, value, False, "", call.seconds
+        return True
     recorded = None if retry or files is None or call.slot is None else files.failure(call.slot)
     if recorded is not None and recorded.get("identity") == _key_identity(call.key):  # Failed under this code.
         failure = FailureRecord(recorded, current=True)
-        done.outcome = _Outcome(False, failure, False, failure.traceback)
+        done.outcome = False, failure, False, failure.traceback, 0.0
         return True
     done.key = call.key
     return False
@@ -5477,19 +5478,19 @@ def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], 
 
 def _serial(
     func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions,
-    off: bool,
+    off: bool, total: int | None,
 ) -> Iterator[_Done]:
     """A batch in this thread, one call after the other."""
     keep_going = options.keep_going
     for index, args in enumerate(calls):
         done = _Done(index, args)
-        if not options.retry_failures and not off and _answer_here(func, done, lead, False):
-            if not keep_going and done.outcome is not None and not done.outcome.ok:
-                raise done.outcome.value
-        else:  # Without keep_going a failure propagates with its own traceback, as a loop would.
+        if off or not _answer_here(func, done, lead, options.retry_failures, total):
+            # Without keep_going a failure propagates with its own traceback, as a loop would.
             shown = (lambda: _label_text(options.label, args))  # noqa: E731 - made only if the call fails.
-            done.outcome = _call_one(func, lead + args, None, False, off, shown=shown, lead=len(lead),
+            done.outcome = _call_one(func, lead + args, done.key, False, off, shown=shown, lead=len(lead),
                                      raising=not keep_going)
+        elif not keep_going and not done.outcome[0]:  # type: ignore[index]
+            raise done.outcome[1]  # type: ignore[index]
         yield done
 
 
@@ -5541,6 +5542,10 @@ class _Plan:
                 "executor=ProcessPoolExecutor(mp_context=multiprocessing.get_context('fork'))"
             )
 
+    def broken(self, exc: BaseException | None) -> bool:
+        """Whether ``exc`` says that a worker of the pool the batch started died: the pool takes no more work."""
+        return self.owned and self.processes and type(exc).__name__ == "BrokenProcessPool"
+
     def start(self, workers: int | None = None) -> Any:
         """The executor to use (``workers``: a pool of that many); the caller shuts it down if ``owned``."""
         import concurrent.futures as futures
@@ -5587,7 +5592,7 @@ def _death(pool: Any, processes: list[Any]) -> str:
 
 def _stream(
     func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions,
-    plan: _Plan,
+    plan: _Plan, total: int | None,
 ) -> Iterator[_Done]:
     """A batch on an executor, yielding each input's _Done in input order (docs/batches.md)."""
     import collections
@@ -5599,13 +5604,12 @@ def _stream(
     here = _pid()
     ahead: collections.deque[_Done] = collections.deque()  # Read, waiting to be yielded.
     pending: dict[Any, list[_Done]] = {}
-    buffer: list[_Done] = []
-    queued: set[bytes] = set()  # The keys in buffer.
+    buffer: dict[Any, _Done] = {}  # The next chunk, by key (by index when off: no keys).
     inputs = enumerate(calls)
     reading = True
     interrupted = False
-    executor = plan.start()
-    pools = [executor] if plan.owned else []  # What to stop at the end.
+    executor: Any = None  # Started by the first send: a batch with every result cached starts no pool.
+    pools: list[Any] = []  # What to stop at the end.
 
     def task(chunk: list[_Done]) -> tuple[Any, ...]:
         calls = [(done.key, lead + done.args, "" if label is None else _label_text(label, done.args)) for done in chunk]
@@ -5613,23 +5617,27 @@ def _stream(
         return (_run_chunk, func, calls, plan.portable, plan.off, len(lead), b"" if plan.owned else os.urandom(8))
 
     def send() -> None:
+        nonlocal executor
+        if executor is None:
+            executor = plan.start()
+            pools.extend([executor] if plan.owned else [])
+        chunk = list(buffer.values())
         try:
-            future = executor.submit(*task(buffer))
+            future = executor.submit(*task(chunk))
         except Exception as exc:  # A worker died since the last send: the pool refuses work.
-            if not (plan.owned and plan.processes and type(exc).__name__ == "BrokenProcessPool"):
+            if not plan.broken(exc):
                 raise
             future = futures.Future()  # Judged with the broken pool's other chunks, one input at a time.
             future.set_exception(exc)
-        pending[future] = buffer[:]
+        pending[future] = chunk
         buffer.clear()
-        queued.clear()
 
     def stop_after(index: int) -> None:
         """A loop would have stopped at this failure: nothing after it runs."""
         nonlocal reading
         reading = False
-        buffer[:] = [done for done in buffer if done.index < index]
-        queued.intersection_update(done.key for done in buffer)
+        for key in [key for key, done in buffer.items() if done.index >= index]:
+            del buffer[key]
         for future, chunk in pending.items():
             if chunk[0].index > index:
                 future.cancel()
@@ -5640,10 +5648,10 @@ def _stream(
         for done, outcome in zip(chunk, outcomes):
             done.outcome = outcome
         if pid != here:  # Another process's counts: add them to this one's.
-            computed = sum(1 for outcome in outcomes if outcome.ok and outcome.computed)
+            computed = sum(1 for ok, _v, fresh, _t, _s in outcomes if ok and fresh)
             func._misses += computed
-            func._hits += sum(1 for outcome in outcomes if outcome.ok) - computed
-            func._saved += sum(o.seconds for o in outcomes if o.ok and not o.computed)
+            func._hits += sum(1 for outcome in outcomes if outcome[0]) - computed
+            func._saved += sum(seconds for ok, _v, fresh, _t, seconds in outcomes if ok and not fresh)
         if chunksize is None and seconds > 0:
             size = max(1, min(_MAX_CHUNK, int(_CHUNK_SECONDS / (seconds / len(chunk)))))
 
@@ -5683,14 +5691,17 @@ def _stream(
                     reading = False
                 else:
                     done = _Done(*item)
-                    ahead.append(done)
-                    if plan.off or not _answer_here(func, done, lead, options.retry_failures):
-                        if done.key and done.key in queued:  # One key twice in a chunk: the second waits for the next.
+                    if not plan.off and _answer_here(func, done, lead, options.retry_failures, total):
+                        if not keep_going and not done.outcome[0]:  # type: ignore[index]
+                            stop_after(done.index)
+                        if not ahead:  # Nothing before it waits (nor is sent): out at once, as a rerun's inputs go.
+                            yield done
+                            continue
+                    else:
+                        if done.key in buffer:  # One key twice in a chunk: the second waits for the next.
                             send()
-                        buffer.append(done)
-                        queued.add(done.key)
-                    elif not keep_going and not done.outcome.ok:  # type: ignore[union-attr]
-                        stop_after(done.index)
+                        buffer[done.key or done.index] = done
+                    ahead.append(done)
             if buffer and not full:
                 send()
                 continue
@@ -5699,44 +5710,28 @@ def _stream(
             if not pending:
                 return  # Everything sent came back; anything left lies after a failure.
             finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
-            broken = False
-            for future in finished:
-                chunk = pending.pop(future)
-                if future.cancelled():
-                    continue
-                try:
-                    report = future.result()
-                except Exception as exc:  # The chunk could not go out, run, or come back.
-                    if plan.owned and plan.processes and type(exc).__name__ == "BrokenProcessPool":
-                        broken = True
-                        pending[future] = chunk  # Judged below, with the rest of the broken pool's.
-                        continue
-                    report = ([_failed(exc, False)] * len(chunk), here, 0.0)
-                settle(chunk, report)
-                failed = [done.index for done in chunk if done.outcome is not None and not done.outcome.ok]
-                if failed and not keep_going:
-                    stop_after(failed[0])
-            if broken:
+            if any(plan.broken(future.exception()) for future in finished if not future.cancelled()):
                 # A dying worker breaks the whole pool: each input of the chunks in flight runs again alone, to
                 # record the one that kills its worker as a failure; a new pool takes the rest (docs/batches.md).
-                executor.shutdown(wait=True)  # Every future of a broken pool is settled by now.
-                suspects = []
-                for future, chunk in sorted(pending.items(), key=lambda item: item[1][0].index):
-                    if future.cancelled():
-                        continue
-                    if future.exception() is None:
-                        settle(chunk, future.result())
-                    else:
-                        suspects.extend(chunk)
-                pending.clear()
-                for done in suspects:
-                    alone(done)
-                    if not keep_going and not done.outcome.ok:  # type: ignore[union-attr]
-                        stop_after(done.index)
-                        break
                 pools.remove(executor)
-                executor = plan.start()
-                pools.append(executor)
+                executor.shutdown(wait=True)  # Every future of a broken pool is settled by now.
+                executor, finished = None, set(pending)
+            suspects: list[_Done] = []
+            for future in sorted(finished, key=lambda future: pending[future][0].index):
+                chunk = pending.pop(future)
+                exc = None if future.cancelled() else future.exception()
+                if plan.broken(exc):
+                    suspects.extend(chunk)
+                elif not future.cancelled():  # It came back, or could not go out, run, or come back.
+                    settle(chunk, future.result() if exc is None else ([_failed(exc, False)] * len(chunk), here, 0.0))
+                    failed = [done.index for done in chunk if done.outcome is not None and not done.outcome[0]]
+                    if failed and not keep_going:
+                        stop_after(failed[0])
+            for done in suspects:
+                alone(done)
+                if not keep_going and not done.outcome[0]:  # type: ignore[index]
+                    stop_after(done.index)
+                    break
     except BaseException as exc:
         interrupted = not isinstance(exc, (Exception, GeneratorExit))  # KeyboardInterrupt, SystemExit
         raise
@@ -5780,32 +5775,6 @@ class BatchResult:
         self.failures: list[Failure] = []
         self.computed = self.reused = 0
         self.computed_seconds = self.saved_seconds = 0.0
-
-    @classmethod
-    def _of(cls, stream: Iterator[_Done]) -> BatchResult:
-        batch = cls()
-        try:
-            for done in stream:
-                result = done.result()
-                batch.results.append(result)
-                if isinstance(result, Failure):
-                    batch.failures.append(result)
-                else:
-                    batch._count(done.outcome)
-        except BaseException as exc:
-            if not isinstance(exc, Exception) and hasattr(stream, "throw"):
-                stream.throw(exc)  # An interrupt here, not in the stream: it must stop the pool now.
-            raise
-        return batch
-
-    def _count(self, outcome: _Outcome | None) -> None:
-        """Count a success as computed or reused, with its seconds."""
-        if outcome is not None and outcome.computed:
-            self.computed += 1
-            self.computed_seconds += outcome.seconds
-        else:
-            self.reused += 1
-            self.saved_seconds += 0.0 if outcome is None else outcome.seconds
 
     @property
     def summary(self) -> str:
@@ -5888,11 +5857,34 @@ class Progress:
         return f"{self.function}: {done}, {rate:.1f}/s, ETA {eta}, {self.failed} failed; {figures}"
 
 
+def _unfit(func: _Memoized[..., Any], started: float, name: str) -> None:
+    """At a batch's end, warn if a sweep (in any process) evicted an entry used since it ``started``: its results do
+    not all fit under max_bytes, and since a batch walks its inputs in order, a rerun would reuse none of the
+    evicted ones (issue 21). One .usage read per batch."""
+    files = func._store
+    if files is None or files.max_bytes is None or files.readonly:
+        return
+    try:
+        files._usage(lambda total: total)
+    except OSError:
+        return
+    if files.horizon < started:
+        return
+    sizes = [_disk_bytes(st) for st in map(_lstat_or_none, (p for p, _f in files.files(func._folder))) if st]
+    each = -(-sum(sizes) // len(sizes)) if sizes else 0
+    _warn(
+        f"{name}: the results do not fit in the store at max_bytes={files.max_bytes:,}: entries used since "
+        f"the batch began were evicted, so a rerun computes them again"
+        + (f"; about {files.max_bytes // each:,} of its entries fit ({each:,} bytes on disk each)" if each else "")
+        + ". Raise max_bytes, or run the batch in parts that fit"
+    )
+
+
 class _Progress:
     """A batch's progress: one line redrawn on stderr (five times a second at most), a record on the "donecache"
     logger every few seconds, or a Progress for the user's callable (ten times a second at most)."""
 
-    def __init__(self, name: str, total: int | None, progress: Any, function: str) -> None:
+    def __init__(self, name: str, total: int | None, progress: Any, function: str, counts: BatchResult) -> None:
         number = isinstance(progress, (int, float)) and not isinstance(progress, bool)
         if not (progress is None or callable(progress) or isinstance(progress, bool) or (number and progress > 0)):
             raise ValueError(
@@ -5900,7 +5892,7 @@ class _Progress:
             )
         self.name, self.total, self.function, self._call = name, total, function, progress
         self.done = self.failed = 0
-        self.counts = BatchResult()  # Only its figures: computed, reused and their seconds.
+        self.counts = counts  # map()'s result; for imap() only its figures count.
         self._started = self._last = time.monotonic()
         self._logged = False
         # A Jupyter kernel replaces stderr with its own stream, which draws "\r" lines; asking the type costs
@@ -5918,21 +5910,34 @@ class _Progress:
             self.mode, self._every = "log", _LOG_EVERY if progress is None else float(progress)
             self._logger = logging.getLogger("donecache")
 
-    def watch(self, stream: Iterator[_Done], keep_going: bool) -> Iterator[_Done]:
-        """Pass the stream on, counting; raise a failure unless ``keep_going``."""
+    def watch(self, func: _Memoized[..., Any], stream: Iterator[_Done], keep_going: bool, keep: bool) -> Iterator[Any]:
+        """Pass the results on, counting (``keep``: into self.counts, for map(), yielding none); raise a failure
+        unless ``keep_going``; at the end, warn if the results did not fit (_unfit)."""
+        started, counts = time.time(), self.counts
         try:
             for done in stream:
+                ok, value, computed, traceback, seconds = done.outcome  # type: ignore[misc]
                 self.done += 1
-                outcome = done.outcome
-                if outcome is not None and not outcome.ok:
+                if not ok:
                     self.failed += 1
                     if not keep_going:
-                        raise outcome.value
-                elif outcome is not None:
-                    self.counts._count(outcome)
-                self.update()
+                        raise value
+                    value = Failure(done.index, done.args[0] if len(done.args) == 1 else done.args, value, traceback)
+                    if keep:
+                        counts.failures.append(value)
+                elif computed:
+                    counts.computed += 1
+                    counts.computed_seconds += seconds
+                else:
+                    counts.reused += 1
+                    counts.saved_seconds += seconds
+                if time.monotonic() - self._last >= self._every:  # Asked here: a call per input was 4% of a rerun.
+                    self.update()
+                if keep:
+                    counts.results.append(value)
+                    continue
                 try:
-                    yield done
+                    yield value
                 except BaseException as exc:
                     if not isinstance(exc, (Exception, GeneratorExit)):
                         stream.throw(exc)  # type: ignore[attr-defined]  # An interrupt: the pool stops now.
@@ -5940,6 +5945,7 @@ class _Progress:
         finally:
             stream.close()  # type: ignore[attr-defined]
             self.close()
+        _unfit(func, started, self.name)
 
     def snapshot(self, final: bool = False) -> Progress:
         elapsed = time.monotonic() - self._started
@@ -5998,36 +6004,11 @@ def _share(
             yield args
 
 
-def _fits(func: _Memoized[..., Any], stream: Iterator[_Done], name: str) -> Iterator[_Done]:
-    """Pass a batch on; at its end, warn if a sweep (in any process) evicted an entry used since it began: its
-    results do not all fit under max_bytes, and since a batch walks its inputs in order, a rerun would reuse none
-    of the evicted ones (issue 21). One .usage read per batch."""
-    started = time.time()
-    yield from stream
-    files = func._store
-    if files is None or files.max_bytes is None or files.readonly:
-        return
-    try:
-        files._usage(lambda total: total)
-    except OSError:
-        return
-    if files.horizon < started:
-        return
-    sizes = [_disk_bytes(st) for st in map(_lstat_or_none, (p for p, _f in files.files(func._folder))) if st]
-    each = -(-sum(sizes) // len(sizes)) if sizes else 0
-    _warn(
-        f"{name}: the results do not fit in the store at max_bytes={files.max_bytes:,}: entries used since "
-        f"the batch began were evicted, so a rerun computes them again"
-        + (f"; about {files.max_bytes // each:,} of its entries fit ({each:,} bytes on disk each)" if each else "")
-        + ". Raise max_bytes, or run the batch in parts that fit"
-    )
-
-
 def _batch(
     func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], method: str,
-    options: _BatchOptions,
-) -> Iterator[_Done]:
-    """map() and imap(): check the options at once, then stream the outcomes.
+    options: _BatchOptions, batch: BatchResult | None = None,
+) -> Iterator[Any]:
+    """map() and imap(): check the options at once, then stream the results (map: into ``batch``).
     ``lead`` is put before every call's arguments (a bound method's instance)."""
     name = f"{func.__qualname__}.{method}()"
     if isinstance(func, _AsyncMemoized):  # Every batch starts here: plain or bound, map or imap.
@@ -6047,25 +6028,27 @@ def _batch(
         calls, total = _share(func, calls, lead, options.shard, name), None
     if options.label is not None and not callable(options.label):
         raise TypeError(f"{name}: label= takes a callable (called with an input's arguments), not {options.label!r}")
-    meter = _Progress(name, total, options.progress, func.__qualname__)
+    meter = _Progress(name, total, options.progress, func.__qualname__, batch or BatchResult())
     off = _switched_off()  # Taken once: the batch's workers follow the parent.
     if options.executor is None and (options.workers or 1) == 1:
-        stream = _serial(func, calls, lead, options, off)
+        stream = _serial(func, calls, lead, options, off, total)
     else:
-        stream = _stream(func, calls, lead, options, _Plan(func, name, options, off))
-    return _fits(func, meter.watch(stream, options.keep_going), name)
+        stream = _stream(func, calls, lead, options, _Plan(func, name, options, off), total)
+    return meter.watch(func, stream, options.keep_going, batch is not None)
 
 
 def _run_map(
     func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], options: _BatchOptions
 ) -> BatchResult:
-    return BatchResult._of(_batch(func, iterables, lead, "map", options))
+    batch = BatchResult()
+    next(_batch(func, iterables, lead, "map", options, batch), None)  # It yields nothing: the results go to batch.
+    return batch
 
 
 def _run_imap(
     func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], options: _BatchOptions
 ) -> Iterator[Any]:
-    return (done.result() for done in _batch(func, iterables, lead, "imap", options))
+    return _batch(func, iterables, lead, "imap", options)
 
 
 # ---------------------------------------------------------------------------
