@@ -4737,13 +4737,13 @@ class _Memoized(Generic[_P, _R]):
         """Whether ``entry`` may serve a call at ``now``: neither its own expiry nor this function's ttl has passed."""
         return entry.live(now) and (self._ttl is None or now - entry.created < self._ttl)
 
-    def _hit(self, call: _Call) -> Any:
-        """The cached result, counted as a hit, or _MISSING."""
+    def _hit(self, call: _Call, recent: bool = True) -> Any:
+        """The cached result, counted as a hit, or _MISSING; ``recent``: through _recent (see _EntryDir.read)."""
         files = self._store
         if files is None:
             return _MISSING
         now = time.time()
-        entry = files.read(call.key, call.slot, now, self._mmap, True, recent=True)  # True: a use of the entry.
+        entry = files.read(call.key, call.slot, now, self._mmap, True, recent=recent)  # True: a use of the entry.
         if entry is None or not self._live(entry, now):
             return _MISSING
         try:
@@ -5296,10 +5296,17 @@ def _exit_with_parent() -> None:
     _thread.start_new_thread(watch, ())
 
 
-# How one call went: (ok, its result or exception, computed (not reused), a failure's traceback text, seconds).
-# A plain tuple: a worker sends a chunk's outcomes back, and tuples pickle fastest.
-if TYPE_CHECKING:
-    _Outcome = tuple[bool, Any, bool, str, float]
+class _Outcome:
+    """How one call went: result (ok) or exception, computed (not reused), failure's traceback, seconds."""
+
+    __slots__ = ("ok", "value", "computed", "traceback", "seconds")
+
+    def __init__(self, ok: bool, value: Any, computed: bool, traceback: str = "", seconds: float = 0.0) -> None:
+        self.ok, self.value, self.computed, self.traceback, self.seconds = ok, value, computed, traceback, seconds
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A worker sends a chunk's outcomes back: by their fields, a third of the time slots' default takes.
+        return _Outcome, (self.ok, self.value, self.computed, self.traceback, self.seconds)
 
 
 def _failed(exc: BaseException, portable: bool) -> _Outcome:
@@ -5311,7 +5318,7 @@ def _failed(exc: BaseException, portable: bool) -> _Outcome:
             pickle.loads(pickle.dumps(exc))  # Many exceptions pickle but do not unpickle.
         except Exception:
             exc = RuntimeError(f"{type(exc).__name__}: {_safe_str(exc)}")
-    return False, exc, True, text, 0.0
+    return _Outcome(False, exc, True, text)
 
 
 class _Writer:
@@ -5386,14 +5393,14 @@ def _call_one(
         if off:
             started = time.perf_counter()
             value = func.__wrapped__(*args)
-            return True, value, True, "", time.perf_counter() - started
+            return _Outcome(True, value, True, seconds=time.perf_counter() - started)
         call = func._at_key(key, args, {})
         value, computed = func._get(call, hand_off=None if writer is None else writer.put, missed=True)
-        return True, value, computed, "", call.seconds
+        return _Outcome(True, value, computed, seconds=call.seconds)
     except Exception as exc:
         outcome = _failed(exc, portable)
         if call is not None:
-            _record_failure(func, call, exc, outcome[3], shown if isinstance(shown, str) else shown(), lead)
+            _record_failure(func, call, exc, outcome.traceback, shown if isinstance(shown, str) else shown(), lead)
         if raising:
             raise
         return outcome
@@ -5454,23 +5461,14 @@ def _answer_here(
         done.outcome = _failed(exc, False)
         return True
     files = func._store
-    value = func._hit(call) if recent or files is None else _MISSING
-    if not recent and files is not None:  # func._hit(call) but past _recent: the same checks and counts.
-        now = time.time()
-        entry = files.read(call.key, call.slot, now, func._mmap, True)
-        if entry is not None and func._live(entry, now):
-            try:
-                value = func._counted(entry, call.slot, entry.load())
-                call.seconds = _seconds_of(entry.meta)[0] if entry.meta else 0.0
-            except Exception:
-                pass  # Written by code that has changed since: recompute.
+    value = func._hit(call, recent)
     if value is not _MISSING:
-        done.outcome = True, value, False, "", call.seconds
+        done.outcome = _Outcome(True, value, False, seconds=call.seconds)
         return True
     recorded = None if retry or files is None or call.slot is None else files.failure(call.slot)
     if recorded is not None and recorded.get("identity") == _key_identity(call.key):  # Failed under this code.
         failure = FailureRecord(recorded, current=True)
-        done.outcome = False, failure, False, failure.traceback, 0.0
+        done.outcome = _Outcome(False, failure, False, failure.traceback)
         return True
     done.key = call.key
     return False
@@ -5489,8 +5487,8 @@ def _serial(
             shown = (lambda: _label_text(options.label, args))  # noqa: E731 - made only if the call fails.
             done.outcome = _call_one(func, lead + args, done.key, False, off, shown=shown, lead=len(lead),
                                      raising=not keep_going)
-        elif not keep_going and not done.outcome[0]:  # type: ignore[index]
-            raise done.outcome[1]  # type: ignore[index]
+        elif not keep_going and done.outcome is not None and not done.outcome.ok:
+            raise done.outcome.value
         yield done
 
 
@@ -5648,10 +5646,10 @@ def _stream(
         for done, outcome in zip(chunk, outcomes):
             done.outcome = outcome
         if pid != here:  # Another process's counts: add them to this one's.
-            computed = sum(1 for ok, _v, fresh, _t, _s in outcomes if ok and fresh)
+            computed = sum(1 for outcome in outcomes if outcome.ok and outcome.computed)
             func._misses += computed
-            func._hits += sum(1 for outcome in outcomes if outcome[0]) - computed
-            func._saved += sum(seconds for ok, _v, fresh, _t, seconds in outcomes if ok and not fresh)
+            func._hits += sum(1 for outcome in outcomes if outcome.ok) - computed
+            func._saved += sum(o.seconds for o in outcomes if o.ok and not o.computed)
         if chunksize is None and seconds > 0:
             size = max(1, min(_MAX_CHUNK, int(_CHUNK_SECONDS / (seconds / len(chunk)))))
 
@@ -5692,7 +5690,7 @@ def _stream(
                 else:
                     done = _Done(*item)
                     if not plan.off and _answer_here(func, done, lead, options.retry_failures, total):
-                        if not keep_going and not done.outcome[0]:  # type: ignore[index]
+                        if not keep_going and not done.outcome.ok:  # type: ignore[union-attr]
                             stop_after(done.index)
                         if not ahead:  # Nothing before it waits (nor is sent): out at once, as a rerun's inputs go.
                             yield done
@@ -5724,12 +5722,12 @@ def _stream(
                     suspects.extend(chunk)
                 elif not future.cancelled():  # It came back, or could not go out, run, or come back.
                     settle(chunk, future.result() if exc is None else ([_failed(exc, False)] * len(chunk), here, 0.0))
-                    failed = [done.index for done in chunk if done.outcome is not None and not done.outcome[0]]
+                    failed = [done.index for done in chunk if done.outcome is not None and not done.outcome.ok]
                     if failed and not keep_going:
                         stop_after(failed[0])
             for done in suspects:
                 alone(done)
-                if not keep_going and not done.outcome[0]:  # type: ignore[index]
+                if not keep_going and not done.outcome.ok:  # type: ignore[union-attr]
                     stop_after(done.index)
                     break
     except BaseException as exc:
@@ -5916,21 +5914,24 @@ class _Progress:
         started, counts = time.time(), self.counts
         try:
             for done in stream:
-                ok, value, computed, traceback, seconds = done.outcome  # type: ignore[misc]
+                outcome = done.outcome
+                assert outcome is not None
+                value = outcome.value
                 self.done += 1
-                if not ok:
+                if not outcome.ok:
                     self.failed += 1
                     if not keep_going:
                         raise value
-                    value = Failure(done.index, done.args[0] if len(done.args) == 1 else done.args, value, traceback)
+                    value = Failure(done.index, done.args[0] if len(done.args) == 1 else done.args, value,
+                                    outcome.traceback)
                     if keep:
                         counts.failures.append(value)
-                elif computed:
+                elif outcome.computed:
                     counts.computed += 1
-                    counts.computed_seconds += seconds
+                    counts.computed_seconds += outcome.seconds
                 else:
                     counts.reused += 1
-                    counts.saved_seconds += seconds
+                    counts.saved_seconds += outcome.seconds
                 if time.monotonic() - self._last >= self._every:  # Asked here: a call per input was 4% of a rerun.
                     self.update()
                 if keep:

@@ -6549,7 +6549,7 @@ def test_batch_workers_look_up_only_under_the_lock_and_share_one_keeper(tmp_path
     writer serves all the chunks of a process instead of a thread per chunk."""
     lookups = []
     hit = dc._Memoized._hit
-    monkeypatch.setattr(dc._Memoized, "_hit", lambda self, call: lookups.append(call.key) or hit(self, call))
+    monkeypatch.setattr(dc._Memoized, "_hit", lambda self, call, *more: lookups.append(call.key) or hit(self, call, *more))
 
     @dc.memoize(tmp_path)
     def double(x):
