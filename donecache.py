@@ -1258,10 +1258,34 @@ def atomic_path(
 
 _STAGE_LOCK = ".donecache.lock"
 _STAGE_VERSION = ".donecache.version"  # The version being built, recorded when a build starts.
-# Each builder of a shared stage holds a lock file of its own, named this and 16
-# hex digits, while it builds: the stage's lock is held only on entry and exit,
-# so `status` looks for these to tell "building" from "incomplete".
+# Each builder of a shared stage holds a lock file of its own, named this and 16 hex digits, while it builds: the
+# stage's lock is held only on entry and exit, so `status` looks for these to tell "building" from "incomplete".
 _STAGE_BUILDER = ".donecache.builder~"
+
+
+def _write_json(path: str, record: dict[str, Any], mode: int | None, durable: bool, indent: int | None = None,
+                end: bytes = b"") -> None:
+    """A JSON record (a stage's marker, a store's sidecar records), its missing folders made with ``mode``."""
+    import json
+
+    if mode is not None:
+        _make_dirs(os.path.dirname(path), mode, durable=durable)
+    _write_bytes(path, json.dumps(record, indent=indent).encode("utf-8") + end, durable=durable)
+
+
+def _sweep_temps(root: str, stale: Callable[[str], bool] = bool, dry_run: bool = False) -> int:
+    """Remove (with ``dry_run``, only count) the temporary files below ``root`` that ``stale(path)`` finds left by a
+    writer that is gone; how many. An error on one (it vanished, or cannot be removed) skips it."""
+    count = 0
+    for temp in _temp_files(root):
+        try:
+            if stale(temp):
+                if not dry_run:
+                    os.unlink(temp)
+                count += 1
+        except OSError:
+            pass
+    return count
 
 
 def _is_stage_file(name: str, marker: str) -> bool:
@@ -1322,20 +1346,13 @@ def _marker_counts(path: str, version: Any) -> bool:
                 return False
         return _marker_version(_read_marker(path)) == _version_text(version)
 
-    def read_directory() -> None:
-        directory, name = os.path.split(path)
-        with os.scandir(directory) as entries:
-            for entry in entries:  # Read it through, up to the marker's name.
-                if entry.name == name:
-                    break
-
     if check():
         return True
-    # An NFS client caches lookups, "no such file" included, for up to acdirmax (60 s by default), so a
-    # marker that another host has just written can look absent. Opening and reading the directory makes
-    # the client fetch it again from the server (as `ls` does), so "not done" is asked twice.
+    # An NFS client caches lookups, "no such file" included, for up to acdirmax (60 s by default), so a marker that
+    # another host has just written can look absent. Reading the directory makes the client fetch it again from the
+    # server (as `ls` does), so "not done" is asked twice.
     try:
-        _retry_stale(read_directory)
+        _retry_stale(lambda: list(os.scandir(os.path.dirname(path))))  # Read through, it closes.
     except (FileNotFoundError, NotADirectoryError):
         return False
     except PermissionError:
@@ -1367,10 +1384,9 @@ def mark_not_done(directory: StrPath, *, marker: str = "DONE") -> bool:
 
 
 class _StageState:
-    """What `status` says of a stage: its state ("done", "building", "incomplete",
-    "other version" (done, but its marker names another version), "not a stage"
-    (a directory that done_dir never entered) or "missing"), its marker's
-    metadata, and who builds it ({"host", "pid"} where known)."""
+    """What `status` says of a stage: its state ("done", "building", "incomplete", "other version" (done, but its
+    marker names another version), "not a stage" (a directory that done_dir never entered) or "missing"), its
+    marker's metadata, and who builds it ({"host", "pid"} where known)."""
 
     __slots__ = ("state", "marker", "builder")
 
@@ -1402,8 +1418,8 @@ def _flush_tree(root: str) -> None:
     """fsync every file and directory below ``root``: the pieces reach disk before the marker."""
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
-            if dirpath == root and (name == _STAGE_LOCK or name.startswith(_STAGE_BUILDER)):
-                continue  # Nothing to flush, and on NFS closing it would drop our lock.
+            if dirpath == root and _is_stage_file(name, ""):
+                continue  # Flushed when written, or a lock file (on NFS, closing one would drop our lock).
             try:
                 fd, _st = _open_regular(os.path.join(dirpath, name), _SYNC_FLAGS | _NOFOLLOW)
             except OSError:
@@ -1444,17 +1460,9 @@ class Stage:
         ``stage.done`` False. Every builder must pass the same ``expect``; ``fresh`` cannot be combined with it.
     """
 
-    def __init__(
-        self,
-        directory: StrPath,
-        *,
-        version: _Version | None = None,
-        marker: str = "DONE",
-        fresh: bool = False,
-        durable: bool = True,
-        timeout: float | None = None,
-        expect: int | Iterable[StrPath] | None = None,
-    ) -> None:
+    def __init__(self, directory: StrPath, *, version: _Version | None = None, marker: str = "DONE",
+                 fresh: bool = False, durable: bool = True, timeout: float | None = None,
+                 expect: int | Iterable[StrPath] | None = None) -> None:
         from pathlib import Path
 
         self._root = os.path.abspath(_fspath(directory, "directory"))
@@ -1544,27 +1552,25 @@ class Stage:
         self._builder = builder
 
     def _begin(self) -> None:
-        """Under the lock, for a stage that is not done: resume the pieces of a build
-        of the same version, or start from an empty stage."""
+        """Under the lock, for a stage that is not done: resume a build of the same version, or start empty."""
         root, wanted = self._root, None if self.version is None else _version_text(self.version)
         old = _marker_version(_read_marker(self._marker_file))
         marked = os.path.lexists(self._marker_file)
         if marked:
             os.unlink(self._marker_file)  # Stale: it must not count while we rebuild.
         building = _read_text(os.path.join(root, _STAGE_VERSION))
-        # The pieces belong to the version whose build started last, or (for a stage made before
-        # versions were recorded) to the one its old marker names; a marker that names none, with
-        # no version recorded, is an unversioned build's: another version (issue 18).
+        # The pieces belong to the version whose build started last, or (for a stage made before versions were
+        # recorded) to the one its old marker names; a marker that names none, with no version recorded, is an
+        # unversioned build's: another version (issue 18).
         other = wanted is not None and (building or old or ("" if marked else wanted)) != wanted
         if self._fresh or other:
             for name in os.listdir(root):
                 if name != _STAGE_LOCK:
                     _remove_path(os.path.join(root, name))
         elif self._expect is None:
-            # Left by writers that crashed. In a shared stage they may be live
-            # builders' files: the builder that completes it sweeps them.
-            for temp in _temp_files(root):
-                _discard(temp)
+            # Left by writers that crashed. In a shared stage they may be live builders' files: the builder that
+            # completes it sweeps them.
+            _sweep_temps(root)
         if wanted is not None and (building != wanted or self._fresh or other):
             _write_bytes(os.path.join(root, _STAGE_VERSION), wanted.encode("utf-8"), durable=self._durable)
 
@@ -1608,12 +1614,10 @@ class Stage:
         present = _retry_stale(self._pieces)
         if not (present >= expect if isinstance(expect, frozenset) else len(present) >= expect):
             return False
-        # Complete: a temporary file left is a crashed writer's, or a live builder's (a late
-        # duplicate, an atomic_path() into the stage), which must be left to it.
+        # Complete: a temporary file left is a crashed writer's, or a live builder's (a late duplicate, an
+        # atomic_path() into the stage), which must be left to it.
         now = time.time()
-        for temp in _temp_files(self._root):
-            if _writer_gone(temp, now):
-                _discard(temp)
+        _sweep_temps(self._root, lambda temp: _writer_gone(temp, now))
         mine = None if self._builder is None else os.path.basename(self._builder.path)
         for entry in _scandir(self._root):  # Lock files of builders that were killed.
             if entry.name.startswith(_STAGE_BUILDER) and entry.name != mine and not _lock_taken(entry.path):
@@ -1641,8 +1645,6 @@ class Stage:
             self._lock = None
 
     def _write_marker(self) -> None:
-        import json
-
         if self._durable:
             _flush_tree(self._root)
         finished = time.time()
@@ -1653,7 +1655,7 @@ class Stage:
                     "donecache": __version__, "version": self.version}
         if self._expect is not None:
             metadata["expect"] = self._expect if isinstance(self._expect, int) else len(self._expect)
-        _write_bytes(self._marker_file, json.dumps(metadata, indent=1).encode("utf-8") + b"\n", durable=self._durable)
+        _write_json(self._marker_file, metadata, None, self._durable, indent=1, end=b"\n")
 
     def _piece_path(self, name: StrPath) -> Path:
         from pathlib import PurePath
@@ -1683,13 +1685,10 @@ class Stage:
                 return
             if not stat.S_ISDIR(st.st_mode):
                 piece = os.path.relpath(path, self._root)
-                raise _os_error(
-                    errno.ENOTDIR,
-                    folder,
-                    f"cannot write the piece {piece!r} of stage {self._root!r}: {folder!r} is {_kind_of(st.st_mode)}, "
-                    "not a directory, and pieces are written only into real directories inside the stage (a link "
-                    "could lead outside it); remove it and run again",
-                )
+                raise _os_error(errno.ENOTDIR, folder, f"cannot write the piece {piece!r} of stage {self._root!r}: "
+                                f"{folder!r} is {_kind_of(st.st_mode)}, not a directory, and pieces are written only "
+                                "into real directories inside the stage (a link could lead outside it); remove it and "
+                                "run again")
 
     def has(self, name: StrPath) -> bool:
         """True if the piece ``name`` exists (written by this run or an earlier one)."""
@@ -2656,14 +2655,6 @@ def _judge(path: str, key: bytes | None, depth: int) -> tuple[_Entry | None, os.
         return _load_entry(path, key, depth)
     except OSError:
         return None, None
-
-
-def _write_json(path: str, record: dict[str, Any], mode: int, durable: bool, indent: int | None = None) -> None:
-    """A sidecar record (identities, failures, what source files told), its missing folders made with ``mode``."""
-    import json
-
-    _make_dirs(os.path.dirname(path), mode, durable=durable)
-    _write_bytes(path, json.dumps(record, indent=indent).encode("utf-8"), durable=durable)
 
 
 class _EntryFiles(_EntryDir):
