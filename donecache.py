@@ -333,12 +333,10 @@ else:
 
 
 def _open_regular(path: str, flags: int = _READ_FLAGS) -> tuple[int, os.stat_result]:
-    """Open ``path`` only if it is a regular file: (descriptor, its stat), else _NotRegular.
-
-    O_NONBLOCK makes the open of a FIFO or a device return at once (fifo(7)) instead of waiting for a writer or an
-    end, and fstat then refuses it. With O_NOFOLLOW in ``flags`` (always in _WRITE_FLAGS), open(2) refuses a
-    symlink with ELOOP (EMLINK on FreeBSD, EFTYPE on NetBSD), and lstat says why.
-    """
+    """Open ``path`` only if it is a regular file: (descriptor, its stat), else _NotRegular."""
+    # O_NONBLOCK makes the open of a FIFO or a device return at once (fifo(7)) instead of waiting for a writer or an
+    # end, and fstat then refuses it. With O_NOFOLLOW in ``flags`` (always in _WRITE_FLAGS), open(2) refuses a
+    # symlink with ELOOP (EMLINK on FreeBSD, EFTYPE on NetBSD), and lstat says why.
     try:
         fd = _open_file(path, flags | _NONBLOCK, 0o666)
     except OSError as exc:
@@ -350,13 +348,12 @@ def _open_regular(path: str, flags: int = _READ_FLAGS) -> tuple[int, os.stat_res
         raise _NotRegular(path, st) from None
     try:
         st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            return fd, st
+        raise _NotRegular(path, st)
     except BaseException:
         os.close(fd)
         raise
-    if stat.S_ISREG(st.st_mode):
-        return fd, st
-    os.close(fd)
-    raise _NotRegular(path, st)
 
 
 # The lock primitive: _LockFile(path, offset) locks the whole file (offset None) or one byte of it, through a handle
@@ -653,10 +650,8 @@ def _store_path(path: StrPath) -> str:
     name = _fspath(path, "the cache path")
     scheme, sep, _rest = name.partition("://")
     if sep and len(scheme) > 1 and scheme.replace("+", "").replace(".", "").replace("-", "").isalnum():
-        raise ValueError(
-            f"cache path {name!r} is a URL; donecache stores entries in a local (or mounted) directory: "
-            "give a filesystem path, such as the mount point of that bucket"
-        )
+        raise ValueError(f"cache path {name!r} is a URL; donecache stores entries in a local (or mounted) directory: "
+                         "give a filesystem path, such as the mount point of that bucket")
     return name
 
 
