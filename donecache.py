@@ -142,6 +142,22 @@ def _delays() -> Iterator[float]:
         delay = min(delay * 2, 0.05)
 
 
+# NFS answers ESTALE when the file behind a name or a handle was replaced or removed by another host; the name,
+# looked up again, leads to the new file. Linux retries a path lookup once by itself, but a read on a descriptor
+# opened just before another host's rename still fails: the whole operation, from its open, is retried.
+def _retry_stale(operation: Callable[[], _R], errors: tuple[int, ...] = (errno.ESTALE,), tries: int = 5) -> _R:
+    """operation(), run again (``tries`` times in all, with backoff) while it fails with ESTALE (or ``errors``)."""
+    delays = _delays()
+    for _ in range(tries - 1):
+        try:
+            return operation()
+        except OSError as exc:
+            if exc.errno not in errors:
+                raise
+        time.sleep(next(delays))
+    return operation()
+
+
 def _kind_of(mode: int) -> str:
     return _KINDS.get(stat.S_IFMT(mode), "a special file")
 
@@ -170,17 +186,9 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
 
     def _replace(src: str, dst: str) -> None:
         # os.replace fails with a sharing violation (PermissionError) while any process (a virus scanner, an
-        # indexer, a reader) has the target open. Such handles are usually short-lived: retry for about a second.
-        waited = 0.0
-        for delay in _delays():
-            try:
-                os.replace(src, dst)
-                return
-            except PermissionError:
-                if waited > 1.0:
-                    raise
-                time.sleep(delay)
-                waited += delay
+        # indexer, a reader) has the target open. Such handles are usually short-lived: retry for about a second
+        # (26 tries: 63 ms of doubling delays, then 50 ms each).
+        _retry_stale(lambda: os.replace(src, dst), (errno.EACCES, errno.EPERM), 26)
 
     def _move_new(src: str, dst: str) -> None:
         os.rename(src, dst)  # On Windows rename refuses to replace: no clobbering.
@@ -605,25 +613,6 @@ else:
 # Retries, error messages, small files, who this process is, directories, and
 # logging: the mechanisms that everything below shares.
 # ---------------------------------------------------------------------------
-
-# NFS answers ESTALE when the file behind a name or a handle was replaced or removed by another host; the name,
-# looked up again, leads to the new file. Linux retries a path lookup once by itself, but a read on a descriptor
-# opened just before another host's rename still fails: the whole operation, from its open, is retried.
-_STALE_TRIES = 5
-
-
-def _retry_stale(operation: Callable[[], _R]) -> _R:
-    """operation(), run again (a few times, with backoff) while it fails with ESTALE."""
-    delays = _delays()
-    for _ in range(_STALE_TRIES - 1):
-        try:
-            return operation()
-        except OSError as exc:
-            if exc.errno != errno.ESTALE:
-                raise
-        time.sleep(next(delays))
-    return operation()
-
 
 def _os_error(code: int | None, path: str, message: str, kind: type[OSError] = OSError) -> OSError:
     """An OSError about ``path``: OSError(errno.ENOENT, ...) is a FileNotFoundError, and so on."""
