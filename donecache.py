@@ -178,8 +178,7 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
     _SYNC_FLAGS = os.O_RDWR | os.O_BINARY  # os.fsync() on Windows needs a descriptor open for writing.
     _LOCK_SPAN = 2**31 - 1  # A byte offset that msvcrt.locking() can seek to on every Windows build.
 
-    def _fsync_file(fd: int) -> None:
-        os.fsync(fd)  # _commit(): flushes the file's data and metadata.
+    _fsync_file = os.fsync  # _commit(): flushes the file's data and metadata.
 
     def _fsync_dir(path: str) -> None:
         pass  # Windows cannot open a directory for flushing; NTFS journals the rename.
@@ -190,8 +189,7 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
         # (26 tries: 63 ms of doubling delays, then 50 ms each).
         _retry_stale(lambda: os.replace(src, dst), (errno.EACCES, errno.EPERM), 26)
 
-    def _move_new(src: str, dst: str) -> None:
-        os.rename(src, dst)  # On Windows rename refuses to replace: no clobbering.
+    _move_new = os.rename  # On Windows rename refuses to replace: no clobbering.
 
     def _keep_mode(fd: int, mode: int) -> None:
         pass  # Windows files carry only a read-only flag, not POSIX permission bits.
