@@ -1275,15 +1275,12 @@ def _is_stage_file(name: str, marker: str) -> bool:
     return name in (marker, _STAGE_LOCK, _STAGE_VERSION) or name.startswith(_STAGE_BUILDER)
 
 
-_QUOTED_IN_VERSIONS = frozenset("(),'\"\\")
-
-
 def _version_text(version: Any, item: bool = False) -> str:
     """A version's canonical text: 2, "2" and the command line's --version 2 agree, and a tuple reads the
     same after a JSON round trip (which makes it a list). A str item of a tuple that is empty or holds a
     comma, bracket, quote or backslash is quoted, so ("1,2",) and (1, 2) differ. Floats are refused: 1.10 == 1.1."""
     if isinstance(version, str):
-        return repr(version) if item and (not version or not _QUOTED_IN_VERSIONS.isdisjoint(version)) else version
+        return repr(version) if item and (not version or any(c in "(),'\"\\" for c in version)) else version
     if isinstance(version, int):
         return str(version)
     if isinstance(version, (tuple, list)):
@@ -1365,35 +1362,27 @@ def mark_not_done(directory: StrPath, *, marker: str = "DONE") -> bool:
     return True
 
 
-class _StageState:
-    """What `status` says of a stage: its state ("done", "building", "incomplete", "other version" (done, but its
-    marker names another version), "not a stage" (a directory that done_dir never entered) or "missing"), its
-    marker's metadata, and who builds it ({"host", "pid"} where known)."""
-
-    __slots__ = ("state", "marker", "builder")
-
-    def __init__(self, state: str, marker: dict[str, Any] | None, builder: dict[str, Any] | None = None) -> None:
-        self.state, self.marker, self.builder = state, marker, builder
-
-
-def _stage_status(directory: str, *, version: _Version | None, marker: str) -> _StageState:
-    """What `status` prints; it only reads (the stage may be on a read-only filesystem)."""
+def _stage_status(directory: str, *, version: _Version | None,
+                  marker: str) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
+    """What `status` says of a stage, only reading (it may be on a read-only filesystem): its state ("done",
+    "building", "incomplete", "other version" (done, but its marker names another version), "not a stage" (a
+    directory that done_dir never entered) or "missing"), its marker's metadata, who builds it ({"host", "pid"})."""
     path = _marker_path(directory, marker)
     if not os.path.isdir(directory):
-        return _StageState("missing", None)
+        return "missing", None, None
     # An incomplete stage may still hold a stale marker, which says who wrote it.
     if _marker_counts(path, version):
-        return _StageState("done", _read_marker(path))
+        return "done", _read_marker(path), None
     locks = [os.path.join(directory, _STAGE_LOCK)]
     locks += [e.path for e in _scandir(directory) if e.name.startswith(_STAGE_BUILDER)]
     lock = next((lock for lock in locks if _lock_taken(lock)), None)
     if lock is not None:  # Its note is None if not written yet, or unreadable while locked (Windows).
-        return _StageState("building", _read_marker(path), _read_json(lock))
+        return "building", _read_marker(path), _read_json(lock)
     # A stage that done_dir entered has its lock file; a marker of another version says so.
     if os.path.lexists(path) and version is not None:
-        return _StageState("other version", _read_marker(path))
+        return "other version", _read_marker(path), None
     started = len(locks) > 1 or os.path.lexists(locks[0])
-    return _StageState("incomplete" if started else "not a stage", _read_marker(path))
+    return "incomplete" if started else "not a stage", _read_marker(path), None
 
 
 def _flush_tree(root: str) -> None:
@@ -1657,9 +1646,7 @@ class Stage:
         outside it (issue 18). Checked with lstat, never following a link, up to the first folder that is
         missing; one swapped for a link after the check is not caught."""
         folder = self._root
-        for part in os.path.relpath(path.parent, folder).split(os.sep):
-            if part == os.curdir:
-                continue
+        for part in path.relative_to(folder).parts[:-1]:
             folder = os.path.join(folder, part)
             try:
                 st = os.lstat(folder)
@@ -6226,13 +6213,13 @@ def _cli_status(args: Any) -> tuple[int, Any, list[str]]:
     for directory in args.directories:
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise _UsageError(f"{directory}: not a directory; give the directory of a stage")
-        found = _stage_status(directory, version=args.version, marker=args.marker)
-        rows.append({"directory": directory, "state": found.state, "marker": found.marker, "builder": found.builder})
+        state, marker, builder = _stage_status(directory, version=args.version, marker=args.marker)
+        rows.append({"directory": directory, "state": state, "marker": marker, "builder": builder})
         # A building stage is described by its builder; a done one by its marker.
-        info = found.builder or found.marker or {}
-        keys = ("host", "pid") if found.builder else ("finished", "version", "host")
+        info = builder or marker or {}
+        keys = ("host", "pid") if builder else ("finished", "version", "host")
         details = ", ".join(f"{k} {info[k]}" for k in keys if info.get(k) is not None)
-        lines.append(f"{found.state:<13}  {directory}" + (f"  ({details})" if details else ""))
+        lines.append(f"{state:<13}  {directory}" + (f"  ({details})" if details else ""))
     return (0 if all(row["state"] == "done" for row in rows) else 1), rows, lines
 
 
