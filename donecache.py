@@ -608,8 +608,7 @@ else:
 # ---------------------------------------------------------------------------
 # Basics
 #
-# Retries, error messages, small files, who this process is, directories, and
-# logging: the mechanisms that everything below shares.
+# Error messages, small files, who this process is, directories, and logging: what everything below shares.
 # ---------------------------------------------------------------------------
 
 def _os_error(code: int | None, path: str, message: str, kind: type[OSError] = OSError) -> OSError:
@@ -1487,8 +1486,8 @@ class Stage:
             raise _os_error(errno.ENOTDIR, root, message)
         self._pid = _pid()
         if _marker_counts(self._marker_file, self.version):
-            # Finished: seeing that needs no lock, and no write (the stage may be on a read-only
-            # filesystem). A builder that would rebuild it removes the marker first, under the lock.
+            # Finished: seeing that needs no lock, and no write (the stage may be on a read-only filesystem). A
+            # builder that would rebuild it removes the marker first, under the lock.
             self.done = True
             return self
         lock = self._take_lock()
@@ -1681,9 +1680,9 @@ class Stage:
             raise TypeError(f"make() for piece {os.fspath(name)!r} must return str or bytes, not {type(data).__name__}")
         self._folders_of(path)  # Again: make() may have taken long.
         _make_dirs(str(path.parent))  # When durable, the flush before the marker reaches them.
-        # A durable piece's data is flushed before its rename: a rerun after a power cut trusts every
-        # piece whose name survived, and ext4 can keep a rename without the data. Its directory is
-        # flushed before the marker; in a shared stage at once: the marker's writer may be on another host.
+        # A durable piece's data is flushed before its rename: a rerun after a power cut trusts every piece whose
+        # name survived, and ext4 can keep a rename without the data. Its directory is flushed before the marker;
+        # in a shared stage at once: the marker's writer may be on another host.
         try:
             shared = self._expect is not None
             _write_bytes(str(path), bytes(data), durable=self._durable and shared, whole=self._durable)
