@@ -213,6 +213,11 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
     def _stat_trusted(path: str) -> bool:
         return False  # Not measured on Windows: every hit opens its entry.
 
+    def _anonymous_memory(length: int) -> Any:
+        import mmap
+
+        return mmap.mmap(-1, length)  # Pagefile-backed; Windows takes no flags.
+
 else:
     _SYNC_FLAGS = _READ_FLAGS
     _LOCK_SPAN = 2**62
@@ -336,6 +341,22 @@ else:
             if point and real.startswith(point) and len(point) >= len(best):
                 best, kind = point, rest.split(" ", 1)[0]
         return kind in _LOCAL_FS
+
+    def _anonymous_memory(length: int) -> Any:
+        """Fresh memory to read a big buffer into, without bytearray(n)'s pass that zeroes every page first."""
+        import mmap
+
+        # Private, not mmap's default MAP_SHARED: shared anonymous memory is shmem, which gets no transparent huge
+        # pages (shmem_enabled is "never" by default), and a forked child would share writes to it. Advised for huge
+        # pages (madvise(2)), a 240 MB read faults 2 MiB at a time: 70 ms instead of 100 ms on tmpfs.
+        memory = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        huge = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only.
+        if huge is not None:
+            try:
+                memory.madvise(huge)
+            except OSError:  # EINVAL: a kernel built without transparent huge pages.
+                pass
+        return memory
 
 
 def _open_regular(path: str, flags: int = _READ_FLAGS) -> tuple[int, os.stat_result]:
@@ -2007,15 +2028,7 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
         entry.buffers = [whole[offset : offset + length] for offset, length, _crc in spans]
         return entry
     for offset, length, _crc in spans:
-        # Anonymous memory, filled in place: bytearray(n) would first zero every page, one 4 KiB
-        # fault at a time (most of a big hit). Huge pages (madvise(2); Linux) fault per 2 MiB.
-        buffer = mmap.mmap(-1, length)
-        advise, huge = getattr(buffer, "madvise", None), getattr(mmap, "MADV_HUGEPAGE", None)
-        if advise is not None and huge is not None:
-            try:
-                advise(huge)
-            except OSError:  # EINVAL: a kernel built without transparent huge pages.
-                pass
+        buffer = _anonymous_memory(length)  # Filled in place: bytearray(n) would first zero every page.
         os.lseek(fd, offset, os.SEEK_SET)
         if not _read_exactly(fd, memoryview(buffer)):
             return None
@@ -2073,10 +2086,13 @@ _STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions", "
 _SWEEP_BYTE, _USAGE_BYTE, _FIRST_KEY_BYTE = 0, 1, 2
 # An entry file's modification time is its last use (atime cannot serve: noatime and
 # relatime mounts do not keep it), set when it is written and when a read finds it this
-# many seconds old. With a limit, every read (one futimens(2), 2.5 us, a tenth of a hit):
-# a coarser grain let entries hit every few ms lose to entries just written by other
-# processes. Without, within a minute, as `prune --older-than` needs.
-_USE_GRAIN_BOUNDED = 0.0
+# many seconds old. With a limit, to the second (one futimens(2), 2.5 us, on every read
+# would double a hit; HFS+ and FAT keep times only to 1 or 2 s anyway), or finer once
+# this process sees the store half full (every read until a sweep) or sweeps evicting
+# entries used less than 8 s ago (an eighth of that age), so that entries hit every few
+# ms never look older than those just written by other processes. Without a limit,
+# within a minute, as `prune --older-than` needs.
+_USE_GRAIN_BOUNDED = 1.0
 _USE_GRAIN = 60.0
 
 
@@ -2315,25 +2331,38 @@ def _keep_recent(path: str, stamp: tuple[int, ...] | None, entry: _Entry) -> Non
     _recent[path] = (stamp, entry)
 
 
-def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _Entry | None:
-    """_EntryDir.read() on a local filesystem: through _recent, by one lstat(2) when the entry is kept."""
-    try:
-        st: os.stat_result | None = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError:
-        st = None  # ESTALE, EIO...: judged by the full read (which retries ESTALE).
+def _kept(path: str, key: bytes, touch_before: float) -> _Entry | None:
+    """The entry kept in _recent for ``path`` if the name still holds that very file (one lstat(2)) and no use is
+    due to be recorded (its mtime is not older than ``touch_before``); else None."""
     kept = _recent.get(path)
-    if kept is None or st is None or kept[1].key != key or kept[0] != (
+    if kept is None:
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None  # Gone, or ESTALE, EIO...: judged by the full read (which retries ESTALE).
+    entry = kept[1]
+    if entry.key == key and st.st_mtime >= touch_before and kept[0] == (
         st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_uid, st.st_mode  # _stamp(st), inline: a hit.
     ):
-        entry, st = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped))
-        if entry is None or st is None:
-            return entry
-    elif st.st_mtime >= touch_before:
-        return kept[1]
-    else:
-        entry = kept[1]
+        return entry
+    return None
+
+
+def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _Entry | None:
+    """_EntryDir.read() on a local filesystem: the entry that _kept vouches for, else read (and kept)."""
+    entry = _kept(path, key, touch_before)
+    if entry is not None:
+        return entry
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # A miss: an lstat costs less than a failed open (and its Python exception handling).
+    except OSError:
+        pass  # ESTALE, EIO...: judged by the full read (which retries ESTALE).
+    entry, st = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped))
+    if entry is None or st is None:
+        return entry
     used = _record_use(path) if st.st_mtime < touch_before else None
     settled = used is None and st.st_mtime_ns < time.time_ns() - _RECENT_SETTLED
     # Unless touched at a time not known, or too new to vouch for.
@@ -2355,9 +2384,10 @@ class _EntryDir:
         self.root = root = os.path.abspath(_store_path(path))
         self._prefix = os.path.join(root, "")
         self.readonly, self.durable, self.max_bytes = flag == "r", durable, _check_max_bytes(max_bytes)
-        self._grain = _USE_GRAIN if max_bytes is None else _USE_GRAIN_BOUNDED
+        # How old an entry's recorded use may be before a read records another (never, read-only).
+        self.grain = float("inf") if self.readonly else _USE_GRAIN if max_bytes is None else _USE_GRAIN_BOUNDED
         self._blake2b = hashlib.blake2b
-        self._trusted: bool | None = None  # Whether lstat can vouch for an entry (see _recent); told at the first read.
+        self.trusted: bool | None = None  # Whether lstat can vouch for an entry (see _recent); told at the first read.
         self.horizon = 0.0  # The newest use time of an entry evicted, as .usage last said.
         if os.path.islink(root) and not os.path.exists(root):
             raise FileNotFoundError(
@@ -2456,12 +2486,12 @@ class _EntryDir:
     ) -> _Entry | None:
         """The entry if whole and live at ``now``, or None; ``use``: recorded as a use; ``recent``: may use _recent."""
         when = time.time() if now is None else now
-        touch = when - self._grain if use and not self.readonly else 0.0
+        touch = when - self.grain if use else 0.0
         path = (slot or self.slot(key)).path
         try:
-            if recent and self._trusted is None:
-                self._trusted = _stat_trusted(self.root)
-            if recent and self._trusted:
+            if recent and self.trusted is None:
+                self.trusted = _stat_trusted(self.root)
+            if recent and self.trusted:
                 entry = _read_recent(path, key, touch, mapped)
             else:
                 entry = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped, touch))[0]
@@ -2484,7 +2514,7 @@ class _EntryDir:
             except OSError:
                 pass
 
-        small = recent and self._trusted and not encoded.buffers and len(encoded.stream) <= _RECENT_SIZE
+        small = recent and self.trusted and not encoded.buffers and len(encoded.stream) <= _RECENT_SIZE
         keep = written if small else None
         try:
             try:
@@ -2692,6 +2722,10 @@ class _EntryFiles(_EntryDir):
                     os.write(fd, _USAGE.pack(max(0, new), *now, self.horizon, sweeps + sweep))
                     if self.durable and (found is None or new > found):
                         _fsync_file(fd)
+                # Record uses finely enough that a hot entry never looks as old as those a sweep evicts.
+                age = max(0.0, time.time() - self.horizon) / 8 if self.horizon else _USE_GRAIN_BOUNDED
+                near = (new if new is not None else found or 0) >= (self.max_bytes or 0) // 2
+                self.grain = min(age, 0.0 if near and not self.horizon else _USE_GRAIN_BOUNDED)
                 return new
             finally:
                 os.close(fd)
@@ -4412,6 +4446,22 @@ class FailureRecord(Exception):
 _KEY_MEMO_TYPES = frozenset({int, str, bytes, type(None)})
 _KEY_MEMO_SIZE = 4096
 _KEY_MEMO_TEXT = 1024  # Longer strs and bytes are not remembered: the memo would keep them alive.
+
+
+class _KnownKey:
+    """A remembered key (see _Memoized._keyed): the key, its slot, and the prefix and closure text it was made with."""
+
+    __slots__ = ("key", "slot", "prefix", "closure")
+
+    def __init__(self, key: bytes, slot: _Slot, prefix: bytes, closure: str) -> None:
+        self.key, self.slot, self.prefix, self.closure = key, slot, prefix, closure
+
+
+def _simple(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call's key may be remembered by its arguments (see _Memoized._keyed)."""
+    if kwargs or len(args) > 4:
+        return False
+    return type(args[0]) in _KEY_MEMO_TYPES if len(args) == 1 else _KEY_MEMO_TYPES.issuperset(map(type, args))
 # What a first call needs to work out and record the code identity, imported at decoration: a KeyboardInterrupt
 # in a first import can leave a half-made module (seen with inspect and json on 3.9; importlib.util brings typing on
 # 3.9, through importlib.abc).
@@ -4546,7 +4596,7 @@ class _Memoized(Generic[_P, _R]):
         # The folder of this function's entries (set with the store); _saved: the seconds of computation
         # that this process's hits did not repeat.
         self._folder, self._warned, self._hits, self._misses, self._saved = "", False, 0, 0, 0.0
-        self._keys: dict[tuple[Any, ...], tuple[bytes, _Slot | None, bytes, str]] = {}  # See _keyed.
+        self._keys: dict[tuple[Any, ...], _KnownKey] = {}  # See _keyed.
 
     def __reduce__(self) -> str | tuple[Any, ...]:
         """By name where its name finds it (the decorator form), else by value: the function and the settings."""
@@ -4631,29 +4681,26 @@ class _Memoized(Generic[_P, _R]):
         prefix = self._prefix if self._prefix and self._same() else self._prepare()
         return _make_key(prefix, self._closure, self._arguments.values(args, kwargs), self._arguments, self._blake2b)
 
-    def _keyed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
-        """The call with its key and entry slot."""
+    def _keyed(self, args: tuple[Any, ...], kwargs: dict[str, Any], simple: bool | None = None) -> _Call:
+        """The call with its key and entry slot; ``simple``: _simple(args, kwargs), if the caller knows it."""
         # Keys of calls with a few ints, strs, bytes or Nones are remembered (the key and the entry's path cost
         # more than a hit's read): for these types equal arguments have equal keys (not for floats, 0.0 == -0.0,
         # or bools, True == 1). A key is reused only while the prefix and closure text it was made with are the
         # very objects in use and what the identity followed is unchanged (_same).
-        simple = (
-            not kwargs
-            and self._store is not None
-            and (type(args[0]) in _KEY_MEMO_TYPES if len(args) == 1 else _KEY_MEMO_TYPES.issuperset(map(type, args)))
-            and len(args) <= 4
-        )
+        if simple is None:
+            simple = _simple(args, kwargs)
+        simple = simple and self._store is not None
         if simple:
             known = self._keys.get(args)
-            if known is not None and known[2] is self._prefix and known[3] is self._closure and self._same():
-                return _Call(args, kwargs, known[0], known[1])
+            if known is not None and known.prefix is self._prefix and known.closure is self._closure and self._same():
+                return _Call(args, kwargs, known.key, known.slot)
         key = self._key(args, kwargs)
         call = self._at_key(key, args, kwargs)
         small = simple and all(type(a) is int or a is None or len(a) <= _KEY_MEMO_TEXT for a in args)
-        if small and self._arguments.memoizable:
+        if small and self._arguments.memoizable and call.slot is not None:
             if len(self._keys) >= _KEY_MEMO_SIZE:
                 self._keys = {}
-            self._keys[args] = (key, call.slot, self._prefix, self._closure)
+            self._keys[args] = _KnownKey(key, call.slot, self._prefix, self._closure)
         return call
 
     def _at_key(self, key: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
@@ -4679,12 +4726,17 @@ class _Memoized(Generic[_P, _R]):
             value = entry.load()
         except Exception:
             return _MISSING  # Written by code that has changed since: recompute.
-        self._hits += 1
         if entry.meta:  # Not in entries of 0.2.
-            call.seconds = seconds = _seconds_of(entry.meta)[0]
-            self._saved += seconds
+            call.seconds = _seconds_of(entry.meta)[0]
+        return self._counted(entry, call.slot, value)
+
+    def _counted(self, entry: _Entry, slot: _Slot | None, value: Any) -> Any:
+        """``value``, loaded from ``entry``: counted as a hit (and the computation it saved), and logged."""
+        self._hits += 1
+        if entry.meta:
+            self._saved += _seconds_of(entry.meta)[0]
         if _log_at(_DEBUG) is not None:
-            _logger.debug("%s: hit; entry %s", self.__qualname__, call.slot.path if call.slot else "?")
+            _logger.debug("%s: hit; entry %s", self.__qualname__, slot.path if slot else "?")
         return value
 
     def _why_missed(self, call: _Call) -> str:
@@ -4787,9 +4839,25 @@ class _Memoized(Generic[_P, _R]):
         raise RuntimeError(f"{self.__qualname__}(): the memoize flow suspended in a sync call")
 
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        if _switched_off():
+        if (_off_depth or _SWITCH_KEY in _ENVIRON) and _switched_off():
             return self.__wrapped__(*args, **kwargs)
-        call = self._keyed(args, kwargs)
+        # The everyday hit in this one frame: a key that _keyed remembered, an entry that _kept vouches for, a plain
+        # pickle. Each call layer saved is a tenth of a microsecond of a four-microsecond hit (issue 20).
+        simple = _simple(args, kwargs)
+        known = self._keys.get(args) if simple else None
+        files = self._store
+        if known is not None and files is not None and files.trusted and known.prefix is self._prefix:
+            now = time.time()
+            entry = _kept(known.slot.path, known.key, now - files.grain)
+            if entry is not None and known.closure is self._closure and self._same() and not entry.flags & 0xFF:
+                if (not entry.expires or now < entry.expires) and (self._ttl is None or now - entry.created < self._ttl):
+                    try:
+                        value = pickle.loads(entry.stream)
+                    except Exception:
+                        pass  # Written by code that has changed since: _hit judges it.
+                    else:
+                        return self._counted(entry, known.slot, value)  # type: ignore[no-any-return]
+        call = self._keyed(args, kwargs, simple)
         value = self._hit(call)  # Here, not in _get: one call layer fewer on a hit.
         return value if value is not _MISSING else self._get(call, missed=True)[0]  # type: ignore[no-any-return]
 

@@ -2241,6 +2241,29 @@ def test_big_buffers_go_out_of_band_aligned_and_come_back_writable(tmp_path):
     assert start % 64 == 0 and raw[start : start + 300_000] == b"\7" * 300_000  # ...aligned for arrays.
 
 
+@posix_only
+def test_a_big_value_read_is_private_memory_that_a_forked_child_cannot_change(tmp_path):
+    with dc.open(tmp_path / "c") as db:
+        db["big"] = big_buffer(300_000)
+        data = db["big"]
+    pid = os.fork()
+    if pid == 0:  # The child writes to its copy and leaves at once.
+        data[0] = 1
+        os._exit(0 if data[0] == 1 else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert data[0] == 7, "the child's write reached the parent: the buffer was shared memory"
+
+
+@linux_only
+def test_a_big_value_is_read_where_huge_pages_cannot_be_advised(tmp_path, monkeypatch):
+    import mmap
+
+    monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 0x7FFF)  # An advice no kernel knows: madvise(2) says EINVAL.
+    with dc.open(tmp_path / "c") as db:
+        db["big"] = big_buffer(300_000)
+        assert bytes(db["big"]) == b"\7" * 300_000
+
+
 def test_truncated_or_padded_big_entry_reads_as_missing(tmp_path):
     for damage in (lambda b: b[:-1], lambda b: b + b"\0", lambda b: b[:-100_000], lambda b: b[:4096]):
         with dc.open(tmp_path / "c", "n") as db:
@@ -5197,6 +5220,8 @@ def test_big_buffers_are_hashed_in_place(tmp_path, calls):
     changed[-1] = 1
     text = "e" * (20 * 2**20)
     values = [big, changed, memoryview(changed), memoryview(big), "é" * len(text), text, text[:-1] + "f"]
+    size(b"")  # The first call works out the code identity (it parses this file): not traced.
+    calls.clear()
     for value in values:
         tracemalloc.start()
         size(value)
@@ -5402,7 +5427,9 @@ def test_another_process_replacing_an_entry_is_seen_at_the_next_hit(tmp_path, mo
     assert memo_replaced.f(1) == 8
 
 
-def test_in_process_hits_record_their_use_under_max_bytes(tmp_path):
+def test_in_process_hits_record_their_use_under_max_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(dc, "_USE_GRAIN_BOUNDED", 0.2)  # A shorter grain than the second, for a quick test.
+
     @dc.memoize(tmp_path, max_bytes=1 << 30)
     def f(x):
         return x
@@ -5411,11 +5438,28 @@ def test_in_process_hits_record_their_use_under_max_bytes(tmp_path):
     (path,) = entry_files(tmp_path)
     seen = [path.stat().st_mtime_ns]
     for _ in range(3):
-        time.sleep(0.01)
+        assert f(1) == 1 and path.stat().st_mtime_ns == seen[-1], "a use within the grain of the last is recorded"
+        time.sleep(0.25)
         assert f(1) == 1
         seen.append(path.stat().st_mtime_ns)
         assert memo_stamp_matches(path), "the use is recorded and the entry stays kept"
-    assert seen == sorted(set(seen)), f"every hit records its use: {seen}"
+    assert seen == sorted(set(seen)), f"every hit a grain after the last use records its use: {seen}"
+    assert all(later - earlier >= 0.2e9 for earlier, later in zip(seen, seen[1:])), seen
+
+
+def test_hits_under_max_bytes_record_uses_to_the_second(tmp_path):
+    @dc.memoize(tmp_path, max_bytes=1 << 30)
+    def f(x):
+        return x
+
+    f(1)
+    (path,) = entry_files(tmp_path)
+    os.utime(path, ns=(time.time_ns() - 1_100_000_000,) * 2)  # Used 1.1 s ago: a read records the use.
+    before = path.stat().st_mtime_ns
+    assert f(1) == 1 and path.stat().st_mtime_ns > before + 1_000_000_000
+    after = path.stat().st_mtime_ns
+    assert f(1) == 1 and f.is_cached(1) and path.stat().st_mtime_ns == after, "within the second: no second write"
+    assert memo_stamp_matches(path)
 
 
 def test_in_process_hits_honour_ttl(tmp_path, calls):
