@@ -1277,7 +1277,7 @@ def _write_json(path: str, record: dict[str, Any], mode: int | None, durable: bo
 
 def _sweep_temps(root: str, stale: Callable[[str], bool] = bool, dry_run: bool = False) -> int:
     """Remove (with ``dry_run``, only count) the temporary files below ``root`` that ``stale(path)`` finds left by a
-    writer that is gone; how many. An error on one (it vanished, or cannot be removed) skips it."""
+    writer that is gone (by default, all); how many. An error on one (it vanished, or cannot be removed) skips it."""
     count = 0
     for temp in _temp_files(root):
         try:
