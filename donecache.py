@@ -2722,10 +2722,11 @@ class _EntryFiles(_EntryDir):
                     os.write(fd, _USAGE.pack(max(0, new), *now, self.horizon, sweeps + sweep))
                     if self.durable and (found is None or new > found):
                         _fsync_file(fd)
-                # Record uses finely enough that a hot entry never looks as old as those a sweep evicts.
-                age = max(0.0, time.time() - self.horizon) / 8 if self.horizon else _USE_GRAIN_BOUNDED
-                near = (new if new is not None else found or 0) >= (self.max_bytes or 0) // 2
-                self.grain = min(age, 0.0 if near and not self.horizon else _USE_GRAIN_BOUNDED)
+                if self.max_bytes is not None and not self.readonly:
+                    # Record uses finely enough that a hot entry never looks as old as those a sweep evicts.
+                    age = max(0.0, time.time() - self.horizon) / 8 if self.horizon else _USE_GRAIN_BOUNDED
+                    near = (new if new is not None else found or 0) >= self.max_bytes // 2
+                    self.grain = min(age, 0.0 if near and not self.horizon else _USE_GRAIN_BOUNDED)
                 return new
             finally:
                 os.close(fd)
@@ -4713,6 +4714,10 @@ class _Memoized(Generic[_P, _R]):
     # _flow is a coroutine for sync and async functions alike. For a sync function its awaits (_acquire and
     # _invoke) never suspend, so _get runs it to the end with one send(); the async class overrides only those two.
 
+    def _live(self, entry: _Entry, now: float) -> bool:
+        """Whether ``entry`` may serve a call at ``now``: neither its own expiry nor this function's ttl has passed."""
+        return entry.live(now) and (self._ttl is None or now - entry.created < self._ttl)
+
     def _hit(self, call: _Call) -> Any:
         """The cached result, counted as a hit, or _MISSING."""
         files = self._store
@@ -4720,7 +4725,7 @@ class _Memoized(Generic[_P, _R]):
             return _MISSING
         now = time.time()
         entry = files.read(call.key, call.slot, now, self._mmap, True, recent=True)  # True: a use of the entry.
-        if entry is None or (self._ttl is not None and now - entry.created >= self._ttl):
+        if entry is None or not self._live(entry, now):
             return _MISSING
         try:
             value = entry.load()
@@ -4754,7 +4759,7 @@ class _Memoized(Generic[_P, _R]):
         if entry is None:
             return "damaged entry"
         now = time.time()
-        if not entry.live(now) or (self._ttl is not None and now - entry.created >= self._ttl):
+        if not self._live(entry, now):
             return "expired"
         return "damaged entry (its value does not unpickle)"
 
@@ -4850,7 +4855,7 @@ class _Memoized(Generic[_P, _R]):
             now = time.time()
             entry = _kept(known.slot.path, known.key, now - files.grain)
             if entry is not None and known.closure is self._closure and self._same() and not entry.flags & 0xFF:
-                if (not entry.expires or now < entry.expires) and (self._ttl is None or now - entry.created < self._ttl):
+                if self._live(entry, now):
                     try:
                         value = pickle.loads(entry.stream)
                     except Exception:
@@ -4887,7 +4892,7 @@ class _Memoized(Generic[_P, _R]):
         call = self._keyed(args, kwargs)  # Opens the store on a first call: self._store is read after it.
         files, now = self._store, time.time()
         entry = None if files is None else files.read(call.key, call.slot, now, self._mmap, False, recent=True)
-        return entry is not None and (self._ttl is None or now - entry.created < self._ttl)
+        return entry is not None and self._live(entry, now)
 
     def forget(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
         """Drop the cached result of this one call; True if there was one."""

@@ -5903,6 +5903,27 @@ def test_a_hit_records_a_use_and_a_sweep_evicts_the_least_recently_used(tmp_path
     assert all(m.startswith(f"evicted 2 entries ({2 * one} bytes on disk, the most recently used") for m in evicted)
 
 
+def test_a_bounded_store_records_every_use_once_half_full_and_finely_after_sweeps(tmp_path):
+    def used(db, key, path):
+        """Whether reading ``key`` half a second after its last recorded use records another."""
+        os.utime(path, ns=(time.time_ns() - 500_000_000,) * 2)
+        before = os.stat(path).st_mtime_ns
+        assert db[key] is not None
+        return os.stat(path).st_mtime_ns != before
+
+    with dc.open(tmp_path / "s", max_bytes=2**20) as db:
+        db["a"] = b"a"
+        (path,) = entry_files(tmp_path / "s")
+        assert not used(db, "a", path), "a store far from its bound records uses to the second"
+        for n in range(6):
+            db[f"k{n}"] = b"x" * 100_000  # About 600 KB: over half the bound, and no sweep yet.
+        assert used(db, "a", path), "half full: every use is recorded"
+        for n in range(6, 12):
+            db[f"k{n}"] = b"x" * 100_000  # Past the bound: sweeps evict entries used a moment ago.
+        assert len(db) < 13 and "a" in db
+        assert used(db, "a", path), "after sweeps of recently used entries: uses recorded finely"
+
+
 def test_is_cached_does_not_count_as_a_use(tmp_path):
     @dc.memoize(tmp_path / "c", max_bytes=2**30)
     def f(x):
