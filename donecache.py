@@ -1305,10 +1305,8 @@ def _version_text(version: Any, item: bool = False) -> str:
         return str(version)
     if isinstance(version, (tuple, list)):
         return "(" + ",".join(_version_text(part, True) for part in version) + ")"
-    raise TypeError(
-        f"version must be a str, an int, or a tuple of them, not {type(version).__name__}: {version!r}"
-        + (f" (1.10 and 1.1 are one float: write {str(version)!r})" if isinstance(version, float) else "")
-    )
+    raise TypeError(f"version must be a str, an int, or a tuple of them, not {type(version).__name__}: {version!r}"
+                    + (f" (1.10 and 1.1 are one float: write {str(version)!r})" if isinstance(version, float) else ""))
 
 
 def _marker_path(directory: StrPath, marker: str) -> str:
@@ -1468,10 +1466,9 @@ class Stage:
         # A shared stage waits for a count of pieces (an int) or for every one of some pieces (their names).
         self._expect = None if expect is None else self._expected(expect)
         if self._expect is not None and fresh:
-            raise ValueError(
-                f"stage {self._root!r}: fresh=True cannot be combined with expect=, because emptying a shared "
-                "stage would throw away the pieces of the other builders; empty it once, before they start"
-            )
+            raise ValueError(f"stage {self._root!r}: fresh=True cannot be combined with expect=, because emptying a "
+                             "shared stage would throw away the pieces of the other builders; empty it once, before "
+                             "they start")
 
     def _expected(self, expect: int | Iterable[StrPath]) -> int | frozenset[str]:
         """Check ``expect=``: a count of pieces, or their names (relative to the stage, normalised)."""
@@ -1480,10 +1477,9 @@ class Stage:
                 raise ValueError(f"expect={expect} is negative; pass the number of pieces the stage must hold")
             return expect
         if isinstance(expect, (str, bytes, os.PathLike)) or not isinstance(expect, _collections_abc.Iterable):
-            raise TypeError(
-                f"expect must be a count of pieces or an iterable of piece names, not {type(expect).__name__}"
-                + ("; for a single name pass a list: expect=[name]" if isinstance(expect, (str, os.PathLike)) else "")
-            )
+            single = "; for a single name pass a list: expect=[name]" if isinstance(expect, (str, os.PathLike)) else ""
+            raise TypeError(f"expect must be a count of pieces or an iterable of piece names, not "
+                            f"{type(expect).__name__}{single}")
         names: set[str] = set()
         for name in expect:
             if not isinstance(name, (str, os.PathLike)):
@@ -1654,10 +1650,8 @@ class Stage:
         rel = _fspath(name, "piece name")
         parts = PurePath(rel).parts if rel and not os.path.isabs(rel) else ()
         if not parts or ".." in parts or _is_stage_file(parts[0], self.marker) or any(map(_is_temp_name, parts)):
-            raise ValueError(
-                f"piece name {rel!r} must be a relative path inside the stage, "
-                f"and not its marker {self.marker!r} or lock file"
-            )
+            raise ValueError(f"piece name {rel!r} must be a relative path inside the stage, and not its marker "
+                             f"{self.marker!r} or lock file")
         return self.path / rel
 
     def _folders_of(self, path: Path) -> None:
