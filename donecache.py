@@ -1565,11 +1565,7 @@ class Stage:
         try:
             # A forked child that leaves the block did not build the stage.
             if exc_type is None and not self.done and _pid() == self._pid:
-                if self._expect is None:
-                    self._write_marker()
-                    self.done = True
-                else:
-                    self.done = self._finish_shared(self._expect)
+                self.done = self._finish(self._expect)
         finally:
             self._release()
             builder, self._builder = self._builder, None
@@ -1591,24 +1587,25 @@ class Stage:
         self._lock = lock
         return lock
 
-    def _finish_shared(self, expect: int | frozenset[str]) -> bool:
-        """Write the marker if every expected piece is present and nobody has; True if the stage is done. Pieces
-        appear only by a rename, so a listed piece is whole; under the lock, two builders cannot both see
-        "complete, no marker", and the marker cannot appear before the last piece."""
-        self._take_lock()
-        if _marker_counts(self._marker_file, self.version):
-            return True
-        present = _retry_stale(self._pieces)
-        if not (present >= expect if isinstance(expect, frozenset) else len(present) >= expect):
-            return False
-        # Complete: a temporary file left is a crashed writer's, or a live builder's (a late duplicate, an
-        # atomic_path() into the stage), which must be left to it.
-        now = time.time()
-        _sweep_temps(self._root, lambda temp: _writer_gone(temp, now))
-        mine = None if self._builder is None else os.path.basename(self._builder.path)
-        for entry in _scandir(self._root):  # Lock files of builders that were killed.
-            if entry.name.startswith(_STAGE_BUILDER) and entry.name != mine and not _lock_taken(entry.path):
-                _discard(entry.path)
+    def _finish(self, expect: int | frozenset[str] | None) -> bool:
+        """Write the marker (a shared stage's only if every expected piece is present and nobody has); True if the
+        stage is done. Pieces appear only by a rename, so a listed piece is whole; under the lock, two builders
+        cannot both see "complete, no marker", and the marker cannot appear before the last piece."""
+        if expect is not None:
+            self._take_lock()
+            if _marker_counts(self._marker_file, self.version):
+                return True
+            present = _retry_stale(self._pieces)
+            if not (present >= expect if isinstance(expect, frozenset) else len(present) >= expect):
+                return False
+            # Complete: a temporary file left is a crashed writer's, or a live builder's (a late duplicate, an
+            # atomic_path() into the stage), which must be left to it.
+            now = time.time()
+            _sweep_temps(self._root, lambda temp: _writer_gone(temp, now))
+            mine = None if self._builder is None else os.path.basename(self._builder.path)
+            for entry in _scandir(self._root):  # Lock files of builders that were killed.
+                if entry.name.startswith(_STAGE_BUILDER) and entry.name != mine and not _lock_taken(entry.path):
+                    _discard(entry.path)
         self._write_marker()
         return True
 
