@@ -1349,7 +1349,7 @@ def _marker_counts(path: str, version: Any) -> bool:
     # another host has just written can look absent. Reading the directory makes the client fetch it again from the
     # server (as `ls` does), so "not done" is asked twice.
     try:
-        _retry_stale(lambda: list(os.scandir(os.path.dirname(path))))  # Read through, it closes.
+        _retry_stale(lambda: sum(1 for _ in os.scandir(os.path.dirname(path))))  # Read through: it closes at its end.
     except (FileNotFoundError, NotADirectoryError):
         return False
     except PermissionError:
