@@ -306,9 +306,8 @@ else:
         """Why a directory (or a link to one) may hold what another user wrote, or "": it is not the effective
         user's (root's too; a link may be root's), or group or others can write to it."""
         mine = st.st_uid == os.geteuid() or (stat.S_ISLNK(st.st_mode) and st.st_uid == 0)
-        writers = {0o020: "its group", 0o002: "others", 0o022: "its group and others"}.get(
-            st.st_mode & 0o022 if stat.S_ISDIR(st.st_mode) else 0
-        )
+        bits = st.st_mode & 0o022 if stat.S_ISDIR(st.st_mode) else 0
+        writers = {0o020: "its group", 0o002: "others", 0o022: "its group and others"}.get(bits)
         if mine and writers is None:
             return ""
         import pwd
