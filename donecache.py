@@ -2611,9 +2611,8 @@ class _EntryDir:
 # ---------------------------------------------------------------------------
 # Entry files: store upkeep
 #
-# The size limit (max_bytes, in bytes on disk), verify and prune, and the
-# sidecar records beside the entries: function identities and the failure
-# ledger.
+# The size limit (max_bytes, in bytes on disk), verify and prune, and the sidecar records beside the entries:
+# function identities and the failure ledger.
 # ---------------------------------------------------------------------------
 
 # A writer that finds no room sweeps down to 80% (docs/size-limit.md).
@@ -2650,11 +2649,10 @@ class _EntryFiles(_EntryDir):
 
     # -- the size limit (docs/size-limit.md) ---------------------------------
     #
-    # Each write reserves its bytes in a running total kept in .usage, under its
-    # lock byte, before it creates its file; only a write that finds no room
-    # lists the store and sweeps. A computation holds its key's lock byte until
-    # the waiters have read the entry, and a sweep skips entries whose byte is
-    # held: it never evicts an entry whose key is being computed.
+    # Each write reserves its bytes in a running total kept in .usage, under its lock byte, before it creates its file;
+    # only a write that finds no room lists the store and sweeps. A computation holds its key's lock byte until the
+    # waiters have read the entry, and a sweep skips entries whose byte is held: it never evicts an entry whose key is
+    # being computed.
 
     def write(self, encoded: _Encoded, slot: _Slot | None = None, recent: bool = False) -> None:
         if self.max_bytes is None or self.readonly:  # A read-only store: super() refuses, before any reservation.
@@ -2691,10 +2689,9 @@ class _EntryFiles(_EntryDir):
     ) -> int | None:
         """Replace the running total by ``change`` of it under its lock byte; return the new total.
 
-        ``seen`` gets the number of sweeps begun. ``change`` gets None where .usage
-        is missing, damaged, or written before this host's last boot (a crash may
-        have lost updates: issue 18 item 12c); only a sweep's count replaces it. A
-        durable store syncs a total that grew before the write it counts."""
+        ``seen`` gets the number of sweeps begun. ``change`` gets None where .usage is missing, damaged, or written
+        before this host's last boot (a crash may have lost updates: issue 18 item 12c); only a sweep's count replaces
+        it. A durable store syncs a total that grew before the write it counts."""
         with _KeyLock(self.lock_path, _USAGE_BYTE).acquire():
             fd = _open_regular(os.path.join(self.root, ".usage"), _WRITE_FLAGS)[0]
             try:
@@ -2722,48 +2719,41 @@ class _EntryFiles(_EntryDir):
                 os.close(fd)
 
     def _reserve(self, nbytes: int) -> tuple[int, int]:
-        """Count an entry of ``nbytes`` (in whole blocks) before it is written: (bytes counted,
-        sweeps begun). With no room, sweep or wait for the process sweeping: the back-pressure that bounds any
-        number of writers."""
+        """Count an entry of ``nbytes`` (in whole blocks) before it is written: (bytes counted, sweeps begun). With no
+        room, sweep or wait for the process sweeping: the back-pressure that bounds any number of writers."""
         max_bytes, need = self.max_bytes or 0, -(-max(nbytes, 1) // self._block) * self._block
         took: list[bool] = []
         seen: list[int] = []
 
         def take(total: int | None) -> int | None:
-            if total is None or total + need > max_bytes:
-                return total
-            took.append(True)
-            return total + need
+            took.append(total is not None and total + need <= max_bytes)
+            return total + need if took[-1] and total is not None else total
 
         self._usage(take, seen=seen)
-        if took:
+        if took[-1]:
             return need, seen[-1]
         with _KeyLock(self.lock_path, _SWEEP_BYTE).acquire():
             self._usage(take, seen=seen)  # The process that swept before may have made room.
-            while not took:
-                evicted = self._sweep(min(int(max_bytes * _LOW_WATER), max_bytes - need))[0]
+            while not took[-1]:
+                evicted = self.sweep(min(int(max_bytes * _LOW_WATER), max_bytes - need), locked=True)[0]
                 self._usage(take, seen=seen)
-                if not took and not evicted:
+                if not took[-1] and not evicted:
                     # Bigger than the bound, or the rest is being computed: over it by one entry.
                     self._usage(lambda total: (total or 0) + need, seen=seen)
                     break
             return need, seen[-1]
 
     def sweep(
-        self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
+        self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False,
+        locked: bool = False,
     ) -> tuple[int, int]:
-        """Evict entries (of ``folder``), least recently used first, until they take at most
-        ``target`` bytes on disk, and those last used before ``older_than`` (a Unix time);
-        log it; return (entries, bytes). One process sweeps at a time; ``dry_run`` only counts."""
-        if dry_run:
-            return self._sweep(target, older_than, folder, dry_run)
-        self._writable()
-        with _KeyLock(self.lock_path, _SWEEP_BYTE).acquire():
-            return self._sweep(target, older_than, folder)
-
-    def _sweep(
-        self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False
-    ) -> tuple[int, int]:
+        """Evict entries (of ``folder``), least recently used first, until they take at most ``target`` bytes on disk,
+        and those last used before ``older_than`` (a Unix time); log it; return (entries, bytes). One process sweeps
+        at a time (``locked``: this one holds the sweep's lock byte); ``dry_run`` only counts."""
+        if not (dry_run or locked):
+            self._writable()
+            with _KeyLock(self.lock_path, _SWEEP_BYTE).acquire():
+                return self.sweep(target, older_than, folder, locked=True)
         usage: Any = (lambda change, *more, **named: None) if dry_run else self._usage
         base = usage(lambda total: total, sweep=1)
         stats = ((path, _lstat_or_none(path)) for path, _folder in self.files(folder))
@@ -2818,14 +2808,12 @@ class _EntryFiles(_EntryDir):
         return [path for path, entry, st in judged if st is not None and entry is None]
 
     def prune(
-        self, now: float | None = None, stale: Callable[[_Found], bool] | None = None, folder: str | None = None,
-        dry_run: bool = False,
+        self, when: float, stale: Callable[[_Found], bool] | None, folder: str | None, dry_run: bool
     ) -> tuple[int, int]:
-        """Remove expired or damaged entries (of ``folder``; and those ``stale`` accepts), the live
-        ones checked byte by byte, and old temporary files: (entries, temporaries). ``dry_run`` counts."""
+        """Remove expired or damaged entries (of ``folder``; and those ``stale`` accepts), the live ones checked byte
+        by byte, and temporary files old at ``when``: (entries, temporaries). ``dry_run`` only counts."""
         if not dry_run:
             self._writable()
-        when = time.time() if now is None else now
         entries = temps = 0
         top = self.root if not folder else os.path.join(self.root, folder)
         folders: set[str] = set()
@@ -2859,9 +2847,8 @@ class _EntryFiles(_EntryDir):
                 pass
         return entries, temps
 
-    # Each memoized function's current code identity, one small JSON file per
-    # function under .functions/, so that `info` and `prune --stale` can tell
-    # the entries of older code without running or importing anything.
+    # Each memoized function's current code identity, one small JSON file per function under .functions/, so that
+    # `info` and `prune --stale` can tell the entries of older code without running or importing anything.
 
     def record_identity(self, function: str, identity: str, code: str = "") -> float | None:
         """Record the identity this process runs under and when each code digest under it was first
@@ -2870,8 +2857,7 @@ class _EntryFiles(_EntryDir):
         path = os.path.join(self.root, ".functions", self.folder(function)[:_FOLDER_HEX])
         record = _read_json(path) or {}
         same = record.get("identity") == identity
-        codes = record.get("codes") if same else None
-        codes = dict(codes) if isinstance(codes, dict) else {}
+        codes = dict(record["codes"]) if same and isinstance(record.get("codes"), dict) else {}
         since = codes.get(code)
         if not isinstance(since, (int, float)):
             since = time.time()
@@ -2901,10 +2887,9 @@ class _EntryFiles(_EntryDir):
         current = self.identities()
         return lambda function, identity: current.get(function, identity) != identity
 
-    # The failure ledger: one small JSON file per failed input of a batch, under
-    # .failures/<function's folder>/<the entry's name>.json, written as the
-    # failure happens and removed when that input succeeds. JSON, never a
-    # pickle: listing failures runs nothing.
+    # The failure ledger: one small JSON file per failed input of a batch, under .failures/<function's folder>/<the
+    # entry's name>.json, written as the failure happens and removed when that input succeeds. JSON, never a pickle:
+    # listing failures runs nothing.
 
     def _failure_file(self, slot: _Slot) -> str:
         # Slots are <root>/[<folder>/]<2 hex>/<name>: string slicing, no relpath per success.
@@ -2933,8 +2918,7 @@ class _EntryFiles(_EntryDir):
 
     def failures(self, folder: str | None = None) -> list[dict[str, Any]]:
         """The failure records (of one function's ``folder``), oldest first."""
-        found = [record for _path, record in self._failure_records(folder)]
-        return sorted(found, key=lambda record: float(record.get("time") or 0))
+        return sorted((r for _path, r in self._failure_records(folder)), key=lambda r: float(r.get("time") or 0))
 
     def drop_failures(self, drop: Callable[[dict[str, Any]], bool], folder: str | None = None) -> int:
         """Remove the failure records that ``drop`` accepts; how many were removed."""
@@ -2953,9 +2937,8 @@ class _EntryFiles(_EntryDir):
 # ---------------------------------------------------------------------------
 # The store
 #
-# Its upkeep first: _prune serves Store.prune(), f.prune() and the command
-# line's prune. Then Store: shelve.Shelf supplies the pickling; _ShelfDict is
-# the bytes-to-bytes mapping it expects, over the entry files.
+# Its upkeep first: _prune serves Store.prune(), f.prune() and the command line's prune. Then Store: shelve.Shelf
+# supplies the pickling; _ShelfDict is the bytes-to-bytes mapping it expects, over the entry files.
 # ---------------------------------------------------------------------------
 
 
@@ -3014,9 +2997,8 @@ class _ShelfDict:
         return sum(1 for _ in self.files.files())
 
 
-# Another process may delete a key between the listing and the read (or between
-# shelve's `key in self.dict` and `self[key]`): the key is then simply absent,
-# never a KeyError. The views below, and Store.get, skip it.
+# Another process may delete a key between the listing and the read (or between shelve's `key in self.dict` and
+# `self[key]`): the key is then simply absent, never a KeyError. The views below, and Store.get, skip it.
 
 if TYPE_CHECKING:
     _ShelfBase = shelve.Shelf[Any]
@@ -3075,9 +3057,8 @@ class Store(_ShelfBase):
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Store:
-        # shelve and pickle would be 4 ms of `import donecache`: they are imported
-        # at the first open, which makes the store an instance of a class joining
-        # this one with shelve.Shelf (isinstance(store, shelve.Shelf) holds, and
+        # shelve and pickle would be 4 ms of `import donecache`: they are imported at the first open, which makes the
+        # store an instance of a class joining this one with shelve.Shelf (isinstance(store, shelve.Shelf) holds, and
         # shelve's own methods serve what this class leaves to them).
         real = _shelf_classes.get(cls)
         if real is None:
@@ -3115,11 +3096,9 @@ class Store(_ShelfBase):
             raise ValueError(f"invalid operation on closed shelf {self.path!r}; open it again with donecache.open()")
         return self._files
 
-    # Values are read and written here rather than by shelve, so that big
-    # buffers go to the file straight from the value (protocol 5, unless
-    # protocol= asks for an older one) and come back in one allocation each,
-    # or mapped. Otherwise this is shelve's own logic, writeback cache and all.
-    # (shelve's `cache` and `writeback` are not in its stubs.)
+    # Values are read and written here rather than by shelve, so that big buffers go to the file straight from the
+    # value (protocol 5, unless protocol= asks for an older one) and come back in one allocation each, or mapped.
+    # Otherwise this is shelve's own logic, writeback cache and all (`cache`, `writeback`: not in shelve's stubs).
 
     def __getitem__(self, key: str) -> Any:
         cache = getattr(self, "cache", {})
@@ -3594,13 +3573,11 @@ def file_digest(path: StrPath, *, quick: bool = False) -> str:
 # ---------------------------------------------------------------------------
 # Code identity
 #
-# Without version=, a memoized function's entries belong to its code: its syntax
-# tree (docstrings aside), the module-level values it reads (by canonical value),
-# and the user's own functions, classes and modules it reaches, transitively.
-# Installed distributions count by their RECORD (the hashes of their files), the
-# standard library not at all. What cannot be followed (eval, open, the
-# environment, a value with no canonical form) is named in one warning. The rules
-# in full: docs/identity.md.
+# Without version=, a memoized function's entries belong to its code: its syntax tree (docstrings aside), the
+# module-level values it reads (by canonical value), and the user's own functions, classes and modules it reaches,
+# transitively. Installed distributions count by their RECORD (the hashes of their files), the standard library not
+# at all. What cannot be followed (eval, open, the environment, a value with no canonical form) is named in one
+# warning. The rules in full: docs/identity.md.
 # ---------------------------------------------------------------------------
 
 # Read from the syntax tree, never from the text: fields that say how it was written.
@@ -4166,11 +4143,6 @@ def _unchanged() -> bool:
     return True
 
 
-def _version_identity(version: Any) -> str:
-    """16 hex digits naming a pinned version= (edits of the code then do not count)."""
-    return _digest_text(f"version {_version_text(version)}")[:16]
-
-
 def _text(value: Any) -> str:
     """The canonical text of a value (see _Canonical), code passed in it by its code identity."""
     return _Canonical(_argument_code).text(value)
@@ -4644,7 +4616,7 @@ class _Memoized(Generic[_P, _R]):
         files = self._store or (None if _switched_off() else self._files())  # Off: no cache directory is made.
         followed = _follow(self.__wrapped__, None if files is None or files.readonly else files.root)
         code = followed.digest()
-        identity = _version_identity(self._version) if self._version is not None else code
+        identity = code if self._version is None else _digest_text(f"version {_version_text(self._version)}")[:16]
         self._closure = _closure_text(self.__wrapped__)
         home = getattr(inspect.unwrap(self.__wrapped__), "__globals__", None)
         self._same = followed.same(home) if self._version is None else _unchanged
@@ -6042,11 +6014,9 @@ def _run_imap(
 # ---------------------------------------------------------------------------
 # The command line: python -m donecache info|clear|verify|prune|status|failures
 #
-# It reads entry headers and keys, never values: inspecting a cache does not
-# unpickle anything. Exit codes: 0 success, 1 the answer is "no" (a stage is
-# not done, no entries matched), 2 a usage error or a path that is not there.
-# Each command returns its exit code, its report (printed by --json) and the
-# lines that say it to a person.
+# It reads entry headers and keys, never values: inspecting a cache does not unpickle anything. Exit codes: 0
+# success, 1 the answer is "no" (a stage is not done, no entries matched), 2 a usage error or a path that is not
+# there. Each command returns its exit code, its report (printed by --json) and the lines that say it to a person.
 # ---------------------------------------------------------------------------
 
 
@@ -6131,8 +6101,7 @@ def _survey(files: _EntryFiles, now: float) -> dict[str, Any]:
     for found in files.scan():
         if found.stat is None:
             continue
-        size += found.stat.st_size
-        disk += _disk_bytes(found.stat)
+        size, disk = size + found.stat.st_size, disk + _disk_bytes(found.stat)
         if found.entry is None:
             damaged += 1
             continue
@@ -6184,10 +6153,7 @@ def _cli_info(args: Any) -> tuple[int, Any, list[str]]:
 
 def _cli_clear(args: Any) -> tuple[int, Any, list[str]]:
     files, wanted = _cli_store(args.path, "w"), args.function
-
-    def matches(key: bytes) -> bool:
-        return _names(_function_of(key), wanted)
-
+    matches: Callable[[bytes], bool] = lambda key: _names(_function_of(key), wanted)  # noqa: E731
     if wanted is None:
         removed = files.clear()
     else:
