@@ -142,6 +142,22 @@ def _delays() -> Iterator[float]:
         delay = min(delay * 2, 0.05)
 
 
+# NFS answers ESTALE when the file behind a name or a handle was replaced or removed by another host; the name,
+# looked up again, leads to the new file. Linux retries a path lookup once by itself, but a read on a descriptor
+# opened just before another host's rename still fails: the whole operation, from its open, is retried.
+def _retry_stale(operation: Callable[[], _R], errors: tuple[int, ...] = (errno.ESTALE,), tries: int = 5) -> _R:
+    """operation(), run again (``tries`` times in all, with backoff) while it fails with ESTALE (or ``errors``)."""
+    delays = _delays()
+    for _ in range(tries - 1):
+        try:
+            return operation()
+        except OSError as exc:
+            if exc.errno not in errors:
+                raise
+        time.sleep(next(delays))
+    return operation()
+
+
 def _kind_of(mode: int) -> str:
     return _KINDS.get(stat.S_IFMT(mode), "a special file")
 
@@ -162,28 +178,18 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
     _SYNC_FLAGS = os.O_RDWR | os.O_BINARY  # os.fsync() on Windows needs a descriptor open for writing.
     _LOCK_SPAN = 2**31 - 1  # A byte offset that msvcrt.locking() can seek to on every Windows build.
 
-    def _fsync_file(fd: int) -> None:
-        os.fsync(fd)  # _commit(): flushes the file's data and metadata.
+    _fsync_file = os.fsync  # _commit(): flushes the file's data and metadata.
 
     def _fsync_dir(path: str) -> None:
         pass  # Windows cannot open a directory for flushing; NTFS journals the rename.
 
     def _replace(src: str, dst: str) -> None:
         # os.replace fails with a sharing violation (PermissionError) while any process (a virus scanner, an
-        # indexer, a reader) has the target open. Such handles are usually short-lived: retry for about a second.
-        waited = 0.0
-        for delay in _delays():
-            try:
-                os.replace(src, dst)
-                return
-            except PermissionError:
-                if waited > 1.0:
-                    raise
-                time.sleep(delay)
-                waited += delay
+        # indexer, a reader) has the target open. Such handles are usually short-lived: retry for about a second
+        # (26 tries: 63 ms of doubling delays, then 50 ms each).
+        _retry_stale(lambda: os.replace(src, dst), (errno.EACCES, errno.EPERM), 26)
 
-    def _move_new(src: str, dst: str) -> None:
-        os.rename(src, dst)  # On Windows rename refuses to replace: no clobbering.
+    _move_new = os.rename  # On Windows rename refuses to replace: no clobbering.
 
     def _keep_mode(fd: int, mode: int) -> None:
         pass  # Windows files carry only a read-only flag, not POSIX permission bits.
@@ -301,9 +307,8 @@ else:
         """Why a directory (or a link to one) may hold what another user wrote, or "": it is not the effective
         user's (root's too; a link may be root's), or group or others can write to it."""
         mine = st.st_uid == os.geteuid() or (stat.S_ISLNK(st.st_mode) and st.st_uid == 0)
-        writers = {0o020: "its group", 0o002: "others", 0o022: "its group and others"}.get(
-            st.st_mode & 0o022 if stat.S_ISDIR(st.st_mode) else 0
-        )
+        bits = st.st_mode & 0o022 if stat.S_ISDIR(st.st_mode) else 0
+        writers = {0o020: "its group", 0o002: "others", 0o022: "its group and others"}.get(bits)
         if mine and writers is None:
             return ""
         import pwd
@@ -355,12 +360,10 @@ else:
 
 
 def _open_regular(path: str, flags: int = _READ_FLAGS) -> tuple[int, os.stat_result]:
-    """Open ``path`` only if it is a regular file: (descriptor, its stat), else _NotRegular.
-
-    O_NONBLOCK makes the open of a FIFO or a device return at once (fifo(7)) instead of waiting for a writer or an
-    end, and fstat then refuses it. With O_NOFOLLOW in ``flags`` (always in _WRITE_FLAGS), open(2) refuses a
-    symlink with ELOOP (EMLINK on FreeBSD, EFTYPE on NetBSD), and lstat says why.
-    """
+    """Open ``path`` only if it is a regular file: (descriptor, its stat), else _NotRegular."""
+    # O_NONBLOCK makes the open of a FIFO or a device return at once (fifo(7)) instead of waiting for a writer or an
+    # end, and fstat then refuses it. With O_NOFOLLOW in ``flags`` (always in _WRITE_FLAGS), open(2) refuses a
+    # symlink with ELOOP (EMLINK on FreeBSD, EFTYPE on NetBSD), and lstat says why.
     try:
         fd = _open_file(path, flags | _NONBLOCK, 0o666)
     except OSError as exc:
@@ -372,13 +375,12 @@ def _open_regular(path: str, flags: int = _READ_FLAGS) -> tuple[int, os.stat_res
         raise _NotRegular(path, st) from None
     try:
         st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            return fd, st
+        raise _NotRegular(path, st)
     except BaseException:
         os.close(fd)
         raise
-    if stat.S_ISREG(st.st_mode):
-        return fd, st
-    os.close(fd)
-    raise _NotRegular(path, st)
 
 
 # The lock primitive: _LockFile(path, offset) locks the whole file (offset None) or one byte of it, through a handle
@@ -627,28 +629,8 @@ else:
 # ---------------------------------------------------------------------------
 # Basics
 #
-# Retries, error messages, small files, who this process is, directories, and
-# logging: the mechanisms that everything below shares.
+# Error messages, small files, who this process is, directories, and logging: what everything below shares.
 # ---------------------------------------------------------------------------
-
-# NFS answers ESTALE when the file behind a name or a handle was replaced or removed by another host; the name,
-# looked up again, leads to the new file. Linux retries a path lookup once by itself, but a read on a descriptor
-# opened just before another host's rename still fails: the whole operation, from its open, is retried.
-_STALE_TRIES = 5
-
-
-def _retry_stale(operation: Callable[[], _R]) -> _R:
-    """operation(), run again (a few times, with backoff) while it fails with ESTALE."""
-    delays = _delays()
-    for _ in range(_STALE_TRIES - 1):
-        try:
-            return operation()
-        except OSError as exc:
-            if exc.errno != errno.ESTALE:
-                raise
-        time.sleep(next(delays))
-    return operation()
-
 
 def _os_error(code: int | None, path: str, message: str, kind: type[OSError] = OSError) -> OSError:
     """An OSError about ``path``: OSError(errno.ENOENT, ...) is a FileNotFoundError, and so on."""
@@ -675,10 +657,8 @@ def _store_path(path: StrPath) -> str:
     name = _fspath(path, "the cache path")
     scheme, sep, _rest = name.partition("://")
     if sep and len(scheme) > 1 and scheme.replace("+", "").replace(".", "").replace("-", "").isalnum():
-        raise ValueError(
-            f"cache path {name!r} is a URL; donecache stores entries in a local (or mounted) directory: "
-            "give a filesystem path, such as the mount point of that bucket"
-        )
+        raise ValueError(f"cache path {name!r} is a URL; donecache stores entries in a local (or mounted) directory: "
+                         "give a filesystem path, such as the mount point of that bucket")
     return name
 
 
@@ -1280,10 +1260,34 @@ def atomic_path(
 
 _STAGE_LOCK = ".donecache.lock"
 _STAGE_VERSION = ".donecache.version"  # The version being built, recorded when a build starts.
-# Each builder of a shared stage holds a lock file of its own, named this and 16
-# hex digits, while it builds: the stage's lock is held only on entry and exit,
-# so `status` looks for these to tell "building" from "incomplete".
+# Each builder of a shared stage holds a lock file of its own, named this and 16 hex digits, while it builds: the
+# stage's lock is held only on entry and exit, so `status` looks for these to tell "building" from "incomplete".
 _STAGE_BUILDER = ".donecache.builder~"
+
+
+def _write_json(path: str, record: dict[str, Any], mode: int | None, durable: bool, indent: int | None = None,
+                end: bytes = b"") -> None:
+    """A JSON record (a stage's marker, a store's sidecar records), its missing folders made with ``mode``."""
+    import json
+
+    if mode is not None:
+        _make_dirs(os.path.dirname(path), mode, durable=durable)
+    _write_bytes(path, json.dumps(record, indent=indent).encode("utf-8") + end, durable=durable)
+
+
+def _sweep_temps(root: str, stale: Callable[[str], bool] = bool, dry_run: bool = False) -> int:
+    """Remove (with ``dry_run``, only count) the temporary files below ``root`` that ``stale(path)`` finds left by a
+    writer that is gone (by default, all); how many. An error on one (it vanished, or cannot be removed) skips it."""
+    count = 0
+    for temp in _temp_files(root):
+        try:
+            if stale(temp):
+                if not dry_run:
+                    os.unlink(temp)
+                count += 1
+        except OSError:
+            pass
+    return count
 
 
 def _is_stage_file(name: str, marker: str) -> bool:
@@ -1291,23 +1295,18 @@ def _is_stage_file(name: str, marker: str) -> bool:
     return name in (marker, _STAGE_LOCK, _STAGE_VERSION) or name.startswith(_STAGE_BUILDER)
 
 
-_QUOTED_IN_VERSIONS = frozenset("(),'\"\\")
-
-
 def _version_text(version: Any, item: bool = False) -> str:
     """A version's canonical text: 2, "2" and the command line's --version 2 agree, and a tuple reads the
     same after a JSON round trip (which makes it a list). A str item of a tuple that is empty or holds a
     comma, bracket, quote or backslash is quoted, so ("1,2",) and (1, 2) differ. Floats are refused: 1.10 == 1.1."""
     if isinstance(version, str):
-        return repr(version) if item and (not version or not _QUOTED_IN_VERSIONS.isdisjoint(version)) else version
+        return repr(version) if item and (not version or any(c in "(),'\"\\" for c in version)) else version
     if isinstance(version, int):
         return str(version)
     if isinstance(version, (tuple, list)):
         return "(" + ",".join(_version_text(part, True) for part in version) + ")"
-    raise TypeError(
-        f"version must be a str, an int, or a tuple of them, not {type(version).__name__}: {version!r}"
-        + (f" (1.10 and 1.1 are one float: write {str(version)!r})" if isinstance(version, float) else "")
-    )
+    raise TypeError(f"version must be a str, an int, or a tuple of them, not {type(version).__name__}: {version!r}"
+                    + (f" (1.10 and 1.1 are one float: write {str(version)!r})" if isinstance(version, float) else ""))
 
 
 def _marker_path(directory: StrPath, marker: str) -> str:
@@ -1344,20 +1343,13 @@ def _marker_counts(path: str, version: Any) -> bool:
                 return False
         return _marker_version(_read_marker(path)) == _version_text(version)
 
-    def read_directory() -> None:
-        directory, name = os.path.split(path)
-        with os.scandir(directory) as entries:
-            for entry in entries:  # Read it through, up to the marker's name.
-                if entry.name == name:
-                    break
-
     if check():
         return True
-    # An NFS client caches lookups, "no such file" included, for up to acdirmax (60 s by default), so a
-    # marker that another host has just written can look absent. Opening and reading the directory makes
-    # the client fetch it again from the server (as `ls` does), so "not done" is asked twice.
+    # An NFS client caches lookups, "no such file" included, for up to acdirmax (60 s by default), so a marker that
+    # another host has just written can look absent. Reading the directory makes the client fetch it again from the
+    # server (as `ls` does), so "not done" is asked twice.
     try:
-        _retry_stale(read_directory)
+        _retry_stale(lambda: sum(1 for _ in os.scandir(os.path.dirname(path))))  # Read through: it closes at its end.
     except (FileNotFoundError, NotADirectoryError):
         return False
     except PermissionError:
@@ -1388,44 +1380,35 @@ def mark_not_done(directory: StrPath, *, marker: str = "DONE") -> bool:
     return True
 
 
-class _StageState:
-    """What `status` says of a stage: its state ("done", "building", "incomplete",
-    "other version" (done, but its marker names another version), "not a stage"
-    (a directory that done_dir never entered) or "missing"), its marker's
-    metadata, and who builds it ({"host", "pid"} where known)."""
-
-    __slots__ = ("state", "marker", "builder")
-
-    def __init__(self, state: str, marker: dict[str, Any] | None, builder: dict[str, Any] | None = None) -> None:
-        self.state, self.marker, self.builder = state, marker, builder
-
-
-def _stage_status(directory: str, *, version: _Version | None, marker: str) -> _StageState:
-    """What `status` prints; it only reads (the stage may be on a read-only filesystem)."""
+def _stage_status(directory: str, *, version: _Version | None,
+                  marker: str) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
+    """What `status` says of a stage, only reading (it may be on a read-only filesystem): its state ("done",
+    "building", "incomplete", "other version" (done, but its marker names another version), "not a stage" (a
+    directory that done_dir never entered) or "missing"), its marker's metadata, who builds it ({"host", "pid"})."""
     path = _marker_path(directory, marker)
     if not os.path.isdir(directory):
-        return _StageState("missing", None)
+        return "missing", None, None
     # An incomplete stage may still hold a stale marker, which says who wrote it.
     if _marker_counts(path, version):
-        return _StageState("done", _read_marker(path))
+        return "done", _read_marker(path), None
     locks = [os.path.join(directory, _STAGE_LOCK)]
     locks += [e.path for e in _scandir(directory) if e.name.startswith(_STAGE_BUILDER)]
     lock = next((lock for lock in locks if _lock_taken(lock)), None)
     if lock is not None:  # Its note is None if not written yet, or unreadable while locked (Windows).
-        return _StageState("building", _read_marker(path), _read_json(lock))
+        return "building", _read_marker(path), _read_json(lock)
     # A stage that done_dir entered has its lock file; a marker of another version says so.
     if os.path.lexists(path) and version is not None:
-        return _StageState("other version", _read_marker(path))
+        return "other version", _read_marker(path), None
     started = len(locks) > 1 or os.path.lexists(locks[0])
-    return _StageState("incomplete" if started else "not a stage", _read_marker(path))
+    return "incomplete" if started else "not a stage", _read_marker(path), None
 
 
 def _flush_tree(root: str) -> None:
     """fsync every file and directory below ``root``: the pieces reach disk before the marker."""
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
-            if dirpath == root and (name == _STAGE_LOCK or name.startswith(_STAGE_BUILDER)):
-                continue  # Nothing to flush, and on NFS closing it would drop our lock.
+            if dirpath == root and _is_stage_file(name, ""):
+                continue  # Flushed when written, or a lock file (on NFS, closing one would drop our lock).
             try:
                 fd, _st = _open_regular(os.path.join(dirpath, name), _SYNC_FLAGS | _NOFOLLOW)
             except OSError:
@@ -1466,17 +1449,9 @@ class Stage:
         ``stage.done`` False. Every builder must pass the same ``expect``; ``fresh`` cannot be combined with it.
     """
 
-    def __init__(
-        self,
-        directory: StrPath,
-        *,
-        version: _Version | None = None,
-        marker: str = "DONE",
-        fresh: bool = False,
-        durable: bool = True,
-        timeout: float | None = None,
-        expect: int | Iterable[StrPath] | None = None,
-    ) -> None:
+    def __init__(self, directory: StrPath, *, version: _Version | None = None, marker: str = "DONE",
+                 fresh: bool = False, durable: bool = True, timeout: float | None = None,
+                 expect: int | Iterable[StrPath] | None = None) -> None:
         from pathlib import Path
 
         self._root = os.path.abspath(_fspath(directory, "directory"))
@@ -1491,10 +1466,9 @@ class Stage:
         # A shared stage waits for a count of pieces (an int) or for every one of some pieces (their names).
         self._expect = None if expect is None else self._expected(expect)
         if self._expect is not None and fresh:
-            raise ValueError(
-                f"stage {self._root!r}: fresh=True cannot be combined with expect=, because emptying a shared "
-                "stage would throw away the pieces of the other builders; empty it once, before they start"
-            )
+            raise ValueError(f"stage {self._root!r}: fresh=True cannot be combined with expect=, because emptying a "
+                             "shared stage would throw away the pieces of the other builders; empty it once, before "
+                             "they start")
 
     def _expected(self, expect: int | Iterable[StrPath]) -> int | frozenset[str]:
         """Check ``expect=``: a count of pieces, or their names (relative to the stage, normalised)."""
@@ -1503,10 +1477,9 @@ class Stage:
                 raise ValueError(f"expect={expect} is negative; pass the number of pieces the stage must hold")
             return expect
         if isinstance(expect, (str, bytes, os.PathLike)) or not isinstance(expect, _collections_abc.Iterable):
-            raise TypeError(
-                f"expect must be a count of pieces or an iterable of piece names, not {type(expect).__name__}"
-                + ("; for a single name pass a list: expect=[name]" if isinstance(expect, (str, os.PathLike)) else "")
-            )
+            single = "; for a single name pass a list: expect=[name]" if isinstance(expect, (str, os.PathLike)) else ""
+            raise TypeError(f"expect must be a count of pieces or an iterable of piece names, not "
+                            f"{type(expect).__name__}{single}")
         names: set[str] = set()
         for name in expect:
             if not isinstance(name, (str, os.PathLike)):
@@ -1530,8 +1503,8 @@ class Stage:
             raise _os_error(errno.ENOTDIR, root, message)
         self._pid = _pid()
         if _marker_counts(self._marker_file, self.version):
-            # Finished: seeing that needs no lock, and no write (the stage may be on a read-only
-            # filesystem). A builder that would rebuild it removes the marker first, under the lock.
+            # Finished: seeing that needs no lock, and no write (the stage may be on a read-only filesystem). A
+            # builder that would rebuild it removes the marker first, under the lock.
             self.done = True
             return self
         lock = self._take_lock()
@@ -1566,27 +1539,25 @@ class Stage:
         self._builder = builder
 
     def _begin(self) -> None:
-        """Under the lock, for a stage that is not done: resume the pieces of a build
-        of the same version, or start from an empty stage."""
+        """Under the lock, for a stage that is not done: resume a build of the same version, or start empty."""
         root, wanted = self._root, None if self.version is None else _version_text(self.version)
         old = _marker_version(_read_marker(self._marker_file))
         marked = os.path.lexists(self._marker_file)
         if marked:
             os.unlink(self._marker_file)  # Stale: it must not count while we rebuild.
         building = _read_text(os.path.join(root, _STAGE_VERSION))
-        # The pieces belong to the version whose build started last, or (for a stage made before
-        # versions were recorded) to the one its old marker names; a marker that names none, with
-        # no version recorded, is an unversioned build's: another version (issue 18).
+        # The pieces belong to the version whose build started last, or (for a stage made before versions were
+        # recorded) to the one its old marker names; a marker that names none, with no version recorded, is an
+        # unversioned build's: another version (issue 18).
         other = wanted is not None and (building or old or ("" if marked else wanted)) != wanted
         if self._fresh or other:
             for name in os.listdir(root):
                 if name != _STAGE_LOCK:
                     _remove_path(os.path.join(root, name))
         elif self._expect is None:
-            # Left by writers that crashed. In a shared stage they may be live
-            # builders' files: the builder that completes it sweeps them.
-            for temp in _temp_files(root):
-                _discard(temp)
+            # Left by writers that crashed. In a shared stage they may be live builders' files: the builder that
+            # completes it sweeps them.
+            _sweep_temps(root)
         if wanted is not None and (building != wanted or self._fresh or other):
             _write_bytes(os.path.join(root, _STAGE_VERSION), wanted.encode("utf-8"), durable=self._durable)
 
@@ -1594,11 +1565,7 @@ class Stage:
         try:
             # A forked child that leaves the block did not build the stage.
             if exc_type is None and not self.done and _pid() == self._pid:
-                if self._expect is None:
-                    self._write_marker()
-                    self.done = True
-                else:
-                    self.done = self._finish_shared(self._expect)
+                self.done = self._finish(self._expect)
         finally:
             self._release()
             builder, self._builder = self._builder, None
@@ -1620,26 +1587,25 @@ class Stage:
         self._lock = lock
         return lock
 
-    def _finish_shared(self, expect: int | frozenset[str]) -> bool:
-        """Write the marker if every expected piece is present and nobody has; True if the stage is done. Pieces
-        appear only by a rename, so a listed piece is whole; under the lock, two builders cannot both see
-        "complete, no marker", and the marker cannot appear before the last piece."""
-        self._take_lock()
-        if _marker_counts(self._marker_file, self.version):
-            return True
-        present = _retry_stale(self._pieces)
-        if not (present >= expect if isinstance(expect, frozenset) else len(present) >= expect):
-            return False
-        # Complete: a temporary file left is a crashed writer's, or a live builder's (a late
-        # duplicate, an atomic_path() into the stage), which must be left to it.
-        now = time.time()
-        for temp in _temp_files(self._root):
-            if _writer_gone(temp, now):
-                _discard(temp)
-        mine = None if self._builder is None else os.path.basename(self._builder.path)
-        for entry in _scandir(self._root):  # Lock files of builders that were killed.
-            if entry.name.startswith(_STAGE_BUILDER) and entry.name != mine and not _lock_taken(entry.path):
-                _discard(entry.path)
+    def _finish(self, expect: int | frozenset[str] | None) -> bool:
+        """Write the marker (a shared stage's only if every expected piece is present and nobody has); True if the
+        stage is done. Pieces appear only by a rename, so a listed piece is whole; under the lock, two builders
+        cannot both see "complete, no marker", and the marker cannot appear before the last piece."""
+        if expect is not None:
+            self._take_lock()
+            if _marker_counts(self._marker_file, self.version):
+                return True
+            present = _retry_stale(self._pieces)
+            if not (present >= expect if isinstance(expect, frozenset) else len(present) >= expect):
+                return False
+            # Complete: a temporary file left is a crashed writer's, or a live builder's (a late duplicate, an
+            # atomic_path() into the stage), which must be left to it.
+            now = time.time()
+            _sweep_temps(self._root, lambda temp: _writer_gone(temp, now))
+            mine = None if self._builder is None else os.path.basename(self._builder.path)
+            for entry in _scandir(self._root):  # Lock files of builders that were killed.
+                if entry.name.startswith(_STAGE_BUILDER) and entry.name != mine and not _lock_taken(entry.path):
+                    _discard(entry.path)
         self._write_marker()
         return True
 
@@ -1663,8 +1629,6 @@ class Stage:
             self._lock = None
 
     def _write_marker(self) -> None:
-        import json
-
         if self._durable:
             _flush_tree(self._root)
         finished = time.time()
@@ -1675,7 +1639,7 @@ class Stage:
                     "donecache": __version__, "version": self.version}
         if self._expect is not None:
             metadata["expect"] = self._expect if isinstance(self._expect, int) else len(self._expect)
-        _write_bytes(self._marker_file, json.dumps(metadata, indent=1).encode("utf-8") + b"\n", durable=self._durable)
+        _write_json(self._marker_file, metadata, None, self._durable, indent=1, end=b"\n")
 
     def _piece_path(self, name: StrPath) -> Path:
         from pathlib import PurePath
@@ -1683,10 +1647,8 @@ class Stage:
         rel = _fspath(name, "piece name")
         parts = PurePath(rel).parts if rel and not os.path.isabs(rel) else ()
         if not parts or ".." in parts or _is_stage_file(parts[0], self.marker) or any(map(_is_temp_name, parts)):
-            raise ValueError(
-                f"piece name {rel!r} must be a relative path inside the stage, "
-                f"and not its marker {self.marker!r} or lock file"
-            )
+            raise ValueError(f"piece name {rel!r} must be a relative path inside the stage, and not its marker "
+                             f"{self.marker!r} or lock file")
         return self.path / rel
 
     def _folders_of(self, path: Path) -> None:
@@ -1695,9 +1657,7 @@ class Stage:
         outside it (issue 18). Checked with lstat, never following a link, up to the first folder that is
         missing; one swapped for a link after the check is not caught."""
         folder = self._root
-        for part in os.path.relpath(path.parent, folder).split(os.sep):
-            if part == os.curdir:
-                continue
+        for part in path.relative_to(folder).parts[:-1]:
             folder = os.path.join(folder, part)
             try:
                 st = os.lstat(folder)
@@ -1705,13 +1665,10 @@ class Stage:
                 return
             if not stat.S_ISDIR(st.st_mode):
                 piece = os.path.relpath(path, self._root)
-                raise _os_error(
-                    errno.ENOTDIR,
-                    folder,
-                    f"cannot write the piece {piece!r} of stage {self._root!r}: {folder!r} is {_kind_of(st.st_mode)}, "
-                    "not a directory, and pieces are written only into real directories inside the stage (a link "
-                    "could lead outside it); remove it and run again",
-                )
+                raise _os_error(errno.ENOTDIR, folder, f"cannot write the piece {piece!r} of stage {self._root!r}: "
+                                f"{folder!r} is {_kind_of(st.st_mode)}, not a directory, and pieces are written only "
+                                "into real directories inside the stage (a link could lead outside it); remove it and "
+                                "run again")
 
     def has(self, name: StrPath) -> bool:
         """True if the piece ``name`` exists (written by this run or an earlier one)."""
@@ -1735,9 +1692,9 @@ class Stage:
             raise TypeError(f"make() for piece {os.fspath(name)!r} must return str or bytes, not {type(data).__name__}")
         self._folders_of(path)  # Again: make() may have taken long.
         _make_dirs(str(path.parent))  # When durable, the flush before the marker reaches them.
-        # A durable piece's data is flushed before its rename: a rerun after a power cut trusts every
-        # piece whose name survived, and ext4 can keep a rename without the data. Its directory is
-        # flushed before the marker; in a shared stage at once: the marker's writer may be on another host.
+        # A durable piece's data is flushed before its rename: a rerun after a power cut trusts every piece whose
+        # name survived, and ext4 can keep a rename without the data. Its directory is flushed before the marker;
+        # in a shared stage at once: the marker's writer may be on another host.
         try:
             shared = self._expect is not None
             _write_bytes(str(path), bytes(data), durable=self._durable and shared, whole=self._durable)
@@ -2691,14 +2648,6 @@ def _judge(path: str, key: bytes | None, depth: int) -> tuple[_Entry | None, os.
         return _load_entry(path, key, depth)
     except OSError:
         return None, None
-
-
-def _write_json(path: str, record: dict[str, Any], mode: int, durable: bool, indent: int | None = None) -> None:
-    """A sidecar record (identities, failures, what source files told), its missing folders made with ``mode``."""
-    import json
-
-    _make_dirs(os.path.dirname(path), mode, durable=durable)
-    _write_bytes(path, json.dumps(record, indent=indent).encode("utf-8"), durable=durable)
 
 
 class _EntryFiles(_EntryDir):
@@ -6282,13 +6231,13 @@ def _cli_status(args: Any) -> tuple[int, Any, list[str]]:
     for directory in args.directories:
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise _UsageError(f"{directory}: not a directory; give the directory of a stage")
-        found = _stage_status(directory, version=args.version, marker=args.marker)
-        rows.append({"directory": directory, "state": found.state, "marker": found.marker, "builder": found.builder})
+        state, marker, builder = _stage_status(directory, version=args.version, marker=args.marker)
+        rows.append({"directory": directory, "state": state, "marker": marker, "builder": builder})
         # A building stage is described by its builder; a done one by its marker.
-        info = found.builder or found.marker or {}
-        keys = ("host", "pid") if found.builder else ("finished", "version", "host")
+        info = builder or marker or {}
+        keys = ("host", "pid") if builder else ("finished", "version", "host")
         details = ", ".join(f"{k} {info[k]}" for k in keys if info.get(k) is not None)
-        lines.append(f"{found.state:<13}  {directory}" + (f"  ({details})" if details else ""))
+        lines.append(f"{state:<13}  {directory}" + (f"  ({details})" if details else ""))
     return (0 if all(row["state"] == "done" for row in rows) else 1), rows, lines
 
 
