@@ -145,8 +145,8 @@ def _delays() -> Iterator[float]:
 # NFS answers ESTALE when the file behind a name or a handle was replaced or removed by another host; the name,
 # looked up again, leads to the new file. Linux retries a path lookup once by itself, but a read on a descriptor
 # opened just before another host's rename still fails: the whole operation, from its open, is retried.
-def _retry_stale(operation: Callable[[], _R], errors: tuple[int, ...] = (errno.ESTALE,), tries: int = 5) -> _R:
-    """operation(), run again (``tries`` times in all, with backoff) while it fails with ESTALE (or ``errors``)."""
+def _retry(operation: Callable[[], _R], errors: tuple[int, ...] = (errno.ESTALE,), tries: int = 5) -> _R:
+    """operation(), run again (``tries`` times in all, with backoff) while it fails with one of ``errors``."""
     delays = _delays()
     for _ in range(tries - 1):
         try:
@@ -187,7 +187,7 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
         # os.replace fails with a sharing violation (PermissionError) while any process (a virus scanner, an
         # indexer, a reader) has the target open. Such handles are usually short-lived: retry for about a second
         # (26 tries: 63 ms of doubling delays, then 50 ms each).
-        _retry_stale(lambda: os.replace(src, dst), (errno.EACCES, errno.EPERM), 26)
+        _retry(lambda: os.replace(src, dst), (errno.EACCES, errno.EPERM), 26)
 
     _move_new = os.rename  # On Windows rename refuses to replace: no clobbering.
 
@@ -676,7 +676,7 @@ def _read_file(path: str, size: int | None = 1 << 20) -> bytes | None:
         finally:
             os.close(fd)
 
-    return _retry_stale(read)
+    return _retry(read)
 
 
 def _file_head(path: str, size: int | None) -> bytes:
@@ -1338,7 +1338,7 @@ def _marker_counts(path: str, version: Any) -> bool:
     def check() -> bool:
         if version is None:
             try:
-                return stat.S_ISREG(_retry_stale(lambda: os.stat(path)).st_mode)
+                return stat.S_ISREG(_retry(lambda: os.stat(path)).st_mode)
             except (FileNotFoundError, NotADirectoryError):
                 return False
         return _marker_version(_read_marker(path)) == _version_text(version)
@@ -1349,7 +1349,7 @@ def _marker_counts(path: str, version: Any) -> bool:
     # another host has just written can look absent. Reading the directory makes the client fetch it again from the
     # server (as `ls` does), so "not done" is asked twice.
     try:
-        _retry_stale(lambda: sum(1 for _ in os.scandir(os.path.dirname(path))))  # Read through: it closes at its end.
+        _retry(lambda: sum(1 for _ in os.scandir(os.path.dirname(path))))  # Read through: it closes at its end.
     except (FileNotFoundError, NotADirectoryError):
         return False
     except PermissionError:
@@ -1380,27 +1380,35 @@ def mark_not_done(directory: StrPath, *, marker: str = "DONE") -> bool:
     return True
 
 
-def _stage_status(directory: str, *, version: _Version | None,
-                  marker: str) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
-    """What `status` says of a stage, only reading (it may be on a read-only filesystem): its state ("done",
-    "building", "incomplete", "other version" (done, but its marker names another version), "not a stage" (a
-    directory that done_dir never entered) or "missing"), its marker's metadata, who builds it ({"host", "pid"})."""
+class _StageState:
+    """What `status` says of a stage: its state ("done", "building", "incomplete", "other version" (done, but its
+    marker names another version), "not a stage" (a directory that done_dir never entered) or "missing"), its
+    marker's metadata, and who builds it ({"host", "pid"} where known)."""
+
+    __slots__ = ("state", "marker", "builder")
+
+    def __init__(self, state: str, marker: dict[str, Any] | None, builder: dict[str, Any] | None = None) -> None:
+        self.state, self.marker, self.builder = state, marker, builder
+
+
+def _stage_status(directory: str, *, version: _Version | None, marker: str) -> _StageState:
+    """What `status` says of a stage, only reading (it may be on a read-only filesystem)."""
     path = _marker_path(directory, marker)
     if not os.path.isdir(directory):
-        return "missing", None, None
+        return _StageState("missing", None)
     # An incomplete stage may still hold a stale marker, which says who wrote it.
     if _marker_counts(path, version):
-        return "done", _read_marker(path), None
+        return _StageState("done", _read_marker(path))
     locks = [os.path.join(directory, _STAGE_LOCK)]
     locks += [e.path for e in _scandir(directory) if e.name.startswith(_STAGE_BUILDER)]
     lock = next((lock for lock in locks if _lock_taken(lock)), None)
     if lock is not None:  # Its note is None if not written yet, or unreadable while locked (Windows).
-        return "building", _read_marker(path), _read_json(lock)
+        return _StageState("building", _read_marker(path), _read_json(lock))
     # A stage that done_dir entered has its lock file; a marker of another version says so.
     if os.path.lexists(path) and version is not None:
-        return "other version", _read_marker(path), None
+        return _StageState("other version", _read_marker(path))
     started = len(locks) > 1 or os.path.lexists(locks[0])
-    return "incomplete" if started else "not a stage", _read_marker(path), None
+    return _StageState("incomplete" if started else "not a stage", _read_marker(path))
 
 
 def _flush_tree(root: str) -> None:
@@ -1578,7 +1586,7 @@ class Stage:
         try:
             _make_dirs(root, durable=self._durable)
             lock = _KeyLock(os.path.join(os.path.realpath(root), _STAGE_LOCK))
-            _retry_stale(lambda: lock.acquire(self._timeout))
+            _retry(lambda: lock.acquire(self._timeout))
         except TimeoutError as exc:
             raise TimeoutError(f"stage {root!r}: {exc}; another process or thread is building it") from None
         except OSError as exc:
@@ -1595,7 +1603,7 @@ class Stage:
             self._take_lock()
             if _marker_counts(self._marker_file, self.version):
                 return True
-            present = _retry_stale(self._pieces)
+            present = _retry(self._pieces)
             if not (present >= expect if isinstance(expect, frozenset) else len(present) >= expect):
                 return False
             # Complete: a temporary file left is a crashed writer's, or a live builder's (a late duplicate, an
@@ -2356,7 +2364,7 @@ def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _E
         except OSError:
             pass  # ESTALE, EIO...: judged by the full read (which retries ESTALE).
     now = time.time_ns()
-    entry, st = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped, touch_before, now))
+    entry, st = _retry(lambda: _load_entry(path, key, _VALUE, mapped, touch_before, now))
     if entry is not None and st is not None:  # Kept if the use just recorded set its time exactly, or settled.
         _keep_recent(path, _stamp(st) if st.st_mtime_ns == now or _settled(st, now) else None, entry)
     return entry
@@ -2487,7 +2495,7 @@ class _EntryDir:
             if recent and self.trusted:
                 entry = _read_recent(path, key, touch, mapped)
             else:
-                entry = _retry_stale(lambda: _load_entry(path, key, _VALUE, mapped, touch))[0]
+                entry = _retry(lambda: _load_entry(path, key, _VALUE, mapped, touch))[0]
         except (OSError, ValueError):
             return None  # Unreadable now (EIO, or ESTALE that persisted), or a mapping refused: a miss.
         return None if entry is None or (entry.expires and when >= entry.expires) else entry
@@ -2578,7 +2586,7 @@ class _EntryDir:
         """_Found for each of files() (expired ones too; a file under another key's name is damage)."""
         for path, where in self.files(folder):
             try:
-                entry, st = _retry_stale(lambda: _load_entry(path, None, _HEAD))
+                entry, st = _retry(lambda: _load_entry(path, None, _HEAD))
             except OSError:
                 yield _Found(path, None, None, where)
                 continue
@@ -6231,7 +6239,8 @@ def _cli_status(args: Any) -> tuple[int, Any, list[str]]:
     for directory in args.directories:
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise _UsageError(f"{directory}: not a directory; give the directory of a stage")
-        state, marker, builder = _stage_status(directory, version=args.version, marker=args.marker)
+        found = _stage_status(directory, version=args.version, marker=args.marker)
+        state, marker, builder = found.state, found.marker, found.builder
         rows.append({"directory": directory, "state": state, "marker": marker, "builder": builder})
         # A building stage is described by its builder; a done one by its marker.
         info = builder or marker or {}

@@ -1629,7 +1629,7 @@ def test_is_done_retries_estale(tmp_path, monkeypatch, version):
     failed = stale_once(monkeypatch, os, "stat" if version is None else "read")
     assert dc.is_done(tmp_path / "s", version=version)
     assert failed, "the ESTALE was raised and retried"
-    assert dc._stage_status(str(tmp_path / "s"), version=version, marker="DONE")[0] == "done"
+    assert dc._stage_status(str(tmp_path / "s"), version=version, marker="DONE").state == "done"
     assert marker
 
 
