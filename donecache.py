@@ -2828,7 +2828,7 @@ class _EntryFiles(_EntryDir):
         by byte, and temporary files old at ``when``: (entries, temporaries). ``dry_run`` only counts."""
         if not dry_run:
             self._writable()
-        entries = temps = 0
+        entries = 0
         top = self.root if not folder else os.path.join(self.root, folder)
         folders: set[str] = set()
         try:
@@ -2851,14 +2851,7 @@ class _EntryFiles(_EntryDir):
                 self._synced(folders)
         except OSError as exc:
             raise _error_about(exc, self.root, "remove entries from the cache", "check that it is writable") from exc
-        for temp in _temp_files(top):
-            try:
-                if os.stat(temp).st_mtime < when - _LITTER_AGE:
-                    if not dry_run:
-                        os.unlink(temp)
-                    temps += 1
-            except OSError:
-                pass
+        temps = _sweep_temps(top, lambda temp: os.stat(temp).st_mtime < when - _LITTER_AGE, dry_run)
         return entries, temps
 
     # Each memoized function's current code identity, one small JSON file per function under .functions/, so that
