@@ -195,7 +195,8 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
         pass  # Windows files carry only a read-only flag, not POSIX permission bits.
 
     def _touch(fd: int, path: str, ns: int | None) -> None:
-        os.utime(path, None if ns is None else (ns, ns))  # Windows' os.utime takes no descriptor.
+        # Windows' os.utime takes no descriptor.
+        os.utime(path, None) if ns is None else os.utime(path, ns=(ns, ns))
 
     def _pid_alive(pid: int) -> bool:
         return True  # os.kill(pid, 0) would terminate it; an open file cannot be removed here anyway.
