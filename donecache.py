@@ -195,8 +195,11 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
         pass  # Windows files carry only a read-only flag, not POSIX permission bits.
 
     def _touch(fd: int, path: str, ns: int | None) -> None:
-        # Windows' os.utime takes no descriptor.
-        os.utime(path, None) if ns is None else os.utime(path, ns=(ns, ns))
+        # Windows' os.utime takes no descriptor; ns None: "now".
+        if ns is None:
+            os.utime(path)
+        else:
+            os.utime(path, ns=(ns, ns))
 
     def _pid_alive(pid: int) -> bool:
         return True  # os.kill(pid, 0) would terminate it; an open file cannot be removed here anyway.
@@ -290,7 +293,10 @@ else:
 
     def _touch(fd: int, path: str, ns: int | None) -> None:
         # Through the open file (futimens(2)): no second lookup of a path that a rename may have changed.
-        os.utime(fd, None) if ns is None else os.utime(fd, ns=(ns, ns))
+        if ns is None:
+            os.utime(fd)
+        else:
+            os.utime(fd, ns=(ns, ns))
 
     def _pid_alive(pid: int) -> bool:
         try:
