@@ -2514,16 +2514,16 @@ class _EntryDir:
         stamps: list[tuple[int, ...]] = []
 
         def written(fd: int) -> None:
-            # The file's time set to the nanosecond, as a recorded use sets it (see _recent), where the
-            # filesystem keeps it so.
+            # A use recorded at the nanosecond, as a read records one (see _read_recent): kept if the
+            # filesystem holds that very time.
+            now = time.time_ns()
+            _record_use(fd, path, now)
             try:
-                now = time.time_ns()
-                _touch(fd, path, now)
                 st = os.fstat(fd)
-                if st.st_mtime_ns == now:
-                    stamps.append(_stamp(st))
             except OSError:
-                pass
+                return
+            if st.st_mtime_ns == now:
+                stamps.append(_stamp(st))
 
         small = recent and self.trusted and not encoded.buffers and len(encoded.stream) <= _RECENT_SIZE
         keep = written if small else None
