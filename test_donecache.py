@@ -3276,6 +3276,20 @@ def test_a_file_in_place_of_a_shard_is_repaired(tmp_path):
     assert shard.is_dir()
 
 
+def test_a_file_in_place_of_a_shard_of_a_new_store_is_repaired(tmp_path):
+    """In a folder that this process made, a write makes the entry's shard before it opens the
+    entry (issue 20); a file found there is still repaired by the write."""
+    with dc.open(tmp_path / "first") as db:
+        db["k"] = 1
+    [entry] = entry_files(tmp_path / "first")
+    with dc.open(tmp_path / "c") as db:
+        shard = tmp_path / "c" / entry.parent.name
+        shard.write_bytes(b"damage")
+        db["k"] = 2
+        assert db["k"] == 2
+    assert shard.is_dir() and [p.name for p in entry_files(tmp_path / "c")] == [entry.name]
+
+
 # -- Attack 13 (issue 10 item 13, failed before its fix): misleading errors
 
 
@@ -5796,6 +5810,33 @@ def test_max_bytes_holds_on_disk_with_many_writing_processes(tmp_path, ro_mount,
     # The promise (docs/size-limit.md): the bound plus one entry per writer.
     assert peak <= limit + writers * one_entry, f"peak {peak / limit:.2f}x the bound ({samples} samples)"
     assert shard_bytes(cache) <= limit
+
+
+def test_a_store_filled_by_others_after_a_sweep_is_swept_again_not_overfilled(tmp_path, monkeypatch):
+    # Seen once in CI (the test above, 6 writers): a writer swept a store that was still empty,
+    # was descheduled, and came back to find the others had filled it to the bound. Its sweep
+    # had evicted nothing, which was taken for "everything left is being computed", so it went
+    # over by one entry and nothing swept after it: at rest the store held 33 entries of 32.
+    # Here a second writer (another store object) fills the store right after the first sweep.
+    root, each, room = tmp_path / "c", 64 * 1024, 10
+    filled: list[bool] = []
+    sweep = dc._EntryFiles.sweep
+
+    def sweep_then_fill(self, *args, **kwargs):
+        done = sweep(self, *args, **kwargs)
+        if not filled:
+            filled.append(True)
+            with dc.open(root, max_bytes=room * each) as other:
+                for n in range(room):
+                    other[f"other{n}"] = os.urandom(each - 300)
+        return done
+
+    monkeypatch.setattr(dc._EntryFiles, "sweep", sweep_then_fill)
+    with dc.open(root, max_bytes=room * each) as db:  # A new store: its first write sweeps.
+        db["first"] = os.urandom(each - 300)
+        assert "first" in db
+    assert filled and max(os.lstat(p).st_blocks * 512 for p in entry_files(root)) == each
+    assert shard_bytes(root) <= room * each, f"{len(entry_files(root))} entries of {room}"
 
 
 USAGE = struct.Struct("<QdQdQ")  # .usage: total, boot time, host, newest eviction, sweeps begun.
