@@ -767,15 +767,17 @@ def _holder(file: io.FileIO | None) -> str:
     return f" (held by pid {noted['pid']} on {noted.get('host', 'an unknown host')})"
 
 
-def _make_dirs(path: str, mode: int | None = None, *, durable: bool = False) -> list[str]:
+def _make_dirs(path: str, mode: int | None = None, *, durable: bool = False, missing: bool = False) -> list[str]:
     """os.makedirs(path, exist_ok=True), giving each new directory exactly ``mode`` (None: 0o777 less the umask, as
     mkdir -p): os.makedirs gives its mode to the last one only, filtered by the umask (mkdir(2)), so a store's shards
     came out 0777 less the umask (issue 18). With ``durable``, each new directory is also flushed into its parent,
     so that a power cut cannot lose it and with it the durable files written next. Returns the directories made."""
-    # Callers come here when a directory is likely missing, so mkdir comes first, the last one first: a store's new
-    # shard costs mkdir and lstat. A parent is looked at only once mkdir finds it missing (or not a directory); once
-    # one is made, a missing parent was removed meanwhile.
-    new, made, met = [path], [], False
+    # To make, the last one first. Where it most likely exists (a stage's folder before each piece), one stat says
+    # so: mkdir would lock the parent against other writers (and cost a round trip on NFS) to say EEXIST. Where the
+    # caller has just seen it ``missing``, mkdir comes first: a store's new shard costs mkdir and lstat. A parent is
+    # looked at only once mkdir finds it missing (or not a directory); once one is made, a missing parent was
+    # removed meanwhile.
+    new, made, met = ([path] if missing or not os.path.isdir(path) else []), [], False
     while new:
         directory = new[-1]
         try:
@@ -2431,7 +2433,7 @@ class _EntryDir:
             try:
                 # Private, whatever the umask: whoever can write entries can run code in the reader.
                 _make_dirs(os.path.dirname(root), durable=durable)
-                if _make_dirs(root, 0o700, durable=durable):
+                if _make_dirs(root, 0o700, durable=durable, missing=True):
                     self._young[self._prefix] = set()
             except OSError as exc:
                 raise _error_about(exc, root, "create the cache directory", "choose a writable path") from exc
@@ -2523,7 +2525,7 @@ class _EntryDir:
         met = self._young.get(folder)
         if met is not None and shard not in met:
             try:
-                _make_dirs(path[: -(_NAME_HEX + 1)], self.dir_mode, durable=self.durable)
+                _make_dirs(path[: -(_NAME_HEX + 1)], self.dir_mode, durable=self.durable, missing=True)
             except OSError:
                 return  # Damage (a file there) or a full disk: the write meets it too, and its handlers know it.
             met.add(shard)
@@ -2556,7 +2558,7 @@ class _EntryDir:
                     self._shard_first(path)
                 _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
             except FileNotFoundError:  # The first entry in its folder (or the store was removed).
-                if len(_make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable)) > 1:
+                if len(_make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable, missing=True)) > 1:
                     self._young[path[: -(_NAME_HEX + 3)]] = {path[-(_NAME_HEX + 3) : -(_NAME_HEX + 1)]}
                 _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
             except (NotADirectoryError, IsADirectoryError):  # Damage: a file as a folder, or a folder as the entry.
