@@ -3276,6 +3276,32 @@ def test_a_file_in_place_of_a_shard_is_repaired(tmp_path):
     assert shard.is_dir()
 
 
+def test_a_new_shard_whose_flush_fails_is_reported_and_flushed_at_the_next_write(tmp_path, monkeypatch):
+    # Found by review: a durable write into a new store makes the entry's shard before its open, and
+    # ignored that shard's failed flush into the store directory; the shard then existed, so no later
+    # write flushed it either. The failure is reported, and the shard is made (and flushed) again.
+    root, flush, failing, flushed = str(tmp_path / "c"), dc._fsync_dir, [False], []
+
+    def flaky_flush(path):
+        if path == root:
+            flushed.append(failing[0])
+            if failing[0]:
+                raise OSError(errno.EIO, "Input/output error", path)
+        return flush(path)
+
+    monkeypatch.setattr(dc, "_fsync_dir", flaky_flush)
+    with dc.open(root, durable=True) as db:
+        failing[0], flushed[:] = True, []
+        with pytest.raises(OSError, match="Input/output error"):
+            db["k"] = 1
+        assert "k" not in db and flushed and all(flushed)
+        failing[0], flushed[:] = False, []
+        db["k"] = 2
+        assert db["k"] == 2 and flushed == [False]  # The shard, made and flushed into the store directory.
+    [entry] = entry_files(Path(root))
+    assert entry.parent.is_dir()
+
+
 def test_a_file_in_place_of_a_shard_of_a_new_store_is_repaired(tmp_path):
     """In a folder that this process made, a write makes the entry's shard before it opens the
     entry (issue 20); a file found there is still repaired by the write."""
@@ -5837,6 +5863,53 @@ def test_a_store_filled_by_others_after_a_sweep_is_swept_again_not_overfilled(tm
         assert "first" in db
     assert filled and max(os.lstat(p).st_blocks * 512 for p in entry_files(root)) == each
     assert shard_bytes(root) <= room * each, f"{len(entry_files(root))} entries of {room}"
+
+
+def test_writes_that_land_after_a_sweep_counted_them_out_leave_the_store_within_its_bound(tmp_path, monkeypatch):
+    # Found by a review of the fix above: ten writers reserve the whole bound and stall before their
+    # files exist; a new writer finds no room and sweeps a store with no files, which sets the total
+    # to what it counted (nothing) and so fits. The ten then land and count their entries: the store
+    # held 11 entries of 10 at rest. The write that finds the store over its bound now sweeps it back.
+    root, each, room = tmp_path / "c", 64 * 1024, 10
+    with dc.open(root, max_bytes=room * each) as db:  # The total exists: the writers below reserve at once.
+        db["seed"] = b"s"
+        del db["seed"]
+    go, reserved, write = threading.Event(), threading.Semaphore(0), dc._EntryDir.write
+
+    def stalled_write(self, *args, **kwargs):  # Reserved, not yet written.
+        if threading.current_thread() is not threading.main_thread():
+            reserved.release()
+            go.wait()
+        return write(self, *args, **kwargs)
+
+    def other(n: int) -> None:
+        with dc.open(root, max_bytes=room * each) as db:
+            db[f"other{n}"] = os.urandom(each - 300)
+
+    monkeypatch.setattr(dc._EntryDir, "write", stalled_write)
+    threads = [threading.Thread(target=other, args=(n,)) for n in range(room)]
+    for thread in threads:
+        thread.start()
+    for _ in threads:
+        assert reserved.acquire(timeout=30)
+    with dc.open(root, max_bytes=room * each) as db:
+        db["first"] = os.urandom(each - 300)
+    go.set()
+    for thread in threads:
+        thread.join()
+    assert shard_bytes(root) <= room * each, f"{len(entry_files(root))} entries of {room} at rest"
+    with dc.open(root, max_bytes=room * each) as db:
+        assert len(db) == len(entry_files(root)) >= room - 3  # Swept back to the bound, not emptied.
+
+
+def test_an_entry_bigger_than_the_bound_is_stored_and_read_back(tmp_path):
+    # docs/size-limit.md: it is written anyway (over the bound by that entry). The write that finds the
+    # store over its bound sweeps, and must not evict the entry it has just written.
+    with dc.open(tmp_path / "c", max_bytes=64 * 1024) as db:
+        db["small"] = b"s"
+        db["big"] = value = os.urandom(200_000)
+        assert db["big"] == value
+        assert "small" not in db  # Evicted to make what room it could.
 
 
 USAGE = struct.Struct("<QdQdQ")  # .usage: total, boot time, host, newest eviction, sweeps begun.
