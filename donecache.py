@@ -2731,14 +2731,9 @@ class _EntryFiles(_EntryDir):
         # Count what the file really takes; if a sweep began meanwhile, its
         # count may have missed this file: count it again (too much is safe).
         seen: list[int] = []
-        total = self._bounded(lambda: self._usage(
+        self._bounded(lambda: self._usage(
             lambda total: None if total is None else total + size - (reserved if seen[0] == sweeps else 0), seen=seen
         ))
-        if total is not None and total > self.max_bytes:
-            # Over the bound with this entry counted: it went over by one entry, or a sweep dropped the reservations
-            # of writes still under way, which count their entries as they land. The write that finds the store over
-            # sweeps it back to the bound, so that no store stays over it at rest.
-            self._bounded(lambda: self.sweep(self.max_bytes, exempt=slot.path))
 
     def _bounded(self, work: Callable[[], Any]) -> Any:
         try:
@@ -2807,23 +2802,22 @@ class _EntryFiles(_EntryDir):
                 if not took[-1] and (idle == 2 or idle and need > max_bytes):
                     # Bigger than the bound, or two sweeps in a row found nothing to evict (the rest is being
                     # computed): over it by one entry. (After one, others may have filled the store between that
-                    # sweep and this look: seen in CI.) write() sweeps back once the entry is counted.
+                    # sweep and this look: seen in CI, where it left a store over its bound at rest.)
                     self._usage(lambda total: (total or 0) + need, seen=seen)
                     break
             return need, seen[-1]
 
     def sweep(
         self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False,
-        locked: bool = False, exempt: str = "",
+        locked: bool = False,
     ) -> tuple[int, int]:
         """Evict entries (of ``folder``), least recently used first, until they take at most ``target`` bytes on disk,
         and those last used before ``older_than`` (a Unix time); log it; return (entries, bytes). One process sweeps
-        at a time (``locked``: this one holds the sweep's lock byte); ``dry_run`` only counts; the entry file
-        ``exempt`` (one just written) is never evicted."""
+        at a time (``locked``: this one holds the sweep's lock byte); ``dry_run`` only counts."""
         if not (dry_run or locked):
             self._writable()
             with _KeyLock(self.lock_path, _SWEEP_BYTE).acquire():
-                return self.sweep(target, older_than, folder, locked=True, exempt=exempt)
+                return self.sweep(target, older_than, folder, locked=True)
         usage: Any = (lambda change, *more, **named: None) if dry_run else self._usage
         base = usage(lambda total: total, sweep=1)
         stats = ((path, _lstat_or_none(path)) for path, _folder in self.files(folder))
@@ -2841,7 +2835,7 @@ class _EntryFiles(_EntryDir):
                 older_than is None or mtime >= older_than
             ):
                 break
-            if path != exempt and (dry_run or self._evict(path, st)):
+            if dry_run or self._evict(path, st):
                 entries, evicted, newest = entries + 1, evicted + _disk_bytes(st), mtime
                 folders.add(os.path.dirname(path))
         if dry_run:

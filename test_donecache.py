@@ -5865,11 +5865,14 @@ def test_a_store_filled_by_others_after_a_sweep_is_swept_again_not_overfilled(tm
     assert shard_bytes(root) <= room * each, f"{len(entry_files(root))} entries of {room}"
 
 
+@pytest.mark.xfail(strict=True, reason="known, not fixed: a sweep counts out writes still under way (docs/size-limit.md)")
 def test_writes_that_land_after_a_sweep_counted_them_out_leave_the_store_within_its_bound(tmp_path, monkeypatch):
-    # Found by a review of the fix above: ten writers reserve the whole bound and stall before their
-    # files exist; a new writer finds no room and sweeps a store with no files, which sets the total
-    # to what it counted (nothing) and so fits. The ten then land and count their entries: the store
-    # held 11 entries of 10 at rest. The write that finds the store over its bound now sweeps it back.
+    # Found by a review of the fix above (the old code fails it too): ten writers reserve the whole
+    # bound and stall before their files exist; a new writer finds no room and sweeps a store with no
+    # files, which sets the total to what it counted (nothing), so it fits. The ten then land and
+    # count their entries: 11 entries of 10 at rest. A write that found the total over the bound and
+    # swept fixed it, but doubled the sweeps of busy stores (13 to 32 for 6 writers under 16 MiB), so
+    # it was not kept; the fix is to keep the reservations under way apart from the files counted.
     root, each, room = tmp_path / "c", 64 * 1024, 10
     with dc.open(root, max_bytes=room * each) as db:  # The total exists: the writers below reserve at once.
         db["seed"] = b"s"
@@ -5903,8 +5906,8 @@ def test_writes_that_land_after_a_sweep_counted_them_out_leave_the_store_within_
 
 
 def test_an_entry_bigger_than_the_bound_is_stored_and_read_back(tmp_path):
-    # docs/size-limit.md: it is written anyway (over the bound by that entry). The write that finds the
-    # store over its bound sweeps, and must not evict the entry it has just written.
+    # docs/size-limit.md: it is written anyway, over the bound by that entry, after one sweep that
+    # evicts what it can (two sweeps that evict nothing decide it for any other entry).
     with dc.open(tmp_path / "c", max_bytes=64 * 1024) as db:
         db["small"] = b"s"
         db["big"] = value = os.urandom(200_000)
