@@ -2569,8 +2569,9 @@ class _EntryDir:
                     self._shard_first(path)
                 _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
             except FileNotFoundError:  # The first entry in its folder (or the store was removed).
-                if len(_make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable, missing=True)) > 1:
-                    self._young[path[: -(_NAME_HEX + 3)]] = {path[-(_NAME_HEX + 3) : -(_NAME_HEX + 1)]}
+                made = _make_dirs(os.path.dirname(path), self.dir_mode, durable=self.durable, missing=True)
+                if len(made) > 1:  # The folder above the shard is new too: its other shards are made first.
+                    self._young[os.path.join(made[-2], "")] = {os.path.basename(made[-1])}
                 _write_bytes(path, encoded.chunks(), durable=self.durable, written=keep)
             except (NotADirectoryError, IsADirectoryError):  # Damage: a file as a folder, or a folder as the entry.
                 folder = self.root
