@@ -2530,13 +2530,14 @@ class _EntryDir:
         """In a folder that this object made, make the entry's shard before its open rather than after the open
         fails: most of a young folder's 256 shards are still missing (half of a new store's first 300 misses made
         one, at two more system calls and an exception each: issue 20)."""
-        folder, shard = path[: -(_NAME_HEX + 3)], path[-(_NAME_HEX + 3) : -(_NAME_HEX + 1)]
+        directory = path[: -(_NAME_HEX + 1)]  # <folder>/<2 hex>: slicing, as the slot was built.
+        folder, shard = directory[:-2], directory[-2:]
         met = self._young.get(folder)
         if met is not None and shard not in met:
             try:
-                _make_dirs(path[: -(_NAME_HEX + 1)], self.dir_mode, durable=self.durable, missing=True)
+                _make_dirs(directory, self.dir_mode, durable=self.durable, missing=True)
             except OSError:
-                if os.path.isdir(path[: -(_NAME_HEX + 1)]):
+                if os.path.isdir(directory):
                     raise  # Made, but not as asked (its flush failed): nothing later would meet it.
                 return  # Damage (a file there) or a full disk: the write meets it too, and its handlers know it.
             met.add(shard)
