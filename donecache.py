@@ -147,13 +147,14 @@ def _delays() -> Iterator[float]:
 # opened just before another host's rename still fails: the whole operation, from its open, is retried.
 def _retry(operation: Callable[[], _R], errors: tuple[int, ...] = (errno.ESTALE,), tries: int = 5) -> _R:
     """operation(), run again (``tries`` times in all, with backoff) while it fails with one of ``errors``."""
-    delays = _delays()
+    delays = None  # Made at the first failure: most operations succeed at once (a hit's read is one).
     for _ in range(tries - 1):
         try:
             return operation()
         except OSError as exc:
             if exc.errno not in errors:
                 raise
+        delays = delays or _delays()
         time.sleep(next(delays))
     return operation()
 
@@ -1767,7 +1768,6 @@ _ENTRY_MAGIC = b"dcE2"
 _ENTRY_HEADER = struct.Struct("<4sIddQQIII")
 _BUFFER_ROW = struct.Struct("<QI")
 _META = struct.Struct("<d")  # The metadata's fixed part: the computation's seconds; the host follows.
-_seconds_of = _META.unpack_from
 _CODECS = {"zlib": 1, "lzma": 2}
 _OUT_OF_BAND = 1 << 16  # Buffers this big are written apart from the stream, and can be mapped.
 _MAX_BUFFERS = 4096  # Beyond this many, buffers stay in the stream: the table's size is bounded.
@@ -1830,20 +1830,18 @@ def _runtime_imports() -> None:
 class _Entry:
     """An entry file as read: key, times and (unless only its head was read) the stream and buffers to load()."""
 
-    __slots__ = ("key", "created", "expires", "stream", "buffers", "flags", "meta")
+    __slots__ = ("key", "created", "expires", "stream", "buffers", "flags", "meta", "seconds")
 
     def __init__(self, key: bytes, created: float, expires: float, flags: int = 0, meta: Any = b"") -> None:
         self.key, self.created, self.expires, self.flags, self.meta = key, created, expires, flags, meta
         self.stream: Any = b""
         self.buffers: list[Any] = []
+        # How long the computation of the value took (0.0 if not recorded: an entry of 0.2). Read once: a kept
+        # entry serves many hits, and each adds it to the time saved.
+        self.seconds: float = _META.unpack_from(meta)[0] if meta else 0.0
 
     def live(self, now: float) -> bool:
         return not self.expires or now < self.expires
-
-    @property
-    def seconds(self) -> float:
-        """How long the computation of the value took (0.0 if not recorded: an older entry or a Store's)."""
-        return _seconds_of(self.meta)[0] if self.meta else 0.0
 
     @property
     def host(self) -> str:
@@ -3951,8 +3949,9 @@ class _CodeIdentity:
                 sys.addaudithook(_count_exec)
             except Exception:  # Refused by another hook: check every binding at every call.
                 _exec_count[0] = -1
-        everything = [(mapping.get, tuple(found), tuple(found.values())) for mapping, found in self.watched.values()]
-        local = [check for key, check in zip(self.watched, everything) if key == id(home)]
+        watched = [(key, mapping, found) for key, (mapping, found) in self.watched.items() if found]
+        everything = [(mapping.get, tuple(found), tuple(found.values())) for _key, mapping, found in watched]
+        local = [check for (key, _mapping, _found), check in zip(watched, everything) if key == id(home)]
         seen, codes = [_exec_count[0]], list(self.codes)
 
         def unchanged(checks: list[tuple[Any, tuple[str, ...], tuple[Any, ...]]]) -> bool:
@@ -3966,7 +3965,7 @@ class _CodeIdentity:
 
         def same() -> bool:
             if _exec_count[0] == seen[0] >= 0:
-                return unchanged(local)
+                return not local or unchanged(local)  # No call for a function that reads no global of its module.
             count = _exec_count[0]  # %autoreload also swaps the code of the old function objects.
             if unchanged(everything) and all(func.__code__ is code for func, code in codes):
                 seen[0] = count
@@ -4752,15 +4751,13 @@ class _Memoized(Generic[_P, _R]):
             value = entry.load()
         except Exception:
             return _MISSING  # Written by code that has changed since: recompute.
-        if entry.meta:  # Not in entries of 0.2.
-            call.seconds = _seconds_of(entry.meta)[0]
+        call.seconds = entry.seconds
         return self._counted(entry, call.slot, value)
 
     def _counted(self, entry: _Entry, slot: _Slot | None, value: Any) -> Any:
         """``value``, loaded from ``entry``: counted as a hit (and the computation it saved), and logged."""
         self._hits += 1
-        if entry.meta:
-            self._saved += _seconds_of(entry.meta)[0]
+        self._saved += entry.seconds
         if _log_at(_DEBUG) is not None:
             _logger.debug("%s: hit; entry %s", self.__qualname__, slot.path if slot else "?")
         return value
@@ -4869,7 +4866,7 @@ class _Memoized(Generic[_P, _R]):
             return self.__wrapped__(*args, **kwargs)
         # The everyday hit in this one frame: a key that _keyed remembered, an entry that _kept vouches for, a plain
         # pickle. Each call layer saved is a tenth of a microsecond of a four-microsecond hit (issue 20).
-        simple = _simple(args, kwargs)
+        simple = type(args[0]) in _KEY_MEMO_TYPES and not kwargs if len(args) == 1 else _simple(args, kwargs)
         known = self._keys.get(args) if simple else None
         files = self._store
         if known is not None and files is not None and files.trusted and known.prefix is self._prefix:
