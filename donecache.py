@@ -2377,13 +2377,10 @@ def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _E
     entry = _kept(path, key, touch_before)
     if entry is not None:
         return entry
-    if path not in _recent:  # Else _kept's lstat found it.
-        try:
-            os.lstat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None  # A miss: an lstat costs less than a failed open (and its Python exception handling).
-        except OSError:
-            pass  # ESTALE, EIO...: judged by the full read (which retries ESTALE).
+    # A miss costs one access(2) (else _kept's lstat found the file): no failed open, and no Python exception, which
+    # costs more than the system call. access() says False on any error too (EACCES, EIO); so would the full read.
+    if path not in _recent and not os.access(path, os.F_OK):
+        return None
     now = time.time_ns()
     entry, st = _retry(lambda: _load_entry(path, key, _VALUE, mapped, touch_before, now))
     if entry is not None and st is not None:  # Kept if the use just recorded set its time exactly, or settled.
@@ -2957,10 +2954,12 @@ class _EntryFiles(_EntryDir):
         _write_json(self._failure_file(slot), record, self.dir_mode, self.durable, indent=1)
 
     def forget_failure(self, slot: _Slot) -> None:
-        try:
-            os.unlink(self._failure_file(slot))
-        except (FileNotFoundError, NotADirectoryError):
-            pass
+        path = self._failure_file(slot)
+        if os.access(path, os.F_OK):  # Asked first: a failed unlink's exception costs more than access(2).
+            try:
+                os.unlink(path)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
 
     def failure(self, slot: _Slot) -> dict[str, Any] | None:
         return _read_json(self._failure_file(slot))
