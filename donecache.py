@@ -205,6 +205,8 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
     def _pid_alive(pid: int) -> bool:
         return True  # os.kill(pid, 0) would terminate it; an open file cannot be removed here anyway.
 
+    _exists = os.path.lexists  # os.access() takes no follow_symlinks=False here.
+
     def _open_file(path: str, flags: int, mode: int) -> int:
         # No O_NOFOLLOW: a name opened to write is refused if it is a symlink now (one made between this check and
         # the open is not seen).
@@ -298,6 +300,11 @@ else:
             os.utime(fd)
         else:
             os.utime(fd, ns=(ns, ns))
+
+    def _exists(path: str) -> bool:
+        # Whether anything (a symlink too) has this name, asked without a Python exception for a missing one: a
+        # failed lstat's exception costs more than the system call (issue 20). False on any error (EACCES, EIO).
+        return os.access(path, os.F_OK, follow_symlinks=False)
 
     def _pid_alive(pid: int) -> bool:
         try:
@@ -2377,9 +2384,9 @@ def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _E
     entry = _kept(path, key, touch_before)
     if entry is not None:
         return entry
-    # A miss costs one access(2) (else _kept's lstat found the file): no failed open, and no Python exception, which
-    # costs more than the system call. access() says False on any error too (EACCES, EIO); so would the full read.
-    if path not in _recent and not os.access(path, os.F_OK):
+    # A miss costs one _exists (else _kept's lstat found the file): no failed open. On an error (EACCES, EIO) it says
+    # no, and the full read would have found nothing either.
+    if path not in _recent and not _exists(path):
         return None
     now = time.time_ns()
     entry, st = _retry(lambda: _load_entry(path, key, _VALUE, mapped, touch_before, now))
@@ -2955,7 +2962,7 @@ class _EntryFiles(_EntryDir):
 
     def forget_failure(self, slot: _Slot) -> None:
         path = self._failure_file(slot)
-        if os.access(path, os.F_OK):  # Asked first: a failed unlink's exception costs more than access(2).
+        if _exists(path):  # Asked first: most inputs never failed, and a failed unlink raises.
             try:
                 os.unlink(path)
             except (FileNotFoundError, NotADirectoryError):

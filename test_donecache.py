@@ -6235,6 +6235,25 @@ def test_retry_failures_false_calls_nothing_and_a_success_clears_the_record(tmp_
     assert raising.returncode == 0, "no record left: the fixed code's result is a hit"
 
 
+def test_a_success_removes_a_symlink_planted_as_its_failure_record(tmp_path):
+    # The ledger is asked whether a record exists without following links (issue 20 made it ask before unlinking):
+    # a link planted there, dangling or not, is removed by the input's success as a record is, never followed.
+    cache, target = tmp_path / "cache", tmp_path / "target.json"
+    child(LEDGER_JOB + "parse.map([3, 4], keep_going=True)", str(cache), "run")
+    (record,) = (cache / ".failures").rglob("*.json")
+    record.unlink()
+    os.symlink(tmp_path / "missing.json", record)
+    child(LEDGER_JOB + "parse.map([3], keep_going=True)", str(cache), "fixed")
+    assert not os.path.lexists(record), "the dangling link was removed by the success"
+    child(LEDGER_JOB + "parse.map([13], keep_going=True)", str(cache), "run")
+    (record,) = (cache / ".failures").rglob("*.json")
+    record.unlink()
+    target.write_text("{}")
+    os.symlink(target, record)
+    child(LEDGER_JOB + "parse.map([13], keep_going=True)", str(cache), "fixed")
+    assert not os.path.lexists(record) and target.read_text() == "{}", "the link went, its target stayed"
+
+
 def test_shards_cover_every_input_exactly_once_and_a_gather_computes_nothing(tmp_path):
     cache, calls = tmp_path / "cache", tmp_path / "calls"
     job = LEDGER_JOB + textwrap.dedent("""
