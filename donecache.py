@@ -3955,9 +3955,9 @@ class _CodeIdentity:
                 sys.addaudithook(_count_exec)
             except Exception:  # Refused by another hook: check every binding at every call.
                 _exec_count[0] = -1
-        watched = [(key, mapping, found) for key, (mapping, found) in self.watched.items() if found]
-        everything = [(mapping.get, tuple(found), tuple(found.values())) for _key, mapping, found in watched]
-        local = [check for (key, _mapping, _found), check in zip(watched, everything) if key == id(home)]
+        watched = {key: (mapping, found) for key, (mapping, found) in self.watched.items() if found}
+        everything = [(mapping.get, tuple(found), tuple(found.values())) for mapping, found in watched.values()]
+        local = [check for key, check in zip(watched, everything) if key == id(home)]
         seen, codes = [_exec_count[0]], list(self.codes)
 
         def unchanged(checks: list[tuple[Any, tuple[str, ...], tuple[Any, ...]]]) -> bool:
