@@ -304,7 +304,13 @@ else:
     def _exists(path: str) -> bool:
         # Whether anything (a symlink too) has this name, asked without a Python exception for a missing one: a
         # failed lstat's exception costs more than the system call (issue 20). False on any error (EACCES, EIO).
-        return os.access(path, os.F_OK, follow_symlinks=False)
+        # As the effective user (AT_EACCESS): access(2) alone asks as the real one, which under setuid cannot
+        # search a store made private to the effective user, and every lookup would miss (review of issue 20).
+        if _ACCESS_AS_EFFECTIVE:
+            return os.access(path, os.F_OK, effective_ids=True, follow_symlinks=False)
+        return os.path.lexists(path)
+
+    _ACCESS_AS_EFFECTIVE = os.access in os.supports_effective_ids and os.access in os.supports_follow_symlinks
 
     def _pid_alive(pid: int) -> bool:
         try:
@@ -2961,12 +2967,12 @@ class _EntryFiles(_EntryDir):
         _write_json(self._failure_file(slot), record, self.dir_mode, self.durable, indent=1)
 
     def forget_failure(self, slot: _Slot) -> None:
-        path = self._failure_file(slot)
-        if _exists(path):  # Asked first: most inputs never failed, and a failed unlink raises.
-            try:
-                os.unlink(path)
-            except (FileNotFoundError, NotADirectoryError):
-                pass
+        # unlink(2) itself, not a check first: an error other than "no such file" (EACCES on the ledger's folder)
+        # must surface, or a stale failure record would outlive this success (review of issue 20).
+        try:
+            os.unlink(self._failure_file(slot))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
 
     def failure(self, slot: _Slot) -> dict[str, Any] | None:
         return _read_json(self._failure_file(slot))
