@@ -301,16 +301,17 @@ else:
         else:
             os.utime(fd, ns=(ns, ns))
 
-    def _exists(path: str) -> bool:
-        # Whether anything (a symlink too) has this name, asked without a Python exception for a missing one: a
-        # failed lstat's exception costs more than the system call (issue 20). False on any error (EACCES, EIO).
-        # As the effective user (AT_EACCESS): access(2) alone asks as the real one, which under setuid cannot
-        # search a store made private to the effective user, and every lookup would miss (review of issue 20).
-        if _ACCESS_AS_EFFECTIVE:
-            return os.access(path, os.F_OK, effective_ids=True, follow_symlinks=False)
-        return os.path.lexists(path)
+    # _exists: whether anything (a symlink too) has this name, asked without a Python exception for a missing one:
+    # a failed lstat's exception costs more than the system call (issue 20). False on any error (EACCES, EIO).
+    # As the effective user (AT_EACCESS): access(2) alone asks as the real one, which under setuid cannot search a
+    # store made private to the effective user, and every lookup would miss (review of issue 20).
+    if os.access in os.supports_effective_ids and os.access in os.supports_follow_symlinks:
 
-    _ACCESS_AS_EFFECTIVE = os.access in os.supports_effective_ids and os.access in os.supports_follow_symlinks
+        def _exists(path: str) -> bool:
+            return os.access(path, os.F_OK, effective_ids=True, follow_symlinks=False)
+
+    else:
+        _exists = os.path.lexists
 
     def _pid_alive(pid: int) -> bool:
         try:
