@@ -6236,8 +6236,8 @@ def test_retry_failures_false_calls_nothing_and_a_success_clears_the_record(tmp_
 
 
 def test_a_success_removes_a_symlink_planted_as_its_failure_record(tmp_path):
-    # The ledger is asked whether a record exists without following links (issue 20 made it ask before unlinking):
-    # a link planted there, dangling or not, is removed by the input's success as a record is, never followed.
+    # A success unlinks its input's failure record, and unlink(2) never follows a link: a link planted there,
+    # dangling or not, goes as a record does (a version of issue 20 asked access(2) first, following links).
     cache, target = tmp_path / "cache", tmp_path / "target.json"
     child(LEDGER_JOB + "parse.map([3, 4], keep_going=True)", str(cache), "run")
     (record,) = (cache / ".failures").rglob("*.json")
@@ -6252,6 +6252,40 @@ def test_a_success_removes_a_symlink_planted_as_its_failure_record(tmp_path):
     os.symlink(target, record)
     child(LEDGER_JOB + "parse.map([13], keep_going=True)", str(cache), "fixed")
     assert not os.path.lexists(record) and target.read_text() == "{}", "the link went, its target stayed"
+
+
+@root_only
+def test_a_setuid_process_finds_its_own_entries_and_clears_its_failure_records(tmp_path):
+    # Review of issue 20: lookups asked access(2), which checks the real uid, not the effective one. A set-user-ID
+    # program (real uid 2000, effective uid 0 here) missed every entry of its own private store, and a success
+    # left its input's failure record behind, so a batch with retry_failures=False returned the stale failure.
+    cache, calls = tmp_path / "cache", tmp_path / "calls"
+    job = "import os\nos.setresuid(2000, 0, 0)\n" + LEDGER_JOB
+    batch = job + "b = parse.map([3], keep_going=True, retry_failures=RETRY); print(os.getuid(), b.computed, b.reused, len(b.failures))"
+    assert child(batch.replace("RETRY", "True"), str(cache), "run").stdout.split() == ["2000", "0", "0", "1"]
+    assert len(list((cache / ".failures").rglob("*.json"))) == 1
+    assert child(batch.replace("RETRY", "True"), str(cache), "fixed").stdout.split() == ["2000", "1", "0", "0"]
+    assert not list((cache / ".failures").rglob("*.json")), "the success cleared the failure record"
+    assert child(batch.replace("RETRY", "False"), str(cache), "run").stdout.split() == ["2000", "0", "1", "0"]
+    assert child(job + "print(parse(4), parse(4))", str(cache), "run").stdout.split() == ["8", "8"]
+    assert child(job + "print(parse(4))", str(cache), "run").stdout.split() == ["8"]
+    assert calls.read_text().split() == ["3", "3", "4"], "each input computed once: the later calls were hits"
+
+
+def test_a_success_that_cannot_clear_its_failure_record_says_so(tmp_path):
+    # Review of issue 20: with the record's folder not searchable (EACCES), a version that asked access(2) before
+    # unlinking took the answer for "no record", and the stale record outlived the success without a word.
+    cache = tmp_path / "cache"
+    batch = LEDGER_JOB + "b = parse.map([3], keep_going=True); print([type(f.exception).__name__ + str(f.exception) for f in b.failures])"
+    child(batch, str(cache), "run")
+    (record,) = (cache / ".failures").rglob("*.json")
+    record.parent.chmod(0o600)
+    try:
+        out = child(batch, str(cache), "fixed", unprivileged=True).stdout
+    finally:
+        record.parent.chmod(0o700)
+    assert "PermissionError" in out and str(record.parent) in out, out
+    assert record.exists(), "the record stays, and the batch reported why"
 
 
 def test_shards_cover_every_input_exactly_once_and_a_gather_computes_nothing(tmp_path):
