@@ -50,11 +50,9 @@ trust can write to. See README.md for the whole story.
 
 from __future__ import annotations
 
-__all__ = [
-    "atomic_write", "atomic_path", "done_dir", "is_done", "mark_not_done", "Stage", "open", "Store", "memoize",
-    "file_digest", "disabled", "CacheInfo", "PruneReport", "DonecacheWarning", "BatchResult", "Failure",
-    "FailureRecord", "Progress",
-]
+__all__ = ["atomic_write", "atomic_path", "done_dir", "is_done", "mark_not_done", "Stage", "open", "Store", "memoize",
+           "file_digest", "disabled", "CacheInfo", "PruneReport", "DonecacheWarning", "BatchResult", "Failure",
+           "FailureRecord", "Progress"]
 
 __version__ = "0.3.0.dev0"
 
@@ -450,12 +448,11 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
             return False
 
 else:
-    # Byte locks. Linux (3.15 and later) has open-file-description locks (F_OFD_SETLK, fcntl(2)), which belong to
-    # the open file description as flock(2) locks do: each handle's locks are its own, closing it drops only those,
-    # and the kernel's deadlock detection, which misfires when threads of several processes hold classic record
-    # locks (EDEADLK, "Resource deadlock avoided"), does not apply. Elsewhere (macOS, the BSDs; 32-bit Linux, whose
-    # struct flock differs from _FLOCK) only classic record locks are used: see _RecordLocks. (_F_OFD_SETLK is 0
-    # there, set by _load_fcntl.)
+    # Byte locks. Linux (3.15 and later) has open-file-description locks (F_OFD_SETLK, fcntl(2)), which belong to the
+    # open file description as flock(2) locks do: each handle's locks are its own, closing it drops only those, and the
+    # kernel's deadlock detection, which misfires when threads of several processes hold classic record locks (EDEADLK,
+    # "Resource deadlock avoided"), does not apply. Elsewhere (macOS, the BSDs; 32-bit Linux, whose struct flock differs
+    # from _FLOCK) only classic record locks are used: see _RecordLocks. (_F_OFD_SETLK is 0 there, set by _load_fcntl.)
     _FLOCK = struct.Struct("@hhqqi4x")  # struct flock, 64-bit Linux: type, whence, start, len, pid.
     _BUSY = (errno.EACCES, errno.EAGAIN)
 
@@ -787,11 +784,10 @@ def _make_dirs(path: str, mode: int | None = None, *, durable: bool = False, mis
     mkdir -p): os.makedirs gives its mode to the last one only, filtered by the umask (mkdir(2)), so a store's shards
     came out 0777 less the umask (issue 18). With ``durable``, each new directory is also flushed into its parent,
     so that a power cut cannot lose it and with it the durable files written next. Returns the directories made."""
-    # To make, the last one first. Where it most likely exists (a stage's folder before each piece), one stat says
-    # so: mkdir would lock the parent against other writers (and cost a round trip on NFS) to say EEXIST. Where the
-    # caller has just seen it ``missing``, mkdir comes first: a store's new shard costs mkdir and lstat. A parent is
-    # looked at only once mkdir finds it missing (or not a directory); once one is made, a missing parent was
-    # removed meanwhile.
+    # To make, the last one first. Where it most likely exists (a stage's folder before each piece), one stat says so:
+    # mkdir would lock the parent against other writers (and cost a round trip on NFS) to say EEXIST. Where the caller
+    # has just seen it ``missing``, mkdir comes first: a store's new shard costs mkdir and lstat. A parent is looked at
+    # only once mkdir finds it missing (or not a directory); once one is made, a missing parent was removed meanwhile.
     new, made, met = ([path] if missing or not os.path.isdir(path) else []), [], False
     while new:
         directory = new[-1]
@@ -852,10 +848,9 @@ def _log_at(level: int) -> Any:
 # ---------------------------------------------------------------------------
 # Locks
 #
-# _KeyLock is the one lock that stages and memoize use: the whole of a lock file, or one byte of it, held
-# by one thread of one process at a time, with a timeout, and an error instead of a deadlock when a thread
-# asks for a lock it already holds. The kernel drops the locks of a process that dies, even by SIGKILL, so
-# a crashed holder never blocks anyone.
+# _KeyLock is the one lock that stages and memoize use: the whole of a lock file, or one byte of it, held by one thread
+# of one process at a time, with a timeout, and an error instead of a deadlock when a thread asks for a lock it already
+# holds. The kernel drops the locks of a process that dies, even by SIGKILL, so a crashed holder never blocks anyone.
 # ---------------------------------------------------------------------------
 
 
@@ -1219,16 +1214,8 @@ class _AtomicFile(_Atomic):
         _discard(self._temp)
 
 
-def atomic_write(
-    path: StrPath,
-    mode: str = "w",
-    *,
-    encoding: str | None = None,
-    newline: str | None = None,
-    durable: bool = True,
-    overwrite: bool = True,
-    make_parents: bool = False,
-) -> _AtomicFile:
+def atomic_write(path: StrPath, mode: str = "w", *, encoding: str | None = None, newline: str | None = None,
+                 durable: bool = True, overwrite: bool = True, make_parents: bool = False) -> _AtomicFile:
     """Write a file so that readers see the old version or the whole new one.
 
     ``with atomic_write(path) as f: f.write(...)`` writes under a temporary name in the same directory,
@@ -1274,9 +1261,8 @@ class _AtomicPath(_Atomic):
             os.close(fd)
 
 
-def atomic_path(
-    path: StrPath, *, durable: bool = True, overwrite: bool = True, make_parents: bool = False
-) -> _AtomicPath:
+def atomic_path(path: StrPath, *, durable: bool = True, overwrite: bool = True,
+                make_parents: bool = False) -> _AtomicPath:
     """Yield a temporary path for a library that writes files itself.
 
     ``with atomic_path("x.npy") as tmp: numpy.save(tmp, array)``. The yielded :class:`pathlib.Path` does not
@@ -1758,10 +1744,9 @@ done_dir = Stage
 # ---------------------------------------------------------------------------
 # Entry files: the format
 #
-# A store is a directory with one file per entry, written with the atomic
-# writer and named by a hash of its key. Each file holds a header, the key and
-# the pickled value, so reads need no lock and no index, and a torn or damaged
-# file reads as missing.
+# A store is a directory with one file per entry, written with the atomic writer and named by a hash of its key. Each
+# file holds a header, the key and the pickled value, so reads need no lock and no index, and a torn or damaged file
+# reads as missing.
 # ---------------------------------------------------------------------------
 
 # Format dcE2 (all integers little-endian, lengths 64-bit; docs/storage.md):
@@ -1774,10 +1759,9 @@ done_dir = Stage
 #           0-7 name its codec (1 zlib, 2 lzma; buffers stay uncompressed, mappable)
 #   buffers the pickle's out-of-band buffers, each at an offset aligned to 64
 #   table   per buffer: its length and CRC-32; then the table's own CRC-32
-# The head CRC covers the header after itself and the key; the table comes
-# last because its CRCs are computed while the buffers are written. What each
-# read checks (not the buffers' CRCs on a hit: they cost more than the whole
-# read of a big value): docs/storage.md.
+# The head CRC covers the header after itself and the key; the table comes last because its CRCs are computed while the
+# buffers are written. What each read checks (not the buffers' CRCs on a hit: they cost more than the whole read of a
+# big value): docs/storage.md.
 _ENTRY_MAGIC = b"dcE2"
 _ENTRY_HEADER = struct.Struct("<4sIddQQIII")
 _BUFFER_ROW = struct.Struct("<QI")
@@ -1806,9 +1790,8 @@ def _lzma() -> Any:
 
 
 _DatetimePickler: type[pickle.Pickler] | None = None  # Made by _runtime_imports; used while numpy is loaded.
-# Weak tables of the sections below (weakref is an import that `import donecache`
-# does without): each registers its global's name and weakref class here, and
-# _runtime_imports makes the table at the first store or decoration.
+# Weak tables of the sections below (weakref is an import that `import donecache` does without): each registers its
+# global's name and weakref class here, and _runtime_imports makes the table at the first store or decoration.
 _WEAK_TABLES: dict[str, str] = {}
 
 
@@ -1923,9 +1906,8 @@ class _Encoded(_Entry):
             yield table
 
 
-def _encode_entry(
-    key: bytes, value: Any, expires: float = 0.0, protocol: int = 5, seconds: float = 0.0, compress: str | None = None
-) -> _Encoded:
+def _encode_entry(key: bytes, value: Any, expires: float = 0.0, protocol: int = 5, seconds: float = 0.0,
+                  compress: str | None = None) -> _Encoded:
     """``value`` pickled (compressed where that makes it smaller) with its metadata; raises what pickling raises."""
     meta = _META.pack(seconds) + _host().encode("utf-8")[:255]
     if len(key) + len(meta) > _MAX_KEY:
@@ -1959,9 +1941,8 @@ def _encode_entry(
     return encoded
 
 
-# How much of an entry a read takes: its head (header, key, and the buffer
-# table's structure), its value (the stream checked, the buffers read or
-# mapped), or a verification of every byte (the value itself is not kept).
+# How much of an entry a read takes: its head (header, key, and the buffer table's structure), its value (the stream
+# checked, the buffers read or mapped), or a verification of every byte (the value itself is not kept).
 _HEAD, _VALUE, _VERIFY = 0, 1, 2
 _HEAD_READ = 512  # A head read asks for this much first: a header and a typical key.
 _FIRST_READ = 1 << 16  # A value read asks for this much first: most entries are whole in it.
@@ -2053,11 +2034,10 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
     import mmap
 
     if mapped:
-        # A private copy-on-write mapping: arrays over it are writable, their changes never
-        # reach the file, and it stays valid after the entry is replaced or removed (entry
-        # files are replaced by a rename, never changed in place; issue 18 checked: no
-        # O_TRUNC open, the one ftruncate is _KeyLock.note's). Another tool that truncates
-        # an entry in place makes the pages past the new end vanish: touching them is SIGBUS (mmap(2)).
+        # A private copy-on-write mapping: arrays over it are writable, their changes never reach the file, and it stays
+        # valid after the entry is replaced or removed (entry files are replaced by a rename, never changed in place;
+        # issue 18 checked: no O_TRUNC open, the one ftruncate is _KeyLock.note's). Another tool that truncates an entry
+        # in place makes the pages past the new end vanish: touching them is SIGBUS (mmap(2)).
         whole = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
         entry.buffers = [whole[offset : offset + length] for offset, length, _crc in spans]
         return entry
@@ -2070,9 +2050,8 @@ def _read_entry(fd: int, size: int, key: bytes | None, depth: int, mapped: bool)
     return entry
 
 
-# The keys that memoize writes name their function and code identity
-# ("module:qualname|16 hex of code|arguments"); a store opened with
-# donecache.open holds keys of the user's own making, which parse to None.
+# The keys that memoize writes name their function and code identity ("module:qualname|16 hex of code|arguments"); a
+# store opened with donecache.open holds keys of the user's own making, which parse to None.
 _HEX = frozenset("0123456789abcdef")
 _OPEN_KEYS = "(donecache.open keys)"
 
@@ -2099,33 +2078,27 @@ def _function_of(key: bytes) -> str:
 # ---------------------------------------------------------------------------
 # Entry files: the store directory's data path
 #
-# donecache.open() keys live at <root>/<2 hex>/<32 hex>; a memoized function's at
-# <root>/<16 hex of its name>/<2 hex>/<32 hex>, so that one function's entries are
-# found, counted and cleared without touching any other's. Safe for any number of
-# threads and processes without locks: a write is a rename, a read takes whichever
-# version the name points to and checks it.
+# donecache.open() keys live at <root>/<2 hex>/<32 hex>; a memoized function's at <root>/<16 hex of its name>/<2
+# hex>/<32 hex>, so that one function's entries are found, counted and cleared without touching any other's. Safe for
+# any number of threads and processes without locks: a write is a rename, a read takes whichever version the name points
+# to and checks it.
 # ---------------------------------------------------------------------------
 
 _NAME_BYTES = 16  # An entry's file name is the hex of a BLAKE2b digest this long.
 _NAME_HEX = 2 * _NAME_BYTES
 _FOLDER_HEX = 16  # A memoized function's entries live in a folder named by 16 hex digits of its name.
-_CACHEDIR_TAG = (
-    b"Signature: 8a477f597d28d172789f06886806bc55\n"
-    b"# This file marks a donecache store (see https://bford.info/cachedir/).\n"
-)
+_CACHEDIR_TAG = (b"Signature: 8a477f597d28d172789f06886806bc55\n"
+                 b"# This file marks a donecache store (see https://bford.info/cachedir/).\n")
 _STORE_FILES = frozenset({"CACHEDIR.TAG", ".gitignore", ".lock", ".functions", ".failures", ".usage", ".sources"})
-# The store's .lock file lends byte 0 to the one process that sweeps the store
-# and byte 1 to the running total of its bytes in .usage (see the size limit);
-# each other byte guards the computation of the keys that hash to it.
+# The store's .lock file lends byte 0 to the one process that sweeps the store and byte 1 to the running total of its
+# bytes in .usage (see the size limit); each other byte guards the computation of the keys that hash to it.
 _SWEEP_BYTE, _USAGE_BYTE, _FIRST_KEY_BYTE = 0, 1, 2
-# An entry file's modification time is its last use (atime cannot serve: noatime and
-# relatime mounts do not keep it), set when it is written and when a read finds it this
-# many seconds old. With a limit, to the second (one futimens(2), 2.5 us, on every read
-# would double a hit; HFS+ and FAT keep times only to 1 or 2 s anyway), or finer once
-# this process sees the store half full (every read until a sweep) or sweeps evicting
-# entries used less than 8 s ago (an eighth of that age), so that entries hit every few
-# ms never look older than those just written by other processes. Without a limit,
-# within a minute, as `prune --older-than` needs.
+# An entry file's modification time is its last use (atime cannot serve: noatime and relatime mounts do not keep it),
+# set when it is written and when a read finds it this many seconds old. With a limit, to the second (one futimens(2),
+# 2.5 us, on every read would double a hit; HFS+ and FAT keep times only to 1 or 2 s anyway), or finer once this process
+# sees the store half full (every read until a sweep) or sweeps evicting entries used less than 8 s ago (an eighth of
+# that age), so that entries hit every few ms never look older than those just written by other processes. Without a
+# limit, within a minute, as `prune --older-than` needs.
 _USE_GRAIN_BOUNDED = 1.0
 _USE_GRAIN = 60.0
 
@@ -2150,9 +2123,8 @@ def _check_max_bytes(max_bytes: Any) -> int | None:
     if max_bytes is None or (isinstance(max_bytes, int) and not isinstance(max_bytes, bool) and max_bytes > 0):
         return max_bytes
     raise (ValueError if isinstance(max_bytes, int) and not isinstance(max_bytes, bool) else TypeError)(
-        f"max_bytes must be a positive int (bytes on disk, such as 500 * 2**20 for 500 MiB) or None "
-        f"for no limit, not {max_bytes!r}"
-    )
+        f"max_bytes must be a positive int (bytes on disk, such as 500 * 2**20 for 500 MiB) or None for no limit, "
+        f"not {max_bytes!r}")
 
 
 def _key_byte(digest: str) -> int:
@@ -2165,9 +2137,8 @@ def _is_store(root: str) -> bool:
     return _file_head(os.path.join(root, "CACHEDIR.TAG"), len(_CACHEDIR_TAG)) == _CACHEDIR_TAG
 
 
-# shelve.open(name) keeps its data in a dbm database at or beside ``name``:
-# dbm.dumb writes name.dat, name.dir and name.bak; dbm.ndbm name.pag and
-# name.dir, or name.db where it is Berkeley DB (macOS); dbm.gnu and, from 3.13,
+# shelve.open(name) keeps its data in a dbm database at or beside ``name``: dbm.dumb writes name.dat, name.dir and
+# name.bak; dbm.ndbm name.pag and name.dir, or name.db where it is Berkeley DB (macOS); dbm.gnu and, from 3.13,
 # dbm.sqlite3 write the file ``name`` itself.
 _DBM_SUFFIXES = ("", ".dat", ".dir", ".bak", ".pag", ".db")
 _BERKELEY_MAGIC = frozenset({0x061561, 0x053162})  # Hash and btree; at byte 0 (1.85) or 12 (later).
@@ -2199,10 +2170,8 @@ def _foreign_names(root: str, names: list[str] | None = None) -> bool:
         names = os.listdir(root) if names is None else names
     except OSError:
         return False
-    return any(
-        name not in _STORE_FILES and not (_is_hex(name, 2) or _is_hex(name, _FOLDER_HEX) or _is_temp_name(name))
-        for name in names
-    )
+    return any(name not in _STORE_FILES and not (_is_hex(name, 2) or _is_hex(name, _FOLDER_HEX) or _is_temp_name(name))
+               for name in names)
 
 
 class _Untrusted(PermissionError):
@@ -2216,12 +2185,10 @@ def _check_trusted(root: str, st: os.stat_result) -> None:
     for what, found in [("cache directory", st)] + ([("symbolic link", link)] if stat.S_ISLNK(link.st_mode) else []):
         why = _untrusted(found)
         if why:
-            raise _Untrusted(
-                errno.EACCES, f"the {what} {root!r} {why}; loading its entries would run code that another user "
-                "could have written. Use a cache directory of your own (chmod go-w it, if it is yours and group or "
-                "others may write), or pass trust_shared=True if you trust everyone who can write to it "
-                "(docs/security.md)", root
-            )
+            raise _os_error(errno.EACCES, root, f"the {what} {root!r} {why}; loading its entries would run code that "
+                            "another user could have written. Use a cache directory of your own (chmod go-w it, if it "
+                            "is yours and group or others may write), or pass trust_shared=True if you trust everyone "
+                            "who can write to it (docs/security.md)", _Untrusted)
 
 
 def _record_use(fd: int, path: str, ns: int) -> None:
@@ -2237,16 +2204,13 @@ def _record_use(fd: int, path: str, ns: int) -> None:
         pass  # A store this process may read but not change: the use goes unrecorded.
 
 
-# Entry files are opened without following symlinks: donecache never makes one,
-# and one planted at an entry's name (to /dev/zero, to a file outside the store)
-# must read as damage, not be loaded.
+# Entry files are opened without following symlinks: donecache never makes one, and one planted at an entry's name (to
+# /dev/zero, to a file outside the store) must read as damage, not be loaded.
 _ENTRY_FLAGS = _READ_FLAGS | _NOFOLLOW
 
 
-def _load_entry(
-    path: str, key: bytes | None = None, depth: int = _VALUE, mapped: bool = False, touch_before: float = 0.0,
-    ns: int = 0,
-) -> tuple[_Entry | None, os.stat_result | None]:
+def _load_entry(path: str, key: bytes | None = None, depth: int = _VALUE, mapped: bool = False,
+                touch_before: float = 0.0, ns: int = 0) -> tuple[_Entry | None, os.stat_result | None]:
     """(entry, stat) read to ``depth``, (None, stat) if damage, (None, None) if nothing; a use recorded (at ``ns``, or
     now) if older than ``touch_before``, and then the stat is the file's after it. Other OSErrors (ESTALE, EIO)
     propagate: the file could not be judged."""
@@ -2277,8 +2241,7 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return a.st_ino == b.st_ino and a.st_dev == b.st_dev
 
 
-# A store that cannot be written says so: a removal that fails with these is
-# an error, never "removed 0".
+# A store that cannot be written says so: a removal that fails with these is an error, never "removed 0".
 _READ_ONLY = frozenset({errno.EACCES, errno.EROFS})
 
 
@@ -2327,14 +2290,12 @@ class _Found:
         self.path, self.entry, self.stat, self.folder = path, entry, stat, folder
 
 
-# Recently read or written small entries of memoized functions, by path, kept in
-# process as the bytes of their pickle (each hit unpickles afresh: a caller that
-# changes its result cannot change the next), so that a hit costs one lstat(2).
-# The name must still hold the very file read (inode, device, size, owner, mode,
-# mtime to the ns), kept only once no new file can share its mtime (_settled) or
-# when this process set that mtime to the ns through the open file. Only where
-# _stat_trusted (NFS caches attributes). Why, and the residual risk:
-# benchmarks/README.md, "Small hits served in process".
+# Recently read or written small entries of memoized functions, by path, kept in process as the bytes of their pickle
+# (each hit unpickles afresh: a caller that changes its result cannot change the next), so that a hit costs one
+# lstat(2). The name must still hold the very file read (inode, device, size, owner, mode, mtime to the ns), kept only
+# once no new file can share its mtime (_settled) or when this process set that mtime to the ns through the open file.
+# Only where _stat_trusted (NFS caches attributes). Why, and the residual risk: benchmarks/README.md, "Small hits served
+# in process".
 _RECENT_COUNT = 2048
 _RECENT_SIZE = 8192
 _RECENT_SETTLED = 50_000_000  # nanoseconds: more than a coarse clock tick (1-10 ms)
@@ -2406,9 +2367,8 @@ def _read_recent(path: str, key: bytes, touch_before: float, mapped: bool) -> _E
 class _EntryDir:
     """A store's directory: where entries live, and how they are read, written, listed and removed."""
 
-    def __init__(
-        self, path: StrPath, flag: str, durable: bool, max_bytes: int | None = None, trust_shared: bool = False
-    ) -> None:
+    def __init__(self, path: StrPath, flag: str, durable: bool, max_bytes: int | None = None,
+                 trust_shared: bool = False) -> None:
         import hashlib
 
         _runtime_imports()
@@ -2425,10 +2385,8 @@ class _EntryDir:
         # Folders of entries that this object made, with the shards it has made or met in them (see _shard_first).
         self._young: dict[str, set[str]] = {}
         if os.path.islink(root) and not os.path.exists(root):
-            raise FileNotFoundError(
-                errno.ENOENT, f"cache path {root!r} is a symbolic link to {os.readlink(root)!r}, which does not "
-                "exist; create that directory or remove the link", root
-            )
+            raise _os_error(errno.ENOENT, root, f"cache path {root!r} is a symbolic link to {os.readlink(root)!r}, "
+                            "which does not exist; create that directory or remove the link")
         legacy = None if os.path.isdir(root) else _dbm_database(root)
         if legacy is not None:
             new = root + ".donecache"
@@ -2440,14 +2398,11 @@ class _EntryDir:
                 f"donecache.open({new!r}) as new: new.update(old)",
             )  # No filename: str() would append it after the line to copy.
         if os.path.exists(root) and not os.path.isdir(root):  # Asked again: another thread may make it meanwhile.
-            raise NotADirectoryError(
-                errno.ENOTDIR, f"cache {root!r} is a file, not a directory; choose another path", root
-            )
+            raise _os_error(errno.ENOTDIR, root, f"cache {root!r} is a file, not a directory; choose another path")
         if not os.path.isdir(root):
             if flag in ("r", "w"):
-                raise FileNotFoundError(
-                    errno.ENOENT, f"there is no cache at {root!r}; open it with flag='c' to create one", root
-                )
+                message = f"there is no cache at {root!r}; open it with flag='c' to create one"
+                raise _os_error(errno.ENOENT, root, message)
             try:
                 # Private, whatever the umask: whoever can write entries can run code in the reader.
                 _make_dirs(os.path.dirname(root), durable=durable)
@@ -2457,10 +2412,8 @@ class _EntryDir:
                 raise _error_about(exc, root, "create the cache directory", "choose a writable path") from exc
         elif _foreign_names(root) and not _is_store(root):
             # Adopting it would write entries among the user's files, which the CLI then refuses to manage.
-            raise FileExistsError(
-                errno.EEXIST, f"{root!r} is a directory that holds other files and is not a donecache store (no "
-                "CACHEDIR.TAG); give a new or empty directory, such as .donecache", root
-            )
+            raise _os_error(errno.EEXIST, root, f"{root!r} is a directory that holds other files and is not a "
+                            "donecache store (no CACHEDIR.TAG); give a new or empty directory, such as .donecache")
         st = os.stat(root)
         if not trust_shared:
             _check_trusted(root, st)
@@ -2475,11 +2428,10 @@ class _EntryDir:
             self.clear()
 
     def _label(self) -> None:
-        # CACHEDIR.TAG tells backup tools to skip the store; .gitignore keeps it out
-        # of commits when it lives in a checkout, as .donecache/ does. Both would hide
-        # a user's own files, so a directory that holds anything but donecache's files
-        # (a temporary file is a label a cut interrupted: ours) is never labelled. A
-        # label that a crash left empty or torn (issue 18 item 12e) is written again.
+        # CACHEDIR.TAG tells backup tools to skip the store; .gitignore keeps it out of commits when it lives in a
+        # checkout, as .donecache/ does. Both would hide a user's own files, so a directory that holds anything but
+        # donecache's files (a temporary file is a label a cut interrupted: ours) is never labelled. A label that a
+        # crash left empty or torn (issue 18 item 12e) is written again.
         try:
             names = os.listdir(self.root)
         except OSError:
@@ -2503,9 +2455,8 @@ class _EntryDir:
 
     def _writable(self) -> None:
         if self.readonly:
-            raise PermissionError(
-                errno.EACCES, f"cache {self.root!r} was opened with flag='r'; open it with flag='c' to write", self.root
-            )
+            message = f"cache {self.root!r} was opened with flag='r'; open it with flag='c' to write"
+            raise _os_error(errno.EACCES, self.root, message)
 
     def folder(self, function: str) -> str:
         """Where a memoized function's entries live, relative to the root (with a trailing separator)."""
@@ -2516,10 +2467,8 @@ class _EntryDir:
         digest = self._blake2b(key, digest_size=_NAME_BYTES).hexdigest()
         return _Slot(f"{self._prefix}{folder}{digest[:2]}{os.sep}{digest}", _key_byte(digest))
 
-    def read(
-        self, key: bytes, slot: _Slot | None = None, now: float | None = None, mapped: bool = False,
-        use: bool = True, recent: bool = False,
-    ) -> _Entry | None:
+    def read(self, key: bytes, slot: _Slot | None = None, now: float | None = None, mapped: bool = False,
+             use: bool = True, recent: bool = False) -> _Entry | None:
         """The entry if whole and live at ``now``, or None; ``use``: recorded as a use; ``recent``: may use _recent."""
         when = time.time() if now is None else now
         touch = when - self.grain if use else 0.0
@@ -2693,14 +2642,6 @@ _LOW_WATER = 0.8
 _USAGE = struct.Struct("<QdQdQ")
 
 
-def _this_boot() -> tuple[float, int]:
-    """(boot time, host digest). A drift (a suspend, a clock step) costs only a needless recount."""
-    import hashlib
-
-    host = hashlib.blake2b(_host().encode(), digest_size=8).digest()
-    return time.time() - time.monotonic(), int.from_bytes(host, "little")
-
-
 def _disk_bytes(st: os.stat_result) -> int:
     """A file's space on disk: its 512-byte blocks (as stat(2) counts them), or its size where there are none."""
     blocks = getattr(st, "st_blocks", None)
@@ -2754,10 +2695,8 @@ class _EntryFiles(_EntryDir):
                 exc, self.root, f"keep the cache within max_bytes={self.max_bytes}", "check that it is writable"
             ) from exc
 
-    def _usage(
-        self, change: Callable[[int | None], int | None], evicted: float = 0.0, sweep: int = 0,
-        seen: list[int] | None = None,
-    ) -> int | None:
+    def _usage(self, change: Callable[[int | None], int | None], evicted: float = 0.0, sweep: int = 0,
+               seen: list[int] | None = None) -> int | None:
         """Replace the running total by ``change`` of it under its lock byte; return the new total.
 
         ``seen`` gets the number of sweeps begun. ``change`` gets None where .usage is missing, damaged, or written
@@ -2769,7 +2708,9 @@ class _EntryFiles(_EntryDir):
                 raw = os.read(fd, _USAGE.size + 1)
                 whole = len(raw) == _USAGE.size
                 total, boot, host, self.horizon, sweeps = _USAGE.unpack(raw) if whole else (0, 0.0, 0, 0.0, 0)
-                now = _this_boot()
+                # This boot's time and host: a drift (a suspend, a clock step) costs only a needless recount.
+                host = int.from_bytes(self._blake2b(_host().encode(), digest_size=8).digest(), "little")
+                now = time.time() - time.monotonic(), host
                 found = total if whole and (host != now[1] or abs(boot - now[0]) < 5.0) else None
                 if seen is not None:
                     seen.append(sweeps)
@@ -2818,10 +2759,8 @@ class _EntryFiles(_EntryDir):
                     break
             return need, seen[-1]
 
-    def sweep(
-        self, target: int | None, older_than: float | None = None, folder: str | None = None, dry_run: bool = False,
-        locked: bool = False,
-    ) -> tuple[int, int]:
+    def sweep(self, target: int | None, older_than: float | None = None, folder: str | None = None,
+              dry_run: bool = False, locked: bool = False) -> tuple[int, int]:
         """Evict entries (of ``folder``), least recently used first, until they take at most ``target`` bytes on disk,
         and those last used before ``older_than`` (a Unix time); log it; return (entries, bytes). One process sweeps
         at a time (``locked``: this one holds the sweep's lock byte); ``dry_run`` only counts."""
@@ -2856,11 +2795,9 @@ class _EntryFiles(_EntryDir):
         after = usage(left if folder is None else lambda now: None if now is None else now - evicted, newest)
         logger = _log_at(_INFO) if entries else None
         if logger is not None:
-            logger.info(
-                "evicted %d entries (%d bytes on disk, the most recently used of them %.0f s ago) from %s; "
-                "its entries now take %d bytes",
-                entries, evicted, max(0.0, time.time() - newest), self.root, after or 0,
-            )
+            logger.info("evicted %d entries (%d bytes on disk, the most recently used of them %.0f s ago) from %s; its "
+                        "entries now take %d bytes", entries, evicted, max(0.0, time.time() - newest), self.root,
+                        after or 0)
         return entries, evicted
 
     def _evict(self, path: str, listed: os.stat_result) -> bool:
@@ -2882,9 +2819,8 @@ class _EntryFiles(_EntryDir):
         judged = ((path, *_judge(path, None, _VERIFY)) for path, _folder in self.files())
         return [path for path, entry, st in judged if st is not None and entry is None]
 
-    def prune(
-        self, when: float, stale: Callable[[_Found], bool] | None, folder: str | None, dry_run: bool
-    ) -> tuple[int, int]:
+    def prune(self, when: float, stale: Callable[[_Found], bool] | None, folder: str | None,
+              dry_run: bool) -> tuple[int, int]:
         """Remove expired or damaged entries (of ``folder``; and those ``stale`` accepts), the live ones checked byte
         by byte, and temporary files old at ``when``: (entries, temporaries). ``dry_run`` only counts."""
         if not dry_run:
@@ -3024,9 +2960,8 @@ def _stale_test(files: _EntryFiles) -> Callable[[_Found], bool]:
     return stale
 
 
-def _prune(
-    files: _EntryFiles, folder: str | None, max_bytes: Any, older_than: Any, *, stale: bool, dry_run: bool
-) -> tuple[int, int, int, int]:
+def _prune(files: _EntryFiles, folder: str | None, max_bytes: Any, older_than: Any, *, stale: bool,
+           dry_run: bool) -> tuple[int, int, int, int]:
     """Prune one ``folder`` of the store (None: all of it); returns PruneReport's fields."""
     limit, age = _check_max_bytes(max_bytes), _seconds(older_than, "older_than")
     now = time.time()
@@ -3141,11 +3076,9 @@ class Store(_ShelfBase):
         store: Store = object.__new__(real)
         return store
 
-    def __init__(
-        self, filename: AnyPath, flag: str = "c", protocol: int | None = None, writeback: bool = False, *,
-        durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
-        compress: bool | str = False,
-    ) -> None:
+    def __init__(self, filename: AnyPath, flag: str = "c", protocol: int | None = None, writeback: bool = False, *,
+                 durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
+                 compress: bool | str = False) -> None:
         # Named and typed as in shelve.DbfilenameShelf; a bytes path is decoded
         # as the filesystem encoding says, as os.open would.
         self._compress = _check_compress(compress)
@@ -3228,9 +3161,8 @@ open = Store
 #
 # A memoize key is
 #     <module>:<qualname>|<16 hex digits: the code digest>|
-# followed by "=" and the arguments' canonical text when that text is short,
-# or by "#" and the hex BLAKE2b digest of the text when it is long. What counts
-# in a key, rule by rule, is in docs/identity.md.
+# followed by "=" and the arguments' canonical text when that text is short, or by "#" and the hex BLAKE2b digest of the
+# text when it is long. What counts in a key, rule by rule, is in docs/identity.md.
 # ---------------------------------------------------------------------------
 
 _SCALARS = frozenset({str, int, float, bool, type(None), bytes, complex})
@@ -3867,12 +3799,6 @@ def _function_text(func: Any, notes: dict[str, Any] | None) -> str:
     return f"tree {tree}" if tree and _code_digest(code) in compiled else f"bytecode {_Canonical().bytecode(code)}"
 
 
-def _class_text(cls: type, notes: dict[str, Any] | None) -> str:
-    file = _origin_file(cls)
-    known = _source_notes(file, notes) if file and not file.startswith("<") else None
-    return str((known or {}).get("classes", {}).get(cls.__qualname__, ""))
-
-
 def _is_constant(value: Any) -> bool:
     kind = type(value)
     return kind in _SCALARS or ((kind is tuple or kind is frozenset) and all(map(_is_constant, value)))
@@ -4044,7 +3970,9 @@ class _CodeIdentity:
         import functools
         import inspect
 
-        self.parts.add(f"class {_reference(cls)}\n{_class_text(cls, self.notes)}")
+        file = _origin_file(cls)
+        known = _source_notes(file, self.notes) if file and not file.startswith("<") else None
+        self.parts.add(f"class {_reference(cls)}\n{(known or {}).get('classes', {}).get(cls.__qualname__, '')}")
         for base in cls.__mro__[1:]:
             if base is not object:
                 self.follow(base)
@@ -4694,21 +4622,17 @@ class _Memoized(Generic[_P, _R]):
         first = self._prefix == b""  # Warn once, at the first call.
         self._prefix = self._identity + f"{identity}|".encode("utf-8")
         if first and followed.unseen and self._version is None and not self._key_given:
-            _warn(
-                f"{self.__qualname__}(): donecache cannot follow {'; '.join(followed.unseen)}, so a change there "
-                "will not recompute. Pass version= (and bump it when that changes), or key= that includes it"
-            )
+            _warn(f"{self.__qualname__}(): donecache cannot follow {'; '.join(followed.unseen)}, so a change there "
+                  "will not recompute. Pass version= (and bump it when that changes), or key= that includes it")
         since = None if files is None or files.readonly else files.record_identity(self._function, identity, code)
         self._unrecorded = files is None  # Then _files() records it once the store is made.
         if first and since is not None and files is not None:
             scanned = (found.entry for found in files.scan(self._folder))
             older = sum(1 for e in scanned if e is not None and e.created < since and e.key.startswith(self._prefix))
             if older:
-                _warn(
-                    f"{self.__qualname__}(): version={self._version!r} is pinned but the code has changed: "
-                    f"{older} of its entries came from other code and are reused, as version= asks. "
-                    "Bump version= if the change alters results"
-                )
+                _warn(f"{self.__qualname__}(): version={self._version!r} is pinned but the code has changed: {older} "
+                      "of its entries came from other code and are reused, as version= asks. Bump version= if the "
+                      "change alters results")
         return self._prefix
 
     def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
@@ -4859,9 +4783,8 @@ class _Memoized(Generic[_P, _R]):
             if lock is not None:
                 lock.release()
 
-    def _get(
-        self, call: _Call, refresh: bool = False, hand_off: Callable[..., None] | None = None, missed: bool = False
-    ) -> tuple[Any, bool]:
+    def _get(self, call: _Call, refresh: bool = False, hand_off: Callable[..., None] | None = None,
+             missed: bool = False) -> tuple[Any, bool]:
         """(result, computed); ``missed``: a lookup just missed, so look again only under the lock."""
         value = _MISSING if refresh or missed else self._hit(call)
         if value is not _MISSING:
@@ -4960,10 +4883,8 @@ class _Memoized(Generic[_P, _R]):
             "max_bytes": self._max_bytes, "compress": self._compress, "durable": self._durable, "mmap": self._mmap,
         }  # fmt: skip
 
-    def prune(
-        self, *, max_bytes: int | None = None, older_than: float | Any = None, stale: bool = False,
-        dry_run: bool = False,
-    ) -> PruneReport:
+    def prune(self, *, max_bytes: int | None = None, older_than: float | Any = None, stale: bool = False,
+              dry_run: bool = False) -> PruneReport:
         """Trim this function's entries, as ``prune`` on the command line does: remove the expired and
         damaged ones (``stale``: and those of its older code), then evict the least recently used until
         they take at most ``max_bytes`` on disk, and those not used for ``older_than`` (seconds or a
@@ -4975,11 +4896,10 @@ class _Memoized(Generic[_P, _R]):
         done = _prune(files, self._folder.rstrip(os.sep), max_bytes, older_than, stale=stale, dry_run=dry_run)
         return _record("PruneReport")(*done)  # type: ignore[no-any-return]
 
-    def map(
-        self, *iterables: Iterable[Any], keep_going: bool = False, workers: int | None = None, processes: bool = True,
-        executor: Any = None, chunksize: int | None = None, progress: bool | float | None = None,
-        retry_failures: bool = True, shard: tuple[int, int] | None = None, label: Callable[..., Any] | None = None,
-    ) -> BatchResult:
+    def map(self, *iterables: Iterable[Any], keep_going: bool = False, workers: int | None = None,
+            processes: bool = True, executor: Any = None, chunksize: int | None = None,
+            progress: bool | float | None = None, retry_failures: bool = True, shard: tuple[int, int] | None = None,
+            label: Callable[..., Any] | None = None) -> BatchResult:
         """Call the function on every input, caching each success as soon as it is done.
 
         ``f.map(records)`` calls ``f(record)`` for each record; ``f.map(xs, ys)`` calls ``f(x, y)``
@@ -5076,11 +4996,10 @@ def memoize(
 ) -> Callable[[Callable[_P, _R]], _Memoized[_P, _R]]: ...
 
 
-def memoize(
-    path: StrPath | Callable[..., Any] | None = None, *, ttl: float | Any = None, version: _Version | None = None,
-    ignore: Iterable[str] = (), key: _KeyFunction | None = None, durable: bool = False, mmap: bool = False,
-    max_bytes: int | None = None, trust_shared: bool = False, compress: bool | str = False,
-) -> Any:
+def memoize(path: StrPath | Callable[..., Any] | None = None, *, ttl: float | Any = None,
+            version: _Version | None = None, ignore: Iterable[str] = (), key: _KeyFunction | None = None,
+            durable: bool = False, mmap: bool = False, max_bytes: int | None = None, trust_shared: bool = False,
+            compress: bool | str = False) -> Any:
     """Keep a function's results on disk, shared by threads, processes and runs.
 
     ``@memoize`` or ``@memoize("cache-dir", ttl=3600)``. Without a path the store is ``.donecache`` in
@@ -5132,10 +5051,9 @@ def memoize(
     if isinstance(ignore, str):
         ignore = (ignore,)
     if key is not None and (ignore or not callable(key)):
-        raise ValueError(
-            "memoize(key=...) takes a function of the call's arguments, and then no ignore= (the key "
-            "function chooses what counts)" if ignore else f"memoize(key=...) must be callable, not {key!r}"
-        )
+        raise ValueError("memoize(key=...) takes a function of the call's arguments, and then no ignore= (the key "
+                         "function chooses what counts)" if ignore else
+                         f"memoize(key=...) must be callable, not {key!r}")
 
     def decorate(func: Callable[..., Any]) -> Any:
         if not callable(func):
@@ -5143,11 +5061,9 @@ def memoize(
         code = getattr(func, "__code__", None)
         if code is not None and code.co_flags & (_CO_GENERATOR | _CO_ASYNC_GENERATOR):
             what = "an async generator" if code.co_flags & _CO_ASYNC_GENERATOR else "a generator"
-            raise TypeError(
-                f"memoize() cannot cache {getattr(func, '__qualname__', func)}(): it is {what} function, and "
-                "the iterator that it returns is used up once read; return a list instead, or memoize a "
-                "function that collects it"
-            )
+            raise TypeError(f"memoize() cannot cache {getattr(func, '__qualname__', func)}(): it is {what} function, "
+                            "and the iterator that it returns is used up once read; return a list instead, or memoize "
+                            "a function that collects it")
         kind = _AsyncMemoized if code is not None and code.co_flags & _CO_COROUTINE else _Memoized
         return kind(func, store_path, seconds, version, ignore, durable, key, mmap, max_bytes, trust_shared, codec)
 
@@ -5166,11 +5082,9 @@ def memoize(
 # ---------------------------------------------------------------------------
 # Batches: f.map() and f.imap(), on any executor
 #
-# The parent answers every cached input itself and sends only the misses, in
-# chunks, with a bounded number of chunks in flight and a bounded window of
-# inputs read ahead: a generator of any length runs in bounded memory, and
-# results come out in input order. The workers get the keys made here, so a
-# worker stores each result under the parent's key.
+# The parent answers every cached input itself and sends only the misses, in chunks, with a bounded number of chunks in
+# flight and a bounded window of inputs read ahead: a generator of any length runs in bounded memory, and results come
+# out in input order. The workers get the keys made here, so a worker stores each result under the parent's key.
 # ---------------------------------------------------------------------------
 
 _CHUNK_SECONDS = 0.05  # A chunk grows until it takes about this long...
@@ -5260,21 +5174,8 @@ def _label_text(label: Callable[..., Any] | None, args: tuple[Any, ...]) -> str:
     return (text if isinstance(text, str) else _bounded_repr(text))[:_SHOWN]
 
 
-def _format_exception(exc: BaseException) -> str:
-    """The traceback text, without donecache's own frames (the user's code is what failed)."""
-    import traceback
-
-    shown = traceback.TracebackException.from_exception(exc)
-    part: Any = shown
-    while part is not None:
-        part.stack = traceback.StackSummary.from_list([f for f in part.stack if f.filename != __file__])
-        part = part.__cause__ or (None if part.__suppress_context__ else part.__context__)
-    return "".join(shown.format())
-
-
-def _record_failure(
-    func: _Memoized[..., Any], call: _Call, exc: BaseException, traceback: str, shown: str, lead: int = 0
-) -> None:
+def _record_failure(func: _Memoized[..., Any], call: _Call, exc: BaseException, traceback: str, shown: str,
+                    lead: int = 0) -> None:
     """Write a batch's failure to the ledger at once, so that a crash of the parent cannot lose it.
     ``shown``: the input's text; ``lead``: how many arguments come before the input (a method's self)."""
     files = func._store
@@ -5322,10 +5223,17 @@ class _Outcome:
 
 
 def _failed(exc: BaseException, portable: bool) -> _Outcome:
-    text = _format_exception(exc)
-    if portable:  # The exception must cross back to the parent process.
-        import pickle
+    """A failure's outcome: its traceback without donecache's own frames (the user's code is what failed)."""
+    import pickle
+    import traceback
 
+    shown = traceback.TracebackException.from_exception(exc)
+    part: Any = shown
+    while part is not None:
+        part.stack = traceback.StackSummary.from_list([f for f in part.stack if f.filename != __file__])
+        part = part.__cause__ or (None if part.__suppress_context__ else part.__context__)
+    text = "".join(shown.format())
+    if portable:  # The exception must cross back to the parent process.
         try:
             pickle.loads(pickle.dumps(exc))  # Many exceptions pickle but do not unpickle.
         except Exception:
@@ -5393,10 +5301,9 @@ class _Writer:
             pass
 
 
-def _call_one(
-    func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes, portable: bool, off: bool,
-    writer: _Writer | None = None, shown: str | Callable[[], str] = "", lead: int = 0, raising: bool = False,
-) -> _Outcome:
+def _call_one(func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes, portable: bool, off: bool,
+              writer: _Writer | None = None, shown: str | Callable[[], str] = "", lead: int = 0,
+              raising: bool = False) -> _Outcome:
     """One call of a batch; a failure is recorded, then returned (raised if ``raising``). ``key``: just looked up (b""
     if ``off``: caching was off when the batch began); ``writer`` stores the result in the background; ``shown``: the
     input's text for the ledger (or what makes it); ``lead``: arguments before the input (a method's self)."""
@@ -5418,10 +5325,8 @@ def _call_one(
         return outcome
 
 
-def _run_chunk(
-    func: _Memoized[..., Any], calls: list[tuple[bytes, tuple[Any, ...], str]], portable: bool, off: bool,
-    lead: int = 0, nonce: bytes = b"",
-) -> tuple[list[_Outcome], int, float]:
+def _run_chunk(func: _Memoized[..., Any], calls: list[tuple[bytes, tuple[Any, ...], str]], portable: bool, off: bool,
+               lead: int = 0, nonce: bytes = b"") -> tuple[list[_Outcome], int, float]:
     """A worker's task, at module level to pickle by name: a chunk's calls (key, arguments, the input's text),
     giving their outcomes in order, its pid and its seconds. ``nonce`` makes every submission unique:
     Dask treats equal submissions as one pure task and hands back an old result, reported as computed but never
@@ -5457,9 +5362,8 @@ class _Done:
         self.outcome: _Outcome | None = None
 
 
-def _answer_here(
-    func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True, total: int | None = None
-) -> bool:
+def _answer_here(func: _Memoized[..., Any], done: _Done, lead: tuple[Any, ...], retry: bool = True,
+                 total: int | None = None) -> bool:
     """Settle an input here if its result is cached, its key cannot be made, or (without ``retry``) its failure is
     recorded for the current code; else keep its key for the call and return False. A batch of more inputs (its
     ``total``) than the key memo or _recent keep goes past them: each input would only evict another (issue 20)."""
@@ -5486,10 +5390,8 @@ def _answer_here(
     return False
 
 
-def _serial(
-    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions,
-    off: bool, total: int | None,
-) -> Iterator[_Done]:
+def _serial(func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions,
+            off: bool, total: int | None) -> Iterator[_Done]:
     """A batch in this thread, one call after the other."""
     keep_going = options.keep_going
     for index, args in enumerate(calls):
@@ -5516,10 +5418,8 @@ class _Plan:
         if executor is None:
             self.capacity, in_process, by_standard_pickle = workers or 1, not processes, processes
         elif not callable(getattr(executor, "submit", None)):
-            raise TypeError(
-                f"{name}: executor= takes a concurrent.futures.Executor (an object with submit()), "
-                f"not {type(executor).__name__}"
-            )
+            raise TypeError(f"{name}: executor= takes a concurrent.futures.Executor (an object with submit()), not "
+                            f"{type(executor).__name__}")
         else:
             self.capacity = workers or getattr(executor, "_max_workers", None) or os.cpu_count() or 1
             in_process = isinstance(executor, futures.ThreadPoolExecutor)
@@ -5536,11 +5436,9 @@ class _Plan:
         try:
             pickle.dumps(func)
         except Exception as exc:
-            raise TypeError(
-                f"{name}: {func.__qualname__} cannot be sent to worker processes ({exc}). "
-                "Define it at module level (a lambda or a function defined inside another cannot be "
-                "pickled), or run the calls in threads: processes=False, or an executor of threads"
-            ) from exc
+            raise TypeError(f"{name}: {func.__qualname__} cannot be sent to worker processes ({exc}). Define it at "
+                            "module level (a lambda or a function defined inside another cannot be pickled), or run "
+                            "the calls in threads: processes=False, or an executor of threads") from exc
         context = getattr(executor, "_mp_context", None) or multiprocessing
         method = context.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
         in_main = getattr(func.__wrapped__, "__module__", None) == "__main__"
@@ -5600,10 +5498,8 @@ def _death(pool: Any, processes: list[Any]) -> str:
     return f"worker died: exit code {code}"
 
 
-def _stream(
-    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions,
-    plan: _Plan, total: int | None,
-) -> Iterator[_Done]:
+def _stream(func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], options: _BatchOptions,
+            plan: _Plan, total: int | None) -> Iterator[_Done]:
     """A batch on an executor, yielding each input's _Done in input order (docs/batches.md)."""
     import collections
     import concurrent.futures as futures
@@ -5808,10 +5704,8 @@ class BatchResult:
         return not self.failures
 
     def __repr__(self) -> str:
-        return (
-            f"BatchResult({len(self.results)} inputs: {self.reused} reused, "
-            f"{self.computed} computed, {len(self.failures)} failed)"
-        )
+        return (f"BatchResult({len(self.results)} inputs: {self.reused} reused, {self.computed} computed, "
+                f"{len(self.failures)} failed)")
 
 
 def _clock(seconds: float) -> str:
@@ -5830,10 +5724,8 @@ class Progress:
     when unknown); ``final``: the batch has ended. ``percent`` is done/total in percent, or None. More fields may
     be added; a callable should read them by name."""
 
-    __slots__ = (
-        "function", "done", "total", "failed", "computed", "reused", "computed_seconds", "saved_seconds",
-        "elapsed", "eta", "final",
-    )
+    __slots__ = ("function", "done", "total", "failed", "computed", "reused", "computed_seconds", "saved_seconds",
+                 "elapsed", "eta", "final")
     function: str
     done: int
     total: int | None
@@ -5882,12 +5774,10 @@ def _unfit(func: _Memoized[..., Any], started: float, name: str) -> None:
         return
     sizes = [_disk_bytes(st) for st in map(_lstat_or_none, (p for p, _f in files.files(func._folder))) if st]
     each = -(-sum(sizes) // len(sizes)) if sizes else 0
-    _warn(
-        f"{name}: the results do not fit in the store at max_bytes={files.max_bytes:,}: entries used since "
-        f"the batch began were evicted, so a rerun computes them again"
-        + (f"; about {files.max_bytes // each:,} of its entries fit ({each:,} bytes on disk each)" if each else "")
-        + ". Raise max_bytes, or run the batch in parts that fit"
-    )
+    fit = f"; about {files.max_bytes // each:,} of its entries fit ({each:,} bytes on disk each)" if each else ""
+    _warn(f"{name}: the results do not fit in the store at max_bytes={files.max_bytes:,}: entries used since the "
+          f"batch began were evicted, so a rerun computes them again{fit}. Raise max_bytes, or run the batch in parts "
+          "that fit")
 
 
 class _Progress:
@@ -5964,11 +5854,9 @@ class _Progress:
         elapsed = time.monotonic() - self._started
         left = None if self.total is None or not self.done else (self.total - self.done) * elapsed / self.done
         c = self.counts
-        return Progress(
-            function=self.function, done=self.done, total=self.total, failed=self.failed, computed=c.computed,
-            reused=c.reused, computed_seconds=c.computed_seconds, saved_seconds=c.saved_seconds,
-            elapsed=elapsed, eta=left, final=final,
-        )
+        return Progress(function=self.function, done=self.done, total=self.total, failed=self.failed,
+                        computed=c.computed, reused=c.reused, computed_seconds=c.computed_seconds,
+                        saved_seconds=c.saved_seconds, elapsed=elapsed, eta=left, final=final)
 
     def update(self, final: bool = False) -> None:
         now = time.monotonic()
@@ -5996,9 +5884,8 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _share(
-    func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], shard: Any, name: str
-) -> Iterator[tuple[Any, ...]]:
+def _share(func: _Memoized[..., Any], calls: Iterator[tuple[Any, ...]], lead: tuple[Any, ...], shard: Any,
+           name: str) -> Iterator[tuple[Any, ...]]:
     """The inputs that shard=(index, count) runs: those whose key's digest is index modulo count, so that every
     input falls to exactly one shard, in any process on any host (keys are the same everywhere). An input with no
     key (an argument that cannot be one) falls to shard 0, which reports it."""
@@ -6017,10 +5904,8 @@ def _share(
             yield args
 
 
-def _batch(
-    func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], method: str,
-    options: _BatchOptions, batch: BatchResult | None = None,
-) -> Iterator[Any]:
+def _batch(func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], method: str,
+           options: _BatchOptions, batch: BatchResult | None = None) -> Iterator[Any]:
     """map() and imap(): check the options at once, then stream the results (map: into ``batch``).
     ``lead`` is put before every call's arguments (a bound method's instance)."""
     name = f"{func.__qualname__}.{method}()"
@@ -6050,17 +5935,15 @@ def _batch(
     return meter.watch(func, stream, options.keep_going, batch is not None)
 
 
-def _run_map(
-    func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], options: _BatchOptions
-) -> BatchResult:
+def _run_map(func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...],
+             options: _BatchOptions) -> BatchResult:
     batch = BatchResult()
     next(_batch(func, iterables, lead, "map", options, batch), None)  # It yields nothing: the results go to batch.
     return batch
 
 
-def _run_imap(
-    func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...], options: _BatchOptions
-) -> Iterator[Any]:
+def _run_imap(func: _Memoized[..., Any], iterables: tuple[Iterable[Any], ...], lead: tuple[Any, ...],
+              options: _BatchOptions) -> Iterator[Any]:
     return _batch(func, iterables, lead, "imap", options)
 
 
