@@ -2642,6 +2642,14 @@ _LOW_WATER = 0.8
 _USAGE = struct.Struct("<QdQdQ")
 
 
+def _this_boot() -> tuple[float, int]:
+    """(boot time, host digest). A drift (a suspend, a clock step) costs only a needless recount."""
+    import hashlib
+
+    host = hashlib.blake2b(_host().encode(), digest_size=8).digest()
+    return time.time() - time.monotonic(), int.from_bytes(host, "little")
+
+
 def _disk_bytes(st: os.stat_result) -> int:
     """A file's space on disk: its 512-byte blocks (as stat(2) counts them), or its size where there are none."""
     blocks = getattr(st, "st_blocks", None)
@@ -2708,9 +2716,7 @@ class _EntryFiles(_EntryDir):
                 raw = os.read(fd, _USAGE.size + 1)
                 whole = len(raw) == _USAGE.size
                 total, boot, host, self.horizon, sweeps = _USAGE.unpack(raw) if whole else (0, 0.0, 0, 0.0, 0)
-                # This boot's time and host: a drift (a suspend, a clock step) costs only a needless recount.
-                host = int.from_bytes(self._blake2b(_host().encode(), digest_size=8).digest(), "little")
-                now = time.time() - time.monotonic(), host
+                now = _this_boot()
                 found = total if whole and (host != now[1] or abs(boot - now[0]) < 5.0) else None
                 if seen is not None:
                     seen.append(sweeps)
