@@ -2078,10 +2078,10 @@ def _function_of(key: bytes) -> str:
 # ---------------------------------------------------------------------------
 # Entry files: the store directory's data path
 #
-# donecache.open() keys live at <root>/<2 hex>/<32 hex>; a memoized function's at <root>/<16 hex of its name>/<2
-# hex>/<32 hex>, so that one function's entries are found, counted and cleared without touching any other's. Safe for
-# any number of threads and processes without locks: a write is a rename, a read takes whichever version the name points
-# to and checks it.
+# donecache.open() keys live at <root>/<2 hex>/<32 hex>; a memoized function's at
+# <root>/<16 hex of its name>/<2 hex>/<32 hex>, so that one function's entries are found, counted and cleared without
+# touching any other's. Safe for any number of threads and processes without locks: a write is a rename, a read takes
+# whichever version the name points to and checks it.
 # ---------------------------------------------------------------------------
 
 _NAME_BYTES = 16  # An entry's file name is the hex of a BLAKE2b digest this long.
