@@ -6275,7 +6275,10 @@ def test_a_setuid_process_finds_its_own_entries_and_clears_its_failure_records(t
     # left its input's failure record behind, so a batch with retry_failures=False returned the stale failure.
     cache, calls = tmp_path / "cache", tmp_path / "calls"
     job = "import os\nos.setresuid(2000, 0, 0)\n" + LEDGER_JOB
-    batch = job + "b = parse.map([3], keep_going=True, retry_failures=RETRY); print(os.getuid(), b.computed, b.reused, len(b.failures))"
+    batch = job + (
+        "b = parse.map([3], keep_going=True, retry_failures=RETRY)\n"
+        "print(os.getuid(), b.computed, b.reused, len(b.failures))"
+    )
     assert child(batch.replace("RETRY", "True"), str(cache), "run").stdout.split() == ["2000", "0", "0", "1"]
     assert len(list((cache / ".failures").rglob("*.json"))) == 1
     assert child(batch.replace("RETRY", "True"), str(cache), "fixed").stdout.split() == ["2000", "1", "0", "0"]
