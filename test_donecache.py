@@ -2307,6 +2307,64 @@ def test_a_flipped_byte_in_a_big_buffer_is_found_by_verify_and_removed_by_prune(
     assert cli("verify", str(tmp_path / "c")).returncode == 0
 
 
+def test_a_buffer_checksummed_by_two_threads_has_the_crc_of_its_bytes(tmp_path):
+    """A big buffer's CRC-32 is computed from the front by a helper thread and from the back by the writer, then
+    joined: the table must hold the CRC of the whole buffer, and a flipped byte anywhere must be found."""
+    data = os.urandom(9 << 20)  # Random: a wrong CRC cannot pass by chance. Nine pieces of the helper's stride.
+    for split in (0, 1, 12345, 1 << 20, len(data) - 1, len(data)):
+        front, back = data[:split], data[split:]
+        assert dc._crc_join(zlib_crc32(front), zlib_crc32(back), len(back)) == zlib_crc32(data), split
+    assert dc._TwoHandedCrc(memoryview(data)).result() == zlib_crc32(data)  # At once: both hands take a part.
+    late = dc._TwoHandedCrc(memoryview(data[: 2 << 20]))
+    time.sleep(0.5)  # The helper has done it all: nothing is left for the writer.
+    assert late.result() == zlib_crc32(data[: 2 << 20])
+    import pickle
+
+    with dc.open(tmp_path / "c") as db:
+        db["big"] = pickle.PickleBuffer(bytearray(data))
+        assert db.verify() == []
+    (path,) = entry_files(tmp_path / "c")
+    raw = path.read_bytes()
+    start = raw.index(data[:4096])
+    size, crc = dc._BUFFER_ROW.unpack_from(raw, len(raw) - 4 - dc._BUFFER_ROW.size)
+    assert (size, crc) == (len(data), zlib_crc32(data))
+    for where in (start, start + len(data) // 2, start + len(data) - 1):  # Checked by the helper, either, the writer.
+        damaged = bytearray(raw)
+        damaged[where] ^= 0x01
+        path.write_bytes(bytes(damaged))
+        with dc.open(tmp_path / "c", "r") as db:
+            assert db.verify() == [str(path)], where
+    path.write_bytes(raw)
+    with dc.open(tmp_path / "c", "r") as db:
+        assert db.verify() == [] and bytes(db["big"]) == data
+
+
+def test_a_checksum_that_fails_in_its_helper_thread_fails_the_write_and_keeps_the_old_entry(tmp_path, monkeypatch):
+    import threading
+    import zlib
+
+    with dc.open(tmp_path / "c") as db:
+        db["big"] = big_buffer(300_000)
+
+    class HelperOutOfMemory:  # zlib as the module sees it, whose crc32 fails in any thread but the main one.
+        def __getattr__(self, name: str) -> object:
+            return getattr(zlib, name)
+
+        def crc32(self, data: bytes, value: int = 0) -> int:
+            if threading.current_thread() is not threading.main_thread():
+                raise MemoryError
+            return zlib.crc32(data, value)
+
+    monkeypatch.setattr(dc, "zlib", HelperOutOfMemory())
+    with dc.open(tmp_path / "c") as db:
+        with pytest.raises(MemoryError, match="CRC-32 of a 300000-byte buffer could not be computed"):
+            db["big"] = big_buffer(300_000, 9)
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "c").rglob("*") if p.name.startswith(dc._TEMP_PREFIX)] == []
+    with dc.open(tmp_path / "c") as db:
+        assert bytes(db["big"]) == b"\7" * 300_000 and db.verify() == []
+
+
 def test_lengths_are_64_bit(tmp_path):
     """A 5 GiB buffer cannot be written in a test, so its entry is made sparse: a
     real head and stream, a hole of 5 GiB, and a table that declares it."""

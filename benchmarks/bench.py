@@ -504,10 +504,13 @@ def main_first_call(args: Any) -> int:
 # -- big values: arrays and frames, in fresh child processes --------------------
 #
 # Each measurement is one fresh interpreter: it builds the value (not timed),
-# resets the kernel's RSS high-water mark (writing 5 to /proc/self/clear_refs
-# sets VmHWM back to the current RSS), times one call, and reports the call's
-# seconds and its peak extra memory, VmHWM minus the RSS just before the call.
-# That counts every transient copy, which ru_maxrss cannot (it never resets).
+# flushes the dirty pages that earlier rounds left (sync(2): otherwise a
+# 400 MB write pays for the writeback of the round before, by a factor of up
+# to three on a disk), resets the kernel's RSS high-water mark (writing 5 to
+# /proc/self/clear_refs sets VmHWM back to the current RSS), times one call,
+# and reports the call's seconds and its peak extra memory, VmHWM minus the
+# RSS just before the call. That counts every transient copy, which ru_maxrss
+# cannot (it never resets).
 # A miss runs in an empty cache; a hit in a new process over the cache that
 # the miss left. Pages of a memory-mapped file count in RSS only once touched.
 # For results, a small call comes first, timed apart ("1st call"): the memoized
@@ -556,6 +559,7 @@ def rss(field):
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
 
+os.sync()  # The last round's dirty pages written back first: on a disk, not this call's to throttle.
 with open("/proc/self/clear_refs", "w") as refs:
     refs.write("5")
 before = rss("VmRSS:")
@@ -813,7 +817,8 @@ def machine() -> str:
         pass
     fs = "?"
     try:
-        out = subprocess.run(["df", "-T", tempfile.gettempdir()], capture_output=True, text=True).stdout
+        where = os.environ.get("BENCH_TMP") or tempfile.gettempdir()  # Where the run's files go.
+        out = subprocess.run(["df", "-T", where], capture_output=True, text=True).stdout
         fs = out.splitlines()[1].split()[1]
     except (OSError, IndexError):
         pass
@@ -1079,6 +1084,8 @@ def main_big(args: Any) -> int:
     print(f"machine: {results['machine']}\nmode: big values, {args.big_rounds} rounds, fresh processes, medians")
     print(f"load average before: {results['load_before']}")
     with tempfile.TemporaryDirectory(prefix="donecache-bench-", dir=os.environ.get("BENCH_TMP")) as tmpdir:
+        results["filesystems"] = {"big values": filesystem(Path(tmpdir))}
+        print(f"big values written on: {results['filesystems']['big values']} (BENCH_TMP chooses)")
         results["big"] = bench_big(Path(tmpdir), args.big_rounds)
         results["info"] = bench_info(Path(tmpdir), entries=6)
     lines = []
