@@ -575,9 +575,12 @@ print(json.dumps({"seconds": seconds, "warmup": warmup, "peak": peak, "size": in
 BIG_TOOLS = ("donecache", "donecache mmap", "joblib", "joblib mmap", "diskcache")
 
 
-def _big_child(tool: str, kind: str, role: str, phase: str, cache: Path) -> dict[str, Any]:
+def _big_child(
+    tool: str, kind: str, role: str, phase: str, cache: Path, module_dir: str | None = None
+) -> dict[str, Any]:
+    """One measurement in a fresh process; ``module_dir``: where its donecache.py is (default: this checkout's)."""
     proc = subprocess.run(
-        [sys.executable, "-c", BIG_CHILD, str(HERE.parent), tool, kind, role, phase, str(cache)],
+        [sys.executable, "-c", BIG_CHILD, module_dir or str(HERE.parent), tool, kind, role, phase, str(cache)],
         capture_output=True, text=True, timeout=600,
     )
     if proc.returncode:
