@@ -1852,12 +1852,15 @@ class _Entry:
         return pickle.loads(stream, buffers=self.buffers)
 
 
-# A big buffer's CRC-32 (2.2 GB/s here) takes longer than writing it into the page cache (3.5 GB/s), so a miss waited
-# for it: a helper thread checksums from the front while the writer writes, then the writer checksums the back half of
-# what is left, and the two CRCs are joined. Appending n zero bytes multiplies a CRC-32 by x^(8n) modulo its
-# polynomial (the initial and final inversions cancel out), so crc(A + B) = crc(A) * x^(8 len(B)) xor crc(B), computed
-# in GF(2)[x] in zlib's reflected bit order: bit 31 is the coefficient of x^0, and 0xEDB88320 the polynomial.
+# A big buffer's CRC-32 (2.2 GB/s here) takes longer than writing it into an ext4's page cache, so a miss waited for
+# it: a helper thread checksums from the front while the writer writes, then the writer checksums the back half of
+# what is left, and the two CRCs are joined. For the bare CRC register, crc(A + B) = crc(A) * x^(8 len(B)) xor crc(B)
+# in GF(2)[x] modulo the polynomial; with zlib's inversions too, A's final one, carried through B, cancels B's initial
+# one, so the same holds. Computed in zlib's reflected bit order: bit 31 is the coefficient of x^0, 0xEDB88320 the
+# polynomial.
 _CRC_STEP = 1 << 20  # The helper takes the buffer in pieces this big, so that the writer can stop it between two.
+_CRC_ALONE = 1 << 19  # A smaller buffer is checksummed by the writer: a thread costs more than it saves.
+_CRC_SPLIT = 1 << 21  # Less than this left for the helper: the writer waits rather than pay for a join (0.1 ms).
 
 
 def _crc_times(a: int, b: int) -> int:
@@ -1872,7 +1875,7 @@ def _crc_times(a: int, b: int) -> int:
 
 def _crc_join(front: int, back: int, back_length: int) -> int:
     """The CRC-32 of A + B, from crc(A), crc(B) and len(B)."""
-    shift, power = 1 << 31, 1 << 23  # x^0, and x^8: one byte of zeros.
+    shift, power = 1 << 31, 1 << 23  # x^0, and x^8: one byte.
     while back_length:  # x^(8 len(B)), by squaring.
         if back_length & 1:
             shift = _crc_times(shift, power)
@@ -1907,9 +1910,16 @@ class _TwoHandedCrc:
         finally:
             self._done.release()
 
+    def abandon(self) -> None:
+        """The write failed: the helper stops after its piece (it held the buffer for as long as its CRC took)."""
+        with self._claim:
+            self._stop = self._next
+
     def result(self) -> int:
         with self._claim:  # The helper stops at the split: the pieces it has claimed stay its own.
-            split = self._stop = self._next + (self._stop - self._next) // 2
+            if self._stop - self._next >= _CRC_SPLIT:
+                self._stop = self._next + (self._stop - self._next) // 2
+            split = self._stop
         back = zlib.crc32(self._view[split:])
         self._done.acquire()
         failed = self._failed
@@ -1917,7 +1927,7 @@ class _TwoHandedCrc:
             raise MemoryError(f"the CRC-32 of a {self._view.nbytes}-byte buffer could not be computed") from failed
         if failed is not None:
             raise failed
-        return _crc_join(self._front, back, self._view.nbytes - split)
+        return _crc_join(self._front, back, self._view.nbytes - split) if split < self._view.nbytes else self._front
 
 
 class _Encoded(_Entry):
@@ -1949,10 +1959,19 @@ class _Encoded(_Entry):
             pad = -position % _ALIGN
             if pad:
                 yield bytes(pad)
-            crc = _TwoHandedCrc(buffer)
-            for start in range(0, buffer.nbytes, _CHUNK):
-                yield buffer[start : start + _CHUNK]
-            table += _BUFFER_ROW.pack(buffer.nbytes, crc.result())
+            if buffer.nbytes < _CRC_ALONE:
+                yield buffer
+                crc = zlib.crc32(buffer)
+            else:
+                hands = _TwoHandedCrc(buffer)
+                try:
+                    for start in range(0, buffer.nbytes, _CHUNK):
+                        yield buffer[start : start + _CHUNK]
+                except BaseException:  # The write failed: _write_bytes closed this generator.
+                    hands.abandon()
+                    raise
+                crc = hands.result()
+            table += _BUFFER_ROW.pack(buffer.nbytes, crc)
             position += pad + buffer.nbytes
         if table:
             table += zlib.crc32(table).to_bytes(4, "little")

@@ -2315,9 +2315,11 @@ def test_a_buffer_checksummed_by_two_threads_has_the_crc_of_its_bytes(tmp_path):
         front, back = data[:split], data[split:]
         assert dc._crc_join(zlib_crc32(front), zlib_crc32(back), len(back)) == zlib_crc32(data), split
     assert dc._TwoHandedCrc(memoryview(data)).result() == zlib_crc32(data)  # At once: both hands take a part.
-    late = dc._TwoHandedCrc(memoryview(data[: 2 << 20]))
-    time.sleep(0.5)  # The helper has done it all: nothing is left for the writer.
-    assert late.result() == zlib_crc32(data[: 2 << 20])
+    late = dc._TwoHandedCrc(memoryview(data[: 3 << 20]))
+    deadline = time.monotonic() + 30
+    while late._done.locked() and time.monotonic() < deadline:  # Until the helper has done it all.
+        time.sleep(0.01)
+    assert late.result() == zlib_crc32(data[: 3 << 20])
     import pickle
 
     with dc.open(tmp_path / "c") as db:
@@ -2328,41 +2330,66 @@ def test_a_buffer_checksummed_by_two_threads_has_the_crc_of_its_bytes(tmp_path):
     start = raw.index(data[:4096])
     size, crc = dc._BUFFER_ROW.unpack_from(raw, len(raw) - 4 - dc._BUFFER_ROW.size)
     assert (size, crc) == (len(data), zlib_crc32(data))
-    for where in (start, start + len(data) // 2, start + len(data) - 1):  # Checked by the helper, either, the writer.
+    for where in (start, start + len(data) // 2, start + len(data) - 1):  # Against the table's CRC, anywhere.
         damaged = bytearray(raw)
         damaged[where] ^= 0x01
         path.write_bytes(bytes(damaged))
         with dc.open(tmp_path / "c", "r") as db:
             assert db.verify() == [str(path)], where
     path.write_bytes(raw)
-    with dc.open(tmp_path / "c", "r") as db:
+    with dc.open(tmp_path / "c") as db:
         assert db.verify() == [] and bytes(db["big"]) == data
+        db["small"] = pickle.PickleBuffer(bytearray(data[:100_000]))  # Checksummed by the writer alone.
+    raw = next(p for p in entry_files(tmp_path / "c") if p != path).read_bytes()
+    assert dc._BUFFER_ROW.unpack_from(raw, len(raw) - 4 - dc._BUFFER_ROW.size) == (100_000, zlib_crc32(data[:100_000]))
 
 
-def test_a_checksum_that_fails_in_its_helper_thread_fails_the_write_and_keeps_the_old_entry(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error, message", [(MemoryError, "CRC-32 of a 600000-byte buffer could not be computed"),
+                                            (ValueError, "the helper's own error")])
+def test_a_checksum_that_fails_in_its_helper_thread_fails_the_write_and_keeps_the_old_entry(tmp_path, monkeypatch,
+                                                                                             error, message):
     import threading
     import zlib
 
     with dc.open(tmp_path / "c") as db:
-        db["big"] = big_buffer(300_000)
+        db["big"] = big_buffer(600_000)
 
-    class HelperOutOfMemory:  # zlib as the module sees it, whose crc32 fails in any thread but the main one.
+    class HelperFails:  # zlib as the module sees it, whose crc32 fails in any thread but the main one.
         def __getattr__(self, name: str) -> object:
             return getattr(zlib, name)
 
         def crc32(self, data: bytes, value: int = 0) -> int:
             if threading.current_thread() is not threading.main_thread():
-                raise MemoryError
+                raise error() if error is MemoryError else error(message)
             return zlib.crc32(data, value)
 
-    monkeypatch.setattr(dc, "zlib", HelperOutOfMemory())
+    monkeypatch.setattr(dc, "zlib", HelperFails())
     with dc.open(tmp_path / "c") as db:
-        with pytest.raises(MemoryError, match="CRC-32 of a 300000-byte buffer could not be computed"):
-            db["big"] = big_buffer(300_000, 9)
+        with pytest.raises(error, match=message):
+            db["big"] = big_buffer(600_000, 9)
     monkeypatch.undo()
     assert [p.name for p in (tmp_path / "c").rglob("*") if p.name.startswith(dc._TEMP_PREFIX)] == []
     with dc.open(tmp_path / "c") as db:
-        assert bytes(db["big"]) == b"\7" * 300_000 and db.verify() == []
+        assert bytes(db["big"]) == b"\7" * 600_000 and db.verify() == []
+
+
+def test_a_write_that_fails_mid_buffer_stops_the_checksum_helper(monkeypatch):
+    made = []
+
+    class Watched(dc._TwoHandedCrc):
+        def __init__(self, view: memoryview) -> None:
+            super().__init__(view)
+            made.append(self)
+
+    monkeypatch.setattr(dc, "_TwoHandedCrc", Watched)
+    encoded = dc._encode_entry(b"k", big_buffer(64 << 20))
+    chunks = encoded.chunks()
+    while len(made) == 0:
+        next(chunks)  # The head, the stream, the padding: then the first piece of the buffer starts the helper.
+    chunks.close()  # As _write_bytes's failed write(2) leaves it.
+    (hands,) = made
+    assert hands._done.acquire(timeout=30), "the helper never ended"
+    assert hands._stop < 64 << 20, "the helper went on to the end of the buffer after the write failed"
 
 
 def test_lengths_are_64_bit(tmp_path):
