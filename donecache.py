@@ -302,8 +302,11 @@ else:
     # _exists: whether anything (a symlink too) has this name, asked without a Python exception for a missing one:
     # a failed lstat's exception costs more than the system call (issue 20). False on any error (EACCES, EIO).
     # As the effective user (AT_EACCESS): access(2) alone asks as the real one, which under setuid cannot search a
-    # store made private to the effective user, and every lookup would miss (review of issue 20).
-    if os.access in os.supports_effective_ids and os.access in os.supports_follow_symlinks:
+    # store made private to the effective user, and every lookup would miss (review of issue 20). glibc makes that
+    # faccessat2(2), which Docker's seccomp profile before 20.10 refuses with EPERM (no fallback: fwupd issue 3223),
+    # so every name would look missing: one question about "/" at import tells, and lstat answers instead.
+    if (os.access in os.supports_effective_ids and os.access in os.supports_follow_symlinks
+            and os.access(os.sep, os.F_OK, effective_ids=True, follow_symlinks=False)):
 
         def _exists(path: str) -> bool:
             return os.access(path, os.F_OK, effective_ids=True, follow_symlinks=False)
@@ -597,10 +600,11 @@ else:
                 self._apply(fcntl.LOCK_UN, _F_OFD_SETLK, fcntl.F_UNLCK)
                 self._clean = True
 
-        def close(self) -> None:
+        def close(self) -> None:  # Twice is harmless: a record lock's counts drop once.
             file, self._file = self._file, None
-            if self._records is not None:
-                self._records.close()
+            records, self._records = self._records, None
+            if records is not None:
+                records.close()
             elif file is not None:
                 if self._clean and self.offset is not None and not file.closed and self._keep_spare(file):
                     return
@@ -929,8 +933,12 @@ class _KeyLock:
         owner = _thread.get_ident()
         handle = self._try(owner)
         if handle is not None:
-            for delay in self._tries(owner, handle, timeout, True):
-                time.sleep(delay)
+            try:
+                for delay in self._tries(owner, handle, timeout, True):
+                    time.sleep(delay)
+            except BaseException:  # Also one that came before the loop's own handler was set up.
+                handle.close()
+                raise
         return self
 
     def try_acquire(self) -> bool:
@@ -945,10 +953,14 @@ class _KeyLock:
         """Wait for the lock without blocking the event loop."""
         handle = self._try(owner)
         if handle is not None:
-            import asyncio
+            try:
+                import asyncio
 
-            for delay in self._tries(owner, handle, None, False):
-                await asyncio.sleep(delay)
+                for delay in self._tries(owner, handle, None, False):
+                    await asyncio.sleep(delay)
+            except BaseException:  # Cancelled, or interrupted before the loop's own handler was set up.
+                handle.close()
+                raise
 
     def _report_wait(self, handle: _LockFile) -> list[bool]:
         """With INFO logging on, a helper thread logs a wait that passes a second, naming the holder if it
@@ -1113,7 +1125,7 @@ def _write_bytes(target: str, data: bytes | Iterable[Any], *, durable: bool, who
     try:
         chunks: Iterable[Any] = (data,) if isinstance(data, bytes) else data
         for chunk in chunks:
-            view = chunk if type(chunk) in (bytes, bytearray) else memoryview(chunk).cast("B")
+            view = memoryview(chunk).cast("B")  # Slices of it, not of bytes: a short write copies nothing.
             while view:
                 view = view[os.write(fd, view) :]
         if written is not None:

@@ -4408,6 +4408,49 @@ def test_keyboard_interrupts_never_leave_a_key_lock_held(tmp_path):
     assert state == "ok", f"{state} ({summary})"
 
 
+@posix_only
+@pytest.mark.parametrize("wait", ["sync", "async"])
+def test_an_interrupt_as_a_lock_wait_begins_gives_its_handle_back(tmp_path, monkeypatch, wait):
+    """Review of issue 20: the first try of a lock moved out of the poll loop, and an interrupt between
+    the two (KeyboardInterrupt, or a task's cancellation) left the handle open. With classic record
+    locks (macOS, the BSDs, 32-bit Linux) its descriptor and counts then stayed forever."""
+    import asyncio
+
+    dc._load_fcntl()
+    monkeypatch.setattr(dc, "_F_OFD_SETLK", 0)  # Classic record locks, as where OFD locks are missing.
+    path = os.path.realpath(tmp_path / "lock")
+    Path(path).touch()
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with dc._KeyLock(path, 5).acquire():
+            held.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(30)
+
+    def interrupted(self, *args):
+        raise KeyboardInterrupt
+        yield  # A generator, as the poll loop is.
+
+    with pytest.raises(TimeoutError):  # The poll loop closes its handle, then acquire() does again: harmless.
+        dc._KeyLock(path, 5).acquire(timeout=0.01)
+    assert dc._RecordLocks.shared[path][1] == 1, "the holder's descriptor is still counted once"
+    monkeypatch.setattr(dc._KeyLock, "_tries", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        if wait == "sync":
+            dc._KeyLock(path, 5).acquire()
+        else:
+            asyncio.run(dc._KeyLock(path, 5).acquire_async(1))
+    monkeypatch.undo()
+    assert dc._RecordLocks.shared[path][1] == 1 and dc._RecordLocks.turns[(path, 5)][1] == 1
+    done.set()
+    holder.join()
+    assert path not in dc._RecordLocks.shared and (path, 5) not in dc._RecordLocks.turns
+
+
 # -- memoize: the identity of work (keys and code changes) ----------------------
 
 
@@ -6371,6 +6414,40 @@ def test_a_setuid_process_finds_its_own_entries_and_clears_its_failure_records(t
     assert child(batch.replace("RETRY", "False"), str(cache), "run").stdout.split() == ["2000", "0", "1", "0"]
     assert child(job + "print(parse(4), parse(4))", str(cache), "run").stdout.split() == ["8", "8"]
     assert child(job + "print(parse(4))", str(cache), "run").stdout.split() == ["8"]
+    assert calls.read_text().split() == ["3", "3", "4"], "each input computed once: the later calls were hits"
+
+
+@posix_only
+def test_where_access_is_refused_lookups_and_the_ledger_fall_back_to_lstat(tmp_path):
+    # Review of issue 20: glibc asks faccessat2(2) for access(path, F_OK, AT_EACCESS | AT_SYMLINK_NOFOLLOW), which
+    # Docker's seccomp profile before 20.10 refuses with EPERM; os.access() then says False for every name. Lookups
+    # missed every entry that another process wrote, and a success took the store for one without a failure ledger,
+    # so a stale record outlived it and a retry_failures=False batch returned it. Here os.access is refused the same
+    # way before donecache is imported.
+    cache, calls = tmp_path / "cache", tmp_path / "calls"
+    refused = textwrap.dedent(f"""
+        import importlib, os, sys
+        def refused(path, mode, *, dir_fd=None, effective_ids=False, follow_symlinks=True):
+            return False  # EPERM from a seccomp filter reads as "no".
+        os.supports_effective_ids.add(refused)
+        os.supports_follow_symlinks.add(refused)
+        os.access = refused
+        dc = importlib.import_module({MODULE!r})
+    """)
+    batch = refused + LEDGER_JOB + (
+        "b = parse.map([3], keep_going=True, retry_failures=RETRY)\n"
+        "print(b.computed, b.reused, len(b.failures))"
+    )
+
+    def run(code: str, phase: str) -> list[str]:
+        return child("", run=["-c", code, str(cache), phase]).stdout.split()
+
+    assert run(batch.replace("RETRY", "True"), "run") == ["0", "0", "1"]
+    assert run(batch.replace("RETRY", "True"), "fixed") == ["1", "0", "0"]
+    assert not list((cache / ".failures").rglob("*.json")), "the success cleared the failure record"
+    assert run(batch.replace("RETRY", "False"), "run") == ["0", "1", "0"]
+    assert run(refused + LEDGER_JOB + "print(parse(4))", "run") == ["8"]
+    assert run(refused + LEDGER_JOB + "print(parse(4))", "run") == ["8"]
     assert calls.read_text().split() == ["3", "3", "4"], "each input computed once: the later calls were hits"
 
 
