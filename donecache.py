@@ -58,21 +58,19 @@ __version__ = "0.3.0.dev0"
 
 # One-off scripts pay for every import: only modules that the interpreter has loaded anyway (_collections_abc and
 # _weakref: os and the startup load them) or that cost little are imported here. The rest (pickle and shelve alone
-# cost 4 ms, with re and enum) are imported where first needed, when a store is opened or a function decorated, in
-# the caller's thread, never first on a hot path: a KeyboardInterrupt inside a first import can leave a half-made
-# module behind (seen with inspect and json on CPython 3.9).
+# cost 4 ms, with re and enum; struct and zlib load shared libraries: 60 system calls, about 0.7 ms) are imported
+# where first needed, when a store is opened or a function decorated, in the caller's thread, never first on a hot
+# path: a KeyboardInterrupt inside a first import can leave a half-made module behind (seen with inspect and json on
+# CPython 3.9).
 import _collections_abc
 import _thread
 import _weakref
 import errno
 import io
-import itertools
 import os
 import stat
-import struct
 import sys
 import time
-import zlib
 
 # typing costs more to import than all of the above; type checkers treat this name as True (mypy, pyright), and
 # `overload` is a no-op at run time.
@@ -81,7 +79,9 @@ if TYPE_CHECKING:
     import collections
     import pickle
     import shelve
+    import struct
     import weakref
+    import zlib
     from pathlib import Path
     from types import TracebackType
     from typing import IO, Any, Callable, Generator, Generic, Iterable, Iterator, NamedTuple, ParamSpec, TypeVar
@@ -230,10 +230,14 @@ else:
     # import, issue 20), with the constants taken from it: 0 stands for one this system lacks.
     fcntl: Any = None
     _F_FULLFSYNC = _F_OFD_SETLK = _F_OFD_SETLKW = 0
+    _FLOCK: struct.Struct  # struct flock, 64-bit Linux (type, whence, start, len, pid): made by _load_fcntl.
 
     def _load_fcntl() -> Any:
-        global fcntl, _F_FULLFSYNC, _F_OFD_SETLK, _F_OFD_SETLKW
+        global fcntl, _F_FULLFSYNC, _F_OFD_SETLK, _F_OFD_SETLKW, _FLOCK
         import fcntl as module
+        import struct
+
+        _FLOCK = struct.Struct("@hhqqi4x")
 
         # macOS: fsync(2) only hands data to the drive, whose cache may lose it on power failure; F_FULLFSYNC asks
         # the drive to flush (see fcntl(2) on macOS).
@@ -456,7 +460,6 @@ else:
     # kernel's deadlock detection, which misfires when threads of several processes hold classic record locks (EDEADLK,
     # "Resource deadlock avoided"), does not apply. Elsewhere (macOS, the BSDs; 32-bit Linux, whose struct flock differs
     # from _FLOCK) only classic record locks are used: see _RecordLocks. (_F_OFD_SETLK is 0 there, set by _load_fcntl.)
-    _FLOCK = struct.Struct("@hhqqi4x")  # struct flock, 64-bit Linux: type, whence, start, len, pid.
     _BUSY = (errno.EACCES, errno.EAGAIN)
 
     class _RecordLocks:
@@ -1033,6 +1036,8 @@ def _writer_token() -> str:
 
         tag = hashlib.blake2b(_host().encode("utf-8", "replace"), digest_size=3).hexdigest()
         # A count from a random start, not a getrandom(2) per name (issue 20); O_EXCL settles any collision.
+        import itertools
+
         names = itertools.count(int.from_bytes(os.urandom(2), "little"))
         writer = _me["writer"] = f"{tag}{_pid() & 0xFFFFFF:06x}", names
     return f"{writer[0]}{next(writer[1]) & 0xFFFF:04x}"
@@ -1793,9 +1798,11 @@ done_dir = Stage
 # buffers are written. What each read checks (not the buffers' CRCs on a hit: they cost more than the whole read of a
 # big value): docs/storage.md.
 _ENTRY_MAGIC = b"dcE2"
-_ENTRY_HEADER = struct.Struct("<4sIddQQIII")
-_BUFFER_ROW = struct.Struct("<QI")
-_META = struct.Struct("<d")  # The metadata's fixed part: the computation's seconds; the host follows.
+# The header, a table row, and the metadata's fixed part (the computation's seconds; the host follows): made by
+# _runtime_imports, which imports struct.
+_ENTRY_HEADER: struct.Struct
+_BUFFER_ROW: struct.Struct
+_META: struct.Struct
 _CODECS = {"zlib": 1, "lzma": 2}
 _OUT_OF_BAND = 1 << 16  # Buffers this big are written apart from the stream, and can be mapped.
 _MAX_BUFFERS = 4096  # Beyond this many, buffers stay in the stream: the table's size is bounded.
@@ -1827,11 +1834,14 @@ _WEAK_TABLES: dict[str, str] = {}
 
 def _runtime_imports() -> None:
     """Import and make what entries need: called where a store is opened or a function decorated or rebuilt."""
-    global pickle, collections, _DatetimePickler
-    import collections
-    import pickle
+    global pickle, collections, struct, zlib, _ENTRY_HEADER, _BUFFER_ROW, _META, _DatetimePickler
+    if _DatetimePickler is None:  # Made last: an interrupted first call is made again.
+        import collections
+        import pickle
+        import struct
+        import zlib
 
-    if _DatetimePickler is None:
+        _ENTRY_HEADER, _BUFFER_ROW, _META = struct.Struct("<4sIddQQIII"), struct.Struct("<QI"), struct.Struct("<d")
 
         class DatetimePickler(pickle.Pickler):
             # NumPy pickles datetime64 and timedelta64 arrays in the stream (no PickleBuffer): a big
@@ -2417,6 +2427,8 @@ def _keep_recent(path: str, stamp: tuple[int, ...] | None, entry: _Entry) -> Non
     if len(_recent) >= _RECENT_COUNT:
         # The oldest quarter at once: a dict's first key is found past the
         # slots of keys deleted before it, so dropping one at a time is slow.
+        import itertools
+
         try:
             for old in list(itertools.islice(_recent, _RECENT_COUNT // 4)):
                 _recent.pop(old, None)
@@ -2741,7 +2753,7 @@ class _EntryDir:
 _LOW_WATER = 0.8
 # .usage: the total, the boot time and host of its last writer, the newest use
 # time of an entry a sweep evicted, and the number of sweeps begun.
-_USAGE = struct.Struct("<QdQdQ")
+_USAGE = "<QdQdQ"  # For struct's functions (imported by then: a store is open).
 
 
 def _this_boot() -> tuple[float, int]:
@@ -2815,9 +2827,9 @@ class _EntryFiles(_EntryDir):
         with _KeyLock(self.lock_path, _USAGE_BYTE).acquire():
             fd = _open_regular(os.path.join(self.root, ".usage"), _WRITE_FLAGS)[0]
             try:
-                raw = os.read(fd, _USAGE.size + 1)
-                whole = len(raw) == _USAGE.size
-                total, boot, host, self.horizon, sweeps = _USAGE.unpack(raw) if whole else (0, 0.0, 0, 0.0, 0)
+                raw = os.read(fd, struct.calcsize(_USAGE) + 1)
+                whole = len(raw) == struct.calcsize(_USAGE)
+                total, boot, host, self.horizon, sweeps = struct.unpack(_USAGE, raw) if whole else (0, 0.0, 0, 0.0, 0)
                 now = _this_boot()
                 found = total if whole and (host != now[1] or abs(boot - now[0]) < 5.0) else None
                 if seen is not None:
@@ -2826,7 +2838,7 @@ class _EntryFiles(_EntryDir):
                 if new is not None and (new != found or evicted > self.horizon or sweep):
                     self.horizon = max(self.horizon, evicted)
                     os.lseek(fd, 0, os.SEEK_SET)
-                    os.write(fd, _USAGE.pack(max(0, new), *now, self.horizon, sweeps + sweep))
+                    os.write(fd, struct.pack(_USAGE, max(0, new), *now, self.horizon, sweeps + sweep))
                     if self.durable and (found is None or new > found):
                         _fsync_file(fd)
                 if self.max_bytes is not None and not self.readonly:
@@ -5225,6 +5237,7 @@ def _bounded_repr(value: Any) -> str:
     # reprlib shows those in full, then cuts. Dicts keep their own order (a record's id usually comes first).
     global _bounded
     if _bounded is None:
+        import itertools
         import reprlib
 
         class Bounded(reprlib.Repr):
