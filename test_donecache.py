@@ -5777,12 +5777,12 @@ def test_import_loads_none_of_the_costly_modules(tmp_path):
     )
     loaded = child("", MODULE, run=["-c", script])
     costly = {"pickle", "shelve", "collections", "weakref", "re", "enum", "typing", "functools", "hashlib", "json",
-              "fcntl"}
+              "fcntl", "struct", "zlib"}
     assert not costly & set(loaded.stdout.split()), loaded.stdout
 
 
 @pytest.mark.parametrize("first", ["store", "memoize"])
-@pytest.mark.parametrize("module", ["pickle", "shelve", "weakref", "collections", "fcntl"])
+@pytest.mark.parametrize("module", ["pickle", "shelve", "weakref", "collections", "fcntl", "struct", "zlib"])
 def test_an_interrupted_first_import_leaves_donecache_working(tmp_path, module, first):
     """A KeyboardInterrupt inside the first import of what a store or memoize needs
     (injected by an import hook, once), then the same calls again: they work."""
