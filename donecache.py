@@ -205,6 +205,9 @@ if sys.platform == "win32":  # pragma: no cover - CI proves Linux only
 
     _exists = os.path.lexists  # os.access() takes no follow_symlinks=False here.
 
+    def _check_exists(known: str) -> None:
+        pass
+
     def _open_file(path: str, flags: int, mode: int) -> int:
         # No O_NOFOLLOW: a name opened to write is refused if it is a symlink now (one made between this check and
         # the open is not seen).
@@ -306,17 +309,23 @@ else:
     # _exists: whether anything (a symlink too) has this name, asked without a Python exception for a missing one:
     # a failed lstat's exception costs more than the system call (issue 20). False on any error (EACCES, EIO).
     # As the effective user (AT_EACCESS): access(2) alone asks as the real one, which under setuid cannot search a
-    # store made private to the effective user, and every lookup would miss (review of issue 20). glibc makes that
-    # faccessat2(2), which Docker's seccomp profile before 20.10 refuses with EPERM (no fallback: fwupd issue 3223),
-    # so every name would look missing: one question about "/" at import tells, and lstat answers instead.
-    if (os.access in os.supports_effective_ids and os.access in os.supports_follow_symlinks
-            and os.access(os.sep, os.F_OK, effective_ids=True, follow_symlinks=False)):
+    # store made private to the effective user, and every lookup would miss (review of issue 20).
+    if os.access in os.supports_effective_ids and os.access in os.supports_follow_symlinks:
 
         def _exists(path: str) -> bool:
             return os.access(path, os.F_OK, effective_ids=True, follow_symlinks=False)
 
     else:
         _exists = os.path.lexists
+
+    def _check_exists(known: str) -> None:
+        """Ask _exists about ``known``, a directory that exists (a store's root, at each open): if it says no,
+        access(2) is refused, and lstat answers from then on. glibc makes it faccessat2(2), which Docker's seccomp
+        profile before 20.10 refuses with EPERM (no fallback: fwupd issue 3223), as can a filter that a process
+        sets up after import; every name would look missing (review of issue 20)."""
+        global _exists
+        if not _exists(known):
+            _exists = os.path.lexists
 
     def _pid_alive(pid: int) -> bool:
         try:
@@ -931,6 +940,13 @@ class _KeyLock:
         self._handle, self._pid = handle, _pid()
         self._holders[self._name] = (owner, _weakref.ref(self))
 
+    def _drop(self, handle: _LockFile) -> None:
+        """Give back a handle that a wait left behind: released if it was recorded as held, else closed."""
+        if self._handle is handle:
+            self.release()
+        else:
+            handle.close()
+
     def acquire(self, timeout: float | None = None) -> _KeyLock:
         """Wait for the lock (TimeoutError after ``timeout`` s); returns it, for ``with lock.acquire(timeout):``."""
         owner = _thread.get_ident()
@@ -940,7 +956,7 @@ class _KeyLock:
                 for delay in self._tries(owner, handle, timeout, True):
                     time.sleep(delay)
             except BaseException:  # Also one that came before the loop's own handler was set up.
-                handle.close()
+                self._drop(handle)
                 raise
         return self
 
@@ -962,7 +978,7 @@ class _KeyLock:
                 for delay in self._tries(owner, handle, None, False):
                     await asyncio.sleep(delay)
             except BaseException:  # Cancelled, or interrupted before the loop's own handler was set up.
-                handle.close()
+                self._drop(handle)
                 raise
 
     def _report_wait(self, handle: _LockFile) -> list[bool]:
@@ -2529,6 +2545,7 @@ class _EntryDir:
             raise _os_error(errno.EEXIST, root, f"{root!r} is a directory that holds other files and is not a "
                             "donecache store (no CACHEDIR.TAG); give a new or empty directory, such as .donecache")
         st = os.stat(root)
+        _check_exists(root)
         if not trust_shared:
             _check_trusted(root, st)
         # Folders made inside the store get the store directory's own mode, whatever

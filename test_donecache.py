@@ -4451,6 +4451,40 @@ def test_an_interrupt_as_a_lock_wait_begins_gives_its_handle_back(tmp_path, monk
     assert path not in dc._RecordLocks.shared and (path, 5) not in dc._RecordLocks.turns
 
 
+def test_an_interrupt_once_a_waited_lock_is_recorded_releases_it(tmp_path, monkeypatch):
+    """Review of issue 20: an interrupt that lands after a wait has recorded the lock as held must
+    release it, not only close its handle: a held record of a closed handle made this thread's next
+    acquire of the key raise "this thread already holds the lock"."""
+    path = os.path.realpath(tmp_path / "lock")
+    Path(path).touch()
+    held = threading.Event()
+
+    def hold() -> None:
+        with dc._KeyLock(path, 7).acquire():
+            held.set()
+            time.sleep(0.2)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(30)
+    recorded = dc._KeyLock._taken
+
+    def interrupted(self, handle, owner):
+        recorded(self, handle, owner)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dc._KeyLock, "_taken", interrupted)
+    lock = dc._KeyLock(path, 7)
+    with pytest.raises(KeyboardInterrupt):
+        lock.acquire()  # Waits for the holder, then is interrupted as it records the lock.
+    monkeypatch.undo()
+    holder.join()
+    again = dc._KeyLock(path, 7)
+    assert again.try_acquire(), "released, and not recorded as this thread's any more"
+    again.release()
+    assert lock._handle is None
+
+
 # -- memoize: the identity of work (keys and code changes) ----------------------
 
 
@@ -6418,22 +6452,23 @@ def test_a_setuid_process_finds_its_own_entries_and_clears_its_failure_records(t
 
 
 @posix_only
-def test_where_access_is_refused_lookups_and_the_ledger_fall_back_to_lstat(tmp_path):
+@pytest.mark.parametrize("when", ["before import", "after import"])
+def test_where_access_is_refused_lookups_and_the_ledger_fall_back_to_lstat(tmp_path, when):
     # Review of issue 20: glibc asks faccessat2(2) for access(path, F_OK, AT_EACCESS | AT_SYMLINK_NOFOLLOW), which
     # Docker's seccomp profile before 20.10 refuses with EPERM; os.access() then says False for every name. Lookups
     # missed every entry that another process wrote, and a success took the store for one without a failure ledger,
     # so a stale record outlived it and a retry_failures=False batch returned it. Here os.access is refused the same
-    # way before donecache is imported.
+    # way, before donecache is imported or after (a process that sets up its seccomp filter later).
     cache, calls = tmp_path / "cache", tmp_path / "calls"
-    refused = textwrap.dedent(f"""
-        import importlib, os, sys
+    refuse = textwrap.dedent("""
         def refused(path, mode, *, dir_fd=None, effective_ids=False, follow_symlinks=True):
             return False  # EPERM from a seccomp filter reads as "no".
         os.supports_effective_ids.add(refused)
         os.supports_follow_symlinks.add(refused)
         os.access = refused
-        dc = importlib.import_module({MODULE!r})
     """)
+    load = f"dc = importlib.import_module({MODULE!r})\n"
+    refused = "import importlib, os, sys\n" + (refuse + load if when == "before import" else load + refuse)
     batch = refused + LEDGER_JOB + (
         "b = parse.map([3], keep_going=True, retry_failures=RETRY)\n"
         "print(b.computed, b.reused, len(b.failures))"
