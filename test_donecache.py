@@ -4408,6 +4408,21 @@ def test_keyboard_interrupts_never_leave_a_key_lock_held(tmp_path):
     assert state == "ok", f"{state} ({summary})"
 
 
+def hold_in_a_thread(path: str, byte: int, done: threading.Event) -> threading.Thread:
+    """A thread that holds the key lock (path, byte) from before this returns until ``done`` is set."""
+    held = threading.Event()
+
+    def hold() -> None:
+        with dc._KeyLock(path, byte).acquire():
+            held.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(30)
+    return thread
+
+
 @posix_only
 @pytest.mark.parametrize("wait", ["sync", "async"])
 def test_an_interrupt_as_a_lock_wait_begins_gives_its_handle_back(tmp_path, monkeypatch, wait):
@@ -4420,16 +4435,8 @@ def test_an_interrupt_as_a_lock_wait_begins_gives_its_handle_back(tmp_path, monk
     monkeypatch.setattr(dc, "_F_OFD_SETLK", 0)  # Classic record locks, as where OFD locks are missing.
     path = os.path.realpath(tmp_path / "lock")
     Path(path).touch()
-    held, done = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with dc._KeyLock(path, 5).acquire():
-            held.set()
-            done.wait(30)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    held.wait(30)
+    done = threading.Event()
+    holder = hold_in_a_thread(path, 5, done)
 
     def interrupted(self, *args):
         raise KeyboardInterrupt
@@ -4457,16 +4464,9 @@ def test_an_interrupt_once_a_waited_lock_is_recorded_releases_it(tmp_path, monke
     acquire of the key raise "this thread already holds the lock"."""
     path = os.path.realpath(tmp_path / "lock")
     Path(path).touch()
-    held = threading.Event()
-
-    def hold() -> None:
-        with dc._KeyLock(path, 7).acquire():
-            held.set()
-            time.sleep(0.2)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    held.wait(30)
+    done = threading.Event()
+    holder = hold_in_a_thread(path, 7, done)
+    threading.Timer(0.2, done.set).start()
     recorded = dc._KeyLock._taken
 
     def interrupted(self, handle, owner):
