@@ -58,7 +58,7 @@ __version__ = "0.3.0.dev0"
 
 # One-off scripts pay for every import: only modules that the interpreter has loaded anyway (_collections_abc and
 # _weakref: os and the startup load them) or that cost little are imported here. The rest (pickle and shelve alone
-# cost 4 ms, with re and enum; struct and zlib load shared libraries: 60 system calls, about 0.7 ms) are imported
+# cost 4 ms, with re and enum; struct and zlib load shared libraries: 60 system calls, about 0.4 ms) are imported
 # where first needed, when a store is opened or a function decorated, in the caller's thread, never first on a hot
 # path: a KeyboardInterrupt inside a first import can leave a half-made module behind (seen with inspect and json on
 # CPython 3.9).
