@@ -4380,6 +4380,12 @@ INTERRUPT_STORM = """
                 calls += 1
             except KeyboardInterrupt:
                 interrupted += 1
+            except SystemError as exc:
+                # CPython 3.9: a signal taken while the handler makes its KeyboardInterrupt turns that call into
+                # "<class 'KeyboardInterrupt'> returned a result with an error set", caused by the inner one.
+                if not isinstance(exc.__cause__, KeyboardInterrupt):
+                    state = f"during the storm: {type(exc).__name__}: {exc}"
+                interrupted += 1
             except Exception as exc:
                 state = f"during the storm: {type(exc).__name__}: {exc}"
             finally:
