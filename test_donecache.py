@@ -7473,6 +7473,94 @@ def test_donecache_off_with_shards_makes_no_cache_directory(tmp_path, monkeypatc
     assert sorted(calls) == sorted([*range(20), 5, 3])
 
 
+# -- map: a worker readies its next call while one computes (issue 20) ---------------
+#
+# After a call of 0.2-50 ms, a worker's writer thread takes the next input's key lock (if free) and looks for its entry
+# while the call computes. A readied lock is held for a call that has not begun, so whoever asks for it may be what the
+# running call waits on. Each script runs a chunk [7, 5, 4, 3] on one worker (after two slow fillers that keep the
+# worker busy while the chunk gathers): input 4 is readied while f(5) runs.
+
+READIED = """
+    import subprocess, sys, time
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    @dc.memoize(sys.argv[1])
+    def f(n):
+        time.sleep(0.05 if n >= 100 else 0.002)
+        if len(sys.argv) > 3:  # A child asked for one result.
+            print("computed", n, file=sys.stderr)
+            return n
+        if n == 5 and sys.argv[3:] == [] and ASK == "thread":
+            return f(4) + 1  # The next input, readied while this call runs.
+        if n == 5 and ASK == "process":
+            out = subprocess.run([sys.executable, __file__, sys.argv[1], sys.argv[2], "4"], capture_output=True,
+                                 text=True, timeout=20)
+            sys.stderr.write(out.stderr)
+            return int(out.stdout) + 1
+        if n == 7 and ASK == "early":
+            return f(4) + 3  # Stored before input 4 is readied: the readied look finds it.
+        if n == 5 and ASK == "interrupt":
+            raise KeyboardInterrupt
+        if n == 4 and ASK == "self":
+            return f(4)  # A call that needs itself: an error, as it is outside a batch.
+        print("computed", n, file=sys.stderr)
+        return n
+
+    ASK = sys.argv[2]
+    if ASK == "thread":
+        dc._READY_HOLD = 3600.0  # No timer: only the give-up on asking can free the lock in time.
+    if __name__ == "__main__":
+        if len(sys.argv) > 3:
+            print(f(int(sys.argv[3])))
+            sys.exit()
+        kind = ProcessPoolExecutor if sys.argv[2] == "process" else ThreadPoolExecutor
+        try:
+            with kind(1) as pool:
+                batch = f.map([100, 101, 7, 5, 4, 3], executor=pool, chunksize=4)
+            print(batch.successes, batch.computed, batch.reused)
+        except KeyboardInterrupt as exc:
+            kept = exc  # Its traceback keeps the worker's frames, and whatever they hold, alive.
+            start = time.monotonic()
+            out = subprocess.run([sys.executable, __file__, sys.argv[1], sys.argv[2], "4"], capture_output=True,
+                                 text=True, timeout=20)
+            print("interrupted; another process computed", out.stdout.strip(), time.monotonic() - start < 10)
+        except RuntimeError as exc:
+            print(exc)
+"""
+
+
+@pytest.mark.parametrize("ask", ["thread", "process"])
+def test_a_readied_lock_is_given_up_to_whoever_the_running_call_waits_on(tmp_path, ask):
+    """f(5) needs f(4), the input readied while it runs: asked in its own thread (a recursive function), the lock is
+    given up at once; asked by another process, within _READY_HOLD. Either way f(4) is computed once, by the asker,
+    and reused by the batch. Before, the call waited forever on the lock its own worker held for the next call."""
+    proc = child(READIED, str(tmp_path / "c"), ask, script_file=tmp_path / "job.py", timeout=60)
+    assert proc.stdout.split("\n")[0] == "[100, 101, 7, 5, 4, 3] 5 1", proc.stdout + proc.stderr
+    assert proc.stderr.count("computed 4") == 1, proc.stderr
+
+
+def test_a_readied_look_finds_an_entry_stored_since_the_parent_looked(tmp_path):
+    """f(7) stores f(4) after the parent looked for it and before input 4 is readied: the readied look under the
+    lock finds it, and the batch reuses it instead of computing it again."""
+    proc = child(READIED, str(tmp_path / "c"), "early", script_file=tmp_path / "job.py", timeout=60)
+    assert proc.stdout.split("\n")[0] == "[100, 101, 7, 5, 4, 3] 5 1", proc.stdout + proc.stderr
+    assert proc.stderr.count("computed 4") == 1, proc.stderr
+
+
+def test_a_readied_call_that_asks_for_itself_is_an_error_not_a_hang(tmp_path):
+    """The call takes over its readied lock as its own thread's: f(4) asking for f(4) is the error it is outside a
+    batch, not a wait on a lock that another thread of the worker took for it."""
+    proc = child(READIED, str(tmp_path / "c"), "self", script_file=tmp_path / "job.py", timeout=60)
+    assert "this thread already holds the lock" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_an_interrupted_chunk_gives_back_the_lock_it_readied(tmp_path):
+    """KeyboardInterrupt in f(5), while input 4 is readied: its lock is given back as the chunk ends, even while
+    the exception (and the frames it keeps) lives on; another process then computes f(4) at once."""
+    proc = child(READIED, str(tmp_path / "c"), "interrupt", script_file=tmp_path / "job.py", timeout=60)
+    assert proc.stdout.strip() == "interrupted; another process computed 4 True", proc.stdout + proc.stderr
+
+
 # -- Attack 14 (issue 10 item 14, failed before its fix): map(keep_going=False, workers=N) raises
 #    the earliest input's failure
 
