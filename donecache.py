@@ -2780,7 +2780,7 @@ class _EntryDir:
 _LOW_WATER = 0.8
 # .usage: the total, the boot time and host of its last writer, the newest use
 # time of an entry a sweep evicted, and the number of sweeps begun.
-_USAGE = "<QdQdQ"  # For struct's functions (imported by then: a store is open).
+_USAGE, _USAGE_BYTES = "<QdQdQ", 40  # For struct's functions (imported by then: a store is open); its calcsize.
 
 
 def _this_boot() -> tuple[float, int]:
@@ -2854,8 +2854,8 @@ class _EntryFiles(_EntryDir):
         with _KeyLock(self.lock_path, _USAGE_BYTE).acquire():
             fd = _open_regular(os.path.join(self.root, ".usage"), _WRITE_FLAGS)[0]
             try:
-                raw = os.read(fd, struct.calcsize(_USAGE) + 1)
-                whole = len(raw) == struct.calcsize(_USAGE)
+                raw = os.read(fd, _USAGE_BYTES + 1)
+                whole = len(raw) == _USAGE_BYTES
                 total, boot, host, self.horizon, sweeps = struct.unpack(_USAGE, raw) if whole else (0, 0.0, 0, 0.0, 0)
                 now = _this_boot()
                 found = total if whole and (host != now[1] or abs(boot - now[0]) < 5.0) else None
