@@ -902,8 +902,9 @@ class _KeyLock:
         if lock is not None and lock._handle is not None and lock._pid == _pid():
             if held is not None and held[0] == owner:
                 raise RuntimeError(f"this thread already holds the lock {self.path}; re-entering it would wait forever")
-            if lock._readied is not None:  # A batch readied it for a later call, which may wait on this one.
-                lock._readied.surrender()
+            readied = lock._readied  # Once: a take() or surrender() in another thread may clear it meanwhile.
+            if readied is not None:  # A batch readied it for a later call, which may wait on this one.
+                readied.surrender()
         handle = _LockFile(*self._name)
         try:
             if not handle.lock(False):
@@ -5403,23 +5404,23 @@ def _failed(exc: BaseException, portable: bool) -> _Outcome:
 
 
 class _Ready:
-    """A call of a chunk made ready by the writer thread while the call before it computes: its _Call, its key's lock
-    if it was free (else None: the call waits for it the ordinary way), or the result if the entry is there after
-    all (another process stored it since the parent looked). Looking under the lock after a sleep-like call cost
-    a worker 50-90 us per call of a cold cache (issue 20: a batch of 1 ms calls went from 0.8 to 0.9 of the floor)."""
+    """A call of a chunk made ready by the writer thread while the call before it computes: its _Call, and its key's
+    lock if that was free and no entry was found under it (else None: the call goes the ordinary way, which takes the
+    lock, looks, and reads what another process may have stored since the parent looked). Taking the lock and
+    looking after a sleep-like call cost a worker 50-90 us per call of a cold batch (issue 20: a batch of 1 ms calls
+    went from 0.86 to 0.90 of a plain pool)."""
 
     # The lock is held for a call that has not begun, so whoever asks for it may be what the call before waits on:
     # the call before itself (a recursive function: f(5) calls f(4), the next input), another thread, or another
     # process. So the lock is never waited for here (two workers each waiting while holding a readied lock could
     # deadlock), it is given up at once to a thread of this process that asks (_KeyLock._try), and after
     # _READY_HOLD seconds to anyone (the writer's timer). A call whose lock was given up goes the ordinary way.
-    __slots__ = ("func", "key", "args", "call", "lock", "value", "made", "claim")
+    __slots__ = ("func", "key", "args", "call", "lock", "made", "claim")
 
     def __init__(self, func: _Memoized[..., Any], key: bytes, args: tuple[Any, ...]) -> None:
         self.func, self.key, self.args = func, key, args
         self.call: _Call | None = None
         self.lock: _KeyLock | None = None
-        self.value: Any = _MISSING
         self.made = _thread.allocate_lock()  # Held until make() has run.
         self.made.acquire()
         self.claim = _thread.allocate_lock()  # Guards self.lock: taken by the call, or given up, once.
@@ -5432,27 +5433,30 @@ class _Ready:
             if files is not None and call.slot is not None:
                 lock = _KeyLock(files.lock_path, call.slot.offset)
                 if lock.try_acquire():
-                    try:
-                        self.value = self.func._hit(call)
-                    finally:
-                        if self.value is _MISSING:
-                            lock._readied, self.lock = self, lock
-                        else:
-                            lock.release()
+                    with self.claim:  # Published before the look: a thread that asks meanwhile can have it.
+                        lock._readied, self.lock = self, lock
+                    # The read the call's own look would make, without recording a use or counting a hit: an entry
+                    # found sends the call the ordinary way, which reads it again and judges it (ttl) as it begins.
+                    if files.read(call.key, call.slot, None, False, False, recent=True) is not None:
+                        self.surrender()
             self.call = call
-        except Exception:  # noqa: S110 - the call then goes the ordinary way, which meets the error and reports it.
-            pass
+        except Exception:  # The call then goes the ordinary way, which meets the error and reports it.
+            self.surrender()
         finally:
             self.made.release()
 
-    def take(self) -> _KeyLock | None:
-        """For the call, as it begins: its readied lock, now held by this thread; None if there was none to take."""
+    def take(self, writer: _Writer) -> tuple[_Call | None, _KeyLock | None]:
+        """For the call, as it begins: its _Call (None: make it) and its readied lock, now held by this thread
+        (None: take it the ordinary way). If the writer died before making it, neither."""
+        while not self.made.acquire(timeout=0.1):
+            if not writer.alive():
+                return None, None
         with self.claim:
             lock, self.lock = self.lock, None
         if lock is not None:
             lock._readied = None
             lock.adopt()
-        return lock
+        return self.call, lock
 
     def surrender(self) -> None:
         """Give up the readied lock, unless the call has taken it."""
@@ -5481,6 +5485,9 @@ class _Writer:
 
         self._pid = _pid()
         self._queue: Any = queue.SimpleQueue()
+        # What went wrong in the thread, warned by finish() in the caller's thread: a warning raised in the thread
+        # (warnings as errors) would end it, and the chunk's next readied call would wait for it forever.
+        self._problems: list[str] = []
         self._thread = threading.Thread(target=self._run, name="donecache-keeper", daemon=True)
         self._thread.start()
 
@@ -5504,35 +5511,44 @@ class _Writer:
         self._queue.put(ready)
         return ready
 
+    def alive(self) -> bool:
+        return bool(self._thread.is_alive())
+
     def _run(self) -> None:
         import queue
 
-        held, deadline = None, 0.0  # The last _Ready that took a lock, and when it gives the lock up.
+        held: list[tuple[float, _Ready]] = []  # Readied locks not yet taken, with when each is given up.
         while True:
             try:
-                job = self._queue.get() if held is None else self._queue.get(timeout=deadline - time.monotonic())
-            except (queue.Empty, ValueError):  # ValueError: the deadline has passed.
-                assert held is not None
-                held.surrender()
-                held = None
-                continue
-            if isinstance(job, _Ready):
-                job.make()
-                held, deadline = (job, time.monotonic() + _READY_HOLD) if job.lock is not None else (None, 0.0)
-                continue
-            if not isinstance(job, tuple):  # finish(): everything before it is stored.
-                job.release()
-                if self is not _Writer._current:
-                    return  # A chunk's own writer: its chunk is done.
-                continue
-            func, call, value, lock = job
+                job = self._queue.get(timeout=max(0.0, held[0][0] - time.monotonic())) if held else self._queue.get()
+            except queue.Empty:
+                job = None
             try:
-                func._store_result(call, value)
-            except Exception as exc:  # The thread serves the next chunks too: say it, go on.
-                _warn(f"{func.__qualname__}(): the result is returned but not cached: {exc!r}")
-            finally:
-                if lock is not None:
-                    lock.release()
+                while held and held[0][0] <= time.monotonic():  # (One that an interrupt left: _run_chunk's finally.)
+                    held.pop(0)[1].surrender()
+            except Exception as exc:  # noqa: BLE001 - its unlock failed; closing its file released it.
+                self._problems.append(f"a batch's background writer: {exc!r}")
+            try:
+                if job is None:
+                    continue
+                if isinstance(job, _Ready):
+                    job.make()
+                    if job.lock is not None:
+                        held.append((time.monotonic() + _READY_HOLD, job))
+                    continue
+                if not isinstance(job, tuple):  # finish(): everything before it is stored.
+                    job.release()
+                    if self is not _Writer._current:
+                        return  # A chunk's own writer: its chunk is done.
+                    continue
+                func, call, value, lock = job
+                try:
+                    func._store_result(call, value)
+                finally:
+                    if lock is not None:
+                        lock.release()
+            except Exception as exc:  # noqa: BLE001 - the thread serves the next chunks too; finish() says it.
+                self._problems.append(f"{job[0].__qualname__}(): the result is returned but not cached: {exc!r}")
 
     def finish(self) -> None:
         done = _thread.allocate_lock()
@@ -5540,6 +5556,8 @@ class _Writer:
         self._queue.put(done)
         while not done.acquire(timeout=0.1) and self._thread.is_alive():
             pass
+        while self._problems:
+            _warn(self._problems.pop(0))
 
 
 def _call_one(func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes, portable: bool, off: bool,
@@ -5557,14 +5575,8 @@ def _call_one(func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes, port
             value = func.__wrapped__(*args)
             return _Outcome(True, value, True, seconds=time.perf_counter() - started)
         held = None
-        if ready is not None:
-            ready.made.acquire()
-            call = ready.call
-            if call is not None and ready.value is not _MISSING:
-                if computing is not None:
-                    computing()  # No lock is held here: the next call may be readied.
-                return _Outcome(True, ready.value, False, seconds=call.seconds)
-            held = ready.take()
+        if ready is not None and writer is not None:
+            call, held = ready.take(writer)
         call = call or func._at_key(key, args, {})
         value, computed = func._get(call, False, None if writer is None else writer.put, True, held, computing)
         return _Outcome(True, value, computed, seconds=call.seconds)
@@ -5596,8 +5608,10 @@ def _run_chunk(func: _Memoized[..., Any], calls: list[tuple[bytes, tuple[Any, ..
 
     try:
         for key, args, text in calls:
-            ready = ahead.pop() if ahead else None
+            ready = ahead[0] if ahead else None  # Readied during the last call; the next one may join it.
             outcome = _call_one(func, args, key, portable, off, writer, text, lead, False, ready, computing)
+            if ready is not None:
+                ahead.remove(ready)  # Only now: an interrupt before the call took its lock finds it below.
             outcomes.append(outcome)
             slow = outcome.computed and _READY_AFTER <= outcome.seconds <= _READY_HOLD
     finally:

@@ -7481,39 +7481,48 @@ def test_donecache_off_with_shards_makes_no_cache_directory(tmp_path, monkeypatc
 # worker busy while the chunk gathers): input 4 is readied while f(5) runs.
 
 READIED = """
-    import subprocess, sys, time
+    import subprocess, sys, threading, time, warnings
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
-    @dc.memoize(sys.argv[1])
+    ASK = sys.argv[2]
+    if ASK == "thread":
+        dc._READY_HOLD = 3600.0  # No timer: only the give-up on asking can free the lock in time.
+    if ASK == "unpicklable":
+        warnings.simplefilter("error")  # A warning in the writer's thread once ended it, and the batch hung.
+
+    @dc.memoize(sys.argv[1], ttl=0.5 if ASK == "ttl" else None)
     def f(n):
         time.sleep(0.05 if n >= 100 else 0.002)
         if len(sys.argv) > 3:  # A child asked for one result.
             print("computed", n, file=sys.stderr)
             return n
-        if n == 5 and sys.argv[3:] == [] and ASK == "thread":
+        if n == 5 and ASK == "thread":
+            held = [ref() for _, ref in list(dc._KeyLock._holders.values())]
+            print("readied:", any(lock is not None and lock._readied is not None for lock in held), file=sys.stderr)
             return f(4) + 1  # The next input, readied while this call runs.
         if n == 5 and ASK == "process":
             out = subprocess.run([sys.executable, __file__, sys.argv[1], sys.argv[2], "4"], capture_output=True,
                                  text=True, timeout=20)
             sys.stderr.write(out.stderr)
             return int(out.stdout) + 1
-        if n == 7 and ASK == "early":
+        if n == 7 and ASK in ("early", "ttl"):
             return f(4) + 3  # Stored before input 4 is readied: the readied look finds it.
+        if n == 5 and ASK == "ttl":
+            time.sleep(1.0)  # Input 4 is readied as this begins; its entry's ttl passes meanwhile.
         if n == 5 and ASK == "interrupt":
             raise KeyboardInterrupt
+        if n == 5 and ASK == "unpicklable":
+            return threading.Lock()
         if n == 4 and ASK == "self":
             return f(4)  # A call that needs itself: an error, as it is outside a batch.
         print("computed", n, file=sys.stderr)
         return n
 
-    ASK = sys.argv[2]
-    if ASK == "thread":
-        dc._READY_HOLD = 3600.0  # No timer: only the give-up on asking can free the lock in time.
     if __name__ == "__main__":
         if len(sys.argv) > 3:
             print(f(int(sys.argv[3])))
             sys.exit()
-        kind = ProcessPoolExecutor if sys.argv[2] == "process" else ThreadPoolExecutor
+        kind = ProcessPoolExecutor if ASK == "process" else ThreadPoolExecutor
         try:
             with kind(1) as pool:
                 batch = f.map([100, 101, 7, 5, 4, 3], executor=pool, chunksize=4)
@@ -7524,9 +7533,15 @@ READIED = """
             out = subprocess.run([sys.executable, __file__, sys.argv[1], sys.argv[2], "4"], capture_output=True,
                                  text=True, timeout=20)
             print("interrupted; another process computed", out.stdout.strip(), time.monotonic() - start < 10)
-        except RuntimeError as exc:
-            print(exc)
+        except (RuntimeError, Warning) as exc:
+            print(type(exc).__name__, exc)
 """
+
+
+def readied(tmp_path: Path, ask: str) -> subprocess.CompletedProcess[str]:
+    proc = child(READIED, str(tmp_path / "c"), ask, script_file=tmp_path / "job.py", timeout=60)
+    assert isinstance(proc, subprocess.CompletedProcess)
+    return proc
 
 
 @pytest.mark.parametrize("ask", ["thread", "process"])
@@ -7534,31 +7549,49 @@ def test_a_readied_lock_is_given_up_to_whoever_the_running_call_waits_on(tmp_pat
     """f(5) needs f(4), the input readied while it runs: asked in its own thread (a recursive function), the lock is
     given up at once; asked by another process, within _READY_HOLD. Either way f(4) is computed once, by the asker,
     and reused by the batch. Before, the call waited forever on the lock its own worker held for the next call."""
-    proc = child(READIED, str(tmp_path / "c"), ask, script_file=tmp_path / "job.py", timeout=60)
+    proc = readied(tmp_path, ask)
     assert proc.stdout.split("\n")[0] == "[100, 101, 7, 5, 4, 3] 5 1", proc.stdout + proc.stderr
     assert proc.stderr.count("computed 4") == 1, proc.stderr
+    if ask == "thread":
+        assert "readied: True" in proc.stderr, "input 4 was readied while f(5) ran"
 
 
 def test_a_readied_look_finds_an_entry_stored_since_the_parent_looked(tmp_path):
     """f(7) stores f(4) after the parent looked for it and before input 4 is readied: the readied look under the
     lock finds it, and the batch reuses it instead of computing it again."""
-    proc = child(READIED, str(tmp_path / "c"), "early", script_file=tmp_path / "job.py", timeout=60)
+    proc = readied(tmp_path, "early")
     assert proc.stdout.split("\n")[0] == "[100, 101, 7, 5, 4, 3] 5 1", proc.stdout + proc.stderr
     assert proc.stderr.count("computed 4") == 1, proc.stderr
+
+
+def test_an_entry_found_as_its_call_is_readied_is_judged_when_the_call_begins(tmp_path):
+    """The entry that f(7) stored for input 4 is live when input 4 is readied (as f(5) begins) and past its ttl
+    when input 4's call begins (after f(5)'s second): it is computed again, not served stale."""
+    proc = readied(tmp_path, "ttl")
+    assert proc.stdout.split("\n")[0] == "[100, 101, 7, 5, 4, 3] 6 0", proc.stdout + proc.stderr
+    assert proc.stderr.count("computed 4") == 2, proc.stderr
 
 
 def test_a_readied_call_that_asks_for_itself_is_an_error_not_a_hang(tmp_path):
     """The call takes over its readied lock as its own thread's: f(4) asking for f(4) is the error it is outside a
     batch, not a wait on a lock that another thread of the worker took for it."""
-    proc = child(READIED, str(tmp_path / "c"), "self", script_file=tmp_path / "job.py", timeout=60)
+    proc = readied(tmp_path, "self")
     assert "this thread already holds the lock" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_an_interrupted_chunk_gives_back_the_lock_it_readied(tmp_path):
     """KeyboardInterrupt in f(5), while input 4 is readied: its lock is given back as the chunk ends, even while
     the exception (and the frames it keeps) lives on; another process then computes f(4) at once."""
-    proc = child(READIED, str(tmp_path / "c"), "interrupt", script_file=tmp_path / "job.py", timeout=60)
+    proc = readied(tmp_path, "interrupt")
     assert proc.stdout.strip() == "interrupted; another process computed 4 True", proc.stdout + proc.stderr
+
+
+def test_a_warning_as_an_error_in_the_background_writer_fails_the_chunk_instead_of_hanging(tmp_path):
+    """With warnings as errors, f(5)'s unpicklable result made the writer thread's warning raise there and end the
+    thread; the next call waited forever for it to ready input 4. The warning now comes from the chunk's own
+    thread as it ends, as an error, which fails the batch."""
+    proc = readied(tmp_path, "unpicklable")
+    assert proc.stdout.startswith("DonecacheWarning") and "cannot be pickled" in proc.stdout, proc.stdout + proc.stderr
 
 
 # -- Attack 14 (issue 10 item 14, failed before its fix): map(keep_going=False, workers=N) raises
