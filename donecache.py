@@ -894,17 +894,21 @@ class _KeyLock:
     def __exit__(self, *exc_info: object) -> None:
         self.release()
 
-    def _try(self, owner: int) -> _LockFile | None:
-        """The first try, without waiting: None if it took the lock, else the handle to poll with. A thread
-        that holds the lock already gets RuntimeError: re-entering would wait forever."""
+    def _holder_check(self, owner: int) -> None:
+        """RuntimeError if this thread holds the lock already (re-entering would wait forever); a lock that a batch
+        readied for a call not yet begun is given up, since that call may wait on this one (see _Ready)."""
         held = self._holders.get(self._name)
         lock = held[1]() if held is not None else None
         if lock is not None and lock._handle is not None and lock._pid == _pid():
             if held is not None and held[0] == owner:
                 raise RuntimeError(f"this thread already holds the lock {self.path}; re-entering it would wait forever")
             readied = lock._readied  # Once: a take() or surrender() in another thread may clear it meanwhile.
-            if readied is not None:  # A batch readied it for a later call, which may wait on this one.
+            if readied is not None:
                 readied.surrender()
+
+    def _try(self, owner: int) -> _LockFile | None:
+        """The first try, without waiting: None if it took the lock, else the handle to poll with."""
+        self._holder_check(owner)
         handle = _LockFile(*self._name)
         try:
             if not handle.lock(False):
@@ -921,6 +925,8 @@ class _KeyLock:
         if it can."""
         waiting: list[bool] = []
         try:
+            # Asked again before each wait: the lock may have been readied after the first try looked (see _Ready).
+            self._holder_check(owner)
             if block and timeout is None and handle.can_wait:
                 waiting = self._report_wait(handle)
                 handle.lock(True)
@@ -932,6 +938,7 @@ class _KeyLock:
                         raise TimeoutError(f"timed out after {timeout} s waiting for the lock {self.path}")
                     yield min(delay, left)
                     waiting = waiting or self._report_wait(handle)
+                    self._holder_check(owner)
                     if handle.lock(False):
                         break
         except BaseException:
@@ -4870,8 +4877,8 @@ class _Memoized(Generic[_P, _R]):
             return "expired"
         return "damaged entry (its value does not unpickle)"
 
-    def _store_result(self, call: _Call, value: Any) -> None:
-        """Count a freshly computed result as a miss and store it (or warn why not)."""
+    def _store_result(self, call: _Call, value: Any, warn: Callable[[str], None] = _warn) -> None:
+        """Count a freshly computed result as a miss and store it (or ``warn`` why not)."""
         self._misses += 1
         files = self._store
         if files is None:
@@ -4882,13 +4889,13 @@ class _Memoized(Generic[_P, _R]):
             expires = time.time() + self._ttl if self._ttl is not None else 0.0
             encoded = _encode_entry(call.key, value, expires, 5, call.seconds, self._compress)
         except Exception as exc:
-            _warn(f"{self.__qualname__}() returned a {type(value).__name__} that cannot be pickled ({exc}); "
-                  "it is returned but not cached")  # fmt: skip
+            warn(f"{self.__qualname__}() returned a {type(value).__name__} that cannot be pickled ({exc}); "
+                 "it is returned but not cached")  # fmt: skip
             return
         try:
             files.write(encoded, call.slot, recent=True)
         except OSError as exc:
-            _warn(f"{self.__qualname__}(): the result is returned but not cached: {exc}")
+            warn(f"{self.__qualname__}(): the result is returned but not cached: {exc}")
             return
         if call.slot is not None:
             files.forget_failure(call.slot)  # A success clears the input's recorded failure.
@@ -5415,7 +5422,7 @@ class _Ready:
     # process. So the lock is never waited for here (two workers each waiting while holding a readied lock could
     # deadlock), it is given up at once to a thread of this process that asks (_KeyLock._try), and after
     # _READY_HOLD seconds to anyone (the writer's timer). A call whose lock was given up goes the ordinary way.
-    __slots__ = ("func", "key", "args", "call", "lock", "made", "claim")
+    __slots__ = ("func", "key", "args", "call", "lock", "made", "claim", "given_up")
 
     def __init__(self, func: _Memoized[..., Any], key: bytes, args: tuple[Any, ...]) -> None:
         self.func, self.key, self.args = func, key, args
@@ -5424,6 +5431,7 @@ class _Ready:
         self.made = _thread.allocate_lock()  # Held until make() has run.
         self.made.acquire()
         self.claim = _thread.allocate_lock()  # Guards self.lock: taken by the call, or given up, once.
+        self.given_up = False  # Asked for before make() had it: released as soon as taken.
 
     def make(self) -> None:
         """In the writer thread."""
@@ -5432,12 +5440,15 @@ class _Ready:
             files = self.func._store
             if files is not None and call.slot is not None:
                 lock = _KeyLock(files.lock_path, call.slot.offset)
+                lock._readied = self  # Before the try: a thread that finds it held in the meantime can ask for it.
                 if lock.try_acquire():
-                    with self.claim:  # Published before the look: a thread that asks meanwhile can have it.
-                        lock._readied, self.lock = self, lock
+                    with self.claim:
+                        self.lock = lock
+                    if self.given_up:
+                        self.surrender()
                     # The read the call's own look would make, without recording a use or counting a hit: an entry
                     # found sends the call the ordinary way, which reads it again and judges it (ttl) as it begins.
-                    if files.read(call.key, call.slot, None, False, False, recent=True) is not None:
+                    elif files.read(call.key, call.slot, None, False, False, recent=True) is not None:
                         self.surrender()
             self.call = call
         except Exception:  # The call then goes the ordinary way, which meets the error and reports it.
@@ -5449,7 +5460,7 @@ class _Ready:
         """For the call, as it begins: its _Call (None: make it) and its readied lock, now held by this thread
         (None: take it the ordinary way). If the writer died before making it, neither."""
         while not self.made.acquire(timeout=0.1):
-            if not writer.alive():
+            if not writer.alive() and not self.made.acquire(False):
                 return None, None
         with self.claim:
             lock, self.lock = self.lock, None
@@ -5461,7 +5472,7 @@ class _Ready:
     def surrender(self) -> None:
         """Give up the readied lock, unless the call has taken it."""
         with self.claim:
-            lock, self.lock = self.lock, None
+            lock, self.lock, self.given_up = self.lock, None, True
         if lock is not None:
             lock._readied = None
             lock.release()
@@ -5488,6 +5499,7 @@ class _Writer:
         # What went wrong in the thread, warned by finish() in the caller's thread: a warning raised in the thread
         # (warnings as errors) would end it, and the chunk's next readied call would wait for it forever.
         self._problems: list[str] = []
+        self._ended = False  # Its chunk done (a chunk's own writer), as opposed to stopped by an error.
         self._thread = threading.Thread(target=self._run, name="donecache-keeper", daemon=True)
         self._thread.start()
 
@@ -5504,7 +5516,14 @@ class _Writer:
         return writer
 
     def put(self, func: _Memoized[..., Any], call: _Call, value: Any, lock: _KeyLock | None) -> None:
-        self._queue.put((func, call, value, lock))
+        if self._thread.is_alive():
+            self._queue.put((func, call, value, lock))
+            return
+        try:  # The thread is gone (it should never be): store here rather than into a queue nobody reads.
+            func._store_result(call, value)
+        finally:
+            if lock is not None:
+                lock.release()
 
     def ready(self, func: _Memoized[..., Any], key: bytes, args: tuple[Any, ...]) -> _Ready:
         ready = _Ready(func, key, args)
@@ -5539,25 +5558,39 @@ class _Writer:
                 if not isinstance(job, tuple):  # finish(): everything before it is stored.
                     job.release()
                     if self is not _Writer._current:
+                        self._ended = True
                         return  # A chunk's own writer: its chunk is done.
                     continue
                 func, call, value, lock = job
                 try:
-                    func._store_result(call, value)
+                    func._store_result(call, value, self._problems.append)
                 finally:
                     if lock is not None:
                         lock.release()
             except Exception as exc:  # noqa: BLE001 - the thread serves the next chunks too; finish() says it.
-                self._problems.append(f"{job[0].__qualname__}(): the result is returned but not cached: {exc!r}")
+                what = f"{job[0].__qualname__}(): the result is returned but not cached" if isinstance(job, tuple) \
+                    else "a batch's background writer"
+                self._problems.append(f"{what}: {exc!r}")
 
-    def finish(self) -> None:
+    def finish(self, raising: bool = True) -> None:
+        """Wait until everything put before is done, then say what went wrong (without ``raising``, a warning that
+        is an error is not raised: an interrupt on its way out stays what it is)."""
         done = _thread.allocate_lock()
         done.acquire()
         self._queue.put(done)
         while not done.acquire(timeout=0.1) and self._thread.is_alive():
             pass
-        while self._problems:
-            _warn(self._problems.pop(0))
+        problems, self._problems = self._problems, []  # This chunk's, said once each, all of them.
+        if not self._thread.is_alive() and not self._ended:
+            problems.append("a batch's background writer stopped: results it had not stored are not cached")
+        first = None
+        for text in problems:
+            try:
+                _warn(text)
+            except Exception as exc:  # Warnings as errors: the first one is raised once all are said.
+                first = first or exc
+        if first is not None and raising:
+            raise first
 
 
 def _call_one(func: _Memoized[..., Any], args: tuple[Any, ...], key: bytes, portable: bool, off: bool,
@@ -5606,6 +5639,13 @@ def _run_chunk(func: _Memoized[..., Any], calls: list[tuple[bytes, tuple[Any, ..
         if slow and index < len(calls):
             ahead.append(writer.ready(func, calls[index][0], calls[index][1]))
 
+    def end(raising: bool) -> None:
+        try:
+            writer.finish(raising)  # First: a readied call's make() may still be queued.
+        finally:
+            for ready in ahead:  # Readied for a call that an interrupt stopped before it began.
+                ready.surrender()
+
     try:
         for key, args, text in calls:
             ready = ahead[0] if ahead else None  # Readied during the last call; the next one may join it.
@@ -5614,10 +5654,10 @@ def _run_chunk(func: _Memoized[..., Any], calls: list[tuple[bytes, tuple[Any, ..
                 ahead.remove(ready)  # Only now: an interrupt before the call took its lock finds it below.
             outcomes.append(outcome)
             slow = outcome.computed and _READY_AFTER <= outcome.seconds <= _READY_HOLD
-    finally:
-        writer.finish()
-        for ready in ahead:  # Readied for a call that an interrupt stopped before it began.
-            ready.surrender()
+    except BaseException:  # KeyboardInterrupt, SystemExit: _call_one returns every Exception as an outcome.
+        end(False)
+        raise
+    end(True)
     return outcomes, _pid(), time.perf_counter() - started
 
 

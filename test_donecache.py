@@ -7594,6 +7594,72 @@ def test_a_warning_as_an_error_in_the_background_writer_fails_the_chunk_instead_
     assert proc.stdout.startswith("DonecacheWarning") and "cannot be pickled" in proc.stdout, proc.stdout + proc.stderr
 
 
+def test_a_chunk_says_its_own_warnings_not_those_of_the_chunk_before(tmp_path):
+    """A pool worker's writer serves chunk after chunk. With warnings as errors, the first of a chunk's two
+    warnings was raised and the second stayed behind, to fail the next chunk, which had none."""
+    proc = child(
+        """
+        import threading, time, warnings
+
+        @dc.memoize(sys.argv[1])
+        def f(n):
+            time.sleep(0.002)
+            return threading.Lock() if n in (1, 2) else n
+
+        def chunk(inputs):  # As a pool worker's main thread runs one.
+            calls = [(f._keyed((n,), {}).key, (n,), str(n)) for n in inputs]
+            return [outcome.value for outcome in dc._run_chunk(f, calls, False, False)[0]]
+
+        warnings.simplefilter("error")
+        try:
+            chunk([1, 2, 3])
+        except dc.DonecacheWarning as exc:
+            print("first:", "cannot be pickled" in str(exc))
+        print("second:", chunk([10, 11, 12]))
+        """,
+        str(tmp_path / "c"),
+        timeout=60,
+    )
+    assert proc.stdout.split("\n")[:2] == ["first: True", "second: [10, 11, 12]"], proc.stdout + proc.stderr
+
+
+def test_an_error_in_the_background_writer_is_said_and_the_writer_goes_on(tmp_path):
+    """An error that escaped a job of the writer thread (here: readying a call) once ended the thread; every later
+    result was handed to a queue nobody read, never stored, its key's lock never released. The writer now says it
+    (once the chunk ends, in the chunk's thread) and goes on: every result is stored, no lock stays held."""
+    proc = child(
+        """
+        import time, warnings
+
+        @dc.memoize(sys.argv[1])
+        def f(n):
+            time.sleep(0.003)
+            return n
+
+        made = dc._Ready.make
+
+        def failing(self):
+            made(self)
+            raise OSError("unlock failed")  # As if its lock's unlock had failed.
+
+        dc._Ready.make = failing
+        calls = [(f._keyed((n,), {}).key, (n,), str(n)) for n in range(6)]
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            dc._run_chunk(f, calls, False, False)
+        print(sorted({str(w.message) for w in said}))
+        print([f.is_cached(n) for n in range(6)])
+        held = [ref() for _, ref in dc._KeyLock._holders.values()]
+        print(sum(1 for lock in held if lock is not None and lock._handle is not None))
+        """,
+        str(tmp_path / "c"),
+        timeout=60,
+    )
+    said, cached, held = proc.stdout.splitlines()
+    assert said == '["a batch\'s background writer: OSError(\'unlock failed\')"]', proc.stdout + proc.stderr
+    assert cached == str([True] * 6) and held == "0", proc.stdout + proc.stderr
+
+
 # -- Attack 14 (issue 10 item 14, failed before its fix): map(keep_going=False, workers=N) raises
 #    the earliest input's failure
 

@@ -79,7 +79,7 @@ def one_ms(x: int) -> int:
     return x * 2
 
 
-def bench_map(tmp: Path, n: int, workers: int = 2) -> dict[str, dict[str, float]]:
+def bench_map(tmp: Path, n: int, workers: int = 2, peers: bool = True) -> dict[str, dict[str, float]]:
     """calls/s of a batch over n inputs of one_ms, cold (empty cache) and warm
     (every input cached), with `workers` processes: donecache's map with
     workers=, the same on a Dask LocalCluster's executor, and joblib.Parallel
@@ -109,7 +109,7 @@ def bench_map(tmp: Path, n: int, workers: int = 2) -> dict[str, dict[str, float]
         "cold": rate(lambda: cached.map(inputs, workers=workers)),
         "warm": rate(lambda: cached.map(inputs, workers=workers)),
     }
-    if have["dask"]:
+    if have["dask"] and peers:
         from distributed import Client, LocalCluster
 
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
@@ -120,7 +120,7 @@ def bench_map(tmp: Path, n: int, workers: int = 2) -> dict[str, dict[str, float]
                     "cold": rate(lambda: on_dask.map(inputs, executor=executor)),
                     "warm": rate(lambda: on_dask.map(inputs, executor=executor)),
                 }
-    if have["joblib"]:
+    if have["joblib"] and peers:
         import joblib
 
         remembered = joblib.Memory(str(tmp / "map-joblib"), verbose=0).cache(one_ms)
@@ -844,9 +844,10 @@ def table(title: str, results: dict[str, float], unit: Callable[[float], str] = 
     return lines
 
 
-def map_table(rows: dict[str, dict[str, float]], n: int) -> tuple[list[str], list[tuple[str, float, float]]]:
+def map_table(rows: dict[str, dict[str, float]], n: int, where: str = "") -> tuple[list[str], list[tuple[str, float, float]]]:
     """The batch rows, and their targets as (name, value, lowest value that holds)."""
-    lines = [f"\nbatch of {n:,} calls of a 1 ms function, 2 worker processes (calls/s; floor 2,000/s)"]
+    lines = [f"\nbatch of {n:,} calls of a 1 ms function, 2 worker processes (calls/s; floor 2,000/s)"
+             + (f" on {where}" if where else "")]
     lines.append(f"  {'tool':28s} {'cold':>9s} {'warm':>9s}")
     for tool, r in rows.items():
         warm = f"{r['warm']:>9.0f}" if "warm" in r else f"{'-':>9s}"
@@ -983,6 +984,10 @@ def main() -> int:
             results["syscalls"] = count_syscalls(small, 200)
             results["bytes_per_entry"] = bytes_per_entry(small, 2000 if quick else 10000)
             results["big_store"] = bench_big_store(small, args.store_entries or (10_000 if quick else 100_000))
+            # A cold batch creates an entry per call: on the root ext4 without a journal each new inode after the
+            # deletions above costs ~0.5 ms of kernel time (issue 20), so the judged batch runs on the journaled
+            # filesystem, and the root filesystem's figure (pool and donecache only) is shown beside it.
+            results["map"] = bench_map(small, 4000 if quick else 20000)
             if journaled is not None:
                 shutil.rmtree(small, ignore_errors=True)
         results["growth"] = bench_growth(tmp, [1000, 10000, 100000] + ([] if quick else [1000000]), rounds=3)
@@ -990,7 +995,8 @@ def main() -> int:
         results["atomic"] = bench_atomic(
             tmp, {"4 KiB": (4096, 100 if quick else 500), "1 MiB": (1 << 20, 10 if quick else 40)}, rounds=rounds
         )
-        results["map"] = bench_map(tmp, 4000 if quick else 20000)
+        if journaled is not None:
+            results["map_root_fs"] = bench_map(tmp, 4000 if quick else 20000, peers=False)
         results["big_arguments"] = bench_big_arguments(tmp, rounds=3 if quick else 7)
     results["import"] = bench_imports(runs=10 if quick else 30)
     results["seconds"] = time.time() - started
@@ -1029,8 +1035,10 @@ def main() -> int:
     lines.append("\nbig arguments (median hit; memory traced during one hit)")
     lines += [f"  {name:48s} {value * 1000:8.1f} ms" if "MiB" not in name else f"  {name:48s} {value:8.2f} MiB"
               for name, value in results["big_arguments"].items()]
-    map_lines, map_targets = map_table(results["map"], 4000 if quick else 20000)
+    map_lines, map_targets = map_table(results["map"], 4000 if quick else 20000, where)
     lines += map_lines
+    if "map_root_fs" in results:
+        lines += map_table(results["map_root_fs"], 4000 if quick else 20000, results["filesystems"]["temporary directory"])[0]
 
     hit, miss, imp, atomic = results["hit"], results["miss"], results["import"], results["atomic"]["4 KiB"]
     targets = []
