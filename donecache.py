@@ -882,6 +882,8 @@ class _KeyLock:
     # (path, offset) -> (owner: a thread's id or an asyncio task's, the lock) for the locks this process holds.
     _holders: dict[tuple[str, int | None], tuple[int, weakref.ref[_KeyLock]]] = {}
     _readied: Any = None  # The _Ready that took this lock for a call not yet begun: it gives the lock up when asked.
+    # name -> (the thread, the _Ready) trying for it for a call not yet begun: taken, perhaps, but not yet recorded.
+    _readying: dict[tuple[str, int | None], tuple[int, Any]] = {}
 
     def __init__(self, path: str, offset: int | None = None) -> None:
         self.path, self._name = path, (path, None if offset is None else offset % _LOCK_SPAN)
@@ -905,6 +907,9 @@ class _KeyLock:
             readied = lock._readied  # Once: a take() or surrender() in another thread may clear it meanwhile.
             if readied is not None:
                 readied.surrender()
+        readying = self._readying.get(self._name) if self._readying else None
+        if readying is not None and readying[0] != owner:
+            readying[1].surrender()
 
     def _try(self, owner: int) -> _LockFile | None:
         """The first try, without waiting: None if it took the lock, else the handle to poll with."""
@@ -5440,10 +5445,17 @@ class _Ready:
             files = self.func._store
             if files is not None and call.slot is not None:
                 lock = _KeyLock(files.lock_path, call.slot.offset)
-                lock._readied = self  # Before the try: a thread that finds it held in the meantime can ask for it.
-                if lock.try_acquire():
-                    with self.claim:
-                        self.lock = lock
+                # Noted before the try: a thread that finds the lock taken before _holders says by whom asks here.
+                lock._readying[lock._name] = noted = (_thread.get_ident(), self)
+                try:
+                    taken = lock.try_acquire()
+                    if taken:
+                        with self.claim:
+                            lock._readied, self.lock = self, lock
+                finally:
+                    if lock._readying.get(lock._name) is noted:
+                        del lock._readying[lock._name]
+                if taken:
                     if self.given_up:
                         self.surrender()
                     # The read the call's own look would make, without recording a use or counting a hit: an entry
@@ -5459,7 +5471,7 @@ class _Ready:
     def take(self, writer: _Writer) -> tuple[_Call | None, _KeyLock | None]:
         """For the call, as it begins: its _Call (None: make it) and its readied lock, now held by this thread
         (None: take it the ordinary way). If the writer died before making it, neither."""
-        while not self.made.acquire(timeout=0.1):
+        while not self.made.acquire(timeout=0 if not writer.alive() else 0.1):
             if not writer.alive() and not self.made.acquire(False):
                 return None, None
         with self.claim:
@@ -5520,7 +5532,9 @@ class _Writer:
             self._queue.put((func, call, value, lock))
             return
         try:  # The thread is gone (it should never be): store here rather than into a queue nobody reads.
-            func._store_result(call, value)
+            func._store_result(call, value, self._problems.append)  # Said by finish(), as the thread's are.
+        except Exception as exc:  # noqa: BLE001
+            self._problems.append(f"{func.__qualname__}(): the result is returned but not cached: {exc!r}")
         finally:
             if lock is not None:
                 lock.release()
@@ -5582,7 +5596,7 @@ class _Writer:
             pass
         problems, self._problems = self._problems, []  # This chunk's, said once each, all of them.
         if not self._thread.is_alive() and not self._ended:
-            problems.append("a batch's background writer stopped: results it had not stored are not cached")
+            problems.append("a batch's background writer stopped; results handed to it since were stored without it")
         first = None
         for text in problems:
             try:
@@ -5636,7 +5650,7 @@ def _run_chunk(func: _Memoized[..., Any], calls: list[tuple[bytes, tuple[Any, ..
 
     def computing() -> None:  # This call's lock is held (or it is a hit): ready the next one.
         index = len(outcomes) + 1
-        if slow and index < len(calls):
+        if slow and index < len(calls) and writer.alive():
             ahead.append(writer.ready(func, calls[index][0], calls[index][1]))
 
     def end(raising: bool) -> None:
