@@ -5425,8 +5425,9 @@ class _Ready:
     # The lock is held for a call that has not begun, so whoever asks for it may be what the call before waits on:
     # the call before itself (a recursive function: f(5) calls f(4), the next input), another thread, or another
     # process. So the lock is never waited for here (two workers each waiting while holding a readied lock could
-    # deadlock), it is given up at once to a thread of this process that asks (_KeyLock._try), and after
-    # _READY_HOLD seconds to anyone (the writer's timer). A call whose lock was given up goes the ordinary way.
+    # deadlock), it is given up at once to a thread of this process that asks (_KeyLock._holder_check, even while
+    # make() is still taking it), and after _READY_HOLD seconds to anyone (the writer's timer). A call whose lock was
+    # given up goes the ordinary way.
     __slots__ = ("func", "key", "args", "call", "lock", "made", "claim", "given_up")
 
     def __init__(self, func: _Memoized[..., Any], key: bytes, args: tuple[Any, ...]) -> None:
@@ -5645,10 +5646,10 @@ def _run_chunk(func: _Memoized[..., Any], calls: list[tuple[bytes, tuple[Any, ..
     started = time.perf_counter()
     writer = _Writer.running()
     outcomes: list[_Outcome] = []
-    ahead: list[_Ready] = []  # The next call, readied while this one computes (at most one).
+    ahead: list[_Ready] = []  # This call's _Ready until the call has begun, and the next one's once readied.
     slow = False  # Whether the last call took long enough for readying the next to pay (a thread handshake).
 
-    def computing() -> None:  # This call's lock is held (or it is a hit): ready the next one.
+    def computing() -> None:  # This call holds its lock and computes: ready the next one meanwhile.
         index = len(outcomes) + 1
         if slow and index < len(calls) and writer.alive():
             ahead.append(writer.ready(func, calls[index][0], calls[index][1]))
