@@ -5531,10 +5531,14 @@ class _Writer:
     def put(self, func: _Memoized[..., Any], call: _Call, value: Any, lock: _KeyLock | None) -> None:
         if self._thread.is_alive():
             self._queue.put((func, call, value, lock))
-            return
-        try:  # The thread is gone (it should never be): store here rather than into a queue nobody reads.
-            func._store_result(call, value, self._problems.append)  # Said by finish(), as the thread's are.
-        except Exception as exc:  # noqa: BLE001
+        else:  # The thread is gone (it should never be): stored here rather than into a queue nobody reads.
+            self._store(func, call, value, lock)
+
+    def _store(self, func: _Memoized[..., Any], call: _Call, value: Any, lock: _KeyLock | None) -> None:
+        """Store a result and release its key's lock; what goes wrong is said by finish()."""
+        try:
+            func._store_result(call, value, self._problems.append)
+        except Exception as exc:  # noqa: BLE001 - the thread serves the next chunks too.
             self._problems.append(f"{func.__qualname__}(): the result is returned but not cached: {exc!r}")
         finally:
             if lock is not None:
@@ -5576,16 +5580,9 @@ class _Writer:
                         self._ended = True
                         return  # A chunk's own writer: its chunk is done.
                     continue
-                func, call, value, lock = job
-                try:
-                    func._store_result(call, value, self._problems.append)
-                finally:
-                    if lock is not None:
-                        lock.release()
+                self._store(*job)
             except Exception as exc:  # noqa: BLE001 - the thread serves the next chunks too; finish() says it.
-                what = f"{job[0].__qualname__}(): the result is returned but not cached" if isinstance(job, tuple) \
-                    else "a batch's background writer"
-                self._problems.append(f"{what}: {exc!r}")
+                self._problems.append(f"a batch's background writer: {exc!r}")
 
     def finish(self, raising: bool = True) -> None:
         """Wait until everything put before is done, then say what went wrong (without ``raising``, a warning that
