@@ -753,7 +753,8 @@ def _scandir(path: str) -> list[os.DirEntry[str]]:
 
 
 # Who this process is, asked once: os.getpid() is a system call (glibc stopped caching it in 2.25) and the host's
-# name costs an import. "pid", then "host" and "writer" when asked (see _writer_token). A forked child forgets them.
+# name costs an import. "pid", then "host", "host meta" (_encode_entry) and "writer" (_writer_token) when asked.
+# A forked child forgets them.
 _me: dict[str, Any] = {}
 _me_hooked: list[bool] = []
 
@@ -1840,6 +1841,7 @@ _ENTRY_MAGIC = b"dcE2"
 # The header, a table row, and the metadata's fixed part (the computation's seconds; the host follows): made by
 # _runtime_imports, which imports struct.
 _ENTRY_HEADER: struct.Struct
+_ENTRY_TAIL: struct.Struct
 _BUFFER_ROW: struct.Struct
 _META: struct.Struct
 _CODECS = {"zlib": 1, "lzma": 2}
@@ -1873,7 +1875,7 @@ _WEAK_TABLES: dict[str, str] = {}
 
 def _runtime_imports() -> None:
     """Import and make what entries need: called where a store is opened or a function decorated or rebuilt."""
-    global pickle, collections, struct, zlib, _ENTRY_HEADER, _BUFFER_ROW, _META, _DatetimePickler
+    global pickle, collections, struct, zlib, _ENTRY_HEADER, _ENTRY_TAIL, _BUFFER_ROW, _META, _DatetimePickler
     if _DatetimePickler is None:  # Made last: an interrupted first call is made again.
         import collections
         import pickle
@@ -1881,6 +1883,7 @@ def _runtime_imports() -> None:
         import zlib
 
         _ENTRY_HEADER, _BUFFER_ROW, _META = struct.Struct("<4sIddQQIII"), struct.Struct("<QI"), struct.Struct("<d")
+        _ENTRY_TAIL = struct.Struct("<ddQQIII")  # The header after its magic and CRC.
 
         class DatetimePickler(pickle.Pickler):
             # NumPy pickles datetime64 and timedelta64 arrays in the stream (no PickleBuffer): a big
@@ -2014,6 +2017,12 @@ class _Encoded(_Entry):
 
     __slots__ = ()
 
+    def __init__(self, key: bytes, expires: float, meta: bytes, seconds: float, stream: bytes,
+                 buffers: list[memoryview]) -> None:
+        # Its creation time, and meta's length in its flags, are set by chunks(), as the file is written.
+        self.key, self.created, self.expires, self.flags, self.meta = key, 0.0, expires, 0, meta
+        self.stream, self.buffers, self.seconds = stream, buffers, seconds
+
     def nbytes(self) -> int:
         """The size of the file that chunks() makes (at most a few bytes more)."""
         rows: int = sum(buffer.nbytes + _ALIGN + _BUFFER_ROW.size for buffer in self.buffers)
@@ -2021,18 +2030,20 @@ class _Encoded(_Entry):
 
     def chunks(self) -> Iterator[Any]:
         """The file's bytes, in pieces for _write_bytes (the table's CRCs computed as the buffers are written)."""
-        key, stream, meta = self.key, self.stream, self.meta
+        key, stream, meta, crc32 = self.key, self.stream, self.meta, zlib.crc32
         self.created = time.time()
-        self.flags = self.flags & 0xFF | len(meta) << 16  # The codec, then meta's length as the header records it.
-        lengths = (len(key) + len(meta), len(stream), zlib.crc32(stream), len(self.buffers), self.flags)
-        head = bytearray(_ENTRY_HEADER.pack(_ENTRY_MAGIC, 0, self.created, self.expires, *lengths)) + key + meta
-        head[4:8] = zlib.crc32(memoryview(head)[8:]).to_bytes(4, "little")
+        self.flags = flags = self.flags & 0xFF | len(meta) << 16  # The codec, then meta's length as the header has it.
+        tail = _ENTRY_TAIL.pack(self.created, self.expires, len(key) + len(meta), len(stream), crc32(stream),
+                                len(self.buffers), flags)
+        # The head CRC chained over the pieces it covers, not computed over a copy of them: that copy and its slicing
+        # were half of a small entry's encoding (issue 20).
+        head = (_ENTRY_MAGIC, crc32(meta, crc32(key, crc32(tail))).to_bytes(4, "little"), tail, key, meta)
         if not self.buffers and len(stream) < _OUT_OF_BAND:
-            yield head + stream  # A small entry in one write(2): copying it costs less than a system call.
+            yield b"".join((*head, stream))  # A small entry in one write(2): copying it costs less than a system call.
             return
-        yield head
+        yield b"".join(head)
         yield stream
-        position = len(head) + len(stream)
+        position = _ENTRY_HEADER.size + len(key) + len(meta) + len(stream)
         table = bytearray()
         for buffer in self.buffers:
             pad = -position % _ALIGN
@@ -2060,7 +2071,10 @@ class _Encoded(_Entry):
 def _encode_entry(key: bytes, value: Any, expires: float = 0.0, protocol: int = 5, seconds: float = 0.0,
                   compress: str | None = None) -> _Encoded:
     """``value`` pickled (compressed where that makes it smaller) with its metadata; raises what pickling raises."""
-    meta = _META.pack(seconds) + _host().encode("utf-8")[:255]
+    host = _me.get("host meta")  # The host's name as metadata records it: encoded once per process.
+    if host is None:
+        host = _me["host meta"] = _host().encode("utf-8")[:255]
+    meta = _META.pack(seconds) + host
     if len(key) + len(meta) > _MAX_KEY:
         raise ValueError(f"a cache key of {len(key)} bytes is too long; keys may have at most {_MAX_KEY} bytes")
     buffers: list[memoryview] = []
@@ -2082,8 +2096,7 @@ def _encode_entry(key: bytes, value: Any, expires: float = 0.0, protocol: int = 
         file = io.BytesIO()
         _DatetimePickler(file, protocol, buffer_callback=out_of_band).dump(value)
         stream = file.getvalue()
-    encoded = _Encoded(key, 0.0, expires, 0, meta)  # Its creation time and meta's length are set by chunks().
-    encoded.stream, encoded.buffers = stream, buffers
+    encoded = _Encoded(key, expires, meta, seconds, stream, buffers)
     if compress is not None:
         # Level 1 (zlib) and preset 1 (lzma): most of the gain on text for a fraction of the time.
         packed = zlib.compress(stream, 1) if compress == "zlib" else _lzma().compress(stream, preset=1)
