@@ -5485,7 +5485,8 @@ class _Ready:
     def take(self, writer: _Writer) -> tuple[_Call | None, _KeyLock | None]:
         """For the call, as it begins: its _Call (None: make it) and its readied lock, now held by this thread
         (None: take it the ordinary way). If the writer died before making it, neither."""
-        while not self.made.acquire(timeout=0 if not writer.alive() else 0.1):
+        while not self.made.acquire(timeout=0.1 if writer.alive() else 0):
+            # The writer is gone: it made this call as it died (taken now), or never will.
             if not writer.alive() and not self.made.acquire(False):
                 return None, None
         with self.claim:
@@ -5537,12 +5538,12 @@ class _Writer:
         if threading.current_thread() is not threading.main_thread():
             return cls()
         writer = cls._current
-        if writer is None or writer._pid != _pid() or not writer._thread.is_alive():
+        if writer is None or writer._pid != _pid() or not writer.alive():
             writer = cls._current = cls()
         return writer
 
     def put(self, func: _Memoized[..., Any], call: _Call, value: Any, lock: _KeyLock | None) -> None:
-        if self._thread.is_alive():
+        if self.alive():
             self._queue.put((func, call, value, lock))
         else:  # The thread is gone (it should never be): stored here rather than into a queue nobody reads.
             self._store(func, call, value, lock)
@@ -5603,10 +5604,10 @@ class _Writer:
         done = _thread.allocate_lock()
         done.acquire()
         self._queue.put(done)
-        while not done.acquire(timeout=0.1) and self._thread.is_alive():
+        while not done.acquire(timeout=0.1) and self.alive():
             pass
         problems, self._problems = self._problems, []  # This chunk's, said once each, all of them.
-        if not self._thread.is_alive() and not self._ended:
+        if not self.alive() and not self._ended:
             problems.append("a batch's background writer stopped; results handed to it since were stored without it")
         first = None
         for text in problems:
