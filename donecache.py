@@ -5486,8 +5486,9 @@ class _Ready:
         """For the call, as it begins: its _Call (None: make it) and its readied lock, now held by this thread
         (None: take it the ordinary way). If the writer died before making it, neither."""
         while not self.made.acquire(timeout=0.1 if writer.alive() else 0):
-            # The writer is gone: it made this call as it died (taken now), or never will.
-            if not writer.alive() and not self.made.acquire(False):
+            if not writer.alive():  # Gone: it made this call as it died, or never will.
+                if self.made.acquire(False):
+                    break
                 return None, None
         with self.claim:
             lock, self.lock = self.lock, None

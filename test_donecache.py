@@ -7660,6 +7660,37 @@ def test_an_error_in_the_background_writer_is_said_and_the_writer_goes_on(tmp_pa
     assert cached == str([True] * 6) and held == "0", proc.stdout + proc.stderr
 
 
+def test_a_call_readied_as_the_writer_died_is_taken_with_its_lock(tmp_path):
+    """A writer that dies just after readying a call: the call begins with what was readied (its lock held by the
+    calling thread), not as if nothing had been readied. The fake writer readies the call between the call's first
+    look and its look after finding the writer gone: the window where take() once looked twice at its own lock."""
+
+    @dc.memoize(tmp_path / "c")
+    def f(n):
+        return n
+
+    ready = dc._Ready(f, f._keyed((7,), {}).key, (7,))
+
+    class DyingWriter:
+        asked = 0
+
+        def alive(self):
+            self.asked += 1
+            if self.asked == 2:
+                ready.make()  # Readied now, as the thread ends.
+            return False
+
+    call, lock = ready.take(DyingWriter())
+    try:
+        assert call is not None and call.args == (7,)
+        assert lock is not None and lock._handle is not None
+        with pytest.raises(RuntimeError, match="already holds the lock"):  # Held by this thread, as adopt() says.
+            dc._KeyLock(lock.path, call.slot.offset).acquire(timeout=1)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 # -- Attack 14 (issue 10 item 14, failed before its fix): map(keep_going=False, workers=N) raises
 #    the earliest input's failure
 
