@@ -1838,8 +1838,8 @@ done_dir = Stage
 # buffers are written. What each read checks (not the buffers' CRCs on a hit: they cost more than the whole read of a
 # big value): docs/storage.md.
 _ENTRY_MAGIC = b"dcE2"
-# The header, a table row, and the metadata's fixed part (the computation's seconds; the host follows): made by
-# _runtime_imports, which imports struct.
+# The header, its tail (all after the magic and the head CRC, which covers it), a table row, and the metadata's fixed
+# part (the computation's seconds; the host follows): made by _runtime_imports, which imports struct.
 _ENTRY_HEADER: struct.Struct
 _ENTRY_TAIL: struct.Struct
 _BUFFER_ROW: struct.Struct
@@ -1882,8 +1882,9 @@ def _runtime_imports() -> None:
         import struct
         import zlib
 
-        _ENTRY_HEADER, _BUFFER_ROW, _META = struct.Struct("<4sIddQQIII"), struct.Struct("<QI"), struct.Struct("<d")
-        _ENTRY_TAIL = struct.Struct("<ddQQIII")  # The header after its magic and CRC.
+        _ENTRY_TAIL = struct.Struct("<ddQQIII")  # Created, expires, key and stream lengths, stream CRC, count, flags.
+        _ENTRY_HEADER = struct.Struct("<4sI" + _ENTRY_TAIL.format[1:])  # Magic and head CRC, then the tail.
+        _BUFFER_ROW, _META = struct.Struct("<QI"), struct.Struct("<d")
 
         class DatetimePickler(pickle.Pickler):
             # NumPy pickles datetime64 and timedelta64 arrays in the stream (no PickleBuffer): a big
@@ -2019,12 +2020,13 @@ class _Encoded(_Entry):
 
     def __init__(self, key: bytes, expires: float, meta: bytes, seconds: float, stream: bytes,
                  buffers: list[memoryview]) -> None:
-        # Its creation time, and meta's length in its flags, are set by chunks(), as the file is written.
+        # Every slot of _Entry (not its __init__: seconds are known, not read). Its creation time, and meta's length
+        # in its flags, are set by chunks(), as the file is written.
         self.key, self.created, self.expires, self.flags, self.meta = key, 0.0, expires, 0, meta
         self.stream, self.buffers, self.seconds = stream, buffers, seconds
 
     def nbytes(self) -> int:
-        """The size of the file that chunks() makes (at most a few bytes more)."""
+        """The size of the file that chunks() makes, or more by at most the padding (_ALIGN bytes a buffer)."""
         rows: int = sum(buffer.nbytes + _ALIGN + _BUFFER_ROW.size for buffer in self.buffers)
         return _ENTRY_HEADER.size + len(self.key) + len(self.meta) + len(self.stream) + rows + 4
 
