@@ -965,11 +965,13 @@ class _KeyLock:
         else:
             handle.close()
 
-    def adopt(self) -> None:
-        """Make the calling thread the holder of a lock that another thread of this process took for it (a batch's
-        writer readies calls): asking for it again in this thread is then the error it should be, not a hang."""
+    def adopt(self, owner: int | None = None) -> None:
+        """Make ``owner`` (a thread's id; None: the calling thread) the holder of this lock, taken by another thread
+        of this process: a batch's writer readies a call's lock for the call, and a call hands its lock to the writer,
+        which stores the result and releases it. Asking for the lock in the holder's thread is then the error it should
+        be, not a hang; asking in another thread (the next call wants the result just handed off) waits for it."""
         if self._handle is not None:
-            self._holders[self._name] = (_thread.get_ident(), _weakref.ref(self))
+            self._holders[self._name] = (_thread.get_ident() if owner is None else owner, _weakref.ref(self))
 
     def acquire(self, timeout: float | None = None) -> _KeyLock:
         """Wait for the lock (TimeoutError after ``timeout`` s); returns it, for ``with lock.acquire(timeout):``."""
@@ -2652,6 +2654,17 @@ class _EntryDir:
         except (OSError, ValueError):
             return None  # Unreadable now (EIO, or ESTALE that persisted), or a mapping refused: a miss.
         return None if entry is None or (entry.expires and when >= entry.expires) else entry
+
+    def occupied(self, slot: _Slot) -> bool:
+        """Whether a file is at the entry's name, as read() would find one: without reading more than its head."""
+        if self.trusted is None:
+            self.trusted = _stat_trusted(self.root)
+        if self.trusted:
+            return _exists(slot.path)
+        try:
+            return _retry(lambda: _load_entry(slot.path, None, _HEAD))[1] is not None
+        except OSError:
+            return False  # Unreadable now: read() would have found nothing either.
 
     def _shard_first(self, path: str) -> None:
         """In a folder that this object made, make the entry's shard before its open rather than after the open
@@ -5443,7 +5456,7 @@ class _Ready:
     # deadlock), it is given up at once to a thread of this process that asks (_KeyLock._holder_check, even while
     # make() is still taking it), and after _READY_HOLD seconds to anyone (the writer's timer). A call whose lock was
     # given up goes the ordinary way.
-    __slots__ = ("func", "key", "args", "call", "lock", "made", "claim", "given_up")
+    __slots__ = ("func", "key", "args", "call", "lock", "made", "claim", "given_up", "taken")
 
     def __init__(self, func: _Memoized[..., Any], key: bytes, args: tuple[Any, ...]) -> None:
         self.func, self.key, self.args = func, key, args
@@ -5453,6 +5466,7 @@ class _Ready:
         self.made.acquire()
         self.claim = _thread.allocate_lock()  # Guards self.lock: taken by the call, or given up, once.
         self.given_up = False  # Asked for before make() had it: released as soon as taken.
+        self.taken: _KeyLock | None = None  # The lock that take() gave the call (see _run_chunk's end).
 
     def make(self) -> None:
         """In the writer thread."""
@@ -5474,12 +5488,13 @@ class _Ready:
                 if taken:
                     if self.given_up:
                         self.surrender()
-                    # The read the call's own look would make, without recording a use or counting a hit: an entry
-                    # found sends the call the ordinary way, which reads it again and judges it (ttl) as it begins.
-                    elif files.read(call.key, call.slot, None, False, False, recent=True) is not None:
+                    # The call's own look, short of reading: a file found at the entry's name sends the call the
+                    # ordinary way, which reads and judges it (ttl, damage) as it begins. Reading its value here
+                    # too would read a big entry twice, and keep the call waiting for the first read.
+                    elif files.occupied(call.slot):
                         self.surrender()
             self.call = call
-        except Exception:  # The call then goes the ordinary way, which meets the error and reports it.
+        except BaseException:  # In the writer's thread. The call then goes the ordinary way, which meets the error.
             self.surrender()
         finally:
             self.made.release()
@@ -5494,6 +5509,7 @@ class _Ready:
                 return None, None
         with self.claim:
             lock, self.lock = self.lock, None
+            self.taken = lock
         if lock is not None:
             lock._readied = None
             lock.adopt()
@@ -5547,15 +5563,40 @@ class _Writer:
 
     def put(self, func: _Memoized[..., Any], call: _Call, value: Any, lock: _KeyLock | None) -> None:
         if self.alive():
+            # The writer holds the lock from now on: the chunk's next call may ask for this result (f(n) calls
+            # f(n - 1)) before it is stored, and must wait for it, not be told that its own thread holds the lock.
+            if lock is not None:
+                lock.adopt(self._thread.ident)
             self._queue.put((func, call, value, lock))
         else:  # The thread is gone (it should never be): stored here rather than into a queue nobody reads.
+            self._drain()
             self._store(func, call, value, lock)
 
-    def _store(self, func: _Memoized[..., Any], call: _Call, value: Any, lock: _KeyLock | None) -> None:
-        """Store a result and release its key's lock; what goes wrong is said by finish()."""
+    def _drain(self) -> None:
+        """The thread is gone: store here what it left queued (releasing their keys' locks), give up what it
+        readied."""
+        import queue
+
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(job, tuple):
+                self._store(*job)
+            elif isinstance(job, _Ready):
+                job.surrender()
+            else:
+                job.release()  # A finish() waiting for it.
+
+    def _store(self, func: _Memoized[..., Any], call: _Call, value: Any, lock: _KeyLock | None,
+               caught: type[BaseException] = Exception) -> None:
+        """Store a result and release its key's lock; what goes wrong is said by finish(). The thread catches every
+        BaseException: a value whose pickling calls sys.exit() would end it, and the results queued after it would
+        never be stored, their keys locked (an interrupt never reaches it: signals go to the main thread)."""
         try:
             func._store_result(call, value, self._problems.append)
-        except Exception as exc:  # noqa: BLE001 - the thread serves the next chunks too.
+        except caught as exc:  # noqa: BLE001 - the thread serves the next chunks too.
             self._problems.append(f"{func.__qualname__}(): the result is returned but not cached: {exc!r}")
         finally:
             if lock is not None:
@@ -5581,7 +5622,7 @@ class _Writer:
             try:
                 while held and held[0][0] <= time.monotonic():  # (One that an interrupt left: _run_chunk's finally.)
                     held.pop(0)[1].surrender()
-            except Exception as exc:  # noqa: BLE001 - its unlock failed; closing its file released it.
+            except BaseException as exc:  # noqa: BLE001 - its unlock failed; closing its file released it.
                 self._problems.append(f"a batch's background writer: {exc!r}")
             try:
                 if job is None:
@@ -5597,8 +5638,9 @@ class _Writer:
                         self._ended = True
                         return  # A chunk's own writer: its chunk is done.
                     continue
-                self._store(*job)
-            except Exception as exc:  # noqa: BLE001 - the thread serves the next chunks too; finish() says it.
+                func, call, value, lock = job
+                self._store(func, call, value, lock, BaseException)
+            except BaseException as exc:  # noqa: BLE001 - the thread serves the next chunks too; finish() says it.
                 self._problems.append(f"a batch's background writer: {exc!r}")
 
     def finish(self, raising: bool = True) -> None:
@@ -5609,6 +5651,8 @@ class _Writer:
         self._queue.put(done)
         while not done.acquire(timeout=0.1) and self.alive():
             pass
+        if not self.alive():
+            self._drain()
         problems, self._problems = self._problems, []  # This chunk's, said once each, all of them.
         if not self.alive() and not self._ended:
             problems.append("a batch's background writer stopped; results handed to it since were stored without it")
@@ -5672,8 +5716,10 @@ def _run_chunk(func: _Memoized[..., Any], calls: list[tuple[bytes, tuple[Any, ..
         try:
             writer.finish(raising)  # First: a readied call's make() may still be queued.
         finally:
-            for ready in ahead:  # Readied for a call that an interrupt stopped before it began.
+            for ready in ahead:  # Readied for a call that an interrupt stopped before it began (or just as it did).
                 ready.surrender()
+                if ready.taken is not None:  # Taken, perhaps before the call's own try/finally had it. Released
+                    ready.taken.release()  # once finish() is done: by then a result handed off is stored.
 
     try:
         for key, args, text in calls:

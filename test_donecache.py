@@ -7660,6 +7660,140 @@ def test_an_error_in_the_background_writer_is_said_and_the_writer_goes_on(tmp_pa
     assert cached == str([True] * 6) and held == "0", proc.stdout + proc.stderr
 
 
+def test_a_call_that_needs_the_result_just_handed_to_the_writer_waits_for_it(tmp_path):
+    """f(n) calls f(n - 1), the call before it in the chunk, whose result the background writer is still storing
+    (here: pickling takes 20 ms). The lock belongs to the writer from the hand-off on, so the call waits for the store
+    and reads the entry; it was told "this thread already holds the lock" (a RuntimeError, one input failed)."""
+    proc = child(
+        """
+        import time
+
+        class Slow:  # A result that takes a while to store (a big array, a slow disk).
+            def __init__(self, n):
+                self.n = n
+
+            def __reduce__(self):
+                time.sleep(0.02)
+                return (Slow, (self.n,))
+
+        @dc.memoize(sys.argv[1])
+        def f(n):
+            print("computed", n, file=sys.stderr)
+            if n > 1:
+                f(n - 1)
+            time.sleep(0.002)
+            return Slow(n)
+
+        calls = [(f._keyed((n,), {}).key, (n,), str(n)) for n in (1, 2, 3)]
+        print([(o.ok, type(o.value).__name__) for o in dc._run_chunk(f, calls, False, False)[0]])
+        print(len(dc._KeyLock._holders))
+        """,
+        str(tmp_path / "c"),
+        timeout=60,
+    )
+    assert proc.stdout.splitlines() == [str([(True, "Slow")] * 3), "0"], proc.stdout + proc.stderr
+    assert sorted(proc.stderr.split()) == sorted("computed 1 computed 2 computed 3".split()), proc.stderr
+
+
+def test_a_value_that_exits_as_it_is_stored_in_the_background_is_said_and_the_writer_goes_on(tmp_path):
+    """A value whose pickling raises SystemExit (no Exception) once ended the writer thread: the results queued after
+    it were never stored and their keys stayed locked, so another process waited forever. Now it is a "not cached"
+    warning like any other, and the rest of the chunk is stored and unlocked."""
+    proc = child(
+        """
+        import time, warnings
+
+        class Exits:
+            def __reduce__(self):
+                time.sleep(0.03)  # The next results queue up meanwhile.
+                raise SystemExit("bye")
+
+        @dc.memoize(sys.argv[1])
+        def f(n):
+            time.sleep(0.002)
+            return Exits() if n == 1 else n
+
+        calls = [(f._keyed((n,), {}).key, (n,), str(n)) for n in (1, 2, 3, 4)]
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            outcomes = dc._run_chunk(f, calls, False, False)[0]
+        print([outcome.ok for outcome in outcomes], [str(w.message) for w in said])
+        print([f.is_cached(n) for n in (1, 2, 3, 4)], len(dc._KeyLock._holders))
+        """,
+        str(tmp_path / "c"),
+        timeout=60,
+    )
+    ok, rest = proc.stdout.splitlines()
+    assert ok == str([[True] * 4, ["f(): the result is returned but not cached: SystemExit('bye')"]]).replace(
+        "], [", "] ["
+    )[1:-1], proc.stdout + proc.stderr
+    assert rest == "[False, True, True, True] 0", proc.stdout + proc.stderr
+
+
+def test_an_interrupt_as_a_readied_call_begins_gives_its_lock_back(tmp_path):
+    """An interrupt that comes after the call took its readied lock but before its own try/finally had it: the chunk's
+    end releases the lock, while the exception lives on (another process takes it at once)."""
+    proc = child(
+        """
+        import os, subprocess, time
+
+        @dc.memoize(sys.argv[1])
+        def f(n):
+            time.sleep(0.002)
+            return n
+
+        get = dc._Memoized._get
+
+        def interrupted(self, call, *args, **kwargs):
+            if len(args) > 3 and args[3] is not None:  # Given a readied lock.
+                raise KeyboardInterrupt
+            return get(self, call, *args, **kwargs)
+
+        dc._Memoized._get = interrupted
+        calls = [(f._keyed((n,), {}).key, (n,), str(n)) for n in (1, 2, 3)]
+        try:
+            dc._run_chunk(f, calls, False, False)
+        except KeyboardInterrupt as exc:
+            kept = exc  # Its traceback keeps the frames, and whatever they hold, alive.
+        asker = "import sys; sys.path.insert(0, sys.argv[3]); import donecache as dc; " + (
+            "dc._KeyLock(sys.argv[1], int(sys.argv[2])).acquire(timeout=5); print('taken')")
+        slot = f._keyed((3,), {}).slot  # Readied while f(2) ran (after f(1), a call long enough to ready the next).
+        out = subprocess.run([sys.executable, "-c", asker, f._store.lock_path, str(slot.offset),
+                              os.path.dirname(dc.__file__)], capture_output=True, text=True, timeout=30)
+        print("interrupted:", "kept" in dir(), out.stdout.strip() or out.stderr[-300:])
+        """,
+        str(tmp_path / "c"),
+        timeout=60,
+    )
+    assert proc.stdout.strip() == "interrupted: True taken", proc.stdout + proc.stderr
+
+
+def test_a_readied_look_that_finds_an_entry_does_not_read_its_value(tmp_path, monkeypatch):
+    """The readied look only asks whether a file is at the entry's name: the call that finds one reads and judges it
+    itself. It read the whole value, then the call read it again (a big entry twice, the call waiting for the first)."""
+
+    @dc.memoize(tmp_path / "c")
+    def f(n):
+        return list(range(n))
+
+    f(4)
+    reads = []
+    real = dc._read_entry
+
+    def counting(fd, size, key, depth, mapped):
+        reads.append(depth)
+        return real(fd, size, key, depth, mapped)
+
+    ready = dc._Ready(f, f._keyed((4,), {}).key, (4,))
+    dc._recent.clear()  # As in a worker that did not write it.
+    monkeypatch.setattr(dc, "_read_entry", counting)
+    ready.make()
+    monkeypatch.undo()
+    assert ready.lock is None and ready.given_up, "an entry found: the call goes the ordinary way"
+    assert dc._VALUE not in reads and dc._VERIFY not in reads, reads
+    assert ready.call is not None and f(4) == [0, 1, 2, 3]
+
+
 def test_a_call_readied_as_the_writer_died_is_taken_with_its_lock(tmp_path):
     """A writer that dies just after readying a call: the call begins with what was readied (its lock held by the
     calling thread), not as if nothing had been readied. The fake writer readies the call between the call's first
