@@ -5619,6 +5619,9 @@ class _Writer:
                 job = self._queue.get(timeout=max(0.0, held[0][0] - time.monotonic())) if held else self._queue.get()
             except queue.Empty:
                 job = None
+            except BaseException as exc:  # noqa: BLE001 - nothing may end the thread: a chunk's call may be waiting
+                self._problems.append(f"a batch's background writer: {exc!r}")  # for a lock handed to it (put).
+                job = None
             try:
                 while held and held[0][0] <= time.monotonic():  # (One that an interrupt left: _run_chunk's finally.)
                     held.pop(0)[1].surrender()
