@@ -2072,6 +2072,16 @@ class _Encoded(_Entry):
             yield table
 
 
+def _compress_entry(encoded: _Encoded, compress: str) -> None:
+    """Compress ``encoded``'s stream where that makes it smaller (apart from pickling: a batch's writer thread
+    compresses what the call's thread pickled)."""
+    # Level 1 (zlib) and preset 1 (lzma): most of the gain on text for a fraction of the time.
+    stream = encoded.stream
+    packed = zlib.compress(stream, 1) if compress == "zlib" else _lzma().compress(stream, preset=1)
+    if len(packed) < len(stream):
+        encoded.stream, encoded.flags = packed, _CODECS[compress]
+
+
 def _encode_entry(key: bytes, value: Any, expires: float = 0.0, protocol: int = 5, seconds: float = 0.0,
                   compress: str | None = None) -> _Encoded:
     """``value`` pickled (compressed where that makes it smaller) with its metadata; raises what pickling raises."""
@@ -2102,11 +2112,9 @@ def _encode_entry(key: bytes, value: Any, expires: float = 0.0, protocol: int = 
         stream = file.getvalue()
     encoded = _Encoded(key, expires, meta, seconds, stream, buffers)
     if compress is not None:
-        # Level 1 (zlib) and preset 1 (lzma): most of the gain on text for a fraction of the time.
-        packed = zlib.compress(stream, 1) if compress == "zlib" else _lzma().compress(stream, preset=1)
-        if len(packed) < len(stream):
-            encoded.stream, encoded.flags = packed, _CODECS[compress]
+        _compress_entry(encoded, compress)
     return encoded
+
 
 
 # How much of an entry a read takes: its head (header, key, and the buffer table's structure), its value (the stream
@@ -4912,19 +4920,37 @@ class _Memoized(Generic[_P, _R]):
 
     def _store_result(self, call: _Call, value: Any, warn: Callable[[str], None] = _warn) -> None:
         """Count a freshly computed result as a miss and store it (or ``warn`` why not)."""
+        encoded = self._encode_result(call, value, warn)
+        if encoded is not None:
+            self._write_result(call, encoded, warn)
+
+    def _encode_result(self, call: _Call, value: Any, warn: Callable[[str], None] = _warn) -> _Encoded | None:
+        """A freshly computed result, counted as a miss and pickled (not compressed): None if there is no store or
+        it cannot be pickled (``warn``-ed). Where the call ran: pickling runs the value's own code (__reduce__)."""
         self._misses += 1
-        files = self._store
-        if files is None:
-            return  # No store (already warned).
+        if self._store is None:
+            return None  # No store (already warned).
         try:
             # Protocol 5 (readable by every Python donecache supports) keeps big buffers out of the stream,
             # to be written straight from the value.
             expires = time.time() + self._ttl if self._ttl is not None else 0.0
-            encoded = _encode_entry(call.key, value, expires, 5, call.seconds, self._compress)
+            return _encode_entry(call.key, value, expires, 5, call.seconds)
         except Exception as exc:
             warn(f"{self.__qualname__}() returned a {type(value).__name__} that cannot be pickled ({exc}); "
                  "it is returned but not cached")  # fmt: skip
-            return
+            return None
+
+    def _write_result(self, call: _Call, encoded: _Encoded, warn: Callable[[str], None] = _warn) -> None:
+        """Compress (compress=) and write a result that _encode_result pickled: donecache's code only."""
+        files = self._store
+        assert files is not None
+        if self._compress is not None:
+            try:
+                _compress_entry(encoded, self._compress)
+            except Exception as exc:  # MemoryError, or an lzma that this Python lacks.
+                warn(f"{self.__qualname__}(): the result could not be compressed ({exc!r}); it is returned but not "
+                     "cached")  # fmt: skip
+                return
         try:
             files.write(encoded, call.slot, recent=True)
         except OSError as exc:
@@ -5524,13 +5550,21 @@ class _Ready:
             lock.release()
 
 
+def _said(exc: BaseException) -> str:
+    """repr(exc) for a message, or what it is if its repr raises: a writer's handler must not fail (see _Writer)."""
+    try:
+        return repr(exc)
+    except BaseException:  # noqa: BLE001
+        return f"<{type(exc).__name__}: its repr raised>"
+
+
 class _Writer:
     """A worker's background writer: it stores a chunk's results (and releases their keys' locks) while the next
     call computes, so that creating entry files costs the calls no time, and readies the next call (_Ready).
     finish() waits until all are stored."""
 
-    # Keys are distinct within a chunk (the parent sees to it): a key's lock is never asked for again while the
-    # writer holds it. One per worker process, made with its first chunk (a thread started and joined per chunk
+    # Keys are distinct within a chunk (the parent sees to it): a key's lock that the writer holds is asked for only
+    # by a call that needs that result (f(n) calls f(n - 1)), which waits for the store. One per worker process, made with its first chunk (a thread started and joined per chunk
     # cost 7% of a batch of 1 ms calls); a chunk run in a thread of a process that is not a pool's worker
     # (executor=ThreadPoolExecutor) has its own, stopped at its end, so that no thread outlives the batch in the
     # user's process (a later fork(2) with threads alive can deadlock its child).
@@ -5562,15 +5596,19 @@ class _Writer:
         return writer
 
     def put(self, func: _Memoized[..., Any], call: _Call, value: Any, lock: _KeyLock | None) -> None:
+        """Store a call's result in the background, and release its key's lock once stored. It is pickled here, in
+        the call's thread: pickling runs the value's own code, which may need what that thread holds (a lock the
+        next call takes, then asking for this result); the writer thread runs donecache's code only."""
+        encoded = func._encode_result(call, value, self._problems.append)
         if self.alive():
             # The writer holds the lock from now on: the chunk's next call may ask for this result (f(n) calls
             # f(n - 1)) before it is stored, and must wait for it, not be told that its own thread holds the lock.
             if lock is not None:
                 lock.adopt(self._thread.ident)
-            self._queue.put((func, call, value, lock))
+            self._queue.put((func, call, encoded, lock))
         else:  # The thread is gone (it should never be): stored here rather than into a queue nobody reads.
             self._drain()
-            self._store(func, call, value, lock)
+            self._store(func, call, encoded, lock)
 
     def _drain(self) -> None:
         """The thread is gone: store here what it left queued (releasing their keys' locks), give up what it
@@ -5589,15 +5627,17 @@ class _Writer:
             else:
                 job.release()  # A finish() waiting for it.
 
-    def _store(self, func: _Memoized[..., Any], call: _Call, value: Any, lock: _KeyLock | None,
+    def _store(self, func: _Memoized[..., Any], call: _Call, encoded: _Encoded | None, lock: _KeyLock | None,
                caught: type[BaseException] = Exception) -> None:
-        """Store a result and release its key's lock; what goes wrong is said by finish(). The thread catches every
-        BaseException: a value whose pickling calls sys.exit() would end it, and the results queued after it would
-        never be stored, their keys locked (an interrupt never reaches it: signals go to the main thread)."""
+        """Write a result that put() pickled and release its key's lock; what goes wrong is said by finish(). The
+        thread catches every BaseException: were it to end, the results queued after would never be stored and their
+        keys would stay locked, with the chunk's next call perhaps waiting on one (an interrupt never reaches it:
+        signals go to the main thread)."""
         try:
-            func._store_result(call, value, self._problems.append)
+            if encoded is not None:
+                func._write_result(call, encoded, self._problems.append)
         except caught as exc:  # noqa: BLE001 - the thread serves the next chunks too.
-            self._problems.append(f"{func.__qualname__}(): the result is returned but not cached: {exc!r}")
+            self._problems.append(f"{func.__qualname__}(): the result is returned but not cached: {_said(exc)}")
         finally:
             if lock is not None:
                 lock.release()
@@ -5620,13 +5660,13 @@ class _Writer:
             except queue.Empty:
                 job = None
             except BaseException as exc:  # noqa: BLE001 - nothing may end the thread: a chunk's call may be waiting
-                self._problems.append(f"a batch's background writer: {exc!r}")  # for a lock handed to it (put).
+                self._problems.append(f"a batch's background writer: {_said(exc)}")  # for a lock handed to it.
                 job = None
             try:
                 while held and held[0][0] <= time.monotonic():  # (One that an interrupt left: _run_chunk's finally.)
                     held.pop(0)[1].surrender()
             except BaseException as exc:  # noqa: BLE001 - its unlock failed; closing its file released it.
-                self._problems.append(f"a batch's background writer: {exc!r}")
+                self._problems.append(f"a batch's background writer: {_said(exc)}")
             try:
                 if job is None:
                     continue
@@ -5644,7 +5684,7 @@ class _Writer:
                 func, call, value, lock = job
                 self._store(func, call, value, lock, BaseException)
             except BaseException as exc:  # noqa: BLE001 - the thread serves the next chunks too; finish() says it.
-                self._problems.append(f"a batch's background writer: {exc!r}")
+                self._problems.append(f"a batch's background writer: {_said(exc)}")
 
     def finish(self, raising: bool = True) -> None:
         """Wait until everything put before is done, then say what went wrong (without ``raising``, a warning that

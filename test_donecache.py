@@ -7695,39 +7695,69 @@ def test_a_call_that_needs_the_result_just_handed_to_the_writer_waits_for_it(tmp
     assert sorted(proc.stderr.split()) == sorted("computed 1 computed 2 computed 3".split()), proc.stderr
 
 
-def test_a_value_that_exits_as_it_is_stored_in_the_background_is_said_and_the_writer_goes_on(tmp_path):
-    """A value whose pickling raises SystemExit (no Exception) once ended the writer thread: the results queued after
-    it were never stored and their keys stayed locked, so another process waited forever. Now it is a "not cached"
-    warning like any other, and the rest of the chunk is stored and unlocked."""
+def test_a_value_that_exits_as_it_is_pickled_ends_the_chunk_as_it_would_a_plain_call(tmp_path):
+    """Pickling runs the value's own code in the call's thread, before the hand-off: a SystemExit from it ends the
+    chunk as it would end a loop of plain calls. It once ran in the writer thread and ended that thread: the results
+    queued after it were never stored and their keys stayed locked, so another process waited forever."""
     proc = child(
         """
-        import time, warnings
+        import time
 
         class Exits:
             def __reduce__(self):
-                time.sleep(0.03)  # The next results queue up meanwhile.
                 raise SystemExit("bye")
 
         @dc.memoize(sys.argv[1])
         def f(n):
             time.sleep(0.002)
-            return Exits() if n == 1 else n
+            return Exits() if n == 2 else n
 
-        calls = [(f._keyed((n,), {}).key, (n,), str(n)) for n in (1, 2, 3, 4)]
-        with warnings.catch_warnings(record=True) as said:
-            warnings.simplefilter("always")
-            outcomes = dc._run_chunk(f, calls, False, False)[0]
-        print([outcome.ok for outcome in outcomes], [str(w.message) for w in said])
-        print([f.is_cached(n) for n in (1, 2, 3, 4)], len(dc._KeyLock._holders))
+        calls = [(f._keyed((n,), {}).key, (n,), str(n)) for n in (1, 2, 3)]
+        try:
+            dc._run_chunk(f, calls, False, False)
+        except SystemExit as exc:
+            print("exit:", exc)
+        print([f.is_cached(n) for n in (1, 2, 3)], len(dc._KeyLock._holders), dc._Writer._current.alive())
         """,
         str(tmp_path / "c"),
         timeout=60,
     )
-    ok, rest = proc.stdout.splitlines()
-    assert ok == str([[True] * 4, ["f(): the result is returned but not cached: SystemExit('bye')"]]).replace(
-        "], [", "] ["
-    )[1:-1], proc.stdout + proc.stderr
-    assert rest == "[False, True, True, True] 0", proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == ["exit: bye", "[True, False, False] 0 True"], proc.stdout + proc.stderr
+
+
+def test_a_value_is_pickled_in_the_calls_thread_where_its_code_may_take_what_the_call_holds(tmp_path):
+    """f(n) computes under a library's lock and calls f(n - 1); the values' __reduce__ takes that lock too. The writer
+    thread, pickling f(1)'s value, once waited for the lock that f(2) held, while f(2) waited for f(1)'s key lock,
+    which the writer held: a deadlock. Pickling now happens in the call's thread, before the hand-off."""
+    proc = child(
+        """
+        import faulthandler, threading, time
+
+        faulthandler.dump_traceback_later(20, exit=True)
+        LIBRARY = threading.Lock()
+
+        class Handle:
+            def __init__(self, n):
+                self.n = n
+
+            def __reduce__(self):
+                time.sleep(0.02)  # A big value: f(2) has begun meanwhile.
+                with LIBRARY:
+                    return (Handle, (self.n,))
+
+        @dc.memoize(sys.argv[1])
+        def f(n):
+            with LIBRARY:
+                time.sleep(0.003)
+                return Handle(n + (f(n - 1).n if n > 1 else 0))
+
+        calls = [(f._keyed((n,), {}).key, (n,), str(n)) for n in (1, 2)]
+        print([(o.ok, o.value.n) for o in dc._run_chunk(f, calls, False, False)[0]])
+        """,
+        str(tmp_path / "c"),
+        timeout=60,
+    )
+    assert proc.stdout.strip() == "[(True, 1), (True, 3)]", proc.stdout + proc.stderr
 
 
 def test_an_interrupt_as_a_readied_call_begins_gives_its_lock_back(tmp_path):
