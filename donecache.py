@@ -2116,7 +2116,6 @@ def _encode_entry(key: bytes, value: Any, expires: float = 0.0, protocol: int = 
     return encoded
 
 
-
 # How much of an entry a read takes: its head (header, key, and the buffer table's structure), its value (the stream
 # checked, the buffers read or mapped), or a verification of every byte (the value itself is not kept).
 _HEAD, _VALUE, _VERIFY = 0, 1, 2
@@ -5564,10 +5563,11 @@ class _Writer:
     finish() waits until all are stored."""
 
     # Keys are distinct within a chunk (the parent sees to it): a key's lock that the writer holds is asked for only
-    # by a call that needs that result (f(n) calls f(n - 1)), which waits for the store. One per worker process, made with its first chunk (a thread started and joined per chunk
-    # cost 7% of a batch of 1 ms calls); a chunk run in a thread of a process that is not a pool's worker
-    # (executor=ThreadPoolExecutor) has its own, stopped at its end, so that no thread outlives the batch in the
-    # user's process (a later fork(2) with threads alive can deadlock its child).
+    # by a call that needs that result (f(n) calls f(n - 1)), which waits for the store. One per worker process,
+    # made with its first chunk (a thread started and joined per chunk cost 7% of a batch of 1 ms calls); a chunk
+    # run in a thread of a process that is not a pool's worker (executor=ThreadPoolExecutor) has its own, stopped
+    # at its end, so that no thread outlives the batch in the user's process (a later fork(2) with threads alive can
+    # deadlock its child).
     _current: _Writer | None = None
 
     def __init__(self) -> None:
