@@ -7623,18 +7623,29 @@ def test_a_chunk_says_its_own_warnings_not_those_of_the_chunk_before(tmp_path):
     assert proc.stdout.split("\n")[:2] == ["first: True", "second: [10, 11, 12]"], proc.stdout + proc.stderr
 
 
+# For child scripts that run a chunk as a pool worker does (_run_chunk): a memoized function whose calls are long
+# enough for the writer to ready the next one, and a chunk's calls as the parent makes them.
+SLEEPER = """
+        import time
+
+        @dc.memoize(sys.argv[1])
+        def f(n):
+            time.sleep(0.002)
+            return n
+
+        def chunk(*inputs):
+            return [(f._keyed((n,), {}).key, (n,), str(n)) for n in inputs]
+"""
+
+
 def test_an_error_in_the_background_writer_is_said_and_the_writer_goes_on(tmp_path):
     """An error that escaped a job of the writer thread (here: readying a call) once ended the thread; every later
     result was handed to a queue nobody read, never stored, its key's lock never released. The writer now says it
     (once the chunk ends, in the chunk's thread) and goes on: every result is stored, no lock stays held."""
     proc = child(
-        """
-        import time, warnings
-
-        @dc.memoize(sys.argv[1])
-        def f(n):
-            time.sleep(0.003)
-            return n
+        SLEEPER
+        + """
+        import warnings
 
         made = dc._Ready.make
 
@@ -7643,7 +7654,7 @@ def test_an_error_in_the_background_writer_is_said_and_the_writer_goes_on(tmp_pa
             raise OSError("unlock failed")  # As if its lock's unlock had failed.
 
         dc._Ready.make = failing
-        calls = [(f._keyed((n,), {}).key, (n,), str(n)) for n in range(6)]
+        calls = chunk(*range(6))
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             dc._run_chunk(f, calls, False, False)
@@ -7764,13 +7775,9 @@ def test_an_interrupt_as_a_readied_call_begins_gives_its_lock_back(tmp_path):
     """An interrupt that comes after the call took its readied lock but before its own try/finally had it: the chunk's
     end releases the lock, while the exception lives on (another process takes it at once)."""
     proc = child(
-        """
-        import os, subprocess, time
-
-        @dc.memoize(sys.argv[1])
-        def f(n):
-            time.sleep(0.002)
-            return n
+        SLEEPER
+        + """
+        import os, subprocess
 
         get = dc._Memoized._get
 
@@ -7780,7 +7787,7 @@ def test_an_interrupt_as_a_readied_call_begins_gives_its_lock_back(tmp_path):
             return get(self, call, *args, **kwargs)
 
         dc._Memoized._get = interrupted
-        calls = [(f._keyed((n,), {}).key, (n,), str(n)) for n in (1, 2, 3)]
+        calls = chunk(1, 2, 3)
         try:
             dc._run_chunk(f, calls, False, False)
         except KeyboardInterrupt as exc:
